@@ -1,0 +1,62 @@
+# deepseek_v3.hpp — build the examples, the tests and the benchmarks.
+#   make            every CPU example into build/
+#   make train      the main job: train the tiny model (Tiny Shakespeare if data/tinyshakespeare.txt exists,
+#                   else the built-in synthetic corpus)
+#   make test       the doctest suite
+#   make bench      the benchmarks
+#   make data       download Tiny Shakespeare and prepare its token files
+#   make clean
+# CXX and CXXFLAGS can be overridden; threads come from OMP_NUM_THREADS.
+
+CXX      ?= g++
+CXXFLAGS ?= -O3 -march=native -fopenmp -std=c++17 -Wall -Wextra
+BUILD    := build
+HEADER   := deepseek_v3.hpp
+EXAMPLES := $(patsubst examples/%.cpp,%,$(wildcard examples/*.cpp))
+TESTS    := $(wildcard tests/*.cpp)
+# OpenBLAS is optional: the benchmark compares against it when its header is installed.
+OPENBLAS := $(shell test -f /usr/include/x86_64-linux-gnu/cblas.h -o -f /usr/include/cblas.h && echo yes)
+ifeq ($(OPENBLAS),yes)
+BENCH_FLAGS := -DDSV3_BENCH_OPENBLAS -lopenblas
+endif
+TRAIN_ARGS ?=
+
+.PHONY: all train test bench data clean deps
+all: deps $(EXAMPLES:%=$(BUILD)/%)
+
+# doctest (tests) and stb (PNG output) come from Debian packages; install them when we can, else say how.
+deps:
+	@if [ ! -f /usr/include/doctest/doctest.h ] || [ ! -f /usr/include/stb/stb_image_write.h ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq doctest-dev libstb-dev; \
+	  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then \
+	    sudo apt-get update -qq && sudo apt-get install -y -qq doctest-dev libstb-dev; \
+	  else echo "Missing doctest/stb headers. Run:  sudo apt-get install -y doctest-dev libstb-dev"; exit 1; fi; \
+	fi
+
+$(BUILD):
+	@mkdir -p $(BUILD)
+
+$(BUILD)/bench: examples/bench.cpp $(HEADER) | $(BUILD)
+	$(CXX) $(CXXFLAGS) $< -o $@ $(BENCH_FLAGS)
+
+$(BUILD)/%: examples/%.cpp $(HEADER) | $(BUILD)
+	$(CXX) $(CXXFLAGS) $< -o $@
+
+$(BUILD)/tests: $(TESTS) $(HEADER) $(wildcard tests/*.hpp) | $(BUILD)
+	$(CXX) $(CXXFLAGS) $(TESTS) -o $@
+
+test: deps $(BUILD)/tests
+	./$(BUILD)/tests
+
+train: deps $(BUILD)/train
+	./$(BUILD)/train $(TRAIN_ARGS)
+
+bench: deps $(BUILD)/bench
+	./$(BUILD)/bench
+
+data: deps $(BUILD)/prepare_data
+	bash data/download.sh
+	./$(BUILD)/prepare_data --text data/tinyshakespeare.txt --vocab 256 --out-dir data
+
+clean:
+	rm -rf $(BUILD)
