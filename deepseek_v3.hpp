@@ -46,9 +46,43 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <queue>
+#include <string_view>
+#include <unordered_map>
+#include <utility>
 #include <vector>
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+#include <unistd.h>
+
+// stb (Debian package libstb-dev) draws the PNG plots of section 9. stb_image_write is compiled into each translation
+// unit as static functions, so no .cpp has to define STB_IMAGE_WRITE_IMPLEMENTATION; a program that uses stb itself
+// includes it before this header, or defines DSV3_STB_IMAGE_WRITE_EXTERN and compiles it in one of its own files.
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-function"
+#pragma GCC diagnostic ignored "-Wunused-parameter"
+#pragma GCC diagnostic ignored "-Wsign-compare"
+#pragma GCC diagnostic ignored "-Wmissing-field-initializers"
+#pragma GCC diagnostic ignored "-Wconversion"
+#endif
+#ifndef INCLUDE_STB_IMAGE_WRITE_H  // not included yet by this translation unit
+#if !defined(DSV3_STB_IMAGE_WRITE_EXTERN) && !defined(STB_IMAGE_WRITE_IMPLEMENTATION)
+#define STB_IMAGE_WRITE_STATIC
+#define STB_IMAGE_WRITE_IMPLEMENTATION
+#define DSV3_STB_IMAGE_WRITE_DEFINED_HERE
+#endif
+#include <stb/stb_image_write.h>
+#ifdef DSV3_STB_IMAGE_WRITE_DEFINED_HERE  // the implementation part of stb_image_write.h has no include guard
+#undef STB_IMAGE_WRITE_STATIC
+#undef STB_IMAGE_WRITE_IMPLEMENTATION
+#undef DSV3_STB_IMAGE_WRITE_DEFINED_HERE
+#endif
+#endif
+#include <stb/stb_easy_font.h>
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
 #endif
 
 namespace dsv3 {
@@ -712,175 +746,6 @@ inline void cross_entropy_backward(float* dlogits, const float* logits, const in
     });
 }
 
-// =====================================================================================================================
-// 4. PARAMETERS: ONE FLAT BUFFER, NAMED VIEWS
-// =====================================================================================================================
-// All parameters live in one float buffer, the gradients in a second of the same layout (and AdamW's moments in two
-// more). A module only stores offsets into it. So the optimizer, gradient clipping, checkpoints and the data-parallel
-// all-reduce each work on flat memory, and every tensor still has its Hugging Face name for checkpoints.
-enum class ParamKind {
-    matrix,     // linear weights and the embedding: initialised N(0, init_std²), weight decay applies
-    gain,       // RMSNorm gains: initialised to 1, no weight decay
-    routing_bias// e_score_correction_bias: no gradient; updated by the loss-free balancing rule [V3 §2.1.2]
-};
-struct ParamEntry {
-    std::string name;              // Hugging Face name, e.g. "model.layers.3.self_attn.kv_b_proj.weight"
-    std::vector<int64_t> shape;    // [out, in] for linears
-    size_t offset = 0, size = 0;   // where it lives in the flat buffer, and how many floats
-    ParamKind kind = ParamKind::matrix;
-    int mtp_module = -1;           // -1: main model; k-1: the k-th MTP module
-    bool routed_expert = false;    // a routed expert's weight (not activated for every token)
-};
-
-// Views: a module holds offsets; data = params.data() + offset, gradient = grads.data() + offset.
-struct Linear { size_t w = 0; int out = 0, in = 0; };  // weight [out, in]: y = x Wᵀ
-struct Norm { size_t g = 0; int dim = 0; };            // gain [dim]
-struct Ffn { Linear gate, up, down; };                 // SwiGLU: down(silu(gate x) ⊙ up x)
-struct Attention {                                     // MLA [V3 eqs. 1-11]
-    Linear q_a, q_b;  // W^DQ [q_lora, d] and W^UQ [H·(d_h+d_h^R), q_lora]  (q_lora_rank > 0)
-    Linear q;         // W^Q  [H·(d_h+d_h^R), d]                              (q_lora_rank == 0)
-    Norm q_norm;      // RMSNorm on c^Q
-    Linear kv_a;      // [W^DKV; W^KR]: [d_c + d_h^R, d]  ("kv_a_proj_with_mqa")
-    Norm kv_norm;     // RMSNorm on c^KV
-    Linear kv_b;      // [W^UK; W^UV] per head: [H·(d_h + d_v), d_c]
-    Linear o;         // W^O [d, H·d_v]
-};
-struct MoE {                                           // DeepSeekMoE [V3 eqs. 12-16]
-    Linear router;                // e_i as rows: [N_r, d]  ("mlp.gate.weight")
-    size_t bias = 0;              // b_i: [N_r]  ("mlp.gate.e_score_correction_bias")
-    std::vector<Ffn> experts;     // N_r routed experts of width moe_inter_dim
-    Ffn shared;                   // the N_s shared experts as one SwiGLU of width N_s·moe_inter_dim
-    bool has_shared = false;
-};
-struct Block {
-    Norm attn_norm, ffn_norm;     // "input_layernorm", "post_attention_layernorm"
-    Attention attn;
-    bool is_moe = false;
-    Ffn ffn;                      // dense layers
-    MoE moe;                      // MoE layers
-};
-struct MtpModule {                                     // [V3 §2.2, eq. 21-23]
-    Norm enorm, hnorm;            // RMSNorm of the next token's embedding, and of the previous depth's hidden state
-    Linear eh_proj;               // M_k: [d, 2d], input [enorm(emb) ; hnorm(h)] (embedding first, as stored)
-    Block block;                  // TRM_k
-    Norm norm;                    // "shared_head.norm": the final norm before the shared output head
-};
-struct ParamLayout {
-    std::vector<ParamEntry> entries;
-    size_t total = 0;
-    size_t embed = 0;             // [vocab, d]  "model.embed_tokens.weight"
-    std::vector<Block> blocks;
-    Norm final_norm;              // "model.norm.weight"
-    Linear head;                  // [vocab, d]  "lm_head.weight" (not tied to the embedding)
-    std::vector<MtpModule> mtp;
-    const ParamEntry& find(const std::string& name) const {
-        for (const ParamEntry& e : entries)
-            if (e.name == name) return e;
-        fail("parameter \"", name, "\": no such tensor in this config's layout");
-    }
-};
-
-// Builds the layout: names, shapes and offsets, in the order of the Hugging Face checkpoint.
-inline ParamLayout param_layout(const Config& c) {
-    c.validate();
-    ParamLayout L;
-    int mtp_index = -1;
-    bool in_expert = false;
-    auto add = [&](const std::string& name, std::vector<int64_t> shape, ParamKind kind) {
-        ParamEntry e;
-        e.name = name;
-        e.shape = std::move(shape);
-        e.size = 1;
-        for (int64_t s : e.shape) e.size *= size_t(s);
-        e.offset = L.total;
-        e.kind = kind;
-        e.mtp_module = mtp_index;
-        e.routed_expert = in_expert;
-        L.total += e.size;
-        L.entries.push_back(std::move(e));
-        return L.entries.back().offset;
-    };
-    auto linear = [&](const std::string& name, int out, int in) {
-        return Linear{add(name + ".weight", {out, in}, ParamKind::matrix), out, in};
-    };
-    auto norm = [&](const std::string& name, int dim) { return Norm{add(name + ".weight", {dim}, ParamKind::gain), dim}; };
-    auto ffn = [&](const std::string& p, int width) {
-        Ffn f;
-        f.gate = linear(p + ".gate_proj", width, c.dim);
-        f.up = linear(p + ".up_proj", width, c.dim);
-        f.down = linear(p + ".down_proj", c.dim, width);
-        return f;
-    };
-    const int H = c.n_heads, dqk = c.qk_head_dim();
-    auto block = [&](int layer) {
-        const std::string p = "model.layers." + std::to_string(layer);
-        Block b;
-        b.attn_norm = norm(p + ".input_layernorm", c.dim);
-        Attention& a = b.attn;
-        if (c.q_lora_rank > 0) {
-            a.q_a = linear(p + ".self_attn.q_a_proj", c.q_lora_rank, c.dim);
-            a.q_norm = norm(p + ".self_attn.q_a_layernorm", c.q_lora_rank);
-            a.q_b = linear(p + ".self_attn.q_b_proj", H * dqk, c.q_lora_rank);
-        } else {
-            a.q = linear(p + ".self_attn.q_proj", H * dqk, c.dim);
-        }
-        a.kv_a = linear(p + ".self_attn.kv_a_proj_with_mqa", c.kv_lora_rank + c.qk_rope_head_dim, c.dim);
-        a.kv_norm = norm(p + ".self_attn.kv_a_layernorm", c.kv_lora_rank);
-        a.kv_b = linear(p + ".self_attn.kv_b_proj", H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank);
-        a.o = linear(p + ".self_attn.o_proj", c.dim, H * c.v_head_dim);
-        b.ffn_norm = norm(p + ".post_attention_layernorm", c.dim);
-        b.is_moe = c.is_moe_layer(layer);
-        if (!b.is_moe) {
-            b.ffn = ffn(p + ".mlp", c.inter_dim);
-        } else {
-            MoE& m = b.moe;
-            m.router = linear(p + ".mlp.gate", c.n_routed_experts, c.dim);
-            m.bias = add(p + ".mlp.gate.e_score_correction_bias", {c.n_routed_experts}, ParamKind::routing_bias);
-            in_expert = true;
-            for (int e = 0; e < c.n_routed_experts; ++e)
-                m.experts.push_back(ffn(p + ".mlp.experts." + std::to_string(e), c.moe_inter_dim));
-            in_expert = false;
-            m.has_shared = c.n_shared_experts > 0;
-            if (m.has_shared) m.shared = ffn(p + ".mlp.shared_experts", c.n_shared_experts * c.moe_inter_dim);
-        }
-        return b;
-    };
-    L.embed = add("model.embed_tokens.weight", {c.vocab_size, c.dim}, ParamKind::matrix);
-    for (int l = 0; l < c.n_layers; ++l) L.blocks.push_back(block(l));
-    L.final_norm = norm("model.norm", c.dim);
-    L.head = linear("lm_head", c.vocab_size, c.dim);
-    for (int k = 0; k < c.n_mtp_depth; ++k) {  // stored as the layers after the main ones: model.layers.{n_layers+k}
-        mtp_index = k;
-        const std::string p = "model.layers." + std::to_string(c.n_layers + k);
-        MtpModule m;
-        m.enorm = norm(p + ".enorm", c.dim);
-        m.hnorm = norm(p + ".hnorm", c.dim);
-        m.eh_proj = linear(p + ".eh_proj", c.dim, 2 * c.dim);
-        m.block = block(c.n_layers + k);
-        m.norm = norm(p + ".shared_head.norm", c.dim);
-        L.mtp.push_back(m);
-    }
-    return L;
-}
-
-inline ParamCounts count_parameters(const Config& c) {
-    ParamLayout L = param_layout(c);
-    ParamCounts n;
-    int64_t routed_main = 0;
-    for (const ParamEntry& e : L.entries) {
-        if (e.mtp_module >= 0) { n.mtp += int64_t(e.size); continue; }
-        n.total += int64_t(e.size);
-        if (e.routed_expert) routed_main += int64_t(e.size);
-    }
-    // Each token uses K of the N_r routed experts in every MoE layer: count K experts' worth instead of N_r.
-    n.activated = n.total - routed_main;
-    if (c.n_routed_experts > 0) n.activated += routed_main / c.n_routed_experts * c.n_activated_experts;
-    n.embedding = int64_t(c.vocab_size) * c.dim;
-    // DeepSeek's checkpoint stores, for each MTP module, its own copy of the embedding and of the output head.
-    n.mtp_in_checkpoint = n.mtp + int64_t(c.n_mtp_depth) * 2 * int64_t(c.vocab_size) * c.dim;
-    return n;
-}
-
 // --- 3.8 the MoE router [V3 §2.1.2, eqs. 13-16] ------------------------------------------------------------------
 // scores s_{i,t} = σ(u_tᵀ e_i) (sigmoid; V2 used softmax over experts). Selection uses the biased score s + b, in
 // two stages: the N_r experts form n_group groups, a group's score is the sum of its two best biased scores (max for
@@ -1126,6 +991,175 @@ inline void adamw_update(float* p, const float* g, float* m, float* v, int64_t n
 }
 
 // =====================================================================================================================
+// 4. PARAMETERS: ONE FLAT BUFFER, NAMED VIEWS
+// =====================================================================================================================
+// All parameters live in one float buffer, the gradients in a second of the same layout (and AdamW's moments in two
+// more). A module only stores offsets into it. So the optimizer, gradient clipping, checkpoints and the data-parallel
+// all-reduce each work on flat memory, and every tensor still has its Hugging Face name for checkpoints.
+enum class ParamKind {
+    matrix,     // linear weights and the embedding: initialised N(0, init_std²), weight decay applies
+    gain,       // RMSNorm gains: initialised to 1, no weight decay
+    routing_bias// e_score_correction_bias: no gradient; updated by the loss-free balancing rule [V3 §2.1.2]
+};
+struct ParamEntry {
+    std::string name;              // Hugging Face name, e.g. "model.layers.3.self_attn.kv_b_proj.weight"
+    std::vector<int64_t> shape;    // [out, in] for linears
+    size_t offset = 0, size = 0;   // where it lives in the flat buffer, and how many floats
+    ParamKind kind = ParamKind::matrix;
+    int mtp_module = -1;           // -1: main model; k-1: the k-th MTP module
+    bool routed_expert = false;    // a routed expert's weight (not activated for every token)
+};
+
+// Views: a module holds offsets; data = params.data() + offset, gradient = grads.data() + offset.
+struct Linear { size_t w = 0; int out = 0, in = 0; };  // weight [out, in]: y = x Wᵀ
+struct Norm { size_t g = 0; int dim = 0; };            // gain [dim]
+struct Ffn { Linear gate, up, down; };                 // SwiGLU: down(silu(gate x) ⊙ up x)
+struct Attention {                                     // MLA [V3 eqs. 1-11]
+    Linear q_a, q_b;  // W^DQ [q_lora, d] and W^UQ [H·(d_h+d_h^R), q_lora]  (q_lora_rank > 0)
+    Linear q;         // W^Q  [H·(d_h+d_h^R), d]                              (q_lora_rank == 0)
+    Norm q_norm;      // RMSNorm on c^Q
+    Linear kv_a;      // [W^DKV; W^KR]: [d_c + d_h^R, d]  ("kv_a_proj_with_mqa")
+    Norm kv_norm;     // RMSNorm on c^KV
+    Linear kv_b;      // [W^UK; W^UV] per head: [H·(d_h + d_v), d_c]
+    Linear o;         // W^O [d, H·d_v]
+};
+struct MoE {                                           // DeepSeekMoE [V3 eqs. 12-16]
+    Linear router;                // e_i as rows: [N_r, d]  ("mlp.gate.weight")
+    size_t bias = 0;              // b_i: [N_r]  ("mlp.gate.e_score_correction_bias")
+    std::vector<Ffn> experts;     // N_r routed experts of width moe_inter_dim
+    Ffn shared;                   // the N_s shared experts as one SwiGLU of width N_s·moe_inter_dim
+    bool has_shared = false;
+};
+struct Block {
+    Norm attn_norm, ffn_norm;     // "input_layernorm", "post_attention_layernorm"
+    Attention attn;
+    bool is_moe = false;
+    Ffn ffn;                      // dense layers
+    MoE moe;                      // MoE layers
+};
+struct MtpModule {                                     // [V3 §2.2, eq. 21-23]
+    Norm enorm, hnorm;            // RMSNorm of the next token's embedding, and of the previous depth's hidden state
+    Linear eh_proj;               // M_k: [d, 2d], input [enorm(emb) ; hnorm(h)] (embedding first, as stored)
+    Block block;                  // TRM_k
+    Norm norm;                    // "shared_head.norm": the final norm before the shared output head
+};
+struct ParamLayout {
+    std::vector<ParamEntry> entries;
+    size_t total = 0;
+    size_t embed = 0;             // [vocab, d]  "model.embed_tokens.weight"
+    std::vector<Block> blocks;
+    Norm final_norm;              // "model.norm.weight"
+    Linear head;                  // [vocab, d]  "lm_head.weight" (not tied to the embedding)
+    std::vector<MtpModule> mtp;
+    const ParamEntry& find(const std::string& name) const {
+        for (const ParamEntry& e : entries)
+            if (e.name == name) return e;
+        fail("parameter \"", name, "\": no such tensor in this config's layout");
+    }
+};
+
+// Builds the layout: names, shapes and offsets, in the order of the Hugging Face checkpoint.
+inline ParamLayout param_layout(const Config& c) {
+    c.validate();
+    ParamLayout L;
+    int mtp_index = -1;
+    bool in_expert = false;
+    auto add = [&](const std::string& name, std::vector<int64_t> shape, ParamKind kind) {
+        ParamEntry e;
+        e.name = name;
+        e.shape = std::move(shape);
+        e.size = 1;
+        for (int64_t s : e.shape) e.size *= size_t(s);
+        e.offset = L.total;
+        e.kind = kind;
+        e.mtp_module = mtp_index;
+        e.routed_expert = in_expert;
+        L.total += e.size;
+        L.entries.push_back(std::move(e));
+        return L.entries.back().offset;
+    };
+    auto linear = [&](const std::string& name, int out, int in) {
+        return Linear{add(name + ".weight", {out, in}, ParamKind::matrix), out, in};
+    };
+    auto norm = [&](const std::string& name, int dim) { return Norm{add(name + ".weight", {dim}, ParamKind::gain), dim}; };
+    auto ffn = [&](const std::string& p, int width) {
+        Ffn f;
+        f.gate = linear(p + ".gate_proj", width, c.dim);
+        f.up = linear(p + ".up_proj", width, c.dim);
+        f.down = linear(p + ".down_proj", c.dim, width);
+        return f;
+    };
+    const int H = c.n_heads, dqk = c.qk_head_dim();
+    auto block = [&](int layer) {
+        const std::string p = "model.layers." + std::to_string(layer);
+        Block b;
+        b.attn_norm = norm(p + ".input_layernorm", c.dim);
+        Attention& a = b.attn;
+        if (c.q_lora_rank > 0) {
+            a.q_a = linear(p + ".self_attn.q_a_proj", c.q_lora_rank, c.dim);
+            a.q_norm = norm(p + ".self_attn.q_a_layernorm", c.q_lora_rank);
+            a.q_b = linear(p + ".self_attn.q_b_proj", H * dqk, c.q_lora_rank);
+        } else {
+            a.q = linear(p + ".self_attn.q_proj", H * dqk, c.dim);
+        }
+        a.kv_a = linear(p + ".self_attn.kv_a_proj_with_mqa", c.kv_lora_rank + c.qk_rope_head_dim, c.dim);
+        a.kv_norm = norm(p + ".self_attn.kv_a_layernorm", c.kv_lora_rank);
+        a.kv_b = linear(p + ".self_attn.kv_b_proj", H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank);
+        a.o = linear(p + ".self_attn.o_proj", c.dim, H * c.v_head_dim);
+        b.ffn_norm = norm(p + ".post_attention_layernorm", c.dim);
+        b.is_moe = c.is_moe_layer(layer);
+        if (!b.is_moe) {
+            b.ffn = ffn(p + ".mlp", c.inter_dim);
+        } else {
+            MoE& m = b.moe;
+            m.router = linear(p + ".mlp.gate", c.n_routed_experts, c.dim);
+            m.bias = add(p + ".mlp.gate.e_score_correction_bias", {c.n_routed_experts}, ParamKind::routing_bias);
+            in_expert = true;
+            for (int e = 0; e < c.n_routed_experts; ++e)
+                m.experts.push_back(ffn(p + ".mlp.experts." + std::to_string(e), c.moe_inter_dim));
+            in_expert = false;
+            m.has_shared = c.n_shared_experts > 0;
+            if (m.has_shared) m.shared = ffn(p + ".mlp.shared_experts", c.n_shared_experts * c.moe_inter_dim);
+        }
+        return b;
+    };
+    L.embed = add("model.embed_tokens.weight", {c.vocab_size, c.dim}, ParamKind::matrix);
+    for (int l = 0; l < c.n_layers; ++l) L.blocks.push_back(block(l));
+    L.final_norm = norm("model.norm", c.dim);
+    L.head = linear("lm_head", c.vocab_size, c.dim);
+    for (int k = 0; k < c.n_mtp_depth; ++k) {  // stored as the layers after the main ones: model.layers.{n_layers+k}
+        mtp_index = k;
+        const std::string p = "model.layers." + std::to_string(c.n_layers + k);
+        MtpModule m;
+        m.enorm = norm(p + ".enorm", c.dim);
+        m.hnorm = norm(p + ".hnorm", c.dim);
+        m.eh_proj = linear(p + ".eh_proj", c.dim, 2 * c.dim);
+        m.block = block(c.n_layers + k);
+        m.norm = norm(p + ".shared_head.norm", c.dim);
+        L.mtp.push_back(m);
+    }
+    return L;
+}
+
+inline ParamCounts count_parameters(const Config& c) {
+    ParamLayout L = param_layout(c);
+    ParamCounts n;
+    int64_t routed_main = 0;
+    for (const ParamEntry& e : L.entries) {
+        if (e.mtp_module >= 0) { n.mtp += int64_t(e.size); continue; }
+        n.total += int64_t(e.size);
+        if (e.routed_expert) routed_main += int64_t(e.size);
+    }
+    // Each token uses K of the N_r routed experts in every MoE layer: count K experts' worth instead of N_r.
+    n.activated = n.total - routed_main;
+    if (c.n_routed_experts > 0) n.activated += routed_main / c.n_routed_experts * c.n_activated_experts;
+    n.embedding = int64_t(c.vocab_size) * c.dim;
+    // DeepSeek's checkpoint stores, for each MTP module, its own copy of the embedding and of the output head.
+    n.mtp_in_checkpoint = n.mtp + int64_t(c.n_mtp_depth) * 2 * int64_t(c.vocab_size) * c.dim;
+    return n;
+}
+
+// =====================================================================================================================
 // 5. MODULES: MLA, FFN, MoE, BLOCK, MTP, MODEL
 // =====================================================================================================================
 // The model logic is written once here, as forward/backward pairs that compose the kernels of section 3. Each
@@ -1224,6 +1258,8 @@ class Model {
         return l;
     }
     const float* logits() const { return logits_; }  // [B·T, vocab] of the last forward
+    // Attention weights of main block `layer` in the last forward: [B, H, T, T].
+    const float* attention_probs(int layer) const { return blocks_.at(size_t(layer)).attn.probs; }
     // Expert loads of the last forward, one vector [N_r] per MoE block (main blocks first, then MTP blocks).
     std::vector<std::vector<int64_t>> expert_loads() const {
         std::vector<std::vector<int64_t>> loads;
@@ -1724,7 +1760,60 @@ inline void add_loads(std::vector<std::vector<int64_t>>& a, const std::vector<st
     for (size_t l = 0; l < a.size(); ++l)
         for (size_t i = 0; i < a[l].size(); ++i) a[l][i] += b[l][i];
 }
-// --- 6.4 checkpoints --------------------------------------------------------------------------------------------
+// --- 6.4 one training step ----------------------------------------------------------------------------------------
+// forward + backward, clip + AdamW, then the loss-free bias update with this batch's expert loads.
+struct StepResult {
+    Losses loss;
+    double grad_norm = 0;                        // before clipping
+    std::vector<std::vector<int64_t>> loads;     // per MoE block, tokens routed to each expert
+    double max_violation = 0;                    // MaxVio_batch, the worst MoE block
+};
+inline StepResult train_step(Model& model, AdamW& opt, const int32_t* tokens, int B, int T, float lr,
+                             const LossOptions& loss_options, bool bias_update = true) {
+    StepResult r;
+    r.loss = model.forward_backward(tokens, B, T, loss_options);
+    r.grad_norm = adamw_step(model, opt, lr);
+    r.loads = model.expert_loads();
+    if (bias_update) update_routing_bias(model, r.loads, model.cfg.bias_update_speed);
+    for (const auto& load : r.loads) r.max_violation = std::max(r.max_violation, max_violation(load));
+    return r;
+}
+
+// --- 6.5 data windows and evaluation --------------------------------------------------------------------------
+// B random windows of T+1 tokens; the windows of step s depend only on (seed, s), so a resumed run sees the same data.
+inline void sample_batch(const std::vector<int32_t>& data, int B, int T, uint64_t seed, int step, int32_t* out) {
+    Rng rng = Rng(seed).fork(uint64_t(step));
+    for (int b = 0; b < B; ++b) {
+        const size_t start = size_t(rng.below(data.size() - size_t(T) - 1));
+        std::copy(data.begin() + long(start), data.begin() + long(start + T + 1), out + size_t(b) * (T + 1));
+    }
+}
+
+// Mean next-token loss over `windows` evenly spaced windows of the validation split (all of it when windows <= 0),
+// and the expert loads summed over them (for MaxVio_global).
+inline double evaluate(Model& model, const std::vector<int32_t>& val, int T, int windows, int B,
+                       std::vector<std::vector<int64_t>>* loads) {
+    const int64_t available = int64_t((val.size() - 1) / size_t(T));
+    const int64_t n = windows <= 0 ? available : std::min<int64_t>(windows, available);
+    if (n <= 0) fail("validation split: ", val.size(), " tokens, fewer than one window of ", T + 1);
+    LossOptions opt;
+    opt.with_mtp = false;
+    double sum = 0;
+    std::vector<int32_t> batch;
+    for (int64_t first = 0; first < n; first += B) {
+        const int rows = int(std::min<int64_t>(B, n - first));
+        batch.resize(size_t(rows) * (T + 1));
+        for (int r = 0; r < rows; ++r) {
+            const int64_t w = (first + r) * available / n;  // evenly spaced windows
+            std::copy(val.begin() + long(w * T), val.begin() + long(w * T + T + 1), batch.begin() + long(r) * (T + 1));
+        }
+        sum += model.forward(batch.data(), rows, T, opt).main * rows;
+        if (loads) add_loads(*loads, model.expert_loads());
+    }
+    return sum / double(n);
+}
+
+// --- 6.6 checkpoints --------------------------------------------------------------------------------------------
 // A training checkpoint holds everything a resumed run needs to continue bit for bit: the config, the step, the
 // parameters (the routing bias included) and AdamW's moments. Text header, then raw little-endian float32:
 //     dsv3-checkpoint 1
@@ -1818,5 +1907,1726 @@ inline void load_checkpoint(const std::string& path, Model& model, AdamW& opt) {
     if (!ok) fail("checkpoint ", path, ": read failed");
     opt.step = step;
 }
+
+// =====================================================================================================================
+// 9. DATA AND PICTURES
+// =====================================================================================================================
+//   9.1  Files: read a whole file; write a file atomically (temporary file, then rename).
+//   9.2  Byte-level BPE tokenizer (DeepSeek-V3 report §4.1): train, encode, decode, save, load.
+//   9.3  Token files and datasets: a small binary format, train/validation split, random batches, evaluation windows.
+//   9.4  FIM, fill in the middle, PSM mode (DeepSeek-Coder, DeepSeek-Coder-V2 §2.2; Bavarian et al. 2022).
+//   9.5  A synthetic corpus whose entropy is known exactly, so that a loss can be compared with the best possible one.
+//   9.6  PNG plots (stb_image_write + stb_easy_font): loss curves, heatmaps (expert load), attention maps.
+//   9.7  A progress line for long runs.
+
+// ================================================================================================================
+// 9.1 Files
+// ================================================================================================================
+
+// The whole file as bytes. Error names the file and the reason.
+inline std::string read_file_bytes(const std::string& path) {
+    FILE* f = std::fopen(path.c_str(), "rb");
+    if (!f) fail("cannot open '", path, "' for reading: ", std::strerror(errno));
+    std::string data;
+    char buffer[1 << 16];
+    size_t n;
+    while ((n = std::fread(buffer, 1, sizeof buffer, f)) > 0) data.append(buffer, n);
+    const bool failed = std::ferror(f) != 0;
+    std::fclose(f);
+    if (failed) fail("error while reading '", path, "'");
+    return data;
+}
+
+// Writes `path` so that a reader never sees half a file: the bytes go to `path.tmp`, which is renamed over `path`
+// only when every byte was written (rename is atomic on POSIX file systems).
+inline void write_file_atomic(const std::string& path, const void* data, size_t n_bytes) {
+    const std::string tmp = path + ".tmp";
+    FILE* f = std::fopen(tmp.c_str(), "wb");
+    if (!f) fail("cannot write '", path, "': cannot create '", tmp, "': ", std::strerror(errno));
+    bool ok = std::fwrite(data, 1, n_bytes, f) == n_bytes;
+    ok = (std::fflush(f) == 0) && ok;
+    ok = (std::fclose(f) == 0) && ok;
+    if (!ok) {
+        std::remove(tmp.c_str());
+        fail("cannot write '", path, "': writing ", n_bytes, " bytes to '", tmp, "' failed (disk full?)");
+    }
+    if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+        const int e = errno;
+        std::remove(tmp.c_str());
+        fail("cannot write '", path, "': renaming '", tmp, "' to it failed: ", std::strerror(e));
+    }
+}
+inline void write_file_atomic(const std::string& path, const std::string& data) {
+    write_file_atomic(path, data.data(), data.size());
+}
+
+// A byte string shown safely in a message or a file: printable ASCII as is, the rest as \n, \t, \\, \" or \xNN.
+inline std::string escape_bytes(std::string_view s) {
+    static const char hex[] = "0123456789abcdef";
+    std::string out;
+    for (unsigned char c : s) {
+        if (c == '\n') out += "\\n";
+        else if (c == '\t') out += "\\t";
+        else if (c == '\\') out += "\\\\";
+        else if (c == '"') out += "\\\"";
+        else if (c >= 32 && c < 127) out += char(c);
+        else { out += "\\x"; out += hex[c >> 4]; out += hex[c & 15]; }
+    }
+    return out;
+}
+
+// ================================================================================================================
+// 9.2 Byte-level BPE tokenizer
+// ================================================================================================================
+//
+// DeepSeek-V3 tokenizes with byte-level BPE (128K tokens). "Byte-level" means the alphabet is the 256 byte values,
+// so every byte string, valid UTF-8 or not, NUL bytes included, has an encoding, and decoding concatenates the
+// tokens' bytes: decode(encode(s)) == s always. BPE training starts from single bytes and repeatedly adds the
+// most frequent adjacent pair of tokens as a new token (a "merge"). Encoding replays the merges in the order they
+// were learned.
+//
+// Token ids: 0..255 are the bytes; 256 + i is merge i (its bytes are the concatenation of its two parts); after
+// the n_ordinary() = 256 + merges.size() ordinary tokens come the special tokens, spelt as in DeepSeek's
+// vocabularies: <｜begin▁of▁sentence｜> (BOS), <｜end▁of▁sentence｜> (EOS), <｜fim▁begin｜>, <｜fim▁hole｜>,
+// <｜fim▁end｜>. Special tokens never come out of encode(text): text that happens to contain their spelling is
+// encoded as ordinary bytes, so no document can forge one (encode_with_specials() parses them on purpose).
+//
+// Pre-tokenization. Like GPT-2 and DeepSeek, the text is first cut into chunks and merges never cross a chunk
+// boundary, so tokens are pieces of words rather than arbitrary spans such as "e, t". The rule (byte classes:
+// letters = A-Z, a-z and every byte >= 0x80 so that UTF-8 characters stay inside words; digits; whitespace;
+// everything else is punctuation):
+//   - a word: an optional single leading space and a run of letters             " thou", "ROMEO"
+//   - a number: an optional leading space and 1 to 3 digits                      " 123", "4"   (V3: \p{N}{1,3})
+//   - punctuation: an optional leading space, a run of punctuation, and the line breaks right after it, ":\n",
+//     ".\n\n" (V3's pre-tokenizer also makes tokens that combine punctuation and line breaks, report §4.1)
+//   - whitespace: a run of spaces and line breaks, except that the last space before a word goes with the word.
+// Chunks longer than 256 bytes are cut, which bounds the cost of encoding pathological input.
+//
+// Training with incremental pair counts: the text becomes a list of distinct chunks with their counts (Tiny
+// Shakespeare: ~30K distinct chunks for 1.1M bytes). We keep count[pair] over all chunks and, for each pair, the
+// chunks where it occurs. A merge touches only those chunks: their old pairs are subtracted, the merge is applied,
+// their new pairs are added. A max-heap of (count, pair) with lazy deletion (an entry is valid only if its count is
+// still the current count) picks the next merge. Ties go to the smallest (left id, right id), so training is
+// deterministic. Training stops at the requested size, or when no pair occurs at least `min_pair_count` times.
+//
+// File format (text, one item per line; '#' starts a comment on every line except the special-token lines):
+//   dsv3-bpe-tokenizer 1
+//   pretokenizer dsv3-chunks-1
+//   merges M                  then M lines "LEFT RIGHT": token ids; line i creates token 256 + i, and both ids
+//                             are smaller than 256 + i (bytes or earlier merges)
+//   specials K                then K lines, one spelling each (UTF-8, no spaces); ids n_ordinary() ... + K - 1
+//   end
+struct Tokenizer {
+    static constexpr const char* kBosText = "<" "\xEF\xBD\x9C" "begin" "\xE2\x96\x81" "of" "\xE2\x96\x81" "sentence"
+                                            "\xEF\xBD\x9C" ">";
+    static constexpr const char* kEosText = "<" "\xEF\xBD\x9C" "end" "\xE2\x96\x81" "of" "\xE2\x96\x81" "sentence"
+                                            "\xEF\xBD\x9C" ">";
+    static constexpr const char* kFimBeginText = "<" "\xEF\xBD\x9C" "fim" "\xE2\x96\x81" "begin" "\xEF\xBD\x9C" ">";
+    static constexpr const char* kFimHoleText = "<" "\xEF\xBD\x9C" "fim" "\xE2\x96\x81" "hole" "\xEF\xBD\x9C" ">";
+    static constexpr const char* kFimEndText = "<" "\xEF\xBD\x9C" "fim" "\xE2\x96\x81" "end" "\xEF\xBD\x9C" ">";
+    static constexpr int kMaxChunk = 256;
+
+    std::vector<std::pair<uint32_t, uint32_t>> merges;  // merges[i] = (left, right) makes token 256 + i
+    std::vector<std::string> specials;                  // spellings of the special tokens, in id order
+    std::vector<std::string> pieces;                    // bytes of every ordinary token, spelling of every special
+    std::unordered_map<uint64_t, uint32_t> merge_of;    // (left << 32 | right) -> merged token id
+    uint32_t bos = 0, eos = 0, fim_begin = 0, fim_hole = 0, fim_end = 0;
+
+    int n_ordinary() const { return 256 + int(merges.size()); }
+    int vocab_size() const { return n_ordinary() + int(specials.size()); }  // what the model's embedding needs
+    bool is_special(uint32_t id) const { return id >= uint32_t(n_ordinary()) && id < uint32_t(vocab_size()); }
+
+    // The tokenizer with no merges: one token per byte (plus the special tokens).
+    static Tokenizer bytes_only() {
+        Tokenizer t;
+        t.specials = {kBosText, kEosText, kFimBeginText, kFimHoleText, kFimEndText};
+        t.build_tables("Tokenizer::bytes_only");
+        return t;
+    }
+
+    // ---- pre-tokenizer -----------------------------------------------------------------------------------------
+    enum ByteClass : uint8_t { kLetter, kDigit, kSpace, kLineBreak, kOtherSpace, kPunct };
+    static ByteClass byte_class(uint8_t c) {
+        if ((c | 32) >= 'a' && (c | 32) <= 'z') return kLetter;
+        if (c >= 0x80) return kLetter;
+        if (c >= '0' && c <= '9') return kDigit;
+        if (c == ' ') return kSpace;
+        if (c == '\n' || c == '\r') return kLineBreak;
+        if (c == '\t' || c == '\v' || c == '\f') return kOtherSpace;
+        return kPunct;
+    }
+    // End of the chunk that starts at byte i of s[0, n).
+    static size_t chunk_end(const uint8_t* s, size_t n, size_t i) {
+        auto is_space = [](ByteClass k) { return k == kSpace || k == kLineBreak || k == kOtherSpace; };
+        size_t j = i;
+        ByteClass k = byte_class(s[i]);
+        if (s[i] == ' ' && i + 1 < n && !is_space(byte_class(s[i + 1]))) k = byte_class(s[++j]);
+        switch (k) {
+            case kLetter:
+                while (j < n && byte_class(s[j]) == kLetter) ++j;
+                break;
+            case kDigit:
+                for (int d = 0; d < 3 && j < n && byte_class(s[j]) == kDigit; ++d) ++j;
+                break;
+            case kPunct:
+                while (j < n && byte_class(s[j]) == kPunct) ++j;
+                while (j < n && byte_class(s[j]) == kLineBreak) ++j;
+                break;
+            default:  // whitespace; a run longer than one byte leaves its last space to the word after it
+                while (j < n && is_space(byte_class(s[j]))) ++j;
+                if (j < n && j - i >= 2 && s[j - 1] == ' ') --j;
+        }
+        return std::min(j, i + size_t(kMaxChunk));
+    }
+    // f(begin, end) for every chunk of `text`, in order; the chunks tile the text exactly.
+    template <class F>
+    static void for_each_chunk(std::string_view text, const F& f) {
+        const uint8_t* s = reinterpret_cast<const uint8_t*>(text.data());
+        for (size_t i = 0, n = text.size(); i < n;) {
+            const size_t e = chunk_end(s, n, i);
+            f(i, e);
+            i = e;
+        }
+    }
+
+    // ---- training ---------------------------------------------------------------------------------------------
+    // Learns merges on `text` until there are `n_ordinary_tokens` ordinary tokens (256 bytes + merges), or until no
+    // pair occurs `min_pair_count` times. The vocabulary is then n_ordinary() + 5 special tokens.
+    static Tokenizer train(std::string_view text, int n_ordinary_tokens, int64_t min_pair_count = 2) {
+        if (n_ordinary_tokens < 256)
+            fail("Tokenizer::train: vocabulary of ", n_ordinary_tokens,
+                 " ordinary tokens requested; expected at least 256 (the byte alphabet)");
+        Tokenizer tok = bytes_only();
+
+        // Distinct chunks, sorted so that chunk indices (and everything after) do not depend on hashing.
+        std::unordered_map<std::string_view, int64_t> chunk_counts;
+        for_each_chunk(text, [&](size_t b, size_t e) { ++chunk_counts[text.substr(b, e - b)]; });
+        std::vector<std::pair<std::string_view, int64_t>> chunks(chunk_counts.begin(), chunk_counts.end());
+        std::sort(chunks.begin(), chunks.end());
+        std::vector<std::vector<uint32_t>> words(chunks.size());
+        std::vector<int64_t> freq(chunks.size());
+        for (size_t w = 0; w < chunks.size(); ++w) {
+            words[w].assign(reinterpret_cast<const uint8_t*>(chunks[w].first.data()),
+                            reinterpret_cast<const uint8_t*>(chunks[w].first.data()) + chunks[w].first.size());
+            freq[w] = chunks[w].second;
+        }
+
+        auto key = [](uint32_t a, uint32_t b) { return (uint64_t(a) << 32) | b; };
+        std::unordered_map<uint64_t, int64_t> count;                 // pair -> occurrences, weighted by chunk count
+        std::unordered_map<uint64_t, std::vector<uint32_t>> where;   // pair -> chunks that contain (or contained) it
+        for (size_t w = 0; w < words.size(); ++w)
+            for (size_t i = 0; i + 1 < words[w].size(); ++i) {
+                const uint64_t k = key(words[w][i], words[w][i + 1]);
+                count[k] += freq[w];
+                auto& list = where[k];
+                if (list.empty() || list.back() != w) list.push_back(uint32_t(w));
+            }
+        struct Entry {
+            int64_t count;
+            uint64_t pair;
+            bool operator<(const Entry& o) const {  // top of the heap: largest count, then smallest pair
+                return count != o.count ? count < o.count : pair > o.pair;
+            }
+        };
+        std::priority_queue<Entry> heap;
+        for (const auto& [k, c] : count) heap.push({c, k});
+
+        std::vector<uint32_t> last_merge(words.size(), UINT32_MAX);  // a chunk is rewritten once per merge
+        std::unordered_map<uint64_t, int64_t> count_before;          // pairs touched by this merge, old counts
+        while (tok.n_ordinary() < n_ordinary_tokens && !heap.empty()) {
+            const Entry top = heap.top();
+            heap.pop();
+            auto it = count.find(top.pair);
+            if (it == count.end() || it->second != top.count) continue;  // stale entry
+            if (top.count < min_pair_count) break;
+            const uint32_t a = uint32_t(top.pair >> 32), b = uint32_t(top.pair & 0xFFFFFFFFu);
+            const uint32_t c = uint32_t(tok.n_ordinary());
+            tok.merges.push_back({a, b});
+            tok.pieces.insert(tok.pieces.begin() + c, tok.pieces[a] + tok.pieces[b]);
+
+            std::vector<uint32_t> chunks_with_pair = std::move(where[top.pair]);
+            where.erase(top.pair);
+            count_before.clear();
+            auto add = [&](uint64_t k, int64_t delta) {
+                int64_t& n = count[k];
+                count_before.emplace(k, n);  // keeps the first (pre-merge) value
+                n += delta;
+            };
+            for (uint32_t w : chunks_with_pair) {
+                if (last_merge[w] == c) continue;
+                last_merge[w] = c;
+                std::vector<uint32_t>& sym = words[w];
+                bool present = false;
+                for (size_t i = 0; i + 1 < sym.size() && !present; ++i) present = sym[i] == a && sym[i + 1] == b;
+                if (!present) continue;
+                for (size_t i = 0; i + 1 < sym.size(); ++i) add(key(sym[i], sym[i + 1]), -freq[w]);
+                size_t out = 0;
+                for (size_t i = 0; i < sym.size();) {  // left to right, non-overlapping, as encode() does
+                    if (i + 1 < sym.size() && sym[i] == a && sym[i + 1] == b) { sym[out++] = c; i += 2; }
+                    else sym[out++] = sym[i++];
+                }
+                sym.resize(out);
+                for (size_t i = 0; i + 1 < sym.size(); ++i) {
+                    const uint64_t k = key(sym[i], sym[i + 1]);
+                    add(k, freq[w]);
+                    if (sym[i] == c || sym[i + 1] == c) {  // only pairs with the new token are new to this chunk
+                        auto& list = where[k];
+                        if (list.empty() || list.back() != w) list.push_back(w);
+                    }
+                }
+            }
+            for (const auto& [k, old] : count_before) {
+                const int64_t now = count[k];
+                if (now == 0) count.erase(k);
+                else if (now != old) heap.push({now, k});
+            }
+        }
+        tok.build_tables("Tokenizer::train");
+        return tok;
+    }
+
+    // ---- encoding and decoding --------------------------------------------------------------------------------
+    // BPE of one chunk: apply the earliest-learned merge present, everywhere in the chunk, until none applies.
+    void encode_chunk(const uint8_t* s, size_t n, std::vector<uint32_t>& sym) const {
+        sym.assign(s, s + n);
+        while (sym.size() >= 2) {
+            uint32_t best = UINT32_MAX;
+            for (size_t i = 0; i + 1 < sym.size(); ++i) {
+                auto it = merge_of.find((uint64_t(sym[i]) << 32) | sym[i + 1]);
+                if (it != merge_of.end() && it->second < best) best = it->second;
+            }
+            if (best == UINT32_MAX) break;
+            const auto [a, b] = merges[best - 256];
+            size_t out = 0;
+            for (size_t i = 0; i < sym.size();) {
+                if (i + 1 < sym.size() && sym[i] == a && sym[i + 1] == b) { sym[out++] = best; i += 2; }
+                else sym[out++] = sym[i++];
+            }
+            sym.resize(out);
+        }
+    }
+    // Appends the tokens of `text` (never special tokens). A per-call cache makes repeated chunks ("the", " and")
+    // cost one hash lookup.
+    void encode_append(std::string_view text, std::vector<uint32_t>& out) const {
+        const uint8_t* s = reinterpret_cast<const uint8_t*>(text.data());
+        if (merges.empty()) { out.insert(out.end(), s, s + text.size()); return; }
+        std::unordered_map<std::string_view, std::pair<uint32_t, uint32_t>> cache;  // chunk -> (offset, length)
+        std::vector<uint32_t> cached, sym;
+        for_each_chunk(text, [&](size_t b, size_t e) {
+            const std::string_view chunk = text.substr(b, e - b);
+            auto it = cache.find(chunk);
+            if (it == cache.end()) {
+                encode_chunk(s + b, e - b, sym);
+                it = cache.emplace(chunk, std::make_pair(uint32_t(cached.size()), uint32_t(sym.size()))).first;
+                cached.insert(cached.end(), sym.begin(), sym.end());
+            }
+            out.insert(out.end(), cached.begin() + it->second.first,
+                       cached.begin() + it->second.first + it->second.second);
+        });
+    }
+    std::vector<uint32_t> encode(std::string_view text) const {
+        std::vector<uint32_t> out;
+        out.reserve(text.size() / 3 + 16);
+        encode_append(text, out);
+        return out;
+    }
+    // Like encode(), but the spellings of the special tokens in `text` become the special tokens.
+    std::vector<uint32_t> encode_with_specials(std::string_view text) const {
+        std::vector<uint32_t> out;
+        size_t start = 0;
+        for (size_t i = 0; i < text.size(); ++i) {
+            if (text[i] != '<') continue;
+            for (size_t k = 0; k < specials.size(); ++k)
+                if (text.compare(i, specials[k].size(), specials[k]) == 0) {
+                    encode_append(text.substr(start, i - start), out);
+                    out.push_back(uint32_t(n_ordinary() + int(k)));
+                    i += specials[k].size() - 1;
+                    start = i + 1;
+                    break;
+                }
+        }
+        encode_append(text.substr(start), out);
+        return out;
+    }
+    std::string decode(const uint32_t* ids, size_t n) const {
+        std::string out;
+        for (size_t i = 0; i < n; ++i) {
+            if (ids[i] >= pieces.size())
+                fail("Tokenizer::decode: token id ", ids[i], " at position ", i, " is outside the vocabulary of ",
+                     pieces.size(), " tokens");
+            out += pieces[ids[i]];
+        }
+        return out;
+    }
+    std::string decode(const std::vector<uint32_t>& ids) const { return decode(ids.data(), ids.size()); }
+    std::string decode(const std::vector<int32_t>& ids) const {
+        std::vector<uint32_t> u(ids.begin(), ids.end());
+        return decode(u);
+    }
+    // A token as printable text, e.g. for tables: " thou", "\n", "\xe2".
+    std::string token_text(uint32_t id) const {
+        if (id >= pieces.size()) fail("Tokenizer::token_text: token id ", id, " outside the vocabulary of ", pieces.size());
+        return is_special(id) ? pieces[id] : escape_bytes(pieces[id]);
+    }
+
+    // ---- save and load ----------------------------------------------------------------------------------------
+    void save(const std::string& path) const {
+        std::string s;
+        s += "dsv3-bpe-tokenizer 1  # byte-level BPE; ids 0-255 = bytes, 256+i = merge i, then the specials\n";
+        s += "pretokenizer dsv3-chunks-1\n";
+        s += "merges " + std::to_string(merges.size()) + "  # each line: LEFT RIGHT -> new token\n";
+        for (size_t i = 0; i < merges.size(); ++i)
+            s += std::to_string(merges[i].first) + " " + std::to_string(merges[i].second) + "  # " +
+                 std::to_string(256 + i) + " \"" + escape_bytes(pieces[256 + i]) + "\"\n";
+        s += "specials " + std::to_string(specials.size()) + "  # ids from " + std::to_string(n_ordinary()) + "\n";
+        for (const std::string& sp : specials) s += sp + "\n";
+        s += "end\n";
+        write_file_atomic(path, s);
+    }
+
+    static Tokenizer load(const std::string& path) {
+        const std::string text = read_file_bytes(path);
+        std::vector<std::string> lines;
+        for (size_t b = 0; b < text.size();) {
+            size_t e = text.find('\n', b);
+            if (e == std::string::npos) e = text.size();
+            lines.push_back(text.substr(b, e - b));
+            b = e + 1;
+        }
+        size_t ln = 0;  // index of the next line to read
+        auto where = [&](size_t i) { return "tokenizer file '" + path + "' line " + std::to_string(i + 1); };
+        auto strip = [](std::string s, bool comments) {
+            if (comments) {
+                const size_t h = s.find('#');
+                if (h != std::string::npos) s.erase(h);
+            }
+            while (!s.empty() && (s.back() == ' ' || s.back() == '\t' || s.back() == '\r')) s.pop_back();
+            size_t f = 0;
+            while (f < s.size() && (s[f] == ' ' || s[f] == '\t')) ++f;
+            return s.substr(f);
+        };
+        // The next line that is not empty after removing comments (or, for special lines, not empty at all).
+        auto next = [&](const char* expected, bool comments) -> std::string {
+            while (ln < lines.size()) {
+                std::string s = strip(lines[ln++], comments);
+                if (!s.empty()) return s;
+            }
+            fail("tokenizer file '", path, "' ends after line ", lines.size(), "; expected ", expected);
+        };
+        auto keyword_count = [&](const char* keyword, const char* expected) -> size_t {
+            const std::string s = next(expected, true);
+            const std::string kw = std::string(keyword) + " ";
+            char* end = nullptr;
+            const unsigned long long v = s.compare(0, kw.size(), kw) == 0 ? std::strtoull(s.c_str() + kw.size(), &end, 10) : 0;
+            if (!end || *end != '\0' || end == s.c_str() + kw.size())
+                fail(where(ln - 1), ": expected ", expected, ", found '", escape_bytes(s), "'");
+            return size_t(v);
+        };
+        const std::string magic = next("the first line 'dsv3-bpe-tokenizer 1'", true);
+        if (magic != "dsv3-bpe-tokenizer 1")
+            fail(where(ln - 1), ": expected 'dsv3-bpe-tokenizer 1' (this is not a dsv3 tokenizer file, or another "
+                 "version), found '", escape_bytes(magic.substr(0, 60)), "'");
+        const std::string pre = next("'pretokenizer dsv3-chunks-1'", true);
+        if (pre != "pretokenizer dsv3-chunks-1")
+            fail(where(ln - 1), ": expected 'pretokenizer dsv3-chunks-1', found '", escape_bytes(pre), "'");
+        Tokenizer tok;
+        const size_t n_merges = keyword_count("merges", "'merges <count>'");
+        if (n_merges > (1u << 24)) fail(where(ln - 1), ": expected at most 16777216 merges, found ", n_merges);
+        tok.merges.reserve(n_merges);
+        for (size_t i = 0; i < n_merges; ++i) {
+            const std::string s = next("a merge line 'LEFT RIGHT'", true);
+            unsigned long a = 0, b = 0;
+            char extra = 0;
+            if (std::sscanf(s.c_str(), "%lu %lu %c", &a, &b, &extra) != 2)
+                fail(where(ln - 1), ": expected merge ", i, " of ", n_merges, " as two token ids 'LEFT RIGHT', found '",
+                     escape_bytes(s), "'");
+            if (a >= 256 + i || b >= 256 + i)
+                fail(where(ln - 1), ": merge ", i, " refers to token ", std::max(a, b),
+                     ", but only tokens below ", 256 + i, " exist before it");
+            tok.merges.push_back({uint32_t(a), uint32_t(b)});
+        }
+        const size_t n_specials = keyword_count("specials", "'specials <count>'");
+        for (size_t i = 0; i < n_specials; ++i) {
+            const std::string s = next("a special token spelling", false);
+            if (s.find_first_of(" \t") != std::string::npos)
+                fail(where(ln - 1), ": expected one special token spelling without spaces, found '", escape_bytes(s), "'");
+            tok.specials.push_back(s);
+        }
+        const std::string end = next("'end'", true);
+        if (end != "end") fail(where(ln - 1), ": expected 'end', found '", escape_bytes(end), "'");
+        tok.build_tables(("tokenizer file '" + path + "'").c_str());
+        return tok;
+    }
+
+    // Fills pieces, merge_of and the special ids from merges and specials; `origin` names the source in errors.
+    void build_tables(const char* origin) {
+        pieces.assign(256, std::string());
+        for (int b = 0; b < 256; ++b) pieces[size_t(b)] = std::string(1, char(b));
+        merge_of.clear();
+        for (size_t i = 0; i < merges.size(); ++i) {
+            const auto [a, b] = merges[i];
+            const uint64_t k = (uint64_t(a) << 32) | b;
+            if (merge_of.count(k))
+                fail(origin, ": merge ", i, " (", a, " ", b, ") repeats merge ", merge_of[k] - 256);
+            merge_of[k] = uint32_t(256 + i);
+            pieces.push_back(pieces[a] + pieces[b]);
+        }
+        for (const std::string& s : specials) pieces.push_back(s);
+        auto id_of = [&](const char* spelling) {
+            for (size_t k = 0; k < specials.size(); ++k)
+                if (specials[k] == spelling) return uint32_t(n_ordinary() + int(k));
+            fail(origin, ": the special token ", spelling, " is missing; expected it among the ", specials.size(),
+                 " special tokens");
+        };
+        bos = id_of(kBosText);
+        eos = id_of(kEosText);
+        fim_begin = id_of(kFimBeginText);
+        fim_hole = id_of(kFimHoleText);
+        fim_end = id_of(kFimEndText);
+    }
+};
+
+// ================================================================================================================
+// 9.3 Token files and datasets
+// ================================================================================================================
+//
+// Token file (binary, little-endian), written by write_tokens and examples/prepare_data:
+//   offset  0  8 bytes   magic "DSV3TOKS"
+//   offset  8  uint32    version = 1
+//   offset 12  uint32    token width in bytes: 2 (uint16, when vocab_size <= 65536) or 4 (uint32)
+//   offset 16  uint64    number of tokens N
+//   offset 24  uint32    vocab_size of the tokenizer that wrote them (every token is below it)
+//   offset 28  uint32    reserved, 0
+//   offset 32  N tokens of the given width
+constexpr char kTokenFileMagic[9] = "DSV3TOKS";
+constexpr size_t kTokenFileHeaderBytes = 32;
+
+inline void write_tokens(const std::string& path, const std::vector<uint32_t>& tokens, uint32_t vocab_size) {
+    const uint32_t width = vocab_size <= 65536 ? 2 : 4;
+    std::string bytes(kTokenFileHeaderBytes + tokens.size() * width, '\0');
+    auto put = [&](size_t at, uint64_t v, int n) {
+        for (int i = 0; i < n; ++i) bytes[at + size_t(i)] = char((v >> (8 * i)) & 0xFF);
+    };
+    std::memcpy(&bytes[0], kTokenFileMagic, 8);
+    put(8, 1, 4);
+    put(12, width, 4);
+    put(16, tokens.size(), 8);
+    put(24, vocab_size, 4);
+    for (size_t i = 0; i < tokens.size(); ++i) {
+        if (tokens[i] >= vocab_size)
+            fail("write_tokens '", path, "': token ", tokens[i], " at position ", i, " is outside the vocabulary of ",
+                 vocab_size);
+        put(kTokenFileHeaderBytes + i * width, tokens[i], int(width));
+    }
+    write_file_atomic(path, bytes);
+}
+
+// A sequence of tokens to train or evaluate on. `name` (usually the file) appears in every error.
+struct TokenDataset {
+    std::string name;
+    std::vector<uint32_t> tokens;
+    uint32_t vocab_size = 0;
+
+    static TokenDataset from_tokens(std::string name, std::vector<uint32_t> tokens, uint32_t vocab_size) {
+        TokenDataset d;
+        d.name = std::move(name);
+        d.tokens = std::move(tokens);
+        d.vocab_size = vocab_size;
+        return d;
+    }
+
+    // Reads a token file; with seq_len > 0 also checks that it holds at least one sequence of seq_len + 1 tokens.
+    static TokenDataset load(const std::string& path, int seq_len = 0) {
+        const std::string bytes = read_file_bytes(path);
+        const char* what = "token file '";
+        if (bytes.empty())
+            fail(what, path, "' is empty (0 bytes); expected a ", kTokenFileHeaderBytes,
+                 "-byte header starting with \"DSV3TOKS\" (write it with examples/prepare_data)");
+        if (bytes.compare(0, 8, kTokenFileMagic, std::min<size_t>(8, bytes.size())) != 0)
+            fail(what, path, "' has the wrong magic: expected \"DSV3TOKS\", found \"",
+                 escape_bytes(bytes.substr(0, 8)), "\"; it is not a token file written by write_tokens");
+        if (bytes.size() < kTokenFileHeaderBytes)
+            fail(what, path, "' is truncated: ", bytes.size(), " bytes, shorter than its ", kTokenFileHeaderBytes,
+                 "-byte header");
+        auto get = [&](size_t at, int n) {
+            uint64_t v = 0;
+            for (int i = 0; i < n; ++i) v |= uint64_t(uint8_t(bytes[at + size_t(i)])) << (8 * i);
+            return v;
+        };
+        const uint64_t version = get(8, 4), width = get(12, 4), count = get(16, 8), vocab = get(24, 4);
+        if (version != 1) fail(what, path, "': version ", version, " in the header, expected 1");
+        if (width != 2 && width != 4) fail(what, path, "': token width ", width, " bytes in the header, expected 2 or 4");
+        if (vocab == 0 || (width == 2 && vocab > 65536))
+            fail(what, path, "': vocab_size ", vocab, " in the header does not fit tokens of ", width, " bytes");
+        const uint64_t have = bytes.size() - kTokenFileHeaderBytes;
+        if (count > have / width)
+            fail(what, path, "' is truncated: its header promises ", count, " tokens of ", width, " bytes (", count * width,
+                 " bytes), but only ", have, " bytes follow the header");
+        if (count * width != have)
+            fail(what, path, "' has ", have - count * width, " unexpected bytes after its ", count, " tokens");
+        TokenDataset d;
+        d.name = path;
+        d.vocab_size = uint32_t(vocab);
+        d.tokens.resize(size_t(count));
+        for (size_t i = 0; i < count; ++i) {
+            d.tokens[i] = uint32_t(get(kTokenFileHeaderBytes + i * width, int(width)));
+            if (d.tokens[i] >= vocab)
+                fail(what, path, "': token ", d.tokens[i], " at position ", i, " is outside its vocabulary of ", vocab);
+        }
+        if (seq_len > 0) d.require_sequence(seq_len);
+        return d;
+    }
+    void save(const std::string& path) const { write_tokens(path, tokens, vocab_size); }
+
+    // Throws unless one training window (T + 1 tokens: T inputs and, shifted by one, T targets) fits.
+    void require_sequence(int T) const {
+        if (T <= 0) fail("dataset '", name, "': sequence length ", T, ", expected a positive length");
+        if (tokens.size() < size_t(T) + 1)
+            fail("dataset '", name, "' holds ", tokens.size(), " tokens, shorter than one sequence: a window of T + 1 = ",
+                 T + 1, " tokens is needed");
+    }
+
+    // B random windows of T + 1 consecutive tokens into inputs[B, T + 1]: row b is inputs[b*(T+1) ...], the model
+    // reads positions 0..T-1 and predicts 1..T. Windows start anywhere (every start is equally likely); the same
+    // Rng state gives the same batch.
+    void sample_batch(Rng& rng, int B, int T, int32_t* inputs) const {
+        require_sequence(T);
+        const uint64_t n_starts = tokens.size() - size_t(T);
+        for (int b = 0; b < B; ++b) {
+            const size_t start = size_t(rng.below(n_starts));
+            for (int t = 0; t <= T; ++t) inputs[size_t(b) * size_t(T + 1) + size_t(t)] = int32_t(tokens[start + size_t(t)]);
+        }
+    }
+};
+
+// Cuts a dataset into the first (1 - val_fraction) for training and the rest for validation (nanoGPT's split:
+// the first 90% and the last 10%). Names get " (train)" / " (val)".
+inline size_t train_val_split_point(size_t n, double val_fraction = 0.1) {
+    if (!(val_fraction >= 0 && val_fraction < 1)) fail("train/val split: val_fraction ", val_fraction, ", expected [0, 1)");
+    return size_t(double(n) * (1.0 - val_fraction));
+}
+inline std::pair<TokenDataset, TokenDataset> split_train_val(const TokenDataset& all, double val_fraction = 0.1) {
+    const size_t cut = train_val_split_point(all.tokens.size(), val_fraction);
+    return {TokenDataset::from_tokens(all.name + " (train)", {all.tokens.begin(), all.tokens.begin() + long(cut)}, all.vocab_size),
+            TokenDataset::from_tokens(all.name + " (val)", {all.tokens.begin() + long(cut), all.tokens.end()}, all.vocab_size)};
+}
+
+// Evaluation over a whole split, deterministically: window w holds tokens [w*T, w*T + T] (T inputs, T targets),
+// so every target token 1..N-1 of the split is predicted exactly once across the non-overlapping windows. The
+// last (N - 1) mod T targets do not fill a window; with cover_tail they get one more window, the last T + 1
+// tokens of the split, whose `scored` mask marks the targets not already counted. Usage:
+//   EvalBatches it(val, T);  while (int rows = it.next(B, inputs, scored)) { loss over rows ... }
+struct EvalBatches {
+    const TokenDataset* data;
+    int T;
+    int64_t n_full;      // complete non-overlapping windows
+    bool has_tail;       // one more, overlapping, window covers the remaining targets (cover_tail)
+    int64_t next_window = 0;
+
+    EvalBatches(const TokenDataset& d, int seq_len, bool cover_tail = false) : data(&d), T(seq_len) {
+        d.require_sequence(seq_len);
+        n_full = int64_t((d.tokens.size() - 1) / size_t(T));
+        has_tail = cover_tail && (d.tokens.size() - 1) % size_t(T) != 0;
+    }
+    int64_t n_windows() const { return n_full + (has_tail ? 1 : 0); }
+    int64_t n_scored_targets() const { return has_tail ? int64_t(data->tokens.size()) - 1 : n_full * T; }
+    void reset() { next_window = 0; }
+
+    // Fills up to B rows of inputs[B, T + 1] (and scored[B, T] if not null: 1 = count this target) and returns the
+    // number of rows filled; 0 when the split is done. Rows past the returned count hold token 0 and scored 0.
+    int next(int B, int32_t* inputs, uint8_t* scored = nullptr) {
+        if (has_tail && !scored)
+            fail("EvalBatches over '", data->name, "': cover_tail needs the `scored` mask (the last window overlaps "
+                 "the one before it)");
+        int rows = 0;
+        const size_t W = size_t(T) + 1;
+        for (; rows < B && next_window < n_windows(); ++rows, ++next_window) {
+            const bool tail = next_window == n_full;
+            const size_t start = tail ? data->tokens.size() - W : size_t(next_window) * size_t(T);
+            for (size_t t = 0; t < W; ++t) inputs[size_t(rows) * W + t] = int32_t(data->tokens[start + t]);
+            if (scored)
+                for (size_t t = 0; t < size_t(T); ++t)  // target t is token start + 1 + t
+                    scored[size_t(rows) * size_t(T) + t] = uint8_t(!tail || start + 1 + t > size_t(n_full) * size_t(T));
+        }
+        for (int r = rows; r < B; ++r) {
+            std::fill(inputs + size_t(r) * W, inputs + size_t(r + 1) * W, 0);
+            if (scored) std::fill(scored + size_t(r) * size_t(T), scored + size_t(r + 1) * size_t(T), uint8_t(0));
+        }
+        return rows;
+    }
+};
+
+// ================================================================================================================
+// 9.4 FIM: fill in the middle (PSM: prefix, suffix, middle)
+// ================================================================================================================
+//
+// DeepSeek-Coder trains with FIM so that a left-to-right model can complete a hole given what comes after it: a
+// document is cut at two random points into prefix, middle, suffix and rearranged as
+//     <｜fim▁begin｜> prefix <｜fim▁hole｜> suffix <｜fim▁end｜> middle <｜end▁of▁sentence｜>
+// so the model sees both sides before it writes the middle. With probability 1 - rate the document is kept as
+// it is, followed by <｜end▁of▁sentence｜>. Rate 0.5 in DeepSeek-Coder and Coder-V2, 0.1 in V3. The cut points
+// are character positions (UTF-8 boundaries, so no character is cut in two), chosen uniformly and sorted; the three
+// parts are tokenized separately, as a tokenizer would see them at inference time.
+struct FimSplit {
+    std::string prefix, middle, suffix;
+};
+
+inline FimSplit fim_split(const std::string& doc, Rng& rng) {
+    std::vector<size_t> boundaries;  // byte offsets where a character starts, plus the end
+    for (size_t i = 0; i < doc.size(); ++i)
+        if ((uint8_t(doc[i]) & 0xC0) != 0x80) boundaries.push_back(i);
+    boundaries.push_back(doc.size());
+    size_t p = boundaries[size_t(rng.below(boundaries.size()))];
+    size_t q = boundaries[size_t(rng.below(boundaries.size()))];
+    if (p > q) std::swap(p, q);
+    return {doc.substr(0, p), doc.substr(p, q - p), doc.substr(q)};
+}
+
+// Appends one document, FIM-transformed with probability `rate`, to `out`.
+inline void fim_encode_document(const Tokenizer& tok, const std::string& doc, double rate, Rng& rng,
+                                std::vector<uint32_t>& out) {
+    if (rng.uniform() < rate) {
+        const FimSplit s = fim_split(doc, rng);
+        out.push_back(tok.fim_begin);
+        tok.encode_append(s.prefix, out);
+        out.push_back(tok.fim_hole);
+        tok.encode_append(s.suffix, out);
+        out.push_back(tok.fim_end);
+        tok.encode_append(s.middle, out);
+    } else {
+        tok.encode_append(doc, out);
+    }
+    out.push_back(tok.eos);
+}
+
+// All documents, in order; document i draws from Rng(seed).fork(i), so the result does not depend on the thread
+// count (documents are encoded in parallel).
+inline std::vector<uint32_t> fim_encode_documents(const Tokenizer& tok, const std::vector<std::string>& docs,
+                                                  double rate, uint64_t seed) {
+    if (!(rate >= 0 && rate <= 1)) fail("FIM rate ", rate, ", expected a probability in [0, 1]");
+    std::vector<std::vector<uint32_t>> parts(docs.size());
+    const Rng base(seed);
+    parallel_for(int64_t(docs.size()), [&](int64_t i) {
+        Rng rng = base.fork(uint64_t(i));
+        fim_encode_document(tok, docs[size_t(i)], rate, rng, parts[size_t(i)]);
+    });
+    std::vector<uint32_t> out;
+    for (const auto& p : parts) out.insert(out.end(), p.begin(), p.end());
+    return out;
+}
+
+// Documents of a plain text: the pieces between occurrences of `separator` (for plays, "\n\n" separates speeches).
+// The separator stays at the end of each piece, so concatenating the documents gives the text back.
+inline std::vector<std::string> split_documents(const std::string& text, const std::string& separator = "\n\n") {
+    std::vector<std::string> docs;
+    size_t b = 0;
+    while (b < text.size()) {
+        size_t e = separator.empty() ? std::string::npos : text.find(separator, b);
+        e = e == std::string::npos ? text.size() : e + separator.size();
+        docs.push_back(text.substr(b, e - b));
+        b = e;
+    }
+    return docs;
+}
+
+// ================================================================================================================
+// 9.5 Synthetic corpus with exactly known entropy
+// ================================================================================================================
+//
+// When training on real text nobody knows the best achievable loss. This corpus is generated by a program whose
+// probabilities we know, so we do: every line is drawn independently, and the generator makes a sequence of random
+// choices c_1, c_2, ... with known probabilities. The text is a function of the choices, and the choices can be
+// read back from the text (every sub-language below is uniquely parsable: the tag names the sub-language, numbers
+// and words end at a delimiter, answers are computed from the question). A function whose inverse exists loses no
+// information, so -log p(line) = sum of -log p(c_i) for that line's choices. A model that predicts byte by byte
+// reaches at best the true conditional distribution, whose total loss over a line is -log p(line), however the
+// choices' information is spread over the bytes. Over a long corpus of independent lines the best loss per byte is
+//     E[-log p(line)] / E[bytes per line]      (nats per byte; the expectation ratio of a renewal process)
+// which entropy() computes from the generator's probabilities (in closed form, by enumeration, or for the Markov
+// language by summing a geometric series of matrix-vector products to machine precision). score() parses any text
+// of this language and returns its exact -log p: the loss of the ideal model, to compare with a trained one on
+// the same bytes. Deterministic answers (sums, copies, sorted lists) cost the ideal model nothing, so a model's
+// distance to the bound measures how well it learnt to compute them.
+//
+// Sub-languages, one per line, tagged by the first word (lines are printable ASCII):
+//   talk   a Markov "word" language: 48 pseudo-words, each followed by one of 4 successors with probabilities
+//          1/2, 1/4, 1/8, 1/8; after each word the sentence ends with probability 1/8 ("." instead of " ")
+//   math   a op b = result, op uniform in {+, -, *}, a and b uniform in 0..99
+//   copy   a string of 4..12 random lowercase letters, " > ", the same string
+//   rev    the same with the string reversed
+//   sort   3..8 numbers in 0..99, " > ", the same numbers sorted
+//   count  an arithmetic progression: start 0..89, step 1..4, 3..8 terms
+// The tables (words, successors) are fixed (built from a constant seed), the same for every corpus seed.
+struct SyntheticSubLanguage {
+    std::string name;        // the tag
+    std::string example;     // one line of it
+    double probability;      // of a line being of this kind
+    double nats_per_line;    // E[-log p(line) | kind], including -log probability of the kind
+    double bytes_per_line;   // E[bytes | kind], including the tag and the newline
+    double nats_per_byte;    // nats_per_line / bytes_per_line: the best loss on lines of this kind
+};
+struct SyntheticEntropy {
+    double nats_per_byte;    // the best possible loss (cross-entropy per byte) on the corpus
+    double bits_per_byte;
+    double bytes_per_line;
+    std::vector<SyntheticSubLanguage> parts;
+};
+
+struct SyntheticCorpus {
+    enum Kind { kTalk, kMath, kCopy, kRev, kSort, kCount, kKinds };
+    static constexpr const char* kNames[kKinds] = {"talk", "math", "copy", "rev", "sort", "count"};
+    static constexpr double kProb[kKinds] = {0.25, 0.15, 0.15, 0.15, 0.15, 0.15};
+    static constexpr int kWords = 48;
+    static constexpr double kStop = 0.125;                                 // talk: P(sentence ends after a word)
+    static constexpr double kSuccessorProb[4] = {0.5, 0.25, 0.125, 0.125};  // talk: P(k-th successor)
+
+    std::vector<std::string> words;                        // talk vocabulary
+    std::vector<std::array<uint32_t, 4>> successors;       // talk transitions
+    std::unordered_map<std::string, uint32_t> word_index;
+
+    SyntheticCorpus() {
+        Rng rng(0x5EED0F5EA5EEDull);  // fixed: the language is the same for every corpus seed
+        const char* consonants = "bdfgklmnprstvz";
+        const char* vowels = "aeiou";
+        while (int(words.size()) < kWords) {
+            std::string w;
+            const int syllables = 1 + int(rng.below(3));
+            for (int s = 0; s < syllables; ++s) {
+                w += consonants[rng.below(14)];
+                w += vowels[rng.below(5)];
+            }
+            if (word_index.emplace(w, uint32_t(words.size())).second) words.push_back(w);
+        }
+        successors.resize(kWords);
+        for (int w = 0; w < kWords; ++w) {  // 4 distinct successors: a partial Fisher-Yates shuffle
+            std::vector<uint32_t> all(kWords);
+            for (int i = 0; i < kWords; ++i) all[size_t(i)] = uint32_t(i);
+            for (int k = 0; k < 4; ++k) {
+                std::swap(all[size_t(k)], all[size_t(k) + size_t(rng.below(uint64_t(kWords - k)))]);
+                successors[size_t(w)][size_t(k)] = all[size_t(k)];
+            }
+        }
+    }
+
+    static int pick(Rng& rng, const double* p, int n) {  // categorical draw
+        double u = rng.uniform(), acc = 0;
+        for (int i = 0; i < n - 1; ++i)
+            if (u < (acc += p[i])) return i;
+        return n - 1;
+    }
+    static std::string letters(Rng& rng, int n) {
+        std::string s;
+        for (int i = 0; i < n; ++i) s += char('a' + rng.below(26));
+        return s;
+    }
+
+    // One line, with its newline.
+    void append_line(Rng& rng, std::string& out) const {
+        const int kind = pick(rng, kProb, kKinds);
+        out += kNames[kind];
+        out += ' ';
+        switch (kind) {
+            case kTalk: {
+                uint32_t w = uint32_t(rng.below(kWords));
+                out += words[w];
+                while (rng.uniform() >= kStop) {
+                    w = successors[w][size_t(pick(rng, kSuccessorProb, 4))];
+                    out += ' ';
+                    out += words[w];
+                }
+                out += '.';
+                break;
+            }
+            case kMath: {
+                const int op = int(rng.below(3)), a = int(rng.below(100)), b = int(rng.below(100));
+                out += std::to_string(a) + "+-*"[op] + std::to_string(b) + "=" + std::to_string(apply(op, a, b));
+                break;
+            }
+            case kCopy:
+            case kRev: {
+                const std::string s = letters(rng, 4 + int(rng.below(9)));
+                out += s + " > " + (kind == kCopy ? s : std::string(s.rbegin(), s.rend()));
+                break;
+            }
+            case kSort: {
+                std::vector<int> v(3 + size_t(rng.below(6)));
+                for (int& x : v) x = int(rng.below(100));
+                out += join(v) + " > ";
+                std::sort(v.begin(), v.end());
+                out += join(v);
+                break;
+            }
+            case kCount: {
+                const int start = int(rng.below(90)), step = 1 + int(rng.below(4)), n = 3 + int(rng.below(6));
+                for (int i = 0; i < n; ++i) out += (i ? " " : "") + std::to_string(start + i * step);
+                break;
+            }
+        }
+        out += '\n';
+    }
+    static int apply(int op, int a, int b) { return op == 0 ? a + b : op == 1 ? a - b : a * b; }
+    static std::string join(const std::vector<int>& v) {
+        std::string s;
+        for (size_t i = 0; i < v.size(); ++i) s += (i ? " " : "") + std::to_string(v[i]);
+        return s;
+    }
+
+    // Exactly n_bytes of corpus (the last line is cut short), the same for the same seed.
+    std::string generate(size_t n_bytes, uint64_t seed) const {
+        Rng rng(seed);
+        std::string out;
+        out.reserve(n_bytes + 128);
+        while (out.size() < n_bytes) append_line(rng, out);
+        out.resize(n_bytes);
+        return out;
+    }
+
+    // The exact -log p (nats) of every complete line of `text` under the generator (an unfinished last line is
+    // ignored); *bytes_scored receives the bytes of those lines and, if given, nats_by_kind/bytes_by_kind the same
+    // per sub-language. A line the generator cannot produce is an Error naming the line.
+    double score(std::string_view text, int64_t* bytes_scored = nullptr, std::vector<double>* nats_by_kind = nullptr,
+                 std::vector<double>* bytes_by_kind = nullptr) const {
+        double total = 0;
+        int64_t scored = 0;
+        if (nats_by_kind) nats_by_kind->assign(kKinds, 0.0);
+        if (bytes_by_kind) bytes_by_kind->assign(kKinds, 0.0);
+        size_t line_no = 0;
+        for (size_t b = 0; b < text.size(); ++line_no) {
+            const size_t e = text.find('\n', b);
+            if (e == std::string_view::npos) break;
+            const std::string_view line = text.substr(b, e - b);
+            int kind = -1;
+            const double nats = score_line(line, line_no, &kind);
+            total += nats;
+            scored += int64_t(line.size() + 1);
+            if (nats_by_kind) (*nats_by_kind)[size_t(kind)] += nats;
+            if (bytes_by_kind) (*bytes_by_kind)[size_t(kind)] += double(line.size() + 1);
+            b = e + 1;
+        }
+        if (bytes_scored) *bytes_scored = scored;
+        return total;
+    }
+
+    double score_line(std::string_view line, size_t line_no, int* kind_out) const {
+        auto bad = [&](const char* why) -> double {
+            fail("synthetic corpus line ", line_no + 1, ": ", why, ": '", escape_bytes(line.substr(0, 120)), "'");
+        };
+        int kind = -1;
+        for (int k = 0; k < kKinds; ++k) {
+            const size_t n = std::strlen(kNames[k]);
+            if (line.size() > n && line.compare(0, n, kNames[k]) == 0 && line[n] == ' ') kind = k;
+        }
+        if (kind < 0) bad("expected a line starting with talk, math, copy, rev, sort or count");
+        *kind_out = kind;
+        std::string_view body = line.substr(std::strlen(kNames[kind]) + 1);
+        double nats = -std::log(kProb[kind]);
+        // Parses a canonical decimal number (no leading zeros) at the front of `s` and removes it.
+        auto number = [&](std::string_view& s, bool allow_minus = false) -> long {
+            size_t i = allow_minus && !s.empty() && s[0] == '-' ? 1 : 0;
+            const size_t digits_from = i;
+            while (i < s.size() && s[i] >= '0' && s[i] <= '9') ++i;
+            if (i == digits_from || i - digits_from > 9 || (i - digits_from > 1 && s[digits_from] == '0'))
+                bad("expected a number");
+            const long v = std::stol(std::string(s.substr(0, i)));
+            s.remove_prefix(i);
+            return v;
+        };
+        auto numbers = [&](std::string_view s) {
+            std::vector<long> v;
+            while (true) {
+                v.push_back(number(s));
+                if (s.empty()) break;
+                if (s[0] != ' ') bad("expected numbers separated by single spaces");
+                s.remove_prefix(1);
+            }
+            return v;
+        };
+        switch (kind) {
+            case kTalk: {
+                if (body.empty() || body.back() != '.') bad("expected a sentence ending with '.'");
+                body.remove_suffix(1);
+                int64_t prev = -1, n = 0;
+                while (true) {
+                    const size_t sp = body.find(' ');
+                    const auto it = word_index.find(std::string(body.substr(0, sp)));
+                    if (it == word_index.end()) bad("expected words of the talk vocabulary");
+                    if (prev < 0) nats += std::log(double(kWords));
+                    else {
+                        int k = 0;
+                        while (k < 4 && successors[size_t(prev)][size_t(k)] != it->second) ++k;
+                        if (k == 4) bad("a word follows a word it can never follow");
+                        nats -= std::log(kSuccessorProb[k]);
+                    }
+                    prev = it->second;
+                    ++n;
+                    if (sp == std::string_view::npos) break;
+                    body.remove_prefix(sp + 1);
+                }
+                nats += -double(n - 1) * std::log(1 - kStop) - std::log(kStop);
+                break;
+            }
+            case kMath: {
+                const long a = number(body);
+                if (body.empty()) bad("expected an operator");
+                const int op = int(std::string_view("+-*").find(body[0]));
+                if (op < 0) bad("expected +, - or *");
+                body.remove_prefix(1);
+                const long b2 = number(body);
+                if (body.empty() || body[0] != '=') bad("expected '='");
+                body.remove_prefix(1);
+                const long r = number(body, true);
+                if (!body.empty() || a > 99 || b2 > 99) bad("expected a op b=c with a, b in 0..99");
+                if (r != apply(op, int(a), int(b2))) bad("wrong result");
+                nats += std::log(3.0) + 2 * std::log(100.0);
+                break;
+            }
+            case kCopy:
+            case kRev: {
+                const size_t gt = body.find(" > ");
+                if (gt == std::string_view::npos) bad("expected 'letters > letters'");
+                const std::string s(body.substr(0, gt)), t(body.substr(gt + 3));
+                if (s.size() < 4 || s.size() > 12) bad("expected 4 to 12 letters");
+                for (char c : s)
+                    if (c < 'a' || c > 'z') bad("expected lowercase letters");
+                if (t != (kind == kCopy ? s : std::string(s.rbegin(), s.rend()))) bad("wrong answer");
+                nats += std::log(9.0) + double(s.size()) * std::log(26.0);
+                break;
+            }
+            case kSort: {
+                const size_t gt = body.find(" > ");
+                if (gt == std::string_view::npos) bad("expected 'numbers > numbers'");
+                std::vector<long> v = numbers(body.substr(0, gt)), w = numbers(body.substr(gt + 3));
+                if (v.size() < 3 || v.size() > 8) bad("expected 3 to 8 numbers");
+                for (long x : v)
+                    if (x > 99) bad("expected numbers in 0..99");
+                std::sort(v.begin(), v.end());
+                if (v != w) bad("wrong answer");
+                nats += std::log(6.0) + double(v.size()) * std::log(100.0);
+                break;
+            }
+            case kCount: {
+                const std::vector<long> v = numbers(body);
+                if (v.size() < 3 || v.size() > 8 || v[0] > 89 || v[1] - v[0] < 1 || v[1] - v[0] > 4)
+                    bad("expected 3 to 8 terms, start 0..89, step 1..4");
+                for (size_t i = 2; i < v.size(); ++i)
+                    if (v[i] - v[i - 1] != v[1] - v[0]) bad("not an arithmetic progression");
+                nats += std::log(90.0) + std::log(4.0) + std::log(6.0);
+                break;
+            }
+        }
+        return nats;
+    }
+
+    // The exact expected -log p and length of a line of each kind, and the best loss per byte.
+    SyntheticEntropy entropy() const {
+        auto digits = [](long v) { return double(std::to_string(v).size()); };
+        double nats[kKinds], bytes[kKinds];
+        for (int k = 0; k < kKinds; ++k) bytes[k] = double(std::strlen(kNames[k])) + 2;  // tag, space, newline
+        const double avg_digits_0_99 = 1.9;                                               // (10*1 + 90*2) / 100
+
+        // talk: every successor row has the same entropy h_T, so E[nats] = log 48 (first word) + h(stop)/q (one stop
+        // decision per word; E[words] = 1/q) + h_T (1/q - 1) (one transition per word after the first). The
+        // length needs the distribution p_i of the i-th word: p_1 uniform, p_{i+1} = p_i P, and word i exists with
+        // probability (1-q)^(i-1); the series converges geometrically and is summed until its terms vanish.
+        {
+            const double q = kStop, h_stop = -q * std::log(q) - (1 - q) * std::log(1 - q);
+            double h_T = 0;
+            for (double p : kSuccessorProb) h_T -= p * std::log(p);
+            nats[kTalk] = std::log(double(kWords)) + h_stop / q + h_T * (1 / q - 1);
+            std::vector<double> p(kWords, 1.0 / kWords), next(kWords);
+            double reach = 1, len = 0;
+            for (int i = 0; reach > 1e-18; ++i, reach *= 1 - q) {
+                for (int w = 0; w < kWords; ++w) len += reach * p[size_t(w)] * double(words[size_t(w)].size() + 1);
+                std::fill(next.begin(), next.end(), 0.0);
+                for (int w = 0; w < kWords; ++w)
+                    for (int k = 0; k < 4; ++k) next[successors[size_t(w)][size_t(k)]] += p[size_t(w)] * kSuccessorProb[k];
+                p.swap(next);
+            }
+            bytes[kTalk] += len;  // each word with the ' ' or '.' after it
+        }
+        {  // math: enumerate the 30,000 equally likely questions for the answer's length
+            double len = 0;
+            for (int op = 0; op < 3; ++op)
+                for (int a = 0; a < 100; ++a)
+                    for (int b = 0; b < 100; ++b) len += digits(a) + digits(b) + 2 + digits(apply(op, a, b));
+            nats[kMath] = std::log(3.0) + 2 * std::log(100.0);
+            bytes[kMath] += len / 30000;
+        }
+        for (int k : {kCopy, kRev}) {  // length L uniform in 4..12: 2L letters and " > "
+            nats[k] = std::log(9.0) + 8 * std::log(26.0);
+            bytes[k] += 2 * 8 + 3;
+        }
+        {  // sort: n uniform in 3..8 numbers, twice, with n - 1 spaces each and " > "
+            nats[kSort] = std::log(6.0) + 5.5 * std::log(100.0);
+            bytes[kSort] += 2 * (5.5 * avg_digits_0_99 + 4.5) + 3;
+        }
+        {  // count: enumerate the 90 * 4 * 6 equally likely progressions
+            double len = 0;
+            for (int s = 0; s < 90; ++s)
+                for (int d = 1; d <= 4; ++d)
+                    for (int n = 3; n <= 8; ++n)
+                        for (int i = 0; i < n; ++i) len += digits(s + i * d) + (i ? 1 : 0);
+            nats[kCount] = std::log(90.0 * 4 * 6);
+            bytes[kCount] += len / (90 * 4 * 6);
+        }
+        SyntheticEntropy e{};
+        double all_nats = 0, all_bytes = 0;
+        Rng example_rng(7);
+        for (int k = 0; k < kKinds; ++k) {
+            SyntheticSubLanguage s;
+            s.name = kNames[k];
+            for (int tries = 0; tries < 1000 && s.example.empty(); ++tries) {
+                std::string line;
+                append_line(example_rng, line);
+                if (line.compare(0, s.name.size() + 1, s.name + " ") == 0) s.example = line.substr(0, line.size() - 1);
+            }
+            s.probability = kProb[k];
+            s.nats_per_line = nats[k] - std::log(kProb[k]);
+            s.bytes_per_line = bytes[k];
+            s.nats_per_byte = s.nats_per_line / s.bytes_per_line;
+            all_nats += kProb[k] * s.nats_per_line;
+            all_bytes += kProb[k] * s.bytes_per_line;
+            e.parts.push_back(s);
+        }
+        e.nats_per_byte = all_nats / all_bytes;
+        e.bits_per_byte = e.nats_per_byte / std::log(2.0);
+        e.bytes_per_line = all_bytes;
+        return e;
+    }
+};
+
+inline std::string synthetic_corpus(size_t n_bytes, uint64_t seed) { return SyntheticCorpus().generate(n_bytes, seed); }
+inline double synthetic_corpus_entropy_nats_per_byte() { return SyntheticCorpus().entropy().nats_per_byte; }
+
+// The text `build/train` and `build/balance` learn from, as byte tokens (vocabulary 256): the file at `path` if one is
+// given; else data/tinyshakespeare.txt when `make data` has fetched it; else 1 MiB of the synthetic corpus above, so
+// that training works on a machine with no network. `source` receives a description for the log.
+inline std::vector<int32_t> training_bytes(const std::string& path, std::string* source = nullptr) {
+    std::string text, what;
+    if (!path.empty()) {
+        text = read_file_bytes(path);
+        what = path;
+    } else if (FILE* f = std::fopen("data/tinyshakespeare.txt", "rb")) {
+        std::fclose(f);
+        text = read_file_bytes("data/tinyshakespeare.txt");
+        what = "data/tinyshakespeare.txt";
+    } else {
+        text = synthetic_corpus(size_t(1) << 20, 1);
+        char buf[160];
+        std::snprintf(buf, sizeof buf, "built-in synthetic corpus (1 MiB; best possible loss %.4f nats/byte; "
+                      "`make data` fetches Tiny Shakespeare)", synthetic_corpus_entropy_nats_per_byte());
+        what = buf;
+    }
+    if (text.empty()) fail("training text ", what, ": the file is empty");
+    if (source) *source = what;
+    std::vector<int32_t> tokens(text.size());
+    for (size_t i = 0; i < text.size(); ++i) tokens[i] = int32_t(uint8_t(text[i]));
+    return tokens;
+}
+
+// ================================================================================================================
+// 9.6 PNG plots
+// ================================================================================================================
+//
+// A tiny raster canvas: filled rectangles, anti-aliased lines (the coverage of a pixel is how much of it lies within
+// half the line width of the segment), and text from stb_easy_font, whose glyphs are made of axis-aligned quads
+// (cap height 7 units, descenders to 9, about 6 units per character) drawn here as rectangles scaled by an integer
+// so they stay crisp. PNG encoding is stb_image_write's; the file is written atomically.
+struct Rgb {
+    uint8_t r, g, b;
+};
+
+struct Canvas {
+    int width, height;
+    std::vector<uint8_t> rgb;  // [height, width, 3]
+
+    Canvas(int w, int h, Rgb background = {255, 255, 255}) : width(w), height(h), rgb(size_t(w) * size_t(h) * 3) {
+        for (size_t i = 0; i < size_t(w) * size_t(h); ++i) {
+            rgb[3 * i] = background.r;
+            rgb[3 * i + 1] = background.g;
+            rgb[3 * i + 2] = background.b;
+        }
+    }
+    void blend(int x, int y, Rgb c, double alpha) {
+        if (x < 0 || y < 0 || x >= width || y >= height || alpha <= 0) return;
+        alpha = std::min(alpha, 1.0);
+        uint8_t* p = &rgb[(size_t(y) * size_t(width) + size_t(x)) * 3];
+        p[0] = uint8_t(std::lround(p[0] + (c.r - p[0]) * alpha));
+        p[1] = uint8_t(std::lround(p[1] + (c.g - p[1]) * alpha));
+        p[2] = uint8_t(std::lround(p[2] + (c.b - p[2]) * alpha));
+    }
+    // Pixels [x0, x1) x [y0, y1), clipped to the canvas.
+    void fill_rect(int x0, int y0, int x1, int y1, Rgb c) {
+        x0 = std::max(x0, 0), y0 = std::max(y0, 0), x1 = std::min(x1, width), y1 = std::min(y1, height);
+        for (int y = y0; y < y1; ++y)
+            for (int x = x0; x < x1; ++x) {
+                uint8_t* p = &rgb[(size_t(y) * size_t(width) + size_t(x)) * 3];
+                p[0] = c.r, p[1] = c.g, p[2] = c.b;
+            }
+    }
+    void outline_rect(int x0, int y0, int x1, int y1, Rgb c) {  // 1-pixel border inside [x0, x1) x [y0, y1)
+        fill_rect(x0, y0, x1, y0 + 1, c);
+        fill_rect(x0, y1 - 1, x1, y1, c);
+        fill_rect(x0, y0, x0 + 1, y1, c);
+        fill_rect(x1 - 1, y0, x1, y1, c);
+    }
+    // A polyline of `line_width` pixels through (xs[i], ys[i]) (pixel coordinates; a NaN point breaks the line),
+    // drawn only inside the clip box. Coverage is accumulated as a maximum over segments, then blended once, so
+    // joints are not darker than the line.
+    void polyline(const std::vector<double>& xs, const std::vector<double>& ys, Rgb c, double line_width,
+                  int clip_x0, int clip_y0, int clip_x1, int clip_y1) {
+        clip_x0 = std::max(clip_x0, 0), clip_y0 = std::max(clip_y0, 0);
+        clip_x1 = std::min(clip_x1, width), clip_y1 = std::min(clip_y1, height);
+        if (clip_x1 <= clip_x0 || clip_y1 <= clip_y0) return;
+        const int cw = clip_x1 - clip_x0;
+        std::vector<float> cover(size_t(cw) * size_t(clip_y1 - clip_y0), 0.0f);
+        const double r = line_width / 2;
+        auto segment = [&](double ax, double ay, double bx, double by) {
+            const int x0 = std::max(clip_x0, int(std::floor(std::min(ax, bx) - r - 1)));
+            const int x1 = std::min(clip_x1, int(std::ceil(std::max(ax, bx) + r + 1)));
+            const int y0 = std::max(clip_y0, int(std::floor(std::min(ay, by) - r - 1)));
+            const int y1 = std::min(clip_y1, int(std::ceil(std::max(ay, by) + r + 1)));
+            const double dx = bx - ax, dy = by - ay, len2 = dx * dx + dy * dy;
+            for (int y = y0; y < y1; ++y)
+                for (int x = x0; x < x1; ++x) {
+                    const double px = x + 0.5 - ax, py = y + 0.5 - ay;
+                    const double t = len2 > 0 ? std::clamp((px * dx + py * dy) / len2, 0.0, 1.0) : 0.0;
+                    const double d = std::hypot(px - t * dx, py - t * dy);
+                    const float a = float(std::clamp(r + 0.5 - d, 0.0, 1.0));
+                    float& cv = cover[size_t(y - clip_y0) * size_t(cw) + size_t(x - clip_x0)];
+                    cv = std::max(cv, a);
+                }
+        };
+        for (size_t i = 0; i < xs.size(); ++i) {
+            if (!std::isfinite(xs[i]) || !std::isfinite(ys[i])) continue;
+            const bool alone = (i == 0 || !std::isfinite(xs[i - 1]) || !std::isfinite(ys[i - 1])) &&
+                               (i + 1 == xs.size() || !std::isfinite(xs[i + 1]) || !std::isfinite(ys[i + 1]));
+            if (alone) segment(xs[i], ys[i], xs[i], ys[i]);
+            else if (i > 0 && std::isfinite(xs[i - 1]) && std::isfinite(ys[i - 1])) segment(xs[i - 1], ys[i - 1], xs[i], ys[i]);
+        }
+        for (int y = clip_y0; y < clip_y1; ++y)
+            for (int x = clip_x0; x < clip_x1; ++x) blend(x, y, c, cover[size_t(y - clip_y0) * size_t(cw) + size_t(x - clip_x0)]);
+    }
+    void disc(double cx, double cy, double radius, Rgb c) {
+        for (int y = int(cy - radius - 1); y <= int(cy + radius + 1); ++y)
+            for (int x = int(cx - radius - 1); x <= int(cx + radius + 1); ++x)
+                blend(x, y, c, std::clamp(radius + 0.5 - std::hypot(x + 0.5 - cx, y + 0.5 - cy), 0.0, 1.0));
+    }
+
+    // ---- text -------------------------------------------------------------------------------------------------
+    // stb_easy_font knows printable ASCII only; anything else is shown as '?'.
+    static std::string printable(const std::string& s) {
+        std::string t = s;
+        for (char& ch : t)
+            if (ch < 32 || ch > 126) ch = '?';
+        return t;
+    }
+    static int text_width(const std::string& s, int scale) {
+        if (s.empty()) return 0;
+        std::string t = printable(s);
+        return (stb_easy_font_width(&t[0]) - 1) * scale;  // stb counts the gap after the last character
+    }
+    static int text_height(int scale) { return 7 * scale; }  // cap height; descenders reach 9 * scale
+    // Text with its top-left corner at (x, y). Rotated text reads from bottom to top: it starts at (x, y) and grows
+    // upwards, with the tops of the letters facing left (x is the left edge of the rotated box).
+    void text(int x, int y, const std::string& s, Rgb c, int scale = 2, bool rotated = false) {
+        if (s.empty()) return;
+        std::string t = printable(s);
+        std::vector<char> vertices(t.size() * 1024 + 64);
+        const int quads = stb_easy_font_print(0, 0, &t[0], nullptr, vertices.data(), int(vertices.size()));
+        for (int q = 0; q < quads; ++q) {
+            float v0[2], v2[2];  // opposite corners of the quad: vertices 0 and 2 (x, y, z, rgba = 16 bytes each)
+            std::memcpy(v0, &vertices[size_t(q) * 64], 8);
+            std::memcpy(v2, &vertices[size_t(q) * 64 + 32], 8);
+            const int qx0 = int(std::lround(v0[0])), qy0 = int(std::lround(v0[1]));
+            const int qx1 = int(std::lround(v2[0])), qy1 = int(std::lround(v2[1]));
+            if (!rotated) fill_rect(x + qx0 * scale, y + qy0 * scale, x + qx1 * scale, y + qy1 * scale, c);
+            else fill_rect(x + qy0 * scale, y - qx1 * scale, x + qy1 * scale, y - qx0 * scale, c);
+        }
+    }
+    // Text aligned on (x, y): halign -1 left, 0 centre, 1 right; valign -1 top, 0 middle (of the capitals), 1 bottom.
+    void text_at(int x, int y, const std::string& s, Rgb c, int scale, int halign, int valign) {
+        const int w = text_width(s, scale), h = text_height(scale);
+        text(x - (halign + 1) * w / 2, y - (valign + 1) * h / 2, s, c, scale);
+    }
+    // Rotated text (reading upwards) centred on (x, y).
+    void text_vertical_centered(int x, int y, const std::string& s, Rgb c, int scale) {
+        const int w = text_width(s, scale), h = text_height(scale);
+        text(x - h / 2, y + w / 2, s, c, scale, true);
+    }
+
+    // PNG through stb_image_write into memory, then an atomic write; errors name the path.
+    void save_png(const std::string& path) const {
+        std::string png;
+        auto sink = [](void* context, void* data, int size) {
+            static_cast<std::string*>(context)->append(static_cast<const char*>(data), size_t(size));
+        };
+        if (!stbi_write_png_to_func(sink, &png, width, height, 3, rgb.data(), width * 3))
+            fail("cannot write PNG '", path, "': encoding a ", width, "x", height, " image failed");
+        write_file_atomic(path, png);
+    }
+};
+
+// Colours: a categorical palette for lines (the "tab10" hues) and a perceptually ordered ramp for heatmaps,
+// dark blue -> teal -> green -> yellow (anchor colours of the viridis map), linear between anchors.
+inline Rgb series_color(size_t i) {
+    static constexpr Rgb palette[10] = {{31, 119, 180}, {255, 127, 14}, {44, 160, 44},  {214, 39, 40},  {148, 103, 189},
+                                        {140, 86, 75},  {227, 119, 194}, {127, 127, 127}, {188, 189, 34}, {23, 190, 207}};
+    return palette[i % 10];
+}
+inline Rgb ramp_color(double t) {
+    static constexpr Rgb anchors[5] = {{68, 1, 84}, {59, 82, 139}, {33, 145, 140}, {94, 201, 98}, {253, 231, 37}};
+    t = std::clamp(std::isfinite(t) ? t : 0.0, 0.0, 1.0) * 4;
+    const int i = std::min(3, int(t));
+    const double f = t - i;
+    auto mix = [&](uint8_t a, uint8_t b) { return uint8_t(std::lround(a + (b - a) * f)); };
+    return {mix(anchors[i].r, anchors[i + 1].r), mix(anchors[i].g, anchors[i + 1].g), mix(anchors[i].b, anchors[i + 1].b)};
+}
+
+// About `target` round tick values (1, 2 or 5 times a power of ten apart) within [lo, hi]; *step gets the spacing.
+inline std::vector<double> nice_ticks(double lo, double hi, int target = 6, double* step_out = nullptr) {
+    std::vector<double> ticks;
+    if (!(hi > lo)) { if (step_out) *step_out = 1; return {lo}; }
+    const double raw = (hi - lo) / std::max(target, 1);
+    const double magnitude = std::pow(10.0, std::floor(std::log10(raw)));
+    double step = 10 * magnitude;
+    for (double m : {1.0, 2.0, 5.0})
+        if (m * magnitude >= raw * 0.999) { step = m * magnitude; break; }
+    for (double v = std::ceil(lo / step - 1e-9) * step; v <= hi + step * 1e-9; v += step)
+        ticks.push_back(std::fabs(v) < step * 1e-9 ? 0.0 : v);
+    if (step_out) *step_out = step;
+    return ticks;
+}
+// A tick label with as many decimals as the spacing needs: 0.5 -> "0.5", 2000 -> "2000", 1e-5 -> "1e-05".
+inline std::string format_tick(double v, double step) {
+    char buf[32];
+    if (v != 0 && (std::fabs(v) >= 1e6 || std::fabs(v) < 1e-3)) std::snprintf(buf, sizeof buf, "%.3g", v);
+    else std::snprintf(buf, sizeof buf, "%.*f", std::max(0, int(std::ceil(-std::log10(step) - 1e-9))), v);
+    return buf;
+}
+
+// One line of a line plot. Series with few points (at most 40, e.g. validation loss every N steps) get dots.
+struct PlotSeries {
+    std::string name;
+    std::vector<double> x, y;
+};
+
+// Line plot: loss curves and the like. log_y plots y on a logarithmic axis (non-positive values are skipped).
+inline void plot_lines(const std::string& path, const std::string& title, const std::string& xlabel,
+                       const std::string& ylabel, const std::vector<PlotSeries>& series, bool log_y = false) {
+    const int W = 960, H = 600, S = 2;
+    const Rgb ink{30, 30, 30}, grid{225, 225, 225}, frame{120, 120, 120};
+    auto ty = [&](double y) { return log_y ? (y > 0 ? std::log10(y) : NAN) : y; };  // y in axis space
+    double x_lo = INFINITY, x_hi = -INFINITY, y_lo = INFINITY, y_hi = -INFINITY;
+    for (const PlotSeries& s : series) {
+        if (s.x.size() != s.y.size())
+            fail("plot '", path, "': series '", s.name, "' has ", s.x.size(), " x values but ", s.y.size(), " y values");
+        for (size_t i = 0; i < s.x.size(); ++i) {
+            const double y = ty(s.y[i]);
+            if (!std::isfinite(s.x[i]) || !std::isfinite(y)) continue;
+            x_lo = std::min(x_lo, s.x[i]), x_hi = std::max(x_hi, s.x[i]);
+            y_lo = std::min(y_lo, y), y_hi = std::max(y_hi, y);
+        }
+    }
+    const bool empty = !(x_lo <= x_hi);
+    if (empty) x_lo = 0, x_hi = 1, y_lo = 0, y_hi = 1;
+    if (x_hi == x_lo) x_lo -= 0.5, x_hi += 0.5;
+    if (x_lo > 0 && x_lo < 0.05 * (x_hi - x_lo)) x_lo = 0;  // steps 1..N: start the axis at 0
+    if (y_hi == y_lo) { const double d = std::max(std::fabs(y_lo) * 0.1, 0.5); y_lo -= d, y_hi += d; }
+    const double pad = (y_hi - y_lo) * 0.05;
+    y_lo -= pad, y_hi += pad;
+
+    // Ticks: positions in axis space and their labels.
+    std::vector<std::pair<double, std::string>> xt, yt;
+    double step = 1;
+    for (double v : nice_ticks(x_lo, x_hi, 8, &step)) xt.push_back({v, format_tick(v, step)});
+    if (!log_y) {
+        for (double v : nice_ticks(y_lo, y_hi, 6, &step)) yt.push_back({v, format_tick(v, step)});
+    } else {
+        // Values m x 10^k, most important first: m = 1; then 2, 5; then 3, 4, 6, 7, 8, 9; then the halves. A value is
+        // kept if it is at least 26 pixels from every value kept so far; levels are added until there are 4 ticks.
+        const std::vector<std::vector<double>> levels = {
+            {1}, {2, 5}, {3, 4, 6, 7, 8, 9}, {1.5, 2.5, 3.5, 4.5, 5.5, 6.5, 7.5, 8.5, 9.5}};
+        const double px_per_decade = (H - 200.0) / (y_hi - y_lo);  // about the plot height
+        std::vector<double> kept;  // log10 of the values
+        for (const auto& ms : levels) {
+            if (kept.size() >= 4) break;
+            for (int k = int(std::floor(y_lo)) - 1; k <= int(std::ceil(y_hi)); ++k)
+                for (double m : ms) {
+                    const double a = std::log10(m) + k;
+                    if (a < y_lo || a > y_hi) continue;
+                    bool room = true;
+                    for (double b : kept) room = room && std::fabs(a - b) * px_per_decade >= 26;
+                    if (room) kept.push_back(a);
+                }
+        }
+        std::sort(kept.begin(), kept.end());
+        for (double a : kept) {
+            char buf[32];
+            std::snprintf(buf, sizeof buf, "%g", std::pow(10.0, a));
+            yt.push_back({a, buf});
+        }
+    }
+    int y_label_w = 0;
+    for (const auto& t : yt) y_label_w = std::max(y_label_w, Canvas::text_width(t.second, S));
+    const int last_x_label_half = xt.empty() ? 0 : Canvas::text_width(xt.back().second, S) / 2;
+
+    // Legend: a swatch and the name of every named series.
+    int legend_text_w = 0, n_named = 0;
+    for (const PlotSeries& s : series)
+        if (!s.name.empty()) legend_text_w = std::max(legend_text_w, Canvas::text_width(s.name, S)), ++n_named;
+    const int legend_row = 24, legend_w = legend_text_w + 56, legend_h = n_named * legend_row + 12;
+    auto draw_legend = [&](Canvas& c, int bx, int by) {
+        c.fill_rect(bx, by, bx + legend_w, by + legend_h, {255, 255, 255});
+        c.outline_rect(bx, by, bx + legend_w, by + legend_h, frame);
+        int i = 0;
+        for (size_t k = 0; k < series.size(); ++k) {
+            if (series[k].name.empty()) continue;
+            const int y = by + 6 + i++ * legend_row + legend_row / 2;
+            c.fill_rect(bx + 10, y - 2, bx + 38, y + 2, series_color(k));
+            c.text_at(bx + 46, y, series[k].name, ink, S, -1, 0);
+        }
+    };
+
+    // Draws the plot; the legend goes into the corner of the plot area where it covers the least of the curves,
+    // or, with legend_outside (or when every corner is crowded), to the right of the plot area.
+    auto render = [&](bool legend_outside, bool* crowded) {
+        const int px0 = 16 + Canvas::text_height(S) + 14 + y_label_w + 10;
+        const int px1 = W - std::max(24, last_x_label_half + 8) - (legend_outside ? legend_w + 16 : 0);
+        const int py0 = 20 + Canvas::text_height(3) + 20;
+        const int py1 = H - (12 + Canvas::text_height(S) + 16 + Canvas::text_height(S) + 18);
+        auto X = [&](double x) { return px0 + (x - x_lo) / (x_hi - x_lo) * (px1 - 1 - px0); };
+        auto Y = [&](double y) { return py1 - 1 - (y - y_lo) / (y_hi - y_lo) * (py1 - 1 - py0); };
+
+        Canvas c(W, H);
+        c.text_at(W / 2, 20, title, ink, 3, 0, -1);
+        for (const auto& [v, label] : xt) {
+            const int x = int(std::lround(X(v)));
+            c.fill_rect(x, py0, x + 1, py1, grid);
+            c.fill_rect(x, py1, x + 1, py1 + 6, frame);
+            c.text_at(x, py1 + 12, label, ink, S, 0, -1);
+        }
+        for (const auto& [v, label] : yt) {
+            const int y = int(std::lround(Y(v)));
+            c.fill_rect(px0, y, px1, y + 1, grid);
+            c.fill_rect(px0 - 6, y, px0, y + 1, frame);
+            c.text_at(px0 - 10, y, label, ink, S, 1, 0);
+        }
+        c.outline_rect(px0, py0, px1, py1, frame);
+        c.text_at((px0 + px1) / 2, H - 14, xlabel, ink, S, 0, 1);
+        c.text_vertical_centered(16 + Canvas::text_height(S) / 2, (py0 + py1) / 2, ylabel, ink, S);
+        if (empty) c.text_at((px0 + px1) / 2, (py0 + py1) / 2, "no data", frame, S, 0, 0);
+
+        for (size_t k = 0; k < series.size(); ++k) {
+            const PlotSeries& s = series[k];
+            std::vector<double> xs(s.x.size()), ys(s.y.size());
+            size_t n_points = 0;
+            for (size_t i = 0; i < s.x.size(); ++i) {
+                const double y = ty(s.y[i]);
+                const bool ok = std::isfinite(s.x[i]) && std::isfinite(y);
+                xs[i] = ok ? X(s.x[i]) : NAN;
+                ys[i] = ok ? Y(y) : NAN;
+                n_points += ok;
+            }
+            c.polyline(xs, ys, series_color(k), 2.0, px0 + 1, py0 + 1, px1 - 1, py1 - 1);
+            if (n_points <= 40)
+                for (size_t i = 0; i < xs.size(); ++i)
+                    if (std::isfinite(xs[i])) c.disc(xs[i], ys[i], 3.5, series_color(k));
+        }
+        if (n_named == 0) return c;
+        if (legend_outside) {
+            draw_legend(c, px1 + 16, py0);
+            return c;
+        }
+        // Curve pixels (coloured, unlike the grey grid and text) under each candidate corner.
+        auto ink_under = [&](int bx, int by) {
+            int64_t n = 0;
+            for (int y = std::max(by, 0); y < std::min(by + legend_h, H); ++y)
+                for (int x = std::max(bx, 0); x < std::min(bx + legend_w, W); ++x) {
+                    const uint8_t* p = &c.rgb[(size_t(y) * size_t(W) + size_t(x)) * 3];
+                    n += std::max({p[0], p[1], p[2]}) - std::min({p[0], p[1], p[2]}) > 30;
+                }
+            return n;
+        };
+        const int corners[4][2] = {{px1 - 12 - legend_w, py0 + 12}, {px0 + 12, py0 + 12},
+                                   {px1 - 12 - legend_w, py1 - 12 - legend_h}, {px0 + 12, py1 - 12 - legend_h}};
+        int best = 0;
+        int64_t best_ink = INT64_MAX;
+        for (int i = 0; i < 4; ++i) {
+            const int64_t n = ink_under(corners[i][0], corners[i][1]);
+            if (n < best_ink) best_ink = n, best = i;
+        }
+        if (best_ink > int64_t(legend_w) * legend_h / 50 && crowded) *crowded = true;  // > 2% of the box
+        draw_legend(c, corners[best][0], corners[best][1]);
+        return c;
+    };
+    bool crowded = false;
+    Canvas c = render(false, &crowded);
+    if (crowded) c = render(true, nullptr);
+    c.save_png(path);
+}
+
+// Heatmap options: value range (NaN = from the data), square cells (for T x T maps), numbers in the cells
+// (-1: when they fit), a label for the colour bar, and the colour of NaN cells (masked, e.g. future positions).
+struct HeatmapOptions {
+    double vmin = NAN, vmax = NAN;
+    bool square_cells = false;
+    int annotate = -1;
+    std::string colorbar_label;
+    Rgb masked{225, 225, 225};
+};
+
+// Heatmap of values[rows, cols] (row-major): e.g. expert load with rows = layers, cols = experts. Labels may be
+// empty (then indices are shown); labels that would overlap are thinned to every k-th.
+inline void plot_heatmap(const std::string& path, const std::string& title, const std::vector<float>& values, int rows,
+                         int cols, const std::vector<std::string>& row_labels, const std::vector<std::string>& col_labels,
+                         const std::string& xlabel, const std::string& ylabel, const HeatmapOptions& opt = {}) {
+    if (rows <= 0 || cols <= 0 || values.size() != size_t(rows) * size_t(cols))
+        fail("heatmap '", path, "': ", values.size(), " values, expected rows x cols = ", rows, " x ", cols);
+    if (!row_labels.empty() && row_labels.size() != size_t(rows))
+        fail("heatmap '", path, "': ", row_labels.size(), " row labels for ", rows, " rows");
+    if (!col_labels.empty() && col_labels.size() != size_t(cols))
+        fail("heatmap '", path, "': ", col_labels.size(), " column labels for ", cols, " columns");
+    const Rgb ink{30, 30, 30}, frame{120, 120, 120};
+    const int S = 2;
+    double lo = opt.vmin, hi = opt.vmax;
+    if (std::isnan(lo) || std::isnan(hi)) {
+        double dlo = INFINITY, dhi = -INFINITY;
+        for (float v : values)
+            if (std::isfinite(v)) dlo = std::min(dlo, double(v)), dhi = std::max(dhi, double(v));
+        if (!(dlo <= dhi)) dlo = 0, dhi = 1;
+        if (std::isnan(lo)) lo = dlo;
+        if (std::isnan(hi)) hi = dhi;
+    }
+    if (!(hi > lo)) hi = lo + (lo == 0 ? 1 : std::fabs(lo) * 0.01);
+
+    int cw = std::clamp(900 / cols, 2, 72), ch = std::clamp(600 / rows, 2, 64);
+    if (opt.square_cells) cw = ch = std::clamp(std::min(900 / cols, 700 / rows), 2, 64);
+    const int gw = cw * cols, gh = ch * rows;
+    auto label = [](const std::vector<std::string>& labels, int i) {
+        return labels.empty() ? std::to_string(i) : labels[size_t(i)];
+    };
+    // Labels are drawn at scale 2, every k-th (k = 1, 2, 4, 5, 8, 10, ...) with k chosen for the typical (median)
+    // label width; a label that would still touch the one before it is skipped. Column labels are horizontal
+    // unless rotating them lets many more of them be shown.
+    auto every = [](int need_px, int cell_px) {
+        for (int k : {1, 2, 4, 5, 8, 10, 16, 20, 25, 32, 50, 64, 100, 128, 200, 250, 500, 1000})
+            if (k * cell_px >= need_px) return k;
+        return (need_px + cell_px - 1) / cell_px;
+    };
+    const int row_every = every(Canvas::text_height(S) + 6, ch);
+    int row_w = 0;
+    for (int r = 0; r < rows; r += row_every) row_w = std::max(row_w, Canvas::text_width(label(row_labels, r), S));
+    std::vector<int> col_widths;
+    for (int j = 0; j < cols; ++j) col_widths.push_back(Canvas::text_width(label(col_labels, j), S));
+    std::vector<int> sorted_widths = col_widths;
+    std::sort(sorted_widths.begin(), sorted_widths.end());
+    const int col_every_h = every(sorted_widths[sorted_widths.size() / 2] + 8, cw);
+    const int col_every_v = every(Canvas::text_height(S) + 6, cw);
+    const bool col_horizontal = col_every_h <= 2 * col_every_v;
+    const int col_every = col_horizontal ? col_every_h : col_every_v;
+    int col_h = Canvas::text_height(S);
+    if (!col_horizontal) {
+        col_h = 0;
+        for (int j = 0; j < cols; j += col_every) col_h = std::max(col_h, col_widths[size_t(j)]);
+    }
+    // Colour bar ticks.
+    double step = 1;
+    const int bar_h = std::max(gh, 160);
+    std::vector<double> bar_ticks = nice_ticks(lo, hi, std::clamp(bar_h / 25, 4, 10), &step);
+    int bar_label_w = 0;
+    for (double v : bar_ticks) bar_label_w = std::max(bar_label_w, Canvas::text_width(format_tick(v, step), S));
+
+    const int gx0 = 16 + Canvas::text_height(S) + 14 + row_w + 10;
+    const int gy0 = 20 + Canvas::text_height(3) + 24;
+    const int bar_x0 = gx0 + gw + 24, bar_x1 = bar_x0 + 20;
+    int W = bar_x1 + 10 + bar_label_w + (opt.colorbar_label.empty() ? 0 : 12 + Canvas::text_height(S)) + 20;
+    W = std::max(W, Canvas::text_width(title, 3) + 40);
+    const int xlabel_y = gy0 + gh + 8 + col_h + 18;  // top of the x label, under the column labels
+    const int H = std::max(xlabel_y + Canvas::text_height(S) + 18, gy0 + bar_h + 24);
+
+    Canvas c(W, H);
+    c.text_at(W / 2, 20, title, ink, 3, 0, -1);
+    const bool annotate = opt.annotate == 1 || (opt.annotate < 0 && ch >= 14 && cw >= 30 && rows * cols <= 400);
+    // Numbers in the cells: 2 significant digits, one text size for the whole map (2 if every number fits).
+    std::vector<std::string> cell_text(annotate ? values.size() : 0);
+    int cell_scale = 2;
+    for (size_t i = 0; i < cell_text.size(); ++i) {
+        const double v = values[i];
+        if (!std::isfinite(v)) continue;
+        char buf[32];
+        std::snprintf(buf, sizeof buf, std::fabs(v) >= 100 || v == std::round(v) ? "%.0f" : "%.2g", v);
+        cell_text[i] = buf;
+        if (Canvas::text_width(buf, 2) + 12 > cw || ch < 22) cell_scale = 1;
+    }
+    for (int r = 0; r < rows; ++r)
+        for (int j = 0; j < cols; ++j) {
+            const size_t i = size_t(r) * size_t(cols) + size_t(j);
+            const float v = values[i];
+            const int x = gx0 + j * cw, y = gy0 + r * ch;
+            const Rgb col = std::isfinite(v) ? ramp_color((v - lo) / (hi - lo)) : opt.masked;
+            c.fill_rect(x, y, x + cw, y + ch, col);
+            if (annotate && !cell_text[i].empty() && Canvas::text_width(cell_text[i], cell_scale) + 4 <= cw) {
+                const bool dark = 0.299 * col.r + 0.587 * col.g + 0.114 * col.b < 140;
+                c.text_at(x + cw / 2, y + ch / 2, cell_text[i], dark ? Rgb{255, 255, 255} : ink, cell_scale, 0, 0);
+            }
+        }
+    c.outline_rect(gx0 - 1, gy0 - 1, gx0 + gw + 1, gy0 + gh + 1, frame);
+    for (int r = 0; r < rows; r += row_every)
+        c.text_at(gx0 - 8, gy0 + r * ch + ch / 2, label(row_labels, r), ink, S, 1, 0);
+    int last_right = -1000000;
+    for (int j = 0; j < cols; j += col_every) {
+        const int x = gx0 + j * cw + cw / 2;
+        if (col_horizontal) {
+            const int left = x - col_widths[size_t(j)] / 2;
+            if (left < last_right + 6) continue;
+            last_right = left + col_widths[size_t(j)];
+            c.text_at(x, gy0 + gh + 8, label(col_labels, j), ink, S, 0, -1);
+        } else {
+            const std::string s = label(col_labels, j);
+            c.text(x - Canvas::text_height(S) / 2, gy0 + gh + 8 + Canvas::text_width(s, S), s, ink, S, true);
+        }
+    }
+    c.text_at(gx0 + gw / 2, xlabel_y, xlabel, ink, S, 0, -1);
+    c.text_vertical_centered(16 + Canvas::text_height(S) / 2, gy0 + gh / 2, ylabel, ink, S);
+
+    // Colour bar: the ramp from hi (top) to lo (bottom) with tick labels.
+    for (int y = 0; y < bar_h; ++y) c.fill_rect(bar_x0, gy0 + y, bar_x1, gy0 + y + 1, ramp_color(1.0 - (y + 0.5) / bar_h));
+    c.outline_rect(bar_x0 - 1, gy0 - 1, bar_x1 + 1, gy0 + bar_h + 1, frame);
+    for (double v : bar_ticks) {
+        const int y = gy0 + int(std::lround((1.0 - (v - lo) / (hi - lo)) * (bar_h - 1)));
+        c.fill_rect(bar_x1, y, bar_x1 + 5, y + 1, frame);
+        c.text_at(bar_x1 + 9, y, format_tick(v, step), ink, S, -1, 0);
+    }
+    if (!opt.colorbar_label.empty())
+        c.text_vertical_centered(bar_x1 + 10 + bar_label_w + 12 + Canvas::text_height(S) / 2, gy0 + bar_h / 2,
+                                 opt.colorbar_label, ink, S);
+    c.save_png(path);
+}
+
+// A token as a short printable tick label: space -> '_', newline -> "\n", other control bytes -> '?'.
+inline std::string tick_label(const std::string& token) {
+    std::string s;
+    for (char ch : token) {
+        if (ch == ' ') s += '_';
+        else if (ch == '\n') s += "\\n";
+        else if (ch == '\t') s += "\\t";
+        else if (ch < 32 || ch > 126) s += '?';
+        else s += ch;
+    }
+    return s;
+}
+
+// Attention map of one head for a prompt: weights[T, T], row = query position, column = key position, labelled
+// with the prompt's tokens. With `causal`, the future (column > row) is shown as masked rather than as zeros.
+inline void plot_attention(const std::string& path, const std::string& title, const std::vector<float>& weights,
+                           const std::vector<std::string>& tokens, bool causal = true) {
+    const int T = int(tokens.size());
+    if (weights.size() != size_t(T) * size_t(T))
+        fail("attention plot '", path, "': ", weights.size(), " weights for ", T, " tokens, expected T x T = ",
+             size_t(T) * size_t(T));
+    std::vector<float> v = weights;
+    if (causal)
+        for (int i = 0; i < T; ++i)
+            for (int j = i + 1; j < T; ++j) v[size_t(i) * size_t(T) + size_t(j)] = NAN;
+    std::vector<std::string> labels;
+    for (const std::string& t : tokens) labels.push_back(tick_label(t));
+    HeatmapOptions opt;
+    opt.vmin = 0;
+    opt.square_cells = true;
+    opt.annotate = 0;
+    opt.colorbar_label = "attention weight";
+    plot_heatmap(path, title, v, T, T, labels, labels, "key (attended to)", "query (attending)", opt);
+}
+
+// ================================================================================================================
+// 9.7 Progress line
+// ================================================================================================================
+//
+// "step 120/5000 (2.4%) | loss 2.3456 | lr 3.0e-04 | 12.3k tok/s | 0:12 elapsed | ETA 8:03". In a terminal the
+// line is rewritten in place ('\r') at most 10 times a second; when the output is a file or a pipe (CI logs),
+// a plain line is printed every `every_steps` steps or `every_seconds` seconds, whichever comes first, and at the
+// last step.
+struct Progress {
+    using Clock = std::chrono::steady_clock;
+    int64_t total_steps;
+    FILE* out;
+    bool tty;
+    int64_t every_steps;
+    double every_seconds;
+    Clock::time_point start, last_print;
+    size_t last_len = 0;
+    bool printed_any = false;
+
+    explicit Progress(int64_t total, FILE* stream = stdout, int64_t every_n_steps = 0, double every_n_seconds = 30)
+        : total_steps(total), out(stream), every_steps(every_n_steps > 0 ? every_n_steps : std::max<int64_t>(1, total / 20)),
+          every_seconds(every_n_seconds), start(Clock::now()), last_print(start) {
+#ifdef _WIN32
+        tty = _isatty(_fileno(stream)) != 0;
+#else
+        tty = isatty(fileno(stream)) != 0;
+#endif
+    }
+
+    static std::string format_duration(double seconds) {
+        if (!std::isfinite(seconds) || seconds < 0) return "?";
+        const long s = long(seconds + 0.5);
+        char buf[32];
+        if (s >= 3600) std::snprintf(buf, sizeof buf, "%ld:%02ld:%02ld", s / 3600, s / 60 % 60, s % 60);
+        else std::snprintf(buf, sizeof buf, "%ld:%02ld", s / 60, s % 60);
+        return buf;
+    }
+    static std::string format_rate(double per_second) {
+        char buf[32];
+        if (per_second >= 1e6) std::snprintf(buf, sizeof buf, "%.2fM", per_second / 1e6);
+        else if (per_second >= 1e3) std::snprintf(buf, sizeof buf, "%.1fk", per_second / 1e3);
+        else std::snprintf(buf, sizeof buf, "%.0f", per_second);
+        return buf;
+    }
+    static std::string format_value(double v) {
+        char buf[32];
+        const double a = std::fabs(v);
+        std::snprintf(buf, sizeof buf, v == 0 ? "0" : (a >= 1e5 || a < 1e-2) ? "%.2e" : "%.4f", v);
+        return buf;
+    }
+    // The line itself (pure, for tests): step of total, loss, extras, tokens/s, elapsed, ETA.
+    static std::string format_line(int64_t step, int64_t total, double loss, int64_t tokens, double elapsed_s,
+                                   const std::vector<std::pair<std::string, double>>& extra) {
+        char buf[96];
+        std::snprintf(buf, sizeof buf, "step %lld/%lld (%.1f%%)", (long long)step, (long long)total,
+                      total > 0 ? 100.0 * double(step) / double(total) : 0.0);
+        std::string s = buf;
+        s += " | loss " + format_value(loss);  // NaN and inf show as such: a diverged run is visible
+        for (const auto& [name, value] : extra) s += " | " + name + " " + format_value(value);
+        if (tokens > 0 && elapsed_s > 0) s += " | " + format_rate(double(tokens) / elapsed_s) + " tok/s";
+        s += " | " + format_duration(elapsed_s) + " elapsed";
+        if (step > 0 && step < total) s += " | ETA " + format_duration(elapsed_s / double(step) * double(total - step));
+        return s;
+    }
+
+    // Call after step `step` (1-based) with the loss and the number of tokens processed so far.
+    void update(int64_t step, double loss, int64_t tokens_so_far = 0,
+                const std::vector<std::pair<std::string, double>>& extra = {}) {
+        const Clock::time_point now = Clock::now();
+        const double since_print = std::chrono::duration<double>(now - last_print).count();
+        const bool last = step >= total_steps;
+        const bool due = tty ? (since_print >= 0.1 || last || !printed_any)
+                             : (last || !printed_any || step % every_steps == 0 || since_print >= every_seconds);
+        if (!due) return;
+        const std::string line =
+            format_line(step, total_steps, loss, tokens_so_far, std::chrono::duration<double>(now - start).count(), extra);
+        if (tty) {
+            std::fprintf(out, "\r%s", line.c_str());
+            for (size_t i = line.size(); i < last_len; ++i) std::fputc(' ', out);  // erase a longer previous line
+            if (last) std::fputc('\n', out);
+        } else {
+            std::fprintf(out, "%s\n", line.c_str());
+        }
+        std::fflush(out);
+        last_len = line.size();
+        last_print = now;
+        printed_any = true;
+    }
+};
 
 }  // namespace dsv3

@@ -69,48 +69,6 @@ static Args parse(int argc, char** argv) {
     return a;
 }
 
-static std::vector<int32_t> read_bytes(const std::string& path) {
-    std::ifstream in(path, std::ios::binary);
-    if (!in) fail("data file ", path, ": cannot open");
-    std::string s((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    std::vector<int32_t> tokens(s.size());
-    for (size_t i = 0; i < s.size(); ++i) tokens[i] = int32_t(uint8_t(s[i]));
-    return tokens;
-}
-
-// B random windows of T+1 tokens; the windows of step s depend only on (seed, s), so a resumed run sees the same data.
-static void sample_batch(const std::vector<int32_t>& data, int B, int T, uint64_t seed, int step, int32_t* out) {
-    Rng rng = Rng(seed).fork(uint64_t(step));
-    for (int b = 0; b < B; ++b) {
-        const size_t start = size_t(rng.below(data.size() - size_t(T) - 1));
-        std::copy(data.begin() + long(start), data.begin() + long(start + T + 1), out + size_t(b) * (T + 1));
-    }
-}
-
-// Mean next-token loss over `windows` evenly spaced windows of the validation split (all of it when windows <= 0),
-// and the expert loads summed over them (for MaxVio_global).
-static double evaluate(Model& model, const std::vector<int32_t>& val, int T, int windows, int B,
-                       std::vector<std::vector<int64_t>>* loads) {
-    const int64_t available = int64_t((val.size() - 1) / size_t(T));
-    const int64_t n = windows <= 0 ? available : std::min<int64_t>(windows, available);
-    if (n <= 0) fail("validation split: ", val.size(), " tokens, fewer than one window of ", T + 1);
-    LossOptions opt;
-    opt.with_mtp = false;
-    double sum = 0;
-    std::vector<int32_t> batch;
-    for (int64_t first = 0; first < n; first += B) {
-        const int rows = int(std::min<int64_t>(B, n - first));
-        batch.resize(size_t(rows) * (T + 1));
-        for (int r = 0; r < rows; ++r) {
-            const int64_t w = (first + r) * available / n;  // evenly spaced windows
-            std::copy(val.begin() + long(w * T), val.begin() + long(w * T + T + 1), batch.begin() + long(r) * (T + 1));
-        }
-        sum += model.forward(batch.data(), rows, T, opt).main * rows;
-        if (loads) add_loads(*loads, model.expert_loads());
-    }
-    return sum / double(n);
-}
-
 // Greedy-free sampling: temperature 0.8 from the model's next-token distribution, recomputing the whole window.
 static std::string sample_text(Model& model, const std::string& prompt, int n, uint64_t seed) {
     std::vector<int32_t> ctx;
@@ -141,17 +99,47 @@ static std::string sample_text(Model& model, const std::string& prompt, int n, u
     return out;
 }
 
+// The three pictures of a run: loss curves, expert load over training, and attention on a prompt.
+static void write_plots(Model& model, const std::string& dir, const std::vector<PlotSeries>& curves,
+                        const std::vector<std::vector<float>>& load_rows, const std::vector<std::string>& load_labels) {
+    plot_lines(dir + "/loss.png", "DeepSeek-V3 tiny: loss", "step", "cross-entropy (nats per byte)", curves);
+    if (!load_rows.empty()) {
+        const int cols = int(load_rows[0].size());
+        std::vector<float> values;
+        for (const auto& r : load_rows) values.insert(values.end(), r.begin(), r.end());
+        std::vector<std::string> col_labels;
+        for (int e = 0; e < cols; ++e) col_labels.push_back(std::to_string(e));
+        HeatmapOptions ho;
+        ho.colorbar_label = "share of routed tokens";
+        plot_heatmap(dir + "/expert_load.png", "Expert load on validation data (rows: MoE layer @ step)", values,
+                     int(load_rows.size()), cols, load_labels, col_labels, "routed expert", "layer @ step", ho);
+    }
+    const std::string prompt = "ROMEO:\nWhat light through yonder window";
+    std::vector<int32_t> row;
+    for (char ch : prompt) row.push_back(int32_t(uint8_t(ch)));
+    row.push_back(0);
+    LossOptions opt;
+    opt.with_mtp = false;
+    const int T = int(prompt.size());
+    model.forward(row.data(), 1, T, opt);
+    const float* probs = model.attention_probs(model.cfg.n_layers - 1);  // head 0 of the last layer
+    std::vector<float> w(probs, probs + size_t(T) * T);
+    std::vector<std::string> labels;
+    for (char ch : prompt) labels.push_back(ch == '\n' ? "\\n" : std::string(1, ch));
+    plot_attention(dir + "/attention.png", "Attention, last layer, head 0", w, labels);
+}
+
 int main(int argc, char** argv) {
     try {
         Args a = parse(argc, argv);
         Config cfg = Config::tiny();
         if (a.bias_speed >= 0) cfg.bias_update_speed = a.bias_speed;
         if (a.seq > cfg.max_seq_len) fail("--seq ", a.seq, " exceeds the preset's max_seq_len ", cfg.max_seq_len);
-        if (a.data.empty()) a.data = "data/tinyshakespeare.txt";
-        std::vector<int32_t> tokens = read_bytes(a.data);
+        std::string source;
+        std::vector<int32_t> tokens = training_bytes(a.data, &source);
         const size_t split = tokens.size() * 9 / 10;
         std::vector<int32_t> train(tokens.begin(), tokens.begin() + long(split)), val(tokens.begin() + long(split), tokens.end());
-        if (train.size() < size_t(a.seq) + 2) fail("data file ", a.data, ": ", tokens.size(), " bytes is too short for --seq ", a.seq);
+        if (val.size() < size_t(a.seq) + 2) fail("training text ", source, ": ", tokens.size(), " bytes is too short for --seq ", a.seq);
 
         Model model(cfg, uint64_t(a.seed));
         AdamW opt;
@@ -170,43 +158,55 @@ int main(int argc, char** argv) {
         if (a.balance != "none" && a.balance != "sequence" && a.balance != "expert") fail("--balance: unknown \"", a.balance, "\"");
 
         const ParamCounts pc = count_parameters(cfg);
-        std::printf("data %s: %zu train / %zu val bytes | model %.2fM params (%.2fM activated, %.2fM MTP) | batch %d x %d | "
-                    "%d threads\n", a.data.c_str(), train.size(), val.size(), pc.total / 1e6, pc.activated / 1e6, pc.mtp / 1e6,
-                    a.batch, a.seq, thread_count());
+        std::printf("data: %s\n  %zu train / %zu validation bytes | model %.2fM params (%.2fM activated per token, "
+                    "%.2fM in MTP) | batch %d x %d | %d threads\n", source.c_str(), train.size(), val.size(),
+                    pc.total / 1e6, pc.activated / 1e6, pc.mtp / 1e6, a.batch, a.seq, thread_count());
         mkdir(a.out.c_str(), 0755);
         std::vector<int32_t> batch(size_t(a.batch) * (a.seq + 1));
+        std::vector<PlotSeries> curves = {{"train", {}, {}}, {"validation", {}, {}}, {"MTP (train, depth 1)", {}, {}}};
+        std::vector<std::vector<float>> load_rows;
+        std::vector<std::string> load_labels;
         const double start = now_seconds();
-        int first_step = opt.step;
+        const int first_step = opt.step;
+        Progress progress(a.steps - first_step);
+        double smooth = 0;
         for (int step = opt.step; step < a.steps; ++step) {
             sample_batch(train, a.batch, a.seq, uint64_t(a.seed), step, batch.data());
             const float lr = sched.at(step);
-            Losses l = model.forward_backward(batch.data(), a.batch, a.seq, lopt);
-            const double gnorm = adamw_step(model, opt, lr);
-            auto loads = model.expert_loads();
-            if (a.bias_update) update_routing_bias(model, loads, cfg.bias_update_speed);
-            double maxvio = 0;
-            for (auto& ld : loads) maxvio = std::max(maxvio, max_violation(ld));
-            const double elapsed = now_seconds() - start;
+            const StepResult r = train_step(model, opt, batch.data(), a.batch, a.seq, lr, lopt, a.bias_update);
+            smooth = step == first_step ? r.loss.main : 0.9 * smooth + 0.1 * r.loss.main;
+            if (step % 10 == 9) {
+                curves[0].x.push_back(step + 1); curves[0].y.push_back(smooth);
+                if (!r.loss.mtp.empty()) { curves[2].x.push_back(step + 1); curves[2].y.push_back(r.loss.mtp[0]); }
+            }
             const int done = step + 1 - first_step;
-            const double tok_s = double(done) * a.batch * a.seq / elapsed;
-            const double eta = elapsed / done * (a.steps - step - 1);
-            if (step % 10 == 0 || step + 1 == a.steps)
-                std::printf("step %5d/%d | loss %.4f | mtp %.4f | maxvio %.2f | lr %.2e | gnorm %.2f | %.0f tok/s | "
-                            "%.0fs elapsed, ETA %.0fs\n", step + 1, a.steps, l.main, l.mtp.empty() ? 0.0 : l.mtp[0],
-                            maxvio, lr, gnorm, tok_s, elapsed, eta);
+            progress.update(done, r.loss.main, int64_t(done) * a.batch * a.seq,
+                            {{"mtp", r.loss.mtp.empty() ? 0.0 : r.loss.mtp[0]}, {"maxvio", r.max_violation},
+                             {"lr", lr}, {"gnorm", r.grad_norm}});
+            const double elapsed = now_seconds() - start;
             const bool last = step + 1 == a.steps || (a.time_limit > 0 && elapsed > a.time_limit);
             if ((step + 1) % a.eval_every == 0 || last) {
                 std::vector<std::vector<int64_t>> vloads;
                 const double vl = evaluate(model, val, a.seq, last ? 0 : a.eval_windows, a.batch, &vloads);
                 double vio = 0;
-                for (auto& ld : vloads) vio = std::max(vio, max_violation(ld));
-                std::printf("  eval step %d: val loss %.4f (%s) | MaxVio_global %.3f | %.0fs\n", step + 1, vl,
-                            last ? "whole split" : "subset", vio, now_seconds() - start);
+                for (size_t l = 0; l < vloads.size(); ++l) {
+                    vio = std::max(vio, max_violation(vloads[l]));
+                    int64_t total = 0;
+                    for (int64_t c : vloads[l]) total += c;
+                    std::vector<float> share;
+                    for (int64_t c : vloads[l]) share.push_back(float(double(c) / double(std::max<int64_t>(total, 1))));
+                    load_rows.push_back(share);
+                    load_labels.push_back("L" + std::to_string(l + 1) + " @" + std::to_string(step + 1));
+                }
+                curves[1].x.push_back(step + 1); curves[1].y.push_back(vl);
+                std::printf("%seval step %d: val loss %.4f (%s) | MaxVio_global %.3f | %.0fs\n", progress.tty ? "\n" : "",
+                            step + 1, vl, last ? "whole validation split" : "subset", vio, now_seconds() - start);
                 std::fflush(stdout);
             }
             if (last) {
                 save_checkpoint(a.out + "/checkpoint.bin", model, opt);
-                std::printf("saved %s/checkpoint.bin\n", a.out.c_str());
+                write_plots(model, a.out, curves, load_rows, load_labels);
+                std::printf("saved %s/checkpoint.bin and %s/{loss,expert_load,attention}.png\n", a.out.c_str(), a.out.c_str());
                 break;
             }
         }

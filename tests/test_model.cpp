@@ -1,5 +1,7 @@
 // Whole-model tests: the gradient of the full loss (main + MTP + balance loss) against finite differences, and
 // bitwise determinism across thread counts.
+#include <unistd.h>
+
 #include "gradcheck.hpp"
 
 using namespace dsv3;
@@ -50,4 +52,51 @@ TEST_CASE("model: gradient of the whole loss matches finite differences") {
             CHECK(r.rel_norm_err < 1e-2);
         }
     }
+}
+
+// Runs `steps` training steps of the micro model on fixed random data and returns every loss.
+static std::vector<double> train_losses(int steps, int threads, const std::string& save_at_path = "", int save_at = -1,
+                                        const std::string& resume_from = "") {
+#ifdef _OPENMP
+    const int saved_threads = omp_get_max_threads();
+    omp_set_num_threads(threads);
+#else
+    (void)threads;
+#endif
+    Config c = micro_config();
+    c.init_std = 0.05f;
+    c.bias_update_speed = 0.01f;
+    Model model(c, 11);
+    AdamW opt;
+    if (!resume_from.empty()) load_checkpoint(resume_from, model, opt);
+    LossOptions lo;
+    lo.balance = BalanceLoss::sequence_wise;
+    std::vector<double> losses;
+    const int B = 3, T = 8;
+    for (int step = opt.step; step < steps; ++step) {
+        std::vector<int32_t> tokens = random_tokens(B, T, c.vocab_size, 100 + uint64_t(step % 2));  // two batches: learnable
+        StepResult r = train_step(model, opt, tokens.data(), B, T, 3e-3f, lo, true);
+        losses.push_back(r.loss.total);
+        if (step + 1 == save_at) save_checkpoint(save_at_path, model, opt);
+    }
+#ifdef _OPENMP
+    omp_set_num_threads(saved_threads);
+#endif
+    return losses;
+}
+
+TEST_CASE("model: 20 training steps give bitwise identical losses with 1 and 2 threads") {
+    std::vector<double> one = train_losses(20, 1), two = train_losses(20, 2);
+    REQUIRE(one.size() == 20);
+    for (size_t i = 0; i < one.size(); ++i) CHECK(one[i] == two[i]);  // exact: no tolerance
+    CHECK(one.back() < one.front());  // and it learns
+}
+
+TEST_CASE("model: resuming from a checkpoint gives bitwise the same losses as never stopping") {
+    const std::string path = "/tmp/dsv3_test_resume_" + std::to_string(::getpid()) + ".bin";
+    std::vector<double> straight = train_losses(12, 2, path, 5);
+    std::vector<double> resumed = train_losses(12, 2, "", -1, path);
+    std::remove(path.c_str());
+    REQUIRE(resumed.size() == 7);
+    for (size_t i = 0; i < resumed.size(); ++i) CHECK(resumed[i] == straight[5 + i]);
 }
