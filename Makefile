@@ -42,10 +42,18 @@ $(BUILD)/bench: examples/bench.cpp $(HEADER) | $(BUILD)
 $(BUILD)/%: examples/%.cpp $(HEADER) | $(BUILD)
 	$(CXX) $(CXXFLAGS) $< -o $@
 
-$(BUILD)/tests: $(TESTS) $(HEADER) $(wildcard tests/*.hpp) | $(BUILD)
-	$(CXX) $(CXXFLAGS) $(TESTS) -o $@
+# Each test file compiles on its own (in parallel: the header is large), then one link.
+TEST_OBJS := $(TESTS:tests/%.cpp=$(BUILD)/tests.o/%.o)
+$(BUILD)/tests.o/%.o: tests/%.cpp $(HEADER) $(wildcard tests/*.hpp)
+	@mkdir -p $(BUILD)/tests.o
+	$(CXX) $(CXXFLAGS) -c $< -o $@
 
-test: deps $(BUILD)/tests
+$(BUILD)/tests: $(TEST_OBJS)
+	$(CXX) $(CXXFLAGS) $^ -o $@
+
+NPROC := $(shell nproc 2>/dev/null || echo 2)
+test: deps
+	@$(MAKE) --no-print-directory -j$(NPROC) $(BUILD)/tests
 	./$(BUILD)/tests
 
 train: deps $(BUILD)/train

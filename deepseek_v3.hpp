@@ -37,11 +37,15 @@
 #include <chrono>
 #include <cmath>
 #include <cerrno>
+#include <cfloat>
+#include <climits>
 #include <cstdint>
+#include <cstdlib>
 #include <cstdio>
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <new>
 #include <numeric>
 #include <sstream>
 #include <stdexcept>
@@ -433,43 +437,1032 @@ class Arena {
 };
 
 // =====================================================================================================================
+// 3. Numerics: FP8 training (DeepSeek-V3 report §3.3), BF16 and FP16
+// =====================================================================================================================
+//
+// DeepSeek-V3 is trained with FP8 matrix multiplications (report §3.3 "FP8 Training"). The three GEMMs of every
+// linear layer, Fprop y = x·Wᵀ, Dgrad dx = dy·W and Wgrad dW = dyᵀ·x, take 8-bit inputs on the tensor cores; what
+// is sensitive or cheap stays in BF16/FP32: embedding, output head, MoE router, normalisations, the attention core,
+// FP32 master weights and gradients, and AdamW moments stored in BF16 (bf16_round below).
+//
+// The formats (OCP 8-bit floating point specification; the bits are sign | exponent | mantissa):
+//
+//          bits        bias  max finite    min normal  min subnormal  special values
+//   E4M3   s eeee mmm     7  448   (0x7E)  2^-6        2^-9           NaN = s.1111.111 only, no infinities ("fn")
+//   E5M2   s eeeee mm    15  57344 (0x7B)  2^-14       2^-16          IEEE: ±inf = s.11111.00, NaN = s.11111.(≠0)
+//
+// E4M3 keeps one more mantissa bit (neighbours at most 2^-3 = 12.5% apart) but spans only 2^-9..448, about 18 binades.
+// V3 uses E4M3 for every tensor, gradients included (earlier FP8 recipes used E5M2 for gradients, for its range), and
+// gets the range back with fine-grained scaling.
+//
+// Why fine-grained scaling (§3.3.2). One scale per tensor is set by the tensor's largest element. Activations have
+// outliers, so with one scale most values would fall into E4M3's coarse subnormals or flush to zero. V3 computes one
+// scale per small group, online, from the group's maximum absolute value: scale = amax / 448, x_q = E4M3(x / scale).
+//   activations and gradients: one scale per 1×128 tile (one token × 128 channels): an outlier spoils only its tile;
+//   weights:                   one scale per 128×128 block (128 outputs × 128 inputs): the same block scales serve
+//                              the transposed weight in Dgrad, so each weight is quantized once.
+// The groups run along the GEMM's reduction dimension K in chunks of 128, so the scale changes every 128 elements of
+// K and cannot be factored out of the sum: the scales must be applied inside the accumulation, which promotion does.
+//
+// Why promotion every 128 (§3.3.2 "Increasing Accumulation Precision"). Hopper's FP8 tensor cores do not accumulate in
+// FP32: within each block of 32 products every product is aligned to the largest exponent (the accumulator's
+// included) and truncated, and the running sum keeps only 14 significant bits. Over K = 4096 the report measured a
+// maximum relative error near 2%. V3's fix: after every N_C = 128 elements of K (four WGMMA instructions of K = 32)
+// the partial sum is copied to FP32 registers on the CUDA cores, multiplied by the two group scales and added to an
+// FP32 accumulator. The multiplication by the scales has to happen there anyway, so the fix is nearly free.
+//
+// This section holds: bit-exact codecs (round to nearest, ties to even, saturating), BF16 and FP16 conversions, 1×128
+// tile and 128×128 block quantization, fp8_gemm, a simulation of the H100 tensor-core accumulator that reproduces its
+// outputs bit for bit (the model of spec/NUMERICS.md, after Khattak & Mikaitis and "Insights into DeepSeek-V3"), with
+// promotion as an option, and the FP8 linear layer (Fprop, Dgrad, Wgrad) of V3's recipe. examples/fp8_error.cpp
+// reproduces the report's "nearly 2%" observation and shows how promotion removes it.
+
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Bit-level helpers shared by the codecs.
+// ---------------------------------------------------------------------------------------------------------------------
+namespace fp8_detail {
+
+inline uint32_t bits_of(float x) { uint32_t u; std::memcpy(&u, &x, 4); return u; }
+inline float float_of(uint32_t u) { float x; std::memcpy(&x, &u, 4); return x; }
+
+// 2^n as a float for a normal exponent n in [-126, 127], built from its bits (exact, no libm).
+inline float pow2f(int n) { return float_of(uint32_t(n + 127) << 23); }
+
+// Number of significant bits of v > 0 (bit_length(1) = 1).
+inline int bit_length(uint32_t v) {
+#if defined(__GNUC__) || defined(__clang__)
+    return 32 - __builtin_clz(v);
+#else
+    int n = 0;
+    while (v) { ++n; v >>= 1; }
+    return n;
+#endif
+}
+
+// Rounds a non-negative float (given by its bits `a`, NaN excluded, +inf allowed) to a binary format with `man_bits`
+// stored mantissa bits and exponent bias `bias`, round to nearest, ties to even, and returns the code of the result
+// without the sign: (exponent field << man_bits) | mantissa. Codes grow with the value, so the result is unbounded
+// above: a code past the format's largest finite one means "too large", and each caller decides (saturate or inf).
+//
+// The value is sig · 2^(e - 23) with the float's 24-bit significand sig. In the target format, at exponent
+// te = max(e, emin) the spacing is 2^(te - man_bits); the number of spacings q = sig >> shift, rounded to nearest even,
+// lies in [2^man_bits, 2^(man_bits+1)] for normals and [0, 2^man_bits] for subnormals. In both cases the code is
+// ((te + bias - 1) << man_bits) + q: a carry of the rounding into the next binade (q = 2^(man_bits+1)) or from the
+// subnormals into the normals (q = 2^man_bits at te = emin) lands on the right code by itself.
+inline int64_t round_to_code(uint32_t a, int man_bits, int bias) {
+    int fexp = int(a >> 23);
+    uint32_t sig = a & 0x7FFFFFu;
+    if (fexp == 0) {                      // float32 zero or subnormal: 2^-126 scale, no implicit bit
+        if (sig == 0) return 0;
+        fexp = 1;
+    } else {
+        sig |= 0x800000u;
+    }
+    const int e = fexp - 127, emin = 1 - bias;
+    const int te = e > emin ? e : emin;
+    const int shift = 23 + te - e - man_bits;   // >= 23 - man_bits > 0
+    if (shift > 25) return 0;                   // below half of the smallest subnormal: rounds to zero
+    uint32_t q = sig >> shift;
+    const uint32_t rem = sig & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (q & 1u))) ++q;
+    return (int64_t(te + bias - 1) << man_bits) + int64_t(q);
+}
+
+// Value of a finite code without sign (exponent field ef, mantissa m): m·2^(emin - man_bits) for subnormals (ef = 0),
+// (2^man_bits + m)·2^(ef - bias - man_bits) for normals. ldexp is exact here.
+inline float code_value(uint32_t code, int man_bits, int bias) {
+    const uint32_t ef = code >> man_bits, m = code & ((1u << man_bits) - 1);
+    if (ef == 0) return std::ldexp(float(m), 1 - bias - man_bits);
+    return std::ldexp(float(m | (1u << man_bits)), int(ef) - bias - man_bits);
+}
+
+}  // namespace fp8_detail
+
+// ---------------------------------------------------------------------------------------------------------------------
+// BF16: float32's sign, 8-bit exponent and top 7 mantissa bits. Same range as float32, so rounding is just rounding
+// the low 16 bits away (to nearest, ties to even). V3 stores AdamW's moments in BF16 (§3.3.3, "low-precision
+// optimizer states"); bf16_round(x) is what such a store-and-reload does to x.
+// ---------------------------------------------------------------------------------------------------------------------
+inline uint16_t float_to_bf16_bits(float x) {
+    uint32_t u = fp8_detail::bits_of(x);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return uint16_t((u >> 16) | 0x0040u);  // NaN: keep the sign, force quiet
+    u += 0x7FFFu + ((u >> 16) & 1u);   // round to nearest, ties to even: a carry may ripple into the exponent (to inf)
+    return uint16_t(u >> 16);
+}
+inline float bf16_bits_to_float(uint16_t h) { return fp8_detail::float_of(uint32_t(h) << 16); }
+inline float bf16_round(float x) { return bf16_bits_to_float(float_to_bf16_bits(x)); }
+
+// ---------------------------------------------------------------------------------------------------------------------
+// FP16 (IEEE binary16: 1 sign, 5 exponent bits, bias 15, 10 mantissa bits; max 65504). Some checkpoints store tensors
+// in F16. Round to nearest, ties to even, IEEE overflow: a value that rounds past 65504 becomes ±inf (no saturation).
+// ---------------------------------------------------------------------------------------------------------------------
+inline uint16_t float_to_f16_bits(float x) {
+    const uint32_t u = fp8_detail::bits_of(x), a = u & 0x7FFFFFFFu;
+    const uint16_t sign = uint16_t((u >> 16) & 0x8000u);
+    if (a > 0x7F800000u) return uint16_t(sign | 0x7E00u);                       // NaN
+    const int64_t code = fp8_detail::round_to_code(a, 10, 15);
+    return uint16_t(sign | (code >= 0x7C00 ? 0x7C00u : uint32_t(code)));        // 0x7C00 = inf
+}
+inline float f16_bits_to_float(uint16_t h) {
+    const float sign = (h & 0x8000u) ? -1.0f : 1.0f;
+    const uint32_t code = h & 0x7FFFu;
+    if (code >= 0x7C00u) return code == 0x7C00u ? sign * INFINITY : std::copysign(NAN, sign);
+    return std::copysign(fp8_detail::code_value(code, 10, 15), sign);
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// FP8 codecs. Encoding rounds to nearest, ties to even, keeps subnormals and saturates: a finite value that rounds
+// beyond the largest finite value becomes ±max (the hardware's "satfinite" conversion; PyTorch's plain cast does not
+// saturate). E4M3 has no infinity, so ±inf saturates to ±448; E5M2 could store ±inf, but this project saturates it to
+// ±57344 as well (NUMERICS.md), so an overflow never poisons a GEMM. NaN stays NaN (sign kept). -0 encodes to 0x80.
+// ---------------------------------------------------------------------------------------------------------------------
+inline uint8_t fp8_e4m3_encode(float x) {
+    const uint32_t u = fp8_detail::bits_of(x), a = u & 0x7FFFFFFFu;
+    const uint8_t sign = uint8_t((u >> 24) & 0x80u);
+    if (a > 0x7F800000u) return uint8_t(sign | 0x7Fu);                          // NaN: s.1111.111
+    const int64_t code = fp8_detail::round_to_code(a, 3, 7);
+    return uint8_t(sign | (code > 0x7E ? 0x7Eu : uint32_t(code)));              // 0x7E = 448
+}
+inline float fp8_e4m3_decode(uint8_t q) {
+    const uint32_t code = q & 0x7Fu;
+    const float sign = (q & 0x80u) ? -1.0f : 1.0f;
+    if (code == 0x7Fu) return std::copysign(NAN, sign);
+    return std::copysign(fp8_detail::code_value(code, 3, 7), sign);
+}
+inline uint8_t fp8_e5m2_encode(float x) {
+    const uint32_t u = fp8_detail::bits_of(x), a = u & 0x7FFFFFFFu;
+    const uint8_t sign = uint8_t((u >> 24) & 0x80u);
+    if (a > 0x7F800000u) return uint8_t(sign | 0x7Eu);                          // NaN: s.11111.10 (quiet)
+    const int64_t code = fp8_detail::round_to_code(a, 2, 15);
+    return uint8_t(sign | (code > 0x7B ? 0x7Bu : uint32_t(code)));              // 0x7B = 57344; inf saturates too
+}
+inline float fp8_e5m2_decode(uint8_t q) {
+    const uint32_t code = q & 0x7Fu;
+    const float sign = (q & 0x80u) ? -1.0f : 1.0f;
+    if (code >= 0x7Cu) return code == 0x7Cu ? sign * INFINITY : std::copysign(NAN, sign);
+    return std::copysign(fp8_detail::code_value(code, 2, 15), sign);
+}
+
+// The two FP8 formats, for the functions below that accept either.
+enum class Fp8Format { e4m3, e5m2 };
+inline uint8_t fp8_encode(float x, Fp8Format f) { return f == Fp8Format::e4m3 ? fp8_e4m3_encode(x) : fp8_e5m2_encode(x); }
+inline float fp8_decode(uint8_t q, Fp8Format f) { return f == Fp8Format::e4m3 ? fp8_e4m3_decode(q) : fp8_e5m2_decode(q); }
+inline bool fp8_is_finite(uint8_t q, Fp8Format f) {
+    return f == Fp8Format::e4m3 ? (q & 0x7Fu) != 0x7Fu : (q & 0x7Fu) < 0x7Cu;
+}
+inline constexpr float fp8_max(Fp8Format f) { return f == Fp8Format::e4m3 ? 448.0f : 57344.0f; }
+
+// The exponent of an FP8 input as the tensor core's alignment sees it: the unbiased exponent, with subnormals counted
+// at the format's minimum normal exponent (-6 for E4M3, -14 for E5M2). Meaningless for zero (zeros take no part).
+inline int fp8_input_exponent(uint8_t q, Fp8Format f) {
+    const int man_bits = f == Fp8Format::e4m3 ? 3 : 2, bias = f == Fp8Format::e4m3 ? 7 : 15;
+    const int ef = (q & 0x7F) >> man_bits;
+    return (ef == 0 ? 1 : ef) - bias;
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Fine-grained quantization (§3.3.2, Figure 7a). Scales are "dequantization" scales: x ≈ decode(q) · scale.
+//
+// fp8_scale_for_amax: scale = amax / 448, so the tile's largest magnitude lands on E4M3's largest value and the tile
+// uses the format's whole range. With pow2_scale the scale is rounded UP to a power of two (so amax / scale <= 448
+// still): multiplying by a power of two is exact, which V3 uses where a tensor is re-scaled or re-quantized (the input
+// of the linear after attention, MoE dispatch), at the cost of up to one binade of range.
+// amax is the largest FINITE magnitude of the tile (NaN is kept as NaN codes, ±inf saturates to ±448·scale).
+// An all-zero tile (amax = 0) gets scale 1: any positive finite scale would decode its zero codes to zeros, and 1 keeps
+// the scale readable and far from 0/NaN. A tiny amax whose amax/448 would underflow float32 is clamped to FLT_MIN.
+// ---------------------------------------------------------------------------------------------------------------------
+inline float fp8_scale_for_amax(float amax, bool pow2_scale = false) {
+    if (!(amax > 0.0f)) return 1.0f;
+    float s = amax / 448.0f;
+    if (s < FLT_MIN) s = FLT_MIN;
+    if (pow2_scale) {
+        int e = 0;
+        const float m = std::frexp(s, &e);       // s = m · 2^e, m in [0.5, 1)
+        if (m != 0.5f) s = std::ldexp(1.0f, e);  // not a power of two yet: the next one up
+    }
+    return s;
+}
+
+namespace fp8_detail {
+inline void check_quant_args(const char* who, const void* in, int rows, int cols, const void* q, const float* scales) {
+    if (rows < 0 || cols < 0) fail(who, ": shape must be non-negative, found [", rows, ", ", cols, "]");
+    if (int64_t(rows) * cols > 0 && (!in || !q || !scales))
+        fail(who, ": null pointer for a [", rows, ", ", cols, "] tensor (input, codes and scales are all required)");
+}
+inline float amax_finite(float acc, float v) {
+    const float a = std::fabs(v);
+    return (a <= FLT_MAX && a > acc) ? a : acc;   // NaN and inf compare false: left out
+}
+}  // namespace fp8_detail
+
+inline int fp8_tiles(int n) { return (n + 127) / 128; }   // number of 128-wide tiles covering n (last one partial)
+
+// x: [rows, cols] → q: [rows, cols] E4M3 codes, scales: [rows, ceil(cols/128)], one per 1×128 tile (a row's last tile
+// is partial when cols % 128 != 0: it has its own amax over the columns it covers).
+inline void quantize_tiles_1x128(const float* x, int rows, int cols, uint8_t* q, float* scales, bool pow2_scale = false) {
+    fp8_detail::check_quant_args("quantize_tiles_1x128", x, rows, cols, q, scales);
+    const int kt = fp8_tiles(cols);
+    parallel_for(rows, [&](int64_t r) {
+        const float* xr = x + r * cols;
+        uint8_t* qr = q + r * cols;
+        for (int t = 0; t < kt; ++t) {
+            const int c0 = t * 128, c1 = std::min(cols, c0 + 128);
+            float amax = 0.0f;
+            for (int c = c0; c < c1; ++c) amax = fp8_detail::amax_finite(amax, xr[c]);
+            const float s = fp8_scale_for_amax(amax, pow2_scale);
+            scales[r * kt + t] = s;
+            for (int c = c0; c < c1; ++c) qr[c] = fp8_e4m3_encode(xr[c] / s);
+        }
+    });
+}
+
+// w: [rows, cols] (a weight [out, in]) → q: [rows, cols], scales: [ceil(rows/128), ceil(cols/128)], one per 128×128
+// block (blocks at the bottom and right edges are partial).
+inline void quantize_blocks_128x128(const float* w, int rows, int cols, uint8_t* q, float* scales, bool pow2_scale = false) {
+    fp8_detail::check_quant_args("quantize_blocks_128x128", w, rows, cols, q, scales);
+    const int rt = fp8_tiles(rows), ct = fp8_tiles(cols);
+    parallel_for(int64_t(rt) * ct, [&](int64_t b) {
+        const int br = int(b / ct), bc = int(b % ct);
+        const int r0 = br * 128, r1 = std::min(rows, r0 + 128), c0 = bc * 128, c1 = std::min(cols, c0 + 128);
+        float amax = 0.0f;
+        for (int r = r0; r < r1; ++r)
+            for (int c = c0; c < c1; ++c) amax = fp8_detail::amax_finite(amax, w[int64_t(r) * cols + c]);
+        const float s = fp8_scale_for_amax(amax, pow2_scale);
+        scales[b] = s;
+        for (int r = r0; r < r1; ++r)
+            for (int c = c0; c < c1; ++c) q[int64_t(r) * cols + c] = fp8_e4m3_encode(w[int64_t(r) * cols + c] / s);
+    });
+}
+
+// Wgrad's operands are tiled along the token dimension, which is the reduction dimension of dW = dyᵀ·x: 128×1 tiles
+// (128 tokens × one channel). x: [rows, cols] → qt: [cols, rows] (transposed, so each tile becomes a 1×128 tile of a
+// row, the layout fp8_gemm reads), scales: [cols, ceil(rows/128)].
+inline void quantize_tiles_128x1_transposed(const float* x, int rows, int cols, uint8_t* qt, float* scales,
+                                            bool pow2_scale = false) {
+    fp8_detail::check_quant_args("quantize_tiles_128x1_transposed", x, rows, cols, qt, scales);
+    std::vector<float> xt(size_t(rows) * size_t(cols));
+    parallel_for(cols, [&](int64_t c) {
+        for (int r = 0; r < rows; ++r) xt[size_t(c) * rows + r] = x[int64_t(r) * cols + c];
+    });
+    quantize_tiles_1x128(xt.data(), cols, rows, qt, scales, pow2_scale);
+}
+
+// Inverses (up to rounding): x[r, c] = decode(q[r, c]) · scale of its tile / block.
+inline void dequantize_tiles_1x128(const uint8_t* q, const float* scales, int rows, int cols, float* x) {
+    fp8_detail::check_quant_args("dequantize_tiles_1x128", q, rows, cols, x, scales);
+    float table[256];
+    for (int i = 0; i < 256; ++i) table[i] = fp8_e4m3_decode(uint8_t(i));
+    const int kt = fp8_tiles(cols);
+    parallel_for(rows, [&](int64_t r) {
+        for (int c = 0; c < cols; ++c) x[r * cols + c] = table[q[r * cols + c]] * scales[r * kt + c / 128];
+    });
+}
+inline void dequantize_blocks_128x128(const uint8_t* q, const float* scales, int rows, int cols, float* w) {
+    fp8_detail::check_quant_args("dequantize_blocks_128x128", q, rows, cols, w, scales);
+    float table[256];
+    for (int i = 0; i < 256; ++i) table[i] = fp8_e4m3_decode(uint8_t(i));
+    const int ct = fp8_tiles(cols);
+    parallel_for(rows, [&](int64_t r) {
+        const float* srow = scales + (r / 128) * ct;
+        for (int c = 0; c < cols; ++c) w[r * cols + c] = table[q[r * cols + c]] * srow[c / 128];
+    });
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// FP8 GEMM with the H100 tensor core's accumulator (spec/NUMERICS.md, "Simulating the tensor core's accumulator").
+//
+// C[M, N] = A[M, K] · B[N, K]ᵀ, A and B E4M3 codes, B in the weight layout [out, in]. For one output element:
+//
+//   c = 0                                    the tensor core's accumulator: at most 14 significant bits
+//   for each block of 32 consecutive k:      one WGMMA instruction's K for FP8
+//       E = max over the block's non-zero products of ea_k + eb_k (exponents of the FP8 INPUTS, subnormals at the
+//           minimum normal exponent; not the exponent of the product itself), and floor(log2|c|) if c != 0
+//       q = 2^(E - 13)                       every addend is cut to 13 fraction bits below 2^E ...
+//       s = Σ trunc(p_k / q)·q + trunc(c / q)·q      ... by truncation toward zero; the sum itself is exact
+//       c = s truncated toward zero to 14 significant bits
+//   promotion every N_C = 128 (V3): at the end of each 128-chunk of K and at the very end of K:
+//       acc32 = fmaf(c, (float)(sa · sb), acc32);  c = 0      sa·sb rounded to float once, then one fused rounding
+//   result = acc32                           no promotion ("fast accumulation") = one promotion at the very end
+//
+// Every detail matters for bit-exactness against the hardware (NUMERICS.md lists how often each wrong variant
+// matches: flooring instead of truncation 0%, 14 fraction bits 2%, aligning on the product's exponent 91%, ...).
+//
+// Scales: scale_a holds one scale per 1×128 tile of A ([M, ceil(K/128)], row-major), scale_b one per 128×128 block
+// of B ([ceil(N/128), ceil(K/128)], row-major); nullptr means all ones. The scale of a promotion chunk is that of the
+// 128-tile it lies in. A chunk can apply only one scale pair, so when a chunk spans several 128-tiles (promote_every
+// = 0 or > 128) the tiles it spans must carry equal scales (e.g. per-tensor scaling), else fp8_gemm throws.
+//
+// Checked against an H100 (torch 2.11 _scaled_mm → cuBLASLt, use_fast_accum for "no promotion"): bit for bit on
+// every output for Gaussian, uniform, all-codes and sparse inputs, K = 32 … 4096 including tails (96, 160, 1040),
+// E4M3 × E5M2, and 1×128 / 128×128 block scales. Per-tensor scaling (not V3's) works differently in cuBLAS: it
+// promotes with unit scales and multiplies the float32 result once, C = acc32 · (float)(sa·sb), in the epilogue; to
+// simulate that, pass null scales and multiply C afterwards.
+//
+// A NaN input (or an E5M2 ±inf) makes every output that reads its row NaN; the model does not try to follow IEEE
+// infinity arithmetic through the truncating accumulator.
+// ---------------------------------------------------------------------------------------------------------------------
+struct Fp8Accum {
+    int block = 32;          // products per tensor-core block (K of one FP8 WGMMA instruction on Hopper)
+    int frac_bits = 13;      // fraction bits kept when aligning (the accumulator keeps frac_bits + 1 significant bits)
+    int promote_every = 128; // N_C: copy to FP32 (times the scales) every this many k; 0 = never ("fast accumulation")
+    bool exact = false;      // reference: exact products and 128-chunk sums (E4M3), scaled and summed in double
+};
+
+namespace fp8_detail {
+
+// Where the scale of (row, 128-tile t) lives: s[(row / rows_per_scale) * tiles + t]; 1 when s is null. fp8_gemm's A
+// uses rows_per_scale 1 (1×128 tiles), its B 128 (128×128 blocks); Wgrad's B uses 1 (128×1 tiles, transposed).
+struct ScaleMap {
+    const float* s = nullptr;
+    int rows_per_scale = 1;
+    int tiles = 0;
+    float at(int row, int t) const { return s ? s[int64_t(row / rows_per_scale) * tiles + t] : 1.0f; }
+};
+
+// Everything one GEMM needs; `accumulate` makes it C += A·Bᵀ (the backward pass's dx and dW accumulate).
+struct GemmProblem {
+    const uint8_t* A; Fp8Format fa; ScaleMap sa;
+    const uint8_t* B; Fp8Format fb; ScaleMap sb;
+    float* C; int M, N, K;
+    Fp8Accum acc;
+    bool accumulate;
+};
+
+inline void check_gemm(const GemmProblem& p, const char* who) {
+    if (p.M < 0 || p.N < 0 || p.K < 0) fail(who, ": sizes must be non-negative, found M=", p.M, " N=", p.N, " K=", p.K);
+    if (int64_t(p.M) * p.N > 0 && !p.C) fail(who, ": C is null for a [", p.M, ", ", p.N, "] output");
+    if (int64_t(p.M) * p.K > 0 && !p.A) fail(who, ": A is null for a [", p.M, ", ", p.K, "] input");
+    if (int64_t(p.N) * p.K > 0 && !p.B) fail(who, ": B is null for a [", p.N, ", ", p.K, "] input");
+    const Fp8Accum& a = p.acc;
+    if (a.exact) return;
+    if (a.block < 1) fail(who, ": Fp8Accum.block must be >= 1, found ", a.block);
+    if (a.frac_bits < 1 || a.frac_bits > 23)
+        fail(who, ": Fp8Accum.frac_bits must be in [1, 23] (the accumulator must fit a float32 significand), found ",
+             a.frac_bits);
+    if (a.promote_every < 0) fail(who, ": Fp8Accum.promote_every must be >= 0 (0 = never), found ", a.promote_every);
+    // The fast path sums a block in int32: each addend is below 2^(frac_bits+2), the carried accumulator below
+    // 2^(frac_bits+1).
+    if ((int64_t(a.block) << (a.frac_bits + 2)) + (int64_t(1) << (a.frac_bits + 1)) >= (int64_t(1) << 31))
+        fail(who, ": Fp8Accum.block = ", a.block, " with frac_bits = ", a.frac_bits,
+             " overflows the 32-bit block sum (need block * 2^(frac_bits+2) < 2^31)");
+    // A promotion chunk applies one scale pair: the 128-tiles it spans must agree.
+    const int chunk = a.promote_every > 0 ? a.promote_every : p.K;
+    if (chunk <= 128 && 128 % chunk == 0) return;
+    for (int k0 = 0; k0 < p.K; k0 += chunk) {
+        const int t0 = k0 / 128, t1 = (std::min(p.K, k0 + chunk) - 1) / 128;
+        for (int t = t0 + 1; t <= t1; ++t) {
+            for (int i = 0; p.sa.s && i < p.M; ++i)
+                if (p.sa.at(i, t) != p.sa.at(i, t0))
+                    fail(who, ": promote_every = ", a.promote_every, " lets one promotion span 128-tiles ", t0, "..",
+                         t1, " of K, but scale_a differs between them (row ", i, "); the tensor core can apply a "
+                         "scale only at a promotion: use promote_every = 128 or equal scales along K");
+            for (int j = 0; p.sb.s && j < p.N; j += p.sb.rows_per_scale)
+                if (p.sb.at(j, t) != p.sb.at(j, t0))
+                    fail(who, ": promote_every = ", a.promote_every, " lets one promotion span 128-tiles ", t0, "..",
+                         t1, " of K, but scale_b differs between them (row ", j, "); the tensor core can apply a "
+                         "scale only at a promotion: use promote_every = 128 or equal scales along K");
+        }
+    }
+}
+
+inline bool row_finite(const uint8_t* x, int K, Fp8Format f) {
+    for (int k = 0; k < K; ++k)
+        if (!fp8_is_finite(x[k], f)) return false;
+    return true;
+}
+
+inline void store(const GemmProblem& p, int64_t idx, float v) { p.C[idx] = p.accumulate ? p.C[idx] + v : v; }
+
+// The plain version: the pseudo-code above, literally, in double arithmetic (every step below is exact in double:
+// products of two FP8 values have at most 8 significant bits, and all sums are multiples of q spanning < 53 bits).
+inline void gemm_reference(const GemmProblem& p) {
+    const Fp8Accum& acc = p.acc;
+    double va[256], vb[256];   // decoded values of the 256 codes of each operand's format
+    int ea[256], eb[256];      // and their alignment exponents
+    for (int c = 0; c < 256; ++c) {
+        va[c] = fp8_decode(uint8_t(c), p.fa);
+        vb[c] = fp8_decode(uint8_t(c), p.fb);
+        ea[c] = fp8_input_exponent(uint8_t(c), p.fa);
+        eb[c] = fp8_input_exponent(uint8_t(c), p.fb);
+    }
+    for (int i = 0; i < p.M; ++i) {
+        const uint8_t* a = p.A + int64_t(i) * p.K;
+        for (int j = 0; j < p.N; ++j) {
+            const uint8_t* b = p.B + int64_t(j) * p.K;
+            const int64_t out = int64_t(i) * p.N + j;
+            if (!row_finite(a, p.K, p.fa) || !row_finite(b, p.K, p.fb)) { store(p, out, NAN); continue; }
+            if (acc.exact) {   // exact products and 128-chunk sums; each chunk scaled by sa·sb (exact in double)
+                double total = 0.0;
+                for (int k0 = 0; k0 < p.K; k0 += 128) {
+                    double chunk = 0.0;
+                    for (int k = k0; k < std::min(p.K, k0 + 128); ++k) chunk += va[a[k]] * vb[b[k]];
+                    total = std::fma(chunk, double(p.sa.at(i, k0 / 128)) * double(p.sb.at(j, k0 / 128)), total);
+                }
+                store(p, out, float(total));
+                continue;
+            }
+            const int chunk_len = acc.promote_every > 0 ? acc.promote_every : std::max(p.K, 1);
+            float acc32 = 0.0f;
+            double c = 0.0;                                    // the tensor core's accumulator
+            for (int k0 = 0; k0 < p.K; k0 += chunk_len) {
+                const int k1 = std::min(p.K, k0 + chunk_len);
+                for (int b0 = k0; b0 < k1; b0 += acc.block) {  // blocks restart at every chunk
+                    const int b1 = std::min(k1, b0 + acc.block);
+                    bool any = c != 0.0;
+                    int E = any ? std::ilogb(c) : INT_MIN;     // ilogb = floor(log2|c|)
+                    for (int k = b0; k < b1; ++k) {
+                        if (va[a[k]] == 0.0 || vb[b[k]] == 0.0) continue;   // zero products take no part
+                        E = std::max(E, ea[a[k]] + eb[b[k]]);
+                        any = true;
+                    }
+                    if (!any) continue;                        // only zeros and c == 0: c stays 0
+                    const double q = std::ldexp(1.0, E - acc.frac_bits);
+                    double s = std::trunc(c / q) * q;
+                    for (int k = b0; k < b1; ++k)
+                        s += std::trunc(va[a[k]] * vb[b[k]] / q) * q;   // trunc: toward zero, sign·floor(|p|/q)
+                    if (s != 0.0) {                            // keep frac_bits + 1 significant bits, toward zero
+                        const double unit = std::ldexp(1.0, std::ilogb(s) - acc.frac_bits);
+                        s = std::trunc(s / unit) * unit;
+                    }
+                    c = s;
+                }
+                const float sab = p.sa.at(i, k0 / 128) * p.sb.at(j, k0 / 128);   // rounded to float once
+                acc32 = std::fma(float(c), sab, acc32);                         // c is exact in float
+                c = 0.0;
+            }
+            store(p, out, acc32);
+        }
+    }
+}
+
+// One operand decoded for the fast path: the signed value (exact in float) and the alignment exponent, with a very
+// low sentinel for zeros so that they never win the block's max; plus whether each row is free of NaN/inf.
+constexpr int kZeroExponent = -1000;
+struct Decoded {
+    std::vector<float> v;
+    std::vector<int32_t> e;
+    std::vector<uint8_t> finite;
+};
+inline Decoded decode_operand(const uint8_t* X, int rows, int K, Fp8Format f) {
+    float value[256];
+    int32_t expo[256];
+    for (int c = 0; c < 256; ++c) {
+        const float v = fp8_decode(uint8_t(c), f);
+        value[c] = std::isfinite(v) ? v : 0.0f;
+        expo[c] = v == 0.0f || !std::isfinite(v) ? kZeroExponent : fp8_input_exponent(uint8_t(c), f);
+    }
+    Decoded d;
+    d.v.resize(size_t(rows) * size_t(K));
+    d.e.resize(size_t(rows) * size_t(K));
+    d.finite.resize(size_t(rows));
+    parallel_for(rows, [&](int64_t r) {
+        for (int64_t k = r * K; k < (r + 1) * K; ++k) { d.v[size_t(k)] = value[X[k]]; d.e[size_t(k)] = expo[X[k]]; }
+        d.finite[size_t(r)] = row_finite(X + r * K, K, f);
+    });
+    return d;
+}
+
+// The tensor core's accumulator c = cm · 2^(E - frac_bits) held as a float (exact: at most 24 significant bits),
+// with ec = floor(log2|c|) kept alongside (kZeroExponent while c == 0, so that it never wins the alignment).
+struct TensorCoreAcc {
+    float c = 0.0f;
+    int32_t ec = kZeroExponent;
+};
+
+// One block of LEN products (LEN = 0: `len` at run time). Integer form of the block step: with the power of two
+// u = 2^(frac_bits - E), every addend x·u is an exact float below 2^(frac_bits+2) in magnitude, and the float→int
+// conversion truncates toward zero, which is exactly trunc(x / q). The loops vectorize (max, mul, cvttps2dq, add)
+// and the rest is branch-free: signs are random, and a mispredicted branch per block would cost more than the block.
+template <int LEN>
+inline void tc_block(TensorCoreAcc& t, const float* av, const int32_t* ae, const float* bv, const int32_t* be, int len,
+                     int frac_bits) {
+    const int n = LEN > 0 ? LEN : len;
+    int32_t E = t.ec;
+    for (int k = 0; k < n; ++k) E = std::max(E, ae[k] + be[k]);
+    // Only zeros and c == 0 leave E at the sentinel: then s = 0 whatever u is; -100 keeps u a normal float. Real
+    // exponents are far above it (inputs >= -28, a non-zero c >= 2^(-28-23)).
+    E = std::max(E, int32_t(-100));
+    const float u = pow2f(frac_bits - E);
+    int32_t s = int32_t(t.c * u);
+    for (int k = 0; k < n; ++k) s += int32_t(av[k] * bv[k] * u);
+    const int32_t neg = s >> 31;                          // 0 or -1
+    uint32_t mag = uint32_t((s ^ neg) - neg);             // |s|
+    const int len_bits = bit_length(mag | 1u);
+    const int drop = std::max(len_bits - (frac_bits + 1), 0);
+    mag = (mag >> drop) << drop;                          // truncate toward zero to frac_bits + 1 significant bits
+    const int32_t kept = (int32_t(mag) ^ neg) - neg;
+    t.c = float(kept) * pow2f(E - frac_bits);             // exact: at most 24 significant bits
+    t.ec = kept != 0 ? E - frac_bits + len_bits - 1 : kZeroExponent;
+}
+
+// JB outputs (i, j0 .. j0+JB-1) at once. Within one output every block waits for the previous one (the alignment
+// needs floor(log2|c|)), a chain of ~60 cycles of latency per 32 products; the JB outputs are independent chains,
+// and interleaving them lets the CPU overlap those latencies (about 3x faster than one output at a time).
+template <int JB>
+inline void gemm_fast_outputs(const GemmProblem& p, const Decoded& da, const Decoded& db, int i, int j0) {
+    const int K = p.K, block = p.acc.block, frac_bits = p.acc.frac_bits;
+    const int chunk_len = p.acc.promote_every > 0 ? p.acc.promote_every : K;
+    const float* av = da.v.data() + int64_t(i) * K;
+    const int32_t* ae = da.e.data() + int64_t(i) * K;
+    const float* bv[JB];
+    const int32_t* be[JB];
+    for (int jj = 0; jj < JB; ++jj) {
+        bv[jj] = db.v.data() + int64_t(j0 + jj) * K;
+        be[jj] = db.e.data() + int64_t(j0 + jj) * K;
+    }
+    float acc32[JB];
+    TensorCoreAcc t[JB];
+    for (int jj = 0; jj < JB; ++jj) acc32[jj] = 0.0f;
+    for (int k0 = 0; k0 < K; k0 += chunk_len) {
+        const int k1 = std::min(K, k0 + chunk_len);
+        for (int b0 = k0; b0 < k1; b0 += block) {
+            const int n = std::min(block, k1 - b0);
+            for (int jj = 0; jj < JB; ++jj) {
+                if (n == 32) tc_block<32>(t[jj], av + b0, ae + b0, bv[jj] + b0, be[jj] + b0, 32, frac_bits);
+                else tc_block<0>(t[jj], av + b0, ae + b0, bv[jj] + b0, be[jj] + b0, n, frac_bits);
+            }
+        }
+        for (int jj = 0; jj < JB; ++jj) {   // promotion: c · (sa·sb) into the FP32 accumulator, c = 0
+            const float sab = p.sa.at(i, k0 / 128) * p.sb.at(j0 + jj, k0 / 128);
+            acc32[jj] = std::fma(t[jj].c, sab, acc32[jj]);
+            t[jj] = TensorCoreAcc();
+        }
+    }
+    for (int jj = 0; jj < JB; ++jj) store(p, int64_t(i) * p.N + j0 + jj, db.finite[size_t(j0 + jj)] ? acc32[jj] : NAN);
+}
+
+// The fast version: same results bit for bit; rows of C in parallel (each row written by one thread: deterministic).
+inline void gemm_fast(const GemmProblem& p) {
+    if (int64_t(p.M) * p.N == 0) return;
+    if (p.K == 0) {
+        parallel_for(p.M, [&](int64_t i) { for (int j = 0; j < p.N; ++j) store(p, i * p.N + j, 0.0f); });
+        return;
+    }
+    const Decoded da = decode_operand(p.A, p.M, p.K, p.fa), db = decode_operand(p.B, p.N, p.K, p.fb);
+    const int K = p.K;
+    parallel_for(p.M, [&](int64_t i64) {
+        const int i = int(i64);
+        if (!da.finite[size_t(i)]) {
+            for (int j = 0; j < p.N; ++j) store(p, int64_t(i) * p.N + j, NAN);
+            return;
+        }
+        if (p.acc.exact) {
+            const float* av = da.v.data() + int64_t(i) * K;
+            for (int j = 0; j < p.N; ++j) {
+                const float* bv = db.v.data() + int64_t(j) * K;
+                double total = 0.0;
+                for (int k0 = 0; k0 < K; k0 += 128) {
+                    // Four partial sums in a fixed order: for E4M3 every partial sum is exact (products are
+                    // multiples of 2^-18 below 2^18), so the order cannot change the result.
+                    double part[4] = {0.0, 0.0, 0.0, 0.0};
+                    const int k1 = std::min(K, k0 + 128);
+                    int k = k0;
+                    for (; k + 4 <= k1; k += 4)
+                        for (int l = 0; l < 4; ++l) part[l] += double(av[k + l]) * double(bv[k + l]);
+                    for (; k < k1; ++k) part[0] += double(av[k]) * double(bv[k]);
+                    const double chunk = (part[0] + part[1]) + (part[2] + part[3]);
+                    total = std::fma(chunk, double(p.sa.at(i, k0 / 128)) * double(p.sb.at(j, k0 / 128)), total);
+                }
+                store(p, int64_t(i) * p.N + j, db.finite[size_t(j)] ? float(total) : NAN);
+            }
+            return;
+        }
+        int j = 0;
+        for (; j + 4 <= p.N; j += 4) gemm_fast_outputs<4>(p, da, db, i, j);
+        for (; j < p.N; ++j) gemm_fast_outputs<1>(p, da, db, i, j);
+    });
+}
+
+inline GemmProblem make_problem(const uint8_t* A, Fp8Format fa, const float* scale_a, const uint8_t* B, Fp8Format fb,
+                                const float* scale_b, float* C, int M, int N, int K, const Fp8Accum& acc) {
+    const int kt = fp8_tiles(std::max(K, 0));
+    return GemmProblem{A, fa, ScaleMap{scale_a, 1, kt}, B, fb, ScaleMap{scale_b, 128, kt}, C, M, N, K, acc, false};
+}
+
+}  // namespace fp8_detail
+
+// C[M, N] = A[M, K] · B[N, K]ᵀ with E4M3 A and B, simulated on the H100 accumulator model above.
+// scale_a: [M, ceil(K/128)] per 1×128 tile, scale_b: [ceil(N/128), ceil(K/128)] per 128×128 block (null = ones).
+inline void fp8_gemm(const uint8_t* A, const float* scale_a, const uint8_t* B, const float* scale_b, float* C, int M,
+                     int N, int K, const Fp8Accum& acc = {}) {
+    const auto p = fp8_detail::make_problem(A, Fp8Format::e4m3, scale_a, B, Fp8Format::e4m3, scale_b, C, M, N, K, acc);
+    fp8_detail::check_gemm(p, "fp8_gemm");
+    fp8_detail::gemm_fast(p);
+}
+
+// The same, written plainly for reading and for the tests (slow: one double-precision pass per block).
+inline void fp8_gemm_reference(const uint8_t* A, const float* scale_a, const uint8_t* B, const float* scale_b, float* C,
+                               int M, int N, int K, const Fp8Accum& acc = {}) {
+    const auto p = fp8_detail::make_problem(A, Fp8Format::e4m3, scale_a, B, Fp8Format::e4m3, scale_b, C, M, N, K, acc);
+    fp8_detail::check_gemm(p, "fp8_gemm_reference");
+    fp8_detail::gemm_reference(p);
+}
+
+// Mixed formats (Hopper's FP8 WGMMA also takes E4M3 × E5M2; E5M2 × E5M2 is simulated the same way). The accumulator
+// model is unchanged: E5M2 values enter with their own exponents (subnormals at -14).
+inline void fp8_gemm_mixed(const uint8_t* A, Fp8Format format_a, const float* scale_a, const uint8_t* B,
+                           Fp8Format format_b, const float* scale_b, float* C, int M, int N, int K,
+                           const Fp8Accum& acc = {}) {
+    const auto p = fp8_detail::make_problem(A, format_a, scale_a, B, format_b, scale_b, C, M, N, K, acc);
+    fp8_detail::check_gemm(p, "fp8_gemm_mixed");
+    fp8_detail::gemm_fast(p);
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// FP8 linear layer (V3 recipe, §3.3 and Figure 6): the three GEMMs of y = x·Wᵀ in E4M3 with promotion every 128,
+// outputs in float32. Same convention as the model's float matmul:
+//   y[T,out] = x[T,in] · W[out,in]ᵀ
+//   dx[T,in] += dy[T,out] · W[out,in];  dW[out,in] += dy[T,out]ᵀ · x[T,in]   (either may be null)
+// Fprop: x in 1×128 tiles along in, W in 128×128 blocks. Dgrad: dy in 1×128 tiles along out, W used transposed: its
+// codes are transposed and its block scales too, the blocks stay 128×128 (the reason V3 chose square weight blocks).
+// Wgrad: dy and x tiled 128×1 along the tokens, the reduction dimension. V3 caches x in FP8 (1×128 tiles) and
+// re-quantizes it for Wgrad; this simulation quantizes the float x directly, one rounding fewer.
+// ---------------------------------------------------------------------------------------------------------------------
+namespace fp8_detail {
+inline void check_linear(const char* who, int T, int in, int out) {
+    if (T < 0 || in < 0 || out < 0) fail(who, ": sizes must be non-negative, found T=", T, " in=", in, " out=", out);
+}
+}  // namespace fp8_detail
+
+inline void fp8_matmul_forward(float* y, const float* x, const float* W, int T, int in, int out) {
+    fp8_detail::check_linear("fp8_matmul_forward", T, in, out);
+    if (int64_t(T) * out == 0) return;
+    if (!y || (int64_t(T) * in > 0 && (!x || !W))) fail("fp8_matmul_forward: null y, x or W");
+    std::vector<uint8_t> xq(size_t(T) * in), wq(size_t(out) * in);
+    std::vector<float> xs(size_t(T) * fp8_tiles(in)), ws(size_t(fp8_tiles(out)) * fp8_tiles(in));
+    quantize_tiles_1x128(x, T, in, xq.data(), xs.data());
+    quantize_blocks_128x128(W, out, in, wq.data(), ws.data());
+    fp8_gemm(xq.data(), xs.data(), wq.data(), ws.data(), y, T, out, in, Fp8Accum{});
+}
+
+inline void fp8_matmul_backward(float* dx, float* dW, const float* dy, const float* x, const float* W, int T, int in,
+                                int out) {
+    using namespace fp8_detail;
+    check_linear("fp8_matmul_backward", T, in, out);
+    const Fp8Accum acc{};   // promotion every 128
+    if (dx && int64_t(T) * in > 0) {   // Dgrad: dx[T, in] += dy[T, out] · W[out, in]; K = out
+        if (int64_t(out) > 0 && (!dy || !W)) fail("fp8_matmul_backward: null dy or W for dx");
+        std::vector<uint8_t> dyq(size_t(T) * out), wq(size_t(out) * in), wtq(size_t(in) * out);
+        std::vector<float> dys(size_t(T) * fp8_tiles(out)), ws(size_t(fp8_tiles(out)) * fp8_tiles(in)),
+            wts(size_t(fp8_tiles(in)) * fp8_tiles(out));
+        quantize_tiles_1x128(dy, T, out, dyq.data(), dys.data());
+        quantize_blocks_128x128(W, out, in, wq.data(), ws.data());
+        for (int o = 0; o < out; ++o)                          // Wᵀ: [in, out], same codes
+            for (int c = 0; c < in; ++c) wtq[size_t(c) * out + o] = wq[size_t(o) * in + c];
+        for (int bo = 0; bo < fp8_tiles(out); ++bo)            // and the transposed block scales
+            for (int bi = 0; bi < fp8_tiles(in); ++bi)
+                wts[size_t(bi) * fp8_tiles(out) + bo] = ws[size_t(bo) * fp8_tiles(in) + bi];
+        GemmProblem p{dyq.data(), Fp8Format::e4m3, ScaleMap{dys.data(), 1, fp8_tiles(out)},
+                      wtq.data(), Fp8Format::e4m3, ScaleMap{wts.data(), 128, fp8_tiles(out)},
+                      dx, T, in, out, acc, true};
+        check_gemm(p, "fp8_matmul_backward (Dgrad)");
+        gemm_fast(p);
+    }
+    if (dW && int64_t(out) * in > 0) {  // Wgrad: dW[out, in] += dy[T, out]ᵀ · x[T, in]; K = T
+        if (T > 0 && (!dy || !x)) fail("fp8_matmul_backward: null dy or x for dW");
+        std::vector<uint8_t> dytq(size_t(out) * T), xtq(size_t(in) * T);
+        std::vector<float> dyts(size_t(out) * fp8_tiles(T)), xts(size_t(in) * fp8_tiles(T));
+        quantize_tiles_128x1_transposed(dy, T, out, dytq.data(), dyts.data());
+        quantize_tiles_128x1_transposed(x, T, in, xtq.data(), xts.data());
+        GemmProblem p{dytq.data(), Fp8Format::e4m3, ScaleMap{dyts.data(), 1, fp8_tiles(T)},
+                      xtq.data(), Fp8Format::e4m3, ScaleMap{xts.data(), 1, fp8_tiles(T)},
+                      dW, out, in, T, acc, true};
+        check_gemm(p, "fp8_matmul_backward (Wgrad)");
+        gemm_fast(p);
+    }
+}
+
+// =====================================================================================================================
 // 3. KERNELS
 // =====================================================================================================================
 // Each kernel is a forward/backward pair on raw row-major arrays. Backward functions accumulate (+=) into the
 // gradients of their inputs. Shapes use T for "rows" (tokens of the whole batch, B * seq_len).
 
-// --- 3.1 matmul: the linear layer y = x Wᵀ ----------------------------------------------------------------------
-// y[T,out] = x[T,in] · W[out,in]ᵀ          (overwrites y)
-inline void matmul_forward(float* y, const float* x, const float* W, int T, int in, int out) {
-    parallel_for(T, [&](int64_t t) {
-        const float* xr = x + t * in;
-        for (int o = 0; o < out; ++o) {
-            const float* wr = W + int64_t(o) * in;
-            float s = 0;
-            for (int i = 0; i < in; ++i) s += xr[i] * wr[i];
-            y[t * out + o] = s;
+// --- 3.1 matmul: the linear layer y = x Wᵀ, forward and backward, on the CPU.
+//
+// Almost all of the FLOPs of a transformer are in its linear layers, so this is the one kernel that has to be fast.
+// The three products of a linear layer are one operation, C[M,N] (+)= A[M,K] · B[K,N], on three layouts:
+//
+//     forward   y [T,out]  = x [T,in]   · Wᵀ      A = x  (rows contiguous),    B = Wᵀ: B(k,j) = W[j,k]
+//     backward  dx[T,in]  += dy[T,out]  · W       A = dy (rows contiguous),    B = W:  B(k,j) = W[k,j]
+//               dW[out,in]+= dy[T,out]ᵀ · x       A = dyᵀ: A(i,k) = dy[k,i],   B = x:  B(k,j) = x[k,j]
+//
+// so there is one GEMM core (gemm::multiply) with one micro-kernel, and the layouts are handled by strided views.
+// The naive triple loop runs at a few percent of the machine's peak because it is limited by memory traffic, not
+// arithmetic: every multiply-add loads its operands. A fast GEMM orders the loops so that every value loaded is used
+// many times while it sits in a register or in a cache (Goto & van de Geijn, "Anatomy of high-performance matrix
+// multiplication", 2008; the BLIS papers of Van Zee & van de Geijn describe the same structure):
+//
+//   * Register tile (the micro-kernel). C is cut into tiles of MR x NR (6 x 64 with AVX-512). The kernel keeps a
+//     whole tile in vector registers (24 registers of 16 floats) and, for each k, loads NR values of B (4 vectors) and
+//     MR values of A (each broadcast to a full vector), then does MR·NR/16 = 24 fused multiply-adds (FMA). Every value
+//     loaded feeds 4 or 6 FMAs, and the 24 independent accumulators hide the FMA latency (4 cycles x 2 FMA units:
+//     at least 8 chains in flight). C itself is read and written once per tile, not once per k.
+//   * Packing. B is copied into panels of NR columns laid out k-major, so that the kernel reads it as one contiguous
+//     stream (no strides, no TLB misses, prefetch-friendly), zero-padded to whole vectors at the right edge so that
+//     the kernel needs no special case. Packing costs O(K·N), the product O(M·N·K): a packed weight is reused by
+//     all T rows. A is not packed: the broadcasts read it in place (MR row pointers, or MR consecutive values per k
+//     for dyᵀ), which avoids a copy of x or dy that would cost as much as the arithmetic for narrow layers
+//     (out = 48 or 64). Only a last, partial row panel is copied into a small zero-padded buffer. (With a few rows,
+//     when decoding, the forward swaps the roles: see matmul_forward.)
+//   * Blocking. B is packed in blocks of whole panels small enough (2 MiB) to stay in a core's L2 cache while the
+//     thread sweeps the row panels of A over it, and each tile's sum over k runs in blocks of KC = 128, so that an
+//     MR x KC sliver of A stays in L1 while the kernel sweeps the column panels of B.
+//   * Threads. The (row panel, column panel) tiles of a block are split over the OpenMP threads by a fixed static
+//     partition; every tile is written by exactly one thread.
+//
+// Determinism. Float addition is not associative, so a sum depends on its order. Here the order is fixed by K alone:
+// element C[i,j] is a sum over the K blocks in increasing order of block sums, each block sum an FMA chain over k in
+// increasing order starting from 0. Threads only decide *who* computes a tile, never how, and K is never split
+// across threads (no partial sums to combine, no atomics). So, for a given build, results are bitwise the same for
+// 1, 2 or 64 threads, and a row of y is the same whatever the batch it is computed in (a token gets the same logits
+// decoded alone or in a batch: speculative decoding can be checked exactly against plain decoding). The price is no
+// parallelism over K, which only matters when M and N are both tiny. (Builds differ where the compiler may or may not
+// fuse a*b+c into one FMA: -march=native does on any CPU from the last decade.)
+//
+// Accuracy. Each output is a chain of at most min(K,KC) + ceil(K/KC) (+1 when accumulating) roundings, so
+// |error| <= that count · 2⁻²⁴ · Σ_k |A(i,k) B(k,j)| to first order: the bound the tests check. The K blocks are a
+// small bonus here: a plain chain over K = 1024 would have a bound of 1024 roundings, the blocked one 136.
+//
+// Portability. The micro-kernel uses GCC/Clang vector extensions (`float __attribute__((vector_size(64)))`): plain
+// C++ arithmetic on whole vectors, which the compiler maps onto AVX-512, AVX2, SSE or NEON registers as -march allows,
+// with the tile shape chosen for the register count. Other compilers (or -DDSV3_GEMM_PORTABLE) get a plain-array
+// kernel with the same summation order. Build with -O3 -march=native, and -fopenmp for threads.
+namespace gemm {
+
+// Vector width (floats per register), register tile MR x NR, and cache blocks. The tile is sized to the register
+// file: MR·NR/VEC accumulators + NR/VEC vectors of B + 1 broadcast must fit (32 registers with AVX-512, 16 with AVX2
+// and SSE, 32 with NEON).
+#if defined(__AVX512F__)
+#define DSV3_GEMM_VEC 16
+constexpr int MR = 6, NR = 64;
+#elif defined(__AVX__)
+#define DSV3_GEMM_VEC 8
+constexpr int MR = 6, NR = 16;
+#elif defined(__aarch64__)
+#define DSV3_GEMM_VEC 4
+constexpr int MR = 8, NR = 12;
+#else
+#define DSV3_GEMM_VEC 4
+constexpr int MR = 6, NR = 8;
+#endif
+constexpr int VEC = DSV3_GEMM_VEC;
+constexpr int KC = 128;  // K block: part of the summation order, so changing it changes the bits of the results
+constexpr int64_t B_BLOCK_FLOATS = 1 << 19;  // packed block of B: 2 MiB, about one core's L2
+static_assert(NR % VEC == 0, "NR must be a whole number of vectors");
+
+// A matrix view with arbitrary strides: element (r, c) is data[r * row_stride + c * col_stride]. This is how one GEMM
+// serves every layout: Wᵀ is W with its two strides swapped, no copy.
+template <class T>
+struct StridedView {
+    T* data;
+    int64_t row_stride, col_stride;
+    T& at(int64_t r, int64_t c) const { return data[r * row_stride + c * col_stride]; }
+};
+using View = StridedView<const float>;   // an operand
+using OutView = StridedView<float>;      // the result
+
+// A heap buffer aligned to a cache line (64 B), left uninitialised: packing writes every element it reads.
+struct AlignedFloats {
+    struct Free { void operator()(float* p) const { ::operator delete[](p, std::align_val_t(64)); } };
+    std::unique_ptr<float[], Free> p;
+    explicit AlignedFloats(size_t n)
+        : p(static_cast<float*>(::operator new[](std::max<size_t>(n, 1) * sizeof(float), std::align_val_t(64)))) {}
+    float* get() const { return p.get(); }
+};
+
+// Pack rows [k0, k0+kc) and columns [j0, j0+n) of B into one panel: panel[k*NR + j] = B(k0+k, j0+j), and 0 for
+// n <= j < (n rounded up to whole vectors): the kernel reads only the vectors that hold valid columns.
+inline void pack_b_panel(float* panel, const View& B, int k0, int kc, int j0, int n) {
+    const int n_padded = (n + VEC - 1) / VEC * VEC;
+    if (B.col_stride == 1) {  // rows of B contiguous (W in dx, x in dW): copy row pieces
+        for (int k = 0; k < kc; ++k) {
+            const float* src = &B.at(k0 + k, j0);
+            float* dst = panel + int64_t(k) * NR;
+            for (int j = 0; j < n; ++j) dst[j] = src[j];
+            for (int j = n; j < n_padded; ++j) dst[j] = 0.0f;
         }
-    });
+    } else {  // columns of B contiguous (B = Wᵀ or xᵀ in the forward): a transpose, reading each column in order
+        for (int j = 0; j < n_padded; ++j) {
+            const float* src = j < n ? &B.at(k0, j0 + j) : nullptr;
+            for (int k = 0; k < kc; ++k) panel[int64_t(k) * NR + j] = src ? src[k * B.row_stride] : 0.0f;
+        }
+    }
 }
-// dx[T,in] += dy[T,out] · W[out,in];   dW[out,in] += dy[T,out]ᵀ · x[T,in]     (either may be null)
+
+// Pack rows [i0, i0+m) and columns [k0, k0+kc) of A into panel[k*MR + i], 0 for i >= m: used for a last, partial row
+// panel, where reading MR rows of A in place would run past its end.
+inline void pack_a_panel(float* panel, const View& A, int i0, int m, int k0, int kc) {
+    for (int k = 0; k < kc; ++k)
+        for (int i = 0; i < MR; ++i) panel[int64_t(k) * MR + i] = i < m ? A.at(i0 + i, k0 + k) : 0.0f;
+}
+
+// Write the m x n valid part of a tile (row-major, row length NR): C = tile (overwrite) or C += tile.
+inline void store_tile(const OutView& C, const float* tile, int m, int n, bool overwrite) {
+    for (int i = 0; i < m; ++i)
+        for (int j = 0; j < n; ++j) {
+            float& c = C.at(i, j);
+            c = overwrite ? tile[i * NR + j] : c + tile[i * NR + j];
+        }
+}
+
+#if (defined(__GNUC__) || defined(__clang__)) && !defined(DSV3_GEMM_PORTABLE)
+#define DSV3_UNROLL _Pragma("GCC unroll 64")
+#if defined(__clang__) && DSV3_GEMM_VEC == 16
+// Clang splits 64-byte vectors into two 32-byte halves on CPUs where it prefers 256-bit code (as GCC does only for
+// its own auto-vectorisation), unless asked for the full width.
+#define DSV3_GEMM_FULL_WIDTH __attribute__((min_vector_width(512)))
+#else
+#define DSV3_GEMM_FULL_WIDTH
+#endif
+typedef float vfloat __attribute__((vector_size(DSV3_GEMM_VEC * sizeof(float))));
+constexpr int NV = NR / VEC;  // vectors per tile row
+
+// The micro-kernel: C[0:m, 0:n] (=|+=) Σ_{k<kc} A(i,k) · bp[k*NR + j], computing only the first U vectors of the
+// tile's columns (U·VEC >= n: a narrow last column panel, 48 of 64, does not pay for its zero padding).
+// A(i,k) = a[i*lda + k] when A_ROWS (rows of A contiguous: x, dy, W), else a[k*lda + i] (dyᵀ, packed panels); the
+// first MR rows of A must exist (the caller packs partial panels). bp is a packed panel of B.
+template <bool A_ROWS, int U>
+DSV3_GEMM_FULL_WIDTH inline void micro_kernel(int kc, const float* a, int64_t lda, const float* bp, const OutView& C, int m, int n,
+                         bool overwrite) {
+    vfloat acc[MR][U];  // the C tile, in registers (the loops below are fully unrolled, so the array disappears)
+    DSV3_UNROLL for (int i = 0; i < MR; ++i)
+        DSV3_UNROLL for (int v = 0; v < U; ++v) acc[i][v] = vfloat{};
+    for (int k = 0; k < kc; ++k) {
+        vfloat b[U];
+        DSV3_UNROLL for (int v = 0; v < U; ++v) std::memcpy(&b[v], bp + int64_t(k) * NR + v * VEC, sizeof(vfloat));
+        DSV3_UNROLL for (int i = 0; i < MR; ++i) {
+            const float ai = A_ROWS ? a[i * lda + k] : a[int64_t(k) * lda + i];
+            DSV3_UNROLL for (int v = 0; v < U; ++v) acc[i][v] += ai * b[v];  // broadcast times vector: one FMA
+        }
+    }
+    if (m == MR && n == U * VEC && C.col_stride == 1) {  // a full tile of a row-major C: straight from registers
+        DSV3_UNROLL for (int i = 0; i < MR; ++i)
+            DSV3_UNROLL for (int v = 0; v < U; ++v) {
+                float* c = &C.at(i, v * VEC);
+                vfloat sum = acc[i][v];
+                if (!overwrite) {
+                    vfloat old;
+                    std::memcpy(&old, c, sizeof(vfloat));
+                    sum = old + sum;
+                }
+                std::memcpy(c, &sum, sizeof(vfloat));
+            }
+    } else {  // edge tile, or a transposed C: through a buffer
+        alignas(64) float tile[MR * NR];
+        for (int i = 0; i < MR; ++i)
+            for (int v = 0; v < U; ++v) std::memcpy(tile + i * NR + v * VEC, &acc[i][v], sizeof(vfloat));
+        store_tile(C, tile, m, n, overwrite);
+    }
+}
+
+// The kernel with the fewest vectors that cover n columns: micro_kernel<A_ROWS, ceil(n / VEC)>.
+template <bool A_ROWS, int U = NV>
+inline void run_kernel(int kc, const float* a, int64_t lda, const float* bp, const OutView& C, int m, int n,
+                       bool overwrite) {
+    if constexpr (U > 1)
+        if (n <= (U - 1) * VEC) return run_kernel<A_ROWS, U - 1>(kc, a, lda, bp, C, m, n, overwrite);
+    micro_kernel<A_ROWS, U>(kc, a, lda, bp, C, m, n, overwrite);
+}
+#else
+// Portable kernel: the same arithmetic, in the same order, on plain arrays.
+template <bool A_ROWS>
+inline void run_kernel(int kc, const float* a, int64_t lda, const float* bp, const OutView& C, int m, int n,
+                       bool overwrite) {
+    const int n_padded = (n + VEC - 1) / VEC * VEC;  // the packed columns (the rest of the panel is not written)
+    float acc[MR * NR] = {};
+    for (int k = 0; k < kc; ++k) {
+        const float* bk = bp + int64_t(k) * NR;
+        for (int i = 0; i < MR; ++i) {
+            const float ai = A_ROWS ? a[i * lda + k] : a[int64_t(k) * lda + i];
+            for (int j = 0; j < n_padded; ++j) acc[i * NR + j] += ai * bk[j];
+        }
+    }
+    store_tile(C, acc, m, n, overwrite);
+}
+#endif
+
+// C[M,N] = A[M,K]·B[K,N] (accumulate = false) or C += A·B (accumulate = true), for any strides of A, B and C.
+inline void multiply(int M, int N, int K, const View& A, const View& B, const OutView& C, bool accumulate) {
+    if (M <= 0 || N <= 0) return;
+    if (K <= 0) {  // an empty sum: zero
+        if (!accumulate)
+            for (int i = 0; i < M; ++i)
+                for (int j = 0; j < N; ++j) C.at(i, j) = 0.0f;
+        return;
+    }
+    // Columns per packed block of B: K x block_n floats fit in the budget (at least one panel).
+    const int block_n = int(std::max<int64_t>(1, B_BLOCK_FLOATS / (int64_t(K) * NR)) * NR);
+    const int64_t n_ir = (M + MR - 1) / MR;
+    AlignedFloats packed_b(size_t(K) * std::min((N + NR - 1) / NR * NR, block_n));
+    float* bpack = packed_b.get();
+
+    // One parallel region for the whole product (called from inside another parallel region, it runs on the calling
+    // thread alone). The barriers (the one ending the `omp for`, and the explicit one) make sure that a block of B
+    // is fully packed before any thread reads it, and fully used before the next block overwrites it.
+#pragma omp parallel
+    {
+        alignas(64) float a_pack[MR * KC];  // this thread's copy of a partial row panel of A (one K block)
+        for (int jc = 0; jc < N; jc += block_n) {
+            const int nc = std::min(block_n, N - jc);
+            const int64_t n_jr = (nc + NR - 1) / NR;
+#pragma omp for schedule(static)
+            for (int64_t jr = 0; jr < n_jr; ++jr)  // panel jr holds B[0:K, jc + jr*NR : +NR], k-major
+                pack_b_panel(bpack + jr * NR * K, B, 0, K, jc + int(jr) * NR, std::min(NR, nc - int(jr) * NR));
+
+            // This thread's share of the tiles: a contiguous range in row-panel-major order (a fixed static
+            // partition), so that it walks along a row panel of A across the column panels of the packed block of B.
+            const int64_t n_tiles = n_ir * n_jr;
+            int64_t t_begin = 0, t_end = n_tiles;
+#ifdef _OPENMP
+            t_begin = n_tiles * omp_get_thread_num() / omp_get_num_threads();
+            t_end = n_tiles * (omp_get_thread_num() + 1) / omp_get_num_threads();
+#endif
+            // One K block of one tile. The blocks of a tile must run in increasing pc (the fixed summation order);
+            // tiles are independent, so the two loops below may nest either way.
+            auto tile_block = [&](int64_t t, int pc) {
+                const int ir = int(t / n_jr), jr = int(t % n_jr);
+                const int i0 = ir * MR, m = std::min(MR, M - i0);
+                const int j0 = jc + jr * NR, n = std::min(NR, N - j0);
+                const int kc = std::min(KC, K - pc);
+                const float* bp = bpack + (int64_t(jr) * K + pc) * NR;
+                const OutView Ct{&C.at(i0, j0), C.row_stride, C.col_stride};
+                const bool overwrite = !accumulate && pc == 0;
+                if (m == MR && A.col_stride == 1)  // rows of A contiguous (x, dy, W): read in place
+                    run_kernel<true>(kc, &A.at(i0, pc), A.row_stride, bp, Ct, m, n, overwrite);
+                else if (m == MR && A.row_stride == 1)  // columns of A contiguous (dyᵀ): read in place
+                    run_kernel<false>(kc, &A.at(i0, pc), A.col_stride, bp, Ct, m, n, overwrite);
+                else {  // a partial row panel (or an A without a unit stride): through a packed copy
+                    pack_a_panel(a_pack, A, i0, m, pc, kc);
+                    run_kernel<false>(kc, a_pack, MR, bp, Ct, m, n, overwrite);
+                }
+            };
+            if (A.col_stride == 1) {
+                // Rows of A contiguous: finish each tile before the next, so each row of A is read as one long
+                // sequential stream (what matters when A is a big W read once, in decoding).
+                for (int64_t t = t_begin; t < t_end; ++t)
+                    for (int pc = 0; pc < K; pc += KC) tile_block(t, pc);
+            } else {
+                // A = dyᵀ: a K block at a time, so that the MR x KC sliver of A, spread over KC cache lines `out`
+                // floats apart, is reused from L1 across the column panels before moving on.
+                for (int pc = 0; pc < K; pc += KC)
+                    for (int64_t t = t_begin; t < t_end; ++t) tile_block(t, pc);
+            }
+#pragma omp barrier
+        }
+    }
+}
+
+}  // namespace gemm
+
+// ---------------------------------------------------------------------------------------------------------------------
+// The linear layer. DeepSeek's weights are stored [out, in] (PyTorch's nn.Linear convention) and have no bias.
+
+// y[T,out] = x[T,in] · W[out,in]ᵀ          (overwrites y)
+// With many rows, W is packed once and reused by all of them. With a few rows (decoding: T = 1 or a few draft
+// tokens) packing W would cost more than the product itself, so the same GEMM computes yᵀ = W · xᵀ instead: W is read
+// in place and only x is packed. Each output is the same FMA chain over k either way, so the result is bitwise
+// identical; only the speed differs.
+inline void matmul_forward(float* y, const float* x, const float* W, int T, int in, int out) {
+    if (T < 64)
+        gemm::multiply(out, T, in, gemm::View{W, in, 1}, gemm::View{x, 1, in}, gemm::OutView{y, 1, out}, false);
+    else
+        gemm::multiply(T, out, in, gemm::View{x, in, 1}, gemm::View{W, 1, in}, gemm::OutView{y, out, 1}, false);
+}
+
+// dx[T,in] += dy[T,out] · W[out,in];   dW[out,in] += dy[T,out]ᵀ · x[T,in]     (accumulate; either may be null)
 inline void matmul_backward(float* dx, float* dW, const float* dy, const float* x, const float* W, int T, int in,
                             int out) {
-    if (dx) parallel_for(T, [&](int64_t t) {
-        float* dxr = dx + t * in;
+    if (dx) gemm::multiply(T, in, out, gemm::View{dy, out, 1}, gemm::View{W, in, 1}, gemm::OutView{dx, in, 1}, true);
+    if (dW) gemm::multiply(out, in, T, gemm::View{dy, 1, out}, gemm::View{x, in, 1}, gemm::OutView{dW, in, 1}, true);
+}
+
+// Plain references for the tests: the definitions, summed in double.
+inline void matmul_forward_reference(float* y, const float* x, const float* W, int T, int in, int out) {
+    for (int t = 0; t < T; ++t)
         for (int o = 0; o < out; ++o) {
-            const float g = dy[t * out + o];
-            const float* wr = W + int64_t(o) * in;
-            for (int i = 0; i < in; ++i) dxr[i] += g * wr[i];
+            double s = 0;
+            for (int i = 0; i < in; ++i) s += double(x[int64_t(t) * in + i]) * W[int64_t(o) * in + i];
+            y[int64_t(t) * out + o] = float(s);
         }
-    });
-    if (dW) parallel_for(out, [&](int64_t o) {
-        float* dwr = dW + o * in;
-        for (int t = 0; t < T; ++t) {
-            const float g = dy[int64_t(t) * out + o];
-            const float* xr = x + int64_t(t) * in;
-            for (int i = 0; i < in; ++i) dwr[i] += g * xr[i];
-        }
-    });
+}
+inline void matmul_backward_reference(float* dx, float* dW, const float* dy, const float* x, const float* W, int T,
+                                      int in, int out) {
+    if (dx)
+        for (int t = 0; t < T; ++t)
+            for (int i = 0; i < in; ++i) {
+                double s = dx[int64_t(t) * in + i];
+                for (int o = 0; o < out; ++o) s += double(dy[int64_t(t) * out + o]) * W[int64_t(o) * in + i];
+                dx[int64_t(t) * in + i] = float(s);
+            }
+    if (dW)
+        for (int o = 0; o < out; ++o)
+            for (int i = 0; i < in; ++i) {
+                double s = dW[int64_t(o) * in + i];
+                for (int t = 0; t < T; ++t) s += double(dy[int64_t(t) * out + o]) * x[int64_t(t) * in + i];
+                dW[int64_t(o) * in + i] = float(s);
+            }
 }
 
 // --- 3.2 RMSNorm: y = x / sqrt(mean(x²) + ε) ⊙ g   (Zhang & Sennrich 2019; used before every sub-layer) ---------
@@ -3299,7 +4292,7 @@ inline void plot_lines(const std::string& path, const std::string& title, const 
         auto Y = [&](double y) { return py1 - 1 - (y - y_lo) / (y_hi - y_lo) * (py1 - 1 - py0); };
 
         Canvas c(W, H);
-        c.text_at(W / 2, 20, title, ink, 3, 0, -1);
+        c.text_at(W / 2, 20, title, ink, Canvas::text_width(title, 3) + 20 <= W ? 3 : 2, 0, -1);  // long: smaller
         for (const auto& [v, label] : xt) {
             const int x = int(std::lround(X(v)));
             c.fill_rect(x, py0, x + 1, py1, grid);

@@ -8,7 +8,7 @@
 // and the backward dx = dy W, dW = dyᵀ x (4·T·in·out FLOPs), and prints GFLOP/s: the median of several timed
 // repetitions after a warm-up. The peak is measured in the same run by a loop of independent FMAs on vector
 // registers (no memory traffic), on every thread at once: no real kernel can beat it.
-#include "../wip/matmul.hpp"
+#include "../deepseek_v3.hpp"
 
 #include <chrono>
 #include <ctime>
@@ -50,32 +50,33 @@ static std::string cpu_model() {
 }
 
 // Peak FP32 FMA throughput: CHAINS independent accumulators per thread, each a vector register, updated by
-// acc = acc * m + a (one FMA) in a loop; nothing is loaded or stored inside the loop.
-#if defined(__GNUC__)
-typedef float vpeak __attribute__((vector_size(DSV3_GEMM_VEC * sizeof(float))));
+// acc = acc * m + a (one FMA) in a loop; nothing is loaded or stored inside the loop. Same vector width as the kernel.
+#if defined(DSV3_UNROLL)  // the vector-extension kernel is in use
+typedef dsv3::gemm::vfloat vpeak;
+constexpr int CHAINS = 16;  // > latency x ports (4 x 2), so that the FMA units never wait
+DSV3_GEMM_FULL_WIDTH static void fma_chains(long iters, float* sink) {
+    vpeak acc[CHAINS];
+    const vpeak m = vpeak{} + 0.999999f, a = vpeak{} + 1e-7f;
+    DSV3_UNROLL for (int c = 0; c < CHAINS; ++c) acc[c] = vpeak{} + float(c);
+    for (long it = 0; it < iters; ++it)  // fully unrolled, so that acc[] lives in registers
+        DSV3_UNROLL for (int c = 0; c < CHAINS; ++c) acc[c] = acc[c] * m + a;
+    float s = 0;
+    for (int c = 0; c < CHAINS; ++c)
+        for (int l = 0; l < DSV3_GEMM_VEC; ++l) s += acc[c][l];
+    *sink = s;
+}
 static double peak_gflops(int threads) {
-    constexpr int CHAINS = 16;  // > latency x ports (4 x 2) so the FMA units never wait
-    const long iters = 2000000;
+    const long iters = 5000000;  // 80 M FMA instructions per thread: about 15-40 ms; the best of 10 runs is kept
     double best = 0;
-    for (int rep = 0; rep < 3; ++rep) {
+    for (int rep = 0; rep < 10; ++rep) {
         std::vector<float> sink(size_t(threads), 0.0f);
         auto t0 = Clock::now();
 #pragma omp parallel num_threads(threads)
         {
-            vpeak acc[CHAINS];
-            const vpeak m = vpeak{} + 0.999999f, a = vpeak{} + 1e-7f;
-            for (int c = 0; c < CHAINS; ++c) acc[c] = vpeak{} + float(c);
-            for (long it = 0; it < iters; ++it) {
-                for (int c = 0; c < CHAINS; ++c) acc[c] = acc[c] * m + a;
-                __asm__ volatile("" : "+x"(acc[0]));  // keep the loop from being folded away
-            }
-            float s = 0;
-            for (int c = 0; c < CHAINS; ++c)
-                for (int l = 0; l < DSV3_GEMM_VEC; ++l) s += acc[c][l];
 #ifdef _OPENMP
-            sink[size_t(omp_get_thread_num())] = s;
+            fma_chains(iters, &sink[size_t(omp_get_thread_num())]);
 #else
-            sink[0] = s;
+            fma_chains(iters, &sink[0]);
 #endif
         }
         const double t = seconds_since(t0);
@@ -89,8 +90,9 @@ static double peak_gflops(int threads) {
 static double peak_gflops(int) { return 0; }
 #endif
 
-// Median seconds per call of f: one warm-up call, then `samples` timings, each of enough calls to last >= 2 ms.
-static double time_median(const std::function<void()>& f, int samples = 9) {
+// Median seconds per call of f: one warm-up call, then `samples` timings, each of enough calls to last >= 2 ms. The
+// median ignores the samples in which another process took our core.
+static double time_median(const std::function<void()>& f, int samples = 15) {
     f();
     auto t0 = Clock::now();
     f();
@@ -135,10 +137,9 @@ int main() {
         {"dense down", 1024, 384, 128}, {"expert up", 256, 128, 64},    {"expert down", 256, 64, 128},
         {"output head", 1024, 128, 256}, {"big", 2048, 256, 1024},
     };
-    std::printf("%-14s %5s %5s %5s | %8s %8s %6s %6s | %8s %8s %6s %6s\n", "layer", "T", "in", "out", "fwd", "BLAS",
-                "ratio", "%peak", "bwd", "BLAS", "ratio", "%peak");
-    std::printf("%-14s %5s %5s %5s | %8s %8s %6s %6s | %8s %8s %6s %6s\n", "", "", "", "", "GFLOP/s", "GFLOP/s", "",
-                "", "GFLOP/s", "GFLOP/s", "", "");
+    std::printf("%-32s | %-33s | %s\n", "", "forward (GFLOP/s)", "backward (GFLOP/s)");
+    std::printf("%-14s %5s %5s %5s | %8s %8s %6s %7s | %8s %8s %6s %7s\n", "layer", "T", "in", "out", "ours", "BLAS",
+                "ratio", "%peak", "ours", "BLAS", "ratio", "%peak");
     double log_fwd = 0, log_bwd = 0;
     int n_shapes = 0;
     for (const Shape& s : shapes) {
@@ -153,12 +154,15 @@ int main() {
         std::vector<float> y(size_t(T) * out), dx(size_t(T) * in, 0.0f), dW(size_t(out) * in, 0.0f);
         const double flops = 2.0 * T * in * out;
 
-        const double f_ours = flops / time_median([&] { dsv3::matmul_forward(y.data(), x.data(), W.data(), T, in, out); }) / 1e9;
+        const double f_ours = flops / time_median([&] {
+            dsv3::matmul_forward(y.data(), x.data(), W.data(), T, in, out);
+        }) / 1e9;
         const double b_ours = 2 * flops / time_median([&] {
             dsv3::matmul_backward(dx.data(), dW.data(), dy.data(), x.data(), W.data(), T, in, out);
         }) / 1e9;
         double f_blas = 0, b_blas = 0;
 #if DSV3_HAVE_OPENBLAS
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));  // let our idle OpenMP threads stop spinning
         f_blas = flops / time_median([&] {
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, out, in, 1.0f, x.data(), in, W.data(), in, 0.0f,
                         y.data(), out);
@@ -175,10 +179,17 @@ int main() {
         log_bwd += std::log(b_ours / b_blas);
         ++n_shapes;
 #endif
-        auto ratio = [](double a, double b) { return b > 0 ? a / b : 0.0; };
-        std::printf("%-14s %5d %5d %5d | %8.1f %8.1f %6.2f %5.0f%% | %8.1f %8.1f %6.2f %5.0f%%\n", s.name, T, in, out,
-                    f_ours, f_blas, ratio(f_ours, f_blas), 100 * ratio(f_ours, peak), b_ours, b_blas,
-                    ratio(b_ours, b_blas), 100 * ratio(b_ours, peak));
+        // A table cell: the value, or "-" where there is nothing to compare with.
+        auto cell = [](double value, const char* format) {
+            char text[32] = "-";
+            if (value > 0 && std::isfinite(value)) std::snprintf(text, sizeof text, format, value);
+            return std::string(text);
+        };
+        std::printf("%-14s %5d %5d %5d | %8.1f %8s %6s %7s | %8.1f %8s %6s %7s\n", s.name, T, in, out, f_ours,
+                    cell(f_blas, "%.1f").c_str(), cell(f_blas > 0 ? f_ours / f_blas : 0, "%.2f").c_str(),
+                    cell(peak > 0 ? 100 * f_ours / peak : 0, "%.0f%%").c_str(), b_ours, cell(b_blas, "%.1f").c_str(),
+                    cell(b_blas > 0 ? b_ours / b_blas : 0, "%.2f").c_str(),
+                    cell(peak > 0 ? 100 * b_ours / peak : 0, "%.0f%%").c_str());
     }
     if (n_shapes)
         std::printf("\ngeometric mean of ours/OpenBLAS: forward %.2f, backward %.2f\n", std::exp(log_fwd / n_shapes),

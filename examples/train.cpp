@@ -196,7 +196,10 @@ int main(int argc, char** argv) {
                     std::vector<float> share;
                     for (int64_t c : vloads[l]) share.push_back(float(double(c) / double(std::max<int64_t>(total, 1))));
                     load_rows.push_back(share);
-                    load_labels.push_back("L" + std::to_string(l + 1) + " @" + std::to_string(step + 1));
+                    const int main_moe = cfg.n_layers - cfg.n_dense_layers;  // loads: main MoE blocks, then MTP
+                    load_labels.push_back((int(l) < main_moe ? "L" + std::to_string(cfg.n_dense_layers + int(l))
+                                                             : "MTP" + std::to_string(int(l) - main_moe + 1)) +
+                                          " @" + std::to_string(step + 1));
                 }
                 curves[1].x.push_back(step + 1); curves[1].y.push_back(vl);
                 std::printf("%seval step %d: val loss %.4f (%s) | MaxVio_global %.3f | %.0fs\n", progress.tty ? "\n" : "",

@@ -1,0 +1,136 @@
+// fp8_error: the accumulation error of FP8 GEMMs on Hopper tensor cores, and how promotion removes it.
+//
+// DeepSeek-V3 report §3.3.2: "the accumulation precision of FP8 GEMM on NVIDIA H800 GPUs is limited to retaining
+// around 14 bits ... Taking GEMM operations of two random matrices with K = 4096 for example, in our preliminary test,
+// the limited accumulation precision in Tensor Cores results in a maximum relative error of nearly 2%." The fix:
+// copy the partial sums to FP32 registers every N_C = 128 elements of K ("promotion").
+//
+// This program multiplies random E4M3 matrices A[M, K] · B[N, K]ᵀ with dsv3::fp8_gemm (the H100 accumulator model of
+// spec/NUMERICS.md, bit-exact against the hardware) without and with promotion, compares them with the exact product
+// of the same FP8 inputs, and prints, for K = 128 … 16384:
+//   max:  the maximum relative error over the outputs with |exact| >= median(|exact|) (tiny outputs would make any
+//         relative error arbitrary),
+//   frob: the relative Frobenius error ||C - exact||_F / ||exact||_F.
+// Gaussian N(0,1) inputs: errors of both signs, partly cancelling. Uniform [0,1) inputs: every truncation pushes the
+// sum down, so the error is a bias that grows linearly with K. It writes a PNG plot of the table (log scale).
+//
+//   ./fp8_error [--out build/fp8_error.png] [--m 256] [--n 256]
+#include "../deepseek_v3.hpp"
+
+#include <algorithm>
+#include <chrono>
+
+namespace {
+
+struct Errors { double max_rel, frob; };
+
+// max relative error over outputs with |ref| >= median |ref|, and relative Frobenius error.
+Errors measure(const std::vector<float>& c, const std::vector<float>& ref) {
+    std::vector<double> mag(ref.size());
+    for (size_t i = 0; i < ref.size(); ++i) mag[i] = std::fabs(double(ref[i]));
+    std::vector<double> sorted = mag;
+    std::nth_element(sorted.begin(), sorted.begin() + sorted.size() / 2, sorted.end());
+    const double median = sorted[sorted.size() / 2];
+    Errors e{0.0, 0.0};
+    double num = 0, den = 0;
+    for (size_t i = 0; i < c.size(); ++i) {
+        const double d = double(c[i]) - double(ref[i]);
+        num += d * d;
+        den += double(ref[i]) * double(ref[i]);
+        if (mag[i] >= median && mag[i] > 0) e.max_rel = std::max(e.max_rel, std::fabs(d) / mag[i]);
+    }
+    e.frob = std::sqrt(num / den);
+    return e;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    try {
+        std::string out = "build/fp8_error.png";
+        int M = 256, N = 256;
+        for (int i = 1; i < argc; ++i) {
+            const std::string a = argv[i];
+            auto value = [&]() -> std::string {
+                if (i + 1 >= argc) dsv3::fail("fp8_error: option ", a, " needs a value");
+                return argv[++i];
+            };
+            if (a == "--out") out = value();
+            else if (a == "--m") M = std::stoi(value());
+            else if (a == "--n") N = std::stoi(value());
+            else if (a == "--help" || a == "-h") {
+                std::printf("usage: fp8_error [--out PNG (build/fp8_error.png)] [--m M (256)] [--n N (256)]\n");
+                return 0;
+            } else dsv3::fail("fp8_error: unknown option '", a, "' (options: --out PATH, --m M, --n N, --help)");
+        }
+        if (M < 2 || N < 1) dsv3::fail("fp8_error: need --m >= 2 and --n >= 1, found M=", M, " N=", N);
+        std::printf("options: --out %s  --m %d  --n %d   (usage: fp8_error [--out PNG] [--m M] [--n N])\n\n",
+                    out.c_str(), M, N);
+        std::printf("FP8 (E4M3) GEMM C[%d,%d] = A[%d,K]·B[%d,K]^T on the H100 tensor-core accumulator model\n"
+                    "(blocks of 32, 13 fraction bits, truncation; DeepSeek-V3 report §3.3.2), against the exact product\n"
+                    "of the same FP8 inputs. max = max relative error over outputs with |exact| >= median,\n"
+                    "frob = relative Frobenius error.\n\n",
+                    M, N, M, N);
+        std::printf("%-16s %6s | %-22s | %-22s\n", "inputs", "K", "    no promotion", " promotion every 128");
+        std::printf("%-16s %6s | %10s %10s  | %10s %10s\n", "", "", "max", "frob", "max", "frob");
+        const auto t0 = std::chrono::steady_clock::now();
+        std::vector<int> ks;
+        for (int k = 128; k <= 16384; k *= 2) ks.push_back(k);
+        const char* names[2] = {"Gaussian N(0,1)", "uniform [0,1)"};
+        std::vector<std::vector<Errors>> fast_err(2), prom_err(2);
+        dsv3::Fp8Accum no_promotion, promotion, exact;
+        no_promotion.promote_every = 0;
+        exact.exact = true;
+        for (int dist = 0; dist < 2; ++dist) {
+            for (int K : ks) {
+                dsv3::Rng rng(1000 + 10 * dist + uint64_t(K));
+                std::vector<uint8_t> A(size_t(M) * K), B(size_t(N) * K);
+                for (auto& v : A) v = dsv3::fp8_e4m3_encode(float(dist == 0 ? rng.normal() : rng.uniform()));
+                for (auto& v : B) v = dsv3::fp8_e4m3_encode(float(dist == 0 ? rng.normal() : rng.uniform()));
+                std::vector<float> ref(size_t(M) * N), fast(ref.size()), prom(ref.size());
+                dsv3::fp8_gemm(A.data(), nullptr, B.data(), nullptr, ref.data(), M, N, K, exact);
+                dsv3::fp8_gemm(A.data(), nullptr, B.data(), nullptr, fast.data(), M, N, K, no_promotion);
+                dsv3::fp8_gemm(A.data(), nullptr, B.data(), nullptr, prom.data(), M, N, K, promotion);
+                const Errors ef = measure(fast, ref), ep = measure(prom, ref);
+                fast_err[size_t(dist)].push_back(ef);
+                prom_err[size_t(dist)].push_back(ep);
+                std::printf("%-16s %6d | %9.4f%% %9.4f%%  | %9.4f%% %9.4f%%\n", names[dist], K, 100 * ef.max_rel,
+                            100 * ef.frob, 100 * ep.max_rel, 100 * ep.frob);
+                std::fflush(stdout);
+            }
+        }
+        const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        std::printf("\n(%.1f s) The report's \"nearly 2%%\" at K = 4096 is the first column. NUMERICS.md measured on an\n"
+                    "H100: Gaussian 1.3%% max / 0.13%% frob without promotion, 0.09%% / 0.013%% with; uniform 7.0%% without\n"
+                    "(a bias growing with K), 0.05-0.09%% with. The max is an extreme value: it grows slowly with the\n"
+                    "number of outputs (%d above the median here; NUMERICS.md used ~10^6, try --m 1024 --n 1024).\n",
+                    secs, M * N / 2);
+
+        // The plot: x = log2 K, y = error in percent (log scale); one line per inputs x promotion x measure.
+        std::vector<dsv3::PlotSeries> series;
+        const char* mode[2] = {"no promotion", "promote/128"};
+        for (int dist = 0; dist < 2; ++dist)
+            for (int m = 0; m < 2; ++m)
+                for (int frob = 0; frob < 2; ++frob) {
+                    const auto& e = m == 0 ? fast_err[size_t(dist)] : prom_err[size_t(dist)];
+                    dsv3::PlotSeries s;
+                    s.name = std::string(dist == 0 ? "Gauss, " : "unif., ") + mode[m] + (frob ? ", frob" : ", max");
+                    for (size_t i = 0; i < ks.size(); ++i) {
+                        s.x.push_back(std::log2(double(ks[i])));
+                        s.y.push_back(100 * (frob ? e[i].frob : e[i].max_rel));
+                    }
+                    series.push_back(s);
+                }
+        dsv3::plot_lines(out, "FP8 E4M3 GEMM error, H100 accumulator model (M=" + std::to_string(M) + ", N=" +
+                                  std::to_string(N) + ")",
+                         "log2 K", "relative error, % (log scale)", series, /*log_y=*/true);
+        std::printf("wrote %s\n", out.c_str());
+        return 0;
+    } catch (const dsv3::Error& e) {
+        std::fprintf(stderr, "error: %s\n", e.what());
+        return 1;
+    } catch (const std::exception& e) {   // e.g. std::stoi on a bad number
+        std::fprintf(stderr, "error: %s\n", e.what());
+        return 1;
+    }
+}

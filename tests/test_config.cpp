@@ -1,0 +1,353 @@
+// Config tests: every validate() rule, the presets, the published figures the counters must reproduce, the text
+// round trip of Config, and training checkpoints (round trip, errors, atomic replacement).
+//
+// Tolerances: the counters are integers and are compared exactly with the figures published for DeepSeek-V3
+// (MODEL.md §1); the training-FLOPs estimate is a double and is compared with its defining formula to 1e-12
+// relative and with the published "≈ 250 GFLOPs" to 1%; V2-Lite's "15.7B" is a rounded figure, checked to ±0.05B.
+// Config round trips and checkpoints must be exact (bitwise).
+//
+// A rule "breaks" when validate() throws dsv3::Error whose message names the field; each case below starts from a
+// valid config and changes only what is needed to break that one rule, and also checks a phrase of that rule's
+// message, so a case cannot pass by tripping a different rule on the same field.
+#include "gradcheck.hpp"
+
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+
+using namespace dsv3;
+
+namespace {
+
+// The message of the Error that f() throws ("" when it throws nothing; other exception types fail the test).
+template <class F>
+std::string error_of(F&& f) {
+    try {
+        f();
+    } catch (const dsv3::Error& e) {
+        return e.what();
+    }
+    return "";
+}
+
+struct Rule {
+    const char* name;
+    std::function<void(Config&)> broke;
+    const char* field;   // must appear in the message
+    const char* phrase;  // and so must this part of the rule's wording
+};
+
+TEST_CASE("config: all four presets validate") {
+    CHECK_NOTHROW(Config::tiny().validate());
+    CHECK_NOTHROW(Config::small().validate());
+    CHECK_NOTHROW(Config::v2_lite().validate());
+    CHECK_NOTHROW(Config::v3_671b().validate());
+}
+
+TEST_CASE("config: every validate() rule throws an Error naming its field") {
+    const float nan = std::nanf("");
+    const std::vector<Rule> rules = {
+        {"vocab_size > 0", [](Config& c) { c.vocab_size = 0; }, "vocab_size", "> 0"},
+        {"dim > 0", [](Config& c) { c.dim = 0; }, "Config.dim:", "> 0"},
+        {"n_layers > 0", [](Config& c) { c.n_layers = 0; c.n_dense_layers = 0; }, "n_layers", "> 0"},
+        {"n_heads > 0", [](Config& c) { c.n_heads = 0; }, "n_heads", "> 0"},
+        {"kv_lora_rank > 0", [](Config& c) { c.kv_lora_rank = 0; }, "kv_lora_rank", "> 0"},
+        {"qk_nope_head_dim > 0", [](Config& c) { c.qk_nope_head_dim = 0; }, "qk_nope_head_dim", "> 0"},
+        {"qk_rope_head_dim > 0", [](Config& c) { c.qk_rope_head_dim = 0; }, "qk_rope_head_dim", "> 0"},
+        {"qk_rope_head_dim even", [](Config& c) { c.qk_rope_head_dim = 15; }, "qk_rope_head_dim", "even"},
+        {"v_head_dim > 0", [](Config& c) { c.v_head_dim = 0; }, "v_head_dim", "> 0"},
+        {"max_seq_len > 0", [](Config& c) { c.max_seq_len = 0; }, "max_seq_len", "> 0"},
+        {"q_lora_rank >= 0", [](Config& c) { c.q_lora_rank = -1; }, "q_lora_rank", ">= 0"},
+        {"n_dense_layers >= 0", [](Config& c) { c.n_dense_layers = -1; }, "n_dense_layers", "must be in"},
+        {"n_dense_layers <= n_layers", [](Config& c) { c.n_dense_layers = c.n_layers + 1; }, "n_dense_layers", "must be in"},
+        {"inter_dim > 0 with dense layers", [](Config& c) { c.inter_dim = 0; }, "inter_dim", "> 0"},
+        {"n_mtp_depth >= 0", [](Config& c) { c.n_mtp_depth = -1; }, "n_mtp_depth", ">= 0"},
+        {"rms_norm_eps > 0", [](Config& c) { c.rms_norm_eps = 0; }, "rms_norm_eps", "> 0"},
+        {"rms_norm_eps not NaN", [nan](Config& c) { c.rms_norm_eps = nan; }, "rms_norm_eps", "> 0"},
+        {"rope_theta > 1", [](Config& c) { c.rope_theta = 1; }, "rope_theta", "> 1"},
+        {"rope_factor >= 1", [](Config& c) { c.rope_factor = 0.5f; }, "rope_factor", ">= 1"},
+        {"YaRN: original_seq_len > 0", [](Config& c) { c.rope_factor = 40; c.original_seq_len = 0; }, "original_seq_len", "> 0"},
+        {"YaRN: beta_fast > beta_slow", [](Config& c) { c.rope_factor = 40; c.beta_fast = 1; c.beta_slow = 1; }, "beta_fast", "beta_fast > beta_slow"},
+        {"YaRN: beta_slow > 0", [](Config& c) { c.rope_factor = 40; c.beta_slow = 0; }, "beta_slow", "beta_slow > 0"},
+        {"init_std > 0", [](Config& c) { c.init_std = 0; }, "init_std", "> 0"},
+        {"n_routed_experts > 0", [](Config& c) { c.n_routed_experts = 0; }, "n_routed_experts", "> 0"},
+        {"moe_inter_dim > 0", [](Config& c) { c.moe_inter_dim = 0; }, "moe_inter_dim", "> 0"},
+        {"n_activated_experts > 0", [](Config& c) { c.n_activated_experts = 0; }, "n_activated_experts", "> 0"},
+        {"n_expert_groups > 0", [](Config& c) { c.n_expert_groups = 0; }, "n_expert_groups", "> 0"},
+        {"n_shared_experts >= 0", [](Config& c) { c.n_shared_experts = -1; }, "n_shared_experts", ">= 0"},
+        {"score_func sigmoid|softmax", [](Config& c) { c.score_func = "relu"; }, "score_func", "\"relu\""},
+        {"n_routed_experts divisible by groups", [](Config& c) { c.n_routed_experts = 10; }, "n_routed_experts", "divisible"},
+        {"n_limited_groups >= 1", [](Config& c) { c.n_limited_groups = 0; }, "n_limited_groups", "must be in"},
+        {"n_limited_groups <= n_expert_groups", [](Config& c) { c.n_limited_groups = 5; }, "n_limited_groups", "must be in"},
+        {"top-k reachable under the group limit", [](Config& c) { c.n_activated_experts = 5; }, "n_activated_experts", "group limit"},
+        {"sigmoid groups have >= 2 experts", [](Config& c) { c.n_expert_groups = 8; }, "n_expert_groups", "top-2"},
+        {"route_scale > 0", [](Config& c) { c.route_scale = 0; }, "route_scale", "> 0"},
+        {"route_scale not NaN", [nan](Config& c) { c.route_scale = nan; }, "route_scale", "> 0"},
+    };
+    const Config base = Config::tiny();  // 8 experts in 4 groups of 2, top-2 of 2 groups, one dense layer, YaRN off
+    REQUIRE_NOTHROW(base.validate());
+    for (const Rule& r : rules) {
+        CAPTURE(r.name);
+        Config c = base;
+        r.broke(c);
+        const std::string message = error_of([&] { c.validate(); });
+        CAPTURE(message);
+        CHECK(message.find(r.field) != std::string::npos);
+        CHECK(message.find(r.phrase) != std::string::npos);
+    }
+    // doctest's own form of the same check, for one rule
+    Config odd = base;
+    odd.qk_rope_head_dim = 7;
+    CHECK_THROWS_WITH_AS(odd.validate(), doctest::Contains("qk_rope_head_dim"), dsv3::Error);
+}
+
+TEST_CASE("config: rules that must NOT fire") {
+    Config c = Config::tiny();
+    SUBCASE("no MoE anywhere: the MoE fields are not checked") {
+        c.n_dense_layers = c.n_layers; c.n_mtp_depth = 0;
+        c.n_routed_experts = 0; c.n_activated_experts = 0; c.n_expert_groups = 0; c.score_func = "none";
+        CHECK_NOTHROW(c.validate());
+    }
+    SUBCASE("no dense layer: inter_dim is not needed") {
+        c.n_dense_layers = 0; c.inter_dim = 0;
+        CHECK_NOTHROW(c.validate());
+    }
+    SUBCASE("q_lora_rank 0 is the direct query projection") {
+        c.q_lora_rank = 0;
+        CHECK_NOTHROW(c.validate());
+    }
+    SUBCASE("YaRN fields are only checked when YaRN is on") {
+        c.original_seq_len = 0; c.beta_slow = 0;
+        CHECK_NOTHROW(c.validate());
+    }
+    SUBCASE("softmax routing allows groups of one expert (group score = max)") {
+        c.score_func = "softmax"; c.n_expert_groups = 8;
+        CHECK_NOTHROW(c.validate());
+    }
+    SUBCASE("top-k exactly the reachable experts") {
+        c.n_activated_experts = 4;  // 2 groups × 2 experts
+        CHECK_NOTHROW(c.validate());
+    }
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// counters
+// ----------------------------------------------------------------------------------------------------------------
+TEST_CASE("config: the counters reproduce DeepSeek-V3's published figures exactly") {
+    const Config v3 = Config::v3_671b();
+    const ParamCounts n = count_parameters(v3);
+    CHECK(n.total == 671026419200LL);
+    CHECK(n.activated == 37552297472LL);
+    CHECK(n.mtp_in_checkpoint == 13463426304LL);
+    CHECK(double(n.total + n.mtp_in_checkpoint) == doctest::Approx(684.5e9).epsilon(1e-3));  // the "685B" checkpoint
+    CHECK(n.embedding == 129280LL * 7168);
+    CHECK(kv_cache_bytes_mla(v3) == 70272);                    // 61 × (512 + 64) × 2
+    CHECK(kv_cache_bytes_gqa(80, 8, 128) == 327680);           // Qwen-2.5 72B
+    CHECK(kv_cache_bytes_gqa(126, 8, 128) == 516096);          // LLaMA-3.1 405B
+    const double flops = training_flops_per_token(v3, 4096);
+    const double want = 6.0 * double(n.activated - n.embedding) + 6.0 * 61 * 128 * (128 + 64 + 128) * 4096 / 2.0;
+    CHECK(flops == doctest::Approx(want).epsilon(1e-12));
+    CHECK(flops == doctest::Approx(250e9).epsilon(0.01));
+    const ParamCounts lite = count_parameters(Config::v2_lite());
+    CHECK(double(lite.total) > 15.65e9);  // "15.7B"
+    CHECK(double(lite.total) < 15.75e9);
+    CHECK(lite.mtp == 0);
+    CHECK(lite.mtp_in_checkpoint == 0);
+}
+
+TEST_CASE("config: the counters agree with the layout a Model allocates") {
+    const Config c = Config::tiny();
+    Model m(c, 1);
+    const ParamCounts n = count_parameters(c);
+    CHECK(int64_t(m.params.size()) == n.total + n.mtp);
+    CHECK(n.activated < n.total);
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// to_text / set
+// ----------------------------------------------------------------------------------------------------------------
+TEST_CASE("config: to_text / set round trip every preset exactly") {
+    for (const Config& c : {Config::tiny(), Config::small(), Config::v2_lite(), Config::v3_671b()}) {
+        const std::string text = c.to_text();
+        Config back;
+        back.vocab_size = 1; back.score_func = "x"; back.norm_topk_prob = !c.norm_topk_prob; back.mscale = 123;
+        std::istringstream in(text);
+        std::string line;
+        int lines = 0;
+        while (std::getline(in, line)) {
+            const size_t eq = line.find('=');
+            REQUIRE(eq != std::string::npos);
+            back.set(line.substr(0, eq), line.substr(eq + 1), "test");
+            ++lines;
+        }
+        CHECK(lines >= 30);
+        CHECK(back.to_text() == text);
+        // floats exactly, not just their printed form
+        CHECK(back.mscale == c.mscale);
+        CHECK(back.rms_norm_eps == c.rms_norm_eps);
+        CHECK(back.route_scale == c.route_scale);
+        CHECK(back.init_std == c.init_std);
+        CHECK(back.norm_topk_prob == c.norm_topk_prob);
+        CHECK(back.score_func == c.score_func);
+        CHECK(count_parameters(back).total == count_parameters(c).total);
+    }
+}
+
+TEST_CASE("config: set() parses each type and its errors name the field") {
+    Config c;
+    c.set("dim", "96", "test");
+    c.set("score_func", "softmax", "test");
+    c.set("rope_factor", "40", "test");
+    c.set("norm_topk_prob", "0", "test");
+    CHECK(c.dim == 96);
+    CHECK(c.score_func == "softmax");
+    CHECK(c.rope_factor == 40.0f);
+    CHECK(c.norm_topk_prob == false);
+    CHECK_THROWS_WITH_AS(c.set("no_such_field", "1", "cfg.txt"), doctest::Contains("no_such_field"), dsv3::Error);
+    CHECK_THROWS_WITH_AS(c.set("no_such_field", "1", "cfg.txt"), doctest::Contains("cfg.txt"), dsv3::Error);
+    for (const char* bad : {"abc", "12x", "", "1.5", "1e3"}) {
+        CAPTURE(bad);
+        CHECK_THROWS_WITH_AS(c.set("n_heads", bad, "cfg.txt"), doctest::Contains("n_heads"), dsv3::Error);
+    }
+    CHECK_THROWS_WITH_AS(c.set("rope_theta", "ten", "cfg.txt"), doctest::Contains("rope_theta"), dsv3::Error);
+    CHECK_THROWS_WITH_AS(c.set("norm_topk_prob", "2", "cfg.txt"), doctest::Contains("norm_topk_prob"), dsv3::Error);
+    CHECK_THROWS_WITH_AS(c.set("score_func", "sig moid", "cfg.txt"), doctest::Contains("score_func"), dsv3::Error);
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// checkpoints
+// ----------------------------------------------------------------------------------------------------------------
+Config checkpoint_config() {
+    Config c;
+    c.vocab_size = 13; c.dim = 8; c.inter_dim = 12; c.moe_inter_dim = 4;
+    c.n_layers = 2; c.n_dense_layers = 1; c.n_heads = 2;
+    c.n_routed_experts = 4; c.n_activated_experts = 2; c.n_expert_groups = 2; c.n_limited_groups = 1;
+    c.q_lora_rank = 4; c.kv_lora_rank = 4; c.qk_nope_head_dim = 2; c.qk_rope_head_dim = 2; c.v_head_dim = 2;
+    c.max_seq_len = 8; c.route_scale = 1.5f; c.mscale = 0.707f;
+    return c;
+}
+
+struct TempDir {
+    std::filesystem::path path;
+    TempDir() {
+        char tmpl[] = "/tmp/dsv3_test_config_XXXXXX";
+        const char* p = mkdtemp(tmpl);
+        REQUIRE(p != nullptr);
+        path = p;
+    }
+    ~TempDir() { std::error_code ec; std::filesystem::remove_all(path, ec); }
+    std::string file(const char* name) const { return (path / name).string(); }
+};
+
+std::string read_all(const std::string& path) {
+    std::ifstream f(path, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+}
+void write_all(const std::string& path, const std::string& data) {
+    std::ofstream f(path, std::ios::binary);
+    f.write(data.data(), std::streamsize(data.size()));
+}
+
+TEST_CASE("checkpoint: save / load round trip is bitwise, atomic, and its errors name the problem") {
+    TempDir dir;
+    const std::string path = dir.file("model.ckpt");
+    const Config c = checkpoint_config();
+    Model model(c, 3);
+    for (Block* b : model.moe_blocks())  // a non-zero routing bias must be saved too
+        for (int i = 0; i < c.n_routed_experts; ++i) model.P(b->moe.bias)[i] = 0.01f * float(i + 1);
+    AdamW opt;
+    opt.m = gradcheck::random_vector(model.params.size(), 5);
+    opt.v = gradcheck::random_vector(model.params.size(), 6, 0.01f);
+    opt.step = 7;
+    save_checkpoint(path, model, opt);
+    CHECK(std::filesystem::exists(path));
+    CHECK_FALSE(std::filesystem::exists(path + ".tmp"));  // written aside, then renamed
+
+    SUBCASE("round trip") {
+        Model other(c, 99);  // different seed: different parameters until loaded
+        REQUIRE(other.params != model.params);
+        AdamW fresh;
+        load_checkpoint(path, other, fresh);
+        CHECK(other.params == model.params);
+        CHECK(fresh.m == opt.m);
+        CHECK(fresh.v == opt.v);
+        CHECK(fresh.step == 7);
+        int step = -1;
+        const Config read = read_checkpoint_config(path, &step);
+        CHECK(step == 7);
+        CHECK(read.to_text() == c.to_text());
+        CHECK(read.mscale == c.mscale);
+        // saving again over an existing file replaces it and leaves no .tmp behind
+        opt.step = 8;
+        save_checkpoint(path, model, opt);
+        CHECK_FALSE(std::filesystem::exists(path + ".tmp"));
+        load_checkpoint(path, other, fresh);
+        CHECK(fresh.step == 8);
+    }
+    SUBCASE("optimizer state not yet allocated is saved as zeros") {
+        AdamW empty;
+        save_checkpoint(path, model, empty);
+        Model other(c, 99);
+        AdamW fresh;
+        fresh.step = 5;
+        load_checkpoint(path, other, fresh);
+        CHECK(other.params == model.params);
+        CHECK(fresh.step == 0);
+        CHECK(fresh.m == std::vector<float>(model.params.size(), 0.0f));
+    }
+    SUBCASE("wrong first line") {
+        const std::string bad = dir.file("bad.ckpt");
+        write_all(bad, "not a checkpoint\nvocab_size=13\n");
+        Model other(c, 1);
+        AdamW fresh;
+        CHECK_THROWS_WITH_AS(load_checkpoint(bad, other, fresh), doctest::Contains("dsv3-checkpoint 1"), dsv3::Error);
+        CHECK_THROWS_WITH_AS(load_checkpoint(bad, other, fresh), doctest::Contains(bad.c_str()), dsv3::Error);
+    }
+    SUBCASE("truncated data") {
+        const std::string data = read_all(path), cut = dir.file("cut.ckpt");
+        write_all(cut, data.substr(0, data.size() - 10));
+        Model other(c, 1);
+        const std::vector<float> before = other.params;
+        AdamW fresh;
+        CHECK_THROWS_WITH_AS(load_checkpoint(cut, other, fresh), doctest::Contains("bytes"), dsv3::Error);
+        CHECK(other.params == before);  // nothing loaded from a bad file
+    }
+    SUBCASE("truncated header") {
+        const std::string data = read_all(path), cut = dir.file("cut.ckpt");
+        write_all(cut, data.substr(0, 60));
+        Model other(c, 1);
+        AdamW fresh;
+        CHECK_THROWS_WITH_AS(load_checkpoint(cut, other, fresh), doctest::Contains("header ends"), dsv3::Error);
+    }
+    SUBCASE("config mismatch names the field") {
+        Config different = c;
+        different.route_scale = 2.5f;
+        Model other(different, 1);
+        AdamW fresh;
+        CHECK_THROWS_WITH_AS(load_checkpoint(path, other, fresh), doctest::Contains("route_scale"), dsv3::Error);
+        Config wider = c;
+        wider.moe_inter_dim = 6;
+        Model other2(wider, 1);
+        CHECK_THROWS_WITH_AS(load_checkpoint(path, other2, fresh), doctest::Contains("moe_inter_dim"), dsv3::Error);
+    }
+    SUBCASE("missing file") {
+        Model other(c, 1);
+        AdamW fresh;
+        CHECK_THROWS_WITH_AS(load_checkpoint(dir.file("nope.ckpt"), other, fresh), doctest::Contains("nope.ckpt"),
+                             dsv3::Error);
+    }
+    SUBCASE("a failed save leaves the previous checkpoint intact") {
+        const std::string before = read_all(path);
+        std::filesystem::create_directory(path + ".tmp");  // the temporary file cannot be created
+        opt.step = 9;
+        CHECK_THROWS_AS(save_checkpoint(path, model, opt), dsv3::Error);
+        CHECK(read_all(path) == before);
+        std::filesystem::remove(path + ".tmp");
+        CHECK_THROWS_AS(save_checkpoint(dir.file("no_such_dir/model.ckpt"), model, opt), dsv3::Error);
+        CHECK_FALSE(std::filesystem::exists(dir.file("no_such_dir")));
+    }
+}
+
+}  // namespace
