@@ -34,25 +34,29 @@
 
 #include <algorithm>
 #include <array>
-#include <chrono>
-#include <cmath>
+#include <cctype>
 #include <cerrno>
 #include <cfloat>
+#include <chrono>
 #include <climits>
+#include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <functional>
+#include <map>
 #include <memory>
 #include <new>
 #include <numeric>
+#include <queue>
 #include <sstream>
 #include <stdexcept>
 #include <string>
-#include <queue>
 #include <string_view>
 #include <unordered_map>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 #ifdef _OPENMP
@@ -435,6 +439,55 @@ class Arena {
     std::vector<Block> blocks_;
     size_t block_ = 0, used_ = 0;
 };
+
+
+// --- Files: read a whole file; write one atomically -----------------------------------------------------------------
+// The whole file as bytes. The error names the file and the reason.
+inline std::string read_file_bytes(const std::string& path) {
+    FILE* f = std::fopen(path.c_str(), "rb");
+    if (!f) fail("cannot open '", path, "' for reading: ", std::strerror(errno));
+    std::string data;
+    char buffer[1 << 16];
+    size_t n;
+    while ((n = std::fread(buffer, 1, sizeof buffer, f)) > 0) data.append(buffer, n);
+    const bool failed = std::ferror(f) != 0;
+    std::fclose(f);
+    if (failed) fail("error while reading '", path, "'");
+    return data;
+}
+// Writes `path` so that a reader never sees half a file, and a crash or a full disk never destroys the previous
+// version: write(FILE*) fills "<path>.tmp" and returns false on a failed write; only when every byte is out is the
+// temporary renamed over `path` (rename is atomic on POSIX file systems). Checkpoints, token files, safetensors and
+// PNGs are all written this way. `what` names the kind of file in error messages.
+template <class Writer>
+inline void write_file_atomic_stream(const std::string& path, const char* what, const Writer& write) {
+    const std::string tmp = path + ".tmp";
+    FILE* f = std::fopen(tmp.c_str(), "wb");
+    if (!f) fail(what, " ", path, ": cannot create '", tmp, "': ", std::strerror(errno));
+    bool ok = false;
+    try {
+        ok = write(f);
+    } catch (...) {
+        std::fclose(f);
+        std::remove(tmp.c_str());
+        throw;
+    }
+    ok = (std::fflush(f) == 0) && ok;
+    ok = (std::fclose(f) == 0) && ok;
+    if (!ok) { std::remove(tmp.c_str()); fail(what, " ", path, ": writing '", tmp, "' failed (disk full?)"); }
+    if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+        const int e = errno;
+        std::remove(tmp.c_str());
+        fail(what, " ", path, ": renaming '", tmp, "' to it failed: ", std::strerror(e));
+    }
+}
+inline bool write_bytes(FILE* f, const void* p, size_t n) { return n == 0 || std::fwrite(p, 1, n, f) == n; }
+inline void write_file_atomic(const std::string& path, const void* data, size_t n_bytes) {
+    write_file_atomic_stream(path, "file", [&](FILE* f) { return write_bytes(f, data, n_bytes); });
+}
+inline void write_file_atomic(const std::string& path, const std::string& data) {
+    write_file_atomic(path, data.data(), data.size());
+}
 
 // =====================================================================================================================
 // 3. Numerics: FP8 training (DeepSeek-V3 report §3.3), BF16 and FP16
@@ -2817,9 +2870,6 @@ inline double evaluate(Model& model, const std::vector<int32_t>& val, int T, int
 //     params[floats] m[floats] v[floats]
 // It is written to "<path>.tmp" and renamed over <path> only when complete, so a crash never leaves a torn file.
 inline void save_checkpoint(const std::string& path, const Model& model, const AdamW& opt) {
-    const std::string tmp = path + ".tmp";
-    FILE* f = std::fopen(tmp.c_str(), "wb");
-    if (!f) fail("checkpoint ", tmp, ": cannot open for writing: ", std::strerror(errno));
     std::ostringstream header;
     header << "dsv3-checkpoint 1\n" << model.cfg.to_text() << "step=" << opt.step << "\nfloats=" << model.params.size()
            << "\nend\n";
@@ -2828,11 +2878,10 @@ inline void save_checkpoint(const std::string& path, const Model& model, const A
     std::vector<float> zeros;
     const float* m = opt.m.size() == n ? opt.m.data() : (zeros.assign(n, 0.0f), zeros.data());
     const float* v = opt.v.size() == n ? opt.v.data() : zeros.data();
-    bool ok = std::fwrite(h.data(), 1, h.size(), f) == h.size() && std::fwrite(model.params.data(), 4, n, f) == n &&
-              std::fwrite(m, 4, n, f) == n && std::fwrite(v, 4, n, f) == n;
-    ok = (std::fclose(f) == 0) && ok;
-    if (!ok) { std::remove(tmp.c_str()); fail("checkpoint ", tmp, ": write failed (disk full?)"); }
-    if (std::rename(tmp.c_str(), path.c_str()) != 0) fail("checkpoint ", path, ": cannot rename from ", tmp);
+    write_file_atomic_stream(path, "checkpoint", [&](FILE* f) {
+        return write_bytes(f, h.data(), h.size()) && write_bytes(f, model.params.data(), 4 * n) &&
+               write_bytes(f, m, 4 * n) && write_bytes(f, v, 4 * n);
+    });
 }
 // Reads the config a checkpoint was saved with.
 inline Config read_checkpoint_config(const std::string& path, int* step = nullptr, size_t* header_bytes = nullptr) {
@@ -2904,7 +2953,7 @@ inline void load_checkpoint(const std::string& path, Model& model, AdamW& opt) {
 // =====================================================================================================================
 // 9. DATA AND PICTURES
 // =====================================================================================================================
-//   9.1  Files: read a whole file; write a file atomically (temporary file, then rename).
+//   9.1  Small text helpers.
 //   9.2  Byte-level BPE tokenizer (DeepSeek-V3 report §4.1): train, encode, decode, save, load.
 //   9.3  Token files and datasets: a small binary format, train/validation split, random batches, evaluation windows.
 //   9.4  FIM, fill in the middle, PSM mode (DeepSeek-Coder, DeepSeek-Coder-V2 §2.2; Bavarian et al. 2022).
@@ -2913,45 +2962,8 @@ inline void load_checkpoint(const std::string& path, Model& model, AdamW& opt) {
 //   9.7  A progress line for long runs.
 
 // ================================================================================================================
-// 9.1 Files
+// 9.1 Small text helpers
 // ================================================================================================================
-
-// The whole file as bytes. Error names the file and the reason.
-inline std::string read_file_bytes(const std::string& path) {
-    FILE* f = std::fopen(path.c_str(), "rb");
-    if (!f) fail("cannot open '", path, "' for reading: ", std::strerror(errno));
-    std::string data;
-    char buffer[1 << 16];
-    size_t n;
-    while ((n = std::fread(buffer, 1, sizeof buffer, f)) > 0) data.append(buffer, n);
-    const bool failed = std::ferror(f) != 0;
-    std::fclose(f);
-    if (failed) fail("error while reading '", path, "'");
-    return data;
-}
-
-// Writes `path` so that a reader never sees half a file: the bytes go to `path.tmp`, which is renamed over `path`
-// only when every byte was written (rename is atomic on POSIX file systems).
-inline void write_file_atomic(const std::string& path, const void* data, size_t n_bytes) {
-    const std::string tmp = path + ".tmp";
-    FILE* f = std::fopen(tmp.c_str(), "wb");
-    if (!f) fail("cannot write '", path, "': cannot create '", tmp, "': ", std::strerror(errno));
-    bool ok = std::fwrite(data, 1, n_bytes, f) == n_bytes;
-    ok = (std::fflush(f) == 0) && ok;
-    ok = (std::fclose(f) == 0) && ok;
-    if (!ok) {
-        std::remove(tmp.c_str());
-        fail("cannot write '", path, "': writing ", n_bytes, " bytes to '", tmp, "' failed (disk full?)");
-    }
-    if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-        const int e = errno;
-        std::remove(tmp.c_str());
-        fail("cannot write '", path, "': renaming '", tmp, "' to it failed: ", std::strerror(e));
-    }
-}
-inline void write_file_atomic(const std::string& path, const std::string& data) {
-    write_file_atomic(path, data.data(), data.size());
-}
 
 // A byte string shown safely in a message or a file: printable ASCII as is, the rest as \n, \t, \\, \" or \xNN.
 inline std::string escape_bytes(std::string_view s) {
@@ -4621,5 +4633,1439 @@ struct Progress {
         printed_any = true;
     }
 };
+
+// =====================================================================================================================
+// 9. CHECKPOINT I/O: JSON, safetensors, config.json, Hugging Face directories, .npy   [MODEL.md §7]
+// =====================================================================================================================
+// A Hugging Face model directory, the format DeepSeek publishes V3 in, holds two kinds of files:
+//
+//     config.json                     the architecture, as JSON (section 9.3 maps it to dsv3::Config)
+//     model.safetensors               the weights: a JSON header naming every tensor, then the raw bytes (9.2)
+//       or model.safetensors.index.json + model-00001-of-00163.safetensors ...   (sharded: {"weight_map": {name: file}})
+//
+// Tensor names are the Hugging Face names our ParamLayout already carries ("model.layers.3.self_attn.kv_b_proj.weight"),
+// so loading is: read config.json, build the model, copy every tensor into its slot of the flat parameter buffer,
+// converting BF16/F16/FP8 to float32 on the way. Everything read from a file is validated before it is used: a
+// corrupt or hostile file produces a dsv3::Error naming the file, the tensor and what was expected, never a crash.
+//
+// Contents: 9.1 a minimal JSON reader/writer; 9.2 safetensors; 9.3 config.json <-> Config; 9.4 Model <-> directory
+// (save_hf, load_hf, with DeepSeek's FP8 block-scaled weights and the MTP module's copies); 9.5 .npy files and the
+// forward pass the way transformers computes logits and loss (used by examples/hf_logits.cpp and the reference tests).
+
+namespace io_detail {
+struct FileCloser {
+    void operator()(std::FILE* f) const { if (f) std::fclose(f); }
+};
+using File = std::unique_ptr<std::FILE, FileCloser>;
+
+inline File open_file(const std::string& path, const char* mode, const char* what) {
+    File f(std::fopen(path.c_str(), mode));
+    if (!f) fail(what, " ", path, ": cannot open", (mode[0] == 'w' ? " for writing" : ""), ": ", std::strerror(errno));
+    return f;
+}
+// 64-bit file offsets (safetensors shards are often larger than 2 GiB).
+inline bool seek_to(std::FILE* f, uint64_t offset) {
+#ifdef _WIN32
+    return _fseeki64(f, int64_t(offset), SEEK_SET) == 0;
+#else
+    return fseeko(f, off_t(offset), SEEK_SET) == 0;
+#endif
+}
+inline uint64_t file_size(std::FILE* f, const std::string& path) {
+#ifdef _WIN32
+    const bool ok = _fseeki64(f, 0, SEEK_END) == 0;
+    const int64_t size = ok ? _ftelli64(f) : -1;
+#else
+    const bool ok = fseeko(f, 0, SEEK_END) == 0;
+    const int64_t size = ok ? int64_t(ftello(f)) : -1;
+#endif
+    if (size < 0) fail(path, ": cannot determine the file size: ", std::strerror(errno));
+    return uint64_t(size);
+}
+inline bool read_exact(std::FILE* f, void* out, size_t n) { return n == 0 || std::fread(out, 1, n, f) == n; }
+
+inline std::string join_path(const std::string& dir, const std::string& name) {
+    if (dir.empty()) return name;
+    return dir.back() == '/' ? dir + name : dir + "/" + name;
+}
+inline bool file_exists(const std::string& path) {
+    std::error_code ec;
+    return std::filesystem::is_regular_file(path, ec);
+}
+inline bool starts_with(const std::string& s, const std::string& prefix) {
+    return s.size() >= prefix.size() && s.compare(0, prefix.size(), prefix) == 0;
+}
+inline std::string shape_str(const std::vector<int64_t>& shape) {
+    std::string s = "[";
+    for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+    return s + "]";
+}
+// "a", "b", "c" ... (and 7 more): lists of names in error messages stay readable.
+inline std::string name_list(const std::vector<std::string>& names, size_t show = 6) {
+    std::string s;
+    for (size_t i = 0; i < names.size() && i < show; ++i) s += (i ? ", \"" : "\"") + names[i] + "\"";
+    if (names.size() > show) s += " ... (and " + std::to_string(names.size() - show) + " more)";
+    return s;
+}
+}  // namespace io_detail
+
+// --- 9.1 JSON ---------------------------------------------------------------------------------------------------------
+// config.json, the safetensors header and the shard index are JSON (RFC 8259). This reader is strict: anything the
+// grammar does not allow (trailing commas, comments, single quotes, NaN, unescaped control characters, lone UTF-16
+// surrogates, duplicate keys) is an error naming the source, the byte offset and what was expected there.
+// Objects keep their members in file order (a vector of pairs), which also makes the writer's output deterministic.
+struct Json {
+    enum class Type { null, boolean, number, string, array, object };
+    Type type = Type::null;
+    bool boolean = false;
+    double number = 0;          // every number, as a double
+    bool is_integer = false;    // written as an integer literal (no '.', no exponent) that fits int64_t: `integer` is exact
+    int64_t integer = 0;
+    std::string string;
+    std::vector<Json> array;
+    std::vector<std::pair<std::string, Json>> object;
+
+    static Json of_bool(bool b) { Json j; j.type = Type::boolean; j.boolean = b; return j; }
+    static Json of_int(int64_t v) {
+        Json j; j.type = Type::number; j.number = double(v); j.is_integer = true; j.integer = v; return j;
+    }
+    static Json of_double(double v) { Json j; j.type = Type::number; j.number = v; return j; }
+    // The shortest decimal that reads back as the same float: 1e-6f is written "1e-06", not "9.99999997e-07".
+    static Json of_float(float v) {
+        char buf[32];
+        for (int precision = 1; precision <= 9; ++precision) {
+            std::snprintf(buf, sizeof buf, "%.*g", precision, double(v));
+            if (std::strtof(buf, nullptr) == v) break;
+        }
+        return of_double(std::isfinite(v) ? std::strtod(buf, nullptr) : double(v));
+    }
+    static Json of_string(std::string s) { Json j; j.type = Type::string; j.string = std::move(s); return j; }
+    static Json new_array() { Json j; j.type = Type::array; return j; }
+    static Json new_object() { Json j; j.type = Type::object; return j; }
+
+    bool is_null() const { return type == Type::null; }
+    bool is_number() const { return type == Type::number; }
+    bool is_string() const { return type == Type::string; }
+    bool is_array() const { return type == Type::array; }
+    bool is_object() const { return type == Type::object; }
+    // Objects: the member named key, or null if absent. (Linear: config.json has a few dozen keys; big objects such as
+    // safetensors headers are walked in order, never searched.)
+    const Json* find(const std::string& key) const {
+        for (const auto& member : object)
+            if (member.first == key) return &member.second;
+        return nullptr;
+    }
+    Json& add(const std::string& key, Json value) {  // appends a member (the caller keeps keys unique)
+        object.emplace_back(key, std::move(value));
+        return object.back().second;
+    }
+    Json& push(Json value) { array.push_back(std::move(value)); return array.back(); }
+    const char* type_name() const {
+        switch (type) {
+            case Type::null: return "null";
+            case Type::boolean: return "a boolean";
+            case Type::number: return "a number";
+            case Type::string: return "a string";
+            case Type::array: return "an array";
+            case Type::object: return "an object";
+        }
+        return "?";
+    }
+};
+
+namespace io_detail {
+// Appends code point cp as UTF-8 (1 to 4 bytes).
+inline void append_utf8(std::string& out, uint32_t cp) {
+    if (cp < 0x80) {
+        out += char(cp);
+    } else if (cp < 0x800) {
+        out += char(0xC0 | (cp >> 6));
+        out += char(0x80 | (cp & 0x3F));
+    } else if (cp < 0x10000) {
+        out += char(0xE0 | (cp >> 12));
+        out += char(0x80 | ((cp >> 6) & 0x3F));
+        out += char(0x80 | (cp & 0x3F));
+    } else {
+        out += char(0xF0 | (cp >> 18));
+        out += char(0x80 | ((cp >> 12) & 0x3F));
+        out += char(0x80 | ((cp >> 6) & 0x3F));
+        out += char(0x80 | (cp & 0x3F));
+    }
+}
+
+// Recursive descent over the JSON grammar. `base` is added to reported offsets (the safetensors header starts at
+// byte 8 of its file, so errors give offsets in the file).
+class JsonParser {
+  public:
+    JsonParser(const char* text, size_t size, std::string source, uint64_t base)
+        : p_(text), n_(size), source_(std::move(source)), base_(base) {}
+
+    Json parse_document() {
+        skip_ws();
+        Json v = value();
+        skip_ws();
+        if (pos_ != n_) error("the end of the document");
+        return v;
+    }
+
+  private:
+    const char* p_;
+    size_t n_, pos_ = 0;
+    std::string source_;
+    uint64_t base_;
+    int depth_ = 0;
+
+    std::string found() const {
+        if (pos_ >= n_) return "the end of the input";
+        const unsigned char c = static_cast<unsigned char>(p_[pos_]);
+        if (c >= 0x20 && c < 0x7F) return std::string("'") + char(c) + "'";
+        char buf[16];
+        std::snprintf(buf, sizeof buf, "byte 0x%02X", c);
+        return buf;
+    }
+    [[noreturn]] void error(const char* expected) const {
+        fail(source_, ": invalid JSON at byte ", base_ + pos_, ": expected ", expected, ", found ", found());
+    }
+    void skip_ws() {
+        while (pos_ < n_ && (p_[pos_] == ' ' || p_[pos_] == '\t' || p_[pos_] == '\n' || p_[pos_] == '\r')) ++pos_;
+    }
+    bool at(char c) const { return pos_ < n_ && p_[pos_] == c; }
+    void expect(char c, const char* expected) {
+        if (!at(c)) error(expected);
+        ++pos_;
+    }
+    void literal(const char* word) {  // true, false, null
+        for (const char* w = word; *w; ++w, ++pos_)
+            if (!at(*w)) error(word);
+    }
+
+    Json value() {
+        if (pos_ >= n_) error("a value");
+        switch (p_[pos_]) {
+            case '{': return object();
+            case '[': return array();
+            case '"': return Json::of_string(string());
+            case 't': literal("true"); return Json::of_bool(true);
+            case 'f': literal("false"); return Json::of_bool(false);
+            case 'n': literal("null"); return Json{};
+            default:
+                if (p_[pos_] == '-' || (p_[pos_] >= '0' && p_[pos_] <= '9')) return number();
+                error("a value (object, array, string, number, true, false or null)");
+        }
+    }
+    void enter() {
+        if (++depth_ > 128) error("at most 128 nested arrays and objects");
+    }
+    Json object() {
+        enter();
+        Json obj = Json::new_object();
+        std::unordered_set<std::string> keys;
+        ++pos_;  // '{'
+        skip_ws();
+        if (at('}')) { ++pos_; --depth_; return obj; }
+        while (true) {
+            skip_ws();
+            if (!at('"')) error("a string key");
+            const size_t key_pos = pos_;
+            std::string key = string();
+            if (!keys.insert(key).second) {
+                pos_ = key_pos;
+                fail(source_, ": invalid JSON at byte ", base_ + pos_, ": duplicate key \"", key, "\"");
+            }
+            skip_ws();
+            expect(':', "':' after an object key");
+            skip_ws();
+            obj.add(key, value());
+            skip_ws();
+            if (at(',')) { ++pos_; continue; }
+            expect('}', "',' or '}' after an object member");
+            break;
+        }
+        --depth_;
+        return obj;
+    }
+    Json array() {
+        enter();
+        Json arr = Json::new_array();
+        ++pos_;  // '['
+        skip_ws();
+        if (at(']')) { ++pos_; --depth_; return arr; }
+        while (true) {
+            skip_ws();
+            arr.push(value());
+            skip_ws();
+            if (at(',')) { ++pos_; continue; }
+            expect(']', "',' or ']' after an array element");
+            break;
+        }
+        --depth_;
+        return arr;
+    }
+    uint32_t hex4() {
+        uint32_t v = 0;
+        for (int i = 0; i < 4; ++i, ++pos_) {
+            if (pos_ >= n_) error("4 hex digits after \\u");
+            const char c = p_[pos_];
+            v <<= 4;
+            if (c >= '0' && c <= '9') v |= uint32_t(c - '0');
+            else if (c >= 'a' && c <= 'f') v |= uint32_t(c - 'a' + 10);
+            else if (c >= 'A' && c <= 'F') v |= uint32_t(c - 'A' + 10);
+            else error("4 hex digits after \\u");
+        }
+        return v;
+    }
+    std::string string() {
+        ++pos_;  // opening quote
+        std::string out;
+        while (true) {
+            if (pos_ >= n_) error("'\"' to close the string");
+            const unsigned char c = static_cast<unsigned char>(p_[pos_]);
+            if (c == '"') { ++pos_; return out; }
+            if (c < 0x20) error("a string character (control characters must be escaped)");
+            if (c != '\\') { out += char(c); ++pos_; continue; }
+            ++pos_;
+            if (pos_ >= n_) error("an escape character");
+            const char e = p_[pos_++];
+            switch (e) {
+                case '"': out += '"'; break;
+                case '\\': out += '\\'; break;
+                case '/': out += '/'; break;
+                case 'b': out += '\b'; break;
+                case 'f': out += '\f'; break;
+                case 'n': out += '\n'; break;
+                case 'r': out += '\r'; break;
+                case 't': out += '\t'; break;
+                case 'u': {
+                    uint32_t cp = hex4();
+                    // Characters beyond U+FFFF are written as a UTF-16 surrogate pair: \uD83D\uDE00.
+                    if (cp >= 0xD800 && cp <= 0xDBFF) {
+                        if (!(at('\\') && pos_ + 1 < n_ && p_[pos_ + 1] == 'u'))
+                            error("a low surrogate \\uDC00-\\uDFFF after a high surrogate");
+                        pos_ += 2;
+                        const uint32_t low = hex4();
+                        if (low < 0xDC00 || low > 0xDFFF) {
+                            pos_ -= 6;
+                            error("a low surrogate \\uDC00-\\uDFFF after a high surrogate");
+                        }
+                        cp = 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00);
+                    } else if (cp >= 0xDC00 && cp <= 0xDFFF) {
+                        pos_ -= 6;
+                        error("a character, not a lone low surrogate");
+                    }
+                    append_utf8(out, cp);
+                    break;
+                }
+                default: --pos_; error("one of \\\" \\\\ \\/ \\b \\f \\n \\r \\t \\u after a backslash");
+            }
+        }
+    }
+    Json number() {
+        const size_t start = pos_;
+        auto digits = [&] {
+            const size_t s = pos_;
+            while (pos_ < n_ && p_[pos_] >= '0' && p_[pos_] <= '9') ++pos_;
+            return pos_ > s;
+        };
+        if (at('-')) ++pos_;
+        if (at('0')) ++pos_;               // no leading zeros: "0" or [1-9][0-9]*
+        else if (!digits()) error("a digit");
+        bool integral = true;
+        if (at('.')) {
+            ++pos_;
+            integral = false;
+            if (!digits()) error("a digit after the decimal point");
+        }
+        if (at('e') || at('E')) {
+            ++pos_;
+            integral = false;
+            if (at('+') || at('-')) ++pos_;
+            if (!digits()) error("a digit in the exponent");
+        }
+        const std::string text(p_ + start, pos_ - start);
+        Json j;
+        j.type = Json::Type::number;
+        j.number = std::strtod(text.c_str(), nullptr);  // the C locale (programs do not call setlocale)
+        if (!std::isfinite(j.number)) {
+            pos_ = start;
+            error("a number within the range of a double");
+        }
+        if (integral) {  // exact value when it fits int64_t (offsets and shapes must be exact)
+            errno = 0;
+            const long long v = std::strtoll(text.c_str(), nullptr, 10);
+            if (errno == 0) { j.is_integer = true; j.integer = int64_t(v); }
+        }
+        return j;
+    }
+};
+
+inline void write_json_string(std::string& out, const std::string& s) {
+    out += '"';
+    for (const char ch : s) {
+        const unsigned char c = static_cast<unsigned char>(ch);
+        switch (c) {
+            case '"': out += "\\\""; break;
+            case '\\': out += "\\\\"; break;
+            case '\n': out += "\\n"; break;
+            case '\r': out += "\\r"; break;
+            case '\t': out += "\\t"; break;
+            case '\b': out += "\\b"; break;
+            case '\f': out += "\\f"; break;
+            default:
+                if (c < 0x20) {
+                    char buf[8];
+                    std::snprintf(buf, sizeof buf, "\\u%04X", c);
+                    out += buf;
+                } else {
+                    out += char(c);  // UTF-8 passes through unchanged
+                }
+        }
+    }
+    out += '"';
+}
+inline void write_json_number(std::string& out, const Json& j) {
+    if (j.is_integer) { out += std::to_string(j.integer); return; }
+    if (!std::isfinite(j.number)) fail("JSON writer: ", j.number, " cannot be written (JSON has no NaN or infinity)");
+    char buf[40];
+    if (std::floor(j.number) == j.number && std::fabs(j.number) < 1e15) {
+        // Integral doubles stay recognisable as floats for Python (40.0, not 40 or 4e+01): types survive a round trip.
+        std::snprintf(buf, sizeof buf, "%.1f", j.number);
+        out += buf;
+        return;
+    }
+    for (int precision = 1; precision <= 17; ++precision) {  // the shortest text that reads back as the same double
+        std::snprintf(buf, sizeof buf, "%.*g", precision, j.number);
+        if (std::strtod(buf, nullptr) == j.number) break;
+    }
+    out += buf;
+}
+inline bool json_is_scalar(const Json& j) { return !j.is_array() && !j.is_object(); }
+inline void write_json(std::string& out, const Json& j, int indent, int level) {
+    auto newline = [&](int lvl) {
+        if (indent < 0) return;
+        out += '\n';
+        out.append(size_t(indent) * size_t(lvl), ' ');
+    };
+    switch (j.type) {
+        case Json::Type::null: out += "null"; return;
+        case Json::Type::boolean: out += j.boolean ? "true" : "false"; return;
+        case Json::Type::number: write_json_number(out, j); return;
+        case Json::Type::string: write_json_string(out, j.string); return;
+        case Json::Type::array: {
+            // Short arrays of scalars stay on one line: "shape": [64, 32].
+            const bool inline_ = std::all_of(j.array.begin(), j.array.end(), json_is_scalar);
+            out += '[';
+            for (size_t i = 0; i < j.array.size(); ++i) {
+                if (i) out += inline_ && indent >= 0 ? ", " : ",";
+                if (!inline_) newline(level + 1);
+                write_json(out, j.array[i], indent, level + 1);
+            }
+            if (!inline_ && !j.array.empty()) newline(level);
+            out += ']';
+            return;
+        }
+        case Json::Type::object: {
+            out += '{';
+            for (size_t i = 0; i < j.object.size(); ++i) {
+                if (i) out += ',';
+                newline(level + 1);
+                write_json_string(out, j.object[i].first);
+                out += indent >= 0 ? ": " : ":";
+                write_json(out, j.object[i].second, indent, level + 1);
+            }
+            if (!j.object.empty()) newline(level);
+            out += '}';
+            return;
+        }
+    }
+}
+}  // namespace io_detail
+
+// Parses a whole JSON document; `source` (a file name) starts every error message.
+inline Json json_parse(const std::string& text, const std::string& source, uint64_t base_offset = 0) {
+    return io_detail::JsonParser(text.data(), text.size(), source, base_offset).parse_document();
+}
+inline Json json_read_file(const std::string& path) { return json_parse(read_file_bytes(path), path); }
+// indent < 0: compact, one line; indent >= 0: pretty-printed with that many spaces per level.
+inline std::string json_dump(const Json& j, int indent = -1) {
+    std::string out;
+    io_detail::write_json(out, j, indent, 0);
+    return out;
+}
+// A short description for error messages: 32 (a number), "abc" (a string), ...
+inline std::string json_describe(const Json& j) {
+    std::string text = json_dump(j);
+    if (text.size() > 48) text = text.substr(0, 45) + "...";
+    return j.is_null() ? "null" : text + " (" + j.type_name() + ")";
+}
+
+// --- 9.2 safetensors --------------------------------------------------------------------------------------------
+// The format (github.com/huggingface/safetensors), all integers little-endian:
+//
+//     bytes 0..7        N, the header length (uint64)
+//     bytes 8..8+N      JSON: {"__metadata__": {"format": "pt"},                            (optional, string values)
+//                              "model.norm.weight": {"dtype": "BF16", "shape": [7168], "data_offsets": [0, 14336]},
+//                              ...}                                                        (may be padded with spaces)
+//     bytes 8+N..       the data section; each tensor's bytes are [begin, end) relative to its start, row-major
+//
+// No code runs while loading (unlike pickle), and a reader can check everything before touching the data: this one
+// checks the header length against the file, every field's type, that shape × dtype size equals the byte range,
+// that every range lies inside the data section, and that no two ranges overlap. Bytes covered by no tensor are
+// allowed (the reference implementation rejects them; we only count them, in uncovered_bytes).
+enum class DType { F32, BF16, F16, F8_E4M3, F8_E5M2 };
+
+inline const char* dtype_name(DType d) {
+    switch (d) {
+        case DType::F32: return "F32";
+        case DType::BF16: return "BF16";
+        case DType::F16: return "F16";
+        case DType::F8_E4M3: return "F8_E4M3";
+        case DType::F8_E5M2: return "F8_E5M2";
+    }
+    return "?";
+}
+inline int dtype_size(DType d) { return d == DType::F32 ? 4 : (d == DType::BF16 || d == DType::F16) ? 2 : 1; }
+inline bool dtype_from_name(const std::string& name, DType* out) {
+    for (DType d : {DType::F32, DType::BF16, DType::F16, DType::F8_E4M3, DType::F8_E5M2})
+        if (name == dtype_name(d)) { *out = d; return true; }
+    return false;
+}
+inline bool dtype_is_fp8(DType d) { return d == DType::F8_E4M3 || d == DType::F8_E5M2; }
+
+// bytes (little-endian, `dtype`) -> float32. Every format here converts to float32 exactly.
+inline void decode_to_float(DType dtype, const uint8_t* b, int64_t n, float* out) {
+    switch (dtype) {
+        case DType::F32:
+            for (int64_t i = 0; i < n; ++i) {
+                const uint8_t* q = b + 4 * i;
+                const uint32_t u = uint32_t(q[0]) | uint32_t(q[1]) << 8 | uint32_t(q[2]) << 16 | uint32_t(q[3]) << 24;
+                std::memcpy(out + i, &u, 4);
+            }
+            return;
+        case DType::BF16:
+            for (int64_t i = 0; i < n; ++i) out[i] = bf16_bits_to_float(uint16_t(b[2 * i] | b[2 * i + 1] << 8));
+            return;
+        case DType::F16:
+            for (int64_t i = 0; i < n; ++i) out[i] = f16_bits_to_float(uint16_t(b[2 * i] | b[2 * i + 1] << 8));
+            return;
+        case DType::F8_E4M3:
+            for (int64_t i = 0; i < n; ++i) out[i] = fp8_e4m3_decode(b[i]);
+            return;
+        case DType::F8_E5M2:
+            for (int64_t i = 0; i < n; ++i) out[i] = fp8_e5m2_decode(b[i]);
+            return;
+    }
+}
+// float32 -> bytes of `dtype`, rounding to nearest even (FP8 saturates at its largest finite value).
+inline void encode_from_float(DType dtype, const float* x, int64_t n, uint8_t* out) {
+    for (int64_t i = 0; i < n; ++i) {
+        switch (dtype) {
+            case DType::F32: {
+                uint32_t u;
+                std::memcpy(&u, x + i, 4);
+                for (int k = 0; k < 4; ++k) out[4 * i + k] = uint8_t(u >> (8 * k));
+                break;
+            }
+            case DType::BF16:
+            case DType::F16: {
+                const uint16_t h = dtype == DType::BF16 ? float_to_bf16_bits(x[i]) : float_to_f16_bits(x[i]);
+                out[2 * i] = uint8_t(h);
+                out[2 * i + 1] = uint8_t(h >> 8);
+                break;
+            }
+            case DType::F8_E4M3: out[i] = fp8_e4m3_encode(x[i]); break;
+            case DType::F8_E5M2: out[i] = fp8_e5m2_encode(x[i]); break;
+        }
+    }
+}
+
+struct TensorInfo {
+    std::string name;
+    DType dtype = DType::F32;
+    std::vector<int64_t> shape;
+    int64_t numel = 0;
+    uint64_t begin = 0, end = 0;  // byte range [begin, end) in the data section
+};
+
+// An open safetensors file whose header has been read and validated. Tensors are read on demand.
+struct SafetensorsFile {
+    std::string path;
+    uint64_t file_size = 0, data_start = 0;                     // data_start = 8 + N
+    std::vector<TensorInfo> tensors;                             // in header order
+    std::vector<std::pair<std::string, std::string>> metadata;  // "__metadata__"
+    uint64_t uncovered_bytes = 0;                                // data-section bytes no tensor covers
+
+    explicit SafetensorsFile(const std::string& file_path) : path(file_path) {
+        file_ = io_detail::open_file(path, "rb", "safetensors");
+        read_header();
+    }
+    const TensorInfo* find(const std::string& name) const {
+        auto it = index_.find(name);
+        return it == index_.end() ? nullptr : &tensors[it->second];
+    }
+    // The tensor's raw bytes.
+    std::vector<uint8_t> read_bytes(const TensorInfo& t) const {
+        std::vector<uint8_t> bytes(size_t(t.end - t.begin));
+        if (!io_detail::seek_to(file_.get(), data_start + t.begin) ||
+            !io_detail::read_exact(file_.get(), bytes.data(), bytes.size()))
+            fail(path, ": tensor \"", t.name, "\": cannot read bytes [", data_start + t.begin, ", ", data_start + t.end,
+                 ") (file truncated or unreadable)");
+        return bytes;
+    }
+    // The tensor converted to float32: out must hold t.numel floats.
+    void read_floats(const TensorInfo& t, float* out) const {
+        const std::vector<uint8_t> bytes = read_bytes(t);
+        decode_to_float(t.dtype, bytes.data(), t.numel, out);
+    }
+    std::vector<float> read_floats(const std::string& name) const {
+        const TensorInfo* t = find(name);
+        if (!t) fail(path, ": no tensor named \"", name, "\"");
+        std::vector<float> out(size_t(t->numel));
+        read_floats(*t, out.data());
+        return out;
+    }
+
+  private:
+    io_detail::File file_;
+    std::unordered_map<std::string, size_t> index_;
+
+    void read_header() {
+        using io_detail::shape_str;
+        file_size = io_detail::file_size(file_.get(), path);
+        if (file_size < 8) fail(path, ": the file has ", file_size, " bytes, fewer than the 8-byte header length");
+        uint8_t len_bytes[8];
+        if (!io_detail::seek_to(file_.get(), 0) || !io_detail::read_exact(file_.get(), len_bytes, 8))
+            fail(path, ": cannot read the header length");
+        uint64_t n = 0;
+        for (int i = 7; i >= 0; --i) n = (n << 8) | len_bytes[i];
+        if (n > file_size - 8)
+            fail(path, ": header length ", n, " extends beyond the file (only ", file_size - 8,
+                 " bytes follow the length field): not a safetensors file, or truncated");
+        if (n > (uint64_t(100) << 20)) fail(path, ": header length ", n, " exceeds the format's limit of 100 MiB");
+        std::string text(size_t(n), '\0');
+        if (!io_detail::read_exact(file_.get(), &text[0], text.size())) fail(path, ": cannot read the ", n, "-byte header");
+        data_start = 8 + n;
+        const uint64_t data_size = file_size - data_start;
+        const Json header = json_parse(text, path + " (header)", 8);
+        if (!header.is_object()) fail(path, ": header: expected a JSON object, found ", json_describe(header));
+
+        for (const auto& member : header.object) {
+            const std::string& name = member.first;
+            const Json& entry = member.second;
+            if (name == "__metadata__") {
+                if (!entry.is_object()) fail(path, ": __metadata__: expected an object of strings, found ", json_describe(entry));
+                for (const auto& kv : entry.object) {
+                    if (!kv.second.is_string())
+                        fail(path, ": __metadata__.", kv.first, ": expected a string, found ", json_describe(kv.second));
+                    metadata.emplace_back(kv.first, kv.second.string);
+                }
+                continue;
+            }
+            const std::string where = path + ": tensor \"" + name + "\"";
+            if (!entry.is_object())
+                fail(where, ": expected an object {dtype, shape, data_offsets}, found ", json_describe(entry));
+            auto field = [&](const char* key) -> const Json& {
+                const Json* v = entry.find(key);
+                if (!v) fail(where, ": missing field \"", key, "\"");
+                return *v;
+            };
+            TensorInfo t;
+            t.name = name;
+            const Json& dtype = field("dtype");
+            if (!dtype.is_string()) fail(where, ": dtype: expected a string, found ", json_describe(dtype));
+            if (!dtype_from_name(dtype.string, &t.dtype))
+                fail(where, ": dtype \"", dtype.string, "\" is not supported (expected F32, BF16, F16, F8_E4M3 or F8_E5M2)");
+            const Json& shape = field("shape");
+            if (!shape.is_array()) fail(where, ": shape: expected an array of integers, found ", json_describe(shape));
+            // Element count, overflow-safe: the byte count must stay below 2^62 (a zero dimension makes it 0).
+            const int64_t limit = (int64_t(1) << 62) / dtype_size(t.dtype);
+            bool has_zero = false, too_large = false;
+            int64_t numel = 1;
+            for (size_t i = 0; i < shape.array.size(); ++i) {
+                const Json& d = shape.array[i];
+                if (!d.is_integer || d.integer < 0)
+                    fail(where, ": shape[", i, "]: expected a non-negative integer, found ", json_describe(d));
+                t.shape.push_back(d.integer);
+                if (d.integer == 0) has_zero = true;
+                else if (!too_large && numel > limit / d.integer) too_large = true;
+                else if (!too_large) numel *= d.integer;
+            }
+            if (has_zero) numel = 0;
+            else if (too_large) fail(where, ": shape ", shape_str(t.shape), " is too large (over 2^62 bytes)");
+            t.numel = numel;
+            const Json& offsets = field("data_offsets");
+            if (!offsets.is_array() || offsets.array.size() != 2)
+                fail(where, ": data_offsets: expected an array [begin, end], found ", json_describe(offsets));
+            for (const Json& o : offsets.array)
+                if (!o.is_integer || o.integer < 0)
+                    fail(where, ": data_offsets: expected non-negative integers, found ", json_describe(o));
+            t.begin = uint64_t(offsets.array[0].integer);
+            t.end = uint64_t(offsets.array[1].integer);
+            if (t.begin > t.end) fail(where, ": data_offsets [", t.begin, ", ", t.end, "]: begin is after end");
+            if (t.end > data_size)
+                fail(where, ": data_offsets [", t.begin, ", ", t.end, "] extend beyond the data section (", data_size,
+                     " bytes)");
+            const uint64_t expected = uint64_t(numel) * uint64_t(dtype_size(t.dtype));
+            if (t.end - t.begin != expected)
+                fail(where, ": shape ", shape_str(t.shape), " of ", dtype_name(t.dtype), " (", dtype_size(t.dtype),
+                     " bytes each) needs ", expected, " bytes, but data_offsets [", t.begin, ", ", t.end, "] span ",
+                     t.end - t.begin);
+            index_[name] = tensors.size();
+            tensors.push_back(std::move(t));
+        }
+        // Overlaps: sort the ranges by start; each must begin at or after the furthest end seen so far.
+        std::vector<size_t> order(tensors.size());
+        std::iota(order.begin(), order.end(), size_t(0));
+        std::sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+            return tensors[a].begin != tensors[b].begin ? tensors[a].begin < tensors[b].begin : tensors[a].end < tensors[b].end;
+        });
+        uint64_t covered = 0, furthest = 0;
+        size_t furthest_tensor = 0;
+        for (size_t i : order) {
+            const TensorInfo& t = tensors[i];
+            if (t.begin == t.end) continue;  // empty tensors occupy no bytes
+            if (t.begin < furthest) {
+                const TensorInfo& o = tensors[furthest_tensor];
+                fail(path, ": tensors \"", o.name, "\" [", o.begin, ", ", o.end, ") and \"", t.name, "\" [", t.begin, ", ",
+                     t.end, ") overlap in the data section");
+            }
+            covered += t.end - t.begin;
+            furthest = t.end;
+            furthest_tensor = i;
+        }
+        uncovered_bytes = data_size - covered;
+    }
+};
+
+// One tensor to write: `data` holds numel float32 values, stored as `dtype` (F32 or BF16 are the usual choices; F16
+// and FP8 round to nearest even, FP8 saturating).
+struct TensorToWrite {
+    std::string name;
+    std::vector<int64_t> shape;
+    const float* data = nullptr;
+    DType dtype = DType::F32;
+};
+
+// Writes a safetensors file (atomically). transformers refuses files whose __metadata__ lacks "format": "pt", hence
+// the default. The header is padded with spaces to a multiple of 8 bytes, as the reference writer does.
+inline void write_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
+                              const std::vector<std::pair<std::string, std::string>>& metadata = {{"format", "pt"}}) {
+    Json header = Json::new_object();
+    if (!metadata.empty()) {
+        Json& m = header.add("__metadata__", Json::new_object());
+        for (const auto& kv : metadata) m.add(kv.first, Json::of_string(kv.second));
+    }
+    std::unordered_set<std::string> names;
+    uint64_t offset = 0;
+    for (const TensorToWrite& t : tensors) {
+        if (t.name.empty() || t.name == "__metadata__" || !names.insert(t.name).second)
+            fail("safetensors ", path, ": tensor name \"", t.name, "\" is empty, reserved or repeated");
+        int64_t numel = 1;
+        Json& entry = header.add(t.name, Json::new_object());
+        entry.add("dtype", Json::of_string(dtype_name(t.dtype)));
+        Json& shape = entry.add("shape", Json::new_array());
+        for (int64_t d : t.shape) {
+            if (d < 0) fail("safetensors ", path, ": tensor \"", t.name, "\": negative dimension in ", io_detail::shape_str(t.shape));
+            shape.push(Json::of_int(d));
+            numel *= d;
+        }
+        if (numel > 0 && !t.data) fail("safetensors ", path, ": tensor \"", t.name, "\": no data");
+        const uint64_t bytes = uint64_t(numel) * uint64_t(dtype_size(t.dtype));
+        Json& offsets = entry.add("data_offsets", Json::new_array());
+        offsets.push(Json::of_int(int64_t(offset)));
+        offsets.push(Json::of_int(int64_t(offset + bytes)));
+        offset += bytes;
+    }
+    std::string text = json_dump(header);
+    text.append((8 - text.size() % 8) % 8, ' ');
+    write_file_atomic_stream(path, "safetensors", [&](std::FILE* f) {
+        uint8_t len[8];
+        for (int i = 0; i < 8; ++i) len[i] = uint8_t(uint64_t(text.size()) >> (8 * i));
+        if (!write_bytes(f, len, 8) || !write_bytes(f, text.data(), text.size())) return false;
+        std::vector<uint8_t> buf;
+        for (const TensorToWrite& t : tensors) {
+            int64_t numel = 1;
+            for (int64_t d : t.shape) numel *= d;
+            const int64_t chunk = int64_t(1) << 20;  // encode in chunks: no full-size copy of a large tensor
+            for (int64_t i = 0; i < numel; i += chunk) {
+                const int64_t n = std::min(chunk, numel - i);
+                buf.resize(size_t(n) * size_t(dtype_size(t.dtype)));
+                encode_from_float(t.dtype, t.data + i, n, buf.data());
+                if (!write_bytes(f, buf.data(), buf.size())) return false;
+            }
+        }
+        return true;
+    });
+}
+
+// model.safetensors.index.json: {"metadata": {...}, "weight_map": {"tensor name": "shard file name", ...}}.
+// Returns (tensor, file) pairs. Shard names must stay inside the directory (no absolute paths, no "..").
+inline std::vector<std::pair<std::string, std::string>> read_safetensors_index(const std::string& path) {
+    const Json j = json_read_file(path);
+    if (!j.is_object()) fail(path, ": expected a JSON object, found ", json_describe(j));
+    const Json* map = j.find("weight_map");
+    if (!map) fail(path, ": missing key \"weight_map\"");
+    if (!map->is_object()) fail(path, ": weight_map: expected an object {tensor: file}, found ", json_describe(*map));
+    std::vector<std::pair<std::string, std::string>> out;
+    for (const auto& kv : map->object) {
+        if (!kv.second.is_string())
+            fail(path, ": weight_map: tensor \"", kv.first, "\": expected a file name, found ", json_describe(kv.second));
+        const std::string& file = kv.second.string;
+        const bool bad = file.empty() || file[0] == '/' || file == ".." || io_detail::starts_with(file, "../") ||
+                         file.find("/../") != std::string::npos ||
+                         (file.size() >= 3 && file.compare(file.size() - 3, 3, "/..") == 0);
+        if (bad) fail(path, ": weight_map: tensor \"", kv.first, "\": file \"", file, "\" must be a path inside the directory");
+        out.emplace_back(kv.first, file);
+    }
+    return out;
+}
+
+// All tensors of a checkpoint directory: model.safetensors, or the shards listed by model.safetensors.index.json
+// (transformers looks for the single file first, and so do we).
+struct HfCheckpoint {
+    struct Source {
+        const SafetensorsFile* file = nullptr;
+        const TensorInfo* info = nullptr;
+    };
+    std::string dir, description;  // description: the file(s) the tensors come from, for messages
+    std::vector<std::unique_ptr<SafetensorsFile>> files;
+    std::map<std::string, Source> tensors;  // ordered: deterministic messages, prefix queries
+
+    explicit HfCheckpoint(const std::string& directory) : dir(directory) {
+        const std::string single = io_detail::join_path(dir, "model.safetensors");
+        const std::string index = io_detail::join_path(dir, "model.safetensors.index.json");
+        if (io_detail::file_exists(single)) {
+            files.push_back(std::make_unique<SafetensorsFile>(single));
+            for (const TensorInfo& t : files.back()->tensors) tensors[t.name] = {files.back().get(), &t};
+            description = single;
+            return;
+        }
+        if (!io_detail::file_exists(index))
+            fail(dir, ": no model.safetensors or model.safetensors.index.json (is this a Hugging Face model directory?)");
+        std::map<std::string, const SafetensorsFile*> opened;
+        for (const auto& entry : read_safetensors_index(index)) {
+            const SafetensorsFile*& file = opened[entry.second];
+            if (!file) {
+                files.push_back(std::make_unique<SafetensorsFile>(io_detail::join_path(dir, entry.second)));
+                file = files.back().get();
+            }
+            const TensorInfo* t = file->find(entry.first);
+            if (!t) fail(index, ": weight_map puts tensor \"", entry.first, "\" in ", file->path, ", which has no such tensor");
+            tensors[entry.first] = {file, t};
+        }
+        description = index + " (" + std::to_string(files.size()) + " shard" + (files.size() == 1 ? "" : "s") + ")";
+    }
+    const Source* find(const std::string& name) const {
+        auto it = tensors.find(name);
+        return it == tensors.end() ? nullptr : &it->second;
+    }
+    bool has_prefix(const std::string& prefix) const {
+        auto it = tensors.lower_bound(prefix);
+        return it != tensors.end() && io_detail::starts_with(it->first, prefix);
+    }
+};
+
+// --- 9.3 config.json <-> Config ---------------------------------------------------------------------------------
+// The mapping of MODEL.md §1. Most fields map one to one (table below); the rest need care:
+//   q_lora_rank       null in config.json when the query is projected directly (V2-Lite); 0 in Config.
+//   rope_theta        top level, or inside "rope_parameters" (transformers >= 5 writes that).
+//   YaRN              under "rope_scaling" (DeepSeek's files, older transformers) or "rope_parameters":
+//                     {"type"/"rope_type": "yarn", factor, original_max_position_embeddings, beta_fast, beta_slow,
+//                      mscale, mscale_all_dim}; mscale_all_dim is Config.mscale (the attention-scale coefficient).
+//   quantization_config  DeepSeek's FP8 release: reported in HfConfigInfo, used when loading weights.
+// A key that is absent takes transformers' DeepseekV3Config default (mostly the 671B values), so a file reads the way
+// transformers reads it; keys this model does not use are ignored; a key of the wrong type is an error naming it.
+struct HfQuantization {
+    bool fp8 = false;                   // quantization_config.quant_method == "fp8"
+    std::string fmt = "e4m3", activation_scheme = "dynamic";
+    int block_out = 128, block_in = 128;  // weight_block_size: one scale per block of [out, in] weights
+};
+struct HfConfigInfo {
+    HfQuantization quant;
+    std::vector<std::string> notes;     // where transformers' forward will differ for this file, and other remarks
+};
+
+namespace io_detail {
+// Config field -> config.json key, for the fields that map one to one.
+inline const char* hf_key_of(const char* field) {
+    static const char* const table[][2] = {
+        {"vocab_size", "vocab_size"}, {"dim", "hidden_size"}, {"inter_dim", "intermediate_size"},
+        {"moe_inter_dim", "moe_intermediate_size"}, {"n_layers", "num_hidden_layers"},
+        {"n_dense_layers", "first_k_dense_replace"}, {"n_heads", "num_attention_heads"},
+        {"n_routed_experts", "n_routed_experts"}, {"n_shared_experts", "n_shared_experts"},
+        {"n_activated_experts", "num_experts_per_tok"}, {"n_expert_groups", "n_group"},
+        {"n_limited_groups", "topk_group"}, {"score_func", "scoring_func"}, {"route_scale", "routed_scaling_factor"},
+        {"norm_topk_prob", "norm_topk_prob"}, {"kv_lora_rank", "kv_lora_rank"},
+        {"qk_nope_head_dim", "qk_nope_head_dim"}, {"qk_rope_head_dim", "qk_rope_head_dim"},
+        {"v_head_dim", "v_head_dim"}, {"max_seq_len", "max_position_embeddings"}, {"rms_norm_eps", "rms_norm_eps"},
+        {"n_mtp_depth", "num_nextn_predict_layers"},
+        {"init_std", "initializer_range"},             // transformers' name for the init standard deviation
+        {"balance_loss_alpha", "aux_loss_alpha"},      // DeepSeek's name for the balance-loss coefficient α
+        {"bias_update_speed", "bias_update_speed"},    // γ of loss-free balancing; not in DeepSeek's files
+    };
+    for (const auto& row : table)
+        if (std::strcmp(row[0], field) == 0) return row[1];
+    return nullptr;
+}
+
+// The same, for every field config.json carries, the nested ones written as "rope_scaling.factor".
+inline const char* hf_key_of_any(const char* field) {
+    static const char* const nested[][2] = {
+        {"q_lora_rank", "q_lora_rank"}, {"rope_theta", "rope_theta"}, {"rope_factor", "rope_scaling.factor"},
+        {"original_seq_len", "rope_scaling.original_max_position_embeddings"}, {"beta_fast", "rope_scaling.beta_fast"},
+        {"beta_slow", "rope_scaling.beta_slow"}, {"mscale", "rope_scaling.mscale_all_dim"}};
+    for (const auto& row : nested)
+        if (std::strcmp(row[0], field) == 0) return row[1];
+    return hf_key_of(field);
+}
+
+inline void from_json(const Json& v, int& out, const std::string& where, const std::string& key) {
+    const bool ok = v.is_number() && std::floor(v.number) == v.number && v.number >= INT_MIN && v.number <= INT_MAX;
+    if (!ok) fail(where, ": key \"", key, "\": expected an integer, found ", json_describe(v));
+    out = int(v.number);
+}
+inline void from_json(const Json& v, float& out, const std::string& where, const std::string& key) {
+    if (!v.is_number() || std::fabs(v.number) > double(FLT_MAX))
+        fail(where, ": key \"", key, "\": expected a number, found ", json_describe(v));
+    out = float(v.number);
+}
+inline void from_json(const Json& v, bool& out, const std::string& where, const std::string& key) {
+    if (v.type != Json::Type::boolean) fail(where, ": key \"", key, "\": expected true or false, found ", json_describe(v));
+    out = v.boolean;
+}
+inline void from_json(const Json& v, std::string& out, const std::string& where, const std::string& key) {
+    if (!v.is_string()) fail(where, ": key \"", key, "\": expected a string, found ", json_describe(v));
+    out = v.string;
+}
+inline Json to_json(int v) { return Json::of_int(v); }
+inline Json to_json(float v) { return Json::of_float(v); }
+inline Json to_json(bool v) { return Json::of_bool(v); }
+inline Json to_json(const std::string& v) { return Json::of_string(v); }
+
+// YaRN's attention-scale function: m(s, c) = 0.1·c·ln(s) + 1 (1 when s <= 1).
+inline double yarn_mscale(double s, double c) { return s <= 1 ? 1.0 : 0.1 * c * std::log(s) + 1.0; }
+}  // namespace io_detail
+
+// transformers' DeepseekV3Config defaults, i.e. what an absent key means.
+inline Config hf_config_defaults() {
+    Config c = Config::v3_671b();
+    c.max_seq_len = 4096;                      // max_position_embeddings
+    c.rope_factor = 1.0f;                      // no rope_scaling: plain RoPE
+    c.mscale = 1.0f;
+    c.n_mtp_depth = 0;                         // transformers has no MTP; DeepSeek's files say 1
+    c.init_std = 0.02f;                        // initializer_range
+    return c;
+}
+
+// config.json (already parsed) -> Config. `where` (the file name) starts every error message.
+inline Config config_from_hf_json(const Json& j, const std::string& where, HfConfigInfo* info = nullptr) {
+    using io_detail::from_json;
+    HfConfigInfo local;
+    HfConfigInfo& out = info ? *info : local;
+    out = HfConfigInfo{};
+    if (!j.is_object()) fail(where, ": expected a JSON object, found ", json_describe(j));
+    const Json* model_type = j.find("model_type");
+    if (!model_type || !model_type->is_string() || model_type->string != "deepseek_v3")
+        fail(where, ": key \"model_type\": expected \"deepseek_v3\", found ",
+             model_type ? json_describe(*model_type) : std::string("no such key"));
+    Config c = hf_config_defaults();
+    c.visit([&](const char* field, auto& value) {
+        const char* key = io_detail::hf_key_of(field);
+        if (!key) return;
+        if (const Json* v = j.find(key)) from_json(*v, value, where, key);
+    });
+    if (const Json* v = j.find("q_lora_rank")) {
+        if (v->is_null()) c.q_lora_rank = 0;
+        else from_json(*v, c.q_lora_rank, where, "q_lora_rank");
+    }
+    // Features of transformers' DeepseekV3 this implementation does not have: refuse rather than compute wrongly.
+    auto require = [&](const char* key, const Json& expected, const char* why) {
+        const Json* v = j.find(key);
+        if (!v || v->is_null()) return;
+        const bool same = v->type == expected.type && json_dump(*v) == json_dump(expected);
+        const bool same_number = v->is_number() && expected.is_number() && v->number == expected.number;
+        if (!same && !same_number)
+            fail(where, ": key \"", key, "\": only ", json_dump(expected), " is supported (", why, "), found ", json_describe(*v));
+    };
+    require("num_key_value_heads", Json::of_int(c.n_heads), "MLA has one key/value head per query head");
+    require("hidden_act", Json::of_string("silu"), "SwiGLU");
+    require("attention_bias", Json::of_bool(false), "the projections have no bias");
+    require("tie_word_embeddings", Json::of_bool(false), "the output head is not tied to the embedding");
+    require("rope_interleave", Json::of_bool(true), "RoPE rotates consecutive pairs, DeepSeek's layout");
+    require("moe_layer_freq", Json::of_int(1), "every layer after first_k_dense_replace is MoE");
+    // transformers saves these derived values, and a saved value overrides the one it would compute.
+    require("head_dim", Json::of_int(c.qk_rope_head_dim), "transformers' RoPE dimension, qk_rope_head_dim");
+    require("qk_head_dim", Json::of_int(c.qk_head_dim()), "qk_nope_head_dim + qk_rope_head_dim");
+
+    // RoPE: rope_scaling wins over rope_parameters when both are given, as in transformers.
+    const Json* rope = nullptr;
+    std::string rope_key;
+    for (const char* key : {"rope_scaling", "rope_parameters"}) {
+        const Json* v = j.find(key);
+        if (!v || v->is_null()) continue;
+        if (!v->is_object()) fail(where, ": key \"", key, "\": expected an object or null, found ", json_describe(*v));
+        rope = v;
+        rope_key = key;
+        break;
+    }
+    const Json* theta_top = j.find("rope_theta");
+    const Json* theta_in = rope ? rope->find("rope_theta") : nullptr;
+    if (theta_top && theta_in && !(theta_top->is_number() && theta_in->is_number() && theta_top->number == theta_in->number))
+        fail(where, ": \"rope_theta\" (", json_describe(*theta_top), ") and \"", rope_key, ".rope_theta\" (",
+             json_describe(*theta_in), ") disagree");
+    if (theta_in) from_json(*theta_in, c.rope_theta, where, rope_key + ".rope_theta");
+    else if (theta_top) from_json(*theta_top, c.rope_theta, where, "rope_theta");
+    if (rope) {
+        auto key_of = [&](const char* k) { return rope_key + "." + k; };
+        auto get = [&](const char* k) -> const Json* {
+            const Json* v = rope->find(k);
+            return v && !v->is_null() ? v : nullptr;
+        };
+        std::string type = "default";
+        if (const Json* v = get("rope_type")) from_json(*v, type, where, key_of("rope_type"));
+        else if (const Json* v2 = get("type")) from_json(*v2, type, where, key_of("type"));
+        if (type == "yarn") {
+            if (const Json* v = get("original_max_position_embeddings"))
+                from_json(*v, c.original_seq_len, where, key_of("original_max_position_embeddings"));
+            else
+                c.original_seq_len = c.max_seq_len;
+            if (const Json* v = get("factor")) from_json(*v, c.rope_factor, where, key_of("factor"));
+            else c.rope_factor = float(double(c.max_seq_len) / c.original_seq_len);  // transformers >= 5
+            float beta_fast = 32, beta_slow = 1, mscale = 0, mscale_all_dim = 0;  // transformers: `or 32`, `or 1`
+            if (const Json* v = get("beta_fast")) from_json(*v, beta_fast, where, key_of("beta_fast"));
+            if (const Json* v = get("beta_slow")) from_json(*v, beta_slow, where, key_of("beta_slow"));
+            if (const Json* v = get("mscale")) from_json(*v, mscale, where, key_of("mscale"));
+            if (const Json* v = get("mscale_all_dim")) from_json(*v, mscale_all_dim, where, key_of("mscale_all_dim"));
+            c.beta_fast = beta_fast != 0 ? beta_fast : 32.0f;
+            c.beta_slow = beta_slow != 0 ? beta_slow : 1.0f;
+            c.mscale = mscale_all_dim;  // transformers scales attention only when mscale_all_dim is non-zero: m(s, 0) = 1
+            // transformers also multiplies cos and sin by mscale(s, mscale)/mscale(s, mscale_all_dim) (1 in DeepSeek's
+            // configs, where both are equal), or by an explicit attention_factor, or by mscale(s, 1) when either is
+            // missing. This implementation never scales cos/sin: say so when it matters.
+            double cos_sin_factor = io_detail::yarn_mscale(c.rope_factor, 1.0);
+            if (const Json* v = get("attention_factor")) {
+                float a = 1;
+                from_json(*v, a, where, key_of("attention_factor"));
+                cos_sin_factor = a;
+            } else if (mscale != 0 && mscale_all_dim != 0) {
+                cos_sin_factor = io_detail::yarn_mscale(c.rope_factor, mscale) / io_detail::yarn_mscale(c.rope_factor, mscale_all_dim);
+            }
+            if (std::fabs(cos_sin_factor - 1.0) > 1e-6)
+                out.notes.push_back("transformers multiplies RoPE's cos and sin by " + std::to_string(cos_sin_factor) +
+                                    " for this " + rope_key + " (mscale " + std::to_string(mscale) + ", mscale_all_dim " +
+                                    std::to_string(mscale_all_dim) + "); this implementation does not, so logits differ");
+            if (std::fabs(double(c.rope_factor) * c.original_seq_len - c.max_seq_len) > 0.5)
+                out.notes.push_back("YaRN factor " + std::to_string(c.rope_factor) + " x original_max_position_embeddings " +
+                                    std::to_string(c.original_seq_len) + " != max_position_embeddings " +
+                                    std::to_string(c.max_seq_len) + ": transformers 4.5x derives the frequencies' factor from "
+                                    "max_position_embeddings / original_max_position_embeddings instead, so it may differ");
+        } else if (type != "default") {
+            fail(where, ": key \"", rope_key, ".rope_type\": only \"yarn\" and \"default\" are supported, found \"", type, "\"");
+        }
+    }
+    if (const Json* q = j.find("quantization_config"); q && !q->is_null()) {
+        if (!q->is_object()) fail(where, ": key \"quantization_config\": expected an object, found ", json_describe(*q));
+        std::string method;
+        const Json* m = q->find("quant_method");
+        if (!m) fail(where, ": key \"quantization_config.quant_method\": missing");
+        from_json(*m, method, where, "quantization_config.quant_method");
+        if (method != "fp8")
+            fail(where, ": key \"quantization_config.quant_method\": only \"fp8\" (DeepSeek's block-scaled FP8) is "
+                 "supported, found \"", method, "\"");
+        out.quant.fp8 = true;
+        if (const Json* f = q->find("fmt")) from_json(*f, out.quant.fmt, where, "quantization_config.fmt");
+        if (out.quant.fmt != "e4m3")
+            fail(where, ": key \"quantization_config.fmt\": only \"e4m3\" is supported, found \"", out.quant.fmt, "\"");
+        if (const Json* a = q->find("activation_scheme"))
+            from_json(*a, out.quant.activation_scheme, where, "quantization_config.activation_scheme");
+        if (const Json* b = q->find("weight_block_size")) {
+            if (!b->is_array() || b->array.size() != 2)
+                fail(where, ": key \"quantization_config.weight_block_size\": expected [out, in], found ", json_describe(*b));
+            from_json(b->array[0], out.quant.block_out, where, "quantization_config.weight_block_size[0]");
+            from_json(b->array[1], out.quant.block_in, where, "quantization_config.weight_block_size[1]");
+            if (out.quant.block_out <= 0 || out.quant.block_in <= 0)
+                fail(where, ": key \"quantization_config.weight_block_size\": expected positive sizes, found ", json_describe(*b));
+        }
+    }
+    if (c.score_func == "softmax")
+        out.notes.push_back("scoring_func \"softmax\": transformers' DeepseekV3 always scores experts with a sigmoid");
+    try {
+        c.validate();
+    } catch (const Error& e) {
+        // validate() names Config fields; add the config.json keys they come from.
+        const std::string message = e.what();
+        auto is_word = [](char ch) { return std::isalnum(static_cast<unsigned char>(ch)) || ch == '_'; };
+        std::string keys;
+        c.visit([&](const char* field, const auto&) {
+            const std::string f = field;
+            bool found = false;
+            for (size_t at = message.find(f); at != std::string::npos && !found; at = message.find(f, at + 1))
+                found = (at == 0 || !is_word(message[at - 1])) &&
+                        (at + f.size() == message.size() || !is_word(message[at + f.size()]));
+            if (!found) return;
+            if (const char* key = io_detail::hf_key_of_any(field)) keys += (keys.empty() ? "" : ", ") + std::string(key);
+        });
+        fail(where, ": the config is not a valid model", keys.empty() ? "" : " (config.json keys: " + keys + ")", ": ",
+             message);
+    }
+    return c;
+}
+
+// Config -> config.json for transformers' DeepseekV3ForCausalLM. Keys transformers needs beyond the architecture:
+// num_key_value_heads (its default, 128, would break attention for other head counts), and the fixed choices of this
+// implementation (silu, no attention bias, untied head, interleaved RoPE pairs).
+inline Json config_to_hf_json(const Config& c, const std::string& torch_dtype = "float32") {
+    c.validate();
+    Json j = Json::new_object();
+    j.add("architectures", Json::new_array()).push(Json::of_string("DeepseekV3ForCausalLM"));
+    j.add("model_type", Json::of_string("deepseek_v3"));
+    c.visit([&](const char* field, const auto& value) {
+        if (const char* key = io_detail::hf_key_of(field)) j.add(key, io_detail::to_json(value));
+    });
+    j.add("q_lora_rank", c.q_lora_rank > 0 ? Json::of_int(c.q_lora_rank) : Json{});
+    j.add("rope_theta", Json::of_float(c.rope_theta));
+    if (c.yarn_active()) {
+        Json& r = j.add("rope_scaling", Json::new_object());
+        r.add("type", Json::of_string("yarn"));
+        r.add("rope_type", Json::of_string("yarn"));
+        r.add("factor", Json::of_float(c.rope_factor));
+        r.add("original_max_position_embeddings", Json::of_int(c.original_seq_len));
+        r.add("beta_fast", Json::of_float(c.beta_fast));
+        r.add("beta_slow", Json::of_float(c.beta_slow));
+        // mscale == mscale_all_dim makes transformers' cos/sin factor 1, as in our RoPE (see the reader above).
+        r.add("mscale", Json::of_float(c.mscale));
+        r.add("mscale_all_dim", Json::of_float(c.mscale));
+        if (c.mscale == 0.0f) r.add("attention_factor", Json::of_double(1.0));
+    } else {
+        j.add("rope_scaling", Json{});
+    }
+    j.add("num_key_value_heads", Json::of_int(c.n_heads));
+    j.add("hidden_act", Json::of_string("silu"));
+    j.add("attention_bias", Json::of_bool(false));
+    j.add("attention_dropout", Json::of_double(0.0));
+    j.add("rope_interleave", Json::of_bool(true));
+    j.add("tie_word_embeddings", Json::of_bool(false));
+    j.add("topk_method", Json::of_string(c.score_func == "sigmoid" ? "noaux_tc"
+                                          : c.n_expert_groups > 1 ? "group_limited_greedy" : "greedy"));
+    j.add("use_cache", Json::of_bool(true));
+    j.add("torch_dtype", Json::of_string(torch_dtype));
+    return j;
+}
+
+inline Config read_hf_config(const std::string& path, HfConfigInfo* info = nullptr) {
+    return config_from_hf_json(json_read_file(path), path, info);
+}
+inline void write_hf_config(const std::string& path, const Config& c, const std::string& torch_dtype = "float32") {
+    const std::string text = json_dump(config_to_hf_json(c, torch_dtype), 2) + "\n";
+    write_file_atomic_stream(path, "config.json", [&](std::FILE* f) { return write_bytes(f, text.data(), text.size()); });
+}
+
+// --- 9.4 Model <-> Hugging Face directory -----------------------------------------------------------------------
+// Names: every ParamEntry carries its HF name. Two things are special in DeepSeek's checkpoints [MODEL.md §5, §7]:
+//  * MTP module k (k = 1..D) is stored as layer n_layers+k-1 and carries its OWN copies of the shared embedding and
+//    output head: model.layers.{n_layers+k-1}.embed_tokens.weight and .shared_head.head.weight. save_hf writes them
+//    (so the directory looks like DeepSeek's); load_hf checks their shapes and that they equal the shared tensors.
+//    transformers' DeepseekV3ForCausalLM has no MTP: it skips layer 61's weights silently (its ignore list names
+//    model.layers.61 only) and reports other layers beyond num_hidden_layers as unused weights, a warning.
+//  * FP8 weights (DeepSeek's official release): each linear *_proj.weight is F8_E4M3 with a float32 companion
+//    <name>_scale_inv of shape [ceil(out/128), ceil(in/128)], one scale per 128×128 block: real = fp8 × scale_inv.
+//    load_hf dequantizes them to float32.
+inline std::string mtp_embed_copy_name(const Config& c, int k) {  // k = 0..D-1
+    return "model.layers." + std::to_string(c.n_layers + k) + ".embed_tokens.weight";
+}
+inline std::string mtp_head_copy_name(const Config& c, int k) {
+    return "model.layers." + std::to_string(c.n_layers + k) + ".shared_head.head.weight";
+}
+
+// Writes dir/config.json and dir/model.safetensors. dtype F32 (exact) or BF16 (half the size; the routing bias stays
+// F32, as in DeepSeek's files: a bias of 1e-3 steps must not be rounded to BF16's 8 bits).
+inline void save_hf(const std::string& dir, const Model& model, DType dtype = DType::F32) {
+    if (dtype != DType::F32 && dtype != DType::BF16) fail("save_hf ", dir, ": dtype must be F32 or BF16, found ", dtype_name(dtype));
+    std::error_code ec;
+    std::filesystem::create_directories(dir, ec);
+    if (ec) fail("save_hf ", dir, ": cannot create the directory: ", ec.message());
+    if (io_detail::file_exists(io_detail::join_path(dir, "model.safetensors.index.json")))
+        fail("save_hf ", dir, ": the directory holds a sharded checkpoint (model.safetensors.index.json); use another one");
+    const Config& c = model.cfg;
+    std::vector<TensorToWrite> out;
+    for (const ParamEntry& e : model.layout.entries)
+        out.push_back({e.name, e.shape, model.params.data() + e.offset,
+                       e.kind == ParamKind::routing_bias ? DType::F32 : dtype});
+    const int64_t V = c.vocab_size, d = c.dim;
+    for (int k = 0; k < int(model.layout.mtp.size()); ++k) {
+        out.push_back({mtp_embed_copy_name(c, k), {V, d}, model.params.data() + model.layout.embed, dtype});
+        out.push_back({mtp_head_copy_name(c, k), {V, d}, model.params.data() + model.layout.head.w, dtype});
+    }
+    write_hf_config(io_detail::join_path(dir, "config.json"), c, dtype == DType::BF16 ? "bfloat16" : "float32");
+    write_safetensors(io_detail::join_path(dir, "model.safetensors"), out);
+}
+
+namespace io_detail {
+// Reads one tensor of the checkpoint into `out` (numel floats), dequantizing FP8 weights with their block scales.
+// `used` collects the checkpoint names consumed (the tensor and its scale).
+inline void read_checkpoint_tensor(const HfCheckpoint& ckpt, const HfCheckpoint::Source& src, const HfQuantization& q,
+                                   float* out, std::unordered_set<std::string>& used) {
+    const TensorInfo& t = *src.info;
+    used.insert(t.name);
+    if (!dtype_is_fp8(t.dtype)) {
+        src.file->read_floats(t, out);
+        return;
+    }
+    // Block-scaled FP8 [DeepSeek-V3 §3.3.2; MODEL.md §7]: w[r][c] = fp8(q[r][c]) · scale_inv[r / 128][c / 128].
+    const std::string scale_name = t.name + "_scale_inv";
+    const HfCheckpoint::Source* s = ckpt.find(scale_name);
+    if (!s) fail(src.file->path, ": tensor \"", t.name, "\" is ", dtype_name(t.dtype), " but its scale \"", scale_name,
+                 "\" is missing from ", ckpt.description);
+    if (t.shape.size() != 2)
+        fail(src.file->path, ": tensor \"", t.name, "\": FP8 with block scales needs a matrix, found shape ", shape_str(t.shape));
+    const int64_t rows = t.shape[0], cols = t.shape[1];
+    const std::vector<int64_t> expected = {(rows + q.block_out - 1) / q.block_out, (cols + q.block_in - 1) / q.block_in};
+    if (s->info->shape != expected)
+        fail(s->file->path, ": tensor \"", scale_name, "\": expected shape ", shape_str(expected), " (one scale per ",
+             q.block_out, "x", q.block_in, " block of ", shape_str(t.shape), "), found ", shape_str(s->info->shape));
+    std::vector<float> scale(size_t(s->info->numel));
+    s->file->read_floats(*s->info, scale.data());
+    used.insert(scale_name);
+    const std::vector<uint8_t> codes = src.file->read_bytes(t);
+    float table[256];
+    for (int i = 0; i < 256; ++i)
+        table[i] = t.dtype == DType::F8_E4M3 ? fp8_e4m3_decode(uint8_t(i)) : fp8_e5m2_decode(uint8_t(i));
+    parallel_for(rows, [&](int64_t r) {
+        const float* srow = scale.data() + (r / q.block_out) * expected[1];
+        for (int64_t col = 0; col < cols; ++col) out[r * cols + col] = table[codes[size_t(r * cols + col)]] * srow[col / q.block_in];
+    });
+}
+}  // namespace io_detail
+
+// Copies every tensor of a checkpoint directory into `model` (whose config must match the checkpoint). Errors: any
+// tensor missing (the message lists some), a shape differing from the config's, a tensor this config does not have.
+// Notes (non-fatal) are appended to `notes`.
+inline void load_hf_weights(const HfCheckpoint& ckpt, Model& model, const HfQuantization& quant,
+                            std::vector<std::string>* notes = nullptr) {
+    using io_detail::shape_str;
+    const Config& c = model.cfg;
+    std::unordered_set<std::string> used;
+    std::vector<std::string> missing;
+    for (const ParamEntry& e : model.layout.entries) {
+        const HfCheckpoint::Source* src = ckpt.find(e.name);
+        if (!src) { missing.push_back(e.name); continue; }
+        if (src->info->shape != e.shape)
+            fail(ckpt.dir, ": tensor \"", e.name, "\" in ", src->file->path, ": expected shape ", shape_str(e.shape),
+                 " (from config.json), found ", shape_str(src->info->shape));
+        io_detail::read_checkpoint_tensor(ckpt, *src, quant, model.params.data() + e.offset, used);
+    }
+    if (!missing.empty())
+        fail(ckpt.dir, ": ", missing.size(), " tensor", missing.size() == 1 ? " is" : "s are", " missing from ",
+             ckpt.description, ": ", io_detail::name_list(missing));
+    // The MTP modules' copies of the embedding and head: same shape, and (normally) the same values.
+    const int64_t V = c.vocab_size, d = c.dim;
+    for (int k = 0; k < int(model.layout.mtp.size()); ++k) {
+        for (int which = 0; which < 2; ++which) {
+            const std::string name = which == 0 ? mtp_embed_copy_name(c, k) : mtp_head_copy_name(c, k);
+            const HfCheckpoint::Source* src = ckpt.find(name);
+            if (!src) continue;
+            if (src->info->shape != std::vector<int64_t>{V, d})
+                fail(ckpt.dir, ": tensor \"", name, "\" in ", src->file->path, ": expected shape ", shape_str({V, d}),
+                     " (a copy of the shared ", which == 0 ? "embedding" : "output head", "), found ", shape_str(src->info->shape));
+            std::vector<float> copy(size_t(V * d));
+            io_detail::read_checkpoint_tensor(ckpt, *src, quant, copy.data(), used);
+            const float* shared = model.params.data() + (which == 0 ? model.layout.embed : model.layout.head.w);
+            double max_diff = 0;
+            for (size_t i = 0; i < copy.size(); ++i) max_diff = std::max(max_diff, double(std::fabs(copy[i] - shared[i])));
+            if (max_diff > 0 && notes)
+                notes->push_back("\"" + name + "\" differs from the shared tensor (max |diff| " + std::to_string(max_diff) +
+                                 "); the model shares one, so the copy is ignored");
+        }
+    }
+    std::vector<std::string> extra;
+    bool extra_layers = false;
+    for (const auto& kv : ckpt.tensors) {
+        if (used.count(kv.first)) continue;
+        extra.push_back(kv.first);
+        if (io_detail::starts_with(kv.first, "model.layers.")) {
+            const int layer = std::atoi(kv.first.c_str() + std::strlen("model.layers."));
+            if (layer >= c.n_layers + int(model.layout.mtp.size())) extra_layers = true;
+        }
+    }
+    if (!extra.empty())
+        fail(ckpt.dir, ": ", extra.size(), " tensor", extra.size() == 1 ? " in " : "s in ", ckpt.description,
+             extra.size() == 1 ? " is" : " are", " not part of the model config.json describes: ", io_detail::name_list(extra),
+             extra_layers ? " (layers beyond num_hidden_layers: MTP weights? config.json declares num_nextn_predict_layers = " +
+                                std::to_string(c.n_mtp_depth) + ")"
+                          : "");
+}
+
+// Reads a Hugging Face directory (config.json + model.safetensors or shards, any mix of F32/BF16/F16/FP8) into a new
+// Model. If config.json declares MTP modules (num_nextn_predict_layers) whose weights the checkpoint lacks, the model
+// is built without them (n_mtp_depth = the modules present), and a note says so. Notes go to stderr.
+inline Model load_hf(const std::string& dir, uint64_t seed = 0) {
+    HfConfigInfo info;
+    Config cfg = read_hf_config(io_detail::join_path(dir, "config.json"), &info);
+    HfCheckpoint ckpt(dir);
+    int present = 0;
+    while (present < cfg.n_mtp_depth && ckpt.has_prefix("model.layers." + std::to_string(cfg.n_layers + present) + "."))
+        ++present;
+    if (present < cfg.n_mtp_depth) {
+        info.notes.push_back("config.json declares num_nextn_predict_layers = " + std::to_string(cfg.n_mtp_depth) +
+                             " but " + ckpt.description + " holds weights for " + std::to_string(present) +
+                             " MTP module(s): loading with n_mtp_depth = " + std::to_string(present));
+        cfg.n_mtp_depth = present;
+    }
+    Model model(cfg, seed);
+    load_hf_weights(ckpt, model, info.quant, &info.notes);
+    for (const auto& f : ckpt.files)
+        if (f->uncovered_bytes > 0)
+            info.notes.push_back(f->path + ": " + std::to_string(f->uncovered_bytes) + " bytes of the data section belong to no tensor");
+    for (const std::string& note : info.notes) std::fprintf(stderr, "load_hf %s: note: %s\n", dir.c_str(), note.c_str());
+    return model;
+}
+
+// --- 9.5 .npy files, and the forward pass as transformers computes it -------------------------------------------
+// .npy (NumPy format 1.0): "\x93NUMPY", version 1 0, a little-endian uint16 header length, a Python dict literal
+// {'descr': '<f4', 'fortran_order': False, 'shape': (2, 8, 64), } padded with spaces and a newline so that the data
+// starts at a multiple of 64 bytes, then the raw little-endian float32 values in C (row-major) order.
+inline void write_npy(const std::string& path, const float* data, const std::vector<int64_t>& shape) {
+    std::string dict = "{'descr': '<f4', 'fortran_order': False, 'shape': (";
+    int64_t numel = 1;
+    for (size_t i = 0; i < shape.size(); ++i) {
+        if (shape[i] < 0) fail("npy ", path, ": negative dimension in ", io_detail::shape_str(shape));
+        dict += std::to_string(shape[i]) + (shape.size() == 1 ? "," : i + 1 < shape.size() ? ", " : "");
+        numel *= shape[i];
+    }
+    dict += "), }";
+    const size_t unpadded = 10 + dict.size() + 1;  // magic(6) + version(2) + length(2) + dict + '\n'
+    dict.append((64 - unpadded % 64) % 64, ' ');
+    dict += '\n';
+    write_file_atomic_stream(path, "npy", [&](std::FILE* f) {
+        const uint8_t head[10] = {0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0, uint8_t(dict.size() & 0xFF), uint8_t(dict.size() >> 8)};
+        if (!write_bytes(f, head, 10) || !write_bytes(f, dict.data(), dict.size())) return false;
+        std::vector<uint8_t> bytes(size_t(numel) * 4);
+        encode_from_float(DType::F32, data, numel, bytes.data());
+        return write_bytes(f, bytes.data(), bytes.size());
+    });
+}
+// Reads a float32 C-order .npy (version 1 or 2), as numpy.save writes it; `shape` receives the dimensions.
+inline std::vector<float> read_npy(const std::string& path, std::vector<int64_t>* shape = nullptr) {
+    const std::string bytes = read_file_bytes(path);
+    if (bytes.size() < 10 || bytes.compare(0, 6, "\x93NUMPY") != 0) fail("npy ", path, ": not a .npy file (bad magic)");
+    const int major = uint8_t(bytes[6]);
+    size_t header_len, start;
+    if (major == 1) {
+        header_len = uint8_t(bytes[8]) | size_t(uint8_t(bytes[9])) << 8;
+        start = 10;
+    } else if (major == 2 || major == 3) {
+        if (bytes.size() < 12) fail("npy ", path, ": truncated header");
+        header_len = 0;
+        for (int i = 3; i >= 0; --i) header_len = (header_len << 8) | uint8_t(bytes[8 + size_t(i)]);
+        start = 12;
+    } else {
+        fail("npy ", path, ": unsupported format version ", major);
+    }
+    if (header_len > bytes.size() - start) fail("npy ", path, ": header length ", header_len, " beyond the file");
+    const std::string dict = bytes.substr(start, header_len);
+    auto value_after = [&](const char* key) {
+        const size_t k = dict.find(key);
+        if (k == std::string::npos) fail("npy ", path, ": header has no ", key);
+        size_t v = dict.find(':', k);
+        if (v == std::string::npos) fail("npy ", path, ": malformed header");
+        ++v;
+        while (v < dict.size() && dict[v] == ' ') ++v;
+        return v;
+    };
+    size_t v = value_after("'descr'");
+    if (dict.compare(v, 5, "'<f4'") != 0) fail("npy ", path, ": expected dtype '<f4' (float32), found ", dict.substr(v, 8));
+    v = value_after("'fortran_order'");
+    if (dict.compare(v, 5, "False") != 0) fail("npy ", path, ": Fortran order is not supported");
+    v = value_after("'shape'");
+    if (v >= dict.size() || dict[v] != '(') fail("npy ", path, ": malformed shape");
+    const size_t close = dict.find(')', v);
+    if (close == std::string::npos) fail("npy ", path, ": malformed shape");
+    std::vector<int64_t> dims;
+    int64_t numel = 1;
+    for (size_t i = v + 1; i < close;) {
+        while (i < close && (dict[i] == ' ' || dict[i] == ',')) ++i;
+        if (i >= close) break;
+        char* end = nullptr;
+        const long long d = std::strtoll(dict.c_str() + i, &end, 10);
+        const size_t used = size_t(end - (dict.c_str() + i));
+        if (used == 0 || d < 0 || (d > 0 && numel > (int64_t(1) << 40) / d)) fail("npy ", path, ": malformed shape");
+        dims.push_back(d);
+        numel *= d;
+        i += used;
+    }
+    const size_t data = start + header_len;
+    if (bytes.size() - data != size_t(numel) * 4)
+        fail("npy ", path, ": shape ", io_detail::shape_str(dims), " needs ", numel * 4, " bytes of data, found ", bytes.size() - data);
+    std::vector<float> out(static_cast<size_t>(numel));
+    decode_to_float(DType::F32, reinterpret_cast<const uint8_t*>(bytes.data() + data), numel, out.data());
+    if (shape) *shape = dims;
+    return out;
+}
+
+// Token rows as text: "1,2,3;4,5,6" (rows separated by ';', all of the same length).
+struct TokenRows {
+    int B = 0, T = 0;
+    std::vector<int32_t> tokens;  // [B, T]
+};
+inline TokenRows parse_token_rows(const std::string& text) {
+    TokenRows r;
+    std::vector<std::vector<int32_t>> rows(1);
+    size_t i = 0;
+    while (i < text.size()) {
+        const char c = text[i];
+        if (c == ';') { rows.emplace_back(); ++i; continue; }
+        if (c == ',' || c == ' ') { ++i; continue; }
+        char* end = nullptr;
+        errno = 0;
+        const long v = std::strtol(text.c_str() + i, &end, 10);
+        if (end == text.c_str() + i || errno != 0 || v < 0 || v > INT32_MAX)
+            fail("tokens \"", text, "\": expected a non-negative token id at character ", i);
+        rows.back().push_back(int32_t(v));
+        i = size_t(end - text.c_str());
+    }
+    r.B = int(rows.size());
+    r.T = int(rows[0].size());
+    for (size_t b = 0; b < rows.size(); ++b) {
+        if (rows[b].empty()) fail("tokens \"", text, "\": row ", b, " is empty");
+        if (int(rows[b].size()) != r.T)
+            fail("tokens \"", text, "\": row ", b, " has ", rows[b].size(), " tokens, row 0 has ", r.T, " (rows must be equal)");
+        r.tokens.insert(r.tokens.end(), rows[b].begin(), rows[b].end());
+    }
+    return r;
+}
+
+// The forward pass of transformers' DeepseekV3ForCausalLM(input_ids, labels=input_ids): logits for all T positions
+// of each row, and the mean cross-entropy of the B·(T−1) next-token predictions (labels shifted by one; the last
+// position has no label). Model::forward takes rows of T+1 tokens and predicts token t+1 at position t, so each row
+// gets one extra token, kIgnore: its position's target is skipped by the cross-entropy, and the embedding only reads
+// the first T tokens. No MTP, no balance loss (transformers has neither). The routing bias is used for selection,
+// as in transformers. Returns the loss; logits: model.logits(), [B·T, vocab]; with `gradients`, model.grads holds
+// the gradient of the loss.
+inline double forward_like_transformers(Model& model, const TokenRows& rows, bool gradients) {
+    for (size_t i = 0; i < rows.tokens.size(); ++i)
+        if (rows.tokens[i] < 0 || rows.tokens[i] >= model.cfg.vocab_size)
+            fail("tokens: row ", i / size_t(rows.T), " position ", i % size_t(rows.T), ": id ", rows.tokens[i],
+                 " outside the vocabulary [0, ", model.cfg.vocab_size, ")");
+    std::vector<int32_t> padded(size_t(rows.B) * (rows.T + 1));
+    for (int b = 0; b < rows.B; ++b) {
+        std::copy_n(rows.tokens.begin() + int64_t(b) * rows.T, rows.T, padded.begin() + int64_t(b) * (rows.T + 1));
+        padded[size_t(b) * (rows.T + 1) + size_t(rows.T)] = kIgnore;
+    }
+    LossOptions opt;
+    opt.with_mtp = false;
+    opt.balance = BalanceLoss::none;
+    const Losses loss = model.forward(padded.data(), rows.B, rows.T, opt);
+    if (gradients) model.backward();
+    return loss.main;
+}
+
+// The gradients of the main model's parameters under their HF names, as F32 safetensors (the routing bias, which has
+// no gradient, and the MTP modules, which transformers does not have, are left out).
+inline void write_gradients_hf(const std::string& path, const Model& model) {
+    std::vector<TensorToWrite> out;
+    for (const ParamEntry& e : model.layout.entries)
+        if (e.mtp_module < 0 && e.kind != ParamKind::routing_bias)
+            out.push_back({e.name, e.shape, model.grads.data() + e.offset, DType::F32});
+    write_safetensors(path, out);
+}
 
 }  // namespace dsv3

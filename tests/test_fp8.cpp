@@ -594,6 +594,7 @@ TEST_CASE("fp8_gemm: NaN inputs, E5M2 operands, argument checks, thread-count in
 }
 
 TEST_CASE("fp8_gemm: reproduces outputs recorded on an H100 (torch._scaled_mm, cuBLASLt)") {
+    // Made by tests/reference/fp8_h100_vectors.py on an H100 (PyTorch 2.11, CUDA 13).
     // Inputs come from dsv3::Rng (splitmix64), replicated in Python; the H100's float32 outputs were hashed (FNV-1a
     // over their bytes, row-major) and the first three kept for the message. "uniform": E4M3(float((u >> 40)·2^-24));
     // "codes": u & 0xFF with NaN codes (E5M2: inf/NaN codes) replaced by 0; block scales 0.5 + (u >> 40)·2^-24.
