@@ -2268,6 +2268,8 @@ struct MtpCache {
     float *out_n = nullptr, *out_rstd = nullptr, *logits = nullptr;
 };
 
+struct KvCache;  // section 8
+
 class Model {
   public:
     Config cfg;
@@ -2304,6 +2306,7 @@ class Model {
         return l;
     }
     const float* logits() const { return logits_; }  // [B·T, vocab] of the last forward
+    const float* mtp_logits(int k) const { return mtp_.at(size_t(k)).logits; }  // [B·T, vocab], module k+1
     // Attention weights of main block `layer` in the last forward: [B, H, T, T].
     const float* attention_probs(int layer) const { return blocks_.at(size_t(layer)).attn.probs; }
     // Expert loads of the last forward, one vector [N_r] per MoE block (main blocks first, then MTP blocks).
@@ -2315,6 +2318,12 @@ class Model {
             if (layout.mtp[k].block.is_moe) loads.push_back(mtp_[k].block.moe.load);
         return loads;
     }
+    // Inference (section 8): run n new tokens at the cache's next positions; logits: [n, vocab]; hidden: [n, dim]
+    // (optional) the last block's output, which the MTP module reads. absorbed: attention in the latent space.
+    void decode(const int32_t* tokens, int n, KvCache& cache, float* logits, float* hidden = nullptr,
+                bool absorbed = true);
+    void decode_mtp(const float* h, const int32_t* next_tokens, int n, KvCache& cache, float* logits,
+                    bool absorbed = true);
     std::vector<Block*> moe_blocks() {
         std::vector<Block*> out;
         for (Block& b : layout.blocks)
@@ -2354,6 +2363,11 @@ class Model {
     void moe_backward_(MoeCache& c, const MoE& m, const float* dout, float* dx);
     void block_forward_(BlockCache& c, const Block& b, const float* h_in, double* balance);
     void block_backward_(BlockCache& c, const Block& b, const float* dh_out, float* dh_in);
+    void begin_decode_(int n, const KvCache& cache, int layers, const char* who);
+    void attention_decode_(const Attention& a, const float* x, float* out, int n, KvCache& cache, int layer,
+                           bool absorbed);
+    void block_decode_(BlockCache& c, const Block& b, const float* h_in, float* h_out, int n, KvCache& cache,
+                       int layer, bool absorbed);
 };
 
 // --- 5.1 Multi-head Latent Attention [V3 §2.1.1] -----------------------------------------------------------------
@@ -2948,6 +2962,394 @@ inline void load_checkpoint(const std::string& path, Model& model, AdamW& opt) {
     std::fclose(f);
     if (!ok) fail("checkpoint ", path, ": read failed");
     opt.step = step;
+}
+
+// =====================================================================================================================
+// 8. INFERENCE: THE LATENT KV CACHE, WEIGHT ABSORPTION, SAMPLING, MTP SPECULATIVE DECODING   [V3 §2.1.1, §2.2, §5.4.3]
+// =====================================================================================================================
+// Generation runs the model one step at a time. Each step feeds the new token(s) at positions len .. len+n-1 and
+// attends over everything before, so the keys and values of past positions are kept in a cache instead of being
+// recomputed. MLA's point [V3 §2.1.1]: "for MLA, only c^KV_t and k^R_t need to be cached during generation". Per
+// layer and token that is kv_lora_rank + qk_rope_head_dim values (512 + 64 in V3) instead of 2·H·d_h (2·128·128 in
+// an MHA of the same shape): 70,272 bytes per token in BF16 for V3's 61 layers (kv_cache_bytes_mla, section 1).
+//
+//   8.1 KvCache: the latent cache.
+//   8.2 Attention over the cache, naive (up-project every cached c^KV to per-head keys and values) and absorbed
+//       (fold W^UK into the query and W^UV into the output, attend in the latent space directly).
+//   8.3 Model::decode: the whole model on new tokens; Model::decode_mtp: the MTP module on new positions.
+//   8.4 Sampling: greedy, temperature, top-k, top-p.
+//   8.5 generate(): plain decoding, and MTP speculative decoding [V3 §5.4.3].
+
+// --- 8.1 the latent KV cache -----------------------------------------------------------------------------------------
+// One per stack of blocks: the main model's n_layers, or the single block of an MTP module. Positions [0, len) are
+// valid; a step that writes positions beyond len and is then rejected (speculative decoding) just sets len back.
+struct KvCache {
+    int n_layers = 0, max_len = 0, dc = 0, dr = 0;
+    int len = 0;
+    std::vector<float> ckv;     // [n_layers, max_len, dc]   c^KV_t after its RMSNorm (eq. 1)
+    std::vector<float> k_rope;  // [n_layers, max_len, dr]   k^R_t after RoPE (eq. 3)
+    KvCache() = default;
+    KvCache(const Config& c, int layers, int max_positions)
+        : n_layers(layers), max_len(max_positions), dc(c.kv_lora_rank), dr(c.qk_rope_head_dim),
+          ckv(size_t(layers) * max_positions * c.kv_lora_rank), k_rope(size_t(layers) * max_positions * dr) {}
+    float* ckv_at(int layer, int pos) { return ckv.data() + (size_t(layer) * max_len + pos) * dc; }
+    float* k_rope_at(int layer, int pos) { return k_rope.data() + (size_t(layer) * max_len + pos) * dr; }
+    // What this cache holds per token in V3's BF16: equals kv_cache_bytes_mla(cfg) for the main model.
+    int64_t bytes_per_token(int bytes_per_value = 2) const { return int64_t(n_layers) * (dc + dr) * bytes_per_value; }
+};
+
+// --- 8.2 attention over the latent cache ---------------------------------------------------------------------------
+// Absorbed attention [DeepSeek-V2 §2.1.2 "we can absorb W^UK into W^Q, and W^UV into W^O"]. For head h, with
+// W^UK_h [d_h, d_c] and W^UV_h [d_v, d_c] the head's rows of kv_b (= W^UKV, eqs. 2, 5):
+//     q^C·k^C_s = q^C·(W^UK_h c_s) = (W^UK_hᵀ q^C)·c_s = q_lat·c_s            q_lat: [d_c], computed once per query
+//     o = Σ_s p_s W^UV_h c_s = W^UV_h (Σ_s p_s c_s) = W^UV_h o_lat            o_lat: [d_c], up-projected once
+// so attention reads each cached c_s once for all heads (no per-head keys or values are ever formed): a decoding
+// step costs O(L·H·(d_c + d_R)) multiply-adds and reads L·(d_c + d_R) cached floats, instead of first
+// up-projecting the whole cache, O(L·d_c·H·(d_h + d_v)).
+//
+// The kernel: rows t = 0..n-1 are new queries at positions pos0 + t; row t attends over cache positions 0..pos0+t.
+//   o_lat[n, H, dc] = Σ_s softmax_s(scale·(q_lat[t,h]·ckv[s] + q_rope[t,h]·k_rope[s])) ckv[s]
+// q_lat: [n, H, dc]; q_rope: [n, H, dr]; ckv: [L, dc]; k_rope: [L, dr]. Every (t, h) is computed alone, in the same
+// order whatever n is, so a position's output does not depend on how many tokens its step decodes (the exactness of
+// speculative decoding rests on this).
+inline void mla_decode_absorbed(float* o_lat, const float* q_lat, const float* q_rope, const float* ckv,
+                                const float* k_rope, int n, int pos0, int H, int dc, int dr, float scale) {
+    parallel_for(int64_t(n) * H, [&](int64_t job) {
+        const int t = int(job / H), L = pos0 + t + 1;
+        const float* ql = q_lat + job * dc;
+        const float* qr = q_rope + job * dr;
+        std::vector<float> p(static_cast<size_t>(L));
+        float mx = -INFINITY;
+        for (int s = 0; s < L; ++s) {
+            float dot = 0;
+            for (int i = 0; i < dc; ++i) dot += ql[i] * ckv[int64_t(s) * dc + i];
+            for (int i = 0; i < dr; ++i) dot += qr[i] * k_rope[int64_t(s) * dr + i];
+            p[size_t(s)] = dot * scale;
+            mx = std::max(mx, p[size_t(s)]);
+        }
+        float sum = 0;
+        for (int s = 0; s < L; ++s) sum += (p[size_t(s)] = std::exp(p[size_t(s)] - mx));
+        float* o = o_lat + job * dc;
+        for (int i = 0; i < dc; ++i) o[i] = 0;
+        for (int s = 0; s < L; ++s) {
+            const float w = p[size_t(s)] / sum;
+            for (int i = 0; i < dc; ++i) o[i] += w * ckv[int64_t(s) * dc + i];
+        }
+    });
+}
+// The naive path for the same rows: q: [n, H, dh + dr] (RoPE applied); k: [L, H, dh + dr]; v: [L, H, dv] up-projected
+// from the whole cache; o: [n, H, dv].
+inline void attention_decode_naive(float* o, const float* q, const float* k, const float* v, int n, int pos0, int H,
+                                   int dqk, int dv, float scale) {
+    parallel_for(int64_t(n) * H, [&](int64_t job) {
+        const int t = int(job / H), h = int(job % H), L = pos0 + t + 1;
+        const float* qt = q + job * dqk;
+        std::vector<float> p(static_cast<size_t>(L));
+        float mx = -INFINITY;
+        for (int s = 0; s < L; ++s) {
+            const float* ks = k + (int64_t(s) * H + h) * dqk;
+            float dot = 0;
+            for (int i = 0; i < dqk; ++i) dot += qt[i] * ks[i];
+            p[size_t(s)] = dot * scale;
+            mx = std::max(mx, p[size_t(s)]);
+        }
+        float sum = 0;
+        for (int s = 0; s < L; ++s) sum += (p[size_t(s)] = std::exp(p[size_t(s)] - mx));
+        float* ot = o + job * dv;
+        for (int i = 0; i < dv; ++i) ot[i] = 0;
+        for (int s = 0; s < L; ++s) {
+            const float w = p[size_t(s)] / sum;
+            const float* vs = v + (int64_t(s) * H + h) * dv;
+            for (int i = 0; i < dv; ++i) ot[i] += w * vs[i];
+        }
+    });
+}
+
+// --- 8.3 the model on new tokens -----------------------------------------------------------------------------------
+// One MLA layer on n new rows x: [n, d] at positions cache.len .. cache.len+n-1; writes their c^KV and k^R into the
+// cache (layer `layer`) and out: [n, d].
+inline void Model::attention_decode_(const Attention& a, const float* x, float* out, int n, KvCache& cache, int layer,
+                                     bool absorbed) {
+    const int H = cfg.n_heads, dh = cfg.qk_nope_head_dim, dr = cfg.qk_rope_head_dim, dqk = cfg.qk_head_dim(),
+              dv = cfg.v_head_dim, dc = cfg.kv_lora_rank, pos0 = cache.len, L = pos0 + n;
+    const float scale = attention_scale(cfg);
+    // queries, exactly as in training (eqs. 6-8), at positions pos0 + t
+    float* q = arena_.take(size_t(n) * H * dqk);
+    if (cfg.q_lora_rank > 0) {
+        float* cq = arena_.take(size_t(n) * cfg.q_lora_rank);
+        float* cq_n = arena_.take(size_t(n) * cfg.q_lora_rank);
+        float* rstd = arena_.take(size_t(n));
+        linear_forward(cq, x, a.q_a, n);
+        norm_forward(cq_n, rstd, cq, a.q_norm, n);
+        linear_forward(q, cq_n, a.q_b, n);
+    } else {
+        linear_forward(q, x, a.q, n);
+    }
+    rope_forward(q, n, H * dqk, dh, H, dqk, pos0, n, rope);
+    // the new tokens' cache entries: c^KV = RMSNorm(W^DKV h), k^R = RoPE(W^KR h)   (eqs. 1, 3)
+    float* kv_a = arena_.take(size_t(n) * (dc + dr));
+    float* rstd = arena_.take(size_t(n));
+    linear_forward(kv_a, x, a.kv_a, n);
+    for (int t = 0; t < n; ++t) {
+        rmsnorm_forward(cache.ckv_at(layer, pos0 + t), rstd + t, kv_a + int64_t(t) * (dc + dr), P(a.kv_norm.g), 1, dc,
+                        cfg.rms_norm_eps);
+        std::memcpy(cache.k_rope_at(layer, pos0 + t), kv_a + int64_t(t) * (dc + dr) + dc, sizeof(float) * size_t(dr));
+    }
+    rope_forward(cache.k_rope_at(layer, pos0), n, dr, 0, 1, dr, pos0, n, rope);
+    const float* ckv = cache.ckv_at(layer, 0);      // [L, dc]
+    const float* k_rope = cache.k_rope_at(layer, 0);  // [L, dr]
+    const float* W_ukv = P(a.kv_b.w);              // [H·(dh+dv), dc]: head h is rows h·(dh+dv) .. (h+1)·(dh+dv)
+    float* o = arena_.take(size_t(n) * H * dv);    // [n, H·dv]
+    if (absorbed) {
+        float* q_lat = arena_.take(size_t(n) * H * dc);
+        float* q_rope = arena_.take(size_t(n) * H * dr);
+        float* o_lat = arena_.take(size_t(n) * H * dc);
+        // q_lat[t,h] = W^UK_hᵀ q^C[t,h]: [dc]
+        parallel_for(int64_t(n) * H, [&](int64_t job) {
+            const int h = int(job % H);
+            const float* qc = q + job * dqk;
+            const float* Wk = W_ukv + int64_t(h) * (dh + dv) * dc;
+            float* ql = q_lat + job * dc;
+            for (int j = 0; j < dc; ++j) ql[j] = 0;
+            for (int i = 0; i < dh; ++i)
+                for (int j = 0; j < dc; ++j) ql[j] += qc[i] * Wk[int64_t(i) * dc + j];
+            std::memcpy(q_rope + job * dr, qc + dh, sizeof(float) * size_t(dr));
+        });
+        mla_decode_absorbed(o_lat, q_lat, q_rope, ckv, k_rope, n, pos0, H, dc, dr, scale);
+        // o[t,h] = W^UV_h o_lat[t,h]: [dv]
+        parallel_for(int64_t(n) * H, [&](int64_t job) {
+            const int h = int(job % H);
+            const float* Wv = W_ukv + (int64_t(h) * (dh + dv) + dh) * dc;
+            const float* ol = o_lat + job * dc;
+            float* ot = o + job * dv;
+            for (int i = 0; i < dv; ++i) {
+                float s = 0;
+                for (int j = 0; j < dc; ++j) s += Wv[int64_t(i) * dc + j] * ol[j];
+                ot[i] = s;
+            }
+        });
+    } else {
+        // up-project the whole cache to per-head keys and values, then ordinary attention
+        float* kv = arena_.take(size_t(L) * H * (dh + dv));
+        linear_forward(kv, ckv, a.kv_b, L);
+        float* k = arena_.take(size_t(L) * H * dqk);
+        float* v = arena_.take(size_t(L) * H * dv);
+        parallel_for(L, [&](int64_t s) {
+            for (int h = 0; h < H; ++h) {
+                const float* src = kv + (s * H + h) * (dh + dv);
+                std::memcpy(k + (s * H + h) * dqk, src, sizeof(float) * size_t(dh));
+                std::memcpy(k + (s * H + h) * dqk + dh, k_rope + s * dr, sizeof(float) * size_t(dr));
+                std::memcpy(v + (s * H + h) * dv, src + dh, sizeof(float) * size_t(dv));
+            }
+        });
+        attention_decode_naive(o, q, k, v, n, pos0, H, dqk, dv, scale);
+    }
+    linear_forward(out, o, a.o, n);
+}
+
+// One pre-norm block on n new rows; the FFN/MoE part is the training code itself (every row is independent there).
+inline void Model::block_decode_(BlockCache& c, const Block& b, const float* h_in, float* h_out, int n, KvCache& cache,
+                                 int layer, bool absorbed) {
+    const int d = cfg.dim;
+    float* xn = arena_.take(size_t(n) * d);
+    float* rstd = arena_.take(size_t(n));
+    float* h_mid = arena_.take(size_t(n) * d);
+    norm_forward(xn, rstd, h_in, b.attn_norm, n);
+    attention_decode_(b.attn, xn, h_mid, n, cache, layer, absorbed);
+    for (int64_t i = 0; i < int64_t(n) * d; ++i) h_mid[i] += h_in[i];
+    norm_forward(xn, rstd, h_mid, b.ffn_norm, n);
+    double unused = 0;
+    if (b.is_moe) moe_forward_(c.moe, b.moe, xn, h_out, &unused);
+    else ffn_forward_(c.ffn, b.ffn, xn, h_out, n);
+    for (int64_t i = 0; i < int64_t(n) * d; ++i) h_out[i] += h_mid[i];
+}
+
+inline void Model::begin_decode_(int n, const KvCache& cache, int layers, const char* who) {
+    if (n <= 0) fail(who, ": need at least one new token, got ", n);
+    if (cache.n_layers != layers || cache.dc != cfg.kv_lora_rank || cache.dr != cfg.qk_rope_head_dim)
+        fail(who, ": the KvCache was made for ", cache.n_layers, " layers of (", cache.dc, " + ", cache.dr,
+             "), this model needs ", layers, " layers of (", cfg.kv_lora_rank, " + ", cfg.qk_rope_head_dim, ")");
+    if (cache.len + n > cache.max_len || cache.len + n > rope.max_pos)
+        fail(who, ": positions up to ", cache.len + n, " do not fit the cache (", cache.max_len,
+             ") or Config.max_seq_len (", rope.max_pos, ")");
+    arena_.reset();  // decoding reuses the activation arena: the last training forward is gone
+    has_forward_ = false;
+    B_ = 1; T_ = n;
+    opt_ = LossOptions{};
+    opt_.with_mtp = false;
+    opt_.balance = BalanceLoss::none;
+}
+
+inline void Model::decode(const int32_t* tokens, int n, KvCache& cache, float* logits, float* hidden, bool absorbed) {
+    begin_decode_(n, cache, int(layout.blocks.size()), "Model::decode");
+    const int d = cfg.dim, V = cfg.vocab_size;
+    for (int t = 0; t < n; ++t)
+        if (tokens[t] < 0 || tokens[t] >= V) fail("Model::decode: token ", tokens[t], " outside the vocabulary [0, ", V, ")");
+    float* h = arena_.take(size_t(n) * d);
+    embedding_forward(h, tokens, P(layout.embed), n, d, V);
+    for (size_t l = 0; l < layout.blocks.size(); ++l) {
+        float* h_next = arena_.take(size_t(n) * d);
+        block_decode_(blocks_[l], layout.blocks[l], h, h_next, n, cache, int(l), absorbed);
+        h = h_next;
+    }
+    if (hidden) std::memcpy(hidden, h, sizeof(float) * size_t(n) * d);
+    float* hn = arena_.take(size_t(n) * d);
+    float* rstd = arena_.take(size_t(n));
+    norm_forward(hn, rstd, h, layout.final_norm, n);
+    linear_forward(logits, hn, layout.head, n);
+    cache.len += n;
+}
+
+// MTP module 1 on n new positions i: h: [n, d] the main model's last hidden states there, next_tokens: [n] the tokens
+// t_{i+1}; logits: [n, V] predict t_{i+2} (eqs. 21-23). Its block has a one-layer cache of its own.
+inline void Model::decode_mtp(const float* h, const int32_t* next_tokens, int n, KvCache& cache, float* logits,
+                              bool absorbed) {
+    if (layout.mtp.empty()) fail("Model::decode_mtp: this model has no MTP module (n_mtp_depth = 0)");
+    begin_decode_(n, cache, 1, "Model::decode_mtp");
+    const int d = cfg.dim, V = cfg.vocab_size;
+    const MtpModule& m = layout.mtp[0];
+    float* emb = arena_.take(size_t(n) * d);
+    embedding_forward(emb, next_tokens, P(layout.embed), n, d, V);
+    float* cat = arena_.take(size_t(n) * 2 * d);
+    float* rstd = arena_.take(size_t(n));
+    for (int t = 0; t < n; ++t) {  // [RMSNorm(Emb(t_{i+1})) ; RMSNorm(h_i)]
+        rmsnorm_forward(cat + int64_t(t) * 2 * d, rstd, emb + int64_t(t) * d, P(m.enorm.g), 1, d, cfg.rms_norm_eps);
+        rmsnorm_forward(cat + int64_t(t) * 2 * d + d, rstd, h + int64_t(t) * d, P(m.hnorm.g), 1, d, cfg.rms_norm_eps);
+    }
+    float* proj = arena_.take(size_t(n) * d);
+    linear_forward(proj, cat, m.eh_proj, n);
+    float* out = arena_.take(size_t(n) * d);
+    block_decode_(mtp_[0].block, m.block, proj, out, n, cache, 0, absorbed);
+    float* on = arena_.take(size_t(n) * d);
+    norm_forward(on, rstd, out, m.norm, n);
+    linear_forward(logits, on, layout.head, n);
+    cache.len += n;
+}
+
+// --- 8.4 sampling ----------------------------------------------------------------------------------------------------
+// temperature 0 is greedy (argmax; the lowest id wins a tie). Otherwise p ∝ exp(z / temperature), restricted to the
+// top_k most likely tokens (0: all) and then to the smallest set of most likely tokens whose mass reaches top_p
+// (nucleus sampling, Holtzman et al. 2020), renormalised; one uniform draw from rng picks the token.
+struct SamplingOptions {
+    float temperature = 0.0f;
+    int top_k = 0;
+    float top_p = 1.0f;
+};
+inline int argmax(const float* z, int n) {
+    int best = 0;
+    for (int i = 1; i < n; ++i)
+        if (z[i] > z[best]) best = i;
+    return best;
+}
+inline int sample_token(const float* logits, int V, const SamplingOptions& o, Rng& rng) {
+    if (o.temperature < 0 || o.top_k < 0 || !(o.top_p > 0 && o.top_p <= 1))
+        fail("sampling: need temperature >= 0, top_k >= 0, 0 < top_p <= 1; found ", o.temperature, ", ", o.top_k,
+             ", ", o.top_p);
+    if (o.temperature == 0) return argmax(logits, V);
+    std::vector<int> ids(static_cast<size_t>(V));
+    std::iota(ids.begin(), ids.end(), 0);
+    std::stable_sort(ids.begin(), ids.end(), [&](int a, int b) { return logits[a] > logits[b]; });
+    const int keep_k = o.top_k > 0 ? std::min(o.top_k, V) : V;
+    std::vector<double> p(static_cast<size_t>(keep_k));
+    double sum = 0;
+    for (int i = 0; i < keep_k; ++i)
+        sum += (p[size_t(i)] = std::exp(double(logits[ids[size_t(i)]] - logits[ids[0]]) / o.temperature));
+    int keep = keep_k;
+    double mass = 0;
+    for (int i = 0; i < keep_k; ++i) {
+        mass += p[size_t(i)] / sum;
+        if (mass >= o.top_p) { keep = i + 1; break; }
+    }
+    double total = 0;
+    for (int i = 0; i < keep; ++i) total += p[size_t(i)];
+    double u = rng.uniform() * total;
+    for (int i = 0; i < keep; ++i)
+        if ((u -= p[size_t(i)]) < 0) return ids[size_t(i)];
+    return ids[size_t(keep - 1)];
+}
+
+// --- 8.5 generation, plain and speculative [V3 §5.4.3] --------------------------------------------------------------
+// Speculative decoding with the MTP module: after the main model has produced token t_{i+1} at position i, MTP module
+// 1 turns (h_i, t_{i+1}) into a draft d of t_{i+2}. The next main step feeds two tokens, t_{i+1} and d: its output at
+// position i+1 is the real distribution of t_{i+2}, from which t_{i+2} is chosen exactly as plain decoding would (same
+// sampler, same random draw). If t_{i+2} == d, the output at position i+2 is valid too and gives t_{i+3}: two tokens
+// for one main forward. If not, position i+2 is dropped from the cache. Either way the tokens are those of plain
+// decoding, because a position's logits do not depend on how many tokens a step feeds (batch-invariant matmul and
+// attention, see 3.1 and 8.2). V3 reports 85-90% acceptance, about 1.8x the tokens per second.
+struct GenerationStats {
+    int prompt_tokens = 0, generated = 0;
+    int main_forwards = 0;          // calls of the main model, the prompt's included
+    int drafted = 0, accepted = 0;  // MTP drafts verified, and those that were right
+    double seconds = 0;
+    double acceptance() const { return drafted ? double(accepted) / drafted : 0.0; }
+    double tokens_per_forward() const { return main_forwards ? double(generated) / main_forwards : 0.0; }
+};
+
+inline std::vector<int32_t> generate(Model& model, const std::vector<int32_t>& prompt, int n_new,
+                                     const SamplingOptions& sampling, uint64_t seed, bool use_mtp,
+                                     GenerationStats* stats = nullptr, bool absorbed = true) {
+    const Config& c = model.cfg;
+    const int P = int(prompt.size()), V = c.vocab_size, d = c.dim;
+    if (P == 0) fail("generate: the prompt is empty (give at least one token)");
+    if (n_new <= 0) return {};
+    if (use_mtp && c.n_mtp_depth == 0) fail("generate: --mtp needs a model with an MTP module (n_mtp_depth >= 1)");
+    if (P + n_new + 1 > c.max_seq_len)
+        fail("generate: prompt ", P, " + ", n_new, " new tokens exceed Config.max_seq_len ", c.max_seq_len);
+    const double t0 = now_seconds();
+    KvCache cache(c, c.n_layers, P + n_new + 1), mtp_cache(c, 1, P + n_new + 1);
+    Rng rng(seed);
+    GenerationStats st;
+    st.prompt_tokens = P;
+    std::vector<int32_t> out;
+    std::vector<float> logits(size_t(P) * V), hidden(size_t(P) * d), mtp_logits(size_t(P) * V);
+    // the prompt, in one step
+    model.decode(prompt.data(), P, cache, logits.data(), hidden.data(), absorbed);
+    st.main_forwards++;
+    int32_t next = sample_token(logits.data() + int64_t(P - 1) * V, V, sampling, rng);
+    out.push_back(next);
+    int32_t draft = -1;
+    // The MTP module sees every position once its next token is known: (h_i, t_{i+1}) for i = 0..P-1 here.
+    auto run_mtp = [&](const float* h, const int32_t* next_tokens, int n) {
+        model.decode_mtp(h, next_tokens, n, mtp_cache, mtp_logits.data(), absorbed);
+        draft = argmax(mtp_logits.data() + int64_t(n - 1) * V, V);  // the draft of the token after next
+    };
+    if (use_mtp) {
+        std::vector<int32_t> nexts(prompt.begin() + 1, prompt.end());
+        nexts.push_back(next);
+        run_mtp(hidden.data(), nexts.data(), P);
+    }
+    while (int(out.size()) < n_new) {
+        if (!use_mtp) {
+            model.decode(&next, 1, cache, logits.data(), nullptr, absorbed);
+            st.main_forwards++;
+            next = sample_token(logits.data(), V, sampling, rng);
+            out.push_back(next);
+            continue;
+        }
+        const int32_t step[2] = {next, draft};
+        model.decode(step, 2, cache, logits.data(), hidden.data(), absorbed);
+        st.main_forwards++;
+        st.drafted++;
+        const int32_t t1 = sample_token(logits.data(), V, sampling, rng);
+        out.push_back(t1);
+        if (t1 == draft && int(out.size()) < n_new) {  // the draft was right: position i+2 is valid
+            st.accepted++;
+            const int32_t t2 = sample_token(logits.data() + V, V, sampling, rng);
+            out.push_back(t2);
+            const int32_t nexts[2] = {t1, t2};
+            run_mtp(hidden.data(), nexts, 2);
+            next = t2;
+        } else {
+            if (t1 == draft) st.accepted++;  // right, but the last token needed: nothing more to verify
+            cache.len -= 1;                  // forget position i+2: it was fed the wrong token
+            run_mtp(hidden.data(), &t1, 1);
+            next = t1;
+        }
+    }
+    st.generated = int(out.size());
+    st.seconds = now_seconds() - t0;
+    if (stats) *stats = st;
+    return out;
 }
 
 // =====================================================================================================================

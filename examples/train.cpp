@@ -6,7 +6,8 @@
 //   build/train --resume runs/tiny/checkpoint.bin  continue bit for bit where a run stopped
 //
 // Prints progress (step, loss, tokens/s, ETA), validation loss and MaxVio every --eval-every steps, and at the end
-// saves the checkpoint and writes a short sample.
+// saves the checkpoint (also at every evaluation, so that --resume can continue a stopped run), a Hugging Face
+// directory that transformers loads, three PNGs (loss curves, expert load, attention), and a short sample.
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -70,32 +71,14 @@ static Args parse(int argc, char** argv) {
 }
 
 // Greedy-free sampling: temperature 0.8 from the model's next-token distribution, recomputing the whole window.
+// A few lines of text from the trained model: the latent KV cache and temperature sampling of section 8.
 static std::string sample_text(Model& model, const std::string& prompt, int n, uint64_t seed) {
-    std::vector<int32_t> ctx;
-    for (char ch : prompt) ctx.push_back(int32_t(uint8_t(ch)));
-    Rng rng(seed);
-    LossOptions opt;
-    opt.with_mtp = false;
+    std::vector<int32_t> ids(prompt.begin(), prompt.end());
+    SamplingOptions s;
+    s.temperature = 0.8f;
+    n = std::min(n, model.cfg.max_seq_len - int(ids.size()) - 1);
     std::string out = prompt;
-    const int V = model.cfg.vocab_size;
-    for (int i = 0; i < n; ++i) {
-        const int T = std::min<int>(int(ctx.size()), model.cfg.max_seq_len);
-        std::vector<int32_t> row(ctx.end() - T, ctx.end());
-        row.push_back(0);  // a target is required by forward(); its loss is ignored here
-        model.forward(row.data(), 1, T, opt);
-        const float* z = model.logits() + int64_t(T - 1) * V;
-        std::vector<double> p(static_cast<size_t>(V));
-        double mx = z[0], sum = 0;
-        for (int v = 1; v < V; ++v) mx = std::max(mx, double(z[v]));
-        for (int v = 0; v < V; ++v) sum += (p[size_t(v)] = std::exp((z[v] - mx) / 0.8));
-        double u = rng.uniform() * sum;
-        int next = V - 1;
-        for (int v = 0; v < V; ++v) {
-            if ((u -= p[size_t(v)]) <= 0) { next = v; break; }
-        }
-        ctx.push_back(next);
-        out.push_back(char(next));
-    }
+    for (int32_t t : generate(model, ids, n, s, seed, /*use_mtp=*/false)) out.push_back(char(t));
     return out;
 }
 
@@ -205,11 +188,14 @@ int main(int argc, char** argv) {
                 std::printf("%seval step %d: val loss %.4f (%s) | MaxVio_global %.3f | %.0fs\n", progress.tty ? "\n" : "",
                             step + 1, vl, last ? "whole validation split" : "subset", vio, now_seconds() - start);
                 std::fflush(stdout);
+                if (!last) save_checkpoint(a.out + "/checkpoint.bin", model, opt);  // --resume continues from here
             }
             if (last) {
                 save_checkpoint(a.out + "/checkpoint.bin", model, opt);
+                save_hf(a.out + "/hf", model);  // config.json + model.safetensors: transformers loads it
                 write_plots(model, a.out, curves, load_rows, load_labels);
-                std::printf("saved %s/checkpoint.bin and %s/{loss,expert_load,attention}.png\n", a.out.c_str(), a.out.c_str());
+                std::printf("saved %s/checkpoint.bin, the Hugging Face directory %s/hf and %s/{loss,expert_load,attention}.png\n",
+                            a.out.c_str(), a.out.c_str(), a.out.c_str());
                 break;
             }
         }
