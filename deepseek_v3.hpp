@@ -155,6 +155,7 @@ struct Config {
     float init_std = 0.006f;         // V3 §4.2: weights ~ N(0, 0.006²)
     float bias_update_speed = 0.001f;// γ of auxiliary-loss-free balancing [V3 §2.1.2]
     float balance_loss_alpha = 0.0001f;  // α of the sequence-wise balance loss [V3 eq. 17]
+    bool fp8_training = false;       // V3's FP8 recipe [§3.3]: linear GEMMs in simulated FP8, AdamW moments in BF16
 
     int qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
     bool is_moe_layer(int layer) const { return layer >= n_dense_layers && n_routed_experts > 0; }
@@ -183,7 +184,7 @@ struct Config {
         f("rope_factor", rope_factor); f("beta_fast", beta_fast); f("beta_slow", beta_slow); f("mscale", mscale);
         f("max_seq_len", max_seq_len); f("rms_norm_eps", rms_norm_eps); f("n_mtp_depth", n_mtp_depth);
         f("init_std", init_std); f("bias_update_speed", bias_update_speed);
-        f("balance_loss_alpha", balance_loss_alpha);
+        f("balance_loss_alpha", balance_loss_alpha); f("fp8_training", fp8_training);
     }
     template <class F>
     void visit(F&& f) const { const_cast<Config*>(this)->visit([&](const char* n, const auto& v) { f(n, v); }); }
@@ -2057,7 +2058,11 @@ struct ParamEntry {
 };
 
 // Views: a module holds offsets; data = params.data() + offset, gradient = grads.data() + offset.
-struct Linear { size_t w = 0; int out = 0, in = 0; };  // weight [out, in]: y = x Wᵀ
+struct Linear {  // weight [out, in]: y = x Wᵀ
+    size_t w = 0;
+    int out = 0, in = 0;
+    bool fp8 = true;  // in FP8 training, its three GEMMs run in FP8; false for the output head and the router [V3 §3.3.1]
+};
 struct Norm { size_t g = 0; int dim = 0; };            // gain [dim]
 struct Ffn { Linear gate, up, down; };                 // SwiGLU: down(silu(gate x) ⊙ up x)
 struct Attention {                                     // MLA [V3 eqs. 1-11]
@@ -2159,6 +2164,7 @@ inline ParamLayout param_layout(const Config& c) {
         } else {
             MoE& m = b.moe;
             m.router = linear(p + ".mlp.gate", c.n_routed_experts, c.dim);
+            m.router.fp8 = false;
             m.bias = add(p + ".mlp.gate.e_score_correction_bias", {c.n_routed_experts}, ParamKind::routing_bias);
             in_expert = true;
             for (int e = 0; e < c.n_routed_experts; ++e)
@@ -2173,6 +2179,7 @@ inline ParamLayout param_layout(const Config& c) {
     for (int l = 0; l < c.n_layers; ++l) L.blocks.push_back(block(l));
     L.final_norm = norm("model.norm", c.dim);
     L.head = linear("lm_head", c.vocab_size, c.dim);
+    L.head.fp8 = false;
     for (int k = 0; k < c.n_mtp_depth; ++k) {  // stored as the layers after the main ones: model.layers.{n_layers+k}
         mtp_index = k;
         const std::string p = "model.layers." + std::to_string(c.n_layers + k);
@@ -2344,9 +2351,16 @@ class Model {
     bool has_forward_ = false;
 
     int BT() const { return B_ * T_; }
-    void linear_forward(float* y, const float* x, const Linear& w, int n) { matmul_forward(y, x, P(w.w), n, w.in, w.out); }
+    // Every linear layer goes through these two. In FP8 training (Config.fp8_training) its three GEMMs (Fprop, Dgrad,
+    // Wgrad) run on the FP8 simulation of section 3 with V3's recipe; the head and the router stay in FP32.
+    bool fp8_(const Linear& w) const { return cfg.fp8_training && w.fp8; }
+    void linear_forward(float* y, const float* x, const Linear& w, int n) {
+        if (fp8_(w)) fp8_matmul_forward(y, x, P(w.w), n, w.in, w.out);
+        else matmul_forward(y, x, P(w.w), n, w.in, w.out);
+    }
     void linear_backward(float* dx, const float* dy, const float* x, const Linear& w, int n) {
-        matmul_backward(dx, G(w.w), dy, x, P(w.w), n, w.in, w.out);
+        if (fp8_(w)) fp8_matmul_backward(dx, G(w.w), dy, x, P(w.w), n, w.in, w.out);
+        else matmul_backward(dx, G(w.w), dy, x, P(w.w), n, w.in, w.out);
     }
     void norm_forward(float* y, float* rstd, const float* x, const Norm& n, int rows) {
         rmsnorm_forward(y, rstd, x, P(n.g), rows, n.dim, cfg.rms_norm_eps);
@@ -2788,6 +2802,13 @@ inline double adamw_step(Model& model, AdamW& opt, float lr) {
         adamw_update(model.params.data() + e.offset, model.grads.data() + e.offset, opt.m.data() + e.offset,
                      opt.v.data() + e.offset, int64_t(e.size), lr, opt.beta1, opt.beta2, opt.eps, wd, opt.step);
     }
+    // FP8 training keeps AdamW's moments in BF16 [V3 §3.3.3 "Low-Precision Optimizer States"]: simulated by rounding
+    // them after each update (the master weights and the gradients stay FP32).
+    if (model.cfg.fp8_training)
+        parallel_for(int64_t(opt.m.size()), [&](int64_t i) {
+            opt.m[size_t(i)] = bf16_round(opt.m[size_t(i)]);
+            opt.v[size_t(i)] = bf16_round(opt.v[size_t(i)]);
+        });
     return norm;
 }
 
