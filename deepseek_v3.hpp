@@ -3299,52 +3299,67 @@ inline int sample_token(const float* logits, int V, const SamplingOptions& o, Rn
 // attention, see 3.1 and 8.2). V3 reports 85-90% acceptance, about 1.8x the tokens per second.
 struct GenerationStats {
     int prompt_tokens = 0, generated = 0;
-    int main_forwards = 0;          // calls of the main model, the prompt's included
+    int main_forwards = 0;          // calls of the main model, the prompt's and restarts' included
     int drafted = 0, accepted = 0;  // MTP drafts verified, and those that were right
+    int restarts = 0;               // times the context was full and restarted from its last half
     double seconds = 0;
     double acceptance() const { return drafted ? double(accepted) / drafted : 0.0; }
     double tokens_per_forward() const { return main_forwards ? double(generated) / main_forwards : 0.0; }
 };
 
+// The context holds at most Config.max_seq_len positions (build/train sets it to its training length: a model knows
+// no positions beyond those it was trained on). When it is full, generation restarts from the last half of the
+// tokens: both caches are refilled in one step. Plain and speculative decoding restart at the same token, so they
+// still produce the same tokens.
 inline std::vector<int32_t> generate(Model& model, const std::vector<int32_t>& prompt, int n_new,
                                      const SamplingOptions& sampling, uint64_t seed, bool use_mtp,
                                      GenerationStats* stats = nullptr, bool absorbed = true) {
     const Config& c = model.cfg;
-    const int P = int(prompt.size()), V = c.vocab_size, d = c.dim;
+    const int P = int(prompt.size()), V = c.vocab_size, d = c.dim, window = c.max_seq_len;
     if (P == 0) fail("generate: the prompt is empty (give at least one token)");
-    if (n_new <= 0) return {};
+    if (window < 4) fail("generate: Config.max_seq_len ", window, " is too short for a context (need >= 4)");
     if (use_mtp && c.n_mtp_depth == 0) fail("generate: --mtp needs a model with an MTP module (n_mtp_depth >= 1)");
-    if (P + n_new + 1 > c.max_seq_len)
-        fail("generate: prompt ", P, " + ", n_new, " new tokens exceed Config.max_seq_len ", c.max_seq_len);
+    if (n_new <= 0) return {};
     const double t0 = now_seconds();
-    KvCache cache(c, c.n_layers, P + n_new + 1), mtp_cache(c, 1, P + n_new + 1);
+    KvCache cache(c, c.n_layers, window), mtp_cache(c, 1, window);
+    std::vector<float> logits(size_t(window) * V), hidden(size_t(window) * d), mtp_logits(size_t(window) * V);
     Rng rng(seed);
     GenerationStats st;
     st.prompt_tokens = P;
-    std::vector<int32_t> out;
-    std::vector<float> logits(size_t(P) * V), hidden(size_t(P) * d), mtp_logits(size_t(P) * V);
-    // the prompt, in one step
-    model.decode(prompt.data(), P, cache, logits.data(), hidden.data(), absorbed);
-    st.main_forwards++;
-    int32_t next = sample_token(logits.data() + int64_t(P - 1) * V, V, sampling, rng);
-    out.push_back(next);
+    std::vector<int32_t> all = prompt, out;  // every token so far; the last one is not in the cache yet
     int32_t draft = -1;
-    // The MTP module sees every position once its next token is known: (h_i, t_{i+1}) for i = 0..P-1 here.
-    auto run_mtp = [&](const float* h, const int32_t* next_tokens, int n) {
-        model.decode_mtp(h, next_tokens, n, mtp_cache, mtp_logits.data(), absorbed);
+    // A fresh start: ctx[0..n) into the main cache in one step (logits of the last position in `logits` row n-1).
+    auto prefill = [&](const int32_t* ctx, int n) {
+        cache.len = mtp_cache.len = 0;
+        model.decode(ctx, n, cache, logits.data(), hidden.data(), absorbed);
+        st.main_forwards++;
+    };
+    // The MTP module sees a position once its next token is known: (h_i, t_{i+1}) for the n newest positions.
+    auto run_mtp = [&](const int32_t* next_tokens, int n) {
+        model.decode_mtp(hidden.data(), next_tokens, n, mtp_cache, mtp_logits.data(), absorbed);
         draft = argmax(mtp_logits.data() + int64_t(n - 1) * V, V);  // the draft of the token after next
     };
-    if (use_mtp) {
-        std::vector<int32_t> nexts(prompt.begin() + 1, prompt.end());
-        nexts.push_back(next);
-        run_mtp(hidden.data(), nexts.data(), P);
-    }
+    auto emit = [&](int32_t t) { out.push_back(t); all.push_back(t); };
+    // the prompt (its last window/2 tokens if it does not fit)
+    const int keep0 = P <= window - 1 ? P : window / 2;
+    prefill(all.data() + P - keep0, keep0);
+    emit(sample_token(logits.data() + int64_t(keep0 - 1) * V, V, sampling, rng));
+    if (use_mtp) run_mtp(all.data() + P - keep0 + 1, keep0);
     while (int(out.size()) < n_new) {
-        if (!use_mtp) {
-            model.decode(&next, 1, cache, logits.data(), nullptr, absorbed);
+        const int32_t next = all.back();
+        if (cache.len == window - 1) {  // full: keep the last window/2 tokens before `next`, start again
+            const int keep = window / 2;
+            const int32_t* ctx = all.data() + all.size() - 1 - keep;
+            prefill(ctx, keep);
+            if (use_mtp) run_mtp(ctx + 1, keep);
+            st.restarts++;
+        }
+        // Speculate only when an accepted draft still lands on or before the restart point (same restarts as plain).
+        if (!use_mtp || cache.len + 2 > window - 1) {
+            model.decode(&next, 1, cache, logits.data(), hidden.data(), absorbed);
             st.main_forwards++;
-            next = sample_token(logits.data(), V, sampling, rng);
-            out.push_back(next);
+            emit(sample_token(logits.data(), V, sampling, rng));
+            if (use_mtp) run_mtp(&all.back(), 1);
             continue;
         }
         const int32_t step[2] = {next, draft};
@@ -3352,19 +3367,14 @@ inline std::vector<int32_t> generate(Model& model, const std::vector<int32_t>& p
         st.main_forwards++;
         st.drafted++;
         const int32_t t1 = sample_token(logits.data(), V, sampling, rng);
-        out.push_back(t1);
-        if (t1 == draft && int(out.size()) < n_new) {  // the draft was right: position i+2 is valid
-            st.accepted++;
-            const int32_t t2 = sample_token(logits.data() + V, V, sampling, rng);
-            out.push_back(t2);
-            const int32_t nexts[2] = {t1, t2};
-            run_mtp(hidden.data(), nexts, 2);
-            next = t2;
+        emit(t1);
+        if (t1 == draft) st.accepted++;
+        if (t1 == draft && int(out.size()) < n_new) {  // the draft was right: position i+2 is valid too
+            emit(sample_token(logits.data() + V, V, sampling, rng));
+            run_mtp(all.data() + all.size() - 2, 2);
         } else {
-            if (t1 == draft) st.accepted++;  // right, but the last token needed: nothing more to verify
-            cache.len -= 1;                  // forget position i+2: it was fed the wrong token
-            run_mtp(hidden.data(), &t1, 1);
-            next = t1;
+            cache.len -= 1;  // forget position i+2 (fed the wrong token, or not needed)
+            run_mtp(&all.back(), 1);
         }
     }
     st.generated = int(out.size());

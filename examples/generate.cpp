@@ -66,12 +66,6 @@ int main(int argc, char** argv) {
             if (int(tokenizer.vocab_size()) > model.cfg.vocab_size)
                 fail("tokenizer ", tokenizer_path, " has ", tokenizer.vocab_size(), " tokens, the model only ", model.cfg.vocab_size);
         }
-        const int room = model.cfg.max_seq_len - int(ids.size()) - 1;
-        if (n_tokens > room) {
-            std::fprintf(stderr, "note: --tokens %d shortened to %d (max_seq_len %d, no sliding window)\n", n_tokens,
-                         room, model.cfg.max_seq_len);
-            n_tokens = room;
-        }
         GenerationStats st;
         const std::vector<int32_t> out = generate(model, ids, n_tokens, s, seed, mtp, &st, absorbed);
         std::string text;
@@ -80,8 +74,9 @@ int main(int argc, char** argv) {
         else
             text = tokenizer.decode(out);
         std::printf("%s%s\n\n", prompt.c_str(), text.c_str());
-        std::printf("%d tokens in %.3f s: %.1f tokens/s (%s attention, %d threads)\n", st.generated, st.seconds,
-                    st.generated / st.seconds, absorbed ? "absorbed" : "naive", thread_count());
+        std::printf("%d tokens in %.3f s: %.1f tokens/s (%s attention, %d threads; context %d, %d restarts)\n",
+                    st.generated, st.seconds, st.generated / st.seconds, absorbed ? "absorbed" : "naive",
+                    thread_count(), model.cfg.max_seq_len, st.restarts);
         if (mtp)
             std::printf("MTP speculative decoding: %d of %d drafts accepted (%.1f%%), %.2f tokens per main-model forward\n",
                         st.accepted, st.drafted, 100 * st.acceptance(), st.tokens_per_forward());

@@ -76,7 +76,6 @@ static std::string sample_text(Model& model, const std::string& prompt, int n, u
     std::vector<int32_t> ids(prompt.begin(), prompt.end());
     SamplingOptions s;
     s.temperature = 0.8f;
-    n = std::min(n, model.cfg.max_seq_len - int(ids.size()) - 1);
     std::string out = prompt;
     for (int32_t t : generate(model, ids, n, s, seed, /*use_mtp=*/false)) out.push_back(char(t));
     return out;
@@ -87,15 +86,25 @@ static void write_plots(Model& model, const std::string& dir, const std::vector<
                         const std::vector<std::vector<float>>& load_rows, const std::vector<std::string>& load_labels) {
     plot_lines(dir + "/loss.png", "DeepSeek-V3 tiny: loss", "step", "cross-entropy (nats per byte)", curves);
     if (!load_rows.empty()) {
-        const int cols = int(load_rows[0].size());
+        // load_rows holds one row per MoE block at every evaluation; show at most 6 evaluations, evenly spread,
+        // the last included, so that every row keeps its label.
+        const int cols = int(load_rows[0].size()), per_eval = int(model.expert_loads().size());
+        const int evals = int(load_rows.size()) / per_eval, shown = std::min(evals, 6);
         std::vector<float> values;
-        for (const auto& r : load_rows) values.insert(values.end(), r.begin(), r.end());
+        std::vector<std::string> labels;
+        for (int i = 0; i < shown; ++i) {
+            const int e = shown == 1 ? evals - 1 : int(int64_t(i) * (evals - 1) / (shown - 1));
+            for (int r = e * per_eval; r < (e + 1) * per_eval; ++r) {
+                values.insert(values.end(), load_rows[size_t(r)].begin(), load_rows[size_t(r)].end());
+                labels.push_back(load_labels[size_t(r)]);
+            }
+        }
         std::vector<std::string> col_labels;
         for (int e = 0; e < cols; ++e) col_labels.push_back(std::to_string(e));
         HeatmapOptions ho;
         ho.colorbar_label = "share of routed tokens";
         plot_heatmap(dir + "/expert_load.png", "Expert load on validation data (rows: MoE layer @ step)", values,
-                     int(load_rows.size()), cols, load_labels, col_labels, "routed expert", "layer @ step", ho);
+                     int(labels.size()), cols, labels, col_labels, "routed expert", "layer @ step", ho);
     }
     const std::string prompt = "ROMEO:\nWhat light through yonder window";
     std::vector<int32_t> row;
@@ -118,6 +127,7 @@ int main(int argc, char** argv) {
         Config cfg = Config::tiny();
         if (a.bias_speed >= 0) cfg.bias_update_speed = a.bias_speed;
         if (a.seq > cfg.max_seq_len) fail("--seq ", a.seq, " exceeds the preset's max_seq_len ", cfg.max_seq_len);
+        cfg.max_seq_len = a.seq;  // the model's context is what it is trained on (generation slides past it)
         std::string source;
         std::vector<int32_t> tokens = training_bytes(a.data, &source);
         const size_t split = tokens.size() * 9 / 10;
