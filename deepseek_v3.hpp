@@ -40,14 +40,17 @@
 #include <chrono>
 #include <climits>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <filesystem>
 #include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <numeric>
 #include <queue>
@@ -55,6 +58,8 @@
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <thread>
+#include <type_traits>
 #include <unordered_map>
 #include <unordered_set>
 #include <utility>
@@ -2277,6 +2282,20 @@ struct MtpCache {
 
 struct KvCache;  // section 8
 
+// Who runs the routed experts of a MoE layer. The layer routes its tokens, groups them by expert (c.perm, c.xe) and
+// combines the experts' outputs (c.ye) with the gates; in between, by default, the model runs all N_r experts itself
+// (Model::experts_forward). Expert parallelism (section 9) installs a runner that sends each token to the ranks
+// owning its experts and brings the outputs back [V3 §3.2].
+class Model;
+struct ExpertRunner {
+    virtual ~ExpertRunner() = default;
+    // c.x, c.chosen, c.gates, c.perm and c.xe: [n·K, d] are set; fill c.ye: [n·K, d] (rows in c.perm's order).
+    virtual void forward(Model& model, const MoE& m, MoeCache& c) = 0;
+    // dye: [n·K, d], the gradient of c.ye; write dxe: [n·K, d] (zeroed by the caller) and add the experts' weight
+    // gradients into model.grads.
+    virtual void backward(Model& model, const MoE& m, MoeCache& c, const float* dye, float* dxe) = 0;
+};
+
 class Model {
   public:
     Config cfg;
@@ -2284,6 +2303,7 @@ class Model {
     std::vector<float> params, grads;  // the two flat buffers
     RopeTable rope;
     bool reuse_routing = false;        // gradient checks: keep the last forward's expert choice fixed
+    ExpertRunner* expert_runner = nullptr;  // null: this model runs every routed expert (no expert parallelism)
 
     Model(const Config& c, uint64_t seed) : cfg(c), layout(param_layout(c)) {
         params.assign(layout.total, 0.0f);
@@ -2331,6 +2351,26 @@ class Model {
                 bool absorbed = true);
     void decode_mtp(const float* h, const int32_t* next_tokens, int n, KvCache& cache, float* logits,
                     bool absorbed = true);
+    // Routed experts first .. first+count-1 of layer m on rows grouped by expert: rows offsets[i] .. offsets[i+1] of
+    // xe: [rows, d] go through expert first+i into the same rows of ye; caches: [count], kept for the backward.
+    // The MoE layer runs all N_r experts this way; under expert parallelism each rank runs the ones it owns.
+    void experts_forward(const MoE& m, int first, int count, const int64_t* offsets, const float* xe, float* ye,
+                         FfnCache* caches) {
+        const int d = cfg.dim;
+        for (int i = 0; i < count; ++i) {
+            const int64_t begin = offsets[i], rows = offsets[i + 1] - begin;
+            if (rows > 0) ffn_forward_(caches[i], m.experts[size_t(first + i)], xe + begin * d, ye + begin * d, int(rows));
+        }
+    }
+    // dxe: [rows, d] (+=) from dye: [rows, d]; the experts' weight gradients go into grads.
+    void experts_backward(const MoE& m, int first, int count, const int64_t* offsets, const float* dye, float* dxe,
+                          const FfnCache* caches) {
+        const int d = cfg.dim;
+        for (int i = 0; i < count; ++i) {
+            const int64_t begin = offsets[i], rows = offsets[i + 1] - begin;
+            if (rows > 0) ffn_backward_(caches[i], m.experts[size_t(first + i)], dye + begin * d, dxe + begin * d, int(rows));
+        }
+    }
     std::vector<Block*> moe_blocks() {
         std::vector<Block*> out;
         for (Block& b : layout.blocks)
@@ -2536,10 +2576,8 @@ inline void Model::moe_forward_(MoeCache& c, const MoE& m, const float* x, float
     c.ye = arena_.take(size_t(n) * K * d);
     moe_permute_forward(c.xe, x, c.perm, d);
     c.experts.resize(size_t(N));
-    for (int e = 0; e < N; ++e) {
-        const int64_t begin = c.perm.offsets[size_t(e)], rows = c.perm.counts[size_t(e)];
-        if (rows > 0) ffn_forward_(c.experts[size_t(e)], m.experts[size_t(e)], c.xe + begin * d, c.ye + begin * d, int(rows));
-    }
+    if (expert_runner) expert_runner->forward(*this, m, c);  // expert parallelism: the experts live on other ranks
+    else experts_forward(m, 0, N, c.perm.offsets.data(), c.xe, c.ye, c.experts.data());
     if (m.has_shared) ffn_forward_(c.shared, m.shared, x, out, n);
     else std::memset(out, 0, sizeof(float) * size_t(n) * d);
     moe_unpermute_forward(out, c.ye, c.gates, c.perm, n, K, d);
@@ -2554,11 +2592,8 @@ inline void Model::moe_backward_(MoeCache& c, const MoE& m, const float* dout, f
     float* dgates = arena_.zeros(size_t(n) * K);
     moe_unpermute_backward(dye, dgates, dout, c.ye, c.gates, c.perm, n, K, d);
     float* dxe = arena_.zeros(size_t(n) * K * d);
-    for (int e = 0; e < N; ++e) {
-        const int64_t begin = c.perm.offsets[size_t(e)], rows = c.perm.counts[size_t(e)];
-        if (rows > 0)
-            ffn_backward_(c.experts[size_t(e)], m.experts[size_t(e)], dye + begin * d, dxe + begin * d, int(rows));
-    }
+    if (expert_runner) expert_runner->backward(*this, m, c, dye, dxe);
+    else experts_backward(m, 0, N, c.perm.offsets.data(), dye, dxe, c.experts.data());
     moe_permute_backward(dx, dxe, c.perm, n, K, d);
     // router: gates -> scores (-> + sequence-wise loss) -> logits (+ expert-level loss) -> W_router and x
     float* dscores = arena_.zeros(size_t(n) * N);
@@ -2784,12 +2819,14 @@ inline double gradient_norm(const std::vector<float>& g) {
 
 // Clip, then one AdamW step on every trainable tensor: weight decay on matrices only (not on norm gains), and the
 // routing bias is left alone (it has no gradient; see update_routing_bias). Returns the norm before clipping.
-inline double adamw_step(Model& model, AdamW& opt, float lr) {
+// grad_norm >= 0: the global norm, computed by the caller (expert parallelism: the experts' gradients are spread
+// over the ranks, section 9); otherwise it is computed here from model.grads.
+inline double adamw_step(Model& model, AdamW& opt, float lr, double grad_norm = -1) {
     if (opt.m.size() != model.params.size()) {
         opt.m.assign(model.params.size(), 0.0f);
         opt.v.assign(model.params.size(), 0.0f);
     }
-    const double norm = gradient_norm(model.grads);
+    const double norm = grad_norm >= 0 ? grad_norm : gradient_norm(model.grads);
     if (!std::isfinite(norm)) fail("adamw_step: gradient norm is ", norm, " (non-finite): the step was not applied");
     if (opt.clip_norm > 0 && norm > opt.clip_norm) {
         const float s = float(opt.clip_norm / norm);
@@ -3381,6 +3418,533 @@ inline std::vector<int32_t> generate(Model& model, const std::vector<int32_t>& p
     st.seconds = now_seconds() - t0;
     if (stats) *stats = st;
     return out;
+}
+
+// =====================================================================================================================
+// 9. PARALLELISM: DATA PARALLEL AND EXPERT PARALLEL OVER RANKS   [V3 §3.2; Fire-Flyer AI-HPC §IV, arXiv 2408.14158]
+// =====================================================================================================================
+// A "rank" is one worker with its own memory: one GPU in a real run. Ranks cooperate only through the collectives
+// below, so every byte that moves between them is visible in this section.
+//
+//   Data parallel (DP). Every rank holds a replica of the model and runs forward/backward on its share of the batch;
+//   the gradients are then summed over the ranks (all-reduce), so every replica takes the same AdamW step and the
+//   replicas stay identical, bit for bit. The expert loads are summed too, so every rank applies the same
+//   loss-free bias update [V3 §2.1.2].
+//   Expert parallel (EP). The routed experts are split over the ranks (rank r owns experts [r·N/R, (r+1)·N/R)). Each
+//   rank routes its own tokens, DISPATCHES each token once to every rank that owns one of its chosen experts, those
+//   ranks run their experts, and the outputs come back (COMBINE) to be weighted by the gates [V3 §3.2]. Everything
+//   outside the routed experts stays data parallel. With n_expert_groups = R, the group-limited routing of section
+//   3.8 (at most n_limited_groups groups per token) becomes "at most n_limited_groups ranks per token": the
+//   single-machine form of V3's node-limited routing (M = 4 nodes per token, V3 §2.1.2).
+//
+// The communication interface (9.1) has one data-moving primitive, sendrecv; the collectives (9.2) are written once
+// on top of it. This header implements it in-process (9.3): R ranks are R threads of one program, each with its own
+// buffers, and a "transfer" is a memcpy from the sender's buffer into the receiver's. cuda/ implements the same
+// primitive with cudaMemcpyPeerAsync between GPUs. No floating-point atomics anywhere: every sum has a fixed order.
+
+// --- 9.1 the communication interface ---------------------------------------------------------------------------------
+class Communicator {
+  public:
+    virtual ~Communicator() = default;
+    virtual int rank() const = 0;
+    virtual int world_size() const = 0;
+    // Every rank waits until all ranks have arrived.
+    virtual void barrier() = 0;
+    // Called by all ranks together: send `send_bytes` to rank `to`, receive `recv_bytes` from rank `from` into
+    // `recv`. The receiver must expect exactly what the sender sends (checked). Returns when both are done, so the
+    // send buffer may be reused at once.
+    virtual void sendrecv(const void* send, size_t send_bytes, int to, void* recv, size_t recv_bytes, int from) = 0;
+};
+
+// --- 9.2 collectives, written once on sendrecv ---------------------------------------------------------------------
+enum class ReduceOp { sum, mean };
+
+inline int ring_mod(int a, int R) { return ((a % R) + R) % R; }
+
+// all_reduce: data[i] ← Σ_ranks data[i] (÷ R for mean) on every rank; data: [n], any n (chunks may be empty).
+//
+// Ring algorithm (Patarasuk & Yuan 2009; NCCL's ring): the buffer is cut into R chunks, chunk c = [n·c/R, n·(c+1)/R).
+//   reduce-scatter, R−1 steps: at step s rank r sends its partial sum of chunk r−s to rank r+1, and adds the partial
+//     sum of chunk r−s−1 arriving from rank r−1 to its own values. After R−1 steps rank r holds chunk r+1 complete.
+//   all-gather, R−1 steps: each complete chunk travels once around the ring, copied, not added.
+// Each rank sends and receives 2(R−1)/R of the buffer in total, whatever R: the ring is bandwidth-optimal.
+//
+// Determinism. Chunk c is summed in the fixed order ((x_c + x_{c+1}) + x_{c+2}) + … + x_{c−1} (rank indices mod R):
+// the partial sum arriving is always the left operand, the local value the right one. The all-gather copies that one
+// result to every rank, so all ranks hold bitwise the same sums, on every run. Compared with the serial sum
+// ((x_0 + x_1) + x_2) + …: chunk 0 is bitwise equal to it; other chunks start at a different rank, a rotation of the
+// order, which float addition (commutative but not associative) only preserves for R ≤ 2. So the result is bitwise
+// the serial sum for 1 or 2 ranks, and equal to it up to rounding (a few ulps of Σ|x|) for 3 or more.
+template <class T>
+inline void all_reduce(Communicator& comm, T* data, size_t n, ReduceOp op = ReduceOp::sum) {
+    const int R = comm.world_size(), r = comm.rank();
+    if (R > 1) {
+        auto begin = [&](int c) { return n * size_t(c) / size_t(R); };
+        auto bytes = [&](int c) { return (begin(c + 1) - begin(c)) * sizeof(T); };
+        const int next = ring_mod(r + 1, R), prev = ring_mod(r - 1, R);
+        std::vector<T> incoming(n / size_t(R) + 1);  // [largest chunk]: the receive buffer of one step
+        for (int s = 0; s < R - 1; ++s) {            // reduce-scatter
+            const int send_c = ring_mod(r - s, R), recv_c = ring_mod(r - s - 1, R);
+            comm.sendrecv(data + begin(send_c), bytes(send_c), next, incoming.data(), bytes(recv_c), prev);
+            T* mine = data + begin(recv_c);
+            for (size_t i = 0, e = begin(recv_c + 1) - begin(recv_c); i < e; ++i) mine[i] = incoming[i] + mine[i];
+        }
+        for (int s = 0; s < R - 1; ++s) {            // all-gather
+            const int send_c = ring_mod(r + 1 - s, R), recv_c = ring_mod(r - s, R);
+            comm.sendrecv(data + begin(send_c), bytes(send_c), next, data + begin(recv_c), bytes(recv_c), prev);
+        }
+    }
+    if (op == ReduceOp::mean) {
+        if constexpr (std::is_floating_point_v<T>) {
+            for (size_t i = 0; i < n; ++i) data[i] /= T(R);
+        } else {
+            fail("all_reduce: mean of integers is not supported (reduce with sum and divide where needed)");
+        }
+    }
+}
+
+// exchange_counts: counts[q] = how many rows this rank will send to rank q; returns how many rows each rank will send
+// to this one. The first half of every all-to-all: a receiver must know the sizes before the payload arrives.
+inline std::vector<int64_t> exchange_counts(Communicator& comm, const std::vector<int64_t>& counts) {
+    const int R = comm.world_size(), r = comm.rank();
+    if (int(counts.size()) != R) fail("exchange_counts: ", counts.size(), " counts for ", R, " ranks");
+    std::vector<int64_t> incoming(size_t(R), 0);
+    incoming[size_t(r)] = counts[size_t(r)];
+    for (int s = 1; s < R; ++s) {
+        const int to = ring_mod(r + s, R), from = ring_mod(r - s, R);
+        comm.sendrecv(&counts[size_t(to)], sizeof(int64_t), to, &incoming[size_t(from)], sizeof(int64_t), from);
+    }
+    return incoming;
+}
+
+// all_to_all: every rank sends send_rows[q] rows of `row` elements to every rank q and receives recv_rows[q] rows
+// from every rank q. send: [Σ send_rows, row], grouped by destination rank in rank order; recv: [Σ recv_rows, row],
+// grouped by source rank in rank order. recv_rows comes from exchange_counts (or is known to both sides).
+// Schedule: pairwise exchange in R−1 rounds; in round s rank r sends to r+s and receives from r−s, so every rank
+// sends one message and receives one per round, and no round can deadlock. A rank's own rows are a local copy.
+template <class T>
+inline void all_to_all(Communicator& comm, const T* send, const std::vector<int64_t>& send_rows, int64_t row, T* recv,
+                       const std::vector<int64_t>& recv_rows) {
+    const int R = comm.world_size(), r = comm.rank();
+    std::vector<int64_t> send_at(size_t(R) + 1, 0), recv_at(size_t(R) + 1, 0);  // row offsets per rank
+    for (int q = 0; q < R; ++q) {
+        send_at[size_t(q) + 1] = send_at[size_t(q)] + send_rows[size_t(q)];
+        recv_at[size_t(q) + 1] = recv_at[size_t(q)] + recv_rows[size_t(q)];
+    }
+    if (send_rows[size_t(r)] != recv_rows[size_t(r)]) fail("all_to_all: rank ", r, " sends itself a different count");
+    std::copy(send + send_at[size_t(r)] * row, send + send_at[size_t(r) + 1] * row, recv + recv_at[size_t(r)] * row);
+    for (int s = 1; s < R; ++s) {
+        const int to = ring_mod(r + s, R), from = ring_mod(r - s, R);
+        comm.sendrecv(send + send_at[size_t(to)] * row, size_t(send_rows[size_t(to)] * row) * sizeof(T), to,
+                      recv + recv_at[size_t(from)] * row, size_t(recv_rows[size_t(from)] * row) * sizeof(T), from);
+    }
+}
+
+// --- 9.3 ranks in one process: threads with their own buffers --------------------------------------------------------
+// The R ranks run as R std::threads (run_ranks below), each with its own Model, buffers and an InProcessComm. A
+// sendrecv is: post my send buffer, barrier, memcpy what my peer posted for me into my receive buffer, barrier (so
+// nobody reuses a buffer a peer is still reading). The mutex of the barrier orders the memory accesses.
+// A rank that throws aborts the others' barriers, so a failing test reports its error instead of hanging.
+struct RankAborted : Error {
+    explicit RankAborted(int rank) : Error("rank " + std::to_string(rank) + ": stopped because another rank failed") {}
+};
+
+class InProcessGroup {
+  public:
+    explicit InProcessGroup(int world) : world_(world), posted_(size_t(std::max(world, 1))) {
+        if (world < 1) fail("InProcessGroup: world size must be >= 1, found ", world);
+    }
+    int world_size() const { return world_; }
+    void barrier(int rank) {
+        std::unique_lock<std::mutex> lock(mu_);
+        if (aborted_) throw RankAborted(rank);
+        const uint64_t generation = generation_;
+        if (++arrived_ == world_) {
+            arrived_ = 0;
+            ++generation_;
+            cv_.notify_all();
+            return;
+        }
+        cv_.wait(lock, [&] { return generation_ != generation || aborted_; });
+        if (generation_ == generation) throw RankAborted(rank);
+    }
+    void abort() {
+        std::lock_guard<std::mutex> lock(mu_);
+        aborted_ = true;
+        cv_.notify_all();
+    }
+
+  private:
+    friend class InProcessComm;
+    struct Posted { const void* data = nullptr; size_t bytes = 0; int to = -1; };
+    int world_;
+    std::vector<Posted> posted_;  // [R]: what each rank offers in the current sendrecv
+    std::mutex mu_;
+    std::condition_variable cv_;
+    int arrived_ = 0;
+    uint64_t generation_ = 0;
+    bool aborted_ = false;
+};
+
+class InProcessComm : public Communicator {
+  public:
+    InProcessComm(InProcessGroup& group, int rank) : group_(group), rank_(rank) {}
+    int rank() const override { return rank_; }
+    int world_size() const override { return group_.world_size(); }
+    void barrier() override { group_.barrier(rank_); }
+    void sendrecv(const void* send, size_t send_bytes, int to, void* recv, size_t recv_bytes, int from) override {
+        group_.posted_[size_t(rank_)] = {send, send_bytes, to};
+        barrier();
+        const InProcessGroup::Posted& p = group_.posted_[size_t(from)];
+        if (p.to != rank_ || p.bytes != recv_bytes)
+            fail("sendrecv: rank ", rank_, " expects ", recv_bytes, " bytes from rank ", from, ", which sends ",
+                 p.bytes, " bytes to rank ", p.to);
+        if (recv_bytes) std::memcpy(recv, p.data, recv_bytes);
+        bytes_received += recv_bytes;
+        barrier();
+    }
+    int64_t bytes_received = 0;  // traffic counter: what arrived from other ranks
+
+  private:
+    InProcessGroup& group_;
+    int rank_;
+};
+
+// Runs body(comm) for ranks 0..world−1, one thread each, and waits for all. The OpenMP threads are shared out (at
+// least one each); results do not depend on it (section 2). The first error of any rank is rethrown here.
+template <class Body>
+inline void run_ranks(int world, const Body& body) {
+    InProcessGroup group(world);
+    std::vector<std::exception_ptr> errors(static_cast<size_t>(world));
+    std::vector<std::thread> threads;
+    const int omp_threads = std::max(1, thread_count() / world);
+    for (int r = 0; r < world; ++r)
+        threads.emplace_back([&, r] {
+#ifdef _OPENMP
+            omp_set_num_threads(omp_threads);
+#endif
+            (void)omp_threads;
+            try {
+                InProcessComm comm(group, r);
+                body(comm);
+            } catch (...) {
+                errors[size_t(r)] = std::current_exception();
+                group.abort();
+            }
+        });
+    for (std::thread& t : threads) t.join();
+    std::exception_ptr first_aborted;
+    for (std::exception_ptr& e : errors) {
+        if (!e) continue;
+        try { std::rethrow_exception(e); }
+        catch (const RankAborted&) { if (!first_aborted) first_aborted = e; }
+        catch (...) { throw; }  // the rank that actually failed
+    }
+    if (first_aborted) std::rethrow_exception(first_aborted);
+}
+
+// Rows [first, first + count) of a batch of B rows that rank r of R works on: contiguous, in rank order, sizes
+// differing by at most one. Keeping the ranks' rows in rank order makes "all ranks' rows" the whole batch in order.
+struct RowShare { int first = 0, count = 0; };
+inline RowShare row_share(int B, int R, int r) {
+    const int first = int(int64_t(B) * r / R), last = int(int64_t(B) * (r + 1) / R);
+    return {first, last - first};
+}
+
+// --- 9.4 expert parallelism: dispatch, local experts, combine   [V3 §3.2] ------------------------------------------
+// Per MoE layer, on rank r, with n tokens routed locally (chosen: [n, K], perm: the grouping of section 3.10):
+//
+//   forward   1. plan: for each rank q, the tokens with at least one chosen expert on q (each listed ONCE), and the
+//                (token, choice) pairs of those experts, in (token, choice) order.
+//             2. dispatch: counts first, then the token rows x: [sent, d] and their expert ids [sent, K].
+//             3. on the owner: group the received (token, choice) pairs by local expert (the counting sort of 3.10,
+//                with the experts owned elsewhere put in one extra bucket that is never run), run the local experts.
+//             4. combine: every (token, choice) output row goes back to its source in the order of step 1, and
+//                lands in c.ye at the row the single-rank layer would have used; the layer then weights them by the
+//                gates and sums them in choice order (moe_unpermute_forward, unchanged).
+//   backward  the same two transfers reversed: the gradient rows dye of every (token, choice) go to the owners (the
+//             adjoint of the combine), the owners run their experts' backward (weight gradients stay there), and
+//             the input-gradient rows come back to be summed in choice order (moe_permute_backward, unchanged).
+//
+// Traffic per token: dispatch one row per destination rank, at most min(K, n_limited_groups) ranks when
+// n_expert_groups = R. The combine returns one row per chosen expert (K rows). V3's combine instead accumulates on
+// the way back (§3.2: "NVLink-to-IB forwarding and accumulation"), so fewer rows cross the network, but then the sum
+// order depends on where the experts live. Returning every row keeps the result BITWISE equal to the single-rank
+// layer (same rows, same order, same kernels), which is what the tests check. V3 also sends the dispatch in FP8 and
+// the combine in BF16 (§3.3); here everything is FP32.
+//
+// Bitwise equality with one rank holds because (a) a matmul row does not depend on the other rows of its batch
+// (section 3.1), (b) each expert sees its rows in global token order: ranks hold consecutive rows of the batch
+// (row_share), receivers concatenate by source rank and the counting sort is stable, and (c) with equal shares of a
+// batch split over R = 2^k ranks, the per-rank loss gradient (1/n_r) is exactly R times the full-batch one (1/n), a
+// power of two, which float arithmetic scales exactly.
+class ExpertParallel : public ExpertRunner {
+  public:
+    ExpertParallel(Communicator& comm, const Config& c) : comm_(comm), n_experts_(c.n_routed_experts) {
+        if (n_experts_ < comm.world_size())
+            fail("ExpertParallel: ", n_experts_, " routed experts cannot be split over ", comm.world_size(), " ranks");
+    }
+    int first_expert(int r) const { return int(int64_t(r) * n_experts_ / comm_.world_size()); }
+    int owner(int e) const {
+        int r = 0;
+        while (first_expert(r + 1) <= e) ++r;
+        return r;
+    }
+    bool owns(int e) const { return owner(e) == comm_.rank(); }
+
+    // Traffic of the forwards since the caller last reset it (stats = {}), summed over the MoE layers.
+    struct Stats {
+        int64_t dispatched_rows = 0;  // token rows this rank sent to other ranks
+        int64_t combined_rows = 0;    // expert-output rows it received back from other ranks
+        int max_ranks_per_token = 0;  // the most ranks any of its tokens went to (itself included)
+    } stats;
+
+    void forward(Model& model, const MoE& m, MoeCache& c) override;
+    void backward(Model& model, const MoE& m, MoeCache& c, const float* dye, float* dxe) override;
+
+  private:
+    struct Layer {
+        // this rank as the source of its tokens
+        std::vector<int64_t> pairs_to;       // [R]: (token, choice) pairs whose expert lives on rank q
+        std::vector<int32_t> pair_slot;      // [Σ pairs_to]: their rows in c.ye / c.xe, grouped by rank q
+        // this rank as the owner of experts first_expert(r) .. first_expert(r+1)−1
+        std::vector<int64_t> pairs_from;     // [R]: pairs received from rank q
+        std::vector<int32_t> local_chosen;   // [n_recv, K]: local expert index, or n_local when owned elsewhere
+        MoePermutation local;                // the received pairs grouped by local expert
+        std::vector<float> x_local, y_local; // [local rows, d]: expert inputs and outputs, local expert order
+        std::vector<FfnCache> caches;        // [n_local]
+    };
+    Communicator& comm_;
+    int n_experts_;
+    std::map<const MoeCache*, Layer> layers_;  // one entry per MoE layer of the model (keyed by its cache)
+
+    // The received pairs in (source, token, choice) order, as rows of the local grouping: the order of the return
+    // trip, identical to the order the source listed them in (pair_slot).
+    template <class F>
+    void for_each_received_pair(const Layer& L, int K, const F& f) const {
+        const int n_local = int(L.caches.size());
+        for (size_t i = 0; i < L.local_chosen.size() / size_t(K); ++i)
+            for (int k = 0; k < K; ++k)
+                if (L.local_chosen[i * size_t(K) + size_t(k)] < n_local) f(L.local.slot[i * size_t(K) + size_t(k)]);
+    }
+};
+
+inline void ExpertParallel::forward(Model& model, const MoE& m, MoeCache& c) {
+    const int R = comm_.world_size(), r = comm_.rank(), K = model.cfg.n_activated_experts, d = model.cfg.dim;
+    const int n = int(c.chosen.size()) / K;
+    const int lo = first_expert(r), n_local = first_expert(r + 1) - lo;
+    Layer& L = layers_[&c];
+
+    // 1. plan, grouped by destination rank: tokens (once per rank) and (token, choice) pairs
+    std::vector<int64_t> tokens_to(size_t(R), 0);
+    std::vector<float> send_x;        // [Σ tokens_to, d]
+    std::vector<int32_t> send_ids;    // [Σ tokens_to, K]
+    L.pairs_to.assign(size_t(R), 0);
+    L.pair_slot.clear();
+    std::vector<int> ranks_of_token(size_t(n), 0);
+    for (int q = 0; q < R; ++q)
+        for (int t = 0; t < n; ++t) {
+            bool to_q = false;
+            for (int k = 0; k < K; ++k)
+                if (owner(c.chosen[size_t(t) * K + k]) == q) {
+                    to_q = true;
+                    L.pair_slot.push_back(c.perm.slot[size_t(t) * K + k]);
+                    ++L.pairs_to[size_t(q)];
+                }
+            if (!to_q) continue;
+            ++tokens_to[size_t(q)];
+            ++ranks_of_token[size_t(t)];
+            send_x.insert(send_x.end(), c.x + int64_t(t) * d, c.x + int64_t(t + 1) * d);
+            send_ids.insert(send_ids.end(), c.chosen.begin() + int64_t(t) * K, c.chosen.begin() + int64_t(t + 1) * K);
+        }
+    for (int v : ranks_of_token) stats.max_ranks_per_token = std::max(stats.max_ranks_per_token, v);
+    stats.dispatched_rows += std::accumulate(tokens_to.begin(), tokens_to.end(), int64_t(0)) - tokens_to[size_t(r)];
+
+    // 2. dispatch: counts first, then the rows and their expert ids
+    const std::vector<int64_t> tokens_from = exchange_counts(comm_, tokens_to);
+    const int64_t n_recv = std::accumulate(tokens_from.begin(), tokens_from.end(), int64_t(0));
+    std::vector<float> recv_x(size_t(n_recv) * d);     // [n_recv, d], grouped by source rank
+    std::vector<int32_t> recv_ids(size_t(n_recv) * K); // [n_recv, K]
+    all_to_all(comm_, send_x.data(), tokens_to, d, recv_x.data(), tokens_from);
+    all_to_all(comm_, send_ids.data(), tokens_to, K, recv_ids.data(), tokens_from);
+
+    // 3. group the received pairs by local expert and run the local experts
+    L.local_chosen.resize(size_t(n_recv) * K);
+    for (size_t i = 0; i < recv_ids.size(); ++i) {
+        const int e = recv_ids[i];
+        L.local_chosen[i] = (e >= lo && e < lo + n_local) ? e - lo : n_local;  // n_local: the bucket never run
+    }
+    moe_permute_plan(L.local, L.local_chosen.data(), int(n_recv), K, n_local + 1);
+    const int64_t local_rows = L.local.offsets[size_t(n_local)];
+    L.x_local.resize(size_t(local_rows) * d);
+    L.y_local.resize(size_t(local_rows) * d);
+    for (int64_t row = 0; row < local_rows; ++row)
+        std::memcpy(&L.x_local[size_t(row) * d], &recv_x[size_t(L.local.token_of[size_t(row)]) * d], sizeof(float) * d);
+    L.caches.resize(size_t(n_local));
+    model.experts_forward(m, lo, n_local, L.local.offsets.data(), L.x_local.data(), L.y_local.data(), L.caches.data());
+
+    // 4. combine: every pair's output row back to its source, then into the row the single-rank layer uses
+    L.pairs_from.assign(size_t(R), 0);
+    {
+        int64_t token = 0;
+        for (int q = 0; q < R; ++q)
+            for (int64_t i = 0; i < tokens_from[size_t(q)]; ++i, ++token)
+                for (int k = 0; k < K; ++k) L.pairs_from[size_t(q)] += L.local_chosen[size_t(token) * K + k] < n_local;
+    }
+    std::vector<float> send_y, recv_y(L.pair_slot.size() * size_t(d));  // [pairs, d]
+    send_y.reserve(size_t(local_rows) * d);
+    for_each_received_pair(L, K, [&](int32_t row) {
+        send_y.insert(send_y.end(), &L.y_local[size_t(row) * d], &L.y_local[size_t(row + 1) * d]);
+    });
+    all_to_all(comm_, send_y.data(), L.pairs_from, d, recv_y.data(), L.pairs_to);
+    for (size_t j = 0; j < L.pair_slot.size(); ++j)
+        std::memcpy(c.ye + int64_t(L.pair_slot[j]) * d, &recv_y[j * d], sizeof(float) * d);
+    stats.combined_rows += int64_t(L.pair_slot.size()) - L.pairs_to[size_t(r)];
+}
+
+inline void ExpertParallel::backward(Model& model, const MoE& m, MoeCache& c, const float* dye, float* dxe) {
+    const int r = comm_.rank(), K = model.cfg.n_activated_experts, d = model.cfg.dim;
+    auto it = layers_.find(&c);
+    if (it == layers_.end()) fail("ExpertParallel::backward: no forward for this MoE layer");
+    Layer& L = it->second;
+    const int lo = first_expert(r), n_local = int(L.caches.size());
+    const int64_t local_rows = L.local.offsets[size_t(n_local)];
+
+    // 1. the gradient of every pair's output goes to the expert's owner (reverse of the combine)
+    std::vector<float> send_dy(L.pair_slot.size() * size_t(d));  // [pairs, d], grouped by owner
+    for (size_t j = 0; j < L.pair_slot.size(); ++j)
+        std::memcpy(&send_dy[j * d], dye + int64_t(L.pair_slot[j]) * d, sizeof(float) * d);
+    std::vector<float> recv_dy(size_t(local_rows) * d);
+    all_to_all(comm_, send_dy.data(), L.pairs_to, d, recv_dy.data(), L.pairs_from);
+    std::vector<float> dy_local(size_t(local_rows) * d), dx_local(size_t(local_rows) * d, 0.0f);
+    size_t j = 0;
+    for_each_received_pair(L, K, [&](int32_t row) {
+        std::memcpy(&dy_local[size_t(row) * d], &recv_dy[j++ * d], sizeof(float) * d);
+    });
+
+    // 2. the local experts' backward: input gradients [local rows, d], weight gradients into this rank's grads
+    model.experts_backward(m, lo, n_local, L.local.offsets.data(), dy_local.data(), dx_local.data(), L.caches.data());
+
+    // 3. every pair's input gradient goes back to its source (reverse of the dispatch), in the same pair order
+    std::vector<float> send_dx;
+    send_dx.reserve(size_t(local_rows) * d);
+    for_each_received_pair(L, K, [&](int32_t row) {
+        send_dx.insert(send_dx.end(), &dx_local[size_t(row) * d], &dx_local[size_t(row + 1) * d]);
+    });
+    std::vector<float> recv_dx(L.pair_slot.size() * size_t(d));
+    all_to_all(comm_, send_dx.data(), L.pairs_from, d, recv_dx.data(), L.pairs_to);
+    for (size_t p = 0; p < L.pair_slot.size(); ++p)
+        std::memcpy(dxe + int64_t(L.pair_slot[p]) * d, &recv_dx[p * d], sizeof(float) * d);
+}
+
+// --- 9.5 the parallel training step: DP, or DP × EP --------------------------------------------------------------
+// Which tensors of the flat buffers this rank holds: all of them under DP; under EP, all but the routed experts
+// owned by other ranks (their entries exist in this rank's buffers, for the layout's sake, but are never used).
+struct HeldParams {
+    std::vector<const ParamEntry*> replicated;   // identical on every rank: gradients are all-reduced
+    std::vector<const ParamEntry*> own_experts;  // routed experts this rank owns: gradients complete already
+};
+inline HeldParams held_params(Model& model, const ExpertParallel* ep) {
+    std::map<size_t, int> expert_of;  // offset of a routed expert's weight -> expert index
+    for (Block* b : model.moe_blocks())
+        for (size_t e = 0; e < b->moe.experts.size(); ++e)
+            for (const Linear* w : {&b->moe.experts[e].gate, &b->moe.experts[e].up, &b->moe.experts[e].down})
+                expert_of[w->w] = int(e);
+    HeldParams h;
+    for (const ParamEntry& e : model.layout.entries) {
+        if (!ep || !e.routed_expert) h.replicated.push_back(&e);
+        else if (ep->owns(expert_of.at(e.offset))) h.own_experts.push_back(&e);
+    }
+    return h;
+}
+
+// One training step of rank comm.rank(), called by every rank together: this rank's rows of the batch are
+// tokens: [B_local, T+1] (row_share), B_total (summed here) the whole batch. With ep, installs it as the model's
+// expert runner (null: pure DP, every rank runs all experts on its own tokens). Returns the losses of the WHOLE
+// batch (weighted over the ranks), its gradient norm and expert loads; afterwards every rank holds the same
+// replicated parameters and routing biases, bit for bit.
+//
+// Weighting. The loss is a mean over tokens, so the full-batch gradient is Σ_r (n_r/n) ∇L_r, not the plain mean of
+// the rank gradients when shares differ. The only positions left out of a mean are MTP's last k of each row (no
+// target), the same number in every row, so the counted positions of every loss term — main, each MTP depth, and
+// the sequence-wise balance loss (a mean over sequences) — are proportional to the rows: one weight w_r = B_r/B fits
+// them all. (The expert-level balance loss uses batch-wide frequencies f_i: under DP each rank computes it on its
+// own rows, so it is not the full-batch loss.) With equal shares w_r = 1/R and the
+// sum is the mean. Under EP every owner sums expert gradients from all ranks' tokens, each scaled by its source's
+// 1/n_r, so EP requires equal shares (checked).
+inline StepResult parallel_train_step(Communicator& comm, Model& model, AdamW& opt, const int32_t* tokens,
+                                      int B_local, int T, float lr, const LossOptions& options,
+                                      ExpertParallel* ep = nullptr, bool bias_update = true) {
+    const int R = comm.world_size();
+    int64_t B_total = B_local;
+    all_reduce(comm, &B_total, 1);
+    if (ep && int64_t(B_local) * R != B_total)
+        fail("parallel_train_step: expert parallelism needs equal shares of the batch; rank ", comm.rank(), " has ",
+             B_local, " of ", B_total, " rows over ", R, " ranks");
+    model.expert_runner = ep;
+
+    // 1. forward and backward on this rank's rows (under EP the MoE layers talk to the other ranks in between)
+    StepResult result;
+    Losses local = model.forward_backward(tokens, B_local, T, options);
+
+    // 2. gradients: weight w_r, then sum the replicated ones over the ranks (one contiguous bucket, as DDP does)
+    const float w = float(double(B_local) / double(B_total));
+    HeldParams held = held_params(model, ep);
+    size_t bucket_size = 0;
+    for (const ParamEntry* e : held.replicated) bucket_size += e->size;
+    std::vector<float> bucket(bucket_size);  // [Σ replicated sizes]
+    size_t at = 0;
+    for (const ParamEntry* e : held.replicated)
+        for (size_t i = 0; i < e->size; ++i) bucket[at++] = w * model.grads[e->offset + i];
+    all_reduce(comm, bucket.data(), bucket.size());
+    at = 0;
+    for (const ParamEntry* e : held.replicated)
+        for (size_t i = 0; i < e->size; ++i) model.grads[e->offset + i] = bucket[at++];
+    for (const ParamEntry* e : held.own_experts)
+        for (size_t i = 0; i < e->size; ++i) model.grads[e->offset + i] *= w;
+
+    // 3. the expert loads of the whole batch, so that every rank makes the same bias update
+    result.loads = model.expert_loads();
+    std::vector<int64_t> flat;
+    for (const auto& l : result.loads) flat.insert(flat.end(), l.begin(), l.end());
+    all_reduce(comm, flat.data(), flat.size());
+    at = 0;
+    for (auto& l : result.loads)
+        for (int64_t& x : l) x = flat[at++];
+
+    // 4. clip and AdamW, the single-rank step. DP: every rank holds the whole, identical gradient. EP: the norm
+    // must include every rank's experts, so their squares are summed over the ranks first. Every rank then runs the
+    // same adamw_step on its whole buffer: the experts it does not own have zero gradients here and their copies are
+    // never read (a real implementation would not even allocate them).
+    double norm = -1;  // < 0: adamw_step computes it from model.grads
+    if (ep) {
+        auto sum_squares = [&](const std::vector<const ParamEntry*>& list) {
+            double s = 0;
+            for (const ParamEntry* e : list)
+                s += parallel_sum(int64_t(e->size), [&](int64_t i) {
+                    const double g = model.grads[e->offset + size_t(i)];
+                    return g * g;
+                });
+            return s;
+        };
+        double experts_sq = sum_squares(held.own_experts);
+        all_reduce(comm, &experts_sq, 1);
+        norm = std::sqrt(sum_squares(held.replicated) + experts_sq);
+    }
+    result.grad_norm = adamw_step(model, opt, lr, norm);
+    if (bias_update) update_routing_bias(model, result.loads, model.cfg.bias_update_speed);
+    for (const auto& load : result.loads) result.max_violation = std::max(result.max_violation, max_violation(load));
+
+    // 5. the whole batch's losses, for printing: Σ_r w_r L_r
+    std::vector<double> l = {local.main, local.balance, local.total};
+    l.insert(l.end(), local.mtp.begin(), local.mtp.end());
+    for (double& x : l) x *= double(B_local) / double(B_total);
+    all_reduce(comm, l.data(), l.size());
+    result.loss.main = l[0];
+    result.loss.balance = l[1];
+    result.loss.total = l[2];
+    result.loss.mtp.assign(l.begin() + 3, l.end());
+    return result;
 }
 
 // =====================================================================================================================
