@@ -2,26 +2,38 @@
 //
 // This file implements the whole DeepSeek-V3 architecture (arXiv 2412.19437, "V3" below) on the CPU, in plain
 // C++17 with OpenMP: Multi-head Latent Attention with decoupled RoPE and YaRN, DeepSeekMoE with shared and
-// fine-grained routed experts, auxiliary-loss-free load balancing, Multi-Token Prediction, and training with
-// AdamW. Every kernel has its forward and its backward next to each other, with the equation it implements.
+// fine-grained routed experts, auxiliary-loss-free load balancing, Multi-Token Prediction, V3's FP8 recipe simulated
+// bit for bit, training with AdamW, inference with the latent KV cache and MTP speculative decoding, data and expert
+// parallelism over ranks, and Hugging Face checkpoints. Every kernel has its forward and its backward next to each
+// other, with the equation it implements.
 //
 // USAGE
-//     #include "deepseek_v3.hpp"          // nothing to link but OpenMP (-fopenmp); works without it, single-threaded
+//     #include "deepseek_v3.hpp"          // link nothing but OpenMP (-fopenmp); needs the stb headers (libstb-dev)
 //     dsv3::Config cfg = dsv3::Config::tiny();
 //     dsv3::Model model(cfg, /*seed=*/1);
-//     float loss = model.forward_backward(tokens, /*batch=*/B, /*seq_len=*/T);   // tokens: [B, T+1]
-//     dsv3::adamw_step(model, optimizer_state, lr, ...);
-// The examples in examples/ show whole programs: train, params, bench.
+//     dsv3::AdamW opt;
+//     dsv3::StepResult r = dsv3::train_step(model, opt, tokens, B, T, lr, dsv3::LossOptions{});  // tokens: [B, T+1]
+//     std::vector<int32_t> out = dsv3::generate(model, prompt, 100, dsv3::SamplingOptions{}, seed, /*use_mtp=*/true);
+// The programs in examples/ show whole runs: train, generate, balance, fp8_error, fp8_train, params, bench, ...
 //
 // TABLE OF CONTENTS (read in this order; paper sections in brackets)
-//   0. Errors ................................ how every failure is reported
-//   1. Config and counters ................... [V3 §2, §4.2, Table 1; Insights paper Table 2]
-//   2. Foundations ........................... RNG, parallel loops, timers and progress, the activation arena
-//   3. Kernels ............................... forward/backward pairs: matmul, RMSNorm, RoPE+YaRN [V3 §2.1.1],
-//                                              causal attention, SwiGLU, embedding, cross-entropy
-//   4. Parameters ............................ one flat buffer, named views with Hugging Face names [MODEL.md §7]
-//   5. Modules ............................... MLA [V3 §2.1.1, eqs. 1-11], dense FFN, block, model
-//   6. Training .............................. AdamW, clipping, LR schedules [V3 §4.2]
+//    0. Errors ............................... how every failure is reported
+//    1. Config and counters .................. [V3 §2, §4.2, Table 1; Insights paper Table 2]
+//    2. Foundations .......................... RNG, parallel loops with fixed reduction order, activation arena, files
+//    3. Numerics ............................. FP8 E4M3/E5M2, BF16, fine-grained quantization, the Hopper FP8
+//                                              accumulator, FP8 linear layers [V3 §3.3]
+//    4. Kernels .............................. forward/backward pairs: matmul, RMSNorm, RoPE+YaRN [V3 §2.1.1],
+//                                              causal attention, SwiGLU, embedding, cross-entropy, MoE router and
+//                                              balance losses [V3 §2.1.2], MoE permutation, AdamW
+//    5. Parameters ........................... one flat buffer, named views with Hugging Face names [MODEL.md §7]
+//    6. Modules .............................. MLA [V3 §2.1.1, eqs. 1-11], FFN, DeepSeekMoE [eq. 12], block,
+//                                              model with Multi-Token Prediction [V3 §2.2, eqs. 21-25]
+//    7. Training ............................. LR schedules, AdamW, clipping, loss-free balancing, checkpoints [V3 §4.2]
+//    8. Inference ............................ latent KV cache, weight absorption, sampling, MTP speculative decoding
+//                                              [V3 §2.1.1, §5.4.3]
+//    9. Parallelism .......................... ranks, ring all-reduce, all-to-all, data and expert parallel [V3 §3.2]
+//   10. Data and pictures .................... byte-level BPE tokenizer, datasets, FIM, synthetic corpus, PNG plots
+//   11. Checkpoint I/O ....................... JSON, safetensors, config.json, Hugging Face directories, .npy
 //
 // CONVENTIONS
 //   - Row-major tensors; shapes are written next to them: `x: [T, dim]` means T rows of dim floats.
@@ -69,7 +81,7 @@
 #endif
 #include <unistd.h>
 
-// stb (Debian package libstb-dev) draws the PNG plots of section 9. stb_image_write is compiled into each translation
+// stb (Debian package libstb-dev) draws the PNG plots of section 10. stb_image_write is compiled into each translation
 // unit as static functions, so no .cpp has to define STB_IMAGE_WRITE_IMPLEMENTATION; a program that uses stb itself
 // includes it before this header, or defines DSV3_STB_IMAGE_WRITE_EXTERN and compiles it in one of its own files.
 #if defined(__GNUC__)
@@ -299,7 +311,7 @@ inline void Config::validate() const {
 }
 
 // --- counters -------------------------------------------------------------------------------------------------------
-// Counting is done on the same list of named shapes the model allocates (section 4: param_layout), so the counters
+// Counting is done on the same list of named shapes the model allocates (section 5: param_layout), so the counters
 // and the model can never disagree. These functions are defined after that list.
 struct ParamCounts {
     int64_t total = 0;              // main model: embedding and head counted once each, MTP excluded
@@ -496,7 +508,7 @@ inline void write_file_atomic(const std::string& path, const std::string& data) 
 }
 
 // =====================================================================================================================
-// 3. Numerics: FP8 training (DeepSeek-V3 report §3.3), BF16 and FP16
+// 3. NUMERICS: FP8 TRAINING (DeepSeek-V3 report §3.3), BF16 AND FP16
 // =====================================================================================================================
 //
 // DeepSeek-V3 is trained with FP8 matrix multiplications (report §3.3 "FP8 Training"). The three GEMMs of every
@@ -1193,12 +1205,12 @@ inline void fp8_matmul_backward(float* dx, float* dW, const float* dy, const flo
 }
 
 // =====================================================================================================================
-// 3. KERNELS
+// 4. KERNELS
 // =====================================================================================================================
 // Each kernel is a forward/backward pair on raw row-major arrays. Backward functions accumulate (+=) into the
 // gradients of their inputs. Shapes use T for "rows" (tokens of the whole batch, B * seq_len).
 
-// --- 3.1 matmul: the linear layer y = x Wᵀ, forward and backward, on the CPU.
+// --- 4.1 matmul: the linear layer y = x Wᵀ, forward and backward, on the CPU.
 //
 // Almost all of the FLOPs of a transformer are in its linear layers, so this is the one kernel that has to be fast.
 // The three products of a linear layer are one operation, C[M,N] (+)= A[M,K] · B[K,N], on three layouts:
@@ -1524,7 +1536,7 @@ inline void matmul_backward_reference(float* dx, float* dW, const float* dy, con
             }
 }
 
-// --- 3.2 RMSNorm: y = x / sqrt(mean(x²) + ε) ⊙ g   (Zhang & Sennrich 2019; used before every sub-layer) ---------
+// --- 4.2 RMSNorm: y = x / sqrt(mean(x²) + ε) ⊙ g   (Zhang & Sennrich 2019; used before every sub-layer) ---------
 // x, y: [T, d]; g: [d]; rstd: [T] saved for backward.
 inline void rmsnorm_forward(float* y, float* rstd, const float* x, const float* g, int T, int d, float eps) {
     parallel_for(T, [&](int64_t t) {
@@ -1557,7 +1569,7 @@ inline void rmsnorm_backward(float* dx, float* dg, const float* dy, const float*
     });
 }
 
-// --- 3.3 RoPE with YaRN [V3 §2.1.1 eqs. 3 and 7; YaRN, Peng et al. 2023] ----------------------------------------
+// --- 4.3 RoPE with YaRN [V3 §2.1.1 eqs. 3 and 7; YaRN, Peng et al. 2023] ----------------------------------------
 // The decoupled RoPE part of queries and keys is rotated pairwise: (x_2i, x_2i+1) by the angle pos·θ_i with
 // θ_i = base^(−2i/D), D = qk_rope_head_dim. (DeepSeek's code views consecutive pairs as complex numbers; Hugging
 // Face stores the same weights and de-interleaves inside its rotary function: the dot products are identical.)
@@ -1642,7 +1654,7 @@ inline void rope_backward(float* dx, int T, int row_stride, int offset, int n_ve
     rope_apply(dx, T, row_stride, offset, n_vec, vec_stride, pos0, seq_len, rt, true);
 }
 
-// --- 3.4 causal softmax attention -----------------------------------------------------------------------------
+// --- 4.4 causal softmax attention -----------------------------------------------------------------------------
 // q, k: [B·T, H, dqk]; v: [B·T, H, dv]; out: [B·T, H, dv]; probs: [B, H, T, T] (row t holds weights over s ≤ t).
 // o_t = Σ_{s≤t} softmax_s(q_t·k_s · scale) v_s       [V3 eq. 10]
 inline void attention_forward(float* out, float* probs, const float* q, const float* k, const float* v, int B, int T,
@@ -1709,7 +1721,7 @@ inline void attention_backward(float* dq, float* dk, float* dv_, const float* do
     });
 }
 
-// --- 3.5 SwiGLU: h = silu(gate) ⊙ up, silu(z) = z·σ(z)   (Shazeer 2020; every FFN and expert of V3) ------------
+// --- 4.5 SwiGLU: h = silu(gate) ⊙ up, silu(z) = z·σ(z)   (Shazeer 2020; every FFN and expert of V3) ------------
 // gate, up, h: [n]
 inline void swiglu_forward(float* h, const float* gate, const float* up, int64_t n) {
     parallel_for((n + 1023) / 1024, [&](int64_t c) {
@@ -1730,7 +1742,7 @@ inline void swiglu_backward(float* dgate, float* dup, const float* dh, const flo
     });
 }
 
-// --- 3.6 embedding ------------------------------------------------------------------------------------------------
+// --- 4.6 embedding ------------------------------------------------------------------------------------------------
 // out[t] = E[tokens[t]];  E: [vocab, d], out: [T, d]
 inline void embedding_forward(float* out, const int32_t* tokens, const float* E, int T, int d, int vocab) {
     for (int t = 0; t < T; ++t)
@@ -1749,7 +1761,7 @@ inline void embedding_backward(float* dE, const float* dout, const int32_t* toke
     }
 }
 
-// --- 3.7 cross-entropy ------------------------------------------------------------------------------------------
+// --- 4.7 cross-entropy ------------------------------------------------------------------------------------------
 // logits: [T, V]; targets: [T] (ignore_index skips a row). Returns the mean over the counted rows of
 // −log softmax(logits)[target], in nats.
 constexpr int32_t kIgnore = -1;
@@ -1798,7 +1810,7 @@ inline void cross_entropy_backward(float* dlogits, const float* logits, const in
     });
 }
 
-// --- 3.8 the MoE router [V3 §2.1.2, eqs. 13-16] ------------------------------------------------------------------
+// --- 4.8 the MoE router [V3 §2.1.2, eqs. 13-16] ------------------------------------------------------------------
 // scores s_{i,t} = σ(u_tᵀ e_i) (sigmoid; V2 used softmax over experts). Selection uses the biased score s + b, in
 // two stages: the N_r experts form n_group groups, a group's score is the sum of its two best biased scores (max for
 // softmax routing), only the topk_group best groups stay, and the top-K experts among them are chosen. The gates use
@@ -1896,7 +1908,7 @@ inline void router_gates_backward(float* dscores, const float* dgates, const flo
     });
 }
 
-// --- 3.9 balance losses ------------------------------------------------------------------------------------------
+// --- 4.9 balance losses ------------------------------------------------------------------------------------------
 // Sequence-wise balance loss [V3 eqs. 17-20], per sequence of T tokens, averaged over the B sequences:
 //   f_i = N_r/(K·T) Σ_t 1[i ∈ TopK_t],  s'_{i,t} = s_{i,t} / Σ_j s_{j,t},  P_i = (1/T) Σ_t s'_{i,t},  L = α Σ_i f_i P_i
 // f is a count (no gradient); the gradient flows through P into every score.
@@ -1962,7 +1974,7 @@ inline double expert_balance_loss(float* dlogits, const float* logits, const int
     return alpha * L;
 }
 
-// --- 3.10 MoE permutation ---------------------------------------------------------------------------------------
+// --- 4.10 MoE permutation ---------------------------------------------------------------------------------------
 // Tokens are grouped by expert with a counting sort (stable: within an expert, tokens keep their order), so each
 // expert runs one dense matmul over its rows. slot[t·K + k] = row of (token t, choice k) in the permuted order;
 // token_of[row] = t; offsets[e] .. offsets[e+1] are expert e's rows.
@@ -2028,7 +2040,7 @@ inline void moe_unpermute_backward(float* dye, float* dgates, const float* dy, c
     });
 }
 
-// --- 3.11 AdamW (Loshchilov & Hutter 2019) ------------------------------------------------------------------------
+// --- 4.11 AdamW (Loshchilov & Hutter 2019) ------------------------------------------------------------------------
 // m ← β1 m + (1−β1) g;  v ← β2 v + (1−β2) g²;  p ← p − lr·( m̂/(√v̂ + ε) + wd·p ), m̂, v̂ bias-corrected by step.
 inline void adamw_update(float* p, const float* g, float* m, float* v, int64_t n, float lr, float beta1, float beta2,
                          float eps, float weight_decay, int step) {
@@ -2043,7 +2055,7 @@ inline void adamw_update(float* p, const float* g, float* m, float* v, int64_t n
 }
 
 // =====================================================================================================================
-// 4. PARAMETERS: ONE FLAT BUFFER, NAMED VIEWS
+// 5. PARAMETERS: ONE FLAT BUFFER, NAMED VIEWS
 // =====================================================================================================================
 // All parameters live in one float buffer, the gradients in a second of the same layout (and AdamW's moments in two
 // more). A module only stores offsets into it. So the optimizer, gradient clipping, checkpoints and the data-parallel
@@ -2218,9 +2230,9 @@ inline ParamCounts count_parameters(const Config& c) {
 }
 
 // =====================================================================================================================
-// 5. MODULES: MLA, FFN, MoE, BLOCK, MTP, MODEL
+// 6. MODULES: MLA, FFN, MoE, BLOCK, MTP, MODEL
 // =====================================================================================================================
-// The model logic is written once here, as forward/backward pairs that compose the kernels of section 3. Each
+// The model logic is written once here, as forward/backward pairs that compose the kernels of section 4. Each
 // forward saves what its backward needs in a cache (pointers into the activation arena).
 
 enum class BalanceLoss { none, sequence_wise, expert_level };
@@ -2424,7 +2436,7 @@ class Model {
                        int layer, bool absorbed);
 };
 
-// --- 5.1 Multi-head Latent Attention [V3 §2.1.1] -----------------------------------------------------------------
+// --- 6.1 Multi-head Latent Attention [V3 §2.1.1] -----------------------------------------------------------------
 // Keys and values are compressed jointly into a small latent c^KV (eq. 1), from which per-head keys and values are
 // up-projected (eqs. 2, 5); only c^KV and the decoupled RoPE key k^R (eq. 3, shared by all heads) would be cached
 // at inference. Queries get a low-rank compression too (eqs. 6-8), which saves activation memory in training.
@@ -2525,7 +2537,7 @@ inline void Model::attention_backward_(const AttnCache& c, const Attention& a, c
     arena_.release(mark);
 }
 
-// --- 5.2 SwiGLU feed-forward: dense layers, every expert, and the shared experts ---------------------------------
+// --- 6.2 SwiGLU feed-forward: dense layers, every expert, and the shared experts ---------------------------------
 inline void Model::ffn_forward_(FfnCache& c, const Ffn& f, const float* x, float* out, int n) {
     const int w = f.gate.out;
     c.x = x;
@@ -2550,7 +2562,7 @@ inline void Model::ffn_backward_(const FfnCache& c, const Ffn& f, const float* d
     arena_.release(mark);
 }
 
-// --- 5.3 DeepSeekMoE [V3 §2.1.2, eq. 12]: h' = u + Σ_shared FFN_s(u) + Σ_routed g_i FFN_i(u) ----------------------
+// --- 6.3 DeepSeekMoE [V3 §2.1.2, eq. 12]: h' = u + Σ_shared FFN_s(u) + Σ_routed g_i FFN_i(u) ----------------------
 inline void Model::moe_forward_(MoeCache& c, const MoE& m, const float* x, float* out, double* balance) {
     const int n = BT(), N = cfg.n_routed_experts, K = cfg.n_activated_experts, d = cfg.dim;
     const bool softmax = cfg.score_func == "softmax";
@@ -2608,7 +2620,7 @@ inline void Model::moe_backward_(MoeCache& c, const MoE& m, const float* dout, f
     arena_.release(mark);
 }
 
-// --- 5.4 the pre-norm block: h ← h + Attn(RMSNorm(h)); h ← h + FFN(RMSNorm(h)) ------------------------------------
+// --- 6.4 the pre-norm block: h ← h + Attn(RMSNorm(h)); h ← h + FFN(RMSNorm(h)) ------------------------------------
 inline void Model::block_forward_(BlockCache& c, const Block& b, const float* h_in, double* balance) {
     const int n = BT(), d = cfg.dim;
     c.h_in = h_in;
@@ -2643,7 +2655,7 @@ inline void Model::block_backward_(BlockCache& c, const Block& b, const float* d
     arena_.release(mark);
 }
 
-// --- 5.5 the model, with Multi-Token Prediction [V3 §2.2] -----------------------------------------------------------
+// --- 6.5 the model, with Multi-Token Prediction [V3 §2.2] -----------------------------------------------------------
 // Main model: embedding, blocks, final RMSNorm, output head, cross-entropy on the next token.
 // MTP module k (k = 1..D) at position i: h'^k_i = M_k [RMSNorm(Emb(t_{i+k})) ; RMSNorm(h^{k-1}_i)] (eq. 21),
 // h^k = TRM_k(h'^k) (eq. 22), P^k_{i+k+1} = OutHead(h^k_i) (eq. 23), sharing the embedding and the output head with
@@ -2774,10 +2786,10 @@ inline void Model::backward() {
 }
 
 // =====================================================================================================================
-// 6. TRAINING [V3 §4.2]
+// 7. TRAINING [V3 §4.2]
 // =====================================================================================================================
 
-// --- 6.1 learning-rate schedules ----------------------------------------------------------------------------------
+// --- 7.1 learning-rate schedules ----------------------------------------------------------------------------------
 // kind cosine:     linear warmup to max_lr, then cosine decay to min_lr at the last step (the usual small-model choice).
 // kind v3:         V3 §4.2: linear warmup, constant until constant_until·steps, cosine to min_lr until
 //                  decay_until·steps, then constant min_lr (V3 ends with two constant stages; one is kept here).
@@ -2804,7 +2816,7 @@ struct LrSchedule {
     }
 };
 
-// --- 6.2 optimizer state, clipping, AdamW ------------------------------------------------------------------------
+// --- 7.2 optimizer state, clipping, AdamW ------------------------------------------------------------------------
 struct AdamW {
     float beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, weight_decay = 0.1f;  // V3 §4.2
     float clip_norm = 1.0f;                                               // global-norm clipping (0: off)
@@ -2849,7 +2861,7 @@ inline double adamw_step(Model& model, AdamW& opt, float lr, double grad_norm = 
     return norm;
 }
 
-// --- 6.3 auxiliary-loss-free load balancing [V3 §2.1.2; Wang et al. 2024, arXiv 2408.15664] -----------------------
+// --- 7.3 auxiliary-loss-free load balancing [V3 §2.1.2; Wang et al. 2024, arXiv 2408.15664] -----------------------
 // After each step: b_i ← b_i + γ·sign(c̄ − c_i), c_i = tokens routed to expert i over the whole batch, c̄ their mean.
 // Overloaded experts become less attractive to the selection, underloaded ones more, with no gradient interference.
 inline void update_routing_bias(Model& model, const std::vector<std::vector<int64_t>>& loads, float gamma) {
@@ -2878,7 +2890,7 @@ inline void add_loads(std::vector<std::vector<int64_t>>& a, const std::vector<st
     for (size_t l = 0; l < a.size(); ++l)
         for (size_t i = 0; i < a[l].size(); ++i) a[l][i] += b[l][i];
 }
-// --- 6.4 one training step ----------------------------------------------------------------------------------------
+// --- 7.4 one training step ----------------------------------------------------------------------------------------
 // forward + backward, clip + AdamW, then the loss-free bias update with this batch's expert loads.
 struct StepResult {
     Losses loss;
@@ -2897,7 +2909,7 @@ inline StepResult train_step(Model& model, AdamW& opt, const int32_t* tokens, in
     return r;
 }
 
-// --- 6.5 data windows and evaluation --------------------------------------------------------------------------
+// --- 7.5 data windows and evaluation --------------------------------------------------------------------------
 // B random windows of T+1 tokens; the windows of step s depend only on (seed, s), so a resumed run sees the same data.
 inline void sample_batch(const std::vector<int32_t>& data, int B, int T, uint64_t seed, int step, int32_t* out) {
     Rng rng = Rng(seed).fork(uint64_t(step));
@@ -2931,7 +2943,7 @@ inline double evaluate(Model& model, const std::vector<int32_t>& val, int T, int
     return sum / double(n);
 }
 
-// --- 6.6 checkpoints --------------------------------------------------------------------------------------------
+// --- 7.6 checkpoints --------------------------------------------------------------------------------------------
 // A training checkpoint holds everything a resumed run needs to continue bit for bit: the config, the step, the
 // parameters (the routing bias included) and AdamW's moments. Text header, then raw little-endian float32:
 //     dsv3-checkpoint 1
@@ -3333,7 +3345,7 @@ inline int sample_token(const float* logits, int V, const SamplingOptions& o, Rn
 // sampler, same random draw). If t_{i+2} == d, the output at position i+2 is valid too and gives t_{i+3}: two tokens
 // for one main forward. If not, position i+2 is dropped from the cache. Either way the tokens are those of plain
 // decoding, because a position's logits do not depend on how many tokens a step feeds (batch-invariant matmul and
-// attention, see 3.1 and 8.2). V3 reports 85-90% acceptance, about 1.8x the tokens per second.
+// attention, see 4.1 and 8.2). V3 reports 85-90% acceptance, about 1.8x the tokens per second.
 struct GenerationStats {
     int prompt_tokens = 0, generated = 0;
     int main_forwards = 0;          // calls of the main model, the prompt's and restarts' included
@@ -3434,7 +3446,7 @@ inline std::vector<int32_t> generate(Model& model, const std::vector<int32_t>& p
 //   rank routes its own tokens, DISPATCHES each token once to every rank that owns one of its chosen experts, those
 //   ranks run their experts, and the outputs come back (COMBINE) to be weighted by the gates [V3 §3.2]. Everything
 //   outside the routed experts stays data parallel. With n_expert_groups = R, the group-limited routing of section
-//   3.8 (at most n_limited_groups groups per token) becomes "at most n_limited_groups ranks per token": the
+//   4.8 (at most n_limited_groups groups per token) becomes "at most n_limited_groups ranks per token": the
 //   single-machine form of V3's node-limited routing (M = 4 nodes per token, V3 §2.1.2).
 //
 // The communication interface (9.1) has one data-moving primitive, sendrecv; the collectives (9.2) are written once
@@ -3652,12 +3664,12 @@ inline RowShare row_share(int B, int R, int r) {
 }
 
 // --- 9.4 expert parallelism: dispatch, local experts, combine   [V3 §3.2] ------------------------------------------
-// Per MoE layer, on rank r, with n tokens routed locally (chosen: [n, K], perm: the grouping of section 3.10):
+// Per MoE layer, on rank r, with n tokens routed locally (chosen: [n, K], perm: the grouping of section 4.10):
 //
 //   forward   1. plan: for each rank q, the tokens with at least one chosen expert on q (each listed ONCE), and the
 //                (token, choice) pairs of those experts, in (token, choice) order.
 //             2. dispatch: counts first, then the token rows x: [sent, d] and their expert ids [sent, K].
-//             3. on the owner: group the received (token, choice) pairs by local expert (the counting sort of 3.10,
+//             3. on the owner: group the received (token, choice) pairs by local expert (the counting sort of 4.10,
 //                with the experts owned elsewhere put in one extra bucket that is never run), run the local experts.
 //             4. combine: every (token, choice) output row goes back to its source in the order of step 1, and
 //                lands in c.ye at the row the single-rank layer would have used; the layer then weights them by the
@@ -3674,7 +3686,7 @@ inline RowShare row_share(int B, int R, int r) {
 // the combine in BF16 (§3.3); here everything is FP32.
 //
 // Bitwise equality with one rank holds because (a) a matmul row does not depend on the other rows of its batch
-// (section 3.1), (b) each expert sees its rows in global token order: ranks hold consecutive rows of the batch
+// (section 4.1), (b) each expert sees its rows in global token order: ranks hold consecutive rows of the batch
 // (row_share), receivers concatenate by source rank and the counting sort is stable, and (c) with equal shares of a
 // batch split over R = 2^k ranks, the per-rank loss gradient (1/n_r) is exactly R times the full-batch one (1/n), a
 // power of two, which float arithmetic scales exactly.
@@ -3948,18 +3960,18 @@ inline StepResult parallel_train_step(Communicator& comm, Model& model, AdamW& o
 }
 
 // =====================================================================================================================
-// 9. DATA AND PICTURES
+// 10. DATA AND PICTURES
 // =====================================================================================================================
-//   9.1  Small text helpers.
-//   9.2  Byte-level BPE tokenizer (DeepSeek-V3 report §4.1): train, encode, decode, save, load.
-//   9.3  Token files and datasets: a small binary format, train/validation split, random batches, evaluation windows.
-//   9.4  FIM, fill in the middle, PSM mode (DeepSeek-Coder, DeepSeek-Coder-V2 §2.2; Bavarian et al. 2022).
-//   9.5  A synthetic corpus whose entropy is known exactly, so that a loss can be compared with the best possible one.
-//   9.6  PNG plots (stb_image_write + stb_easy_font): loss curves, heatmaps (expert load), attention maps.
-//   9.7  A progress line for long runs.
+//   10.1  Small text helpers.
+//   10.2  Byte-level BPE tokenizer (DeepSeek-V3 report §4.1): train, encode, decode, save, load.
+//   10.3  Token files and datasets: a small binary format, train/validation split, random batches, evaluation windows.
+//   10.4  FIM, fill in the middle, PSM mode (DeepSeek-Coder, DeepSeek-Coder-V2 §2.2; Bavarian et al. 2022).
+//   10.5  A synthetic corpus whose entropy is known exactly, so that a loss can be compared with the best possible one.
+//   10.6  PNG plots (stb_image_write + stb_easy_font): loss curves, heatmaps (expert load), attention maps.
+//   10.7  A progress line for long runs.
 
 // ================================================================================================================
-// 9.1 Small text helpers
+// 10.1 Small text helpers
 // ================================================================================================================
 
 // A byte string shown safely in a message or a file: printable ASCII as is, the rest as \n, \t, \\, \" or \xNN.
@@ -3978,7 +3990,7 @@ inline std::string escape_bytes(std::string_view s) {
 }
 
 // ================================================================================================================
-// 9.2 Byte-level BPE tokenizer
+// 10.2 Byte-level BPE tokenizer
 // ================================================================================================================
 //
 // DeepSeek-V3 tokenizes with byte-level BPE (128K tokens). "Byte-level" means the alphabet is the 256 byte values,
@@ -4389,7 +4401,7 @@ struct Tokenizer {
 };
 
 // ================================================================================================================
-// 9.3 Token files and datasets
+// 10.3 Token files and datasets
 // ================================================================================================================
 //
 // Token file (binary, little-endian), written by write_tokens and examples/prepare_data:
@@ -4559,7 +4571,7 @@ struct EvalBatches {
 };
 
 // ================================================================================================================
-// 9.4 FIM: fill in the middle (PSM: prefix, suffix, middle)
+// 10.4 FIM: fill in the middle (PSM: prefix, suffix, middle)
 // ================================================================================================================
 //
 // DeepSeek-Coder trains with FIM so that a left-to-right model can complete a hole given what comes after it: a
@@ -4632,7 +4644,7 @@ inline std::vector<std::string> split_documents(const std::string& text, const s
 }
 
 // ================================================================================================================
-// 9.5 Synthetic corpus with exactly known entropy
+// 10.5 Synthetic corpus with exactly known entropy
 // ================================================================================================================
 //
 // When training on real text nobody knows the best achievable loss. This corpus is generated by a program whose
@@ -5027,7 +5039,7 @@ inline std::vector<int32_t> training_bytes(const std::string& path, std::string*
 }
 
 // ================================================================================================================
-// 9.6 PNG plots
+// 10.6 PNG plots
 // ================================================================================================================
 //
 // A tiny raster canvas: filled rectangles, anti-aliased lines (the coverage of a pixel is how much of it lies within
@@ -5542,7 +5554,7 @@ inline void plot_attention(const std::string& path, const std::string& title, co
 }
 
 // ================================================================================================================
-// 9.7 Progress line
+// 10.7 Progress line
 // ================================================================================================================
 //
 // "step 120/5000 (2.4%) | loss 2.3456 | lr 3.0e-04 | 12.3k tok/s | 0:12 elapsed | ETA 8:03". In a terminal the
@@ -5632,12 +5644,12 @@ struct Progress {
 };
 
 // =====================================================================================================================
-// 9. CHECKPOINT I/O: JSON, safetensors, config.json, Hugging Face directories, .npy   [MODEL.md §7]
+// 11. CHECKPOINT I/O: JSON, safetensors, config.json, Hugging Face directories, .npy   [MODEL.md §7]
 // =====================================================================================================================
 // A Hugging Face model directory, the format DeepSeek publishes V3 in, holds two kinds of files:
 //
-//     config.json                     the architecture, as JSON (section 9.3 maps it to dsv3::Config)
-//     model.safetensors               the weights: a JSON header naming every tensor, then the raw bytes (9.2)
+//     config.json                     the architecture, as JSON (section 11.3 maps it to dsv3::Config)
+//     model.safetensors               the weights: a JSON header naming every tensor, then the raw bytes (11.2)
 //       or model.safetensors.index.json + model-00001-of-00163.safetensors ...   (sharded: {"weight_map": {name: file}})
 //
 // Tensor names are the Hugging Face names our ParamLayout already carries ("model.layers.3.self_attn.kv_b_proj.weight"),
@@ -5645,8 +5657,8 @@ struct Progress {
 // converting BF16/F16/FP8 to float32 on the way. Everything read from a file is validated before it is used: a
 // corrupt or hostile file produces a dsv3::Error naming the file, the tensor and what was expected, never a crash.
 //
-// Contents: 9.1 a minimal JSON reader/writer; 9.2 safetensors; 9.3 config.json <-> Config; 9.4 Model <-> directory
-// (save_hf, load_hf, with DeepSeek's FP8 block-scaled weights and the MTP module's copies); 9.5 .npy files and the
+// Contents: 11.1 a minimal JSON reader/writer; 11.2 safetensors; 11.3 config.json <-> Config; 11.4 Model <-> directory
+// (save_hf, load_hf, with DeepSeek's FP8 block-scaled weights and the MTP module's copies); 11.5 .npy files and the
 // forward pass the way transformers computes logits and loss (used by examples/hf_logits.cpp and the reference tests).
 
 namespace io_detail {
@@ -5706,7 +5718,7 @@ inline std::string name_list(const std::vector<std::string>& names, size_t show 
 }
 }  // namespace io_detail
 
-// --- 9.1 JSON ---------------------------------------------------------------------------------------------------------
+// --- 11.1 JSON ---------------------------------------------------------------------------------------------------------
 // config.json, the safetensors header and the shard index are JSON (RFC 8259). This reader is strict: anything the
 // grammar does not allow (trailing commas, comments, single quotes, NaN, unescaped control characters, lone UTF-16
 // surrogates, duplicate keys) is an error naming the source, the byte offset and what was expected there.
@@ -6095,7 +6107,7 @@ inline std::string json_describe(const Json& j) {
     return j.is_null() ? "null" : text + " (" + j.type_name() + ")";
 }
 
-// --- 9.2 safetensors --------------------------------------------------------------------------------------------
+// --- 11.2 safetensors --------------------------------------------------------------------------------------------
 // The format (github.com/huggingface/safetensors), all integers little-endian:
 //
 //     bytes 0..7        N, the header length (uint64)
@@ -6461,7 +6473,7 @@ struct HfCheckpoint {
     }
 };
 
-// --- 9.3 config.json <-> Config ---------------------------------------------------------------------------------
+// --- 11.3 config.json <-> Config ---------------------------------------------------------------------------------
 // The mapping of MODEL.md §1. Most fields map one to one (table below); the rest need care:
 //   q_lora_rank       null in config.json when the query is projected directly (V2-Lite); 0 in Config.
 //   rope_theta        top level, or inside "rope_parameters" (transformers >= 5 writes that).
@@ -6756,7 +6768,7 @@ inline void write_hf_config(const std::string& path, const Config& c, const std:
     write_file_atomic_stream(path, "config.json", [&](std::FILE* f) { return write_bytes(f, text.data(), text.size()); });
 }
 
-// --- 9.4 Model <-> Hugging Face directory -----------------------------------------------------------------------
+// --- 11.4 Model <-> Hugging Face directory -----------------------------------------------------------------------
 // Names: every ParamEntry carries its HF name. Two things are special in DeepSeek's checkpoints [MODEL.md §5, §7]:
 //  * MTP module k (k = 1..D) is stored as layer n_layers+k-1 and carries its OWN copies of the shared embedding and
 //    output head: model.layers.{n_layers+k-1}.embed_tokens.weight and .shared_head.head.weight. save_hf writes them
@@ -6916,7 +6928,7 @@ inline Model load_hf(const std::string& dir, uint64_t seed = 0) {
     return model;
 }
 
-// --- 9.5 .npy files, and the forward pass as transformers computes it -------------------------------------------
+// --- 11.5 .npy files, and the forward pass as transformers computes it -------------------------------------------
 // .npy (NumPy format 1.0): "\x93NUMPY", version 1 0, a little-endian uint16 header length, a Python dict literal
 // {'descr': '<f4', 'fortran_order': False, 'shape': (2, 8, 64), } padded with spaces and a newline so that the data
 // starts at a multiple of 64 bytes, then the raw little-endian float32 values in C (row-major) order.
