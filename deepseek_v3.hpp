@@ -218,10 +218,18 @@ struct Config {
         visit([&](const char* field, auto& v) {
             if (name != field) return;
             found = true;
-            std::istringstream in(value);
-            in >> v;
-            if (in.fail() || !(in >> std::ws).eof())
-                fail(where, ": field ", name, ": cannot parse \"", value, "\" as its type");
+            auto parsed = v;  // parsed into a copy: a bad value leaves the config unchanged
+            bool ok = true;
+            if constexpr (std::is_same_v<std::decay_t<decltype(v)>, bool>) {
+                ok = value == "1" || value == "true" || value == "0" || value == "false";
+                parsed = value == "1" || value == "true";
+            } else {
+                std::istringstream in(value);
+                in >> parsed;
+                ok = !in.fail() && (in >> std::ws).eof();
+            }
+            if (!ok) fail(where, ": field ", name, ": cannot parse \"", value, "\" as its type");
+            v = parsed;
         });
         if (!found) fail(where, ": unknown config field \"", name, "\"");
     }
@@ -2023,7 +2031,8 @@ inline void moe_unpermute_forward(float* y, const float* ye, const float* gates,
         }
     });
 }
-// dye[slot] = gates · dy[t];  dgates[t,k] += dy[t] · ye[slot]
+// dye[slot] = gates · dy[t] (OVERWRITES dye: each slot has exactly one source, so it needs no zeroing);
+// dgates[t,k] += dy[t] · ye[slot]
 inline void moe_unpermute_backward(float* dye, float* dgates, const float* dy, const float* ye, const float* gates,
                                    const MoePermutation& p, int T, int K, int d) {
     parallel_for(T, [&](int64_t t) {
@@ -2808,7 +2817,11 @@ struct LrSchedule {
             return min_lr + 0.5f * (max_lr - min_lr) * (1.0f + std::cos(float(M_PI) * r));
         };
         switch (kind) {
-            case cosine: return cosine_between(float(warmup_steps) / float(std::max(total_steps, 1)), 1.0f);
+            case cosine: {  // from max_lr at step warmup_steps to exactly min_lr at the last step, total_steps - 1
+                const int span = std::max(total_steps - 1 - warmup_steps, 1);
+                const float r = std::clamp(float(step - warmup_steps) / float(span), 0.0f, 1.0f);
+                return min_lr + 0.5f * (max_lr - min_lr) * (1.0f + std::cos(float(M_PI) * r));
+            }
             case v3: return x < constant_until ? max_lr : cosine_between(constant_until, decay_until);
             case multi_step: return x < 0.8f ? max_lr : (x < 0.9f ? 0.316f * max_lr : 0.1f * max_lr);
         }

@@ -216,6 +216,19 @@ TEST_CASE("config: set() parses each type and its errors name the field") {
     CHECK_THROWS_WITH_AS(c.set("score_func", "sig moid", "cfg.txt"), doctest::Contains("score_func"), dsv3::Error);
 }
 
+TEST_CASE("config: set() accepts true/false for booleans and leaves the field unchanged on a bad value") {
+    dsv3::Config c;
+    c.set("fp8_training", "true", "test");
+    CHECK(c.fp8_training);
+    c.set("fp8_training", "0", "test");
+    CHECK(!c.fp8_training);
+    CHECK_THROWS_AS(c.set("fp8_training", "yes", "test"), dsv3::Error);
+    CHECK(!c.fp8_training);
+    const int dim = c.dim;
+    CHECK_THROWS_AS(c.set("dim", "12abc", "test"), dsv3::Error);
+    CHECK(c.dim == dim);
+}
+
 // ----------------------------------------------------------------------------------------------------------------
 // checkpoints
 // ----------------------------------------------------------------------------------------------------------------
