@@ -3090,6 +3090,23 @@ struct KvCache {
 // step costs O(L·H·(d_c + d_R)) multiply-adds and reads L·(d_c + d_R) cached floats, instead of first
 // up-projecting the whole cache, O(L·d_c·H·(d_h + d_v)).
 //
+// One query over L keys: o[dim] = Σ_s softmax_s(scale · score(s)) · value(s), value(s) pointing at dim floats. The
+// same loops, in the same order, for both decoding paths below.
+template <class Score, class Value>
+inline void attend_one(float* o, int L, int dim, float scale, const Score& score, const Value& value) {
+    std::vector<float> p(static_cast<size_t>(L));
+    float mx = -INFINITY;
+    for (int s = 0; s < L; ++s) mx = std::max(mx, p[size_t(s)] = score(s) * scale);
+    float sum = 0;
+    for (int s = 0; s < L; ++s) sum += (p[size_t(s)] = std::exp(p[size_t(s)] - mx));
+    for (int i = 0; i < dim; ++i) o[i] = 0;
+    for (int s = 0; s < L; ++s) {
+        const float w = p[size_t(s)] / sum;
+        const float* vs = value(s);
+        for (int i = 0; i < dim; ++i) o[i] += w * vs[i];
+    }
+}
+
 // The kernel: rows t = 0..n-1 are new queries at positions pos0 + t; row t attends over cache positions 0..pos0+t.
 //   o_lat[n, H, dc] = Σ_s softmax_s(scale·(q_lat[t,h]·ckv[s] + q_rope[t,h]·k_rope[s])) ckv[s]
 // q_lat: [n, H, dc]; q_rope: [n, H, dr]; ckv: [L, dc]; k_rope: [L, dr]. Every (t, h) is computed alone, in the same
@@ -3098,26 +3115,16 @@ struct KvCache {
 inline void mla_decode_absorbed(float* o_lat, const float* q_lat, const float* q_rope, const float* ckv,
                                 const float* k_rope, int n, int pos0, int H, int dc, int dr, float scale) {
     parallel_for(int64_t(n) * H, [&](int64_t job) {
-        const int t = int(job / H), L = pos0 + t + 1;
+        const int t = int(job / H);
         const float* ql = q_lat + job * dc;
         const float* qr = q_rope + job * dr;
-        std::vector<float> p(static_cast<size_t>(L));
-        float mx = -INFINITY;
-        for (int s = 0; s < L; ++s) {
+        auto score = [&](int s) {
             float dot = 0;
             for (int i = 0; i < dc; ++i) dot += ql[i] * ckv[int64_t(s) * dc + i];
             for (int i = 0; i < dr; ++i) dot += qr[i] * k_rope[int64_t(s) * dr + i];
-            p[size_t(s)] = dot * scale;
-            mx = std::max(mx, p[size_t(s)]);
-        }
-        float sum = 0;
-        for (int s = 0; s < L; ++s) sum += (p[size_t(s)] = std::exp(p[size_t(s)] - mx));
-        float* o = o_lat + job * dc;
-        for (int i = 0; i < dc; ++i) o[i] = 0;
-        for (int s = 0; s < L; ++s) {
-            const float w = p[size_t(s)] / sum;
-            for (int i = 0; i < dc; ++i) o[i] += w * ckv[int64_t(s) * dc + i];
-        }
+            return dot;
+        };
+        attend_one(o_lat + job * dc, pos0 + t + 1, dc, scale, score, [&](int s) { return ckv + int64_t(s) * dc; });
     });
 }
 // The naive path for the same rows: q: [n, H, dh + dr] (RoPE applied); k: [L, H, dh + dr]; v: [L, H, dv] up-projected
@@ -3125,26 +3132,15 @@ inline void mla_decode_absorbed(float* o_lat, const float* q_lat, const float* q
 inline void attention_decode_naive(float* o, const float* q, const float* k, const float* v, int n, int pos0, int H,
                                    int dqk, int dv, float scale) {
     parallel_for(int64_t(n) * H, [&](int64_t job) {
-        const int t = int(job / H), h = int(job % H), L = pos0 + t + 1;
+        const int t = int(job / H), h = int(job % H);
         const float* qt = q + job * dqk;
-        std::vector<float> p(static_cast<size_t>(L));
-        float mx = -INFINITY;
-        for (int s = 0; s < L; ++s) {
+        auto score = [&](int s) {
             const float* ks = k + (int64_t(s) * H + h) * dqk;
             float dot = 0;
             for (int i = 0; i < dqk; ++i) dot += qt[i] * ks[i];
-            p[size_t(s)] = dot * scale;
-            mx = std::max(mx, p[size_t(s)]);
-        }
-        float sum = 0;
-        for (int s = 0; s < L; ++s) sum += (p[size_t(s)] = std::exp(p[size_t(s)] - mx));
-        float* ot = o + job * dv;
-        for (int i = 0; i < dv; ++i) ot[i] = 0;
-        for (int s = 0; s < L; ++s) {
-            const float w = p[size_t(s)] / sum;
-            const float* vs = v + (int64_t(s) * H + h) * dv;
-            for (int i = 0; i < dv; ++i) ot[i] += w * vs[i];
-        }
+            return dot;
+        };
+        attend_one(o + job * dv, pos0 + t + 1, dv, scale, score, [&](int s) { return v + (int64_t(s) * H + h) * dv; });
     });
 }
 
