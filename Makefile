@@ -68,3 +68,33 @@ data: deps $(BUILD)/prepare_data
 
 clean:
 	rm -rf $(BUILD)
+
+# ---- CUDA ----------------------------------------------------------------------------------------------------------
+# Optional GPU backend (cuda/): `make cuda` builds build/test_cuda and build/bench_cuda with nvcc; `make test-cuda`
+# runs the GPU tests. Nothing above needs CUDA. CUDA_ARCH=90 (Hopper) builds for sm_90a, the target with wgmma (the
+# FP8 GEMM's tensor-core path; HOPPER.md: the -gencode form, since -arch=sm_90a also runs a plain sm_90 pass); any
+# other CUDA_ARCH builds plain sm_$(CUDA_ARCH), where fp8_gemm falls back to its CUDA-core emulation.
+# CUDA_INC adds include paths (doctest, stb) on machines without the Debian packages.
+NVCC       ?= nvcc
+CUDA_ARCH  ?= 90
+ifeq ($(CUDA_ARCH),90)
+CUDA_GENCODE ?= -gencode=arch=compute_90a,code=sm_90a
+else
+CUDA_GENCODE ?= -arch=sm_$(CUDA_ARCH)
+endif
+CUDA_INC   ?=
+NVCCFLAGS  ?= -O3 -std=c++17 $(CUDA_GENCODE) -Xcompiler -fopenmp $(CUDA_INC)
+CUDA_DEPS  := $(HEADER) $(wildcard cuda/*.cuh)
+
+.PHONY: cuda test-cuda
+cuda: $(BUILD)/test_cuda $(BUILD)/bench_cuda
+
+$(BUILD)/test_cuda: cuda/test_cuda.cu $(CUDA_DEPS) | $(BUILD)
+	$(NVCC) $(NVCCFLAGS) $< -o $@ -lcublas
+
+$(BUILD)/bench_cuda: cuda/bench_cuda.cu $(CUDA_DEPS) | $(BUILD)
+	$(NVCC) $(NVCCFLAGS) $< -o $@ -lcublas
+
+test-cuda: $(BUILD)/test_cuda
+	./$(BUILD)/test_cuda
+# ---- end CUDA ------------------------------------------------------------------------------------------------------

@@ -1,0 +1,691 @@
+// cuda/fp8.cuh — FP8 on the GPU (DeepSeek-V3 report §3.3): 1×128 / 128×128 quantization and the block-scaled FP8 GEMM
+// on Hopper's FP8 tensor cores with promotion to FP32 every 128 along K. Included by cuda/kernels.cuh.
+//
+// The CPU header simulates the H100 tensor core's accumulator bit for bit (spec/NUMERICS.md): within a promotion
+// chunk of 128 values of K, each block of 32 products (one FP8 WGMMA instruction, K = 32) is aligned to the largest
+// input exponent and truncated, and the running sum keeps 14 significant bits; at the end of every chunk the partial
+// sum c is promoted: acc32 = fmaf(c, (float)(sa·sb), acc32). This file runs the real thing:
+//
+//   fp8_gemm (fast path, sm_90a): per 128-chunk, 4 × wgmma.m64nNk32.e4m3 chained in the tensor core's accumulator
+//     (the first with scale-d = 0: c starts at 0), then on the CUDA cores acc32 = fmaf(c, sa·sb, acc32). Same
+//     promotion interval, same order of additions, same scale multiplication: the same bits as dsv3::fp8_gemm.
+//   fp8_gemm_emulated (plain path, any GPU): the header's integer model of the accumulator, one thread per output.
+//     The reference the fast path is checked against on the GPU, and what a plain -arch=sm_90 build runs.
+#pragma once
+
+#include <cuda_fp8.h>
+
+namespace dsv3 {
+namespace cuda {
+
+// =====================================================================================================================
+// Quantization (scales are dequantization scales: x ≈ decode(q) · scale, scale = amax / 448, V3 §3.3.2)
+// =====================================================================================================================
+namespace detail {
+// E4M3 encode: round to nearest even, saturating (the hardware's cvt.rn.satfinite.e4m3x2.f32), NaN kept with sign,
+// as dsv3::fp8_e4m3_encode.
+__device__ inline uint8_t e4m3_encode(float x) {
+    if (isnan(x)) return uint8_t((__float_as_uint(x) >> 24) & 0x80u) | 0x7Fu;
+    return uint8_t(__nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3));
+}
+// dsv3::fp8_scale_for_amax on the device: amax/448 (IEEE division), at least FLT_MIN, optionally rounded UP to a
+// power of two (a normal float's next power of two: exponent + 1, mantissa cleared).
+__device__ inline float scale_for_amax(float amax, bool pow2_scale) {
+    if (!(amax > 0.0f)) return 1.0f;
+    float s = __fdiv_rn(amax, 448.0f);
+    if (s < FLT_MIN) s = FLT_MIN;
+    if (pow2_scale) {
+        const uint32_t u = __float_as_uint(s);
+        if (u & 0x7FFFFFu) s = __uint_as_float(((u >> 23) + 1u) << 23);
+    }
+    return s;
+}
+__device__ inline float amax_finite(float acc, float v) {
+    const float a = fabsf(v);
+    return (a <= FLT_MAX && a > acc) ? a : acc;   // NaN and inf are left out
+}
+// One warp per 1×128 tile (row r, tile t): lanes read 4 values each (coalesced), max across the warp (exact, order
+// free), then encode x / scale.
+__global__ void quantize_tiles_1x128_kernel(const float* x, int rows, int cols, uint8_t* q, float* scales,
+                                            bool pow2_scale) {
+    const int kt = (cols + 127) / 128;
+    const int64_t warp = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (warp >= int64_t(rows) * kt) return;
+    const int64_t r = warp / kt;
+    const int t = int(warp % kt), c0 = t * 128, c1 = min(cols, c0 + 128);
+    float amax = 0.0f;
+    for (int c = c0 + lane; c < c1; c += 32) amax = amax_finite(amax, x[r * cols + c]);
+    amax = warp_max(amax);
+    const float s = scale_for_amax(amax, pow2_scale);
+    if (lane == 0) scales[r * kt + t] = s;
+    for (int c = c0 + lane; c < c1; c += 32) q[r * cols + c] = e4m3_encode(__fdiv_rn(x[r * cols + c], s));
+}
+// One block per 128×128 block of w.
+__global__ void quantize_blocks_128x128_kernel(const float* w, int rows, int cols, uint8_t* q, float* scales,
+                                               bool pow2_scale) {
+    __shared__ float red[32];
+    const int ct = (cols + 127) / 128;
+    const int br = blockIdx.x / ct, bc = blockIdx.x % ct;
+    const int r0 = br * 128, r1 = min(rows, r0 + 128), c0 = bc * 128, c1 = min(cols, c0 + 128);
+    const int w_cols = c1 - c0, n = (r1 - r0) * w_cols;
+    float amax = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+        amax = amax_finite(amax, w[int64_t(r0 + i / w_cols) * cols + c0 + i % w_cols]);
+    amax = block_max(amax, red);
+    const float s = scale_for_amax(amax, pow2_scale);
+    if (threadIdx.x == 0) scales[blockIdx.x] = s;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const int64_t idx = int64_t(r0 + i / w_cols) * cols + c0 + i % w_cols;
+        q[idx] = e4m3_encode(__fdiv_rn(w[idx], s));
+    }
+}
+// Wgrad's 128×1 tiles along the tokens, transposed: x [rows, cols] → qt [cols, rows], scales [cols, ceil(rows/128)].
+// One warp per (column c, 128-row tile); reads are strided (x is row-major), writes coalesced.
+__global__ void quantize_tiles_128x1_transposed_kernel(const float* x, int rows, int cols, uint8_t* qt, float* scales,
+                                                       bool pow2_scale) {
+    const int kt = (rows + 127) / 128;
+    const int64_t warp = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (warp >= int64_t(cols) * kt) return;
+    const int64_t c = warp / kt;
+    const int t = int(warp % kt), r0 = t * 128, r1 = min(rows, r0 + 128);
+    float amax = 0.0f;
+    for (int r = r0 + lane; r < r1; r += 32) amax = amax_finite(amax, x[int64_t(r) * cols + c]);
+    amax = warp_max(amax);
+    const float s = scale_for_amax(amax, pow2_scale);
+    if (lane == 0) scales[c * kt + t] = s;
+    for (int r = r0 + lane; r < r1; r += 32) qt[c * rows + r] = e4m3_encode(__fdiv_rn(x[int64_t(r) * cols + c], s));
+}
+}  // namespace detail
+
+// x: [rows, cols] → q: [rows, cols] E4M3, scales: [rows, ceil(cols/128)] (dsv3::quantize_tiles_1x128, bit for bit)
+inline void quantize_tiles_1x128(const float* x, int rows, int cols, uint8_t* q, float* scales, bool pow2_scale = false) {
+    if (rows < 0 || cols < 0) fail("cuda::quantize_tiles_1x128: negative shape [", rows, ", ", cols, "]");
+    const int64_t warps = int64_t(rows) * fp8_tiles(cols);
+    if (warps == 0) return;
+    detail::quantize_tiles_1x128_kernel<<<grid_for(warps * 32, 256), 256>>>(x, rows, cols, q, scales, pow2_scale);
+    DSV3_CUDA_CHECK_LAUNCH();
+}
+// w: [rows, cols] → q: [rows, cols], scales: [ceil(rows/128), ceil(cols/128)] (dsv3::quantize_blocks_128x128)
+inline void quantize_blocks_128x128(const float* w, int rows, int cols, uint8_t* q, float* scales,
+                                    bool pow2_scale = false) {
+    if (rows < 0 || cols < 0) fail("cuda::quantize_blocks_128x128: negative shape [", rows, ", ", cols, "]");
+    const int64_t blocks = int64_t(fp8_tiles(rows)) * fp8_tiles(cols);
+    if (blocks == 0) return;
+    detail::quantize_blocks_128x128_kernel<<<unsigned(blocks), 256>>>(w, rows, cols, q, scales, pow2_scale);
+    DSV3_CUDA_CHECK_LAUNCH();
+}
+// x: [rows, cols] → qt: [cols, rows], scales: [cols, ceil(rows/128)] (dsv3::quantize_tiles_128x1_transposed)
+inline void quantize_tiles_128x1_transposed(const float* x, int rows, int cols, uint8_t* qt, float* scales,
+                                            bool pow2_scale = false) {
+    if (rows < 0 || cols < 0) fail("cuda::quantize_tiles_128x1_transposed: negative shape [", rows, ", ", cols, "]");
+    const int64_t warps = int64_t(cols) * fp8_tiles(rows);
+    if (warps == 0) return;
+    detail::quantize_tiles_128x1_transposed_kernel<<<grid_for(warps * 32, 256), 256>>>(x, rows, cols, qt, scales,
+                                                                                      pow2_scale);
+    DSV3_CUDA_CHECK_LAUNCH();
+}
+
+// =====================================================================================================================
+// fp8_gemm, plain version: the header's accumulator model on the CUDA cores (any GPU), one thread per output
+// =====================================================================================================================
+namespace detail {
+constexpr int kZeroExponent = -1000;   // alignment exponent of a zero input: never wins the block's max
+// An E4M3 code's value (exact in float) and alignment exponent (subnormals at -6), as the header's decode_operand.
+__device__ inline float e4m3_value(uint8_t q) {
+    const uint32_t code = q & 0x7Fu, ef = code >> 3, m = code & 7u;
+    const float mag = ef == 0 ? float(m) * 0x1p-9f : float(8u + m) * __uint_as_float((ef - 10u + 127u) << 23);
+    return (q & 0x80u) ? -mag : mag;
+}
+__device__ inline int e4m3_exponent(uint8_t q) {
+    const int code = q & 0x7F, ef = code >> 3;
+    return code == 0 ? kZeroExponent : (ef == 0 ? 1 : ef) - 7;
+}
+__device__ inline float pow2f(int n) { return __uint_as_float(uint32_t(n + 127) << 23); }
+
+// One block of up to 32 products into the accumulator (c, ec): the header's tc_block, integer form.
+__device__ inline void tc_block(float& c, int& ec, const uint8_t* a, const uint8_t* b, int n) {
+    int E = ec;
+    for (int k = 0; k < n; ++k) {
+        const int ea = e4m3_exponent(a[k]), eb = e4m3_exponent(b[k]);
+        if (ea != kZeroExponent && eb != kZeroExponent) E = max(E, ea + eb);
+    }
+    E = max(E, -100);
+    const float u = pow2f(13 - E);
+    int32_t s = int32_t(c * u);                                       // truncation toward zero
+    for (int k = 0; k < n; ++k) s += int32_t(e4m3_value(a[k]) * e4m3_value(b[k]) * u);
+    const int32_t neg = s >> 31;
+    uint32_t mag = uint32_t((s ^ neg) - neg);
+    const int len_bits = 32 - __clz(int(mag | 1u));
+    const int drop = max(len_bits - 14, 0);
+    mag = (mag >> drop) << drop;                                      // keep 14 significant bits, toward zero
+    const int32_t kept = (int32_t(mag) ^ neg) - neg;
+    c = float(kept) * pow2f(E - 13);
+    ec = kept != 0 ? E - 13 + len_bits - 1 : kZeroExponent;
+}
+// sb_rows: rows of B per scale (128: 128×128 blocks; 1: one scale per row, Wgrad's 128×1 tiles); accumulate: C += A·Bᵀ.
+__global__ void fp8_gemm_emulated_kernel(const uint8_t* A, const float* sa, const uint8_t* B, const float* sb, float* C,
+                                         int M, int N, int K, int sb_rows, int accumulate) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x, i = blockIdx.y;
+    if (j >= N || i >= M) return;
+    const int kt = (K + 127) / 128;
+    const uint8_t* a = A + int64_t(i) * K;
+    const uint8_t* b = B + int64_t(j) * K;
+    bool finite = true;
+    for (int k = 0; k < K; ++k) finite &= (a[k] & 0x7F) != 0x7F && (b[k] & 0x7F) != 0x7F;
+    float acc32 = 0.0f;
+    for (int k0 = 0; k0 < K; k0 += 128) {
+        float c = 0.0f;
+        int ec = kZeroExponent;
+        for (int b0 = k0; b0 < min(K, k0 + 128); b0 += 32) tc_block(c, ec, a + b0, b + b0, min(32, min(K, k0 + 128) - b0));
+        const float s_a = sa ? sa[int64_t(i) * kt + k0 / 128] : 1.0f;
+        const float s_b = sb ? sb[int64_t(j / sb_rows) * kt + k0 / 128] : 1.0f;
+        acc32 = fmaf(c, __fmul_rn(s_a, s_b), acc32);                  // promotion: the header's order exactly
+    }
+    const float v = finite ? acc32 : NAN;
+    C[int64_t(i) * N + j] = accumulate ? C[int64_t(i) * N + j] + v : v;
+}
+}  // namespace detail
+
+// =====================================================================================================================
+// fp8_gemm, fast version: wgmma on Hopper's FP8 tensor cores (sm_90a)
+// =====================================================================================================================
+// Tiling. A CTA computes a 128 × BN tile of C with two warpgroups (256 threads), each owning 64 rows: wgmma's M is 64
+// per warpgroup. K advances in tiles of 128 = one promotion chunk = 4 wgmma instructions of K = 32. The A tile
+// [128, 128] and the B tile [BN, 128] (both K-major: rows of 128 bytes) are copied into shared memory by cp.async in a
+// ring of STAGES buffers, so the copies of the next tiles overlap the tensor-core work on this one.
+//
+// Shared-memory layout: the 128-byte swizzle that wgmma reads without bank conflicts. Row r of a tile occupies bytes
+// [128 r, 128 r + 128); its 16-byte chunk c is stored at chunk position c XOR (r mod 8). The descriptor of an operand
+// gives the start address, the stride between 8-row groups (1024 bytes) and the swizzle mode; stepping K by 32 inside
+// the 128-byte rows is a +32-byte change of the start address (the hardware applies the XOR to the final address,
+// which is why every tile starts on a 1024-byte boundary).
+//
+// Per chunk, per warpgroup:   c = Σ_{4 blocks of 32} (tensor core, c kept in registers between the instructions)
+//                             acc32 = fmaf(c, sa[row]·sb[col block], acc32)     (CUDA cores: V3's promotion)
+// so each thread holds two register tiles: c (BN/2 floats) and acc32 (BN/2 floats).
+//
+// Accumulator fragment of wgmma m64nN (f32): thread (warp w of the warpgroup, lane l), register r holds row
+// 16 w + l/4 + 8·((r/2) mod 2) and column 8·(r/4) + 2·(l mod 4) + (r mod 2) of the warpgroup's 64 × BN tile.
+namespace detail {
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define DSV3_HAS_WGMMA 1
+#endif
+
+#ifdef DSV3_HAS_WGMMA
+// D[64 x 128] (+)= A[64 x 32] · B[128 x 32]ᵀ, E4M3 inputs from shared memory, FP32 registers.
+__device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, %64, %65, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+// D[64 x 192] (+)= A[64 x 32] · B[192 x 32]ᵀ, E4M3 inputs from shared memory, FP32 registers.
+__device__ __forceinline__ void wgmma_m64n192k32_e4m3(float (&d)[96], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %98, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n192k32.f32.e4m3.e4m3 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95"
+        "}, %96, %97, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95])
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+// The descriptor of a K-major operand tile in shared memory with the 128-byte swizzle (PTX ISA, "Matrix Descriptor
+// Format"): bits 0-13 start address / 16, bits 16-29 leading byte offset / 16 (unused with this swizzle), bits
+// 32-45 stride byte offset / 16 (1024: the next 8 rows), bits 62-63 swizzle mode (1 = 128 bytes).
+__device__ __forceinline__ uint64_t smem_desc_sw128(const void* p) {
+    const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+    return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int BN>
+__device__ __forceinline__ void wgmma_k32(float (&d)[BN / 2], uint64_t da, uint64_t db, int scale_d) {
+    if constexpr (BN == 128) wgmma_m64n128k32_e4m3(d, da, db, scale_d);
+    else wgmma_m64n192k32_e4m3(d, da, db, scale_d);
+}
+#endif
+
+// 16 bytes global → shared, asynchronously; src_bytes < 16 zero-fills the rest (0: all zeros, nothing read).
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
+    const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+// Shared memory written by the generic proxy (cp.async, st.shared) and read next by wgmma (the async proxy) needs this
+// fence in the writing threads before the barrier (HOPPER.md, "Ordering").
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+constexpr int kGemmBM = 128, kGemmBK = 128, kGemmThreads = 256, kGemmGroupM = 8;
+template <int BN, int STAGES>
+constexpr int gemm_smem_bytes() { return STAGES * (kGemmBM + BN) * kGemmBK + 1024; }
+
+// Copies K-tile kt of A rows [m0, m0+128) and B rows [n0, n0+BN) into one stage, swizzled. VEC16: K % 16 == 0 and
+// 16-byte aligned rows, so every 16-byte chunk is either wholly inside K (cp.async) or wholly outside (zero fill).
+// Otherwise bytes are loaded one by one (slow, correct for any K).
+template <int BN, bool VEC16>
+__device__ __forceinline__ void gemm_load_tile(uint8_t* sA, uint8_t* sB, const uint8_t* A, const uint8_t* B, int M,
+                                               int N, int K, int m0, int n0, int kt) {
+    const int k0 = kt * kGemmBK;
+    if constexpr (VEC16) {
+        // Thread t always copies chunk c = t mod 8 of rows t/8 + 32 i: the swizzled chunk position is the same for
+        // all its rows (32 i does not change r mod 8), and the unrolled loop knows which rows belong to A.
+        const int c = threadIdx.x & 7, rb = threadIdx.x >> 3, swz = (c ^ (rb & 7)) << 4;
+        const int k = k0 + c * 16;
+        const bool k_ok = k < K;
+#pragma unroll
+        for (int i = 0; i < (kGemmBM + BN) / 32; ++i) {
+            const bool is_a = i < kGemmBM / 32;
+            const int r = is_a ? rb + 32 * i : rb + 32 * i - kGemmBM;
+            const int g = (is_a ? m0 : n0) + r;
+            const bool ok = k_ok && g < (is_a ? M : N);
+            const uint8_t* src = (is_a ? A : B) + (ok ? int64_t(g) * K + k : 0);
+            cp_async_16((is_a ? sA : sB) + r * 128 + swz, src, ok ? 16 : 0);
+        }
+    } else {
+    for (int id = threadIdx.x; id < (kGemmBM + BN) * 8; id += kGemmThreads) {
+        const int row = id >> 3, c = id & 7;
+        const bool is_a = row < kGemmBM;
+        const int r = is_a ? row : row - kGemmBM;
+        const int g = is_a ? m0 + r : n0 + r;
+        const bool row_ok = g < (is_a ? M : N);
+        const uint8_t* src_row = (is_a ? A : B) + int64_t(row_ok ? g : 0) * K;
+        uint8_t* dst = (is_a ? sA : sB) + r * 128 + ((c ^ (r & 7)) << 4);
+        const int k = k0 + c * 16;
+        uint32_t w[4] = {0, 0, 0, 0};
+        if (row_ok)
+            for (int e = 0; e < 16; ++e)
+                if (k + e < K) w[e >> 2] |= uint32_t(src_row[k + e]) << (8 * (e & 3));
+        *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+    }
+}
+
+#ifdef DSV3_HAS_WGMMA
+// Tells the compiler that the accumulator registers may change here: code that reads them cannot be moved above a
+// wgmma wait (the registers are written asynchronously by the tensor cores), nor code that writes them below an issue.
+template <int R>
+__device__ __forceinline__ void fence_operands(float (&d)[R]) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) asm volatile("" : "+f"(d[r])::"memory");
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+#endif
+
+// PINGPONG (two tensor-core accumulators): chunk kt's four wgmma run into c[kt % 2] while the CUDA cores promote
+// chunk kt-1 from the other one, so the promotion and the wait for the tensor cores overlap the next chunk's math.
+// The price: a third register tile (BN/2 more registers), and the stage of chunk kt-1 is free only one iteration
+// later (prefetch depth STAGES-2 instead of STAGES-1).
+template <int BN, bool VEC16, int STAGES, bool PINGPONG>
+__global__ void __launch_bounds__(kGemmThreads, 1)
+    fp8_gemm_wgmma_kernel(const uint8_t* __restrict__ A, const float* __restrict__ sa, const uint8_t* __restrict__ B,
+                          const float* __restrict__ sb, float* __restrict__ C, int M, int N, int K, int sb_rows,
+                          int accumulate) {
+#ifdef DSV3_HAS_WGMMA
+    extern __shared__ uint8_t smem_raw[];
+    uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+    constexpr int kStageBytes = (kGemmBM + BN) * kGemmBK;
+    constexpr int R = BN / 2;                       // accumulator registers per thread
+    constexpr int AHEAD = PINGPONG ? STAGES - 2 : STAGES - 1;   // tiles in flight ahead of the one computed
+
+    // Tile of this CTA, in groups of kGemmGroupM row tiles so that neighbouring CTAs share B tiles in L2.
+    const int tiles_m = (M + kGemmBM - 1) / kGemmBM, tiles_n = (N + BN - 1) / BN;
+    const int id = blockIdx.x, per_group = kGemmGroupM * tiles_n, group = id / per_group;
+    const int first_m = group * kGemmGroupM, group_m = min(tiles_m - first_m, kGemmGroupM);
+    const int tm = first_m + (id % per_group) % group_m, tn = (id % per_group) / group_m;
+    const int m0 = tm * kGemmBM, n0 = tn * BN;
+    const int KT = (K + kGemmBK - 1) / kGemmBK;
+
+    const int wg = threadIdx.x / 128, w = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
+    const int row0 = m0 + wg * 64 + w * 16 + lane / 4, row1 = row0 + 8;   // the two rows this thread holds
+    // B's 128×128 scale blocks: a BN-wide tile spans at most two (BN <= 192).
+    const int nb0 = n0 / 128, nt = (N + 127) / 128;
+
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[r] = 0.0f;
+    float c0[R], c1[PINGPONG ? R : 1];
+
+    auto stage_a = [&](int s) { return smem + s * kStageBytes; };
+    auto stage_b = [&](int s) { return smem + s * kStageBytes + kGemmBM * kGemmBK; };
+    // The four scale products of chunk kt for this thread's two rows and (at most) two column blocks.
+    struct Scales { float s00, s01, s10, s11, sa0, sa1; };
+    auto scales_of = [&](int kt) {
+        const float sa0 = sa ? (row0 < M ? sa[int64_t(row0) * KT + kt] : 0.0f) : 1.0f;
+        const float sa1 = sa ? (row1 < M ? sa[int64_t(row1) * KT + kt] : 0.0f) : 1.0f;
+        const bool blocks = sb && sb_rows == 128;
+        const float sb0 = blocks ? sb[int64_t(nb0) * KT + kt] : 1.0f;
+        const float sb1 = blocks ? (nb0 + 1 < nt ? sb[int64_t(nb0 + 1) * KT + kt] : 0.0f) : 1.0f;
+        // sa·sb rounded to float first, as dsv3::fp8_gemm
+        return Scales{__fmul_rn(sa0, sb0), __fmul_rn(sa0, sb1), __fmul_rn(sa1, sb0), __fmul_rn(sa1, sb1), sa0, sa1};
+    };
+    // Promotion (V3 §3.3.2): acc32 = fmaf(c, sa·sb, acc32).
+    auto promote = [&](const float (&c)[R], const Scales& s, int kt) {
+        if (sb && sb_rows == 1) {   // Wgrad: one scale per row of B, i.e. per output column
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const int col = n0 + 8 * (r / 4) + 2 * (lane % 4) + (r % 2);
+                const float sbv = col < N ? sb[int64_t(col) * KT + kt] : 0.0f;
+                acc[r] = fmaf(c[r], __fmul_rn((r / 2) % 2 ? s.sa1 : s.sa0, sbv), acc[r]);
+            }
+            return;
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            // A 128-wide tile starts on a block boundary: one column block (known at compile time).
+            const bool second_block = BN > 128 && (n0 + 8 * (r / 4)) / 128 != nb0;
+            const bool second_row = (r / 2) % 2;
+            const float sab = second_row ? (second_block ? s.s11 : s.s10) : (second_block ? s.s01 : s.s00);
+            acc[r] = fmaf(c[r], sab, acc[r]);
+        }
+    };
+    // c = A[64, 128] · B[BN, 128]ᵀ of chunk kt in 4 blocks of K = 32, chained in the tensor core's accumulator.
+    auto issue = [&](float (&c)[R], int kt) {
+        const uint8_t* a_tile = stage_a(kt % STAGES) + wg * 64 * 128;
+        const uint8_t* b_tile = stage_b(kt % STAGES);
+        fence_operands(c);
+        wgmma_fence();
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+            wgmma_k32<BN>(c, smem_desc_sw128(a_tile + 32 * j), smem_desc_sw128(b_tile + 32 * j), j > 0 ? 1 : 0);
+        wgmma_commit();
+    };
+    // Top of each iteration: tile kt has landed (everyone's part of it), then refill the stage freed for tile kt+AHEAD.
+    auto wait_and_prefetch = [&](int kt) {
+        cp_async_wait<AHEAD - 1>();
+        fence_proxy_async();
+        __syncthreads();
+        const int nk = kt + AHEAD;
+        if (nk < KT) gemm_load_tile<BN, VEC16>(stage_a(nk % STAGES), stage_b(nk % STAGES), A, B, M, N, K, m0, n0, nk);
+        cp_async_commit();
+    };
+
+#pragma unroll
+    for (int s = 0; s < AHEAD; ++s) {
+        if (s < KT) gemm_load_tile<BN, VEC16>(stage_a(s), stage_b(s), A, B, M, N, K, m0, n0, s);
+        cp_async_commit();
+    }
+    if constexpr (!PINGPONG) {
+        for (int kt = 0; kt < KT; ++kt) {
+            wait_and_prefetch(kt);
+            const Scales s = scales_of(kt);   // read while the tensor cores work
+            issue(c0, kt);
+            wgmma_wait<0>();
+            fence_operands(c0);
+            promote(c0, s, kt);
+        }
+    } else {
+        // Iteration kt: issue chunk kt into c[kt % 2]; wait until only it is pending (chunk kt-1 is done); promote
+        // chunk kt-1. Unrolled by two so that each accumulator is named at compile time (registers, not memory).
+        Scales prev{};
+        for (int kt = 0; kt < KT; kt += 2) {
+            wait_and_prefetch(kt);
+            Scales cur = scales_of(kt);
+            issue(c0, kt);
+            if (kt > 0) { wgmma_wait<1>(); fence_operands(c1); promote(c1, prev, kt - 1); }
+            prev = cur;
+            if (kt + 1 < KT) {
+                wait_and_prefetch(kt + 1);
+                cur = scales_of(kt + 1);
+                issue(c1, kt + 1);
+                wgmma_wait<1>(); fence_operands(c0); promote(c0, prev, kt);
+                prev = cur;
+            }
+        }
+        wgmma_wait<0>();
+        if ((KT - 1) % 2 == 0) { fence_operands(c0); promote(c0, prev, KT - 1); }
+        else { fence_operands(c1); promote(c1, prev, KT - 1); }
+    }
+    cp_async_wait<0>();
+    // Epilogue: FP32 C, two adjacent columns per store where possible.
+#pragma unroll
+    for (int r = 0; r < R; r += 2) {
+        const int row = (r / 2) % 2 ? row1 : row0;
+        const int col = n0 + 8 * (r / 4) + 2 * (lane % 4);
+        if (row >= M) continue;
+        float* dst = C + int64_t(row) * N + col;
+        if (col + 1 < N && (N % 2 == 0)) {
+            float2 v = make_float2(acc[r], acc[r + 1]);
+            if (accumulate) { const float2 old = *reinterpret_cast<const float2*>(dst); v.x = old.x + v.x; v.y = old.y + v.y; }
+            *reinterpret_cast<float2*>(dst) = v;
+        } else {
+            if (col < N) dst[0] = accumulate ? dst[0] + acc[r] : acc[r];
+            if (col + 1 < N) dst[1] = accumulate ? dst[1] + acc[r + 1] : acc[r + 1];
+        }
+    }
+#else
+    __trap();   // built without sm_90a: the host never launches this (see fp8_gemm_fast_available)
+#endif
+}
+
+__global__ void wgmma_probe_kernel(int* out) {
+#ifdef DSV3_HAS_WGMMA
+    *out = 1;
+#else
+    *out = 0;
+#endif
+}
+}  // namespace detail
+
+// Whether this binary holds the sm_90a wgmma kernel and runs on a Hopper GPU (asked once, then cached).
+inline bool fp8_gemm_fast_available() {
+    static const bool available = [] {
+        int dev = 0, major = 0, minor = 0;
+        DSV3_CUDA_CHECK(cudaGetDevice(&dev));
+        DSV3_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+        DSV3_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+        if (major != 9 || minor != 0) return false;
+        DeviceBuffer<int> flag(1);
+        detail::wgmma_probe_kernel<<<1, 1>>>(flag.data());
+        if (cudaGetLastError() != cudaSuccess) return false;   // no loadable image for this device
+        return flag.download()[0] == 1;
+    }();
+    return available;
+}
+
+namespace detail {
+inline void check_fp8_gemm(const char* who, int M, int N, int K, const Fp8Accum& acc) {
+    if (M < 0 || N < 0 || K < 0) fail(who, ": sizes must be non-negative, found M=", M, " N=", N, " K=", K);
+    const Fp8Accum d{};
+    if (acc.block != d.block || acc.frac_bits != d.frac_bits || acc.promote_every != d.promote_every || acc.exact)
+        fail(who, ": the GPU runs the hardware accumulator only: Fp8Accum must be the default (block 32, frac_bits 13, ",
+             "promote_every 128, exact false); found block ", acc.block, ", frac_bits ", acc.frac_bits,
+             ", promote_every ", acc.promote_every, ", exact ", acc.exact);
+}
+template <int BN, bool VEC16, int STAGES, bool PINGPONG>
+inline void launch_wgmma_variant(const uint8_t* A, const float* sa, const uint8_t* B, const float* sb, float* C, int M,
+                                 int N, int K, int sb_rows, int accumulate) {
+    constexpr int smem = gemm_smem_bytes<BN, STAGES>();
+    static const bool attr = [] {   // more than 48 KB of dynamic shared memory must be asked for, once per kernel
+        DSV3_CUDA_CHECK(cudaFuncSetAttribute(fp8_gemm_wgmma_kernel<BN, VEC16, STAGES, PINGPONG>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+        return true;
+    }();
+    (void)attr;
+    const int64_t tiles = int64_t((M + kGemmBM - 1) / kGemmBM) * ((N + BN - 1) / BN);
+    fp8_gemm_wgmma_kernel<BN, VEC16, STAGES, PINGPONG><<<unsigned(tiles), kGemmThreads, smem>>>(A, sa, B, sb, C, M, N, K,
+                                                                                                  sb_rows, accumulate);
+    DSV3_CUDA_CHECK_LAUNCH();
+}
+// The kernel variants, by number (the benchmark times them all; fp8_gemm picks 0 or 1 by size). Measured on an H100
+// SXM (bench_cuda, M = N = K = 4096 / 8192; cuBLASLt through torch._scaled_mm: 860-990 / 1125-1190 TFLOP/s):
+//   0: 128×128 tile, 4 stages     ~650 / 716 TFLOP/s
+//   1: 128×192 tile, 4 stages     ~588 / 743
+//   2: 128×128, 5 stages, ping-pong accumulators   ~660 / 660-700: ptxas serialises the wgmma (warning C7514: the
+//      promotion reads one accumulator while the other's wgmma is in flight, which it cannot prove safe), so the
+//      overlap it was written for does not happen; kept as the lesson.
+//   3: 128×192, 5 stages          ~585 / 656-667 (a deeper pipeline does not help: the loads are not the limit)
+// What would close the rest of the gap to cuBLAS: TMA loads with multicast across a cluster of 2 (halves the L2→SM
+// bytes of one operand), a producer warp and mbarriers instead of __syncthreads (the two consumer warpgroups drift
+// apart, so one's promotion overlaps the other's wgmma), and a persistent grid.
+constexpr int kFp8GemmVariants = 4;
+inline void launch_fp8_gemm_wgmma(int variant, const uint8_t* A, const float* sa, const uint8_t* B, const float* sb,
+                                  float* C, int M, int N, int K, int sb_rows, int accumulate) {
+    const bool vec16 = K % 16 == 0 && reinterpret_cast<uintptr_t>(A) % 16 == 0 && reinterpret_cast<uintptr_t>(B) % 16 == 0;
+    if (!vec16) { launch_wgmma_variant<128, false, 4, false>(A, sa, B, sb, C, M, N, K, sb_rows, accumulate); return; }
+    switch (variant) {
+        case 0: launch_wgmma_variant<128, true, 4, false>(A, sa, B, sb, C, M, N, K, sb_rows, accumulate); break;
+        case 1: launch_wgmma_variant<192, true, 4, false>(A, sa, B, sb, C, M, N, K, sb_rows, accumulate); break;
+        case 2: launch_wgmma_variant<128, true, 5, true>(A, sa, B, sb, C, M, N, K, sb_rows, accumulate); break;
+        default: launch_wgmma_variant<192, true, 5, false>(A, sa, B, sb, C, M, N, K, sb_rows, accumulate); break;
+    }
+}
+}  // namespace detail
+
+namespace detail {
+// The general product of both paths: C (+)= A·Bᵀ, B's scales per sb_rows rows (128 or 1). variant -1 = automatic,
+// -2 = the emulation.
+inline void fp8_gemm_general(const uint8_t* A, const float* sa, const uint8_t* B, const float* sb, int sb_rows, float* C,
+                             int M, int N, int K, bool accumulate, int variant) {
+    if (int64_t(M) * N == 0) return;
+    if (K == 0) {
+        if (!accumulate) DSV3_CUDA_CHECK(cudaMemsetAsync(C, 0, sizeof(float) * size_t(M) * N));
+        return;
+    }
+    if (variant == -2 || !fp8_gemm_fast_available()) {
+        if (M > 65535) fail("cuda::fp8_gemm_emulated: M must be <= 65535, found ", M);
+        fp8_gemm_emulated_kernel<<<dim3((N + 127) / 128, M), 128>>>(A, sa, B, sb, C, M, N, K, sb_rows, accumulate);
+        DSV3_CUDA_CHECK_LAUNCH();
+        return;
+    }
+    // The wider tile moves fewer bytes per FLOP, which pays once the grid has many waves (H100: 743 vs 716 TFLOP/s at
+    // 8192, 588 vs 649 at 4096).
+    if (variant < 0) variant = int64_t(M) * N >= int64_t(6144) * 6144 ? 1 : 0;
+    launch_fp8_gemm_wgmma(variant, A, sa, B, sb, C, M, N, K, sb_rows, accumulate);
+}
+}  // namespace detail
+
+// The plain version on any GPU (slow: one thread per output). Same arguments and bits as dsv3::fp8_gemm.
+inline void fp8_gemm_emulated(const uint8_t* A, const float* scale_a, const uint8_t* B, const float* scale_b, float* C,
+                              int M, int N, int K, const Fp8Accum& acc = {}) {
+    detail::check_fp8_gemm("cuda::fp8_gemm_emulated", M, N, K, acc);
+    detail::fp8_gemm_general(A, scale_a, B, scale_b, 128, C, M, N, K, false, -2);
+}
+
+// C[M, N] = A[M, K] · B[N, K]ᵀ, E4M3 codes, scale_a: [M, ceil(K/128)] (1×128 tiles), scale_b: [ceil(N/128),
+// ceil(K/128)] (128×128 blocks), null = ones. Bit for bit dsv3::fp8_gemm with the default Fp8Accum (the only
+// accumulator the hardware has). Tensor cores when fp8_gemm_fast_available(), else the emulation.
+// variant selects the fast kernel's variant (see launch_fp8_gemm_wgmma; -1 = automatic), for the tests and benchmark.
+inline void fp8_gemm(const uint8_t* A, const float* scale_a, const uint8_t* B, const float* scale_b, float* C, int M,
+                     int N, int K, const Fp8Accum& acc = {}, int variant = -1) {
+    detail::check_fp8_gemm("cuda::fp8_gemm", M, N, K, acc);
+    detail::fp8_gemm_general(A, scale_a, B, scale_b, 128, C, M, N, K, false, variant);
+}
+
+// =====================================================================================================================
+// FP8 linear layer (V3 recipe, §3.3, Figure 6): the header's fp8_matmul_forward / fp8_matmul_backward on the GPU,
+// bit for bit. Fprop: x in 1×128 tiles, W in 128×128 blocks. Dgrad: dy in 1×128 tiles along out, W's codes and
+// block scales transposed (the square blocks serve both directions). Wgrad: dy and x in 128×1 tiles along the tokens
+// (transposed, so the token dimension becomes each row's K). Quantized operands live in scratch memory.
+// =====================================================================================================================
+namespace detail {
+// [rows, cols] bytes → [cols, rows]; 32×32 tiles through shared memory (coalesced both ways).
+__global__ void transpose_u8_kernel(uint8_t* out, const uint8_t* in, int rows, int cols) {
+    __shared__ uint8_t t[32][33];
+    const int c0 = blockIdx.x * 32, r0 = blockIdx.y * 32;
+    for (int i = threadIdx.y; i < 32; i += blockDim.y) {
+        const int r = r0 + i, c = c0 + threadIdx.x;
+        if (r < rows && c < cols) t[i][threadIdx.x] = in[int64_t(r) * cols + c];
+    }
+    __syncthreads();
+    for (int i = threadIdx.y; i < 32; i += blockDim.y) {
+        const int c = c0 + i, r = r0 + threadIdx.x;
+        if (r < rows && c < cols) out[int64_t(c) * rows + r] = t[threadIdx.x][i];
+    }
+}
+__global__ void transpose_f32_small_kernel(float* out, const float* in, int rows, int cols) {
+    const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+    if (i >= int64_t(rows) * cols) return;
+    const int r = int(i / cols), c = int(i % cols);
+    out[int64_t(c) * rows + r] = in[i];
+}
+template <class T>
+T* scratch_of(Slot slot, size_t n) { return static_cast<T*>(scratch(slot, n * sizeof(T))); }
+}  // namespace detail
+
+// y[T,out] = x[T,in] · W[out,in]ᵀ in FP8 (overwrites y)
+inline void fp8_matmul_forward(float* y, const float* x, const float* W, int T, int in, int out) {
+    using namespace detail;
+    if (T < 0 || in < 0 || out < 0) fail("cuda::fp8_matmul_forward: sizes must be non-negative");
+    if (int64_t(T) * out == 0) return;
+    uint8_t* xq = scratch_of<uint8_t>(Slot::fp8_a, size_t(T) * in);
+    uint8_t* wq = scratch_of<uint8_t>(Slot::fp8_b, size_t(out) * in);
+    float* xs = scratch_of<float>(Slot::fp8_sa, size_t(T) * fp8_tiles(in));
+    float* ws = scratch_of<float>(Slot::fp8_sb, size_t(fp8_tiles(out)) * fp8_tiles(in));
+    quantize_tiles_1x128(x, T, in, xq, xs);
+    quantize_blocks_128x128(W, out, in, wq, ws);
+    fp8_gemm_general(xq, xs, wq, ws, 128, y, T, out, in, false, -1);
+}
+
+// dx[T,in] += dy[T,out] · W[out,in];  dW[out,in] += dy[T,out]ᵀ · x[T,in]   (FP8; either may be null)
+inline void fp8_matmul_backward(float* dx, float* dW, const float* dy, const float* x, const float* W, int T, int in,
+                                int out) {
+    using namespace detail;
+    if (T < 0 || in < 0 || out < 0) fail("cuda::fp8_matmul_backward: sizes must be non-negative");
+    if (dx && int64_t(T) * in > 0) {   // Dgrad, K = out
+        uint8_t* dyq = scratch_of<uint8_t>(Slot::fp8_a, size_t(T) * out);
+        uint8_t* wq = scratch_of<uint8_t>(Slot::fp8_b, size_t(out) * in);
+        uint8_t* wtq = scratch_of<uint8_t>(Slot::fp8_bt, size_t(in) * out);
+        float* dys = scratch_of<float>(Slot::fp8_sa, size_t(T) * fp8_tiles(out));
+        float* ws = scratch_of<float>(Slot::fp8_sb, size_t(fp8_tiles(out)) * fp8_tiles(in));
+        float* wts = scratch_of<float>(Slot::fp8_sbt, size_t(fp8_tiles(in)) * fp8_tiles(out));
+        quantize_tiles_1x128(dy, T, out, dyq, dys);
+        quantize_blocks_128x128(W, out, in, wq, ws);
+        if (int64_t(out) * in > 0) {
+            transpose_u8_kernel<<<dim3((in + 31) / 32, (out + 31) / 32), dim3(32, 8)>>>(wtq, wq, out, in);
+            DSV3_CUDA_CHECK_LAUNCH();
+            const int nb = fp8_tiles(out) * fp8_tiles(in);
+            transpose_f32_small_kernel<<<grid_for(nb, 256), 256>>>(wts, ws, fp8_tiles(out), fp8_tiles(in));
+            DSV3_CUDA_CHECK_LAUNCH();
+        }
+        fp8_gemm_general(dyq, dys, wtq, wts, 128, dx, T, in, out, true, -1);
+    }
+    if (dW && int64_t(out) * in > 0) {   // Wgrad, K = T
+        uint8_t* dytq = scratch_of<uint8_t>(Slot::fp8_a, size_t(out) * T);
+        uint8_t* xtq = scratch_of<uint8_t>(Slot::fp8_b, size_t(in) * T);
+        float* dyts = scratch_of<float>(Slot::fp8_sa, size_t(out) * fp8_tiles(T));
+        float* xts = scratch_of<float>(Slot::fp8_sb, size_t(in) * fp8_tiles(T));
+        quantize_tiles_128x1_transposed(dy, T, out, dytq, dyts);
+        quantize_tiles_128x1_transposed(x, T, in, xtq, xts);
+        fp8_gemm_general(dytq, dyts, xtq, xts, 1, dW, out, in, T, true, -1);
+    }
+}
+
+}  // namespace cuda
+}  // namespace dsv3

@@ -1,0 +1,943 @@
+// cuda/kernels.cuh — the CUDA backend of deepseek_v3.hpp: the same kernels, on one GPU.
+//
+// Every function here has the SAME name and the SAME parameter list as the CPU kernel of the header (section 3,
+// "KERNELS", and the FP8 functions of section 3, "Numerics"), in namespace dsv3::cuda instead of dsv3, and every
+// pointer is a DEVICE pointer. So the model logic, written once against the header's kernels, can run on the GPU by
+// switching a namespace (see "How a model calls these" at the end of this comment).
+//
+//   3.1  matmul_forward / matmul_backward ........ cuBLAS, BF16 copies of the inputs, FP32 accumulation and output
+//   3.2  rmsnorm_forward / rmsnorm_backward
+//   3.3  rope_forward / rope_backward ............ the YaRN table is the header's RopeTable (host), uploaded once
+//   3.4  attention_forward / attention_backward .. causal softmax attention of training, probs materialised
+//   3.5  swiglu_forward / swiglu_backward
+//   3.6  embedding_forward / embedding_backward
+//   3.7  cross_entropy_forward / cross_entropy_backward
+//   3.8  router_scores_*, router_select (group-limited top-k), router_gates_*
+//   3.10 moe_permute_plan, moe_permute_*, moe_unpermute_* (plan on the host: cuda::MoePermutation)
+//   3.11 adamw_update
+//   FP8  quantize_tiles_1x128, quantize_blocks_128x128, quantize_tiles_128x1_transposed, fp8_gemm (Hopper FP8
+//        tensor cores, bit-exact with the header's dsv3::fp8_gemm), fp8_matmul_forward / fp8_matmul_backward (V3's
+//        FP8 linear layer: Fprop, Dgrad, Wgrad, bit-exact with the header's)
+//   7.x  mla_decode_absorbed: one new token per sequence over the latent KV cache (absorbed MLA, V3 §2.1.1)
+//
+// Conventions (the header's): row-major, shapes next to each pointer, backward functions ACCUMULATE (+=) into input
+// gradients, no floating-point atomics (every reduction runs in a fixed order, so a result is bitwise the same from
+// run to run for a given shape). All work is queued on the default stream (stream 0) in call order; functions that
+// must return a host value (cross_entropy_forward) or check data on the host (token ids, targets) synchronise.
+//
+// Accuracy against the CPU kernels. Plain float kernels (norms, softmax, router, AdamW, ...) sum in a different order
+// than the CPU (trees instead of chains) and the GPU contracts a*b+c into FMAs: relative differences of a few float32
+// ulps (≈1e-6). matmul rounds its inputs to BF16 (8 significant bits, unit roundoff 2^-9), so its outputs differ from
+// the float32 CPU GEMM by about 2^-9·sqrt(2) ≈ 3e-3 in relative Frobenius norm on random data (METHOD.md: "bf16
+// operands between 1e-3 and 1e-2"). The FP8 functions are bitwise equal to the CPU ones (quantization is exact
+// arithmetic plus one IEEE division; the FP8 GEMM is the hardware the header simulates).
+//
+// How a model calls these: the header's Model calls matmul_forward(...), rmsnorm_forward(...), ... unqualified. A GPU
+// build can compile the same model code with `namespace K = dsv3::cuda;` (or `using namespace dsv3::cuda;` inside a
+// backend namespace) and allocate its parameter, gradient, moment and activation buffers with cuda::DeviceBuffer /
+// cuda::device_alloc instead of std::vector / Arena. Three kernels take host-side structures, exactly as on the CPU:
+// rope_* take the header's RopeTable (uploaded to the device on first use and cached), router_* take the Config,
+// and the MoE permutation is planned on the host (cuda::MoePermutation holds the host plan and its device copy).
+//
+// Build: nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a (wgmma needs the "a" target; with plain -arch=sm_90
+// fp8_gemm falls back to a CUDA-core emulation of the tensor core that gives the same bits, slowly). Link -lcublas.
+// `make cuda` builds cuda/test_cuda.cu (every kernel against the CPU kernel) and cuda/bench_cuda.cu (FP8 GEMM vs
+// torch._scaled_mm, absorbed decoding vs the copy bandwidth); the measured figures are in fp8.cuh and mla_decode.cuh.
+//
+// Files: kernels.cuh (this: errors, device memory, section-3 kernels), fp8.cuh (quantization, fp8_gemm),
+// mla_decode.cuh (mla_decode_absorbed). Include kernels.cuh only.
+#pragma once
+
+// The header is host code; nvcc's front end does not know GCC's "#pragma GCC unroll" in it: silence that warning.
+#pragma nv_diag_suppress 1675
+#include "../deepseek_v3.hpp"
+#pragma nv_diag_default 1675
+
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <vector>
+
+namespace dsv3 {
+namespace cuda {
+
+// =====================================================================================================================
+// 0. Errors and device memory
+// =====================================================================================================================
+// Every CUDA runtime and cuBLAS call is checked; a failure throws dsv3::Error naming the call, the source line and the
+// CUDA error string ("cudaMalloc(&p, bytes) at cuda/kernels.cuh:123: out of memory"). Kernel launches are checked
+// with DSV3_CUDA_CHECK_LAUNCH() right after the launch (configuration errors appear there; faults inside a kernel
+// appear at the next synchronising call, or at once with CUDA_LAUNCH_BLOCKING=1).
+#define DSV3_CUDA_CHECK(call)                                                                                    \
+    do {                                                                                                         \
+        const cudaError_t dsv3_err_ = (call);                                                                    \
+        if (dsv3_err_ != cudaSuccess)                                                                            \
+            ::dsv3::fail(#call, " at ", __FILE__, ":", __LINE__, ": ", cudaGetErrorName(dsv3_err_), ": ",        \
+                         cudaGetErrorString(dsv3_err_));                                                         \
+    } while (0)
+#define DSV3_CUDA_CHECK_LAUNCH() DSV3_CUDA_CHECK(cudaGetLastError())
+#define DSV3_CUBLAS_CHECK(call)                                                                                  \
+    do {                                                                                                         \
+        const cublasStatus_t dsv3_st_ = (call);                                                                  \
+        if (dsv3_st_ != CUBLAS_STATUS_SUCCESS)                                                                   \
+            ::dsv3::fail(#call, " at ", __FILE__, ":", __LINE__, ": cuBLAS status ", int(dsv3_st_), " (",        \
+                         cublasGetStatusString(dsv3_st_), ")");                                                  \
+    } while (0)
+
+// DeviceBuffer<T>: n elements of device memory, freed by the destructor (RAII, move-only). upload/download copy
+// whole host vectors; the copies synchronise with the default stream.
+template <class T>
+class DeviceBuffer {
+  public:
+    DeviceBuffer() = default;
+    explicit DeviceBuffer(size_t n) { resize(n); }
+    explicit DeviceBuffer(const std::vector<T>& host) { upload(host); }
+    ~DeviceBuffer() { reset(); }
+    DeviceBuffer(const DeviceBuffer&) = delete;
+    DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+    DeviceBuffer(DeviceBuffer&& o) noexcept : p_(o.p_), n_(o.n_) { o.p_ = nullptr; o.n_ = 0; }
+    DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
+        if (this != &o) { reset(); p_ = o.p_; n_ = o.n_; o.p_ = nullptr; o.n_ = 0; }
+        return *this;
+    }
+    void resize(size_t n) {   // discards the contents
+        if (n == n_) return;
+        reset();
+        if (n) DSV3_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&p_), n * sizeof(T)));
+        n_ = n;
+    }
+    void reset() {
+        if (p_) cudaFree(p_);   // no check: destructors must not throw, and a failed free leaves nothing to do
+        p_ = nullptr;
+        n_ = 0;
+    }
+    void upload(const T* host, size_t n) {
+        resize(n);
+        if (n) DSV3_CUDA_CHECK(cudaMemcpy(p_, host, n * sizeof(T), cudaMemcpyHostToDevice));
+    }
+    void upload(const std::vector<T>& host) { upload(host.data(), host.size()); }
+    std::vector<T> download() const {
+        std::vector<T> host(n_);
+        if (n_) DSV3_CUDA_CHECK(cudaMemcpy(host.data(), p_, n_ * sizeof(T), cudaMemcpyDeviceToHost));
+        return host;
+    }
+    void fill_bytes(int byte) { if (n_) DSV3_CUDA_CHECK(cudaMemset(p_, byte, n_ * sizeof(T))); }
+    T* data() { return p_; }
+    const T* data() const { return p_; }
+    size_t size() const { return n_; }
+
+  private:
+    T* p_ = nullptr;
+    size_t n_ = 0;
+};
+
+// Scratch memory of the backend: a few named slots that grow on demand and are reused by later calls (BF16 copies
+// of GEMM inputs, attention's dscore matrix, decoding's partial sums). One per process; calls on one host thread.
+// Slot contents are dead after the function that took them returns.
+enum class Slot { bf16_a, bf16_b, attn_dscore, reduce, decode_partial, decode_stats, fp8_a, fp8_b, fp8_bt, fp8_sa,
+                  fp8_sb, fp8_sbt, count };
+inline void* scratch(Slot slot, size_t bytes) {
+    static DeviceBuffer<unsigned char> slots[int(Slot::count)];
+    DeviceBuffer<unsigned char>& b = slots[int(slot)];
+    if (b.size() < bytes) b.resize(bytes + bytes / 4);   // grow with some headroom, never shrink
+    return b.data();
+}
+
+// The cuBLAS handle of the backend (created on first use, bound to the default stream).
+inline cublasHandle_t cublas() {
+    static cublasHandle_t h = [] {
+        cublasHandle_t handle;
+        DSV3_CUBLAS_CHECK(cublasCreate(&handle));
+        // Pedantic math: no reduced-precision shortcuts beyond what we ask for explicitly (BF16 inputs).
+        DSV3_CUBLAS_CHECK(cublasSetMathMode(handle, CUBLAS_PEDANTIC_MATH));
+        return handle;
+    }();
+    return h;
+}
+
+inline int grid_for(int64_t n, int threads) { return int(std::min<int64_t>((n + threads - 1) / threads, 1 << 20)); }
+
+namespace detail {
+// Block-wide reductions in a fixed tree order (deterministic). `red` is shared scratch of blockDim.x/32 entries.
+__device__ inline float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ inline float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+__device__ inline double warp_sum_d(double v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+template <class T, class Op>
+__device__ inline T block_reduce(T v, T* red, Op op, T (*warp_op)(T)) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+    v = warp_op(v);
+    __syncthreads();                      // red may still be read by a previous reduction
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    T r = red[0];
+    for (int w = 1; w < warps; ++w) r = op(r, red[w]);   // every thread sums the warps in the same order
+    return r;
+}
+__device__ inline float block_sum(float v, float* red) {
+    return block_reduce<float>(v, red, [](float a, float b) { return a + b; }, warp_sum);
+}
+__device__ inline float block_max(float v, float* red) {
+    return block_reduce<float>(v, red, [](float a, float b) { return fmaxf(a, b); }, warp_max);
+}
+__device__ inline double block_sum_d(double v, double* red) {
+    return block_reduce<double>(v, red, [](double a, double b) { return a + b; }, warp_sum_d);
+}
+}  // namespace detail
+
+// =====================================================================================================================
+// 3.1 matmul: y = x Wᵀ on cuBLAS, BF16 inputs, FP32 accumulation
+// =====================================================================================================================
+// V3 keeps FP32 master weights and computes in BF16 (FP8 for the linear layers in FP8 mode). The tensor cores take
+// BF16 operands and accumulate in FP32, so each call first rounds its two inputs to BF16 copies (one pass over them,
+// into scratch memory), then runs cublasGemmEx with FP32 output and FP32 compute type. The result is deterministic
+// for a given shape (cuBLAS picks the same algorithm and never splits K with atomics unless asked to).
+// Why not TF32 on the FP32 data directly: it would skip the copies, but the issue asks for BF16 compute (the numbers
+// V3 trains with); the copies cost O(T·in + out·in) against the O(T·in·out) product.
+//
+// cuBLAS is column-major. A row-major [r, c] matrix is a column-major [c, r] one, so each product below is written
+// for the transposes: y[T,out] row-major = yᵀ [out, T] column-major = W(col-major [in,out])ᵀ · x(col-major [in,T]).
+namespace detail {
+__global__ void to_bf16_kernel(__nv_bfloat16* out, const float* in, int64_t n) {
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+        out[i] = __float2bfloat16_rn(in[i]);   // round to nearest even, like dsv3::bf16_round
+}
+inline __nv_bfloat16* bf16_copy(Slot slot, const float* x, int64_t n) {
+    auto* out = static_cast<__nv_bfloat16*>(scratch(slot, size_t(n) * sizeof(__nv_bfloat16)));
+    if (n > 0) {
+        to_bf16_kernel<<<std::min(grid_for(n, 256), 4096), 256>>>(out, x, n);
+        DSV3_CUDA_CHECK_LAUNCH();
+    }
+    return out;
+}
+// C(col-major m×n, ldc) = alpha·op(A)·op(B) + beta·C with BF16 A, B and FP32 C.
+inline void gemm_bf16(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, const __nv_bfloat16* A,
+                      int lda, const __nv_bfloat16* B, int ldb, float beta, float* C, int ldc) {
+    const float alpha = 1.0f;
+    DSV3_CUBLAS_CHECK(cublasGemmEx(cublas(), ta, tb, m, n, k, &alpha, A, CUDA_R_16BF, lda, B, CUDA_R_16BF, ldb, &beta,
+                                   C, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+}  // namespace detail
+
+// y[T,out] = x[T,in] · W[out,in]ᵀ   (overwrites y)
+inline void matmul_forward(float* y, const float* x, const float* W, int T, int in, int out) {
+    if (T < 0 || in < 0 || out < 0) fail("cuda::matmul_forward: negative size T=", T, " in=", in, " out=", out);
+    if (int64_t(T) * out == 0) return;
+    if (in == 0) { DSV3_CUDA_CHECK(cudaMemsetAsync(y, 0, sizeof(float) * size_t(T) * out)); return; }
+    const __nv_bfloat16* xb = detail::bf16_copy(Slot::bf16_a, x, int64_t(T) * in);
+    const __nv_bfloat16* wb = detail::bf16_copy(Slot::bf16_b, W, int64_t(out) * in);
+    detail::gemm_bf16(CUBLAS_OP_T, CUBLAS_OP_N, out, T, in, wb, in, xb, in, 0.0f, y, out);
+}
+
+// dx[T,in] += dy[T,out] · W[out,in];   dW[out,in] += dy[T,out]ᵀ · x[T,in]   (either may be null)
+inline void matmul_backward(float* dx, float* dW, const float* dy, const float* x, const float* W, int T, int in,
+                            int out) {
+    if (T < 0 || in < 0 || out < 0) fail("cuda::matmul_backward: negative size T=", T, " in=", in, " out=", out);
+    if (int64_t(T) * in * out == 0) return;   // every product below is empty (or adds zero)
+    const __nv_bfloat16* dyb = detail::bf16_copy(Slot::bf16_a, dy, int64_t(T) * out);
+    if (dx) {   // dxᵀ [in, T] = W(col-major [in, out]) · dyᵀ(col-major [out, T])
+        const __nv_bfloat16* wb = detail::bf16_copy(Slot::bf16_b, W, int64_t(out) * in);
+        detail::gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_N, in, T, out, wb, in, dyb, out, 1.0f, dx, in);
+    }
+    if (dW) {   // dWᵀ [in, out] = xᵀ(col-major [in, T]) · (dyᵀ(col-major [out, T]))ᵀ
+        const __nv_bfloat16* xb = detail::bf16_copy(Slot::bf16_b, x, int64_t(T) * in);
+        detail::gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_T, in, out, T, xb, in, dyb, out, 1.0f, dW, in);
+    }
+}
+
+// =====================================================================================================================
+// 3.2 RMSNorm: y = x / sqrt(mean(x²) + ε) ⊙ g        x, y: [T, d]; g: [d]; rstd: [T]
+// =====================================================================================================================
+namespace detail {
+__global__ void rmsnorm_forward_kernel(float* y, float* rstd, const float* x, const float* g, int d, float eps) {
+    __shared__ float red[32];
+    const int64_t t = blockIdx.x;
+    const float* xr = x + t * d;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) ss += xr[i] * xr[i];
+    ss = block_sum(ss, red);
+    const float r = 1.0f / sqrtf(ss / d + eps);
+    if (threadIdx.x == 0) rstd[t] = r;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) y[t * d + i] = xr[i] * r * g[i];
+}
+__global__ void rmsnorm_backward_dx_kernel(float* dx, const float* dy, const float* x, const float* g,
+                                           const float* rstd, int d) {
+    __shared__ float red[32];
+    const int64_t t = blockIdx.x;
+    const float* xr = x + t * d;
+    const float* dyr = dy + t * d;
+    const float r = rstd[t];
+    float dot = 0.0f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) dot += g[i] * dyr[i] * xr[i] * r;
+    dot = block_sum(dot, red) / d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) dx[t * d + i] += r * (g[i] * dyr[i] - xr[i] * r * dot);
+}
+// dg[i] += Σ_t dy[t,i]·x[t,i]·rstd[t]: one thread per column, t in order (deterministic, coalesced over i).
+__global__ void rmsnorm_backward_dg_kernel(float* dg, const float* dy, const float* x, const float* rstd, int T, int d) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= d) return;
+    float s = 0.0f;
+    for (int t = 0; t < T; ++t) s += dy[int64_t(t) * d + i] * x[int64_t(t) * d + i] * rstd[t];
+    dg[i] += s;
+}
+}  // namespace detail
+
+inline void rmsnorm_forward(float* y, float* rstd, const float* x, const float* g, int T, int d, float eps) {
+    if (T <= 0 || d <= 0) return;
+    detail::rmsnorm_forward_kernel<<<T, 256>>>(y, rstd, x, g, d, eps);
+    DSV3_CUDA_CHECK_LAUNCH();
+}
+inline void rmsnorm_backward(float* dx, float* dg, const float* dy, const float* x, const float* g,
+                             const float* rstd, int T, int d) {
+    if (T <= 0 || d <= 0) return;
+    detail::rmsnorm_backward_dx_kernel<<<T, 256>>>(dx, dy, x, g, rstd, d);
+    DSV3_CUDA_CHECK_LAUNCH();
+    if (dg) {
+        detail::rmsnorm_backward_dg_kernel<<<grid_for(d, 128), 128>>>(dg, dy, x, rstd, T, d);
+        DSV3_CUDA_CHECK_LAUNCH();
+    }
+}
+
+// =====================================================================================================================
+// 3.3 RoPE with YaRN [V3 §2.1.1 eqs. 3, 7]: in-place pairwise rotation, same arguments as the CPU kernel
+// =====================================================================================================================
+// The table (cos, sin: [max_pos, half]) is the header's RopeTable, built once on the host by make_rope_table (YaRN
+// included). Its device copy is made on first use and cached by the table's address, data pointers and sizes, so a
+// model that builds its table once uploads it once. A fingerprint of 64 sampled entries is compared on every call, so
+// a different table that happens to reuse the same memory is uploaded again (a change confined to unsampled entries
+// would not be seen: make a new table rather than editing one in place).
+namespace detail {
+struct DeviceRope { DeviceBuffer<float> cos, sin; uint64_t fingerprint = 0; };
+inline uint64_t rope_fingerprint(const RopeTable& rt) {
+    uint64_t h = 0xcbf29ce484222325ull;   // FNV-1a over the bits of 64 evenly spaced cos and sin entries
+    const size_t n = rt.cos.size();
+    for (size_t i = 0; n && i < 64; ++i) {
+        const size_t j = i * (n - 1) / 63;
+        uint32_t a, b;
+        std::memcpy(&a, &rt.cos[j], 4);
+        std::memcpy(&b, &rt.sin[j], 4);
+        h = (h ^ a) * 0x100000001b3ull;
+        h = (h ^ b) * 0x100000001b3ull;
+    }
+    return h;
+}
+inline const DeviceRope& device_rope(const RopeTable& rt) {
+    static std::map<std::tuple<const void*, const void*, const void*, int, int>, DeviceRope> cache;
+    static std::mutex mu;
+    std::lock_guard<std::mutex> lock(mu);
+    if (rt.cos.size() != size_t(rt.max_pos) * rt.half || rt.sin.size() != rt.cos.size())
+        fail("cuda::rope: RopeTable holds ", rt.cos.size(), " cos and ", rt.sin.size(), " sin values, expected max_pos * half = ",
+             size_t(rt.max_pos) * rt.half);
+    auto key = std::make_tuple(static_cast<const void*>(&rt), static_cast<const void*>(rt.cos.data()),
+                               static_cast<const void*>(rt.sin.data()), rt.half, rt.max_pos);
+    const uint64_t fp = rope_fingerprint(rt);
+    DeviceRope& d = cache[key];
+    if (d.cos.size() != rt.cos.size() || d.fingerprint != fp) {
+        d.cos.upload(rt.cos);
+        d.sin.upload(rt.sin);
+        d.fingerprint = fp;
+    }
+    return d;
+}
+__global__ void rope_kernel(float* x, int T, int row_stride, int offset, int n_vec, int vec_stride, int pos0,
+                            int seq_len, const float* cos_t, const float* sin_t, int half, float sign) {
+    const int64_t total = int64_t(T) * n_vec * half;
+    for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
+         idx += int64_t(gridDim.x) * blockDim.x) {
+        const int i = int(idx % half);
+        const int j = int((idx / half) % n_vec);
+        const int64_t t = idx / (int64_t(half) * n_vec);
+        const int pos = pos0 + int(t % seq_len);
+        const float c = cos_t[int64_t(pos) * half + i], s = sign * sin_t[int64_t(pos) * half + i];
+        float* v = x + t * row_stride + offset + int64_t(j) * vec_stride;
+        const float a = v[2 * i], b = v[2 * i + 1];
+        v[2 * i] = a * c - b * s;
+        v[2 * i + 1] = a * s + b * c;
+    }
+}
+inline void rope_apply(float* x, int T, int row_stride, int offset, int n_vec, int vec_stride, int pos0, int seq_len,
+                       const RopeTable& rt, bool inverse) {
+    if (T <= 0 || n_vec <= 0 || rt.half <= 0) return;
+    const int last = pos0 + std::min(T, seq_len) - 1;
+    if (last >= rt.max_pos) fail("cuda::rope: position ", last, " beyond the table's max_pos ", rt.max_pos);
+    const DeviceRope& d = device_rope(rt);
+    const int64_t total = int64_t(T) * n_vec * rt.half;
+    rope_kernel<<<std::min(grid_for(total, 256), 8192), 256>>>(x, T, row_stride, offset, n_vec, vec_stride, pos0,
+                                                               seq_len, d.cos.data(), d.sin.data(), rt.half,
+                                                               inverse ? -1.0f : 1.0f);
+    DSV3_CUDA_CHECK_LAUNCH();
+}
+}  // namespace detail
+
+inline void rope_forward(float* x, int T, int row_stride, int offset, int n_vec, int vec_stride, int pos0,
+                         int seq_len, const RopeTable& rt) {
+    detail::rope_apply(x, T, row_stride, offset, n_vec, vec_stride, pos0, seq_len, rt, false);
+}
+inline void rope_backward(float* dx, int T, int row_stride, int offset, int n_vec, int vec_stride, int pos0,
+                          int seq_len, const RopeTable& rt) {
+    detail::rope_apply(dx, T, row_stride, offset, n_vec, vec_stride, pos0, seq_len, rt, true);
+}
+
+// =====================================================================================================================
+// 3.4 causal softmax attention (training) [V3 eq. 10]
+// =====================================================================================================================
+// q, k: [B·T, H, dqk]; v: [B·T, H, dv]; out: [B·T, H, dv]; probs: [B, H, T, T] (row t holds weights over s ≤ t).
+// The plain version, like the CPU's: the probabilities are materialised because backward reads them. One block per
+// query row (b, h, t): each warp takes keys s and reduces the dot product across its lanes (coalesced reads of k_s),
+// then the block finds the row's max and sum, and finally threads own output channels and sum p_s·v_s over s in
+// order. (A fused flash-attention kernel would never write probs; the header's interface asks for them.)
+namespace detail {
+__global__ void attention_forward_kernel(float* out, float* probs, const float* q, const float* k, const float* v,
+                                         int T, int H, int dqk, int dv, float scale) {
+    __shared__ float red[32];
+    const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const float* qt = q + ((int64_t(b) * T + t) * H + h) * dqk;
+    float* p = probs + ((int64_t(b) * H + h) * T + t) * T;
+    float mx = -INFINITY;
+    for (int s = warp; s <= t; s += warps) {
+        const float* ks = k + ((int64_t(b) * T + s) * H + h) * dqk;
+        float dot = 0.0f;
+        for (int i = lane; i < dqk; i += 32) dot += qt[i] * ks[i];
+        dot = warp_sum(dot) * scale;
+        if (lane == 0) p[s] = dot;
+        mx = fmaxf(mx, dot);
+    }
+    mx = block_max(mx, red);   // its __syncthreads also publishes the p[s] written above to the whole block
+    float sum = 0.0f;
+    for (int s = threadIdx.x; s <= t; s += blockDim.x) sum += (p[s] = expf(p[s] - mx));
+    sum = block_sum(sum, red);
+    const float inv = 1.0f / sum;
+    for (int s = threadIdx.x; s < T; s += blockDim.x) p[s] = s <= t ? p[s] * inv : 0.0f;
+    __syncthreads();
+    float* ot = out + ((int64_t(b) * T + t) * H + h) * dv;
+    for (int i = threadIdx.x; i < dv; i += blockDim.x) {
+        float o = 0.0f;
+        for (int s = 0; s <= t; ++s) o += p[s] * v[((int64_t(b) * T + s) * H + h) * dv + i];
+        ot[i] = o;
+    }
+}
+// Backward, part 1 (one block per query row (b, h, t)): dp_s = dout_t·v_s, w = Σ_s p_s dp_s,
+// dscore_s = p_s (dp_s − w)·scale into D [B, H, T, T]; dq_t += Σ_s dscore_s k_s.
+__global__ void attention_backward_rows_kernel(float* dq, float* D, const float* dout, const float* probs,
+                                               const float* k, const float* v, int T, int H, int dqk, int dv,
+                                               float scale) {
+    __shared__ float red[32];
+    const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const float* p = probs + ((int64_t(b) * H + h) * T + t) * T;
+    float* Dr = D + ((int64_t(b) * H + h) * T + t) * T;
+    const float* dot_ = dout + ((int64_t(b) * T + t) * H + h) * dv;
+    float weighted = 0.0f;
+    for (int s = warp; s <= t; s += warps) {
+        const float* vs = v + ((int64_t(b) * T + s) * H + h) * dv;
+        float dp = 0.0f;
+        for (int i = lane; i < dv; i += 32) dp += dot_[i] * vs[i];
+        dp = warp_sum(dp);
+        if (lane == 0) Dr[s] = dp;
+        weighted += p[s] * dp;   // every lane holds the same value; lane 0's is counted below
+    }
+    weighted = block_sum(lane == 0 ? weighted : 0.0f, red);
+    for (int s = threadIdx.x; s <= t; s += blockDim.x) Dr[s] = p[s] * (Dr[s] - weighted) * scale;
+    __syncthreads();
+    float* dqt = dq + ((int64_t(b) * T + t) * H + h) * dqk;
+    for (int i = threadIdx.x; i < dqk; i += blockDim.x) {
+        float acc = 0.0f;
+        for (int s = 0; s <= t; ++s) acc += Dr[s] * k[((int64_t(b) * T + s) * H + h) * dqk + i];
+        dqt[i] += acc;
+    }
+}
+// Backward, part 2 (one block per key row (b, h, s)): dk_s += Σ_{t≥s} dscore[t,s] q_t; dv_s += Σ_{t≥s} p[t,s] dout_t.
+// Each key's sums run over t in order inside one thread: no atomics, deterministic.
+__global__ void attention_backward_cols_kernel(float* dk, float* dvv, const float* D, const float* probs,
+                                               const float* q, const float* dout, int T, int H, int dqk, int dv) {
+    const int s = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const float* Pc = probs + (int64_t(b) * H + h) * T * T + s;   // column s: stride T
+    const float* Dc = D + (int64_t(b) * H + h) * T * T + s;
+    for (int i = threadIdx.x; i < dqk; i += blockDim.x) {
+        float acc = 0.0f;
+        for (int t = s; t < T; ++t) acc += Dc[int64_t(t) * T] * q[((int64_t(b) * T + t) * H + h) * dqk + i];
+        dk[((int64_t(b) * T + s) * H + h) * dqk + i] += acc;
+    }
+    for (int i = threadIdx.x; i < dv; i += blockDim.x) {
+        float acc = 0.0f;
+        for (int t = s; t < T; ++t) acc += Pc[int64_t(t) * T] * dout[((int64_t(b) * T + t) * H + h) * dv + i];
+        dvv[((int64_t(b) * T + s) * H + h) * dv + i] += acc;
+    }
+}
+}  // namespace detail
+
+inline void attention_forward(float* out, float* probs, const float* q, const float* k, const float* v, int B, int T,
+                              int H, int dqk, int dv, float scale) {
+    if (B <= 0 || T <= 0 || H <= 0) return;
+    if (T > 65535 || H > 65535 || B > 65535) fail("cuda::attention_forward: B, T, H must be <= 65535");
+    detail::attention_forward_kernel<<<dim3(T, H, B), 128>>>(out, probs, q, k, v, T, H, dqk, dv, scale);
+    DSV3_CUDA_CHECK_LAUNCH();
+}
+inline void attention_backward(float* dq, float* dk, float* dv_, const float* dout, const float* probs,
+                               const float* q, const float* k, const float* v, int B, int T, int H, int dqk, int dv,
+                               float scale) {
+    if (B <= 0 || T <= 0 || H <= 0) return;
+    if (T > 65535 || H > 65535 || B > 65535) fail("cuda::attention_backward: B, T, H must be <= 65535");
+    float* D = static_cast<float*>(scratch(Slot::attn_dscore, sizeof(float) * size_t(B) * H * T * T));
+    detail::attention_backward_rows_kernel<<<dim3(T, H, B), 128>>>(dq, D, dout, probs, k, v, T, H, dqk, dv, scale);
+    DSV3_CUDA_CHECK_LAUNCH();
+    detail::attention_backward_cols_kernel<<<dim3(T, H, B), 128>>>(dk, dv_, D, probs, q, dout, T, H, dqk, dv);
+    DSV3_CUDA_CHECK_LAUNCH();
+}
+
+// =====================================================================================================================
+// 3.5 SwiGLU: h = silu(gate) ⊙ up        gate, up, h: [n]
+// =====================================================================================================================
+namespace detail {
+__global__ void swiglu_forward_kernel(float* h, const float* gate, const float* up, int64_t n) {
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+        const float z = gate[i], sig = 1.0f / (1.0f + expf(-z));
+        h[i] = z * sig * up[i];
+    }
+}
+__global__ void swiglu_backward_kernel(float* dgate, float* dup, const float* dh, const float* gate, const float* up,
+                                       int64_t n) {
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+        const float z = gate[i], sig = 1.0f / (1.0f + expf(-z));
+        dgate[i] += dh[i] * up[i] * sig * (1.0f + z * (1.0f - sig));
+        dup[i] += dh[i] * z * sig;
+    }
+}
+}  // namespace detail
+inline void swiglu_forward(float* h, const float* gate, const float* up, int64_t n) {
+    if (n <= 0) return;
+    detail::swiglu_forward_kernel<<<std::min(grid_for(n, 256), 8192), 256>>>(h, gate, up, n);
+    DSV3_CUDA_CHECK_LAUNCH();
+}
+inline void swiglu_backward(float* dgate, float* dup, const float* dh, const float* gate, const float* up, int64_t n) {
+    if (n <= 0) return;
+    detail::swiglu_backward_kernel<<<std::min(grid_for(n, 256), 8192), 256>>>(dgate, dup, dh, gate, up, n);
+    DSV3_CUDA_CHECK_LAUNCH();
+}
+
+// =====================================================================================================================
+// 3.6 embedding: out[t] = E[tokens[t]]     E: [vocab, d]; out: [T, d]; tokens: [T] (device)
+// =====================================================================================================================
+namespace detail {
+// Finds the first row whose id is outside [lo, hi) (ignore: an id equal to `skip` is allowed). Writes T if none.
+// One block, ids scanned in order of t by strided threads, minimum taken: deterministic.
+__global__ void first_bad_id_kernel(int* first_bad, const int32_t* ids, int T, int lo, int hi, int skip) {
+    __shared__ int best;
+    if (threadIdx.x == 0) best = T;
+    __syncthreads();
+    for (int t = threadIdx.x; t < T; t += blockDim.x)
+        if (ids[t] != skip && (ids[t] < lo || ids[t] >= hi)) atomicMin(&best, t);   // integer min: order-free
+    __syncthreads();
+    if (threadIdx.x == 0) *first_bad = best;
+}
+// Returns the index of the first bad id (T if none) and the number of ids equal to `skip`... as a pair, synchronising.
+inline int first_bad_id(const int32_t* ids, int T, int lo, int hi, int skip, int32_t* bad_value) {
+    int* d = static_cast<int*>(scratch(Slot::reduce, sizeof(int) * 2));
+    first_bad_id_kernel<<<1, 1024>>>(d, ids, T, lo, hi, skip);
+    DSV3_CUDA_CHECK_LAUNCH();
+    int first = T;
+    DSV3_CUDA_CHECK(cudaMemcpy(&first, d, sizeof(int), cudaMemcpyDeviceToHost));
+    if (first < T && bad_value) DSV3_CUDA_CHECK(cudaMemcpy(bad_value, ids + first, sizeof(int32_t), cudaMemcpyDeviceToHost));
+    return first;
+}
+__global__ void embedding_forward_kernel(float* out, const int32_t* tokens, const float* E, int d) {
+    const int64_t t = blockIdx.x;
+    const float* src = E + int64_t(tokens[t]) * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) out[t * d + i] = src[i];
+}
+// dE[tokens[t]] += dout[t], t in order inside each thread (one thread per column): the CPU's order exactly.
+__global__ void embedding_backward_kernel(float* dE, const float* dout, const int32_t* tokens, int T, int d) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= d) return;
+    for (int t = 0; t < T; ++t) dE[int64_t(tokens[t]) * d + i] += dout[int64_t(t) * d + i];
+}
+}  // namespace detail
+
+inline void embedding_forward(float* out, const int32_t* tokens, const float* E, int T, int d, int vocab) {
+    if (T <= 0) return;
+    int32_t bad = 0;
+    const int first = detail::first_bad_id(tokens, T, 0, vocab, INT32_MIN, &bad);
+    if (first < T) fail("cuda::embedding: token id ", bad, " at position ", first, " outside [0, ", vocab, ")");
+    detail::embedding_forward_kernel<<<T, 128>>>(out, tokens, E, d);
+    DSV3_CUDA_CHECK_LAUNCH();
+}
+inline void embedding_backward(float* dE, const float* dout, const int32_t* tokens, int T, int d) {
+    if (T <= 0 || d <= 0) return;
+    detail::embedding_backward_kernel<<<grid_for(d, 128), 128>>>(dE, dout, tokens, T, d);
+    DSV3_CUDA_CHECK_LAUNCH();
+}
+
+// =====================================================================================================================
+// 3.7 cross-entropy      logits: [T, V]; targets: [T] (device; kIgnore skips a row); mean over counted rows, nats
+// =====================================================================================================================
+namespace detail {
+// Per row: loss_t = log Σ exp(z − max) + max − z_y (in double, like the CPU), 0 for ignored rows.
+__global__ void cross_entropy_rows_kernel(double* loss, const float* logits, const int32_t* targets, int V) {
+    __shared__ float redf[32];
+    __shared__ double redd[32];
+    const int64_t t = blockIdx.x;
+    const int32_t y = targets[t];
+    const float* z = logits + t * V;
+    float mx = -INFINITY;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) mx = fmaxf(mx, z[i]);
+    mx = block_max(mx, redf);
+    double sum = 0.0;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) sum += exp(double(z[i] - mx));
+    sum = block_sum_d(sum, redd);
+    if (threadIdx.x == 0) loss[t] = y == kIgnore ? 0.0 : log(sum) + mx - z[y];
+}
+// Sum of T doubles by one block in a fixed order.
+__global__ void sum_doubles_kernel(double* out, const double* x, int64_t n) {
+    __shared__ double red[32];
+    double s = 0.0;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) s += x[i];
+    s = block_sum_d(s, red);
+    if (threadIdx.x == 0) *out = s;
+}
+__global__ void cross_entropy_backward_kernel(float* dlogits, const float* logits, const int32_t* targets, int V,
+                                              float w) {
+    __shared__ float red[32];
+    const int64_t t = blockIdx.x;
+    const int32_t y = targets[t];
+    if (y == kIgnore) return;   // the whole block leaves together: no barrier is skipped by some threads only
+    const float* z = logits + t * V;
+    float* dz = dlogits + t * V;
+    float mx = -INFINITY;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) mx = fmaxf(mx, z[i]);
+    mx = block_max(mx, red);
+    float sum = 0.0f;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) sum += expf(z[i] - mx);
+    sum = block_sum(sum, red);
+    const float inv = 1.0f / sum;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) dz[i] += w * (expf(z[i] - mx) * inv - (i == y ? 1.0f : 0.0f));
+}
+__global__ void count_not_ignored_kernel(int* out, const int32_t* targets, int T) {
+    __shared__ float red[32];
+    float c = 0.0f;   // exact as a float up to 2^24 rows
+    for (int t = threadIdx.x; t < T; t += blockDim.x) c += targets[t] != kIgnore ? 1.0f : 0.0f;
+    c = block_sum(c, red);
+    if (threadIdx.x == 0) *out = int(c);
+}
+// The CPU's cross_entropy_count: checks the targets (throws on an id outside [0, V) other than kIgnore) and returns
+// the number of counted rows. Synchronises.
+inline int64_t cross_entropy_count(const int32_t* targets, int T, int V) {
+    if (T <= 0) return 0;
+    int32_t bad = 0;
+    const int first = first_bad_id(targets, T, 0, V, kIgnore, &bad);
+    if (first < T) fail("cuda::cross_entropy: target ", bad, " at row ", first, " outside [0, ", V, ")");
+    int* d = static_cast<int*>(scratch(Slot::reduce, sizeof(int) * 2));
+    count_not_ignored_kernel<<<1, 1024>>>(d, targets, T);
+    DSV3_CUDA_CHECK_LAUNCH();
+    int counted = 0;
+    DSV3_CUDA_CHECK(cudaMemcpy(&counted, d, sizeof(int), cudaMemcpyDeviceToHost));
+    return counted;
+}
+}  // namespace detail
+
+inline double cross_entropy_forward(const float* logits, const int32_t* targets, int T, int V) {
+    const int64_t counted = detail::cross_entropy_count(targets, T, V);
+    if (counted == 0) return 0.0;
+    double* rows = static_cast<double*>(scratch(Slot::decode_stats, sizeof(double) * (size_t(T) + 1)));
+    detail::cross_entropy_rows_kernel<<<T, 256>>>(rows, logits, targets, V);
+    DSV3_CUDA_CHECK_LAUNCH();
+    detail::sum_doubles_kernel<<<1, 1024>>>(rows + T, rows, T);
+    DSV3_CUDA_CHECK_LAUNCH();
+    double total = 0.0;
+    DSV3_CUDA_CHECK(cudaMemcpy(&total, rows + T, sizeof(double), cudaMemcpyDeviceToHost));
+    return total / double(counted);
+}
+inline void cross_entropy_backward(float* dlogits, const float* logits, const int32_t* targets, int T, int V,
+                                   float dloss) {
+    const int64_t counted = detail::cross_entropy_count(targets, T, V);
+    if (counted == 0) return;
+    const float w = dloss / float(counted);   // the CPU's w, bit for bit
+    detail::cross_entropy_backward_kernel<<<T, 256>>>(dlogits, logits, targets, V, w);
+    DSV3_CUDA_CHECK_LAUNCH();
+}
+
+// =====================================================================================================================
+// 3.8 the MoE router [V3 §2.1.2, eqs. 13-16]      logits, scores: [T, N]; bias: [N]; chosen, gates: [T, K]
+// =====================================================================================================================
+// One thread per token: N is small (8 … 256) and each token's work is a few hundred operations, in the CPU's order.
+namespace detail {
+__global__ void router_scores_forward_kernel(float* scores, const float* logits, int T, int N, bool softmax) {
+    const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+    if (t >= T) return;
+    const float* z = logits + t * N;
+    float* s = scores + t * N;
+    if (!softmax) {
+        for (int i = 0; i < N; ++i) s[i] = 1.0f / (1.0f + expf(-z[i]));
+        return;
+    }
+    float mx = z[0], sum = 0.0f;
+    for (int i = 1; i < N; ++i) mx = fmaxf(mx, z[i]);
+    for (int i = 0; i < N; ++i) sum += (s[i] = expf(z[i] - mx));
+    for (int i = 0; i < N; ++i) s[i] /= sum;
+}
+__global__ void router_scores_backward_kernel(float* dlogits, const float* dscores, const float* scores, int T, int N,
+                                              bool softmax) {
+    const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+    if (t >= T) return;
+    const float* s = scores + t * N;
+    const float* ds = dscores + t * N;
+    float* dz = dlogits + t * N;
+    if (!softmax) {
+        for (int i = 0; i < N; ++i) dz[i] += ds[i] * s[i] * (1.0f - s[i]);
+        return;
+    }
+    float dot = 0.0f;
+    for (int i = 0; i < N; ++i) dot += ds[i] * s[i];
+    for (int i = 0; i < N; ++i) dz[i] += s[i] * (ds[i] - dot);
+}
+// Group-limited top-k, the CPU's rules exactly: biased = s + b; a group's score is the sum of its two best biased
+// scores (the best alone for softmax); the topk_group best groups stay (ties: lower group id, like stable_sort);
+// then the K best experts among them (ties: lower expert id), in rank order. Masked experts count as -inf, so if K
+// exceeds the experts left they are taken in id order, as partial_sort over -inf values does.
+constexpr int kMaxGroups = 64;
+__global__ void router_select_kernel(int32_t* chosen, const float* scores, const float* bias, int T, int N, int K,
+                                     int G, int topk_group, bool softmax) {
+    const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+    if (t >= T) return;
+    const float* s = scores + t * N;
+    auto biased = [&](int i) { return s[i] + (bias ? bias[i] : 0.0f); };
+    uint64_t keep = ~0ull;   // bit g: group g allowed
+    const int per_group = N / G;
+    if (G > 1) {
+        float gscore[kMaxGroups];
+        for (int g = 0; g < G; ++g) {
+            float best = -INFINITY, second = -INFINITY;
+            for (int i = g * per_group; i < (g + 1) * per_group; ++i) {
+                const float b = biased(i);
+                if (b > best) { second = best; best = b; }
+                else if (b > second) second = b;
+            }
+            gscore[g] = softmax ? best : best + second;
+        }
+        keep = 0;
+        for (int r = 0; r < topk_group; ++r) {   // r-th best group not yet kept; ties to the lower id
+            int arg = -1;
+            for (int g = 0; g < G; ++g)
+                if (!((keep >> g) & 1ull) && (arg < 0 || gscore[g] > gscore[arg])) arg = g;
+            keep |= 1ull << arg;
+        }
+    }
+    int32_t* out = chosen + t * K;
+    for (int k = 0; k < K; ++k) {   // k-th best expert not yet chosen
+        int arg = -1;
+        float best = 0.0f;
+        for (int i = 0; i < N; ++i) {
+            bool taken = false;
+            for (int j = 0; j < k; ++j) taken |= out[j] == i;
+            if (taken) continue;
+            const float b = ((keep >> (i / per_group)) & 1ull) ? biased(i) : -INFINITY;
+            if (arg < 0 || b > best) { arg = i; best = b; }
+        }
+        out[k] = arg;
+    }
+}
+__global__ void router_gates_forward_kernel(float* gates, const float* scores, const int32_t* chosen, int T, int N,
+                                            int K, bool norm_topk, float route_scale) {
+    const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+    if (t >= T) return;
+    float sum = 0.0f;
+    for (int k = 0; k < K; ++k) sum += scores[t * N + chosen[t * K + k]];
+    const float norm = norm_topk ? 1.0f / (sum + 1e-20f) : 1.0f;
+    for (int k = 0; k < K; ++k) gates[t * K + k] = route_scale * scores[t * N + chosen[t * K + k]] * norm;
+}
+__global__ void router_gates_backward_kernel(float* dscores, const float* dgates, const float* scores,
+                                             const int32_t* chosen, int T, int N, int K, bool norm_topk,
+                                             float route_scale) {
+    const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+    if (t >= T) return;
+    if (!norm_topk) {
+        for (int k = 0; k < K; ++k) dscores[t * N + chosen[t * K + k]] += route_scale * dgates[t * K + k];
+        return;
+    }
+    float S = 1e-20f, dot = 0.0f;
+    for (int k = 0; k < K; ++k) {
+        const float s = scores[t * N + chosen[t * K + k]];
+        S += s;
+        dot += dgates[t * K + k] * s;
+    }
+    for (int k = 0; k < K; ++k)
+        dscores[t * N + chosen[t * K + k]] += route_scale * (dgates[t * K + k] / S - dot / (S * S));
+}
+}  // namespace detail
+
+inline void router_scores_forward(float* scores, const float* logits, int T, int N, bool softmax) {
+    if (T <= 0 || N <= 0) return;
+    detail::router_scores_forward_kernel<<<grid_for(T, 128), 128>>>(scores, logits, T, N, softmax);
+    DSV3_CUDA_CHECK_LAUNCH();
+}
+inline void router_scores_backward(float* dlogits, const float* dscores, const float* scores, int T, int N,
+                                   bool softmax) {
+    if (T <= 0 || N <= 0) return;
+    detail::router_scores_backward_kernel<<<grid_for(T, 128), 128>>>(dlogits, dscores, scores, T, N, softmax);
+    DSV3_CUDA_CHECK_LAUNCH();
+}
+inline void router_select(int32_t* chosen, const float* scores, const float* bias, int T, const Config& c) {
+    const int N = c.n_routed_experts, K = c.n_activated_experts, G = c.n_expert_groups;
+    if (T <= 0) return;
+    if (G < 1 || G > detail::kMaxGroups || N % G != 0 || K > N || c.n_limited_groups < 1 || c.n_limited_groups > G)
+        fail("cuda::router_select: need 1 <= n_expert_groups <= ", detail::kMaxGroups, " dividing n_routed_experts, ",
+             "K <= N and 1 <= n_limited_groups <= n_expert_groups; found N=", N, " K=", K, " G=", G,
+             " topk_group=", c.n_limited_groups);
+    detail::router_select_kernel<<<grid_for(T, 64), 64>>>(chosen, scores, bias, T, N, K, G, c.n_limited_groups,
+                                                          c.score_func == "softmax");
+    DSV3_CUDA_CHECK_LAUNCH();
+}
+inline void router_gates_forward(float* gates, const float* scores, const int32_t* chosen, int T, const Config& c) {
+    if (T <= 0) return;
+    detail::router_gates_forward_kernel<<<grid_for(T, 128), 128>>>(gates, scores, chosen, T, c.n_routed_experts,
+                                                                   c.n_activated_experts, c.norm_topk_prob,
+                                                                   c.route_scale);
+    DSV3_CUDA_CHECK_LAUNCH();
+}
+inline void router_gates_backward(float* dscores, const float* dgates, const float* scores, const int32_t* chosen,
+                                  int T, const Config& c) {
+    if (T <= 0) return;
+    detail::router_gates_backward_kernel<<<grid_for(T, 128), 128>>>(dscores, dgates, scores, chosen, T,
+                                                                    c.n_routed_experts, c.n_activated_experts,
+                                                                    c.norm_topk_prob, c.route_scale);
+    DSV3_CUDA_CHECK_LAUNCH();
+}
+
+// =====================================================================================================================
+// 3.10 MoE permutation: tokens grouped by expert (stable counting sort), so each expert runs one dense GEMM
+// =====================================================================================================================
+// The plan is made on the host: the expert GEMMs that follow are launched from the host with each expert's row
+// range (offsets), so the counts must come back anyway. moe_permute_plan copies `chosen` [T, K] from the device, runs
+// the header's dsv3::moe_permute_plan (so the permutation is the CPU's, exactly), and uploads slot and token_of.
+struct MoePermutation {
+    dsv3::MoePermutation host;          // slot, token_of, offsets [N+1], counts [N] on the host
+    DeviceBuffer<int32_t> slot;         // [T·K]: row of (token t, choice k) in the permuted order
+    DeviceBuffer<int32_t> token_of;     // [T·K]: token of each permuted row
+};
+inline void moe_permute_plan(MoePermutation& p, const int32_t* chosen, int T, int K, int N) {
+    std::vector<int32_t> host_chosen(size_t(std::max(T, 0)) * size_t(std::max(K, 0)));
+    if (!host_chosen.empty())
+        DSV3_CUDA_CHECK(cudaMemcpy(host_chosen.data(), chosen, host_chosen.size() * sizeof(int32_t),
+                                   cudaMemcpyDeviceToHost));
+    for (size_t i = 0; i < host_chosen.size(); ++i)
+        if (host_chosen[i] < 0 || host_chosen[i] >= N)
+            fail("cuda::moe_permute_plan: expert id ", host_chosen[i], " at entry ", i, " outside [0, ", N, ")");
+    dsv3::moe_permute_plan(p.host, host_chosen.data(), T, K, N);
+    p.slot.upload(p.host.slot);
+    p.token_of.upload(p.host.token_of);
+}
+namespace detail {
+__global__ void moe_permute_forward_kernel(float* xe, const float* x, const int32_t* token_of, int d) {
+    const int64_t r = blockIdx.x;
+    const float* src = x + int64_t(token_of[r]) * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) xe[r * d + i] = src[i];
+}
+__global__ void moe_permute_backward_kernel(float* dx, const float* dxe, const int32_t* slot, int K, int d) {
+    const int64_t t = blockIdx.x;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float acc = dx[t * d + i];
+        for (int k = 0; k < K; ++k) acc += dxe[int64_t(slot[t * K + k]) * d + i];   // k in order, like the CPU
+        dx[t * d + i] = acc;
+    }
+}
+__global__ void moe_unpermute_forward_kernel(float* y, const float* ye, const float* gates, const int32_t* slot,
+                                             int K, int d) {
+    const int64_t t = blockIdx.x;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float acc = y[t * d + i];
+        for (int k = 0; k < K; ++k) acc += gates[t * K + k] * ye[int64_t(slot[t * K + k]) * d + i];
+        y[t * d + i] = acc;
+    }
+}
+// One warp per (t, k): dye[slot] = g·dy[t] and dgates[t,k] += dy[t]·ye[slot] (warp-reduced).
+__global__ void moe_unpermute_backward_kernel(float* dye, float* dgates, const float* dy, const float* ye,
+                                              const float* gates, const int32_t* slot, int T, int K, int d) {
+    const int64_t pair = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (pair >= int64_t(T) * K) return;   // whole warps leave together
+    const int64_t t = pair / K, row = slot[pair];
+    const float g = gates[pair];
+    float dot = 0.0f;
+    for (int i = lane; i < d; i += 32) {
+        dye[row * d + i] = g * dy[t * d + i];
+        dot += dy[t * d + i] * ye[row * d + i];
+    }
+    dot = warp_sum(dot);
+    if (lane == 0) dgates[pair] += dot;
+}
+}  // namespace detail
+
+// xe[row] = x[token_of[row]]        x: [T, d], xe: [T·K, d]
+inline void moe_permute_forward(float* xe, const float* x, const MoePermutation& p, int d) {
+    const int64_t rows = int64_t(p.token_of.size());
+    if (rows == 0 || d <= 0) return;
+    detail::moe_permute_forward_kernel<<<unsigned(rows), 128>>>(xe, x, p.token_of.data(), d);
+    DSV3_CUDA_CHECK_LAUNCH();
+}
+// dx[t] += Σ_k dxe[slot[t,k]]
+inline void moe_permute_backward(float* dx, const float* dxe, const MoePermutation& p, int T, int K, int d) {
+    if (T <= 0 || K <= 0 || d <= 0) return;
+    detail::moe_permute_backward_kernel<<<T, 128>>>(dx, dxe, p.slot.data(), K, d);
+    DSV3_CUDA_CHECK_LAUNCH();
+}
+// y[t] += Σ_k gates[t,k] · ye[slot[t,k]]      ye: [T·K, d]; y: [T, d]; gates: [T, K]
+inline void moe_unpermute_forward(float* y, const float* ye, const float* gates, const MoePermutation& p, int T, int K,
+                                  int d) {
+    if (T <= 0 || K <= 0 || d <= 0) return;
+    detail::moe_unpermute_forward_kernel<<<T, 128>>>(y, ye, gates, p.slot.data(), K, d);
+    DSV3_CUDA_CHECK_LAUNCH();
+}
+// dye[slot] = gates · dy[t];  dgates[t,k] += dy[t] · ye[slot]
+inline void moe_unpermute_backward(float* dye, float* dgates, const float* dy, const float* ye, const float* gates,
+                                   const MoePermutation& p, int T, int K, int d) {
+    if (T <= 0 || K <= 0 || d <= 0) return;
+    const int64_t threads = int64_t(T) * K * 32;
+    detail::moe_unpermute_backward_kernel<<<grid_for(threads, 256), 256>>>(dye, dgates, dy, ye, gates, p.slot.data(),
+                                                                           T, K, d);
+    DSV3_CUDA_CHECK_LAUNCH();
+}
+
+// =====================================================================================================================
+// 3.11 AdamW (Loshchilov & Hutter 2019): the CPU's formula element by element; bias corrections computed on the host
+// =====================================================================================================================
+namespace detail {
+__global__ void adamw_kernel(float* p, const float* g, float* m, float* v, int64_t n, float lr, float beta1,
+                             float beta2, float eps, float weight_decay, float c1, float c2) {
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+        const float mi = beta1 * m[i] + (1 - beta1) * g[i];
+        const float vi = beta2 * v[i] + (1 - beta2) * g[i] * g[i];
+        m[i] = mi;
+        v[i] = vi;
+        p[i] -= lr * (mi * c1 / (sqrtf(vi * c2) + eps) + weight_decay * p[i]);
+    }
+}
+}  // namespace detail
+inline void adamw_update(float* p, const float* g, float* m, float* v, int64_t n, float lr, float beta1, float beta2,
+                         float eps, float weight_decay, int step) {
+    if (n <= 0) return;
+    const float c1 = 1.0f / (1.0f - std::pow(beta1, float(step))), c2 = 1.0f / (1.0f - std::pow(beta2, float(step)));
+    detail::adamw_kernel<<<std::min(grid_for(n, 256), 8192), 256>>>(p, g, m, v, n, lr, beta1, beta2, eps,
+                                                                    weight_decay, c1, c2);
+    DSV3_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace cuda
+}  // namespace dsv3
+
+#include "fp8.cuh"
+#include "mla_decode.cuh"

@@ -1,0 +1,533 @@
+// cuda/test_cuda.cu — every CUDA kernel against the header's CPU kernel, on fresh random inputs (doctest).
+//     make cuda && ./build/test_cuda            (needs a GPU; `make test-cuda` does both)
+//
+// Method (device/METHOD.md): inputs are drawn fresh from a seeded RNG for every check, outputs are poisoned (NaN
+// bytes) before the GPU writes them so an unwritten element fails the check, and results are compared by the relative
+// Frobenius error ‖gpu − cpu‖ / ‖cpu‖ (NaN never passes). Bounds, and why:
+//   - float32 kernels (norms, RoPE, attention, softmax, router, AdamW, MoE): both sides round in float32 but in
+//     different orders (trees vs chains, FMA contraction); their differences stay at a few ulps of the largest
+//     terms, ≈1e-6 relative. Bound: 1e-5 (2e-5 for the long chains of attention backward).
+//   - matmul (BF16 inputs, FP32 accumulation) against the CPU's float32 GEMM: each input rounded to 8 significant bits
+//     (unit roundoff 2^-9), so each product is off by ≲ 2·2^-9 relative with random signs; on random data the error
+//     of a sum is ≈ 2^-9·√2 ≈ 3e-3 relative. METHOD.md: "bf16 operands between 1e-3 and 1e-2". Bound: 1e-2. And
+//     against a double-precision reference on the BF16-ROUNDED inputs, only the FP32 accumulation differs: 1e-5.
+//   - FP8 quantization and the FP8 GEMM: bit for bit (0 mismatching outputs), the point of the design.
+//   - integer outputs (router choices, permutations), embedding: exact.
+#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
+#include <doctest/doctest.h>
+
+#include "kernels.cuh"
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+namespace cu = dsv3::cuda;
+using dsv3::Rng;
+
+std::vector<float> normal(Rng& rng, size_t n, float sd = 1.0f) {
+    std::vector<float> v(n);
+    for (auto& x : v) x = float(rng.normal()) * sd;
+    return v;
+}
+template <class T>
+cu::DeviceBuffer<T> dev(const std::vector<T>& h) { return cu::DeviceBuffer<T>(h); }
+template <class T>
+cu::DeviceBuffer<T> poisoned(size_t n) {   // NaN for floats (all bits set), 0xFF.. for integers
+    cu::DeviceBuffer<T> b(n);
+    b.fill_bytes(0xFF);
+    return b;
+}
+template <class T>
+std::vector<T> host(const cu::DeviceBuffer<T>& b) {
+    DSV3_CUDA_CHECK(cudaDeviceSynchronize());
+    return b.download();
+}
+// ‖a − b‖ / ‖b‖ in double; infinity if a holds a NaN or inf (unwritten or broken output).
+double rel_err(const std::vector<float>& a, const std::vector<float>& b) {
+    REQUIRE(a.size() == b.size());
+    double num = 0, den = 0;
+    for (size_t i = 0; i < a.size(); ++i) {
+        if (!std::isfinite(a[i])) return INFINITY;
+        num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
+        den += double(b[i]) * b[i];
+    }
+    return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+#define CHECK_REL(gpu, cpu, bound)                                                    \
+    do {                                                                              \
+        const double e_ = rel_err(gpu, cpu);                                          \
+        INFO(#gpu " vs " #cpu ": relative error " << e_ << " (bound " << bound << ")"); \
+        CHECK(e_ <= bound);                                                           \
+    } while (0)
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------------------------
+TEST_CASE("matmul: forward and backward, BF16 inputs with FP32 accumulation") {
+    Rng rng(101);
+    struct Shape { int T, in, out; };
+    for (Shape s : {Shape{67, 129, 70}, Shape{256, 512, 384}, Shape{5, 64, 200}}) {
+        CAPTURE(s.T); CAPTURE(s.in); CAPTURE(s.out);
+        auto x = normal(rng, size_t(s.T) * s.in), W = normal(rng, size_t(s.out) * s.in, 0.05f);
+        auto dy = normal(rng, size_t(s.T) * s.out), dx0 = normal(rng, size_t(s.T) * s.in),
+             dW0 = normal(rng, size_t(s.out) * s.in);
+        // CPU: float32 GEMM, and a double reference on BF16-rounded inputs (what the tensor cores multiply).
+        std::vector<float> y(size_t(s.T) * s.out), dx = dx0, dW = dW0;
+        dsv3::matmul_forward(y.data(), x.data(), W.data(), s.T, s.in, s.out);
+        dsv3::matmul_backward(dx.data(), dW.data(), dy.data(), x.data(), W.data(), s.T, s.in, s.out);
+        auto round = [](std::vector<float> v) { for (auto& e : v) e = dsv3::bf16_round(e); return v; };
+        const auto xb = round(x), Wb = round(W), dyb = round(dy);
+        std::vector<float> yb(y.size()), dxb = dx0, dWb = dW0;
+        dsv3::matmul_forward_reference(yb.data(), xb.data(), Wb.data(), s.T, s.in, s.out);
+        dsv3::matmul_backward_reference(dxb.data(), dWb.data(), dyb.data(), xb.data(), Wb.data(), s.T, s.in, s.out);
+
+        auto dx_d = dev(x), dW_d = dev(W), ddy = dev(dy), ddx = dev(dx0), ddW = dev(dW0);
+        auto dyo = poisoned<float>(y.size());
+        cu::matmul_forward(dyo.data(), dx_d.data(), dW_d.data(), s.T, s.in, s.out);
+        cu::matmul_backward(ddx.data(), ddW.data(), ddy.data(), dx_d.data(), dW_d.data(), s.T, s.in, s.out);
+        const auto gy = host(dyo), gdx = host(ddx), gdW = host(ddW);
+        CHECK_REL(gy, y, 1e-2);
+        CHECK_REL(gdx, dx, 1e-2);
+        CHECK_REL(gdW, dW, 1e-2);
+        CHECK_REL(gy, yb, 1e-5);
+        CHECK_REL(gdx, dxb, 1e-5);
+        CHECK_REL(gdW, dWb, 1e-5);
+        // Deterministic: the same call gives the same bits.
+        auto dyo2 = poisoned<float>(y.size());
+        cu::matmul_forward(dyo2.data(), dx_d.data(), dW_d.data(), s.T, s.in, s.out);
+        const auto gy2 = host(dyo2);
+        CHECK(std::memcmp(gy.data(), gy2.data(), gy.size() * sizeof(float)) == 0);
+    }
+}
+
+TEST_CASE("rmsnorm: forward and backward") {
+    Rng rng(102);
+    const int T = 37, d = 300;
+    auto x = normal(rng, size_t(T) * d), g = normal(rng, d), dy = normal(rng, size_t(T) * d);
+    auto dx0 = normal(rng, size_t(T) * d), dg0 = normal(rng, d);
+    std::vector<float> y(size_t(T) * d), rstd(T), dx = dx0, dg = dg0;
+    dsv3::rmsnorm_forward(y.data(), rstd.data(), x.data(), g.data(), T, d, 1e-6f);
+    dsv3::rmsnorm_backward(dx.data(), dg.data(), dy.data(), x.data(), g.data(), rstd.data(), T, d);
+    auto xd = dev(x), gd = dev(g), dyd = dev(dy), dxd = dev(dx0), dgd = dev(dg0);
+    auto yd = poisoned<float>(y.size()), rd = poisoned<float>(T);
+    cu::rmsnorm_forward(yd.data(), rd.data(), xd.data(), gd.data(), T, d, 1e-6f);
+    cu::rmsnorm_backward(dxd.data(), dgd.data(), dyd.data(), xd.data(), gd.data(), rd.data(), T, d);
+    CHECK_REL(host(yd), y, 1e-5);
+    CHECK_REL(host(rd), rstd, 1e-5);
+    CHECK_REL(host(dxd), dx, 1e-5);
+    CHECK_REL(host(dgd), dg, 1e-5);
+}
+
+TEST_CASE("rope: forward and backward with a YaRN table, query layout (heads, offset) and key layout") {
+    Rng rng(103);
+    dsv3::Config c = dsv3::Config::tiny();
+    c.rope_factor = 40.0f; c.original_seq_len = 64; c.mscale = 0.707f;   // YaRN active
+    const auto table = dsv3::make_rope_table(c, 128);
+    const int Bs = 3, T = 50, H = 4, dh = c.qk_nope_head_dim, dr = c.qk_rope_head_dim, dqk = dh + dr, n = Bs * T;
+    for (int pos0 : {0, 20}) {
+        auto q = normal(rng, size_t(n) * H * dqk), dq = normal(rng, size_t(n) * H * dqk);
+        auto qc = q, dqc = dq;
+        dsv3::rope_forward(qc.data(), n, H * dqk, dh, H, dqk, pos0, T, table);
+        dsv3::rope_backward(dqc.data(), n, H * dqk, dh, H, dqk, pos0, T, table);
+        auto qd = dev(q), dqd = dev(dq);
+        cu::rope_forward(qd.data(), n, H * dqk, dh, H, dqk, pos0, T, table);
+        cu::rope_backward(dqd.data(), n, H * dqk, dh, H, dqk, pos0, T, table);
+        CHECK_REL(host(qd), qc, 1e-6);
+        CHECK_REL(host(dqd), dqc, 1e-6);
+        auto k = normal(rng, size_t(n) * dr), kc = k;   // the shared key: one vector per row
+        dsv3::rope_forward(kc.data(), n, dr, 0, 1, dr, pos0, T, table);
+        auto kd = dev(k);
+        cu::rope_forward(kd.data(), n, dr, 0, 1, dr, pos0, T, table);
+        CHECK_REL(host(kd), kc, 1e-6);
+    }
+}
+
+TEST_CASE("rope: the device table follows a new table built into the same object") {
+    Rng rng(115);
+    dsv3::Config c = dsv3::Config::tiny();
+    dsv3::RopeTable table = dsv3::make_rope_table(c, 64);
+    const int T = 10, dr = c.qk_rope_head_dim;
+    auto k = normal(rng, size_t(T) * dr);
+    auto kd = dev(k);
+    cu::rope_forward(kd.data(), T, dr, 0, 1, dr, 0, T, table);   // uploads the first table
+    c.rope_theta = 500.0f;
+    table = dsv3::make_rope_table(c, 64);                          // same object, new contents
+    auto kc = k;
+    dsv3::rope_forward(kc.data(), T, dr, 0, 1, dr, 0, T, table);
+    auto kd2 = dev(k);
+    cu::rope_forward(kd2.data(), T, dr, 0, 1, dr, 0, T, table);
+    CHECK_REL(host(kd2), kc, 1e-6);
+}
+
+TEST_CASE("attention: causal forward and backward") {
+    Rng rng(104);
+    struct Shape { int B, T, H, dqk, dv; };
+    for (Shape s : {Shape{2, 37, 3, 24, 16}, Shape{1, 130, 2, 96, 64}}) {
+        CAPTURE(s.T);
+        const size_t nq = size_t(s.B) * s.T * s.H * s.dqk, nv = size_t(s.B) * s.T * s.H * s.dv;
+        const float scale = 1.0f / std::sqrt(float(s.dqk));
+        auto q = normal(rng, nq), k = normal(rng, nq), v = normal(rng, nv), dout = normal(rng, nv);
+        auto dq0 = normal(rng, nq), dk0 = normal(rng, nq), dv0 = normal(rng, nv);
+        std::vector<float> out(nv), probs(size_t(s.B) * s.H * s.T * s.T), dq = dq0, dk = dk0, dvv = dv0;
+        dsv3::attention_forward(out.data(), probs.data(), q.data(), k.data(), v.data(), s.B, s.T, s.H, s.dqk, s.dv, scale);
+        dsv3::attention_backward(dq.data(), dk.data(), dvv.data(), dout.data(), probs.data(), q.data(), k.data(),
+                                 v.data(), s.B, s.T, s.H, s.dqk, s.dv, scale);
+        auto qd = dev(q), kd = dev(k), vd = dev(v), doutd = dev(dout), dqd = dev(dq0), dkd = dev(dk0), dvd = dev(dv0);
+        auto outd = poisoned<float>(nv), pd = poisoned<float>(probs.size());
+        cu::attention_forward(outd.data(), pd.data(), qd.data(), kd.data(), vd.data(), s.B, s.T, s.H, s.dqk, s.dv, scale);
+        cu::attention_backward(dqd.data(), dkd.data(), dvd.data(), doutd.data(), pd.data(), qd.data(), kd.data(),
+                               vd.data(), s.B, s.T, s.H, s.dqk, s.dv, scale);
+        CHECK_REL(host(outd), out, 1e-5);
+        CHECK_REL(host(pd), probs, 1e-5);
+        CHECK_REL(host(dqd), dq, 2e-5);
+        CHECK_REL(host(dkd), dk, 2e-5);
+        CHECK_REL(host(dvd), dvv, 2e-5);
+    }
+}
+
+TEST_CASE("swiglu: forward and backward") {
+    Rng rng(105);
+    const int64_t n = 10007;
+    auto gate = normal(rng, n, 3.0f), up = normal(rng, n), dh = normal(rng, n), dg0 = normal(rng, n), du0 = normal(rng, n);
+    std::vector<float> h(n), dg = dg0, du = du0;
+    dsv3::swiglu_forward(h.data(), gate.data(), up.data(), n);
+    dsv3::swiglu_backward(dg.data(), du.data(), dh.data(), gate.data(), up.data(), n);
+    auto gd = dev(gate), ud = dev(up), dhd = dev(dh), dgd = dev(dg0), dud = dev(du0);
+    auto hd = poisoned<float>(n);
+    cu::swiglu_forward(hd.data(), gd.data(), ud.data(), n);
+    cu::swiglu_backward(dgd.data(), dud.data(), dhd.data(), gd.data(), ud.data(), n);
+    CHECK_REL(host(hd), h, 1e-6);
+    CHECK_REL(host(dgd), dg, 1e-6);
+    CHECK_REL(host(dud), du, 1e-6);
+}
+
+TEST_CASE("embedding: forward and backward (exact), bad ids rejected") {
+    Rng rng(106);
+    const int T = 300, d = 72, vocab = 50;   // many repeated tokens: the backward's collisions matter
+    std::vector<int32_t> tok(T);
+    for (auto& t : tok) t = int32_t(rng.below(vocab));
+    auto E = normal(rng, size_t(vocab) * d), dout = normal(rng, size_t(T) * d), dE0 = normal(rng, size_t(vocab) * d);
+    std::vector<float> out(size_t(T) * d), dE = dE0;
+    dsv3::embedding_forward(out.data(), tok.data(), E.data(), T, d, vocab);
+    dsv3::embedding_backward(dE.data(), dout.data(), tok.data(), T, d);
+    auto tokd = dev(tok);
+    auto Ed = dev(E), doutd = dev(dout), dEd = dev(dE0);
+    auto outd = poisoned<float>(out.size());
+    cu::embedding_forward(outd.data(), tokd.data(), Ed.data(), T, d, vocab);
+    cu::embedding_backward(dEd.data(), doutd.data(), tokd.data(), T, d);
+    CHECK(host(outd) == out);
+    CHECK_REL(host(dEd), dE, 1e-6);   // same order of additions; FMA-free, so in practice exact
+    tok[123] = vocab;
+    auto bad = dev(tok);
+    CHECK_THROWS_AS(cu::embedding_forward(outd.data(), bad.data(), Ed.data(), T, d, vocab), dsv3::Error);
+}
+
+TEST_CASE("cross_entropy: forward and backward with ignored rows") {
+    Rng rng(107);
+    const int T = 45, V = 1000;
+    auto logits = normal(rng, size_t(T) * V, 2.0f), dl0 = normal(rng, size_t(T) * V, 0.01f);
+    std::vector<int32_t> tg(T);
+    for (auto& t : tg) t = int32_t(rng.below(V));
+    tg[3] = tg[17] = dsv3::kIgnore;
+    std::vector<float> dl = dl0;
+    const double loss = dsv3::cross_entropy_forward(logits.data(), tg.data(), T, V);
+    dsv3::cross_entropy_backward(dl.data(), logits.data(), tg.data(), T, V, 1.5f);
+    auto tgd = dev(tg);
+    auto ld = dev(logits), dld = dev(dl0);
+    const double gloss = cu::cross_entropy_forward(ld.data(), tgd.data(), T, V);
+    cu::cross_entropy_backward(dld.data(), ld.data(), tgd.data(), T, V, 1.5f);
+    CHECK(std::fabs(gloss - loss) <= 1e-6 * std::fabs(loss));
+    CHECK_REL(host(dld), dl, 1e-5);
+    tg[5] = V;
+    auto bad = dev(tg);
+    CHECK_THROWS_AS(cu::cross_entropy_forward(ld.data(), bad.data(), T, V), dsv3::Error);
+}
+
+TEST_CASE("router: scores, group-limited top-k selection (exact), gates") {
+    Rng rng(108);
+    dsv3::Config small = dsv3::Config::small(), v3 = dsv3::Config::v3_671b(), lite = dsv3::Config::v2_lite();
+    for (const dsv3::Config* c : {&small, &v3, &lite}) {
+        const int T = 200, N = c->n_routed_experts, K = c->n_activated_experts;
+        const bool softmax = c->score_func == "softmax";
+        CAPTURE(N); CAPTURE(softmax);
+        auto logits = normal(rng, size_t(T) * N);
+        for (size_t i = 0; i < logits.size(); i += 7) logits[i] = std::round(logits[i] * 2) / 2;   // some ties
+        std::vector<float> scores(size_t(T) * N);
+        dsv3::router_scores_forward(scores.data(), logits.data(), T, N, softmax);
+        auto ld = dev(logits);
+        auto sd = poisoned<float>(scores.size());
+        cu::router_scores_forward(sd.data(), ld.data(), T, N, softmax);
+        CHECK_REL(host(sd), scores, 1e-6);
+        // Selection on identical inputs must be identical (integers): feed the CPU's scores to both.
+        std::vector<float> bias(N);
+        for (auto& b : bias) b = float(rng.below(3)) * 0.01f;   // a coarse bias keeps ties among biased scores
+        std::vector<int32_t> chosen(size_t(T) * K);
+        dsv3::router_select(chosen.data(), scores.data(), bias.data(), T, *c);
+        auto scd = dev(scores), bd = dev(bias);
+        auto chd = poisoned<int32_t>(chosen.size());
+        cu::router_select(chd.data(), scd.data(), bd.data(), T, *c);
+        CHECK(host(chd) == chosen);
+        auto chd2 = poisoned<int32_t>(chosen.size());
+        cu::router_select(chd2.data(), scd.data(), nullptr, T, *c);
+        std::vector<int32_t> chosen2(chosen.size());
+        dsv3::router_select(chosen2.data(), scores.data(), nullptr, T, *c);
+        CHECK(host(chd2) == chosen2);
+        // Gates and the backward passes.
+        std::vector<float> gates(size_t(T) * K);
+        dsv3::router_gates_forward(gates.data(), scores.data(), chosen.data(), T, *c);
+        auto chdev = dev(chosen);
+        auto gd = poisoned<float>(gates.size());
+        cu::router_gates_forward(gd.data(), scd.data(), chdev.data(), T, *c);
+        CHECK_REL(host(gd), gates, 1e-6);
+        auto dgates = normal(rng, gates.size()), ds0 = normal(rng, scores.size()), dz0 = normal(rng, scores.size());
+        std::vector<float> ds = ds0, dz = dz0;
+        dsv3::router_gates_backward(ds.data(), dgates.data(), scores.data(), chosen.data(), T, *c);
+        dsv3::router_scores_backward(dz.data(), ds.data(), scores.data(), T, N, softmax);
+        auto dgd = dev(dgates), dsd = dev(ds0), dzd = dev(dz0);
+        cu::router_gates_backward(dsd.data(), dgd.data(), scd.data(), chdev.data(), T, *c);
+        CHECK_REL(host(dsd), ds, 1e-6);
+        auto dsd_cpu = dev(ds);   // scores backward on the same upstream gradient as the CPU's
+        cu::router_scores_backward(dzd.data(), dsd_cpu.data(), scd.data(), T, N, softmax);
+        CHECK_REL(host(dzd), dz, 1e-6);
+    }
+}
+
+TEST_CASE("moe: permutation plan, permute and unpermute forward and backward") {
+    Rng rng(109);
+    const int T = 77, K = 4, N = 16, d = 40;
+    std::vector<int32_t> chosen(size_t(T) * K);
+    for (int t = 0; t < T; ++t)   // K distinct experts per token, skewed towards the low ids
+        for (int k = 0; k < K; ++k) {
+            int e;
+            bool dup;
+            do {
+                e = int(rng.below(N) * rng.below(N) / N);
+                dup = false;
+                for (int j = 0; j < k; ++j) dup |= chosen[size_t(t) * K + j] == e;
+            } while (dup);
+            chosen[size_t(t) * K + k] = e;
+        }
+    dsv3::MoePermutation p;
+    dsv3::moe_permute_plan(p, chosen.data(), T, K, N);
+    auto chd = dev(chosen);
+    cu::MoePermutation gp;
+    cu::moe_permute_plan(gp, chd.data(), T, K, N);
+    CHECK(host(gp.slot) == p.slot);
+    CHECK(host(gp.token_of) == p.token_of);
+    CHECK(gp.host.offsets == p.offsets);
+
+    auto x = normal(rng, size_t(T) * d), gates = normal(rng, size_t(T) * K), ye = normal(rng, size_t(T) * K * d);
+    auto dxe = normal(rng, size_t(T) * K * d), dy = normal(rng, size_t(T) * d), dx0 = normal(rng, size_t(T) * d);
+    auto y0 = normal(rng, size_t(T) * d), dg0 = normal(rng, size_t(T) * K);
+    std::vector<float> xe(size_t(T) * K * d), dx = dx0, y = y0, dye(size_t(T) * K * d), dg = dg0;
+    dsv3::moe_permute_forward(xe.data(), x.data(), p, d);
+    dsv3::moe_permute_backward(dx.data(), dxe.data(), p, T, K, d);
+    dsv3::moe_unpermute_forward(y.data(), ye.data(), gates.data(), p, T, K, d);
+    dsv3::moe_unpermute_backward(dye.data(), dg.data(), dy.data(), ye.data(), gates.data(), p, T, K, d);
+    auto xd = dev(x), gatesd = dev(gates), yed = dev(ye), dxed = dev(dxe), dyd = dev(dy), dxd = dev(dx0), yd = dev(y0),
+         dgd = dev(dg0);
+    auto xed = poisoned<float>(xe.size()), dyed = poisoned<float>(dye.size());
+    cu::moe_permute_forward(xed.data(), xd.data(), gp, d);
+    cu::moe_permute_backward(dxd.data(), dxed.data(), gp, T, K, d);
+    cu::moe_unpermute_forward(yd.data(), yed.data(), gatesd.data(), gp, T, K, d);
+    cu::moe_unpermute_backward(dyed.data(), dgd.data(), dyd.data(), yed.data(), gatesd.data(), gp, T, K, d);
+    CHECK(host(xed) == xe);
+    CHECK_REL(host(dxd), dx, 1e-6);
+    CHECK_REL(host(yd), y, 1e-6);
+    CHECK_REL(host(dyed), dye, 1e-6);
+    CHECK_REL(host(dgd), dg, 1e-5);
+}
+
+TEST_CASE("adamw: one update") {
+    Rng rng(110);
+    const int64_t n = 100003;
+    auto p = normal(rng, n), g = normal(rng, n), m = normal(rng, n, 0.1f), v = normal(rng, n, 0.1f);
+    for (auto& e : v) e = e * e;
+    auto pc = p, mc = m, vc = v;
+    dsv3::adamw_update(pc.data(), g.data(), mc.data(), vc.data(), n, 3e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, 7);
+    auto pd = dev(p), gd = dev(g), md = dev(m), vd = dev(v);
+    cu::adamw_update(pd.data(), gd.data(), md.data(), vd.data(), n, 3e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, 7);
+    CHECK_REL(host(pd), pc, 1e-6);
+    CHECK_REL(host(md), mc, 1e-6);
+    CHECK_REL(host(vd), vc, 1e-6);
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// FP8
+TEST_CASE("fp8 quantization: 1x128 tiles, 128x128 blocks, 128x1 transposed tiles, bit for bit") {
+    Rng rng(111);
+    struct Shape { int rows, cols; };
+    for (Shape s : {Shape{3, 128}, Shape{37, 300}, Shape{260, 130}}) {
+        for (bool pow2 : {false, true}) {
+            CAPTURE(s.rows); CAPTURE(s.cols); CAPTURE(pow2);
+            auto x = normal(rng, size_t(s.rows) * s.cols);
+            for (size_t i = 0; i < x.size(); i += 97) x[i] *= 300.0f;          // outliers
+            for (int c = 0; c < std::min(s.cols, 128); ++c) x[size_t(c)] = 0.0f;   // an all-zero tile: scale 1
+            for (size_t i = 5; i < x.size(); i += 1001) x[i] = 1e-30f;         // tiny values: subnormal codes / zero
+            const int kt = dsv3::fp8_tiles(s.cols), rt = dsv3::fp8_tiles(s.rows);
+            std::vector<uint8_t> q(x.size()), qb(x.size()), qt(x.size());
+            std::vector<float> sc(size_t(s.rows) * kt), scb(size_t(rt) * kt), sct(size_t(s.cols) * rt);
+            dsv3::quantize_tiles_1x128(x.data(), s.rows, s.cols, q.data(), sc.data(), pow2);
+            dsv3::quantize_blocks_128x128(x.data(), s.rows, s.cols, qb.data(), scb.data(), pow2);
+            dsv3::quantize_tiles_128x1_transposed(x.data(), s.rows, s.cols, qt.data(), sct.data(), pow2);
+            auto xd = dev(x);
+            auto qd = poisoned<uint8_t>(q.size()), qbd = poisoned<uint8_t>(q.size()), qtd = poisoned<uint8_t>(q.size());
+            auto scd = poisoned<float>(sc.size()), scbd = poisoned<float>(scb.size()), sctd = poisoned<float>(sct.size());
+            cu::quantize_tiles_1x128(xd.data(), s.rows, s.cols, qd.data(), scd.data(), pow2);
+            cu::quantize_blocks_128x128(xd.data(), s.rows, s.cols, qbd.data(), scbd.data(), pow2);
+            cu::quantize_tiles_128x1_transposed(xd.data(), s.rows, s.cols, qtd.data(), sctd.data(), pow2);
+            CHECK(host(qd) == q);
+            CHECK(host(scd) == sc);
+            CHECK(host(qbd) == qb);
+            CHECK(host(scbd) == scb);
+            CHECK(host(qtd) == qt);
+            CHECK(host(sctd) == sct);
+        }
+    }
+}
+
+namespace {
+// Counts outputs whose bits differ (NaN compares by bits too).
+size_t bit_mismatches(const std::vector<float>& a, const std::vector<float>& b) {
+    REQUIRE(a.size() == b.size());
+    size_t n = 0;
+    for (size_t i = 0; i < a.size(); ++i) n += std::memcmp(&a[i], &b[i], 4) != 0;
+    return n;
+}
+std::vector<uint8_t> random_codes(Rng& rng, size_t n) {   // every finite E4M3 code, zeros included
+    std::vector<uint8_t> c(n);
+    for (auto& x : c) {
+        x = uint8_t(rng.below(256));
+        if ((x & 0x7F) == 0x7F) x = 0;
+    }
+    return c;
+}
+}  // namespace
+
+TEST_CASE("fp8_gemm: bit for bit dsv3::fp8_gemm (tensor cores and emulation), block scales, ragged shapes") {
+    Rng rng(112);
+    INFO("fast wgmma path available: " << cu::fp8_gemm_fast_available());
+    struct Shape { int M, N, K; bool quantized; };
+    for (Shape s : {Shape{128, 128, 128, true}, Shape{64, 96, 96, false}, Shape{200, 300, 520, true},
+                    Shape{257, 130, 1040, true}, Shape{300, 200, 200, false}, Shape{129, 385, 4096, true},
+                    Shape{512, 384, 2048, false}, Shape{1, 1, 1, true}}) {
+        CAPTURE(s.M); CAPTURE(s.N); CAPTURE(s.K); CAPTURE(s.quantized);
+        const int kt = dsv3::fp8_tiles(s.K);
+        std::vector<uint8_t> A, B;
+        std::vector<float> sa, sb;
+        if (s.quantized) {   // V3's recipe: Gaussian activations in 1x128 tiles, weights in 128x128 blocks
+            auto x = normal(rng, size_t(s.M) * s.K), w = normal(rng, size_t(s.N) * s.K, 0.02f);
+            for (int i = 0; i < s.M; ++i)   // rows of very different magnitudes: the scales differ
+                for (int k = 0; k < s.K; ++k) x[size_t(i) * s.K + k] *= float(1 + i % 7) * (k >= 128 ? 3.0f : 1.0f);
+            A.resize(x.size()); B.resize(w.size());
+            sa.resize(size_t(s.M) * kt); sb.resize(size_t(dsv3::fp8_tiles(s.N)) * kt);
+            dsv3::quantize_tiles_1x128(x.data(), s.M, s.K, A.data(), sa.data());
+            dsv3::quantize_blocks_128x128(w.data(), s.N, s.K, B.data(), sb.data());
+        } else {             // raw codes of every magnitude, unit scales (null)
+            A = random_codes(rng, size_t(s.M) * s.K);
+            B = random_codes(rng, size_t(s.N) * s.K);
+        }
+        std::vector<float> C(size_t(s.M) * s.N);
+        dsv3::fp8_gemm(A.data(), sa.empty() ? nullptr : sa.data(), B.data(), sb.empty() ? nullptr : sb.data(),
+                       C.data(), s.M, s.N, s.K);
+        auto Ad = dev(A), Bd = dev(B);
+        cu::DeviceBuffer<float> sad, sbd;
+        if (!sa.empty()) { sad.upload(sa); sbd.upload(sb); }
+        const float* sap = sa.empty() ? nullptr : sad.data();
+        const float* sbp = sa.empty() ? nullptr : sbd.data();
+        auto Cd = poisoned<float>(C.size()), Ce = poisoned<float>(C.size());
+        cu::fp8_gemm(Ad.data(), sap, Bd.data(), sbp, Cd.data(), s.M, s.N, s.K);
+        cu::fp8_gemm_emulated(Ad.data(), sap, Bd.data(), sbp, Ce.data(), s.M, s.N, s.K);
+        const auto gc = host(Cd), ge = host(Ce);
+        CHECK(bit_mismatches(ge, C) == 0);
+        CHECK(bit_mismatches(gc, C) == 0);
+        if (cu::fp8_gemm_fast_available())   // every variant of the fast kernel
+            for (int variant = 0; variant < cu::detail::kFp8GemmVariants; ++variant) {
+                CAPTURE(variant);
+                auto C2 = poisoned<float>(C.size());
+                cu::fp8_gemm(Ad.data(), sap, Bd.data(), sbp, C2.data(), s.M, s.N, s.K, {}, variant);
+                CHECK(bit_mismatches(host(C2), C) == 0);
+            }
+    }
+    CHECK_THROWS_AS(cu::fp8_gemm(nullptr, nullptr, nullptr, nullptr, nullptr, 1, 1, 1, dsv3::Fp8Accum{32, 13, 0, false}),
+                    dsv3::Error);
+}
+
+TEST_CASE("fp8_matmul: V3's FP8 linear layer (Fprop, Dgrad, Wgrad), bit for bit the header's") {
+    Rng rng(114);
+    struct Shape { int T, in, out; };
+    for (Shape s : {Shape{37, 128, 64}, Shape{200, 300, 260}, Shape{256, 512, 384}}) {
+        CAPTURE(s.T); CAPTURE(s.in); CAPTURE(s.out);
+        auto x = normal(rng, size_t(s.T) * s.in), W = normal(rng, size_t(s.out) * s.in, 0.05f);
+        auto dy = normal(rng, size_t(s.T) * s.out), dx0 = normal(rng, size_t(s.T) * s.in),
+             dW0 = normal(rng, size_t(s.out) * s.in);
+        std::vector<float> y(size_t(s.T) * s.out), dx = dx0, dW = dW0;
+        dsv3::fp8_matmul_forward(y.data(), x.data(), W.data(), s.T, s.in, s.out);
+        dsv3::fp8_matmul_backward(dx.data(), dW.data(), dy.data(), x.data(), W.data(), s.T, s.in, s.out);
+        auto xd = dev(x), Wd = dev(W), dyd = dev(dy), dxd = dev(dx0), dWd = dev(dW0);
+        auto yd = poisoned<float>(y.size());
+        cu::fp8_matmul_forward(yd.data(), xd.data(), Wd.data(), s.T, s.in, s.out);
+        cu::fp8_matmul_backward(dxd.data(), dWd.data(), dyd.data(), xd.data(), Wd.data(), s.T, s.in, s.out);
+        CHECK(bit_mismatches(host(yd), y) == 0);
+        CHECK(bit_mismatches(host(dxd), dx) == 0);
+        CHECK(bit_mismatches(host(dWd), dW) == 0);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Absorbed MLA decoding: CPU reference (double) defined here.
+namespace {
+// o_latent[b,h] = Σ_t softmax_t(scale·(q_latent[b,h]·c_kv[b,t] + q_rope[b,h]·k_rope[b,t])) c_kv[b,t]
+void mla_decode_absorbed_reference(float* o_latent, const float* q_latent, const float* q_rope, const float* c_kv,
+                                   const float* k_rope, int B, int T, int H, int dc, int dr, float scale) {
+    std::vector<double> s(T);
+    for (int b = 0; b < B; ++b)
+        for (int h = 0; h < H; ++h) {
+            const float* ql = q_latent + (size_t(b) * H + h) * dc;
+            const float* qr = q_rope + (size_t(b) * H + h) * dr;
+            double mx = -INFINITY;
+            for (int t = 0; t < T; ++t) {
+                double dot = 0;
+                for (int i = 0; i < dc; ++i) dot += double(ql[i]) * c_kv[(size_t(b) * T + t) * dc + i];
+                for (int i = 0; i < dr; ++i) dot += double(qr[i]) * k_rope[(size_t(b) * T + t) * dr + i];
+                s[size_t(t)] = dot * scale;
+                mx = std::max(mx, s[size_t(t)]);
+            }
+            double sum = 0;
+            for (int t = 0; t < T; ++t) sum += (s[size_t(t)] = std::exp(s[size_t(t)] - mx));
+            for (int i = 0; i < dc; ++i) {
+                double o = 0;
+                for (int t = 0; t < T; ++t) o += s[size_t(t)] * c_kv[(size_t(b) * T + t) * dc + i];
+                o_latent[(size_t(b) * H + h) * dc + i] = float(o / sum);
+            }
+        }
+}
+}  // namespace
+
+TEST_CASE("mla_decode_absorbed: against a double-precision CPU reference") {
+    Rng rng(113);
+    struct Shape { int B, T, H, dc, dr; };
+    for (Shape s : {Shape{3, 100, 8, 128, 32}, Shape{2, 1000, 16, 512, 64}, Shape{1, 50, 128, 512, 64},
+                    Shape{4, 1, 4, 32, 8}, Shape{1, 5000, 2, 64, 16}}) {
+        CAPTURE(s.B); CAPTURE(s.T); CAPTURE(s.H); CAPTURE(s.dc);
+        const float scale = 1.0f / std::sqrt(float(s.dc));   // large enough scores to make the softmax peaked
+        auto ql = normal(rng, size_t(s.B) * s.H * s.dc), qr = normal(rng, size_t(s.B) * s.H * s.dr);
+        auto ckv = normal(rng, size_t(s.B) * s.T * s.dc), kr = normal(rng, size_t(s.B) * s.T * s.dr);
+        std::vector<float> o(size_t(s.B) * s.H * s.dc);
+        mla_decode_absorbed_reference(o.data(), ql.data(), qr.data(), ckv.data(), kr.data(), s.B, s.T, s.H, s.dc, s.dr,
+                                      scale);
+        auto qld = dev(ql), qrd = dev(qr), ckvd = dev(ckv), krd = dev(kr);
+        for (int version : {1, 2, 3, 4}) {   // plain, register-blocked, tensor cores (3xTF32; 16 or 8 warps)
+            CAPTURE(version);
+            auto od = poisoned<float>(o.size());
+            cu::mla_decode_absorbed(od.data(), qld.data(), qrd.data(), ckvd.data(), krd.data(), s.B, s.T, s.H, s.dc,
+                                    s.dr, scale, version);
+            // float32 dot products of length dc + dr and sums over T (3xTF32: products within ~2^-21 of float32's):
+            // ≈ 1e-6 relative; bound 1e-5.
+            CHECK_REL(host(od), o, 1e-5);
+        }
+    }
+}
