@@ -467,6 +467,29 @@ class Arena {
 };
 
 
+// --- a named view of a tensor ---------------------------------------------------------------------------------------
+// Pointer + shape + name, owning nothing: how a reader looks at any parameter or gradient of the flat buffers by its
+// Hugging Face name, e.g. model.param("model.layers.1.mlp.gate.weight").at(expert, channel).
+struct TensorView {
+    float* data = nullptr;
+    std::vector<int64_t> shape;
+    std::string name;
+    int64_t numel() const {
+        int64_t n = 1;
+        for (int64_t d : shape) n *= d;
+        return n;
+    }
+    float& at(int64_t i) const {
+        if (shape.size() != 1 || i < 0 || i >= shape[0]) fail("tensor ", name, ": index [", i, "] outside its shape");
+        return data[i];
+    }
+    float& at(int64_t i, int64_t j) const {
+        if (shape.size() != 2 || i < 0 || j < 0 || i >= shape[0] || j >= shape[1])
+            fail("tensor ", name, ": index [", i, ", ", j, "] outside its shape");
+        return data[i * shape[1] + j];
+    }
+};
+
 // --- Files: read a whole file; write one atomically -----------------------------------------------------------------
 // The whole file as bytes. The error names the file and the reason.
 inline std::string read_file_bytes(const std::string& path) {
@@ -2343,6 +2366,15 @@ class Model {
     }
     float* P(size_t offset) { return params.data() + offset; }
     float* G(size_t offset) { return grads.data() + offset; }
+    // A parameter or its gradient by Hugging Face name, e.g. param("model.layers.0.self_attn.kv_a_proj_with_mqa.weight").
+    TensorView param(const std::string& name) {
+        const ParamEntry& e = layout.find(name);
+        return {P(e.offset), e.shape, e.name};
+    }
+    TensorView grad(const std::string& name) {
+        const ParamEntry& e = layout.find(name);
+        return {G(e.offset), e.shape, e.name + " (gradient)"};
+    }
 
     // tokens: [B, T+1]: position t of row b reads token t and predicts token t+1.
     Losses forward(const int32_t* tokens, int B, int T, const LossOptions& opt = {});

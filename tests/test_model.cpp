@@ -129,3 +129,17 @@ TEST_CASE("model: FP8 training (V3 recipe) stays close to FP32, keeps the head a
     CHECK(!m8.layout.head.fp8);
     for (Block* b : m8.moe_blocks()) CHECK(!b->moe.router.fp8);
 }
+
+TEST_CASE("model: named views of parameters and gradients by Hugging Face name") {
+    Config c = micro_config();
+    Model m(c, 1);
+    TensorView gate = m.param("model.layers.1.mlp.gate.weight");  // the router of the first MoE layer
+    CHECK(gate.shape == std::vector<int64_t>{c.n_routed_experts, c.dim});
+    CHECK(gate.numel() == int64_t(c.n_routed_experts) * c.dim);
+    gate.at(2, 3) = 0.5f;
+    CHECK(m.params[m.layout.find("model.layers.1.mlp.gate.weight").offset + 2 * size_t(c.dim) + 3] == 0.5f);
+    CHECK(m.param("model.norm.weight").at(0) == 1.0f);  // RMSNorm gains start at 1
+    CHECK_THROWS_WITH_AS(gate.at(c.n_routed_experts, 0), doctest::Contains("outside its shape"), Error);
+    CHECK_THROWS_WITH_AS(m.param("model.no_such.weight"), doctest::Contains("no such tensor"), Error);
+    CHECK(m.grad("lm_head.weight").data == m.grads.data() + m.layout.head.w);
+}
