@@ -530,6 +530,12 @@ inline void write_file_atomic_stream(const std::string& path, const char* what, 
         fail(what, " ", path, ": renaming '", tmp, "' to it failed: ", std::strerror(e));
     }
 }
+// Creates a directory and its missing parents (like mkdir -p); the error names the directory.
+inline void make_directories(const std::string& dir) {
+    std::error_code ec;
+    std::filesystem::create_directories(dir, ec);
+    if (ec) fail("cannot create the directory '", dir, "': ", ec.message());
+}
 inline bool write_bytes(FILE* f, const void* p, size_t n) { return n == 0 || std::fwrite(p, 1, n, f) == n; }
 inline void write_file_atomic(const std::string& path, const void* data, size_t n_bytes) {
     write_file_atomic_stream(path, "file", [&](FILE* f) { return write_bytes(f, data, n_bytes); });
@@ -6830,9 +6836,7 @@ inline std::string mtp_head_copy_name(const Config& c, int k) {
 // F32, as in DeepSeek's files: a bias of 1e-3 steps must not be rounded to BF16's 8 bits).
 inline void save_hf(const std::string& dir, const Model& model, DType dtype = DType::F32) {
     if (dtype != DType::F32 && dtype != DType::BF16) fail("save_hf ", dir, ": dtype must be F32 or BF16, found ", dtype_name(dtype));
-    std::error_code ec;
-    std::filesystem::create_directories(dir, ec);
-    if (ec) fail("save_hf ", dir, ": cannot create the directory: ", ec.message());
+    make_directories(dir);
     if (io_detail::file_exists(io_detail::join_path(dir, "model.safetensors.index.json")))
         fail("save_hf ", dir, ": the directory holds a sharded checkpoint (model.safetensors.index.json); use another one");
     const Config& c = model.cfg;

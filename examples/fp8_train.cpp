@@ -9,7 +9,6 @@
 //   build/fp8_train [--data FILE] [--steps 300] [--batch 16] [--seq 64] [--out runs/fp8]
 #include <cstdio>
 #include <string>
-#include <sys/stat.h>
 
 #include "../deepseek_v3.hpp"
 
@@ -82,7 +81,7 @@ int main(int argc, char** argv) {
                     100 * (v8 - v32) / v32);
         std::printf("time per step: FP32 %.3f s, FP8 %.3f s (the FP8 GEMMs are simulated in integer arithmetic)\n",
                     sec32 / steps, sec8 / steps);
-        mkdir(out.c_str(), 0755);
+        make_directories(out);
         plot_lines(out + "/fp8_loss.png", "tiny model: FP32 vs FP8 training loss", "step", "train loss (nats/byte)", curves);
         plot_lines(out + "/fp8_gap.png", "FP8 vs FP32: relative loss gap", "step", "%", {gap_curve});
         std::printf("wrote %s/fp8_loss.png and %s/fp8_gap.png\n", out.c_str(), out.c_str());

@@ -13,7 +13,6 @@
 #include <fstream>
 #include <iterator>
 #include <string>
-#include <sys/stat.h>
 
 #include "../deepseek_v3.hpp"
 
@@ -154,7 +153,7 @@ int main(int argc, char** argv) {
         std::printf("data: %s\n  %zu train / %zu validation bytes | model %.2fM params (%.2fM activated per token, "
                     "%.2fM in MTP) | batch %d x %d | %d threads\n", source.c_str(), train.size(), val.size(),
                     pc.total / 1e6, pc.activated / 1e6, pc.mtp / 1e6, a.batch, a.seq, thread_count());
-        mkdir(a.out.c_str(), 0755);
+        make_directories(a.out);
         std::vector<int32_t> batch(size_t(a.batch) * (a.seq + 1));
         std::vector<PlotSeries> curves = {{"train", {}, {}}, {"validation", {}, {}}, {"MTP (train, depth 1)", {}, {}}};
         std::vector<std::vector<float>> load_rows;
