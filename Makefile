@@ -87,7 +87,7 @@ NVCCFLAGS  ?= -O3 -std=c++17 $(CUDA_GENCODE) -Xcompiler -fopenmp $(CUDA_INC)
 CUDA_DEPS  := $(HEADER) $(wildcard cuda/*.cuh)
 
 .PHONY: cuda test-cuda
-cuda: $(BUILD)/test_cuda $(BUILD)/bench_cuda
+cuda: $(BUILD)/test_cuda $(BUILD)/bench_cuda $(BUILD)/test_multi_gpu $(BUILD)/bench_multi_gpu
 
 $(BUILD)/test_cuda: cuda/test_cuda.cu $(CUDA_DEPS) | $(BUILD)
 	$(NVCC) $(NVCCFLAGS) $< -o $@ -lcublas
@@ -95,6 +95,14 @@ $(BUILD)/test_cuda: cuda/test_cuda.cu $(CUDA_DEPS) | $(BUILD)
 $(BUILD)/bench_cuda: cuda/bench_cuda.cu $(CUDA_DEPS) | $(BUILD)
 	$(NVCC) $(NVCCFLAGS) $< -o $@ -lcublas
 
-test-cuda: $(BUILD)/test_cuda
+# Multi-GPU communication over peer copies, no NCCL (cuda/comm.cuh): tests and bandwidth on all visible GPUs.
+$(BUILD)/test_multi_gpu: cuda/test_multi_gpu.cu $(CUDA_DEPS) | $(BUILD)
+	$(NVCC) $(NVCCFLAGS) $< -o $@ -lcublas
+
+$(BUILD)/bench_multi_gpu: cuda/bench_multi_gpu.cu $(CUDA_DEPS) | $(BUILD)
+	$(NVCC) $(NVCCFLAGS) $< -o $@ -lcublas
+
+test-cuda: $(BUILD)/test_cuda $(BUILD)/test_multi_gpu
 	./$(BUILD)/test_cuda
+	./$(BUILD)/test_multi_gpu
 # ---- end CUDA ------------------------------------------------------------------------------------------------------
