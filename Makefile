@@ -105,4 +105,13 @@ $(BUILD)/bench_multi_gpu: cuda/bench_multi_gpu.cu $(CUDA_DEPS) | $(BUILD)
 test-cuda: $(BUILD)/test_cuda $(BUILD)/test_multi_gpu
 	./$(BUILD)/test_cuda
 	./$(BUILD)/test_multi_gpu
+
+# The model on the GPU: build/train_cuda is examples/train.cpp compiled with DSV3_BACKEND_CUDA (cuda/train_cuda.cu),
+# the header's Model, train_step and AdamW on the kernels of cuda/, same options (--preset small for the GPU preset).
+# test_cuda's last case runs 20 steps of build/train and build/train_cuda and compares the losses.
+cuda: $(BUILD)/train_cuda
+test-cuda: $(BUILD)/train $(BUILD)/train_cuda
+
+$(BUILD)/train_cuda: cuda/train_cuda.cu examples/train.cpp $(CUDA_DEPS) | $(BUILD)
+	$(NVCC) $(NVCCFLAGS) $< -o $@ -lcublas
 # ---- end CUDA ------------------------------------------------------------------------------------------------------

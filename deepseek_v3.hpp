@@ -24,7 +24,9 @@
 //                                              accumulator, FP8 linear layers [V3 §3.3]
 //    4. Kernels .............................. forward/backward pairs: matmul, RMSNorm, RoPE+YaRN [V3 §2.1.1],
 //                                              causal attention, SwiGLU, embedding, cross-entropy, MoE router and
-//                                              balance losses [V3 §2.1.2], MoE permutation, AdamW
+//                                              balance losses [V3 §2.1.2], MoE permutation, AdamW, the model's
+//                                              plumbing (copies, residual adds), and the backend switch: the model
+//                                              runs on these kernels, or on cuda/'s with -DDSV3_BACKEND_CUDA
 //    5. Parameters ........................... one flat buffer, named views with Hugging Face names [MODEL.md §7]
 //    6. Modules .............................. MLA [V3 §2.1.1, eqs. 1-11], FFN, DeepSeekMoE [eq. 12], block,
 //                                              model with Multi-Token Prediction [V3 §2.2, eqs. 21-25]
@@ -2092,6 +2094,96 @@ inline void adamw_update(float* p, const float* g, float* m, float* v, int64_t n
     });
 }
 
+// --- 4.12 the model's plumbing: copies, concatenations, residual adds, the optimizer's reductions --------------------
+// The modules of section 6 move data between kernels in a few fixed patterns. Each is a named kernel here (and in
+// every backend), so that the model code never touches an array element itself and runs unchanged on a GPU.
+inline void fill_zero(float* x, int64_t n) { std::memset(x, 0, sizeof(float) * size_t(n)); }        // x = 0
+inline void copy_values(float* y, const float* x, int64_t n) { std::memcpy(y, x, sizeof(float) * size_t(n)); }  // y = x
+// y += x: the residual connections, and gradients that meet at a fork.
+inline void add_inplace(float* y, const float* x, int64_t n) {
+    parallel_for((n + 4095) / 4096, [&](int64_t c) {
+        for (int64_t i = c * 4096, e = std::min(n, i + 4096); i < e; ++i) y[i] += x[i];
+    });
+}
+inline void scale_inplace(float* x, int64_t n, float s) {  // x *= s (gradient clipping)
+    parallel_for((n + 4095) / 4096, [&](int64_t c) {
+        for (int64_t i = c * 4096, e = std::min(n, i + 4096); i < e; ++i) x[i] *= s;
+    });
+}
+inline double sum_of_squares(const float* x, int64_t n) {  // Σ x², in double, in a fixed order
+    return parallel_sum(n, [&](int64_t i) { return double(x[i]) * x[i]; });
+}
+inline void bf16_round_inplace(float* x, int64_t n) {  // x = bf16(x) (FP8 training's BF16 optimizer states)
+    parallel_for((n + 4095) / 4096, [&](int64_t c) {
+        for (int64_t i = c * 4096, e = std::min(n, i + 4096); i < e; ++i) x[i] = bf16_round(x[i]);
+    });
+}
+// out[t] = [a[t] ; b[t]]     a: [T, da], b: [T, db], out: [T, da + db]   (split_columns is its backward, and back)
+inline void concat_columns(float* out, const float* a, const float* b, int T, int da, int db) {
+    parallel_for(T, [&](int64_t t) {
+        std::memcpy(out + t * (da + db), a + t * da, sizeof(float) * size_t(da));
+        std::memcpy(out + t * (da + db) + da, b + t * db, sizeof(float) * size_t(db));
+    });
+}
+// [a[t] ; b[t]] = in[t]
+inline void split_columns(float* a, float* b, const float* in, int T, int da, int db) {
+    parallel_for(T, [&](int64_t t) {
+        std::memcpy(a + t * da, in + t * (da + db), sizeof(float) * size_t(da));
+        std::memcpy(b + t * db, in + t * (da + db) + da, sizeof(float) * size_t(db));
+    });
+}
+// MLA's per-head keys and values [V3 eqs. 4-5]: kv: [T, H, d_h + d_v] (W^UKV c^KV), k_rope: [T, d_h^R] shared by
+// all heads  ->  k: [T, H, d_h + d_h^R] = [k^C ; k^R], v: [T, H, d_v].
+inline void mla_keys_values_forward(float* k, float* v, const float* kv, const float* k_rope, int T, int H, int dh,
+                                    int dr, int dv) {
+    parallel_for(T, [&](int64_t t) {
+        for (int h = 0; h < H; ++h) {
+            const float* src = kv + (t * H + h) * (dh + dv);
+            float* kh = k + (t * H + h) * (dh + dr);
+            std::memcpy(kh, src, sizeof(float) * size_t(dh));
+            std::memcpy(kh + dh, k_rope + t * dr, sizeof(float) * size_t(dr));
+            std::memcpy(v + (t * H + h) * dv, src + dh, sizeof(float) * size_t(dv));
+        }
+    });
+}
+// dkv = [dk^C ; dv] per head (overwritten); dk_rope += Σ_h dk^R_h (the shared key sums its heads' gradients).
+inline void mla_keys_values_backward(float* dkv, float* dk_rope, const float* dk, const float* dv, int T, int H,
+                                     int dh, int dr, int dv_) {
+    parallel_for(T, [&](int64_t t) {
+        for (int h = 0; h < H; ++h) {
+            float* dst = dkv + (t * H + h) * (dh + dv_);
+            const float* dkh = dk + (t * H + h) * (dh + dr);
+            std::memcpy(dst, dkh, sizeof(float) * size_t(dh));
+            std::memcpy(dst + dh, dv + (t * H + h) * dv_, sizeof(float) * size_t(dv_));
+            for (int i = 0; i < dr; ++i) dk_rope[t * dr + i] += dkh[dh + i];
+        }
+    });
+}
+
+// --- 4.13 the backend: where the model's kernels and buffers come from -------------------------------------------
+// Sections 6 and 7 (the model, its training step) are written once, against `backend`: they call backend::kernel(...)
+// and keep parameters, gradients, AdamW's moments and activations in backend::Buffer and backend::Arena. The default
+// backend is this header: the kernels above, std::vector and the Arena of section 2, all in host memory. A translation
+// unit that defines DSV3_BACKEND_CUDA before including this header gets cuda/kernels.cuh instead: the same names and
+// parameter lists over device memory (build with nvcc; `make cuda` builds build/train_cuda from examples/train.cpp).
+// What the model needs on the host comes back through the few calls below: token ids go down, losses, the routing
+// plan (expert counts) and the routing bias come back.
+template <class T> using Buffer = std::vector<T>;
+constexpr bool host_memory = true;  // false on a GPU backend: model.params etc. are device pointers
+template <class T> void upload(Buffer<T>& dst, const std::vector<T>& host) { dst = host; }
+template <class T> std::vector<T> download(const Buffer<T>& src) { return src; }
+template <class T> void to_device(T* dst, const T* host, size_t n) { std::copy(host, host + n, dst); }
+template <class T> void to_host(T* host, const T* src, size_t n) { std::copy(src, src + n, host); }
+inline const MoePermutation& host_plan(const MoePermutation& p) { return p; }  // slot, token_of, offsets, counts
+}  // namespace dsv3
+#if defined(DSV3_BACKEND_CUDA)
+#include "cuda/kernels.cuh"
+namespace dsv3 { namespace backend = ::dsv3::cuda; }
+#else
+namespace dsv3 { namespace backend = ::dsv3; }
+#endif
+namespace dsv3 {
+
 // =====================================================================================================================
 // 5. PARAMETERS: ONE FLAT BUFFER, NAMED VIEWS
 // =====================================================================================================================
@@ -2307,8 +2399,8 @@ struct FfnCache {
 struct MoeCache {
     const float* x = nullptr;        // [BT, d]
     float *logits = nullptr, *scores = nullptr, *gates = nullptr;  // [BT, N_r], [BT, N_r], [BT, K]
-    std::vector<int32_t> chosen;     // [BT, K]
-    MoePermutation perm;
+    backend::Buffer<int32_t> chosen; // [BT, K]
+    backend::MoePermutation perm;    // the plan is made on the host: backend::host_plan(perm)
     float *xe = nullptr, *ye = nullptr;  // [BT·K, d] tokens in expert order, and the experts' outputs
     std::vector<FfnCache> experts;
     FfnCache shared;
@@ -2322,7 +2414,7 @@ struct BlockCache {
     MoeCache moe;
 };
 struct MtpCache {
-    std::vector<int32_t> emb_tokens, targets;  // [BT]: t_{i+k} and t_{i+k+1} (kIgnore past the end)
+    backend::Buffer<int32_t> emb_tokens, targets;  // [BT]: t_{i+k} and t_{i+k+1} (kIgnore past the end)
     const float* h_prev = nullptr;   // [BT, d]  h^{k-1}
     float *emb = nullptr, *en = nullptr, *en_rstd = nullptr, *hn = nullptr, *hn_rstd = nullptr;
     float *cat = nullptr, *h_proj = nullptr;   // [BT, 2d], [BT, d]
@@ -2350,23 +2442,24 @@ class Model {
   public:
     Config cfg;
     ParamLayout layout;
-    std::vector<float> params, grads;  // the two flat buffers
+    backend::Buffer<float> params, grads;  // the two flat buffers (device memory on a GPU backend)
     RopeTable rope;
     bool reuse_routing = false;        // gradient checks: keep the last forward's expert choice fixed
     ExpertRunner* expert_runner = nullptr;  // null: this model runs every routed expert (no expert parallelism)
 
     Model(const Config& c, uint64_t seed) : cfg(c), layout(param_layout(c)) {
-        params.assign(layout.total, 0.0f);
-        grads.assign(layout.total, 0.0f);
+        std::vector<float> init(layout.total, 0.0f);
         rope = make_rope_table(cfg, cfg.max_seq_len);
         for (size_t i = 0; i < layout.entries.size(); ++i) {  // each tensor from its own stream: order-independent
             const ParamEntry& e = layout.entries[i];
             Rng rng = Rng(seed).fork(i);
-            float* p = params.data() + e.offset;
+            float* p = init.data() + e.offset;
             for (size_t j = 0; j < e.size; ++j)
                 p[j] = e.kind == ParamKind::matrix ? float(rng.normal() * cfg.init_std)
                                                    : (e.kind == ParamKind::gain ? 1.0f : 0.0f);
         }
+        backend::upload(params, init);
+        backend::upload(grads, std::vector<float>(layout.total, 0.0f));
         blocks_.resize(layout.blocks.size());
         mtp_.resize(layout.mtp.size());
     }
@@ -2440,10 +2533,10 @@ class Model {
     }
 
   private:
-    Arena arena_;
+    backend::Arena arena_;
     int B_ = 0, T_ = 0;
     LossOptions opt_;
-    std::vector<int32_t> inputs_, targets_;
+    backend::Buffer<int32_t> inputs_, targets_;  // [BT]
     float *h0_ = nullptr, *hn_ = nullptr, *final_rstd_ = nullptr, *logits_ = nullptr;
     std::vector<BlockCache> blocks_;
     std::vector<MtpCache> mtp_;
@@ -2454,18 +2547,18 @@ class Model {
     // Wgrad) run on the FP8 simulation of section 3 with V3's recipe; the head and the router stay in FP32.
     bool fp8_(const Linear& w) const { return cfg.fp8_training && w.fp8; }
     void linear_forward(float* y, const float* x, const Linear& w, int n) {
-        if (fp8_(w)) fp8_matmul_forward(y, x, P(w.w), n, w.in, w.out);
-        else matmul_forward(y, x, P(w.w), n, w.in, w.out);
+        if (fp8_(w)) backend::fp8_matmul_forward(y, x, P(w.w), n, w.in, w.out);
+        else backend::matmul_forward(y, x, P(w.w), n, w.in, w.out);
     }
     void linear_backward(float* dx, const float* dy, const float* x, const Linear& w, int n) {
-        if (fp8_(w)) fp8_matmul_backward(dx, G(w.w), dy, x, P(w.w), n, w.in, w.out);
-        else matmul_backward(dx, G(w.w), dy, x, P(w.w), n, w.in, w.out);
+        if (fp8_(w)) backend::fp8_matmul_backward(dx, G(w.w), dy, x, P(w.w), n, w.in, w.out);
+        else backend::matmul_backward(dx, G(w.w), dy, x, P(w.w), n, w.in, w.out);
     }
     void norm_forward(float* y, float* rstd, const float* x, const Norm& n, int rows) {
-        rmsnorm_forward(y, rstd, x, P(n.g), rows, n.dim, cfg.rms_norm_eps);
+        backend::rmsnorm_forward(y, rstd, x, P(n.g), rows, n.dim, cfg.rms_norm_eps);
     }
     void norm_backward(float* dx, const float* dy, const float* x, const float* rstd, const Norm& n, int rows) {
-        rmsnorm_backward(dx, G(n.g), dy, x, P(n.g), rstd, rows, n.dim);
+        backend::rmsnorm_backward(dx, G(n.g), dy, x, P(n.g), rstd, rows, n.dim);
     }
 
     void attention_forward_(AttnCache& c, const Attention& a, const float* x, float* out);
@@ -2503,75 +2596,53 @@ inline void Model::attention_forward_(AttnCache& c, const Attention& a, const fl
     } else {
         linear_forward(c.q, x, a.q, n);
     }
-    rope_forward(c.q, n, H * dqk, dh, H, dqk, 0, T_, rope);
+    backend::rope_forward(c.q, n, H * dqk, dh, H, dqk, 0, T_, rope);
     // keys and values: [c^KV ; k^R_raw] = [W^DKV ; W^KR] h  (eqs. 1, 3), c^KV normalised, k^R rotated
     float* kv_a = arena_.take(size_t(n) * (dc + dr));
     linear_forward(kv_a, x, a.kv_a, n);
     c.ckv_raw = arena_.take(size_t(n) * dc);
     c.k_rope = arena_.take(size_t(n) * dr);
-    parallel_for(n, [&](int64_t t) {
-        std::memcpy(c.ckv_raw + t * dc, kv_a + t * (dc + dr), sizeof(float) * size_t(dc));
-        std::memcpy(c.k_rope + t * dr, kv_a + t * (dc + dr) + dc, sizeof(float) * size_t(dr));
-    });
+    backend::split_columns(c.ckv_raw, c.k_rope, kv_a, n, dc, dr);
     c.ckv_rstd = arena_.take(size_t(n));
     c.ckv = arena_.take(size_t(n) * dc);
     norm_forward(c.ckv, c.ckv_rstd, c.ckv_raw, a.kv_norm, n);
-    rope_forward(c.k_rope, n, dr, 0, 1, dr, 0, T_, rope);
+    backend::rope_forward(c.k_rope, n, dr, 0, 1, dr, 0, T_, rope);
     // per-head [k^C ; v] = W^UKV c^KV (eqs. 2, 5); k = [k^C ; k^R] (eq. 4)
     c.kv = arena_.take(size_t(n) * H * (dh + dv));
     linear_forward(c.kv, c.ckv, a.kv_b, n);
     c.k = arena_.take(size_t(n) * H * dqk);
     c.v = arena_.take(size_t(n) * H * dv);
-    parallel_for(n, [&](int64_t t) {
-        for (int h = 0; h < H; ++h) {
-            const float* src = c.kv + (t * H + h) * (dh + dv);
-            float* k = c.k + (t * H + h) * dqk;
-            std::memcpy(k, src, sizeof(float) * size_t(dh));
-            std::memcpy(k + dh, c.k_rope + t * dr, sizeof(float) * size_t(dr));
-            std::memcpy(c.v + (t * H + h) * dv, src + dh, sizeof(float) * size_t(dv));
-        }
-    });
+    backend::mla_keys_values_forward(c.k, c.v, c.kv, c.k_rope, n, H, dh, dr, dv);
     // o = softmax(q kᵀ · scale) v per head (eqs. 9-10), u = W^O o (eq. 11)
     c.probs = arena_.take(size_t(B_) * H * T_ * T_);
     c.o = arena_.take(size_t(n) * H * dv);
-    attention_forward(c.o, c.probs, c.q, c.k, c.v, B_, T_, H, dqk, dv, attention_scale(cfg));
+    backend::attention_forward(c.o, c.probs, c.q, c.k, c.v, B_, T_, H, dqk, dv, attention_scale(cfg));
     linear_forward(out, c.o, a.o, n);
 }
 
 inline void Model::attention_backward_(const AttnCache& c, const Attention& a, const float* dout, float* dx) {
     const int n = BT(), H = cfg.n_heads, dh = cfg.qk_nope_head_dim, dr = cfg.qk_rope_head_dim,
               dqk = cfg.qk_head_dim(), dv = cfg.v_head_dim, dc = cfg.kv_lora_rank;
-    Arena::Mark mark = arena_.mark();
+    auto mark = arena_.mark();
     float* d_o = arena_.zeros(size_t(n) * H * dv);
     linear_backward(d_o, dout, c.o, a.o, n);
     float* dq = arena_.zeros(size_t(n) * H * dqk);
     float* dk = arena_.zeros(size_t(n) * H * dqk);
     float* dvv = arena_.zeros(size_t(n) * H * dv);
-    attention_backward(dq, dk, dvv, d_o, c.probs, c.q, c.k, c.v, B_, T_, H, dqk, dv, attention_scale(cfg));
+    backend::attention_backward(dq, dk, dvv, d_o, c.probs, c.q, c.k, c.v, B_, T_, H, dqk, dv, attention_scale(cfg));
     // un-assemble k and v: d(kv) per head, and the shared rope key sums its heads' gradients
     float* dkv = arena_.take(size_t(n) * H * (dh + dv));
     float* dkv_a = arena_.take(size_t(n) * (dc + dr));
     float* dk_rope = arena_.zeros(size_t(n) * dr);
-    parallel_for(n, [&](int64_t t) {
-        for (int h = 0; h < H; ++h) {
-            float* dst = dkv + (t * H + h) * (dh + dv);
-            const float* dkh = dk + (t * H + h) * dqk;
-            std::memcpy(dst, dkh, sizeof(float) * size_t(dh));
-            std::memcpy(dst + dh, dvv + (t * H + h) * dv, sizeof(float) * size_t(dv));
-            for (int i = 0; i < dr; ++i) dk_rope[t * dr + i] += dkh[dh + i];
-        }
-    });
+    backend::mla_keys_values_backward(dkv, dk_rope, dk, dvv, n, H, dh, dr, dv);
     float* dckv = arena_.zeros(size_t(n) * dc);
     linear_backward(dckv, dkv, c.ckv, a.kv_b, n);
-    rope_backward(dk_rope, n, dr, 0, 1, dr, 0, T_, rope);
+    backend::rope_backward(dk_rope, n, dr, 0, 1, dr, 0, T_, rope);
     float* dckv_raw = arena_.zeros(size_t(n) * dc);
     norm_backward(dckv_raw, dckv, c.ckv_raw, c.ckv_rstd, a.kv_norm, n);
-    parallel_for(n, [&](int64_t t) {
-        std::memcpy(dkv_a + t * (dc + dr), dckv_raw + t * dc, sizeof(float) * size_t(dc));
-        std::memcpy(dkv_a + t * (dc + dr) + dc, dk_rope + t * dr, sizeof(float) * size_t(dr));
-    });
+    backend::concat_columns(dkv_a, dckv_raw, dk_rope, n, dc, dr);
     linear_backward(dx, dkv_a, c.x, a.kv_a, n);
-    rope_backward(dq, n, H * dqk, dh, H, dqk, 0, T_, rope);
+    backend::rope_backward(dq, n, H * dqk, dh, H, dqk, 0, T_, rope);
     if (cfg.q_lora_rank > 0) {
         float* dcq_n = arena_.zeros(size_t(n) * cfg.q_lora_rank);
         linear_backward(dcq_n, dq, c.cq_n, a.q_b, n);
@@ -2593,17 +2664,17 @@ inline void Model::ffn_forward_(FfnCache& c, const Ffn& f, const float* x, float
     c.h = arena_.take(size_t(n) * w);
     linear_forward(c.gate, x, f.gate, n);
     linear_forward(c.up, x, f.up, n);
-    swiglu_forward(c.h, c.gate, c.up, int64_t(n) * w);
+    backend::swiglu_forward(c.h, c.gate, c.up, int64_t(n) * w);
     linear_forward(out, c.h, f.down, n);
 }
 inline void Model::ffn_backward_(const FfnCache& c, const Ffn& f, const float* dout, float* dx, int n) {
     const int w = f.gate.out;
-    Arena::Mark mark = arena_.mark();
+    auto mark = arena_.mark();
     float* dh = arena_.zeros(size_t(n) * w);
     linear_backward(dh, dout, c.h, f.down, n);
     float* dgate = arena_.zeros(size_t(n) * w);
     float* dup = arena_.zeros(size_t(n) * w);
-    swiglu_backward(dgate, dup, dh, c.gate, c.up, int64_t(n) * w);
+    backend::swiglu_backward(dgate, dup, dh, c.gate, c.up, int64_t(n) * w);
     linear_backward(dx, dgate, c.x, f.gate, n);
     linear_backward(dx, dup, c.x, f.up, n);
     arena_.release(mark);
@@ -2618,14 +2689,14 @@ inline void Model::moe_forward_(MoeCache& c, const MoE& m, const float* x, float
     c.scores = arena_.take(size_t(n) * N);
     c.gates = arena_.take(size_t(n) * K);
     linear_forward(c.logits, x, m.router, n);
-    router_scores_forward(c.scores, c.logits, n, N, softmax);
+    backend::router_scores_forward(c.scores, c.logits, n, N, softmax);
     if (!reuse_routing || c.chosen.size() != size_t(n) * K) {
         c.chosen.resize(size_t(n) * K);
-        router_select(c.chosen.data(), c.scores, P(m.bias), n, cfg);
+        backend::router_select(c.chosen.data(), c.scores, P(m.bias), n, cfg);
     }
-    router_gates_forward(c.gates, c.scores, c.chosen.data(), n, cfg);
-    moe_permute_plan(c.perm, c.chosen.data(), n, K, N);
-    c.load = c.perm.counts;
+    backend::router_gates_forward(c.gates, c.scores, c.chosen.data(), n, cfg);
+    backend::moe_permute_plan(c.perm, c.chosen.data(), n, K, N);
+    c.load = backend::host_plan(c.perm).counts;
     if (opt_.balance == BalanceLoss::sequence_wise)
         *balance += sequence_balance_loss(nullptr, c.scores, c.chosen.data(), B_, T_, cfg, opt_.balance_alpha);
     else if (opt_.balance == BalanceLoss::expert_level)
@@ -2633,34 +2704,34 @@ inline void Model::moe_forward_(MoeCache& c, const MoE& m, const float* x, float
     // routed experts: gather each expert's tokens, run its SwiGLU on them, scatter back weighted by the gates
     c.xe = arena_.take(size_t(n) * K * d);
     c.ye = arena_.take(size_t(n) * K * d);
-    moe_permute_forward(c.xe, x, c.perm, d);
+    backend::moe_permute_forward(c.xe, x, c.perm, d);
     c.experts.resize(size_t(N));
     if (expert_runner) expert_runner->forward(*this, m, c);  // expert parallelism: the experts live on other ranks
-    else experts_forward(m, 0, N, c.perm.offsets.data(), c.xe, c.ye, c.experts.data());
+    else experts_forward(m, 0, N, backend::host_plan(c.perm).offsets.data(), c.xe, c.ye, c.experts.data());
     if (m.has_shared) ffn_forward_(c.shared, m.shared, x, out, n);
-    else std::memset(out, 0, sizeof(float) * size_t(n) * d);
-    moe_unpermute_forward(out, c.ye, c.gates, c.perm, n, K, d);
+    else backend::fill_zero(out, int64_t(n) * d);
+    backend::moe_unpermute_forward(out, c.ye, c.gates, c.perm, n, K, d);
 }
 
 inline void Model::moe_backward_(MoeCache& c, const MoE& m, const float* dout, float* dx) {
     const int n = BT(), N = cfg.n_routed_experts, K = cfg.n_activated_experts, d = cfg.dim;
     const bool softmax = cfg.score_func == "softmax";
-    Arena::Mark mark = arena_.mark();
+    auto mark = arena_.mark();
     if (m.has_shared) ffn_backward_(c.shared, m.shared, dout, dx, n);
     float* dye = arena_.take(size_t(n) * K * d);
     float* dgates = arena_.zeros(size_t(n) * K);
-    moe_unpermute_backward(dye, dgates, dout, c.ye, c.gates, c.perm, n, K, d);
+    backend::moe_unpermute_backward(dye, dgates, dout, c.ye, c.gates, c.perm, n, K, d);
     float* dxe = arena_.zeros(size_t(n) * K * d);
     if (expert_runner) expert_runner->backward(*this, m, c, dye, dxe);
-    else experts_backward(m, 0, N, c.perm.offsets.data(), dye, dxe, c.experts.data());
-    moe_permute_backward(dx, dxe, c.perm, n, K, d);
+    else experts_backward(m, 0, N, backend::host_plan(c.perm).offsets.data(), dye, dxe, c.experts.data());
+    backend::moe_permute_backward(dx, dxe, c.perm, n, K, d);
     // router: gates -> scores (-> + sequence-wise loss) -> logits (+ expert-level loss) -> W_router and x
     float* dscores = arena_.zeros(size_t(n) * N);
-    router_gates_backward(dscores, dgates, c.scores, c.chosen.data(), n, cfg);
+    backend::router_gates_backward(dscores, dgates, c.scores, c.chosen.data(), n, cfg);
     if (opt_.balance == BalanceLoss::sequence_wise)
         sequence_balance_loss(dscores, c.scores, c.chosen.data(), B_, T_, cfg, opt_.balance_alpha);
     float* dlogits = arena_.zeros(size_t(n) * N);
-    router_scores_backward(dlogits, dscores, c.scores, n, N, softmax);
+    backend::router_scores_backward(dlogits, dscores, c.scores, n, N, softmax);
     if (opt_.balance == BalanceLoss::expert_level)
         expert_balance_loss(dlogits, c.logits, c.chosen.data(), n, cfg, opt_.balance_alpha);
     linear_backward(dx, dlogits, c.x, m.router, n);
@@ -2676,28 +2747,28 @@ inline void Model::block_forward_(BlockCache& c, const Block& b, const float* h_
     norm_forward(c.xn1, c.rstd1, h_in, b.attn_norm, n);
     c.h_mid = arena_.take(size_t(n) * d);
     attention_forward_(c.attn, b.attn, c.xn1, c.h_mid);
-    parallel_for(n, [&](int64_t t) { for (int i = 0; i < d; ++i) c.h_mid[t * d + i] += h_in[t * d + i]; });
+    backend::add_inplace(c.h_mid, h_in, int64_t(n) * d);
     c.xn2 = arena_.take(size_t(n) * d);
     c.rstd2 = arena_.take(size_t(n));
     norm_forward(c.xn2, c.rstd2, c.h_mid, b.ffn_norm, n);
     c.h_out = arena_.take(size_t(n) * d);
     if (b.is_moe) moe_forward_(c.moe, b.moe, c.xn2, c.h_out, balance);
     else ffn_forward_(c.ffn, b.ffn, c.xn2, c.h_out, n);
-    parallel_for(n, [&](int64_t t) { for (int i = 0; i < d; ++i) c.h_out[t * d + i] += c.h_mid[t * d + i]; });
+    backend::add_inplace(c.h_out, c.h_mid, int64_t(n) * d);
 }
 // dh_in (+=) from dh_out.
 inline void Model::block_backward_(BlockCache& c, const Block& b, const float* dh_out, float* dh_in) {
     const int n = BT(), d = cfg.dim;
-    Arena::Mark mark = arena_.mark();
+    auto mark = arena_.mark();
     float* dxn2 = arena_.zeros(size_t(n) * d);
     if (b.is_moe) moe_backward_(c.moe, b.moe, dh_out, dxn2);
     else ffn_backward_(c.ffn, b.ffn, dh_out, dxn2, n);
     float* dh_mid = arena_.take(size_t(n) * d);
-    std::memcpy(dh_mid, dh_out, sizeof(float) * size_t(n) * d);
+    backend::copy_values(dh_mid, dh_out, int64_t(n) * d);
     norm_backward(dh_mid, dxn2, c.h_mid, c.rstd2, b.ffn_norm, n);
     float* dxn1 = arena_.zeros(size_t(n) * d);
     attention_backward_(c.attn, b.attn, dh_mid, dxn1);
-    parallel_for(n, [&](int64_t t) { for (int i = 0; i < d; ++i) dh_in[t * d + i] += dh_mid[t * d + i]; });
+    backend::add_inplace(dh_in, dh_mid, int64_t(n) * d);
     norm_backward(dh_in, dxn1, c.h_in, c.rstd1, b.attn_norm, n);
     arena_.release(mark);
 }
@@ -2711,19 +2782,22 @@ inline void Model::block_backward_(BlockCache& c, const Block& b, const float* d
 inline Losses Model::forward(const int32_t* tokens, int B, int T, const LossOptions& opt) {
     if (B <= 0 || T <= 0) fail("Model::forward: batch ", B, " x sequence ", T, ": both must be > 0");
     if (T > cfg.max_seq_len) fail("Model::forward: sequence length ", T, " exceeds Config.max_seq_len ", cfg.max_seq_len);
+    if (!backend::host_memory && opt.balance != BalanceLoss::none)
+        fail("Model::forward: the balance losses run on the CPU backend only (LossOptions.balance must be none)");
     B_ = B; T_ = T; opt_ = opt;
     const int n = BT(), d = cfg.dim, V = cfg.vocab_size;
     arena_.reset();
-    inputs_.resize(size_t(n));
-    targets_.resize(size_t(n));
+    std::vector<int32_t> inputs(size_t(n), 0), targets(size_t(n), 0);  // on the host, then to the backend
     for (int b = 0; b < B; ++b)
         for (int t = 0; t < T; ++t) {
-            inputs_[size_t(b) * T + t] = tokens[int64_t(b) * (T + 1) + t];
-            targets_[size_t(b) * T + t] = tokens[int64_t(b) * (T + 1) + t + 1];
+            inputs[size_t(b) * T + t] = tokens[int64_t(b) * (T + 1) + t];
+            targets[size_t(b) * T + t] = tokens[int64_t(b) * (T + 1) + t + 1];
         }
+    backend::upload(inputs_, inputs);
+    backend::upload(targets_, targets);
     Losses loss;
     h0_ = arena_.take(size_t(n) * d);
-    embedding_forward(h0_, inputs_.data(), P(layout.embed), n, d, V);
+    backend::embedding_forward(h0_, inputs_.data(), P(layout.embed), n, d, V);
     const float* h = h0_;
     for (size_t l = 0; l < layout.blocks.size(); ++l) {
         block_forward_(blocks_[l], layout.blocks[l], h, &loss.balance);
@@ -2734,32 +2808,30 @@ inline Losses Model::forward(const int32_t* tokens, int B, int T, const LossOpti
     norm_forward(hn_, final_rstd_, h, layout.final_norm, n);
     logits_ = arena_.take(size_t(n) * V);
     linear_forward(logits_, hn_, layout.head, n);
-    loss.main = cross_entropy_forward(logits_, targets_.data(), n, V);
+    loss.main = backend::cross_entropy_forward(logits_, targets_.data(), n, V);
     loss.total = loss.main;
     const int D = opt.with_mtp ? int(layout.mtp.size()) : 0;
     for (int k = 1; k <= D; ++k) {
         MtpCache& c = mtp_[size_t(k - 1)];
         const MtpModule& m = layout.mtp[size_t(k - 1)];
-        c.emb_tokens.resize(size_t(n));
-        c.targets.resize(size_t(n));
+        std::vector<int32_t> emb_tokens(size_t(n), 0), mtp_targets(size_t(n), 0);
         for (int b = 0; b < B; ++b)
             for (int i = 0; i < T; ++i) {
                 const int64_t row = int64_t(b) * (T + 1);
-                c.emb_tokens[size_t(b) * T + i] = tokens[row + std::min(i + k, T)];
-                c.targets[size_t(b) * T + i] = i + k + 1 <= T ? tokens[row + i + k + 1] : kIgnore;
+                emb_tokens[size_t(b) * T + i] = tokens[row + std::min(i + k, T)];
+                mtp_targets[size_t(b) * T + i] = i + k + 1 <= T ? tokens[row + i + k + 1] : kIgnore;
             }
+        backend::upload(c.emb_tokens, emb_tokens);
+        backend::upload(c.targets, mtp_targets);
         c.h_prev = h;
         c.emb = arena_.take(size_t(n) * d);
-        embedding_forward(c.emb, c.emb_tokens.data(), P(layout.embed), n, d, V);
+        backend::embedding_forward(c.emb, c.emb_tokens.data(), P(layout.embed), n, d, V);
         c.en = arena_.take(size_t(n) * d); c.en_rstd = arena_.take(size_t(n));
         c.hn = arena_.take(size_t(n) * d); c.hn_rstd = arena_.take(size_t(n));
         norm_forward(c.en, c.en_rstd, c.emb, m.enorm, n);
         norm_forward(c.hn, c.hn_rstd, h, m.hnorm, n);
         c.cat = arena_.take(size_t(n) * 2 * d);
-        parallel_for(n, [&](int64_t t) {
-            std::memcpy(c.cat + t * 2 * d, c.en + t * d, sizeof(float) * size_t(d));
-            std::memcpy(c.cat + t * 2 * d + d, c.hn + t * d, sizeof(float) * size_t(d));
-        });
+        backend::concat_columns(c.cat, c.en, c.hn, n, d, d);
         c.h_proj = arena_.take(size_t(n) * d);
         linear_forward(c.h_proj, c.cat, m.eh_proj, n);
         block_forward_(c.block, m.block, c.h_proj, &loss.balance);
@@ -2769,7 +2841,7 @@ inline Losses Model::forward(const int32_t* tokens, int B, int T, const LossOpti
         norm_forward(c.out_n, c.out_rstd, h, m.norm, n);
         c.logits = arena_.take(size_t(n) * V);
         linear_forward(c.logits, c.out_n, layout.head, n);
-        loss.mtp.push_back(cross_entropy_forward(c.logits, c.targets.data(), n, V));
+        loss.mtp.push_back(backend::cross_entropy_forward(c.logits, c.targets.data(), n, V));
         loss.total += opt.mtp_lambda / D * loss.mtp.back();
     }
     loss.total += loss.balance;
@@ -2780,8 +2852,8 @@ inline Losses Model::forward(const int32_t* tokens, int B, int T, const LossOpti
 inline void Model::backward() {
     if (!has_forward_) fail("Model::backward: call forward first");
     const int n = BT(), d = cfg.dim, V = cfg.vocab_size;
-    std::fill(grads.begin(), grads.end(), 0.0f);
-    Arena::Mark mark = arena_.mark();
+    backend::fill_zero(grads.data(), int64_t(grads.size()));
+    auto mark = arena_.mark();
     const int D = opt_.with_mtp ? int(layout.mtp.size()) : 0;
     // dh_top: gradient w.r.t. the output of the last main block; MTP modules add into it through hnorm.
     float* dh_top = arena_.zeros(size_t(n) * d);
@@ -2791,12 +2863,12 @@ inline void Model::backward() {
     for (int k = D; k >= 1; --k) {
         MtpCache& c = mtp_[size_t(k - 1)];
         const MtpModule& m = layout.mtp[size_t(k - 1)];
-        std::memset(dlogits, 0, sizeof(float) * size_t(n) * V);
-        cross_entropy_backward(dlogits, c.logits, c.targets.data(), n, V, opt_.mtp_lambda / D);
-        std::memset(dnorm, 0, sizeof(float) * size_t(n) * d);
+        backend::fill_zero(dlogits, int64_t(n) * V);
+        backend::cross_entropy_backward(dlogits, c.logits, c.targets.data(), n, V, opt_.mtp_lambda / D);
+        backend::fill_zero(dnorm, int64_t(n) * d);
         linear_backward(dnorm, dlogits, c.out_n, layout.head, n);
         float* dh = arena_.zeros(size_t(n) * d);
-        if (dh_next) std::memcpy(dh, dh_next, sizeof(float) * size_t(n) * d);
+        if (dh_next) backend::copy_values(dh, dh_next, int64_t(n) * d);
         norm_backward(dh, dnorm, c.block.h_out, c.out_rstd, m.norm, n);
         float* dproj = arena_.zeros(size_t(n) * d);
         block_backward_(c.block, m.block, dh, dproj);
@@ -2804,21 +2876,18 @@ inline void Model::backward() {
         linear_backward(dcat, dproj, c.cat, m.eh_proj, n);
         float* den = arena_.take(size_t(n) * d);
         float* dhn = arena_.take(size_t(n) * d);
-        parallel_for(n, [&](int64_t t) {
-            std::memcpy(den + t * d, dcat + t * 2 * d, sizeof(float) * size_t(d));
-            std::memcpy(dhn + t * d, dcat + t * 2 * d + d, sizeof(float) * size_t(d));
-        });
+        backend::split_columns(den, dhn, dcat, n, d, d);
         float* demb = arena_.zeros(size_t(n) * d);
         norm_backward(demb, den, c.emb, c.en_rstd, m.enorm, n);
-        embedding_backward(G(layout.embed), demb, c.emb_tokens.data(), n, d);
+        backend::embedding_backward(G(layout.embed), demb, c.emb_tokens.data(), n, d);
         float* dprev = k == 1 ? dh_top : arena_.zeros(size_t(n) * d);
         norm_backward(dprev, dhn, c.h_prev, c.hn_rstd, m.hnorm, n);
         dh_next = dprev;
     }
     // main head
-    std::memset(dlogits, 0, sizeof(float) * size_t(n) * V);
-    cross_entropy_backward(dlogits, logits_, targets_.data(), n, V, 1.0f);
-    std::memset(dnorm, 0, sizeof(float) * size_t(n) * d);
+    backend::fill_zero(dlogits, int64_t(n) * V);
+    backend::cross_entropy_backward(dlogits, logits_, targets_.data(), n, V, 1.0f);
+    backend::fill_zero(dnorm, int64_t(n) * d);
     linear_backward(dnorm, dlogits, hn_, layout.head, n);
     const float* h_last = layout.blocks.empty() ? h0_ : blocks_.back().h_out;
     norm_backward(dh_top, dnorm, h_last, final_rstd_, layout.final_norm, n);
@@ -2828,7 +2897,7 @@ inline void Model::backward() {
         block_backward_(blocks_[l], layout.blocks[l], dh, dh_in);
         dh = dh_in;
     }
-    embedding_backward(G(layout.embed), dh, inputs_.data(), n, d);
+    backend::embedding_backward(G(layout.embed), dh, inputs_.data(), n, d);
     arena_.release(mark);
 }
 
@@ -2871,13 +2940,13 @@ struct LrSchedule {
 struct AdamW {
     float beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, weight_decay = 0.1f;  // V3 §4.2
     float clip_norm = 1.0f;                                               // global-norm clipping (0: off)
-    std::vector<float> m, v;                                              // moments, same layout as params
+    backend::Buffer<float> m, v;                                          // moments, same layout as params
     int step = 0;
 };
 
 // Global L2 norm of the flat gradient, summed in a fixed order.
-inline double gradient_norm(const std::vector<float>& g) {
-    return std::sqrt(parallel_sum(int64_t(g.size()), [&](int64_t i) { return double(g[size_t(i)]) * g[size_t(i)]; }));
+inline double gradient_norm(const backend::Buffer<float>& g) {
+    return std::sqrt(backend::sum_of_squares(g.data(), int64_t(g.size())));
 }
 
 // Clip, then one AdamW step on every trainable tensor: weight decay on matrices only (not on norm gains), and the
@@ -2886,29 +2955,27 @@ inline double gradient_norm(const std::vector<float>& g) {
 // over the ranks, section 9); otherwise it is computed here from model.grads.
 inline double adamw_step(Model& model, AdamW& opt, float lr, double grad_norm = -1) {
     if (opt.m.size() != model.params.size()) {
-        opt.m.assign(model.params.size(), 0.0f);
-        opt.v.assign(model.params.size(), 0.0f);
+        backend::upload(opt.m, std::vector<float>(model.params.size(), 0.0f));
+        backend::upload(opt.v, std::vector<float>(model.params.size(), 0.0f));
     }
     const double norm = grad_norm >= 0 ? grad_norm : gradient_norm(model.grads);
     if (!std::isfinite(norm)) fail("adamw_step: gradient norm is ", norm, " (non-finite): the step was not applied");
     if (opt.clip_norm > 0 && norm > opt.clip_norm) {
-        const float s = float(opt.clip_norm / norm);
-        for (float& g : model.grads) g *= s;
+        backend::scale_inplace(model.grads.data(), int64_t(model.grads.size()), float(opt.clip_norm / norm));
     }
     ++opt.step;
     for (const ParamEntry& e : model.layout.entries) {
         if (e.kind == ParamKind::routing_bias) continue;
         const float wd = e.kind == ParamKind::matrix ? opt.weight_decay : 0.0f;
-        adamw_update(model.params.data() + e.offset, model.grads.data() + e.offset, opt.m.data() + e.offset,
+        backend::adamw_update(model.params.data() + e.offset, model.grads.data() + e.offset, opt.m.data() + e.offset,
                      opt.v.data() + e.offset, int64_t(e.size), lr, opt.beta1, opt.beta2, opt.eps, wd, opt.step);
     }
     // FP8 training keeps AdamW's moments in BF16 [V3 §3.3.3 "Low-Precision Optimizer States"]: simulated by rounding
     // them after each update (the master weights and the gradients stay FP32).
-    if (model.cfg.fp8_training)
-        parallel_for(int64_t(opt.m.size()), [&](int64_t i) {
-            opt.m[size_t(i)] = bf16_round(opt.m[size_t(i)]);
-            opt.v[size_t(i)] = bf16_round(opt.v[size_t(i)]);
-        });
+    if (model.cfg.fp8_training) {
+        backend::bf16_round_inplace(opt.m.data(), int64_t(opt.m.size()));
+        backend::bf16_round_inplace(opt.v.data(), int64_t(opt.v.size()));
+    }
     return norm;
 }
 
@@ -2924,8 +2991,10 @@ inline void update_routing_bias(Model& model, const std::vector<std::vector<int6
         double mean = 0;
         for (int64_t x : c) mean += double(x);
         mean /= double(c.size());
-        float* b = model.P(blocks[l]->moe.bias);
+        std::vector<float> b(c.size());  // N_r values: the rule runs on the host
+        backend::to_host(b.data(), model.P(blocks[l]->moe.bias), b.size());
         for (size_t i = 0; i < c.size(); ++i) b[i] += gamma * float((mean > c[i]) - (mean < c[i]));
+        backend::to_device(model.P(blocks[l]->moe.bias), b.data(), b.size());
     }
 }
 // MaxVio = (max_i c_i − c̄) / c̄ [Wang et al. 2024, eq. 7]: how much the most loaded expert exceeds a perfect balance.
@@ -3010,12 +3079,13 @@ inline void save_checkpoint(const std::string& path, const Model& model, const A
            << "\nend\n";
     const std::string h = header.str();
     const size_t n = model.params.size();
-    std::vector<float> zeros;
-    const float* m = opt.m.size() == n ? opt.m.data() : (zeros.assign(n, 0.0f), zeros.data());
-    const float* v = opt.v.size() == n ? opt.v.data() : zeros.data();
+    const std::vector<float> params = backend::download(model.params);  // a copy in host memory
+    std::vector<float> m = backend::download(opt.m), v = backend::download(opt.v);
+    if (m.size() != n) m.assign(n, 0.0f);
+    if (v.size() != n) v.assign(n, 0.0f);
     write_file_atomic_stream(path, "checkpoint", [&](FILE* f) {
-        return write_bytes(f, h.data(), h.size()) && write_bytes(f, model.params.data(), 4 * n) &&
-               write_bytes(f, m, 4 * n) && write_bytes(f, v, 4 * n);
+        return write_bytes(f, h.data(), h.size()) && write_bytes(f, params.data(), 4 * n) &&
+               write_bytes(f, m.data(), 4 * n) && write_bytes(f, v.data(), 4 * n);
     });
 }
 // Reads the config a checkpoint was saved with.
@@ -3076,12 +3146,14 @@ inline void load_checkpoint(const std::string& path, Model& model, AdamW& opt) {
         fail("checkpoint ", path, ": expected ", header + 3 * n * 4, " bytes for ", n, " parameters, found ", size);
     }
     std::fseek(f, long(header), SEEK_SET);
-    opt.m.resize(n);
-    opt.v.resize(n);
-    bool ok = std::fread(model.params.data(), 4, n, f) == n && std::fread(opt.m.data(), 4, n, f) == n &&
-              std::fread(opt.v.data(), 4, n, f) == n;
+    std::vector<float> params(n), m(n), v(n);
+    bool ok = std::fread(params.data(), 4, n, f) == n && std::fread(m.data(), 4, n, f) == n &&
+              std::fread(v.data(), 4, n, f) == n;
     std::fclose(f);
     if (!ok) fail("checkpoint ", path, ": read failed");
+    backend::upload(model.params, params);
+    backend::upload(opt.m, m);
+    backend::upload(opt.v, v);
     opt.step = step;
 }
 
@@ -3282,6 +3354,7 @@ inline void Model::block_decode_(BlockCache& c, const Block& b, const float* h_i
 }
 
 inline void Model::begin_decode_(int n, const KvCache& cache, int layers, const char* who) {
+    if (!backend::host_memory) fail(who, ": decoding runs on the CPU backend only (the GPU backend trains)");
     if (n <= 0) fail(who, ": need at least one new token, got ", n);
     if (cache.n_layers != layers || cache.dc != cfg.kv_lora_rank || cache.dr != cfg.qk_rope_head_dim)
         fail(who, ": the KvCache was made for ", cache.n_layers, " layers of (", cache.dc, " + ", cache.dr,
@@ -3479,6 +3552,7 @@ inline std::vector<int32_t> generate(Model& model, const std::vector<int32_t>& p
     return out;
 }
 
+#if !defined(DSV3_BACKEND_CUDA)  // the ranks of this section are host buffers; a GPU build leaves it out
 // =====================================================================================================================
 // 9. PARALLELISM: DATA PARALLEL AND EXPERT PARALLEL OVER RANKS   [V3 §3.2; Fire-Flyer AI-HPC §IV, arXiv 2408.14158]
 // =====================================================================================================================
@@ -4005,6 +4079,8 @@ inline StepResult parallel_train_step(Communicator& comm, Model& model, AdamW& o
     result.loss.mtp.assign(l.begin() + 3, l.end());
     return result;
 }
+
+#endif  // !DSV3_BACKEND_CUDA
 
 // =====================================================================================================================
 // 10. DATA AND PICTURES
@@ -6840,14 +6916,15 @@ inline void save_hf(const std::string& dir, const Model& model, DType dtype = DT
     if (io_detail::file_exists(io_detail::join_path(dir, "model.safetensors.index.json")))
         fail("save_hf ", dir, ": the directory holds a sharded checkpoint (model.safetensors.index.json); use another one");
     const Config& c = model.cfg;
+    const std::vector<float> params = backend::download(model.params);  // a copy in host memory
     std::vector<TensorToWrite> out;
     for (const ParamEntry& e : model.layout.entries)
-        out.push_back({e.name, e.shape, model.params.data() + e.offset,
+        out.push_back({e.name, e.shape, params.data() + e.offset,
                        e.kind == ParamKind::routing_bias ? DType::F32 : dtype});
     const int64_t V = c.vocab_size, d = c.dim;
     for (int k = 0; k < int(model.layout.mtp.size()); ++k) {
-        out.push_back({mtp_embed_copy_name(c, k), {V, d}, model.params.data() + model.layout.embed, dtype});
-        out.push_back({mtp_head_copy_name(c, k), {V, d}, model.params.data() + model.layout.head.w, dtype});
+        out.push_back({mtp_embed_copy_name(c, k), {V, d}, params.data() + model.layout.embed, dtype});
+        out.push_back({mtp_head_copy_name(c, k), {V, d}, params.data() + model.layout.head.w, dtype});
     }
     write_hf_config(io_detail::join_path(dir, "config.json"), c, dtype == DType::BF16 ? "bfloat16" : "float32");
     write_safetensors(io_detail::join_path(dir, "model.safetensors"), out);
@@ -6895,6 +6972,7 @@ inline void read_checkpoint_tensor(const HfCheckpoint& ckpt, const HfCheckpoint:
 // Notes (non-fatal) are appended to `notes`.
 inline void load_hf_weights(const HfCheckpoint& ckpt, Model& model, const HfQuantization& quant,
                             std::vector<std::string>* notes = nullptr) {
+    if (!backend::host_memory) fail("load_hf_weights: runs on the CPU backend only (it reads into host memory)");
     using io_detail::shape_str;
     const Config& c = model.cfg;
     std::unordered_set<std::string> used;
@@ -7115,10 +7193,11 @@ inline double forward_like_transformers(Model& model, const TokenRows& rows, boo
 // The gradients of the main model's parameters under their HF names, as F32 safetensors (the routing bias, which has
 // no gradient, and the MTP modules, which transformers does not have, are left out).
 inline void write_gradients_hf(const std::string& path, const Model& model) {
+    const std::vector<float> grads = backend::download(model.grads);  // a copy in host memory
     std::vector<TensorToWrite> out;
     for (const ParamEntry& e : model.layout.entries)
         if (e.mtp_module < 0 && e.kind != ParamKind::routing_bias)
-            out.push_back({e.name, e.shape, model.grads.data() + e.offset, DType::F32});
+            out.push_back({e.name, e.shape, grads.data() + e.offset, DType::F32});
     write_safetensors(path, out);
 }
 

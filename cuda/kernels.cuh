@@ -32,12 +32,14 @@
 // operands between 1e-3 and 1e-2"). The FP8 functions are bitwise equal to the CPU ones (quantization is exact
 // arithmetic plus one IEEE division; the FP8 GEMM is the hardware the header simulates).
 //
-// How a model calls these: the header's Model calls matmul_forward(...), rmsnorm_forward(...), ... unqualified. A GPU
-// build can compile the same model code with `namespace K = dsv3::cuda;` (or `using namespace dsv3::cuda;` inside a
-// backend namespace) and allocate its parameter, gradient, moment and activation buffers with cuda::DeviceBuffer /
-// cuda::device_alloc instead of std::vector / Arena. Three kernels take host-side structures, exactly as on the CPU:
-// rope_* take the header's RopeTable (uploaded to the device on first use and cached), router_* take the Config,
-// and the MoE permutation is planned on the host (cuda::MoePermutation holds the host plan and its device copy).
+// How a model calls these: the header's Model (sections 6-7) calls backend::matmul_forward(...), ... and keeps its
+// parameters, gradients, AdamW moments and activations in backend::Buffer / backend::Arena (header section 4.13). A
+// translation unit that defines DSV3_BACKEND_CUDA before including deepseek_v3.hpp gets `namespace backend =
+// dsv3::cuda`: the header includes this file in the middle (after its section 4), and backend.cuh adds the buffers,
+// the device arena and the model's plumbing kernels (section 4.12). cuda/train_cuda.cu is examples/train.cpp built
+// that way. Three kernels take host-side structures, exactly as on the CPU: rope_* take the header's RopeTable
+// (uploaded to the device on first use and cached), router_* take the Config, and the MoE permutation is planned on
+// the host (cuda::MoePermutation holds the host plan and its device copy).
 //
 // Build: nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a (wgmma needs the "a" target; with plain -arch=sm_90
 // fp8_gemm falls back to a CUDA-core emulation of the tensor core that gives the same bits, slowly). Link -lcublas.
@@ -45,7 +47,8 @@
 // torch._scaled_mm, absorbed decoding vs the copy bandwidth); the measured figures are in fp8.cuh and mla_decode.cuh.
 //
 // Files: kernels.cuh (this: errors, device memory, section-3 kernels), fp8.cuh (quantization, fp8_gemm),
-// mla_decode.cuh (mla_decode_absorbed). Include kernels.cuh only.
+// mla_decode.cuh (mla_decode_absorbed), backend.cuh (what the model needs besides the kernels). Include kernels.cuh
+// only.
 #pragma once
 
 // The header is host code; nvcc's front end does not know GCC's "#pragma GCC unroll" in it: silence that warning.
@@ -941,3 +944,4 @@ inline void adamw_update(float* p, const float* g, float* m, float* v, int64_t n
 
 #include "fp8.cuh"
 #include "mla_decode.cuh"
+#include "backend.cuh"

@@ -4,6 +4,7 @@
 //   build/train                                   Tiny Shakespeare if data/tinyshakespeare.txt exists
 //   build/train --data FILE --steps 2000 --out runs/tiny
 //   build/train --resume runs/tiny/checkpoint.bin  continue bit for bit where a run stopped
+//   build/train_cuda --preset small                the same program on the GPU (`make cuda`; cuda/train_cuda.cu)
 //
 // Prints progress (step, loss, tokens/s, ETA), validation loss and MaxVio every --eval-every steps, and at the end
 // saves the checkpoint (also at every evaluation, so that --resume can continue a stopped run), a Hugging Face
@@ -19,7 +20,7 @@
 using namespace dsv3;
 
 struct Args {
-    std::string data, out = "runs/tiny", resume, preset = "tiny";
+    std::string data, out = "runs/tiny", resume, preset = "tiny", loss_log;
     int steps = 2000, batch = 16, seq = 64, warmup = 100, eval_every = 200, eval_windows = 64, seed = 1, sample = 300;
     float lr = 3e-3f, min_lr = 3e-4f, mtp_lambda = 0.3f, bias_speed = -1, balance_alpha = 0.0001f;
     std::string schedule = "cosine", balance = "none";
@@ -29,7 +30,8 @@ struct Args {
 
 static void usage() {
     std::printf(
-        "usage: train [--data FILE] [--out DIR] [--resume CKPT] [--steps N] [--batch B] [--seq T] [--lr X]\n"
+        "usage: train [--preset tiny|small] [--data FILE] [--out DIR] [--resume CKPT] [--steps N] [--batch B] [--seq T]\n"
+        "             [--lr X] [--loss-log FILE]\n"
         "             [--min-lr X] [--warmup N] [--schedule cosine|v3|multi_step] [--eval-every N]\n"
         "             [--eval-windows N] [--balance none|sequence|expert] [--balance-alpha A] [--bias-speed G]\n"
         "             [--no-bias-update] [--mtp-lambda L] [--seed S] [--sample N] [--time-limit SECONDS]\n");
@@ -44,6 +46,8 @@ static Args parse(int argc, char** argv) {
             return argv[++i];
         };
         if (k == "--data") a.data = value();
+        else if (k == "--preset") a.preset = value();
+        else if (k == "--loss-log") a.loss_log = value();
         else if (k == "--out") a.out = value();
         else if (k == "--resume") a.resume = value();
         else if (k == "--steps") a.steps = std::stoi(value());
@@ -114,7 +118,8 @@ static void write_plots(Model& model, const std::string& dir, const std::vector<
     const int T = int(prompt.size());
     model.forward(row.data(), 1, T, opt);
     const float* probs = model.attention_probs(model.cfg.n_layers - 1);  // head 0 of the last layer
-    std::vector<float> w(probs, probs + size_t(T) * T);
+    std::vector<float> w(size_t(T) * T);
+    backend::to_host(w.data(), probs, w.size());  // (device memory on the GPU backend)
     std::vector<std::string> labels;
     for (char ch : prompt) labels.push_back(ch == '\n' ? "\\n" : std::string(1, ch));
     plot_attention(dir + "/attention.png", "Attention, last layer, head 0", w, labels);
@@ -123,7 +128,8 @@ static void write_plots(Model& model, const std::string& dir, const std::vector<
 int main(int argc, char** argv) {
     try {
         Args a = parse(argc, argv);
-        Config cfg = Config::tiny();
+        if (a.preset != "tiny" && a.preset != "small") fail("--preset: unknown \"", a.preset, "\" (tiny or small)");
+        Config cfg = a.preset == "small" ? Config::small() : Config::tiny();
         if (a.bias_speed >= 0) cfg.bias_update_speed = a.bias_speed;
         if (a.seq > cfg.max_seq_len) fail("--seq ", a.seq, " exceeds the preset's max_seq_len ", cfg.max_seq_len);
         cfg.max_seq_len = a.seq;  // the model's context is what it is trained on (generation slides past it)
@@ -154,6 +160,10 @@ int main(int argc, char** argv) {
                     "%.2fM in MTP) | batch %d x %d | %d threads\n", source.c_str(), train.size(), val.size(),
                     pc.total / 1e6, pc.activated / 1e6, pc.mtp / 1e6, a.batch, a.seq, thread_count());
         make_directories(a.out);
+        if (!backend::host_memory) std::printf("  backend: CUDA (model and optimizer in GPU memory)\n");
+        FILE* loss_log = a.loss_log.empty() ? nullptr : std::fopen(a.loss_log.c_str(), "w");
+        if (!a.loss_log.empty() && !loss_log) fail("--loss-log ", a.loss_log, ": cannot open for writing");
+        double train_seconds = 0;  // the training steps alone, the first one (warm-up) excluded
         std::vector<int32_t> batch(size_t(a.batch) * (a.seq + 1));
         std::vector<PlotSeries> curves = {{"train", {}, {}}, {"validation", {}, {}}, {"MTP (train, depth 1)", {}, {}}};
         std::vector<std::vector<float>> load_rows;
@@ -165,7 +175,11 @@ int main(int argc, char** argv) {
         for (int step = opt.step; step < a.steps; ++step) {
             sample_batch(train, a.batch, a.seq, uint64_t(a.seed), step, batch.data());
             const float lr = sched.at(step);
+            const double step_start = now_seconds();
             const StepResult r = train_step(model, opt, batch.data(), a.batch, a.seq, lr, lopt, a.bias_update);
+            if (step > first_step) train_seconds += now_seconds() - step_start;
+            if (loss_log) std::fprintf(loss_log, "%d %.9g %.9g %.9g\n", step + 1, r.loss.main,
+                                       r.loss.mtp.empty() ? 0.0 : r.loss.mtp[0], r.grad_norm);
             smooth = step == first_step ? r.loss.main : 0.9 * smooth + 0.1 * r.loss.main;
             if (step % 10 == 9) {
                 curves[0].x.push_back(step + 1); curves[0].y.push_back(smooth);
@@ -200,6 +214,10 @@ int main(int argc, char** argv) {
                 if (!last) save_checkpoint(a.out + "/checkpoint.bin", model, opt);  // --resume continues from here
             }
             if (last) {
+                if (done > 1)
+                    std::printf("training: %.0f tokens/s over steps %d-%d (%.3f s per step)\n",
+                                double(done - 1) * a.batch * a.seq / train_seconds, first_step + 2, step + 1,
+                                train_seconds / (done - 1));
                 save_checkpoint(a.out + "/checkpoint.bin", model, opt);
                 save_hf(a.out + "/hf", model);  // config.json + model.safetensors: transformers loads it
                 write_plots(model, a.out, curves, load_rows, load_labels);
@@ -208,7 +226,9 @@ int main(int argc, char** argv) {
                 break;
             }
         }
-        if (a.sample > 0) std::printf("\nsample:\n%s\n", sample_text(model, "\n", a.sample, uint64_t(a.seed)).c_str());
+        if (loss_log) std::fclose(loss_log);
+        if (a.sample > 0 && !backend::host_memory) std::printf("\n(no sample: decoding runs on the CPU backend only)\n");
+        else if (a.sample > 0) std::printf("\nsample:\n%s\n", sample_text(model, "\n", a.sample, uint64_t(a.seed)).c_str());
         return 0;
     } catch (const std::exception& e) {
         std::fprintf(stderr, "error: %s\n", e.what());

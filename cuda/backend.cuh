@@ -1,0 +1,182 @@
+// cuda/backend.cuh — what the header's model (sections 6-7) needs from a backend besides the kernels of section 4:
+// buffers and an activation arena in device memory, the host transfers, and the plumbing kernels of section 4.12
+// (fill, copy, residual add, scale, sum of squares, BF16 rounding, column concat/split, MLA's key/value assembly).
+// Included by kernels.cuh; a translation unit that defines DSV3_BACKEND_CUDA before including deepseek_v3.hpp runs
+// the header's Model on these (namespace dsv3::backend = dsv3::cuda).
+#pragma once
+
+namespace dsv3 {
+namespace cuda {
+
+// --- buffers, transfers, the host plan -------------------------------------------------------------------------------
+template <class T> using Buffer = DeviceBuffer<T>;
+constexpr bool host_memory = false;
+template <class T> void upload(Buffer<T>& dst, const std::vector<T>& host) { dst.upload(host); }
+template <class T> std::vector<T> download(const Buffer<T>& src) { return src.download(); }
+template <class T> void to_device(T* dst, const T* host, size_t n) {
+    if (n) DSV3_CUDA_CHECK(cudaMemcpy(dst, host, n * sizeof(T), cudaMemcpyHostToDevice));
+}
+template <class T> void to_host(T* host, const T* src, size_t n) {
+    if (n) DSV3_CUDA_CHECK(cudaMemcpy(host, src, n * sizeof(T), cudaMemcpyDeviceToHost));
+}
+inline const dsv3::MoePermutation& host_plan(const MoePermutation& p) { return p.host; }
+
+// The activation arena of section 2 in device memory: the same take / zeros / mark / release, blocks of cudaMalloc'd
+// memory that are kept and reused from step to step (no allocation after the first step). All work is on stream 0,
+// in order, so memory released and taken again is only written after the kernels that read it before.
+class Arena {
+  public:
+    float* take(size_t n) {
+        n = (n + 63) & ~size_t(63);  // 256-byte aligned
+        while (true) {
+            if (block_ == blocks_.size()) blocks_.emplace_back(std::max(n, kBlock));
+            DeviceBuffer<float>& b = blocks_[block_];
+            if (used_ + n <= b.size()) {
+                float* p = b.data() + used_;
+                used_ += n;
+                return p;
+            }
+            if (used_ == 0) { b.resize(std::max(n, kBlock)); continue; }  // an empty block that is too small
+            ++block_;
+            used_ = 0;
+        }
+    }
+    float* zeros(size_t n) {
+        float* p = take(n);
+        DSV3_CUDA_CHECK(cudaMemsetAsync(p, 0, n * sizeof(float), 0));
+        return p;
+    }
+    struct Mark { size_t block, used; };
+    Mark mark() const { return {block_, used_}; }
+    void release(Mark m) { block_ = m.block; used_ = m.used; }
+    void reset() { release({0, 0}); }
+
+  private:
+    static constexpr size_t kBlock = size_t(1) << 26;  // 256 MiB
+    std::vector<DeviceBuffer<float>> blocks_;
+    size_t block_ = 0, used_ = 0;
+};
+
+// --- 4.12 the model's plumbing ---------------------------------------------------------------------------------------
+namespace detail {
+__global__ void add_inplace_kernel(float* y, const float* x, int64_t n) {
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+        y[i] += x[i];
+}
+__global__ void scale_inplace_kernel(float* x, int64_t n, float s) {
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+        x[i] *= s;
+}
+__global__ void bf16_round_inplace_kernel(float* x, int64_t n) {
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+        x[i] = __bfloat162float(__float2bfloat16_rn(x[i]));  // round to nearest even, as the header's bf16_round
+}
+// Fixed grid, grid-stride partial sums in double, a fixed-order tree per block: deterministic for a given n.
+__global__ void sum_of_squares_kernel(double* partial, const float* x, int64_t n) {
+    __shared__ double red[32];
+    double acc = 0;
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+        acc += double(x[i]) * x[i];
+    acc = block_sum_d(acc, red);
+    if (threadIdx.x == 0) partial[blockIdx.x] = acc;
+}
+// One block per row t: out[t] = [a[t] ; b[t]] (concat) or the reverse (split).
+__global__ void concat_columns_kernel(float* out, const float* a, const float* b, int da, int db) {
+    const int64_t t = blockIdx.x;
+    for (int i = threadIdx.x; i < da + db; i += blockDim.x)
+        out[t * (da + db) + i] = i < da ? a[t * da + i] : b[t * db + i - da];
+}
+__global__ void split_columns_kernel(float* a, float* b, const float* in, int da, int db) {
+    const int64_t t = blockIdx.x;
+    for (int i = threadIdx.x; i < da + db; i += blockDim.x) {
+        const float x = in[t * (da + db) + i];
+        if (i < da) a[t * da + i] = x;
+        else b[t * db + i - da] = x;
+    }
+}
+// One block per token t, all heads.
+__global__ void mla_keys_values_forward_kernel(float* k, float* v, const float* kv, const float* k_rope, int H, int dh,
+                                               int dr, int dv) {
+    const int64_t t = blockIdx.x;
+    for (int j = threadIdx.x; j < H * (dh + dr); j += blockDim.x) {
+        const int h = j / (dh + dr), i = j % (dh + dr);
+        k[t * H * (dh + dr) + j] = i < dh ? kv[(t * H + h) * (dh + dv) + i] : k_rope[t * dr + i - dh];
+    }
+    for (int j = threadIdx.x; j < H * dv; j += blockDim.x) {
+        const int h = j / dv, i = j % dv;
+        v[t * H * dv + j] = kv[(t * H + h) * (dh + dv) + dh + i];
+    }
+}
+__global__ void mla_keys_values_backward_kernel(float* dkv, float* dk_rope, const float* dk, const float* dv, int H,
+                                                int dh, int dr, int dv_) {
+    const int64_t t = blockIdx.x;
+    for (int j = threadIdx.x; j < H * (dh + dv_); j += blockDim.x) {
+        const int h = j / (dh + dv_), i = j % (dh + dv_);
+        dkv[t * H * (dh + dv_) + j] = i < dh ? dk[(t * H + h) * (dh + dr) + i] : dv[(t * H + h) * dv_ + i - dh];
+    }
+    for (int i = threadIdx.x; i < dr; i += blockDim.x) {
+        float acc = dk_rope[t * dr + i];
+        for (int h = 0; h < H; ++h) acc += dk[(t * H + h) * (dh + dr) + dh + i];  // heads in order, like the CPU
+        dk_rope[t * dr + i] = acc;
+    }
+}
+}  // namespace detail
+
+inline void fill_zero(float* x, int64_t n) {
+    if (n > 0) DSV3_CUDA_CHECK(cudaMemsetAsync(x, 0, size_t(n) * sizeof(float), 0));
+}
+inline void copy_values(float* y, const float* x, int64_t n) {
+    if (n > 0) DSV3_CUDA_CHECK(cudaMemcpyAsync(y, x, size_t(n) * sizeof(float), cudaMemcpyDeviceToDevice, 0));
+}
+inline void add_inplace(float* y, const float* x, int64_t n) {
+    if (n <= 0) return;
+    detail::add_inplace_kernel<<<std::min(grid_for(n, 256), 8192), 256>>>(y, x, n);
+    DSV3_CUDA_CHECK_LAUNCH();
+}
+inline void scale_inplace(float* x, int64_t n, float s) {
+    if (n <= 0) return;
+    detail::scale_inplace_kernel<<<std::min(grid_for(n, 256), 8192), 256>>>(x, n, s);
+    DSV3_CUDA_CHECK_LAUNCH();
+}
+inline void bf16_round_inplace(float* x, int64_t n) {
+    if (n <= 0) return;
+    detail::bf16_round_inplace_kernel<<<std::min(grid_for(n, 256), 8192), 256>>>(x, n);
+    DSV3_CUDA_CHECK_LAUNCH();
+}
+inline double sum_of_squares(const float* x, int64_t n) {  // synchronises: the sum comes back to the host
+    if (n <= 0) return 0.0;
+    const int blocks = std::min(grid_for(n, 256), 1024);
+    double* partial = static_cast<double*>(scratch(Slot::reduce, sizeof(double) * size_t(blocks)));
+    detail::sum_of_squares_kernel<<<blocks, 256>>>(partial, x, n);
+    DSV3_CUDA_CHECK_LAUNCH();
+    std::vector<double> host(size_t(blocks), 0.0);
+    DSV3_CUDA_CHECK(cudaMemcpy(host.data(), partial, sizeof(double) * size_t(blocks), cudaMemcpyDeviceToHost));
+    double total = 0;
+    for (double p : host) total += p;  // blocks in order
+    return total;
+}
+inline void concat_columns(float* out, const float* a, const float* b, int T, int da, int db) {
+    if (T <= 0 || da + db <= 0) return;
+    detail::concat_columns_kernel<<<T, 128>>>(out, a, b, da, db);
+    DSV3_CUDA_CHECK_LAUNCH();
+}
+inline void split_columns(float* a, float* b, const float* in, int T, int da, int db) {
+    if (T <= 0 || da + db <= 0) return;
+    detail::split_columns_kernel<<<T, 128>>>(a, b, in, da, db);
+    DSV3_CUDA_CHECK_LAUNCH();
+}
+inline void mla_keys_values_forward(float* k, float* v, const float* kv, const float* k_rope, int T, int H, int dh,
+                                    int dr, int dv) {
+    if (T <= 0 || H <= 0) return;
+    detail::mla_keys_values_forward_kernel<<<T, 256>>>(k, v, kv, k_rope, H, dh, dr, dv);
+    DSV3_CUDA_CHECK_LAUNCH();
+}
+inline void mla_keys_values_backward(float* dkv, float* dk_rope, const float* dk, const float* dv, int T, int H,
+                                     int dh, int dr, int dv_) {
+    if (T <= 0 || H <= 0) return;
+    detail::mla_keys_values_backward_kernel<<<T, 256>>>(dkv, dk_rope, dk, dv, H, dh, dr, dv_);
+    DSV3_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace cuda
+}  // namespace dsv3
