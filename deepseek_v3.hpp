@@ -3552,7 +3552,6 @@ inline std::vector<int32_t> generate(Model& model, const std::vector<int32_t>& p
     return out;
 }
 
-#if !defined(DSV3_BACKEND_CUDA)  // the ranks of this section are host buffers; a GPU build leaves it out
 // =====================================================================================================================
 // 9. PARALLELISM: DATA PARALLEL AND EXPERT PARALLEL OVER RANKS   [V3 §3.2; Fire-Flyer AI-HPC §IV, arXiv 2408.14158]
 // =====================================================================================================================
@@ -3784,6 +3783,7 @@ inline RowShare row_share(int B, int R, int r) {
     return {first, last - first};
 }
 
+#if !defined(DSV3_BACKEND_CUDA)  // 9.4-9.5 work on host buffers; cuda/train_multi_gpu.cu is the GPU version of 9.5
 // --- 9.4 expert parallelism: dispatch, local experts, combine   [V3 §3.2] ------------------------------------------
 // Per MoE layer, on rank r, with n tokens routed locally (chosen: [n, K], perm: the grouping of section 4.10):
 //

@@ -142,20 +142,22 @@ class DeviceBuffer {
 };
 
 // Scratch memory of the backend: a few named slots that grow on demand and are reused by later calls (BF16 copies
-// of GEMM inputs, attention's dscore matrix, decoding's partial sums). One per process; calls on one host thread.
+// of GEMM inputs, attention's dscore matrix, decoding's partial sums). One set per host thread, and so per GPU when
+// each GPU has its own thread (build/train_multi_gpu).
 // Slot contents are dead after the function that took them returns.
 enum class Slot { bf16_a, bf16_b, attn_dscore, reduce, decode_partial, decode_stats, fp8_a, fp8_b, fp8_bt, fp8_sa,
                   fp8_sb, fp8_sbt, count };
 inline void* scratch(Slot slot, size_t bytes) {
-    static DeviceBuffer<unsigned char> slots[int(Slot::count)];
+    static thread_local DeviceBuffer<unsigned char> slots[int(Slot::count)];
     DeviceBuffer<unsigned char>& b = slots[int(slot)];
     if (b.size() < bytes) b.resize(bytes + bytes / 4);   // grow with some headroom, never shrink
     return b.data();
 }
 
-// The cuBLAS handle of the backend (created on first use, bound to the default stream).
+// The cuBLAS handle of the backend (created on first use, bound to the default stream), one per host thread: a handle
+// belongs to the GPU that was current when it was created.
 inline cublasHandle_t cublas() {
-    static cublasHandle_t h = [] {
+    static thread_local cublasHandle_t h = [] {
         cublasHandle_t handle;
         DSV3_CUBLAS_CHECK(cublasCreate(&handle));
         // Pedantic math: no reduced-precision shortcuts beyond what we ask for explicitly (BF16 inputs).
