@@ -87,7 +87,7 @@ NVCCFLAGS  ?= -O3 -std=c++17 $(CUDA_GENCODE) -Xcompiler -fopenmp $(CUDA_INC)
 CUDA_DEPS  := $(HEADER) $(wildcard cuda/*.cuh)
 
 .PHONY: cuda test-cuda
-cuda: $(BUILD)/test_cuda $(BUILD)/bench_cuda $(BUILD)/test_multi_gpu $(BUILD)/bench_multi_gpu $(BUILD)/train_multi_gpu
+cuda: $(BUILD)/test_cuda $(BUILD)/bench_cuda $(BUILD)/test_multi_gpu $(BUILD)/bench_multi_gpu $(BUILD)/train_multi_gpu $(BUILD)/generate_cuda
 
 $(BUILD)/test_cuda: cuda/test_cuda.cu $(CUDA_DEPS) | $(BUILD)
 	$(NVCC) $(NVCCFLAGS) $< -o $@ -lcublas
@@ -100,6 +100,9 @@ $(BUILD)/test_multi_gpu: cuda/test_multi_gpu.cu $(CUDA_DEPS) | $(BUILD)
 	$(NVCC) $(NVCCFLAGS) $< -o $@ -lcublas
 
 $(BUILD)/bench_multi_gpu: cuda/bench_multi_gpu.cu $(CUDA_DEPS) | $(BUILD)
+	$(NVCC) $(NVCCFLAGS) $< -o $@ -lcublas
+
+$(BUILD)/generate_cuda: cuda/generate_cuda.cu $(CUDA_DEPS) examples/generate.cpp | $(BUILD)
 	$(NVCC) $(NVCCFLAGS) $< -o $@ -lcublas
 
 $(BUILD)/train_multi_gpu: cuda/train_multi_gpu.cu $(CUDA_DEPS) $(wildcard examples/*.cpp) | $(BUILD)

@@ -2499,6 +2499,7 @@ class Model {
     }
     // Inference (section 8): run n new tokens at the cache's next positions; logits: [n, vocab]; hidden: [n, dim]
     // (optional) the last block's output, which the MTP module reads. absorbed: attention in the latent space.
+    // tokens, logits, hidden and h are host memory on every backend (the sampler runs on the host).
     void decode(const int32_t* tokens, int n, KvCache& cache, float* logits, float* hidden = nullptr,
                 bool absorbed = true);
     void decode_mtp(const float* h, const int32_t* next_tokens, int n, KvCache& cache, float* logits,
@@ -3179,12 +3180,14 @@ inline void load_checkpoint(const std::string& path, Model& model, AdamW& opt) {
 struct KvCache {
     int n_layers = 0, max_len = 0, dc = 0, dr = 0;
     int len = 0;
-    std::vector<float> ckv;     // [n_layers, max_len, dc]   c^KV_t after its RMSNorm (eq. 1)
-    std::vector<float> k_rope;  // [n_layers, max_len, dr]   k^R_t after RoPE (eq. 3)
+    backend::Buffer<float> ckv;     // [n_layers, max_len, dc]   c^KV_t after its RMSNorm (eq. 1)
+    backend::Buffer<float> k_rope;  // [n_layers, max_len, dr]   k^R_t after RoPE (eq. 3)
     KvCache() = default;
     KvCache(const Config& c, int layers, int max_positions)
-        : n_layers(layers), max_len(max_positions), dc(c.kv_lora_rank), dr(c.qk_rope_head_dim),
-          ckv(size_t(layers) * max_positions * c.kv_lora_rank), k_rope(size_t(layers) * max_positions * dr) {}
+        : n_layers(layers), max_len(max_positions), dc(c.kv_lora_rank), dr(c.qk_rope_head_dim) {
+        backend::upload(ckv, std::vector<float>(size_t(layers) * max_positions * dc, 0.0f));
+        backend::upload(k_rope, std::vector<float>(size_t(layers) * max_positions * dr, 0.0f));
+    }
     float* ckv_at(int layer, int pos) { return ckv.data() + (size_t(layer) * max_len + pos) * dc; }
     float* k_rope_at(int layer, int pos) { return k_rope.data() + (size_t(layer) * max_len + pos) * dr; }
     // What this cache holds per token in V3's BF16: equals kv_cache_bytes_mla(cfg) for the main model.
@@ -3222,7 +3225,7 @@ inline void attend_one(float* o, int L, int dim, float scale, const Score& score
 // q_lat: [n, H, dc]; q_rope: [n, H, dr]; ckv: [L, dc]; k_rope: [L, dr]. Every (t, h) is computed alone, in the same
 // order whatever n is, so a position's output does not depend on how many tokens its step decodes (the exactness of
 // speculative decoding rests on this).
-inline void mla_decode_absorbed(float* o_lat, const float* q_lat, const float* q_rope, const float* ckv,
+inline void mla_attend_latent(float* o_lat, const float* q_lat, const float* q_rope, const float* ckv,
                                 const float* k_rope, int n, int pos0, int H, int dc, int dr, float scale) {
     parallel_for(int64_t(n) * H, [&](int64_t job) {
         const int t = int(job / H);
@@ -3254,6 +3257,36 @@ inline void attention_decode_naive(float* o, const float* q, const float* k, con
     });
 }
 
+// The two absorptions, per row t and head h; W_ukv: [H·(dh+dv), dc] (kv_b_proj): head h's rows are W^UK_h [dh, dc],
+// then W^UV_h [dv, dc]. q: [n, H, dh + dr] -> q_lat[t,h] = W^UK_hᵀ q^C[t,h]: [n, H, dc], q_rope: [n, H, dr] (a copy).
+inline void mla_absorb_query(float* q_lat, float* q_rope, const float* q, const float* W_ukv, int n, int H, int dh,
+                             int dr, int dv, int dc) {
+    parallel_for(int64_t(n) * H, [&](int64_t job) {
+        const int h = int(job % H);
+        const float* qc = q + job * (dh + dr);
+        const float* Wk = W_ukv + int64_t(h) * (dh + dv) * dc;
+        float* ql = q_lat + job * dc;
+        for (int j = 0; j < dc; ++j) ql[j] = 0;
+        for (int i = 0; i < dh; ++i)
+            for (int j = 0; j < dc; ++j) ql[j] += qc[i] * Wk[int64_t(i) * dc + j];
+        std::memcpy(q_rope + job * dr, qc + dh, sizeof(float) * size_t(dr));
+    });
+}
+// o[t,h] = W^UV_h o_lat[t,h]: o_lat [n, H, dc] -> o [n, H, dv]
+inline void mla_absorb_output(float* o, const float* o_lat, const float* W_ukv, int n, int H, int dh, int dv, int dc) {
+    parallel_for(int64_t(n) * H, [&](int64_t job) {
+        const int h = int(job % H);
+        const float* Wv = W_ukv + (int64_t(h) * (dh + dv) + dh) * dc;
+        const float* ol = o_lat + job * dc;
+        float* ot = o + job * dv;
+        for (int i = 0; i < dv; ++i) {
+            float s = 0;
+            for (int j = 0; j < dc; ++j) s += Wv[int64_t(i) * dc + j] * ol[j];
+            ot[i] = s;
+        }
+    });
+}
+
 // --- 8.3 the model on new tokens -----------------------------------------------------------------------------------
 // One MLA layer on n new rows x: [n, d] at positions cache.len .. cache.len+n-1; writes their c^KV and k^R into the
 // cache (layer `layer`) and out: [n, d].
@@ -3274,17 +3307,15 @@ inline void Model::attention_decode_(const Attention& a, const float* x, float* 
     } else {
         linear_forward(q, x, a.q, n);
     }
-    rope_forward(q, n, H * dqk, dh, H, dqk, pos0, n, rope);
-    // the new tokens' cache entries: c^KV = RMSNorm(W^DKV h), k^R = RoPE(W^KR h)   (eqs. 1, 3)
+    backend::rope_forward(q, n, H * dqk, dh, H, dqk, pos0, n, rope);
+    // the new tokens' cache entries, written in place: c^KV = RMSNorm(W^DKV h), k^R = RoPE(W^KR h)   (eqs. 1, 3)
     float* kv_a = arena_.take(size_t(n) * (dc + dr));
+    float* ckv_raw = arena_.take(size_t(n) * dc);
     float* rstd = arena_.take(size_t(n));
     linear_forward(kv_a, x, a.kv_a, n);
-    for (int t = 0; t < n; ++t) {
-        rmsnorm_forward(cache.ckv_at(layer, pos0 + t), rstd + t, kv_a + int64_t(t) * (dc + dr), P(a.kv_norm.g), 1, dc,
-                        cfg.rms_norm_eps);
-        std::memcpy(cache.k_rope_at(layer, pos0 + t), kv_a + int64_t(t) * (dc + dr) + dc, sizeof(float) * size_t(dr));
-    }
-    rope_forward(cache.k_rope_at(layer, pos0), n, dr, 0, 1, dr, pos0, n, rope);
+    backend::split_columns(ckv_raw, cache.k_rope_at(layer, pos0), kv_a, n, dc, dr);
+    norm_forward(cache.ckv_at(layer, pos0), rstd, ckv_raw, a.kv_norm, n);
+    backend::rope_forward(cache.k_rope_at(layer, pos0), n, dr, 0, 1, dr, pos0, n, rope);
     const float* ckv = cache.ckv_at(layer, 0);      // [L, dc]
     const float* k_rope = cache.k_rope_at(layer, 0);  // [L, dr]
     const float* W_ukv = P(a.kv_b.w);              // [H·(dh+dv), dc]: head h is rows h·(dh+dv) .. (h+1)·(dh+dv)
@@ -3293,45 +3324,17 @@ inline void Model::attention_decode_(const Attention& a, const float* x, float* 
         float* q_lat = arena_.take(size_t(n) * H * dc);
         float* q_rope = arena_.take(size_t(n) * H * dr);
         float* o_lat = arena_.take(size_t(n) * H * dc);
-        // q_lat[t,h] = W^UK_hᵀ q^C[t,h]: [dc]
-        parallel_for(int64_t(n) * H, [&](int64_t job) {
-            const int h = int(job % H);
-            const float* qc = q + job * dqk;
-            const float* Wk = W_ukv + int64_t(h) * (dh + dv) * dc;
-            float* ql = q_lat + job * dc;
-            for (int j = 0; j < dc; ++j) ql[j] = 0;
-            for (int i = 0; i < dh; ++i)
-                for (int j = 0; j < dc; ++j) ql[j] += qc[i] * Wk[int64_t(i) * dc + j];
-            std::memcpy(q_rope + job * dr, qc + dh, sizeof(float) * size_t(dr));
-        });
-        mla_decode_absorbed(o_lat, q_lat, q_rope, ckv, k_rope, n, pos0, H, dc, dr, scale);
-        // o[t,h] = W^UV_h o_lat[t,h]: [dv]
-        parallel_for(int64_t(n) * H, [&](int64_t job) {
-            const int h = int(job % H);
-            const float* Wv = W_ukv + (int64_t(h) * (dh + dv) + dh) * dc;
-            const float* ol = o_lat + job * dc;
-            float* ot = o + job * dv;
-            for (int i = 0; i < dv; ++i) {
-                float s = 0;
-                for (int j = 0; j < dc; ++j) s += Wv[int64_t(i) * dc + j] * ol[j];
-                ot[i] = s;
-            }
-        });
+        backend::mla_absorb_query(q_lat, q_rope, q, W_ukv, n, H, dh, dr, dv, dc);
+        backend::mla_attend_latent(o_lat, q_lat, q_rope, ckv, k_rope, n, pos0, H, dc, dr, scale);
+        backend::mla_absorb_output(o, o_lat, W_ukv, n, H, dh, dv, dc);
     } else {
         // up-project the whole cache to per-head keys and values, then ordinary attention
         float* kv = arena_.take(size_t(L) * H * (dh + dv));
         linear_forward(kv, ckv, a.kv_b, L);
         float* k = arena_.take(size_t(L) * H * dqk);
         float* v = arena_.take(size_t(L) * H * dv);
-        parallel_for(L, [&](int64_t s) {
-            for (int h = 0; h < H; ++h) {
-                const float* src = kv + (s * H + h) * (dh + dv);
-                std::memcpy(k + (s * H + h) * dqk, src, sizeof(float) * size_t(dh));
-                std::memcpy(k + (s * H + h) * dqk + dh, k_rope + s * dr, sizeof(float) * size_t(dr));
-                std::memcpy(v + (s * H + h) * dv, src + dh, sizeof(float) * size_t(dv));
-            }
-        });
-        attention_decode_naive(o, q, k, v, n, pos0, H, dqk, dv, scale);
+        backend::mla_keys_values_forward(k, v, kv, k_rope, L, H, dh, dr, dv);
+        backend::attention_decode_naive(o, q, k, v, n, pos0, H, dqk, dv, scale);
     }
     linear_forward(out, o, a.o, n);
 }
@@ -3345,16 +3348,15 @@ inline void Model::block_decode_(BlockCache& c, const Block& b, const float* h_i
     float* h_mid = arena_.take(size_t(n) * d);
     norm_forward(xn, rstd, h_in, b.attn_norm, n);
     attention_decode_(b.attn, xn, h_mid, n, cache, layer, absorbed);
-    for (int64_t i = 0; i < int64_t(n) * d; ++i) h_mid[i] += h_in[i];
+    backend::add_inplace(h_mid, h_in, int64_t(n) * d);
     norm_forward(xn, rstd, h_mid, b.ffn_norm, n);
     double unused = 0;
     if (b.is_moe) moe_forward_(c.moe, b.moe, xn, h_out, &unused);
     else ffn_forward_(c.ffn, b.ffn, xn, h_out, n);
-    for (int64_t i = 0; i < int64_t(n) * d; ++i) h_out[i] += h_mid[i];
+    backend::add_inplace(h_out, h_mid, int64_t(n) * d);
 }
 
 inline void Model::begin_decode_(int n, const KvCache& cache, int layers, const char* who) {
-    if (!backend::host_memory) fail(who, ": decoding runs on the CPU backend only (the GPU backend trains)");
     if (n <= 0) fail(who, ": need at least one new token, got ", n);
     if (cache.n_layers != layers || cache.dc != cfg.kv_lora_rank || cache.dr != cfg.qk_rope_head_dim)
         fail(who, ": the KvCache was made for ", cache.n_layers, " layers of (", cache.dc, " + ", cache.dr,
@@ -3375,18 +3377,21 @@ inline void Model::decode(const int32_t* tokens, int n, KvCache& cache, float* l
     const int d = cfg.dim, V = cfg.vocab_size;
     for (int t = 0; t < n; ++t)
         if (tokens[t] < 0 || tokens[t] >= V) fail("Model::decode: token ", tokens[t], " outside the vocabulary [0, ", V, ")");
+    backend::upload(inputs_, std::vector<int32_t>(tokens, tokens + n));  // (to the GPU on a GPU backend)
     float* h = arena_.take(size_t(n) * d);
-    embedding_forward(h, tokens, P(layout.embed), n, d, V);
+    backend::embedding_forward(h, inputs_.data(), P(layout.embed), n, d, V);
     for (size_t l = 0; l < layout.blocks.size(); ++l) {
         float* h_next = arena_.take(size_t(n) * d);
         block_decode_(blocks_[l], layout.blocks[l], h, h_next, n, cache, int(l), absorbed);
         h = h_next;
     }
-    if (hidden) std::memcpy(hidden, h, sizeof(float) * size_t(n) * d);
+    if (hidden) backend::to_host(hidden, h, size_t(n) * d);
     float* hn = arena_.take(size_t(n) * d);
     float* rstd = arena_.take(size_t(n));
+    float* z = arena_.take(size_t(n) * V);
     norm_forward(hn, rstd, h, layout.final_norm, n);
-    linear_forward(logits, hn, layout.head, n);
+    linear_forward(z, hn, layout.head, n);
+    backend::to_host(logits, z, size_t(n) * V);
     cache.len += n;
 }
 
@@ -3398,21 +3403,27 @@ inline void Model::decode_mtp(const float* h, const int32_t* next_tokens, int n,
     begin_decode_(n, cache, 1, "Model::decode_mtp");
     const int d = cfg.dim, V = cfg.vocab_size;
     const MtpModule& m = layout.mtp[0];
+    backend::upload(targets_, std::vector<int32_t>(next_tokens, next_tokens + n));
     float* emb = arena_.take(size_t(n) * d);
-    embedding_forward(emb, next_tokens, P(layout.embed), n, d, V);
+    float* hd = arena_.take(size_t(n) * d);
+    float* en = arena_.take(size_t(n) * d);
+    float* hn = arena_.take(size_t(n) * d);
     float* cat = arena_.take(size_t(n) * 2 * d);
     float* rstd = arena_.take(size_t(n));
-    for (int t = 0; t < n; ++t) {  // [RMSNorm(Emb(t_{i+1})) ; RMSNorm(h_i)]
-        rmsnorm_forward(cat + int64_t(t) * 2 * d, rstd, emb + int64_t(t) * d, P(m.enorm.g), 1, d, cfg.rms_norm_eps);
-        rmsnorm_forward(cat + int64_t(t) * 2 * d + d, rstd, h + int64_t(t) * d, P(m.hnorm.g), 1, d, cfg.rms_norm_eps);
-    }
+    backend::embedding_forward(emb, targets_.data(), P(layout.embed), n, d, V);
+    backend::to_device(hd, h, size_t(n) * d);
+    norm_forward(en, rstd, emb, m.enorm, n);  // [RMSNorm(Emb(t_{i+1})) ; RMSNorm(h_i)]
+    norm_forward(hn, rstd, hd, m.hnorm, n);
+    backend::concat_columns(cat, en, hn, n, d, d);
     float* proj = arena_.take(size_t(n) * d);
     linear_forward(proj, cat, m.eh_proj, n);
     float* out = arena_.take(size_t(n) * d);
     block_decode_(mtp_[0].block, m.block, proj, out, n, cache, 0, absorbed);
     float* on = arena_.take(size_t(n) * d);
+    float* z = arena_.take(size_t(n) * V);
     norm_forward(on, rstd, out, m.norm, n);
-    linear_forward(logits, on, layout.head, n);
+    linear_forward(z, on, layout.head, n);
+    backend::to_host(logits, z, size_t(n) * V);
     cache.len += n;
 }
 

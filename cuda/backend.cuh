@@ -178,5 +178,114 @@ inline void mla_keys_values_backward(float* dkv, float* dk_rope, const float* dk
     DSV3_CUDA_CHECK_LAUNCH();
 }
 
+// --- decoding (header section 8): the absorbed projections and attention over the cache, one block per (row, head) -
+// Plain kernels in the order of the CPU loops (each output is one thread's sum, in the same order), so a position's
+// result does not depend on how many rows its step decodes. Small and simple: decoding the tiny and small models is
+// dominated by the model's other kernels; cuda/mla_decode.cuh has the bandwidth-tuned batched kernel.
+namespace detail {
+__global__ void mla_absorb_query_kernel(float* q_lat, float* q_rope, const float* q, const float* W_ukv, int H, int dh,
+                                        int dr, int dv, int dc) {
+    const int64_t job = blockIdx.x;  // (t, h)
+    const int h = int(job % H);
+    const float* qc = q + job * (dh + dr);
+    const float* Wk = W_ukv + int64_t(h) * (dh + dv) * dc;
+    for (int j = threadIdx.x; j < dc; j += blockDim.x) {
+        float acc = 0.0f;
+        for (int i = 0; i < dh; ++i) acc = fmaf(qc[i], Wk[int64_t(i) * dc + j], acc);
+        q_lat[job * dc + j] = acc;
+    }
+    for (int i = threadIdx.x; i < dr; i += blockDim.x) q_rope[job * dr + i] = qc[dh + i];
+}
+__global__ void mla_absorb_output_kernel(float* o, const float* o_lat, const float* W_ukv, int H, int dh, int dv, int dc) {
+    const int64_t job = blockIdx.x;
+    const int h = int(job % H);
+    const float* Wv = W_ukv + (int64_t(h) * (dh + dv) + dh) * dc;
+    for (int i = threadIdx.x; i < dv; i += blockDim.x) {
+        float acc = 0.0f;
+        for (int j = 0; j < dc; ++j) acc = fmaf(Wv[int64_t(i) * dc + j], o_lat[job * dc + j], acc);
+        o[job * dv + i] = acc;
+    }
+}
+// softmax over p[0..L) in shared memory, in place (one thread, in order: L is at most the context length)
+__device__ void softmax_in_order(float* p, int L) {
+    if (threadIdx.x == 0) {
+        float mx = -INFINITY, sum = 0.0f;
+        for (int s = 0; s < L; ++s) mx = fmaxf(mx, p[s]);
+        for (int s = 0; s < L; ++s) sum += (p[s] = expf(p[s] - mx));
+        for (int s = 0; s < L; ++s) p[s] = p[s] / sum;
+    }
+    __syncthreads();
+}
+__global__ void mla_attend_latent_kernel(float* o_lat, const float* q_lat, const float* q_rope, const float* ckv,
+                                         const float* k_rope, int pos0, int H, int dc, int dr, float scale) {
+    extern __shared__ float p[];
+    const int64_t job = blockIdx.x;
+    const int L = pos0 + int(job / H) + 1;
+    const float* ql = q_lat + job * dc;
+    const float* qr = q_rope + job * dr;
+    for (int s = threadIdx.x; s < L; s += blockDim.x) {
+        float dot = 0.0f;
+        for (int i = 0; i < dc; ++i) dot = fmaf(ql[i], ckv[int64_t(s) * dc + i], dot);
+        for (int i = 0; i < dr; ++i) dot = fmaf(qr[i], k_rope[int64_t(s) * dr + i], dot);
+        p[s] = dot * scale;
+    }
+    __syncthreads();
+    softmax_in_order(p, L);
+    for (int i = threadIdx.x; i < dc; i += blockDim.x) {
+        float acc = 0.0f;
+        for (int s = 0; s < L; ++s) acc = fmaf(p[s], ckv[int64_t(s) * dc + i], acc);
+        o_lat[job * dc + i] = acc;
+    }
+}
+__global__ void attention_decode_naive_kernel(float* o, const float* q, const float* k, const float* v, int pos0, int H,
+                                              int dqk, int dv, float scale) {
+    extern __shared__ float p[];
+    const int64_t job = blockIdx.x;
+    const int h = int(job % H), L = pos0 + int(job / H) + 1;
+    const float* qt = q + job * dqk;
+    for (int s = threadIdx.x; s < L; s += blockDim.x) {
+        const float* ks = k + (int64_t(s) * H + h) * dqk;
+        float dot = 0.0f;
+        for (int i = 0; i < dqk; ++i) dot = fmaf(qt[i], ks[i], dot);
+        p[s] = dot * scale;
+    }
+    __syncthreads();
+    softmax_in_order(p, L);
+    for (int i = threadIdx.x; i < dv; i += blockDim.x) {
+        float acc = 0.0f;
+        for (int s = 0; s < L; ++s) acc = fmaf(p[s], v[(int64_t(s) * H + h) * dv + i], acc);
+        o[job * dv + i] = acc;
+    }
+}
+}  // namespace detail
+
+inline void mla_absorb_query(float* q_lat, float* q_rope, const float* q, const float* W_ukv, int n, int H, int dh,
+                             int dr, int dv, int dc) {
+    if (n <= 0) return;
+    detail::mla_absorb_query_kernel<<<n * H, 128>>>(q_lat, q_rope, q, W_ukv, H, dh, dr, dv, dc);
+    DSV3_CUDA_CHECK_LAUNCH();
+}
+inline void mla_absorb_output(float* o, const float* o_lat, const float* W_ukv, int n, int H, int dh, int dv, int dc) {
+    if (n <= 0) return;
+    detail::mla_absorb_output_kernel<<<n * H, 128>>>(o, o_lat, W_ukv, H, dh, dv, dc);
+    DSV3_CUDA_CHECK_LAUNCH();
+}
+inline void mla_attend_latent(float* o_lat, const float* q_lat, const float* q_rope, const float* ckv,
+                              const float* k_rope, int n, int pos0, int H, int dc, int dr, float scale) {
+    if (n <= 0) return;
+    const size_t smem = sizeof(float) * size_t(pos0 + n);
+    if (smem > 48 * 1024) fail("cuda::mla_attend_latent: ", pos0 + n, " positions exceed this kernel's 12288");
+    detail::mla_attend_latent_kernel<<<n * H, 128, smem>>>(o_lat, q_lat, q_rope, ckv, k_rope, pos0, H, dc, dr, scale);
+    DSV3_CUDA_CHECK_LAUNCH();
+}
+inline void attention_decode_naive(float* o, const float* q, const float* k, const float* v, int n, int pos0, int H,
+                                   int dqk, int dv, float scale) {
+    if (n <= 0) return;
+    const size_t smem = sizeof(float) * size_t(pos0 + n);
+    if (smem > 48 * 1024) fail("cuda::attention_decode_naive: ", pos0 + n, " positions exceed this kernel's 12288");
+    detail::attention_decode_naive_kernel<<<n * H, 128, smem>>>(o, q, k, v, pos0, H, dqk, dv, scale);
+    DSV3_CUDA_CHECK_LAUNCH();
+}
+
 }  // namespace cuda
 }  // namespace dsv3

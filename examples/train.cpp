@@ -227,8 +227,7 @@ int main(int argc, char** argv) {
             }
         }
         if (loss_log) std::fclose(loss_log);
-        if (a.sample > 0 && !backend::host_memory) std::printf("\n(no sample: decoding runs on the CPU backend only)\n");
-        else if (a.sample > 0) std::printf("\nsample:\n%s\n", sample_text(model, "\n", a.sample, uint64_t(a.seed)).c_str());
+        if (a.sample > 0) std::printf("\nsample:\n%s\n", sample_text(model, "\n", a.sample, uint64_t(a.seed)).c_str());
         return 0;
     } catch (const std::exception& e) {
         std::fprintf(stderr, "error: %s\n", e.what());
