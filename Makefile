@@ -14,8 +14,9 @@ BUILD    := build
 HEADER   := deepseek_v3.hpp
 EXAMPLES := $(patsubst examples/%.cpp,%,$(wildcard examples/*.cpp))
 TESTS    := $(wildcard tests/*.cpp)
-# OpenBLAS is optional: the benchmark compares against it when its header is installed.
-OPENBLAS := $(shell test -f /usr/include/x86_64-linux-gnu/cblas.h -o -f /usr/include/cblas.h && echo yes)
+# OpenBLAS is optional: the benchmark compares against it when a program using its cblas header links
+# (a header from another BLAS, such as netlib's libblas-dev, is not enough).
+OPENBLAS := $(shell printf '\043include <cblas.h>\nint main(){return 0;}\n' | $(CXX) -x c++ - -lopenblas -o /dev/null 2>/dev/null && echo yes)
 ifeq ($(OPENBLAS),yes)
 BENCH_FLAGS := -DDSV3_BENCH_OPENBLAS -lopenblas
 endif

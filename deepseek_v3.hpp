@@ -2079,6 +2079,30 @@ inline void moe_unpermute_backward(float* dye, float* dgates, const float* dy, c
         }
     });
 }
+// The experts' GEMMs, grouped. Rows offsets[g] .. offsets[g+1] of x (expert-contiguous, as permuted above) go
+// through weight g, which sits at W + g·w_stride ([out, in] each: one projection of consecutive experts is evenly
+// strided in the flat buffer, because each expert's gate, up and down are stored together). One call runs one
+// projection of all of a layer's experts. Here it is a loop over matmul (each one parallel inside); on the GPU it is
+// a single kernel launch over all experts' tiles (cuda/kernels.cuh), where one small GEMM per expert would be
+// dominated by launch overhead.
+//   y[rows_g, out] = x[rows_g, in] · W_gᵀ      (overwrites y)
+inline void grouped_matmul_forward(float* y, const float* x, const float* W, int64_t w_stride, const int64_t* offsets,
+                                   int groups, int in, int out) {
+    for (int g = 0; g < groups; ++g) {
+        const int64_t begin = offsets[g], rows = offsets[g + 1] - begin;
+        if (rows > 0) matmul_forward(y + begin * out, x + begin * in, W + g * w_stride, int(rows), in, out);
+    }
+}
+//   dx[rows_g, in] += dy[rows_g, out] · W_g;   dW_g += dy[rows_g, out]ᵀ · x[rows_g, in]   (dW_g at dW + g·w_stride)
+inline void grouped_matmul_backward(float* dx, float* dW, const float* dy, const float* x, const float* W,
+                                    int64_t w_stride, const int64_t* offsets, int groups, int in, int out) {
+    for (int g = 0; g < groups; ++g) {
+        const int64_t begin = offsets[g], rows = offsets[g + 1] - begin;
+        if (rows > 0)
+            matmul_backward(dx + begin * in, dW + g * w_stride, dy + begin * out, x + begin * in, W + g * w_stride,
+                            int(rows), in, out);
+    }
+}
 
 // --- 4.11 AdamW (Loshchilov & Hutter 2019) ------------------------------------------------------------------------
 // m ← β1 m + (1−β1) g;  v ← β2 v + (1−β2) g²;  p ← p − lr·( m̂/(√v̂ + ε) + wd·p ), m̂, v̂ bias-corrected by step.
@@ -2225,6 +2249,7 @@ struct MoE {                                           // DeepSeekMoE [V3 eqs. 1
     Linear router;                // e_i as rows: [N_r, d]  ("mlp.gate.weight")
     size_t bias = 0;              // b_i: [N_r]  ("mlp.gate.e_score_correction_bias")
     std::vector<Ffn> experts;     // N_r routed experts of width moe_inter_dim
+    size_t expert_stride = 0;     // floats from one expert's weights to the next's (gate, up, down stored together)
     Ffn shared;                   // the N_s shared experts as one SwiGLU of width N_s·moe_inter_dim
     bool has_shared = false;
 };
@@ -2317,6 +2342,15 @@ inline ParamLayout param_layout(const Config& c) {
             for (int e = 0; e < c.n_routed_experts; ++e)
                 m.experts.push_back(ffn(p + ".mlp.experts." + std::to_string(e), c.moe_inter_dim));
             in_expert = false;
+            // The grouped expert GEMMs (section 4.10) rely on the even stride: check it.
+            const size_t matrix = size_t(c.moe_inter_dim) * c.dim;
+            m.expert_stride = 3 * matrix;
+            for (int e = 0; e < c.n_routed_experts; ++e) {
+                const Ffn& f = m.experts[size_t(e)];
+                const size_t at = m.experts[0].gate.w + size_t(e) * m.expert_stride;
+                if (f.gate.w != at || f.up.w != at + matrix || f.down.w != at + 2 * matrix)
+                    fail("param_layout: ", p, ".mlp.experts.", e, " is not stored where the grouped GEMMs expect it");
+            }
             m.has_shared = c.n_shared_experts > 0;
             if (m.has_shared) m.shared = ffn(p + ".mlp.shared_experts", c.n_shared_experts * c.moe_inter_dim);
         }
@@ -2402,7 +2436,7 @@ struct MoeCache {
     backend::Buffer<int32_t> chosen; // [BT, K]
     backend::MoePermutation perm;    // the plan is made on the host: backend::host_plan(perm)
     float *xe = nullptr, *ye = nullptr;  // [BT·K, d] tokens in expert order, and the experts' outputs
-    std::vector<FfnCache> experts;
+    FfnCache experts;                // the routed experts, over all of c.xe's rows
     FfnCache shared;
     std::vector<int64_t> load;       // [N_r] tokens routed to each expert in this batch
 };
@@ -2505,24 +2539,37 @@ class Model {
     void decode_mtp(const float* h, const int32_t* next_tokens, int n, KvCache& cache, float* logits,
                     bool absorbed = true);
     // Routed experts first .. first+count-1 of layer m on rows grouped by expert: rows offsets[i] .. offsets[i+1] of
-    // xe: [rows, d] go through expert first+i into the same rows of ye; caches: [count], kept for the backward.
-    // The MoE layer runs all N_r experts this way; under expert parallelism each rank runs the ones it owns.
+    // xe: [rows, d] (offsets[0] = 0, rows = offsets[count]) go through expert first+i into the same rows of ye; the
+    // cache c is kept for the backward. The SwiGLU of section 6.2, with each projection one grouped GEMM over all the
+    // experts (section 4.10). The MoE layer runs all N_r experts this way; under expert parallelism each rank runs
+    // the ones it owns.
     void experts_forward(const MoE& m, int first, int count, const int64_t* offsets, const float* xe, float* ye,
-                         FfnCache* caches) {
-        const int d = cfg.dim;
-        for (int i = 0; i < count; ++i) {
-            const int64_t begin = offsets[i], rows = offsets[i + 1] - begin;
-            if (rows > 0) ffn_forward_(caches[i], m.experts[size_t(first + i)], xe + begin * d, ye + begin * d, int(rows));
-        }
+                         FfnCache& c) {
+        const int64_t rows = offsets[count];
+        const int w = cfg.moe_inter_dim;
+        c.x = xe;
+        c.gate = arena_.take(size_t(rows) * w);
+        c.up = arena_.take(size_t(rows) * w);
+        c.h = arena_.take(size_t(rows) * w);
+        experts_linear_forward_(c.gate, xe, m, first, count, &Ffn::gate, offsets);
+        experts_linear_forward_(c.up, xe, m, first, count, &Ffn::up, offsets);
+        backend::swiglu_forward(c.h, c.gate, c.up, rows * w);
+        experts_linear_forward_(ye, c.h, m, first, count, &Ffn::down, offsets);
     }
     // dxe: [rows, d] (+=) from dye: [rows, d]; the experts' weight gradients go into grads.
     void experts_backward(const MoE& m, int first, int count, const int64_t* offsets, const float* dye, float* dxe,
-                          const FfnCache* caches) {
-        const int d = cfg.dim;
-        for (int i = 0; i < count; ++i) {
-            const int64_t begin = offsets[i], rows = offsets[i + 1] - begin;
-            if (rows > 0) ffn_backward_(caches[i], m.experts[size_t(first + i)], dye + begin * d, dxe + begin * d, int(rows));
-        }
+                          const FfnCache& c) {
+        const int64_t rows = offsets[count];
+        const int w = cfg.moe_inter_dim;
+        auto mark = arena_.mark();
+        float* dh = arena_.zeros(size_t(rows) * w);
+        experts_linear_backward_(dh, dye, c.h, m, first, count, &Ffn::down, offsets);
+        float* dgate = arena_.zeros(size_t(rows) * w);
+        float* dup = arena_.zeros(size_t(rows) * w);
+        backend::swiglu_backward(dgate, dup, dh, c.gate, c.up, rows * w);
+        experts_linear_backward_(dxe, dgate, c.x, m, first, count, &Ffn::gate, offsets);
+        experts_linear_backward_(dxe, dup, c.x, m, first, count, &Ffn::up, offsets);
+        arena_.release(mark);
     }
     std::vector<Block*> moe_blocks() {
         std::vector<Block*> out;
@@ -2554,6 +2601,33 @@ class Model {
     void linear_backward(float* dx, const float* dy, const float* x, const Linear& w, int n) {
         if (fp8_(w)) backend::fp8_matmul_backward(dx, G(w.w), dy, x, P(w.w), n, w.in, w.out);
         else backend::matmul_backward(dx, G(w.w), dy, x, P(w.w), n, w.in, w.out);
+    }
+    // One projection (gate, up or down) of experts first .. first+count-1, each on its rows: one grouped GEMM; in FP8
+    // training, the FP8 linear layer expert by expert.
+    void experts_linear_forward_(float* y, const float* x, const MoE& m, int first, int count, Linear Ffn::*proj,
+                                 const int64_t* offsets) {
+        const Linear& w0 = m.experts[size_t(first)].*proj;
+        if (!fp8_(w0)) {
+            backend::grouped_matmul_forward(y, x, P(w0.w), int64_t(m.expert_stride), offsets, count, w0.in, w0.out);
+            return;
+        }
+        for (int i = 0; i < count; ++i)
+            if (offsets[i + 1] > offsets[i])
+                linear_forward(y + offsets[i] * w0.out, x + offsets[i] * w0.in, m.experts[size_t(first + i)].*proj,
+                               int(offsets[i + 1] - offsets[i]));
+    }
+    void experts_linear_backward_(float* dx, const float* dy, const float* x, const MoE& m, int first, int count,
+                                  Linear Ffn::*proj, const int64_t* offsets) {
+        const Linear& w0 = m.experts[size_t(first)].*proj;
+        if (!fp8_(w0)) {
+            backend::grouped_matmul_backward(dx, G(w0.w), dy, x, P(w0.w), int64_t(m.expert_stride), offsets, count,
+                                             w0.in, w0.out);
+            return;
+        }
+        for (int i = 0; i < count; ++i)
+            if (offsets[i + 1] > offsets[i])
+                linear_backward(dx + offsets[i] * w0.in, dy + offsets[i] * w0.out, x + offsets[i] * w0.in,
+                                m.experts[size_t(first + i)].*proj, int(offsets[i + 1] - offsets[i]));
     }
     void norm_forward(float* y, float* rstd, const float* x, const Norm& n, int rows) {
         backend::rmsnorm_forward(y, rstd, x, P(n.g), rows, n.dim, cfg.rms_norm_eps);
@@ -2706,9 +2780,8 @@ inline void Model::moe_forward_(MoeCache& c, const MoE& m, const float* x, float
     c.xe = arena_.take(size_t(n) * K * d);
     c.ye = arena_.take(size_t(n) * K * d);
     backend::moe_permute_forward(c.xe, x, c.perm, d);
-    c.experts.resize(size_t(N));
     if (expert_runner) expert_runner->forward(*this, m, c);  // expert parallelism: the experts live on other ranks
-    else experts_forward(m, 0, N, backend::host_plan(c.perm).offsets.data(), c.xe, c.ye, c.experts.data());
+    else experts_forward(m, 0, N, backend::host_plan(c.perm).offsets.data(), c.xe, c.ye, c.experts);
     if (m.has_shared) ffn_forward_(c.shared, m.shared, x, out, n);
     else backend::fill_zero(out, int64_t(n) * d);
     backend::moe_unpermute_forward(out, c.ye, c.gates, c.perm, n, K, d);
@@ -2724,7 +2797,7 @@ inline void Model::moe_backward_(MoeCache& c, const MoE& m, const float* dout, f
     backend::moe_unpermute_backward(dye, dgates, dout, c.ye, c.gates, c.perm, n, K, d);
     float* dxe = arena_.zeros(size_t(n) * K * d);
     if (expert_runner) expert_runner->backward(*this, m, c, dye, dxe);
-    else experts_backward(m, 0, N, backend::host_plan(c.perm).offsets.data(), dye, dxe, c.experts.data());
+    else experts_backward(m, 0, N, backend::host_plan(c.perm).offsets.data(), dye, dxe, c.experts);
     backend::moe_permute_backward(dx, dxe, c.perm, n, K, d);
     // router: gates -> scores (-> + sequence-wise loss) -> logits (+ expert-level loss) -> W_router and x
     float* dscores = arena_.zeros(size_t(n) * N);
@@ -3856,7 +3929,8 @@ class ExpertParallel : public ExpertRunner {
         std::vector<int32_t> local_chosen;   // [n_recv, K]: local expert index, or n_local when owned elsewhere
         MoePermutation local;                // the received pairs grouped by local expert
         std::vector<float> x_local, y_local; // [local rows, d]: expert inputs and outputs, local expert order
-        std::vector<FfnCache> caches;        // [n_local]
+        int n_local = 0;                     // experts on this rank
+        FfnCache experts;                    // their activations, kept for the backward
     };
     Communicator& comm_;
     int n_experts_;
@@ -3866,7 +3940,7 @@ class ExpertParallel : public ExpertRunner {
     // trip, identical to the order the source listed them in (pair_slot).
     template <class F>
     void for_each_received_pair(const Layer& L, int K, const F& f) const {
-        const int n_local = int(L.caches.size());
+        const int n_local = L.n_local;
         for (size_t i = 0; i < L.local_chosen.size() / size_t(K); ++i)
             for (int k = 0; k < K; ++k)
                 if (L.local_chosen[i * size_t(K) + size_t(k)] < n_local) f(L.local.slot[i * size_t(K) + size_t(k)]);
@@ -3924,8 +3998,8 @@ inline void ExpertParallel::forward(Model& model, const MoE& m, MoeCache& c) {
     L.y_local.resize(size_t(local_rows) * d);
     for (int64_t row = 0; row < local_rows; ++row)
         std::memcpy(&L.x_local[size_t(row) * d], &recv_x[size_t(L.local.token_of[size_t(row)]) * d], sizeof(float) * d);
-    L.caches.resize(size_t(n_local));
-    model.experts_forward(m, lo, n_local, L.local.offsets.data(), L.x_local.data(), L.y_local.data(), L.caches.data());
+    L.n_local = n_local;
+    model.experts_forward(m, lo, n_local, L.local.offsets.data(), L.x_local.data(), L.y_local.data(), L.experts);
 
     // 4. combine: every pair's output row back to its source, then into the row the single-rank layer uses
     L.pairs_from.assign(size_t(R), 0);
@@ -3951,7 +4025,7 @@ inline void ExpertParallel::backward(Model& model, const MoE& m, MoeCache& c, co
     auto it = layers_.find(&c);
     if (it == layers_.end()) fail("ExpertParallel::backward: no forward for this MoE layer");
     Layer& L = it->second;
-    const int lo = first_expert(r), n_local = int(L.caches.size());
+    const int lo = first_expert(r), n_local = L.n_local;
     const int64_t local_rows = L.local.offsets[size_t(n_local)];
 
     // 1. the gradient of every pair's output goes to the expert's owner (reverse of the combine)
@@ -3967,7 +4041,7 @@ inline void ExpertParallel::backward(Model& model, const MoE& m, MoeCache& c, co
     });
 
     // 2. the local experts' backward: input gradients [local rows, d], weight gradients into this rank's grads
-    model.experts_backward(m, lo, n_local, L.local.offsets.data(), dy_local.data(), dx_local.data(), L.caches.data());
+    model.experts_backward(m, lo, n_local, L.local.offsets.data(), dy_local.data(), dx_local.data(), L.experts);
 
     // 3. every pair's input gradient goes back to its source (reverse of the dispatch), in the same pair order
     std::vector<float> send_dx;

@@ -14,6 +14,7 @@
 //   3.7  cross_entropy_forward / cross_entropy_backward
 //   3.8  router_scores_*, router_select (group-limited top-k), router_gates_*
 //   3.10 moe_permute_plan, moe_permute_*, moe_unpermute_* (plan on the host: cuda::MoePermutation)
+//   3.10b grouped_matmul_forward / grouped_matmul_backward: every expert's GEMM in one launch (BF16 WMMA, FP32 acc.)
 //   3.11 adamw_update
 //   FP8  quantize_tiles_1x128, quantize_blocks_128x128, quantize_tiles_128x1_transposed, fp8_gemm (Hopper FP8
 //        tensor cores, bit-exact with the header's dsv3::fp8_gemm), fp8_matmul_forward / fp8_matmul_backward (V3's
@@ -60,6 +61,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 
 #include <cstdint>
 #include <cstring>
@@ -146,7 +148,7 @@ class DeviceBuffer {
 // each GPU has its own thread (build/train_multi_gpu).
 // Slot contents are dead after the function that took them returns.
 enum class Slot { bf16_a, bf16_b, attn_dscore, reduce, decode_partial, decode_stats, fp8_a, fp8_b, fp8_bt, fp8_sa,
-                  fp8_sb, fp8_sbt, count };
+                  fp8_sb, fp8_sbt, group_offsets, count };
 inline void* scratch(Slot slot, size_t bytes) {
     static thread_local DeviceBuffer<unsigned char> slots[int(Slot::count)];
     DeviceBuffer<unsigned char>& b = slots[int(slot)];
@@ -915,6 +917,152 @@ inline void moe_unpermute_backward(float* dye, float* dgates, const float* dy, c
     detail::moe_unpermute_backward_kernel<<<grid_for(threads, 256), 256>>>(dye, dgates, dy, ye, gates, p.slot.data(),
                                                                            T, K, d);
     DSV3_CUDA_CHECK_LAUNCH();
+}
+
+// =====================================================================================================================
+// 3.10b the experts' grouped GEMMs: one projection of all of a layer's experts in ONE launch
+// =====================================================================================================================
+// After the permutation, expert g owns rows offsets[g] .. offsets[g+1] of x, and its weight sits at W + g·w_stride.
+// Calling matmul_forward once per expert would cost 2 conversions + 1 cuBLAS call per expert and projection, each a
+// tiny GEMM when the experts are many and narrow (V3: 256 experts of width 2048, ~32 tokens each per 4096-token
+// micro-batch): launch overhead, not arithmetic, would set the time. This kernel covers every expert's output tiles
+// in one grid: blockIdx.z is the expert, blockIdx.y/x a 64×64 tile of its output (tiles past the expert's rows exit
+// at once). Each block walks K in steps of 32: it loads a 64×32 slice of A and a 32×64 slice of B from FP32 memory,
+// rounding to BF16 on the way into shared memory (so no separate conversion pass), and its 4 warps multiply them
+// on the tensor cores with WMMA 16×16×16 BF16 fragments, accumulating in FP32. Same numerics as matmul_forward
+// (BF16 inputs, FP32 accumulation and output); each output is summed by one block in a fixed k order: deterministic.
+//
+// The three products of a linear layer, for expert g with r0 = offsets[g] and R = offsets[g+1] − r0 rows:
+//   forward  y[r0+m, n]  = Σ_k x[r0+m, k] · W_g[n, k]       M = R,   N = out, K = in
+//   dx       dx[r0+m, n] += Σ_k dy[r0+m, k] · W_g[k, n]     M = R,   N = in,  K = out
+//   dW       dW_g[m, n]  += Σ_k dy[r0+k, m] · x[r0+k, n]    M = out, N = in,  K = R
+// A simple kernel (no double buffering, no wgmma): it is here to remove the per-expert launches, and it is a plain
+// example of what a grouped GEMM is. Needs sm_80 or newer (BF16 WMMA).
+namespace detail {
+enum class Grouped { forward, dx, dW };
+struct GroupedArgs {
+    const float* a;        // x (forward) or dy (dx, dW)
+    const float* b;        // W (forward, dx) or x (dW)
+    float* c;              // y, dx or dW
+    const int64_t* offsets;  // [groups + 1], device
+    int64_t w_stride;      // floats between consecutive experts' weights (and weight gradients)
+    int in, out;
+};
+constexpr int kGroupedTile = 64, kGroupedK = 32;
+
+template <Grouped kind>
+__global__ void __launch_bounds__(128) grouped_gemm_kernel(GroupedArgs p) {
+    using namespace nvcuda;
+    const int g = blockIdx.z;
+    const int64_t r0 = p.offsets[g], R = p.offsets[g + 1] - r0;
+    const int64_t M = kind == Grouped::dW ? p.out : R;
+    const int N = kind == Grouped::forward ? p.out : p.in;
+    const int64_t K = kind == Grouped::forward ? p.in : (kind == Grouped::dx ? p.out : R);
+    const int64_t m0 = int64_t(blockIdx.y) * kGroupedTile;
+    const int n0 = blockIdx.x * kGroupedTile;
+    if (m0 >= M || n0 >= N || K == 0) return;   // past this expert's rows, or nothing to add
+    // A(m, k) and B(k, n) of this expert, as the table above defines them
+    auto A = [&](int64_t m, int64_t k) -> float {
+        if (kind == Grouped::dW) return p.a[(r0 + k) * p.out + m];
+        return p.a[(r0 + m) * K + k];
+    };
+    auto B = [&](int64_t k, int64_t n) -> float {
+        if (kind == Grouped::forward) return p.b[g * p.w_stride + n * p.in + k];
+        if (kind == Grouped::dx) return p.b[g * p.w_stride + k * p.in + n];
+        return p.b[(r0 + k) * p.in + n];
+    };
+    __shared__ __align__(32) __nv_bfloat16 As[kGroupedTile][kGroupedK + 8];   // +8: fewer bank conflicts
+    __shared__ __align__(32) __nv_bfloat16 Bs[kGroupedK][kGroupedTile + 8];
+    __shared__ __align__(32) float Cs[kGroupedTile][kGroupedTile + 4];
+    const int warp = threadIdx.x / 32, wm = (warp / 2) * 32, wn = (warp % 2) * 32;  // this warp's 32×32 quarter
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+    for (auto& row : acc)
+        for (auto& f : row) wmma::fill_fragment(f, 0.0f);
+    // Loads run along the operand's contiguous dimension (coalesced): k for x, dy and W in forward; m for dyᵀ in dW;
+    // n for W in dx and x in dW.
+    constexpr bool a_k_contiguous = kind != Grouped::dW, b_k_contiguous = kind == Grouped::forward;
+    for (int64_t k0 = 0; k0 < K; k0 += kGroupedK) {
+        for (int i = threadIdx.x; i < kGroupedTile * kGroupedK; i += blockDim.x) {
+            const int mm = a_k_contiguous ? i / kGroupedK : i % kGroupedTile;
+            const int kk = a_k_contiguous ? i % kGroupedK : i / kGroupedTile;
+            const bool in_range = m0 + mm < M && k0 + kk < K;
+            As[mm][kk] = __float2bfloat16_rn(in_range ? A(m0 + mm, k0 + kk) : 0.0f);
+        }
+        for (int i = threadIdx.x; i < kGroupedK * kGroupedTile; i += blockDim.x) {
+            const int nn = b_k_contiguous ? i / kGroupedK : i % kGroupedTile;
+            const int kk = b_k_contiguous ? i % kGroupedK : i / kGroupedTile;
+            const bool in_range = n0 + nn < N && k0 + kk < K;
+            Bs[kk][nn] = __float2bfloat16_rn(in_range ? B(k0 + kk, n0 + nn) : 0.0f);
+        }
+        __syncthreads();
+        for (int kk = 0; kk < kGroupedK; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa[2];
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> fb[2];
+            for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], &As[wm + 16 * i][kk], kGroupedK + 8);
+            for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], &Bs[kk][wn + 16 * j], kGroupedTile + 8);
+            for (int i = 0; i < 2; ++i)
+                for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+        }
+        __syncthreads();
+    }
+    for (int i = 0; i < 2; ++i)
+        for (int j = 0; j < 2; ++j)
+            wmma::store_matrix_sync(&Cs[wm + 16 * i][wn + 16 * j], acc[i][j], kGroupedTile + 4, wmma::mem_row_major);
+    __syncthreads();
+    for (int i = threadIdx.x; i < kGroupedTile * kGroupedTile; i += blockDim.x) {
+        const int mm = i / kGroupedTile, nn = i % kGroupedTile;
+        if (m0 + mm >= M || n0 + nn >= N) continue;
+        float* c = kind == Grouped::dW ? p.c + g * p.w_stride + (m0 + mm) * N + n0 + nn
+                                       : p.c + (r0 + m0 + mm) * N + n0 + nn;
+        *c = kind == Grouped::forward ? Cs[mm][nn] : *c + Cs[mm][nn];   // forward overwrites, backward accumulates
+    }
+}
+template <Grouped kind>
+void grouped_gemm(const GroupedArgs& args, const int64_t* host_offsets, int groups) {
+    int64_t max_rows = 0;
+    for (int g = 0; g < groups; ++g) max_rows = std::max(max_rows, host_offsets[g + 1] - host_offsets[g]);
+    const int64_t M = kind == Grouped::dW ? args.out : max_rows;
+    const int N = kind == Grouped::forward ? args.out : args.in;
+    if (M == 0 || N == 0 || groups == 0) return;
+    const dim3 grid(unsigned((N + kGroupedTile - 1) / kGroupedTile), unsigned((M + kGroupedTile - 1) / kGroupedTile),
+                    unsigned(groups));
+    grouped_gemm_kernel<kind><<<grid, 128>>>(args);
+    DSV3_CUDA_CHECK_LAUNCH();
+}
+// The offsets go to the device once per call (groups + 1 integers).
+inline const int64_t* device_offsets(const int64_t* host_offsets, int groups) {
+    auto* d = static_cast<int64_t*>(scratch(Slot::group_offsets, sizeof(int64_t) * size_t(groups + 1)));
+    DSV3_CUDA_CHECK(cudaMemcpy(d, host_offsets, sizeof(int64_t) * size_t(groups + 1), cudaMemcpyHostToDevice));
+    return d;
+}
+inline void check_grouped(const char* who, const int64_t* offsets, int groups, int in, int out) {
+    if (groups < 0 || in < 0 || out < 0) fail("cuda::", who, ": negative size groups=", groups, " in=", in, " out=", out);
+    if (offsets[0] != 0) fail("cuda::", who, ": offsets[0] must be 0, found ", offsets[0]);
+    for (int g = 0; g < groups; ++g)
+        if (offsets[g + 1] < offsets[g])
+            fail("cuda::", who, ": offsets must not decrease, found offsets[", g, "]=", offsets[g], " > offsets[", g + 1,
+                 "]=", offsets[g + 1]);
+}
+}  // namespace detail
+
+// y[rows_g, out] = x[rows_g, in] · W_gᵀ for every expert g (overwrites y). offsets: HOST, [groups + 1].
+inline void grouped_matmul_forward(float* y, const float* x, const float* W, int64_t w_stride, const int64_t* offsets,
+                                   int groups, int in, int out) {
+    detail::check_grouped("grouped_matmul_forward", offsets, groups, in, out);
+    const int64_t rows = offsets[groups];
+    if (rows == 0 || out == 0) return;
+    if (in == 0) { DSV3_CUDA_CHECK(cudaMemsetAsync(y, 0, sizeof(float) * size_t(rows) * out)); return; }
+    const detail::GroupedArgs args{x, W, y, detail::device_offsets(offsets, groups), w_stride, in, out};
+    detail::grouped_gemm<detail::Grouped::forward>(args, offsets, groups);
+}
+// dx[rows_g, in] += dy[rows_g, out] · W_g;   dW_g += dy[rows_g, out]ᵀ · x[rows_g, in]   (either may be null)
+inline void grouped_matmul_backward(float* dx, float* dW, const float* dy, const float* x, const float* W,
+                                    int64_t w_stride, const int64_t* offsets, int groups, int in, int out) {
+    detail::check_grouped("grouped_matmul_backward", offsets, groups, in, out);
+    if (offsets[groups] == 0 || in == 0 || out == 0) return;
+    const int64_t* dev_offsets = detail::device_offsets(offsets, groups);
+    if (dx) detail::grouped_gemm<detail::Grouped::dx>({dy, W, dx, dev_offsets, w_stride, in, out}, offsets, groups);
+    if (dW) detail::grouped_gemm<detail::Grouped::dW>({dy, x, dW, dev_offsets, w_stride, in, out}, offsets, groups);
 }
 
 // =====================================================================================================================

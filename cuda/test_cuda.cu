@@ -107,6 +107,58 @@ TEST_CASE("matmul: forward and backward, BF16 inputs with FP32 accumulation") {
     }
 }
 
+TEST_CASE("grouped_matmul: every expert's GEMM in one launch, forward and backward, ragged and empty groups") {
+    Rng rng(111);
+    struct Shape { std::vector<int64_t> rows; int in, out; int64_t gap; };
+    // rows per expert (0: an expert no token chose), the projection's in/out, and extra floats between experts'
+    // weights (as the gate, up and down of one expert sit between two experts' gate matrices)
+    for (const Shape& s : {Shape{{3, 0, 70, 1, 129}, 96, 160, 0}, Shape{{64, 64}, 128, 64, 40}, Shape{{0, 0, 5}, 33, 17, 7}}) {
+        CAPTURE(s.in); CAPTURE(s.out); CAPTURE(s.gap);
+        const int groups = int(s.rows.size());
+        std::vector<int64_t> offsets(size_t(groups) + 1, 0);
+        for (int g = 0; g < groups; ++g) offsets[size_t(g) + 1] = offsets[size_t(g)] + s.rows[size_t(g)];
+        const int64_t T = offsets.back(), stride = int64_t(s.out) * s.in + s.gap;
+        auto x = normal(rng, size_t(T) * s.in), W = normal(rng, size_t(stride) * groups, 0.05f);
+        auto dy = normal(rng, size_t(T) * s.out), dx0 = normal(rng, size_t(T) * s.in), dW0 = normal(rng, W.size());
+        // CPU: the header's grouped matmul (a loop of float32 GEMMs), and a double reference on BF16-rounded inputs
+        std::vector<float> y(size_t(T) * s.out), dx = dx0, dW = dW0;
+        dsv3::grouped_matmul_forward(y.data(), x.data(), W.data(), stride, offsets.data(), groups, s.in, s.out);
+        dsv3::grouped_matmul_backward(dx.data(), dW.data(), dy.data(), x.data(), W.data(), stride, offsets.data(),
+                                      groups, s.in, s.out);
+        auto round = [](std::vector<float> v) { for (auto& e : v) e = dsv3::bf16_round(e); return v; };
+        const auto xb = round(x), Wb = round(W), dyb = round(dy);
+        std::vector<float> yb(y.size()), dxb = dx0, dWb = dW0;
+        for (int g = 0; g < groups; ++g) {
+            const int64_t b = offsets[size_t(g)];
+            const int r = int(s.rows[size_t(g)]);
+            dsv3::matmul_forward_reference(yb.data() + b * s.out, xb.data() + b * s.in, Wb.data() + g * stride, r,
+                                           s.in, s.out);
+            dsv3::matmul_backward_reference(dxb.data() + b * s.in, dWb.data() + g * stride, dyb.data() + b * s.out,
+                                            xb.data() + b * s.in, Wb.data() + g * stride, r, s.in, s.out);
+        }
+        auto dx_d = dev(x), dW_d = dev(W), ddy = dev(dy), ddx = dev(dx0), ddW = dev(dW0);
+        auto dyo = poisoned<float>(y.size());
+        cu::grouped_matmul_forward(dyo.data(), dx_d.data(), dW_d.data(), stride, offsets.data(), groups, s.in, s.out);
+        cu::grouped_matmul_backward(ddx.data(), ddW.data(), ddy.data(), dx_d.data(), dW_d.data(), stride,
+                                    offsets.data(), groups, s.in, s.out);
+        const auto gy = host(dyo), gdx = host(ddx), gdW = host(ddW);
+        CHECK_REL(gy, y, 1e-2);
+        CHECK_REL(gdx, dx, 1e-2);
+        CHECK_REL(gdW, dW, 1e-2);
+        CHECK_REL(gy, yb, 1e-5);
+        CHECK_REL(gdx, dxb, 1e-5);
+        CHECK_REL(gdW, dWb, 1e-5);
+        CHECK(std::memcmp(gdW.data() + s.out * s.in, dW0.data() + s.out * s.in, s.gap * sizeof(float)) == 0);  // gap kept
+        auto dyo2 = poisoned<float>(y.size());   // deterministic
+        cu::grouped_matmul_forward(dyo2.data(), dx_d.data(), dW_d.data(), stride, offsets.data(), groups, s.in, s.out);
+        const auto gy2 = host(dyo2);
+        CHECK(std::memcmp(gy.data(), gy2.data(), gy.size() * sizeof(float)) == 0);
+    }
+    const int64_t bad[3] = {0, 5, 3};
+    CHECK_THROWS_WITH_AS(cu::grouped_matmul_forward(nullptr, nullptr, nullptr, 0, bad, 2, 4, 4),
+                         doctest::Contains("offsets must not decrease"), dsv3::Error);
+}
+
 TEST_CASE("rmsnorm: forward and backward") {
     Rng rng(102);
     const int T = 37, d = 300;

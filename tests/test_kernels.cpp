@@ -174,6 +174,30 @@ TEST_CASE("kernels: matmul forward matches a double loop, backward (dx, dW) matc
     for (size_t i = 0; i < dW.size(); ++i) CHECK(dW_only[i] == doctest::Approx(dW[i] - kPrefill).epsilon(1e-5));
 }
 
+TEST_CASE("kernels: grouped_matmul runs each group's rows through its own strided weight; backward matches finite differences") {
+    const int in = 5, out = 3, groups = 3;
+    const std::vector<int64_t> offsets = {0, 2, 2, 6};  // group 1 has no rows
+    const int64_t stride = int64_t(out) * in + 4, T = offsets.back();  // 4 unrelated floats between the weights
+    std::vector<float> x = gradcheck::random_vector(size_t(T) * in, 11), W = gradcheck::random_vector(size_t(stride) * groups, 12);
+    std::vector<float> w = gradcheck::random_vector(size_t(T) * out, 13), y(size_t(T) * out);
+    grouped_matmul_forward(y.data(), x.data(), W.data(), stride, offsets.data(), groups, in, out);
+    for (int g = 0; g < groups; ++g)
+        for (int64_t t = offsets[size_t(g)]; t < offsets[size_t(g) + 1]; ++t)
+            for (int o = 0; o < out; ++o) {
+                double s = 0;
+                for (int i = 0; i < in; ++i) s += double(x[size_t(t) * in + i]) * W[size_t(g * stride + o * in + i)];
+                CHECK(y[size_t(t) * out + o] == doctest::Approx(s).epsilon(1e-5));
+            }
+    auto loss = [&] {
+        grouped_matmul_forward(y.data(), x.data(), W.data(), stride, offsets.data(), groups, in, out);
+        return gradcheck::weighted_sum(y.data(), w);
+    };
+    std::vector<float> dx = filled(x.size()), dW = filled(W.size());
+    grouped_matmul_backward(dx.data(), dW.data(), w.data(), x.data(), W.data(), stride, offsets.data(), groups, in, out);
+    expect_gradient(x.data(), x.size(), minus_prefill(dx), loss, "grouped matmul dx");
+    expect_gradient(W.data(), W.size(), minus_prefill(dW), loss, "grouped matmul dW");  // the gaps' gradient: 0
+}
+
 // ================================================================================================================
 // 3.2 RMSNorm
 // ================================================================================================================
