@@ -57,6 +57,7 @@
 #include "../deepseek_v3.hpp"
 #pragma nv_diag_default 1675
 
+#include <cub/cub.cuh>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
@@ -148,7 +149,7 @@ class DeviceBuffer {
 // each GPU has its own thread (build/train_multi_gpu).
 // Slot contents are dead after the function that took them returns.
 enum class Slot { bf16_a, bf16_b, attn_dscore, reduce, decode_partial, decode_stats, fp8_a, fp8_b, fp8_bt, fp8_sa,
-                  fp8_sb, fp8_sbt, group_offsets, count };
+                  fp8_sb, fp8_sbt, group_offsets, sort, count };
 inline void* scratch(Slot slot, size_t bytes) {
     static thread_local DeviceBuffer<unsigned char> slots[int(Slot::count)];
     DeviceBuffer<unsigned char>& b = slots[int(slot)];
@@ -294,12 +295,24 @@ __global__ void rmsnorm_backward_dx_kernel(float* dx, const float* dy, const flo
     dot = block_sum(dot, red) / d;
     for (int i = threadIdx.x; i < d; i += blockDim.x) dx[t * d + i] += r * (g[i] * dyr[i] - xr[i] * r * dot);
 }
-// dg[i] += Σ_t dy[t,i]·x[t,i]·rstd[t]: one thread per column, t in order (deterministic, coalesced over i).
-__global__ void rmsnorm_backward_dg_kernel(float* dg, const float* dy, const float* x, const float* rstd, int T, int d) {
+// dg[i] += Σ_t dy[t,i]·x[t,i]·rstd[t], in two deterministic passes (one thread per column would leave most of the GPU
+// idle for T·d work): pass 1, block (column tile, row chunk c) sums its chunk's rows in order into partial[c, i];
+// pass 2 adds the chunks' partials in order of c. Coalesced over i in both.
+constexpr int kNormChunks = 64;
+__global__ void rmsnorm_backward_dg_partial_kernel(float* partial, const float* dy, const float* x, const float* rstd,
+                                                   int T, int d) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x, c = blockIdx.y;
+    if (i >= d) return;
+    const int rows = (T + kNormChunks - 1) / kNormChunks, t0 = c * rows, t1 = min(T, t0 + rows);
+    float s = 0.0f;
+    for (int t = t0; t < t1; ++t) s += dy[int64_t(t) * d + i] * x[int64_t(t) * d + i] * rstd[t];
+    partial[int64_t(c) * d + i] = s;
+}
+__global__ void rmsnorm_backward_dg_sum_kernel(float* dg, const float* partial, int d) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= d) return;
     float s = 0.0f;
-    for (int t = 0; t < T; ++t) s += dy[int64_t(t) * d + i] * x[int64_t(t) * d + i] * rstd[t];
+    for (int c = 0; c < kNormChunks; ++c) s += partial[int64_t(c) * d + i];
     dg[i] += s;
 }
 }  // namespace detail
@@ -315,7 +328,11 @@ inline void rmsnorm_backward(float* dx, float* dg, const float* dy, const float*
     detail::rmsnorm_backward_dx_kernel<<<T, 256>>>(dx, dy, x, g, rstd, d);
     DSV3_CUDA_CHECK_LAUNCH();
     if (dg) {
-        detail::rmsnorm_backward_dg_kernel<<<grid_for(d, 128), 128>>>(dg, dy, x, rstd, T, d);
+        float* partial = static_cast<float*>(scratch(Slot::reduce, sizeof(float) * size_t(detail::kNormChunks) * d));
+        detail::rmsnorm_backward_dg_partial_kernel<<<dim3(grid_for(d, 128), detail::kNormChunks), 128>>>(
+            partial, dy, x, rstd, T, d);
+        DSV3_CUDA_CHECK_LAUNCH();
+        detail::rmsnorm_backward_dg_sum_kernel<<<grid_for(d, 128), 128>>>(dg, partial, d);
         DSV3_CUDA_CHECK_LAUNCH();
     }
 }
@@ -404,108 +421,94 @@ inline void rope_backward(float* dx, int T, int row_stride, int offset, int n_ve
 // 3.4 causal softmax attention (training) [V3 eq. 10]
 // =====================================================================================================================
 // q, k: [B·T, H, dqk]; v: [B·T, H, dv]; out: [B·T, H, dv]; probs: [B, H, T, T] (row t holds weights over s ≤ t).
-// The plain version, like the CPU's: the probabilities are materialised because backward reads them. One block per
-// query row (b, h, t): each warp takes keys s and reduces the dot product across its lanes (coalesced reads of k_s),
-// then the block finds the row's max and sum, and finally threads own output channels and sum p_s·v_s over s in
-// order. (A fused flash-attention kernel would never write probs; the header's interface asks for them.)
+// Like the CPU's, this version materialises the probabilities, because backward reads them. Attention is then five
+// matrix products per head, with two row-wise kernels between them:
+//   forward   S = scale·Q Kᵀ (into probs)  →  causal softmax of each row, in place  →  O = P V
+//   backward  dP = dO Vᵀ  →  dS = P ⊙ (dP − rowsum(P ⊙ dP))·scale, in place  →  dQ += dS K,  dK += dSᵀ Q,  dV += Pᵀ dO
+// The products run on cuBLAS in FP32 (pedantic math: no TF32), as strided batches over the sequences of one head:
+// for a fixed head h, sequence b's matrices are a constant stride apart (q + b·T·H·dqk, probs + b·H·T·T, ...), so one
+// call per head and product covers the whole batch. The full T×T products compute the masked half too (zeros after
+// the softmax); that waste is what a fused flash-attention kernel, which never writes probs, would avoid.
 namespace detail {
-__global__ void attention_forward_kernel(float* out, float* probs, const float* q, const float* k, const float* v,
-                                         int T, int H, int dqk, int dv, float scale) {
+// Row-major strided-batched FP32 GEMM: for each of `batch` items, C = alpha·op(A)·op(B) + beta·C, where op(A) is
+// [M, K], op(B) is [K, N] and C is [M, N], all row-major with leading dimensions lda, ldb, ldc. cuBLAS is
+// column-major: a row-major C is a column-major Cᵀ = op(B)ᵀ·op(A)ᵀ, so the operands swap places.
+inline void row_gemm_batched(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda,
+                             int64_t stride_a, const float* B, int ldb, int64_t stride_b, float beta, float* C, int ldc,
+                             int64_t stride_c, int batch) {
+    DSV3_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+        cublas(), trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, &alpha, B,
+        CUDA_R_32F, ldb, stride_b, A, CUDA_R_32F, lda, stride_a, &beta, C, CUDA_R_32F, ldc, stride_c, batch,
+        CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+// One block per row (b, h, t) of probs, holding the scaled scores: p_s = exp(S_s − max) / Σ for s ≤ t, 0 after.
+__global__ void causal_softmax_rows_kernel(float* probs, int T) {
     __shared__ float red[32];
-    const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    const float* qt = q + ((int64_t(b) * T + t) * H + h) * dqk;
-    float* p = probs + ((int64_t(b) * H + h) * T + t) * T;
+    const int64_t row = blockIdx.x;
+    const int t = int(row % T);
+    float* p = probs + row * T;
     float mx = -INFINITY;
-    for (int s = warp; s <= t; s += warps) {
-        const float* ks = k + ((int64_t(b) * T + s) * H + h) * dqk;
-        float dot = 0.0f;
-        for (int i = lane; i < dqk; i += 32) dot += qt[i] * ks[i];
-        dot = warp_sum(dot) * scale;
-        if (lane == 0) p[s] = dot;
-        mx = fmaxf(mx, dot);
-    }
-    mx = block_max(mx, red);   // its __syncthreads also publishes the p[s] written above to the whole block
+    for (int s = threadIdx.x; s <= t; s += blockDim.x) mx = fmaxf(mx, p[s]);
+    mx = block_max(mx, red);
     float sum = 0.0f;
     for (int s = threadIdx.x; s <= t; s += blockDim.x) sum += (p[s] = expf(p[s] - mx));
-    sum = block_sum(sum, red);
+    sum = block_sum(sum, red);   // its __syncthreads also orders the writes above before the reads below
     const float inv = 1.0f / sum;
     for (int s = threadIdx.x; s < T; s += blockDim.x) p[s] = s <= t ? p[s] * inv : 0.0f;
-    __syncthreads();
-    float* ot = out + ((int64_t(b) * T + t) * H + h) * dv;
-    for (int i = threadIdx.x; i < dv; i += blockDim.x) {
-        float o = 0.0f;
-        for (int s = 0; s <= t; ++s) o += p[s] * v[((int64_t(b) * T + s) * H + h) * dv + i];
-        ot[i] = o;
-    }
 }
-// Backward, part 1 (one block per query row (b, h, t)): dp_s = dout_t·v_s, w = Σ_s p_s dp_s,
-// dscore_s = p_s (dp_s − w)·scale into D [B, H, T, T]; dq_t += Σ_s dscore_s k_s.
-__global__ void attention_backward_rows_kernel(float* dq, float* D, const float* dout, const float* probs,
-                                               const float* k, const float* v, int T, int H, int dqk, int dv,
-                                               float scale) {
+// One block per row: D holds dP; w = Σ_s p_s dp_s; D becomes dS = p_s (dp_s − w)·scale (0 where p is).
+__global__ void softmax_backward_rows_kernel(float* D, const float* probs, int T, float scale) {
     __shared__ float red[32];
-    const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    const float* p = probs + ((int64_t(b) * H + h) * T + t) * T;
-    float* Dr = D + ((int64_t(b) * H + h) * T + t) * T;
-    const float* dot_ = dout + ((int64_t(b) * T + t) * H + h) * dv;
-    float weighted = 0.0f;
-    for (int s = warp; s <= t; s += warps) {
-        const float* vs = v + ((int64_t(b) * T + s) * H + h) * dv;
-        float dp = 0.0f;
-        for (int i = lane; i < dv; i += 32) dp += dot_[i] * vs[i];
-        dp = warp_sum(dp);
-        if (lane == 0) Dr[s] = dp;
-        weighted += p[s] * dp;   // every lane holds the same value; lane 0's is counted below
-    }
-    weighted = block_sum(lane == 0 ? weighted : 0.0f, red);
-    for (int s = threadIdx.x; s <= t; s += blockDim.x) Dr[s] = p[s] * (Dr[s] - weighted) * scale;
-    __syncthreads();
-    float* dqt = dq + ((int64_t(b) * T + t) * H + h) * dqk;
-    for (int i = threadIdx.x; i < dqk; i += blockDim.x) {
-        float acc = 0.0f;
-        for (int s = 0; s <= t; ++s) acc += Dr[s] * k[((int64_t(b) * T + s) * H + h) * dqk + i];
-        dqt[i] += acc;
-    }
+    const int64_t row = blockIdx.x;
+    const float* p = probs + row * T;
+    float* dr = D + row * T;
+    float w = 0.0f;
+    for (int s = threadIdx.x; s < T; s += blockDim.x) w += p[s] * dr[s];
+    w = block_sum(w, red);
+    for (int s = threadIdx.x; s < T; s += blockDim.x) dr[s] = p[s] * (dr[s] - w) * scale;
 }
-// Backward, part 2 (one block per key row (b, h, s)): dk_s += Σ_{t≥s} dscore[t,s] q_t; dv_s += Σ_{t≥s} p[t,s] dout_t.
-// Each key's sums run over t in order inside one thread: no atomics, deterministic.
-__global__ void attention_backward_cols_kernel(float* dk, float* dvv, const float* D, const float* probs,
-                                               const float* q, const float* dout, int T, int H, int dqk, int dv) {
-    const int s = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-    const float* Pc = probs + (int64_t(b) * H + h) * T * T + s;   // column s: stride T
-    const float* Dc = D + (int64_t(b) * H + h) * T * T + s;
-    for (int i = threadIdx.x; i < dqk; i += blockDim.x) {
-        float acc = 0.0f;
-        for (int t = s; t < T; ++t) acc += Dc[int64_t(t) * T] * q[((int64_t(b) * T + t) * H + h) * dqk + i];
-        dk[((int64_t(b) * T + s) * H + h) * dqk + i] += acc;
-    }
-    for (int i = threadIdx.x; i < dv; i += blockDim.x) {
-        float acc = 0.0f;
-        for (int t = s; t < T; ++t) acc += Pc[int64_t(t) * T] * dout[((int64_t(b) * T + t) * H + h) * dv + i];
-        dvv[((int64_t(b) * T + s) * H + h) * dv + i] += acc;
-    }
+inline void check_attention(const char* who, int B, int T, int H) {
+    if (int64_t(B) * H * T > (int64_t(1) << 31) - 1) fail("cuda::", who, ": B·H·T must fit in a grid, found B=", B,
+                                                           " H=", H, " T=", T);
 }
 }  // namespace detail
 
 inline void attention_forward(float* out, float* probs, const float* q, const float* k, const float* v, int B, int T,
                               int H, int dqk, int dv, float scale) {
     if (B <= 0 || T <= 0 || H <= 0) return;
-    if (T > 65535 || H > 65535 || B > 65535) fail("cuda::attention_forward: B, T, H must be <= 65535");
-    detail::attention_forward_kernel<<<dim3(T, H, B), 128>>>(out, probs, q, k, v, T, H, dqk, dv, scale);
+    detail::check_attention("attention_forward", B, T, H);
+    const int64_t q_seq = int64_t(T) * H * dqk, v_seq = int64_t(T) * H * dv, p_seq = int64_t(H) * T * T;
+    for (int h = 0; h < H; ++h)   // S = scale · Q Kᵀ: [T, T] per sequence
+        detail::row_gemm_batched(false, true, T, T, dqk, scale, q + h * dqk, H * dqk, q_seq, k + h * dqk, H * dqk,
+                                 q_seq, 0.0f, probs + int64_t(h) * T * T, T, p_seq, B);
+    detail::causal_softmax_rows_kernel<<<unsigned(int64_t(B) * H * T), 256>>>(probs, T);
     DSV3_CUDA_CHECK_LAUNCH();
+    for (int h = 0; h < H; ++h)   // O = P V: [T, dv] per sequence
+        detail::row_gemm_batched(false, false, T, dv, T, 1.0f, probs + int64_t(h) * T * T, T, p_seq, v + h * dv,
+                                 H * dv, v_seq, 0.0f, out + h * dv, H * dv, v_seq, B);
 }
 inline void attention_backward(float* dq, float* dk, float* dv_, const float* dout, const float* probs,
                                const float* q, const float* k, const float* v, int B, int T, int H, int dqk, int dv,
                                float scale) {
     if (B <= 0 || T <= 0 || H <= 0) return;
-    if (T > 65535 || H > 65535 || B > 65535) fail("cuda::attention_backward: B, T, H must be <= 65535");
+    detail::check_attention("attention_backward", B, T, H);
+    const int64_t q_seq = int64_t(T) * H * dqk, v_seq = int64_t(T) * H * dv, p_seq = int64_t(H) * T * T;
     float* D = static_cast<float*>(scratch(Slot::attn_dscore, sizeof(float) * size_t(B) * H * T * T));
-    detail::attention_backward_rows_kernel<<<dim3(T, H, B), 128>>>(dq, D, dout, probs, k, v, T, H, dqk, dv, scale);
+    for (int h = 0; h < H; ++h)   // dP = dO Vᵀ
+        detail::row_gemm_batched(false, true, T, T, dv, 1.0f, dout + h * dv, H * dv, v_seq, v + h * dv, H * dv, v_seq,
+                                 0.0f, D + int64_t(h) * T * T, T, p_seq, B);
+    detail::softmax_backward_rows_kernel<<<unsigned(int64_t(B) * H * T), 256>>>(D, probs, T, scale);
     DSV3_CUDA_CHECK_LAUNCH();
-    detail::attention_backward_cols_kernel<<<dim3(T, H, B), 128>>>(dk, dv_, D, probs, q, dout, T, H, dqk, dv);
-    DSV3_CUDA_CHECK_LAUNCH();
+    for (int h = 0; h < H; ++h) {
+        const float* Dh = D + int64_t(h) * T * T;
+        const float* Ph = probs + int64_t(h) * T * T;
+        detail::row_gemm_batched(false, false, T, dqk, T, 1.0f, Dh, T, p_seq, k + h * dqk, H * dqk, q_seq, 1.0f,
+                                 dq + h * dqk, H * dqk, q_seq, B);   // dQ += dS K
+        detail::row_gemm_batched(true, false, T, dqk, T, 1.0f, Dh, T, p_seq, q + h * dqk, H * dqk, q_seq, 1.0f,
+                                 dk + h * dqk, H * dqk, q_seq, B);   // dK += dSᵀ Q
+        detail::row_gemm_batched(true, false, T, dv, T, 1.0f, Ph, T, p_seq, dout + h * dv, H * dv, v_seq, 1.0f,
+                                 dv_ + h * dv, H * dv, v_seq, B);    // dV += Pᵀ dO
+    }
 }
 
 // =====================================================================================================================
@@ -568,11 +571,23 @@ __global__ void embedding_forward_kernel(float* out, const int32_t* tokens, cons
     const float* src = E + int64_t(tokens[t]) * d;
     for (int i = threadIdx.x; i < d; i += blockDim.x) out[t * d + i] = src[i];
 }
-// dE[tokens[t]] += dout[t], t in order inside each thread (one thread per column): the CPU's order exactly.
-__global__ void embedding_backward_kernel(float* dE, const float* dout, const int32_t* tokens, int T, int d) {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= d) return;
-    for (int t = 0; t < T; ++t) dE[int64_t(tokens[t]) * d + i] += dout[int64_t(t) * d + i];
+// dE[tokens[t]] += dout[t] for t in order, as the CPU does it, but parallel over the distinct tokens: a stable radix
+// sort (CUB, in the CUDA Toolkit) lists the positions t grouped by token id, t ascending within a token; then the
+// block of sorted position j, if j starts a token's run, adds that run's rows in order. The same additions in the
+// same order as the CPU: bitwise equal to it, and no atomics.
+__global__ void iota_kernel(int32_t* out, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) out[i] = i;
+}
+__global__ void embedding_backward_runs_kernel(float* dE, const float* dout, const int32_t* sorted_token,
+                                               const int32_t* sorted_t, int T, int d) {
+    const int j = blockIdx.x;
+    const int32_t token = sorted_token[j];
+    if (j > 0 && sorted_token[j - 1] == token) return;   // not the start of a run
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float acc = dE[int64_t(token) * d + i];
+        for (int r = j; r < T && sorted_token[r] == token; ++r) acc += dout[int64_t(sorted_t[r]) * d + i];
+        dE[int64_t(token) * d + i] = acc;
+    }
 }
 }  // namespace detail
 
@@ -586,7 +601,19 @@ inline void embedding_forward(float* out, const int32_t* tokens, const float* E,
 }
 inline void embedding_backward(float* dE, const float* dout, const int32_t* tokens, int T, int d) {
     if (T <= 0 || d <= 0) return;
-    detail::embedding_backward_kernel<<<grid_for(d, 128), 128>>>(dE, dout, tokens, T, d);
+    // scratch: sorted tokens, positions 0..T-1, sorted positions [T] each, then CUB's temporary storage
+    size_t cub_bytes = 0;
+    DSV3_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, cub_bytes, tokens, static_cast<int32_t*>(nullptr),
+                                                    static_cast<const int32_t*>(nullptr),
+                                                    static_cast<int32_t*>(nullptr), T));
+    const size_t ints = (size_t(3) * T + 63) / 64 * 64;   // keeps CUB's storage 256-byte aligned
+    auto* base = static_cast<int32_t*>(scratch(Slot::sort, ints * sizeof(int32_t) + cub_bytes));
+    int32_t *sorted_token = base, *position = base + T, *sorted_t = base + 2 * size_t(T);
+    detail::iota_kernel<<<std::min(grid_for(T, 256), 1024), 256>>>(position, T);
+    DSV3_CUDA_CHECK_LAUNCH();
+    DSV3_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(base + ints, cub_bytes, tokens, sorted_token, position, sorted_t,
+                                                    T));
+    detail::embedding_backward_runs_kernel<<<T, 128>>>(dE, dout, sorted_token, sorted_t, T, d);
     DSV3_CUDA_CHECK_LAUNCH();
 }
 

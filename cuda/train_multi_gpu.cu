@@ -26,11 +26,11 @@ struct RunResult { double tokens_per_s = 0, allreduce_s = 0, allreduce_bytes = 0
 
 static RunResult train_on(int world, const Config& cfg, const std::vector<int32_t>& data, int steps, int B, int T,
                           float lr) {
-    cuda::PeerGroup group(world, /*force_staging=*/false, /*verbose=*/world > 1);
+    dsv3::cuda::PeerGroup group(world, /*force_staging=*/false, /*verbose=*/world > 1);
     RunResult res;
     std::vector<double> loss_of(static_cast<size_t>(world));
     double seconds = 0;
-    cuda::run_gpu_ranks(group, [&](cuda::PeerComm& comm) {
+    dsv3::cuda::run_gpu_ranks(group, [&](dsv3::cuda::PeerComm& comm) {
         const int r = comm.rank();
         Model model(cfg, 1);  // same seed on every rank: identical replicas
         AdamW opt;
@@ -50,7 +50,7 @@ static RunResult train_on(int world, const Config& cfg, const std::vector<int32_
             backend::scale_inplace(model.grads.data(), int64_t(n), float(share.count) / float(B));
             DSV3_CUDA_CHECK(cudaDeviceSynchronize());  // the gradients are complete before the comm stream reads them
             const double t0 = now_seconds();
-            cuda::device_all_reduce(comm, model.grads.data(), n, ReduceOp::sum);
+            dsv3::cuda::device_all_reduce(comm, model.grads.data(), n, ReduceOp::sum);
             comm.synchronize();
             if (step >= 1) t_allreduce += now_seconds() - t0;
             std::vector<std::vector<int64_t>> loads = model.expert_loads();
