@@ -24,9 +24,10 @@
 //                                              accumulator, FP8 linear layers [V3 §3.3]
 //    4. Kernels .............................. forward/backward pairs: matmul, RMSNorm, RoPE+YaRN [V3 §2.1.1],
 //                                              causal attention, SwiGLU, embedding, cross-entropy, MoE router and
-//                                              balance losses [V3 §2.1.2], MoE permutation, AdamW, the model's
-//                                              plumbing (copies, residual adds), and the backend switch: the model
-//                                              runs on these kernels, or on cuda/'s with -DDSV3_BACKEND_CUDA
+//                                              balance losses [V3 §2.1.2], MoE permutation and grouped expert
+//                                              GEMMs, AdamW, the model's plumbing (copies, residual adds), and the
+//                                              backend switch: the model runs on these kernels, or on cuda/'s with
+//                                              -DDSV3_BACKEND_CUDA
 //    5. Parameters ........................... one flat buffer, named views with Hugging Face names [MODEL.md §7]
 //    6. Modules .............................. MLA [V3 §2.1.1, eqs. 1-11], FFN, DeepSeekMoE [eq. 12], block,
 //                                              model with Multi-Token Prediction [V3 §2.2, eqs. 21-25]
@@ -2013,7 +2014,7 @@ inline double expert_balance_loss(float* dlogits, const float* logits, const int
     return alpha * L;
 }
 
-// --- 4.10 MoE permutation ---------------------------------------------------------------------------------------
+// --- 4.10 MoE permutation and the experts' grouped GEMMs -------------------------------------------------------------
 // Tokens are grouped by expert with a counting sort (stable: within an expert, tokens keep their order), so each
 // expert runs one dense matmul over its rows. slot[t·K + k] = row of (token t, choice k) in the permuted order;
 // token_of[row] = t; offsets[e] .. offsets[e+1] are expert e's rows.

@@ -28,8 +28,8 @@
 // Why the collectives are written again here. The header's all_reduce adds the incoming chunk with a host loop
 // (mine[i] = incoming[i] + mine[i]) and all_to_all copies a rank's own rows with std::copy: on device pointers both
 // would read GPU memory from the CPU. The device versions below are line-for-line the header's schedule with those
-// two lines replaced by a kernel and a cudaMemcpyAsync. wip/comm_header.patch shows the small header change (an
-// "ops" argument: scratch, add, copy, scale) that would let both backends share one copy of each algorithm.
+// two lines replaced by a kernel and a cudaMemcpyAsync. (Passing those two operations to the header's functions as
+// an argument would let both backends share one copy of each algorithm; not done yet.)
 //
 // Stream semantics. sendrecv is stream-ordered: it returns once the copy is QUEUED on this rank's stream after
 // everything queued there before (the sender's data is ready: the receiver's stream waits on the sender's "ready"
