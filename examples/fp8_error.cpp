@@ -122,7 +122,7 @@ int main(int argc, char** argv) {
                     "H100: Gaussian 1.3%% max / 0.13%% frob without promotion, 0.09%% / 0.013%% with; scaled to amax 448\n"
                     "1.7%% / 0.13%%; uniform 7.0%% without (a bias growing with K), 0.05-0.09%% with. The max is an extreme\n"
                     "value: it grows slowly with the number of outputs and varies from seed to seed (%d outputs above\n"
-                    "the median here; NUMERICS.md used ~10^6: --m 1024 --n 1024).\n",
+                    "the median here; the K = 4096 experiment below uses more).\n",
                     secs, M * N / 2);
 
         // The report's experiment itself at K = 4096. The max over the outputs above the median is an extreme
