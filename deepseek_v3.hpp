@@ -2143,6 +2143,18 @@ inline void bf16_round_inplace(float* x, int64_t n) {  // x = bf16(x) (FP8 train
         for (int64_t i = c * 4096, e = std::min(n, i + 4096); i < e; ++i) x[i] = bf16_round(x[i]);
     });
 }
+// Row copies by an index list (rows: backend memory), for expert parallelism's send and receive buffers (9.4):
+// gather_rows: dst[i] = src[rows[i]];  scatter_rows: dst[rows[i]] = src[i];  i < n, rows of d floats.
+inline void gather_rows(float* dst, const float* src, const int32_t* rows, int64_t n, int d) {
+    parallel_for(n, [&](int64_t i) {
+        std::memcpy(dst + i * d, src + int64_t(rows[i]) * d, sizeof(float) * size_t(d));
+    });
+}
+inline void scatter_rows(float* dst, const float* src, const int32_t* rows, int64_t n, int d) {
+    parallel_for(n, [&](int64_t i) {
+        std::memcpy(dst + int64_t(rows[i]) * d, src + i * d, sizeof(float) * size_t(d));
+    });
+}
 // out[t] = [a[t] ; b[t]]     a: [T, da], b: [T, db], out: [T, da + db]   (split_columns is its backward, and back)
 inline void concat_columns(float* out, const float* a, const float* b, int T, int da, int db) {
     parallel_for(T, [&](int64_t t) {
@@ -3868,7 +3880,16 @@ inline RowShare row_share(int B, int R, int r) {
     return {first, last - first};
 }
 
-#if !defined(DSV3_BACKEND_CUDA)  // 9.4-9.5 work on host buffers; cuda/train_multi_gpu.cu is the GPU version of 9.5
+// Sections 9.4-9.5 move activations and gradients, which live in backend memory (device memory on a GPU), so they
+// call backend::all_reduce / backend::all_to_all: on the CPU the functions of 9.2; in a GPU build (DSV3_BACKEND_CUDA)
+// those of cuda/comm.cuh, the same schedules over peer copies between GPUs. Host data (counts, expert ids, losses)
+// goes through 9.2's functions on every backend.
+}  // namespace dsv3
+#if defined(DSV3_BACKEND_CUDA)
+#include "cuda/comm.cuh"
+#endif
+namespace dsv3 {
+
 // --- 9.4 expert parallelism: dispatch, local experts, combine   [V3 §3.2] ------------------------------------------
 // Per MoE layer, on rank r, with n tokens routed locally (chosen: [n, K], perm: the grouping of section 4.10):
 //
@@ -3915,6 +3936,8 @@ class ExpertParallel : public ExpertRunner {
         int64_t dispatched_rows = 0;  // token rows this rank sent to other ranks
         int64_t combined_rows = 0;    // expert-output rows it received back from other ranks
         int max_ranks_per_token = 0;  // the most ranks any of its tokens went to (itself included)
+        int64_t bytes_moved = 0;      // bytes it sent to other ranks, forward and backward (dispatch and combine)
+        double seconds_moving = 0;    // wall time of those all-to-alls (each ends when its data has arrived)
     } stats;
 
     void forward(Model& model, const MoE& m, MoeCache& c) override;
@@ -3928,8 +3951,10 @@ class ExpertParallel : public ExpertRunner {
         // this rank as the owner of experts first_expert(r) .. first_expert(r+1)−1
         std::vector<int64_t> pairs_from;     // [R]: pairs received from rank q
         std::vector<int32_t> local_chosen;   // [n_recv, K]: local expert index, or n_local when owned elsewhere
-        MoePermutation local;                // the received pairs grouped by local expert
-        std::vector<float> x_local, y_local; // [local rows, d]: expert inputs and outputs, local expert order
+        MoePermutation local;                // the received pairs grouped by local expert (host plan)
+        std::vector<int32_t> return_rows;    // rows of the local grouping in the order of the return trip
+        backend::Buffer<float> x_local;      // [local rows, d]: expert inputs, local expert order (kept for backward)
+        backend::Buffer<int32_t> pair_slot_dev, return_rows_dev;  // the two row lists above, in backend memory
         int n_local = 0;                     // experts on this rank
         FfnCache experts;                    // their activations, kept for the backward
     };
@@ -3939,25 +3964,38 @@ class ExpertParallel : public ExpertRunner {
 
     // The received pairs in (source, token, choice) order, as rows of the local grouping: the order of the return
     // trip, identical to the order the source listed them in (pair_slot).
-    template <class F>
-    void for_each_received_pair(const Layer& L, int K, const F& f) const {
-        const int n_local = L.n_local;
-        for (size_t i = 0; i < L.local_chosen.size() / size_t(K); ++i)
-            for (int k = 0; k < K; ++k)
-                if (L.local_chosen[i * size_t(K) + size_t(k)] < n_local) f(L.local.slot[i * size_t(K) + size_t(k)]);
+    // backend::all_to_all of rows of d floats, counted in stats.
+    void move_rows(const float* send, const std::vector<int64_t>& send_rows, float* recv,
+                   const std::vector<int64_t>& recv_rows, int d) {
+        const double t0 = now_seconds();
+        backend::all_to_all(comm_, send, send_rows, d, recv, recv_rows);
+        stats.seconds_moving += now_seconds() - t0;
+        const int64_t rows = std::accumulate(send_rows.begin(), send_rows.end(), int64_t(0)) -
+                             send_rows[size_t(comm_.rank())];
+        stats.bytes_moved += rows * d * int64_t(sizeof(float));
+    }
+    static std::vector<int32_t> return_order(const Layer& L) {
+        std::vector<int32_t> rows;
+        for (size_t i = 0; i < L.local_chosen.size(); ++i)   // (token, choice) pairs in order
+            if (L.local_chosen[i] < L.n_local) rows.push_back(L.local.slot[i]);
+        return rows;
     }
 };
 
+// The plan (which rows go where) is host work on small integer arrays; the rows themselves stay in backend memory and
+// move with backend::gather_rows / scatter_rows and backend::all_to_all.
 inline void ExpertParallel::forward(Model& model, const MoE& m, MoeCache& c) {
     const int R = comm_.world_size(), r = comm_.rank(), K = model.cfg.n_activated_experts, d = model.cfg.dim;
     const int n = int(c.chosen.size()) / K;
     const int lo = first_expert(r), n_local = first_expert(r + 1) - lo;
     Layer& L = layers_[&c];
+    const std::vector<int32_t> chosen = backend::download(c.chosen);       // [n, K]
+    const std::vector<int32_t>& slot = backend::host_plan(c.perm).slot;     // [n, K]
 
     // 1. plan, grouped by destination rank: tokens (once per rank) and (token, choice) pairs
     std::vector<int64_t> tokens_to(size_t(R), 0);
-    std::vector<float> send_x;        // [Σ tokens_to, d]
-    std::vector<int32_t> send_ids;    // [Σ tokens_to, K]
+    std::vector<int32_t> send_tokens;  // [Σ tokens_to]: the token of each row to send
+    std::vector<int32_t> send_ids;     // [Σ tokens_to, K]: its chosen experts
     L.pairs_to.assign(size_t(R), 0);
     L.pair_slot.clear();
     std::vector<int> ranks_of_token(size_t(n), 0);
@@ -3965,26 +4003,32 @@ inline void ExpertParallel::forward(Model& model, const MoE& m, MoeCache& c) {
         for (int t = 0; t < n; ++t) {
             bool to_q = false;
             for (int k = 0; k < K; ++k)
-                if (owner(c.chosen[size_t(t) * K + k]) == q) {
+                if (owner(chosen[size_t(t) * K + k]) == q) {
                     to_q = true;
-                    L.pair_slot.push_back(c.perm.slot[size_t(t) * K + k]);
+                    L.pair_slot.push_back(slot[size_t(t) * K + k]);
                     ++L.pairs_to[size_t(q)];
                 }
             if (!to_q) continue;
             ++tokens_to[size_t(q)];
             ++ranks_of_token[size_t(t)];
-            send_x.insert(send_x.end(), c.x + int64_t(t) * d, c.x + int64_t(t + 1) * d);
-            send_ids.insert(send_ids.end(), c.chosen.begin() + int64_t(t) * K, c.chosen.begin() + int64_t(t + 1) * K);
+            send_tokens.push_back(t);
+            send_ids.insert(send_ids.end(), chosen.begin() + int64_t(t) * K, chosen.begin() + int64_t(t + 1) * K);
         }
     for (int v : ranks_of_token) stats.max_ranks_per_token = std::max(stats.max_ranks_per_token, v);
     stats.dispatched_rows += std::accumulate(tokens_to.begin(), tokens_to.end(), int64_t(0)) - tokens_to[size_t(r)];
 
     // 2. dispatch: counts first, then the rows and their expert ids
     const std::vector<int64_t> tokens_from = exchange_counts(comm_, tokens_to);
+    const int64_t n_sent = int64_t(send_tokens.size());
     const int64_t n_recv = std::accumulate(tokens_from.begin(), tokens_from.end(), int64_t(0));
-    std::vector<float> recv_x(size_t(n_recv) * d);     // [n_recv, d], grouped by source rank
+    backend::Buffer<int32_t> rows;
+    backend::upload(rows, send_tokens);
+    backend::Buffer<float> send_x, recv_x;
+    send_x.resize(size_t(n_sent) * d);  // [n_sent, d], grouped by destination rank
+    recv_x.resize(size_t(n_recv) * d);  // [n_recv, d], grouped by source rank
+    backend::gather_rows(send_x.data(), c.x, rows.data(), n_sent, d);
+    move_rows(send_x.data(), tokens_to, recv_x.data(), tokens_from, d);
     std::vector<int32_t> recv_ids(size_t(n_recv) * K); // [n_recv, K]
-    all_to_all(comm_, send_x.data(), tokens_to, d, recv_x.data(), tokens_from);
     all_to_all(comm_, send_ids.data(), tokens_to, K, recv_ids.data(), tokens_from);
 
     // 3. group the received pairs by local expert and run the local experts
@@ -3993,14 +4037,15 @@ inline void ExpertParallel::forward(Model& model, const MoE& m, MoeCache& c) {
         const int e = recv_ids[i];
         L.local_chosen[i] = (e >= lo && e < lo + n_local) ? e - lo : n_local;  // n_local: the bucket never run
     }
+    L.n_local = n_local;
     moe_permute_plan(L.local, L.local_chosen.data(), int(n_recv), K, n_local + 1);
     const int64_t local_rows = L.local.offsets[size_t(n_local)];
+    backend::upload(rows, L.local.token_of);     // row -> received token; the first local_rows rows are run
     L.x_local.resize(size_t(local_rows) * d);
-    L.y_local.resize(size_t(local_rows) * d);
-    for (int64_t row = 0; row < local_rows; ++row)
-        std::memcpy(&L.x_local[size_t(row) * d], &recv_x[size_t(L.local.token_of[size_t(row)]) * d], sizeof(float) * d);
-    L.n_local = n_local;
-    model.experts_forward(m, lo, n_local, L.local.offsets.data(), L.x_local.data(), L.y_local.data(), L.experts);
+    backend::gather_rows(L.x_local.data(), recv_x.data(), rows.data(), local_rows, d);
+    backend::Buffer<float> y_local;
+    y_local.resize(size_t(local_rows) * d);
+    model.experts_forward(m, lo, n_local, L.local.offsets.data(), L.x_local.data(), y_local.data(), L.experts);
 
     // 4. combine: every pair's output row back to its source, then into the row the single-rank layer uses
     L.pairs_from.assign(size_t(R), 0);
@@ -4010,50 +4055,49 @@ inline void ExpertParallel::forward(Model& model, const MoE& m, MoeCache& c) {
             for (int64_t i = 0; i < tokens_from[size_t(q)]; ++i, ++token)
                 for (int k = 0; k < K; ++k) L.pairs_from[size_t(q)] += L.local_chosen[size_t(token) * K + k] < n_local;
     }
-    std::vector<float> send_y, recv_y(L.pair_slot.size() * size_t(d));  // [pairs, d]
-    send_y.reserve(size_t(local_rows) * d);
-    for_each_received_pair(L, K, [&](int32_t row) {
-        send_y.insert(send_y.end(), &L.y_local[size_t(row) * d], &L.y_local[size_t(row + 1) * d]);
-    });
-    all_to_all(comm_, send_y.data(), L.pairs_from, d, recv_y.data(), L.pairs_to);
-    for (size_t j = 0; j < L.pair_slot.size(); ++j)
-        std::memcpy(c.ye + int64_t(L.pair_slot[j]) * d, &recv_y[j * d], sizeof(float) * d);
-    stats.combined_rows += int64_t(L.pair_slot.size()) - L.pairs_to[size_t(r)];
+    L.return_rows = return_order(L);
+    backend::upload(L.return_rows_dev, L.return_rows);
+    backend::upload(L.pair_slot_dev, L.pair_slot);
+    const int64_t n_back = int64_t(L.return_rows.size()), n_pairs = int64_t(L.pair_slot.size());
+    backend::Buffer<float> send_y, recv_y;
+    send_y.resize(size_t(n_back) * d);   // [pairs received, d], in return order
+    recv_y.resize(size_t(n_pairs) * d);  // [pairs sent, d], in pair_slot order
+    backend::gather_rows(send_y.data(), y_local.data(), L.return_rows_dev.data(), n_back, d);
+    move_rows(send_y.data(), L.pairs_from, recv_y.data(), L.pairs_to, d);
+    backend::scatter_rows(c.ye, recv_y.data(), L.pair_slot_dev.data(), n_pairs, d);
+    stats.combined_rows += n_pairs - L.pairs_to[size_t(r)];
 }
 
 inline void ExpertParallel::backward(Model& model, const MoE& m, MoeCache& c, const float* dye, float* dxe) {
-    const int r = comm_.rank(), K = model.cfg.n_activated_experts, d = model.cfg.dim;
+    const int r = comm_.rank(), d = model.cfg.dim;
     auto it = layers_.find(&c);
     if (it == layers_.end()) fail("ExpertParallel::backward: no forward for this MoE layer");
     Layer& L = it->second;
     const int lo = first_expert(r), n_local = L.n_local;
     const int64_t local_rows = L.local.offsets[size_t(n_local)];
+    const int64_t n_back = int64_t(L.return_rows.size()), n_pairs = int64_t(L.pair_slot.size());
 
     // 1. the gradient of every pair's output goes to the expert's owner (reverse of the combine)
-    std::vector<float> send_dy(L.pair_slot.size() * size_t(d));  // [pairs, d], grouped by owner
-    for (size_t j = 0; j < L.pair_slot.size(); ++j)
-        std::memcpy(&send_dy[j * d], dye + int64_t(L.pair_slot[j]) * d, sizeof(float) * d);
-    std::vector<float> recv_dy(size_t(local_rows) * d);
-    all_to_all(comm_, send_dy.data(), L.pairs_to, d, recv_dy.data(), L.pairs_from);
-    std::vector<float> dy_local(size_t(local_rows) * d), dx_local(size_t(local_rows) * d, 0.0f);
-    size_t j = 0;
-    for_each_received_pair(L, K, [&](int32_t row) {
-        std::memcpy(&dy_local[size_t(row) * d], &recv_dy[j++ * d], sizeof(float) * d);
-    });
+    backend::Buffer<float> send_dy, recv_dy, dy_local, dx_local;
+    send_dy.resize(size_t(n_pairs) * d);  // [pairs sent, d], grouped by owner
+    recv_dy.resize(size_t(n_back) * d);   // [pairs received, d], in return order
+    backend::gather_rows(send_dy.data(), dye, L.pair_slot_dev.data(), n_pairs, d);
+    move_rows(send_dy.data(), L.pairs_to, recv_dy.data(), L.pairs_from, d);
+    dy_local.resize(size_t(local_rows) * d);
+    backend::scatter_rows(dy_local.data(), recv_dy.data(), L.return_rows_dev.data(), n_back, d);
+    dx_local.resize(size_t(local_rows) * d);
+    backend::fill_zero(dx_local.data(), local_rows * d);
 
     // 2. the local experts' backward: input gradients [local rows, d], weight gradients into this rank's grads
     model.experts_backward(m, lo, n_local, L.local.offsets.data(), dy_local.data(), dx_local.data(), L.experts);
 
     // 3. every pair's input gradient goes back to its source (reverse of the dispatch), in the same pair order
-    std::vector<float> send_dx;
-    send_dx.reserve(size_t(local_rows) * d);
-    for_each_received_pair(L, K, [&](int32_t row) {
-        send_dx.insert(send_dx.end(), &dx_local[size_t(row) * d], &dx_local[size_t(row + 1) * d]);
-    });
-    std::vector<float> recv_dx(L.pair_slot.size() * size_t(d));
-    all_to_all(comm_, send_dx.data(), L.pairs_from, d, recv_dx.data(), L.pairs_to);
-    for (size_t p = 0; p < L.pair_slot.size(); ++p)
-        std::memcpy(dxe + int64_t(L.pair_slot[p]) * d, &recv_dx[p * d], sizeof(float) * d);
+    backend::Buffer<float> send_dx, recv_dx;
+    send_dx.resize(size_t(n_back) * d);
+    recv_dx.resize(size_t(n_pairs) * d);
+    backend::gather_rows(send_dx.data(), dx_local.data(), L.return_rows_dev.data(), n_back, d);
+    move_rows(send_dx.data(), L.pairs_from, recv_dx.data(), L.pairs_to, d);
+    backend::scatter_rows(dxe, recv_dx.data(), L.pair_slot_dev.data(), n_pairs, d);
 }
 
 // --- 9.5 the parallel training step: DP, or DP × EP --------------------------------------------------------------
@@ -4111,16 +4155,21 @@ inline StepResult parallel_train_step(Communicator& comm, Model& model, AdamW& o
     HeldParams held = held_params(model, ep);
     size_t bucket_size = 0;
     for (const ParamEntry* e : held.replicated) bucket_size += e->size;
-    std::vector<float> bucket(bucket_size);  // [Σ replicated sizes]
+    backend::Buffer<float> bucket;  // [Σ replicated sizes]
+    bucket.resize(bucket_size);
     size_t at = 0;
-    for (const ParamEntry* e : held.replicated)
-        for (size_t i = 0; i < e->size; ++i) bucket[at++] = w * model.grads[e->offset + i];
-    all_reduce(comm, bucket.data(), bucket.size());
+    for (const ParamEntry* e : held.replicated) {
+        backend::copy_values(bucket.data() + at, model.G(e->offset), int64_t(e->size));
+        at += e->size;
+    }
+    backend::scale_inplace(bucket.data(), int64_t(bucket_size), w);
+    backend::all_reduce(comm, bucket.data(), bucket_size);
     at = 0;
-    for (const ParamEntry* e : held.replicated)
-        for (size_t i = 0; i < e->size; ++i) model.grads[e->offset + i] = bucket[at++];
-    for (const ParamEntry* e : held.own_experts)
-        for (size_t i = 0; i < e->size; ++i) model.grads[e->offset + i] *= w;
+    for (const ParamEntry* e : held.replicated) {
+        backend::copy_values(model.G(e->offset), bucket.data() + at, int64_t(e->size));
+        at += e->size;
+    }
+    for (const ParamEntry* e : held.own_experts) backend::scale_inplace(model.G(e->offset), int64_t(e->size), w);
 
     // 3. the expert loads of the whole batch, so that every rank makes the same bias update
     result.loads = model.expert_loads();
@@ -4139,11 +4188,7 @@ inline StepResult parallel_train_step(Communicator& comm, Model& model, AdamW& o
     if (ep) {
         auto sum_squares = [&](const std::vector<const ParamEntry*>& list) {
             double s = 0;
-            for (const ParamEntry* e : list)
-                s += parallel_sum(int64_t(e->size), [&](int64_t i) {
-                    const double g = model.grads[e->offset + size_t(i)];
-                    return g * g;
-                });
+            for (const ParamEntry* e : list) s += backend::sum_of_squares(model.G(e->offset), int64_t(e->size));
             return s;
         };
         double experts_sq = sum_squares(held.own_experts);
@@ -4166,7 +4211,6 @@ inline StepResult parallel_train_step(Communicator& comm, Model& model, AdamW& o
     return result;
 }
 
-#endif  // !DSV3_BACKEND_CUDA
 
 // =====================================================================================================================
 // 10. DATA AND PICTURES

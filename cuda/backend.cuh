@@ -80,6 +80,15 @@ __global__ void sum_of_squares_kernel(double* partial, const float* x, int64_t n
     acc = block_sum_d(acc, red);
     if (threadIdx.x == 0) partial[blockIdx.x] = acc;
 }
+// One block per listed row: dst[i] = src[rows[i]] (gather) or dst[rows[i]] = src[i] (scatter).
+__global__ void gather_rows_kernel(float* dst, const float* src, const int32_t* rows, int d) {
+    const int64_t i = blockIdx.x, r = rows[i];
+    for (int j = threadIdx.x; j < d; j += blockDim.x) dst[i * d + j] = src[r * d + j];
+}
+__global__ void scatter_rows_kernel(float* dst, const float* src, const int32_t* rows, int d) {
+    const int64_t i = blockIdx.x, r = rows[i];
+    for (int j = threadIdx.x; j < d; j += blockDim.x) dst[r * d + j] = src[i * d + j];
+}
 // One block per row t: out[t] = [a[t] ; b[t]] (concat) or the reverse (split).
 __global__ void concat_columns_kernel(float* out, const float* a, const float* b, int da, int db) {
     const int64_t t = blockIdx.x;
@@ -154,6 +163,16 @@ inline double sum_of_squares(const float* x, int64_t n) {  // synchronises: the 
     double total = 0;
     for (double p : host) total += p;  // blocks in order
     return total;
+}
+inline void gather_rows(float* dst, const float* src, const int32_t* rows, int64_t n, int d) {
+    if (n <= 0 || d <= 0) return;
+    detail::gather_rows_kernel<<<unsigned(n), 128>>>(dst, src, rows, d);
+    DSV3_CUDA_CHECK_LAUNCH();
+}
+inline void scatter_rows(float* dst, const float* src, const int32_t* rows, int64_t n, int d) {
+    if (n <= 0 || d <= 0) return;
+    detail::scatter_rows_kernel<<<unsigned(n), 128>>>(dst, src, rows, d);
+    DSV3_CUDA_CHECK_LAUNCH();
 }
 inline void concat_columns(float* out, const float* a, const float* b, int T, int da, int db) {
     if (T <= 0 || da + db <= 0) return;

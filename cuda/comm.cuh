@@ -22,6 +22,8 @@
 //   device_all_reduce         the header's ring all_reduce, same schedule and same summation order, with the
 //                             element-wise add done by a small kernel: results are BITWISE equal to the CPU's
 //   device_all_to_all         the header's pairwise-exchange all_to_all, own rows copied on the device
+//   all_reduce, all_to_all    the two above for any Communicator that is a PeerComm, synchronous: what the header's
+//                             sections 9.4-9.5 call as backend::all_reduce / backend::all_to_all in a GPU build
 //   the header's exchange_counts works unchanged on a PeerComm: its int64 counts are host memory, and sendrecv copies
 //   host buffers with memcpy (a receiver must know the sizes before the payload arrives, V3 §3.2's dispatch too).
 //
@@ -396,6 +398,31 @@ void device_all_to_all(PeerComm& comm, const T* send, const std::vector<int64_t>
         comm.sendrecv(send + send_at[size_t(to)] * row, size_t(send_rows[size_t(to)] * row) * sizeof(T), to,
                       recv + recv_at[size_t(from)] * row, size_t(recv_rows[size_t(from)] * row) * sizeof(T), from);
     }
+}
+
+// The backend's collectives over device memory, for the header's sections 9.4-9.5 in a DSV3_BACKEND_CUDA build
+// (backend::all_reduce, backend::all_to_all): the Communicator there must be a PeerComm (run_gpu_ranks). Every
+// rank's queued work is finished first (the model's kernels run on the default stream) and the transfer is waited
+// for after, so the calls behave like the header's CPU functions: data in, data out, nothing pending.
+inline PeerComm& peer_comm(Communicator& comm) {
+    auto* p = dynamic_cast<PeerComm*>(&comm);
+    if (!p) fail("cuda collectives: the communicator is not a cuda::PeerComm (run the ranks with run_gpu_ranks)");
+    return *p;
+}
+template <class T>
+void all_reduce(Communicator& comm, T* data, size_t n, ReduceOp op = ReduceOp::sum) {
+    PeerComm& peer = peer_comm(comm);
+    DSV3_CUDA_CHECK(cudaDeviceSynchronize());
+    device_all_reduce(peer, data, n, op);
+    peer.synchronize();
+}
+template <class T>
+void all_to_all(Communicator& comm, const T* send, const std::vector<int64_t>& send_rows, int64_t row, T* recv,
+                const std::vector<int64_t>& recv_rows) {
+    PeerComm& peer = peer_comm(comm);
+    DSV3_CUDA_CHECK(cudaDeviceSynchronize());
+    device_all_to_all(peer, send, send_rows, row, recv, recv_rows);
+    peer.synchronize();
 }
 
 }  // namespace cuda

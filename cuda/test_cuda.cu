@@ -589,7 +589,8 @@ TEST_CASE("mla_decode_absorbed: against a double-precision CPU reference") {
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
-TEST_CASE("plumbing (section 4.12): fill, copy, add, scale, sum of squares, bf16 rounding, concat/split, MLA k/v") {
+TEST_CASE("plumbing (section 4.12): fill, copy, add, scale, sum of squares, bf16 rounding, gather/scatter rows, "
+          "concat/split, MLA k/v") {
     Rng rng(131);
     const int T = 37, da = 100, db = 24, H = 3, dh = 16, dr = 8, dv = 12;
     const int64_t n = 100003;
@@ -613,6 +614,22 @@ TEST_CASE("plumbing (section 4.12): fill, copy, add, scale, sum of squares, bf16
     CHECK(host(cp) == host(yd));
     cu::fill_zero(cp.data(), n);
     CHECK(host(cp) == std::vector<float>(size_t(n), 0.0f));
+    // gather / scatter rows by an index list (expert parallelism's send and receive buffers)
+    {
+        const std::vector<int32_t> rows = {5, 0, 36, 5, 17};   // repeats allowed in a gather
+        const std::vector<int32_t> distinct = {5, 0, 36, 12, 17};
+        auto src = normal(rng, size_t(T) * da);
+        std::vector<float> got(rows.size() * da), back(src.size(), 1.0f);
+        dsv3::gather_rows(got.data(), src.data(), rows.data(), int64_t(rows.size()), da);
+        dsv3::scatter_rows(back.data(), got.data(), distinct.data(), int64_t(distinct.size()), da);
+        auto srcd = dev(src), backd = dev(std::vector<float>(src.size(), 1.0f));
+        auto rowsd = dev(rows), distinctd = dev(distinct);
+        auto gotd = poisoned<float>(got.size());
+        cu::gather_rows(gotd.data(), srcd.data(), rowsd.data(), int64_t(rows.size()), da);
+        CHECK(host(gotd) == got);
+        cu::scatter_rows(backd.data(), gotd.data(), distinctd.data(), int64_t(distinct.size()), da);
+        CHECK(host(backd) == back);
+    }
     // concat / split
     auto a = normal(rng, size_t(T) * da), b = normal(rng, size_t(T) * db);
     std::vector<float> cat(size_t(T) * (da + db)), a2(a.size()), b2(b.size());

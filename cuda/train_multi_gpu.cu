@@ -1,7 +1,8 @@
-// build/train_multi_gpu: data-parallel training of the header's model on every visible GPU, over peer copies, no NCCL
-// (issue 8; header section 9 is the CPU reference, cuda/comm.cuh the transport).
+// build/train_multi_gpu: data-parallel (and, with --ep, expert-parallel) training of the header's model on every
+// visible GPU, over peer copies, no NCCL (header section 9 is the algorithm, cuda/comm.cuh the transport).
 //
-//   build/train_multi_gpu [--preset tiny|small] [--steps 40] [--batch 32] [--seq 256] [--lr 1e-3] [--data FILE]
+//   build/train_multi_gpu [--preset tiny|small] [--steps 40] [--batch 32] [--seq 256] [--lr 1e-3] [--data FILE] [--ep]
+//                         [--ranks R]   (default: one rank per visible GPU; more ranks than GPUs share them, for tests)
 //
 // Each GPU holds a replica of the model (built from the same seed) and, at every step, takes its consecutive share
 // of the global batch (row_share): forward and backward on the GPU backend, gradients scaled by its share of the
@@ -10,7 +11,11 @@
 // the expert loads summed on the host (integers, exact) so that every replica makes the same loss-free bias update,
 // and the same AdamW step everywhere: the replicas stay identical. The run is done twice, on 1 GPU and on all of
 // them, with the same global batch, and prints tokens/s per GPU, the scaling, and the all-reduce bus bandwidth.
-// (Expert parallelism on GPUs is not here yet: header section 9.4 runs on host buffers.)
+// With --ep the multi-GPU run is DP × EP instead: the header's parallel_train_step (section 9.5) with its
+// ExpertParallel runner (9.4) on the GPU backend. Each GPU owns 1/R of every MoE layer's routed experts; tokens are
+// dispatched to the GPUs owning their chosen experts and the outputs combined back (backend::all_to_all =
+// cuda::all_to_all over peer copies); the replicated gradients are all-reduced. It prints the dispatch/combine
+// traffic and bandwidth next to the throughput, and the losses next to the 1-GPU run's (the same batches).
 #define DSV3_BACKEND_CUDA
 // The header is host code; nvcc's front end does not know GCC's "#pragma GCC unroll" in it: silence that warning.
 #pragma nv_diag_suppress 1675
@@ -22,15 +27,53 @@
 
 using namespace dsv3;
 
-struct RunResult { double tokens_per_s = 0, allreduce_s = 0, allreduce_bytes = 0, last_loss = 0; };
+struct RunResult {
+    double tokens_per_s = 0, allreduce_s = 0, allreduce_bytes = 0, last_loss = 0;
+    double moved_bytes = 0, moving_s = 0;   // --ep: rank 0's dispatch/combine traffic over the timed steps
+};
+
+// One rank's DP × EP training (--ep): the header's parallel step, every byte through backend::all_to_all/all_reduce.
+static void train_rank_ep(dsv3::cuda::PeerComm& comm, const Config& cfg, const std::vector<int32_t>& data, int steps,
+                          int B, int T, float lr, RunResult& res, std::vector<double>& loss_of, double& seconds) {
+    const int r = comm.rank(), world = comm.world_size();
+    Model model(cfg, 1);
+    AdamW opt;
+    LrSchedule sched;
+    sched.max_lr = lr; sched.min_lr = lr / 10; sched.warmup_steps = std::min(10, steps / 4); sched.total_steps = steps;
+    ExpertParallel ep(comm, cfg);
+    std::vector<int32_t> batch(size_t(B) * (T + 1));
+    const RowShare share = row_share(B, world, r);
+    double t_start = 0;
+    for (int step = 0; step < steps; ++step) {
+        if (step == 1) {
+            comm.barrier();
+            t_start = now_seconds();
+            ep.stats = {};
+        }
+        sample_batch(data, B, T, 1, step, batch.data());
+        const StepResult s = parallel_train_step(comm, model, opt, batch.data() + size_t(share.first) * (T + 1),
+                                                 share.count, T, sched.at(step), LossOptions{}, &ep);
+        loss_of[size_t(r)] = s.loss.main;
+        if (r == 0 && (step % 10 == 0 || step + 1 == steps))
+            std::printf("  %d GPUs DPxEP  step %3d/%d  loss %.4f\n", world, step + 1, steps, s.loss.main);
+    }
+    DSV3_CUDA_CHECK(cudaDeviceSynchronize());
+    comm.barrier();
+    if (r == 0) {
+        seconds = now_seconds() - t_start;
+        res.moved_bytes = double(ep.stats.bytes_moved);
+        res.moving_s = ep.stats.seconds_moving;
+    }
+}
 
 static RunResult train_on(int world, const Config& cfg, const std::vector<int32_t>& data, int steps, int B, int T,
-                          float lr) {
+                          float lr, bool expert_parallel = false) {
     dsv3::cuda::PeerGroup group(world, /*force_staging=*/false, /*verbose=*/world > 1);
     RunResult res;
     std::vector<double> loss_of(static_cast<size_t>(world));
     double seconds = 0;
     dsv3::cuda::run_gpu_ranks(group, [&](dsv3::cuda::PeerComm& comm) {
+        if (expert_parallel) return train_rank_ep(comm, cfg, data, steps, B, T, lr, res, loss_of, seconds);
         const int r = comm.rank();
         Model model(cfg, 1);  // same seed on every rank: identical replicas
         AdamW opt;
@@ -54,11 +97,11 @@ static RunResult train_on(int world, const Config& cfg, const std::vector<int32_
             comm.synchronize();
             if (step >= 1) t_allreduce += now_seconds() - t0;
             std::vector<std::vector<int64_t>> loads = model.expert_loads();
-            for (auto& load : loads) all_reduce(comm, load.data(), load.size(), ReduceOp::sum);  // host ints: exact
+            for (auto& load : loads) dsv3::all_reduce(comm, load.data(), load.size(), ReduceOp::sum);  // host ints: exact
             adamw_step(model, opt, sched.at(step));
             update_routing_bias(model, loads, cfg.bias_update_speed);
             double weighted = l.main * share.count / B;
-            all_reduce(comm, &weighted, 1, ReduceOp::sum);
+            dsv3::all_reduce(comm, &weighted, 1, ReduceOp::sum);
             loss_of[size_t(r)] = weighted;
             if (r == 0 && (step % 10 == 0 || step + 1 == steps))
                 std::printf("  %d GPU%s  step %3d/%d  loss %.4f\n", world, world > 1 ? "s" : "", step + 1, steps, weighted);
@@ -80,6 +123,8 @@ int main(int argc, char** argv) {
     try {
         std::string preset = "small", data_path;
         int steps = 40, B = 32, T = 256;
+        bool expert_parallel = false;
+        int ranks = 0;
         float lr = 1e-3f;
         for (int i = 1; i < argc; ++i) {
             const std::string k = argv[i];
@@ -93,7 +138,9 @@ int main(int argc, char** argv) {
             else if (k == "--seq") T = std::stoi(value());
             else if (k == "--lr") lr = std::stof(value());
             else if (k == "--data") data_path = value();
-            else fail("unknown option '", k, "' (--preset, --steps, --batch, --seq, --lr, --data)");
+            else if (k == "--ep") expert_parallel = true;
+            else if (k == "--ranks") ranks = std::stoi(value());
+            else fail("unknown option '", k, "' (--preset, --steps, --batch, --seq, --lr, --data, --ep, --ranks)");
         }
         if (preset != "tiny" && preset != "small") fail("--preset: unknown \"", preset, "\" (tiny or small)");
         Config cfg = preset == "small" ? Config::small() : Config::tiny();
@@ -106,21 +153,36 @@ int main(int argc, char** argv) {
         const std::vector<int32_t> data = training_bytes(data_path, &source);
         std::printf("data: %s | preset %s | global batch %d x %d | %d GPU%s visible\n", source.c_str(), preset.c_str(), B,
                     T, gpus, gpus > 1 ? "s" : "");
-        if (B < gpus) fail("--batch ", B, " is smaller than the number of GPUs ", gpus);
+        const int R = ranks > 0 ? ranks : gpus;   // ranks beyond the GPU count share GPUs (rank r on GPU r mod G)
+        if (B < R) fail("--batch ", B, " is smaller than the number of ranks ", R);
         const RunResult one = train_on(1, cfg, data, steps, B, T, lr);
         std::printf("1 GPU: %.0f tokens/s\n\n", one.tokens_per_s);
-        if (gpus < 2) {
-            std::printf("only one GPU: no data-parallel run\n");
+        if (R < 2) {
+            std::printf("only one GPU: no parallel run (--ranks 2 runs two ranks on it)\n");
             return 0;
         }
-        const RunResult all = train_on(gpus, cfg, data, steps, B, T, lr);
-        const double bus = all.allreduce_bytes * 2.0 * (gpus - 1) / gpus / all.allreduce_s / 1e9;
-        std::printf("%d GPUs: %.0f tokens/s in all, %.0f per GPU; scaling %.2fx over 1 GPU (target >= 1.8x for 2)\n",
-                    gpus, all.tokens_per_s, all.tokens_per_s / gpus, all.tokens_per_s / one.tokens_per_s);
+        const std::string on = std::to_string(R) + " ranks on " + std::to_string(std::min(R, gpus)) + " GPU" +
+                                (std::min(R, gpus) > 1 ? "s" : "");
+        if (expert_parallel) {
+            if (B % R != 0) fail("--ep needs --batch divisible by the ", R, " ranks, found ", B);
+            const RunResult all = train_on(R, cfg, data, steps, B, T, lr, true);
+            std::printf("%s, DP x EP: %.0f tokens/s in all, %.0f per rank; %.2fx over 1 GPU\n", on.c_str(),
+                        all.tokens_per_s, all.tokens_per_s / R, all.tokens_per_s / one.tokens_per_s);
+            std::printf("dispatch/combine (rank 0): %.1f MB per step, %.2f ms per step, %.1f GB/s\n",
+                        all.moved_bytes / (steps - 1) / 1e6, 1e3 * all.moving_s / (steps - 1),
+                        all.moved_bytes / std::max(all.moving_s, 1e-12) / 1e9);
+            std::printf("last loss: 1 GPU %.5f, %s DP x EP %.5f (the same batches)\n", one.last_loss, on.c_str(),
+                        all.last_loss);
+            return 0;
+        }
+        const RunResult all = train_on(R, cfg, data, steps, B, T, lr);
+        const double bus = all.allreduce_bytes * 2.0 * (R - 1) / R / all.allreduce_s / 1e9;
+        std::printf("%s: %.0f tokens/s in all, %.0f per rank; scaling %.2fx over 1 GPU (target >= 1.8x for 2 GPUs)\n",
+                    on.c_str(), all.tokens_per_s, all.tokens_per_s / R, all.tokens_per_s / one.tokens_per_s);
         std::printf("gradient all-reduce: %.1f MB per step, %.2f ms per step, bus bandwidth %.1f GB/s\n",
                     all.allreduce_bytes / (steps - 1) / 1e6, 1e3 * all.allreduce_s / (steps - 1), bus);
-        std::printf("last loss: 1 GPU %.5f, %d GPUs %.5f (the same batches; sums in another order)\n", one.last_loss,
-                    gpus, all.last_loss);
+        std::printf("last loss: 1 GPU %.5f, %s %.5f (the same batches; sums in another order)\n", one.last_loss,
+                    on.c_str(), all.last_loss);
         return 0;
     } catch (const std::exception& e) {
         std::fprintf(stderr, "error: %s\n", e.what());

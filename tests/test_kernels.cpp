@@ -198,6 +198,19 @@ TEST_CASE("kernels: grouped_matmul runs each group's rows through its own stride
     expect_gradient(W.data(), W.size(), minus_prefill(dW), loss, "grouped matmul dW");  // the gaps' gradient: 0
 }
 
+TEST_CASE("kernels: gather_rows and scatter_rows copy whole rows by an index list") {
+    const int d = 3;
+    const std::vector<float> src = {0, 1, 2, 10, 11, 12, 20, 21, 22};
+    const std::vector<int32_t> rows = {2, 0, 2};
+    std::vector<float> got(rows.size() * d);
+    gather_rows(got.data(), src.data(), rows.data(), int64_t(rows.size()), d);
+    CHECK(got == std::vector<float>{20, 21, 22, 0, 1, 2, 20, 21, 22});
+    std::vector<float> back(9, -1.0f);
+    const std::vector<int32_t> to = {1, 2};
+    scatter_rows(back.data(), got.data(), to.data(), 2, d);
+    CHECK(back == std::vector<float>{-1, -1, -1, 20, 21, 22, 0, 1, 2});
+}
+
 // ================================================================================================================
 // 3.2 RMSNorm
 // ================================================================================================================
