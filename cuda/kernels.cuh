@@ -57,7 +57,7 @@
 #include "../deepseek_v3.hpp"
 #pragma nv_diag_default 1675
 
-#include <cub/cub.cuh>
+#include <cub/device/device_radix_sort.cuh>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
