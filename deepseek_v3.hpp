@@ -3962,8 +3962,6 @@ class ExpertParallel : public ExpertRunner {
     int n_experts_;
     std::map<const MoeCache*, Layer> layers_;  // one entry per MoE layer of the model (keyed by its cache)
 
-    // The received pairs in (source, token, choice) order, as rows of the local grouping: the order of the return
-    // trip, identical to the order the source listed them in (pair_slot).
     // backend::all_to_all of rows of d floats, counted in stats.
     void move_rows(const float* send, const std::vector<int64_t>& send_rows, float* recv,
                    const std::vector<int64_t>& recv_rows, int d) {
@@ -3974,6 +3972,8 @@ class ExpertParallel : public ExpertRunner {
                              send_rows[size_t(comm_.rank())];
         stats.bytes_moved += rows * d * int64_t(sizeof(float));
     }
+    // The received pairs in (source, token, choice) order, as rows of the local grouping: the order of the return
+    // trip, identical to the order the source listed them in (pair_slot).
     static std::vector<int32_t> return_order(const Layer& L) {
         std::vector<int32_t> rows;
         for (size_t i = 0; i < L.local_chosen.size(); ++i)   // (token, choice) pairs in order
@@ -4210,7 +4210,6 @@ inline StepResult parallel_train_step(Communicator& comm, Model& model, AdamW& o
     result.loss.mtp.assign(l.begin() + 3, l.end());
     return result;
 }
-
 
 // =====================================================================================================================
 // 10. DATA AND PICTURES
