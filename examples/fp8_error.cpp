@@ -122,8 +122,8 @@ int main(int argc, char** argv) {
                     "H100: Gaussian 1.3%% max / 0.13%% frob without promotion, 0.09%% / 0.013%% with; scaled to amax 448\n"
                     "1.7%% / 0.13%%; uniform 7.0%% without (a bias growing with K), 0.05-0.09%% with. The max is an extreme\n"
                     "value: it grows slowly with the number of outputs and varies from seed to seed (%d outputs above\n"
-                    "the median here; the K = 4096 experiment below uses more).\n",
-                    secs, M * N / 2);
+                    "the median here%s).\n",
+                    secs, M * N / 2, draws > 0 ? "; the K = 4096 experiment below uses more" : "");
 
         // The report's experiment itself at K = 4096. The max over the outputs above the median is an extreme
         // value: at NUMERICS.md's sample size (10^6 outputs) it moves from draw to draw by ±10%, and it grows with the
