@@ -2086,9 +2086,19 @@ inline void moe_unpermute_backward(float* dye, float* dgates, const float* dy, c
 // projection of all of a layer's experts. Here it is a loop over matmul (each one parallel inside); on the GPU it is
 // a single kernel launch over all experts' tiles (cuda/kernels.cuh), where one small GEMM per expert would be
 // dominated by launch overhead.
+// offsets: [groups + 1], host memory on every backend, starting at 0 and never decreasing (checked).
+inline void check_group_offsets(const char* who, const int64_t* offsets, int groups, int in, int out) {
+    if (groups < 0 || in < 0 || out < 0) fail(who, ": negative size groups=", groups, " in=", in, " out=", out);
+    if (offsets[0] != 0) fail(who, ": offsets[0] must be 0, found ", offsets[0]);
+    for (int g = 0; g < groups; ++g)
+        if (offsets[g + 1] < offsets[g])
+            fail(who, ": offsets must not decrease, found offsets[", g, "]=", offsets[g], " > offsets[", g + 1, "]=",
+                 offsets[g + 1]);
+}
 //   y[rows_g, out] = x[rows_g, in] · W_gᵀ      (overwrites y)
 inline void grouped_matmul_forward(float* y, const float* x, const float* W, int64_t w_stride, const int64_t* offsets,
                                    int groups, int in, int out) {
+    check_group_offsets("grouped_matmul_forward", offsets, groups, in, out);
     for (int g = 0; g < groups; ++g) {
         const int64_t begin = offsets[g], rows = offsets[g + 1] - begin;
         if (rows > 0) matmul_forward(y + begin * out, x + begin * in, W + g * w_stride, int(rows), in, out);
@@ -2097,6 +2107,7 @@ inline void grouped_matmul_forward(float* y, const float* x, const float* W, int
 //   dx[rows_g, in] += dy[rows_g, out] · W_g;   dW_g += dy[rows_g, out]ᵀ · x[rows_g, in]   (dW_g at dW + g·w_stride)
 inline void grouped_matmul_backward(float* dx, float* dW, const float* dy, const float* x, const float* W,
                                     int64_t w_stride, const int64_t* offsets, int groups, int in, int out) {
+    check_group_offsets("grouped_matmul_backward", offsets, groups, in, out);
     for (int g = 0; g < groups; ++g) {
         const int64_t begin = offsets[g], rows = offsets[g + 1] - begin;
         if (rows > 0)

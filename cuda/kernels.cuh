@@ -1062,20 +1062,12 @@ inline const int64_t* device_offsets(const int64_t* host_offsets, int groups) {
     DSV3_CUDA_CHECK(cudaMemcpy(d, host_offsets, sizeof(int64_t) * size_t(groups + 1), cudaMemcpyHostToDevice));
     return d;
 }
-inline void check_grouped(const char* who, const int64_t* offsets, int groups, int in, int out) {
-    if (groups < 0 || in < 0 || out < 0) fail("cuda::", who, ": negative size groups=", groups, " in=", in, " out=", out);
-    if (offsets[0] != 0) fail("cuda::", who, ": offsets[0] must be 0, found ", offsets[0]);
-    for (int g = 0; g < groups; ++g)
-        if (offsets[g + 1] < offsets[g])
-            fail("cuda::", who, ": offsets must not decrease, found offsets[", g, "]=", offsets[g], " > offsets[", g + 1,
-                 "]=", offsets[g + 1]);
-}
 }  // namespace detail
 
 // y[rows_g, out] = x[rows_g, in] · W_gᵀ for every expert g (overwrites y). offsets: HOST, [groups + 1].
 inline void grouped_matmul_forward(float* y, const float* x, const float* W, int64_t w_stride, const int64_t* offsets,
                                    int groups, int in, int out) {
-    detail::check_grouped("grouped_matmul_forward", offsets, groups, in, out);
+    dsv3::check_group_offsets("cuda::grouped_matmul_forward", offsets, groups, in, out);
     const int64_t rows = offsets[groups];
     if (rows == 0 || out == 0) return;
     if (in == 0) { DSV3_CUDA_CHECK(cudaMemsetAsync(y, 0, sizeof(float) * size_t(rows) * out)); return; }
@@ -1085,7 +1077,7 @@ inline void grouped_matmul_forward(float* y, const float* x, const float* W, int
 // dx[rows_g, in] += dy[rows_g, out] · W_g;   dW_g += dy[rows_g, out]ᵀ · x[rows_g, in]   (either may be null)
 inline void grouped_matmul_backward(float* dx, float* dW, const float* dy, const float* x, const float* W,
                                     int64_t w_stride, const int64_t* offsets, int groups, int in, int out) {
-    detail::check_grouped("grouped_matmul_backward", offsets, groups, in, out);
+    dsv3::check_group_offsets("cuda::grouped_matmul_backward", offsets, groups, in, out);
     if (offsets[groups] == 0 || in == 0 || out == 0) return;
     const int64_t* dev_offsets = detail::device_offsets(offsets, groups);
     if (dx) detail::grouped_gemm<detail::Grouped::dx>({dy, W, dx, dev_offsets, w_stride, in, out}, offsets, groups);

@@ -32,14 +32,20 @@ struct RunResult {
     double moved_bytes = 0, moving_s = 0;   // --ep: rank 0's dispatch/combine traffic over the timed steps
 };
 
+// Cosine from lr to lr/10 after a short warm-up, the same for every run compared here.
+static LrSchedule schedule(float lr, int steps) {
+    LrSchedule s;
+    s.max_lr = lr; s.min_lr = lr / 10; s.warmup_steps = std::min(10, steps / 4); s.total_steps = steps;
+    return s;
+}
+
 // One rank's DP × EP training (--ep): the header's parallel step, every byte through backend::all_to_all/all_reduce.
 static void train_rank_ep(dsv3::cuda::PeerComm& comm, const Config& cfg, const std::vector<int32_t>& data, int steps,
                           int B, int T, float lr, RunResult& res, std::vector<double>& loss_of, double& seconds) {
     const int r = comm.rank(), world = comm.world_size();
     Model model(cfg, 1);
     AdamW opt;
-    LrSchedule sched;
-    sched.max_lr = lr; sched.min_lr = lr / 10; sched.warmup_steps = std::min(10, steps / 4); sched.total_steps = steps;
+    const LrSchedule sched = schedule(lr, steps);
     ExpertParallel ep(comm, cfg);
     std::vector<int32_t> batch(size_t(B) * (T + 1));
     const RowShare share = row_share(B, world, r);
@@ -77,8 +83,7 @@ static RunResult train_on(int world, const Config& cfg, const std::vector<int32_
         const int r = comm.rank();
         Model model(cfg, 1);  // same seed on every rank: identical replicas
         AdamW opt;
-        LrSchedule sched;
-        sched.max_lr = lr; sched.min_lr = lr / 10; sched.warmup_steps = std::min(10, steps / 4); sched.total_steps = steps;
+        const LrSchedule sched = schedule(lr, steps);
         std::vector<int32_t> batch(size_t(B) * (T + 1));
         const RowShare share = row_share(B, world, r);
         const size_t n = model.params.size();

@@ -196,6 +196,13 @@ TEST_CASE("kernels: grouped_matmul runs each group's rows through its own stride
     grouped_matmul_backward(dx.data(), dW.data(), w.data(), x.data(), W.data(), stride, offsets.data(), groups, in, out);
     expect_gradient(x.data(), x.size(), minus_prefill(dx), loss, "grouped matmul dx");
     expect_gradient(W.data(), W.size(), minus_prefill(dW), loss, "grouped matmul dW");  // the gaps' gradient: 0
+    // bad offsets are named, not skipped silently
+    const std::vector<int64_t> decreasing = {0, 4, 2, 6}, shifted = {1, 2, 2, 6};
+    CHECK_THROWS_WITH_AS(grouped_matmul_forward(y.data(), x.data(), W.data(), stride, decreasing.data(), groups, in, out),
+                         doctest::Contains("offsets must not decrease"), dsv3::Error);
+    CHECK_THROWS_WITH_AS(grouped_matmul_backward(dx.data(), dW.data(), w.data(), x.data(), W.data(), stride,
+                                                 shifted.data(), groups, in, out),
+                         doctest::Contains("offsets[0] must be 0"), dsv3::Error);
 }
 
 TEST_CASE("kernels: gather_rows and scatter_rows copy whole rows by an index list") {
