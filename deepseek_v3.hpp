@@ -16,32 +16,43 @@
 //     std::vector<int32_t> out = dsv3::generate(model, prompt, 100, dsv3::SamplingOptions{}, seed, /*use_mtp=*/true);
 // The programs in examples/ show whole runs: train, generate, balance, fp8_error, fp8_train, params, bench, ...
 //
-// TABLE OF CONTENTS (read in this order; paper sections in brackets)
-//    0. Errors ............................... how every failure is reported
-//    1. Config and counters .................. [V3 §2, §4.2, Table 1; Insights paper Table 2]
-//    2. Foundations .......................... RNG, parallel loops with fixed reduction order, activation arena, files
-//    3. Numerics ............................. FP8 E4M3/E5M2, BF16, fine-grained quantization, the Hopper FP8
-//                                              accumulator, FP8 linear layers [V3 §3.3]
-//    4. Kernels .............................. forward/backward pairs: matmul, RMSNorm, RoPE+YaRN [V3 §2.1.1],
-//                                              causal attention, SwiGLU, embedding, cross-entropy, MoE router and
-//                                              balance losses [V3 §2.1.2], MoE permutation and grouped expert
-//                                              GEMMs, AdamW, the model's plumbing (copies, residual adds), and the
-//                                              backend switch: the model runs on these kernels, or on cuda/'s with
-//                                              -DDSV3_BACKEND_CUDA
-//    5. Parameters ........................... one flat buffer, named views with Hugging Face names [MODEL.md §7]
-//    6. Modules .............................. MLA [V3 §2.1.1, eqs. 1-11], FFN, DeepSeekMoE [eq. 12], block,
-//                                              model with Multi-Token Prediction [V3 §2.2, eqs. 21-25]
-//    7. Training ............................. LR schedules, AdamW, clipping, loss-free balancing, checkpoints [V3 §4.2]
-//    8. Inference ............................ latent KV cache, weight absorption, sampling, MTP speculative decoding
+// TABLE OF CONTENTS (paper sections in brackets)
+// START HERE. Part 1 is the model, and a learner reads it from top to bottom, in an evening. Part 2 is the systems
+// of the report. Part 3 is machinery a learner may skip: it is called through the declarations at the top of
+// section 3, which say what each piece does.
+//
+// PART 1, THE MODEL
+//    1. Config and counters .................. the error type; one struct for the architecture, presets, validate(),
+//                                              parameter / FLOP / KV-cache counters [V3 §2, §4.2, Table 1]
+//    2. Foundations .......................... RNG, parallel loops with a fixed reduction order, activation arena
+//    3. Kernels .............................. forward/backward pairs, the plain reference matmul first: matmul,
+//                                              RMSNorm, RoPE+YaRN [V3 §2.1.1], causal attention, SwiGLU, embedding,
+//                                              cross-entropy, the MoE router and balance losses [V3 §2.1.2], MoE
+//                                              permutation and grouped expert GEMMs, AdamW, the model's plumbing, and
+//                                              the backend switch (these kernels, or cuda/'s with -DDSV3_BACKEND_CUDA)
+//    4. Parameters ........................... one flat buffer, named views with Hugging Face names
+//    5. Modules .............................. 5.1 MLA [V3 §2.1.1, eqs. 1-11], 5.2 FFN, 5.3 DeepSeekMoE [eqs. 12-16],
+//                                              5.4 block, 5.5 MTP module [V3 §2.2, eqs. 21-25], 5.6 the model
+//    6. Training ............................. LR schedules, AdamW, clipping, loss-free balancing, one step [V3 §4.2]
+//    7. Inference ............................ latent KV cache, weight absorption, sampling, MTP speculative decoding
 //                                              [V3 §2.1.1, §5.4.3]
+// PART 2, THE SYSTEMS OF THE REPORT
+//    8. FP8 numerics and the FP8 recipe ...... E4M3/E5M2, BF16, fine-grained quantization, the Hopper FP8 accumulator,
+//                                              FP8 linear layers [V3 §3.3]
 //    9. Parallelism .......................... ranks, ring all-reduce, all-to-all, data and expert parallel [V3 §3.2]
-//   10. Data and pictures .................... byte-level BPE tokenizer, datasets, FIM, synthetic corpus, PNG plots
-//   11. Checkpoint I/O ....................... JSON, safetensors, config.json, Hugging Face directories, .npy
+// PART 3, APPENDIX (machinery; skip on a first reading)
+//   10. The fast packed GEMM ................. what matmul_forward/backward of section 3.1 run on
+//   11. Files and data ....................... atomic files, byte-level BPE tokenizer, datasets, FIM, synthetic corpus
+//   12. Pictures and progress ................ PNG plots, the progress line
+//   13. Checkpoint I/O ....................... the training checkpoint, JSON, safetensors, config.json, Hugging Face
+//                                              directories, .npy
 //
 // CONVENTIONS
 //   - Row-major tensors; shapes are written next to them: `x: [T, dim]` means T rows of dim floats.
 //   - Linear weights are [out, in] as in PyTorch and the checkpoints: y = x Wᵀ.
 //   - Backward functions ACCUMULATE (+=) into gradients, so a tensor used twice simply receives both.
+//   - Determinism: no floating-point atomics; every parallel loop writes disjoint outputs and every reduction
+//     runs in a fixed order, so results are bitwise identical for any OMP_NUM_THREADS.
 //   - Determinism: no floating-point atomics; every parallel loop writes disjoint outputs and every reduction
 //     runs in a fixed order, so results are bitwise identical for any OMP_NUM_THREADS.
 #pragma once
@@ -84,7 +95,7 @@
 #endif
 #include <unistd.h>
 
-// stb (Debian package libstb-dev) draws the PNG plots of section 10. stb_image_write is compiled into each translation
+// stb (Debian package libstb-dev) draws the PNG plots of section 12. stb_image_write is compiled into each translation
 // unit as static functions, so no .cpp has to define STB_IMAGE_WRITE_IMPLEMENTATION; a program that uses stb itself
 // includes it before this header, or defines DSV3_STB_IMAGE_WRITE_EXTERN and compiles it in one of its own files.
 #if defined(__GNUC__)
@@ -115,9 +126,16 @@
 
 namespace dsv3 {
 
+
+// #####################################################################################################################
+// PART 1, THE MODEL
+// Config, the foundations, the kernels, the parameters, the modules named after the paper, training and
+// inference. Everything a learner needs to follow DeepSeek-V3 from a token to its loss and back.
+// #####################################################################################################################
 // =====================================================================================================================
-// 0. ERRORS
+// 1. CONFIG AND COUNTERS
 // =====================================================================================================================
+// Every error the library raises, here and below, is a dsv3::Error: first its definition, then the config.
 // Every error the library raises is a dsv3::Error whose message names the file, tensor or field, what was expected
 // and what was found. Examples catch it, print it and exit non-zero.
 struct Error : std::runtime_error {
@@ -132,9 +150,6 @@ template <class... Parts>
     throw Error(message.str());
 }
 
-// =====================================================================================================================
-// 1. CONFIG AND COUNTERS
-// =====================================================================================================================
 // One struct carries the architecture. Field names follow DeepSeek's official inference code
 // (inference/model.py, ModelArgs); the Hugging Face config.json name is given where it differs.
 struct Config {
@@ -322,7 +337,7 @@ inline void Config::validate() const {
 }
 
 // --- counters -------------------------------------------------------------------------------------------------------
-// Counting is done on the same list of named shapes the model allocates (section 5: param_layout), so the counters
+// Counting is done on the same list of named shapes the model allocates (section 4: param_layout), so the counters
 // and the model can never disagree. These functions are defined after that list.
 struct ParamCounts {
     int64_t total = 0;              // main model: embedding and head counted once each, MTP excluded
@@ -493,62 +508,2094 @@ struct TensorView {
     }
 };
 
-// --- Files: read a whole file; write one atomically -----------------------------------------------------------------
-// The whole file as bytes. The error names the file and the reason.
-inline std::string read_file_bytes(const std::string& path) {
-    FILE* f = std::fopen(path.c_str(), "rb");
-    if (!f) fail("cannot open '", path, "' for reading: ", std::strerror(errno));
-    std::string data;
-    char buffer[1 << 16];
-    size_t n;
-    while ((n = std::fread(buffer, 1, sizeof buffer, f)) > 0) data.append(buffer, n);
-    const bool failed = std::ferror(f) != 0;
-    std::fclose(f);
-    if (failed) fail("error while reading '", path, "'");
-    return data;
+// =====================================================================================================================
+// 3. KERNELS
+// =====================================================================================================================
+// Each kernel is a forward/backward pair on raw row-major arrays. Backward functions accumulate (+=) into the
+// gradients of their inputs. Shapes use T for "rows" (tokens of the whole batch, B * seq_len).
+
+// Declared here, defined in Part 2 (section 8): V3's FP8 linear layer, which Config.fp8_training routes every linear
+// layer through [V3 §3.3], and the BF16 rounding of that recipe's optimizer states. Same convention as matmul below.
+inline float bf16_round(float x);
+inline void fp8_matmul_forward(float* y, const float* x, const float* W, int T, int in, int out);
+inline void fp8_matmul_backward(float* dx, float* dW, const float* dy, const float* x, const float* W, int T, int in,
+                                int out);
+// The Hopper FP8 GEMM's accumulator model and the 1x128 tile count, which cuda/'s FP8 kernels also take (section 8).
+struct Fp8Accum {
+    int block = 32;          // products per tensor-core block (K of one FP8 WGMMA instruction on Hopper)
+    int frac_bits = 13;      // fraction bits kept when aligning (the accumulator keeps frac_bits + 1 significant bits)
+    int promote_every = 128; // N_C: copy to FP32 (times the scales) every this many k; 0 = never ("fast accumulation")
+    bool exact = false;      // reference: exact products and 128-chunk sums (E4M3), scaled and summed in double
+};
+inline int fp8_tiles(int n) { return (n + 127) / 128; }   // number of 128-wide tiles covering n (last one partial)
+
+// --- 3.1 matmul: the linear layer y = x Wᵀ --------------------------------------------------------------------------
+// Almost all of a transformer's FLOPs are in its linear layers. DeepSeek's weights are stored [out, in] (PyTorch's
+// nn.Linear convention) and have no bias. A linear layer is three products:
+//     forward   y [T,out]  = x [T,in] · Wᵀ
+//     backward  dx[T,in]  += dy[T,out] · W          dW[out,in] += dy[T,out]ᵀ · x
+// First the algorithmic reference, the definitions summed in double: the tests compare everything with it. Then the
+// two functions the model calls. They run on one fast GEMM, gemm::multiply of section 10 (the appendix: register
+// tiles, packing, cache blocking), which computes C[M,N] (+)= A[M,K]·B[K,N] over strided views, so that Wᵀ is W with
+// its strides swapped. Its summation order depends on K alone: results are bitwise the same for any thread count,
+// and a row of y is the same whatever batch it is computed in.
+namespace gemm {
+// A matrix view with arbitrary strides: element (r, c) is data[r * row_stride + c * col_stride].
+template <class T>
+struct StridedView {
+    T* data;
+    int64_t row_stride, col_stride;
+    T& at(int64_t r, int64_t c) const { return data[r * row_stride + c * col_stride]; }
+};
+using View = StridedView<const float>;   // an operand
+using OutView = StridedView<float>;      // the result
+// C[M,N] = A[M,K]·B[K,N] (accumulate = false) or C += A·B (accumulate = true), for any strides of A, B and C.
+inline void multiply(int M, int N, int K, const View& A, const View& B, const OutView& C, bool accumulate);
+}  // namespace gemm
+// The reference.
+inline void matmul_forward_reference(float* y, const float* x, const float* W, int T, int in, int out) {
+    for (int t = 0; t < T; ++t)
+        for (int o = 0; o < out; ++o) {
+            double s = 0;
+            for (int i = 0; i < in; ++i) s += double(x[int64_t(t) * in + i]) * W[int64_t(o) * in + i];
+            y[int64_t(t) * out + o] = float(s);
+        }
 }
-// Writes `path` so that a reader never sees half a file, and a crash or a full disk never destroys the previous
-// version: write(FILE*) fills "<path>.tmp" and returns false on a failed write; only when every byte is out is the
-// temporary renamed over `path` (rename is atomic on POSIX file systems). Checkpoints, token files, safetensors and
-// PNGs are all written this way. `what` names the kind of file in error messages.
-template <class Writer>
-inline void write_file_atomic_stream(const std::string& path, const char* what, const Writer& write) {
-    const std::string tmp = path + ".tmp";
-    FILE* f = std::fopen(tmp.c_str(), "wb");
-    if (!f) fail(what, " ", path, ": cannot create '", tmp, "': ", std::strerror(errno));
-    bool ok = false;
-    try {
-        ok = write(f);
-    } catch (...) {
-        std::fclose(f);
-        std::remove(tmp.c_str());
-        throw;
+inline void matmul_backward_reference(float* dx, float* dW, const float* dy, const float* x, const float* W, int T,
+                                      int in, int out) {
+    if (dx)
+        for (int t = 0; t < T; ++t)
+            for (int i = 0; i < in; ++i) {
+                double s = dx[int64_t(t) * in + i];
+                for (int o = 0; o < out; ++o) s += double(dy[int64_t(t) * out + o]) * W[int64_t(o) * in + i];
+                dx[int64_t(t) * in + i] = float(s);
+            }
+    if (dW)
+        for (int o = 0; o < out; ++o)
+            for (int i = 0; i < in; ++i) {
+                double s = dW[int64_t(o) * in + i];
+                for (int t = 0; t < T; ++t) s += double(dy[int64_t(t) * out + o]) * x[int64_t(t) * in + i];
+                dW[int64_t(o) * in + i] = float(s);
+            }
+}
+
+
+// y[T,out] = x[T,in] · W[out,in]ᵀ          (overwrites y)
+// With many rows, W is packed once and reused by all of them. With a few rows (decoding: T = 1 or a few draft
+// tokens) packing W would cost more than the product itself, so the same GEMM computes yᵀ = W · xᵀ instead: W is read
+// in place and only x is packed. Each output is the same FMA chain over k either way, so the result is bitwise
+// identical; only the speed differs.
+inline void matmul_forward(float* y, const float* x, const float* W, int T, int in, int out) {
+    if (T < 64)
+        gemm::multiply(out, T, in, gemm::View{W, in, 1}, gemm::View{x, 1, in}, gemm::OutView{y, 1, out}, false);
+    else
+        gemm::multiply(T, out, in, gemm::View{x, in, 1}, gemm::View{W, 1, in}, gemm::OutView{y, out, 1}, false);
+}
+
+// dx[T,in] += dy[T,out] · W[out,in];   dW[out,in] += dy[T,out]ᵀ · x[T,in]     (accumulate; either may be null)
+inline void matmul_backward(float* dx, float* dW, const float* dy, const float* x, const float* W, int T, int in,
+                            int out) {
+    if (dx) gemm::multiply(T, in, out, gemm::View{dy, out, 1}, gemm::View{W, in, 1}, gemm::OutView{dx, in, 1}, true);
+    if (dW) gemm::multiply(out, in, T, gemm::View{dy, 1, out}, gemm::View{x, in, 1}, gemm::OutView{dW, in, 1}, true);
+}
+
+// --- 3.2 RMSNorm: y = x / sqrt(mean(x²) + ε) ⊙ g   (Zhang & Sennrich 2019; used before every sub-layer) ---------
+// x, y: [T, d]; g: [d]; rstd: [T] saved for backward.
+inline void rmsnorm_forward(float* y, float* rstd, const float* x, const float* g, int T, int d, float eps) {
+    parallel_for(T, [&](int64_t t) {
+        const float* xr = x + t * d;
+        float* yr = y + t * d;
+        float ss = 0;
+        for (int i = 0; i < d; ++i) ss += xr[i] * xr[i];
+        const float r = 1.0f / std::sqrt(ss / d + eps);
+        rstd[t] = r;
+        for (int i = 0; i < d; ++i) yr[i] = xr[i] * r * g[i];
+    });
+}
+// With n = x·r (r = rstd): dx = r·(g⊙dy) − r·n·mean(g⊙dy⊙n);  dg = Σ_t dy⊙n.
+inline void rmsnorm_backward(float* dx, float* dg, const float* dy, const float* x, const float* g,
+                             const float* rstd, int T, int d) {
+    parallel_for(T, [&](int64_t t) {
+        const float* xr = x + t * d;
+        const float* dyr = dy + t * d;
+        const float r = rstd[t];
+        float dot = 0;
+        for (int i = 0; i < d; ++i) dot += g[i] * dyr[i] * xr[i] * r;
+        dot /= d;
+        float* dxr = dx + t * d;
+        for (int i = 0; i < d; ++i) dxr[i] += r * (g[i] * dyr[i] - xr[i] * r * dot);
+    });
+    if (dg) parallel_for(d, [&](int64_t i) {  // one column per task: the sum over t runs in a fixed order
+        float s = 0;
+        for (int t = 0; t < T; ++t) s += dy[int64_t(t) * d + i] * x[int64_t(t) * d + i] * rstd[t];
+        dg[i] += s;
+    });
+}
+
+// --- 3.3 RoPE with YaRN [V3 §2.1.1 eqs. 3 and 7; YaRN, Peng et al. 2023] ----------------------------------------
+// The decoupled RoPE part of queries and keys is rotated pairwise: (x_2i, x_2i+1) by the angle pos·θ_i with
+// θ_i = base^(−2i/D), D = qk_rope_head_dim. (DeepSeek's code views consecutive pairs as complex numbers; Hugging
+// Face stores the same weights and de-interleaves inside its rotary function: the dot products are identical.)
+// YaRN extends the context by slowing the low frequencies: frequencies that turn fewer than beta_slow times over
+// the original context are divided by s (= rope_factor), those turning more than beta_fast times are kept, and a
+// linear ramp blends in between. The attention scale is then multiplied by m² with m = 0.1·mscale·ln(s) + 1.
+struct RopeTable {
+    int half = 0, max_pos = 0;
+    std::vector<float> cos, sin;  // [max_pos, half]
+};
+inline std::vector<double> rope_frequencies(const Config& c) {
+    const int D = c.qk_rope_head_dim, half = D / 2;
+    std::vector<double> theta(static_cast<size_t>(half));
+    for (int i = 0; i < half; ++i) theta[size_t(i)] = std::pow(double(c.rope_theta), -2.0 * i / D);
+    if (!c.yarn_active()) return theta;
+    // find_dim(r): the dimension whose wavelength fits r rotations into the original context.
+    auto find_dim = [&](double rotations) {
+        return D * std::log(c.original_seq_len / (rotations * 2 * M_PI)) / (2 * std::log(double(c.rope_theta)));
+    };
+    double low = std::max(std::floor(find_dim(c.beta_fast)), 0.0);
+    double high = std::min(std::ceil(find_dim(c.beta_slow)), double(D - 1));
+    if (high == low) high += 0.001;
+    for (int i = 0; i < half; ++i) {
+        double ramp = std::clamp((i - low) / (high - low), 0.0, 1.0);  // 0: keep (fast), 1: interpolate (slow)
+        theta[size_t(i)] = theta[size_t(i)] / c.rope_factor * ramp + theta[size_t(i)] * (1 - ramp);
     }
-    ok = (std::fflush(f) == 0) && ok;
-    ok = (std::fclose(f) == 0) && ok;
-    if (!ok) { std::remove(tmp.c_str()); fail(what, " ", path, ": writing '", tmp, "' failed (disk full?)"); }
-    if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-        const int e = errno;
-        std::remove(tmp.c_str());
-        fail(what, " ", path, ": renaming '", tmp, "' to it failed: ", std::strerror(e));
+    return theta;
+}
+inline RopeTable make_rope_table(const Config& c, int max_pos) {
+    RopeTable r;
+    r.half = c.qk_rope_head_dim / 2;
+    r.max_pos = max_pos;
+    r.cos.resize(size_t(max_pos) * r.half);
+    r.sin.resize(size_t(max_pos) * r.half);
+    std::vector<double> theta = rope_frequencies(c);
+    for (int p = 0; p < max_pos; ++p)
+        for (int i = 0; i < r.half; ++i) {
+            double a = p * theta[size_t(i)];
+            r.cos[size_t(p) * r.half + i] = float(std::cos(a));
+            r.sin[size_t(p) * r.half + i] = float(std::sin(a));
+        }
+    return r;
+}
+// Softmax scale of MLA: 1/sqrt(d_h + d_h^R), times m² under YaRN (V3 code: softmax_scale *= mscale²).
+inline float attention_scale(const Config& c) {
+    float scale = 1.0f / std::sqrt(float(c.qk_head_dim()));
+    if (c.yarn_active()) {
+        float m = 0.1f * c.mscale * std::log(c.rope_factor) + 1.0f;
+        scale *= m * m;
+    }
+    return scale;
+}
+// In place: x holds T rows of row_stride floats; in each row, n_vec vectors of D = 2·half floats start at
+// offset + j·vec_stride. Row t is at position pos0 + t % seq_len. backward = rotation by the opposite angle.
+inline void rope_apply(float* x, int T, int row_stride, int offset, int n_vec, int vec_stride, int pos0,
+                       int seq_len, const RopeTable& rt, bool inverse) {
+    const float sign = inverse ? -1.0f : 1.0f;
+    // (Checks run before the parallel loop: an exception must never leave an OpenMP region.)
+    const int last = pos0 + std::min(T, seq_len) - 1;
+    if (T > 0 && last >= rt.max_pos) fail("rope: position ", last, " beyond the table's max_pos ", rt.max_pos);
+    parallel_for(T, [&](int64_t t) {
+        const int pos = pos0 + int(t % seq_len);
+        const float* cs = rt.cos.data() + size_t(pos) * rt.half;
+        const float* sn = rt.sin.data() + size_t(pos) * rt.half;
+        for (int j = 0; j < n_vec; ++j) {
+            float* v = x + t * row_stride + offset + int64_t(j) * vec_stride;
+            for (int i = 0; i < rt.half; ++i) {
+                const float a = v[2 * i], b = v[2 * i + 1], c = cs[i], s = sign * sn[i];
+                v[2 * i] = a * c - b * s;
+                v[2 * i + 1] = a * s + b * c;
+            }
+        }
+    });
+}
+inline void rope_forward(float* x, int T, int row_stride, int offset, int n_vec, int vec_stride, int pos0,
+                         int seq_len, const RopeTable& rt) {
+    rope_apply(x, T, row_stride, offset, n_vec, vec_stride, pos0, seq_len, rt, false);
+}
+// The rotation is orthogonal, so its backward is the inverse rotation of the gradient (in place).
+inline void rope_backward(float* dx, int T, int row_stride, int offset, int n_vec, int vec_stride, int pos0,
+                          int seq_len, const RopeTable& rt) {
+    rope_apply(dx, T, row_stride, offset, n_vec, vec_stride, pos0, seq_len, rt, true);
+}
+
+// --- 3.4 causal softmax attention -----------------------------------------------------------------------------
+// q, k: [B·T, H, dqk]; v: [B·T, H, dv]; out: [B·T, H, dv]; probs: [B, H, T, T] (row t holds weights over s ≤ t).
+// o_t = Σ_{s≤t} softmax_s(q_t·k_s · scale) v_s       [V3 eq. 10]
+inline void attention_forward(float* out, float* probs, const float* q, const float* k, const float* v, int B, int T,
+                              int H, int dqk, int dv, float scale) {
+    parallel_for(int64_t(B) * H * T, [&](int64_t job) {
+        const int t = int(job % T), h = int((job / T) % H), b = int(job / (int64_t(T) * H));
+        const float* qt = q + ((int64_t(b) * T + t) * H + h) * dqk;
+        float* p = probs + ((int64_t(b) * H + h) * T + t) * T;
+        float mx = -INFINITY;
+        for (int s = 0; s <= t; ++s) {
+            const float* ks = k + ((int64_t(b) * T + s) * H + h) * dqk;
+            float dot = 0;
+            for (int i = 0; i < dqk; ++i) dot += qt[i] * ks[i];
+            p[s] = dot * scale;
+            mx = std::max(mx, p[s]);
+        }
+        float sum = 0;
+        for (int s = 0; s <= t; ++s) sum += (p[s] = std::exp(p[s] - mx));
+        const float inv = 1.0f / sum;
+        for (int s = 0; s <= t; ++s) p[s] *= inv;
+        for (int s = t + 1; s < T; ++s) p[s] = 0;
+        float* ot = out + ((int64_t(b) * T + t) * H + h) * dv;
+        for (int i = 0; i < dv; ++i) ot[i] = 0;
+        for (int s = 0; s <= t; ++s) {
+            const float* vs = v + ((int64_t(b) * T + s) * H + h) * dv;
+            for (int i = 0; i < dv; ++i) ot[i] += p[s] * vs[i];
+        }
+    });
+}
+// Backward: dp_s = dout_t·v_s; dscore_s = p_s (dp_s − Σ_r p_r dp_r); dq_t += scale Σ_s dscore_s k_s;
+// dk_s += scale Σ_t dscore_s q_t; dv_s += Σ_t p_s dout_t. One task per (b, h) walks t in order, so the sums over t
+// into dk and dv are in a fixed order.
+inline void attention_backward(float* dq, float* dk, float* dv_, const float* dout, const float* probs,
+                               const float* q, const float* k, const float* v, int B, int T, int H, int dqk, int dv,
+                               float scale) {
+    parallel_for(int64_t(B) * H, [&](int64_t job) {
+        const int h = int(job % H), b = int(job / H);
+        std::vector<float> dscore(static_cast<size_t>(T));
+        for (int t = 0; t < T; ++t) {
+            const float* p = probs + ((int64_t(b) * H + h) * T + t) * T;
+            const float* dot_ = dout + ((int64_t(b) * T + t) * H + h) * dv;
+            float weighted = 0;
+            for (int s = 0; s <= t; ++s) {
+                const float* vs = v + ((int64_t(b) * T + s) * H + h) * dv;
+                float dp = 0;
+                for (int i = 0; i < dv; ++i) dp += dot_[i] * vs[i];
+                dscore[size_t(s)] = dp;
+                weighted += p[s] * dp;
+                float* dvs = dv_ + ((int64_t(b) * T + s) * H + h) * dv;
+                for (int i = 0; i < dv; ++i) dvs[i] += p[s] * dot_[i];
+            }
+            const float* qt = q + ((int64_t(b) * T + t) * H + h) * dqk;
+            float* dqt = dq + ((int64_t(b) * T + t) * H + h) * dqk;
+            for (int s = 0; s <= t; ++s) {
+                const float ds = p[s] * (dscore[size_t(s)] - weighted) * scale;
+                const float* ks = k + ((int64_t(b) * T + s) * H + h) * dqk;
+                float* dks = dk + ((int64_t(b) * T + s) * H + h) * dqk;
+                for (int i = 0; i < dqk; ++i) {
+                    dqt[i] += ds * ks[i];
+                    dks[i] += ds * qt[i];
+                }
+            }
+        }
+    });
+}
+
+// --- 3.5 SwiGLU: h = silu(gate) ⊙ up, silu(z) = z·σ(z)   (Shazeer 2020; every FFN and expert of V3) ------------
+// gate, up, h: [n]
+inline void swiglu_forward(float* h, const float* gate, const float* up, int64_t n) {
+    parallel_for((n + 1023) / 1024, [&](int64_t c) {
+        for (int64_t i = c * 1024, e = std::min(n, i + 1024); i < e; ++i) {
+            const float z = gate[i], sig = 1.0f / (1.0f + std::exp(-z));
+            h[i] = z * sig * up[i];
+        }
+    });
+}
+// d silu(z)/dz = σ(z)(1 + z(1 − σ(z))).
+inline void swiglu_backward(float* dgate, float* dup, const float* dh, const float* gate, const float* up, int64_t n) {
+    parallel_for((n + 1023) / 1024, [&](int64_t c) {
+        for (int64_t i = c * 1024, e = std::min(n, i + 1024); i < e; ++i) {
+            const float z = gate[i], sig = 1.0f / (1.0f + std::exp(-z));
+            dgate[i] += dh[i] * up[i] * sig * (1.0f + z * (1.0f - sig));
+            dup[i] += dh[i] * z * sig;
+        }
+    });
+}
+
+// --- 3.6 embedding ------------------------------------------------------------------------------------------------
+// out[t] = E[tokens[t]];  E: [vocab, d], out: [T, d]
+inline void embedding_forward(float* out, const int32_t* tokens, const float* E, int T, int d, int vocab) {
+    for (int t = 0; t < T; ++t)
+        if (tokens[t] < 0 || tokens[t] >= vocab)
+            fail("embedding: token id ", tokens[t], " at position ", t, " outside [0, ", vocab, ")");
+    parallel_for(T, [&](int64_t t) {
+        std::memcpy(out + t * d, E + int64_t(tokens[t]) * d, sizeof(float) * size_t(d));
+    });
+}
+// dE[tokens[t]] += dout[t]. Rows of equal tokens collide, so this runs serially in t order (deterministic, cheap).
+inline void embedding_backward(float* dE, const float* dout, const int32_t* tokens, int T, int d) {
+    for (int t = 0; t < T; ++t) {
+        float* row = dE + int64_t(tokens[t]) * d;
+        const float* g = dout + int64_t(t) * d;
+        for (int i = 0; i < d; ++i) row[i] += g[i];
     }
 }
-// Creates a directory and its missing parents (like mkdir -p); the error names the directory.
-inline void make_directories(const std::string& dir) {
-    std::error_code ec;
-    std::filesystem::create_directories(dir, ec);
-    if (ec) fail("cannot create the directory '", dir, "': ", ec.message());
+
+// --- 3.7 cross-entropy ------------------------------------------------------------------------------------------
+// logits: [T, V]; targets: [T] (ignore_index skips a row). Returns the mean over the counted rows of
+// −log softmax(logits)[target], in nats.
+constexpr int32_t kIgnore = -1;
+inline int64_t cross_entropy_count(const int32_t* targets, int T, int V) {  // counted rows; checks the targets
+    int64_t counted = 0;
+    for (int t = 0; t < T; ++t) {
+        if (targets[t] == kIgnore) continue;
+        if (targets[t] < 0 || targets[t] >= V)
+            fail("cross_entropy: target ", targets[t], " at row ", t, " outside [0, ", V, ")");
+        ++counted;
+    }
+    return counted;
 }
-inline bool write_bytes(FILE* f, const void* p, size_t n) { return n == 0 || std::fwrite(p, 1, n, f) == n; }
-inline void write_file_atomic(const std::string& path, const void* data, size_t n_bytes) {
-    write_file_atomic_stream(path, "file", [&](FILE* f) { return write_bytes(f, data, n_bytes); });
+inline double cross_entropy_forward(const float* logits, const int32_t* targets, int T, int V) {
+    const int64_t counted = cross_entropy_count(targets, T, V);
+    if (counted == 0) return 0.0;
+    double total = parallel_sum(T, [&](int64_t t) {
+        const int32_t y = targets[t];
+        if (y == kIgnore) return 0.0;
+        const float* z = logits + t * V;
+        float mx = z[0];
+        for (int i = 1; i < V; ++i) mx = std::max(mx, z[i]);
+        double sum = 0;
+        for (int i = 0; i < V; ++i) sum += std::exp(double(z[i] - mx));
+        return std::log(sum) + mx - z[y];
+    });
+    return total / double(counted);
 }
-inline void write_file_atomic(const std::string& path, const std::string& data) {
-    write_file_atomic(path, data.data(), data.size());
+// dlogits[t] += dloss · (softmax(logits[t]) − onehot(target)) / counted.
+inline void cross_entropy_backward(float* dlogits, const float* logits, const int32_t* targets, int T, int V,
+                                   float dloss) {
+    const int64_t counted = cross_entropy_count(targets, T, V);
+    if (counted == 0) return;
+    const float w = dloss / float(counted);
+    parallel_for(T, [&](int64_t t) {
+        const int32_t y = targets[t];
+        if (y == kIgnore) return;
+        const float* z = logits + t * V;
+        float* dz = dlogits + t * V;
+        float mx = z[0];
+        for (int i = 1; i < V; ++i) mx = std::max(mx, z[i]);
+        float sum = 0;
+        for (int i = 0; i < V; ++i) sum += std::exp(z[i] - mx);
+        const float inv = 1.0f / sum;
+        for (int i = 0; i < V; ++i) dz[i] += w * (std::exp(z[i] - mx) * inv - (i == y ? 1.0f : 0.0f));
+    });
+}
+
+// --- 3.8 the MoE router [V3 §2.1.2, eqs. 13-16] ------------------------------------------------------------------
+// scores s_{i,t} = σ(u_tᵀ e_i) (sigmoid; V2 used softmax over experts). Selection uses the biased score s + b, in
+// two stages: the N_r experts form n_group groups, a group's score is the sum of its two best biased scores (max for
+// softmax routing), only the topk_group best groups stay, and the top-K experts among them are chosen. The gates use
+// the UNBIASED scores: g_i = s_i / Σ_{j chosen} s_j (normalised, eq. 13), times route_scale. The bias therefore steers
+// which experts are chosen without changing how much they contribute — the point of loss-free balancing.
+// logits, scores: [T, N]; bias: [N] (may be null); chosen: [T, K] expert ids (ascending by rank); gates: [T, K].
+inline void router_scores_forward(float* scores, const float* logits, int T, int N, bool softmax) {
+    parallel_for(T, [&](int64_t t) {
+        const float* z = logits + t * N;
+        float* s = scores + t * N;
+        if (!softmax) {
+            for (int i = 0; i < N; ++i) s[i] = 1.0f / (1.0f + std::exp(-z[i]));
+            return;
+        }
+        float mx = z[0], sum = 0;
+        for (int i = 1; i < N; ++i) mx = std::max(mx, z[i]);
+        for (int i = 0; i < N; ++i) sum += (s[i] = std::exp(z[i] - mx));
+        for (int i = 0; i < N; ++i) s[i] /= sum;
+    });
+}
+// dlogits[t] += ∂/∂logits of Σ dscores·scores.  sigmoid: ds·s(1−s);  softmax: s ⊙ (ds − Σ ds·s).
+inline void router_scores_backward(float* dlogits, const float* dscores, const float* scores, int T, int N,
+                                   bool softmax) {
+    parallel_for(T, [&](int64_t t) {
+        const float* s = scores + t * N;
+        const float* ds = dscores + t * N;
+        float* dz = dlogits + t * N;
+        if (!softmax) {
+            for (int i = 0; i < N; ++i) dz[i] += ds[i] * s[i] * (1.0f - s[i]);
+            return;
+        }
+        float dot = 0;
+        for (int i = 0; i < N; ++i) dot += ds[i] * s[i];
+        for (int i = 0; i < N; ++i) dz[i] += s[i] * (ds[i] - dot);
+    });
+}
+// The choice (no gradient flows through it). Ties go to the lower expert id, so the choice is deterministic.
+inline void router_select(int32_t* chosen, const float* scores, const float* bias, int T, const Config& c) {
+    const int N = c.n_routed_experts, K = c.n_activated_experts, G = c.n_expert_groups, per_group = N / G;
+    const bool softmax = c.score_func == "softmax";
+    parallel_for(T, [&](int64_t t) {
+        std::vector<float> biased(static_cast<size_t>(N));
+        for (int i = 0; i < N; ++i) biased[size_t(i)] = scores[t * N + i] + (bias ? bias[i] : 0.0f);
+        if (G > 1) {  // group limit: keep the topk_group best groups, mask the others out
+            std::vector<std::pair<float, int>> group_score;
+            for (int g = 0; g < G; ++g) {
+                const float* b = biased.data() + g * per_group;
+                float best = -INFINITY, second = -INFINITY;
+                for (int i = 0; i < per_group; ++i) {
+                    if (b[i] > best) { second = best; best = b[i]; }
+                    else if (b[i] > second) second = b[i];
+                }
+                group_score.push_back({softmax ? best : best + second, g});
+            }
+            std::stable_sort(group_score.begin(), group_score.end(),
+                             [](auto& a, auto& b) { return a.first > b.first; });
+            for (int r = c.n_limited_groups; r < G; ++r)
+                for (int i = 0; i < per_group; ++i) biased[size_t(group_score[size_t(r)].second * per_group + i)] = -INFINITY;
+        }
+        std::vector<int> order(static_cast<size_t>(N));
+        std::iota(order.begin(), order.end(), 0);
+        std::partial_sort(order.begin(), order.begin() + K, order.end(), [&](int a, int b) {
+            return biased[size_t(a)] > biased[size_t(b)] || (biased[size_t(a)] == biased[size_t(b)] && a < b);
+        });
+        for (int k = 0; k < K; ++k) chosen[t * K + k] = order[size_t(k)];
+    });
+}
+// gates[t,k] = route_scale · s_{chosen} / (Σ_k s_{chosen_k} + 1e-20)   (without norm_topk_prob: route_scale · s)
+inline void router_gates_forward(float* gates, const float* scores, const int32_t* chosen, int T, const Config& c) {
+    const int N = c.n_routed_experts, K = c.n_activated_experts;
+    parallel_for(T, [&](int64_t t) {
+        float sum = 0;
+        for (int k = 0; k < K; ++k) sum += scores[t * N + chosen[t * K + k]];
+        const float norm = c.norm_topk_prob ? 1.0f / (sum + 1e-20f) : 1.0f;
+        for (int k = 0; k < K; ++k) gates[t * K + k] = c.route_scale * scores[t * N + chosen[t * K + k]] * norm;
+    });
+}
+// dscores[t, chosen] += ∂/∂s of Σ dgates·gates. With S = Σ_k s_k: ∂g_k/∂s_j = rs·(δ_kj/S − s_k/S²).
+inline void router_gates_backward(float* dscores, const float* dgates, const float* scores, const int32_t* chosen,
+                                  int T, const Config& c) {
+    const int N = c.n_routed_experts, K = c.n_activated_experts;
+    parallel_for(T, [&](int64_t t) {
+        if (!c.norm_topk_prob) {
+            for (int k = 0; k < K; ++k) dscores[t * N + chosen[t * K + k]] += c.route_scale * dgates[t * K + k];
+            return;
+        }
+        float S = 1e-20f, dot = 0;
+        for (int k = 0; k < K; ++k) {
+            const float s = scores[t * N + chosen[t * K + k]];
+            S += s;
+            dot += dgates[t * K + k] * s;
+        }
+        for (int k = 0; k < K; ++k)
+            dscores[t * N + chosen[t * K + k]] += c.route_scale * (dgates[t * K + k] / S - dot / (S * S));
+    });
+}
+
+// --- 3.9 balance losses ------------------------------------------------------------------------------------------
+// Sequence-wise balance loss [V3 eqs. 17-20], per sequence of T tokens, averaged over the B sequences:
+//   f_i = N_r/(K·T) Σ_t 1[i ∈ TopK_t],  s'_{i,t} = s_{i,t} / Σ_j s_{j,t},  P_i = (1/T) Σ_t s'_{i,t},  L = α Σ_i f_i P_i
+// f is a count (no gradient); the gradient flows through P into every score.
+inline double sequence_balance_loss(float* dscores, const float* scores, const int32_t* chosen, int B, int T,
+                                    const Config& c, float alpha) {
+    const int N = c.n_routed_experts, K = c.n_activated_experts;
+    std::vector<double> per_seq(static_cast<size_t>(B));
+    parallel_for(B, [&](int64_t b) {
+        std::vector<double> f(static_cast<size_t>(N), 0.0), P(static_cast<size_t>(N), 0.0);
+        for (int t = 0; t < T; ++t)
+            for (int k = 0; k < K; ++k) f[size_t(chosen[(b * T + t) * K + k])] += double(N) / (double(K) * T);
+        for (int t = 0; t < T; ++t) {
+            const float* s = scores + (b * T + t) * N;
+            double S = 0;
+            for (int i = 0; i < N; ++i) S += s[i];
+            for (int i = 0; i < N; ++i) P[size_t(i)] += s[i] / S / T;
+            if (!dscores) continue;
+            // ∂L/∂s'_i = α f_i / (T·B);  ∂s'_i/∂s_j = (δ_ij − s'_i) / S
+            double dot = 0;
+            for (int i = 0; i < N; ++i) dot += alpha * f[size_t(i)] / (double(T) * B) * s[i] / S;
+            float* ds = dscores + (b * T + t) * N;
+            for (int j = 0; j < N; ++j) ds[j] += float((alpha * f[size_t(j)] / (double(T) * B) - dot) / S);
+        }
+        double L = 0;
+        for (int i = 0; i < N; ++i) L += f[size_t(i)] * P[size_t(i)];
+        per_seq[size_t(b)] = alpha * L;
+    });
+    double total = 0;
+    for (double v : per_seq) total += v;
+    return total / B;
+}
+// The classic expert-level auxiliary loss (DeepSeekMoE eqs. 12-14, GShard form) over the whole batch of T tokens:
+//   f_i = N_r/(K·T) Σ_t 1[i ∈ TopK_t],  P_i = (1/T) Σ_t p_{i,t} with p = softmax(logits),  L = α Σ_i f_i P_i
+// The gradient goes straight to the router logits: ∂L/∂z_{i,t} = p_i (c_i − Σ_j c_j p_j), c_i = α f_i / T.
+inline double expert_balance_loss(float* dlogits, const float* logits, const int32_t* chosen, int T, const Config& c,
+                                  float alpha) {
+    const int N = c.n_routed_experts, K = c.n_activated_experts;
+    std::vector<double> f(static_cast<size_t>(N), 0.0);
+    for (int64_t i = 0; i < int64_t(T) * K; ++i) f[size_t(chosen[i])] += double(N) / (double(K) * T);
+    std::vector<double> P_partial(static_cast<size_t>(T) * N);
+    parallel_for(T, [&](int64_t t) {
+        const float* z = logits + t * N;
+        float mx = z[0];
+        for (int i = 1; i < N; ++i) mx = std::max(mx, z[i]);
+        double sum = 0;
+        std::vector<double> p(static_cast<size_t>(N));
+        for (int i = 0; i < N; ++i) sum += (p[size_t(i)] = std::exp(double(z[i] - mx)));
+        double dot = 0;
+        for (int i = 0; i < N; ++i) {
+            p[size_t(i)] /= sum;
+            P_partial[size_t(t) * N + i] = p[size_t(i)];
+            dot += alpha * f[size_t(i)] / T * p[size_t(i)];
+        }
+        if (dlogits)
+            for (int i = 0; i < N; ++i) dlogits[t * N + i] += float(p[size_t(i)] * (alpha * f[size_t(i)] / T - dot));
+    });
+    double L = 0;
+    for (int i = 0; i < N; ++i) {
+        double P = 0;
+        for (int t = 0; t < T; ++t) P += P_partial[size_t(t) * N + i];
+        L += f[size_t(i)] * P / T;
+    }
+    return alpha * L;
+}
+
+// --- 3.10 MoE permutation and the experts' grouped GEMMs -------------------------------------------------------------
+// Tokens are grouped by expert with a counting sort (stable: within an expert, tokens keep their order), so each
+// expert runs one dense matmul over its rows. slot[t·K + k] = row of (token t, choice k) in the permuted order;
+// token_of[row] = t; offsets[e] .. offsets[e+1] are expert e's rows.
+struct MoePermutation {
+    std::vector<int32_t> slot, token_of;
+    std::vector<int64_t> offsets, counts;
+};
+inline void moe_permute_plan(MoePermutation& p, const int32_t* chosen, int T, int K, int N) {
+    p.counts.assign(size_t(N), 0);
+    for (int64_t i = 0; i < int64_t(T) * K; ++i) p.counts[size_t(chosen[i])]++;
+    p.offsets.assign(size_t(N) + 1, 0);
+    for (int e = 0; e < N; ++e) p.offsets[size_t(e) + 1] = p.offsets[size_t(e)] + p.counts[size_t(e)];
+    std::vector<int64_t> cursor(p.offsets.begin(), p.offsets.end() - 1);
+    p.slot.resize(size_t(T) * K);
+    p.token_of.resize(size_t(T) * K);
+    for (int t = 0; t < T; ++t)
+        for (int k = 0; k < K; ++k) {
+            int64_t row = cursor[size_t(chosen[t * K + k])]++;
+            p.slot[size_t(t) * K + k] = int32_t(row);
+            p.token_of[size_t(row)] = t;
+        }
+}
+// xe[row] = x[token_of[row]]        x: [T, d], xe: [T·K, d]
+inline void moe_permute_forward(float* xe, const float* x, const MoePermutation& p, int d) {
+    parallel_for(int64_t(p.token_of.size()), [&](int64_t r) {
+        std::memcpy(xe + r * d, x + int64_t(p.token_of[size_t(r)]) * d, sizeof(float) * size_t(d));
+    });
+}
+// dx[t] += Σ_k dxe[slot[t,k]]  (k in order: deterministic)
+inline void moe_permute_backward(float* dx, const float* dxe, const MoePermutation& p, int T, int K, int d) {
+    parallel_for(T, [&](int64_t t) {
+        for (int k = 0; k < K; ++k) {
+            const float* src = dxe + int64_t(p.slot[size_t(t) * K + k]) * d;
+            for (int i = 0; i < d; ++i) dx[t * d + i] += src[i];
+        }
+    });
+}
+// y[t] += Σ_k gates[t,k] · ye[slot[t,k]]      ye: [T·K, d]; y: [T, d]
+inline void moe_unpermute_forward(float* y, const float* ye, const float* gates, const MoePermutation& p, int T, int K,
+                                  int d) {
+    parallel_for(T, [&](int64_t t) {
+        for (int k = 0; k < K; ++k) {
+            const float g = gates[t * K + k];
+            const float* src = ye + int64_t(p.slot[size_t(t) * K + k]) * d;
+            for (int i = 0; i < d; ++i) y[t * d + i] += g * src[i];
+        }
+    });
+}
+// dye[slot] = gates · dy[t] (OVERWRITES dye: each slot has exactly one source, so it needs no zeroing);
+// dgates[t,k] += dy[t] · ye[slot]
+inline void moe_unpermute_backward(float* dye, float* dgates, const float* dy, const float* ye, const float* gates,
+                                   const MoePermutation& p, int T, int K, int d) {
+    parallel_for(T, [&](int64_t t) {
+        for (int k = 0; k < K; ++k) {
+            const int64_t row = p.slot[size_t(t) * K + k];
+            const float g = gates[t * K + k];
+            float dot = 0;
+            for (int i = 0; i < d; ++i) {
+                dye[row * d + i] = g * dy[t * d + i];
+                dot += dy[t * d + i] * ye[row * d + i];
+            }
+            dgates[t * K + k] += dot;
+        }
+    });
+}
+// The experts' GEMMs, grouped. Rows offsets[g] .. offsets[g+1] of x (expert-contiguous, as permuted above) go
+// through weight g, which sits at W + g·w_stride ([out, in] each: one projection of consecutive experts is evenly
+// strided in the flat buffer, because each expert's gate, up and down are stored together). One call runs one
+// projection of all of a layer's experts. Here it is a loop over matmul (each one parallel inside); on the GPU it is
+// a single kernel launch over all experts' tiles (cuda/kernels.cuh), where one small GEMM per expert would be
+// dominated by launch overhead.
+// offsets: [groups + 1], host memory on every backend, starting at 0 and never decreasing (checked).
+inline void check_group_offsets(const char* who, const int64_t* offsets, int groups, int in, int out) {
+    if (groups < 0 || in < 0 || out < 0) fail(who, ": negative size groups=", groups, " in=", in, " out=", out);
+    if (offsets[0] != 0) fail(who, ": offsets[0] must be 0, found ", offsets[0]);
+    for (int g = 0; g < groups; ++g)
+        if (offsets[g + 1] < offsets[g])
+            fail(who, ": offsets must not decrease, found offsets[", g, "]=", offsets[g], " > offsets[", g + 1, "]=",
+                 offsets[g + 1]);
+}
+//   y[rows_g, out] = x[rows_g, in] · W_gᵀ      (overwrites y)
+inline void grouped_matmul_forward(float* y, const float* x, const float* W, int64_t w_stride, const int64_t* offsets,
+                                   int groups, int in, int out) {
+    check_group_offsets("grouped_matmul_forward", offsets, groups, in, out);
+    for (int g = 0; g < groups; ++g) {
+        const int64_t begin = offsets[g], rows = offsets[g + 1] - begin;
+        if (rows > 0) matmul_forward(y + begin * out, x + begin * in, W + g * w_stride, int(rows), in, out);
+    }
+}
+//   dx[rows_g, in] += dy[rows_g, out] · W_g;   dW_g += dy[rows_g, out]ᵀ · x[rows_g, in]   (dW_g at dW + g·w_stride)
+inline void grouped_matmul_backward(float* dx, float* dW, const float* dy, const float* x, const float* W,
+                                    int64_t w_stride, const int64_t* offsets, int groups, int in, int out) {
+    check_group_offsets("grouped_matmul_backward", offsets, groups, in, out);
+    for (int g = 0; g < groups; ++g) {
+        const int64_t begin = offsets[g], rows = offsets[g + 1] - begin;
+        if (rows > 0)
+            matmul_backward(dx + begin * in, dW + g * w_stride, dy + begin * out, x + begin * in, W + g * w_stride,
+                            int(rows), in, out);
+    }
+}
+
+// --- 3.11 AdamW (Loshchilov & Hutter 2019) ------------------------------------------------------------------------
+// m ← β1 m + (1−β1) g;  v ← β2 v + (1−β2) g²;  p ← p − lr·( m̂/(√v̂ + ε) + wd·p ), m̂, v̂ bias-corrected by step.
+inline void adamw_update(float* p, const float* g, float* m, float* v, int64_t n, float lr, float beta1, float beta2,
+                         float eps, float weight_decay, int step) {
+    const float c1 = 1.0f / (1.0f - std::pow(beta1, float(step))), c2 = 1.0f / (1.0f - std::pow(beta2, float(step)));
+    parallel_for((n + 4095) / 4096, [&](int64_t c) {
+        for (int64_t i = c * 4096, e = std::min(n, i + 4096); i < e; ++i) {
+            m[i] = beta1 * m[i] + (1 - beta1) * g[i];
+            v[i] = beta2 * v[i] + (1 - beta2) * g[i] * g[i];
+            p[i] -= lr * (m[i] * c1 / (std::sqrt(v[i] * c2) + eps) + weight_decay * p[i]);
+        }
+    });
+}
+
+// --- 3.12 the model's plumbing: copies, concatenations, residual adds, the optimizer's reductions --------------------
+// The modules of section 5 move data between kernels in a few fixed patterns. Each is a named kernel here (and in
+// every backend), so that the model code never touches an array element itself and runs unchanged on a GPU.
+inline void fill_zero(float* x, int64_t n) { std::memset(x, 0, sizeof(float) * size_t(n)); }        // x = 0
+inline void copy_values(float* y, const float* x, int64_t n) { std::memcpy(y, x, sizeof(float) * size_t(n)); }  // y = x
+// y += x: the residual connections, and gradients that meet at a fork.
+inline void add_inplace(float* y, const float* x, int64_t n) {
+    parallel_for((n + 4095) / 4096, [&](int64_t c) {
+        for (int64_t i = c * 4096, e = std::min(n, i + 4096); i < e; ++i) y[i] += x[i];
+    });
+}
+inline void scale_inplace(float* x, int64_t n, float s) {  // x *= s (gradient clipping)
+    parallel_for((n + 4095) / 4096, [&](int64_t c) {
+        for (int64_t i = c * 4096, e = std::min(n, i + 4096); i < e; ++i) x[i] *= s;
+    });
+}
+inline double sum_of_squares(const float* x, int64_t n) {  // Σ x², in double, in a fixed order
+    return parallel_sum(n, [&](int64_t i) { return double(x[i]) * x[i]; });
+}
+inline void bf16_round_inplace(float* x, int64_t n) {  // x = bf16(x) (FP8 training's BF16 optimizer states)
+    parallel_for((n + 4095) / 4096, [&](int64_t c) {
+        for (int64_t i = c * 4096, e = std::min(n, i + 4096); i < e; ++i) x[i] = bf16_round(x[i]);
+    });
+}
+// Row copies by an index list (rows: backend memory), for expert parallelism's send and receive buffers (9.4):
+// gather_rows: dst[i] = src[rows[i]];  scatter_rows: dst[rows[i]] = src[i];  i < n, rows of d floats.
+inline void gather_rows(float* dst, const float* src, const int32_t* rows, int64_t n, int d) {
+    parallel_for(n, [&](int64_t i) {
+        std::memcpy(dst + i * d, src + int64_t(rows[i]) * d, sizeof(float) * size_t(d));
+    });
+}
+inline void scatter_rows(float* dst, const float* src, const int32_t* rows, int64_t n, int d) {
+    parallel_for(n, [&](int64_t i) {
+        std::memcpy(dst + int64_t(rows[i]) * d, src + i * d, sizeof(float) * size_t(d));
+    });
+}
+// out[t] = [a[t] ; b[t]]     a: [T, da], b: [T, db], out: [T, da + db]   (split_columns is its backward, and back)
+inline void concat_columns(float* out, const float* a, const float* b, int T, int da, int db) {
+    parallel_for(T, [&](int64_t t) {
+        std::memcpy(out + t * (da + db), a + t * da, sizeof(float) * size_t(da));
+        std::memcpy(out + t * (da + db) + da, b + t * db, sizeof(float) * size_t(db));
+    });
+}
+// [a[t] ; b[t]] = in[t]
+inline void split_columns(float* a, float* b, const float* in, int T, int da, int db) {
+    parallel_for(T, [&](int64_t t) {
+        std::memcpy(a + t * da, in + t * (da + db), sizeof(float) * size_t(da));
+        std::memcpy(b + t * db, in + t * (da + db) + da, sizeof(float) * size_t(db));
+    });
+}
+// MLA's per-head keys and values [V3 eqs. 4-5]: kv: [T, H, d_h + d_v] (W^UKV c^KV), k_rope: [T, d_h^R] shared by
+// all heads  ->  k: [T, H, d_h + d_h^R] = [k^C ; k^R], v: [T, H, d_v].
+inline void mla_keys_values_forward(float* k, float* v, const float* kv, const float* k_rope, int T, int H, int dh,
+                                    int dr, int dv) {
+    parallel_for(T, [&](int64_t t) {
+        for (int h = 0; h < H; ++h) {
+            const float* src = kv + (t * H + h) * (dh + dv);
+            float* kh = k + (t * H + h) * (dh + dr);
+            std::memcpy(kh, src, sizeof(float) * size_t(dh));
+            std::memcpy(kh + dh, k_rope + t * dr, sizeof(float) * size_t(dr));
+            std::memcpy(v + (t * H + h) * dv, src + dh, sizeof(float) * size_t(dv));
+        }
+    });
+}
+// dkv = [dk^C ; dv] per head (overwritten); dk_rope += Σ_h dk^R_h (the shared key sums its heads' gradients).
+inline void mla_keys_values_backward(float* dkv, float* dk_rope, const float* dk, const float* dv, int T, int H,
+                                     int dh, int dr, int dv_) {
+    parallel_for(T, [&](int64_t t) {
+        for (int h = 0; h < H; ++h) {
+            float* dst = dkv + (t * H + h) * (dh + dv_);
+            const float* dkh = dk + (t * H + h) * (dh + dr);
+            std::memcpy(dst, dkh, sizeof(float) * size_t(dh));
+            std::memcpy(dst + dh, dv + (t * H + h) * dv_, sizeof(float) * size_t(dv_));
+            for (int i = 0; i < dr; ++i) dk_rope[t * dr + i] += dkh[dh + i];
+        }
+    });
+}
+
+// --- 3.13 the backend: where the model's kernels and buffers come from -------------------------------------------
+// Sections 5 and 6 (the model, its training step) are written once, against `backend`: they call backend::kernel(...)
+// and keep parameters, gradients, AdamW's moments and activations in backend::Buffer and backend::Arena. The default
+// backend is this header: the kernels above, std::vector and the Arena of section 2, all in host memory. A translation
+// unit that defines DSV3_BACKEND_CUDA before including this header gets cuda/kernels.cuh instead: the same names and
+// parameter lists over device memory (build with nvcc; `make cuda` builds build/train_cuda from examples/train.cpp).
+// What the model needs on the host comes back through the few calls below: token ids go down, losses, the routing
+// plan (expert counts) and the routing bias come back.
+template <class T> using Buffer = std::vector<T>;
+constexpr bool host_memory = true;  // false on a GPU backend: model.params etc. are device pointers
+template <class T> void upload(Buffer<T>& dst, const std::vector<T>& host) { dst = host; }
+template <class T> std::vector<T> download(const Buffer<T>& src) { return src; }
+template <class T> void to_device(T* dst, const T* host, size_t n) { std::copy(host, host + n, dst); }
+template <class T> void to_host(T* host, const T* src, size_t n) { std::copy(src, src + n, host); }
+inline const MoePermutation& host_plan(const MoePermutation& p) { return p; }  // slot, token_of, offsets, counts
+}  // namespace dsv3
+#if defined(DSV3_BACKEND_CUDA)
+#include "cuda/kernels.cuh"
+namespace dsv3 { namespace backend = ::dsv3::cuda; }
+#else
+namespace dsv3 { namespace backend = ::dsv3; }
+#endif
+namespace dsv3 {
+
+// =====================================================================================================================
+// 4. PARAMETERS: ONE FLAT BUFFER, NAMED VIEWS
+// =====================================================================================================================
+// All parameters live in one float buffer, the gradients in a second of the same layout (and AdamW's moments in two
+// more). A module only stores offsets into it. So the optimizer, gradient clipping, checkpoints and the data-parallel
+// all-reduce each work on flat memory, and every tensor still has its Hugging Face name for checkpoints.
+enum class ParamKind {
+    matrix,     // linear weights and the embedding: initialised N(0, init_std²), weight decay applies
+    gain,       // RMSNorm gains: initialised to 1, no weight decay
+    routing_bias// e_score_correction_bias: no gradient; updated by the loss-free balancing rule [V3 §2.1.2]
+};
+struct ParamEntry {
+    std::string name;              // Hugging Face name, e.g. "model.layers.3.self_attn.kv_b_proj.weight"
+    std::vector<int64_t> shape;    // [out, in] for linears
+    size_t offset = 0, size = 0;   // where it lives in the flat buffer, and how many floats
+    ParamKind kind = ParamKind::matrix;
+    int mtp_module = -1;           // -1: main model; k-1: the k-th MTP module
+    bool routed_expert = false;    // a routed expert's weight (not activated for every token)
+};
+
+// Views: a module holds offsets; data = params.data() + offset, gradient = grads.data() + offset.
+struct Linear {  // weight [out, in]: y = x Wᵀ
+    size_t w = 0;
+    int out = 0, in = 0;
+    bool fp8 = true;  // in FP8 training, its three GEMMs run in FP8; false for the output head and the router [V3 §3.3.1]
+};
+struct Norm { size_t g = 0; int dim = 0; };            // gain [dim]
+struct Ffn { Linear gate, up, down; };                 // SwiGLU: down(silu(gate x) ⊙ up x)
+struct Attention {                                     // MLA [V3 eqs. 1-11]
+    Linear q_a, q_b;  // W^DQ [q_lora, d] and W^UQ [H·(d_h+d_h^R), q_lora]  (q_lora_rank > 0)
+    Linear q;         // W^Q  [H·(d_h+d_h^R), d]                              (q_lora_rank == 0)
+    Norm q_norm;      // RMSNorm on c^Q
+    Linear kv_a;      // [W^DKV; W^KR]: [d_c + d_h^R, d]  ("kv_a_proj_with_mqa")
+    Norm kv_norm;     // RMSNorm on c^KV
+    Linear kv_b;      // [W^UK; W^UV] per head: [H·(d_h + d_v), d_c]
+    Linear o;         // W^O [d, H·d_v]
+};
+struct MoE {                                           // DeepSeekMoE [V3 eqs. 12-16]
+    Linear router;                // e_i as rows: [N_r, d]  ("mlp.gate.weight")
+    size_t bias = 0;              // b_i: [N_r]  ("mlp.gate.e_score_correction_bias")
+    std::vector<Ffn> experts;     // N_r routed experts of width moe_inter_dim
+    size_t expert_stride = 0;     // floats from one expert's weights to the next's (gate, up, down stored together)
+    Ffn shared;                   // the N_s shared experts as one SwiGLU of width N_s·moe_inter_dim
+    bool has_shared = false;
+};
+struct Block {
+    Norm attn_norm, ffn_norm;     // "input_layernorm", "post_attention_layernorm"
+    Attention attn;
+    bool is_moe = false;
+    Ffn ffn;                      // dense layers
+    MoE moe;                      // MoE layers
+};
+struct MtpModule {                                     // [V3 §2.2, eq. 21-23]
+    Norm enorm, hnorm;            // RMSNorm of the next token's embedding, and of the previous depth's hidden state
+    Linear eh_proj;               // M_k: [d, 2d], input [enorm(emb) ; hnorm(h)] (embedding first, as stored)
+    Block block;                  // TRM_k
+    Norm norm;                    // "shared_head.norm": the final norm before the shared output head
+};
+struct ParamLayout {
+    std::vector<ParamEntry> entries;
+    size_t total = 0;
+    size_t embed = 0;             // [vocab, d]  "model.embed_tokens.weight"
+    std::vector<Block> blocks;
+    Norm final_norm;              // "model.norm.weight"
+    Linear head;                  // [vocab, d]  "lm_head.weight" (not tied to the embedding)
+    std::vector<MtpModule> mtp;
+    const ParamEntry& find(const std::string& name) const {
+        for (const ParamEntry& e : entries)
+            if (e.name == name) return e;
+        fail("parameter \"", name, "\": no such tensor in this config's layout");
+    }
+};
+
+// Builds the layout: names, shapes and offsets, in the order of the Hugging Face checkpoint.
+inline ParamLayout param_layout(const Config& c) {
+    c.validate();
+    ParamLayout L;
+    int mtp_index = -1;
+    bool in_expert = false;
+    auto add = [&](const std::string& name, std::vector<int64_t> shape, ParamKind kind) {
+        ParamEntry e;
+        e.name = name;
+        e.shape = std::move(shape);
+        e.size = 1;
+        for (int64_t s : e.shape) e.size *= size_t(s);
+        e.offset = L.total;
+        e.kind = kind;
+        e.mtp_module = mtp_index;
+        e.routed_expert = in_expert;
+        L.total += e.size;
+        L.entries.push_back(std::move(e));
+        return L.entries.back().offset;
+    };
+    auto linear = [&](const std::string& name, int out, int in) {
+        return Linear{add(name + ".weight", {out, in}, ParamKind::matrix), out, in};
+    };
+    auto norm = [&](const std::string& name, int dim) { return Norm{add(name + ".weight", {dim}, ParamKind::gain), dim}; };
+    auto ffn = [&](const std::string& p, int width) {
+        Ffn f;
+        f.gate = linear(p + ".gate_proj", width, c.dim);
+        f.up = linear(p + ".up_proj", width, c.dim);
+        f.down = linear(p + ".down_proj", c.dim, width);
+        return f;
+    };
+    const int H = c.n_heads, dqk = c.qk_head_dim();
+    auto block = [&](int layer) {
+        const std::string p = "model.layers." + std::to_string(layer);
+        Block b;
+        b.attn_norm = norm(p + ".input_layernorm", c.dim);
+        Attention& a = b.attn;
+        if (c.q_lora_rank > 0) {
+            a.q_a = linear(p + ".self_attn.q_a_proj", c.q_lora_rank, c.dim);
+            a.q_norm = norm(p + ".self_attn.q_a_layernorm", c.q_lora_rank);
+            a.q_b = linear(p + ".self_attn.q_b_proj", H * dqk, c.q_lora_rank);
+        } else {
+            a.q = linear(p + ".self_attn.q_proj", H * dqk, c.dim);
+        }
+        a.kv_a = linear(p + ".self_attn.kv_a_proj_with_mqa", c.kv_lora_rank + c.qk_rope_head_dim, c.dim);
+        a.kv_norm = norm(p + ".self_attn.kv_a_layernorm", c.kv_lora_rank);
+        a.kv_b = linear(p + ".self_attn.kv_b_proj", H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank);
+        a.o = linear(p + ".self_attn.o_proj", c.dim, H * c.v_head_dim);
+        b.ffn_norm = norm(p + ".post_attention_layernorm", c.dim);
+        b.is_moe = c.is_moe_layer(layer);
+        if (!b.is_moe) {
+            b.ffn = ffn(p + ".mlp", c.inter_dim);
+        } else {
+            MoE& m = b.moe;
+            m.router = linear(p + ".mlp.gate", c.n_routed_experts, c.dim);
+            m.router.fp8 = false;
+            m.bias = add(p + ".mlp.gate.e_score_correction_bias", {c.n_routed_experts}, ParamKind::routing_bias);
+            in_expert = true;
+            for (int e = 0; e < c.n_routed_experts; ++e)
+                m.experts.push_back(ffn(p + ".mlp.experts." + std::to_string(e), c.moe_inter_dim));
+            in_expert = false;
+            // The grouped expert GEMMs (section 3.10) rely on the even stride: check it.
+            const size_t matrix = size_t(c.moe_inter_dim) * c.dim;
+            m.expert_stride = 3 * matrix;
+            for (int e = 0; e < c.n_routed_experts; ++e) {
+                const Ffn& f = m.experts[size_t(e)];
+                const size_t at = m.experts[0].gate.w + size_t(e) * m.expert_stride;
+                if (f.gate.w != at || f.up.w != at + matrix || f.down.w != at + 2 * matrix)
+                    fail("param_layout: ", p, ".mlp.experts.", e, " is not stored where the grouped GEMMs expect it");
+            }
+            m.has_shared = c.n_shared_experts > 0;
+            if (m.has_shared) m.shared = ffn(p + ".mlp.shared_experts", c.n_shared_experts * c.moe_inter_dim);
+        }
+        return b;
+    };
+    L.embed = add("model.embed_tokens.weight", {c.vocab_size, c.dim}, ParamKind::matrix);
+    for (int l = 0; l < c.n_layers; ++l) L.blocks.push_back(block(l));
+    L.final_norm = norm("model.norm", c.dim);
+    L.head = linear("lm_head", c.vocab_size, c.dim);
+    L.head.fp8 = false;
+    for (int k = 0; k < c.n_mtp_depth; ++k) {  // stored as the layers after the main ones: model.layers.{n_layers+k}
+        mtp_index = k;
+        const std::string p = "model.layers." + std::to_string(c.n_layers + k);
+        MtpModule m;
+        m.enorm = norm(p + ".enorm", c.dim);
+        m.hnorm = norm(p + ".hnorm", c.dim);
+        m.eh_proj = linear(p + ".eh_proj", c.dim, 2 * c.dim);
+        m.block = block(c.n_layers + k);
+        m.norm = norm(p + ".shared_head.norm", c.dim);
+        L.mtp.push_back(m);
+    }
+    return L;
+}
+
+inline ParamCounts count_parameters(const Config& c) {
+    ParamLayout L = param_layout(c);
+    ParamCounts n;
+    int64_t routed_main = 0;
+    for (const ParamEntry& e : L.entries) {
+        if (e.mtp_module >= 0) { n.mtp += int64_t(e.size); continue; }
+        n.total += int64_t(e.size);
+        if (e.routed_expert) routed_main += int64_t(e.size);
+    }
+    // Each token uses K of the N_r routed experts in every MoE layer: count K experts' worth instead of N_r.
+    n.activated = n.total - routed_main;
+    if (c.n_routed_experts > 0) n.activated += routed_main / c.n_routed_experts * c.n_activated_experts;
+    n.embedding = int64_t(c.vocab_size) * c.dim;
+    // DeepSeek's checkpoint stores, for each MTP module, its own copy of the embedding and of the output head.
+    n.mtp_in_checkpoint = n.mtp + int64_t(c.n_mtp_depth) * 2 * int64_t(c.vocab_size) * c.dim;
+    return n;
 }
 
 // =====================================================================================================================
-// 3. NUMERICS: FP8 TRAINING (DeepSeek-V3 report §3.3), BF16 AND FP16
+// 5. MODULES: MLA, FFN, MoE, BLOCK, MTP, MODEL
+// =====================================================================================================================
+// The model logic is written once here, as forward/backward pairs that compose the kernels of section 3. Each
+// forward saves what its backward needs in a cache (pointers into the activation arena).
+
+enum class BalanceLoss { none, sequence_wise, expert_level };
+
+// What the training loss is made of [V3 §2.1.2 and §2.2]: L = L_main + (λ/D) Σ_k L_MTP^k + balance loss.
+struct LossOptions {
+    bool with_mtp = true;            // inference drops the MTP modules
+    float mtp_lambda = 0.3f;         // λ: 0.3 for V3's first 10T tokens, then 0.1
+    BalanceLoss balance = BalanceLoss::none;
+    float balance_alpha = 0.0001f;   // α (V3: 0.0001 for the sequence-wise loss)
+};
+struct Losses {
+    double main = 0;                 // next-token cross-entropy, nats per token
+    std::vector<double> mtp;         // per depth k: cross-entropy of token t+k+1
+    double balance = 0;              // sum over MoE layers of the balance loss
+    double total = 0;                // what backward() differentiates
+};
+
+struct AttnCache {
+    const float* x = nullptr;        // [BT, d]  the block's normalised input
+    float *cq = nullptr, *cq_rstd = nullptr, *cq_n = nullptr;  // [BT, d_c'], [BT], [BT, d_c']   (query LoRA)
+    float* q = nullptr;              // [BT, H, d_h + d_h^R]  queries, RoPE applied to the last d_h^R of each head
+    float *ckv_raw = nullptr, *ckv_rstd = nullptr, *ckv = nullptr;  // [BT, d_c]: c^KV before/after its RMSNorm
+    float* k_rope = nullptr;         // [BT, d_h^R]  k^R: RoPE(W^KR h), ONE key part shared by all heads
+    float* kv = nullptr;             // [BT, H, d_h + d_v]  W^UKV c^KV
+    float *k = nullptr, *v = nullptr;// [BT, H, d_h + d_h^R], [BT, H, d_v]
+    float* probs = nullptr;          // [B, H, T, T]
+    float* o = nullptr;              // [BT, H·d_v]
+};
+struct FfnCache {
+    const float* x = nullptr;        // [n, d]
+    float *gate = nullptr, *up = nullptr, *h = nullptr;  // [n, width]
+};
+struct MoeCache {
+    const float* x = nullptr;        // [BT, d]
+    float *logits = nullptr, *scores = nullptr, *gates = nullptr;  // [BT, N_r], [BT, N_r], [BT, K]
+    backend::Buffer<int32_t> chosen; // [BT, K]
+    backend::MoePermutation perm;    // the plan is made on the host: backend::host_plan(perm)
+    float *xe = nullptr, *ye = nullptr;  // [BT·K, d] tokens in expert order, and the experts' outputs
+    FfnCache experts;                // the routed experts, over all of c.xe's rows
+    FfnCache shared;
+    std::vector<int64_t> load;       // [N_r] tokens routed to each expert in this batch
+};
+struct BlockCache {
+    const float* h_in = nullptr;     // [BT, d]
+    float *xn1 = nullptr, *rstd1 = nullptr, *h_mid = nullptr, *xn2 = nullptr, *rstd2 = nullptr, *h_out = nullptr;
+    AttnCache attn;
+    FfnCache ffn;
+    MoeCache moe;
+};
+struct MtpCache {
+    backend::Buffer<int32_t> emb_tokens, targets;  // [BT]: t_{i+k} and t_{i+k+1} (kIgnore past the end)
+    const float* h_prev = nullptr;   // [BT, d]  h^{k-1}
+    float *emb = nullptr, *en = nullptr, *en_rstd = nullptr, *hn = nullptr, *hn_rstd = nullptr;
+    float *cat = nullptr, *h_proj = nullptr;   // [BT, 2d], [BT, d]
+    BlockCache block;
+    float *out_n = nullptr, *out_rstd = nullptr, *logits = nullptr;
+};
+
+struct KvCache;  // section 7
+
+// Who runs the routed experts of a MoE layer. The layer routes its tokens, groups them by expert (c.perm, c.xe) and
+// combines the experts' outputs (c.ye) with the gates; in between, by default, the model runs all N_r experts itself
+// (Model::experts_forward). Expert parallelism (section 9) installs a runner that sends each token to the ranks
+// owning its experts and brings the outputs back [V3 §3.2].
+class Model;
+struct ExpertRunner {
+    virtual ~ExpertRunner() = default;
+    // c.x, c.chosen, c.gates, c.perm and c.xe: [n·K, d] are set; fill c.ye: [n·K, d] (rows in c.perm's order).
+    virtual void forward(Model& model, const MoE& m, MoeCache& c) = 0;
+    // dye: [n·K, d], the gradient of c.ye; write dxe: [n·K, d] (zeroed by the caller) and add the experts' weight
+    // gradients into model.grads.
+    virtual void backward(Model& model, const MoE& m, MoeCache& c, const float* dye, float* dxe) = 0;
+};
+
+class Model {
+  public:
+    Config cfg;
+    ParamLayout layout;
+    backend::Buffer<float> params, grads;  // the two flat buffers (device memory on a GPU backend)
+    RopeTable rope;
+    bool reuse_routing = false;        // gradient checks: keep the last forward's expert choice fixed
+    ExpertRunner* expert_runner = nullptr;  // null: this model runs every routed expert (no expert parallelism)
+
+    Model(const Config& c, uint64_t seed) : cfg(c), layout(param_layout(c)) {
+        std::vector<float> init(layout.total, 0.0f);
+        rope = make_rope_table(cfg, cfg.max_seq_len);
+        for (size_t i = 0; i < layout.entries.size(); ++i) {  // each tensor from its own stream: order-independent
+            const ParamEntry& e = layout.entries[i];
+            Rng rng = Rng(seed).fork(i);
+            float* p = init.data() + e.offset;
+            for (size_t j = 0; j < e.size; ++j)
+                p[j] = e.kind == ParamKind::matrix ? float(rng.normal() * cfg.init_std)
+                                                   : (e.kind == ParamKind::gain ? 1.0f : 0.0f);
+        }
+        backend::upload(params, init);
+        backend::upload(grads, std::vector<float>(layout.total, 0.0f));
+        blocks_.resize(layout.blocks.size());
+        mtp_.resize(layout.mtp.size());
+    }
+    float* P(size_t offset) { return params.data() + offset; }
+    float* G(size_t offset) { return grads.data() + offset; }
+    // A parameter or its gradient by Hugging Face name, e.g. param("model.layers.0.self_attn.kv_a_proj_with_mqa.weight").
+    TensorView param(const std::string& name) {
+        const ParamEntry& e = layout.find(name);
+        return {P(e.offset), e.shape, e.name};
+    }
+    TensorView grad(const std::string& name) {
+        const ParamEntry& e = layout.find(name);
+        return {G(e.offset), e.shape, e.name + " (gradient)"};
+    }
+
+    // tokens: [B, T+1]: position t of row b reads token t and predicts token t+1.
+    Losses forward(const int32_t* tokens, int B, int T, const LossOptions& opt = {});
+    // Gradients of the last forward's total loss, written into `grads` (zeroed first).
+    void backward();
+    Losses forward_backward(const int32_t* tokens, int B, int T, const LossOptions& opt = {}) {
+        Losses l = forward(tokens, B, T, opt);
+        backward();
+        return l;
+    }
+    const float* logits() const { return logits_; }  // [B·T, vocab] of the last forward
+    const float* mtp_logits(int k) const { return mtp_.at(size_t(k)).logits; }  // [B·T, vocab], module k+1
+    // Attention weights of main block `layer` in the last forward: [B, H, T, T].
+    const float* attention_probs(int layer) const { return blocks_.at(size_t(layer)).attn.probs; }
+    // Expert loads of the last forward, one vector [N_r] per MoE block (main blocks first, then MTP blocks).
+    std::vector<std::vector<int64_t>> expert_loads() const {
+        std::vector<std::vector<int64_t>> loads;
+        for (size_t l = 0; l < blocks_.size(); ++l)
+            if (layout.blocks[l].is_moe) loads.push_back(blocks_[l].moe.load);
+        for (size_t k = 0; k < mtp_.size(); ++k)
+            if (layout.mtp[k].block.is_moe) loads.push_back(mtp_[k].block.moe.load);
+        return loads;
+    }
+    // Inference (section 7): run n new tokens at the cache's next positions; logits: [n, vocab]; hidden: [n, dim]
+    // (optional) the last block's output, which the MTP module reads. absorbed: attention in the latent space.
+    // tokens, logits, hidden and h are host memory on every backend (the sampler runs on the host).
+    void decode(const int32_t* tokens, int n, KvCache& cache, float* logits, float* hidden = nullptr,
+                bool absorbed = true);
+    void decode_mtp(const float* h, const int32_t* next_tokens, int n, KvCache& cache, float* logits,
+                    bool absorbed = true);
+    // Routed experts first .. first+count-1 of layer m on rows grouped by expert: rows offsets[i] .. offsets[i+1] of
+    // xe: [rows, d] (offsets[0] = 0, rows = offsets[count]) go through expert first+i into the same rows of ye; the
+    // cache c is kept for the backward. The SwiGLU of section 5.2, with each projection one grouped GEMM over all the
+    // experts (section 3.10). The MoE layer runs all N_r experts this way; under expert parallelism each rank runs
+    // the ones it owns.
+    void experts_forward(const MoE& m, int first, int count, const int64_t* offsets, const float* xe, float* ye,
+                         FfnCache& c) {
+        const int64_t rows = offsets[count];
+        const int w = cfg.moe_inter_dim;
+        c.x = xe;
+        c.gate = arena_.take(size_t(rows) * w);
+        c.up = arena_.take(size_t(rows) * w);
+        c.h = arena_.take(size_t(rows) * w);
+        experts_linear_forward_(c.gate, xe, m, first, count, &Ffn::gate, offsets);
+        experts_linear_forward_(c.up, xe, m, first, count, &Ffn::up, offsets);
+        backend::swiglu_forward(c.h, c.gate, c.up, rows * w);
+        experts_linear_forward_(ye, c.h, m, first, count, &Ffn::down, offsets);
+    }
+    // dxe: [rows, d] (+=) from dye: [rows, d]; the experts' weight gradients go into grads.
+    void experts_backward(const MoE& m, int first, int count, const int64_t* offsets, const float* dye, float* dxe,
+                          const FfnCache& c) {
+        const int64_t rows = offsets[count];
+        const int w = cfg.moe_inter_dim;
+        auto mark = arena_.mark();
+        float* dh = arena_.zeros(size_t(rows) * w);
+        experts_linear_backward_(dh, dye, c.h, m, first, count, &Ffn::down, offsets);
+        float* dgate = arena_.zeros(size_t(rows) * w);
+        float* dup = arena_.zeros(size_t(rows) * w);
+        backend::swiglu_backward(dgate, dup, dh, c.gate, c.up, rows * w);
+        experts_linear_backward_(dxe, dgate, c.x, m, first, count, &Ffn::gate, offsets);
+        experts_linear_backward_(dxe, dup, c.x, m, first, count, &Ffn::up, offsets);
+        arena_.release(mark);
+    }
+    std::vector<Block*> moe_blocks() {
+        std::vector<Block*> out;
+        for (Block& b : layout.blocks)
+            if (b.is_moe) out.push_back(&b);
+        for (MtpModule& m : layout.mtp)
+            if (m.block.is_moe) out.push_back(&m.block);
+        return out;
+    }
+
+  private:
+    backend::Arena arena_;
+    int B_ = 0, T_ = 0;
+    LossOptions opt_;
+    backend::Buffer<int32_t> inputs_, targets_;  // [BT]
+    float *h0_ = nullptr, *hn_ = nullptr, *final_rstd_ = nullptr, *logits_ = nullptr;
+    std::vector<BlockCache> blocks_;
+    std::vector<MtpCache> mtp_;
+    bool has_forward_ = false;
+
+    int BT() const { return B_ * T_; }
+    // Every linear layer goes through these two. In FP8 training (Config.fp8_training) its three GEMMs (Fprop, Dgrad,
+    // Wgrad) run on the FP8 simulation of section 8 with V3's recipe; the head and the router stay in FP32.
+    bool fp8_(const Linear& w) const { return cfg.fp8_training && w.fp8; }
+    void linear_forward(float* y, const float* x, const Linear& w, int n) {
+        if (fp8_(w)) backend::fp8_matmul_forward(y, x, P(w.w), n, w.in, w.out);
+        else backend::matmul_forward(y, x, P(w.w), n, w.in, w.out);
+    }
+    void linear_backward(float* dx, const float* dy, const float* x, const Linear& w, int n) {
+        if (fp8_(w)) backend::fp8_matmul_backward(dx, G(w.w), dy, x, P(w.w), n, w.in, w.out);
+        else backend::matmul_backward(dx, G(w.w), dy, x, P(w.w), n, w.in, w.out);
+    }
+    // One projection (gate, up or down) of experts first .. first+count-1, each on its rows: one grouped GEMM; in FP8
+    // training, the FP8 linear layer expert by expert.
+    void experts_linear_forward_(float* y, const float* x, const MoE& m, int first, int count, Linear Ffn::*proj,
+                                 const int64_t* offsets) {
+        const Linear& w0 = m.experts[size_t(first)].*proj;
+        if (!fp8_(w0)) {
+            backend::grouped_matmul_forward(y, x, P(w0.w), int64_t(m.expert_stride), offsets, count, w0.in, w0.out);
+            return;
+        }
+        for (int i = 0; i < count; ++i)
+            if (offsets[i + 1] > offsets[i])
+                linear_forward(y + offsets[i] * w0.out, x + offsets[i] * w0.in, m.experts[size_t(first + i)].*proj,
+                               int(offsets[i + 1] - offsets[i]));
+    }
+    void experts_linear_backward_(float* dx, const float* dy, const float* x, const MoE& m, int first, int count,
+                                  Linear Ffn::*proj, const int64_t* offsets) {
+        const Linear& w0 = m.experts[size_t(first)].*proj;
+        if (!fp8_(w0)) {
+            backend::grouped_matmul_backward(dx, G(w0.w), dy, x, P(w0.w), int64_t(m.expert_stride), offsets, count,
+                                             w0.in, w0.out);
+            return;
+        }
+        for (int i = 0; i < count; ++i)
+            if (offsets[i + 1] > offsets[i])
+                linear_backward(dx + offsets[i] * w0.in, dy + offsets[i] * w0.out, x + offsets[i] * w0.in,
+                                m.experts[size_t(first + i)].*proj, int(offsets[i + 1] - offsets[i]));
+    }
+    void norm_forward(float* y, float* rstd, const float* x, const Norm& n, int rows) {
+        backend::rmsnorm_forward(y, rstd, x, P(n.g), rows, n.dim, cfg.rms_norm_eps);
+    }
+    void norm_backward(float* dx, const float* dy, const float* x, const float* rstd, const Norm& n, int rows) {
+        backend::rmsnorm_backward(dx, G(n.g), dy, x, P(n.g), rstd, rows, n.dim);
+    }
+
+    void attention_forward_(AttnCache& c, const Attention& a, const float* x, float* out);
+    void attention_backward_(const AttnCache& c, const Attention& a, const float* dout, float* dx);
+    void ffn_forward_(FfnCache& c, const Ffn& f, const float* x, float* out, int n);
+    void ffn_backward_(const FfnCache& c, const Ffn& f, const float* dout, float* dx, int n);
+    void moe_forward_(MoeCache& c, const MoE& m, const float* x, float* out, double* balance);
+    void moe_backward_(MoeCache& c, const MoE& m, const float* dout, float* dx);
+    void block_forward_(BlockCache& c, const Block& b, const float* h_in, double* balance);
+    void block_backward_(BlockCache& c, const Block& b, const float* dh_out, float* dh_in);
+    void begin_decode_(int n, const KvCache& cache, int layers, const char* who);
+    void attention_decode_(const Attention& a, const float* x, float* out, int n, KvCache& cache, int layer,
+                           bool absorbed);
+    void block_decode_(BlockCache& c, const Block& b, const float* h_in, float* h_out, int n, KvCache& cache,
+                       int layer, bool absorbed);
+};
+
+// --- 5.1 Multi-head Latent Attention [V3 §2.1.1] -----------------------------------------------------------------
+// Keys and values are compressed jointly into a small latent c^KV (eq. 1), from which per-head keys and values are
+// up-projected (eqs. 2, 5); only c^KV and the decoupled RoPE key k^R (eq. 3, shared by all heads) would be cached
+// at inference. Queries get a low-rank compression too (eqs. 6-8), which saves activation memory in training.
+inline void Model::attention_forward_(AttnCache& c, const Attention& a, const float* x, float* out) {
+    const int n = BT(), H = cfg.n_heads, dh = cfg.qk_nope_head_dim, dr = cfg.qk_rope_head_dim,
+              dqk = cfg.qk_head_dim(), dv = cfg.v_head_dim, dc = cfg.kv_lora_rank;
+    c.x = x;
+    // queries: q = W^UQ RMSNorm(W^DQ h)  (eqs. 6-7), then RoPE on each head's last d_h^R values (eq. 8)
+    c.q = arena_.take(size_t(n) * H * dqk);
+    if (cfg.q_lora_rank > 0) {
+        c.cq = arena_.take(size_t(n) * cfg.q_lora_rank);
+        c.cq_rstd = arena_.take(size_t(n));
+        c.cq_n = arena_.take(size_t(n) * cfg.q_lora_rank);
+        linear_forward(c.cq, x, a.q_a, n);
+        norm_forward(c.cq_n, c.cq_rstd, c.cq, a.q_norm, n);
+        linear_forward(c.q, c.cq_n, a.q_b, n);
+    } else {
+        linear_forward(c.q, x, a.q, n);
+    }
+    backend::rope_forward(c.q, n, H * dqk, dh, H, dqk, 0, T_, rope);
+    // keys and values: [c^KV ; k^R_raw] = [W^DKV ; W^KR] h  (eqs. 1, 3), c^KV normalised, k^R rotated
+    float* kv_a = arena_.take(size_t(n) * (dc + dr));
+    linear_forward(kv_a, x, a.kv_a, n);
+    c.ckv_raw = arena_.take(size_t(n) * dc);
+    c.k_rope = arena_.take(size_t(n) * dr);
+    backend::split_columns(c.ckv_raw, c.k_rope, kv_a, n, dc, dr);
+    c.ckv_rstd = arena_.take(size_t(n));
+    c.ckv = arena_.take(size_t(n) * dc);
+    norm_forward(c.ckv, c.ckv_rstd, c.ckv_raw, a.kv_norm, n);
+    backend::rope_forward(c.k_rope, n, dr, 0, 1, dr, 0, T_, rope);
+    // per-head [k^C ; v] = W^UKV c^KV (eqs. 2, 5); k = [k^C ; k^R] (eq. 4)
+    c.kv = arena_.take(size_t(n) * H * (dh + dv));
+    linear_forward(c.kv, c.ckv, a.kv_b, n);
+    c.k = arena_.take(size_t(n) * H * dqk);
+    c.v = arena_.take(size_t(n) * H * dv);
+    backend::mla_keys_values_forward(c.k, c.v, c.kv, c.k_rope, n, H, dh, dr, dv);
+    // o = softmax(q kᵀ · scale) v per head (eqs. 9-10), u = W^O o (eq. 11)
+    c.probs = arena_.take(size_t(B_) * H * T_ * T_);
+    c.o = arena_.take(size_t(n) * H * dv);
+    backend::attention_forward(c.o, c.probs, c.q, c.k, c.v, B_, T_, H, dqk, dv, attention_scale(cfg));
+    linear_forward(out, c.o, a.o, n);
+}
+
+inline void Model::attention_backward_(const AttnCache& c, const Attention& a, const float* dout, float* dx) {
+    const int n = BT(), H = cfg.n_heads, dh = cfg.qk_nope_head_dim, dr = cfg.qk_rope_head_dim,
+              dqk = cfg.qk_head_dim(), dv = cfg.v_head_dim, dc = cfg.kv_lora_rank;
+    auto mark = arena_.mark();
+    float* d_o = arena_.zeros(size_t(n) * H * dv);
+    linear_backward(d_o, dout, c.o, a.o, n);
+    float* dq = arena_.zeros(size_t(n) * H * dqk);
+    float* dk = arena_.zeros(size_t(n) * H * dqk);
+    float* dvv = arena_.zeros(size_t(n) * H * dv);
+    backend::attention_backward(dq, dk, dvv, d_o, c.probs, c.q, c.k, c.v, B_, T_, H, dqk, dv, attention_scale(cfg));
+    // un-assemble k and v: d(kv) per head, and the shared rope key sums its heads' gradients
+    float* dkv = arena_.take(size_t(n) * H * (dh + dv));
+    float* dkv_a = arena_.take(size_t(n) * (dc + dr));
+    float* dk_rope = arena_.zeros(size_t(n) * dr);
+    backend::mla_keys_values_backward(dkv, dk_rope, dk, dvv, n, H, dh, dr, dv);
+    float* dckv = arena_.zeros(size_t(n) * dc);
+    linear_backward(dckv, dkv, c.ckv, a.kv_b, n);
+    backend::rope_backward(dk_rope, n, dr, 0, 1, dr, 0, T_, rope);
+    float* dckv_raw = arena_.zeros(size_t(n) * dc);
+    norm_backward(dckv_raw, dckv, c.ckv_raw, c.ckv_rstd, a.kv_norm, n);
+    backend::concat_columns(dkv_a, dckv_raw, dk_rope, n, dc, dr);
+    linear_backward(dx, dkv_a, c.x, a.kv_a, n);
+    backend::rope_backward(dq, n, H * dqk, dh, H, dqk, 0, T_, rope);
+    if (cfg.q_lora_rank > 0) {
+        float* dcq_n = arena_.zeros(size_t(n) * cfg.q_lora_rank);
+        linear_backward(dcq_n, dq, c.cq_n, a.q_b, n);
+        float* dcq = arena_.zeros(size_t(n) * cfg.q_lora_rank);
+        norm_backward(dcq, dcq_n, c.cq, c.cq_rstd, a.q_norm, n);
+        linear_backward(dx, dcq, c.x, a.q_a, n);
+    } else {
+        linear_backward(dx, dq, c.x, a.q, n);
+    }
+    arena_.release(mark);
+}
+
+// --- 5.2 SwiGLU feed-forward: dense layers, every expert, and the shared experts ---------------------------------
+inline void Model::ffn_forward_(FfnCache& c, const Ffn& f, const float* x, float* out, int n) {
+    const int w = f.gate.out;
+    c.x = x;
+    c.gate = arena_.take(size_t(n) * w);
+    c.up = arena_.take(size_t(n) * w);
+    c.h = arena_.take(size_t(n) * w);
+    linear_forward(c.gate, x, f.gate, n);
+    linear_forward(c.up, x, f.up, n);
+    backend::swiglu_forward(c.h, c.gate, c.up, int64_t(n) * w);
+    linear_forward(out, c.h, f.down, n);
+}
+inline void Model::ffn_backward_(const FfnCache& c, const Ffn& f, const float* dout, float* dx, int n) {
+    const int w = f.gate.out;
+    auto mark = arena_.mark();
+    float* dh = arena_.zeros(size_t(n) * w);
+    linear_backward(dh, dout, c.h, f.down, n);
+    float* dgate = arena_.zeros(size_t(n) * w);
+    float* dup = arena_.zeros(size_t(n) * w);
+    backend::swiglu_backward(dgate, dup, dh, c.gate, c.up, int64_t(n) * w);
+    linear_backward(dx, dgate, c.x, f.gate, n);
+    linear_backward(dx, dup, c.x, f.up, n);
+    arena_.release(mark);
+}
+
+// --- 5.3 DeepSeekMoE [V3 §2.1.2, eq. 12]: h' = u + Σ_shared FFN_s(u) + Σ_routed g_i FFN_i(u) ----------------------
+inline void Model::moe_forward_(MoeCache& c, const MoE& m, const float* x, float* out, double* balance) {
+    const int n = BT(), N = cfg.n_routed_experts, K = cfg.n_activated_experts, d = cfg.dim;
+    const bool softmax = cfg.score_func == "softmax";
+    c.x = x;
+    c.logits = arena_.take(size_t(n) * N);
+    c.scores = arena_.take(size_t(n) * N);
+    c.gates = arena_.take(size_t(n) * K);
+    linear_forward(c.logits, x, m.router, n);
+    backend::router_scores_forward(c.scores, c.logits, n, N, softmax);
+    if (!reuse_routing || c.chosen.size() != size_t(n) * K) {
+        c.chosen.resize(size_t(n) * K);
+        backend::router_select(c.chosen.data(), c.scores, P(m.bias), n, cfg);
+    }
+    backend::router_gates_forward(c.gates, c.scores, c.chosen.data(), n, cfg);
+    backend::moe_permute_plan(c.perm, c.chosen.data(), n, K, N);
+    c.load = backend::host_plan(c.perm).counts;
+    if (opt_.balance == BalanceLoss::sequence_wise)
+        *balance += sequence_balance_loss(nullptr, c.scores, c.chosen.data(), B_, T_, cfg, opt_.balance_alpha);
+    else if (opt_.balance == BalanceLoss::expert_level)
+        *balance += expert_balance_loss(nullptr, c.logits, c.chosen.data(), n, cfg, opt_.balance_alpha);
+    // routed experts: gather each expert's tokens, run its SwiGLU on them, scatter back weighted by the gates
+    c.xe = arena_.take(size_t(n) * K * d);
+    c.ye = arena_.take(size_t(n) * K * d);
+    backend::moe_permute_forward(c.xe, x, c.perm, d);
+    if (expert_runner) expert_runner->forward(*this, m, c);  // expert parallelism: the experts live on other ranks
+    else experts_forward(m, 0, N, backend::host_plan(c.perm).offsets.data(), c.xe, c.ye, c.experts);
+    if (m.has_shared) ffn_forward_(c.shared, m.shared, x, out, n);
+    else backend::fill_zero(out, int64_t(n) * d);
+    backend::moe_unpermute_forward(out, c.ye, c.gates, c.perm, n, K, d);
+}
+
+inline void Model::moe_backward_(MoeCache& c, const MoE& m, const float* dout, float* dx) {
+    const int n = BT(), N = cfg.n_routed_experts, K = cfg.n_activated_experts, d = cfg.dim;
+    const bool softmax = cfg.score_func == "softmax";
+    auto mark = arena_.mark();
+    if (m.has_shared) ffn_backward_(c.shared, m.shared, dout, dx, n);
+    float* dye = arena_.take(size_t(n) * K * d);
+    float* dgates = arena_.zeros(size_t(n) * K);
+    backend::moe_unpermute_backward(dye, dgates, dout, c.ye, c.gates, c.perm, n, K, d);
+    float* dxe = arena_.zeros(size_t(n) * K * d);
+    if (expert_runner) expert_runner->backward(*this, m, c, dye, dxe);
+    else experts_backward(m, 0, N, backend::host_plan(c.perm).offsets.data(), dye, dxe, c.experts);
+    backend::moe_permute_backward(dx, dxe, c.perm, n, K, d);
+    // router: gates -> scores (-> + sequence-wise loss) -> logits (+ expert-level loss) -> W_router and x
+    float* dscores = arena_.zeros(size_t(n) * N);
+    backend::router_gates_backward(dscores, dgates, c.scores, c.chosen.data(), n, cfg);
+    if (opt_.balance == BalanceLoss::sequence_wise)
+        sequence_balance_loss(dscores, c.scores, c.chosen.data(), B_, T_, cfg, opt_.balance_alpha);
+    float* dlogits = arena_.zeros(size_t(n) * N);
+    backend::router_scores_backward(dlogits, dscores, c.scores, n, N, softmax);
+    if (opt_.balance == BalanceLoss::expert_level)
+        expert_balance_loss(dlogits, c.logits, c.chosen.data(), n, cfg, opt_.balance_alpha);
+    linear_backward(dx, dlogits, c.x, m.router, n);
+    arena_.release(mark);
+}
+
+// --- 5.4 the pre-norm block: h ← h + Attn(RMSNorm(h)); h ← h + FFN(RMSNorm(h)) ------------------------------------
+inline void Model::block_forward_(BlockCache& c, const Block& b, const float* h_in, double* balance) {
+    const int n = BT(), d = cfg.dim;
+    c.h_in = h_in;
+    c.xn1 = arena_.take(size_t(n) * d);
+    c.rstd1 = arena_.take(size_t(n));
+    norm_forward(c.xn1, c.rstd1, h_in, b.attn_norm, n);
+    c.h_mid = arena_.take(size_t(n) * d);
+    attention_forward_(c.attn, b.attn, c.xn1, c.h_mid);
+    backend::add_inplace(c.h_mid, h_in, int64_t(n) * d);
+    c.xn2 = arena_.take(size_t(n) * d);
+    c.rstd2 = arena_.take(size_t(n));
+    norm_forward(c.xn2, c.rstd2, c.h_mid, b.ffn_norm, n);
+    c.h_out = arena_.take(size_t(n) * d);
+    if (b.is_moe) moe_forward_(c.moe, b.moe, c.xn2, c.h_out, balance);
+    else ffn_forward_(c.ffn, b.ffn, c.xn2, c.h_out, n);
+    backend::add_inplace(c.h_out, c.h_mid, int64_t(n) * d);
+}
+// dh_in (+=) from dh_out.
+inline void Model::block_backward_(BlockCache& c, const Block& b, const float* dh_out, float* dh_in) {
+    const int n = BT(), d = cfg.dim;
+    auto mark = arena_.mark();
+    float* dxn2 = arena_.zeros(size_t(n) * d);
+    if (b.is_moe) moe_backward_(c.moe, b.moe, dh_out, dxn2);
+    else ffn_backward_(c.ffn, b.ffn, dh_out, dxn2, n);
+    float* dh_mid = arena_.take(size_t(n) * d);
+    backend::copy_values(dh_mid, dh_out, int64_t(n) * d);
+    norm_backward(dh_mid, dxn2, c.h_mid, c.rstd2, b.ffn_norm, n);
+    float* dxn1 = arena_.zeros(size_t(n) * d);
+    attention_backward_(c.attn, b.attn, dh_mid, dxn1);
+    backend::add_inplace(dh_in, dh_mid, int64_t(n) * d);
+    norm_backward(dh_in, dxn1, c.h_in, c.rstd1, b.attn_norm, n);
+    arena_.release(mark);
+}
+
+// --- 5.6 the model, with Multi-Token Prediction [V3 §2.2] -----------------------------------------------------------
+// Main model: embedding, blocks, final RMSNorm, output head, cross-entropy on the next token.
+// MTP module k (k = 1..D) at position i: h'^k_i = M_k [RMSNorm(Emb(t_{i+k})) ; RMSNorm(h^{k-1}_i)] (eq. 21),
+// h^k = TRM_k(h'^k) (eq. 22), P^k_{i+k+1} = OutHead(h^k_i) (eq. 23), sharing the embedding and the output head with
+// the main model. Positions whose token t_{i+k} or target t_{i+k+1} lies past the end of the row are ignored (the
+// causal mask keeps the filler there from reaching earlier positions).
+inline Losses Model::forward(const int32_t* tokens, int B, int T, const LossOptions& opt) {
+    if (B <= 0 || T <= 0) fail("Model::forward: batch ", B, " x sequence ", T, ": both must be > 0");
+    if (T > cfg.max_seq_len) fail("Model::forward: sequence length ", T, " exceeds Config.max_seq_len ", cfg.max_seq_len);
+    if (!backend::host_memory && opt.balance != BalanceLoss::none)
+        fail("Model::forward: the balance losses run on the CPU backend only (LossOptions.balance must be none)");
+    B_ = B; T_ = T; opt_ = opt;
+    const int n = BT(), d = cfg.dim, V = cfg.vocab_size;
+    arena_.reset();
+    std::vector<int32_t> inputs(size_t(n), 0), targets(size_t(n), 0);  // on the host, then to the backend
+    for (int b = 0; b < B; ++b)
+        for (int t = 0; t < T; ++t) {
+            inputs[size_t(b) * T + t] = tokens[int64_t(b) * (T + 1) + t];
+            targets[size_t(b) * T + t] = tokens[int64_t(b) * (T + 1) + t + 1];
+        }
+    backend::upload(inputs_, inputs);
+    backend::upload(targets_, targets);
+    Losses loss;
+    h0_ = arena_.take(size_t(n) * d);
+    backend::embedding_forward(h0_, inputs_.data(), P(layout.embed), n, d, V);
+    const float* h = h0_;
+    for (size_t l = 0; l < layout.blocks.size(); ++l) {
+        block_forward_(blocks_[l], layout.blocks[l], h, &loss.balance);
+        h = blocks_[l].h_out;
+    }
+    hn_ = arena_.take(size_t(n) * d);
+    final_rstd_ = arena_.take(size_t(n));
+    norm_forward(hn_, final_rstd_, h, layout.final_norm, n);
+    logits_ = arena_.take(size_t(n) * V);
+    linear_forward(logits_, hn_, layout.head, n);
+    loss.main = backend::cross_entropy_forward(logits_, targets_.data(), n, V);
+    loss.total = loss.main;
+    const int D = opt.with_mtp ? int(layout.mtp.size()) : 0;
+    for (int k = 1; k <= D; ++k) {
+        MtpCache& c = mtp_[size_t(k - 1)];
+        const MtpModule& m = layout.mtp[size_t(k - 1)];
+        std::vector<int32_t> emb_tokens(size_t(n), 0), mtp_targets(size_t(n), 0);
+        for (int b = 0; b < B; ++b)
+            for (int i = 0; i < T; ++i) {
+                const int64_t row = int64_t(b) * (T + 1);
+                emb_tokens[size_t(b) * T + i] = tokens[row + std::min(i + k, T)];
+                mtp_targets[size_t(b) * T + i] = i + k + 1 <= T ? tokens[row + i + k + 1] : kIgnore;
+            }
+        backend::upload(c.emb_tokens, emb_tokens);
+        backend::upload(c.targets, mtp_targets);
+        c.h_prev = h;
+        c.emb = arena_.take(size_t(n) * d);
+        backend::embedding_forward(c.emb, c.emb_tokens.data(), P(layout.embed), n, d, V);
+        c.en = arena_.take(size_t(n) * d); c.en_rstd = arena_.take(size_t(n));
+        c.hn = arena_.take(size_t(n) * d); c.hn_rstd = arena_.take(size_t(n));
+        norm_forward(c.en, c.en_rstd, c.emb, m.enorm, n);
+        norm_forward(c.hn, c.hn_rstd, h, m.hnorm, n);
+        c.cat = arena_.take(size_t(n) * 2 * d);
+        backend::concat_columns(c.cat, c.en, c.hn, n, d, d);
+        c.h_proj = arena_.take(size_t(n) * d);
+        linear_forward(c.h_proj, c.cat, m.eh_proj, n);
+        block_forward_(c.block, m.block, c.h_proj, &loss.balance);
+        h = c.block.h_out;
+        c.out_n = arena_.take(size_t(n) * d);
+        c.out_rstd = arena_.take(size_t(n));
+        norm_forward(c.out_n, c.out_rstd, h, m.norm, n);
+        c.logits = arena_.take(size_t(n) * V);
+        linear_forward(c.logits, c.out_n, layout.head, n);
+        loss.mtp.push_back(backend::cross_entropy_forward(c.logits, c.targets.data(), n, V));
+        loss.total += opt.mtp_lambda / D * loss.mtp.back();
+    }
+    loss.total += loss.balance;
+    has_forward_ = true;
+    return loss;
+}
+
+inline void Model::backward() {
+    if (!has_forward_) fail("Model::backward: call forward first");
+    const int n = BT(), d = cfg.dim, V = cfg.vocab_size;
+    backend::fill_zero(grads.data(), int64_t(grads.size()));
+    auto mark = arena_.mark();
+    const int D = opt_.with_mtp ? int(layout.mtp.size()) : 0;
+    // dh_top: gradient w.r.t. the output of the last main block; MTP modules add into it through hnorm.
+    float* dh_top = arena_.zeros(size_t(n) * d);
+    float* dlogits = arena_.take(size_t(n) * V);
+    float* dnorm = arena_.take(size_t(n) * d);
+    float* dh_next = nullptr;  // gradient flowing into h^k from module k+1
+    for (int k = D; k >= 1; --k) {
+        MtpCache& c = mtp_[size_t(k - 1)];
+        const MtpModule& m = layout.mtp[size_t(k - 1)];
+        backend::fill_zero(dlogits, int64_t(n) * V);
+        backend::cross_entropy_backward(dlogits, c.logits, c.targets.data(), n, V, opt_.mtp_lambda / D);
+        backend::fill_zero(dnorm, int64_t(n) * d);
+        linear_backward(dnorm, dlogits, c.out_n, layout.head, n);
+        float* dh = arena_.zeros(size_t(n) * d);
+        if (dh_next) backend::copy_values(dh, dh_next, int64_t(n) * d);
+        norm_backward(dh, dnorm, c.block.h_out, c.out_rstd, m.norm, n);
+        float* dproj = arena_.zeros(size_t(n) * d);
+        block_backward_(c.block, m.block, dh, dproj);
+        float* dcat = arena_.zeros(size_t(n) * 2 * d);
+        linear_backward(dcat, dproj, c.cat, m.eh_proj, n);
+        float* den = arena_.take(size_t(n) * d);
+        float* dhn = arena_.take(size_t(n) * d);
+        backend::split_columns(den, dhn, dcat, n, d, d);
+        float* demb = arena_.zeros(size_t(n) * d);
+        norm_backward(demb, den, c.emb, c.en_rstd, m.enorm, n);
+        backend::embedding_backward(G(layout.embed), demb, c.emb_tokens.data(), n, d);
+        float* dprev = k == 1 ? dh_top : arena_.zeros(size_t(n) * d);
+        norm_backward(dprev, dhn, c.h_prev, c.hn_rstd, m.hnorm, n);
+        dh_next = dprev;
+    }
+    // main head
+    backend::fill_zero(dlogits, int64_t(n) * V);
+    backend::cross_entropy_backward(dlogits, logits_, targets_.data(), n, V, 1.0f);
+    backend::fill_zero(dnorm, int64_t(n) * d);
+    linear_backward(dnorm, dlogits, hn_, layout.head, n);
+    const float* h_last = layout.blocks.empty() ? h0_ : blocks_.back().h_out;
+    norm_backward(dh_top, dnorm, h_last, final_rstd_, layout.final_norm, n);
+    float* dh = dh_top;
+    for (size_t l = layout.blocks.size(); l-- > 0;) {
+        float* dh_in = arena_.zeros(size_t(n) * d);
+        block_backward_(blocks_[l], layout.blocks[l], dh, dh_in);
+        dh = dh_in;
+    }
+    backend::embedding_backward(G(layout.embed), dh, inputs_.data(), n, d);
+    arena_.release(mark);
+}
+
+// =====================================================================================================================
+// 6. TRAINING [V3 §4.2]
+// =====================================================================================================================
+
+// --- 6.1 learning-rate schedules ----------------------------------------------------------------------------------
+// kind cosine:     linear warmup to max_lr, then cosine decay to min_lr at the last step (the usual small-model choice).
+// kind v3:         V3 §4.2: linear warmup, constant until constant_until·steps, cosine to min_lr until
+//                  decay_until·steps, then constant min_lr (V3 ends with two constant stages; one is kept here).
+// kind multi_step: DeepSeek LLM (arXiv 2401.02954 §3.1): warmup, max_lr until 80% of the steps, 31.6% of it until
+//                  90%, then 10%.
+struct LrSchedule {
+    enum Kind { cosine, v3, multi_step } kind = cosine;
+    float max_lr = 1e-3f, min_lr = 1e-4f;
+    int warmup_steps = 100, total_steps = 1000;
+    float constant_until = 0.5f, decay_until = 0.9f;  // kind v3, as fractions of total_steps
+    float at(int step) const {  // step counts from 0
+        if (step < warmup_steps) return max_lr * float(step + 1) / float(warmup_steps);
+        const float x = float(step) / float(std::max(total_steps, 1));
+        auto cosine_between = [&](float from, float to) {
+            float r = std::clamp((x - from) / std::max(to - from, 1e-9f), 0.0f, 1.0f);
+            return min_lr + 0.5f * (max_lr - min_lr) * (1.0f + std::cos(float(M_PI) * r));
+        };
+        switch (kind) {
+            case cosine: {  // from max_lr at step warmup_steps to exactly min_lr at the last step, total_steps - 1
+                const int span = std::max(total_steps - 1 - warmup_steps, 1);
+                const float r = std::clamp(float(step - warmup_steps) / float(span), 0.0f, 1.0f);
+                return min_lr + 0.5f * (max_lr - min_lr) * (1.0f + std::cos(float(M_PI) * r));
+            }
+            case v3: return x < constant_until ? max_lr : cosine_between(constant_until, decay_until);
+            case multi_step: return x < 0.8f ? max_lr : (x < 0.9f ? 0.316f * max_lr : 0.1f * max_lr);
+        }
+        return max_lr;
+    }
+};
+
+// --- 6.2 optimizer state, clipping, AdamW ------------------------------------------------------------------------
+struct AdamW {
+    float beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, weight_decay = 0.1f;  // V3 §4.2
+    float clip_norm = 1.0f;                                               // global-norm clipping (0: off)
+    backend::Buffer<float> m, v;                                          // moments, same layout as params
+    int step = 0;
+};
+
+// Global L2 norm of the flat gradient, summed in a fixed order.
+inline double gradient_norm(const backend::Buffer<float>& g) {
+    return std::sqrt(backend::sum_of_squares(g.data(), int64_t(g.size())));
+}
+
+// Clip, then one AdamW step on every trainable tensor: weight decay on matrices only (not on norm gains), and the
+// routing bias is left alone (it has no gradient; see update_routing_bias). Returns the norm before clipping.
+// grad_norm >= 0: the global norm, computed by the caller (expert parallelism: the experts' gradients are spread
+// over the ranks, section 9); otherwise it is computed here from model.grads.
+inline double adamw_step(Model& model, AdamW& opt, float lr, double grad_norm = -1) {
+    if (opt.m.size() != model.params.size()) {
+        backend::upload(opt.m, std::vector<float>(model.params.size(), 0.0f));
+        backend::upload(opt.v, std::vector<float>(model.params.size(), 0.0f));
+    }
+    const double norm = grad_norm >= 0 ? grad_norm : gradient_norm(model.grads);
+    if (!std::isfinite(norm)) fail("adamw_step: gradient norm is ", norm, " (non-finite): the step was not applied");
+    if (opt.clip_norm > 0 && norm > opt.clip_norm) {
+        backend::scale_inplace(model.grads.data(), int64_t(model.grads.size()), float(opt.clip_norm / norm));
+    }
+    ++opt.step;
+    for (const ParamEntry& e : model.layout.entries) {
+        if (e.kind == ParamKind::routing_bias) continue;
+        const float wd = e.kind == ParamKind::matrix ? opt.weight_decay : 0.0f;
+        backend::adamw_update(model.params.data() + e.offset, model.grads.data() + e.offset, opt.m.data() + e.offset,
+                     opt.v.data() + e.offset, int64_t(e.size), lr, opt.beta1, opt.beta2, opt.eps, wd, opt.step);
+    }
+    // FP8 training keeps AdamW's moments in BF16 [V3 §3.3.3 "Low-Precision Optimizer States"]: simulated by rounding
+    // them after each update (the master weights and the gradients stay FP32).
+    if (model.cfg.fp8_training) {
+        backend::bf16_round_inplace(opt.m.data(), int64_t(opt.m.size()));
+        backend::bf16_round_inplace(opt.v.data(), int64_t(opt.v.size()));
+    }
+    return norm;
+}
+
+// --- 6.3 auxiliary-loss-free load balancing [V3 §2.1.2; Wang et al. 2024, arXiv 2408.15664] -----------------------
+// After each step: b_i ← b_i + γ·sign(c̄ − c_i), c_i = tokens routed to expert i over the whole batch, c̄ their mean.
+// Overloaded experts become less attractive to the selection, underloaded ones more, with no gradient interference.
+inline void update_routing_bias(Model& model, const std::vector<std::vector<int64_t>>& loads, float gamma) {
+    std::vector<Block*> blocks = model.moe_blocks();
+    if (loads.size() != blocks.size())
+        fail("update_routing_bias: ", loads.size(), " load vectors for ", blocks.size(), " MoE blocks");
+    for (size_t l = 0; l < blocks.size(); ++l) {
+        const std::vector<int64_t>& c = loads[l];
+        double mean = 0;
+        for (int64_t x : c) mean += double(x);
+        mean /= double(c.size());
+        std::vector<float> b(c.size());  // N_r values: the rule runs on the host
+        backend::to_host(b.data(), model.P(blocks[l]->moe.bias), b.size());
+        for (size_t i = 0; i < c.size(); ++i) b[i] += gamma * float((mean > c[i]) - (mean < c[i]));
+        backend::to_device(model.P(blocks[l]->moe.bias), b.data(), b.size());
+    }
+}
+// MaxVio = (max_i c_i − c̄) / c̄ [Wang et al. 2024, eq. 7]: how much the most loaded expert exceeds a perfect balance.
+inline double max_violation(const std::vector<int64_t>& load) {
+    double mean = 0, mx = 0;
+    for (int64_t x : load) { mean += double(x); mx = std::max(mx, double(x)); }
+    mean /= double(std::max<size_t>(load.size(), 1));
+    return mean > 0 ? (mx - mean) / mean : 0.0;
+}
+// Adds b's loads into a (for accumulating over micro-batches or a whole validation set).
+inline void add_loads(std::vector<std::vector<int64_t>>& a, const std::vector<std::vector<int64_t>>& b) {
+    if (a.empty()) { a = b; return; }
+    for (size_t l = 0; l < a.size(); ++l)
+        for (size_t i = 0; i < a[l].size(); ++i) a[l][i] += b[l][i];
+}
+// --- 6.4 one training step ----------------------------------------------------------------------------------------
+// forward + backward, clip + AdamW, then the loss-free bias update with this batch's expert loads.
+struct StepResult {
+    Losses loss;
+    double grad_norm = 0;                        // before clipping
+    std::vector<std::vector<int64_t>> loads;     // per MoE block, tokens routed to each expert
+    double max_violation = 0;                    // MaxVio_batch, the worst MoE block
+};
+inline StepResult train_step(Model& model, AdamW& opt, const int32_t* tokens, int B, int T, float lr,
+                             const LossOptions& loss_options, bool bias_update = true) {
+    StepResult r;
+    r.loss = model.forward_backward(tokens, B, T, loss_options);
+    r.grad_norm = adamw_step(model, opt, lr);
+    r.loads = model.expert_loads();
+    if (bias_update) update_routing_bias(model, r.loads, model.cfg.bias_update_speed);
+    for (const auto& load : r.loads) r.max_violation = std::max(r.max_violation, max_violation(load));
+    return r;
+}
+
+// --- 6.5 data windows and evaluation --------------------------------------------------------------------------
+// B random windows of T+1 tokens; the windows of step s depend only on (seed, s), so a resumed run sees the same data.
+inline void sample_batch(const std::vector<int32_t>& data, int B, int T, uint64_t seed, int step, int32_t* out) {
+    Rng rng = Rng(seed).fork(uint64_t(step));
+    for (int b = 0; b < B; ++b) {
+        const size_t start = size_t(rng.below(data.size() - size_t(T) - 1));
+        std::copy(data.begin() + long(start), data.begin() + long(start + T + 1), out + size_t(b) * (T + 1));
+    }
+}
+
+// Mean next-token loss over `windows` evenly spaced windows of the validation split (all of it when windows <= 0),
+// and the expert loads summed over them (for MaxVio_global).
+inline double evaluate(Model& model, const std::vector<int32_t>& val, int T, int windows, int B,
+                       std::vector<std::vector<int64_t>>* loads) {
+    const int64_t available = int64_t((val.size() - 1) / size_t(T));
+    const int64_t n = windows <= 0 ? available : std::min<int64_t>(windows, available);
+    if (n <= 0) fail("validation split: ", val.size(), " tokens, fewer than one window of ", T + 1);
+    LossOptions opt;
+    opt.with_mtp = false;
+    double sum = 0;
+    std::vector<int32_t> batch;
+    for (int64_t first = 0; first < n; first += B) {
+        const int rows = int(std::min<int64_t>(B, n - first));
+        batch.resize(size_t(rows) * (T + 1));
+        for (int r = 0; r < rows; ++r) {
+            const int64_t w = (first + r) * available / n;  // evenly spaced windows
+            std::copy(val.begin() + long(w * T), val.begin() + long(w * T + T + 1), batch.begin() + long(r) * (T + 1));
+        }
+        sum += model.forward(batch.data(), rows, T, opt).main * rows;
+        if (loads) add_loads(*loads, model.expert_loads());
+    }
+    return sum / double(n);
+}
+
+// =====================================================================================================================
+// 7. INFERENCE: THE LATENT KV CACHE, WEIGHT ABSORPTION, SAMPLING, MTP SPECULATIVE DECODING   [V3 §2.1.1, §2.2, §5.4.3]
+// =====================================================================================================================
+// Generation runs the model one step at a time. Each step feeds the new token(s) at positions len .. len+n-1 and
+// attends over everything before, so the keys and values of past positions are kept in a cache instead of being
+// recomputed. MLA's point [V3 §2.1.1]: "for MLA, only c^KV_t and k^R_t need to be cached during generation". Per
+// layer and token that is kv_lora_rank + qk_rope_head_dim values (512 + 64 in V3) instead of 2·H·d_h (2·128·128 in
+// an MHA of the same shape): 70,272 bytes per token in BF16 for V3's 61 layers (kv_cache_bytes_mla, section 1).
+//
+//   7.1 KvCache: the latent cache.
+//   7.2 Attention over the cache, naive (up-project every cached c^KV to per-head keys and values) and absorbed
+//       (fold W^UK into the query and W^UV into the output, attend in the latent space directly).
+//   7.3 Model::decode: the whole model on new tokens; Model::decode_mtp: the MTP module on new positions.
+//   7.4 Sampling: greedy, temperature, top-k, top-p.
+//   7.5 generate(): plain decoding, and MTP speculative decoding [V3 §5.4.3].
+
+// --- 7.1 the latent KV cache -----------------------------------------------------------------------------------------
+// One per stack of blocks: the main model's n_layers, or the single block of an MTP module. Positions [0, len) are
+// valid; a step that writes positions beyond len and is then rejected (speculative decoding) just sets len back.
+struct KvCache {
+    int n_layers = 0, max_len = 0, dc = 0, dr = 0;
+    int len = 0;
+    backend::Buffer<float> ckv;     // [n_layers, max_len, dc]   c^KV_t after its RMSNorm (eq. 1)
+    backend::Buffer<float> k_rope;  // [n_layers, max_len, dr]   k^R_t after RoPE (eq. 3)
+    KvCache() = default;
+    KvCache(const Config& c, int layers, int max_positions)
+        : n_layers(layers), max_len(max_positions), dc(c.kv_lora_rank), dr(c.qk_rope_head_dim) {
+        backend::upload(ckv, std::vector<float>(size_t(layers) * max_positions * dc, 0.0f));
+        backend::upload(k_rope, std::vector<float>(size_t(layers) * max_positions * dr, 0.0f));
+    }
+    float* ckv_at(int layer, int pos) { return ckv.data() + (size_t(layer) * max_len + pos) * dc; }
+    float* k_rope_at(int layer, int pos) { return k_rope.data() + (size_t(layer) * max_len + pos) * dr; }
+    // What this cache holds per token in V3's BF16: equals kv_cache_bytes_mla(cfg) for the main model.
+    int64_t bytes_per_token(int bytes_per_value = 2) const { return int64_t(n_layers) * (dc + dr) * bytes_per_value; }
+};
+
+// --- 7.2 attention over the latent cache ---------------------------------------------------------------------------
+// Absorbed attention [DeepSeek-V2 §2.1.2 "we can absorb W^UK into W^Q, and W^UV into W^O"]. For head h, with
+// W^UK_h [d_h, d_c] and W^UV_h [d_v, d_c] the head's rows of kv_b (= W^UKV, eqs. 2, 5):
+//     q^C·k^C_s = q^C·(W^UK_h c_s) = (W^UK_hᵀ q^C)·c_s = q_lat·c_s            q_lat: [d_c], computed once per query
+//     o = Σ_s p_s W^UV_h c_s = W^UV_h (Σ_s p_s c_s) = W^UV_h o_lat            o_lat: [d_c], up-projected once
+// so attention reads each cached c_s once for all heads (no per-head keys or values are ever formed): a decoding
+// step costs O(L·H·(d_c + d_R)) multiply-adds and reads L·(d_c + d_R) cached floats, instead of first
+// up-projecting the whole cache, O(L·d_c·H·(d_h + d_v)).
+//
+// One query over L keys: o[dim] = Σ_s softmax_s(scale · score(s)) · value(s), value(s) pointing at dim floats. The
+// same loops, in the same order, for both decoding paths below.
+template <class Score, class Value>
+inline void attend_one(float* o, int L, int dim, float scale, const Score& score, const Value& value) {
+    std::vector<float> p(static_cast<size_t>(L));
+    float mx = -INFINITY;
+    for (int s = 0; s < L; ++s) mx = std::max(mx, p[size_t(s)] = score(s) * scale);
+    float sum = 0;
+    for (int s = 0; s < L; ++s) sum += (p[size_t(s)] = std::exp(p[size_t(s)] - mx));
+    for (int i = 0; i < dim; ++i) o[i] = 0;
+    for (int s = 0; s < L; ++s) {
+        const float w = p[size_t(s)] / sum;
+        const float* vs = value(s);
+        for (int i = 0; i < dim; ++i) o[i] += w * vs[i];
+    }
+}
+
+// The kernel: rows t = 0..n-1 are new queries at positions pos0 + t; row t attends over cache positions 0..pos0+t.
+//   o_lat[n, H, dc] = Σ_s softmax_s(scale·(q_lat[t,h]·ckv[s] + q_rope[t,h]·k_rope[s])) ckv[s]
+// q_lat: [n, H, dc]; q_rope: [n, H, dr]; ckv: [L, dc]; k_rope: [L, dr]. Every (t, h) is computed alone, in the same
+// order whatever n is, so a position's output does not depend on how many tokens its step decodes (the exactness of
+// speculative decoding rests on this).
+inline void mla_attend_latent(float* o_lat, const float* q_lat, const float* q_rope, const float* ckv,
+                                const float* k_rope, int n, int pos0, int H, int dc, int dr, float scale) {
+    parallel_for(int64_t(n) * H, [&](int64_t job) {
+        const int t = int(job / H);
+        const float* ql = q_lat + job * dc;
+        const float* qr = q_rope + job * dr;
+        auto score = [&](int s) {
+            float dot = 0;
+            for (int i = 0; i < dc; ++i) dot += ql[i] * ckv[int64_t(s) * dc + i];
+            for (int i = 0; i < dr; ++i) dot += qr[i] * k_rope[int64_t(s) * dr + i];
+            return dot;
+        };
+        attend_one(o_lat + job * dc, pos0 + t + 1, dc, scale, score, [&](int s) { return ckv + int64_t(s) * dc; });
+    });
+}
+// The naive path for the same rows: q: [n, H, dh + dr] (RoPE applied); k: [L, H, dh + dr]; v: [L, H, dv] up-projected
+// from the whole cache; o: [n, H, dv].
+inline void attention_decode_naive(float* o, const float* q, const float* k, const float* v, int n, int pos0, int H,
+                                   int dqk, int dv, float scale) {
+    parallel_for(int64_t(n) * H, [&](int64_t job) {
+        const int t = int(job / H), h = int(job % H);
+        const float* qt = q + job * dqk;
+        auto score = [&](int s) {
+            const float* ks = k + (int64_t(s) * H + h) * dqk;
+            float dot = 0;
+            for (int i = 0; i < dqk; ++i) dot += qt[i] * ks[i];
+            return dot;
+        };
+        attend_one(o + job * dv, pos0 + t + 1, dv, scale, score, [&](int s) { return v + (int64_t(s) * H + h) * dv; });
+    });
+}
+
+// The two absorptions, per row t and head h; W_ukv: [H·(dh+dv), dc] (kv_b_proj): head h's rows are W^UK_h [dh, dc],
+// then W^UV_h [dv, dc]. q: [n, H, dh + dr] -> q_lat[t,h] = W^UK_hᵀ q^C[t,h]: [n, H, dc], q_rope: [n, H, dr] (a copy).
+inline void mla_absorb_query(float* q_lat, float* q_rope, const float* q, const float* W_ukv, int n, int H, int dh,
+                             int dr, int dv, int dc) {
+    parallel_for(int64_t(n) * H, [&](int64_t job) {
+        const int h = int(job % H);
+        const float* qc = q + job * (dh + dr);
+        const float* Wk = W_ukv + int64_t(h) * (dh + dv) * dc;
+        float* ql = q_lat + job * dc;
+        for (int j = 0; j < dc; ++j) ql[j] = 0;
+        for (int i = 0; i < dh; ++i)
+            for (int j = 0; j < dc; ++j) ql[j] += qc[i] * Wk[int64_t(i) * dc + j];
+        std::memcpy(q_rope + job * dr, qc + dh, sizeof(float) * size_t(dr));
+    });
+}
+// o[t,h] = W^UV_h o_lat[t,h]: o_lat [n, H, dc] -> o [n, H, dv]
+inline void mla_absorb_output(float* o, const float* o_lat, const float* W_ukv, int n, int H, int dh, int dv, int dc) {
+    parallel_for(int64_t(n) * H, [&](int64_t job) {
+        const int h = int(job % H);
+        const float* Wv = W_ukv + (int64_t(h) * (dh + dv) + dh) * dc;
+        const float* ol = o_lat + job * dc;
+        float* ot = o + job * dv;
+        for (int i = 0; i < dv; ++i) {
+            float s = 0;
+            for (int j = 0; j < dc; ++j) s += Wv[int64_t(i) * dc + j] * ol[j];
+            ot[i] = s;
+        }
+    });
+}
+
+// --- 7.3 the model on new tokens -----------------------------------------------------------------------------------
+// One MLA layer on n new rows x: [n, d] at positions cache.len .. cache.len+n-1; writes their c^KV and k^R into the
+// cache (layer `layer`) and out: [n, d].
+inline void Model::attention_decode_(const Attention& a, const float* x, float* out, int n, KvCache& cache, int layer,
+                                     bool absorbed) {
+    const int H = cfg.n_heads, dh = cfg.qk_nope_head_dim, dr = cfg.qk_rope_head_dim, dqk = cfg.qk_head_dim(),
+              dv = cfg.v_head_dim, dc = cfg.kv_lora_rank, pos0 = cache.len, L = pos0 + n;
+    const float scale = attention_scale(cfg);
+    // queries, exactly as in training (eqs. 6-8), at positions pos0 + t
+    float* q = arena_.take(size_t(n) * H * dqk);
+    if (cfg.q_lora_rank > 0) {
+        float* cq = arena_.take(size_t(n) * cfg.q_lora_rank);
+        float* cq_n = arena_.take(size_t(n) * cfg.q_lora_rank);
+        float* rstd = arena_.take(size_t(n));
+        linear_forward(cq, x, a.q_a, n);
+        norm_forward(cq_n, rstd, cq, a.q_norm, n);
+        linear_forward(q, cq_n, a.q_b, n);
+    } else {
+        linear_forward(q, x, a.q, n);
+    }
+    backend::rope_forward(q, n, H * dqk, dh, H, dqk, pos0, n, rope);
+    // the new tokens' cache entries, written in place: c^KV = RMSNorm(W^DKV h), k^R = RoPE(W^KR h)   (eqs. 1, 3)
+    float* kv_a = arena_.take(size_t(n) * (dc + dr));
+    float* ckv_raw = arena_.take(size_t(n) * dc);
+    float* rstd = arena_.take(size_t(n));
+    linear_forward(kv_a, x, a.kv_a, n);
+    backend::split_columns(ckv_raw, cache.k_rope_at(layer, pos0), kv_a, n, dc, dr);
+    norm_forward(cache.ckv_at(layer, pos0), rstd, ckv_raw, a.kv_norm, n);
+    backend::rope_forward(cache.k_rope_at(layer, pos0), n, dr, 0, 1, dr, pos0, n, rope);
+    const float* ckv = cache.ckv_at(layer, 0);      // [L, dc]
+    const float* k_rope = cache.k_rope_at(layer, 0);  // [L, dr]
+    const float* W_ukv = P(a.kv_b.w);              // [H·(dh+dv), dc]: head h is rows h·(dh+dv) .. (h+1)·(dh+dv)
+    float* o = arena_.take(size_t(n) * H * dv);    // [n, H·dv]
+    if (absorbed) {
+        float* q_lat = arena_.take(size_t(n) * H * dc);
+        float* q_rope = arena_.take(size_t(n) * H * dr);
+        float* o_lat = arena_.take(size_t(n) * H * dc);
+        backend::mla_absorb_query(q_lat, q_rope, q, W_ukv, n, H, dh, dr, dv, dc);
+        backend::mla_attend_latent(o_lat, q_lat, q_rope, ckv, k_rope, n, pos0, H, dc, dr, scale);
+        backend::mla_absorb_output(o, o_lat, W_ukv, n, H, dh, dv, dc);
+    } else {
+        // up-project the whole cache to per-head keys and values, then ordinary attention
+        float* kv = arena_.take(size_t(L) * H * (dh + dv));
+        linear_forward(kv, ckv, a.kv_b, L);
+        float* k = arena_.take(size_t(L) * H * dqk);
+        float* v = arena_.take(size_t(L) * H * dv);
+        backend::mla_keys_values_forward(k, v, kv, k_rope, L, H, dh, dr, dv);
+        backend::attention_decode_naive(o, q, k, v, n, pos0, H, dqk, dv, scale);
+    }
+    linear_forward(out, o, a.o, n);
+}
+
+// One pre-norm block on n new rows; the FFN/MoE part is the training code itself (every row is independent there).
+inline void Model::block_decode_(BlockCache& c, const Block& b, const float* h_in, float* h_out, int n, KvCache& cache,
+                                 int layer, bool absorbed) {
+    const int d = cfg.dim;
+    float* xn = arena_.take(size_t(n) * d);
+    float* rstd = arena_.take(size_t(n));
+    float* h_mid = arena_.take(size_t(n) * d);
+    norm_forward(xn, rstd, h_in, b.attn_norm, n);
+    attention_decode_(b.attn, xn, h_mid, n, cache, layer, absorbed);
+    backend::add_inplace(h_mid, h_in, int64_t(n) * d);
+    norm_forward(xn, rstd, h_mid, b.ffn_norm, n);
+    double unused = 0;
+    if (b.is_moe) moe_forward_(c.moe, b.moe, xn, h_out, &unused);
+    else ffn_forward_(c.ffn, b.ffn, xn, h_out, n);
+    backend::add_inplace(h_out, h_mid, int64_t(n) * d);
+}
+
+inline void Model::begin_decode_(int n, const KvCache& cache, int layers, const char* who) {
+    if (n <= 0) fail(who, ": need at least one new token, got ", n);
+    if (cache.n_layers != layers || cache.dc != cfg.kv_lora_rank || cache.dr != cfg.qk_rope_head_dim)
+        fail(who, ": the KvCache was made for ", cache.n_layers, " layers of (", cache.dc, " + ", cache.dr,
+             "), this model needs ", layers, " layers of (", cfg.kv_lora_rank, " + ", cfg.qk_rope_head_dim, ")");
+    if (cache.len + n > cache.max_len || cache.len + n > rope.max_pos)
+        fail(who, ": positions up to ", cache.len + n, " do not fit the cache (", cache.max_len,
+             ") or Config.max_seq_len (", rope.max_pos, ")");
+    arena_.reset();  // decoding reuses the activation arena: the last training forward is gone
+    has_forward_ = false;
+    B_ = 1; T_ = n;
+    opt_ = LossOptions{};
+    opt_.with_mtp = false;
+    opt_.balance = BalanceLoss::none;
+}
+
+inline void Model::decode(const int32_t* tokens, int n, KvCache& cache, float* logits, float* hidden, bool absorbed) {
+    begin_decode_(n, cache, int(layout.blocks.size()), "Model::decode");
+    const int d = cfg.dim, V = cfg.vocab_size;
+    for (int t = 0; t < n; ++t)
+        if (tokens[t] < 0 || tokens[t] >= V) fail("Model::decode: token ", tokens[t], " outside the vocabulary [0, ", V, ")");
+    backend::upload(inputs_, std::vector<int32_t>(tokens, tokens + n));  // (to the GPU on a GPU backend)
+    float* h = arena_.take(size_t(n) * d);
+    backend::embedding_forward(h, inputs_.data(), P(layout.embed), n, d, V);
+    for (size_t l = 0; l < layout.blocks.size(); ++l) {
+        float* h_next = arena_.take(size_t(n) * d);
+        block_decode_(blocks_[l], layout.blocks[l], h, h_next, n, cache, int(l), absorbed);
+        h = h_next;
+    }
+    if (hidden) backend::to_host(hidden, h, size_t(n) * d);
+    float* hn = arena_.take(size_t(n) * d);
+    float* rstd = arena_.take(size_t(n));
+    float* z = arena_.take(size_t(n) * V);
+    norm_forward(hn, rstd, h, layout.final_norm, n);
+    linear_forward(z, hn, layout.head, n);
+    backend::to_host(logits, z, size_t(n) * V);
+    cache.len += n;
+}
+
+// MTP module 1 on n new positions i: h: [n, d] the main model's last hidden states there, next_tokens: [n] the tokens
+// t_{i+1}; logits: [n, V] predict t_{i+2} (eqs. 21-23). Its block has a one-layer cache of its own.
+inline void Model::decode_mtp(const float* h, const int32_t* next_tokens, int n, KvCache& cache, float* logits,
+                              bool absorbed) {
+    if (layout.mtp.empty()) fail("Model::decode_mtp: this model has no MTP module (n_mtp_depth = 0)");
+    begin_decode_(n, cache, 1, "Model::decode_mtp");
+    const int d = cfg.dim, V = cfg.vocab_size;
+    const MtpModule& m = layout.mtp[0];
+    backend::upload(targets_, std::vector<int32_t>(next_tokens, next_tokens + n));
+    float* emb = arena_.take(size_t(n) * d);
+    float* hd = arena_.take(size_t(n) * d);
+    float* en = arena_.take(size_t(n) * d);
+    float* hn = arena_.take(size_t(n) * d);
+    float* cat = arena_.take(size_t(n) * 2 * d);
+    float* rstd = arena_.take(size_t(n));
+    backend::embedding_forward(emb, targets_.data(), P(layout.embed), n, d, V);
+    backend::to_device(hd, h, size_t(n) * d);
+    norm_forward(en, rstd, emb, m.enorm, n);  // [RMSNorm(Emb(t_{i+1})) ; RMSNorm(h_i)]
+    norm_forward(hn, rstd, hd, m.hnorm, n);
+    backend::concat_columns(cat, en, hn, n, d, d);
+    float* proj = arena_.take(size_t(n) * d);
+    linear_forward(proj, cat, m.eh_proj, n);
+    float* out = arena_.take(size_t(n) * d);
+    block_decode_(mtp_[0].block, m.block, proj, out, n, cache, 0, absorbed);
+    float* on = arena_.take(size_t(n) * d);
+    float* z = arena_.take(size_t(n) * V);
+    norm_forward(on, rstd, out, m.norm, n);
+    linear_forward(z, on, layout.head, n);
+    backend::to_host(logits, z, size_t(n) * V);
+    cache.len += n;
+}
+
+// --- 7.4 sampling ----------------------------------------------------------------------------------------------------
+// temperature 0 is greedy (argmax; the lowest id wins a tie). Otherwise p ∝ exp(z / temperature), restricted to the
+// top_k most likely tokens (0: all) and then to the smallest set of most likely tokens whose mass reaches top_p
+// (nucleus sampling, Holtzman et al. 2020), renormalised; one uniform draw from rng picks the token.
+struct SamplingOptions {
+    float temperature = 0.0f;
+    int top_k = 0;
+    float top_p = 1.0f;
+};
+inline int argmax(const float* z, int n) {
+    int best = 0;
+    for (int i = 1; i < n; ++i)
+        if (z[i] > z[best]) best = i;
+    return best;
+}
+inline int sample_token(const float* logits, int V, const SamplingOptions& o, Rng& rng) {
+    if (o.temperature < 0 || o.top_k < 0 || !(o.top_p > 0 && o.top_p <= 1))
+        fail("sampling: need temperature >= 0, top_k >= 0, 0 < top_p <= 1; found ", o.temperature, ", ", o.top_k,
+             ", ", o.top_p);
+    if (o.temperature == 0) return argmax(logits, V);
+    std::vector<int> ids(static_cast<size_t>(V));
+    std::iota(ids.begin(), ids.end(), 0);
+    std::stable_sort(ids.begin(), ids.end(), [&](int a, int b) { return logits[a] > logits[b]; });
+    const int keep_k = o.top_k > 0 ? std::min(o.top_k, V) : V;
+    std::vector<double> p(static_cast<size_t>(keep_k));
+    double sum = 0;
+    for (int i = 0; i < keep_k; ++i)
+        sum += (p[size_t(i)] = std::exp(double(logits[ids[size_t(i)]] - logits[ids[0]]) / o.temperature));
+    int keep = keep_k;
+    double mass = 0;
+    for (int i = 0; i < keep_k; ++i) {
+        mass += p[size_t(i)] / sum;
+        if (mass >= o.top_p) { keep = i + 1; break; }
+    }
+    double total = 0;
+    for (int i = 0; i < keep; ++i) total += p[size_t(i)];
+    double u = rng.uniform() * total;
+    for (int i = 0; i < keep; ++i)
+        if ((u -= p[size_t(i)]) < 0) return ids[size_t(i)];
+    return ids[size_t(keep - 1)];
+}
+
+// --- 7.5 generation, plain and speculative [V3 §5.4.3] --------------------------------------------------------------
+// Speculative decoding with the MTP module: after the main model has produced token t_{i+1} at position i, MTP module
+// 1 turns (h_i, t_{i+1}) into a draft d of t_{i+2}. The next main step feeds two tokens, t_{i+1} and d: its output at
+// position i+1 is the real distribution of t_{i+2}, from which t_{i+2} is chosen exactly as plain decoding would (same
+// sampler, same random draw). If t_{i+2} == d, the output at position i+2 is valid too and gives t_{i+3}: two tokens
+// for one main forward. If not, position i+2 is dropped from the cache. Either way the tokens are those of plain
+// decoding, because a position's logits do not depend on how many tokens a step feeds (batch-invariant matmul and
+// attention, see 4.1 and 8.2). V3 reports 85-90% acceptance, about 1.8x the tokens per second.
+struct GenerationStats {
+    int prompt_tokens = 0, generated = 0;
+    int main_forwards = 0;          // calls of the main model, the prompt's and restarts' included
+    int drafted = 0, accepted = 0;  // MTP drafts verified, and those that were right
+    int restarts = 0;               // times the context was full and restarted from its last half
+    double seconds = 0;
+    double acceptance() const { return drafted ? double(accepted) / drafted : 0.0; }
+    double tokens_per_forward() const { return main_forwards ? double(generated) / main_forwards : 0.0; }
+};
+
+// The context holds at most Config.max_seq_len positions (build/train sets it to its training length: a model knows
+// no positions beyond those it was trained on). When it is full, generation restarts from the last half of the
+// tokens: both caches are refilled in one step. Plain and speculative decoding restart at the same token, so they
+// still produce the same tokens.
+inline std::vector<int32_t> generate(Model& model, const std::vector<int32_t>& prompt, int n_new,
+                                     const SamplingOptions& sampling, uint64_t seed, bool use_mtp,
+                                     GenerationStats* stats = nullptr, bool absorbed = true) {
+    const Config& c = model.cfg;
+    const int P = int(prompt.size()), V = c.vocab_size, d = c.dim, window = c.max_seq_len;
+    if (P == 0) fail("generate: the prompt is empty (give at least one token)");
+    if (window < 4) fail("generate: Config.max_seq_len ", window, " is too short for a context (need >= 4)");
+    if (use_mtp && c.n_mtp_depth == 0) fail("generate: --mtp needs a model with an MTP module (n_mtp_depth >= 1)");
+    if (n_new <= 0) return {};
+    const double t0 = now_seconds();
+    KvCache cache(c, c.n_layers, window), mtp_cache(c, 1, window);
+    std::vector<float> logits(size_t(window) * V), hidden(size_t(window) * d), mtp_logits(size_t(window) * V);
+    Rng rng(seed);
+    GenerationStats st;
+    st.prompt_tokens = P;
+    std::vector<int32_t> all = prompt, out;  // every token so far; the last one is not in the cache yet
+    int32_t draft = -1;
+    // A fresh start: ctx[0..n) into the main cache in one step (logits of the last position in `logits` row n-1).
+    auto prefill = [&](const int32_t* ctx, int n) {
+        cache.len = mtp_cache.len = 0;
+        model.decode(ctx, n, cache, logits.data(), hidden.data(), absorbed);
+        st.main_forwards++;
+    };
+    // The MTP module sees a position once its next token is known: (h_i, t_{i+1}) for the n newest positions.
+    auto run_mtp = [&](const int32_t* next_tokens, int n) {
+        model.decode_mtp(hidden.data(), next_tokens, n, mtp_cache, mtp_logits.data(), absorbed);
+        draft = argmax(mtp_logits.data() + int64_t(n - 1) * V, V);  // the draft of the token after next
+    };
+    auto emit = [&](int32_t t) { out.push_back(t); all.push_back(t); };
+    // the prompt (its last window/2 tokens if it does not fit)
+    const int keep0 = P <= window - 1 ? P : window / 2;
+    prefill(all.data() + P - keep0, keep0);
+    emit(sample_token(logits.data() + int64_t(keep0 - 1) * V, V, sampling, rng));
+    if (use_mtp) run_mtp(all.data() + P - keep0 + 1, keep0);
+    while (int(out.size()) < n_new) {
+        const int32_t next = all.back();
+        if (cache.len == window - 1) {  // full: keep the last window/2 tokens before `next`, start again
+            const int keep = window / 2;
+            const int32_t* ctx = all.data() + all.size() - 1 - keep;
+            prefill(ctx, keep);
+            if (use_mtp) run_mtp(ctx + 1, keep);
+            st.restarts++;
+        }
+        // Speculate only when an accepted draft still lands on or before the restart point (same restarts as plain).
+        if (!use_mtp || cache.len + 2 > window - 1) {
+            model.decode(&next, 1, cache, logits.data(), hidden.data(), absorbed);
+            st.main_forwards++;
+            emit(sample_token(logits.data(), V, sampling, rng));
+            if (use_mtp) run_mtp(&all.back(), 1);
+            continue;
+        }
+        const int32_t step[2] = {next, draft};
+        model.decode(step, 2, cache, logits.data(), hidden.data(), absorbed);
+        st.main_forwards++;
+        st.drafted++;
+        const int32_t t1 = sample_token(logits.data(), V, sampling, rng);
+        emit(t1);
+        if (t1 == draft) st.accepted++;
+        if (t1 == draft && int(out.size()) < n_new) {  // the draft was right: position i+2 is valid too
+            emit(sample_token(logits.data() + V, V, sampling, rng));
+            run_mtp(all.data() + all.size() - 2, 2);
+        } else {
+            cache.len -= 1;  // forget position i+2 (fed the wrong token, or not needed)
+            run_mtp(&all.back(), 1);
+        }
+    }
+    st.generated = int(out.size());
+    st.seconds = now_seconds() - t0;
+    if (stats) *stats = st;
+    return out;
+}
+
+
+// #####################################################################################################################
+// PART 2, THE SYSTEMS OF THE REPORT
+// How DeepSeek-V3 was trained at scale: FP8 mixed precision, and the data and expert parallelism of its cluster.
+// #####################################################################################################################
+// =====================================================================================================================
+// 8. NUMERICS: FP8 TRAINING (DeepSeek-V3 report §3.3), BF16 AND FP16
 // =====================================================================================================================
 //
 // DeepSeek-V3 is trained with FP8 matrix multiplications (report §3.3 "FP8 Training"). The three GEMMs of every
@@ -767,7 +2814,6 @@ inline float amax_finite(float acc, float v) {
 }
 }  // namespace fp8_detail
 
-inline int fp8_tiles(int n) { return (n + 127) / 128; }   // number of 128-wide tiles covering n (last one partial)
 
 // x: [rows, cols] → q: [rows, cols] E4M3 codes, scales: [rows, ceil(cols/128)], one per 1×128 tile (a row's last tile
 // is partial when cols % 128 != 0: it has its own amax over the columns it covers).
@@ -873,12 +2919,7 @@ inline void dequantize_blocks_128x128(const uint8_t* q, const float* scales, int
 // A NaN input (or an E5M2 ±inf) makes every output that reads its row NaN; the model does not try to follow IEEE
 // infinity arithmetic through the truncating accumulator.
 // ---------------------------------------------------------------------------------------------------------------------
-struct Fp8Accum {
-    int block = 32;          // products per tensor-core block (K of one FP8 WGMMA instruction on Hopper)
-    int frac_bits = 13;      // fraction bits kept when aligning (the accumulator keeps frac_bits + 1 significant bits)
-    int promote_every = 128; // N_C: copy to FP32 (times the scales) every this many k; 0 = never ("fast accumulation")
-    bool exact = false;      // reference: exact products and 128-chunk sums (E4M3), scaled and summed in double
-};
+// struct Fp8Accum (the accumulator model's parameters) is declared in section 3, with the FP8 linear layer.
 
 namespace fp8_detail {
 
@@ -1245,2422 +3286,6 @@ inline void fp8_matmul_backward(float* dx, float* dW, const float* dy, const flo
 }
 
 // =====================================================================================================================
-// 4. KERNELS
-// =====================================================================================================================
-// Each kernel is a forward/backward pair on raw row-major arrays. Backward functions accumulate (+=) into the
-// gradients of their inputs. Shapes use T for "rows" (tokens of the whole batch, B * seq_len).
-
-// --- 4.1 matmul: the linear layer y = x Wᵀ, forward and backward, on the CPU.
-//
-// Almost all of the FLOPs of a transformer are in its linear layers, so this is the one kernel that has to be fast.
-// The three products of a linear layer are one operation, C[M,N] (+)= A[M,K] · B[K,N], on three layouts:
-//
-//     forward   y [T,out]  = x [T,in]   · Wᵀ      A = x  (rows contiguous),    B = Wᵀ: B(k,j) = W[j,k]
-//     backward  dx[T,in]  += dy[T,out]  · W       A = dy (rows contiguous),    B = W:  B(k,j) = W[k,j]
-//               dW[out,in]+= dy[T,out]ᵀ · x       A = dyᵀ: A(i,k) = dy[k,i],   B = x:  B(k,j) = x[k,j]
-//
-// so there is one GEMM core (gemm::multiply) with one micro-kernel, and the layouts are handled by strided views.
-// The naive triple loop runs at a few percent of the machine's peak because it is limited by memory traffic, not
-// arithmetic: every multiply-add loads its operands. A fast GEMM orders the loops so that every value loaded is used
-// many times while it sits in a register or in a cache (Goto & van de Geijn, "Anatomy of high-performance matrix
-// multiplication", 2008; the BLIS papers of Van Zee & van de Geijn describe the same structure):
-//
-//   * Register tile (the micro-kernel). C is cut into tiles of MR x NR (6 x 64 with AVX-512). The kernel keeps a
-//     whole tile in vector registers (24 registers of 16 floats) and, for each k, loads NR values of B (4 vectors) and
-//     MR values of A (each broadcast to a full vector), then does MR·NR/16 = 24 fused multiply-adds (FMA). Every value
-//     loaded feeds 4 or 6 FMAs, and the 24 independent accumulators hide the FMA latency (4 cycles x 2 FMA units:
-//     at least 8 chains in flight). C itself is read and written once per tile, not once per k.
-//   * Packing. B is copied into panels of NR columns laid out k-major, so that the kernel reads it as one contiguous
-//     stream (no strides, no TLB misses, prefetch-friendly), zero-padded to whole vectors at the right edge so that
-//     the kernel needs no special case. Packing costs O(K·N), the product O(M·N·K): a packed weight is reused by
-//     all T rows. A is not packed: the broadcasts read it in place (MR row pointers, or MR consecutive values per k
-//     for dyᵀ), which avoids a copy of x or dy that would cost as much as the arithmetic for narrow layers
-//     (out = 48 or 64). Only a last, partial row panel is copied into a small zero-padded buffer. (With a few rows,
-//     when decoding, the forward swaps the roles: see matmul_forward.)
-//   * Blocking. B is packed in blocks of whole panels small enough (2 MiB) to stay in a core's L2 cache while the
-//     thread sweeps the row panels of A over it, and each tile's sum over k runs in blocks of KC = 128, so that an
-//     MR x KC sliver of A stays in L1 while the kernel sweeps the column panels of B.
-//   * Threads. The (row panel, column panel) tiles of a block are split over the OpenMP threads by a fixed static
-//     partition; every tile is written by exactly one thread.
-//
-// Determinism. Float addition is not associative, so a sum depends on its order. Here the order is fixed by K alone:
-// element C[i,j] is a sum over the K blocks in increasing order of block sums, each block sum an FMA chain over k in
-// increasing order starting from 0. Threads only decide *who* computes a tile, never how, and K is never split
-// across threads (no partial sums to combine, no atomics). So, for a given build, results are bitwise the same for
-// 1, 2 or 64 threads, and a row of y is the same whatever the batch it is computed in (a token gets the same logits
-// decoded alone or in a batch: speculative decoding can be checked exactly against plain decoding). The price is no
-// parallelism over K, which only matters when M and N are both tiny. (Builds differ where the compiler may or may not
-// fuse a*b+c into one FMA: -march=native does on any CPU from the last decade.)
-//
-// Accuracy. Each output is a chain of at most min(K,KC) + ceil(K/KC) (+1 when accumulating) roundings, so
-// |error| <= that count · 2⁻²⁴ · Σ_k |A(i,k) B(k,j)| to first order: the bound the tests check. The K blocks are a
-// small bonus here: a plain chain over K = 1024 would have a bound of 1024 roundings, the blocked one 136.
-//
-// Portability. The micro-kernel uses GCC/Clang vector extensions (`float __attribute__((vector_size(64)))`): plain
-// C++ arithmetic on whole vectors, which the compiler maps onto AVX-512, AVX2, SSE or NEON registers as -march allows,
-// with the tile shape chosen for the register count. Other compilers (or -DDSV3_GEMM_PORTABLE) get a plain-array
-// kernel with the same summation order. Build with -O3 -march=native, and -fopenmp for threads.
-namespace gemm {
-
-// Vector width (floats per register), register tile MR x NR, and cache blocks. The tile is sized to the register
-// file: MR·NR/VEC accumulators + NR/VEC vectors of B + 1 broadcast must fit (32 registers with AVX-512, 16 with AVX2
-// and SSE, 32 with NEON).
-#if defined(__AVX512F__)
-#define DSV3_GEMM_VEC 16
-constexpr int MR = 6, NR = 64;
-#elif defined(__AVX__)
-#define DSV3_GEMM_VEC 8
-constexpr int MR = 6, NR = 16;
-#elif defined(__aarch64__)
-#define DSV3_GEMM_VEC 4
-constexpr int MR = 8, NR = 12;
-#else
-#define DSV3_GEMM_VEC 4
-constexpr int MR = 6, NR = 8;
-#endif
-constexpr int VEC = DSV3_GEMM_VEC;
-constexpr int KC = 128;  // K block: part of the summation order, so changing it changes the bits of the results
-constexpr int64_t B_BLOCK_FLOATS = 1 << 19;  // packed block of B: 2 MiB, about one core's L2
-static_assert(NR % VEC == 0, "NR must be a whole number of vectors");
-
-// A matrix view with arbitrary strides: element (r, c) is data[r * row_stride + c * col_stride]. This is how one GEMM
-// serves every layout: Wᵀ is W with its two strides swapped, no copy.
-template <class T>
-struct StridedView {
-    T* data;
-    int64_t row_stride, col_stride;
-    T& at(int64_t r, int64_t c) const { return data[r * row_stride + c * col_stride]; }
-};
-using View = StridedView<const float>;   // an operand
-using OutView = StridedView<float>;      // the result
-
-// A heap buffer aligned to a cache line (64 B), left uninitialised: packing writes every element it reads.
-struct AlignedFloats {
-    struct Free { void operator()(float* p) const { ::operator delete[](p, std::align_val_t(64)); } };
-    std::unique_ptr<float[], Free> p;
-    explicit AlignedFloats(size_t n)
-        : p(static_cast<float*>(::operator new[](std::max<size_t>(n, 1) * sizeof(float), std::align_val_t(64)))) {}
-    float* get() const { return p.get(); }
-};
-
-// Pack rows [k0, k0+kc) and columns [j0, j0+n) of B into one panel: panel[k*NR + j] = B(k0+k, j0+j), and 0 for
-// n <= j < (n rounded up to whole vectors): the kernel reads only the vectors that hold valid columns.
-inline void pack_b_panel(float* panel, const View& B, int k0, int kc, int j0, int n) {
-    const int n_padded = (n + VEC - 1) / VEC * VEC;
-    if (B.col_stride == 1) {  // rows of B contiguous (W in dx, x in dW): copy row pieces
-        for (int k = 0; k < kc; ++k) {
-            const float* src = &B.at(k0 + k, j0);
-            float* dst = panel + int64_t(k) * NR;
-            for (int j = 0; j < n; ++j) dst[j] = src[j];
-            for (int j = n; j < n_padded; ++j) dst[j] = 0.0f;
-        }
-    } else {  // columns of B contiguous (B = Wᵀ or xᵀ in the forward): a transpose, reading each column in order
-        for (int j = 0; j < n_padded; ++j) {
-            const float* src = j < n ? &B.at(k0, j0 + j) : nullptr;
-            for (int k = 0; k < kc; ++k) panel[int64_t(k) * NR + j] = src ? src[k * B.row_stride] : 0.0f;
-        }
-    }
-}
-
-// Pack rows [i0, i0+m) and columns [k0, k0+kc) of A into panel[k*MR + i], 0 for i >= m: used for a last, partial row
-// panel, where reading MR rows of A in place would run past its end.
-inline void pack_a_panel(float* panel, const View& A, int i0, int m, int k0, int kc) {
-    for (int k = 0; k < kc; ++k)
-        for (int i = 0; i < MR; ++i) panel[int64_t(k) * MR + i] = i < m ? A.at(i0 + i, k0 + k) : 0.0f;
-}
-
-// Write the m x n valid part of a tile (row-major, row length NR): C = tile (overwrite) or C += tile.
-inline void store_tile(const OutView& C, const float* tile, int m, int n, bool overwrite) {
-    for (int i = 0; i < m; ++i)
-        for (int j = 0; j < n; ++j) {
-            float& c = C.at(i, j);
-            c = overwrite ? tile[i * NR + j] : c + tile[i * NR + j];
-        }
-}
-
-#if (defined(__GNUC__) || defined(__clang__)) && !defined(DSV3_GEMM_PORTABLE)
-#define DSV3_UNROLL _Pragma("GCC unroll 64")
-#if defined(__clang__) && DSV3_GEMM_VEC == 16
-// Clang splits 64-byte vectors into two 32-byte halves on CPUs where it prefers 256-bit code (as GCC does only for
-// its own auto-vectorisation), unless asked for the full width.
-#define DSV3_GEMM_FULL_WIDTH __attribute__((min_vector_width(512)))
-#else
-#define DSV3_GEMM_FULL_WIDTH
-#endif
-typedef float vfloat __attribute__((vector_size(DSV3_GEMM_VEC * sizeof(float))));
-constexpr int NV = NR / VEC;  // vectors per tile row
-
-// The micro-kernel: C[0:m, 0:n] (=|+=) Σ_{k<kc} A(i,k) · bp[k*NR + j], computing only the first U vectors of the
-// tile's columns (U·VEC >= n: a narrow last column panel, 48 of 64, does not pay for its zero padding).
-// A(i,k) = a[i*lda + k] when A_ROWS (rows of A contiguous: x, dy, W), else a[k*lda + i] (dyᵀ, packed panels); the
-// first MR rows of A must exist (the caller packs partial panels). bp is a packed panel of B.
-template <bool A_ROWS, int U>
-DSV3_GEMM_FULL_WIDTH inline void micro_kernel(int kc, const float* a, int64_t lda, const float* bp, const OutView& C, int m, int n,
-                         bool overwrite) {
-    vfloat acc[MR][U];  // the C tile, in registers (the loops below are fully unrolled, so the array disappears)
-    DSV3_UNROLL for (int i = 0; i < MR; ++i)
-        DSV3_UNROLL for (int v = 0; v < U; ++v) acc[i][v] = vfloat{};
-    for (int k = 0; k < kc; ++k) {
-        vfloat b[U];
-        DSV3_UNROLL for (int v = 0; v < U; ++v) std::memcpy(&b[v], bp + int64_t(k) * NR + v * VEC, sizeof(vfloat));
-        DSV3_UNROLL for (int i = 0; i < MR; ++i) {
-            const float ai = A_ROWS ? a[i * lda + k] : a[int64_t(k) * lda + i];
-            DSV3_UNROLL for (int v = 0; v < U; ++v) acc[i][v] += ai * b[v];  // broadcast times vector: one FMA
-        }
-    }
-    if (m == MR && n == U * VEC && C.col_stride == 1) {  // a full tile of a row-major C: straight from registers
-        DSV3_UNROLL for (int i = 0; i < MR; ++i)
-            DSV3_UNROLL for (int v = 0; v < U; ++v) {
-                float* c = &C.at(i, v * VEC);
-                vfloat sum = acc[i][v];
-                if (!overwrite) {
-                    vfloat old;
-                    std::memcpy(&old, c, sizeof(vfloat));
-                    sum = old + sum;
-                }
-                std::memcpy(c, &sum, sizeof(vfloat));
-            }
-    } else {  // edge tile, or a transposed C: through a buffer
-        alignas(64) float tile[MR * NR];
-        for (int i = 0; i < MR; ++i)
-            for (int v = 0; v < U; ++v) std::memcpy(tile + i * NR + v * VEC, &acc[i][v], sizeof(vfloat));
-        store_tile(C, tile, m, n, overwrite);
-    }
-}
-
-// The kernel with the fewest vectors that cover n columns: micro_kernel<A_ROWS, ceil(n / VEC)>.
-template <bool A_ROWS, int U = NV>
-inline void run_kernel(int kc, const float* a, int64_t lda, const float* bp, const OutView& C, int m, int n,
-                       bool overwrite) {
-    if constexpr (U > 1)
-        if (n <= (U - 1) * VEC) return run_kernel<A_ROWS, U - 1>(kc, a, lda, bp, C, m, n, overwrite);
-    micro_kernel<A_ROWS, U>(kc, a, lda, bp, C, m, n, overwrite);
-}
-#else
-// Portable kernel: the same arithmetic, in the same order, on plain arrays.
-template <bool A_ROWS>
-inline void run_kernel(int kc, const float* a, int64_t lda, const float* bp, const OutView& C, int m, int n,
-                       bool overwrite) {
-    const int n_padded = (n + VEC - 1) / VEC * VEC;  // the packed columns (the rest of the panel is not written)
-    float acc[MR * NR] = {};
-    for (int k = 0; k < kc; ++k) {
-        const float* bk = bp + int64_t(k) * NR;
-        for (int i = 0; i < MR; ++i) {
-            const float ai = A_ROWS ? a[i * lda + k] : a[int64_t(k) * lda + i];
-            for (int j = 0; j < n_padded; ++j) acc[i * NR + j] += ai * bk[j];
-        }
-    }
-    store_tile(C, acc, m, n, overwrite);
-}
-#endif
-
-// C[M,N] = A[M,K]·B[K,N] (accumulate = false) or C += A·B (accumulate = true), for any strides of A, B and C.
-inline void multiply(int M, int N, int K, const View& A, const View& B, const OutView& C, bool accumulate) {
-    if (M <= 0 || N <= 0) return;
-    if (K <= 0) {  // an empty sum: zero
-        if (!accumulate)
-            for (int i = 0; i < M; ++i)
-                for (int j = 0; j < N; ++j) C.at(i, j) = 0.0f;
-        return;
-    }
-    // Columns per packed block of B: K x block_n floats fit in the budget (at least one panel).
-    const int block_n = int(std::max<int64_t>(1, B_BLOCK_FLOATS / (int64_t(K) * NR)) * NR);
-    const int64_t n_ir = (M + MR - 1) / MR;
-    AlignedFloats packed_b(size_t(K) * std::min((N + NR - 1) / NR * NR, block_n));
-    float* bpack = packed_b.get();
-
-    // One parallel region for the whole product (called from inside another parallel region, it runs on the calling
-    // thread alone). The barriers (the one ending the `omp for`, and the explicit one) make sure that a block of B
-    // is fully packed before any thread reads it, and fully used before the next block overwrites it.
-#pragma omp parallel
-    {
-        alignas(64) float a_pack[MR * KC];  // this thread's copy of a partial row panel of A (one K block)
-        for (int jc = 0; jc < N; jc += block_n) {
-            const int nc = std::min(block_n, N - jc);
-            const int64_t n_jr = (nc + NR - 1) / NR;
-#pragma omp for schedule(static)
-            for (int64_t jr = 0; jr < n_jr; ++jr)  // panel jr holds B[0:K, jc + jr*NR : +NR], k-major
-                pack_b_panel(bpack + jr * NR * K, B, 0, K, jc + int(jr) * NR, std::min(NR, nc - int(jr) * NR));
-
-            // This thread's share of the tiles: a contiguous range in row-panel-major order (a fixed static
-            // partition), so that it walks along a row panel of A across the column panels of the packed block of B.
-            const int64_t n_tiles = n_ir * n_jr;
-            int64_t t_begin = 0, t_end = n_tiles;
-#ifdef _OPENMP
-            t_begin = n_tiles * omp_get_thread_num() / omp_get_num_threads();
-            t_end = n_tiles * (omp_get_thread_num() + 1) / omp_get_num_threads();
-#endif
-            // One K block of one tile. The blocks of a tile must run in increasing pc (the fixed summation order);
-            // tiles are independent, so the two loops below may nest either way.
-            auto tile_block = [&](int64_t t, int pc) {
-                const int ir = int(t / n_jr), jr = int(t % n_jr);
-                const int i0 = ir * MR, m = std::min(MR, M - i0);
-                const int j0 = jc + jr * NR, n = std::min(NR, N - j0);
-                const int kc = std::min(KC, K - pc);
-                const float* bp = bpack + (int64_t(jr) * K + pc) * NR;
-                const OutView Ct{&C.at(i0, j0), C.row_stride, C.col_stride};
-                const bool overwrite = !accumulate && pc == 0;
-                if (m == MR && A.col_stride == 1)  // rows of A contiguous (x, dy, W): read in place
-                    run_kernel<true>(kc, &A.at(i0, pc), A.row_stride, bp, Ct, m, n, overwrite);
-                else if (m == MR && A.row_stride == 1)  // columns of A contiguous (dyᵀ): read in place
-                    run_kernel<false>(kc, &A.at(i0, pc), A.col_stride, bp, Ct, m, n, overwrite);
-                else {  // a partial row panel (or an A without a unit stride): through a packed copy
-                    pack_a_panel(a_pack, A, i0, m, pc, kc);
-                    run_kernel<false>(kc, a_pack, MR, bp, Ct, m, n, overwrite);
-                }
-            };
-            if (A.col_stride == 1) {
-                // Rows of A contiguous: finish each tile before the next, so each row of A is read as one long
-                // sequential stream (what matters when A is a big W read once, in decoding).
-                for (int64_t t = t_begin; t < t_end; ++t)
-                    for (int pc = 0; pc < K; pc += KC) tile_block(t, pc);
-            } else {
-                // A = dyᵀ: a K block at a time, so that the MR x KC sliver of A, spread over KC cache lines `out`
-                // floats apart, is reused from L1 across the column panels before moving on.
-                for (int pc = 0; pc < K; pc += KC)
-                    for (int64_t t = t_begin; t < t_end; ++t) tile_block(t, pc);
-            }
-#pragma omp barrier
-        }
-    }
-}
-
-}  // namespace gemm
-
-// ---------------------------------------------------------------------------------------------------------------------
-// The linear layer. DeepSeek's weights are stored [out, in] (PyTorch's nn.Linear convention) and have no bias.
-
-// y[T,out] = x[T,in] · W[out,in]ᵀ          (overwrites y)
-// With many rows, W is packed once and reused by all of them. With a few rows (decoding: T = 1 or a few draft
-// tokens) packing W would cost more than the product itself, so the same GEMM computes yᵀ = W · xᵀ instead: W is read
-// in place and only x is packed. Each output is the same FMA chain over k either way, so the result is bitwise
-// identical; only the speed differs.
-inline void matmul_forward(float* y, const float* x, const float* W, int T, int in, int out) {
-    if (T < 64)
-        gemm::multiply(out, T, in, gemm::View{W, in, 1}, gemm::View{x, 1, in}, gemm::OutView{y, 1, out}, false);
-    else
-        gemm::multiply(T, out, in, gemm::View{x, in, 1}, gemm::View{W, 1, in}, gemm::OutView{y, out, 1}, false);
-}
-
-// dx[T,in] += dy[T,out] · W[out,in];   dW[out,in] += dy[T,out]ᵀ · x[T,in]     (accumulate; either may be null)
-inline void matmul_backward(float* dx, float* dW, const float* dy, const float* x, const float* W, int T, int in,
-                            int out) {
-    if (dx) gemm::multiply(T, in, out, gemm::View{dy, out, 1}, gemm::View{W, in, 1}, gemm::OutView{dx, in, 1}, true);
-    if (dW) gemm::multiply(out, in, T, gemm::View{dy, 1, out}, gemm::View{x, in, 1}, gemm::OutView{dW, in, 1}, true);
-}
-
-// Plain references for the tests: the definitions, summed in double.
-inline void matmul_forward_reference(float* y, const float* x, const float* W, int T, int in, int out) {
-    for (int t = 0; t < T; ++t)
-        for (int o = 0; o < out; ++o) {
-            double s = 0;
-            for (int i = 0; i < in; ++i) s += double(x[int64_t(t) * in + i]) * W[int64_t(o) * in + i];
-            y[int64_t(t) * out + o] = float(s);
-        }
-}
-inline void matmul_backward_reference(float* dx, float* dW, const float* dy, const float* x, const float* W, int T,
-                                      int in, int out) {
-    if (dx)
-        for (int t = 0; t < T; ++t)
-            for (int i = 0; i < in; ++i) {
-                double s = dx[int64_t(t) * in + i];
-                for (int o = 0; o < out; ++o) s += double(dy[int64_t(t) * out + o]) * W[int64_t(o) * in + i];
-                dx[int64_t(t) * in + i] = float(s);
-            }
-    if (dW)
-        for (int o = 0; o < out; ++o)
-            for (int i = 0; i < in; ++i) {
-                double s = dW[int64_t(o) * in + i];
-                for (int t = 0; t < T; ++t) s += double(dy[int64_t(t) * out + o]) * x[int64_t(t) * in + i];
-                dW[int64_t(o) * in + i] = float(s);
-            }
-}
-
-// --- 4.2 RMSNorm: y = x / sqrt(mean(x²) + ε) ⊙ g   (Zhang & Sennrich 2019; used before every sub-layer) ---------
-// x, y: [T, d]; g: [d]; rstd: [T] saved for backward.
-inline void rmsnorm_forward(float* y, float* rstd, const float* x, const float* g, int T, int d, float eps) {
-    parallel_for(T, [&](int64_t t) {
-        const float* xr = x + t * d;
-        float* yr = y + t * d;
-        float ss = 0;
-        for (int i = 0; i < d; ++i) ss += xr[i] * xr[i];
-        const float r = 1.0f / std::sqrt(ss / d + eps);
-        rstd[t] = r;
-        for (int i = 0; i < d; ++i) yr[i] = xr[i] * r * g[i];
-    });
-}
-// With n = x·r (r = rstd): dx = r·(g⊙dy) − r·n·mean(g⊙dy⊙n);  dg = Σ_t dy⊙n.
-inline void rmsnorm_backward(float* dx, float* dg, const float* dy, const float* x, const float* g,
-                             const float* rstd, int T, int d) {
-    parallel_for(T, [&](int64_t t) {
-        const float* xr = x + t * d;
-        const float* dyr = dy + t * d;
-        const float r = rstd[t];
-        float dot = 0;
-        for (int i = 0; i < d; ++i) dot += g[i] * dyr[i] * xr[i] * r;
-        dot /= d;
-        float* dxr = dx + t * d;
-        for (int i = 0; i < d; ++i) dxr[i] += r * (g[i] * dyr[i] - xr[i] * r * dot);
-    });
-    if (dg) parallel_for(d, [&](int64_t i) {  // one column per task: the sum over t runs in a fixed order
-        float s = 0;
-        for (int t = 0; t < T; ++t) s += dy[int64_t(t) * d + i] * x[int64_t(t) * d + i] * rstd[t];
-        dg[i] += s;
-    });
-}
-
-// --- 4.3 RoPE with YaRN [V3 §2.1.1 eqs. 3 and 7; YaRN, Peng et al. 2023] ----------------------------------------
-// The decoupled RoPE part of queries and keys is rotated pairwise: (x_2i, x_2i+1) by the angle pos·θ_i with
-// θ_i = base^(−2i/D), D = qk_rope_head_dim. (DeepSeek's code views consecutive pairs as complex numbers; Hugging
-// Face stores the same weights and de-interleaves inside its rotary function: the dot products are identical.)
-// YaRN extends the context by slowing the low frequencies: frequencies that turn fewer than beta_slow times over
-// the original context are divided by s (= rope_factor), those turning more than beta_fast times are kept, and a
-// linear ramp blends in between. The attention scale is then multiplied by m² with m = 0.1·mscale·ln(s) + 1.
-struct RopeTable {
-    int half = 0, max_pos = 0;
-    std::vector<float> cos, sin;  // [max_pos, half]
-};
-inline std::vector<double> rope_frequencies(const Config& c) {
-    const int D = c.qk_rope_head_dim, half = D / 2;
-    std::vector<double> theta(static_cast<size_t>(half));
-    for (int i = 0; i < half; ++i) theta[size_t(i)] = std::pow(double(c.rope_theta), -2.0 * i / D);
-    if (!c.yarn_active()) return theta;
-    // find_dim(r): the dimension whose wavelength fits r rotations into the original context.
-    auto find_dim = [&](double rotations) {
-        return D * std::log(c.original_seq_len / (rotations * 2 * M_PI)) / (2 * std::log(double(c.rope_theta)));
-    };
-    double low = std::max(std::floor(find_dim(c.beta_fast)), 0.0);
-    double high = std::min(std::ceil(find_dim(c.beta_slow)), double(D - 1));
-    if (high == low) high += 0.001;
-    for (int i = 0; i < half; ++i) {
-        double ramp = std::clamp((i - low) / (high - low), 0.0, 1.0);  // 0: keep (fast), 1: interpolate (slow)
-        theta[size_t(i)] = theta[size_t(i)] / c.rope_factor * ramp + theta[size_t(i)] * (1 - ramp);
-    }
-    return theta;
-}
-inline RopeTable make_rope_table(const Config& c, int max_pos) {
-    RopeTable r;
-    r.half = c.qk_rope_head_dim / 2;
-    r.max_pos = max_pos;
-    r.cos.resize(size_t(max_pos) * r.half);
-    r.sin.resize(size_t(max_pos) * r.half);
-    std::vector<double> theta = rope_frequencies(c);
-    for (int p = 0; p < max_pos; ++p)
-        for (int i = 0; i < r.half; ++i) {
-            double a = p * theta[size_t(i)];
-            r.cos[size_t(p) * r.half + i] = float(std::cos(a));
-            r.sin[size_t(p) * r.half + i] = float(std::sin(a));
-        }
-    return r;
-}
-// Softmax scale of MLA: 1/sqrt(d_h + d_h^R), times m² under YaRN (V3 code: softmax_scale *= mscale²).
-inline float attention_scale(const Config& c) {
-    float scale = 1.0f / std::sqrt(float(c.qk_head_dim()));
-    if (c.yarn_active()) {
-        float m = 0.1f * c.mscale * std::log(c.rope_factor) + 1.0f;
-        scale *= m * m;
-    }
-    return scale;
-}
-// In place: x holds T rows of row_stride floats; in each row, n_vec vectors of D = 2·half floats start at
-// offset + j·vec_stride. Row t is at position pos0 + t % seq_len. backward = rotation by the opposite angle.
-inline void rope_apply(float* x, int T, int row_stride, int offset, int n_vec, int vec_stride, int pos0,
-                       int seq_len, const RopeTable& rt, bool inverse) {
-    const float sign = inverse ? -1.0f : 1.0f;
-    // (Checks run before the parallel loop: an exception must never leave an OpenMP region.)
-    const int last = pos0 + std::min(T, seq_len) - 1;
-    if (T > 0 && last >= rt.max_pos) fail("rope: position ", last, " beyond the table's max_pos ", rt.max_pos);
-    parallel_for(T, [&](int64_t t) {
-        const int pos = pos0 + int(t % seq_len);
-        const float* cs = rt.cos.data() + size_t(pos) * rt.half;
-        const float* sn = rt.sin.data() + size_t(pos) * rt.half;
-        for (int j = 0; j < n_vec; ++j) {
-            float* v = x + t * row_stride + offset + int64_t(j) * vec_stride;
-            for (int i = 0; i < rt.half; ++i) {
-                const float a = v[2 * i], b = v[2 * i + 1], c = cs[i], s = sign * sn[i];
-                v[2 * i] = a * c - b * s;
-                v[2 * i + 1] = a * s + b * c;
-            }
-        }
-    });
-}
-inline void rope_forward(float* x, int T, int row_stride, int offset, int n_vec, int vec_stride, int pos0,
-                         int seq_len, const RopeTable& rt) {
-    rope_apply(x, T, row_stride, offset, n_vec, vec_stride, pos0, seq_len, rt, false);
-}
-// The rotation is orthogonal, so its backward is the inverse rotation of the gradient (in place).
-inline void rope_backward(float* dx, int T, int row_stride, int offset, int n_vec, int vec_stride, int pos0,
-                          int seq_len, const RopeTable& rt) {
-    rope_apply(dx, T, row_stride, offset, n_vec, vec_stride, pos0, seq_len, rt, true);
-}
-
-// --- 4.4 causal softmax attention -----------------------------------------------------------------------------
-// q, k: [B·T, H, dqk]; v: [B·T, H, dv]; out: [B·T, H, dv]; probs: [B, H, T, T] (row t holds weights over s ≤ t).
-// o_t = Σ_{s≤t} softmax_s(q_t·k_s · scale) v_s       [V3 eq. 10]
-inline void attention_forward(float* out, float* probs, const float* q, const float* k, const float* v, int B, int T,
-                              int H, int dqk, int dv, float scale) {
-    parallel_for(int64_t(B) * H * T, [&](int64_t job) {
-        const int t = int(job % T), h = int((job / T) % H), b = int(job / (int64_t(T) * H));
-        const float* qt = q + ((int64_t(b) * T + t) * H + h) * dqk;
-        float* p = probs + ((int64_t(b) * H + h) * T + t) * T;
-        float mx = -INFINITY;
-        for (int s = 0; s <= t; ++s) {
-            const float* ks = k + ((int64_t(b) * T + s) * H + h) * dqk;
-            float dot = 0;
-            for (int i = 0; i < dqk; ++i) dot += qt[i] * ks[i];
-            p[s] = dot * scale;
-            mx = std::max(mx, p[s]);
-        }
-        float sum = 0;
-        for (int s = 0; s <= t; ++s) sum += (p[s] = std::exp(p[s] - mx));
-        const float inv = 1.0f / sum;
-        for (int s = 0; s <= t; ++s) p[s] *= inv;
-        for (int s = t + 1; s < T; ++s) p[s] = 0;
-        float* ot = out + ((int64_t(b) * T + t) * H + h) * dv;
-        for (int i = 0; i < dv; ++i) ot[i] = 0;
-        for (int s = 0; s <= t; ++s) {
-            const float* vs = v + ((int64_t(b) * T + s) * H + h) * dv;
-            for (int i = 0; i < dv; ++i) ot[i] += p[s] * vs[i];
-        }
-    });
-}
-// Backward: dp_s = dout_t·v_s; dscore_s = p_s (dp_s − Σ_r p_r dp_r); dq_t += scale Σ_s dscore_s k_s;
-// dk_s += scale Σ_t dscore_s q_t; dv_s += Σ_t p_s dout_t. One task per (b, h) walks t in order, so the sums over t
-// into dk and dv are in a fixed order.
-inline void attention_backward(float* dq, float* dk, float* dv_, const float* dout, const float* probs,
-                               const float* q, const float* k, const float* v, int B, int T, int H, int dqk, int dv,
-                               float scale) {
-    parallel_for(int64_t(B) * H, [&](int64_t job) {
-        const int h = int(job % H), b = int(job / H);
-        std::vector<float> dscore(static_cast<size_t>(T));
-        for (int t = 0; t < T; ++t) {
-            const float* p = probs + ((int64_t(b) * H + h) * T + t) * T;
-            const float* dot_ = dout + ((int64_t(b) * T + t) * H + h) * dv;
-            float weighted = 0;
-            for (int s = 0; s <= t; ++s) {
-                const float* vs = v + ((int64_t(b) * T + s) * H + h) * dv;
-                float dp = 0;
-                for (int i = 0; i < dv; ++i) dp += dot_[i] * vs[i];
-                dscore[size_t(s)] = dp;
-                weighted += p[s] * dp;
-                float* dvs = dv_ + ((int64_t(b) * T + s) * H + h) * dv;
-                for (int i = 0; i < dv; ++i) dvs[i] += p[s] * dot_[i];
-            }
-            const float* qt = q + ((int64_t(b) * T + t) * H + h) * dqk;
-            float* dqt = dq + ((int64_t(b) * T + t) * H + h) * dqk;
-            for (int s = 0; s <= t; ++s) {
-                const float ds = p[s] * (dscore[size_t(s)] - weighted) * scale;
-                const float* ks = k + ((int64_t(b) * T + s) * H + h) * dqk;
-                float* dks = dk + ((int64_t(b) * T + s) * H + h) * dqk;
-                for (int i = 0; i < dqk; ++i) {
-                    dqt[i] += ds * ks[i];
-                    dks[i] += ds * qt[i];
-                }
-            }
-        }
-    });
-}
-
-// --- 4.5 SwiGLU: h = silu(gate) ⊙ up, silu(z) = z·σ(z)   (Shazeer 2020; every FFN and expert of V3) ------------
-// gate, up, h: [n]
-inline void swiglu_forward(float* h, const float* gate, const float* up, int64_t n) {
-    parallel_for((n + 1023) / 1024, [&](int64_t c) {
-        for (int64_t i = c * 1024, e = std::min(n, i + 1024); i < e; ++i) {
-            const float z = gate[i], sig = 1.0f / (1.0f + std::exp(-z));
-            h[i] = z * sig * up[i];
-        }
-    });
-}
-// d silu(z)/dz = σ(z)(1 + z(1 − σ(z))).
-inline void swiglu_backward(float* dgate, float* dup, const float* dh, const float* gate, const float* up, int64_t n) {
-    parallel_for((n + 1023) / 1024, [&](int64_t c) {
-        for (int64_t i = c * 1024, e = std::min(n, i + 1024); i < e; ++i) {
-            const float z = gate[i], sig = 1.0f / (1.0f + std::exp(-z));
-            dgate[i] += dh[i] * up[i] * sig * (1.0f + z * (1.0f - sig));
-            dup[i] += dh[i] * z * sig;
-        }
-    });
-}
-
-// --- 4.6 embedding ------------------------------------------------------------------------------------------------
-// out[t] = E[tokens[t]];  E: [vocab, d], out: [T, d]
-inline void embedding_forward(float* out, const int32_t* tokens, const float* E, int T, int d, int vocab) {
-    for (int t = 0; t < T; ++t)
-        if (tokens[t] < 0 || tokens[t] >= vocab)
-            fail("embedding: token id ", tokens[t], " at position ", t, " outside [0, ", vocab, ")");
-    parallel_for(T, [&](int64_t t) {
-        std::memcpy(out + t * d, E + int64_t(tokens[t]) * d, sizeof(float) * size_t(d));
-    });
-}
-// dE[tokens[t]] += dout[t]. Rows of equal tokens collide, so this runs serially in t order (deterministic, cheap).
-inline void embedding_backward(float* dE, const float* dout, const int32_t* tokens, int T, int d) {
-    for (int t = 0; t < T; ++t) {
-        float* row = dE + int64_t(tokens[t]) * d;
-        const float* g = dout + int64_t(t) * d;
-        for (int i = 0; i < d; ++i) row[i] += g[i];
-    }
-}
-
-// --- 4.7 cross-entropy ------------------------------------------------------------------------------------------
-// logits: [T, V]; targets: [T] (ignore_index skips a row). Returns the mean over the counted rows of
-// −log softmax(logits)[target], in nats.
-constexpr int32_t kIgnore = -1;
-inline int64_t cross_entropy_count(const int32_t* targets, int T, int V) {  // counted rows; checks the targets
-    int64_t counted = 0;
-    for (int t = 0; t < T; ++t) {
-        if (targets[t] == kIgnore) continue;
-        if (targets[t] < 0 || targets[t] >= V)
-            fail("cross_entropy: target ", targets[t], " at row ", t, " outside [0, ", V, ")");
-        ++counted;
-    }
-    return counted;
-}
-inline double cross_entropy_forward(const float* logits, const int32_t* targets, int T, int V) {
-    const int64_t counted = cross_entropy_count(targets, T, V);
-    if (counted == 0) return 0.0;
-    double total = parallel_sum(T, [&](int64_t t) {
-        const int32_t y = targets[t];
-        if (y == kIgnore) return 0.0;
-        const float* z = logits + t * V;
-        float mx = z[0];
-        for (int i = 1; i < V; ++i) mx = std::max(mx, z[i]);
-        double sum = 0;
-        for (int i = 0; i < V; ++i) sum += std::exp(double(z[i] - mx));
-        return std::log(sum) + mx - z[y];
-    });
-    return total / double(counted);
-}
-// dlogits[t] += dloss · (softmax(logits[t]) − onehot(target)) / counted.
-inline void cross_entropy_backward(float* dlogits, const float* logits, const int32_t* targets, int T, int V,
-                                   float dloss) {
-    const int64_t counted = cross_entropy_count(targets, T, V);
-    if (counted == 0) return;
-    const float w = dloss / float(counted);
-    parallel_for(T, [&](int64_t t) {
-        const int32_t y = targets[t];
-        if (y == kIgnore) return;
-        const float* z = logits + t * V;
-        float* dz = dlogits + t * V;
-        float mx = z[0];
-        for (int i = 1; i < V; ++i) mx = std::max(mx, z[i]);
-        float sum = 0;
-        for (int i = 0; i < V; ++i) sum += std::exp(z[i] - mx);
-        const float inv = 1.0f / sum;
-        for (int i = 0; i < V; ++i) dz[i] += w * (std::exp(z[i] - mx) * inv - (i == y ? 1.0f : 0.0f));
-    });
-}
-
-// --- 4.8 the MoE router [V3 §2.1.2, eqs. 13-16] ------------------------------------------------------------------
-// scores s_{i,t} = σ(u_tᵀ e_i) (sigmoid; V2 used softmax over experts). Selection uses the biased score s + b, in
-// two stages: the N_r experts form n_group groups, a group's score is the sum of its two best biased scores (max for
-// softmax routing), only the topk_group best groups stay, and the top-K experts among them are chosen. The gates use
-// the UNBIASED scores: g_i = s_i / Σ_{j chosen} s_j (normalised, eq. 13), times route_scale. The bias therefore steers
-// which experts are chosen without changing how much they contribute — the point of loss-free balancing.
-// logits, scores: [T, N]; bias: [N] (may be null); chosen: [T, K] expert ids (ascending by rank); gates: [T, K].
-inline void router_scores_forward(float* scores, const float* logits, int T, int N, bool softmax) {
-    parallel_for(T, [&](int64_t t) {
-        const float* z = logits + t * N;
-        float* s = scores + t * N;
-        if (!softmax) {
-            for (int i = 0; i < N; ++i) s[i] = 1.0f / (1.0f + std::exp(-z[i]));
-            return;
-        }
-        float mx = z[0], sum = 0;
-        for (int i = 1; i < N; ++i) mx = std::max(mx, z[i]);
-        for (int i = 0; i < N; ++i) sum += (s[i] = std::exp(z[i] - mx));
-        for (int i = 0; i < N; ++i) s[i] /= sum;
-    });
-}
-// dlogits[t] += ∂/∂logits of Σ dscores·scores.  sigmoid: ds·s(1−s);  softmax: s ⊙ (ds − Σ ds·s).
-inline void router_scores_backward(float* dlogits, const float* dscores, const float* scores, int T, int N,
-                                   bool softmax) {
-    parallel_for(T, [&](int64_t t) {
-        const float* s = scores + t * N;
-        const float* ds = dscores + t * N;
-        float* dz = dlogits + t * N;
-        if (!softmax) {
-            for (int i = 0; i < N; ++i) dz[i] += ds[i] * s[i] * (1.0f - s[i]);
-            return;
-        }
-        float dot = 0;
-        for (int i = 0; i < N; ++i) dot += ds[i] * s[i];
-        for (int i = 0; i < N; ++i) dz[i] += s[i] * (ds[i] - dot);
-    });
-}
-// The choice (no gradient flows through it). Ties go to the lower expert id, so the choice is deterministic.
-inline void router_select(int32_t* chosen, const float* scores, const float* bias, int T, const Config& c) {
-    const int N = c.n_routed_experts, K = c.n_activated_experts, G = c.n_expert_groups, per_group = N / G;
-    const bool softmax = c.score_func == "softmax";
-    parallel_for(T, [&](int64_t t) {
-        std::vector<float> biased(static_cast<size_t>(N));
-        for (int i = 0; i < N; ++i) biased[size_t(i)] = scores[t * N + i] + (bias ? bias[i] : 0.0f);
-        if (G > 1) {  // group limit: keep the topk_group best groups, mask the others out
-            std::vector<std::pair<float, int>> group_score;
-            for (int g = 0; g < G; ++g) {
-                const float* b = biased.data() + g * per_group;
-                float best = -INFINITY, second = -INFINITY;
-                for (int i = 0; i < per_group; ++i) {
-                    if (b[i] > best) { second = best; best = b[i]; }
-                    else if (b[i] > second) second = b[i];
-                }
-                group_score.push_back({softmax ? best : best + second, g});
-            }
-            std::stable_sort(group_score.begin(), group_score.end(),
-                             [](auto& a, auto& b) { return a.first > b.first; });
-            for (int r = c.n_limited_groups; r < G; ++r)
-                for (int i = 0; i < per_group; ++i) biased[size_t(group_score[size_t(r)].second * per_group + i)] = -INFINITY;
-        }
-        std::vector<int> order(static_cast<size_t>(N));
-        std::iota(order.begin(), order.end(), 0);
-        std::partial_sort(order.begin(), order.begin() + K, order.end(), [&](int a, int b) {
-            return biased[size_t(a)] > biased[size_t(b)] || (biased[size_t(a)] == biased[size_t(b)] && a < b);
-        });
-        for (int k = 0; k < K; ++k) chosen[t * K + k] = order[size_t(k)];
-    });
-}
-// gates[t,k] = route_scale · s_{chosen} / (Σ_k s_{chosen_k} + 1e-20)   (without norm_topk_prob: route_scale · s)
-inline void router_gates_forward(float* gates, const float* scores, const int32_t* chosen, int T, const Config& c) {
-    const int N = c.n_routed_experts, K = c.n_activated_experts;
-    parallel_for(T, [&](int64_t t) {
-        float sum = 0;
-        for (int k = 0; k < K; ++k) sum += scores[t * N + chosen[t * K + k]];
-        const float norm = c.norm_topk_prob ? 1.0f / (sum + 1e-20f) : 1.0f;
-        for (int k = 0; k < K; ++k) gates[t * K + k] = c.route_scale * scores[t * N + chosen[t * K + k]] * norm;
-    });
-}
-// dscores[t, chosen] += ∂/∂s of Σ dgates·gates. With S = Σ_k s_k: ∂g_k/∂s_j = rs·(δ_kj/S − s_k/S²).
-inline void router_gates_backward(float* dscores, const float* dgates, const float* scores, const int32_t* chosen,
-                                  int T, const Config& c) {
-    const int N = c.n_routed_experts, K = c.n_activated_experts;
-    parallel_for(T, [&](int64_t t) {
-        if (!c.norm_topk_prob) {
-            for (int k = 0; k < K; ++k) dscores[t * N + chosen[t * K + k]] += c.route_scale * dgates[t * K + k];
-            return;
-        }
-        float S = 1e-20f, dot = 0;
-        for (int k = 0; k < K; ++k) {
-            const float s = scores[t * N + chosen[t * K + k]];
-            S += s;
-            dot += dgates[t * K + k] * s;
-        }
-        for (int k = 0; k < K; ++k)
-            dscores[t * N + chosen[t * K + k]] += c.route_scale * (dgates[t * K + k] / S - dot / (S * S));
-    });
-}
-
-// --- 4.9 balance losses ------------------------------------------------------------------------------------------
-// Sequence-wise balance loss [V3 eqs. 17-20], per sequence of T tokens, averaged over the B sequences:
-//   f_i = N_r/(K·T) Σ_t 1[i ∈ TopK_t],  s'_{i,t} = s_{i,t} / Σ_j s_{j,t},  P_i = (1/T) Σ_t s'_{i,t},  L = α Σ_i f_i P_i
-// f is a count (no gradient); the gradient flows through P into every score.
-inline double sequence_balance_loss(float* dscores, const float* scores, const int32_t* chosen, int B, int T,
-                                    const Config& c, float alpha) {
-    const int N = c.n_routed_experts, K = c.n_activated_experts;
-    std::vector<double> per_seq(static_cast<size_t>(B));
-    parallel_for(B, [&](int64_t b) {
-        std::vector<double> f(static_cast<size_t>(N), 0.0), P(static_cast<size_t>(N), 0.0);
-        for (int t = 0; t < T; ++t)
-            for (int k = 0; k < K; ++k) f[size_t(chosen[(b * T + t) * K + k])] += double(N) / (double(K) * T);
-        for (int t = 0; t < T; ++t) {
-            const float* s = scores + (b * T + t) * N;
-            double S = 0;
-            for (int i = 0; i < N; ++i) S += s[i];
-            for (int i = 0; i < N; ++i) P[size_t(i)] += s[i] / S / T;
-            if (!dscores) continue;
-            // ∂L/∂s'_i = α f_i / (T·B);  ∂s'_i/∂s_j = (δ_ij − s'_i) / S
-            double dot = 0;
-            for (int i = 0; i < N; ++i) dot += alpha * f[size_t(i)] / (double(T) * B) * s[i] / S;
-            float* ds = dscores + (b * T + t) * N;
-            for (int j = 0; j < N; ++j) ds[j] += float((alpha * f[size_t(j)] / (double(T) * B) - dot) / S);
-        }
-        double L = 0;
-        for (int i = 0; i < N; ++i) L += f[size_t(i)] * P[size_t(i)];
-        per_seq[size_t(b)] = alpha * L;
-    });
-    double total = 0;
-    for (double v : per_seq) total += v;
-    return total / B;
-}
-// The classic expert-level auxiliary loss (DeepSeekMoE eqs. 12-14, GShard form) over the whole batch of T tokens:
-//   f_i = N_r/(K·T) Σ_t 1[i ∈ TopK_t],  P_i = (1/T) Σ_t p_{i,t} with p = softmax(logits),  L = α Σ_i f_i P_i
-// The gradient goes straight to the router logits: ∂L/∂z_{i,t} = p_i (c_i − Σ_j c_j p_j), c_i = α f_i / T.
-inline double expert_balance_loss(float* dlogits, const float* logits, const int32_t* chosen, int T, const Config& c,
-                                  float alpha) {
-    const int N = c.n_routed_experts, K = c.n_activated_experts;
-    std::vector<double> f(static_cast<size_t>(N), 0.0);
-    for (int64_t i = 0; i < int64_t(T) * K; ++i) f[size_t(chosen[i])] += double(N) / (double(K) * T);
-    std::vector<double> P_partial(static_cast<size_t>(T) * N);
-    parallel_for(T, [&](int64_t t) {
-        const float* z = logits + t * N;
-        float mx = z[0];
-        for (int i = 1; i < N; ++i) mx = std::max(mx, z[i]);
-        double sum = 0;
-        std::vector<double> p(static_cast<size_t>(N));
-        for (int i = 0; i < N; ++i) sum += (p[size_t(i)] = std::exp(double(z[i] - mx)));
-        double dot = 0;
-        for (int i = 0; i < N; ++i) {
-            p[size_t(i)] /= sum;
-            P_partial[size_t(t) * N + i] = p[size_t(i)];
-            dot += alpha * f[size_t(i)] / T * p[size_t(i)];
-        }
-        if (dlogits)
-            for (int i = 0; i < N; ++i) dlogits[t * N + i] += float(p[size_t(i)] * (alpha * f[size_t(i)] / T - dot));
-    });
-    double L = 0;
-    for (int i = 0; i < N; ++i) {
-        double P = 0;
-        for (int t = 0; t < T; ++t) P += P_partial[size_t(t) * N + i];
-        L += f[size_t(i)] * P / T;
-    }
-    return alpha * L;
-}
-
-// --- 4.10 MoE permutation and the experts' grouped GEMMs -------------------------------------------------------------
-// Tokens are grouped by expert with a counting sort (stable: within an expert, tokens keep their order), so each
-// expert runs one dense matmul over its rows. slot[t·K + k] = row of (token t, choice k) in the permuted order;
-// token_of[row] = t; offsets[e] .. offsets[e+1] are expert e's rows.
-struct MoePermutation {
-    std::vector<int32_t> slot, token_of;
-    std::vector<int64_t> offsets, counts;
-};
-inline void moe_permute_plan(MoePermutation& p, const int32_t* chosen, int T, int K, int N) {
-    p.counts.assign(size_t(N), 0);
-    for (int64_t i = 0; i < int64_t(T) * K; ++i) p.counts[size_t(chosen[i])]++;
-    p.offsets.assign(size_t(N) + 1, 0);
-    for (int e = 0; e < N; ++e) p.offsets[size_t(e) + 1] = p.offsets[size_t(e)] + p.counts[size_t(e)];
-    std::vector<int64_t> cursor(p.offsets.begin(), p.offsets.end() - 1);
-    p.slot.resize(size_t(T) * K);
-    p.token_of.resize(size_t(T) * K);
-    for (int t = 0; t < T; ++t)
-        for (int k = 0; k < K; ++k) {
-            int64_t row = cursor[size_t(chosen[t * K + k])]++;
-            p.slot[size_t(t) * K + k] = int32_t(row);
-            p.token_of[size_t(row)] = t;
-        }
-}
-// xe[row] = x[token_of[row]]        x: [T, d], xe: [T·K, d]
-inline void moe_permute_forward(float* xe, const float* x, const MoePermutation& p, int d) {
-    parallel_for(int64_t(p.token_of.size()), [&](int64_t r) {
-        std::memcpy(xe + r * d, x + int64_t(p.token_of[size_t(r)]) * d, sizeof(float) * size_t(d));
-    });
-}
-// dx[t] += Σ_k dxe[slot[t,k]]  (k in order: deterministic)
-inline void moe_permute_backward(float* dx, const float* dxe, const MoePermutation& p, int T, int K, int d) {
-    parallel_for(T, [&](int64_t t) {
-        for (int k = 0; k < K; ++k) {
-            const float* src = dxe + int64_t(p.slot[size_t(t) * K + k]) * d;
-            for (int i = 0; i < d; ++i) dx[t * d + i] += src[i];
-        }
-    });
-}
-// y[t] += Σ_k gates[t,k] · ye[slot[t,k]]      ye: [T·K, d]; y: [T, d]
-inline void moe_unpermute_forward(float* y, const float* ye, const float* gates, const MoePermutation& p, int T, int K,
-                                  int d) {
-    parallel_for(T, [&](int64_t t) {
-        for (int k = 0; k < K; ++k) {
-            const float g = gates[t * K + k];
-            const float* src = ye + int64_t(p.slot[size_t(t) * K + k]) * d;
-            for (int i = 0; i < d; ++i) y[t * d + i] += g * src[i];
-        }
-    });
-}
-// dye[slot] = gates · dy[t] (OVERWRITES dye: each slot has exactly one source, so it needs no zeroing);
-// dgates[t,k] += dy[t] · ye[slot]
-inline void moe_unpermute_backward(float* dye, float* dgates, const float* dy, const float* ye, const float* gates,
-                                   const MoePermutation& p, int T, int K, int d) {
-    parallel_for(T, [&](int64_t t) {
-        for (int k = 0; k < K; ++k) {
-            const int64_t row = p.slot[size_t(t) * K + k];
-            const float g = gates[t * K + k];
-            float dot = 0;
-            for (int i = 0; i < d; ++i) {
-                dye[row * d + i] = g * dy[t * d + i];
-                dot += dy[t * d + i] * ye[row * d + i];
-            }
-            dgates[t * K + k] += dot;
-        }
-    });
-}
-// The experts' GEMMs, grouped. Rows offsets[g] .. offsets[g+1] of x (expert-contiguous, as permuted above) go
-// through weight g, which sits at W + g·w_stride ([out, in] each: one projection of consecutive experts is evenly
-// strided in the flat buffer, because each expert's gate, up and down are stored together). One call runs one
-// projection of all of a layer's experts. Here it is a loop over matmul (each one parallel inside); on the GPU it is
-// a single kernel launch over all experts' tiles (cuda/kernels.cuh), where one small GEMM per expert would be
-// dominated by launch overhead.
-// offsets: [groups + 1], host memory on every backend, starting at 0 and never decreasing (checked).
-inline void check_group_offsets(const char* who, const int64_t* offsets, int groups, int in, int out) {
-    if (groups < 0 || in < 0 || out < 0) fail(who, ": negative size groups=", groups, " in=", in, " out=", out);
-    if (offsets[0] != 0) fail(who, ": offsets[0] must be 0, found ", offsets[0]);
-    for (int g = 0; g < groups; ++g)
-        if (offsets[g + 1] < offsets[g])
-            fail(who, ": offsets must not decrease, found offsets[", g, "]=", offsets[g], " > offsets[", g + 1, "]=",
-                 offsets[g + 1]);
-}
-//   y[rows_g, out] = x[rows_g, in] · W_gᵀ      (overwrites y)
-inline void grouped_matmul_forward(float* y, const float* x, const float* W, int64_t w_stride, const int64_t* offsets,
-                                   int groups, int in, int out) {
-    check_group_offsets("grouped_matmul_forward", offsets, groups, in, out);
-    for (int g = 0; g < groups; ++g) {
-        const int64_t begin = offsets[g], rows = offsets[g + 1] - begin;
-        if (rows > 0) matmul_forward(y + begin * out, x + begin * in, W + g * w_stride, int(rows), in, out);
-    }
-}
-//   dx[rows_g, in] += dy[rows_g, out] · W_g;   dW_g += dy[rows_g, out]ᵀ · x[rows_g, in]   (dW_g at dW + g·w_stride)
-inline void grouped_matmul_backward(float* dx, float* dW, const float* dy, const float* x, const float* W,
-                                    int64_t w_stride, const int64_t* offsets, int groups, int in, int out) {
-    check_group_offsets("grouped_matmul_backward", offsets, groups, in, out);
-    for (int g = 0; g < groups; ++g) {
-        const int64_t begin = offsets[g], rows = offsets[g + 1] - begin;
-        if (rows > 0)
-            matmul_backward(dx + begin * in, dW + g * w_stride, dy + begin * out, x + begin * in, W + g * w_stride,
-                            int(rows), in, out);
-    }
-}
-
-// --- 4.11 AdamW (Loshchilov & Hutter 2019) ------------------------------------------------------------------------
-// m ← β1 m + (1−β1) g;  v ← β2 v + (1−β2) g²;  p ← p − lr·( m̂/(√v̂ + ε) + wd·p ), m̂, v̂ bias-corrected by step.
-inline void adamw_update(float* p, const float* g, float* m, float* v, int64_t n, float lr, float beta1, float beta2,
-                         float eps, float weight_decay, int step) {
-    const float c1 = 1.0f / (1.0f - std::pow(beta1, float(step))), c2 = 1.0f / (1.0f - std::pow(beta2, float(step)));
-    parallel_for((n + 4095) / 4096, [&](int64_t c) {
-        for (int64_t i = c * 4096, e = std::min(n, i + 4096); i < e; ++i) {
-            m[i] = beta1 * m[i] + (1 - beta1) * g[i];
-            v[i] = beta2 * v[i] + (1 - beta2) * g[i] * g[i];
-            p[i] -= lr * (m[i] * c1 / (std::sqrt(v[i] * c2) + eps) + weight_decay * p[i]);
-        }
-    });
-}
-
-// --- 4.12 the model's plumbing: copies, concatenations, residual adds, the optimizer's reductions --------------------
-// The modules of section 6 move data between kernels in a few fixed patterns. Each is a named kernel here (and in
-// every backend), so that the model code never touches an array element itself and runs unchanged on a GPU.
-inline void fill_zero(float* x, int64_t n) { std::memset(x, 0, sizeof(float) * size_t(n)); }        // x = 0
-inline void copy_values(float* y, const float* x, int64_t n) { std::memcpy(y, x, sizeof(float) * size_t(n)); }  // y = x
-// y += x: the residual connections, and gradients that meet at a fork.
-inline void add_inplace(float* y, const float* x, int64_t n) {
-    parallel_for((n + 4095) / 4096, [&](int64_t c) {
-        for (int64_t i = c * 4096, e = std::min(n, i + 4096); i < e; ++i) y[i] += x[i];
-    });
-}
-inline void scale_inplace(float* x, int64_t n, float s) {  // x *= s (gradient clipping)
-    parallel_for((n + 4095) / 4096, [&](int64_t c) {
-        for (int64_t i = c * 4096, e = std::min(n, i + 4096); i < e; ++i) x[i] *= s;
-    });
-}
-inline double sum_of_squares(const float* x, int64_t n) {  // Σ x², in double, in a fixed order
-    return parallel_sum(n, [&](int64_t i) { return double(x[i]) * x[i]; });
-}
-inline void bf16_round_inplace(float* x, int64_t n) {  // x = bf16(x) (FP8 training's BF16 optimizer states)
-    parallel_for((n + 4095) / 4096, [&](int64_t c) {
-        for (int64_t i = c * 4096, e = std::min(n, i + 4096); i < e; ++i) x[i] = bf16_round(x[i]);
-    });
-}
-// Row copies by an index list (rows: backend memory), for expert parallelism's send and receive buffers (9.4):
-// gather_rows: dst[i] = src[rows[i]];  scatter_rows: dst[rows[i]] = src[i];  i < n, rows of d floats.
-inline void gather_rows(float* dst, const float* src, const int32_t* rows, int64_t n, int d) {
-    parallel_for(n, [&](int64_t i) {
-        std::memcpy(dst + i * d, src + int64_t(rows[i]) * d, sizeof(float) * size_t(d));
-    });
-}
-inline void scatter_rows(float* dst, const float* src, const int32_t* rows, int64_t n, int d) {
-    parallel_for(n, [&](int64_t i) {
-        std::memcpy(dst + int64_t(rows[i]) * d, src + i * d, sizeof(float) * size_t(d));
-    });
-}
-// out[t] = [a[t] ; b[t]]     a: [T, da], b: [T, db], out: [T, da + db]   (split_columns is its backward, and back)
-inline void concat_columns(float* out, const float* a, const float* b, int T, int da, int db) {
-    parallel_for(T, [&](int64_t t) {
-        std::memcpy(out + t * (da + db), a + t * da, sizeof(float) * size_t(da));
-        std::memcpy(out + t * (da + db) + da, b + t * db, sizeof(float) * size_t(db));
-    });
-}
-// [a[t] ; b[t]] = in[t]
-inline void split_columns(float* a, float* b, const float* in, int T, int da, int db) {
-    parallel_for(T, [&](int64_t t) {
-        std::memcpy(a + t * da, in + t * (da + db), sizeof(float) * size_t(da));
-        std::memcpy(b + t * db, in + t * (da + db) + da, sizeof(float) * size_t(db));
-    });
-}
-// MLA's per-head keys and values [V3 eqs. 4-5]: kv: [T, H, d_h + d_v] (W^UKV c^KV), k_rope: [T, d_h^R] shared by
-// all heads  ->  k: [T, H, d_h + d_h^R] = [k^C ; k^R], v: [T, H, d_v].
-inline void mla_keys_values_forward(float* k, float* v, const float* kv, const float* k_rope, int T, int H, int dh,
-                                    int dr, int dv) {
-    parallel_for(T, [&](int64_t t) {
-        for (int h = 0; h < H; ++h) {
-            const float* src = kv + (t * H + h) * (dh + dv);
-            float* kh = k + (t * H + h) * (dh + dr);
-            std::memcpy(kh, src, sizeof(float) * size_t(dh));
-            std::memcpy(kh + dh, k_rope + t * dr, sizeof(float) * size_t(dr));
-            std::memcpy(v + (t * H + h) * dv, src + dh, sizeof(float) * size_t(dv));
-        }
-    });
-}
-// dkv = [dk^C ; dv] per head (overwritten); dk_rope += Σ_h dk^R_h (the shared key sums its heads' gradients).
-inline void mla_keys_values_backward(float* dkv, float* dk_rope, const float* dk, const float* dv, int T, int H,
-                                     int dh, int dr, int dv_) {
-    parallel_for(T, [&](int64_t t) {
-        for (int h = 0; h < H; ++h) {
-            float* dst = dkv + (t * H + h) * (dh + dv_);
-            const float* dkh = dk + (t * H + h) * (dh + dr);
-            std::memcpy(dst, dkh, sizeof(float) * size_t(dh));
-            std::memcpy(dst + dh, dv + (t * H + h) * dv_, sizeof(float) * size_t(dv_));
-            for (int i = 0; i < dr; ++i) dk_rope[t * dr + i] += dkh[dh + i];
-        }
-    });
-}
-
-// --- 4.13 the backend: where the model's kernels and buffers come from -------------------------------------------
-// Sections 6 and 7 (the model, its training step) are written once, against `backend`: they call backend::kernel(...)
-// and keep parameters, gradients, AdamW's moments and activations in backend::Buffer and backend::Arena. The default
-// backend is this header: the kernels above, std::vector and the Arena of section 2, all in host memory. A translation
-// unit that defines DSV3_BACKEND_CUDA before including this header gets cuda/kernels.cuh instead: the same names and
-// parameter lists over device memory (build with nvcc; `make cuda` builds build/train_cuda from examples/train.cpp).
-// What the model needs on the host comes back through the few calls below: token ids go down, losses, the routing
-// plan (expert counts) and the routing bias come back.
-template <class T> using Buffer = std::vector<T>;
-constexpr bool host_memory = true;  // false on a GPU backend: model.params etc. are device pointers
-template <class T> void upload(Buffer<T>& dst, const std::vector<T>& host) { dst = host; }
-template <class T> std::vector<T> download(const Buffer<T>& src) { return src; }
-template <class T> void to_device(T* dst, const T* host, size_t n) { std::copy(host, host + n, dst); }
-template <class T> void to_host(T* host, const T* src, size_t n) { std::copy(src, src + n, host); }
-inline const MoePermutation& host_plan(const MoePermutation& p) { return p; }  // slot, token_of, offsets, counts
-}  // namespace dsv3
-#if defined(DSV3_BACKEND_CUDA)
-#include "cuda/kernels.cuh"
-namespace dsv3 { namespace backend = ::dsv3::cuda; }
-#else
-namespace dsv3 { namespace backend = ::dsv3; }
-#endif
-namespace dsv3 {
-
-// =====================================================================================================================
-// 5. PARAMETERS: ONE FLAT BUFFER, NAMED VIEWS
-// =====================================================================================================================
-// All parameters live in one float buffer, the gradients in a second of the same layout (and AdamW's moments in two
-// more). A module only stores offsets into it. So the optimizer, gradient clipping, checkpoints and the data-parallel
-// all-reduce each work on flat memory, and every tensor still has its Hugging Face name for checkpoints.
-enum class ParamKind {
-    matrix,     // linear weights and the embedding: initialised N(0, init_std²), weight decay applies
-    gain,       // RMSNorm gains: initialised to 1, no weight decay
-    routing_bias// e_score_correction_bias: no gradient; updated by the loss-free balancing rule [V3 §2.1.2]
-};
-struct ParamEntry {
-    std::string name;              // Hugging Face name, e.g. "model.layers.3.self_attn.kv_b_proj.weight"
-    std::vector<int64_t> shape;    // [out, in] for linears
-    size_t offset = 0, size = 0;   // where it lives in the flat buffer, and how many floats
-    ParamKind kind = ParamKind::matrix;
-    int mtp_module = -1;           // -1: main model; k-1: the k-th MTP module
-    bool routed_expert = false;    // a routed expert's weight (not activated for every token)
-};
-
-// Views: a module holds offsets; data = params.data() + offset, gradient = grads.data() + offset.
-struct Linear {  // weight [out, in]: y = x Wᵀ
-    size_t w = 0;
-    int out = 0, in = 0;
-    bool fp8 = true;  // in FP8 training, its three GEMMs run in FP8; false for the output head and the router [V3 §3.3.1]
-};
-struct Norm { size_t g = 0; int dim = 0; };            // gain [dim]
-struct Ffn { Linear gate, up, down; };                 // SwiGLU: down(silu(gate x) ⊙ up x)
-struct Attention {                                     // MLA [V3 eqs. 1-11]
-    Linear q_a, q_b;  // W^DQ [q_lora, d] and W^UQ [H·(d_h+d_h^R), q_lora]  (q_lora_rank > 0)
-    Linear q;         // W^Q  [H·(d_h+d_h^R), d]                              (q_lora_rank == 0)
-    Norm q_norm;      // RMSNorm on c^Q
-    Linear kv_a;      // [W^DKV; W^KR]: [d_c + d_h^R, d]  ("kv_a_proj_with_mqa")
-    Norm kv_norm;     // RMSNorm on c^KV
-    Linear kv_b;      // [W^UK; W^UV] per head: [H·(d_h + d_v), d_c]
-    Linear o;         // W^O [d, H·d_v]
-};
-struct MoE {                                           // DeepSeekMoE [V3 eqs. 12-16]
-    Linear router;                // e_i as rows: [N_r, d]  ("mlp.gate.weight")
-    size_t bias = 0;              // b_i: [N_r]  ("mlp.gate.e_score_correction_bias")
-    std::vector<Ffn> experts;     // N_r routed experts of width moe_inter_dim
-    size_t expert_stride = 0;     // floats from one expert's weights to the next's (gate, up, down stored together)
-    Ffn shared;                   // the N_s shared experts as one SwiGLU of width N_s·moe_inter_dim
-    bool has_shared = false;
-};
-struct Block {
-    Norm attn_norm, ffn_norm;     // "input_layernorm", "post_attention_layernorm"
-    Attention attn;
-    bool is_moe = false;
-    Ffn ffn;                      // dense layers
-    MoE moe;                      // MoE layers
-};
-struct MtpModule {                                     // [V3 §2.2, eq. 21-23]
-    Norm enorm, hnorm;            // RMSNorm of the next token's embedding, and of the previous depth's hidden state
-    Linear eh_proj;               // M_k: [d, 2d], input [enorm(emb) ; hnorm(h)] (embedding first, as stored)
-    Block block;                  // TRM_k
-    Norm norm;                    // "shared_head.norm": the final norm before the shared output head
-};
-struct ParamLayout {
-    std::vector<ParamEntry> entries;
-    size_t total = 0;
-    size_t embed = 0;             // [vocab, d]  "model.embed_tokens.weight"
-    std::vector<Block> blocks;
-    Norm final_norm;              // "model.norm.weight"
-    Linear head;                  // [vocab, d]  "lm_head.weight" (not tied to the embedding)
-    std::vector<MtpModule> mtp;
-    const ParamEntry& find(const std::string& name) const {
-        for (const ParamEntry& e : entries)
-            if (e.name == name) return e;
-        fail("parameter \"", name, "\": no such tensor in this config's layout");
-    }
-};
-
-// Builds the layout: names, shapes and offsets, in the order of the Hugging Face checkpoint.
-inline ParamLayout param_layout(const Config& c) {
-    c.validate();
-    ParamLayout L;
-    int mtp_index = -1;
-    bool in_expert = false;
-    auto add = [&](const std::string& name, std::vector<int64_t> shape, ParamKind kind) {
-        ParamEntry e;
-        e.name = name;
-        e.shape = std::move(shape);
-        e.size = 1;
-        for (int64_t s : e.shape) e.size *= size_t(s);
-        e.offset = L.total;
-        e.kind = kind;
-        e.mtp_module = mtp_index;
-        e.routed_expert = in_expert;
-        L.total += e.size;
-        L.entries.push_back(std::move(e));
-        return L.entries.back().offset;
-    };
-    auto linear = [&](const std::string& name, int out, int in) {
-        return Linear{add(name + ".weight", {out, in}, ParamKind::matrix), out, in};
-    };
-    auto norm = [&](const std::string& name, int dim) { return Norm{add(name + ".weight", {dim}, ParamKind::gain), dim}; };
-    auto ffn = [&](const std::string& p, int width) {
-        Ffn f;
-        f.gate = linear(p + ".gate_proj", width, c.dim);
-        f.up = linear(p + ".up_proj", width, c.dim);
-        f.down = linear(p + ".down_proj", c.dim, width);
-        return f;
-    };
-    const int H = c.n_heads, dqk = c.qk_head_dim();
-    auto block = [&](int layer) {
-        const std::string p = "model.layers." + std::to_string(layer);
-        Block b;
-        b.attn_norm = norm(p + ".input_layernorm", c.dim);
-        Attention& a = b.attn;
-        if (c.q_lora_rank > 0) {
-            a.q_a = linear(p + ".self_attn.q_a_proj", c.q_lora_rank, c.dim);
-            a.q_norm = norm(p + ".self_attn.q_a_layernorm", c.q_lora_rank);
-            a.q_b = linear(p + ".self_attn.q_b_proj", H * dqk, c.q_lora_rank);
-        } else {
-            a.q = linear(p + ".self_attn.q_proj", H * dqk, c.dim);
-        }
-        a.kv_a = linear(p + ".self_attn.kv_a_proj_with_mqa", c.kv_lora_rank + c.qk_rope_head_dim, c.dim);
-        a.kv_norm = norm(p + ".self_attn.kv_a_layernorm", c.kv_lora_rank);
-        a.kv_b = linear(p + ".self_attn.kv_b_proj", H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank);
-        a.o = linear(p + ".self_attn.o_proj", c.dim, H * c.v_head_dim);
-        b.ffn_norm = norm(p + ".post_attention_layernorm", c.dim);
-        b.is_moe = c.is_moe_layer(layer);
-        if (!b.is_moe) {
-            b.ffn = ffn(p + ".mlp", c.inter_dim);
-        } else {
-            MoE& m = b.moe;
-            m.router = linear(p + ".mlp.gate", c.n_routed_experts, c.dim);
-            m.router.fp8 = false;
-            m.bias = add(p + ".mlp.gate.e_score_correction_bias", {c.n_routed_experts}, ParamKind::routing_bias);
-            in_expert = true;
-            for (int e = 0; e < c.n_routed_experts; ++e)
-                m.experts.push_back(ffn(p + ".mlp.experts." + std::to_string(e), c.moe_inter_dim));
-            in_expert = false;
-            // The grouped expert GEMMs (section 4.10) rely on the even stride: check it.
-            const size_t matrix = size_t(c.moe_inter_dim) * c.dim;
-            m.expert_stride = 3 * matrix;
-            for (int e = 0; e < c.n_routed_experts; ++e) {
-                const Ffn& f = m.experts[size_t(e)];
-                const size_t at = m.experts[0].gate.w + size_t(e) * m.expert_stride;
-                if (f.gate.w != at || f.up.w != at + matrix || f.down.w != at + 2 * matrix)
-                    fail("param_layout: ", p, ".mlp.experts.", e, " is not stored where the grouped GEMMs expect it");
-            }
-            m.has_shared = c.n_shared_experts > 0;
-            if (m.has_shared) m.shared = ffn(p + ".mlp.shared_experts", c.n_shared_experts * c.moe_inter_dim);
-        }
-        return b;
-    };
-    L.embed = add("model.embed_tokens.weight", {c.vocab_size, c.dim}, ParamKind::matrix);
-    for (int l = 0; l < c.n_layers; ++l) L.blocks.push_back(block(l));
-    L.final_norm = norm("model.norm", c.dim);
-    L.head = linear("lm_head", c.vocab_size, c.dim);
-    L.head.fp8 = false;
-    for (int k = 0; k < c.n_mtp_depth; ++k) {  // stored as the layers after the main ones: model.layers.{n_layers+k}
-        mtp_index = k;
-        const std::string p = "model.layers." + std::to_string(c.n_layers + k);
-        MtpModule m;
-        m.enorm = norm(p + ".enorm", c.dim);
-        m.hnorm = norm(p + ".hnorm", c.dim);
-        m.eh_proj = linear(p + ".eh_proj", c.dim, 2 * c.dim);
-        m.block = block(c.n_layers + k);
-        m.norm = norm(p + ".shared_head.norm", c.dim);
-        L.mtp.push_back(m);
-    }
-    return L;
-}
-
-inline ParamCounts count_parameters(const Config& c) {
-    ParamLayout L = param_layout(c);
-    ParamCounts n;
-    int64_t routed_main = 0;
-    for (const ParamEntry& e : L.entries) {
-        if (e.mtp_module >= 0) { n.mtp += int64_t(e.size); continue; }
-        n.total += int64_t(e.size);
-        if (e.routed_expert) routed_main += int64_t(e.size);
-    }
-    // Each token uses K of the N_r routed experts in every MoE layer: count K experts' worth instead of N_r.
-    n.activated = n.total - routed_main;
-    if (c.n_routed_experts > 0) n.activated += routed_main / c.n_routed_experts * c.n_activated_experts;
-    n.embedding = int64_t(c.vocab_size) * c.dim;
-    // DeepSeek's checkpoint stores, for each MTP module, its own copy of the embedding and of the output head.
-    n.mtp_in_checkpoint = n.mtp + int64_t(c.n_mtp_depth) * 2 * int64_t(c.vocab_size) * c.dim;
-    return n;
-}
-
-// =====================================================================================================================
-// 6. MODULES: MLA, FFN, MoE, BLOCK, MTP, MODEL
-// =====================================================================================================================
-// The model logic is written once here, as forward/backward pairs that compose the kernels of section 4. Each
-// forward saves what its backward needs in a cache (pointers into the activation arena).
-
-enum class BalanceLoss { none, sequence_wise, expert_level };
-
-// What the training loss is made of [V3 §2.1.2 and §2.2]: L = L_main + (λ/D) Σ_k L_MTP^k + balance loss.
-struct LossOptions {
-    bool with_mtp = true;            // inference drops the MTP modules
-    float mtp_lambda = 0.3f;         // λ: 0.3 for V3's first 10T tokens, then 0.1
-    BalanceLoss balance = BalanceLoss::none;
-    float balance_alpha = 0.0001f;   // α (V3: 0.0001 for the sequence-wise loss)
-};
-struct Losses {
-    double main = 0;                 // next-token cross-entropy, nats per token
-    std::vector<double> mtp;         // per depth k: cross-entropy of token t+k+1
-    double balance = 0;              // sum over MoE layers of the balance loss
-    double total = 0;                // what backward() differentiates
-};
-
-struct AttnCache {
-    const float* x = nullptr;        // [BT, d]  the block's normalised input
-    float *cq = nullptr, *cq_rstd = nullptr, *cq_n = nullptr;  // [BT, d_c'], [BT], [BT, d_c']   (query LoRA)
-    float* q = nullptr;              // [BT, H, d_h + d_h^R]  queries, RoPE applied to the last d_h^R of each head
-    float *ckv_raw = nullptr, *ckv_rstd = nullptr, *ckv = nullptr;  // [BT, d_c]: c^KV before/after its RMSNorm
-    float* k_rope = nullptr;         // [BT, d_h^R]  k^R: RoPE(W^KR h), ONE key part shared by all heads
-    float* kv = nullptr;             // [BT, H, d_h + d_v]  W^UKV c^KV
-    float *k = nullptr, *v = nullptr;// [BT, H, d_h + d_h^R], [BT, H, d_v]
-    float* probs = nullptr;          // [B, H, T, T]
-    float* o = nullptr;              // [BT, H·d_v]
-};
-struct FfnCache {
-    const float* x = nullptr;        // [n, d]
-    float *gate = nullptr, *up = nullptr, *h = nullptr;  // [n, width]
-};
-struct MoeCache {
-    const float* x = nullptr;        // [BT, d]
-    float *logits = nullptr, *scores = nullptr, *gates = nullptr;  // [BT, N_r], [BT, N_r], [BT, K]
-    backend::Buffer<int32_t> chosen; // [BT, K]
-    backend::MoePermutation perm;    // the plan is made on the host: backend::host_plan(perm)
-    float *xe = nullptr, *ye = nullptr;  // [BT·K, d] tokens in expert order, and the experts' outputs
-    FfnCache experts;                // the routed experts, over all of c.xe's rows
-    FfnCache shared;
-    std::vector<int64_t> load;       // [N_r] tokens routed to each expert in this batch
-};
-struct BlockCache {
-    const float* h_in = nullptr;     // [BT, d]
-    float *xn1 = nullptr, *rstd1 = nullptr, *h_mid = nullptr, *xn2 = nullptr, *rstd2 = nullptr, *h_out = nullptr;
-    AttnCache attn;
-    FfnCache ffn;
-    MoeCache moe;
-};
-struct MtpCache {
-    backend::Buffer<int32_t> emb_tokens, targets;  // [BT]: t_{i+k} and t_{i+k+1} (kIgnore past the end)
-    const float* h_prev = nullptr;   // [BT, d]  h^{k-1}
-    float *emb = nullptr, *en = nullptr, *en_rstd = nullptr, *hn = nullptr, *hn_rstd = nullptr;
-    float *cat = nullptr, *h_proj = nullptr;   // [BT, 2d], [BT, d]
-    BlockCache block;
-    float *out_n = nullptr, *out_rstd = nullptr, *logits = nullptr;
-};
-
-struct KvCache;  // section 8
-
-// Who runs the routed experts of a MoE layer. The layer routes its tokens, groups them by expert (c.perm, c.xe) and
-// combines the experts' outputs (c.ye) with the gates; in between, by default, the model runs all N_r experts itself
-// (Model::experts_forward). Expert parallelism (section 9) installs a runner that sends each token to the ranks
-// owning its experts and brings the outputs back [V3 §3.2].
-class Model;
-struct ExpertRunner {
-    virtual ~ExpertRunner() = default;
-    // c.x, c.chosen, c.gates, c.perm and c.xe: [n·K, d] are set; fill c.ye: [n·K, d] (rows in c.perm's order).
-    virtual void forward(Model& model, const MoE& m, MoeCache& c) = 0;
-    // dye: [n·K, d], the gradient of c.ye; write dxe: [n·K, d] (zeroed by the caller) and add the experts' weight
-    // gradients into model.grads.
-    virtual void backward(Model& model, const MoE& m, MoeCache& c, const float* dye, float* dxe) = 0;
-};
-
-class Model {
-  public:
-    Config cfg;
-    ParamLayout layout;
-    backend::Buffer<float> params, grads;  // the two flat buffers (device memory on a GPU backend)
-    RopeTable rope;
-    bool reuse_routing = false;        // gradient checks: keep the last forward's expert choice fixed
-    ExpertRunner* expert_runner = nullptr;  // null: this model runs every routed expert (no expert parallelism)
-
-    Model(const Config& c, uint64_t seed) : cfg(c), layout(param_layout(c)) {
-        std::vector<float> init(layout.total, 0.0f);
-        rope = make_rope_table(cfg, cfg.max_seq_len);
-        for (size_t i = 0; i < layout.entries.size(); ++i) {  // each tensor from its own stream: order-independent
-            const ParamEntry& e = layout.entries[i];
-            Rng rng = Rng(seed).fork(i);
-            float* p = init.data() + e.offset;
-            for (size_t j = 0; j < e.size; ++j)
-                p[j] = e.kind == ParamKind::matrix ? float(rng.normal() * cfg.init_std)
-                                                   : (e.kind == ParamKind::gain ? 1.0f : 0.0f);
-        }
-        backend::upload(params, init);
-        backend::upload(grads, std::vector<float>(layout.total, 0.0f));
-        blocks_.resize(layout.blocks.size());
-        mtp_.resize(layout.mtp.size());
-    }
-    float* P(size_t offset) { return params.data() + offset; }
-    float* G(size_t offset) { return grads.data() + offset; }
-    // A parameter or its gradient by Hugging Face name, e.g. param("model.layers.0.self_attn.kv_a_proj_with_mqa.weight").
-    TensorView param(const std::string& name) {
-        const ParamEntry& e = layout.find(name);
-        return {P(e.offset), e.shape, e.name};
-    }
-    TensorView grad(const std::string& name) {
-        const ParamEntry& e = layout.find(name);
-        return {G(e.offset), e.shape, e.name + " (gradient)"};
-    }
-
-    // tokens: [B, T+1]: position t of row b reads token t and predicts token t+1.
-    Losses forward(const int32_t* tokens, int B, int T, const LossOptions& opt = {});
-    // Gradients of the last forward's total loss, written into `grads` (zeroed first).
-    void backward();
-    Losses forward_backward(const int32_t* tokens, int B, int T, const LossOptions& opt = {}) {
-        Losses l = forward(tokens, B, T, opt);
-        backward();
-        return l;
-    }
-    const float* logits() const { return logits_; }  // [B·T, vocab] of the last forward
-    const float* mtp_logits(int k) const { return mtp_.at(size_t(k)).logits; }  // [B·T, vocab], module k+1
-    // Attention weights of main block `layer` in the last forward: [B, H, T, T].
-    const float* attention_probs(int layer) const { return blocks_.at(size_t(layer)).attn.probs; }
-    // Expert loads of the last forward, one vector [N_r] per MoE block (main blocks first, then MTP blocks).
-    std::vector<std::vector<int64_t>> expert_loads() const {
-        std::vector<std::vector<int64_t>> loads;
-        for (size_t l = 0; l < blocks_.size(); ++l)
-            if (layout.blocks[l].is_moe) loads.push_back(blocks_[l].moe.load);
-        for (size_t k = 0; k < mtp_.size(); ++k)
-            if (layout.mtp[k].block.is_moe) loads.push_back(mtp_[k].block.moe.load);
-        return loads;
-    }
-    // Inference (section 8): run n new tokens at the cache's next positions; logits: [n, vocab]; hidden: [n, dim]
-    // (optional) the last block's output, which the MTP module reads. absorbed: attention in the latent space.
-    // tokens, logits, hidden and h are host memory on every backend (the sampler runs on the host).
-    void decode(const int32_t* tokens, int n, KvCache& cache, float* logits, float* hidden = nullptr,
-                bool absorbed = true);
-    void decode_mtp(const float* h, const int32_t* next_tokens, int n, KvCache& cache, float* logits,
-                    bool absorbed = true);
-    // Routed experts first .. first+count-1 of layer m on rows grouped by expert: rows offsets[i] .. offsets[i+1] of
-    // xe: [rows, d] (offsets[0] = 0, rows = offsets[count]) go through expert first+i into the same rows of ye; the
-    // cache c is kept for the backward. The SwiGLU of section 6.2, with each projection one grouped GEMM over all the
-    // experts (section 4.10). The MoE layer runs all N_r experts this way; under expert parallelism each rank runs
-    // the ones it owns.
-    void experts_forward(const MoE& m, int first, int count, const int64_t* offsets, const float* xe, float* ye,
-                         FfnCache& c) {
-        const int64_t rows = offsets[count];
-        const int w = cfg.moe_inter_dim;
-        c.x = xe;
-        c.gate = arena_.take(size_t(rows) * w);
-        c.up = arena_.take(size_t(rows) * w);
-        c.h = arena_.take(size_t(rows) * w);
-        experts_linear_forward_(c.gate, xe, m, first, count, &Ffn::gate, offsets);
-        experts_linear_forward_(c.up, xe, m, first, count, &Ffn::up, offsets);
-        backend::swiglu_forward(c.h, c.gate, c.up, rows * w);
-        experts_linear_forward_(ye, c.h, m, first, count, &Ffn::down, offsets);
-    }
-    // dxe: [rows, d] (+=) from dye: [rows, d]; the experts' weight gradients go into grads.
-    void experts_backward(const MoE& m, int first, int count, const int64_t* offsets, const float* dye, float* dxe,
-                          const FfnCache& c) {
-        const int64_t rows = offsets[count];
-        const int w = cfg.moe_inter_dim;
-        auto mark = arena_.mark();
-        float* dh = arena_.zeros(size_t(rows) * w);
-        experts_linear_backward_(dh, dye, c.h, m, first, count, &Ffn::down, offsets);
-        float* dgate = arena_.zeros(size_t(rows) * w);
-        float* dup = arena_.zeros(size_t(rows) * w);
-        backend::swiglu_backward(dgate, dup, dh, c.gate, c.up, rows * w);
-        experts_linear_backward_(dxe, dgate, c.x, m, first, count, &Ffn::gate, offsets);
-        experts_linear_backward_(dxe, dup, c.x, m, first, count, &Ffn::up, offsets);
-        arena_.release(mark);
-    }
-    std::vector<Block*> moe_blocks() {
-        std::vector<Block*> out;
-        for (Block& b : layout.blocks)
-            if (b.is_moe) out.push_back(&b);
-        for (MtpModule& m : layout.mtp)
-            if (m.block.is_moe) out.push_back(&m.block);
-        return out;
-    }
-
-  private:
-    backend::Arena arena_;
-    int B_ = 0, T_ = 0;
-    LossOptions opt_;
-    backend::Buffer<int32_t> inputs_, targets_;  // [BT]
-    float *h0_ = nullptr, *hn_ = nullptr, *final_rstd_ = nullptr, *logits_ = nullptr;
-    std::vector<BlockCache> blocks_;
-    std::vector<MtpCache> mtp_;
-    bool has_forward_ = false;
-
-    int BT() const { return B_ * T_; }
-    // Every linear layer goes through these two. In FP8 training (Config.fp8_training) its three GEMMs (Fprop, Dgrad,
-    // Wgrad) run on the FP8 simulation of section 3 with V3's recipe; the head and the router stay in FP32.
-    bool fp8_(const Linear& w) const { return cfg.fp8_training && w.fp8; }
-    void linear_forward(float* y, const float* x, const Linear& w, int n) {
-        if (fp8_(w)) backend::fp8_matmul_forward(y, x, P(w.w), n, w.in, w.out);
-        else backend::matmul_forward(y, x, P(w.w), n, w.in, w.out);
-    }
-    void linear_backward(float* dx, const float* dy, const float* x, const Linear& w, int n) {
-        if (fp8_(w)) backend::fp8_matmul_backward(dx, G(w.w), dy, x, P(w.w), n, w.in, w.out);
-        else backend::matmul_backward(dx, G(w.w), dy, x, P(w.w), n, w.in, w.out);
-    }
-    // One projection (gate, up or down) of experts first .. first+count-1, each on its rows: one grouped GEMM; in FP8
-    // training, the FP8 linear layer expert by expert.
-    void experts_linear_forward_(float* y, const float* x, const MoE& m, int first, int count, Linear Ffn::*proj,
-                                 const int64_t* offsets) {
-        const Linear& w0 = m.experts[size_t(first)].*proj;
-        if (!fp8_(w0)) {
-            backend::grouped_matmul_forward(y, x, P(w0.w), int64_t(m.expert_stride), offsets, count, w0.in, w0.out);
-            return;
-        }
-        for (int i = 0; i < count; ++i)
-            if (offsets[i + 1] > offsets[i])
-                linear_forward(y + offsets[i] * w0.out, x + offsets[i] * w0.in, m.experts[size_t(first + i)].*proj,
-                               int(offsets[i + 1] - offsets[i]));
-    }
-    void experts_linear_backward_(float* dx, const float* dy, const float* x, const MoE& m, int first, int count,
-                                  Linear Ffn::*proj, const int64_t* offsets) {
-        const Linear& w0 = m.experts[size_t(first)].*proj;
-        if (!fp8_(w0)) {
-            backend::grouped_matmul_backward(dx, G(w0.w), dy, x, P(w0.w), int64_t(m.expert_stride), offsets, count,
-                                             w0.in, w0.out);
-            return;
-        }
-        for (int i = 0; i < count; ++i)
-            if (offsets[i + 1] > offsets[i])
-                linear_backward(dx + offsets[i] * w0.in, dy + offsets[i] * w0.out, x + offsets[i] * w0.in,
-                                m.experts[size_t(first + i)].*proj, int(offsets[i + 1] - offsets[i]));
-    }
-    void norm_forward(float* y, float* rstd, const float* x, const Norm& n, int rows) {
-        backend::rmsnorm_forward(y, rstd, x, P(n.g), rows, n.dim, cfg.rms_norm_eps);
-    }
-    void norm_backward(float* dx, const float* dy, const float* x, const float* rstd, const Norm& n, int rows) {
-        backend::rmsnorm_backward(dx, G(n.g), dy, x, P(n.g), rstd, rows, n.dim);
-    }
-
-    void attention_forward_(AttnCache& c, const Attention& a, const float* x, float* out);
-    void attention_backward_(const AttnCache& c, const Attention& a, const float* dout, float* dx);
-    void ffn_forward_(FfnCache& c, const Ffn& f, const float* x, float* out, int n);
-    void ffn_backward_(const FfnCache& c, const Ffn& f, const float* dout, float* dx, int n);
-    void moe_forward_(MoeCache& c, const MoE& m, const float* x, float* out, double* balance);
-    void moe_backward_(MoeCache& c, const MoE& m, const float* dout, float* dx);
-    void block_forward_(BlockCache& c, const Block& b, const float* h_in, double* balance);
-    void block_backward_(BlockCache& c, const Block& b, const float* dh_out, float* dh_in);
-    void begin_decode_(int n, const KvCache& cache, int layers, const char* who);
-    void attention_decode_(const Attention& a, const float* x, float* out, int n, KvCache& cache, int layer,
-                           bool absorbed);
-    void block_decode_(BlockCache& c, const Block& b, const float* h_in, float* h_out, int n, KvCache& cache,
-                       int layer, bool absorbed);
-};
-
-// --- 6.1 Multi-head Latent Attention [V3 §2.1.1] -----------------------------------------------------------------
-// Keys and values are compressed jointly into a small latent c^KV (eq. 1), from which per-head keys and values are
-// up-projected (eqs. 2, 5); only c^KV and the decoupled RoPE key k^R (eq. 3, shared by all heads) would be cached
-// at inference. Queries get a low-rank compression too (eqs. 6-8), which saves activation memory in training.
-inline void Model::attention_forward_(AttnCache& c, const Attention& a, const float* x, float* out) {
-    const int n = BT(), H = cfg.n_heads, dh = cfg.qk_nope_head_dim, dr = cfg.qk_rope_head_dim,
-              dqk = cfg.qk_head_dim(), dv = cfg.v_head_dim, dc = cfg.kv_lora_rank;
-    c.x = x;
-    // queries: q = W^UQ RMSNorm(W^DQ h)  (eqs. 6-7), then RoPE on each head's last d_h^R values (eq. 8)
-    c.q = arena_.take(size_t(n) * H * dqk);
-    if (cfg.q_lora_rank > 0) {
-        c.cq = arena_.take(size_t(n) * cfg.q_lora_rank);
-        c.cq_rstd = arena_.take(size_t(n));
-        c.cq_n = arena_.take(size_t(n) * cfg.q_lora_rank);
-        linear_forward(c.cq, x, a.q_a, n);
-        norm_forward(c.cq_n, c.cq_rstd, c.cq, a.q_norm, n);
-        linear_forward(c.q, c.cq_n, a.q_b, n);
-    } else {
-        linear_forward(c.q, x, a.q, n);
-    }
-    backend::rope_forward(c.q, n, H * dqk, dh, H, dqk, 0, T_, rope);
-    // keys and values: [c^KV ; k^R_raw] = [W^DKV ; W^KR] h  (eqs. 1, 3), c^KV normalised, k^R rotated
-    float* kv_a = arena_.take(size_t(n) * (dc + dr));
-    linear_forward(kv_a, x, a.kv_a, n);
-    c.ckv_raw = arena_.take(size_t(n) * dc);
-    c.k_rope = arena_.take(size_t(n) * dr);
-    backend::split_columns(c.ckv_raw, c.k_rope, kv_a, n, dc, dr);
-    c.ckv_rstd = arena_.take(size_t(n));
-    c.ckv = arena_.take(size_t(n) * dc);
-    norm_forward(c.ckv, c.ckv_rstd, c.ckv_raw, a.kv_norm, n);
-    backend::rope_forward(c.k_rope, n, dr, 0, 1, dr, 0, T_, rope);
-    // per-head [k^C ; v] = W^UKV c^KV (eqs. 2, 5); k = [k^C ; k^R] (eq. 4)
-    c.kv = arena_.take(size_t(n) * H * (dh + dv));
-    linear_forward(c.kv, c.ckv, a.kv_b, n);
-    c.k = arena_.take(size_t(n) * H * dqk);
-    c.v = arena_.take(size_t(n) * H * dv);
-    backend::mla_keys_values_forward(c.k, c.v, c.kv, c.k_rope, n, H, dh, dr, dv);
-    // o = softmax(q kᵀ · scale) v per head (eqs. 9-10), u = W^O o (eq. 11)
-    c.probs = arena_.take(size_t(B_) * H * T_ * T_);
-    c.o = arena_.take(size_t(n) * H * dv);
-    backend::attention_forward(c.o, c.probs, c.q, c.k, c.v, B_, T_, H, dqk, dv, attention_scale(cfg));
-    linear_forward(out, c.o, a.o, n);
-}
-
-inline void Model::attention_backward_(const AttnCache& c, const Attention& a, const float* dout, float* dx) {
-    const int n = BT(), H = cfg.n_heads, dh = cfg.qk_nope_head_dim, dr = cfg.qk_rope_head_dim,
-              dqk = cfg.qk_head_dim(), dv = cfg.v_head_dim, dc = cfg.kv_lora_rank;
-    auto mark = arena_.mark();
-    float* d_o = arena_.zeros(size_t(n) * H * dv);
-    linear_backward(d_o, dout, c.o, a.o, n);
-    float* dq = arena_.zeros(size_t(n) * H * dqk);
-    float* dk = arena_.zeros(size_t(n) * H * dqk);
-    float* dvv = arena_.zeros(size_t(n) * H * dv);
-    backend::attention_backward(dq, dk, dvv, d_o, c.probs, c.q, c.k, c.v, B_, T_, H, dqk, dv, attention_scale(cfg));
-    // un-assemble k and v: d(kv) per head, and the shared rope key sums its heads' gradients
-    float* dkv = arena_.take(size_t(n) * H * (dh + dv));
-    float* dkv_a = arena_.take(size_t(n) * (dc + dr));
-    float* dk_rope = arena_.zeros(size_t(n) * dr);
-    backend::mla_keys_values_backward(dkv, dk_rope, dk, dvv, n, H, dh, dr, dv);
-    float* dckv = arena_.zeros(size_t(n) * dc);
-    linear_backward(dckv, dkv, c.ckv, a.kv_b, n);
-    backend::rope_backward(dk_rope, n, dr, 0, 1, dr, 0, T_, rope);
-    float* dckv_raw = arena_.zeros(size_t(n) * dc);
-    norm_backward(dckv_raw, dckv, c.ckv_raw, c.ckv_rstd, a.kv_norm, n);
-    backend::concat_columns(dkv_a, dckv_raw, dk_rope, n, dc, dr);
-    linear_backward(dx, dkv_a, c.x, a.kv_a, n);
-    backend::rope_backward(dq, n, H * dqk, dh, H, dqk, 0, T_, rope);
-    if (cfg.q_lora_rank > 0) {
-        float* dcq_n = arena_.zeros(size_t(n) * cfg.q_lora_rank);
-        linear_backward(dcq_n, dq, c.cq_n, a.q_b, n);
-        float* dcq = arena_.zeros(size_t(n) * cfg.q_lora_rank);
-        norm_backward(dcq, dcq_n, c.cq, c.cq_rstd, a.q_norm, n);
-        linear_backward(dx, dcq, c.x, a.q_a, n);
-    } else {
-        linear_backward(dx, dq, c.x, a.q, n);
-    }
-    arena_.release(mark);
-}
-
-// --- 6.2 SwiGLU feed-forward: dense layers, every expert, and the shared experts ---------------------------------
-inline void Model::ffn_forward_(FfnCache& c, const Ffn& f, const float* x, float* out, int n) {
-    const int w = f.gate.out;
-    c.x = x;
-    c.gate = arena_.take(size_t(n) * w);
-    c.up = arena_.take(size_t(n) * w);
-    c.h = arena_.take(size_t(n) * w);
-    linear_forward(c.gate, x, f.gate, n);
-    linear_forward(c.up, x, f.up, n);
-    backend::swiglu_forward(c.h, c.gate, c.up, int64_t(n) * w);
-    linear_forward(out, c.h, f.down, n);
-}
-inline void Model::ffn_backward_(const FfnCache& c, const Ffn& f, const float* dout, float* dx, int n) {
-    const int w = f.gate.out;
-    auto mark = arena_.mark();
-    float* dh = arena_.zeros(size_t(n) * w);
-    linear_backward(dh, dout, c.h, f.down, n);
-    float* dgate = arena_.zeros(size_t(n) * w);
-    float* dup = arena_.zeros(size_t(n) * w);
-    backend::swiglu_backward(dgate, dup, dh, c.gate, c.up, int64_t(n) * w);
-    linear_backward(dx, dgate, c.x, f.gate, n);
-    linear_backward(dx, dup, c.x, f.up, n);
-    arena_.release(mark);
-}
-
-// --- 6.3 DeepSeekMoE [V3 §2.1.2, eq. 12]: h' = u + Σ_shared FFN_s(u) + Σ_routed g_i FFN_i(u) ----------------------
-inline void Model::moe_forward_(MoeCache& c, const MoE& m, const float* x, float* out, double* balance) {
-    const int n = BT(), N = cfg.n_routed_experts, K = cfg.n_activated_experts, d = cfg.dim;
-    const bool softmax = cfg.score_func == "softmax";
-    c.x = x;
-    c.logits = arena_.take(size_t(n) * N);
-    c.scores = arena_.take(size_t(n) * N);
-    c.gates = arena_.take(size_t(n) * K);
-    linear_forward(c.logits, x, m.router, n);
-    backend::router_scores_forward(c.scores, c.logits, n, N, softmax);
-    if (!reuse_routing || c.chosen.size() != size_t(n) * K) {
-        c.chosen.resize(size_t(n) * K);
-        backend::router_select(c.chosen.data(), c.scores, P(m.bias), n, cfg);
-    }
-    backend::router_gates_forward(c.gates, c.scores, c.chosen.data(), n, cfg);
-    backend::moe_permute_plan(c.perm, c.chosen.data(), n, K, N);
-    c.load = backend::host_plan(c.perm).counts;
-    if (opt_.balance == BalanceLoss::sequence_wise)
-        *balance += sequence_balance_loss(nullptr, c.scores, c.chosen.data(), B_, T_, cfg, opt_.balance_alpha);
-    else if (opt_.balance == BalanceLoss::expert_level)
-        *balance += expert_balance_loss(nullptr, c.logits, c.chosen.data(), n, cfg, opt_.balance_alpha);
-    // routed experts: gather each expert's tokens, run its SwiGLU on them, scatter back weighted by the gates
-    c.xe = arena_.take(size_t(n) * K * d);
-    c.ye = arena_.take(size_t(n) * K * d);
-    backend::moe_permute_forward(c.xe, x, c.perm, d);
-    if (expert_runner) expert_runner->forward(*this, m, c);  // expert parallelism: the experts live on other ranks
-    else experts_forward(m, 0, N, backend::host_plan(c.perm).offsets.data(), c.xe, c.ye, c.experts);
-    if (m.has_shared) ffn_forward_(c.shared, m.shared, x, out, n);
-    else backend::fill_zero(out, int64_t(n) * d);
-    backend::moe_unpermute_forward(out, c.ye, c.gates, c.perm, n, K, d);
-}
-
-inline void Model::moe_backward_(MoeCache& c, const MoE& m, const float* dout, float* dx) {
-    const int n = BT(), N = cfg.n_routed_experts, K = cfg.n_activated_experts, d = cfg.dim;
-    const bool softmax = cfg.score_func == "softmax";
-    auto mark = arena_.mark();
-    if (m.has_shared) ffn_backward_(c.shared, m.shared, dout, dx, n);
-    float* dye = arena_.take(size_t(n) * K * d);
-    float* dgates = arena_.zeros(size_t(n) * K);
-    backend::moe_unpermute_backward(dye, dgates, dout, c.ye, c.gates, c.perm, n, K, d);
-    float* dxe = arena_.zeros(size_t(n) * K * d);
-    if (expert_runner) expert_runner->backward(*this, m, c, dye, dxe);
-    else experts_backward(m, 0, N, backend::host_plan(c.perm).offsets.data(), dye, dxe, c.experts);
-    backend::moe_permute_backward(dx, dxe, c.perm, n, K, d);
-    // router: gates -> scores (-> + sequence-wise loss) -> logits (+ expert-level loss) -> W_router and x
-    float* dscores = arena_.zeros(size_t(n) * N);
-    backend::router_gates_backward(dscores, dgates, c.scores, c.chosen.data(), n, cfg);
-    if (opt_.balance == BalanceLoss::sequence_wise)
-        sequence_balance_loss(dscores, c.scores, c.chosen.data(), B_, T_, cfg, opt_.balance_alpha);
-    float* dlogits = arena_.zeros(size_t(n) * N);
-    backend::router_scores_backward(dlogits, dscores, c.scores, n, N, softmax);
-    if (opt_.balance == BalanceLoss::expert_level)
-        expert_balance_loss(dlogits, c.logits, c.chosen.data(), n, cfg, opt_.balance_alpha);
-    linear_backward(dx, dlogits, c.x, m.router, n);
-    arena_.release(mark);
-}
-
-// --- 6.4 the pre-norm block: h ← h + Attn(RMSNorm(h)); h ← h + FFN(RMSNorm(h)) ------------------------------------
-inline void Model::block_forward_(BlockCache& c, const Block& b, const float* h_in, double* balance) {
-    const int n = BT(), d = cfg.dim;
-    c.h_in = h_in;
-    c.xn1 = arena_.take(size_t(n) * d);
-    c.rstd1 = arena_.take(size_t(n));
-    norm_forward(c.xn1, c.rstd1, h_in, b.attn_norm, n);
-    c.h_mid = arena_.take(size_t(n) * d);
-    attention_forward_(c.attn, b.attn, c.xn1, c.h_mid);
-    backend::add_inplace(c.h_mid, h_in, int64_t(n) * d);
-    c.xn2 = arena_.take(size_t(n) * d);
-    c.rstd2 = arena_.take(size_t(n));
-    norm_forward(c.xn2, c.rstd2, c.h_mid, b.ffn_norm, n);
-    c.h_out = arena_.take(size_t(n) * d);
-    if (b.is_moe) moe_forward_(c.moe, b.moe, c.xn2, c.h_out, balance);
-    else ffn_forward_(c.ffn, b.ffn, c.xn2, c.h_out, n);
-    backend::add_inplace(c.h_out, c.h_mid, int64_t(n) * d);
-}
-// dh_in (+=) from dh_out.
-inline void Model::block_backward_(BlockCache& c, const Block& b, const float* dh_out, float* dh_in) {
-    const int n = BT(), d = cfg.dim;
-    auto mark = arena_.mark();
-    float* dxn2 = arena_.zeros(size_t(n) * d);
-    if (b.is_moe) moe_backward_(c.moe, b.moe, dh_out, dxn2);
-    else ffn_backward_(c.ffn, b.ffn, dh_out, dxn2, n);
-    float* dh_mid = arena_.take(size_t(n) * d);
-    backend::copy_values(dh_mid, dh_out, int64_t(n) * d);
-    norm_backward(dh_mid, dxn2, c.h_mid, c.rstd2, b.ffn_norm, n);
-    float* dxn1 = arena_.zeros(size_t(n) * d);
-    attention_backward_(c.attn, b.attn, dh_mid, dxn1);
-    backend::add_inplace(dh_in, dh_mid, int64_t(n) * d);
-    norm_backward(dh_in, dxn1, c.h_in, c.rstd1, b.attn_norm, n);
-    arena_.release(mark);
-}
-
-// --- 6.5 the model, with Multi-Token Prediction [V3 §2.2] -----------------------------------------------------------
-// Main model: embedding, blocks, final RMSNorm, output head, cross-entropy on the next token.
-// MTP module k (k = 1..D) at position i: h'^k_i = M_k [RMSNorm(Emb(t_{i+k})) ; RMSNorm(h^{k-1}_i)] (eq. 21),
-// h^k = TRM_k(h'^k) (eq. 22), P^k_{i+k+1} = OutHead(h^k_i) (eq. 23), sharing the embedding and the output head with
-// the main model. Positions whose token t_{i+k} or target t_{i+k+1} lies past the end of the row are ignored (the
-// causal mask keeps the filler there from reaching earlier positions).
-inline Losses Model::forward(const int32_t* tokens, int B, int T, const LossOptions& opt) {
-    if (B <= 0 || T <= 0) fail("Model::forward: batch ", B, " x sequence ", T, ": both must be > 0");
-    if (T > cfg.max_seq_len) fail("Model::forward: sequence length ", T, " exceeds Config.max_seq_len ", cfg.max_seq_len);
-    if (!backend::host_memory && opt.balance != BalanceLoss::none)
-        fail("Model::forward: the balance losses run on the CPU backend only (LossOptions.balance must be none)");
-    B_ = B; T_ = T; opt_ = opt;
-    const int n = BT(), d = cfg.dim, V = cfg.vocab_size;
-    arena_.reset();
-    std::vector<int32_t> inputs(size_t(n), 0), targets(size_t(n), 0);  // on the host, then to the backend
-    for (int b = 0; b < B; ++b)
-        for (int t = 0; t < T; ++t) {
-            inputs[size_t(b) * T + t] = tokens[int64_t(b) * (T + 1) + t];
-            targets[size_t(b) * T + t] = tokens[int64_t(b) * (T + 1) + t + 1];
-        }
-    backend::upload(inputs_, inputs);
-    backend::upload(targets_, targets);
-    Losses loss;
-    h0_ = arena_.take(size_t(n) * d);
-    backend::embedding_forward(h0_, inputs_.data(), P(layout.embed), n, d, V);
-    const float* h = h0_;
-    for (size_t l = 0; l < layout.blocks.size(); ++l) {
-        block_forward_(blocks_[l], layout.blocks[l], h, &loss.balance);
-        h = blocks_[l].h_out;
-    }
-    hn_ = arena_.take(size_t(n) * d);
-    final_rstd_ = arena_.take(size_t(n));
-    norm_forward(hn_, final_rstd_, h, layout.final_norm, n);
-    logits_ = arena_.take(size_t(n) * V);
-    linear_forward(logits_, hn_, layout.head, n);
-    loss.main = backend::cross_entropy_forward(logits_, targets_.data(), n, V);
-    loss.total = loss.main;
-    const int D = opt.with_mtp ? int(layout.mtp.size()) : 0;
-    for (int k = 1; k <= D; ++k) {
-        MtpCache& c = mtp_[size_t(k - 1)];
-        const MtpModule& m = layout.mtp[size_t(k - 1)];
-        std::vector<int32_t> emb_tokens(size_t(n), 0), mtp_targets(size_t(n), 0);
-        for (int b = 0; b < B; ++b)
-            for (int i = 0; i < T; ++i) {
-                const int64_t row = int64_t(b) * (T + 1);
-                emb_tokens[size_t(b) * T + i] = tokens[row + std::min(i + k, T)];
-                mtp_targets[size_t(b) * T + i] = i + k + 1 <= T ? tokens[row + i + k + 1] : kIgnore;
-            }
-        backend::upload(c.emb_tokens, emb_tokens);
-        backend::upload(c.targets, mtp_targets);
-        c.h_prev = h;
-        c.emb = arena_.take(size_t(n) * d);
-        backend::embedding_forward(c.emb, c.emb_tokens.data(), P(layout.embed), n, d, V);
-        c.en = arena_.take(size_t(n) * d); c.en_rstd = arena_.take(size_t(n));
-        c.hn = arena_.take(size_t(n) * d); c.hn_rstd = arena_.take(size_t(n));
-        norm_forward(c.en, c.en_rstd, c.emb, m.enorm, n);
-        norm_forward(c.hn, c.hn_rstd, h, m.hnorm, n);
-        c.cat = arena_.take(size_t(n) * 2 * d);
-        backend::concat_columns(c.cat, c.en, c.hn, n, d, d);
-        c.h_proj = arena_.take(size_t(n) * d);
-        linear_forward(c.h_proj, c.cat, m.eh_proj, n);
-        block_forward_(c.block, m.block, c.h_proj, &loss.balance);
-        h = c.block.h_out;
-        c.out_n = arena_.take(size_t(n) * d);
-        c.out_rstd = arena_.take(size_t(n));
-        norm_forward(c.out_n, c.out_rstd, h, m.norm, n);
-        c.logits = arena_.take(size_t(n) * V);
-        linear_forward(c.logits, c.out_n, layout.head, n);
-        loss.mtp.push_back(backend::cross_entropy_forward(c.logits, c.targets.data(), n, V));
-        loss.total += opt.mtp_lambda / D * loss.mtp.back();
-    }
-    loss.total += loss.balance;
-    has_forward_ = true;
-    return loss;
-}
-
-inline void Model::backward() {
-    if (!has_forward_) fail("Model::backward: call forward first");
-    const int n = BT(), d = cfg.dim, V = cfg.vocab_size;
-    backend::fill_zero(grads.data(), int64_t(grads.size()));
-    auto mark = arena_.mark();
-    const int D = opt_.with_mtp ? int(layout.mtp.size()) : 0;
-    // dh_top: gradient w.r.t. the output of the last main block; MTP modules add into it through hnorm.
-    float* dh_top = arena_.zeros(size_t(n) * d);
-    float* dlogits = arena_.take(size_t(n) * V);
-    float* dnorm = arena_.take(size_t(n) * d);
-    float* dh_next = nullptr;  // gradient flowing into h^k from module k+1
-    for (int k = D; k >= 1; --k) {
-        MtpCache& c = mtp_[size_t(k - 1)];
-        const MtpModule& m = layout.mtp[size_t(k - 1)];
-        backend::fill_zero(dlogits, int64_t(n) * V);
-        backend::cross_entropy_backward(dlogits, c.logits, c.targets.data(), n, V, opt_.mtp_lambda / D);
-        backend::fill_zero(dnorm, int64_t(n) * d);
-        linear_backward(dnorm, dlogits, c.out_n, layout.head, n);
-        float* dh = arena_.zeros(size_t(n) * d);
-        if (dh_next) backend::copy_values(dh, dh_next, int64_t(n) * d);
-        norm_backward(dh, dnorm, c.block.h_out, c.out_rstd, m.norm, n);
-        float* dproj = arena_.zeros(size_t(n) * d);
-        block_backward_(c.block, m.block, dh, dproj);
-        float* dcat = arena_.zeros(size_t(n) * 2 * d);
-        linear_backward(dcat, dproj, c.cat, m.eh_proj, n);
-        float* den = arena_.take(size_t(n) * d);
-        float* dhn = arena_.take(size_t(n) * d);
-        backend::split_columns(den, dhn, dcat, n, d, d);
-        float* demb = arena_.zeros(size_t(n) * d);
-        norm_backward(demb, den, c.emb, c.en_rstd, m.enorm, n);
-        backend::embedding_backward(G(layout.embed), demb, c.emb_tokens.data(), n, d);
-        float* dprev = k == 1 ? dh_top : arena_.zeros(size_t(n) * d);
-        norm_backward(dprev, dhn, c.h_prev, c.hn_rstd, m.hnorm, n);
-        dh_next = dprev;
-    }
-    // main head
-    backend::fill_zero(dlogits, int64_t(n) * V);
-    backend::cross_entropy_backward(dlogits, logits_, targets_.data(), n, V, 1.0f);
-    backend::fill_zero(dnorm, int64_t(n) * d);
-    linear_backward(dnorm, dlogits, hn_, layout.head, n);
-    const float* h_last = layout.blocks.empty() ? h0_ : blocks_.back().h_out;
-    norm_backward(dh_top, dnorm, h_last, final_rstd_, layout.final_norm, n);
-    float* dh = dh_top;
-    for (size_t l = layout.blocks.size(); l-- > 0;) {
-        float* dh_in = arena_.zeros(size_t(n) * d);
-        block_backward_(blocks_[l], layout.blocks[l], dh, dh_in);
-        dh = dh_in;
-    }
-    backend::embedding_backward(G(layout.embed), dh, inputs_.data(), n, d);
-    arena_.release(mark);
-}
-
-// =====================================================================================================================
-// 7. TRAINING [V3 §4.2]
-// =====================================================================================================================
-
-// --- 7.1 learning-rate schedules ----------------------------------------------------------------------------------
-// kind cosine:     linear warmup to max_lr, then cosine decay to min_lr at the last step (the usual small-model choice).
-// kind v3:         V3 §4.2: linear warmup, constant until constant_until·steps, cosine to min_lr until
-//                  decay_until·steps, then constant min_lr (V3 ends with two constant stages; one is kept here).
-// kind multi_step: DeepSeek LLM (arXiv 2401.02954 §3.1): warmup, max_lr until 80% of the steps, 31.6% of it until
-//                  90%, then 10%.
-struct LrSchedule {
-    enum Kind { cosine, v3, multi_step } kind = cosine;
-    float max_lr = 1e-3f, min_lr = 1e-4f;
-    int warmup_steps = 100, total_steps = 1000;
-    float constant_until = 0.5f, decay_until = 0.9f;  // kind v3, as fractions of total_steps
-    float at(int step) const {  // step counts from 0
-        if (step < warmup_steps) return max_lr * float(step + 1) / float(warmup_steps);
-        const float x = float(step) / float(std::max(total_steps, 1));
-        auto cosine_between = [&](float from, float to) {
-            float r = std::clamp((x - from) / std::max(to - from, 1e-9f), 0.0f, 1.0f);
-            return min_lr + 0.5f * (max_lr - min_lr) * (1.0f + std::cos(float(M_PI) * r));
-        };
-        switch (kind) {
-            case cosine: {  // from max_lr at step warmup_steps to exactly min_lr at the last step, total_steps - 1
-                const int span = std::max(total_steps - 1 - warmup_steps, 1);
-                const float r = std::clamp(float(step - warmup_steps) / float(span), 0.0f, 1.0f);
-                return min_lr + 0.5f * (max_lr - min_lr) * (1.0f + std::cos(float(M_PI) * r));
-            }
-            case v3: return x < constant_until ? max_lr : cosine_between(constant_until, decay_until);
-            case multi_step: return x < 0.8f ? max_lr : (x < 0.9f ? 0.316f * max_lr : 0.1f * max_lr);
-        }
-        return max_lr;
-    }
-};
-
-// --- 7.2 optimizer state, clipping, AdamW ------------------------------------------------------------------------
-struct AdamW {
-    float beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, weight_decay = 0.1f;  // V3 §4.2
-    float clip_norm = 1.0f;                                               // global-norm clipping (0: off)
-    backend::Buffer<float> m, v;                                          // moments, same layout as params
-    int step = 0;
-};
-
-// Global L2 norm of the flat gradient, summed in a fixed order.
-inline double gradient_norm(const backend::Buffer<float>& g) {
-    return std::sqrt(backend::sum_of_squares(g.data(), int64_t(g.size())));
-}
-
-// Clip, then one AdamW step on every trainable tensor: weight decay on matrices only (not on norm gains), and the
-// routing bias is left alone (it has no gradient; see update_routing_bias). Returns the norm before clipping.
-// grad_norm >= 0: the global norm, computed by the caller (expert parallelism: the experts' gradients are spread
-// over the ranks, section 9); otherwise it is computed here from model.grads.
-inline double adamw_step(Model& model, AdamW& opt, float lr, double grad_norm = -1) {
-    if (opt.m.size() != model.params.size()) {
-        backend::upload(opt.m, std::vector<float>(model.params.size(), 0.0f));
-        backend::upload(opt.v, std::vector<float>(model.params.size(), 0.0f));
-    }
-    const double norm = grad_norm >= 0 ? grad_norm : gradient_norm(model.grads);
-    if (!std::isfinite(norm)) fail("adamw_step: gradient norm is ", norm, " (non-finite): the step was not applied");
-    if (opt.clip_norm > 0 && norm > opt.clip_norm) {
-        backend::scale_inplace(model.grads.data(), int64_t(model.grads.size()), float(opt.clip_norm / norm));
-    }
-    ++opt.step;
-    for (const ParamEntry& e : model.layout.entries) {
-        if (e.kind == ParamKind::routing_bias) continue;
-        const float wd = e.kind == ParamKind::matrix ? opt.weight_decay : 0.0f;
-        backend::adamw_update(model.params.data() + e.offset, model.grads.data() + e.offset, opt.m.data() + e.offset,
-                     opt.v.data() + e.offset, int64_t(e.size), lr, opt.beta1, opt.beta2, opt.eps, wd, opt.step);
-    }
-    // FP8 training keeps AdamW's moments in BF16 [V3 §3.3.3 "Low-Precision Optimizer States"]: simulated by rounding
-    // them after each update (the master weights and the gradients stay FP32).
-    if (model.cfg.fp8_training) {
-        backend::bf16_round_inplace(opt.m.data(), int64_t(opt.m.size()));
-        backend::bf16_round_inplace(opt.v.data(), int64_t(opt.v.size()));
-    }
-    return norm;
-}
-
-// --- 7.3 auxiliary-loss-free load balancing [V3 §2.1.2; Wang et al. 2024, arXiv 2408.15664] -----------------------
-// After each step: b_i ← b_i + γ·sign(c̄ − c_i), c_i = tokens routed to expert i over the whole batch, c̄ their mean.
-// Overloaded experts become less attractive to the selection, underloaded ones more, with no gradient interference.
-inline void update_routing_bias(Model& model, const std::vector<std::vector<int64_t>>& loads, float gamma) {
-    std::vector<Block*> blocks = model.moe_blocks();
-    if (loads.size() != blocks.size())
-        fail("update_routing_bias: ", loads.size(), " load vectors for ", blocks.size(), " MoE blocks");
-    for (size_t l = 0; l < blocks.size(); ++l) {
-        const std::vector<int64_t>& c = loads[l];
-        double mean = 0;
-        for (int64_t x : c) mean += double(x);
-        mean /= double(c.size());
-        std::vector<float> b(c.size());  // N_r values: the rule runs on the host
-        backend::to_host(b.data(), model.P(blocks[l]->moe.bias), b.size());
-        for (size_t i = 0; i < c.size(); ++i) b[i] += gamma * float((mean > c[i]) - (mean < c[i]));
-        backend::to_device(model.P(blocks[l]->moe.bias), b.data(), b.size());
-    }
-}
-// MaxVio = (max_i c_i − c̄) / c̄ [Wang et al. 2024, eq. 7]: how much the most loaded expert exceeds a perfect balance.
-inline double max_violation(const std::vector<int64_t>& load) {
-    double mean = 0, mx = 0;
-    for (int64_t x : load) { mean += double(x); mx = std::max(mx, double(x)); }
-    mean /= double(std::max<size_t>(load.size(), 1));
-    return mean > 0 ? (mx - mean) / mean : 0.0;
-}
-// Adds b's loads into a (for accumulating over micro-batches or a whole validation set).
-inline void add_loads(std::vector<std::vector<int64_t>>& a, const std::vector<std::vector<int64_t>>& b) {
-    if (a.empty()) { a = b; return; }
-    for (size_t l = 0; l < a.size(); ++l)
-        for (size_t i = 0; i < a[l].size(); ++i) a[l][i] += b[l][i];
-}
-// --- 7.4 one training step ----------------------------------------------------------------------------------------
-// forward + backward, clip + AdamW, then the loss-free bias update with this batch's expert loads.
-struct StepResult {
-    Losses loss;
-    double grad_norm = 0;                        // before clipping
-    std::vector<std::vector<int64_t>> loads;     // per MoE block, tokens routed to each expert
-    double max_violation = 0;                    // MaxVio_batch, the worst MoE block
-};
-inline StepResult train_step(Model& model, AdamW& opt, const int32_t* tokens, int B, int T, float lr,
-                             const LossOptions& loss_options, bool bias_update = true) {
-    StepResult r;
-    r.loss = model.forward_backward(tokens, B, T, loss_options);
-    r.grad_norm = adamw_step(model, opt, lr);
-    r.loads = model.expert_loads();
-    if (bias_update) update_routing_bias(model, r.loads, model.cfg.bias_update_speed);
-    for (const auto& load : r.loads) r.max_violation = std::max(r.max_violation, max_violation(load));
-    return r;
-}
-
-// --- 7.5 data windows and evaluation --------------------------------------------------------------------------
-// B random windows of T+1 tokens; the windows of step s depend only on (seed, s), so a resumed run sees the same data.
-inline void sample_batch(const std::vector<int32_t>& data, int B, int T, uint64_t seed, int step, int32_t* out) {
-    Rng rng = Rng(seed).fork(uint64_t(step));
-    for (int b = 0; b < B; ++b) {
-        const size_t start = size_t(rng.below(data.size() - size_t(T) - 1));
-        std::copy(data.begin() + long(start), data.begin() + long(start + T + 1), out + size_t(b) * (T + 1));
-    }
-}
-
-// Mean next-token loss over `windows` evenly spaced windows of the validation split (all of it when windows <= 0),
-// and the expert loads summed over them (for MaxVio_global).
-inline double evaluate(Model& model, const std::vector<int32_t>& val, int T, int windows, int B,
-                       std::vector<std::vector<int64_t>>* loads) {
-    const int64_t available = int64_t((val.size() - 1) / size_t(T));
-    const int64_t n = windows <= 0 ? available : std::min<int64_t>(windows, available);
-    if (n <= 0) fail("validation split: ", val.size(), " tokens, fewer than one window of ", T + 1);
-    LossOptions opt;
-    opt.with_mtp = false;
-    double sum = 0;
-    std::vector<int32_t> batch;
-    for (int64_t first = 0; first < n; first += B) {
-        const int rows = int(std::min<int64_t>(B, n - first));
-        batch.resize(size_t(rows) * (T + 1));
-        for (int r = 0; r < rows; ++r) {
-            const int64_t w = (first + r) * available / n;  // evenly spaced windows
-            std::copy(val.begin() + long(w * T), val.begin() + long(w * T + T + 1), batch.begin() + long(r) * (T + 1));
-        }
-        sum += model.forward(batch.data(), rows, T, opt).main * rows;
-        if (loads) add_loads(*loads, model.expert_loads());
-    }
-    return sum / double(n);
-}
-
-// --- 7.6 checkpoints --------------------------------------------------------------------------------------------
-// A training checkpoint holds everything a resumed run needs to continue bit for bit: the config, the step, the
-// parameters (the routing bias included) and AdamW's moments. Text header, then raw little-endian float32:
-//     dsv3-checkpoint 1
-//     <Config::to_text() lines>
-//     step=<optimizer steps taken>
-//     floats=<parameter count>
-//     end
-//     params[floats] m[floats] v[floats]
-// It is written to "<path>.tmp" and renamed over <path> only when complete, so a crash never leaves a torn file.
-inline void save_checkpoint(const std::string& path, const Model& model, const AdamW& opt) {
-    std::ostringstream header;
-    header << "dsv3-checkpoint 1\n" << model.cfg.to_text() << "step=" << opt.step << "\nfloats=" << model.params.size()
-           << "\nend\n";
-    const std::string h = header.str();
-    const size_t n = model.params.size();
-    const std::vector<float> params = backend::download(model.params);  // a copy in host memory
-    std::vector<float> m = backend::download(opt.m), v = backend::download(opt.v);
-    if (m.size() != n) m.assign(n, 0.0f);
-    if (v.size() != n) v.assign(n, 0.0f);
-    write_file_atomic_stream(path, "checkpoint", [&](FILE* f) {
-        return write_bytes(f, h.data(), h.size()) && write_bytes(f, params.data(), 4 * n) &&
-               write_bytes(f, m.data(), 4 * n) && write_bytes(f, v.data(), 4 * n);
-    });
-}
-// Reads the config a checkpoint was saved with.
-inline Config read_checkpoint_config(const std::string& path, int* step = nullptr, size_t* header_bytes = nullptr) {
-    FILE* f = std::fopen(path.c_str(), "rb");
-    if (!f) fail("checkpoint ", path, ": cannot open: ", std::strerror(errno));
-    std::string line;
-    auto next_line = [&]() {
-        line.clear();
-        int ch;
-        while ((ch = std::fgetc(f)) != EOF && ch != '\n') {
-            line.push_back(char(ch));
-            if (line.size() > 4096) { std::fclose(f); fail("checkpoint ", path, ": header line too long (not a checkpoint?)"); }
-        }
-        return ch != EOF;
-    };
-    if (!next_line() || line != "dsv3-checkpoint 1") {
-        std::fclose(f);
-        fail("checkpoint ", path, ": expected first line \"dsv3-checkpoint 1\", found \"", line.substr(0, 40), "\"");
-    }
-    Config c;
-    int steps = -1;
-    try {
-        while (true) {
-            if (!next_line()) fail("checkpoint ", path, ": header ends before its \"end\" line");
-            if (line == "end") break;
-            const size_t eq = line.find('=');
-            if (eq == std::string::npos) fail("checkpoint ", path, ": header line \"", line, "\" is not name=value");
-            const std::string name = line.substr(0, eq), value = line.substr(eq + 1);
-            if (name == "step") steps = std::stoi(value);
-            else if (name != "floats") c.set(name, value, "checkpoint " + path);
-        }
-    } catch (...) { std::fclose(f); throw; }
-    if (header_bytes) *header_bytes = size_t(std::ftell(f));
-    std::fclose(f);
-    if (steps < 0) fail("checkpoint ", path, ": header has no step= line");
-    if (step) *step = steps;
-    return c;
-}
-// Loads parameters and optimizer state into a model built with the same config.
-inline void load_checkpoint(const std::string& path, Model& model, AdamW& opt) {
-    int step = 0;
-    size_t header = 0;
-    Config c = read_checkpoint_config(path, &step, &header);
-    if (c.to_text() != model.cfg.to_text()) {
-        std::istringstream a(c.to_text()), b(model.cfg.to_text());
-        std::string la, lb;
-        while (std::getline(a, la) && std::getline(b, lb))
-            if (la != lb) fail("checkpoint ", path, ": config differs from the model's: checkpoint has ", la, ", model has ", lb);
-    }
-    const size_t n = model.params.size();
-    FILE* f = std::fopen(path.c_str(), "rb");
-    if (!f) fail("checkpoint ", path, ": cannot open: ", std::strerror(errno));
-    std::fseek(f, 0, SEEK_END);
-    const long size = std::ftell(f);
-    if (size != long(header + 3 * n * 4)) {
-        std::fclose(f);
-        fail("checkpoint ", path, ": expected ", header + 3 * n * 4, " bytes for ", n, " parameters, found ", size);
-    }
-    std::fseek(f, long(header), SEEK_SET);
-    std::vector<float> params(n), m(n), v(n);
-    bool ok = std::fread(params.data(), 4, n, f) == n && std::fread(m.data(), 4, n, f) == n &&
-              std::fread(v.data(), 4, n, f) == n;
-    std::fclose(f);
-    if (!ok) fail("checkpoint ", path, ": read failed");
-    backend::upload(model.params, params);
-    backend::upload(opt.m, m);
-    backend::upload(opt.v, v);
-    opt.step = step;
-}
-
-// =====================================================================================================================
-// 8. INFERENCE: THE LATENT KV CACHE, WEIGHT ABSORPTION, SAMPLING, MTP SPECULATIVE DECODING   [V3 §2.1.1, §2.2, §5.4.3]
-// =====================================================================================================================
-// Generation runs the model one step at a time. Each step feeds the new token(s) at positions len .. len+n-1 and
-// attends over everything before, so the keys and values of past positions are kept in a cache instead of being
-// recomputed. MLA's point [V3 §2.1.1]: "for MLA, only c^KV_t and k^R_t need to be cached during generation". Per
-// layer and token that is kv_lora_rank + qk_rope_head_dim values (512 + 64 in V3) instead of 2·H·d_h (2·128·128 in
-// an MHA of the same shape): 70,272 bytes per token in BF16 for V3's 61 layers (kv_cache_bytes_mla, section 1).
-//
-//   8.1 KvCache: the latent cache.
-//   8.2 Attention over the cache, naive (up-project every cached c^KV to per-head keys and values) and absorbed
-//       (fold W^UK into the query and W^UV into the output, attend in the latent space directly).
-//   8.3 Model::decode: the whole model on new tokens; Model::decode_mtp: the MTP module on new positions.
-//   8.4 Sampling: greedy, temperature, top-k, top-p.
-//   8.5 generate(): plain decoding, and MTP speculative decoding [V3 §5.4.3].
-
-// --- 8.1 the latent KV cache -----------------------------------------------------------------------------------------
-// One per stack of blocks: the main model's n_layers, or the single block of an MTP module. Positions [0, len) are
-// valid; a step that writes positions beyond len and is then rejected (speculative decoding) just sets len back.
-struct KvCache {
-    int n_layers = 0, max_len = 0, dc = 0, dr = 0;
-    int len = 0;
-    backend::Buffer<float> ckv;     // [n_layers, max_len, dc]   c^KV_t after its RMSNorm (eq. 1)
-    backend::Buffer<float> k_rope;  // [n_layers, max_len, dr]   k^R_t after RoPE (eq. 3)
-    KvCache() = default;
-    KvCache(const Config& c, int layers, int max_positions)
-        : n_layers(layers), max_len(max_positions), dc(c.kv_lora_rank), dr(c.qk_rope_head_dim) {
-        backend::upload(ckv, std::vector<float>(size_t(layers) * max_positions * dc, 0.0f));
-        backend::upload(k_rope, std::vector<float>(size_t(layers) * max_positions * dr, 0.0f));
-    }
-    float* ckv_at(int layer, int pos) { return ckv.data() + (size_t(layer) * max_len + pos) * dc; }
-    float* k_rope_at(int layer, int pos) { return k_rope.data() + (size_t(layer) * max_len + pos) * dr; }
-    // What this cache holds per token in V3's BF16: equals kv_cache_bytes_mla(cfg) for the main model.
-    int64_t bytes_per_token(int bytes_per_value = 2) const { return int64_t(n_layers) * (dc + dr) * bytes_per_value; }
-};
-
-// --- 8.2 attention over the latent cache ---------------------------------------------------------------------------
-// Absorbed attention [DeepSeek-V2 §2.1.2 "we can absorb W^UK into W^Q, and W^UV into W^O"]. For head h, with
-// W^UK_h [d_h, d_c] and W^UV_h [d_v, d_c] the head's rows of kv_b (= W^UKV, eqs. 2, 5):
-//     q^C·k^C_s = q^C·(W^UK_h c_s) = (W^UK_hᵀ q^C)·c_s = q_lat·c_s            q_lat: [d_c], computed once per query
-//     o = Σ_s p_s W^UV_h c_s = W^UV_h (Σ_s p_s c_s) = W^UV_h o_lat            o_lat: [d_c], up-projected once
-// so attention reads each cached c_s once for all heads (no per-head keys or values are ever formed): a decoding
-// step costs O(L·H·(d_c + d_R)) multiply-adds and reads L·(d_c + d_R) cached floats, instead of first
-// up-projecting the whole cache, O(L·d_c·H·(d_h + d_v)).
-//
-// One query over L keys: o[dim] = Σ_s softmax_s(scale · score(s)) · value(s), value(s) pointing at dim floats. The
-// same loops, in the same order, for both decoding paths below.
-template <class Score, class Value>
-inline void attend_one(float* o, int L, int dim, float scale, const Score& score, const Value& value) {
-    std::vector<float> p(static_cast<size_t>(L));
-    float mx = -INFINITY;
-    for (int s = 0; s < L; ++s) mx = std::max(mx, p[size_t(s)] = score(s) * scale);
-    float sum = 0;
-    for (int s = 0; s < L; ++s) sum += (p[size_t(s)] = std::exp(p[size_t(s)] - mx));
-    for (int i = 0; i < dim; ++i) o[i] = 0;
-    for (int s = 0; s < L; ++s) {
-        const float w = p[size_t(s)] / sum;
-        const float* vs = value(s);
-        for (int i = 0; i < dim; ++i) o[i] += w * vs[i];
-    }
-}
-
-// The kernel: rows t = 0..n-1 are new queries at positions pos0 + t; row t attends over cache positions 0..pos0+t.
-//   o_lat[n, H, dc] = Σ_s softmax_s(scale·(q_lat[t,h]·ckv[s] + q_rope[t,h]·k_rope[s])) ckv[s]
-// q_lat: [n, H, dc]; q_rope: [n, H, dr]; ckv: [L, dc]; k_rope: [L, dr]. Every (t, h) is computed alone, in the same
-// order whatever n is, so a position's output does not depend on how many tokens its step decodes (the exactness of
-// speculative decoding rests on this).
-inline void mla_attend_latent(float* o_lat, const float* q_lat, const float* q_rope, const float* ckv,
-                                const float* k_rope, int n, int pos0, int H, int dc, int dr, float scale) {
-    parallel_for(int64_t(n) * H, [&](int64_t job) {
-        const int t = int(job / H);
-        const float* ql = q_lat + job * dc;
-        const float* qr = q_rope + job * dr;
-        auto score = [&](int s) {
-            float dot = 0;
-            for (int i = 0; i < dc; ++i) dot += ql[i] * ckv[int64_t(s) * dc + i];
-            for (int i = 0; i < dr; ++i) dot += qr[i] * k_rope[int64_t(s) * dr + i];
-            return dot;
-        };
-        attend_one(o_lat + job * dc, pos0 + t + 1, dc, scale, score, [&](int s) { return ckv + int64_t(s) * dc; });
-    });
-}
-// The naive path for the same rows: q: [n, H, dh + dr] (RoPE applied); k: [L, H, dh + dr]; v: [L, H, dv] up-projected
-// from the whole cache; o: [n, H, dv].
-inline void attention_decode_naive(float* o, const float* q, const float* k, const float* v, int n, int pos0, int H,
-                                   int dqk, int dv, float scale) {
-    parallel_for(int64_t(n) * H, [&](int64_t job) {
-        const int t = int(job / H), h = int(job % H);
-        const float* qt = q + job * dqk;
-        auto score = [&](int s) {
-            const float* ks = k + (int64_t(s) * H + h) * dqk;
-            float dot = 0;
-            for (int i = 0; i < dqk; ++i) dot += qt[i] * ks[i];
-            return dot;
-        };
-        attend_one(o + job * dv, pos0 + t + 1, dv, scale, score, [&](int s) { return v + (int64_t(s) * H + h) * dv; });
-    });
-}
-
-// The two absorptions, per row t and head h; W_ukv: [H·(dh+dv), dc] (kv_b_proj): head h's rows are W^UK_h [dh, dc],
-// then W^UV_h [dv, dc]. q: [n, H, dh + dr] -> q_lat[t,h] = W^UK_hᵀ q^C[t,h]: [n, H, dc], q_rope: [n, H, dr] (a copy).
-inline void mla_absorb_query(float* q_lat, float* q_rope, const float* q, const float* W_ukv, int n, int H, int dh,
-                             int dr, int dv, int dc) {
-    parallel_for(int64_t(n) * H, [&](int64_t job) {
-        const int h = int(job % H);
-        const float* qc = q + job * (dh + dr);
-        const float* Wk = W_ukv + int64_t(h) * (dh + dv) * dc;
-        float* ql = q_lat + job * dc;
-        for (int j = 0; j < dc; ++j) ql[j] = 0;
-        for (int i = 0; i < dh; ++i)
-            for (int j = 0; j < dc; ++j) ql[j] += qc[i] * Wk[int64_t(i) * dc + j];
-        std::memcpy(q_rope + job * dr, qc + dh, sizeof(float) * size_t(dr));
-    });
-}
-// o[t,h] = W^UV_h o_lat[t,h]: o_lat [n, H, dc] -> o [n, H, dv]
-inline void mla_absorb_output(float* o, const float* o_lat, const float* W_ukv, int n, int H, int dh, int dv, int dc) {
-    parallel_for(int64_t(n) * H, [&](int64_t job) {
-        const int h = int(job % H);
-        const float* Wv = W_ukv + (int64_t(h) * (dh + dv) + dh) * dc;
-        const float* ol = o_lat + job * dc;
-        float* ot = o + job * dv;
-        for (int i = 0; i < dv; ++i) {
-            float s = 0;
-            for (int j = 0; j < dc; ++j) s += Wv[int64_t(i) * dc + j] * ol[j];
-            ot[i] = s;
-        }
-    });
-}
-
-// --- 8.3 the model on new tokens -----------------------------------------------------------------------------------
-// One MLA layer on n new rows x: [n, d] at positions cache.len .. cache.len+n-1; writes their c^KV and k^R into the
-// cache (layer `layer`) and out: [n, d].
-inline void Model::attention_decode_(const Attention& a, const float* x, float* out, int n, KvCache& cache, int layer,
-                                     bool absorbed) {
-    const int H = cfg.n_heads, dh = cfg.qk_nope_head_dim, dr = cfg.qk_rope_head_dim, dqk = cfg.qk_head_dim(),
-              dv = cfg.v_head_dim, dc = cfg.kv_lora_rank, pos0 = cache.len, L = pos0 + n;
-    const float scale = attention_scale(cfg);
-    // queries, exactly as in training (eqs. 6-8), at positions pos0 + t
-    float* q = arena_.take(size_t(n) * H * dqk);
-    if (cfg.q_lora_rank > 0) {
-        float* cq = arena_.take(size_t(n) * cfg.q_lora_rank);
-        float* cq_n = arena_.take(size_t(n) * cfg.q_lora_rank);
-        float* rstd = arena_.take(size_t(n));
-        linear_forward(cq, x, a.q_a, n);
-        norm_forward(cq_n, rstd, cq, a.q_norm, n);
-        linear_forward(q, cq_n, a.q_b, n);
-    } else {
-        linear_forward(q, x, a.q, n);
-    }
-    backend::rope_forward(q, n, H * dqk, dh, H, dqk, pos0, n, rope);
-    // the new tokens' cache entries, written in place: c^KV = RMSNorm(W^DKV h), k^R = RoPE(W^KR h)   (eqs. 1, 3)
-    float* kv_a = arena_.take(size_t(n) * (dc + dr));
-    float* ckv_raw = arena_.take(size_t(n) * dc);
-    float* rstd = arena_.take(size_t(n));
-    linear_forward(kv_a, x, a.kv_a, n);
-    backend::split_columns(ckv_raw, cache.k_rope_at(layer, pos0), kv_a, n, dc, dr);
-    norm_forward(cache.ckv_at(layer, pos0), rstd, ckv_raw, a.kv_norm, n);
-    backend::rope_forward(cache.k_rope_at(layer, pos0), n, dr, 0, 1, dr, pos0, n, rope);
-    const float* ckv = cache.ckv_at(layer, 0);      // [L, dc]
-    const float* k_rope = cache.k_rope_at(layer, 0);  // [L, dr]
-    const float* W_ukv = P(a.kv_b.w);              // [H·(dh+dv), dc]: head h is rows h·(dh+dv) .. (h+1)·(dh+dv)
-    float* o = arena_.take(size_t(n) * H * dv);    // [n, H·dv]
-    if (absorbed) {
-        float* q_lat = arena_.take(size_t(n) * H * dc);
-        float* q_rope = arena_.take(size_t(n) * H * dr);
-        float* o_lat = arena_.take(size_t(n) * H * dc);
-        backend::mla_absorb_query(q_lat, q_rope, q, W_ukv, n, H, dh, dr, dv, dc);
-        backend::mla_attend_latent(o_lat, q_lat, q_rope, ckv, k_rope, n, pos0, H, dc, dr, scale);
-        backend::mla_absorb_output(o, o_lat, W_ukv, n, H, dh, dv, dc);
-    } else {
-        // up-project the whole cache to per-head keys and values, then ordinary attention
-        float* kv = arena_.take(size_t(L) * H * (dh + dv));
-        linear_forward(kv, ckv, a.kv_b, L);
-        float* k = arena_.take(size_t(L) * H * dqk);
-        float* v = arena_.take(size_t(L) * H * dv);
-        backend::mla_keys_values_forward(k, v, kv, k_rope, L, H, dh, dr, dv);
-        backend::attention_decode_naive(o, q, k, v, n, pos0, H, dqk, dv, scale);
-    }
-    linear_forward(out, o, a.o, n);
-}
-
-// One pre-norm block on n new rows; the FFN/MoE part is the training code itself (every row is independent there).
-inline void Model::block_decode_(BlockCache& c, const Block& b, const float* h_in, float* h_out, int n, KvCache& cache,
-                                 int layer, bool absorbed) {
-    const int d = cfg.dim;
-    float* xn = arena_.take(size_t(n) * d);
-    float* rstd = arena_.take(size_t(n));
-    float* h_mid = arena_.take(size_t(n) * d);
-    norm_forward(xn, rstd, h_in, b.attn_norm, n);
-    attention_decode_(b.attn, xn, h_mid, n, cache, layer, absorbed);
-    backend::add_inplace(h_mid, h_in, int64_t(n) * d);
-    norm_forward(xn, rstd, h_mid, b.ffn_norm, n);
-    double unused = 0;
-    if (b.is_moe) moe_forward_(c.moe, b.moe, xn, h_out, &unused);
-    else ffn_forward_(c.ffn, b.ffn, xn, h_out, n);
-    backend::add_inplace(h_out, h_mid, int64_t(n) * d);
-}
-
-inline void Model::begin_decode_(int n, const KvCache& cache, int layers, const char* who) {
-    if (n <= 0) fail(who, ": need at least one new token, got ", n);
-    if (cache.n_layers != layers || cache.dc != cfg.kv_lora_rank || cache.dr != cfg.qk_rope_head_dim)
-        fail(who, ": the KvCache was made for ", cache.n_layers, " layers of (", cache.dc, " + ", cache.dr,
-             "), this model needs ", layers, " layers of (", cfg.kv_lora_rank, " + ", cfg.qk_rope_head_dim, ")");
-    if (cache.len + n > cache.max_len || cache.len + n > rope.max_pos)
-        fail(who, ": positions up to ", cache.len + n, " do not fit the cache (", cache.max_len,
-             ") or Config.max_seq_len (", rope.max_pos, ")");
-    arena_.reset();  // decoding reuses the activation arena: the last training forward is gone
-    has_forward_ = false;
-    B_ = 1; T_ = n;
-    opt_ = LossOptions{};
-    opt_.with_mtp = false;
-    opt_.balance = BalanceLoss::none;
-}
-
-inline void Model::decode(const int32_t* tokens, int n, KvCache& cache, float* logits, float* hidden, bool absorbed) {
-    begin_decode_(n, cache, int(layout.blocks.size()), "Model::decode");
-    const int d = cfg.dim, V = cfg.vocab_size;
-    for (int t = 0; t < n; ++t)
-        if (tokens[t] < 0 || tokens[t] >= V) fail("Model::decode: token ", tokens[t], " outside the vocabulary [0, ", V, ")");
-    backend::upload(inputs_, std::vector<int32_t>(tokens, tokens + n));  // (to the GPU on a GPU backend)
-    float* h = arena_.take(size_t(n) * d);
-    backend::embedding_forward(h, inputs_.data(), P(layout.embed), n, d, V);
-    for (size_t l = 0; l < layout.blocks.size(); ++l) {
-        float* h_next = arena_.take(size_t(n) * d);
-        block_decode_(blocks_[l], layout.blocks[l], h, h_next, n, cache, int(l), absorbed);
-        h = h_next;
-    }
-    if (hidden) backend::to_host(hidden, h, size_t(n) * d);
-    float* hn = arena_.take(size_t(n) * d);
-    float* rstd = arena_.take(size_t(n));
-    float* z = arena_.take(size_t(n) * V);
-    norm_forward(hn, rstd, h, layout.final_norm, n);
-    linear_forward(z, hn, layout.head, n);
-    backend::to_host(logits, z, size_t(n) * V);
-    cache.len += n;
-}
-
-// MTP module 1 on n new positions i: h: [n, d] the main model's last hidden states there, next_tokens: [n] the tokens
-// t_{i+1}; logits: [n, V] predict t_{i+2} (eqs. 21-23). Its block has a one-layer cache of its own.
-inline void Model::decode_mtp(const float* h, const int32_t* next_tokens, int n, KvCache& cache, float* logits,
-                              bool absorbed) {
-    if (layout.mtp.empty()) fail("Model::decode_mtp: this model has no MTP module (n_mtp_depth = 0)");
-    begin_decode_(n, cache, 1, "Model::decode_mtp");
-    const int d = cfg.dim, V = cfg.vocab_size;
-    const MtpModule& m = layout.mtp[0];
-    backend::upload(targets_, std::vector<int32_t>(next_tokens, next_tokens + n));
-    float* emb = arena_.take(size_t(n) * d);
-    float* hd = arena_.take(size_t(n) * d);
-    float* en = arena_.take(size_t(n) * d);
-    float* hn = arena_.take(size_t(n) * d);
-    float* cat = arena_.take(size_t(n) * 2 * d);
-    float* rstd = arena_.take(size_t(n));
-    backend::embedding_forward(emb, targets_.data(), P(layout.embed), n, d, V);
-    backend::to_device(hd, h, size_t(n) * d);
-    norm_forward(en, rstd, emb, m.enorm, n);  // [RMSNorm(Emb(t_{i+1})) ; RMSNorm(h_i)]
-    norm_forward(hn, rstd, hd, m.hnorm, n);
-    backend::concat_columns(cat, en, hn, n, d, d);
-    float* proj = arena_.take(size_t(n) * d);
-    linear_forward(proj, cat, m.eh_proj, n);
-    float* out = arena_.take(size_t(n) * d);
-    block_decode_(mtp_[0].block, m.block, proj, out, n, cache, 0, absorbed);
-    float* on = arena_.take(size_t(n) * d);
-    float* z = arena_.take(size_t(n) * V);
-    norm_forward(on, rstd, out, m.norm, n);
-    linear_forward(z, on, layout.head, n);
-    backend::to_host(logits, z, size_t(n) * V);
-    cache.len += n;
-}
-
-// --- 8.4 sampling ----------------------------------------------------------------------------------------------------
-// temperature 0 is greedy (argmax; the lowest id wins a tie). Otherwise p ∝ exp(z / temperature), restricted to the
-// top_k most likely tokens (0: all) and then to the smallest set of most likely tokens whose mass reaches top_p
-// (nucleus sampling, Holtzman et al. 2020), renormalised; one uniform draw from rng picks the token.
-struct SamplingOptions {
-    float temperature = 0.0f;
-    int top_k = 0;
-    float top_p = 1.0f;
-};
-inline int argmax(const float* z, int n) {
-    int best = 0;
-    for (int i = 1; i < n; ++i)
-        if (z[i] > z[best]) best = i;
-    return best;
-}
-inline int sample_token(const float* logits, int V, const SamplingOptions& o, Rng& rng) {
-    if (o.temperature < 0 || o.top_k < 0 || !(o.top_p > 0 && o.top_p <= 1))
-        fail("sampling: need temperature >= 0, top_k >= 0, 0 < top_p <= 1; found ", o.temperature, ", ", o.top_k,
-             ", ", o.top_p);
-    if (o.temperature == 0) return argmax(logits, V);
-    std::vector<int> ids(static_cast<size_t>(V));
-    std::iota(ids.begin(), ids.end(), 0);
-    std::stable_sort(ids.begin(), ids.end(), [&](int a, int b) { return logits[a] > logits[b]; });
-    const int keep_k = o.top_k > 0 ? std::min(o.top_k, V) : V;
-    std::vector<double> p(static_cast<size_t>(keep_k));
-    double sum = 0;
-    for (int i = 0; i < keep_k; ++i)
-        sum += (p[size_t(i)] = std::exp(double(logits[ids[size_t(i)]] - logits[ids[0]]) / o.temperature));
-    int keep = keep_k;
-    double mass = 0;
-    for (int i = 0; i < keep_k; ++i) {
-        mass += p[size_t(i)] / sum;
-        if (mass >= o.top_p) { keep = i + 1; break; }
-    }
-    double total = 0;
-    for (int i = 0; i < keep; ++i) total += p[size_t(i)];
-    double u = rng.uniform() * total;
-    for (int i = 0; i < keep; ++i)
-        if ((u -= p[size_t(i)]) < 0) return ids[size_t(i)];
-    return ids[size_t(keep - 1)];
-}
-
-// --- 8.5 generation, plain and speculative [V3 §5.4.3] --------------------------------------------------------------
-// Speculative decoding with the MTP module: after the main model has produced token t_{i+1} at position i, MTP module
-// 1 turns (h_i, t_{i+1}) into a draft d of t_{i+2}. The next main step feeds two tokens, t_{i+1} and d: its output at
-// position i+1 is the real distribution of t_{i+2}, from which t_{i+2} is chosen exactly as plain decoding would (same
-// sampler, same random draw). If t_{i+2} == d, the output at position i+2 is valid too and gives t_{i+3}: two tokens
-// for one main forward. If not, position i+2 is dropped from the cache. Either way the tokens are those of plain
-// decoding, because a position's logits do not depend on how many tokens a step feeds (batch-invariant matmul and
-// attention, see 4.1 and 8.2). V3 reports 85-90% acceptance, about 1.8x the tokens per second.
-struct GenerationStats {
-    int prompt_tokens = 0, generated = 0;
-    int main_forwards = 0;          // calls of the main model, the prompt's and restarts' included
-    int drafted = 0, accepted = 0;  // MTP drafts verified, and those that were right
-    int restarts = 0;               // times the context was full and restarted from its last half
-    double seconds = 0;
-    double acceptance() const { return drafted ? double(accepted) / drafted : 0.0; }
-    double tokens_per_forward() const { return main_forwards ? double(generated) / main_forwards : 0.0; }
-};
-
-// The context holds at most Config.max_seq_len positions (build/train sets it to its training length: a model knows
-// no positions beyond those it was trained on). When it is full, generation restarts from the last half of the
-// tokens: both caches are refilled in one step. Plain and speculative decoding restart at the same token, so they
-// still produce the same tokens.
-inline std::vector<int32_t> generate(Model& model, const std::vector<int32_t>& prompt, int n_new,
-                                     const SamplingOptions& sampling, uint64_t seed, bool use_mtp,
-                                     GenerationStats* stats = nullptr, bool absorbed = true) {
-    const Config& c = model.cfg;
-    const int P = int(prompt.size()), V = c.vocab_size, d = c.dim, window = c.max_seq_len;
-    if (P == 0) fail("generate: the prompt is empty (give at least one token)");
-    if (window < 4) fail("generate: Config.max_seq_len ", window, " is too short for a context (need >= 4)");
-    if (use_mtp && c.n_mtp_depth == 0) fail("generate: --mtp needs a model with an MTP module (n_mtp_depth >= 1)");
-    if (n_new <= 0) return {};
-    const double t0 = now_seconds();
-    KvCache cache(c, c.n_layers, window), mtp_cache(c, 1, window);
-    std::vector<float> logits(size_t(window) * V), hidden(size_t(window) * d), mtp_logits(size_t(window) * V);
-    Rng rng(seed);
-    GenerationStats st;
-    st.prompt_tokens = P;
-    std::vector<int32_t> all = prompt, out;  // every token so far; the last one is not in the cache yet
-    int32_t draft = -1;
-    // A fresh start: ctx[0..n) into the main cache in one step (logits of the last position in `logits` row n-1).
-    auto prefill = [&](const int32_t* ctx, int n) {
-        cache.len = mtp_cache.len = 0;
-        model.decode(ctx, n, cache, logits.data(), hidden.data(), absorbed);
-        st.main_forwards++;
-    };
-    // The MTP module sees a position once its next token is known: (h_i, t_{i+1}) for the n newest positions.
-    auto run_mtp = [&](const int32_t* next_tokens, int n) {
-        model.decode_mtp(hidden.data(), next_tokens, n, mtp_cache, mtp_logits.data(), absorbed);
-        draft = argmax(mtp_logits.data() + int64_t(n - 1) * V, V);  // the draft of the token after next
-    };
-    auto emit = [&](int32_t t) { out.push_back(t); all.push_back(t); };
-    // the prompt (its last window/2 tokens if it does not fit)
-    const int keep0 = P <= window - 1 ? P : window / 2;
-    prefill(all.data() + P - keep0, keep0);
-    emit(sample_token(logits.data() + int64_t(keep0 - 1) * V, V, sampling, rng));
-    if (use_mtp) run_mtp(all.data() + P - keep0 + 1, keep0);
-    while (int(out.size()) < n_new) {
-        const int32_t next = all.back();
-        if (cache.len == window - 1) {  // full: keep the last window/2 tokens before `next`, start again
-            const int keep = window / 2;
-            const int32_t* ctx = all.data() + all.size() - 1 - keep;
-            prefill(ctx, keep);
-            if (use_mtp) run_mtp(ctx + 1, keep);
-            st.restarts++;
-        }
-        // Speculate only when an accepted draft still lands on or before the restart point (same restarts as plain).
-        if (!use_mtp || cache.len + 2 > window - 1) {
-            model.decode(&next, 1, cache, logits.data(), hidden.data(), absorbed);
-            st.main_forwards++;
-            emit(sample_token(logits.data(), V, sampling, rng));
-            if (use_mtp) run_mtp(&all.back(), 1);
-            continue;
-        }
-        const int32_t step[2] = {next, draft};
-        model.decode(step, 2, cache, logits.data(), hidden.data(), absorbed);
-        st.main_forwards++;
-        st.drafted++;
-        const int32_t t1 = sample_token(logits.data(), V, sampling, rng);
-        emit(t1);
-        if (t1 == draft) st.accepted++;
-        if (t1 == draft && int(out.size()) < n_new) {  // the draft was right: position i+2 is valid too
-            emit(sample_token(logits.data() + V, V, sampling, rng));
-            run_mtp(all.data() + all.size() - 2, 2);
-        } else {
-            cache.len -= 1;  // forget position i+2 (fed the wrong token, or not needed)
-            run_mtp(&all.back(), 1);
-        }
-    }
-    st.generated = int(out.size());
-    st.seconds = now_seconds() - t0;
-    if (stats) *stats = st;
-    return out;
-}
-
-// =====================================================================================================================
 // 9. PARALLELISM: DATA PARALLEL AND EXPERT PARALLEL OVER RANKS   [V3 §3.2; Fire-Flyer AI-HPC §IV, arXiv 2408.14158]
 // =====================================================================================================================
 // A "rank" is one worker with its own memory: one GPU in a real run. Ranks cooperate only through the collectives
@@ -3674,7 +3299,7 @@ inline std::vector<int32_t> generate(Model& model, const std::vector<int32_t>& p
 //   rank routes its own tokens, DISPATCHES each token once to every rank that owns one of its chosen experts, those
 //   ranks run their experts, and the outputs come back (COMBINE) to be weighted by the gates [V3 §3.2]. Everything
 //   outside the routed experts stays data parallel. With n_expert_groups = R, the group-limited routing of section
-//   4.8 (at most n_limited_groups groups per token) becomes "at most n_limited_groups ranks per token": the
+//   3.8 (at most n_limited_groups groups per token) becomes "at most n_limited_groups ranks per token": the
 //   single-machine form of V3's node-limited routing (M = 4 nodes per token, V3 §2.1.2).
 //
 // The communication interface (9.1) has one data-moving primitive, sendrecv; the collectives (9.2) are written once
@@ -3902,7 +3527,7 @@ inline RowShare row_share(int B, int R, int r) {
 namespace dsv3 {
 
 // --- 9.4 expert parallelism: dispatch, local experts, combine   [V3 §3.2] ------------------------------------------
-// Per MoE layer, on rank r, with n tokens routed locally (chosen: [n, K], perm: the grouping of section 4.10):
+// Per MoE layer, on rank r, with n tokens routed locally (chosen: [n, K], perm: the grouping of section 3.10):
 //
 //   forward   1. plan: for each rank q, the tokens with at least one chosen expert on q (each listed ONCE), and the
 //                (token, choice) pairs of those experts, in (token, choice) order.
@@ -3924,7 +3549,7 @@ namespace dsv3 {
 // the combine in BF16 (§3.3); here everything is FP32.
 //
 // Bitwise equality with one rank holds because (a) a matmul row does not depend on the other rows of its batch
-// (section 4.1), (b) each expert sees its rows in global token order: ranks hold consecutive rows of the batch
+// (section 3.1), (b) each expert sees its rows in global token order: ranks hold consecutive rows of the batch
 // (row_share), receivers concatenate by source rank and the counting sort is stable, and (c) with equal shares of a
 // batch split over R = 2^k ranks, the per-rank loss gradient (1/n_r) is exactly R times the full-batch one (1/n), a
 // power of two, which float arithmetic scales exactly.
@@ -4222,19 +3847,349 @@ inline StepResult parallel_train_step(Communicator& comm, Model& model, AdamW& o
     return result;
 }
 
+
+// #####################################################################################################################
+// PART 3, APPENDIX
+// Machinery a learner may skip: the fast GEMM, files, the tokenizer and datasets, plots, checkpoints and Hugging Face
+// I/O. Part 1 calls it through declarations (gemm::multiply in section 3.1) and through the examples.
+// #####################################################################################################################
 // =====================================================================================================================
-// 10. DATA AND PICTURES
+// 10. THE FAST PACKED GEMM
 // =====================================================================================================================
-//   10.1  Small text helpers.
-//   10.2  Byte-level BPE tokenizer (DeepSeek-V3 report §4.1): train, encode, decode, save, load.
-//   10.3  Token files and datasets: a small binary format, train/validation split, random batches, evaluation windows.
-//   10.4  FIM, fill in the middle, PSM mode (DeepSeek-Coder, DeepSeek-Coder-V2 §2.2; Bavarian et al. 2022).
-//   10.5  A synthetic corpus whose entropy is known exactly, so that a loss can be compared with the best possible one.
-//   10.6  PNG plots (stb_image_write + stb_easy_font): loss curves, heatmaps (expert load), attention maps.
-//   10.7  A progress line for long runs.
+// The fast GEMM behind matmul_forward / matmul_backward (section 3.1).
+//
+// Almost all of the FLOPs of a transformer are in its linear layers, so this is the one kernel that has to be fast.
+// The three products of a linear layer are one operation, C[M,N] (+)= A[M,K] · B[K,N], on three layouts:
+//
+//     forward   y [T,out]  = x [T,in]   · Wᵀ      A = x  (rows contiguous),    B = Wᵀ: B(k,j) = W[j,k]
+//     backward  dx[T,in]  += dy[T,out]  · W       A = dy (rows contiguous),    B = W:  B(k,j) = W[k,j]
+//               dW[out,in]+= dy[T,out]ᵀ · x       A = dyᵀ: A(i,k) = dy[k,i],   B = x:  B(k,j) = x[k,j]
+//
+// so there is one GEMM core (gemm::multiply) with one micro-kernel, and the layouts are handled by strided views.
+// The naive triple loop runs at a few percent of the machine's peak because it is limited by memory traffic, not
+// arithmetic: every multiply-add loads its operands. A fast GEMM orders the loops so that every value loaded is used
+// many times while it sits in a register or in a cache (Goto & van de Geijn, "Anatomy of high-performance matrix
+// multiplication", 2008; the BLIS papers of Van Zee & van de Geijn describe the same structure):
+//
+//   * Register tile (the micro-kernel). C is cut into tiles of MR x NR (6 x 64 with AVX-512). The kernel keeps a
+//     whole tile in vector registers (24 registers of 16 floats) and, for each k, loads NR values of B (4 vectors) and
+//     MR values of A (each broadcast to a full vector), then does MR·NR/16 = 24 fused multiply-adds (FMA). Every value
+//     loaded feeds 4 or 6 FMAs, and the 24 independent accumulators hide the FMA latency (4 cycles x 2 FMA units:
+//     at least 8 chains in flight). C itself is read and written once per tile, not once per k.
+//   * Packing. B is copied into panels of NR columns laid out k-major, so that the kernel reads it as one contiguous
+//     stream (no strides, no TLB misses, prefetch-friendly), zero-padded to whole vectors at the right edge so that
+//     the kernel needs no special case. Packing costs O(K·N), the product O(M·N·K): a packed weight is reused by
+//     all T rows. A is not packed: the broadcasts read it in place (MR row pointers, or MR consecutive values per k
+//     for dyᵀ), which avoids a copy of x or dy that would cost as much as the arithmetic for narrow layers
+//     (out = 48 or 64). Only a last, partial row panel is copied into a small zero-padded buffer. (With a few rows,
+//     when decoding, the forward swaps the roles: see matmul_forward.)
+//   * Blocking. B is packed in blocks of whole panels small enough (2 MiB) to stay in a core's L2 cache while the
+//     thread sweeps the row panels of A over it, and each tile's sum over k runs in blocks of KC = 128, so that an
+//     MR x KC sliver of A stays in L1 while the kernel sweeps the column panels of B.
+//   * Threads. The (row panel, column panel) tiles of a block are split over the OpenMP threads by a fixed static
+//     partition; every tile is written by exactly one thread.
+//
+// Determinism. Float addition is not associative, so a sum depends on its order. Here the order is fixed by K alone:
+// element C[i,j] is a sum over the K blocks in increasing order of block sums, each block sum an FMA chain over k in
+// increasing order starting from 0. Threads only decide *who* computes a tile, never how, and K is never split
+// across threads (no partial sums to combine, no atomics). So, for a given build, results are bitwise the same for
+// 1, 2 or 64 threads, and a row of y is the same whatever the batch it is computed in (a token gets the same logits
+// decoded alone or in a batch: speculative decoding can be checked exactly against plain decoding). The price is no
+// parallelism over K, which only matters when M and N are both tiny. (Builds differ where the compiler may or may not
+// fuse a*b+c into one FMA: -march=native does on any CPU from the last decade.)
+//
+// Accuracy. Each output is a chain of at most min(K,KC) + ceil(K/KC) (+1 when accumulating) roundings, so
+// |error| <= that count · 2⁻²⁴ · Σ_k |A(i,k) B(k,j)| to first order: the bound the tests check. The K blocks are a
+// small bonus here: a plain chain over K = 1024 would have a bound of 1024 roundings, the blocked one 136.
+//
+// Portability. The micro-kernel uses GCC/Clang vector extensions (`float __attribute__((vector_size(64)))`): plain
+// C++ arithmetic on whole vectors, which the compiler maps onto AVX-512, AVX2, SSE or NEON registers as -march allows,
+// with the tile shape chosen for the register count. Other compilers (or -DDSV3_GEMM_PORTABLE) get a plain-array
+// kernel with the same summation order. Build with -O3 -march=native, and -fopenmp for threads.
+namespace gemm {
+
+// Vector width (floats per register), register tile MR x NR, and cache blocks. The tile is sized to the register
+// file: MR·NR/VEC accumulators + NR/VEC vectors of B + 1 broadcast must fit (32 registers with AVX-512, 16 with AVX2
+// and SSE, 32 with NEON).
+#if defined(__AVX512F__)
+#define DSV3_GEMM_VEC 16
+constexpr int MR = 6, NR = 64;
+#elif defined(__AVX__)
+#define DSV3_GEMM_VEC 8
+constexpr int MR = 6, NR = 16;
+#elif defined(__aarch64__)
+#define DSV3_GEMM_VEC 4
+constexpr int MR = 8, NR = 12;
+#else
+#define DSV3_GEMM_VEC 4
+constexpr int MR = 6, NR = 8;
+#endif
+constexpr int VEC = DSV3_GEMM_VEC;
+constexpr int KC = 128;  // K block: part of the summation order, so changing it changes the bits of the results
+constexpr int64_t B_BLOCK_FLOATS = 1 << 19;  // packed block of B: 2 MiB, about one core's L2
+static_assert(NR % VEC == 0, "NR must be a whole number of vectors");
+
+// A heap buffer aligned to a cache line (64 B), left uninitialised: packing writes every element it reads.
+struct AlignedFloats {
+    struct Free { void operator()(float* p) const { ::operator delete[](p, std::align_val_t(64)); } };
+    std::unique_ptr<float[], Free> p;
+    explicit AlignedFloats(size_t n)
+        : p(static_cast<float*>(::operator new[](std::max<size_t>(n, 1) * sizeof(float), std::align_val_t(64)))) {}
+    float* get() const { return p.get(); }
+};
+
+// Pack rows [k0, k0+kc) and columns [j0, j0+n) of B into one panel: panel[k*NR + j] = B(k0+k, j0+j), and 0 for
+// n <= j < (n rounded up to whole vectors): the kernel reads only the vectors that hold valid columns.
+inline void pack_b_panel(float* panel, const View& B, int k0, int kc, int j0, int n) {
+    const int n_padded = (n + VEC - 1) / VEC * VEC;
+    if (B.col_stride == 1) {  // rows of B contiguous (W in dx, x in dW): copy row pieces
+        for (int k = 0; k < kc; ++k) {
+            const float* src = &B.at(k0 + k, j0);
+            float* dst = panel + int64_t(k) * NR;
+            for (int j = 0; j < n; ++j) dst[j] = src[j];
+            for (int j = n; j < n_padded; ++j) dst[j] = 0.0f;
+        }
+    } else {  // columns of B contiguous (B = Wᵀ or xᵀ in the forward): a transpose, reading each column in order
+        for (int j = 0; j < n_padded; ++j) {
+            const float* src = j < n ? &B.at(k0, j0 + j) : nullptr;
+            for (int k = 0; k < kc; ++k) panel[int64_t(k) * NR + j] = src ? src[k * B.row_stride] : 0.0f;
+        }
+    }
+}
+
+// Pack rows [i0, i0+m) and columns [k0, k0+kc) of A into panel[k*MR + i], 0 for i >= m: used for a last, partial row
+// panel, where reading MR rows of A in place would run past its end.
+inline void pack_a_panel(float* panel, const View& A, int i0, int m, int k0, int kc) {
+    for (int k = 0; k < kc; ++k)
+        for (int i = 0; i < MR; ++i) panel[int64_t(k) * MR + i] = i < m ? A.at(i0 + i, k0 + k) : 0.0f;
+}
+
+// Write the m x n valid part of a tile (row-major, row length NR): C = tile (overwrite) or C += tile.
+inline void store_tile(const OutView& C, const float* tile, int m, int n, bool overwrite) {
+    for (int i = 0; i < m; ++i)
+        for (int j = 0; j < n; ++j) {
+            float& c = C.at(i, j);
+            c = overwrite ? tile[i * NR + j] : c + tile[i * NR + j];
+        }
+}
+
+#if (defined(__GNUC__) || defined(__clang__)) && !defined(DSV3_GEMM_PORTABLE)
+#define DSV3_UNROLL _Pragma("GCC unroll 64")
+#if defined(__clang__) && DSV3_GEMM_VEC == 16
+// Clang splits 64-byte vectors into two 32-byte halves on CPUs where it prefers 256-bit code (as GCC does only for
+// its own auto-vectorisation), unless asked for the full width.
+#define DSV3_GEMM_FULL_WIDTH __attribute__((min_vector_width(512)))
+#else
+#define DSV3_GEMM_FULL_WIDTH
+#endif
+typedef float vfloat __attribute__((vector_size(DSV3_GEMM_VEC * sizeof(float))));
+constexpr int NV = NR / VEC;  // vectors per tile row
+
+// The micro-kernel: C[0:m, 0:n] (=|+=) Σ_{k<kc} A(i,k) · bp[k*NR + j], computing only the first U vectors of the
+// tile's columns (U·VEC >= n: a narrow last column panel, 48 of 64, does not pay for its zero padding).
+// A(i,k) = a[i*lda + k] when A_ROWS (rows of A contiguous: x, dy, W), else a[k*lda + i] (dyᵀ, packed panels); the
+// first MR rows of A must exist (the caller packs partial panels). bp is a packed panel of B.
+template <bool A_ROWS, int U>
+DSV3_GEMM_FULL_WIDTH inline void micro_kernel(int kc, const float* a, int64_t lda, const float* bp, const OutView& C, int m, int n,
+                         bool overwrite) {
+    vfloat acc[MR][U];  // the C tile, in registers (the loops below are fully unrolled, so the array disappears)
+    DSV3_UNROLL for (int i = 0; i < MR; ++i)
+        DSV3_UNROLL for (int v = 0; v < U; ++v) acc[i][v] = vfloat{};
+    for (int k = 0; k < kc; ++k) {
+        vfloat b[U];
+        DSV3_UNROLL for (int v = 0; v < U; ++v) std::memcpy(&b[v], bp + int64_t(k) * NR + v * VEC, sizeof(vfloat));
+        DSV3_UNROLL for (int i = 0; i < MR; ++i) {
+            const float ai = A_ROWS ? a[i * lda + k] : a[int64_t(k) * lda + i];
+            DSV3_UNROLL for (int v = 0; v < U; ++v) acc[i][v] += ai * b[v];  // broadcast times vector: one FMA
+        }
+    }
+    if (m == MR && n == U * VEC && C.col_stride == 1) {  // a full tile of a row-major C: straight from registers
+        DSV3_UNROLL for (int i = 0; i < MR; ++i)
+            DSV3_UNROLL for (int v = 0; v < U; ++v) {
+                float* c = &C.at(i, v * VEC);
+                vfloat sum = acc[i][v];
+                if (!overwrite) {
+                    vfloat old;
+                    std::memcpy(&old, c, sizeof(vfloat));
+                    sum = old + sum;
+                }
+                std::memcpy(c, &sum, sizeof(vfloat));
+            }
+    } else {  // edge tile, or a transposed C: through a buffer
+        alignas(64) float tile[MR * NR];
+        for (int i = 0; i < MR; ++i)
+            for (int v = 0; v < U; ++v) std::memcpy(tile + i * NR + v * VEC, &acc[i][v], sizeof(vfloat));
+        store_tile(C, tile, m, n, overwrite);
+    }
+}
+
+// The kernel with the fewest vectors that cover n columns: micro_kernel<A_ROWS, ceil(n / VEC)>.
+template <bool A_ROWS, int U = NV>
+inline void run_kernel(int kc, const float* a, int64_t lda, const float* bp, const OutView& C, int m, int n,
+                       bool overwrite) {
+    if constexpr (U > 1)
+        if (n <= (U - 1) * VEC) return run_kernel<A_ROWS, U - 1>(kc, a, lda, bp, C, m, n, overwrite);
+    micro_kernel<A_ROWS, U>(kc, a, lda, bp, C, m, n, overwrite);
+}
+#else
+// Portable kernel: the same arithmetic, in the same order, on plain arrays.
+template <bool A_ROWS>
+inline void run_kernel(int kc, const float* a, int64_t lda, const float* bp, const OutView& C, int m, int n,
+                       bool overwrite) {
+    const int n_padded = (n + VEC - 1) / VEC * VEC;  // the packed columns (the rest of the panel is not written)
+    float acc[MR * NR] = {};
+    for (int k = 0; k < kc; ++k) {
+        const float* bk = bp + int64_t(k) * NR;
+        for (int i = 0; i < MR; ++i) {
+            const float ai = A_ROWS ? a[i * lda + k] : a[int64_t(k) * lda + i];
+            for (int j = 0; j < n_padded; ++j) acc[i * NR + j] += ai * bk[j];
+        }
+    }
+    store_tile(C, acc, m, n, overwrite);
+}
+#endif
+
+// C (+)= A·B, declared in section 3.1.
+inline void multiply(int M, int N, int K, const View& A, const View& B, const OutView& C, bool accumulate) {
+    if (M <= 0 || N <= 0) return;
+    if (K <= 0) {  // an empty sum: zero
+        if (!accumulate)
+            for (int i = 0; i < M; ++i)
+                for (int j = 0; j < N; ++j) C.at(i, j) = 0.0f;
+        return;
+    }
+    // Columns per packed block of B: K x block_n floats fit in the budget (at least one panel).
+    const int block_n = int(std::max<int64_t>(1, B_BLOCK_FLOATS / (int64_t(K) * NR)) * NR);
+    const int64_t n_ir = (M + MR - 1) / MR;
+    AlignedFloats packed_b(size_t(K) * std::min((N + NR - 1) / NR * NR, block_n));
+    float* bpack = packed_b.get();
+
+    // One parallel region for the whole product (called from inside another parallel region, it runs on the calling
+    // thread alone). The barriers (the one ending the `omp for`, and the explicit one) make sure that a block of B
+    // is fully packed before any thread reads it, and fully used before the next block overwrites it.
+#pragma omp parallel
+    {
+        alignas(64) float a_pack[MR * KC];  // this thread's copy of a partial row panel of A (one K block)
+        for (int jc = 0; jc < N; jc += block_n) {
+            const int nc = std::min(block_n, N - jc);
+            const int64_t n_jr = (nc + NR - 1) / NR;
+#pragma omp for schedule(static)
+            for (int64_t jr = 0; jr < n_jr; ++jr)  // panel jr holds B[0:K, jc + jr*NR : +NR], k-major
+                pack_b_panel(bpack + jr * NR * K, B, 0, K, jc + int(jr) * NR, std::min(NR, nc - int(jr) * NR));
+
+            // This thread's share of the tiles: a contiguous range in row-panel-major order (a fixed static
+            // partition), so that it walks along a row panel of A across the column panels of the packed block of B.
+            const int64_t n_tiles = n_ir * n_jr;
+            int64_t t_begin = 0, t_end = n_tiles;
+#ifdef _OPENMP
+            t_begin = n_tiles * omp_get_thread_num() / omp_get_num_threads();
+            t_end = n_tiles * (omp_get_thread_num() + 1) / omp_get_num_threads();
+#endif
+            // One K block of one tile. The blocks of a tile must run in increasing pc (the fixed summation order);
+            // tiles are independent, so the two loops below may nest either way.
+            auto tile_block = [&](int64_t t, int pc) {
+                const int ir = int(t / n_jr), jr = int(t % n_jr);
+                const int i0 = ir * MR, m = std::min(MR, M - i0);
+                const int j0 = jc + jr * NR, n = std::min(NR, N - j0);
+                const int kc = std::min(KC, K - pc);
+                const float* bp = bpack + (int64_t(jr) * K + pc) * NR;
+                const OutView Ct{&C.at(i0, j0), C.row_stride, C.col_stride};
+                const bool overwrite = !accumulate && pc == 0;
+                if (m == MR && A.col_stride == 1)  // rows of A contiguous (x, dy, W): read in place
+                    run_kernel<true>(kc, &A.at(i0, pc), A.row_stride, bp, Ct, m, n, overwrite);
+                else if (m == MR && A.row_stride == 1)  // columns of A contiguous (dyᵀ): read in place
+                    run_kernel<false>(kc, &A.at(i0, pc), A.col_stride, bp, Ct, m, n, overwrite);
+                else {  // a partial row panel (or an A without a unit stride): through a packed copy
+                    pack_a_panel(a_pack, A, i0, m, pc, kc);
+                    run_kernel<false>(kc, a_pack, MR, bp, Ct, m, n, overwrite);
+                }
+            };
+            if (A.col_stride == 1) {
+                // Rows of A contiguous: finish each tile before the next, so each row of A is read as one long
+                // sequential stream (what matters when A is a big W read once, in decoding).
+                for (int64_t t = t_begin; t < t_end; ++t)
+                    for (int pc = 0; pc < K; pc += KC) tile_block(t, pc);
+            } else {
+                // A = dyᵀ: a K block at a time, so that the MR x KC sliver of A, spread over KC cache lines `out`
+                // floats apart, is reused from L1 across the column panels before moving on.
+                for (int pc = 0; pc < K; pc += KC)
+                    for (int64_t t = t_begin; t < t_end; ++t) tile_block(t, pc);
+            }
+#pragma omp barrier
+        }
+    }
+}
+
+}  // namespace gemm
+
+
+// =====================================================================================================================
+// 11. FILES AND DATA
+// =====================================================================================================================
+//   11.1  Small text helpers.
+//   11.2  Files: read a whole file, write one atomically (write a temporary file, then rename it).
+//   11.3  Byte-level BPE tokenizer (DeepSeek-V3 report §4.1): train, encode, decode, save, load.
+//   11.4  Token files and datasets: a small binary format, train/validation split, random batches, evaluation windows.
+//   11.5  FIM, fill in the middle, PSM mode (DeepSeek-Coder, DeepSeek-Coder-V2 §2.2; Bavarian et al. 2022).
+//   11.6  A synthetic corpus whose entropy is known exactly, so that a loss can be compared with the best possible one.
+
+// --- 11.2 files: read a whole file; write one atomically ----------------------------------------------------------------
+// The whole file as bytes. The error names the file and the reason.
+inline std::string read_file_bytes(const std::string& path) {
+    FILE* f = std::fopen(path.c_str(), "rb");
+    if (!f) fail("cannot open '", path, "' for reading: ", std::strerror(errno));
+    std::string data;
+    char buffer[1 << 16];
+    size_t n;
+    while ((n = std::fread(buffer, 1, sizeof buffer, f)) > 0) data.append(buffer, n);
+    const bool failed = std::ferror(f) != 0;
+    std::fclose(f);
+    if (failed) fail("error while reading '", path, "'");
+    return data;
+}
+// Writes `path` so that a reader never sees half a file, and a crash or a full disk never destroys the previous
+// version: write(FILE*) fills "<path>.tmp" and returns false on a failed write; only when every byte is out is the
+// temporary renamed over `path` (rename is atomic on POSIX file systems). Checkpoints, token files, safetensors and
+// PNGs are all written this way. `what` names the kind of file in error messages.
+template <class Writer>
+inline void write_file_atomic_stream(const std::string& path, const char* what, const Writer& write) {
+    const std::string tmp = path + ".tmp";
+    FILE* f = std::fopen(tmp.c_str(), "wb");
+    if (!f) fail(what, " ", path, ": cannot create '", tmp, "': ", std::strerror(errno));
+    bool ok = false;
+    try {
+        ok = write(f);
+    } catch (...) {
+        std::fclose(f);
+        std::remove(tmp.c_str());
+        throw;
+    }
+    ok = (std::fflush(f) == 0) && ok;
+    ok = (std::fclose(f) == 0) && ok;
+    if (!ok) { std::remove(tmp.c_str()); fail(what, " ", path, ": writing '", tmp, "' failed (disk full?)"); }
+    if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+        const int e = errno;
+        std::remove(tmp.c_str());
+        fail(what, " ", path, ": renaming '", tmp, "' to it failed: ", std::strerror(e));
+    }
+}
+// Creates a directory and its missing parents (like mkdir -p); the error names the directory.
+inline void make_directories(const std::string& dir) {
+    std::error_code ec;
+    std::filesystem::create_directories(dir, ec);
+    if (ec) fail("cannot create the directory '", dir, "': ", ec.message());
+}
+inline bool write_bytes(FILE* f, const void* p, size_t n) { return n == 0 || std::fwrite(p, 1, n, f) == n; }
+inline void write_file_atomic(const std::string& path, const void* data, size_t n_bytes) {
+    write_file_atomic_stream(path, "file", [&](FILE* f) { return write_bytes(f, data, n_bytes); });
+}
+inline void write_file_atomic(const std::string& path, const std::string& data) {
+    write_file_atomic(path, data.data(), data.size());
+}
+
 
 // ================================================================================================================
-// 10.1 Small text helpers
+// 11.1 Small text helpers
 // ================================================================================================================
 
 // A byte string shown safely in a message or a file: printable ASCII as is, the rest as \n, \t, \\, \" or \xNN.
@@ -4253,7 +4208,7 @@ inline std::string escape_bytes(std::string_view s) {
 }
 
 // ================================================================================================================
-// 10.2 Byte-level BPE tokenizer
+// 11.3 Byte-level BPE tokenizer
 // ================================================================================================================
 //
 // DeepSeek-V3 tokenizes with byte-level BPE (128K tokens). "Byte-level" means the alphabet is the 256 byte values,
@@ -4664,7 +4619,7 @@ struct Tokenizer {
 };
 
 // ================================================================================================================
-// 10.3 Token files and datasets
+// 11.4 Token files and datasets
 // ================================================================================================================
 //
 // Token file (binary, little-endian), written by write_tokens and examples/prepare_data:
@@ -4834,7 +4789,7 @@ struct EvalBatches {
 };
 
 // ================================================================================================================
-// 10.4 FIM: fill in the middle (PSM: prefix, suffix, middle)
+// 11.5 FIM: fill in the middle (PSM: prefix, suffix, middle)
 // ================================================================================================================
 //
 // DeepSeek-Coder trains with FIM so that a left-to-right model can complete a hole given what comes after it: a
@@ -4907,7 +4862,7 @@ inline std::vector<std::string> split_documents(const std::string& text, const s
 }
 
 // ================================================================================================================
-// 10.5 Synthetic corpus with exactly known entropy
+// 11.6 Synthetic corpus with exactly known entropy
 // ================================================================================================================
 //
 // When training on real text nobody knows the best achievable loss. This corpus is generated by a program whose
@@ -5301,8 +5256,14 @@ inline std::vector<int32_t> training_bytes(const std::string& path, std::string*
     return tokens;
 }
 
+
+// =====================================================================================================================
+// 12. PICTURES AND PROGRESS
+// =====================================================================================================================
+//   12.1  PNG plots (stb_image_write + stb_easy_font): loss curves, heatmaps (expert load), attention maps.
+//   12.2  A progress line for long runs.
 // ================================================================================================================
-// 10.6 PNG plots
+// 12.1 PNG plots
 // ================================================================================================================
 //
 // A tiny raster canvas: filled rectangles, anti-aliased lines (the coverage of a pixel is how much of it lies within
@@ -5817,7 +5778,7 @@ inline void plot_attention(const std::string& path, const std::string& title, co
 }
 
 // ================================================================================================================
-// 10.7 Progress line
+// 12.2 Progress line
 // ================================================================================================================
 //
 // "step 120/5000 (2.4%) | loss 2.3456 | lr 3.0e-04 | 12.3k tok/s | 0:12 elapsed | ETA 8:03". In a terminal the
@@ -5906,13 +5867,14 @@ struct Progress {
     }
 };
 
+
 // =====================================================================================================================
-// 11. CHECKPOINT I/O: JSON, safetensors, config.json, Hugging Face directories, .npy   [MODEL.md §7]
+// 13. CHECKPOINT I/O: the training checkpoint, JSON, safetensors, config.json, Hugging Face directories, .npy
 // =====================================================================================================================
 // A Hugging Face model directory, the format DeepSeek publishes V3 in, holds two kinds of files:
 //
-//     config.json                     the architecture, as JSON (section 11.3 maps it to dsv3::Config)
-//     model.safetensors               the weights: a JSON header naming every tensor, then the raw bytes (11.2)
+//     config.json                     the architecture, as JSON (section 13.4 maps it to dsv3::Config)
+//     model.safetensors               the weights: a JSON header naming every tensor, then the raw bytes (13.3)
 //       or model.safetensors.index.json + model-00001-of-00163.safetensors ...   (sharded: {"weight_map": {name: file}})
 //
 // Tensor names are the Hugging Face names our ParamLayout already carries ("model.layers.3.self_attn.kv_b_proj.weight"),
@@ -5920,9 +5882,104 @@ struct Progress {
 // converting BF16/F16/FP8 to float32 on the way. Everything read from a file is validated before it is used: a
 // corrupt or hostile file produces a dsv3::Error naming the file, the tensor and what was expected, never a crash.
 //
-// Contents: 11.1 a minimal JSON reader/writer; 11.2 safetensors; 11.3 config.json <-> Config; 11.4 Model <-> directory
-// (save_hf, load_hf, with DeepSeek's FP8 block-scaled weights and the MTP module's copies); 11.5 .npy files and the
-// forward pass the way transformers computes logits and loss (used by examples/hf_logits.cpp and the reference tests).
+// Contents: 13.1 the project's own training checkpoint; 13.2 a minimal JSON reader/writer; 13.3 safetensors;
+// 13.4 config.json <-> Config; 13.5 Model <-> directory (save_hf, load_hf, with DeepSeek's FP8 block-scaled weights
+// and the MTP module's copies); 13.6 .npy files and the forward pass the way transformers computes logits and loss (used by examples/hf_logits.cpp and the reference tests).
+
+// --- 13.1 checkpoints --------------------------------------------------------------------------------------------
+// A training checkpoint holds everything a resumed run needs to continue bit for bit: the config, the step, the
+// parameters (the routing bias included) and AdamW's moments. Text header, then raw little-endian float32:
+//     dsv3-checkpoint 1
+//     <Config::to_text() lines>
+//     step=<optimizer steps taken>
+//     floats=<parameter count>
+//     end
+//     params[floats] m[floats] v[floats]
+// It is written to "<path>.tmp" and renamed over <path> only when complete, so a crash never leaves a torn file.
+inline void save_checkpoint(const std::string& path, const Model& model, const AdamW& opt) {
+    std::ostringstream header;
+    header << "dsv3-checkpoint 1\n" << model.cfg.to_text() << "step=" << opt.step << "\nfloats=" << model.params.size()
+           << "\nend\n";
+    const std::string h = header.str();
+    const size_t n = model.params.size();
+    const std::vector<float> params = backend::download(model.params);  // a copy in host memory
+    std::vector<float> m = backend::download(opt.m), v = backend::download(opt.v);
+    if (m.size() != n) m.assign(n, 0.0f);
+    if (v.size() != n) v.assign(n, 0.0f);
+    write_file_atomic_stream(path, "checkpoint", [&](FILE* f) {
+        return write_bytes(f, h.data(), h.size()) && write_bytes(f, params.data(), 4 * n) &&
+               write_bytes(f, m.data(), 4 * n) && write_bytes(f, v.data(), 4 * n);
+    });
+}
+// Reads the config a checkpoint was saved with.
+inline Config read_checkpoint_config(const std::string& path, int* step = nullptr, size_t* header_bytes = nullptr) {
+    FILE* f = std::fopen(path.c_str(), "rb");
+    if (!f) fail("checkpoint ", path, ": cannot open: ", std::strerror(errno));
+    std::string line;
+    auto next_line = [&]() {
+        line.clear();
+        int ch;
+        while ((ch = std::fgetc(f)) != EOF && ch != '\n') {
+            line.push_back(char(ch));
+            if (line.size() > 4096) { std::fclose(f); fail("checkpoint ", path, ": header line too long (not a checkpoint?)"); }
+        }
+        return ch != EOF;
+    };
+    if (!next_line() || line != "dsv3-checkpoint 1") {
+        std::fclose(f);
+        fail("checkpoint ", path, ": expected first line \"dsv3-checkpoint 1\", found \"", line.substr(0, 40), "\"");
+    }
+    Config c;
+    int steps = -1;
+    try {
+        while (true) {
+            if (!next_line()) fail("checkpoint ", path, ": header ends before its \"end\" line");
+            if (line == "end") break;
+            const size_t eq = line.find('=');
+            if (eq == std::string::npos) fail("checkpoint ", path, ": header line \"", line, "\" is not name=value");
+            const std::string name = line.substr(0, eq), value = line.substr(eq + 1);
+            if (name == "step") steps = std::stoi(value);
+            else if (name != "floats") c.set(name, value, "checkpoint " + path);
+        }
+    } catch (...) { std::fclose(f); throw; }
+    if (header_bytes) *header_bytes = size_t(std::ftell(f));
+    std::fclose(f);
+    if (steps < 0) fail("checkpoint ", path, ": header has no step= line");
+    if (step) *step = steps;
+    return c;
+}
+// Loads parameters and optimizer state into a model built with the same config.
+inline void load_checkpoint(const std::string& path, Model& model, AdamW& opt) {
+    int step = 0;
+    size_t header = 0;
+    Config c = read_checkpoint_config(path, &step, &header);
+    if (c.to_text() != model.cfg.to_text()) {
+        std::istringstream a(c.to_text()), b(model.cfg.to_text());
+        std::string la, lb;
+        while (std::getline(a, la) && std::getline(b, lb))
+            if (la != lb) fail("checkpoint ", path, ": config differs from the model's: checkpoint has ", la, ", model has ", lb);
+    }
+    const size_t n = model.params.size();
+    FILE* f = std::fopen(path.c_str(), "rb");
+    if (!f) fail("checkpoint ", path, ": cannot open: ", std::strerror(errno));
+    std::fseek(f, 0, SEEK_END);
+    const long size = std::ftell(f);
+    if (size != long(header + 3 * n * 4)) {
+        std::fclose(f);
+        fail("checkpoint ", path, ": expected ", header + 3 * n * 4, " bytes for ", n, " parameters, found ", size);
+    }
+    std::fseek(f, long(header), SEEK_SET);
+    std::vector<float> params(n), m(n), v(n);
+    bool ok = std::fread(params.data(), 4, n, f) == n && std::fread(m.data(), 4, n, f) == n &&
+              std::fread(v.data(), 4, n, f) == n;
+    std::fclose(f);
+    if (!ok) fail("checkpoint ", path, ": read failed");
+    backend::upload(model.params, params);
+    backend::upload(opt.m, m);
+    backend::upload(opt.v, v);
+    opt.step = step;
+}
+
 
 namespace io_detail {
 struct FileCloser {
@@ -5981,7 +6038,7 @@ inline std::string name_list(const std::vector<std::string>& names, size_t show 
 }
 }  // namespace io_detail
 
-// --- 11.1 JSON ---------------------------------------------------------------------------------------------------------
+// --- 13.2 JSON ---------------------------------------------------------------------------------------------------------
 // config.json, the safetensors header and the shard index are JSON (RFC 8259). This reader is strict: anything the
 // grammar does not allow (trailing commas, comments, single quotes, NaN, unescaped control characters, lone UTF-16
 // surrogates, duplicate keys) is an error naming the source, the byte offset and what was expected there.
@@ -6370,7 +6427,7 @@ inline std::string json_describe(const Json& j) {
     return j.is_null() ? "null" : text + " (" + j.type_name() + ")";
 }
 
-// --- 11.2 safetensors --------------------------------------------------------------------------------------------
+// --- 13.3 safetensors --------------------------------------------------------------------------------------------
 // The format (github.com/huggingface/safetensors), all integers little-endian:
 //
 //     bytes 0..7        N, the header length (uint64)
@@ -6736,7 +6793,7 @@ struct HfCheckpoint {
     }
 };
 
-// --- 11.3 config.json <-> Config ---------------------------------------------------------------------------------
+// --- 13.4 config.json <-> Config ---------------------------------------------------------------------------------
 // The mapping of MODEL.md §1. Most fields map one to one (table below); the rest need care:
 //   q_lora_rank       null in config.json when the query is projected directly (V2-Lite); 0 in Config.
 //   rope_theta        top level, or inside "rope_parameters" (transformers >= 5 writes that).
@@ -7031,7 +7088,7 @@ inline void write_hf_config(const std::string& path, const Config& c, const std:
     write_file_atomic_stream(path, "config.json", [&](std::FILE* f) { return write_bytes(f, text.data(), text.size()); });
 }
 
-// --- 11.4 Model <-> Hugging Face directory -----------------------------------------------------------------------
+// --- 13.5 Model <-> Hugging Face directory -----------------------------------------------------------------------
 // Names: every ParamEntry carries its HF name. Two things are special in DeepSeek's checkpoints [MODEL.md §5, §7]:
 //  * MTP module k (k = 1..D) is stored as layer n_layers+k-1 and carries its OWN copies of the shared embedding and
 //    output head: model.layers.{n_layers+k-1}.embed_tokens.weight and .shared_head.head.weight. save_hf writes them
@@ -7191,7 +7248,7 @@ inline Model load_hf(const std::string& dir, uint64_t seed = 0) {
     return model;
 }
 
-// --- 11.5 .npy files, and the forward pass as transformers computes it -------------------------------------------
+// --- 13.6 .npy files, and the forward pass as transformers computes it -------------------------------------------
 // .npy (NumPy format 1.0): "\x93NUMPY", version 1 0, a little-endian uint16 header length, a Python dict literal
 // {'descr': '<f4', 'fortran_order': False, 'shape': (2, 8, 64), } padded with spaces and a newline so that the data
 // starts at a multiple of 64 bytes, then the raw little-endian float32 values in C (row-major) order.
