@@ -1283,7 +1283,7 @@ struct Linear {  // weight [out, in]: y = x Wᵀ
 };
 struct Norm { size_t g = 0; int dim = 0; };            // gain [dim]
 struct Ffn { Linear gate, up, down; };                 // SwiGLU: down(silu(gate x) ⊙ up x)
-struct Attention {                                     // MLA [V3 eqs. 1-11]
+struct MLA {  // Multi-head Latent Attention [V3 §2.1.1, eqs. 1-11]
     Linear q_a, q_b;  // W^DQ [q_lora, d] and W^UQ [H·(d_h+d_h^R), q_lora]  (q_lora_rank > 0)
     Linear q;         // W^Q  [H·(d_h+d_h^R), d]                              (q_lora_rank == 0)
     Norm q_norm;      // RMSNorm on c^Q
@@ -1302,7 +1302,7 @@ struct MoE {                                           // DeepSeekMoE [V3 eqs. 1
 };
 struct Block {
     Norm attn_norm, ffn_norm;     // "input_layernorm", "post_attention_layernorm"
-    Attention attn;
+    MLA attn;
     bool is_moe = false;
     Ffn ffn;                      // dense layers
     MoE moe;                      // MoE layers
@@ -1364,7 +1364,7 @@ inline ParamLayout param_layout(const Config& c) {
         const std::string p = "model.layers." + std::to_string(layer);
         Block b;
         b.attn_norm = norm(p + ".input_layernorm", c.dim);
-        Attention& a = b.attn;
+        MLA& a = b.attn;
         if (c.q_lora_rank > 0) {
             a.q_a = linear(p + ".self_attn.q_a_proj", c.q_lora_rank, c.dim);
             a.q_norm = norm(p + ".self_attn.q_a_layernorm", c.q_lora_rank);
@@ -1443,8 +1443,11 @@ inline ParamCounts count_parameters(const Config& c) {
 // =====================================================================================================================
 // 5. MODULES: MLA, FFN, MoE, BLOCK, MTP, MODEL
 // =====================================================================================================================
-// The model logic is written once here, as forward/backward pairs that compose the kernels of section 3. Each
-// forward saves what its backward needs in a cache (pointers into the activation arena).
+// The model logic is written once here. Each module of the paper is a forward/backward pair of Model member
+// functions with the module's name: mla_forward (5.1), ffn_forward (5.2), gate_forward and moe_forward (5.3),
+// block_forward (5.4), mtp_forward (5.5), each with its _backward; they compose the kernels of section 3 on the
+// parameters of section 4 (the structs MLA, Ffn, MoE, Block, MtpModule). Each forward saves what its backward needs
+// in a cache (the structs below: pointers into the activation arena).
 
 enum class BalanceLoss { none, sequence_wise, expert_level };
 
@@ -1462,7 +1465,7 @@ struct Losses {
     double total = 0;                // what backward() differentiates
 };
 
-struct AttnCache {
+struct MlaCache {
     const float* x = nullptr;        // [BT, d]  the block's normalised input
     float *cq = nullptr, *cq_rstd = nullptr, *cq_n = nullptr;  // [BT, d_c'], [BT], [BT, d_c']   (query LoRA)
     float* q = nullptr;              // [BT, H, d_h + d_h^R]  queries, RoPE applied to the last d_h^R of each head
@@ -1490,7 +1493,7 @@ struct MoeCache {
 struct BlockCache {
     const float* h_in = nullptr;     // [BT, d]
     float *xn1 = nullptr, *rstd1 = nullptr, *h_mid = nullptr, *xn2 = nullptr, *rstd2 = nullptr, *h_out = nullptr;
-    AttnCache attn;
+    MlaCache attn;
     FfnCache ffn;
     MoeCache moe;
 };
@@ -1519,115 +1522,100 @@ struct ExpertRunner {
     virtual void backward(Model& model, const MoE& m, MoeCache& c, const float* dye, float* dxe) = 0;
 };
 
+// The model. Its state is the config, the two flat buffers and the RoPE table; what a forward pass saves for its
+// backward (the caches above) lives in the activation arena. The modules of sections 5.1-5.5 are its private member
+// functions, named after the paper: mla_forward, ffn_forward, gate_forward and moe_forward, block_forward,
+// mtp_forward, each with its backward. Section 5.6 composes them into forward() and backward(); section 7 adds
+// decoding; section 9 calls experts_forward / experts_backward to run the experts a rank owns.
 class Model {
   public:
+    // --- the model and its parameters (section 4) ---
     Config cfg;
     ParamLayout layout;
     backend::Buffer<float> params, grads;  // the two flat buffers (device memory on a GPU backend)
     RopeTable rope;
-    bool reuse_routing = false;        // gradient checks: keep the last forward's expert choice fixed
-    ExpertRunner* expert_runner = nullptr;  // null: this model runs every routed expert (no expert parallelism)
 
-    Model(const Config& c, uint64_t seed) : cfg(c), layout(param_layout(c)) {
-        std::vector<float> init(layout.total, 0.0f);
-        rope = make_rope_table(cfg, cfg.max_seq_len);
-        for (size_t i = 0; i < layout.entries.size(); ++i) {  // each tensor from its own stream: order-independent
-            const ParamEntry& e = layout.entries[i];
-            Rng rng = Rng(seed).fork(i);
-            float* p = init.data() + e.offset;
-            for (size_t j = 0; j < e.size; ++j)
-                p[j] = e.kind == ParamKind::matrix ? float(rng.normal() * cfg.init_std)
-                                                   : (e.kind == ParamKind::gain ? 1.0f : 0.0f);
-        }
-        backend::upload(params, init);
-        backend::upload(grads, std::vector<float>(layout.total, 0.0f));
-        blocks_.resize(layout.blocks.size());
-        mtp_.resize(layout.mtp.size());
-    }
-    float* P(size_t offset) { return params.data() + offset; }
-    float* G(size_t offset) { return grads.data() + offset; }
+    Model(const Config& c, uint64_t seed);
+    float* param_at(size_t offset) { return params.data() + offset; }  // a tensor of `layout`, by its offset
+    float* grad_at(size_t offset) { return grads.data() + offset; }
     // A parameter or its gradient by Hugging Face name, e.g. param("model.layers.0.self_attn.kv_a_proj_with_mqa.weight").
-    TensorView param(const std::string& name) {
-        const ParamEntry& e = layout.find(name);
-        return {P(e.offset), e.shape, e.name};
-    }
-    TensorView grad(const std::string& name) {
-        const ParamEntry& e = layout.find(name);
-        return {G(e.offset), e.shape, e.name + " (gradient)"};
-    }
+    TensorView param(const std::string& name);
+    TensorView grad(const std::string& name);
+    std::vector<Block*> moe_blocks();  // every MoE block: the main blocks first, then the MTP modules'
 
+    // --- training (section 5.6; the optimizer step is section 6) ---
     // tokens: [B, T+1]: position t of row b reads token t and predicts token t+1.
     Losses forward(const int32_t* tokens, int B, int T, const LossOptions& opt = {});
-    // Gradients of the last forward's total loss, written into `grads` (zeroed first).
-    void backward();
+    void backward();  // gradients of the last forward's total loss, written into `grads` (zeroed first)
     Losses forward_backward(const int32_t* tokens, int B, int T, const LossOptions& opt = {}) {
         Losses l = forward(tokens, B, T, opt);
         backward();
         return l;
     }
-    const float* logits() const { return logits_; }  // [B·T, vocab] of the last forward
-    const float* mtp_logits(int k) const { return mtp_.at(size_t(k)).logits; }  // [B·T, vocab], module k+1
-    // Attention weights of main block `layer` in the last forward: [B, H, T, T].
+    bool reuse_routing = false;  // gradient checks: keep the last forward's expert choice fixed
+    // What the last forward computed: logits [B·T, vocab] (main model, MTP module k+1), the attention weights of
+    // main block `layer` [B, H, T, T], and the expert loads, one vector [N_r] per MoE block (moe_blocks() order).
+    const float* logits() const { return logits_; }
+    const float* mtp_logits(int k) const { return mtp_.at(size_t(k)).logits; }
     const float* attention_probs(int layer) const { return blocks_.at(size_t(layer)).attn.probs; }
-    // Expert loads of the last forward, one vector [N_r] per MoE block (main blocks first, then MTP blocks).
-    std::vector<std::vector<int64_t>> expert_loads() const {
-        std::vector<std::vector<int64_t>> loads;
-        for (size_t l = 0; l < blocks_.size(); ++l)
-            if (layout.blocks[l].is_moe) loads.push_back(blocks_[l].moe.load);
-        for (size_t k = 0; k < mtp_.size(); ++k)
-            if (layout.mtp[k].block.is_moe) loads.push_back(mtp_[k].block.moe.load);
-        return loads;
-    }
-    // Inference (section 7): run n new tokens at the cache's next positions; logits: [n, vocab]; hidden: [n, dim]
-    // (optional) the last block's output, which the MTP module reads. absorbed: attention in the latent space.
-    // tokens, logits, hidden and h are host memory on every backend (the sampler runs on the host).
+    std::vector<std::vector<int64_t>> expert_loads() const;
+
+    // --- inference (section 7) ---
+    // Run n new tokens at the cache's next positions; logits: [n, vocab]; hidden: [n, dim] (optional) the last
+    // block's output, which the MTP module reads. absorbed: attention in the latent space. tokens, logits, hidden and
+    // h are host memory on every backend (the sampler runs on the host).
     void decode(const int32_t* tokens, int n, KvCache& cache, float* logits, float* hidden = nullptr,
                 bool absorbed = true);
     void decode_mtp(const float* h, const int32_t* next_tokens, int n, KvCache& cache, float* logits,
                     bool absorbed = true);
+
+    // --- expert parallelism (section 9) ---
+    ExpertRunner* expert_runner = nullptr;  // null: this model runs every routed expert itself
     // Routed experts first .. first+count-1 of layer m on rows grouped by expert: rows offsets[i] .. offsets[i+1] of
     // xe: [rows, d] (offsets[0] = 0, rows = offsets[count]) go through expert first+i into the same rows of ye; the
-    // cache c is kept for the backward. The SwiGLU of section 5.2, with each projection one grouped GEMM over all the
-    // experts (section 3.10). The MoE layer runs all N_r experts this way; under expert parallelism each rank runs
-    // the ones it owns.
+    // cache c is kept for the backward, which adds dxe: [rows, d] (+=) from dye and the experts' weight gradients.
     void experts_forward(const MoE& m, int first, int count, const int64_t* offsets, const float* xe, float* ye,
-                         FfnCache& c) {
-        const int64_t rows = offsets[count];
-        const int w = cfg.moe_inter_dim;
-        c.x = xe;
-        c.gate = arena_.take(size_t(rows) * w);
-        c.up = arena_.take(size_t(rows) * w);
-        c.h = arena_.take(size_t(rows) * w);
-        experts_linear_forward_(c.gate, xe, m, first, count, &Ffn::gate, offsets);
-        experts_linear_forward_(c.up, xe, m, first, count, &Ffn::up, offsets);
-        backend::swiglu_forward(c.h, c.gate, c.up, rows * w);
-        experts_linear_forward_(ye, c.h, m, first, count, &Ffn::down, offsets);
-    }
-    // dxe: [rows, d] (+=) from dye: [rows, d]; the experts' weight gradients go into grads.
+                         FfnCache& c);
     void experts_backward(const MoE& m, int first, int count, const int64_t* offsets, const float* dye, float* dxe,
-                          const FfnCache& c) {
-        const int64_t rows = offsets[count];
-        const int w = cfg.moe_inter_dim;
-        auto mark = arena_.mark();
-        float* dh = arena_.zeros(size_t(rows) * w);
-        experts_linear_backward_(dh, dye, c.h, m, first, count, &Ffn::down, offsets);
-        float* dgate = arena_.zeros(size_t(rows) * w);
-        float* dup = arena_.zeros(size_t(rows) * w);
-        backend::swiglu_backward(dgate, dup, dh, c.gate, c.up, rows * w);
-        experts_linear_backward_(dxe, dgate, c.x, m, first, count, &Ffn::gate, offsets);
-        experts_linear_backward_(dxe, dup, c.x, m, first, count, &Ffn::up, offsets);
-        arena_.release(mark);
-    }
-    std::vector<Block*> moe_blocks() {
-        std::vector<Block*> out;
-        for (Block& b : layout.blocks)
-            if (b.is_moe) out.push_back(&b);
-        for (MtpModule& m : layout.mtp)
-            if (m.block.is_moe) out.push_back(&m.block);
-        return out;
-    }
+                          const FfnCache& c);
 
   private:
+    // --- the modules (section 5), named after the paper ---
+    void mla_forward(MlaCache& c, const MLA& a, const float* x, float* out);                         // 5.1
+    void mla_backward(const MlaCache& c, const MLA& a, const float* dout, float* dx);
+    void ffn_forward(FfnCache& c, const Ffn& f, const float* x, float* out, int n);                  // 5.2
+    void ffn_backward(const FfnCache& c, const Ffn& f, const float* dout, float* dx, int n);
+    void gate_forward(MoeCache& c, const MoE& m, const float* x, double* balance);                   // 5.3
+    void gate_backward(const MoeCache& c, const MoE& m, const float* dgates, float* dx);
+    void moe_forward(MoeCache& c, const MoE& m, const float* x, float* out, double* balance);
+    void moe_backward(MoeCache& c, const MoE& m, const float* dout, float* dx);
+    void block_forward(BlockCache& c, const Block& b, const float* h_in, double* balance);          // 5.4
+    void block_backward(BlockCache& c, const Block& b, const float* dh_out, float* dh_in);
+    double mtp_forward(MtpCache& c, const MtpModule& m, int k, const int32_t* tokens, const float* h_prev,
+                       double* balance);                                                             // 5.5
+    void mtp_backward(MtpCache& c, const MtpModule& m, int D, const float* dh_next, float* dh_prev);
+    // decoding (section 7)
+    void begin_decode(int n, const KvCache& cache, int layers, const char* who);
+    void mla_decode(const MLA& a, const float* x, float* out, int n, KvCache& cache, int layer, bool absorbed);
+    void block_decode(BlockCache& c, const Block& b, const float* h_in, float* h_out, int n, KvCache& cache,
+                      int layer, bool absorbed);
+
+    // --- every linear layer and RMSNorm goes through these (FP32 or V3's FP8 recipe) ---
+    bool fp8(const Linear& w) const { return cfg.fp8_training && w.fp8; }
+    void linear_forward(float* y, const float* x, const Linear& w, int n);
+    void linear_backward(float* dx, const float* dy, const float* x, const Linear& w, int n);
+    void experts_linear_forward(float* y, const float* x, const MoE& m, int first, int count, Linear Ffn::*proj,
+                                const int64_t* offsets);
+    void experts_linear_backward(float* dx, const float* dy, const float* x, const MoE& m, int first, int count,
+                                 Linear Ffn::*proj, const int64_t* offsets);
+    void norm_forward(float* y, float* rstd, const float* x, const Norm& n, int rows) {
+        backend::rmsnorm_forward(y, rstd, x, param_at(n.g), rows, n.dim, cfg.rms_norm_eps);
+    }
+    void norm_backward(float* dx, const float* dy, const float* x, const float* rstd, const Norm& n, int rows) {
+        backend::rmsnorm_backward(dx, grad_at(n.g), dy, x, param_at(n.g), rstd, rows, n.dim);
+    }
+
+    // --- the last forward pass ---
     backend::Arena arena_;
     int B_ = 0, T_ = 0;
     LossOptions opt_;
@@ -1636,73 +1624,94 @@ class Model {
     std::vector<BlockCache> blocks_;
     std::vector<MtpCache> mtp_;
     bool has_forward_ = false;
-
     int BT() const { return B_ * T_; }
-    // Every linear layer goes through these two. In FP8 training (Config.fp8_training) its three GEMMs (Fprop, Dgrad,
-    // Wgrad) run on the FP8 simulation of section 8 with V3's recipe; the head and the router stay in FP32.
-    bool fp8_(const Linear& w) const { return cfg.fp8_training && w.fp8; }
-    void linear_forward(float* y, const float* x, const Linear& w, int n) {
-        if (fp8_(w)) backend::fp8_matmul_forward(y, x, P(w.w), n, w.in, w.out);
-        else backend::matmul_forward(y, x, P(w.w), n, w.in, w.out);
-    }
-    void linear_backward(float* dx, const float* dy, const float* x, const Linear& w, int n) {
-        if (fp8_(w)) backend::fp8_matmul_backward(dx, G(w.w), dy, x, P(w.w), n, w.in, w.out);
-        else backend::matmul_backward(dx, G(w.w), dy, x, P(w.w), n, w.in, w.out);
-    }
-    // One projection (gate, up or down) of experts first .. first+count-1, each on its rows: one grouped GEMM; in FP8
-    // training, the FP8 linear layer expert by expert.
-    void experts_linear_forward_(float* y, const float* x, const MoE& m, int first, int count, Linear Ffn::*proj,
-                                 const int64_t* offsets) {
-        const Linear& w0 = m.experts[size_t(first)].*proj;
-        if (!fp8_(w0)) {
-            backend::grouped_matmul_forward(y, x, P(w0.w), int64_t(m.expert_stride), offsets, count, w0.in, w0.out);
-            return;
-        }
-        for (int i = 0; i < count; ++i)
-            if (offsets[i + 1] > offsets[i])
-                linear_forward(y + offsets[i] * w0.out, x + offsets[i] * w0.in, m.experts[size_t(first + i)].*proj,
-                               int(offsets[i + 1] - offsets[i]));
-    }
-    void experts_linear_backward_(float* dx, const float* dy, const float* x, const MoE& m, int first, int count,
-                                  Linear Ffn::*proj, const int64_t* offsets) {
-        const Linear& w0 = m.experts[size_t(first)].*proj;
-        if (!fp8_(w0)) {
-            backend::grouped_matmul_backward(dx, G(w0.w), dy, x, P(w0.w), int64_t(m.expert_stride), offsets, count,
-                                             w0.in, w0.out);
-            return;
-        }
-        for (int i = 0; i < count; ++i)
-            if (offsets[i + 1] > offsets[i])
-                linear_backward(dx + offsets[i] * w0.in, dy + offsets[i] * w0.out, x + offsets[i] * w0.in,
-                                m.experts[size_t(first + i)].*proj, int(offsets[i + 1] - offsets[i]));
-    }
-    void norm_forward(float* y, float* rstd, const float* x, const Norm& n, int rows) {
-        backend::rmsnorm_forward(y, rstd, x, P(n.g), rows, n.dim, cfg.rms_norm_eps);
-    }
-    void norm_backward(float* dx, const float* dy, const float* x, const float* rstd, const Norm& n, int rows) {
-        backend::rmsnorm_backward(dx, G(n.g), dy, x, P(n.g), rstd, rows, n.dim);
-    }
-
-    void attention_forward_(AttnCache& c, const Attention& a, const float* x, float* out);
-    void attention_backward_(const AttnCache& c, const Attention& a, const float* dout, float* dx);
-    void ffn_forward_(FfnCache& c, const Ffn& f, const float* x, float* out, int n);
-    void ffn_backward_(const FfnCache& c, const Ffn& f, const float* dout, float* dx, int n);
-    void moe_forward_(MoeCache& c, const MoE& m, const float* x, float* out, double* balance);
-    void moe_backward_(MoeCache& c, const MoE& m, const float* dout, float* dx);
-    void block_forward_(BlockCache& c, const Block& b, const float* h_in, double* balance);
-    void block_backward_(BlockCache& c, const Block& b, const float* dh_out, float* dh_in);
-    void begin_decode_(int n, const KvCache& cache, int layers, const char* who);
-    void attention_decode_(const Attention& a, const float* x, float* out, int n, KvCache& cache, int layer,
-                           bool absorbed);
-    void block_decode_(BlockCache& c, const Block& b, const float* h_in, float* h_out, int n, KvCache& cache,
-                       int layer, bool absorbed);
 };
+
+inline Model::Model(const Config& c, uint64_t seed) : cfg(c), layout(param_layout(c)) {
+    std::vector<float> init(layout.total, 0.0f);
+    rope = make_rope_table(cfg, cfg.max_seq_len);
+    for (size_t i = 0; i < layout.entries.size(); ++i) {  // each tensor from its own stream: order-independent
+        const ParamEntry& e = layout.entries[i];
+        Rng rng = Rng(seed).fork(i);
+        float* p = init.data() + e.offset;
+        for (size_t j = 0; j < e.size; ++j)
+            p[j] = e.kind == ParamKind::matrix ? float(rng.normal() * cfg.init_std)
+                                               : (e.kind == ParamKind::gain ? 1.0f : 0.0f);
+    }
+    backend::upload(params, init);
+    backend::upload(grads, std::vector<float>(layout.total, 0.0f));
+    blocks_.resize(layout.blocks.size());
+    mtp_.resize(layout.mtp.size());
+}
+inline TensorView Model::param(const std::string& name) {
+    const ParamEntry& e = layout.find(name);
+    return {param_at(e.offset), e.shape, e.name};
+}
+inline TensorView Model::grad(const std::string& name) {
+    const ParamEntry& e = layout.find(name);
+    return {grad_at(e.offset), e.shape, e.name + " (gradient)"};
+}
+inline std::vector<Block*> Model::moe_blocks() {
+    std::vector<Block*> out;
+    for (Block& b : layout.blocks)
+        if (b.is_moe) out.push_back(&b);
+    for (MtpModule& m : layout.mtp)
+        if (m.block.is_moe) out.push_back(&m.block);
+    return out;
+}
+inline std::vector<std::vector<int64_t>> Model::expert_loads() const {
+    std::vector<std::vector<int64_t>> loads;
+    for (size_t l = 0; l < blocks_.size(); ++l)
+        if (layout.blocks[l].is_moe) loads.push_back(blocks_[l].moe.load);
+    for (size_t k = 0; k < mtp_.size(); ++k)
+        if (layout.mtp[k].block.is_moe) loads.push_back(mtp_[k].block.moe.load);
+    return loads;
+}
+
+// Every linear layer goes through these two. In FP8 training (Config.fp8_training) its three GEMMs (Fprop, Dgrad,
+// Wgrad) run on the FP8 linear layer of section 8 with V3's recipe; the head and the router stay in FP32.
+inline void Model::linear_forward(float* y, const float* x, const Linear& w, int n) {
+    if (fp8(w)) backend::fp8_matmul_forward(y, x, param_at(w.w), n, w.in, w.out);
+    else backend::matmul_forward(y, x, param_at(w.w), n, w.in, w.out);
+}
+inline void Model::linear_backward(float* dx, const float* dy, const float* x, const Linear& w, int n) {
+    if (fp8(w)) backend::fp8_matmul_backward(dx, grad_at(w.w), dy, x, param_at(w.w), n, w.in, w.out);
+    else backend::matmul_backward(dx, grad_at(w.w), dy, x, param_at(w.w), n, w.in, w.out);
+}
+// One projection (gate, up or down) of experts first .. first+count-1, each on its rows: one grouped GEMM
+// (section 3.10); in FP8 training, the FP8 linear layer expert by expert.
+inline void Model::experts_linear_forward(float* y, const float* x, const MoE& m, int first, int count,
+                                          Linear Ffn::*proj, const int64_t* offsets) {
+    const Linear& w0 = m.experts[size_t(first)].*proj;
+    if (!fp8(w0)) {
+        backend::grouped_matmul_forward(y, x, param_at(w0.w), int64_t(m.expert_stride), offsets, count, w0.in,
+                                        w0.out);
+        return;
+    }
+    for (int i = 0; i < count; ++i)
+        if (offsets[i + 1] > offsets[i])
+            linear_forward(y + offsets[i] * w0.out, x + offsets[i] * w0.in, m.experts[size_t(first + i)].*proj,
+                           int(offsets[i + 1] - offsets[i]));
+}
+inline void Model::experts_linear_backward(float* dx, const float* dy, const float* x, const MoE& m, int first,
+                                           int count, Linear Ffn::*proj, const int64_t* offsets) {
+    const Linear& w0 = m.experts[size_t(first)].*proj;
+    if (!fp8(w0)) {
+        backend::grouped_matmul_backward(dx, grad_at(w0.w), dy, x, param_at(w0.w), int64_t(m.expert_stride), offsets,
+                                         count, w0.in, w0.out);
+        return;
+    }
+    for (int i = 0; i < count; ++i)
+        if (offsets[i + 1] > offsets[i])
+            linear_backward(dx + offsets[i] * w0.in, dy + offsets[i] * w0.out, x + offsets[i] * w0.in,
+                            m.experts[size_t(first + i)].*proj, int(offsets[i + 1] - offsets[i]));
+}
 
 // --- 5.1 Multi-head Latent Attention [V3 §2.1.1] -----------------------------------------------------------------
 // Keys and values are compressed jointly into a small latent c^KV (eq. 1), from which per-head keys and values are
 // up-projected (eqs. 2, 5); only c^KV and the decoupled RoPE key k^R (eq. 3, shared by all heads) would be cached
 // at inference. Queries get a low-rank compression too (eqs. 6-8), which saves activation memory in training.
-inline void Model::attention_forward_(AttnCache& c, const Attention& a, const float* x, float* out) {
+inline void Model::mla_forward(MlaCache& c, const MLA& a, const float* x, float* out) {
     const int n = BT(), H = cfg.n_heads, dh = cfg.qk_nope_head_dim, dr = cfg.qk_rope_head_dim,
               dqk = cfg.qk_head_dim(), dv = cfg.v_head_dim, dc = cfg.kv_lora_rank;
     c.x = x;
@@ -1742,7 +1751,7 @@ inline void Model::attention_forward_(AttnCache& c, const Attention& a, const fl
     linear_forward(out, c.o, a.o, n);
 }
 
-inline void Model::attention_backward_(const AttnCache& c, const Attention& a, const float* dout, float* dx) {
+inline void Model::mla_backward(const MlaCache& c, const MLA& a, const float* dout, float* dx) {
     const int n = BT(), H = cfg.n_heads, dh = cfg.qk_nope_head_dim, dr = cfg.qk_rope_head_dim,
               dqk = cfg.qk_head_dim(), dv = cfg.v_head_dim, dc = cfg.kv_lora_rank;
     auto mark = arena_.mark();
@@ -1778,7 +1787,7 @@ inline void Model::attention_backward_(const AttnCache& c, const Attention& a, c
 }
 
 // --- 5.2 SwiGLU feed-forward: dense layers, every expert, and the shared experts ---------------------------------
-inline void Model::ffn_forward_(FfnCache& c, const Ffn& f, const float* x, float* out, int n) {
+inline void Model::ffn_forward(FfnCache& c, const Ffn& f, const float* x, float* out, int n) {
     const int w = f.gate.out;
     c.x = x;
     c.gate = arena_.take(size_t(n) * w);
@@ -1789,7 +1798,7 @@ inline void Model::ffn_forward_(FfnCache& c, const Ffn& f, const float* x, float
     backend::swiglu_forward(c.h, c.gate, c.up, int64_t(n) * w);
     linear_forward(out, c.h, f.down, n);
 }
-inline void Model::ffn_backward_(const FfnCache& c, const Ffn& f, const float* dout, float* dx, int n) {
+inline void Model::ffn_backward(const FfnCache& c, const Ffn& f, const float* dout, float* dx, int n) {
     const int w = f.gate.out;
     auto mark = arena_.mark();
     float* dh = arena_.zeros(size_t(n) * w);
@@ -1803,42 +1812,64 @@ inline void Model::ffn_backward_(const FfnCache& c, const Ffn& f, const float* d
 }
 
 // --- 5.3 DeepSeekMoE [V3 §2.1.2, eq. 12]: h' = u + Σ_shared FFN_s(u) + Σ_routed g_i FFN_i(u) ----------------------
-inline void Model::moe_forward_(MoeCache& c, const MoE& m, const float* x, float* out, double* balance) {
-    const int n = BT(), N = cfg.n_routed_experts, K = cfg.n_activated_experts, d = cfg.dim;
-    const bool softmax = cfg.score_func == "softmax";
+// The gate (the router, "Gate" in DeepSeek's inference code) [V3 eqs. 13-16]: affinities s = sigmoid(u eᵢ) (softmax
+// in V2), the top K_r experts chosen on s + b, where the bias b of auxiliary-loss-free balancing (section 6.3) is
+// used for the choice only, in at most n_limited_groups groups; the gates g are the chosen s, normalised.
+inline void Model::gate_forward(MoeCache& c, const MoE& m, const float* x, double* balance) {
+    const int n = BT(), N = cfg.n_routed_experts, K = cfg.n_activated_experts;
     c.x = x;
     c.logits = arena_.take(size_t(n) * N);
     c.scores = arena_.take(size_t(n) * N);
     c.gates = arena_.take(size_t(n) * K);
     linear_forward(c.logits, x, m.router, n);
-    backend::router_scores_forward(c.scores, c.logits, n, N, softmax);
+    backend::router_scores_forward(c.scores, c.logits, n, N, cfg.score_func == "softmax");
     if (!reuse_routing || c.chosen.size() != size_t(n) * K) {
         c.chosen.resize(size_t(n) * K);
-        backend::router_select(c.chosen.data(), c.scores, P(m.bias), n, cfg);
+        backend::router_select(c.chosen.data(), c.scores, param_at(m.bias), n, cfg);
     }
     backend::router_gates_forward(c.gates, c.scores, c.chosen.data(), n, cfg);
-    backend::moe_permute_plan(c.perm, c.chosen.data(), n, K, N);
-    c.load = backend::host_plan(c.perm).counts;
     if (opt_.balance == BalanceLoss::sequence_wise)
         *balance += sequence_balance_loss(nullptr, c.scores, c.chosen.data(), B_, T_, cfg, opt_.balance_alpha);
     else if (opt_.balance == BalanceLoss::expert_level)
         *balance += expert_balance_loss(nullptr, c.logits, c.chosen.data(), n, cfg, opt_.balance_alpha);
-    // routed experts: gather each expert's tokens, run its SwiGLU on them, scatter back weighted by the gates
+}
+// gates -> scores (-> + the sequence-wise loss) -> logits (+ the expert-level loss) -> the router's weight and dx.
+inline void Model::gate_backward(const MoeCache& c, const MoE& m, const float* dgates, float* dx) {
+    const int n = BT(), N = cfg.n_routed_experts;
+    auto mark = arena_.mark();
+    float* dscores = arena_.zeros(size_t(n) * N);
+    backend::router_gates_backward(dscores, dgates, c.scores, c.chosen.data(), n, cfg);
+    if (opt_.balance == BalanceLoss::sequence_wise)
+        sequence_balance_loss(dscores, c.scores, c.chosen.data(), B_, T_, cfg, opt_.balance_alpha);
+    float* dlogits = arena_.zeros(size_t(n) * N);
+    backend::router_scores_backward(dlogits, dscores, c.scores, n, N, cfg.score_func == "softmax");
+    if (opt_.balance == BalanceLoss::expert_level)
+        expert_balance_loss(dlogits, c.logits, c.chosen.data(), n, cfg, opt_.balance_alpha);
+    linear_backward(dx, dlogits, c.x, m.router, n);
+    arena_.release(mark);
+}
+
+// Route, group the tokens by expert, run the experts (here, or on their ranks), add the shared experts, and scatter
+// the experts' outputs back weighted by the gates.
+inline void Model::moe_forward(MoeCache& c, const MoE& m, const float* x, float* out, double* balance) {
+    const int n = BT(), N = cfg.n_routed_experts, K = cfg.n_activated_experts, d = cfg.dim;
+    gate_forward(c, m, x, balance);
+    backend::moe_permute_plan(c.perm, c.chosen.data(), n, K, N);
+    c.load = backend::host_plan(c.perm).counts;
     c.xe = arena_.take(size_t(n) * K * d);
     c.ye = arena_.take(size_t(n) * K * d);
     backend::moe_permute_forward(c.xe, x, c.perm, d);
     if (expert_runner) expert_runner->forward(*this, m, c);  // expert parallelism: the experts live on other ranks
     else experts_forward(m, 0, N, backend::host_plan(c.perm).offsets.data(), c.xe, c.ye, c.experts);
-    if (m.has_shared) ffn_forward_(c.shared, m.shared, x, out, n);
+    if (m.has_shared) ffn_forward(c.shared, m.shared, x, out, n);
     else backend::fill_zero(out, int64_t(n) * d);
     backend::moe_unpermute_forward(out, c.ye, c.gates, c.perm, n, K, d);
 }
 
-inline void Model::moe_backward_(MoeCache& c, const MoE& m, const float* dout, float* dx) {
+inline void Model::moe_backward(MoeCache& c, const MoE& m, const float* dout, float* dx) {
     const int n = BT(), N = cfg.n_routed_experts, K = cfg.n_activated_experts, d = cfg.dim;
-    const bool softmax = cfg.score_func == "softmax";
     auto mark = arena_.mark();
-    if (m.has_shared) ffn_backward_(c.shared, m.shared, dout, dx, n);
+    if (m.has_shared) ffn_backward(c.shared, m.shared, dout, dx, n);
     float* dye = arena_.take(size_t(n) * K * d);
     float* dgates = arena_.zeros(size_t(n) * K);
     backend::moe_unpermute_backward(dye, dgates, dout, c.ye, c.gates, c.perm, n, K, d);
@@ -1846,60 +1877,142 @@ inline void Model::moe_backward_(MoeCache& c, const MoE& m, const float* dout, f
     if (expert_runner) expert_runner->backward(*this, m, c, dye, dxe);
     else experts_backward(m, 0, N, backend::host_plan(c.perm).offsets.data(), dye, dxe, c.experts);
     backend::moe_permute_backward(dx, dxe, c.perm, n, K, d);
-    // router: gates -> scores (-> + sequence-wise loss) -> logits (+ expert-level loss) -> W_router and x
-    float* dscores = arena_.zeros(size_t(n) * N);
-    backend::router_gates_backward(dscores, dgates, c.scores, c.chosen.data(), n, cfg);
-    if (opt_.balance == BalanceLoss::sequence_wise)
-        sequence_balance_loss(dscores, c.scores, c.chosen.data(), B_, T_, cfg, opt_.balance_alpha);
-    float* dlogits = arena_.zeros(size_t(n) * N);
-    backend::router_scores_backward(dlogits, dscores, c.scores, n, N, softmax);
-    if (opt_.balance == BalanceLoss::expert_level)
-        expert_balance_loss(dlogits, c.logits, c.chosen.data(), n, cfg, opt_.balance_alpha);
-    linear_backward(dx, dlogits, c.x, m.router, n);
+    gate_backward(c, m, dgates, dx);
+    arena_.release(mark);
+}
+
+// The routed experts: the SwiGLU of section 5.2 on each expert's rows, each projection one grouped GEMM over all the
+// experts (section 3.10). The MoE layer runs all N_r experts this way; under expert parallelism each rank runs the
+// ones it owns.
+inline void Model::experts_forward(const MoE& m, int first, int count, const int64_t* offsets, const float* xe,
+                                   float* ye, FfnCache& c) {
+    const int64_t rows = offsets[count];
+    const int w = cfg.moe_inter_dim;
+    c.x = xe;
+    c.gate = arena_.take(size_t(rows) * w);
+    c.up = arena_.take(size_t(rows) * w);
+    c.h = arena_.take(size_t(rows) * w);
+    experts_linear_forward(c.gate, xe, m, first, count, &Ffn::gate, offsets);
+    experts_linear_forward(c.up, xe, m, first, count, &Ffn::up, offsets);
+    backend::swiglu_forward(c.h, c.gate, c.up, rows * w);
+    experts_linear_forward(ye, c.h, m, first, count, &Ffn::down, offsets);
+}
+inline void Model::experts_backward(const MoE& m, int first, int count, const int64_t* offsets, const float* dye,
+                                    float* dxe, const FfnCache& c) {
+    const int64_t rows = offsets[count];
+    const int w = cfg.moe_inter_dim;
+    auto mark = arena_.mark();
+    float* dh = arena_.zeros(size_t(rows) * w);
+    experts_linear_backward(dh, dye, c.h, m, first, count, &Ffn::down, offsets);
+    float* dgate = arena_.zeros(size_t(rows) * w);
+    float* dup = arena_.zeros(size_t(rows) * w);
+    backend::swiglu_backward(dgate, dup, dh, c.gate, c.up, rows * w);
+    experts_linear_backward(dxe, dgate, c.x, m, first, count, &Ffn::gate, offsets);
+    experts_linear_backward(dxe, dup, c.x, m, first, count, &Ffn::up, offsets);
     arena_.release(mark);
 }
 
 // --- 5.4 the pre-norm block: h ← h + Attn(RMSNorm(h)); h ← h + FFN(RMSNorm(h)) ------------------------------------
-inline void Model::block_forward_(BlockCache& c, const Block& b, const float* h_in, double* balance) {
+inline void Model::block_forward(BlockCache& c, const Block& b, const float* h_in, double* balance) {
     const int n = BT(), d = cfg.dim;
     c.h_in = h_in;
     c.xn1 = arena_.take(size_t(n) * d);
     c.rstd1 = arena_.take(size_t(n));
     norm_forward(c.xn1, c.rstd1, h_in, b.attn_norm, n);
     c.h_mid = arena_.take(size_t(n) * d);
-    attention_forward_(c.attn, b.attn, c.xn1, c.h_mid);
+    mla_forward(c.attn, b.attn, c.xn1, c.h_mid);
     backend::add_inplace(c.h_mid, h_in, int64_t(n) * d);
     c.xn2 = arena_.take(size_t(n) * d);
     c.rstd2 = arena_.take(size_t(n));
     norm_forward(c.xn2, c.rstd2, c.h_mid, b.ffn_norm, n);
     c.h_out = arena_.take(size_t(n) * d);
-    if (b.is_moe) moe_forward_(c.moe, b.moe, c.xn2, c.h_out, balance);
-    else ffn_forward_(c.ffn, b.ffn, c.xn2, c.h_out, n);
+    if (b.is_moe) moe_forward(c.moe, b.moe, c.xn2, c.h_out, balance);
+    else ffn_forward(c.ffn, b.ffn, c.xn2, c.h_out, n);
     backend::add_inplace(c.h_out, c.h_mid, int64_t(n) * d);
 }
 // dh_in (+=) from dh_out.
-inline void Model::block_backward_(BlockCache& c, const Block& b, const float* dh_out, float* dh_in) {
+inline void Model::block_backward(BlockCache& c, const Block& b, const float* dh_out, float* dh_in) {
     const int n = BT(), d = cfg.dim;
     auto mark = arena_.mark();
     float* dxn2 = arena_.zeros(size_t(n) * d);
-    if (b.is_moe) moe_backward_(c.moe, b.moe, dh_out, dxn2);
-    else ffn_backward_(c.ffn, b.ffn, dh_out, dxn2, n);
+    if (b.is_moe) moe_backward(c.moe, b.moe, dh_out, dxn2);
+    else ffn_backward(c.ffn, b.ffn, dh_out, dxn2, n);
     float* dh_mid = arena_.take(size_t(n) * d);
     backend::copy_values(dh_mid, dh_out, int64_t(n) * d);
     norm_backward(dh_mid, dxn2, c.h_mid, c.rstd2, b.ffn_norm, n);
     float* dxn1 = arena_.zeros(size_t(n) * d);
-    attention_backward_(c.attn, b.attn, dh_mid, dxn1);
+    mla_backward(c.attn, b.attn, dh_mid, dxn1);
     backend::add_inplace(dh_in, dh_mid, int64_t(n) * d);
     norm_backward(dh_in, dxn1, c.h_in, c.rstd1, b.attn_norm, n);
     arena_.release(mark);
 }
 
-// --- 5.6 the model, with Multi-Token Prediction [V3 §2.2] -----------------------------------------------------------
-// Main model: embedding, blocks, final RMSNorm, output head, cross-entropy on the next token.
+// --- 5.5 the Multi-Token Prediction module [V3 §2.2, eqs. 21-23] ----------------------------------------------------
 // MTP module k (k = 1..D) at position i: h'^k_i = M_k [RMSNorm(Emb(t_{i+k})) ; RMSNorm(h^{k-1}_i)] (eq. 21),
 // h^k = TRM_k(h'^k) (eq. 22), P^k_{i+k+1} = OutHead(h^k_i) (eq. 23), sharing the embedding and the output head with
 // the main model. Positions whose token t_{i+k} or target t_{i+k+1} lies past the end of the row are ignored (the
-// causal mask keeps the filler there from reaching earlier positions).
+// causal mask keeps the filler there from reaching earlier positions). Returns L_MTP^k, the cross-entropy of eq. 24;
+// h^k is c.block.h_out.
+inline double Model::mtp_forward(MtpCache& c, const MtpModule& m, int k, const int32_t* tokens, const float* h_prev,
+                                 double* balance) {
+    const int B = B_, T = T_, n = BT(), d = cfg.dim, V = cfg.vocab_size;
+    std::vector<int32_t> emb_tokens(size_t(n), 0), mtp_targets(size_t(n), 0);
+    for (int b = 0; b < B; ++b)
+        for (int i = 0; i < T; ++i) {
+            const int64_t row = int64_t(b) * (T + 1);
+            emb_tokens[size_t(b) * T + i] = tokens[row + std::min(i + k, T)];
+            mtp_targets[size_t(b) * T + i] = i + k + 1 <= T ? tokens[row + i + k + 1] : kIgnore;
+        }
+    backend::upload(c.emb_tokens, emb_tokens);
+    backend::upload(c.targets, mtp_targets);
+    c.h_prev = h_prev;
+    c.emb = arena_.take(size_t(n) * d);
+    backend::embedding_forward(c.emb, c.emb_tokens.data(), param_at(layout.embed), n, d, V);
+    c.en = arena_.take(size_t(n) * d); c.en_rstd = arena_.take(size_t(n));
+    c.hn = arena_.take(size_t(n) * d); c.hn_rstd = arena_.take(size_t(n));
+    norm_forward(c.en, c.en_rstd, c.emb, m.enorm, n);
+    norm_forward(c.hn, c.hn_rstd, h_prev, m.hnorm, n);
+    c.cat = arena_.take(size_t(n) * 2 * d);
+    backend::concat_columns(c.cat, c.en, c.hn, n, d, d);
+    c.h_proj = arena_.take(size_t(n) * d);
+    linear_forward(c.h_proj, c.cat, m.eh_proj, n);
+    block_forward(c.block, m.block, c.h_proj, balance);
+    c.out_n = arena_.take(size_t(n) * d);
+    c.out_rstd = arena_.take(size_t(n));
+    norm_forward(c.out_n, c.out_rstd, c.block.h_out, m.norm, n);
+    c.logits = arena_.take(size_t(n) * V);
+    linear_forward(c.logits, c.out_n, layout.head, n);
+    return backend::cross_entropy_forward(c.logits, c.targets.data(), n, V);
+}
+// dh_next: the gradient flowing into h^k from module k+1 (null for the last module); adds the gradient of h^{k-1}
+// into dh_prev.
+inline void Model::mtp_backward(MtpCache& c, const MtpModule& m, int D, const float* dh_next, float* dh_prev) {
+    const int n = BT(), d = cfg.dim, V = cfg.vocab_size;
+    auto mark = arena_.mark();
+    float* dlogits = arena_.zeros(size_t(n) * V);
+    backend::cross_entropy_backward(dlogits, c.logits, c.targets.data(), n, V, opt_.mtp_lambda / D);
+    float* dnorm = arena_.zeros(size_t(n) * d);
+    linear_backward(dnorm, dlogits, c.out_n, layout.head, n);
+    float* dh = arena_.zeros(size_t(n) * d);
+    if (dh_next) backend::copy_values(dh, dh_next, int64_t(n) * d);
+    norm_backward(dh, dnorm, c.block.h_out, c.out_rstd, m.norm, n);
+    float* dproj = arena_.zeros(size_t(n) * d);
+    block_backward(c.block, m.block, dh, dproj);
+    float* dcat = arena_.zeros(size_t(n) * 2 * d);
+    linear_backward(dcat, dproj, c.cat, m.eh_proj, n);
+    float* den = arena_.take(size_t(n) * d);
+    float* dhn = arena_.take(size_t(n) * d);
+    backend::split_columns(den, dhn, dcat, n, d, d);
+    float* demb = arena_.zeros(size_t(n) * d);
+    norm_backward(demb, den, c.emb, c.en_rstd, m.enorm, n);
+    backend::embedding_backward(grad_at(layout.embed), demb, c.emb_tokens.data(), n, d);
+    norm_backward(dh_prev, dhn, c.h_prev, c.hn_rstd, m.hnorm, n);
+    arena_.release(mark);
+}
+
+// --- 5.6 the model [V3 §2.1, §2.2] ----------------------------------------------------------------------------------
+// Embedding, the blocks, the final RMSNorm, the output head and the cross-entropy on the next token; then the D MTP
+// modules in sequence, each reading the previous depth's h. L = L_main + (λ/D) Σ_k L_MTP^k (eq. 25) + balance loss.
 inline Losses Model::forward(const int32_t* tokens, int B, int T, const LossOptions& opt) {
     if (B <= 0 || T <= 0) fail("Model::forward: batch ", B, " x sequence ", T, ": both must be > 0");
     if (T > cfg.max_seq_len) fail("Model::forward: sequence length ", T, " exceeds Config.max_seq_len ", cfg.max_seq_len);
@@ -1918,10 +2031,10 @@ inline Losses Model::forward(const int32_t* tokens, int B, int T, const LossOpti
     backend::upload(targets_, targets);
     Losses loss;
     h0_ = arena_.take(size_t(n) * d);
-    backend::embedding_forward(h0_, inputs_.data(), P(layout.embed), n, d, V);
+    backend::embedding_forward(h0_, inputs_.data(), param_at(layout.embed), n, d, V);
     const float* h = h0_;
     for (size_t l = 0; l < layout.blocks.size(); ++l) {
-        block_forward_(blocks_[l], layout.blocks[l], h, &loss.balance);
+        block_forward(blocks_[l], layout.blocks[l], h, &loss.balance);
         h = blocks_[l].h_out;
     }
     hn_ = arena_.take(size_t(n) * d);
@@ -1934,36 +2047,9 @@ inline Losses Model::forward(const int32_t* tokens, int B, int T, const LossOpti
     const int D = opt.with_mtp ? int(layout.mtp.size()) : 0;
     for (int k = 1; k <= D; ++k) {
         MtpCache& c = mtp_[size_t(k - 1)];
-        const MtpModule& m = layout.mtp[size_t(k - 1)];
-        std::vector<int32_t> emb_tokens(size_t(n), 0), mtp_targets(size_t(n), 0);
-        for (int b = 0; b < B; ++b)
-            for (int i = 0; i < T; ++i) {
-                const int64_t row = int64_t(b) * (T + 1);
-                emb_tokens[size_t(b) * T + i] = tokens[row + std::min(i + k, T)];
-                mtp_targets[size_t(b) * T + i] = i + k + 1 <= T ? tokens[row + i + k + 1] : kIgnore;
-            }
-        backend::upload(c.emb_tokens, emb_tokens);
-        backend::upload(c.targets, mtp_targets);
-        c.h_prev = h;
-        c.emb = arena_.take(size_t(n) * d);
-        backend::embedding_forward(c.emb, c.emb_tokens.data(), P(layout.embed), n, d, V);
-        c.en = arena_.take(size_t(n) * d); c.en_rstd = arena_.take(size_t(n));
-        c.hn = arena_.take(size_t(n) * d); c.hn_rstd = arena_.take(size_t(n));
-        norm_forward(c.en, c.en_rstd, c.emb, m.enorm, n);
-        norm_forward(c.hn, c.hn_rstd, h, m.hnorm, n);
-        c.cat = arena_.take(size_t(n) * 2 * d);
-        backend::concat_columns(c.cat, c.en, c.hn, n, d, d);
-        c.h_proj = arena_.take(size_t(n) * d);
-        linear_forward(c.h_proj, c.cat, m.eh_proj, n);
-        block_forward_(c.block, m.block, c.h_proj, &loss.balance);
-        h = c.block.h_out;
-        c.out_n = arena_.take(size_t(n) * d);
-        c.out_rstd = arena_.take(size_t(n));
-        norm_forward(c.out_n, c.out_rstd, h, m.norm, n);
-        c.logits = arena_.take(size_t(n) * V);
-        linear_forward(c.logits, c.out_n, layout.head, n);
-        loss.mtp.push_back(backend::cross_entropy_forward(c.logits, c.targets.data(), n, V));
+        loss.mtp.push_back(mtp_forward(c, layout.mtp[size_t(k - 1)], k, tokens, h, &loss.balance));
         loss.total += opt.mtp_lambda / D * loss.mtp.back();
+        h = c.block.h_out;
     }
     loss.total += loss.balance;
     has_forward_ = true;
@@ -1976,49 +2062,28 @@ inline void Model::backward() {
     backend::fill_zero(grads.data(), int64_t(grads.size()));
     auto mark = arena_.mark();
     const int D = opt_.with_mtp ? int(layout.mtp.size()) : 0;
-    // dh_top: gradient w.r.t. the output of the last main block; MTP modules add into it through hnorm.
+    // dh_top: gradient w.r.t. the output of the last main block; the MTP modules add into it through hnorm.
     float* dh_top = arena_.zeros(size_t(n) * d);
-    float* dlogits = arena_.take(size_t(n) * V);
-    float* dnorm = arena_.take(size_t(n) * d);
     float* dh_next = nullptr;  // gradient flowing into h^k from module k+1
     for (int k = D; k >= 1; --k) {
-        MtpCache& c = mtp_[size_t(k - 1)];
-        const MtpModule& m = layout.mtp[size_t(k - 1)];
-        backend::fill_zero(dlogits, int64_t(n) * V);
-        backend::cross_entropy_backward(dlogits, c.logits, c.targets.data(), n, V, opt_.mtp_lambda / D);
-        backend::fill_zero(dnorm, int64_t(n) * d);
-        linear_backward(dnorm, dlogits, c.out_n, layout.head, n);
-        float* dh = arena_.zeros(size_t(n) * d);
-        if (dh_next) backend::copy_values(dh, dh_next, int64_t(n) * d);
-        norm_backward(dh, dnorm, c.block.h_out, c.out_rstd, m.norm, n);
-        float* dproj = arena_.zeros(size_t(n) * d);
-        block_backward_(c.block, m.block, dh, dproj);
-        float* dcat = arena_.zeros(size_t(n) * 2 * d);
-        linear_backward(dcat, dproj, c.cat, m.eh_proj, n);
-        float* den = arena_.take(size_t(n) * d);
-        float* dhn = arena_.take(size_t(n) * d);
-        backend::split_columns(den, dhn, dcat, n, d, d);
-        float* demb = arena_.zeros(size_t(n) * d);
-        norm_backward(demb, den, c.emb, c.en_rstd, m.enorm, n);
-        backend::embedding_backward(G(layout.embed), demb, c.emb_tokens.data(), n, d);
-        float* dprev = k == 1 ? dh_top : arena_.zeros(size_t(n) * d);
-        norm_backward(dprev, dhn, c.h_prev, c.hn_rstd, m.hnorm, n);
-        dh_next = dprev;
+        float* dh_prev = k == 1 ? dh_top : arena_.zeros(size_t(n) * d);
+        mtp_backward(mtp_[size_t(k - 1)], layout.mtp[size_t(k - 1)], D, dh_next, dh_prev);
+        dh_next = dh_prev;
     }
     // main head
-    backend::fill_zero(dlogits, int64_t(n) * V);
+    float* dlogits = arena_.zeros(size_t(n) * V);
     backend::cross_entropy_backward(dlogits, logits_, targets_.data(), n, V, 1.0f);
-    backend::fill_zero(dnorm, int64_t(n) * d);
+    float* dnorm = arena_.zeros(size_t(n) * d);
     linear_backward(dnorm, dlogits, hn_, layout.head, n);
     const float* h_last = layout.blocks.empty() ? h0_ : blocks_.back().h_out;
     norm_backward(dh_top, dnorm, h_last, final_rstd_, layout.final_norm, n);
     float* dh = dh_top;
     for (size_t l = layout.blocks.size(); l-- > 0;) {
         float* dh_in = arena_.zeros(size_t(n) * d);
-        block_backward_(blocks_[l], layout.blocks[l], dh, dh_in);
+        block_backward(blocks_[l], layout.blocks[l], dh, dh_in);
         dh = dh_in;
     }
-    backend::embedding_backward(G(layout.embed), dh, inputs_.data(), n, d);
+    backend::embedding_backward(grad_at(layout.embed), dh, inputs_.data(), n, d);
     arena_.release(mark);
 }
 
@@ -2113,9 +2178,9 @@ inline void update_routing_bias(Model& model, const std::vector<std::vector<int6
         for (int64_t x : c) mean += double(x);
         mean /= double(c.size());
         std::vector<float> b(c.size());  // N_r values: the rule runs on the host
-        backend::to_host(b.data(), model.P(blocks[l]->moe.bias), b.size());
+        backend::to_host(b.data(), model.param_at(blocks[l]->moe.bias), b.size());
         for (size_t i = 0; i < c.size(); ++i) b[i] += gamma * float((mean > c[i]) - (mean < c[i]));
-        backend::to_device(model.P(blocks[l]->moe.bias), b.data(), b.size());
+        backend::to_device(model.param_at(blocks[l]->moe.bias), b.data(), b.size());
     }
 }
 // MaxVio = (max_i c_i − c̄) / c̄ [Wang et al. 2024, eq. 7]: how much the most loaded expert exceeds a perfect balance.
@@ -2316,7 +2381,7 @@ inline void mla_absorb_output(float* o, const float* o_lat, const float* W_ukv, 
 // --- 7.3 the model on new tokens -----------------------------------------------------------------------------------
 // One MLA layer on n new rows x: [n, d] at positions cache.len .. cache.len+n-1; writes their c^KV and k^R into the
 // cache (layer `layer`) and out: [n, d].
-inline void Model::attention_decode_(const Attention& a, const float* x, float* out, int n, KvCache& cache, int layer,
+inline void Model::mla_decode(const MLA& a, const float* x, float* out, int n, KvCache& cache, int layer,
                                      bool absorbed) {
     const int H = cfg.n_heads, dh = cfg.qk_nope_head_dim, dr = cfg.qk_rope_head_dim, dqk = cfg.qk_head_dim(),
               dv = cfg.v_head_dim, dc = cfg.kv_lora_rank, pos0 = cache.len, L = pos0 + n;
@@ -2344,7 +2409,7 @@ inline void Model::attention_decode_(const Attention& a, const float* x, float* 
     backend::rope_forward(cache.k_rope_at(layer, pos0), n, dr, 0, 1, dr, pos0, n, rope);
     const float* ckv = cache.ckv_at(layer, 0);      // [L, dc]
     const float* k_rope = cache.k_rope_at(layer, 0);  // [L, dr]
-    const float* W_ukv = P(a.kv_b.w);              // [H·(dh+dv), dc]: head h is rows h·(dh+dv) .. (h+1)·(dh+dv)
+    const float* W_ukv = param_at(a.kv_b.w);              // [H·(dh+dv), dc]: head h is rows h·(dh+dv) .. (h+1)·(dh+dv)
     float* o = arena_.take(size_t(n) * H * dv);    // [n, H·dv]
     if (absorbed) {
         float* q_lat = arena_.take(size_t(n) * H * dc);
@@ -2366,23 +2431,23 @@ inline void Model::attention_decode_(const Attention& a, const float* x, float* 
 }
 
 // One pre-norm block on n new rows; the FFN/MoE part is the training code itself (every row is independent there).
-inline void Model::block_decode_(BlockCache& c, const Block& b, const float* h_in, float* h_out, int n, KvCache& cache,
+inline void Model::block_decode(BlockCache& c, const Block& b, const float* h_in, float* h_out, int n, KvCache& cache,
                                  int layer, bool absorbed) {
     const int d = cfg.dim;
     float* xn = arena_.take(size_t(n) * d);
     float* rstd = arena_.take(size_t(n));
     float* h_mid = arena_.take(size_t(n) * d);
     norm_forward(xn, rstd, h_in, b.attn_norm, n);
-    attention_decode_(b.attn, xn, h_mid, n, cache, layer, absorbed);
+    mla_decode(b.attn, xn, h_mid, n, cache, layer, absorbed);
     backend::add_inplace(h_mid, h_in, int64_t(n) * d);
     norm_forward(xn, rstd, h_mid, b.ffn_norm, n);
     double unused = 0;
-    if (b.is_moe) moe_forward_(c.moe, b.moe, xn, h_out, &unused);
-    else ffn_forward_(c.ffn, b.ffn, xn, h_out, n);
+    if (b.is_moe) moe_forward(c.moe, b.moe, xn, h_out, &unused);
+    else ffn_forward(c.ffn, b.ffn, xn, h_out, n);
     backend::add_inplace(h_out, h_mid, int64_t(n) * d);
 }
 
-inline void Model::begin_decode_(int n, const KvCache& cache, int layers, const char* who) {
+inline void Model::begin_decode(int n, const KvCache& cache, int layers, const char* who) {
     if (n <= 0) fail(who, ": need at least one new token, got ", n);
     if (cache.n_layers != layers || cache.dc != cfg.kv_lora_rank || cache.dr != cfg.qk_rope_head_dim)
         fail(who, ": the KvCache was made for ", cache.n_layers, " layers of (", cache.dc, " + ", cache.dr,
@@ -2399,16 +2464,16 @@ inline void Model::begin_decode_(int n, const KvCache& cache, int layers, const 
 }
 
 inline void Model::decode(const int32_t* tokens, int n, KvCache& cache, float* logits, float* hidden, bool absorbed) {
-    begin_decode_(n, cache, int(layout.blocks.size()), "Model::decode");
+    begin_decode(n, cache, int(layout.blocks.size()), "Model::decode");
     const int d = cfg.dim, V = cfg.vocab_size;
     for (int t = 0; t < n; ++t)
         if (tokens[t] < 0 || tokens[t] >= V) fail("Model::decode: token ", tokens[t], " outside the vocabulary [0, ", V, ")");
     backend::upload(inputs_, std::vector<int32_t>(tokens, tokens + n));  // (to the GPU on a GPU backend)
     float* h = arena_.take(size_t(n) * d);
-    backend::embedding_forward(h, inputs_.data(), P(layout.embed), n, d, V);
+    backend::embedding_forward(h, inputs_.data(), param_at(layout.embed), n, d, V);
     for (size_t l = 0; l < layout.blocks.size(); ++l) {
         float* h_next = arena_.take(size_t(n) * d);
-        block_decode_(blocks_[l], layout.blocks[l], h, h_next, n, cache, int(l), absorbed);
+        block_decode(blocks_[l], layout.blocks[l], h, h_next, n, cache, int(l), absorbed);
         h = h_next;
     }
     if (hidden) backend::to_host(hidden, h, size_t(n) * d);
@@ -2426,7 +2491,7 @@ inline void Model::decode(const int32_t* tokens, int n, KvCache& cache, float* l
 inline void Model::decode_mtp(const float* h, const int32_t* next_tokens, int n, KvCache& cache, float* logits,
                               bool absorbed) {
     if (layout.mtp.empty()) fail("Model::decode_mtp: this model has no MTP module (n_mtp_depth = 0)");
-    begin_decode_(n, cache, 1, "Model::decode_mtp");
+    begin_decode(n, cache, 1, "Model::decode_mtp");
     const int d = cfg.dim, V = cfg.vocab_size;
     const MtpModule& m = layout.mtp[0];
     backend::upload(targets_, std::vector<int32_t>(next_tokens, next_tokens + n));
@@ -2436,7 +2501,7 @@ inline void Model::decode_mtp(const float* h, const int32_t* next_tokens, int n,
     float* hn = arena_.take(size_t(n) * d);
     float* cat = arena_.take(size_t(n) * 2 * d);
     float* rstd = arena_.take(size_t(n));
-    backend::embedding_forward(emb, targets_.data(), P(layout.embed), n, d, V);
+    backend::embedding_forward(emb, targets_.data(), param_at(layout.embed), n, d, V);
     backend::to_device(hd, h, size_t(n) * d);
     norm_forward(en, rstd, emb, m.enorm, n);  // [RMSNorm(Emb(t_{i+1})) ; RMSNorm(h_i)]
     norm_forward(hn, rstd, hd, m.hnorm, n);
@@ -2444,7 +2509,7 @@ inline void Model::decode_mtp(const float* h, const int32_t* next_tokens, int n,
     float* proj = arena_.take(size_t(n) * d);
     linear_forward(proj, cat, m.eh_proj, n);
     float* out = arena_.take(size_t(n) * d);
-    block_decode_(mtp_[0].block, m.block, proj, out, n, cache, 0, absorbed);
+    block_decode(mtp_[0].block, m.block, proj, out, n, cache, 0, absorbed);
     float* on = arena_.take(size_t(n) * d);
     float* z = arena_.take(size_t(n) * V);
     norm_forward(on, rstd, out, m.norm, n);
@@ -3795,17 +3860,17 @@ inline StepResult parallel_train_step(Communicator& comm, Model& model, AdamW& o
     bucket.resize(bucket_size);
     size_t at = 0;
     for (const ParamEntry* e : held.replicated) {
-        backend::copy_values(bucket.data() + at, model.G(e->offset), int64_t(e->size));
+        backend::copy_values(bucket.data() + at, model.grad_at(e->offset), int64_t(e->size));
         at += e->size;
     }
     backend::scale_inplace(bucket.data(), int64_t(bucket_size), w);
     backend::all_reduce(comm, bucket.data(), bucket_size);
     at = 0;
     for (const ParamEntry* e : held.replicated) {
-        backend::copy_values(model.G(e->offset), bucket.data() + at, int64_t(e->size));
+        backend::copy_values(model.grad_at(e->offset), bucket.data() + at, int64_t(e->size));
         at += e->size;
     }
-    for (const ParamEntry* e : held.own_experts) backend::scale_inplace(model.G(e->offset), int64_t(e->size), w);
+    for (const ParamEntry* e : held.own_experts) backend::scale_inplace(model.grad_at(e->offset), int64_t(e->size), w);
 
     // 3. the expert loads of the whole batch, so that every rank makes the same bias update
     result.loads = model.expert_loads();
@@ -3824,7 +3889,7 @@ inline StepResult parallel_train_step(Communicator& comm, Model& model, AdamW& o
     if (ep) {
         auto sum_squares = [&](const std::vector<const ParamEntry*>& list) {
             double s = 0;
-            for (const ParamEntry* e : list) s += backend::sum_of_squares(model.G(e->offset), int64_t(e->size));
+            for (const ParamEntry* e : list) s += backend::sum_of_squares(model.grad_at(e->offset), int64_t(e->size));
             return s;
         };
         double experts_sq = sum_squares(held.own_experts);

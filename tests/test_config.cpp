@@ -2,8 +2,9 @@
 // round trip of Config, and training checkpoints (round trip, errors, atomic replacement).
 //
 // Tolerances: the counters are integers and are compared exactly with the figures published for DeepSeek-V3
-// (MODEL.md §1); the training-FLOPs estimate is a double and is compared with its defining formula to 1e-12
-// relative and with the published "≈ 250 GFLOPs" to 1%; V2-Lite's "15.7B" is a rounded figure, checked to ±0.05B.
+// (V3 report Table 1; Insights into DeepSeek-V3, arXiv 2505.09343, Table 2); the training-FLOPs estimate is a
+// double and is compared with its defining formula to 1e-12 relative and with the published "≈ 250 GFLOPs" to 1%;
+// V2-Lite's "15.7B" is a rounded figure, checked to ±0.05B.
 // Config round trips and checkpoints must be exact (bitwise).
 //
 // A rule "breaks" when validate() throws dsv3::Error whose message names the field; each case below starts from a
@@ -269,7 +270,7 @@ TEST_CASE("checkpoint: save / load round trip is bitwise, atomic, and its errors
     const Config c = checkpoint_config();
     Model model(c, 3);
     for (Block* b : model.moe_blocks())  // a non-zero routing bias must be saved too
-        for (int i = 0; i < c.n_routed_experts; ++i) model.P(b->moe.bias)[i] = 0.01f * float(i + 1);
+        for (int i = 0; i < c.n_routed_experts; ++i) model.param_at(b->moe.bias)[i] = 0.01f * float(i + 1);
     AdamW opt;
     opt.m = gradcheck::random_vector(model.params.size(), 5);
     opt.v = gradcheck::random_vector(model.params.size(), 6, 0.01f);

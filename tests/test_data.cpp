@@ -1,5 +1,5 @@
-// Tests of section 9 (data and pictures): tokenizer, token files and datasets, FIM, synthetic corpus, plots,
-// progress line. Tiny Shakespeare is used when it is found (DSV3_TINYSHAKESPEARE, data/tinyshakespeare.txt or
+// Tests of sections 11-12 (data, plots and progress): tokenizer, token files and datasets, FIM, synthetic corpus,
+// plots, progress line. Tiny Shakespeare is used when it is found (DSV3_TINYSHAKESPEARE, data/tinyshakespeare.txt or
 // ../shared/data/tinyshakespeare.txt); tests that need it fall back to the synthetic corpus or say they skipped.
 #include <doctest/doctest.h>
 

@@ -1,6 +1,8 @@
-// Tests of the Numerics section: FP8/BF16/FP16 codecs, fine-grained quantization, the H100 accumulator simulation
+// Tests of section 8 (FP8 numerics): FP8/BF16/FP16 codecs, fine-grained quantization, the H100 accumulator simulation
 // (fp8_gemm) and the FP8 linear layer. Expected values are computed independently from the bit fields or worked out by
-// hand from the rules of spec/NUMERICS.md, so the rules themselves are tested, not only self-consistency.
+// hand from the rules themselves: the formats (OCP 8-bit floating point specification, IEEE BF16/FP16), the V3
+// report's recipe (§3.3.2: 1x128 / 128x128 scales, promotion every 128) and the H100 accumulator model of the
+// header's section 8 (after Khattak & Mikaitis and "Insights into DeepSeek-V3"), not only self-consistency.
 #include <doctest/doctest.h>
 
 #include "../deepseek_v3.hpp"
@@ -166,7 +168,8 @@ TEST_CASE("fp8: saturation, subnormals and E5M2 infinities") {
     CHECK(fp8_e4m3_encode(INFINITY) == 0x7E);
     CHECK(fp8_e4m3_encode(-INFINITY) == 0xFE);
     CHECK(fp8_e4m3_encode(-1e9f) == 0xFE);
-    // E5M2: max 57344 (0x7B); ±inf and overflow saturate (NUMERICS.md), NaN stays NaN.
+    // E5M2: max 57344 (0x7B); ±inf and overflow saturate (this project's choice, so that an overflow never
+    // poisons a GEMM; the header's section 8), NaN stays NaN.
     CHECK(fp8_e5m2_encode(57344.0f) == 0x7B);
     CHECK(fp8_e5m2_encode(61440.0f) == 0x7B);   // midpoint to the would-be 65536
     CHECK(fp8_e5m2_encode(1e9f) == 0x7B);
@@ -645,7 +648,8 @@ TEST_CASE("fp8_gemm: reproduces outputs recorded on an H100 (torch._scaled_mm, c
 
 TEST_CASE("fp8_gemm: promotion cuts the error of one-signed sums (the report's observation, small)") {
     // Uniform [0,1) inputs, K = 2048: without promotion the truncations all push the sum down (several %), with
-    // promotion every 128 the error is ~1e-3 or below (NUMERICS.md: 7% at 4096 vs 0.05-0.09%).
+    // promotion every 128 the error is ~1e-3 or below (measured on an H100 at K = 4096, one draw of 10^6 outputs:
+    // 7% without promotion vs 0.05-0.09% with).
     Rng rng(8);
     const int M = 4, N = 4, K = 2048;
     std::vector<uint8_t> A(size_t(M) * K), B(size_t(N) * K);
@@ -682,7 +686,8 @@ TEST_CASE("fp8_matmul_forward/backward: close to the float matmul (V3 recipe: E4
     // element and about 2.3% RMS for Gaussian data (uniform error over a step of 1/8 of a binade). A product of two
     // quantized operands carries ~sqrt(2) of that, ~3.3%, and for a sum of K independent terms the relative Frobenius
     // error of the output is the same RMS: expect ~3%, bound 6%. Against the exact product of the *dequantized*
-    // inputs only the accumulator's error remains: ~1e-4 with promotion every 128 (NUMERICS.md), bound 1e-3.
+    // inputs only the accumulator's error remains: ~1e-4 with promotion every 128 (an H100 measured 0.013%
+    // Frobenius error at K = 4096), bound 1e-3.
     Rng rng(9);
     const int T = 200, in = 300, out = 150;   // none a multiple of 128: partial tiles and blocks everywhere
     std::vector<float> x(size_t(T) * in), W(size_t(out) * in), dy(size_t(T) * out);

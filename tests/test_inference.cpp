@@ -1,4 +1,4 @@
-// Inference (section 8): the latent KV cache, absorbed == naive attention, incremental decoding == the full forward,
+// Inference (section 7): the latent KV cache, absorbed == naive attention, incremental decoding == the full forward,
 // the MTP module in decoding == the MTP module in training, sampling, and speculative decoding == plain decoding.
 #include <doctest/doctest.h>
 
@@ -23,7 +23,7 @@ Config decode_config(int q_lora = 8) {
 Model decode_model(const Config& c, uint64_t seed) {
     Model m(c, seed);
     for (Block* b : m.moe_blocks())  // a non-zero routing bias, so the biased choice is exercised
-        for (int i = 0; i < c.n_routed_experts; ++i) m.P(b->moe.bias)[i] = 0.03f * float(i % 4);
+        for (int i = 0; i < c.n_routed_experts; ++i) m.param_at(b->moe.bias)[i] = 0.03f * float(i % 4);
     return m;
 }
 std::vector<int32_t> random_tokens(int n, int vocab, uint64_t seed) {

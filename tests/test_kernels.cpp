@@ -1,5 +1,5 @@
-// Kernel tests: every backward of section 3 against finite differences, and the forwards against formulas written
-// out here independently (in double, from the equations of MODEL.md and the papers, not from the header's code).
+// Kernel tests: every backward of section 3 (kernels) against finite differences, and the forwards against formulas
+// written out here independently (in double, from the equations of the papers, not from the header's code).
 //
 // Gradients: each check turns a kernel's output y into the scalar loss Σ w ⊙ y with fixed random weights w (so the
 // upstream gradient is w) and compares the backward's result with central differences, through gradcheck::check.
@@ -125,7 +125,9 @@ std::vector<double> naive_attention(const std::vector<float>& q, const std::vect
     return out;
 }
 
-// YaRN frequencies written out from MODEL.md §3 (and the official inference code's find_correction_range).
+// YaRN frequencies written out from YaRN (Peng et al. 2023, arXiv 2309.00071: the NTK-by-parts ramp between the
+// correction dimensions of beta_fast and beta_slow) and the official inference code's find_correction_range
+// (DeepSeek-V3 inference/model.py).
 std::vector<double> yarn_theta_reference(int D, double base, double factor, int original_len, double beta_fast,
                                          double beta_slow) {
     const double pi = 3.14159265358979323846;
@@ -294,7 +296,7 @@ TEST_CASE("kernels: RoPE rotates consecutive pairs by pos·θ_i, θ_i = base^(-2
     }
 }
 
-TEST_CASE("kernels: YaRN frequencies follow MODEL.md §3 (low/high/ramp recomputed here in double)") {
+TEST_CASE("kernels: YaRN frequencies follow YaRN (Peng et al. 2023) (low/high/ramp recomputed here in double)") {
     struct Case { const char* name; int D; double base, factor; int L; };
     const Case cases[] = {
         {"V3 (D 64, L 4096, s 40)", 64, 10000, 40, 4096},
@@ -870,9 +872,9 @@ TEST_CASE("kernels: update_routing_bias applies b_i += γ·sign(mean − load_i)
     std::vector<Block*> moe = model.moe_blocks();
     REQUIRE(moe.size() == 2);
     for (Block* b : moe)
-        for (int i = 0; i < 6; ++i) model.P(b->moe.bias)[i] = 0.01f * float(i) - 0.02f;
+        for (int i = 0; i < 6; ++i) model.param_at(b->moe.bias)[i] = 0.01f * float(i) - 0.02f;
     std::vector<std::vector<float>> before;
-    for (Block* b : moe) before.emplace_back(model.P(b->moe.bias), model.P(b->moe.bias) + 6);
+    for (Block* b : moe) before.emplace_back(model.param_at(b->moe.bias), model.param_at(b->moe.bias) + 6);
     // mean 2: loads above it go down, below it go up, equal to it stay exactly where they were
     const std::vector<std::vector<int64_t>> loads = {{3, 1, 2, 2, 4, 0}, {5, 5, 5, 5, 5, 5}};
     const std::vector<std::vector<int>> sign = {{-1, +1, 0, 0, -1, +1}, {0, 0, 0, 0, 0, 0}};
@@ -881,16 +883,16 @@ TEST_CASE("kernels: update_routing_bias applies b_i += γ·sign(mean − load_i)
     for (size_t l = 0; l < 2; ++l)
         for (size_t i = 0; i < 6; ++i) {
             CAPTURE(l); CAPTURE(i);
-            CHECK(model.P(moe[l]->moe.bias)[i] == before[l][i] + gamma * float(sign[l][i]));
-            if (sign[l][i] == 0) CHECK(model.P(moe[l]->moe.bias)[i] == before[l][i]);
+            CHECK(model.param_at(moe[l]->moe.bias)[i] == before[l][i] + gamma * float(sign[l][i]));
+            if (sign[l][i] == 0) CHECK(model.param_at(moe[l]->moe.bias)[i] == before[l][i]);
         }
     // a non-integer mean (1.5): one up, one down
     Config two = bias_config();
     two.n_routed_experts = 2; two.n_expert_groups = 1; two.n_limited_groups = 1; two.n_mtp_depth = 0;
     Model m2(two, 2);
     update_routing_bias(m2, {{1, 2}}, 0.5f);
-    CHECK(m2.P(m2.moe_blocks()[0]->moe.bias)[0] == 0.5f);
-    CHECK(m2.P(m2.moe_blocks()[0]->moe.bias)[1] == -0.5f);
+    CHECK(m2.param_at(m2.moe_blocks()[0]->moe.bias)[0] == 0.5f);
+    CHECK(m2.param_at(m2.moe_blocks()[0]->moe.bias)[1] == -0.5f);
     // one load vector per MoE block, or an error
     CHECK_THROWS_AS(update_routing_bias(model, {{1, 1, 1, 1, 1, 1}}, gamma), dsv3::Error);
 }

@@ -35,7 +35,7 @@ TEST_CASE("model: gradient of the whole loss matches finite differences") {
             Model model(c, 7);
             // non-zero routing bias, so the biased selection is exercised
             for (Block* b : model.moe_blocks())
-                for (int i = 0; i < c.n_routed_experts; ++i) model.P(b->moe.bias)[i] = 0.05f * float(i % 3);
+                for (int i = 0; i < c.n_routed_experts; ++i) model.param_at(b->moe.bias)[i] = 0.05f * float(i % 3);
             const int B = 2, T = 6;
             std::vector<int32_t> tokens = random_tokens(B, T, c.vocab_size, 3);
             LossOptions opt;

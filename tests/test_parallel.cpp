@@ -33,7 +33,7 @@ std::vector<int32_t> random_rows(int B, int T, int vocab, uint64_t seed) {
 // A model with a non-zero routing bias, so that the biased selection is exercised from the first step.
 void set_bias(Model& m) {
     for (Block* b : m.moe_blocks())
-        for (int i = 0; i < m.cfg.n_routed_experts; ++i) m.P(b->moe.bias)[i] = 0.05f * float(i % 3);
+        for (int i = 0; i < m.cfg.n_routed_experts; ++i) m.param_at(b->moe.bias)[i] = 0.05f * float(i % 3);
 }
 
 LossOptions loss_options() {
