@@ -23,33 +23,47 @@ endif
 TRAIN_ARGS ?=
 
 .PHONY: all train test bench data clean deps
-all: deps $(EXAMPLES:%=$(BUILD)/%)
+all: $(EXAMPLES:%=$(BUILD)/%)
 
 # doctest (tests) and stb (PNG output) come from Debian packages; install them when we can, else say how.
-deps:
-	@if [ ! -f /usr/include/doctest/doctest.h ] || [ ! -f /usr/include/stb/stb_image_write.h ]; then \
+# Every compile rule below (examples, bench, test objects, the tests link, CUDA) has the stamp $(BUILD)/.deps as an
+# order-only prerequisite, so under make -jN this check (and any apt-get install) runs first, exactly once, and
+# nothing compiles before it. The headers are looked for in /usr/include and in the -I directories of CXXFLAGS and
+# CUDA_INC (a copy of them on a machine without the packages). When they are all found and the stamp exists, nothing
+# runs; when one is missing, the recipe runs again on every make until it is found. `make deps` is an alias.
+DEP_FILES   := doctest/doctest.h stb/stb_image_write.h
+DEP_DIRS    := /usr/include $(patsubst -I%,%,$(filter -I%,$(CXXFLAGS) $(CUDA_INC)))
+DEP_MISSING := $(strip $(foreach f,$(DEP_FILES),$(if $(wildcard $(addsuffix /$(f),$(DEP_DIRS))),,$(f))))
+
+.PHONY: FORCE
+deps: $(BUILD)/.deps
+
+$(BUILD)/.deps: $(if $(DEP_MISSING),FORCE) | $(BUILD)
+	@if [ -n "$(DEP_MISSING)" ]; then \
+	  echo "Missing headers: $(DEP_MISSING)"; \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq doctest-dev libstb-dev; \
 	  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then \
 	    sudo apt-get update -qq && sudo apt-get install -y -qq doctest-dev libstb-dev; \
 	  else echo "Missing doctest/stb headers. Run:  sudo apt-get install -y doctest-dev libstb-dev"; exit 1; fi; \
 	fi
+	@touch $@
 
 $(BUILD):
 	@mkdir -p $(BUILD)
 
-$(BUILD)/bench: examples/bench.cpp $(HEADER) | $(BUILD)
+$(BUILD)/bench: examples/bench.cpp $(HEADER) | $(BUILD)/.deps
 	$(CXX) $(CXXFLAGS) $< -o $@ $(BENCH_FLAGS)
 
-$(BUILD)/%: examples/%.cpp $(HEADER) | $(BUILD)
+$(BUILD)/%: examples/%.cpp $(HEADER) | $(BUILD)/.deps
 	$(CXX) $(CXXFLAGS) $< -o $@
 
 # Each test file compiles on its own (in parallel: the header is large), then one link.
 TEST_OBJS := $(TESTS:tests/%.cpp=$(BUILD)/tests.o/%.o)
-$(BUILD)/tests.o/%.o: tests/%.cpp $(HEADER) $(wildcard tests/*.hpp)
+$(BUILD)/tests.o/%.o: tests/%.cpp $(HEADER) $(wildcard tests/*.hpp) | $(BUILD)/.deps
 	@mkdir -p $(BUILD)/tests.o
 	$(CXX) $(CXXFLAGS) -c $< -o $@
 
-$(BUILD)/tests: $(TEST_OBJS)
+$(BUILD)/tests: $(TEST_OBJS) | $(BUILD)/.deps
 	$(CXX) $(CXXFLAGS) $^ -o $@
 
 NPROC := $(shell nproc 2>/dev/null || echo 2)
@@ -57,13 +71,13 @@ test: deps
 	@$(MAKE) --no-print-directory -j$(NPROC) $(BUILD)/tests
 	./$(BUILD)/tests
 
-train: deps $(BUILD)/train
+train: $(BUILD)/train
 	./$(BUILD)/train $(TRAIN_ARGS)
 
-bench: deps $(BUILD)/bench
+bench: $(BUILD)/bench
 	./$(BUILD)/bench
 
-data: deps $(BUILD)/prepare_data
+data: $(BUILD)/prepare_data
 	bash data/download.sh
 	./$(BUILD)/prepare_data --text data/tinyshakespeare.txt --vocab 256 --out-dir data
 
@@ -71,10 +85,11 @@ clean:
 	rm -rf $(BUILD)
 
 # ---- CUDA ----------------------------------------------------------------------------------------------------------
-# Optional GPU backend (cuda/): `make cuda` builds build/test_cuda and build/bench_cuda with nvcc; `make test-cuda`
-# runs the GPU tests. Nothing above needs CUDA. CUDA_ARCH=90 (Hopper) builds for sm_90a, the target with wgmma (the
-# FP8 GEMM's tensor-core path; HOPPER.md: the -gencode form, since -arch=sm_90a also runs a plain sm_90 pass); any
-# other CUDA_ARCH builds plain sm_$(CUDA_ARCH), where fp8_gemm falls back to its CUDA-core emulation.
+# Optional GPU backend (cuda/): `make cuda` builds every CUDA program (the list below, plus build/dev_* from each
+# cuda/dev_*.cu) with nvcc; `make test-cuda` runs the GPU tests. Nothing above needs CUDA. CUDA_ARCH=90 (Hopper)
+# builds for sm_90a, the target with wgmma (the FP8 GEMM's tensor-core path). It uses the -gencode form because
+# -arch=sm_90a also runs a plain sm_90 pass, which rejects wgmma. Any other CUDA_ARCH builds plain sm_$(CUDA_ARCH),
+# where fp8_gemm falls back to its CUDA-core emulation.
 # CUDA_INC adds include paths (doctest, stb) on machines without the Debian packages.
 NVCC       ?= nvcc
 CUDA_ARCH  ?= 90
@@ -86,39 +101,43 @@ endif
 CUDA_INC   ?=
 NVCCFLAGS  ?= -O3 -std=c++17 $(CUDA_GENCODE) -Xcompiler -fopenmp $(CUDA_INC)
 CUDA_DEPS  := $(HEADER) $(wildcard cuda/*.cuh)
+# Development programs: each cuda/dev_*.cu (zero or more) builds to build/dev_*.
+CUDA_DEV   := $(patsubst cuda/%.cu,$(BUILD)/%,$(wildcard cuda/dev_*.cu))
 
 .PHONY: cuda test-cuda
-cuda: $(BUILD)/test_cuda $(BUILD)/bench_cuda $(BUILD)/test_multi_gpu $(BUILD)/bench_multi_gpu $(BUILD)/train_multi_gpu $(BUILD)/generate_cuda
+cuda: $(BUILD)/test_cuda $(BUILD)/bench_cuda $(BUILD)/test_multi_gpu $(BUILD)/bench_multi_gpu $(BUILD)/train_multi_gpu \
+      $(BUILD)/generate_cuda $(BUILD)/train_cuda $(CUDA_DEV)
 
-$(BUILD)/test_cuda: cuda/test_cuda.cu $(CUDA_DEPS) | $(BUILD)
-	$(NVCC) $(NVCCFLAGS) $< -o $@ -lcublas
-
-$(BUILD)/bench_cuda: cuda/bench_cuda.cu $(CUDA_DEPS) | $(BUILD)
-	$(NVCC) $(NVCCFLAGS) $< -o $@ -lcublas
-
-# Multi-GPU communication over peer copies, no NCCL (cuda/comm.cuh): tests and bandwidth on all visible GPUs.
-$(BUILD)/test_multi_gpu: cuda/test_multi_gpu.cu $(CUDA_DEPS) | $(BUILD)
-	$(NVCC) $(NVCCFLAGS) $< -o $@ -lcublas
-
-$(BUILD)/bench_multi_gpu: cuda/bench_multi_gpu.cu $(CUDA_DEPS) | $(BUILD)
-	$(NVCC) $(NVCCFLAGS) $< -o $@ -lcublas
-
-$(BUILD)/generate_cuda: cuda/generate_cuda.cu $(CUDA_DEPS) examples/generate.cpp | $(BUILD)
-	$(NVCC) $(NVCCFLAGS) $< -o $@ -lcublas
-
-$(BUILD)/train_multi_gpu: cuda/train_multi_gpu.cu $(CUDA_DEPS) $(wildcard examples/*.cpp) | $(BUILD)
-	$(NVCC) $(NVCCFLAGS) $< -o $@ -lcublas
-
-test-cuda: $(BUILD)/test_cuda $(BUILD)/test_multi_gpu
+# test_cuda's last case runs 20 steps of build/train and build/train_cuda and compares the losses.
+test-cuda: $(BUILD)/test_cuda $(BUILD)/test_multi_gpu $(BUILD)/train $(BUILD)/train_cuda
 	./$(BUILD)/test_cuda
 	./$(BUILD)/test_multi_gpu
 
+$(BUILD)/test_cuda: cuda/test_cuda.cu $(CUDA_DEPS) | $(BUILD)/.deps
+	$(NVCC) $(NVCCFLAGS) $< -o $@ -lcublas
+
+$(BUILD)/bench_cuda: cuda/bench_cuda.cu $(CUDA_DEPS) | $(BUILD)/.deps
+	$(NVCC) $(NVCCFLAGS) $< -o $@ -lcublas
+
+# Multi-GPU communication over peer copies, no NCCL (cuda/comm.cuh): tests and bandwidth on all visible GPUs.
+$(BUILD)/test_multi_gpu: cuda/test_multi_gpu.cu $(CUDA_DEPS) | $(BUILD)/.deps
+	$(NVCC) $(NVCCFLAGS) $< -o $@ -lcublas
+
+$(BUILD)/bench_multi_gpu: cuda/bench_multi_gpu.cu $(CUDA_DEPS) | $(BUILD)/.deps
+	$(NVCC) $(NVCCFLAGS) $< -o $@ -lcublas
+
+$(BUILD)/generate_cuda: cuda/generate_cuda.cu $(CUDA_DEPS) examples/generate.cpp | $(BUILD)/.deps
+	$(NVCC) $(NVCCFLAGS) $< -o $@ -lcublas
+
+$(BUILD)/train_multi_gpu: cuda/train_multi_gpu.cu $(CUDA_DEPS) $(wildcard examples/*.cpp) | $(BUILD)/.deps
+	$(NVCC) $(NVCCFLAGS) $< -o $@ -lcublas
+
 # The model on the GPU: build/train_cuda is examples/train.cpp compiled with DSV3_BACKEND_CUDA (cuda/train_cuda.cu),
 # the header's Model, train_step and AdamW on the kernels of cuda/, same options (--preset small for the GPU preset).
-# test_cuda's last case runs 20 steps of build/train and build/train_cuda and compares the losses.
-cuda: $(BUILD)/train_cuda
-test-cuda: $(BUILD)/train $(BUILD)/train_cuda
+$(BUILD)/train_cuda: cuda/train_cuda.cu examples/train.cpp $(CUDA_DEPS) | $(BUILD)/.deps
+	$(NVCC) $(NVCCFLAGS) $< -o $@ -lcublas
 
-$(BUILD)/train_cuda: cuda/train_cuda.cu examples/train.cpp $(CUDA_DEPS) | $(BUILD)
+# Each cuda/dev_*.cu builds to build/dev_* (make prefers this rule to $(BUILD)/%: examples/%.cpp: its stem is shorter).
+$(BUILD)/dev_%: cuda/dev_%.cu $(CUDA_DEPS) | $(BUILD)/.deps
 	$(NVCC) $(NVCCFLAGS) $< -o $@ -lcublas
 # ---- end CUDA ------------------------------------------------------------------------------------------------------
