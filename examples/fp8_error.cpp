@@ -6,8 +6,8 @@
 // copy the partial sums to FP32 registers every N_C = 128 elements of K ("promotion").
 //
 // This program multiplies random E4M3 matrices A[M, K] · B[N, K]ᵀ with dsv3::fp8_gemm (the H100 accumulator model of
-// spec/NUMERICS.md, bit-exact against the hardware) without and with promotion, compares them with the exact product
-// of the same FP8 inputs, and prints, for K = 128 … 16384:
+// the header's section 8, bit-exact against the hardware) without and with promotion, compares them with the exact
+// product of the same FP8 inputs, and prints, for K = 128 … 16384:
 //   max:  the maximum relative error over the outputs with |exact| >= median(|exact|) (tiny outputs would make any
 //         relative error arbitrary),
 //   frob: the relative Frobenius error ||C - exact||_F / ||exact||_F.
@@ -118,18 +118,19 @@ int main(int argc, char** argv) {
             }
         }
         const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        std::printf("\n(%.1f s) The report's \"nearly 2%%\" at K = 4096 is the first column. NUMERICS.md measured on an\n"
-                    "H100: Gaussian 1.3%% max / 0.13%% frob without promotion, 0.09%% / 0.013%% with; scaled to amax 448\n"
-                    "1.7%% / 0.13%%; uniform 7.0%% without (a bias growing with K), 0.05-0.09%% with. The max is an extreme\n"
-                    "value: it grows slowly with the number of outputs and varies from seed to seed (%d outputs above\n"
-                    "the median here%s).\n",
+        std::printf("\n(%.1f s) The report's \"nearly 2%%\" at K = 4096 is the first column. One draw of\n"
+                    "10^6 outputs on an H100: Gaussian 1.3%% max / 0.13%% frob without promotion, 0.09%% / 0.013%%\n"
+                    "with; scaled to amax 448 1.7%% / 0.13%%; uniform 7.0%% without (a bias growing with K),\n"
+                    "0.05-0.09%% with. The max is an extreme value: it grows slowly with the number of outputs and\n"
+                    "varies from seed to seed (%d outputs above the median here%s).\n",
                     secs, M * N / 2, draws > 0 ? "; the K = 4096 experiment below uses more" : "");
 
         // The report's experiment itself at K = 4096. The max over the outputs above the median is an extreme
-        // value: at NUMERICS.md's sample size (10^6 outputs) it moves from draw to draw by ±10%, and it grows with the
-        // number of outputs. So: several draws of 1024 x 1024 outputs (spread, and the effect of promotion), then
-        // draws of 4096 x 4096. The hardware (tests/reference/fp8_error_hw.py, torch._scaled_mm on an H200) gives the
-        // same picture: 1.11-1.32% over six 1024² draws, 1.45-1.70% over three 4096² draws (Gaussian N(0,1)).
+        // value: at the sample size of the H100 measurements (10^6 outputs) it moves from draw to draw by ±10%, and it
+        // grows with the number of outputs. So: several draws of 1024 x 1024 outputs (spread, and the effect of
+        // promotion), then draws of 4096 x 4096. The hardware (tests/reference/fp8_error_hw.py, torch._scaled_mm on
+        // an H200) gives the same picture: 1.11-1.32% over six 1024² draws, 1.45-1.70% over three 4096² draws
+        // (Gaussian N(0,1)).
         if (draws > 0) {
             const int K = 4096;
             auto one_draw = [&](int size, int dist, uint64_t seed, bool with_promotion) {
@@ -147,7 +148,7 @@ int main(int argc, char** argv) {
                 }
                 return std::make_pair(fast, promoted);
             };
-            std::printf("\nK = %d, C[1024,1024] (10^6 outputs, NUMERICS.md's sample size), %d independent draws:\n", K,
+            std::printf("\nK = %d, C[1024,1024] (10^6 outputs, one H100 draw's size), %d independent draws:\n", K,
                         draws);
             std::printf("%-18s | %-34s | %8s | %s\n", "inputs", "max rel. error, no promotion", "mean",
                         "promotion every 128 (largest)");

@@ -1,4 +1,4 @@
-// build/generate: loads a trained model and continues a prompt, with the latent KV cache (section 8 of the header).
+// build/generate: loads a trained model and continues a prompt, with the latent KV cache (section 7 of the header).
 //
 //   build/generate                                        runs/tiny/checkpoint.bin (what `make train` saves)
 //   build/generate --checkpoint runs/tiny/checkpoint.bin --prompt "ROMEO:" --tokens 200 --temperature 0.8 --top-k 40

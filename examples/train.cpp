@@ -74,7 +74,7 @@ static Args parse(int argc, char** argv) {
 }
 
 // Greedy-free sampling: temperature 0.8 from the model's next-token distribution, recomputing the whole window.
-// A few lines of text from the trained model: the latent KV cache and temperature sampling of section 8.
+// A few lines of text from the trained model: the latent KV cache and temperature sampling of section 7.
 static std::string sample_text(Model& model, const std::string& prompt, int n, uint64_t seed) {
     std::vector<int32_t> ids(prompt.begin(), prompt.end());
     SamplingOptions s;
