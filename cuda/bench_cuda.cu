@@ -7,9 +7,12 @@
 // (b) absorbed MLA decoding (one token per sequence over the latent cache): achieved GB/s (cache bytes read + query
 //     and output bytes) vs the device's copy bandwidth (cudaMemcpy device-to-device, bytes read + written) measured
 //     in the same run. Target ≥ 60%.
-// Timing (METHOD.md): CUDA events, warm-up first, the median of repeated runs, random non-zero inputs, buffers larger
-// than the L2 cache.
-#include "kernels.cuh"
+// Each benchmark times what the model launches (fp8_gemm picks its tile by size, mla_decode_absorbed its kernel by
+// shape); the sweeps over every kernel version, with their checks against the CPU, are build/dev_fp8_gemm and
+// build/dev_mla_decode (cuda/dev_*.cu).
+// Timing (cuda/dev_common.cuh): CUDA events, warm-up first, the median of repeated runs, random non-zero inputs,
+// buffers larger than the L2 cache.
+#include "dev_common.cuh"
 
 #include <algorithm>
 #include <cstdio>
@@ -20,49 +23,9 @@ namespace cu = dsv3::cuda;
 
 namespace {
 
-// Median time in milliseconds of `reps` calls of f, after `warmup` calls.
-template <class F>
-double time_ms(F&& f, int warmup, int reps) {
-    for (int i = 0; i < warmup; ++i) f();
-    DSV3_CUDA_CHECK(cudaDeviceSynchronize());
-    cudaEvent_t a, b;
-    DSV3_CUDA_CHECK(cudaEventCreate(&a));
-    DSV3_CUDA_CHECK(cudaEventCreate(&b));
-    std::vector<double> t;
-    for (int i = 0; i < reps; ++i) {
-        DSV3_CUDA_CHECK(cudaEventRecord(a));
-        f();
-        DSV3_CUDA_CHECK(cudaEventRecord(b));
-        DSV3_CUDA_CHECK(cudaEventSynchronize(b));
-        float ms = 0;
-        DSV3_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-        t.push_back(ms);
-    }
-    cudaEventDestroy(a);
-    cudaEventDestroy(b);
-    std::sort(t.begin(), t.end());
-    return t[t.size() / 2];
-}
-
-// Random finite E4M3 codes on the device (filled on the host: a splitmix64 stream, NaN codes replaced by 1.0).
-cu::DeviceBuffer<uint8_t> random_codes(size_t n, uint64_t seed) {
-    std::vector<uint8_t> h(n);
-    dsv3::Rng rng(seed);
-    for (size_t i = 0; i < n; i += 8) {
-        uint64_t r = rng.next_u64();
-        for (size_t j = i; j < std::min(n, i + 8); ++j, r >>= 8) {
-            uint8_t c = uint8_t(r);
-            h[j] = (c & 0x7F) == 0x7F ? 0x38 : c;
-        }
-    }
-    return cu::DeviceBuffer<uint8_t>(h);
-}
-cu::DeviceBuffer<float> random_floats(size_t n, uint64_t seed, float lo, float hi) {
-    std::vector<float> h(n);
-    dsv3::Rng rng(seed);
-    for (auto& x : h) x = lo + float(rng.uniform()) * (hi - lo);
-    return cu::DeviceBuffer<float>(h);
-}
+using cu::bench::random_codes;
+using cu::bench::random_floats;
+using cu::bench::time_ms;
 
 // The peer's figures, by size, from the JSON line the Python script prints (a tiny ad-hoc reader: the format is ours).
 struct Peer { bool ok = false; std::string note; std::vector<std::pair<int, double>> tflops; };
@@ -101,10 +64,7 @@ Peer run_peer(const std::vector<int>& sizes) {
 int main(int argc, char** argv) {
     try {
         const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
-        cudaDeviceProp prop;
-        DSV3_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-        std::printf("device: %s, %d SMs, L2 %d MB, fp8 fast path (wgmma): %s\n", prop.name, prop.multiProcessorCount,
-                    prop.l2CacheSize >> 20, cu::fp8_gemm_fast_available() ? "yes" : "no (emulation)");
+        const cudaDeviceProp prop = cu::bench::print_device("bench_cuda");
 
         // ---- (a) FP8 block-scaled GEMM -----------------------------------------------------------------------------
         std::vector<int> sizes = quick ? std::vector<int>{4096} : std::vector<int>{4096, 6144, 8192};
@@ -116,33 +76,23 @@ int main(int argc, char** argv) {
             auto sa = random_floats(size_t(n) * kt, 3 + n, 0.5f, 1.5f);
             auto sb = random_floats(size_t(dsv3::fp8_tiles(n)) * kt, 4 + n, 0.5f, 1.5f);
             cu::DeviceBuffer<float> C(size_t(n) * n);
-            double best = 0;
-            const char* names[] = {"128x128 tile, 4 stages", "128x192 tile, 4 stages",
-                                   "128x128 tile, 5 stages, ping-pong", "128x192 tile, 5 stages"};
-            for (int variant = 0; variant < cu::detail::kFp8GemmVariants; ++variant) {
-                const double ms = time_ms([&] {
-                    cu::fp8_gemm(A.data(), sa.data(), B.data(), sb.data(), C.data(), n, n, n, {}, variant);
-                }, 3, quick ? 5 : 20);
-                const double tf = 2.0 * n * double(n) * n / (ms * 1e-3) / 1e12;
-                std::printf("  ours  M=N=K=%5d  variant %d (%-34s): %8.3f ms  %7.1f TFLOP/s\n", n, variant,
-                            names[variant], ms, tf);
-                best = std::max(best, tf);
-            }
-            DSV3_CUDA_CHECK_LAUNCH();
+            // fp8_gemm's own choice of kernel for this size
+            const char* tile = !cu::fp8_gemm_fast_available()                ? "emulation"
+                               : cu::detail::fp8_gemm_auto_tile(n, n) == 192 ? "128x192 tile, 4 stages"
+                                                                             : "128x128 tile, 4 stages";
+            const double ms = time_ms([&] {
+                cu::fp8_gemm(A.data(), sa.data(), B.data(), sb.data(), C.data(), n, n, n);
+            }, 3, quick ? 5 : 20);
+            const double best = 2.0 * n * double(n) * n / (ms * 1e-3) / 1e12;
+            std::printf("  ours  M=N=K=%5d  (%-24s): %8.3f ms  %7.1f TFLOP/s\n", n, tile, ms, best);
             ours.push_back({n, best});
         }
         const Peer peer = run_peer(sizes);
-        std::printf("  %s\n", peer.ok ? peer.note.c_str() : peer.note.c_str());
+        std::printf("  %s\n", peer.note.c_str());
 
         // ---- (b) absorbed MLA decoding ------------------------------------------------------------------------------
         std::printf("\n(b) absorbed MLA decoding over the latent cache (float32), one new token per sequence\n");
-        const size_t copy_bytes = size_t(1) << 30;
-        cu::DeviceBuffer<unsigned char> src(copy_bytes), dst(copy_bytes);
-        src.fill_bytes(0x3C);
-        const double copy_ms = time_ms([&] {
-            DSV3_CUDA_CHECK(cudaMemcpy(dst.data(), src.data(), copy_bytes, cudaMemcpyDeviceToDevice));
-        }, 2, 10);
-        const double copy_gbs = 2.0 * copy_bytes / (copy_ms * 1e-3) / 1e9;
+        const double copy_gbs = cu::bench::copy_bandwidth_gbs();
         std::printf("  device copy (cudaMemcpy D2D, 1 GiB, read + write): %.1f GB/s\n", copy_gbs);
         struct Case { const char* name; int B, T, H, dc, dr; };
         const std::vector<Case> cases = {
@@ -158,19 +108,14 @@ int main(int argc, char** argv) {
             auto ckv = random_floats(ncache * c.dc, 13, -1, 1), kr = random_floats(ncache * c.dr, 14, -1, 1);
             cu::DeviceBuffer<float> o(nq * c.dc);
             const float scale = 1.0f / std::sqrt(192.0f);
-            double gbs = 0;
-            for (int version : {1, 2, 4, 3}) {
-                if (version >= 3 && !(c.dc == 512 && c.dr == 64)) continue;   // v3/v4 exist for dc 512 / dr 64 only
-                const double ms = time_ms([&] {
-                    cu::mla_decode_absorbed(o.data(), ql.data(), qr.data(), ckv.data(), kr.data(), c.B, c.T, c.H, c.dc,
-                                            c.dr, scale, version);
-                }, 3, quick ? 5 : 20);
-                const double bytes = 4.0 * (double(ncache) * (c.dc + c.dr) + double(nq) * (2 * c.dc + c.dr));
-                const double v = bytes / (ms * 1e-3) / 1e9;
-                std::printf("  %-38s B=%3d T=%6d v%d: %8.3f ms  %7.1f GB/s  = %5.1f%% of copy\n", c.name, c.B, c.T,
-                            version, ms, v, 100.0 * v / copy_gbs);
-                gbs = std::max(gbs, v);
-            }
+            const double ms = time_ms([&] {
+                cu::mla_decode_absorbed(o.data(), ql.data(), qr.data(), ckv.data(), kr.data(), c.B, c.T, c.H, c.dc, c.dr,
+                                        scale);
+            }, 3, quick ? 5 : 20);
+            const double bytes = 4.0 * (double(ncache) * (c.dc + c.dr) + double(nq) * (2 * c.dc + c.dr));
+            const double gbs = bytes / (ms * 1e-3) / 1e9;
+            std::printf("  %-38s B=%3d T=%6d: %8.3f ms  %7.1f GB/s  = %5.1f%% of copy\n", c.name, c.B, c.T, ms, gbs,
+                        100.0 * gbs / copy_gbs);
             dec.push_back({c.name, gbs});
         }
 

@@ -1,16 +1,21 @@
 // cuda/fp8.cuh — FP8 on the GPU (DeepSeek-V3 report §3.3): 1×128 / 128×128 quantization and the block-scaled FP8 GEMM
 // on Hopper's FP8 tensor cores with promotion to FP32 every 128 along K. Included by cuda/kernels.cuh.
 //
-// The CPU header simulates the H100 tensor core's accumulator bit for bit (spec/NUMERICS.md): within a promotion
-// chunk of 128 values of K, each block of 32 products (one FP8 WGMMA instruction, K = 32) is aligned to the largest
-// input exponent and truncated, and the running sum keeps 14 significant bits; at the end of every chunk the partial
-// sum c is promoted: acc32 = fmaf(c, (float)(sa·sb), acc32). This file runs the real thing:
+// The CPU header simulates the H100 tensor core's accumulator bit for bit (header section 8; the limited accumulator
+// is DeepSeek-V3 report arXiv 2412.19437 §3.3.2, "Increasing Accumulation Precision", and "Insights into DeepSeek-V3",
+// arXiv 2505.09343): within a promotion chunk of 128 values of K, each block of 32 products (one FP8 WGMMA
+// instruction, K = 32) is aligned to the largest input exponent and truncated, and the running sum keeps 14
+// significant bits; at the end of every chunk the partial sum c is promoted: acc32 = fmaf(c, (float)(sa·sb), acc32).
+// This file runs the real thing:
 //
 //   fp8_gemm (fast path, sm_90a): per 128-chunk, 4 × wgmma.m64nNk32.e4m3 chained in the tensor core's accumulator
 //     (the first with scale-d = 0: c starts at 0), then on the CUDA cores acc32 = fmaf(c, sa·sb, acc32). Same
 //     promotion interval, same order of additions, same scale multiplication: the same bits as dsv3::fp8_gemm.
 //   fp8_gemm_emulated (plain path, any GPU): the header's integer model of the accumulator, one thread per output.
 //     The reference the fast path is checked against on the GPU, and what a plain -arch=sm_90 build runs.
+// Only the kernels the model launches live here. The other versions of the fast kernel (5 stages, ping-pong
+// accumulators), with their measured figures, are in cuda/dev_fp8_gemm.cu (build/dev_fp8_gemm N), which also times
+// and checks these.
 #pragma once
 
 #include <cuda_fp8.h>
@@ -194,7 +199,7 @@ __global__ void fp8_gemm_emulated_kernel(const uint8_t* A, const float* sa, cons
 // Tiling. A CTA computes a 128 × BN tile of C with two warpgroups (256 threads), each owning 64 rows: wgmma's M is 64
 // per warpgroup. K advances in tiles of 128 = one promotion chunk = 4 wgmma instructions of K = 32. The A tile
 // [128, 128] and the B tile [BN, 128] (both K-major: rows of 128 bytes) are copied into shared memory by cp.async in a
-// ring of STAGES buffers, so the copies of the next tiles overlap the tensor-core work on this one.
+// ring of kGemmStages buffers, so the copies of the next tiles overlap the tensor-core work on this one.
 //
 // Shared-memory layout: the 128-byte swizzle that wgmma reads without bank conflicts. Row r of a tile occupies bytes
 // [128 r, 128 r + 128); its 16-byte chunk c is stored at chunk position c XOR (r mod 8). The descriptor of an operand
@@ -288,11 +293,12 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 // Shared memory written by the generic proxy (cp.async, st.shared) and read next by wgmma (the async proxy) needs this
-// fence in the writing threads before the barrier (HOPPER.md, "Ordering").
+// fence in the writing threads before the barrier (PTX ISA, memory consistency model: wgmma reads its shared-memory
+// operands through the async proxy, which does not see generic-proxy writes without a proxy fence).
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
-constexpr int kGemmBM = 128, kGemmBK = 128, kGemmThreads = 256, kGemmGroupM = 8;
-template <int BN, int STAGES>
+constexpr int kGemmBM = 128, kGemmBK = 128, kGemmThreads = 256, kGemmGroupM = 8, kGemmStages = 4;
+template <int BN, int STAGES = kGemmStages>
 constexpr int gemm_smem_bytes() { return STAGES * (kGemmBM + BN) * kGemmBK + 1024; }
 
 // Copies K-tile kt of A rows [m0, m0+128) and B rows [n0, n0+BN) into one stage, swizzled. VEC16: K % 16 == 0 and
@@ -348,11 +354,8 @@ template <int N>
 __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
 #endif
 
-// PINGPONG (two tensor-core accumulators): chunk kt's four wgmma run into c[kt % 2] while the CUDA cores promote
-// chunk kt-1 from the other one, so the promotion and the wait for the tensor cores overlap the next chunk's math.
-// The price: a third register tile (BN/2 more registers), and the stage of chunk kt-1 is free only one iteration
-// later (prefetch depth STAGES-2 instead of STAGES-1).
-template <int BN, bool VEC16, int STAGES, bool PINGPONG>
+// The fast kernel: BN = 128 or 192 (the tile width, fp8_gemm_auto_tile), VEC16 = 16-byte loads (gemm_load_tile).
+template <int BN, bool VEC16>
 __global__ void __launch_bounds__(kGemmThreads, 1)
     fp8_gemm_wgmma_kernel(const uint8_t* __restrict__ A, const float* __restrict__ sa, const uint8_t* __restrict__ B,
                           const float* __restrict__ sb, float* __restrict__ C, int M, int N, int K, int sb_rows,
@@ -362,7 +365,8 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
     uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
     constexpr int kStageBytes = (kGemmBM + BN) * kGemmBK;
     constexpr int R = BN / 2;                       // accumulator registers per thread
-    constexpr int AHEAD = PINGPONG ? STAGES - 2 : STAGES - 1;   // tiles in flight ahead of the one computed
+    constexpr int STAGES = kGemmStages;
+    constexpr int AHEAD = STAGES - 1;                // tiles in flight ahead of the one computed
 
     // Tile of this CTA, in groups of kGemmGroupM row tiles so that neighbouring CTAs share B tiles in L2.
     const int tiles_m = (M + kGemmBM - 1) / kGemmBM, tiles_n = (N + BN - 1) / BN;
@@ -380,7 +384,7 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
     float acc[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) acc[r] = 0.0f;
-    float c0[R], c1[PINGPONG ? R : 1];
+    float c0[R];                                    // the tensor core's accumulator of one chunk
 
     auto stage_a = [&](int s) { return smem + s * kStageBytes; };
     auto stage_b = [&](int s) { return smem + s * kStageBytes + kGemmBM * kGemmBK; };
@@ -441,36 +445,13 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
         if (s < KT) gemm_load_tile<BN, VEC16>(stage_a(s), stage_b(s), A, B, M, N, K, m0, n0, s);
         cp_async_commit();
     }
-    if constexpr (!PINGPONG) {
-        for (int kt = 0; kt < KT; ++kt) {
-            wait_and_prefetch(kt);
-            const Scales s = scales_of(kt);   // read while the tensor cores work
-            issue(c0, kt);
-            wgmma_wait<0>();
-            fence_operands(c0);
-            promote(c0, s, kt);
-        }
-    } else {
-        // Iteration kt: issue chunk kt into c[kt % 2]; wait until only it is pending (chunk kt-1 is done); promote
-        // chunk kt-1. Unrolled by two so that each accumulator is named at compile time (registers, not memory).
-        Scales prev{};
-        for (int kt = 0; kt < KT; kt += 2) {
-            wait_and_prefetch(kt);
-            Scales cur = scales_of(kt);
-            issue(c0, kt);
-            if (kt > 0) { wgmma_wait<1>(); fence_operands(c1); promote(c1, prev, kt - 1); }
-            prev = cur;
-            if (kt + 1 < KT) {
-                wait_and_prefetch(kt + 1);
-                cur = scales_of(kt + 1);
-                issue(c1, kt + 1);
-                wgmma_wait<1>(); fence_operands(c0); promote(c0, prev, kt);
-                prev = cur;
-            }
-        }
+    for (int kt = 0; kt < KT; ++kt) {
+        wait_and_prefetch(kt);
+        const Scales s = scales_of(kt);   // read while the tensor cores work
+        issue(c0, kt);
         wgmma_wait<0>();
-        if ((KT - 1) % 2 == 0) { fence_operands(c0); promote(c0, prev, KT - 1); }
-        else { fence_operands(c1); promote(c1, prev, KT - 1); }
+        fence_operands(c0);
+        promote(c0, s, kt);
     }
     cp_async_wait<0>();
     // Epilogue: FP32 C, two adjacent columns per store where possible.
@@ -528,66 +509,56 @@ inline void check_fp8_gemm(const char* who, int M, int N, int K, const Fp8Accum&
              "promote_every 128, exact false); found block ", acc.block, ", frac_bits ", acc.frac_bits,
              ", promote_every ", acc.promote_every, ", exact ", acc.exact);
 }
-template <int BN, bool VEC16, int STAGES, bool PINGPONG>
-inline void launch_wgmma_variant(const uint8_t* A, const float* sa, const uint8_t* B, const float* sb, float* C, int M,
-                                 int N, int K, int sb_rows, int accumulate) {
-    constexpr int smem = gemm_smem_bytes<BN, STAGES>();
+template <int BN, bool VEC16>
+inline void launch_wgmma(const uint8_t* A, const float* sa, const uint8_t* B, const float* sb, float* C, int M, int N,
+                         int K, int sb_rows, int accumulate) {
+    constexpr int smem = gemm_smem_bytes<BN>();
     static const bool attr = [] {   // more than 48 KB of dynamic shared memory must be asked for, once per kernel
-        DSV3_CUDA_CHECK(cudaFuncSetAttribute(fp8_gemm_wgmma_kernel<BN, VEC16, STAGES, PINGPONG>,
+        DSV3_CUDA_CHECK(cudaFuncSetAttribute(fp8_gemm_wgmma_kernel<BN, VEC16>,
                                              cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
         return true;
     }();
     (void)attr;
     const int64_t tiles = int64_t((M + kGemmBM - 1) / kGemmBM) * ((N + BN - 1) / BN);
-    fp8_gemm_wgmma_kernel<BN, VEC16, STAGES, PINGPONG><<<unsigned(tiles), kGemmThreads, smem>>>(A, sa, B, sb, C, M, N, K,
-                                                                                                  sb_rows, accumulate);
+    fp8_gemm_wgmma_kernel<BN, VEC16><<<unsigned(tiles), kGemmThreads, smem>>>(A, sa, B, sb, C, M, N, K, sb_rows,
+                                                                              accumulate);
     DSV3_CUDA_CHECK_LAUNCH();
 }
-// The kernel variants, by number (the benchmark times them all; fp8_gemm picks 0 or 1 by size). Measured on an H100
-// SXM (bench_cuda, M = N = K = 4096 / 8192; cuBLASLt through torch._scaled_mm: 860-990 / 1125-1190 TFLOP/s):
-//   0: 128×128 tile, 4 stages     ~650 / 716 TFLOP/s
-//   1: 128×192 tile, 4 stages     ~588 / 743
-//   2: 128×128, 5 stages, ping-pong accumulators   ~660 / 660-700: ptxas serialises the wgmma (warning C7514: the
-//      promotion reads one accumulator while the other's wgmma is in flight, which it cannot prove safe), so the
-//      overlap it was written for does not happen; kept as the lesson.
-//   3: 128×192, 5 stages          ~585 / 656-667 (a deeper pipeline does not help: the loads are not the limit)
-// What would close the rest of the gap to cuBLAS: TMA loads with multicast across a cluster of 2 (halves the L2→SM
-// bytes of one operand), a producer warp and mbarriers instead of __syncthreads (the two consumer warpgroups drift
-// apart, so one's promotion overlaps the other's wgmma), and a persistent grid.
-constexpr int kFp8GemmVariants = 4;
-inline void launch_fp8_gemm_wgmma(int variant, const uint8_t* A, const float* sa, const uint8_t* B, const float* sb,
+// The fast kernel with tiles 128 × tile_n (128 or 192). Rows that are not 16-byte chunks (K % 16 != 0, or unaligned
+// pointers) take the byte-wise loads, always with the 128-wide tile.
+inline void launch_fp8_gemm_wgmma(int tile_n, const uint8_t* A, const float* sa, const uint8_t* B, const float* sb,
                                   float* C, int M, int N, int K, int sb_rows, int accumulate) {
     const bool vec16 = K % 16 == 0 && reinterpret_cast<uintptr_t>(A) % 16 == 0 && reinterpret_cast<uintptr_t>(B) % 16 == 0;
-    if (!vec16) { launch_wgmma_variant<128, false, 4, false>(A, sa, B, sb, C, M, N, K, sb_rows, accumulate); return; }
-    switch (variant) {
-        case 0: launch_wgmma_variant<128, true, 4, false>(A, sa, B, sb, C, M, N, K, sb_rows, accumulate); break;
-        case 1: launch_wgmma_variant<192, true, 4, false>(A, sa, B, sb, C, M, N, K, sb_rows, accumulate); break;
-        case 2: launch_wgmma_variant<128, true, 5, true>(A, sa, B, sb, C, M, N, K, sb_rows, accumulate); break;
-        default: launch_wgmma_variant<192, true, 5, false>(A, sa, B, sb, C, M, N, K, sb_rows, accumulate); break;
-    }
+    if (!vec16) launch_wgmma<128, false>(A, sa, B, sb, C, M, N, K, sb_rows, accumulate);
+    else if (tile_n == 192) launch_wgmma<192, true>(A, sa, B, sb, C, M, N, K, sb_rows, accumulate);
+    else launch_wgmma<128, true>(A, sa, B, sb, C, M, N, K, sb_rows, accumulate);
 }
-}  // namespace detail
 
-namespace detail {
-// The general product of both paths: C (+)= A·Bᵀ, B's scales per sb_rows rows (128 or 1). variant -1 = automatic,
-// -2 = the emulation.
+// The fast kernel's tile width for an M × N product: the wider tile moves fewer bytes per FLOP, which pays once the
+// grid has many waves (H100: 743 vs 716 TFLOP/s at 8192, 588 vs 649 at 4096; build/dev_fp8_gemm versions 3 and 2).
+inline int fp8_gemm_auto_tile(int64_t M, int64_t N) { return M * N >= int64_t(6144) * 6144 ? 192 : 128; }
+// Which kernel fp8_gemm_general runs: automatic (what the model runs: the emulation without the fast path, else the
+// tile of fp8_gemm_auto_tile), the emulation, or one tile width of the fast kernel (test_cuda and dev_fp8_gemm check
+// both widths on small shapes; without the fast path these run the emulation too).
+enum class Fp8Kernel { automatic, emulated, wgmma_128, wgmma_192 };
+// The general product of both paths: C (+)= A·Bᵀ, B's scales per sb_rows rows (128 or 1).
 inline void fp8_gemm_general(const uint8_t* A, const float* sa, const uint8_t* B, const float* sb, int sb_rows, float* C,
-                             int M, int N, int K, bool accumulate, int variant) {
+                             int M, int N, int K, bool accumulate, Fp8Kernel kernel = Fp8Kernel::automatic) {
     if (int64_t(M) * N == 0) return;
     if (K == 0) {
         if (!accumulate) DSV3_CUDA_CHECK(cudaMemsetAsync(C, 0, sizeof(float) * size_t(M) * N));
         return;
     }
-    if (variant == -2 || !fp8_gemm_fast_available()) {
+    if (kernel == Fp8Kernel::emulated || !fp8_gemm_fast_available()) {
         if (M > 65535) fail("cuda::fp8_gemm_emulated: M must be <= 65535, found ", M);
         fp8_gemm_emulated_kernel<<<dim3((N + 127) / 128, M), 128>>>(A, sa, B, sb, C, M, N, K, sb_rows, accumulate);
         DSV3_CUDA_CHECK_LAUNCH();
         return;
     }
-    // The wider tile moves fewer bytes per FLOP, which pays once the grid has many waves (H100: 743 vs 716 TFLOP/s at
-    // 8192, 588 vs 649 at 4096).
-    if (variant < 0) variant = int64_t(M) * N >= int64_t(6144) * 6144 ? 1 : 0;
-    launch_fp8_gemm_wgmma(variant, A, sa, B, sb, C, M, N, K, sb_rows, accumulate);
+    const int tile_n = kernel == Fp8Kernel::automatic   ? fp8_gemm_auto_tile(M, N)
+                       : kernel == Fp8Kernel::wgmma_192 ? 192
+                                                        : 128;
+    launch_fp8_gemm_wgmma(tile_n, A, sa, B, sb, C, M, N, K, sb_rows, accumulate);
 }
 }  // namespace detail
 
@@ -595,17 +566,16 @@ inline void fp8_gemm_general(const uint8_t* A, const float* sa, const uint8_t* B
 inline void fp8_gemm_emulated(const uint8_t* A, const float* scale_a, const uint8_t* B, const float* scale_b, float* C,
                               int M, int N, int K, const Fp8Accum& acc = {}) {
     detail::check_fp8_gemm("cuda::fp8_gemm_emulated", M, N, K, acc);
-    detail::fp8_gemm_general(A, scale_a, B, scale_b, 128, C, M, N, K, false, -2);
+    detail::fp8_gemm_general(A, scale_a, B, scale_b, 128, C, M, N, K, false, detail::Fp8Kernel::emulated);
 }
 
 // C[M, N] = A[M, K] · B[N, K]ᵀ, E4M3 codes, scale_a: [M, ceil(K/128)] (1×128 tiles), scale_b: [ceil(N/128),
 // ceil(K/128)] (128×128 blocks), null = ones. Bit for bit dsv3::fp8_gemm with the default Fp8Accum (the only
 // accumulator the hardware has). Tensor cores when fp8_gemm_fast_available(), else the emulation.
-// variant selects the fast kernel's variant (see launch_fp8_gemm_wgmma; -1 = automatic), for the tests and benchmark.
 inline void fp8_gemm(const uint8_t* A, const float* scale_a, const uint8_t* B, const float* scale_b, float* C, int M,
-                     int N, int K, const Fp8Accum& acc = {}, int variant = -1) {
+                     int N, int K, const Fp8Accum& acc = {}) {
     detail::check_fp8_gemm("cuda::fp8_gemm", M, N, K, acc);
-    detail::fp8_gemm_general(A, scale_a, B, scale_b, 128, C, M, N, K, false, variant);
+    detail::fp8_gemm_general(A, scale_a, B, scale_b, 128, C, M, N, K, false);
 }
 
 // =====================================================================================================================
@@ -650,7 +620,7 @@ inline void fp8_matmul_forward(float* y, const float* x, const float* W, int T, 
     float* ws = scratch_of<float>(Slot::fp8_sb, size_t(fp8_tiles(out)) * fp8_tiles(in));
     quantize_tiles_1x128(x, T, in, xq, xs);
     quantize_blocks_128x128(W, out, in, wq, ws);
-    fp8_gemm_general(xq, xs, wq, ws, 128, y, T, out, in, false, -1);
+    fp8_gemm_general(xq, xs, wq, ws, 128, y, T, out, in, false);
 }
 
 // dx[T,in] += dy[T,out] · W[out,in];  dW[out,in] += dy[T,out]ᵀ · x[T,in]   (FP8; either may be null)
@@ -674,7 +644,7 @@ inline void fp8_matmul_backward(float* dx, float* dW, const float* dy, const flo
             transpose_f32_small_kernel<<<grid_for(nb, 256), 256>>>(wts, ws, fp8_tiles(out), fp8_tiles(in));
             DSV3_CUDA_CHECK_LAUNCH();
         }
-        fp8_gemm_general(dyq, dys, wtq, wts, 128, dx, T, in, out, true, -1);
+        fp8_gemm_general(dyq, dys, wtq, wts, 128, dx, T, in, out, true);
     }
     if (dW && int64_t(out) * in > 0) {   // Wgrad, K = T
         uint8_t* dytq = scratch_of<uint8_t>(Slot::fp8_a, size_t(out) * T);
@@ -683,7 +653,7 @@ inline void fp8_matmul_backward(float* dx, float* dW, const float* dy, const flo
         float* xts = scratch_of<float>(Slot::fp8_sb, size_t(in) * fp8_tiles(T));
         quantize_tiles_128x1_transposed(dy, T, out, dytq, dyts);
         quantize_tiles_128x1_transposed(x, T, in, xtq, xts);
-        fp8_gemm_general(dytq, dyts, xtq, xts, 1, dW, out, in, T, true, -1);
+        fp8_gemm_general(dytq, dyts, xtq, xts, 1, dW, out, in, T, true);
     }
 }
 

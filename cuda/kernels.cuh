@@ -1112,5 +1112,4 @@ inline void adamw_update(float* p, const float* g, float* m, float* v, int64_t n
 }  // namespace dsv3
 
 #include "fp8.cuh"
-#include "mla_decode.cuh"
 #include "backend.cuh"

@@ -1,5 +1,6 @@
 // cuda/mla_decode.cuh — absorbed MLA decoding over the latent KV cache (DeepSeek-V3 §2.1.1; DeepSeek-V2 §2.1.3).
-// Included by cuda/kernels.cuh.
+// The batched decoding kernel for the bandwidth benchmark: the model's own decoding (header section 7) runs
+// mla_attend_latent of cuda/backend.cuh. Included by bench_cuda, test_cuda and dev_mla_decode after kernels.cuh.
 //
 // At inference MLA caches per token only the normalised latent c_kv [kv_lora_rank] and the shared RoPE key k_rope
 // [qk_rope_head_dim]. Absorbing W^UK into the query and W^UV into the output projection turns every head's attention
@@ -18,18 +19,14 @@
 // sequence), so that even a few sequences fill the GPU (one full wave, sized from the kernel's occupancy). A CTA
 // streams its tokens in tiles through shared memory (cp.async, two buffers: the next tile loads while this one is
 // used) and keeps the online-softmax state (running max m, running sum l, unnormalised o) of its heads. A second
-// kernel merges the splits of each (sequence, head) in split order: deterministic. Three versions, plainest first
-// (llm.c's dev/cuda habit), all checked against the same CPU reference by test_cuda:
-//   v1  any shape: one thread per score and per output element, FP32, everything through shared memory.
-//   v2  register-blocked FP32 (8 heads with dc 128 / dr 32, 16 heads with dc 512 / dr 64).
-//   v3  tensor cores, mma.sync TF32 in "3xTF32" (FP32 accuracy), 16 heads with dc 512 / dr 64, 16 warps.
-// The work per cached float is 4·H FLOPs (scores and output), so with many heads decoding stops being a pure stream.
-// Measured on an H100 SXM (bench_cuda; copy bandwidth 2990 GB/s, read + write):
-//   small preset   (H = 8,   dc 128, dr 32, B 128, T 4096)  v2: 1835-1867 GB/s = 61-62% of copy
-//   V2-Lite shape  (H = 16,  dc 512, dr 64, B 32,  T 4096)  v3: 1368 GB/s = 46%  (v2 35%, v1 14%)
-//   V3 shape       (H = 128, dc 512, dr 64, B 32,  T 4096)  v3: 205 GB/s = 7%: compute-bound, 8 head groups each
-//                  redo a tile's 3xTF32 products; FlashMLA-style wgmma over 64-head tiles (with BF16 or FP8 caches,
-//                  as DeepSeek's inference does) would be the next version.
+// kernel merges the splits of each (sequence, head) in split order: deterministic. mla_decode_absorbed picks, by shape:
+//   dc 128, dr 32, H a multiple of 8     register-blocked FP32, 8 heads per CTA           (dev version 2)
+//   dc 512, dr 64, H a multiple of 16    tensor cores, mma.sync 3xTF32, 16 heads, 16 warps (dev version 3)
+//   any other shape                      the plain kernel: one thread per score / output element (dev version 1)
+// Every version of these kernels (with the variants nothing here launches: version 2 with 16 heads per CTA, version 4
+// = version 3 with 8 warps), its check against the header's CPU absorbed decoding (header section 7) and its measured
+// bandwidth are in cuda/dev_mla_decode.cu (build/dev_mla_decode N). The work per cached float is 4·H FLOPs (scores
+// and output), so with many heads decoding stops being a pure stream.
 #pragma once
 
 namespace dsv3 {
@@ -181,7 +178,7 @@ struct Decode2 {
     static constexpr int D = DC + DR, DP = D + 4, D4 = D / 4;
     static constexpr int COLS = DC / (4 * CB);                 // column owners per head block
     static constexpr int THREADS = (HG / HB) * COLS;          // one thread per (head block, column group)
-    static constexpr int TT = kDecodeTile2;
+    static constexpr int TT = kDecodeTile2, HEADS = HG;       // HEADS: heads per CTA (launch_decode_fixed)
     static constexpr int BLOCKS = (HG / 4) * (TT / 4);        // 4×4 score blocks
     static constexpr int G = THREADS / BLOCKS;                 // threads per score block (slices of D)
     static_assert(HG % 4 == 0 && HG % HB == 0 && DC % (4 * CB) == 0 && D % 4 == 0, "shape");
@@ -348,16 +345,17 @@ __global__ void __launch_bounds__(Decode2<HG, DC, DR, HB, CB>::THREADS)
 // scores (their error is exponentiated), so each FP32 operand is split x = hi + lo (hi = TF32(x), lo = TF32(x − hi))
 // and a·b ≈ hi_a·hi_b + hi_a·lo_b + lo_a·hi_b: three MMAs, about FP32 accuracy ("3xTF32"), still far above the rate
 // the cache streams in.
-//   Phase 1: warp w computes the 16 × 8 scores of tokens 8·(w mod 4) .. +8 over half of the 576 columns (w / 4);
-//            the two halves are added in phase 2, in a fixed order.
-//   Phase 3: warp w owns output columns 64·w .. +64 (8 MMA tiles, 32 accumulator registers per thread).
+//   Phase 1: warp w computes the 16 × 8 scores of tokens 8·(w mod 4) .. +8 over a quarter of the 576 columns (w / 4);
+//            the KS = 4 slices are added in phase 2, in a fixed order.
+//   Phase 3: warp w owns output columns 32·w .. +32 (NT3 = 4 MMA tiles, 16 accumulator registers per thread).
 // Fragment layouts (PTX ISA, "mma.m16n8k8" for .tf32), g = lane / 4, t = lane % 4:
 //   A (16×8, row):  a0 = A[g][t], a1 = A[g+8][t], a2 = A[g][t+4], a3 = A[g+8][t+4]
 //   B (8×8, col):   b0 = B[t][g], b1 = B[t+4][g]
 //   C (16×8):       c0 = C[g][2t], c1 = C[g][2t+1], c2 = C[g+8][2t], c3 = C[g+8][2t+1]
-template <int WARPS>
 struct Decode3 {
+    static constexpr int WARPS = 16;
     static constexpr int HG = 16, DC = 512, DR = 64, D = DC + DR, DP = D + 4, TT = 32, THREADS = 32 * WARPS, PP = TT + 4;
+    static constexpr int HEADS = HG;                // heads per CTA (launch_decode_fixed)
     static constexpr int KS = WARPS / 4;            // phase 1: the 4 token tiles × KS slices of the 576 columns
     static constexpr int NT3 = DC / 8 / WARPS;      // phase 3: 8-column MMA tiles per warp
     static_assert(WARPS % 4 == 0 && (D / KS) % 16 == 0 && NT3 >= 1, "layout");
@@ -384,12 +382,11 @@ __device__ __forceinline__ void mma_3xtf32(float (&c)[4], const uint32_t (&ah)[4
     mma_tf32(c, ah, bh0, bh1);
 }
 
-template <int WARPS>
-__global__ void __launch_bounds__(Decode3<WARPS>::THREADS, 1)
+__global__ void __launch_bounds__(Decode3::THREADS, 1)
     mla_decode_v3_kernel(float* part_o, float* part_ml, const float* __restrict__ q_latent,
                          const float* __restrict__ q_rope, const float* __restrict__ c_kv,
                          const float* __restrict__ k_rope, DecodeShape sh, float scale) {
-    using S = Decode3<WARPS>;
+    using S = Decode3;
     constexpr int HG = S::HG, DC = S::DC, DR = S::DR, D = S::D, DP = S::DP, TT = S::TT, PP = S::PP, D4 = D / 4;
     constexpr int KS = S::KS, NT3 = S::NT3;
     extern __shared__ float4 smem4[];
@@ -438,7 +435,7 @@ __global__ void __launch_bounds__(Decode3<WARPS>::THREADS, 1)
         else cp_async_wait<0>();
         __syncthreads();
         const float* tl = tile + (it & 1) * TT * DP;
-        // Phase 1: scores of tokens 8·nt .. +8, columns [kh·288, kh·288 + 288).
+        // Phase 1: scores of tokens 8·nt .. +8, columns [kh·D/KS, (kh+1)·D/KS) (144 wide with 16 warps).
         {
             const int nt = warp % 4, kh = warp / 4;
             // Two accumulators over interleaved k-steps: two independent MMA chains instead of one long one.
@@ -534,102 +531,100 @@ __global__ void __launch_bounds__(Decode3<WARPS>::THREADS, 1)
         ml[1] = l_s[h];
     }
 }
+
+// ---- launching: checks, the split plan, scratch for the partial results, the merge ----------------------------------
+inline void check_decode_args(const char* who, const float* o_latent, const float* q_latent, const float* q_rope,
+                              const float* c_kv, const float* k_rope, int T, int dc, int dr) {
+    if (T < 1 || dc < 4 || dr < 0 || dc % 4 || dr % 4)
+        fail(who, ": need T >= 1 and dc, dr multiples of 4 (dc >= 4); found T=", T, " dc=", dc, " dr=", dr);
+    for (const void* p : {static_cast<const void*>(o_latent), static_cast<const void*>(q_latent),
+                          static_cast<const void*>(c_kv), static_cast<const void*>(k_rope), static_cast<const void*>(q_rope)})
+        if (reinterpret_cast<uintptr_t>(p) % 16) fail(who, ": pointers must be 16-byte aligned");
+}
+// Splits of T for a kernel of `threads` threads, `smem` bytes of dynamic shared memory and tiles of `tile` tokens
+// (sh.hg already set): one full wave of CTAs (as many as fit on the GPU at once, from the kernel's occupancy), each
+// split a whole number of tiles: fewer splits leave SMs idle, more add a partial second wave.
+inline void plan_decode_splits(DecodeShape& sh, const void* kernel, int threads, size_t smem, int tile) {
+    int dev = 0, sms = 0, per_sm = 1;
+    DSV3_CUDA_CHECK(cudaGetDevice(&dev));
+    DSV3_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    DSV3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    DSV3_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+    per_sm = std::max(per_sm, 1);
+    sh.n_hgroups = (sh.H + sh.hg - 1) / sh.hg;
+    const int64_t ctas_per_split = int64_t(sh.B) * sh.n_hgroups;
+    int64_t want = std::max<int64_t>(1, int64_t(per_sm) * sms / ctas_per_split);
+    const int tiles = (sh.T + tile - 1) / tile;
+    want = std::min<int64_t>(want, tiles);
+    sh.tokens_per_split = int((tiles + want - 1) / want) * tile;
+    sh.splits = (sh.T + sh.tokens_per_split - 1) / sh.tokens_per_split;
+    if (sh.B > 65535 || sh.n_hgroups > 65535 || sh.splits > 65535) fail("cuda::mla_decode_absorbed: B must be <= 65535");
+}
+// Partial results of the splits (scratch memory): o [B, H, splits, dc] and (m, l) [B, H, splits, 2].
+struct DecodePartials { float* o; float* ml; };
+inline DecodePartials decode_partials(const DecodeShape& sh) {
+    const size_t bhs = size_t(sh.B) * sh.H * sh.splits;
+    return {static_cast<float*>(scratch(Slot::decode_partial, sizeof(float) * bhs * sh.dc)),
+            static_cast<float*>(scratch(Slot::decode_stats, sizeof(float) * bhs * 2))};
+}
+inline void decode_combine(float* o_latent, const DecodePartials& part, const DecodeShape& sh) {
+    mla_decode_combine_kernel<<<unsigned(int64_t(sh.B) * sh.H), 128>>>(o_latent, part.o, part.ml, sh.splits, sh.dc);
+    DSV3_CUDA_CHECK_LAUNCH();
+}
+// The plain kernel, any shape: heads per CTA = all of them if they fit in shared memory (the cache is then read once),
+// else fewer.
+inline void launch_decode_plain(float* o_latent, const float* q_latent, const float* q_rope, const float* c_kv,
+                                const float* k_rope, int B, int T, int H, int dc, int dr, float scale) {
+    int dev = 0, smem_max = 0;
+    DSV3_CUDA_CHECK(cudaGetDevice(&dev));
+    DSV3_CUDA_CHECK(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    DecodeShape sh{B, T, H, dc, dr, H, 1, 1, T};
+    const size_t budget = std::min<size_t>(size_t(smem_max), 160 * 1024);
+    while (sh.hg > 1 && sh.smem_bytes() > budget) sh.hg = (sh.hg + 1) / 2;
+    if (sh.smem_bytes() > size_t(smem_max)) fail("cuda::mla_decode_absorbed: dc=", dc, " dr=", dr, " too large");
+    const size_t smem = sh.smem_bytes();
+    plan_decode_splits(sh, reinterpret_cast<const void*>(mla_decode_split_kernel), kDecodeThreads, smem, kDecodeTile);
+    const DecodePartials part = decode_partials(sh);
+    mla_decode_split_kernel<<<dim3(sh.splits, sh.n_hgroups, B), kDecodeThreads, smem>>>(part.o, part.ml, q_latent,
+                                                                                       q_rope, c_kv, k_rope, sh, scale);
+    DSV3_CUDA_CHECK_LAUNCH();
+    decode_combine(o_latent, part, sh);
+}
+// A kernel with a fixed shape S (S::HEADS heads per CTA, S::THREADS threads, S::smem_bytes, tiles of S::TT
+// tokens): the register-blocked and tensor-core kernels. Head groups fastest in the grid: the CTAs that read the same cache rows
+// run together (L2 hits for the repeats).
+template <class S, class Kernel>
+inline void launch_decode_fixed(Kernel kernel, float* o_latent, const float* q_latent, const float* q_rope,
+                                const float* c_kv, const float* k_rope, int B, int T, int H, int dc, int dr,
+                                float scale) {
+    DecodeShape sh{B, T, H, dc, dr, S::HEADS, 1, 1, T};
+    plan_decode_splits(sh, reinterpret_cast<const void*>(kernel), S::THREADS, S::smem_bytes, S::TT);
+    const DecodePartials part = decode_partials(sh);
+    kernel<<<dim3(sh.n_hgroups, sh.splits, B), S::THREADS, S::smem_bytes>>>(part.o, part.ml, q_latent, q_rope, c_kv,
+                                                                           k_rope, sh, scale);
+    DSV3_CUDA_CHECK_LAUNCH();
+    decode_combine(o_latent, part, sh);
+}
 }  // namespace detail
 
 // o_latent[b, h] = Σ_t softmax_t(scale·(q_latent[b,h]·c_kv[b,t] + q_rope[b,h]·k_rope[b,t])) · c_kv[b,t]
 // q_latent [B, H, dc], q_rope [B, H, dr], c_kv [B, T, dc], k_rope [B, T, dr], o_latent [B, H, dc]; T >= 1;
-// dc and dr multiples of 4 and the pointers 16-byte aligned (float4 loads). `version` picks the kernel (tests and
-// benchmark): 1 plain, 2 register-blocked (dc 128 / dr 32 or dc 512 / dr 64), 3 (default) tensor cores where
-// dc = 512, dr = 64, heads a multiple of 16 (16 warps; 4: the same with 8 warps); a version that does not fit the
-// shape falls back to the one below.
+// dc and dr multiples of 4 and the pointers 16-byte aligned (float4 loads). The kernel is chosen by shape (see the
+// top of this file): register-blocked for dc 128 / dr 32 with H % 8 == 0, tensor cores for dc 512 / dr 64 with
+// H % 16 == 0, the plain kernel otherwise.
 inline void mla_decode_absorbed(float* o_latent, const float* q_latent, const float* q_rope, const float* c_kv,
-                                const float* k_rope, int B, int T, int H, int dc, int dr, float scale, int version = 3) {
+                                const float* k_rope, int B, int T, int H, int dc, int dr, float scale) {
+    using namespace detail;
     if (B <= 0 || H <= 0) return;
-    if (T < 1 || dc < 4 || dr < 0 || dc % 4 || dr % 4)
-        fail("cuda::mla_decode_absorbed: need T >= 1 and dc, dr multiples of 4 (dc >= 4); found T=", T, " dc=", dc,
-             " dr=", dr);
-    for (const void* p : {static_cast<const void*>(o_latent), static_cast<const void*>(q_latent),
-                          static_cast<const void*>(c_kv), static_cast<const void*>(k_rope), static_cast<const void*>(q_rope)})
-        if (reinterpret_cast<uintptr_t>(p) % 16) fail("cuda::mla_decode_absorbed: pointers must be 16-byte aligned");
-    int dev = 0, sms = 0, smem_max = 0;
-    DSV3_CUDA_CHECK(cudaGetDevice(&dev));
-    DSV3_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    DSV3_CUDA_CHECK(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    detail::DecodeShape sh{B, T, H, dc, dr, H, 1, 1, T};
-    // Version 2 for its shapes: head groups of 8 (dc 128, dr 32) or 16 (dc 512, dr 64); else version 1.
-    const int v2_heads = version < 2 ? 0 : (dc == 128 && dr == 32 && H % 8 == 0) ? 8
-                                         : (dc == 512 && dr == 64 && H % 16 == 0) ? 16 : 0;
-    const int tile = v2_heads ? detail::kDecodeTile2 : detail::kDecodeTile;
-    if (v2_heads) {
-        sh.hg = v2_heads;
-    } else {
-        // Heads per CTA: all of them if they fit in shared memory (the cache is then read once), else fewer.
-        const size_t budget = std::min<size_t>(size_t(smem_max), 160 * 1024);
-        while (sh.hg > 1 && sh.smem_bytes() > budget) sh.hg = (sh.hg + 1) / 2;
-        if (sh.smem_bytes() > size_t(smem_max)) fail("cuda::mla_decode_absorbed: dc=", dc, " dr=", dr, " too large");
-    }
-    sh.n_hgroups = (H + sh.hg - 1) / sh.hg;
-    // Splits of T: one full wave of CTAs (as many as fit on the GPU at once, from the kernel's occupancy), each split
-    // a whole number of tiles: fewer splits leave SMs idle, more add a partial second wave.
-    int per_sm = 1;
-    {
-        const void* k = v2_heads == 8 ? reinterpret_cast<const void*>(detail::mla_decode_v2_kernel<8, 128, 32, 2, 1>)
-                        : v2_heads == 16 && version == 2 ? reinterpret_cast<const void*>(detail::mla_decode_v2_kernel<16, 512, 64, 4, 2>)
-                        : v2_heads == 16 && version == 4 ? reinterpret_cast<const void*>(detail::mla_decode_v3_kernel<8>)
-                        : v2_heads == 16 ? reinterpret_cast<const void*>(detail::mla_decode_v3_kernel<16>)
-                                         : reinterpret_cast<const void*>(detail::mla_decode_split_kernel);
-        const int threads = v2_heads == 8 ? detail::Decode2<8, 128, 32, 2, 1>::THREADS
-                            : v2_heads == 16 && version == 2 ? detail::Decode2<16, 512, 64, 4, 2>::THREADS
-                            : v2_heads == 16 && version == 4 ? detail::Decode3<8>::THREADS
-                            : v2_heads == 16 ? detail::Decode3<16>::THREADS : detail::kDecodeThreads;
-        const size_t smem = v2_heads == 8 ? detail::Decode2<8, 128, 32, 2, 1>::smem_bytes
-                            : v2_heads == 16 && version == 2 ? detail::Decode2<16, 512, 64, 4, 2>::smem_bytes
-                            : v2_heads == 16 && version == 4 ? detail::Decode3<8>::smem_bytes
-                            : v2_heads == 16 ? detail::Decode3<16>::smem_bytes : sh.smem_bytes();
-        DSV3_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-        DSV3_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k, threads, smem));
-        per_sm = std::max(per_sm, 1);
-    }
-    const int64_t ctas_per_split = int64_t(B) * sh.n_hgroups;
-    int64_t want = std::max<int64_t>(1, int64_t(per_sm) * sms / ctas_per_split);
-    const int tiles = (T + tile - 1) / tile;
-    want = std::min<int64_t>(want, tiles);
-    sh.tokens_per_split = int((tiles + want - 1) / want) * tile;
-    sh.splits = (T + sh.tokens_per_split - 1) / sh.tokens_per_split;
-    if (B > 65535 || sh.n_hgroups > 65535 || sh.splits > 65535) fail("cuda::mla_decode_absorbed: B must be <= 65535");
-
-    float* part_o = static_cast<float*>(scratch(Slot::decode_partial, sizeof(float) * size_t(B) * H * sh.splits * dc));
-    float* part_ml = static_cast<float*>(scratch(Slot::decode_stats, sizeof(float) * size_t(B) * H * sh.splits * 2));
-    auto launch_v2 = [&](auto kernel, auto shape_tag) {
-        using S = decltype(shape_tag);
-        static const bool attr = [&] {
-            DSV3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(S::smem_bytes)));
-            return true;
-        }();
-        (void)attr;
-        // head groups fastest: the CTAs that read the same cache rows run together (L2 hits for the repeats)
-        kernel<<<dim3(sh.n_hgroups, sh.splits, B), S::THREADS, S::smem_bytes>>>(part_o, part_ml, q_latent, q_rope, c_kv,
-                                                                               k_rope, sh, scale);
-    };
-    if (v2_heads == 8) {
-        launch_v2(detail::mla_decode_v2_kernel<8, 128, 32, 2, 1>, detail::Decode2<8, 128, 32, 2, 1>{});
-    } else if (v2_heads == 16 && version == 2) {
-        launch_v2(detail::mla_decode_v2_kernel<16, 512, 64, 4, 2>, detail::Decode2<16, 512, 64, 4, 2>{});
-    } else if (v2_heads == 16 && version == 4) {   // version 3 with 8 warps (for comparison)
-        launch_v2(detail::mla_decode_v3_kernel<8>, detail::Decode3<8>{});
-    } else if (v2_heads == 16) {                   // version 3: tensor cores (3xTF32), 16 warps
-        launch_v2(detail::mla_decode_v3_kernel<16>, detail::Decode3<16>{});
-    } else {
-        const size_t smem = sh.smem_bytes();
-        if (smem > 48 * 1024)
-            DSV3_CUDA_CHECK(cudaFuncSetAttribute(detail::mla_decode_split_kernel,
-                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-        detail::mla_decode_split_kernel<<<dim3(sh.splits, sh.n_hgroups, B), detail::kDecodeThreads, smem>>>(
-            part_o, part_ml, q_latent, q_rope, c_kv, k_rope, sh, scale);
-    }
-    DSV3_CUDA_CHECK_LAUNCH();
-    detail::mla_decode_combine_kernel<<<unsigned(int64_t(B) * H), 128>>>(o_latent, part_o, part_ml, sh.splits, dc);
-    DSV3_CUDA_CHECK_LAUNCH();
+    check_decode_args("cuda::mla_decode_absorbed", o_latent, q_latent, q_rope, c_kv, k_rope, T, dc, dr);
+    if (dc == 128 && dr == 32 && H % 8 == 0)
+        launch_decode_fixed<Decode2<8, 128, 32, 2, 1>>(mla_decode_v2_kernel<8, 128, 32, 2, 1>, o_latent, q_latent,
+                                                       q_rope, c_kv, k_rope, B, T, H, dc, dr, scale);
+    else if (dc == 512 && dr == 64 && H % 16 == 0)
+        launch_decode_fixed<Decode3>(mla_decode_v3_kernel, o_latent, q_latent, q_rope, c_kv, k_rope, B, T, H, dc, dr,
+                                     scale);
+    else
+        launch_decode_plain(o_latent, q_latent, q_rope, c_kv, k_rope, B, T, H, dc, dr, scale);
 }
 
 }  // namespace cuda
