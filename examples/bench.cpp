@@ -53,7 +53,10 @@ static std::string cpu_model() {
 // acc = acc * m + a (one FMA) in a loop; nothing is loaded or stored inside the loop. Same vector width as the kernel.
 #if defined(DSV3_UNROLL)  // the vector-extension kernel is in use
 typedef dsv3::gemm::vfloat vpeak;
-constexpr int CHAINS = 16;  // > latency x ports (4 x 2), so that the FMA units never wait
+// Enough chains to cover latency x ports (4-5 cycles x 2 FMA units: at least 10 in flight), few enough that the
+// chains and the two constants stay in registers: 12 + 2 of AVX2's 16, 24 + 2 of AVX-512's 32. (16 chains on AVX2
+// spilled to the stack, and the "peak" came out below what the GEMM reached.)
+constexpr int CHAINS = DSV3_GEMM_VEC == 16 ? 24 : 12;
 DSV3_GEMM_FULL_WIDTH static void fma_chains(long iters, float* sink) {
     vpeak acc[CHAINS];
     const vpeak m = vpeak{} + 0.999999f, a = vpeak{} + 1e-7f;
