@@ -5,6 +5,7 @@
 //   build/train --data FILE --steps 2000 --out runs/tiny
 //   build/train --resume runs/tiny/checkpoint.bin  continue bit for bit where a run stopped
 //   build/train_cuda --preset small                the same program on the GPU (`make cuda`; cuda/train_cuda.cu)
+//   build/train_cuda --preset large --batch 8 --seq 1024   the ~1.66B shape of the torchtitan peer's --preset large
 //
 // Prints progress (step, loss, tokens/s, ETA), validation loss and MaxVio every --eval-every steps, and at the end
 // saves the checkpoint (also at every evaluation, so that --resume can continue a stopped run), a Hugging Face
@@ -30,7 +31,7 @@ struct Args {
 
 static void usage() {
     std::printf(
-        "usage: train [--preset tiny|small] [--data FILE] [--out DIR] [--resume CKPT] [--steps N] [--batch B] [--seq T]\n"
+        "usage: train [--preset tiny|small|large] [--data FILE] [--out DIR] [--resume CKPT] [--steps N] [--batch B] [--seq T]\n"
         "             [--lr X] [--loss-log FILE]\n"
         "             [--min-lr X] [--warmup N] [--schedule cosine|v3|multi_step] [--eval-every N]\n"
         "             [--eval-windows N] [--balance none|sequence|expert] [--balance-alpha A] [--bias-speed G]\n"
@@ -128,8 +129,9 @@ static void write_plots(Model& model, const std::string& dir, const std::vector<
 int main(int argc, char** argv) {
     try {
         Args a = parse(argc, argv);
-        if (a.preset != "tiny" && a.preset != "small") fail("--preset: unknown \"", a.preset, "\" (tiny or small)");
-        Config cfg = a.preset == "small" ? Config::small() : Config::tiny();
+        if (a.preset != "tiny" && a.preset != "small" && a.preset != "large")
+            fail("--preset: unknown \"", a.preset, "\" (tiny, small or large)");
+        Config cfg = a.preset == "small" ? Config::small() : (a.preset == "large" ? Config::large() : Config::tiny());
         if (a.bias_speed >= 0) cfg.bias_update_speed = a.bias_speed;
         if (a.seq > cfg.max_seq_len) fail("--seq ", a.seq, " exceeds the preset's max_seq_len ", cfg.max_seq_len);
         cfg.max_seq_len = a.seq;  // the model's context is what it is trained on (generation slides past it)
