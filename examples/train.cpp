@@ -25,7 +25,7 @@ struct Args {
     int steps = 2000, batch = 16, seq = 64, warmup = 100, eval_every = 200, eval_windows = 64, seed = 1, sample = 300;
     float lr = 3e-3f, min_lr = 3e-4f, mtp_lambda = 0.3f, bias_speed = -1, balance_alpha = 0.0001f;
     std::string schedule = "cosine", balance = "none";
-    bool bias_update = true;
+    bool bias_update = true, save = true;
     double time_limit = 0;  // seconds; 0 = none
 };
 
@@ -35,7 +35,8 @@ static void usage() {
         "             [--lr X] [--loss-log FILE]\n"
         "             [--min-lr X] [--warmup N] [--schedule cosine|v3|multi_step] [--eval-every N]\n"
         "             [--eval-windows N] [--balance none|sequence|expert] [--balance-alpha A] [--bias-speed G]\n"
-        "             [--no-bias-update] [--mtp-lambda L] [--seed S] [--sample N] [--time-limit SECONDS]\n");
+        "             [--no-bias-update] [--mtp-lambda L] [--seed S] [--sample N] [--time-limit SECONDS]\n"
+        "             [--no-save]   (no checkpoint, Hugging Face directory or plots: for timing runs)\n");
 }
 
 static Args parse(int argc, char** argv) {
@@ -48,6 +49,7 @@ static Args parse(int argc, char** argv) {
         };
         if (k == "--data") a.data = value();
         else if (k == "--preset") a.preset = value();
+        else if (k == "--no-save") a.save = false;
         else if (k == "--loss-log") a.loss_log = value();
         else if (k == "--out") a.out = value();
         else if (k == "--resume") a.resume = value();
@@ -213,13 +215,14 @@ int main(int argc, char** argv) {
                 std::printf("%seval step %d: val loss %.4f (%s) | MaxVio_global %.3f | %.0fs\n", progress.tty ? "\n" : "",
                             step + 1, vl, last ? "whole validation split" : "subset", vio, now_seconds() - start);
                 std::fflush(stdout);
-                if (!last) save_checkpoint(a.out + "/checkpoint.bin", model, opt);  // --resume continues from here
+                if (!last && a.save) save_checkpoint(a.out + "/checkpoint.bin", model, opt);  // --resume continues here
             }
             if (last) {
                 if (done > 1)
                     std::printf("training: %.0f tokens/s over steps %d-%d (%.3f s per step)\n",
                                 double(done - 1) * a.batch * a.seq / train_seconds, first_step + 2, step + 1,
                                 train_seconds / (done - 1));
+                if (!a.save) break;
                 save_checkpoint(a.out + "/checkpoint.bin", model, opt);
                 save_hf(a.out + "/hf", model);  // config.json + model.safetensors: transformers loads it
                 write_plots(model, a.out, curves, load_rows, load_labels);
