@@ -75,6 +75,7 @@
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace dsv3 {
@@ -1269,6 +1270,132 @@ inline const int64_t* device_offsets(const int64_t* host_offsets, int groups) {
     return d;
 }
 
+// --- the same products in one launch on BF16 operands: 128×128 tiles, cp.async double buffering ---------------------
+// The kernel above rounds FP32 loads on the fly, one 64×64 tile per block, without overlapping loads and math. This
+// one takes BF16 operands that are already in memory (the activations converted once per call for all experts, the
+// weights' shadows or one conversion), copies 16-byte chunks of the next 128×32 / 32×128 slices into shared memory
+// with cp.async while the 8 warps multiply the current ones (WMMA 16×16×16, FP32 accumulation; each warp a 64×32
+// part of the tile), and leaves the layout to the fragments: an operand is copied along its contiguous
+// dimension and read as a row- or column-major fragment (forward: x row-major, W column-major; dx: dy row-major,
+// W row-major; dW: dyᵀ column-major, x row-major). Same numerics as the other paths; each output summed by one
+// block in a fixed k order: deterministic. Needs in and out multiples of 8 and 16-byte aligned expert weights
+// (else the kernel above runs). One launch per product, so no per-expert host cost.
+namespace pipelined {
+constexpr int BM = 128, BN = 128, BK = 32, kThreads = 256;
+constexpr int kLdK = BK + 8, kLdMN = BM + 8;      // padded leading dimensions (elements): k-contiguous, m/n-contiguous
+constexpr int kStage = BM * kLdK > BK * kLdMN ? BM * kLdK : BK * kLdMN;   // elements per operand and stage
+struct Args {
+    const __nv_bfloat16* a;                 // x (forward) or dy (dx, dW), BF16, rows in expert order
+    const __nv_bfloat16* b;                 // x (dW), BF16
+    const __nv_bfloat16* const* w;          // [groups] each expert's BF16 weight [out, in] (forward, dx)
+    float* c;
+    const int64_t* offsets;                 // [groups + 1], device
+    int64_t w_stride;                       // dW: floats between experts' weight gradients
+    int in, out;
+};
+__device__ inline void cp_async16(void* smem, const void* gmem, bool pred) {
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    const int bytes = pred ? 16 : 0;   // 0: fill with zeros, read nothing
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
+}
+__device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ inline void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+template <Grouped kind>
+__global__ void __launch_bounds__(kThreads) kernel(Args p) {
+    using namespace nvcuda;
+    const int g = blockIdx.z;
+    const int64_t r0 = p.offsets[g], R = p.offsets[g + 1] - r0;
+    const int64_t M = kind == Grouped::dW ? p.out : R;
+    const int N = kind == Grouped::forward ? p.out : p.in;
+    const int64_t K = kind == Grouped::forward ? p.in : (kind == Grouped::dx ? p.out : R);
+    const int64_t m0 = int64_t(blockIdx.y) * BM;
+    const int n0 = blockIdx.x * BN;
+    if (m0 >= M || n0 >= N || K == 0) return;
+    __shared__ __align__(128) __nv_bfloat16 As[2][kStage];
+    __shared__ __align__(128) __nv_bfloat16 Bs[2][kStage];
+    const __nv_bfloat16* W = kind == Grouped::dW ? nullptr : p.w[g];
+    // A: forward/dx A(m,k) = a[(r0+m)·K + k] (k contiguous: As[m][k]); dW A(m,k) = a[(r0+k)·out + m] (As[k][m]).
+    // B: forward B(k,n) = W[n·in + k] (Bs[n][k]); dx B(k,n) = W[k·in + n]; dW B(k,n) = b[(r0+k)·in + n] (Bs[k][n]).
+    auto load = [&](int stage, int64_t k0) {
+        for (int c = threadIdx.x; c < BM * BK / 8; c += kThreads) {
+            if (kind != Grouped::dW) {
+                const int mm = c / (BK / 8), kk = (c % (BK / 8)) * 8;
+                const bool ok = m0 + mm < M && k0 + kk < K;
+                cp_async16(&As[stage][mm * kLdK + kk], ok ? p.a + (r0 + m0 + mm) * K + k0 + kk : p.a, ok);
+            } else {
+                const int kk = c / (BM / 8), mm = (c % (BM / 8)) * 8;
+                const bool ok = k0 + kk < K && m0 + mm < M;
+                cp_async16(&As[stage][kk * kLdMN + mm], ok ? p.a + (r0 + k0 + kk) * p.out + m0 + mm : p.a, ok);
+            }
+        }
+        for (int c = threadIdx.x; c < BN * BK / 8; c += kThreads) {
+            if (kind == Grouped::forward) {
+                const int nn = c / (BK / 8), kk = (c % (BK / 8)) * 8;
+                const bool ok = n0 + nn < N && k0 + kk < K;
+                cp_async16(&Bs[stage][nn * kLdK + kk], ok ? W + int64_t(n0 + nn) * p.in + k0 + kk : W, ok);
+            } else {
+                const int kk = c / (BN / 8), nn = (c % (BN / 8)) * 8;
+                const bool ok = k0 + kk < K && n0 + nn < N;
+                const __nv_bfloat16* src = kind == Grouped::dx ? W + (k0 + kk) * p.in + n0 + nn
+                                                               : p.b + (r0 + k0 + kk) * p.in + n0 + nn;
+                cp_async16(&Bs[stage][kk * kLdMN + nn], ok ? src : (kind == Grouped::dx ? W : p.b), ok);
+            }
+        }
+        cp_async_commit();
+    };
+    using LayoutA = typename std::conditional<kind == Grouped::dW, wmma::col_major, wmma::row_major>::type;
+    using LayoutB = typename std::conditional<kind == Grouped::forward, wmma::col_major, wmma::row_major>::type;
+    const int warp = threadIdx.x / 32, wm = (warp / 4) * 64, wn = (warp % 4) * 32;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4][2];
+    for (auto& row : acc)
+        for (auto& f : row) wmma::fill_fragment(f, 0.0f);
+    const int64_t steps = (K + BK - 1) / BK;
+    load(0, 0);
+    for (int64_t kt = 0; kt < steps; ++kt) {
+        const int st = int(kt & 1);
+        if (kt + 1 < steps) {
+            load(st ^ 1, (kt + 1) * BK);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        for (int kk = 0; kk < BK; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, LayoutA> fa[4];
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, LayoutB> fb[2];
+            for (int i = 0; i < 4; ++i) {
+                if (kind == Grouped::dW) wmma::load_matrix_sync(fa[i], &As[st][kk * kLdMN + wm + 16 * i], kLdMN);
+                else wmma::load_matrix_sync(fa[i], &As[st][(wm + 16 * i) * kLdK + kk], kLdK);
+            }
+            for (int j = 0; j < 2; ++j) {
+                if (kind == Grouped::forward) wmma::load_matrix_sync(fb[j], &Bs[st][(wn + 16 * j) * kLdK + kk], kLdK);
+                else wmma::load_matrix_sync(fb[j], &Bs[st][kk * kLdMN + wn + 16 * j], kLdMN);
+            }
+            for (int i = 0; i < 4; ++i)
+                for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+        }
+        __syncthreads();   // the next iteration's copies overwrite this stage
+    }
+    // epilogue: each warp stages one 16×16 fragment at a time in shared memory (the A buffers are free now)
+    float* stage = reinterpret_cast<float*>(&As[0][0]) + warp * 256;
+    const int lane = threadIdx.x & 31;
+    for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 2; ++j) {
+            wmma::store_matrix_sync(stage, acc[i][j], 16, wmma::mem_row_major);
+            __syncwarp();
+            for (int e = lane; e < 256; e += 32) {
+                const int64_t m = m0 + wm + 16 * i + e / 16;
+                const int n = n0 + wn + 16 * j + e % 16;
+                if (m >= M || n >= N) continue;
+                float* c = kind == Grouped::dW ? p.c + g * p.w_stride + m * N + n : p.c + (r0 + m) * N + n;
+                *c = kind == Grouped::forward ? stage[e] : *c + stage[e];   // forward overwrites, backward adds
+            }
+            __syncwarp();
+        }
+}
+}  // namespace pipelined
+
 // --- the same products on cuBLAS: one BF16 GEMM per expert, spread over a few side streams ----------------------
 // With hundreds of rows per expert (the small and large presets: 1024 and 768 on average) every expert's product is
 // a GEMM large enough for cuBLAS's tensor-core kernels, which the WMMA kernel above (FP32 loads rounded on the fly,
@@ -1284,12 +1411,13 @@ inline const int64_t* device_offsets(const int64_t* host_offsets, int groups) {
 // many tiny experts (V3's 256 experts of ~32 rows each), where per-expert calls would be launch-bound.
 // DSV3_GROUPED=batched tries cublasGemmGroupedBatchedEx instead (one call for all experts, pointer arrays on the
 // device); where that cuBLAS refuses BF16 inputs with FP32 outputs, it falls back to the per-expert calls, once.
-enum class GroupedPath { automatic, cublas, wmma, batched };
+enum class GroupedPath { automatic, cublas, wmma, batched, pipelined };
 inline GroupedPath& grouped_path() {
     static GroupedPath p = [] {
         const char* e = std::getenv("DSV3_GROUPED");
         const std::string v = e ? e : "";
         if (v == "batched") return GroupedPath::batched;
+        if (v == "pipelined") return GroupedPath::pipelined;
         return v == "cublas" ? GroupedPath::cublas : (v == "wmma" ? GroupedPath::wmma : GroupedPath::automatic);
     }();
     return p;
@@ -1439,6 +1567,43 @@ inline void grouped_backward_cublas(float* dx, float* dW, const float* dy, const
                       dW + g * w_stride, in, h);
     });
 }
+// The pipelined kernel, when the shapes allow it; false if not (the caller runs another path).
+inline bool pipelined_ok(int in, int out) { return in % 8 == 0 && out % 8 == 0; }
+template <Grouped kind>
+bool grouped_pipelined(float* c, const float* a, const float* b, const float* W, int64_t w_stride,
+                       const int64_t* offsets, int groups, int in, int out) {
+    if (!pipelined_ok(in, out)) return false;
+    std::vector<const __nv_bfloat16*> wb;
+    if (kind != Grouped::dW) {
+        wb = expert_weights_bf16(W, w_stride, groups, in, out);
+        for (const __nv_bfloat16* w : wb)
+            if (reinterpret_cast<uintptr_t>(w) % 16 != 0) return false;
+    }
+    const int64_t rows = offsets[groups];
+    pipelined::Args args{};
+    args.a = bf16_copy(Slot::bf16_a, a, rows * (kind == Grouped::forward ? in : out));
+    args.b = kind == Grouped::dW ? bf16_copy(Slot::bf16_c, b, rows * in) : nullptr;
+    if (kind != Grouped::dW) {
+        auto* d = static_cast<const __nv_bfloat16**>(scratch(Slot::plan, sizeof(void*) * size_t(groups)));
+        upload_async(d, wb.data(), sizeof(void*) * size_t(groups));
+        args.w = d;
+    }
+    args.c = c;
+    args.offsets = device_offsets(offsets, groups);
+    args.w_stride = w_stride;
+    args.in = in;
+    args.out = out;
+    int64_t max_rows = 0;
+    for (int g = 0; g < groups; ++g) max_rows = std::max(max_rows, offsets[g + 1] - offsets[g]);
+    const int64_t M = kind == Grouped::dW ? out : max_rows;
+    const int N = kind == Grouped::forward ? out : in;
+    if (M == 0 || N == 0 || groups == 0) return true;
+    const dim3 grid(unsigned((N + pipelined::BN - 1) / pipelined::BN), unsigned((M + pipelined::BM - 1) / pipelined::BM),
+                    unsigned(groups));
+    pipelined::kernel<kind><<<grid, pipelined::kThreads>>>(args);
+    DSV3_CUDA_CHECK_LAUNCH();
+    return true;
+}
 }  // namespace detail
 
 // y[rows_g, out] = x[rows_g, in] · W_gᵀ for every expert g (overwrites y). offsets: HOST, [groups + 1].
@@ -1448,6 +1613,9 @@ inline void grouped_matmul_forward(float* y, const float* x, const float* W, int
     const int64_t rows = offsets[groups];
     if (rows == 0 || out == 0) return;
     if (in == 0) { DSV3_CUDA_CHECK(cudaMemsetAsync(y, 0, sizeof(float) * size_t(rows) * out)); return; }
+    if (detail::grouped_path() == detail::GroupedPath::pipelined &&
+        detail::grouped_pipelined<detail::Grouped::forward>(y, x, nullptr, W, w_stride, offsets, groups, in, out))
+        return;
     if (detail::use_cublas(offsets, groups))
         return detail::grouped_forward_cublas(y, x, W, w_stride, offsets, groups, in, out);
     const detail::GroupedArgs args{x, W, y, detail::device_offsets(offsets, groups), w_stride, in, out};
@@ -1458,6 +1626,15 @@ inline void grouped_matmul_backward(float* dx, float* dW, const float* dy, const
                                     int64_t w_stride, const int64_t* offsets, int groups, int in, int out) {
     dsv3::check_group_offsets("cuda::grouped_matmul_backward", offsets, groups, in, out);
     if (offsets[groups] == 0 || in == 0 || out == 0 || (!dx && !dW)) return;
+    if (detail::grouped_path() == detail::GroupedPath::pipelined && detail::pipelined_ok(in, out)) {
+        // dW first: its conversion of dy (slot bf16_a) is the same as dx's, which then reuses nothing stale
+        const bool dw_done = !dW || detail::grouped_pipelined<detail::Grouped::dW>(dW, dy, x, W, w_stride, offsets,
+                                                                                   groups, in, out);
+        const bool dx_done = !dx || detail::grouped_pipelined<detail::Grouped::dx>(dx, dy, nullptr, W, w_stride,
+                                                                                   offsets, groups, in, out);
+        if (dw_done && dx_done) return;
+        if (dw_done) dW = nullptr;   // the weights were not aligned for dx: it runs below
+    }
     if (detail::use_cublas(offsets, groups))
         return detail::grouped_backward_cublas(dx, dW, dy, x, W, w_stride, offsets, groups, in, out);
     const int64_t* dev_offsets = detail::device_offsets(offsets, groups);

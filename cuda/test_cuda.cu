@@ -107,13 +107,14 @@ TEST_CASE("matmul: forward and backward, BF16 inputs with FP32 accumulation") {
     }
 }
 
-TEST_CASE("grouped_matmul: every expert's GEMM, both paths (one WMMA launch; cuBLAS per expert on side streams), "
-          "forward and backward, ragged and empty groups") {
+TEST_CASE("grouped_matmul: every expert's GEMM, all paths (one WMMA launch; cuBLAS per expert on side streams; the "
+          "pipelined BF16 kernel), forward and backward, ragged and empty groups") {
     Rng rng(111);
     struct Shape { std::vector<int64_t> rows; int in, out; int64_t gap; };
     // rows per expert (0: an expert no token chose), the projection's in/out, and extra floats between experts'
     // weights (as the gate, up and down of one expert sit between two experts' gate matrices)
-    const cu::detail::GroupedPath paths[2] = {cu::detail::GroupedPath::wmma, cu::detail::GroupedPath::cublas};
+    const cu::detail::GroupedPath paths[3] = {cu::detail::GroupedPath::wmma, cu::detail::GroupedPath::cublas,
+                                              cu::detail::GroupedPath::pipelined};
     for (const cu::detail::GroupedPath path : paths)
     for (const Shape& s : {Shape{{3, 0, 70, 1, 129}, 96, 160, 0}, Shape{{64, 64}, 128, 64, 40}, Shape{{0, 0, 5}, 33, 17, 7},
                            Shape{{300, 0, 517, 1024, 7, 250}, 256, 512, 256 * 512 * 2}}) {
@@ -182,9 +183,13 @@ TEST_CASE("bf16 weight shadows: written by adamw_update, read by matmul and grou
         cu::matmul_forward(y.data(), xd.data(), weights.data() + stride, T, in, out);
         cu::detail::grouped_path() = cu::detail::GroupedPath::cublas;
         cu::grouped_matmul_forward(ye.data(), xd.data(), weights.data(), stride, offsets.data(), groups, in, out);
+        auto yp = poisoned<float>(size_t(T) * out);
+        cu::detail::grouped_path() = cu::detail::GroupedPath::pipelined;
+        cu::grouped_matmul_forward(yp.data(), xd.data(), weights.data(), stride, offsets.data(), groups, in, out);
         cu::detail::grouped_path() = cu::detail::GroupedPath::automatic;
-        std::vector<float> a = host(y), b = host(ye);
+        std::vector<float> a = host(y), b = host(ye), c = host(yp);
         a.insert(a.end(), b.begin(), b.end());
+        a.insert(a.end(), c.begin(), c.end());
         return a;
     };
     for (int e = 0; e < groups; ++e)   // one update per expert matrix, as adamw_step does per tensor
