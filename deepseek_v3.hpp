@@ -200,6 +200,7 @@ struct Config {
     // group limit, MTP) at a size that trains in minutes on two cores.
     static Config tiny() { return Config{}; }
     static Config small();    // about 100M parameters, for a GPU
+    static Config large();    // about 1.66B parameters (d 1024, 16 layers, 64 experts), for one large GPU
     static Config v2_lite();  // the official 16B config (DeepSeek-V2-Lite shape)
     static Config v3_671b();  // DeepSeek-V3 itself
 
@@ -260,6 +261,20 @@ inline Config Config::small() {
     c.n_routed_experts = 32; c.n_shared_experts = 1; c.n_activated_experts = 4;
     c.n_expert_groups = 4; c.n_limited_groups = 2;
     c.q_lora_rank = 192; c.kv_lora_rank = 128; c.qk_nope_head_dim = 64; c.qk_rope_head_dim = 32; c.v_head_dim = 64;
+    c.max_seq_len = 1024; c.init_std = 0.02f;
+    return c;
+}
+
+// The shape of the `--preset large` of torchtitan's DeepSeek-V3 peer (a ~1.66B-total model where the GEMMs dominate):
+// vocab 32768, d 1024, 16 layers (1 dense, FFN 4096), 16 heads, 64 routed experts of width 512, top-6 in 4 of 8
+// groups, 1 shared, q_lora 384, kv_lora 256, head dims 64 + 32, v 64, context 1024.
+inline Config Config::large() {
+    Config c;
+    c.vocab_size = 32768; c.dim = 1024; c.inter_dim = 4096; c.moe_inter_dim = 512;
+    c.n_layers = 16; c.n_dense_layers = 1; c.n_heads = 16;
+    c.n_routed_experts = 64; c.n_shared_experts = 1; c.n_activated_experts = 6;
+    c.n_expert_groups = 8; c.n_limited_groups = 4;
+    c.q_lora_rank = 384; c.kv_lora_rank = 256; c.qk_nope_head_dim = 64; c.qk_rope_head_dim = 32; c.v_head_dim = 64;
     c.max_seq_len = 1024; c.init_std = 0.02f;
     return c;
 }

@@ -14,6 +14,7 @@ constexpr bool host_memory = false;
 template <class T> void upload(Buffer<T>& dst, const std::vector<T>& host) { dst.upload(host); }
 template <class T> std::vector<T> download(const Buffer<T>& src) { return src.download(); }
 template <class T> void to_device(T* dst, const T* host, size_t n) {
+    shadow::invalidate(dst, n * sizeof(T));   // a parameter written from the host: its BF16 shadow is stale
     if (n) DSV3_CUDA_CHECK(cudaMemcpy(dst, host, n * sizeof(T), cudaMemcpyHostToDevice));
 }
 template <class T> void to_host(T* host, const T* src, size_t n) {

@@ -108,13 +108,19 @@ TEST_CASE("matmul: forward and backward, BF16 inputs with FP32 accumulation") {
     }
 }
 
-TEST_CASE("grouped_matmul: every expert's GEMM in one launch, forward and backward, ragged and empty groups") {
+TEST_CASE("grouped_matmul: every expert's GEMM, all paths (one WMMA launch; cuBLAS per expert on side streams; the "
+          "pipelined BF16 kernel), forward and backward, ragged and empty groups") {
     Rng rng(111);
     struct Shape { std::vector<int64_t> rows; int in, out; int64_t gap; };
     // rows per expert (0: an expert no token chose), the projection's in/out, and extra floats between experts'
     // weights (as the gate, up and down of one expert sit between two experts' gate matrices)
-    for (const Shape& s : {Shape{{3, 0, 70, 1, 129}, 96, 160, 0}, Shape{{64, 64}, 128, 64, 40}, Shape{{0, 0, 5}, 33, 17, 7}}) {
-        CAPTURE(s.in); CAPTURE(s.out); CAPTURE(s.gap);
+    const cu::detail::GroupedPath paths[3] = {cu::detail::GroupedPath::wmma, cu::detail::GroupedPath::cublas,
+                                              cu::detail::GroupedPath::pipelined};
+    for (const cu::detail::GroupedPath path : paths)
+    for (const Shape& s : {Shape{{3, 0, 70, 1, 129}, 96, 160, 0}, Shape{{64, 64}, 128, 64, 40}, Shape{{0, 0, 5}, 33, 17, 7},
+                           Shape{{300, 0, 517, 1024, 7, 250}, 256, 512, 256 * 512 * 2}}) {
+        cu::detail::grouped_path() = path;
+        CAPTURE(int(path)); CAPTURE(s.in); CAPTURE(s.out); CAPTURE(s.gap);
         const int groups = int(s.rows.size());
         std::vector<int64_t> offsets(size_t(groups) + 1, 0);
         for (int g = 0; g < groups; ++g) offsets[size_t(g) + 1] = offsets[size_t(g)] + s.rows[size_t(g)];
@@ -155,9 +161,63 @@ TEST_CASE("grouped_matmul: every expert's GEMM in one launch, forward and backwa
         const auto gy2 = host(dyo2);
         CHECK(std::memcmp(gy.data(), gy2.data(), gy.size() * sizeof(float)) == 0);
     }
+    cu::detail::grouped_path() = cu::detail::GroupedPath::automatic;
     const int64_t bad[3] = {0, 5, 3};
     CHECK_THROWS_WITH_AS(cu::grouped_matmul_forward(nullptr, nullptr, nullptr, 0, bad, 2, 4, 4),
                          doctest::Contains("offsets must not decrease"), dsv3::Error);
+}
+
+// The BF16 shadows of the weights (kernels.cuh section 0): adamw_update writes bf16(p) beside p, and the GEMMs read
+// it instead of converting; every host write (upload, to_device) or free makes it stale. Checked: after an update
+// the GEMMs give the bits of a fresh conversion; after an upload and a to_device into part of the tensor, they use
+// the new values, never the stale shadow.
+TEST_CASE("bf16 weight shadows: written by adamw_update, read by matmul and grouped_matmul, invalidated by uploads") {
+    Rng rng(112);
+    const int T = 96, in = 128, out = 80, groups = 3;
+    const int64_t stride = int64_t(in) * out;
+    auto W = normal(rng, size_t(stride) * groups, 0.05f), g = normal(rng, W.size()), x = normal(rng, size_t(T) * in);
+    std::vector<float> m(W.size(), 0.0f), v(W.size(), 0.0f);
+    auto Wd = dev(W), gd = dev(g), md = dev(m), vd = dev(v), xd = dev(x);
+    const std::vector<int64_t> offsets = {0, 40, 40, T};
+    auto run = [&](cu::DeviceBuffer<float>& weights) {   // matmul on expert 1's matrix, grouped over all three
+        auto y = poisoned<float>(size_t(T) * out), ye = poisoned<float>(size_t(T) * out);
+        cu::matmul_forward(y.data(), xd.data(), weights.data() + stride, T, in, out);
+        cu::detail::grouped_path() = cu::detail::GroupedPath::cublas;
+        cu::grouped_matmul_forward(ye.data(), xd.data(), weights.data(), stride, offsets.data(), groups, in, out);
+        auto yp = poisoned<float>(size_t(T) * out);
+        cu::detail::grouped_path() = cu::detail::GroupedPath::pipelined;
+        cu::grouped_matmul_forward(yp.data(), xd.data(), weights.data(), stride, offsets.data(), groups, in, out);
+        cu::detail::grouped_path() = cu::detail::GroupedPath::automatic;
+        std::vector<float> a = host(y), b = host(ye), c = host(yp);
+        a.insert(a.end(), b.begin(), b.end());
+        a.insert(a.end(), c.begin(), c.end());
+        return a;
+    };
+    for (int e = 0; e < groups; ++e)   // one update per expert matrix, as adamw_step does per tensor
+        cu::adamw_update(Wd.data() + e * stride, gd.data() + e * stride, md.data() + e * stride,
+                         vd.data() + e * stride, stride, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 1);
+    REQUIRE(cu::shadow::find(Wd.data() + stride, size_t(stride)) != nullptr);
+    const auto with_shadow = run(Wd);
+    auto copy = dev(host(Wd));   // the same values in a buffer without shadows: converted per call
+    REQUIRE(cu::shadow::find(copy.data() + stride, size_t(stride)) == nullptr);
+    CHECK(with_shadow == run(copy));
+    // an upload of other values: the shadows are stale, the GEMMs must follow the new weights
+    auto W2 = normal(rng, W.size(), 0.05f);
+    Wd.upload(W2);
+    CHECK(cu::shadow::find(Wd.data() + stride, size_t(stride)) == nullptr);
+    auto fresh = dev(W2);
+    CHECK(run(Wd) == run(fresh));
+    // updated again (valid), then a to_device into the middle of expert 1's matrix (stale again)
+    for (int e = 0; e < groups; ++e)
+        cu::adamw_update(Wd.data() + e * stride, gd.data() + e * stride, md.data() + e * stride,
+                         vd.data() + e * stride, stride, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 2);
+    REQUIRE(cu::shadow::find(Wd.data() + stride, size_t(stride)) != nullptr);
+    const std::vector<float> patch(100, 0.25f);
+    cu::to_device(Wd.data() + stride + 1000, patch.data(), patch.size());
+    CHECK(cu::shadow::find(Wd.data() + stride, size_t(stride)) == nullptr);
+    CHECK(cu::shadow::find(Wd.data(), size_t(stride)) != nullptr);   // the other experts' shadows stay valid
+    auto fresh2 = dev(host(Wd));
+    CHECK(run(Wd) == run(fresh2));
 }
 
 TEST_CASE("rmsnorm: forward and backward") {
@@ -375,6 +435,9 @@ TEST_CASE("moe: permutation plan, permute and unpermute forward and backward") {
     CHECK(host(gp.slot) == p.slot);
     CHECK(host(gp.token_of) == p.token_of);
     CHECK(gp.host.offsets == p.offsets);
+    CHECK(gp.host.counts == p.counts);
+    CHECK(gp.host.slot == p.slot);
+    CHECK(gp.host.token_of == p.token_of);
 
     auto x = normal(rng, size_t(T) * d), gates = normal(rng, size_t(T) * K), ye = normal(rng, size_t(T) * K * d);
     auto dxe = normal(rng, size_t(T) * K * d), dy = normal(rng, size_t(T) * d), dx0 = normal(rng, size_t(T) * d);
@@ -396,6 +459,52 @@ TEST_CASE("moe: permutation plan, permute and unpermute forward and backward") {
     CHECK_REL(host(yd), y, 1e-6);
     CHECK_REL(host(dyed), dye, 1e-6);
     CHECK_REL(host(dgd), dg, 1e-5);
+}
+
+// The device plan against the CPU's at the small preset's shape (8192 tokens, top-4 of 32, skewed loads, some experts
+// empty) and at a few odd ones: the same slot, token_of, offsets and counts, bit for bit; bad ids are rejected.
+TEST_CASE("moe_permute_plan: the device plan is the CPU's (large and odd shapes, empty experts, bad ids)") {
+    Rng rng(113);
+    struct Shape { int T, K, N; };
+    for (Shape s : {Shape{8192, 4, 32}, Shape{4096, 8, 256}, Shape{1, 1, 1}, Shape{33, 6, 64}, Shape{0, 4, 8}}) {
+        CAPTURE(s.T); CAPTURE(s.K); CAPTURE(s.N);
+        std::vector<int32_t> chosen(size_t(s.T) * s.K);
+        for (int t = 0; t < s.T; ++t)
+            for (int k = 0; k < s.K; ++k) {
+                int e;
+                bool dup;
+                do {   // skewed towards low ids; the top quarter of the experts is never chosen
+                    e = int(rng.below(uint64_t(s.N)) * rng.below(uint64_t(s.N)) / s.N);
+                    if (s.N >= 8) e = e * 3 / 4;
+                    dup = false;
+                    for (int j = 0; j < k; ++j) dup |= chosen[size_t(t) * s.K + j] == e;
+                } while (dup && s.K <= (s.N >= 8 ? s.N * 3 / 4 : s.N) / 2);
+                chosen[size_t(t) * s.K + k] = e;
+            }
+        dsv3::MoePermutation p;
+        dsv3::moe_permute_plan(p, chosen.data(), s.T, s.K, s.N);
+        auto chd = dev(chosen);
+        cu::MoePermutation gp;
+        cu::moe_permute_plan(gp, chd.data(), s.T, s.K, s.N);
+        CHECK(host(gp.slot) == p.slot);
+        CHECK(host(gp.token_of) == p.token_of);
+        CHECK(gp.host.offsets == p.offsets);
+        CHECK(gp.host.counts == p.counts);
+        CHECK(gp.host.slot == p.slot);
+        CHECK(gp.host.token_of == p.token_of);
+        cu::moe_permute_plan(gp, chd.data(), s.T, s.K, s.N);   // again into the same plan: the same
+        CHECK(host(gp.slot) == p.slot);
+        CHECK(gp.host.offsets == p.offsets);
+    }
+    std::vector<int32_t> bad = {0, 1, 2, 9, 3, 1};
+    auto bd = dev(bad);
+    cu::MoePermutation gp;
+    CHECK_THROWS_WITH_AS(cu::moe_permute_plan(gp, bd.data(), 3, 2, 8), doctest::Contains("expert id 9 at entry 3"),
+                         dsv3::Error);
+    bad[3] = -2;
+    auto bd2 = dev(bad);
+    CHECK_THROWS_WITH_AS(cu::moe_permute_plan(gp, bd2.data(), 3, 2, 8), doctest::Contains("expert id -2 at entry 3"),
+                         dsv3::Error);
 }
 
 TEST_CASE("adamw: one update") {

@@ -9,9 +9,10 @@
 static dsv3::Config preset(const std::string& name) {
     if (name == "tiny") return dsv3::Config::tiny();
     if (name == "small") return dsv3::Config::small();
+    if (name == "large") return dsv3::Config::large();
     if (name == "v2_lite" || name == "16b") return dsv3::Config::v2_lite();
     if (name == "v3_671b" || name == "671b") return dsv3::Config::v3_671b();
-    dsv3::fail("--preset: expected tiny, small, v2_lite or v3_671b, found \"", name, "\"");
+    dsv3::fail("--preset: expected tiny, small, large, v2_lite or v3_671b, found \"", name, "\"");
 }
 
 int main(int argc, char** argv) {
@@ -22,7 +23,7 @@ int main(int argc, char** argv) {
             std::string a = argv[i];
             if (a == "--preset" && i + 1 < argc) name = argv[++i];
             else if (a == "--seq" && i + 1 < argc) seq_len = std::atoi(argv[++i]);
-            else dsv3::fail("unknown argument \"", a, "\"; usage: params [--preset tiny|small|v2_lite|v3_671b] [--seq T]");
+            else dsv3::fail("unknown argument \"", a, "\"; usage: params [--preset tiny|small|large|v2_lite|v3_671b] [--seq T]");
         }
         const dsv3::Config c = preset(name);
         const dsv3::ParamCounts n = dsv3::count_parameters(c);

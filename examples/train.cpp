@@ -5,6 +5,7 @@
 //   build/train --data FILE --steps 2000 --out runs/tiny
 //   build/train --resume runs/tiny/checkpoint.bin  continue bit for bit where a run stopped
 //   build/train_cuda --preset small                the same program on the GPU (`make cuda`; cuda/train_cuda.cu)
+//   build/train_cuda --preset large --batch 8 --seq 1024   the ~1.66B shape of the torchtitan peer's --preset large
 //
 // Prints progress (step, loss, tokens/s, ETA), validation loss and MaxVio every --eval-every steps, and at the end
 // saves the checkpoint (also at every evaluation, so that --resume can continue a stopped run), a Hugging Face
@@ -24,17 +25,18 @@ struct Args {
     int steps = 2000, batch = 16, seq = 64, warmup = 100, eval_every = 200, eval_windows = 64, seed = 1, sample = 300;
     float lr = 3e-3f, min_lr = 3e-4f, mtp_lambda = 0.3f, bias_speed = -1, balance_alpha = 0.0001f;
     std::string schedule = "cosine", balance = "none";
-    bool bias_update = true;
+    bool bias_update = true, save = true;
     double time_limit = 0;  // seconds; 0 = none
 };
 
 static void usage() {
     std::printf(
-        "usage: train [--preset tiny|small] [--data FILE] [--out DIR] [--resume CKPT] [--steps N] [--batch B] [--seq T]\n"
+        "usage: train [--preset tiny|small|large] [--data FILE] [--out DIR] [--resume CKPT] [--steps N] [--batch B] [--seq T]\n"
         "             [--lr X] [--loss-log FILE]\n"
         "             [--min-lr X] [--warmup N] [--schedule cosine|v3|multi_step] [--eval-every N]\n"
         "             [--eval-windows N] [--balance none|sequence|expert] [--balance-alpha A] [--bias-speed G]\n"
-        "             [--no-bias-update] [--mtp-lambda L] [--seed S] [--sample N] [--time-limit SECONDS]\n");
+        "             [--no-bias-update] [--mtp-lambda L] [--seed S] [--sample N] [--time-limit SECONDS]\n"
+        "             [--no-save]   (no checkpoint, Hugging Face directory or plots: for timing runs)\n");
 }
 
 static Args parse(int argc, char** argv) {
@@ -47,6 +49,7 @@ static Args parse(int argc, char** argv) {
         };
         if (k == "--data") a.data = value();
         else if (k == "--preset") a.preset = value();
+        else if (k == "--no-save") a.save = false;
         else if (k == "--loss-log") a.loss_log = value();
         else if (k == "--out") a.out = value();
         else if (k == "--resume") a.resume = value();
@@ -128,8 +131,9 @@ static void write_plots(Model& model, const std::string& dir, const std::vector<
 int main(int argc, char** argv) {
     try {
         Args a = parse(argc, argv);
-        if (a.preset != "tiny" && a.preset != "small") fail("--preset: unknown \"", a.preset, "\" (tiny or small)");
-        Config cfg = a.preset == "small" ? Config::small() : Config::tiny();
+        if (a.preset != "tiny" && a.preset != "small" && a.preset != "large")
+            fail("--preset: unknown \"", a.preset, "\" (tiny, small or large)");
+        Config cfg = a.preset == "small" ? Config::small() : (a.preset == "large" ? Config::large() : Config::tiny());
         if (a.bias_speed >= 0) cfg.bias_update_speed = a.bias_speed;
         if (a.seq > cfg.max_seq_len) fail("--seq ", a.seq, " exceeds the preset's max_seq_len ", cfg.max_seq_len);
         cfg.max_seq_len = a.seq;  // the model's context is what it is trained on (generation slides past it)
@@ -211,13 +215,14 @@ int main(int argc, char** argv) {
                 std::printf("%seval step %d: val loss %.4f (%s) | MaxVio_global %.3f | %.0fs\n", progress.tty ? "\n" : "",
                             step + 1, vl, last ? "whole validation split" : "subset", vio, now_seconds() - start);
                 std::fflush(stdout);
-                if (!last) save_checkpoint(a.out + "/checkpoint.bin", model, opt);  // --resume continues from here
+                if (!last && a.save) save_checkpoint(a.out + "/checkpoint.bin", model, opt);  // --resume continues here
             }
             if (last) {
                 if (done > 1)
                     std::printf("training: %.0f tokens/s over steps %d-%d (%.3f s per step)\n",
                                 double(done - 1) * a.batch * a.seq / train_seconds, first_step + 2, step + 1,
                                 train_seconds / (done - 1));
+                if (!a.save) break;
                 save_checkpoint(a.out + "/checkpoint.bin", model, opt);
                 save_hf(a.out + "/hf", model);  // config.json + model.safetensors: transformers loads it
                 write_plots(model, a.out, curves, load_rows, load_labels);

@@ -40,9 +40,12 @@ struct Rule {
     const char* phrase;  // and so must this part of the rule's wording
 };
 
-TEST_CASE("config: all four presets validate") {
+TEST_CASE("config: all five presets validate") {
     CHECK_NOTHROW(Config::tiny().validate());
     CHECK_NOTHROW(Config::small().validate());
+    CHECK_NOTHROW(Config::large().validate());
+    // the torchtitan peer's --preset large: about 1.66B parameters (ours count the 15 layers' routing biases too)
+    CHECK(count_parameters(Config::large()).total == 1659875264);
     CHECK_NOTHROW(Config::v2_lite().validate());
     CHECK_NOTHROW(Config::v3_671b().validate());
 }
@@ -170,7 +173,7 @@ TEST_CASE("config: the counters agree with the layout a Model allocates") {
 // to_text / set
 // ----------------------------------------------------------------------------------------------------------------
 TEST_CASE("config: to_text / set round trip every preset exactly") {
-    for (const Config& c : {Config::tiny(), Config::small(), Config::v2_lite(), Config::v3_671b()}) {
+    for (const Config& c : {Config::tiny(), Config::small(), Config::large(), Config::v2_lite(), Config::v3_671b()}) {
         const std::string text = c.to_text();
         Config back;
         back.vocab_size = 1; back.score_func = "x"; back.norm_topk_prob = !c.norm_topk_prob; back.mscale = 123;
