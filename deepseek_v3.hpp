@@ -1645,14 +1645,14 @@ class Model {
 inline Model::Model(const Config& c, uint64_t seed) : cfg(c), layout(param_layout(c)) {
     std::vector<float> init(layout.total, 0.0f);
     rope = make_rope_table(cfg, cfg.max_seq_len);
-    for (size_t i = 0; i < layout.entries.size(); ++i) {  // each tensor from its own stream: order-independent
-        const ParamEntry& e = layout.entries[i];
+    parallel_for(int64_t(layout.entries.size()), [&](int64_t i) {  // each tensor from its own stream: any order
+        const ParamEntry& e = layout.entries[size_t(i)];
         Rng rng = Rng(seed).fork(i);
         float* p = init.data() + e.offset;
         for (size_t j = 0; j < e.size; ++j)
             p[j] = e.kind == ParamKind::matrix ? float(rng.normal() * cfg.init_std)
                                                : (e.kind == ParamKind::gain ? 1.0f : 0.0f);
-    }
+    });
     backend::upload(params, init);
     backend::upload(grads, std::vector<float>(layout.total, 0.0f));
     blocks_.resize(layout.blocks.size());
@@ -1843,10 +1843,11 @@ inline void Model::gate_forward(MoeCache& c, const MoE& m, const float* x, doubl
         backend::router_select(c.chosen.data(), c.scores, param_at(m.bias), n, cfg);
     }
     backend::router_gates_forward(c.gates, c.scores, c.chosen.data(), n, cfg);
+    const float alpha = opt_.balance_alpha;
     if (opt_.balance == BalanceLoss::sequence_wise)
-        *balance += sequence_balance_loss(nullptr, c.scores, c.chosen.data(), B_, T_, cfg, opt_.balance_alpha);
+        *balance += backend::sequence_balance_loss(nullptr, c.scores, c.chosen.data(), B_, T_, cfg, alpha);
     else if (opt_.balance == BalanceLoss::expert_level)
-        *balance += expert_balance_loss(nullptr, c.logits, c.chosen.data(), n, cfg, opt_.balance_alpha);
+        *balance += backend::expert_balance_loss(nullptr, c.logits, c.chosen.data(), n, cfg, alpha);
 }
 // gates -> scores (-> + the sequence-wise loss) -> logits (+ the expert-level loss) -> the router's weight and dx.
 inline void Model::gate_backward(const MoeCache& c, const MoE& m, const float* dgates, float* dx) {
@@ -1855,11 +1856,11 @@ inline void Model::gate_backward(const MoeCache& c, const MoE& m, const float* d
     float* dscores = arena_.zeros(size_t(n) * N);
     backend::router_gates_backward(dscores, dgates, c.scores, c.chosen.data(), n, cfg);
     if (opt_.balance == BalanceLoss::sequence_wise)
-        sequence_balance_loss(dscores, c.scores, c.chosen.data(), B_, T_, cfg, opt_.balance_alpha);
+        backend::sequence_balance_loss(dscores, c.scores, c.chosen.data(), B_, T_, cfg, opt_.balance_alpha);
     float* dlogits = arena_.zeros(size_t(n) * N);
     backend::router_scores_backward(dlogits, dscores, c.scores, n, N, cfg.score_func == "softmax");
     if (opt_.balance == BalanceLoss::expert_level)
-        expert_balance_loss(dlogits, c.logits, c.chosen.data(), n, cfg, opt_.balance_alpha);
+        backend::expert_balance_loss(dlogits, c.logits, c.chosen.data(), n, cfg, opt_.balance_alpha);
     linear_backward(dx, dlogits, c.x, m.router, n);
     arena_.release(mark);
 }
@@ -2031,8 +2032,6 @@ inline void Model::mtp_backward(MtpCache& c, const MtpModule& m, int D, const fl
 inline Losses Model::forward(const int32_t* tokens, int B, int T, const LossOptions& opt) {
     if (B <= 0 || T <= 0) fail("Model::forward: batch ", B, " x sequence ", T, ": both must be > 0");
     if (T > cfg.max_seq_len) fail("Model::forward: sequence length ", T, " exceeds Config.max_seq_len ", cfg.max_seq_len);
-    if (!backend::host_memory && opt.balance != BalanceLoss::none)
-        fail("Model::forward: the balance losses run on the CPU backend only (LossOptions.balance must be none)");
     B_ = B; T_ = T; opt_ = opt;
     const int n = BT(), d = cfg.dim, V = cfg.vocab_size;
     arena_.reset();
@@ -2677,18 +2676,15 @@ inline std::vector<int32_t> generate(Model& model, const std::vector<int32_t>& p
 // =====================================================================================================================
 // 8. NUMERICS: FP8 TRAINING (DeepSeek-V3 report §3.3), BF16 AND FP16
 // =====================================================================================================================
-//
 // DeepSeek-V3 is trained with FP8 matrix multiplications (report §3.3 "FP8 Training"). The three GEMMs of every
 // linear layer, Fprop y = x·Wᵀ, Dgrad dx = dy·W and Wgrad dW = dyᵀ·x, take 8-bit inputs on the tensor cores; what
 // is sensitive or cheap stays in BF16/FP32: embedding, output head, MoE router, normalisations, the attention core,
 // FP32 master weights and gradients, and AdamW moments stored in BF16 (bf16_round below).
 //
 // The formats (OCP 8-bit floating point specification; the bits are sign | exponent | mantissa):
-//
 //          bits        bias  max finite    min normal  min subnormal  special values
 //   E4M3   s eeee mmm     7  448   (0x7E)  2^-6        2^-9           NaN = s.1111.111 only, no infinities ("fn")
 //   E5M2   s eeeee mm    15  57344 (0x7B)  2^-14       2^-16          IEEE: ±inf = s.11111.00, NaN = s.11111.(≠0)
-//
 // E4M3 keeps one more mantissa bit (neighbours at most 2^-3 = 12.5% apart) but spans only 2^-9..448, about 18 binades.
 // V3 uses E4M3 for every tensor, gradients included (earlier FP8 recipes used E5M2 for gradients, for its range), and
 // gets the range back with fine-grained scaling.
@@ -2709,24 +2705,17 @@ inline std::vector<int32_t> generate(Model& model, const std::vector<int32_t>& p
 // the partial sum is copied to FP32 registers on the CUDA cores, multiplied by the two group scales and added to an
 // FP32 accumulator. The multiplication by the scales has to happen there anyway, so the fix is nearly free.
 //
-// This section holds: bit-exact codecs (round to nearest, ties to even, saturating), BF16 and FP16 conversions, 1×128
-// tile and 128×128 block quantization, fp8_gemm, a simulation of the H100 tensor-core accumulator that reproduces its
-// outputs bit for bit (the model of spec/NUMERICS.md, after Khattak & Mikaitis and "Insights into DeepSeek-V3"), with
-// promotion as an option, and the FP8 linear layer (Fprop, Dgrad, Wgrad) of V3's recipe. examples/fp8_error.cpp
-// reproduces the report's "nearly 2%" observation and shows how promotion removes it.
+// Here: 8.1 bit-exact codecs, 8.2 1×128 tile and 128×128 block quantization, 8.3 fp8_gemm, a simulation of the H100
+// tensor-core accumulator that reproduces its outputs bit for bit (after Khattak & Mikaitis and "Insights into
+// DeepSeek-V3", arXiv 2505.09343), promotion optional, 8.4 the FP8 linear layer (Fprop, Dgrad, Wgrad) of V3's recipe.
+// examples/fp8_error.cpp reproduces the report's "nearly 2%" observation and shows how promotion removes it.
 
-
-// ---------------------------------------------------------------------------------------------------------------------
-// Bit-level helpers shared by the codecs.
-// ---------------------------------------------------------------------------------------------------------------------
+// --- 8.1 bit-level helpers, BF16 and FP16, the FP8 codecs ------------------------------------------------------------
 namespace fp8_detail {
-
 inline uint32_t bits_of(float x) { uint32_t u; std::memcpy(&u, &x, 4); return u; }
 inline float float_of(uint32_t u) { float x; std::memcpy(&x, &u, 4); return x; }
-
 // 2^n as a float for a normal exponent n in [-126, 127], built from its bits (exact, no libm).
 inline float pow2f(int n) { return float_of(uint32_t(n + 127) << 23); }
-
 // Number of significant bits of v > 0 (bit_length(1) = 1).
 inline int bit_length(uint32_t v) {
 #if defined(__GNUC__) || defined(__clang__)
@@ -2749,14 +2738,9 @@ inline int bit_length(uint32_t v) {
 // ((te + bias - 1) << man_bits) + q: a carry of the rounding into the next binade (q = 2^(man_bits+1)) or from the
 // subnormals into the normals (q = 2^man_bits at te = emin) lands on the right code by itself.
 inline int64_t round_to_code(uint32_t a, int man_bits, int bias) {
-    int fexp = int(a >> 23);
-    uint32_t sig = a & 0x7FFFFFu;
-    if (fexp == 0) {                      // float32 zero or subnormal: 2^-126 scale, no implicit bit
-        if (sig == 0) return 0;
-        fexp = 1;
-    } else {
-        sig |= 0x800000u;
-    }
+    if (a == 0) return 0;
+    const int fexp = std::max(int(a >> 23), 1);   // float32 subnormals: the 2^-126 scale, no implicit bit
+    const uint32_t sig = (a & 0x7FFFFFu) | (a >> 23 ? 0x800000u : 0u);
     const int e = fexp - 127, emin = 1 - bias;
     const int te = e > emin ? e : emin;
     const int shift = 23 + te - e - man_bits;   // >= 23 - man_bits > 0
@@ -2775,13 +2759,26 @@ inline float code_value(uint32_t code, int man_bits, int bias) {
     return std::ldexp(float(m | (1u << man_bits)), int(ef) - bias - man_bits);
 }
 
+// x to a `bits`-wide format (sign on top): NaN becomes sign | nan_code; otherwise x is rounded and a code past `top`
+// becomes `top`, which is the largest finite code for a saturating format and the infinity code for IEEE overflow.
+inline uint32_t encode(float x, int bits, int man_bits, int bias, uint32_t nan_code, uint32_t top) {
+    const uint32_t u = bits_of(x), a = u & 0x7FFFFFFFu, sign = (u >> (32 - bits)) & (1u << (bits - 1));
+    if (a > 0x7F800000u) return sign | nan_code;
+    const int64_t code = round_to_code(a, man_bits, bias);
+    return sign | (code > int64_t(top) ? top : uint32_t(code));
+}
+// The inverse: codes from `special` up are infinity (`special` itself, when the format has_inf) or NaN.
+inline float decode(uint32_t h, int bits, int man_bits, int bias, uint32_t special, bool has_inf) {
+    const float sign = (h >> (bits - 1)) & 1u ? -1.0f : 1.0f;
+    const uint32_t code = h & ((1u << (bits - 1)) - 1);
+    if (code >= special) return has_inf && code == special ? sign * INFINITY : std::copysign(NAN, sign);
+    return std::copysign(code_value(code, man_bits, bias), sign);
+}
 }  // namespace fp8_detail
 
-// ---------------------------------------------------------------------------------------------------------------------
 // BF16: float32's sign, 8-bit exponent and top 7 mantissa bits. Same range as float32, so rounding is just rounding
 // the low 16 bits away (to nearest, ties to even). V3 stores AdamW's moments in BF16 (§3.3.3, "low-precision
 // optimizer states"); bf16_round(x) is what such a store-and-reload does to x.
-// ---------------------------------------------------------------------------------------------------------------------
 inline uint16_t float_to_bf16_bits(float x) {
     uint32_t u = fp8_detail::bits_of(x);
     if ((u & 0x7FFFFFFFu) > 0x7F800000u) return uint16_t((u >> 16) | 0x0040u);  // NaN: keep the sign, force quiet
@@ -2791,64 +2788,26 @@ inline uint16_t float_to_bf16_bits(float x) {
 inline float bf16_bits_to_float(uint16_t h) { return fp8_detail::float_of(uint32_t(h) << 16); }
 inline float bf16_round(float x) { return bf16_bits_to_float(float_to_bf16_bits(x)); }
 
-// ---------------------------------------------------------------------------------------------------------------------
 // FP16 (IEEE binary16: 1 sign, 5 exponent bits, bias 15, 10 mantissa bits; max 65504). Some checkpoints store tensors
-// in F16. Round to nearest, ties to even, IEEE overflow: a value that rounds past 65504 becomes ±inf (no saturation).
-// ---------------------------------------------------------------------------------------------------------------------
-inline uint16_t float_to_f16_bits(float x) {
-    const uint32_t u = fp8_detail::bits_of(x), a = u & 0x7FFFFFFFu;
-    const uint16_t sign = uint16_t((u >> 16) & 0x8000u);
-    if (a > 0x7F800000u) return uint16_t(sign | 0x7E00u);                       // NaN
-    const int64_t code = fp8_detail::round_to_code(a, 10, 15);
-    return uint16_t(sign | (code >= 0x7C00 ? 0x7C00u : uint32_t(code)));        // 0x7C00 = inf
-}
-inline float f16_bits_to_float(uint16_t h) {
-    const float sign = (h & 0x8000u) ? -1.0f : 1.0f;
-    const uint32_t code = h & 0x7FFFu;
-    if (code >= 0x7C00u) return code == 0x7C00u ? sign * INFINITY : std::copysign(NAN, sign);
-    return std::copysign(fp8_detail::code_value(code, 10, 15), sign);
-}
+// in F16. Round to nearest, ties to even, IEEE overflow: a value that rounds past 65504 becomes ±inf (0x7C00).
+inline uint16_t float_to_f16_bits(float x) { return uint16_t(fp8_detail::encode(x, 16, 10, 15, 0x7E00u, 0x7C00u)); }
+inline float f16_bits_to_float(uint16_t h) { return fp8_detail::decode(h, 16, 10, 15, 0x7C00u, true); }
 
-// ---------------------------------------------------------------------------------------------------------------------
 // FP8 codecs. Encoding rounds to nearest, ties to even, keeps subnormals and saturates: a finite value that rounds
 // beyond the largest finite value becomes ±max (the hardware's "satfinite" conversion; PyTorch's plain cast does not
 // saturate). E4M3 has no infinity, so ±inf saturates to ±448; E5M2 could store ±inf, but this project saturates it to
-// ±57344 as well (NUMERICS.md), so an overflow never poisons a GEMM. NaN stays NaN (sign kept). -0 encodes to 0x80.
-// ---------------------------------------------------------------------------------------------------------------------
-inline uint8_t fp8_e4m3_encode(float x) {
-    const uint32_t u = fp8_detail::bits_of(x), a = u & 0x7FFFFFFFu;
-    const uint8_t sign = uint8_t((u >> 24) & 0x80u);
-    if (a > 0x7F800000u) return uint8_t(sign | 0x7Fu);                          // NaN: s.1111.111
-    const int64_t code = fp8_detail::round_to_code(a, 3, 7);
-    return uint8_t(sign | (code > 0x7E ? 0x7Eu : uint32_t(code)));              // 0x7E = 448
-}
-inline float fp8_e4m3_decode(uint8_t q) {
-    const uint32_t code = q & 0x7Fu;
-    const float sign = (q & 0x80u) ? -1.0f : 1.0f;
-    if (code == 0x7Fu) return std::copysign(NAN, sign);
-    return std::copysign(fp8_detail::code_value(code, 3, 7), sign);
-}
-inline uint8_t fp8_e5m2_encode(float x) {
-    const uint32_t u = fp8_detail::bits_of(x), a = u & 0x7FFFFFFFu;
-    const uint8_t sign = uint8_t((u >> 24) & 0x80u);
-    if (a > 0x7F800000u) return uint8_t(sign | 0x7Eu);                          // NaN: s.11111.10 (quiet)
-    const int64_t code = fp8_detail::round_to_code(a, 2, 15);
-    return uint8_t(sign | (code > 0x7B ? 0x7Bu : uint32_t(code)));              // 0x7B = 57344; inf saturates too
-}
-inline float fp8_e5m2_decode(uint8_t q) {
-    const uint32_t code = q & 0x7Fu;
-    const float sign = (q & 0x80u) ? -1.0f : 1.0f;
-    if (code >= 0x7Cu) return code == 0x7Cu ? sign * INFINITY : std::copysign(NAN, sign);
-    return std::copysign(fp8_detail::code_value(code, 2, 15), sign);
-}
+// ±57344 as well, so an overflow never poisons a GEMM. NaN stays NaN (sign kept; E5M2's becomes the quiet
+// s.11111.10). -0 encodes to 0x80.
+inline uint8_t fp8_e4m3_encode(float x) { return uint8_t(fp8_detail::encode(x, 8, 3, 7, 0x7Fu, 0x7Eu)); }
+inline uint8_t fp8_e5m2_encode(float x) { return uint8_t(fp8_detail::encode(x, 8, 2, 15, 0x7Eu, 0x7Bu)); }
+inline float fp8_e4m3_decode(uint8_t q) { return fp8_detail::decode(q, 8, 3, 7, 0x7Fu, false); }
+inline float fp8_e5m2_decode(uint8_t q) { return fp8_detail::decode(q, 8, 2, 15, 0x7Cu, true); }
 
 // The two FP8 formats, for the functions below that accept either.
 enum class Fp8Format { e4m3, e5m2 };
 inline uint8_t fp8_encode(float x, Fp8Format f) { return f == Fp8Format::e4m3 ? fp8_e4m3_encode(x) : fp8_e5m2_encode(x); }
 inline float fp8_decode(uint8_t q, Fp8Format f) { return f == Fp8Format::e4m3 ? fp8_e4m3_decode(q) : fp8_e5m2_decode(q); }
-inline bool fp8_is_finite(uint8_t q, Fp8Format f) {
-    return f == Fp8Format::e4m3 ? (q & 0x7Fu) != 0x7Fu : (q & 0x7Fu) < 0x7Cu;
-}
+inline bool fp8_is_finite(uint8_t q, Fp8Format f) { return (q & 0x7Fu) < (f == Fp8Format::e4m3 ? 0x7Fu : 0x7Cu); }
 inline constexpr float fp8_max(Fp8Format f) { return f == Fp8Format::e4m3 ? 448.0f : 57344.0f; }
 
 // The exponent of an FP8 input as the tensor core's alignment sees it: the unbiased exponent, with subnormals counted
@@ -2859,17 +2818,13 @@ inline int fp8_input_exponent(uint8_t q, Fp8Format f) {
     return (ef == 0 ? 1 : ef) - bias;
 }
 
-// ---------------------------------------------------------------------------------------------------------------------
-// Fine-grained quantization (§3.3.2, Figure 7a). Scales are "dequantization" scales: x ≈ decode(q) · scale.
-//
-// fp8_scale_for_amax: scale = amax / 448, so the tile's largest magnitude lands on E4M3's largest value and the tile
-// uses the format's whole range. With pow2_scale the scale is rounded UP to a power of two (so amax / scale <= 448
-// still): multiplying by a power of two is exact, which V3 uses where a tensor is re-scaled or re-quantized (the input
-// of the linear after attention, MoE dispatch), at the cost of up to one binade of range.
-// amax is the largest FINITE magnitude of the tile (NaN is kept as NaN codes, ±inf saturates to ±448·scale).
-// An all-zero tile (amax = 0) gets scale 1: any positive finite scale would decode its zero codes to zeros, and 1 keeps
-// the scale readable and far from 0/NaN. A tiny amax whose amax/448 would underflow float32 is clamped to FLT_MIN.
-// ---------------------------------------------------------------------------------------------------------------------
+// --- 8.2 fine-grained quantization (§3.3.2, Figure 7a) ---------------------------------------------------------------
+// Scales are "dequantization" scales: x ≈ decode(q) · scale. fp8_scale_for_amax: scale = amax / 448, so the tile's
+// largest magnitude lands on E4M3's largest value and the tile uses the whole range. With pow2_scale the scale is
+// rounded UP to a power of two (amax / scale <= 448 still): multiplying by a power of two is exact, which V3 uses where
+// a tensor is re-scaled or re-quantized (the input of the linear after attention, MoE dispatch), at the cost of up to
+// one binade of range. amax is the largest FINITE magnitude (NaN stays NaN codes, ±inf saturates to ±448·scale). An
+// all-zero tile gets scale 1 (any positive scale would do; 1 is readable); a scale that would underflow is FLT_MIN.
 inline float fp8_scale_for_amax(float amax, bool pow2_scale = false) {
     if (!(amax > 0.0f)) return 1.0f;
     float s = amax / 448.0f;
@@ -2892,44 +2847,55 @@ inline float amax_finite(float acc, float v) {
     const float a = std::fabs(v);
     return (a <= FLT_MAX && a > acc) ? a : acc;   // NaN and inf compare false: left out
 }
+// x: [rows, cols] in tiles of tile_rows × 128 (partial at the bottom and right edges), each with its own amax and
+// scale: scales [ceil(rows/tile_rows), ceil(cols/128)]. Tiles in parallel: each writes only its own codes and scale.
+inline void quantize_tiles(const char* who, const float* x, int rows, int cols, int tile_rows, uint8_t* q,
+                           float* scales, bool pow2) {
+    check_quant_args(who, x, rows, cols, q, scales);
+    const int ct = fp8_tiles(cols);
+    parallel_for(int64_t((rows + tile_rows - 1) / tile_rows) * ct, [&](int64_t b) {
+        const int r0 = int(b / ct) * tile_rows, r1 = std::min(rows, r0 + tile_rows);
+        const int c0 = int(b % ct) * 128, c1 = std::min(cols, c0 + 128);
+        float amax = 0.0f;
+        for (int r = r0; r < r1; ++r)
+            for (int c = c0; c < c1; ++c) amax = amax_finite(amax, x[int64_t(r) * cols + c]);
+        const float s = scales[b] = fp8_scale_for_amax(amax, pow2);
+        for (int r = r0; r < r1; ++r)
+            for (int c = c0; c < c1; ++c) q[int64_t(r) * cols + c] = fp8_e4m3_encode(x[int64_t(r) * cols + c] / s);
+    });
+}
+inline void dequantize_tiles(const char* who, const uint8_t* q, const float* scales, int rows, int cols, int tile_rows,
+                             float* x) {
+    check_quant_args(who, q, rows, cols, x, scales);
+    float table[256];
+    for (int i = 0; i < 256; ++i) table[i] = fp8_e4m3_decode(uint8_t(i));
+    const int ct = fp8_tiles(cols);
+    parallel_for(rows, [&](int64_t r) {
+        const float* srow = scales + (r / tile_rows) * ct;
+        for (int c = 0; c < cols; ++c) x[r * cols + c] = table[q[r * cols + c]] * srow[c / 128];
+    });
+}
+// xt: [cols, rows] = xᵀ for x: [rows, cols].
+template <class T>
+inline std::vector<T> transposed(const T* x, int rows, int cols) {
+    std::vector<T> xt(size_t(rows) * size_t(cols));
+    parallel_for(cols, [&](int64_t c) {
+        for (int r = 0; r < rows; ++r) xt[size_t(c) * rows + r] = x[int64_t(r) * cols + c];
+    });
+    return xt;
+}
 }  // namespace fp8_detail
-
 
 // x: [rows, cols] → q: [rows, cols] E4M3 codes, scales: [rows, ceil(cols/128)], one per 1×128 tile (a row's last tile
 // is partial when cols % 128 != 0: it has its own amax over the columns it covers).
 inline void quantize_tiles_1x128(const float* x, int rows, int cols, uint8_t* q, float* scales, bool pow2_scale = false) {
-    fp8_detail::check_quant_args("quantize_tiles_1x128", x, rows, cols, q, scales);
-    const int kt = fp8_tiles(cols);
-    parallel_for(rows, [&](int64_t r) {
-        const float* xr = x + r * cols;
-        uint8_t* qr = q + r * cols;
-        for (int t = 0; t < kt; ++t) {
-            const int c0 = t * 128, c1 = std::min(cols, c0 + 128);
-            float amax = 0.0f;
-            for (int c = c0; c < c1; ++c) amax = fp8_detail::amax_finite(amax, xr[c]);
-            const float s = fp8_scale_for_amax(amax, pow2_scale);
-            scales[r * kt + t] = s;
-            for (int c = c0; c < c1; ++c) qr[c] = fp8_e4m3_encode(xr[c] / s);
-        }
-    });
+    fp8_detail::quantize_tiles("quantize_tiles_1x128", x, rows, cols, 1, q, scales, pow2_scale);
 }
 
 // w: [rows, cols] (a weight [out, in]) → q: [rows, cols], scales: [ceil(rows/128), ceil(cols/128)], one per 128×128
 // block (blocks at the bottom and right edges are partial).
 inline void quantize_blocks_128x128(const float* w, int rows, int cols, uint8_t* q, float* scales, bool pow2_scale = false) {
-    fp8_detail::check_quant_args("quantize_blocks_128x128", w, rows, cols, q, scales);
-    const int rt = fp8_tiles(rows), ct = fp8_tiles(cols);
-    parallel_for(int64_t(rt) * ct, [&](int64_t b) {
-        const int br = int(b / ct), bc = int(b % ct);
-        const int r0 = br * 128, r1 = std::min(rows, r0 + 128), c0 = bc * 128, c1 = std::min(cols, c0 + 128);
-        float amax = 0.0f;
-        for (int r = r0; r < r1; ++r)
-            for (int c = c0; c < c1; ++c) amax = fp8_detail::amax_finite(amax, w[int64_t(r) * cols + c]);
-        const float s = fp8_scale_for_amax(amax, pow2_scale);
-        scales[b] = s;
-        for (int r = r0; r < r1; ++r)
-            for (int c = c0; c < c1; ++c) q[int64_t(r) * cols + c] = fp8_e4m3_encode(w[int64_t(r) * cols + c] / s);
-    });
+    fp8_detail::quantize_tiles("quantize_blocks_128x128", w, rows, cols, 128, q, scales, pow2_scale);
 }
 
 // Wgrad's operands are tiled along the token dimension, which is the reduction dimension of dW = dyᵀ·x: 128×1 tiles
@@ -2937,38 +2903,21 @@ inline void quantize_blocks_128x128(const float* w, int rows, int cols, uint8_t*
 // row, the layout fp8_gemm reads), scales: [cols, ceil(rows/128)].
 inline void quantize_tiles_128x1_transposed(const float* x, int rows, int cols, uint8_t* qt, float* scales,
                                             bool pow2_scale = false) {
-    fp8_detail::check_quant_args("quantize_tiles_128x1_transposed", x, rows, cols, qt, scales);
-    std::vector<float> xt(size_t(rows) * size_t(cols));
-    parallel_for(cols, [&](int64_t c) {
-        for (int r = 0; r < rows; ++r) xt[size_t(c) * rows + r] = x[int64_t(r) * cols + c];
-    });
-    quantize_tiles_1x128(xt.data(), cols, rows, qt, scales, pow2_scale);
+    const char* who = "quantize_tiles_128x1_transposed";
+    fp8_detail::check_quant_args(who, x, rows, cols, qt, scales);
+    const std::vector<float> xt = fp8_detail::transposed(x, rows, cols);   // [cols, rows]
+    fp8_detail::quantize_tiles(who, xt.data(), cols, rows, 1, qt, scales, pow2_scale);
 }
 
 // Inverses (up to rounding): x[r, c] = decode(q[r, c]) · scale of its tile / block.
 inline void dequantize_tiles_1x128(const uint8_t* q, const float* scales, int rows, int cols, float* x) {
-    fp8_detail::check_quant_args("dequantize_tiles_1x128", q, rows, cols, x, scales);
-    float table[256];
-    for (int i = 0; i < 256; ++i) table[i] = fp8_e4m3_decode(uint8_t(i));
-    const int kt = fp8_tiles(cols);
-    parallel_for(rows, [&](int64_t r) {
-        for (int c = 0; c < cols; ++c) x[r * cols + c] = table[q[r * cols + c]] * scales[r * kt + c / 128];
-    });
+    fp8_detail::dequantize_tiles("dequantize_tiles_1x128", q, scales, rows, cols, 1, x);
 }
 inline void dequantize_blocks_128x128(const uint8_t* q, const float* scales, int rows, int cols, float* w) {
-    fp8_detail::check_quant_args("dequantize_blocks_128x128", q, rows, cols, w, scales);
-    float table[256];
-    for (int i = 0; i < 256; ++i) table[i] = fp8_e4m3_decode(uint8_t(i));
-    const int ct = fp8_tiles(cols);
-    parallel_for(rows, [&](int64_t r) {
-        const float* srow = scales + (r / 128) * ct;
-        for (int c = 0; c < cols; ++c) w[r * cols + c] = table[q[r * cols + c]] * srow[c / 128];
-    });
+    fp8_detail::dequantize_tiles("dequantize_blocks_128x128", q, scales, rows, cols, 128, w);
 }
 
-// ---------------------------------------------------------------------------------------------------------------------
-// FP8 GEMM with the H100 tensor core's accumulator (spec/NUMERICS.md, "Simulating the tensor core's accumulator").
-//
+// --- 8.3 FP8 GEMM on the H100 tensor core's accumulator [V3 §3.3.2; arXiv 2505.09343] --------------------------------
 // C[M, N] = A[M, K] · B[N, K]ᵀ, A and B E4M3 codes, B in the weight layout [out, in]. For one output element:
 //
 //   c = 0                                    the tensor core's accumulator: at most 14 significant bits
@@ -2982,9 +2931,6 @@ inline void dequantize_blocks_128x128(const uint8_t* q, const float* scales, int
 //       acc32 = fmaf(c, (float)(sa · sb), acc32);  c = 0      sa·sb rounded to float once, then one fused rounding
 //   result = acc32                           no promotion ("fast accumulation") = one promotion at the very end
 //
-// Every detail matters for bit-exactness against the hardware (NUMERICS.md lists how often each wrong variant
-// matches: flooring instead of truncation 0%, 14 fraction bits 2%, aligning on the product's exponent 91%, ...).
-//
 // Scales: scale_a holds one scale per 1×128 tile of A ([M, ceil(K/128)], row-major), scale_b one per 128×128 block
 // of B ([ceil(N/128), ceil(K/128)], row-major); nullptr means all ones. The scale of a promotion chunk is that of the
 // 128-tile it lies in. A chunk can apply only one scale pair, so when a chunk spans several 128-tiles (promote_every
@@ -2992,17 +2938,15 @@ inline void dequantize_blocks_128x128(const uint8_t* q, const float* scales, int
 //
 // Checked against an H100 (torch 2.11 _scaled_mm → cuBLASLt, use_fast_accum for "no promotion"): bit for bit on
 // every output for Gaussian, uniform, all-codes and sparse inputs, K = 32 … 4096 including tails (96, 160, 1040),
-// E4M3 × E5M2, and 1×128 / 128×128 block scales. Per-tensor scaling (not V3's) works differently in cuBLAS: it
-// promotes with unit scales and multiplies the float32 result once, C = acc32 · (float)(sa·sb), in the epilogue; to
-// simulate that, pass null scales and multiply C afterwards.
-//
+// E4M3 × E5M2, and 1×128 / 128×128 block scales. Every detail matters: flooring instead of truncation matches 0% of
+// the outputs, 14 fraction bits instead of 13 2%, aligning on the product's exponent 91%. Per-tensor scaling (not
+// V3's) works differently in cuBLAS: it promotes with unit scales and multiplies the float32 result once,
+// C = acc32 · (float)(sa·sb), in the epilogue; to simulate that, pass null scales and multiply C afterwards.
 // A NaN input (or an E5M2 ±inf) makes every output that reads its row NaN; the model does not try to follow IEEE
 // infinity arithmetic through the truncating accumulator.
-// ---------------------------------------------------------------------------------------------------------------------
 // struct Fp8Accum (the accumulator model's parameters) is declared in section 3, with the FP8 linear layer.
 
 namespace fp8_detail {
-
 // Where the scale of (row, 128-tile t) lives: s[(row / rows_per_scale) * tiles + t]; 1 when s is null. fp8_gemm's A
 // uses rows_per_scale 1 (1×128 tiles), its B 128 (128×128 blocks); Wgrad's B uses 1 (128×1 tiles, transposed).
 struct ScaleMap {
@@ -3021,13 +2965,13 @@ struct GemmProblem {
     bool accumulate;
 };
 
-inline void check_gemm(const GemmProblem& p, const char* who) {
+inline const GemmProblem& check_gemm(const GemmProblem& p, const char* who) {   // returns p
     if (p.M < 0 || p.N < 0 || p.K < 0) fail(who, ": sizes must be non-negative, found M=", p.M, " N=", p.N, " K=", p.K);
     if (int64_t(p.M) * p.N > 0 && !p.C) fail(who, ": C is null for a [", p.M, ", ", p.N, "] output");
     if (int64_t(p.M) * p.K > 0 && !p.A) fail(who, ": A is null for a [", p.M, ", ", p.K, "] input");
     if (int64_t(p.N) * p.K > 0 && !p.B) fail(who, ": B is null for a [", p.N, ", ", p.K, "] input");
     const Fp8Accum& a = p.acc;
-    if (a.exact) return;
+    if (a.exact) return p;
     if (a.block < 1) fail(who, ": Fp8Accum.block must be >= 1, found ", a.block);
     if (a.frac_bits < 1 || a.frac_bits > 23)
         fail(who, ": Fp8Accum.frac_bits must be in [1, 23] (the accumulator must fit a float32 significand), found ",
@@ -3040,22 +2984,22 @@ inline void check_gemm(const GemmProblem& p, const char* who) {
              " overflows the 32-bit block sum (need block * 2^(frac_bits+2) < 2^31)");
     // A promotion chunk applies one scale pair: the 128-tiles it spans must agree.
     const int chunk = a.promote_every > 0 ? a.promote_every : p.K;
-    if (chunk <= 128 && 128 % chunk == 0) return;
+    if (chunk <= 128 && 128 % chunk == 0) return p;
+    auto same_scales = [&](const ScaleMap& m, int rows, const char* name, int t0, int t, int t1) {
+        for (int i = 0; m.s && i < rows; i += m.rows_per_scale)
+            if (m.at(i, t) != m.at(i, t0))
+                fail(who, ": promote_every = ", a.promote_every, " lets one promotion span 128-tiles ", t0, "..", t1,
+                     " of K, but ", name, " differs between them (row ", i, "); the tensor core can apply a scale "
+                     "only at a promotion: use promote_every = 128 or equal scales along K");
+    };
     for (int k0 = 0; k0 < p.K; k0 += chunk) {
         const int t0 = k0 / 128, t1 = (std::min(p.K, k0 + chunk) - 1) / 128;
         for (int t = t0 + 1; t <= t1; ++t) {
-            for (int i = 0; p.sa.s && i < p.M; ++i)
-                if (p.sa.at(i, t) != p.sa.at(i, t0))
-                    fail(who, ": promote_every = ", a.promote_every, " lets one promotion span 128-tiles ", t0, "..",
-                         t1, " of K, but scale_a differs between them (row ", i, "); the tensor core can apply a "
-                         "scale only at a promotion: use promote_every = 128 or equal scales along K");
-            for (int j = 0; p.sb.s && j < p.N; j += p.sb.rows_per_scale)
-                if (p.sb.at(j, t) != p.sb.at(j, t0))
-                    fail(who, ": promote_every = ", a.promote_every, " lets one promotion span 128-tiles ", t0, "..",
-                         t1, " of K, but scale_b differs between them (row ", j, "); the tensor core can apply a "
-                         "scale only at a promotion: use promote_every = 128 or equal scales along K");
+            same_scales(p.sa, p.M, "scale_a", t0, t, t1);
+            same_scales(p.sb, p.N, "scale_b", t0, t, t1);
         }
     }
+    return p;
 }
 
 inline bool row_finite(const uint8_t* x, int K, Fp8Format f) {
@@ -3068,62 +3012,77 @@ inline void store(const GemmProblem& p, int64_t idx, float v) { p.C[idx] = p.acc
 
 // The plain version: the pseudo-code above, literally, in double arithmetic (every step below is exact in double:
 // products of two FP8 values have at most 8 significant bits, and all sums are multiples of q spanning < 53 bits).
-inline void gemm_reference(const GemmProblem& p) {
-    const Fp8Accum& acc = p.acc;
-    double va[256], vb[256];   // decoded values of the 256 codes of each operand's format
-    int ea[256], eb[256];      // and their alignment exponents
-    for (int c = 0; c < 256; ++c) {
-        va[c] = fp8_decode(uint8_t(c), p.fa);
-        vb[c] = fp8_decode(uint8_t(c), p.fb);
-        ea[c] = fp8_input_exponent(uint8_t(c), p.fa);
-        eb[c] = fp8_input_exponent(uint8_t(c), p.fb);
+struct CodeTables {            // the decoded values of the 256 codes of each operand's format, and their exponents
+    double va[256], vb[256];
+    int ea[256], eb[256];
+    explicit CodeTables(const GemmProblem& p) {
+        for (int c = 0; c < 256; ++c) {
+            va[c] = fp8_decode(uint8_t(c), p.fa);
+            vb[c] = fp8_decode(uint8_t(c), p.fb);
+            ea[c] = fp8_input_exponent(uint8_t(c), p.fa);
+            eb[c] = fp8_input_exponent(uint8_t(c), p.fb);
+        }
     }
+};
+
+// Fp8Accum.exact: exact products and 128-chunk sums; each chunk scaled by sa·sb (exact in double).
+inline float reference_exact(const GemmProblem& p, const CodeTables& t, const uint8_t* a, const uint8_t* b, int i,
+                             int j) {
+    double total = 0.0;
+    for (int k0 = 0; k0 < p.K; k0 += 128) {
+        double chunk = 0.0;
+        for (int k = k0; k < std::min(p.K, k0 + 128); ++k) chunk += t.va[a[k]] * t.vb[b[k]];
+        total = std::fma(chunk, double(p.sa.at(i, k0 / 128)) * double(p.sb.at(j, k0 / 128)), total);
+    }
+    return float(total);
+}
+
+// One block of products k in [b0, b1) into the tensor core's accumulator c: align, truncate, sum, truncate.
+inline double reference_block(const GemmProblem& p, const CodeTables& t, const uint8_t* a, const uint8_t* b, int b0,
+                              int b1, double c) {
+    bool any = c != 0.0;
+    int E = any ? std::ilogb(c) : INT_MIN;     // ilogb = floor(log2|c|)
+    for (int k = b0; k < b1; ++k) {
+        if (t.va[a[k]] == 0.0 || t.vb[b[k]] == 0.0) continue;   // zero products take no part
+        E = std::max(E, t.ea[a[k]] + t.eb[b[k]]);
+        any = true;
+    }
+    if (!any) return c;                        // only zeros and c == 0: c stays 0
+    const double q = std::ldexp(1.0, E - p.acc.frac_bits);
+    double s = std::trunc(c / q) * q;
+    for (int k = b0; k < b1; ++k) s += std::trunc(t.va[a[k]] * t.vb[b[k]] / q) * q;  // toward zero: sign·floor(|p|/q)
+    if (s != 0.0) {                            // keep frac_bits + 1 significant bits, toward zero
+        const double unit = std::ldexp(1.0, std::ilogb(s) - p.acc.frac_bits);
+        s = std::trunc(s / unit) * unit;
+    }
+    return s;
+}
+
+// One output: blocks restart at every promotion chunk; each promotion adds c · (sa·sb) to the FP32 accumulator.
+inline float reference_output(const GemmProblem& p, const CodeTables& t, const uint8_t* a, const uint8_t* b, int i,
+                              int j) {
+    const int chunk_len = p.acc.promote_every > 0 ? p.acc.promote_every : std::max(p.K, 1);
+    float acc32 = 0.0f;
+    for (int k0 = 0; k0 < p.K; k0 += chunk_len) {
+        const int k1 = std::min(p.K, k0 + chunk_len);
+        double c = 0.0;                                                  // the tensor core's accumulator
+        for (int b0 = k0; b0 < k1; b0 += p.acc.block)
+            c = reference_block(p, t, a, b, b0, std::min(k1, b0 + p.acc.block), c);
+        const float sab = p.sa.at(i, k0 / 128) * p.sb.at(j, k0 / 128);   // rounded to float once
+        acc32 = std::fma(float(c), sab, acc32);                          // c is exact in float
+    }
+    return acc32;
+}
+
+inline void gemm_reference(const GemmProblem& p) {
+    const CodeTables t(p);
     for (int i = 0; i < p.M; ++i) {
         const uint8_t* a = p.A + int64_t(i) * p.K;
         for (int j = 0; j < p.N; ++j) {
             const uint8_t* b = p.B + int64_t(j) * p.K;
             const int64_t out = int64_t(i) * p.N + j;
-            if (!row_finite(a, p.K, p.fa) || !row_finite(b, p.K, p.fb)) { store(p, out, NAN); continue; }
-            if (acc.exact) {   // exact products and 128-chunk sums; each chunk scaled by sa·sb (exact in double)
-                double total = 0.0;
-                for (int k0 = 0; k0 < p.K; k0 += 128) {
-                    double chunk = 0.0;
-                    for (int k = k0; k < std::min(p.K, k0 + 128); ++k) chunk += va[a[k]] * vb[b[k]];
-                    total = std::fma(chunk, double(p.sa.at(i, k0 / 128)) * double(p.sb.at(j, k0 / 128)), total);
-                }
-                store(p, out, float(total));
-                continue;
-            }
-            const int chunk_len = acc.promote_every > 0 ? acc.promote_every : std::max(p.K, 1);
-            float acc32 = 0.0f;
-            double c = 0.0;                                    // the tensor core's accumulator
-            for (int k0 = 0; k0 < p.K; k0 += chunk_len) {
-                const int k1 = std::min(p.K, k0 + chunk_len);
-                for (int b0 = k0; b0 < k1; b0 += acc.block) {  // blocks restart at every chunk
-                    const int b1 = std::min(k1, b0 + acc.block);
-                    bool any = c != 0.0;
-                    int E = any ? std::ilogb(c) : INT_MIN;     // ilogb = floor(log2|c|)
-                    for (int k = b0; k < b1; ++k) {
-                        if (va[a[k]] == 0.0 || vb[b[k]] == 0.0) continue;   // zero products take no part
-                        E = std::max(E, ea[a[k]] + eb[b[k]]);
-                        any = true;
-                    }
-                    if (!any) continue;                        // only zeros and c == 0: c stays 0
-                    const double q = std::ldexp(1.0, E - acc.frac_bits);
-                    double s = std::trunc(c / q) * q;
-                    for (int k = b0; k < b1; ++k)
-                        s += std::trunc(va[a[k]] * vb[b[k]] / q) * q;   // trunc: toward zero, sign·floor(|p|/q)
-                    if (s != 0.0) {                            // keep frac_bits + 1 significant bits, toward zero
-                        const double unit = std::ldexp(1.0, std::ilogb(s) - acc.frac_bits);
-                        s = std::trunc(s / unit) * unit;
-                    }
-                    c = s;
-                }
-                const float sab = p.sa.at(i, k0 / 128) * p.sb.at(j, k0 / 128);   // rounded to float once
-                acc32 = std::fma(float(c), sab, acc32);                         // c is exact in float
-                c = 0.0;
-            }
-            store(p, out, acc32);
+            if (!row_finite(a, p.K, p.fa) || !row_finite(b, p.K, p.fb)) store(p, out, NAN);
+            else store(p, out, p.acc.exact ? reference_exact(p, t, a, b, i, j) : reference_output(p, t, a, b, i, j));
         }
     }
 }
@@ -3144,10 +3103,8 @@ inline Decoded decode_operand(const uint8_t* X, int rows, int K, Fp8Format f) {
         value[c] = std::isfinite(v) ? v : 0.0f;
         expo[c] = v == 0.0f || !std::isfinite(v) ? kZeroExponent : fp8_input_exponent(uint8_t(c), f);
     }
-    Decoded d;
-    d.v.resize(size_t(rows) * size_t(K));
-    d.e.resize(size_t(rows) * size_t(K));
-    d.finite.resize(size_t(rows));
+    Decoded d{std::vector<float>(size_t(rows) * size_t(K)), std::vector<int32_t>(size_t(rows) * size_t(K)),
+              std::vector<uint8_t>(size_t(rows))};
     parallel_for(rows, [&](int64_t r) {
         for (int64_t k = r * K; k < (r + 1) * K; ++k) { d.v[size_t(k)] = value[X[k]]; d.e[size_t(k)] = expo[X[k]]; }
         d.finite[size_t(r)] = row_finite(X + r * K, K, f);
@@ -3203,9 +3160,8 @@ inline void gemm_fast_outputs(const GemmProblem& p, const Decoded& da, const Dec
         bv[jj] = db.v.data() + int64_t(j0 + jj) * K;
         be[jj] = db.e.data() + int64_t(j0 + jj) * K;
     }
-    float acc32[JB];
+    float acc32[JB] = {};
     TensorCoreAcc t[JB];
-    for (int jj = 0; jj < JB; ++jj) acc32[jj] = 0.0f;
     for (int k0 = 0; k0 < K; k0 += chunk_len) {
         const int k1 = std::min(K, k0 + chunk_len);
         for (int b0 = k0; b0 < k1; b0 += block) {
@@ -3224,6 +3180,28 @@ inline void gemm_fast_outputs(const GemmProblem& p, const Decoded& da, const Dec
     for (int jj = 0; jj < JB; ++jj) store(p, int64_t(i) * p.N + j0 + jj, db.finite[size_t(j0 + jj)] ? acc32[jj] : NAN);
 }
 
+// Fp8Accum.exact for row i of C. Four partial sums per 128-chunk in a fixed order: for E4M3 every partial sum is
+// exact (products are multiples of 2^-18 below 2^18), so the order cannot change the result.
+inline void fast_exact_row(const GemmProblem& p, const Decoded& da, const Decoded& db, int i) {
+    const int K = p.K;
+    const float* av = da.v.data() + int64_t(i) * K;
+    for (int j = 0; j < p.N; ++j) {
+        const float* bv = db.v.data() + int64_t(j) * K;
+        double total = 0.0;
+        for (int k0 = 0; k0 < K; k0 += 128) {
+            double part[4] = {0.0, 0.0, 0.0, 0.0};
+            const int k1 = std::min(K, k0 + 128);
+            int k = k0;
+            for (; k + 4 <= k1; k += 4)
+                for (int l = 0; l < 4; ++l) part[l] += double(av[k + l]) * double(bv[k + l]);
+            for (; k < k1; ++k) part[0] += double(av[k]) * double(bv[k]);
+            const double chunk = (part[0] + part[1]) + (part[2] + part[3]);
+            total = std::fma(chunk, double(p.sa.at(i, k0 / 128)) * double(p.sb.at(j, k0 / 128)), total);
+        }
+        store(p, int64_t(i) * p.N + j, db.finite[size_t(j)] ? float(total) : NAN);
+    }
+}
+
 // The fast version: same results bit for bit; rows of C in parallel (each row written by one thread: deterministic).
 inline void gemm_fast(const GemmProblem& p) {
     if (int64_t(p.M) * p.N == 0) return;
@@ -3232,37 +3210,17 @@ inline void gemm_fast(const GemmProblem& p) {
         return;
     }
     const Decoded da = decode_operand(p.A, p.M, p.K, p.fa), db = decode_operand(p.B, p.N, p.K, p.fb);
-    const int K = p.K;
     parallel_for(p.M, [&](int64_t i64) {
         const int i = int(i64);
         if (!da.finite[size_t(i)]) {
             for (int j = 0; j < p.N; ++j) store(p, int64_t(i) * p.N + j, NAN);
-            return;
+        } else if (p.acc.exact) {
+            fast_exact_row(p, da, db, i);
+        } else {
+            int j = 0;
+            for (; j + 4 <= p.N; j += 4) gemm_fast_outputs<4>(p, da, db, i, j);
+            for (; j < p.N; ++j) gemm_fast_outputs<1>(p, da, db, i, j);
         }
-        if (p.acc.exact) {
-            const float* av = da.v.data() + int64_t(i) * K;
-            for (int j = 0; j < p.N; ++j) {
-                const float* bv = db.v.data() + int64_t(j) * K;
-                double total = 0.0;
-                for (int k0 = 0; k0 < K; k0 += 128) {
-                    // Four partial sums in a fixed order: for E4M3 every partial sum is exact (products are
-                    // multiples of 2^-18 below 2^18), so the order cannot change the result.
-                    double part[4] = {0.0, 0.0, 0.0, 0.0};
-                    const int k1 = std::min(K, k0 + 128);
-                    int k = k0;
-                    for (; k + 4 <= k1; k += 4)
-                        for (int l = 0; l < 4; ++l) part[l] += double(av[k + l]) * double(bv[k + l]);
-                    for (; k < k1; ++k) part[0] += double(av[k]) * double(bv[k]);
-                    const double chunk = (part[0] + part[1]) + (part[2] + part[3]);
-                    total = std::fma(chunk, double(p.sa.at(i, k0 / 128)) * double(p.sb.at(j, k0 / 128)), total);
-                }
-                store(p, int64_t(i) * p.N + j, db.finite[size_t(j)] ? float(total) : NAN);
-            }
-            return;
-        }
-        int j = 0;
-        for (; j + 4 <= p.N; j += 4) gemm_fast_outputs<4>(p, da, db, i, j);
-        for (; j < p.N; ++j) gemm_fast_outputs<1>(p, da, db, i, j);
     });
 }
 
@@ -3271,24 +3229,23 @@ inline GemmProblem make_problem(const uint8_t* A, Fp8Format fa, const float* sca
     const int kt = fp8_tiles(std::max(K, 0));
     return GemmProblem{A, fa, ScaleMap{scale_a, 1, kt}, B, fb, ScaleMap{scale_b, 128, kt}, C, M, N, K, acc, false};
 }
-
 }  // namespace fp8_detail
 
 // C[M, N] = A[M, K] · B[N, K]ᵀ with E4M3 A and B, simulated on the H100 accumulator model above.
 // scale_a: [M, ceil(K/128)] per 1×128 tile, scale_b: [ceil(N/128), ceil(K/128)] per 128×128 block (null = ones).
 inline void fp8_gemm(const uint8_t* A, const float* scale_a, const uint8_t* B, const float* scale_b, float* C, int M,
                      int N, int K, const Fp8Accum& acc = {}) {
-    const auto p = fp8_detail::make_problem(A, Fp8Format::e4m3, scale_a, B, Fp8Format::e4m3, scale_b, C, M, N, K, acc);
-    fp8_detail::check_gemm(p, "fp8_gemm");
-    fp8_detail::gemm_fast(p);
+    using namespace fp8_detail;
+    gemm_fast(check_gemm(make_problem(A, Fp8Format::e4m3, scale_a, B, Fp8Format::e4m3, scale_b, C, M, N, K, acc),
+                         "fp8_gemm"));
 }
 
 // The same, written plainly for reading and for the tests (slow: one double-precision pass per block).
 inline void fp8_gemm_reference(const uint8_t* A, const float* scale_a, const uint8_t* B, const float* scale_b, float* C,
                                int M, int N, int K, const Fp8Accum& acc = {}) {
-    const auto p = fp8_detail::make_problem(A, Fp8Format::e4m3, scale_a, B, Fp8Format::e4m3, scale_b, C, M, N, K, acc);
-    fp8_detail::check_gemm(p, "fp8_gemm_reference");
-    fp8_detail::gemm_reference(p);
+    using namespace fp8_detail;
+    gemm_reference(check_gemm(make_problem(A, Fp8Format::e4m3, scale_a, B, Fp8Format::e4m3, scale_b, C, M, N, K, acc),
+                              "fp8_gemm_reference"));
 }
 
 // Mixed formats (Hopper's FP8 WGMMA also takes E4M3 × E5M2; E5M2 × E5M2 is simulated the same way). The accumulator
@@ -3296,72 +3253,71 @@ inline void fp8_gemm_reference(const uint8_t* A, const float* scale_a, const uin
 inline void fp8_gemm_mixed(const uint8_t* A, Fp8Format format_a, const float* scale_a, const uint8_t* B,
                            Fp8Format format_b, const float* scale_b, float* C, int M, int N, int K,
                            const Fp8Accum& acc = {}) {
-    const auto p = fp8_detail::make_problem(A, format_a, scale_a, B, format_b, scale_b, C, M, N, K, acc);
-    fp8_detail::check_gemm(p, "fp8_gemm_mixed");
-    fp8_detail::gemm_fast(p);
+    using namespace fp8_detail;
+    gemm_fast(check_gemm(make_problem(A, format_a, scale_a, B, format_b, scale_b, C, M, N, K, acc), "fp8_gemm_mixed"));
 }
 
-// ---------------------------------------------------------------------------------------------------------------------
-// FP8 linear layer (V3 recipe, §3.3 and Figure 6): the three GEMMs of y = x·Wᵀ in E4M3 with promotion every 128,
-// outputs in float32. Same convention as the model's float matmul:
+// --- 8.4 the FP8 linear layer (V3 recipe, §3.3 and Figure 6) ---------------------------------------------------------
+// The three GEMMs of y = x·Wᵀ in E4M3 with promotion every 128, outputs in float32, as the model's float matmul:
 //   y[T,out] = x[T,in] · W[out,in]ᵀ
 //   dx[T,in] += dy[T,out] · W[out,in];  dW[out,in] += dy[T,out]ᵀ · x[T,in]   (either may be null)
 // Fprop: x in 1×128 tiles along in, W in 128×128 blocks. Dgrad: dy in 1×128 tiles along out, W used transposed: its
 // codes are transposed and its block scales too, the blocks stay 128×128 (the reason V3 chose square weight blocks).
 // Wgrad: dy and x tiled 128×1 along the tokens, the reduction dimension. V3 caches x in FP8 (1×128 tiles) and
 // re-quantizes it for Wgrad; this simulation quantizes the float x directly, one rounding fewer.
-// ---------------------------------------------------------------------------------------------------------------------
 namespace fp8_detail {
 inline void check_linear(const char* who, int T, int in, int out) {
     if (T < 0 || in < 0 || out < 0) fail(who, ": sizes must be non-negative, found T=", T, " in=", in, " out=", out);
 }
+struct Quantized { std::vector<uint8_t> q; std::vector<float> s; };   // one operand's codes and scales
+
+// x: [rows, cols] in 1×128 tiles (tile_rows = 1) or 128×128 blocks (tile_rows = 128).
+inline Quantized quantize(const float* x, int rows, int cols, int tile_rows) {
+    Quantized r{std::vector<uint8_t>(size_t(rows) * size_t(cols)),
+                std::vector<float>(size_t((rows + tile_rows - 1) / tile_rows) * size_t(fp8_tiles(cols)))};
+    quantize_tiles("fp8 linear layer", x, rows, cols, tile_rows, r.q.data(), r.s.data(), false);
+    return r;
+}
+// x: [rows, cols] in 128×1 tiles, transposed: [cols, rows] in 1×128 tiles (Wgrad's operands).
+inline Quantized quantize_transposed(const float* x, int rows, int cols) {
+    return quantize(transposed(x, rows, cols).data(), cols, rows, 1);
+}
+// Wᵀ: [in, out] for the blocks of W: [out, in]: the same codes and block scales, both transposed.
+inline Quantized transposed_blocks(const Quantized& w, int out, int in) {
+    return {transposed(w.q.data(), out, in), transposed(w.s.data(), fp8_tiles(out), fp8_tiles(in))};
+}
+// C[M, N] (+)= A·Bᵀ with promotion every 128; A in 1×128 tiles, B's scales cover b_rows_per_scale rows each.
+inline void linear_gemm(const char* who, const Quantized& a, const Quantized& b, int b_rows_per_scale, float* C, int M,
+                        int N, int K, bool accumulate) {
+    const int kt = fp8_tiles(K);
+    gemm_fast(check_gemm(GemmProblem{a.q.data(), Fp8Format::e4m3, ScaleMap{a.s.data(), 1, kt}, b.q.data(),
+                                     Fp8Format::e4m3, ScaleMap{b.s.data(), b_rows_per_scale, kt}, C, M, N, K,
+                                     Fp8Accum{}, accumulate},
+                         who));
+}
 }  // namespace fp8_detail
 
 inline void fp8_matmul_forward(float* y, const float* x, const float* W, int T, int in, int out) {
-    fp8_detail::check_linear("fp8_matmul_forward", T, in, out);
+    using namespace fp8_detail;
+    check_linear("fp8_matmul_forward", T, in, out);
     if (int64_t(T) * out == 0) return;
     if (!y || (int64_t(T) * in > 0 && (!x || !W))) fail("fp8_matmul_forward: null y, x or W");
-    std::vector<uint8_t> xq(size_t(T) * in), wq(size_t(out) * in);
-    std::vector<float> xs(size_t(T) * fp8_tiles(in)), ws(size_t(fp8_tiles(out)) * fp8_tiles(in));
-    quantize_tiles_1x128(x, T, in, xq.data(), xs.data());
-    quantize_blocks_128x128(W, out, in, wq.data(), ws.data());
-    fp8_gemm(xq.data(), xs.data(), wq.data(), ws.data(), y, T, out, in, Fp8Accum{});
+    linear_gemm("fp8_gemm", quantize(x, T, in, 1), quantize(W, out, in, 128), 128, y, T, out, in, false);
 }
 
 inline void fp8_matmul_backward(float* dx, float* dW, const float* dy, const float* x, const float* W, int T, int in,
                                 int out) {
     using namespace fp8_detail;
     check_linear("fp8_matmul_backward", T, in, out);
-    const Fp8Accum acc{};   // promotion every 128
     if (dx && int64_t(T) * in > 0) {   // Dgrad: dx[T, in] += dy[T, out] · W[out, in]; K = out
         if (int64_t(out) > 0 && (!dy || !W)) fail("fp8_matmul_backward: null dy or W for dx");
-        std::vector<uint8_t> dyq(size_t(T) * out), wq(size_t(out) * in), wtq(size_t(in) * out);
-        std::vector<float> dys(size_t(T) * fp8_tiles(out)), ws(size_t(fp8_tiles(out)) * fp8_tiles(in)),
-            wts(size_t(fp8_tiles(in)) * fp8_tiles(out));
-        quantize_tiles_1x128(dy, T, out, dyq.data(), dys.data());
-        quantize_blocks_128x128(W, out, in, wq.data(), ws.data());
-        for (int o = 0; o < out; ++o)                          // Wᵀ: [in, out], same codes
-            for (int c = 0; c < in; ++c) wtq[size_t(c) * out + o] = wq[size_t(o) * in + c];
-        for (int bo = 0; bo < fp8_tiles(out); ++bo)            // and the transposed block scales
-            for (int bi = 0; bi < fp8_tiles(in); ++bi)
-                wts[size_t(bi) * fp8_tiles(out) + bo] = ws[size_t(bo) * fp8_tiles(in) + bi];
-        GemmProblem p{dyq.data(), Fp8Format::e4m3, ScaleMap{dys.data(), 1, fp8_tiles(out)},
-                      wtq.data(), Fp8Format::e4m3, ScaleMap{wts.data(), 128, fp8_tiles(out)},
-                      dx, T, in, out, acc, true};
-        check_gemm(p, "fp8_matmul_backward (Dgrad)");
-        gemm_fast(p);
+        linear_gemm("fp8_matmul_backward (Dgrad)", quantize(dy, T, out, 1),
+                    transposed_blocks(quantize(W, out, in, 128), out, in), 128, dx, T, in, out, true);
     }
     if (dW && int64_t(out) * in > 0) {  // Wgrad: dW[out, in] += dy[T, out]ᵀ · x[T, in]; K = T
         if (T > 0 && (!dy || !x)) fail("fp8_matmul_backward: null dy or x for dW");
-        std::vector<uint8_t> dytq(size_t(out) * T), xtq(size_t(in) * T);
-        std::vector<float> dyts(size_t(out) * fp8_tiles(T)), xts(size_t(in) * fp8_tiles(T));
-        quantize_tiles_128x1_transposed(dy, T, out, dytq.data(), dyts.data());
-        quantize_tiles_128x1_transposed(x, T, in, xtq.data(), xts.data());
-        GemmProblem p{dytq.data(), Fp8Format::e4m3, ScaleMap{dyts.data(), 1, fp8_tiles(T)},
-                      xtq.data(), Fp8Format::e4m3, ScaleMap{xts.data(), 1, fp8_tiles(T)},
-                      dW, out, in, T, acc, true};
-        check_gemm(p, "fp8_matmul_backward (Wgrad)");
-        gemm_fast(p);
+        linear_gemm("fp8_matmul_backward (Wgrad)", quantize_transposed(dy, T, out), quantize_transposed(x, T, in), 1,
+                    dW, out, in, T, true);
     }
 }
 
@@ -3370,7 +3326,6 @@ inline void fp8_matmul_backward(float* dx, float* dW, const float* dy, const flo
 // =====================================================================================================================
 // A "rank" is one worker with its own memory: one GPU in a real run. Ranks cooperate only through the collectives
 // below, so every byte that moves between them is visible in this section.
-//
 //   Data parallel (DP). Every rank holds a replica of the model and runs forward/backward on its share of the batch;
 //   the gradients are then summed over the ranks (all-reduce), so every replica takes the same AdamW step and the
 //   replicas stay identical, bit for bit. The expert loads are summed too, so every rank applies the same
@@ -3381,7 +3336,6 @@ inline void fp8_matmul_backward(float* dx, float* dW, const float* dy, const flo
 //   outside the routed experts stays data parallel. With n_expert_groups = R, the group-limited routing of section
 //   3.8 (at most n_limited_groups groups per token) becomes "at most n_limited_groups ranks per token": the
 //   single-machine form of V3's node-limited routing (M = 4 nodes per token, V3 §2.1.2).
-//
 // The communication interface (9.1) has one data-moving primitive, sendrecv; the collectives (9.2) are written once
 // on top of it. This header implements it in-process (9.3): R ranks are R threads of one program, each with its own
 // buffers, and a "transfer" is a memcpy from the sender's buffer into the receiver's. cuda/ implements the same
@@ -3440,26 +3394,9 @@ inline void all_reduce(Communicator& comm, T* data, size_t n, ReduceOp op = Redu
         }
     }
     if (op == ReduceOp::mean) {
-        if constexpr (std::is_floating_point_v<T>) {
-            for (size_t i = 0; i < n; ++i) data[i] /= T(R);
-        } else {
-            fail("all_reduce: mean of integers is not supported (reduce with sum and divide where needed)");
-        }
+        if constexpr (std::is_floating_point_v<T>) for (size_t i = 0; i < n; ++i) data[i] /= T(R);
+        else fail("all_reduce: mean of integers is not supported (reduce with sum and divide where needed)");
     }
-}
-
-// exchange_counts: counts[q] = how many rows this rank will send to rank q; returns how many rows each rank will send
-// to this one. The first half of every all-to-all: a receiver must know the sizes before the payload arrives.
-inline std::vector<int64_t> exchange_counts(Communicator& comm, const std::vector<int64_t>& counts) {
-    const int R = comm.world_size(), r = comm.rank();
-    if (int(counts.size()) != R) fail("exchange_counts: ", counts.size(), " counts for ", R, " ranks");
-    std::vector<int64_t> incoming(size_t(R), 0);
-    incoming[size_t(r)] = counts[size_t(r)];
-    for (int s = 1; s < R; ++s) {
-        const int to = ring_mod(r + s, R), from = ring_mod(r - s, R);
-        comm.sendrecv(&counts[size_t(to)], sizeof(int64_t), to, &incoming[size_t(from)], sizeof(int64_t), from);
-    }
-    return incoming;
 }
 
 // all_to_all: every rank sends send_rows[q] rows of `row` elements to every rank q and receives recv_rows[q] rows
@@ -3483,6 +3420,18 @@ inline void all_to_all(Communicator& comm, const T* send, const std::vector<int6
         comm.sendrecv(send + send_at[size_t(to)] * row, size_t(send_rows[size_t(to)] * row) * sizeof(T), to,
                       recv + recv_at[size_t(from)] * row, size_t(recv_rows[size_t(from)] * row) * sizeof(T), from);
     }
+}
+
+// exchange_counts: counts[q] = how many rows this rank will send to rank q; returns how many rows each rank will send
+// to this one. The first half of every all-to-all: a receiver must know the sizes before the payload arrives. It is an
+// all-to-all itself, of one count per rank.
+inline std::vector<int64_t> exchange_counts(Communicator& comm, const std::vector<int64_t>& counts) {
+    const int R = comm.world_size();
+    if (int(counts.size()) != R) fail("exchange_counts: ", counts.size(), " counts for ", R, " ranks");
+    const std::vector<int64_t> one(size_t(R), 1);
+    std::vector<int64_t> incoming(size_t(R), 0);
+    all_to_all(comm, counts.data(), one, 1, incoming.data(), one);
+    return incoming;
 }
 
 // --- 9.3 ranks in one process: threads with their own buffers --------------------------------------------------------
@@ -3612,7 +3561,7 @@ namespace dsv3 {
 //   forward   1. plan: for each rank q, the tokens with at least one chosen expert on q (each listed ONCE), and the
 //                (token, choice) pairs of those experts, in (token, choice) order.
 //             2. dispatch: counts first, then the token rows x: [sent, d] and their expert ids [sent, K].
-//             3. on the owner: group the received (token, choice) pairs by local expert (the counting sort of 4.10,
+//             3. on the owner: group the received (token, choice) pairs by local expert (the counting sort of 3.10,
 //                with the experts owned elsewhere put in one extra bucket that is never run), run the local experts.
 //             4. combine: every (token, choice) output row goes back to its source in the order of step 1, and
 //                lands in c.ye at the row the single-rank layer would have used; the layer then weights them by the
@@ -3620,6 +3569,8 @@ namespace dsv3 {
 //   backward  the same two transfers reversed: the gradient rows dye of every (token, choice) go to the owners (the
 //             adjoint of the combine), the owners run their experts' backward (weight gradients stay there), and
 //             the input-gradient rows come back to be summed in choice order (moe_permute_backward, unchanged).
+// The plan is host work on small integer arrays; the rows stay in backend memory and move with backend::gather_rows /
+// scatter_rows and backend::all_to_all.
 //
 // Traffic per token: dispatch one row per destination rank, at most min(K, n_limited_groups) ranks when
 // n_expert_groups = R. The combine returns one row per chosen expert (K rows). V3's combine instead accumulates on
@@ -3656,8 +3607,45 @@ class ExpertParallel : public ExpertRunner {
         double seconds_moving = 0;    // wall time of those all-to-alls (each ends when its data has arrived)
     } stats;
 
-    void forward(Model& model, const MoE& m, MoeCache& c) override;
-    void backward(Model& model, const MoE& m, MoeCache& c, const float* dye, float* dxe) override;
+    void forward(Model& model, const MoE& m, MoeCache& c) override {
+        const int K = model.cfg.n_activated_experts, d = model.cfg.dim;
+        Layer& L = layers_[&c];
+        const Outgoing out = plan(L, backend::download(c.chosen), backend::host_plan(c.perm).slot, K);   // 1. plan
+        // 2. dispatch: counts first, then the token rows and their expert ids, grouped by source rank
+        const std::vector<int64_t> tokens_from = exchange_counts(comm_, out.tokens_to);
+        const int64_t n_recv = total(tokens_from);
+        backend::Buffer<int32_t> rows;
+        backend::upload(rows, out.tokens);
+        backend::Buffer<float> recv_x;   // [n_recv, d]
+        recv_x.resize(size_t(n_recv) * d);
+        move_rows(c.x, rows.data(), out.tokens_to, recv_x.data(), nullptr, tokens_from, d);
+        std::vector<int32_t> recv_ids(size_t(n_recv) * K);   // [n_recv, K]
+        all_to_all(comm_, out.ids.data(), out.tokens_to, K, recv_ids.data(), tokens_from);
+        // 3. the local experts, on the received pairs
+        const backend::Buffer<float> y_local = run_local_experts(model, m, L, recv_ids, tokens_from, recv_x.data(), d);
+        // 4. combine: every pair's output row back to its source, into the row of c.ye the single-rank layer uses
+        move_rows(y_local.data(), L.return_rows_dev.data(), L.pairs_from, c.ye, L.pair_slot_dev.data(), L.pairs_to, d);
+        stats.combined_rows += total(L.pairs_to) - L.pairs_to[size_t(comm_.rank())];
+    }
+
+    void backward(Model& model, const MoE& m, MoeCache& c, const float* dye, float* dxe) override {
+        auto it = layers_.find(&c);
+        if (it == layers_.end()) fail("ExpertParallel::backward: no forward for this MoE layer");
+        Layer& L = it->second;
+        const int d = model.cfg.dim;
+        const int64_t local_rows = L.local.offsets[size_t(L.n_local)];
+        backend::Buffer<float> dy_local, dx_local;   // [local rows, d]
+        dy_local.resize(size_t(local_rows) * d);
+        dx_local.resize(size_t(local_rows) * d);
+        backend::fill_zero(dx_local.data(), local_rows * d);
+        // 1. the gradient of every pair's output goes to the expert's owner (the adjoint of the combine)
+        move_rows(dye, L.pair_slot_dev.data(), L.pairs_to, dy_local.data(), L.return_rows_dev.data(), L.pairs_from, d);
+        // 2. the local experts' backward: input gradients into dx_local, weight gradients into this rank's grads
+        model.experts_backward(m, first_expert(comm_.rank()), L.n_local, L.local.offsets.data(), dy_local.data(),
+                               dx_local.data(), L.experts);
+        // 3. every pair's input gradient back to its source (the adjoint of the dispatch), in the same pair order
+        move_rows(dx_local.data(), L.return_rows_dev.data(), L.pairs_from, dxe, L.pair_slot_dev.data(), L.pairs_to, d);
+    }
 
   private:
     struct Layer {
@@ -3674,147 +3662,93 @@ class ExpertParallel : public ExpertRunner {
         int n_local = 0;                     // experts on this rank
         FfnCache experts;                    // their activations, kept for the backward
     };
+    struct Outgoing {                        // step 1's plan of the dispatch, grouped by destination rank
+        std::vector<int64_t> tokens_to;      // [R]: tokens sent to rank q
+        std::vector<int32_t> tokens;         // [Σ tokens_to]: the token of each row to send
+        std::vector<int32_t> ids;            // [Σ tokens_to, K]: its chosen experts
+    };
     Communicator& comm_;
     int n_experts_;
     std::map<const MoeCache*, Layer> layers_;  // one entry per MoE layer of the model (keyed by its cache)
 
-    // backend::all_to_all of rows of d floats, counted in stats.
-    void move_rows(const float* send, const std::vector<int64_t>& send_rows, float* recv,
-                   const std::vector<int64_t>& recv_rows, int d) {
-        const double t0 = now_seconds();
-        backend::all_to_all(comm_, send, send_rows, d, recv, recv_rows);
-        stats.seconds_moving += now_seconds() - t0;
-        const int64_t rows = std::accumulate(send_rows.begin(), send_rows.end(), int64_t(0)) -
-                             send_rows[size_t(comm_.rank())];
-        stats.bytes_moved += rows * d * int64_t(sizeof(float));
+    static int64_t total(const std::vector<int64_t>& v) { return std::accumulate(v.begin(), v.end(), int64_t(0)); }
+
+    // Step 1 of the forward: the tokens to send to each rank, and this rank's pairs_to and pair_slot.
+    Outgoing plan(Layer& L, const std::vector<int32_t>& chosen, const std::vector<int32_t>& slot, int K) {
+        const int R = comm_.world_size(), n = int(chosen.size()) / K;
+        Outgoing out;
+        out.tokens_to.assign(size_t(R), 0);
+        L.pairs_to.assign(size_t(R), 0);
+        L.pair_slot.clear();
+        std::vector<int> ranks_of_token(size_t(n), 0);
+        for (int q = 0; q < R; ++q)
+            for (int t = 0; t < n; ++t) {
+                bool to_q = false;
+                for (int k = 0; k < K; ++k)
+                    if (owner(chosen[size_t(t) * K + k]) == q) {
+                        to_q = true;
+                        L.pair_slot.push_back(slot[size_t(t) * K + k]);
+                        ++L.pairs_to[size_t(q)];
+                    }
+                if (!to_q) continue;
+                ++out.tokens_to[size_t(q)];
+                ++ranks_of_token[size_t(t)];
+                out.tokens.push_back(t);
+                out.ids.insert(out.ids.end(), chosen.begin() + int64_t(t) * K, chosen.begin() + int64_t(t + 1) * K);
+            }
+        backend::upload(L.pair_slot_dev, L.pair_slot);
+        for (int v : ranks_of_token) stats.max_ranks_per_token = std::max(stats.max_ranks_per_token, v);
+        stats.dispatched_rows += total(out.tokens_to) - out.tokens_to[size_t(comm_.rank())];
+        return out;
     }
-    // The received pairs in (source, token, choice) order, as rows of the local grouping: the order of the return
-    // trip, identical to the order the source listed them in (pair_slot).
-    static std::vector<int32_t> return_order(const Layer& L) {
-        std::vector<int32_t> rows;
-        for (size_t i = 0; i < L.local_chosen.size(); ++i)   // (token, choice) pairs in order
-            if (L.local_chosen[i] < L.n_local) rows.push_back(L.local.slot[i]);
-        return rows;
+
+    // Step 3 on the received ids [n_recv, K] and rows x [n_recv, d]: returns the outputs [local rows, d], local expert
+    // order, and plans the return trip: per source rank, its pairs with a local expert, in its order (pair_slot).
+    backend::Buffer<float> run_local_experts(Model& model, const MoE& m, Layer& L, const std::vector<int32_t>& ids,
+                                             const std::vector<int64_t>& tokens_from, const float* x, int d) {
+        const int lo = first_expert(comm_.rank()), K = model.cfg.n_activated_experts;
+        L.n_local = first_expert(comm_.rank() + 1) - lo;
+        L.local_chosen.resize(ids.size());
+        for (size_t i = 0; i < ids.size(); ++i)
+            L.local_chosen[i] = (ids[i] >= lo && ids[i] < lo + L.n_local) ? ids[i] - lo : L.n_local;
+        moe_permute_plan(L.local, L.local_chosen.data(), int(ids.size()) / K, K, L.n_local + 1);
+        const int64_t local_rows = L.local.offsets[size_t(L.n_local)];
+        backend::Buffer<int32_t> rows;
+        backend::upload(rows, L.local.token_of);     // row -> received token; the first local_rows rows are run
+        L.x_local.resize(size_t(local_rows) * d);
+        backend::gather_rows(L.x_local.data(), x, rows.data(), local_rows, d);
+        backend::Buffer<float> y_local;
+        y_local.resize(size_t(local_rows) * d);
+        model.experts_forward(m, lo, L.n_local, L.local.offsets.data(), L.x_local.data(), y_local.data(), L.experts);
+        L.pairs_from.assign(tokens_from.size(), 0);
+        L.return_rows.clear();
+        size_t i = 0;
+        for (size_t q = 0; q < tokens_from.size(); ++q)
+            for (const size_t end = i + size_t(tokens_from[q]) * K; i < end; ++i)
+                if (L.local_chosen[i] < L.n_local) {
+                    ++L.pairs_from[q];
+                    L.return_rows.push_back(L.local.slot[i]);
+                }
+        backend::upload(L.return_rows_dev, L.return_rows);
+        return y_local;
+    }
+
+    // One all-to-all of rows of d floats, counted in stats: the rows `take` of src go out, send_rows[q] to rank q;
+    // the rows arriving, recv_rows[q] from rank q, land in dst at the rows `put` (null: in arrival order).
+    void move_rows(const float* src, const int32_t* take, const std::vector<int64_t>& send_rows, float* dst,
+                   const int32_t* put, const std::vector<int64_t>& recv_rows, int d) {
+        const int64_t n_send = total(send_rows), n_recv = total(recv_rows);
+        backend::Buffer<float> send, recv;
+        send.resize(size_t(n_send) * d);
+        if (put) recv.resize(size_t(n_recv) * d);
+        backend::gather_rows(send.data(), src, take, n_send, d);
+        const double t0 = now_seconds();
+        backend::all_to_all(comm_, send.data(), send_rows, d, put ? recv.data() : dst, recv_rows);
+        stats.seconds_moving += now_seconds() - t0;
+        stats.bytes_moved += (n_send - send_rows[size_t(comm_.rank())]) * d * int64_t(sizeof(float));
+        if (put) backend::scatter_rows(dst, recv.data(), put, n_recv, d);
     }
 };
-
-// The plan (which rows go where) is host work on small integer arrays; the rows themselves stay in backend memory and
-// move with backend::gather_rows / scatter_rows and backend::all_to_all.
-inline void ExpertParallel::forward(Model& model, const MoE& m, MoeCache& c) {
-    const int R = comm_.world_size(), r = comm_.rank(), K = model.cfg.n_activated_experts, d = model.cfg.dim;
-    const int n = int(c.chosen.size()) / K;
-    const int lo = first_expert(r), n_local = first_expert(r + 1) - lo;
-    Layer& L = layers_[&c];
-    const std::vector<int32_t> chosen = backend::download(c.chosen);       // [n, K]
-    const std::vector<int32_t>& slot = backend::host_plan(c.perm).slot;     // [n, K]
-
-    // 1. plan, grouped by destination rank: tokens (once per rank) and (token, choice) pairs
-    std::vector<int64_t> tokens_to(size_t(R), 0);
-    std::vector<int32_t> send_tokens;  // [Σ tokens_to]: the token of each row to send
-    std::vector<int32_t> send_ids;     // [Σ tokens_to, K]: its chosen experts
-    L.pairs_to.assign(size_t(R), 0);
-    L.pair_slot.clear();
-    std::vector<int> ranks_of_token(size_t(n), 0);
-    for (int q = 0; q < R; ++q)
-        for (int t = 0; t < n; ++t) {
-            bool to_q = false;
-            for (int k = 0; k < K; ++k)
-                if (owner(chosen[size_t(t) * K + k]) == q) {
-                    to_q = true;
-                    L.pair_slot.push_back(slot[size_t(t) * K + k]);
-                    ++L.pairs_to[size_t(q)];
-                }
-            if (!to_q) continue;
-            ++tokens_to[size_t(q)];
-            ++ranks_of_token[size_t(t)];
-            send_tokens.push_back(t);
-            send_ids.insert(send_ids.end(), chosen.begin() + int64_t(t) * K, chosen.begin() + int64_t(t + 1) * K);
-        }
-    for (int v : ranks_of_token) stats.max_ranks_per_token = std::max(stats.max_ranks_per_token, v);
-    stats.dispatched_rows += std::accumulate(tokens_to.begin(), tokens_to.end(), int64_t(0)) - tokens_to[size_t(r)];
-
-    // 2. dispatch: counts first, then the rows and their expert ids
-    const std::vector<int64_t> tokens_from = exchange_counts(comm_, tokens_to);
-    const int64_t n_sent = int64_t(send_tokens.size());
-    const int64_t n_recv = std::accumulate(tokens_from.begin(), tokens_from.end(), int64_t(0));
-    backend::Buffer<int32_t> rows;
-    backend::upload(rows, send_tokens);
-    backend::Buffer<float> send_x, recv_x;
-    send_x.resize(size_t(n_sent) * d);  // [n_sent, d], grouped by destination rank
-    recv_x.resize(size_t(n_recv) * d);  // [n_recv, d], grouped by source rank
-    backend::gather_rows(send_x.data(), c.x, rows.data(), n_sent, d);
-    move_rows(send_x.data(), tokens_to, recv_x.data(), tokens_from, d);
-    std::vector<int32_t> recv_ids(size_t(n_recv) * K); // [n_recv, K]
-    all_to_all(comm_, send_ids.data(), tokens_to, K, recv_ids.data(), tokens_from);
-
-    // 3. group the received pairs by local expert and run the local experts
-    L.local_chosen.resize(size_t(n_recv) * K);
-    for (size_t i = 0; i < recv_ids.size(); ++i) {
-        const int e = recv_ids[i];
-        L.local_chosen[i] = (e >= lo && e < lo + n_local) ? e - lo : n_local;  // n_local: the bucket never run
-    }
-    L.n_local = n_local;
-    moe_permute_plan(L.local, L.local_chosen.data(), int(n_recv), K, n_local + 1);
-    const int64_t local_rows = L.local.offsets[size_t(n_local)];
-    backend::upload(rows, L.local.token_of);     // row -> received token; the first local_rows rows are run
-    L.x_local.resize(size_t(local_rows) * d);
-    backend::gather_rows(L.x_local.data(), recv_x.data(), rows.data(), local_rows, d);
-    backend::Buffer<float> y_local;
-    y_local.resize(size_t(local_rows) * d);
-    model.experts_forward(m, lo, n_local, L.local.offsets.data(), L.x_local.data(), y_local.data(), L.experts);
-
-    // 4. combine: every pair's output row back to its source, then into the row the single-rank layer uses
-    L.pairs_from.assign(size_t(R), 0);
-    {
-        int64_t token = 0;
-        for (int q = 0; q < R; ++q)
-            for (int64_t i = 0; i < tokens_from[size_t(q)]; ++i, ++token)
-                for (int k = 0; k < K; ++k) L.pairs_from[size_t(q)] += L.local_chosen[size_t(token) * K + k] < n_local;
-    }
-    L.return_rows = return_order(L);
-    backend::upload(L.return_rows_dev, L.return_rows);
-    backend::upload(L.pair_slot_dev, L.pair_slot);
-    const int64_t n_back = int64_t(L.return_rows.size()), n_pairs = int64_t(L.pair_slot.size());
-    backend::Buffer<float> send_y, recv_y;
-    send_y.resize(size_t(n_back) * d);   // [pairs received, d], in return order
-    recv_y.resize(size_t(n_pairs) * d);  // [pairs sent, d], in pair_slot order
-    backend::gather_rows(send_y.data(), y_local.data(), L.return_rows_dev.data(), n_back, d);
-    move_rows(send_y.data(), L.pairs_from, recv_y.data(), L.pairs_to, d);
-    backend::scatter_rows(c.ye, recv_y.data(), L.pair_slot_dev.data(), n_pairs, d);
-    stats.combined_rows += n_pairs - L.pairs_to[size_t(r)];
-}
-
-inline void ExpertParallel::backward(Model& model, const MoE& m, MoeCache& c, const float* dye, float* dxe) {
-    const int r = comm_.rank(), d = model.cfg.dim;
-    auto it = layers_.find(&c);
-    if (it == layers_.end()) fail("ExpertParallel::backward: no forward for this MoE layer");
-    Layer& L = it->second;
-    const int lo = first_expert(r), n_local = L.n_local;
-    const int64_t local_rows = L.local.offsets[size_t(n_local)];
-    const int64_t n_back = int64_t(L.return_rows.size()), n_pairs = int64_t(L.pair_slot.size());
-
-    // 1. the gradient of every pair's output goes to the expert's owner (reverse of the combine)
-    backend::Buffer<float> send_dy, recv_dy, dy_local, dx_local;
-    send_dy.resize(size_t(n_pairs) * d);  // [pairs sent, d], grouped by owner
-    recv_dy.resize(size_t(n_back) * d);   // [pairs received, d], in return order
-    backend::gather_rows(send_dy.data(), dye, L.pair_slot_dev.data(), n_pairs, d);
-    move_rows(send_dy.data(), L.pairs_to, recv_dy.data(), L.pairs_from, d);
-    dy_local.resize(size_t(local_rows) * d);
-    backend::scatter_rows(dy_local.data(), recv_dy.data(), L.return_rows_dev.data(), n_back, d);
-    dx_local.resize(size_t(local_rows) * d);
-    backend::fill_zero(dx_local.data(), local_rows * d);
-
-    // 2. the local experts' backward: input gradients [local rows, d], weight gradients into this rank's grads
-    model.experts_backward(m, lo, n_local, L.local.offsets.data(), dy_local.data(), dx_local.data(), L.experts);
-
-    // 3. every pair's input gradient goes back to its source (reverse of the dispatch), in the same pair order
-    backend::Buffer<float> send_dx, recv_dx;
-    send_dx.resize(size_t(n_back) * d);
-    recv_dx.resize(size_t(n_pairs) * d);
-    backend::gather_rows(send_dx.data(), dx_local.data(), L.return_rows_dev.data(), n_back, d);
-    move_rows(send_dx.data(), L.pairs_from, recv_dx.data(), L.pairs_to, d);
-    backend::scatter_rows(dxe, recv_dx.data(), L.pair_slot_dev.data(), n_pairs, d);
-}
 
 // --- 9.5 the parallel training step: DP, or DP × EP --------------------------------------------------------------
 // Which tensors of the flat buffers this rank holds: all of them under DP; under EP, all but the routed experts
@@ -3837,38 +3771,10 @@ inline HeldParams held_params(Model& model, const ExpertParallel* ep) {
     return h;
 }
 
-// One training step of rank comm.rank(), called by every rank together: this rank's rows of the batch are
-// tokens: [B_local, T+1] (row_share), B_total (summed here) the whole batch. With ep, installs it as the model's
-// expert runner (null: pure DP, every rank runs all experts on its own tokens). Returns the losses of the WHOLE
-// batch (weighted over the ranks), its gradient norm and expert loads; afterwards every rank holds the same
-// replicated parameters and routing biases, bit for bit.
-//
-// Weighting. The loss is a mean over tokens, so the full-batch gradient is Σ_r (n_r/n) ∇L_r, not the plain mean of
-// the rank gradients when shares differ. The only positions left out of a mean are MTP's last k of each row (no
-// target), the same number in every row, so the counted positions of every loss term — main, each MTP depth, and
-// the sequence-wise balance loss (a mean over sequences) — are proportional to the rows: one weight w_r = B_r/B fits
-// them all. (The expert-level balance loss uses batch-wide frequencies f_i: under DP each rank computes it on its
-// own rows, so it is not the full-batch loss.) With equal shares w_r = 1/R and the
-// sum is the mean. Under EP every owner sums expert gradients from all ranks' tokens, each scaled by its source's
-// 1/n_r, so EP requires equal shares (checked).
-inline StepResult parallel_train_step(Communicator& comm, Model& model, AdamW& opt, const int32_t* tokens,
-                                      int B_local, int T, float lr, const LossOptions& options,
-                                      ExpertParallel* ep = nullptr, bool bias_update = true) {
-    const int R = comm.world_size();
-    int64_t B_total = B_local;
-    all_reduce(comm, &B_total, 1);
-    if (ep && int64_t(B_local) * R != B_total)
-        fail("parallel_train_step: expert parallelism needs equal shares of the batch; rank ", comm.rank(), " has ",
-             B_local, " of ", B_total, " rows over ", R, " ranks");
-    model.expert_runner = ep;
-
-    // 1. forward and backward on this rank's rows (under EP the MoE layers talk to the other ranks in between)
-    StepResult result;
-    Losses local = model.forward_backward(tokens, B_local, T, options);
-
-    // 2. gradients: weight w_r, then sum the replicated ones over the ranks (one contiguous bucket, as DDP does)
-    const float w = float(double(B_local) / double(B_total));
-    HeldParams held = held_params(model, ep);
+namespace parallel_detail {
+// Step 2: the replicated gradients summed over the ranks in one contiguous bucket, as DDP does, each rank's weighted
+// by w; the gradients of the experts this rank owns are complete already and are only weighted.
+inline void reduce_gradients(Communicator& comm, Model& model, const HeldParams& held, float w) {
     size_t bucket_size = 0;
     for (const ParamEntry* e : held.replicated) bucket_size += e->size;
     backend::Buffer<float> bucket;  // [Σ replicated sizes]
@@ -3886,47 +3792,87 @@ inline StepResult parallel_train_step(Communicator& comm, Model& model, AdamW& o
         at += e->size;
     }
     for (const ParamEntry* e : held.own_experts) backend::scale_inplace(model.grad_at(e->offset), int64_t(e->size), w);
-
-    // 3. the expert loads of the whole batch, so that every rank makes the same bias update
-    result.loads = model.expert_loads();
-    std::vector<int64_t> flat;
-    for (const auto& l : result.loads) flat.insert(flat.end(), l.begin(), l.end());
-    all_reduce(comm, flat.data(), flat.size());
-    at = 0;
-    for (auto& l : result.loads)
-        for (int64_t& x : l) x = flat[at++];
-
-    // 4. clip and AdamW, the single-rank step. DP: every rank holds the whole, identical gradient. EP: the norm
-    // must include every rank's experts, so their squares are summed over the ranks first. Every rank then runs the
-    // same adamw_step on its whole buffer: the experts it does not own have zero gradients here and their copies are
-    // never read (a real implementation would not even allocate them).
-    double norm = -1;  // < 0: adamw_step computes it from model.grads
-    if (ep) {
-        auto sum_squares = [&](const std::vector<const ParamEntry*>& list) {
-            double s = 0;
-            for (const ParamEntry* e : list) s += backend::sum_of_squares(model.grad_at(e->offset), int64_t(e->size));
-            return s;
-        };
-        double experts_sq = sum_squares(held.own_experts);
-        all_reduce(comm, &experts_sq, 1);
-        norm = std::sqrt(sum_squares(held.replicated) + experts_sq);
-    }
-    result.grad_norm = adamw_step(model, opt, lr, norm);
-    if (bias_update) update_routing_bias(model, result.loads, model.cfg.bias_update_speed);
-    for (const auto& load : result.loads) result.max_violation = std::max(result.max_violation, max_violation(load));
-
-    // 5. the whole batch's losses, for printing: Σ_r w_r L_r
-    std::vector<double> l = {local.main, local.balance, local.total};
-    l.insert(l.end(), local.mtp.begin(), local.mtp.end());
-    for (double& x : l) x *= double(B_local) / double(B_total);
-    all_reduce(comm, l.data(), l.size());
-    result.loss.main = l[0];
-    result.loss.balance = l[1];
-    result.loss.total = l[2];
-    result.loss.mtp.assign(l.begin() + 3, l.end());
-    return result;
 }
 
+// Step 3: the expert loads of the whole batch, [MoE block][expert], so that every rank makes the same bias update.
+inline std::vector<std::vector<int64_t>> batch_loads(Communicator& comm, const Model& model) {
+    std::vector<std::vector<int64_t>> loads = model.expert_loads();
+    std::vector<int64_t> flat;
+    for (const auto& l : loads) flat.insert(flat.end(), l.begin(), l.end());
+    all_reduce(comm, flat.data(), flat.size());
+    size_t at = 0;
+    for (auto& l : loads)
+        for (int64_t& x : l) x = flat[at++];
+    return loads;
+}
+
+// Step 4 under EP: the gradient norm must include every rank's experts, so their squares are summed over the ranks.
+inline double grad_norm_over_experts(Communicator& comm, Model& model, const HeldParams& held) {
+    auto sum_squares = [&](const std::vector<const ParamEntry*>& list) {
+        double s = 0;
+        for (const ParamEntry* e : list) s += backend::sum_of_squares(model.grad_at(e->offset), int64_t(e->size));
+        return s;
+    };
+    double experts_sq = sum_squares(held.own_experts);
+    all_reduce(comm, &experts_sq, 1);
+    return std::sqrt(sum_squares(held.replicated) + experts_sq);
+}
+
+// Step 5: the whole batch's losses, for printing: Σ_r w_r L_r.
+inline Losses batch_losses(Communicator& comm, const Losses& local, double w) {
+    std::vector<double> l = {local.main, local.balance, local.total};
+    l.insert(l.end(), local.mtp.begin(), local.mtp.end());
+    for (double& x : l) x *= w;
+    all_reduce(comm, l.data(), l.size());
+    return Losses{l[0], std::vector<double>(l.begin() + 3, l.end()), l[1], l[2]};   // main, mtp, balance, total
+}
+}  // namespace parallel_detail
+
+// One training step of rank comm.rank(), called by every rank together: this rank's rows of the batch are
+// tokens: [B_local, T+1] (row_share), B_total (summed here) the whole batch. With ep, installs it as the model's
+// expert runner (null: pure DP, every rank runs all experts on its own tokens). Returns the losses of the WHOLE
+// batch (weighted over the ranks), its gradient norm and expert loads; afterwards every rank holds the same
+// replicated parameters and routing biases, bit for bit.
+//
+// Weighting. The loss is a mean over tokens, so the full-batch gradient is Σ_r (n_r/n) ∇L_r, not the plain mean of
+// the rank gradients when shares differ. The only positions left out of a mean are MTP's last k of each row (no
+// target), the same number in every row, so the counted positions of every loss term — main, each MTP depth, and
+// the sequence-wise balance loss (a mean over sequences) — are proportional to the rows: one weight w_r = B_r/B fits
+// them all. (The expert-level balance loss uses batch-wide frequencies f_i: under DP each rank computes it on its
+// own rows, so it is not the full-batch loss.) With equal shares w_r = 1/R and the sum is the mean. Under EP every
+// owner sums expert gradients from all ranks' tokens, each scaled by its source's 1/n_r, so EP requires equal shares
+// (checked).
+inline StepResult parallel_train_step(Communicator& comm, Model& model, AdamW& opt, const int32_t* tokens,
+                                      int B_local, int T, float lr, const LossOptions& options,
+                                      ExpertParallel* ep = nullptr, bool bias_update = true) {
+    using namespace parallel_detail;
+    const int R = comm.world_size();
+    int64_t B_total = B_local;
+    all_reduce(comm, &B_total, 1);
+    if (ep && int64_t(B_local) * R != B_total)
+        fail("parallel_train_step: expert parallelism needs equal shares of the batch; rank ", comm.rank(), " has ",
+             B_local, " of ", B_total, " rows over ", R, " ranks");
+    model.expert_runner = ep;
+    const double w = double(B_local) / double(B_total);
+
+    // 1. forward and backward on this rank's rows (under EP the MoE layers talk to the other ranks in between)
+    const Losses local = model.forward_backward(tokens, B_local, T, options);
+    // 2. gradients: weight w_r, then sum the replicated ones over the ranks
+    const HeldParams held = held_params(model, ep);
+    reduce_gradients(comm, model, held, float(w));
+    // 3. the expert loads of the whole batch
+    StepResult result;
+    result.loads = batch_loads(comm, model);
+    // 4. clip and AdamW, the single-rank step. DP: every rank holds the whole, identical gradient. EP: the norm covers
+    // every rank's experts. Every rank then runs the same adamw_step on its whole buffer: the experts it does not own
+    // have zero gradients here and their copies are never read (a real implementation would not even allocate them).
+    result.grad_norm = adamw_step(model, opt, lr, ep ? grad_norm_over_experts(comm, model, held) : -1.0);  // -1: local
+    if (bias_update) update_routing_bias(model, result.loads, model.cfg.bias_update_speed);
+    for (const auto& load : result.loads) result.max_violation = std::max(result.max_violation, max_violation(load));
+    // 5. the whole batch's losses
+    result.loss = batch_losses(comm, local, w);
+    return result;
+}
 
 // #####################################################################################################################
 // PART 3, APPENDIX
@@ -3936,56 +3882,48 @@ inline StepResult parallel_train_step(Communicator& comm, Model& model, AdamW& o
 // =====================================================================================================================
 // 10. THE FAST PACKED GEMM
 // =====================================================================================================================
-// The fast GEMM behind matmul_forward / matmul_backward (section 3.1).
-//
-// Almost all of the FLOPs of a transformer are in its linear layers, so this is the one kernel that has to be fast.
-// The three products of a linear layer are one operation, C[M,N] (+)= A[M,K] · B[K,N], on three layouts:
+// The fast GEMM behind matmul_forward / matmul_backward (section 3.1). Almost all of a transformer's FLOPs are in its
+// linear layers, whose three products are one operation, C[M,N] (+)= A[M,K] · B[K,N], on three layouts:
 //
 //     forward   y [T,out]  = x [T,in]   · Wᵀ      A = x  (rows contiguous),    B = Wᵀ: B(k,j) = W[j,k]
 //     backward  dx[T,in]  += dy[T,out]  · W       A = dy (rows contiguous),    B = W:  B(k,j) = W[k,j]
 //               dW[out,in]+= dy[T,out]ᵀ · x       A = dyᵀ: A(i,k) = dy[k,i],   B = x:  B(k,j) = x[k,j]
 //
-// so there is one GEMM core (gemm::multiply) with one micro-kernel, and the layouts are handled by strided views.
-// The naive triple loop runs at a few percent of the machine's peak because it is limited by memory traffic, not
-// arithmetic: every multiply-add loads its operands. A fast GEMM orders the loops so that every value loaded is used
-// many times while it sits in a register or in a cache (Goto & van de Geijn, "Anatomy of high-performance matrix
-// multiplication", 2008; the BLIS papers of Van Zee & van de Geijn describe the same structure):
+// so there is one GEMM core (gemm::multiply) with one micro-kernel, and the layouts are strided views. The naive
+// triple loop runs at a few percent of peak because every multiply-add loads its operands: it is limited by memory
+// traffic. A fast GEMM orders the loops so that every value loaded is used many times from a register or a cache
+// (Goto & van de Geijn, "Anatomy of high-performance matrix multiplication", 2008; the BLIS papers):
 //
-//   * Register tile (the micro-kernel). C is cut into tiles of MR x NR (6 x 64 with AVX-512). The kernel keeps a
-//     whole tile in vector registers (24 registers of 16 floats) and, for each k, loads NR values of B (4 vectors) and
-//     MR values of A (each broadcast to a full vector), then does MR·NR/16 = 24 fused multiply-adds (FMA). Every value
-//     loaded feeds 4 or 6 FMAs, and the 24 independent accumulators hide the FMA latency (4 cycles x 2 FMA units:
-//     at least 8 chains in flight). C itself is read and written once per tile, not once per k.
-//   * Packing. B is copied into panels of NR columns laid out k-major, so that the kernel reads it as one contiguous
-//     stream (no strides, no TLB misses, prefetch-friendly), zero-padded to whole vectors at the right edge so that
-//     the kernel needs no special case. Packing costs O(K·N), the product O(M·N·K): a packed weight is reused by
-//     all T rows. A is not packed: the broadcasts read it in place (MR row pointers, or MR consecutive values per k
-//     for dyᵀ), which avoids a copy of x or dy that would cost as much as the arithmetic for narrow layers
-//     (out = 48 or 64). Only a last, partial row panel is copied into a small zero-padded buffer. (With a few rows,
-//     when decoding, the forward swaps the roles: see matmul_forward.)
-//   * Blocking. B is packed in blocks of whole panels small enough (2 MiB) to stay in a core's L2 cache while the
-//     thread sweeps the row panels of A over it, and each tile's sum over k runs in blocks of KC = 128, so that an
-//     MR x KC sliver of A stays in L1 while the kernel sweeps the column panels of B.
-//   * Threads. The (row panel, column panel) tiles of a block are split over the OpenMP threads by a fixed static
-//     partition; every tile is written by exactly one thread.
+//   * Register tile (the micro-kernel). C is cut into MR x NR tiles (6 x 64 with AVX-512) held in vector registers
+//     (24 of 16 floats). For each k the kernel loads NR values of B (4 vectors) and broadcasts MR values of A, then
+//     does MR·NR/16 = 24 FMAs: every value loaded feeds 4 or 6 FMAs, and 24 independent accumulators hide the FMA
+//     latency (4 cycles x 2 units: at least 8 chains in flight). C is read and written once per tile, not per k.
+//   * Packing. B is copied into panels of NR columns, k-major, so the kernel reads one contiguous stream (no strides,
+//     no TLB misses), zero-padded to whole vectors so the kernel has no edge case. Packing costs O(K·N), the product
+//     O(M·N·K). A is not packed: the broadcasts read it in place (a copy of x or dy would cost as much as the
+//     arithmetic for narrow layers, out = 48 or 64); only a last, partial row panel goes through a small zero-padded
+//     buffer. (With a few rows, when decoding, the forward swaps the roles: see matmul_forward.)
+//   * Blocking. B is packed in blocks of whole panels (2 MiB) that stay in a core's L2 while the thread sweeps the row
+//     panels of A over them, and each tile's sum over k runs in blocks of KC = 128, so that an MR x KC sliver of A
+//     stays in L1 while the kernel sweeps the column panels of B.
+//   * Threads. The tiles of a block are split over the OpenMP threads by a fixed static partition; every tile is
+//     written by exactly one thread.
 //
-// Determinism. Float addition is not associative, so a sum depends on its order. Here the order is fixed by K alone:
-// element C[i,j] is a sum over the K blocks in increasing order of block sums, each block sum an FMA chain over k in
-// increasing order starting from 0. Threads only decide *who* computes a tile, never how, and K is never split
-// across threads (no partial sums to combine, no atomics). So, for a given build, results are bitwise the same for
-// 1, 2 or 64 threads, and a row of y is the same whatever the batch it is computed in (a token gets the same logits
-// decoded alone or in a batch: speculative decoding can be checked exactly against plain decoding). The price is no
-// parallelism over K, which only matters when M and N are both tiny. (Builds differ where the compiler may or may not
-// fuse a*b+c into one FMA: -march=native does on any CPU from the last decade.)
+// Determinism. Float addition is not associative, so the order is fixed by K alone: C[i,j] is the sum, in increasing
+// order, of K-block sums, each an FMA chain over k in increasing order from 0. Threads only decide *who* computes a
+// tile, never how, and K is never split across threads (no partial sums, no atomics). So results are bitwise the same
+// for 1, 2 or 64 threads, and a row of y is the same whatever batch it is computed in (speculative decoding can be
+// checked exactly against plain decoding). The price, no parallelism over K, matters only when M and N are both
+// tiny. (Builds differ where the compiler may or may not fuse a*b+c into one FMA; -march=native does on any recent CPU.)
 //
 // Accuracy. Each output is a chain of at most min(K,KC) + ceil(K/KC) (+1 when accumulating) roundings, so
-// |error| <= that count · 2⁻²⁴ · Σ_k |A(i,k) B(k,j)| to first order: the bound the tests check. The K blocks are a
-// small bonus here: a plain chain over K = 1024 would have a bound of 1024 roundings, the blocked one 136.
+// |error| <= that count · 2⁻²⁴ · Σ_k |A(i,k) B(k,j)| to first order: the bound the tests check (K = 1024: 136
+// roundings, where a plain chain would have 1024).
 //
 // Portability. The micro-kernel uses GCC/Clang vector extensions (`float __attribute__((vector_size(64)))`): plain
-// C++ arithmetic on whole vectors, which the compiler maps onto AVX-512, AVX2, SSE or NEON registers as -march allows,
-// with the tile shape chosen for the register count. Other compilers (or -DDSV3_GEMM_PORTABLE) get a plain-array
-// kernel with the same summation order. Build with -O3 -march=native, and -fopenmp for threads.
+// C++ arithmetic on whole vectors, mapped onto AVX-512, AVX2, SSE or NEON as -march allows, with the tile shape chosen
+// for the register count. Other compilers (or -DDSV3_GEMM_PORTABLE) get a plain-array kernel with the same summation
+// order. Build with -O3 -march=native, and -fopenmp for threads.
 namespace gemm {
 
 // Vector width (floats per register), register tile MR x NR, and cache blocks. The tile is sized to the register
@@ -4054,6 +3992,9 @@ inline void store_tile(const OutView& C, const float* tile, int m, int n, bool o
 }
 
 #if (defined(__GNUC__) || defined(__clang__)) && !defined(DSV3_GEMM_PORTABLE)
+#ifdef __NVCC__
+#pragma nv_diag_suppress 1675  // nvcc's front end does not know "#pragma GCC unroll"; the host compiler does
+#endif
 #define DSV3_UNROLL _Pragma("GCC unroll 64")
 #if defined(__clang__) && DSV3_GEMM_VEC == 16
 // Clang splits 64-byte vectors into two 32-byte halves on CPUs where it prefers 256-bit code (as GCC does only for
@@ -4129,6 +4070,27 @@ inline void run_kernel(int kc, const float* a, int64_t lda, const float* bp, con
 }
 #endif
 
+// K block [pc, pc + KC) of tile t (row panel t / n_jr, column panel t % n_jr) of C (+)= A·B, with the block of B
+// that starts at column jc packed in bpack; a_pack is the calling thread's buffer for a partial row panel of A.
+inline void tile_block(int M, int N, int K, const View& A, const OutView& C, bool accumulate, const float* bpack, int jc,
+                       int64_t n_jr, int64_t t, int pc, float* a_pack) {
+    const int ir = int(t / n_jr), jr = int(t % n_jr);
+    const int i0 = ir * MR, m = std::min(MR, M - i0);
+    const int j0 = jc + jr * NR, n = std::min(NR, N - j0);
+    const int kc = std::min(KC, K - pc);
+    const float* bp = bpack + (int64_t(jr) * K + pc) * NR;
+    const OutView Ct{&C.at(i0, j0), C.row_stride, C.col_stride};
+    const bool overwrite = !accumulate && pc == 0;
+    if (m == MR && A.col_stride == 1)  // rows of A contiguous (x, dy, W): read in place
+        run_kernel<true>(kc, &A.at(i0, pc), A.row_stride, bp, Ct, m, n, overwrite);
+    else if (m == MR && A.row_stride == 1)  // columns of A contiguous (dyᵀ): read in place
+        run_kernel<false>(kc, &A.at(i0, pc), A.col_stride, bp, Ct, m, n, overwrite);
+    else {  // a partial row panel (or an A without a unit stride): through a packed copy
+        pack_a_panel(a_pack, A, i0, m, pc, kc);
+        run_kernel<false>(kc, a_pack, MR, bp, Ct, m, n, overwrite);
+    }
+}
+
 // C (+)= A·B, declared in section 3.1.
 inline void multiply(int M, int N, int K, const View& A, const View& B, const OutView& C, bool accumulate) {
     if (M <= 0 || N <= 0) return;
@@ -4167,33 +4129,17 @@ inline void multiply(int M, int N, int K, const View& A, const View& B, const Ou
 #endif
             // One K block of one tile. The blocks of a tile must run in increasing pc (the fixed summation order);
             // tiles are independent, so the two loops below may nest either way.
-            auto tile_block = [&](int64_t t, int pc) {
-                const int ir = int(t / n_jr), jr = int(t % n_jr);
-                const int i0 = ir * MR, m = std::min(MR, M - i0);
-                const int j0 = jc + jr * NR, n = std::min(NR, N - j0);
-                const int kc = std::min(KC, K - pc);
-                const float* bp = bpack + (int64_t(jr) * K + pc) * NR;
-                const OutView Ct{&C.at(i0, j0), C.row_stride, C.col_stride};
-                const bool overwrite = !accumulate && pc == 0;
-                if (m == MR && A.col_stride == 1)  // rows of A contiguous (x, dy, W): read in place
-                    run_kernel<true>(kc, &A.at(i0, pc), A.row_stride, bp, Ct, m, n, overwrite);
-                else if (m == MR && A.row_stride == 1)  // columns of A contiguous (dyᵀ): read in place
-                    run_kernel<false>(kc, &A.at(i0, pc), A.col_stride, bp, Ct, m, n, overwrite);
-                else {  // a partial row panel (or an A without a unit stride): through a packed copy
-                    pack_a_panel(a_pack, A, i0, m, pc, kc);
-                    run_kernel<false>(kc, a_pack, MR, bp, Ct, m, n, overwrite);
-                }
-            };
+            auto block = [&](int64_t t, int pc) { tile_block(M, N, K, A, C, accumulate, bpack, jc, n_jr, t, pc, a_pack); };
             if (A.col_stride == 1) {
                 // Rows of A contiguous: finish each tile before the next, so each row of A is read as one long
                 // sequential stream (what matters when A is a big W read once, in decoding).
                 for (int64_t t = t_begin; t < t_end; ++t)
-                    for (int pc = 0; pc < K; pc += KC) tile_block(t, pc);
+                    for (int pc = 0; pc < K; pc += KC) block(t, pc);
             } else {
                 // A = dyᵀ: a K block at a time, so that the MR x KC sliver of A, spread over KC cache lines `out`
                 // floats apart, is reused from L1 across the column panels before moving on.
                 for (int pc = 0; pc < K; pc += KC)
-                    for (int64_t t = t_begin; t < t_end; ++t) tile_block(t, pc);
+                    for (int64_t t = t_begin; t < t_end; ++t) block(t, pc);
             }
 #pragma omp barrier
         }
@@ -4213,7 +4159,33 @@ inline void multiply(int M, int N, int K, const View& A, const View& B, const Ou
 //   11.5  FIM, fill in the middle, PSM mode (DeepSeek-Coder, DeepSeek-Coder-V2 §2.2; Bavarian et al. 2022).
 //   11.6  A synthetic corpus whose entropy is known exactly, so that a loss can be compared with the best possible one.
 
-// --- 11.2 files: read a whole file; write one atomically ----------------------------------------------------------------
+// --- 11.1 Small text helpers -----------------------------------------------------------------------------------------
+// A byte string shown safely in a message or a file: printable ASCII as is, the rest as \n, \t, \\, \" or \xNN.
+inline std::string escape_bytes(std::string_view s) {
+    static const char hex[] = "0123456789abcdef";
+    std::string out;
+    for (unsigned char c : s) {
+        if (c == '\n') out += "\\n";
+        else if (c == '\t') out += "\\t";
+        else if (c == '\\') out += "\\\\";
+        else if (c == '"') out += "\\\"";
+        else if (c >= 32 && c < 127) out += char(c);
+        else { out += "\\x"; out += hex[c >> 4]; out += hex[c & 15]; }
+    }
+    return out;
+}
+
+// Little-endian integers of n bytes (every binary format here is little-endian, whatever the machine).
+inline uint64_t load_le(const void* p, int n) {
+    uint64_t v = 0;
+    for (int i = n; i-- > 0;) v = (v << 8) | static_cast<const uint8_t*>(p)[i];
+    return v;
+}
+inline void store_le(void* p, uint64_t v, int n) {
+    for (int i = 0; i < n; ++i) static_cast<uint8_t*>(p)[i] = uint8_t(v >> (8 * i));
+}
+
+// --- 11.2 files: read a whole file; write one atomically -------------------------------------------------------------
 // The whole file as bytes. The error names the file and the reason.
 inline std::string read_file_bytes(const std::string& path) {
     FILE* f = std::fopen(path.c_str(), "rb");
@@ -4268,28 +4240,7 @@ inline void write_file_atomic(const std::string& path, const std::string& data) 
 }
 
 
-// ================================================================================================================
-// 11.1 Small text helpers
-// ================================================================================================================
-
-// A byte string shown safely in a message or a file: printable ASCII as is, the rest as \n, \t, \\, \" or \xNN.
-inline std::string escape_bytes(std::string_view s) {
-    static const char hex[] = "0123456789abcdef";
-    std::string out;
-    for (unsigned char c : s) {
-        if (c == '\n') out += "\\n";
-        else if (c == '\t') out += "\\t";
-        else if (c == '\\') out += "\\\\";
-        else if (c == '"') out += "\\\"";
-        else if (c >= 32 && c < 127) out += char(c);
-        else { out += "\\x"; out += hex[c >> 4]; out += hex[c & 15]; }
-    }
-    return out;
-}
-
-// ================================================================================================================
-// 11.3 Byte-level BPE tokenizer
-// ================================================================================================================
+// --- 11.3 Byte-level BPE tokenizer -----------------------------------------------------------------------------------
 //
 // DeepSeek-V3 tokenizes with byte-level BPE (128K tokens). "Byte-level" means the alphabet is the 256 byte values,
 // so every byte string, valid UTF-8 or not, NUL bytes included, has an encoding, and decoding concatenates the
@@ -4402,37 +4353,19 @@ struct Tokenizer {
     }
 
     // ---- training ---------------------------------------------------------------------------------------------
-    // Learns merges on `text` until there are `n_ordinary_tokens` ordinary tokens (256 bytes + merges), or until no
-    // pair occurs `min_pair_count` times. The vocabulary is then n_ordinary() + 5 special tokens.
-    static Tokenizer train(std::string_view text, int n_ordinary_tokens, int64_t min_pair_count = 2) {
-        if (n_ordinary_tokens < 256)
-            fail("Tokenizer::train: vocabulary of ", n_ordinary_tokens,
-                 " ordinary tokens requested; expected at least 256 (the byte alphabet)");
-        Tokenizer tok = bytes_only();
-
-        // Distinct chunks, sorted so that chunk indices (and everything after) do not depend on hashing.
-        std::unordered_map<std::string_view, int64_t> chunk_counts;
-        for_each_chunk(text, [&](size_t b, size_t e) { ++chunk_counts[text.substr(b, e - b)]; });
-        std::vector<std::pair<std::string_view, int64_t>> chunks(chunk_counts.begin(), chunk_counts.end());
-        std::sort(chunks.begin(), chunks.end());
-        std::vector<std::vector<uint32_t>> words(chunks.size());
-        std::vector<int64_t> freq(chunks.size());
-        for (size_t w = 0; w < chunks.size(); ++w) {
-            words[w].assign(reinterpret_cast<const uint8_t*>(chunks[w].first.data()),
-                            reinterpret_cast<const uint8_t*>(chunks[w].first.data()) + chunks[w].first.size());
-            freq[w] = chunks[w].second;
+    static uint64_t pair_key(uint32_t a, uint32_t b) { return (uint64_t(a) << 32) | b; }
+    // Replaces every occurrence of the pair (a, b) in sym by c: left to right, non-overlapping ("aaa" -> "Ca").
+    static void replace_pair(std::vector<uint32_t>& sym, uint32_t a, uint32_t b, uint32_t c) {
+        size_t out = 0;
+        for (size_t i = 0; i < sym.size();) {
+            if (i + 1 < sym.size() && sym[i] == a && sym[i + 1] == b) sym[out++] = c, i += 2;
+            else sym[out++] = sym[i++];
         }
-
-        auto key = [](uint32_t a, uint32_t b) { return (uint64_t(a) << 32) | b; };
-        std::unordered_map<uint64_t, int64_t> count;                 // pair -> occurrences, weighted by chunk count
-        std::unordered_map<uint64_t, std::vector<uint32_t>> where;   // pair -> chunks that contain (or contained) it
-        for (size_t w = 0; w < words.size(); ++w)
-            for (size_t i = 0; i + 1 < words[w].size(); ++i) {
-                const uint64_t k = key(words[w][i], words[w][i + 1]);
-                count[k] += freq[w];
-                auto& list = where[k];
-                if (list.empty() || list.back() != w) list.push_back(uint32_t(w));
-            }
+        sym.resize(out);
+    }
+    // The state of training: the distinct chunks as token sequences with their counts, count[pair] (weighted by
+    // chunk count), where[pair] (the chunks that contain, or contained, it), and the heap of (count, pair).
+    struct BpeTrainer {
         struct Entry {
             int64_t count;
             uint64_t pair;
@@ -4440,51 +4373,74 @@ struct Tokenizer {
                 return count != o.count ? count < o.count : pair > o.pair;
             }
         };
+        std::vector<std::vector<uint32_t>> words;
+        std::vector<int64_t> freq;
+        std::unordered_map<uint64_t, int64_t> count, count_before;  // count_before: pairs this merge touched
+        std::unordered_map<uint64_t, std::vector<uint32_t>> where;
         std::priority_queue<Entry> heap;
-        for (const auto& [k, c] : count) heap.push({c, k});
+        std::vector<uint32_t> last_merge;  // a chunk is rewritten once per merge
 
-        std::vector<uint32_t> last_merge(words.size(), UINT32_MAX);  // a chunk is rewritten once per merge
-        std::unordered_map<uint64_t, int64_t> count_before;          // pairs touched by this merge, old counts
-        while (tok.n_ordinary() < n_ordinary_tokens && !heap.empty()) {
-            const Entry top = heap.top();
-            heap.pop();
-            auto it = count.find(top.pair);
-            if (it == count.end() || it->second != top.count) continue;  // stale entry
-            if (top.count < min_pair_count) break;
-            const uint32_t a = uint32_t(top.pair >> 32), b = uint32_t(top.pair & 0xFFFFFFFFu);
-            const uint32_t c = uint32_t(tok.n_ordinary());
-            tok.merges.push_back({a, b});
-            tok.pieces.insert(tok.pieces.begin() + c, tok.pieces[a] + tok.pieces[b]);
-
-            std::vector<uint32_t> chunks_with_pair = std::move(where[top.pair]);
-            where.erase(top.pair);
+        explicit BpeTrainer(std::string_view text) {
+            // Distinct chunks, sorted so that chunk indices (and everything after) do not depend on hashing.
+            std::unordered_map<std::string_view, int64_t> chunk_counts;
+            for_each_chunk(text, [&](size_t b, size_t e) { ++chunk_counts[text.substr(b, e - b)]; });
+            std::vector<std::pair<std::string_view, int64_t>> chunks(chunk_counts.begin(), chunk_counts.end());
+            std::sort(chunks.begin(), chunks.end());
+            for (const auto& [chunk, n] : chunks) {
+                words.emplace_back(reinterpret_cast<const uint8_t*>(chunk.data()),
+                                   reinterpret_cast<const uint8_t*>(chunk.data()) + chunk.size());
+                freq.push_back(n);
+            }
+            last_merge.assign(words.size(), UINT32_MAX);
+            for (uint32_t w = 0; w < words.size(); ++w)
+                for (size_t i = 0; i + 1 < words[w].size(); ++i) {
+                    const uint64_t k = pair_key(words[w][i], words[w][i + 1]);
+                    count[k] += freq[w];
+                    note(k, w);
+                }
+            for (const auto& [k, c] : count) heap.push({c, k});
+        }
+        void note(uint64_t k, uint32_t w) {
+            auto& list = where[k];
+            if (list.empty() || list.back() != w) list.push_back(w);
+        }
+        void add(uint64_t k, int64_t delta) {
+            int64_t& n = count[k];
+            count_before.emplace(k, n);  // keeps the first (pre-merge) value
+            n += delta;
+        }
+        // The most frequent pair, skipping stale heap entries (whose count is no longer the current count); false
+        // when no pair occurs min_count times.
+        bool next_pair(int64_t min_count, uint64_t* pair) {
+            while (!heap.empty()) {
+                const Entry top = heap.top();
+                heap.pop();
+                auto it = count.find(top.pair);
+                if (it == count.end() || it->second != top.count) continue;
+                if (top.count < min_count) return false;
+                *pair = top.pair;
+                return true;
+            }
+            return false;
+        }
+        // Merges `pair` into token c in the chunks that hold it: subtract their old pairs, merge, add the new ones.
+        void merge(uint64_t pair, uint32_t c) {
+            const uint32_t a = uint32_t(pair >> 32), b = uint32_t(pair & 0xFFFFFFFFu);
+            std::vector<uint32_t> chunks_with_pair = std::move(where[pair]);
+            where.erase(pair);
             count_before.clear();
-            auto add = [&](uint64_t k, int64_t delta) {
-                int64_t& n = count[k];
-                count_before.emplace(k, n);  // keeps the first (pre-merge) value
-                n += delta;
-            };
             for (uint32_t w : chunks_with_pair) {
+                std::vector<uint32_t>& sym = words[w];
                 if (last_merge[w] == c) continue;
                 last_merge[w] = c;
-                std::vector<uint32_t>& sym = words[w];
                 bool present = false;
                 for (size_t i = 0; i + 1 < sym.size() && !present; ++i) present = sym[i] == a && sym[i + 1] == b;
                 if (!present) continue;
-                for (size_t i = 0; i + 1 < sym.size(); ++i) add(key(sym[i], sym[i + 1]), -freq[w]);
-                size_t out = 0;
-                for (size_t i = 0; i < sym.size();) {  // left to right, non-overlapping, as encode() does
-                    if (i + 1 < sym.size() && sym[i] == a && sym[i + 1] == b) { sym[out++] = c; i += 2; }
-                    else sym[out++] = sym[i++];
-                }
-                sym.resize(out);
+                for (size_t i = 0; i + 1 < sym.size(); ++i) add(pair_key(sym[i], sym[i + 1]), -freq[w]);
+                replace_pair(sym, a, b, c);
                 for (size_t i = 0; i + 1 < sym.size(); ++i) {
-                    const uint64_t k = key(sym[i], sym[i + 1]);
-                    add(k, freq[w]);
-                    if (sym[i] == c || sym[i + 1] == c) {  // only pairs with the new token are new to this chunk
-                        auto& list = where[k];
-                        if (list.empty() || list.back() != w) list.push_back(w);
-                    }
+                    add(pair_key(sym[i], sym[i + 1]), freq[w]);
+                    if (sym[i] == c || sym[i + 1] == c) note(pair_key(sym[i], sym[i + 1]), w);  // new to this chunk
                 }
             }
             for (const auto& [k, old] : count_before) {
@@ -4492,6 +4448,22 @@ struct Tokenizer {
                 if (now == 0) count.erase(k);
                 else if (now != old) heap.push({now, k});
             }
+        }
+    };
+    // Learns merges on `text` until there are `n_ordinary_tokens` ordinary tokens (256 bytes + merges), or until no
+    // pair occurs `min_pair_count` times. The vocabulary is then n_ordinary() + 5 special tokens.
+    static Tokenizer train(std::string_view text, int n_ordinary_tokens, int64_t min_pair_count = 2) {
+        if (n_ordinary_tokens < 256)
+            fail("Tokenizer::train: vocabulary of ", n_ordinary_tokens,
+                 " ordinary tokens requested; expected at least 256 (the byte alphabet)");
+        Tokenizer tok = bytes_only();
+        BpeTrainer trainer(text);
+        uint64_t pair = 0;
+        while (tok.n_ordinary() < n_ordinary_tokens && trainer.next_pair(min_pair_count, &pair)) {
+            const uint32_t a = uint32_t(pair >> 32), b = uint32_t(pair & 0xFFFFFFFFu), c = uint32_t(tok.n_ordinary());
+            tok.merges.push_back({a, b});
+            tok.pieces.insert(tok.pieces.begin() + c, tok.pieces[a] + tok.pieces[b]);
+            trainer.merge(pair, c);
         }
         tok.build_tables("Tokenizer::train");
         return tok;
@@ -4504,17 +4476,11 @@ struct Tokenizer {
         while (sym.size() >= 2) {
             uint32_t best = UINT32_MAX;
             for (size_t i = 0; i + 1 < sym.size(); ++i) {
-                auto it = merge_of.find((uint64_t(sym[i]) << 32) | sym[i + 1]);
+                auto it = merge_of.find(pair_key(sym[i], sym[i + 1]));
                 if (it != merge_of.end() && it->second < best) best = it->second;
             }
             if (best == UINT32_MAX) break;
-            const auto [a, b] = merges[best - 256];
-            size_t out = 0;
-            for (size_t i = 0; i < sym.size();) {
-                if (i + 1 < sym.size() && sym[i] == a && sym[i + 1] == b) { sym[out++] = best; i += 2; }
-                else sym[out++] = sym[i++];
-            }
-            sym.resize(out);
+            replace_pair(sym, merges[best - 256].first, merges[best - 256].second, best);
         }
     }
     // Appends the tokens of `text` (never special tokens). A per-call cache makes repeated chunks ("the", " and")
@@ -4597,79 +4563,60 @@ struct Tokenizer {
     }
 
     static Tokenizer load(const std::string& path) {
-        const std::string text = read_file_bytes(path);
-        std::vector<std::string> lines;
-        for (size_t b = 0; b < text.size();) {
-            size_t e = text.find('\n', b);
-            if (e == std::string::npos) e = text.size();
-            lines.push_back(text.substr(b, e - b));
-            b = e + 1;
-        }
-        size_t ln = 0;  // index of the next line to read
-        auto where = [&](size_t i) { return "tokenizer file '" + path + "' line " + std::to_string(i + 1); };
-        auto strip = [](std::string s, bool comments) {
-            if (comments) {
-                const size_t h = s.find('#');
-                if (h != std::string::npos) s.erase(h);
+        std::istringstream in(read_file_bytes(path));
+        size_t line_no = 0;  // of the line last read
+        auto where = [&] { return "tokenizer file '" + path + "' line " + std::to_string(line_no); };
+        // The next line that is not empty once trimmed and, unless it is a special-token line, stripped of comments.
+        auto next = [&](const char* expected, bool comments = true) {
+            for (std::string s; std::getline(in, s);) {
+                ++line_no;
+                if (comments && s.find('#') != std::string::npos) s.erase(s.find('#'));
+                const size_t b = s.find_first_not_of(" \t"), e = s.find_last_not_of(" \t\r");
+                if (b != std::string::npos && e != std::string::npos && b <= e) return s.substr(b, e - b + 1);
             }
-            while (!s.empty() && (s.back() == ' ' || s.back() == '\t' || s.back() == '\r')) s.pop_back();
-            size_t f = 0;
-            while (f < s.size() && (s[f] == ' ' || s[f] == '\t')) ++f;
-            return s.substr(f);
+            fail("tokenizer file '", path, "' ends after line ", line_no, "; expected ", expected);
         };
-        // The next line that is not empty after removing comments (or, for special lines, not empty at all).
-        auto next = [&](const char* expected, bool comments) -> std::string {
-            while (ln < lines.size()) {
-                std::string s = strip(lines[ln++], comments);
-                if (!s.empty()) return s;
-            }
-            fail("tokenizer file '", path, "' ends after line ", lines.size(), "; expected ", expected);
+        auto expect_line = [&](const char* want, const char* note) {
+            const std::string s = next((std::string("'") + want + "'").c_str());
+            if (s != want) fail(where(), ": expected '", want, "'", note, ", found '", escape_bytes(s.substr(0, 60)), "'");
         };
-        auto keyword_count = [&](const char* keyword, const char* expected) -> size_t {
-            const std::string s = next(expected, true);
-            const std::string kw = std::string(keyword) + " ";
+        auto keyword_count = [&](const std::string& keyword, const char* expected) -> size_t {
+            const std::string s = next(expected);
             char* end = nullptr;
-            const unsigned long long v = s.compare(0, kw.size(), kw) == 0 ? std::strtoull(s.c_str() + kw.size(), &end, 10) : 0;
-            if (!end || *end != '\0' || end == s.c_str() + kw.size())
-                fail(where(ln - 1), ": expected ", expected, ", found '", escape_bytes(s), "'");
+            const unsigned long long v = s.compare(0, keyword.size(), keyword) == 0
+                                             ? std::strtoull(s.c_str() + keyword.size(), &end, 10) : 0;
+            if (!end || *end != '\0' || end == s.c_str() + keyword.size())
+                fail(where(), ": expected ", expected, ", found '", escape_bytes(s), "'");
             return size_t(v);
         };
-        const std::string magic = next("the first line 'dsv3-bpe-tokenizer 1'", true);
-        if (magic != "dsv3-bpe-tokenizer 1")
-            fail(where(ln - 1), ": expected 'dsv3-bpe-tokenizer 1' (this is not a dsv3 tokenizer file, or another "
-                 "version), found '", escape_bytes(magic.substr(0, 60)), "'");
-        const std::string pre = next("'pretokenizer dsv3-chunks-1'", true);
-        if (pre != "pretokenizer dsv3-chunks-1")
-            fail(where(ln - 1), ": expected 'pretokenizer dsv3-chunks-1', found '", escape_bytes(pre), "'");
+        expect_line("dsv3-bpe-tokenizer 1", " (this is not a dsv3 tokenizer file, or another version)");
+        expect_line("pretokenizer dsv3-chunks-1", "");
         Tokenizer tok;
-        const size_t n_merges = keyword_count("merges", "'merges <count>'");
-        if (n_merges > (1u << 24)) fail(where(ln - 1), ": expected at most 16777216 merges, found ", n_merges);
-        tok.merges.reserve(n_merges);
+        const size_t n_merges = keyword_count("merges ", "'merges <count>'");
+        if (n_merges > (1u << 24)) fail(where(), ": expected at most 16777216 merges, found ", n_merges);
         for (size_t i = 0; i < n_merges; ++i) {
-            const std::string s = next("a merge line 'LEFT RIGHT'", true);
+            const std::string s = next("a merge line 'LEFT RIGHT'");
             unsigned long a = 0, b = 0;
             char extra = 0;
             if (std::sscanf(s.c_str(), "%lu %lu %c", &a, &b, &extra) != 2)
-                fail(where(ln - 1), ": expected merge ", i, " of ", n_merges, " as two token ids 'LEFT RIGHT', found '",
+                fail(where(), ": expected merge ", i, " of ", n_merges, " as two token ids 'LEFT RIGHT', found '",
                      escape_bytes(s), "'");
             if (a >= 256 + i || b >= 256 + i)
-                fail(where(ln - 1), ": merge ", i, " refers to token ", std::max(a, b),
-                     ", but only tokens below ", 256 + i, " exist before it");
+                fail(where(), ": merge ", i, " refers to token ", std::max(a, b), ", but only tokens below ", 256 + i,
+                     " exist before it");
             tok.merges.push_back({uint32_t(a), uint32_t(b)});
         }
-        const size_t n_specials = keyword_count("specials", "'specials <count>'");
+        const size_t n_specials = keyword_count("specials ", "'specials <count>'");
         for (size_t i = 0; i < n_specials; ++i) {
-            const std::string s = next("a special token spelling", false);
-            if (s.find_first_of(" \t") != std::string::npos)
-                fail(where(ln - 1), ": expected one special token spelling without spaces, found '", escape_bytes(s), "'");
-            tok.specials.push_back(s);
+            tok.specials.push_back(next("a special token spelling", false));
+            if (tok.specials.back().find_first_of(" \t") != std::string::npos)
+                fail(where(), ": expected one special token spelling without spaces, found '",
+                     escape_bytes(tok.specials.back()), "'");
         }
-        const std::string end = next("'end'", true);
-        if (end != "end") fail(where(ln - 1), ": expected 'end', found '", escape_bytes(end), "'");
+        expect_line("end", "");
         tok.build_tables(("tokenizer file '" + path + "'").c_str());
         return tok;
     }
-
     // Fills pieces, merge_of and the special ids from merges and specials; `origin` names the source in errors.
     void build_tables(const char* origin) {
         pieces.assign(256, std::string());
@@ -4698,9 +4645,7 @@ struct Tokenizer {
     }
 };
 
-// ================================================================================================================
-// 11.4 Token files and datasets
-// ================================================================================================================
+// --- 11.4 Token files and datasets -----------------------------------------------------------------------------------
 //
 // Token file (binary, little-endian), written by write_tokens and examples/prepare_data:
 //   offset  0  8 bytes   magic "DSV3TOKS"
@@ -4716,9 +4661,7 @@ constexpr size_t kTokenFileHeaderBytes = 32;
 inline void write_tokens(const std::string& path, const std::vector<uint32_t>& tokens, uint32_t vocab_size) {
     const uint32_t width = vocab_size <= 65536 ? 2 : 4;
     std::string bytes(kTokenFileHeaderBytes + tokens.size() * width, '\0');
-    auto put = [&](size_t at, uint64_t v, int n) {
-        for (int i = 0; i < n; ++i) bytes[at + size_t(i)] = char((v >> (8 * i)) & 0xFF);
-    };
+    auto put = [&](size_t at, uint64_t v, int n) { store_le(&bytes[at], v, n); };
     std::memcpy(&bytes[0], kTokenFileMagic, 8);
     put(8, 1, 4);
     put(12, width, 4);
@@ -4760,11 +4703,7 @@ struct TokenDataset {
         if (bytes.size() < kTokenFileHeaderBytes)
             fail(what, path, "' is truncated: ", bytes.size(), " bytes, shorter than its ", kTokenFileHeaderBytes,
                  "-byte header");
-        auto get = [&](size_t at, int n) {
-            uint64_t v = 0;
-            for (int i = 0; i < n; ++i) v |= uint64_t(uint8_t(bytes[at + size_t(i)])) << (8 * i);
-            return v;
-        };
+        auto get = [&](size_t at, int n) { return load_le(&bytes[at], n); };
         const uint64_t version = get(8, 4), width = get(12, 4), count = get(16, 8), vocab = get(24, 4);
         if (version != 1) fail(what, path, "': version ", version, " in the header, expected 1");
         if (width != 2 && width != 4) fail(what, path, "': token width ", width, " bytes in the header, expected 2 or 4");
@@ -4868,9 +4807,7 @@ struct EvalBatches {
     }
 };
 
-// ================================================================================================================
-// 11.5 FIM: fill in the middle (PSM: prefix, suffix, middle)
-// ================================================================================================================
+// --- 11.5 FIM: fill in the middle (PSM: prefix, suffix, middle) ------------------------------------------------------
 //
 // DeepSeek-Coder trains with FIM so that a left-to-right model can complete a hole given what comes after it: a
 // document is cut at two random points into prefix, middle, suffix and rearranged as
@@ -4941,9 +4878,7 @@ inline std::vector<std::string> split_documents(const std::string& text, const s
     return docs;
 }
 
-// ================================================================================================================
-// 11.6 Synthetic corpus with exactly known entropy
-// ================================================================================================================
+// --- 11.6 Synthetic corpus with exactly known entropy ----------------------------------------------------------------
 //
 // When training on real text nobody knows the best achievable loss. This corpus is generated by a program whose
 // probabilities we know, so we do: every line is drawn independently, and the generator makes a sequence of random
@@ -5119,143 +5054,147 @@ struct SyntheticCorpus {
         return total;
     }
 
-    double score_line(std::string_view line, size_t line_no, int* kind_out) const {
-        auto bad = [&](const char* why) -> double {
+    // One line being scored: errors name it; number() and numbers() parse canonical decimals (no leading zeros).
+    struct LineReader {
+        std::string_view line;
+        size_t line_no;
+        [[noreturn]] void bad(const char* why) const {
             fail("synthetic corpus line ", line_no + 1, ": ", why, ": '", escape_bytes(line.substr(0, 120)), "'");
-        };
+        }
+        long number(std::string_view& s, bool allow_minus = false) const {  // the number at the front of s, removed
+            size_t i = allow_minus && !s.empty() && s[0] == '-' ? 1 : 0;
+            const size_t from = i;
+            while (i < s.size() && s[i] >= '0' && s[i] <= '9') ++i;
+            if (i == from || i - from > 9 || (i - from > 1 && s[from] == '0')) bad("expected a number");
+            const long v = std::stol(std::string(s.substr(0, i)));
+            s.remove_prefix(i);
+            return v;
+        }
+        std::vector<long> numbers(std::string_view s) const {  // numbers separated by single spaces
+            std::vector<long> v{number(s)};
+            for (; !s.empty(); v.push_back(number(s))) {
+                if (s[0] != ' ') bad("expected numbers separated by single spaces");
+                s.remove_prefix(1);
+            }
+            return v;
+        }
+        // "question > answer"
+        std::pair<std::string_view, std::string_view> split(std::string_view body, const char* expected) const {
+            const size_t gt = body.find(" > ");
+            if (gt == std::string_view::npos) bad(expected);
+            return {body.substr(0, gt), body.substr(gt + 3)};
+        }
+    };
+
+    // -log p of the body of each kind of line, added to `nats` (in the generator's order of choices).
+    void score_talk(const LineReader& r, std::string_view body, double& nats) const {
+        if (body.empty() || body.back() != '.') r.bad("expected a sentence ending with '.'");
+        body.remove_suffix(1);
+        int64_t prev = -1, n = 0;
+        while (true) {
+            const size_t sp = body.find(' ');
+            const auto it = word_index.find(std::string(body.substr(0, sp)));
+            if (it == word_index.end()) r.bad("expected words of the talk vocabulary");
+            if (prev < 0) nats += std::log(double(kWords));
+            else {
+                int k = 0;
+                while (k < 4 && successors[size_t(prev)][size_t(k)] != it->second) ++k;
+                if (k == 4) r.bad("a word follows a word it can never follow");
+                nats -= std::log(kSuccessorProb[k]);
+            }
+            prev = it->second, ++n;
+            if (sp == std::string_view::npos) break;
+            body.remove_prefix(sp + 1);
+        }
+        nats += -double(n - 1) * std::log(1 - kStop) - std::log(kStop);
+    }
+    static void score_math(const LineReader& r, std::string_view body, double& nats) {
+        const long a = r.number(body);
+        if (body.empty()) r.bad("expected an operator");
+        const int op = int(std::string_view("+-*").find(body[0]));
+        if (op < 0) r.bad("expected +, - or *");
+        body.remove_prefix(1);
+        const long b = r.number(body);
+        if (body.empty() || body[0] != '=') r.bad("expected '='");
+        body.remove_prefix(1);
+        const long result = r.number(body, true);
+        if (!body.empty() || a > 99 || b > 99) r.bad("expected a op b=c with a, b in 0..99");
+        if (result != apply(op, int(a), int(b))) r.bad("wrong result");
+        nats += std::log(3.0) + 2 * std::log(100.0);
+    }
+    static void score_copy(const LineReader& r, std::string_view body, bool reversed, double& nats) {
+        const auto [q, answer] = r.split(body, "expected 'letters > letters'");
+        const std::string s(q);
+        if (s.size() < 4 || s.size() > 12) r.bad("expected 4 to 12 letters");
+        if (!std::all_of(s.begin(), s.end(), [](char c) { return c >= 'a' && c <= 'z'; }))
+            r.bad("expected lowercase letters");
+        if (answer != (reversed ? std::string(s.rbegin(), s.rend()) : s)) r.bad("wrong answer");
+        nats += std::log(9.0) + double(s.size()) * std::log(26.0);
+    }
+    static void score_sort(const LineReader& r, std::string_view body, double& nats) {
+        const auto [q, answer] = r.split(body, "expected 'numbers > numbers'");
+        std::vector<long> v = r.numbers(q), w = r.numbers(answer);
+        if (v.size() < 3 || v.size() > 8) r.bad("expected 3 to 8 numbers");
+        if (*std::max_element(v.begin(), v.end()) > 99) r.bad("expected numbers in 0..99");
+        std::sort(v.begin(), v.end());
+        if (v != w) r.bad("wrong answer");
+        nats += std::log(6.0) + double(v.size()) * std::log(100.0);
+    }
+    static void score_count(const LineReader& r, std::string_view body, double& nats) {
+        const std::vector<long> v = r.numbers(body);
+        if (v.size() < 3 || v.size() > 8 || v[0] > 89 || v[1] - v[0] < 1 || v[1] - v[0] > 4)
+            r.bad("expected 3 to 8 terms, start 0..89, step 1..4");
+        for (size_t i = 2; i < v.size(); ++i)
+            if (v[i] - v[i - 1] != v[1] - v[0]) r.bad("not an arithmetic progression");
+        nats += std::log(90.0) + std::log(4.0) + std::log(6.0);
+    }
+    // The exact -log p of one line (without its newline); *kind_out receives its sub-language.
+    double score_line(std::string_view line, size_t line_no, int* kind_out) const {
+        const LineReader r{line, line_no};
         int kind = -1;
         for (int k = 0; k < kKinds; ++k) {
             const size_t n = std::strlen(kNames[k]);
             if (line.size() > n && line.compare(0, n, kNames[k]) == 0 && line[n] == ' ') kind = k;
         }
-        if (kind < 0) bad("expected a line starting with talk, math, copy, rev, sort or count");
+        if (kind < 0) r.bad("expected a line starting with talk, math, copy, rev, sort or count");
         *kind_out = kind;
-        std::string_view body = line.substr(std::strlen(kNames[kind]) + 1);
+        const std::string_view body = line.substr(std::strlen(kNames[kind]) + 1);
         double nats = -std::log(kProb[kind]);
-        // Parses a canonical decimal number (no leading zeros) at the front of `s` and removes it.
-        auto number = [&](std::string_view& s, bool allow_minus = false) -> long {
-            size_t i = allow_minus && !s.empty() && s[0] == '-' ? 1 : 0;
-            const size_t digits_from = i;
-            while (i < s.size() && s[i] >= '0' && s[i] <= '9') ++i;
-            if (i == digits_from || i - digits_from > 9 || (i - digits_from > 1 && s[digits_from] == '0'))
-                bad("expected a number");
-            const long v = std::stol(std::string(s.substr(0, i)));
-            s.remove_prefix(i);
-            return v;
-        };
-        auto numbers = [&](std::string_view s) {
-            std::vector<long> v;
-            while (true) {
-                v.push_back(number(s));
-                if (s.empty()) break;
-                if (s[0] != ' ') bad("expected numbers separated by single spaces");
-                s.remove_prefix(1);
-            }
-            return v;
-        };
         switch (kind) {
-            case kTalk: {
-                if (body.empty() || body.back() != '.') bad("expected a sentence ending with '.'");
-                body.remove_suffix(1);
-                int64_t prev = -1, n = 0;
-                while (true) {
-                    const size_t sp = body.find(' ');
-                    const auto it = word_index.find(std::string(body.substr(0, sp)));
-                    if (it == word_index.end()) bad("expected words of the talk vocabulary");
-                    if (prev < 0) nats += std::log(double(kWords));
-                    else {
-                        int k = 0;
-                        while (k < 4 && successors[size_t(prev)][size_t(k)] != it->second) ++k;
-                        if (k == 4) bad("a word follows a word it can never follow");
-                        nats -= std::log(kSuccessorProb[k]);
-                    }
-                    prev = it->second;
-                    ++n;
-                    if (sp == std::string_view::npos) break;
-                    body.remove_prefix(sp + 1);
-                }
-                nats += -double(n - 1) * std::log(1 - kStop) - std::log(kStop);
-                break;
-            }
-            case kMath: {
-                const long a = number(body);
-                if (body.empty()) bad("expected an operator");
-                const int op = int(std::string_view("+-*").find(body[0]));
-                if (op < 0) bad("expected +, - or *");
-                body.remove_prefix(1);
-                const long b2 = number(body);
-                if (body.empty() || body[0] != '=') bad("expected '='");
-                body.remove_prefix(1);
-                const long r = number(body, true);
-                if (!body.empty() || a > 99 || b2 > 99) bad("expected a op b=c with a, b in 0..99");
-                if (r != apply(op, int(a), int(b2))) bad("wrong result");
-                nats += std::log(3.0) + 2 * std::log(100.0);
-                break;
-            }
-            case kCopy:
-            case kRev: {
-                const size_t gt = body.find(" > ");
-                if (gt == std::string_view::npos) bad("expected 'letters > letters'");
-                const std::string s(body.substr(0, gt)), t(body.substr(gt + 3));
-                if (s.size() < 4 || s.size() > 12) bad("expected 4 to 12 letters");
-                for (char c : s)
-                    if (c < 'a' || c > 'z') bad("expected lowercase letters");
-                if (t != (kind == kCopy ? s : std::string(s.rbegin(), s.rend()))) bad("wrong answer");
-                nats += std::log(9.0) + double(s.size()) * std::log(26.0);
-                break;
-            }
-            case kSort: {
-                const size_t gt = body.find(" > ");
-                if (gt == std::string_view::npos) bad("expected 'numbers > numbers'");
-                std::vector<long> v = numbers(body.substr(0, gt)), w = numbers(body.substr(gt + 3));
-                if (v.size() < 3 || v.size() > 8) bad("expected 3 to 8 numbers");
-                for (long x : v)
-                    if (x > 99) bad("expected numbers in 0..99");
-                std::sort(v.begin(), v.end());
-                if (v != w) bad("wrong answer");
-                nats += std::log(6.0) + double(v.size()) * std::log(100.0);
-                break;
-            }
-            case kCount: {
-                const std::vector<long> v = numbers(body);
-                if (v.size() < 3 || v.size() > 8 || v[0] > 89 || v[1] - v[0] < 1 || v[1] - v[0] > 4)
-                    bad("expected 3 to 8 terms, start 0..89, step 1..4");
-                for (size_t i = 2; i < v.size(); ++i)
-                    if (v[i] - v[i - 1] != v[1] - v[0]) bad("not an arithmetic progression");
-                nats += std::log(90.0) + std::log(4.0) + std::log(6.0);
-                break;
-            }
+            case kTalk: score_talk(r, body, nats); break;
+            case kMath: score_math(r, body, nats); break;
+            case kCopy: case kRev: score_copy(r, body, kind == kRev, nats); break;
+            case kSort: score_sort(r, body, nats); break;
+            case kCount: score_count(r, body, nats); break;
         }
         return nats;
     }
-
-    // The exact expected -log p and length of a line of each kind, and the best loss per byte.
-    SyntheticEntropy entropy() const {
+    // talk: every successor row has the same entropy h_T, so E[nats] = log 48 (first word) + h(stop)/q (one stop
+    // decision per word; E[words] = 1/q) + h_T (1/q - 1) (one transition per word after the first). The length
+    // needs the distribution p_i of the i-th word: p_1 uniform, p_{i+1} = p_i P, and word i exists with probability
+    // (1-q)^(i-1); the series converges geometrically and is summed until its terms vanish.
+    void talk_entropy(double& nats, double& bytes) const {
+        const double q = kStop, h_stop = -q * std::log(q) - (1 - q) * std::log(1 - q);
+        double h_T = 0;
+        for (double p : kSuccessorProb) h_T -= p * std::log(p);
+        nats = std::log(double(kWords)) + h_stop / q + h_T * (1 / q - 1);
+        std::vector<double> p(kWords, 1.0 / kWords), next(kWords);
+        double reach = 1, len = 0;
+        for (int i = 0; reach > 1e-18; ++i, reach *= 1 - q) {
+            for (int w = 0; w < kWords; ++w) len += reach * p[size_t(w)] * double(words[size_t(w)].size() + 1);
+            std::fill(next.begin(), next.end(), 0.0);
+            for (int w = 0; w < kWords; ++w)
+                for (int k = 0; k < 4; ++k) next[successors[size_t(w)][size_t(k)]] += p[size_t(w)] * kSuccessorProb[k];
+            p.swap(next);
+        }
+        bytes += len;  // each word with the ' ' or '.' after it
+    }
+    // The expected -log p (without the choice of the kind) and length (with the tag and newline) of each kind.
+    void kind_entropies(double* nats, double* bytes) const {
         auto digits = [](long v) { return double(std::to_string(v).size()); };
-        double nats[kKinds], bytes[kKinds];
         for (int k = 0; k < kKinds; ++k) bytes[k] = double(std::strlen(kNames[k])) + 2;  // tag, space, newline
         const double avg_digits_0_99 = 1.9;                                               // (10*1 + 90*2) / 100
-
-        // talk: every successor row has the same entropy h_T, so E[nats] = log 48 (first word) + h(stop)/q (one stop
-        // decision per word; E[words] = 1/q) + h_T (1/q - 1) (one transition per word after the first). The
-        // length needs the distribution p_i of the i-th word: p_1 uniform, p_{i+1} = p_i P, and word i exists with
-        // probability (1-q)^(i-1); the series converges geometrically and is summed until its terms vanish.
-        {
-            const double q = kStop, h_stop = -q * std::log(q) - (1 - q) * std::log(1 - q);
-            double h_T = 0;
-            for (double p : kSuccessorProb) h_T -= p * std::log(p);
-            nats[kTalk] = std::log(double(kWords)) + h_stop / q + h_T * (1 / q - 1);
-            std::vector<double> p(kWords, 1.0 / kWords), next(kWords);
-            double reach = 1, len = 0;
-            for (int i = 0; reach > 1e-18; ++i, reach *= 1 - q) {
-                for (int w = 0; w < kWords; ++w) len += reach * p[size_t(w)] * double(words[size_t(w)].size() + 1);
-                std::fill(next.begin(), next.end(), 0.0);
-                for (int w = 0; w < kWords; ++w)
-                    for (int k = 0; k < 4; ++k) next[successors[size_t(w)][size_t(k)]] += p[size_t(w)] * kSuccessorProb[k];
-                p.swap(next);
-            }
-            bytes[kTalk] += len;  // each word with the ' ' or '.' after it
-        }
+        talk_entropy(nats[kTalk], bytes[kTalk]);
         {  // math: enumerate the 30,000 equally likely questions for the answer's length
             double len = 0;
             for (int op = 0; op < 3; ++op)
@@ -5281,6 +5220,11 @@ struct SyntheticCorpus {
             nats[kCount] = std::log(90.0 * 4 * 6);
             bytes[kCount] += len / (90 * 4 * 6);
         }
+    }
+    // The exact expected -log p and length of a line of each kind, and the best loss per byte.
+    SyntheticEntropy entropy() const {
+        double nats[kKinds], bytes[kKinds];
+        kind_entropies(nats, bytes);
         SyntheticEntropy e{};
         double all_nats = 0, all_bytes = 0;
         Rng example_rng(7);
@@ -5342,9 +5286,7 @@ inline std::vector<int32_t> training_bytes(const std::string& path, std::string*
 // =====================================================================================================================
 //   12.1  PNG plots (stb_image_write + stb_easy_font): loss curves, heatmaps (expert load), attention maps.
 //   12.2  A progress line for long runs.
-// ================================================================================================================
-// 12.1 PNG plots
-// ================================================================================================================
+// --- 12.1 PNG plots --------------------------------------------------------------------------------------------------
 //
 // A tiny raster canvas: filled rectangles, anti-aliased lines (the coverage of a pixel is how much of it lies within
 // half the line width of the segment), and text from stb_easy_font, whose glyphs are made of axis-aligned quads
@@ -5529,134 +5471,131 @@ struct PlotSeries {
     std::vector<double> x, y;
 };
 
-// Line plot: loss curves and the like. log_y plots y on a logarithmic axis (non-positive values are skipped).
-inline void plot_lines(const std::string& path, const std::string& title, const std::string& xlabel,
-                       const std::string& ylabel, const std::vector<PlotSeries>& series, bool log_y = false) {
-    const int W = 960, H = 600, S = 2;
-    const Rgb ink{30, 30, 30}, grid{225, 225, 225}, frame{120, 120, 120};
-    auto ty = [&](double y) { return log_y ? (y > 0 ? std::log10(y) : NAN) : y; };  // y in axis space
-    double x_lo = INFINITY, x_hi = -INFINITY, y_lo = INFINITY, y_hi = -INFINITY;
-    for (const PlotSeries& s : series) {
-        if (s.x.size() != s.y.size())
-            fail("plot '", path, "': series '", s.name, "' has ", s.x.size(), " x values but ", s.y.size(), " y values");
-        for (size_t i = 0; i < s.x.size(); ++i) {
-            const double y = ty(s.y[i]);
-            if (!std::isfinite(s.x[i]) || !std::isfinite(y)) continue;
-            x_lo = std::min(x_lo, s.x[i]), x_hi = std::max(x_hi, s.x[i]);
-            y_lo = std::min(y_lo, y), y_hi = std::max(y_hi, y);
-        }
-    }
-    const bool empty = !(x_lo <= x_hi);
-    if (empty) x_lo = 0, x_hi = 1, y_lo = 0, y_hi = 1;
-    if (x_hi == x_lo) x_lo -= 0.5, x_hi += 0.5;
-    if (x_lo > 0 && x_lo < 0.05 * (x_hi - x_lo)) x_lo = 0;  // steps 1..N: start the axis at 0
-    if (y_hi == y_lo) { const double d = std::max(std::fabs(y_lo) * 0.1, 0.5); y_lo -= d, y_hi += d; }
-    const double pad = (y_hi - y_lo) * 0.05;
-    y_lo -= pad, y_hi += pad;
+namespace plot_detail {
+constexpr Rgb kInk{30, 30, 30}, kGrid{225, 225, 225}, kFrame{120, 120, 120};
+using Ticks = std::vector<std::pair<double, std::string>>;  // positions in axis space, and their labels
+struct Box { int x0, y0, x1, y1; };                          // pixels [x0, x1) x [y0, y1)
 
-    // Ticks: positions in axis space and their labels.
-    std::vector<std::pair<double, std::string>> xt, yt;
+inline Ticks linear_ticks(double lo, double hi, int target) {
     double step = 1;
-    for (double v : nice_ticks(x_lo, x_hi, 8, &step)) xt.push_back({v, format_tick(v, step)});
-    if (!log_y) {
-        for (double v : nice_ticks(y_lo, y_hi, 6, &step)) yt.push_back({v, format_tick(v, step)});
-    } else {
-        // Values m x 10^k, most important first: m = 1; then 2, 5; then 3, 4, 6, 7, 8, 9; then the halves. A value is
-        // kept if it is at least 26 pixels from every value kept so far; levels are added until there are 4 ticks.
-        const std::vector<std::vector<double>> levels = {
-            {1}, {2, 5}, {3, 4, 6, 7, 8, 9}, {1.5, 2.5, 3.5, 4.5, 5.5, 6.5, 7.5, 8.5, 9.5}};
-        const double px_per_decade = (H - 200.0) / (y_hi - y_lo);  // about the plot height
-        std::vector<double> kept;  // log10 of the values
-        for (const auto& ms : levels) {
-            if (kept.size() >= 4) break;
-            for (int k = int(std::floor(y_lo)) - 1; k <= int(std::ceil(y_hi)); ++k)
-                for (double m : ms) {
-                    const double a = std::log10(m) + k;
-                    if (a < y_lo || a > y_hi) continue;
-                    bool room = true;
-                    for (double b : kept) room = room && std::fabs(a - b) * px_per_decade >= 26;
-                    if (room) kept.push_back(a);
-                }
-        }
-        std::sort(kept.begin(), kept.end());
-        for (double a : kept) {
-            char buf[32];
-            std::snprintf(buf, sizeof buf, "%g", std::pow(10.0, a));
-            yt.push_back({a, buf});
-        }
+    Ticks t;
+    for (double v : nice_ticks(lo, hi, target, &step)) t.push_back({v, format_tick(v, step)});
+    return t;
+}
+// Ticks of a log axis (lo, hi: log10 of the values): values m x 10^k, most important first: m = 1; then 2, 5; then
+// 3, 4, 6, 7, 8, 9; then the halves. A value is kept if it is at least 26 pixels from every value kept so far;
+// levels are added until there are 4 ticks.
+inline Ticks log_ticks(double lo, double hi, double px_per_decade) {
+    static const std::vector<std::vector<double>> levels = {
+        {1}, {2, 5}, {3, 4, 6, 7, 8, 9}, {1.5, 2.5, 3.5, 4.5, 5.5, 6.5, 7.5, 8.5, 9.5}};
+    std::vector<double> kept;
+    for (size_t l = 0; l < levels.size() && kept.size() < 4; ++l)
+        for (int k = int(std::floor(lo)) - 1; k <= int(std::ceil(hi)); ++k)
+            for (double m : levels[l]) {
+                const double a = std::log10(m) + k;
+                auto far = [&](double b) { return std::fabs(a - b) * px_per_decade >= 26; };
+                if (a >= lo && a <= hi && std::all_of(kept.begin(), kept.end(), far)) kept.push_back(a);
+            }
+    std::sort(kept.begin(), kept.end());
+    Ticks t;
+    for (double a : kept) {
+        char buf[32];
+        std::snprintf(buf, sizeof buf, "%g", std::pow(10.0, a));
+        t.push_back({a, buf});
     }
-    int y_label_w = 0;
-    for (const auto& t : yt) y_label_w = std::max(y_label_w, Canvas::text_width(t.second, S));
-    const int last_x_label_half = xt.empty() ? 0 : Canvas::text_width(xt.back().second, S) / 2;
+    return t;
+}
 
-    // Legend: a swatch and the name of every named series.
-    int legend_text_w = 0, n_named = 0;
-    for (const PlotSeries& s : series)
-        if (!s.name.empty()) legend_text_w = std::max(legend_text_w, Canvas::text_width(s.name, S)), ++n_named;
-    const int legend_row = 24, legend_w = legend_text_w + 56, legend_h = n_named * legend_row + 12;
-    auto draw_legend = [&](Canvas& c, int bx, int by) {
-        c.fill_rect(bx, by, bx + legend_w, by + legend_h, {255, 255, 255});
-        c.outline_rect(bx, by, bx + legend_w, by + legend_h, frame);
-        int i = 0;
-        for (size_t k = 0; k < series.size(); ++k) {
-            if (series[k].name.empty()) continue;
-            const int y = by + 6 + i++ * legend_row + legend_row / 2;
-            c.fill_rect(bx + 10, y - 2, bx + 38, y + 2, series_color(k));
-            c.text_at(bx + 46, y, series[k].name, ink, S, -1, 0);
+// A line plot, laid out once (ranges, ticks, legend size); render() draws it.
+struct LinePlot {
+    static constexpr int W = 960, H = 600, S = 2, kLegendRow = 24;
+    const std::vector<PlotSeries>& series;
+    bool log_y, empty = false;
+    double x_lo = INFINITY, x_hi = -INFINITY, y_lo = INFINITY, y_hi = -INFINITY;
+    Ticks xt, yt;
+    int y_label_w = 0, n_named = 0, legend_w = 0, legend_h = 0;
+
+    double ty(double y) const { return log_y ? (y > 0 ? std::log10(y) : NAN) : y; }  // y in axis space
+    LinePlot(const std::string& path, const std::vector<PlotSeries>& s, bool log) : series(s), log_y(log) {
+        for (const PlotSeries& p : series) {
+            if (p.x.size() != p.y.size())
+                fail("plot '", path, "': series '", p.name, "' has ", p.x.size(), " x values but ", p.y.size(), " y values");
+            for (size_t i = 0; i < p.x.size(); ++i)
+                if (std::isfinite(p.x[i]) && std::isfinite(ty(p.y[i])))
+                    x_lo = std::min(x_lo, p.x[i]), x_hi = std::max(x_hi, p.x[i]),
+                    y_lo = std::min(y_lo, ty(p.y[i])), y_hi = std::max(y_hi, ty(p.y[i]));
         }
-    };
+        empty = !(x_lo <= x_hi);
+        if (empty) x_lo = 0, x_hi = 1, y_lo = 0, y_hi = 1;
+        if (x_hi == x_lo) x_lo -= 0.5, x_hi += 0.5;
+        if (x_lo > 0 && x_lo < 0.05 * (x_hi - x_lo)) x_lo = 0;  // steps 1..N: start the axis at 0
+        if (y_hi == y_lo) { const double d = std::max(std::fabs(y_lo) * 0.1, 0.5); y_lo -= d, y_hi += d; }
+        const double pad = (y_hi - y_lo) * 0.05;
+        y_lo -= pad, y_hi += pad;
+        xt = linear_ticks(x_lo, x_hi, 8);
+        yt = log_y ? log_ticks(y_lo, y_hi, (H - 200.0) / (y_hi - y_lo)) : linear_ticks(y_lo, y_hi, 6);
+        for (const auto& t : yt) y_label_w = std::max(y_label_w, Canvas::text_width(t.second, S));
+        int legend_text_w = 0;
+        for (const PlotSeries& p : series)
+            if (!p.name.empty()) legend_text_w = std::max(legend_text_w, Canvas::text_width(p.name, S)), ++n_named;
+        legend_w = legend_text_w + 56, legend_h = n_named * kLegendRow + 12;
+    }
+    double X(const Box& b, double x) const { return b.x0 + (x - x_lo) / (x_hi - x_lo) * (b.x1 - 1 - b.x0); }
+    double Y(const Box& b, double y) const { return b.y1 - 1 - (y - y_lo) / (y_hi - y_lo) * (b.y1 - 1 - b.y0); }
 
-    // Draws the plot; the legend goes into the corner of the plot area where it covers the least of the curves,
-    // or, with legend_outside (or when every corner is crowded), to the right of the plot area.
-    auto render = [&](bool legend_outside, bool* crowded) {
-        const int px0 = 16 + Canvas::text_height(S) + 14 + y_label_w + 10;
-        const int px1 = W - std::max(24, last_x_label_half + 8) - (legend_outside ? legend_w + 16 : 0);
-        const int py0 = 20 + Canvas::text_height(3) + 20;
-        const int py1 = H - (12 + Canvas::text_height(S) + 16 + Canvas::text_height(S) + 18);
-        auto X = [&](double x) { return px0 + (x - x_lo) / (x_hi - x_lo) * (px1 - 1 - px0); };
-        auto Y = [&](double y) { return py1 - 1 - (y - y_lo) / (y_hi - y_lo) * (py1 - 1 - py0); };
-
-        Canvas c(W, H);
-        c.text_at(W / 2, 20, title, ink, Canvas::text_width(title, 3) + 20 <= W ? 3 : 2, 0, -1);  // long: smaller
+    // Title, grid, ticks, frame and axis labels around the plot area b.
+    void draw_axes(Canvas& c, const Box& b, const std::string& title, const std::string& xlabel,
+                   const std::string& ylabel) const {
+        c.text_at(W / 2, 20, title, kInk, Canvas::text_width(title, 3) + 20 <= W ? 3 : 2, 0, -1);  // long: smaller
         for (const auto& [v, label] : xt) {
-            const int x = int(std::lround(X(v)));
-            c.fill_rect(x, py0, x + 1, py1, grid);
-            c.fill_rect(x, py1, x + 1, py1 + 6, frame);
-            c.text_at(x, py1 + 12, label, ink, S, 0, -1);
+            const int x = int(std::lround(X(b, v)));
+            c.fill_rect(x, b.y0, x + 1, b.y1, kGrid);
+            c.fill_rect(x, b.y1, x + 1, b.y1 + 6, kFrame);
+            c.text_at(x, b.y1 + 12, label, kInk, S, 0, -1);
         }
         for (const auto& [v, label] : yt) {
-            const int y = int(std::lround(Y(v)));
-            c.fill_rect(px0, y, px1, y + 1, grid);
-            c.fill_rect(px0 - 6, y, px0, y + 1, frame);
-            c.text_at(px0 - 10, y, label, ink, S, 1, 0);
+            const int y = int(std::lround(Y(b, v)));
+            c.fill_rect(b.x0, y, b.x1, y + 1, kGrid);
+            c.fill_rect(b.x0 - 6, y, b.x0, y + 1, kFrame);
+            c.text_at(b.x0 - 10, y, label, kInk, S, 1, 0);
         }
-        c.outline_rect(px0, py0, px1, py1, frame);
-        c.text_at((px0 + px1) / 2, H - 14, xlabel, ink, S, 0, 1);
-        c.text_vertical_centered(16 + Canvas::text_height(S) / 2, (py0 + py1) / 2, ylabel, ink, S);
-        if (empty) c.text_at((px0 + px1) / 2, (py0 + py1) / 2, "no data", frame, S, 0, 0);
-
+        c.outline_rect(b.x0, b.y0, b.x1, b.y1, kFrame);
+        c.text_at((b.x0 + b.x1) / 2, H - 14, xlabel, kInk, S, 0, 1);
+        c.text_vertical_centered(16 + Canvas::text_height(S) / 2, (b.y0 + b.y1) / 2, ylabel, kInk, S);
+        if (empty) c.text_at((b.x0 + b.x1) / 2, (b.y0 + b.y1) / 2, "no data", kFrame, S, 0, 0);
+    }
+    void draw_series(Canvas& c, const Box& b) const {
         for (size_t k = 0; k < series.size(); ++k) {
             const PlotSeries& s = series[k];
             std::vector<double> xs(s.x.size()), ys(s.y.size());
             size_t n_points = 0;
             for (size_t i = 0; i < s.x.size(); ++i) {
-                const double y = ty(s.y[i]);
-                const bool ok = std::isfinite(s.x[i]) && std::isfinite(y);
-                xs[i] = ok ? X(s.x[i]) : NAN;
-                ys[i] = ok ? Y(y) : NAN;
+                const bool ok = std::isfinite(s.x[i]) && std::isfinite(ty(s.y[i]));
+                xs[i] = ok ? X(b, s.x[i]) : NAN;
+                ys[i] = ok ? Y(b, ty(s.y[i])) : NAN;
                 n_points += ok;
             }
-            c.polyline(xs, ys, series_color(k), 2.0, px0 + 1, py0 + 1, px1 - 1, py1 - 1);
+            c.polyline(xs, ys, series_color(k), 2.0, b.x0 + 1, b.y0 + 1, b.x1 - 1, b.y1 - 1);
             if (n_points <= 40)
                 for (size_t i = 0; i < xs.size(); ++i)
                     if (std::isfinite(xs[i])) c.disc(xs[i], ys[i], 3.5, series_color(k));
         }
-        if (n_named == 0) return c;
-        if (legend_outside) {
-            draw_legend(c, px1 + 16, py0);
-            return c;
+    }
+    // A swatch and the name of every named series, in a box with its top-left corner at (bx, by).
+    void draw_legend(Canvas& c, int bx, int by) const {
+        c.fill_rect(bx, by, bx + legend_w, by + legend_h, {255, 255, 255});
+        c.outline_rect(bx, by, bx + legend_w, by + legend_h, kFrame);
+        int i = 0;
+        for (size_t k = 0; k < series.size(); ++k) {
+            if (series[k].name.empty()) continue;
+            const int y = by + 6 + i++ * kLegendRow + kLegendRow / 2;
+            c.fill_rect(bx + 10, y - 2, bx + 38, y + 2, series_color(k));
+            c.text_at(bx + 46, y, series[k].name, kInk, S, -1, 0);
         }
-        // Curve pixels (coloured, unlike the grey grid and text) under each candidate corner.
+    }
+    // The legend into the corner of the plot area with the fewest curve pixels (coloured, unlike the grey grid and
+    // text) under it; *crowded when even that corner hides more than 2% of the box.
+    void place_legend(Canvas& c, const Box& b, bool* crowded) const {
         auto ink_under = [&](int bx, int by) {
             int64_t n = 0;
             for (int y = std::max(by, 0); y < std::min(by + legend_h, H); ++y)
@@ -5666,24 +5605,42 @@ inline void plot_lines(const std::string& path, const std::string& title, const 
                 }
             return n;
         };
-        const int corners[4][2] = {{px1 - 12 - legend_w, py0 + 12}, {px0 + 12, py0 + 12},
-                                   {px1 - 12 - legend_w, py1 - 12 - legend_h}, {px0 + 12, py1 - 12 - legend_h}};
+        const int corners[4][2] = {{b.x1 - 12 - legend_w, b.y0 + 12}, {b.x0 + 12, b.y0 + 12},
+                                   {b.x1 - 12 - legend_w, b.y1 - 12 - legend_h}, {b.x0 + 12, b.y1 - 12 - legend_h}};
         int best = 0;
         int64_t best_ink = INT64_MAX;
-        for (int i = 0; i < 4; ++i) {
-            const int64_t n = ink_under(corners[i][0], corners[i][1]);
-            if (n < best_ink) best_ink = n, best = i;
-        }
-        if (best_ink > int64_t(legend_w) * legend_h / 50 && crowded) *crowded = true;  // > 2% of the box
+        for (int i = 0; i < 4; ++i)
+            if (const int64_t n = ink_under(corners[i][0], corners[i][1]); n < best_ink) best_ink = n, best = i;
+        if (best_ink > int64_t(legend_w) * legend_h / 50 && crowded) *crowded = true;
         draw_legend(c, corners[best][0], corners[best][1]);
+    }
+    // The legend goes inside the plot area (place_legend) or, with legend_outside, to the right of it.
+    Canvas render(const std::string& title, const std::string& xlabel, const std::string& ylabel, bool legend_outside,
+                  bool* crowded) const {
+        const int last_x_label_half = xt.empty() ? 0 : Canvas::text_width(xt.back().second, S) / 2;
+        const Box b{16 + Canvas::text_height(S) + 14 + y_label_w + 10, 20 + Canvas::text_height(3) + 20,
+                    W - std::max(24, last_x_label_half + 8) - (legend_outside ? legend_w + 16 : 0),
+                    H - (12 + Canvas::text_height(S) + 16 + Canvas::text_height(S) + 18)};
+        Canvas c(W, H);
+        draw_axes(c, b, title, xlabel, ylabel);
+        draw_series(c, b);
+        if (n_named > 0 && legend_outside) draw_legend(c, b.x1 + 16, b.y0);
+        else if (n_named > 0) place_legend(c, b, crowded);
         return c;
-    };
+    }
+};
+}  // namespace plot_detail
+
+// Line plot: loss curves and the like. log_y plots y on a logarithmic axis (non-positive values are skipped). The
+// legend goes where it covers the least of the curves, or, when every corner is crowded, right of the plot area.
+inline void plot_lines(const std::string& path, const std::string& title, const std::string& xlabel,
+                       const std::string& ylabel, const std::vector<PlotSeries>& series, bool log_y = false) {
+    const plot_detail::LinePlot plot(path, series, log_y);
     bool crowded = false;
-    Canvas c = render(false, &crowded);
-    if (crowded) c = render(true, nullptr);
+    Canvas c = plot.render(title, xlabel, ylabel, false, &crowded);
+    if (crowded) c = plot.render(title, xlabel, ylabel, true, nullptr);
     c.save_png(path);
 }
-
 // Heatmap options: value range (NaN = from the data), square cells (for T x T maps), numbers in the cells
 // (-1: when they fit), a label for the colour bar, and the colour of NaN cells (masked, e.g. future positions).
 struct HeatmapOptions {
@@ -5693,6 +5650,131 @@ struct HeatmapOptions {
     std::string colorbar_label;
     Rgb masked{225, 225, 225};
 };
+
+namespace plot_detail {
+// The smallest k of 1, 2, 4, 5, 8, 10, ... such that every k-th label (need_px) fits in k cells of cell_px.
+inline int label_every(int need_px, int cell_px) {
+    for (int k : {1, 2, 4, 5, 8, 10, 16, 20, 25, 32, 50, 64, 100, 128, 200, 250, 500, 1000})
+        if (k * cell_px >= need_px) return k;
+    return (need_px + cell_px - 1) / cell_px;
+}
+
+// A heatmap, laid out once; draw() paints it. Labels are drawn at scale 2, every k-th with k chosen for the typical
+// (median) label width; a label that would still touch the one before it is skipped. Column labels are horizontal
+// unless rotating them lets many more of them be shown.
+struct Heatmap {
+    static constexpr int S = 2;
+    const std::vector<float>& values;
+    int rows, cols;
+    const std::vector<std::string> &row_labels, &col_labels;
+    const HeatmapOptions& opt;
+    double lo, hi, step = 1;          // colour range; colour bar tick spacing
+    int cw, ch, gw, gh;               // cell and grid sizes
+    int row_every, row_w = 0, col_every, col_h;
+    bool col_horizontal;
+    std::vector<int> col_widths;
+    std::vector<double> bar_ticks;
+    int bar_h, bar_label_w = 0, gx0, gy0, bar_x0, bar_x1, xlabel_y, W, H;
+
+    std::string label(const std::vector<std::string>& labels, int i) const {
+        return labels.empty() ? std::to_string(i) : labels[size_t(i)];
+    }
+    Heatmap(const std::vector<float>& v, int r, int c, const std::vector<std::string>& rl,
+            const std::vector<std::string>& cl, const std::string& title, const HeatmapOptions& o)
+        : values(v), rows(r), cols(c), row_labels(rl), col_labels(cl), opt(o), lo(o.vmin), hi(o.vmax) {
+        if (std::isnan(lo) || std::isnan(hi)) {
+            double dlo = INFINITY, dhi = -INFINITY;
+            for (float x : values)
+                if (std::isfinite(x)) dlo = std::min(dlo, double(x)), dhi = std::max(dhi, double(x));
+            if (!(dlo <= dhi)) dlo = 0, dhi = 1;
+            if (std::isnan(lo)) lo = dlo;
+            if (std::isnan(hi)) hi = dhi;
+        }
+        if (!(hi > lo)) hi = lo + (lo == 0 ? 1 : std::fabs(lo) * 0.01);
+        cw = std::clamp(900 / cols, 2, 72), ch = std::clamp(600 / rows, 2, 64);
+        if (opt.square_cells) cw = ch = std::clamp(std::min(900 / cols, 700 / rows), 2, 64);
+        gw = cw * cols, gh = ch * rows;
+        row_every = label_every(Canvas::text_height(S) + 6, ch);
+        for (int i = 0; i < rows; i += row_every) row_w = std::max(row_w, Canvas::text_width(label(row_labels, i), S));
+        for (int j = 0; j < cols; ++j) col_widths.push_back(Canvas::text_width(label(col_labels, j), S));
+        std::vector<int> sorted = col_widths;
+        std::sort(sorted.begin(), sorted.end());
+        const int every_h = label_every(sorted[sorted.size() / 2] + 8, cw);
+        const int every_v = label_every(Canvas::text_height(S) + 6, cw);
+        col_horizontal = every_h <= 2 * every_v;
+        col_every = col_horizontal ? every_h : every_v;
+        col_h = col_horizontal ? Canvas::text_height(S) : 0;
+        for (int j = 0; !col_horizontal && j < cols; j += col_every) col_h = std::max(col_h, col_widths[size_t(j)]);
+        bar_h = std::max(gh, 160);
+        bar_ticks = nice_ticks(lo, hi, std::clamp(bar_h / 25, 4, 10), &step);
+        for (double t : bar_ticks) bar_label_w = std::max(bar_label_w, Canvas::text_width(format_tick(t, step), S));
+        gx0 = 16 + Canvas::text_height(S) + 14 + row_w + 10;
+        gy0 = 20 + Canvas::text_height(3) + 24;
+        bar_x0 = gx0 + gw + 24, bar_x1 = bar_x0 + 20;
+        W = bar_x1 + 10 + bar_label_w + (opt.colorbar_label.empty() ? 0 : 12 + Canvas::text_height(S)) + 20;
+        W = std::max(W, Canvas::text_width(title, 3) + 40);
+        xlabel_y = gy0 + gh + 8 + col_h + 18;  // top of the x label, under the column labels
+        H = std::max(xlabel_y + Canvas::text_height(S) + 18, gy0 + bar_h + 24);
+    }
+    // The cells, with their numbers (2 significant digits, one text size for the whole map) when they fit.
+    void draw_cells(Canvas& c) const {
+        const bool annotate = opt.annotate == 1 || (opt.annotate < 0 && ch >= 14 && cw >= 30 && rows * cols <= 400);
+        std::vector<std::string> text(annotate ? values.size() : 0);
+        int scale = 2;
+        for (size_t i = 0; i < text.size(); ++i) {
+            const double v = values[i];
+            if (!std::isfinite(v)) continue;
+            char buf[32];
+            std::snprintf(buf, sizeof buf, std::fabs(v) >= 100 || v == std::round(v) ? "%.0f" : "%.2g", v);
+            text[i] = buf;
+            if (Canvas::text_width(buf, 2) + 12 > cw || ch < 22) scale = 1;
+        }
+        for (int r = 0; r < rows; ++r)
+            for (int j = 0; j < cols; ++j) {
+                const size_t i = size_t(r) * size_t(cols) + size_t(j);
+                const int x = gx0 + j * cw, y = gy0 + r * ch;
+                const Rgb col = std::isfinite(values[i]) ? ramp_color((values[i] - lo) / (hi - lo)) : opt.masked;
+                c.fill_rect(x, y, x + cw, y + ch, col);
+                if (annotate && !text[i].empty() && Canvas::text_width(text[i], scale) + 4 <= cw) {
+                    const bool dark = 0.299 * col.r + 0.587 * col.g + 0.114 * col.b < 140;
+                    c.text_at(x + cw / 2, y + ch / 2, text[i], dark ? Rgb{255, 255, 255} : kInk, scale, 0, 0);
+                }
+            }
+        c.outline_rect(gx0 - 1, gy0 - 1, gx0 + gw + 1, gy0 + gh + 1, kFrame);
+    }
+    void draw_labels(Canvas& c, const std::string& xlabel, const std::string& ylabel) const {
+        for (int r = 0; r < rows; r += row_every)
+            c.text_at(gx0 - 8, gy0 + r * ch + ch / 2, label(row_labels, r), kInk, S, 1, 0);
+        int last_right = -1000000;
+        for (int j = 0; j < cols; j += col_every) {
+            const int x = gx0 + j * cw + cw / 2;
+            const std::string s = label(col_labels, j);
+            if (!col_horizontal) {
+                c.text(x - Canvas::text_height(S) / 2, gy0 + gh + 8 + Canvas::text_width(s, S), s, kInk, S, true);
+            } else if (x - col_widths[size_t(j)] / 2 >= last_right + 6) {
+                last_right = x - col_widths[size_t(j)] / 2 + col_widths[size_t(j)];
+                c.text_at(x, gy0 + gh + 8, s, kInk, S, 0, -1);
+            }
+        }
+        c.text_at(gx0 + gw / 2, xlabel_y, xlabel, kInk, S, 0, -1);
+        c.text_vertical_centered(16 + Canvas::text_height(S) / 2, gy0 + gh / 2, ylabel, kInk, S);
+    }
+    // The colour bar: the ramp from hi (top) to lo (bottom), with tick labels.
+    void draw_colorbar(Canvas& c) const {
+        for (int y = 0; y < bar_h; ++y)
+            c.fill_rect(bar_x0, gy0 + y, bar_x1, gy0 + y + 1, ramp_color(1.0 - (y + 0.5) / bar_h));
+        c.outline_rect(bar_x0 - 1, gy0 - 1, bar_x1 + 1, gy0 + bar_h + 1, kFrame);
+        for (double v : bar_ticks) {
+            const int y = gy0 + int(std::lround((1.0 - (v - lo) / (hi - lo)) * (bar_h - 1)));
+            c.fill_rect(bar_x1, y, bar_x1 + 5, y + 1, kFrame);
+            c.text_at(bar_x1 + 9, y, format_tick(v, step), kInk, S, -1, 0);
+        }
+        if (!opt.colorbar_label.empty())
+            c.text_vertical_centered(bar_x1 + 10 + bar_label_w + 12 + Canvas::text_height(S) / 2, gy0 + bar_h / 2,
+                                     opt.colorbar_label, kInk, S);
+    }
+};
+}  // namespace plot_detail
 
 // Heatmap of values[rows, cols] (row-major): e.g. expert load with rows = layers, cols = experts. Labels may be
 // empty (then indices are shown); labels that would overlap are thinned to every k-th.
@@ -5705,123 +5787,14 @@ inline void plot_heatmap(const std::string& path, const std::string& title, cons
         fail("heatmap '", path, "': ", row_labels.size(), " row labels for ", rows, " rows");
     if (!col_labels.empty() && col_labels.size() != size_t(cols))
         fail("heatmap '", path, "': ", col_labels.size(), " column labels for ", cols, " columns");
-    const Rgb ink{30, 30, 30}, frame{120, 120, 120};
-    const int S = 2;
-    double lo = opt.vmin, hi = opt.vmax;
-    if (std::isnan(lo) || std::isnan(hi)) {
-        double dlo = INFINITY, dhi = -INFINITY;
-        for (float v : values)
-            if (std::isfinite(v)) dlo = std::min(dlo, double(v)), dhi = std::max(dhi, double(v));
-        if (!(dlo <= dhi)) dlo = 0, dhi = 1;
-        if (std::isnan(lo)) lo = dlo;
-        if (std::isnan(hi)) hi = dhi;
-    }
-    if (!(hi > lo)) hi = lo + (lo == 0 ? 1 : std::fabs(lo) * 0.01);
-
-    int cw = std::clamp(900 / cols, 2, 72), ch = std::clamp(600 / rows, 2, 64);
-    if (opt.square_cells) cw = ch = std::clamp(std::min(900 / cols, 700 / rows), 2, 64);
-    const int gw = cw * cols, gh = ch * rows;
-    auto label = [](const std::vector<std::string>& labels, int i) {
-        return labels.empty() ? std::to_string(i) : labels[size_t(i)];
-    };
-    // Labels are drawn at scale 2, every k-th (k = 1, 2, 4, 5, 8, 10, ...) with k chosen for the typical (median)
-    // label width; a label that would still touch the one before it is skipped. Column labels are horizontal
-    // unless rotating them lets many more of them be shown.
-    auto every = [](int need_px, int cell_px) {
-        for (int k : {1, 2, 4, 5, 8, 10, 16, 20, 25, 32, 50, 64, 100, 128, 200, 250, 500, 1000})
-            if (k * cell_px >= need_px) return k;
-        return (need_px + cell_px - 1) / cell_px;
-    };
-    const int row_every = every(Canvas::text_height(S) + 6, ch);
-    int row_w = 0;
-    for (int r = 0; r < rows; r += row_every) row_w = std::max(row_w, Canvas::text_width(label(row_labels, r), S));
-    std::vector<int> col_widths;
-    for (int j = 0; j < cols; ++j) col_widths.push_back(Canvas::text_width(label(col_labels, j), S));
-    std::vector<int> sorted_widths = col_widths;
-    std::sort(sorted_widths.begin(), sorted_widths.end());
-    const int col_every_h = every(sorted_widths[sorted_widths.size() / 2] + 8, cw);
-    const int col_every_v = every(Canvas::text_height(S) + 6, cw);
-    const bool col_horizontal = col_every_h <= 2 * col_every_v;
-    const int col_every = col_horizontal ? col_every_h : col_every_v;
-    int col_h = Canvas::text_height(S);
-    if (!col_horizontal) {
-        col_h = 0;
-        for (int j = 0; j < cols; j += col_every) col_h = std::max(col_h, col_widths[size_t(j)]);
-    }
-    // Colour bar ticks.
-    double step = 1;
-    const int bar_h = std::max(gh, 160);
-    std::vector<double> bar_ticks = nice_ticks(lo, hi, std::clamp(bar_h / 25, 4, 10), &step);
-    int bar_label_w = 0;
-    for (double v : bar_ticks) bar_label_w = std::max(bar_label_w, Canvas::text_width(format_tick(v, step), S));
-
-    const int gx0 = 16 + Canvas::text_height(S) + 14 + row_w + 10;
-    const int gy0 = 20 + Canvas::text_height(3) + 24;
-    const int bar_x0 = gx0 + gw + 24, bar_x1 = bar_x0 + 20;
-    int W = bar_x1 + 10 + bar_label_w + (opt.colorbar_label.empty() ? 0 : 12 + Canvas::text_height(S)) + 20;
-    W = std::max(W, Canvas::text_width(title, 3) + 40);
-    const int xlabel_y = gy0 + gh + 8 + col_h + 18;  // top of the x label, under the column labels
-    const int H = std::max(xlabel_y + Canvas::text_height(S) + 18, gy0 + bar_h + 24);
-
-    Canvas c(W, H);
-    c.text_at(W / 2, 20, title, ink, 3, 0, -1);
-    const bool annotate = opt.annotate == 1 || (opt.annotate < 0 && ch >= 14 && cw >= 30 && rows * cols <= 400);
-    // Numbers in the cells: 2 significant digits, one text size for the whole map (2 if every number fits).
-    std::vector<std::string> cell_text(annotate ? values.size() : 0);
-    int cell_scale = 2;
-    for (size_t i = 0; i < cell_text.size(); ++i) {
-        const double v = values[i];
-        if (!std::isfinite(v)) continue;
-        char buf[32];
-        std::snprintf(buf, sizeof buf, std::fabs(v) >= 100 || v == std::round(v) ? "%.0f" : "%.2g", v);
-        cell_text[i] = buf;
-        if (Canvas::text_width(buf, 2) + 12 > cw || ch < 22) cell_scale = 1;
-    }
-    for (int r = 0; r < rows; ++r)
-        for (int j = 0; j < cols; ++j) {
-            const size_t i = size_t(r) * size_t(cols) + size_t(j);
-            const float v = values[i];
-            const int x = gx0 + j * cw, y = gy0 + r * ch;
-            const Rgb col = std::isfinite(v) ? ramp_color((v - lo) / (hi - lo)) : opt.masked;
-            c.fill_rect(x, y, x + cw, y + ch, col);
-            if (annotate && !cell_text[i].empty() && Canvas::text_width(cell_text[i], cell_scale) + 4 <= cw) {
-                const bool dark = 0.299 * col.r + 0.587 * col.g + 0.114 * col.b < 140;
-                c.text_at(x + cw / 2, y + ch / 2, cell_text[i], dark ? Rgb{255, 255, 255} : ink, cell_scale, 0, 0);
-            }
-        }
-    c.outline_rect(gx0 - 1, gy0 - 1, gx0 + gw + 1, gy0 + gh + 1, frame);
-    for (int r = 0; r < rows; r += row_every)
-        c.text_at(gx0 - 8, gy0 + r * ch + ch / 2, label(row_labels, r), ink, S, 1, 0);
-    int last_right = -1000000;
-    for (int j = 0; j < cols; j += col_every) {
-        const int x = gx0 + j * cw + cw / 2;
-        if (col_horizontal) {
-            const int left = x - col_widths[size_t(j)] / 2;
-            if (left < last_right + 6) continue;
-            last_right = left + col_widths[size_t(j)];
-            c.text_at(x, gy0 + gh + 8, label(col_labels, j), ink, S, 0, -1);
-        } else {
-            const std::string s = label(col_labels, j);
-            c.text(x - Canvas::text_height(S) / 2, gy0 + gh + 8 + Canvas::text_width(s, S), s, ink, S, true);
-        }
-    }
-    c.text_at(gx0 + gw / 2, xlabel_y, xlabel, ink, S, 0, -1);
-    c.text_vertical_centered(16 + Canvas::text_height(S) / 2, gy0 + gh / 2, ylabel, ink, S);
-
-    // Colour bar: the ramp from hi (top) to lo (bottom) with tick labels.
-    for (int y = 0; y < bar_h; ++y) c.fill_rect(bar_x0, gy0 + y, bar_x1, gy0 + y + 1, ramp_color(1.0 - (y + 0.5) / bar_h));
-    c.outline_rect(bar_x0 - 1, gy0 - 1, bar_x1 + 1, gy0 + bar_h + 1, frame);
-    for (double v : bar_ticks) {
-        const int y = gy0 + int(std::lround((1.0 - (v - lo) / (hi - lo)) * (bar_h - 1)));
-        c.fill_rect(bar_x1, y, bar_x1 + 5, y + 1, frame);
-        c.text_at(bar_x1 + 9, y, format_tick(v, step), ink, S, -1, 0);
-    }
-    if (!opt.colorbar_label.empty())
-        c.text_vertical_centered(bar_x1 + 10 + bar_label_w + 12 + Canvas::text_height(S) / 2, gy0 + bar_h / 2,
-                                 opt.colorbar_label, ink, S);
+    const plot_detail::Heatmap map(values, rows, cols, row_labels, col_labels, title, opt);
+    Canvas c(map.W, map.H);
+    c.text_at(map.W / 2, 20, title, plot_detail::kInk, 3, 0, -1);
+    map.draw_cells(c);
+    map.draw_labels(c, xlabel, ylabel);
+    map.draw_colorbar(c);
     c.save_png(path);
 }
-
 // A token as a short printable tick label: space -> '_', newline -> "\n", other control bytes -> '?'.
 inline std::string tick_label(const std::string& token) {
     std::string s;
@@ -5857,9 +5830,7 @@ inline void plot_attention(const std::string& path, const std::string& title, co
     plot_heatmap(path, title, v, T, T, labels, labels, "key (attended to)", "query (attending)", opt);
 }
 
-// ================================================================================================================
-// 12.2 Progress line
-// ================================================================================================================
+// --- 12.2 Progress line ----------------------------------------------------------------------------------------------
 //
 // "step 120/5000 (2.4%) | loss 2.3456 | lr 3.0e-04 | 12.3k tok/s | 0:12 elapsed | ETA 8:03". In a terminal the
 // line is rewritten in place ('\r') at most 10 times a second; when the output is a file or a pipe (CI logs),
@@ -5966,101 +5937,6 @@ struct Progress {
 // 13.4 config.json <-> Config; 13.5 Model <-> directory (save_hf, load_hf, with DeepSeek's FP8 block-scaled weights
 // and the MTP module's copies); 13.6 .npy files and the forward pass the way transformers computes logits and loss (used by examples/hf_logits.cpp and the reference tests).
 
-// --- 13.1 checkpoints --------------------------------------------------------------------------------------------
-// A training checkpoint holds everything a resumed run needs to continue bit for bit: the config, the step, the
-// parameters (the routing bias included) and AdamW's moments. Text header, then raw little-endian float32:
-//     dsv3-checkpoint 1
-//     <Config::to_text() lines>
-//     step=<optimizer steps taken>
-//     floats=<parameter count>
-//     end
-//     params[floats] m[floats] v[floats]
-// It is written to "<path>.tmp" and renamed over <path> only when complete, so a crash never leaves a torn file.
-inline void save_checkpoint(const std::string& path, const Model& model, const AdamW& opt) {
-    std::ostringstream header;
-    header << "dsv3-checkpoint 1\n" << model.cfg.to_text() << "step=" << opt.step << "\nfloats=" << model.params.size()
-           << "\nend\n";
-    const std::string h = header.str();
-    const size_t n = model.params.size();
-    const std::vector<float> params = backend::download(model.params);  // a copy in host memory
-    std::vector<float> m = backend::download(opt.m), v = backend::download(opt.v);
-    if (m.size() != n) m.assign(n, 0.0f);
-    if (v.size() != n) v.assign(n, 0.0f);
-    write_file_atomic_stream(path, "checkpoint", [&](FILE* f) {
-        return write_bytes(f, h.data(), h.size()) && write_bytes(f, params.data(), 4 * n) &&
-               write_bytes(f, m.data(), 4 * n) && write_bytes(f, v.data(), 4 * n);
-    });
-}
-// Reads the config a checkpoint was saved with.
-inline Config read_checkpoint_config(const std::string& path, int* step = nullptr, size_t* header_bytes = nullptr) {
-    FILE* f = std::fopen(path.c_str(), "rb");
-    if (!f) fail("checkpoint ", path, ": cannot open: ", std::strerror(errno));
-    std::string line;
-    auto next_line = [&]() {
-        line.clear();
-        int ch;
-        while ((ch = std::fgetc(f)) != EOF && ch != '\n') {
-            line.push_back(char(ch));
-            if (line.size() > 4096) { std::fclose(f); fail("checkpoint ", path, ": header line too long (not a checkpoint?)"); }
-        }
-        return ch != EOF;
-    };
-    if (!next_line() || line != "dsv3-checkpoint 1") {
-        std::fclose(f);
-        fail("checkpoint ", path, ": expected first line \"dsv3-checkpoint 1\", found \"", line.substr(0, 40), "\"");
-    }
-    Config c;
-    int steps = -1;
-    try {
-        while (true) {
-            if (!next_line()) fail("checkpoint ", path, ": header ends before its \"end\" line");
-            if (line == "end") break;
-            const size_t eq = line.find('=');
-            if (eq == std::string::npos) fail("checkpoint ", path, ": header line \"", line, "\" is not name=value");
-            const std::string name = line.substr(0, eq), value = line.substr(eq + 1);
-            if (name == "step") steps = std::stoi(value);
-            else if (name != "floats") c.set(name, value, "checkpoint " + path);
-        }
-    } catch (...) { std::fclose(f); throw; }
-    if (header_bytes) *header_bytes = size_t(std::ftell(f));
-    std::fclose(f);
-    if (steps < 0) fail("checkpoint ", path, ": header has no step= line");
-    if (step) *step = steps;
-    return c;
-}
-// Loads parameters and optimizer state into a model built with the same config.
-inline void load_checkpoint(const std::string& path, Model& model, AdamW& opt) {
-    int step = 0;
-    size_t header = 0;
-    Config c = read_checkpoint_config(path, &step, &header);
-    if (c.to_text() != model.cfg.to_text()) {
-        std::istringstream a(c.to_text()), b(model.cfg.to_text());
-        std::string la, lb;
-        while (std::getline(a, la) && std::getline(b, lb))
-            if (la != lb) fail("checkpoint ", path, ": config differs from the model's: checkpoint has ", la, ", model has ", lb);
-    }
-    const size_t n = model.params.size();
-    FILE* f = std::fopen(path.c_str(), "rb");
-    if (!f) fail("checkpoint ", path, ": cannot open: ", std::strerror(errno));
-    std::fseek(f, 0, SEEK_END);
-    const long size = std::ftell(f);
-    if (size != long(header + 3 * n * 4)) {
-        std::fclose(f);
-        fail("checkpoint ", path, ": expected ", header + 3 * n * 4, " bytes for ", n, " parameters, found ", size);
-    }
-    std::fseek(f, long(header), SEEK_SET);
-    std::vector<float> params(n), m(n), v(n);
-    bool ok = std::fread(params.data(), 4, n, f) == n && std::fread(m.data(), 4, n, f) == n &&
-              std::fread(v.data(), 4, n, f) == n;
-    std::fclose(f);
-    if (!ok) fail("checkpoint ", path, ": read failed");
-    backend::upload(model.params, params);
-    backend::upload(opt.m, m);
-    backend::upload(opt.v, v);
-    opt.step = step;
-}
-
-
 namespace io_detail {
 struct FileCloser {
     void operator()(std::FILE* f) const { if (f) std::fclose(f); }
@@ -6080,15 +5956,10 @@ inline bool seek_to(std::FILE* f, uint64_t offset) {
     return fseeko(f, off_t(offset), SEEK_SET) == 0;
 #endif
 }
-inline uint64_t file_size(std::FILE* f, const std::string& path) {
-#ifdef _WIN32
-    const bool ok = _fseeki64(f, 0, SEEK_END) == 0;
-    const int64_t size = ok ? _ftelli64(f) : -1;
-#else
-    const bool ok = fseeko(f, 0, SEEK_END) == 0;
-    const int64_t size = ok ? int64_t(ftello(f)) : -1;
-#endif
-    if (size < 0) fail(path, ": cannot determine the file size: ", std::strerror(errno));
+inline uint64_t file_size(std::FILE*, const std::string& path) {
+    std::error_code ec;
+    const std::uintmax_t size = std::filesystem::file_size(path, ec);
+    if (ec) fail(path, ": cannot determine the file size: ", ec.message());
     return uint64_t(size);
 }
 inline bool read_exact(std::FILE* f, void* out, size_t n) { return n == 0 || std::fread(out, 1, n, f) == n; }
@@ -6118,7 +5989,91 @@ inline std::string name_list(const std::vector<std::string>& names, size_t show 
 }
 }  // namespace io_detail
 
-// --- 13.2 JSON ---------------------------------------------------------------------------------------------------------
+// --- 13.1 checkpoints ------------------------------------------------------------------------------------------------
+// A training checkpoint holds everything a resumed run needs to continue bit for bit: the config, the step, the
+// parameters (the routing bias included) and AdamW's moments. Text header, then raw little-endian float32:
+//     dsv3-checkpoint 1
+//     <Config::to_text() lines>
+//     step=<optimizer steps taken>
+//     floats=<parameter count>
+//     end
+//     params[floats] m[floats] v[floats]
+// It is written to "<path>.tmp" and renamed over <path> only when complete, so a crash never leaves a torn file.
+inline void save_checkpoint(const std::string& path, const Model& model, const AdamW& opt) {
+    std::ostringstream header;
+    header << "dsv3-checkpoint 1\n" << model.cfg.to_text() << "step=" << opt.step << "\nfloats=" << model.params.size()
+           << "\nend\n";
+    const std::string h = header.str();
+    const size_t n = model.params.size();
+    const std::vector<float> params = backend::download(model.params);  // a copy in host memory
+    std::vector<float> m = backend::download(opt.m), v = backend::download(opt.v);
+    if (m.size() != n) m.assign(n, 0.0f);
+    if (v.size() != n) v.assign(n, 0.0f);
+    write_file_atomic_stream(path, "checkpoint", [&](FILE* f) {
+        return write_bytes(f, h.data(), h.size()) && write_bytes(f, params.data(), 4 * n) &&
+               write_bytes(f, m.data(), 4 * n) && write_bytes(f, v.data(), 4 * n);
+    });
+}
+// Reads the config a checkpoint was saved with.
+inline Config read_checkpoint_config(const std::string& path, int* step = nullptr, size_t* header_bytes = nullptr) {
+    const io_detail::File f = io_detail::open_file(path, "rb", "checkpoint");
+    std::string line;
+    auto next_line = [&] {  // false at the end of the file
+        line.clear();
+        int ch;
+        while ((ch = std::fgetc(f.get())) != EOF && ch != '\n') {
+            line.push_back(char(ch));
+            if (line.size() > 4096) fail("checkpoint ", path, ": header line too long (not a checkpoint?)");
+        }
+        return ch != EOF;
+    };
+    if (!next_line() || line != "dsv3-checkpoint 1")
+        fail("checkpoint ", path, ": expected first line \"dsv3-checkpoint 1\", found \"", line.substr(0, 40), "\"");
+    Config c;
+    int steps = -1;
+    while (true) {
+        if (!next_line()) fail("checkpoint ", path, ": header ends before its \"end\" line");
+        if (line == "end") break;
+        const size_t eq = line.find('=');
+        if (eq == std::string::npos) fail("checkpoint ", path, ": header line \"", line, "\" is not name=value");
+        const std::string name = line.substr(0, eq), value = line.substr(eq + 1);
+        if (name == "step") steps = std::stoi(value);
+        else if (name != "floats") c.set(name, value, "checkpoint " + path);
+    }
+    if (header_bytes) *header_bytes = size_t(std::ftell(f.get()));
+    if (steps < 0) fail("checkpoint ", path, ": header has no step= line");
+    if (step) *step = steps;
+    return c;
+}
+// Loads parameters and optimizer state into a model built with the same config.
+inline void load_checkpoint(const std::string& path, Model& model, AdamW& opt) {
+    int step = 0;
+    size_t header = 0;
+    const Config c = read_checkpoint_config(path, &step, &header);
+    if (c.to_text() != model.cfg.to_text()) {
+        std::istringstream a(c.to_text()), b(model.cfg.to_text());
+        std::string la, lb;
+        while (std::getline(a, la) && std::getline(b, lb))
+            if (la != lb) fail("checkpoint ", path, ": config differs from the model's: checkpoint has ", la, ", model has ", lb);
+    }
+    const size_t n = model.params.size();
+    const io_detail::File f = io_detail::open_file(path, "rb", "checkpoint");
+    const uint64_t size = io_detail::file_size(f.get(), path);
+    if (size != header + 3 * n * 4)
+        fail("checkpoint ", path, ": expected ", header + 3 * n * 4, " bytes for ", n, " parameters, found ", size);
+    std::vector<float> params(n), m(n), v(n);
+    if (!io_detail::seek_to(f.get(), header) || !io_detail::read_exact(f.get(), params.data(), 4 * n) ||
+        !io_detail::read_exact(f.get(), m.data(), 4 * n) || !io_detail::read_exact(f.get(), v.data(), 4 * n))
+        fail("checkpoint ", path, ": read failed");
+    backend::upload(model.params, params);
+    backend::upload(opt.m, m);
+    backend::upload(opt.v, v);
+    opt.step = step;
+}
+
+
+
+// --- 13.2 JSON -------------------------------------------------------------------------------------------------------
 // config.json, the safetensors header and the shard index are JSON (RFC 8259). This reader is strict: anything the
 // grammar does not allow (trailing commas, comments, single quotes, NaN, unescaped control characters, lone UTF-16
 // surrogates, duplicate keys) is an error naming the source, the byte offset and what was expected there.
@@ -6170,36 +6125,19 @@ struct Json {
     }
     Json& push(Json value) { array.push_back(std::move(value)); return array.back(); }
     const char* type_name() const {
-        switch (type) {
-            case Type::null: return "null";
-            case Type::boolean: return "a boolean";
-            case Type::number: return "a number";
-            case Type::string: return "a string";
-            case Type::array: return "an array";
-            case Type::object: return "an object";
-        }
-        return "?";
+        static const char* const names[] = {"null", "a boolean", "a number", "a string", "an array", "an object"};
+        return names[int(type)];
     }
 };
 
 namespace io_detail {
 // Appends code point cp as UTF-8 (1 to 4 bytes).
 inline void append_utf8(std::string& out, uint32_t cp) {
-    if (cp < 0x80) {
-        out += char(cp);
-    } else if (cp < 0x800) {
-        out += char(0xC0 | (cp >> 6));
-        out += char(0x80 | (cp & 0x3F));
-    } else if (cp < 0x10000) {
-        out += char(0xE0 | (cp >> 12));
-        out += char(0x80 | ((cp >> 6) & 0x3F));
-        out += char(0x80 | (cp & 0x3F));
-    } else {
-        out += char(0xF0 | (cp >> 18));
-        out += char(0x80 | ((cp >> 12) & 0x3F));
-        out += char(0x80 | ((cp >> 6) & 0x3F));
-        out += char(0x80 | (cp & 0x3F));
-    }
+    if (cp < 0x80) { out += char(cp); return; }
+    static const uint8_t lead[5] = {0, 0, 0xC0, 0xE0, 0xF0};  // 110xxxxx, 1110xxxx, 11110xxx; then n - 1 bytes 10xxxxxx
+    const int n = cp < 0x800 ? 2 : cp < 0x10000 ? 3 : 4;
+    out += char(lead[n] | (cp >> (6 * (n - 1))));
+    for (int i = n - 2; i >= 0; --i) out += char(0x80 | ((cp >> (6 * i)) & 0x3F));
 }
 
 // Recursive descent over the JSON grammar. `base` is added to reported offsets (the safetensors header starts at
@@ -6235,14 +6173,13 @@ class JsonParser {
     [[noreturn]] void error(const char* expected) const {
         fail(source_, ": invalid JSON at byte ", base_ + pos_, ": expected ", expected, ", found ", found());
     }
+    [[noreturn]] void error_at(size_t pos, const char* expected) { pos_ = pos, error(expected); }
     void skip_ws() {
         while (pos_ < n_ && (p_[pos_] == ' ' || p_[pos_] == '\t' || p_[pos_] == '\n' || p_[pos_] == '\r')) ++pos_;
     }
     bool at(char c) const { return pos_ < n_ && p_[pos_] == c; }
-    void expect(char c, const char* expected) {
-        if (!at(c)) error(expected);
-        ++pos_;
-    }
+    bool eat(char c) { return at(c) ? (++pos_, true) : false; }
+    void expect(char c, const char* expected) { if (!eat(c)) error(expected); }
     void literal(const char* word) {  // true, false, null
         for (const char* w = word; *w; ++w, ++pos_)
             if (!at(*w)) error(word);
@@ -6262,68 +6199,63 @@ class JsonParser {
                 error("a value (object, array, string, number, true, false or null)");
         }
     }
-    void enter() {
+    // '[' or '{' at pos_, then element() for each element or member, separated by ',' and closed by `close`.
+    template <class F>
+    void sequence(char close, const char* expected_after, const F& element) {
         if (++depth_ > 128) error("at most 128 nested arrays and objects");
+        ++pos_;
+        skip_ws();
+        if (!eat(close)) {
+            do { skip_ws(); element(); skip_ws(); } while (eat(','));
+            expect(close, expected_after);
+        }
+        --depth_;
     }
     Json object() {
-        enter();
         Json obj = Json::new_object();
         std::unordered_set<std::string> keys;
-        ++pos_;  // '{'
-        skip_ws();
-        if (at('}')) { ++pos_; --depth_; return obj; }
-        while (true) {
-            skip_ws();
+        sequence('}', "',' or '}' after an object member", [&] {
             if (!at('"')) error("a string key");
             const size_t key_pos = pos_;
             std::string key = string();
-            if (!keys.insert(key).second) {
-                pos_ = key_pos;
-                fail(source_, ": invalid JSON at byte ", base_ + pos_, ": duplicate key \"", key, "\"");
-            }
+            if (!keys.insert(key).second)
+                fail(source_, ": invalid JSON at byte ", base_ + key_pos, ": duplicate key \"", key, "\"");
             skip_ws();
             expect(':', "':' after an object key");
             skip_ws();
             obj.add(key, value());
-            skip_ws();
-            if (at(',')) { ++pos_; continue; }
-            expect('}', "',' or '}' after an object member");
-            break;
-        }
-        --depth_;
+        });
         return obj;
     }
     Json array() {
-        enter();
         Json arr = Json::new_array();
-        ++pos_;  // '['
-        skip_ws();
-        if (at(']')) { ++pos_; --depth_; return arr; }
-        while (true) {
-            skip_ws();
-            arr.push(value());
-            skip_ws();
-            if (at(',')) { ++pos_; continue; }
-            expect(']', "',' or ']' after an array element");
-            break;
-        }
-        --depth_;
+        sequence(']', "',' or ']' after an array element", [&] { arr.push(value()); });
         return arr;
     }
     uint32_t hex4() {
         uint32_t v = 0;
         for (int i = 0; i < 4; ++i, ++pos_) {
-            if (pos_ >= n_) error("4 hex digits after \\u");
-            const char c = p_[pos_];
-            v <<= 4;
-            if (c >= '0' && c <= '9') v |= uint32_t(c - '0');
-            else if (c >= 'a' && c <= 'f') v |= uint32_t(c - 'a' + 10);
-            else if (c >= 'A' && c <= 'F') v |= uint32_t(c - 'A' + 10);
-            else error("4 hex digits after \\u");
+            const int c = pos_ < n_ ? p_[pos_] : 0, lower = c | 32;
+            const int d = c >= '0' && c <= '9' ? c - '0' : lower >= 'a' && lower <= 'f' ? lower - 'a' + 10 : -1;
+            if (d < 0) error("4 hex digits after \\u");
+            v = v << 4 | uint32_t(d);
         }
         return v;
     }
+    // After "\u": 4 hex digits, or a UTF-16 surrogate pair for a character beyond U+FFFF: \uD83D\uDE00.
+    uint32_t code_point() {
+        const uint32_t cp = hex4();
+        if (cp >= 0xDC00 && cp <= 0xDFFF) error_at(pos_ - 6, "a character, not a lone low surrogate");
+        if (cp < 0xD800 || cp > 0xDBFF) return cp;
+        if (!(at('\\') && pos_ + 1 < n_ && p_[pos_ + 1] == 'u'))
+            error("a low surrogate \\uDC00-\\uDFFF after a high surrogate");
+        pos_ += 2;
+        const uint32_t low = hex4();
+        if (low < 0xDC00 || low > 0xDFFF) error_at(pos_ - 6, "a low surrogate \\uDC00-\\uDFFF after a high surrogate");
+        return 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00);
+    }
     std::string string() {
+        static const char escapes[] = "\"\\/bfnrt", decoded[] = "\"\\/\b\f\n\r\t";
         ++pos_;  // opening quote
         std::string out;
         while (true) {
@@ -6331,41 +6263,14 @@ class JsonParser {
             const unsigned char c = static_cast<unsigned char>(p_[pos_]);
             if (c == '"') { ++pos_; return out; }
             if (c < 0x20) error("a string character (control characters must be escaped)");
-            if (c != '\\') { out += char(c); ++pos_; continue; }
             ++pos_;
+            if (c != '\\') { out += char(c); continue; }
             if (pos_ >= n_) error("an escape character");
             const char e = p_[pos_++];
-            switch (e) {
-                case '"': out += '"'; break;
-                case '\\': out += '\\'; break;
-                case '/': out += '/'; break;
-                case 'b': out += '\b'; break;
-                case 'f': out += '\f'; break;
-                case 'n': out += '\n'; break;
-                case 'r': out += '\r'; break;
-                case 't': out += '\t'; break;
-                case 'u': {
-                    uint32_t cp = hex4();
-                    // Characters beyond U+FFFF are written as a UTF-16 surrogate pair: \uD83D\uDE00.
-                    if (cp >= 0xD800 && cp <= 0xDBFF) {
-                        if (!(at('\\') && pos_ + 1 < n_ && p_[pos_ + 1] == 'u'))
-                            error("a low surrogate \\uDC00-\\uDFFF after a high surrogate");
-                        pos_ += 2;
-                        const uint32_t low = hex4();
-                        if (low < 0xDC00 || low > 0xDFFF) {
-                            pos_ -= 6;
-                            error("a low surrogate \\uDC00-\\uDFFF after a high surrogate");
-                        }
-                        cp = 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00);
-                    } else if (cp >= 0xDC00 && cp <= 0xDFFF) {
-                        pos_ -= 6;
-                        error("a character, not a lone low surrogate");
-                    }
-                    append_utf8(out, cp);
-                    break;
-                }
-                default: --pos_; error("one of \\\" \\\\ \\/ \\b \\f \\n \\r \\t \\u after a backslash");
-            }
+            const char* k = e ? std::strchr(escapes, e) : nullptr;
+            if (e == 'u') append_utf8(out, code_point());
+            else if (k) out += decoded[k - escapes];
+            else --pos_, error("one of \\\" \\\\ \\/ \\b \\f \\n \\r \\t \\u after a backslash");
         }
     }
     Json number() {
@@ -6375,59 +6280,35 @@ class JsonParser {
             while (pos_ < n_ && p_[pos_] >= '0' && p_[pos_] <= '9') ++pos_;
             return pos_ > s;
         };
-        if (at('-')) ++pos_;
-        if (at('0')) ++pos_;               // no leading zeros: "0" or [1-9][0-9]*
-        else if (!digits()) error("a digit");
-        bool integral = true;
-        if (at('.')) {
-            ++pos_;
-            integral = false;
-            if (!digits()) error("a digit after the decimal point");
-        }
-        if (at('e') || at('E')) {
-            ++pos_;
-            integral = false;
-            if (at('+') || at('-')) ++pos_;
-            if (!digits()) error("a digit in the exponent");
-        }
+        eat('-');
+        if (!eat('0') && !digits()) error("a digit");  // no leading zeros: "0" or [1-9][0-9]*
+        const bool fraction = eat('.');
+        if (fraction && !digits()) error("a digit after the decimal point");
+        const bool exponent = eat('e') || eat('E');
+        if (exponent && !eat('+')) eat('-');
+        if (exponent && !digits()) error("a digit in the exponent");
+        const bool integral = !fraction && !exponent;
         const std::string text(p_ + start, pos_ - start);
-        Json j;
-        j.type = Json::Type::number;
-        j.number = std::strtod(text.c_str(), nullptr);  // the C locale (programs do not call setlocale)
-        if (!std::isfinite(j.number)) {
-            pos_ = start;
-            error("a number within the range of a double");
-        }
+        Json j = Json::of_double(std::strtod(text.c_str(), nullptr));  // the C locale (programs do not call setlocale)
+        if (!std::isfinite(j.number)) error_at(start, "a number within the range of a double");
         if (integral) {  // exact value when it fits int64_t (offsets and shapes must be exact)
             errno = 0;
             const long long v = std::strtoll(text.c_str(), nullptr, 10);
-            if (errno == 0) { j.is_integer = true; j.integer = int64_t(v); }
+            if (errno == 0) j.is_integer = true, j.integer = int64_t(v);
         }
         return j;
     }
 };
-
 inline void write_json_string(std::string& out, const std::string& s) {
     out += '"';
     for (const char ch : s) {
         const unsigned char c = static_cast<unsigned char>(ch);
-        switch (c) {
-            case '"': out += "\\\""; break;
-            case '\\': out += "\\\\"; break;
-            case '\n': out += "\\n"; break;
-            case '\r': out += "\\r"; break;
-            case '\t': out += "\\t"; break;
-            case '\b': out += "\\b"; break;
-            case '\f': out += "\\f"; break;
-            default:
-                if (c < 0x20) {
-                    char buf[8];
-                    std::snprintf(buf, sizeof buf, "\\u%04X", c);
-                    out += buf;
-                } else {
-                    out += char(c);  // UTF-8 passes through unchanged
-                }
-        }
+        const char* e = c == '"' ? "\\\"" : c == '\\' ? "\\\\" : c == '\n' ? "\\n" : c == '\r' ? "\\r" : c == '\t' ? "\\t"
+                      : c == '\b' ? "\\b" : c == '\f' ? "\\f" : nullptr;
+        char buf[8];
+        if (!e && c < 0x20) std::snprintf(buf, sizeof buf, "\\u%04X", c), e = buf;
+        if (e) out += e;
+        else out += char(c);  // UTF-8 passes through unchanged
     }
     out += '"';
 }
@@ -6507,7 +6388,7 @@ inline std::string json_describe(const Json& j) {
     return j.is_null() ? "null" : text + " (" + j.type_name() + ")";
 }
 
-// --- 13.3 safetensors --------------------------------------------------------------------------------------------
+// --- 13.3 safetensors ------------------------------------------------------------------------------------------------
 // The format (github.com/huggingface/safetensors), all integers little-endian:
 //
 //     bytes 0..7        N, the header length (uint64)
@@ -6523,14 +6404,8 @@ inline std::string json_describe(const Json& j) {
 enum class DType { F32, BF16, F16, F8_E4M3, F8_E5M2 };
 
 inline const char* dtype_name(DType d) {
-    switch (d) {
-        case DType::F32: return "F32";
-        case DType::BF16: return "BF16";
-        case DType::F16: return "F16";
-        case DType::F8_E4M3: return "F8_E4M3";
-        case DType::F8_E5M2: return "F8_E5M2";
-    }
-    return "?";
+    static const char* const names[] = {"F32", "BF16", "F16", "F8_E4M3", "F8_E5M2"};  // in the order of DType
+    return names[int(d)];
 }
 inline int dtype_size(DType d) { return d == DType::F32 ? 4 : (d == DType::BF16 || d == DType::F16) ? 2 : 1; }
 inline bool dtype_from_name(const std::string& name, DType* out) {
@@ -6540,51 +6415,34 @@ inline bool dtype_from_name(const std::string& name, DType* out) {
 }
 inline bool dtype_is_fp8(DType d) { return d == DType::F8_E4M3 || d == DType::F8_E5M2; }
 
-// bytes (little-endian, `dtype`) -> float32. Every format here converts to float32 exactly.
-inline void decode_to_float(DType dtype, const uint8_t* b, int64_t n, float* out) {
+// bytes (little-endian, `dtype`) -> float32, and back. Every format here converts to float32 exactly; float32 to
+// BF16, F16 or FP8 rounds to nearest even (FP8 saturates at its largest finite value).
+inline float decode_value(DType dtype, const uint8_t* b) {
+    const uint32_t u = uint32_t(load_le(b, dtype_size(dtype)));
     switch (dtype) {
-        case DType::F32:
-            for (int64_t i = 0; i < n; ++i) {
-                const uint8_t* q = b + 4 * i;
-                const uint32_t u = uint32_t(q[0]) | uint32_t(q[1]) << 8 | uint32_t(q[2]) << 16 | uint32_t(q[3]) << 24;
-                std::memcpy(out + i, &u, 4);
-            }
-            return;
-        case DType::BF16:
-            for (int64_t i = 0; i < n; ++i) out[i] = bf16_bits_to_float(uint16_t(b[2 * i] | b[2 * i + 1] << 8));
-            return;
-        case DType::F16:
-            for (int64_t i = 0; i < n; ++i) out[i] = f16_bits_to_float(uint16_t(b[2 * i] | b[2 * i + 1] << 8));
-            return;
-        case DType::F8_E4M3:
-            for (int64_t i = 0; i < n; ++i) out[i] = fp8_e4m3_decode(b[i]);
-            return;
-        case DType::F8_E5M2:
-            for (int64_t i = 0; i < n; ++i) out[i] = fp8_e5m2_decode(b[i]);
-            return;
+        case DType::BF16: return bf16_bits_to_float(uint16_t(u));
+        case DType::F16: return f16_bits_to_float(uint16_t(u));
+        case DType::F8_E4M3: return fp8_e4m3_decode(uint8_t(u));
+        case DType::F8_E5M2: return fp8_e5m2_decode(uint8_t(u));
+        default: { float f; std::memcpy(&f, &u, 4); return f; }
     }
 }
-// float32 -> bytes of `dtype`, rounding to nearest even (FP8 saturates at its largest finite value).
-inline void encode_from_float(DType dtype, const float* x, int64_t n, uint8_t* out) {
-    for (int64_t i = 0; i < n; ++i) {
-        switch (dtype) {
-            case DType::F32: {
-                uint32_t u;
-                std::memcpy(&u, x + i, 4);
-                for (int k = 0; k < 4; ++k) out[4 * i + k] = uint8_t(u >> (8 * k));
-                break;
-            }
-            case DType::BF16:
-            case DType::F16: {
-                const uint16_t h = dtype == DType::BF16 ? float_to_bf16_bits(x[i]) : float_to_f16_bits(x[i]);
-                out[2 * i] = uint8_t(h);
-                out[2 * i + 1] = uint8_t(h >> 8);
-                break;
-            }
-            case DType::F8_E4M3: out[i] = fp8_e4m3_encode(x[i]); break;
-            case DType::F8_E5M2: out[i] = fp8_e5m2_encode(x[i]); break;
-        }
+inline void encode_value(DType dtype, float x, uint8_t* out) {
+    uint32_t u = 0;
+    switch (dtype) {
+        case DType::BF16: u = float_to_bf16_bits(x); break;
+        case DType::F16: u = float_to_f16_bits(x); break;
+        case DType::F8_E4M3: u = fp8_e4m3_encode(x); break;
+        case DType::F8_E5M2: u = fp8_e5m2_encode(x); break;
+        default: std::memcpy(&u, &x, 4);
     }
+    store_le(out, u, dtype_size(dtype));
+}
+inline void decode_to_float(DType dtype, const uint8_t* b, int64_t n, float* out) {
+    for (int64_t i = 0; i < n; ++i) out[i] = decode_value(dtype, b + i * dtype_size(dtype));
+}
+inline void encode_from_float(DType dtype, const float* x, int64_t n, uint8_t* out) {
+    for (int64_t i = 0; i < n; ++i) encode_value(dtype, x[i], out + i * dtype_size(dtype));
 }
 
 struct TensorInfo {
@@ -6638,14 +6496,12 @@ struct SafetensorsFile {
     std::unordered_map<std::string, size_t> index_;
 
     void read_header() {
-        using io_detail::shape_str;
         file_size = io_detail::file_size(file_.get(), path);
         if (file_size < 8) fail(path, ": the file has ", file_size, " bytes, fewer than the 8-byte header length");
         uint8_t len_bytes[8];
         if (!io_detail::seek_to(file_.get(), 0) || !io_detail::read_exact(file_.get(), len_bytes, 8))
             fail(path, ": cannot read the header length");
-        uint64_t n = 0;
-        for (int i = 7; i >= 0; --i) n = (n << 8) | len_bytes[i];
+        const uint64_t n = load_le(len_bytes, 8);
         if (n > file_size - 8)
             fail(path, ": header length ", n, " extends beyond the file (only ", file_size - 8,
                  " bytes follow the length field): not a safetensors file, or truncated");
@@ -6653,79 +6509,78 @@ struct SafetensorsFile {
         std::string text(size_t(n), '\0');
         if (!io_detail::read_exact(file_.get(), &text[0], text.size())) fail(path, ": cannot read the ", n, "-byte header");
         data_start = 8 + n;
-        const uint64_t data_size = file_size - data_start;
         const Json header = json_parse(text, path + " (header)", 8);
         if (!header.is_object()) fail(path, ": header: expected a JSON object, found ", json_describe(header));
-
-        for (const auto& member : header.object) {
-            const std::string& name = member.first;
-            const Json& entry = member.second;
-            if (name == "__metadata__") {
-                if (!entry.is_object()) fail(path, ": __metadata__: expected an object of strings, found ", json_describe(entry));
-                for (const auto& kv : entry.object) {
-                    if (!kv.second.is_string())
-                        fail(path, ": __metadata__.", kv.first, ": expected a string, found ", json_describe(kv.second));
-                    metadata.emplace_back(kv.first, kv.second.string);
-                }
+        for (const auto& [name, entry] : header.object) {
+            if (name != "__metadata__") {
+                index_[name] = tensors.size();
+                tensors.push_back(parse_entry(name, entry));
                 continue;
             }
-            const std::string where = path + ": tensor \"" + name + "\"";
-            if (!entry.is_object())
-                fail(where, ": expected an object {dtype, shape, data_offsets}, found ", json_describe(entry));
-            auto field = [&](const char* key) -> const Json& {
-                const Json* v = entry.find(key);
-                if (!v) fail(where, ": missing field \"", key, "\"");
-                return *v;
-            };
-            TensorInfo t;
-            t.name = name;
-            const Json& dtype = field("dtype");
-            if (!dtype.is_string()) fail(where, ": dtype: expected a string, found ", json_describe(dtype));
-            if (!dtype_from_name(dtype.string, &t.dtype))
-                fail(where, ": dtype \"", dtype.string, "\" is not supported (expected F32, BF16, F16, F8_E4M3 or F8_E5M2)");
-            const Json& shape = field("shape");
-            if (!shape.is_array()) fail(where, ": shape: expected an array of integers, found ", json_describe(shape));
-            // Element count, overflow-safe: the byte count must stay below 2^62 (a zero dimension makes it 0).
-            const int64_t limit = (int64_t(1) << 62) / dtype_size(t.dtype);
-            bool has_zero = false, too_large = false;
-            int64_t numel = 1;
-            for (size_t i = 0; i < shape.array.size(); ++i) {
-                const Json& d = shape.array[i];
-                if (!d.is_integer || d.integer < 0)
-                    fail(where, ": shape[", i, "]: expected a non-negative integer, found ", json_describe(d));
-                t.shape.push_back(d.integer);
-                if (d.integer == 0) has_zero = true;
-                else if (!too_large && numel > limit / d.integer) too_large = true;
-                else if (!too_large) numel *= d.integer;
+            if (!entry.is_object()) fail(path, ": __metadata__: expected an object of strings, found ", json_describe(entry));
+            for (const auto& [key, value] : entry.object) {
+                if (!value.is_string()) fail(path, ": __metadata__.", key, ": expected a string, found ", json_describe(value));
+                metadata.emplace_back(key, value.string);
             }
-            if (has_zero) numel = 0;
-            else if (too_large) fail(where, ": shape ", shape_str(t.shape), " is too large (over 2^62 bytes)");
-            t.numel = numel;
-            const Json& offsets = field("data_offsets");
-            if (!offsets.is_array() || offsets.array.size() != 2)
-                fail(where, ": data_offsets: expected an array [begin, end], found ", json_describe(offsets));
-            for (const Json& o : offsets.array)
-                if (!o.is_integer || o.integer < 0)
-                    fail(where, ": data_offsets: expected non-negative integers, found ", json_describe(o));
-            t.begin = uint64_t(offsets.array[0].integer);
-            t.end = uint64_t(offsets.array[1].integer);
-            if (t.begin > t.end) fail(where, ": data_offsets [", t.begin, ", ", t.end, "]: begin is after end");
-            if (t.end > data_size)
-                fail(where, ": data_offsets [", t.begin, ", ", t.end, "] extend beyond the data section (", data_size,
-                     " bytes)");
-            const uint64_t expected = uint64_t(numel) * uint64_t(dtype_size(t.dtype));
-            if (t.end - t.begin != expected)
-                fail(where, ": shape ", shape_str(t.shape), " of ", dtype_name(t.dtype), " (", dtype_size(t.dtype),
-                     " bytes each) needs ", expected, " bytes, but data_offsets [", t.begin, ", ", t.end, "] span ",
-                     t.end - t.begin);
-            index_[name] = tensors.size();
-            tensors.push_back(std::move(t));
         }
-        // Overlaps: sort the ranges by start; each must begin at or after the furthest end seen so far.
+        check_overlaps();
+    }
+    // One tensor's {dtype, shape, data_offsets}, validated against the data section.
+    TensorInfo parse_entry(const std::string& name, const Json& entry) const {
+        using io_detail::shape_str;
+        const std::string where = path + ": tensor \"" + name + "\"";
+        if (!entry.is_object()) fail(where, ": expected an object {dtype, shape, data_offsets}, found ", json_describe(entry));
+        auto field = [&](const char* key) -> const Json& {
+            const Json* v = entry.find(key);
+            if (!v) fail(where, ": missing field \"", key, "\"");
+            return *v;
+        };
+        TensorInfo t;
+        t.name = name;
+        const Json& dtype = field("dtype");
+        if (!dtype.is_string()) fail(where, ": dtype: expected a string, found ", json_describe(dtype));
+        if (!dtype_from_name(dtype.string, &t.dtype))
+            fail(where, ": dtype \"", dtype.string, "\" is not supported (expected F32, BF16, F16, F8_E4M3 or F8_E5M2)");
+        const Json& shape = field("shape");
+        if (!shape.is_array()) fail(where, ": shape: expected an array of integers, found ", json_describe(shape));
+        // Element count, overflow-safe: the byte count must stay below 2^62 (a zero dimension makes it 0).
+        const int64_t limit = (int64_t(1) << 62) / dtype_size(t.dtype);
+        bool too_large = false;
+        t.numel = 1;
+        for (size_t i = 0; i < shape.array.size(); ++i) {
+            const Json& d = shape.array[i];
+            if (!d.is_integer || d.integer < 0)
+                fail(where, ": shape[", i, "]: expected a non-negative integer, found ", json_describe(d));
+            t.shape.push_back(d.integer);
+            if (d.integer > 0 && !too_large && t.numel > limit / d.integer) too_large = true;
+            else if (d.integer > 0 && !too_large) t.numel *= d.integer;
+        }
+        if (std::count(t.shape.begin(), t.shape.end(), 0) > 0) t.numel = 0;
+        else if (too_large) fail(where, ": shape ", shape_str(t.shape), " is too large (over 2^62 bytes)");
+        const Json& offsets = field("data_offsets");
+        if (!offsets.is_array() || offsets.array.size() != 2)
+            fail(where, ": data_offsets: expected an array [begin, end], found ", json_describe(offsets));
+        for (const Json& o : offsets.array)
+            if (!o.is_integer || o.integer < 0)
+                fail(where, ": data_offsets: expected non-negative integers, found ", json_describe(o));
+        t.begin = uint64_t(offsets.array[0].integer), t.end = uint64_t(offsets.array[1].integer);
+        if (t.begin > t.end) fail(where, ": data_offsets [", t.begin, ", ", t.end, "]: begin is after end");
+        if (t.end > file_size - data_start)
+            fail(where, ": data_offsets [", t.begin, ", ", t.end, "] extend beyond the data section (",
+                 file_size - data_start, " bytes)");
+        const uint64_t expected = uint64_t(t.numel) * uint64_t(dtype_size(t.dtype));
+        if (t.end - t.begin != expected)
+            fail(where, ": shape ", shape_str(t.shape), " of ", dtype_name(t.dtype), " (", dtype_size(t.dtype),
+                 " bytes each) needs ", expected, " bytes, but data_offsets [", t.begin, ", ", t.end, "] span ",
+                 t.end - t.begin);
+        return t;
+    }
+    // Overlaps: sort the ranges by start; each must begin at or after the furthest end seen so far.
+    void check_overlaps() {
         std::vector<size_t> order(tensors.size());
         std::iota(order.begin(), order.end(), size_t(0));
         std::sort(order.begin(), order.end(), [&](size_t a, size_t b) {
-            return tensors[a].begin != tensors[b].begin ? tensors[a].begin < tensors[b].begin : tensors[a].end < tensors[b].end;
+            return std::make_pair(tensors[a].begin, tensors[a].end) < std::make_pair(tensors[b].begin, tensors[b].end);
         });
         uint64_t covered = 0, furthest = 0;
         size_t furthest_tensor = 0;
@@ -6738,13 +6593,11 @@ struct SafetensorsFile {
                      t.end, ") overlap in the data section");
             }
             covered += t.end - t.begin;
-            furthest = t.end;
-            furthest_tensor = i;
+            furthest = t.end, furthest_tensor = i;
         }
-        uncovered_bytes = data_size - covered;
+        uncovered_bytes = file_size - data_start - covered;
     }
 };
-
 // One tensor to write: `data` holds numel float32 values, stored as `dtype` (F32 or BF16 are the usual choices; F16
 // and FP8 round to nearest even, FP8 saturating).
 struct TensorToWrite {
@@ -6788,7 +6641,7 @@ inline void write_safetensors(const std::string& path, const std::vector<TensorT
     text.append((8 - text.size() % 8) % 8, ' ');
     write_file_atomic_stream(path, "safetensors", [&](std::FILE* f) {
         uint8_t len[8];
-        for (int i = 0; i < 8; ++i) len[i] = uint8_t(uint64_t(text.size()) >> (8 * i));
+        store_le(len, text.size(), 8);
         if (!write_bytes(f, len, 8) || !write_bytes(f, text.data(), text.size())) return false;
         std::vector<uint8_t> buf;
         for (const TensorToWrite& t : tensors) {
@@ -6873,8 +6726,9 @@ struct HfCheckpoint {
     }
 };
 
-// --- 13.4 config.json <-> Config ---------------------------------------------------------------------------------
-// The mapping of MODEL.md §1. Most fields map one to one (table below); the rest need care:
+// --- 13.4 config.json <-> Config -------------------------------------------------------------------------------------
+// The mapping between DeepSeek's config.json and Config (whose fields carry inference/model.py's names). Most fields
+// map one to one (table below); the rest need care:
 //   q_lora_rank       null in config.json when the query is projected directly (V2-Lite); 0 in Config.
 //   rope_theta        top level, or inside "rope_parameters" (transformers >= 5 writes that).
 //   YaRN              under "rope_scaling" (DeepSeek's files, older transformers) or "rope_parameters":
@@ -6894,8 +6748,9 @@ struct HfConfigInfo {
 };
 
 namespace io_detail {
-// Config field -> config.json key, for the fields that map one to one.
-inline const char* hf_key_of(const char* field) {
+// Config field -> config.json key. The table maps the fields read and written one to one; with `any`, also the
+// nested and nullable ones handled by hand (written as "rope_scaling.factor"), for naming keys in errors.
+inline const char* hf_key_of(const char* field, bool any = false) {
     static const char* const table[][2] = {
         {"vocab_size", "vocab_size"}, {"dim", "hidden_size"}, {"inter_dim", "intermediate_size"},
         {"moe_inter_dim", "moe_intermediate_size"}, {"n_layers", "num_hidden_layers"},
@@ -6910,21 +6765,14 @@ inline const char* hf_key_of(const char* field) {
         {"init_std", "initializer_range"},             // transformers' name for the init standard deviation
         {"balance_loss_alpha", "aux_loss_alpha"},      // DeepSeek's name for the balance-loss coefficient α
         {"bias_update_speed", "bias_update_speed"},    // γ of loss-free balancing; not in DeepSeek's files
-    };
-    for (const auto& row : table)
-        if (std::strcmp(row[0], field) == 0) return row[1];
-    return nullptr;
-}
-
-// The same, for every field config.json carries, the nested ones written as "rope_scaling.factor".
-inline const char* hf_key_of_any(const char* field) {
-    static const char* const nested[][2] = {
+        // handled by hand:
         {"q_lora_rank", "q_lora_rank"}, {"rope_theta", "rope_theta"}, {"rope_factor", "rope_scaling.factor"},
         {"original_seq_len", "rope_scaling.original_max_position_embeddings"}, {"beta_fast", "rope_scaling.beta_fast"},
         {"beta_slow", "rope_scaling.beta_slow"}, {"mscale", "rope_scaling.mscale_all_dim"}};
-    for (const auto& row : nested)
-        if (std::strcmp(row[0], field) == 0) return row[1];
-    return hf_key_of(field);
+    const size_t n = any ? std::size(table) : std::size(table) - 7;
+    for (size_t i = 0; i < n; ++i)
+        if (std::strcmp(table[i][0], field) == 0) return table[i][1];
+    return nullptr;
 }
 
 inline void from_json(const Json& v, int& out, const std::string& where, const std::string& key) {
@@ -6965,55 +6813,81 @@ inline Config hf_config_defaults() {
     return c;
 }
 
-// config.json (already parsed) -> Config. `where` (the file name) starts every error message.
-inline Config config_from_hf_json(const Json& j, const std::string& where, HfConfigInfo* info = nullptr) {
-    using io_detail::from_json;
-    HfConfigInfo local;
-    HfConfigInfo& out = info ? *info : local;
-    out = HfConfigInfo{};
-    if (!j.is_object()) fail(where, ": expected a JSON object, found ", json_describe(j));
-    const Json* model_type = j.find("model_type");
-    if (!model_type || !model_type->is_string() || model_type->string != "deepseek_v3")
-        fail(where, ": key \"model_type\": expected \"deepseek_v3\", found ",
-             model_type ? json_describe(*model_type) : std::string("no such key"));
-    Config c = hf_config_defaults();
-    c.visit([&](const char* field, auto& value) {
-        const char* key = io_detail::hf_key_of(field);
-        if (!key) return;
-        if (const Json* v = j.find(key)) from_json(*v, value, where, key);
-    });
-    if (const Json* v = j.find("q_lora_rank")) {
-        if (v->is_null()) c.q_lora_rank = 0;
-        else from_json(*v, c.q_lora_rank, where, "q_lora_rank");
-    }
-    // Features of transformers' DeepseekV3 this implementation does not have: refuse rather than compute wrongly.
-    auto require = [&](const char* key, const Json& expected, const char* why) {
-        const Json* v = j.find(key);
-        if (!v || v->is_null()) return;
-        const bool same = v->type == expected.type && json_dump(*v) == json_dump(expected);
-        const bool same_number = v->is_number() && expected.is_number() && v->number == expected.number;
-        if (!same && !same_number)
-            fail(where, ": key \"", key, "\": only ", json_dump(expected), " is supported (", why, "), found ", json_describe(*v));
-    };
-    require("num_key_value_heads", Json::of_int(c.n_heads), "MLA has one key/value head per query head");
-    require("hidden_act", Json::of_string("silu"), "SwiGLU");
-    require("attention_bias", Json::of_bool(false), "the projections have no bias");
-    require("tie_word_embeddings", Json::of_bool(false), "the output head is not tied to the embedding");
-    require("rope_interleave", Json::of_bool(true), "RoPE rotates consecutive pairs, DeepSeek's layout");
-    require("moe_layer_freq", Json::of_int(1), "every layer after first_k_dense_replace is MoE");
-    // transformers saves these derived values, and a saved value overrides the one it would compute.
-    require("head_dim", Json::of_int(c.qk_rope_head_dim), "transformers' RoPE dimension, qk_rope_head_dim");
-    require("qk_head_dim", Json::of_int(c.qk_head_dim()), "qk_nope_head_dim + qk_rope_head_dim");
+namespace io_detail {
+// Reads o[key] into `out` if present: true if it was. A null value counts as absent only with null_is_absent (rope and
+// quantization fields); elsewhere null is an error, "expected an integer, found null". Errors show the key as `name`.
+template <class T>
+inline bool read_key(const Json& o, const std::string& key, T& out, const std::string& where, const std::string& name,
+                     bool null_is_absent = true) {
+    const Json* v = o.find(key);
+    if (!v || (null_is_absent && v->is_null())) return false;
+    from_json(*v, out, where, name);
+    return true;
+}
 
-    // RoPE: rope_scaling wins over rope_parameters when both are given, as in transformers.
+// Features of transformers' DeepseekV3 this implementation does not have: refuse rather than compute wrongly.
+inline void require_supported_hf_keys(const Json& j, const Config& c, const std::string& where) {
+    struct Only { const char* key; Json value; const char* why; };
+    const Only only[] = {
+        {"num_key_value_heads", Json::of_int(c.n_heads), "MLA has one key/value head per query head"},
+        {"hidden_act", Json::of_string("silu"), "SwiGLU"},
+        {"attention_bias", Json::of_bool(false), "the projections have no bias"},
+        {"tie_word_embeddings", Json::of_bool(false), "the output head is not tied to the embedding"},
+        {"rope_interleave", Json::of_bool(true), "RoPE rotates consecutive pairs, DeepSeek's layout"},
+        {"moe_layer_freq", Json::of_int(1), "every layer after first_k_dense_replace is MoE"},
+        // transformers saves these derived values, and a saved value overrides the one it would compute.
+        {"head_dim", Json::of_int(c.qk_rope_head_dim), "transformers' RoPE dimension, qk_rope_head_dim"},
+        {"qk_head_dim", Json::of_int(c.qk_head_dim()), "qk_nope_head_dim + qk_rope_head_dim"}};
+    for (const Only& o : only) {
+        const Json* v = j.find(o.key);
+        if (!v || v->is_null()) continue;
+        const bool same = v->type == o.value.type && json_dump(*v) == json_dump(o.value);
+        if (!same && !(v->is_number() && o.value.is_number() && v->number == o.value.number))
+            fail(where, ": key \"", o.key, "\": only ", json_dump(o.value), " is supported (", o.why, "), found ",
+                 json_describe(*v));
+    }
+}
+
+// YaRN under rope_scaling / rope_parameters (`rope_key`): factor, original length, β's, mscale [V3 §4.3].
+inline void read_yarn(const Json& rope, const std::string& rope_key, Config& c, const std::string& where,
+                      std::vector<std::string>& notes) {
+    auto get = [&](const char* k, auto& out) { return read_key(rope, k, out, where, rope_key + "." + k); };
+    if (!get("original_max_position_embeddings", c.original_seq_len)) c.original_seq_len = c.max_seq_len;
+    if (!get("factor", c.rope_factor)) c.rope_factor = float(double(c.max_seq_len) / c.original_seq_len);  // tf >= 5
+    float beta_fast = 32, beta_slow = 1, mscale = 0, mscale_all_dim = 0;  // transformers: `or 32`, `or 1`
+    get("beta_fast", beta_fast), get("beta_slow", beta_slow), get("mscale", mscale);
+    get("mscale_all_dim", mscale_all_dim);
+    c.beta_fast = beta_fast != 0 ? beta_fast : 32.0f;
+    c.beta_slow = beta_slow != 0 ? beta_slow : 1.0f;
+    c.mscale = mscale_all_dim;  // transformers scales attention only when mscale_all_dim is non-zero: m(s, 0) = 1
+    // transformers also multiplies cos and sin by mscale(s, mscale)/mscale(s, mscale_all_dim) (1 in DeepSeek's
+    // configs, where both are equal), or by an explicit attention_factor, or by mscale(s, 1) when either is
+    // missing. This implementation never scales cos/sin: say so when it matters.
+    double cos_sin_factor = yarn_mscale(c.rope_factor, 1.0);
+    float attention_factor = 1;
+    if (get("attention_factor", attention_factor)) cos_sin_factor = attention_factor;
+    else if (mscale != 0 && mscale_all_dim != 0)
+        cos_sin_factor = yarn_mscale(c.rope_factor, mscale) / yarn_mscale(c.rope_factor, mscale_all_dim);
+    if (std::fabs(cos_sin_factor - 1.0) > 1e-6)
+        notes.push_back("transformers multiplies RoPE's cos and sin by " + std::to_string(cos_sin_factor) + " for this " +
+                        rope_key + " (mscale " + std::to_string(mscale) + ", mscale_all_dim " +
+                        std::to_string(mscale_all_dim) + "); this implementation does not, so logits differ");
+    if (std::fabs(double(c.rope_factor) * c.original_seq_len - c.max_seq_len) > 0.5)
+        notes.push_back("YaRN factor " + std::to_string(c.rope_factor) + " x original_max_position_embeddings " +
+                        std::to_string(c.original_seq_len) + " != max_position_embeddings " +
+                        std::to_string(c.max_seq_len) + ": transformers 4.5x derives the frequencies' factor from "
+                        "max_position_embeddings / original_max_position_embeddings instead, so it may differ");
+}
+
+// rope_theta and YaRN. rope_scaling wins over rope_parameters when both are given, as in transformers.
+inline void read_rope(const Json& j, Config& c, const std::string& where, std::vector<std::string>& notes) {
     const Json* rope = nullptr;
     std::string rope_key;
     for (const char* key : {"rope_scaling", "rope_parameters"}) {
         const Json* v = j.find(key);
         if (!v || v->is_null()) continue;
         if (!v->is_object()) fail(where, ": key \"", key, "\": expected an object or null, found ", json_describe(*v));
-        rope = v;
-        rope_key = key;
+        rope = v, rope_key = key;
         break;
     }
     const Json* theta_top = j.find("rope_theta");
@@ -7023,84 +6897,45 @@ inline Config config_from_hf_json(const Json& j, const std::string& where, HfCon
              json_describe(*theta_in), ") disagree");
     if (theta_in) from_json(*theta_in, c.rope_theta, where, rope_key + ".rope_theta");
     else if (theta_top) from_json(*theta_top, c.rope_theta, where, "rope_theta");
-    if (rope) {
-        auto key_of = [&](const char* k) { return rope_key + "." + k; };
-        auto get = [&](const char* k) -> const Json* {
-            const Json* v = rope->find(k);
-            return v && !v->is_null() ? v : nullptr;
-        };
-        std::string type = "default";
-        if (const Json* v = get("rope_type")) from_json(*v, type, where, key_of("rope_type"));
-        else if (const Json* v2 = get("type")) from_json(*v2, type, where, key_of("type"));
-        if (type == "yarn") {
-            if (const Json* v = get("original_max_position_embeddings"))
-                from_json(*v, c.original_seq_len, where, key_of("original_max_position_embeddings"));
-            else
-                c.original_seq_len = c.max_seq_len;
-            if (const Json* v = get("factor")) from_json(*v, c.rope_factor, where, key_of("factor"));
-            else c.rope_factor = float(double(c.max_seq_len) / c.original_seq_len);  // transformers >= 5
-            float beta_fast = 32, beta_slow = 1, mscale = 0, mscale_all_dim = 0;  // transformers: `or 32`, `or 1`
-            if (const Json* v = get("beta_fast")) from_json(*v, beta_fast, where, key_of("beta_fast"));
-            if (const Json* v = get("beta_slow")) from_json(*v, beta_slow, where, key_of("beta_slow"));
-            if (const Json* v = get("mscale")) from_json(*v, mscale, where, key_of("mscale"));
-            if (const Json* v = get("mscale_all_dim")) from_json(*v, mscale_all_dim, where, key_of("mscale_all_dim"));
-            c.beta_fast = beta_fast != 0 ? beta_fast : 32.0f;
-            c.beta_slow = beta_slow != 0 ? beta_slow : 1.0f;
-            c.mscale = mscale_all_dim;  // transformers scales attention only when mscale_all_dim is non-zero: m(s, 0) = 1
-            // transformers also multiplies cos and sin by mscale(s, mscale)/mscale(s, mscale_all_dim) (1 in DeepSeek's
-            // configs, where both are equal), or by an explicit attention_factor, or by mscale(s, 1) when either is
-            // missing. This implementation never scales cos/sin: say so when it matters.
-            double cos_sin_factor = io_detail::yarn_mscale(c.rope_factor, 1.0);
-            if (const Json* v = get("attention_factor")) {
-                float a = 1;
-                from_json(*v, a, where, key_of("attention_factor"));
-                cos_sin_factor = a;
-            } else if (mscale != 0 && mscale_all_dim != 0) {
-                cos_sin_factor = io_detail::yarn_mscale(c.rope_factor, mscale) / io_detail::yarn_mscale(c.rope_factor, mscale_all_dim);
-            }
-            if (std::fabs(cos_sin_factor - 1.0) > 1e-6)
-                out.notes.push_back("transformers multiplies RoPE's cos and sin by " + std::to_string(cos_sin_factor) +
-                                    " for this " + rope_key + " (mscale " + std::to_string(mscale) + ", mscale_all_dim " +
-                                    std::to_string(mscale_all_dim) + "); this implementation does not, so logits differ");
-            if (std::fabs(double(c.rope_factor) * c.original_seq_len - c.max_seq_len) > 0.5)
-                out.notes.push_back("YaRN factor " + std::to_string(c.rope_factor) + " x original_max_position_embeddings " +
-                                    std::to_string(c.original_seq_len) + " != max_position_embeddings " +
-                                    std::to_string(c.max_seq_len) + ": transformers 4.5x derives the frequencies' factor from "
-                                    "max_position_embeddings / original_max_position_embeddings instead, so it may differ");
-        } else if (type != "default") {
-            fail(where, ": key \"", rope_key, ".rope_type\": only \"yarn\" and \"default\" are supported, found \"", type, "\"");
-        }
+    if (!rope) return;
+    std::string type = "default";
+    if (!read_key(*rope, "rope_type", type, where, rope_key + ".rope_type")) read_key(*rope, "type", type, where, rope_key + ".type");
+    if (type == "yarn") read_yarn(*rope, rope_key, c, where, notes);
+    else if (type != "default")
+        fail(where, ": key \"", rope_key, ".rope_type\": only \"yarn\" and \"default\" are supported, found \"", type, "\"");
+}
+
+// quantization_config of DeepSeek's FP8 release: {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}.
+inline void read_quantization(const Json& j, HfQuantization& quant, const std::string& where) {
+    const Json* q = j.find("quantization_config");
+    if (!q || q->is_null()) return;
+    const std::string key = "quantization_config";
+    if (!q->is_object()) fail(where, ": key \"", key, "\": expected an object, found ", json_describe(*q));
+    std::string method;
+    if (!read_key(*q, "quant_method", method, where, key + ".quant_method", false))
+        fail(where, ": key \"", key, ".quant_method\": missing");
+    if (method != "fp8")
+        fail(where, ": key \"", key, ".quant_method\": only \"fp8\" (DeepSeek's block-scaled FP8) is supported, found \"",
+             method, "\"");
+    quant.fp8 = true;
+    read_key(*q, "fmt", quant.fmt, where, key + ".fmt", false);
+    if (quant.fmt != "e4m3") fail(where, ": key \"", key, ".fmt\": only \"e4m3\" is supported, found \"", quant.fmt, "\"");
+    read_key(*q, "activation_scheme", quant.activation_scheme, where, key + ".activation_scheme", false);
+    if (const Json* b = q->find("weight_block_size")) {
+        if (!b->is_array() || b->array.size() != 2)
+            fail(where, ": key \"", key, ".weight_block_size\": expected [out, in], found ", json_describe(*b));
+        from_json(b->array[0], quant.block_out, where, key + ".weight_block_size[0]");
+        from_json(b->array[1], quant.block_in, where, key + ".weight_block_size[1]");
+        if (quant.block_out <= 0 || quant.block_in <= 0)
+            fail(where, ": key \"", key, ".weight_block_size\": expected positive sizes, found ", json_describe(*b));
     }
-    if (const Json* q = j.find("quantization_config"); q && !q->is_null()) {
-        if (!q->is_object()) fail(where, ": key \"quantization_config\": expected an object, found ", json_describe(*q));
-        std::string method;
-        const Json* m = q->find("quant_method");
-        if (!m) fail(where, ": key \"quantization_config.quant_method\": missing");
-        from_json(*m, method, where, "quantization_config.quant_method");
-        if (method != "fp8")
-            fail(where, ": key \"quantization_config.quant_method\": only \"fp8\" (DeepSeek's block-scaled FP8) is "
-                 "supported, found \"", method, "\"");
-        out.quant.fp8 = true;
-        if (const Json* f = q->find("fmt")) from_json(*f, out.quant.fmt, where, "quantization_config.fmt");
-        if (out.quant.fmt != "e4m3")
-            fail(where, ": key \"quantization_config.fmt\": only \"e4m3\" is supported, found \"", out.quant.fmt, "\"");
-        if (const Json* a = q->find("activation_scheme"))
-            from_json(*a, out.quant.activation_scheme, where, "quantization_config.activation_scheme");
-        if (const Json* b = q->find("weight_block_size")) {
-            if (!b->is_array() || b->array.size() != 2)
-                fail(where, ": key \"quantization_config.weight_block_size\": expected [out, in], found ", json_describe(*b));
-            from_json(b->array[0], out.quant.block_out, where, "quantization_config.weight_block_size[0]");
-            from_json(b->array[1], out.quant.block_in, where, "quantization_config.weight_block_size[1]");
-            if (out.quant.block_out <= 0 || out.quant.block_in <= 0)
-                fail(where, ": key \"quantization_config.weight_block_size\": expected positive sizes, found ", json_describe(*b));
-        }
-    }
-    if (c.score_func == "softmax")
-        out.notes.push_back("scoring_func \"softmax\": transformers' DeepseekV3 always scores experts with a sigmoid");
+}
+
+// c.validate(), with the config.json keys of the Config fields its message names added to the error.
+inline void validate_hf_config(const Config& c, const std::string& where) {
     try {
         c.validate();
     } catch (const Error& e) {
-        // validate() names Config fields; add the config.json keys they come from.
         const std::string message = e.what();
         auto is_word = [](char ch) { return std::isalnum(static_cast<unsigned char>(ch)) || ch == '_'; };
         std::string keys;
@@ -7111,14 +6946,40 @@ inline Config config_from_hf_json(const Json& j, const std::string& where, HfCon
                 found = (at == 0 || !is_word(message[at - 1])) &&
                         (at + f.size() == message.size() || !is_word(message[at + f.size()]));
             if (!found) return;
-            if (const char* key = io_detail::hf_key_of_any(field)) keys += (keys.empty() ? "" : ", ") + std::string(key);
+            if (const char* key = hf_key_of(field, true)) keys += (keys.empty() ? "" : ", ") + std::string(key);
         });
         fail(where, ": the config is not a valid model", keys.empty() ? "" : " (config.json keys: " + keys + ")", ": ",
              message);
     }
+}
+}  // namespace io_detail
+
+// config.json (already parsed) -> Config. `where` (the file name) starts every error message.
+inline Config config_from_hf_json(const Json& j, const std::string& where, HfConfigInfo* info = nullptr) {
+    HfConfigInfo local;
+    HfConfigInfo& out = info ? *info : local;
+    out = HfConfigInfo{};
+    if (!j.is_object()) fail(where, ": expected a JSON object, found ", json_describe(j));
+    const Json* model_type = j.find("model_type");
+    if (!model_type || !model_type->is_string() || model_type->string != "deepseek_v3")
+        fail(where, ": key \"model_type\": expected \"deepseek_v3\", found ",
+             model_type ? json_describe(*model_type) : std::string("no such key"));
+    Config c = hf_config_defaults();
+    c.visit([&](const char* field, auto& value) {
+        if (const char* key = io_detail::hf_key_of(field)) io_detail::read_key(j, key, value, where, key, false);
+    });
+    if (const Json* v = j.find("q_lora_rank")) {
+        if (v->is_null()) c.q_lora_rank = 0;
+        else io_detail::from_json(*v, c.q_lora_rank, where, "q_lora_rank");
+    }
+    io_detail::require_supported_hf_keys(j, c, where);
+    io_detail::read_rope(j, c, where, out.notes);
+    io_detail::read_quantization(j, out.quant, where);
+    if (c.score_func == "softmax")
+        out.notes.push_back("scoring_func \"softmax\": transformers' DeepseekV3 always scores experts with a sigmoid");
+    io_detail::validate_hf_config(c, where);
     return c;
 }
-
 // Config -> config.json for transformers' DeepseekV3ForCausalLM. Keys transformers needs beyond the architecture:
 // num_key_value_heads (its default, 128, would break attention for other head counts), and the fixed choices of this
 // implementation (silu, no attention bias, untied head, interleaved RoPE pairs).
@@ -7168,8 +7029,8 @@ inline void write_hf_config(const std::string& path, const Config& c, const std:
     write_file_atomic_stream(path, "config.json", [&](std::FILE* f) { return write_bytes(f, text.data(), text.size()); });
 }
 
-// --- 13.5 Model <-> Hugging Face directory -----------------------------------------------------------------------
-// Names: every ParamEntry carries its HF name. Two things are special in DeepSeek's checkpoints [MODEL.md §5, §7]:
+// --- 13.5 Model <-> Hugging Face directory ---------------------------------------------------------------------------
+// Names: every ParamEntry carries its HF name. Two things are special in DeepSeek's checkpoints [V3 §2.2, §3.3]:
 //  * MTP module k (k = 1..D) is stored as layer n_layers+k-1 and carries its OWN copies of the shared embedding and
 //    output head: model.layers.{n_layers+k-1}.embed_tokens.weight and .shared_head.head.weight. save_hf writes them
 //    (so the directory looks like DeepSeek's); load_hf checks their shapes and that they equal the shared tensors.
@@ -7218,7 +7079,7 @@ inline void read_checkpoint_tensor(const HfCheckpoint& ckpt, const HfCheckpoint:
         src.file->read_floats(t, out);
         return;
     }
-    // Block-scaled FP8 [DeepSeek-V3 §3.3.2; MODEL.md §7]: w[r][c] = fp8(q[r][c]) · scale_inv[r / 128][c / 128].
+    // Block-scaled FP8 [DeepSeek-V3 §3.3.2; the official checkpoint's weight_scale_inv]: w[r][c] = fp8(q[r][c]) · scale_inv[r / 128][c / 128].
     const std::string scale_name = t.name + "_scale_inv";
     const HfCheckpoint::Source* s = ckpt.find(scale_name);
     if (!s) fail(src.file->path, ": tensor \"", t.name, "\" is ", dtype_name(t.dtype), " but its scale \"", scale_name,
@@ -7328,7 +7189,7 @@ inline Model load_hf(const std::string& dir, uint64_t seed = 0) {
     return model;
 }
 
-// --- 13.6 .npy files, and the forward pass as transformers computes it -------------------------------------------
+// --- 13.6 .npy files, and the forward pass as transformers computes it -----------------------------------------------
 // .npy (NumPy format 1.0): "\x93NUMPY", version 1 0, a little-endian uint16 header length, a Python dict literal
 // {'descr': '<f4', 'fortran_order': False, 'shape': (2, 8, 64), } padded with spaces and a newline so that the data
 // starts at a multiple of 64 bytes, then the raw little-endian float32 values in C (row-major) order.
@@ -7355,39 +7216,27 @@ inline void write_npy(const std::string& path, const float* data, const std::vec
 // Reads a float32 C-order .npy (version 1 or 2), as numpy.save writes it; `shape` receives the dimensions.
 inline std::vector<float> read_npy(const std::string& path, std::vector<int64_t>* shape = nullptr) {
     const std::string bytes = read_file_bytes(path);
-    if (bytes.size() < 10 || bytes.compare(0, 6, "\x93NUMPY") != 0) fail("npy ", path, ": not a .npy file (bad magic)");
+    auto bad = [&](const auto&... what) { fail("npy ", path, ": ", what...); };
+    if (bytes.size() < 10 || bytes.compare(0, 6, "\x93NUMPY") != 0) bad("not a .npy file (bad magic)");
     const int major = uint8_t(bytes[6]);
-    size_t header_len, start;
-    if (major == 1) {
-        header_len = uint8_t(bytes[8]) | size_t(uint8_t(bytes[9])) << 8;
-        start = 10;
-    } else if (major == 2 || major == 3) {
-        if (bytes.size() < 12) fail("npy ", path, ": truncated header");
-        header_len = 0;
-        for (int i = 3; i >= 0; --i) header_len = (header_len << 8) | uint8_t(bytes[8 + size_t(i)]);
-        start = 12;
-    } else {
-        fail("npy ", path, ": unsupported format version ", major);
-    }
-    if (header_len > bytes.size() - start) fail("npy ", path, ": header length ", header_len, " beyond the file");
+    if (major < 1 || major > 3) bad("unsupported format version ", major);
+    const size_t start = major == 1 ? 10 : 12;  // the header length: uint16 in version 1, uint32 in versions 2 and 3
+    if (bytes.size() < start) bad("truncated header");
+    const size_t header_len = size_t(load_le(&bytes[8], int(start) - 8));
+    if (header_len > bytes.size() - start) bad("header length ", header_len, " beyond the file");
     const std::string dict = bytes.substr(start, header_len);
-    auto value_after = [&](const char* key) {
-        const size_t k = dict.find(key);
-        if (k == std::string::npos) fail("npy ", path, ": header has no ", key);
-        size_t v = dict.find(':', k);
-        if (v == std::string::npos) fail("npy ", path, ": malformed header");
-        ++v;
-        while (v < dict.size() && dict[v] == ' ') ++v;
-        return v;
+    auto value_after = [&](const char* key) {  // where the value of `key` starts in the dict
+        const size_t k = dict.find(key), colon = k == std::string::npos ? k : dict.find(':', k);
+        if (k == std::string::npos) bad("header has no ", key);
+        if (colon == std::string::npos) bad("malformed header");
+        return std::min(dict.find_first_not_of(' ', colon + 1), dict.size());
     };
     size_t v = value_after("'descr'");
-    if (dict.compare(v, 5, "'<f4'") != 0) fail("npy ", path, ": expected dtype '<f4' (float32), found ", dict.substr(v, 8));
-    v = value_after("'fortran_order'");
-    if (dict.compare(v, 5, "False") != 0) fail("npy ", path, ": Fortran order is not supported");
+    if (dict.compare(v, 5, "'<f4'") != 0) bad("expected dtype '<f4' (float32), found ", dict.substr(v, 8));
+    if (dict.compare(value_after("'fortran_order'"), 5, "False") != 0) bad("Fortran order is not supported");
     v = value_after("'shape'");
-    if (v >= dict.size() || dict[v] != '(') fail("npy ", path, ": malformed shape");
-    const size_t close = dict.find(')', v);
-    if (close == std::string::npos) fail("npy ", path, ": malformed shape");
+    const size_t close = v < dict.size() && dict[v] == '(' ? dict.find(')', v) : std::string::npos;
+    if (close == std::string::npos) bad("malformed shape");
     std::vector<int64_t> dims;
     int64_t numel = 1;
     for (size_t i = v + 1; i < close;) {
@@ -7396,14 +7245,14 @@ inline std::vector<float> read_npy(const std::string& path, std::vector<int64_t>
         char* end = nullptr;
         const long long d = std::strtoll(dict.c_str() + i, &end, 10);
         const size_t used = size_t(end - (dict.c_str() + i));
-        if (used == 0 || d < 0 || (d > 0 && numel > (int64_t(1) << 40) / d)) fail("npy ", path, ": malformed shape");
+        if (used == 0 || d < 0 || (d > 0 && numel > (int64_t(1) << 40) / d)) bad("malformed shape");
         dims.push_back(d);
         numel *= d;
         i += used;
     }
     const size_t data = start + header_len;
     if (bytes.size() - data != size_t(numel) * 4)
-        fail("npy ", path, ": shape ", io_detail::shape_str(dims), " needs ", numel * 4, " bytes of data, found ", bytes.size() - data);
+        bad("shape ", io_detail::shape_str(dims), " needs ", numel * 4, " bytes of data, found ", bytes.size() - data);
     std::vector<float> out(static_cast<size_t>(numel));
     decode_to_float(DType::F32, reinterpret_cast<const uint8_t*>(bytes.data() + data), numel, out.data());
     if (shape) *shape = dims;

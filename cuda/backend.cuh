@@ -1,5 +1,5 @@
-// cuda/backend.cuh — what the header's model (sections 6-7) needs from a backend besides the kernels of section 4:
-// buffers and an activation arena in device memory, the host transfers, and the plumbing kernels of section 4.12
+// cuda/backend.cuh — what the header's model (sections 5-6) needs from a backend besides the kernels of section 3:
+// buffers and an activation arena in device memory, the host transfers, and the plumbing kernels of section 3.12
 // (fill, copy, residual add, scale, sum of squares, BF16 rounding, column concat/split, MLA's key/value assembly).
 // Included by kernels.cuh; a translation unit that defines DSV3_BACKEND_CUDA before including deepseek_v3.hpp runs
 // the header's Model on these (namespace dsv3::backend = dsv3::cuda).
@@ -198,7 +198,7 @@ inline void mla_keys_values_backward(float* dkv, float* dk_rope, const float* dk
     DSV3_CUDA_CHECK_LAUNCH();
 }
 
-// --- decoding (header section 8): the absorbed projections and attention over the cache, one block per (row, head) -
+// --- decoding (header section 7): the absorbed projections and attention over the cache, one block per (row, head) -
 // Plain kernels in the order of the CPU loops (each output is one thread's sum, in the same order), so a position's
 // result does not depend on how many rows its step decodes. Small and simple: decoding the tiny and small models is
 // dominated by the model's other kernels; cuda/mla_decode.cuh has the bandwidth-tuned batched kernel.

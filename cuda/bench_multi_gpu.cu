@@ -14,7 +14,7 @@
 //     time, printed as a ratio to the bidirectional per-direction peer bandwidth (all ranks send at once).
 //     Target (issue 8): ≥ 70% of the peer bandwidth.
 // (d) the same all-reduce and dispatch staged through pinned host memory (the HFReduce path, forced), for scale.
-// Timing (device/METHOD.md): warm-up first; every figure is the mean of a batch of back-to-back collectives between two
+// Timing: warm-up first; every figure is the mean of a batch of back-to-back collectives between two
 // barriers (host wall clock, all streams synchronised), the median of 5 batches. Buffers far larger than the L2.
 #include "comm.cuh"
 

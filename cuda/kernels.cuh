@@ -1,7 +1,7 @@
 // cuda/kernels.cuh — the CUDA backend of deepseek_v3.hpp: the same kernels, on one GPU.
 //
 // Every function here has the SAME name and the SAME parameter list as the CPU kernel of the header (section 3,
-// "KERNELS", and the FP8 functions of section 3, "Numerics"), in namespace dsv3::cuda instead of dsv3, and every
+// "KERNELS", and the FP8 functions of section 8), in namespace dsv3::cuda instead of dsv3, and every
 // pointer is a DEVICE pointer. So the model logic, written once against the header's kernels, can run on the GPU by
 // switching a namespace (see "How a model calls these" at the end of this comment).
 //
@@ -14,6 +14,7 @@
 //   3.6  embedding_forward / embedding_backward
 //   3.7  cross_entropy_forward / cross_entropy_backward
 //   3.8  router_scores_*, router_select (group-limited top-k), router_gates_*
+//   3.9  sequence_balance_loss, expert_balance_loss (values to the host, gradients on the device)
 //   3.10 moe_permute_plan (on the device, the CPU's plan bit for bit; one copy of the offsets back per layer),
 //        moe_permute_*, moe_unpermute_*
 //   3.10b grouped_matmul_forward / grouped_matmul_backward: every expert's GEMM in one launch per product, BF16
@@ -32,15 +33,15 @@
 // Accuracy against the CPU kernels. Plain float kernels (norms, softmax, router, AdamW, ...) sum in a different order
 // than the CPU (trees instead of chains) and the GPU contracts a*b+c into FMAs: relative differences of a few float32
 // ulps (≈1e-6). matmul rounds its inputs to BF16 (8 significant bits, unit roundoff 2^-9), so its outputs differ from
-// the float32 CPU GEMM by about 2^-9·sqrt(2) ≈ 3e-3 in relative Frobenius norm on random data (METHOD.md: "bf16
-// operands between 1e-3 and 1e-2"). The FP8 functions are bitwise equal to the CPU ones (quantization is exact
+// the float32 CPU GEMM by about 2^-9·sqrt(2) ≈ 3e-3 in relative Frobenius norm on random data (BF16 operands
+// typically land between 1e-3 and 1e-2). The FP8 functions are bitwise equal to the CPU ones (quantization is exact
 // arithmetic plus one IEEE division; the FP8 GEMM is the hardware the header simulates).
 //
-// How a model calls these: the header's Model (sections 6-7) calls backend::matmul_forward(...), ... and keeps its
-// parameters, gradients, AdamW moments and activations in backend::Buffer / backend::Arena (header section 4.13). A
+// How a model calls these: the header's Model (sections 5-6) calls backend::matmul_forward(...), ... and keeps its
+// parameters, gradients, AdamW moments and activations in backend::Buffer / backend::Arena (header section 3.13). A
 // translation unit that defines DSV3_BACKEND_CUDA before including deepseek_v3.hpp gets `namespace backend =
-// dsv3::cuda`: the header includes this file in the middle (after its section 4), and backend.cuh adds the buffers,
-// the device arena and the model's plumbing kernels (section 4.12). cuda/train_cuda.cu is examples/train.cpp built
+// dsv3::cuda`: the header includes this file in the middle (after its section 3), and backend.cuh adds the buffers,
+// the device arena and the model's plumbing kernels (section 3.12). cuda/train_cuda.cu is examples/train.cpp built
 // that way. Three kernels take host-side structures, exactly as on the CPU: rope_* take the header's RopeTable
 // (uploaded to the device on first use and cached), router_* take the Config, and the MoE permutation, planned on
 // the device, keeps a host copy (cuda::MoePermutation: the device plan and the host one).
@@ -48,11 +49,11 @@
 // Build: nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a (wgmma needs the "a" target; with plain -arch=sm_90
 // fp8_gemm falls back to a CUDA-core emulation of the tensor core that gives the same bits, slowly). Link -lcublas.
 // `make cuda` builds cuda/test_cuda.cu (every kernel against the CPU kernel) and cuda/bench_cuda.cu (FP8 GEMM vs
-// torch._scaled_mm, absorbed decoding vs the copy bandwidth); the measured figures are in fp8.cuh and mla_decode.cuh.
+// torch._scaled_mm, absorbed decoding vs the copy bandwidth); every kernel version, with its figures,
+// is in dev_fp8_gemm.cu and dev_mla_decode.cu.
 //
-// Files: kernels.cuh (this: errors, device memory, section-3 kernels), fp8.cuh (quantization, fp8_gemm),
-// mla_decode.cuh (mla_decode_absorbed), backend.cuh (what the model needs besides the kernels). Include kernels.cuh
-// only.
+// Files: kernels.cuh (this: errors, device memory, section-3 kernels), fp8.cuh (quantization, fp8_gemm), backend.cuh
+// (what the model needs besides the kernels). Include kernels.cuh only.
 #pragma once
 
 // The header is host code; nvcc's front end does not know GCC's "#pragma GCC unroll" in it: silence that warning.
@@ -974,6 +975,120 @@ inline void router_gates_backward(float* dscores, const float* dgates, const flo
                                                                     c.n_routed_experts, c.n_activated_experts,
                                                                     c.norm_topk_prob, c.route_scale);
     DSV3_CUDA_CHECK_LAUNCH();
+}
+
+// =====================================================================================================================
+// 3.9 balance losses [V3 eqs. 17-20; DeepSeekMoE eqs. 12-14]: the CPU's formulas, summed in double. The expert
+// fractions f count the choices of each group of rows (a sequence, or the whole batch) in row order; the losses
+// come back to the host as one double per group, summed there in group order like the CPU's.
+namespace detail {
+// f[g, i] = N/(K·T) · (times expert i is among the T·K choices of rows g·T .. g·T+T-1): one thread per expert.
+__global__ void expert_fraction_kernel(double* f, const int32_t* chosen, int T, int K, int N) {
+    const int64_t first = int64_t(blockIdx.x) * T * K, last = first + int64_t(T) * K;
+    for (int i = threadIdx.x; i < N; i += blockDim.x) {
+        int64_t count = 0;
+        for (int64_t e = first; e < last; ++e) count += chosen[e] == i;
+        f[int64_t(blockIdx.x) * N + i] = double(N) / (double(K) * T) * double(count);
+    }
+}
+// One block per sequence b: P_i = (1/T) Σ_t s_{t,i} / Σ_j s_{t,j}; loss[b] = α Σ_i f_i P_i; and, when dscores is
+// given, ∂L/∂s_{t,j} += (α f_j / (T·B) − Σ_i α f_i / (T·B) · s_{t,i} / S_t) / S_t.
+__global__ void sequence_balance_kernel(double* loss, float* dscores, const float* scores, const double* f_all, int T,
+                                        int N, int B, float alpha) {
+    extern __shared__ double P[];  // [N]
+    const int b = blockIdx.x;
+    const double* f = f_all + int64_t(b) * N;
+    const float* s_b = scores + int64_t(b) * T * N;
+    for (int i = threadIdx.x; i < N; i += blockDim.x) {
+        double p = 0;
+        for (int t = 0; t < T; ++t) {
+            const float* s = s_b + int64_t(t) * N;
+            double S = 0;
+            for (int j = 0; j < N; ++j) S += s[j];
+            p += s[i] / S / T;
+        }
+        P[i] = p;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double L = 0;
+        for (int i = 0; i < N; ++i) L += f[i] * P[i];
+        loss[b] = alpha * L;
+    }
+    if (!dscores) return;
+    for (int t = threadIdx.x; t < T; t += blockDim.x) {
+        const float* s = s_b + int64_t(t) * N;
+        double S = 0, dot = 0;
+        for (int j = 0; j < N; ++j) S += s[j];
+        for (int i = 0; i < N; ++i) dot += alpha * f[i] / (double(T) * B) * s[i] / S;
+        float* ds = dscores + (int64_t(b) * T + t) * N;
+        for (int j = 0; j < N; ++j) ds[j] += float((alpha * f[j] / (double(T) * B) - dot) / S);
+    }
+}
+// One thread per row t: p = softmax(logits_t) in double, kept for the sum; dlogits += p_i (α f_i / T − Σ_j α f_j / T p_j).
+__global__ void expert_balance_rows_kernel(double* p_all, float* dlogits, const float* logits, const double* f, int T,
+                                           int N, float alpha) {
+    const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (t >= T) return;
+    const float* z = logits + t * N;
+    double* p = p_all + t * N;
+    float mx = z[0];
+    for (int i = 1; i < N; ++i) mx = fmaxf(mx, z[i]);
+    double sum = 0, dot = 0;
+    for (int i = 0; i < N; ++i) sum += (p[i] = exp(double(z[i] - mx)));
+    for (int i = 0; i < N; ++i) {
+        p[i] /= sum;
+        dot += alpha * f[i] / T * p[i];
+    }
+    if (dlogits)
+        for (int i = 0; i < N; ++i) dlogits[t * N + i] += float(p[i] * (alpha * f[i] / T - dot));
+}
+// One block: P_i = Σ_t p_{t,i} (thread i, rows in order), then loss = α Σ_i f_i P_i / T (thread 0, experts in order).
+__global__ void expert_balance_sum_kernel(double* loss, const double* p, const double* f, int T, int N, float alpha) {
+    extern __shared__ double P[];  // [N]
+    for (int i = threadIdx.x; i < N; i += blockDim.x) {
+        double s = 0;
+        for (int t = 0; t < T; ++t) s += p[int64_t(t) * N + i];
+        P[i] = s;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double L = 0;
+        for (int i = 0; i < N; ++i) L += f[i] * P[i] / T;
+        *loss = alpha * L;
+    }
+}
+}  // namespace detail
+
+// scores: [B·T, N], chosen: [B·T, K] (device); dscores: [B·T, N] (+=) or null. Returns the loss (synchronises).
+inline double sequence_balance_loss(float* dscores, const float* scores, const int32_t* chosen, int B, int T,
+                                    const Config& c, float alpha) {
+    const int N = c.n_routed_experts, K = c.n_activated_experts;
+    if (B <= 0 || T <= 0) return 0.0;
+    DeviceBuffer<double> f{size_t(B) * N}, loss{size_t(B)};
+    detail::expert_fraction_kernel<<<B, 128>>>(f.data(), chosen, T, K, N);
+    DSV3_CUDA_CHECK_LAUNCH();
+    detail::sequence_balance_kernel<<<B, 128, sizeof(double) * size_t(N)>>>(loss.data(), dscores, scores, f.data(), T,
+                                                                          N, B, alpha);
+    DSV3_CUDA_CHECK_LAUNCH();
+    double total = 0;
+    for (double v : loss.download()) total += v;
+    return total / B;
+}
+// logits: [T, N], chosen: [T, K] (device); dlogits: [T, N] (+=) or null. Returns the loss (synchronises).
+inline double expert_balance_loss(float* dlogits, const float* logits, const int32_t* chosen, int T, const Config& c,
+                                  float alpha) {
+    const int N = c.n_routed_experts, K = c.n_activated_experts;
+    if (T <= 0) return 0.0;
+    DeviceBuffer<double> f{size_t(N)}, p{size_t(T) * N}, loss{size_t(1)};
+    detail::expert_fraction_kernel<<<1, 128>>>(f.data(), chosen, T, K, N);
+    DSV3_CUDA_CHECK_LAUNCH();
+    detail::expert_balance_rows_kernel<<<grid_for(T, 128), 128>>>(p.data(), dlogits, logits, f.data(), T, N, alpha);
+    DSV3_CUDA_CHECK_LAUNCH();
+    detail::expert_balance_sum_kernel<<<1, 128, sizeof(double) * size_t(N)>>>(loss.data(), p.data(), f.data(), T, N,
+                                                                            alpha);
+    DSV3_CUDA_CHECK_LAUNCH();
+    return loss.download()[0];
 }
 
 // =====================================================================================================================

@@ -412,6 +412,34 @@ TEST_CASE("router: scores, group-limited top-k selection (exact), gates") {
     }
 }
 
+TEST_CASE("balance losses: sequence-wise and expert-level, values and gradients") {
+    Rng rng(109);
+    dsv3::Config small = dsv3::Config::small(), v3 = dsv3::Config::v3_671b();
+    for (const dsv3::Config* c : {&small, &v3}) {
+        const int B = 3, T = 70, n = B * T, N = c->n_routed_experts, K = c->n_activated_experts;
+        CAPTURE(N);
+        std::vector<float> logits = normal(rng, size_t(n) * N), scores(size_t(n) * N);
+        dsv3::router_scores_forward(scores.data(), logits.data(), n, N, false);
+        std::vector<int32_t> chosen(size_t(n) * K);
+        dsv3::router_select(chosen.data(), scores.data(), nullptr, n, *c);
+        auto sd = dev(scores), ld = dev(logits);
+        auto chd = dev(chosen);
+        // The gradients accumulate (+=): start from zero so that the check sees the gradient alone.
+        const std::vector<float> ds0(scores.size(), 0.0f), dz0(logits.size(), 0.0f);
+        std::vector<float> ds = ds0, dz = dz0;
+        const double seq = dsv3::sequence_balance_loss(ds.data(), scores.data(), chosen.data(), B, T, *c, 1e-2f);
+        const double exp_ = dsv3::expert_balance_loss(dz.data(), logits.data(), chosen.data(), n, *c, 1e-2f);
+        auto dsd = dev(ds0), dzd = dev(dz0);
+        const double seq_gpu = cu::sequence_balance_loss(dsd.data(), sd.data(), chd.data(), B, T, *c, 1e-2f);
+        const double exp_gpu = cu::expert_balance_loss(dzd.data(), ld.data(), chd.data(), n, *c, 1e-2f);
+        CHECK(std::fabs(seq_gpu - seq) <= 1e-12 * std::fabs(seq) + 1e-15);
+        CHECK(std::fabs(exp_gpu - exp_) <= 1e-12 * std::fabs(exp_) + 1e-15);
+        CHECK(cu::sequence_balance_loss(nullptr, sd.data(), chd.data(), B, T, *c, 1e-2f) == seq_gpu);
+        CHECK_REL(host(dsd), ds, 1e-6);
+        CHECK_REL(host(dzd), dz, 1e-6);
+    }
+}
+
 TEST_CASE("moe: permutation plan, permute and unpermute forward and backward") {
     Rng rng(109);
     const int T = 77, K = 4, N = 16, d = 40;

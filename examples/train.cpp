@@ -25,7 +25,7 @@ struct Args {
     int steps = 2000, batch = 16, seq = 64, warmup = 100, eval_every = 200, eval_windows = 64, seed = 1, sample = 300;
     float lr = 3e-3f, min_lr = 3e-4f, mtp_lambda = 0.3f, bias_speed = -1, balance_alpha = 0.0001f;
     std::string schedule = "cosine", balance = "none";
-    bool bias_update = true, save = true;
+    bool bias_update = true, save = true, fp8 = false;
     double time_limit = 0;  // seconds; 0 = none
 };
 
@@ -36,7 +36,8 @@ static void usage() {
         "             [--min-lr X] [--warmup N] [--schedule cosine|v3|multi_step] [--eval-every N]\n"
         "             [--eval-windows N] [--balance none|sequence|expert] [--balance-alpha A] [--bias-speed G]\n"
         "             [--no-bias-update] [--mtp-lambda L] [--seed S] [--sample N] [--time-limit SECONDS]\n"
-        "             [--no-save]   (no checkpoint, Hugging Face directory or plots: for timing runs)\n");
+        "             [--no-save]   (no checkpoint, Hugging Face directory or plots: for timing runs)\n"
+        "             [--fp8]       V3's FP8 recipe (Config.fp8_training): every linear layer but the head and router in FP8\n");
 }
 
 static Args parse(int argc, char** argv) {
@@ -50,6 +51,7 @@ static Args parse(int argc, char** argv) {
         if (k == "--data") a.data = value();
         else if (k == "--preset") a.preset = value();
         else if (k == "--no-save") a.save = false;
+        else if (k == "--fp8") a.fp8 = true;
         else if (k == "--loss-log") a.loss_log = value();
         else if (k == "--out") a.out = value();
         else if (k == "--resume") a.resume = value();
@@ -135,6 +137,7 @@ int main(int argc, char** argv) {
             fail("--preset: unknown \"", a.preset, "\" (tiny, small or large)");
         Config cfg = a.preset == "small" ? Config::small() : (a.preset == "large" ? Config::large() : Config::tiny());
         if (a.bias_speed >= 0) cfg.bias_update_speed = a.bias_speed;
+        if (a.fp8) cfg.fp8_training = true;
         if (a.seq > cfg.max_seq_len) fail("--seq ", a.seq, " exceeds the preset's max_seq_len ", cfg.max_seq_len);
         cfg.max_seq_len = a.seq;  // the model's context is what it is trained on (generation slides past it)
         std::string source;
