@@ -6173,7 +6173,10 @@ class JsonParser {
     [[noreturn]] void error(const char* expected) const {
         fail(source_, ": invalid JSON at byte ", base_ + pos_, ": expected ", expected, ", found ", found());
     }
-    [[noreturn]] void error_at(size_t pos, const char* expected) { pos_ = pos, error(expected); }
+    [[noreturn]] void error_at(size_t pos, const char* expected) {
+        pos_ = pos;
+        error(expected);
+    }
     void skip_ws() {
         while (pos_ < n_ && (p_[pos_] == ' ' || p_[pos_] == '\t' || p_[pos_] == '\n' || p_[pos_] == '\r')) ++pos_;
     }
