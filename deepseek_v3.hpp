@@ -6037,7 +6037,15 @@ inline Config read_checkpoint_config(const std::string& path, int* step = nullpt
         const size_t eq = line.find('=');
         if (eq == std::string::npos) fail("checkpoint ", path, ": header line \"", line, "\" is not name=value");
         const std::string name = line.substr(0, eq), value = line.substr(eq + 1);
-        if (name == "step") steps = std::stoi(value);
+        if (name == "step") {
+            char* end = nullptr;
+            errno = 0;
+            const long long v = value.empty() ? -1 : std::strtoll(value.c_str(), &end, 10);
+            if (value.empty() || *end || errno || v < 0 || v > INT_MAX)
+                fail("checkpoint ", path, ": header line \"step=", value.substr(0, 40), "\": expected a step count in [0, ",
+                     INT_MAX, "]");
+            steps = int(v);
+        }
         else if (name != "floats") c.set(name, value, "checkpoint " + path);
     }
     if (header_bytes) *header_bytes = size_t(std::ftell(f.get()));

@@ -48,6 +48,24 @@ static Args parse(int argc, char** argv) {
             if (i + 1 >= argc) fail("argument ", k, ": expected a value");
             return argv[++i];
         };
+        // A whole number at least `lo` (counts: steps, batch, ...), or an error that names the flag and the value.
+        auto count = [&](long lo) {
+            const std::string v = value();
+            char* end = nullptr;
+            errno = 0;
+            const long n = std::strtol(v.c_str(), &end, 10);
+            if (v.empty() || *end || errno || n < lo || n > 1000000000)
+                fail(k, ": expected a whole number in [", lo, ", 1000000000], found \"", v, "\"");
+            return int(n);
+        };
+        // A finite number, or an error that names the flag and the value.
+        auto number = [&] {
+            const std::string v = value();
+            char* end = nullptr;
+            const double x = std::strtod(v.c_str(), &end);
+            if (v.empty() || *end || !std::isfinite(x)) fail(k, ": expected a number, found \"", v, "\"");
+            return x;
+        };
         if (k == "--data") a.data = value();
         else if (k == "--preset") a.preset = value();
         else if (k == "--no-save") a.save = false;
@@ -55,23 +73,23 @@ static Args parse(int argc, char** argv) {
         else if (k == "--loss-log") a.loss_log = value();
         else if (k == "--out") a.out = value();
         else if (k == "--resume") a.resume = value();
-        else if (k == "--steps") a.steps = std::stoi(value());
-        else if (k == "--batch") a.batch = std::stoi(value());
-        else if (k == "--seq") a.seq = std::stoi(value());
-        else if (k == "--lr") a.lr = std::stof(value());
-        else if (k == "--min-lr") a.min_lr = std::stof(value());
-        else if (k == "--warmup") a.warmup = std::stoi(value());
+        else if (k == "--steps") a.steps = count(1);
+        else if (k == "--batch") a.batch = count(1);
+        else if (k == "--seq") a.seq = count(1);
+        else if (k == "--lr") a.lr = float(number());
+        else if (k == "--min-lr") a.min_lr = float(number());
+        else if (k == "--warmup") a.warmup = count(0);
         else if (k == "--schedule") a.schedule = value();
-        else if (k == "--eval-every") a.eval_every = std::stoi(value());
-        else if (k == "--eval-windows") a.eval_windows = std::stoi(value());
+        else if (k == "--eval-every") a.eval_every = count(1);
+        else if (k == "--eval-windows") a.eval_windows = count(1);
         else if (k == "--balance") a.balance = value();
-        else if (k == "--balance-alpha") a.balance_alpha = std::stof(value());
-        else if (k == "--bias-speed") a.bias_speed = std::stof(value());
+        else if (k == "--balance-alpha") a.balance_alpha = float(number());
+        else if (k == "--bias-speed") a.bias_speed = float(number());
         else if (k == "--no-bias-update") a.bias_update = false;
-        else if (k == "--mtp-lambda") a.mtp_lambda = std::stof(value());
-        else if (k == "--seed") a.seed = std::stoi(value());
-        else if (k == "--sample") a.sample = std::stoi(value());
-        else if (k == "--time-limit") a.time_limit = std::stod(value());
+        else if (k == "--mtp-lambda") a.mtp_lambda = float(number());
+        else if (k == "--seed") a.seed = count(0);
+        else if (k == "--sample") a.sample = count(0);
+        else if (k == "--time-limit") a.time_limit = number();
         else if (k == "--help" || k == "-h") { usage(); std::exit(0); }
         else { usage(); fail("unknown argument \"", k, "\""); }
     }

@@ -322,6 +322,21 @@ TEST_CASE("checkpoint: save / load round trip is bitwise, atomic, and its errors
         CHECK_THROWS_WITH_AS(load_checkpoint(bad, other, fresh), doctest::Contains("dsv3-checkpoint 1"), dsv3::Error);
         CHECK_THROWS_WITH_AS(load_checkpoint(bad, other, fresh), doctest::Contains(bad.c_str()), dsv3::Error);
     }
+    SUBCASE("a header line too long is an error, not a double free (the file is closed once)") {
+        const std::string bad = dir.file("long.ckpt");
+        write_all(bad, "dsv3-checkpoint 1\n" + std::string(5000, 'a') + "\n");
+        CHECK_THROWS_WITH_AS(read_checkpoint_config(bad), doctest::Contains("header line too long"), dsv3::Error);
+    }
+    SUBCASE("a step out of range names the field and the value") {
+        std::string data = read_all(path);
+        const size_t at = data.find("step=7\n");
+        REQUIRE(at != std::string::npos);
+        const std::string bad = dir.file("step.ckpt");
+        write_all(bad, data.substr(0, at) + "step=99999999999\n" + data.substr(at + 7));
+        CHECK_THROWS_WITH_AS(read_checkpoint_config(bad), doctest::Contains("step=99999999999"), dsv3::Error);
+        write_all(bad, data.substr(0, at) + "step=abc\n" + data.substr(at + 7));
+        CHECK_THROWS_WITH_AS(read_checkpoint_config(bad), doctest::Contains("step=abc"), dsv3::Error);
+    }
     SUBCASE("truncated data") {
         const std::string data = read_all(path), cut = dir.file("cut.ckpt");
         write_all(cut, data.substr(0, data.size() - 10));
