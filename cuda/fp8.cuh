@@ -284,14 +284,6 @@ __device__ __forceinline__ void wgmma_k32(float (&d)[BN / 2], uint64_t da, uint6
 }
 #endif
 
-// 16 bytes global → shared, asynchronously; src_bytes < 16 zero-fills the rest (0: all zeros, nothing read).
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
-    const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 // Shared memory written by the generic proxy (cp.async, st.shared) and read next by wgmma (the async proxy) needs this
 // fence in the writing threads before the barrier (PTX ISA, memory consistency model: wgmma reads its shared-memory
 // operands through the async proxy, which does not see generic-proxy writes without a proxy fence).

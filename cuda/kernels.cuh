@@ -1298,6 +1298,15 @@ struct GroupedArgs {
     int64_t w_stride;      // floats between consecutive experts' weights (and weight gradients)
     int in, out;
 };
+// 16 bytes global → shared, asynchronously; src_bytes < 16 zero-fills the rest (0: all zeros, nothing read).
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
+    const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+
 constexpr int kGroupedTile = 64, kGroupedK = 32;
 
 template <Grouped kind>
@@ -1409,13 +1418,6 @@ struct Args {
     int64_t w_stride;                       // dW: floats between experts' weight gradients
     int in, out;
 };
-__device__ inline void cp_async16(void* smem, const void* gmem, bool pred) {
-    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-    const int bytes = pred ? 16 : 0;   // 0: fill with zeros, read nothing
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
-}
-__device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ inline void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 template <Grouped kind>
 __global__ void __launch_bounds__(kThreads) kernel(Args p) {
@@ -1438,24 +1440,25 @@ __global__ void __launch_bounds__(kThreads) kernel(Args p) {
             if (kind != Grouped::dW) {
                 const int mm = c / (BK / 8), kk = (c % (BK / 8)) * 8;
                 const bool ok = m0 + mm < M && k0 + kk < K;
-                cp_async16(&As[stage][mm * kLdK + kk], ok ? p.a + (r0 + m0 + mm) * K + k0 + kk : p.a, ok);
+                cp_async_16(&As[stage][mm * kLdK + kk], ok ? p.a + (r0 + m0 + mm) * K + k0 + kk : p.a, ok ? 16 : 0);
             } else {
                 const int kk = c / (BM / 8), mm = (c % (BM / 8)) * 8;
                 const bool ok = k0 + kk < K && m0 + mm < M;
-                cp_async16(&As[stage][kk * kLdMN + mm], ok ? p.a + (r0 + k0 + kk) * p.out + m0 + mm : p.a, ok);
+                cp_async_16(&As[stage][kk * kLdMN + mm], ok ? p.a + (r0 + k0 + kk) * p.out + m0 + mm : p.a,
+                            ok ? 16 : 0);
             }
         }
         for (int c = threadIdx.x; c < BN * BK / 8; c += kThreads) {
             if (kind == Grouped::forward) {
                 const int nn = c / (BK / 8), kk = (c % (BK / 8)) * 8;
                 const bool ok = n0 + nn < N && k0 + kk < K;
-                cp_async16(&Bs[stage][nn * kLdK + kk], ok ? W + int64_t(n0 + nn) * p.in + k0 + kk : W, ok);
+                cp_async_16(&Bs[stage][nn * kLdK + kk], ok ? W + int64_t(n0 + nn) * p.in + k0 + kk : W, ok ? 16 : 0);
             } else {
                 const int kk = c / (BN / 8), nn = (c % (BN / 8)) * 8;
                 const bool ok = k0 + kk < K && n0 + nn < N;
                 const __nv_bfloat16* src = kind == Grouped::dx ? W + (k0 + kk) * p.in + n0 + nn
                                                                : p.b + (r0 + k0 + kk) * p.in + n0 + nn;
-                cp_async16(&Bs[stage][kk * kLdMN + nn], ok ? src : (kind == Grouped::dx ? W : p.b), ok);
+                cp_async_16(&Bs[stage][kk * kLdMN + nn], ok ? src : (kind == Grouped::dx ? W : p.b), ok ? 16 : 0);
             }
         }
         cp_async_commit();
