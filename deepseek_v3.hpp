@@ -311,6 +311,18 @@ inline void Config::validate() const {
     positive("n_heads", n_heads); positive("kv_lora_rank", kv_lora_rank);
     positive("qk_nope_head_dim", qk_nope_head_dim); positive("qk_rope_head_dim", qk_rope_head_dim);
     positive("v_head_dim", v_head_dim); positive("max_seq_len", max_seq_len);
+    // Upper bounds, far above every published DeepSeek model and small enough that every size product of the
+    // parameter layout (in int: H·(d_h + d_v), n_shared·moe_inter_dim, 2·dim, ...) fits, whatever a file declares.
+    auto at_most = [](const char* field, long long v, long long hi) {
+        if (v > hi) fail("Config.", field, ": must be <= ", hi, ", found ", v);
+    };
+    at_most("vocab_size", vocab_size, 1 << 24); at_most("dim", dim, 1 << 16); at_most("inter_dim", inter_dim, 1 << 20);
+    at_most("moe_inter_dim", moe_inter_dim, 1 << 20); at_most("n_layers", n_layers, 1 << 12);
+    at_most("n_heads", n_heads, 1 << 12); at_most("q_lora_rank", q_lora_rank, 1 << 16);
+    at_most("kv_lora_rank", kv_lora_rank, 1 << 16); at_most("qk_nope_head_dim", qk_nope_head_dim, 1 << 12);
+    at_most("qk_rope_head_dim", qk_rope_head_dim, 1 << 12); at_most("v_head_dim", v_head_dim, 1 << 12);
+    at_most("max_seq_len", max_seq_len, 1 << 22); at_most("n_routed_experts", n_routed_experts, 1 << 14);
+    at_most("n_shared_experts", n_shared_experts, 1 << 10); at_most("n_mtp_depth", n_mtp_depth, 64);
     if (q_lora_rank < 0) fail("Config.q_lora_rank: must be >= 0 (0 = direct query projection), found ", q_lora_rank);
     if (qk_rope_head_dim % 2 != 0)
         fail("Config.qk_rope_head_dim: RoPE rotates pairs, so it must be even, found ", qk_rope_head_dim);
@@ -1769,6 +1781,13 @@ class Model {
 };
 
 inline Model::Model(const Config& c, uint64_t seed) : cfg(c), layout(param_layout(c)) {
+    // Parameters and gradients now, AdamW's two moments at the first step: 16 bytes a parameter. Checked against
+    // the machine's memory before anything is allocated, so a config that declares a huge model (the 671B preset on
+    // a laptop, a lying config.json) is an error that says so, not std::bad_alloc or minutes of swapping.
+    const double need = 16.0 * double(layout.total), have = double(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE);
+    if (backend::host_memory && have > 0 && need > have)
+        fail("Model: ", layout.total, " parameters need ", need / 1e9, " GB (parameters, gradients, AdamW moments), "
+             "more than this machine's ", have / 1e9, " GB of memory");
     std::vector<float> init(layout.total, 0.0f);
     rope = make_rope_table(cfg, cfg.max_seq_len);
     parallel_for(int64_t(layout.entries.size()), [&](int64_t i) {  // each tensor from its own stream: any order

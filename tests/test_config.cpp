@@ -63,6 +63,13 @@ TEST_CASE("config: every validate() rule throws an Error naming its field") {
         {"qk_rope_head_dim even", [](Config& c) { c.qk_rope_head_dim = 15; }, "qk_rope_head_dim", "even"},
         {"v_head_dim > 0", [](Config& c) { c.v_head_dim = 0; }, "v_head_dim", "> 0"},
         {"max_seq_len > 0", [](Config& c) { c.max_seq_len = 0; }, "max_seq_len", "> 0"},
+        // upper bounds (huge values that made param_layout's int products overflow, or allocated before any check)
+        {"vocab_size bounded", [](Config& c) { c.vocab_size = 1 << 30; }, "vocab_size", "<= 16777216"},
+        {"dim bounded", [](Config& c) { c.dim = 1 << 20; }, "Config.dim:", "<= 65536"},
+        {"n_heads bounded", [](Config& c) { c.n_heads = 1 << 20; }, "n_heads", "<= 4096"},
+        {"v_head_dim bounded", [](Config& c) { c.v_head_dim = 1 << 20; }, "v_head_dim", "<= 4096"},
+        {"n_routed_experts bounded", [](Config& c) { c.n_routed_experts = 1 << 20; }, "n_routed_experts", "<= 16384"},
+        {"max_seq_len bounded", [](Config& c) { c.max_seq_len = 1 << 30; }, "max_seq_len", "<= 4194304"},
         {"q_lora_rank >= 0", [](Config& c) { c.q_lora_rank = -1; }, "q_lora_rank", ">= 0"},
         {"n_dense_layers >= 0", [](Config& c) { c.n_dense_layers = -1; }, "n_dense_layers", "must be in"},
         {"n_dense_layers <= n_layers", [](Config& c) { c.n_dense_layers = c.n_layers + 1; }, "n_dense_layers", "must be in"},
@@ -105,6 +112,17 @@ TEST_CASE("config: every validate() rule throws an Error naming its field") {
     Config odd = base;
     odd.qk_rope_head_dim = 7;
     CHECK_THROWS_WITH_AS(odd.validate(), doctest::Contains("qk_rope_head_dim"), dsv3::Error);
+}
+
+TEST_CASE("config: a model larger than the machine's memory is an error before any allocation") {
+    // The 671B preset (what a config.json with only model_type gave): 16 bytes a parameter is about 11 TB.
+    try {
+        Model m(Config::v3_671b(), 1);
+        FAIL("the 671B model was built");
+    } catch (const Error& e) {
+        CHECK(std::string(e.what()).find("more than this machine's") != std::string::npos);
+        CHECK(std::string(e.what()).find("GB") != std::string::npos);
+    }
 }
 
 TEST_CASE("config: rules that must NOT fire") {
