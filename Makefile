@@ -149,12 +149,15 @@ $(BUILD)/dev_%: cuda/dev_%.cu $(CUDA_DEPS) | $(BUILD)/.deps
 #   sudo apt-get install -y libopenmpi-dev openmpi-bin
 # `make mpi` builds build/train_mpi (examples/train.cpp compiled with -DDSV3_MPI) and build/test_mpi (the MPI tests and,
 # with `bench`, the collectives' timing). `make test-mpi` runs tests/mpi/run.sh (mpirun with 2 and 4 processes);
-# `make test` runs it too, or says that it skips it when mpicxx or mpirun is missing. Nothing else in this Makefile
-# needs MPI.
+# `make test` runs it too, or says that it skips it when mpicxx or mpirun is missing. `make mpi-cuda` builds
+# build/train_mpi_cuda, the same program on the GPU backend (device buffers staged through host memory). Nothing
+# else in this Makefile needs MPI.
 MPICXX   ?= mpicxx
 HAVE_MPI := $(shell command -v $(MPICXX) >/dev/null 2>&1 && command -v mpirun >/dev/null 2>&1 && echo yes)
+MPI_INC   = $(filter -I%,$(shell $(MPICXX) --showme:compile 2>/dev/null))
+MPI_LIBS  = $(filter -L% -l%,$(shell $(MPICXX) --showme:link 2>/dev/null))
 
-.PHONY: mpi test-mpi
+.PHONY: mpi test-mpi mpi-cuda
 mpi: $(BUILD)/train_mpi $(BUILD)/test_mpi
 
 $(BUILD)/train_mpi: examples/train.cpp $(HEADER) | $(BUILD)/.deps
@@ -171,4 +174,7 @@ else
 	@echo "MPI tests skipped: $(MPICXX) or mpirun not found (sudo apt-get install -y libopenmpi-dev openmpi-bin)"
 endif
 
+mpi-cuda: $(BUILD)/train_mpi_cuda
+$(BUILD)/train_mpi_cuda: cuda/train_mpi.cu examples/train.cpp $(CUDA_DEPS) | $(BUILD)/.deps
+	$(NVCC) $(NVCCFLAGS) $(MPI_INC) $< -o $@ -lcublas $(MPI_LIBS)
 # ---- end MPI -------------------------------------------------------------------------------------------------------
