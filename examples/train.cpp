@@ -278,6 +278,10 @@ static void run(int argc, char** argv, Communicator* comm) {
                 std::printf("training: %.0f tokens/s over steps %d-%d (%.3f s per step)\n",
                             double(done - 1) * a.batch * a.seq / train_seconds, first_step + 2, step + 1,
                             train_seconds / (done - 1));
+            if (ep && lead)
+                std::printf("expert parallel, rank 0: %.2f MB per step sent to other ranks (dispatch and combine, forward "
+                            "and backward) in %.1f ms per step of all-to-alls\n", double(ep->stats.bytes_moved) / 1e6 / done,
+                            ep->stats.seconds_moving * 1e3 / done);
             if (!a.save || !lead) break;
             save_checkpoint(a.out + "/checkpoint.bin", model, opt);
             save_hf(a.out + "/hf", model);  // config.json + model.safetensors: transformers loads it
