@@ -448,6 +448,77 @@ inline double now_seconds() {
     return std::chrono::duration<double>(clock::now().time_since_epoch()).count();
 }
 
+// --- where a step's time goes: the profile of build/train --profile ---------------------------------------------
+// Scopes name a module of section 5 (DSV3_PROFILE_MODULE("MLA forward")) or a kernel of section 3 or of cuda/
+// (DSV3_PROFILE_KERNEL(), named by its function). While the profile is on, each scope adds its wall time to a row:
+// a module's row holds all it contains (so MTP's block is also in "MLA forward"), a kernel's row is keyed by the
+// innermost module around it, and a kernel called inside another kernel counts as its caller's time. A backend that
+// queues work (CUDA) passes its synchronize, which runs at every scope's start and end, so each kernel is charged its
+// own time; a profiled run loses the overlap of launches with work and is slower than an unprofiled one.
+struct Profile {
+    struct Row { double seconds = 0; int64_t calls = 0; };
+    bool on = false;
+    void (*sync)() = nullptr;
+    std::map<std::string, Row> modules, kernels;  // kernels: "module | kernel"
+    std::string module = "(model)";               // the innermost open module scope
+    bool in_kernel = false;
+    std::thread::id owner;                        // scopes of other threads (ranks) are not counted
+    void start(void (*synchronize)()) {
+        *this = Profile();
+        on = true, sync = synchronize, owner = std::this_thread::get_id();
+    }
+    // Two tables, per step over `steps` steps, each row's share of the row `total` (a module scope around the step).
+    std::string table(int steps, const std::string& total = "training step") const {
+        const double whole = modules.count(total) ? modules.at(total).seconds : 0;
+        std::ostringstream out;
+        char line[160];
+        auto rows = [&](const char* title, const std::map<std::string, Row>& m) {
+            std::vector<std::pair<std::string, Row>> v(m.begin(), m.end());
+            std::sort(v.begin(), v.end(), [](const auto& a, const auto& b) { return a.second.seconds > b.second.seconds; });
+            std::snprintf(line, sizeof line, "%-58s %9s %9s %7s\n", title, "calls", "ms", "share");
+            out << line;
+            for (const auto& [name, r] : v) {
+                std::snprintf(line, sizeof line, "  %-56s %9.1f %9.3f %6.1f%%\n", name.c_str(), double(r.calls) / steps,
+                              1e3 * r.seconds / steps, whole > 0 ? 100 * r.seconds / whole : 0.0);
+                out << line;
+            }
+        };
+        rows("module (inclusive: a module's row holds what it calls), per step", modules);
+        rows("kernel, by innermost module (module | kernel), per step", kernels);
+        return out.str();
+    }
+};
+inline Profile& profile() { static Profile p; return p; }
+
+class ProfileScope {
+  public:
+    ProfileScope(const char* name, bool kernel) {
+        Profile& p = profile();
+        if (!p.on || (kernel && p.in_kernel) || std::this_thread::get_id() != p.owner) return;
+        if (p.sync) p.sync();
+        name_ = name, kernel_ = kernel, active_ = true, outer_module_ = p.module, t0_ = now_seconds();
+        if (kernel) p.in_kernel = true; else p.module = name;
+    }
+    ~ProfileScope() {
+        if (!active_) return;
+        Profile& p = profile();
+        if (p.sync) p.sync();
+        Profile::Row& r = kernel_ ? p.kernels[p.module + " | " + name_] : p.modules[name_];
+        r.seconds += now_seconds() - t0_, r.calls += 1;
+        if (kernel_) p.in_kernel = false; else p.module = outer_module_;
+    }
+    ProfileScope(const ProfileScope&) = delete;
+    ProfileScope& operator=(const ProfileScope&) = delete;
+
+  private:
+    const char* name_ = nullptr;
+    std::string outer_module_;
+    bool kernel_ = false, active_ = false;
+    double t0_ = 0;
+};
+#define DSV3_PROFILE_KERNEL() ::dsv3::ProfileScope dsv3_profile_scope_(__func__, true)
+#define DSV3_PROFILE_MODULE(name) ::dsv3::ProfileScope dsv3_profile_scope_(name, false)
+
 // The activation arena: forward activations and backward temporaries are bump-allocated from large blocks. After
 // the first step every take() is served from memory already owned, so a training step allocates nothing. Pointers
 // stay valid until release()/reset() (blocks never move).
@@ -601,6 +672,7 @@ inline void matmul_backward_reference(float* dx, float* dW, const float* dy, con
 // in place and only x is packed. Each output is the same FMA chain over k either way, so the result is bitwise
 // identical; only the speed differs.
 inline void matmul_forward(float* y, const float* x, const float* W, int T, int in, int out) {
+    DSV3_PROFILE_KERNEL();
     if (T < 64)
         gemm::multiply(out, T, in, gemm::View{W, in, 1}, gemm::View{x, 1, in}, gemm::OutView{y, 1, out}, false);
     else
@@ -610,6 +682,7 @@ inline void matmul_forward(float* y, const float* x, const float* W, int T, int 
 // dx[T,in] += dy[T,out] · W[out,in];   dW[out,in] += dy[T,out]ᵀ · x[T,in]     (accumulate; either may be null)
 inline void matmul_backward(float* dx, float* dW, const float* dy, const float* x, const float* W, int T, int in,
                             int out) {
+    DSV3_PROFILE_KERNEL();
     if (dx) gemm::multiply(T, in, out, gemm::View{dy, out, 1}, gemm::View{W, in, 1}, gemm::OutView{dx, in, 1}, true);
     if (dW) gemm::multiply(out, in, T, gemm::View{dy, 1, out}, gemm::View{x, in, 1}, gemm::OutView{dW, in, 1}, true);
 }
@@ -617,6 +690,7 @@ inline void matmul_backward(float* dx, float* dW, const float* dy, const float* 
 // --- 3.2 RMSNorm: y = x / sqrt(mean(x²) + ε) ⊙ g   (Zhang & Sennrich 2019; used before every sub-layer) ---------
 // x, y: [T, d]; g: [d]; rstd: [T] saved for backward.
 inline void rmsnorm_forward(float* y, float* rstd, const float* x, const float* g, int T, int d, float eps) {
+    DSV3_PROFILE_KERNEL();
     parallel_for(T, [&](int64_t t) {
         const float* xr = x + t * d;
         float* yr = y + t * d;
@@ -630,6 +704,7 @@ inline void rmsnorm_forward(float* y, float* rstd, const float* x, const float* 
 // With n = x·r (r = rstd): dx = r·(g⊙dy) − r·n·mean(g⊙dy⊙n);  dg = Σ_t dy⊙n.
 inline void rmsnorm_backward(float* dx, float* dg, const float* dy, const float* x, const float* g,
                              const float* rstd, int T, int d) {
+    DSV3_PROFILE_KERNEL();
     parallel_for(T, [&](int64_t t) {
         const float* xr = x + t * d;
         const float* dyr = dy + t * d;
@@ -724,19 +799,25 @@ inline void rope_apply(float* x, int T, int row_stride, int offset, int n_vec, i
 }
 inline void rope_forward(float* x, int T, int row_stride, int offset, int n_vec, int vec_stride, int pos0,
                          int seq_len, const RopeTable& rt) {
+    DSV3_PROFILE_KERNEL();
     rope_apply(x, T, row_stride, offset, n_vec, vec_stride, pos0, seq_len, rt, false);
 }
 // The rotation is orthogonal, so its backward is the inverse rotation of the gradient (in place).
 inline void rope_backward(float* dx, int T, int row_stride, int offset, int n_vec, int vec_stride, int pos0,
                           int seq_len, const RopeTable& rt) {
+    DSV3_PROFILE_KERNEL();
     rope_apply(dx, T, row_stride, offset, n_vec, vec_stride, pos0, seq_len, rt, true);
 }
 
 // --- 3.4 causal softmax attention -----------------------------------------------------------------------------
 // q, k: [B·T, H, dqk]; v: [B·T, H, dv]; out: [B·T, H, dv]; probs: [B, H, T, T] (row t holds weights over s ≤ t).
 // o_t = Σ_{s≤t} softmax_s(q_t·k_s · scale) v_s       [V3 eq. 10]
+// What the forward saves for the backward, in floats: here the probabilities (the GPU's flash kernels keep one
+// log-sum-exp per row instead and recompute them).
+inline size_t attention_saved_floats(int B, int T, int H, int /*dqk*/, int /*dv*/) { return size_t(B) * H * T * T; }
 inline void attention_forward(float* out, float* probs, const float* q, const float* k, const float* v, int B, int T,
                               int H, int dqk, int dv, float scale) {
+    DSV3_PROFILE_KERNEL();
     parallel_for(int64_t(B) * H * T, [&](int64_t job) {
         const int t = int(job % T), h = int((job / T) % H), b = int(job / (int64_t(T) * H));
         const float* qt = q + ((int64_t(b) * T + t) * H + h) * dqk;
@@ -763,24 +844,27 @@ inline void attention_forward(float* out, float* probs, const float* q, const fl
     });
 }
 // Backward: dp_s = dout_t·v_s; dscore_s = p_s (dp_s − Σ_r p_r dp_r); dq_t += scale Σ_s dscore_s k_s;
-// dk_s += scale Σ_t dscore_s q_t; dv_s += Σ_t p_s dout_t. One task per (b, h) walks t in order, so the sums over t
-// into dk and dv are in a fixed order.
-inline void attention_backward(float* dq, float* dk, float* dv_, const float* dout, const float* probs,
-                               const float* q, const float* k, const float* v, int B, int T, int H, int dqk, int dv,
-                               float scale) {
+// dk_s += scale Σ_t dscore_s q_t; dv_s += Σ_t p_s dout_t. The weighted sum Σ_r p_r dp_r = dout_t · Σ_r p_r v_r is
+// dout_t·out_t, one dot product (FlashAttention's D; `out` is the forward's output). One task per (b, h) walks t in
+// order, so the sums over t into dk and dv are in a fixed order.
+inline void attention_backward(float* dq, float* dk, float* dv_, const float* dout, const float* out,
+                               const float* probs, const float* q, const float* k, const float* v, int B, int T, int H,
+                               int dqk, int dv, float scale) {
+    DSV3_PROFILE_KERNEL();
     parallel_for(int64_t(B) * H, [&](int64_t job) {
         const int h = int(job % H), b = int(job / H);
         std::vector<float> dscore(static_cast<size_t>(T));
         for (int t = 0; t < T; ++t) {
             const float* p = probs + ((int64_t(b) * H + h) * T + t) * T;
             const float* dot_ = dout + ((int64_t(b) * T + t) * H + h) * dv;
+            const float* ot = out + ((int64_t(b) * T + t) * H + h) * dv;
             float weighted = 0;
+            for (int i = 0; i < dv; ++i) weighted += dot_[i] * ot[i];
             for (int s = 0; s <= t; ++s) {
                 const float* vs = v + ((int64_t(b) * T + s) * H + h) * dv;
                 float dp = 0;
                 for (int i = 0; i < dv; ++i) dp += dot_[i] * vs[i];
                 dscore[size_t(s)] = dp;
-                weighted += p[s] * dp;
                 float* dvs = dv_ + ((int64_t(b) * T + s) * H + h) * dv;
                 for (int i = 0; i < dv; ++i) dvs[i] += p[s] * dot_[i];
             }
@@ -802,6 +886,7 @@ inline void attention_backward(float* dq, float* dk, float* dv_, const float* do
 // --- 3.5 SwiGLU: h = silu(gate) ⊙ up, silu(z) = z·σ(z)   (Shazeer 2020; every FFN and expert of V3) ------------
 // gate, up, h: [n]
 inline void swiglu_forward(float* h, const float* gate, const float* up, int64_t n) {
+    DSV3_PROFILE_KERNEL();
     parallel_for((n + 1023) / 1024, [&](int64_t c) {
         for (int64_t i = c * 1024, e = std::min(n, i + 1024); i < e; ++i) {
             const float z = gate[i], sig = 1.0f / (1.0f + std::exp(-z));
@@ -811,6 +896,7 @@ inline void swiglu_forward(float* h, const float* gate, const float* up, int64_t
 }
 // d silu(z)/dz = σ(z)(1 + z(1 − σ(z))).
 inline void swiglu_backward(float* dgate, float* dup, const float* dh, const float* gate, const float* up, int64_t n) {
+    DSV3_PROFILE_KERNEL();
     parallel_for((n + 1023) / 1024, [&](int64_t c) {
         for (int64_t i = c * 1024, e = std::min(n, i + 1024); i < e; ++i) {
             const float z = gate[i], sig = 1.0f / (1.0f + std::exp(-z));
@@ -823,6 +909,7 @@ inline void swiglu_backward(float* dgate, float* dup, const float* dh, const flo
 // --- 3.6 embedding ------------------------------------------------------------------------------------------------
 // out[t] = E[tokens[t]];  E: [vocab, d], out: [T, d]
 inline void embedding_forward(float* out, const int32_t* tokens, const float* E, int T, int d, int vocab) {
+    DSV3_PROFILE_KERNEL();
     for (int t = 0; t < T; ++t)
         if (tokens[t] < 0 || tokens[t] >= vocab)
             fail("embedding: token id ", tokens[t], " at position ", t, " outside [0, ", vocab, ")");
@@ -832,6 +919,7 @@ inline void embedding_forward(float* out, const int32_t* tokens, const float* E,
 }
 // dE[tokens[t]] += dout[t]. Rows of equal tokens collide, so this runs serially in t order (deterministic, cheap).
 inline void embedding_backward(float* dE, const float* dout, const int32_t* tokens, int T, int d) {
+    DSV3_PROFILE_KERNEL();
     for (int t = 0; t < T; ++t) {
         float* row = dE + int64_t(tokens[t]) * d;
         const float* g = dout + int64_t(t) * d;
@@ -854,6 +942,7 @@ inline int64_t cross_entropy_count(const int32_t* targets, int T, int V) {  // c
     return counted;
 }
 inline double cross_entropy_forward(const float* logits, const int32_t* targets, int T, int V) {
+    DSV3_PROFILE_KERNEL();
     const int64_t counted = cross_entropy_count(targets, T, V);
     if (counted == 0) return 0.0;
     double total = parallel_sum(T, [&](int64_t t) {
@@ -871,6 +960,7 @@ inline double cross_entropy_forward(const float* logits, const int32_t* targets,
 // dlogits[t] += dloss · (softmax(logits[t]) − onehot(target)) / counted.
 inline void cross_entropy_backward(float* dlogits, const float* logits, const int32_t* targets, int T, int V,
                                    float dloss) {
+    DSV3_PROFILE_KERNEL();
     const int64_t counted = cross_entropy_count(targets, T, V);
     if (counted == 0) return;
     const float w = dloss / float(counted);
@@ -896,6 +986,7 @@ inline void cross_entropy_backward(float* dlogits, const float* logits, const in
 // which experts are chosen without changing how much they contribute — the point of loss-free balancing.
 // logits, scores: [T, N]; bias: [N] (may be null); chosen: [T, K] expert ids (ascending by rank); gates: [T, K].
 inline void router_scores_forward(float* scores, const float* logits, int T, int N, bool softmax) {
+    DSV3_PROFILE_KERNEL();
     parallel_for(T, [&](int64_t t) {
         const float* z = logits + t * N;
         float* s = scores + t * N;
@@ -912,6 +1003,7 @@ inline void router_scores_forward(float* scores, const float* logits, int T, int
 // dlogits[t] += ∂/∂logits of Σ dscores·scores.  sigmoid: ds·s(1−s);  softmax: s ⊙ (ds − Σ ds·s).
 inline void router_scores_backward(float* dlogits, const float* dscores, const float* scores, int T, int N,
                                    bool softmax) {
+    DSV3_PROFILE_KERNEL();
     parallel_for(T, [&](int64_t t) {
         const float* s = scores + t * N;
         const float* ds = dscores + t * N;
@@ -927,6 +1019,7 @@ inline void router_scores_backward(float* dlogits, const float* dscores, const f
 }
 // The choice (no gradient flows through it). Ties go to the lower expert id, so the choice is deterministic.
 inline void router_select(int32_t* chosen, const float* scores, const float* bias, int T, const Config& c) {
+    DSV3_PROFILE_KERNEL();
     const int N = c.n_routed_experts, K = c.n_activated_experts, G = c.n_expert_groups, per_group = N / G;
     const bool softmax = c.score_func == "softmax";
     parallel_for(T, [&](int64_t t) {
@@ -958,6 +1051,7 @@ inline void router_select(int32_t* chosen, const float* scores, const float* bia
 }
 // gates[t,k] = route_scale · s_{chosen} / (Σ_k s_{chosen_k} + 1e-20)   (without norm_topk_prob: route_scale · s)
 inline void router_gates_forward(float* gates, const float* scores, const int32_t* chosen, int T, const Config& c) {
+    DSV3_PROFILE_KERNEL();
     const int N = c.n_routed_experts, K = c.n_activated_experts;
     parallel_for(T, [&](int64_t t) {
         float sum = 0;
@@ -969,6 +1063,7 @@ inline void router_gates_forward(float* gates, const float* scores, const int32_
 // dscores[t, chosen] += ∂/∂s of Σ dgates·gates. With S = Σ_k s_k: ∂g_k/∂s_j = rs·(δ_kj/S − s_k/S²).
 inline void router_gates_backward(float* dscores, const float* dgates, const float* scores, const int32_t* chosen,
                                   int T, const Config& c) {
+    DSV3_PROFILE_KERNEL();
     const int N = c.n_routed_experts, K = c.n_activated_experts;
     parallel_for(T, [&](int64_t t) {
         if (!c.norm_topk_prob) {
@@ -992,6 +1087,7 @@ inline void router_gates_backward(float* dscores, const float* dgates, const flo
 // f is a count (no gradient); the gradient flows through P into every score.
 inline double sequence_balance_loss(float* dscores, const float* scores, const int32_t* chosen, int B, int T,
                                     const Config& c, float alpha) {
+    DSV3_PROFILE_KERNEL();
     const int N = c.n_routed_experts, K = c.n_activated_experts;
     std::vector<double> per_seq(static_cast<size_t>(B));
     parallel_for(B, [&](int64_t b) {
@@ -1023,6 +1119,7 @@ inline double sequence_balance_loss(float* dscores, const float* scores, const i
 // The gradient goes straight to the router logits: ∂L/∂z_{i,t} = p_i (c_i − Σ_j c_j p_j), c_i = α f_i / T.
 inline double expert_balance_loss(float* dlogits, const float* logits, const int32_t* chosen, int T, const Config& c,
                                   float alpha) {
+    DSV3_PROFILE_KERNEL();
     const int N = c.n_routed_experts, K = c.n_activated_experts;
     std::vector<double> f(static_cast<size_t>(N), 0.0);
     for (int64_t i = 0; i < int64_t(T) * K; ++i) f[size_t(chosen[i])] += double(N) / (double(K) * T);
@@ -1061,6 +1158,7 @@ struct MoePermutation {
     std::vector<int64_t> offsets, counts;
 };
 inline void moe_permute_plan(MoePermutation& p, const int32_t* chosen, int T, int K, int N) {
+    DSV3_PROFILE_KERNEL();
     p.counts.assign(size_t(N), 0);
     for (int64_t i = 0; i < int64_t(T) * K; ++i) p.counts[size_t(chosen[i])]++;
     p.offsets.assign(size_t(N) + 1, 0);
@@ -1077,12 +1175,14 @@ inline void moe_permute_plan(MoePermutation& p, const int32_t* chosen, int T, in
 }
 // xe[row] = x[token_of[row]]        x: [T, d], xe: [T·K, d]
 inline void moe_permute_forward(float* xe, const float* x, const MoePermutation& p, int d) {
+    DSV3_PROFILE_KERNEL();
     parallel_for(int64_t(p.token_of.size()), [&](int64_t r) {
         std::memcpy(xe + r * d, x + int64_t(p.token_of[size_t(r)]) * d, sizeof(float) * size_t(d));
     });
 }
 // dx[t] += Σ_k dxe[slot[t,k]]  (k in order: deterministic)
 inline void moe_permute_backward(float* dx, const float* dxe, const MoePermutation& p, int T, int K, int d) {
+    DSV3_PROFILE_KERNEL();
     parallel_for(T, [&](int64_t t) {
         for (int k = 0; k < K; ++k) {
             const float* src = dxe + int64_t(p.slot[size_t(t) * K + k]) * d;
@@ -1093,6 +1193,7 @@ inline void moe_permute_backward(float* dx, const float* dxe, const MoePermutati
 // y[t] += Σ_k gates[t,k] · ye[slot[t,k]]      ye: [T·K, d]; y: [T, d]
 inline void moe_unpermute_forward(float* y, const float* ye, const float* gates, const MoePermutation& p, int T, int K,
                                   int d) {
+    DSV3_PROFILE_KERNEL();
     parallel_for(T, [&](int64_t t) {
         for (int k = 0; k < K; ++k) {
             const float g = gates[t * K + k];
@@ -1105,6 +1206,7 @@ inline void moe_unpermute_forward(float* y, const float* ye, const float* gates,
 // dgates[t,k] += dy[t] · ye[slot]
 inline void moe_unpermute_backward(float* dye, float* dgates, const float* dy, const float* ye, const float* gates,
                                    const MoePermutation& p, int T, int K, int d) {
+    DSV3_PROFILE_KERNEL();
     parallel_for(T, [&](int64_t t) {
         for (int k = 0; k < K; ++k) {
             const int64_t row = p.slot[size_t(t) * K + k];
@@ -1136,6 +1238,7 @@ inline void check_group_offsets(const char* who, const int64_t* offsets, int gro
 //   y[rows_g, out] = x[rows_g, in] · W_gᵀ      (overwrites y)
 inline void grouped_matmul_forward(float* y, const float* x, const float* W, int64_t w_stride, const int64_t* offsets,
                                    int groups, int in, int out) {
+    DSV3_PROFILE_KERNEL();
     check_group_offsets("grouped_matmul_forward", offsets, groups, in, out);
     for (int g = 0; g < groups; ++g) {
         const int64_t begin = offsets[g], rows = offsets[g + 1] - begin;
@@ -1145,6 +1248,7 @@ inline void grouped_matmul_forward(float* y, const float* x, const float* W, int
 //   dx[rows_g, in] += dy[rows_g, out] · W_g;   dW_g += dy[rows_g, out]ᵀ · x[rows_g, in]   (dW_g at dW + g·w_stride)
 inline void grouped_matmul_backward(float* dx, float* dW, const float* dy, const float* x, const float* W,
                                     int64_t w_stride, const int64_t* offsets, int groups, int in, int out) {
+    DSV3_PROFILE_KERNEL();
     check_group_offsets("grouped_matmul_backward", offsets, groups, in, out);
     for (int g = 0; g < groups; ++g) {
         const int64_t begin = offsets[g], rows = offsets[g + 1] - begin;
@@ -1158,6 +1262,7 @@ inline void grouped_matmul_backward(float* dx, float* dW, const float* dy, const
 // m ← β1 m + (1−β1) g;  v ← β2 v + (1−β2) g²;  p ← p − lr·( m̂/(√v̂ + ε) + wd·p ), m̂, v̂ bias-corrected by step.
 inline void adamw_update(float* p, const float* g, float* m, float* v, int64_t n, float lr, float beta1, float beta2,
                          float eps, float weight_decay, int step) {
+    DSV3_PROFILE_KERNEL();
     const float c1 = 1.0f / (1.0f - std::pow(beta1, float(step))), c2 = 1.0f / (1.0f - std::pow(beta2, float(step)));
     parallel_for((n + 4095) / 4096, [&](int64_t c) {
         for (int64_t i = c * 4096, e = std::min(n, i + 4096); i < e; ++i) {
@@ -1171,23 +1276,33 @@ inline void adamw_update(float* p, const float* g, float* m, float* v, int64_t n
 // --- 3.12 the model's plumbing: copies, concatenations, residual adds, the optimizer's reductions --------------------
 // The modules of section 5 move data between kernels in a few fixed patterns. Each is a named kernel here (and in
 // every backend), so that the model code never touches an array element itself and runs unchanged on a GPU.
-inline void fill_zero(float* x, int64_t n) { std::memset(x, 0, sizeof(float) * size_t(n)); }        // x = 0
-inline void copy_values(float* y, const float* x, int64_t n) { std::memcpy(y, x, sizeof(float) * size_t(n)); }  // y = x
+inline void fill_zero(float* x, int64_t n) { // x = 0
+    DSV3_PROFILE_KERNEL();
+    std::memset(x, 0, sizeof(float) * size_t(n));
+}
+inline void copy_values(float* y, const float* x, int64_t n) { // y = x
+    DSV3_PROFILE_KERNEL();
+    std::memcpy(y, x, sizeof(float) * size_t(n));
+}
 // y += x: the residual connections, and gradients that meet at a fork.
 inline void add_inplace(float* y, const float* x, int64_t n) {
+    DSV3_PROFILE_KERNEL();
     parallel_for((n + 4095) / 4096, [&](int64_t c) {
         for (int64_t i = c * 4096, e = std::min(n, i + 4096); i < e; ++i) y[i] += x[i];
     });
 }
 inline void scale_inplace(float* x, int64_t n, float s) {  // x *= s (gradient clipping)
+    DSV3_PROFILE_KERNEL();
     parallel_for((n + 4095) / 4096, [&](int64_t c) {
         for (int64_t i = c * 4096, e = std::min(n, i + 4096); i < e; ++i) x[i] *= s;
     });
 }
 inline double sum_of_squares(const float* x, int64_t n) {  // Σ x², in double, in a fixed order
+    DSV3_PROFILE_KERNEL();
     return parallel_sum(n, [&](int64_t i) { return double(x[i]) * x[i]; });
 }
 inline void bf16_round_inplace(float* x, int64_t n) {  // x = bf16(x) (FP8 training's BF16 optimizer states)
+    DSV3_PROFILE_KERNEL();
     parallel_for((n + 4095) / 4096, [&](int64_t c) {
         for (int64_t i = c * 4096, e = std::min(n, i + 4096); i < e; ++i) x[i] = bf16_round(x[i]);
     });
@@ -1195,17 +1310,20 @@ inline void bf16_round_inplace(float* x, int64_t n) {  // x = bf16(x) (FP8 train
 // Row copies by an index list (rows: backend memory), for expert parallelism's send and receive buffers (9.4):
 // gather_rows: dst[i] = src[rows[i]];  scatter_rows: dst[rows[i]] = src[i];  i < n, rows of d floats.
 inline void gather_rows(float* dst, const float* src, const int32_t* rows, int64_t n, int d) {
+    DSV3_PROFILE_KERNEL();
     parallel_for(n, [&](int64_t i) {
         std::memcpy(dst + i * d, src + int64_t(rows[i]) * d, sizeof(float) * size_t(d));
     });
 }
 inline void scatter_rows(float* dst, const float* src, const int32_t* rows, int64_t n, int d) {
+    DSV3_PROFILE_KERNEL();
     parallel_for(n, [&](int64_t i) {
         std::memcpy(dst + int64_t(rows[i]) * d, src + i * d, sizeof(float) * size_t(d));
     });
 }
 // out[t] = [a[t] ; b[t]]     a: [T, da], b: [T, db], out: [T, da + db]   (split_columns is its backward, and back)
 inline void concat_columns(float* out, const float* a, const float* b, int T, int da, int db) {
+    DSV3_PROFILE_KERNEL();
     parallel_for(T, [&](int64_t t) {
         std::memcpy(out + t * (da + db), a + t * da, sizeof(float) * size_t(da));
         std::memcpy(out + t * (da + db) + da, b + t * db, sizeof(float) * size_t(db));
@@ -1213,6 +1331,7 @@ inline void concat_columns(float* out, const float* a, const float* b, int T, in
 }
 // [a[t] ; b[t]] = in[t]
 inline void split_columns(float* a, float* b, const float* in, int T, int da, int db) {
+    DSV3_PROFILE_KERNEL();
     parallel_for(T, [&](int64_t t) {
         std::memcpy(a + t * da, in + t * (da + db), sizeof(float) * size_t(da));
         std::memcpy(b + t * db, in + t * (da + db) + da, sizeof(float) * size_t(db));
@@ -1222,6 +1341,7 @@ inline void split_columns(float* a, float* b, const float* in, int T, int da, in
 // all heads  ->  k: [T, H, d_h + d_h^R] = [k^C ; k^R], v: [T, H, d_v].
 inline void mla_keys_values_forward(float* k, float* v, const float* kv, const float* k_rope, int T, int H, int dh,
                                     int dr, int dv) {
+    DSV3_PROFILE_KERNEL();
     parallel_for(T, [&](int64_t t) {
         for (int h = 0; h < H; ++h) {
             const float* src = kv + (t * H + h) * (dh + dv);
@@ -1235,6 +1355,7 @@ inline void mla_keys_values_forward(float* k, float* v, const float* kv, const f
 // dkv = [dk^C ; dv] per head (overwritten); dk_rope += Σ_h dk^R_h (the shared key sums its heads' gradients).
 inline void mla_keys_values_backward(float* dkv, float* dk_rope, const float* dk, const float* dv, int T, int H,
                                      int dh, int dr, int dv_) {
+    DSV3_PROFILE_KERNEL();
     parallel_for(T, [&](int64_t t) {
         for (int h = 0; h < H; ++h) {
             float* dst = dkv + (t * H + h) * (dh + dv_);
@@ -1261,6 +1382,7 @@ template <class T> std::vector<T> download(const Buffer<T>& src) { return src; }
 template <class T> void to_device(T* dst, const T* host, size_t n) { std::copy(host, host + n, dst); }
 template <class T> void to_host(T* host, const T* src, size_t n) { std::copy(src, src + n, host); }
 inline const MoePermutation& host_plan(const MoePermutation& p) { return p; }  // slot, token_of, offsets, counts
+inline void synchronize() {}  // waits for queued work (the GPU's); the CPU's kernels have finished when they return
 }  // namespace dsv3
 #if defined(DSV3_BACKEND_CUDA)
 #include "cuda/kernels.cuh"
@@ -1488,7 +1610,7 @@ struct MlaCache {
     float* k_rope = nullptr;         // [BT, d_h^R]  k^R: RoPE(W^KR h), ONE key part shared by all heads
     float* kv = nullptr;             // [BT, H, d_h + d_v]  W^UKV c^KV
     float *k = nullptr, *v = nullptr;// [BT, H, d_h + d_h^R], [BT, H, d_v]
-    float* probs = nullptr;          // [B, H, T, T]
+    float* probs = nullptr;          // [B, H, T, T] (what attention_forward saves: attention_saved_floats)
     float* o = nullptr;              // [BT, H·d_v]
 };
 struct FfnCache {
@@ -1572,7 +1694,11 @@ class Model {
     // main block `layer` [B, H, T, T], and the expert loads, one vector [N_r] per MoE block (moe_blocks() order).
     const float* logits() const { return logits_; }
     const float* mtp_logits(int k) const { return mtp_.at(size_t(k)).logits; }
-    const float* attention_probs(int layer) const { return blocks_.at(size_t(layer)).attn.probs; }
+    const float* attention_probs(int layer) const {  // null where the backend keeps none (the GPU's flash kernels)
+        const size_t n = size_t(B_) * cfg.n_heads * T_ * T_;
+        const bool kept = backend::attention_saved_floats(B_, T_, cfg.n_heads, cfg.qk_head_dim(), cfg.v_head_dim) == n;
+        return kept ? blocks_.at(size_t(layer)).attn.probs : nullptr;
+    }
     std::vector<std::vector<int64_t>> expert_loads() const;
 
     // --- inference (section 7) ---
@@ -1727,6 +1853,7 @@ inline void Model::experts_linear_backward(float* dx, const float* dy, const flo
 // up-projected (eqs. 2, 5); only c^KV and the decoupled RoPE key k^R (eq. 3, shared by all heads) would be cached
 // at inference. Queries get a low-rank compression too (eqs. 6-8), which saves activation memory in training.
 inline void Model::mla_forward(MlaCache& c, const MLA& a, const float* x, float* out) {
+    DSV3_PROFILE_MODULE("MLA forward");
     const int n = BT(), H = cfg.n_heads, dh = cfg.qk_nope_head_dim, dr = cfg.qk_rope_head_dim,
               dqk = cfg.qk_head_dim(), dv = cfg.v_head_dim, dc = cfg.kv_lora_rank;
     c.x = x;
@@ -1760,13 +1887,14 @@ inline void Model::mla_forward(MlaCache& c, const MLA& a, const float* x, float*
     c.v = arena_.take(size_t(n) * H * dv);
     backend::mla_keys_values_forward(c.k, c.v, c.kv, c.k_rope, n, H, dh, dr, dv);
     // o = softmax(q kᵀ · scale) v per head (eqs. 9-10), u = W^O o (eq. 11)
-    c.probs = arena_.take(size_t(B_) * H * T_ * T_);
+    c.probs = arena_.take(backend::attention_saved_floats(B_, T_, H, dqk, dv));
     c.o = arena_.take(size_t(n) * H * dv);
     backend::attention_forward(c.o, c.probs, c.q, c.k, c.v, B_, T_, H, dqk, dv, attention_scale(cfg));
     linear_forward(out, c.o, a.o, n);
 }
 
 inline void Model::mla_backward(const MlaCache& c, const MLA& a, const float* dout, float* dx) {
+    DSV3_PROFILE_MODULE("MLA backward");
     const int n = BT(), H = cfg.n_heads, dh = cfg.qk_nope_head_dim, dr = cfg.qk_rope_head_dim,
               dqk = cfg.qk_head_dim(), dv = cfg.v_head_dim, dc = cfg.kv_lora_rank;
     auto mark = arena_.mark();
@@ -1775,7 +1903,8 @@ inline void Model::mla_backward(const MlaCache& c, const MLA& a, const float* do
     float* dq = arena_.zeros(size_t(n) * H * dqk);
     float* dk = arena_.zeros(size_t(n) * H * dqk);
     float* dvv = arena_.zeros(size_t(n) * H * dv);
-    backend::attention_backward(dq, dk, dvv, d_o, c.probs, c.q, c.k, c.v, B_, T_, H, dqk, dv, attention_scale(cfg));
+    backend::attention_backward(dq, dk, dvv, d_o, c.o, c.probs, c.q, c.k, c.v, B_, T_, H, dqk, dv,
+                                attention_scale(cfg));
     // un-assemble k and v: d(kv) per head, and the shared rope key sums its heads' gradients
     float* dkv = arena_.take(size_t(n) * H * (dh + dv));
     float* dkv_a = arena_.take(size_t(n) * (dc + dr));
@@ -1803,6 +1932,7 @@ inline void Model::mla_backward(const MlaCache& c, const MLA& a, const float* do
 
 // --- 5.2 SwiGLU feed-forward: dense layers, every expert, and the shared experts ---------------------------------
 inline void Model::ffn_forward(FfnCache& c, const Ffn& f, const float* x, float* out, int n) {
+    DSV3_PROFILE_MODULE("FFN forward");
     const int w = f.gate.out;
     c.x = x;
     c.gate = arena_.take(size_t(n) * w);
@@ -1814,6 +1944,7 @@ inline void Model::ffn_forward(FfnCache& c, const Ffn& f, const float* x, float*
     linear_forward(out, c.h, f.down, n);
 }
 inline void Model::ffn_backward(const FfnCache& c, const Ffn& f, const float* dout, float* dx, int n) {
+    DSV3_PROFILE_MODULE("FFN backward");
     const int w = f.gate.out;
     auto mark = arena_.mark();
     float* dh = arena_.zeros(size_t(n) * w);
@@ -1831,6 +1962,7 @@ inline void Model::ffn_backward(const FfnCache& c, const Ffn& f, const float* do
 // in V2), the top K_r experts chosen on s + b, where the bias b of auxiliary-loss-free balancing (section 6.3) is
 // used for the choice only, in at most n_limited_groups groups; the gates g are the chosen s, normalised.
 inline void Model::gate_forward(MoeCache& c, const MoE& m, const float* x, double* balance) {
+    DSV3_PROFILE_MODULE("MoE gate forward");
     const int n = BT(), N = cfg.n_routed_experts, K = cfg.n_activated_experts;
     c.x = x;
     c.logits = arena_.take(size_t(n) * N);
@@ -1851,6 +1983,7 @@ inline void Model::gate_forward(MoeCache& c, const MoE& m, const float* x, doubl
 }
 // gates -> scores (-> + the sequence-wise loss) -> logits (+ the expert-level loss) -> the router's weight and dx.
 inline void Model::gate_backward(const MoeCache& c, const MoE& m, const float* dgates, float* dx) {
+    DSV3_PROFILE_MODULE("MoE gate backward");
     const int n = BT(), N = cfg.n_routed_experts;
     auto mark = arena_.mark();
     float* dscores = arena_.zeros(size_t(n) * N);
@@ -1868,6 +2001,7 @@ inline void Model::gate_backward(const MoeCache& c, const MoE& m, const float* d
 // Route, group the tokens by expert, run the experts (here, or on their ranks), add the shared experts, and scatter
 // the experts' outputs back weighted by the gates.
 inline void Model::moe_forward(MoeCache& c, const MoE& m, const float* x, float* out, double* balance) {
+    DSV3_PROFILE_MODULE("MoE forward");
     const int n = BT(), N = cfg.n_routed_experts, K = cfg.n_activated_experts, d = cfg.dim;
     gate_forward(c, m, x, balance);
     backend::moe_permute_plan(c.perm, c.chosen.data(), n, K, N);
@@ -1883,6 +2017,7 @@ inline void Model::moe_forward(MoeCache& c, const MoE& m, const float* x, float*
 }
 
 inline void Model::moe_backward(MoeCache& c, const MoE& m, const float* dout, float* dx) {
+    DSV3_PROFILE_MODULE("MoE backward");
     const int n = BT(), N = cfg.n_routed_experts, K = cfg.n_activated_experts, d = cfg.dim;
     auto mark = arena_.mark();
     if (m.has_shared) ffn_backward(c.shared, m.shared, dout, dx, n);
@@ -1902,6 +2037,7 @@ inline void Model::moe_backward(MoeCache& c, const MoE& m, const float* dout, fl
 // ones it owns.
 inline void Model::experts_forward(const MoE& m, int first, int count, const int64_t* offsets, const float* xe,
                                    float* ye, FfnCache& c) {
+    DSV3_PROFILE_MODULE("routed experts forward");
     const int64_t rows = offsets[count];
     const int w = cfg.moe_inter_dim;
     c.x = xe;
@@ -1915,6 +2051,7 @@ inline void Model::experts_forward(const MoE& m, int first, int count, const int
 }
 inline void Model::experts_backward(const MoE& m, int first, int count, const int64_t* offsets, const float* dye,
                                     float* dxe, const FfnCache& c) {
+    DSV3_PROFILE_MODULE("routed experts backward");
     const int64_t rows = offsets[count];
     const int w = cfg.moe_inter_dim;
     auto mark = arena_.mark();
@@ -1971,6 +2108,7 @@ inline void Model::block_backward(BlockCache& c, const Block& b, const float* dh
 // h^k is c.block.h_out.
 inline double Model::mtp_forward(MtpCache& c, const MtpModule& m, int k, const int32_t* tokens, const float* h_prev,
                                  double* balance) {
+    DSV3_PROFILE_MODULE("MTP forward");
     const int B = B_, T = T_, n = BT(), d = cfg.dim, V = cfg.vocab_size;
     std::vector<int32_t> emb_tokens(size_t(n), 0), mtp_targets(size_t(n), 0);
     for (int b = 0; b < B; ++b)
@@ -2003,6 +2141,7 @@ inline double Model::mtp_forward(MtpCache& c, const MtpModule& m, int k, const i
 // dh_next: the gradient flowing into h^k from module k+1 (null for the last module); adds the gradient of h^{k-1}
 // into dh_prev.
 inline void Model::mtp_backward(MtpCache& c, const MtpModule& m, int D, const float* dh_next, float* dh_prev) {
+    DSV3_PROFILE_MODULE("MTP backward");
     const int n = BT(), d = cfg.dim, V = cfg.vocab_size;
     auto mark = arena_.mark();
     float* dlogits = arena_.zeros(size_t(n) * V);
@@ -2154,6 +2293,7 @@ inline double gradient_norm(const backend::Buffer<float>& g) {
 // grad_norm >= 0: the global norm, computed by the caller (expert parallelism: the experts' gradients are spread
 // over the ranks, section 9); otherwise it is computed here from model.grads.
 inline double adamw_step(Model& model, AdamW& opt, float lr, double grad_norm = -1) {
+    DSV3_PROFILE_MODULE("AdamW step");
     if (opt.m.size() != model.params.size()) {
         backend::upload(opt.m, std::vector<float>(model.params.size(), 0.0f));
         backend::upload(opt.v, std::vector<float>(model.params.size(), 0.0f));
@@ -2164,11 +2304,20 @@ inline double adamw_step(Model& model, AdamW& opt, float lr, double grad_norm = 
         backend::scale_inplace(model.grads.data(), int64_t(model.grads.size()), float(opt.clip_norm / norm));
     }
     ++opt.step;
-    for (const ParamEntry& e : model.layout.entries) {
-        if (e.kind == ParamKind::routing_bias) continue;
-        const float wd = e.kind == ParamKind::matrix ? opt.weight_decay : 0.0f;
-        backend::adamw_update(model.params.data() + e.offset, model.grads.data() + e.offset, opt.m.data() + e.offset,
-                     opt.v.data() + e.offset, int64_t(e.size), lr, opt.beta1, opt.beta2, opt.eps, wd, opt.step);
+    // One update per run of neighbouring tensors with the same weight decay: the same arithmetic for every element as
+    // one call per tensor, in far fewer calls (a layer's routed experts are hundreds of tensors back to back; on a GPU
+    // each call is a launch). The routing biases are not trained by gradients (section 6, loss-free balancing).
+    const std::vector<ParamEntry>& es = model.layout.entries;
+    auto decay = [&](const ParamEntry& e) { return e.kind == ParamKind::matrix ? opt.weight_decay : 0.0f; };
+    for (size_t i = 0, j; i < es.size(); i = j) {
+        j = i + 1;
+        if (es[i].kind == ParamKind::routing_bias) continue;
+        while (j < es.size() && es[j].kind != ParamKind::routing_bias && decay(es[j]) == decay(es[i]) &&
+               es[j].offset == es[j - 1].offset + es[j - 1].size)
+            ++j;
+        const size_t o = es[i].offset, n = es[j - 1].offset + es[j - 1].size - o;
+        backend::adamw_update(model.params.data() + o, model.grads.data() + o, opt.m.data() + o, opt.v.data() + o,
+                              int64_t(n), lr, opt.beta1, opt.beta2, opt.eps, decay(es[i]), opt.step);
     }
     // FP8 training keeps AdamW's moments in BF16 [V3 §3.3.3 "Low-Precision Optimizer States"]: simulated by rounding
     // them after each update (the master weights and the gradients stay FP32).
@@ -2183,6 +2332,7 @@ inline double adamw_step(Model& model, AdamW& opt, float lr, double grad_norm = 
 // After each step: b_i ← b_i + γ·sign(c̄ − c_i), c_i = tokens routed to expert i over the whole batch, c̄ their mean.
 // Overloaded experts become less attractive to the selection, underloaded ones more, with no gradient interference.
 inline void update_routing_bias(Model& model, const std::vector<std::vector<int64_t>>& loads, float gamma) {
+    DSV3_PROFILE_MODULE("routing bias update");
     std::vector<Block*> blocks = model.moe_blocks();
     if (loads.size() != blocks.size())
         fail("update_routing_bias: ", loads.size(), " load vectors for ", blocks.size(), " MoE blocks");
@@ -2332,6 +2482,7 @@ inline void attend_one(float* o, int L, int dim, float scale, const Score& score
 // speculative decoding rests on this).
 inline void mla_attend_latent(float* o_lat, const float* q_lat, const float* q_rope, const float* ckv,
                                 const float* k_rope, int n, int pos0, int H, int dc, int dr, float scale) {
+    DSV3_PROFILE_KERNEL();
     parallel_for(int64_t(n) * H, [&](int64_t job) {
         const int t = int(job / H);
         const float* ql = q_lat + job * dc;
@@ -2349,6 +2500,7 @@ inline void mla_attend_latent(float* o_lat, const float* q_lat, const float* q_r
 // from the whole cache; o: [n, H, dv].
 inline void attention_decode_naive(float* o, const float* q, const float* k, const float* v, int n, int pos0, int H,
                                    int dqk, int dv, float scale) {
+    DSV3_PROFILE_KERNEL();
     parallel_for(int64_t(n) * H, [&](int64_t job) {
         const int t = int(job / H), h = int(job % H);
         const float* qt = q + job * dqk;
@@ -2366,6 +2518,7 @@ inline void attention_decode_naive(float* o, const float* q, const float* k, con
 // then W^UV_h [dv, dc]. q: [n, H, dh + dr] -> q_lat[t,h] = W^UK_hᵀ q^C[t,h]: [n, H, dc], q_rope: [n, H, dr] (a copy).
 inline void mla_absorb_query(float* q_lat, float* q_rope, const float* q, const float* W_ukv, int n, int H, int dh,
                              int dr, int dv, int dc) {
+    DSV3_PROFILE_KERNEL();
     parallel_for(int64_t(n) * H, [&](int64_t job) {
         const int h = int(job % H);
         const float* qc = q + job * (dh + dr);
@@ -2379,6 +2532,7 @@ inline void mla_absorb_query(float* q_lat, float* q_rope, const float* q, const 
 }
 // o[t,h] = W^UV_h o_lat[t,h]: o_lat [n, H, dc] -> o [n, H, dv]
 inline void mla_absorb_output(float* o, const float* o_lat, const float* W_ukv, int n, int H, int dh, int dv, int dc) {
+    DSV3_PROFILE_KERNEL();
     parallel_for(int64_t(n) * H, [&](int64_t job) {
         const int h = int(job % H);
         const float* Wv = W_ukv + (int64_t(h) * (dh + dv) + dh) * dc;
@@ -3298,6 +3452,7 @@ inline void linear_gemm(const char* who, const Quantized& a, const Quantized& b,
 }  // namespace fp8_detail
 
 inline void fp8_matmul_forward(float* y, const float* x, const float* W, int T, int in, int out) {
+    DSV3_PROFILE_KERNEL();
     using namespace fp8_detail;
     check_linear("fp8_matmul_forward", T, in, out);
     if (int64_t(T) * out == 0) return;
@@ -3307,6 +3462,7 @@ inline void fp8_matmul_forward(float* y, const float* x, const float* W, int T, 
 
 inline void fp8_matmul_backward(float* dx, float* dW, const float* dy, const float* x, const float* W, int T, int in,
                                 int out) {
+    DSV3_PROFILE_KERNEL();
     using namespace fp8_detail;
     check_linear("fp8_matmul_backward", T, in, out);
     if (dx && int64_t(T) * in > 0) {   // Dgrad: dx[T, in] += dy[T, out] · W[out, in]; K = out

@@ -21,6 +21,7 @@ template <class T> void to_host(T* host, const T* src, size_t n) {
     if (n) DSV3_CUDA_CHECK(cudaMemcpy(host, src, n * sizeof(T), cudaMemcpyDeviceToHost));
 }
 inline const dsv3::MoePermutation& host_plan(const MoePermutation& p) { return p.host; }
+inline void synchronize() { DSV3_CUDA_CHECK(cudaDeviceSynchronize()); }
 
 // The activation arena of section 2 in device memory: the same take / zeros / mark / release, blocks of cudaMalloc'd
 // memory that are kept and reused from step to step (no allocation after the first step). All work is on stream 0,
@@ -133,27 +134,33 @@ __global__ void mla_keys_values_backward_kernel(float* dkv, float* dk_rope, cons
 }  // namespace detail
 
 inline void fill_zero(float* x, int64_t n) {
+    DSV3_PROFILE_KERNEL();
     if (n > 0) DSV3_CUDA_CHECK(cudaMemsetAsync(x, 0, size_t(n) * sizeof(float), 0));
 }
 inline void copy_values(float* y, const float* x, int64_t n) {
+    DSV3_PROFILE_KERNEL();
     if (n > 0) DSV3_CUDA_CHECK(cudaMemcpyAsync(y, x, size_t(n) * sizeof(float), cudaMemcpyDeviceToDevice, 0));
 }
 inline void add_inplace(float* y, const float* x, int64_t n) {
+    DSV3_PROFILE_KERNEL();
     if (n <= 0) return;
     detail::add_inplace_kernel<<<std::min(grid_for(n, 256), 8192), 256>>>(y, x, n);
     DSV3_CUDA_CHECK_LAUNCH();
 }
 inline void scale_inplace(float* x, int64_t n, float s) {
+    DSV3_PROFILE_KERNEL();
     if (n <= 0) return;
     detail::scale_inplace_kernel<<<std::min(grid_for(n, 256), 8192), 256>>>(x, n, s);
     DSV3_CUDA_CHECK_LAUNCH();
 }
 inline void bf16_round_inplace(float* x, int64_t n) {
+    DSV3_PROFILE_KERNEL();
     if (n <= 0) return;
     detail::bf16_round_inplace_kernel<<<std::min(grid_for(n, 256), 8192), 256>>>(x, n);
     DSV3_CUDA_CHECK_LAUNCH();
 }
 inline double sum_of_squares(const float* x, int64_t n) {  // synchronises: the sum comes back to the host
+    DSV3_PROFILE_KERNEL();
     if (n <= 0) return 0.0;
     const int blocks = std::min(grid_for(n, 256), 1024);
     double* partial = static_cast<double*>(scratch(Slot::reduce, sizeof(double) * size_t(blocks)));
@@ -166,33 +173,39 @@ inline double sum_of_squares(const float* x, int64_t n) {  // synchronises: the 
     return total;
 }
 inline void gather_rows(float* dst, const float* src, const int32_t* rows, int64_t n, int d) {
+    DSV3_PROFILE_KERNEL();
     if (n <= 0 || d <= 0) return;
     detail::gather_rows_kernel<<<unsigned(n), 128>>>(dst, src, rows, d);
     DSV3_CUDA_CHECK_LAUNCH();
 }
 inline void scatter_rows(float* dst, const float* src, const int32_t* rows, int64_t n, int d) {
+    DSV3_PROFILE_KERNEL();
     if (n <= 0 || d <= 0) return;
     detail::scatter_rows_kernel<<<unsigned(n), 128>>>(dst, src, rows, d);
     DSV3_CUDA_CHECK_LAUNCH();
 }
 inline void concat_columns(float* out, const float* a, const float* b, int T, int da, int db) {
+    DSV3_PROFILE_KERNEL();
     if (T <= 0 || da + db <= 0) return;
     detail::concat_columns_kernel<<<T, 128>>>(out, a, b, da, db);
     DSV3_CUDA_CHECK_LAUNCH();
 }
 inline void split_columns(float* a, float* b, const float* in, int T, int da, int db) {
+    DSV3_PROFILE_KERNEL();
     if (T <= 0 || da + db <= 0) return;
     detail::split_columns_kernel<<<T, 128>>>(a, b, in, da, db);
     DSV3_CUDA_CHECK_LAUNCH();
 }
 inline void mla_keys_values_forward(float* k, float* v, const float* kv, const float* k_rope, int T, int H, int dh,
                                     int dr, int dv) {
+    DSV3_PROFILE_KERNEL();
     if (T <= 0 || H <= 0) return;
     detail::mla_keys_values_forward_kernel<<<T, 256>>>(k, v, kv, k_rope, H, dh, dr, dv);
     DSV3_CUDA_CHECK_LAUNCH();
 }
 inline void mla_keys_values_backward(float* dkv, float* dk_rope, const float* dk, const float* dv, int T, int H,
                                      int dh, int dr, int dv_) {
+    DSV3_PROFILE_KERNEL();
     if (T <= 0 || H <= 0) return;
     detail::mla_keys_values_backward_kernel<<<T, 256>>>(dkv, dk_rope, dk, dv, H, dh, dr, dv_);
     DSV3_CUDA_CHECK_LAUNCH();
@@ -281,17 +294,20 @@ __global__ void attention_decode_naive_kernel(float* o, const float* q, const fl
 
 inline void mla_absorb_query(float* q_lat, float* q_rope, const float* q, const float* W_ukv, int n, int H, int dh,
                              int dr, int dv, int dc) {
+    DSV3_PROFILE_KERNEL();
     if (n <= 0) return;
     detail::mla_absorb_query_kernel<<<n * H, 128>>>(q_lat, q_rope, q, W_ukv, H, dh, dr, dv, dc);
     DSV3_CUDA_CHECK_LAUNCH();
 }
 inline void mla_absorb_output(float* o, const float* o_lat, const float* W_ukv, int n, int H, int dh, int dv, int dc) {
+    DSV3_PROFILE_KERNEL();
     if (n <= 0) return;
     detail::mla_absorb_output_kernel<<<n * H, 128>>>(o, o_lat, W_ukv, H, dh, dv, dc);
     DSV3_CUDA_CHECK_LAUNCH();
 }
 inline void mla_attend_latent(float* o_lat, const float* q_lat, const float* q_rope, const float* ckv,
                               const float* k_rope, int n, int pos0, int H, int dc, int dr, float scale) {
+    DSV3_PROFILE_KERNEL();
     if (n <= 0) return;
     const size_t smem = sizeof(float) * size_t(pos0 + n);
     if (smem > 48 * 1024) fail("cuda::mla_attend_latent: ", pos0 + n, " positions exceed this kernel's 12288");
@@ -300,6 +316,7 @@ inline void mla_attend_latent(float* o_lat, const float* q_lat, const float* q_r
 }
 inline void attention_decode_naive(float* o, const float* q, const float* k, const float* v, int n, int pos0, int H,
                                    int dqk, int dv, float scale) {
+    DSV3_PROFILE_KERNEL();
     if (n <= 0) return;
     const size_t smem = sizeof(float) * size_t(pos0 + n);
     if (smem > 48 * 1024) fail("cuda::attention_decode_naive: ", pos0 + n, " positions exceed this kernel's 12288");

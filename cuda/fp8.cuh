@@ -603,6 +603,7 @@ T* scratch_of(Slot slot, size_t n) { return static_cast<T*>(scratch(slot, n * si
 
 // y[T,out] = x[T,in] · W[out,in]ᵀ in FP8 (overwrites y)
 inline void fp8_matmul_forward(float* y, const float* x, const float* W, int T, int in, int out) {
+    DSV3_PROFILE_KERNEL();
     using namespace detail;
     if (T < 0 || in < 0 || out < 0) fail("cuda::fp8_matmul_forward: sizes must be non-negative");
     if (int64_t(T) * out == 0) return;
@@ -618,6 +619,7 @@ inline void fp8_matmul_forward(float* y, const float* x, const float* W, int T, 
 // dx[T,in] += dy[T,out] · W[out,in];  dW[out,in] += dy[T,out]ᵀ · x[T,in]   (FP8; either may be null)
 inline void fp8_matmul_backward(float* dx, float* dW, const float* dy, const float* x, const float* W, int T, int in,
                                 int out) {
+    DSV3_PROFILE_KERNEL();
     using namespace detail;
     if (T < 0 || in < 0 || out < 0) fail("cuda::fp8_matmul_backward: sizes must be non-negative");
     if (dx && int64_t(T) * in > 0) {   // Dgrad, K = out

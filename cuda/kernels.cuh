@@ -9,7 +9,8 @@
 //                                                  written by adamw_update), FP32 accumulation and output
 //   3.2  rmsnorm_forward / rmsnorm_backward
 //   3.3  rope_forward / rope_backward ............ the YaRN table is the header's RopeTable (host), uploaded once
-//   3.4  attention_forward / attention_backward .. causal softmax attention of training, probs materialised
+//   3.4  attention_forward / attention_backward .. causal softmax attention of training: flash kernels (BF16 tensor
+//                                                  cores, no stored probabilities), or FP32 cuBLAS with them stored
 //   3.5  swiglu_forward / swiglu_backward
 //   3.6  embedding_forward / embedding_backward
 //   3.7  cross_entropy_forward / cross_entropy_backward
@@ -105,16 +106,16 @@ namespace cuda {
                          cublasGetStatusString(dsv3_st_), ")");                                                  \
     } while (0)
 
-// BF16 shadows of the parameters (used by 3.1 and 3.10b, written by 3.11). The GEMMs multiply BF16 copies of
-// their FP32 inputs; for a weight, that copy only changes when the weight does. So adamw_update, which is the only
-// kernel that changes parameters during training, writes bf16(p) next to p in the same pass, and the GEMMs look the
-// weight's address up here instead of converting it on every call. An entry is keyed by the address of the FP32
-// tensor that adamw_update was given and covers its n floats. It is dropped (or marked stale) by every other way
-// device memory can change from the host: DeviceBuffer::upload, fill_bytes, resize, reset and cuda::to_device
-// invalidate every entry that overlaps the range they write or free, so a checkpoint load or a bias update is
-// never read through a stale shadow; an entry is valid again after the next adamw_update of that tensor.
-// (A kernel other than adamw_update that wrote into a parameter would need to call shadow::invalidate itself; the
-// header's model has none.) DSV3_BF16_SHADOW=0 in the environment turns the shadows off (for timing).
+// BF16 shadows of the parameters (used by 3.1 and 3.10b, written by 3.11). The GEMMs multiply BF16 copies of their FP32
+// inputs; for a weight, that copy only changes when the weight does. So adamw_update, which is the only kernel that
+// changes parameters during training, writes bf16(p) next to p in the same pass, and the GEMMs look the weight's
+// address up here instead of converting it on every call. An entry is keyed by the address of the FP32 range that
+// adamw_update was given and covers its n floats; a lookup may ask for any part of it. It is dropped (or marked stale)
+// by every other way device memory can change from the host: DeviceBuffer::upload, fill_bytes, resize, reset and
+// cuda::to_device invalidate every entry that overlaps the range they write or free, so a checkpoint load or a bias
+// update is never read through a stale shadow; an entry is valid again after the next adamw_update of that tensor. (A
+// kernel other than adamw_update that wrote into a parameter would need to call shadow::invalidate itself; the header's
+// model has none.) DSV3_BF16_SHADOW=0 in the environment turns the shadows off (for timing).
 // Thread-safe (one registry for all host threads: device addresses are unique across GPUs).
 namespace shadow {
 struct Entry {
@@ -160,14 +161,17 @@ inline void invalidate(const void* p, size_t bytes, bool release = false) {
     if (r.entries.empty()) return;
     drop_overlapping_locked(r, uintptr_t(p), uintptr_t(p) + bytes, release);
 }
-// The valid BF16 shadow of the n floats at p, or null.
+// The valid BF16 shadow of the n floats at p, or null. [p, p + n) may lie inside an entry: adamw_update covers runs
+// of neighbouring tensors (all of a layer's experts, say) and a GEMM asks for one of them.
 inline const __nv_bfloat16* find(const float* p, size_t n) {
     Registry& r = registry();
     std::lock_guard<std::mutex> lock(r.mu);
-    if (r.entries.empty()) return nullptr;
-    auto it = r.entries.find(uintptr_t(p));
-    if (it == r.entries.end() || !it->second.valid || it->second.n < n) return nullptr;
-    return it->second.bf16;
+    auto it = r.entries.upper_bound(uintptr_t(p));
+    if (it == r.entries.begin()) return nullptr;
+    --it;   // the last entry that starts at or before p
+    const uintptr_t bytes = uintptr_t(p) - it->first;
+    if (!it->second.valid || bytes % sizeof(float) || bytes / sizeof(float) + n > it->second.n) return nullptr;
+    return it->second.bf16 + bytes / sizeof(float);
 }
 // Storage for the shadow of the n floats at p, which the caller's next kernel (on stream 0) writes in full; marks it
 // valid and every other entry overlapping it stale. Null when shadows are off.
@@ -230,8 +234,8 @@ class DeviceBuffer {
 // of GEMM inputs, attention's dscore matrix, decoding's partial sums). One set per host thread, and so per GPU when
 // each GPU has its own thread (build/train_multi_gpu).
 // Slot contents are dead after the function that took them returns.
-enum class Slot { bf16_a, bf16_b, bf16_c, attn_dscore, reduce, decode_partial, decode_stats, fp8_a, fp8_b, fp8_bt, fp8_sa,
-                  fp8_sb, fp8_sbt, group_offsets, sort, plan, plan_offsets, count };
+enum class Slot { bf16_a, bf16_b, bf16_c, attn_dscore, attn_bf16, reduce, decode_partial, decode_stats, fp8_a, fp8_b,
+                  fp8_bt, fp8_sa, fp8_sb, fp8_sbt, group_offsets, sort, plan, plan_offsets, count };
 inline void* scratch(Slot slot, size_t bytes) {
     static thread_local DeviceBuffer<unsigned char> slots[int(Slot::count)];
     DeviceBuffer<unsigned char>& b = slots[int(slot)];
@@ -291,6 +295,15 @@ inline void upload_async(void* dst, const void* src, size_t bytes) {
 inline int grid_for(int64_t n, int threads) { return int(std::min<int64_t>((n + threads - 1) / threads, 1 << 20)); }
 
 namespace detail {
+// 16 bytes global → shared, asynchronously; src_bytes < 16 zero-fills the rest (0: all zeros, nothing read).
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
+    const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+
 // Block-wide reductions in a fixed tree order (deterministic). `red` is shared scratch of blockDim.x/32 entries.
 __device__ inline float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -369,6 +382,7 @@ inline const __nv_bfloat16* weight_bf16(Slot slot, const float* W, int64_t n) {
 
 // y[T,out] = x[T,in] · W[out,in]ᵀ   (overwrites y)
 inline void matmul_forward(float* y, const float* x, const float* W, int T, int in, int out) {
+    DSV3_PROFILE_KERNEL();
     if (T < 0 || in < 0 || out < 0) fail("cuda::matmul_forward: negative size T=", T, " in=", in, " out=", out);
     if (int64_t(T) * out == 0) return;
     if (in == 0) { DSV3_CUDA_CHECK(cudaMemsetAsync(y, 0, sizeof(float) * size_t(T) * out)); return; }
@@ -380,6 +394,7 @@ inline void matmul_forward(float* y, const float* x, const float* W, int T, int 
 // dx[T,in] += dy[T,out] · W[out,in];   dW[out,in] += dy[T,out]ᵀ · x[T,in]   (either may be null)
 inline void matmul_backward(float* dx, float* dW, const float* dy, const float* x, const float* W, int T, int in,
                             int out) {
+    DSV3_PROFILE_KERNEL();
     if (T < 0 || in < 0 || out < 0) fail("cuda::matmul_backward: negative size T=", T, " in=", in, " out=", out);
     if (int64_t(T) * in * out == 0) return;   // every product below is empty (or adds zero)
     const __nv_bfloat16* dyb = detail::bf16_copy(Slot::bf16_a, dy, int64_t(T) * out);
@@ -443,12 +458,14 @@ __global__ void rmsnorm_backward_dg_sum_kernel(float* dg, const float* partial, 
 }  // namespace detail
 
 inline void rmsnorm_forward(float* y, float* rstd, const float* x, const float* g, int T, int d, float eps) {
+    DSV3_PROFILE_KERNEL();
     if (T <= 0 || d <= 0) return;
     detail::rmsnorm_forward_kernel<<<T, 256>>>(y, rstd, x, g, d, eps);
     DSV3_CUDA_CHECK_LAUNCH();
 }
 inline void rmsnorm_backward(float* dx, float* dg, const float* dy, const float* x, const float* g,
                              const float* rstd, int T, int d) {
+    DSV3_PROFILE_KERNEL();
     if (T <= 0 || d <= 0) return;
     detail::rmsnorm_backward_dx_kernel<<<T, 256>>>(dx, dy, x, g, rstd, d);
     DSV3_CUDA_CHECK_LAUNCH();
@@ -535,25 +552,28 @@ inline void rope_apply(float* x, int T, int row_stride, int offset, int n_vec, i
 
 inline void rope_forward(float* x, int T, int row_stride, int offset, int n_vec, int vec_stride, int pos0,
                          int seq_len, const RopeTable& rt) {
+    DSV3_PROFILE_KERNEL();
     detail::rope_apply(x, T, row_stride, offset, n_vec, vec_stride, pos0, seq_len, rt, false);
 }
 inline void rope_backward(float* dx, int T, int row_stride, int offset, int n_vec, int vec_stride, int pos0,
                           int seq_len, const RopeTable& rt) {
+    DSV3_PROFILE_KERNEL();
     detail::rope_apply(dx, T, row_stride, offset, n_vec, vec_stride, pos0, seq_len, rt, true);
 }
 
 // =====================================================================================================================
 // 3.4 causal softmax attention (training) [V3 eq. 10]
 // =====================================================================================================================
-// q, k: [B·T, H, dqk]; v: [B·T, H, dv]; out: [B·T, H, dv]; probs: [B, H, T, T] (row t holds weights over s ≤ t).
-// Like the CPU's, this version materialises the probabilities, because backward reads them. Attention is then five
-// matrix products per head, with two row-wise kernels between them:
+// q, k: [B·T, H, dqk]; v: [B·T, H, dv]; out: [B·T, H, dv]. Two implementations, the same arithmetic up to rounding:
+// the flash kernels below (the default: BF16 tensor-core products, the probabilities never stored, one log-sum-exp
+// per row saved for the backward), and the materialised path, which stores probs [B, H, T, T] as the CPU does and is
+// five FP32 matrix products per head with two row-wise kernels between them:
 //   forward   S = scale·Q Kᵀ (into probs)  →  causal softmax of each row, in place  →  O = P V
 //   backward  dP = dO Vᵀ  →  dS = P ⊙ (dP − rowsum(P ⊙ dP))·scale, in place  →  dQ += dS K,  dK += dSᵀ Q,  dV += Pᵀ dO
-// The products run on cuBLAS in FP32 (pedantic math: no TF32), as strided batches over the sequences of one head:
+// Its products run on cuBLAS in FP32 (pedantic math: no TF32), as strided batches over the sequences of one head:
 // for a fixed head h, sequence b's matrices are a constant stride apart (q + b·T·H·dqk, probs + b·H·T·T, ...), so one
-// call per head and product covers the whole batch. The full T×T products compute the masked half too (zeros after
-// the softmax); that waste is what a fused flash-attention kernel, which never writes probs, would avoid.
+// call per head and product covers the whole batch. The full T×T products compute the masked half too. It runs where
+// the flash kernels' shared memory does not hold the head dims, or with DSV3_ATTENTION=materialised.
 namespace detail {
 // Row-major strided-batched FP32 GEMM: for each of `batch` items, C = alpha·op(A)·op(B) + beta·C, where op(A) is
 // [M, K], op(B) is [K, N] and C is [M, N], all row-major with leading dimensions lda, ldb, ldc. cuBLAS is
@@ -596,12 +616,330 @@ inline void check_attention(const char* who, int B, int T, int H) {
     if (int64_t(B) * H * T > (int64_t(1) << 31) - 1) fail("cuda::", who, ": B·H·T must fit in a grid, found B=", B,
                                                            " H=", H, " T=", T);
 }
+// --- the flash kernels (the default): the probabilities are never written ------------------------------------------
+// FlashAttention-2 (Dao 2023, arXiv 2307.08691) in its plainest form: BF16 operands on the tensor cores (WMMA 16×16×16,
+// as in 3.10b), FP32 accumulation, FP32 softmax. A block owns 64 rows (4 warps × 16) and walks the other side in
+// tiles of 64, so memory traffic is O(T·d) per block instead of the O(T²) of the probabilities, and the masked half
+// is skipped. Per-row work (the online softmax, the masks) runs on the products staged in shared memory, which keeps
+// the fragments' register layout out of the code.
+//   forward  per query tile: m = running max, l = running Σ exp, O = running Σ exp·v, each rescaled by exp(m_old −
+//            m_new) when a new key tile raises the max; at the end o = O / l and lse = m + log l (saved: [B, H, T]).
+//   backward P is recomputed from lse: p = exp(s·scale − lse); with D = rowsum(dO ⊙ O) (= Σ_s p_s dp_s),
+//            dS = P ⊙ (dP − D). dK, dV: one block per key tile over the query tiles at or after it; dQ: one block per
+//            query tile over the key tiles at or before it. Two kernels instead of FlashAttention-2's atomic adds
+//            into dQ: every output is summed by one block in a fixed order, so the result is deterministic.
+namespace flash {
+constexpr int kTile = 64, kThreads = 128, kLdS = kTile + 4, kLdP = kTile + 8;
+using bf16 = __nv_bfloat16;
+struct Args {
+    int B, T, H, dqk, dv, Dq, Dv;   // Dq, Dv: dqk, dv rounded up to 16 (zero columns)
+    int Tp;                         // T rounded up to 64 (zero rows)
+    float scale;
+    // row strides in shared memory: BF16 tiles, then FP32 accumulators
+    __host__ __device__ int ldq() const { return Dq + 8; }
+    __host__ __device__ int ldv() const { return Dv + 8; }
+    __host__ __device__ int ldq32() const { return Dq + 4; }
+    __host__ __device__ int ldv32() const { return Dv + 4; }
+};
+enum class Kernel { forward, dkdv, dq };
+// Shared memory of each kernel, carved in this order (each region 128-byte aligned).
+struct Layout {
+    size_t q, k, v, dO, p, ds, s, dp, acc_q, acc_v, stats, bytes;
+    __host__ __device__ Layout(const Args& a, Kernel kind) {
+        size_t at = 0;
+        auto take = [&](size_t n, bool use) {
+            const size_t here = at;
+            if (use) at += (n + 127) / 128 * 128;
+            return here;
+        };
+        const bool fwd = kind == Kernel::forward, dkdv = kind == Kernel::dkdv;
+        q = take(sizeof(bf16) * kTile * a.ldq(), true);
+        k = take(sizeof(bf16) * kTile * a.ldq(), true);
+        v = take(sizeof(bf16) * kTile * a.ldv(), true);
+        dO = take(sizeof(bf16) * kTile * a.ldv(), !fwd);
+        p = take(sizeof(bf16) * kTile * kLdP, fwd || dkdv);
+        ds = take(sizeof(bf16) * kTile * kLdP, !fwd);
+        s = take(sizeof(float) * kTile * kLdS, true);
+        dp = take(sizeof(float) * kTile * kLdS, !fwd);
+        acc_q = take(sizeof(float) * kTile * a.ldq32(), !fwd);   // dK or dQ
+        acc_v = take(sizeof(float) * kTile * a.ldv32(), fwd || dkdv);   // O or dV
+        stats = take(sizeof(float) * 2 * kTile, true);   // (max, sum) or (lse, D) of 64 rows
+        bytes = at;
+    }
+};
+// The kernels read BF16 copies of q, k, v and dout, one [Tp, D] matrix per (b, h), zero past T and d: a tile is then
+// 64 contiguous rows, copied into shared memory by 16-byte asynchronous copies with no bounds to test.
+__global__ void to_heads_bf16_kernel(bf16* xb, const float* x, int T, int H, int d, int Tp, int D) {
+    const int t = blockIdx.x, bh = blockIdx.y, b = bh / H, h = bh % H;
+    for (int c = threadIdx.x; c < D; c += blockDim.x)
+        xb[(int64_t(bh) * Tp + t) * D + c] =
+            __float2bfloat16(t < T && c < d ? x[((int64_t(b) * T + t) * H + h) * d + c] : 0.0f);
+}
+// Rows r0 .. r0 + 63 of one head's copy xb (row length D) into shared memory (row stride ld). The caller waits
+// (cp_async_wait<0>) and synchronises before reading.
+__device__ void load_tile(bf16* s, int ld, const bf16* xb, int D, int r0) {
+    const int chunks = D / 8;   // 16-byte pieces per row
+    for (int e = threadIdx.x; e < kTile * chunks; e += kThreads) {
+        const int r = e / chunks, c = 8 * (e % chunks);
+        cp_async_16(s + r * ld + c, xb + int64_t(r0 + r) * D + c, 16);
+    }
+    cp_async_commit();
+}
+// C[16, 16·n_tiles] (FP32, row-major, ldc) = A[16, K] · op(B) for one warp. A: BF16 row-major (lda); B: BF16 with
+// element (kk, n) at b[n·ldb + kk] (trans_b: a row-major [N, K] tile used as Kᵀ) or at b[kk·ldb + n]. `accumulate`
+// adds to C instead of overwriting it.
+template <bool trans_b>
+__device__ void warp_gemm(float* c, int ldc, const bf16* a, int lda, const bf16* b, int ldb, int K, int n_tiles,
+                          bool accumulate) {
+    using namespace nvcuda;
+    using LayoutB = std::conditional_t<trans_b, wmma::col_major, wmma::row_major>;
+    for (int n = 0; n < n_tiles; ++n) {
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+        if (accumulate) wmma::load_matrix_sync(acc, c + 16 * n, ldc, wmma::mem_row_major);
+        else wmma::fill_fragment(acc, 0.0f);
+        for (int kk = 0; kk < K; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fa;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, LayoutB> fb;
+            wmma::load_matrix_sync(fa, a + kk, lda);
+            wmma::load_matrix_sync(fb, trans_b ? b + int64_t(16 * n) * ldb + kk : b + int64_t(kk) * ldb + 16 * n, ldb);
+            wmma::mma_sync(acc, fa, fb, acc);
+        }
+        wmma::store_matrix_sync(c + 16 * n, acc, ldc, wmma::mem_row_major);
+    }
+}
+#define DSV3_FLASH_SMEM(T_, name) reinterpret_cast<T_*>(smem + L.name)
+
+// grid (query tiles, B·H)
+__global__ void __launch_bounds__(kThreads) forward_kernel(float* out, float* lse, const bf16* q, const bf16* k,
+                                                           const bf16* v, Args a) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    const Layout L(a, Kernel::forward);
+    bf16 *Qs = DSV3_FLASH_SMEM(bf16, q), *Ks = DSV3_FLASH_SMEM(bf16, k), *Vs = DSV3_FLASH_SMEM(bf16, v);
+    bf16* Ps = DSV3_FLASH_SMEM(bf16, p);
+    float *Ss = DSV3_FLASH_SMEM(float, s), *Os = DSV3_FLASH_SMEM(float, acc_v);
+    float *row_max = DSV3_FLASH_SMEM(float, stats), *row_sum = row_max + kTile;
+    const int i0 = blockIdx.x * kTile, b = blockIdx.y / a.H, h = blockIdx.y % a.H;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, w16 = 16 * warp;
+    const int64_t vs = int64_t(a.H) * a.dv;   // row stride of out
+    const bf16* qb = q + int64_t(blockIdx.y) * a.Tp * a.Dq;
+    const bf16* kb = k + int64_t(blockIdx.y) * a.Tp * a.Dq;
+    const bf16* vb = v + int64_t(blockIdx.y) * a.Tp * a.Dv;
+    load_tile(Qs, a.ldq(), qb, a.Dq, i0);
+    for (int e = threadIdx.x; e < kTile * a.ldv32(); e += kThreads) Os[e] = 0.0f;
+    if (threadIdx.x < kTile) row_max[threadIdx.x] = -INFINITY, row_sum[threadIdx.x] = 0.0f;
+    // Two lanes per row in the softmax: row r = lane / 2 of the warp's 16, columns half·32 .. half·32 + 31.
+    const int r = w16 + lane / 2, half = lane % 2, i = i0 + r;
+    for (int j0 = 0; j0 <= min(i0 + kTile - 1, a.T - 1); j0 += kTile) {
+        __syncthreads();   // every warp is done with the previous K, V tiles
+        load_tile(Ks, a.ldq(), kb, a.Dq, j0);
+        load_tile(Vs, a.ldv(), vb, a.Dv, j0);
+        cp_async_wait<0>();
+        __syncthreads();
+        // S = Q Kᵀ
+        warp_gemm<true>(Ss + w16 * kLdS, kLdS, Qs + w16 * a.ldq(), a.ldq(), Ks, a.ldq(), a.Dq, 4, false);
+        __syncwarp();
+        // Every row has a key in every tile it visits (key j0 ≤ i), so m_new is finite.
+        float* srow = Ss + r * kLdS + 32 * half;
+        float mx = -INFINITY;
+        for (int c = 0; c < 32; ++c) {
+            const int j = j0 + 32 * half + c;
+            srow[c] = j <= i && j < a.T ? srow[c] * a.scale : -INFINITY;
+            mx = fmaxf(mx, srow[c]);
+        }
+        const float m_old = row_max[r], m_new = fmaxf(m_old, fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1)));
+        const float alpha = expf(m_old - m_new);   // 0 on the first tile (m_old = −∞)
+        float sum = 0.0f;
+        for (int c = 0; c < 32; ++c) {
+            const float e = expf(srow[c] - m_new);
+            Ps[r * kLdP + 32 * half + c] = __float2bfloat16(e);
+            sum += e;
+        }
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        for (int c = half; c < a.Dv; c += 2) Os[r * a.ldv32() + c] *= alpha;
+        __syncwarp();   // both lanes of the row have read row_max
+        if (half == 0) row_max[r] = m_new, row_sum[r] = row_sum[r] * alpha + sum;
+        __syncwarp();
+        warp_gemm<false>(Os + w16 * a.ldv32(), a.ldv32(), Ps + w16 * kLdP, kLdP, Vs, a.ldv(), kTile, a.Dv / 16, true);
+    }
+    __syncwarp();
+    for (int e = lane; e < 16 * a.dv; e += 32) {
+        const int rr = w16 + e / a.dv, c = e % a.dv;
+        if (i0 + rr < a.T) out[(int64_t(b) * a.T + i0 + rr) * vs + h * a.dv + c] = Os[rr * a.ldv32() + c] / row_sum[rr];
+    }
+    if (lane < 16 && i0 + w16 + lane < a.T)
+        lse[(int64_t(blockIdx.y)) * a.T + i0 + w16 + lane] = row_max[w16 + lane] + logf(row_sum[w16 + lane]);
+}
+
+// D[(b·H + h)·T + t] = Σ_c dout[t, h, c] · out[t, h, c]: one warp per (b, t, h), a fixed shuffle tree.
+__global__ void row_dot_kernel(float* D, const float* dout, const float* out, int B, int T, int H, int dv) {
+    const int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;   // (b·T + t)·H + h
+    const int lane = threadIdx.x % 32;
+    if (row >= int64_t(B) * T * H) return;
+    float s = 0.0f;
+    for (int c = lane; c < dv; c += 32) s += dout[row * dv + c] * out[row * dv + c];
+    for (int o = 16; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffffu, s, o);
+    const int64_t h = row % H, t = (row / H) % T, b = row / (int64_t(H) * T);
+    if (lane == 0) D[(b * H + h) * T + t] = s;
+}
+
+// The backward's shared part for one 64×64 tile, on one warp's 16 rows: S and dP (staged), then P and dS in BF16.
+// keys_are_rows: the dK/dV kernel (rows = keys j, columns = queries i), else dQ's (rows = queries, columns = keys).
+template <bool keys_are_rows>
+__device__ void backward_tile(bf16* Ps, bf16* dSs, float* Ss, float* dPs, const bf16* rows_qk, const bf16* cols_qk,
+                              const bf16* rows_vo, const bf16* cols_vo, const float* lse, const float* D, int row0,
+                              int col0, int w16, const Args& a) {
+    // rows·colsᵀ over the head dims: S (or Sᵀ) from q and k, dP (or dPᵀ) from dO and v
+    warp_gemm<true>(Ss + w16 * kLdS, kLdS, rows_qk + w16 * a.ldq(), a.ldq(), cols_qk, a.ldq(), a.Dq, 4, false);
+    warp_gemm<true>(dPs + w16 * kLdS, kLdS, rows_vo + w16 * a.ldv(), a.ldv(), cols_vo, a.ldv(), a.Dv, 4, false);
+    __syncwarp();
+    for (int e = threadIdx.x % 32; e < 16 * kTile; e += 32) {
+        const int r = w16 + e / kTile, c = e % kTile;
+        const int i = keys_are_rows ? col0 + c : row0 + r, j = keys_are_rows ? row0 + r : col0 + c;
+        const int qi = keys_are_rows ? c : r;   // the query's index within its tile (lse, D)
+        const float p = j <= i && i < a.T ? expf(Ss[r * kLdS + c] * a.scale - lse[qi]) : 0.0f;
+        if (Ps) Ps[r * kLdP + c] = __float2bfloat16(p);
+        dSs[r * kLdP + c] = __float2bfloat16(p * (dPs[r * kLdS + c] - D[qi]));
+    }
+    __syncwarp();
+}
+// lse and D of the 64 queries from i0 into shared memory (0 past T: those rows are masked anyway).
+__device__ void load_stats(float* st, const float* lse, const float* D, int64_t bh, int i0, int T) {
+    for (int e = threadIdx.x; e < kTile; e += kThreads) {
+        st[e] = i0 + e < T ? lse[bh * T + i0 + e] : 0.0f;
+        st[kTile + e] = i0 + e < T ? D[bh * T + i0 + e] : 0.0f;
+    }
+}
+// dst[rows r0.., one (b, h)] += factor · acc[64, d] (rows past T skipped)
+__device__ void add_tile(float* dst, int64_t stride, const float* acc, int ld, int d, int r0, int T, float factor) {
+    for (int e = threadIdx.x; e < kTile * d; e += kThreads) {
+        const int r = e / d, c = e % d;
+        if (r0 + r < T) dst[int64_t(r0 + r) * stride + c] += factor * acc[r * ld + c];
+    }
+}
+
+// grid (key tiles, B·H): dK += scale·Σ_i dS_ij q_i, dV += Σ_i p_ij dO_i over the query tiles i0 ≥ j0
+__global__ void __launch_bounds__(kThreads) dkdv_kernel(float* dk, float* dv, const bf16* dout, const float* lse,
+                                                        const float* D, const bf16* q, const bf16* k, const bf16* v,
+                                                        Args a) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    const Layout L(a, Kernel::dkdv);
+    bf16 *Qs = DSV3_FLASH_SMEM(bf16, q), *Ks = DSV3_FLASH_SMEM(bf16, k), *Vs = DSV3_FLASH_SMEM(bf16, v);
+    bf16 *dOs = DSV3_FLASH_SMEM(bf16, dO), *Ps = DSV3_FLASH_SMEM(bf16, p), *dSs = DSV3_FLASH_SMEM(bf16, ds);
+    float *Ss = DSV3_FLASH_SMEM(float, s), *dPs = DSV3_FLASH_SMEM(float, dp), *st = DSV3_FLASH_SMEM(float, stats);
+    float *dKs = DSV3_FLASH_SMEM(float, acc_q), *dVs = DSV3_FLASH_SMEM(float, acc_v);
+    const int j0 = blockIdx.x * kTile, b = blockIdx.y / a.H, h = blockIdx.y % a.H, w16 = 16 * (threadIdx.x / 32);
+    const int64_t qs = int64_t(a.H) * a.dqk, vs = int64_t(a.H) * a.dv;
+    const int64_t q_off = int64_t(b) * a.T * qs + h * a.dqk, v_off = int64_t(b) * a.T * vs + h * a.dv;
+    const int64_t hq = int64_t(blockIdx.y) * a.Tp * a.Dq, hv = int64_t(blockIdx.y) * a.Tp * a.Dv;   // this head
+    load_tile(Ks, a.ldq(), k + hq, a.Dq, j0);
+    load_tile(Vs, a.ldv(), v + hv, a.Dv, j0);
+    for (int e = threadIdx.x; e < kTile * a.ldq32(); e += kThreads) dKs[e] = 0.0f;
+    for (int e = threadIdx.x; e < kTile * a.ldv32(); e += kThreads) dVs[e] = 0.0f;
+    for (int i0 = j0; i0 < a.T; i0 += kTile) {
+        __syncthreads();
+        load_tile(Qs, a.ldq(), q + hq, a.Dq, i0);
+        load_tile(dOs, a.ldv(), dout + hv, a.Dv, i0);
+        load_stats(st, lse, D, blockIdx.y, i0, a.T);
+        cp_async_wait<0>();
+        __syncthreads();
+        backward_tile<true>(Ps, dSs, Ss, dPs, Ks, Qs, Vs, dOs, st, st + kTile, j0, i0, w16, a);
+        warp_gemm<false>(dVs + w16 * a.ldv32(), a.ldv32(), Ps + w16 * kLdP, kLdP, dOs, a.ldv(), kTile, a.Dv / 16, true);
+        warp_gemm<false>(dKs + w16 * a.ldq32(), a.ldq32(), dSs + w16 * kLdP, kLdP, Qs, a.ldq(), kTile, a.Dq / 16, true);
+    }
+    __syncthreads();
+    add_tile(dk + q_off, qs, dKs, a.ldq32(), a.dqk, j0, a.T, a.scale);
+    add_tile(dv + v_off, vs, dVs, a.ldv32(), a.dv, j0, a.T, 1.0f);
+}
+// grid (query tiles, B·H): dQ += scale·Σ_j dS_ij k_j over the key tiles j0 ≤ i0
+__global__ void __launch_bounds__(kThreads) dq_kernel(float* dq, const bf16* dout, const float* lse, const float* D,
+                                                      const bf16* q, const bf16* k, const bf16* v, Args a) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    const Layout L(a, Kernel::dq);
+    bf16 *Qs = DSV3_FLASH_SMEM(bf16, q), *Ks = DSV3_FLASH_SMEM(bf16, k), *Vs = DSV3_FLASH_SMEM(bf16, v);
+    bf16 *dOs = DSV3_FLASH_SMEM(bf16, dO), *dSs = DSV3_FLASH_SMEM(bf16, ds);
+    float *Ss = DSV3_FLASH_SMEM(float, s), *dPs = DSV3_FLASH_SMEM(float, dp), *st = DSV3_FLASH_SMEM(float, stats);
+    float* dQs = DSV3_FLASH_SMEM(float, acc_q);
+    const int i0 = blockIdx.x * kTile, b = blockIdx.y / a.H, h = blockIdx.y % a.H, w16 = 16 * (threadIdx.x / 32);
+    const int64_t qs = int64_t(a.H) * a.dqk, q_off = int64_t(b) * a.T * qs + h * a.dqk;
+    const int64_t hq = int64_t(blockIdx.y) * a.Tp * a.Dq, hv = int64_t(blockIdx.y) * a.Tp * a.Dv;
+    load_tile(Qs, a.ldq(), q + hq, a.Dq, i0);
+    load_tile(dOs, a.ldv(), dout + hv, a.Dv, i0);
+    load_stats(st, lse, D, blockIdx.y, i0, a.T);
+    for (int e = threadIdx.x; e < kTile * a.ldq32(); e += kThreads) dQs[e] = 0.0f;
+    for (int j0 = 0; j0 <= min(i0 + kTile - 1, a.T - 1); j0 += kTile) {
+        __syncthreads();
+        load_tile(Ks, a.ldq(), k + hq, a.Dq, j0);
+        load_tile(Vs, a.ldv(), v + hv, a.Dv, j0);
+        cp_async_wait<0>();
+        __syncthreads();
+        backward_tile<false>(nullptr, dSs, Ss, dPs, Qs, Ks, dOs, Vs, st, st + kTile, i0, j0, w16, a);
+        warp_gemm<false>(dQs + w16 * a.ldq32(), a.ldq32(), dSs + w16 * kLdP, kLdP, Ks, a.ldq(), kTile, a.Dq / 16, true);
+    }
+    __syncthreads();
+    add_tile(dq + q_off, qs, dQs, a.ldq32(), a.dqk, i0, a.T, a.scale);
+}
+#undef DSV3_FLASH_SMEM
+
+inline Args args(int B, int T, int H, int dqk, int dv, float scale) {
+    return {B, T, H, dqk, dv, (dqk + 15) / 16 * 16, (dv + 15) / 16 * 16, (T + kTile - 1) / kTile * kTile, scale};
+}
+inline const bf16* heads_bf16(Slot slot, const float* x, const Args& a, int d, int D) {
+    auto* xb = static_cast<bf16*>(scratch(slot, sizeof(bf16) * size_t(a.B) * a.H * a.Tp * D));
+    to_heads_bf16_kernel<<<dim3(unsigned(a.Tp), unsigned(a.B * a.H)), 128>>>(xb, x, a.T, a.H, d, a.Tp, D);
+    DSV3_CUDA_CHECK_LAUNCH();
+    return xb;
+}
+// Whether the largest of the three kernels fits the GPU's shared memory (head dims up to about 192 + 128).
+inline bool fits(int dqk, int dv) {
+    static const int limit = [] {
+        int dev = 0, bytes = 0;
+        DSV3_CUDA_CHECK(cudaGetDevice(&dev));
+        DSV3_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+        return bytes;
+    }();
+    return Layout(args(1, 1, 1, dqk, dv, 1.0f), Kernel::dkdv).bytes <= size_t(limit);
+}
+template <class K, class... P>
+void launch(K kernel, Kernel kind, const Args& a, P... params) {
+    const size_t bytes = Layout(a, kind).bytes;
+    DSV3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+    const dim3 grid(unsigned((a.T + kTile - 1) / kTile), unsigned(a.B * a.H));
+    kernel<<<grid, kThreads, bytes>>>(params..., a);
+    DSV3_CUDA_CHECK_LAUNCH();
+}
+}  // namespace flash
+// The path: flash (the default), or the materialised one above where the head dims are too large for the flash
+// kernels' shared memory, or when DSV3_ATTENTION=materialised (or a caller, the tests) asks for it.
+inline bool& attention_materialised() {
+    static bool m = [] {
+        const char* e = std::getenv("DSV3_ATTENTION");
+        return e && std::string(e) == "materialised";
+    }();
+    return m;
+}
+inline bool use_flash(int dqk, int dv) { return !attention_materialised() && flash::fits(dqk, dv); }
 }  // namespace detail
 
-inline void attention_forward(float* out, float* probs, const float* q, const float* k, const float* v, int B, int T,
+// Floats that attention_forward saves for the backward (the model allocates them): one log-sum-exp per row with the
+// flash kernels, the probabilities [B, H, T, T] on the materialised path (the CPU's).
+inline size_t attention_saved_floats(int B, int T, int H, int dqk, int dv) {
+    return size_t(B) * H * T * (detail::use_flash(dqk, dv) ? 1 : size_t(T));
+}
+// saved: attention_saved_floats(B, T, H, dqk, dv) floats, written here and read by attention_backward.
+inline void attention_forward(float* out, float* saved, const float* q, const float* k, const float* v, int B, int T,
                               int H, int dqk, int dv, float scale) {
+    DSV3_PROFILE_KERNEL();
     if (B <= 0 || T <= 0 || H <= 0) return;
     detail::check_attention("attention_forward", B, T, H);
+    if (detail::use_flash(dqk, dv)) {
+        namespace fl = detail::flash;
+        const fl::Args a = fl::args(B, T, H, dqk, dv, scale);
+        const fl::bf16* qb = fl::heads_bf16(Slot::bf16_a, q, a, dqk, a.Dq);
+        const fl::bf16* kb = fl::heads_bf16(Slot::bf16_b, k, a, dqk, a.Dq);
+        const fl::bf16* vb = fl::heads_bf16(Slot::bf16_c, v, a, dv, a.Dv);
+        return fl::launch(fl::forward_kernel, fl::Kernel::forward, a, out, saved, qb, kb, vb);
+    }
+    float* probs = saved;
     const int64_t q_seq = int64_t(T) * H * dqk, v_seq = int64_t(T) * H * dv, p_seq = int64_t(H) * T * T;
     for (int h = 0; h < H; ++h)   // S = scale · Q Kᵀ: [T, T] per sequence
         detail::row_gemm_batched(false, true, T, T, dqk, scale, q + h * dqk, H * dqk, q_seq, k + h * dqk, H * dqk,
@@ -612,11 +950,29 @@ inline void attention_forward(float* out, float* probs, const float* q, const fl
         detail::row_gemm_batched(false, false, T, dv, T, 1.0f, probs + int64_t(h) * T * T, T, p_seq, v + h * dv,
                                  H * dv, v_seq, 0.0f, out + h * dv, H * dv, v_seq, B);
 }
-inline void attention_backward(float* dq, float* dk, float* dv_, const float* dout, const float* probs,
-                               const float* q, const float* k, const float* v, int B, int T, int H, int dqk, int dv,
-                               float scale) {
+// out: the forward's output (the flash kernels need D = rowsum(dout ⊙ out)).
+inline void attention_backward(float* dq, float* dk, float* dv_, const float* dout, const float* out,
+                               const float* saved, const float* q, const float* k, const float* v, int B, int T, int H,
+                               int dqk, int dv, float scale) {
+    DSV3_PROFILE_KERNEL();
     if (B <= 0 || T <= 0 || H <= 0) return;
     detail::check_attention("attention_backward", B, T, H);
+    if (detail::use_flash(dqk, dv)) {
+        namespace fl = detail::flash;
+        const fl::Args a = fl::args(B, T, H, dqk, dv, scale);
+        float* D = static_cast<float*>(scratch(Slot::attn_dscore, sizeof(float) * size_t(B) * H * T));
+        const int64_t rows = int64_t(B) * T * H;
+        fl::row_dot_kernel<<<unsigned((rows * 32 + 255) / 256), 256>>>(D, dout, out, B, T, H, dv);
+        DSV3_CUDA_CHECK_LAUNCH();
+        const fl::bf16* qb = fl::heads_bf16(Slot::bf16_a, q, a, dqk, a.Dq);
+        const fl::bf16* kb = fl::heads_bf16(Slot::bf16_b, k, a, dqk, a.Dq);
+        const fl::bf16* vb = fl::heads_bf16(Slot::bf16_c, v, a, dv, a.Dv);
+        const fl::bf16* dob = fl::heads_bf16(Slot::attn_bf16, dout, a, dv, a.Dv);
+        fl::launch(fl::dkdv_kernel, fl::Kernel::dkdv, a, dk, dv_, dob, saved, D, qb, kb, vb);
+        fl::launch(fl::dq_kernel, fl::Kernel::dq, a, dq, dob, saved, D, qb, kb, vb);
+        return;
+    }
+    const float* probs = saved;
     const int64_t q_seq = int64_t(T) * H * dqk, v_seq = int64_t(T) * H * dv, p_seq = int64_t(H) * T * T;
     float* D = static_cast<float*>(scratch(Slot::attn_dscore, sizeof(float) * size_t(B) * H * T * T));
     for (int h = 0; h < H; ++h)   // dP = dO Vᵀ
@@ -656,11 +1012,13 @@ __global__ void swiglu_backward_kernel(float* dgate, float* dup, const float* dh
 }
 }  // namespace detail
 inline void swiglu_forward(float* h, const float* gate, const float* up, int64_t n) {
+    DSV3_PROFILE_KERNEL();
     if (n <= 0) return;
     detail::swiglu_forward_kernel<<<std::min(grid_for(n, 256), 8192), 256>>>(h, gate, up, n);
     DSV3_CUDA_CHECK_LAUNCH();
 }
 inline void swiglu_backward(float* dgate, float* dup, const float* dh, const float* gate, const float* up, int64_t n) {
+    DSV3_PROFILE_KERNEL();
     if (n <= 0) return;
     detail::swiglu_backward_kernel<<<std::min(grid_for(n, 256), 8192), 256>>>(dgate, dup, dh, gate, up, n);
     DSV3_CUDA_CHECK_LAUNCH();
@@ -717,6 +1075,7 @@ __global__ void embedding_backward_runs_kernel(float* dE, const float* dout, con
 }  // namespace detail
 
 inline void embedding_forward(float* out, const int32_t* tokens, const float* E, int T, int d, int vocab) {
+    DSV3_PROFILE_KERNEL();
     if (T <= 0) return;
     int32_t bad = 0;
     const int first = detail::first_bad_id(tokens, T, 0, vocab, INT32_MIN, &bad);
@@ -725,6 +1084,7 @@ inline void embedding_forward(float* out, const int32_t* tokens, const float* E,
     DSV3_CUDA_CHECK_LAUNCH();
 }
 inline void embedding_backward(float* dE, const float* dout, const int32_t* tokens, int T, int d) {
+    DSV3_PROFILE_KERNEL();
     if (T <= 0 || d <= 0) return;
     // scratch: sorted tokens, positions 0..T-1, sorted positions [T] each, then CUB's temporary storage
     size_t cub_bytes = 0;
@@ -810,6 +1170,7 @@ inline int64_t cross_entropy_count(const int32_t* targets, int T, int V) {
 }  // namespace detail
 
 inline double cross_entropy_forward(const float* logits, const int32_t* targets, int T, int V) {
+    DSV3_PROFILE_KERNEL();
     const int64_t counted = detail::cross_entropy_count(targets, T, V);
     if (counted == 0) return 0.0;
     double* rows = static_cast<double*>(scratch(Slot::decode_stats, sizeof(double) * (size_t(T) + 1)));
@@ -823,6 +1184,7 @@ inline double cross_entropy_forward(const float* logits, const int32_t* targets,
 }
 inline void cross_entropy_backward(float* dlogits, const float* logits, const int32_t* targets, int T, int V,
                                    float dloss) {
+    DSV3_PROFILE_KERNEL();
     const int64_t counted = detail::cross_entropy_count(targets, T, V);
     if (counted == 0) return;
     const float w = dloss / float(counted);   // the CPU's w, bit for bit
@@ -940,17 +1302,20 @@ __global__ void router_gates_backward_kernel(float* dscores, const float* dgates
 }  // namespace detail
 
 inline void router_scores_forward(float* scores, const float* logits, int T, int N, bool softmax) {
+    DSV3_PROFILE_KERNEL();
     if (T <= 0 || N <= 0) return;
     detail::router_scores_forward_kernel<<<grid_for(T, 128), 128>>>(scores, logits, T, N, softmax);
     DSV3_CUDA_CHECK_LAUNCH();
 }
 inline void router_scores_backward(float* dlogits, const float* dscores, const float* scores, int T, int N,
                                    bool softmax) {
+    DSV3_PROFILE_KERNEL();
     if (T <= 0 || N <= 0) return;
     detail::router_scores_backward_kernel<<<grid_for(T, 128), 128>>>(dlogits, dscores, scores, T, N, softmax);
     DSV3_CUDA_CHECK_LAUNCH();
 }
 inline void router_select(int32_t* chosen, const float* scores, const float* bias, int T, const Config& c) {
+    DSV3_PROFILE_KERNEL();
     const int N = c.n_routed_experts, K = c.n_activated_experts, G = c.n_expert_groups;
     if (T <= 0) return;
     if (G < 1 || G > detail::kMaxGroups || N % G != 0 || K > N || c.n_limited_groups < 1 || c.n_limited_groups > G)
@@ -962,6 +1327,7 @@ inline void router_select(int32_t* chosen, const float* scores, const float* bia
     DSV3_CUDA_CHECK_LAUNCH();
 }
 inline void router_gates_forward(float* gates, const float* scores, const int32_t* chosen, int T, const Config& c) {
+    DSV3_PROFILE_KERNEL();
     if (T <= 0) return;
     detail::router_gates_forward_kernel<<<grid_for(T, 128), 128>>>(gates, scores, chosen, T, c.n_routed_experts,
                                                                    c.n_activated_experts, c.norm_topk_prob,
@@ -970,6 +1336,7 @@ inline void router_gates_forward(float* gates, const float* scores, const int32_
 }
 inline void router_gates_backward(float* dscores, const float* dgates, const float* scores, const int32_t* chosen,
                                   int T, const Config& c) {
+    DSV3_PROFILE_KERNEL();
     if (T <= 0) return;
     detail::router_gates_backward_kernel<<<grid_for(T, 128), 128>>>(dscores, dgates, scores, chosen, T,
                                                                     c.n_routed_experts, c.n_activated_experts,
@@ -1063,6 +1430,7 @@ __global__ void expert_balance_sum_kernel(double* loss, const double* p, const d
 // scores: [B·T, N], chosen: [B·T, K] (device); dscores: [B·T, N] (+=) or null. Returns the loss (synchronises).
 inline double sequence_balance_loss(float* dscores, const float* scores, const int32_t* chosen, int B, int T,
                                     const Config& c, float alpha) {
+    DSV3_PROFILE_KERNEL();
     const int N = c.n_routed_experts, K = c.n_activated_experts;
     if (B <= 0 || T <= 0) return 0.0;
     DeviceBuffer<double> f{size_t(B) * N}, loss{size_t(B)};
@@ -1078,6 +1446,7 @@ inline double sequence_balance_loss(float* dscores, const float* scores, const i
 // logits: [T, N], chosen: [T, K] (device); dlogits: [T, N] (+=) or null. Returns the loss (synchronises).
 inline double expert_balance_loss(float* dlogits, const float* logits, const int32_t* chosen, int T, const Config& c,
                                   float alpha) {
+    DSV3_PROFILE_KERNEL();
     const int N = c.n_routed_experts, K = c.n_activated_experts;
     if (T <= 0) return 0.0;
     DeviceBuffer<double> f{size_t(N)}, p{size_t(T) * N}, loss{size_t(1)};
@@ -1143,6 +1512,7 @@ inline void* pinned(size_t bytes) {
 }
 }  // namespace detail
 inline void moe_permute_plan(MoePermutation& p, const int32_t* chosen, int T, int K, int N) {
+    DSV3_PROFILE_KERNEL();
     if (T < 0 || K < 0 || N <= 0) fail("cuda::moe_permute_plan: need T, K >= 0 and N > 0, found T=", T, " K=", K, " N=", N);
     const int64_t rows64 = int64_t(T) * K;
     if (rows64 >= (int64_t(1) << 31)) fail("cuda::moe_permute_plan: T·K = ", rows64, " rows exceed 2^31 - 1");
@@ -1240,6 +1610,7 @@ __global__ void moe_unpermute_backward_kernel(float* dye, float* dgates, const f
 
 // xe[row] = x[token_of[row]]        x: [T, d], xe: [T·K, d]
 inline void moe_permute_forward(float* xe, const float* x, const MoePermutation& p, int d) {
+    DSV3_PROFILE_KERNEL();
     const int64_t rows = int64_t(p.token_of.size());
     if (rows == 0 || d <= 0) return;
     detail::moe_permute_forward_kernel<<<unsigned(rows), 128>>>(xe, x, p.token_of.data(), d);
@@ -1247,6 +1618,7 @@ inline void moe_permute_forward(float* xe, const float* x, const MoePermutation&
 }
 // dx[t] += Σ_k dxe[slot[t,k]]
 inline void moe_permute_backward(float* dx, const float* dxe, const MoePermutation& p, int T, int K, int d) {
+    DSV3_PROFILE_KERNEL();
     if (T <= 0 || K <= 0 || d <= 0) return;
     detail::moe_permute_backward_kernel<<<T, 128>>>(dx, dxe, p.slot.data(), K, d);
     DSV3_CUDA_CHECK_LAUNCH();
@@ -1254,6 +1626,7 @@ inline void moe_permute_backward(float* dx, const float* dxe, const MoePermutati
 // y[t] += Σ_k gates[t,k] · ye[slot[t,k]]      ye: [T·K, d]; y: [T, d]; gates: [T, K]
 inline void moe_unpermute_forward(float* y, const float* ye, const float* gates, const MoePermutation& p, int T, int K,
                                   int d) {
+    DSV3_PROFILE_KERNEL();
     if (T <= 0 || K <= 0 || d <= 0) return;
     detail::moe_unpermute_forward_kernel<<<T, 128>>>(y, ye, gates, p.slot.data(), K, d);
     DSV3_CUDA_CHECK_LAUNCH();
@@ -1261,6 +1634,7 @@ inline void moe_unpermute_forward(float* y, const float* ye, const float* gates,
 // dye[slot] = gates · dy[t];  dgates[t,k] += dy[t] · ye[slot]
 inline void moe_unpermute_backward(float* dye, float* dgates, const float* dy, const float* ye, const float* gates,
                                    const MoePermutation& p, int T, int K, int d) {
+    DSV3_PROFILE_KERNEL();
     if (T <= 0 || K <= 0 || d <= 0) return;
     const int64_t threads = int64_t(T) * K * 32;
     detail::moe_unpermute_backward_kernel<<<grid_for(threads, 256), 256>>>(dye, dgates, dy, ye, gates, p.slot.data(),
@@ -1298,15 +1672,6 @@ struct GroupedArgs {
     int64_t w_stride;      // floats between consecutive experts' weights (and weight gradients)
     int in, out;
 };
-// 16 bytes global → shared, asynchronously; src_bytes < 16 zero-fills the rest (0: all zeros, nothing read).
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
-    const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
-
 constexpr int kGroupedTile = 64, kGroupedK = 32;
 
 template <Grouped kind>
@@ -1729,6 +2094,7 @@ bool grouped_pipelined(float* c, const float* a, const float* b, const float* W,
 // y[rows_g, out] = x[rows_g, in] · W_gᵀ for every expert g (overwrites y). offsets: HOST, [groups + 1].
 inline void grouped_matmul_forward(float* y, const float* x, const float* W, int64_t w_stride, const int64_t* offsets,
                                    int groups, int in, int out) {
+    DSV3_PROFILE_KERNEL();
     dsv3::check_group_offsets("cuda::grouped_matmul_forward", offsets, groups, in, out);
     const int64_t rows = offsets[groups];
     if (rows == 0 || out == 0) return;
@@ -1744,6 +2110,7 @@ inline void grouped_matmul_forward(float* y, const float* x, const float* W, int
 // dx[rows_g, in] += dy[rows_g, out] · W_g;   dW_g += dy[rows_g, out]ᵀ · x[rows_g, in]   (either may be null)
 inline void grouped_matmul_backward(float* dx, float* dW, const float* dy, const float* x, const float* W,
                                     int64_t w_stride, const int64_t* offsets, int groups, int in, int out) {
+    DSV3_PROFILE_KERNEL();
     dsv3::check_group_offsets("cuda::grouped_matmul_backward", offsets, groups, in, out);
     if (offsets[groups] == 0 || in == 0 || out == 0 || (!dx && !dW)) return;
     if (detail::use_pipelined() && detail::pipelined_ok(in, out)) {
@@ -1783,6 +2150,7 @@ __global__ void adamw_kernel(float* p, const float* g, float* m, float* v, int64
 }  // namespace detail
 inline void adamw_update(float* p, const float* g, float* m, float* v, int64_t n, float lr, float beta1, float beta2,
                          float eps, float weight_decay, int step) {
+    DSV3_PROFILE_KERNEL();
     if (n <= 0) return;
     const float c1 = 1.0f / (1.0f - std::pow(beta1, float(step))), c2 = 1.0f / (1.0f - std::pow(beta2, float(step)));
     __nv_bfloat16* bf16 = shadow::prepare(p, size_t(n));

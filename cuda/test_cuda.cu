@@ -279,30 +279,43 @@ TEST_CASE("rope: the device table follows a new table built into the same object
     CHECK_REL(host(kd2), kc, 1e-6);
 }
 
-TEST_CASE("attention: causal forward and backward") {
+// Both paths: the materialised one (FP32 products, the probabilities stored as on the CPU) to float32 rounding, and
+// the flash kernels (BF16 products, the probabilities never stored) to BF16's, as matmul is checked; a T past one
+// 64-row tile and ragged head dims (24, 16: padded to the tensor cores' 16) included.
+TEST_CASE("attention: causal forward and backward, materialised and flash") {
     Rng rng(104);
     struct Shape { int B, T, H, dqk, dv; };
-    for (Shape s : {Shape{2, 37, 3, 24, 16}, Shape{1, 130, 2, 96, 64}}) {
-        CAPTURE(s.T);
-        const size_t nq = size_t(s.B) * s.T * s.H * s.dqk, nv = size_t(s.B) * s.T * s.H * s.dv;
-        const float scale = 1.0f / std::sqrt(float(s.dqk));
-        auto q = normal(rng, nq), k = normal(rng, nq), v = normal(rng, nv), dout = normal(rng, nv);
-        auto dq0 = normal(rng, nq), dk0 = normal(rng, nq), dv0 = normal(rng, nv);
-        std::vector<float> out(nv), probs(size_t(s.B) * s.H * s.T * s.T), dq = dq0, dk = dk0, dvv = dv0;
-        dsv3::attention_forward(out.data(), probs.data(), q.data(), k.data(), v.data(), s.B, s.T, s.H, s.dqk, s.dv, scale);
-        dsv3::attention_backward(dq.data(), dk.data(), dvv.data(), dout.data(), probs.data(), q.data(), k.data(),
-                                 v.data(), s.B, s.T, s.H, s.dqk, s.dv, scale);
-        auto qd = dev(q), kd = dev(k), vd = dev(v), doutd = dev(dout), dqd = dev(dq0), dkd = dev(dk0), dvd = dev(dv0);
-        auto outd = poisoned<float>(nv), pd = poisoned<float>(probs.size());
-        cu::attention_forward(outd.data(), pd.data(), qd.data(), kd.data(), vd.data(), s.B, s.T, s.H, s.dqk, s.dv, scale);
-        cu::attention_backward(dqd.data(), dkd.data(), dvd.data(), doutd.data(), pd.data(), qd.data(), kd.data(),
-                               vd.data(), s.B, s.T, s.H, s.dqk, s.dv, scale);
-        CHECK_REL(host(outd), out, 1e-5);
-        CHECK_REL(host(pd), probs, 1e-5);
-        CHECK_REL(host(dqd), dq, 2e-5);
-        CHECK_REL(host(dkd), dk, 2e-5);
-        CHECK_REL(host(dvd), dvv, 2e-5);
+    for (bool flash : {false, true}) {
+        CAPTURE(flash);
+        cu::detail::attention_materialised() = !flash;
+        for (Shape s : {Shape{2, 37, 3, 24, 16}, Shape{1, 130, 2, 96, 64}, Shape{2, 200, 2, 40, 24}}) {
+            CAPTURE(s.T);
+            const size_t nq = size_t(s.B) * s.T * s.H * s.dqk, nv = size_t(s.B) * s.T * s.H * s.dv;
+            const float scale = 1.0f / std::sqrt(float(s.dqk));
+            auto q = normal(rng, nq), k = normal(rng, nq), v = normal(rng, nv), dout = normal(rng, nv);
+            auto dq0 = normal(rng, nq), dk0 = normal(rng, nq), dv0 = normal(rng, nv);
+            std::vector<float> out(nv), probs(size_t(s.B) * s.H * s.T * s.T), dq = dq0, dk = dk0, dvv = dv0;
+            dsv3::attention_forward(out.data(), probs.data(), q.data(), k.data(), v.data(), s.B, s.T, s.H, s.dqk, s.dv,
+                                    scale);
+            dsv3::attention_backward(dq.data(), dk.data(), dvv.data(), dout.data(), out.data(), probs.data(), q.data(),
+                                     k.data(), v.data(), s.B, s.T, s.H, s.dqk, s.dv, scale);
+            const size_t saved = cu::attention_saved_floats(s.B, s.T, s.H, s.dqk, s.dv);
+            CHECK(saved == (flash ? size_t(s.B) * s.H * s.T : probs.size()));
+            auto qd = dev(q), kd = dev(k), vd = dev(v), doutd = dev(dout), dqd = dev(dq0), dkd = dev(dk0), dvd = dev(dv0);
+            auto outd = poisoned<float>(nv), pd = poisoned<float>(saved);
+            cu::attention_forward(outd.data(), pd.data(), qd.data(), kd.data(), vd.data(), s.B, s.T, s.H, s.dqk, s.dv,
+                                  scale);
+            cu::attention_backward(dqd.data(), dkd.data(), dvd.data(), doutd.data(), outd.data(), pd.data(), qd.data(),
+                                   kd.data(), vd.data(), s.B, s.T, s.H, s.dqk, s.dv, scale);
+            const double f = flash ? 1e-2 / 1e-5 : 1.0;   // BF16 operands: matmul's bound
+            CHECK_REL(host(outd), out, 1e-5 * f);
+            if (!flash) CHECK_REL(host(pd), probs, 1e-5);
+            CHECK_REL(host(dqd), dq, 2e-5 * f);
+            CHECK_REL(host(dkd), dk, 2e-5 * f);
+            CHECK_REL(host(dvd), dvv, 2e-5 * f);
+        }
     }
+    cu::detail::attention_materialised() = false;
 }
 
 TEST_CASE("swiglu: forward and backward") {

@@ -30,7 +30,7 @@ struct Args {
     int steps = 2000, batch = 16, seq = 64, warmup = 100, eval_every = 200, eval_windows = 64, seed = 1, sample = 300;
     float lr = 3e-3f, min_lr = 3e-4f, mtp_lambda = 0.3f, bias_speed = -1, balance_alpha = 0.0001f;
     std::string schedule = "cosine", balance = "none";
-    bool bias_update = true, save = true, fp8 = false, ep = false, help = false;
+    bool bias_update = true, save = true, fp8 = false, profile = false, ep = false, help = false;
     double time_limit = 0;  // seconds; 0 = none
 };
 
@@ -43,6 +43,7 @@ static void usage() {
         "             [--no-bias-update] [--mtp-lambda L] [--seed S] [--sample N] [--time-limit SECONDS]\n"
         "             [--no-save]   (no checkpoint, Hugging Face directory or plots: for timing runs)\n"
         "             [--fp8]       V3's FP8 recipe (Config.fp8_training): every linear layer but the head and router in FP8\n"
+        "             [--profile]   time every module and kernel of the steps after the first, and print the tables\n"
         "             [--ep]        build/train_mpi: expert parallelism (the routed experts split over the ranks)\n");
 }
 
@@ -76,6 +77,7 @@ static Args parse(int argc, char** argv, bool print_usage) {
         else if (k == "--preset") a.preset = value();
         else if (k == "--no-save") a.save = false;
         else if (k == "--fp8") a.fp8 = true;
+        else if (k == "--profile") a.profile = true;
         else if (k == "--ep") a.ep = true;
         else if (k == "--loss-log") a.loss_log = value();
         else if (k == "--out") a.out = value();
@@ -151,6 +153,10 @@ static void write_plots(Model& model, const std::string& dir, const std::vector<
     const int T = int(prompt.size());
     model.forward(row.data(), 1, T, opt);
     const float* probs = model.attention_probs(model.cfg.n_layers - 1);  // head 0 of the last layer
+    if (!probs) {
+        std::printf("attention.png: not drawn (the GPU's flash attention keeps no probabilities)\n");
+        return;
+    }
     std::vector<float> w(size_t(T) * T);
     backend::to_host(w.data(), probs, w.size());  // (device memory on the GPU backend)
     std::vector<std::string> labels;
@@ -224,9 +230,15 @@ static void run(int argc, char** argv, Communicator* comm) {
         const float lr = sched.at(step);
         const double step_start = now_seconds();
         const int32_t* rows = batch.data() + size_t(share.first) * (a.seq + 1);
-        const StepResult r = comm ? parallel_train_step(*comm, model, opt, rows, share.count, a.seq, lr, lopt, ep.get(),
-                                                        a.bias_update)
-                                  : train_step(model, opt, batch.data(), a.batch, a.seq, lr, lopt, a.bias_update);
+        if (a.profile && step == first_step + 1) profile().start(backend::synchronize);  // after the warm-up step
+        profile().on = a.profile && step > first_step;
+        StepResult r;
+        {
+            DSV3_PROFILE_MODULE("training step");
+            r = comm ? parallel_train_step(*comm, model, opt, rows, share.count, a.seq, lr, lopt, ep.get(), a.bias_update)
+                     : train_step(model, opt, batch.data(), a.batch, a.seq, lr, lopt, a.bias_update);
+        }
+        profile().on = false;
         if (step > first_step) train_seconds += now_seconds() - step_start;
         if (loss_log) std::fprintf(loss_log, "%d %.9g %.9g %.9g\n", step + 1, r.loss.main,
                                    r.loss.mtp.empty() ? 0.0 : r.loss.mtp[0], r.grad_norm);
@@ -278,6 +290,10 @@ static void run(int argc, char** argv, Communicator* comm) {
                 std::printf("training: %.0f tokens/s over steps %d-%d (%.3f s per step)\n",
                             double(done - 1) * a.batch * a.seq / train_seconds, first_step + 2, step + 1,
                             train_seconds / (done - 1));
+            if (a.profile && done > 1 && lead)
+                std::printf("profile of steps %d-%d (%s%s):\n%s", first_step + 2, step + 1,
+                            backend::host_memory ? "CPU" : "GPU, synchronised at every scope", comm ? ", rank 0" : "",
+                            profile().table(done - 1).c_str());
             if (ep && lead)
                 std::printf("expert parallel, rank 0: %.2f MB per step sent to other ranks (dispatch and combine, forward "
                             "and backward) in %.1f ms per step of all-to-alls\n", double(ep->stats.bytes_moved) / 1e6 / done,

@@ -394,8 +394,8 @@ TEST_CASE("kernels: attention backward (dq, dk, dv) matches finite differences")
     };
     loss();
     std::vector<float> dq = filled(q.size()), dk = filled(k.size()), dvv = filled(v.size());
-    attention_backward(dq.data(), dk.data(), dvv.data(), w.data(), probs.data(), q.data(), k.data(), v.data(), B, T, H,
-                       dqk, dv, scale);
+    attention_backward(dq.data(), dk.data(), dvv.data(), w.data(), out.data(), probs.data(), q.data(), k.data(),
+                       v.data(), B, T, H, dqk, dv, scale);
     expect_gradient(q.data(), q.size(), minus_prefill(dq), loss, "attention dq");
     expect_gradient(k.data(), k.size(), minus_prefill(dk), loss, "attention dk");
     expect_gradient(v.data(), v.size(), minus_prefill(dvv), loss, "attention dv");
@@ -931,8 +931,8 @@ TEST_CASE("kernels: matmul, attention and RMSNorm backward are bitwise identical
             std::vector<float> out(v.size()), probs(size_t(B) * H * T * T), dq(q.size(), 0.0f), dk(k.size(), 0.0f),
                 dvv(v.size(), 0.0f);
             attention_forward(out.data(), probs.data(), q.data(), k.data(), v.data(), B, T, H, dqk, dv, 0.3f);
-            attention_backward(dq.data(), dk.data(), dvv.data(), dout.data(), probs.data(), q.data(), k.data(), v.data(),
-                               B, T, H, dqk, dv, 0.3f);
+            attention_backward(dq.data(), dk.data(), dvv.data(), dout.data(), out.data(), probs.data(), q.data(),
+                               k.data(), v.data(), B, T, H, dqk, dv, 0.3f);
             for (auto* part : {&probs, &dq, &dk, &dvv}) out.insert(out.end(), part->begin(), part->end());
             return out;
         };

@@ -130,6 +130,56 @@ TEST_CASE("model: FP8 training (V3 recipe) stays close to FP32, keeps the head a
     for (Block* b : m8.moe_blocks()) CHECK(!b->moe.router.fp8);
 }
 
+TEST_CASE("model: adamw_step's runs of neighbouring tensors give the bits of one update per tensor") {
+    Model a(micro_config(), 7), b(micro_config(), 7);
+    const std::vector<int32_t> tokens = random_tokens(2, 8, a.cfg.vocab_size, 3);
+    for (Model* m : {&a, &b}) {
+        m->forward(tokens.data(), 2, 8, LossOptions{});
+        m->backward();
+    }
+    AdamW oa, ob;
+    oa.clip_norm = ob.clip_norm = 0;  // clipping is the same in both; leave it out
+    adamw_step(a, oa, 1e-2f);
+    ob.m.assign(b.params.size(), 0.0f), ob.v.assign(b.params.size(), 0.0f), ob.step = 1;
+    for (const ParamEntry& e : b.layout.entries) {
+        if (e.kind == ParamKind::routing_bias) continue;
+        adamw_update(b.params.data() + e.offset, b.grads.data() + e.offset, ob.m.data() + e.offset,
+                     ob.v.data() + e.offset, int64_t(e.size), 1e-2f, ob.beta1, ob.beta2, ob.eps,
+                     e.kind == ParamKind::matrix ? ob.weight_decay : 0.0f, ob.step);
+    }
+    CHECK(a.params == b.params);
+    CHECK(oa.m == ob.m);
+    CHECK(oa.v == ob.v);
+}
+
+TEST_CASE("profile: a step's modules and kernels, each kernel under its innermost module") {
+    Model m(micro_config(), 7);
+    AdamW opt;
+    const std::vector<int32_t> tokens = random_tokens(2, 8, m.cfg.vocab_size, 3);
+    profile().start(nullptr);
+    {
+        DSV3_PROFILE_MODULE("training step");
+        train_step(m, opt, tokens.data(), 2, 8, 1e-3f, LossOptions{});
+    }
+    profile().on = false;
+    const Profile& p = profile();
+    REQUIRE(p.modules.count("training step"));
+    const double step = p.modules.at("training step").seconds;
+    for (const char* name : {"MLA forward", "MLA backward", "MoE forward", "routed experts backward", "AdamW step"}) {
+        CAPTURE(name);
+        REQUIRE(p.modules.count(name));
+        CHECK(p.modules.at(name).seconds <= step);
+    }
+    // 2 main blocks and 2 MTP blocks: 4 attentions, each charged to MLA forward, not to the block or the step
+    REQUIRE(p.kernels.count("MLA forward | attention_forward"));
+    CHECK(p.kernels.at("MLA forward | attention_forward").calls == 4);
+    CHECK(p.kernels.count("training step | attention_forward") == 0);
+    CHECK(p.table(1).find("MLA backward | attention_backward") != std::string::npos);
+    const int64_t updates = p.kernels.at("AdamW step | adamw_update").calls;
+    CHECK(updates > 0);
+    CHECK(updates < int64_t(m.layout.entries.size()));   // runs, not one call per tensor
+}
+
 TEST_CASE("model: named views of parameters and gradients by Hugging Face name") {
     Config c = micro_config();
     Model m(c, 1);
