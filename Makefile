@@ -2,7 +2,8 @@
 #   make            every CPU example into build/
 #   make train      the main job: train the tiny model (Tiny Shakespeare if data/tinyshakespeare.txt exists,
 #                   else the built-in synthetic corpus)
-#   make test       the doctest suite
+#   make test       the doctest suite (then the MPI tests, when MPI is installed)
+#   make mpi        build/train_mpi and build/test_mpi over MPI (optional; see the MPI section at the end)
 #   make bench      the benchmarks
 #   make data       download Tiny Shakespeare and prepare its token files
 #   make clean
@@ -70,6 +71,7 @@ NPROC := $(shell nproc 2>/dev/null || echo 2)
 test: deps
 	@$(MAKE) --no-print-directory -j$(NPROC) $(BUILD)/tests
 	./$(BUILD)/tests
+	@$(MAKE) --no-print-directory test-mpi
 
 train: $(BUILD)/train
 	./$(BUILD)/train $(TRAIN_ARGS)
@@ -141,3 +143,38 @@ $(BUILD)/train_cuda: cuda/train_cuda.cu examples/train.cpp $(CUDA_DEPS) | $(BUIL
 $(BUILD)/dev_%: cuda/dev_%.cu $(CUDA_DEPS) | $(BUILD)/.deps
 	$(NVCC) $(NVCCFLAGS) $< -o $@ -lcublas
 # ---- end CUDA ------------------------------------------------------------------------------------------------------
+
+# ---- MPI -----------------------------------------------------------------------------------------------------------
+# Optional: ranks as processes, on one machine or many, over MPI (header section 9.3b). Open MPI from Debian:
+#   sudo apt-get install -y libopenmpi-dev openmpi-bin
+# `make mpi` builds build/train_mpi (examples/train.cpp compiled with -DDSV3_MPI) and build/test_mpi (the MPI tests and,
+# with `bench`, the collectives' timing). `make test-mpi` runs tests/mpi/run.sh (mpirun with 2 and 4 processes);
+# `make test` runs it too, or says that it skips it when mpicxx or mpirun is missing. `make mpi-cuda` builds
+# build/train_mpi_cuda, the same program on the GPU backend (device buffers staged through host memory). Nothing
+# else in this Makefile needs MPI.
+MPICXX   ?= mpicxx
+HAVE_MPI := $(shell command -v $(MPICXX) >/dev/null 2>&1 && command -v mpirun >/dev/null 2>&1 && echo yes)
+MPI_INC   = $(filter -I%,$(shell $(MPICXX) --showme:compile 2>/dev/null))
+MPI_LIBS  = $(filter -L% -l%,$(shell $(MPICXX) --showme:link 2>/dev/null))
+
+.PHONY: mpi test-mpi mpi-cuda
+mpi: $(BUILD)/train_mpi $(BUILD)/test_mpi
+
+$(BUILD)/train_mpi: examples/train.cpp $(HEADER) | $(BUILD)/.deps
+	$(MPICXX) $(CXXFLAGS) -DDSV3_MPI $< -o $@
+
+$(BUILD)/test_mpi: tests/mpi/test_mpi.cpp tests/parallel_helpers.hpp $(HEADER) | $(BUILD)/.deps
+	$(MPICXX) $(CXXFLAGS) -DDSV3_MPI $< -o $@
+
+test-mpi:
+ifeq ($(HAVE_MPI),yes)
+	@$(MAKE) --no-print-directory -j$(NPROC) $(BUILD)/train $(BUILD)/train_mpi $(BUILD)/test_mpi
+	tests/mpi/run.sh
+else
+	@echo "MPI tests skipped: $(MPICXX) or mpirun not found (sudo apt-get install -y libopenmpi-dev openmpi-bin)"
+endif
+
+mpi-cuda: $(BUILD)/train_mpi_cuda
+$(BUILD)/train_mpi_cuda: cuda/train_mpi.cu examples/train.cpp $(CUDA_DEPS) | $(BUILD)/.deps
+	$(NVCC) $(NVCCFLAGS) $(MPI_INC) $< -o $@ -lcublas $(MPI_LIBS)
+# ---- end MPI -------------------------------------------------------------------------------------------------------

@@ -3513,8 +3513,9 @@ inline void fp8_matmul_backward(float* dx, float* dW, const float* dy, const flo
 //   single-machine form of V3's node-limited routing (M = 4 nodes per token, V3 §2.1.2).
 // The communication interface (9.1) has one data-moving primitive, sendrecv; the collectives (9.2) are written once
 // on top of it. This header implements it in-process (9.3): R ranks are R threads of one program, each with its own
-// buffers, and a "transfer" is a memcpy from the sender's buffer into the receiver's. cuda/ implements the same
-// primitive with cudaMemcpyPeerAsync between GPUs. No floating-point atomics anywhere: every sum has a fixed order.
+// buffers, and a "transfer" is a memcpy from the sender's buffer into the receiver's; and, optionally, over MPI
+// between processes on any number of machines (9.3b). cuda/ implements it with cudaMemcpyPeerAsync between GPUs.
+// No floating-point atomics anywhere: every sum has a fixed order.
 
 // --- 9.1 the communication interface ---------------------------------------------------------------------------------
 class Communicator {
@@ -3719,6 +3720,100 @@ inline RowShare row_share(int B, int R, int r) {
     const int first = int(int64_t(B) * r / R), last = int(int64_t(B) * (r + 1) / R);
     return {first, last - first};
 }
+
+// --- 9.3b ranks in separate processes, on one machine or many: MPI (optional: compiled only with -DDSV3_MPI) ---------
+// One process per rank (Open MPI from Debian's libopenmpi-dev and openmpi-bin; `make mpi` builds build/train_mpi).
+// sendrecv is MPI_Sendrecv on a private copy of MPI_COMM_WORLD; the collectives, DP and EP above run on it unchanged,
+// with bitwise the results of thread ranks. Its buffers are host memory (the GPU build stages device buffers through
+// the host: cuda/comm.cuh). run_mpi is run_ranks for this process's rank: a rank that throws prints its error and
+// calls MPI_Abort, which ends every process of the job (exit code 1) instead of leaving them waiting for a message.
+#ifdef DSV3_MPI
+}  // namespace dsv3
+#define OMPI_SKIP_MPICXX 1  // MPI's C API only (its C++ bindings are deprecated)
+#include <mpi.h>
+namespace dsv3 {
+class MpiCommunicator : public Communicator {
+  public:
+    explicit MpiCommunicator(MPI_Comm parent = MPI_COMM_WORLD) {
+        check(MPI_Comm_dup(parent, &comm_), "MPI_Comm_dup");
+        MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);  // MPI errors come back as codes and become Errors
+        MPI_Comm_rank(comm_, &rank_);
+        MPI_Comm_size(comm_, &world_);
+    }
+    ~MpiCommunicator() override { int done = 0; MPI_Finalized(&done); if (!done) MPI_Comm_free(&comm_); }
+    MpiCommunicator(const MpiCommunicator&) = delete;
+    MpiCommunicator& operator=(const MpiCommunicator&) = delete;
+    int rank() const override { return rank_; }
+    int world_size() const override { return world_; }
+    void barrier() override { check(MPI_Barrier(comm_), "MPI_Barrier"); }
+    // MPI counts are ints: a message goes in pieces of at most 1 GiB (a side with fewer pieces idles: MPI_PROC_NULL).
+    // A receive size that is not the sender's is reported (MPI reports a longer message as truncated).
+    void sendrecv(const void* send, size_t send_bytes, int to, void* recv, size_t recv_bytes, int from) override {
+        constexpr size_t piece = size_t(1) << 30;
+        for (size_t at = 0; at == 0 || at < std::max(send_bytes, recv_bytes); at += piece) {
+            const bool s_on = at == 0 || at < send_bytes, r_on = at == 0 || at < recv_bytes;
+            const int s = s_on ? int(std::min(piece, send_bytes - at)) : 0;
+            const int r = r_on ? int(std::min(piece, recv_bytes - at)) : 0;
+            MPI_Status status;
+            int got = -1;
+            const int e = MPI_Sendrecv(static_cast<const char*>(send) + (s_on ? at : 0), s, MPI_BYTE,
+                                       s_on ? to : MPI_PROC_NULL, 0, static_cast<char*>(recv) + (r_on ? at : 0), r,
+                                       MPI_BYTE, r_on ? from : MPI_PROC_NULL, 0, comm_, &status);
+            if (e == MPI_SUCCESS) MPI_Get_count(&status, MPI_BYTE, &got);
+            if (got != r)
+                fail("sendrecv: rank ", rank_, " expects ", recv_bytes, " bytes from rank ", from, e == MPI_SUCCESS
+                     ? ", which sends " + std::to_string(at + size_t(got)) + " bytes" : ": " + error_text(e));
+        }
+        bytes_received += int64_t(recv_bytes);
+    }
+    int64_t bytes_received = 0;  // traffic counter, as InProcessComm's
+
+  private:
+    MPI_Comm comm_ = MPI_COMM_NULL;
+    int rank_ = 0, world_ = 1;
+    static std::string error_text(int code) {
+        char text[MPI_MAX_ERROR_STRING];
+        int n = 0;
+        MPI_Error_string(code, text, &n);
+        return std::string(text, size_t(n));
+    }
+    void check(int code, const char* what) const {
+        if (code != MPI_SUCCESS) fail(what, ": rank ", rank_, ": ", error_text(code));
+    }
+};
+
+// body(comm) as this process's rank, between MPI_Init and MPI_Finalize. As in run_ranks, the OpenMP threads of a
+// machine are shared out among its ranks (unless OMP_NUM_THREADS is set); on the GPU backend the k-th rank of a
+// machine takes its GPU k mod (GPUs of the machine).
+template <class Body>
+inline void run_mpi(int& argc, char**& argv, const Body& body) {
+    MPI_Init(&argc, &argv);
+    int rank = 0, local = 0, per_machine = 1;
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    try {
+        MPI_Comm machine;
+        MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &machine);
+        MPI_Comm_rank(machine, &local);
+        MPI_Comm_size(machine, &per_machine);
+        MPI_Comm_free(&machine);
+#ifdef _OPENMP
+        if (!std::getenv("OMP_NUM_THREADS")) omp_set_num_threads(std::max(1, thread_count() / per_machine));
+#endif
+#ifdef DSV3_BACKEND_CUDA
+        int gpus = 0;
+        DSV3_CUDA_CHECK(cudaGetDeviceCount(&gpus));
+        if (gpus > 0) DSV3_CUDA_CHECK(cudaSetDevice(local % gpus));
+#endif
+        MpiCommunicator comm;
+        body(comm);
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "error: rank %d: %s\n", rank, e.what());
+        std::fflush(stderr);
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+    MPI_Finalize();
+}
+#endif  // DSV3_MPI
 
 // Sections 9.4-9.5 move activations and gradients, which live in backend memory (device memory on a GPU), so they
 // call backend::all_reduce / backend::all_to_all: on the CPU the functions of 9.2; in a GPU build (DSV3_BACKEND_CUDA)
@@ -4047,6 +4142,24 @@ inline StepResult parallel_train_step(Communicator& comm, Model& model, AdamW& o
     // 5. the whole batch's losses
     result.loss = batch_losses(comm, local, w);
     return result;
+}
+
+// Under EP each rank keeps only its own experts up to date. gather_experts copies every routed expert's weights and
+// AdamW moments from its owner to every rank, so that one rank can evaluate and save the whole model (with
+// model.expert_runner = nullptr, as build/train_mpi --ep does). Exact: the owners' bits summed as integers with
+// zeros (the whole buffer travels, for brevity; it runs only before an evaluation or a save).
+inline void gather_experts(Communicator& comm, Model& model, AdamW& opt, const ExpertParallel& ep) {
+    const std::vector<const ParamEntry*> own = held_params(model, &ep).own_experts;
+    for (backend::Buffer<float>* buffer : {&model.params, &opt.m, &opt.v}) {
+        if (buffer->size() != model.params.size()) continue;  // no AdamW moments before the first step
+        std::vector<float> host = backend::download(*buffer);
+        std::vector<int32_t> bits(host.size(), 0);  // this rank's experts, bit for bit; zeros elsewhere
+        for (const ParamEntry* e : own) std::memcpy(bits.data() + e->offset, host.data() + e->offset, e->size * 4);
+        all_reduce(comm, bits.data(), bits.size());
+        for (const ParamEntry& e : model.layout.entries)
+            if (e.routed_expert) std::memcpy(host.data() + e.offset, bits.data() + e.offset, e.size * 4);
+        backend::upload(*buffer, host);
+    }
 }
 
 // #####################################################################################################################

@@ -401,28 +401,48 @@ void device_all_to_all(PeerComm& comm, const T* send, const std::vector<int64_t>
 }
 
 // The backend's collectives over device memory, for the header's sections 9.4-9.5 in a DSV3_BACKEND_CUDA build
-// (backend::all_reduce, backend::all_to_all): the Communicator there must be a PeerComm (run_gpu_ranks). Every
+// (backend::all_reduce, backend::all_to_all). On a PeerComm (run_gpu_ranks) they run the device versions above. Every
 // rank's queued work is finished first (the model's kernels run on the default stream) and the transfer is waited
-// for after, so the calls behave like the header's CPU functions: data in, data out, nothing pending.
-inline PeerComm& peer_comm(Communicator& comm) {
-    auto* p = dynamic_cast<PeerComm*>(&comm);
-    if (!p) fail("cuda collectives: the communicator is not a cuda::PeerComm (run the ranks with run_gpu_ranks)");
-    return *p;
+// for after, so the calls behave like the header's CPU functions: data in, data out, nothing pending. On any other
+// Communicator (the header's MpiCommunicator: ranks in other processes, on other machines) the device buffers are
+// staged through host memory: copied to the host, the header's collective there (its sums, so the results are
+// bitwise the CPU's), copied back. Not CUDA-aware MPI: the bytes cross PCIe twice per collective.
+inline PeerComm* peer_comm(Communicator& comm) { return dynamic_cast<PeerComm*>(&comm); }
+template <class T>
+std::vector<T> staged(const T* device, size_t n) {   // device -> host copy
+    std::vector<T> host(n);
+    if (n) DSV3_CUDA_CHECK(cudaMemcpy(host.data(), device, n * sizeof(T), cudaMemcpyDeviceToHost));
+    return host;
 }
 template <class T>
 void all_reduce(Communicator& comm, T* data, size_t n, ReduceOp op = ReduceOp::sum) {
-    PeerComm& peer = peer_comm(comm);
     DSV3_CUDA_CHECK(cudaDeviceSynchronize());
-    device_all_reduce(peer, data, n, op);
-    peer.synchronize();
+    if (PeerComm* peer = peer_comm(comm)) {
+        device_all_reduce(*peer, data, n, op);
+        peer->synchronize();
+        return;
+    }
+    std::vector<T> host = staged(data, n);
+    ::dsv3::all_reduce(comm, host.data(), n, op);
+    if (n) DSV3_CUDA_CHECK(cudaMemcpy(data, host.data(), n * sizeof(T), cudaMemcpyHostToDevice));
 }
 template <class T>
 void all_to_all(Communicator& comm, const T* send, const std::vector<int64_t>& send_rows, int64_t row, T* recv,
                 const std::vector<int64_t>& recv_rows) {
-    PeerComm& peer = peer_comm(comm);
     DSV3_CUDA_CHECK(cudaDeviceSynchronize());
-    device_all_to_all(peer, send, send_rows, row, recv, recv_rows);
-    peer.synchronize();
+    if (PeerComm* peer = peer_comm(comm)) {
+        device_all_to_all(*peer, send, send_rows, row, recv, recv_rows);
+        peer->synchronize();
+        return;
+    }
+    auto total = [row](const std::vector<int64_t>& v) {
+        return size_t(std::accumulate(v.begin(), v.end(), int64_t(0)) * row);
+    };
+    const std::vector<T> host_send = staged(send, total(send_rows));
+    std::vector<T> host_recv(total(recv_rows));
+    ::dsv3::all_to_all(comm, host_send.data(), send_rows, row, host_recv.data(), recv_rows);
+    if (!host_recv.empty())
+        DSV3_CUDA_CHECK(cudaMemcpy(recv, host_recv.data(), host_recv.size() * sizeof(T), cudaMemcpyHostToDevice));
 }
 
 }  // namespace cuda

@@ -6,10 +6,15 @@
 //   build/train --resume runs/tiny/checkpoint.bin  continue bit for bit where a run stopped
 //   build/train_cuda --preset small                the same program on the GPU (`make cuda`; cuda/train_cuda.cu)
 //   build/train_cuda --preset large --batch 8 --seq 1024   the ~1.66B shape of the torchtitan peer's --preset large
+//   mpirun -np 4 build/train_mpi --ep             the same program over MPI, one process per rank (`make mpi`):
+//                                                 DP, or DP x EP with --ep (header section 9); add --hostfile FILE
+//                                                 to spread the processes over machines
 //
 // Prints progress (step, loss, tokens/s, ETA), validation loss and MaxVio every --eval-every steps, and at the end
 // saves the checkpoint (also at every evaluation, so that --resume can continue a stopped run), a Hugging Face
 // directory that transformers loads, three PNGs (loss curves, expert load, attention), and a short sample.
+// Under MPI (DSV3_MPI) every rank reads the data and takes its rows of the same batches; rank 0 alone prints,
+// evaluates and saves (under --ep after gathering every expert from its owner).
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -25,7 +30,7 @@ struct Args {
     int steps = 2000, batch = 16, seq = 64, warmup = 100, eval_every = 200, eval_windows = 64, seed = 1, sample = 300;
     float lr = 3e-3f, min_lr = 3e-4f, mtp_lambda = 0.3f, bias_speed = -1, balance_alpha = 0.0001f;
     std::string schedule = "cosine", balance = "none";
-    bool bias_update = true, save = true, fp8 = false, profile = false;
+    bool bias_update = true, save = true, fp8 = false, profile = false, ep = false, help = false;
     double time_limit = 0;  // seconds; 0 = none
 };
 
@@ -38,10 +43,11 @@ static void usage() {
         "             [--no-bias-update] [--mtp-lambda L] [--seed S] [--sample N] [--time-limit SECONDS]\n"
         "             [--no-save]   (no checkpoint, Hugging Face directory or plots: for timing runs)\n"
         "             [--fp8]       V3's FP8 recipe (Config.fp8_training): every linear layer but the head and router in FP8\n"
-        "             [--profile]   time every module and kernel of the steps after the first, and print the tables\n");
+        "             [--profile]   time every module and kernel of the steps after the first, and print the tables\n"
+        "             [--ep]        build/train_mpi: expert parallelism (the routed experts split over the ranks)\n");
 }
 
-static Args parse(int argc, char** argv) {
+static Args parse(int argc, char** argv, bool print_usage) {
     Args a;
     for (int i = 1; i < argc; ++i) {
         std::string k = argv[i];
@@ -72,6 +78,7 @@ static Args parse(int argc, char** argv) {
         else if (k == "--no-save") a.save = false;
         else if (k == "--fp8") a.fp8 = true;
         else if (k == "--profile") a.profile = true;
+        else if (k == "--ep") a.ep = true;
         else if (k == "--loss-log") a.loss_log = value();
         else if (k == "--out") a.out = value();
         else if (k == "--resume") a.resume = value();
@@ -92,8 +99,11 @@ static Args parse(int argc, char** argv) {
         else if (k == "--seed") a.seed = count(0);
         else if (k == "--sample") a.sample = count(0);
         else if (k == "--time-limit") a.time_limit = number();
-        else if (k == "--help" || k == "-h") { usage(); std::exit(0); }
-        else { usage(); fail("unknown argument \"", k, "\""); }
+        else if (k == "--help" || k == "-h") a.help = true;
+        else {
+            if (print_usage) usage();
+            fail("unknown argument \"", k, "\"");
+        }
     }
     return a;
 }
@@ -154,126 +164,164 @@ static void write_plots(Model& model, const std::string& dir, const std::vector<
     plot_attention(dir + "/attention.png", "Attention, last layer, head 0", w, labels);
 }
 
-int main(int argc, char** argv) {
-    try {
-        Args a = parse(argc, argv);
-        if (a.preset != "tiny" && a.preset != "small" && a.preset != "large")
-            fail("--preset: unknown \"", a.preset, "\" (tiny, small or large)");
-        Config cfg = a.preset == "small" ? Config::small() : (a.preset == "large" ? Config::large() : Config::tiny());
-        if (a.bias_speed >= 0) cfg.bias_update_speed = a.bias_speed;
-        if (a.fp8) cfg.fp8_training = true;
-        if (a.seq > cfg.max_seq_len) fail("--seq ", a.seq, " exceeds the preset's max_seq_len ", cfg.max_seq_len);
-        cfg.max_seq_len = a.seq;  // the model's context is what it is trained on (generation slides past it)
-        std::string source;
-        std::vector<int32_t> tokens = training_bytes(a.data, &source);
-        const size_t split = tokens.size() * 9 / 10;
-        std::vector<int32_t> train(tokens.begin(), tokens.begin() + long(split)), val(tokens.begin() + long(split), tokens.end());
-        if (val.size() < size_t(a.seq) + 2) fail("training text ", source, ": ", tokens.size(), " bytes is too short for --seq ", a.seq);
+// The run. comm: this process's rank under MPI (build/train_mpi); null: one process, the single-rank train_step.
+static void run(int argc, char** argv, Communicator* comm) {
+    const int R = comm ? comm->world_size() : 1;
+    const bool lead = !comm || comm->rank() == 0;  // prints, evaluates and saves
+    Args a = parse(argc, argv, lead);
+    if (a.help) {
+        if (lead) usage();
+        return;
+    }
+    if (a.ep && !comm) fail("--ep: expert parallelism needs several processes: build/train_mpi (make mpi)");
+    if (a.preset != "tiny" && a.preset != "small" && a.preset != "large")
+        fail("--preset: unknown \"", a.preset, "\" (tiny, small or large)");
+    Config cfg = a.preset == "small" ? Config::small() : (a.preset == "large" ? Config::large() : Config::tiny());
+    if (a.bias_speed >= 0) cfg.bias_update_speed = a.bias_speed;
+    if (a.fp8) cfg.fp8_training = true;
+    if (a.seq > cfg.max_seq_len) fail("--seq ", a.seq, " exceeds the preset's max_seq_len ", cfg.max_seq_len);
+    cfg.max_seq_len = a.seq;  // the model's context is what it is trained on (generation slides past it)
+    std::string source;
+    std::vector<int32_t> tokens = training_bytes(a.data, &source);
+    const size_t split = tokens.size() * 9 / 10;
+    std::vector<int32_t> train(tokens.begin(), tokens.begin() + long(split)), val(tokens.begin() + long(split), tokens.end());
+    if (val.size() < size_t(a.seq) + 2) fail("training text ", source, ": ", tokens.size(), " bytes is too short for --seq ", a.seq);
 
-        Model model(cfg, uint64_t(a.seed));
-        AdamW opt;
-        if (!a.resume.empty()) {
-            load_checkpoint(a.resume, model, opt);
-            std::printf("resumed from %s at step %d\n", a.resume.c_str(), opt.step);
-        }
-        LrSchedule sched;
-        sched.kind = a.schedule == "v3" ? LrSchedule::v3 : a.schedule == "multi_step" ? LrSchedule::multi_step : LrSchedule::cosine;
-        if (a.schedule != "v3" && a.schedule != "multi_step" && a.schedule != "cosine") fail("--schedule: unknown \"", a.schedule, "\"");
-        sched.max_lr = a.lr; sched.min_lr = a.min_lr; sched.warmup_steps = a.warmup; sched.total_steps = a.steps;
-        LossOptions lopt;
-        lopt.mtp_lambda = a.mtp_lambda;
-        lopt.balance_alpha = a.balance_alpha;
-        lopt.balance = a.balance == "sequence" ? BalanceLoss::sequence_wise : a.balance == "expert" ? BalanceLoss::expert_level : BalanceLoss::none;
-        if (a.balance != "none" && a.balance != "sequence" && a.balance != "expert") fail("--balance: unknown \"", a.balance, "\"");
+    Model model(cfg, uint64_t(a.seed));
+    AdamW opt;
+    if (!a.resume.empty()) {
+        load_checkpoint(a.resume, model, opt);  // on every rank (each machine needs the file)
+        if (lead) std::printf("resumed from %s at step %d\n", a.resume.c_str(), opt.step);
+    }
+    LrSchedule sched;
+    sched.kind = a.schedule == "v3" ? LrSchedule::v3 : a.schedule == "multi_step" ? LrSchedule::multi_step : LrSchedule::cosine;
+    if (a.schedule != "v3" && a.schedule != "multi_step" && a.schedule != "cosine") fail("--schedule: unknown \"", a.schedule, "\"");
+    sched.max_lr = a.lr; sched.min_lr = a.min_lr; sched.warmup_steps = a.warmup; sched.total_steps = a.steps;
+    LossOptions lopt;
+    lopt.mtp_lambda = a.mtp_lambda;
+    lopt.balance_alpha = a.balance_alpha;
+    lopt.balance = a.balance == "sequence" ? BalanceLoss::sequence_wise : a.balance == "expert" ? BalanceLoss::expert_level : BalanceLoss::none;
+    if (a.balance != "none" && a.balance != "sequence" && a.balance != "expert") fail("--balance: unknown \"", a.balance, "\"");
 
-        const ParamCounts pc = count_parameters(cfg);
+    std::unique_ptr<ExpertParallel> ep(a.ep && comm ? new ExpertParallel(*comm, cfg) : nullptr);
+    const RowShare share = row_share(a.batch, R, comm ? comm->rank() : 0);  // this rank's rows of every batch
+    const ParamCounts pc = count_parameters(cfg);
+    if (lead)
         std::printf("data: %s\n  %zu train / %zu validation bytes | model %.2fM params (%.2fM activated per token, "
-                    "%.2fM in MTP) | batch %d x %d | %d threads\n", source.c_str(), train.size(), val.size(),
-                    pc.total / 1e6, pc.activated / 1e6, pc.mtp / 1e6, a.batch, a.seq, thread_count());
-        make_directories(a.out);
-        if (!backend::host_memory) std::printf("  backend: CUDA (model and optimizer in GPU memory)\n");
-        FILE* loss_log = a.loss_log.empty() ? nullptr : std::fopen(a.loss_log.c_str(), "w");
-        if (!a.loss_log.empty() && !loss_log) fail("--loss-log ", a.loss_log, ": cannot open for writing");
-        double train_seconds = 0;  // the training steps alone, the first one (warm-up) excluded
-        std::vector<int32_t> batch(size_t(a.batch) * (a.seq + 1));
-        std::vector<PlotSeries> curves = {{"train", {}, {}}, {"validation", {}, {}}, {"MTP (train, depth 1)", {}, {}}};
-        std::vector<std::vector<float>> load_rows;
-        std::vector<std::string> load_labels;
-        const double start = now_seconds();
-        const int first_step = opt.step;
-        Progress progress(a.steps - first_step);
-        double smooth = 0;
-        for (int step = opt.step; step < a.steps; ++step) {
-            sample_batch(train, a.batch, a.seq, uint64_t(a.seed), step, batch.data());
-            const float lr = sched.at(step);
-            const double step_start = now_seconds();
-            if (a.profile && step == first_step + 1) profile().start(backend::synchronize);  // after the warm-up step
-            profile().on = a.profile && step > first_step;
-            StepResult r;
-            {
-                DSV3_PROFILE_MODULE("training step");
-                r = train_step(model, opt, batch.data(), a.batch, a.seq, lr, lopt, a.bias_update);
-            }
-            profile().on = false;
-            if (step > first_step) train_seconds += now_seconds() - step_start;
-            if (loss_log) std::fprintf(loss_log, "%d %.9g %.9g %.9g\n", step + 1, r.loss.main,
-                                       r.loss.mtp.empty() ? 0.0 : r.loss.mtp[0], r.grad_norm);
-            smooth = step == first_step ? r.loss.main : 0.9 * smooth + 0.1 * r.loss.main;
-            if (step % 10 == 9) {
-                curves[0].x.push_back(step + 1); curves[0].y.push_back(smooth);
-                if (!r.loss.mtp.empty()) { curves[2].x.push_back(step + 1); curves[2].y.push_back(r.loss.mtp[0]); }
-            }
-            const int done = step + 1 - first_step;
+                    "%.2fM in MTP) | batch %d x %d | %d threads%s\n", source.c_str(), train.size(), val.size(),
+                    pc.total / 1e6, pc.activated / 1e6, pc.mtp / 1e6, a.batch, a.seq, thread_count(),
+                    comm ? (" per rank, " + std::to_string(R) + " MPI ranks, " + (ep ? "DP x EP" : "DP")).c_str()
+                         : "");
+    if (lead) make_directories(a.out);
+    if (lead && !backend::host_memory) std::printf("  backend: CUDA (model and optimizer in GPU memory)\n");
+    FILE* loss_log = a.loss_log.empty() || !lead ? nullptr : std::fopen(a.loss_log.c_str(), "w");
+    if (lead && !a.loss_log.empty() && !loss_log) fail("--loss-log ", a.loss_log, ": cannot open for writing");
+    double train_seconds = 0;  // the training steps alone, the first one (warm-up) excluded
+    std::vector<int32_t> batch(size_t(a.batch) * (a.seq + 1));
+    std::vector<PlotSeries> curves = {{"train", {}, {}}, {"validation", {}, {}}, {"MTP (train, depth 1)", {}, {}}};
+    std::vector<std::vector<float>> load_rows;
+    std::vector<std::string> load_labels;
+    const double start = now_seconds();
+    const int first_step = opt.step;
+    Progress progress(a.steps - first_step);
+    double smooth = 0;
+    for (int step = opt.step; step < a.steps; ++step) {
+        sample_batch(train, a.batch, a.seq, uint64_t(a.seed), step, batch.data());  // every rank: the same batch
+        const float lr = sched.at(step);
+        const double step_start = now_seconds();
+        const int32_t* rows = batch.data() + size_t(share.first) * (a.seq + 1);
+        if (a.profile && step == first_step + 1) profile().start(backend::synchronize);  // after the warm-up step
+        profile().on = a.profile && step > first_step;
+        StepResult r;
+        {
+            DSV3_PROFILE_MODULE("training step");
+            r = comm ? parallel_train_step(*comm, model, opt, rows, share.count, a.seq, lr, lopt, ep.get(), a.bias_update)
+                     : train_step(model, opt, batch.data(), a.batch, a.seq, lr, lopt, a.bias_update);
+        }
+        profile().on = false;
+        if (step > first_step) train_seconds += now_seconds() - step_start;
+        if (loss_log) std::fprintf(loss_log, "%d %.9g %.9g %.9g\n", step + 1, r.loss.main,
+                                   r.loss.mtp.empty() ? 0.0 : r.loss.mtp[0], r.grad_norm);
+        smooth = step == first_step ? r.loss.main : 0.9 * smooth + 0.1 * r.loss.main;
+        if (step % 10 == 9) {
+            curves[0].x.push_back(step + 1); curves[0].y.push_back(smooth);
+            if (!r.loss.mtp.empty()) { curves[2].x.push_back(step + 1); curves[2].y.push_back(r.loss.mtp[0]); }
+        }
+        const int done = step + 1 - first_step;
+        if (lead)
             progress.update(done, r.loss.main, int64_t(done) * a.batch * a.seq,
                             {{"mtp", r.loss.mtp.empty() ? 0.0 : r.loss.mtp[0]}, {"maxvio", r.max_violation},
                              {"lr", lr}, {"gnorm", r.grad_norm}});
-            const double elapsed = now_seconds() - start;
-            const bool last = step + 1 == a.steps || (a.time_limit > 0 && elapsed > a.time_limit);
-            if ((step + 1) % a.eval_every == 0 || last) {
-                std::vector<std::vector<int64_t>> vloads;
-                const double vl = evaluate(model, val, a.seq, last ? 0 : a.eval_windows, a.batch, &vloads);
-                double vio = 0;
-                for (size_t l = 0; l < vloads.size(); ++l) {
-                    vio = std::max(vio, max_violation(vloads[l]));
-                    int64_t total = 0;
-                    for (int64_t c : vloads[l]) total += c;
-                    std::vector<float> share;
-                    for (int64_t c : vloads[l]) share.push_back(float(double(c) / double(std::max<int64_t>(total, 1))));
-                    load_rows.push_back(share);
-                    const int main_moe = cfg.n_layers - cfg.n_dense_layers;  // loads: main MoE blocks, then MTP
-                    load_labels.push_back((int(l) < main_moe ? "L" + std::to_string(cfg.n_dense_layers + int(l))
-                                                             : "MTP" + std::to_string(int(l) - main_moe + 1)) +
-                                          " @" + std::to_string(step + 1));
-                }
-                curves[1].x.push_back(step + 1); curves[1].y.push_back(vl);
-                std::printf("%seval step %d: val loss %.4f (%s) | MaxVio_global %.3f | %.0fs\n", progress.tty ? "\n" : "",
-                            step + 1, vl, last ? "whole validation split" : "subset", vio, now_seconds() - start);
-                std::fflush(stdout);
-                if (!last && a.save) save_checkpoint(a.out + "/checkpoint.bin", model, opt);  // --resume continues here
-            }
-            if (last) {
-                if (done > 1)
-                    std::printf("training: %.0f tokens/s over steps %d-%d (%.3f s per step)\n",
-                                double(done - 1) * a.batch * a.seq / train_seconds, first_step + 2, step + 1,
-                                train_seconds / (done - 1));
-                if (a.profile && done > 1)
-                    std::printf("profile of steps %d-%d (%s):\n%s", first_step + 2, step + 1,
-                                backend::host_memory ? "CPU" : "GPU, synchronised at every scope",
-                                profile().table(done - 1).c_str());
-                if (!a.save) break;
-                save_checkpoint(a.out + "/checkpoint.bin", model, opt);
-                save_hf(a.out + "/hf", model);  // config.json + model.safetensors: transformers loads it
-                write_plots(model, a.out, curves, load_rows, load_labels);
-                std::printf("saved %s/checkpoint.bin, the Hugging Face directory %s/hf and %s/{loss,expert_load,attention}.png\n",
-                            a.out.c_str(), a.out.c_str(), a.out.c_str());
-                break;
-            }
+        const double elapsed = now_seconds() - start;
+        bool last = step + 1 == a.steps || (a.time_limit > 0 && elapsed > a.time_limit);
+        if (comm && a.time_limit > 0) {  // the ranks' clocks differ: all stop when one is out of time
+            int64_t out_of_time = last;
+            all_reduce(*comm, &out_of_time, 1);
+            last = out_of_time > 0;
         }
-        if (loss_log) std::fclose(loss_log);
-        if (a.sample > 0) std::printf("\nsample:\n%s\n", sample_text(model, "\n", a.sample, uint64_t(a.seed)).c_str());
+        if (ep && ((step + 1) % a.eval_every == 0 || last)) {  // rank 0 evaluates the whole model, alone
+            gather_experts(*comm, model, opt, *ep);
+            model.expert_runner = nullptr;
+        }
+        if (lead && ((step + 1) % a.eval_every == 0 || last)) {
+            std::vector<std::vector<int64_t>> vloads;
+            const double vl = evaluate(model, val, a.seq, last ? 0 : a.eval_windows, a.batch, &vloads);
+            double vio = 0;
+            for (size_t l = 0; l < vloads.size(); ++l) {
+                vio = std::max(vio, max_violation(vloads[l]));
+                int64_t total = 0;
+                for (int64_t c : vloads[l]) total += c;
+                std::vector<float> share;
+                for (int64_t c : vloads[l]) share.push_back(float(double(c) / double(std::max<int64_t>(total, 1))));
+                load_rows.push_back(share);
+                const int main_moe = cfg.n_layers - cfg.n_dense_layers;  // loads: main MoE blocks, then MTP
+                load_labels.push_back((int(l) < main_moe ? "L" + std::to_string(cfg.n_dense_layers + int(l))
+                                                         : "MTP" + std::to_string(int(l) - main_moe + 1)) +
+                                      " @" + std::to_string(step + 1));
+            }
+            curves[1].x.push_back(step + 1); curves[1].y.push_back(vl);
+            std::printf("%seval step %d: val loss %.4f (%s) | MaxVio_global %.3f | %.0fs\n", progress.tty ? "\n" : "",
+                        step + 1, vl, last ? "whole validation split" : "subset", vio, now_seconds() - start);
+            std::fflush(stdout);
+            if (!last && a.save) save_checkpoint(a.out + "/checkpoint.bin", model, opt);  // --resume continues here
+        }
+        if (last) {
+            if (done > 1 && lead)
+                std::printf("training: %.0f tokens/s over steps %d-%d (%.3f s per step)\n",
+                            double(done - 1) * a.batch * a.seq / train_seconds, first_step + 2, step + 1,
+                            train_seconds / (done - 1));
+            if (a.profile && done > 1 && lead)
+                std::printf("profile of steps %d-%d (%s%s):\n%s", first_step + 2, step + 1,
+                            backend::host_memory ? "CPU" : "GPU, synchronised at every scope", comm ? ", rank 0" : "",
+                            profile().table(done - 1).c_str());
+            if (ep && lead)
+                std::printf("expert parallel, rank 0: %.2f MB per step sent to other ranks (dispatch and combine, forward "
+                            "and backward) in %.1f ms per step of all-to-alls\n", double(ep->stats.bytes_moved) / 1e6 / done,
+                            ep->stats.seconds_moving * 1e3 / done);
+            if (!a.save || !lead) break;
+            save_checkpoint(a.out + "/checkpoint.bin", model, opt);
+            save_hf(a.out + "/hf", model);  // config.json + model.safetensors: transformers loads it
+            write_plots(model, a.out, curves, load_rows, load_labels);
+            std::printf("saved %s/checkpoint.bin, the Hugging Face directory %s/hf and %s/{loss,expert_load,attention}.png\n",
+                        a.out.c_str(), a.out.c_str(), a.out.c_str());
+            break;
+        }
+    }
+    if (loss_log) std::fclose(loss_log);
+    if (a.sample > 0 && lead) std::printf("\nsample:\n%s\n", sample_text(model, "\n", a.sample, uint64_t(a.seed)).c_str());
+}
+
+int main(int argc, char** argv) {
+#ifdef DSV3_MPI
+    run_mpi(argc, argv, [&](Communicator& comm) { run(argc, argv, &comm); });  // an error: printed, then MPI_Abort
+    return 0;
+#else
+    try {
+        run(argc, argv, nullptr);
         return 0;
     } catch (const std::exception& e) {
         std::fprintf(stderr, "error: %s\n", e.what());
         return 1;
     }
+#endif
 }

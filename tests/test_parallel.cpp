@@ -2,50 +2,10 @@
 // expert parallelism (EP) and both together, each against the single-rank computation.
 #include <doctest/doctest.h>
 
-#include "../deepseek_v3.hpp"
+#include "parallel_helpers.hpp"
 
 using namespace dsv3;
-
-namespace {
-
-// Small enough that every test runs in well under a second on two cores, with every structural feature: query
-// LoRA, one dense and one MoE layer, an MTP module (a second MoE layer), shared + routed experts, and group-limited
-// routing with one group per rank (n_expert_groups = R), so a token touches at most n_limited_groups ranks.
-Config parallel_config(int groups, int limited) {
-    Config c;
-    c.vocab_size = 32; c.dim = 16; c.inter_dim = 24; c.moe_inter_dim = 8;
-    c.n_layers = 2; c.n_dense_layers = 1; c.n_heads = 2;
-    c.n_routed_experts = 8; c.n_shared_experts = 1; c.n_activated_experts = 3;
-    c.n_expert_groups = groups; c.n_limited_groups = limited;
-    c.q_lora_rank = 8; c.kv_lora_rank = 8; c.qk_nope_head_dim = 4; c.qk_rope_head_dim = 4; c.v_head_dim = 6;
-    c.max_seq_len = 16; c.n_mtp_depth = 1; c.init_std = 0.3f;
-    c.bias_update_speed = 0.01f;
-    return c;
-}
-
-std::vector<int32_t> random_rows(int B, int T, int vocab, uint64_t seed) {
-    Rng rng(seed);
-    std::vector<int32_t> t(size_t(B) * (T + 1));
-    for (auto& x : t) x = int32_t(rng.below(uint64_t(vocab)));
-    return t;
-}
-
-// A model with a non-zero routing bias, so that the biased selection is exercised from the first step.
-void set_bias(Model& m) {
-    for (Block* b : m.moe_blocks())
-        for (int i = 0; i < m.cfg.n_routed_experts; ++i) m.param_at(b->moe.bias)[i] = 0.05f * float(i % 3);
-}
-
-LossOptions loss_options() {
-    LossOptions o;
-    o.balance = BalanceLoss::sequence_wise;
-    o.balance_alpha = 0.01f;
-    return o;
-}
-
-bool bitwise_equal(const float* a, const float* b, size_t n) { return std::memcmp(a, b, n * sizeof(float)) == 0; }
-
-}  // namespace
+using namespace parallel_test;  // parallel_config, random_rows, train_single, train_parallel, ...
 
 TEST_CASE("parallel: ring all-reduce on 1..5 ranks, uneven sizes: deterministic, same on every rank") {
     for (int R = 1; R <= 5; ++R)
@@ -151,82 +111,8 @@ TEST_CASE("parallel: a rank that fails stops the others instead of hanging") {
     }), doctest::Contains("bytes from rank"), Error);  // rank 1 or rank 2 notices first: both are right
 }
 
-// ---------------------------------------------------------------------------------------------------------------------
-// Training. The reference is one Model on the whole batch with the single-rank train_step; the parallel runs give
-// each rank a Model built from the same seed and its rows of the same batch.
-namespace {
-
-struct Trained {
-    std::vector<float> params;   // the whole flat buffer; under EP assembled from the experts' owners
-    std::vector<double> losses;  // total loss of each step (whole batch)
-    bool replicas_identical = true;  // every rank holds bitwise the same replicated parameters
-    int max_ranks_per_token = 0;     // EP: the most ranks a token was dispatched to
-};
-
-constexpr float kLr = 1e-2f;
-
-Trained train_single(const Config& c, int B, int T, int steps) {
-    Model model(c, 11);
-    set_bias(model);
-    AdamW opt;
-    Trained out;
-    for (int s = 0; s < steps; ++s) {
-        std::vector<int32_t> tokens = random_rows(B, T, c.vocab_size, 100 + uint64_t(s));
-        out.losses.push_back(train_step(model, opt, tokens.data(), B, T, kLr, loss_options()).loss.total);
-    }
-    out.params = model.params;
-    return out;
-}
-
-// Trains on R simulated ranks; with_ep splits the routed experts too. Returns every rank's result; under EP each
-// rank's params have the routed experts copied in from their owners, so they compare with the single-rank model.
-std::vector<Trained> train_parallel(const Config& c, int R, int B, int T, int steps, bool with_ep) {
-    std::vector<Trained> out(static_cast<size_t>(R));
-    run_ranks(R, [&](Communicator& comm) {
-        const int r = comm.rank();
-        Model model(c, 11);
-        set_bias(model);
-        AdamW opt;
-        std::unique_ptr<ExpertParallel> ep(with_ep ? new ExpertParallel(comm, c) : nullptr);
-        for (int s = 0; s < steps; ++s) {
-            std::vector<int32_t> tokens = random_rows(B, T, c.vocab_size, 100 + uint64_t(s));
-            const RowShare share = row_share(B, R, r);
-            StepResult res = parallel_train_step(comm, model, opt, tokens.data() + size_t(share.first) * (T + 1),
-                                                 share.count, T, kLr, loss_options(), ep.get());
-            out[size_t(r)].losses.push_back(res.loss.total);
-        }
-        if (ep) out[size_t(r)].max_ranks_per_token = ep->stats.max_ranks_per_token;
-        out[size_t(r)].params = model.params;
-    });
-    Model shape(c, 0);
-    for (const ParamEntry& e : shape.layout.entries)  // replicated: everything but (under EP) the routed experts
-        if (!(with_ep && e.routed_expert))
-            for (int r = 1; r < R; ++r)
-                out[0].replicas_identical &= bitwise_equal(out[size_t(r)].params.data() + e.offset,
-                                                           out[0].params.data() + e.offset, e.size);
-    if (with_ep) {  // each routed expert's weights from the rank that owns it
-        std::vector<float> assembled = out[0].params;
-        for (Block* b : shape.moe_blocks())
-            for (int e = 0; e < c.n_routed_experts; ++e)
-                for (const Linear* w : {&b->moe.experts[size_t(e)].gate, &b->moe.experts[size_t(e)].up,
-                                        &b->moe.experts[size_t(e)].down}) {
-                    const int owner = e * R / c.n_routed_experts;  // rank r owns [r·N/R, (r+1)·N/R); N % R == 0
-                    std::copy_n(out[size_t(owner)].params.begin() + long(w->w), size_t(w->out) * w->in,
-                                assembled.begin() + long(w->w));
-                }
-        for (Trained& t : out) t.params = assembled;
-    }
-    return out;
-}
-
-// max |a − b| over all parameters
-double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
-    double d = 0;
-    for (size_t i = 0; i < a.size(); ++i) d = std::max(d, double(std::fabs(a[i] - b[i])));
-    return d;
-}
-
-}  // namespace
+// Training: train_single (one Model on the whole batch) against train_parallel (R thread ranks, each with a Model
+// from the same seed and its rows of the same batch), in parallel_helpers.hpp.
 
 // Tolerance. DP changes one thing only: the ORDER of the sums over tokens that make the weight gradients (per rank,
 // then over the ranks). Every per-token quantity (activations, logits, per-token gradients) is computed identically:
@@ -274,52 +160,17 @@ TEST_CASE("parallel: expert parallel on 2 and 4 ranks = the single-rank MoE laye
         Model full(c, 11);
         set_bias(full);
         full.forward_backward(tokens.data(), B, T, loss_options());
-        struct RankResult { std::vector<float> logits, grads; double loss = 0; ExpertParallel::Stats stats; };
-        std::vector<RankResult> ep_out(static_cast<size_t>(R));
-        const int64_t logits_per_rank = int64_t(B / R) * T * c.vocab_size;
-        run_ranks(R, [&](Communicator& comm) {
-            const int r = comm.rank();
-            Model model(c, 11);
-            set_bias(model);
-            ExpertParallel ep(comm, c);
-            model.expert_runner = &ep;
-            const RowShare share = row_share(B, R, r);
-            RankResult& out = ep_out[size_t(r)];
-            out.loss = model.forward_backward(tokens.data() + size_t(share.first) * (T + 1), share.count, T,
-                                              loss_options()).total;
-            out.logits.assign(model.logits(), model.logits() + logits_per_rank);
-            out.grads = model.grads;
-            out.stats = ep.stats;
-        });
-        Model shape(c, 0);
-        std::vector<bool> routed(shape.params.size(), false);
-        for (const ParamEntry& e : shape.layout.entries)
-            if (e.routed_expert) std::fill_n(routed.begin() + long(e.offset), e.size, true);
+        std::vector<EpRankResult> ep_out(static_cast<size_t>(R));
+        run_ranks(R, [&](Communicator& comm) { ep_out[size_t(comm.rank())] = ep_forward_backward(comm, c, tokens, B, T); });
         for (int r = 0; r < R; ++r) {
             INFO("ranks ", R, ", fp8 ", fp8, ", rank ", r);
-            const RowShare share = row_share(B, R, r);
-            Model one(c, 11);  // a single model on this rank's rows
-            set_bias(one);
-            const double loss = one.forward_backward(tokens.data() + size_t(share.first) * (T + 1), share.count, T,
-                                                     loss_options()).total;
-            const RankResult& got = ep_out[size_t(r)];
-            CHECK(got.loss == loss);
-            CHECK(bitwise_equal(got.logits.data(), one.logits(), size_t(logits_per_rank)));
-            bool outside_experts = true, own_experts = true, others_zero = true;
-            for (Block* b : shape.moe_blocks())
-                for (int e = 0; e < c.n_routed_experts; ++e)
-                    for (const Linear* w : {&b->moe.experts[size_t(e)].gate, &b->moe.experts[size_t(e)].up,
-                                            &b->moe.experts[size_t(e)].down})
-                        for (size_t i = w->w; i < w->w + size_t(w->out) * w->in; ++i) {
-                            if (e * R / c.n_routed_experts == r)  // the owner; its loss scale is R times larger
-                                own_experts &= got.grads[i] / float(R) == full.grads[i];
-                            else others_zero &= got.grads[i] == 0.0f;
-                        }
-            for (size_t i = 0; i < routed.size(); ++i)
-                if (!routed[i]) outside_experts &= got.grads[i] == one.grads[i];
-            CHECK(outside_experts);
-            CHECK(own_experts);
-            CHECK(others_zero);
+            const EpRankResult& got = ep_out[size_t(r)];
+            const EpCheck k = ep_check(c, tokens, B, T, R, r, got, full);
+            CHECK(k.loss);
+            CHECK(k.logits);
+            CHECK(k.outside_experts);
+            CHECK(k.own_experts);
+            CHECK(k.others_zero);
             CHECK(got.stats.max_ranks_per_token <= c.n_limited_groups);  // the group limit bounds the ranks
             CHECK(got.stats.dispatched_rows > 0);
         }
