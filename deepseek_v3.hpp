@@ -53,8 +53,6 @@
 //   - Backward functions ACCUMULATE (+=) into gradients, so a tensor used twice simply receives both.
 //   - Determinism: no floating-point atomics; every parallel loop writes disjoint outputs and every reduction
 //     runs in a fixed order, so results are bitwise identical for any OMP_NUM_THREADS.
-//   - Determinism: no floating-point atomics; every parallel loop writes disjoint outputs and every reduction
-//     runs in a fixed order, so results are bitwise identical for any OMP_NUM_THREADS.
 #pragma once
 #define DSV3_HEADER_INCLUDED
 
