@@ -60,6 +60,7 @@
 #include <array>
 #include <cctype>
 #include <cerrno>
+#include <charconv>
 #include <cfloat>
 #include <chrono>
 #include <climits>
@@ -6097,38 +6098,34 @@ struct FileCloser {
 };
 using File = std::unique_ptr<std::FILE, FileCloser>;
 
-inline File open_file(const std::string& path, const char* mode, const char* what) {
-    File f(std::fopen(path.c_str(), mode));
-    if (!f) fail(what, " ", path, ": cannot open", (mode[0] == 'w' ? " for writing" : ""), ": ", std::strerror(errno));
+inline File open_file(const std::string& path, const char* what) {
+    File f(std::fopen(path.c_str(), "rb"));
+    if (!f) fail(what, " ", path, ": cannot open: ", std::strerror(errno));
     return f;
 }
-// 64-bit file offsets (safetensors shards are often larger than 2 GiB).
-inline bool seek_to(std::FILE* f, uint64_t offset) {
+// n bytes at a 64-bit file offset (safetensors shards are often larger than 2 GiB).
+inline bool read_at(std::FILE* f, uint64_t offset, void* out, size_t n) {
 #ifdef _WIN32
-    return _fseeki64(f, int64_t(offset), SEEK_SET) == 0;
+    if (_fseeki64(f, int64_t(offset), SEEK_SET) != 0) return false;
 #else
-    return fseeko(f, off_t(offset), SEEK_SET) == 0;
+    if (fseeko(f, off_t(offset), SEEK_SET) != 0) return false;
 #endif
+    return n == 0 || std::fread(out, 1, n, f) == n;
 }
-inline uint64_t file_size(std::FILE*, const std::string& path) {
+inline uint64_t file_size(const std::string& path) {
     std::error_code ec;
     const std::uintmax_t size = std::filesystem::file_size(path, ec);
     if (ec) fail(path, ": cannot determine the file size: ", ec.message());
     return uint64_t(size);
 }
-inline bool read_exact(std::FILE* f, void* out, size_t n) { return n == 0 || std::fread(out, 1, n, f) == n; }
-
 inline std::string join_path(const std::string& dir, const std::string& name) {
-    if (dir.empty()) return name;
-    return dir.back() == '/' ? dir + name : dir + "/" + name;
+    return (std::filesystem::path(dir) / name).string();
 }
 inline bool file_exists(const std::string& path) {
     std::error_code ec;
     return std::filesystem::is_regular_file(path, ec);
 }
-inline bool starts_with(const std::string& s, const std::string& prefix) {
-    return s.size() >= prefix.size() && s.compare(0, prefix.size(), prefix) == 0;
-}
+inline bool starts_with(const std::string& s, const std::string& p) { return s.compare(0, p.size(), p) == 0; }
 inline std::string shape_str(const std::vector<int64_t>& shape) {
     std::string s = "[";
     for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
@@ -6170,7 +6167,7 @@ inline void save_checkpoint(const std::string& path, const Model& model, const A
 }
 // Reads the config a checkpoint was saved with.
 inline Config read_checkpoint_config(const std::string& path, int* step = nullptr, size_t* header_bytes = nullptr) {
-    const io_detail::File f = io_detail::open_file(path, "rb", "checkpoint");
+    const io_detail::File f = io_detail::open_file(path, "checkpoint");
     std::string line;
     auto next_line = [&] {  // false at the end of the file
         line.clear();
@@ -6219,14 +6216,14 @@ inline void load_checkpoint(const std::string& path, Model& model, AdamW& opt) {
             if (la != lb) fail("checkpoint ", path, ": config differs from the model's: checkpoint has ", la, ", model has ", lb);
     }
     const size_t n = model.params.size();
-    const io_detail::File f = io_detail::open_file(path, "rb", "checkpoint");
-    const uint64_t size = io_detail::file_size(f.get(), path);
+    const io_detail::File f = io_detail::open_file(path, "checkpoint");
+    const uint64_t size = io_detail::file_size(path);
     if (size != header + 3 * n * 4)
         fail("checkpoint ", path, ": expected ", header + 3 * n * 4, " bytes for ", n, " parameters, found ", size);
     std::vector<float> params(n), m(n), v(n);
-    if (!io_detail::seek_to(f.get(), header) || !io_detail::read_exact(f.get(), params.data(), 4 * n) ||
-        !io_detail::read_exact(f.get(), m.data(), 4 * n) || !io_detail::read_exact(f.get(), v.data(), 4 * n))
-        fail("checkpoint ", path, ": read failed");
+    for (size_t i = 0; i < 3; ++i)
+        if (!io_detail::read_at(f.get(), header + i * 4 * n, (i == 0 ? params : i == 1 ? m : v).data(), 4 * n))
+            fail("checkpoint ", path, ": read failed");
     backend::upload(model.params, params);
     backend::upload(opt.m, m);
     backend::upload(opt.v, v);
@@ -6259,11 +6256,9 @@ struct Json {
     // The shortest decimal that reads back as the same float: 1e-6f is written "1e-06", not "9.99999997e-07".
     static Json of_float(float v) {
         char buf[32];
-        for (int precision = 1; precision <= 9; ++precision) {
-            std::snprintf(buf, sizeof buf, "%.*g", precision, double(v));
-            if (std::strtof(buf, nullptr) == v) break;
-        }
-        return of_double(std::isfinite(v) ? std::strtod(buf, nullptr) : double(v));
+        double d = v;
+        if (std::isfinite(v)) std::from_chars(buf, std::to_chars(buf, buf + 32, v, std::chars_format::general).ptr, d);
+        return of_double(d);
     }
     static Json of_string(std::string s) { Json j; j.type = Type::string; j.string = std::move(s); return j; }
     static Json new_array() { Json j; j.type = Type::array; return j; }
@@ -6277,9 +6272,8 @@ struct Json {
     // Objects: the member named key, or null if absent. (Linear: config.json has a few dozen keys; big objects such as
     // safetensors headers are walked in order, never searched.)
     const Json* find(const std::string& key) const {
-        for (const auto& member : object)
-            if (member.first == key) return &member.second;
-        return nullptr;
+        auto it = std::find_if(object.begin(), object.end(), [&](const auto& member) { return member.first == key; });
+        return it == object.end() ? nullptr : &it->second;
     }
     Json& add(const std::string& key, Json value) {  // appends a member (the caller keeps keys unique)
         object.emplace_back(key, std::move(value));
@@ -6399,12 +6393,9 @@ class JsonParser {
     }
     uint32_t hex4() {
         uint32_t v = 0;
-        for (int i = 0; i < 4; ++i, ++pos_) {
-            const int c = pos_ < n_ ? p_[pos_] : 0, lower = c | 32;
-            const int d = c >= '0' && c <= '9' ? c - '0' : lower >= 'a' && lower <= 'f' ? lower - 'a' + 10 : -1;
-            if (d < 0) error("4 hex digits after \\u");
-            v = v << 4 | uint32_t(d);
-        }
+        const char* digits = p_ + pos_;
+        pos_ = size_t(std::from_chars(digits, p_ + std::min(n_, pos_ + 4), v, 16).ptr - p_);
+        if (p_ + pos_ != digits + 4) error("4 hex digits after \\u");
         return v;
     }
     // After "\u": 4 hex digits, or a UTF-16 surrogate pair for a character beyond U+FFFF: \uD83D\uDE00.
@@ -6456,11 +6447,8 @@ class JsonParser {
         const std::string text(p_ + start, pos_ - start);
         Json j = Json::of_double(std::strtod(text.c_str(), nullptr));  // the C locale (programs do not call setlocale)
         if (!std::isfinite(j.number)) error_at(start, "a number within the range of a double");
-        if (integral) {  // exact value when it fits int64_t (offsets and shapes must be exact)
-            errno = 0;
-            const long long v = std::strtoll(text.c_str(), nullptr, 10);
-            if (errno == 0) j.is_integer = true, j.integer = int64_t(v);
-        }
+        // an integer literal also keeps its exact value when it fits int64_t (offsets and shapes must be exact)
+        j.is_integer = integral && std::from_chars(text.data(), text.data() + text.size(), j.integer).ec == std::errc();
         return j;
     }
 };
@@ -6480,20 +6468,13 @@ inline void write_json_string(std::string& out, const std::string& s) {
 inline void write_json_number(std::string& out, const Json& j) {
     if (j.is_integer) { out += std::to_string(j.integer); return; }
     if (!std::isfinite(j.number)) fail("JSON writer: ", j.number, " cannot be written (JSON has no NaN or infinity)");
+    // Integral doubles stay recognisable as floats for Python (40.0, not 40 or 4e+01): types survive a round trip.
+    // Other numbers: the shortest text that reads back as the same double.
     char buf[40];
-    if (std::floor(j.number) == j.number && std::fabs(j.number) < 1e15) {
-        // Integral doubles stay recognisable as floats for Python (40.0, not 40 or 4e+01): types survive a round trip.
-        std::snprintf(buf, sizeof buf, "%.1f", j.number);
-        out += buf;
-        return;
-    }
-    for (int precision = 1; precision <= 17; ++precision) {  // the shortest text that reads back as the same double
-        std::snprintf(buf, sizeof buf, "%.*g", precision, j.number);
-        if (std::strtod(buf, nullptr) == j.number) break;
-    }
+    if (std::floor(j.number) == j.number && std::fabs(j.number) < 1e15) std::snprintf(buf, 40, "%.1f", j.number);
+    else *std::to_chars(buf, buf + sizeof buf - 1, j.number, std::chars_format::general).ptr = '\0';
     out += buf;
 }
-inline bool json_is_scalar(const Json& j) { return !j.is_array() && !j.is_object(); }
 inline void write_json(std::string& out, const Json& j, int indent, int level) {
     auto newline = [&](int lvl) {
         if (indent < 0) return;
@@ -6507,7 +6488,8 @@ inline void write_json(std::string& out, const Json& j, int indent, int level) {
         case Json::Type::string: write_json_string(out, j.string); return;
         case Json::Type::array: {
             // Short arrays of scalars stay on one line: "shape": [64, 32].
-            const bool inline_ = std::all_of(j.array.begin(), j.array.end(), json_is_scalar);
+            auto scalar = [](const Json& e) { return !e.is_array() && !e.is_object(); };
+            const bool inline_ = std::all_of(j.array.begin(), j.array.end(), scalar);
             out += '[';
             for (size_t i = 0; i < j.array.size(); ++i) {
                 if (i) out += inline_ && indent >= 0 ? ", " : ",";
@@ -6627,7 +6609,7 @@ struct SafetensorsFile {
     uint64_t uncovered_bytes = 0;                                // data-section bytes no tensor covers
 
     explicit SafetensorsFile(const std::string& file_path) : path(file_path) {
-        file_ = io_detail::open_file(path, "rb", "safetensors");
+        file_ = io_detail::open_file(path, "safetensors");
         read_header();
     }
     const TensorInfo* find(const std::string& name) const {
@@ -6637,8 +6619,7 @@ struct SafetensorsFile {
     // The tensor's raw bytes.
     std::vector<uint8_t> read_bytes(const TensorInfo& t) const {
         std::vector<uint8_t> bytes(size_t(t.end - t.begin));
-        if (!io_detail::seek_to(file_.get(), data_start + t.begin) ||
-            !io_detail::read_exact(file_.get(), bytes.data(), bytes.size()))
+        if (!io_detail::read_at(file_.get(), data_start + t.begin, bytes.data(), bytes.size()))
             fail(path, ": tensor \"", t.name, "\": cannot read bytes [", data_start + t.begin, ", ", data_start + t.end,
                  ") (file truncated or unreadable)");
         return bytes;
@@ -6661,18 +6642,18 @@ struct SafetensorsFile {
     std::unordered_map<std::string, size_t> index_;
 
     void read_header() {
-        file_size = io_detail::file_size(file_.get(), path);
+        file_size = io_detail::file_size(path);
         if (file_size < 8) fail(path, ": the file has ", file_size, " bytes, fewer than the 8-byte header length");
         uint8_t len_bytes[8];
-        if (!io_detail::seek_to(file_.get(), 0) || !io_detail::read_exact(file_.get(), len_bytes, 8))
-            fail(path, ": cannot read the header length");
+        if (!io_detail::read_at(file_.get(), 0, len_bytes, 8)) fail(path, ": cannot read the header length");
         const uint64_t n = load_le(len_bytes, 8);
         if (n > file_size - 8)
             fail(path, ": header length ", n, " extends beyond the file (only ", file_size - 8,
                  " bytes follow the length field): not a safetensors file, or truncated");
         if (n > (uint64_t(100) << 20)) fail(path, ": header length ", n, " exceeds the format's limit of 100 MiB");
         std::string text(size_t(n), '\0');
-        if (!io_detail::read_exact(file_.get(), &text[0], text.size())) fail(path, ": cannot read the ", n, "-byte header");
+        if (!io_detail::read_at(file_.get(), 8, &text[0], text.size()))
+            fail(path, ": cannot read the ", n, "-byte header");
         data_start = 8 + n;
         const Json header = json_parse(text, path + " (header)", 8);
         if (!header.is_object()) fail(path, ": header: expected a JSON object, found ", json_describe(header));
