@@ -5442,42 +5442,30 @@ inline std::vector<int32_t> training_bytes(const std::string& path, std::string*
 //   12.1  PNG plots (stb_image_write + stb_easy_font): loss curves, heatmaps (expert load), attention maps.
 //   12.2  A progress line for long runs.
 // --- 12.1 PNG plots --------------------------------------------------------------------------------------------------
-//
 // A tiny raster canvas: filled rectangles, anti-aliased lines (the coverage of a pixel is how much of it lies within
 // half the line width of the segment), and text from stb_easy_font, whose glyphs are made of axis-aligned quads
 // (cap height 7 units, descenders to 9, about 6 units per character) drawn here as rectangles scaled by an integer
 // so they stay crisp. PNG encoding is stb_image_write's; the file is written atomically.
-struct Rgb {
-    uint8_t r, g, b;
-};
+struct Rgb { uint8_t r, g, b; };
 
 struct Canvas {
     int width, height;
     std::vector<uint8_t> rgb;  // [height, width, 3]
 
     Canvas(int w, int h, Rgb background = {255, 255, 255}) : width(w), height(h), rgb(size_t(w) * size_t(h) * 3) {
-        for (size_t i = 0; i < size_t(w) * size_t(h); ++i) {
-            rgb[3 * i] = background.r;
-            rgb[3 * i + 1] = background.g;
-            rgb[3 * i + 2] = background.b;
-        }
+        fill_rect(0, 0, w, h, background);
     }
-    void blend(int x, int y, Rgb c, double alpha) {
+    uint8_t* pixel(int x, int y) { return &rgb[(size_t(y) * size_t(width) + size_t(x)) * 3]; }
+    void blend(int x, int y, Rgb c, double alpha) {  // alpha 1: the colour itself, exactly
         if (x < 0 || y < 0 || x >= width || y >= height || alpha <= 0) return;
-        alpha = std::min(alpha, 1.0);
-        uint8_t* p = &rgb[(size_t(y) * size_t(width) + size_t(x)) * 3];
-        p[0] = uint8_t(std::lround(p[0] + (c.r - p[0]) * alpha));
-        p[1] = uint8_t(std::lround(p[1] + (c.g - p[1]) * alpha));
-        p[2] = uint8_t(std::lround(p[2] + (c.b - p[2]) * alpha));
+        const uint8_t to[3] = {c.r, c.g, c.b};
+        uint8_t* p = pixel(x, y);
+        for (int k = 0; k < 3; ++k) p[k] = uint8_t(std::lround(p[k] + (to[k] - p[k]) * std::min(alpha, 1.0)));
     }
     // Pixels [x0, x1) x [y0, y1), clipped to the canvas.
     void fill_rect(int x0, int y0, int x1, int y1, Rgb c) {
-        x0 = std::max(x0, 0), y0 = std::max(y0, 0), x1 = std::min(x1, width), y1 = std::min(y1, height);
-        for (int y = y0; y < y1; ++y)
-            for (int x = x0; x < x1; ++x) {
-                uint8_t* p = &rgb[(size_t(y) * size_t(width) + size_t(x)) * 3];
-                p[0] = c.r, p[1] = c.g, p[2] = c.b;
-            }
+        for (int y = std::max(y0, 0); y < std::min(y1, height); ++y)
+            for (int x = std::max(x0, 0); x < std::min(x1, width); ++x) blend(x, y, c, 1.0);
     }
     void outline_rect(int x0, int y0, int x1, int y1, Rgb c) {  // 1-pixel border inside [x0, x1) x [y0, y1)
         fill_rect(x0, y0, x1, y0 + 1, c);
@@ -5485,42 +5473,33 @@ struct Canvas {
         fill_rect(x0, y0, x0 + 1, y1, c);
         fill_rect(x1 - 1, y0, x1, y1, c);
     }
-    // A polyline of `line_width` pixels through (xs[i], ys[i]) (pixel coordinates; a NaN point breaks the line),
-    // drawn only inside the clip box. Coverage is accumulated as a maximum over segments, then blended once, so
-    // joints are not darker than the line.
-    void polyline(const std::vector<double>& xs, const std::vector<double>& ys, Rgb c, double line_width,
-                  int clip_x0, int clip_y0, int clip_x1, int clip_y1) {
-        clip_x0 = std::max(clip_x0, 0), clip_y0 = std::max(clip_y0, 0);
-        clip_x1 = std::min(clip_x1, width), clip_y1 = std::min(clip_y1, height);
-        if (clip_x1 <= clip_x0 || clip_y1 <= clip_y0) return;
-        const int cw = clip_x1 - clip_x0;
-        std::vector<float> cover(size_t(cw) * size_t(clip_y1 - clip_y0), 0.0f);
+    // A polyline of `line_width` pixels through (xs[i], ys[i]) (pixel coordinates; a NaN point breaks the line, a
+    // point alone is a dot), drawn only inside the clip box [x0, x1) x [y0, y1). Coverage is accumulated as a maximum
+    // over segments, then blended once, so joints are not darker than the line.
+    void polyline(const std::vector<double>& xs, const std::vector<double>& ys, Rgb c, double line_width, int x0,
+                  int y0, int x1, int y1) {
+        x0 = std::max(x0, 0), y0 = std::max(y0, 0), x1 = std::min(x1, width), y1 = std::min(y1, height);
+        std::vector<float> cover(size_t(width) * size_t(height), 0.0f);
         const double r = line_width / 2;
-        auto segment = [&](double ax, double ay, double bx, double by) {
-            const int x0 = std::max(clip_x0, int(std::floor(std::min(ax, bx) - r - 1)));
-            const int x1 = std::min(clip_x1, int(std::ceil(std::max(ax, bx) + r + 1)));
-            const int y0 = std::max(clip_y0, int(std::floor(std::min(ay, by) - r - 1)));
-            const int y1 = std::min(clip_y1, int(std::ceil(std::max(ay, by) + r + 1)));
-            const double dx = bx - ax, dy = by - ay, len2 = dx * dx + dy * dy;
-            for (int y = y0; y < y1; ++y)
-                for (int x = x0; x < x1; ++x) {
+        auto ok = [&](size_t i) { return std::isfinite(xs[i]) && std::isfinite(ys[i]); };
+        for (size_t i = 0; i < xs.size(); ++i) {
+            const size_t j = i > 0 && ok(i - 1) ? i - 1 : i;  // the segment from point j to point i
+            if (!ok(i) || (j == i && i + 1 < xs.size() && ok(i + 1))) continue;
+            const double ax = xs[j], ay = ys[j], dx = xs[i] - ax, dy = ys[i] - ay, len2 = dx * dx + dy * dy;
+            const int bx0 = std::max(x0, int(std::floor(std::min(ax, xs[i]) - r - 1)));
+            const int bx1 = std::min(x1, int(std::ceil(std::max(ax, xs[i]) + r + 1)));
+            for (int y = std::max(y0, int(std::floor(std::min(ay, ys[i]) - r - 1)));
+                 y < std::min(y1, int(std::ceil(std::max(ay, ys[i]) + r + 1))); ++y)
+                for (int x = bx0; x < bx1; ++x) {
                     const double px = x + 0.5 - ax, py = y + 0.5 - ay;
                     const double t = len2 > 0 ? std::clamp((px * dx + py * dy) / len2, 0.0, 1.0) : 0.0;
-                    const double d = std::hypot(px - t * dx, py - t * dy);
-                    const float a = float(std::clamp(r + 0.5 - d, 0.0, 1.0));
-                    float& cv = cover[size_t(y - clip_y0) * size_t(cw) + size_t(x - clip_x0)];
+                    const float a = float(std::clamp(r + 0.5 - std::hypot(px - t * dx, py - t * dy), 0.0, 1.0));
+                    float& cv = cover[size_t(y) * size_t(width) + size_t(x)];
                     cv = std::max(cv, a);
                 }
-        };
-        for (size_t i = 0; i < xs.size(); ++i) {
-            if (!std::isfinite(xs[i]) || !std::isfinite(ys[i])) continue;
-            const bool alone = (i == 0 || !std::isfinite(xs[i - 1]) || !std::isfinite(ys[i - 1])) &&
-                               (i + 1 == xs.size() || !std::isfinite(xs[i + 1]) || !std::isfinite(ys[i + 1]));
-            if (alone) segment(xs[i], ys[i], xs[i], ys[i]);
-            else if (i > 0 && std::isfinite(xs[i - 1]) && std::isfinite(ys[i - 1])) segment(xs[i - 1], ys[i - 1], xs[i], ys[i]);
         }
-        for (int y = clip_y0; y < clip_y1; ++y)
-            for (int x = clip_x0; x < clip_x1; ++x) blend(x, y, c, cover[size_t(y - clip_y0) * size_t(cw) + size_t(x - clip_x0)]);
+        for (int y = y0; y < y1; ++y)
+            for (int x = x0; x < x1; ++x) blend(x, y, c, cover[size_t(y) * size_t(width) + size_t(x)]);
     }
     void disc(double cx, double cy, double radius, Rgb c) {
         for (int y = int(cy - radius - 1); y <= int(cy + radius + 1); ++y)
@@ -5530,11 +5509,9 @@ struct Canvas {
 
     // ---- text -------------------------------------------------------------------------------------------------
     // stb_easy_font knows printable ASCII only; anything else is shown as '?'.
-    static std::string printable(const std::string& s) {
-        std::string t = s;
-        for (char& ch : t)
-            if (ch < 32 || ch > 126) ch = '?';
-        return t;
+    static std::string printable(std::string s) {
+        std::replace_if(s.begin(), s.end(), [](char ch) { return ch < 32 || ch > 126; }, '?');
+        return s;
     }
     static int text_width(const std::string& s, int scale) {
         if (s.empty()) return 0;
@@ -5755,7 +5732,7 @@ struct LinePlot {
             int64_t n = 0;
             for (int y = std::max(by, 0); y < std::min(by + legend_h, H); ++y)
                 for (int x = std::max(bx, 0); x < std::min(bx + legend_w, W); ++x) {
-                    const uint8_t* p = &c.rgb[(size_t(y) * size_t(W) + size_t(x)) * 3];
+                    const uint8_t* p = c.pixel(x, y);
                     n += std::max({p[0], p[1], p[2]}) - std::min({p[0], p[1], p[2]}) > 30;
                 }
             return n;
@@ -6003,14 +5980,9 @@ struct Progress {
     bool printed_any = false;
 
     explicit Progress(int64_t total, FILE* stream = stdout, int64_t every_n_steps = 0, double every_n_seconds = 30)
-        : total_steps(total), out(stream), every_steps(every_n_steps > 0 ? every_n_steps : std::max<int64_t>(1, total / 20)),
-          every_seconds(every_n_seconds), start(Clock::now()), last_print(start) {
-#ifdef _WIN32
-        tty = _isatty(_fileno(stream)) != 0;
-#else
-        tty = isatty(fileno(stream)) != 0;
-#endif
-    }
+        : total_steps(total), out(stream), tty(isatty(fileno(stream)) != 0),
+          every_steps(every_n_steps > 0 ? every_n_steps : std::max<int64_t>(1, total / 20)),
+          every_seconds(every_n_seconds), start(Clock::now()), last_print(start) {}
 
     static std::string format_duration(double seconds) {
         if (!std::isfinite(seconds) || seconds < 0) return "?";
