@@ -4371,8 +4371,7 @@ inline void write_file_atomic_stream(const std::string& path, const char* what, 
         std::remove(tmp.c_str());
         throw;
     }
-    ok = (std::fflush(f) == 0) && ok;
-    ok = (std::fclose(f) == 0) && ok;
+    ok = (std::fclose(f) == 0) && ok;  // fclose flushes, and reports a failed flush
     if (!ok) { std::remove(tmp.c_str()); fail(what, " ", path, ": writing '", tmp, "' failed (disk full?)"); }
     if (std::rename(tmp.c_str(), path.c_str()) != 0) {
         const int e = errno;
@@ -4617,7 +4616,6 @@ struct Tokenizer {
         while (tok.n_ordinary() < n_ordinary_tokens && trainer.next_pair(min_pair_count, &pair)) {
             const uint32_t a = uint32_t(pair >> 32), b = uint32_t(pair & 0xFFFFFFFFu), c = uint32_t(tok.n_ordinary());
             tok.merges.push_back({a, b});
-            tok.pieces.insert(tok.pieces.begin() + c, tok.pieces[a] + tok.pieces[b]);
             trainer.merge(pair, c);
         }
         tok.build_tables("Tokenizer::train");
@@ -4774,29 +4772,26 @@ struct Tokenizer {
     }
     // Fills pieces, merge_of and the special ids from merges and specials; `origin` names the source in errors.
     void build_tables(const char* origin) {
-        pieces.assign(256, std::string());
-        for (int b = 0; b < 256; ++b) pieces[size_t(b)] = std::string(1, char(b));
+        pieces.clear();
+        for (int b = 0; b < 256; ++b) pieces.push_back(std::string(1, char(b)));
         merge_of.clear();
         for (size_t i = 0; i < merges.size(); ++i) {
             const auto [a, b] = merges[i];
-            const uint64_t k = (uint64_t(a) << 32) | b;
-            if (merge_of.count(k))
-                fail(origin, ": merge ", i, " (", a, " ", b, ") repeats merge ", merge_of[k] - 256);
-            merge_of[k] = uint32_t(256 + i);
+            if (const auto [it, fresh] = merge_of.emplace(pair_key(a, b), uint32_t(256 + i)); !fresh)
+                fail(origin, ": merge ", i, " (", a, " ", b, ") repeats merge ", it->second - 256);
             pieces.push_back(pieces[a] + pieces[b]);
         }
-        for (const std::string& s : specials) pieces.push_back(s);
-        auto id_of = [&](const char* spelling) {
-            for (size_t k = 0; k < specials.size(); ++k)
-                if (specials[k] == spelling) return uint32_t(n_ordinary() + int(k));
-            fail(origin, ": the special token ", spelling, " is missing; expected it among the ", specials.size(),
-                 " special tokens");
-        };
-        bos = id_of(kBosText);
-        eos = id_of(kEosText);
-        fim_begin = id_of(kFimBeginText);
-        fim_hole = id_of(kFimHoleText);
-        fim_end = id_of(kFimEndText);
+        pieces.insert(pieces.end(), specials.begin(), specials.end());
+        const std::pair<uint32_t*, const char*> ids[] = {
+            {&bos, kBosText}, {&eos, kEosText}, {&fim_begin, kFimBeginText}, {&fim_hole, kFimHoleText},
+            {&fim_end, kFimEndText}};
+        for (const auto& [id, spelling] : ids) {
+            const auto k = std::find(specials.begin(), specials.end(), spelling);
+            if (k == specials.end())
+                fail(origin, ": the special token ", spelling, " is missing; expected it among the ", specials.size(),
+                     " special tokens");
+            *id = uint32_t(n_ordinary() + (k - specials.begin()));
+        }
     }
 };
 
@@ -4838,11 +4833,7 @@ struct TokenDataset {
     uint32_t vocab_size = 0;
 
     static TokenDataset from_tokens(std::string name, std::vector<uint32_t> tokens, uint32_t vocab_size) {
-        TokenDataset d;
-        d.name = std::move(name);
-        d.tokens = std::move(tokens);
-        d.vocab_size = vocab_size;
-        return d;
+        return TokenDataset{std::move(name), std::move(tokens), vocab_size};
     }
 
     // Reads a token file; with seq_len > 0 also checks that it holds at least one sequence of seq_len + 1 tokens.
@@ -4870,10 +4861,7 @@ struct TokenDataset {
                  " bytes), but only ", have, " bytes follow the header");
         if (count * width != have)
             fail(what, path, "' has ", have - count * width, " unexpected bytes after its ", count, " tokens");
-        TokenDataset d;
-        d.name = path;
-        d.vocab_size = uint32_t(vocab);
-        d.tokens.resize(size_t(count));
+        TokenDataset d{path, std::vector<uint32_t>(size_t(count)), uint32_t(vocab)};
         for (size_t i = 0; i < count; ++i) {
             d.tokens[i] = uint32_t(get(kTokenFileHeaderBytes + i * width, int(width)));
             if (d.tokens[i] >= vocab)
