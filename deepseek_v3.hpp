@@ -6050,12 +6050,11 @@ struct Progress {
 //
 // Contents: 13.1 the project's own training checkpoint; 13.2 a minimal JSON reader/writer; 13.3 safetensors;
 // 13.4 config.json <-> Config; 13.5 Model <-> directory (save_hf, load_hf, with DeepSeek's FP8 block-scaled weights
-// and the MTP module's copies); 13.6 .npy files and the forward pass the way transformers computes logits and loss (used by examples/hf_logits.cpp and the reference tests).
+// and the MTP module's copies); 13.6 .npy files and the forward pass the way transformers computes logits and loss
+// (used by examples/hf_logits.cpp and the reference tests).
 
 namespace io_detail {
-struct FileCloser {
-    void operator()(std::FILE* f) const { if (f) std::fclose(f); }
-};
+struct FileCloser { void operator()(std::FILE* f) const { std::fclose(f); } };  // unique_ptr never passes null
 using File = std::unique_ptr<std::FILE, FileCloser>;
 
 inline File open_file(const std::string& path, const char* what) {
@@ -6149,15 +6148,14 @@ inline Config read_checkpoint_config(const std::string& path, int* step = nullpt
         if (eq == std::string::npos) fail("checkpoint ", path, ": header line \"", line, "\" is not name=value");
         const std::string name = line.substr(0, eq), value = line.substr(eq + 1);
         if (name == "step") {
-            char* end = nullptr;
-            errno = 0;
-            const long long v = value.empty() ? -1 : std::strtoll(value.c_str(), &end, 10);
-            if (value.empty() || *end || errno || v < 0 || v > INT_MAX)
+            const char* end = value.data() + value.size();
+            const auto [at, ec] = std::from_chars(value.data(), end, steps);
+            if (ec != std::errc() || at != end || steps < 0)
                 fail("checkpoint ", path, ": header line \"step=", value.substr(0, 40), "\": expected a step count in [0, ",
                      INT_MAX, "]");
-            steps = int(v);
+        } else if (name != "floats") {
+            c.set(name, value, "checkpoint " + path);
         }
-        else if (name != "floats") c.set(name, value, "checkpoint " + path);
     }
     if (header_bytes) *header_bytes = size_t(std::ftell(f.get()));
     if (steps < 0) fail("checkpoint ", path, ": header has no step= line");
@@ -6169,12 +6167,10 @@ inline void load_checkpoint(const std::string& path, Model& model, AdamW& opt) {
     int step = 0;
     size_t header = 0;
     const Config c = read_checkpoint_config(path, &step, &header);
-    if (c.to_text() != model.cfg.to_text()) {
-        std::istringstream a(c.to_text()), b(model.cfg.to_text());
-        std::string la, lb;
-        while (std::getline(a, la) && std::getline(b, lb))
-            if (la != lb) fail("checkpoint ", path, ": config differs from the model's: checkpoint has ", la, ", model has ", lb);
-    }
+    std::istringstream a(c.to_text()), b(model.cfg.to_text());
+    for (std::string la, lb; std::getline(a, la) && std::getline(b, lb);)
+        if (la != lb)
+            fail("checkpoint ", path, ": config differs from the model's: checkpoint has ", la, ", model has ", lb);
     const size_t n = model.params.size();
     const io_detail::File f = io_detail::open_file(path, "checkpoint");
     const uint64_t size = io_detail::file_size(path);
@@ -6649,20 +6645,18 @@ struct SafetensorsFile {
             fail(where, ": dtype \"", dtype.string, "\" is not supported (expected F32, BF16, F16, F8_E4M3 or F8_E5M2)");
         const Json& shape = field("shape");
         if (!shape.is_array()) fail(where, ": shape: expected an array of integers, found ", json_describe(shape));
-        // Element count, overflow-safe: the byte count must stay below 2^62 (a zero dimension makes it 0).
+        // Element count, overflow-safe: the byte count must stay below 2^62. The count saturates at limit + 1 (a zero
+        // dimension still makes it 0).
         const int64_t limit = (int64_t(1) << 62) / dtype_size(t.dtype);
-        bool too_large = false;
         t.numel = 1;
         for (size_t i = 0; i < shape.array.size(); ++i) {
             const Json& d = shape.array[i];
             if (!d.is_integer || d.integer < 0)
                 fail(where, ": shape[", i, "]: expected a non-negative integer, found ", json_describe(d));
             t.shape.push_back(d.integer);
-            if (d.integer > 0 && !too_large && t.numel > limit / d.integer) too_large = true;
-            else if (d.integer > 0 && !too_large) t.numel *= d.integer;
+            t.numel = d.integer == 0 ? 0 : t.numel > limit / d.integer ? limit + 1 : t.numel * d.integer;
         }
-        if (std::count(t.shape.begin(), t.shape.end(), 0) > 0) t.numel = 0;
-        else if (too_large) fail(where, ": shape ", shape_str(t.shape), " is too large (over 2^62 bytes)");
+        if (t.numel > limit) fail(where, ": shape ", shape_str(t.shape), " is too large (over 2^62 bytes)");
         const Json& offsets = field("data_offsets");
         if (!offsets.is_array() || offsets.array.size() != 2)
             fail(where, ": data_offsets: expected an array [begin, end], found ", json_describe(offsets));
@@ -6778,10 +6772,10 @@ inline std::vector<std::pair<std::string, std::string>> read_safetensors_index(c
         if (!kv.second.is_string())
             fail(path, ": weight_map: tensor \"", kv.first, "\": expected a file name, found ", json_describe(kv.second));
         const std::string& file = kv.second.string;
-        const bool bad = file.empty() || file[0] == '/' || file == ".." || io_detail::starts_with(file, "../") ||
-                         file.find("/../") != std::string::npos ||
-                         (file.size() >= 3 && file.compare(file.size() - 3, 3, "/..") == 0);
-        if (bad) fail(path, ": weight_map: tensor \"", kv.first, "\": file \"", file, "\" must be a path inside the directory");
+        const std::filesystem::path p(file);
+        if (file.empty() || p.is_absolute() || std::count(p.begin(), p.end(), "..") > 0)
+            fail(path, ": weight_map: tensor \"", kv.first, "\": file \"", file,
+                 "\" must be a path inside the directory");
         out.emplace_back(kv.first, file);
     }
     return out;
@@ -7345,16 +7339,13 @@ inline std::vector<float> read_npy(const std::string& path, std::vector<int64_t>
     if (close == std::string::npos) bad("malformed shape");
     std::vector<int64_t> dims;
     int64_t numel = 1;
-    for (size_t i = v + 1; i < close;) {
-        while (i < close && (dict[i] == ' ' || dict[i] == ',')) ++i;
-        if (i >= close) break;
-        char* end = nullptr;
-        const long long d = std::strtoll(dict.c_str() + i, &end, 10);
-        const size_t used = size_t(end - (dict.c_str() + i));
-        if (used == 0 || d < 0 || (d > 0 && numel > (int64_t(1) << 40) / d)) bad("malformed shape");
+    for (const char *p = dict.data() + v + 1, *end = dict.data() + close; p < end;) {
+        if (*p == ' ' || *p == ',') { ++p; continue; }
+        int64_t d = -1;
+        p = std::from_chars(p, end, d).ptr;
+        if (d < 0 || (d > 0 && numel > (int64_t(1) << 40) / d)) bad("malformed shape");
         dims.push_back(d);
         numel *= d;
-        i += used;
     }
     const size_t data = start + header_len;
     if (bytes.size() - data != size_t(numel) * 4)
@@ -7373,18 +7364,14 @@ struct TokenRows {
 inline TokenRows parse_token_rows(const std::string& text) {
     TokenRows r;
     std::vector<std::vector<int32_t>> rows(1);
-    size_t i = 0;
-    while (i < text.size()) {
-        const char c = text[i];
-        if (c == ';') { rows.emplace_back(); ++i; continue; }
-        if (c == ',' || c == ' ') { ++i; continue; }
-        char* end = nullptr;
-        errno = 0;
-        const long v = std::strtol(text.c_str() + i, &end, 10);
-        if (end == text.c_str() + i || errno != 0 || v < 0 || v > INT32_MAX)
-            fail("tokens \"", text, "\": expected a non-negative token id at character ", i);
-        rows.back().push_back(int32_t(v));
-        i = size_t(end - text.c_str());
+    for (size_t i = 0; i < text.size();) {
+        if (text[i] == ';') rows.emplace_back();
+        if (text[i] == ';' || text[i] == ',' || text[i] == ' ') { ++i; continue; }
+        int32_t v = -1;  // stays -1 when no number (or one beyond int32) is there
+        const char* end = std::from_chars(text.data() + i, text.data() + text.size(), v).ptr;
+        if (v < 0) fail("tokens \"", text, "\": expected a non-negative token id at character ", i);
+        rows.back().push_back(v);
+        i = size_t(end - text.data());
     }
     r.B = int(rows.size());
     r.T = int(rows[0].size());
