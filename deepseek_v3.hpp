@@ -4341,17 +4341,19 @@ inline void store_le(void* p, uint64_t v, int n) {
 }
 
 // --- 11.2 files: read a whole file; write one atomically -------------------------------------------------------------
+namespace io_detail {
+struct FileCloser { void operator()(std::FILE* f) const { std::fclose(f); } };  // unique_ptr never passes null
+using File = std::unique_ptr<std::FILE, FileCloser>;                            // a FILE* that closes itself
+}  // namespace io_detail
+
 // The whole file as bytes. The error names the file and the reason.
 inline std::string read_file_bytes(const std::string& path) {
-    FILE* f = std::fopen(path.c_str(), "rb");
+    const io_detail::File f(std::fopen(path.c_str(), "rb"));
     if (!f) fail("cannot open '", path, "' for reading: ", std::strerror(errno));
     std::string data;
     char buffer[1 << 16];
-    size_t n;
-    while ((n = std::fread(buffer, 1, sizeof buffer, f)) > 0) data.append(buffer, n);
-    const bool failed = std::ferror(f) != 0;
-    std::fclose(f);
-    if (failed) fail("error while reading '", path, "'");
+    for (size_t n; (n = std::fread(buffer, 1, sizeof buffer, f.get())) > 0;) data.append(buffer, n);
+    if (std::ferror(f.get())) fail("error while reading '", path, "'");
     return data;
 }
 // Writes `path` so that a reader never sees half a file, and a crash or a full disk never destroys the previous
@@ -4361,17 +4363,17 @@ inline std::string read_file_bytes(const std::string& path) {
 template <class Writer>
 inline void write_file_atomic_stream(const std::string& path, const char* what, const Writer& write) {
     const std::string tmp = path + ".tmp";
-    FILE* f = std::fopen(tmp.c_str(), "wb");
+    io_detail::File f(std::fopen(tmp.c_str(), "wb"));
     if (!f) fail(what, " ", path, ": cannot create '", tmp, "': ", std::strerror(errno));
     bool ok = false;
     try {
-        ok = write(f);
+        ok = write(f.get());
     } catch (...) {
-        std::fclose(f);
+        f.reset();
         std::remove(tmp.c_str());
         throw;
     }
-    ok = (std::fclose(f) == 0) && ok;  // fclose flushes, and reports a failed flush
+    ok = (std::fclose(f.release()) == 0) && ok;  // fclose flushes, and reports a failed flush
     if (!ok) { std::remove(tmp.c_str()); fail(what, " ", path, ": writing '", tmp, "' failed (disk full?)"); }
     if (std::rename(tmp.c_str(), path.c_str()) != 0) {
         const int e = errno;
@@ -4733,19 +4735,18 @@ struct Tokenizer {
             const std::string s = next((std::string("'") + want + "'").c_str());
             if (s != want) fail(where(), ": expected '", want, "'", note, ", found '", escape_bytes(s.substr(0, 60)), "'");
         };
-        auto keyword_count = [&](const std::string& keyword, const char* expected) -> size_t {
+        auto keyword_count = [&](const char* format, const char* expected) {  // format: "merges %zu %c"
             const std::string s = next(expected);
-            char* end = nullptr;
-            const unsigned long long v = s.compare(0, keyword.size(), keyword) == 0
-                                             ? std::strtoull(s.c_str() + keyword.size(), &end, 10) : 0;
-            if (!end || *end != '\0' || end == s.c_str() + keyword.size())
+            size_t v = 0;
+            char extra = 0;  // matches only if something follows the count
+            if (std::sscanf(s.c_str(), format, &v, &extra) != 1)
                 fail(where(), ": expected ", expected, ", found '", escape_bytes(s), "'");
-            return size_t(v);
+            return v;
         };
         expect_line("dsv3-bpe-tokenizer 1", " (this is not a dsv3 tokenizer file, or another version)");
         expect_line("pretokenizer dsv3-chunks-1", "");
         Tokenizer tok;
-        const size_t n_merges = keyword_count("merges ", "'merges <count>'");
+        const size_t n_merges = keyword_count("merges %zu %c", "'merges <count>'");
         if (n_merges > (1u << 24)) fail(where(), ": expected at most 16777216 merges, found ", n_merges);
         for (size_t i = 0; i < n_merges; ++i) {
             const std::string s = next("a merge line 'LEFT RIGHT'");
@@ -4759,7 +4760,7 @@ struct Tokenizer {
                      " exist before it");
             tok.merges.push_back({uint32_t(a), uint32_t(b)});
         }
-        const size_t n_specials = keyword_count("specials ", "'specials <count>'");
+        const size_t n_specials = keyword_count("specials %zu %c", "'specials <count>'");
         for (size_t i = 0; i < n_specials; ++i) {
             tok.specials.push_back(next("a special token spelling", false));
             if (tok.specials.back().find_first_of(" \t") != std::string::npos)
@@ -5350,10 +5351,9 @@ struct SyntheticCorpus {
             nats[k] = std::log(9.0) + 8 * std::log(26.0);
             bytes[k] += 2 * 8 + 3;
         }
-        {  // sort: n uniform in 3..8 numbers, twice, with n - 1 spaces each and " > "
-            nats[kSort] = std::log(6.0) + 5.5 * std::log(100.0);
-            bytes[kSort] += 2 * (5.5 * avg_digits_0_99 + 4.5) + 3;
-        }
+        // sort: n uniform in 3..8 numbers, twice, with n - 1 spaces each and " > "
+        nats[kSort] = std::log(6.0) + 5.5 * std::log(100.0);
+        bytes[kSort] += 2 * (5.5 * avg_digits_0_99 + 4.5) + 3;
         {  // count: enumerate the 90 * 4 * 6 equally likely progressions
             double len = 0;
             for (int s = 0; s < 90; ++s)
@@ -5401,14 +5401,9 @@ inline double synthetic_corpus_entropy_nats_per_byte() { return SyntheticCorpus(
 // given; else data/tinyshakespeare.txt when `make data` has fetched it; else 1 MiB of the synthetic corpus above, so
 // that training works on a machine with no network. `source` receives a description for the log.
 inline std::vector<int32_t> training_bytes(const std::string& path, std::string* source = nullptr) {
-    std::string text, what;
-    if (!path.empty()) {
-        text = read_file_bytes(path);
-        what = path;
-    } else if (FILE* f = std::fopen("data/tinyshakespeare.txt", "rb")) {
-        std::fclose(f);
-        text = read_file_bytes("data/tinyshakespeare.txt");
-        what = "data/tinyshakespeare.txt";
+    std::string what = path.empty() ? "data/tinyshakespeare.txt" : path, text;
+    if (!path.empty() || io_detail::File(std::fopen(what.c_str(), "rb"))) {
+        text = read_file_bytes(what);
     } else {
         text = synthetic_corpus(size_t(1) << 20, 1);
         char buf[160];
@@ -5418,9 +5413,8 @@ inline std::vector<int32_t> training_bytes(const std::string& path, std::string*
     }
     if (text.empty()) fail("training text ", what, ": the file is empty");
     if (source) *source = what;
-    std::vector<int32_t> tokens(text.size());
-    for (size_t i = 0; i < text.size(); ++i) tokens[i] = int32_t(uint8_t(text[i]));
-    return tokens;
+    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(text.data());
+    return std::vector<int32_t>(bytes, bytes + text.size());
 }
 
 
@@ -6054,9 +6048,6 @@ struct Progress {
 // (used by examples/hf_logits.cpp and the reference tests).
 
 namespace io_detail {
-struct FileCloser { void operator()(std::FILE* f) const { std::fclose(f); } };  // unique_ptr never passes null
-using File = std::unique_ptr<std::FILE, FileCloser>;
-
 inline File open_file(const std::string& path, const char* what) {
     File f(std::fopen(path.c_str(), "rb"));
     if (!f) fail(what, " ", path, ": cannot open: ", std::strerror(errno));
