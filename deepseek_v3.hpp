@@ -2958,10 +2958,8 @@ inline float fp8_e5m2_decode(uint8_t q) { return fp8_detail::decode(q, 8, 2, 15,
 
 // The two FP8 formats, for the functions below that accept either.
 enum class Fp8Format { e4m3, e5m2 };
-inline uint8_t fp8_encode(float x, Fp8Format f) { return f == Fp8Format::e4m3 ? fp8_e4m3_encode(x) : fp8_e5m2_encode(x); }
 inline float fp8_decode(uint8_t q, Fp8Format f) { return f == Fp8Format::e4m3 ? fp8_e4m3_decode(q) : fp8_e5m2_decode(q); }
 inline bool fp8_is_finite(uint8_t q, Fp8Format f) { return (q & 0x7Fu) < (f == Fp8Format::e4m3 ? 0x7Fu : 0x7Cu); }
-inline constexpr float fp8_max(Fp8Format f) { return f == Fp8Format::e4m3 ? 448.0f : 57344.0f; }
 
 // The exponent of an FP8 input as the tensor core's alignment sees it: the unbiased exponent, with subnormals counted
 // at the format's minimum normal exponent (-6 for E4M3, -14 for E5M2). Meaningless for zero (zeros take no part).
@@ -3017,15 +3015,16 @@ inline void quantize_tiles(const char* who, const float* x, int rows, int cols, 
             for (int c = c0; c < c1; ++c) q[int64_t(r) * cols + c] = fp8_e4m3_encode(x[int64_t(r) * cols + c] / s);
     });
 }
+// The inverse, for tiles of tile_rows × tile_cols (also DeepSeek's block-scaled FP8 checkpoints, section 13.5).
 inline void dequantize_tiles(const char* who, const uint8_t* q, const float* scales, int rows, int cols, int tile_rows,
-                             float* x) {
+                             float* x, int tile_cols = 128, Fp8Format f = Fp8Format::e4m3) {
     check_quant_args(who, q, rows, cols, x, scales);
     float table[256];
-    for (int i = 0; i < 256; ++i) table[i] = fp8_e4m3_decode(uint8_t(i));
-    const int ct = fp8_tiles(cols);
+    for (int i = 0; i < 256; ++i) table[i] = fp8_decode(uint8_t(i), f);
+    const int ct = (cols + tile_cols - 1) / tile_cols;
     parallel_for(rows, [&](int64_t r) {
         const float* srow = scales + (r / tile_rows) * ct;
-        for (int c = 0; c < cols; ++c) x[r * cols + c] = table[q[r * cols + c]] * srow[c / 128];
+        for (int c = 0; c < cols; ++c) x[r * cols + c] = table[q[r * cols + c]] * srow[c / tile_cols];
     });
 }
 // xt: [cols, rows] = xᵀ for x: [rows, cols].
@@ -4397,36 +4396,32 @@ inline void write_file_atomic(const std::string& path, const std::string& data) 
 
 
 // --- 11.3 Byte-level BPE tokenizer -----------------------------------------------------------------------------------
+// DeepSeek-V3 tokenizes with byte-level BPE (128K tokens). "Byte-level": the alphabet is the 256 byte values, so every
+// byte string (valid UTF-8 or not, NUL bytes included) has an encoding, and decode(encode(s)) == s always. Training
+// starts from single bytes and repeatedly adds the most frequent adjacent pair of tokens as a new token (a "merge");
+// encoding replays the merges in the order they were learned.
 //
-// DeepSeek-V3 tokenizes with byte-level BPE (128K tokens). "Byte-level" means the alphabet is the 256 byte values,
-// so every byte string, valid UTF-8 or not, NUL bytes included, has an encoding, and decoding concatenates the
-// tokens' bytes: decode(encode(s)) == s always. BPE training starts from single bytes and repeatedly adds the
-// most frequent adjacent pair of tokens as a new token (a "merge"). Encoding replays the merges in the order they
-// were learned.
-//
-// Token ids: 0..255 are the bytes; 256 + i is merge i (its bytes are the concatenation of its two parts); after
-// the n_ordinary() = 256 + merges.size() ordinary tokens come the special tokens, spelt as in DeepSeek's
-// vocabularies: <｜begin▁of▁sentence｜> (BOS), <｜end▁of▁sentence｜> (EOS), <｜fim▁begin｜>, <｜fim▁hole｜>,
-// <｜fim▁end｜>. Special tokens never come out of encode(text): text that happens to contain their spelling is
+// Token ids: 0..255 are the bytes; 256 + i is merge i; after these n_ordinary() = 256 + merges.size() tokens come the
+// special tokens, spelt as in DeepSeek's vocabularies: <｜begin▁of▁sentence｜> (BOS), <｜end▁of▁sentence｜> (EOS),
+// <｜fim▁begin｜>, <｜fim▁hole｜>, <｜fim▁end｜>. encode(text) never makes one: text that contains their spelling is
 // encoded as ordinary bytes, so no document can forge one (encode_with_specials() parses them on purpose).
 //
 // Pre-tokenization. Like GPT-2 and DeepSeek, the text is first cut into chunks and merges never cross a chunk
-// boundary, so tokens are pieces of words rather than arbitrary spans such as "e, t". The rule (byte classes:
-// letters = A-Z, a-z and every byte >= 0x80 so that UTF-8 characters stay inside words; digits; whitespace;
-// everything else is punctuation):
+// boundary, so tokens are pieces of words rather than spans such as "e, t". Byte classes: letters (A-Z, a-z and every
+// byte >= 0x80, so that UTF-8 characters stay inside words), digits, whitespace, punctuation (the rest). A chunk is
 //   - a word: an optional single leading space and a run of letters             " thou", "ROMEO"
 //   - a number: an optional leading space and 1 to 3 digits                      " 123", "4"   (V3: \p{N}{1,3})
 //   - punctuation: an optional leading space, a run of punctuation, and the line breaks right after it, ":\n",
 //     ".\n\n" (V3's pre-tokenizer also makes tokens that combine punctuation and line breaks, report §4.1)
-//   - whitespace: a run of spaces and line breaks, except that the last space before a word goes with the word.
-// Chunks longer than 256 bytes are cut, which bounds the cost of encoding pathological input.
+//   - whitespace: a run of spaces and line breaks, except that the last space before a word goes with the word,
+// and is cut at 256 bytes, which bounds the cost of encoding pathological input.
 //
-// Training with incremental pair counts: the text becomes a list of distinct chunks with their counts (Tiny
-// Shakespeare: ~30K distinct chunks for 1.1M bytes). We keep count[pair] over all chunks and, for each pair, the
-// chunks where it occurs. A merge touches only those chunks: their old pairs are subtracted, the merge is applied,
-// their new pairs are added. A max-heap of (count, pair) with lazy deletion (an entry is valid only if its count is
-// still the current count) picks the next merge. Ties go to the smallest (left id, right id), so training is
-// deterministic. Training stops at the requested size, or when no pair occurs at least `min_pair_count` times.
+// Training with incremental pair counts: the text becomes its distinct chunks with their counts (Tiny Shakespeare:
+// ~30K for 1.1M bytes); count[pair] is kept over all chunks, with the chunks where each pair occurs. A merge touches
+// only those chunks: their old pairs are subtracted, the merge applied, their new pairs added. A max-heap of (count,
+// pair) with lazy deletion (an entry is valid only while its count is current) picks the next merge; ties go to the
+// smallest (left id, right id), so training is deterministic. It stops at the requested size, or when no pair occurs
+// `min_pair_count` times.
 //
 // File format (text, one item per line; '#' starts a comment on every line except the special-token lines):
 //   dsv3-bpe-tokenizer 1
@@ -7170,7 +7165,8 @@ inline void read_checkpoint_tensor(const HfCheckpoint& ckpt, const HfCheckpoint:
         src.file->read_floats(t, out);
         return;
     }
-    // Block-scaled FP8 [DeepSeek-V3 §3.3.2; the official checkpoint's weight_scale_inv]: w[r][c] = fp8(q[r][c]) · scale_inv[r / 128][c / 128].
+    // Block-scaled FP8 [V3 §3.3.2; the official checkpoint's weight_scale_inv]:
+    // w[r][c] = fp8(q[r][c]) · scale_inv[r / 128][c / 128].
     const std::string scale_name = t.name + "_scale_inv";
     const HfCheckpoint::Source* s = ckpt.find(scale_name);
     if (!s) fail(src.file->path, ": tensor \"", t.name, "\" is ", dtype_name(t.dtype), " but its scale \"", scale_name,
@@ -7182,17 +7178,11 @@ inline void read_checkpoint_tensor(const HfCheckpoint& ckpt, const HfCheckpoint:
     if (s->info->shape != expected)
         fail(s->file->path, ": tensor \"", scale_name, "\": expected shape ", shape_str(expected), " (one scale per ",
              q.block_out, "x", q.block_in, " block of ", shape_str(t.shape), "), found ", shape_str(s->info->shape));
-    std::vector<float> scale(size_t(s->info->numel));
-    s->file->read_floats(*s->info, scale.data());
+    const std::vector<float> scale = s->file->read_floats(scale_name);
     used.insert(scale_name);
-    const std::vector<uint8_t> codes = src.file->read_bytes(t);
-    float table[256];
-    for (int i = 0; i < 256; ++i)
-        table[i] = t.dtype == DType::F8_E4M3 ? fp8_e4m3_decode(uint8_t(i)) : fp8_e5m2_decode(uint8_t(i));
-    parallel_for(rows, [&](int64_t r) {
-        const float* srow = scale.data() + (r / q.block_out) * expected[1];
-        for (int64_t col = 0; col < cols; ++col) out[r * cols + col] = table[codes[size_t(r * cols + col)]] * srow[col / q.block_in];
-    });
+    const Fp8Format f = t.dtype == DType::F8_E4M3 ? Fp8Format::e4m3 : Fp8Format::e5m2;
+    fp8_detail::dequantize_tiles("load_hf", src.file->read_bytes(t).data(), scale.data(), int(rows), int(cols),
+                                 q.block_out, out, q.block_in, f);
 }
 }  // namespace io_detail
 
