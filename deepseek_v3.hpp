@@ -4684,8 +4684,7 @@ struct Tokenizer {
     }
     std::string decode(const std::vector<uint32_t>& ids) const { return decode(ids.data(), ids.size()); }
     std::string decode(const std::vector<int32_t>& ids) const {
-        std::vector<uint32_t> u(ids.begin(), ids.end());
-        return decode(u);
+        return decode(std::vector<uint32_t>(ids.begin(), ids.end()));
     }
     // A token as printable text, e.g. for tables: " thou", "\n", "\xe2".
     std::string token_text(uint32_t id) const {
@@ -5360,20 +5359,17 @@ struct SyntheticCorpus {
         double all_nats = 0, all_bytes = 0;
         Rng example_rng(7);
         for (int k = 0; k < kKinds; ++k) {
-            SyntheticSubLanguage s;
-            s.name = kNames[k];
-            for (int tries = 0; tries < 1000 && s.example.empty(); ++tries) {
+            const std::string tag = std::string(kNames[k]) + " ";
+            std::string example;
+            for (int tries = 0; tries < 1000 && example.empty(); ++tries) {
                 std::string line;
                 append_line(example_rng, line);
-                if (line.compare(0, s.name.size() + 1, s.name + " ") == 0) s.example = line.substr(0, line.size() - 1);
+                if (line.compare(0, tag.size(), tag) == 0) example = line.substr(0, line.size() - 1);
             }
-            s.probability = kProb[k];
-            s.nats_per_line = nats[k] - std::log(kProb[k]);
-            s.bytes_per_line = bytes[k];
-            s.nats_per_byte = s.nats_per_line / s.bytes_per_line;
-            all_nats += kProb[k] * s.nats_per_line;
-            all_bytes += kProb[k] * s.bytes_per_line;
-            e.parts.push_back(s);
+            const double nats_per_line = nats[k] - std::log(kProb[k]);
+            e.parts.push_back({kNames[k], example, kProb[k], nats_per_line, bytes[k], nats_per_line / bytes[k]});
+            all_nats += kProb[k] * nats_per_line;
+            all_bytes += kProb[k] * bytes[k];
         }
         e.nats_per_byte = all_nats / all_bytes;
         e.bits_per_byte = e.nats_per_byte / std::log(2.0);
@@ -6556,8 +6552,7 @@ struct SafetensorsFile {
     }
     // The tensor converted to float32: out must hold t.numel floats.
     void read_floats(const TensorInfo& t, float* out) const {
-        const std::vector<uint8_t> bytes = read_bytes(t);
-        decode_to_float(t.dtype, bytes.data(), t.numel, out);
+        decode_to_float(t.dtype, read_bytes(t).data(), t.numel, out);
     }
     std::vector<float> read_floats(const std::string& name) const {
         const TensorInfo* t = find(name);
