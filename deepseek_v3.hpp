@@ -3162,20 +3162,24 @@ inline bool row_finite(const uint8_t* x, int K, Fp8Format f) {
 
 inline void store(const GemmProblem& p, int64_t idx, float v) { p.C[idx] = p.accumulate ? p.C[idx] + v : v; }
 
-// The plain version: the pseudo-code above, literally, in double arithmetic (every step below is exact in double:
-// products of two FP8 values have at most 8 significant bits, and all sums are multiples of q spanning < 53 bits).
-struct CodeTables {            // the decoded values of the 256 codes of each operand's format, and their exponents
-    double va[256], vb[256];
-    int ea[256], eb[256];
-    explicit CodeTables(const GemmProblem& p) {
+// The 256 codes of a format, decoded: values (exact in float; 0 for NaN and inf, whose rows give NaN outputs anyway)
+// and alignment exponents, with a very low sentinel for zeros so that they never win a block's max.
+constexpr int kZeroExponent = -1000;
+struct CodeTable {
+    float v[256];
+    int32_t e[256];
+    explicit CodeTable(Fp8Format f) {
         for (int c = 0; c < 256; ++c) {
-            va[c] = fp8_decode(uint8_t(c), p.fa);
-            vb[c] = fp8_decode(uint8_t(c), p.fb);
-            ea[c] = fp8_input_exponent(uint8_t(c), p.fa);
-            eb[c] = fp8_input_exponent(uint8_t(c), p.fb);
+            const float x = fp8_decode(uint8_t(c), f);
+            v[c] = std::isfinite(x) ? x : 0.0f;
+            e[c] = x == 0.0f || !std::isfinite(x) ? kZeroExponent : fp8_input_exponent(uint8_t(c), f);
         }
     }
 };
+struct CodeTables { CodeTable a, b; };  // of the two operands
+
+// The plain version: the pseudo-code above, literally, in double arithmetic (every step below is exact in double:
+// products of two FP8 values have at most 8 significant bits, and all sums are multiples of q spanning < 53 bits).
 
 // Fp8Accum.exact: exact products and 128-chunk sums; each chunk scaled by sa·sb (exact in double).
 inline float reference_exact(const GemmProblem& p, const CodeTables& t, const uint8_t* a, const uint8_t* b, int i,
@@ -3183,7 +3187,7 @@ inline float reference_exact(const GemmProblem& p, const CodeTables& t, const ui
     double total = 0.0;
     for (int k0 = 0; k0 < p.K; k0 += 128) {
         double chunk = 0.0;
-        for (int k = k0; k < std::min(p.K, k0 + 128); ++k) chunk += t.va[a[k]] * t.vb[b[k]];
+        for (int k = k0; k < std::min(p.K, k0 + 128); ++k) chunk += double(t.a.v[a[k]]) * t.b.v[b[k]];
         total = std::fma(chunk, double(p.sa.at(i, k0 / 128)) * double(p.sb.at(j, k0 / 128)), total);
     }
     return float(total);
@@ -3195,14 +3199,15 @@ inline double reference_block(const GemmProblem& p, const CodeTables& t, const u
     bool any = c != 0.0;
     int E = any ? std::ilogb(c) : INT_MIN;     // ilogb = floor(log2|c|)
     for (int k = b0; k < b1; ++k) {
-        if (t.va[a[k]] == 0.0 || t.vb[b[k]] == 0.0) continue;   // zero products take no part
-        E = std::max(E, t.ea[a[k]] + t.eb[b[k]]);
+        if (t.a.v[a[k]] == 0.0f || t.b.v[b[k]] == 0.0f) continue;   // zero products take no part
+        E = std::max(E, t.a.e[a[k]] + t.b.e[b[k]]);
         any = true;
     }
     if (!any) return c;                        // only zeros and c == 0: c stays 0
     const double q = std::ldexp(1.0, E - p.acc.frac_bits);
     double s = std::trunc(c / q) * q;
-    for (int k = b0; k < b1; ++k) s += std::trunc(t.va[a[k]] * t.vb[b[k]] / q) * q;  // toward zero: sign·floor(|p|/q)
+    for (int k = b0; k < b1; ++k)   // toward zero: sign·floor(|p|/q)
+        s += std::trunc(double(t.a.v[a[k]]) * t.b.v[b[k]] / q) * q;
     if (s != 0.0) {                            // keep frac_bits + 1 significant bits, toward zero
         const double unit = std::ldexp(1.0, std::ilogb(s) - p.acc.frac_bits);
         s = std::trunc(s / unit) * unit;
@@ -3227,7 +3232,7 @@ inline float reference_output(const GemmProblem& p, const CodeTables& t, const u
 }
 
 inline void gemm_reference(const GemmProblem& p) {
-    const CodeTables t(p);
+    const CodeTables t{CodeTable(p.fa), CodeTable(p.fb)};
     for (int i = 0; i < p.M; ++i) {
         const uint8_t* a = p.A + int64_t(i) * p.K;
         for (int j = 0; j < p.N; ++j) {
@@ -3239,26 +3244,18 @@ inline void gemm_reference(const GemmProblem& p) {
     }
 }
 
-// One operand decoded for the fast path: the signed value (exact in float) and the alignment exponent, with a very
-// low sentinel for zeros so that they never win the block's max; plus whether each row is free of NaN/inf.
-constexpr int kZeroExponent = -1000;
+// One operand decoded for the fast path (values and exponents of CodeTable), and whether each row is free of NaN/inf.
 struct Decoded {
     std::vector<float> v;
     std::vector<int32_t> e;
     std::vector<uint8_t> finite;
 };
 inline Decoded decode_operand(const uint8_t* X, int rows, int K, Fp8Format f) {
-    float value[256];
-    int32_t expo[256];
-    for (int c = 0; c < 256; ++c) {
-        const float v = fp8_decode(uint8_t(c), f);
-        value[c] = std::isfinite(v) ? v : 0.0f;
-        expo[c] = v == 0.0f || !std::isfinite(v) ? kZeroExponent : fp8_input_exponent(uint8_t(c), f);
-    }
+    const CodeTable t(f);
     Decoded d{std::vector<float>(size_t(rows) * size_t(K)), std::vector<int32_t>(size_t(rows) * size_t(K)),
               std::vector<uint8_t>(size_t(rows))};
     parallel_for(rows, [&](int64_t r) {
-        for (int64_t k = r * K; k < (r + 1) * K; ++k) { d.v[size_t(k)] = value[X[k]]; d.e[size_t(k)] = expo[X[k]]; }
+        for (int64_t k = r * K; k < (r + 1) * K; ++k) { d.v[size_t(k)] = t.v[X[k]]; d.e[size_t(k)] = t.e[X[k]]; }
         d.finite[size_t(r)] = row_finite(X + r * K, K, f);
     });
     return d;
