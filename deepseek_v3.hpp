@@ -4722,18 +4722,19 @@ struct Tokenizer {
             const std::string s = next((std::string("'") + want + "'").c_str());
             if (s != want) fail(where(), ": expected '", want, "'", note, ", found '", escape_bytes(s.substr(0, 60)), "'");
         };
-        auto keyword_count = [&](const char* format, const char* expected) {  // format: "merges %zu %c"
+        auto keyword_count = [&](const std::string& keyword, const char* expected) -> size_t {
             const std::string s = next(expected);
-            size_t v = 0;
-            char extra = 0;  // matches only if something follows the count
-            if (std::sscanf(s.c_str(), format, &v, &extra) != 1)
+            char* end = nullptr;
+            const unsigned long long v = s.compare(0, keyword.size(), keyword) == 0
+                                             ? std::strtoull(s.c_str() + keyword.size(), &end, 10) : 0;
+            if (!end || *end != '\0' || end == s.c_str() + keyword.size())
                 fail(where(), ": expected ", expected, ", found '", escape_bytes(s), "'");
-            return v;
+            return size_t(v);
         };
         expect_line("dsv3-bpe-tokenizer 1", " (this is not a dsv3 tokenizer file, or another version)");
         expect_line("pretokenizer dsv3-chunks-1", "");
         Tokenizer tok;
-        const size_t n_merges = keyword_count("merges %zu %c", "'merges <count>'");
+        const size_t n_merges = keyword_count("merges ", "'merges <count>'");
         if (n_merges > (1u << 24)) fail(where(), ": expected at most 16777216 merges, found ", n_merges);
         for (size_t i = 0; i < n_merges; ++i) {
             const std::string s = next("a merge line 'LEFT RIGHT'");
@@ -4747,7 +4748,7 @@ struct Tokenizer {
                      " exist before it");
             tok.merges.push_back({uint32_t(a), uint32_t(b)});
         }
-        const size_t n_specials = keyword_count("specials %zu %c", "'specials <count>'");
+        const size_t n_specials = keyword_count("specials ", "'specials <count>'");
         for (size_t i = 0; i < n_specials; ++i) {
             tok.specials.push_back(next("a special token spelling", false));
             if (tok.specials.back().find_first_of(" \t") != std::string::npos)
@@ -6117,14 +6118,15 @@ inline Config read_checkpoint_config(const std::string& path, int* step = nullpt
         if (eq == std::string::npos) fail("checkpoint ", path, ": header line \"", line, "\" is not name=value");
         const std::string name = line.substr(0, eq), value = line.substr(eq + 1);
         if (name == "step") {
-            const char* end = value.data() + value.size();
-            const auto [at, ec] = std::from_chars(value.data(), end, steps);
-            if (ec != std::errc() || at != end || steps < 0)
+            char* end = nullptr;
+            errno = 0;
+            const long long v = value.empty() ? -1 : std::strtoll(value.c_str(), &end, 10);
+            if (value.empty() || *end || errno || v < 0 || v > INT_MAX)
                 fail("checkpoint ", path, ": header line \"step=", value.substr(0, 40), "\": expected a step count in [0, ",
                      INT_MAX, "]");
-        } else if (name != "floats") {
-            c.set(name, value, "checkpoint " + path);
+            steps = int(v);
         }
+        else if (name != "floats") c.set(name, value, "checkpoint " + path);
     }
     if (header_bytes) *header_bytes = size_t(std::ftell(f.get()));
     if (steps < 0) fail("checkpoint ", path, ": header has no step= line");
@@ -6391,11 +6393,17 @@ inline void write_json_string(std::string& out, const std::string& s) {
 inline void write_json_number(std::string& out, const Json& j) {
     if (j.is_integer) { out += std::to_string(j.integer); return; }
     if (!std::isfinite(j.number)) fail("JSON writer: ", j.number, " cannot be written (JSON has no NaN or infinity)");
-    // Integral doubles stay recognisable as floats for Python (40.0, not 40 or 4e+01): types survive a round trip.
-    // Other numbers: the shortest text that reads back as the same double.
     char buf[40];
-    if (std::floor(j.number) == j.number && std::fabs(j.number) < 1e15) std::snprintf(buf, 40, "%.1f", j.number);
-    else *std::to_chars(buf, buf + sizeof buf - 1, j.number, std::chars_format::general).ptr = '\0';
+    if (std::floor(j.number) == j.number && std::fabs(j.number) < 1e15) {
+        // Integral doubles stay recognisable as floats for Python (40.0, not 40 or 4e+01): types survive a round trip.
+        std::snprintf(buf, sizeof buf, "%.1f", j.number);
+        out += buf;
+        return;
+    }
+    for (int precision = 1; precision <= 17; ++precision) {  // the shortest text that reads back as the same double
+        std::snprintf(buf, sizeof buf, "%.*g", precision, j.number);
+        if (std::strtod(buf, nullptr) == j.number) break;
+    }
     out += buf;
 }
 inline void write_json(std::string& out, const Json& j, int indent, int level) {
@@ -6409,32 +6417,23 @@ inline void write_json(std::string& out, const Json& j, int indent, int level) {
         case Json::Type::boolean: out += j.boolean ? "true" : "false"; return;
         case Json::Type::number: write_json_number(out, j); return;
         case Json::Type::string: write_json_string(out, j.string); return;
-        case Json::Type::array: {
-            // Short arrays of scalars stay on one line: "shape": [64, 32].
+        default: {  // an array or an object; short arrays of scalars stay on one line: "shape": [64, 32]
+            const bool object = j.is_object();
+            const size_t n = object ? j.object.size() : j.array.size();
             auto scalar = [](const Json& e) { return !e.is_array() && !e.is_object(); };
-            const bool inline_ = std::all_of(j.array.begin(), j.array.end(), scalar);
-            out += '[';
-            for (size_t i = 0; i < j.array.size(); ++i) {
+            const bool inline_ = !object && std::all_of(j.array.begin(), j.array.end(), scalar);
+            out += object ? '{' : '[';
+            for (size_t i = 0; i < n; ++i) {
                 if (i) out += inline_ && indent >= 0 ? ", " : ",";
                 if (!inline_) newline(level + 1);
-                write_json(out, j.array[i], indent, level + 1);
+                if (object) {
+                    write_json_string(out, j.object[i].first);
+                    out += indent >= 0 ? ": " : ":";
+                }
+                write_json(out, object ? j.object[i].second : j.array[i], indent, level + 1);
             }
-            if (!inline_ && !j.array.empty()) newline(level);
-            out += ']';
-            return;
-        }
-        case Json::Type::object: {
-            out += '{';
-            for (size_t i = 0; i < j.object.size(); ++i) {
-                if (i) out += ',';
-                newline(level + 1);
-                write_json_string(out, j.object[i].first);
-                out += indent >= 0 ? ": " : ":";
-                write_json(out, j.object[i].second, indent, level + 1);
-            }
-            if (!j.object.empty()) newline(level);
-            out += '}';
-            return;
+            if (!inline_ && n > 0) newline(level);
+            out += object ? '}' : ']';
         }
     }
 }
@@ -7300,13 +7299,16 @@ inline std::vector<float> read_npy(const std::string& path, std::vector<int64_t>
     if (close == std::string::npos) bad("malformed shape");
     std::vector<int64_t> dims;
     int64_t numel = 1;
-    for (const char *p = dict.data() + v + 1, *end = dict.data() + close; p < end;) {
-        if (*p == ' ' || *p == ',') { ++p; continue; }
-        int64_t d = -1;
-        p = std::from_chars(p, end, d).ptr;
-        if (d < 0 || (d > 0 && numel > (int64_t(1) << 40) / d)) bad("malformed shape");
+    for (size_t i = v + 1; i < close;) {
+        while (i < close && (dict[i] == ' ' || dict[i] == ',')) ++i;
+        if (i >= close) break;
+        char* end = nullptr;
+        const long long d = std::strtoll(dict.c_str() + i, &end, 10);
+        const size_t used = size_t(end - (dict.c_str() + i));
+        if (used == 0 || d < 0 || (d > 0 && numel > (int64_t(1) << 40) / d)) bad("malformed shape");
         dims.push_back(d);
         numel *= d;
+        i += used;
     }
     const size_t data = start + header_len;
     if (bytes.size() - data != size_t(numel) * 4)
@@ -7328,8 +7330,10 @@ inline TokenRows parse_token_rows(const std::string& text) {
     for (size_t i = 0; i < text.size();) {
         if (text[i] == ';') rows.emplace_back();
         if (text[i] == ';' || text[i] == ',' || text[i] == ' ') { ++i; continue; }
-        int32_t v = -1;  // stays -1 when no number (or one beyond int32) is there
-        const char* end = std::from_chars(text.data() + i, text.data() + text.size(), v).ptr;
+        const char* b = text.data() + i;
+        while (std::isspace(uint8_t(*b))) ++b;  // as strtol: white space and a '+' may come before the digits
+        int32_t v = -1;                          // stays -1 when no number (or one beyond int32) is there
+        const char* end = std::from_chars(b + (*b == '+'), text.data() + text.size(), v).ptr;
         if (v < 0) fail("tokens \"", text, "\": expected a non-negative token id at character ", i);
         rows.back().push_back(v);
         i = size_t(end - text.data());
