@@ -6032,14 +6032,9 @@ inline File open_file(const std::string& path, const char* what) {
     if (!f) fail(what, " ", path, ": cannot open: ", std::strerror(errno));
     return f;
 }
-// n bytes at a 64-bit file offset (safetensors shards are often larger than 2 GiB).
+// n bytes at a 64-bit file offset (safetensors shards are often larger than 2 GiB; fseeko is POSIX, like unistd.h).
 inline bool read_at(std::FILE* f, uint64_t offset, void* out, size_t n) {
-#ifdef _WIN32
-    if (_fseeki64(f, int64_t(offset), SEEK_SET) != 0) return false;
-#else
-    if (fseeko(f, off_t(offset), SEEK_SET) != 0) return false;
-#endif
-    return n == 0 || std::fread(out, 1, n, f) == n;
+    return fseeko(f, off_t(offset), SEEK_SET) == 0 && (n == 0 || std::fread(out, 1, n, f) == n);
 }
 inline uint64_t file_size(const std::string& path) {
     std::error_code ec;
