@@ -96,7 +96,10 @@ int main(int argc, char** argv) {
                     100.0 / Config::tiny().n_routed_experts);
         return 0;
     } catch (const std::exception& e) {
-        std::fprintf(stderr, "error: %s\n", e.what());
+        std::fprintf(stderr, "balance: error: %s\n", e.what());
+        return 1;
+    } catch (...) {  // not a std::exception: still a message and a non-zero exit, not std::terminate
+        std::fprintf(stderr, "balance: error: unknown exception\n");
         return 1;
     }
 }

@@ -113,7 +113,7 @@ static double time_median(const std::function<void()>& f, int samples = 15) {
 
 struct Shape { const char* name; int T, in, out; };
 
-int main() {
+static int bench() {
     const int threads = thread_count();
 #if DSV3_HAVE_OPENBLAS
     openblas_set_num_threads(threads);
@@ -198,4 +198,16 @@ int main() {
         std::printf("\ngeometric mean of ours/OpenBLAS: forward %.2f, backward %.2f\n", std::exp(log_fwd / n_shapes),
                     std::exp(log_bwd / n_shapes));
     return 0;
+}
+
+int main() {
+    try {
+        return bench();
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "bench: error: %s\n", e.what());
+        return 1;
+    } catch (...) {  // not a std::exception: still a message and a non-zero exit, not std::terminate
+        std::fprintf(stderr, "bench: error: unknown exception\n");
+        return 1;
+    }
 }

@@ -205,8 +205,11 @@ int main(int argc, char** argv) {
     } catch (const dsv3::Error& e) {
         std::fprintf(stderr, "error: %s\n", e.what());
         return 1;
-    } catch (const std::exception& e) {   // e.g. std::stoi on a bad number
-        std::fprintf(stderr, "error: %s\n", e.what());
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "fp8_error: error: %s\n", e.what());
+        return 1;
+    } catch (...) {  // not a std::exception: still a message and a non-zero exit, not std::terminate
+        std::fprintf(stderr, "fp8_error: error: unknown exception\n");
         return 1;
     }
 }

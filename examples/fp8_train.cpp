@@ -87,7 +87,10 @@ int main(int argc, char** argv) {
         std::printf("wrote %s/fp8_loss.png and %s/fp8_gap.png\n", out.c_str(), out.c_str());
         return 0;
     } catch (const std::exception& e) {
-        std::fprintf(stderr, "error: %s\n", e.what());
+        std::fprintf(stderr, "fp8_train: error: %s\n", e.what());
+        return 1;
+    } catch (...) {  // not a std::exception: still a message and a non-zero exit, not std::terminate
+        std::fprintf(stderr, "fp8_train: error: unknown exception\n");
         return 1;
     }
 }

@@ -82,7 +82,10 @@ int main(int argc, char** argv) {
                         st.accepted, st.drafted, 100 * st.acceptance(), st.tokens_per_forward());
         return 0;
     } catch (const std::exception& e) {
-        std::fprintf(stderr, "error: %s\n", e.what());
+        std::fprintf(stderr, "generate: error: %s\n", e.what());
+        return 1;
+    } catch (...) {  // not a std::exception: still a message and a non-zero exit, not std::terminate
+        std::fprintf(stderr, "generate: error: unknown exception\n");
         return 1;
     }
 }

@@ -51,8 +51,11 @@ int main(int argc, char** argv) {
                     rows.B, rows.T, rows.B * (rows.T - 1), loss, t2 - t1);
         std::printf("wrote %s [%d, %d, %d]%s%s\n", out.c_str(), rows.B, rows.T, c.vocab_size,
                     grads.empty() ? "" : " and ", grads.c_str());
-    } catch (const dsv3::Error& e) {
+    } catch (const std::exception& e) {
         std::fprintf(stderr, "hf_logits: error: %s\n", e.what());
+        return 1;
+    } catch (...) {  // not a std::exception: still a message and a non-zero exit, not std::terminate
+        std::fprintf(stderr, "hf_logits: error: unknown exception\n");
         return 1;
     }
     return 0;

@@ -61,8 +61,11 @@ int main(int argc, char** argv) {
             std::printf("\npublished: 671B total, 37B activated, 685B in the checkpoint (671B + 14B MTP), 70.272 KB KV "
                         "cache,\n           about 250 GFLOPs of training per token at T=4096 (Insights paper, Table 2)\n");
         return 0;
-    } catch (const dsv3::Error& e) {
-        std::fprintf(stderr, "error: %s\n", e.what());
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "params: error: %s\n", e.what());
+        return 1;
+    } catch (...) {  // not a std::exception: still a message and a non-zero exit, not std::terminate
+        std::fprintf(stderr, "params: error: unknown exception\n");
         return 1;
     }
 }

@@ -76,8 +76,11 @@ int main(int argc, char** argv) {
         }
         dsv3::plot_attention(dir + "/attention.png", "Layer 1, head 3", att, tokens);
         std::printf("wrote %s/{loss,loss_log,expert_load,expert_load_small,attention}.png\n", dir.c_str());
-    } catch (const dsv3::Error& e) {
-        std::fprintf(stderr, "plots_demo: %s\n", e.what());
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "plots_demo: error: %s\n", e.what());
+        return 1;
+    } catch (...) {  // not a std::exception: still a message and a non-zero exit, not std::terminate
+        std::fprintf(stderr, "plots_demo: error: unknown exception\n");
         return 1;
     }
     return 0;

@@ -122,8 +122,11 @@ int main(int argc, char** argv) {
         std::printf("wrote       %s.tokenizer\n            %s_train.bin\n            %s_val.bin\n", base.c_str(),
                     base.c_str(), base.c_str());
         std::printf("time        %.2f s\n", seconds_since(t_start));
-    } catch (const dsv3::Error& e) {
-        std::fprintf(stderr, "prepare_data: %s\n", e.what());
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "prepare_data: error: %s\n", e.what());
+        return 1;
+    } catch (...) {  // not a std::exception: still a message and a non-zero exit, not std::terminate
+        std::fprintf(stderr, "prepare_data: error: unknown exception\n");
         return 1;
     }
     return 0;

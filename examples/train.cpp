@@ -320,7 +320,10 @@ int main(int argc, char** argv) {
         run(argc, argv, nullptr);
         return 0;
     } catch (const std::exception& e) {
-        std::fprintf(stderr, "error: %s\n", e.what());
+        std::fprintf(stderr, "train: error: %s\n", e.what());
+        return 1;
+    } catch (...) {  // not a std::exception: still a message and a non-zero exit, not std::terminate
+        std::fprintf(stderr, "train: error: unknown exception\n");
         return 1;
     }
 #endif
