@@ -144,7 +144,8 @@ static void write_plots(Model& model, const std::string& dir, const std::vector<
         plot_heatmap(dir + "/expert_load.png", "Expert load on validation data (rows: MoE layer @ step)", values,
                      int(labels.size()), cols, labels, col_labels, "routed expert", "layer @ step", ho);
     }
-    const std::string prompt = "ROMEO:\nWhat light through yonder window";
+    std::string prompt = "ROMEO:\nWhat light through yonder window";
+    prompt.resize(std::min(prompt.size(), size_t(model.cfg.max_seq_len)));  // the model's context (a short --seq)
     std::vector<int32_t> row;
     for (char ch : prompt) row.push_back(int32_t(uint8_t(ch)));
     row.push_back(0);
