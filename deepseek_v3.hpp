@@ -4868,6 +4868,10 @@ struct Tokenizer {
         Tokenizer tok;
         const size_t n_merges = keyword_count("merges ", "'merges <count>'");
         if (n_merges > (1u << 24)) fail(where(), ": expected at most 16777216 merges, found ", n_merges);
+        // Piece lengths, so that merges that double a piece at every step (0 0, 256 256, 257 257, ...: 4.4 GB of
+        // pieces from a 520-byte file) are an error here: at most 65,536 bytes a piece and 256 MiB in all.
+        std::vector<uint32_t> piece_len(256, 1);
+        uint64_t piece_bytes = 256;
         for (size_t i = 0; i < n_merges; ++i) {
             const std::string s = next("a merge line 'LEFT RIGHT'");
             unsigned long a = 0, b = 0;
@@ -4878,6 +4882,12 @@ struct Tokenizer {
             if (a >= 256 + i || b >= 256 + i)
                 fail(where(), ": merge ", i, " refers to token ", std::max(a, b), ", but only tokens below ", 256 + i,
                      " exist before it");
+            const uint64_t len = uint64_t(piece_len[a]) + piece_len[b];
+            piece_bytes += len;
+            if (len > (1u << 16) || piece_bytes > (uint64_t(1) << 28))
+                fail(where(), ": merge ", i, " makes a piece of ", len, " bytes (", piece_bytes, " bytes of pieces in "
+                     "all); at most 65536 bytes a piece and 268435456 in all");
+            piece_len.push_back(uint32_t(len));
             tok.merges.push_back({uint32_t(a), uint32_t(b)});
         }
         const size_t n_specials = keyword_count("specials ", "'specials <count>'");

@@ -260,6 +260,13 @@ TEST_CASE("tokenizer: save and load") {
         CHECK(contains(e, "line 5"));
         CHECK(contains(e, "refers to token 300"));
     }
+    {   // merges that double a piece at every step: a 520-byte file once built gigabytes of pieces
+        std::string doubling = header + "merges 40\n0 0\n";
+        for (int i = 0; i < 39; ++i) doubling += std::to_string(256 + i) + " " + std::to_string(256 + i) + "\n";
+        auto [p, e] = load_text("doubling.txt", doubling + specials + "end\n");
+        CHECK(contains(e, p));
+        CHECK(contains(e, "merge 16 makes a piece of 131072 bytes"));
+    }
     {
         auto [p, e] = load_text("short.txt", header + "merges 3\n97 98\n");
         CHECK(contains(e, p));
