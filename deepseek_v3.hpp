@@ -485,7 +485,8 @@ struct Profile {
         char line[160];
         auto rows = [&](const char* title, const std::map<std::string, Row>& m) {
             std::vector<std::pair<std::string, Row>> v(m.begin(), m.end());
-            std::sort(v.begin(), v.end(), [](const auto& a, const auto& b) { return a.second.seconds > b.second.seconds; });
+            std::sort(v.begin(), v.end(),
+                      [](const auto& a, const auto& b) { return a.second.seconds > b.second.seconds; });
             std::snprintf(line, sizeof line, "%-58s %9s %9s %7s\n", title, "calls", "ms", "share");
             out << line;
             for (const auto& [name, r] : v) {
