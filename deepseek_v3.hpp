@@ -824,6 +824,19 @@ inline void rope_backward(float* dx, int T, int row_stride, int offset, int n_ve
 // --- 3.4 causal softmax attention -----------------------------------------------------------------------------
 // q, k: [B·T, H, dqk]; v: [B·T, H, dv]; out: [B·T, H, dv]; probs: [B, H, T, T] (row t holds weights over s ≤ t).
 // o_t = Σ_{s≤t} softmax_s(q_t·k_s · scale) v_s       [V3 eq. 10]
+// Σ a_i b_i in 8 partial sums, then the remainder and the partials in order: the same order for any thread count,
+// and 8 independent chains that the compiler keeps in one SIMD register (a single running sum is one long chain of
+// dependent additions, which is what made these loops the slowest kernels of a CPU step).
+inline float dot8(const float* a, const float* b, int n) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
+    float s = 0;
+    for (; i < n; ++i) s += a[i] * b[i];
+    for (float x : acc) s += x;
+    return s;
+}
 // What the forward saves for the backward, in floats: here the probabilities (the GPU's flash kernels keep one
 // log-sum-exp per row instead and recompute them).
 inline size_t attention_saved_floats(int B, int T, int H, int /*dqk*/, int /*dv*/) { return size_t(B) * H * T * T; }
@@ -836,10 +849,7 @@ inline void attention_forward(float* out, float* probs, const float* q, const fl
         float* p = probs + ((int64_t(b) * H + h) * T + t) * T;
         float mx = -INFINITY;
         for (int s = 0; s <= t; ++s) {
-            const float* ks = k + ((int64_t(b) * T + s) * H + h) * dqk;
-            float dot = 0;
-            for (int i = 0; i < dqk; ++i) dot += qt[i] * ks[i];
-            p[s] = dot * scale;
+            p[s] = dot8(qt, k + ((int64_t(b) * T + s) * H + h) * dqk, dqk) * scale;
             mx = std::max(mx, p[s]);
         }
         float sum = 0;
@@ -870,13 +880,10 @@ inline void attention_backward(float* dq, float* dk, float* dv_, const float* do
             const float* p = probs + ((int64_t(b) * H + h) * T + t) * T;
             const float* dot_ = dout + ((int64_t(b) * T + t) * H + h) * dv;
             const float* ot = out + ((int64_t(b) * T + t) * H + h) * dv;
-            float weighted = 0;
-            for (int i = 0; i < dv; ++i) weighted += dot_[i] * ot[i];
+            const float weighted = dot8(dot_, ot, dv);
             for (int s = 0; s <= t; ++s) {
                 const float* vs = v + ((int64_t(b) * T + s) * H + h) * dv;
-                float dp = 0;
-                for (int i = 0; i < dv; ++i) dp += dot_[i] * vs[i];
-                dscore[size_t(s)] = dp;
+                dscore[size_t(s)] = dot8(dot_, vs, dv);
                 float* dvs = dv_ + ((int64_t(b) * T + s) * H + h) * dv;
                 for (int i = 0; i < dv; ++i) dvs[i] += p[s] * dot_[i];
             }
