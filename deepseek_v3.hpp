@@ -24,7 +24,8 @@
 // PART 1, THE MODEL
 //    1. Config and counters .................. the error type; one struct for the architecture, presets, validate(),
 //                                              parameter / FLOP / KV-cache counters [V3 §2, §4.2, Table 1]
-//    2. Foundations .......................... RNG, parallel loops with a fixed reduction order, activation arena
+//    2. Foundations .......................... RNG, parallel loops with a fixed reduction order, the profile of a
+//                                              step (build/train --profile), activation arena
 //    3. Kernels .............................. forward/backward pairs, the plain reference matmul first: matmul,
 //                                              RMSNorm, RoPE+YaRN [V3 §2.1.1], causal attention, SwiGLU, embedding,
 //                                              cross-entropy, the MoE router and balance losses [V3 §2.1.2], MoE
@@ -39,7 +40,8 @@
 // PART 2, THE SYSTEMS OF THE REPORT
 //    8. FP8 numerics and the FP8 recipe ...... E4M3/E5M2, BF16, fine-grained quantization, the Hopper FP8 accumulator,
 //                                              FP8 linear layers [V3 §3.3]
-//    9. Parallelism .......................... ranks, ring all-reduce, all-to-all, data and expert parallel [V3 §3.2]
+//    9. Parallelism .......................... ranks (threads, or MPI processes with -DDSV3_MPI), ring all-reduce,
+//                                              all-to-all, data and expert parallel [V3 §3.2]
 // PART 3, APPENDIX (machinery; skip on a first reading)
 //   10. The fast packed GEMM ................. what matmul_forward/backward of section 3.1 run on
 //   11. Files and data ....................... atomic files, byte-level BPE tokenizer, datasets, FIM, synthetic corpus
