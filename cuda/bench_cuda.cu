@@ -7,6 +7,10 @@
 // (b) absorbed MLA decoding (one token per sequence over the latent cache): achieved GB/s (cache bytes read + query
 //     and output bytes) vs the device's copy bandwidth (cudaMemcpy device-to-device, bytes read + written) measured
 //     in the same run. Target ≥ 60%.
+// (c) the routed experts' grouped GEMM at the `large` preset's shapes (64 experts of width 512, d = 1024, 8,192
+//     tokens × top-6, balanced routing): forward, dx and dW of the gate and down projections, every path of
+//     cuda/kernels.cuh section 3.10b, vs one dense cuBLAS BF16 GEMM with the same FLOPs (its upper bound: no groups).
+//     `--grouped` runs only this part.
 // Each benchmark times what the model launches (fp8_gemm picks its tile by size, mla_decode_absorbed its kernel by
 // shape); the sweeps over every kernel version, with their checks against the CPU, are build/dev_fp8_gemm and
 // build/dev_mla_decode (cuda/dev_*.cu).
@@ -59,12 +63,61 @@ Peer run_peer(const std::vector<int>& sizes) {
     return p;
 }
 
+// (c) every grouped-GEMM path against a dense cuBLAS GEMM of the same FLOPs.
+void grouped_gemm_bench() {
+    using cu::detail::GroupedPath;
+    const int groups = 64, rows_each = 768;   // 8192 tokens × 6 / 64 experts
+    std::vector<int64_t> offsets(size_t(groups) + 1, 0);
+    for (int g = 0; g < groups; ++g) offsets[size_t(g) + 1] = offsets[size_t(g)] + rows_each - 8 + 16 * (g % 2);
+    const int64_t rows = offsets.back();
+    std::printf("\n(c) grouped expert GEMM, %d experts, %lld rows in all (%d +- 8 each), BF16 operands, FP32 out\n",
+                groups, (long long)rows, rows_each);
+    struct Proj { const char* name; int in, out; };
+    for (const Proj& pr : {Proj{"gate/up (1024 -> 512)", 1024, 512}, Proj{"down (512 -> 1024)", 512, 1024}}) {
+        const int64_t stride = int64_t(pr.in) * pr.out;
+        auto x = random_floats(size_t(rows) * pr.in, 21, -1, 1), dy = random_floats(size_t(rows) * pr.out, 22, -1, 1);
+        auto W = random_floats(size_t(stride) * groups, 23, -0.05f, 0.05f);
+        cu::DeviceBuffer<float> y(size_t(rows) * pr.out), dx(size_t(rows) * pr.in), dW(size_t(stride) * groups);
+        const double flop = 2.0 * double(rows) * pr.in * pr.out;
+        auto tf = [&](double ms) { return flop / (ms * 1e-3) / 1e12; };
+        // the dense bound: one cuBLAS GEMM [rows, in] x [in, out] on BF16 copies (the conversions not timed)
+        const __nv_bfloat16* xb = cu::detail::bf16_copy(cu::Slot::bf16_c, x.data(), rows * pr.in);
+        const __nv_bfloat16* wb = cu::detail::bf16_copy(cu::Slot::bf16_b, W.data(), stride);
+        const double dense = time_ms([&] {
+            cu::detail::gemm_bf16(CUBLAS_OP_T, CUBLAS_OP_N, pr.out, int(rows), pr.in, wb, pr.in, xb, pr.in, 0.0f,
+                                  y.data(), pr.out);
+        }, 3, 20);
+        std::printf("  %-22s dense cuBLAS bound %7.1f TFLOP/s\n", pr.name, tf(dense));
+        for (auto [path, name] : {std::pair{GroupedPath::hopper, "wgmma"}, std::pair{GroupedPath::pipelined, "wmma pipelined"}}) {
+            if (path == GroupedPath::hopper && !cu::wgmma_available()) continue;
+            cu::detail::grouped_path() = path;
+            const double f = time_ms([&] {
+                cu::grouped_matmul_forward(y.data(), x.data(), W.data(), stride, offsets.data(), groups, pr.in, pr.out);
+            }, 3, 20);
+            const double bx = time_ms([&] {
+                cu::grouped_matmul_backward(dx.data(), nullptr, dy.data(), x.data(), W.data(), stride, offsets.data(),
+                                            groups, pr.in, pr.out);
+            }, 3, 20);
+            const double bw = time_ms([&] {
+                cu::grouped_matmul_backward(nullptr, dW.data(), dy.data(), x.data(), W.data(), stride, offsets.data(),
+                                            groups, pr.in, pr.out);
+            }, 3, 20);
+            std::printf("  %-22s %-15s forward %7.1f  dx %7.1f  dW %7.1f TFLOP/s (%.2f / %.2f / %.2f of dense)\n",
+                        pr.name, name, tf(f), tf(bx), tf(bw), dense / f, dense / bx, dense / bw);
+        }
+        cu::detail::grouped_path() = GroupedPath::automatic;
+    }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
     try {
         const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
+        const bool grouped_only = argc > 1 && std::string(argv[1]) == "--grouped";
         const cudaDeviceProp prop = cu::bench::print_device("bench_cuda");
+        grouped_gemm_bench();
+        if (grouped_only) return 0;
 
         // ---- (a) FP8 block-scaled GEMM -----------------------------------------------------------------------------
         std::vector<int> sizes = quick ? std::vector<int>{4096} : std::vector<int>{4096, 6144, 8192};

@@ -215,10 +215,6 @@ __global__ void fp8_gemm_emulated_kernel(const uint8_t* A, const float* sa, cons
 // 16 w + l/4 + 8·((r/2) mod 2) and column 8·(r/4) + 2·(l mod 4) + (r mod 2) of the warpgroup's 64 × BN tile.
 namespace detail {
 
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define DSV3_HAS_WGMMA 1
-#endif
-
 #ifdef DSV3_HAS_WGMMA
 // D[64 x 128] (+)= A[64 x 32] · B[128 x 32]ᵀ, E4M3 inputs from shared memory, FP32 registers.
 __device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int scale_d) {
@@ -268,15 +264,6 @@ __device__ __forceinline__ void wgmma_m64n192k32_e4m3(float (&d)[96], uint64_t d
         : "l"(desc_a), "l"(desc_b), "r"(scale_d));
 }
 
-// The descriptor of a K-major operand tile in shared memory with the 128-byte swizzle (PTX ISA, "Matrix Descriptor
-// Format"): bits 0-13 start address / 16, bits 16-29 leading byte offset / 16 (unused with this swizzle), bits
-// 32-45 stride byte offset / 16 (1024: the next 8 rows), bits 62-63 swizzle mode (1 = 128 bytes).
-__device__ __forceinline__ uint64_t smem_desc_sw128(const void* p) {
-    const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
-    return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
-}
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int BN>
 __device__ __forceinline__ void wgmma_k32(float (&d)[BN / 2], uint64_t da, uint64_t db, int scale_d) {
     if constexpr (BN == 128) wgmma_m64n128k32_e4m3(d, da, db, scale_d);
@@ -284,10 +271,6 @@ __device__ __forceinline__ void wgmma_k32(float (&d)[BN / 2], uint64_t da, uint6
 }
 #endif
 
-// Shared memory written by the generic proxy (cp.async, st.shared) and read next by wgmma (the async proxy) needs this
-// fence in the writing threads before the barrier (PTX ISA, memory consistency model: wgmma reads its shared-memory
-// operands through the async proxy, which does not see generic-proxy writes without a proxy fence).
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 constexpr int kGemmBM = 128, kGemmBK = 128, kGemmThreads = 256, kGemmGroupM = 8, kGemmStages = 4;
 template <int BN, int STAGES = kGemmStages>
@@ -334,17 +317,6 @@ __device__ __forceinline__ void gemm_load_tile(uint8_t* sA, uint8_t* sB, const u
     }
 }
 
-#ifdef DSV3_HAS_WGMMA
-// Tells the compiler that the accumulator registers may change here: code that reads them cannot be moved above a
-// wgmma wait (the registers are written asynchronously by the tensor cores), nor code that writes them below an issue.
-template <int R>
-__device__ __forceinline__ void fence_operands(float (&d)[R]) {
-#pragma unroll
-    for (int r = 0; r < R; ++r) asm volatile("" : "+f"(d[r])::"memory");
-}
-template <int N>
-__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
-#endif
 
 // The fast kernel: BN = 128 or 192 (the tile width, fp8_gemm_auto_tile), VEC16 = 16-byte loads (gemm_load_tile).
 template <int BN, bool VEC16>
@@ -467,30 +439,10 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
 #endif
 }
 
-__global__ void wgmma_probe_kernel(int* out) {
-#ifdef DSV3_HAS_WGMMA
-    *out = 1;
-#else
-    *out = 0;
-#endif
-}
 }  // namespace detail
 
-// Whether this binary holds the sm_90a wgmma kernel and runs on a Hopper GPU (asked once, then cached).
-inline bool fp8_gemm_fast_available() {
-    static const bool available = [] {
-        int dev = 0, major = 0, minor = 0;
-        DSV3_CUDA_CHECK(cudaGetDevice(&dev));
-        DSV3_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-        DSV3_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
-        if (major != 9 || minor != 0) return false;
-        DeviceBuffer<int> flag(1);
-        detail::wgmma_probe_kernel<<<1, 1>>>(flag.data());
-        if (cudaGetLastError() != cudaSuccess) return false;   // no loadable image for this device
-        return flag.download()[0] == 1;
-    }();
-    return available;
-}
+// Whether the fast path runs: this binary holds sm_90a code and runs on a Hopper GPU (kernels.cuh, wgmma_available).
+inline bool fp8_gemm_fast_available() { return wgmma_available(); }
 
 namespace detail {
 inline void check_fp8_gemm(const char* who, int M, int N, int K, const Fp8Accum& acc) {

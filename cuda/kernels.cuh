@@ -19,7 +19,7 @@
 //   3.10 moe_permute_plan (on the device, the CPU's plan bit for bit; one copy of the offsets back per layer),
 //        moe_permute_*, moe_unpermute_*
 //   3.10b grouped_matmul_forward / grouped_matmul_backward: every expert's GEMM in one launch per product, BF16
-//        operands in memory, cp.async-pipelined WMMA tiles, FP32 accumulation (cuBLAS per expert as an option)
+//        operands in memory, cp.async-pipelined wgmma tiles on Hopper (WMMA elsewhere), FP32 accumulation
 //   3.11 adamw_update (also refreshes the weights' BF16 shadows)
 //   FP8  quantize_tiles_1x128, quantize_blocks_128x128, quantize_tiles_128x1_transposed, fp8_gemm (Hopper FP8
 //        tensor cores, bit-exact with the header's dsv3::fp8_gemm), fp8_matmul_forward / fp8_matmul_backward (V3's
@@ -235,7 +235,7 @@ class DeviceBuffer {
 // each GPU has its own thread (build/train_multi_gpu).
 // Slot contents are dead after the function that took them returns.
 enum class Slot { bf16_a, bf16_b, bf16_c, attn_dscore, attn_bf16, reduce, decode_partial, decode_stats, fp8_a, fp8_b,
-                  fp8_bt, fp8_sa, fp8_sb, fp8_sbt, group_offsets, sort, plan, plan_offsets, count };
+                  fp8_bt, fp8_sa, fp8_sb, fp8_sbt, group_offsets, group_padded, sort, plan, plan_offsets, count };
 inline void* scratch(Slot slot, size_t bytes) {
     static thread_local DeviceBuffer<unsigned char> slots[int(Slot::count)];
     DeviceBuffer<unsigned char>& b = slots[int(slot)];
@@ -303,6 +303,65 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int sr
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+
+// Hopper's warpgroup MMA (wgmma, PTX ISA "Asynchronous Warpgroup Level Matrix Multiply-Accumulate"), used by the
+// routed experts' grouped GEMM (3.10b) and the FP8 GEMM (fp8.cuh). The 4 warps of a warpgroup (128 threads) multiply
+// a 64-row tile of A by a tile of B, both read by the tensor cores straight from shared memory through descriptors,
+// into FP32 accumulators spread over the warpgroup's registers, asynchronously: the threads issue, commit a group,
+// and later wait for it. Only in sm_90a code (nvcc -gencode=arch=compute_90a,code=sm_90a).
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define DSV3_HAS_WGMMA 1
+#endif
+// The descriptor of a K-major operand tile in shared memory with the 128-byte swizzle (PTX ISA, "Matrix Descriptor
+// Format"): bits 0-13 start address / 16, bits 16-29 leading byte offset / 16 (unused with this swizzle), bits
+// 32-45 stride byte offset / 16 (1024: the next 8 rows), bits 62-63 swizzle mode (1 = 128 bytes).
+__device__ __forceinline__ uint64_t smem_desc_sw128(const void* p) {
+    const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+    return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+// Shared memory written by the generic proxy (cp.async, st.shared) and read next by wgmma (the async proxy) needs this
+// fence in the writing threads before the barrier (PTX ISA, memory consistency model: wgmma reads its shared-memory
+// operands through the async proxy, which does not see generic-proxy writes without a proxy fence).
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+#ifdef DSV3_HAS_WGMMA
+// Tells the compiler that the accumulator registers may change here: code that reads them cannot be moved above a
+// wgmma wait (the registers are written asynchronously by the tensor cores), nor code that writes them below an issue.
+template <int R>
+__device__ __forceinline__ void fence_operands(float (&d)[R]) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) asm volatile("" : "+f"(d[r])::"memory");
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+#endif
+__global__ void wgmma_probe_kernel(int* out) {
+#ifdef DSV3_HAS_WGMMA
+    *out = 1;
+#else
+    *out = 0;
+#endif
+}
+}  // namespace detail
+
+// Whether this binary holds sm_90a code and runs on a Hopper GPU (asked once, then cached): the wgmma kernels run.
+inline bool wgmma_available() {
+    static const bool available = [] {
+        int dev = 0, major = 0, minor = 0;
+        DSV3_CUDA_CHECK(cudaGetDevice(&dev));
+        DSV3_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+        DSV3_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+        if (major != 9 || minor != 0) return false;
+        DeviceBuffer<int> flag(1);
+        detail::wgmma_probe_kernel<<<1, 1>>>(flag.data());
+        if (cudaGetLastError() != cudaSuccess) return false;   // no loadable image for this device
+        return flag.download()[0] == 1;
+    }();
+    return available;
+}
+
+namespace detail {
 
 // Block-wide reductions in a fixed tree order (deterministic). `red` is shared scratch of blockDim.x/32 entries.
 __device__ inline float warp_sum(float v) {
@@ -1880,6 +1939,200 @@ __global__ void __launch_bounds__(kThreads) kernel(Args p) {
 }
 }  // namespace pipelined
 
+// --- the same products on Hopper's wgmma (sm_90a): what the model runs on an H100 or H200 -------------------------
+// The WMMA kernels above load 16×16 fragments from shared memory into each warp's registers before every product.
+// wgmma (see "Hopper's warpgroup MMA" near the top of this file) lets a warpgroup multiply a 64×128 tile by a K = 16
+// slice straight from shared memory, asynchronously, so the copies of later tiles, the issue of the next products and
+// the tensor cores' work overlap. wgmma reads BF16 operands K-major here (rows of 64 BF16 = 128 bytes, in the 128-byte
+// swizzle of fp8.cuh's GEMM, so one descriptor helper serves both), so each product is written
+// C[M, N] (+)= A[M, K] · B[N, K]ᵀ with both operands K-contiguous in memory:
+//   forward  A = x_g [R, in]       B = W_g [out, in]     (the weights' BF16 shadows, as stored)
+//   dx       A = dy_g [R, out]     B = W_gᵀ [in, out]    (every expert's weight transposed to BF16 once per call)
+//   dW       A = dy_gᵀ [out, R']   B = x_gᵀ [in, R']     (dy and x transposed to BF16 once per call, each expert's R
+//                                                         rows padded with zero columns to R' = a multiple of 8)
+// A CTA (2 warpgroups, 256 threads) computes a 128×128 tile of C, each warpgroup 64 rows (64 FP32 accumulators a
+// thread). K advances in tiles of 64 through a ring of kStages shared-memory stages filled by cp.async. Tile kt + 2
+// is copied into the stage that tile kt − 2 used, after the barrier at which both warpgroups have waited for their
+// wgmma of kt − 2 (each keeps one group in flight): two tiles are copied while the tensor cores work on a third.
+// Same numerics as the other paths (BF16 operands, FP32 accumulation); each output is summed by one CTA in a fixed
+// k order: deterministic. In and out must be multiples of 8 and the experts' weights 16-byte aligned.
+namespace hopper {
+constexpr int BM = 128, BN = 128, BK = 64, kThreads = 256, kStages = 4, kAhead = kStages - 2;
+constexpr int kTileBytes = BM * BK * 2;                       // one operand's tile: 128 rows of 128 bytes (BN = BM)
+constexpr int kSmemBytes = kStages * 2 * kTileBytes + 1024;   // + room to align the ring to the swizzle's 1024 bytes
+struct Args {
+    const __nv_bfloat16* a;            // forward: x [rows, in]; dx: dy [rows, out]; dW: dyᵀ [out, P]
+    const __nv_bfloat16* b;            // dx: Wᵀ [groups][in, out]; dW: xᵀ [in, P]
+    const __nv_bfloat16* const* w;     // forward: [groups] each expert's BF16 weight [out, in]
+    float* c;                          // y, dx or dW
+    const int64_t* offsets;            // [groups + 1] rows of each expert, device
+    const int64_t* padded;             // dW: [groups + 1] columns of each expert in dyᵀ and xᵀ, device
+    int64_t w_stride, P;               // dW: floats between experts' gradients; columns of dyᵀ and xᵀ
+    int in, out;
+};
+
+#ifdef DSV3_HAS_WGMMA
+// D[64 × 128] += A[64 × 16] · B[128 × 16]ᵀ, BF16 K-major operands in shared memory, FP32 registers.
+__device__ __forceinline__ void wgmma_m64n128k16_bf16(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, %64, %65, 1, 1, 1, 0, 0;\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(desc_a), "l"(desc_b));
+}
+#endif
+
+template <Grouped kind>
+__global__ void __launch_bounds__(kThreads, 1) kernel(Args p) {
+#ifdef DSV3_HAS_WGMMA
+    // Expert g's product C[M, N] (+)= A[M, K] · B[N, K]ᵀ, rows lda, ldb, ldc elements apart
+    const int g = blockIdx.z;
+    const int64_t r0 = p.offsets[g], R = p.offsets[g + 1] - r0;
+    const __nv_bfloat16 *A, *B;
+    float* C;
+    int64_t M, K, lda, ldb;
+    int N;
+    if (kind == Grouped::forward) {
+        M = R, N = p.out, K = p.in, A = p.a + r0 * p.in, lda = p.in, B = p.w[g], ldb = p.in, C = p.c + r0 * p.out;
+    } else if (kind == Grouped::dx) {
+        M = R, N = p.in, K = p.out, A = p.a + r0 * p.out, lda = p.out, ldb = p.out, C = p.c + r0 * p.in;
+        B = p.b + int64_t(g) * p.in * p.out;
+    } else {
+        const int64_t c0 = p.padded[g];
+        M = p.out, N = p.in, K = p.padded[g + 1] - c0, A = p.a + c0, lda = p.P, B = p.b + c0, ldb = p.P;
+        C = p.c + g * p.w_stride;
+    }
+    const int64_t m0 = int64_t(blockIdx.y) * BM;
+    const int n0 = blockIdx.x * BN;
+    if (m0 >= M || n0 >= N || K == 0) return;   // past this expert's rows, or nothing to add
+    extern __shared__ uint8_t smem_raw[];
+    uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+    auto tile_a = [&](int s) { return smem + s * 2 * kTileBytes; };
+    auto tile_b = [&](int s) { return smem + s * 2 * kTileBytes + kTileBytes; };
+    const int KT = int((K + BK - 1) / BK);
+    // Thread t copies 16-byte chunk c = t mod 8 (8 BF16 along K) of rows t/8 + 32 i of both tiles, to chunk position
+    // c XOR (row mod 8): the swizzle. K is a multiple of 8, so a chunk is wholly inside K or wholly outside (zeros).
+    const int c = threadIdx.x & 7, rb = threadIdx.x >> 3, swz = (c ^ (rb & 7)) << 4;
+    auto load = [&](int kt) {
+        if (kt < KT) {
+            const int s = kt % kStages;
+            const int64_t k = int64_t(kt) * BK + c * 8;
+#pragma unroll
+            for (int i = 0; i < BM / 32; ++i) {
+                const int r = rb + 32 * i;
+                const bool a_ok = k < K && m0 + r < M, b_ok = k < K && n0 + r < N;
+                cp_async_16(tile_a(s) + r * 128 + swz, a_ok ? A + (m0 + r) * lda + k : A, a_ok ? 16 : 0);
+                cp_async_16(tile_b(s) + r * 128 + swz, b_ok ? B + (n0 + r) * ldb + k : B, b_ok ? 16 : 0);
+            }
+        }
+        cp_async_commit();   // one group per tile, empty past the end, so the waits below count tiles
+    };
+    const int wg = threadIdx.x / 128;
+    float acc[64];
+#pragma unroll
+    for (int r = 0; r < 64; ++r) acc[r] = 0.0f;
+    for (int kt = 0; kt < kAhead; ++kt) load(kt);
+    for (int kt = 0; kt < KT; ++kt) {
+        cp_async_wait<kAhead - 1>();   // this thread's copies of tile kt have landed
+        fence_proxy_async();
+        __syncthreads();               // everyone's have; and every warpgroup's wgmma of tile kt − 2 is done
+        load(kt + kAhead);             // into the stage of tile kt − 2
+        const uint8_t* a = tile_a(kt % kStages) + wg * 64 * 128;
+        const uint8_t* b = tile_b(kt % kStages);
+        fence_operands(acc);
+        wgmma_fence();
+#pragma unroll
+        for (int j = 0; j < BK / 16; ++j)   // K = 16 a step: +32 bytes inside the 128-byte rows
+            wgmma_m64n128k16_bf16(acc, smem_desc_sw128(a + 32 * j), smem_desc_sw128(b + 32 * j));
+        wgmma_commit();
+        wgmma_wait<1>();               // the products of tile kt − 1 are done (those of kt may still run)
+        fence_operands(acc);
+    }
+    wgmma_wait<0>();
+    fence_operands(acc);
+    // Epilogue: register r of thread (warp w, lane l) of the warpgroup holds row 16 w + l/4 + 8·((r/2) mod 2) and
+    // column 8·(r/4) + 2·(l mod 4) + (r mod 2) of its 64×128 tile; two neighbouring columns per store.
+    const int w = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
+    const int ldc = N;
+#pragma unroll
+    for (int r = 0; r < 64; r += 2) {
+        const int64_t row = m0 + wg * 64 + w * 16 + lane / 4 + 8 * ((r / 2) % 2);
+        const int col = n0 + 8 * (r / 4) + 2 * (lane % 4);
+        if (row >= M || col >= N) continue;
+        float2* dst = reinterpret_cast<float2*>(C + row * ldc + col);
+        float2 v = make_float2(acc[r], acc[r + 1]);
+        if (kind != Grouped::forward) {   // forward overwrites, backward adds
+            const float2 old = *dst;
+            v.x += old.x;
+            v.y += old.y;
+        }
+        *dst = v;
+    }
+#else
+    __trap();   // built without sm_90a: the host never launches this (wgmma_available)
+#endif
+}
+
+// out[z][c][r] = bf16(in[z][r][c]) for a [rows, cols] FP32 matrix z (z = blockIdx.z, in_stride floats apart):
+// every expert's weight transposed for dx. 32×32 tiles through shared memory, so reads and writes are coalesced.
+__global__ void transpose_bf16_kernel(__nv_bfloat16* out, const float* in, int rows, int cols, int64_t in_stride) {
+    __shared__ float tile[32][33];   // +1: no bank conflicts on the transposed reads
+    in += blockIdx.z * in_stride;
+    out += blockIdx.z * int64_t(rows) * cols;
+    const int r0 = blockIdx.y * 32, c0 = blockIdx.x * 32;
+    for (int i = threadIdx.y; i < 32; i += blockDim.y) {
+        const int r = r0 + i, c = c0 + threadIdx.x;
+        tile[i][threadIdx.x] = r < rows && c < cols ? in[int64_t(r) * cols + c] : 0.0f;
+    }
+    __syncthreads();
+    for (int i = threadIdx.y; i < 32; i += blockDim.y) {
+        const int c = c0 + i, r = r0 + threadIdx.x;
+        if (c < cols && r < rows) out[int64_t(c) * rows + r] = __float2bfloat16_rn(tile[threadIdx.x][i]);
+    }
+}
+// out[c, q] (q < P) = bf16(in[r, c]) for the permuted activations in [rows, cols], where column q of expert g
+// (padded[g] <= q < padded[g + 1]) is its row r = offsets[g] + q − padded[g], or 0 in the padding: dyᵀ and xᵀ of dW.
+__global__ void transpose_padded_kernel(__nv_bfloat16* out, const float* in, int cols, const int64_t* offsets,
+                                        const int64_t* padded, int groups, int64_t P) {
+    __shared__ float tile[32][33];
+    const int64_t q0 = int64_t(blockIdx.x) * 32;
+    const int c0 = blockIdx.y * 32;
+    for (int i = threadIdx.y; i < 32; i += blockDim.y) {
+        const int64_t q = q0 + i;
+        int64_t r = -1;
+        if (q < P) {   // the expert of column q: the last g with padded[g] <= q (binary search)
+            int lo = 0, hi = groups - 1;
+            while (lo < hi) {
+                const int mid = (lo + hi + 1) / 2;
+                if (padded[mid] <= q) lo = mid;
+                else hi = mid - 1;
+            }
+            const int64_t local = q - padded[lo];
+            if (local < offsets[lo + 1] - offsets[lo]) r = offsets[lo] + local;
+        }
+        const int c = c0 + threadIdx.x;
+        tile[i][threadIdx.x] = r >= 0 && c < cols ? in[r * cols + c] : 0.0f;
+    }
+    __syncthreads();
+    for (int i = threadIdx.y; i < 32; i += blockDim.y) {
+        const int c = c0 + i;
+        const int64_t q = q0 + threadIdx.x;
+        if (c < cols && q < P) out[int64_t(c) * P + q] = __float2bfloat16_rn(tile[threadIdx.x][i]);
+    }
+}
+}  // namespace hopper
+
 // --- the same products on cuBLAS: one BF16 GEMM per expert, spread over a few side streams ----------------------
 // The operands are BF16 in memory: the activations converted once per call (all experts in one pass), the weights
 // taken from their BF16 shadows (adamw_update writes them, section 0) or converted once per call. Each expert's GEMM
@@ -1892,17 +2145,18 @@ __global__ void __launch_bounds__(kThreads) kernel(Args p) {
 // host (one cublasGemmEx per expert and product, 2,304 per step, each a new shape for cuBLAS's heuristics since
 // the row counts change every step): 52-74k tokens/s from run to run, against 133k with the pipelined kernel above
 // and 65k with the first WMMA kernel.
-// Which path runs: DSV3_GROUPED=pipelined|wmma|cublas|batched in the environment, or grouped_path() set by a caller
-// (the tests). By default (automatic) the pipelined kernel, and the first WMMA kernel where its shape rules (in and
-// out multiples of 8, 16-byte aligned weights) are not met. DSV3_GROUPED=batched tries cublasGemmGroupedBatchedEx
+// Which path runs: DSV3_GROUPED=hopper|pipelined|wmma|cublas|batched in the environment, or grouped_path() set by a
+// caller (the tests). By default (automatic) the wgmma kernel on a Hopper GPU, else the pipelined kernel, and the
+// first WMMA kernel where their shape rules (in and out multiples of 8, 16-byte aligned weights) are not met. DSV3_GROUPED=batched tries cublasGemmGroupedBatchedEx
 // (one call for all experts, pointer arrays on the device) and falls back to the per-expert calls, once.
-enum class GroupedPath { automatic, cublas, wmma, batched, pipelined };
+enum class GroupedPath { automatic, cublas, wmma, batched, pipelined, hopper };
 inline GroupedPath& grouped_path() {
     static GroupedPath p = [] {
         const char* e = std::getenv("DSV3_GROUPED");
         const std::string v = e ? e : "";
         if (v == "batched") return GroupedPath::batched;
         if (v == "pipelined") return GroupedPath::pipelined;
+        if (v == "hopper") return GroupedPath::hopper;
         return v == "cublas" ? GroupedPath::cublas : (v == "wmma" ? GroupedPath::wmma : GroupedPath::automatic);
     }();
     return p;
@@ -1935,7 +2189,11 @@ inline bool use_cublas() {
 }
 inline bool use_pipelined() {
     const GroupedPath p = grouped_path();
-    return p == GroupedPath::pipelined || p == GroupedPath::automatic;
+    return p == GroupedPath::pipelined || p == GroupedPath::automatic || p == GroupedPath::hopper;
+}
+inline bool use_hopper() {
+    const GroupedPath p = grouped_path();
+    return p == GroupedPath::hopper || p == GroupedPath::automatic;
 }
 // Every expert's BF16 weight: its shadow, or (if any expert has none) all of them converted in one pass into `slot`.
 inline std::vector<const __nv_bfloat16*> expert_weights_bf16(const float* W, int64_t w_stride, int groups, int in,
@@ -2089,6 +2347,73 @@ bool grouped_pipelined(float* c, const float* a, const float* b, const float* W,
     DSV3_CUDA_CHECK_LAUNCH();
     return true;
 }
+// The wgmma kernel, on a Hopper GPU built for sm_90a, when the shapes allow it; false if not (another path runs).
+template <Grouped kind>
+bool grouped_hopper(float* c, const float* a, const float* b, const float* W, int64_t w_stride,
+                    const int64_t* offsets, int groups, int in, int out) {
+    if (!wgmma_available() || !pipelined_ok(in, out) || w_stride % 8 != 0) return false;
+    hopper::Args args{};
+    std::vector<const __nv_bfloat16*> wb;
+    if (kind == Grouped::forward) {
+        wb = expert_weights_bf16(W, w_stride, groups, in, out);
+        for (const __nv_bfloat16* w : wb)
+            if (reinterpret_cast<uintptr_t>(w) % 16 != 0) return false;
+    }
+    const int64_t rows = offsets[groups];
+    int64_t max_rows = 0;
+    for (int g = 0; g < groups; ++g) max_rows = std::max(max_rows, offsets[g + 1] - offsets[g]);
+    const int64_t M = kind == Grouped::dW ? out : max_rows;
+    const int N = kind == Grouped::forward ? out : in;
+    if (M == 0 || N == 0 || groups == 0) return true;
+    args.offsets = device_offsets(offsets, groups);
+    const dim3 block(32, 8);
+    if (kind == Grouped::forward) {
+        args.a = bf16_copy(Slot::bf16_a, a, rows * in);
+        auto* d = static_cast<const __nv_bfloat16**>(scratch(Slot::plan, sizeof(void*) * size_t(groups)));
+        upload_async(d, wb.data(), sizeof(void*) * size_t(groups));
+        args.w = d;
+    } else if (kind == Grouped::dx) {
+        args.a = bf16_copy(Slot::bf16_a, a, rows * out);
+        auto* wt = static_cast<__nv_bfloat16*>(scratch(Slot::bf16_b, sizeof(__nv_bfloat16) * size_t(groups) * in * out));
+        hopper::transpose_bf16_kernel<<<dim3(unsigned((in + 31) / 32), unsigned((out + 31) / 32), unsigned(groups)),
+                                        block>>>(wt, W, out, in, w_stride);
+        DSV3_CUDA_CHECK_LAUNCH();
+        args.b = wt;
+    } else {
+        std::vector<int64_t> padded(size_t(groups) + 1, 0);
+        for (int g = 0; g < groups; ++g)
+            padded[size_t(g) + 1] = padded[size_t(g)] + (offsets[g + 1] - offsets[g] + 7) / 8 * 8;
+        const int64_t P = padded.back();
+        auto* dp = static_cast<int64_t*>(scratch(Slot::group_padded, sizeof(int64_t) * padded.size()));
+        upload_async(dp, padded.data(), sizeof(int64_t) * padded.size());
+        auto transposed = [&](Slot slot, const float* src, int cols) {
+            auto* t = static_cast<__nv_bfloat16*>(scratch(slot, sizeof(__nv_bfloat16) * size_t(P) * cols));
+            hopper::transpose_padded_kernel<<<dim3(unsigned((P + 31) / 32), unsigned((cols + 31) / 32)), block>>>(
+                t, src, cols, args.offsets, dp, groups, P);
+            DSV3_CUDA_CHECK_LAUNCH();
+            return t;
+        };
+        args.a = transposed(Slot::bf16_a, a, out);
+        args.b = transposed(Slot::bf16_c, b, in);
+        args.padded = dp;
+        args.P = P;
+    }
+    args.c = c;
+    args.w_stride = w_stride;
+    args.in = in;
+    args.out = out;
+    static const bool sized = [] {   // more than 48 KB of dynamic shared memory must be asked for
+        DSV3_CUDA_CHECK(cudaFuncSetAttribute(hopper::kernel<kind>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             hopper::kSmemBytes));
+        return true;
+    }();
+    (void)sized;
+    const dim3 grid(unsigned((N + hopper::BN - 1) / hopper::BN), unsigned((M + hopper::BM - 1) / hopper::BM),
+                    unsigned(groups));
+    hopper::kernel<kind><<<grid, hopper::kThreads, hopper::kSmemBytes>>>(args);
+    DSV3_CUDA_CHECK_LAUNCH();
+    return true;
+}
 }  // namespace detail
 
 // y[rows_g, out] = x[rows_g, in] · W_gᵀ for every expert g (overwrites y). offsets: HOST, [groups + 1].
@@ -2099,6 +2424,9 @@ inline void grouped_matmul_forward(float* y, const float* x, const float* W, int
     const int64_t rows = offsets[groups];
     if (rows == 0 || out == 0) return;
     if (in == 0) { DSV3_CUDA_CHECK(cudaMemsetAsync(y, 0, sizeof(float) * size_t(rows) * out)); return; }
+    if (detail::use_hopper() &&
+        detail::grouped_hopper<detail::Grouped::forward>(y, x, nullptr, W, w_stride, offsets, groups, in, out))
+        return;
     if (detail::use_pipelined() &&
         detail::grouped_pipelined<detail::Grouped::forward>(y, x, nullptr, W, w_stride, offsets, groups, in, out))
         return;
@@ -2113,6 +2441,15 @@ inline void grouped_matmul_backward(float* dx, float* dW, const float* dy, const
     DSV3_PROFILE_KERNEL();
     dsv3::check_group_offsets("cuda::grouped_matmul_backward", offsets, groups, in, out);
     if (offsets[groups] == 0 || in == 0 || out == 0 || (!dx && !dW)) return;
+    if (detail::use_hopper()) {   // dW first: its transposes of dy and x do not touch the slots dx reads next
+        const bool dw_done = !dW || detail::grouped_hopper<detail::Grouped::dW>(dW, dy, x, W, w_stride, offsets,
+                                                                                groups, in, out);
+        const bool dx_done = !dx || detail::grouped_hopper<detail::Grouped::dx>(dx, dy, nullptr, W, w_stride, offsets,
+                                                                                groups, in, out);
+        if (dw_done) dW = nullptr;
+        if (dx_done) dx = nullptr;
+        if (!dx && !dW) return;
+    }
     if (detail::use_pipelined() && detail::pipelined_ok(in, out)) {
         // dW first: its conversion of dy (slot bf16_a) is the same as dx's, which then reuses nothing stale
         const bool dw_done = !dW || detail::grouped_pipelined<detail::Grouped::dW>(dW, dy, x, W, w_stride, offsets,

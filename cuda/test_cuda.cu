@@ -109,16 +109,19 @@ TEST_CASE("matmul: forward and backward, BF16 inputs with FP32 accumulation") {
 }
 
 TEST_CASE("grouped_matmul: every expert's GEMM, all paths (one WMMA launch; cuBLAS per expert on side streams; the "
-          "pipelined BF16 kernel), forward and backward, ragged and empty groups") {
+          "pipelined BF16 kernel; the wgmma kernel), forward and backward, ragged and empty groups") {
     Rng rng(111);
     struct Shape { std::vector<int64_t> rows; int in, out; int64_t gap; };
     // rows per expert (0: an expert no token chose), the projection's in/out, and extra floats between experts'
     // weights (as the gate, up and down of one expert sit between two experts' gate matrices)
-    const cu::detail::GroupedPath paths[3] = {cu::detail::GroupedPath::wmma, cu::detail::GroupedPath::cublas,
-                                              cu::detail::GroupedPath::pipelined};
+    const cu::detail::GroupedPath paths[4] = {cu::detail::GroupedPath::wmma, cu::detail::GroupedPath::cublas,
+                                              cu::detail::GroupedPath::pipelined, cu::detail::GroupedPath::hopper};
+    INFO("wgmma available (the hopper path runs, else it falls back to the pipelined kernel): "
+         << cu::wgmma_available());
     for (const cu::detail::GroupedPath path : paths)
     for (const Shape& s : {Shape{{3, 0, 70, 1, 129}, 96, 160, 0}, Shape{{64, 64}, 128, 64, 40}, Shape{{0, 0, 5}, 33, 17, 7},
-                           Shape{{300, 0, 517, 1024, 7, 250}, 256, 512, 256 * 512 * 2}}) {
+                           Shape{{300, 0, 517, 1024, 7, 250}, 256, 512, 256 * 512 * 2},
+                           Shape{{129, 260, 0, 33}, 200, 136, 8}}) {
         cu::detail::grouped_path() = path;
         CAPTURE(int(path)); CAPTURE(s.in); CAPTURE(s.out); CAPTURE(s.gap);
         const int groups = int(s.rows.size());
