@@ -235,7 +235,7 @@ class DeviceBuffer {
 // each GPU has its own thread (build/train_multi_gpu).
 // Slot contents are dead after the function that took them returns.
 enum class Slot { bf16_a, bf16_b, bf16_c, attn_dscore, attn_bf16, reduce, decode_partial, decode_stats, fp8_a, fp8_b,
-                  fp8_bt, fp8_sa, fp8_sb, fp8_sbt, group_offsets, group_padded, sort, plan, plan_offsets, count };
+                  fp8_bt, fp8_sa, fp8_sb, fp8_sbt, group_offsets, sort, plan, plan_offsets, count };
 inline void* scratch(Slot slot, size_t bytes) {
     static thread_local DeviceBuffer<unsigned char> slots[int(Slot::count)];
     DeviceBuffer<unsigned char>& b = slots[int(slot)];
@@ -632,7 +632,7 @@ inline void rope_backward(float* dx, int T, int row_stride, int offset, int n_ve
 // Its products run on cuBLAS in FP32 (pedantic math: no TF32), as strided batches over the sequences of one head:
 // for a fixed head h, sequence b's matrices are a constant stride apart (q + b·T·H·dqk, probs + b·H·T·T, ...), so one
 // call per head and product covers the whole batch. The full T×T products compute the masked half too. It runs where
-// the flash kernels' shared memory does not hold the head dims, or with DSV3_ATTENTION=materialised.
+// the flash kernels are not built for the head dims (above 96 and 64), or with DSV3_ATTENTION=materialised.
 namespace detail {
 // Row-major strided-batched FP32 GEMM: for each of `batch` items, C = alpha·op(A)·op(B) + beta·C, where op(A) is
 // [M, K], op(B) is [K, N] and C is [M, N], all row-major with leading dimensions lda, ldb, ldc. cuBLAS is
@@ -676,56 +676,41 @@ inline void check_attention(const char* who, int B, int T, int H) {
                                                            " H=", H, " T=", T);
 }
 // --- the flash kernels (the default): the probabilities are never written ------------------------------------------
-// FlashAttention-2 (Dao 2023, arXiv 2307.08691) in its plainest form: BF16 operands on the tensor cores (WMMA 16×16×16,
-// as in 3.10b), FP32 accumulation, FP32 softmax. A block owns 64 rows (4 warps × 16) and walks the other side in
-// tiles of 64, so memory traffic is O(T·d) per block instead of the O(T²) of the probabilities, and the masked half
-// is skipped. Per-row work (the online softmax, the masks) runs on the products staged in shared memory, which keeps
-// the fragments' register layout out of the code.
+// FlashAttention-2 (Dao 2023, arXiv 2307.08691): BF16 operands on the tensor cores, FP32 accumulation, FP32 softmax.
+// A block (4 warps) owns 64 rows, 16 per warp, and walks the other side in tiles of 64, so memory traffic is
+// O(T·d) per block instead of the O(T²) of the probabilities, and the masked half is skipped. Every product is a
+// warp's mma.sync m16n8k16 (PTX ISA, "Warp-level matrix multiply-accumulate"): operands come from shared memory
+// through ldmatrix, and the accumulators stay in registers, where the softmax works on them directly. The trick
+// that makes this possible (FlashAttention-2 §3.1): the accumulator layout of a 16×16 block of S (two m16n8 tiles) is,
+// once rounded to BF16 and packed in pairs, the layout of an A operand, so P goes into P·V without leaving the
+// registers. The exponentials are exp2 of scores premultiplied by log2(e) (one FFMA fewer per element).
 //   forward  per query tile: m = running max, l = running Σ exp, O = running Σ exp·v, each rescaled by exp(m_old −
 //            m_new) when a new key tile raises the max; at the end o = O / l and lse = m + log l (saved: [B, H, T]).
 //   backward P is recomputed from lse: p = exp(s·scale − lse); with D = rowsum(dO ⊙ O) (= Σ_s p_s dp_s),
-//            dS = P ⊙ (dP − D). dK, dV: one block per key tile over the query tiles at or after it; dQ: one block per
-//            query tile over the key tiles at or before it. Two kernels instead of FlashAttention-2's atomic adds
-//            into dQ: every output is summed by one block in a fixed order, so the result is deterministic.
+//            dS = P ⊙ (dP − D). dK, dV: one block per key tile over the query tiles at or after it (each warp's 16
+//            keys as the rows: Sᵀ = K Qᵀ); dQ: one block per query tile over the key tiles at or before it. Two
+//            kernels instead of FlashAttention-2's atomic adds into dQ: every output is summed by one block in a fixed
+//            order, so the result is deterministic.
+// The streamed tiles are double-buffered: the copy of tile n + 1 (cp.async) runs while the warps compute on tile n.
+// The head dims are template parameters (registers hold 16 rows × DQ or DV accumulators a warp): DQ × DV = 64 × 64
+// or 96 × 64 (the presets' 64 + 32 and 64); q, k, v and dO are copied to BF16 [B·H, Tp, DQ or DV] with zeros past
+// T and past the true dims, so the zero columns add nothing. Larger head dims take the materialised path.
 namespace flash {
-constexpr int kTile = 64, kThreads = 128, kLdS = kTile + 4, kLdP = kTile + 8;
+constexpr int kTile = 64, kThreads = 128;
 using bf16 = __nv_bfloat16;
 struct Args {
-    int B, T, H, dqk, dv, Dq, Dv;   // Dq, Dv: dqk, dv rounded up to 16 (zero columns)
-    int Tp;                         // T rounded up to 64 (zero rows)
+    int B, T, H, dqk, dv;
+    int Tp;              // T rounded up to 64 (zero rows)
     float scale;
-    // row strides in shared memory: BF16 tiles, then FP32 accumulators
-    __host__ __device__ int ldq() const { return Dq + 8; }
-    __host__ __device__ int ldv() const { return Dv + 8; }
-    __host__ __device__ int ldq32() const { return Dq + 4; }
-    __host__ __device__ int ldv32() const { return Dv + 4; }
+    float scale_log2;    // scale · log2(e)
 };
-enum class Kernel { forward, dkdv, dq };
-// Shared memory of each kernel, carved in this order (each region 128-byte aligned).
-struct Layout {
-    size_t q, k, v, dO, p, ds, s, dp, acc_q, acc_v, stats, bytes;
-    __host__ __device__ Layout(const Args& a, Kernel kind) {
-        size_t at = 0;
-        auto take = [&](size_t n, bool use) {
-            const size_t here = at;
-            if (use) at += (n + 127) / 128 * 128;
-            return here;
-        };
-        const bool fwd = kind == Kernel::forward, dkdv = kind == Kernel::dkdv;
-        q = take(sizeof(bf16) * kTile * a.ldq(), true);
-        k = take(sizeof(bf16) * kTile * a.ldq(), true);
-        v = take(sizeof(bf16) * kTile * a.ldv(), true);
-        dO = take(sizeof(bf16) * kTile * a.ldv(), !fwd);
-        p = take(sizeof(bf16) * kTile * kLdP, fwd || dkdv);
-        ds = take(sizeof(bf16) * kTile * kLdP, !fwd);
-        s = take(sizeof(float) * kTile * kLdS, true);
-        dp = take(sizeof(float) * kTile * kLdS, !fwd);
-        acc_q = take(sizeof(float) * kTile * a.ldq32(), !fwd);   // dK or dQ
-        acc_v = take(sizeof(float) * kTile * a.ldv32(), fwd || dkdv);   // O or dV
-        stats = take(sizeof(float) * 2 * kTile, true);   // (max, sum) or (lse, D) of 64 rows
-        bytes = at;
-    }
-};
+// A head-dim pair the kernels are built for: the smallest that holds (dqk, dv), or {0, 0}.
+struct Dims { int dq, dv; };
+inline Dims dims_for(int dqk, int dv) {
+    if (dqk <= 64 && dv <= 64) return {64, 64};
+    if (dqk <= 96 && dv <= 64) return {96, 64};
+    return {0, 0};
+}
 // The kernels read BF16 copies of q, k, v and dout, one [Tp, D] matrix per (b, h), zero past T and d: a tile is then
 // 64 contiguous rows, copied into shared memory by 16-byte asynchronous copies with no bounds to test.
 __global__ void to_heads_bf16_kernel(bf16* xb, const float* x, int T, int H, int d, int Tp, int D) {
@@ -734,99 +719,188 @@ __global__ void to_heads_bf16_kernel(bf16* xb, const float* x, int T, int H, int
         xb[(int64_t(bh) * Tp + t) * D + c] =
             __float2bfloat16(t < T && c < d ? x[((int64_t(b) * T + t) * H + h) * d + c] : 0.0f);
 }
-// Rows r0 .. r0 + 63 of one head's copy xb (row length D) into shared memory (row stride ld). The caller waits
-// (cp_async_wait<0>) and synchronises before reading.
-__device__ void load_tile(bf16* s, int ld, const bf16* xb, int D, int r0) {
-    const int chunks = D / 8;   // 16-byte pieces per row
-    for (int e = threadIdx.x; e < kTile * chunks; e += kThreads) {
-        const int r = e / chunks, c = 8 * (e % chunks);
-        cp_async_16(s + r * ld + c, xb + int64_t(r0 + r) * D + c, 16);
+// Rows r0 .. r0 + 63 of one head's copy xb (row length D) into shared memory, rows D + 8 apart (the 16-byte pad
+// puts the 8 rows an ldmatrix reads in 8 different bank groups). Not committed: the caller commits and waits.
+template <int D>
+__device__ void load_tile(bf16* s, const bf16* xb, int r0) {
+    for (int e = threadIdx.x; e < kTile * D / 8; e += kThreads) {
+        const int r = e / (D / 8), c = 8 * (e % (D / 8));
+        cp_async_16(s + r * (D + 8) + c, xb + int64_t(r0 + r) * D + c, 16);
     }
-    cp_async_commit();
 }
-// C[16, 16·n_tiles] (FP32, row-major, ldc) = A[16, K] · op(B) for one warp. A: BF16 row-major (lda); B: BF16 with
-// element (kk, n) at b[n·ldb + kk] (trans_b: a row-major [N, K] tile used as Kᵀ) or at b[kk·ldb + n]. `accumulate`
-// adds to C instead of overwriting it.
-template <bool trans_b>
-__device__ void warp_gemm(float* c, int ldc, const bf16* a, int lda, const bf16* b, int ldb, int K, int n_tiles,
-                          bool accumulate) {
-    using namespace nvcuda;
-    using LayoutB = std::conditional_t<trans_b, wmma::col_major, wmma::row_major>;
-    for (int n = 0; n < n_tiles; ++n) {
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-        if (accumulate) wmma::load_matrix_sync(acc, c + 16 * n, ldc, wmma::mem_row_major);
-        else wmma::fill_fragment(acc, 0.0f);
-        for (int kk = 0; kk < K; kk += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fa;
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, LayoutB> fb;
-            wmma::load_matrix_sync(fa, a + kk, lda);
-            wmma::load_matrix_sync(fb, trans_b ? b + int64_t(16 * n) * ldb + kk : b + int64_t(kk) * ldb + 16 * n, ldb);
-            wmma::mma_sync(acc, fa, fb, acc);
+// --- warp-level tensor-core products (mma.sync m16n8k16, BF16 in, FP32 accumulators) ---
+// Fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16"), with g = lane / 4 and t = lane mod 4:
+//   A 16×16: a[0] = (row g, cols 2t, 2t+1), a[1] = (row g+8, same), a[2] = (row g, cols 2t+8, 2t+9), a[3] = (g+8, ..)
+//   B 16×8:  b[0] = (rows 2t, 2t+1, col g), b[1] = (rows 2t+8, 2t+9, col g)
+//   C 16×8:  c[0], c[1] = (row g, cols 2t, 2t+1), c[2], c[3] = (row g+8, cols 2t, 2t+1)
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const bf16* p) {
+    const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const bf16* p) {
+    const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);   // lo in the low half: the element of the lower column
+    return *reinterpret_cast<const uint32_t*>(&v);
+}
+// c[16, 8·NT] += A[16, K] · Bᵀ: A's 16 rows at a (row-major, lda), B's 8·NT rows at b (row-major [n][k], ldb).
+template <int NT, int K>
+__device__ __forceinline__ void mma_abt(float (&c)[NT][4], const bf16* a, int lda, const bf16* b, int ldb) {
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int kk = 0; kk < K; kk += 16) {
+        uint32_t af[4];
+        ldmatrix_x4(af, a + (lane % 16) * lda + kk + (lane / 16) * 8);
+#pragma unroll
+        for (int n = 0; n < NT; n += 2) {   // two n8 tiles per ldmatrix: (n, k), (n, k+8), (n+8, k), (n+8, k+8)
+            uint32_t bf[4];
+            ldmatrix_x4(bf, b + (8 * n + lane % 8 + (lane / 16) * 8) * ldb + kk + ((lane / 8) % 2) * 8);
+            mma_16816(c[n], af, bf[0], bf[1]);
+            mma_16816(c[n + 1], af, bf[2], bf[3]);
         }
-        wmma::store_matrix_sync(c + 16 * n, acc, ldc, wmma::mem_row_major);
     }
 }
-#define DSV3_FLASH_SMEM(T_, name) reinterpret_cast<T_*>(smem + L.name)
+// c[16, 8·NT] += A · B: A[16, 16·KT] in registers (fragments), B at b row-major [k][n] (ldb), read transposed.
+template <int NT, int KT>
+__device__ __forceinline__ void mma_ab(float (&c)[NT][4], const uint32_t (&a)[KT][4], const bf16* b, int ldb) {
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int kk = 0; kk < KT; ++kk)
+#pragma unroll
+        for (int n = 0; n < NT; n += 2) {   // matrices (k, n), (k+8, n), (k, n+8), (k+8, n+8)
+            uint32_t bf[4];
+            ldmatrix_x4_trans(bf, b + (16 * kk + lane % 8 + ((lane / 8) % 2) * 8) * ldb + 8 * n + (lane / 16) * 8);
+            mma_16816(c[n], a[kk], bf[0], bf[1]);
+            mma_16816(c[n + 1], a[kk], bf[2], bf[3]);
+        }
+}
+// The accumulators of a 16 × 64 block (8 n8 tiles) as the A fragments of its 4 k16 slices, rounded to BF16.
+__device__ __forceinline__ void to_fragments(uint32_t (&a)[4][4], const float (&c)[8][4]) {
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+        a[kk][0] = pack_bf16(c[2 * kk][0], c[2 * kk][1]);
+        a[kk][1] = pack_bf16(c[2 * kk][2], c[2 * kk][3]);
+        a[kk][2] = pack_bf16(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+        a[kk][3] = pack_bf16(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+    }
+}
+template <int NT>
+__device__ __forceinline__ void zero(float (&c)[NT][4]) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n) c[n][0] = c[n][1] = c[n][2] = c[n][3] = 0.0f;
+}
+// dst[row, c] (+)= factor · acc for this warp's 16 rows from row0 (rows past T and columns past d skipped).
+template <int NT>
+__device__ __forceinline__ void store_rows(float* dst, int64_t stride, const float (&acc)[NT][4], int row0, int T,
+                                           int d, float factor, bool add) {
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int row = row0 + lane / 4 + 8 * (e / 2), c = 8 * n + 2 * (lane % 4) + e % 2;
+            if (row >= T || c >= d) continue;
+            float* p = dst + int64_t(row) * stride + c;
+            *p = (add ? *p : 0.0f) + factor * acc[n][e];
+        }
+}
 
 // grid (query tiles, B·H)
+template <int DQ, int DV>
 __global__ void __launch_bounds__(kThreads) forward_kernel(float* out, float* lse, const bf16* q, const bf16* k,
                                                            const bf16* v, Args a) {
     extern __shared__ __align__(128) unsigned char smem[];
-    const Layout L(a, Kernel::forward);
-    bf16 *Qs = DSV3_FLASH_SMEM(bf16, q), *Ks = DSV3_FLASH_SMEM(bf16, k), *Vs = DSV3_FLASH_SMEM(bf16, v);
-    bf16* Ps = DSV3_FLASH_SMEM(bf16, p);
-    float *Ss = DSV3_FLASH_SMEM(float, s), *Os = DSV3_FLASH_SMEM(float, acc_v);
-    float *row_max = DSV3_FLASH_SMEM(float, stats), *row_sum = row_max + kTile;
+    constexpr int LQ = DQ + 8, LV = DV + 8;
+    bf16* Qs = reinterpret_cast<bf16*>(smem);
+    bf16* Ks = Qs + kTile * LQ;          // [2][64][LQ]
+    bf16* Vs = Ks + 2 * kTile * LQ;      // [2][64][LV]
     const int i0 = blockIdx.x * kTile, b = blockIdx.y / a.H, h = blockIdx.y % a.H;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, w16 = 16 * warp;
-    const int64_t vs = int64_t(a.H) * a.dv;   // row stride of out
-    const bf16* qb = q + int64_t(blockIdx.y) * a.Tp * a.Dq;
-    const bf16* kb = k + int64_t(blockIdx.y) * a.Tp * a.Dq;
-    const bf16* vb = v + int64_t(blockIdx.y) * a.Tp * a.Dv;
-    load_tile(Qs, a.ldq(), qb, a.Dq, i0);
-    for (int e = threadIdx.x; e < kTile * a.ldv32(); e += kThreads) Os[e] = 0.0f;
-    if (threadIdx.x < kTile) row_max[threadIdx.x] = -INFINITY, row_sum[threadIdx.x] = 0.0f;
-    // Two lanes per row in the softmax: row r = lane / 2 of the warp's 16, columns half·32 .. half·32 + 31.
-    const int r = w16 + lane / 2, half = lane % 2, i = i0 + r;
-    for (int j0 = 0; j0 <= min(i0 + kTile - 1, a.T - 1); j0 += kTile) {
-        __syncthreads();   // every warp is done with the previous K, V tiles
-        load_tile(Ks, a.ldq(), kb, a.Dq, j0);
-        load_tile(Vs, a.ldv(), vb, a.Dv, j0);
+    const bf16* qb = q + int64_t(blockIdx.y) * a.Tp * DQ;
+    const bf16* kb = k + int64_t(blockIdx.y) * a.Tp * DQ;
+    const bf16* vb = v + int64_t(blockIdx.y) * a.Tp * DV;
+    const int last = min(i0 + kTile - 1, a.T - 1);   // the last key any row of this tile sees
+    load_tile<DQ>(Qs, qb, i0);
+    load_tile<DQ>(Ks, kb, 0);
+    load_tile<DV>(Vs, vb, 0);
+    cp_async_commit();
+    float o[DV / 8][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};   // rows g and g + 8 of the warp
+    zero(o);
+    const int row_g = i0 + w16 + lane / 4;
+    for (int j0 = 0, st = 0; j0 <= last; j0 += kTile, st ^= 1) {
         cp_async_wait<0>();
-        __syncthreads();
-        // S = Q Kᵀ
-        warp_gemm<true>(Ss + w16 * kLdS, kLdS, Qs + w16 * a.ldq(), a.ldq(), Ks, a.ldq(), a.Dq, 4, false);
-        __syncwarp();
-        // Every row has a key in every tile it visits (key j0 ≤ i), so m_new is finite.
-        float* srow = Ss + r * kLdS + 32 * half;
-        float mx = -INFINITY;
-        for (int c = 0; c < 32; ++c) {
-            const int j = j0 + 32 * half + c;
-            srow[c] = j <= i && j < a.T ? srow[c] * a.scale : -INFINITY;
-            mx = fmaxf(mx, srow[c]);
+        __syncthreads();   // tile j0 is in; every warp is done with the tile before it (its stage is free)
+        if (j0 + kTile <= last) {
+            load_tile<DQ>(Ks + (st ^ 1) * kTile * LQ, kb, j0 + kTile);
+            load_tile<DV>(Vs + (st ^ 1) * kTile * LV, vb, j0 + kTile);
         }
-        const float m_old = row_max[r], m_new = fmaxf(m_old, fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1)));
-        const float alpha = expf(m_old - m_new);   // 0 on the first tile (m_old = −∞)
-        float sum = 0.0f;
-        for (int c = 0; c < 32; ++c) {
-            const float e = expf(srow[c] - m_new);
-            Ps[r * kLdP + 32 * half + c] = __float2bfloat16(e);
-            sum += e;
+        cp_async_commit();
+        float s[8][4];
+        zero(s);
+        mma_abt<8, DQ>(s, Qs + w16 * LQ, LQ, Ks + st * kTile * LQ, LQ);
+        // scale (log2 units) and mask; every row has a key in every tile it visits (key j0 ≤ i), so m_new is finite
+        float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int i = row_g + 8 * (e / 2), j = j0 + 8 * n + 2 * (lane % 4) + e % 2;
+                s[n][e] = j <= i && j < a.T ? s[n][e] * a.scale_log2 : -INFINITY;
+                mx[e / 2] = fmaxf(mx[e / 2], s[n][e]);
+            }
+        float alpha[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {   // the row's max over the 4 lanes that hold it
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+            const float m_new = fmaxf(m[r], mx[r]);
+            alpha[r] = exp2f(m[r] - m_new);   // 0 on the first tile (m = −∞)
+            m[r] = m_new;
+            l[r] *= alpha[r];
         }
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        for (int c = half; c < a.Dv; c += 2) Os[r * a.ldv32() + c] *= alpha;
-        __syncwarp();   // both lanes of the row have read row_max
-        if (half == 0) row_max[r] = m_new, row_sum[r] = row_sum[r] * alpha + sum;
-        __syncwarp();
-        warp_gemm<false>(Os + w16 * a.ldv32(), a.ldv32(), Ps + w16 * kLdP, kLdP, Vs, a.ldv(), kTile, a.Dv / 16, true);
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                s[n][e] = exp2f(s[n][e] - m[e / 2]);
+                l[e / 2] += s[n][e];   // this lane's part of the row sum (summed over the 4 lanes at the end)
+            }
+#pragma unroll
+        for (int n = 0; n < DV / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[n][e] *= alpha[e / 2];
+        uint32_t p[4][4];
+        to_fragments(p, s);
+        mma_ab<DV / 8, 4>(o, p, Vs + st * kTile * LV, LV);
     }
-    __syncwarp();
-    for (int e = lane; e < 16 * a.dv; e += 32) {
-        const int rr = w16 + e / a.dv, c = e % a.dv;
-        if (i0 + rr < a.T) out[(int64_t(b) * a.T + i0 + rr) * vs + h * a.dv + c] = Os[rr * a.ldv32() + c] / row_sum[rr];
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+        inv[r] = 1.0f / l[r];
     }
-    if (lane < 16 && i0 + w16 + lane < a.T)
-        lse[(int64_t(blockIdx.y)) * a.T + i0 + w16 + lane] = row_max[w16 + lane] + logf(row_sum[w16 + lane]);
+#pragma unroll
+    for (int n = 0; n < DV / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[n][e] *= inv[e / 2];
+    store_rows(out + int64_t(b) * a.T * a.H * a.dv + h * a.dv, int64_t(a.H) * a.dv, o, i0 + w16, a.T, a.dv, 1.0f,
+               false);
+    if (lane % 4 == 0)
+        for (int r = 0; r < 2; ++r) {
+            const int i = row_g + 8 * r;
+            if (i < a.T) lse[int64_t(blockIdx.y) * a.T + i] = m[r] * 0.69314718f + logf(l[r]);   // m: log2 units
+        }
 }
 
 // D[(b·H + h)·T + t] = Σ_c dout[t, h, c] · out[t, h, c]: one warp per (b, t, h), a fixed shuffle tree.
@@ -840,107 +914,139 @@ __global__ void row_dot_kernel(float* D, const float* dout, const float* out, in
     const int64_t h = row % H, t = (row / H) % T, b = row / (int64_t(H) * T);
     if (lane == 0) D[(b * H + h) * T + t] = s;
 }
-
-// The backward's shared part for one 64×64 tile, on one warp's 16 rows: S and dP (staged), then P and dS in BF16.
-// keys_are_rows: the dK/dV kernel (rows = keys j, columns = queries i), else dQ's (rows = queries, columns = keys).
-template <bool keys_are_rows>
-__device__ void backward_tile(bf16* Ps, bf16* dSs, float* Ss, float* dPs, const bf16* rows_qk, const bf16* cols_qk,
-                              const bf16* rows_vo, const bf16* cols_vo, const float* lse, const float* D, int row0,
-                              int col0, int w16, const Args& a) {
-    // rows·colsᵀ over the head dims: S (or Sᵀ) from q and k, dP (or dPᵀ) from dO and v
-    warp_gemm<true>(Ss + w16 * kLdS, kLdS, rows_qk + w16 * a.ldq(), a.ldq(), cols_qk, a.ldq(), a.Dq, 4, false);
-    warp_gemm<true>(dPs + w16 * kLdS, kLdS, rows_vo + w16 * a.ldv(), a.ldv(), cols_vo, a.ldv(), a.Dv, 4, false);
-    __syncwarp();
-    for (int e = threadIdx.x % 32; e < 16 * kTile; e += 32) {
-        const int r = w16 + e / kTile, c = e % kTile;
-        const int i = keys_are_rows ? col0 + c : row0 + r, j = keys_are_rows ? row0 + r : col0 + c;
-        const int qi = keys_are_rows ? c : r;   // the query's index within its tile (lse, D)
-        const float p = j <= i && i < a.T ? expf(Ss[r * kLdS + c] * a.scale - lse[qi]) : 0.0f;
-        if (Ps) Ps[r * kLdP + c] = __float2bfloat16(p);
-        dSs[r * kLdP + c] = __float2bfloat16(p * (dPs[r * kLdS + c] - D[qi]));
-    }
-    __syncwarp();
-}
-// lse and D of the 64 queries from i0 into shared memory (0 past T: those rows are masked anyway).
+// lse·log2(e) and D of the 64 queries from i0 into shared memory (0 past T: those rows are masked anyway).
 __device__ void load_stats(float* st, const float* lse, const float* D, int64_t bh, int i0, int T) {
     for (int e = threadIdx.x; e < kTile; e += kThreads) {
-        st[e] = i0 + e < T ? lse[bh * T + i0 + e] : 0.0f;
+        st[e] = i0 + e < T ? lse[bh * T + i0 + e] * 1.44269504f : 0.0f;
         st[kTile + e] = i0 + e < T ? D[bh * T + i0 + e] : 0.0f;
     }
 }
-// dst[rows r0.., one (b, h)] += factor · acc[64, d] (rows past T skipped)
-__device__ void add_tile(float* dst, int64_t stride, const float* acc, int ld, int d, int r0, int T, float factor) {
-    for (int e = threadIdx.x; e < kTile * d; e += kThreads) {
-        const int r = e / d, c = e % d;
-        if (r0 + r < T) dst[int64_t(r0 + r) * stride + c] += factor * acc[r * ld + c];
-    }
+// From S and dP (16 rows × 64, accumulators): P = exp(S·scale − lse) where the query i sees the key j (else 0), and
+// dS = P ⊙ (dP − D), both as A fragments. lse2_of / D_of give the query's lse·log2(e) and D.
+template <class I, class J, class L, class Dd>
+__device__ __forceinline__ void softmax_backward(uint32_t (&p)[4][4], uint32_t (&ds)[4][4], float (&s)[8][4],
+                                                 float (&dp)[8][4], I query, J key, L lse2_of, Dd D_of, const Args& a) {
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int i = query(n, e), j = key(n, e);
+            const float pe = j <= i && i < a.T ? exp2f(s[n][e] * a.scale_log2 - lse2_of(n, e)) : 0.0f;
+            s[n][e] = pe;
+            dp[n][e] = pe * (dp[n][e] - D_of(n, e));
+        }
+    to_fragments(p, s);
+    to_fragments(ds, dp);
 }
 
 // grid (key tiles, B·H): dK += scale·Σ_i dS_ij q_i, dV += Σ_i p_ij dO_i over the query tiles i0 ≥ j0
+template <int DQ, int DV>
 __global__ void __launch_bounds__(kThreads) dkdv_kernel(float* dk, float* dv, const bf16* dout, const float* lse,
                                                         const float* D, const bf16* q, const bf16* k, const bf16* v,
                                                         Args a) {
     extern __shared__ __align__(128) unsigned char smem[];
-    const Layout L(a, Kernel::dkdv);
-    bf16 *Qs = DSV3_FLASH_SMEM(bf16, q), *Ks = DSV3_FLASH_SMEM(bf16, k), *Vs = DSV3_FLASH_SMEM(bf16, v);
-    bf16 *dOs = DSV3_FLASH_SMEM(bf16, dO), *Ps = DSV3_FLASH_SMEM(bf16, p), *dSs = DSV3_FLASH_SMEM(bf16, ds);
-    float *Ss = DSV3_FLASH_SMEM(float, s), *dPs = DSV3_FLASH_SMEM(float, dp), *st = DSV3_FLASH_SMEM(float, stats);
-    float *dKs = DSV3_FLASH_SMEM(float, acc_q), *dVs = DSV3_FLASH_SMEM(float, acc_v);
-    const int j0 = blockIdx.x * kTile, b = blockIdx.y / a.H, h = blockIdx.y % a.H, w16 = 16 * (threadIdx.x / 32);
-    const int64_t qs = int64_t(a.H) * a.dqk, vs = int64_t(a.H) * a.dv;
-    const int64_t q_off = int64_t(b) * a.T * qs + h * a.dqk, v_off = int64_t(b) * a.T * vs + h * a.dv;
-    const int64_t hq = int64_t(blockIdx.y) * a.Tp * a.Dq, hv = int64_t(blockIdx.y) * a.Tp * a.Dv;   // this head
-    load_tile(Ks, a.ldq(), k + hq, a.Dq, j0);
-    load_tile(Vs, a.ldv(), v + hv, a.Dv, j0);
-    for (int e = threadIdx.x; e < kTile * a.ldq32(); e += kThreads) dKs[e] = 0.0f;
-    for (int e = threadIdx.x; e < kTile * a.ldv32(); e += kThreads) dVs[e] = 0.0f;
-    for (int i0 = j0; i0 < a.T; i0 += kTile) {
-        __syncthreads();
-        load_tile(Qs, a.ldq(), q + hq, a.Dq, i0);
-        load_tile(dOs, a.ldv(), dout + hv, a.Dv, i0);
-        load_stats(st, lse, D, blockIdx.y, i0, a.T);
+    constexpr int LQ = DQ + 8, LV = DV + 8;
+    bf16* Ks = reinterpret_cast<bf16*>(smem);
+    bf16* Vs = Ks + kTile * LQ;
+    bf16* Qs = Vs + kTile * LV;          // [2][64][LQ]
+    bf16* dOs = Qs + 2 * kTile * LQ;     // [2][64][LV]
+    float* st = reinterpret_cast<float*>(dOs + 2 * kTile * LV);   // [2][lse2 64, D 64]
+    const int j0 = blockIdx.x * kTile, b = blockIdx.y / a.H, h = blockIdx.y % a.H;
+    const int lane = threadIdx.x % 32, w16 = 16 * (threadIdx.x / 32);
+    const int64_t hq = int64_t(blockIdx.y) * a.Tp * DQ, hv = int64_t(blockIdx.y) * a.Tp * DV;   // this head
+    load_tile<DQ>(Ks, k + hq, j0);
+    load_tile<DV>(Vs, v + hv, j0);
+    load_tile<DQ>(Qs, q + hq, j0);
+    load_tile<DV>(dOs, dout + hv, j0);
+    load_stats(st, lse, D, blockIdx.y, j0, a.T);
+    cp_async_commit();
+    float dk_acc[DQ / 8][4], dv_acc[DV / 8][4];
+    zero(dk_acc);
+    zero(dv_acc);
+    const int key_g = j0 + w16 + lane / 4;
+    for (int i0 = j0, sb = 0; i0 < a.T; i0 += kTile, sb ^= 1) {
         cp_async_wait<0>();
         __syncthreads();
-        backward_tile<true>(Ps, dSs, Ss, dPs, Ks, Qs, Vs, dOs, st, st + kTile, j0, i0, w16, a);
-        warp_gemm<false>(dVs + w16 * a.ldv32(), a.ldv32(), Ps + w16 * kLdP, kLdP, dOs, a.ldv(), kTile, a.Dv / 16, true);
-        warp_gemm<false>(dKs + w16 * a.ldq32(), a.ldq32(), dSs + w16 * kLdP, kLdP, Qs, a.ldq(), kTile, a.Dq / 16, true);
+        if (i0 + kTile < a.T) {
+            load_tile<DQ>(Qs + (sb ^ 1) * kTile * LQ, q + hq, i0 + kTile);
+            load_tile<DV>(dOs + (sb ^ 1) * kTile * LV, dout + hv, i0 + kTile);
+            load_stats(st + (sb ^ 1) * 2 * kTile, lse, D, blockIdx.y, i0 + kTile, a.T);
+        }
+        cp_async_commit();
+        const bf16 *Qt = Qs + sb * kTile * LQ, *dOt = dOs + sb * kTile * LV;
+        const float* stt = st + sb * 2 * kTile;
+        float s[8][4], dp[8][4];   // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ: rows keys, columns queries
+        zero(s);
+        zero(dp);
+        mma_abt<8, DQ>(s, Ks + w16 * LQ, LQ, Qt, LQ);
+        mma_abt<8, DV>(dp, Vs + w16 * LV, LV, dOt, LV);
+        auto col = [&](int n, int e) { return 8 * n + 2 * (lane % 4) + e % 2; };
+        uint32_t p[4][4], ds[4][4];
+        softmax_backward(p, ds, s, dp, [&](int n, int e) { return i0 + col(n, e); },
+                         [&](int, int e) { return key_g + 8 * (e / 2); },
+                         [&](int n, int e) { return stt[col(n, e)]; }, [&](int n, int e) { return stt[kTile + col(n, e)]; },
+                         a);
+        mma_ab<DV / 8, 4>(dv_acc, p, dOt, LV);   // dV[key, :] += Σ_query Pᵀ · dO
+        mma_ab<DQ / 8, 4>(dk_acc, ds, Qt, LQ);   // dK[key, :] += Σ_query dSᵀ · Q
     }
-    __syncthreads();
-    add_tile(dk + q_off, qs, dKs, a.ldq32(), a.dqk, j0, a.T, a.scale);
-    add_tile(dv + v_off, vs, dVs, a.ldv32(), a.dv, j0, a.T, 1.0f);
+    store_rows(dk + int64_t(b) * a.T * a.H * a.dqk + h * a.dqk, int64_t(a.H) * a.dqk, dk_acc, j0 + w16, a.T, a.dqk,
+               a.scale, true);
+    store_rows(dv + int64_t(b) * a.T * a.H * a.dv + h * a.dv, int64_t(a.H) * a.dv, dv_acc, j0 + w16, a.T, a.dv, 1.0f,
+               true);
 }
 // grid (query tiles, B·H): dQ += scale·Σ_j dS_ij k_j over the key tiles j0 ≤ i0
+template <int DQ, int DV>
 __global__ void __launch_bounds__(kThreads) dq_kernel(float* dq, const bf16* dout, const float* lse, const float* D,
                                                       const bf16* q, const bf16* k, const bf16* v, Args a) {
     extern __shared__ __align__(128) unsigned char smem[];
-    const Layout L(a, Kernel::dq);
-    bf16 *Qs = DSV3_FLASH_SMEM(bf16, q), *Ks = DSV3_FLASH_SMEM(bf16, k), *Vs = DSV3_FLASH_SMEM(bf16, v);
-    bf16 *dOs = DSV3_FLASH_SMEM(bf16, dO), *dSs = DSV3_FLASH_SMEM(bf16, ds);
-    float *Ss = DSV3_FLASH_SMEM(float, s), *dPs = DSV3_FLASH_SMEM(float, dp), *st = DSV3_FLASH_SMEM(float, stats);
-    float* dQs = DSV3_FLASH_SMEM(float, acc_q);
-    const int i0 = blockIdx.x * kTile, b = blockIdx.y / a.H, h = blockIdx.y % a.H, w16 = 16 * (threadIdx.x / 32);
-    const int64_t qs = int64_t(a.H) * a.dqk, q_off = int64_t(b) * a.T * qs + h * a.dqk;
-    const int64_t hq = int64_t(blockIdx.y) * a.Tp * a.Dq, hv = int64_t(blockIdx.y) * a.Tp * a.Dv;
-    load_tile(Qs, a.ldq(), q + hq, a.Dq, i0);
-    load_tile(dOs, a.ldv(), dout + hv, a.Dv, i0);
+    constexpr int LQ = DQ + 8, LV = DV + 8;
+    bf16* Qs = reinterpret_cast<bf16*>(smem);
+    bf16* dOs = Qs + kTile * LQ;
+    bf16* Ks = dOs + kTile * LV;         // [2][64][LQ]
+    bf16* Vs = Ks + 2 * kTile * LQ;      // [2][64][LV]
+    float* st = reinterpret_cast<float*>(Vs + 2 * kTile * LV);
+    const int i0 = blockIdx.x * kTile, b = blockIdx.y / a.H, h = blockIdx.y % a.H;
+    const int lane = threadIdx.x % 32, w16 = 16 * (threadIdx.x / 32);
+    const int64_t hq = int64_t(blockIdx.y) * a.Tp * DQ, hv = int64_t(blockIdx.y) * a.Tp * DV;
+    const int last = min(i0 + kTile - 1, a.T - 1);
+    load_tile<DQ>(Qs, q + hq, i0);
+    load_tile<DV>(dOs, dout + hv, i0);
+    load_tile<DQ>(Ks, k + hq, 0);
+    load_tile<DV>(Vs, v + hv, 0);
     load_stats(st, lse, D, blockIdx.y, i0, a.T);
-    for (int e = threadIdx.x; e < kTile * a.ldq32(); e += kThreads) dQs[e] = 0.0f;
-    for (int j0 = 0; j0 <= min(i0 + kTile - 1, a.T - 1); j0 += kTile) {
-        __syncthreads();
-        load_tile(Ks, a.ldq(), k + hq, a.Dq, j0);
-        load_tile(Vs, a.ldv(), v + hv, a.Dv, j0);
+    cp_async_commit();
+    float dq_acc[DQ / 8][4];
+    zero(dq_acc);
+    const int row_g = i0 + w16 + lane / 4;
+    float lse2[2], Dr[2];
+    for (int j0 = 0, sb = 0; j0 <= last; j0 += kTile, sb ^= 1) {
         cp_async_wait<0>();
         __syncthreads();
-        backward_tile<false>(nullptr, dSs, Ss, dPs, Qs, Ks, dOs, Vs, st, st + kTile, i0, j0, w16, a);
-        warp_gemm<false>(dQs + w16 * a.ldq32(), a.ldq32(), dSs + w16 * kLdP, kLdP, Ks, a.ldq(), kTile, a.Dq / 16, true);
+        if (j0 == 0)
+            for (int r = 0; r < 2; ++r) lse2[r] = st[w16 + lane / 4 + 8 * r], Dr[r] = st[kTile + w16 + lane / 4 + 8 * r];
+        if (j0 + kTile <= last) {
+            load_tile<DQ>(Ks + (sb ^ 1) * kTile * LQ, k + hq, j0 + kTile);
+            load_tile<DV>(Vs + (sb ^ 1) * kTile * LV, v + hv, j0 + kTile);
+        }
+        cp_async_commit();
+        const bf16 *Kt = Ks + sb * kTile * LQ, *Vt = Vs + sb * kTile * LV;
+        float s[8][4], dp[8][4];   // S = Q Kᵀ and dP = dO Vᵀ: rows queries, columns keys
+        zero(s);
+        zero(dp);
+        mma_abt<8, DQ>(s, Qs + w16 * LQ, LQ, Kt, LQ);
+        mma_abt<8, DV>(dp, dOs + w16 * LV, LV, Vt, LV);
+        uint32_t p[4][4], ds[4][4];   // (p is not needed here: the compiler drops it)
+        softmax_backward(p, ds, s, dp, [&](int, int e) { return row_g + 8 * (e / 2); },
+                         [&](int n, int e) { return j0 + 8 * n + 2 * (lane % 4) + e % 2; },
+                         [&](int, int e) { return lse2[e / 2]; }, [&](int, int e) { return Dr[e / 2]; }, a);
+        mma_ab<DQ / 8, 4>(dq_acc, ds, Kt, LQ);   // dQ[query, :] += Σ_key dS · K
     }
-    __syncthreads();
-    add_tile(dq + q_off, qs, dQs, a.ldq32(), a.dqk, i0, a.T, a.scale);
+    store_rows(dq + int64_t(b) * a.T * a.H * a.dqk + h * a.dqk, int64_t(a.H) * a.dqk, dq_acc, i0 + w16, a.T, a.dqk,
+               a.scale, true);
 }
-#undef DSV3_FLASH_SMEM
 
 inline Args args(int B, int T, int H, int dqk, int dv, float scale) {
-    return {B, T, H, dqk, dv, (dqk + 15) / 16 * 16, (dv + 15) / 16 * 16, (T + kTile - 1) / kTile * kTile, scale};
+    return {B, T, H, dqk, dv, (T + kTile - 1) / kTile * kTile, scale, scale * 1.44269504f};
 }
 inline const bf16* heads_bf16(Slot slot, const float* x, const Args& a, int d, int D) {
     auto* xb = static_cast<bf16*>(scratch(slot, sizeof(bf16) * size_t(a.B) * a.H * a.Tp * D));
@@ -948,27 +1054,39 @@ inline const bf16* heads_bf16(Slot slot, const float* x, const Args& a, int d, i
     DSV3_CUDA_CHECK_LAUNCH();
     return xb;
 }
-// Whether the largest of the three kernels fits the GPU's shared memory (head dims up to about 192 + 128).
-inline bool fits(int dqk, int dv) {
-    static const int limit = [] {
-        int dev = 0, bytes = 0;
-        DSV3_CUDA_CHECK(cudaGetDevice(&dev));
-        DSV3_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-        return bytes;
-    }();
-    return Layout(args(1, 1, 1, dqk, dv, 1.0f), Kernel::dkdv).bytes <= size_t(limit);
+// Shared memory of each kernel: the fixed tile and the double-buffered streamed tiles (+ statistics).
+inline size_t smem_bytes(Dims d, bool forward) {
+    const size_t q = sizeof(bf16) * kTile * (d.dq + 8), v = sizeof(bf16) * kTile * (d.dv + 8);
+    return forward ? q + 2 * (q + v) : (q + v) + 2 * (q + v) + 2 * 2 * kTile * sizeof(float);
 }
 template <class K, class... P>
-void launch(K kernel, Kernel kind, const Args& a, P... params) {
-    const size_t bytes = Layout(a, kind).bytes;
+void launch(K kernel, size_t bytes, const Args& a, P... params) {
     DSV3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-    const dim3 grid(unsigned((a.T + kTile - 1) / kTile), unsigned(a.B * a.H));
+    const dim3 grid(unsigned(a.Tp / kTile), unsigned(a.B * a.H));
     kernel<<<grid, kThreads, bytes>>>(params..., a);
     DSV3_CUDA_CHECK_LAUNCH();
 }
+template <int DQ, int DV>
+void forward(float* out, float* lse, const float* q, const float* k, const float* v, const Args& a) {
+    const bf16* qb = heads_bf16(Slot::bf16_a, q, a, a.dqk, DQ);
+    const bf16* kb = heads_bf16(Slot::bf16_b, k, a, a.dqk, DQ);
+    const bf16* vb = heads_bf16(Slot::bf16_c, v, a, a.dv, DV);
+    launch(forward_kernel<DQ, DV>, smem_bytes({DQ, DV}, true), a, out, lse, qb, kb, vb);
+}
+template <int DQ, int DV>
+void backward(float* dq, float* dk, float* dv, const float* dout, const float* lse, const float* D, const float* q,
+              const float* k, const float* v, const Args& a) {
+    const bf16* qb = heads_bf16(Slot::bf16_a, q, a, a.dqk, DQ);
+    const bf16* kb = heads_bf16(Slot::bf16_b, k, a, a.dqk, DQ);
+    const bf16* vb = heads_bf16(Slot::bf16_c, v, a, a.dv, DV);
+    const bf16* dob = heads_bf16(Slot::attn_bf16, dout, a, a.dv, DV);
+    const size_t bytes = smem_bytes({DQ, DV}, false);
+    launch(dkdv_kernel<DQ, DV>, bytes, a, dk, dv, dob, lse, D, qb, kb, vb);
+    launch(dq_kernel<DQ, DV>, bytes, a, dq, dob, lse, D, qb, kb, vb);
+}
 }  // namespace flash
 // The path: flash (the default), or the materialised one above where the head dims are too large for the flash
-// kernels' shared memory, or when DSV3_ATTENTION=materialised (or a caller, the tests) asks for it.
+// kernels' registers, or when DSV3_ATTENTION=materialised (or a caller, the tests) asks for it.
 inline bool& attention_materialised() {
     static bool m = [] {
         const char* e = std::getenv("DSV3_ATTENTION");
@@ -976,7 +1094,7 @@ inline bool& attention_materialised() {
     }();
     return m;
 }
-inline bool use_flash(int dqk, int dv) { return !attention_materialised() && flash::fits(dqk, dv); }
+inline bool use_flash(int dqk, int dv) { return !attention_materialised() && flash::dims_for(dqk, dv).dq > 0; }
 }  // namespace detail
 
 // Floats that attention_forward saves for the backward (the model allocates them): one log-sum-exp per row with the
@@ -993,10 +1111,8 @@ inline void attention_forward(float* out, float* saved, const float* q, const fl
     if (detail::use_flash(dqk, dv)) {
         namespace fl = detail::flash;
         const fl::Args a = fl::args(B, T, H, dqk, dv, scale);
-        const fl::bf16* qb = fl::heads_bf16(Slot::bf16_a, q, a, dqk, a.Dq);
-        const fl::bf16* kb = fl::heads_bf16(Slot::bf16_b, k, a, dqk, a.Dq);
-        const fl::bf16* vb = fl::heads_bf16(Slot::bf16_c, v, a, dv, a.Dv);
-        return fl::launch(fl::forward_kernel, fl::Kernel::forward, a, out, saved, qb, kb, vb);
+        if (fl::dims_for(dqk, dv).dq == 64) return fl::forward<64, 64>(out, saved, q, k, v, a);
+        return fl::forward<96, 64>(out, saved, q, k, v, a);
     }
     float* probs = saved;
     const int64_t q_seq = int64_t(T) * H * dqk, v_seq = int64_t(T) * H * dv, p_seq = int64_t(H) * T * T;
@@ -1023,13 +1139,8 @@ inline void attention_backward(float* dq, float* dk, float* dv_, const float* do
         const int64_t rows = int64_t(B) * T * H;
         fl::row_dot_kernel<<<unsigned((rows * 32 + 255) / 256), 256>>>(D, dout, out, B, T, H, dv);
         DSV3_CUDA_CHECK_LAUNCH();
-        const fl::bf16* qb = fl::heads_bf16(Slot::bf16_a, q, a, dqk, a.Dq);
-        const fl::bf16* kb = fl::heads_bf16(Slot::bf16_b, k, a, dqk, a.Dq);
-        const fl::bf16* vb = fl::heads_bf16(Slot::bf16_c, v, a, dv, a.Dv);
-        const fl::bf16* dob = fl::heads_bf16(Slot::attn_bf16, dout, a, dv, a.Dv);
-        fl::launch(fl::dkdv_kernel, fl::Kernel::dkdv, a, dk, dv_, dob, saved, D, qb, kb, vb);
-        fl::launch(fl::dq_kernel, fl::Kernel::dq, a, dq, dob, saved, D, qb, kb, vb);
-        return;
+        if (fl::dims_for(dqk, dv).dq == 64) return fl::backward<64, 64>(dq, dk, dv_, dout, saved, D, q, k, v, a);
+        return fl::backward<96, 64>(dq, dk, dv_, dout, saved, D, q, k, v, a);
     }
     const float* probs = saved;
     const int64_t q_seq = int64_t(T) * H * dqk, v_seq = int64_t(T) * H * dv, p_seq = int64_t(H) * T * T;
@@ -1943,36 +2054,41 @@ __global__ void __launch_bounds__(kThreads) kernel(Args p) {
 // The WMMA kernels above load 16×16 fragments from shared memory into each warp's registers before every product.
 // wgmma (see "Hopper's warpgroup MMA" near the top of this file) lets a warpgroup multiply a 64×128 tile by a K = 16
 // slice straight from shared memory, asynchronously, so the copies of later tiles, the issue of the next products and
-// the tensor cores' work overlap. wgmma reads BF16 operands K-major here (rows of 64 BF16 = 128 bytes, in the 128-byte
-// swizzle of fp8.cuh's GEMM, so one descriptor helper serves both), so each product is written
-// C[M, N] (+)= A[M, K] · B[N, K]ᵀ with both operands K-contiguous in memory:
-//   forward  A = x_g [R, in]       B = W_g [out, in]     (the weights' BF16 shadows, as stored)
-//   dx       A = dy_g [R, out]     B = W_gᵀ [in, out]    (every expert's weight transposed to BF16 once per call)
-//   dW       A = dy_gᵀ [out, R']   B = x_gᵀ [in, R']     (dy and x transposed to BF16 once per call, each expert's R
-//                                                         rows padded with zero columns to R' = a multiple of 8)
+// the tensor cores' work overlap. Each product is C[M, N] (+)= A[M, K] · B[N, K]ᵀ, and wgmma reads a BF16 operand
+// from shared memory either K-major (K contiguous) or MN-major (M or N contiguous: the "transposed" layout), so
+// every operand is copied as it lies in memory, with no transposing pass:
+//   forward  A(m, k) = x[r0+m, k]    K-major     B(n, k) = W_g[n, k]    K-major    (M = R,   N = out, K = in)
+//   dx       A(m, k) = dy[r0+m, k]   K-major     B(n, k) = W_g[k, n]    MN-major   (M = R,   N = in,  K = out)
+//   dW       A(m, k) = dy[r0+k, m]   MN-major    B(n, k) = x[r0+k, n]   MN-major   (M = out, N = in,  K = R)
+// Shared memory holds an operand's tile as 128 lines of 128 bytes (64 BF16) in the 128-byte swizzle of fp8.cuh's
+// GEMM (16-byte chunk c of line L at chunk position c XOR (L mod 8)). K-major: line i is row mn0 + i, its 64 k.
+// MN-major: lines 0-63 hold k0 .. k0+63 of columns mn0 .. mn0+63, lines 64-127 the next 64 columns. Either way
+// warpgroup w's 64 rows of A start at line 64 w; a K = 16 step moves 32 bytes along the lines (K-major) or 16 lines
+// (MN-major); and B's second 64 columns (MN-major) are 8 KB on (the descriptor's leading byte offset).
 // A CTA (2 warpgroups, 256 threads) computes a 128×128 tile of C, each warpgroup 64 rows (64 FP32 accumulators a
-// thread). K advances in tiles of 64 through a ring of kStages shared-memory stages filled by cp.async. Tile kt + 2
-// is copied into the stage that tile kt − 2 used, after the barrier at which both warpgroups have waited for their
-// wgmma of kt − 2 (each keeps one group in flight): two tiles are copied while the tensor cores work on a third.
-// Same numerics as the other paths (BF16 operands, FP32 accumulation); each output is summed by one CTA in a fixed
-// k order: deterministic. In and out must be multiples of 8 and the experts' weights 16-byte aligned.
+// thread). K advances in tiles of 64 through a ring of kStages stages filled by cp.async: tile kt + kAhead is
+// copied into the stage of tile kt − 2, after the barrier at which both warpgroups have waited for their wgmma of
+// kt − 2 (each keeps one group in flight), so kAhead tiles are on their way while the tensor cores work (enough to
+// cover the latency of global memory). Same numerics as the other paths (BF16 operands, FP32 accumulation); each
+// output is summed by one CTA in a fixed k order: deterministic. In and out must be multiples of 8, the experts'
+// BF16 weights 16-byte aligned.
 namespace hopper {
-constexpr int BM = 128, BN = 128, BK = 64, kThreads = 256, kStages = 4, kAhead = kStages - 2;
-constexpr int kTileBytes = BM * BK * 2;                       // one operand's tile: 128 rows of 128 bytes (BN = BM)
+constexpr int BM = 128, BN = 128, BK = 64, kThreads = 256, kStages = 6, kAhead = kStages - 2;
+constexpr int kTileBytes = BM * BK * 2;                       // one operand's tile: 128 lines of 128 bytes (BN = BM)
 constexpr int kSmemBytes = kStages * 2 * kTileBytes + 1024;   // + room to align the ring to the swizzle's 1024 bytes
 struct Args {
-    const __nv_bfloat16* a;            // forward: x [rows, in]; dx: dy [rows, out]; dW: dyᵀ [out, P]
-    const __nv_bfloat16* b;            // dx: Wᵀ [groups][in, out]; dW: xᵀ [in, P]
-    const __nv_bfloat16* const* w;     // forward: [groups] each expert's BF16 weight [out, in]
+    const __nv_bfloat16* a;            // forward: x [rows, in]; dx, dW: dy [rows, out]
+    const __nv_bfloat16* b;            // dW: x [rows, in]
+    const __nv_bfloat16* const* w;     // forward, dx: [groups] each expert's BF16 weight [out, in]
     float* c;                          // y, dx or dW
     const int64_t* offsets;            // [groups + 1] rows of each expert, device
-    const int64_t* padded;             // dW: [groups + 1] columns of each expert in dyᵀ and xᵀ, device
-    int64_t w_stride, P;               // dW: floats between experts' gradients; columns of dyᵀ and xᵀ
+    int64_t w_stride;                  // dW: floats between experts' gradients
     int in, out;
 };
 
 #ifdef DSV3_HAS_WGMMA
-// D[64 × 128] += A[64 × 16] · B[128 × 16]ᵀ, BF16 K-major operands in shared memory, FP32 registers.
+// D[64 × 128] += A[64 × 16] · B[128 × 16]ᵀ, BF16 operands in shared memory (TA, TB: 1 = MN-major), FP32 registers.
+template <int TA, int TB>
 __device__ __forceinline__ void wgmma_m64n128k16_bf16(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
     asm volatile(
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
@@ -1980,7 +2096,7 @@ __device__ __forceinline__ void wgmma_m64n128k16_bf16(float (&d)[64], uint64_t d
         "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
         "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
         "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-        "}, %64, %65, 1, 1, 1, 0, 0;\n"
+        "}, %64, %65, 1, 1, 1, %66, %67;\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
           "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
           "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
@@ -1989,30 +2105,32 @@ __device__ __forceinline__ void wgmma_m64n128k16_bf16(float (&d)[64], uint64_t d
           "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
           "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
           "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "l"(desc_a), "l"(desc_b));
+        : "l"(desc_a), "l"(desc_b), "n"(TA), "n"(TB));
+}
+// The descriptor of a 128-byte-swizzled tile (PTX ISA, "Matrix Descriptor Format"): start address / 16 (bits 0-13),
+// leading byte offset / 16 (bits 16-29: MN-major, the next 64 columns), stride byte offset / 16 (bits 32-45: the next
+// 8 lines, 1024 bytes), swizzle mode 1 = 128 bytes (bits 62-63).
+__device__ __forceinline__ uint64_t desc_sw128(const void* p, uint32_t leading_bytes) {
+    const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+    return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(leading_bytes >> 4) << 16) | (uint64_t(1024 >> 4) << 32) |
+           (uint64_t(1) << 62);
 }
 #endif
 
 template <Grouped kind>
 __global__ void __launch_bounds__(kThreads, 1) kernel(Args p) {
 #ifdef DSV3_HAS_WGMMA
-    // Expert g's product C[M, N] (+)= A[M, K] · B[N, K]ᵀ, rows lda, ldb, ldc elements apart
+    constexpr bool a_mn = kind == Grouped::dW, b_mn = kind != Grouped::forward;   // the table above
+    // Expert g's product C[M, N] (+)= A[M, K] · B[N, K]ᵀ; lda, ldb: elements between lines of memory
     const int g = blockIdx.z;
     const int64_t r0 = p.offsets[g], R = p.offsets[g + 1] - r0;
-    const __nv_bfloat16 *A, *B;
-    float* C;
-    int64_t M, K, lda, ldb;
-    int N;
-    if (kind == Grouped::forward) {
-        M = R, N = p.out, K = p.in, A = p.a + r0 * p.in, lda = p.in, B = p.w[g], ldb = p.in, C = p.c + r0 * p.out;
-    } else if (kind == Grouped::dx) {
-        M = R, N = p.in, K = p.out, A = p.a + r0 * p.out, lda = p.out, ldb = p.out, C = p.c + r0 * p.in;
-        B = p.b + int64_t(g) * p.in * p.out;
-    } else {
-        const int64_t c0 = p.padded[g];
-        M = p.out, N = p.in, K = p.padded[g + 1] - c0, A = p.a + c0, lda = p.P, B = p.b + c0, ldb = p.P;
-        C = p.c + g * p.w_stride;
-    }
+    const int64_t M = kind == Grouped::dW ? p.out : R;
+    const int N = kind == Grouped::forward ? p.out : p.in;
+    const int64_t K = kind == Grouped::forward ? p.in : (kind == Grouped::dx ? p.out : R);
+    const __nv_bfloat16* A = p.a + r0 * (kind == Grouped::forward ? p.in : p.out);
+    const __nv_bfloat16* B = kind == Grouped::dW ? p.b + r0 * p.in : p.w[g];
+    const int64_t lda = kind == Grouped::forward ? p.in : p.out, ldb = p.in;
+    float* C = kind == Grouped::dW ? p.c + g * p.w_stride : p.c + r0 * N;
     const int64_t m0 = int64_t(blockIdx.y) * BM;
     const int n0 = blockIdx.x * BN;
     if (m0 >= M || n0 >= N || K == 0) return;   // past this expert's rows, or nothing to add
@@ -2021,20 +2139,25 @@ __global__ void __launch_bounds__(kThreads, 1) kernel(Args p) {
     auto tile_a = [&](int s) { return smem + s * 2 * kTileBytes; };
     auto tile_b = [&](int s) { return smem + s * 2 * kTileBytes + kTileBytes; };
     const int KT = int((K + BK - 1) / BK);
-    // Thread t copies 16-byte chunk c = t mod 8 (8 BF16 along K) of rows t/8 + 32 i of both tiles, to chunk position
-    // c XOR (row mod 8): the swizzle. K is a multiple of 8, so a chunk is wholly inside K or wholly outside (zeros).
+    // Thread t copies 16-byte chunk c = t mod 8 of lines t/8 + 32 i of both tiles, to chunk position c XOR (line
+    // mod 8). A chunk is 8 BF16 along the contiguous dimension (k, or m/n: multiples of 8), so it lies wholly inside
+    // the matrix or wholly outside (zero-filled).
     const int c = threadIdx.x & 7, rb = threadIdx.x >> 3, swz = (c ^ (rb & 7)) << 4;
+    auto copy = [&](uint8_t* tile, const __nv_bfloat16* base, int64_t ld, int64_t mn0, int64_t MN, bool mn_major,
+                    int64_t k0) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int line = rb + 32 * i;
+            const int64_t mn = mn_major ? mn0 + (line / 64) * 64 + c * 8 : mn0 + line;
+            const int64_t k = mn_major ? k0 + line % 64 : k0 + c * 8;
+            const bool ok = mn < MN && k < K;
+            cp_async_16(tile + line * 128 + swz, ok ? base + (mn_major ? k * ld + mn : mn * ld + k) : base, ok ? 16 : 0);
+        }
+    };
     auto load = [&](int kt) {
         if (kt < KT) {
-            const int s = kt % kStages;
-            const int64_t k = int64_t(kt) * BK + c * 8;
-#pragma unroll
-            for (int i = 0; i < BM / 32; ++i) {
-                const int r = rb + 32 * i;
-                const bool a_ok = k < K && m0 + r < M, b_ok = k < K && n0 + r < N;
-                cp_async_16(tile_a(s) + r * 128 + swz, a_ok ? A + (m0 + r) * lda + k : A, a_ok ? 16 : 0);
-                cp_async_16(tile_b(s) + r * 128 + swz, b_ok ? B + (n0 + r) * ldb + k : B, b_ok ? 16 : 0);
-            }
+            copy(tile_a(kt % kStages), A, lda, m0, M, a_mn, int64_t(kt) * BK);
+            copy(tile_b(kt % kStages), B, ldb, n0, N, b_mn, int64_t(kt) * BK);
         }
         cp_async_commit();   // one group per tile, empty past the end, so the waits below count tiles
     };
@@ -2053,8 +2176,10 @@ __global__ void __launch_bounds__(kThreads, 1) kernel(Args p) {
         fence_operands(acc);
         wgmma_fence();
 #pragma unroll
-        for (int j = 0; j < BK / 16; ++j)   // K = 16 a step: +32 bytes inside the 128-byte rows
-            wgmma_m64n128k16_bf16(acc, smem_desc_sw128(a + 32 * j), smem_desc_sw128(b + 32 * j));
+        for (int j = 0; j < BK / 16; ++j) {   // K = 16 a step
+            const int a_step = a_mn ? 16 * 128 * j : 32 * j, b_step = b_mn ? 16 * 128 * j : 32 * j;
+            wgmma_m64n128k16_bf16<a_mn, b_mn>(acc, desc_sw128(a + a_step, 64 * 128), desc_sw128(b + b_step, 64 * 128));
+        }
         wgmma_commit();
         wgmma_wait<1>();               // the products of tile kt − 1 are done (those of kt may still run)
         fence_operands(acc);
@@ -2064,13 +2189,12 @@ __global__ void __launch_bounds__(kThreads, 1) kernel(Args p) {
     // Epilogue: register r of thread (warp w, lane l) of the warpgroup holds row 16 w + l/4 + 8·((r/2) mod 2) and
     // column 8·(r/4) + 2·(l mod 4) + (r mod 2) of its 64×128 tile; two neighbouring columns per store.
     const int w = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
-    const int ldc = N;
 #pragma unroll
     for (int r = 0; r < 64; r += 2) {
         const int64_t row = m0 + wg * 64 + w * 16 + lane / 4 + 8 * ((r / 2) % 2);
         const int col = n0 + 8 * (r / 4) + 2 * (lane % 4);
         if (row >= M || col >= N) continue;
-        float2* dst = reinterpret_cast<float2*>(C + row * ldc + col);
+        float2* dst = reinterpret_cast<float2*>(C + row * N + col);
         float2 v = make_float2(acc[r], acc[r + 1]);
         if (kind != Grouped::forward) {   // forward overwrites, backward adds
             const float2 old = *dst;
@@ -2082,54 +2206,6 @@ __global__ void __launch_bounds__(kThreads, 1) kernel(Args p) {
 #else
     __trap();   // built without sm_90a: the host never launches this (wgmma_available)
 #endif
-}
-
-// out[z][c][r] = bf16(in[z][r][c]) for a [rows, cols] FP32 matrix z (z = blockIdx.z, in_stride floats apart):
-// every expert's weight transposed for dx. 32×32 tiles through shared memory, so reads and writes are coalesced.
-__global__ void transpose_bf16_kernel(__nv_bfloat16* out, const float* in, int rows, int cols, int64_t in_stride) {
-    __shared__ float tile[32][33];   // +1: no bank conflicts on the transposed reads
-    in += blockIdx.z * in_stride;
-    out += blockIdx.z * int64_t(rows) * cols;
-    const int r0 = blockIdx.y * 32, c0 = blockIdx.x * 32;
-    for (int i = threadIdx.y; i < 32; i += blockDim.y) {
-        const int r = r0 + i, c = c0 + threadIdx.x;
-        tile[i][threadIdx.x] = r < rows && c < cols ? in[int64_t(r) * cols + c] : 0.0f;
-    }
-    __syncthreads();
-    for (int i = threadIdx.y; i < 32; i += blockDim.y) {
-        const int c = c0 + i, r = r0 + threadIdx.x;
-        if (c < cols && r < rows) out[int64_t(c) * rows + r] = __float2bfloat16_rn(tile[threadIdx.x][i]);
-    }
-}
-// out[c, q] (q < P) = bf16(in[r, c]) for the permuted activations in [rows, cols], where column q of expert g
-// (padded[g] <= q < padded[g + 1]) is its row r = offsets[g] + q − padded[g], or 0 in the padding: dyᵀ and xᵀ of dW.
-__global__ void transpose_padded_kernel(__nv_bfloat16* out, const float* in, int cols, const int64_t* offsets,
-                                        const int64_t* padded, int groups, int64_t P) {
-    __shared__ float tile[32][33];
-    const int64_t q0 = int64_t(blockIdx.x) * 32;
-    const int c0 = blockIdx.y * 32;
-    for (int i = threadIdx.y; i < 32; i += blockDim.y) {
-        const int64_t q = q0 + i;
-        int64_t r = -1;
-        if (q < P) {   // the expert of column q: the last g with padded[g] <= q (binary search)
-            int lo = 0, hi = groups - 1;
-            while (lo < hi) {
-                const int mid = (lo + hi + 1) / 2;
-                if (padded[mid] <= q) lo = mid;
-                else hi = mid - 1;
-            }
-            const int64_t local = q - padded[lo];
-            if (local < offsets[lo + 1] - offsets[lo]) r = offsets[lo] + local;
-        }
-        const int c = c0 + threadIdx.x;
-        tile[i][threadIdx.x] = r >= 0 && c < cols ? in[r * cols + c] : 0.0f;
-    }
-    __syncthreads();
-    for (int i = threadIdx.y; i < 32; i += blockDim.y) {
-        const int c = c0 + i;
-        const int64_t q = q0 + threadIdx.x;
-        if (c < cols && q < P) out[int64_t(c) * P + q] = __float2bfloat16_rn(tile[threadIdx.x][i]);
-    }
 }
 }  // namespace hopper
 
@@ -2347,58 +2423,33 @@ bool grouped_pipelined(float* c, const float* a, const float* b, const float* W,
     DSV3_CUDA_CHECK_LAUNCH();
     return true;
 }
-// The wgmma kernel, on a Hopper GPU built for sm_90a, when the shapes allow it; false if not (another path runs).
+// The wgmma kernel on BF16 activations a (x or dy) and b (x, for dW), when this is a Hopper GPU with sm_90a code and
+// the shapes allow it; false if not (another path runs).
+inline bool hopper_ok(int in, int out, int64_t w_stride) {
+    return wgmma_available() && pipelined_ok(in, out) && w_stride % 8 == 0;
+}
 template <Grouped kind>
-bool grouped_hopper(float* c, const float* a, const float* b, const float* W, int64_t w_stride,
+bool grouped_hopper(float* c, const __nv_bfloat16* a, const __nv_bfloat16* b, const float* W, int64_t w_stride,
                     const int64_t* offsets, int groups, int in, int out) {
-    if (!wgmma_available() || !pipelined_ok(in, out) || w_stride % 8 != 0) return false;
+    if (!hopper_ok(in, out, w_stride)) return false;
     hopper::Args args{};
-    std::vector<const __nv_bfloat16*> wb;
-    if (kind == Grouped::forward) {
-        wb = expert_weights_bf16(W, w_stride, groups, in, out);
+    if (kind != Grouped::dW) {
+        const std::vector<const __nv_bfloat16*> wb = expert_weights_bf16(W, w_stride, groups, in, out);
         for (const __nv_bfloat16* w : wb)
             if (reinterpret_cast<uintptr_t>(w) % 16 != 0) return false;
+        auto* d = static_cast<const __nv_bfloat16**>(scratch(Slot::plan, sizeof(void*) * size_t(groups)));
+        upload_async(d, wb.data(), sizeof(void*) * size_t(groups));
+        args.w = d;
     }
-    const int64_t rows = offsets[groups];
     int64_t max_rows = 0;
     for (int g = 0; g < groups; ++g) max_rows = std::max(max_rows, offsets[g + 1] - offsets[g]);
     const int64_t M = kind == Grouped::dW ? out : max_rows;
     const int N = kind == Grouped::forward ? out : in;
     if (M == 0 || N == 0 || groups == 0) return true;
-    args.offsets = device_offsets(offsets, groups);
-    const dim3 block(32, 8);
-    if (kind == Grouped::forward) {
-        args.a = bf16_copy(Slot::bf16_a, a, rows * in);
-        auto* d = static_cast<const __nv_bfloat16**>(scratch(Slot::plan, sizeof(void*) * size_t(groups)));
-        upload_async(d, wb.data(), sizeof(void*) * size_t(groups));
-        args.w = d;
-    } else if (kind == Grouped::dx) {
-        args.a = bf16_copy(Slot::bf16_a, a, rows * out);
-        auto* wt = static_cast<__nv_bfloat16*>(scratch(Slot::bf16_b, sizeof(__nv_bfloat16) * size_t(groups) * in * out));
-        hopper::transpose_bf16_kernel<<<dim3(unsigned((in + 31) / 32), unsigned((out + 31) / 32), unsigned(groups)),
-                                        block>>>(wt, W, out, in, w_stride);
-        DSV3_CUDA_CHECK_LAUNCH();
-        args.b = wt;
-    } else {
-        std::vector<int64_t> padded(size_t(groups) + 1, 0);
-        for (int g = 0; g < groups; ++g)
-            padded[size_t(g) + 1] = padded[size_t(g)] + (offsets[g + 1] - offsets[g] + 7) / 8 * 8;
-        const int64_t P = padded.back();
-        auto* dp = static_cast<int64_t*>(scratch(Slot::group_padded, sizeof(int64_t) * padded.size()));
-        upload_async(dp, padded.data(), sizeof(int64_t) * padded.size());
-        auto transposed = [&](Slot slot, const float* src, int cols) {
-            auto* t = static_cast<__nv_bfloat16*>(scratch(slot, sizeof(__nv_bfloat16) * size_t(P) * cols));
-            hopper::transpose_padded_kernel<<<dim3(unsigned((P + 31) / 32), unsigned((cols + 31) / 32)), block>>>(
-                t, src, cols, args.offsets, dp, groups, P);
-            DSV3_CUDA_CHECK_LAUNCH();
-            return t;
-        };
-        args.a = transposed(Slot::bf16_a, a, out);
-        args.b = transposed(Slot::bf16_c, b, in);
-        args.padded = dp;
-        args.P = P;
-    }
+    args.a = a;
+    args.b = b;
     args.c = c;
+    args.offsets = device_offsets(offsets, groups);
     args.w_stride = w_stride;
     args.in = in;
     args.out = out;
@@ -2424,9 +2475,11 @@ inline void grouped_matmul_forward(float* y, const float* x, const float* W, int
     const int64_t rows = offsets[groups];
     if (rows == 0 || out == 0) return;
     if (in == 0) { DSV3_CUDA_CHECK(cudaMemsetAsync(y, 0, sizeof(float) * size_t(rows) * out)); return; }
-    if (detail::use_hopper() &&
-        detail::grouped_hopper<detail::Grouped::forward>(y, x, nullptr, W, w_stride, offsets, groups, in, out))
-        return;
+    if (detail::use_hopper() && detail::hopper_ok(in, out, w_stride)) {
+        const __nv_bfloat16* xb = detail::bf16_copy(Slot::bf16_a, x, rows * in);
+        if (detail::grouped_hopper<detail::Grouped::forward>(y, xb, nullptr, W, w_stride, offsets, groups, in, out))
+            return;
+    }
     if (detail::use_pipelined() &&
         detail::grouped_pipelined<detail::Grouped::forward>(y, x, nullptr, W, w_stride, offsets, groups, in, out))
         return;
@@ -2441,10 +2494,13 @@ inline void grouped_matmul_backward(float* dx, float* dW, const float* dy, const
     DSV3_PROFILE_KERNEL();
     dsv3::check_group_offsets("cuda::grouped_matmul_backward", offsets, groups, in, out);
     if (offsets[groups] == 0 || in == 0 || out == 0 || (!dx && !dW)) return;
-    if (detail::use_hopper()) {   // dW first: its transposes of dy and x do not touch the slots dx reads next
-        const bool dw_done = !dW || detail::grouped_hopper<detail::Grouped::dW>(dW, dy, x, W, w_stride, offsets,
-                                                                                groups, in, out);
-        const bool dx_done = !dx || detail::grouped_hopper<detail::Grouped::dx>(dx, dy, nullptr, W, w_stride, offsets,
+    if (detail::use_hopper() && detail::hopper_ok(in, out, w_stride)) {   // dy converted to BF16 once for both
+        const int64_t rows = offsets[groups];
+        const __nv_bfloat16* dyb = detail::bf16_copy(Slot::bf16_a, dy, rows * out);
+        const bool dw_done = !dW || detail::grouped_hopper<detail::Grouped::dW>(
+                                        dW, dyb, detail::bf16_copy(Slot::bf16_c, x, rows * in), W, w_stride, offsets,
+                                        groups, in, out);
+        const bool dx_done = !dx || detail::grouped_hopper<detail::Grouped::dx>(dx, dyb, nullptr, W, w_stride, offsets,
                                                                                 groups, in, out);
         if (dw_done) dW = nullptr;
         if (dx_done) dx = nullptr;

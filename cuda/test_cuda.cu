@@ -284,14 +284,15 @@ TEST_CASE("rope: the device table follows a new table built into the same object
 
 // Both paths: the materialised one (FP32 products, the probabilities stored as on the CPU) to float32 rounding, and
 // the flash kernels (BF16 products, the probabilities never stored) to BF16's, as matmul is checked; a T past one
-// 64-row tile and ragged head dims (24, 16: padded to the tensor cores' 16) included.
+// 64-row tile and ragged head dims (24, 16 and 80, 56: padded with zeros to the kernels' 64 × 64 and 96 × 64) included.
 TEST_CASE("attention: causal forward and backward, materialised and flash") {
     Rng rng(104);
     struct Shape { int B, T, H, dqk, dv; };
     for (bool flash : {false, true}) {
         CAPTURE(flash);
         cu::detail::attention_materialised() = !flash;
-        for (Shape s : {Shape{2, 37, 3, 24, 16}, Shape{1, 130, 2, 96, 64}, Shape{2, 200, 2, 40, 24}}) {
+        for (Shape s : {Shape{2, 37, 3, 24, 16}, Shape{1, 130, 2, 96, 64}, Shape{2, 200, 2, 40, 24},
+                        Shape{1, 128, 2, 64, 64}, Shape{1, 70, 1, 80, 56}}) {
             CAPTURE(s.T);
             const size_t nq = size_t(s.B) * s.T * s.H * s.dqk, nv = size_t(s.B) * s.T * s.H * s.dv;
             const float scale = 1.0f / std::sqrt(float(s.dqk));
