@@ -235,7 +235,8 @@ class DeviceBuffer {
 // each GPU has its own thread (build/train_multi_gpu).
 // Slot contents are dead after the function that took them returns.
 enum class Slot { bf16_a, bf16_b, bf16_c, attn_dscore, attn_bf16, reduce, decode_partial, decode_stats, fp8_a, fp8_b,
-                  fp8_bt, fp8_sa, fp8_sb, fp8_sbt, group_offsets, sort, plan, plan_offsets, count };
+                  fp8_bt, fp8_sa, fp8_sb, fp8_sbt, group_offsets, sort, plan, plan_offsets,
+                  embedding_pieces, count };
 inline void* scratch(Slot slot, size_t bytes) {
     static thread_local DeviceBuffer<unsigned char> slots[int(Slot::count)];
     DeviceBuffer<unsigned char>& b = slots[int(slot)];
@@ -1231,16 +1232,36 @@ __global__ void embedding_forward_kernel(float* out, const int32_t* tokens, cons
 __global__ void iota_kernel(int32_t* out, int n) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) out[i] = i;
 }
-__global__ void embedding_backward_runs_kernel(float* dE, const float* dout, const int32_t* sorted_token,
-                                               const int32_t* sorted_t, int T, int d) {
+// The rows of one token are a run of the sorted positions; a run can be thousands of rows long (a space, a common
+// word), too long for one thread to sum alone. So the sorted rows are cut into segments of kEmbedSegment: first
+// every piece of a run inside one segment is summed (pieces[first row of the piece] = Σ of its rows, in order),
+// then each run adds its pieces, one per segment, in order. Fixed order, no atomics: deterministic.
+constexpr int kEmbedSegment = 32;
+__global__ void embedding_backward_pieces_kernel(float* pieces, const float* dout, const int32_t* sorted_token,
+                                                 const int32_t* sorted_t, int T, int d) {
+    const int r0 = blockIdx.x * kEmbedSegment, r1 = min(r0 + kEmbedSegment, T);
+    const int c = blockIdx.y * blockDim.x + threadIdx.x;
+    if (c >= d) return;
+    float acc = 0.0f;
+    for (int r = r0, start = r0; r < r1; ++r) {
+        acc += dout[int64_t(sorted_t[r]) * d + c];
+        if (r + 1 == r1 || sorted_token[r + 1] != sorted_token[r]) {   // the piece ends here
+            pieces[int64_t(start) * d + c] = acc;
+            acc = 0.0f;
+            start = r + 1;
+        }
+    }
+}
+__global__ void embedding_backward_runs_kernel(float* dE, const float* pieces, const int32_t* sorted_token, int T,
+                                               int d) {
     const int j = blockIdx.x;
     const int32_t token = sorted_token[j];
-    if (j > 0 && sorted_token[j - 1] == token) return;   // not the start of a run
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        float acc = dE[int64_t(token) * d + i];
-        for (int r = j; r < T && sorted_token[r] == token; ++r) acc += dout[int64_t(sorted_t[r]) * d + i];
-        dE[int64_t(token) * d + i] = acc;
-    }
+    const int c = blockIdx.y * blockDim.x + threadIdx.x;
+    if ((j > 0 && sorted_token[j - 1] == token) || c >= d) return;   // not the start of a run
+    float acc = dE[int64_t(token) * d + c];
+    for (int r = j; r < T && sorted_token[r] == token; r = (r / kEmbedSegment + 1) * kEmbedSegment)
+        acc += pieces[int64_t(r) * d + c];   // the piece that starts at r (the run's start, then each segment's)
+    dE[int64_t(token) * d + c] = acc;
 }
 }  // namespace detail
 
@@ -1268,7 +1289,12 @@ inline void embedding_backward(float* dE, const float* dout, const int32_t* toke
     DSV3_CUDA_CHECK_LAUNCH();
     DSV3_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(base + ints, cub_bytes, tokens, sorted_token, position, sorted_t,
                                                     T));
-    detail::embedding_backward_runs_kernel<<<T, 128>>>(dE, dout, sorted_token, sorted_t, T, d);
+    auto* pieces = static_cast<float*>(scratch(Slot::embedding_pieces, sizeof(float) * size_t(T) * d));
+    const unsigned col_blocks = unsigned((d + 127) / 128);
+    detail::embedding_backward_pieces_kernel<<<dim3(unsigned((T + detail::kEmbedSegment - 1) / detail::kEmbedSegment),
+                                                    col_blocks), 128>>>(pieces, dout, sorted_token, sorted_t, T, d);
+    DSV3_CUDA_CHECK_LAUNCH();
+    detail::embedding_backward_runs_kernel<<<dim3(unsigned(T), col_blocks), 128>>>(dE, pieces, sorted_token, T, d);
     DSV3_CUDA_CHECK_LAUNCH();
 }
 
@@ -2052,7 +2078,7 @@ __global__ void __launch_bounds__(kThreads) kernel(Args p) {
 
 // --- the same products on Hopper's wgmma (sm_90a): what the model runs on an H100 or H200 -------------------------
 // The WMMA kernels above load 16×16 fragments from shared memory into each warp's registers before every product.
-// wgmma (see "Hopper's warpgroup MMA" near the top of this file) lets a warpgroup multiply a 64×128 tile by a K = 16
+// wgmma (see "Hopper's warpgroup MMA" near the top of this file) lets a warpgroup multiply a 64×256 tile by a K = 16
 // slice straight from shared memory, asynchronously, so the copies of later tiles, the issue of the next products and
 // the tensor cores' work overlap. Each product is C[M, N] (+)= A[M, K] · B[N, K]ᵀ, and wgmma reads a BF16 operand
 // from shared memory either K-major (K contiguous) or MN-major (M or N contiguous: the "transposed" layout), so
@@ -2060,22 +2086,23 @@ __global__ void __launch_bounds__(kThreads) kernel(Args p) {
 //   forward  A(m, k) = x[r0+m, k]    K-major     B(n, k) = W_g[n, k]    K-major    (M = R,   N = out, K = in)
 //   dx       A(m, k) = dy[r0+m, k]   K-major     B(n, k) = W_g[k, n]    MN-major   (M = R,   N = in,  K = out)
 //   dW       A(m, k) = dy[r0+k, m]   MN-major    B(n, k) = x[r0+k, n]   MN-major   (M = out, N = in,  K = R)
-// Shared memory holds an operand's tile as 128 lines of 128 bytes (64 BF16) in the 128-byte swizzle of fp8.cuh's
-// GEMM (16-byte chunk c of line L at chunk position c XOR (L mod 8)). K-major: line i is row mn0 + i, its 64 k.
-// MN-major: lines 0-63 hold k0 .. k0+63 of columns mn0 .. mn0+63, lines 64-127 the next 64 columns. Either way
+// Shared memory holds an operand's tile as lines of 128 bytes (64 BF16) in the 128-byte swizzle of fp8.cuh's GEMM
+// (16-byte chunk c of line L at chunk position c XOR (L mod 8)). K-major: line i is row mn0 + i, its 64 k. MN-major:
+// lines 0-63 hold k0 .. k0+63 of columns mn0 .. mn0+63, lines 64-127 the next 64 columns, and so on. Either way
 // warpgroup w's 64 rows of A start at line 64 w; a K = 16 step moves 32 bytes along the lines (K-major) or 16 lines
-// (MN-major); and B's second 64 columns (MN-major) are 8 KB on (the descriptor's leading byte offset).
-// A CTA (2 warpgroups, 256 threads) computes a 128×128 tile of C, each warpgroup 64 rows (64 FP32 accumulators a
-// thread). K advances in tiles of 64 through a ring of kStages stages filled by cp.async: tile kt + kAhead is
-// copied into the stage of tile kt − 2, after the barrier at which both warpgroups have waited for their wgmma of
-// kt − 2 (each keeps one group in flight), so kAhead tiles are on their way while the tensor cores work (enough to
-// cover the latency of global memory). Same numerics as the other paths (BF16 operands, FP32 accumulation); each
-// output is summed by one CTA in a fixed k order: deterministic. In and out must be multiples of 8, the experts'
-// BF16 weights 16-byte aligned.
+// (MN-major); and each next 64 columns of B (MN-major) are 8 KB on (the descriptor's leading byte offset).
+// A CTA (2 warpgroups, 256 threads) computes a 128×256 tile of C, each warpgroup 64 rows (128 FP32 accumulators a
+// thread). The wide tile is what makes the kernel fast: it does BM·BN/(BM+BN) = 85 FLOPs per byte it reads (a 128×128
+// tile: 64), and the L2 cache, not the tensor cores, bounds the narrower one. K advances in tiles of 64 through a
+// ring of kStages stages filled by cp.async: tile kt + kAhead is copied into the stage of tile kt − 2, after the
+// barrier at which both warpgroups have waited for their wgmma of kt − 2 (each keeps one group in flight), so kAhead
+// tiles are on their way while the tensor cores work. Same numerics as the other paths (BF16 operands, FP32
+// accumulation); each output is summed by one CTA in a fixed k order: deterministic. In and out must be multiples
+// of 8, the experts' BF16 weights 16-byte aligned.
 namespace hopper {
-constexpr int BM = 128, BN = 128, BK = 64, kThreads = 256, kStages = 6, kAhead = kStages - 2;
-constexpr int kTileBytes = BM * BK * 2;                       // one operand's tile: 128 lines of 128 bytes (BN = BM)
-constexpr int kSmemBytes = kStages * 2 * kTileBytes + 1024;   // + room to align the ring to the swizzle's 1024 bytes
+constexpr int BM = 128, BN = 256, BK = 64, kThreads = 256, kStages = 4, kAhead = kStages - 2;
+constexpr int kStageBytes = (BM + BN) * BK * 2;                // A's 128 and B's 256 lines of 128 bytes
+constexpr int kSmemBytes = kStages * kStageBytes + 1024;        // + room to align the ring to the swizzle's 1024 bytes
 struct Args {
     const __nv_bfloat16* a;            // forward: x [rows, in]; dx, dW: dy [rows, out]
     const __nv_bfloat16* b;            // dW: x [rows, in]
@@ -2087,16 +2114,20 @@ struct Args {
 };
 
 #ifdef DSV3_HAS_WGMMA
-// D[64 × 128] += A[64 × 16] · B[128 × 16]ᵀ, BF16 operands in shared memory (TA, TB: 1 = MN-major), FP32 registers.
+// D[64 × 256] += A[64 × 16] · B[256 × 16]ᵀ, BF16 operands in shared memory (TA, TB: 1 = MN-major), FP32 registers.
 template <int TA, int TB>
-__device__ __forceinline__ void wgmma_m64n128k16_bf16(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
+__device__ __forceinline__ void wgmma_m64n256k16_bf16(float (&d)[128], uint64_t desc_a, uint64_t desc_b) {
     asm volatile(
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
         "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
         "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
         "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-        "}, %64, %65, 1, 1, 1, %66, %67;\n"
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+        "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+        "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+        "}, %128, %129, 1, 1, 1, %130, %131;\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
           "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
           "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
@@ -2104,7 +2135,15 @@ __device__ __forceinline__ void wgmma_m64n128k16_bf16(float (&d)[64], uint64_t d
           "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
           "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
           "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+          "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+          "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+          "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+          "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
         : "l"(desc_a), "l"(desc_b), "n"(TA), "n"(TB));
 }
 // The descriptor of a 128-byte-swizzled tile (PTX ISA, "Matrix Descriptor Format"): start address / 16 (bits 0-13),
@@ -2136,17 +2175,17 @@ __global__ void __launch_bounds__(kThreads, 1) kernel(Args p) {
     if (m0 >= M || n0 >= N || K == 0) return;   // past this expert's rows, or nothing to add
     extern __shared__ uint8_t smem_raw[];
     uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-    auto tile_a = [&](int s) { return smem + s * 2 * kTileBytes; };
-    auto tile_b = [&](int s) { return smem + s * 2 * kTileBytes + kTileBytes; };
+    auto tile_a = [&](int s) { return smem + s * kStageBytes; };
+    auto tile_b = [&](int s) { return smem + s * kStageBytes + BM * 128; };
     const int KT = int((K + BK - 1) / BK);
     // Thread t copies 16-byte chunk c = t mod 8 of lines t/8 + 32 i of both tiles, to chunk position c XOR (line
     // mod 8). A chunk is 8 BF16 along the contiguous dimension (k, or m/n: multiples of 8), so it lies wholly inside
     // the matrix or wholly outside (zero-filled).
     const int c = threadIdx.x & 7, rb = threadIdx.x >> 3, swz = (c ^ (rb & 7)) << 4;
-    auto copy = [&](uint8_t* tile, const __nv_bfloat16* base, int64_t ld, int64_t mn0, int64_t MN, bool mn_major,
-                    int64_t k0) {
+    auto copy = [&](auto lines, uint8_t* tile, const __nv_bfloat16* base, int64_t ld, int64_t mn0, int64_t MN,
+                    bool mn_major, int64_t k0) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
+        for (int i = 0; i < decltype(lines)::value / 32; ++i) {
             const int line = rb + 32 * i;
             const int64_t mn = mn_major ? mn0 + (line / 64) * 64 + c * 8 : mn0 + line;
             const int64_t k = mn_major ? k0 + line % 64 : k0 + c * 8;
@@ -2156,15 +2195,15 @@ __global__ void __launch_bounds__(kThreads, 1) kernel(Args p) {
     };
     auto load = [&](int kt) {
         if (kt < KT) {
-            copy(tile_a(kt % kStages), A, lda, m0, M, a_mn, int64_t(kt) * BK);
-            copy(tile_b(kt % kStages), B, ldb, n0, N, b_mn, int64_t(kt) * BK);
+            copy(std::integral_constant<int, BM>(), tile_a(kt % kStages), A, lda, m0, M, a_mn, int64_t(kt) * BK);
+            copy(std::integral_constant<int, BN>(), tile_b(kt % kStages), B, ldb, n0, N, b_mn, int64_t(kt) * BK);
         }
         cp_async_commit();   // one group per tile, empty past the end, so the waits below count tiles
     };
     const int wg = threadIdx.x / 128;
-    float acc[64];
+    float acc[BN / 2];
 #pragma unroll
-    for (int r = 0; r < 64; ++r) acc[r] = 0.0f;
+    for (int r = 0; r < BN / 2; ++r) acc[r] = 0.0f;
     for (int kt = 0; kt < kAhead; ++kt) load(kt);
     for (int kt = 0; kt < KT; ++kt) {
         cp_async_wait<kAhead - 1>();   // this thread's copies of tile kt have landed
@@ -2178,7 +2217,7 @@ __global__ void __launch_bounds__(kThreads, 1) kernel(Args p) {
 #pragma unroll
         for (int j = 0; j < BK / 16; ++j) {   // K = 16 a step
             const int a_step = a_mn ? 16 * 128 * j : 32 * j, b_step = b_mn ? 16 * 128 * j : 32 * j;
-            wgmma_m64n128k16_bf16<a_mn, b_mn>(acc, desc_sw128(a + a_step, 64 * 128), desc_sw128(b + b_step, 64 * 128));
+            wgmma_m64n256k16_bf16<a_mn, b_mn>(acc, desc_sw128(a + a_step, 64 * 128), desc_sw128(b + b_step, 64 * 128));
         }
         wgmma_commit();
         wgmma_wait<1>();               // the products of tile kt − 1 are done (those of kt may still run)
@@ -2187,10 +2226,10 @@ __global__ void __launch_bounds__(kThreads, 1) kernel(Args p) {
     wgmma_wait<0>();
     fence_operands(acc);
     // Epilogue: register r of thread (warp w, lane l) of the warpgroup holds row 16 w + l/4 + 8·((r/2) mod 2) and
-    // column 8·(r/4) + 2·(l mod 4) + (r mod 2) of its 64×128 tile; two neighbouring columns per store.
+    // column 8·(r/4) + 2·(l mod 4) + (r mod 2) of its 64×256 tile; two neighbouring columns per store.
     const int w = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
 #pragma unroll
-    for (int r = 0; r < 64; r += 2) {
+    for (int r = 0; r < BN / 2; r += 2) {
         const int64_t row = m0 + wg * 64 + w * 16 + lane / 4 + 8 * ((r / 2) % 2);
         const int col = n0 + 8 * (r / 4) + 2 * (lane % 4);
         if (row >= M || col >= N) continue;
