@@ -538,8 +538,9 @@ TEST_CASE("io: FP8 weights with 128x128 (or configured) block scales are dequant
         Model m = load_hf(tmp.str());
         for (size_t i = 0; i < expected.size(); ++i) REQUIRE(m.params[i] == expected[i]);
         // A wrong scale shape and a missing scale are errors naming the tensor.
+        keep.emplace_back(99, 1.0f);  // (the data of the new shape: 99 floats, not the one block's scale)
         for (auto& t : out)
-            if (t.name == "model.layers.0.self_attn.o_proj.weight_scale_inv") t.shape = {99};
+            if (t.name == "model.layers.0.self_attn.o_proj.weight_scale_inv") t.shape = {99}, t.data = keep.back().data();
         write_safetensors(tmp.file("model.safetensors"), out);
         std::string msg = error_of([&] { load_hf(tmp.str()); });
         CHECK(has(msg, "model.layers.0.self_attn.o_proj.weight_scale_inv"));
