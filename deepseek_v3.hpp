@@ -136,7 +136,7 @@ namespace dsv3 {
 // =====================================================================================================================
 // 1. CONFIG AND COUNTERS
 // =====================================================================================================================
-// Every error the library raises, here and below, is a dsv3::Error: first its definition, then the config.
+// First the error type and the number reader every flag and file field goes through, then the config.
 // Every error the library raises is a dsv3::Error whose message names the file, tensor or field, what was expected
 // and what was found. Examples catch it, print it and exit non-zero.
 struct Error : std::runtime_error {
@@ -149,6 +149,33 @@ template <class... Parts>
     std::ostringstream message;
     (message << ... << parts);
     throw Error(message.str());
+}
+
+inline std::string escape_bytes(std::string_view s);  // section 11.1: bytes shown safely in a message
+
+// Numbers read from text: every command-line flag of the examples and every number of a text field in a file (a
+// checkpoint's header, a tokenizer's counts and merges, a .npy shape, token rows) goes through these two. A value
+// outside [lo, hi], or text that is not wholly a number, is an Error naming what was read, the range and the text:
+//     --batch: expected an integer in [1, 65536], got '-1'
+// never std::stoi's bare "stoi", nor a count of -1 that reaches an allocation or a division. The text must be the
+// number and nothing else (no spaces, no '+', no trailing characters); std::from_chars reads it the same way in
+// every locale.
+inline long long parse_int(std::string_view text, std::string_view what, long long lo, long long hi) {
+    long long v = 0;
+    const char* end = text.data() + text.size();
+    const auto r = std::from_chars(text.data(), end, v);
+    if (r.ec != std::errc() || r.ptr != end || v < lo || v > hi)
+        fail(what, ": expected an integer in [", lo, ", ", hi, "], got '", escape_bytes(text.substr(0, 64)), "'");
+    return v;
+}
+// The same for a real number, decimal or with an exponent ("3e-4"); NaN and infinities are outside every range.
+inline double parse_float(std::string_view text, std::string_view what, double lo, double hi) {
+    double v = 0;
+    const char* end = text.data() + text.size();
+    const auto r = std::from_chars(text.data(), end, v);
+    if (r.ec != std::errc() || r.ptr != end || !(v >= lo && v <= hi))
+        fail(what, ": expected a number in [", lo, ", ", hi, "], got '", escape_bytes(text.substr(0, 64)), "'");
+    return v;
 }
 
 // One struct carries the architecture. Field names follow DeepSeek's official inference code
@@ -238,18 +265,21 @@ struct Config {
         visit([&](const char* field, auto& v) {
             if (name != field) return;
             found = true;
-            auto parsed = v;  // parsed into a copy: a bad value leaves the config unchanged
-            bool ok = true;
-            if constexpr (std::is_same_v<std::decay_t<decltype(v)>, bool>) {
-                ok = value == "1" || value == "true" || value == "0" || value == "false";
-                parsed = value == "1" || value == "true";
-            } else {
-                std::istringstream in(value);
-                in >> parsed;
-                ok = !in.fail() && (in >> std::ws).eof();
+            using T = std::decay_t<decltype(v)>;
+            const std::string what = where + ": field " + name;  // a bad value throws and leaves the field as it was
+            if constexpr (std::is_same_v<T, bool>) {
+                if (value != "1" && value != "true" && value != "0" && value != "false")
+                    fail(what, ": expected 1, 0, true or false, got '", escape_bytes(value), "'");
+                v = value == "1" || value == "true";
+            } else if constexpr (std::is_same_v<T, int>) {
+                v = int(parse_int(value, what, INT_MIN, INT_MAX));
+            } else if constexpr (std::is_same_v<T, float>) {
+                v = float(parse_float(value, what, -FLT_MAX, FLT_MAX));
+            } else {  // a string: one word, as to_text writes it
+                if (value.empty() || value.find_first_of(" \t\r\n") != std::string::npos)
+                    fail(what, ": expected one word, got '", escape_bytes(value), "'");
+                v = value;
             }
-            if (!ok) fail(where, ": field ", name, ": cannot parse \"", value, "\" as its type");
-            v = parsed;
         });
         if (!found) fail(where, ": unknown config field \"", name, "\"");
     }
@@ -4864,31 +4894,30 @@ struct Tokenizer {
             const std::string s = next((std::string("'") + want + "'").c_str());
             if (s != want) fail(where(), ": expected '", want, "'", note, ", found '", escape_bytes(s.substr(0, 60)), "'");
         };
-        auto keyword_count = [&](const std::string& keyword, const char* expected) -> size_t {
+        auto keyword_count = [&](const std::string& keyword, const char* expected, long long most) {
             const std::string s = next(expected);
-            char* end = nullptr;
-            const unsigned long long v = s.compare(0, keyword.size(), keyword) == 0
-                                             ? std::strtoull(s.c_str() + keyword.size(), &end, 10) : 0;
-            if (!end || *end != '\0' || end == s.c_str() + keyword.size())
+            if (s.compare(0, keyword.size(), keyword) != 0)
                 fail(where(), ": expected ", expected, ", found '", escape_bytes(s), "'");
-            return size_t(v);
+            return size_t(parse_int(std::string_view(s).substr(keyword.size()), where() + ": the count of " + expected,
+                                    0, most));
         };
         expect_line("dsv3-bpe-tokenizer 1", " (this is not a dsv3 tokenizer file, or another version)");
         expect_line("pretokenizer dsv3-chunks-1", "");
         Tokenizer tok;
-        const size_t n_merges = keyword_count("merges ", "'merges <count>'");
-        if (n_merges > (1u << 24)) fail(where(), ": expected at most 16777216 merges, found ", n_merges);
+        const size_t n_merges = keyword_count("merges ", "'merges <count>'", 1 << 24);
         // Piece lengths, so that merges that double a piece at every step (0 0, 256 256, 257 257, ...: 4.4 GB of
         // pieces from a 520-byte file) are an error here: at most 65,536 bytes a piece and 256 MiB in all.
         std::vector<uint32_t> piece_len(256, 1);
         uint64_t piece_bytes = 256;
         for (size_t i = 0; i < n_merges; ++i) {
             const std::string s = next("a merge line 'LEFT RIGHT'");
-            unsigned long a = 0, b = 0;
-            char extra = 0;
-            if (std::sscanf(s.c_str(), "%lu %lu %c", &a, &b, &extra) != 2)
+            const size_t gap = s.find_first_of(" \t"), right = s.find_first_not_of(" \t", gap);
+            if (gap == std::string::npos || s.find_first_of(" \t", right) != std::string::npos)
                 fail(where(), ": expected merge ", i, " of ", n_merges, " as two token ids 'LEFT RIGHT', found '",
                      escape_bytes(s), "'");
+            const std::string what = where() + ": merge " + std::to_string(i);
+            const size_t a = size_t(parse_int(std::string_view(s).substr(0, gap), what + ", left token id", 0, INT_MAX));
+            const size_t b = size_t(parse_int(std::string_view(s).substr(right), what + ", right token id", 0, INT_MAX));
             if (a >= 256 + i || b >= 256 + i)
                 fail(where(), ": merge ", i, " refers to token ", std::max(a, b), ", but only tokens below ", 256 + i,
                      " exist before it");
@@ -4900,7 +4929,7 @@ struct Tokenizer {
             piece_len.push_back(uint32_t(len));
             tok.merges.push_back({uint32_t(a), uint32_t(b)});
         }
-        const size_t n_specials = keyword_count("specials ", "'specials <count>'");
+        const size_t n_specials = keyword_count("specials ", "'specials <count>'", 1 << 16);
         for (size_t i = 0; i < n_specials; ++i) {
             tok.specials.push_back(next("a special token spelling", false));
             if (tok.specials.back().find_first_of(" \t") != std::string::npos)
@@ -6989,12 +7018,12 @@ inline const char* hf_key_of(const char* field, bool any = false) {
 
 inline void from_json(const Json& v, int& out, const std::string& where, const std::string& key) {
     const bool ok = v.is_number() && std::floor(v.number) == v.number && v.number >= INT_MIN && v.number <= INT_MAX;
-    if (!ok) fail(where, ": key \"", key, "\": expected an integer, found ", json_describe(v));
+    if (!ok) fail(where, ": key \"", key, "\": expected an integer in [", INT_MIN, ", ", INT_MAX, "], found ", json_describe(v));
     out = int(v.number);
 }
 inline void from_json(const Json& v, float& out, const std::string& where, const std::string& key) {
     if (!v.is_number() || std::fabs(v.number) > double(FLT_MAX))
-        fail(where, ": key \"", key, "\": expected a number, found ", json_describe(v));
+        fail(where, ": key \"", key, "\": expected a number in [", -FLT_MAX, ", ", FLT_MAX, "], found ", json_describe(v));
     out = float(v.number);
 }
 inline void from_json(const Json& v, bool& out, const std::string& where, const std::string& key) {
@@ -7027,7 +7056,7 @@ inline Config hf_config_defaults() {
 
 namespace io_detail {
 // Reads o[key] into `out` if present: true if it was. A null value counts as absent only with null_is_absent (rope and
-// quantization fields); elsewhere null is an error, "expected an integer, found null". Errors show the key as `name`.
+// quantization fields); elsewhere null is an error, "expected an integer in [...], found null". Errors show the key as `name`.
 template <class T>
 inline bool read_key(const Json& o, const std::string& key, T& out, const std::string& where, const std::string& name,
                      bool null_is_absent = true) {
@@ -7444,18 +7473,22 @@ inline std::vector<float> read_npy(const std::string& path, std::vector<int64_t>
     v = value_after("'shape'");
     const size_t close = v < dict.size() && dict[v] == '(' ? dict.find(')', v) : std::string::npos;
     if (close == std::string::npos) bad("malformed shape");
+    // A Python tuple of dimensions: "()", "(5,)", "(2, 8, 64)". At most 2^40 elements (4 TiB), so numel * 4 fits.
     std::vector<int64_t> dims;
     int64_t numel = 1;
-    for (size_t i = v + 1; i < close;) {
-        while (i < close && (dict[i] == ' ' || dict[i] == ',')) ++i;
-        if (i >= close) break;
-        char* end = nullptr;
-        const long long d = std::strtoll(dict.c_str() + i, &end, 10);
-        const size_t used = size_t(end - (dict.c_str() + i));
-        if (used == 0 || d < 0 || (d > 0 && numel > (int64_t(1) << 40) / d)) bad("malformed shape");
+    const std::string_view tuple = std::string_view(dict).substr(v + 1, close - v - 1);
+    for (size_t i = 0; i < tuple.size();) {
+        const size_t comma = std::min(tuple.find(',', i), tuple.size());
+        std::string_view item = tuple.substr(i, comma - i);
+        item.remove_prefix(std::min(item.find_first_not_of(' '), item.size()));
+        item.remove_suffix(item.size() - std::min(item.find_last_not_of(' ') + 1, item.size()));
+        i = comma + 1;
+        if (item.empty() && comma == tuple.size() && !dims.empty()) break;  // the trailing comma of "(5,)"
+        const int64_t d = parse_int(item, "npy " + path + ": shape[" + std::to_string(dims.size()) + "]", 0,
+                                    int64_t(1) << 40);
+        if (d > 0 && numel > (int64_t(1) << 40) / d) bad("shape ", tuple, " has more than 2^40 elements");
         dims.push_back(d);
         numel *= d;
-        i += used;
     }
     const size_t data = start + header_len;
     if (bytes.size() - data != size_t(numel) * 4)
@@ -7474,16 +7507,15 @@ struct TokenRows {
 inline TokenRows parse_token_rows(const std::string& text) {
     TokenRows r;
     std::vector<std::vector<int32_t>> rows(1);
+    const char* separators = ";, \t\n\r";
     for (size_t i = 0; i < text.size();) {
         if (text[i] == ';') rows.emplace_back();
-        if (text[i] == ';' || text[i] == ',' || text[i] == ' ') { ++i; continue; }
-        const char* b = text.data() + i;
-        while (std::isspace(uint8_t(*b))) ++b;  // as strtol: white space and a '+' may come before the digits
-        int32_t v = -1;                          // stays -1 when no number (or one beyond int32) is there
-        const char* end = std::from_chars(b + (*b == '+'), text.data() + text.size(), v).ptr;
-        if (v < 0) fail("tokens \"", text, "\": expected a non-negative token id at character ", i);
-        rows.back().push_back(v);
-        i = size_t(end - text.data());
+        if (std::strchr(separators, text[i])) { ++i; continue; }
+        const size_t end = std::min(text.find_first_of(separators, i), text.size());
+        rows.back().push_back(int32_t(parse_int(std::string_view(text).substr(i, end - i),
+                                                "tokens \"" + text + "\": the token id at character " + std::to_string(i),
+                                                0, INT32_MAX)));
+        i = end;
     }
     r.B = int(rows.size());
     r.T = int(rows[0].size());

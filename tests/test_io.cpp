@@ -643,7 +643,21 @@ TEST_CASE("io: .npy round trip and token rows") {
     CHECK(r.T == 3);
     CHECK(r.tokens == std::vector<int32_t>{1, 2, 3, 4, 5, 6});
     CHECK(has(error_of([] { parse_token_rows("1,2;3"); }), "row 1 has 1 tokens"));
-    CHECK(has(error_of([] { parse_token_rows("1,x"); }), "expected a non-negative token id"));
+    CHECK(has(error_of([] { parse_token_rows("1,x"); }), "the token id at character 2: expected an integer in [0, 2147483647], got 'x'"));
+    CHECK(has(error_of([] { parse_token_rows("1,-3"); }), "got '-3'"));
+    // .npy files that declare more than they hold, or a shape that is not one
+    auto npy_error = [&](const std::string& dict, size_t data_bytes) {
+        std::string bytes = std::string("\x93NUMPY\x01\x00", 8);
+        bytes += char(dict.size() & 0xFF), bytes += char(dict.size() >> 8);
+        write_bytes(tmp.file("bad.npy"), bytes + dict + std::string(data_bytes, '\0'));
+        return error_of([&] { read_npy(tmp.file("bad.npy")); });
+    };
+    CHECK(npy_error("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }\n", 24) == "<no error>");
+    CHECK(has(npy_error("{'descr': '<f4', 'fortran_order': False, 'shape': (2, x), }\n", 8), "shape[1]: expected an integer"));
+    CHECK(has(npy_error("{'descr': '<f4', 'fortran_order': False, 'shape': (2, -3), }\n", 8), "got '-3'"));
+    CHECK(has(npy_error("{'descr': '<f4', 'fortran_order': False, 'shape': (1048576, 1048576, 2), }\n", 8), "more than 2^40"));
+    CHECK(has(npy_error("{'descr': '<f4', 'fortran_order': False, 'shape': (1000000, 1000), }\n", 8),
+              "needs 4000000000 bytes of data, found 8"));
     CHECK(has(error_of([] { parse_token_rows("1;;2"); }), "row 1 is empty"));
 }
 
