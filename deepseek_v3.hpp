@@ -354,6 +354,11 @@ inline void Config::validate() const {
     at_most("qk_rope_head_dim", qk_rope_head_dim, 1 << 12); at_most("v_head_dim", v_head_dim, 1 << 12);
     at_most("max_seq_len", max_seq_len, 1 << 22); at_most("n_routed_experts", n_routed_experts, 1 << 14);
     at_most("n_shared_experts", n_shared_experts, 1 << 10); at_most("n_mtp_depth", n_mtp_depth, 64);
+    // The layout lists three tensors for every routed expert of every block (V3: 61 x 256): a bound on their number
+    // keeps that list (names and shapes, built before any parameter is allocated) small, whatever a file declares.
+    if (int64_t(n_layers + n_mtp_depth) * n_routed_experts > (1 << 17))
+        fail("Config.n_routed_experts: (n_layers + n_mtp_depth) x n_routed_experts must be <= ", 1 << 17, ", found ",
+             n_layers + n_mtp_depth, " x ", n_routed_experts);
     if (q_lora_rank < 0) fail("Config.q_lora_rank: must be >= 0 (0 = direct query projection), found ", q_lora_rank);
     if (qk_rope_head_dim % 2 != 0)
         fail("Config.qk_rope_head_dim: RoPE rotates pairs, so it must be even, found ", qk_rope_head_dim);
@@ -562,6 +567,16 @@ class ProfileScope {
 };
 #define DSV3_PROFILE_KERNEL() ::dsv3::ProfileScope dsv3_profile_scope_(__func__, true)
 #define DSV3_PROFILE_MODULE(name) ::dsv3::ProfileScope dsv3_profile_scope_(name, false)
+
+// The memory budget: sizes that a file or a config declares (a model's parameters, a checkpoint's floats, a tensor's
+// bytes) are checked against the machine's physical memory before anything is allocated, so a lying header or a
+// config of the 671B model on a laptop is an error naming the sizes, not std::bad_alloc or minutes of swapping.
+inline double physical_memory_bytes() { return double(sysconf(_SC_PHYS_PAGES)) * double(sysconf(_SC_PAGE_SIZE)); }
+inline void require_memory(std::string_view what, double bytes) {
+    const double have = physical_memory_bytes();
+    if (have > 0 && bytes > have)
+        fail(what, ": ", bytes / 1e9, " GB, more than this machine's ", have / 1e9, " GB of memory");
+}
 
 // The activation arena: forward activations and backward temporaries are bump-allocated from large blocks. After
 // the first step every take() is served from memory already owned, so a training step allocates nothing. Pointers
@@ -1820,13 +1835,14 @@ class Model {
 };
 
 inline Model::Model(const Config& c, uint64_t seed) : cfg(c), layout(param_layout(c)) {
-    // Parameters and gradients now, AdamW's two moments at the first step: 16 bytes a parameter. Checked against
-    // the machine's memory before anything is allocated, so a config that declares a huge model (the 671B preset on
-    // a laptop, a lying config.json) is an error that says so, not std::bad_alloc or minutes of swapping.
-    const double need = 16.0 * double(layout.total), have = double(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE);
-    if (backend::host_memory && have > 0 && need > have)
-        fail("Model: ", layout.total, " parameters need ", need / 1e9, " GB (parameters, gradients, AdamW moments), "
-             "more than this machine's ", have / 1e9, " GB of memory");
+    // Parameters and gradients now, AdamW's two moments at the first step: 16 bytes a parameter; and the RoPE table
+    // (cos and sin at every position: large on its own for a long max_seq_len). Both are checked against the memory
+    // budget (section 2) before anything is allocated, so a config that declares a huge model (the 671B preset on a
+    // laptop, a lying config.json) is an error that says so.
+    if (backend::host_memory)
+        require_memory("Model: " + std::to_string(layout.total) + " parameters (parameters, gradients, AdamW moments)"
+                       " and the RoPE table of " + std::to_string(cfg.max_seq_len) + " positions",
+                       16.0 * double(layout.total) + 8.0 * double(cfg.max_seq_len) * (cfg.qk_rope_head_dim / 2));
     std::vector<float> init(layout.total, 0.0f);
     rope = make_rope_table(cfg, cfg.max_seq_len);
     parallel_for(int64_t(layout.entries.size()), [&](int64_t i) {  // each tensor from its own stream: any order
@@ -4511,11 +4527,17 @@ struct FileCloser { void operator()(std::FILE* f) const { std::fclose(f); } };  
 using File = std::unique_ptr<std::FILE, FileCloser>;                            // a FILE* that closes itself
 }  // namespace io_detail
 
-// The whole file as bytes. The error names the file and the reason.
+// The whole file as bytes. The error names the file and the reason. A regular file's size is checked against the
+// memory budget (section 2) first.
 inline std::string read_file_bytes(const std::string& path) {
     const io_detail::File f(std::fopen(path.c_str(), "rb"));
     if (!f) fail("cannot open '", path, "' for reading: ", std::strerror(errno));
     std::string data;
+    std::error_code ec;
+    if (const std::uintmax_t size = std::filesystem::file_size(path, ec); !ec) {  // (a pipe has no size)
+        require_memory("file '" + path + "'", double(size));
+        data.reserve(size_t(size));
+    }
     char buffer[1 << 16];
     for (size_t n; (n = std::fread(buffer, 1, sizeof buffer, f.get())) > 0;) data.append(buffer, n);
     if (std::ferror(f.get())) fail("error while reading '", path, "'");
@@ -6270,59 +6292,63 @@ inline void save_checkpoint(const std::string& path, const Model& model, const A
                write_bytes(f, m.data(), 4 * n) && write_bytes(f, v.data(), 4 * n);
     });
 }
-// Reads the config a checkpoint was saved with.
+// Reads the config a checkpoint was saved with, and checks what the file declares against what it holds before
+// anything is allocated: floats= must be the config's parameter count, the file exactly the header and three arrays
+// of floats (compared overflow-free: the count is divided into the size, never multiplied), and a model of that size
+// must fit in memory. So `Model(read_checkpoint_config(path))` never builds a model a bad file cannot fill.
 inline Config read_checkpoint_config(const std::string& path, int* step = nullptr, size_t* header_bytes = nullptr) {
     const io_detail::File f = io_detail::open_file(path, "checkpoint");
+    const std::string where = "checkpoint " + path;
     std::string line;
     auto next_line = [&] {  // false at the end of the file
         line.clear();
         int ch;
         while ((ch = std::fgetc(f.get())) != EOF && ch != '\n') {
             line.push_back(char(ch));
-            if (line.size() > 4096) fail("checkpoint ", path, ": header line too long (not a checkpoint?)");
+            if (line.size() > 4096) fail(where, ": header line too long (not a checkpoint?)");
         }
         return ch != EOF;
     };
     if (!next_line() || line != "dsv3-checkpoint 1")
-        fail("checkpoint ", path, ": expected first line \"dsv3-checkpoint 1\", found \"", line.substr(0, 40), "\"");
+        fail(where, ": expected first line \"dsv3-checkpoint 1\", found \"", escape_bytes(line.substr(0, 40)), "\"");
     Config c;
-    int steps = -1;
+    long long steps = -1, floats = -1;
     while (true) {
-        if (!next_line()) fail("checkpoint ", path, ": header ends before its \"end\" line");
+        if (!next_line()) fail(where, ": header ends before its \"end\" line");
         if (line == "end") break;
         const size_t eq = line.find('=');
-        if (eq == std::string::npos) fail("checkpoint ", path, ": header line \"", line, "\" is not name=value");
+        if (eq == std::string::npos)
+            fail(where, ": header line \"", escape_bytes(line.substr(0, 60)), "\" is not name=value");
         const std::string name = line.substr(0, eq), value = line.substr(eq + 1);
-        if (name == "step") {
-            char* end = nullptr;
-            errno = 0;
-            const long long v = value.empty() ? -1 : std::strtoll(value.c_str(), &end, 10);
-            if (value.empty() || *end || errno || v < 0 || v > INT_MAX)
-                fail("checkpoint ", path, ": header line \"step=", value.substr(0, 40), "\": expected a step count in [0, ",
-                     INT_MAX, "]");
-            steps = int(v);
-        }
-        else if (name != "floats") c.set(name, value, "checkpoint " + path);
+        if (name == "step") steps = parse_int(value, where + ": step", 0, INT_MAX);
+        else if (name == "floats") floats = parse_int(value, where + ": floats", 0, LLONG_MAX);
+        else c.set(name, value, where);
     }
-    if (header_bytes) *header_bytes = size_t(std::ftell(f.get()));
-    if (steps < 0) fail("checkpoint ", path, ": header has no step= line");
-    if (step) *step = steps;
+    if (steps < 0) fail(where, ": header has no step= line");
+    if (floats < 0) fail(where, ": header has no floats= line");
+    const uint64_t header = uint64_t(std::ftell(f.get())), size = io_detail::file_size(path);
+    if (size < header || (size - header) / 12 != uint64_t(floats) || (size - header) % 12 != 0)
+        fail(where, ": its header declares ", floats, " floats (", header, " header bytes + 3 x 4 x floats), but the "
+             "file has ", size, " bytes");
+    require_memory(where + ": a model of " + std::to_string(floats) + " parameters", 16.0 * double(floats));
+    const size_t expected = param_layout(c).total;  // validates the config
+    if (size_t(floats) != expected)
+        fail(where, ": floats=", floats, " in the header, but its config has ", expected, " parameters");
+    if (header_bytes) *header_bytes = size_t(header);
+    if (step) *step = int(steps);
     return c;
 }
 // Loads parameters and optimizer state into a model built with the same config.
 inline void load_checkpoint(const std::string& path, Model& model, AdamW& opt) {
     int step = 0;
     size_t header = 0;
-    const Config c = read_checkpoint_config(path, &step, &header);
+    const Config c = read_checkpoint_config(path, &step, &header);  // the file holds header + 3 x 4 x params bytes
     std::istringstream a(c.to_text()), b(model.cfg.to_text());
     for (std::string la, lb; std::getline(a, la) && std::getline(b, lb);)
         if (la != lb)
             fail("checkpoint ", path, ": config differs from the model's: checkpoint has ", la, ", model has ", lb);
     const size_t n = model.params.size();
     const io_detail::File f = io_detail::open_file(path, "checkpoint");
-    const uint64_t size = io_detail::file_size(path);
-    if (size != header + 3 * n * 4)
-        fail("checkpoint ", path, ": expected ", header + 3 * n * 4, " bytes for ", n, " parameters, found ", size);
     std::vector<float> params(n), m(n), v(n);
     for (size_t i = 0; i < 3; ++i)
         if (!io_detail::read_at(f.get(), header + i * 4 * n, (i == 0 ? params : i == 1 ? m : v).data(), 4 * n))
@@ -6716,6 +6742,7 @@ struct SafetensorsFile {
     }
     // The tensor's raw bytes.
     std::vector<uint8_t> read_bytes(const TensorInfo& t) const {
+        require_memory(path + ": tensor \"" + t.name + "\"", double(t.end - t.begin));
         std::vector<uint8_t> bytes(size_t(t.end - t.begin));
         if (!io_detail::read_at(file_.get(), data_start + t.begin, bytes.data(), bytes.size()))
             fail(path, ": tensor \"", t.name, "\": cannot read bytes [", data_start + t.begin, ", ", data_start + t.end,
@@ -7341,6 +7368,24 @@ inline void read_checkpoint_tensor(const HfCheckpoint& ckpt, const HfCheckpoint:
 }
 }  // namespace io_detail
 
+namespace io_detail {
+// Every tensor of the layout is in the checkpoint, with its shape: checked on the headers alone, so load_hf runs it
+// before the model is allocated (a config.json that declares a huge model next to a small file is an error here).
+inline void check_hf_tensors(const HfCheckpoint& ckpt, const ParamLayout& layout) {
+    std::vector<std::string> missing;
+    for (const ParamEntry& e : layout.entries) {
+        const HfCheckpoint::Source* src = ckpt.find(e.name);
+        if (!src) missing.push_back(e.name);
+        else if (src->info->shape != e.shape)
+            fail(ckpt.dir, ": tensor \"", e.name, "\" in ", src->file->path, ": expected shape ", shape_str(e.shape),
+                 " (from config.json), found ", shape_str(src->info->shape));
+    }
+    if (!missing.empty())
+        fail(ckpt.dir, ": ", missing.size(), " tensor", missing.size() == 1 ? " is" : "s are", " missing from ",
+             ckpt.description, ": ", name_list(missing));
+}
+}  // namespace io_detail
+
 // Copies every tensor of a checkpoint directory into `model` (whose config must match the checkpoint). Errors: any
 // tensor missing (the message lists some), a shape differing from the config's, a tensor this config does not have.
 // Notes (non-fatal) are appended to `notes`.
@@ -7349,19 +7394,10 @@ inline void load_hf_weights(const HfCheckpoint& ckpt, Model& model, const HfQuan
     if (!backend::host_memory) fail("load_hf_weights: runs on the CPU backend only (it reads into host memory)");
     using io_detail::shape_str;
     const Config& c = model.cfg;
+    io_detail::check_hf_tensors(ckpt, model.layout);
     std::unordered_set<std::string> used;
-    std::vector<std::string> missing;
-    for (const ParamEntry& e : model.layout.entries) {
-        const HfCheckpoint::Source* src = ckpt.find(e.name);
-        if (!src) { missing.push_back(e.name); continue; }
-        if (src->info->shape != e.shape)
-            fail(ckpt.dir, ": tensor \"", e.name, "\" in ", src->file->path, ": expected shape ", shape_str(e.shape),
-                 " (from config.json), found ", shape_str(src->info->shape));
-        io_detail::read_checkpoint_tensor(ckpt, *src, quant, model.params.data() + e.offset, used);
-    }
-    if (!missing.empty())
-        fail(ckpt.dir, ": ", missing.size(), " tensor", missing.size() == 1 ? " is" : "s are", " missing from ",
-             ckpt.description, ": ", io_detail::name_list(missing));
+    for (const ParamEntry& e : model.layout.entries)
+        io_detail::read_checkpoint_tensor(ckpt, *ckpt.find(e.name), quant, model.params.data() + e.offset, used);
     // The MTP modules' copies of the embedding and head: same shape, and (normally) the same values.
     const int64_t V = c.vocab_size, d = c.dim;
     for (int k = 0; k < int(model.layout.mtp.size()); ++k) {
@@ -7416,6 +7452,7 @@ inline Model load_hf(const std::string& dir, uint64_t seed = 0) {
                              " MTP module(s): loading with n_mtp_depth = " + std::to_string(present));
         cfg.n_mtp_depth = present;
     }
+    io_detail::check_hf_tensors(ckpt, param_layout(cfg));  // before the model is allocated
     Model model(cfg, seed);
     load_hf_weights(ckpt, model, info.quant, &info.notes);
     for (const auto& f : ckpt.files)

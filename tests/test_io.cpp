@@ -623,6 +623,18 @@ TEST_CASE("io: MTP declared but absent loads without MTP; contradictions and ext
     CHECK(has(msg, "a copy of the shared output head"));
 }
 
+TEST_CASE("io: a config.json that declares more than the safetensors hold is an error before any allocation") {
+    // Only model_type: transformers' defaults, the 671B model (11 TB to allocate), next to a file of one tensor.
+    TempDir tmp("declared");
+    write_bytes(tmp.file("config.json"), R"({"model_type": "deepseek_v3"})");
+    const float one = 1;
+    write_safetensors(tmp.file("model.safetensors"), {{"model.norm.weight", {1}, &one}});
+    const std::string msg = error_of([&] { load_hf(tmp.str()); });
+    CHECK(has(msg, "model.norm.weight\" in "));
+    CHECK(has(msg, "expected shape [7168] (from config.json), found [1]"));
+    CHECK_FALSE(has(msg, "memory"));  // the headers decided it, not an allocation
+}
+
 TEST_CASE("io: .npy round trip and token rows") {
     TempDir tmp("npy");
     const std::vector<float> x = {1, -2, 3.5f, 0, 5, 6};
