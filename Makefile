@@ -73,6 +73,11 @@ test: deps
 	./$(BUILD)/tests
 	@$(MAKE) --no-print-directory test-mpi
 
+# Every example refuses malformed flag values with the flag's name (tests/flags.sh; CI runs it).
+.PHONY: test-flags
+test-flags: all
+	tests/flags.sh
+
 train: $(BUILD)/train
 	./$(BUILD)/train $(TRAIN_ARGS)
 
