@@ -22,10 +22,12 @@
 // section 3, which say what each piece does.
 //
 // PART 1, THE MODEL
-//    1. Config and counters .................. the error type; one struct for the architecture, presets, validate(),
-//                                              parameter / FLOP / KV-cache counters [V3 §2, §4.2, Table 1]
+//    1. Config and counters .................. the error type and the bounded number reader of every flag and
+//                                              file field (parse_int, parse_float); one struct for the architecture,
+//                                              presets, validate(), parameter / FLOP / KV-cache counters
+//                                              [V3 §2, §4.2, Table 1]
 //    2. Foundations .......................... RNG, parallel loops with a fixed reduction order, the profile of a
-//                                              step (build/train --profile), activation arena
+//                                              step (build/train --profile), the memory budget, activation arena
 //    3. Kernels .............................. forward/backward pairs, the plain reference matmul first: matmul,
 //                                              RMSNorm, RoPE+YaRN [V3 §2.1.1], causal attention, SwiGLU, embedding,
 //                                              cross-entropy, the MoE router and balance losses [V3 §2.1.2], MoE
