@@ -573,9 +573,8 @@ class ProfileScope {
 // The memory budget: sizes that a file or a config declares (a model's parameters, a checkpoint's floats, a tensor's
 // bytes) are checked against the machine's physical memory before anything is allocated, so a lying header or a
 // config of the 671B model on a laptop is an error naming the sizes, not std::bad_alloc or minutes of swapping.
-inline double physical_memory_bytes() { return double(sysconf(_SC_PHYS_PAGES)) * double(sysconf(_SC_PAGE_SIZE)); }
 inline void require_memory(std::string_view what, double bytes) {
-    const double have = physical_memory_bytes();
+    const double have = double(sysconf(_SC_PHYS_PAGES)) * double(sysconf(_SC_PAGE_SIZE));
     if (have > 0 && bytes > have)
         fail(what, ": ", bytes / 1e9, " GB, more than this machine's ", have / 1e9, " GB of memory");
 }
@@ -4940,8 +4939,9 @@ struct Tokenizer {
                 fail(where(), ": expected merge ", i, " of ", n_merges, " as two token ids 'LEFT RIGHT', found '",
                      escape_bytes(s), "'");
             const std::string what = where() + ": merge " + std::to_string(i);
-            const size_t a = size_t(parse_int(std::string_view(s).substr(0, gap), what + ", left token id", 0, INT_MAX));
-            const size_t b = size_t(parse_int(std::string_view(s).substr(right), what + ", right token id", 0, INT_MAX));
+            const std::string_view line = s;
+            const size_t a = size_t(parse_int(line.substr(0, gap), what + ", left token id", 0, INT_MAX));
+            const size_t b = size_t(parse_int(line.substr(right), what + ", right token id", 0, INT_MAX));
             if (a >= 256 + i || b >= 256 + i)
                 fail(where(), ": merge ", i, " refers to token ", std::max(a, b), ", but only tokens below ", 256 + i,
                      " exist before it");
@@ -7047,12 +7047,15 @@ inline const char* hf_key_of(const char* field, bool any = false) {
 
 inline void from_json(const Json& v, int& out, const std::string& where, const std::string& key) {
     const bool ok = v.is_number() && std::floor(v.number) == v.number && v.number >= INT_MIN && v.number <= INT_MAX;
-    if (!ok) fail(where, ": key \"", key, "\": expected an integer in [", INT_MIN, ", ", INT_MAX, "], found ", json_describe(v));
+    if (!ok)
+        fail(where, ": key \"", key, "\": expected an integer in [", INT_MIN, ", ", INT_MAX, "], found ",
+             json_describe(v));
     out = int(v.number);
 }
 inline void from_json(const Json& v, float& out, const std::string& where, const std::string& key) {
     if (!v.is_number() || std::fabs(v.number) > double(FLT_MAX))
-        fail(where, ": key \"", key, "\": expected a number in [", -FLT_MAX, ", ", FLT_MAX, "], found ", json_describe(v));
+        fail(where, ": key \"", key, "\": expected a number in [", -FLT_MAX, ", ", FLT_MAX, "], found ",
+             json_describe(v));
     out = float(v.number);
 }
 inline void from_json(const Json& v, bool& out, const std::string& where, const std::string& key) {
@@ -7085,7 +7088,8 @@ inline Config hf_config_defaults() {
 
 namespace io_detail {
 // Reads o[key] into `out` if present: true if it was. A null value counts as absent only with null_is_absent (rope and
-// quantization fields); elsewhere null is an error, "expected an integer in [...], found null". Errors show the key as `name`.
+// quantization fields); elsewhere null is an error, "expected an integer in [...], found null". Errors show the key
+// as `name`.
 template <class T>
 inline bool read_key(const Json& o, const std::string& key, T& out, const std::string& where, const std::string& name,
                      bool null_is_absent = true) {
@@ -7368,9 +7372,6 @@ inline void read_checkpoint_tensor(const HfCheckpoint& ckpt, const HfCheckpoint:
     fp8_detail::dequantize_tiles("load_hf", src.file->read_bytes(t).data(), scale.data(), int(rows), int(cols),
                                  q.block_out, out, q.block_in, f);
 }
-}  // namespace io_detail
-
-namespace io_detail {
 // Every tensor of the layout is in the checkpoint, with its shape: checked on the headers alone, so load_hf runs it
 // before the model is allocated (a config.json that declares a huge model next to a small file is an error here).
 inline void check_hf_tensors(const HfCheckpoint& ckpt, const ParamLayout& layout) {
@@ -7549,11 +7550,10 @@ inline TokenRows parse_token_rows(const std::string& text) {
     const char* separators = ";, \t\n\r";
     for (size_t i = 0; i < text.size();) {
         if (text[i] == ';') rows.emplace_back();
-        if (std::strchr(separators, text[i])) { ++i; continue; }
+        if (std::strchr(separators, text[i]) && text[i]) { ++i; continue; }
         const size_t end = std::min(text.find_first_of(separators, i), text.size());
-        rows.back().push_back(int32_t(parse_int(std::string_view(text).substr(i, end - i),
-                                                "tokens \"" + text + "\": the token id at character " + std::to_string(i),
-                                                0, INT32_MAX)));
+        const std::string what = "token rows: the token id at character " + std::to_string(i);  // (not the whole text)
+        rows.back().push_back(int32_t(parse_int(std::string_view(text).substr(i, end - i), what, 0, INT32_MAX)));
         i = end;
     }
     r.B = int(rows.size());
