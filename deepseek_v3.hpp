@@ -22,10 +22,8 @@
 // section 3, which say what each piece does.
 //
 // PART 1, THE MODEL
-//    1. Config and counters .................. the error type and the bounded number reader of every flag and
-//                                              file field (parse_int, parse_float); one struct for the architecture,
-//                                              presets, validate(), parameter / FLOP / KV-cache counters
-//                                              [V3 §2, §4.2, Table 1]
+//    1. Config and counters .................. the error type; one struct for the architecture, presets, validate(),
+//                                              parameter / FLOP / KV-cache counters [V3 §2, §4.2, Table 1]
 //    2. Foundations .......................... RNG, parallel loops with a fixed reduction order, the profile of a
 //                                              step (build/train --profile), the memory budget, activation arena
 //    3. Kernels .............................. forward/backward pairs, the plain reference matmul first: matmul,
@@ -155,30 +153,9 @@ template <class... Parts>
 
 inline std::string escape_bytes(std::string_view s);  // section 11.1: bytes shown safely in a message
 
-// Numbers read from text: every command-line flag of the examples and every number of a text field in a file (a
-// checkpoint's header, a tokenizer's counts and merges, a .npy shape, token rows) goes through these two. A value
-// outside [lo, hi], or text that is not wholly a number, is an Error naming what was read, the range and the text:
-//     --batch: expected an integer in [1, 65536], got '-1'
-// never std::stoi's bare "stoi", nor a count of -1 that reaches an allocation or a division. The text must be the
-// number and nothing else (no spaces, no '+', no trailing characters); std::from_chars reads it the same way in
-// every locale.
-inline long long parse_int(std::string_view text, std::string_view what, long long lo, long long hi) {
-    long long v = 0;
-    const char* end = text.data() + text.size();
-    const auto r = std::from_chars(text.data(), end, v);
-    if (r.ec != std::errc() || r.ptr != end || v < lo || v > hi)
-        fail(what, ": expected an integer in [", lo, ", ", hi, "], got '", escape_bytes(text.substr(0, 64)), "'");
-    return v;
-}
-// The same for a real number, decimal or with an exponent ("3e-4"); NaN and infinities are outside every range.
-inline double parse_float(std::string_view text, std::string_view what, double lo, double hi) {
-    double v = 0;
-    const char* end = text.data() + text.size();
-    const auto r = std::from_chars(text.data(), end, v);
-    if (r.ec != std::errc() || r.ptr != end || !(v >= lo && v <= hi))
-        fail(what, ": expected a number in [", lo, ", ", hi, "], got '", escape_bytes(text.substr(0, 64)), "'");
-    return v;
-}
+// Every flag and number field of a file is read by these: the whole text, in a range, errors naming it (11.1).
+inline long long parse_int(std::string_view text, std::string_view what, long long lo, long long hi);
+inline double parse_float(std::string_view text, std::string_view what, double lo, double hi);
 
 // One struct carries the architecture. Field names follow DeepSeek's official inference code
 // (inference/model.py, ModelArgs); the Hugging Face config.json name is given where it differs.
@@ -356,8 +333,7 @@ inline void Config::validate() const {
     at_most("qk_rope_head_dim", qk_rope_head_dim, 1 << 12); at_most("v_head_dim", v_head_dim, 1 << 12);
     at_most("max_seq_len", max_seq_len, 1 << 22); at_most("n_routed_experts", n_routed_experts, 1 << 14);
     at_most("n_shared_experts", n_shared_experts, 1 << 10); at_most("n_mtp_depth", n_mtp_depth, 64);
-    // The layout lists three tensors for every routed expert of every block (V3: 61 x 256): a bound on their number
-    // keeps that list (names and shapes, built before any parameter is allocated) small, whatever a file declares.
+    // Three layout entries per routed expert and block (V3: 61 x 256), listed before any check of memory: bounded.
     if (int64_t(n_layers + n_mtp_depth) * n_routed_experts > (1 << 17))
         fail("Config.n_routed_experts: (n_layers + n_mtp_depth) x n_routed_experts must be <= ", 1 << 17, ", found ",
              n_layers + n_mtp_depth, " x ", n_routed_experts);
@@ -570,14 +546,8 @@ class ProfileScope {
 #define DSV3_PROFILE_KERNEL() ::dsv3::ProfileScope dsv3_profile_scope_(__func__, true)
 #define DSV3_PROFILE_MODULE(name) ::dsv3::ProfileScope dsv3_profile_scope_(name, false)
 
-// The memory budget: sizes that a file or a config declares (a model's parameters, a checkpoint's floats, a tensor's
-// bytes) are checked against the machine's physical memory before anything is allocated, so a lying header or a
-// config of the 671B model on a laptop is an error naming the sizes, not std::bad_alloc or minutes of swapping.
-inline void require_memory(std::string_view what, double bytes) {
-    const double have = double(sysconf(_SC_PHYS_PAGES)) * double(sysconf(_SC_PAGE_SIZE));
-    if (have > 0 && bytes > have)
-        fail(what, ": ", bytes / 1e9, " GB, more than this machine's ", have / 1e9, " GB of memory");
-}
+// The memory budget: a size a file or a config declares, checked against physical memory first (section 11.1).
+inline void require_memory(std::string_view what, double bytes);
 
 // The activation arena: forward activations and backward temporaries are bump-allocated from large blocks. After
 // the first step every take() is served from memory already owned, so a training step allocates nothing. Pointers
@@ -1327,14 +1297,16 @@ inline void grouped_matmul_backward(float* dx, float* dW, const float* dy, const
 
 // --- 3.11 AdamW (Loshchilov & Hutter 2019) ------------------------------------------------------------------------
 // m ← β1 m + (1−β1) g;  v ← β2 v + (1−β2) g²;  p ← p − lr·( m̂/(√v̂ + ε) + wd·p ), m̂, v̂ bias-corrected by step.
+// g is taken times grad_scale (6.2's clipping factor: one pass over the gradients fewer than scaling them first).
 inline void adamw_update(float* p, const float* g, float* m, float* v, int64_t n, float lr, float beta1, float beta2,
-                         float eps, float weight_decay, int step) {
+                         float eps, float weight_decay, int step, float grad_scale = 1.0f) {
     DSV3_PROFILE_KERNEL();
     const float c1 = 1.0f / (1.0f - std::pow(beta1, float(step))), c2 = 1.0f / (1.0f - std::pow(beta2, float(step)));
     parallel_for((n + 4095) / 4096, [&](int64_t c) {
         for (int64_t i = c * 4096, e = std::min(n, i + 4096); i < e; ++i) {
-            m[i] = beta1 * m[i] + (1 - beta1) * g[i];
-            v[i] = beta2 * v[i] + (1 - beta2) * g[i] * g[i];
+            const float gi = g[i] * grad_scale;
+            m[i] = beta1 * m[i] + (1 - beta1) * gi;
+            v[i] = beta2 * v[i] + (1 - beta2) * gi * gi;
             p[i] -= lr * (m[i] * c1 / (std::sqrt(v[i] * c2) + eps) + weight_decay * p[i]);
         }
     });
@@ -1836,10 +1808,8 @@ class Model {
 };
 
 inline Model::Model(const Config& c, uint64_t seed) : cfg(c), layout(param_layout(c)) {
-    // Parameters and gradients now, AdamW's two moments at the first step: 16 bytes a parameter; and the RoPE table
-    // (cos and sin at every position: large on its own for a long max_seq_len). Both are checked against the memory
-    // budget (section 2) before anything is allocated, so a config that declares a huge model (the 671B preset on a
-    // laptop, a lying config.json) is an error that says so.
+    // Parameters, gradients and AdamW's moments (16 bytes a parameter) and the RoPE table, checked against the memory
+    // budget before anything is allocated: a config of a huge model (671B on a laptop) is an error that says so.
     if (backend::host_memory)
         require_memory("Model: " + std::to_string(layout.total) + " parameters (parameters, gradients, AdamW moments)"
                        " and the RoPE table of " + std::to_string(cfg.max_seq_len) + " positions",
@@ -2375,9 +2345,8 @@ inline double adamw_step(Model& model, AdamW& opt, float lr, double grad_norm = 
     }
     const double norm = grad_norm >= 0 ? grad_norm : gradient_norm(model.grads);
     if (!std::isfinite(norm)) fail("adamw_step: gradient norm is ", norm, " (non-finite): the step was not applied");
-    if (opt.clip_norm > 0 && norm > opt.clip_norm) {
-        backend::scale_inplace(model.grads.data(), int64_t(model.grads.size()), float(opt.clip_norm / norm));
-    }
+    // Clipping: every gradient times clip_norm / norm, applied inside the update (model.grads keeps the unclipped ones)
+    const float clip = opt.clip_norm > 0 && norm > opt.clip_norm ? float(opt.clip_norm / norm) : 1.0f;
     ++opt.step;
     // One update per run of neighbouring tensors with the same weight decay: the same arithmetic for every element as
     // one call per tensor, in far fewer calls (a layer's routed experts are hundreds of tensors back to back; on a GPU
@@ -2392,7 +2361,7 @@ inline double adamw_step(Model& model, AdamW& opt, float lr, double grad_norm = 
             ++j;
         const size_t o = es[i].offset, n = es[j - 1].offset + es[j - 1].size - o;
         backend::adamw_update(model.params.data() + o, model.grads.data() + o, opt.m.data() + o, opt.v.data() + o,
-                              int64_t(n), lr, opt.beta1, opt.beta2, opt.eps, decay(es[i]), opt.step);
+                              int64_t(n), lr, opt.beta1, opt.beta2, opt.eps, decay(es[i]), opt.step, clip);
     }
     // FP8 training keeps AdamW's moments in BF16 [V3 §3.3.3 "Low-Precision Optimizer States"]: simulated by rounding
     // them after each update (the master weights and the gradients stay FP32).
@@ -4510,6 +4479,40 @@ inline std::string escape_bytes(std::string_view s) {
         else { out += "\\x"; out += hex[c >> 4]; out += hex[c & 15]; }
     }
     return out;
+}
+
+// Numbers read from text: every command-line flag of the examples and every number of a text field in a file (a
+// checkpoint's header, a tokenizer's counts and merges, a .npy shape, token rows) goes through these two. A value
+// outside [lo, hi], or text that is not wholly a number, is an Error naming what was read, the range and the text:
+//     --batch: expected an integer in [1, 65536], got '-1'
+// never std::stoi's bare "stoi", nor a count of -1 that reaches an allocation or a division. The text must be the
+// number and nothing else (no spaces, no '+', no trailing characters); std::from_chars reads it the same way in
+// every locale.
+inline long long parse_int(std::string_view text, std::string_view what, long long lo, long long hi) {
+    long long v = 0;
+    const char* end = text.data() + text.size();
+    const auto r = std::from_chars(text.data(), end, v);
+    if (r.ec != std::errc() || r.ptr != end || v < lo || v > hi)
+        fail(what, ": expected an integer in [", lo, ", ", hi, "], got '", escape_bytes(text.substr(0, 64)), "'");
+    return v;
+}
+// The same for a real number, decimal or with an exponent ("3e-4"); NaN and infinities are outside every range.
+inline double parse_float(std::string_view text, std::string_view what, double lo, double hi) {
+    double v = 0;
+    const char* end = text.data() + text.size();
+    const auto r = std::from_chars(text.data(), end, v);
+    if (r.ec != std::errc() || r.ptr != end || !(v >= lo && v <= hi))
+        fail(what, ": expected a number in [", lo, ", ", hi, "], got '", escape_bytes(text.substr(0, 64)), "'");
+    return v;
+}
+
+// The memory budget: sizes that a file or a config declares (a model's parameters, a checkpoint's floats, a tensor's
+// bytes) are checked against the machine's physical memory before anything is allocated, so a lying header or a
+// config of the 671B model on a laptop is an error naming the sizes, not std::bad_alloc or minutes of swapping.
+inline void require_memory(std::string_view what, double bytes) {
+    const double have = double(sysconf(_SC_PHYS_PAGES)) * double(sysconf(_SC_PAGE_SIZE));
+    if (have > 0 && bytes > have)
+        fail(what, ": ", bytes / 1e9, " GB, more than this machine's ", have / 1e9, " GB of memory");
 }
 
 // Little-endian integers of n bytes (every binary format here is little-endian, whatever the machine).

@@ -2567,10 +2567,12 @@ inline void grouped_matmul_backward(float* dx, float* dW, const float* dy, const
 namespace detail {
 // Also writes bf16(p) into `shadow` when it is not null (the weight's BF16 shadow, section 0).
 __global__ void adamw_kernel(float* p, const float* g, float* m, float* v, int64_t n, float lr, float beta1,
-                             float beta2, float eps, float weight_decay, float c1, float c2, __nv_bfloat16* shadow) {
+                             float beta2, float eps, float weight_decay, float c1, float c2, float grad_scale,
+                             __nv_bfloat16* shadow) {
     for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-        const float mi = beta1 * m[i] + (1 - beta1) * g[i];
-        const float vi = beta2 * v[i] + (1 - beta2) * g[i] * g[i];
+        const float gi = __fmul_rn(g[i], grad_scale);   // rounded on its own, as on the CPU (no FMA contraction)
+        const float mi = beta1 * m[i] + (1 - beta1) * gi;
+        const float vi = beta2 * v[i] + (1 - beta2) * gi * gi;
         m[i] = mi;
         v[i] = vi;
         const float pi = p[i];
@@ -2581,13 +2583,13 @@ __global__ void adamw_kernel(float* p, const float* g, float* m, float* v, int64
 }
 }  // namespace detail
 inline void adamw_update(float* p, const float* g, float* m, float* v, int64_t n, float lr, float beta1, float beta2,
-                         float eps, float weight_decay, int step) {
+                         float eps, float weight_decay, int step, float grad_scale = 1.0f) {
     DSV3_PROFILE_KERNEL();
     if (n <= 0) return;
     const float c1 = 1.0f / (1.0f - std::pow(beta1, float(step))), c2 = 1.0f / (1.0f - std::pow(beta2, float(step)));
     __nv_bfloat16* bf16 = shadow::prepare(p, size_t(n));
     detail::adamw_kernel<<<std::min(grid_for(n, 256), 8192), 256>>>(p, g, m, v, n, lr, beta1, beta2, eps,
-                                                                    weight_decay, c1, c2, bf16);
+                                                                    weight_decay, c1, c2, grad_scale, bf16);
     DSV3_CUDA_CHECK_LAUNCH();
 }
 
