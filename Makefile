@@ -2,7 +2,8 @@
 #   make            every CPU example into build/
 #   make train      the main job: train the tiny model (Tiny Shakespeare if data/tinyshakespeare.txt exists,
 #                   else the built-in synthetic corpus)
-#   make test       the doctest suite (then the MPI tests, when MPI is installed)
+#   make test       the doctest suite, build/train's Ctrl-C and --resume (tests/train_resume.sh), then the MPI
+#                   tests when MPI is installed
 #   make mpi        build/train_mpi and build/test_mpi over MPI (optional; see the MPI section at the end)
 #   make bench      the benchmarks
 #   make data       download Tiny Shakespeare and prepare its token files
@@ -69,8 +70,9 @@ $(BUILD)/tests: $(TEST_OBJS) | $(BUILD)/.deps
 
 NPROC := $(shell nproc 2>/dev/null || echo 2)
 test: deps
-	@$(MAKE) --no-print-directory -j$(NPROC) $(BUILD)/tests
+	@$(MAKE) --no-print-directory -j$(NPROC) $(BUILD)/tests $(BUILD)/train
 	./$(BUILD)/tests
+	tests/train_resume.sh
 	@$(MAKE) --no-print-directory test-mpi
 
 train: $(BUILD)/train

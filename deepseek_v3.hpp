@@ -75,6 +75,7 @@
 #include <exception>
 #include <filesystem>
 #include <functional>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -4464,6 +4465,25 @@ inline std::string escape_bytes(std::string_view s) {
     }
     return out;
 }
+// The inverse of escape_bytes (a prompt or a path stored on one line of a checkpoint header). `what` names the text
+// in the error a malformed escape raises.
+inline std::string unescape_bytes(std::string_view s, const std::string& what) {
+    auto hex = [&](size_t at) {  // the value of the hex digit s[at], or -1
+        const char h = at < s.size() ? char(s[at] | 32) : 'z';
+        return h >= '0' && h <= '9' ? h - '0' : h >= 'a' && h <= 'f' ? h - 'a' + 10 : -1;
+    };
+    std::string out;
+    for (size_t i = 0; i < s.size(); ++i) {
+        if (s[i] != '\\') { out += s[i]; continue; }
+        const char c = ++i < s.size() ? s[i] : '\0';
+        if (c == 'n') out += '\n';
+        else if (c == 't') out += '\t';
+        else if (c == '\\' || c == '"') out += c;
+        else if (c == 'x' && hex(i + 1) >= 0 && hex(i + 2) >= 0) { out += char(hex(i + 1) * 16 + hex(i + 2)); i += 2; }
+        else fail(what, ": malformed escape at byte ", i - 1, " of \"", std::string(s.substr(0, 60)), "\"");
+    }
+    return out;
+}
 
 // Little-endian integers of n bytes (every binary format here is little-endian, whatever the machine).
 inline uint64_t load_le(const void* p, int n) {
@@ -6081,7 +6101,9 @@ inline void plot_attention(const std::string& path, const std::string& title, co
 // "step 120/5000 (2.4%) | loss 2.3456 | lr 3.0e-04 | 12.3k tok/s | 0:12 elapsed | ETA 8:03". In a terminal the
 // line is rewritten in place ('\r') at most 10 times a second; when the output is a file or a pipe (CI logs),
 // a plain line is printed every `every_steps` steps or `every_seconds` seconds, whichever comes first, and at the
-// last step.
+// last step. Every long-running program prints this one line: train names its metric "loss" and counts tokens; an
+// experiment names its own ("max rel. error", "outputs"). A resumed run counts steps from the start of the whole run
+// (step 1201/2000), while its rate and ETA come from the steps this process ran (first_step: the steps done before).
 struct Progress {
     using Clock = std::chrono::steady_clock;
     int64_t total_steps;
@@ -6089,9 +6111,11 @@ struct Progress {
     bool tty;
     int64_t every_steps;
     double every_seconds;
+    int64_t first_step = 0;                      // steps done before this process started (a resumed run)
+    std::string label, metric = "loss", unit = "tok";  // "label step ... | metric 2.34 | ... | 12k unit/s"
     Clock::time_point start, last_print;
     size_t last_len = 0;
-    bool printed_any = false;
+    bool printed_any = false, line_open = false;  // line_open: a terminal line not ended by '\n' yet
 
     explicit Progress(int64_t total, FILE* stream = stdout, int64_t every_n_steps = 0, double every_n_seconds = 30)
         : total_steps(total), out(stream), tty(isatty(fileno(stream)) != 0),
@@ -6119,23 +6143,27 @@ struct Progress {
         std::snprintf(buf, sizeof buf, v == 0 ? "0" : (a >= 1e5 || a < 1e-2) ? "%.2e" : "%.4f", v);
         return buf;
     }
-    // The line itself (pure, for tests): step of total, loss, extras, tokens/s, elapsed, ETA.
-    static std::string format_line(int64_t step, int64_t total, double loss, int64_t tokens, double elapsed_s,
-                                   const std::vector<std::pair<std::string, double>>& extra) {
+    // The line itself (pure, for tests): step of total, the metric, extras, units/s, elapsed, ETA. `counted`: the
+    // units (tokens) processed by this process, over elapsed_s.
+    std::string format_line(int64_t step, double value, int64_t counted, double elapsed_s,
+                            const std::vector<std::pair<std::string, double>>& extra = {}) const {
         char buf[96];
-        std::snprintf(buf, sizeof buf, "step %lld/%lld (%.1f%%)", (long long)step, (long long)total,
-                      total > 0 ? 100.0 * double(step) / double(total) : 0.0);
-        std::string s = buf;
-        s += " | loss " + format_value(loss);  // NaN and inf show as such: a diverged run is visible
-        for (const auto& [name, value] : extra) s += " | " + name + " " + format_value(value);
-        if (tokens > 0 && elapsed_s > 0) s += " | " + format_rate(double(tokens) / elapsed_s) + " tok/s";
+        std::snprintf(buf, sizeof buf, "step %lld/%lld (%.1f%%)", (long long)step, (long long)total_steps,
+                      total_steps > 0 ? 100.0 * double(step) / double(total_steps) : 0.0);
+        std::string s = label + buf;
+        s += " | " + metric + " " + format_value(value);  // NaN and inf show as such: a diverged run is visible
+        for (const auto& [name, v] : extra) s += " | " + name + " " + format_value(v);
+        if (counted > 0 && elapsed_s > 0) s += " | " + format_rate(double(counted) / elapsed_s) + " " + unit + "/s";
         s += " | " + format_duration(elapsed_s) + " elapsed";
-        if (step > 0 && step < total) s += " | ETA " + format_duration(elapsed_s / double(step) * double(total - step));
+        const int64_t done = step - first_step;
+        if (done > 0 && step < total_steps)
+            s += " | ETA " + format_duration(elapsed_s / double(done) * double(total_steps - step));
         return s;
     }
 
-    // Call after step `step` (1-based) with the loss and the number of tokens processed so far.
-    void update(int64_t step, double loss, int64_t tokens_so_far = 0,
+    // Call after step `step` (1-based, counted from the start of the whole run) with the metric and the number of
+    // units processed by this process so far.
+    void update(int64_t step, double value, int64_t counted_so_far = 0,
                 const std::vector<std::pair<std::string, double>>& extra = {}) {
         const Clock::time_point now = Clock::now();
         const double since_print = std::chrono::duration<double>(now - last_print).count();
@@ -6144,11 +6172,12 @@ struct Progress {
                              : (last || !printed_any || step % every_steps == 0 || since_print >= every_seconds);
         if (!due) return;
         const std::string line =
-            format_line(step, total_steps, loss, tokens_so_far, std::chrono::duration<double>(now - start).count(), extra);
+            format_line(step, value, counted_so_far, std::chrono::duration<double>(now - start).count(), extra);
         if (tty) {
             std::fprintf(out, "\r%s", line.c_str());
             for (size_t i = line.size(); i < last_len; ++i) std::fputc(' ', out);  // erase a longer previous line
             if (last) std::fputc('\n', out);
+            line_open = !last;
         } else {
             std::fprintf(out, "%s\n", line.c_str());
         }
@@ -6156,6 +6185,12 @@ struct Progress {
         last_len = line.size();
         last_print = now;
         printed_any = true;
+    }
+    // Ends an unfinished line in a terminal (before other output: an evaluation, an interruption).
+    void break_line() {
+        if (line_open) std::fputc('\n', out);
+        line_open = false;
+        last_len = 0;
     }
 };
 
@@ -6222,14 +6257,41 @@ inline std::string name_list(const std::vector<std::string>& names, size_t show 
 //     dsv3-checkpoint 1
 //     <Config::to_text() lines>
 //     step=<optimizer steps taken>
+//     run.<key>=<value>        zero or more: what the run was (RunInfo below)
 //     floats=<parameter count>
 //     end
 //     params[floats] m[floats] v[floats]
 // It is written to "<path>.tmp" and renamed over <path> only when complete, so a crash never leaves a torn file.
-inline void save_checkpoint(const std::string& path, const Model& model, const AdamW& opt) {
+//
+// RunInfo: what a run records beside the weights, so that a later program needs nothing but the checkpoint:
+// build/train writes the flags it was started with (run.arg, one word each, in order: --resume continues with
+// them), its data, the tokenizer file, and a prompt that fits its corpus (build/generate's default). Keys may
+// repeat; values are stored escaped (escape_bytes), one line each.
+struct RunInfo {
+    std::vector<std::pair<std::string, std::string>> entries;
+    void add(const std::string& key, const std::string& value) { entries.emplace_back(key, value); }
+    std::string get(const std::string& key, const std::string& otherwise = "") const {  // the last value of key
+        for (auto e = entries.rbegin(); e != entries.rend(); ++e)
+            if (e->first == key) return e->second;
+        return otherwise;
+    }
+    std::vector<std::string> all(const std::string& key) const {
+        std::vector<std::string> out;
+        for (const auto& [k, v] : entries)
+            if (k == key) out.push_back(v);
+        return out;
+    }
+};
+
+inline void save_checkpoint(const std::string& path, const Model& model, const AdamW& opt, const RunInfo& run = {}) {
     std::ostringstream header;
-    header << "dsv3-checkpoint 1\n" << model.cfg.to_text() << "step=" << opt.step << "\nfloats=" << model.params.size()
-           << "\nend\n";
+    header << "dsv3-checkpoint 1\n" << model.cfg.to_text() << "step=" << opt.step << "\n";
+    for (const auto& [key, value] : run.entries) {
+        if (key.empty() || key.find_first_of("=\n") != std::string::npos)
+            fail("checkpoint ", path, ": run key \"", escape_bytes(key), "\" is empty or holds '=' or a line break");
+        header << "run." << key << "=" << escape_bytes(value) << "\n";
+    }
+    header << "floats=" << model.params.size() << "\nend\n";
     const std::string h = header.str();
     const size_t n = model.params.size();
     const std::vector<float> params = backend::download(model.params);  // a copy in host memory
@@ -6241,8 +6303,9 @@ inline void save_checkpoint(const std::string& path, const Model& model, const A
                write_bytes(f, m.data(), 4 * n) && write_bytes(f, v.data(), 4 * n);
     });
 }
-// Reads the config a checkpoint was saved with.
-inline Config read_checkpoint_config(const std::string& path, int* step = nullptr, size_t* header_bytes = nullptr) {
+// Reads the config a checkpoint was saved with (and its step, header size and RunInfo, where asked).
+inline Config read_checkpoint_config(const std::string& path, int* step = nullptr, size_t* header_bytes = nullptr,
+                                     RunInfo* run = nullptr) {
     const io_detail::File f = io_detail::open_file(path, "checkpoint");
     std::string line;
     auto next_line = [&] {  // false at the end of the file
@@ -6273,6 +6336,9 @@ inline Config read_checkpoint_config(const std::string& path, int* step = nullpt
                      INT_MAX, "]");
             steps = int(v);
         }
+        else if (io_detail::starts_with(name, "run.")) {
+            if (run) run->add(name.substr(4), unescape_bytes(value, "checkpoint " + path + ": header line " + name));
+        }
         else if (name != "floats") c.set(name, value, "checkpoint " + path);
     }
     if (header_bytes) *header_bytes = size_t(std::ftell(f.get()));
@@ -6280,11 +6346,11 @@ inline Config read_checkpoint_config(const std::string& path, int* step = nullpt
     if (step) *step = steps;
     return c;
 }
-// Loads parameters and optimizer state into a model built with the same config.
-inline void load_checkpoint(const std::string& path, Model& model, AdamW& opt) {
+// Loads parameters and optimizer state into a model built with the same config (and the RunInfo, where asked).
+inline void load_checkpoint(const std::string& path, Model& model, AdamW& opt, RunInfo* run = nullptr) {
     int step = 0;
     size_t header = 0;
-    const Config c = read_checkpoint_config(path, &step, &header);
+    const Config c = read_checkpoint_config(path, &step, &header, run);
     std::istringstream a(c.to_text()), b(model.cfg.to_text());
     for (std::string la, lb; std::getline(a, la) && std::getline(b, lb);)
         if (la != lb)
@@ -6303,6 +6369,96 @@ inline void load_checkpoint(const std::string& path, Model& model, AdamW& opt) {
     backend::upload(opt.v, v);
     opt.step = step;
 }
+
+// The history of a training run: the losses of every step and the results of every evaluation. build/train keeps it
+// in the run directory beside the checkpoint (train_log.txt), saved with it, and draws its plots from it, so a run
+// resumed from a checkpoint of step s keeps steps 1..s of the log, repeats nothing, and its plots show the whole run.
+// Text, one record a line (numbers as printf's %.17g, which reads back to the same double: a resumed run's plots are
+// drawn from the same values as the uninterrupted run's):
+//     dsv3-training-log 1
+//     step STEP LOSS MTP_LOSS GRAD_NORM LR MAXVIO_BATCH
+//     eval STEP VAL_LOSS MAXVIO_GLOBAL WINDOWS BLOCKS EXPERTS c_1 ... c_(BLOCKS·EXPERTS)   (validation loads by block)
+struct TrainingLog {
+    struct Step { int step = 0; double loss = 0, mtp = 0, grad_norm = 0, lr = 0, max_violation = 0; };
+    struct Eval {
+        int step = 0;
+        double loss = 0, max_violation = 0;
+        int64_t windows = 0;                      // validation windows evaluated
+        std::vector<std::vector<int64_t>> loads;  // tokens routed to each expert, one vector per MoE block
+    };
+    std::vector<Step> steps;
+    std::vector<Eval> evals;
+
+    // Forgets the records after `step`: a run resumed from the checkpoint of step `step` does those steps again.
+    void keep_until(int step) {
+        auto after = [&](const auto& r) { return r.step > step; };
+        steps.erase(std::remove_if(steps.begin(), steps.end(), after), steps.end());
+        evals.erase(std::remove_if(evals.begin(), evals.end(), after), evals.end());
+    }
+    std::string to_text() const {
+        std::string out = "dsv3-training-log 1\n";
+        char buf[256];
+        for (const Step& r : steps) {
+            std::snprintf(buf, sizeof buf, "step %d %.17g %.17g %.17g %.17g %.17g\n", r.step, r.loss, r.mtp, r.grad_norm,
+                          r.lr, r.max_violation);
+            out += buf;
+        }
+        for (const Eval& e : evals) {
+            std::snprintf(buf, sizeof buf, "eval %d %.17g %.17g %lld %zu %zu", e.step, e.loss, e.max_violation,
+                          (long long)e.windows, e.loads.size(), e.loads.empty() ? size_t(0) : e.loads[0].size());
+            out += buf;
+            for (const auto& block : e.loads)
+                for (int64_t c : block) out += " " + std::to_string(c);
+            out += "\n";
+        }
+        return out;
+    }
+    static TrainingLog parse(const std::string& text, const std::string& name) {
+        std::istringstream in(text);
+        std::string line;
+        if (!std::getline(in, line) || line != "dsv3-training-log 1")
+            fail("training log ", name, ": expected first line \"dsv3-training-log 1\", found \"",
+                 escape_bytes(line.substr(0, 40)), "\"");
+        TrainingLog log;
+        for (int number = 2; std::getline(in, line); ++number) {
+            std::istringstream words(line);
+            std::vector<std::string> w{std::istream_iterator<std::string>(words), std::istream_iterator<std::string>()};
+            auto bad = [&](const char* what) {
+                fail("training log ", name, " line ", number, ": ", what, ": \"", escape_bytes(line.substr(0, 80)), "\"");
+            };
+            auto number_at = [&](size_t i) {  // strtod: also "nan" and "inf", which a diverging run may log
+                char* end = nullptr;
+                const double x = i < w.size() ? std::strtod(w[i].c_str(), &end) : 0;
+                if (i >= w.size() || *end) bad("expected a number");
+                return x;
+            };
+            auto count_at = [&](size_t i) {
+                const double x = number_at(i);
+                if (!(x >= 0 && x <= 1e15) || x != std::floor(x)) bad("expected a whole number");
+                return int64_t(x);
+            };
+            if (w.empty()) continue;
+            if (w[0] == "step" && w.size() == 7) {
+                log.steps.push_back({int(std::min<int64_t>(count_at(1), INT_MAX)), number_at(2), number_at(3),
+                                     number_at(4), number_at(5), number_at(6)});
+            } else if (w[0] == "eval" && w.size() >= 7) {
+                Eval e{int(std::min<int64_t>(count_at(1), INT_MAX)), number_at(2), number_at(3), count_at(4), {}};
+                const int64_t blocks = count_at(5), experts = count_at(6);
+                const int64_t n = int64_t(w.size()) - 7;  // (no product: BLOCKS x EXPERTS may overflow)
+                if (blocks == 0 || experts == 0 ? blocks || experts || n : n % experts || n / experts != blocks)
+                    bad("the number of loads differs from BLOCKS x EXPERTS");
+                e.loads.assign(size_t(blocks), std::vector<int64_t>(size_t(experts)));
+                for (size_t i = 7; i < w.size(); ++i) e.loads[(i - 7) / size_t(experts)][(i - 7) % size_t(experts)] = count_at(i);
+                log.evals.push_back(std::move(e));
+            } else {
+                bad("expected \"step\" and 6 numbers, or \"eval\" and at least 6");
+            }
+        }
+        return log;
+    }
+    void save(const std::string& path) const { write_file_atomic(path, to_text()); }
+    static TrainingLog load(const std::string& path) { return parse(read_file_bytes(path), path); }
+};
 
 // --- 13.2 JSON -------------------------------------------------------------------------------------------------------
 // config.json, the safetensors header and the shard index are JSON (RFC 8259). This reader is strict: anything the
