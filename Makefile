@@ -6,7 +6,8 @@
 #                   tests when MPI is installed
 #   make mpi        build/train_mpi and build/test_mpi over MPI (optional; see the MPI section at the end)
 #   make bench      the benchmarks
-#   make data       download Tiny Shakespeare and prepare its token files
+#   make data       download Tiny Shakespeare and prepare its token files: bytes (v256) and BPE (v512), for
+#                   build/train --tokens data/tinyshakespeare_v512_train.bin
 #   make clean
 # CXX and CXXFLAGS can be overridden; threads come from OMP_NUM_THREADS.
 
@@ -84,6 +85,7 @@ bench: $(BUILD)/bench
 data: $(BUILD)/prepare_data
 	bash data/download.sh
 	./$(BUILD)/prepare_data --text data/tinyshakespeare.txt --vocab 256 --out-dir data
+	./$(BUILD)/prepare_data --text data/tinyshakespeare.txt --vocab 512 --out-dir data
 
 clean:
 	rm -rf $(BUILD)
