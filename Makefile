@@ -6,6 +6,7 @@
 #                   tests when MPI is installed
 #   make mpi        build/train_mpi and build/test_mpi over MPI (optional; see the MPI section at the end)
 #   make bench      the benchmarks
+#   make bench-shared  training and decoding speed on a CPU shared with busy processes (examples/bench_shared.sh)
 #   make data       download Tiny Shakespeare and prepare its token files: bytes (v256) and BPE (v512), for
 #                   build/train --tokens data/tinyshakespeare_v512_train.bin
 #   make clean
@@ -25,7 +26,7 @@ BENCH_FLAGS := -DDSV3_BENCH_OPENBLAS -lopenblas
 endif
 TRAIN_ARGS ?=
 
-.PHONY: all train test bench data clean deps
+.PHONY: all train test bench bench-shared data clean deps
 all: $(EXAMPLES:%=$(BUILD)/%)
 
 # doctest (tests) and stb (PNG output) come from Debian packages; install them when we can, else say how.
@@ -81,6 +82,10 @@ train: $(BUILD)/train
 
 bench: $(BUILD)/bench
 	./$(BUILD)/bench
+
+# Training and decoding speed on a shared CPU: quiet, beside two busy processes, and with one thread (about a minute).
+bench-shared: $(BUILD)/train $(BUILD)/generate
+	examples/bench_shared.sh
 
 data: $(BUILD)/prepare_data
 	bash data/download.sh

@@ -427,9 +427,14 @@ struct Rng {
 
 // parallel_for(n, body): body(i) for i in [0, n), split over OpenMP threads by a fixed static partition. Each i must
 // write only its own outputs, so the result is the same for any thread count.
+// Small loops run on the calling thread: waking the team costs microseconds, and on a CPU shared with other programs
+// a thread that is not running makes the whole region wait for it, a time slice (milliseconds). Decoding one token
+// runs hundreds of tiny loops, so this decides whether `generate` keeps its speed on a busy laptop. work_per_item:
+// about how many multiply-adds or element updates body(i) does (the default: enough to run in parallel when n > 1).
+constexpr int64_t kParallelMinWork = int64_t(1) << 15;
 template <class Body>
-inline void parallel_for(int64_t n, const Body& body) {
-#pragma omp parallel for schedule(static)
+inline void parallel_for(int64_t n, const Body& body, int64_t work_per_item = kParallelMinWork) {
+#pragma omp parallel for schedule(static) if (n > 1 && n * work_per_item >= kParallelMinWork)
     for (int64_t i = 0; i < n; ++i) body(i);
 }
 
@@ -447,6 +452,22 @@ inline double parallel_sum(int64_t n, const Term& term) {
     double total = 0;
     for (double p : partial) total += p;
     return total;
+}
+
+// OpenMP threads that sleep while they wait, unless the user chose otherwise. libgomp's threads spin for a while
+// (GOMP_SPINCOUNT, 300000 turns) at the end of every parallel region before they sleep. On a CPU that other programs
+// also use, a spinning thread holds a core that the thread it waits for needs: measured on 2 cores beside two busy
+// processes, `generate` ran 57x slower with 2 threads than with 1. OMP_WAIT_POLICY=passive makes them sleep at once.
+// libgomp reads the variable once, when the program is loaded, so the programs of examples/ call this first thing in
+// main: when neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT is set, it sets OMP_WAIT_POLICY=passive and starts the program
+// again (exec of /proc/self/exe, same arguments; Linux). Where that fails it returns, and the program runs as it was.
+inline void prefer_sleeping_threads(char** argv) {
+#if defined(_OPENMP) && defined(__linux__)
+    if (std::getenv("OMP_WAIT_POLICY") || std::getenv("GOMP_SPINCOUNT")) return;
+    if (setenv("OMP_WAIT_POLICY", "passive", 0) == 0) execv("/proc/self/exe", argv);
+#else
+    (void)argv;
+#endif
 }
 
 inline int thread_count() {
@@ -2523,7 +2544,7 @@ inline void mla_attend_latent(float* o_lat, const float* q_lat, const float* q_r
             return dot;
         };
         attend_one(o_lat + job * dc, pos0 + t + 1, dc, scale, score, [&](int s) { return ckv + int64_t(s) * dc; });
-    });
+    }, int64_t(pos0 + n) * (2 * dc + dr));
 }
 // The naive path for the same rows: q: [n, H, dh + dr] (RoPE applied); k: [L, H, dh + dr]; v: [L, H, dv] up-projected
 // from the whole cache; o: [n, H, dv].
@@ -2540,7 +2561,7 @@ inline void attention_decode_naive(float* o, const float* q, const float* k, con
             return dot;
         };
         attend_one(o + job * dv, pos0 + t + 1, dv, scale, score, [&](int s) { return v + (int64_t(s) * H + h) * dv; });
-    });
+    }, int64_t(pos0 + n) * (dqk + dv));
 }
 
 // The two absorptions, per row t and head h; W_ukv: [H·(dh+dv), dc] (kv_b_proj): head h's rows are W^UK_h [dh, dc],
@@ -2557,7 +2578,7 @@ inline void mla_absorb_query(float* q_lat, float* q_rope, const float* q, const 
         for (int i = 0; i < dh; ++i)
             for (int j = 0; j < dc; ++j) ql[j] += qc[i] * Wk[int64_t(i) * dc + j];
         std::memcpy(q_rope + job * dr, qc + dh, sizeof(float) * size_t(dr));
-    });
+    }, int64_t(dh) * dc);
 }
 // o[t,h] = W^UV_h o_lat[t,h]: o_lat [n, H, dc] -> o [n, H, dv]
 inline void mla_absorb_output(float* o, const float* o_lat, const float* W_ukv, int n, int H, int dh, int dv, int dc) {
@@ -2572,7 +2593,7 @@ inline void mla_absorb_output(float* o, const float* o_lat, const float* W_ukv, 
             for (int j = 0; j < dc; ++j) s += Wv[int64_t(i) * dc + j] * ol[j];
             ot[i] = s;
         }
-    });
+    }, int64_t(dv) * dc);
 }
 
 // --- 7.3 the model on new tokens -----------------------------------------------------------------------------------
@@ -4398,10 +4419,10 @@ inline void multiply(int M, int N, int K, const View& A, const View& B, const Ou
     AlignedFloats packed_b(size_t(K) * std::min((N + NR - 1) / NR * NR, block_n));
     float* bpack = packed_b.get();
 
-    // One parallel region for the whole product (called from inside another parallel region, it runs on the calling
-    // thread alone). The barriers (the one ending the `omp for`, and the explicit one) make sure that a block of B
+    // One parallel region for the whole product (called from inside another parallel region, or for a product too
+    // small to be worth waking the team for, it runs on the calling thread alone). The barriers (the one ending the `omp for`, and the explicit one) make sure that a block of B
     // is fully packed before any thread reads it, and fully used before the next block overwrites it.
-#pragma omp parallel
+#pragma omp parallel if (int64_t(M) * N * K >= 8 * kParallelMinWork)
     {
         alignas(64) float a_pack[MR * KC];  // this thread's copy of a partial row panel of A (one K block)
         for (int jc = 0; jc < N; jc += block_n) {

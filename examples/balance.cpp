@@ -51,6 +51,7 @@ static Outcome run(const std::string& name, const std::vector<int32_t>& train, c
 }
 
 int main(int argc, char** argv) {
+    prefer_sleeping_threads(argv);  // a shared CPU: OpenMP threads that wait sleep (the header, section 2)
     try {
         std::string data;
         int steps = 600;

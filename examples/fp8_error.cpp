@@ -48,6 +48,7 @@ Errors measure(const std::vector<float>& c, const std::vector<float>& ref) {
 }  // namespace
 
 int main(int argc, char** argv) {
+    dsv3::prefer_sleeping_threads(argv);  // a shared CPU: OpenMP threads that wait sleep (the header, section 2)
     try {
         std::string out = "build/fp8_error.png";
         int M = 256, N = 256, draws = 3;

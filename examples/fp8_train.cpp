@@ -15,6 +15,7 @@
 using namespace dsv3;
 
 int main(int argc, char** argv) {
+    prefer_sleeping_threads(argv);  // a shared CPU: OpenMP threads that wait sleep (the header, section 2)
     try {
         std::string data, out = "runs/fp8";
         int steps = 300, B = 16, T = 64, every = 25;

@@ -41,6 +41,7 @@ static void usage() {
 }
 
 int main(int argc, char** argv) {
+    prefer_sleeping_threads(argv);  // a shared CPU: OpenMP threads that wait sleep (the header, section 2)
     try {
         std::string checkpoint = "runs/tiny/checkpoint.bin", hf_dir, prompt, tokenizer_path;
         int n_tokens = 200;

@@ -537,6 +537,7 @@ static bool run(int argc, char** argv, Communicator* comm) {
 }
 
 int main(int argc, char** argv) {
+    prefer_sleeping_threads(argv);  // a shared CPU: OpenMP threads that wait sleep (the header, section 2)
 #ifdef DSV3_MPI
     run_mpi(argc, argv, [&](Communicator& comm) { run(argc, argv, &comm); });  // an error: printed, then MPI_Abort
     return 0;
