@@ -4,11 +4,14 @@
 #                   else the built-in synthetic corpus)
 #   make test       the doctest suite, build/train's Ctrl-C and --resume (tests/train_resume.sh), then the MPI
 #                   tests when MPI is installed
+#   make test-flags every example refuses malformed flag values, naming the flag
 #   make mpi        build/train_mpi and build/test_mpi over MPI (optional; see the MPI section at the end)
 #   make bench      the benchmarks
 #   make bench-shared  training and decoding speed on a CPU shared with busy processes (examples/bench_shared.sh)
 #   make data       download Tiny Shakespeare and prepare its token files: bytes (v256) and BPE (v512), for
 #                   build/train --tokens data/tinyshakespeare_v512_train.bin
+#   make test-san   the test suite under AddressSanitizer and UBSan, the rank tests under ThreadSanitizer (clang)
+#   make fuzz       libFuzzer harnesses of every file parser (clang); make fuzz-run FUZZ_SECONDS=N runs them
 #   make clean
 # CXX and CXXFLAGS can be overridden; threads come from OMP_NUM_THREADS.
 
@@ -77,6 +80,11 @@ test: deps
 	tests/train_resume.sh
 	@$(MAKE) --no-print-directory test-mpi
 
+# Every example refuses malformed flag values with the flag's name (tests/flags.sh; CI runs it).
+.PHONY: test-flags
+test-flags: all
+	tests/flags.sh
+
 train: $(BUILD)/train
 	./$(BUILD)/train $(TRAIN_ARGS)
 
@@ -94,6 +102,49 @@ data: $(BUILD)/prepare_data
 
 clean:
 	rm -rf $(BUILD)
+
+# ---- sanitizers and fuzzing (clang from Debian: sudo apt-get install -y clang libclang-rt-dev libomp-dev) ----------
+# make test-san builds the whole test suite with AddressSanitizer (LeakSanitizer included) and UndefinedBehaviorSanitizer
+# at -O1 into build/san/ and runs it, then the rank and communicator tests (tests/test_parallel.cpp: ranks are
+# std::threads) with ThreadSanitizer into build/tsan/, without OpenMP (libomp is not built for ThreadSanitizer, so
+# its barriers would look like races). Any report fails the run. About 2.5 minutes in all on 2 cores.
+SAN_CXX    ?= clang++
+SAN_FLAGS  ?= -O1 -g0 -fopenmp -std=c++17 -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
+TSAN_FLAGS ?= -O1 -g0 -std=c++17 -fsanitize=thread
+.PHONY: test-san fuzz fuzz-run
+$(BUILD)/san/%.o: tests/%.cpp $(HEADER) $(wildcard tests/*.hpp) | $(BUILD)/.deps
+	@mkdir -p $(BUILD)/san
+	$(SAN_CXX) $(SAN_FLAGS) -c $< -o $@
+$(BUILD)/san/tests: $(TESTS:tests/%.cpp=$(BUILD)/san/%.o)
+	$(SAN_CXX) $(SAN_FLAGS) $^ -o $@
+$(BUILD)/tsan/%.o: tests/%.cpp $(HEADER) $(wildcard tests/*.hpp) | $(BUILD)/.deps
+	@mkdir -p $(BUILD)/tsan
+	$(SAN_CXX) $(TSAN_FLAGS) -c $< -o $@
+$(BUILD)/tsan/tests: $(BUILD)/tsan/main.o $(BUILD)/tsan/test_parallel.o
+	$(SAN_CXX) $(TSAN_FLAGS) $^ -o $@
+test-san: deps
+	@$(MAKE) --no-print-directory -j$(NPROC) $(BUILD)/san/tests $(BUILD)/tsan/tests
+	UBSAN_OPTIONS=print_stacktrace=1 ./$(BUILD)/san/tests
+	./$(BUILD)/tsan/tests
+
+# make fuzz builds one libFuzzer program a parser (tests/fuzz/*.cpp: json, safetensors, checkpoint, tokens, tokenizer,
+# npy) with AddressSanitizer and UBSan, and build/fuzz/make_seeds, which writes their first inputs with the header's
+# own writers. make fuzz-run runs each for FUZZ_SECONDS (tests/fuzz/run.sh: limits, and what counts as a finding).
+FUZZ_CXX     ?= clang++
+FUZZ_FLAGS   ?= -O1 -g -std=c++17 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
+FUZZ_TARGETS := $(filter-out make_seeds,$(patsubst tests/fuzz/%.cpp,%,$(wildcard tests/fuzz/*.cpp)))
+FUZZ_SECONDS ?= 20
+fuzz: deps
+	@$(MAKE) --no-print-directory -j$(NPROC) $(FUZZ_TARGETS:%=$(BUILD)/fuzz/%) $(BUILD)/fuzz/make_seeds
+$(BUILD)/fuzz/make_seeds: tests/fuzz/make_seeds.cpp $(HEADER) | $(BUILD)/.deps
+	@mkdir -p $(BUILD)/fuzz
+	$(FUZZ_CXX) -O1 -std=c++17 $< -o $@
+$(BUILD)/fuzz/%: tests/fuzz/%.cpp tests/fuzz/fuzz.hpp $(HEADER) | $(BUILD)/.deps
+	@mkdir -p $(BUILD)/fuzz
+	$(FUZZ_CXX) $(FUZZ_FLAGS) $< -o $@
+fuzz-run: fuzz
+	tests/fuzz/run.sh $(FUZZ_SECONDS)
+# ---- end sanitizers and fuzzing ------------------------------------------------------------------------------------
 
 # ---- CUDA ----------------------------------------------------------------------------------------------------------
 # Optional GPU backend (cuda/): `make cuda` builds every CUDA program (the list below, plus build/dev_* from each

@@ -22,10 +22,12 @@
 // section 3, which say what each piece does.
 //
 // PART 1, THE MODEL
-//    1. Config and counters .................. the error type; one struct for the architecture, presets, validate(),
-//                                              parameter / FLOP / KV-cache counters [V3 §2, §4.2, Table 1]
+//    1. Config and counters .................. the error type and the bounded number reader of every flag and
+//                                              file field (parse_int, parse_float); one struct for the architecture,
+//                                              presets, validate(), parameter / FLOP / KV-cache counters
+//                                              [V3 §2, §4.2, Table 1]
 //    2. Foundations .......................... RNG, parallel loops with a fixed reduction order, the profile of a
-//                                              step (build/train --profile), activation arena
+//                                              step (build/train --profile), the memory budget, activation arena
 //    3. Kernels .............................. forward/backward pairs, the plain reference matmul first: matmul,
 //                                              RMSNorm, RoPE+YaRN [V3 §2.1.1], causal attention, SwiGLU, embedding,
 //                                              cross-entropy, the MoE router and balance losses [V3 §2.1.2], MoE
@@ -137,7 +139,7 @@ namespace dsv3 {
 // =====================================================================================================================
 // 1. CONFIG AND COUNTERS
 // =====================================================================================================================
-// Every error the library raises, here and below, is a dsv3::Error: first its definition, then the config.
+// First the error type and the number reader every flag and file field goes through, then the config.
 // Every error the library raises is a dsv3::Error whose message names the file, tensor or field, what was expected
 // and what was found. Examples catch it, print it and exit non-zero.
 struct Error : std::runtime_error {
@@ -150,6 +152,33 @@ template <class... Parts>
     std::ostringstream message;
     (message << ... << parts);
     throw Error(message.str());
+}
+
+inline std::string escape_bytes(std::string_view s);  // section 11.1: bytes shown safely in a message
+
+// Numbers read from text: every command-line flag of the examples and every number of a text field in a file (a
+// checkpoint's header, a tokenizer's counts and merges, a .npy shape, token rows) goes through these two. A value
+// outside [lo, hi], or text that is not wholly a number, is an Error naming what was read, the range and the text:
+//     --batch: expected an integer in [1, 65536], got '-1'
+// never std::stoi's bare "stoi", nor a count of -1 that reaches an allocation or a division. The text must be the
+// number and nothing else (no spaces, no '+', no trailing characters); std::from_chars reads it the same way in
+// every locale.
+inline long long parse_int(std::string_view text, std::string_view what, long long lo, long long hi) {
+    long long v = 0;
+    const char* end = text.data() + text.size();
+    const auto r = std::from_chars(text.data(), end, v);
+    if (r.ec != std::errc() || r.ptr != end || v < lo || v > hi)
+        fail(what, ": expected an integer in [", lo, ", ", hi, "], got '", escape_bytes(text.substr(0, 64)), "'");
+    return v;
+}
+// The same for a real number, decimal or with an exponent ("3e-4"); NaN and infinities are outside every range.
+inline double parse_float(std::string_view text, std::string_view what, double lo, double hi) {
+    double v = 0;
+    const char* end = text.data() + text.size();
+    const auto r = std::from_chars(text.data(), end, v);
+    if (r.ec != std::errc() || r.ptr != end || !(v >= lo && v <= hi))
+        fail(what, ": expected a number in [", lo, ", ", hi, "], got '", escape_bytes(text.substr(0, 64)), "'");
+    return v;
 }
 
 // One struct carries the architecture. Field names follow DeepSeek's official inference code
@@ -239,18 +268,21 @@ struct Config {
         visit([&](const char* field, auto& v) {
             if (name != field) return;
             found = true;
-            auto parsed = v;  // parsed into a copy: a bad value leaves the config unchanged
-            bool ok = true;
-            if constexpr (std::is_same_v<std::decay_t<decltype(v)>, bool>) {
-                ok = value == "1" || value == "true" || value == "0" || value == "false";
-                parsed = value == "1" || value == "true";
-            } else {
-                std::istringstream in(value);
-                in >> parsed;
-                ok = !in.fail() && (in >> std::ws).eof();
+            using T = std::decay_t<decltype(v)>;
+            const std::string what = where + ": field " + name;  // a bad value throws and leaves the field as it was
+            if constexpr (std::is_same_v<T, bool>) {
+                if (value != "1" && value != "true" && value != "0" && value != "false")
+                    fail(what, ": expected 1, 0, true or false, got '", escape_bytes(value), "'");
+                v = value == "1" || value == "true";
+            } else if constexpr (std::is_same_v<T, int>) {
+                v = int(parse_int(value, what, INT_MIN, INT_MAX));
+            } else if constexpr (std::is_same_v<T, float>) {
+                v = float(parse_float(value, what, -FLT_MAX, FLT_MAX));
+            } else {  // a string: one word, as to_text writes it
+                if (value.empty() || value.find_first_of(" \t\r\n") != std::string::npos)
+                    fail(what, ": expected one word, got '", escape_bytes(value), "'");
+                v = value;
             }
-            if (!ok) fail(where, ": field ", name, ": cannot parse \"", value, "\" as its type");
-            v = parsed;
         });
         if (!found) fail(where, ": unknown config field \"", name, "\"");
     }
@@ -325,6 +357,11 @@ inline void Config::validate() const {
     at_most("qk_rope_head_dim", qk_rope_head_dim, 1 << 12); at_most("v_head_dim", v_head_dim, 1 << 12);
     at_most("max_seq_len", max_seq_len, 1 << 22); at_most("n_routed_experts", n_routed_experts, 1 << 14);
     at_most("n_shared_experts", n_shared_experts, 1 << 10); at_most("n_mtp_depth", n_mtp_depth, 64);
+    // The layout lists three tensors for every routed expert of every block (V3: 61 x 256): a bound on their number
+    // keeps that list (names and shapes, built before any parameter is allocated) small, whatever a file declares.
+    if (int64_t(n_layers + n_mtp_depth) * n_routed_experts > (1 << 17))
+        fail("Config.n_routed_experts: (n_layers + n_mtp_depth) x n_routed_experts must be <= ", 1 << 17, ", found ",
+             n_layers + n_mtp_depth, " x ", n_routed_experts);
     if (q_lora_rank < 0) fail("Config.q_lora_rank: must be >= 0 (0 = direct query projection), found ", q_lora_rank);
     if (qk_rope_head_dim % 2 != 0)
         fail("Config.qk_rope_head_dim: RoPE rotates pairs, so it must be even, found ", qk_rope_head_dim);
@@ -554,6 +591,15 @@ class ProfileScope {
 };
 #define DSV3_PROFILE_KERNEL() ::dsv3::ProfileScope dsv3_profile_scope_(__func__, true)
 #define DSV3_PROFILE_MODULE(name) ::dsv3::ProfileScope dsv3_profile_scope_(name, false)
+
+// The memory budget: sizes that a file or a config declares (a model's parameters, a checkpoint's floats, a tensor's
+// bytes) are checked against the machine's physical memory before anything is allocated, so a lying header or a
+// config of the 671B model on a laptop is an error naming the sizes, not std::bad_alloc or minutes of swapping.
+inline void require_memory(std::string_view what, double bytes) {
+    const double have = double(sysconf(_SC_PHYS_PAGES)) * double(sysconf(_SC_PAGE_SIZE));
+    if (have > 0 && bytes > have)
+        fail(what, ": ", bytes / 1e9, " GB, more than this machine's ", have / 1e9, " GB of memory");
+}
 
 // The activation arena: forward activations and backward temporaries are bump-allocated from large blocks. After
 // the first step every take() is served from memory already owned, so a training step allocates nothing. Pointers
@@ -1812,13 +1858,14 @@ class Model {
 };
 
 inline Model::Model(const Config& c, uint64_t seed) : cfg(c), layout(param_layout(c)) {
-    // Parameters and gradients now, AdamW's two moments at the first step: 16 bytes a parameter. Checked against
-    // the machine's memory before anything is allocated, so a config that declares a huge model (the 671B preset on
-    // a laptop, a lying config.json) is an error that says so, not std::bad_alloc or minutes of swapping.
-    const double need = 16.0 * double(layout.total), have = double(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE);
-    if (backend::host_memory && have > 0 && need > have)
-        fail("Model: ", layout.total, " parameters need ", need / 1e9, " GB (parameters, gradients, AdamW moments), "
-             "more than this machine's ", have / 1e9, " GB of memory");
+    // Parameters and gradients now, AdamW's two moments at the first step: 16 bytes a parameter; and the RoPE table
+    // (cos and sin at every position: large on its own for a long max_seq_len). Both are checked against the memory
+    // budget (section 2) before anything is allocated, so a config that declares a huge model (the 671B preset on a
+    // laptop, a lying config.json) is an error that says so.
+    if (backend::host_memory)
+        require_memory("Model: " + std::to_string(layout.total) + " parameters (parameters, gradients, AdamW moments)"
+                       " and the RoPE table of " + std::to_string(cfg.max_seq_len) + " positions",
+                       16.0 * double(layout.total) + 8.0 * double(cfg.max_seq_len) * (cfg.qk_rope_head_dim / 2));
     std::vector<float> init(layout.total, 0.0f);
     rope = make_rope_table(cfg, cfg.max_seq_len);
     parallel_for(int64_t(layout.entries.size()), [&](int64_t i) {  // each tensor from its own stream: any order
@@ -4522,11 +4569,17 @@ struct FileCloser { void operator()(std::FILE* f) const { std::fclose(f); } };  
 using File = std::unique_ptr<std::FILE, FileCloser>;                            // a FILE* that closes itself
 }  // namespace io_detail
 
-// The whole file as bytes. The error names the file and the reason.
+// The whole file as bytes. The error names the file and the reason. A regular file's size is checked against the
+// memory budget (section 2) first.
 inline std::string read_file_bytes(const std::string& path) {
     const io_detail::File f(std::fopen(path.c_str(), "rb"));
     if (!f) fail("cannot open '", path, "' for reading: ", std::strerror(errno));
     std::string data;
+    std::error_code ec;
+    if (const std::uintmax_t size = std::filesystem::file_size(path, ec); !ec) {  // (a pipe has no size)
+        require_memory("file '" + path + "'", double(size));
+        data.reserve(size_t(size));
+    }
     char buffer[1 << 16];
     for (size_t n; (n = std::fread(buffer, 1, sizeof buffer, f.get())) > 0;) data.append(buffer, n);
     if (std::ferror(f.get())) fail("error while reading '", path, "'");
@@ -4905,31 +4958,31 @@ struct Tokenizer {
             const std::string s = next((std::string("'") + want + "'").c_str());
             if (s != want) fail(where(), ": expected '", want, "'", note, ", found '", escape_bytes(s.substr(0, 60)), "'");
         };
-        auto keyword_count = [&](const std::string& keyword, const char* expected) -> size_t {
+        auto keyword_count = [&](const std::string& keyword, const char* expected, long long most) {
             const std::string s = next(expected);
-            char* end = nullptr;
-            const unsigned long long v = s.compare(0, keyword.size(), keyword) == 0
-                                             ? std::strtoull(s.c_str() + keyword.size(), &end, 10) : 0;
-            if (!end || *end != '\0' || end == s.c_str() + keyword.size())
+            if (s.compare(0, keyword.size(), keyword) != 0)
                 fail(where(), ": expected ", expected, ", found '", escape_bytes(s), "'");
-            return size_t(v);
+            return size_t(parse_int(std::string_view(s).substr(keyword.size()), where() + ": the count of " + expected,
+                                    0, most));
         };
         expect_line("dsv3-bpe-tokenizer 1", " (this is not a dsv3 tokenizer file, or another version)");
         expect_line("pretokenizer dsv3-chunks-1", "");
         Tokenizer tok;
-        const size_t n_merges = keyword_count("merges ", "'merges <count>'");
-        if (n_merges > (1u << 24)) fail(where(), ": expected at most 16777216 merges, found ", n_merges);
+        const size_t n_merges = keyword_count("merges ", "'merges <count>'", 1 << 24);
         // Piece lengths, so that merges that double a piece at every step (0 0, 256 256, 257 257, ...: 4.4 GB of
         // pieces from a 520-byte file) are an error here: at most 65,536 bytes a piece and 256 MiB in all.
         std::vector<uint32_t> piece_len(256, 1);
         uint64_t piece_bytes = 256;
         for (size_t i = 0; i < n_merges; ++i) {
             const std::string s = next("a merge line 'LEFT RIGHT'");
-            unsigned long a = 0, b = 0;
-            char extra = 0;
-            if (std::sscanf(s.c_str(), "%lu %lu %c", &a, &b, &extra) != 2)
+            const size_t gap = s.find_first_of(" \t"), right = s.find_first_not_of(" \t", gap);
+            if (gap == std::string::npos || s.find_first_of(" \t", right) != std::string::npos)
                 fail(where(), ": expected merge ", i, " of ", n_merges, " as two token ids 'LEFT RIGHT', found '",
                      escape_bytes(s), "'");
+            const std::string what = where() + ": merge " + std::to_string(i);
+            const std::string_view line = s;
+            const size_t a = size_t(parse_int(line.substr(0, gap), what + ", left token id", 0, INT_MAX));
+            const size_t b = size_t(parse_int(line.substr(right), what + ", right token id", 0, INT_MAX));
             if (a >= 256 + i || b >= 256 + i)
                 fail(where(), ": merge ", i, " refers to token ", std::max(a, b), ", but only tokens below ", 256 + i,
                      " exist before it");
@@ -4941,7 +4994,7 @@ struct Tokenizer {
             piece_len.push_back(uint32_t(len));
             tok.merges.push_back({uint32_t(a), uint32_t(b)});
         }
-        const size_t n_specials = keyword_count("specials ", "'specials <count>'");
+        const size_t n_specials = keyword_count("specials ", "'specials <count>'", 1 << 16);
         for (size_t i = 0; i < n_specials; ++i) {
             tok.specials.push_back(next("a special token spelling", false));
             if (tok.specials.back().find_first_of(" \t") != std::string::npos)
@@ -6324,63 +6377,68 @@ inline void save_checkpoint(const std::string& path, const Model& model, const A
                write_bytes(f, m.data(), 4 * n) && write_bytes(f, v.data(), 4 * n);
     });
 }
-// Reads the config a checkpoint was saved with (and its step, header size and RunInfo, where asked).
+// Reads the config a checkpoint was saved with (and its step, header size and RunInfo, where asked), and checks what
+// the file declares against what it holds before anything is allocated: floats= must be the config's parameter
+// count, the file exactly the header and three arrays of floats (compared overflow-free: the count is divided into
+// the size, never multiplied), and a model of that size must fit in memory. So `Model(read_checkpoint_config(path))`
+// never builds a model a bad file cannot fill.
 inline Config read_checkpoint_config(const std::string& path, int* step = nullptr, size_t* header_bytes = nullptr,
                                      RunInfo* run = nullptr) {
     const io_detail::File f = io_detail::open_file(path, "checkpoint");
+    const std::string where = "checkpoint " + path;
     std::string line;
     auto next_line = [&] {  // false at the end of the file
         line.clear();
         int ch;
         while ((ch = std::fgetc(f.get())) != EOF && ch != '\n') {
             line.push_back(char(ch));
-            if (line.size() > 4096) fail("checkpoint ", path, ": header line too long (not a checkpoint?)");
+            if (line.size() > 4096) fail(where, ": header line too long (not a checkpoint?)");
         }
         return ch != EOF;
     };
     if (!next_line() || line != "dsv3-checkpoint 1")
-        fail("checkpoint ", path, ": expected first line \"dsv3-checkpoint 1\", found \"", line.substr(0, 40), "\"");
+        fail(where, ": expected first line \"dsv3-checkpoint 1\", found \"", escape_bytes(line.substr(0, 40)), "\"");
     Config c;
-    int steps = -1;
+    long long steps = -1, floats = -1;
     while (true) {
-        if (!next_line()) fail("checkpoint ", path, ": header ends before its \"end\" line");
+        if (!next_line()) fail(where, ": header ends before its \"end\" line");
         if (line == "end") break;
         const size_t eq = line.find('=');
-        if (eq == std::string::npos) fail("checkpoint ", path, ": header line \"", line, "\" is not name=value");
+        if (eq == std::string::npos)
+            fail(where, ": header line \"", escape_bytes(line.substr(0, 60)), "\" is not name=value");
         const std::string name = line.substr(0, eq), value = line.substr(eq + 1);
-        if (name == "step") {
-            char* end = nullptr;
-            errno = 0;
-            const long long v = value.empty() ? -1 : std::strtoll(value.c_str(), &end, 10);
-            if (value.empty() || *end || errno || v < 0 || v > INT_MAX)
-                fail("checkpoint ", path, ": header line \"step=", value.substr(0, 40), "\": expected a step count in [0, ",
-                     INT_MAX, "]");
-            steps = int(v);
-        }
+        if (name == "step") steps = parse_int(value, where + ": step", 0, INT_MAX);
+        else if (name == "floats") floats = parse_int(value, where + ": floats", 0, LLONG_MAX);
         else if (io_detail::starts_with(name, "run.")) {
-            if (run) run->add(name.substr(4), unescape_bytes(value, "checkpoint " + path + ": header line " + name));
+            if (run) run->add(name.substr(4), unescape_bytes(value, where + ": header line " + name));
         }
-        else if (name != "floats") c.set(name, value, "checkpoint " + path);
+        else c.set(name, value, where);
     }
-    if (header_bytes) *header_bytes = size_t(std::ftell(f.get()));
-    if (steps < 0) fail("checkpoint ", path, ": header has no step= line");
-    if (step) *step = steps;
+    if (steps < 0) fail(where, ": header has no step= line");
+    if (floats < 0) fail(where, ": header has no floats= line");
+    const uint64_t header = uint64_t(std::ftell(f.get())), size = io_detail::file_size(path);
+    if (size < header || (size - header) / 12 != uint64_t(floats) || (size - header) % 12 != 0)
+        fail(where, ": its header declares ", floats, " floats (", header, " header bytes + 3 x 4 x floats), but the "
+             "file has ", size, " bytes");
+    require_memory(where + ": a model of " + std::to_string(floats) + " parameters", 16.0 * double(floats));
+    const size_t expected = param_layout(c).total;  // validates the config
+    if (size_t(floats) != expected)
+        fail(where, ": floats=", floats, " in the header, but its config has ", expected, " parameters");
+    if (header_bytes) *header_bytes = size_t(header);
+    if (step) *step = int(steps);
     return c;
 }
 // Loads parameters and optimizer state into a model built with the same config (and the RunInfo, where asked).
 inline void load_checkpoint(const std::string& path, Model& model, AdamW& opt, RunInfo* run = nullptr) {
     int step = 0;
     size_t header = 0;
-    const Config c = read_checkpoint_config(path, &step, &header, run);
+    const Config c = read_checkpoint_config(path, &step, &header, run);  // the file holds header + 3 x 4 x params bytes
     std::istringstream a(c.to_text()), b(model.cfg.to_text());
     for (std::string la, lb; std::getline(a, la) && std::getline(b, lb);)
         if (la != lb)
             fail("checkpoint ", path, ": config differs from the model's: checkpoint has ", la, ", model has ", lb);
     const size_t n = model.params.size();
     const io_detail::File f = io_detail::open_file(path, "checkpoint");
-    const uint64_t size = io_detail::file_size(path);
-    if (size != header + 3 * n * 4)
-        fail("checkpoint ", path, ": expected ", header + 3 * n * 4, " bytes for ", n, " parameters, found ", size);
     std::vector<float> params(n), m(n), v(n);
     for (size_t i = 0; i < 3; ++i)
         if (!io_detail::read_at(f.get(), header + i * 4 * n, (i == 0 ? params : i == 1 ? m : v).data(), 4 * n))
@@ -6864,6 +6922,7 @@ struct SafetensorsFile {
     }
     // The tensor's raw bytes.
     std::vector<uint8_t> read_bytes(const TensorInfo& t) const {
+        require_memory(path + ": tensor \"" + t.name + "\"", double(t.end - t.begin));
         std::vector<uint8_t> bytes(size_t(t.end - t.begin));
         if (!io_detail::read_at(file_.get(), data_start + t.begin, bytes.data(), bytes.size()))
             fail(path, ": tensor \"", t.name, "\": cannot read bytes [", data_start + t.begin, ", ", data_start + t.end,
@@ -7166,12 +7225,15 @@ inline const char* hf_key_of(const char* field, bool any = false) {
 
 inline void from_json(const Json& v, int& out, const std::string& where, const std::string& key) {
     const bool ok = v.is_number() && std::floor(v.number) == v.number && v.number >= INT_MIN && v.number <= INT_MAX;
-    if (!ok) fail(where, ": key \"", key, "\": expected an integer, found ", json_describe(v));
+    if (!ok)
+        fail(where, ": key \"", key, "\": expected an integer in [", INT_MIN, ", ", INT_MAX, "], found ",
+             json_describe(v));
     out = int(v.number);
 }
 inline void from_json(const Json& v, float& out, const std::string& where, const std::string& key) {
     if (!v.is_number() || std::fabs(v.number) > double(FLT_MAX))
-        fail(where, ": key \"", key, "\": expected a number, found ", json_describe(v));
+        fail(where, ": key \"", key, "\": expected a number in [", -FLT_MAX, ", ", FLT_MAX, "], found ",
+             json_describe(v));
     out = float(v.number);
 }
 inline void from_json(const Json& v, bool& out, const std::string& where, const std::string& key) {
@@ -7204,7 +7266,8 @@ inline Config hf_config_defaults() {
 
 namespace io_detail {
 // Reads o[key] into `out` if present: true if it was. A null value counts as absent only with null_is_absent (rope and
-// quantization fields); elsewhere null is an error, "expected an integer, found null". Errors show the key as `name`.
+// quantization fields); elsewhere null is an error, "expected an integer in [...], found null". Errors show the key
+// as `name`.
 template <class T>
 inline bool read_key(const Json& o, const std::string& key, T& out, const std::string& where, const std::string& name,
                      bool null_is_absent = true) {
@@ -7487,6 +7550,21 @@ inline void read_checkpoint_tensor(const HfCheckpoint& ckpt, const HfCheckpoint:
     fp8_detail::dequantize_tiles("load_hf", src.file->read_bytes(t).data(), scale.data(), int(rows), int(cols),
                                  q.block_out, out, q.block_in, f);
 }
+// Every tensor of the layout is in the checkpoint, with its shape: checked on the headers alone, so load_hf runs it
+// before the model is allocated (a config.json that declares a huge model next to a small file is an error here).
+inline void check_hf_tensors(const HfCheckpoint& ckpt, const ParamLayout& layout) {
+    std::vector<std::string> missing;
+    for (const ParamEntry& e : layout.entries) {
+        const HfCheckpoint::Source* src = ckpt.find(e.name);
+        if (!src) missing.push_back(e.name);
+        else if (src->info->shape != e.shape)
+            fail(ckpt.dir, ": tensor \"", e.name, "\" in ", src->file->path, ": expected shape ", shape_str(e.shape),
+                 " (from config.json), found ", shape_str(src->info->shape));
+    }
+    if (!missing.empty())
+        fail(ckpt.dir, ": ", missing.size(), " tensor", missing.size() == 1 ? " is" : "s are", " missing from ",
+             ckpt.description, ": ", name_list(missing));
+}
 }  // namespace io_detail
 
 // Copies every tensor of a checkpoint directory into `model` (whose config must match the checkpoint). Errors: any
@@ -7497,19 +7575,10 @@ inline void load_hf_weights(const HfCheckpoint& ckpt, Model& model, const HfQuan
     if (!backend::host_memory) fail("load_hf_weights: runs on the CPU backend only (it reads into host memory)");
     using io_detail::shape_str;
     const Config& c = model.cfg;
+    io_detail::check_hf_tensors(ckpt, model.layout);
     std::unordered_set<std::string> used;
-    std::vector<std::string> missing;
-    for (const ParamEntry& e : model.layout.entries) {
-        const HfCheckpoint::Source* src = ckpt.find(e.name);
-        if (!src) { missing.push_back(e.name); continue; }
-        if (src->info->shape != e.shape)
-            fail(ckpt.dir, ": tensor \"", e.name, "\" in ", src->file->path, ": expected shape ", shape_str(e.shape),
-                 " (from config.json), found ", shape_str(src->info->shape));
-        io_detail::read_checkpoint_tensor(ckpt, *src, quant, model.params.data() + e.offset, used);
-    }
-    if (!missing.empty())
-        fail(ckpt.dir, ": ", missing.size(), " tensor", missing.size() == 1 ? " is" : "s are", " missing from ",
-             ckpt.description, ": ", io_detail::name_list(missing));
+    for (const ParamEntry& e : model.layout.entries)
+        io_detail::read_checkpoint_tensor(ckpt, *ckpt.find(e.name), quant, model.params.data() + e.offset, used);
     // The MTP modules' copies of the embedding and head: same shape, and (normally) the same values.
     const int64_t V = c.vocab_size, d = c.dim;
     for (int k = 0; k < int(model.layout.mtp.size()); ++k) {
@@ -7564,6 +7633,7 @@ inline Model load_hf(const std::string& dir, uint64_t seed = 0) {
                              " MTP module(s): loading with n_mtp_depth = " + std::to_string(present));
         cfg.n_mtp_depth = present;
     }
+    io_detail::check_hf_tensors(ckpt, param_layout(cfg));  // before the model is allocated
     Model model(cfg, seed);
     load_hf_weights(ckpt, model, info.quant, &info.notes);
     for (const auto& f : ckpt.files)
@@ -7621,18 +7691,22 @@ inline std::vector<float> read_npy(const std::string& path, std::vector<int64_t>
     v = value_after("'shape'");
     const size_t close = v < dict.size() && dict[v] == '(' ? dict.find(')', v) : std::string::npos;
     if (close == std::string::npos) bad("malformed shape");
+    // A Python tuple of dimensions: "()", "(5,)", "(2, 8, 64)". At most 2^40 elements (4 TiB), so numel * 4 fits.
     std::vector<int64_t> dims;
     int64_t numel = 1;
-    for (size_t i = v + 1; i < close;) {
-        while (i < close && (dict[i] == ' ' || dict[i] == ',')) ++i;
-        if (i >= close) break;
-        char* end = nullptr;
-        const long long d = std::strtoll(dict.c_str() + i, &end, 10);
-        const size_t used = size_t(end - (dict.c_str() + i));
-        if (used == 0 || d < 0 || (d > 0 && numel > (int64_t(1) << 40) / d)) bad("malformed shape");
+    const std::string_view tuple = std::string_view(dict).substr(v + 1, close - v - 1);
+    for (size_t i = 0; i < tuple.size();) {
+        const size_t comma = std::min(tuple.find(',', i), tuple.size());
+        std::string_view item = tuple.substr(i, comma - i);
+        item.remove_prefix(std::min(item.find_first_not_of(' '), item.size()));
+        item.remove_suffix(item.size() - std::min(item.find_last_not_of(' ') + 1, item.size()));
+        i = comma + 1;
+        if (item.empty() && comma == tuple.size() && !dims.empty()) break;  // the trailing comma of "(5,)"
+        const int64_t d = parse_int(item, "npy " + path + ": shape[" + std::to_string(dims.size()) + "]", 0,
+                                    int64_t(1) << 40);
+        if (d > 0 && numel > (int64_t(1) << 40) / d) bad("shape ", tuple, " has more than 2^40 elements");
         dims.push_back(d);
         numel *= d;
-        i += used;
     }
     const size_t data = start + header_len;
     if (bytes.size() - data != size_t(numel) * 4)
@@ -7651,16 +7725,14 @@ struct TokenRows {
 inline TokenRows parse_token_rows(const std::string& text) {
     TokenRows r;
     std::vector<std::vector<int32_t>> rows(1);
+    const char* separators = ";, \t\n\r";
     for (size_t i = 0; i < text.size();) {
         if (text[i] == ';') rows.emplace_back();
-        if (text[i] == ';' || text[i] == ',' || text[i] == ' ') { ++i; continue; }
-        const char* b = text.data() + i;
-        while (std::isspace(uint8_t(*b))) ++b;  // as strtol: white space and a '+' may come before the digits
-        int32_t v = -1;                          // stays -1 when no number (or one beyond int32) is there
-        const char* end = std::from_chars(b + (*b == '+'), text.data() + text.size(), v).ptr;
-        if (v < 0) fail("tokens \"", text, "\": expected a non-negative token id at character ", i);
-        rows.back().push_back(v);
-        i = size_t(end - text.data());
+        if (std::strchr(separators, text[i]) && text[i]) { ++i; continue; }
+        const size_t end = std::min(text.find_first_of(separators, i), text.size());
+        const std::string what = "token rows: the token id at character " + std::to_string(i);  // (not the whole text)
+        rows.back().push_back(int32_t(parse_int(std::string_view(text).substr(i, end - i), what, 0, INT32_MAX)));
+        i = end;
     }
     r.B = int(rows.size());
     r.T = int(rows[0].size());

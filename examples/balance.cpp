@@ -63,9 +63,9 @@ int main(int argc, char** argv) {
                 return argv[++i];
             };
             if (k == "--data") data = value();
-            else if (k == "--steps") steps = std::stoi(value());
-            else if (k == "--alpha") alpha = std::stof(value());
-            else if (k == "--gamma") gamma = std::stof(value());
+            else if (k == "--steps") steps = int(parse_int(value(), k, 1, 1000000000));
+            else if (k == "--alpha") alpha = float(parse_float(value(), k, 0, 10));
+            else if (k == "--gamma") gamma = float(parse_float(value(), k, 0, 10));
             else fail("unknown argument \"", k, "\"; usage: balance [--data FILE] [--steps N] [--alpha A] [--gamma G]");
         }
         std::string source;

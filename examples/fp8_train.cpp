@@ -27,10 +27,10 @@ int main(int argc, char** argv) {
                 return argv[++i];
             };
             if (k == "--data") data = value();
-            else if (k == "--steps") steps = std::stoi(value());
-            else if (k == "--batch") B = std::stoi(value());
-            else if (k == "--seq") T = std::stoi(value());
-            else if (k == "--lr") lr = std::stof(value());
+            else if (k == "--steps") steps = int(parse_int(value(), k, 1, 1000000000));
+            else if (k == "--batch") B = int(parse_int(value(), k, 1, 65536));
+            else if (k == "--seq") T = int(parse_int(value(), k, 1, Config::tiny().max_seq_len));
+            else if (k == "--lr") lr = float(parse_float(value(), k, 0, 10));
             else if (k == "--out") out = value();
             else if (k == "--help" || k == "-h") {
                 std::printf("usage: fp8_train [--data FILE] [--steps N] [--batch B] [--seq T] [--lr X] [--out DIR]\n");

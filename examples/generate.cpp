@@ -59,11 +59,11 @@ int main(int argc, char** argv) {
             else if (k == "--model") hf_dir = value();
             else if (k == "--prompt") { prompt = value(); prompt_given = true; }
             else if (k == "--interactive") interactive = true;
-            else if (k == "--tokens") n_tokens = std::stoi(value());
-            else if (k == "--temperature") s.temperature = std::stof(value());
-            else if (k == "--top-k") s.top_k = std::stoi(value());
-            else if (k == "--top-p") s.top_p = std::stof(value());
-            else if (k == "--seed") seed = std::stoull(value());
+            else if (k == "--tokens") n_tokens = int(parse_int(value(), k, 1, 1 << 24));
+            else if (k == "--temperature") s.temperature = float(parse_float(value(), k, 0, 100));  // 0: greedy
+            else if (k == "--top-k") s.top_k = int(parse_int(value(), k, 0, 1 << 24));             // 0: all tokens
+            else if (k == "--top-p") s.top_p = float(parse_float(value(), k, 0, 1));
+            else if (k == "--seed") seed = uint64_t(parse_int(value(), k, 0, LLONG_MAX));
             else if (k == "--tokenizer") tokenizer_path = value();
             else if (k == "--mtp") mtp = true;
             else if (k == "--naive") absorbed = false;

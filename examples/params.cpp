@@ -21,8 +21,12 @@ int main(int argc, char** argv) {
         int seq_len = 4096;
         for (int i = 1; i < argc; ++i) {
             std::string a = argv[i];
-            if (a == "--preset" && i + 1 < argc) name = argv[++i];
-            else if (a == "--seq" && i + 1 < argc) seq_len = std::atoi(argv[++i]);
+            auto value = [&]() -> std::string {
+                if (i + 1 >= argc) dsv3::fail("argument ", a, ": expected a value");
+                return argv[++i];
+            };
+            if (a == "--preset") name = value();
+            else if (a == "--seq") seq_len = int(dsv3::parse_int(value(), a, 1, 1 << 22));
             else dsv3::fail("unknown argument \"", a, "\"; usage: params [--preset tiny|small|large|v2_lite|v3_671b] [--seq T]");
         }
         const dsv3::Config c = preset(name);

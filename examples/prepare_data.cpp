@@ -52,12 +52,24 @@ int main(int argc, char** argv) {
             }
             return argv[++i];
         };
+        // A number flag outside its range, or not a number, is a usage error like the others: the message names the
+        // flag ("--vocab: expected an integer in [256, 1048576], got 'abc'").
+        auto number = [&](auto parse, auto lo, auto hi) {
+            const std::string v = value();
+            try {
+                return parse(v, arg, lo, hi);
+            } catch (const dsv3::Error& e) {
+                std::fprintf(stderr, "prepare_data: %s\n", e.what());
+                usage(argv[0]);
+                std::exit(2);
+            }
+        };
         if (arg == "--text") text_path = value();
-        else if (arg == "--synthetic") synthetic_bytes = std::atoll(value().c_str());
-        else if (arg == "--seed") seed = std::strtoull(value().c_str(), nullptr, 10);
-        else if (arg == "--vocab") vocab = std::atoi(value().c_str());
+        else if (arg == "--synthetic") synthetic_bytes = number(dsv3::parse_int, 1LL, 1LL << 36);
+        else if (arg == "--seed") seed = (unsigned long long)number(dsv3::parse_int, 0LL, LLONG_MAX);
+        else if (arg == "--vocab") vocab = int(number(dsv3::parse_int, 256LL, 1LL << 20));
         else if (arg == "--out-dir") out_dir = value();
-        else if (arg == "--val-fraction") val_fraction = std::atof(value().c_str());
+        else if (arg == "--val-fraction") val_fraction = number(dsv3::parse_float, 0.0, 0.999);
         else if (arg == "-h" || arg == "--help") { usage(argv[0]); return 0; }
         else {
             std::fprintf(stderr, "prepare_data: unknown argument '%s'\n", arg.c_str());

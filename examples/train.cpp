@@ -97,24 +97,11 @@ static Args parse(const std::vector<std::string>& words, bool print_usage) {
             if (i + 1 >= n) fail("argument ", k, ": expected a value");
             return words[size_t(++i)];
         };
-        // A whole number at least `lo` (counts: steps, batch, ...), or an error that names the flag and the value.
-        auto count = [&](long lo) {
-            const std::string v = value();
-            char* end = nullptr;
-            errno = 0;
-            const long x = std::strtol(v.c_str(), &end, 10);
-            if (v.empty() || *end || errno || x < lo || x > 1000000000)
-                fail(k, ": expected a whole number in [", lo, ", 1000000000], found \"", v, "\"");
-            return int(x);
-        };
-        // A finite number, or an error that names the flag and the value.
-        auto number = [&] {
-            const std::string v = value();
-            char* end = nullptr;
-            const double x = std::strtod(v.c_str(), &end);
-            if (v.empty() || *end || !std::isfinite(x)) fail(k, ": expected a number, found \"", v, "\"");
-            return x;
-        };
+        // Counts and numbers through the header's parse_int / parse_float: an error names the flag, the range and
+        // the value ("--batch: expected an integer in [1, 65536], got '-1'"); counts start at 1 (0 steps or an
+        // evaluation every 0 steps means nothing).
+        auto count = [&](long long lo, long long hi) { return int(parse_int(value(), k, lo, hi)); };
+        auto number = [&](double lo, double hi) { return parse_float(value(), k, lo, hi); };
         bool session = false;  // an option of this process alone: not recorded for --resume
         if (k == "--data") a.data = value();
         else if (k == "--tokens") a.tokens = value();
@@ -123,30 +110,30 @@ static Args parse(const std::vector<std::string>& words, bool print_usage) {
         else if (k == "--preset") a.preset = value();
         else if (k == "--no-save") a.save = false;
         else if (k == "--fp8") a.fp8 = true;
-        else if (k == "--steps") a.steps = count(1);
-        else if (k == "--batch") a.batch = count(1);
-        else if (k == "--seq") a.seq = count(1);
-        else if (k == "--lr") a.lr = float(number());
-        else if (k == "--min-lr") a.min_lr = float(number());
-        else if (k == "--warmup") a.warmup = count(0);
+        else if (k == "--steps") a.steps = count(1, 1000000000);
+        else if (k == "--batch") a.batch = count(1, 65536);
+        else if (k == "--seq") a.seq = count(1, 1 << 22);
+        else if (k == "--lr") a.lr = float(number(0, 10));
+        else if (k == "--min-lr") a.min_lr = float(number(0, 10));
+        else if (k == "--warmup") a.warmup = count(0, 1000000000);
         else if (k == "--schedule") a.schedule = value();
-        else if (k == "--eval-every") a.eval_every = count(1);
-        else if (k == "--eval-windows") a.eval_windows = count(1);
+        else if (k == "--eval-every") a.eval_every = count(1, 1000000000);
+        else if (k == "--eval-windows") a.eval_windows = count(1, 1000000000);
         else if (k == "--balance") a.balance = value();
-        else if (k == "--balance-alpha") a.balance_alpha = float(number());
-        else if (k == "--bias-speed") a.bias_speed = float(number());
+        else if (k == "--balance-alpha") a.balance_alpha = float(number(0, 10));
+        else if (k == "--bias-speed") a.bias_speed = float(number(0, 10));
         else if (k == "--no-bias-update") a.bias_update = false;
-        else if (k == "--mtp-lambda") a.mtp_lambda = float(number());
-        else if (k == "--seed") a.seed = count(0);
-        else if (k == "--sample") a.sample = count(0);
+        else if (k == "--mtp-lambda") a.mtp_lambda = float(number(0, 100));
+        else if (k == "--seed") a.seed = count(0, INT_MAX);
+        else if (k == "--sample") a.sample = count(0, 1000000);
         else if (k == "--attention-prompt") a.attention_prompt = value();
-        else if (k == "--attention-layer") a.attention_layer = count(0);
-        else if (k == "--attention-head") a.attention_head = count(0);
+        else if (k == "--attention-layer") a.attention_layer = count(0, 1 << 16);
+        else if (k == "--attention-head") a.attention_head = count(0, 1 << 16);
         else {
             session = true;
             if (k == "--out") a.out = value();
             else if (k == "--resume") a.resume = value();
-            else if (k == "--time-limit") a.time_limit = number();
+            else if (k == "--time-limit") a.time_limit = number(0, 1e9);
             else if (k == "--loss-log") a.loss_log = value();
             else if (k == "--profile") a.profile = true;
             else if (k == "--ep") a.ep = true;
@@ -158,7 +145,6 @@ static Args parse(const std::vector<std::string>& words, bool print_usage) {
         }
         if (!session) a.record.insert(a.record.end(), words.begin() + first, words.begin() + i + 1);
     }
-    if (a.time_limit < 0) fail("--time-limit: expected a number of seconds >= 0, found ", a.time_limit);
     return a;
 }
 

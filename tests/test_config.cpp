@@ -70,6 +70,9 @@ TEST_CASE("config: every validate() rule throws an Error naming its field") {
         {"v_head_dim bounded", [](Config& c) { c.v_head_dim = 1 << 20; }, "v_head_dim", "<= 4096"},
         {"n_routed_experts bounded", [](Config& c) { c.n_routed_experts = 1 << 20; }, "n_routed_experts", "<= 16384"},
         {"max_seq_len bounded", [](Config& c) { c.max_seq_len = 1 << 30; }, "max_seq_len", "<= 4194304"},
+        // 4096 layers of 16384 experts, each bound respected: 200M layout entries (gigabytes) before any check
+        {"layers x experts bounded", [](Config& c) { c.n_layers = 4096; c.n_routed_experts = 16384; c.n_expert_groups = 1; c.n_limited_groups = 1; },
+         "n_routed_experts", "(n_layers + n_mtp_depth) x n_routed_experts must be <= 131072"},
         {"q_lora_rank >= 0", [](Config& c) { c.q_lora_rank = -1; }, "q_lora_rank", ">= 0"},
         {"n_dense_layers >= 0", [](Config& c) { c.n_dense_layers = -1; }, "n_dense_layers", "must be in"},
         {"n_dense_layers <= n_layers", [](Config& c) { c.n_dense_layers = c.n_layers + 1; }, "n_dense_layers", "must be in"},
@@ -377,9 +380,29 @@ TEST_CASE("checkpoint: save / load round trip is bitwise, atomic, and its errors
         REQUIRE(at != std::string::npos);
         const std::string bad = dir.file("step.ckpt");
         write_all(bad, data.substr(0, at) + "step=99999999999\n" + data.substr(at + 7));
-        CHECK_THROWS_WITH_AS(read_checkpoint_config(bad), doctest::Contains("step=99999999999"), dsv3::Error);
+        CHECK_THROWS_WITH_AS(read_checkpoint_config(bad),
+                             doctest::Contains("step: expected an integer in [0, 2147483647], got '99999999999'"), dsv3::Error);
         write_all(bad, data.substr(0, at) + "step=abc\n" + data.substr(at + 7));
-        CHECK_THROWS_WITH_AS(read_checkpoint_config(bad), doctest::Contains("step=abc"), dsv3::Error);
+        CHECK_THROWS_WITH_AS(read_checkpoint_config(bad), doctest::Contains("step: expected an integer"), dsv3::Error);
+        CHECK_THROWS_WITH_AS(read_checkpoint_config(bad), doctest::Contains("got 'abc'"), dsv3::Error);
+    }
+    SUBCASE("a header that declares more than the file holds is an error before any allocation") {
+        // build/generate runs Model(read_checkpoint_config(path)): a 200-byte header of the 671B model, whose floats=
+        // agrees with its config, once allocated 11 TB (or failed with "std::bad_alloc", naming no file).
+        const Config big = Config::v3_671b();
+        const std::string bad = dir.file("big.ckpt");
+        write_all(bad, "dsv3-checkpoint 1\n" + big.to_text() + "step=0\nfloats=" +
+                           std::to_string(param_layout(big).total) + "\nend\n");
+        CHECK_THROWS_WITH_AS(read_checkpoint_config(bad), doctest::Contains("floats ("), dsv3::Error);
+        CHECK_THROWS_WITH_AS(read_checkpoint_config(bad), doctest::Contains("but the file has"), dsv3::Error);
+        // floats= that agrees with the file but not with the config
+        const std::string data = read_all(path), n = std::to_string(model.params.size());
+        const size_t at = data.find("floats=" + n + "\n");
+        REQUIRE(at != std::string::npos);
+        write_all(bad, data.substr(0, at) + "floats=" + std::to_string(model.params.size() - 1) +
+                           data.substr(at + 7 + n.size(), data.size() - (at + 7 + n.size()) - 12));
+        const std::string expected = "but its config has " + n + " parameters";
+        CHECK_THROWS_WITH_AS(read_checkpoint_config(bad), doctest::Contains(expected.c_str()), dsv3::Error);
     }
     SUBCASE("truncated data") {
         const std::string data = read_all(path), cut = dir.file("cut.ckpt");

@@ -253,7 +253,17 @@ TEST_CASE("tokenizer: save and load") {
         auto [p, e] = load_text("mergeline.txt", header + "merges 2\n97 98\n97 x\n" + specials + "end\n");
         CHECK(contains(e, p));
         CHECK(contains(e, "line 5"));
+        CHECK(contains(e, "merge 1, right token id: expected an integer in [0, 2147483647], got 'x'"));
+    }
+    {
+        auto [p, e] = load_text("mergewords.txt", header + "merges 2\n97 98\n97 98 99\n" + specials + "end\n");
+        CHECK(contains(e, "line 5"));
         CHECK(contains(e, "two token ids"));
+    }
+    {
+        auto [p, e] = load_text("toomany.txt", header + "merges 99999999999\n");
+        CHECK(contains(e, "line 3"));
+        CHECK(contains(e, "expected an integer in [0, 16777216], got '99999999999'"));
     }
     {
         auto [p, e] = load_text("future.txt", header + "merges 2\n97 98\n97 300\n" + specials + "end\n");

@@ -538,8 +538,9 @@ TEST_CASE("io: FP8 weights with 128x128 (or configured) block scales are dequant
         Model m = load_hf(tmp.str());
         for (size_t i = 0; i < expected.size(); ++i) REQUIRE(m.params[i] == expected[i]);
         // A wrong scale shape and a missing scale are errors naming the tensor.
+        keep.emplace_back(99, 1.0f);  // (the data of the new shape: 99 floats, not the one block's scale)
         for (auto& t : out)
-            if (t.name == "model.layers.0.self_attn.o_proj.weight_scale_inv") t.shape = {99};
+            if (t.name == "model.layers.0.self_attn.o_proj.weight_scale_inv") t.shape = {99}, t.data = keep.back().data();
         write_safetensors(tmp.file("model.safetensors"), out);
         std::string msg = error_of([&] { load_hf(tmp.str()); });
         CHECK(has(msg, "model.layers.0.self_attn.o_proj.weight_scale_inv"));
@@ -622,6 +623,18 @@ TEST_CASE("io: MTP declared but absent loads without MTP; contradictions and ext
     CHECK(has(msg, "a copy of the shared output head"));
 }
 
+TEST_CASE("io: a config.json that declares more than the safetensors hold is an error before any allocation") {
+    // Only model_type: transformers' defaults, the 671B model (11 TB to allocate), next to a file of one tensor.
+    TempDir tmp("declared");
+    write_bytes(tmp.file("config.json"), R"({"model_type": "deepseek_v3"})");
+    const float one = 1;
+    write_safetensors(tmp.file("model.safetensors"), {{"model.norm.weight", {1}, &one}});
+    const std::string msg = error_of([&] { load_hf(tmp.str()); });
+    CHECK(has(msg, "model.norm.weight\" in "));
+    CHECK(has(msg, "expected shape [7168] (from config.json), found [1]"));
+    CHECK_FALSE(has(msg, "memory"));  // the headers decided it, not an allocation
+}
+
 TEST_CASE("io: .npy round trip and token rows") {
     TempDir tmp("npy");
     const std::vector<float> x = {1, -2, 3.5f, 0, 5, 6};
@@ -642,7 +655,21 @@ TEST_CASE("io: .npy round trip and token rows") {
     CHECK(r.T == 3);
     CHECK(r.tokens == std::vector<int32_t>{1, 2, 3, 4, 5, 6});
     CHECK(has(error_of([] { parse_token_rows("1,2;3"); }), "row 1 has 1 tokens"));
-    CHECK(has(error_of([] { parse_token_rows("1,x"); }), "expected a non-negative token id"));
+    CHECK(has(error_of([] { parse_token_rows("1,x"); }), "the token id at character 2: expected an integer in [0, 2147483647], got 'x'"));
+    CHECK(has(error_of([] { parse_token_rows("1,-3"); }), "got '-3'"));
+    // .npy files that declare more than they hold, or a shape that is not one
+    auto npy_error = [&](const std::string& dict, size_t data_bytes) {
+        std::string bytes = std::string("\x93NUMPY\x01\x00", 8);
+        bytes += char(dict.size() & 0xFF), bytes += char(dict.size() >> 8);
+        write_bytes(tmp.file("bad.npy"), bytes + dict + std::string(data_bytes, '\0'));
+        return error_of([&] { read_npy(tmp.file("bad.npy")); });
+    };
+    CHECK(npy_error("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }\n", 24) == "<no error>");
+    CHECK(has(npy_error("{'descr': '<f4', 'fortran_order': False, 'shape': (2, x), }\n", 8), "shape[1]: expected an integer"));
+    CHECK(has(npy_error("{'descr': '<f4', 'fortran_order': False, 'shape': (2, -3), }\n", 8), "got '-3'"));
+    CHECK(has(npy_error("{'descr': '<f4', 'fortran_order': False, 'shape': (1048576, 1048576, 2), }\n", 8), "more than 2^40"));
+    CHECK(has(npy_error("{'descr': '<f4', 'fortran_order': False, 'shape': (1000000, 1000), }\n", 8),
+              "needs 4000000000 bytes of data, found 8"));
     CHECK(has(error_of([] { parse_token_rows("1;;2"); }), "row 1 is empty"));
 }
 

@@ -152,7 +152,9 @@ TEST_CASE("parallel: data parallel on 2 and 4 ranks = one rank on the whole batc
 // whole batch (the owner sees the same rows in the same order; its loss scale is R times larger, exactly).
 TEST_CASE("parallel: expert parallel on 2 and 4 ranks = the single-rank MoE layers, forward and backward, bitwise") {
     const int T = 6;
-    for (auto [R, fp8] : {std::pair{2, false}, std::pair{4, false}, std::pair{2, true}}) {
+    for (const std::pair<int, bool>& ranks_fp8 : {std::pair{2, false}, std::pair{4, false}, std::pair{2, true}}) {
+        const int R = ranks_fp8.first;  // (not a structured binding: INFO captures it, which clang 14 refuses)
+        const bool fp8 = ranks_fp8.second;
         Config c = parallel_config(R, R / 2);  // one group per rank; a token touches at most R/2 ranks
         c.fp8_training = fp8;  // FP8 GEMMs quantize per row (1x128) and per 128 rows of the same expert: still exact
         const int B = 2 * R;
