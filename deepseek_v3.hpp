@@ -4467,8 +4467,9 @@ inline void multiply(int M, int N, int K, const View& A, const View& B, const Ou
     float* bpack = packed_b.get();
 
     // One parallel region for the whole product (called from inside another parallel region, or for a product too
-    // small to be worth waking the team for, it runs on the calling thread alone). The barriers (the one ending the `omp for`, and the explicit one) make sure that a block of B
-    // is fully packed before any thread reads it, and fully used before the next block overwrites it.
+    // small to be worth waking the team for, it runs on the calling thread alone). The barriers (the one ending the
+    // `omp for`, and the explicit one) make sure that a block of B is fully packed before any thread reads it, and
+    // fully used before the next block overwrites it.
 #pragma omp parallel if (int64_t(M) * N * K >= 8 * kParallelMinWork)
     {
         alignas(64) float a_pack[MR * KC];  // this thread's copy of a partial row panel of A (one K block)
@@ -6478,8 +6479,8 @@ struct TrainingLog {
         std::string out = "dsv3-training-log 1\n";
         char buf[256];
         for (const Step& r : steps) {
-            std::snprintf(buf, sizeof buf, "step %d %.17g %.17g %.17g %.17g %.17g\n", r.step, r.loss, r.mtp, r.grad_norm,
-                          r.lr, r.max_violation);
+            std::snprintf(buf, sizeof buf, "step %d %.17g %.17g %.17g %.17g %.17g\n", r.step, r.loss, r.mtp,
+                          r.grad_norm, r.lr, r.max_violation);
             out += buf;
         }
         for (const Eval& e : evals) {
@@ -6503,7 +6504,8 @@ struct TrainingLog {
             std::istringstream words(line);
             std::vector<std::string> w{std::istream_iterator<std::string>(words), std::istream_iterator<std::string>()};
             auto bad = [&](const char* what) {
-                fail("training log ", name, " line ", number, ": ", what, ": \"", escape_bytes(line.substr(0, 80)), "\"");
+                fail("training log ", name, " line ", number, ": ", what, ": \"", escape_bytes(line.substr(0, 80)),
+                     "\"");
             };
             auto number_at = [&](size_t i) {  // strtod: also "nan" and "inf", which a diverging run may log
                 char* end = nullptr;
@@ -6527,7 +6529,8 @@ struct TrainingLog {
                 if (blocks == 0 || experts == 0 ? blocks || experts || n : n % experts || n / experts != blocks)
                     bad("the number of loads differs from BLOCKS x EXPERTS");
                 e.loads.assign(size_t(blocks), std::vector<int64_t>(size_t(experts)));
-                for (size_t i = 7; i < w.size(); ++i) e.loads[(i - 7) / size_t(experts)][(i - 7) % size_t(experts)] = count_at(i);
+                for (size_t i = 7; i < w.size(); ++i)
+                    e.loads[(i - 7) / size_t(experts)][(i - 7) % size_t(experts)] = count_at(i);
                 log.evals.push_back(std::move(e));
             } else {
                 bad("expected \"step\" and 6 numbers, or \"eval\" and at least 6");

@@ -174,7 +174,8 @@ static Corpus load_corpus(const Args& a) {
         const TokenDataset train = TokenDataset::load(a.tokens);
         c.tokenizer_path = a.tokenizer.empty() ? sibling(a.tokens, "_train.bin", ".tokenizer") : a.tokenizer;
         if (c.tokenizer_path.empty())
-            fail("--tokens ", a.tokens, ": give its tokenizer with --tokenizer FILE (found beside STEM_train.bin only)");
+            fail("--tokens ", a.tokens, ": give its tokenizer with --tokenizer FILE (found by itself beside "
+                 "STEM_train.bin only)");
         c.tokenizer = Tokenizer::load(c.tokenizer_path);
         if (uint32_t(c.tokenizer.vocab_size()) != train.vocab_size)
             fail("--tokens ", a.tokens, " has a vocabulary of ", train.vocab_size, " tokens, the tokenizer ",
@@ -186,7 +187,8 @@ static Corpus load_corpus(const Args& a) {
         if (!val_path.empty()) {
             const TokenDataset val = TokenDataset::load(val_path);
             if (val.vocab_size != train.vocab_size)
-                fail("--val-tokens ", val_path, " has a vocabulary of ", val.vocab_size, ", --tokens ", train.vocab_size);
+                fail("--val-tokens ", val_path, " has a vocabulary of ", val.vocab_size, ", --tokens ",
+                     train.vocab_size);
             c.train = std::move(all);
             c.val.assign(val.tokens.begin(), val.tokens.end());
             c.source += ", validation " + val_path;
@@ -204,8 +206,8 @@ static Corpus load_corpus(const Args& a) {
     c.val_bytes_per_token = double(val_bytes) / double(c.val.size());
     const size_t head = std::min<size_t>(c.train.size(), 64);
     c.prompt = c.tokenizer.decode(std::vector<int32_t>(c.train.begin(), c.train.begin() + long(head)));
-    c.prompt = c.prompt.substr(0, std::min(c.prompt.find('\n') + 1, size_t(40)));  // (npos + 1 = 0: no line break)
-    if (c.prompt.empty()) c.prompt = c.tokenizer.decode(std::vector<int32_t>(c.train.begin(), c.train.begin() + 8));
+    const size_t line_end = c.prompt.find('\n');  // the first line, or its first 16 bytes (at most 40)
+    c.prompt.resize(std::min({line_end == std::string::npos ? size_t(16) : line_end + 1, size_t(40), c.prompt.size()}));
     return c;
 }
 
@@ -222,7 +224,8 @@ static std::string sample_text(Model& model, const Corpus& c, int n, uint64_t se
 // on a prompt.
 static void write_plots(Model& model, const Args& a, const Corpus& corpus, const TrainingLog& log) {
     const Config& cfg = model.cfg;
-    std::vector<PlotSeries> curves = {{"train (smoothed)", {}, {}}, {"validation", {}, {}}, {"MTP (train, depth 1)", {}, {}}};
+    std::vector<PlotSeries> curves = {
+        {"train (smoothed)", {}, {}}, {"validation", {}, {}}, {"MTP (train, depth 1)", {}, {}}};
     double smooth = 0;
     for (size_t i = 0; i < log.steps.size(); ++i) {
         const TrainingLog::Step& r = log.steps[i];
@@ -234,7 +237,8 @@ static void write_plots(Model& model, const Args& a, const Corpus& corpus, const
     }
     for (const TrainingLog::Eval& e : log.evals) { curves[1].x.push_back(e.step); curves[1].y.push_back(e.loss); }
     const std::string unit = corpus.tokenizer_path.empty() ? "nats per byte" : "nats per token";
-    plot_lines(a.out + "/loss.png", "DeepSeek-V3 " + a.preset + ": loss", "step", "cross-entropy (" + unit + ")", curves);
+    plot_lines(a.out + "/loss.png", "DeepSeek-V3 " + a.preset + ": loss", "step", "cross-entropy (" + unit + ")",
+               curves);
     // The expert load at no more than 6 evaluations, evenly spread, the last included, one row per MoE block.
     const int evals = int(log.evals.size()), shown = std::min(evals, 6);
     if (shown > 0 && !log.evals.back().loads.empty()) {
@@ -242,7 +246,8 @@ static void write_plots(Model& model, const Args& a, const Corpus& corpus, const
         std::vector<float> values;
         std::vector<std::string> labels;
         for (int i = 0; i < shown; ++i) {
-            const TrainingLog::Eval& e = log.evals[size_t(shown == 1 ? evals - 1 : int(int64_t(i) * (evals - 1) / (shown - 1)))];
+            const int k = shown == 1 ? evals - 1 : int(int64_t(i) * (evals - 1) / (shown - 1));
+            const TrainingLog::Eval& e = log.evals[size_t(k)];
             for (size_t l = 0; l < e.loads.size(); ++l) {
                 int64_t total = 0;
                 for (int64_t c : e.loads[l]) total += c;
@@ -278,8 +283,8 @@ static void write_plots(Model& model, const Args& a, const Corpus& corpus, const
     }
     std::vector<float> w(size_t(T) * T);
     backend::to_host(w.data(), probs + size_t(a.attention_head) * T * T, w.size());  // (device memory on the GPU)
-    plot_attention(a.out + "/attention.png",
-                   "Attention, layer " + std::to_string(layer) + ", head " + std::to_string(a.attention_head), w, labels);
+    const std::string title = "Attention, layer " + std::to_string(layer) + ", head " + std::to_string(a.attention_head);
+    plot_attention(a.out + "/attention.png", title, w, labels);
 }
 
 // --time-limit covers the whole run: the steps stop early enough for the final evaluation, the saves and the sample
@@ -326,7 +331,8 @@ static bool run(int argc, char** argv, Communicator* comm) {
         a = parse(merged, lead);
         if (a.out.empty()) a.out = std::filesystem::path(a.resume).parent_path().string();
         if (a.out.empty()) a.out = ".";
-        if (lead) std::printf("resuming %s with its flags:%s\n", a.resume.c_str(), recorded.empty() ? " (none)" : recorded.c_str());
+        if (lead)
+            std::printf("resuming %s with its flags:%s\n", a.resume.c_str(), recorded.empty() ? " (none)" : recorded.c_str());
     }
     if (a.out.empty()) a.out = "runs/tiny";
     if (a.ep && !comm) fail("--ep: expert parallelism needs several processes: build/train_mpi (make mpi)");
@@ -337,8 +343,10 @@ static bool run(int argc, char** argv, Communicator* comm) {
     if (a.fp8) cfg.fp8_training = true;
     if (a.seq > cfg.max_seq_len) fail("--seq ", a.seq, " exceeds the preset's max_seq_len ", cfg.max_seq_len);
     cfg.max_seq_len = a.seq;  // the model's context is what it is trained on (generation slides past it)
-    if (a.attention_layer >= cfg.n_layers) fail("--attention-layer ", a.attention_layer, ": the model has layers 0 to ", cfg.n_layers - 1);
-    if (a.attention_head >= cfg.n_heads) fail("--attention-head ", a.attention_head, ": the model has heads 0 to ", cfg.n_heads - 1);
+    if (a.attention_layer >= cfg.n_layers)
+        fail("--attention-layer ", a.attention_layer, ": the model has layers 0 to ", cfg.n_layers - 1);
+    if (a.attention_head >= cfg.n_heads)
+        fail("--attention-head ", a.attention_head, ": the model has heads 0 to ", cfg.n_heads - 1);
     const Corpus corpus = load_corpus(a);
     const std::vector<int32_t>& train = corpus.train;
     const std::vector<int32_t>& val = corpus.val;
@@ -351,8 +359,7 @@ static bool run(int argc, char** argv, Communicator* comm) {
     const std::string log_path = a.out + "/train_log.txt";
     if (!a.resume.empty()) {
         load_checkpoint(a.resume, model, opt);  // on every rank (each machine needs the file)
-        const std::filesystem::path dir = std::filesystem::path(a.resume).parent_path();
-        const std::string earlier = (dir.empty() ? std::filesystem::path("train_log.txt") : dir / "train_log.txt").string();
+        const std::string earlier = (std::filesystem::path(a.resume).parent_path() / "train_log.txt").string();
         if (lead && std::filesystem::exists(earlier)) {
             log = TrainingLog::load(earlier);
             log.keep_until(opt.step);  // steps after the checkpoint are done again
@@ -472,11 +479,12 @@ static bool run(int argc, char** argv, Communicator* comm) {
             for (const auto& l : e.loads) e.max_violation = std::max(e.max_violation, max_violation(l));
             log.evals.push_back(e);
             progress.break_line();
-            std::printf("eval step %d: val loss %s (%s) | MaxVio_global %.3f | %.0fs\n", step + 1, loss_text(e.loss).c_str(),
-                        windows == available_windows ? "whole validation split"
-                        : final ? (std::to_string(windows) + " of " + std::to_string(available_windows) + " windows: --time-limit").c_str()
-                               : "subset",
-                        e.max_violation, now_seconds() - start);
+            const std::string part =
+                windows == available_windows ? "whole validation split"
+                : final ? std::to_string(windows) + " of " + std::to_string(available_windows) + " windows: --time-limit"
+                        : "subset";
+            std::printf("eval step %d: val loss %s (%s) | MaxVio_global %.3f | %.0fs\n", step + 1,
+                        loss_text(e.loss).c_str(), part.c_str(), e.max_violation, now_seconds() - start);
             std::fflush(stdout);
             if (!last) {  // (the last step saves below)
                 const double save_start = now_seconds();
