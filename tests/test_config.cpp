@@ -71,7 +71,8 @@ TEST_CASE("config: every validate() rule throws an Error naming its field") {
         {"n_routed_experts bounded", [](Config& c) { c.n_routed_experts = 1 << 20; }, "n_routed_experts", "<= 16384"},
         {"max_seq_len bounded", [](Config& c) { c.max_seq_len = 1 << 30; }, "max_seq_len", "<= 4194304"},
         // 4096 layers of 16384 experts, each bound respected: 200M layout entries (gigabytes) before any check
-        {"layers x experts bounded", [](Config& c) { c.n_layers = 4096; c.n_routed_experts = 16384; c.n_expert_groups = 1; c.n_limited_groups = 1; },
+        {"layers x experts bounded",
+         [](Config& c) { c.n_layers = 4096; c.n_routed_experts = 16384; c.n_expert_groups = 1; c.n_limited_groups = 1; },
          "n_routed_experts", "(n_layers + n_mtp_depth) x n_routed_experts must be <= 131072"},
         {"q_lora_rank >= 0", [](Config& c) { c.q_lora_rank = -1; }, "q_lora_rank", ">= 0"},
         {"n_dense_layers >= 0", [](Config& c) { c.n_dense_layers = -1; }, "n_dense_layers", "must be in"},
