@@ -2,11 +2,14 @@
 #   make            every CPU example into build/
 #   make train      the main job: train the tiny model (Tiny Shakespeare if data/tinyshakespeare.txt exists,
 #                   else the built-in synthetic corpus)
-#   make test       the doctest suite (then the MPI tests, when MPI is installed)
+#   make test       the doctest suite, build/train's Ctrl-C and --resume (tests/train_resume.sh), then the MPI
+#                   tests when MPI is installed
 #   make test-flags every example refuses malformed flag values, naming the flag
 #   make mpi        build/train_mpi and build/test_mpi over MPI (optional; see the MPI section at the end)
 #   make bench      the benchmarks
-#   make data       download Tiny Shakespeare and prepare its token files
+#   make bench-shared  training and decoding speed on a CPU shared with busy processes (examples/bench_shared.sh)
+#   make data       download Tiny Shakespeare and prepare its token files: bytes (v256) and BPE (v512), for
+#                   build/train --tokens data/tinyshakespeare_v512_train.bin
 #   make test-san   the test suite under AddressSanitizer and UBSan, the rank tests under ThreadSanitizer (clang)
 #   make fuzz       libFuzzer harnesses of every file parser (clang); make fuzz-run FUZZ_SECONDS=N runs them
 #   make clean
@@ -26,7 +29,7 @@ BENCH_FLAGS := -DDSV3_BENCH_OPENBLAS -lopenblas
 endif
 TRAIN_ARGS ?=
 
-.PHONY: all train test bench data clean deps
+.PHONY: all train test bench bench-shared data clean deps
 all: $(EXAMPLES:%=$(BUILD)/%)
 
 # doctest (tests) and stb (PNG output) come from Debian packages; install them when we can, else say how.
@@ -72,8 +75,9 @@ $(BUILD)/tests: $(TEST_OBJS) | $(BUILD)/.deps
 
 NPROC := $(shell nproc 2>/dev/null || echo 2)
 test: deps
-	@$(MAKE) --no-print-directory -j$(NPROC) $(BUILD)/tests
+	@$(MAKE) --no-print-directory -j$(NPROC) $(BUILD)/tests $(BUILD)/train
 	./$(BUILD)/tests
+	tests/train_resume.sh
 	@$(MAKE) --no-print-directory test-mpi
 
 # Every example refuses malformed flag values with the flag's name (tests/flags.sh; CI runs it).
@@ -87,9 +91,14 @@ train: $(BUILD)/train
 bench: $(BUILD)/bench
 	./$(BUILD)/bench
 
+# Training and decoding speed on a shared CPU: quiet, beside two busy processes, and with one thread (about a minute).
+bench-shared: $(BUILD)/train $(BUILD)/generate
+	examples/bench_shared.sh
+
 data: $(BUILD)/prepare_data
 	bash data/download.sh
 	./$(BUILD)/prepare_data --text data/tinyshakespeare.txt --vocab 256 --out-dir data
+	./$(BUILD)/prepare_data --text data/tinyshakespeare.txt --vocab 512 --out-dir data
 
 clean:
 	rm -rf $(BUILD)

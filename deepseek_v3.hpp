@@ -75,6 +75,7 @@
 #include <exception>
 #include <filesystem>
 #include <functional>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -439,9 +440,14 @@ struct Rng {
 
 // parallel_for(n, body): body(i) for i in [0, n), split over OpenMP threads by a fixed static partition. Each i must
 // write only its own outputs, so the result is the same for any thread count.
+// Small loops run on the calling thread: waking the team costs microseconds, and on a CPU shared with other programs
+// a thread that is not running makes the whole region wait for it, a time slice (milliseconds). Decoding one token
+// runs hundreds of tiny loops, so this decides whether `generate` keeps its speed on a busy laptop. work_per_item:
+// about how many multiply-adds or element updates body(i) does (the default: enough to run in parallel when n > 1).
+constexpr int64_t kParallelMinWork = int64_t(1) << 15;
 template <class Body>
-inline void parallel_for(int64_t n, const Body& body) {
-#pragma omp parallel for schedule(static)
+inline void parallel_for(int64_t n, const Body& body, int64_t work_per_item = kParallelMinWork) {
+#pragma omp parallel for schedule(static) if (n > 1 && n * work_per_item >= kParallelMinWork)
     for (int64_t i = 0; i < n; ++i) body(i);
 }
 
@@ -459,6 +465,22 @@ inline double parallel_sum(int64_t n, const Term& term) {
     double total = 0;
     for (double p : partial) total += p;
     return total;
+}
+
+// OpenMP threads that sleep while they wait, unless the user chose otherwise. libgomp's threads spin for a while
+// (GOMP_SPINCOUNT, 300000 turns) at the end of every parallel region before they sleep. On a CPU that other programs
+// also use, a spinning thread holds a core that the thread it waits for needs: measured on 2 cores beside two busy
+// processes, `generate` ran 57x slower with 2 threads than with 1. OMP_WAIT_POLICY=passive makes them sleep at once.
+// libgomp reads the variable once, when the program is loaded, so the programs of examples/ call this first thing in
+// main: when neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT is set, it sets OMP_WAIT_POLICY=passive and starts the program
+// again (exec of /proc/self/exe, same arguments; Linux). Where that fails it returns, and the program runs as it was.
+inline void prefer_sleeping_threads(char** argv) {
+#if defined(_OPENMP) && defined(__linux__)
+    if (std::getenv("OMP_WAIT_POLICY") || std::getenv("GOMP_SPINCOUNT")) return;
+    if (setenv("OMP_WAIT_POLICY", "passive", 0) == 0) execv("/proc/self/exe", argv);
+#else
+    (void)argv;
+#endif
 }
 
 inline int thread_count() {
@@ -2538,7 +2560,7 @@ inline void mla_attend_latent(float* o_lat, const float* q_lat, const float* q_r
             return dot;
         };
         attend_one(o_lat + job * dc, pos0 + t + 1, dc, scale, score, [&](int s) { return ckv + int64_t(s) * dc; });
-    });
+    }, int64_t(pos0 + n) * (2 * dc + dr));
 }
 // The naive path for the same rows: q: [n, H, dh + dr] (RoPE applied); k: [L, H, dh + dr]; v: [L, H, dv] up-projected
 // from the whole cache; o: [n, H, dv].
@@ -2555,7 +2577,7 @@ inline void attention_decode_naive(float* o, const float* q, const float* k, con
             return dot;
         };
         attend_one(o + job * dv, pos0 + t + 1, dv, scale, score, [&](int s) { return v + (int64_t(s) * H + h) * dv; });
-    });
+    }, int64_t(pos0 + n) * (dqk + dv));
 }
 
 // The two absorptions, per row t and head h; W_ukv: [H·(dh+dv), dc] (kv_b_proj): head h's rows are W^UK_h [dh, dc],
@@ -2572,7 +2594,7 @@ inline void mla_absorb_query(float* q_lat, float* q_rope, const float* q, const 
         for (int i = 0; i < dh; ++i)
             for (int j = 0; j < dc; ++j) ql[j] += qc[i] * Wk[int64_t(i) * dc + j];
         std::memcpy(q_rope + job * dr, qc + dh, sizeof(float) * size_t(dr));
-    });
+    }, int64_t(dh) * dc);
 }
 // o[t,h] = W^UV_h o_lat[t,h]: o_lat [n, H, dc] -> o [n, H, dv]
 inline void mla_absorb_output(float* o, const float* o_lat, const float* W_ukv, int n, int H, int dh, int dv, int dc) {
@@ -2587,7 +2609,7 @@ inline void mla_absorb_output(float* o, const float* o_lat, const float* W_ukv, 
             for (int j = 0; j < dc; ++j) s += Wv[int64_t(i) * dc + j] * ol[j];
             ot[i] = s;
         }
-    });
+    }, int64_t(dv) * dc);
 }
 
 // --- 7.3 the model on new tokens -----------------------------------------------------------------------------------
@@ -4413,10 +4435,11 @@ inline void multiply(int M, int N, int K, const View& A, const View& B, const Ou
     AlignedFloats packed_b(size_t(K) * std::min((N + NR - 1) / NR * NR, block_n));
     float* bpack = packed_b.get();
 
-    // One parallel region for the whole product (called from inside another parallel region, it runs on the calling
-    // thread alone). The barriers (the one ending the `omp for`, and the explicit one) make sure that a block of B
-    // is fully packed before any thread reads it, and fully used before the next block overwrites it.
-#pragma omp parallel
+    // One parallel region for the whole product (called from inside another parallel region, or for a product too
+    // small to be worth waking the team for, it runs on the calling thread alone). The barriers (the one ending the
+    // `omp for`, and the explicit one) make sure that a block of B is fully packed before any thread reads it, and
+    // fully used before the next block overwrites it.
+#pragma omp parallel if (int64_t(M) * N * K >= 8 * kParallelMinWork)
     {
         alignas(64) float a_pack[MR * KC];  // this thread's copy of a partial row panel of A (one K block)
         for (int jc = 0; jc < N; jc += block_n) {
@@ -4477,6 +4500,25 @@ inline std::string escape_bytes(std::string_view s) {
         else if (c == '"') out += "\\\"";
         else if (c >= 32 && c < 127) out += char(c);
         else { out += "\\x"; out += hex[c >> 4]; out += hex[c & 15]; }
+    }
+    return out;
+}
+// The inverse of escape_bytes (a prompt or a path stored on one line of a checkpoint header). `what` names the text
+// in the error a malformed escape raises.
+inline std::string unescape_bytes(std::string_view s, const std::string& what) {
+    auto hex = [&](size_t at) {  // the value of the hex digit s[at], or -1
+        const char h = at < s.size() ? char(s[at] | 32) : 'z';
+        return h >= '0' && h <= '9' ? h - '0' : h >= 'a' && h <= 'f' ? h - 'a' + 10 : -1;
+    };
+    std::string out;
+    for (size_t i = 0; i < s.size(); ++i) {
+        if (s[i] != '\\') { out += s[i]; continue; }
+        const char c = ++i < s.size() ? s[i] : '\0';
+        if (c == 'n') out += '\n';
+        else if (c == 't') out += '\t';
+        else if (c == '\\' || c == '"') out += c;
+        else if (c == 'x' && hex(i + 1) >= 0 && hex(i + 2) >= 0) { out += char(hex(i + 1) * 16 + hex(i + 2)); i += 2; }
+        else fail(what, ": malformed escape at byte ", i - 1, " of \"", std::string(s.substr(0, 60)), "\"");
     }
     return out;
 }
@@ -6137,7 +6179,9 @@ inline void plot_attention(const std::string& path, const std::string& title, co
 // "step 120/5000 (2.4%) | loss 2.3456 | lr 3.0e-04 | 12.3k tok/s | 0:12 elapsed | ETA 8:03". In a terminal the
 // line is rewritten in place ('\r') at most 10 times a second; when the output is a file or a pipe (CI logs),
 // a plain line is printed every `every_steps` steps or `every_seconds` seconds, whichever comes first, and at the
-// last step.
+// last step. Every long-running program prints this one line: train names its metric "loss" and counts tokens; an
+// experiment names its own ("max rel. error", "outputs"). A resumed run counts steps from the start of the whole run
+// (step 1201/2000), while its rate and ETA come from the steps this process ran (first_step: the steps done before).
 struct Progress {
     using Clock = std::chrono::steady_clock;
     int64_t total_steps;
@@ -6145,9 +6189,11 @@ struct Progress {
     bool tty;
     int64_t every_steps;
     double every_seconds;
+    int64_t first_step = 0;                      // steps done before this process started (a resumed run)
+    std::string label, metric = "loss", unit = "tok";  // "label step ... | metric 2.34 | ... | 12k unit/s"
     Clock::time_point start, last_print;
     size_t last_len = 0;
-    bool printed_any = false;
+    bool printed_any = false, line_open = false;  // line_open: a terminal line not ended by '\n' yet
 
     explicit Progress(int64_t total, FILE* stream = stdout, int64_t every_n_steps = 0, double every_n_seconds = 30)
         : total_steps(total), out(stream), tty(isatty(fileno(stream)) != 0),
@@ -6175,23 +6221,27 @@ struct Progress {
         std::snprintf(buf, sizeof buf, v == 0 ? "0" : (a >= 1e5 || a < 1e-2) ? "%.2e" : "%.4f", v);
         return buf;
     }
-    // The line itself (pure, for tests): step of total, loss, extras, tokens/s, elapsed, ETA.
-    static std::string format_line(int64_t step, int64_t total, double loss, int64_t tokens, double elapsed_s,
-                                   const std::vector<std::pair<std::string, double>>& extra) {
+    // The line itself (pure, for tests): step of total, the metric, extras, units/s, elapsed, ETA. `counted`: the
+    // units (tokens) processed by this process, over elapsed_s.
+    std::string format_line(int64_t step, double value, int64_t counted, double elapsed_s,
+                            const std::vector<std::pair<std::string, double>>& extra = {}) const {
         char buf[96];
-        std::snprintf(buf, sizeof buf, "step %lld/%lld (%.1f%%)", (long long)step, (long long)total,
-                      total > 0 ? 100.0 * double(step) / double(total) : 0.0);
-        std::string s = buf;
-        s += " | loss " + format_value(loss);  // NaN and inf show as such: a diverged run is visible
-        for (const auto& [name, value] : extra) s += " | " + name + " " + format_value(value);
-        if (tokens > 0 && elapsed_s > 0) s += " | " + format_rate(double(tokens) / elapsed_s) + " tok/s";
+        std::snprintf(buf, sizeof buf, "step %lld/%lld (%.1f%%)", (long long)step, (long long)total_steps,
+                      total_steps > 0 ? 100.0 * double(step) / double(total_steps) : 0.0);
+        std::string s = label + buf;
+        s += " | " + metric + " " + format_value(value);  // NaN and inf show as such: a diverged run is visible
+        for (const auto& [name, v] : extra) s += " | " + name + " " + format_value(v);
+        if (counted > 0 && elapsed_s > 0) s += " | " + format_rate(double(counted) / elapsed_s) + " " + unit + "/s";
         s += " | " + format_duration(elapsed_s) + " elapsed";
-        if (step > 0 && step < total) s += " | ETA " + format_duration(elapsed_s / double(step) * double(total - step));
+        const int64_t done = step - first_step;
+        if (done > 0 && step < total_steps)
+            s += " | ETA " + format_duration(elapsed_s / double(done) * double(total_steps - step));
         return s;
     }
 
-    // Call after step `step` (1-based) with the loss and the number of tokens processed so far.
-    void update(int64_t step, double loss, int64_t tokens_so_far = 0,
+    // Call after step `step` (1-based, counted from the start of the whole run) with the metric and the number of
+    // units processed by this process so far.
+    void update(int64_t step, double value, int64_t counted_so_far = 0,
                 const std::vector<std::pair<std::string, double>>& extra = {}) {
         const Clock::time_point now = Clock::now();
         const double since_print = std::chrono::duration<double>(now - last_print).count();
@@ -6200,11 +6250,12 @@ struct Progress {
                              : (last || !printed_any || step % every_steps == 0 || since_print >= every_seconds);
         if (!due) return;
         const std::string line =
-            format_line(step, total_steps, loss, tokens_so_far, std::chrono::duration<double>(now - start).count(), extra);
+            format_line(step, value, counted_so_far, std::chrono::duration<double>(now - start).count(), extra);
         if (tty) {
             std::fprintf(out, "\r%s", line.c_str());
             for (size_t i = line.size(); i < last_len; ++i) std::fputc(' ', out);  // erase a longer previous line
             if (last) std::fputc('\n', out);
+            line_open = !last;
         } else {
             std::fprintf(out, "%s\n", line.c_str());
         }
@@ -6212,6 +6263,12 @@ struct Progress {
         last_len = line.size();
         last_print = now;
         printed_any = true;
+    }
+    // Ends an unfinished line in a terminal (before other output: an evaluation, an interruption).
+    void break_line() {
+        if (line_open) std::fputc('\n', out);
+        line_open = false;
+        last_len = 0;
     }
 };
 
@@ -6278,14 +6335,41 @@ inline std::string name_list(const std::vector<std::string>& names, size_t show 
 //     dsv3-checkpoint 1
 //     <Config::to_text() lines>
 //     step=<optimizer steps taken>
+//     run.<key>=<value>        zero or more: what the run was (RunInfo below)
 //     floats=<parameter count>
 //     end
 //     params[floats] m[floats] v[floats]
 // It is written to "<path>.tmp" and renamed over <path> only when complete, so a crash never leaves a torn file.
-inline void save_checkpoint(const std::string& path, const Model& model, const AdamW& opt) {
+//
+// RunInfo: what a run records beside the weights, so that a later program needs nothing but the checkpoint:
+// build/train writes the flags it was started with (run.arg, one word each, in order: --resume continues with
+// them), its data, the tokenizer file, and a prompt that fits its corpus (build/generate's default). Keys may
+// repeat; values are stored escaped (escape_bytes), one line each.
+struct RunInfo {
+    std::vector<std::pair<std::string, std::string>> entries;
+    void add(const std::string& key, const std::string& value) { entries.emplace_back(key, value); }
+    std::string get(const std::string& key, const std::string& otherwise = "") const {  // the last value of key
+        for (auto e = entries.rbegin(); e != entries.rend(); ++e)
+            if (e->first == key) return e->second;
+        return otherwise;
+    }
+    std::vector<std::string> all(const std::string& key) const {
+        std::vector<std::string> out;
+        for (const auto& [k, v] : entries)
+            if (k == key) out.push_back(v);
+        return out;
+    }
+};
+
+inline void save_checkpoint(const std::string& path, const Model& model, const AdamW& opt, const RunInfo& run = {}) {
     std::ostringstream header;
-    header << "dsv3-checkpoint 1\n" << model.cfg.to_text() << "step=" << opt.step << "\nfloats=" << model.params.size()
-           << "\nend\n";
+    header << "dsv3-checkpoint 1\n" << model.cfg.to_text() << "step=" << opt.step << "\n";
+    for (const auto& [key, value] : run.entries) {
+        if (key.empty() || key.find_first_of("=\n") != std::string::npos)
+            fail("checkpoint ", path, ": run key \"", escape_bytes(key), "\" is empty or holds '=' or a line break");
+        header << "run." << key << "=" << escape_bytes(value) << "\n";
+    }
+    header << "floats=" << model.params.size() << "\nend\n";
     const std::string h = header.str();
     const size_t n = model.params.size();
     const std::vector<float> params = backend::download(model.params);  // a copy in host memory
@@ -6297,11 +6381,13 @@ inline void save_checkpoint(const std::string& path, const Model& model, const A
                write_bytes(f, m.data(), 4 * n) && write_bytes(f, v.data(), 4 * n);
     });
 }
-// Reads the config a checkpoint was saved with, and checks what the file declares against what it holds before
-// anything is allocated: floats= must be the config's parameter count, the file exactly the header and three arrays
-// of floats (compared overflow-free: the count is divided into the size, never multiplied), and a model of that size
-// must fit in memory. So `Model(read_checkpoint_config(path))` never builds a model a bad file cannot fill.
-inline Config read_checkpoint_config(const std::string& path, int* step = nullptr, size_t* header_bytes = nullptr) {
+// Reads the config a checkpoint was saved with (and its step, header size and RunInfo, where asked), and checks what
+// the file declares against what it holds before anything is allocated: floats= must be the config's parameter
+// count, the file exactly the header and three arrays of floats (compared overflow-free: the count is divided into
+// the size, never multiplied), and a model of that size must fit in memory. So `Model(read_checkpoint_config(path))`
+// never builds a model a bad file cannot fill.
+inline Config read_checkpoint_config(const std::string& path, int* step = nullptr, size_t* header_bytes = nullptr,
+                                     RunInfo* run = nullptr) {
     const io_detail::File f = io_detail::open_file(path, "checkpoint");
     const std::string where = "checkpoint " + path;
     std::string line;
@@ -6327,6 +6413,9 @@ inline Config read_checkpoint_config(const std::string& path, int* step = nullpt
         const std::string name = line.substr(0, eq), value = line.substr(eq + 1);
         if (name == "step") steps = parse_int(value, where + ": step", 0, INT_MAX);
         else if (name == "floats") floats = parse_int(value, where + ": floats", 0, LLONG_MAX);
+        else if (io_detail::starts_with(name, "run.")) {
+            if (run) run->add(name.substr(4), unescape_bytes(value, where + ": header line " + name));
+        }
         else c.set(name, value, where);
     }
     if (steps < 0) fail(where, ": header has no step= line");
@@ -6343,11 +6432,11 @@ inline Config read_checkpoint_config(const std::string& path, int* step = nullpt
     if (step) *step = int(steps);
     return c;
 }
-// Loads parameters and optimizer state into a model built with the same config.
-inline void load_checkpoint(const std::string& path, Model& model, AdamW& opt) {
+// Loads parameters and optimizer state into a model built with the same config (and the RunInfo, where asked).
+inline void load_checkpoint(const std::string& path, Model& model, AdamW& opt, RunInfo* run = nullptr) {
     int step = 0;
     size_t header = 0;
-    const Config c = read_checkpoint_config(path, &step, &header);  // the file holds header + 3 x 4 x params bytes
+    const Config c = read_checkpoint_config(path, &step, &header, run);  // the file holds header + 3 x 4 x params bytes
     std::istringstream a(c.to_text()), b(model.cfg.to_text());
     for (std::string la, lb; std::getline(a, la) && std::getline(b, lb);)
         if (la != lb)
@@ -6363,6 +6452,98 @@ inline void load_checkpoint(const std::string& path, Model& model, AdamW& opt) {
     backend::upload(opt.v, v);
     opt.step = step;
 }
+
+// The history of a training run: the losses of every step and the results of every evaluation. build/train keeps it
+// in the run directory beside the checkpoint (train_log.txt), saved with it, and draws its plots from it, so a run
+// resumed from a checkpoint of step s keeps steps 1..s of the log, repeats nothing, and its plots show the whole run.
+// Text, one record a line (numbers as printf's %.17g, which reads back to the same double: a resumed run's plots are
+// drawn from the same values as the uninterrupted run's):
+//     dsv3-training-log 1
+//     step STEP LOSS MTP_LOSS GRAD_NORM LR MAXVIO_BATCH
+//     eval STEP VAL_LOSS MAXVIO_GLOBAL WINDOWS BLOCKS EXPERTS c_1 ... c_(BLOCKS·EXPERTS)   (validation loads by block)
+struct TrainingLog {
+    struct Step { int step = 0; double loss = 0, mtp = 0, grad_norm = 0, lr = 0, max_violation = 0; };
+    struct Eval {
+        int step = 0;
+        double loss = 0, max_violation = 0;
+        int64_t windows = 0;                      // validation windows evaluated
+        std::vector<std::vector<int64_t>> loads;  // tokens routed to each expert, one vector per MoE block
+    };
+    std::vector<Step> steps;
+    std::vector<Eval> evals;
+
+    // Forgets the records after `step`: a run resumed from the checkpoint of step `step` does those steps again.
+    void keep_until(int step) {
+        auto after = [&](const auto& r) { return r.step > step; };
+        steps.erase(std::remove_if(steps.begin(), steps.end(), after), steps.end());
+        evals.erase(std::remove_if(evals.begin(), evals.end(), after), evals.end());
+    }
+    std::string to_text() const {
+        std::string out = "dsv3-training-log 1\n";
+        char buf[256];
+        for (const Step& r : steps) {
+            std::snprintf(buf, sizeof buf, "step %d %.17g %.17g %.17g %.17g %.17g\n", r.step, r.loss, r.mtp,
+                          r.grad_norm, r.lr, r.max_violation);
+            out += buf;
+        }
+        for (const Eval& e : evals) {
+            std::snprintf(buf, sizeof buf, "eval %d %.17g %.17g %lld %zu %zu", e.step, e.loss, e.max_violation,
+                          (long long)e.windows, e.loads.size(), e.loads.empty() ? size_t(0) : e.loads[0].size());
+            out += buf;
+            for (const auto& block : e.loads)
+                for (int64_t c : block) out += " " + std::to_string(c);
+            out += "\n";
+        }
+        return out;
+    }
+    static TrainingLog parse(const std::string& text, const std::string& name) {
+        std::istringstream in(text);
+        std::string line;
+        if (!std::getline(in, line) || line != "dsv3-training-log 1")
+            fail("training log ", name, ": expected first line \"dsv3-training-log 1\", found \"",
+                 escape_bytes(line.substr(0, 40)), "\"");
+        TrainingLog log;
+        for (int number = 2; std::getline(in, line); ++number) {
+            std::istringstream words(line);
+            std::vector<std::string> w{std::istream_iterator<std::string>(words), std::istream_iterator<std::string>()};
+            auto bad = [&](const char* what) {
+                fail("training log ", name, " line ", number, ": ", what, ": \"", escape_bytes(line.substr(0, 80)),
+                     "\"");
+            };
+            auto number_at = [&](size_t i) {  // strtod: also "nan" and "inf", which a diverging run may log
+                char* end = nullptr;
+                const double x = i < w.size() ? std::strtod(w[i].c_str(), &end) : 0;
+                if (i >= w.size() || *end) bad("expected a number");
+                return x;
+            };
+            auto count_at = [&](size_t i) {
+                const double x = number_at(i);
+                if (!(x >= 0 && x <= 1e15) || x != std::floor(x)) bad("expected a whole number");
+                return int64_t(x);
+            };
+            if (w.empty()) continue;
+            if (w[0] == "step" && w.size() == 7) {
+                log.steps.push_back({int(std::min<int64_t>(count_at(1), INT_MAX)), number_at(2), number_at(3),
+                                     number_at(4), number_at(5), number_at(6)});
+            } else if (w[0] == "eval" && w.size() >= 7) {
+                Eval e{int(std::min<int64_t>(count_at(1), INT_MAX)), number_at(2), number_at(3), count_at(4), {}};
+                const int64_t blocks = count_at(5), experts = count_at(6);
+                const int64_t n = int64_t(w.size()) - 7;  // (no product: BLOCKS x EXPERTS may overflow)
+                if (blocks == 0 || experts == 0 ? blocks || experts || n : n % experts || n / experts != blocks)
+                    bad("the number of loads differs from BLOCKS x EXPERTS");
+                e.loads.assign(size_t(blocks), std::vector<int64_t>(size_t(experts)));
+                for (size_t i = 7; i < w.size(); ++i)
+                    e.loads[(i - 7) / size_t(experts)][(i - 7) % size_t(experts)] = count_at(i);
+                log.evals.push_back(std::move(e));
+            } else {
+                bad("expected \"step\" and 6 numbers, or \"eval\" and at least 6");
+            }
+        }
+        return log;
+    }
+    void save(const std::string& path) const { write_file_atomic(path, to_text()); }
+    static TrainingLog load(const std::string& path) { return parse(read_file_bytes(path), path); }
+};
 
 // --- 13.2 JSON -------------------------------------------------------------------------------------------------------
 // config.json, the safetensors header and the shard index are JSON (RFC 8259). This reader is strict: anything the

@@ -35,23 +35,23 @@ static Outcome run(const std::string& name, const std::vector<int32_t>& train, c
     Outcome out;
     out.name = name;
     const double start = now_seconds();
+    Progress progress(steps);
+    progress.label = "  " + name + ": ";
     for (int step = 0; step < steps; ++step) {
         sample_batch(train, B, T, 1, step, batch.data());
         StepResult r = train_step(model, opt, batch.data(), B, T, sched.at(step), lo, gamma > 0);
-        if ((step + 1) % 50 == 0 || step + 1 == steps) {
-            std::printf("\r  %-9s step %4d/%d  loss %.3f  MaxVio_batch %.2f  ", name.c_str(), step + 1, steps,
-                        r.loss.main, r.max_violation);
-            std::fflush(stdout);
-        }
+        progress.update(step + 1, r.loss.main, int64_t(step + 1) * B * T, {{"MaxVio_batch", r.max_violation}});
     }
+    const double eval_start = now_seconds();
     out.val_loss = evaluate(model, val, T, 0, B, &out.loads);
     for (const auto& l : out.loads) out.maxvio_global = std::max(out.maxvio_global, max_violation(l));
     out.seconds = now_seconds() - start;
-    std::printf("\n");
+    std::printf("  %s: validation loss %.4f (whole split, %.0f s)\n", name.c_str(), out.val_loss, now_seconds() - eval_start);
     return out;
 }
 
 int main(int argc, char** argv) {
+    prefer_sleeping_threads(argv);  // a shared CPU: OpenMP threads that wait sleep (the header, section 2)
     try {
         std::string data;
         int steps = 600;

@@ -15,6 +15,7 @@
 using namespace dsv3;
 
 int main(int argc, char** argv) {
+    prefer_sleeping_threads(argv);  // a shared CPU: OpenMP threads that wait sleep (the header, section 2)
     try {
         std::string data, out = "runs/fp8";
         int steps = 300, B = 16, T = 64, every = 25;
@@ -47,14 +48,16 @@ int main(int argc, char** argv) {
         AdamW o32, o8;
         LrSchedule sched;
         sched.max_lr = lr; sched.min_lr = lr / 10; sched.warmup_steps = std::min(100, steps / 10); sched.total_steps = steps;
-        std::printf("data: %s | tiny model, batch %d x %d, %d steps, FP32 and FP8 from the same seed\n\n", source.c_str(),
+        std::printf("data: %s | tiny model, batch %d x %d, %d steps, FP32 and FP8 from the same seed\n", source.c_str(),
                     B, T, steps);
-        std::printf("%6s %10s %10s %12s %9s %9s\n", "step", "FP32 loss", "FP8 loss", "rel. gap", "FP32 s", "FP8 s");
         std::vector<int32_t> batch(size_t(B) * (T + 1));
         std::vector<PlotSeries> curves = {{"FP32", {}, {}}, {"FP8 (V3 recipe, simulated)", {}, {}}};
         PlotSeries gap_curve{"relative gap (FP8 - FP32) / FP32, %", {}, {}};
         double ema32 = 0, ema8 = 0, sec32 = 0, sec8 = 0;  // losses averaged over the last ~`every` steps
         const LossOptions lopt;
+        std::string table;  // a row every `every` steps, printed after the progress line's run
+        Progress progress(steps);
+        progress.metric = "FP32 loss";
         for (int step = 0; step < steps; ++step) {
             sample_batch(train, B, T, 1, step, batch.data());
             const float rate = sched.at(step);
@@ -67,15 +70,22 @@ int main(int argc, char** argv) {
             const double a = step == 0 ? 1.0 : 1.0 / every;
             ema32 += a * (l32 - ema32);
             ema8 += a * (l8 - ema8);
+            progress.update(step + 1, l32, int64_t(step + 1) * B * T * 2, {{"FP8 loss", l8}});  // 2 models' tokens
             if ((step + 1) % every == 0 || step + 1 == steps) {
                 const double gap = (ema8 - ema32) / ema32;
-                std::printf("%6d %10.4f %10.4f %+11.3f%% %9.1f %9.1f\n", step + 1, ema32, ema8, 100 * gap, sec32, sec8);
-                std::fflush(stdout);
+                char row[96];
+                std::snprintf(row, sizeof row, "%6d %10.4f %10.4f %+11.3f%% %9.1f %9.1f\n", step + 1, ema32, ema8,
+                              100 * gap, sec32, sec8);
+                table += row;
                 curves[0].x.push_back(step + 1); curves[0].y.push_back(ema32);
                 curves[1].x.push_back(step + 1); curves[1].y.push_back(ema8);
                 gap_curve.x.push_back(step + 1); gap_curve.y.push_back(100 * gap);
             }
         }
+        std::printf("\n%6s %10s %10s %12s %9s %9s\n%s", "step", "FP32 loss", "FP8 loss", "rel. gap", "FP32 s", "FP8 s",
+                    table.c_str());
+        std::printf("evaluating both on the whole validation split ...\n");
+        std::fflush(stdout);
         const double v32 = evaluate(m32, val, T, 0, B, nullptr), v8 = evaluate(m8, val, T, 0, B, nullptr);
         std::printf("\nvalidation loss (whole split): FP32 %.4f, FP8 %.4f, relative gap %+.3f%%\n", v32, v8,
                     100 * (v8 - v32) / v32);

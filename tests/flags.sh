@@ -26,6 +26,9 @@ check train "--batch: expected an integer in [1, 65536], got '-1'" --batch -1
 check train "--eval-every: expected an integer in [1, 1000000000], got '0'" --eval-every 0
 check train "--lr: expected a number in [0, 10], got 'nan'" --lr nan
 check train "--seq: expected a value" --seq
+check train "--attention-head: expected an integer in [0, 65536], got '-1'" --attention-head -1
+check train "--time-limit: expected a number in [0, 1e+09], got '-5'" --time-limit -5
+check train "--attention-layer 9: the model has layers 0 to 3" --attention-layer 9 --steps 1
 check generate "generate: error: --tokens: expected an integer in [1, 16777216], got 'abc'" --tokens abc
 check generate "--top-p: expected a number in [0, 1], got '1.5'" --top-p 1.5
 check generate "--seed: expected an integer in [0, 9223372036854775807], got '-1'" --seed -1

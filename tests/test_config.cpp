@@ -325,6 +325,32 @@ TEST_CASE("checkpoint: save / load round trip is bitwise, atomic, and its errors
         load_checkpoint(path, other, fresh);
         CHECK(fresh.step == 8);
     }
+    SUBCASE("the run's record (RunInfo) round trips, escaped; older checkpoints have none") {
+        RunInfo run;
+        run.add("arg", "--steps");
+        run.add("arg", "12");
+        run.add("prompt", "First Citizen:\n\"quoted\" \\ \x01\xff");
+        save_checkpoint(path, model, opt, run);
+        RunInfo back;
+        Model other(c, 99);
+        AdamW fresh;
+        load_checkpoint(path, other, fresh, &back);
+        CHECK(back.entries == run.entries);
+        CHECK(back.all("arg") == std::vector<std::string>{"--steps", "12"});
+        CHECK(back.get("prompt") == run.get("prompt"));
+        CHECK(back.get("tokenizer", "none") == "none");
+        CHECK(other.params == model.params);
+        CHECK(read_all(path).find("run.prompt=First Citizen:\\n") != std::string::npos);  // one readable line
+        RunInfo bad;
+        bad.add("a=b", "x");
+        CHECK_THROWS_WITH_AS(save_checkpoint(path, model, opt, bad), doctest::Contains("a=b"), dsv3::Error);
+        std::string data = read_all(path);
+        const size_t at = data.find("run.prompt=");
+        REQUIRE(at != std::string::npos);
+        write_all(dir.file("esc.ckpt"), data.substr(0, at) + "run.prompt=\\q\n" + data.substr(at));
+        CHECK_THROWS_WITH_AS(read_checkpoint_config(dir.file("esc.ckpt"), nullptr, nullptr, &back),
+                             doctest::Contains("malformed escape"), dsv3::Error);
+    }
     SUBCASE("optimizer state not yet allocated is saved as zeros") {
         AdamW empty;
         save_checkpoint(path, model, empty);
@@ -422,6 +448,76 @@ TEST_CASE("checkpoint: save / load round trip is bitwise, atomic, and its errors
         CHECK_THROWS_AS(save_checkpoint(dir.file("no_such_dir/model.ckpt"), model, opt), dsv3::Error);
         CHECK_FALSE(std::filesystem::exists(dir.file("no_such_dir")));
     }
+}
+
+TEST_CASE("training log: text round trip, keep_until for a resumed run, errors name the line") {
+    TrainingLog log;
+    for (int s = 1; s <= 5; ++s) log.steps.push_back({s, 5.0 / s, 5.1 / s, 1.0 + s, 1e-3 * s, 0.25 * s});
+    log.evals.push_back({2, 3.25, 0.5, 4, {{1, 2, 3}, {4, 5, 6}}});
+    log.evals.push_back({4, 2.5, 0.25, 4, {{3, 3, 0}, {2, 2, 2}}});
+    const std::string text = log.to_text();
+    const TrainingLog back = TrainingLog::parse(text, "log");
+    CHECK(back.to_text() == text);  // %.17g reads back to the same double
+    REQUIRE(back.evals.size() == 2);
+    CHECK(back.evals[1].loads == log.evals[1].loads);
+    TrainingLog resumed = back;
+    resumed.keep_until(3);  // the checkpoint of step 3: steps 4.. and the evaluation at 4 are done again
+    CHECK(resumed.steps.size() == 3);
+    CHECK(resumed.evals.size() == 1);
+    CHECK_THROWS_WITH_AS(TrainingLog::parse("something else\n", "x.txt"), doctest::Contains("dsv3-training-log 1"),
+                         dsv3::Error);
+    CHECK_THROWS_WITH_AS(TrainingLog::parse("dsv3-training-log 1\nstep 1 2 3\n", "x.txt"),
+                         doctest::Contains("x.txt line 2"), dsv3::Error);
+    CHECK_THROWS_WITH_AS(TrainingLog::parse("dsv3-training-log 1\neval 1 2 3 4 2 2 1 2 3\n", "x.txt"),
+                         doctest::Contains("BLOCKS x EXPERTS"), dsv3::Error);
+    CHECK_THROWS_WITH_AS(TrainingLog::parse("dsv3-training-log 1\neval 1 2 3 4 99999999999 99999999999\n", "x.txt"),
+                         doctest::Contains("BLOCKS x EXPERTS"), dsv3::Error);
+}
+
+// The continuation build/train performs on --resume, on the header's functions: 6 steps in one go against 3 steps,
+// a checkpoint and its log saved and loaded into a fresh model, then 3 more. The logs (losses, gradient norms and the
+// learning rate of every step) must be equal. (tests/train_resume.sh checks the program itself: Ctrl-C, --resume.)
+TEST_CASE("resume: a run continued from its checkpoint logs what the uninterrupted run logs") {
+    TempDir dir;
+    const Config c = checkpoint_config();
+    LrSchedule sched;
+    sched.warmup_steps = 2;
+    sched.total_steps = 6;  // the schedule of the whole run: its cosine part differs from one of 3 steps
+    std::vector<int32_t> data(200);
+    for (size_t i = 0; i < data.size(); ++i) data[i] = int32_t((i * 7 + i / 5) % size_t(c.vocab_size));
+    const int B = 2, T = 6;
+    auto run = [&](Model& model, AdamW& opt, TrainingLog& log, int until) {
+        std::vector<int32_t> batch(size_t(B) * (T + 1));
+        for (int step = opt.step; step < until; ++step) {
+            sample_batch(data, B, T, 5, step, batch.data());
+            const float lr = sched.at(step);
+            const StepResult r = train_step(model, opt, batch.data(), B, T, lr, LossOptions{});
+            log.steps.push_back({step + 1, r.loss.main, r.loss.mtp.empty() ? 0.0 : r.loss.mtp[0], r.grad_norm, lr,
+                                 r.max_violation});
+        }
+    };
+    Model whole(c, 3);
+    AdamW whole_opt;
+    TrainingLog whole_log;
+    run(whole, whole_opt, whole_log, 6);
+
+    Model first(c, 3);
+    AdamW first_opt;
+    TrainingLog first_log;
+    run(first, first_opt, first_log, 3);
+    save_checkpoint(dir.file("ckpt"), first, first_opt);
+    run(first, first_opt, first_log, 4);  // a step after the checkpoint: logged, then lost in a crash
+    first_log.save(dir.file("log"));
+    Model resumed(c, 77);  // any seed: everything comes from the checkpoint
+    AdamW resumed_opt;
+    load_checkpoint(dir.file("ckpt"), resumed, resumed_opt);
+    TrainingLog resumed_log = TrainingLog::load(dir.file("log"));
+    resumed_log.keep_until(resumed_opt.step);
+    CHECK(resumed_opt.step == 3);
+    CHECK(resumed_log.steps.size() == 3);
+    run(resumed, resumed_opt, resumed_log, 6);
+    CHECK(resumed_log.to_text() == whole_log.to_text());
+    CHECK(resumed.params == whole.params);
 }
 
 }  // namespace

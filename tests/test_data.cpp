@@ -622,13 +622,23 @@ TEST_CASE("plots: line plot, heatmap and attention map write PNG files; errors n
 // ---------------------------------------------------------------------------------------------------------------
 
 TEST_CASE("progress: the line and when it is printed to a file") {
-    const std::string line = dsv3::Progress::format_line(50, 200, 2.345678, 128000, 10.0, {{"lr", 3e-4}});
+    const std::string line = dsv3::Progress(200).format_line(50, 2.345678, 128000, 10.0, {{"lr", 3e-4}});
     CHECK(contains(line, "step 50/200 (25.0%)"));
     CHECK(contains(line, "loss 2.3457"));
     CHECK(contains(line, "lr 3.00e-04"));
     CHECK(contains(line, "12.8k tok/s"));
     CHECK(contains(line, "0:10 elapsed"));
     CHECK(contains(line, "ETA 0:30"));
+    dsv3::Progress resumed(200);  // a run resumed at step 40: the ETA from this process's 10 steps in 10 s
+    resumed.first_step = 40;
+    CHECK(contains(resumed.format_line(50, 2.0, 1000, 10.0), "step 50/200 (25.0%)"));
+    CHECK(contains(resumed.format_line(50, 2.0, 1000, 10.0), "ETA 2:30"));
+    dsv3::Progress other(8);  // another program's metric and unit
+    other.label = "none: ";
+    other.metric = "max rel. error";
+    other.unit = "outputs";
+    CHECK(other.format_line(2, 0.0125, 2000000, 1.0) ==
+          "none: step 2/8 (25.0%) | max rel. error 0.0125 | 2.00M outputs/s | 0:01 elapsed | ETA 0:03");
     CHECK(dsv3::Progress::format_duration(3725) == "1:02:05");
     CHECK(dsv3::Progress::format_duration(65) == "1:05");
 
