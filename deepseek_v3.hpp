@@ -440,10 +440,8 @@ struct Rng {
 
 // parallel_for(n, body): body(i) for i in [0, n), split over OpenMP threads by a fixed static partition. Each i must
 // write only its own outputs, so the result is the same for any thread count.
-// Small loops run on the calling thread: waking the team costs microseconds, and on a CPU shared with other programs
-// a thread that is not running makes the whole region wait for it, a time slice (milliseconds). Decoding one token
-// runs hundreds of tiny loops, so this decides whether `generate` keeps its speed on a busy laptop. work_per_item:
-// about how many multiply-adds or element updates body(i) does (the default: enough to run in parallel when n > 1).
+// Small loops (n · work_per_item multiply-adds or updates below kParallelMinWork) run on the calling thread: on a
+// shared CPU a region waits a time slice for a descheduled thread, and decoding a token runs hundreds of tiny loops.
 constexpr int64_t kParallelMinWork = int64_t(1) << 15;
 template <class Body>
 inline void parallel_for(int64_t n, const Body& body, int64_t work_per_item = kParallelMinWork) {
@@ -467,21 +465,8 @@ inline double parallel_sum(int64_t n, const Term& term) {
     return total;
 }
 
-// OpenMP threads that sleep while they wait, unless the user chose otherwise. libgomp's threads spin for a while
-// (GOMP_SPINCOUNT, 300000 turns) at the end of every parallel region before they sleep. On a CPU that other programs
-// also use, a spinning thread holds a core that the thread it waits for needs: measured on 2 cores beside two busy
-// processes, `generate` ran 57x slower with 2 threads than with 1. OMP_WAIT_POLICY=passive makes them sleep at once.
-// libgomp reads the variable once, when the program is loaded, so the programs of examples/ call this first thing in
-// main: when neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT is set, it sets OMP_WAIT_POLICY=passive and starts the program
-// again (exec of /proc/self/exe, same arguments; Linux). Where that fails it returns, and the program runs as it was.
-inline void prefer_sleeping_threads(char** argv) {
-#if defined(_OPENMP) && defined(__linux__)
-    if (std::getenv("OMP_WAIT_POLICY") || std::getenv("GOMP_SPINCOUNT")) return;
-    if (setenv("OMP_WAIT_POLICY", "passive", 0) == 0) execv("/proc/self/exe", argv);
-#else
-    (void)argv;
-#endif
-}
+// OpenMP threads that sleep while they wait (OMP_WAIT_POLICY=passive), for CPUs shared with other programs (11.1).
+inline void prefer_sleeping_threads(char** argv);
 
 inline int thread_count() {
 #ifdef _OPENMP
@@ -1861,18 +1846,14 @@ inline TensorView Model::grad(const std::string& name) {
 }
 inline std::vector<Block*> Model::moe_blocks() {
     std::vector<Block*> out;
-    for (Block& b : layout.blocks)
-        if (b.is_moe) out.push_back(&b);
-    for (MtpModule& m : layout.mtp)
-        if (m.block.is_moe) out.push_back(&m.block);
+    for (Block& b : layout.blocks) if (b.is_moe) out.push_back(&b);
+    for (MtpModule& m : layout.mtp) if (m.block.is_moe) out.push_back(&m.block);
     return out;
 }
 inline std::vector<std::vector<int64_t>> Model::expert_loads() const {
     std::vector<std::vector<int64_t>> loads;
-    for (size_t l = 0; l < blocks_.size(); ++l)
-        if (layout.blocks[l].is_moe) loads.push_back(blocks_[l].moe.load);
-    for (size_t k = 0; k < mtp_.size(); ++k)
-        if (layout.mtp[k].block.is_moe) loads.push_back(mtp_[k].block.moe.load);
+    for (size_t l = 0; l < blocks_.size(); ++l) if (layout.blocks[l].is_moe) loads.push_back(blocks_[l].moe.load);
+    for (size_t k = 0; k < mtp_.size(); ++k) if (layout.mtp[k].block.is_moe) loads.push_back(mtp_[k].block.moe.load);
     return loads;
 }
 
@@ -1891,11 +1872,9 @@ inline void Model::linear_backward(float* dx, const float* dy, const float* x, c
 inline void Model::experts_linear_forward(float* y, const float* x, const MoE& m, int first, int count,
                                           Linear Ffn::*proj, const int64_t* offsets) {
     const Linear& w0 = m.experts[size_t(first)].*proj;
-    if (!fp8(w0)) {
-        backend::grouped_matmul_forward(y, x, param_at(w0.w), int64_t(m.expert_stride), offsets, count, w0.in,
-                                        w0.out);
-        return;
-    }
+    if (!fp8(w0))
+        return backend::grouped_matmul_forward(y, x, param_at(w0.w), int64_t(m.expert_stride), offsets, count, w0.in,
+                                               w0.out);
     for (int i = 0; i < count; ++i)
         if (offsets[i + 1] > offsets[i])
             linear_forward(y + offsets[i] * w0.out, x + offsets[i] * w0.in, m.experts[size_t(first + i)].*proj,
@@ -1904,11 +1883,9 @@ inline void Model::experts_linear_forward(float* y, const float* x, const MoE& m
 inline void Model::experts_linear_backward(float* dx, const float* dy, const float* x, const MoE& m, int first,
                                            int count, Linear Ffn::*proj, const int64_t* offsets) {
     const Linear& w0 = m.experts[size_t(first)].*proj;
-    if (!fp8(w0)) {
-        backend::grouped_matmul_backward(dx, grad_at(w0.w), dy, x, param_at(w0.w), int64_t(m.expert_stride), offsets,
-                                         count, w0.in, w0.out);
-        return;
-    }
+    if (!fp8(w0))
+        return backend::grouped_matmul_backward(dx, grad_at(w0.w), dy, x, param_at(w0.w), int64_t(m.expert_stride),
+                                                offsets, count, w0.in, w0.out);
     for (int i = 0; i < count; ++i)
         if (offsets[i + 1] > offsets[i])
             linear_backward(dx + offsets[i] * w0.in, dy + offsets[i] * w0.out, x + offsets[i] * w0.in,
@@ -4555,6 +4532,22 @@ inline void require_memory(std::string_view what, double bytes) {
     const double have = double(sysconf(_SC_PHYS_PAGES)) * double(sysconf(_SC_PAGE_SIZE));
     if (have > 0 && bytes > have)
         fail(what, ": ", bytes / 1e9, " GB, more than this machine's ", have / 1e9, " GB of memory");
+}
+
+// OpenMP threads that sleep while they wait, unless the user chose otherwise. libgomp's threads spin for a while
+// (GOMP_SPINCOUNT, 300000 turns) at the end of every parallel region before they sleep. On a CPU that other programs
+// also use, a spinning thread holds a core that the thread it waits for needs: measured on 2 cores beside two busy
+// processes, `generate` ran 57x slower with 2 threads than with 1. OMP_WAIT_POLICY=passive makes them sleep at once.
+// libgomp reads the variable once, when the program is loaded, so the programs of examples/ call this first thing in
+// main: when neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT is set, it sets OMP_WAIT_POLICY=passive and starts the program
+// again (exec of /proc/self/exe, same arguments; Linux). Where that fails it returns, and the program runs as it was.
+inline void prefer_sleeping_threads(char** argv) {
+#if defined(_OPENMP) && defined(__linux__)
+    if (std::getenv("OMP_WAIT_POLICY") || std::getenv("GOMP_SPINCOUNT")) return;
+    if (setenv("OMP_WAIT_POLICY", "passive", 0) == 0) execv("/proc/self/exe", argv);
+#else
+    (void)argv;
+#endif
 }
 
 // Little-endian integers of n bytes (every binary format here is little-endian, whatever the machine).
