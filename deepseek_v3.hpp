@@ -25,7 +25,7 @@
 //    1. Config and counters .................. the error type; one struct for the architecture, presets, validate(),
 //                                              parameter / FLOP / KV-cache counters [V3 §2, §4.2, Table 1]
 //    2. Foundations .......................... RNG, parallel loops with a fixed reduction order, the profile of a
-//                                              step (build/train --profile), the memory budget, activation arena
+//                                              step (build/train --profile), activation arena
 //    3. Kernels .............................. forward/backward pairs, the plain reference matmul first: matmul,
 //                                              RMSNorm, RoPE+YaRN [V3 §2.1.1], causal attention, SwiGLU, embedding,
 //                                              cross-entropy, the MoE router and balance losses [V3 §2.1.2], MoE
@@ -44,7 +44,8 @@
 //                                              all-to-all, data and expert parallel [V3 §3.2]
 // PART 3, APPENDIX (machinery; skip on a first reading)
 //   10. The fast packed GEMM ................. what matmul_forward/backward of section 3.1 run on
-//   11. Files and data ....................... atomic files, byte-level BPE tokenizer, datasets, FIM, synthetic corpus
+//   11. Files and data ....................... parse_int/parse_float, memory budget, sleeping threads, atomic files,
+//                                              byte-level BPE tokenizer, datasets, FIM, synthetic corpus
 //   12. Pictures and progress ................ PNG plots, the progress line
 //   13. Checkpoint I/O ....................... the training checkpoint, JSON, safetensors, config.json, Hugging Face
 //                                              directories, .npy

@@ -2427,64 +2427,60 @@ inline void grouped_backward_cublas(float* dx, float* dW, const float* dy, const
 }
 // The pipelined kernel, when the shapes allow it; false if not (the caller runs another path).
 inline bool pipelined_ok(int in, int out) { return in % 8 == 0 && out % 8 == 0; }
+// Both BF16 kernels below read every expert's BF16 weight through a device array of pointers: uploaded here, or
+// null when a weight is not 16-byte aligned (the 16-byte copies need it; the caller then runs another path).
+inline const __nv_bfloat16* const* device_expert_weights(const float* W, int64_t w_stride, int groups, int in,
+                                                         int out) {
+    const std::vector<const __nv_bfloat16*> wb = expert_weights_bf16(W, w_stride, groups, in, out);
+    for (const __nv_bfloat16* w : wb)
+        if (reinterpret_cast<uintptr_t>(w) % 16 != 0) return nullptr;
+    auto* d = static_cast<const __nv_bfloat16**>(scratch(Slot::plan, sizeof(void*) * size_t(groups)));
+    upload_async(d, wb.data(), sizeof(void*) * size_t(groups));
+    return d;
+}
+// The grid of a grouped product in BM × BN tiles: z the expert, y its row tiles (as many as the largest expert
+// needs: dW's rows are `out`), x the column tiles. Empty (x = 0) when there is nothing to compute.
+inline dim3 grouped_grid(Grouped kind, const int64_t* offsets, int groups, int in, int out, int BM, int BN) {
+    int64_t max_rows = 0;
+    for (int g = 0; g < groups; ++g) max_rows = std::max(max_rows, offsets[g + 1] - offsets[g]);
+    const int64_t M = kind == Grouped::dW ? out : max_rows;
+    const int N = kind == Grouped::forward ? out : in;
+    if (M == 0 || N == 0 || groups == 0) return dim3(0, 1, 1);
+    return dim3(unsigned((N + BN - 1) / BN), unsigned((M + BM - 1) / BM), unsigned(groups));
+}
 template <Grouped kind>
 bool grouped_pipelined(float* c, const float* a, const float* b, const float* W, int64_t w_stride,
                        const int64_t* offsets, int groups, int in, int out) {
     if (!pipelined_ok(in, out)) return false;
-    std::vector<const __nv_bfloat16*> wb;
-    if (kind != Grouped::dW) {
-        wb = expert_weights_bf16(W, w_stride, groups, in, out);
-        for (const __nv_bfloat16* w : wb)
-            if (reinterpret_cast<uintptr_t>(w) % 16 != 0) return false;
-    }
-    const int64_t rows = offsets[groups];
     pipelined::Args args{};
+    if (kind != Grouped::dW && !(args.w = device_expert_weights(W, w_stride, groups, in, out))) return false;
+    const dim3 grid = grouped_grid(kind, offsets, groups, in, out, pipelined::BM, pipelined::BN);
+    if (grid.x == 0) return true;
+    const int64_t rows = offsets[groups];
     args.a = bf16_copy(Slot::bf16_a, a, rows * (kind == Grouped::forward ? in : out));
     args.b = kind == Grouped::dW ? bf16_copy(Slot::bf16_c, b, rows * in) : nullptr;
-    if (kind != Grouped::dW) {
-        auto* d = static_cast<const __nv_bfloat16**>(scratch(Slot::plan, sizeof(void*) * size_t(groups)));
-        upload_async(d, wb.data(), sizeof(void*) * size_t(groups));
-        args.w = d;
-    }
     args.c = c;
     args.offsets = device_offsets(offsets, groups);
     args.w_stride = w_stride;
     args.in = in;
     args.out = out;
-    int64_t max_rows = 0;
-    for (int g = 0; g < groups; ++g) max_rows = std::max(max_rows, offsets[g + 1] - offsets[g]);
-    const int64_t M = kind == Grouped::dW ? out : max_rows;
-    const int N = kind == Grouped::forward ? out : in;
-    if (M == 0 || N == 0 || groups == 0) return true;
-    const dim3 grid(unsigned((N + pipelined::BN - 1) / pipelined::BN), unsigned((M + pipelined::BM - 1) / pipelined::BM),
-                    unsigned(groups));
     pipelined::kernel<kind><<<grid, pipelined::kThreads>>>(args);
     DSV3_CUDA_CHECK_LAUNCH();
     return true;
 }
-// The wgmma kernel on BF16 activations a (x or dy) and b (x, for dW), when this is a Hopper GPU with sm_90a code and
-// the shapes allow it; false if not (another path runs).
 inline bool hopper_ok(int in, int out, int64_t w_stride) {
     return wgmma_available() && pipelined_ok(in, out) && w_stride % 8 == 0;
 }
+// The wgmma kernel on BF16 activations a (x or dy) and b (x, for dW), when this is a Hopper GPU with sm_90a code and
+// the shapes allow it; false if not (another path runs).
 template <Grouped kind>
 bool grouped_hopper(float* c, const __nv_bfloat16* a, const __nv_bfloat16* b, const float* W, int64_t w_stride,
                     const int64_t* offsets, int groups, int in, int out) {
     if (!hopper_ok(in, out, w_stride)) return false;
     hopper::Args args{};
-    if (kind != Grouped::dW) {
-        const std::vector<const __nv_bfloat16*> wb = expert_weights_bf16(W, w_stride, groups, in, out);
-        for (const __nv_bfloat16* w : wb)
-            if (reinterpret_cast<uintptr_t>(w) % 16 != 0) return false;
-        auto* d = static_cast<const __nv_bfloat16**>(scratch(Slot::plan, sizeof(void*) * size_t(groups)));
-        upload_async(d, wb.data(), sizeof(void*) * size_t(groups));
-        args.w = d;
-    }
-    int64_t max_rows = 0;
-    for (int g = 0; g < groups; ++g) max_rows = std::max(max_rows, offsets[g + 1] - offsets[g]);
-    const int64_t M = kind == Grouped::dW ? out : max_rows;
-    const int N = kind == Grouped::forward ? out : in;
-    if (M == 0 || N == 0 || groups == 0) return true;
+    if (kind != Grouped::dW && !(args.w = device_expert_weights(W, w_stride, groups, in, out))) return false;
+    const dim3 grid = grouped_grid(kind, offsets, groups, in, out, hopper::BM, hopper::BN);
+    if (grid.x == 0) return true;
     args.a = a;
     args.b = b;
     args.c = c;
@@ -2498,8 +2494,6 @@ bool grouped_hopper(float* c, const __nv_bfloat16* a, const __nv_bfloat16* b, co
         return true;
     }();
     (void)sized;
-    const dim3 grid(unsigned((N + hopper::BN - 1) / hopper::BN), unsigned((M + hopper::BM - 1) / hopper::BM),
-                    unsigned(groups));
     hopper::kernel<kind><<<grid, hopper::kThreads, hopper::kSmemBytes>>>(args);
     DSV3_CUDA_CHECK_LAUNCH();
     return true;

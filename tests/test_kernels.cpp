@@ -813,6 +813,14 @@ TEST_CASE("kernels: adamw_update matches a hand computation with bias correction
         const double want = P0[i] - 3e-3 * (mm / (1 - std::pow(0.9, 7)) / (std::sqrt(vv / (1 - std::pow(0.95, 7))) + 1e-8) + 0.1 * P0[i]);
         CHECK(P[i] == doctest::Approx(want).epsilon(1e-5));
     }
+    // grad_scale (the clipping factor, section 6.2) gives the bits of scaling the gradients first, then updating
+    std::vector<float> Pa = P0, Ma = M0, Va = V0, Pb = P0, Mb = M0, Vb = V0, Gs = G;
+    for (float& x : Gs) x *= 0.37f;
+    adamw_update(Pa.data(), G.data(), Ma.data(), Va.data(), n, 3e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 7, 0.37f);
+    adamw_update(Pb.data(), Gs.data(), Mb.data(), Vb.data(), n, 3e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 7);
+    CHECK(Pa == Pb);
+    CHECK(Ma == Mb);
+    CHECK(Va == Vb);
 }
 
 TEST_CASE("kernels: LR schedules: warmup, cosine endpoints, V3 stages, multi-step factors") {
