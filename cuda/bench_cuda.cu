@@ -8,9 +8,10 @@
 //     and output bytes) vs the device's copy bandwidth (cudaMemcpy device-to-device, bytes read + written) measured
 //     in the same run. Target ≥ 60%.
 // (c) the routed experts' grouped GEMM at the `large` preset's shapes (64 experts of width 512, d = 1024, 8,192
-//     tokens × top-6, balanced routing): forward, dx and dW of the gate and down projections, every path of
+//     tokens × top-6, balanced and collapsed routing): forward, dx and dW of the gate and down projections, every path of
 //     cuda/kernels.cuh section 3.10b, vs one dense cuBLAS BF16 GEMM with the same FLOPs (its upper bound: no groups).
-//     `--grouped` runs only this part.
+//     `--grouped` runs only this part and (d).
+// (d) causal flash attention at the `large` preset's shape, forward and backward, in TFLOP/s (`--attention`: only this).
 // Each benchmark times what the model launches (fp8_gemm picks its tile by size, mla_decode_absorbed its kernel by
 // shape); the sweeps over every kernel version, with their checks against the CPU, are build/dev_fp8_gemm and
 // build/dev_mla_decode (cuda/dev_*.cu).
@@ -19,6 +20,7 @@
 #include "dev_common.cuh"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -63,20 +65,34 @@ Peer run_peer(const std::vector<int>& sizes) {
     return p;
 }
 
-// (c) every grouped-GEMM path against a dense cuBLAS GEMM of the same FLOPs.
+// (c) every grouped-GEMM path against a dense cuBLAS GEMM of the same FLOPs, with balanced routing and with the
+// collapsed routing of early training (all rows on 6 of the 64 experts, 8,192 each: what the `large` runs see).
 void grouped_gemm_bench() {
     using cu::detail::GroupedPath;
     const int groups = 64, rows_each = 768;   // 8192 tokens × 6 / 64 experts
-    std::vector<int64_t> offsets(size_t(groups) + 1, 0);
-    for (int g = 0; g < groups; ++g) offsets[size_t(g) + 1] = offsets[size_t(g)] + rows_each - 8 + 16 * (g % 2);
-    const int64_t rows = offsets.back();
-    std::printf("\n(c) grouped expert GEMM, %d experts, %lld rows in all (%d +- 8 each), BF16 operands, FP32 out\n",
-                groups, (long long)rows, rows_each);
+    struct Routing { const char* name; std::vector<int64_t> offsets; };
+    std::vector<Routing> routings(2);
+    routings[0].name = "balanced (768 +- 8 rows each)";
+    routings[1].name = "collapsed (8192 rows on each of 6 experts, none on 58)";
+    for (Routing& r : routings) r.offsets.assign(size_t(groups) + 1, 0);
+    for (int g = 0; g < groups; ++g) {
+        routings[0].offsets[size_t(g) + 1] = routings[0].offsets[size_t(g)] + rows_each - 8 + 16 * (g % 2);
+        routings[1].offsets[size_t(g) + 1] = routings[1].offsets[size_t(g)] + (g % 10 == 3 && g < 60 ? 8192 : 0);
+    }
+    const int64_t rows = routings[0].offsets.back();
+    std::printf("\n(c) grouped expert GEMM, %d experts, %lld rows in all, BF16 operands, FP32 out (each call converts "
+                "its FP32 activations to BF16; the weights are BF16 shadows, as in training)\n",
+                groups, (long long)rows);
     struct Proj { const char* name; int in, out; };
     for (const Proj& pr : {Proj{"gate/up (1024 -> 512)", 1024, 512}, Proj{"down (512 -> 1024)", 512, 1024}}) {
         const int64_t stride = int64_t(pr.in) * pr.out;
         auto x = random_floats(size_t(rows) * pr.in, 21, -1, 1), dy = random_floats(size_t(rows) * pr.out, 22, -1, 1);
         auto W = random_floats(size_t(stride) * groups, 23, -0.05f, 0.05f);
+        // the model's weights have BF16 shadows written by AdamW: make them here the same way (lr 0: W unchanged)
+        cu::DeviceBuffer<float> zero_g(W.size()), m(W.size()), v(W.size());
+        zero_g.fill_bytes(0), m.fill_bytes(0), v.fill_bytes(0);
+        cu::adamw_update(W.data(), zero_g.data(), m.data(), v.data(), int64_t(W.size()), 0.0f, 0.9f, 0.95f, 1e-8f,
+                         0.0f, 1);
         cu::DeviceBuffer<float> y(size_t(rows) * pr.out), dx(size_t(rows) * pr.in), dW(size_t(stride) * groups);
         const double flop = 2.0 * double(rows) * pr.in * pr.out;
         auto tf = [&](double ms) { return flop / (ms * 1e-3) / 1e12; };
@@ -88,25 +104,65 @@ void grouped_gemm_bench() {
                                   y.data(), pr.out);
         }, 3, 20);
         std::printf("  %-22s dense cuBLAS bound %7.1f TFLOP/s\n", pr.name, tf(dense));
-        for (auto [path, name] : {std::pair{GroupedPath::hopper, "wgmma"}, std::pair{GroupedPath::pipelined, "wmma pipelined"}}) {
-            if (path == GroupedPath::hopper && !cu::wgmma_available()) continue;
-            cu::detail::grouped_path() = path;
-            const double f = time_ms([&] {
-                cu::grouped_matmul_forward(y.data(), x.data(), W.data(), stride, offsets.data(), groups, pr.in, pr.out);
-            }, 3, 20);
-            const double bx = time_ms([&] {
-                cu::grouped_matmul_backward(dx.data(), nullptr, dy.data(), x.data(), W.data(), stride, offsets.data(),
-                                            groups, pr.in, pr.out);
-            }, 3, 20);
-            const double bw = time_ms([&] {
-                cu::grouped_matmul_backward(nullptr, dW.data(), dy.data(), x.data(), W.data(), stride, offsets.data(),
-                                            groups, pr.in, pr.out);
-            }, 3, 20);
-            std::printf("  %-22s %-15s forward %7.1f  dx %7.1f  dW %7.1f TFLOP/s (%.2f / %.2f / %.2f of dense)\n",
-                        pr.name, name, tf(f), tf(bx), tf(bw), dense / f, dense / bx, dense / bw);
+        struct Path { GroupedPath path; int tile; const char* name; };
+        for (const Routing& r : routings) {
+            std::printf("  %s:\n", r.name);
+            const int64_t* offsets = r.offsets.data();
+            for (const Path& path : {Path{GroupedPath::hopper, 256, "wgmma 128x256"},
+                                     Path{GroupedPath::hopper, 128, "wgmma 128x128"},
+                                     Path{GroupedPath::pipelined, 0, "wmma pipelined"}}) {
+                if (path.path == GroupedPath::hopper && !cu::wgmma_available()) continue;
+                cu::detail::grouped_path() = path.path;
+                cu::detail::hopper_tile() = path.tile;
+                const double f = time_ms([&] {
+                    cu::grouped_matmul_forward(y.data(), x.data(), W.data(), stride, offsets, groups, pr.in, pr.out);
+                }, 3, 20);
+                const double bx = time_ms([&] {
+                    cu::grouped_matmul_backward(dx.data(), nullptr, dy.data(), x.data(), W.data(), stride, offsets,
+                                                groups, pr.in, pr.out);
+                }, 3, 20);
+                const double bw = time_ms([&] {
+                    cu::grouped_matmul_backward(nullptr, dW.data(), dy.data(), x.data(), W.data(), stride, offsets,
+                                                groups, pr.in, pr.out);
+                }, 3, 20);
+                std::printf("    %-22s %-15s forward %6.1f  dx %6.1f  dW %6.1f TFLOP/s (%.2f / %.2f / %.2f of dense)\n",
+                            pr.name, path.name, tf(f), tf(bx), tf(bw), dense / f, dense / bx, dense / bw);
+            }
         }
         cu::detail::grouped_path() = GroupedPath::automatic;
+        cu::detail::hopper_tile() = 0;
     }
+}
+
+// (d) causal flash attention at the `large` preset's shape (B 8, T 1024, 16 heads, q/k dims 64 + 32, v 64), forward
+// and backward, in TFLOP/s of the causal half (the masked half is not counted), and the BF16 head-major copies it
+// makes of q, k, v (and dO) against the copy bandwidth.
+void attention_bench() {
+    const int B = 8, T = 1024, H = 16, dqk = 96, dv = 64;
+    const size_t nq = size_t(B) * T * H * dqk, nv = size_t(B) * T * H * dv;
+    auto q = random_floats(nq, 31, -1, 1), k = random_floats(nq, 32, -1, 1), v = random_floats(nv, 33, -1, 1);
+    auto dout = random_floats(nv, 34, -1, 1);
+    cu::DeviceBuffer<float> out(nv), saved(cu::attention_saved_floats(B, T, H, dqk, dv)), dq(nq), dk(nq), dvv(nv);
+    const float scale = 1.0f / std::sqrt(float(dqk));
+    const double causal = double(B) * H * T * (T + 1) / 2;   // the (query, key) pairs each product covers
+    // forward: S = QKᵀ and PV; backward: S, dP = dO Vᵀ, dV, dK, dQ (the recomputation of S and dP in both backward
+    // kernels not counted)
+    const double f_flop = 2.0 * causal * (dqk + dv), b_flop = 2.0 * causal * (3 * dqk + 2 * dv);
+    const double f = time_ms([&] {
+        cu::attention_forward(out.data(), saved.data(), q.data(), k.data(), v.data(), B, T, H, dqk, dv, scale);
+    }, 3, 20);
+    const double b = time_ms([&] {
+        cu::attention_backward(dq.data(), dk.data(), dvv.data(), dout.data(), out.data(), saved.data(), q.data(),
+                               k.data(), v.data(), B, T, H, dqk, dv, scale);
+    }, 3, 20);
+    namespace fl = cu::detail::flash;
+    const fl::Args a = fl::args(B, T, H, dqk, dv, scale);
+    const double c = time_ms([&] { fl::heads_bf16(cu::Slot::bf16_a, q.data(), a, dqk, 96); }, 3, 20);
+    std::printf("\n(d) causal attention, B %d, T %d, %d heads, dims %d / %d (flash kernels)\n", B, T, H, dqk, dv);
+    std::printf("  forward  %.3f ms  %6.1f TFLOP/s\n  backward %.3f ms  %6.1f TFLOP/s\n", f, f_flop / (f * 1e-3) / 1e12,
+                b, b_flop / (b * 1e-3) / 1e12);
+    std::printf("  BF16 head-major copy of q: %.3f ms, %.0f GB/s (bytes read + written)\n", c,
+                double(nq) * 6 / (c * 1e-3) / 1e9);
 }
 
 }  // namespace
@@ -115,8 +171,11 @@ int main(int argc, char** argv) {
     try {
         const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
         const bool grouped_only = argc > 1 && std::string(argv[1]) == "--grouped";
+        const bool attention_only = argc > 1 && std::string(argv[1]) == "--attention";
         const cudaDeviceProp prop = cu::bench::print_device("bench_cuda");
-        grouped_gemm_bench();
+        if (!attention_only) grouped_gemm_bench();
+        attention_bench();
+        if (attention_only) return 0;
         if (grouped_only) return 0;
 
         // ---- (a) FP8 block-scaled GEMM -----------------------------------------------------------------------------

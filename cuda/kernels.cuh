@@ -235,7 +235,7 @@ class DeviceBuffer {
 // each GPU has its own thread (build/train_multi_gpu).
 // Slot contents are dead after the function that took them returns.
 enum class Slot { bf16_a, bf16_b, bf16_c, attn_dscore, attn_bf16, reduce, decode_partial, decode_stats, fp8_a, fp8_b,
-                  fp8_bt, fp8_sa, fp8_sb, fp8_sbt, group_offsets, sort, plan, plan_offsets,
+                  fp8_bt, fp8_sa, fp8_sb, fp8_sbt, group_offsets, group_units, sort, plan, plan_offsets,
                   embedding_pieces, count };
 inline void* scratch(Slot slot, size_t bytes) {
     static thread_local DeviceBuffer<unsigned char> slots[int(Slot::count)];
@@ -412,14 +412,25 @@ __device__ inline double block_sum_d(double v, double* red) {
 // cuBLAS is column-major. A row-major [r, c] matrix is a column-major [c, r] one, so each product below is written
 // for the transposes: y[T,out] row-major = yᵀ [out, T] column-major = W(col-major [in,out])ᵀ · x(col-major [in,T]).
 namespace detail {
-__global__ void to_bf16_kernel(__nv_bfloat16* out, const float* in, int64_t n) {
-    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-        out[i] = __float2bfloat16_rn(in[i]);   // round to nearest even, like dsv3::bf16_round
+// Four elements a thread when `in` is 16-byte aligned (a 16-byte load, an 8-byte store: the pass is bound by memory,
+// and one float a thread reached about half the copy bandwidth), the rest one at a time. Rounds to nearest even,
+// like dsv3::bf16_round.
+__global__ void to_bf16_kernel(__nv_bfloat16* out, const float* in, int64_t n, int64_t quads) {
+    const int64_t tid = blockIdx.x * int64_t(blockDim.x) + threadIdx.x, threads = int64_t(gridDim.x) * blockDim.x;
+    for (int64_t q = tid; q < quads; q += threads) {
+        const float4 v = reinterpret_cast<const float4*>(in)[q];
+        __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(out + 4 * q);
+        o[0] = __floats2bfloat162_rn(v.x, v.y);
+        o[1] = __floats2bfloat162_rn(v.z, v.w);
+    }
+    for (int64_t i = 4 * quads + tid; i < n; i += threads) out[i] = __float2bfloat16_rn(in[i]);
 }
 inline __nv_bfloat16* bf16_copy(Slot slot, const float* x, int64_t n) {
     auto* out = static_cast<__nv_bfloat16*>(scratch(slot, size_t(n) * sizeof(__nv_bfloat16)));
     if (n > 0) {
-        to_bf16_kernel<<<std::min(grid_for(n, 256), 4096), 256>>>(out, x, n);
+        const int64_t quads = reinterpret_cast<uintptr_t>(x) % 16 == 0 ? n / 4 : 0;
+        to_bf16_kernel<<<std::min(grid_for(std::max<int64_t>(quads, n - 4 * quads), 256), 4096), 256>>>(out, x, n,
+                                                                                                          quads);
         DSV3_CUDA_CHECK_LAUNCH();
     }
     return out;
@@ -498,7 +509,7 @@ __global__ void rmsnorm_backward_dx_kernel(float* dx, const float* dy, const flo
 // dg[i] += Σ_t dy[t,i]·x[t,i]·rstd[t], in two deterministic passes (one thread per column would leave most of the GPU
 // idle for T·d work): pass 1, block (column tile, row chunk c) sums its chunk's rows in order into partial[c, i];
 // pass 2 adds the chunks' partials in order of c. Coalesced over i in both.
-constexpr int kNormChunks = 64;
+constexpr int kNormChunks = 256;   // 256 chunks of T/256 rows: enough blocks to fill the GPU at T = 8192
 __global__ void rmsnorm_backward_dg_partial_kernel(float* partial, const float* dy, const float* x, const float* rstd,
                                                    int T, int d) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x, c = blockIdx.y;
@@ -714,11 +725,27 @@ inline Dims dims_for(int dqk, int dv) {
 }
 // The kernels read BF16 copies of q, k, v and dout, one [Tp, D] matrix per (b, h), zero past T and d: a tile is then
 // 64 contiguous rows, copied into shared memory by 16-byte asynchronous copies with no bounds to test.
-__global__ void to_heads_bf16_kernel(bf16* xb, const float* x, int T, int H, int d, int Tp, int D) {
-    const int t = blockIdx.x, bh = blockIdx.y, b = bh / H, h = bh % H;
-    for (int c = threadIdx.x; c < D; c += blockDim.x)
-        xb[(int64_t(bh) * Tp + t) * D + c] =
-            __float2bfloat16(t < T && c < d ? x[((int64_t(b) * T + t) * H + h) * d + c] : 0.0f);
+// One thread per four neighbouring outputs (D is a multiple of 64), a grid-stride loop over all B·H·Tp·D/4 of them:
+// a 16-byte load where the four lie inside the head's d values and every row is 16-byte aligned, an 8-byte store.
+// (A block per (t, head) of D threads was 131,072 tiny blocks at `large`, a launch-bound pass.)
+__global__ void to_heads_bf16_kernel(__nv_bfloat162* xb, const float* x, int T, int H, int d, int Tp, int D,
+                                     int64_t quads, bool vec) {
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < quads; i += int64_t(gridDim.x) * blockDim.x) {
+        const int64_t e = 4 * i, row = e / D;   // row = bh·Tp + t
+        const int c = int(e - row * D), t = int(row % Tp), bh = int(row / Tp), b = bh / H, h = bh % H;
+        const float* src = x + ((int64_t(b) * T + t) * H + h) * d + c;
+        float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (t < T && c + 3 < d && vec) {
+            v = *reinterpret_cast<const float4*>(src);
+        } else if (t < T) {
+            v.x = c < d ? src[0] : 0.0f;
+            v.y = c + 1 < d ? src[1] : 0.0f;
+            v.z = c + 2 < d ? src[2] : 0.0f;
+            v.w = c + 3 < d ? src[3] : 0.0f;
+        }
+        xb[2 * i] = __floats2bfloat162_rn(v.x, v.y);
+        xb[2 * i + 1] = __floats2bfloat162_rn(v.z, v.w);
+    }
 }
 // Rows r0 .. r0 + 63 of one head's copy xb (row length D) into shared memory, rows D + 8 apart (the 16-byte pad
 // puts the 8 rows an ldmatrix reads in 8 different bank groups). Not committed: the caller commits and waits.
@@ -754,21 +781,37 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);   // lo in the low half: the element of the lower column
     return *reinterpret_cast<const uint32_t*>(&v);
 }
-// c[16, 8·NT] += A[16, K] · Bᵀ: A's 16 rows at a (row-major, lda), B's 8·NT rows at b (row-major [n][k], ldb).
+// A[16, K] (16 rows at a, row-major, lda) as the A fragments of its K/16 slices: loaded once by a kernel whose A
+// stays the same over the whole loop (the queries of the forward and of dQ), so each tile reads only B.
+template <int K>
+__device__ __forceinline__ void load_fragments(uint32_t (&af)[K / 16][4], const bf16* a, int lda) {
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk) ldmatrix_x4(af[kk], a + (lane % 16) * lda + 16 * kk + (lane / 16) * 8);
+}
+// c[16, 8·NT] += A[16, K] · Bᵀ: A as fragments, B's 8·NT rows at b (row-major [n][k], ldb).
+template <int NT, int K>
+__device__ __forceinline__ void mma_abt(float (&c)[NT][4], const uint32_t (&af)[K / 16][4], const bf16* b, int ldb) {
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk)
+#pragma unroll
+        for (int n = 0; n < NT; n += 2) {   // two n8 tiles per ldmatrix: (n, k), (n, k+8), (n+8, k), (n+8, k+8)
+            uint32_t bf[4];
+            ldmatrix_x4(bf, b + (8 * n + lane % 8 + (lane / 16) * 8) * ldb + 16 * kk + ((lane / 8) % 2) * 8);
+            mma_16816(c[n], af[kk], bf[0], bf[1]);
+            mma_16816(c[n + 1], af[kk], bf[2], bf[3]);
+        }
+}
+// The same with A's 16 rows read from shared memory (a, row-major, lda) slice by slice.
 template <int NT, int K>
 __device__ __forceinline__ void mma_abt(float (&c)[NT][4], const bf16* a, int lda, const bf16* b, int ldb) {
     const int lane = threadIdx.x % 32;
 #pragma unroll
-    for (int kk = 0; kk < K; kk += 16) {
-        uint32_t af[4];
-        ldmatrix_x4(af, a + (lane % 16) * lda + kk + (lane / 16) * 8);
-#pragma unroll
-        for (int n = 0; n < NT; n += 2) {   // two n8 tiles per ldmatrix: (n, k), (n, k+8), (n+8, k), (n+8, k+8)
-            uint32_t bf[4];
-            ldmatrix_x4(bf, b + (8 * n + lane % 8 + (lane / 16) * 8) * ldb + kk + ((lane / 8) % 2) * 8);
-            mma_16816(c[n], af, bf[0], bf[1]);
-            mma_16816(c[n + 1], af, bf[2], bf[3]);
-        }
+    for (int kk = 0; kk < K / 16; ++kk) {
+        uint32_t af[1][4];
+        ldmatrix_x4(af[0], a + (lane % 16) * lda + 16 * kk + (lane / 16) * 8);
+        mma_abt<NT, 16>(c, af, b + 16 * kk, ldb);
     }
 }
 // c[16, 8·NT] += A · B: A[16, 16·KT] in registers (fragments), B at b row-major [k][n] (ldb), read transposed.
@@ -838,9 +881,11 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(float* out, float* ls
     float o[DV / 8][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};   // rows g and g + 8 of the warp
     zero(o);
     const int row_g = i0 + w16 + lane / 4;
+    uint32_t qf[DQ / 16][4];   // this warp's 16 queries, as A fragments for every tile
     for (int j0 = 0, st = 0; j0 <= last; j0 += kTile, st ^= 1) {
         cp_async_wait<0>();
         __syncthreads();   // tile j0 is in; every warp is done with the tile before it (its stage is free)
+        if (j0 == 0) load_fragments<DQ>(qf, Qs + w16 * LQ, LQ);
         if (j0 + kTile <= last) {
             load_tile<DQ>(Ks + (st ^ 1) * kTile * LQ, kb, j0 + kTile);
             load_tile<DV>(Vs + (st ^ 1) * kTile * LV, vb, j0 + kTile);
@@ -848,15 +893,17 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(float* out, float* ls
         cp_async_commit();
         float s[8][4];
         zero(s);
-        mma_abt<8, DQ>(s, Qs + w16 * LQ, LQ, Ks + st * kTile * LQ, LQ);
-        // scale (log2 units) and mask; every row has a key in every tile it visits (key j0 ≤ i), so m_new is finite
+        mma_abt<8, DQ>(s, qf, Ks + st * kTile * LQ, LQ);
+        // scale (log2 units) and mask; every row has a key in every tile it visits (key j0 ≤ i), so m_new is finite.
+        // Only the diagonal tile and a last partial one have keys to mask (the same test for the whole block).
+        const bool edge = j0 + kTile > i0 || j0 + kTile > a.T;
         float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
         for (int n = 0; n < 8; ++n)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int i = row_g + 8 * (e / 2), j = j0 + 8 * n + 2 * (lane % 4) + e % 2;
-                s[n][e] = j <= i && j < a.T ? s[n][e] * a.scale_log2 : -INFINITY;
+                s[n][e] = !edge || (j <= i && j < a.T) ? s[n][e] * a.scale_log2 : -INFINITY;
                 mx[e / 2] = fmaxf(mx[e / 2], s[n][e]);
             }
         float alpha[2];
@@ -926,13 +973,15 @@ __device__ void load_stats(float* st, const float* lse, const float* D, int64_t 
 // dS = P ⊙ (dP − D), both as A fragments. lse2_of / D_of give the query's lse·log2(e) and D.
 template <class I, class J, class L, class Dd>
 __device__ __forceinline__ void softmax_backward(uint32_t (&p)[4][4], uint32_t (&ds)[4][4], float (&s)[8][4],
-                                                 float (&dp)[8][4], I query, J key, L lse2_of, Dd D_of, const Args& a) {
+                                                 float (&dp)[8][4], I query, J key, L lse2_of, Dd D_of, bool edge,
+                                                 const Args& a) {
 #pragma unroll
     for (int n = 0; n < 8; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const int i = query(n, e), j = key(n, e);
-            const float pe = j <= i && i < a.T ? exp2f(s[n][e] * a.scale_log2 - lse2_of(n, e)) : 0.0f;
+            const bool seen = !edge || (j <= i && i < a.T);   // away from the diagonal and T, every pair is seen
+            const float pe = seen ? exp2f(s[n][e] * a.scale_log2 - lse2_of(n, e)) : 0.0f;
             s[n][e] = pe;
             dp[n][e] = pe * (dp[n][e] - D_of(n, e));
         }
@@ -986,7 +1035,7 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(float* dk, float* dv, co
         softmax_backward(p, ds, s, dp, [&](int n, int e) { return i0 + col(n, e); },
                          [&](int, int e) { return key_g + 8 * (e / 2); },
                          [&](int n, int e) { return stt[col(n, e)]; }, [&](int n, int e) { return stt[kTile + col(n, e)]; },
-                         a);
+                         i0 == j0 || i0 + kTile > a.T, a);
         mma_ab<DV / 8, 4>(dv_acc, p, dOt, LV);   // dV[key, :] += Σ_query Pᵀ · dO
         mma_ab<DQ / 8, 4>(dk_acc, ds, Qt, LQ);   // dK[key, :] += Σ_query dSᵀ · Q
     }
@@ -1020,11 +1069,15 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(float* dq, const bf16* dou
     zero(dq_acc);
     const int row_g = i0 + w16 + lane / 4;
     float lse2[2], Dr[2];
+    uint32_t qf[DQ / 16][4], dof[DV / 16][4];   // this warp's 16 queries and their dO, for every tile
     for (int j0 = 0, sb = 0; j0 <= last; j0 += kTile, sb ^= 1) {
         cp_async_wait<0>();
         __syncthreads();
-        if (j0 == 0)
+        if (j0 == 0) {
             for (int r = 0; r < 2; ++r) lse2[r] = st[w16 + lane / 4 + 8 * r], Dr[r] = st[kTile + w16 + lane / 4 + 8 * r];
+            load_fragments<DQ>(qf, Qs + w16 * LQ, LQ);
+            load_fragments<DV>(dof, dOs + w16 * LV, LV);
+        }
         if (j0 + kTile <= last) {
             load_tile<DQ>(Ks + (sb ^ 1) * kTile * LQ, k + hq, j0 + kTile);
             load_tile<DV>(Vs + (sb ^ 1) * kTile * LV, v + hv, j0 + kTile);
@@ -1034,12 +1087,13 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(float* dq, const bf16* dou
         float s[8][4], dp[8][4];   // S = Q Kᵀ and dP = dO Vᵀ: rows queries, columns keys
         zero(s);
         zero(dp);
-        mma_abt<8, DQ>(s, Qs + w16 * LQ, LQ, Kt, LQ);
-        mma_abt<8, DV>(dp, dOs + w16 * LV, LV, Vt, LV);
+        mma_abt<8, DQ>(s, qf, Kt, LQ);
+        mma_abt<8, DV>(dp, dof, Vt, LV);
         uint32_t p[4][4], ds[4][4];   // (p is not needed here: the compiler drops it)
         softmax_backward(p, ds, s, dp, [&](int, int e) { return row_g + 8 * (e / 2); },
                          [&](int n, int e) { return j0 + 8 * n + 2 * (lane % 4) + e % 2; },
-                         [&](int, int e) { return lse2[e / 2]; }, [&](int, int e) { return Dr[e / 2]; }, a);
+                         [&](int, int e) { return lse2[e / 2]; }, [&](int, int e) { return Dr[e / 2]; },
+                         j0 == i0 || i0 + kTile > a.T, a);
         mma_ab<DQ / 8, 4>(dq_acc, ds, Kt, LQ);   // dQ[query, :] += Σ_key dS · K
     }
     store_rows(dq + int64_t(b) * a.T * a.H * a.dqk + h * a.dqk, int64_t(a.H) * a.dqk, dq_acc, i0 + w16, a.T, a.dqk,
@@ -1050,10 +1104,12 @@ inline Args args(int B, int T, int H, int dqk, int dv, float scale) {
     return {B, T, H, dqk, dv, (T + kTile - 1) / kTile * kTile, scale, scale * 1.44269504f};
 }
 inline const bf16* heads_bf16(Slot slot, const float* x, const Args& a, int d, int D) {
-    auto* xb = static_cast<bf16*>(scratch(slot, sizeof(bf16) * size_t(a.B) * a.H * a.Tp * D));
-    to_heads_bf16_kernel<<<dim3(unsigned(a.Tp), unsigned(a.B * a.H)), 128>>>(xb, x, a.T, a.H, d, a.Tp, D);
+    const int64_t quads = int64_t(a.B) * a.H * a.Tp * D / 4;
+    auto* xb = static_cast<__nv_bfloat162*>(scratch(slot, sizeof(__nv_bfloat162) * 2 * size_t(quads)));
+    const bool vec = d % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;   // every row 16-byte aligned
+    to_heads_bf16_kernel<<<std::min(grid_for(quads, 256), 4096), 256>>>(xb, x, a.T, a.H, d, a.Tp, D, quads, vec);
     DSV3_CUDA_CHECK_LAUNCH();
-    return xb;
+    return reinterpret_cast<const bf16*>(xb);
 }
 // Shared memory of each kernel: the fixed tile and the double-buffered streamed tiles (+ statistics).
 inline size_t smem_bytes(Dims d, bool forward) {
@@ -1865,6 +1921,7 @@ struct GroupedArgs {
     const float* b;        // W (forward, dx) or x (dW)
     float* c;              // y, dx or dW
     const int64_t* offsets;  // [groups + 1], device
+    const int2* units;     // [grid.y] the expert and row tile of each CTA row (grouped_grid)
     int64_t w_stride;      // floats between consecutive experts' weights (and weight gradients)
     int in, out;
 };
@@ -1873,14 +1930,14 @@ constexpr int kGroupedTile = 64, kGroupedK = 32;
 template <Grouped kind>
 __global__ void __launch_bounds__(128) grouped_gemm_kernel(GroupedArgs p) {
     using namespace nvcuda;
-    const int g = blockIdx.z;
+    const int2 unit = p.units[blockIdx.y];
+    const int g = unit.x;
     const int64_t r0 = p.offsets[g], R = p.offsets[g + 1] - r0;
     const int64_t M = kind == Grouped::dW ? p.out : R;
     const int N = kind == Grouped::forward ? p.out : p.in;
     const int64_t K = kind == Grouped::forward ? p.in : (kind == Grouped::dx ? p.out : R);
-    const int64_t m0 = int64_t(blockIdx.y) * kGroupedTile;
+    const int64_t m0 = int64_t(unit.y) * kGroupedTile;
     const int n0 = blockIdx.x * kGroupedTile;
-    if (m0 >= M || n0 >= N || K == 0) return;   // past this expert's rows, or nothing to add
     // A(m, k) and B(k, n) of this expert, as the table above defines them
     auto A = [&](int64_t m, int64_t k) -> float {
         if (kind == Grouped::dW) return p.a[(r0 + k) * p.out + m];
@@ -1937,23 +1994,39 @@ __global__ void __launch_bounds__(128) grouped_gemm_kernel(GroupedArgs p) {
         *c = kind == Grouped::forward ? Cs[mm][nn] : *c + Cs[mm][nn];   // forward overwrites, backward accumulates
     }
 }
-template <Grouped kind>
-void grouped_gemm(const GroupedArgs& args, const int64_t* host_offsets, int groups) {
-    int64_t max_rows = 0;
-    for (int g = 0; g < groups; ++g) max_rows = std::max(max_rows, host_offsets[g + 1] - host_offsets[g]);
-    const int64_t M = kind == Grouped::dW ? args.out : max_rows;
-    const int N = kind == Grouped::forward ? args.out : args.in;
-    if (M == 0 || N == 0 || groups == 0) return;
-    const dim3 grid(unsigned((N + kGroupedTile - 1) / kGroupedTile), unsigned((M + kGroupedTile - 1) / kGroupedTile),
-                    unsigned(groups));
-    grouped_gemm_kernel<kind><<<grid, 128>>>(args);
-    DSV3_CUDA_CHECK_LAUNCH();
-}
 // The offsets go to the device once per call (groups + 1 integers), queued on stream 0 (no synchronisation).
 inline const int64_t* device_offsets(const int64_t* host_offsets, int groups) {
     auto* d = static_cast<int64_t*>(scratch(Slot::group_offsets, sizeof(int64_t) * size_t(groups + 1)));
     upload_async(d, host_offsets, sizeof(int64_t) * size_t(groups + 1));
     return d;
+}
+// The grid of a grouped product in BM × BN tiles, x the column tiles and y the CTA rows, listed in `units` (uploaded,
+// one (expert, row tile) pair per y): forward and dx, every row tile of every expert in turn (ceil(R_g / BM) each);
+// dW, the row tiles of `out` for each expert that has rows (K = R_g > 0). So no CTA is launched for an expert's
+// missing rows: with the collapsed routing of early training (6 of 64 experts hold all the rows) a grid sized by
+// the largest expert for every expert was 90% CTAs with nothing to do. Empty (x = 0) when there is nothing to compute.
+struct GroupedGrid { dim3 grid; const int2* units; };
+inline GroupedGrid grouped_grid(Grouped kind, const int64_t* offsets, int groups, int in, int out, int BM, int BN) {
+    std::vector<int2> units;
+    for (int g = 0; g < groups; ++g) {
+        const int64_t R = offsets[g + 1] - offsets[g];
+        const int64_t tiles = kind == Grouped::dW ? (R > 0 ? (out + BM - 1) / BM : 0) : (R + BM - 1) / BM;
+        for (int64_t t = 0; t < tiles; ++t) units.push_back(make_int2(g, int(t)));
+    }
+    const int N = kind == Grouped::forward ? out : in;
+    if (units.empty() || N == 0) return {dim3(0, 1, 1), nullptr};
+    if (units.size() > 65535) fail("cuda grouped GEMM: ", units.size(), " row tiles, over the grid's 65,535");
+    auto* d = static_cast<int2*>(scratch(Slot::group_units, sizeof(int2) * units.size()));
+    upload_async(d, units.data(), sizeof(int2) * units.size());
+    return {dim3(unsigned((N + BN - 1) / BN), unsigned(units.size()), 1), d};
+}
+template <Grouped kind>
+void grouped_gemm(GroupedArgs args, const int64_t* host_offsets, int groups) {
+    const GroupedGrid gg = grouped_grid(kind, host_offsets, groups, args.in, args.out, kGroupedTile, kGroupedTile);
+    if (gg.grid.x == 0) return;
+    args.units = gg.units;
+    grouped_gemm_kernel<kind><<<gg.grid, 128>>>(args);
+    DSV3_CUDA_CHECK_LAUNCH();
 }
 
 // --- the same products in one launch on BF16 operands: 128×128 tiles, cp.async double buffering ---------------------
@@ -1976,6 +2049,7 @@ struct Args {
     const __nv_bfloat16* const* w;          // [groups] each expert's BF16 weight [out, in] (forward, dx)
     float* c;
     const int64_t* offsets;                 // [groups + 1], device
+    const int2* units;                      // [grid.y] the expert and row tile of each CTA row (grouped_grid)
     int64_t w_stride;                       // dW: floats between experts' weight gradients
     int in, out;
 };
@@ -1983,14 +2057,14 @@ struct Args {
 template <Grouped kind>
 __global__ void __launch_bounds__(kThreads) kernel(Args p) {
     using namespace nvcuda;
-    const int g = blockIdx.z;
+    const int2 unit = p.units[blockIdx.y];
+    const int g = unit.x;
     const int64_t r0 = p.offsets[g], R = p.offsets[g + 1] - r0;
     const int64_t M = kind == Grouped::dW ? p.out : R;
     const int N = kind == Grouped::forward ? p.out : p.in;
     const int64_t K = kind == Grouped::forward ? p.in : (kind == Grouped::dx ? p.out : R);
-    const int64_t m0 = int64_t(blockIdx.y) * BM;
+    const int64_t m0 = int64_t(unit.y) * BM;
     const int n0 = blockIdx.x * BN;
-    if (m0 >= M || n0 >= N || K == 0) return;
     __shared__ __align__(128) __nv_bfloat16 As[2][kStage];
     __shared__ __align__(128) __nv_bfloat16 Bs[2][kStage];
     const __nv_bfloat16* W = kind == Grouped::dW ? nullptr : p.w[g];
@@ -2100,15 +2174,24 @@ __global__ void __launch_bounds__(kThreads) kernel(Args p) {
 // accumulation); each output is summed by one CTA in a fixed k order: deterministic. In and out must be multiples
 // of 8, the experts' BF16 weights 16-byte aligned.
 namespace hopper {
-constexpr int BM = 128, BN = 256, BK = 64, kThreads = 256, kStages = 4, kAhead = kStages - 2;
-constexpr int kStageBytes = (BM + BN) * BK * 2;                // A's 128 and B's 256 lines of 128 bytes
-constexpr int kSmemBytes = kStages * kStageBytes + 1024;        // + room to align the ring to the swizzle's 1024 bytes
+constexpr int BM = 128, BK = 64, kThreads = 256;
+// The two tile shapes. Wide: 128×256, 4 stages (193 KB: one CTA an SM), one wgmma group kept in flight. Narrow:
+// 128×128, 3 stages (97 KB: two CTAs an SM, so one CTA's epilogue, a read-modify-write of FP32 C in dx and dW,
+// overlaps the other's products), each wgmma group waited for at once. kAhead tiles are copied ahead.
+template <int BN_>
+struct Tiles {
+    static constexpr int BN = BN_, kStages = BN == 256 ? 4 : 3, kInflight = BN == 256 ? 1 : 0;
+    static constexpr int kAhead = kStages - 1 - kInflight, kCtasPerSm = BN == 256 ? 1 : 2;
+    static constexpr int kStageBytes = (BM + BN) * BK * 2;          // A's 128 and B's BN lines of 128 bytes
+    static constexpr int kSmemBytes = kStages * kStageBytes + 1024; // + room to align the ring to 1024 bytes
+};
 struct Args {
     const __nv_bfloat16* a;            // forward: x [rows, in]; dx, dW: dy [rows, out]
     const __nv_bfloat16* b;            // dW: x [rows, in]
     const __nv_bfloat16* const* w;     // forward, dx: [groups] each expert's BF16 weight [out, in]
     float* c;                          // y, dx or dW
     const int64_t* offsets;            // [groups + 1] rows of each expert, device
+    const int2* units;                 // [grid.y] the expert and row tile of each CTA row (grouped_grid)
     int64_t w_stride;                  // dW: floats between experts' gradients
     int in, out;
 };
@@ -2146,6 +2229,30 @@ __device__ __forceinline__ void wgmma_m64n256k16_bf16(float (&d)[128], uint64_t 
           "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
         : "l"(desc_a), "l"(desc_b), "n"(TA), "n"(TB));
 }
+// D[64 × 128] += A[64 × 16] · B[128 × 16]ᵀ: the same, for the narrow tile.
+template <int TA, int TB>
+__device__ __forceinline__ void wgmma_m64n128k16_bf16(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, %64, %65, 1, 1, 1, %66, %67;\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(desc_a), "l"(desc_b), "n"(TA), "n"(TB));
+}
+template <int TA, int TB>
+__device__ __forceinline__ void wgmma_bf16(float (&d)[128], uint64_t da, uint64_t db) { wgmma_m64n256k16_bf16<TA, TB>(d, da, db); }
+template <int TA, int TB>
+__device__ __forceinline__ void wgmma_bf16(float (&d)[64], uint64_t da, uint64_t db) { wgmma_m64n128k16_bf16<TA, TB>(d, da, db); }
 // The descriptor of a 128-byte-swizzled tile (PTX ISA, "Matrix Descriptor Format"): start address / 16 (bits 0-13),
 // leading byte offset / 16 (bits 16-29: MN-major, the next 64 columns), stride byte offset / 16 (bits 32-45: the next
 // 8 lines, 1024 bytes), swizzle mode 1 = 128 bytes (bits 62-63).
@@ -2156,12 +2263,15 @@ __device__ __forceinline__ uint64_t desc_sw128(const void* p, uint32_t leading_b
 }
 #endif
 
-template <Grouped kind>
-__global__ void __launch_bounds__(kThreads, 1) kernel(Args p) {
+template <Grouped kind, int BN_>
+__global__ void __launch_bounds__(kThreads, Tiles<BN_>::kCtasPerSm) kernel(Args p) {
 #ifdef DSV3_HAS_WGMMA
+    using Tl = Tiles<BN_>;
+    constexpr int BN = Tl::BN, kStages = Tl::kStages, kAhead = Tl::kAhead, kStageBytes = Tl::kStageBytes;
     constexpr bool a_mn = kind == Grouped::dW, b_mn = kind != Grouped::forward;   // the table above
     // Expert g's product C[M, N] (+)= A[M, K] · B[N, K]ᵀ; lda, ldb: elements between lines of memory
-    const int g = blockIdx.z;
+    const int2 unit = p.units[blockIdx.y];
+    const int g = unit.x;
     const int64_t r0 = p.offsets[g], R = p.offsets[g + 1] - r0;
     const int64_t M = kind == Grouped::dW ? p.out : R;
     const int N = kind == Grouped::forward ? p.out : p.in;
@@ -2170,9 +2280,8 @@ __global__ void __launch_bounds__(kThreads, 1) kernel(Args p) {
     const __nv_bfloat16* B = kind == Grouped::dW ? p.b + r0 * p.in : p.w[g];
     const int64_t lda = kind == Grouped::forward ? p.in : p.out, ldb = p.in;
     float* C = kind == Grouped::dW ? p.c + g * p.w_stride : p.c + r0 * N;
-    const int64_t m0 = int64_t(blockIdx.y) * BM;
+    const int64_t m0 = int64_t(unit.y) * BM;
     const int n0 = blockIdx.x * BN;
-    if (m0 >= M || n0 >= N || K == 0) return;   // past this expert's rows, or nothing to add
     extern __shared__ uint8_t smem_raw[];
     uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
     auto tile_a = [&](int s) { return smem + s * kStageBytes; };
@@ -2208,8 +2317,8 @@ __global__ void __launch_bounds__(kThreads, 1) kernel(Args p) {
     for (int kt = 0; kt < KT; ++kt) {
         cp_async_wait<kAhead - 1>();   // this thread's copies of tile kt have landed
         fence_proxy_async();
-        __syncthreads();               // everyone's have; and every warpgroup's wgmma of tile kt − 2 is done
-        load(kt + kAhead);             // into the stage of tile kt − 2
+        __syncthreads();               // everyone's have; and every warpgroup's wgmma of tile kt − 1 − kInflight is
+        load(kt + kAhead);             // done: its stage takes tile kt + kAhead
         const uint8_t* a = tile_a(kt % kStages) + wg * 64 * 128;
         const uint8_t* b = tile_b(kt % kStages);
         fence_operands(acc);
@@ -2217,16 +2326,16 @@ __global__ void __launch_bounds__(kThreads, 1) kernel(Args p) {
 #pragma unroll
         for (int j = 0; j < BK / 16; ++j) {   // K = 16 a step
             const int a_step = a_mn ? 16 * 128 * j : 32 * j, b_step = b_mn ? 16 * 128 * j : 32 * j;
-            wgmma_m64n256k16_bf16<a_mn, b_mn>(acc, desc_sw128(a + a_step, 64 * 128), desc_sw128(b + b_step, 64 * 128));
+            wgmma_bf16<a_mn, b_mn>(acc, desc_sw128(a + a_step, 64 * 128), desc_sw128(b + b_step, 64 * 128));
         }
         wgmma_commit();
-        wgmma_wait<1>();               // the products of tile kt − 1 are done (those of kt may still run)
+        wgmma_wait<Tl::kInflight>();   // the products of tile kt − kInflight are done (kt's may still run)
         fence_operands(acc);
     }
     wgmma_wait<0>();
     fence_operands(acc);
     // Epilogue: register r of thread (warp w, lane l) of the warpgroup holds row 16 w + l/4 + 8·((r/2) mod 2) and
-    // column 8·(r/4) + 2·(l mod 4) + (r mod 2) of its 64×256 tile; two neighbouring columns per store.
+    // column 8·(r/4) + 2·(l mod 4) + (r mod 2) of its 64×BN tile; two neighbouring columns per store.
     const int w = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
 #pragma unroll
     for (int r = 0; r < BN / 2; r += 2) {
@@ -2438,24 +2547,15 @@ inline const __nv_bfloat16* const* device_expert_weights(const float* W, int64_t
     upload_async(d, wb.data(), sizeof(void*) * size_t(groups));
     return d;
 }
-// The grid of a grouped product in BM × BN tiles: z the expert, y its row tiles (as many as the largest expert
-// needs: dW's rows are `out`), x the column tiles. Empty (x = 0) when there is nothing to compute.
-inline dim3 grouped_grid(Grouped kind, const int64_t* offsets, int groups, int in, int out, int BM, int BN) {
-    int64_t max_rows = 0;
-    for (int g = 0; g < groups; ++g) max_rows = std::max(max_rows, offsets[g + 1] - offsets[g]);
-    const int64_t M = kind == Grouped::dW ? out : max_rows;
-    const int N = kind == Grouped::forward ? out : in;
-    if (M == 0 || N == 0 || groups == 0) return dim3(0, 1, 1);
-    return dim3(unsigned((N + BN - 1) / BN), unsigned((M + BM - 1) / BM), unsigned(groups));
-}
 template <Grouped kind>
 bool grouped_pipelined(float* c, const float* a, const float* b, const float* W, int64_t w_stride,
                        const int64_t* offsets, int groups, int in, int out) {
     if (!pipelined_ok(in, out)) return false;
     pipelined::Args args{};
     if (kind != Grouped::dW && !(args.w = device_expert_weights(W, w_stride, groups, in, out))) return false;
-    const dim3 grid = grouped_grid(kind, offsets, groups, in, out, pipelined::BM, pipelined::BN);
-    if (grid.x == 0) return true;
+    const GroupedGrid gg = grouped_grid(kind, offsets, groups, in, out, pipelined::BM, pipelined::BN);
+    if (gg.grid.x == 0) return true;
+    args.units = gg.units;
     const int64_t rows = offsets[groups];
     args.a = bf16_copy(Slot::bf16_a, a, rows * (kind == Grouped::forward ? in : out));
     args.b = kind == Grouped::dW ? bf16_copy(Slot::bf16_c, b, rows * in) : nullptr;
@@ -2464,12 +2564,37 @@ bool grouped_pipelined(float* c, const float* a, const float* b, const float* W,
     args.w_stride = w_stride;
     args.in = in;
     args.out = out;
-    pipelined::kernel<kind><<<grid, pipelined::kThreads>>>(args);
+    pipelined::kernel<kind><<<gg.grid, pipelined::kThreads>>>(args);
     DSV3_CUDA_CHECK_LAUNCH();
     return true;
 }
 inline bool hopper_ok(int in, int out, int64_t w_stride) {
     return wgmma_available() && pipelined_ok(in, out) && w_stride % 8 == 0;
+}
+// The tile width of the wgmma kernel: DSV3_HOPPER_TILE=128|256 in the environment, or hopper_tile() set by a caller
+// (the benchmark); 0, the default, picks per product (hopper_tile_for).
+inline int& hopper_tile() {
+    static int t = [] {
+        const char* e = std::getenv("DSV3_HOPPER_TILE");
+        return e && std::string(e) == "128" ? 128 : (e && std::string(e) == "256" ? 256 : 0);
+    }();
+    return t;
+}
+inline int hopper_tile_for(Grouped kind) {
+    if (hopper_tile()) return hopper_tile();
+    return kind == Grouped::forward ? 256 : 128;
+}
+template <Grouped kind, int BN>
+void launch_hopper(const hopper::Args& args, const GroupedGrid& gg) {
+    constexpr int bytes = hopper::Tiles<BN>::kSmemBytes;
+    static const bool sized = [] {   // more than 48 KB of dynamic shared memory must be asked for
+        DSV3_CUDA_CHECK(cudaFuncSetAttribute(hopper::kernel<kind, BN>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             bytes));
+        return true;
+    }();
+    (void)sized;
+    hopper::kernel<kind, BN><<<gg.grid, hopper::kThreads, bytes>>>(args);
+    DSV3_CUDA_CHECK_LAUNCH();
 }
 // The wgmma kernel on BF16 activations a (x or dy) and b (x, for dW), when this is a Hopper GPU with sm_90a code and
 // the shapes allow it; false if not (another path runs).
@@ -2479,23 +2604,19 @@ bool grouped_hopper(float* c, const __nv_bfloat16* a, const __nv_bfloat16* b, co
     if (!hopper_ok(in, out, w_stride)) return false;
     hopper::Args args{};
     if (kind != Grouped::dW && !(args.w = device_expert_weights(W, w_stride, groups, in, out))) return false;
-    const dim3 grid = grouped_grid(kind, offsets, groups, in, out, hopper::BM, hopper::BN);
-    if (grid.x == 0) return true;
+    const int BN = hopper_tile_for(kind);
+    const GroupedGrid gg = grouped_grid(kind, offsets, groups, in, out, hopper::BM, BN);
+    if (gg.grid.x == 0) return true;
     args.a = a;
     args.b = b;
     args.c = c;
     args.offsets = device_offsets(offsets, groups);
+    args.units = gg.units;
     args.w_stride = w_stride;
     args.in = in;
     args.out = out;
-    static const bool sized = [] {   // more than 48 KB of dynamic shared memory must be asked for
-        DSV3_CUDA_CHECK(cudaFuncSetAttribute(hopper::kernel<kind>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             hopper::kSmemBytes));
-        return true;
-    }();
-    (void)sized;
-    hopper::kernel<kind><<<grid, hopper::kThreads, hopper::kSmemBytes>>>(args);
-    DSV3_CUDA_CHECK_LAUNCH();
+    if (BN == 256) launch_hopper<kind, 256>(args, gg);
+    else launch_hopper<kind, 128>(args, gg);
     return true;
 }
 }  // namespace detail
@@ -2518,7 +2639,7 @@ inline void grouped_matmul_forward(float* y, const float* x, const float* W, int
         return;
     if (detail::use_cublas())
         return detail::grouped_forward_cublas(y, x, W, w_stride, offsets, groups, in, out);
-    const detail::GroupedArgs args{x, W, y, detail::device_offsets(offsets, groups), w_stride, in, out};
+    const detail::GroupedArgs args{x, W, y, detail::device_offsets(offsets, groups), nullptr, w_stride, in, out};
     detail::grouped_gemm<detail::Grouped::forward>(args, offsets, groups);
 }
 // dx[rows_g, in] += dy[rows_g, out] · W_g;   dW_g += dy[rows_g, out]ᵀ · x[rows_g, in]   (either may be null)
@@ -2551,28 +2672,60 @@ inline void grouped_matmul_backward(float* dx, float* dW, const float* dy, const
     if (detail::use_cublas())
         return detail::grouped_backward_cublas(dx, dW, dy, x, W, w_stride, offsets, groups, in, out);
     const int64_t* dev_offsets = detail::device_offsets(offsets, groups);
-    if (dx) detail::grouped_gemm<detail::Grouped::dx>({dy, W, dx, dev_offsets, w_stride, in, out}, offsets, groups);
-    if (dW) detail::grouped_gemm<detail::Grouped::dW>({dy, x, dW, dev_offsets, w_stride, in, out}, offsets, groups);
+    if (dx) detail::grouped_gemm<detail::Grouped::dx>({dy, W, dx, dev_offsets, nullptr, w_stride, in, out}, offsets, groups);
+    if (dW) detail::grouped_gemm<detail::Grouped::dW>({dy, x, dW, dev_offsets, nullptr, w_stride, in, out}, offsets, groups);
 }
 
 // =====================================================================================================================
 // 3.11 AdamW (Loshchilov & Hutter 2019): the CPU's formula element by element; bias corrections computed on the host
 // =====================================================================================================================
 namespace detail {
-// Also writes bf16(p) into `shadow` when it is not null (the weight's BF16 shadow, section 0).
-__global__ void adamw_kernel(float* p, const float* g, float* m, float* v, int64_t n, float lr, float beta1,
+// One element: the CPU's formula, each operation rounded on its own (no FMA contraction where the CPU has none).
+__device__ __forceinline__ void adamw_element(float& p, float g, float& m, float& v, float lr, float beta1,
+                                              float beta2, float eps, float weight_decay, float c1, float c2,
+                                              float grad_scale) {
+    const float gi = __fmul_rn(g, grad_scale);   // rounded on its own, as on the CPU
+    m = beta1 * m + (1 - beta1) * gi;
+    v = beta2 * v + (1 - beta2) * gi * gi;
+    p = p - lr * (m * c1 / (sqrtf(v * c2) + eps) + weight_decay * p);
+}
+// Four elements a thread (16-byte loads and stores: AdamW reads 16 and writes 14 bytes a parameter, so it is bound
+// by memory, and wide accesses move more bytes per instruction), the first `head` elements (up to p's next 16-byte
+// boundary) and the tail one at a time. p, g, m and v share their offset into equally aligned buffers, so one head
+// aligns all four. Also writes bf16(p) into `shadow` when it is not null (the weight's BF16 shadow, section 0).
+__global__ void adamw_kernel(float* p, const float* g, float* m, float* v, int64_t n, int head, float lr, float beta1,
                              float beta2, float eps, float weight_decay, float c1, float c2, float grad_scale,
                              __nv_bfloat16* shadow) {
-    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-        const float gi = __fmul_rn(g[i], grad_scale);   // rounded on its own, as on the CPU (no FMA contraction)
-        const float mi = beta1 * m[i] + (1 - beta1) * gi;
-        const float vi = beta2 * v[i] + (1 - beta2) * gi * gi;
-        m[i] = mi;
-        v[i] = vi;
-        const float pi = p[i];
-        const float updated = pi - lr * (mi * c1 / (sqrtf(vi * c2) + eps) + weight_decay * pi);
-        p[i] = updated;
-        if (shadow) shadow[i] = __float2bfloat16_rn(updated);
+    const int64_t quads = (n - head) / 4, tid = blockIdx.x * int64_t(blockDim.x) + threadIdx.x,
+                  threads = int64_t(gridDim.x) * blockDim.x;
+    for (int64_t q = tid; q < quads; q += threads) {
+        const int64_t i = head + 4 * q;
+        float4 pv = *reinterpret_cast<const float4*>(p + i), mv = *reinterpret_cast<const float4*>(m + i),
+               vv = *reinterpret_cast<const float4*>(v + i);
+        const float4 gv = *reinterpret_cast<const float4*>(g + i);
+        adamw_element(pv.x, gv.x, mv.x, vv.x, lr, beta1, beta2, eps, weight_decay, c1, c2, grad_scale);
+        adamw_element(pv.y, gv.y, mv.y, vv.y, lr, beta1, beta2, eps, weight_decay, c1, c2, grad_scale);
+        adamw_element(pv.z, gv.z, mv.z, vv.z, lr, beta1, beta2, eps, weight_decay, c1, c2, grad_scale);
+        adamw_element(pv.w, gv.w, mv.w, vv.w, lr, beta1, beta2, eps, weight_decay, c1, c2, grad_scale);
+        *reinterpret_cast<float4*>(p + i) = pv;
+        *reinterpret_cast<float4*>(m + i) = mv;
+        *reinterpret_cast<float4*>(v + i) = vv;
+        if (shadow && head == 0) {   // shadow + i is 8-byte aligned: one store
+            __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(shadow + i);
+            o[0] = __floats2bfloat162_rn(pv.x, pv.y);
+            o[1] = __floats2bfloat162_rn(pv.z, pv.w);
+        } else if (shadow) {
+            shadow[i] = __float2bfloat16_rn(pv.x);
+            shadow[i + 1] = __float2bfloat16_rn(pv.y);
+            shadow[i + 2] = __float2bfloat16_rn(pv.z);
+            shadow[i + 3] = __float2bfloat16_rn(pv.w);
+        }
+    }
+    const int64_t rest = n - 4 * quads;   // head + tail elements
+    for (int64_t r = tid; r < rest; r += threads) {
+        const int64_t i = r < head ? r : 4 * quads + r;
+        adamw_element(p[i], g[i], m[i], v[i], lr, beta1, beta2, eps, weight_decay, c1, c2, grad_scale);
+        if (shadow) shadow[i] = __float2bfloat16_rn(p[i]);
     }
 }
 }  // namespace detail
@@ -2582,8 +2735,13 @@ inline void adamw_update(float* p, const float* g, float* m, float* v, int64_t n
     if (n <= 0) return;
     const float c1 = 1.0f / (1.0f - std::pow(beta1, float(step))), c2 = 1.0f / (1.0f - std::pow(beta2, float(step)));
     __nv_bfloat16* bf16 = shadow::prepare(p, size_t(n));
-    detail::adamw_kernel<<<std::min(grid_for(n, 256), 8192), 256>>>(p, g, m, v, n, lr, beta1, beta2, eps,
-                                                                    weight_decay, c1, c2, grad_scale, bf16);
+    const uintptr_t mis = reinterpret_cast<uintptr_t>(p) % 16;
+    const bool same = reinterpret_cast<uintptr_t>(g) % 16 == mis && reinterpret_cast<uintptr_t>(m) % 16 == mis &&
+                      reinterpret_cast<uintptr_t>(v) % 16 == mis && mis % 4 == 0;
+    // Not equally aligned (never for the model's buffers): everything in the one-at-a-time loop.
+    const int64_t head = same ? std::min<int64_t>(n, int64_t((16 - mis) % 16 / 4)) : n;
+    detail::adamw_kernel<<<std::min(grid_for((n + 3) / 4, 256), 8192), 256>>>(
+        p, g, m, v, n, int(head), lr, beta1, beta2, eps, weight_decay, c1, c2, grad_scale, bf16);
     DSV3_CUDA_CHECK_LAUNCH();
 }
 

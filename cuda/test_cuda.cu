@@ -114,16 +114,20 @@ TEST_CASE("grouped_matmul: every expert's GEMM, all paths (one WMMA launch; cuBL
     struct Shape { std::vector<int64_t> rows; int in, out; int64_t gap; };
     // rows per expert (0: an expert no token chose), the projection's in/out, and extra floats between experts'
     // weights (as the gate, up and down of one expert sit between two experts' gate matrices)
-    const cu::detail::GroupedPath paths[4] = {cu::detail::GroupedPath::wmma, cu::detail::GroupedPath::cublas,
-                                              cu::detail::GroupedPath::pipelined, cu::detail::GroupedPath::hopper};
+    using Path = cu::detail::GroupedPath;
+    const std::pair<Path, int> paths[5] = {{Path::wmma, 0}, {Path::cublas, 0}, {Path::pipelined, 0},
+                                           {Path::hopper, 256}, {Path::hopper, 128}};   // (path, wgmma tile width)
     INFO("wgmma available (the hopper path runs, else it falls back to the pipelined kernel): "
          << cu::wgmma_available());
-    for (const cu::detail::GroupedPath path : paths)
+    for (const std::pair<Path, int>& pt : paths)
     for (const Shape& s : {Shape{{3, 0, 70, 1, 129}, 96, 160, 0}, Shape{{64, 64}, 128, 64, 40}, Shape{{0, 0, 5}, 33, 17, 7},
                            Shape{{300, 0, 517, 1024, 7, 250}, 256, 512, 256 * 512 * 2},
                            Shape{{129, 260, 0, 33}, 200, 136, 8}}) {
+        const Path path = pt.first;
+        const int tile = pt.second;
         cu::detail::grouped_path() = path;
-        CAPTURE(int(path)); CAPTURE(s.in); CAPTURE(s.out); CAPTURE(s.gap);
+        cu::detail::hopper_tile() = tile;
+        CAPTURE(int(path)); CAPTURE(tile); CAPTURE(s.in); CAPTURE(s.out); CAPTURE(s.gap);
         const int groups = int(s.rows.size());
         std::vector<int64_t> offsets(size_t(groups) + 1, 0);
         for (int g = 0; g < groups; ++g) offsets[size_t(g) + 1] = offsets[size_t(g)] + s.rows[size_t(g)];
@@ -165,6 +169,7 @@ TEST_CASE("grouped_matmul: every expert's GEMM, all paths (one WMMA launch; cuBL
         CHECK(std::memcmp(gy.data(), gy2.data(), gy.size() * sizeof(float)) == 0);
     }
     cu::detail::grouped_path() = cu::detail::GroupedPath::automatic;
+    cu::detail::hopper_tile() = 0;
     const int64_t bad[3] = {0, 5, 3};
     CHECK_THROWS_WITH_AS(cu::grouped_matmul_forward(nullptr, nullptr, nullptr, 0, bad, 2, 4, 4),
                          doctest::Contains("offsets must not decrease"), dsv3::Error);
@@ -553,18 +558,33 @@ TEST_CASE("moe_permute_plan: the device plan is the CPU's (large and odd shapes,
                          dsv3::Error);
 }
 
-TEST_CASE("adamw: one update") {
+TEST_CASE("adamw: one update, at every alignment (the kernel's 16-byte body and its one-at-a-time head and tail)") {
     Rng rng(110);
     const int64_t n = 100003;
-    auto p = normal(rng, n), g = normal(rng, n), m = normal(rng, n, 0.1f), v = normal(rng, n, 0.1f);
-    for (auto& e : v) e = e * e;
-    auto pc = p, mc = m, vc = v;
-    dsv3::adamw_update(pc.data(), g.data(), mc.data(), vc.data(), n, 3e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, 7);
-    auto pd = dev(p), gd = dev(g), md = dev(m), vd = dev(v);
-    cu::adamw_update(pd.data(), gd.data(), md.data(), vd.data(), n, 3e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, 7);
-    CHECK_REL(host(pd), pc, 1e-6);
-    CHECK_REL(host(md), mc, 1e-6);
-    CHECK_REL(host(vd), vc, 1e-6);
+    for (int64_t off : {0, 1, 3, 99999}) {   // the tensor starts `off` floats into the buffers (99999: all head)
+        CAPTURE(off);
+        auto p = normal(rng, n), g = normal(rng, n), m = normal(rng, n, 0.1f), v = normal(rng, n, 0.1f);
+        for (auto& e : v) e = e * e;
+        auto pc = p, mc = m, vc = v;
+        dsv3::adamw_update(pc.data() + off, g.data() + off, mc.data() + off, vc.data() + off, n - off, 3e-4f, 0.9f,
+                           0.95f, 1e-8f, 0.1f, 7);
+        auto pd = dev(p), gd = dev(g), md = dev(m), vd = dev(v);
+        cu::adamw_update(pd.data() + off, gd.data() + off, md.data() + off, vd.data() + off, n - off, 3e-4f, 0.9f,
+                         0.95f, 1e-8f, 0.1f, 7);
+        CHECK_REL(host(pd), pc, 1e-6);   // (the untouched first `off` elements too)
+        CHECK_REL(host(md), mc, 1e-6);
+        CHECK_REL(host(vd), vc, 1e-6);
+        // the BF16 shadow it wrote is bf16 of the updated weights
+        const __nv_bfloat16* sh = cu::shadow::find(pd.data() + off, size_t(n - off));
+        REQUIRE(sh != nullptr);
+        std::vector<__nv_bfloat16> shadow(size_t(n - off));
+        DSV3_CUDA_CHECK(cudaMemcpy(shadow.data(), sh, shadow.size() * sizeof(__nv_bfloat16), cudaMemcpyDeviceToHost));
+        const auto updated = host(pd);
+        int wrong = 0;
+        for (int64_t i = 0; i < n - off; ++i)
+            wrong += __bfloat162float(shadow[size_t(i)]) != dsv3::bf16_round(updated[size_t(off + i)]);
+        CHECK(wrong == 0);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
