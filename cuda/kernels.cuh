@@ -1510,18 +1510,22 @@ __global__ void router_select_kernel(int32_t* chosen, const float* scores, const
             keep |= 1ull << arg;
         }
     }
+    // The k-th best expert, in the order (biased score descending, id ascending) that the CPU's loop defines: the ones
+    // chosen so far are exactly the first k in that order, so the next is the best one after the last chosen
+    // (prev_b, prev_i). No list of chosen ids to search (it was re-read from memory for every candidate).
     int32_t* out = chosen + t * K;
-    for (int k = 0; k < K; ++k) {   // k-th best expert not yet chosen
+    float prev_b = INFINITY;
+    int prev_i = -1;
+    for (int k = 0; k < K; ++k) {
         int arg = -1;
         float best = 0.0f;
         for (int i = 0; i < N; ++i) {
-            bool taken = false;
-            for (int j = 0; j < k; ++j) taken |= out[j] == i;
-            if (taken) continue;
             const float b = ((keep >> (i / per_group)) & 1ull) ? biased(i) : -INFINITY;
+            if (!(b < prev_b || (b == prev_b && i > prev_i))) continue;   // chosen already
             if (arg < 0 || b > best) { arg = i; best = b; }
         }
         out[k] = arg;
+        prev_b = best, prev_i = arg;
     }
 }
 __global__ void router_gates_forward_kernel(float* gates, const float* scores, const int32_t* chosen, int T, int N,
