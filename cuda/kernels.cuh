@@ -1905,9 +1905,10 @@ inline void moe_unpermute_backward(float* dye, float* dgates, const float* dy, c
 // Calling matmul_forward once per expert would cost 2 conversions + 1 cuBLAS call per expert and projection, each a
 // tiny GEMM when the experts are many and narrow (V3: 256 experts of width 2048, ~32 tokens each per 4096-token
 // micro-batch): launch overhead, not arithmetic, would set the time. This kernel covers every expert's output tiles
-// in one grid: blockIdx.z is the expert, blockIdx.y/x a 64×64 tile of its output (tiles past the expert's rows exit
-// at once). Each block walks K in steps of 32: it loads a 64×32 slice of A and a 32×64 slice of B from FP32 memory,
-// rounding to BF16 on the way into shared memory (so no separate conversion pass), and its 4 warps multiply them
+// in one grid: blockIdx.y is one (expert, row tile) pair of a list made on the host (grouped_grid, below),
+// blockIdx.x a column tile, each a 64×64 tile of that expert's output. Each block walks K in steps of 32: it loads a
+// 64×32 slice of A and a 32×64 slice of B from FP32 memory, rounding to BF16 on the way into shared memory (so no
+// separate conversion pass), and its 4 warps multiply them
 // on the tensor cores with WMMA 16×16×16 BF16 fragments, accumulating in FP32. Same numerics as matmul_forward
 // (BF16 inputs, FP32 accumulation and output); each output is summed by one block in a fixed k order: deterministic.
 //
@@ -2257,9 +2258,13 @@ __device__ __forceinline__ void wgmma_m64n128k16_bf16(float (&d)[64], uint64_t d
         : "l"(desc_a), "l"(desc_b), "n"(TA), "n"(TB));
 }
 template <int TA, int TB>
-__device__ __forceinline__ void wgmma_bf16(float (&d)[128], uint64_t da, uint64_t db) { wgmma_m64n256k16_bf16<TA, TB>(d, da, db); }
+__device__ __forceinline__ void wgmma_bf16(float (&d)[128], uint64_t da, uint64_t db) {
+    wgmma_m64n256k16_bf16<TA, TB>(d, da, db);
+}
 template <int TA, int TB>
-__device__ __forceinline__ void wgmma_bf16(float (&d)[64], uint64_t da, uint64_t db) { wgmma_m64n128k16_bf16<TA, TB>(d, da, db); }
+__device__ __forceinline__ void wgmma_bf16(float (&d)[64], uint64_t da, uint64_t db) {
+    wgmma_m64n128k16_bf16<TA, TB>(d, da, db);
+}
 // The descriptor of a 128-byte-swizzled tile (PTX ISA, "Matrix Descriptor Format"): start address / 16 (bits 0-13),
 // leading byte offset / 16 (bits 16-29: MN-major, the next 64 columns), stride byte offset / 16 (bits 32-45: the next
 // 8 lines, 1024 bytes), swizzle mode 1 = 128 bytes (bits 62-63).
@@ -2679,8 +2684,10 @@ inline void grouped_matmul_backward(float* dx, float* dW, const float* dy, const
     if (detail::use_cublas())
         return detail::grouped_backward_cublas(dx, dW, dy, x, W, w_stride, offsets, groups, in, out);
     const int64_t* dev_offsets = detail::device_offsets(offsets, groups);
-    if (dx) detail::grouped_gemm<detail::Grouped::dx>({dy, W, dx, dev_offsets, nullptr, w_stride, in, out}, offsets, groups);
-    if (dW) detail::grouped_gemm<detail::Grouped::dW>({dy, x, dW, dev_offsets, nullptr, w_stride, in, out}, offsets, groups);
+    if (dx)
+        detail::grouped_gemm<detail::Grouped::dx>({dy, W, dx, dev_offsets, nullptr, w_stride, in, out}, offsets, groups);
+    if (dW)
+        detail::grouped_gemm<detail::Grouped::dW>({dy, x, dW, dev_offsets, nullptr, w_stride, in, out}, offsets, groups);
 }
 
 // =====================================================================================================================
