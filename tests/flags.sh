@@ -38,7 +38,7 @@ check fp8_error "--draws: expected an integer in [0, 1000], got '2x'" --draws 2x
 check fp8_train "fp8_train: error: --batch: expected an integer in [1, 65536], got '-1'" --batch -1
 check fp8_train "--seq: expected an integer in [1, 256], got '1000'" --seq 1000
 check params "params: error: --seq: expected an integer in [1, 4194304], got 'abc'" --seq abc
-check prepare_data "prepare_data: --vocab: expected an integer in [256, 1048576], got 'abc'" --vocab abc
+check prepare_data "prepare_data: error: --vocab: expected an integer in [256, 1048576], got 'abc'" --vocab abc
 check prepare_data "--synthetic: expected an integer in [1, 68719476736], got '0'" --synthetic 0
 check prepare_data "--val-fraction: expected a number in [0, 0.999], got '1'" --val-fraction 1
 # and two checkpoints of the defects list, through build/generate: a header line of 5000 bytes (once a double free)
