@@ -2,9 +2,9 @@
 #   make            every CPU example into build/
 #   make train      the main job: train the tiny model (Tiny Shakespeare if data/tinyshakespeare.txt exists,
 #                   else the built-in synthetic corpus)
-#   make test       the doctest suite, build/train's Ctrl-C and --resume (tests/train_resume.sh), then the MPI
-#                   tests when MPI is installed
-#   make test-flags every example refuses malformed flag values, naming the flag
+#   make test       the doctest suite, build/train's Ctrl-C and --resume (tests/train_resume.sh), every example's
+#                   command line (tests/flags.sh), then the MPI tests when MPI is installed
+#   make test-flags every example's --help, and its refusal of unknown options and malformed values, naming the flag
 #   make mpi        build/train_mpi and build/test_mpi over MPI (optional; see the MPI section at the end)
 #   make bench      the benchmarks
 #   make bench-shared  training and decoding speed on a CPU shared with busy processes (examples/bench_shared.sh)
@@ -75,12 +75,14 @@ $(BUILD)/tests: $(TEST_OBJS) | $(BUILD)/.deps
 
 NPROC := $(shell nproc 2>/dev/null || echo 2)
 test: deps
-	@$(MAKE) --no-print-directory -j$(NPROC) $(BUILD)/tests $(BUILD)/train
+	@$(MAKE) --no-print-directory -j$(NPROC) $(BUILD)/tests all
 	./$(BUILD)/tests
 	tests/train_resume.sh
+	tests/flags.sh
 	@$(MAKE) --no-print-directory test-mpi
 
-# Every example refuses malformed flag values with the flag's name (tests/flags.sh; CI runs it).
+# Every example's --help, and its refusal of an unknown option or a malformed value with the flag's name
+# (tests/flags.sh; CI runs it).
 .PHONY: test-flags
 test-flags: all
 	tests/flags.sh

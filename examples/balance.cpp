@@ -1,18 +1,30 @@
 // build/balance: the Loss-Free Balancing paper's main comparison (Wang et al. 2024, arXiv 2408.15664, Table 2) at
 // laptop scale. The same tiny MoE, same seed, same data and steps, trained three ways:
 //   none       no balancing at all: routing collapses onto a few experts
-//   aux loss   the classic expert-level auxiliary loss (DeepSeekMoE eqs. 12-14), α = --alpha
-//   loss-free  V3's bias update b_i += γ·sign(c̄ − c_i) (V3 §2.1.2), no loss term
+//   aux loss   the classic expert-level auxiliary loss (DeepSeekMoE eqs. 12-14), α = --balance-alpha
+//   loss-free  V3's bias update b_i += γ·sign(c̄ − c_i) (V3 §2.1.2), γ = --bias-speed, no loss term
 // and prints, side by side: final validation loss, MaxVio_global over the validation split, and the per-layer load
 // spread (the fraction of routed tokens taken by each layer's busiest and idlest expert).
 //
-//   build/balance [--data FILE] [--steps N] [--alpha A] [--gamma G]
+//   build/balance [--data FILE] [--steps N] [--balance-alpha A] [--bias-speed G]   (build/balance --help)
 #include <cstdio>
 #include <string>
 
 #include "../deepseek_v3.hpp"
 
 using namespace dsv3;
+
+static void usage() {
+    std::printf(
+        "usage: balance [options]\n"
+        "Trains the tiny MoE three ways (no balancing, auxiliary loss, loss-free bias) and compares their loads.\n"
+        "  --data FILE           text, one token a byte (default data/tinyshakespeare.txt, else the built-in\n"
+        "                        synthetic corpus); the last 10%% is the validation split\n"
+        "  --steps N             optimizer steps of each of the three runs (default 600)\n"
+        "  --balance-alpha A     the auxiliary loss's weight alpha (default 0.01)\n"
+        "  --bias-speed G        loss-free balancing's bias step gamma (default 0.01)\n"
+        "  --help, -h            this text\n");
+}
 
 struct Outcome {
     std::string name;
@@ -59,14 +71,15 @@ int main(int argc, char** argv) {
         for (int i = 1; i < argc; ++i) {
             std::string k = argv[i];
             auto value = [&]() -> std::string {
-                if (i + 1 >= argc) fail("argument ", k, ": expected a value");
+                if (i + 1 >= argc) fail(k, ": expected a value");
                 return argv[++i];
             };
             if (k == "--data") data = value();
             else if (k == "--steps") steps = int(parse_int(value(), k, 1, 1000000000));
-            else if (k == "--alpha") alpha = float(parse_float(value(), k, 0, 10));
-            else if (k == "--gamma") gamma = float(parse_float(value(), k, 0, 10));
-            else fail("unknown argument \"", k, "\"; usage: balance [--data FILE] [--steps N] [--alpha A] [--gamma G]");
+            else if (k == "--balance-alpha") alpha = float(parse_float(value(), k, 0, 10));
+            else if (k == "--bias-speed") gamma = float(parse_float(value(), k, 0, 10));
+            else if (k == "--help" || k == "-h") { usage(); return 0; }
+            else fail("unknown option \"", k, "\" (see balance --help)");
         }
         std::string source;
         std::vector<int32_t> tokens = training_bytes(data, &source);

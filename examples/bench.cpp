@@ -200,8 +200,22 @@ static int bench() {
     return 0;
 }
 
-int main() {
+int main(int argc, char** argv) {
     try {
+        // No options: the threads come from OMP_NUM_THREADS. Still --help, and an error for anything else.
+        for (int i = 1; i < argc; ++i) {
+            const std::string k = argv[i];
+            if (k == "--help" || k == "-h") {
+                std::printf(
+                    "usage: bench [options]\n"
+                    "Times the CPU matmul of every linear layer of the tiny model against the machine's FMA peak%s.\n"
+                    "  --help, -h            this text\n"
+                    "(no other options; the threads: OMP_NUM_THREADS, default all cores)\n",
+                    DSV3_HAVE_OPENBLAS ? " and OpenBLAS" : "");
+                return 0;
+            }
+            dsv3::fail("unknown option \"", k, "\" (see bench --help)");
+        }
         return bench();
     } catch (const std::exception& e) {
         std::fprintf(stderr, "bench: error: %s\n", e.what());

@@ -16,7 +16,7 @@
 // Then it runs the report's experiment at K = 4096 at full size: --draws draws of 10^6 outputs, and as many of 1.7·10^7
 // (two to three minutes on two cores).
 //
-//   ./fp8_error [--out build/fp8_error.png] [--m 256] [--n 256] [--draws 3]
+//   build/fp8_error [--out build/fp8_error.png] [--m 256] [--n 256] [--draws 3]   (build/fp8_error --help)
 #include "../deepseek_v3.hpp"
 
 #include <algorithm>
@@ -55,7 +55,7 @@ int main(int argc, char** argv) {
         for (int i = 1; i < argc; ++i) {
             const std::string a = argv[i];
             auto value = [&]() -> std::string {
-                if (i + 1 >= argc) dsv3::fail("option ", a, " needs a value");
+                if (i + 1 >= argc) dsv3::fail(a, ": expected a value");
                 return argv[++i];
             };
             if (a == "--out") out = value();
@@ -63,13 +63,19 @@ int main(int argc, char** argv) {
             else if (a == "--n") N = int(dsv3::parse_int(value(), a, 1, 65536));
             else if (a == "--draws") draws = int(dsv3::parse_int(value(), a, 0, 1000));
             else if (a == "--help" || a == "-h") {
-                std::printf("usage: fp8_error [--out PNG (build/fp8_error.png)] [--m M (256)] [--n N (256)] "
-                            "[--draws D (3); 0 skips the K = 4096 experiment]\n");
+                std::printf(
+                    "usage: fp8_error [options]\n"
+                    "Measures the accumulation error of FP8 GEMMs on Hopper tensor cores, without and with promotion.\n"
+                    "  --out PNG             the plot of the table over K (default build/fp8_error.png)\n"
+                    "  --m M                 rows of A and of the product in the table (default 256)\n"
+                    "  --n N                 rows of B, columns of the product in the table (default 256)\n"
+                    "  --draws D             draws of the full-size K = 4096 experiment (default 3; 0: skip it)\n"
+                    "  --help, -h            this text\n");
                 return 0;
-            } else dsv3::fail("unknown option '", a, "' (options: --out PATH, --m M, --n N, --draws D, --help)");
+            } else dsv3::fail("unknown option \"", a, "\" (see fp8_error --help)");
         }
-        std::printf("options: --out %s  --m %d  --n %d  --draws %d   (usage: fp8_error [--out PNG] [--m M] [--n N] "
-                    "[--draws D])\n\n", out.c_str(), M, N, draws);
+        std::printf("options: --out %s  --m %d  --n %d  --draws %d   (see fp8_error --help)\n\n", out.c_str(), M, N,
+                    draws);
         std::printf("FP8 (E4M3) GEMM C[%d,%d] = A[%d,K]·B[%d,K]^T on the H100 tensor-core accumulator model\n"
                     "(blocks of 32, 13 fraction bits, truncation; DeepSeek-V3 report §3.3.2), against the exact product\n"
                     "of the same FP8 inputs. max = max relative error over outputs with |exact| >= median,\n"

@@ -6,13 +6,27 @@
 // V3 §3.3 reports "the relative loss error of our FP8-training model remains consistently below 0.25%" compared with
 // BF16, for models of 16B and 230B parameters trained on about 1T tokens.
 //
-//   build/fp8_train [--data FILE] [--steps 300] [--batch 16] [--seq 64] [--out runs/fp8]
+//   build/fp8_train [--data FILE] [--steps 300] [--batch 16] [--seq 64] [--out runs/fp8]   (build/fp8_train --help)
 #include <cstdio>
 #include <string>
 
 #include "../deepseek_v3.hpp"
 
 using namespace dsv3;
+
+static void usage() {
+    std::printf(
+        "usage: fp8_train [options]\n"
+        "Trains the tiny model twice from one seed, in FP32 and in V3's FP8 recipe, and compares the losses.\n"
+        "  --data FILE           text, one token a byte (default data/tinyshakespeare.txt, else the built-in\n"
+        "                        synthetic corpus); the last 10%% is the validation split\n"
+        "  --steps N             optimizer steps of each run (default 300)\n"
+        "  --batch B             sequences per step (default 16)\n"
+        "  --seq T               tokens per sequence, at most the tiny model's context %d (default 64)\n"
+        "  --lr X                peak learning rate (default 3e-3; the final one is a tenth of it)\n"
+        "  --out DIR             where fp8_loss.png and fp8_gap.png go (default runs/fp8)\n"
+        "  --help, -h            this text\n", Config::tiny().max_seq_len);
+}
 
 int main(int argc, char** argv) {
     prefer_sleeping_threads(argv);  // a shared CPU: OpenMP threads that wait sleep (the header, section 2)
@@ -23,7 +37,7 @@ int main(int argc, char** argv) {
         for (int i = 1; i < argc; ++i) {
             const std::string k = argv[i];
             auto value = [&]() -> std::string {
-                if (i + 1 >= argc) fail("option ", k, " needs a value");
+                if (i + 1 >= argc) fail(k, ": expected a value");
                 return argv[++i];
             };
             if (k == "--data") data = value();
@@ -32,10 +46,8 @@ int main(int argc, char** argv) {
             else if (k == "--seq") T = int(parse_int(value(), k, 1, Config::tiny().max_seq_len));
             else if (k == "--lr") lr = float(parse_float(value(), k, 0, 10));
             else if (k == "--out") out = value();
-            else if (k == "--help" || k == "-h") {
-                std::printf("usage: fp8_train [--data FILE] [--steps N] [--batch B] [--seq T] [--lr X] [--out DIR]\n");
-                return 0;
-            } else fail("unknown option '", k, "' (see --help)");
+            else if (k == "--help" || k == "-h") { usage(); return 0; }
+            else fail("unknown option \"", k, "\" (see fp8_train --help)");
         }
         std::string source;
         const std::vector<int32_t> tokens = training_bytes(data, &source);

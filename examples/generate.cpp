@@ -24,20 +24,22 @@ using namespace dsv3;
 static void usage() {
     std::printf(
         "usage: generate [options]\n"
-        "  --checkpoint FILE   a checkpoint of build/train (default runs/tiny/checkpoint.bin)\n"
-        "  --model HF_DIR      a Hugging Face directory (config.json + safetensors) instead\n"
-        "  --prompt TEXT       the text to continue (default: the one the checkpoint records, the start of its\n"
-        "                      training text; else a line break); \"-\" reads it from standard input\n"
-        "  --interactive       read prompts from standard input, one a line (\\n in a line is a line break), and\n"
-        "                      continue each, until the end of the input\n"
-        "  --tokens N          tokens to generate (default 200)\n"
-        "  --temperature T     sampling temperature (default 0.8; 0: greedy)\n"
-        "  --top-k K           sample among the K likeliest tokens (default 0: all)\n"
-        "  --top-p P           nucleus sampling (default 1: off)\n"
-        "  --seed S            sampling seed (default 1; the i-th interactive prompt uses S + i)\n"
-        "  --mtp               MTP speculative decoding\n"
-        "  --naive             attention over up-projected keys/values, not the absorbed latent attention\n"
-        "  --tokenizer FILE    BPE tokenizer (default: the one the checkpoint records; none: bytes)\n");
+        "Loads a trained model and continues a prompt with the latent KV cache, printing the text and its speed.\n"
+        "  --checkpoint FILE     a checkpoint of build/train (default runs/tiny/checkpoint.bin)\n"
+        "  --model HF_DIR        a Hugging Face directory (config.json + safetensors) instead\n"
+        "  --prompt TEXT         the text to continue (default: the one the checkpoint records, the start of its\n"
+        "                        training text; else a line break); \"-\" reads it from standard input\n"
+        "  --interactive         read prompts from standard input, one a line (\\n in a line is a line break), and\n"
+        "                        continue each, until the end of the input\n"
+        "  --tokens N            tokens to generate (default 200)\n"
+        "  --temperature T       sampling temperature (default 0.8; 0: greedy)\n"
+        "  --top-k K             sample among the K likeliest tokens (default 0: all)\n"
+        "  --top-p P             nucleus sampling (default 1: off)\n"
+        "  --seed S              sampling seed (default 1; the i-th interactive prompt uses S + i)\n"
+        "  --mtp                 MTP speculative decoding\n"
+        "  --naive               attention over up-projected keys/values, not the absorbed latent attention\n"
+        "  --tokenizer FILE      BPE tokenizer (default: the one the checkpoint records; none: bytes)\n"
+        "  --help, -h            this text\n");
 }
 
 int main(int argc, char** argv) {
@@ -52,7 +54,7 @@ int main(int argc, char** argv) {
         for (int i = 1; i < argc; ++i) {
             const std::string k = argv[i];
             auto value = [&]() -> std::string {
-                if (i + 1 >= argc) fail("option ", k, " needs a value");
+                if (i + 1 >= argc) fail(k, ": expected a value");
                 return argv[++i];
             };
             if (k == "--checkpoint") checkpoint = value();
@@ -68,7 +70,7 @@ int main(int argc, char** argv) {
             else if (k == "--mtp") mtp = true;
             else if (k == "--naive") absorbed = false;
             else if (k == "--help" || k == "-h") { usage(); return 0; }
-            else { usage(); fail("unknown option '", k, "'"); }
+            else fail("unknown option \"", k, "\" (see generate --help)");
         }
         if (interactive && prompt_given) fail("--interactive reads its prompts from standard input: no --prompt");
         Model model = hf_dir.empty() ? Model(read_checkpoint_config(checkpoint), 0) : load_hf(hf_dir);

@@ -16,25 +16,35 @@
 #include <cstdio>
 #include <string>
 
+static void usage() {
+    std::printf(
+        "usage: hf_logits [options]\n"
+        "Runs a Hugging Face DeepSeek-V3 directory as transformers does and writes its logits (and gradients).\n"
+        "  --model DIR           config.json and model.safetensors (or shards) (required)\n"
+        "  --tokens ROWS         token ids, rows separated by ';' of equal lengths: 1,2,3;4,5,6 (required)\n"
+        "  --out FILE            the logits, float32 [B, T, vocab] .npy (required)\n"
+        "  --grads FILE          also the loss's F32 gradients, as safetensors under their HF names (default: none)\n"
+        "  --help, -h            this text\n");
+}
+
 int main(int argc, char** argv) {
-    std::string model_dir, tokens, out, grads;
-    auto usage = [&]() {
-        std::fprintf(stderr,
-                     "usage: %s --model DIR --tokens 1,2,3[;4,5,6...] --out logits.npy [--grads grads.safetensors]\n",
-                     argv[0]);
-        return 2;
-    };
-    for (int i = 1; i < argc; ++i) {
-        const std::string arg = argv[i];
-        if (i + 1 >= argc) return usage();
-        if (arg == "--model") model_dir = argv[++i];
-        else if (arg == "--tokens") tokens = argv[++i];
-        else if (arg == "--out") out = argv[++i];
-        else if (arg == "--grads") grads = argv[++i];
-        else return usage();
-    }
-    if (model_dir.empty() || tokens.empty() || out.empty()) return usage();
     try {
+        std::string model_dir, tokens, out, grads;
+        for (int i = 1; i < argc; ++i) {
+            const std::string k = argv[i];
+            auto value = [&]() -> std::string {
+                if (i + 1 >= argc) dsv3::fail(k, ": expected a value");
+                return argv[++i];
+            };
+            if (k == "--model") model_dir = value();
+            else if (k == "--tokens") tokens = value();
+            else if (k == "--out") out = value();
+            else if (k == "--grads") grads = value();
+            else if (k == "--help" || k == "-h") { usage(); return 0; }
+            else dsv3::fail("unknown option \"", k, "\" (see hf_logits --help)");
+        }
+        if (model_dir.empty() || tokens.empty() || out.empty())
+            dsv3::fail("--model, --tokens and --out are required (see hf_logits --help)");
         const double t0 = dsv3::now_seconds();
         dsv3::Model model = dsv3::load_hf(model_dir);
         const dsv3::TokenRows rows = dsv3::parse_token_rows(tokens);

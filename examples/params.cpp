@@ -15,6 +15,15 @@ static dsv3::Config preset(const std::string& name) {
     dsv3::fail("--preset: expected tiny, small, large, v2_lite or v3_671b, found \"", name, "\"");
 }
 
+static void usage() {
+    std::printf(
+        "usage: params [options]\n"
+        "Prints a preset's parameter counts, training FLOPs and KV-cache bytes per token, with the published ones.\n"
+        "  --preset NAME         tiny, small, large, v2_lite (16b) or v3_671b (671b) (default v3_671b)\n"
+        "  --seq T               the sequence length of the FLOP count (default 4096)\n"
+        "  --help, -h            this text\n");
+}
+
 int main(int argc, char** argv) {
     try {
         std::string name = "v3_671b";
@@ -22,12 +31,13 @@ int main(int argc, char** argv) {
         for (int i = 1; i < argc; ++i) {
             std::string a = argv[i];
             auto value = [&]() -> std::string {
-                if (i + 1 >= argc) dsv3::fail("argument ", a, ": expected a value");
+                if (i + 1 >= argc) dsv3::fail(a, ": expected a value");
                 return argv[++i];
             };
             if (a == "--preset") name = value();
             else if (a == "--seq") seq_len = int(dsv3::parse_int(value(), a, 1, 1 << 22));
-            else dsv3::fail("unknown argument \"", a, "\"; usage: params [--preset tiny|small|large|v2_lite|v3_671b] [--seq T]");
+            else if (a == "--help" || a == "-h") { usage(); return 0; }
+            else dsv3::fail("unknown option \"", a, "\" (see params --help)");
         }
         const dsv3::Config c = preset(name);
         const dsv3::ParamCounts n = dsv3::count_parameters(c);

@@ -1,13 +1,31 @@
 // plots_demo: draws the three kinds of plots of deepseek_v3.hpp from synthetic numbers, to see what they look like.
-//   build/plots_demo [out-dir]     writes loss.png, loss_log.png, expert_load.png, attention.png
+//   build/plots_demo [--out DIR]   writes loss.png, loss_log.png, expert_load{,_time,_small}.png, attention.png
 #include "../deepseek_v3.hpp"
 
 #include <cmath>
 #include <cstdio>
 
+static void usage() {
+    std::printf(
+        "usage: plots_demo [options]\n"
+        "Draws the header's three kinds of plots (loss curves, expert load, attention) from synthetic numbers.\n"
+        "  --out DIR             where the PNGs go (default .)\n"
+        "  --help, -h            this text\n");
+}
+
 int main(int argc, char** argv) {
     try {
-        const std::string dir = argc > 1 ? argv[1] : ".";
+        std::string dir = ".";
+        for (int i = 1; i < argc; ++i) {
+            const std::string k = argv[i];
+            auto value = [&]() -> std::string {
+                if (i + 1 >= argc) dsv3::fail(k, ": expected a value");
+                return argv[++i];
+            };
+            if (k == "--out") dir = value();
+            else if (k == "--help" || k == "-h") { usage(); return 0; }
+            else dsv3::fail("unknown option \"", k, "\" (see plots_demo --help)");
+        }
         dsv3::Rng rng(1);
 
         // (a) Loss curves: a noisy training loss every step, a validation loss every 250 steps.
@@ -75,7 +93,8 @@ int main(int argc, char** argv) {
             for (int j = 0; j <= i; ++j) att[size_t(i) * T + size_t(j)] = float(s[size_t(j)] / sum);
         }
         dsv3::plot_attention(dir + "/attention.png", "Layer 1, head 3", att, tokens);
-        std::printf("wrote %s/{loss,loss_log,expert_load,expert_load_small,attention}.png\n", dir.c_str());
+        std::printf("wrote %s/{loss,loss_log,expert_load,expert_load_time,expert_load_small,attention}.png\n",
+                    dir.c_str());
     } catch (const std::exception& e) {
         std::fprintf(stderr, "plots_demo: error: %s\n", e.what());
         return 1;

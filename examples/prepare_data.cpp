@@ -1,7 +1,8 @@
 // prepare_data: text -> tokenizer + train/validation token files.
 //
-//   build/prepare_data --text data/tinyshakespeare.txt --vocab 512 --out-dir data/
-//   build/prepare_data --synthetic 1000000 --vocab 256 --out-dir data/      (the built-in synthetic corpus)
+//   build/prepare_data --text data/tinyshakespeare.txt --vocab 512 --out data/
+//   build/prepare_data --synthetic 1000000 --vocab 256 --out data/      (the built-in synthetic corpus)
+//   build/prepare_data --help                                           every option and its default
 //
 // The text is split by bytes like nanoGPT: the first 90% for training, the last 10% for validation. With
 // --vocab 256 there are no merges (one token per byte, as nanoGPT's character-level Shakespeare); with a larger
@@ -14,7 +15,6 @@
 
 #include <chrono>
 #include <cstdio>
-#include <cstdlib>
 #include <string>
 
 namespace {
@@ -23,66 +23,46 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-void usage(const char* argv0) {
-    std::fprintf(stderr,
-                 "usage: %s (--text FILE | --synthetic BYTES [--seed S]) [--vocab N] [--out-dir DIR] [--val-fraction F]\n"
-                 "  --text FILE        text to tokenize (e.g. data/tinyshakespeare.txt, from data/download.sh)\n"
-                 "  --synthetic BYTES  use the built-in synthetic corpus of that many bytes instead\n"
-                 "  --vocab N          ordinary tokens: 256 = bytes only (no training), more = BPE merges (default 256)\n"
-                 "  --out-dir DIR      where the files go (default data)\n"
-                 "  --val-fraction F   last fraction kept for validation (default 0.1)\n",
-                 argv0);
+void usage() {
+    std::printf(
+        "usage: prepare_data [options]\n"
+        "Tokenizes a text (bytes or a BPE trained on its training split) into train and validation token files.\n"
+        "  --text FILE           text to tokenize, e.g. data/tinyshakespeare.txt from data/download.sh (default:\n"
+        "                        none; give --text or --synthetic)\n"
+        "  --synthetic BYTES     the built-in synthetic corpus of that many bytes instead (default: none)\n"
+        "  --seed S              the synthetic corpus's seed (default 1)\n"
+        "  --vocab N             ordinary tokens: 256 = bytes only (no training), more = BPE merges (default 256)\n"
+        "  --out DIR             where the files go (default data); --out-dir DIR is the same\n"
+        "  --val-fraction F      last fraction kept for validation (default 0.1)\n"
+        "  --help, -h            this text\n");
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-    std::string text_path, out_dir = "data";
-    long long synthetic_bytes = 0;
-    unsigned long long seed = 1;
-    int vocab = 256;
-    double val_fraction = 0.1;
-    for (int i = 1; i < argc; ++i) {
-        const std::string arg = argv[i];
-        auto value = [&]() -> std::string {
-            if (i + 1 >= argc) {
-                std::fprintf(stderr, "prepare_data: %s needs a value\n", arg.c_str());
-                usage(argv[0]);
-                std::exit(2);
-            }
-            return argv[++i];
-        };
-        // A number flag outside its range, or not a number, is a usage error like the others: the message names the
-        // flag ("--vocab: expected an integer in [256, 1048576], got 'abc'").
-        auto number = [&](auto parse, auto lo, auto hi) {
-            const std::string v = value();
-            try {
-                return parse(v, arg, lo, hi);
-            } catch (const dsv3::Error& e) {
-                std::fprintf(stderr, "prepare_data: %s\n", e.what());
-                usage(argv[0]);
-                std::exit(2);
-            }
-        };
-        if (arg == "--text") text_path = value();
-        else if (arg == "--synthetic") synthetic_bytes = number(dsv3::parse_int, 1LL, 1LL << 36);
-        else if (arg == "--seed") seed = (unsigned long long)number(dsv3::parse_int, 0LL, LLONG_MAX);
-        else if (arg == "--vocab") vocab = int(number(dsv3::parse_int, 256LL, 1LL << 20));
-        else if (arg == "--out-dir") out_dir = value();
-        else if (arg == "--val-fraction") val_fraction = number(dsv3::parse_float, 0.0, 0.999);
-        else if (arg == "-h" || arg == "--help") { usage(argv[0]); return 0; }
-        else {
-            std::fprintf(stderr, "prepare_data: unknown argument '%s'\n", arg.c_str());
-            usage(argv[0]);
-            return 2;
-        }
-    }
-    if (text_path.empty() == (synthetic_bytes <= 0)) {
-        std::fprintf(stderr, "prepare_data: give exactly one of --text FILE and --synthetic BYTES\n");
-        usage(argv[0]);
-        return 2;
-    }
     try {
+        std::string text_path, out_dir = "data";
+        long long synthetic_bytes = 0;
+        unsigned long long seed = 1;
+        int vocab = 256;
+        double val_fraction = 0.1;
+        for (int i = 1; i < argc; ++i) {
+            const std::string k = argv[i];
+            auto value = [&]() -> std::string {
+                if (i + 1 >= argc) dsv3::fail(k, ": expected a value");
+                return argv[++i];
+            };
+            if (k == "--text") text_path = value();
+            else if (k == "--synthetic") synthetic_bytes = dsv3::parse_int(value(), k, 1, 1LL << 36);
+            else if (k == "--seed") seed = (unsigned long long)dsv3::parse_int(value(), k, 0, LLONG_MAX);
+            else if (k == "--vocab") vocab = int(dsv3::parse_int(value(), k, 256, 1 << 20));
+            else if (k == "--out" || k == "--out-dir") out_dir = value();  // --out-dir: the Makefile's older name
+            else if (k == "--val-fraction") val_fraction = dsv3::parse_float(value(), k, 0.0, 0.999);
+            else if (k == "--help" || k == "-h") { usage(); return 0; }
+            else dsv3::fail("unknown option \"", k, "\" (see prepare_data --help)");
+        }
+        if (text_path.empty() == (synthetic_bytes <= 0))
+            dsv3::fail("give exactly one of --text FILE and --synthetic BYTES (see prepare_data --help)");
         const auto t_start = std::chrono::steady_clock::now();
         std::string text, stem;
         if (!text_path.empty()) {

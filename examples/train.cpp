@@ -45,6 +45,7 @@ struct Args {
 static void usage() {
     std::printf(
         "usage: train [options]\n"
+        "Trains a DeepSeek-V3 model on a text file or BPE token files; saves a checkpoint, its log, plots, a sample.\n"
         "data (bytes of a text file, or BPE token files from build/prepare_data):\n"
         "  --data FILE           text, one token a byte (default data/tinyshakespeare.txt, else the built-in\n"
         "                        synthetic corpus); the last 10%% is the validation split\n"
@@ -83,18 +84,18 @@ static void usage() {
         "  --loss-log FILE       also write \"step loss mtp_loss grad_norm\" of this session's steps to FILE\n"
         "  --profile             time every module and kernel of the steps after the first, and print the tables\n"
         "  --ep                  build/train_mpi: expert parallelism (the routed experts split over the ranks)\n"
-        "  --help                this text\n"
+        "  --help, -h            this text\n"
         "Ctrl-C saves a checkpoint and the log, draws the plots and exits (status 130); --resume continues.\n");
 }
 
-static Args parse(const std::vector<std::string>& words, bool print_usage) {
+static Args parse(const std::vector<std::string>& words) {
     Args a;
     const int n = int(words.size());
     for (int i = 0; i < n; ++i) {
         const int first = i;
         const std::string k = words[size_t(i)];
         auto value = [&]() -> std::string {
-            if (i + 1 >= n) fail("argument ", k, ": expected a value");
+            if (i + 1 >= n) fail(k, ": expected a value");
             return words[size_t(++i)];
         };
         // Counts and numbers through the header's parse_int / parse_float: an error names the flag, the range and
@@ -138,10 +139,7 @@ static Args parse(const std::vector<std::string>& words, bool print_usage) {
             else if (k == "--profile") a.profile = true;
             else if (k == "--ep") a.ep = true;
             else if (k == "--help" || k == "-h") a.help = true;
-            else {
-                if (print_usage) usage();
-                fail("unknown argument \"", k, "\"");
-            }
+            else fail("unknown option \"", k, "\" (see train --help)");
         }
         if (!session) a.record.insert(a.record.end(), words.begin() + first, words.begin() + i + 1);
     }
@@ -316,7 +314,7 @@ static bool run(int argc, char** argv, Communicator* comm) {
     const int R = comm ? comm->world_size() : 1;
     const bool lead = !comm || comm->rank() == 0;  // prints, evaluates and saves
     std::vector<std::string> words(argv + 1, argv + argc);
-    Args a = parse(words, lead);
+    Args a = parse(words);
     if (a.help) {
         if (lead) usage();
         return true;
@@ -328,7 +326,7 @@ static bool run(int argc, char** argv, Communicator* comm) {
         std::string recorded;
         for (const std::string& w : merged) recorded += " " + w;
         merged.insert(merged.end(), words.begin(), words.end());
-        a = parse(merged, lead);
+        a = parse(merged);
         if (a.out.empty()) a.out = std::filesystem::path(a.resume).parent_path().string();
         if (a.out.empty()) a.out = ".";
         if (lead)

@@ -17,7 +17,10 @@ bad() { echo "  FAIL  $*"; failed=1; }
 echo "train: Ctrl-C and --resume"
 timeout 120 build/train "${ARGS[@]}" --out "$TMP/full" > "$TMP/full.out"
 
-timeout 120 build/train "${ARGS[@]}" --out "$TMP/part" > "$TMP/part.out" &
+# --foreground: timeout passes the SIGINT to build/train once; without it, it sends it to the child and then again to
+# its process group, and the second one, arriving after the handler (SA_RESETHAND) has reset itself, killed the run
+# before it had saved (about 1 run in 6 on a busy machine)
+timeout --foreground 120 build/train "${ARGS[@]}" --out "$TMP/part" > "$TMP/part.out" &
 pid=$!
 for _ in $(seq 600); do  # until step 14 or later is printed (the run prints every 2 steps to a file), at most 60 s
   grep -q "^step 1[4-9]/40" "$TMP/part.out" && break
