@@ -929,26 +929,26 @@ inline void attention_backward(float* dq, float* dk, float* dv_, const float* do
 }
 
 // --- 3.5 SwiGLU: h = silu(gate) ⊙ up, silu(z) = z·σ(z)   (Shazeer 2020; every FFN and expert of V3) ------------
-// gate, up, h: [n]
-inline void swiglu_forward(float* h, const float* gate, const float* up, int64_t n) {
+// h: [rows, w]; gate, up (and dgate, dup): rows ld apart, ld = w, or 2w for the halves of one [gate; up] product
+inline void swiglu_forward(float* h, const float* gate, const float* up, int64_t rows, int w, int ld) {
     DSV3_PROFILE_KERNEL();
-    parallel_for((n + 1023) / 1024, [&](int64_t c) {
-        for (int64_t i = c * 1024, e = std::min(n, i + 1024); i < e; ++i) {
-            const float z = gate[i], sig = 1.0f / (1.0f + std::exp(-z));
-            h[i] = z * sig * up[i];
+    parallel_for(rows, [&](int64_t r) {
+        for (int64_t j = 0; j < w; ++j) {
+            const float z = gate[r * ld + j], sig = 1.0f / (1.0f + std::exp(-z));
+            h[r * w + j] = z * sig * up[r * ld + j];
         }
-    });
+    }, w);
 }
-// d silu(z)/dz = σ(z)(1 + z(1 − σ(z))).
-inline void swiglu_backward(float* dgate, float* dup, const float* dh, const float* gate, const float* up, int64_t n) {
+inline void swiglu_backward(float* dgate, float* dup, const float* dh, const float* gate, const float* up,
+                            int64_t rows, int w, int ld) {
     DSV3_PROFILE_KERNEL();
-    parallel_for((n + 1023) / 1024, [&](int64_t c) {
-        for (int64_t i = c * 1024, e = std::min(n, i + 1024); i < e; ++i) {
+    parallel_for(rows, [&](int64_t r) {
+        for (int64_t j = 0, i = r * ld; j < w; ++j, ++i) {
             const float z = gate[i], sig = 1.0f / (1.0f + std::exp(-z));
-            dgate[i] += dh[i] * up[i] * sig * (1.0f + z * (1.0f - sig));
-            dup[i] += dh[i] * z * sig;
+            dgate[i] += dh[r * w + j] * up[i] * sig * (1.0f + z * (1.0f - sig));   // silu' = σ(1 + z(1 − σ))
+            dup[i] += dh[r * w + j] * z * sig;
         }
-    });
+    }, w);
 }
 
 // --- 3.6 embedding ------------------------------------------------------------------------------------------------
@@ -1661,8 +1661,8 @@ struct MlaCache {
     float* o = nullptr;              // [BT, H·d_v]
 };
 struct FfnCache {
-    const float* x = nullptr;        // [n, d]
-    float *gate = nullptr, *up = nullptr, *h = nullptr;  // [n, width]
+    const float* x = nullptr;  int ld = 0;               // x: [n, d]; gate and up rows ld apart (section 5.2)
+    float *gate = nullptr, *up = nullptr, *h = nullptr;  // [n, ld], [n, ld], [n, width]
 };
 struct MoeCache {
     const float* x = nullptr;        // [BT, d]
@@ -1976,16 +1976,31 @@ inline void Model::mla_backward(const MlaCache& c, const MLA& a, const float* do
 }
 
 // --- 5.2 SwiGLU feed-forward: dense layers, every expert, and the shared experts ---------------------------------
+// The gate and up weights lie next to each other (section 4), so [W_gate; W_up] is one [2w, d] weight and both
+// products are one GEMM of width 2w: x is read (and, on a GPU, converted to BF16) once, and the backward's dx is one
+// product over K = 2w instead of two accumulations. Row r of its output holds gate then up: ld = 2w. In FP8 training
+// they stay two products (V3 quantizes each weight matrix in its own 128×128 blocks).
+inline Linear gate_up(const Ffn& f) {   // [gate; up] as one linear layer, or out = 0 where they are not neighbours
+    Linear l = f.gate;
+    l.out = f.up.w == f.gate.w + size_t(f.gate.out) * f.gate.in && f.up.in == f.gate.in ? 2 * f.gate.out : 0;
+    return l;
+}
 inline void Model::ffn_forward(FfnCache& c, const Ffn& f, const float* x, float* out, int n) {
     DSV3_PROFILE_MODULE("FFN forward");
     const int w = f.gate.out;
+    const Linear gu = gate_up(f);
     c.x = x;
-    c.gate = arena_.take(size_t(n) * w);
-    c.up = arena_.take(size_t(n) * w);
+    c.ld = gu.out && !fp8(f.gate) ? 2 * w : w;
+    c.gate = arena_.take(size_t(n) * c.ld);
+    c.up = c.ld == w ? arena_.take(size_t(n) * w) : c.gate + w;
     c.h = arena_.take(size_t(n) * w);
-    linear_forward(c.gate, x, f.gate, n);
-    linear_forward(c.up, x, f.up, n);
-    backend::swiglu_forward(c.h, c.gate, c.up, int64_t(n) * w);
+    if (c.ld == w) {
+        linear_forward(c.gate, x, f.gate, n);
+        linear_forward(c.up, x, f.up, n);
+    } else {
+        linear_forward(c.gate, x, gu, n);
+    }
+    backend::swiglu_forward(c.h, c.gate, c.up, n, w, c.ld);
     linear_forward(out, c.h, f.down, n);
 }
 inline void Model::ffn_backward(const FfnCache& c, const Ffn& f, const float* dout, float* dx, int n) {
@@ -1994,11 +2009,15 @@ inline void Model::ffn_backward(const FfnCache& c, const Ffn& f, const float* do
     auto mark = arena_.mark();
     float* dh = arena_.zeros(size_t(n) * w);
     linear_backward(dh, dout, c.h, f.down, n);
-    float* dgate = arena_.zeros(size_t(n) * w);
-    float* dup = arena_.zeros(size_t(n) * w);
-    backend::swiglu_backward(dgate, dup, dh, c.gate, c.up, int64_t(n) * w);
-    linear_backward(dx, dgate, c.x, f.gate, n);
-    linear_backward(dx, dup, c.x, f.up, n);
+    float* dgate = arena_.zeros(size_t(n) * c.ld);   // [n, ld] like the forward's gate and up
+    float* dup = c.ld == w ? arena_.zeros(size_t(n) * w) : dgate + w;
+    backend::swiglu_backward(dgate, dup, dh, c.gate, c.up, n, w, c.ld);
+    if (c.ld == w) {
+        linear_backward(dx, dgate, c.x, f.gate, n);
+        linear_backward(dx, dup, c.x, f.up, n);
+    } else {
+        linear_backward(dx, dgate, c.x, gate_up(f), n);
+    }
     arena_.release(mark);
 }
 
@@ -2085,13 +2104,20 @@ inline void Model::experts_forward(const MoE& m, int first, int count, const int
     DSV3_PROFILE_MODULE("routed experts forward");
     const int64_t rows = offsets[count];
     const int w = cfg.moe_inter_dim;
+    const Linear gu = gate_up(m.experts[size_t(first)]);   // [gate; up] of the first expert, the others stride on
     c.x = xe;
-    c.gate = arena_.take(size_t(rows) * w);
-    c.up = arena_.take(size_t(rows) * w);
+    c.ld = gu.out && !fp8(gu) ? 2 * w : w;   // as in ffn_forward
+    c.gate = arena_.take(size_t(rows) * c.ld);
+    c.up = c.ld == w ? arena_.take(size_t(rows) * w) : c.gate + w;
     c.h = arena_.take(size_t(rows) * w);
-    experts_linear_forward(c.gate, xe, m, first, count, &Ffn::gate, offsets);
-    experts_linear_forward(c.up, xe, m, first, count, &Ffn::up, offsets);
-    backend::swiglu_forward(c.h, c.gate, c.up, rows * w);
+    if (c.ld == w) {
+        experts_linear_forward(c.gate, xe, m, first, count, &Ffn::gate, offsets);
+        experts_linear_forward(c.up, xe, m, first, count, &Ffn::up, offsets);
+    } else {
+        backend::grouped_matmul_forward(c.gate, xe, param_at(gu.w), int64_t(m.expert_stride), offsets, count, gu.in,
+                                        gu.out);
+    }
+    backend::swiglu_forward(c.h, c.gate, c.up, rows, w, c.ld);
     experts_linear_forward(ye, c.h, m, first, count, &Ffn::down, offsets);
 }
 inline void Model::experts_backward(const MoE& m, int first, int count, const int64_t* offsets, const float* dye,
@@ -2102,11 +2128,17 @@ inline void Model::experts_backward(const MoE& m, int first, int count, const in
     auto mark = arena_.mark();
     float* dh = arena_.zeros(size_t(rows) * w);
     experts_linear_backward(dh, dye, c.h, m, first, count, &Ffn::down, offsets);
-    float* dgate = arena_.zeros(size_t(rows) * w);
-    float* dup = arena_.zeros(size_t(rows) * w);
-    backend::swiglu_backward(dgate, dup, dh, c.gate, c.up, rows * w);
-    experts_linear_backward(dxe, dgate, c.x, m, first, count, &Ffn::gate, offsets);
-    experts_linear_backward(dxe, dup, c.x, m, first, count, &Ffn::up, offsets);
+    float* dgate = arena_.zeros(size_t(rows) * c.ld);
+    float* dup = c.ld == w ? arena_.zeros(size_t(rows) * w) : dgate + w;
+    backend::swiglu_backward(dgate, dup, dh, c.gate, c.up, rows, w, c.ld);
+    if (c.ld == w) {
+        experts_linear_backward(dxe, dgate, c.x, m, first, count, &Ffn::gate, offsets);
+        experts_linear_backward(dxe, dup, c.x, m, first, count, &Ffn::up, offsets);
+    } else {
+        const Linear gu = gate_up(m.experts[size_t(first)]);
+        backend::grouped_matmul_backward(dxe, grad_at(gu.w), dgate, c.x, param_at(gu.w), int64_t(m.expert_stride),
+                                         offsets, count, gu.in, gu.out);
+    }
     arena_.release(mark);
 }
 

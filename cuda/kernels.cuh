@@ -1220,34 +1220,39 @@ inline void attention_backward(float* dq, float* dk, float* dv_, const float* do
 }
 
 // =====================================================================================================================
-// 3.5 SwiGLU: h = silu(gate) ⊙ up        gate, up, h: [n]
+// 3.5 SwiGLU: h = silu(gate) ⊙ up        h: [rows, w]; gate, up (dgate, dup): rows ld apart (ld = w or 2w)
 // =====================================================================================================================
 namespace detail {
-__global__ void swiglu_forward_kernel(float* h, const float* gate, const float* up, int64_t n) {
+__global__ void swiglu_forward_kernel(float* h, const float* gate, const float* up, int64_t n, int w, int ld) {
     for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-        const float z = gate[i], sig = 1.0f / (1.0f + expf(-z));
-        h[i] = z * sig * up[i];
+        const int64_t a = i / w * ld + i % w;   // element (r, j) of gate and up
+        const float z = gate[a], sig = 1.0f / (1.0f + expf(-z));
+        h[i] = z * sig * up[a];
     }
 }
 __global__ void swiglu_backward_kernel(float* dgate, float* dup, const float* dh, const float* gate, const float* up,
-                                       int64_t n) {
+                                       int64_t n, int w, int ld) {
     for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-        const float z = gate[i], sig = 1.0f / (1.0f + expf(-z));
-        dgate[i] += dh[i] * up[i] * sig * (1.0f + z * (1.0f - sig));
-        dup[i] += dh[i] * z * sig;
+        const int64_t a = i / w * ld + i % w;
+        const float z = gate[a], sig = 1.0f / (1.0f + expf(-z));
+        dgate[a] += dh[i] * up[a] * sig * (1.0f + z * (1.0f - sig));
+        dup[a] += dh[i] * z * sig;
     }
 }
 }  // namespace detail
-inline void swiglu_forward(float* h, const float* gate, const float* up, int64_t n) {
+inline void swiglu_forward(float* h, const float* gate, const float* up, int64_t rows, int w, int ld) {
     DSV3_PROFILE_KERNEL();
+    const int64_t n = rows * w;
     if (n <= 0) return;
-    detail::swiglu_forward_kernel<<<std::min(grid_for(n, 256), 8192), 256>>>(h, gate, up, n);
+    detail::swiglu_forward_kernel<<<std::min(grid_for(n, 256), 8192), 256>>>(h, gate, up, n, w, ld);
     DSV3_CUDA_CHECK_LAUNCH();
 }
-inline void swiglu_backward(float* dgate, float* dup, const float* dh, const float* gate, const float* up, int64_t n) {
+inline void swiglu_backward(float* dgate, float* dup, const float* dh, const float* gate, const float* up,
+                            int64_t rows, int w, int ld) {
     DSV3_PROFILE_KERNEL();
+    const int64_t n = rows * w;
     if (n <= 0) return;
-    detail::swiglu_backward_kernel<<<std::min(grid_for(n, 256), 8192), 256>>>(dgate, dup, dh, gate, up, n);
+    detail::swiglu_backward_kernel<<<std::min(grid_for(n, 256), 8192), 256>>>(dgate, dup, dh, gate, up, n, w, ld);
     DSV3_CUDA_CHECK_LAUNCH();
 }
 

@@ -327,20 +327,24 @@ TEST_CASE("attention: causal forward and backward, materialised and flash") {
     cu::detail::attention_materialised() = false;
 }
 
-TEST_CASE("swiglu: forward and backward") {
+TEST_CASE("swiglu: forward and backward, separate gate and up (ld = w) and one [gate; up] product (ld = 2w)") {
     Rng rng(105);
-    const int64_t n = 10007;
-    auto gate = normal(rng, n, 3.0f), up = normal(rng, n), dh = normal(rng, n), dg0 = normal(rng, n), du0 = normal(rng, n);
-    std::vector<float> h(n), dg = dg0, du = du0;
-    dsv3::swiglu_forward(h.data(), gate.data(), up.data(), n);
-    dsv3::swiglu_backward(dg.data(), du.data(), dh.data(), gate.data(), up.data(), n);
-    auto gd = dev(gate), ud = dev(up), dhd = dev(dh), dgd = dev(dg0), dud = dev(du0);
-    auto hd = poisoned<float>(n);
-    cu::swiglu_forward(hd.data(), gd.data(), ud.data(), n);
-    cu::swiglu_backward(dgd.data(), dud.data(), dhd.data(), gd.data(), ud.data(), n);
-    CHECK_REL(host(hd), h, 1e-6);
-    CHECK_REL(host(dgd), dg, 1e-6);
-    CHECK_REL(host(dud), du, 1e-6);
+    const int64_t rows = 97;
+    const int w = 103;
+    for (int ld : {w, 2 * w}) {
+        CAPTURE(ld);
+        const size_t n = size_t(rows) * w, up_at = ld == w ? n : size_t(w);
+        auto gu = normal(rng, 2 * n, 3.0f), dh = normal(rng, n), dgu0 = normal(rng, 2 * n);
+        std::vector<float> h(n), dgu = dgu0;
+        dsv3::swiglu_forward(h.data(), gu.data(), gu.data() + up_at, rows, w, ld);
+        dsv3::swiglu_backward(dgu.data(), dgu.data() + up_at, dh.data(), gu.data(), gu.data() + up_at, rows, w, ld);
+        auto gud = dev(gu), dhd = dev(dh), dgud = dev(dgu0);
+        auto hd = poisoned<float>(n);
+        cu::swiglu_forward(hd.data(), gud.data(), gud.data() + up_at, rows, w, ld);
+        cu::swiglu_backward(dgud.data(), dgud.data() + up_at, dhd.data(), gud.data(), gud.data() + up_at, rows, w, ld);
+        CHECK_REL(host(hd), h, 1e-6);
+        CHECK_REL(host(dgud), dgu, 1e-6);
+    }
 }
 
 TEST_CASE("embedding: forward (exact) and backward, bad ids rejected") {

@@ -404,23 +404,31 @@ TEST_CASE("kernels: attention backward (dq, dk, dv) matches finite differences")
 // ================================================================================================================
 // 3.5 SwiGLU, 3.6 embedding, 3.7 cross-entropy
 // ================================================================================================================
-TEST_CASE("kernels: SwiGLU forward is silu(gate)·up, backward matches finite differences") {
-    const int64_t n = 1500;  // more than one parallel chunk of 1024
-    std::vector<float> gate = gradcheck::random_vector(size_t(n), 51, 4.0f), up = gradcheck::random_vector(size_t(n), 52);
-    std::vector<float> w = gradcheck::random_vector(size_t(n), 53), h(static_cast<size_t>(n));
-    swiglu_forward(h.data(), gate.data(), up.data(), n);
-    for (size_t i = 0; i < size_t(n); ++i) {
-        const double z = gate[i];
-        CHECK(h[i] == doctest::Approx(z / (1 + std::exp(-z)) * up[i]).epsilon(1e-5));
+TEST_CASE("kernels: SwiGLU forward is silu(gate)·up, backward matches finite differences, for separate gate and "
+          "up (ld = w) and for the halves of one [gate; up] product (ld = 2w)") {
+    const int64_t rows = 30;
+    const int w = 50;
+    for (int ld : {w, 2 * w}) {
+        CAPTURE(ld);
+        // gu: both inputs in one buffer; ld = w: gate is its first rows·w floats, up the rest; ld = 2w: row r holds
+        // gate then up
+        std::vector<float> gu = gradcheck::random_vector(size_t(rows) * 2 * w, 51, 4.0f);
+        std::vector<float> wt = gradcheck::random_vector(size_t(rows) * w, 53), h(size_t(rows) * w);
+        const size_t up_at = ld == w ? size_t(rows) * w : size_t(w);
+        swiglu_forward(h.data(), gu.data(), gu.data() + up_at, rows, w, ld);
+        for (int64_t r = 0; r < rows; ++r)
+            for (int j = 0; j < w; ++j) {
+                const double z = gu[size_t(r * ld + j)], u = gu[up_at + size_t(r * ld + j)];
+                CHECK(h[size_t(r * w + j)] == doctest::Approx(z / (1 + std::exp(-z)) * u).epsilon(1e-5));
+            }
+        auto loss = [&] {
+            swiglu_forward(h.data(), gu.data(), gu.data() + up_at, rows, w, ld);
+            return gradcheck::weighted_sum(h.data(), wt);
+        };
+        std::vector<float> dgu = filled(gu.size());
+        swiglu_backward(dgu.data(), dgu.data() + up_at, wt.data(), gu.data(), gu.data() + up_at, rows, w, ld);
+        expect_gradient(gu.data(), gu.size(), minus_prefill(dgu), loss, "swiglu dgate, dup");
     }
-    auto loss = [&] {
-        swiglu_forward(h.data(), gate.data(), up.data(), n);
-        return gradcheck::weighted_sum(h.data(), w);
-    };
-    std::vector<float> dgate = filled(size_t(n)), dup = filled(size_t(n));
-    swiglu_backward(dgate.data(), dup.data(), w.data(), gate.data(), up.data(), n);
-    expect_gradient(gate.data(), gate.size(), minus_prefill(dgate), loss, "swiglu dgate");
-    expect_gradient(up.data(), up.size(), minus_prefill(dup), loss, "swiglu dup");
 }
 
 TEST_CASE("kernels: embedding backward with repeated tokens matches finite differences") {
