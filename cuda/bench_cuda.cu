@@ -8,10 +8,12 @@
 //     and output bytes) vs the device's copy bandwidth (cudaMemcpy device-to-device, bytes read + written) measured
 //     in the same run. Target ≥ 60%.
 // (c) the routed experts' grouped GEMM at the `large` preset's shapes (64 experts of width 512, d = 1024, 8,192
-//     tokens × top-6, balanced and collapsed routing): forward, dx and dW of the gate and down projections, every path of
-//     cuda/kernels.cuh section 3.10b, vs one dense cuBLAS BF16 GEMM with the same FLOPs (its upper bound: no groups).
+//     tokens × top-6, balanced and collapsed routing): forward, dx and dW of the gate+up and down projections, every
+//     path of cuda/kernels.cuh section 3.10b, vs one dense cuBLAS BF16 GEMM with the same FLOPs (its upper bound: no
+//     groups).
 //     `--grouped` runs only this part and (d).
-// (d) causal flash attention at the `large` preset's shape, forward and backward, in TFLOP/s (`--attention`: only this).
+// (d) causal flash attention at the `large` preset's shape, forward and backward, in TFLOP/s (`--attention`: only
+//     this).
 // Each benchmark times what the model launches (fp8_gemm picks its tile by size, mla_decode_absorbed its kernel by
 // shape); the sweeps over every kernel version, with their checks against the CPU, are build/dev_fp8_gemm and
 // build/dev_mla_decode (cuda/dev_*.cu).
@@ -84,7 +86,8 @@ void grouped_gemm_bench() {
                 "its FP32 activations to BF16; the weights are BF16 shadows, as in training)\n",
                 groups, (long long)rows);
     struct Proj { const char* name; int in, out; };
-    for (const Proj& pr : {Proj{"gate/up (1024 -> 512)", 1024, 512}, Proj{"down (512 -> 1024)", 512, 1024}}) {
+    // gate and up run as one product of width 2 x 512 (header section 5.2)
+    for (const Proj& pr : {Proj{"gate+up (1024 -> 2x512)", 1024, 1024}, Proj{"down (512 -> 1024)", 512, 1024}}) {
         const int64_t stride = int64_t(pr.in) * pr.out;
         auto x = random_floats(size_t(rows) * pr.in, 21, -1, 1), dy = random_floats(size_t(rows) * pr.out, 22, -1, 1);
         auto W = random_floats(size_t(stride) * groups, 23, -0.05f, 0.05f);

@@ -2689,10 +2689,9 @@ inline void grouped_matmul_backward(float* dx, float* dW, const float* dy, const
     if (detail::use_cublas())
         return detail::grouped_backward_cublas(dx, dW, dy, x, W, w_stride, offsets, groups, in, out);
     const int64_t* dev_offsets = detail::device_offsets(offsets, groups);
-    if (dx)
-        detail::grouped_gemm<detail::Grouped::dx>({dy, W, dx, dev_offsets, nullptr, w_stride, in, out}, offsets, groups);
-    if (dW)
-        detail::grouped_gemm<detail::Grouped::dW>({dy, x, dW, dev_offsets, nullptr, w_stride, in, out}, offsets, groups);
+    using detail::Grouped;
+    if (dx) detail::grouped_gemm<Grouped::dx>({dy, W, dx, dev_offsets, nullptr, w_stride, in, out}, offsets, groups);
+    if (dW) detail::grouped_gemm<Grouped::dW>({dy, x, dW, dev_offsets, nullptr, w_stride, in, out}, offsets, groups);
 }
 
 // =====================================================================================================================
