@@ -1990,7 +1990,7 @@ inline void Model::ffn_forward(FfnCache& c, const Ffn& f, const float* x, float*
     const int w = f.gate.out;
     const Linear gu = gate_up(f);
     c.x = x;
-    c.ld = gu.out && !fp8(f.gate) ? 2 * w : w;
+    c.ld = gu.out && !fp8(gu) ? 2 * w : w;
     c.gate = arena_.take(size_t(n) * c.ld);
     c.up = c.ld == w ? arena_.take(size_t(n) * w) : c.gate + w;
     c.h = arena_.take(size_t(n) * w);

@@ -725,9 +725,9 @@ inline Dims dims_for(int dqk, int dv) {
 }
 // The kernels read BF16 copies of q, k, v and dout, one [Tp, D] matrix per (b, h), zero past T and d: a tile is then
 // 64 contiguous rows, copied into shared memory by 16-byte asynchronous copies with no bounds to test.
-// One thread per four neighbouring outputs (D is a multiple of 64), a grid-stride loop over all B·H·Tp·D/4 of them:
-// a 16-byte load where the four lie inside the head's d values and every row is 16-byte aligned, an 8-byte store.
-// (A block per (t, head) of D threads was 131,072 tiny blocks at `large`, a launch-bound pass.)
+// One thread per four neighbouring outputs (D, 64 or 96, is a multiple of 4), a grid-stride loop over all
+// B·H·Tp·D/4 of them: a 16-byte load where the four lie inside the head's d values and every row is 16-byte aligned,
+// an 8-byte store. (A block per (t, head) of D threads was 131,072 tiny blocks at `large`, a launch-bound pass.)
 __global__ void to_heads_bf16_kernel(__nv_bfloat162* xb, const float* x, int T, int H, int d, int Tp, int D,
                                      int64_t quads, bool vec) {
     for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < quads; i += int64_t(gridDim.x) * blockDim.x) {
@@ -2755,7 +2755,7 @@ inline void adamw_update(float* p, const float* g, float* m, float* v, int64_t n
     __nv_bfloat16* bf16 = shadow::prepare(p, size_t(n));
     const uintptr_t mis = reinterpret_cast<uintptr_t>(p) % 16;
     const bool same = reinterpret_cast<uintptr_t>(g) % 16 == mis && reinterpret_cast<uintptr_t>(m) % 16 == mis &&
-                      reinterpret_cast<uintptr_t>(v) % 16 == mis && mis % 4 == 0;
+                      reinterpret_cast<uintptr_t>(v) % 16 == mis;
     // Not equally aligned (never for the model's buffers): everything in the one-at-a-time loop.
     const int64_t head = same ? std::min<int64_t>(n, int64_t((16 - mis) % 16 / 4)) : n;
     detail::adamw_kernel<<<std::min(grid_for((n + 3) / 4, 256), 8192), 256>>>(
