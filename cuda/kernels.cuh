@@ -364,6 +364,25 @@ inline bool wgmma_available() {
 
 namespace detail {
 
+// V consecutive floats as one access: V = 4 is a 16-byte load or store, which the memory-bound kernels below use
+// when every row they touch is 16-byte aligned (`vec_ok`), since one float a thread reaches about half the copy
+// bandwidth; V = 1 serves every other shape. Each element's arithmetic is the same either way.
+template <int V>
+struct alignas(4 * V) Floats { float v[V]; };
+template <int V>
+__device__ __forceinline__ Floats<V> load(const float* p) { return *reinterpret_cast<const Floats<V>*>(p); }
+template <int V>
+__device__ __forceinline__ void store(float* p, const Floats<V>& f) { *reinterpret_cast<Floats<V>*>(p) = f; }
+// Rows of `width` floats, `stride` floats apart, starting at each pointer: all 16-byte aligned?
+inline bool vec_ok(int64_t width, int64_t stride, std::initializer_list<const void*> ptrs) {
+    if (width % 4 || stride % 4) return false;
+    for (const void* p : ptrs)
+        if (reinterpret_cast<uintptr_t>(p) % 16) return false;
+    return true;
+}
+// Threads for a row kernel of `quads` accesses a row: whole warps, at most 256.
+inline int row_threads(int64_t quads) { return int(std::min<int64_t>(256, (quads + 31) / 32 * 32)); }
+
 // Block-wide reductions in a fixed tree order (deterministic). `red` is shared scratch of blockDim.x/32 entries.
 __device__ inline float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -483,17 +502,27 @@ inline void matmul_backward(float* dx, float* dW, const float* dy, const float* 
 // 3.2 RMSNorm: y = x / sqrt(mean(x²) + ε) ⊙ g        x, y: [T, d]; g: [d]; rstd: [T]
 // =====================================================================================================================
 namespace detail {
+template <int V>
 __global__ void rmsnorm_forward_kernel(float* y, float* rstd, const float* x, const float* g, int d, float eps) {
     __shared__ float red[32];
     const int64_t t = blockIdx.x;
     const float* xr = x + t * d;
     float ss = 0.0f;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) ss += xr[i] * xr[i];
+    for (int i = V * threadIdx.x; i < d; i += V * blockDim.x) {
+        const Floats<V> a = load<V>(xr + i);
+        for (int e = 0; e < V; ++e) ss += a.v[e] * a.v[e];
+    }
     ss = block_sum(ss, red);
     const float r = 1.0f / sqrtf(ss / d + eps);
     if (threadIdx.x == 0) rstd[t] = r;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) y[t * d + i] = xr[i] * r * g[i];
+    for (int i = V * threadIdx.x; i < d; i += V * blockDim.x) {
+        const Floats<V> a = load<V>(xr + i), gg = load<V>(g + i);
+        Floats<V> o;
+        for (int e = 0; e < V; ++e) o.v[e] = a.v[e] * r * gg.v[e];
+        store<V>(y + t * d + i, o);
+    }
 }
+template <int V>
 __global__ void rmsnorm_backward_dx_kernel(float* dx, const float* dy, const float* x, const float* g,
                                            const float* rstd, int d) {
     __shared__ float red[32];
@@ -502,9 +531,17 @@ __global__ void rmsnorm_backward_dx_kernel(float* dx, const float* dy, const flo
     const float* dyr = dy + t * d;
     const float r = rstd[t];
     float dot = 0.0f;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) dot += g[i] * dyr[i] * xr[i] * r;
+    for (int i = V * threadIdx.x; i < d; i += V * blockDim.x) {
+        const Floats<V> a = load<V>(xr + i), gg = load<V>(g + i), b = load<V>(dyr + i);
+        for (int e = 0; e < V; ++e) dot += gg.v[e] * b.v[e] * a.v[e] * r;
+    }
     dot = block_sum(dot, red) / d;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) dx[t * d + i] += r * (g[i] * dyr[i] - xr[i] * r * dot);
+    for (int i = V * threadIdx.x; i < d; i += V * blockDim.x) {
+        const Floats<V> a = load<V>(xr + i), gg = load<V>(g + i), b = load<V>(dyr + i);
+        Floats<V> o = load<V>(dx + t * d + i);
+        for (int e = 0; e < V; ++e) o.v[e] += r * (gg.v[e] * b.v[e] - a.v[e] * r * dot);
+        store<V>(dx + t * d + i, o);
+    }
 }
 // dg[i] += Σ_t dy[t,i]·x[t,i]·rstd[t], in two deterministic passes (one thread per column would leave most of the GPU
 // idle for T·d work): pass 1, block (column tile, row chunk c) sums its chunk's rows in order into partial[c, i];
@@ -531,14 +568,18 @@ __global__ void rmsnorm_backward_dg_sum_kernel(float* dg, const float* partial, 
 inline void rmsnorm_forward(float* y, float* rstd, const float* x, const float* g, int T, int d, float eps) {
     DSV3_PROFILE_KERNEL();
     if (T <= 0 || d <= 0) return;
-    detail::rmsnorm_forward_kernel<<<T, 256>>>(y, rstd, x, g, d, eps);
+    if (detail::vec_ok(d, d, {y, x, g}))
+        detail::rmsnorm_forward_kernel<4><<<T, detail::row_threads(d / 4)>>>(y, rstd, x, g, d, eps);
+    else detail::rmsnorm_forward_kernel<1><<<T, 256>>>(y, rstd, x, g, d, eps);
     DSV3_CUDA_CHECK_LAUNCH();
 }
 inline void rmsnorm_backward(float* dx, float* dg, const float* dy, const float* x, const float* g,
                              const float* rstd, int T, int d) {
     DSV3_PROFILE_KERNEL();
     if (T <= 0 || d <= 0) return;
-    detail::rmsnorm_backward_dx_kernel<<<T, 256>>>(dx, dy, x, g, rstd, d);
+    if (detail::vec_ok(d, d, {dx, dy, x, g}))
+        detail::rmsnorm_backward_dx_kernel<4><<<T, detail::row_threads(d / 4)>>>(dx, dy, x, g, rstd, d);
+    else detail::rmsnorm_backward_dx_kernel<1><<<T, 256>>>(dx, dy, x, g, rstd, d);
     DSV3_CUDA_CHECK_LAUNCH();
     if (dg) {
         float* partial = static_cast<float*>(scratch(Slot::reduce, sizeof(float) * size_t(detail::kNormChunks) * d));
@@ -1223,36 +1264,56 @@ inline void attention_backward(float* dq, float* dk, float* dv_, const float* do
 // 3.5 SwiGLU: h = silu(gate) ⊙ up        h: [rows, w]; gate, up (dgate, dup): rows ld apart (ld = w or 2w)
 // =====================================================================================================================
 namespace detail {
-__global__ void swiglu_forward_kernel(float* h, const float* gate, const float* up, int64_t n, int w, int ld) {
-    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-        const int64_t a = i / w * ld + i % w;   // element (r, j) of gate and up
-        const float z = gate[a], sig = 1.0f / (1.0f + expf(-z));
-        h[i] = z * sig * up[a];
-    }
+// One block per row (a grid-stride loop over rows), its threads along the row: no division per element.
+template <int V>
+__global__ void swiglu_forward_kernel(float* h, const float* gate, const float* up, int64_t rows, int w, int ld) {
+    for (int64_t r = blockIdx.x; r < rows; r += gridDim.x)
+        for (int j = V * threadIdx.x; j < w; j += V * blockDim.x) {
+            const Floats<V> z = load<V>(gate + r * ld + j), u = load<V>(up + r * ld + j);
+            Floats<V> o;
+            for (int e = 0; e < V; ++e) {
+                const float sig = 1.0f / (1.0f + expf(-z.v[e]));
+                o.v[e] = z.v[e] * sig * u.v[e];
+            }
+            store<V>(h + r * w + j, o);
+        }
 }
+template <int V>
 __global__ void swiglu_backward_kernel(float* dgate, float* dup, const float* dh, const float* gate, const float* up,
-                                       int64_t n, int w, int ld) {
-    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-        const int64_t a = i / w * ld + i % w;
-        const float z = gate[a], sig = 1.0f / (1.0f + expf(-z));
-        dgate[a] += dh[i] * up[a] * sig * (1.0f + z * (1.0f - sig));
-        dup[a] += dh[i] * z * sig;
-    }
+                                       int64_t rows, int w, int ld) {
+    for (int64_t r = blockIdx.x; r < rows; r += gridDim.x)
+        for (int j = V * threadIdx.x; j < w; j += V * blockDim.x) {
+            const int64_t a = r * ld + j;
+            const Floats<V> z = load<V>(gate + a), u = load<V>(up + a), g = load<V>(dh + r * w + j);
+            Floats<V> dg = load<V>(dgate + a), du = load<V>(dup + a);
+            for (int e = 0; e < V; ++e) {
+                const float sig = 1.0f / (1.0f + expf(-z.v[e]));
+                dg.v[e] += g.v[e] * u.v[e] * sig * (1.0f + z.v[e] * (1.0f - sig));
+                du.v[e] += g.v[e] * z.v[e] * sig;
+            }
+            store<V>(dgate + a, dg);
+            store<V>(dup + a, du);
+        }
 }
 }  // namespace detail
 inline void swiglu_forward(float* h, const float* gate, const float* up, int64_t rows, int w, int ld) {
     DSV3_PROFILE_KERNEL();
-    const int64_t n = rows * w;
-    if (n <= 0) return;
-    detail::swiglu_forward_kernel<<<std::min(grid_for(n, 256), 8192), 256>>>(h, gate, up, n, w, ld);
+    if (rows <= 0 || w <= 0) return;
+    const unsigned blocks = unsigned(std::min<int64_t>(rows, 16384));
+    if (detail::vec_ok(w, ld, {h, gate, up}))
+        detail::swiglu_forward_kernel<4><<<blocks, detail::row_threads(w / 4)>>>(h, gate, up, rows, w, ld);
+    else detail::swiglu_forward_kernel<1><<<blocks, detail::row_threads(w)>>>(h, gate, up, rows, w, ld);
     DSV3_CUDA_CHECK_LAUNCH();
 }
 inline void swiglu_backward(float* dgate, float* dup, const float* dh, const float* gate, const float* up,
                             int64_t rows, int w, int ld) {
     DSV3_PROFILE_KERNEL();
-    const int64_t n = rows * w;
-    if (n <= 0) return;
-    detail::swiglu_backward_kernel<<<std::min(grid_for(n, 256), 8192), 256>>>(dgate, dup, dh, gate, up, n, w, ld);
+    if (rows <= 0 || w <= 0) return;
+    const unsigned blocks = unsigned(std::min<int64_t>(rows, 16384));
+    if (detail::vec_ok(w, ld, {dgate, dup, dh, gate, up}))
+        detail::swiglu_backward_kernel<4><<<blocks, detail::row_threads(w / 4)>>>(dgate, dup, dh, gate, up, rows, w,
+                                                                                   ld);
+    else detail::swiglu_backward_kernel<1><<<blocks, detail::row_threads(w)>>>(dgate, dup, dh, gate, up, rows, w, ld);
     DSV3_CUDA_CHECK_LAUNCH();
 }
 
@@ -1363,7 +1424,10 @@ inline void embedding_backward(float* dE, const float* dout, const int32_t* toke
 // 3.7 cross-entropy      logits: [T, V]; targets: [T] (device; kIgnore skips a row); mean over counted rows, nats
 // =====================================================================================================================
 namespace detail {
-// Per row: loss_t = log Σ exp(z − max) + max − z_y (in double, like the CPU), 0 for ignored rows.
+// Per row: loss_t = log Σ exp(z − max) + max − z_y, the sum in double like the CPU (of float exponentials: exp in
+// double was the kernel's largest cost), 0 for ignored rows. Two passes over the row (max, then the sum); the
+// second mostly hits L2.
+template <int VEC>
 __global__ void cross_entropy_rows_kernel(double* loss, const float* logits, const int32_t* targets, int V) {
     __shared__ float redf[32];
     __shared__ double redd[32];
@@ -1371,10 +1435,16 @@ __global__ void cross_entropy_rows_kernel(double* loss, const float* logits, con
     const int32_t y = targets[t];
     const float* z = logits + t * V;
     float mx = -INFINITY;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) mx = fmaxf(mx, z[i]);
+    for (int i = VEC * threadIdx.x; i < V; i += VEC * blockDim.x) {
+        const Floats<VEC> a = load<VEC>(z + i);
+        for (int e = 0; e < VEC; ++e) mx = fmaxf(mx, a.v[e]);
+    }
     mx = block_max(mx, redf);
     double sum = 0.0;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) sum += exp(double(z[i] - mx));
+    for (int i = VEC * threadIdx.x; i < V; i += VEC * blockDim.x) {
+        const Floats<VEC> a = load<VEC>(z + i);
+        for (int e = 0; e < VEC; ++e) sum += double(expf(a.v[e] - mx));
+    }
     sum = block_sum_d(sum, redd);
     if (threadIdx.x == 0) loss[t] = y == kIgnore ? 0.0 : log(sum) + mx - z[y];
 }
@@ -1386,6 +1456,10 @@ __global__ void sum_doubles_kernel(double* out, const double* x, int64_t n) {
     s = block_sum_d(s, red);
     if (threadIdx.x == 0) *out = s;
 }
+// dz += w·(softmax(z) − onehot(y)). One pass finds the row's max and its sum of exponentials together (each thread
+// keeps a running max m and a sum s scaled to it, rescaling s when m grows; the block then scales every thread's s
+// to the row's max), a second writes.
+template <int VEC>
 __global__ void cross_entropy_backward_kernel(float* dlogits, const float* logits, const int32_t* targets, int V,
                                               float w) {
     __shared__ float red[32];
@@ -1394,14 +1468,27 @@ __global__ void cross_entropy_backward_kernel(float* dlogits, const float* logit
     if (y == kIgnore) return;   // the whole block leaves together: no barrier is skipped by some threads only
     const float* z = logits + t * V;
     float* dz = dlogits + t * V;
-    float mx = -INFINITY;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) mx = fmaxf(mx, z[i]);
-    mx = block_max(mx, red);
-    float sum = 0.0f;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) sum += expf(z[i] - mx);
-    sum = block_sum(sum, red);
+    float m = -INFINITY, s = 0.0f;
+    for (int i = VEC * threadIdx.x; i < V; i += VEC * blockDim.x) {
+        const Floats<VEC> a = load<VEC>(z + i);
+        for (int e = 0; e < VEC; ++e) {
+            if (a.v[e] > m) {
+                s = s * expf(m - a.v[e]) + 1.0f;
+                m = a.v[e];
+            } else if (m != -INFINITY) {   // (−∞ − −∞ would be NaN; a −∞ logit adds nothing)
+                s += expf(a.v[e] - m);
+            }
+        }
+    }
+    const float mx = block_max(m, red);
+    const float sum = block_sum(m == -INFINITY ? 0.0f : s * expf(m - mx), red);
     const float inv = 1.0f / sum;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) dz[i] += w * (expf(z[i] - mx) * inv - (i == y ? 1.0f : 0.0f));
+    for (int i = VEC * threadIdx.x; i < V; i += VEC * blockDim.x) {
+        const Floats<VEC> a = load<VEC>(z + i);
+        Floats<VEC> o = load<VEC>(dz + i);
+        for (int e = 0; e < VEC; ++e) o.v[e] += w * (expf(a.v[e] - mx) * inv - (i + e == y ? 1.0f : 0.0f));
+        store<VEC>(dz + i, o);
+    }
 }
 __global__ void count_not_ignored_kernel(int* out, const int32_t* targets, int T) {
     __shared__ float red[32];
@@ -1431,7 +1518,8 @@ inline double cross_entropy_forward(const float* logits, const int32_t* targets,
     const int64_t counted = detail::cross_entropy_count(targets, T, V);
     if (counted == 0) return 0.0;
     double* rows = static_cast<double*>(scratch(Slot::decode_stats, sizeof(double) * (size_t(T) + 1)));
-    detail::cross_entropy_rows_kernel<<<T, 256>>>(rows, logits, targets, V);
+    if (detail::vec_ok(V, V, {logits})) detail::cross_entropy_rows_kernel<4><<<T, 256>>>(rows, logits, targets, V);
+    else detail::cross_entropy_rows_kernel<1><<<T, 256>>>(rows, logits, targets, V);
     DSV3_CUDA_CHECK_LAUNCH();
     detail::sum_doubles_kernel<<<1, 1024>>>(rows + T, rows, T);
     DSV3_CUDA_CHECK_LAUNCH();
@@ -1445,7 +1533,9 @@ inline void cross_entropy_backward(float* dlogits, const float* logits, const in
     const int64_t counted = detail::cross_entropy_count(targets, T, V);
     if (counted == 0) return;
     const float w = dloss / float(counted);   // the CPU's w, bit for bit
-    detail::cross_entropy_backward_kernel<<<T, 256>>>(dlogits, logits, targets, V, w);
+    if (detail::vec_ok(V, V, {dlogits, logits}))
+        detail::cross_entropy_backward_kernel<4><<<T, 256>>>(dlogits, logits, targets, V, w);
+    else detail::cross_entropy_backward_kernel<1><<<T, 256>>>(dlogits, logits, targets, V, w);
     DSV3_CUDA_CHECK_LAUNCH();
 }
 
@@ -1829,29 +1919,40 @@ inline void moe_permute_plan(MoePermutation& p, const int32_t* chosen, int T, in
     std::memcpy(p.host.token_of.data(), staged + rows, sizeof(int32_t) * size_t(rows));
 }
 namespace detail {
+template <int V>
 __global__ void moe_permute_forward_kernel(float* xe, const float* x, const int32_t* token_of, int d) {
     const int64_t r = blockIdx.x;
     const float* src = x + int64_t(token_of[r]) * d;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) xe[r * d + i] = src[i];
+    for (int i = V * threadIdx.x; i < d; i += V * blockDim.x) store<V>(xe + r * d + i, load<V>(src + i));
 }
+template <int V>
 __global__ void moe_permute_backward_kernel(float* dx, const float* dxe, const int32_t* slot, int K, int d) {
     const int64_t t = blockIdx.x;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        float acc = dx[t * d + i];
-        for (int k = 0; k < K; ++k) acc += dxe[int64_t(slot[t * K + k]) * d + i];   // k in order, like the CPU
-        dx[t * d + i] = acc;
+    for (int i = V * threadIdx.x; i < d; i += V * blockDim.x) {
+        Floats<V> acc = load<V>(dx + t * d + i);
+        for (int k = 0; k < K; ++k) {   // k in order, like the CPU
+            const Floats<V> a = load<V>(dxe + int64_t(slot[t * K + k]) * d + i);
+            for (int e = 0; e < V; ++e) acc.v[e] += a.v[e];
+        }
+        store<V>(dx + t * d + i, acc);
     }
 }
+template <int V>
 __global__ void moe_unpermute_forward_kernel(float* y, const float* ye, const float* gates, const int32_t* slot,
                                              int K, int d) {
     const int64_t t = blockIdx.x;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        float acc = y[t * d + i];
-        for (int k = 0; k < K; ++k) acc += gates[t * K + k] * ye[int64_t(slot[t * K + k]) * d + i];
-        y[t * d + i] = acc;
+    for (int i = V * threadIdx.x; i < d; i += V * blockDim.x) {
+        Floats<V> acc = load<V>(y + t * d + i);
+        for (int k = 0; k < K; ++k) {
+            const float g = gates[t * K + k];
+            const Floats<V> a = load<V>(ye + int64_t(slot[t * K + k]) * d + i);
+            for (int e = 0; e < V; ++e) acc.v[e] += g * a.v[e];
+        }
+        store<V>(y + t * d + i, acc);
     }
 }
 // One warp per (t, k): dye[slot] = g·dy[t] and dgates[t,k] += dy[t]·ye[slot] (warp-reduced).
+template <int V>
 __global__ void moe_unpermute_backward_kernel(float* dye, float* dgates, const float* dy, const float* ye,
                                               const float* gates, const int32_t* slot, int T, int K, int d) {
     const int64_t pair = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5;
@@ -1860,9 +1961,14 @@ __global__ void moe_unpermute_backward_kernel(float* dye, float* dgates, const f
     const int64_t t = pair / K, row = slot[pair];
     const float g = gates[pair];
     float dot = 0.0f;
-    for (int i = lane; i < d; i += 32) {
-        dye[row * d + i] = g * dy[t * d + i];
-        dot += dy[t * d + i] * ye[row * d + i];
+    for (int i = V * lane; i < d; i += V * 32) {
+        const Floats<V> a = load<V>(dy + t * d + i), b = load<V>(ye + row * d + i);
+        Floats<V> o;
+        for (int e = 0; e < V; ++e) {
+            o.v[e] = g * a.v[e];
+            dot += a.v[e] * b.v[e];
+        }
+        store<V>(dye + row * d + i, o);
     }
     dot = warp_sum(dot);
     if (lane == 0) dgates[pair] += dot;
@@ -1874,14 +1980,19 @@ inline void moe_permute_forward(float* xe, const float* x, const MoePermutation&
     DSV3_PROFILE_KERNEL();
     const int64_t rows = int64_t(p.token_of.size());
     if (rows == 0 || d <= 0) return;
-    detail::moe_permute_forward_kernel<<<unsigned(rows), 128>>>(xe, x, p.token_of.data(), d);
+    if (detail::vec_ok(d, d, {xe, x}))
+        detail::moe_permute_forward_kernel<4><<<unsigned(rows), detail::row_threads(d / 4)>>>(xe, x, p.token_of.data(),
+                                                                                              d);
+    else detail::moe_permute_forward_kernel<1><<<unsigned(rows), 128>>>(xe, x, p.token_of.data(), d);
     DSV3_CUDA_CHECK_LAUNCH();
 }
 // dx[t] += Σ_k dxe[slot[t,k]]
 inline void moe_permute_backward(float* dx, const float* dxe, const MoePermutation& p, int T, int K, int d) {
     DSV3_PROFILE_KERNEL();
     if (T <= 0 || K <= 0 || d <= 0) return;
-    detail::moe_permute_backward_kernel<<<T, 128>>>(dx, dxe, p.slot.data(), K, d);
+    if (detail::vec_ok(d, d, {dx, dxe}))
+        detail::moe_permute_backward_kernel<4><<<T, detail::row_threads(d / 4)>>>(dx, dxe, p.slot.data(), K, d);
+    else detail::moe_permute_backward_kernel<1><<<T, 128>>>(dx, dxe, p.slot.data(), K, d);
     DSV3_CUDA_CHECK_LAUNCH();
 }
 // y[t] += Σ_k gates[t,k] · ye[slot[t,k]]      ye: [T·K, d]; y: [T, d]; gates: [T, K]
@@ -1889,7 +2000,9 @@ inline void moe_unpermute_forward(float* y, const float* ye, const float* gates,
                                   int d) {
     DSV3_PROFILE_KERNEL();
     if (T <= 0 || K <= 0 || d <= 0) return;
-    detail::moe_unpermute_forward_kernel<<<T, 128>>>(y, ye, gates, p.slot.data(), K, d);
+    if (detail::vec_ok(d, d, {y, ye}))
+        detail::moe_unpermute_forward_kernel<4><<<T, detail::row_threads(d / 4)>>>(y, ye, gates, p.slot.data(), K, d);
+    else detail::moe_unpermute_forward_kernel<1><<<T, 128>>>(y, ye, gates, p.slot.data(), K, d);
     DSV3_CUDA_CHECK_LAUNCH();
 }
 // dye[slot] = gates · dy[t];  dgates[t,k] += dy[t] · ye[slot]
@@ -1898,8 +2011,12 @@ inline void moe_unpermute_backward(float* dye, float* dgates, const float* dy, c
     DSV3_PROFILE_KERNEL();
     if (T <= 0 || K <= 0 || d <= 0) return;
     const int64_t threads = int64_t(T) * K * 32;
-    detail::moe_unpermute_backward_kernel<<<grid_for(threads, 256), 256>>>(dye, dgates, dy, ye, gates, p.slot.data(),
-                                                                           T, K, d);
+    const int32_t* slot = p.slot.data();
+    if (detail::vec_ok(d, d, {dye, dy, ye}))
+        detail::moe_unpermute_backward_kernel<4><<<grid_for(threads, 256), 256>>>(dye, dgates, dy, ye, gates, slot, T,
+                                                                                  K, d);
+    else detail::moe_unpermute_backward_kernel<1><<<grid_for(threads, 256), 256>>>(dye, dgates, dy, ye, gates, slot, T,
+                                                                                   K, d);
     DSV3_CUDA_CHECK_LAUNCH();
 }
 

@@ -230,20 +230,23 @@ TEST_CASE("bf16 weight shadows: written by adamw_update, read by matmul and grou
 
 TEST_CASE("rmsnorm: forward and backward") {
     Rng rng(102);
-    const int T = 37, d = 300;
-    auto x = normal(rng, size_t(T) * d), g = normal(rng, d), dy = normal(rng, size_t(T) * d);
-    auto dx0 = normal(rng, size_t(T) * d), dg0 = normal(rng, d);
-    std::vector<float> y(size_t(T) * d), rstd(T), dx = dx0, dg = dg0;
-    dsv3::rmsnorm_forward(y.data(), rstd.data(), x.data(), g.data(), T, d, 1e-6f);
-    dsv3::rmsnorm_backward(dx.data(), dg.data(), dy.data(), x.data(), g.data(), rstd.data(), T, d);
-    auto xd = dev(x), gd = dev(g), dyd = dev(dy), dxd = dev(dx0), dgd = dev(dg0);
-    auto yd = poisoned<float>(y.size()), rd = poisoned<float>(T);
-    cu::rmsnorm_forward(yd.data(), rd.data(), xd.data(), gd.data(), T, d, 1e-6f);
-    cu::rmsnorm_backward(dxd.data(), dgd.data(), dyd.data(), xd.data(), gd.data(), rd.data(), T, d);
-    CHECK_REL(host(yd), y, 1e-5);
-    CHECK_REL(host(rd), rstd, 1e-5);
-    CHECK_REL(host(dxd), dx, 1e-5);
-    CHECK_REL(host(dgd), dg, 1e-5);
+    const int T = 37;
+    for (int d : {300, 301}) {   // 300: 16-byte rows, four elements a thread; 301: one at a time
+        CAPTURE(d);
+        auto x = normal(rng, size_t(T) * d), g = normal(rng, d), dy = normal(rng, size_t(T) * d);
+        auto dx0 = normal(rng, size_t(T) * d), dg0 = normal(rng, d);
+        std::vector<float> y(size_t(T) * d), rstd(T), dx = dx0, dg = dg0;
+        dsv3::rmsnorm_forward(y.data(), rstd.data(), x.data(), g.data(), T, d, 1e-6f);
+        dsv3::rmsnorm_backward(dx.data(), dg.data(), dy.data(), x.data(), g.data(), rstd.data(), T, d);
+        auto xd = dev(x), gd = dev(g), dyd = dev(dy), dxd = dev(dx0), dgd = dev(dg0);
+        auto yd = poisoned<float>(y.size()), rd = poisoned<float>(T);
+        cu::rmsnorm_forward(yd.data(), rd.data(), xd.data(), gd.data(), T, d, 1e-6f);
+        cu::rmsnorm_backward(dxd.data(), dgd.data(), dyd.data(), xd.data(), gd.data(), rd.data(), T, d);
+        CHECK_REL(host(yd), y, 1e-5);
+        CHECK_REL(host(rd), rstd, 1e-5);
+        CHECK_REL(host(dxd), dx, 1e-5);
+        CHECK_REL(host(dgd), dg, 1e-5);
+    }
 }
 
 TEST_CASE("rope: forward and backward with a YaRN table, query layout (heads, offset) and key layout") {
@@ -330,8 +333,9 @@ TEST_CASE("attention: causal forward and backward, materialised and flash") {
 TEST_CASE("swiglu: forward and backward, separate gate and up (ld = w) and one [gate; up] product (ld = 2w)") {
     Rng rng(105);
     const int64_t rows = 97;
-    const int w = 103;
+    for (int w : {103, 104})   // 104: rows 16-byte aligned, four elements a thread
     for (int ld : {w, 2 * w}) {
+        CAPTURE(w);
         CAPTURE(ld);
         const size_t n = size_t(rows) * w, up_at = ld == w ? n : size_t(w);
         auto gu = normal(rng, 2 * n, 3.0f), dh = normal(rng, n), dgu0 = normal(rng, 2 * n);
@@ -371,23 +375,26 @@ TEST_CASE("embedding: forward (exact) and backward, bad ids rejected") {
 
 TEST_CASE("cross_entropy: forward and backward with ignored rows") {
     Rng rng(107);
-    const int T = 45, V = 1000;
-    auto logits = normal(rng, size_t(T) * V, 2.0f), dl0 = normal(rng, size_t(T) * V, 0.01f);
-    std::vector<int32_t> tg(T);
-    for (auto& t : tg) t = int32_t(rng.below(V));
-    tg[3] = tg[17] = dsv3::kIgnore;
-    std::vector<float> dl = dl0;
-    const double loss = dsv3::cross_entropy_forward(logits.data(), tg.data(), T, V);
-    dsv3::cross_entropy_backward(dl.data(), logits.data(), tg.data(), T, V, 1.5f);
-    auto tgd = dev(tg);
-    auto ld = dev(logits), dld = dev(dl0);
-    const double gloss = cu::cross_entropy_forward(ld.data(), tgd.data(), T, V);
-    cu::cross_entropy_backward(dld.data(), ld.data(), tgd.data(), T, V, 1.5f);
-    CHECK(std::fabs(gloss - loss) <= 1e-6 * std::fabs(loss));
-    CHECK_REL(host(dld), dl, 1e-5);
-    tg[5] = V;
-    auto bad = dev(tg);
-    CHECK_THROWS_AS(cu::cross_entropy_forward(ld.data(), bad.data(), T, V), dsv3::Error);
+    const int T = 45;
+    for (int V : {1000, 1001}) {   // 1000: 16-byte rows, four elements a thread; 1001: one at a time
+        CAPTURE(V);
+        auto logits = normal(rng, size_t(T) * V, 2.0f), dl0 = normal(rng, size_t(T) * V, 0.01f);
+        std::vector<int32_t> tg(T);
+        for (auto& t : tg) t = int32_t(rng.below(V));
+        tg[3] = tg[17] = dsv3::kIgnore;
+        std::vector<float> dl = dl0;
+        const double loss = dsv3::cross_entropy_forward(logits.data(), tg.data(), T, V);
+        dsv3::cross_entropy_backward(dl.data(), logits.data(), tg.data(), T, V, 1.5f);
+        auto tgd = dev(tg);
+        auto ld = dev(logits), dld = dev(dl0);
+        const double gloss = cu::cross_entropy_forward(ld.data(), tgd.data(), T, V);
+        cu::cross_entropy_backward(dld.data(), ld.data(), tgd.data(), T, V, 1.5f);
+        CHECK(std::fabs(gloss - loss) <= 1e-6 * std::fabs(loss));
+        CHECK_REL(host(dld), dl, 1e-5);
+        tg[5] = V;
+        auto bad = dev(tg);
+        CHECK_THROWS_AS(cu::cross_entropy_forward(ld.data(), bad.data(), T, V), dsv3::Error);
+    }
 }
 
 TEST_CASE("router: scores, group-limited top-k selection (exact), gates") {
@@ -469,7 +476,7 @@ TEST_CASE("balance losses: sequence-wise and expert-level, values and gradients"
 
 TEST_CASE("moe: permutation plan, permute and unpermute forward and backward") {
     Rng rng(109);
-    const int T = 77, K = 4, N = 16, d = 40;
+    const int T = 77, K = 4, N = 16;
     std::vector<int32_t> chosen(size_t(T) * K);
     for (int t = 0; t < T; ++t)   // K distinct experts per token, skewed towards the low ids
         for (int k = 0; k < K; ++k) {
@@ -494,26 +501,29 @@ TEST_CASE("moe: permutation plan, permute and unpermute forward and backward") {
     CHECK(gp.host.slot == p.slot);
     CHECK(gp.host.token_of == p.token_of);
 
-    auto x = normal(rng, size_t(T) * d), gates = normal(rng, size_t(T) * K), ye = normal(rng, size_t(T) * K * d);
-    auto dxe = normal(rng, size_t(T) * K * d), dy = normal(rng, size_t(T) * d), dx0 = normal(rng, size_t(T) * d);
-    auto y0 = normal(rng, size_t(T) * d), dg0 = normal(rng, size_t(T) * K);
-    std::vector<float> xe(size_t(T) * K * d), dx = dx0, y = y0, dye(size_t(T) * K * d), dg = dg0;
-    dsv3::moe_permute_forward(xe.data(), x.data(), p, d);
-    dsv3::moe_permute_backward(dx.data(), dxe.data(), p, T, K, d);
-    dsv3::moe_unpermute_forward(y.data(), ye.data(), gates.data(), p, T, K, d);
-    dsv3::moe_unpermute_backward(dye.data(), dg.data(), dy.data(), ye.data(), gates.data(), p, T, K, d);
-    auto xd = dev(x), gatesd = dev(gates), yed = dev(ye), dxed = dev(dxe), dyd = dev(dy), dxd = dev(dx0), yd = dev(y0),
-         dgd = dev(dg0);
-    auto xed = poisoned<float>(xe.size()), dyed = poisoned<float>(dye.size());
-    cu::moe_permute_forward(xed.data(), xd.data(), gp, d);
-    cu::moe_permute_backward(dxd.data(), dxed.data(), gp, T, K, d);
-    cu::moe_unpermute_forward(yd.data(), yed.data(), gatesd.data(), gp, T, K, d);
-    cu::moe_unpermute_backward(dyed.data(), dgd.data(), dyd.data(), yed.data(), gatesd.data(), gp, T, K, d);
-    CHECK(host(xed) == xe);
-    CHECK_REL(host(dxd), dx, 1e-6);
-    CHECK_REL(host(yd), y, 1e-6);
-    CHECK_REL(host(dyed), dye, 1e-6);
-    CHECK_REL(host(dgd), dg, 1e-5);
+    for (int d : {40, 41}) {   // 40: 16-byte rows, four elements a thread; 41: one at a time
+        CAPTURE(d);
+        auto x = normal(rng, size_t(T) * d), gates = normal(rng, size_t(T) * K), ye = normal(rng, size_t(T) * K * d);
+        auto dxe = normal(rng, size_t(T) * K * d), dy = normal(rng, size_t(T) * d), dx0 = normal(rng, size_t(T) * d);
+        auto y0 = normal(rng, size_t(T) * d), dg0 = normal(rng, size_t(T) * K);
+        std::vector<float> xe(size_t(T) * K * d), dx = dx0, y = y0, dye(size_t(T) * K * d), dg = dg0;
+        dsv3::moe_permute_forward(xe.data(), x.data(), p, d);
+        dsv3::moe_permute_backward(dx.data(), dxe.data(), p, T, K, d);
+        dsv3::moe_unpermute_forward(y.data(), ye.data(), gates.data(), p, T, K, d);
+        dsv3::moe_unpermute_backward(dye.data(), dg.data(), dy.data(), ye.data(), gates.data(), p, T, K, d);
+        auto xd = dev(x), gatesd = dev(gates), yed = dev(ye), dxed = dev(dxe), dyd = dev(dy), dxd = dev(dx0);
+        auto yd = dev(y0), dgd = dev(dg0);
+        auto xed = poisoned<float>(xe.size()), dyed = poisoned<float>(dye.size());
+        cu::moe_permute_forward(xed.data(), xd.data(), gp, d);
+        cu::moe_permute_backward(dxd.data(), dxed.data(), gp, T, K, d);
+        cu::moe_unpermute_forward(yd.data(), yed.data(), gatesd.data(), gp, T, K, d);
+        cu::moe_unpermute_backward(dyed.data(), dgd.data(), dyd.data(), yed.data(), gatesd.data(), gp, T, K, d);
+        CHECK(host(xed) == xe);
+        CHECK_REL(host(dxd), dx, 1e-6);
+        CHECK_REL(host(yd), y, 1e-6);
+        CHECK_REL(host(dyed), dye, 1e-6);
+        CHECK_REL(host(dgd), dg, 1e-5);
+    }
 }
 
 // The device plan against the CPU's at the small preset's shape (8192 tokens, top-4 of 32, skewed loads, some experts

@@ -36,6 +36,7 @@ struct Args {
     int steps = 2000, batch = 16, seq = 64, warmup = 100, eval_every = 200, eval_windows = 64, seed = 1, sample = 300;
     int attention_layer = -1, attention_head = 0;  // -1: the last layer
     float lr = 3e-3f, min_lr = 3e-4f, mtp_lambda = 0.3f, bias_speed = -1, balance_alpha = 0.0001f;
+    int mtp_depth = -1;               // -1: the preset's
     std::string schedule = "cosine", balance = "none";
     bool bias_update = true, save = true, fp8 = false, profile = false, ep = false, help = false;
     double time_limit = 0;            // seconds; 0 = none
@@ -66,6 +67,7 @@ static void usage() {
         "  --bias-speed G        loss-free balancing's bias step gamma (default: the preset's, 1e-3)\n"
         "  --no-bias-update      no loss-free balancing\n"
         "  --mtp-lambda L        weight of the MTP loss (default 0.3)\n"
+        "  --mtp-depth D         MTP modules (default: the preset's, 1; 0: none, like the GPU peers)\n"
         "  --fp8                 V3's FP8 recipe (Config.fp8_training): every linear layer but the head and router in FP8\n"
         "  --seed S              initialisation and batches (default 1)\n"
         "evaluation and output:\n"
@@ -125,6 +127,7 @@ static Args parse(const std::vector<std::string>& words) {
         else if (k == "--bias-speed") a.bias_speed = float(number(0, 10));
         else if (k == "--no-bias-update") a.bias_update = false;
         else if (k == "--mtp-lambda") a.mtp_lambda = float(number(0, 100));
+        else if (k == "--mtp-depth") a.mtp_depth = count(0, 64);
         else if (k == "--seed") a.seed = count(0, INT_MAX);
         else if (k == "--sample") a.sample = count(0, 1000000);
         else if (k == "--attention-prompt") a.attention_prompt = value();
@@ -339,6 +342,7 @@ static bool run(int argc, char** argv, Communicator* comm) {
     Config cfg = a.preset == "small" ? Config::small() : (a.preset == "large" ? Config::large() : Config::tiny());
     if (a.bias_speed >= 0) cfg.bias_update_speed = a.bias_speed;
     if (a.fp8) cfg.fp8_training = true;
+    if (a.mtp_depth >= 0) cfg.n_mtp_depth = a.mtp_depth;
     if (a.seq > cfg.max_seq_len) fail("--seq ", a.seq, " exceeds the preset's max_seq_len ", cfg.max_seq_len);
     cfg.max_seq_len = a.seq;  // the model's context is what it is trained on (generation slides past it)
     if (a.attention_layer >= cfg.n_layers)
