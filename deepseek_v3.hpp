@@ -3549,6 +3549,92 @@ inline void fp8_matmul_backward(float* dx, float* dW, const float* dy, const flo
     }
 }
 
+// --- 8.5 LogFMT: a logarithmic format for communication ["Insights into DeepSeek-V3", arXiv 2505.09343, §3.2] ------
+// LogFMT-nBit codes an element of a 1×128 tile as a sign bit S and an (n−1)-bit integer K. The tile's magnitudes are
+// spaced evenly in LOG space between its smallest and largest nonzero ones, min = log|x|_min and max = log|x|_max:
+//     K = 0: zero;   K = 1 .. L (L = 2^(n−1) − 1):   |x| = exp(min + step·(K − 1)),   step = (max − min) / (L − 1)
+// min is clamped to at least max − log(2^32), a range like that of a float with 5 exponent bits. Rounding is done in
+// the LINEAR space, "for unbiased activation quantization": a magnitude between two levels takes the nearer one (ties
+// to the even K), one below the smallest level takes it or zero. Unlike E4M3 with a 1×128 scale, whose levels are
+// fixed up to the scale, the levels follow the tile's own range. The paper found LogFMT-8 more accurate than E4M3 and
+// E5M2, and LogFMT-10 close to BF16, but did not deploy it: a log and exps for every element cost too much of the
+// GPU's bandwidth (cuda/dev_logfmt.cu measures it). Each tile keeps min and step as floats. ±inf saturate to the
+// largest level; a tile with a NaN gets step = NaN, so that its nonzero elements decode to NaN.
+struct LogFmtTile { float min = 0, step = 0; };
+namespace logfmt_detail {
+constexpr float kRange = 22.18070977791825f;   // log(2^32) = 32·ln 2: the widest tile, max − min
+inline float level(const LogFmtTile& t, int K) { return std::exp(t.min + t.step * float(K - 1)); }
+// The tile of x[0, n) for L levels.
+inline LogFmtTile tile_of(const float* x, int n, int L) {
+    float amax = 0, amin = FLT_MAX;
+    bool nan = false, inf = false;
+    for (int i = 0; i < n; ++i) {
+        const float a = std::fabs(x[i]);
+        nan |= a != a;
+        inf |= a > FLT_MAX;
+        if (a > 0 && a <= FLT_MAX) amax = std::max(amax, a), amin = std::min(amin, a);
+    }
+    if (amax == 0 && inf) amax = amin = FLT_MAX;   // only zeros and infinities: one level, the largest float
+    LogFmtTile t;
+    if (amax > 0) {
+        const float hi = std::log(amax);
+        t.min = std::max(std::log(amin), hi - kRange);
+        t.step = (hi - t.min) / float(L - 1);
+    }
+    if (nan) t.step = NAN;
+    return t;
+}
+// K of a magnitude a > 0: the level at or below a (from the log, corrected by one where its rounding misses), then
+// the nearer of it and the next, in linear space.
+inline int encode_magnitude(float a, const LogFmtTile& t, int L) {
+    if (!(t.step >= 0)) return 1;                      // a NaN tile
+    a = std::min(a, FLT_MAX);
+    int K = t.step > 0 ? int(std::clamp((std::log(a) - t.min) / t.step, -1.0f, float(L))) + 1 : 1;
+    K = std::clamp(K, 1, L);
+    while (K > 1 && level(t, K) > a) --K;
+    while (K < L && t.step > 0 && level(t, K + 1) <= a) ++K;
+    const float lo = level(t, K);
+    if (a < lo) return 2 * a <= lo ? 0 : 1;            // below the smallest level: zero or it, whichever is nearer
+    if (K == L || t.step == 0) return K;
+    const float dlo = a - lo, dhi = level(t, K + 1) - a;
+    return dlo < dhi || (dlo == dhi && K % 2 == 0) ? K : K + 1;
+}
+inline void check(const char* who, int rows, int cols, int bits, const void* a, const void* b, const void* c) {
+    if (rows < 0 || cols < 0) fail(who, ": shape must be non-negative, found [", rows, ", ", cols, "]");
+    if (bits < 3 || bits > 16) fail(who, ": bits must be in [3, 16] (the paper's n = 8 or 10), found ", bits);
+    if (int64_t(rows) * cols > 0 && (!a || !b || !c)) fail(who, ": null pointer for a [", rows, ", ", cols, "] tensor");
+}
+}  // namespace logfmt_detail
+
+// x: [rows, cols] → codes: [rows, cols] (the low `bits` bits of each: S at bit bits−1, then K), tiles: [rows,
+// ceil(cols/128)] (a row's last tile is partial when cols % 128 != 0). Tiles in parallel, each on its own.
+inline void logfmt_encode(const float* x, int rows, int cols, int bits, uint16_t* codes, LogFmtTile* tiles) {
+    logfmt_detail::check("logfmt_encode", rows, cols, bits, x, codes, tiles);
+    const int ct = fp8_tiles(cols), L = (1 << (bits - 1)) - 1;
+    parallel_for(int64_t(rows) * ct, [&](int64_t b) {
+        const int64_t at = b / ct * cols + b % ct * 128;
+        const int n = std::min(128, cols - int(b % ct) * 128);
+        const LogFmtTile t = tiles[b] = logfmt_detail::tile_of(x + at, n, L);
+        for (int i = 0; i < n; ++i) {
+            const float v = x[at + i], a = std::fabs(v);
+            const int K = a == 0 ? 0 : logfmt_detail::encode_magnitude(a, t, L);
+            codes[at + i] = uint16_t((std::signbit(v) ? 1u << (bits - 1) : 0u) | unsigned(K));
+        }
+    });
+}
+inline void logfmt_decode(const uint16_t* codes, const LogFmtTile* tiles, int rows, int cols, int bits, float* x) {
+    logfmt_detail::check("logfmt_decode", rows, cols, bits, codes, tiles, x);
+    const int ct = fp8_tiles(cols);
+    const unsigned sign = 1u << (bits - 1);
+    parallel_for(rows, [&](int64_t r) {
+        for (int c = 0; c < cols; ++c) {
+            const unsigned q = codes[r * cols + c], K = q & (sign - 1);
+            const float a = K == 0 ? 0.0f : logfmt_detail::level(tiles[r * ct + c / 128], int(K));
+            x[r * cols + c] = q & sign ? -a : a;
+        }
+    });
+}
+
 // =====================================================================================================================
 // 9. PARALLELISM: DATA PARALLEL AND EXPERT PARALLEL OVER RANKS   [V3 §3.2; Fire-Flyer AI-HPC §IV, arXiv 2408.14158]
 // =====================================================================================================================
@@ -3927,6 +4013,10 @@ class ExpertParallel : public ExpertRunner {
         int64_t bytes_moved = 0;      // bytes it sent to other ranks, forward and backward (dispatch and combine)
         double seconds_moving = 0;    // wall time of those all-to-alls (each ends when its data has arrived)
     } stats;
+    // Optional: what the dispatched rows become on the wire. V3 sends the dispatch in FP8 (§3.3); build/logfmt
+    // compares codecs with it. Applied in place to the rows [n, d] going to each other rank before the all-to-all;
+    // the backward passes gradients through it unchanged (a straight-through estimate).
+    std::function<void(float* rows, int64_t n, int d)> dispatch_codec;
 
     void forward(Model& model, const MoE& m, MoeCache& c) override {
         const int K = model.cfg.n_activated_experts, d = model.cfg.dim;
@@ -3939,7 +4029,7 @@ class ExpertParallel : public ExpertRunner {
         backend::upload(rows, out.tokens);
         backend::Buffer<float> recv_x;   // [n_recv, d]
         recv_x.resize(size_t(n_recv) * d);
-        move_rows(c.x, rows.data(), out.tokens_to, recv_x.data(), nullptr, tokens_from, d);
+        move_rows(c.x, rows.data(), out.tokens_to, recv_x.data(), nullptr, tokens_from, d, dispatch_codec);
         std::vector<int32_t> recv_ids(size_t(n_recv) * K);   // [n_recv, K]
         all_to_all(comm_, out.ids.data(), out.tokens_to, K, recv_ids.data(), tokens_from);
         // 3. the local experts, on the received pairs
@@ -4054,15 +4144,23 @@ class ExpertParallel : public ExpertRunner {
         return y_local;
     }
 
-    // One all-to-all of rows of d floats, counted in stats: the rows `take` of src go out, send_rows[q] to rank q;
-    // the rows arriving, recv_rows[q] from rank q, land in dst at the rows `put` (null: in arrival order).
+    // One all-to-all of rows of d floats, counted in stats: the rows `take` of src go out, send_rows[q] to rank q
+    // (through `codec` when given, except those to this rank); the rows arriving, recv_rows[q] from rank q, land in
+    // dst at the rows `put` (null: in arrival order).
     void move_rows(const float* src, const int32_t* take, const std::vector<int64_t>& send_rows, float* dst,
-                   const int32_t* put, const std::vector<int64_t>& recv_rows, int d) {
+                   const int32_t* put, const std::vector<int64_t>& recv_rows, int d,
+                   const std::function<void(float*, int64_t, int)>& codec = nullptr) {
         const int64_t n_send = total(send_rows), n_recv = total(recv_rows);
         backend::Buffer<float> send, recv;
         send.resize(size_t(n_send) * d);
         if (put) recv.resize(size_t(n_recv) * d);
         backend::gather_rows(send.data(), src, take, n_send, d);
+        if (codec) {   // on host memory (a GPU build copies the rows there and back)
+            std::vector<float> rows = backend::download(send);
+            for (int q = 0, at = 0; q < comm_.world_size(); at += int(send_rows[size_t(q)]), ++q)
+                if (q != comm_.rank()) codec(rows.data() + int64_t(at) * d, send_rows[size_t(q)], d);
+            backend::upload(send, rows);
+        }
         const double t0 = now_seconds();
         backend::all_to_all(comm_, send.data(), send_rows, d, put ? recv.data() : dst, recv_rows);
         stats.seconds_moving += now_seconds() - t0;

@@ -46,6 +46,8 @@ for program in $programs; do
 done
 check plots_demo "plots_demo: error: unknown option \"out\" (see plots_demo --help)" out
 check hf_logits "hf_logits: error: --model, --tokens and --out are required (see hf_logits --help)" --model x
+check logfmt "--steps: expected an integer in [1, 1000000000], got '0'" --steps 0
+check logfmt "--warm-steps: expected an integer in [1, 1000000000], got '-3'" --warm-steps -3
 # values: a missing one, and at least one malformed number of every program that reads numbers
 check train "train: error: --steps: expected an integer in [1, 1000000000], got 'abc'" --steps abc
 check train "--steps: expected an integer in [1, 1000000000], got '0'" --steps 0
