@@ -7,7 +7,8 @@
 Trains, one after the other in this process, each peer at the shape of deepseek_v3.hpp's preset on random tokens,
 with FP32 master weights and BF16 autocast (as build/train_cuda: FP32 master, BF16 GEMMs), AdamW (lr 1e-3,
 betas 0.9/0.95, weight decay 0.1), gradient clipping at 1, and prints one JSON line per peer with the training
-tokens/s over the timed steps (the first 3 are warm-up). No peer has MTP (build/train_cuda trains with it).
+tokens/s over the timed steps (the first 3 are warm-up). No peer has MTP: build/train_cuda trains with it by
+default, and `--mtp-depth 0` gives the peers' model.
 
   transformers        transformers' DeepseekV3ForCausalLM, PyTorch eager, attn_implementation="eager"
   torchtitan          torchtitan's DeepSeekV3Model (grouped-GEMM MoE through torch._grouped_mm, SDPA attention),
