@@ -3552,23 +3552,18 @@ inline void fp8_matmul_backward(float* dx, float* dW, const float* dy, const flo
 // =====================================================================================================================
 // 9. PARALLELISM: DATA PARALLEL AND EXPERT PARALLEL OVER RANKS   [V3 §3.2; Fire-Flyer AI-HPC §IV, arXiv 2408.14158]
 // =====================================================================================================================
-// A "rank" is one worker with its own memory: one GPU in a real run. Ranks cooperate only through the collectives
-// below, so every byte that moves between them is visible in this section.
-//   Data parallel (DP). Every rank holds a replica of the model and runs forward/backward on its share of the batch;
-//   the gradients are then summed over the ranks (all-reduce), so every replica takes the same AdamW step and the
-//   replicas stay identical, bit for bit. The expert loads are summed too, so every rank applies the same
-//   loss-free bias update [V3 §2.1.2].
-//   Expert parallel (EP). The routed experts are split over the ranks (rank r owns experts [r·N/R, (r+1)·N/R)). Each
-//   rank routes its own tokens, DISPATCHES each token once to every rank that owns one of its chosen experts, those
-//   ranks run their experts, and the outputs come back (COMBINE) to be weighted by the gates [V3 §3.2]. Everything
-//   outside the routed experts stays data parallel. With n_expert_groups = R, the group-limited routing of section
-//   3.8 (at most n_limited_groups groups per token) becomes "at most n_limited_groups ranks per token": the
-//   single-machine form of V3's node-limited routing (M = 4 nodes per token, V3 §2.1.2).
-// The communication interface (9.1) has one data-moving primitive, sendrecv; the collectives (9.2) are written once
-// on top of it. This header implements it in-process (9.3): R ranks are R threads of one program, each with its own
-// buffers, and a "transfer" is a memcpy from the sender's buffer into the receiver's; and, optionally, over MPI
-// between processes on any number of machines (9.3b). cuda/ implements it with cudaMemcpyPeerAsync between GPUs.
-// No floating-point atomics anywhere: every sum has a fixed order.
+// A "rank" is one worker with its own memory (one GPU in a real run); ranks cooperate only through the collectives
+// below, so every byte that moves between them is visible here.
+//   Data parallel (DP): every rank holds a replica and runs forward/backward on its share of the batch; gradients
+//   and expert loads are summed over the ranks (all-reduce), so every replica takes the same AdamW step and bias
+//   update [V3 §2.1.2], and the replicas stay identical, bit for bit.
+//   Expert parallel (EP): rank r owns the routed experts [r·N/R, (r+1)·N/R). Each rank routes its own tokens,
+//   DISPATCHES each token once to every rank owning one of its chosen experts, and gets the outputs back (COMBINE) to
+//   weight them by the gates [V3 §3.2]; all else stays data parallel. With n_expert_groups = R, group-limited
+//   routing (3.8) becomes "at most n_limited_groups ranks per token": V3's node-limited routing (M = 4, §2.1.2).
+// One data-moving primitive, sendrecv (9.1), carries the collectives (9.2). It runs in-process (9.3: R threads, a
+// transfer is a memcpy between their buffers), over MPI between processes on any machines (9.3b), and in cuda/ as
+// cudaMemcpyPeerAsync between GPUs. No floating-point atomics anywhere: every sum has a fixed order.
 
 // --- 9.1 the communication interface ---------------------------------------------------------------------------------
 class Communicator {
@@ -3576,11 +3571,9 @@ class Communicator {
     virtual ~Communicator() = default;
     virtual int rank() const = 0;
     virtual int world_size() const = 0;
-    // Every rank waits until all ranks have arrived.
-    virtual void barrier() = 0;
-    // Called by all ranks together: send `send_bytes` to rank `to`, receive `recv_bytes` from rank `from` into
-    // `recv`. The receiver must expect exactly what the sender sends (checked). Returns when both are done, so the
-    // send buffer may be reused at once.
+    virtual void barrier() = 0;  // every rank waits until all have arrived
+    // By all ranks together: send `send_bytes` to rank `to`, receive `recv_bytes` (exactly what it sends: checked)
+    // from rank `from` into `recv`. Returns when both are done, so the send buffer may be reused at once.
     virtual void sendrecv(const void* send, size_t send_bytes, int to, void* recv, size_t recv_bytes, int from) = 0;
 };
 
@@ -3590,19 +3583,16 @@ enum class ReduceOp { sum, mean };
 inline int ring_mod(int a, int R) { return ((a % R) + R) % R; }
 
 // all_reduce: data[i] ← Σ_ranks data[i] (÷ R for mean) on every rank; data: [n], any n (chunks may be empty).
-//
-// Ring algorithm (Patarasuk & Yuan 2009; NCCL's ring): the buffer is cut into R chunks, chunk c = [n·c/R, n·(c+1)/R).
-//   reduce-scatter, R−1 steps: at step s rank r sends its partial sum of chunk r−s to rank r+1, and adds the partial
-//     sum of chunk r−s−1 arriving from rank r−1 to its own values. After R−1 steps rank r holds chunk r+1 complete.
+// Ring algorithm (Patarasuk & Yuan 2009; NCCL's ring) over R chunks, chunk c = [n·c/R, n·(c+1)/R):
+//   reduce-scatter, R−1 steps: at step s rank r sends its partial sum of chunk r−s to rank r+1 and adds the one of
+//     chunk r−s−1 arriving from rank r−1 to its own values; then rank r holds chunk r+1 complete.
 //   all-gather, R−1 steps: each complete chunk travels once around the ring, copied, not added.
-// Each rank sends and receives 2(R−1)/R of the buffer in total, whatever R: the ring is bandwidth-optimal.
-//
-// Determinism. Chunk c is summed in the fixed order ((x_c + x_{c+1}) + x_{c+2}) + … + x_{c−1} (rank indices mod R):
-// the partial sum arriving is always the left operand, the local value the right one. The all-gather copies that one
-// result to every rank, so all ranks hold bitwise the same sums, on every run. Compared with the serial sum
-// ((x_0 + x_1) + x_2) + …: chunk 0 is bitwise equal to it; other chunks start at a different rank, a rotation of the
-// order, which float addition (commutative but not associative) only preserves for R ≤ 2. So the result is bitwise
-// the serial sum for 1 or 2 ranks, and equal to it up to rounding (a few ulps of Σ|x|) for 3 or more.
+// Each rank sends and receives 2(R−1)/R of the buffer, whatever R: the ring is bandwidth-optimal.
+// Determinism. Chunk c is summed in the fixed order ((x_c + x_{c+1}) + x_{c+2}) + … + x_{c−1} (ranks mod R), the
+// arriving partial sum always the left operand, and the all-gather copies that one result everywhere: all ranks hold
+// bitwise the same sums, on every run. Chunk 0 is the serial sum ((x_0 + x_1) + x_2) + …; the others rotate its
+// order, which float addition preserves only for R ≤ 2: bitwise the serial sum for 1 or 2 ranks, within a few ulps of
+// Σ|x| for more.
 template <class T>
 inline void all_reduce(Communicator& comm, T* data, size_t n, ReduceOp op = ReduceOp::sum) {
     const int R = comm.world_size(), r = comm.rank();
@@ -3629,10 +3619,9 @@ inline void all_reduce(Communicator& comm, T* data, size_t n, ReduceOp op = Redu
 }
 
 // all_to_all: every rank sends send_rows[q] rows of `row` elements to every rank q and receives recv_rows[q] rows
-// from every rank q. send: [Σ send_rows, row], grouped by destination rank in rank order; recv: [Σ recv_rows, row],
-// grouped by source rank in rank order. recv_rows comes from exchange_counts (or is known to both sides).
-// Schedule: pairwise exchange in R−1 rounds; in round s rank r sends to r+s and receives from r−s, so every rank
-// sends one message and receives one per round, and no round can deadlock. A rank's own rows are a local copy.
+// (from exchange_counts, or known to both sides) from every rank q. send: [Σ send_rows, row] grouped by destination,
+// recv: [Σ recv_rows, row] grouped by source, in rank order. Pairwise exchange in R−1 rounds: in round s rank r sends
+// to r+s and receives from r−s, one message each way, so no round can deadlock; a rank's own rows are a local copy.
 template <class T>
 inline void all_to_all(Communicator& comm, const T* send, const std::vector<int64_t>& send_rows, int64_t row, T* recv,
                        const std::vector<int64_t>& recv_rows) {
@@ -3649,9 +3638,8 @@ inline void all_to_all(Communicator& comm, const T* send, const std::vector<int6
     }
 }
 
-// exchange_counts: counts[q] = how many rows this rank will send to rank q; returns how many rows each rank will send
-// to this one. The first half of every all-to-all: a receiver must know the sizes before the payload arrives. It is an
-// all-to-all itself, of one count per rank.
+// exchange_counts: counts[q] = rows this rank will send to rank q; returns the rows each rank will send to this one.
+// The first half of every all-to-all (a receiver must know the sizes first), itself an all-to-all of one count a rank.
 inline std::vector<int64_t> exchange_counts(Communicator& comm, const std::vector<int64_t>& counts) {
     const int R = comm.world_size();
     if (int(counts.size()) != R) fail("exchange_counts: ", counts.size(), " counts for ", R, " ranks");
@@ -3662,10 +3650,9 @@ inline std::vector<int64_t> exchange_counts(Communicator& comm, const std::vecto
 }
 
 // --- 9.3 ranks in one process: threads with their own buffers --------------------------------------------------------
-// The R ranks run as R std::threads (run_ranks below), each with its own Model, buffers and an InProcessComm. A
-// sendrecv is: post my send buffer, barrier, memcpy what my peer posted for me into my receive buffer, barrier (so
-// nobody reuses a buffer a peer is still reading). The mutex of the barrier orders the memory accesses.
-// A rank that throws aborts the others' barriers, so a failing test reports its error instead of hanging.
+// R ranks are R std::threads (run_ranks), each with its own Model, buffers and InProcessComm. A sendrecv posts the
+// send buffer, barrier, copies what the peer posted for it, barrier (nobody reuses a buffer a peer is still reading);
+// the barrier's mutex orders the memory accesses. A rank that throws aborts the others' barriers (no hang).
 struct RankAborted : Error {
     explicit RankAborted(int rank) : Error("rank " + std::to_string(rank) + ": stopped because another rank failed") {}
 };
@@ -3764,8 +3751,8 @@ inline void run_ranks(int world, const Body& body) {
     if (first_aborted) std::rethrow_exception(first_aborted);
 }
 
-// Rows [first, first + count) of a batch of B rows that rank r of R works on: contiguous, in rank order, sizes
-// differing by at most one. Keeping the ranks' rows in rank order makes "all ranks' rows" the whole batch in order.
+// Rows [first, first + count) of a batch of B rows that rank r of R works on: contiguous, sizes differing by at most
+// one, in rank order, so that "all ranks' rows" are the whole batch in order.
 struct RowShare { int first = 0, count = 0; };
 inline RowShare row_share(int B, int R, int r) {
     const int first = int(int64_t(B) * r / R), last = int(int64_t(B) * (r + 1) / R);
@@ -3773,11 +3760,10 @@ inline RowShare row_share(int B, int R, int r) {
 }
 
 // --- 9.3b ranks in separate processes, on one machine or many: MPI (optional: compiled only with -DDSV3_MPI) ---------
-// One process per rank (Open MPI from Debian's libopenmpi-dev and openmpi-bin; `make mpi` builds build/train_mpi).
-// sendrecv is MPI_Sendrecv on a private copy of MPI_COMM_WORLD; the collectives, DP and EP above run on it unchanged,
-// with bitwise the results of thread ranks. Its buffers are host memory (the GPU build stages device buffers through
-// the host: cuda/comm.cuh). run_mpi is run_ranks for this process's rank: a rank that throws prints its error and
-// calls MPI_Abort, which ends every process of the job (exit code 1) instead of leaving them waiting for a message.
+// One process per rank (Open MPI: Debian's libopenmpi-dev and openmpi-bin; `make mpi` builds build/train_mpi).
+// sendrecv is MPI_Sendrecv on a private copy of MPI_COMM_WORLD, on host memory (the GPU build stages device buffers:
+// cuda/comm.cuh); everything above runs on it unchanged, bitwise as on thread ranks. run_mpi is run_ranks for this
+// process's rank: a rank that throws prints its error and calls MPI_Abort, ending the whole job (exit code 1).
 #ifdef DSV3_MPI
 }  // namespace dsv3
 #define OMPI_SKIP_MPICXX 1  // MPI's C API only (its C++ bindings are deprecated)
@@ -3797,8 +3783,8 @@ class MpiCommunicator : public Communicator {
     int rank() const override { return rank_; }
     int world_size() const override { return world_; }
     void barrier() override { check(MPI_Barrier(comm_), "MPI_Barrier"); }
-    // MPI counts are ints: a message goes in pieces of at most 1 GiB (a side with fewer pieces idles: MPI_PROC_NULL).
-    // A receive size that is not the sender's is reported (MPI reports a longer message as truncated).
+    // MPI counts are ints: pieces of at most 1 GiB (a side with fewer pieces idles: MPI_PROC_NULL). A receive size
+    // that is not the sender's is reported (MPI reports a longer message as truncated).
     void sendrecv(const void* send, size_t send_bytes, int to, void* recv, size_t recv_bytes, int from) override {
         constexpr size_t piece = size_t(1) << 30;
         for (size_t at = 0; at == 0 || at < std::max(send_bytes, recv_bytes); at += piece) {
@@ -3833,9 +3819,8 @@ class MpiCommunicator : public Communicator {
     }
 };
 
-// body(comm) as this process's rank, between MPI_Init and MPI_Finalize. As in run_ranks, the OpenMP threads of a
-// machine are shared out among its ranks (unless OMP_NUM_THREADS is set); on the GPU backend the k-th rank of a
-// machine takes its GPU k mod (GPUs of the machine).
+// body(comm) as this process's rank, between MPI_Init and MPI_Finalize. A machine's OpenMP threads are shared out
+// among its ranks (unless OMP_NUM_THREADS is set); on the GPU backend its k-th rank takes GPU k mod (its GPUs).
 template <class Body>
 inline void run_mpi(int& argc, char**& argv, const Body& body) {
     MPI_Init(&argc, &argv);
@@ -3866,10 +3851,9 @@ inline void run_mpi(int& argc, char**& argv, const Body& body) {
 }
 #endif  // DSV3_MPI
 
-// Sections 9.4-9.5 move activations and gradients, which live in backend memory (device memory on a GPU), so they
-// call backend::all_reduce / backend::all_to_all: on the CPU the functions of 9.2; in a GPU build (DSV3_BACKEND_CUDA)
-// those of cuda/comm.cuh, the same schedules over peer copies between GPUs. Host data (counts, expert ids, losses)
-// goes through 9.2's functions on every backend.
+// 9.4-9.5 move activations and gradients in backend memory with backend::all_reduce / all_to_all: 9.2's functions on
+// the CPU, cuda/comm.cuh's (the same schedules over peer copies) with DSV3_BACKEND_CUDA. Host data (counts, expert
+// ids, losses) goes through 9.2's functions on every backend.
 }  // namespace dsv3
 #if defined(DSV3_BACKEND_CUDA)
 #include "cuda/comm.cuh"
@@ -3878,33 +3862,25 @@ namespace dsv3 {
 
 // --- 9.4 expert parallelism: dispatch, local experts, combine   [V3 §3.2] ------------------------------------------
 // Per MoE layer, on rank r, with n tokens routed locally (chosen: [n, K], perm: the grouping of section 3.10):
-//
-//   forward   1. plan: for each rank q, the tokens with at least one chosen expert on q (each listed ONCE), and the
-//                (token, choice) pairs of those experts, in (token, choice) order.
+//   forward   1. plan: for each rank q, the tokens with a chosen expert on q (each listed ONCE), and the (token,
+//                choice) pairs of those experts, in (token, choice) order.
 //             2. dispatch: counts first, then the token rows x: [sent, d] and their expert ids [sent, K].
-//             3. on the owner: group the received (token, choice) pairs by local expert (the counting sort of 3.10,
-//                with the experts owned elsewhere put in one extra bucket that is never run), run the local experts.
-//             4. combine: every (token, choice) output row goes back to its source in the order of step 1, and
-//                lands in c.ye at the row the single-rank layer would have used; the layer then weights them by the
-//                gates and sums them in choice order (moe_unpermute_forward, unchanged).
-//   backward  the same two transfers reversed: the gradient rows dye of every (token, choice) go to the owners (the
-//             adjoint of the combine), the owners run their experts' backward (weight gradients stay there), and
-//             the input-gradient rows come back to be summed in choice order (moe_permute_backward, unchanged).
-// The plan is host work on small integer arrays; the rows stay in backend memory and move with backend::gather_rows /
-// scatter_rows and backend::all_to_all.
-//
-// Traffic per token: dispatch one row per destination rank, at most min(K, n_limited_groups) ranks when
-// n_expert_groups = R. The combine returns one row per chosen expert (K rows). V3's combine instead accumulates on
-// the way back (§3.2: "NVLink-to-IB forwarding and accumulation"), so fewer rows cross the network, but then the sum
-// order depends on where the experts live. Returning every row keeps the result BITWISE equal to the single-rank
-// layer (same rows, same order, same kernels), which is what the tests check. V3 also sends the dispatch in FP8 and
-// the combine in BF16 (§3.3); here everything is FP32.
-//
-// Bitwise equality with one rank holds because (a) a matmul row does not depend on the other rows of its batch
-// (section 3.1), (b) each expert sees its rows in global token order: ranks hold consecutive rows of the batch
-// (row_share), receivers concatenate by source rank and the counting sort is stable, and (c) with equal shares of a
-// batch split over R = 2^k ranks, the per-rank loss gradient (1/n_r) is exactly R times the full-batch one (1/n), a
-// power of two, which float arithmetic scales exactly.
+//             3. on the owner: group the received pairs by local expert (3.10's counting sort, experts owned elsewhere
+//                in one extra bucket that never runs) and run the local experts.
+//             4. combine: every pair's output row goes back to its source, in step 1's order, into the row of c.ye
+//                the single-rank layer uses, which then weights and sums them (moe_unpermute_forward, unchanged).
+//   backward  the two transfers reversed: every pair's gradient row dye goes to the owner (the combine's adjoint),
+//             which runs its experts' backward (weight gradients stay there), and the input-gradient rows come back
+//             to be summed in choice order (moe_permute_backward, unchanged).
+// The plan is host work on small integer arrays; the rows stay in backend memory (gather_rows, scatter_rows,
+// all_to_all). Traffic per token: one dispatched row per destination rank (at most min(K, n_limited_groups) ranks
+// when n_expert_groups = R), and K combined rows. V3's combine accumulates on the way back (§3.2 "NVLink-to-IB
+// forwarding and accumulation"), fewer rows but a sum order that depends on where the experts live; returning every
+// row keeps the result BITWISE the single-rank layer's, as the tests check. (V3 also sends the dispatch in FP8 and
+// the combine in BF16, §3.3; here all is FP32.) Bitwise, because (a) a matmul row does not depend on the other rows
+// (3.1), (b) each expert sees its rows in global token order (ranks hold consecutive rows, receivers concatenate by
+// source rank, the counting sort is stable), and (c) with equal shares over R = 2^k ranks the per-rank loss gradient
+// (1/n_r) is exactly R times the full-batch one (1/n), a power of two.
 class ExpertParallel : public ExpertRunner {
   public:
     ExpertParallel(Communicator& comm, const Config& c) : comm_(comm), n_experts_(c.n_routed_experts) {
@@ -4023,8 +3999,8 @@ class ExpertParallel : public ExpertRunner {
         return out;
     }
 
-    // Step 3 on the received ids [n_recv, K] and rows x [n_recv, d]: returns the outputs [local rows, d], local expert
-    // order, and plans the return trip: per source rank, its pairs with a local expert, in its order (pair_slot).
+    // Step 3 on the received ids [n_recv, K] and rows x [n_recv, d]: the outputs [local rows, d] in local expert order;
+    // plans the return trip: per source rank, its pairs with a local expert, in its order (pair_slot).
     backend::Buffer<float> run_local_experts(Model& model, const MoE& m, Layer& L, const std::vector<int32_t>& ids,
                                              const std::vector<int64_t>& tokens_from, const float* x, int d) {
         const int lo = first_expert(comm_.rank()), K = model.cfg.n_activated_experts;
@@ -4072,8 +4048,8 @@ class ExpertParallel : public ExpertRunner {
 };
 
 // --- 9.5 the parallel training step: DP, or DP × EP --------------------------------------------------------------
-// Which tensors of the flat buffers this rank holds: all of them under DP; under EP, all but the routed experts
-// owned by other ranks (their entries exist in this rank's buffers, for the layout's sake, but are never used).
+// The tensors this rank holds: all under DP; under EP all but other ranks' routed experts (which keep their place in
+// the flat buffers, for the layout's sake, but are never used).
 struct HeldParams {
     std::vector<const ParamEntry*> replicated;   // identical on every rank: gradients are all-reduced
     std::vector<const ParamEntry*> own_experts;  // routed experts this rank owns: gradients complete already
@@ -4093,25 +4069,25 @@ inline HeldParams held_params(Model& model, const ExpertParallel* ep) {
 }
 
 namespace parallel_detail {
-// Step 2: the replicated gradients summed over the ranks in one contiguous bucket, as DDP does, each rank's weighted
-// by w; the gradients of the experts this rank owns are complete already and are only weighted.
+// Step 2: the replicated gradients, each rank's weighted by w, summed over the ranks in one contiguous bucket (as DDP
+// does); the gradients of the experts this rank owns are complete already and are only weighted.
 inline void reduce_gradients(Communicator& comm, Model& model, const HeldParams& held, float w) {
     size_t bucket_size = 0;
     for (const ParamEntry* e : held.replicated) bucket_size += e->size;
     backend::Buffer<float> bucket;  // [Σ replicated sizes]
     bucket.resize(bucket_size);
-    size_t at = 0;
-    for (const ParamEntry* e : held.replicated) {
-        backend::copy_values(bucket.data() + at, model.grad_at(e->offset), int64_t(e->size));
-        at += e->size;
-    }
+    auto copy = [&](bool into_bucket) {
+        float* b = bucket.data();
+        for (const ParamEntry* e : held.replicated) {
+            float* g = model.grad_at(e->offset);
+            backend::copy_values(into_bucket ? b : g, into_bucket ? g : b, int64_t(e->size));
+            b += e->size;
+        }
+    };
+    copy(true);
     backend::scale_inplace(bucket.data(), int64_t(bucket_size), w);
     backend::all_reduce(comm, bucket.data(), bucket_size);
-    at = 0;
-    for (const ParamEntry* e : held.replicated) {
-        backend::copy_values(model.grad_at(e->offset), bucket.data() + at, int64_t(e->size));
-        at += e->size;
-    }
+    copy(false);
     for (const ParamEntry* e : held.own_experts) backend::scale_inplace(model.grad_at(e->offset), int64_t(e->size), w);
 }
 
@@ -4149,20 +4125,16 @@ inline Losses batch_losses(Communicator& comm, const Losses& local, double w) {
 }
 }  // namespace parallel_detail
 
-// One training step of rank comm.rank(), called by every rank together: this rank's rows of the batch are
-// tokens: [B_local, T+1] (row_share), B_total (summed here) the whole batch. With ep, installs it as the model's
-// expert runner (null: pure DP, every rank runs all experts on its own tokens). Returns the losses of the WHOLE
-// batch (weighted over the ranks), its gradient norm and expert loads; afterwards every rank holds the same
-// replicated parameters and routing biases, bit for bit.
-//
-// Weighting. The loss is a mean over tokens, so the full-batch gradient is Σ_r (n_r/n) ∇L_r, not the plain mean of
-// the rank gradients when shares differ. The only positions left out of a mean are MTP's last k of each row (no
-// target), the same number in every row, so the counted positions of every loss term — main, each MTP depth, and
-// the sequence-wise balance loss (a mean over sequences) — are proportional to the rows: one weight w_r = B_r/B fits
-// them all. (The expert-level balance loss uses batch-wide frequencies f_i: under DP each rank computes it on its
-// own rows, so it is not the full-batch loss.) With equal shares w_r = 1/R and the sum is the mean. Under EP every
-// owner sums expert gradients from all ranks' tokens, each scaled by its source's 1/n_r, so EP requires equal shares
-// (checked).
+// One training step of rank comm.rank(), called by every rank together on its rows tokens: [B_local, T+1]
+// (row_share) of the whole batch. With ep, installs it as the model's expert runner (null: pure DP, every rank runs
+// all experts on its own tokens). Returns the WHOLE batch's losses, gradient norm and expert loads; afterwards every
+// rank holds the same replicated parameters and routing biases, bit for bit.
+// Weighting. The loss is a mean over tokens, so the full-batch gradient is Σ_r (n_r/n) ∇L_r. Only MTP's last k
+// positions of each row (no target) are left out of a mean, as many in every row, so the counted positions of every
+// loss term (main, each MTP depth, the sequence-wise balance loss, a mean over sequences) are proportional to the
+// rows: one weight w_r = B_r/B fits them all (1/R for equal shares). (The expert-level balance loss uses batch-wide
+// frequencies f_i, which under DP each rank computes on its own rows.) Under EP every owner sums expert gradients
+// from all ranks' tokens, each scaled by its source's 1/n_r, so EP requires equal shares (checked).
 inline StepResult parallel_train_step(Communicator& comm, Model& model, AdamW& opt, const int32_t* tokens,
                                       int B_local, int T, float lr, const LossOptions& options,
                                       ExpertParallel* ep = nullptr, bool bias_update = true) {
@@ -4184,9 +4156,8 @@ inline StepResult parallel_train_step(Communicator& comm, Model& model, AdamW& o
     // 3. the expert loads of the whole batch
     StepResult result;
     result.loads = batch_loads(comm, model);
-    // 4. clip and AdamW, the single-rank step. DP: every rank holds the whole, identical gradient. EP: the norm covers
-    // every rank's experts. Every rank then runs the same adamw_step on its whole buffer: the experts it does not own
-    // have zero gradients here and their copies are never read (a real implementation would not even allocate them).
+    // 4. clip and AdamW, the single-rank step on the whole buffer. DP: the whole, identical gradient. EP: the norm
+    // covers every rank's experts; those a rank does not own have zero gradients and are never read (need no memory).
     result.grad_norm = adamw_step(model, opt, lr, ep ? grad_norm_over_experts(comm, model, held) : -1.0);  // -1: local
     if (bias_update) update_routing_bias(model, result.loads, model.cfg.bias_update_speed);
     for (const auto& load : result.loads) result.max_violation = std::max(result.max_violation, max_violation(load));
@@ -4196,9 +4167,9 @@ inline StepResult parallel_train_step(Communicator& comm, Model& model, AdamW& o
 }
 
 // Under EP each rank keeps only its own experts up to date. gather_experts copies every routed expert's weights and
-// AdamW moments from its owner to every rank, so that one rank can evaluate and save the whole model (with
-// model.expert_runner = nullptr, as build/train_mpi --ep does). Exact: the owners' bits summed as integers with
-// zeros (the whole buffer travels, for brevity; it runs only before an evaluation or a save).
+// AdamW moments from its owner to every rank, so one rank can evaluate and save the whole model (expert_runner =
+// nullptr, as build/train_mpi --ep does): exact, the owners' bits summed as integers with zeros (the whole buffer
+// travels, for brevity: it runs only before an evaluation or a save).
 inline void gather_experts(Communicator& comm, Model& model, AdamW& opt, const ExpertParallel& ep) {
     const std::vector<const ParamEntry*> own = held_params(model, &ep).own_experts;
     for (backend::Buffer<float>* buffer : {&model.params, &opt.m, &opt.v}) {
@@ -4214,9 +4185,8 @@ inline void gather_experts(Communicator& comm, Model& model, AdamW& opt, const E
 }
 
 // #####################################################################################################################
-// PART 3, APPENDIX
-// Machinery a learner may skip: the fast GEMM, files, the tokenizer and datasets, plots, checkpoints and Hugging Face
-// I/O. Part 1 calls it through declarations (gemm::multiply in section 3.1) and through the examples.
+// PART 3, APPENDIX: machinery a learner may skip (the fast GEMM, files, tokenizer and datasets, plots, checkpoints,
+// Hugging Face I/O), which Part 1 calls through declarations (gemm::multiply in section 3.1) and the examples use.
 // #####################################################################################################################
 // =====================================================================================================================
 // 10. THE FAST PACKED GEMM
