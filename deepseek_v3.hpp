@@ -2906,39 +2906,33 @@ inline std::vector<int32_t> generate(Model& model, const std::vector<int32_t>& p
 // =====================================================================================================================
 // 8. NUMERICS: FP8 TRAINING (DeepSeek-V3 report §3.3), BF16 AND FP16
 // =====================================================================================================================
-// DeepSeek-V3 is trained with FP8 matrix multiplications (report §3.3 "FP8 Training"). The three GEMMs of every
-// linear layer, Fprop y = x·Wᵀ, Dgrad dx = dy·W and Wgrad dW = dyᵀ·x, take 8-bit inputs on the tensor cores; what
-// is sensitive or cheap stays in BF16/FP32: embedding, output head, MoE router, normalisations, the attention core,
-// FP32 master weights and gradients, and AdamW moments stored in BF16 (bf16_round below).
+// DeepSeek-V3 trains with FP8 matrix multiplications (report §3.3): the three GEMMs of every linear layer, Fprop
+// y = x·Wᵀ, Dgrad dx = dy·W and Wgrad dW = dyᵀ·x, take 8-bit inputs on the tensor cores. What is sensitive or cheap
+// stays in BF16/FP32: embedding, output head, MoE router, norms, the attention core, the FP32 master weights and
+// gradients; AdamW's moments are stored in BF16 (bf16_round below).
 //
 // The formats (OCP 8-bit floating point specification; the bits are sign | exponent | mantissa):
 //          bits        bias  max finite    min normal  min subnormal  special values
 //   E4M3   s eeee mmm     7  448   (0x7E)  2^-6        2^-9           NaN = s.1111.111 only, no infinities ("fn")
 //   E5M2   s eeeee mm    15  57344 (0x7B)  2^-14       2^-16          IEEE: ±inf = s.11111.00, NaN = s.11111.(≠0)
-// E4M3 keeps one more mantissa bit (neighbours at most 2^-3 = 12.5% apart) but spans only 2^-9..448, about 18 binades.
-// V3 uses E4M3 for every tensor, gradients included (earlier FP8 recipes used E5M2 for gradients, for its range), and
-// gets the range back with fine-grained scaling.
+// E4M3 has one more mantissa bit (neighbours at most 12.5% apart) but spans only 2^-9..448, about 18 binades. V3 uses
+// it for every tensor, gradients included (earlier recipes used E5M2 there, for its range), and gets the range back by
+// fine-grained scaling (§3.3.2): one scale per tensor is set by its largest element, and with activation outliers most
+// values would fall into the coarse subnormals or to zero. So each small group gets its own scale, online, from its
+// amax: scale = amax / 448, x_q = E4M3(x / scale). Activations and gradients: one scale per 1×128 tile (a token × 128
+// channels; an outlier spoils only its tile). Weights: one per 128×128 block, whose scales also serve Wᵀ in Dgrad.
+// The groups run along the reduction dimension K, so the scale changes every 128 elements of K and must be applied
+// inside the accumulation, which promotion does.
 //
-// Why fine-grained scaling (§3.3.2). One scale per tensor is set by the tensor's largest element. Activations have
-// outliers, so with one scale most values would fall into E4M3's coarse subnormals or flush to zero. V3 computes one
-// scale per small group, online, from the group's maximum absolute value: scale = amax / 448, x_q = E4M3(x / scale).
-//   activations and gradients: one scale per 1×128 tile (one token × 128 channels): an outlier spoils only its tile;
-//   weights:                   one scale per 128×128 block (128 outputs × 128 inputs): the same block scales serve
-//                              the transposed weight in Dgrad, so each weight is quantized once.
-// The groups run along the GEMM's reduction dimension K in chunks of 128, so the scale changes every 128 elements of
-// K and cannot be factored out of the sum: the scales must be applied inside the accumulation, which promotion does.
-//
-// Why promotion every 128 (§3.3.2 "Increasing Accumulation Precision"). Hopper's FP8 tensor cores do not accumulate in
+// Promotion every 128 (§3.3.2 "Increasing Accumulation Precision"). Hopper's FP8 tensor cores do not accumulate in
 // FP32: within each block of 32 products every product is aligned to the largest exponent (the accumulator's
-// included) and truncated, and the running sum keeps only 14 significant bits. Over K = 4096 the report measured a
-// maximum relative error near 2%. V3's fix: after every N_C = 128 elements of K (four WGMMA instructions of K = 32)
-// the partial sum is copied to FP32 registers on the CUDA cores, multiplied by the two group scales and added to an
-// FP32 accumulator. The multiplication by the scales has to happen there anyway, so the fix is nearly free.
+// included) and truncated, and the sum keeps only 14 significant bits; over K = 4096 the report measured errors near
+// 2%. V3's fix: every N_C = 128 elements of K (four WGMMAs of K = 32) the partial sum goes to FP32 registers on the
+// CUDA cores, times the two group scales, into an FP32 accumulator: nearly free, the scales are applied there anyway.
 //
-// Here: 8.1 bit-exact codecs, 8.2 1×128 tile and 128×128 block quantization, 8.3 fp8_gemm, a simulation of the H100
-// tensor-core accumulator that reproduces its outputs bit for bit (after Khattak & Mikaitis and "Insights into
-// DeepSeek-V3", arXiv 2505.09343), promotion optional, 8.4 the FP8 linear layer (Fprop, Dgrad, Wgrad) of V3's recipe.
-// examples/fp8_error.cpp reproduces the report's "nearly 2%" observation and shows how promotion removes it.
+// Here: 8.1 bit-exact codecs, 8.2 tile and block quantization, 8.3 fp8_gemm, the H100 tensor-core accumulator bit for
+// bit (after Khattak & Mikaitis and "Insights into DeepSeek-V3", arXiv 2505.09343), promotion optional, 8.4 V3's FP8
+// linear layer. examples/fp8_error.cpp reproduces the "nearly 2%" and shows promotion removing it.
 
 // --- 8.1 bit-level helpers, BF16 and FP16, the FP8 codecs ------------------------------------------------------------
 namespace fp8_detail {
@@ -2957,16 +2951,13 @@ inline int bit_length(uint32_t v) {
 #endif
 }
 
-// Rounds a non-negative float (given by its bits `a`, NaN excluded, +inf allowed) to a binary format with `man_bits`
-// stored mantissa bits and exponent bias `bias`, round to nearest, ties to even, and returns the code of the result
-// without the sign: (exponent field << man_bits) | mantissa. Codes grow with the value, so the result is unbounded
-// above: a code past the format's largest finite one means "too large", and each caller decides (saturate or inf).
-//
-// The value is sig · 2^(e - 23) with the float's 24-bit significand sig. In the target format, at exponent
-// te = max(e, emin) the spacing is 2^(te - man_bits); the number of spacings q = sig >> shift, rounded to nearest even,
-// lies in [2^man_bits, 2^(man_bits+1)] for normals and [0, 2^man_bits] for subnormals. In both cases the code is
-// ((te + bias - 1) << man_bits) + q: a carry of the rounding into the next binade (q = 2^(man_bits+1)) or from the
-// subnormals into the normals (q = 2^man_bits at te = emin) lands on the right code by itself.
+// Rounds a non-negative float (its bits `a`; NaN excluded, +inf allowed) to nearest, ties to even, in a format of
+// `man_bits` mantissa bits and exponent bias `bias`; returns the unsigned code (exponent field << man_bits) | mantissa.
+// Codes grow with the value and are unbounded above: past the largest finite code, the caller saturates or makes inf.
+// The value is sig · 2^(e - 23) (24-bit significand sig). At te = max(e, emin) the target's spacing is
+// 2^(te - man_bits); the spacings q = sig >> shift, rounded to even, lie in [2^man_bits, 2^(man_bits+1)] for normals
+// and [0, 2^man_bits] for subnormals, and the code is ((te + bias - 1) << man_bits) + q either way: a carry into the
+// next binade, or from the subnormals into the normals, lands on the right code by itself.
 inline int64_t round_to_code(uint32_t a, int man_bits, int bias) {
     if (a == 0) return 0;
     const int fexp = std::max(int(a >> 23), 1);   // float32 subnormals: the 2^-126 scale, no implicit bit
@@ -3006,9 +2997,8 @@ inline float decode(uint32_t h, int bits, int man_bits, int bias, uint32_t speci
 }
 }  // namespace fp8_detail
 
-// BF16: float32's sign, 8-bit exponent and top 7 mantissa bits. Same range as float32, so rounding is just rounding
-// the low 16 bits away (to nearest, ties to even). V3 stores AdamW's moments in BF16 (§3.3.3, "low-precision
-// optimizer states"); bf16_round(x) is what such a store-and-reload does to x.
+// BF16: float32's sign, exponent and top 7 mantissa bits; rounding drops the low 16 bits (to nearest, ties to even).
+// V3 stores AdamW's moments in BF16 (§3.3.3); bf16_round(x) is what such a store-and-reload does to x.
 inline uint16_t float_to_bf16_bits(float x) {
     uint32_t u = fp8_detail::bits_of(x);
     if ((u & 0x7FFFFFFFu) > 0x7F800000u) return uint16_t((u >> 16) | 0x0040u);  // NaN: keep the sign, force quiet
@@ -3018,16 +3008,14 @@ inline uint16_t float_to_bf16_bits(float x) {
 inline float bf16_bits_to_float(uint16_t h) { return fp8_detail::float_of(uint32_t(h) << 16); }
 inline float bf16_round(float x) { return bf16_bits_to_float(float_to_bf16_bits(x)); }
 
-// FP16 (IEEE binary16: 1 sign, 5 exponent bits, bias 15, 10 mantissa bits; max 65504). Some checkpoints store tensors
-// in F16. Round to nearest, ties to even, IEEE overflow: a value that rounds past 65504 becomes ±inf (0x7C00).
+// FP16 (IEEE binary16, bias 15, 10 mantissa bits, max 65504), which some checkpoints use: round to nearest even, and
+// a value that rounds past 65504 becomes ±inf (0x7C00).
 inline uint16_t float_to_f16_bits(float x) { return uint16_t(fp8_detail::encode(x, 16, 10, 15, 0x7E00u, 0x7C00u)); }
 inline float f16_bits_to_float(uint16_t h) { return fp8_detail::decode(h, 16, 10, 15, 0x7C00u, true); }
 
-// FP8 codecs. Encoding rounds to nearest, ties to even, keeps subnormals and saturates: a finite value that rounds
-// beyond the largest finite value becomes ±max (the hardware's "satfinite" conversion; PyTorch's plain cast does not
-// saturate). E4M3 has no infinity, so ±inf saturates to ±448; E5M2 could store ±inf, but this project saturates it to
-// ±57344 as well, so an overflow never poisons a GEMM. NaN stays NaN (sign kept; E5M2's becomes the quiet
-// s.11111.10). -0 encodes to 0x80.
+// FP8 codecs: round to nearest even, subnormals kept, saturating: past the largest finite value is ±max (the
+// hardware's "satfinite"; PyTorch's plain cast does not saturate), ±inf too (E4M3 has none; E5M2's ±57344 keeps an
+// overflow from poisoning a GEMM). NaN stays NaN with its sign (E5M2: the quiet s.11111.10); -0 encodes to 0x80.
 inline uint8_t fp8_e4m3_encode(float x) { return uint8_t(fp8_detail::encode(x, 8, 3, 7, 0x7Fu, 0x7Eu)); }
 inline uint8_t fp8_e5m2_encode(float x) { return uint8_t(fp8_detail::encode(x, 8, 2, 15, 0x7Eu, 0x7Bu)); }
 inline float fp8_e4m3_decode(uint8_t q) { return fp8_detail::decode(q, 8, 3, 7, 0x7Fu, false); }
@@ -3038,8 +3026,8 @@ enum class Fp8Format { e4m3, e5m2 };
 inline float fp8_decode(uint8_t q, Fp8Format f) { return f == Fp8Format::e4m3 ? fp8_e4m3_decode(q) : fp8_e5m2_decode(q); }
 inline bool fp8_is_finite(uint8_t q, Fp8Format f) { return (q & 0x7Fu) < (f == Fp8Format::e4m3 ? 0x7Fu : 0x7Cu); }
 
-// The exponent of an FP8 input as the tensor core's alignment sees it: the unbiased exponent, with subnormals counted
-// at the format's minimum normal exponent (-6 for E4M3, -14 for E5M2). Meaningless for zero (zeros take no part).
+// An FP8 input's exponent as the tensor core aligns it: unbiased, subnormals at the minimum normal exponent (-6 E4M3,
+// -14 E5M2). Meaningless for zero (zeros take no part).
 inline int fp8_input_exponent(uint8_t q, Fp8Format f) {
     const int man_bits = f == Fp8Format::e4m3 ? 3 : 2, bias = f == Fp8Format::e4m3 ? 7 : 15;
     const int ef = (q & 0x7F) >> man_bits;
@@ -3047,12 +3035,11 @@ inline int fp8_input_exponent(uint8_t q, Fp8Format f) {
 }
 
 // --- 8.2 fine-grained quantization (§3.3.2, Figure 7a) ---------------------------------------------------------------
-// Scales are "dequantization" scales: x ≈ decode(q) · scale. fp8_scale_for_amax: scale = amax / 448, so the tile's
-// largest magnitude lands on E4M3's largest value and the tile uses the whole range. With pow2_scale the scale is
-// rounded UP to a power of two (amax / scale <= 448 still): multiplying by a power of two is exact, which V3 uses where
-// a tensor is re-scaled or re-quantized (the input of the linear after attention, MoE dispatch), at the cost of up to
-// one binade of range. amax is the largest FINITE magnitude (NaN stays NaN codes, ±inf saturates to ±448·scale). An
-// all-zero tile gets scale 1 (any positive scale would do; 1 is readable); a scale that would underflow is FLT_MIN.
+// Dequantization scales: x ≈ decode(q) · scale, with scale = amax / 448 so the tile's largest magnitude lands on E4M3's
+// largest value. pow2_scale rounds it UP to a power of two (exact to multiply by), as V3 does where a tensor is
+// re-scaled or re-quantized (the input of the linear after attention, MoE dispatch), for up to a binade of range.
+// amax is the largest FINITE magnitude (NaN stays NaN, ±inf saturates to ±448·scale). An all-zero tile gets scale 1;
+// a scale that would underflow is FLT_MIN.
 inline float fp8_scale_for_amax(float amax, bool pow2_scale = false) {
     if (!(amax > 0.0f)) return 1.0f;
     float s = amax / 448.0f;
@@ -3148,7 +3135,6 @@ inline void dequantize_blocks_128x128(const uint8_t* q, const float* scales, int
 
 // --- 8.3 FP8 GEMM on the H100 tensor core's accumulator [V3 §3.3.2; arXiv 2505.09343] --------------------------------
 // C[M, N] = A[M, K] · B[N, K]ᵀ, A and B E4M3 codes, B in the weight layout [out, in]. For one output element:
-//
 //   c = 0                                    the tensor core's accumulator: at most 14 significant bits
 //   for each block of 32 consecutive k:      one WGMMA instruction's K for FP8
 //       E = max over the block's non-zero products of ea_k + eb_k (exponents of the FP8 INPUTS, subnormals at the
@@ -3159,25 +3145,20 @@ inline void dequantize_blocks_128x128(const uint8_t* q, const float* scales, int
 //   promotion every N_C = 128 (V3): at the end of each 128-chunk of K and at the very end of K:
 //       acc32 = fmaf(c, (float)(sa · sb), acc32);  c = 0      sa·sb rounded to float once, then one fused rounding
 //   result = acc32                           no promotion ("fast accumulation") = one promotion at the very end
-//
-// Scales: scale_a holds one scale per 1×128 tile of A ([M, ceil(K/128)], row-major), scale_b one per 128×128 block
-// of B ([ceil(N/128), ceil(K/128)], row-major); nullptr means all ones. The scale of a promotion chunk is that of the
-// 128-tile it lies in. A chunk can apply only one scale pair, so when a chunk spans several 128-tiles (promote_every
-// = 0 or > 128) the tiles it spans must carry equal scales (e.g. per-tensor scaling), else fp8_gemm throws.
-//
-// Checked against an H100 (torch 2.11 _scaled_mm → cuBLASLt, use_fast_accum for "no promotion"): bit for bit on
-// every output for Gaussian, uniform, all-codes and sparse inputs, K = 32 … 4096 including tails (96, 160, 1040),
-// E4M3 × E5M2, and 1×128 / 128×128 block scales. Every detail matters: flooring instead of truncation matches 0% of
-// the outputs, 14 fraction bits instead of 13 2%, aligning on the product's exponent 91%. Per-tensor scaling (not
-// V3's) works differently in cuBLAS: it promotes with unit scales and multiplies the float32 result once,
-// C = acc32 · (float)(sa·sb), in the epilogue; to simulate that, pass null scales and multiply C afterwards.
-// A NaN input (or an E5M2 ±inf) makes every output that reads its row NaN; the model does not try to follow IEEE
-// infinity arithmetic through the truncating accumulator.
-// struct Fp8Accum (the accumulator model's parameters) is declared in section 3, with the FP8 linear layer.
+// Scales: scale_a one per 1×128 tile of A ([M, ceil(K/128)]), scale_b one per 128×128 block of B ([ceil(N/128),
+// ceil(K/128)]), row-major; nullptr means all ones. A promotion chunk applies the one scale pair of its 128-tile, so
+// a chunk spanning several tiles (promote_every = 0 or > 128) needs equal scales over them (e.g. per tensor), else
+// fp8_gemm throws. Checked against an H100 (torch 2.11 _scaled_mm → cuBLASLt, use_fast_accum for "no promotion"):
+// bit for bit on every output for Gaussian, uniform, all-codes and sparse inputs, K = 32 … 4096 with tails (96, 160,
+// 1040), E4M3 × E5M2, 1×128 / 128×128 block scales. Every detail matters: flooring instead of truncation matches 0%
+// of the outputs, 14 fraction bits instead of 13 2%, aligning on the product's exponent 91%. cuBLAS's per-tensor
+// scaling (not V3's) promotes with unit scales and multiplies the result once, C = acc32 · (float)(sa·sb): pass null
+// scales and multiply C afterwards. A NaN input (or an E5M2 ±inf) makes every output reading its row NaN (the model
+// does not follow IEEE infinities through the truncating accumulator). Fp8Accum, its parameters: section 3.
 
 namespace fp8_detail {
-// Where the scale of (row, 128-tile t) lives: s[(row / rows_per_scale) * tiles + t]; 1 when s is null. fp8_gemm's A
-// uses rows_per_scale 1 (1×128 tiles), its B 128 (128×128 blocks); Wgrad's B uses 1 (128×1 tiles, transposed).
+// The scale of (row, 128-tile t): s[(row / rows_per_scale) * tiles + t], 1 when s is null. rows_per_scale is 1 for
+// fp8_gemm's A (1×128 tiles) and Wgrad's B (128×1 tiles, transposed), 128 for fp8_gemm's B (128×128 blocks).
 struct ScaleMap {
     const float* s = nullptr;
     int rows_per_scale = 1;
@@ -3232,15 +3213,13 @@ inline const GemmProblem& check_gemm(const GemmProblem& p, const char* who) {   
 }
 
 inline bool row_finite(const uint8_t* x, int K, Fp8Format f) {
-    for (int k = 0; k < K; ++k)
-        if (!fp8_is_finite(x[k], f)) return false;
-    return true;
+    return std::all_of(x, x + K, [f](uint8_t q) { return fp8_is_finite(q, f); });
 }
 
 inline void store(const GemmProblem& p, int64_t idx, float v) { p.C[idx] = p.accumulate ? p.C[idx] + v : v; }
 
-// The 256 codes of a format, decoded: values (exact in float; 0 for NaN and inf, whose rows give NaN outputs anyway)
-// and alignment exponents, with a very low sentinel for zeros so that they never win a block's max.
+// A format's 256 codes decoded: values (exact; 0 for NaN and inf, whose rows give NaN outputs anyway) and alignment
+// exponents (a very low sentinel for zeros, which never win a block's max).
 constexpr int kZeroExponent = -1000;
 struct CodeTable {
     float v[256];
@@ -3257,7 +3236,6 @@ struct CodeTables { CodeTable a, b; };  // of the two operands
 
 // The plain version: the pseudo-code above, literally, in double arithmetic (every step below is exact in double:
 // products of two FP8 values have at most 8 significant bits, and all sums are multiples of q spanning < 53 bits).
-
 // Fp8Accum.exact: exact products and 128-chunk sums; each chunk scaled by sa·sb (exact in double).
 inline float reference_exact(const GemmProblem& p, const CodeTables& t, const uint8_t* a, const uint8_t* b, int i,
                              int j) {
@@ -3338,17 +3316,16 @@ inline Decoded decode_operand(const uint8_t* X, int rows, int K, Fp8Format f) {
     return d;
 }
 
-// The tensor core's accumulator c = cm · 2^(E - frac_bits) held as a float (exact: at most 24 significant bits),
-// with ec = floor(log2|c|) kept alongside (kZeroExponent while c == 0, so that it never wins the alignment).
+// The tensor core's accumulator c = cm · 2^(E - frac_bits) as a float (exact: at most 24 significant bits), and
+// ec = floor(log2|c|) (kZeroExponent while c == 0, so it never wins the alignment).
 struct TensorCoreAcc {
     float c = 0.0f;
     int32_t ec = kZeroExponent;
 };
 
-// One block of LEN products (LEN = 0: `len` at run time). Integer form of the block step: with the power of two
-// u = 2^(frac_bits - E), every addend x·u is an exact float below 2^(frac_bits+2) in magnitude, and the float→int
-// conversion truncates toward zero, which is exactly trunc(x / q). The loops vectorize (max, mul, cvttps2dq, add)
-// and the rest is branch-free: signs are random, and a mispredicted branch per block would cost more than the block.
+// One block of LEN products (LEN = 0: `len` at run time), in integers: with u = 2^(frac_bits - E) every addend x·u is
+// an exact float below 2^(frac_bits+2), and float→int truncates toward zero, exactly trunc(x / q). The loops vectorize
+// (max, mul, cvttps2dq, add); the rest is branch-free (random signs would mispredict a branch per block).
 template <int LEN>
 inline void tc_block(TensorCoreAcc& t, const float* av, const int32_t* ae, const float* bv, const int32_t* be, int len,
                      int frac_bits) {
@@ -3371,9 +3348,8 @@ inline void tc_block(TensorCoreAcc& t, const float* av, const int32_t* ae, const
     t.ec = kept != 0 ? E - frac_bits + len_bits - 1 : kZeroExponent;
 }
 
-// JB outputs (i, j0 .. j0+JB-1) at once. Within one output every block waits for the previous one (the alignment
-// needs floor(log2|c|)), a chain of ~60 cycles of latency per 32 products; the JB outputs are independent chains,
-// and interleaving them lets the CPU overlap those latencies (about 3x faster than one output at a time).
+// JB outputs (i, j0 .. j0+JB-1) at once: each block waits for the previous one's floor(log2|c|), ~60 cycles per 32
+// products, and interleaving JB independent chains overlaps those latencies (about 3x faster than one at a time).
 template <int JB>
 inline void gemm_fast_outputs(const GemmProblem& p, const Decoded& da, const Decoded& db, int i, int j0) {
     const int K = p.K, block = p.acc.block, frac_bits = p.acc.frac_bits;
@@ -3484,13 +3460,12 @@ inline void fp8_gemm_mixed(const uint8_t* A, Fp8Format format_a, const float* sc
 }
 
 // --- 8.4 the FP8 linear layer (V3 recipe, §3.3 and Figure 6) ---------------------------------------------------------
-// The three GEMMs of y = x·Wᵀ in E4M3 with promotion every 128, outputs in float32, as the model's float matmul:
-//   y[T,out] = x[T,in] · W[out,in]ᵀ
-//   dx[T,in] += dy[T,out] · W[out,in];  dW[out,in] += dy[T,out]ᵀ · x[T,in]   (either may be null)
-// Fprop: x in 1×128 tiles along in, W in 128×128 blocks. Dgrad: dy in 1×128 tiles along out, W used transposed: its
-// codes are transposed and its block scales too, the blocks stay 128×128 (the reason V3 chose square weight blocks).
-// Wgrad: dy and x tiled 128×1 along the tokens, the reduction dimension. V3 caches x in FP8 (1×128 tiles) and
-// re-quantizes it for Wgrad; this simulation quantizes the float x directly, one rounding fewer.
+// The three GEMMs of y = x·Wᵀ in E4M3, promotion every 128, float32 outputs, as the model's float matmul:
+//   y[T,out] = x[T,in] · W[out,in]ᵀ;  dx[T,in] += dy[T,out] · W[out,in];  dW[out,in] += dy[T,out]ᵀ · x[T,in]
+// (dx or dW may be null). Fprop: x in 1×128 tiles along in, W in 128×128 blocks. Dgrad: dy in 1×128 tiles along out,
+// W's codes and block scales transposed, the blocks still 128×128 (why V3 chose square weight blocks). Wgrad: dy and
+// x in 128×1 tiles along the tokens, the reduction dimension (V3 re-quantizes its FP8 cache of x; here the float x is
+// quantized directly, one rounding fewer).
 namespace fp8_detail {
 inline void check_linear(const char* who, int T, int in, int out) {
     if (T < 0 || in < 0 || out < 0) fail(who, ": sizes must be non-negative, found T=", T, " in=", in, " out=", out);
