@@ -557,6 +557,9 @@ class ProfileScope {
 // The memory budget: a size a file or a config declares, checked against physical memory first (section 11.1).
 inline void require_memory(std::string_view what, double bytes);
 
+// The first 64-byte boundary (a cache line) at or after p, at most 15 floats on.
+inline float* align64(float* p) { return p + (16 - (reinterpret_cast<uintptr_t>(p) / 4) % 16) % 16; }
+
 // The activation arena: forward activations and backward temporaries are bump-allocated from large blocks. After
 // the first step every take() is served from memory already owned, so a training step allocates nothing. Pointers
 // stay valid until release()/reset() (blocks never move).
@@ -565,27 +568,14 @@ class Arena {
     // n floats, uninitialised, 64-byte aligned.
     float* take(size_t n) {
         n = (n + 15) & ~size_t(15);
-        while (true) {
-            if (block_ == blocks_.size()) {  // no block left: add one large enough
-                size_t size = std::max(n, size_t(1) << 22);
-                blocks_.push_back({std::unique_ptr<float[]>(new float[size + 16]), size});
-            }
-            Block& b = blocks_[block_];
-            if (used_ + n <= b.size) {
-                float* base = b.data.get();
-                float* aligned = base + ((16 - (reinterpret_cast<uintptr_t>(base) / 4) % 16) % 16);
-                float* p = aligned + used_;
-                used_ += n;
-                return p;
-            }
-            if (used_ == 0) {  // an empty block that is too small: replace it with a large enough one
-                size_t size = std::max(n, size_t(1) << 22);
-                b = {std::unique_ptr<float[]>(new float[size + 16]), size};
-                continue;
-            }
-            ++block_;
-            used_ = 0;
-        }
+        while (block_ < blocks_.size() && used_ + n > blocks_[block_].size && used_ > 0) ++block_, used_ = 0;
+        const size_t size = std::max(n, size_t(1) << 22);  // a new block, or one replacing an empty one too small
+        if (block_ == blocks_.size()) blocks_.emplace_back();
+        Block& b = blocks_[block_];
+        if (!b.data || used_ + n > b.size) b = {std::unique_ptr<float[]>(new float[size + 16]), size};
+        float* p = align64(b.data.get()) + used_;
+        used_ += n;
+        return p;
     }
     float* zeros(size_t n) {
         float* p = take(n);
@@ -596,18 +586,12 @@ class Arena {
     Mark mark() const { return {block_, used_}; }
     void release(Mark m) { block_ = m.block; used_ = m.used; }
     void reset() { release({0, 0}); }
-    size_t capacity_floats() const {
-        size_t s = 0;
-        for (const Block& b : blocks_) s += b.size;
-        return s;
-    }
 
   private:
-    struct Block { std::unique_ptr<float[]> data; size_t size; };
+    struct Block { std::unique_ptr<float[]> data; size_t size = 0; };
     std::vector<Block> blocks_;
     size_t block_ = 0, used_ = 0;
 };
-
 
 // --- a named view of a tensor ---------------------------------------------------------------------------------------
 // Pointer + shape + name, owning nothing: how a reader looks at any parameter or gradient of the flat buffers by its
@@ -616,11 +600,7 @@ struct TensorView {
     float* data = nullptr;
     std::vector<int64_t> shape;
     std::string name;
-    int64_t numel() const {
-        int64_t n = 1;
-        for (int64_t d : shape) n *= d;
-        return n;
-    }
+    int64_t numel() const { return std::accumulate(shape.begin(), shape.end(), int64_t(1), std::multiplies<>()); }
     float& at(int64_t i) const {
         if (shape.size() != 1 || i < 0 || i >= shape[0]) fail("tensor ", name, ": index [", i, "] outside its shape");
         return data[i];
@@ -4166,53 +4146,38 @@ inline void gather_experts(Communicator& comm, Model& model, AdamW& opt, const E
 // =====================================================================================================================
 // 10. THE FAST PACKED GEMM
 // =====================================================================================================================
-// The fast GEMM behind matmul_forward / matmul_backward (section 3.1). Almost all of a transformer's FLOPs are in its
-// linear layers, whose three products are one operation, C[M,N] (+)= A[M,K] · B[K,N], on three layouts:
-//
+// The fast GEMM behind matmul_forward / matmul_backward (section 3.1). A linear layer's three products are one
+// operation, C[M,N] (+)= A[M,K] · B[K,N], on three layouts, so one core (gemm::multiply) takes strided views:
 //     forward   y [T,out]  = x [T,in]   · Wᵀ      A = x  (rows contiguous),    B = Wᵀ: B(k,j) = W[j,k]
 //     backward  dx[T,in]  += dy[T,out]  · W       A = dy (rows contiguous),    B = W:  B(k,j) = W[k,j]
 //               dW[out,in]+= dy[T,out]ᵀ · x       A = dyᵀ: A(i,k) = dy[k,i],   B = x:  B(k,j) = x[k,j]
-//
-// so there is one GEMM core (gemm::multiply) with one micro-kernel, and the layouts are strided views. The naive
-// triple loop runs at a few percent of peak because every multiply-add loads its operands: it is limited by memory
-// traffic. A fast GEMM orders the loops so that every value loaded is used many times from a register or a cache
-// (Goto & van de Geijn, "Anatomy of high-performance matrix multiplication", 2008; the BLIS papers):
-//
-//   * Register tile (the micro-kernel). C is cut into MR x NR tiles (6 x 64 with AVX-512) held in vector registers
-//     (24 of 16 floats). For each k the kernel loads NR values of B (4 vectors) and broadcasts MR values of A, then
-//     does MR·NR/16 = 24 FMAs: every value loaded feeds 4 or 6 FMAs, and 24 independent accumulators hide the FMA
-//     latency (4 cycles x 2 units: at least 8 chains in flight). C is read and written once per tile, not per k.
-//   * Packing. B is copied into panels of NR columns, k-major, so the kernel reads one contiguous stream (no strides,
-//     no TLB misses), zero-padded to whole vectors so the kernel has no edge case. Packing costs O(K·N), the product
-//     O(M·N·K). A is not packed: the broadcasts read it in place (a copy of x or dy would cost as much as the
-//     arithmetic for narrow layers, out = 48 or 64); only a last, partial row panel goes through a small zero-padded
-//     buffer. (With a few rows, when decoding, the forward swaps the roles: see matmul_forward.)
-//   * Blocking. B is packed in blocks of whole panels (2 MiB) that stay in a core's L2 while the thread sweeps the row
-//     panels of A over them, and each tile's sum over k runs in blocks of KC = 128, so that an MR x KC sliver of A
-//     stays in L1 while the kernel sweeps the column panels of B.
-//   * Threads. The tiles of a block are split over the OpenMP threads by a fixed static partition; every tile is
-//     written by exactly one thread.
-//
-// Determinism. Float addition is not associative, so the order is fixed by K alone: C[i,j] is the sum, in increasing
-// order, of K-block sums, each an FMA chain over k in increasing order from 0. Threads only decide *who* computes a
-// tile, never how, and K is never split across threads (no partial sums, no atomics). So results are bitwise the same
-// for 1, 2 or 64 threads, and a row of y is the same whatever batch it is computed in (speculative decoding can be
-// checked exactly against plain decoding). The price, no parallelism over K, matters only when M and N are both
-// tiny. (Builds differ where the compiler may or may not fuse a*b+c into one FMA; -march=native does on any recent CPU.)
-//
-// Accuracy. Each output is a chain of at most min(K,KC) + ceil(K/KC) (+1 when accumulating) roundings, so
-// |error| <= that count · 2⁻²⁴ · Σ_k |A(i,k) B(k,j)| to first order: the bound the tests check (K = 1024: 136
-// roundings, where a plain chain would have 1024).
-//
-// Portability. The micro-kernel uses GCC/Clang vector extensions (`float __attribute__((vector_size(64)))`): plain
-// C++ arithmetic on whole vectors, mapped onto AVX-512, AVX2, SSE or NEON as -march allows, with the tile shape chosen
-// for the register count. Other compilers (or -DDSV3_GEMM_PORTABLE) get a plain-array kernel with the same summation
-// order. Build with -O3 -march=native, and -fopenmp for threads.
+// The naive triple loop loads operands for every multiply-add and runs at a few percent of peak; a fast GEMM uses
+// every loaded value many times from a register or cache (Goto & van de Geijn 2008, "Anatomy of high-performance
+// matrix multiplication"; the BLIS papers):
+//   * Register tile. C is cut into MR x NR tiles (6 x 64 with AVX-512: 24 vectors of 16 floats). For each k the
+//     micro-kernel loads NR values of B (4 vectors), broadcasts MR values of A and does 24 FMAs: every load feeds 4
+//     or 6 FMAs, 24 independent chains hide the FMA latency (4 cycles x 2 units), and C moves once per tile.
+//   * Packing. B is copied into k-major panels of NR columns, zero-padded to whole vectors: one contiguous stream, no
+//     edge case, for O(K·N) against the product's O(M·N·K). A is read in place by the broadcasts (a copy of x or dy
+//     would cost as much as the arithmetic of narrow layers, out = 48 or 64); only a last, partial row panel goes
+//     through a small padded buffer. (With a few rows, when decoding, the forward swaps the roles: matmul_forward.)
+//   * Blocking. B is packed in 2 MiB blocks of panels that stay in L2 while a thread sweeps A's row panels over
+//     them; each tile sums k in blocks of KC = 128, so an MR x KC sliver of A stays in L1 across B's panels.
+//   * Threads. A block's tiles are split over the OpenMP threads by a fixed static partition, one writer per tile.
+// Determinism. K alone fixes the order: C[i,j] is the in-order sum of K-block sums, each an FMA chain over increasing
+// k. Threads decide who computes a tile, never how, and K is never split (no partial sums, no atomics): results are
+// bitwise the same for any thread count, and a row of y is the same in any batch (so speculative decoding checks
+// exactly against plain). The price, no parallelism over K, matters only when M and N are both tiny. (Builds differ
+// where the compiler may or may not fuse a*b+c; -march=native does on any recent CPU.)
+// Accuracy. An output is a chain of at most min(K,KC) + ceil(K/KC) (+1 when accumulating) roundings, so |error| <=
+// that count · 2⁻²⁴ · Σ_k |A(i,k) B(k,j)| to first order, the bound the tests check (K = 1024: 136, not 1024).
+// Portability. The micro-kernel uses GCC/Clang vector extensions (`float __attribute__((vector_size(64)))`), mapped
+// onto AVX-512, AVX2, SSE or NEON as -march allows, the tile shaped to the register count; other compilers (or
+// -DDSV3_GEMM_PORTABLE) get a plain-array kernel with the same summation order. Build with -O3 -march=native -fopenmp.
 namespace gemm {
 
-// Vector width (floats per register), register tile MR x NR, and cache blocks. The tile is sized to the register
-// file: MR·NR/VEC accumulators + NR/VEC vectors of B + 1 broadcast must fit (32 registers with AVX-512, 16 with AVX2
-// and SSE, 32 with NEON).
+// Vector width (floats per register), register tile MR x NR, cache blocks. MR·NR/VEC accumulators + NR/VEC vectors
+// of B + 1 broadcast must fit the registers (32 with AVX-512 and NEON, 16 with AVX2 and SSE).
 #if defined(__AVX512F__)
 #define DSV3_GEMM_VEC 16
 constexpr int MR = 6, NR = 64;
@@ -4231,17 +4196,8 @@ constexpr int KC = 128;  // K block: part of the summation order, so changing it
 constexpr int64_t B_BLOCK_FLOATS = 1 << 19;  // packed block of B: 2 MiB, about one core's L2
 static_assert(NR % VEC == 0, "NR must be a whole number of vectors");
 
-// A heap buffer aligned to a cache line (64 B), left uninitialised: packing writes every element it reads.
-struct AlignedFloats {
-    struct Free { void operator()(float* p) const { ::operator delete[](p, std::align_val_t(64)); } };
-    std::unique_ptr<float[], Free> p;
-    explicit AlignedFloats(size_t n)
-        : p(static_cast<float*>(::operator new[](std::max<size_t>(n, 1) * sizeof(float), std::align_val_t(64)))) {}
-    float* get() const { return p.get(); }
-};
-
-// Pack rows [k0, k0+kc) and columns [j0, j0+n) of B into one panel: panel[k*NR + j] = B(k0+k, j0+j), and 0 for
-// n <= j < (n rounded up to whole vectors): the kernel reads only the vectors that hold valid columns.
+// Rows [k0, k0+kc) and columns [j0, j0+n) of B into one panel: panel[k*NR + j] = B(k0+k, j0+j), 0 up to whole
+// vectors (the kernel reads only the vectors that hold valid columns).
 inline void pack_b_panel(float* panel, const View& B, int k0, int kc, int j0, int n) {
     const int n_padded = (n + VEC - 1) / VEC * VEC;
     if (B.col_stride == 1) {  // rows of B contiguous (W in dx, x in dW): copy row pieces
@@ -4259,8 +4215,8 @@ inline void pack_b_panel(float* panel, const View& B, int k0, int kc, int j0, in
     }
 }
 
-// Pack rows [i0, i0+m) and columns [k0, k0+kc) of A into panel[k*MR + i], 0 for i >= m: used for a last, partial row
-// panel, where reading MR rows of A in place would run past its end.
+// Rows [i0, i0+m) and columns [k0, k0+kc) of A into panel[k*MR + i], 0 for i >= m: a last, partial row panel, where
+// reading MR rows of A in place would run past its end.
 inline void pack_a_panel(float* panel, const View& A, int i0, int m, int k0, int kc) {
     for (int k = 0; k < kc; ++k)
         for (int i = 0; i < MR; ++i) panel[int64_t(k) * MR + i] = i < m ? A.at(i0 + i, k0 + k) : 0.0f;
@@ -4269,10 +4225,7 @@ inline void pack_a_panel(float* panel, const View& A, int i0, int m, int k0, int
 // Write the m x n valid part of a tile (row-major, row length NR): C = tile (overwrite) or C += tile.
 inline void store_tile(const OutView& C, const float* tile, int m, int n, bool overwrite) {
     for (int i = 0; i < m; ++i)
-        for (int j = 0; j < n; ++j) {
-            float& c = C.at(i, j);
-            c = overwrite ? tile[i * NR + j] : c + tile[i * NR + j];
-        }
+        for (int j = 0; j < n; ++j) C.at(i, j) = overwrite ? tile[i * NR + j] : C.at(i, j) + tile[i * NR + j];
 }
 
 #if (defined(__GNUC__) || defined(__clang__)) && !defined(DSV3_GEMM_PORTABLE)
@@ -4281,8 +4234,7 @@ inline void store_tile(const OutView& C, const float* tile, int m, int n, bool o
 #endif
 #define DSV3_UNROLL _Pragma("GCC unroll 64")
 #if defined(__clang__) && DSV3_GEMM_VEC == 16
-// Clang splits 64-byte vectors into two 32-byte halves on CPUs where it prefers 256-bit code (as GCC does only for
-// its own auto-vectorisation), unless asked for the full width.
+// Clang splits 64-byte vectors in two where it prefers 256-bit code (GCC only in auto-vectorisation), unless told.
 #define DSV3_GEMM_FULL_WIDTH __attribute__((min_vector_width(512)))
 #else
 #define DSV3_GEMM_FULL_WIDTH
@@ -4290,10 +4242,9 @@ inline void store_tile(const OutView& C, const float* tile, int m, int n, bool o
 typedef float vfloat __attribute__((vector_size(DSV3_GEMM_VEC * sizeof(float))));
 constexpr int NV = NR / VEC;  // vectors per tile row
 
-// The micro-kernel: C[0:m, 0:n] (=|+=) Σ_{k<kc} A(i,k) · bp[k*NR + j], computing only the first U vectors of the
-// tile's columns (U·VEC >= n: a narrow last column panel, 48 of 64, does not pay for its zero padding).
-// A(i,k) = a[i*lda + k] when A_ROWS (rows of A contiguous: x, dy, W), else a[k*lda + i] (dyᵀ, packed panels); the
-// first MR rows of A must exist (the caller packs partial panels). bp is a packed panel of B.
+// The micro-kernel: C[0:m, 0:n] (=|+=) Σ_{k<kc} A(i,k) · bp[k*NR + j] over the first U vectors of columns (U·VEC >= n:
+// a narrow last panel, 48 of 64, does not pay for its padding). A(i,k) = a[i*lda + k] when A_ROWS (x, dy, W), else
+// a[k*lda + i] (dyᵀ, packed panels); MR rows of A must exist (the caller packs partial panels); bp: a panel of B.
 template <bool A_ROWS, int U>
 DSV3_GEMM_FULL_WIDTH inline void micro_kernel(int kc, const float* a, int64_t lda, const float* bp, const OutView& C, int m, int n,
                          bool overwrite) {
@@ -4354,8 +4305,8 @@ inline void run_kernel(int kc, const float* a, int64_t lda, const float* bp, con
 }
 #endif
 
-// K block [pc, pc + KC) of tile t (row panel t / n_jr, column panel t % n_jr) of C (+)= A·B, with the block of B
-// that starts at column jc packed in bpack; a_pack is the calling thread's buffer for a partial row panel of A.
+// K block [pc, pc + KC) of tile t (row panel t / n_jr, column panel t % n_jr) of C (+)= A·B; bpack: the packed block
+// of B from column jc; a_pack: the calling thread's buffer for a partial row panel of A.
 inline void tile_block(int M, int N, int K, const View& A, const OutView& C, bool accumulate, const float* bpack, int jc,
                        int64_t n_jr, int64_t t, int pc, float* a_pack) {
     const int ir = int(t / n_jr), jr = int(t % n_jr);
@@ -4387,13 +4338,14 @@ inline void multiply(int M, int N, int K, const View& A, const View& B, const Ou
     // Columns per packed block of B: K x block_n floats fit in the budget (at least one panel).
     const int block_n = int(std::max<int64_t>(1, B_BLOCK_FLOATS / (int64_t(K) * NR)) * NR);
     const int64_t n_ir = (M + MR - 1) / MR;
-    AlignedFloats packed_b(size_t(K) * std::min((N + NR - 1) / NR * NR, block_n));
-    float* bpack = packed_b.get();
+    // The packed block of B, left uninitialised (packing writes every element the kernel reads), 16 floats of room
+    // to start it on a cache line.
+    const std::unique_ptr<float[]> packed_b(new float[size_t(K) * std::min((N + NR - 1) / NR * NR, block_n) + 16]);
+    float* bpack = align64(packed_b.get());
 
-    // One parallel region for the whole product (called from inside another parallel region, or for a product too
-    // small to be worth waking the team for, it runs on the calling thread alone). The barriers (the one ending the
-    // `omp for`, and the explicit one) make sure that a block of B is fully packed before any thread reads it, and
-    // fully used before the next block overwrites it.
+    // One parallel region for the whole product (on the calling thread alone inside another region, or when too small
+    // to wake the team). The barriers (the `omp for`'s and the explicit one) let no thread read a block of B before it
+    // is fully packed, nor overwrite it before it is fully used.
 #pragma omp parallel if (int64_t(M) * N * K >= 8 * kParallelMinWork)
     {
         alignas(64) float a_pack[MR * KC];  // this thread's copy of a partial row panel of A (one K block)
@@ -4404,25 +4356,23 @@ inline void multiply(int M, int N, int K, const View& A, const View& B, const Ou
             for (int64_t jr = 0; jr < n_jr; ++jr)  // panel jr holds B[0:K, jc + jr*NR : +NR], k-major
                 pack_b_panel(bpack + jr * NR * K, B, 0, K, jc + int(jr) * NR, std::min(NR, nc - int(jr) * NR));
 
-            // This thread's share of the tiles: a contiguous range in row-panel-major order (a fixed static
-            // partition), so that it walks along a row panel of A across the column panels of the packed block of B.
+            // This thread's tiles: a contiguous range in row-panel-major order (a fixed static partition), walking
+            // along a row panel of A across the column panels of the packed block of B.
             const int64_t n_tiles = n_ir * n_jr;
             int64_t t_begin = 0, t_end = n_tiles;
 #ifdef _OPENMP
             t_begin = n_tiles * omp_get_thread_num() / omp_get_num_threads();
             t_end = n_tiles * (omp_get_thread_num() + 1) / omp_get_num_threads();
 #endif
-            // One K block of one tile. The blocks of a tile must run in increasing pc (the fixed summation order);
-            // tiles are independent, so the two loops below may nest either way.
+            // One K block of one tile: a tile's blocks run in increasing pc (the summation order), tiles in any order.
             auto block = [&](int64_t t, int pc) { tile_block(M, N, K, A, C, accumulate, bpack, jc, n_jr, t, pc, a_pack); };
             if (A.col_stride == 1) {
-                // Rows of A contiguous: finish each tile before the next, so each row of A is read as one long
-                // sequential stream (what matters when A is a big W read once, in decoding).
+                // Rows of A contiguous: tile by tile, each row of A one long stream (a big W read once, in decoding).
                 for (int64_t t = t_begin; t < t_end; ++t)
                     for (int pc = 0; pc < K; pc += KC) block(t, pc);
             } else {
-                // A = dyᵀ: a K block at a time, so that the MR x KC sliver of A, spread over KC cache lines `out`
-                // floats apart, is reused from L1 across the column panels before moving on.
+                // A = dyᵀ: a K block at a time, so the MR x KC sliver of A (KC cache lines `out` floats apart) is
+                // reused from L1 across the column panels.
                 for (int pc = 0; pc < K; pc += KC)
                     for (int64_t t = t_begin; t < t_end; ++t) block(t, pc);
             }
