@@ -24,8 +24,7 @@
 // PART 1, THE MODEL
 //    1. Config and counters .................. the error type; one struct for the architecture, presets, validate(),
 //                                              parameter / FLOP / KV-cache counters [V3 §2, §4.2, Table 1]
-//    2. Foundations .......................... RNG, parallel loops with a fixed reduction order, the profile of a
-//                                              step (build/train --profile), activation arena
+//    2. Foundations .......................... RNG, fixed-order parallel loops, the --profile of a step, arena
 //    3. Kernels .............................. forward/backward pairs, the plain reference matmul first: matmul,
 //                                              RMSNorm, RoPE+YaRN [V3 §2.1.1], causal attention, SwiGLU, embedding,
 //                                              cross-entropy, the MoE router and balance losses [V3 §2.1.2], MoE
@@ -35,20 +34,16 @@
 //    5. Modules .............................. 5.1 MLA [V3 §2.1.1, eqs. 1-11], 5.2 FFN, 5.3 DeepSeekMoE [eqs. 12-16],
 //                                              5.4 block, 5.5 MTP module [V3 §2.2, eqs. 21-25], 5.6 the model
 //    6. Training ............................. LR schedules, AdamW, clipping, loss-free balancing, one step [V3 §4.2]
-//    7. Inference ............................ latent KV cache, weight absorption, sampling, MTP speculative decoding
-//                                              [V3 §2.1.1, §5.4.3]
+//    7. Inference ............................ latent KV cache, absorption, sampling, MTP speculation [§2.1.1, §5.4.3]
 // PART 2, THE SYSTEMS OF THE REPORT
-//    8. FP8 numerics and the FP8 recipe ...... E4M3/E5M2, BF16, fine-grained quantization, the Hopper FP8 accumulator,
-//                                              FP8 linear layers [V3 §3.3]
-//    9. Parallelism .......................... ranks (threads, or MPI processes with -DDSV3_MPI), ring all-reduce,
-//                                              all-to-all, data and expert parallel [V3 §3.2]
+//    8. FP8 numerics and the FP8 recipe ...... E4M3/E5M2, BF16, tile scaling, Hopper's accumulator, FP8 linears [§3.3]
+//    9. Parallelism .......................... thread or MPI ranks, ring all-reduce, all-to-all, DP and EP [V3 §3.2]
 // PART 3, APPENDIX (machinery; skip on a first reading)
 //   10. The fast packed GEMM ................. what matmul_forward/backward of section 3.1 run on
 //   11. Files and data ....................... parse_int/parse_float, memory budget, sleeping threads, atomic files,
 //                                              byte-level BPE tokenizer, datasets, FIM, synthetic corpus
 //   12. Pictures and progress ................ PNG plots, the progress line
-//   13. Checkpoint I/O ....................... the training checkpoint, JSON, safetensors, config.json, Hugging Face
-//                                              directories, .npy
+//   13. Checkpoint I/O ....................... training checkpoint, JSON, safetensors, config.json, HF dirs, .npy
 //
 // CONVENTIONS
 //   - Row-major tensors; shapes are written next to them: `x: [T, dim]` means T rows of dim floats.
@@ -129,18 +124,15 @@
 
 namespace dsv3 {
 
-
 // #####################################################################################################################
-// PART 1, THE MODEL
-// Config, the foundations, the kernels, the parameters, the modules named after the paper, training and
-// inference. Everything a learner needs to follow DeepSeek-V3 from a token to its loss and back.
+// PART 1, THE MODEL: everything a learner needs to follow DeepSeek-V3 from a token to its loss and back.
 // #####################################################################################################################
 // =====================================================================================================================
 // 1. CONFIG AND COUNTERS
 // =====================================================================================================================
-// First the error type and the number reader every flag and file field goes through, then the config.
-// Every error the library raises is a dsv3::Error whose message names the file, tensor or field, what was expected
-// and what was found. Examples catch it, print it and exit non-zero.
+// First the error type and the number readers every flag and file field goes through, then the config. Every error
+// the library raises is a dsv3::Error whose message names the file, tensor or field, what was expected and what was
+// found; the examples catch it, print it and exit non-zero.
 struct Error : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
@@ -1499,17 +1491,9 @@ inline ParamLayout param_layout(const Config& c) {
     int mtp_index = -1;
     bool in_expert = false;
     auto add = [&](const std::string& name, std::vector<int64_t> shape, ParamKind kind) {
-        ParamEntry e;
-        e.name = name;
-        e.shape = std::move(shape);
-        e.size = 1;
-        for (int64_t s : e.shape) e.size *= size_t(s);
-        e.offset = L.total;
-        e.kind = kind;
-        e.mtp_module = mtp_index;
-        e.routed_expert = in_expert;
-        L.total += e.size;
-        L.entries.push_back(std::move(e));
+        const size_t size = std::accumulate(shape.begin(), shape.end(), size_t(1), std::multiplies<>());
+        L.entries.push_back(ParamEntry{name, std::move(shape), L.total, size, kind, mtp_index, in_expert});
+        L.total += size;
         return L.entries.back().offset;
     };
     auto linear = [&](const std::string& name, int out, int in) {
@@ -2315,17 +2299,15 @@ struct LrSchedule {
     float at(int step) const {  // step counts from 0
         if (step < warmup_steps) return max_lr * float(step + 1) / float(warmup_steps);
         const float x = float(step) / float(std::max(total_steps, 1));
-        auto cosine_between = [&](float from, float to) {
-            float r = std::clamp((x - from) / std::max(to - from, 1e-9f), 0.0f, 1.0f);
-            return min_lr + 0.5f * (max_lr - min_lr) * (1.0f + std::cos(float(M_PI) * r));
+        auto cosine_at = [&](float r) {  // r in [0, 1]: max_lr at 0, min_lr at 1
+            return min_lr + 0.5f * (max_lr - min_lr) * (1.0f + std::cos(float(M_PI) * std::clamp(r, 0.0f, 1.0f)));
         };
         switch (kind) {
-            case cosine: {  // from max_lr at step warmup_steps to exactly min_lr at the last step, total_steps - 1
-                const int span = std::max(total_steps - 1 - warmup_steps, 1);
-                const float r = std::clamp(float(step - warmup_steps) / float(span), 0.0f, 1.0f);
-                return min_lr + 0.5f * (max_lr - min_lr) * (1.0f + std::cos(float(M_PI) * r));
-            }
-            case v3: return x < constant_until ? max_lr : cosine_between(constant_until, decay_until);
+            case cosine:  // from max_lr at step warmup_steps to exactly min_lr at the last step, total_steps - 1
+                return cosine_at(float(step - warmup_steps) / float(std::max(total_steps - 1 - warmup_steps, 1)));
+            case v3:
+                if (x < constant_until) return max_lr;
+                return cosine_at((x - constant_until) / std::max(decay_until - constant_until, 1e-9f));
             case multi_step: return x < 0.8f ? max_lr : (x < 0.9f ? 0.316f * max_lr : 0.1f * max_lr);
         }
         return max_lr;
@@ -2345,10 +2327,9 @@ inline double gradient_norm(const backend::Buffer<float>& g) {
     return std::sqrt(backend::sum_of_squares(g.data(), int64_t(g.size())));
 }
 
-// Clip, then one AdamW step on every trainable tensor: weight decay on matrices only (not on norm gains), and the
-// routing bias is left alone (it has no gradient; see update_routing_bias). Returns the norm before clipping.
-// grad_norm >= 0: the global norm, computed by the caller (expert parallelism: the experts' gradients are spread
-// over the ranks, section 9); otherwise it is computed here from model.grads.
+// Clip, then one AdamW step on every trainable tensor: weight decay on matrices only (not on norm gains); the routing
+// bias has no gradient (update_routing_bias). Returns the norm before clipping; grad_norm >= 0 is that norm from the
+// caller (under expert parallelism the experts' gradients are spread over the ranks, section 9).
 inline double adamw_step(Model& model, AdamW& opt, float lr, double grad_norm = -1) {
     DSV3_PROFILE_MODULE("AdamW step");
     if (opt.m.size() != model.params.size()) {
@@ -2360,9 +2341,8 @@ inline double adamw_step(Model& model, AdamW& opt, float lr, double grad_norm = 
     // Clipping: every gradient times clip_norm / norm, applied inside the update (model.grads keeps the unclipped ones)
     const float clip = opt.clip_norm > 0 && norm > opt.clip_norm ? float(opt.clip_norm / norm) : 1.0f;
     ++opt.step;
-    // One update per run of neighbouring tensors with the same weight decay: the same arithmetic for every element as
-    // one call per tensor, in far fewer calls (a layer's routed experts are hundreds of tensors back to back; on a GPU
-    // each call is a launch). The routing biases are not trained by gradients (section 6, loss-free balancing).
+    // One update per run of neighbouring tensors with the same weight decay: per element the arithmetic of one call
+    // per tensor, in far fewer calls (a layer's routed experts are hundreds of tensors; on a GPU a call is a launch).
     const std::vector<ParamEntry>& es = model.layout.entries;
     auto decay = [&](const ParamEntry& e) { return e.kind == ParamKind::matrix ? opt.weight_decay : 0.0f; };
     for (size_t i = 0, j; i < es.size(); i = j) {
@@ -2394,9 +2374,7 @@ inline void update_routing_bias(Model& model, const std::vector<std::vector<int6
         fail("update_routing_bias: ", loads.size(), " load vectors for ", blocks.size(), " MoE blocks");
     for (size_t l = 0; l < blocks.size(); ++l) {
         const std::vector<int64_t>& c = loads[l];
-        double mean = 0;
-        for (int64_t x : c) mean += double(x);
-        mean /= double(c.size());
+        const double mean = std::accumulate(c.begin(), c.end(), 0.0) / double(c.size());
         std::vector<float> b(c.size());  // N_r values: the rule runs on the host
         backend::to_host(b.data(), model.param_at(blocks[l]->moe.bias), b.size());
         for (size_t i = 0; i < c.size(); ++i) b[i] += gamma * float((mean > c[i]) - (mean < c[i]));
@@ -2477,13 +2455,10 @@ inline double evaluate(Model& model, const std::vector<int32_t>& val, int T, int
 // recomputed. MLA's point [V3 §2.1.1]: "for MLA, only c^KV_t and k^R_t need to be cached during generation". Per
 // layer and token that is kv_lora_rank + qk_rope_head_dim values (512 + 64 in V3) instead of 2·H·d_h (2·128·128 in
 // an MHA of the same shape): 70,272 bytes per token in BF16 for V3's 61 layers (kv_cache_bytes_mla, section 1).
-//
-//   7.1 KvCache: the latent cache.
-//   7.2 Attention over the cache, naive (up-project every cached c^KV to per-head keys and values) and absorbed
-//       (fold W^UK into the query and W^UV into the output, attend in the latent space directly).
-//   7.3 Model::decode: the whole model on new tokens; Model::decode_mtp: the MTP module on new positions.
-//   7.4 Sampling: greedy, temperature, top-k, top-p.
-//   7.5 generate(): plain decoding, and MTP speculative decoding [V3 §5.4.3].
+//   7.1 KvCache, the latent cache. 7.2 Attention over it, naive (up-project every cached c^KV to per-head keys and
+//   values) or absorbed (W^UK folded into the query, W^UV into the output: attention in the latent space). 7.3
+//   Model::decode, the model on new tokens, and decode_mtp, the MTP module. 7.4 Sampling: greedy, temperature, top-k,
+//   top-p. 7.5 generate(): plain decoding, and MTP speculative decoding [V3 §5.4.3].
 
 // --- 7.1 the latent KV cache -----------------------------------------------------------------------------------------
 // One per stack of blocks: the main model's n_layers, or the single block of an MTP module. Positions [0, len) are
@@ -2513,8 +2488,7 @@ struct KvCache {
 // so attention reads each cached c_s once for all heads (no per-head keys or values are ever formed): a decoding
 // step costs O(L·H·(d_c + d_R)) multiply-adds and reads L·(d_c + d_R) cached floats, instead of first
 // up-projecting the whole cache, O(L·d_c·H·(d_h + d_v)).
-//
-// One query over L keys: o[dim] = Σ_s softmax_s(scale · score(s)) · value(s), value(s) pointing at dim floats. The
+// One query over L keys: o[dim] = Σ_s softmax_s(scale · score(s)) · value(s), value(s) pointing at dim floats; the
 // same loops, in the same order, for both decoding paths below.
 template <class Score, class Value>
 inline void attend_one(float* o, int L, int dim, float scale, const Score& score, const Value& value) {
@@ -2751,12 +2725,7 @@ struct SamplingOptions {
     int top_k = 0;
     float top_p = 1.0f;
 };
-inline int argmax(const float* z, int n) {
-    int best = 0;
-    for (int i = 1; i < n; ++i)
-        if (z[i] > z[best]) best = i;
-    return best;
-}
+inline int argmax(const float* z, int n) { return int(std::max_element(z, z + n) - z); }  // the first of the largest
 inline int sample_token(const float* logits, int V, const SamplingOptions& o, Rng& rng) {
     if (o.temperature < 0 || o.top_k < 0 || !(o.top_p > 0 && o.top_p <= 1))
         fail("sampling: need temperature >= 0, top_k >= 0, 0 < top_p <= 1; found ", o.temperature, ", ", o.top_k,
@@ -2776,9 +2745,7 @@ inline int sample_token(const float* logits, int V, const SamplingOptions& o, Rn
         mass += p[size_t(i)] / sum;
         if (mass >= o.top_p) { keep = i + 1; break; }
     }
-    double total = 0;
-    for (int i = 0; i < keep; ++i) total += p[size_t(i)];
-    double u = rng.uniform() * total;
+    double u = rng.uniform() * std::accumulate(p.begin(), p.begin() + keep, 0.0);
     for (int i = 0; i < keep; ++i)
         if ((u -= p[size_t(i)]) < 0) return ids[size_t(i)];
     return ids[size_t(keep - 1)];
@@ -2786,12 +2753,12 @@ inline int sample_token(const float* logits, int V, const SamplingOptions& o, Rn
 
 // --- 7.5 generation, plain and speculative [V3 §5.4.3] --------------------------------------------------------------
 // Speculative decoding with the MTP module: after the main model has produced token t_{i+1} at position i, MTP module
-// 1 turns (h_i, t_{i+1}) into a draft d of t_{i+2}. The next main step feeds two tokens, t_{i+1} and d: its output at
-// position i+1 is the real distribution of t_{i+2}, from which t_{i+2} is chosen exactly as plain decoding would (same
-// sampler, same random draw). If t_{i+2} == d, the output at position i+2 is valid too and gives t_{i+3}: two tokens
-// for one main forward. If not, position i+2 is dropped from the cache. Either way the tokens are those of plain
-// decoding, because a position's logits do not depend on how many tokens a step feeds (batch-invariant matmul and
-// attention, see 4.1 and 8.2). V3 reports 85-90% acceptance, about 1.8x the tokens per second.
+// 1 turns (h_i, t_{i+1}) into a draft d of t_{i+2}. The next main step feeds t_{i+1} and d: its output at position
+// i+1 is the real distribution of t_{i+2}, sampled exactly as plain decoding would (same sampler, same draw). If
+// t_{i+2} == d, the output at position i+2 is valid too and gives t_{i+3}: two tokens for one main forward; if not,
+// position i+2 is dropped from the cache. Either way the tokens are plain decoding's, because a position's logits do
+// not depend on how many tokens a step feeds (batch-invariant matmul and attention: sections 10 and 7.2). V3 reports
+// 85-90% acceptance, about 1.8x the tokens per second.
 struct GenerationStats {
     int prompt_tokens = 0, generated = 0;
     int main_forwards = 0;          // calls of the main model, the prompt's and restarts' included
@@ -2850,19 +2817,17 @@ inline std::vector<int32_t> generate(Model& model, const std::vector<int32_t>& p
             st.restarts++;
         }
         // Speculate only when an accepted draft still lands on or before the restart point (same restarts as plain).
-        if (!use_mtp || cache.len + 2 > window - 1) {
-            model.decode(&next, 1, cache, logits.data(), hidden.data(), absorbed);
-            st.main_forwards++;
-            emit(sample_token(logits.data(), V, sampling, rng));
+        const bool speculate = use_mtp && cache.len + 2 <= window - 1;
+        const int32_t step[2] = {next, draft};  // plain decoding feeds `next` alone
+        model.decode(step, speculate ? 2 : 1, cache, logits.data(), hidden.data(), absorbed);
+        st.main_forwards++;
+        const int32_t t1 = sample_token(logits.data(), V, sampling, rng);
+        emit(t1);
+        if (!speculate) {
             if (use_mtp) run_mtp(&all.back(), 1);
             continue;
         }
-        const int32_t step[2] = {next, draft};
-        model.decode(step, 2, cache, logits.data(), hidden.data(), absorbed);
-        st.main_forwards++;
         st.drafted++;
-        const int32_t t1 = sample_token(logits.data(), V, sampling, rng);
-        emit(t1);
         if (t1 == draft) st.accepted++;
         if (t1 == draft && int(out.size()) < n_new) {  // the draft was right: position i+2 is valid too
             emit(sample_token(logits.data() + V, V, sampling, rng));
@@ -2877,7 +2842,6 @@ inline std::vector<int32_t> generate(Model& model, const std::vector<int32_t>& p
     if (stats) *stats = st;
     return out;
 }
-
 
 // #####################################################################################################################
 // PART 2, THE SYSTEMS OF THE REPORT
