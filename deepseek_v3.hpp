@@ -24,8 +24,7 @@
 // PART 1, THE MODEL
 //    1. Config and counters .................. the error type; one struct for the architecture, presets, validate(),
 //                                              parameter / FLOP / KV-cache counters [V3 §2, §4.2, Table 1]
-//    2. Foundations .......................... RNG, parallel loops with a fixed reduction order, the profile of a
-//                                              step (build/train --profile), activation arena
+//    2. Foundations .......................... RNG, fixed-order parallel loops, the --profile of a step, arena
 //    3. Kernels .............................. forward/backward pairs, the plain reference matmul first: matmul,
 //                                              RMSNorm, RoPE+YaRN [V3 §2.1.1], causal attention, SwiGLU, embedding,
 //                                              cross-entropy, the MoE router and balance losses [V3 §2.1.2], MoE
@@ -35,20 +34,16 @@
 //    5. Modules .............................. 5.1 MLA [V3 §2.1.1, eqs. 1-11], 5.2 FFN, 5.3 DeepSeekMoE [eqs. 12-16],
 //                                              5.4 block, 5.5 MTP module [V3 §2.2, eqs. 21-25], 5.6 the model
 //    6. Training ............................. LR schedules, AdamW, clipping, loss-free balancing, one step [V3 §4.2]
-//    7. Inference ............................ latent KV cache, weight absorption, sampling, MTP speculative decoding
-//                                              [V3 §2.1.1, §5.4.3]
+//    7. Inference ............................ latent KV cache, absorption, sampling, MTP speculation [§2.1.1, §5.4.3]
 // PART 2, THE SYSTEMS OF THE REPORT
-//    8. FP8 numerics and the FP8 recipe ...... E4M3/E5M2, BF16, fine-grained quantization, the Hopper FP8 accumulator,
-//                                              FP8 linear layers [V3 §3.3]
-//    9. Parallelism .......................... ranks (threads, or MPI processes with -DDSV3_MPI), ring all-reduce,
-//                                              all-to-all, data and expert parallel [V3 §3.2]
+//    8. FP8 numerics and the FP8 recipe ...... E4M3/E5M2, BF16, tile scaling, Hopper's accumulator, FP8 linears [§3.3]
+//    9. Parallelism .......................... thread or MPI ranks, ring all-reduce, all-to-all, DP and EP [V3 §3.2]
 // PART 3, APPENDIX (machinery; skip on a first reading)
 //   10. The fast packed GEMM ................. what matmul_forward/backward of section 3.1 run on
 //   11. Files and data ....................... parse_int/parse_float, memory budget, sleeping threads, atomic files,
 //                                              byte-level BPE tokenizer, datasets, FIM, synthetic corpus
 //   12. Pictures and progress ................ PNG plots, the progress line
-//   13. Checkpoint I/O ....................... the training checkpoint, JSON, safetensors, config.json, Hugging Face
-//                                              directories, .npy
+//   13. Checkpoint I/O ....................... training checkpoint, JSON, safetensors, config.json, HF dirs, .npy
 //
 // CONVENTIONS
 //   - Row-major tensors; shapes are written next to them: `x: [T, dim]` means T rows of dim floats.
@@ -129,18 +124,15 @@
 
 namespace dsv3 {
 
-
 // #####################################################################################################################
-// PART 1, THE MODEL
-// Config, the foundations, the kernels, the parameters, the modules named after the paper, training and
-// inference. Everything a learner needs to follow DeepSeek-V3 from a token to its loss and back.
+// PART 1, THE MODEL: everything a learner needs to follow DeepSeek-V3 from a token to its loss and back.
 // #####################################################################################################################
 // =====================================================================================================================
 // 1. CONFIG AND COUNTERS
 // =====================================================================================================================
-// First the error type and the number reader every flag and file field goes through, then the config.
-// Every error the library raises is a dsv3::Error whose message names the file, tensor or field, what was expected
-// and what was found. Examples catch it, print it and exit non-zero.
+// First the error type and the number readers every flag and file field goes through, then the config. Every error
+// the library raises is a dsv3::Error whose message names the file, tensor or field, what was expected and what was
+// found; the examples catch it, print it and exit non-zero.
 struct Error : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
@@ -557,6 +549,9 @@ class ProfileScope {
 // The memory budget: a size a file or a config declares, checked against physical memory first (section 11.1).
 inline void require_memory(std::string_view what, double bytes);
 
+// The first 64-byte boundary (a cache line) at or after p, at most 15 floats on.
+inline float* align64(float* p) { return p + (16 - (reinterpret_cast<uintptr_t>(p) / 4) % 16) % 16; }
+
 // The activation arena: forward activations and backward temporaries are bump-allocated from large blocks. After
 // the first step every take() is served from memory already owned, so a training step allocates nothing. Pointers
 // stay valid until release()/reset() (blocks never move).
@@ -565,27 +560,14 @@ class Arena {
     // n floats, uninitialised, 64-byte aligned.
     float* take(size_t n) {
         n = (n + 15) & ~size_t(15);
-        while (true) {
-            if (block_ == blocks_.size()) {  // no block left: add one large enough
-                size_t size = std::max(n, size_t(1) << 22);
-                blocks_.push_back({std::unique_ptr<float[]>(new float[size + 16]), size});
-            }
-            Block& b = blocks_[block_];
-            if (used_ + n <= b.size) {
-                float* base = b.data.get();
-                float* aligned = base + ((16 - (reinterpret_cast<uintptr_t>(base) / 4) % 16) % 16);
-                float* p = aligned + used_;
-                used_ += n;
-                return p;
-            }
-            if (used_ == 0) {  // an empty block that is too small: replace it with a large enough one
-                size_t size = std::max(n, size_t(1) << 22);
-                b = {std::unique_ptr<float[]>(new float[size + 16]), size};
-                continue;
-            }
-            ++block_;
-            used_ = 0;
-        }
+        while (block_ < blocks_.size() && used_ + n > blocks_[block_].size && used_ > 0) ++block_, used_ = 0;
+        const size_t size = std::max(n, size_t(1) << 22);  // a new block, or one replacing an empty one too small
+        if (block_ == blocks_.size()) blocks_.emplace_back();
+        Block& b = blocks_[block_];
+        if (!b.data || used_ + n > b.size) b = {std::unique_ptr<float[]>(new float[size + 16]), size};
+        float* p = align64(b.data.get()) + used_;
+        used_ += n;
+        return p;
     }
     float* zeros(size_t n) {
         float* p = take(n);
@@ -596,18 +578,12 @@ class Arena {
     Mark mark() const { return {block_, used_}; }
     void release(Mark m) { block_ = m.block; used_ = m.used; }
     void reset() { release({0, 0}); }
-    size_t capacity_floats() const {
-        size_t s = 0;
-        for (const Block& b : blocks_) s += b.size;
-        return s;
-    }
 
   private:
-    struct Block { std::unique_ptr<float[]> data; size_t size; };
+    struct Block { std::unique_ptr<float[]> data; size_t size = 0; };
     std::vector<Block> blocks_;
     size_t block_ = 0, used_ = 0;
 };
-
 
 // --- a named view of a tensor ---------------------------------------------------------------------------------------
 // Pointer + shape + name, owning nothing: how a reader looks at any parameter or gradient of the flat buffers by its
@@ -616,11 +592,7 @@ struct TensorView {
     float* data = nullptr;
     std::vector<int64_t> shape;
     std::string name;
-    int64_t numel() const {
-        int64_t n = 1;
-        for (int64_t d : shape) n *= d;
-        return n;
-    }
+    int64_t numel() const { return std::accumulate(shape.begin(), shape.end(), int64_t(1), std::multiplies<>()); }
     float& at(int64_t i) const {
         if (shape.size() != 1 || i < 0 || i >= shape[0]) fail("tensor ", name, ": index [", i, "] outside its shape");
         return data[i];
@@ -1519,17 +1491,9 @@ inline ParamLayout param_layout(const Config& c) {
     int mtp_index = -1;
     bool in_expert = false;
     auto add = [&](const std::string& name, std::vector<int64_t> shape, ParamKind kind) {
-        ParamEntry e;
-        e.name = name;
-        e.shape = std::move(shape);
-        e.size = 1;
-        for (int64_t s : e.shape) e.size *= size_t(s);
-        e.offset = L.total;
-        e.kind = kind;
-        e.mtp_module = mtp_index;
-        e.routed_expert = in_expert;
-        L.total += e.size;
-        L.entries.push_back(std::move(e));
+        const size_t size = std::accumulate(shape.begin(), shape.end(), size_t(1), std::multiplies<>());
+        L.entries.push_back(ParamEntry{name, std::move(shape), L.total, size, kind, mtp_index, in_expert});
+        L.total += size;
         return L.entries.back().offset;
     };
     auto linear = [&](const std::string& name, int out, int in) {
@@ -2335,17 +2299,15 @@ struct LrSchedule {
     float at(int step) const {  // step counts from 0
         if (step < warmup_steps) return max_lr * float(step + 1) / float(warmup_steps);
         const float x = float(step) / float(std::max(total_steps, 1));
-        auto cosine_between = [&](float from, float to) {
-            float r = std::clamp((x - from) / std::max(to - from, 1e-9f), 0.0f, 1.0f);
-            return min_lr + 0.5f * (max_lr - min_lr) * (1.0f + std::cos(float(M_PI) * r));
+        auto cosine_at = [&](float r) {  // r in [0, 1]: max_lr at 0, min_lr at 1
+            return min_lr + 0.5f * (max_lr - min_lr) * (1.0f + std::cos(float(M_PI) * std::clamp(r, 0.0f, 1.0f)));
         };
         switch (kind) {
-            case cosine: {  // from max_lr at step warmup_steps to exactly min_lr at the last step, total_steps - 1
-                const int span = std::max(total_steps - 1 - warmup_steps, 1);
-                const float r = std::clamp(float(step - warmup_steps) / float(span), 0.0f, 1.0f);
-                return min_lr + 0.5f * (max_lr - min_lr) * (1.0f + std::cos(float(M_PI) * r));
-            }
-            case v3: return x < constant_until ? max_lr : cosine_between(constant_until, decay_until);
+            case cosine:  // from max_lr at step warmup_steps to exactly min_lr at the last step, total_steps - 1
+                return cosine_at(float(step - warmup_steps) / float(std::max(total_steps - 1 - warmup_steps, 1)));
+            case v3:
+                if (x < constant_until) return max_lr;
+                return cosine_at((x - constant_until) / std::max(decay_until - constant_until, 1e-9f));
             case multi_step: return x < 0.8f ? max_lr : (x < 0.9f ? 0.316f * max_lr : 0.1f * max_lr);
         }
         return max_lr;
@@ -2365,10 +2327,9 @@ inline double gradient_norm(const backend::Buffer<float>& g) {
     return std::sqrt(backend::sum_of_squares(g.data(), int64_t(g.size())));
 }
 
-// Clip, then one AdamW step on every trainable tensor: weight decay on matrices only (not on norm gains), and the
-// routing bias is left alone (it has no gradient; see update_routing_bias). Returns the norm before clipping.
-// grad_norm >= 0: the global norm, computed by the caller (expert parallelism: the experts' gradients are spread
-// over the ranks, section 9); otherwise it is computed here from model.grads.
+// Clip, then one AdamW step on every trainable tensor: weight decay on matrices only (not on norm gains); the routing
+// bias has no gradient (update_routing_bias). Returns the norm before clipping; grad_norm >= 0 is that norm from the
+// caller (under expert parallelism the experts' gradients are spread over the ranks, section 9).
 inline double adamw_step(Model& model, AdamW& opt, float lr, double grad_norm = -1) {
     DSV3_PROFILE_MODULE("AdamW step");
     if (opt.m.size() != model.params.size()) {
@@ -2380,9 +2341,8 @@ inline double adamw_step(Model& model, AdamW& opt, float lr, double grad_norm = 
     // Clipping: every gradient times clip_norm / norm, applied inside the update (model.grads keeps the unclipped ones)
     const float clip = opt.clip_norm > 0 && norm > opt.clip_norm ? float(opt.clip_norm / norm) : 1.0f;
     ++opt.step;
-    // One update per run of neighbouring tensors with the same weight decay: the same arithmetic for every element as
-    // one call per tensor, in far fewer calls (a layer's routed experts are hundreds of tensors back to back; on a GPU
-    // each call is a launch). The routing biases are not trained by gradients (section 6, loss-free balancing).
+    // One update per run of neighbouring tensors with the same weight decay: per element the arithmetic of one call
+    // per tensor, in far fewer calls (a layer's routed experts are hundreds of tensors; on a GPU a call is a launch).
     const std::vector<ParamEntry>& es = model.layout.entries;
     auto decay = [&](const ParamEntry& e) { return e.kind == ParamKind::matrix ? opt.weight_decay : 0.0f; };
     for (size_t i = 0, j; i < es.size(); i = j) {
@@ -2414,9 +2374,7 @@ inline void update_routing_bias(Model& model, const std::vector<std::vector<int6
         fail("update_routing_bias: ", loads.size(), " load vectors for ", blocks.size(), " MoE blocks");
     for (size_t l = 0; l < blocks.size(); ++l) {
         const std::vector<int64_t>& c = loads[l];
-        double mean = 0;
-        for (int64_t x : c) mean += double(x);
-        mean /= double(c.size());
+        const double mean = std::accumulate(c.begin(), c.end(), 0.0) / double(c.size());
         std::vector<float> b(c.size());  // N_r values: the rule runs on the host
         backend::to_host(b.data(), model.param_at(blocks[l]->moe.bias), b.size());
         for (size_t i = 0; i < c.size(); ++i) b[i] += gamma * float((mean > c[i]) - (mean < c[i]));
@@ -2497,13 +2455,10 @@ inline double evaluate(Model& model, const std::vector<int32_t>& val, int T, int
 // recomputed. MLA's point [V3 §2.1.1]: "for MLA, only c^KV_t and k^R_t need to be cached during generation". Per
 // layer and token that is kv_lora_rank + qk_rope_head_dim values (512 + 64 in V3) instead of 2·H·d_h (2·128·128 in
 // an MHA of the same shape): 70,272 bytes per token in BF16 for V3's 61 layers (kv_cache_bytes_mla, section 1).
-//
-//   7.1 KvCache: the latent cache.
-//   7.2 Attention over the cache, naive (up-project every cached c^KV to per-head keys and values) and absorbed
-//       (fold W^UK into the query and W^UV into the output, attend in the latent space directly).
-//   7.3 Model::decode: the whole model on new tokens; Model::decode_mtp: the MTP module on new positions.
-//   7.4 Sampling: greedy, temperature, top-k, top-p.
-//   7.5 generate(): plain decoding, and MTP speculative decoding [V3 §5.4.3].
+//   7.1 KvCache, the latent cache. 7.2 Attention over it, naive (up-project every cached c^KV to per-head keys and
+//   values) or absorbed (W^UK folded into the query, W^UV into the output: attention in the latent space). 7.3
+//   Model::decode, the model on new tokens, and decode_mtp, the MTP module. 7.4 Sampling: greedy, temperature, top-k,
+//   top-p. 7.5 generate(): plain decoding, and MTP speculative decoding [V3 §5.4.3].
 
 // --- 7.1 the latent KV cache -----------------------------------------------------------------------------------------
 // One per stack of blocks: the main model's n_layers, or the single block of an MTP module. Positions [0, len) are
@@ -2533,8 +2488,7 @@ struct KvCache {
 // so attention reads each cached c_s once for all heads (no per-head keys or values are ever formed): a decoding
 // step costs O(L·H·(d_c + d_R)) multiply-adds and reads L·(d_c + d_R) cached floats, instead of first
 // up-projecting the whole cache, O(L·d_c·H·(d_h + d_v)).
-//
-// One query over L keys: o[dim] = Σ_s softmax_s(scale · score(s)) · value(s), value(s) pointing at dim floats. The
+// One query over L keys: o[dim] = Σ_s softmax_s(scale · score(s)) · value(s), value(s) pointing at dim floats; the
 // same loops, in the same order, for both decoding paths below.
 template <class Score, class Value>
 inline void attend_one(float* o, int L, int dim, float scale, const Score& score, const Value& value) {
@@ -2771,12 +2725,7 @@ struct SamplingOptions {
     int top_k = 0;
     float top_p = 1.0f;
 };
-inline int argmax(const float* z, int n) {
-    int best = 0;
-    for (int i = 1; i < n; ++i)
-        if (z[i] > z[best]) best = i;
-    return best;
-}
+inline int argmax(const float* z, int n) { return int(std::max_element(z, z + n) - z); }  // the first of the largest
 inline int sample_token(const float* logits, int V, const SamplingOptions& o, Rng& rng) {
     if (o.temperature < 0 || o.top_k < 0 || !(o.top_p > 0 && o.top_p <= 1))
         fail("sampling: need temperature >= 0, top_k >= 0, 0 < top_p <= 1; found ", o.temperature, ", ", o.top_k,
@@ -2796,9 +2745,7 @@ inline int sample_token(const float* logits, int V, const SamplingOptions& o, Rn
         mass += p[size_t(i)] / sum;
         if (mass >= o.top_p) { keep = i + 1; break; }
     }
-    double total = 0;
-    for (int i = 0; i < keep; ++i) total += p[size_t(i)];
-    double u = rng.uniform() * total;
+    double u = rng.uniform() * std::accumulate(p.begin(), p.begin() + keep, 0.0);
     for (int i = 0; i < keep; ++i)
         if ((u -= p[size_t(i)]) < 0) return ids[size_t(i)];
     return ids[size_t(keep - 1)];
@@ -2806,12 +2753,12 @@ inline int sample_token(const float* logits, int V, const SamplingOptions& o, Rn
 
 // --- 7.5 generation, plain and speculative [V3 §5.4.3] --------------------------------------------------------------
 // Speculative decoding with the MTP module: after the main model has produced token t_{i+1} at position i, MTP module
-// 1 turns (h_i, t_{i+1}) into a draft d of t_{i+2}. The next main step feeds two tokens, t_{i+1} and d: its output at
-// position i+1 is the real distribution of t_{i+2}, from which t_{i+2} is chosen exactly as plain decoding would (same
-// sampler, same random draw). If t_{i+2} == d, the output at position i+2 is valid too and gives t_{i+3}: two tokens
-// for one main forward. If not, position i+2 is dropped from the cache. Either way the tokens are those of plain
-// decoding, because a position's logits do not depend on how many tokens a step feeds (batch-invariant matmul and
-// attention, see 4.1 and 8.2). V3 reports 85-90% acceptance, about 1.8x the tokens per second.
+// 1 turns (h_i, t_{i+1}) into a draft d of t_{i+2}. The next main step feeds t_{i+1} and d: its output at position
+// i+1 is the real distribution of t_{i+2}, sampled exactly as plain decoding would (same sampler, same draw). If
+// t_{i+2} == d, the output at position i+2 is valid too and gives t_{i+3}: two tokens for one main forward; if not,
+// position i+2 is dropped from the cache. Either way the tokens are plain decoding's, because a position's logits do
+// not depend on how many tokens a step feeds (batch-invariant matmul and attention: sections 10 and 7.2). V3 reports
+// 85-90% acceptance, about 1.8x the tokens per second.
 struct GenerationStats {
     int prompt_tokens = 0, generated = 0;
     int main_forwards = 0;          // calls of the main model, the prompt's and restarts' included
@@ -2870,19 +2817,17 @@ inline std::vector<int32_t> generate(Model& model, const std::vector<int32_t>& p
             st.restarts++;
         }
         // Speculate only when an accepted draft still lands on or before the restart point (same restarts as plain).
-        if (!use_mtp || cache.len + 2 > window - 1) {
-            model.decode(&next, 1, cache, logits.data(), hidden.data(), absorbed);
-            st.main_forwards++;
-            emit(sample_token(logits.data(), V, sampling, rng));
+        const bool speculate = use_mtp && cache.len + 2 <= window - 1;
+        const int32_t step[2] = {next, draft};  // plain decoding feeds `next` alone
+        model.decode(step, speculate ? 2 : 1, cache, logits.data(), hidden.data(), absorbed);
+        st.main_forwards++;
+        const int32_t t1 = sample_token(logits.data(), V, sampling, rng);
+        emit(t1);
+        if (!speculate) {
             if (use_mtp) run_mtp(&all.back(), 1);
             continue;
         }
-        const int32_t step[2] = {next, draft};
-        model.decode(step, 2, cache, logits.data(), hidden.data(), absorbed);
-        st.main_forwards++;
         st.drafted++;
-        const int32_t t1 = sample_token(logits.data(), V, sampling, rng);
-        emit(t1);
         if (t1 == draft) st.accepted++;
         if (t1 == draft && int(out.size()) < n_new) {  // the draft was right: position i+2 is valid too
             emit(sample_token(logits.data() + V, V, sampling, rng));
@@ -2898,7 +2843,6 @@ inline std::vector<int32_t> generate(Model& model, const std::vector<int32_t>& p
     return out;
 }
 
-
 // #####################################################################################################################
 // PART 2, THE SYSTEMS OF THE REPORT
 // How DeepSeek-V3 was trained at scale: FP8 mixed precision, and the data and expert parallelism of its cluster.
@@ -2906,39 +2850,33 @@ inline std::vector<int32_t> generate(Model& model, const std::vector<int32_t>& p
 // =====================================================================================================================
 // 8. NUMERICS: FP8 TRAINING (DeepSeek-V3 report §3.3), BF16 AND FP16
 // =====================================================================================================================
-// DeepSeek-V3 is trained with FP8 matrix multiplications (report §3.3 "FP8 Training"). The three GEMMs of every
-// linear layer, Fprop y = x·Wᵀ, Dgrad dx = dy·W and Wgrad dW = dyᵀ·x, take 8-bit inputs on the tensor cores; what
-// is sensitive or cheap stays in BF16/FP32: embedding, output head, MoE router, normalisations, the attention core,
-// FP32 master weights and gradients, and AdamW moments stored in BF16 (bf16_round below).
+// DeepSeek-V3 trains with FP8 matrix multiplications (report §3.3): the three GEMMs of every linear layer, Fprop
+// y = x·Wᵀ, Dgrad dx = dy·W and Wgrad dW = dyᵀ·x, take 8-bit inputs on the tensor cores. What is sensitive or cheap
+// stays in BF16/FP32: embedding, output head, MoE router, norms, the attention core, the FP32 master weights and
+// gradients; AdamW's moments are stored in BF16 (bf16_round below).
 //
 // The formats (OCP 8-bit floating point specification; the bits are sign | exponent | mantissa):
 //          bits        bias  max finite    min normal  min subnormal  special values
 //   E4M3   s eeee mmm     7  448   (0x7E)  2^-6        2^-9           NaN = s.1111.111 only, no infinities ("fn")
 //   E5M2   s eeeee mm    15  57344 (0x7B)  2^-14       2^-16          IEEE: ±inf = s.11111.00, NaN = s.11111.(≠0)
-// E4M3 keeps one more mantissa bit (neighbours at most 2^-3 = 12.5% apart) but spans only 2^-9..448, about 18 binades.
-// V3 uses E4M3 for every tensor, gradients included (earlier FP8 recipes used E5M2 for gradients, for its range), and
-// gets the range back with fine-grained scaling.
+// E4M3 has one more mantissa bit (neighbours at most 12.5% apart) but spans only 2^-9..448, about 18 binades. V3 uses
+// it for every tensor, gradients included (earlier recipes used E5M2 there, for its range), and gets the range back by
+// fine-grained scaling (§3.3.2): one scale per tensor is set by its largest element, and with activation outliers most
+// values would fall into the coarse subnormals or to zero. So each small group gets its own scale, online, from its
+// amax: scale = amax / 448, x_q = E4M3(x / scale). Activations and gradients: one scale per 1×128 tile (a token × 128
+// channels; an outlier spoils only its tile). Weights: one per 128×128 block, whose scales also serve Wᵀ in Dgrad.
+// The groups run along the reduction dimension K, so the scale changes every 128 elements of K and must be applied
+// inside the accumulation, which promotion does.
 //
-// Why fine-grained scaling (§3.3.2). One scale per tensor is set by the tensor's largest element. Activations have
-// outliers, so with one scale most values would fall into E4M3's coarse subnormals or flush to zero. V3 computes one
-// scale per small group, online, from the group's maximum absolute value: scale = amax / 448, x_q = E4M3(x / scale).
-//   activations and gradients: one scale per 1×128 tile (one token × 128 channels): an outlier spoils only its tile;
-//   weights:                   one scale per 128×128 block (128 outputs × 128 inputs): the same block scales serve
-//                              the transposed weight in Dgrad, so each weight is quantized once.
-// The groups run along the GEMM's reduction dimension K in chunks of 128, so the scale changes every 128 elements of
-// K and cannot be factored out of the sum: the scales must be applied inside the accumulation, which promotion does.
-//
-// Why promotion every 128 (§3.3.2 "Increasing Accumulation Precision"). Hopper's FP8 tensor cores do not accumulate in
+// Promotion every 128 (§3.3.2 "Increasing Accumulation Precision"). Hopper's FP8 tensor cores do not accumulate in
 // FP32: within each block of 32 products every product is aligned to the largest exponent (the accumulator's
-// included) and truncated, and the running sum keeps only 14 significant bits. Over K = 4096 the report measured a
-// maximum relative error near 2%. V3's fix: after every N_C = 128 elements of K (four WGMMA instructions of K = 32)
-// the partial sum is copied to FP32 registers on the CUDA cores, multiplied by the two group scales and added to an
-// FP32 accumulator. The multiplication by the scales has to happen there anyway, so the fix is nearly free.
+// included) and truncated, and the sum keeps only 14 significant bits; over K = 4096 the report measured errors near
+// 2%. V3's fix: every N_C = 128 elements of K (four WGMMAs of K = 32) the partial sum goes to FP32 registers on the
+// CUDA cores, times the two group scales, into an FP32 accumulator: nearly free, the scales are applied there anyway.
 //
-// Here: 8.1 bit-exact codecs, 8.2 1×128 tile and 128×128 block quantization, 8.3 fp8_gemm, a simulation of the H100
-// tensor-core accumulator that reproduces its outputs bit for bit (after Khattak & Mikaitis and "Insights into
-// DeepSeek-V3", arXiv 2505.09343), promotion optional, 8.4 the FP8 linear layer (Fprop, Dgrad, Wgrad) of V3's recipe.
-// examples/fp8_error.cpp reproduces the report's "nearly 2%" observation and shows how promotion removes it.
+// Here: 8.1 bit-exact codecs, 8.2 tile and block quantization, 8.3 fp8_gemm, the H100 tensor-core accumulator bit for
+// bit (after Khattak & Mikaitis and "Insights into DeepSeek-V3", arXiv 2505.09343), promotion optional, 8.4 V3's FP8
+// linear layer. examples/fp8_error.cpp reproduces the "nearly 2%" and shows promotion removing it.
 
 // --- 8.1 bit-level helpers, BF16 and FP16, the FP8 codecs ------------------------------------------------------------
 namespace fp8_detail {
@@ -2957,16 +2895,13 @@ inline int bit_length(uint32_t v) {
 #endif
 }
 
-// Rounds a non-negative float (given by its bits `a`, NaN excluded, +inf allowed) to a binary format with `man_bits`
-// stored mantissa bits and exponent bias `bias`, round to nearest, ties to even, and returns the code of the result
-// without the sign: (exponent field << man_bits) | mantissa. Codes grow with the value, so the result is unbounded
-// above: a code past the format's largest finite one means "too large", and each caller decides (saturate or inf).
-//
-// The value is sig · 2^(e - 23) with the float's 24-bit significand sig. In the target format, at exponent
-// te = max(e, emin) the spacing is 2^(te - man_bits); the number of spacings q = sig >> shift, rounded to nearest even,
-// lies in [2^man_bits, 2^(man_bits+1)] for normals and [0, 2^man_bits] for subnormals. In both cases the code is
-// ((te + bias - 1) << man_bits) + q: a carry of the rounding into the next binade (q = 2^(man_bits+1)) or from the
-// subnormals into the normals (q = 2^man_bits at te = emin) lands on the right code by itself.
+// Rounds a non-negative float (its bits `a`; NaN excluded, +inf allowed) to nearest, ties to even, in a format of
+// `man_bits` mantissa bits and exponent bias `bias`; returns the unsigned code (exponent field << man_bits) | mantissa.
+// Codes grow with the value and are unbounded above: past the largest finite code, the caller saturates or makes inf.
+// The value is sig · 2^(e - 23) (24-bit significand sig). At te = max(e, emin) the target's spacing is
+// 2^(te - man_bits); the spacings q = sig >> shift, rounded to even, lie in [2^man_bits, 2^(man_bits+1)] for normals
+// and [0, 2^man_bits] for subnormals, and the code is ((te + bias - 1) << man_bits) + q either way: a carry into the
+// next binade, or from the subnormals into the normals, lands on the right code by itself.
 inline int64_t round_to_code(uint32_t a, int man_bits, int bias) {
     if (a == 0) return 0;
     const int fexp = std::max(int(a >> 23), 1);   // float32 subnormals: the 2^-126 scale, no implicit bit
@@ -3006,9 +2941,8 @@ inline float decode(uint32_t h, int bits, int man_bits, int bias, uint32_t speci
 }
 }  // namespace fp8_detail
 
-// BF16: float32's sign, 8-bit exponent and top 7 mantissa bits. Same range as float32, so rounding is just rounding
-// the low 16 bits away (to nearest, ties to even). V3 stores AdamW's moments in BF16 (§3.3.3, "low-precision
-// optimizer states"); bf16_round(x) is what such a store-and-reload does to x.
+// BF16: float32's sign, exponent and top 7 mantissa bits; rounding drops the low 16 bits (to nearest, ties to even).
+// V3 stores AdamW's moments in BF16 (§3.3.3); bf16_round(x) is what such a store-and-reload does to x.
 inline uint16_t float_to_bf16_bits(float x) {
     uint32_t u = fp8_detail::bits_of(x);
     if ((u & 0x7FFFFFFFu) > 0x7F800000u) return uint16_t((u >> 16) | 0x0040u);  // NaN: keep the sign, force quiet
@@ -3018,16 +2952,14 @@ inline uint16_t float_to_bf16_bits(float x) {
 inline float bf16_bits_to_float(uint16_t h) { return fp8_detail::float_of(uint32_t(h) << 16); }
 inline float bf16_round(float x) { return bf16_bits_to_float(float_to_bf16_bits(x)); }
 
-// FP16 (IEEE binary16: 1 sign, 5 exponent bits, bias 15, 10 mantissa bits; max 65504). Some checkpoints store tensors
-// in F16. Round to nearest, ties to even, IEEE overflow: a value that rounds past 65504 becomes ±inf (0x7C00).
+// FP16 (IEEE binary16, bias 15, 10 mantissa bits, max 65504), which some checkpoints use: round to nearest even, and
+// a value that rounds past 65504 becomes ±inf (0x7C00).
 inline uint16_t float_to_f16_bits(float x) { return uint16_t(fp8_detail::encode(x, 16, 10, 15, 0x7E00u, 0x7C00u)); }
 inline float f16_bits_to_float(uint16_t h) { return fp8_detail::decode(h, 16, 10, 15, 0x7C00u, true); }
 
-// FP8 codecs. Encoding rounds to nearest, ties to even, keeps subnormals and saturates: a finite value that rounds
-// beyond the largest finite value becomes ±max (the hardware's "satfinite" conversion; PyTorch's plain cast does not
-// saturate). E4M3 has no infinity, so ±inf saturates to ±448; E5M2 could store ±inf, but this project saturates it to
-// ±57344 as well, so an overflow never poisons a GEMM. NaN stays NaN (sign kept; E5M2's becomes the quiet
-// s.11111.10). -0 encodes to 0x80.
+// FP8 codecs: round to nearest even, subnormals kept, saturating: past the largest finite value is ±max (the
+// hardware's "satfinite"; PyTorch's plain cast does not saturate), ±inf too (E4M3 has none; E5M2's ±57344 keeps an
+// overflow from poisoning a GEMM). NaN stays NaN with its sign (E5M2: the quiet s.11111.10); -0 encodes to 0x80.
 inline uint8_t fp8_e4m3_encode(float x) { return uint8_t(fp8_detail::encode(x, 8, 3, 7, 0x7Fu, 0x7Eu)); }
 inline uint8_t fp8_e5m2_encode(float x) { return uint8_t(fp8_detail::encode(x, 8, 2, 15, 0x7Eu, 0x7Bu)); }
 inline float fp8_e4m3_decode(uint8_t q) { return fp8_detail::decode(q, 8, 3, 7, 0x7Fu, false); }
@@ -3038,8 +2970,8 @@ enum class Fp8Format { e4m3, e5m2 };
 inline float fp8_decode(uint8_t q, Fp8Format f) { return f == Fp8Format::e4m3 ? fp8_e4m3_decode(q) : fp8_e5m2_decode(q); }
 inline bool fp8_is_finite(uint8_t q, Fp8Format f) { return (q & 0x7Fu) < (f == Fp8Format::e4m3 ? 0x7Fu : 0x7Cu); }
 
-// The exponent of an FP8 input as the tensor core's alignment sees it: the unbiased exponent, with subnormals counted
-// at the format's minimum normal exponent (-6 for E4M3, -14 for E5M2). Meaningless for zero (zeros take no part).
+// An FP8 input's exponent as the tensor core aligns it: unbiased, subnormals at the minimum normal exponent (-6 E4M3,
+// -14 E5M2). Meaningless for zero (zeros take no part).
 inline int fp8_input_exponent(uint8_t q, Fp8Format f) {
     const int man_bits = f == Fp8Format::e4m3 ? 3 : 2, bias = f == Fp8Format::e4m3 ? 7 : 15;
     const int ef = (q & 0x7F) >> man_bits;
@@ -3047,12 +2979,11 @@ inline int fp8_input_exponent(uint8_t q, Fp8Format f) {
 }
 
 // --- 8.2 fine-grained quantization (§3.3.2, Figure 7a) ---------------------------------------------------------------
-// Scales are "dequantization" scales: x ≈ decode(q) · scale. fp8_scale_for_amax: scale = amax / 448, so the tile's
-// largest magnitude lands on E4M3's largest value and the tile uses the whole range. With pow2_scale the scale is
-// rounded UP to a power of two (amax / scale <= 448 still): multiplying by a power of two is exact, which V3 uses where
-// a tensor is re-scaled or re-quantized (the input of the linear after attention, MoE dispatch), at the cost of up to
-// one binade of range. amax is the largest FINITE magnitude (NaN stays NaN codes, ±inf saturates to ±448·scale). An
-// all-zero tile gets scale 1 (any positive scale would do; 1 is readable); a scale that would underflow is FLT_MIN.
+// Dequantization scales: x ≈ decode(q) · scale, with scale = amax / 448 so the tile's largest magnitude lands on E4M3's
+// largest value. pow2_scale rounds it UP to a power of two (exact to multiply by), as V3 does where a tensor is
+// re-scaled or re-quantized (the input of the linear after attention, MoE dispatch), for up to a binade of range.
+// amax is the largest FINITE magnitude (NaN stays NaN, ±inf saturates to ±448·scale). An all-zero tile gets scale 1;
+// a scale that would underflow is FLT_MIN.
 inline float fp8_scale_for_amax(float amax, bool pow2_scale = false) {
     if (!(amax > 0.0f)) return 1.0f;
     float s = amax / 448.0f;
@@ -3148,7 +3079,6 @@ inline void dequantize_blocks_128x128(const uint8_t* q, const float* scales, int
 
 // --- 8.3 FP8 GEMM on the H100 tensor core's accumulator [V3 §3.3.2; arXiv 2505.09343] --------------------------------
 // C[M, N] = A[M, K] · B[N, K]ᵀ, A and B E4M3 codes, B in the weight layout [out, in]. For one output element:
-//
 //   c = 0                                    the tensor core's accumulator: at most 14 significant bits
 //   for each block of 32 consecutive k:      one WGMMA instruction's K for FP8
 //       E = max over the block's non-zero products of ea_k + eb_k (exponents of the FP8 INPUTS, subnormals at the
@@ -3159,25 +3089,20 @@ inline void dequantize_blocks_128x128(const uint8_t* q, const float* scales, int
 //   promotion every N_C = 128 (V3): at the end of each 128-chunk of K and at the very end of K:
 //       acc32 = fmaf(c, (float)(sa · sb), acc32);  c = 0      sa·sb rounded to float once, then one fused rounding
 //   result = acc32                           no promotion ("fast accumulation") = one promotion at the very end
-//
-// Scales: scale_a holds one scale per 1×128 tile of A ([M, ceil(K/128)], row-major), scale_b one per 128×128 block
-// of B ([ceil(N/128), ceil(K/128)], row-major); nullptr means all ones. The scale of a promotion chunk is that of the
-// 128-tile it lies in. A chunk can apply only one scale pair, so when a chunk spans several 128-tiles (promote_every
-// = 0 or > 128) the tiles it spans must carry equal scales (e.g. per-tensor scaling), else fp8_gemm throws.
-//
-// Checked against an H100 (torch 2.11 _scaled_mm → cuBLASLt, use_fast_accum for "no promotion"): bit for bit on
-// every output for Gaussian, uniform, all-codes and sparse inputs, K = 32 … 4096 including tails (96, 160, 1040),
-// E4M3 × E5M2, and 1×128 / 128×128 block scales. Every detail matters: flooring instead of truncation matches 0% of
-// the outputs, 14 fraction bits instead of 13 2%, aligning on the product's exponent 91%. Per-tensor scaling (not
-// V3's) works differently in cuBLAS: it promotes with unit scales and multiplies the float32 result once,
-// C = acc32 · (float)(sa·sb), in the epilogue; to simulate that, pass null scales and multiply C afterwards.
-// A NaN input (or an E5M2 ±inf) makes every output that reads its row NaN; the model does not try to follow IEEE
-// infinity arithmetic through the truncating accumulator.
-// struct Fp8Accum (the accumulator model's parameters) is declared in section 3, with the FP8 linear layer.
+// Scales: scale_a one per 1×128 tile of A ([M, ceil(K/128)]), scale_b one per 128×128 block of B ([ceil(N/128),
+// ceil(K/128)]), row-major; nullptr means all ones. A promotion chunk applies the one scale pair of its 128-tile, so
+// a chunk spanning several tiles (promote_every = 0 or > 128) needs equal scales over them (e.g. per tensor), else
+// fp8_gemm throws. Checked against an H100 (torch 2.11 _scaled_mm → cuBLASLt, use_fast_accum for "no promotion"):
+// bit for bit on every output for Gaussian, uniform, all-codes and sparse inputs, K = 32 … 4096 with tails (96, 160,
+// 1040), E4M3 × E5M2, 1×128 / 128×128 block scales. Every detail matters: flooring instead of truncation matches 0%
+// of the outputs, 14 fraction bits instead of 13 2%, aligning on the product's exponent 91%. cuBLAS's per-tensor
+// scaling (not V3's) promotes with unit scales and multiplies the result once, C = acc32 · (float)(sa·sb): pass null
+// scales and multiply C afterwards. A NaN input (or an E5M2 ±inf) makes every output reading its row NaN (the model
+// does not follow IEEE infinities through the truncating accumulator). Fp8Accum, its parameters: section 3.
 
 namespace fp8_detail {
-// Where the scale of (row, 128-tile t) lives: s[(row / rows_per_scale) * tiles + t]; 1 when s is null. fp8_gemm's A
-// uses rows_per_scale 1 (1×128 tiles), its B 128 (128×128 blocks); Wgrad's B uses 1 (128×1 tiles, transposed).
+// The scale of (row, 128-tile t): s[(row / rows_per_scale) * tiles + t], 1 when s is null. rows_per_scale is 1 for
+// fp8_gemm's A (1×128 tiles) and Wgrad's B (128×1 tiles, transposed), 128 for fp8_gemm's B (128×128 blocks).
 struct ScaleMap {
     const float* s = nullptr;
     int rows_per_scale = 1;
@@ -3232,15 +3157,13 @@ inline const GemmProblem& check_gemm(const GemmProblem& p, const char* who) {   
 }
 
 inline bool row_finite(const uint8_t* x, int K, Fp8Format f) {
-    for (int k = 0; k < K; ++k)
-        if (!fp8_is_finite(x[k], f)) return false;
-    return true;
+    return std::all_of(x, x + K, [f](uint8_t q) { return fp8_is_finite(q, f); });
 }
 
 inline void store(const GemmProblem& p, int64_t idx, float v) { p.C[idx] = p.accumulate ? p.C[idx] + v : v; }
 
-// The 256 codes of a format, decoded: values (exact in float; 0 for NaN and inf, whose rows give NaN outputs anyway)
-// and alignment exponents, with a very low sentinel for zeros so that they never win a block's max.
+// A format's 256 codes decoded: values (exact; 0 for NaN and inf, whose rows give NaN outputs anyway) and alignment
+// exponents (a very low sentinel for zeros, which never win a block's max).
 constexpr int kZeroExponent = -1000;
 struct CodeTable {
     float v[256];
@@ -3257,7 +3180,6 @@ struct CodeTables { CodeTable a, b; };  // of the two operands
 
 // The plain version: the pseudo-code above, literally, in double arithmetic (every step below is exact in double:
 // products of two FP8 values have at most 8 significant bits, and all sums are multiples of q spanning < 53 bits).
-
 // Fp8Accum.exact: exact products and 128-chunk sums; each chunk scaled by sa·sb (exact in double).
 inline float reference_exact(const GemmProblem& p, const CodeTables& t, const uint8_t* a, const uint8_t* b, int i,
                              int j) {
@@ -3338,17 +3260,16 @@ inline Decoded decode_operand(const uint8_t* X, int rows, int K, Fp8Format f) {
     return d;
 }
 
-// The tensor core's accumulator c = cm · 2^(E - frac_bits) held as a float (exact: at most 24 significant bits),
-// with ec = floor(log2|c|) kept alongside (kZeroExponent while c == 0, so that it never wins the alignment).
+// The tensor core's accumulator c = cm · 2^(E - frac_bits) as a float (exact: at most 24 significant bits), and
+// ec = floor(log2|c|) (kZeroExponent while c == 0, so it never wins the alignment).
 struct TensorCoreAcc {
     float c = 0.0f;
     int32_t ec = kZeroExponent;
 };
 
-// One block of LEN products (LEN = 0: `len` at run time). Integer form of the block step: with the power of two
-// u = 2^(frac_bits - E), every addend x·u is an exact float below 2^(frac_bits+2) in magnitude, and the float→int
-// conversion truncates toward zero, which is exactly trunc(x / q). The loops vectorize (max, mul, cvttps2dq, add)
-// and the rest is branch-free: signs are random, and a mispredicted branch per block would cost more than the block.
+// One block of LEN products (LEN = 0: `len` at run time), in integers: with u = 2^(frac_bits - E) every addend x·u is
+// an exact float below 2^(frac_bits+2), and float→int truncates toward zero, exactly trunc(x / q). The loops vectorize
+// (max, mul, cvttps2dq, add); the rest is branch-free (random signs would mispredict a branch per block).
 template <int LEN>
 inline void tc_block(TensorCoreAcc& t, const float* av, const int32_t* ae, const float* bv, const int32_t* be, int len,
                      int frac_bits) {
@@ -3371,9 +3292,8 @@ inline void tc_block(TensorCoreAcc& t, const float* av, const int32_t* ae, const
     t.ec = kept != 0 ? E - frac_bits + len_bits - 1 : kZeroExponent;
 }
 
-// JB outputs (i, j0 .. j0+JB-1) at once. Within one output every block waits for the previous one (the alignment
-// needs floor(log2|c|)), a chain of ~60 cycles of latency per 32 products; the JB outputs are independent chains,
-// and interleaving them lets the CPU overlap those latencies (about 3x faster than one output at a time).
+// JB outputs (i, j0 .. j0+JB-1) at once: each block waits for the previous one's floor(log2|c|), ~60 cycles per 32
+// products, and interleaving JB independent chains overlaps those latencies (about 3x faster than one at a time).
 template <int JB>
 inline void gemm_fast_outputs(const GemmProblem& p, const Decoded& da, const Decoded& db, int i, int j0) {
     const int K = p.K, block = p.acc.block, frac_bits = p.acc.frac_bits;
@@ -3484,13 +3404,12 @@ inline void fp8_gemm_mixed(const uint8_t* A, Fp8Format format_a, const float* sc
 }
 
 // --- 8.4 the FP8 linear layer (V3 recipe, §3.3 and Figure 6) ---------------------------------------------------------
-// The three GEMMs of y = x·Wᵀ in E4M3 with promotion every 128, outputs in float32, as the model's float matmul:
-//   y[T,out] = x[T,in] · W[out,in]ᵀ
-//   dx[T,in] += dy[T,out] · W[out,in];  dW[out,in] += dy[T,out]ᵀ · x[T,in]   (either may be null)
-// Fprop: x in 1×128 tiles along in, W in 128×128 blocks. Dgrad: dy in 1×128 tiles along out, W used transposed: its
-// codes are transposed and its block scales too, the blocks stay 128×128 (the reason V3 chose square weight blocks).
-// Wgrad: dy and x tiled 128×1 along the tokens, the reduction dimension. V3 caches x in FP8 (1×128 tiles) and
-// re-quantizes it for Wgrad; this simulation quantizes the float x directly, one rounding fewer.
+// The three GEMMs of y = x·Wᵀ in E4M3, promotion every 128, float32 outputs, as the model's float matmul:
+//   y[T,out] = x[T,in] · W[out,in]ᵀ;  dx[T,in] += dy[T,out] · W[out,in];  dW[out,in] += dy[T,out]ᵀ · x[T,in]
+// (dx or dW may be null). Fprop: x in 1×128 tiles along in, W in 128×128 blocks. Dgrad: dy in 1×128 tiles along out,
+// W's codes and block scales transposed, the blocks still 128×128 (why V3 chose square weight blocks). Wgrad: dy and
+// x in 128×1 tiles along the tokens, the reduction dimension (V3 re-quantizes its FP8 cache of x; here the float x is
+// quantized directly, one rounding fewer).
 namespace fp8_detail {
 inline void check_linear(const char* who, int T, int in, int out) {
     if (T < 0 || in < 0 || out < 0) fail(who, ": sizes must be non-negative, found T=", T, " in=", in, " out=", out);
@@ -3638,23 +3557,18 @@ inline void logfmt_decode(const uint16_t* codes, const LogFmtTile* tiles, int ro
 // =====================================================================================================================
 // 9. PARALLELISM: DATA PARALLEL AND EXPERT PARALLEL OVER RANKS   [V3 §3.2; Fire-Flyer AI-HPC §IV, arXiv 2408.14158]
 // =====================================================================================================================
-// A "rank" is one worker with its own memory: one GPU in a real run. Ranks cooperate only through the collectives
-// below, so every byte that moves between them is visible in this section.
-//   Data parallel (DP). Every rank holds a replica of the model and runs forward/backward on its share of the batch;
-//   the gradients are then summed over the ranks (all-reduce), so every replica takes the same AdamW step and the
-//   replicas stay identical, bit for bit. The expert loads are summed too, so every rank applies the same
-//   loss-free bias update [V3 §2.1.2].
-//   Expert parallel (EP). The routed experts are split over the ranks (rank r owns experts [r·N/R, (r+1)·N/R)). Each
-//   rank routes its own tokens, DISPATCHES each token once to every rank that owns one of its chosen experts, those
-//   ranks run their experts, and the outputs come back (COMBINE) to be weighted by the gates [V3 §3.2]. Everything
-//   outside the routed experts stays data parallel. With n_expert_groups = R, the group-limited routing of section
-//   3.8 (at most n_limited_groups groups per token) becomes "at most n_limited_groups ranks per token": the
-//   single-machine form of V3's node-limited routing (M = 4 nodes per token, V3 §2.1.2).
-// The communication interface (9.1) has one data-moving primitive, sendrecv; the collectives (9.2) are written once
-// on top of it. This header implements it in-process (9.3): R ranks are R threads of one program, each with its own
-// buffers, and a "transfer" is a memcpy from the sender's buffer into the receiver's; and, optionally, over MPI
-// between processes on any number of machines (9.3b). cuda/ implements it with cudaMemcpyPeerAsync between GPUs.
-// No floating-point atomics anywhere: every sum has a fixed order.
+// A "rank" is one worker with its own memory (one GPU in a real run); ranks cooperate only through the collectives
+// below, so every byte that moves between them is visible here.
+//   Data parallel (DP): every rank holds a replica and runs forward/backward on its share of the batch; gradients
+//   and expert loads are summed over the ranks (all-reduce), so every replica takes the same AdamW step and bias
+//   update [V3 §2.1.2], and the replicas stay identical, bit for bit.
+//   Expert parallel (EP): rank r owns the routed experts [r·N/R, (r+1)·N/R). Each rank routes its own tokens,
+//   DISPATCHES each token once to every rank owning one of its chosen experts, and gets the outputs back (COMBINE) to
+//   weight them by the gates [V3 §3.2]; all else stays data parallel. With n_expert_groups = R, group-limited
+//   routing (3.8) becomes "at most n_limited_groups ranks per token": V3's node-limited routing (M = 4, §2.1.2).
+// One data-moving primitive, sendrecv (9.1), carries the collectives (9.2). It runs in-process (9.3: R threads, a
+// transfer is a memcpy between their buffers), over MPI between processes on any machines (9.3b), and in cuda/ as
+// cudaMemcpyPeerAsync between GPUs. No floating-point atomics anywhere: every sum has a fixed order.
 
 // --- 9.1 the communication interface ---------------------------------------------------------------------------------
 class Communicator {
@@ -3662,11 +3576,9 @@ class Communicator {
     virtual ~Communicator() = default;
     virtual int rank() const = 0;
     virtual int world_size() const = 0;
-    // Every rank waits until all ranks have arrived.
-    virtual void barrier() = 0;
-    // Called by all ranks together: send `send_bytes` to rank `to`, receive `recv_bytes` from rank `from` into
-    // `recv`. The receiver must expect exactly what the sender sends (checked). Returns when both are done, so the
-    // send buffer may be reused at once.
+    virtual void barrier() = 0;  // every rank waits until all have arrived
+    // By all ranks together: send `send_bytes` to rank `to`, receive `recv_bytes` (exactly what it sends: checked)
+    // from rank `from` into `recv`. Returns when both are done, so the send buffer may be reused at once.
     virtual void sendrecv(const void* send, size_t send_bytes, int to, void* recv, size_t recv_bytes, int from) = 0;
 };
 
@@ -3676,19 +3588,16 @@ enum class ReduceOp { sum, mean };
 inline int ring_mod(int a, int R) { return ((a % R) + R) % R; }
 
 // all_reduce: data[i] ← Σ_ranks data[i] (÷ R for mean) on every rank; data: [n], any n (chunks may be empty).
-//
-// Ring algorithm (Patarasuk & Yuan 2009; NCCL's ring): the buffer is cut into R chunks, chunk c = [n·c/R, n·(c+1)/R).
-//   reduce-scatter, R−1 steps: at step s rank r sends its partial sum of chunk r−s to rank r+1, and adds the partial
-//     sum of chunk r−s−1 arriving from rank r−1 to its own values. After R−1 steps rank r holds chunk r+1 complete.
+// Ring algorithm (Patarasuk & Yuan 2009; NCCL's ring) over R chunks, chunk c = [n·c/R, n·(c+1)/R):
+//   reduce-scatter, R−1 steps: at step s rank r sends its partial sum of chunk r−s to rank r+1 and adds the one of
+//     chunk r−s−1 arriving from rank r−1 to its own values; then rank r holds chunk r+1 complete.
 //   all-gather, R−1 steps: each complete chunk travels once around the ring, copied, not added.
-// Each rank sends and receives 2(R−1)/R of the buffer in total, whatever R: the ring is bandwidth-optimal.
-//
-// Determinism. Chunk c is summed in the fixed order ((x_c + x_{c+1}) + x_{c+2}) + … + x_{c−1} (rank indices mod R):
-// the partial sum arriving is always the left operand, the local value the right one. The all-gather copies that one
-// result to every rank, so all ranks hold bitwise the same sums, on every run. Compared with the serial sum
-// ((x_0 + x_1) + x_2) + …: chunk 0 is bitwise equal to it; other chunks start at a different rank, a rotation of the
-// order, which float addition (commutative but not associative) only preserves for R ≤ 2. So the result is bitwise
-// the serial sum for 1 or 2 ranks, and equal to it up to rounding (a few ulps of Σ|x|) for 3 or more.
+// Each rank sends and receives 2(R−1)/R of the buffer, whatever R: the ring is bandwidth-optimal.
+// Determinism. Chunk c is summed in the fixed order ((x_c + x_{c+1}) + x_{c+2}) + … + x_{c−1} (ranks mod R), the
+// arriving partial sum always the left operand, and the all-gather copies that one result everywhere: all ranks hold
+// bitwise the same sums, on every run. Chunk 0 is the serial sum ((x_0 + x_1) + x_2) + …; the others rotate its
+// order, which float addition preserves only for R ≤ 2: bitwise the serial sum for 1 or 2 ranks, within a few ulps of
+// Σ|x| for more.
 template <class T>
 inline void all_reduce(Communicator& comm, T* data, size_t n, ReduceOp op = ReduceOp::sum) {
     const int R = comm.world_size(), r = comm.rank();
@@ -3715,10 +3624,9 @@ inline void all_reduce(Communicator& comm, T* data, size_t n, ReduceOp op = Redu
 }
 
 // all_to_all: every rank sends send_rows[q] rows of `row` elements to every rank q and receives recv_rows[q] rows
-// from every rank q. send: [Σ send_rows, row], grouped by destination rank in rank order; recv: [Σ recv_rows, row],
-// grouped by source rank in rank order. recv_rows comes from exchange_counts (or is known to both sides).
-// Schedule: pairwise exchange in R−1 rounds; in round s rank r sends to r+s and receives from r−s, so every rank
-// sends one message and receives one per round, and no round can deadlock. A rank's own rows are a local copy.
+// (from exchange_counts, or known to both sides) from every rank q. send: [Σ send_rows, row] grouped by destination,
+// recv: [Σ recv_rows, row] grouped by source, in rank order. Pairwise exchange in R−1 rounds: in round s rank r sends
+// to r+s and receives from r−s, one message each way, so no round can deadlock; a rank's own rows are a local copy.
 template <class T>
 inline void all_to_all(Communicator& comm, const T* send, const std::vector<int64_t>& send_rows, int64_t row, T* recv,
                        const std::vector<int64_t>& recv_rows) {
@@ -3735,9 +3643,8 @@ inline void all_to_all(Communicator& comm, const T* send, const std::vector<int6
     }
 }
 
-// exchange_counts: counts[q] = how many rows this rank will send to rank q; returns how many rows each rank will send
-// to this one. The first half of every all-to-all: a receiver must know the sizes before the payload arrives. It is an
-// all-to-all itself, of one count per rank.
+// exchange_counts: counts[q] = rows this rank will send to rank q; returns the rows each rank will send to this one.
+// The first half of every all-to-all (a receiver must know the sizes first), itself an all-to-all of one count a rank.
 inline std::vector<int64_t> exchange_counts(Communicator& comm, const std::vector<int64_t>& counts) {
     const int R = comm.world_size();
     if (int(counts.size()) != R) fail("exchange_counts: ", counts.size(), " counts for ", R, " ranks");
@@ -3748,10 +3655,9 @@ inline std::vector<int64_t> exchange_counts(Communicator& comm, const std::vecto
 }
 
 // --- 9.3 ranks in one process: threads with their own buffers --------------------------------------------------------
-// The R ranks run as R std::threads (run_ranks below), each with its own Model, buffers and an InProcessComm. A
-// sendrecv is: post my send buffer, barrier, memcpy what my peer posted for me into my receive buffer, barrier (so
-// nobody reuses a buffer a peer is still reading). The mutex of the barrier orders the memory accesses.
-// A rank that throws aborts the others' barriers, so a failing test reports its error instead of hanging.
+// R ranks are R std::threads (run_ranks), each with its own Model, buffers and InProcessComm. A sendrecv posts the
+// send buffer, barrier, copies what the peer posted for it, barrier (nobody reuses a buffer a peer is still reading);
+// the barrier's mutex orders the memory accesses. A rank that throws aborts the others' barriers (no hang).
 struct RankAborted : Error {
     explicit RankAborted(int rank) : Error("rank " + std::to_string(rank) + ": stopped because another rank failed") {}
 };
@@ -3850,8 +3756,8 @@ inline void run_ranks(int world, const Body& body) {
     if (first_aborted) std::rethrow_exception(first_aborted);
 }
 
-// Rows [first, first + count) of a batch of B rows that rank r of R works on: contiguous, in rank order, sizes
-// differing by at most one. Keeping the ranks' rows in rank order makes "all ranks' rows" the whole batch in order.
+// Rows [first, first + count) of a batch of B rows that rank r of R works on: contiguous, sizes differing by at most
+// one, in rank order, so that "all ranks' rows" are the whole batch in order.
 struct RowShare { int first = 0, count = 0; };
 inline RowShare row_share(int B, int R, int r) {
     const int first = int(int64_t(B) * r / R), last = int(int64_t(B) * (r + 1) / R);
@@ -3859,11 +3765,10 @@ inline RowShare row_share(int B, int R, int r) {
 }
 
 // --- 9.3b ranks in separate processes, on one machine or many: MPI (optional: compiled only with -DDSV3_MPI) ---------
-// One process per rank (Open MPI from Debian's libopenmpi-dev and openmpi-bin; `make mpi` builds build/train_mpi).
-// sendrecv is MPI_Sendrecv on a private copy of MPI_COMM_WORLD; the collectives, DP and EP above run on it unchanged,
-// with bitwise the results of thread ranks. Its buffers are host memory (the GPU build stages device buffers through
-// the host: cuda/comm.cuh). run_mpi is run_ranks for this process's rank: a rank that throws prints its error and
-// calls MPI_Abort, which ends every process of the job (exit code 1) instead of leaving them waiting for a message.
+// One process per rank (Open MPI: Debian's libopenmpi-dev and openmpi-bin; `make mpi` builds build/train_mpi).
+// sendrecv is MPI_Sendrecv on a private copy of MPI_COMM_WORLD, on host memory (the GPU build stages device buffers:
+// cuda/comm.cuh); everything above runs on it unchanged, bitwise as on thread ranks. run_mpi is run_ranks for this
+// process's rank: a rank that throws prints its error and calls MPI_Abort, ending the whole job (exit code 1).
 #ifdef DSV3_MPI
 }  // namespace dsv3
 #define OMPI_SKIP_MPICXX 1  // MPI's C API only (its C++ bindings are deprecated)
@@ -3883,8 +3788,8 @@ class MpiCommunicator : public Communicator {
     int rank() const override { return rank_; }
     int world_size() const override { return world_; }
     void barrier() override { check(MPI_Barrier(comm_), "MPI_Barrier"); }
-    // MPI counts are ints: a message goes in pieces of at most 1 GiB (a side with fewer pieces idles: MPI_PROC_NULL).
-    // A receive size that is not the sender's is reported (MPI reports a longer message as truncated).
+    // MPI counts are ints: pieces of at most 1 GiB (a side with fewer pieces idles: MPI_PROC_NULL). A receive size
+    // that is not the sender's is reported (MPI reports a longer message as truncated).
     void sendrecv(const void* send, size_t send_bytes, int to, void* recv, size_t recv_bytes, int from) override {
         constexpr size_t piece = size_t(1) << 30;
         for (size_t at = 0; at == 0 || at < std::max(send_bytes, recv_bytes); at += piece) {
@@ -3919,9 +3824,8 @@ class MpiCommunicator : public Communicator {
     }
 };
 
-// body(comm) as this process's rank, between MPI_Init and MPI_Finalize. As in run_ranks, the OpenMP threads of a
-// machine are shared out among its ranks (unless OMP_NUM_THREADS is set); on the GPU backend the k-th rank of a
-// machine takes its GPU k mod (GPUs of the machine).
+// body(comm) as this process's rank, between MPI_Init and MPI_Finalize. A machine's OpenMP threads are shared out
+// among its ranks (unless OMP_NUM_THREADS is set); on the GPU backend its k-th rank takes GPU k mod (its GPUs).
 template <class Body>
 inline void run_mpi(int& argc, char**& argv, const Body& body) {
     MPI_Init(&argc, &argv);
@@ -3952,10 +3856,9 @@ inline void run_mpi(int& argc, char**& argv, const Body& body) {
 }
 #endif  // DSV3_MPI
 
-// Sections 9.4-9.5 move activations and gradients, which live in backend memory (device memory on a GPU), so they
-// call backend::all_reduce / backend::all_to_all: on the CPU the functions of 9.2; in a GPU build (DSV3_BACKEND_CUDA)
-// those of cuda/comm.cuh, the same schedules over peer copies between GPUs. Host data (counts, expert ids, losses)
-// goes through 9.2's functions on every backend.
+// 9.4-9.5 move activations and gradients in backend memory with backend::all_reduce / all_to_all: 9.2's functions on
+// the CPU, cuda/comm.cuh's (the same schedules over peer copies) with DSV3_BACKEND_CUDA. Host data (counts, expert
+// ids, losses) goes through 9.2's functions on every backend.
 }  // namespace dsv3
 #if defined(DSV3_BACKEND_CUDA)
 #include "cuda/comm.cuh"
@@ -3964,33 +3867,25 @@ namespace dsv3 {
 
 // --- 9.4 expert parallelism: dispatch, local experts, combine   [V3 §3.2] ------------------------------------------
 // Per MoE layer, on rank r, with n tokens routed locally (chosen: [n, K], perm: the grouping of section 3.10):
-//
-//   forward   1. plan: for each rank q, the tokens with at least one chosen expert on q (each listed ONCE), and the
-//                (token, choice) pairs of those experts, in (token, choice) order.
+//   forward   1. plan: for each rank q, the tokens with a chosen expert on q (each listed ONCE), and the (token,
+//                choice) pairs of those experts, in (token, choice) order.
 //             2. dispatch: counts first, then the token rows x: [sent, d] and their expert ids [sent, K].
-//             3. on the owner: group the received (token, choice) pairs by local expert (the counting sort of 3.10,
-//                with the experts owned elsewhere put in one extra bucket that is never run), run the local experts.
-//             4. combine: every (token, choice) output row goes back to its source in the order of step 1, and
-//                lands in c.ye at the row the single-rank layer would have used; the layer then weights them by the
-//                gates and sums them in choice order (moe_unpermute_forward, unchanged).
-//   backward  the same two transfers reversed: the gradient rows dye of every (token, choice) go to the owners (the
-//             adjoint of the combine), the owners run their experts' backward (weight gradients stay there), and
-//             the input-gradient rows come back to be summed in choice order (moe_permute_backward, unchanged).
-// The plan is host work on small integer arrays; the rows stay in backend memory and move with backend::gather_rows /
-// scatter_rows and backend::all_to_all.
-//
-// Traffic per token: dispatch one row per destination rank, at most min(K, n_limited_groups) ranks when
-// n_expert_groups = R. The combine returns one row per chosen expert (K rows). V3's combine instead accumulates on
-// the way back (§3.2: "NVLink-to-IB forwarding and accumulation"), so fewer rows cross the network, but then the sum
-// order depends on where the experts live. Returning every row keeps the result BITWISE equal to the single-rank
-// layer (same rows, same order, same kernels), which is what the tests check. V3 also sends the dispatch in FP8 and
-// the combine in BF16 (§3.3); here everything is FP32.
-//
-// Bitwise equality with one rank holds because (a) a matmul row does not depend on the other rows of its batch
-// (section 3.1), (b) each expert sees its rows in global token order: ranks hold consecutive rows of the batch
-// (row_share), receivers concatenate by source rank and the counting sort is stable, and (c) with equal shares of a
-// batch split over R = 2^k ranks, the per-rank loss gradient (1/n_r) is exactly R times the full-batch one (1/n), a
-// power of two, which float arithmetic scales exactly.
+//             3. on the owner: group the received pairs by local expert (3.10's counting sort, experts owned elsewhere
+//                in one extra bucket that never runs) and run the local experts.
+//             4. combine: every pair's output row goes back to its source, in step 1's order, into the row of c.ye
+//                the single-rank layer uses, which then weights and sums them (moe_unpermute_forward, unchanged).
+//   backward  the two transfers reversed: every pair's gradient row dye goes to the owner (the combine's adjoint),
+//             which runs its experts' backward (weight gradients stay there), and the input-gradient rows come back
+//             to be summed in choice order (moe_permute_backward, unchanged).
+// The plan is host work on small integer arrays; the rows stay in backend memory (gather_rows, scatter_rows,
+// all_to_all). Traffic per token: one dispatched row per destination rank (at most min(K, n_limited_groups) ranks
+// when n_expert_groups = R), and K combined rows. V3's combine accumulates on the way back (§3.2 "NVLink-to-IB
+// forwarding and accumulation"), fewer rows but a sum order that depends on where the experts live; returning every
+// row keeps the result BITWISE the single-rank layer's, as the tests check. (V3 also sends the dispatch in FP8 and
+// the combine in BF16, §3.3; here all is FP32.) Bitwise, because (a) a matmul row does not depend on the other rows
+// (3.1), (b) each expert sees its rows in global token order (ranks hold consecutive rows, receivers concatenate by
+// source rank, the counting sort is stable), and (c) with equal shares over R = 2^k ranks the per-rank loss gradient
+// (1/n_r) is exactly R times the full-batch one (1/n), a power of two.
 class ExpertParallel : public ExpertRunner {
   public:
     ExpertParallel(Communicator& comm, const Config& c) : comm_(comm), n_experts_(c.n_routed_experts) {
@@ -4113,8 +4008,8 @@ class ExpertParallel : public ExpertRunner {
         return out;
     }
 
-    // Step 3 on the received ids [n_recv, K] and rows x [n_recv, d]: returns the outputs [local rows, d], local expert
-    // order, and plans the return trip: per source rank, its pairs with a local expert, in its order (pair_slot).
+    // Step 3 on the received ids [n_recv, K] and rows x [n_recv, d]: the outputs [local rows, d] in local expert order;
+    // plans the return trip: per source rank, its pairs with a local expert, in its order (pair_slot).
     backend::Buffer<float> run_local_experts(Model& model, const MoE& m, Layer& L, const std::vector<int32_t>& ids,
                                              const std::vector<int64_t>& tokens_from, const float* x, int d) {
         const int lo = first_expert(comm_.rank()), K = model.cfg.n_activated_experts;
@@ -4170,8 +4065,8 @@ class ExpertParallel : public ExpertRunner {
 };
 
 // --- 9.5 the parallel training step: DP, or DP × EP --------------------------------------------------------------
-// Which tensors of the flat buffers this rank holds: all of them under DP; under EP, all but the routed experts
-// owned by other ranks (their entries exist in this rank's buffers, for the layout's sake, but are never used).
+// The tensors this rank holds: all under DP; under EP all but other ranks' routed experts (which keep their place in
+// the flat buffers, for the layout's sake, but are never used).
 struct HeldParams {
     std::vector<const ParamEntry*> replicated;   // identical on every rank: gradients are all-reduced
     std::vector<const ParamEntry*> own_experts;  // routed experts this rank owns: gradients complete already
@@ -4191,25 +4086,25 @@ inline HeldParams held_params(Model& model, const ExpertParallel* ep) {
 }
 
 namespace parallel_detail {
-// Step 2: the replicated gradients summed over the ranks in one contiguous bucket, as DDP does, each rank's weighted
-// by w; the gradients of the experts this rank owns are complete already and are only weighted.
+// Step 2: the replicated gradients, each rank's weighted by w, summed over the ranks in one contiguous bucket (as DDP
+// does); the gradients of the experts this rank owns are complete already and are only weighted.
 inline void reduce_gradients(Communicator& comm, Model& model, const HeldParams& held, float w) {
     size_t bucket_size = 0;
     for (const ParamEntry* e : held.replicated) bucket_size += e->size;
     backend::Buffer<float> bucket;  // [Σ replicated sizes]
     bucket.resize(bucket_size);
-    size_t at = 0;
-    for (const ParamEntry* e : held.replicated) {
-        backend::copy_values(bucket.data() + at, model.grad_at(e->offset), int64_t(e->size));
-        at += e->size;
-    }
+    auto copy = [&](bool into_bucket) {
+        float* b = bucket.data();
+        for (const ParamEntry* e : held.replicated) {
+            float* g = model.grad_at(e->offset);
+            backend::copy_values(into_bucket ? b : g, into_bucket ? g : b, int64_t(e->size));
+            b += e->size;
+        }
+    };
+    copy(true);
     backend::scale_inplace(bucket.data(), int64_t(bucket_size), w);
     backend::all_reduce(comm, bucket.data(), bucket_size);
-    at = 0;
-    for (const ParamEntry* e : held.replicated) {
-        backend::copy_values(model.grad_at(e->offset), bucket.data() + at, int64_t(e->size));
-        at += e->size;
-    }
+    copy(false);
     for (const ParamEntry* e : held.own_experts) backend::scale_inplace(model.grad_at(e->offset), int64_t(e->size), w);
 }
 
@@ -4247,20 +4142,16 @@ inline Losses batch_losses(Communicator& comm, const Losses& local, double w) {
 }
 }  // namespace parallel_detail
 
-// One training step of rank comm.rank(), called by every rank together: this rank's rows of the batch are
-// tokens: [B_local, T+1] (row_share), B_total (summed here) the whole batch. With ep, installs it as the model's
-// expert runner (null: pure DP, every rank runs all experts on its own tokens). Returns the losses of the WHOLE
-// batch (weighted over the ranks), its gradient norm and expert loads; afterwards every rank holds the same
-// replicated parameters and routing biases, bit for bit.
-//
-// Weighting. The loss is a mean over tokens, so the full-batch gradient is Σ_r (n_r/n) ∇L_r, not the plain mean of
-// the rank gradients when shares differ. The only positions left out of a mean are MTP's last k of each row (no
-// target), the same number in every row, so the counted positions of every loss term — main, each MTP depth, and
-// the sequence-wise balance loss (a mean over sequences) — are proportional to the rows: one weight w_r = B_r/B fits
-// them all. (The expert-level balance loss uses batch-wide frequencies f_i: under DP each rank computes it on its
-// own rows, so it is not the full-batch loss.) With equal shares w_r = 1/R and the sum is the mean. Under EP every
-// owner sums expert gradients from all ranks' tokens, each scaled by its source's 1/n_r, so EP requires equal shares
-// (checked).
+// One training step of rank comm.rank(), called by every rank together on its rows tokens: [B_local, T+1]
+// (row_share) of the whole batch. With ep, installs it as the model's expert runner (null: pure DP, every rank runs
+// all experts on its own tokens). Returns the WHOLE batch's losses, gradient norm and expert loads; afterwards every
+// rank holds the same replicated parameters and routing biases, bit for bit.
+// Weighting. The loss is a mean over tokens, so the full-batch gradient is Σ_r (n_r/n) ∇L_r. Only MTP's last k
+// positions of each row (no target) are left out of a mean, as many in every row, so the counted positions of every
+// loss term (main, each MTP depth, the sequence-wise balance loss, a mean over sequences) are proportional to the
+// rows: one weight w_r = B_r/B fits them all (1/R for equal shares). (The expert-level balance loss uses batch-wide
+// frequencies f_i, which under DP each rank computes on its own rows.) Under EP every owner sums expert gradients
+// from all ranks' tokens, each scaled by its source's 1/n_r, so EP requires equal shares (checked).
 inline StepResult parallel_train_step(Communicator& comm, Model& model, AdamW& opt, const int32_t* tokens,
                                       int B_local, int T, float lr, const LossOptions& options,
                                       ExpertParallel* ep = nullptr, bool bias_update = true) {
@@ -4282,9 +4173,8 @@ inline StepResult parallel_train_step(Communicator& comm, Model& model, AdamW& o
     // 3. the expert loads of the whole batch
     StepResult result;
     result.loads = batch_loads(comm, model);
-    // 4. clip and AdamW, the single-rank step. DP: every rank holds the whole, identical gradient. EP: the norm covers
-    // every rank's experts. Every rank then runs the same adamw_step on its whole buffer: the experts it does not own
-    // have zero gradients here and their copies are never read (a real implementation would not even allocate them).
+    // 4. clip and AdamW, the single-rank step on the whole buffer. DP: the whole, identical gradient. EP: the norm
+    // covers every rank's experts; those a rank does not own have zero gradients and are never read (need no memory).
     result.grad_norm = adamw_step(model, opt, lr, ep ? grad_norm_over_experts(comm, model, held) : -1.0);  // -1: local
     if (bias_update) update_routing_bias(model, result.loads, model.cfg.bias_update_speed);
     for (const auto& load : result.loads) result.max_violation = std::max(result.max_violation, max_violation(load));
@@ -4294,9 +4184,9 @@ inline StepResult parallel_train_step(Communicator& comm, Model& model, AdamW& o
 }
 
 // Under EP each rank keeps only its own experts up to date. gather_experts copies every routed expert's weights and
-// AdamW moments from its owner to every rank, so that one rank can evaluate and save the whole model (with
-// model.expert_runner = nullptr, as build/train_mpi --ep does). Exact: the owners' bits summed as integers with
-// zeros (the whole buffer travels, for brevity; it runs only before an evaluation or a save).
+// AdamW moments from its owner to every rank, so one rank can evaluate and save the whole model (expert_runner =
+// nullptr, as build/train_mpi --ep does): exact, the owners' bits summed as integers with zeros (the whole buffer
+// travels, for brevity: it runs only before an evaluation or a save).
 inline void gather_experts(Communicator& comm, Model& model, AdamW& opt, const ExpertParallel& ep) {
     const std::vector<const ParamEntry*> own = held_params(model, &ep).own_experts;
     for (backend::Buffer<float>* buffer : {&model.params, &opt.m, &opt.v}) {
@@ -4312,60 +4202,44 @@ inline void gather_experts(Communicator& comm, Model& model, AdamW& opt, const E
 }
 
 // #####################################################################################################################
-// PART 3, APPENDIX
-// Machinery a learner may skip: the fast GEMM, files, the tokenizer and datasets, plots, checkpoints and Hugging Face
-// I/O. Part 1 calls it through declarations (gemm::multiply in section 3.1) and through the examples.
+// PART 3, APPENDIX: machinery a learner may skip (the fast GEMM, files, tokenizer and datasets, plots, checkpoints,
+// Hugging Face I/O), which Part 1 calls through declarations (gemm::multiply in section 3.1) and the examples use.
 // #####################################################################################################################
 // =====================================================================================================================
 // 10. THE FAST PACKED GEMM
 // =====================================================================================================================
-// The fast GEMM behind matmul_forward / matmul_backward (section 3.1). Almost all of a transformer's FLOPs are in its
-// linear layers, whose three products are one operation, C[M,N] (+)= A[M,K] · B[K,N], on three layouts:
-//
+// The fast GEMM behind matmul_forward / matmul_backward (section 3.1). A linear layer's three products are one
+// operation, C[M,N] (+)= A[M,K] · B[K,N], on three layouts, so one core (gemm::multiply) takes strided views:
 //     forward   y [T,out]  = x [T,in]   · Wᵀ      A = x  (rows contiguous),    B = Wᵀ: B(k,j) = W[j,k]
 //     backward  dx[T,in]  += dy[T,out]  · W       A = dy (rows contiguous),    B = W:  B(k,j) = W[k,j]
 //               dW[out,in]+= dy[T,out]ᵀ · x       A = dyᵀ: A(i,k) = dy[k,i],   B = x:  B(k,j) = x[k,j]
-//
-// so there is one GEMM core (gemm::multiply) with one micro-kernel, and the layouts are strided views. The naive
-// triple loop runs at a few percent of peak because every multiply-add loads its operands: it is limited by memory
-// traffic. A fast GEMM orders the loops so that every value loaded is used many times from a register or a cache
-// (Goto & van de Geijn, "Anatomy of high-performance matrix multiplication", 2008; the BLIS papers):
-//
-//   * Register tile (the micro-kernel). C is cut into MR x NR tiles (6 x 64 with AVX-512) held in vector registers
-//     (24 of 16 floats). For each k the kernel loads NR values of B (4 vectors) and broadcasts MR values of A, then
-//     does MR·NR/16 = 24 FMAs: every value loaded feeds 4 or 6 FMAs, and 24 independent accumulators hide the FMA
-//     latency (4 cycles x 2 units: at least 8 chains in flight). C is read and written once per tile, not per k.
-//   * Packing. B is copied into panels of NR columns, k-major, so the kernel reads one contiguous stream (no strides,
-//     no TLB misses), zero-padded to whole vectors so the kernel has no edge case. Packing costs O(K·N), the product
-//     O(M·N·K). A is not packed: the broadcasts read it in place (a copy of x or dy would cost as much as the
-//     arithmetic for narrow layers, out = 48 or 64); only a last, partial row panel goes through a small zero-padded
-//     buffer. (With a few rows, when decoding, the forward swaps the roles: see matmul_forward.)
-//   * Blocking. B is packed in blocks of whole panels (2 MiB) that stay in a core's L2 while the thread sweeps the row
-//     panels of A over them, and each tile's sum over k runs in blocks of KC = 128, so that an MR x KC sliver of A
-//     stays in L1 while the kernel sweeps the column panels of B.
-//   * Threads. The tiles of a block are split over the OpenMP threads by a fixed static partition; every tile is
-//     written by exactly one thread.
-//
-// Determinism. Float addition is not associative, so the order is fixed by K alone: C[i,j] is the sum, in increasing
-// order, of K-block sums, each an FMA chain over k in increasing order from 0. Threads only decide *who* computes a
-// tile, never how, and K is never split across threads (no partial sums, no atomics). So results are bitwise the same
-// for 1, 2 or 64 threads, and a row of y is the same whatever batch it is computed in (speculative decoding can be
-// checked exactly against plain decoding). The price, no parallelism over K, matters only when M and N are both
-// tiny. (Builds differ where the compiler may or may not fuse a*b+c into one FMA; -march=native does on any recent CPU.)
-//
-// Accuracy. Each output is a chain of at most min(K,KC) + ceil(K/KC) (+1 when accumulating) roundings, so
-// |error| <= that count · 2⁻²⁴ · Σ_k |A(i,k) B(k,j)| to first order: the bound the tests check (K = 1024: 136
-// roundings, where a plain chain would have 1024).
-//
-// Portability. The micro-kernel uses GCC/Clang vector extensions (`float __attribute__((vector_size(64)))`): plain
-// C++ arithmetic on whole vectors, mapped onto AVX-512, AVX2, SSE or NEON as -march allows, with the tile shape chosen
-// for the register count. Other compilers (or -DDSV3_GEMM_PORTABLE) get a plain-array kernel with the same summation
-// order. Build with -O3 -march=native, and -fopenmp for threads.
+// The naive triple loop loads operands for every multiply-add and runs at a few percent of peak; a fast GEMM uses
+// every loaded value many times from a register or cache (Goto & van de Geijn 2008, "Anatomy of high-performance
+// matrix multiplication"; the BLIS papers):
+//   * Register tile. C is cut into MR x NR tiles (6 x 64 with AVX-512: 24 vectors of 16 floats). For each k the
+//     micro-kernel loads NR values of B (4 vectors), broadcasts MR values of A and does 24 FMAs: every load feeds 4
+//     or 6 FMAs, 24 independent chains hide the FMA latency (4 cycles x 2 units), and C moves once per tile.
+//   * Packing. B is copied into k-major panels of NR columns, zero-padded to whole vectors: one contiguous stream, no
+//     edge case, for O(K·N) against the product's O(M·N·K). A is read in place by the broadcasts (a copy of x or dy
+//     would cost as much as the arithmetic of narrow layers, out = 48 or 64); only a last, partial row panel goes
+//     through a small padded buffer. (With a few rows, when decoding, the forward swaps the roles: matmul_forward.)
+//   * Blocking. B is packed in 2 MiB blocks of panels that stay in L2 while a thread sweeps A's row panels over
+//     them; each tile sums k in blocks of KC = 128, so an MR x KC sliver of A stays in L1 across B's panels.
+//   * Threads. A block's tiles are split over the OpenMP threads by a fixed static partition, one writer per tile.
+// Determinism. K alone fixes the order: C[i,j] is the in-order sum of K-block sums, each an FMA chain over increasing
+// k. Threads decide who computes a tile, never how, and K is never split (no partial sums, no atomics): results are
+// bitwise the same for any thread count, and a row of y is the same in any batch (so speculative decoding checks
+// exactly against plain). The price, no parallelism over K, matters only when M and N are both tiny. (Builds differ
+// where the compiler may or may not fuse a*b+c; -march=native does on any recent CPU.)
+// Accuracy. An output is a chain of at most min(K,KC) + ceil(K/KC) (+1 when accumulating) roundings, so |error| <=
+// that count · 2⁻²⁴ · Σ_k |A(i,k) B(k,j)| to first order, the bound the tests check (K = 1024: 136, not 1024).
+// Portability. The micro-kernel uses GCC/Clang vector extensions (`float __attribute__((vector_size(64)))`), mapped
+// onto AVX-512, AVX2, SSE or NEON as -march allows, the tile shaped to the register count; other compilers (or
+// -DDSV3_GEMM_PORTABLE) get a plain-array kernel with the same summation order. Build with -O3 -march=native -fopenmp.
 namespace gemm {
 
-// Vector width (floats per register), register tile MR x NR, and cache blocks. The tile is sized to the register
-// file: MR·NR/VEC accumulators + NR/VEC vectors of B + 1 broadcast must fit (32 registers with AVX-512, 16 with AVX2
-// and SSE, 32 with NEON).
+// Vector width (floats per register), register tile MR x NR, cache blocks. MR·NR/VEC accumulators + NR/VEC vectors
+// of B + 1 broadcast must fit the registers (32 with AVX-512 and NEON, 16 with AVX2 and SSE).
 #if defined(__AVX512F__)
 #define DSV3_GEMM_VEC 16
 constexpr int MR = 6, NR = 64;
@@ -4384,17 +4258,8 @@ constexpr int KC = 128;  // K block: part of the summation order, so changing it
 constexpr int64_t B_BLOCK_FLOATS = 1 << 19;  // packed block of B: 2 MiB, about one core's L2
 static_assert(NR % VEC == 0, "NR must be a whole number of vectors");
 
-// A heap buffer aligned to a cache line (64 B), left uninitialised: packing writes every element it reads.
-struct AlignedFloats {
-    struct Free { void operator()(float* p) const { ::operator delete[](p, std::align_val_t(64)); } };
-    std::unique_ptr<float[], Free> p;
-    explicit AlignedFloats(size_t n)
-        : p(static_cast<float*>(::operator new[](std::max<size_t>(n, 1) * sizeof(float), std::align_val_t(64)))) {}
-    float* get() const { return p.get(); }
-};
-
-// Pack rows [k0, k0+kc) and columns [j0, j0+n) of B into one panel: panel[k*NR + j] = B(k0+k, j0+j), and 0 for
-// n <= j < (n rounded up to whole vectors): the kernel reads only the vectors that hold valid columns.
+// Rows [k0, k0+kc) and columns [j0, j0+n) of B into one panel: panel[k*NR + j] = B(k0+k, j0+j), 0 up to whole
+// vectors (the kernel reads only the vectors that hold valid columns).
 inline void pack_b_panel(float* panel, const View& B, int k0, int kc, int j0, int n) {
     const int n_padded = (n + VEC - 1) / VEC * VEC;
     if (B.col_stride == 1) {  // rows of B contiguous (W in dx, x in dW): copy row pieces
@@ -4412,8 +4277,8 @@ inline void pack_b_panel(float* panel, const View& B, int k0, int kc, int j0, in
     }
 }
 
-// Pack rows [i0, i0+m) and columns [k0, k0+kc) of A into panel[k*MR + i], 0 for i >= m: used for a last, partial row
-// panel, where reading MR rows of A in place would run past its end.
+// Rows [i0, i0+m) and columns [k0, k0+kc) of A into panel[k*MR + i], 0 for i >= m: a last, partial row panel, where
+// reading MR rows of A in place would run past its end.
 inline void pack_a_panel(float* panel, const View& A, int i0, int m, int k0, int kc) {
     for (int k = 0; k < kc; ++k)
         for (int i = 0; i < MR; ++i) panel[int64_t(k) * MR + i] = i < m ? A.at(i0 + i, k0 + k) : 0.0f;
@@ -4422,10 +4287,7 @@ inline void pack_a_panel(float* panel, const View& A, int i0, int m, int k0, int
 // Write the m x n valid part of a tile (row-major, row length NR): C = tile (overwrite) or C += tile.
 inline void store_tile(const OutView& C, const float* tile, int m, int n, bool overwrite) {
     for (int i = 0; i < m; ++i)
-        for (int j = 0; j < n; ++j) {
-            float& c = C.at(i, j);
-            c = overwrite ? tile[i * NR + j] : c + tile[i * NR + j];
-        }
+        for (int j = 0; j < n; ++j) C.at(i, j) = overwrite ? tile[i * NR + j] : C.at(i, j) + tile[i * NR + j];
 }
 
 #if (defined(__GNUC__) || defined(__clang__)) && !defined(DSV3_GEMM_PORTABLE)
@@ -4434,8 +4296,7 @@ inline void store_tile(const OutView& C, const float* tile, int m, int n, bool o
 #endif
 #define DSV3_UNROLL _Pragma("GCC unroll 64")
 #if defined(__clang__) && DSV3_GEMM_VEC == 16
-// Clang splits 64-byte vectors into two 32-byte halves on CPUs where it prefers 256-bit code (as GCC does only for
-// its own auto-vectorisation), unless asked for the full width.
+// Clang splits 64-byte vectors in two where it prefers 256-bit code (GCC only in auto-vectorisation), unless told.
 #define DSV3_GEMM_FULL_WIDTH __attribute__((min_vector_width(512)))
 #else
 #define DSV3_GEMM_FULL_WIDTH
@@ -4443,10 +4304,9 @@ inline void store_tile(const OutView& C, const float* tile, int m, int n, bool o
 typedef float vfloat __attribute__((vector_size(DSV3_GEMM_VEC * sizeof(float))));
 constexpr int NV = NR / VEC;  // vectors per tile row
 
-// The micro-kernel: C[0:m, 0:n] (=|+=) Σ_{k<kc} A(i,k) · bp[k*NR + j], computing only the first U vectors of the
-// tile's columns (U·VEC >= n: a narrow last column panel, 48 of 64, does not pay for its zero padding).
-// A(i,k) = a[i*lda + k] when A_ROWS (rows of A contiguous: x, dy, W), else a[k*lda + i] (dyᵀ, packed panels); the
-// first MR rows of A must exist (the caller packs partial panels). bp is a packed panel of B.
+// The micro-kernel: C[0:m, 0:n] (=|+=) Σ_{k<kc} A(i,k) · bp[k*NR + j] over the first U vectors of columns (U·VEC >= n:
+// a narrow last panel, 48 of 64, does not pay for its padding). A(i,k) = a[i*lda + k] when A_ROWS (x, dy, W), else
+// a[k*lda + i] (dyᵀ, packed panels); MR rows of A must exist (the caller packs partial panels); bp: a panel of B.
 template <bool A_ROWS, int U>
 DSV3_GEMM_FULL_WIDTH inline void micro_kernel(int kc, const float* a, int64_t lda, const float* bp, const OutView& C, int m, int n,
                          bool overwrite) {
@@ -4507,8 +4367,8 @@ inline void run_kernel(int kc, const float* a, int64_t lda, const float* bp, con
 }
 #endif
 
-// K block [pc, pc + KC) of tile t (row panel t / n_jr, column panel t % n_jr) of C (+)= A·B, with the block of B
-// that starts at column jc packed in bpack; a_pack is the calling thread's buffer for a partial row panel of A.
+// K block [pc, pc + KC) of tile t (row panel t / n_jr, column panel t % n_jr) of C (+)= A·B; bpack: the packed block
+// of B from column jc; a_pack: the calling thread's buffer for a partial row panel of A.
 inline void tile_block(int M, int N, int K, const View& A, const OutView& C, bool accumulate, const float* bpack, int jc,
                        int64_t n_jr, int64_t t, int pc, float* a_pack) {
     const int ir = int(t / n_jr), jr = int(t % n_jr);
@@ -4540,13 +4400,14 @@ inline void multiply(int M, int N, int K, const View& A, const View& B, const Ou
     // Columns per packed block of B: K x block_n floats fit in the budget (at least one panel).
     const int block_n = int(std::max<int64_t>(1, B_BLOCK_FLOATS / (int64_t(K) * NR)) * NR);
     const int64_t n_ir = (M + MR - 1) / MR;
-    AlignedFloats packed_b(size_t(K) * std::min((N + NR - 1) / NR * NR, block_n));
-    float* bpack = packed_b.get();
+    // The packed block of B, left uninitialised (packing writes every element the kernel reads), 16 floats of room
+    // to start it on a cache line.
+    const std::unique_ptr<float[]> packed_b(new float[size_t(K) * std::min((N + NR - 1) / NR * NR, block_n) + 16]);
+    float* bpack = align64(packed_b.get());
 
-    // One parallel region for the whole product (called from inside another parallel region, or for a product too
-    // small to be worth waking the team for, it runs on the calling thread alone). The barriers (the one ending the
-    // `omp for`, and the explicit one) make sure that a block of B is fully packed before any thread reads it, and
-    // fully used before the next block overwrites it.
+    // One parallel region for the whole product (on the calling thread alone inside another region, or when too small
+    // to wake the team). The barriers (the `omp for`'s and the explicit one) let no thread read a block of B before it
+    // is fully packed, nor overwrite it before it is fully used.
 #pragma omp parallel if (int64_t(M) * N * K >= 8 * kParallelMinWork)
     {
         alignas(64) float a_pack[MR * KC];  // this thread's copy of a partial row panel of A (one K block)
@@ -4557,25 +4418,23 @@ inline void multiply(int M, int N, int K, const View& A, const View& B, const Ou
             for (int64_t jr = 0; jr < n_jr; ++jr)  // panel jr holds B[0:K, jc + jr*NR : +NR], k-major
                 pack_b_panel(bpack + jr * NR * K, B, 0, K, jc + int(jr) * NR, std::min(NR, nc - int(jr) * NR));
 
-            // This thread's share of the tiles: a contiguous range in row-panel-major order (a fixed static
-            // partition), so that it walks along a row panel of A across the column panels of the packed block of B.
+            // This thread's tiles: a contiguous range in row-panel-major order (a fixed static partition), walking
+            // along a row panel of A across the column panels of the packed block of B.
             const int64_t n_tiles = n_ir * n_jr;
             int64_t t_begin = 0, t_end = n_tiles;
 #ifdef _OPENMP
             t_begin = n_tiles * omp_get_thread_num() / omp_get_num_threads();
             t_end = n_tiles * (omp_get_thread_num() + 1) / omp_get_num_threads();
 #endif
-            // One K block of one tile. The blocks of a tile must run in increasing pc (the fixed summation order);
-            // tiles are independent, so the two loops below may nest either way.
+            // One K block of one tile: a tile's blocks run in increasing pc (the summation order), tiles in any order.
             auto block = [&](int64_t t, int pc) { tile_block(M, N, K, A, C, accumulate, bpack, jc, n_jr, t, pc, a_pack); };
             if (A.col_stride == 1) {
-                // Rows of A contiguous: finish each tile before the next, so each row of A is read as one long
-                // sequential stream (what matters when A is a big W read once, in decoding).
+                // Rows of A contiguous: tile by tile, each row of A one long stream (a big W read once, in decoding).
                 for (int64_t t = t_begin; t < t_end; ++t)
                     for (int pc = 0; pc < K; pc += KC) block(t, pc);
             } else {
-                // A = dyᵀ: a K block at a time, so that the MR x KC sliver of A, spread over KC cache lines `out`
-                // floats apart, is reused from L1 across the column panels before moving on.
+                // A = dyᵀ: a K block at a time, so the MR x KC sliver of A (KC cache lines `out` floats apart) is
+                // reused from L1 across the column panels.
                 for (int pc = 0; pc < K; pc += KC)
                     for (int64_t t = t_begin; t < t_end; ++t) block(t, pc);
             }
