@@ -36,7 +36,8 @@
 //    6. Training ............................. LR schedules, AdamW, clipping, loss-free balancing, one step [V3 §4.2]
 //    7. Inference ............................ latent KV cache, absorption, sampling, MTP speculation [§2.1.1, §5.4.3]
 // PART 2, THE SYSTEMS OF THE REPORT
-//    8. FP8 numerics and the FP8 recipe ...... E4M3/E5M2, BF16, tile scaling, Hopper's accumulator, FP8 linears [§3.3]
+//    8. FP8 numerics and the FP8 recipe ...... E4M3/E5M2, BF16, tile scaling, Hopper's accumulator, FP8 linears [§3.3],
+//                                              LogFMT for communication [Insights into DeepSeek-V3 §3.2]
 //    9. Parallelism .......................... thread or MPI ranks, ring all-reduce, all-to-all, DP and EP [V3 §3.2]
 // PART 3, APPENDIX (machinery; skip on a first reading)
 //   10. The fast packed GEMM ................. what matmul_forward/backward of section 3.1 run on
@@ -2876,7 +2877,8 @@ inline std::vector<int32_t> generate(Model& model, const std::vector<int32_t>& p
 //
 // Here: 8.1 bit-exact codecs, 8.2 tile and block quantization, 8.3 fp8_gemm, the H100 tensor-core accumulator bit for
 // bit (after Khattak & Mikaitis and "Insights into DeepSeek-V3", arXiv 2505.09343), promotion optional, 8.4 V3's FP8
-// linear layer. examples/fp8_error.cpp reproduces the "nearly 2%" and shows promotion removing it.
+// linear layer, 8.5 LogFMT (a log-space format the paper proposes for communication). examples/fp8_error.cpp reproduces
+// the "nearly 2%" and shows promotion removing it; examples/logfmt.cpp sets LogFMT against E4M3, E5M2 and BF16.
 
 // --- 8.1 bit-level helpers, BF16 and FP16, the FP8 codecs ------------------------------------------------------------
 namespace fp8_detail {
