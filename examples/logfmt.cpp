@@ -3,11 +3,13 @@
 //   1. The error of each codec on Gaussian rows, heavy-tailed rows (Student's t with 3 degrees of freedom) and the
 //      rows that the expert-parallel dispatch of a trained tiny model sends to the other rank (captured on the wire,
 //      through ExpertParallel::dispatch_codec).
-//   2. The tiny model trained on 2 CPU ranks with expert parallelism, its dispatch through each codec: the same seed
-//      and batches each time, the losses after the same steps.
+//   2. The tiny model trained on 2 CPU ranks with expert parallelism, its dispatch through each codec: the same seeds
+//      and batches for every codec, the losses after the same steps. Any rounding sends a short run down a slightly
+//      different path, so the loss moves by a percent or two whatever the codec; --seeds N averages N runs a codec
+//      and shows their spread, against which a codec's effect can be read.
 // The paper: LogFMT-8 is more accurate than E4M3 and E5M2, LogFMT-10 close to BF16. This program checks that here.
 //
-//   build/logfmt [--checkpoint FILE] [--steps 200] [--warm-steps 300] [--data FILE]      (build/logfmt --help)
+//   build/logfmt [--checkpoint FILE] [--steps 200] [--seeds 1] [--warm-steps 300] [--data FILE]   (--help)
 #include <cstdio>
 #include <functional>
 #include <mutex>
@@ -27,6 +29,7 @@ static void usage() {
         "                        runs/tiny/checkpoint.bin when it exists, else a model trained here for --warm-steps)\n"
         "  --warm-steps N        steps of that model when there is no checkpoint (default 300)\n"
         "  --steps N             training steps of each codec's run (default 200)\n"
+        "  --seeds N             runs a codec, seeds 1..N (model and batches), averaged (default 1)\n"
         "  --data FILE           text, one token a byte (default data/tinyshakespeare.txt, else the built-in\n"
         "                        synthetic corpus); the last 10%% is the validation split\n"
         "  --help, -h            this text\n");
@@ -109,18 +112,18 @@ static std::vector<float> dispatched_rows(const Config& c, const std::vector<flo
 }
 
 struct RunResult { double train = 0, val = 0, seconds = 0; };
-// The tiny model from seed 1 trained for `steps` on 2 ranks with expert parallelism, the dispatch through `codec`;
-// the mean training loss of the last 10% of the steps and the validation loss (whole split).
+// The tiny model from `seed` trained for `steps` on 2 ranks with expert parallelism (batches from the same seed), the
+// dispatch through `codec`; the mean training loss of the last 10% of the steps and the validation loss (whole split).
 static RunResult train_with(const Codec& codec, const std::vector<int32_t>& train, const std::vector<int32_t>& val,
-                            int steps, int B, int T, int index, int count) {
+                            int steps, int B, int T, int seed, const std::string& label) {
     RunResult out;
     const double t0 = now_seconds();
     std::mutex mu;
     Progress progress(steps);
-    progress.metric = codec.name + " loss (" + std::to_string(index + 1) + "/" + std::to_string(count) + ")";
+    progress.metric = codec.name + " loss (" + label + ")";
     run_ranks(2, [&](Communicator& comm) {
         const Config c = Config::tiny();
-        Model model(c, 1);
+        Model model(c, uint64_t(seed));
         AdamW opt;
         ExpertParallel ep(comm, c);
         ep.dispatch_codec = codec.apply;
@@ -131,7 +134,7 @@ static RunResult train_with(const Codec& codec, const std::vector<int32_t>& trai
         const RowShare share = row_share(B, 2, comm.rank());
         double tail = 0;
         for (int step = 0; step < steps; ++step) {
-            sample_batch(train, B, T, 1, step, batch.data());
+            sample_batch(train, B, T, uint64_t(seed), step, batch.data());
             const StepResult r = parallel_train_step(comm, model, opt, batch.data() + size_t(share.first) * (T + 1),
                                                      share.count, T, sched.at(step), LossOptions{}, &ep);
             if (step >= steps - std::max(1, steps / 10)) tail += r.loss.main;
@@ -155,7 +158,7 @@ int main(int argc, char** argv) {
     prefer_sleeping_threads(argv);  // a shared CPU: OpenMP threads that wait sleep (the header, section 2)
     try {
         std::string data, checkpoint;
-        int steps = 200, warm_steps = 300;
+        int steps = 200, warm_steps = 300, seeds = 1;
         const int B = 16, T = 64;
         for (int i = 1; i < argc; ++i) {
             const std::string k = argv[i];
@@ -167,6 +170,7 @@ int main(int argc, char** argv) {
             else if (k == "--checkpoint") checkpoint = value();
             else if (k == "--steps") steps = int(parse_int(value(), k, 1, 1000000000));
             else if (k == "--warm-steps") warm_steps = int(parse_int(value(), k, 1, 1000000000));
+            else if (k == "--seeds") seeds = int(parse_int(value(), k, 1, 1000));
             else if (k == "--help" || k == "-h") { usage(); return 0; }
             else fail("unknown option \"", k, "\" (see logfmt --help)");
         }
@@ -218,8 +222,8 @@ int main(int argc, char** argv) {
         sample_batch(val, B, std::min(T, c.max_seq_len), 2, 0, batch.data());
         const std::vector<float> real = dispatched_rows(c, params, batch, B, std::min(T, c.max_seq_len));
         std::printf("\nerror of one trip (relative RMS ||x' - x|| / ||x||, and the mean of |x' - x| / |x|), rows\n"
-                    "  of 128: Gaussian (512 rows), Student's t with 3 degrees of freedom (512 rows), and the %zu rows\n"
-                    "  the dispatch of %s (d %d) sends to the other rank\n",
+                    "  of 128: Gaussian (512 rows), Student's t with 3 degrees of freedom (512 rows), and the %zu\n"
+                    "  rows the dispatch of %s (d %d) sends to the other rank\n",
                     real.size() / size_t(c.dim), model_source.c_str(), c.dim);
         std::printf("%-14s %5s %21s %21s %21s\n", "codec", "bits", "Gaussian", "Student t3", "dispatch rows");
         for (const Codec& k : all) {
@@ -235,18 +239,39 @@ int main(int argc, char** argv) {
         std::fflush(stdout);
 
         // 2. Training with the dispatch through each codec.
-        std::printf("\nthe tiny model trained on 2 CPU ranks (expert parallel), %d steps of %d x %d, seed 1, the\n"
+        std::printf("\nthe tiny model trained on 2 CPU ranks (expert parallel), %d steps of %d x %d, seeds 1..%d, the\n"
                     "dispatch through each codec (the backward passes gradients through unchanged); data: %s\n",
-                    steps, B, T, source.c_str());
-        std::vector<RunResult> runs;
+                    steps, B, T, seeds, source.c_str());
+        std::vector<std::vector<RunResult>> runs(all.size());   // [codec][seed]
         for (size_t i = 0; i < all.size(); ++i)
-            runs.push_back(train_with(all[i], train, val, steps, B, T, int(i), int(all.size())));
-        std::printf("\n%-14s %12s %10s %12s %10s %8s\n", "dispatch", "train loss", "vs FP32", "val loss", "vs FP32",
-                    "seconds");
-        for (size_t i = 0; i < all.size(); ++i)
-            std::printf("%-14s %12.4f %+9.3f%% %12.4f %+9.3f%% %8.1f\n", all[i].name.c_str(), runs[i].train,
-                        100 * (runs[i].train - runs[0].train) / runs[0].train, runs[i].val,
-                        100 * (runs[i].val - runs[0].val) / runs[0].val, runs[i].seconds);
+            for (int seed = 1; seed <= seeds; ++seed) {
+                const std::string label = std::to_string(i * size_t(seeds) + size_t(seed)) + "/" +
+                                          std::to_string(all.size() * size_t(seeds));
+                runs[i].push_back(train_with(all[i], train, val, steps, B, T, seed, label));
+            }
+        // Each codec against FP32 run by run (the same seed: the same initial model and batches), then over the seeds.
+        struct Summary { double loss = 0, mean = 0, lo = 1e300, hi = -1e300; };
+        auto summary = [&](size_t i, double RunResult::*f) {
+            Summary out;
+            for (int k = 0; k < seeds; ++k) {
+                const double x = runs[i][size_t(k)].*f, base = runs[0][size_t(k)].*f, rel = 100 * (x - base) / base;
+                out.loss += x / seeds;
+                out.mean += rel / seeds;
+                out.lo = std::min(out.lo, rel);
+                out.hi = std::max(out.hi, rel);
+            }
+            return out;
+        };
+        std::printf("\n%-14s %11s %26s %11s %26s %8s\n", "dispatch", "train loss", "vs FP32: mean [min, max]",
+                    "val loss", "vs FP32: mean [min, max]", "seconds");
+        for (size_t i = 0; i < all.size(); ++i) {
+            const Summary tr = summary(i, &RunResult::train), va = summary(i, &RunResult::val);
+            double sec = 0;
+            for (const RunResult& r : runs[i]) sec += r.seconds / seeds;
+            std::printf("%-14s %11.4f %+8.2f%% [%+6.2f%%, %+6.2f%%] %11.4f %+8.2f%% [%+6.2f%%, %+6.2f%%] %8.1f\n",
+                        all[i].name.c_str(), tr.loss, tr.mean, tr.lo, tr.hi, va.loss, va.mean, va.lo, va.hi, sec);
+        }
+        std::printf("(losses: the mean over the seeds; vs FP32: each run against the FP32 run of its seed, in %%)\n");
         return 0;
     } catch (const std::exception& e) {
         std::fprintf(stderr, "logfmt: error: %s\n", e.what());
