@@ -63,10 +63,11 @@ $(BUILD)/bench: examples/bench.cpp $(HEADER) | $(BUILD)/.deps
 
 $(BUILD)/%: examples/%.cpp $(HEADER) | $(BUILD)/.deps
 	$(CXX) $(CXXFLAGS) $< -o $@
+$(BUILD)/search: examples/search.hpp
 
 # Each test file compiles on its own (in parallel: the header is large), then one link.
 TEST_OBJS := $(TESTS:tests/%.cpp=$(BUILD)/tests.o/%.o)
-$(BUILD)/tests.o/%.o: tests/%.cpp $(HEADER) $(wildcard tests/*.hpp) | $(BUILD)/.deps
+$(BUILD)/tests.o/%.o: tests/%.cpp $(HEADER) $(wildcard tests/*.hpp) examples/search.hpp | $(BUILD)/.deps
 	@mkdir -p $(BUILD)/tests.o
 	$(CXX) $(CXXFLAGS) -c $< -o $@
 

@@ -48,6 +48,8 @@ check plots_demo "plots_demo: error: unknown option \"out\" (see plots_demo --he
 check hf_logits "hf_logits: error: --model, --tokens and --out are required (see hf_logits --help)" --model x
 check logfmt "--steps: expected an integer in [1, 1000000000], got '0'" --steps 0
 check logfmt "--warm-steps: expected an integer in [1, 1000000000], got '-3'" --warm-steps -3
+check search "--budget: expected a number in [0.1, 100000], got '0'" --budget 0
+check search "--candidates: expected an integer in [2, 1000], got '1'" --candidates 1
 # values: a missing one, and at least one malformed number of every program that reads numbers
 check train "train: error: --steps: expected an integer in [1, 1000000000], got 'abc'" --steps abc
 check train "--steps: expected an integer in [1, 1000000000], got '0'" --steps 0
