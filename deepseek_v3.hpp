@@ -5661,17 +5661,14 @@ struct Canvas {
             for (int x = int(cx - radius - 1); x <= int(cx + radius + 1); ++x)
                 blend(x, y, c, std::clamp(radius + 0.5 - std::hypot(x + 0.5 - cx, y + 0.5 - cy), 0.0, 1.0));
     }
-
     // ---- text -------------------------------------------------------------------------------------------------
     // stb_easy_font knows printable ASCII only; anything else is shown as '?'.
     static std::string printable(std::string s) {
         std::replace_if(s.begin(), s.end(), [](char ch) { return ch < 32 || ch > 126; }, '?');
         return s;
     }
-    static int text_width(const std::string& s, int scale) {
-        if (s.empty()) return 0;
-        std::string t = printable(s);
-        return (stb_easy_font_width(&t[0]) - 1) * scale;  // stb counts the gap after the last character
+    static int text_width(const std::string& s, int scale) {  // stb counts the gap after the last character
+        return s.empty() ? 0 : (stb_easy_font_width(&printable(s)[0]) - 1) * scale;
     }
     static int text_height(int scale) { return 7 * scale; }  // cap height; descenders reach 9 * scale
     // Text with its top-left corner at (x, y). Rotated text reads from bottom to top: it starts at (x, y) and grows
@@ -5682,11 +5679,10 @@ struct Canvas {
         std::vector<char> vertices(t.size() * 1024 + 64);
         const int quads = stb_easy_font_print(0, 0, &t[0], nullptr, vertices.data(), int(vertices.size()));
         for (int q = 0; q < quads; ++q) {
-            float v0[2], v2[2];  // opposite corners of the quad: vertices 0 and 2 (x, y, z, rgba = 16 bytes each)
-            std::memcpy(v0, &vertices[size_t(q) * 64], 8);
-            std::memcpy(v2, &vertices[size_t(q) * 64 + 32], 8);
-            const int qx0 = int(std::lround(v0[0])), qy0 = int(std::lround(v0[1]));
-            const int qx1 = int(std::lround(v2[0])), qy1 = int(std::lround(v2[1]));
+            float v[10];  // vertices of 16 bytes (x, y, z, rgba); 0 and 2 are opposite corners: v[0..1], v[8..9]
+            std::memcpy(v, &vertices[size_t(q) * 64], sizeof v);
+            const int qx0 = int(std::lround(v[0])), qy0 = int(std::lround(v[1]));
+            const int qx1 = int(std::lround(v[8])), qy1 = int(std::lround(v[9]));
             if (!rotated) fill_rect(x + qx0 * scale, y + qy0 * scale, x + qx1 * scale, y + qy1 * scale, c);
             else fill_rect(x + qy0 * scale, y - qx1 * scale, x + qy1 * scale, y - qx0 * scale, c);
         }
@@ -5701,7 +5697,6 @@ struct Canvas {
         const int w = text_width(s, scale), h = text_height(scale);
         text(x - h / 2, y + w / 2, s, c, scale, true);
     }
-
     // PNG through stb_image_write into memory, then an atomic write; errors name the path.
     void save_png(const std::string& path) const {
         std::string png;
@@ -5717,8 +5712,9 @@ struct Canvas {
 // Colours: a categorical palette for lines (the "tab10" hues) and a perceptually ordered ramp for heatmaps,
 // dark blue -> teal -> green -> yellow (anchor colours of the viridis map), linear between anchors.
 inline Rgb series_color(size_t i) {
-    static constexpr Rgb palette[10] = {{31, 119, 180}, {255, 127, 14}, {44, 160, 44},  {214, 39, 40},  {148, 103, 189},
-                                        {140, 86, 75},  {227, 119, 194}, {127, 127, 127}, {188, 189, 34}, {23, 190, 207}};
+    static constexpr Rgb palette[10] = {{31, 119, 180}, {255, 127, 14}, {44, 160, 44},  {214, 39, 40},
+                                        {148, 103, 189}, {140, 86, 75}, {227, 119, 194}, {127, 127, 127},
+                                        {188, 189, 34},  {23, 190, 207}};
     return palette[i % 10];
 }
 inline Rgb ramp_color(double t) {
@@ -5726,8 +5722,9 @@ inline Rgb ramp_color(double t) {
     t = std::clamp(std::isfinite(t) ? t : 0.0, 0.0, 1.0) * 4;
     const int i = std::min(3, int(t));
     const double f = t - i;
-    auto mix = [&](uint8_t a, uint8_t b) { return uint8_t(std::lround(a + (b - a) * f)); };
-    return {mix(anchors[i].r, anchors[i + 1].r), mix(anchors[i].g, anchors[i + 1].g), mix(anchors[i].b, anchors[i + 1].b)};
+    const Rgb a = anchors[i], b = anchors[i + 1];
+    auto mix = [&](uint8_t from, uint8_t to) { return uint8_t(std::lround(from + (to - from) * f)); };
+    return {mix(a.r, b.r), mix(a.g, b.g), mix(a.b, b.b)};
 }
 
 // About `target` round tick values (1, 2 or 5 times a power of ten apart) within [lo, hi]; *step gets the spacing.
@@ -5746,16 +5743,21 @@ inline std::vector<double> nice_ticks(double lo, double hi, int target = 6, doub
 }
 // A tick label with as many decimals as the spacing needs: 0.5 -> "0.5", 2000 -> "2000", 1e-5 -> "1e-05".
 inline std::string format_tick(double v, double step) {
-    char buf[32];
-    if (v != 0 && (std::fabs(v) >= 1e6 || std::fabs(v) < 1e-3)) std::snprintf(buf, sizeof buf, "%.3g", v);
-    else std::snprintf(buf, sizeof buf, "%.*f", std::max(0, int(std::ceil(-std::log10(step) - 1e-9))), v);
-    return buf;
+    if (v != 0 && (std::fabs(v) >= 1e6 || std::fabs(v) < 1e-3)) return format_printf("%.3g", v);
+    return format_printf("%.*f", std::max(0, int(std::ceil(-std::log10(step) - 1e-9))), v);
 }
 
 // One line of a line plot. Series with few points (at most 40, e.g. validation loss every N steps) get dots.
-struct PlotSeries {
-    std::string name;
-    std::vector<double> x, y;
+struct PlotSeries { std::string name; std::vector<double> x, y; };
+
+// Heatmap options: value range (NaN = from the data), square cells (for T x T maps), numbers in the cells
+// (-1: when they fit), a label for the colour bar, and the colour of NaN cells (masked, e.g. future positions).
+struct HeatmapOptions {
+    double vmin = NAN, vmax = NAN;
+    bool square_cells = false;
+    int annotate = -1;
+    std::string colorbar_label;
+    Rgb masked{225, 225, 225};
 };
 
 namespace plot_detail {
@@ -5785,11 +5787,7 @@ inline Ticks log_ticks(double lo, double hi, double px_per_decade) {
             }
     std::sort(kept.begin(), kept.end());
     Ticks t;
-    for (double a : kept) {
-        char buf[32];
-        std::snprintf(buf, sizeof buf, "%g", std::pow(10.0, a));
-        t.push_back({a, buf});
-    }
+    for (double a : kept) t.push_back({a, format_printf("%g", std::pow(10.0, a))});
     return t;
 }
 
@@ -5806,7 +5804,8 @@ struct LinePlot {
     LinePlot(const std::string& path, const std::vector<PlotSeries>& s, bool log) : series(s), log_y(log) {
         for (const PlotSeries& p : series) {
             if (p.x.size() != p.y.size())
-                fail("plot '", path, "': series '", p.name, "' has ", p.x.size(), " x values but ", p.y.size(), " y values");
+                fail("plot '", path, "': series '", p.name, "' has ", p.x.size(), " x values but ", p.y.size(),
+                     " y values");
             for (size_t i = 0; i < p.x.size(); ++i)
                 if (std::isfinite(p.x[i]) && std::isfinite(ty(p.y[i])))
                     x_lo = std::min(x_lo, p.x[i]), x_hi = std::max(x_hi, p.x[i]),
@@ -5829,7 +5828,6 @@ struct LinePlot {
     }
     double X(const Box& b, double x) const { return b.x0 + (x - x_lo) / (x_hi - x_lo) * (b.x1 - 1 - b.x0); }
     double Y(const Box& b, double y) const { return b.y1 - 1 - (y - y_lo) / (y_hi - y_lo) * (b.y1 - 1 - b.y0); }
-
     // Title, grid, ticks, frame and axis labels around the plot area b.
     void draw_axes(Canvas& c, const Box& b, const std::string& title, const std::string& xlabel,
                    const std::string& ylabel) const {
@@ -5854,16 +5852,14 @@ struct LinePlot {
     void draw_series(Canvas& c, const Box& b) const {
         for (size_t k = 0; k < series.size(); ++k) {
             const PlotSeries& s = series[k];
-            std::vector<double> xs(s.x.size()), ys(s.y.size());
-            size_t n_points = 0;
+            std::vector<double> xs(s.x.size()), ys(s.y.size());  // pixels; NaN where the point is skipped
             for (size_t i = 0; i < s.x.size(); ++i) {
                 const bool ok = std::isfinite(s.x[i]) && std::isfinite(ty(s.y[i]));
                 xs[i] = ok ? X(b, s.x[i]) : NAN;
                 ys[i] = ok ? Y(b, ty(s.y[i])) : NAN;
-                n_points += ok;
             }
             c.polyline(xs, ys, series_color(k), 2.0, b.x0 + 1, b.y0 + 1, b.x1 - 1, b.y1 - 1);
-            if (n_points <= 40)
+            if (std::count_if(xs.begin(), xs.end(), [](double x) { return std::isfinite(x); }) <= 40)
                 for (size_t i = 0; i < xs.size(); ++i)
                     if (std::isfinite(xs[i])) c.disc(xs[i], ys[i], 3.5, series_color(k));
         }
@@ -5916,29 +5912,6 @@ struct LinePlot {
         return c;
     }
 };
-}  // namespace plot_detail
-
-// Line plot: loss curves and the like. log_y plots y on a logarithmic axis (non-positive values are skipped). The
-// legend goes where it covers the least of the curves, or, when every corner is crowded, right of the plot area.
-inline void plot_lines(const std::string& path, const std::string& title, const std::string& xlabel,
-                       const std::string& ylabel, const std::vector<PlotSeries>& series, bool log_y = false) {
-    const plot_detail::LinePlot plot(path, series, log_y);
-    bool crowded = false;
-    Canvas c = plot.render(title, xlabel, ylabel, false, &crowded);
-    if (crowded) c = plot.render(title, xlabel, ylabel, true, nullptr);
-    c.save_png(path);
-}
-// Heatmap options: value range (NaN = from the data), square cells (for T x T maps), numbers in the cells
-// (-1: when they fit), a label for the colour bar, and the colour of NaN cells (masked, e.g. future positions).
-struct HeatmapOptions {
-    double vmin = NAN, vmax = NAN;
-    bool square_cells = false;
-    int annotate = -1;
-    std::string colorbar_label;
-    Rgb masked{225, 225, 225};
-};
-
-namespace plot_detail {
 // The smallest k of 1, 2, 4, 5, 8, 10, ... such that every k-th label (need_px) fits in k cells of cell_px.
 inline int label_every(int need_px, int cell_px) {
     for (int k : {1, 2, 4, 5, 8, 10, 16, 20, 25, 32, 50, 64, 100, 128, 200, 250, 500, 1000})
@@ -5963,20 +5936,16 @@ struct Heatmap {
     std::vector<double> bar_ticks;
     int bar_h, bar_label_w = 0, gx0, gy0, bar_x0, bar_x1, xlabel_y, W, H;
 
-    std::string label(const std::vector<std::string>& labels, int i) const {
-        return labels.empty() ? std::to_string(i) : labels[size_t(i)];
-    }
+    static std::string label(const std::vector<std::string>& l, int i) { return l.empty() ? std::to_string(i) : l[i]; }
     Heatmap(const std::vector<float>& v, int r, int c, const std::vector<std::string>& rl,
             const std::vector<std::string>& cl, const std::string& title, const HeatmapOptions& o)
         : values(v), rows(r), cols(c), row_labels(rl), col_labels(cl), opt(o), lo(o.vmin), hi(o.vmax) {
-        if (std::isnan(lo) || std::isnan(hi)) {
-            double dlo = INFINITY, dhi = -INFINITY;
-            for (float x : values)
-                if (std::isfinite(x)) dlo = std::min(dlo, double(x)), dhi = std::max(dhi, double(x));
-            if (!(dlo <= dhi)) dlo = 0, dhi = 1;
-            if (std::isnan(lo)) lo = dlo;
-            if (std::isnan(hi)) hi = dhi;
-        }
+        double dlo = INFINITY, dhi = -INFINITY;  // the data's range, for the limits not given
+        for (float x : values)
+            if (std::isfinite(x)) dlo = std::min(dlo, double(x)), dhi = std::max(dhi, double(x));
+        if (!(dlo <= dhi)) dlo = 0, dhi = 1;
+        if (std::isnan(lo)) lo = dlo;
+        if (std::isnan(hi)) hi = dhi;
         if (!(hi > lo)) hi = lo + (lo == 0 ? 1 : std::fabs(lo) * 0.01);
         cw = std::clamp(900 / cols, 2, 72), ch = std::clamp(600 / rows, 2, 64);
         if (opt.square_cells) cw = ch = std::clamp(std::min(900 / cols, 700 / rows), 2, 64);
@@ -6011,10 +5980,8 @@ struct Heatmap {
         for (size_t i = 0; i < text.size(); ++i) {
             const double v = values[i];
             if (!std::isfinite(v)) continue;
-            char buf[32];
-            std::snprintf(buf, sizeof buf, std::fabs(v) >= 100 || v == std::round(v) ? "%.0f" : "%.2g", v);
-            text[i] = buf;
-            if (Canvas::text_width(buf, 2) + 12 > cw || ch < 22) scale = 1;
+            text[i] = format_printf(std::fabs(v) >= 100 || v == std::round(v) ? "%.0f" : "%.2g", v);
+            if (Canvas::text_width(text[i], 2) + 12 > cw || ch < 22) scale = 1;
         }
         for (int r = 0; r < rows; ++r)
             for (int j = 0; j < cols; ++j) {
@@ -6063,11 +6030,22 @@ struct Heatmap {
 };
 }  // namespace plot_detail
 
+// Line plot: loss curves and the like. log_y plots y on a logarithmic axis (non-positive values are skipped). The
+// legend goes where it covers the least of the curves, or, when every corner is crowded, right of the plot area.
+inline void plot_lines(const std::string& path, const std::string& title, const std::string& xlabel,
+                       const std::string& ylabel, const std::vector<PlotSeries>& series, bool log_y = false) {
+    const plot_detail::LinePlot plot(path, series, log_y);
+    bool crowded = false;
+    Canvas c = plot.render(title, xlabel, ylabel, false, &crowded);
+    if (crowded) c = plot.render(title, xlabel, ylabel, true, nullptr);
+    c.save_png(path);
+}
 // Heatmap of values[rows, cols] (row-major): e.g. expert load with rows = layers, cols = experts. Labels may be
 // empty (then indices are shown); labels that would overlap are thinned to every k-th.
 inline void plot_heatmap(const std::string& path, const std::string& title, const std::vector<float>& values, int rows,
-                         int cols, const std::vector<std::string>& row_labels, const std::vector<std::string>& col_labels,
-                         const std::string& xlabel, const std::string& ylabel, const HeatmapOptions& opt = {}) {
+                         int cols, const std::vector<std::string>& row_labels,
+                         const std::vector<std::string>& col_labels, const std::string& xlabel,
+                         const std::string& ylabel, const HeatmapOptions& opt = {}) {
     if (rows <= 0 || cols <= 0 || values.size() != size_t(rows) * size_t(cols))
         fail("heatmap '", path, "': ", values.size(), " values, expected rows x cols = ", rows, " x ", cols);
     if (!row_labels.empty() && row_labels.size() != size_t(rows))
@@ -6085,13 +6063,8 @@ inline void plot_heatmap(const std::string& path, const std::string& title, cons
 // A token as a short printable tick label: space -> '_', newline -> "\n", other control bytes -> '?'.
 inline std::string tick_label(const std::string& token) {
     std::string s;
-    for (char ch : token) {
-        if (ch == ' ') s += '_';
-        else if (ch == '\n') s += "\\n";
-        else if (ch == '\t') s += "\\t";
-        else if (ch < 32 || ch > 126) s += '?';
-        else s += ch;
-    }
+    for (char ch : token)
+        s += ch == ' ' ? "_" : ch == '\n' ? "\\n" : ch == '\t' ? "\\t" : ch < 32 || ch > 126 ? "?" : std::string(1, ch);
     return s;
 }
 
@@ -6109,11 +6082,7 @@ inline void plot_attention(const std::string& path, const std::string& title, co
             for (int j = i + 1; j < T; ++j) v[size_t(i) * size_t(T) + size_t(j)] = NAN;
     std::vector<std::string> labels;
     for (const std::string& t : tokens) labels.push_back(tick_label(t));
-    HeatmapOptions opt;
-    opt.vmin = 0;
-    opt.square_cells = true;
-    opt.annotate = 0;
-    opt.colorbar_label = "attention weight";
+    const HeatmapOptions opt{/*vmin=*/0, /*vmax=*/NAN, /*square_cells=*/true, /*annotate=*/0, "attention weight"};
     plot_heatmap(path, title, v, T, T, labels, labels, "key (attended to)", "query (attending)", opt);
 }
 
@@ -6145,32 +6114,24 @@ struct Progress {
     static std::string format_duration(double seconds) {
         if (!std::isfinite(seconds) || seconds < 0) return "?";
         const long s = long(seconds + 0.5);
-        char buf[32];
-        if (s >= 3600) std::snprintf(buf, sizeof buf, "%ld:%02ld:%02ld", s / 3600, s / 60 % 60, s % 60);
-        else std::snprintf(buf, sizeof buf, "%ld:%02ld", s / 60, s % 60);
-        return buf;
+        if (s >= 3600) return format_printf("%ld:%02ld:%02ld", s / 3600, s / 60 % 60, s % 60);
+        return format_printf("%ld:%02ld", s / 60, s % 60);
     }
     static std::string format_rate(double per_second) {
-        char buf[32];
-        if (per_second >= 1e6) std::snprintf(buf, sizeof buf, "%.2fM", per_second / 1e6);
-        else if (per_second >= 1e3) std::snprintf(buf, sizeof buf, "%.1fk", per_second / 1e3);
-        else std::snprintf(buf, sizeof buf, "%.0f", per_second);
-        return buf;
+        if (per_second >= 1e6) return format_printf("%.2fM", per_second / 1e6);
+        if (per_second >= 1e3) return format_printf("%.1fk", per_second / 1e3);
+        return format_printf("%.0f", per_second);
     }
     static std::string format_value(double v) {
-        char buf[32];
         const double a = std::fabs(v);
-        std::snprintf(buf, sizeof buf, v == 0 ? "0" : (a >= 1e5 || a < 1e-2) ? "%.2e" : "%.4f", v);
-        return buf;
+        return format_printf(v == 0 ? "0" : (a >= 1e5 || a < 1e-2) ? "%.2e" : "%.4f", v);
     }
     // The line itself (pure, for tests): step of total, the metric, extras, units/s, elapsed, ETA. `counted`: the
     // units (tokens) processed by this process, over elapsed_s.
     std::string format_line(int64_t step, double value, int64_t counted, double elapsed_s,
                             const std::vector<std::pair<std::string, double>>& extra = {}) const {
-        char buf[96];
-        std::snprintf(buf, sizeof buf, "step %lld/%lld (%.1f%%)", (long long)step, (long long)total_steps,
-                      total_steps > 0 ? 100.0 * double(step) / double(total_steps) : 0.0);
-        std::string s = label + buf;
+        std::string s = label + format_printf("step %lld/%lld (%.1f%%)", (long long)step, (long long)total_steps,
+                                              total_steps > 0 ? 100.0 * double(step) / double(total_steps) : 0.0);
         s += " | " + metric + " " + format_value(value);  // NaN and inf show as such: a diverged run is visible
         for (const auto& [name, v] : extra) s += " | " + name + " " + format_value(v);
         if (counted > 0 && elapsed_s > 0) s += " | " + format_rate(double(counted) / elapsed_s) + " " + unit + "/s";
@@ -6180,7 +6141,6 @@ struct Progress {
             s += " | ETA " + format_duration(elapsed_s / double(done) * double(total_steps - step));
         return s;
     }
-
     // Call after step `step` (1-based, counted from the start of the whole run) with the metric and the number of
     // units processed by this process so far.
     void update(int64_t step, double value, int64_t counted_so_far = 0,
@@ -6188,19 +6148,14 @@ struct Progress {
         const Clock::time_point now = Clock::now();
         const double since_print = std::chrono::duration<double>(now - last_print).count();
         const bool last = step >= total_steps;
-        const bool due = tty ? (since_print >= 0.1 || last || !printed_any)
-                             : (last || !printed_any || step % every_steps == 0 || since_print >= every_seconds);
-        if (!due) return;
+        const bool due = tty ? since_print >= 0.1 : step % every_steps == 0 || since_print >= every_seconds;
+        if (!due && !last && printed_any) return;
         const std::string line =
             format_line(step, value, counted_so_far, std::chrono::duration<double>(now - start).count(), extra);
-        if (tty) {
-            std::fprintf(out, "\r%s", line.c_str());
-            for (size_t i = line.size(); i < last_len; ++i) std::fputc(' ', out);  // erase a longer previous line
-            if (last) std::fputc('\n', out);
-            line_open = !last;
-        } else {
-            std::fprintf(out, "%s\n", line.c_str());
-        }
+        // In a terminal, '\r' goes back to the start of the line, and spaces erase the rest of a longer line before.
+        const int erase = tty && last_len > line.size() ? int(last_len - line.size()) : 0;
+        std::fprintf(out, "%s%s%*s%s", tty ? "\r" : "", line.c_str(), erase, "", tty && !last ? "" : "\n");
+        line_open = tty && !last;
         std::fflush(out);
         last_len = line.size();
         last_print = now;
