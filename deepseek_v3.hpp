@@ -4459,21 +4459,18 @@ inline void multiply(int M, int N, int K, const View& A, const View& B, const Ou
 
 // --- 11.1 Small text helpers -----------------------------------------------------------------------------------------
 // A byte string shown safely in a message or a file: printable ASCII as is, the rest as \n, \t, \\, \" or \xNN.
+// unescape_bytes is its inverse (a prompt or a path stored on one line of a checkpoint header); `what` names the text
+// in the error a malformed escape raises.
+constexpr std::string_view kEscapedBytes = "\n\t\\\"", kEscapeLetters = "nt\\\"";  // '\n' is written \n, ...
 inline std::string escape_bytes(std::string_view s) {
-    static const char hex[] = "0123456789abcdef";
     std::string out;
     for (unsigned char c : s) {
-        if (c == '\n') out += "\\n";
-        else if (c == '\t') out += "\\t";
-        else if (c == '\\') out += "\\\\";
-        else if (c == '"') out += "\\\"";
+        if (const size_t k = kEscapedBytes.find(char(c)); k != s.npos) out += {'\\', kEscapeLetters[k]};
         else if (c >= 32 && c < 127) out += char(c);
-        else { out += "\\x"; out += hex[c >> 4]; out += hex[c & 15]; }
+        else out += {'\\', 'x', "0123456789abcdef"[c >> 4], "0123456789abcdef"[c & 15]};
     }
     return out;
 }
-// The inverse of escape_bytes (a prompt or a path stored on one line of a checkpoint header). `what` names the text
-// in the error a malformed escape raises.
 inline std::string unescape_bytes(std::string_view s, const std::string& what) {
     auto hex = [&](size_t at) {  // the value of the hex digit s[at], or -1
         const char h = at < s.size() ? char(s[at] | 32) : 'z';
@@ -4483,9 +4480,7 @@ inline std::string unescape_bytes(std::string_view s, const std::string& what) {
     for (size_t i = 0; i < s.size(); ++i) {
         if (s[i] != '\\') { out += s[i]; continue; }
         const char c = ++i < s.size() ? s[i] : '\0';
-        if (c == 'n') out += '\n';
-        else if (c == 't') out += '\t';
-        else if (c == '\\' || c == '"') out += c;
+        if (const size_t k = kEscapeLetters.find(c); k != s.npos) out += kEscapedBytes[k];
         else if (c == 'x' && hex(i + 1) >= 0 && hex(i + 2) >= 0) { out += char(hex(i + 1) * 16 + hex(i + 2)); i += 2; }
         else fail(what, ": malformed escape at byte ", i - 1, " of \"", std::string(s.substr(0, 60)), "\"");
     }
@@ -4493,28 +4488,26 @@ inline std::string unescape_bytes(std::string_view s, const std::string& what) {
 }
 
 // Numbers read from text: every command-line flag of the examples and every number of a text field in a file (a
-// checkpoint's header, a tokenizer's counts and merges, a .npy shape, token rows) goes through these two. A value
-// outside [lo, hi], or text that is not wholly a number, is an Error naming what was read, the range and the text:
+// checkpoint's header, a tokenizer's counts and merges, a .npy shape, token rows) goes through parse_int or
+// parse_float (decimal or with an exponent, "3e-4"). A value outside [lo, hi] (NaN and infinities are outside every
+// range), or text that is not wholly the number (no spaces, no '+', no trailing characters; std::from_chars reads it
+// the same way in every locale), is an Error naming what was read, the range and the text,
 //     --batch: expected an integer in [1, 65536], got '-1'
-// never std::stoi's bare "stoi", nor a count of -1 that reaches an allocation or a division. The text must be the
-// number and nothing else (no spaces, no '+', no trailing characters); std::from_chars reads it the same way in
-// every locale.
-inline long long parse_int(std::string_view text, std::string_view what, long long lo, long long hi) {
-    long long v = 0;
-    const char* end = text.data() + text.size();
-    const auto r = std::from_chars(text.data(), end, v);
-    if (r.ec != std::errc() || r.ptr != end || v < lo || v > hi)
-        fail(what, ": expected an integer in [", lo, ", ", hi, "], got '", escape_bytes(text.substr(0, 64)), "'");
-    return v;
-}
-// The same for a real number, decimal or with an exponent ("3e-4"); NaN and infinities are outside every range.
-inline double parse_float(std::string_view text, std::string_view what, double lo, double hi) {
-    double v = 0;
+// never std::stoi's bare "stoi", nor a count of -1 that reaches an allocation or a division.
+template <class T>
+inline T parse_number(std::string_view text, std::string_view what, T lo, T hi, const char* kind) {
+    T v = 0;
     const char* end = text.data() + text.size();
     const auto r = std::from_chars(text.data(), end, v);
     if (r.ec != std::errc() || r.ptr != end || !(v >= lo && v <= hi))
-        fail(what, ": expected a number in [", lo, ", ", hi, "], got '", escape_bytes(text.substr(0, 64)), "'");
+        fail(what, ": expected ", kind, " in [", lo, ", ", hi, "], got '", escape_bytes(text.substr(0, 64)), "'");
     return v;
+}
+inline long long parse_int(std::string_view text, std::string_view what, long long lo, long long hi) {
+    return parse_number(text, what, lo, hi, "an integer");
+}
+inline double parse_float(std::string_view text, std::string_view what, double lo, double hi) {
+    return parse_number(text, what, lo, hi, "a number");
 }
 
 // The memory budget: sizes that a file or a config declares (a model's parameters, a checkpoint's floats, a tensor's
@@ -4526,13 +4519,12 @@ inline void require_memory(std::string_view what, double bytes) {
         fail(what, ": ", bytes / 1e9, " GB, more than this machine's ", have / 1e9, " GB of memory");
 }
 
-// OpenMP threads that sleep while they wait, unless the user chose otherwise. libgomp's threads spin for a while
-// (GOMP_SPINCOUNT, 300000 turns) at the end of every parallel region before they sleep. On a CPU that other programs
-// also use, a spinning thread holds a core that the thread it waits for needs: measured on 2 cores beside two busy
-// processes, `generate` ran 57x slower with 2 threads than with 1. OMP_WAIT_POLICY=passive makes them sleep at once.
-// libgomp reads the variable once, when the program is loaded, so the programs of examples/ call this first thing in
-// main: when neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT is set, it sets OMP_WAIT_POLICY=passive and starts the program
-// again (exec of /proc/self/exe, same arguments; Linux). Where that fails it returns, and the program runs as it was.
+// OpenMP threads that sleep while they wait, unless the user chose otherwise. libgomp's threads spin (GOMP_SPINCOUNT,
+// 300000 turns) at the end of every parallel region before they sleep; on a shared CPU a spinning thread holds a core
+// that the thread it waits for needs (on 2 cores beside two busy processes, `generate` ran 57x slower with 2 threads
+// than with 1). OMP_WAIT_POLICY=passive makes them sleep at once, but libgomp reads it only when the program is
+// loaded, so the examples call this first thing in main: when neither it nor GOMP_SPINCOUNT is set, it sets it and
+// starts the program again (exec of /proc/self/exe, same arguments; Linux). Where that fails, it runs on as it was.
 inline void prefer_sleeping_threads(char** argv) {
 #if defined(_OPENMP) && defined(__linux__)
     if (std::getenv("OMP_WAIT_POLICY") || std::getenv("GOMP_SPINCOUNT")) return;
@@ -4540,6 +4532,14 @@ inline void prefer_sleeping_threads(char** argv) {
 #else
     (void)argv;
 #endif
+}
+
+// printf into a std::string (labels, durations, rates), up to 255 characters.
+template <class... Args>
+inline std::string format_printf(const char* format, Args... args) {
+    char buf[256];
+    std::snprintf(buf, sizeof buf, format, args...);
+    return buf;
 }
 
 // Little-endian integers of n bytes (every binary format here is little-endian, whatever the machine).
@@ -4583,21 +4583,17 @@ inline void write_file_atomic_stream(const std::string& path, const char* what, 
     const std::string tmp = path + ".tmp";
     io_detail::File f(std::fopen(tmp.c_str(), "wb"));
     if (!f) fail(what, " ", path, ": cannot create '", tmp, "': ", std::strerror(errno));
-    bool ok = false;
-    try {
-        ok = write(f.get());
-    } catch (...) {
-        f.reset();
-        std::remove(tmp.c_str());
-        throw;
-    }
-    ok = (std::fclose(f.release()) == 0) && ok;  // fclose flushes, and reports a failed flush
-    if (!ok) { std::remove(tmp.c_str()); fail(what, " ", path, ": writing '", tmp, "' failed (disk full?)"); }
-    if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-        const int e = errno;
-        std::remove(tmp.c_str());
-        fail(what, " ", path, ": renaming '", tmp, "' to it failed: ", std::strerror(e));
-    }
+    struct Cleanup {  // removes the temporary file on every way out (an error, an exception) but the rename
+        const char* tmp;
+        bool renamed = false;
+        ~Cleanup() { if (!renamed) std::remove(tmp); }
+    } cleanup{tmp.c_str()};
+    const bool ok = write(f.get());
+    if (std::fclose(f.release()) != 0 || !ok)  // fclose flushes, and reports a failed flush
+        fail(what, " ", path, ": writing '", tmp, "' failed (disk full?)");
+    if (std::rename(tmp.c_str(), path.c_str()) != 0)
+        fail(what, " ", path, ": renaming '", tmp, "' to it failed: ", std::strerror(errno));
+    cleanup.renamed = true;
 }
 // Creates a directory and its missing parents (like mkdir -p); the error names the directory.
 inline void make_directories(const std::string& dir) {
@@ -4606,11 +4602,8 @@ inline void make_directories(const std::string& dir) {
     if (ec) fail("cannot create the directory '", dir, "': ", ec.message());
 }
 inline bool write_bytes(FILE* f, const void* p, size_t n) { return n == 0 || std::fwrite(p, 1, n, f) == n; }
-inline void write_file_atomic(const std::string& path, const void* data, size_t n_bytes) {
-    write_file_atomic_stream(path, "file", [&](FILE* f) { return write_bytes(f, data, n_bytes); });
-}
 inline void write_file_atomic(const std::string& path, const std::string& data) {
-    write_file_atomic(path, data.data(), data.size());
+    write_file_atomic_stream(path, "file", [&](FILE* f) { return write_bytes(f, data.data(), data.size()); });
 }
 
 // --- 11.3 Byte-level BPE tokenizer -----------------------------------------------------------------------------------
@@ -4620,17 +4613,17 @@ inline void write_file_atomic(const std::string& path, const std::string& data) 
 // encoding replays the merges in the order they were learned.
 //
 // Token ids: 0..255 are the bytes; 256 + i is merge i; after these n_ordinary() = 256 + merges.size() tokens come the
-// special tokens, spelt as in DeepSeek's vocabularies: <｜begin▁of▁sentence｜> (BOS), <｜end▁of▁sentence｜> (EOS),
-// <｜fim▁begin｜>, <｜fim▁hole｜>, <｜fim▁end｜>. encode(text) never makes one: text that contains their spelling is
-// encoded as ordinary bytes, so no document can forge one (encode_with_specials() parses them on purpose).
+// special tokens, spelt as in DeepSeek's vocabularies (BOS, EOS, and the three FIM tokens of 11.5). encode(text) never
+// makes one: their spelling in a text is encoded as ordinary bytes, so no document can forge one
+// (encode_with_specials() parses them on purpose).
 //
 // Pre-tokenization. Like GPT-2 and DeepSeek, the text is first cut into chunks and merges never cross a chunk
 // boundary, so tokens are pieces of words rather than spans such as "e, t". Byte classes: letters (A-Z, a-z and every
 // byte >= 0x80, so that UTF-8 characters stay inside words), digits, whitespace, punctuation (the rest). A chunk is
 //   - a word: an optional single leading space and a run of letters             " thou", "ROMEO"
 //   - a number: an optional leading space and 1 to 3 digits                      " 123", "4"   (V3: \p{N}{1,3})
-//   - punctuation: an optional leading space, a run of punctuation, and the line breaks right after it, ":\n",
-//     ".\n\n" (V3's pre-tokenizer also makes tokens that combine punctuation and line breaks, report §4.1)
+//   - punctuation: an optional leading space, a run of punctuation and the line breaks right after it, ":\n", ".\n\n"
+//     (V3's pre-tokenizer also makes tokens that combine punctuation and line breaks, report §4.1)
 //   - whitespace: a run of spaces and line breaks, except that the last space before a word goes with the word,
 // and is cut at 256 bytes, which bounds the cost of encoding pathological input.
 //
@@ -4644,18 +4637,15 @@ inline void write_file_atomic(const std::string& path, const std::string& data) 
 // File format (text, one item per line; '#' starts a comment on every line except the special-token lines):
 //   dsv3-bpe-tokenizer 1
 //   pretokenizer dsv3-chunks-1
-//   merges M                  then M lines "LEFT RIGHT": token ids; line i creates token 256 + i, and both ids
-//                             are smaller than 256 + i (bytes or earlier merges)
-//   specials K                then K lines, one spelling each (UTF-8, no spaces); ids n_ordinary() ... + K - 1
+//   merges M       then M lines "LEFT RIGHT": token ids; line i creates token 256 + i from two smaller ids
+//   specials K     then K lines, one spelling each (UTF-8, no spaces); ids n_ordinary() ... + K - 1
 //   end
 struct Tokenizer {
-    static constexpr const char* kBosText = "<" "\xEF\xBD\x9C" "begin" "\xE2\x96\x81" "of" "\xE2\x96\x81" "sentence"
-                                            "\xEF\xBD\x9C" ">";
-    static constexpr const char* kEosText = "<" "\xEF\xBD\x9C" "end" "\xE2\x96\x81" "of" "\xE2\x96\x81" "sentence"
-                                            "\xEF\xBD\x9C" ">";
-    static constexpr const char* kFimBeginText = "<" "\xEF\xBD\x9C" "fim" "\xE2\x96\x81" "begin" "\xEF\xBD\x9C" ">";
-    static constexpr const char* kFimHoleText = "<" "\xEF\xBD\x9C" "fim" "\xE2\x96\x81" "hole" "\xEF\xBD\x9C" ">";
-    static constexpr const char* kFimEndText = "<" "\xEF\xBD\x9C" "fim" "\xE2\x96\x81" "end" "\xEF\xBD\x9C" ">";
+    static constexpr const char* kBosText = "<｜begin▁of▁sentence｜>";  // ｜ is U+FF5C, ▁ is U+2581 (UTF-8 bytes)
+    static constexpr const char* kEosText = "<｜end▁of▁sentence｜>";
+    static constexpr const char* kFimBeginText = "<｜fim▁begin｜>";
+    static constexpr const char* kFimHoleText = "<｜fim▁hole｜>";
+    static constexpr const char* kFimEndText = "<｜fim▁end｜>";
     static constexpr int kMaxChunk = 256;
 
     std::vector<std::pair<uint32_t, uint32_t>> merges;  // merges[i] = (left, right) makes token 256 + i
@@ -4667,7 +4657,6 @@ struct Tokenizer {
     int n_ordinary() const { return 256 + int(merges.size()); }
     int vocab_size() const { return n_ordinary() + int(specials.size()); }  // what the model's embedding needs
     bool is_special(uint32_t id) const { return id >= uint32_t(n_ordinary()) && id < uint32_t(vocab_size()); }
-
     // The tokenizer with no merges: one token per byte (plus the special tokens).
     static Tokenizer bytes_only() {
         Tokenizer t;
@@ -4675,17 +4664,14 @@ struct Tokenizer {
         t.build_tables("Tokenizer::bytes_only");
         return t;
     }
-
     // ---- pre-tokenizer -----------------------------------------------------------------------------------------
     enum ByteClass : uint8_t { kLetter, kDigit, kSpace, kLineBreak, kOtherSpace, kPunct };
     static ByteClass byte_class(uint8_t c) {
-        if ((c | 32) >= 'a' && (c | 32) <= 'z') return kLetter;
-        if (c >= 0x80) return kLetter;
+        if (c >= 0x80 || ((c | 32) >= 'a' && (c | 32) <= 'z')) return kLetter;
         if (c >= '0' && c <= '9') return kDigit;
         if (c == ' ') return kSpace;
         if (c == '\n' || c == '\r') return kLineBreak;
-        if (c == '\t' || c == '\v' || c == '\f') return kOtherSpace;
-        return kPunct;
+        return c == '\t' || c == '\v' || c == '\f' ? kOtherSpace : kPunct;
     }
     // End of the chunk that starts at byte i of s[0, n).
     static size_t chunk_end(const uint8_t* s, size_t n, size_t i) {
@@ -4693,20 +4679,14 @@ struct Tokenizer {
         size_t j = i;
         ByteClass k = byte_class(s[i]);
         if (s[i] == ' ' && i + 1 < n && !is_space(byte_class(s[i + 1]))) k = byte_class(s[++j]);
-        switch (k) {
-            case kLetter:
-                while (j < n && byte_class(s[j]) == kLetter) ++j;
-                break;
-            case kDigit:
-                for (int d = 0; d < 3 && j < n && byte_class(s[j]) == kDigit; ++d) ++j;
-                break;
-            case kPunct:
-                while (j < n && byte_class(s[j]) == kPunct) ++j;
-                while (j < n && byte_class(s[j]) == kLineBreak) ++j;
-                break;
-            default:  // whitespace; a run longer than one byte leaves its last space to the word after it
-                while (j < n && is_space(byte_class(s[j]))) ++j;
-                if (j < n && j - i >= 2 && s[j - 1] == ' ') --j;
+        if (k == kDigit) {
+            for (int d = 0; d < 3 && j < n && byte_class(s[j]) == kDigit; ++d) ++j;
+        } else if (!is_space(k)) {  // a word; or punctuation, with the line breaks right after it
+            while (j < n && byte_class(s[j]) == k) ++j;
+            while (k == kPunct && j < n && byte_class(s[j]) == kLineBreak) ++j;
+        } else {  // whitespace; a run longer than one byte leaves its last space to the word after it
+            while (j < n && is_space(byte_class(s[j]))) ++j;
+            if (j < n && j - i >= 2 && s[j - 1] == ' ') --j;
         }
         return std::min(j, i + size_t(kMaxChunk));
     }
@@ -4720,7 +4700,6 @@ struct Tokenizer {
             i = e;
         }
     }
-
     // ---- training ---------------------------------------------------------------------------------------------
     static uint64_t pair_key(uint32_t a, uint32_t b) { return (uint64_t(a) << 32) | b; }
     // Replaces every occurrence of the pair (a, b) in sym by c: left to right, non-overlapping ("aaa" -> "Ca").
@@ -4802,9 +4781,8 @@ struct Tokenizer {
                 std::vector<uint32_t>& sym = words[w];
                 if (last_merge[w] == c) continue;
                 last_merge[w] = c;
-                bool present = false;
-                for (size_t i = 0; i + 1 < sym.size() && !present; ++i) present = sym[i] == a && sym[i + 1] == b;
-                if (!present) continue;
+                auto is_pair = [&](uint32_t x, uint32_t y) { return x == a && y == b; };
+                if (std::adjacent_find(sym.begin(), sym.end(), is_pair) == sym.end()) continue;
                 for (size_t i = 0; i + 1 < sym.size(); ++i) add(pair_key(sym[i], sym[i + 1]), -freq[w]);
                 replace_pair(sym, a, b, c);
                 for (size_t i = 0; i + 1 < sym.size(); ++i) {
@@ -4829,14 +4807,12 @@ struct Tokenizer {
         BpeTrainer trainer(text);
         uint64_t pair = 0;
         while (tok.n_ordinary() < n_ordinary_tokens && trainer.next_pair(min_pair_count, &pair)) {
-            const uint32_t a = uint32_t(pair >> 32), b = uint32_t(pair & 0xFFFFFFFFu), c = uint32_t(tok.n_ordinary());
-            tok.merges.push_back({a, b});
-            trainer.merge(pair, c);
+            trainer.merge(pair, uint32_t(tok.n_ordinary()));  // the new token's id
+            tok.merges.push_back({uint32_t(pair >> 32), uint32_t(pair & 0xFFFFFFFFu)});
         }
         tok.build_tables("Tokenizer::train");
         return tok;
     }
-
     // ---- encoding and decoding --------------------------------------------------------------------------------
     // BPE of one chunk: apply the earliest-learned merge present, everywhere in the chunk, until none applies.
     void encode_chunk(const uint8_t* s, size_t n, std::vector<uint32_t>& sym) const {
@@ -4894,26 +4870,25 @@ struct Tokenizer {
         encode_append(text.substr(start), out);
         return out;
     }
-    std::string decode(const uint32_t* ids, size_t n) const {
+    template <class Id>  // uint32_t or int32_t
+    std::string decode(const Id* ids, size_t n) const {
         std::string out;
         for (size_t i = 0; i < n; ++i) {
-            if (ids[i] >= pieces.size())
-                fail("Tokenizer::decode: token id ", ids[i], " at position ", i, " is outside the vocabulary of ",
+            const uint32_t id = uint32_t(ids[i]);
+            if (id >= pieces.size())
+                fail("Tokenizer::decode: token id ", id, " at position ", i, " is outside the vocabulary of ",
                      pieces.size(), " tokens");
-            out += pieces[ids[i]];
+            out += pieces[id];
         }
         return out;
     }
-    std::string decode(const std::vector<uint32_t>& ids) const { return decode(ids.data(), ids.size()); }
-    std::string decode(const std::vector<int32_t>& ids) const {
-        return decode(std::vector<uint32_t>(ids.begin(), ids.end()));
-    }
+    template <class Id> std::string decode(const std::vector<Id>& ids) const { return decode(ids.data(), ids.size()); }
     // A token as printable text, e.g. for tables: " thou", "\n", "\xe2".
     std::string token_text(uint32_t id) const {
-        if (id >= pieces.size()) fail("Tokenizer::token_text: token id ", id, " outside the vocabulary of ", pieces.size());
+        if (id >= pieces.size())
+            fail("Tokenizer::token_text: token id ", id, " outside the vocabulary of ", pieces.size());
         return is_special(id) ? pieces[id] : escape_bytes(pieces[id]);
     }
-
     // ---- save and load ----------------------------------------------------------------------------------------
     void save(const std::string& path) const {
         std::string s;
@@ -4945,7 +4920,8 @@ struct Tokenizer {
         };
         auto expect_line = [&](const char* want, const char* note) {
             const std::string s = next((std::string("'") + want + "'").c_str());
-            if (s != want) fail(where(), ": expected '", want, "'", note, ", found '", escape_bytes(s.substr(0, 60)), "'");
+            if (s != want)
+                fail(where(), ": expected '", want, "'", note, ", found '", escape_bytes(s.substr(0, 60)), "'");
         };
         auto keyword_count = [&](const std::string& keyword, const char* expected, long long most) {
             const std::string s = next(expected);
@@ -5034,17 +5010,16 @@ constexpr size_t kTokenFileHeaderBytes = 32;
 inline void write_tokens(const std::string& path, const std::vector<uint32_t>& tokens, uint32_t vocab_size) {
     const uint32_t width = vocab_size <= 65536 ? 2 : 4;
     std::string bytes(kTokenFileHeaderBytes + tokens.size() * width, '\0');
-    auto put = [&](size_t at, uint64_t v, int n) { store_le(&bytes[at], v, n); };
     std::memcpy(&bytes[0], kTokenFileMagic, 8);
-    put(8, 1, 4);
-    put(12, width, 4);
-    put(16, tokens.size(), 8);
-    put(24, vocab_size, 4);
+    store_le(&bytes[8], 1, 4);
+    store_le(&bytes[12], width, 4);
+    store_le(&bytes[16], tokens.size(), 8);
+    store_le(&bytes[24], vocab_size, 4);
     for (size_t i = 0; i < tokens.size(); ++i) {
         if (tokens[i] >= vocab_size)
             fail("write_tokens '", path, "': token ", tokens[i], " at position ", i, " is outside the vocabulary of ",
                  vocab_size);
-        put(kTokenFileHeaderBytes + i * width, tokens[i], int(width));
+        store_le(&bytes[kTokenFileHeaderBytes + i * width], tokens[i], int(width));
     }
     write_file_atomic(path, bytes);
 }
@@ -5058,60 +5033,55 @@ struct TokenDataset {
     static TokenDataset from_tokens(std::string name, std::vector<uint32_t> tokens, uint32_t vocab_size) {
         return TokenDataset{std::move(name), std::move(tokens), vocab_size};
     }
-
     // Reads a token file; with seq_len > 0 also checks that it holds at least one sequence of seq_len + 1 tokens.
     static TokenDataset load(const std::string& path, int seq_len = 0) {
-        const std::string bytes = read_file_bytes(path);
-        const char* what = "token file '";
+        const std::string bytes = read_file_bytes(path), what = "token file '" + path;
         if (bytes.empty())
-            fail(what, path, "' is empty (0 bytes); expected a ", kTokenFileHeaderBytes,
+            fail(what, "' is empty (0 bytes); expected a ", kTokenFileHeaderBytes,
                  "-byte header starting with \"DSV3TOKS\" (write it with examples/prepare_data)");
         if (bytes.compare(0, 8, kTokenFileMagic, std::min<size_t>(8, bytes.size())) != 0)
-            fail(what, path, "' has the wrong magic: expected \"DSV3TOKS\", found \"",
-                 escape_bytes(bytes.substr(0, 8)), "\"; it is not a token file written by write_tokens");
+            fail(what, "' has the wrong magic: expected \"DSV3TOKS\", found \"", escape_bytes(bytes.substr(0, 8)),
+                 "\"; it is not a token file written by write_tokens");
         if (bytes.size() < kTokenFileHeaderBytes)
-            fail(what, path, "' is truncated: ", bytes.size(), " bytes, shorter than its ", kTokenFileHeaderBytes,
+            fail(what, "' is truncated: ", bytes.size(), " bytes, shorter than its ", kTokenFileHeaderBytes,
                  "-byte header");
         auto get = [&](size_t at, int n) { return load_le(&bytes[at], n); };
         const uint64_t version = get(8, 4), width = get(12, 4), count = get(16, 8), vocab = get(24, 4);
-        if (version != 1) fail(what, path, "': version ", version, " in the header, expected 1");
-        if (width != 2 && width != 4) fail(what, path, "': token width ", width, " bytes in the header, expected 2 or 4");
+        if (version != 1) fail(what, "': version ", version, " in the header, expected 1");
+        if (width != 2 && width != 4) fail(what, "': token width ", width, " bytes in the header, expected 2 or 4");
         if (vocab == 0 || (width == 2 && vocab > 65536))
-            fail(what, path, "': vocab_size ", vocab, " in the header does not fit tokens of ", width, " bytes");
+            fail(what, "': vocab_size ", vocab, " in the header does not fit tokens of ", width, " bytes");
         const uint64_t have = bytes.size() - kTokenFileHeaderBytes;
         if (count > have / width)
-            fail(what, path, "' is truncated: its header promises ", count, " tokens of ", width, " bytes (", count * width,
+            fail(what, "' is truncated: its header promises ", count, " tokens of ", width, " bytes (", count * width,
                  " bytes), but only ", have, " bytes follow the header");
         if (count * width != have)
-            fail(what, path, "' has ", have - count * width, " unexpected bytes after its ", count, " tokens");
+            fail(what, "' has ", have - count * width, " unexpected bytes after its ", count, " tokens");
         TokenDataset d{path, std::vector<uint32_t>(size_t(count)), uint32_t(vocab)};
         for (size_t i = 0; i < count; ++i) {
             d.tokens[i] = uint32_t(get(kTokenFileHeaderBytes + i * width, int(width)));
             if (d.tokens[i] >= vocab)
-                fail(what, path, "': token ", d.tokens[i], " at position ", i, " is outside its vocabulary of ", vocab);
+                fail(what, "': token ", d.tokens[i], " at position ", i, " is outside its vocabulary of ", vocab);
         }
         if (seq_len > 0) d.require_sequence(seq_len);
         return d;
     }
     void save(const std::string& path) const { write_tokens(path, tokens, vocab_size); }
-
     // Throws unless one training window (T + 1 tokens: T inputs and, shifted by one, T targets) fits.
     void require_sequence(int T) const {
         if (T <= 0) fail("dataset '", name, "': sequence length ", T, ", expected a positive length");
         if (tokens.size() < size_t(T) + 1)
-            fail("dataset '", name, "' holds ", tokens.size(), " tokens, shorter than one sequence: a window of T + 1 = ",
-                 T + 1, " tokens is needed");
+            fail("dataset '", name, "' holds ", tokens.size(),
+                 " tokens, shorter than one sequence: a window of T + 1 = ", T + 1, " tokens is needed");
     }
-
     // B random windows of T + 1 consecutive tokens into inputs[B, T + 1]: row b is inputs[b*(T+1) ...], the model
     // reads positions 0..T-1 and predicts 1..T. Windows start anywhere (every start is equally likely); the same
     // Rng state gives the same batch.
     void sample_batch(Rng& rng, int B, int T, int32_t* inputs) const {
         require_sequence(T);
-        const uint64_t n_starts = tokens.size() - size_t(T);
         for (int b = 0; b < B; ++b) {
-            const size_t start = size_t(rng.below(n_starts));
-            for (int t = 0; t <= T; ++t) inputs[size_t(b) * size_t(T + 1) + size_t(t)] = int32_t(tokens[start + size_t(t)]);
+            const auto start = tokens.begin() + long(rng.below(tokens.size() - size_t(T)));
+            std::copy(start, start + T + 1, inputs + size_t(b) * size_t(T + 1));
         }
     }
 };
@@ -5119,13 +5089,14 @@ struct TokenDataset {
 // Cuts a dataset into the first (1 - val_fraction) for training and the rest for validation (nanoGPT's split:
 // the first 90% and the last 10%). Names get " (train)" / " (val)".
 inline size_t train_val_split_point(size_t n, double val_fraction = 0.1) {
-    if (!(val_fraction >= 0 && val_fraction < 1)) fail("train/val split: val_fraction ", val_fraction, ", expected [0, 1)");
+    if (!(val_fraction >= 0 && val_fraction < 1))
+        fail("train/val split: val_fraction ", val_fraction, ", expected [0, 1)");
     return size_t(double(n) * (1.0 - val_fraction));
 }
 inline std::pair<TokenDataset, TokenDataset> split_train_val(const TokenDataset& all, double val_fraction = 0.1) {
-    const size_t cut = train_val_split_point(all.tokens.size(), val_fraction);
-    return {TokenDataset::from_tokens(all.name + " (train)", {all.tokens.begin(), all.tokens.begin() + long(cut)}, all.vocab_size),
-            TokenDataset::from_tokens(all.name + " (val)", {all.tokens.begin() + long(cut), all.tokens.end()}, all.vocab_size)};
+    const auto cut = all.tokens.begin() + long(train_val_split_point(all.tokens.size(), val_fraction));
+    return {TokenDataset::from_tokens(all.name + " (train)", {all.tokens.begin(), cut}, all.vocab_size),
+            TokenDataset::from_tokens(all.name + " (val)", {cut, all.tokens.end()}, all.vocab_size)};
 }
 
 // Evaluation over a whole split, deterministically: window w holds tokens [w*T, w*T + T] (T inputs, T targets),
@@ -5148,26 +5119,22 @@ struct EvalBatches {
     int64_t n_windows() const { return n_full + (has_tail ? 1 : 0); }
     int64_t n_scored_targets() const { return has_tail ? int64_t(data->tokens.size()) - 1 : n_full * T; }
     void reset() { next_window = 0; }
-
     // Fills up to B rows of inputs[B, T + 1] (and scored[B, T] if not null: 1 = count this target) and returns the
     // number of rows filled; 0 when the split is done. Rows past the returned count hold token 0 and scored 0.
     int next(int B, int32_t* inputs, uint8_t* scored = nullptr) {
         if (has_tail && !scored)
             fail("EvalBatches over '", data->name, "': cover_tail needs the `scored` mask (the last window overlaps "
                  "the one before it)");
+        const size_t W = size_t(T) + 1, N = data->tokens.size();
+        std::fill(inputs, inputs + size_t(B) * W, 0);
+        if (scored) std::fill(scored, scored + size_t(B) * size_t(T), uint8_t(0));
         int rows = 0;
-        const size_t W = size_t(T) + 1;
         for (; rows < B && next_window < n_windows(); ++rows, ++next_window) {
             const bool tail = next_window == n_full;
-            const size_t start = tail ? data->tokens.size() - W : size_t(next_window) * size_t(T);
-            for (size_t t = 0; t < W; ++t) inputs[size_t(rows) * W + t] = int32_t(data->tokens[start + t]);
-            if (scored)
-                for (size_t t = 0; t < size_t(T); ++t)  // target t is token start + 1 + t
-                    scored[size_t(rows) * size_t(T) + t] = uint8_t(!tail || start + 1 + t > size_t(n_full) * size_t(T));
-        }
-        for (int r = rows; r < B; ++r) {
-            std::fill(inputs + size_t(r) * W, inputs + size_t(r + 1) * W, 0);
-            if (scored) std::fill(scored + size_t(r) * size_t(T), scored + size_t(r + 1) * size_t(T), uint8_t(0));
+            const size_t start = tail ? N - W : size_t(next_window) * size_t(T);
+            std::copy(data->tokens.begin() + long(start), data->tokens.begin() + long(start + W), inputs + rows * W);
+            for (size_t t = 0; scored && t < size_t(T); ++t)  // target t is token start + 1 + t
+                scored[size_t(rows) * size_t(T) + t] = uint8_t(!tail || start + 1 + t > size_t(n_full) * size_t(T));
         }
         return rows;
     }
@@ -5181,15 +5148,12 @@ struct EvalBatches {
 // it is, followed by <｜end▁of▁sentence｜>. Rate 0.5 in DeepSeek-Coder and Coder-V2, 0.1 in V3. The cut points
 // are character positions (UTF-8 boundaries, so no character is cut in two), chosen uniformly and sorted; the three
 // parts are tokenized separately, as a tokenizer would see them at inference time.
-struct FimSplit {
-    std::string prefix, middle, suffix;
-};
+struct FimSplit { std::string prefix, middle, suffix; };
 
 inline FimSplit fim_split(const std::string& doc, Rng& rng) {
     std::vector<size_t> boundaries;  // byte offsets where a character starts, plus the end
-    for (size_t i = 0; i < doc.size(); ++i)
-        if ((uint8_t(doc[i]) & 0xC0) != 0x80) boundaries.push_back(i);
-    boundaries.push_back(doc.size());
+    for (size_t i = 0; i <= doc.size(); ++i)
+        if (i == doc.size() || (uint8_t(doc[i]) & 0xC0) != 0x80) boundaries.push_back(i);
     size_t p = boundaries[size_t(rng.below(boundaries.size()))];
     size_t q = boundaries[size_t(rng.below(boundaries.size()))];
     if (p > q) std::swap(p, q);
@@ -5201,12 +5165,11 @@ inline void fim_encode_document(const Tokenizer& tok, const std::string& doc, do
                                 std::vector<uint32_t>& out) {
     if (rng.uniform() < rate) {
         const FimSplit s = fim_split(doc, rng);
-        out.push_back(tok.fim_begin);
-        tok.encode_append(s.prefix, out);
-        out.push_back(tok.fim_hole);
-        tok.encode_append(s.suffix, out);
-        out.push_back(tok.fim_end);
-        tok.encode_append(s.middle, out);
+        for (const auto& [special, part] : {std::pair(tok.fim_begin, &s.prefix), std::pair(tok.fim_hole, &s.suffix),
+                                            std::pair(tok.fim_end, &s.middle)}) {
+            out.push_back(special);
+            tok.encode_append(*part, out);
+        }
     } else {
         tok.encode_append(doc, out);
     }
@@ -5233,31 +5196,29 @@ inline std::vector<uint32_t> fim_encode_documents(const Tokenizer& tok, const st
 // The separator stays at the end of each piece, so concatenating the documents gives the text back.
 inline std::vector<std::string> split_documents(const std::string& text, const std::string& separator = "\n\n") {
     std::vector<std::string> docs;
-    size_t b = 0;
-    while (b < text.size()) {
-        size_t e = separator.empty() ? std::string::npos : text.find(separator, b);
+    for (size_t b = 0, e; b < text.size(); b = e) {
+        e = separator.empty() ? std::string::npos : text.find(separator, b);
         e = e == std::string::npos ? text.size() : e + separator.size();
         docs.push_back(text.substr(b, e - b));
-        b = e;
     }
     return docs;
 }
 
 // --- 11.6 Synthetic corpus with exactly known entropy ----------------------------------------------------------------
 // When training on real text nobody knows the best achievable loss. This corpus is generated by a program whose
-// probabilities we know, so we do: every line is drawn independently, and the generator makes a sequence of random
-// choices c_1, c_2, ... with known probabilities. The text is a function of the choices, and the choices can be
-// read back from the text (every sub-language below is uniquely parsable: the tag names the sub-language, numbers
-// and words end at a delimiter, answers are computed from the question). A function whose inverse exists loses no
-// information, so -log p(line) = sum of -log p(c_i) for that line's choices. A model that predicts byte by byte
-// reaches at best the true conditional distribution, whose total loss over a line is -log p(line), however the
-// choices' information is spread over the bytes. Over a long corpus of independent lines the best loss per byte is
+// probabilities we know, so we do: every line is drawn independently by a sequence of random choices c_1, c_2, ...
+// with known probabilities. The text is a function of the choices, and the choices can be read back from it (every
+// sub-language below is uniquely parsable: the tag names the sub-language, numbers and words end at a delimiter,
+// answers are computed from the question); an invertible function loses no information, so -log p(line) = sum of
+// -log p(c_i) over the line's choices. A byte-by-byte model reaches at best the true conditional distribution, whose
+// total loss over a line is -log p(line), however the information is spread over the bytes. Over a long corpus of
+// independent lines the best loss per byte is therefore
 //     E[-log p(line)] / E[bytes per line]      (nats per byte; the expectation ratio of a renewal process)
 // which entropy() computes from the generator's probabilities (in closed form, by enumeration, or for the Markov
 // language by summing a geometric series of matrix-vector products to machine precision). score() parses any text
-// of this language and returns its exact -log p: the loss of the ideal model, to compare with a trained one on
-// the same bytes. Deterministic answers (sums, copies, sorted lists) cost the ideal model nothing, so a model's
-// distance to the bound measures how well it learnt to compute them.
+// of this language and returns its exact -log p, the loss of the ideal model on the same bytes. Deterministic answers
+// (sums, copies, sorted lists) cost the ideal model nothing, so a model's distance to the bound measures how well it
+// learnt to compute them.
 //
 // Sub-languages, one per line, tagged by the first word (lines are printable ASCII):
 //   talk   a Markov "word" language: 48 pseudo-words, each followed by one of 4 successors with probabilities
@@ -5297,24 +5258,19 @@ struct SyntheticCorpus {
 
     SyntheticCorpus() {
         Rng rng(0x5EED0F5EA5EEDull);  // fixed: the language is the same for every corpus seed
-        const char* consonants = "bdfgklmnprstvz";
-        const char* vowels = "aeiou";
         while (int(words.size()) < kWords) {
-            std::string w;
-            const int syllables = 1 + int(rng.below(3));
-            for (int s = 0; s < syllables; ++s) {
-                w += consonants[rng.below(14)];
-                w += vowels[rng.below(5)];
-            }
+            std::string w;  // 1 to 3 syllables of a consonant and a vowel (a braced list is evaluated in order)
+            for (int n = 1 + int(rng.below(3)); n > 0; --n)
+                w += {"bdfgklmnprstvz"[rng.below(14)], "aeiou"[rng.below(5)]};
             if (word_index.emplace(w, uint32_t(words.size())).second) words.push_back(w);
         }
         successors.resize(kWords);
-        for (int w = 0; w < kWords; ++w) {  // 4 distinct successors: a partial Fisher-Yates shuffle
+        for (auto& next : successors) {  // 4 distinct successors: a partial Fisher-Yates shuffle
             std::vector<uint32_t> all(kWords);
-            for (int i = 0; i < kWords; ++i) all[size_t(i)] = uint32_t(i);
-            for (int k = 0; k < 4; ++k) {
-                std::swap(all[size_t(k)], all[size_t(k) + size_t(rng.below(uint64_t(kWords - k)))]);
-                successors[size_t(w)][size_t(k)] = all[size_t(k)];
+            std::iota(all.begin(), all.end(), 0u);
+            for (size_t k = 0; k < 4; ++k) {
+                std::swap(all[k], all[k + size_t(rng.below(uint64_t(kWords) - k))]);
+                next[k] = all[k];
             }
         }
     }
@@ -5325,63 +5281,43 @@ struct SyntheticCorpus {
             if (u < (acc += p[i])) return i;
         return n - 1;
     }
-    static std::string letters(Rng& rng, int n) {
-        std::string s;
-        for (int i = 0; i < n; ++i) s += char('a' + rng.below(26));
-        return s;
-    }
-
-    // One line, with its newline.
-    void append_line(Rng& rng, std::string& out) const {
-        const int kind = pick(rng, kProb, kKinds);
-        out += kNames[kind];
-        out += ' ';
-        switch (kind) {
-            case kTalk: {
-                uint32_t w = uint32_t(rng.below(kWords));
-                out += words[w];
-                while (rng.uniform() >= kStop) {
-                    w = successors[w][size_t(pick(rng, kSuccessorProb, 4))];
-                    out += ' ';
-                    out += words[w];
-                }
-                out += '.';
-                break;
-            }
-            case kMath: {
-                const int op = int(rng.below(3)), a = int(rng.below(100)), b = int(rng.below(100));
-                out += std::to_string(a) + "+-*"[op] + std::to_string(b) + "=" + std::to_string(apply(op, a, b));
-                break;
-            }
-            case kCopy:
-            case kRev: {
-                const std::string s = letters(rng, 4 + int(rng.below(9)));
-                out += s + " > " + (kind == kCopy ? s : std::string(s.rbegin(), s.rend()));
-                break;
-            }
-            case kSort: {
-                std::vector<int> v(3 + size_t(rng.below(6)));
-                for (int& x : v) x = int(rng.below(100));
-                out += join(v) + " > ";
-                std::sort(v.begin(), v.end());
-                out += join(v);
-                break;
-            }
-            case kCount: {
-                const int start = int(rng.below(90)), step = 1 + int(rng.below(4)), n = 3 + int(rng.below(6));
-                for (int i = 0; i < n; ++i) out += (i ? " " : "") + std::to_string(start + i * step);
-                break;
-            }
-        }
-        out += '\n';
-    }
     static int apply(int op, int a, int b) { return op == 0 ? a + b : op == 1 ? a - b : a * b; }
     static std::string join(const std::vector<int>& v) {
         std::string s;
         for (size_t i = 0; i < v.size(); ++i) s += (i ? " " : "") + std::to_string(v[i]);
         return s;
     }
-
+    // One line, with its newline.
+    void append_line(Rng& rng, std::string& out) const {
+        const int kind = pick(rng, kProb, kKinds);
+        out += kNames[kind] + std::string(" ");
+        if (kind == kTalk) {
+            uint32_t w = uint32_t(rng.below(kWords));
+            out += words[w];
+            while (rng.uniform() >= kStop) {
+                w = successors[w][size_t(pick(rng, kSuccessorProb, 4))];
+                out += ' ' + words[w];
+            }
+            out += '.';
+        } else if (kind == kMath) {
+            const int op = int(rng.below(3)), a = int(rng.below(100)), b = int(rng.below(100));
+            out += std::to_string(a) + "+-*"[op] + std::to_string(b) + "=" + std::to_string(apply(op, a, b));
+        } else if (kind == kCopy || kind == kRev) {
+            std::string s(4 + size_t(rng.below(9)), ' ');
+            for (char& c : s) c = char('a' + rng.below(26));
+            out += s + " > " + (kind == kCopy ? s : std::string(s.rbegin(), s.rend()));
+        } else if (kind == kSort) {
+            std::vector<int> v(3 + size_t(rng.below(6)));
+            for (int& x : v) x = int(rng.below(100));
+            out += join(v) + " > ";
+            std::sort(v.begin(), v.end());
+            out += join(v);
+        } else {  // kCount
+            const int start = int(rng.below(90)), step = 1 + int(rng.below(4)), n = 3 + int(rng.below(6));
+            for (int i = 0; i < n; ++i) out += (i ? " " : "") + std::to_string(start + i * step);
+        }
+        out += '\n';
+    }
     // Exactly n_bytes of corpus (the last line is cut short), the same for the same seed.
     std::string generate(size_t n_bytes, uint64_t seed) const {
         Rng rng(seed);
@@ -5391,33 +5327,26 @@ struct SyntheticCorpus {
         out.resize(n_bytes);
         return out;
     }
-
     // The exact -log p (nats) of every complete line of `text` under the generator (an unfinished last line is
     // ignored); *bytes_scored receives the bytes of those lines and, if given, nats_by_kind/bytes_by_kind the same
     // per sub-language. A line the generator cannot produce is an Error naming the line.
     double score(std::string_view text, int64_t* bytes_scored = nullptr, std::vector<double>* nats_by_kind = nullptr,
                  std::vector<double>* bytes_by_kind = nullptr) const {
         double total = 0;
-        int64_t scored = 0;
-        if (nats_by_kind) nats_by_kind->assign(kKinds, 0.0);
-        if (bytes_by_kind) bytes_by_kind->assign(kKinds, 0.0);
-        size_t line_no = 0;
-        for (size_t b = 0; b < text.size(); ++line_no) {
-            const size_t e = text.find('\n', b);
-            if (e == std::string_view::npos) break;
-            const std::string_view line = text.substr(b, e - b);
+        std::vector<double> nats_k(kKinds, 0.0), bytes_k(kKinds, 0.0);
+        size_t b = 0;
+        for (size_t e, line_no = 0; (e = text.find('\n', b)) != std::string_view::npos; b = e + 1, ++line_no) {
             int kind = -1;
-            const double nats = score_line(line, line_no, &kind);
+            const double nats = score_line(text.substr(b, e - b), line_no, &kind);
             total += nats;
-            scored += int64_t(line.size() + 1);
-            if (nats_by_kind) (*nats_by_kind)[size_t(kind)] += nats;
-            if (bytes_by_kind) (*bytes_by_kind)[size_t(kind)] += double(line.size() + 1);
-            b = e + 1;
+            nats_k[size_t(kind)] += nats;
+            bytes_k[size_t(kind)] += double(e - b + 1);
         }
-        if (bytes_scored) *bytes_scored = scored;
+        if (bytes_scored) *bytes_scored = int64_t(b);
+        if (nats_by_kind) *nats_by_kind = nats_k;
+        if (bytes_by_kind) *bytes_by_kind = bytes_k;
         return total;
     }
-
     // One line being scored: errors name it; number() and numbers() parse canonical decimals (no leading zeros).
     struct LineReader {
         std::string_view line;
@@ -5449,7 +5378,6 @@ struct SyntheticCorpus {
             return {body.substr(0, gt), body.substr(gt + 3)};
         }
     };
-
     // -log p of the body of each kind of line, added to `nats` (in the generator's order of choices).
     void score_talk(const LineReader& r, std::string_view body, double& nats) const {
         if (body.empty() || body.back() != '.') r.bad("expected a sentence ending with '.'");
@@ -5515,12 +5443,9 @@ struct SyntheticCorpus {
     // The exact -log p of one line (without its newline); *kind_out receives its sub-language.
     double score_line(std::string_view line, size_t line_no, int* kind_out) const {
         const LineReader r{line, line_no};
-        int kind = -1;
-        for (int k = 0; k < kKinds; ++k) {
-            const size_t n = std::strlen(kNames[k]);
-            if (line.size() > n && line.compare(0, n, kNames[k]) == 0 && line[n] == ' ') kind = k;
-        }
-        if (kind < 0) r.bad("expected a line starting with talk, math, copy, rev, sort or count");
+        const auto tagged = [&](const char* tag) { return line.rfind(std::string(tag) + ' ', 0) == 0; };
+        const int kind = int(std::find_if(kNames, kNames + kKinds, tagged) - kNames);
+        if (kind == kKinds) r.bad("expected a line starting with talk, math, copy, rev, sort or count");
         *kind_out = kind;
         const std::string_view body = line.substr(std::strlen(kNames[kind]) + 1);
         double nats = -std::log(kProb[kind]);
@@ -5543,8 +5468,8 @@ struct SyntheticCorpus {
         for (double p : kSuccessorProb) h_T -= p * std::log(p);
         nats = std::log(double(kWords)) + h_stop / q + h_T * (1 / q - 1);
         std::vector<double> p(kWords, 1.0 / kWords), next(kWords);
-        double reach = 1, len = 0;
-        for (int i = 0; reach > 1e-18; ++i, reach *= 1 - q) {
+        double len = 0;
+        for (double reach = 1; reach > 1e-18; reach *= 1 - q) {
             for (int w = 0; w < kWords; ++w) len += reach * p[size_t(w)] * double(words[size_t(w)].size() + 1);
             std::fill(next.begin(), next.end(), 0.0);
             for (int w = 0; w < kWords; ++w)
@@ -5553,41 +5478,34 @@ struct SyntheticCorpus {
         }
         bytes += len;  // each word with the ' ' or '.' after it
     }
-    // The expected -log p (without the choice of the kind) and length (with the tag and newline) of each kind.
-    void kind_entropies(double* nats, double* bytes) const {
+    // The exact expected -log p and length of a line of each kind, and the best loss per byte.
+    SyntheticEntropy entropy() const {
+        // Per kind: the expected -log p without the choice of the kind, and the length with the tag and newline.
+        double nats[kKinds], bytes[kKinds];
         auto digits = [](long v) { return double(std::to_string(v).size()); };
         for (int k = 0; k < kKinds; ++k) bytes[k] = double(std::strlen(kNames[k])) + 2;  // tag, space, newline
-        const double avg_digits_0_99 = 1.9;                                               // (10*1 + 90*2) / 100
         talk_entropy(nats[kTalk], bytes[kTalk]);
-        {  // math: enumerate the 30,000 equally likely questions for the answer's length
-            double len = 0;
-            for (int op = 0; op < 3; ++op)
-                for (int a = 0; a < 100; ++a)
-                    for (int b = 0; b < 100; ++b) len += digits(a) + digits(b) + 2 + digits(apply(op, a, b));
-            nats[kMath] = std::log(3.0) + 2 * std::log(100.0);
-            bytes[kMath] += len / 30000;
-        }
+        double len = 0;  // math: enumerate the 30,000 equally likely questions for the answer's length
+        for (int op = 0; op < 3; ++op)
+            for (int a = 0; a < 100; ++a)
+                for (int b = 0; b < 100; ++b) len += digits(a) + digits(b) + 2 + digits(apply(op, a, b));
+        nats[kMath] = std::log(3.0) + 2 * std::log(100.0);
+        bytes[kMath] += len / 30000;
         for (int k : {kCopy, kRev}) {  // length L uniform in 4..12: 2L letters and " > "
             nats[k] = std::log(9.0) + 8 * std::log(26.0);
             bytes[k] += 2 * 8 + 3;
         }
-        // sort: n uniform in 3..8 numbers, twice, with n - 1 spaces each and " > "
+        // sort: n uniform in 3..8 numbers, twice, with n - 1 spaces each and " > "; 1.9 digits on average in 0..99
         nats[kSort] = std::log(6.0) + 5.5 * std::log(100.0);
-        bytes[kSort] += 2 * (5.5 * avg_digits_0_99 + 4.5) + 3;
-        {  // count: enumerate the 90 * 4 * 6 equally likely progressions
-            double len = 0;
-            for (int s = 0; s < 90; ++s)
-                for (int d = 1; d <= 4; ++d)
-                    for (int n = 3; n <= 8; ++n)
-                        for (int i = 0; i < n; ++i) len += digits(s + i * d) + (i ? 1 : 0);
-            nats[kCount] = std::log(90.0 * 4 * 6);
-            bytes[kCount] += len / (90 * 4 * 6);
-        }
-    }
-    // The exact expected -log p and length of a line of each kind, and the best loss per byte.
-    SyntheticEntropy entropy() const {
-        double nats[kKinds], bytes[kKinds];
-        kind_entropies(nats, bytes);
+        bytes[kSort] += 2 * (5.5 * 1.9 + 4.5) + 3;
+        len = 0;  // count: enumerate the 90 * 4 * 6 equally likely progressions
+        for (int s = 0; s < 90; ++s)
+            for (int d = 1; d <= 4; ++d)
+                for (int n = 3; n <= 8; ++n)
+                    for (int i = 0; i < n; ++i) len += digits(s + i * d) + (i ? 1 : 0);
+        nats[kCount] = std::log(90.0 * 4 * 6);
+        bytes[kCount] += len / (90 * 4 * 6);
+
         SyntheticEntropy e{};
         double all_nats = 0, all_bytes = 0;
         Rng example_rng(7);
@@ -5623,15 +5541,13 @@ inline std::vector<int32_t> training_bytes(const std::string& path, std::string*
         text = read_file_bytes(what);
     } else {
         text = synthetic_corpus(size_t(1) << 20, 1);
-        char buf[160];
-        std::snprintf(buf, sizeof buf, "built-in synthetic corpus (1 MiB; best possible loss %.4f nats/byte; "
-                      "`make data` fetches Tiny Shakespeare)", synthetic_corpus_entropy_nats_per_byte());
-        what = buf;
+        what = format_printf("built-in synthetic corpus (1 MiB; best possible loss %.4f nats/byte; `make data` fetches "
+                             "Tiny Shakespeare)", synthetic_corpus_entropy_nats_per_byte());
     }
     if (text.empty()) fail("training text ", what, ": the file is empty");
     if (source) *source = what;
-    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(text.data());
-    return std::vector<int32_t>(bytes, bytes + text.size());
+    return std::vector<int32_t>(reinterpret_cast<const uint8_t*>(text.data()),
+                                reinterpret_cast<const uint8_t*>(text.data()) + text.size());
 }
 
 // =====================================================================================================================
@@ -5704,17 +5620,14 @@ struct Canvas {
             for (int x = int(cx - radius - 1); x <= int(cx + radius + 1); ++x)
                 blend(x, y, c, std::clamp(radius + 0.5 - std::hypot(x + 0.5 - cx, y + 0.5 - cy), 0.0, 1.0));
     }
-
     // ---- text -------------------------------------------------------------------------------------------------
     // stb_easy_font knows printable ASCII only; anything else is shown as '?'.
     static std::string printable(std::string s) {
         std::replace_if(s.begin(), s.end(), [](char ch) { return ch < 32 || ch > 126; }, '?');
         return s;
     }
-    static int text_width(const std::string& s, int scale) {
-        if (s.empty()) return 0;
-        std::string t = printable(s);
-        return (stb_easy_font_width(&t[0]) - 1) * scale;  // stb counts the gap after the last character
+    static int text_width(const std::string& s, int scale) {  // stb counts the gap after the last character
+        return s.empty() ? 0 : (stb_easy_font_width(&printable(s)[0]) - 1) * scale;
     }
     static int text_height(int scale) { return 7 * scale; }  // cap height; descenders reach 9 * scale
     // Text with its top-left corner at (x, y). Rotated text reads from bottom to top: it starts at (x, y) and grows
@@ -5725,11 +5638,10 @@ struct Canvas {
         std::vector<char> vertices(t.size() * 1024 + 64);
         const int quads = stb_easy_font_print(0, 0, &t[0], nullptr, vertices.data(), int(vertices.size()));
         for (int q = 0; q < quads; ++q) {
-            float v0[2], v2[2];  // opposite corners of the quad: vertices 0 and 2 (x, y, z, rgba = 16 bytes each)
-            std::memcpy(v0, &vertices[size_t(q) * 64], 8);
-            std::memcpy(v2, &vertices[size_t(q) * 64 + 32], 8);
-            const int qx0 = int(std::lround(v0[0])), qy0 = int(std::lround(v0[1]));
-            const int qx1 = int(std::lround(v2[0])), qy1 = int(std::lround(v2[1]));
+            float v[10];  // vertices of 16 bytes (x, y, z, rgba); 0 and 2 are opposite corners: v[0..1], v[8..9]
+            std::memcpy(v, &vertices[size_t(q) * 64], sizeof v);
+            const int qx0 = int(std::lround(v[0])), qy0 = int(std::lround(v[1]));
+            const int qx1 = int(std::lround(v[8])), qy1 = int(std::lround(v[9]));
             if (!rotated) fill_rect(x + qx0 * scale, y + qy0 * scale, x + qx1 * scale, y + qy1 * scale, c);
             else fill_rect(x + qy0 * scale, y - qx1 * scale, x + qy1 * scale, y - qx0 * scale, c);
         }
@@ -5744,7 +5656,6 @@ struct Canvas {
         const int w = text_width(s, scale), h = text_height(scale);
         text(x - h / 2, y + w / 2, s, c, scale, true);
     }
-
     // PNG through stb_image_write into memory, then an atomic write; errors name the path.
     void save_png(const std::string& path) const {
         std::string png;
@@ -5760,8 +5671,9 @@ struct Canvas {
 // Colours: a categorical palette for lines (the "tab10" hues) and a perceptually ordered ramp for heatmaps,
 // dark blue -> teal -> green -> yellow (anchor colours of the viridis map), linear between anchors.
 inline Rgb series_color(size_t i) {
-    static constexpr Rgb palette[10] = {{31, 119, 180}, {255, 127, 14}, {44, 160, 44},  {214, 39, 40},  {148, 103, 189},
-                                        {140, 86, 75},  {227, 119, 194}, {127, 127, 127}, {188, 189, 34}, {23, 190, 207}};
+    static constexpr Rgb palette[10] = {{31, 119, 180}, {255, 127, 14}, {44, 160, 44},  {214, 39, 40},
+                                        {148, 103, 189}, {140, 86, 75}, {227, 119, 194}, {127, 127, 127},
+                                        {188, 189, 34},  {23, 190, 207}};
     return palette[i % 10];
 }
 inline Rgb ramp_color(double t) {
@@ -5769,8 +5681,9 @@ inline Rgb ramp_color(double t) {
     t = std::clamp(std::isfinite(t) ? t : 0.0, 0.0, 1.0) * 4;
     const int i = std::min(3, int(t));
     const double f = t - i;
-    auto mix = [&](uint8_t a, uint8_t b) { return uint8_t(std::lround(a + (b - a) * f)); };
-    return {mix(anchors[i].r, anchors[i + 1].r), mix(anchors[i].g, anchors[i + 1].g), mix(anchors[i].b, anchors[i + 1].b)};
+    const Rgb a = anchors[i], b = anchors[i + 1];
+    auto mix = [&](uint8_t from, uint8_t to) { return uint8_t(std::lround(from + (to - from) * f)); };
+    return {mix(a.r, b.r), mix(a.g, b.g), mix(a.b, b.b)};
 }
 
 // About `target` round tick values (1, 2 or 5 times a power of ten apart) within [lo, hi]; *step gets the spacing.
@@ -5789,16 +5702,21 @@ inline std::vector<double> nice_ticks(double lo, double hi, int target = 6, doub
 }
 // A tick label with as many decimals as the spacing needs: 0.5 -> "0.5", 2000 -> "2000", 1e-5 -> "1e-05".
 inline std::string format_tick(double v, double step) {
-    char buf[32];
-    if (v != 0 && (std::fabs(v) >= 1e6 || std::fabs(v) < 1e-3)) std::snprintf(buf, sizeof buf, "%.3g", v);
-    else std::snprintf(buf, sizeof buf, "%.*f", std::max(0, int(std::ceil(-std::log10(step) - 1e-9))), v);
-    return buf;
+    if (v != 0 && (std::fabs(v) >= 1e6 || std::fabs(v) < 1e-3)) return format_printf("%.3g", v);
+    return format_printf("%.*f", std::max(0, int(std::ceil(-std::log10(step) - 1e-9))), v);
 }
 
 // One line of a line plot. Series with few points (at most 40, e.g. validation loss every N steps) get dots.
-struct PlotSeries {
-    std::string name;
-    std::vector<double> x, y;
+struct PlotSeries { std::string name; std::vector<double> x, y; };
+
+// Heatmap options: value range (NaN = from the data), square cells (for T x T maps), numbers in the cells
+// (-1: when they fit), a label for the colour bar, and the colour of NaN cells (masked, e.g. future positions).
+struct HeatmapOptions {
+    double vmin = NAN, vmax = NAN;
+    bool square_cells = false;
+    int annotate = -1;
+    std::string colorbar_label;
+    Rgb masked{225, 225, 225};
 };
 
 namespace plot_detail {
@@ -5828,11 +5746,7 @@ inline Ticks log_ticks(double lo, double hi, double px_per_decade) {
             }
     std::sort(kept.begin(), kept.end());
     Ticks t;
-    for (double a : kept) {
-        char buf[32];
-        std::snprintf(buf, sizeof buf, "%g", std::pow(10.0, a));
-        t.push_back({a, buf});
-    }
+    for (double a : kept) t.push_back({a, format_printf("%g", std::pow(10.0, a))});
     return t;
 }
 
@@ -5849,7 +5763,8 @@ struct LinePlot {
     LinePlot(const std::string& path, const std::vector<PlotSeries>& s, bool log) : series(s), log_y(log) {
         for (const PlotSeries& p : series) {
             if (p.x.size() != p.y.size())
-                fail("plot '", path, "': series '", p.name, "' has ", p.x.size(), " x values but ", p.y.size(), " y values");
+                fail("plot '", path, "': series '", p.name, "' has ", p.x.size(), " x values but ", p.y.size(),
+                     " y values");
             for (size_t i = 0; i < p.x.size(); ++i)
                 if (std::isfinite(p.x[i]) && std::isfinite(ty(p.y[i])))
                     x_lo = std::min(x_lo, p.x[i]), x_hi = std::max(x_hi, p.x[i]),
@@ -5872,7 +5787,6 @@ struct LinePlot {
     }
     double X(const Box& b, double x) const { return b.x0 + (x - x_lo) / (x_hi - x_lo) * (b.x1 - 1 - b.x0); }
     double Y(const Box& b, double y) const { return b.y1 - 1 - (y - y_lo) / (y_hi - y_lo) * (b.y1 - 1 - b.y0); }
-
     // Title, grid, ticks, frame and axis labels around the plot area b.
     void draw_axes(Canvas& c, const Box& b, const std::string& title, const std::string& xlabel,
                    const std::string& ylabel) const {
@@ -5897,16 +5811,14 @@ struct LinePlot {
     void draw_series(Canvas& c, const Box& b) const {
         for (size_t k = 0; k < series.size(); ++k) {
             const PlotSeries& s = series[k];
-            std::vector<double> xs(s.x.size()), ys(s.y.size());
-            size_t n_points = 0;
+            std::vector<double> xs(s.x.size()), ys(s.y.size());  // pixels; NaN where the point is skipped
             for (size_t i = 0; i < s.x.size(); ++i) {
                 const bool ok = std::isfinite(s.x[i]) && std::isfinite(ty(s.y[i]));
                 xs[i] = ok ? X(b, s.x[i]) : NAN;
                 ys[i] = ok ? Y(b, ty(s.y[i])) : NAN;
-                n_points += ok;
             }
             c.polyline(xs, ys, series_color(k), 2.0, b.x0 + 1, b.y0 + 1, b.x1 - 1, b.y1 - 1);
-            if (n_points <= 40)
+            if (std::count_if(xs.begin(), xs.end(), [](double x) { return std::isfinite(x); }) <= 40)
                 for (size_t i = 0; i < xs.size(); ++i)
                     if (std::isfinite(xs[i])) c.disc(xs[i], ys[i], 3.5, series_color(k));
         }
@@ -5959,29 +5871,6 @@ struct LinePlot {
         return c;
     }
 };
-}  // namespace plot_detail
-
-// Line plot: loss curves and the like. log_y plots y on a logarithmic axis (non-positive values are skipped). The
-// legend goes where it covers the least of the curves, or, when every corner is crowded, right of the plot area.
-inline void plot_lines(const std::string& path, const std::string& title, const std::string& xlabel,
-                       const std::string& ylabel, const std::vector<PlotSeries>& series, bool log_y = false) {
-    const plot_detail::LinePlot plot(path, series, log_y);
-    bool crowded = false;
-    Canvas c = plot.render(title, xlabel, ylabel, false, &crowded);
-    if (crowded) c = plot.render(title, xlabel, ylabel, true, nullptr);
-    c.save_png(path);
-}
-// Heatmap options: value range (NaN = from the data), square cells (for T x T maps), numbers in the cells
-// (-1: when they fit), a label for the colour bar, and the colour of NaN cells (masked, e.g. future positions).
-struct HeatmapOptions {
-    double vmin = NAN, vmax = NAN;
-    bool square_cells = false;
-    int annotate = -1;
-    std::string colorbar_label;
-    Rgb masked{225, 225, 225};
-};
-
-namespace plot_detail {
 // The smallest k of 1, 2, 4, 5, 8, 10, ... such that every k-th label (need_px) fits in k cells of cell_px.
 inline int label_every(int need_px, int cell_px) {
     for (int k : {1, 2, 4, 5, 8, 10, 16, 20, 25, 32, 50, 64, 100, 128, 200, 250, 500, 1000})
@@ -6006,20 +5895,16 @@ struct Heatmap {
     std::vector<double> bar_ticks;
     int bar_h, bar_label_w = 0, gx0, gy0, bar_x0, bar_x1, xlabel_y, W, H;
 
-    std::string label(const std::vector<std::string>& labels, int i) const {
-        return labels.empty() ? std::to_string(i) : labels[size_t(i)];
-    }
+    static std::string label(const std::vector<std::string>& l, int i) { return l.empty() ? std::to_string(i) : l[i]; }
     Heatmap(const std::vector<float>& v, int r, int c, const std::vector<std::string>& rl,
             const std::vector<std::string>& cl, const std::string& title, const HeatmapOptions& o)
         : values(v), rows(r), cols(c), row_labels(rl), col_labels(cl), opt(o), lo(o.vmin), hi(o.vmax) {
-        if (std::isnan(lo) || std::isnan(hi)) {
-            double dlo = INFINITY, dhi = -INFINITY;
-            for (float x : values)
-                if (std::isfinite(x)) dlo = std::min(dlo, double(x)), dhi = std::max(dhi, double(x));
-            if (!(dlo <= dhi)) dlo = 0, dhi = 1;
-            if (std::isnan(lo)) lo = dlo;
-            if (std::isnan(hi)) hi = dhi;
-        }
+        double dlo = INFINITY, dhi = -INFINITY;  // the data's range, for the limits not given
+        for (float x : values)
+            if (std::isfinite(x)) dlo = std::min(dlo, double(x)), dhi = std::max(dhi, double(x));
+        if (!(dlo <= dhi)) dlo = 0, dhi = 1;
+        if (std::isnan(lo)) lo = dlo;
+        if (std::isnan(hi)) hi = dhi;
         if (!(hi > lo)) hi = lo + (lo == 0 ? 1 : std::fabs(lo) * 0.01);
         cw = std::clamp(900 / cols, 2, 72), ch = std::clamp(600 / rows, 2, 64);
         if (opt.square_cells) cw = ch = std::clamp(std::min(900 / cols, 700 / rows), 2, 64);
@@ -6054,10 +5939,8 @@ struct Heatmap {
         for (size_t i = 0; i < text.size(); ++i) {
             const double v = values[i];
             if (!std::isfinite(v)) continue;
-            char buf[32];
-            std::snprintf(buf, sizeof buf, std::fabs(v) >= 100 || v == std::round(v) ? "%.0f" : "%.2g", v);
-            text[i] = buf;
-            if (Canvas::text_width(buf, 2) + 12 > cw || ch < 22) scale = 1;
+            text[i] = format_printf(std::fabs(v) >= 100 || v == std::round(v) ? "%.0f" : "%.2g", v);
+            if (Canvas::text_width(text[i], 2) + 12 > cw || ch < 22) scale = 1;
         }
         for (int r = 0; r < rows; ++r)
             for (int j = 0; j < cols; ++j) {
@@ -6106,11 +5989,22 @@ struct Heatmap {
 };
 }  // namespace plot_detail
 
+// Line plot: loss curves and the like. log_y plots y on a logarithmic axis (non-positive values are skipped). The
+// legend goes where it covers the least of the curves, or, when every corner is crowded, right of the plot area.
+inline void plot_lines(const std::string& path, const std::string& title, const std::string& xlabel,
+                       const std::string& ylabel, const std::vector<PlotSeries>& series, bool log_y = false) {
+    const plot_detail::LinePlot plot(path, series, log_y);
+    bool crowded = false;
+    Canvas c = plot.render(title, xlabel, ylabel, false, &crowded);
+    if (crowded) c = plot.render(title, xlabel, ylabel, true, nullptr);
+    c.save_png(path);
+}
 // Heatmap of values[rows, cols] (row-major): e.g. expert load with rows = layers, cols = experts. Labels may be
 // empty (then indices are shown); labels that would overlap are thinned to every k-th.
 inline void plot_heatmap(const std::string& path, const std::string& title, const std::vector<float>& values, int rows,
-                         int cols, const std::vector<std::string>& row_labels, const std::vector<std::string>& col_labels,
-                         const std::string& xlabel, const std::string& ylabel, const HeatmapOptions& opt = {}) {
+                         int cols, const std::vector<std::string>& row_labels,
+                         const std::vector<std::string>& col_labels, const std::string& xlabel,
+                         const std::string& ylabel, const HeatmapOptions& opt = {}) {
     if (rows <= 0 || cols <= 0 || values.size() != size_t(rows) * size_t(cols))
         fail("heatmap '", path, "': ", values.size(), " values, expected rows x cols = ", rows, " x ", cols);
     if (!row_labels.empty() && row_labels.size() != size_t(rows))
@@ -6128,13 +6022,8 @@ inline void plot_heatmap(const std::string& path, const std::string& title, cons
 // A token as a short printable tick label: space -> '_', newline -> "\n", other control bytes -> '?'.
 inline std::string tick_label(const std::string& token) {
     std::string s;
-    for (char ch : token) {
-        if (ch == ' ') s += '_';
-        else if (ch == '\n') s += "\\n";
-        else if (ch == '\t') s += "\\t";
-        else if (ch < 32 || ch > 126) s += '?';
-        else s += ch;
-    }
+    for (char ch : token)
+        s += ch == ' ' ? "_" : ch == '\n' ? "\\n" : ch == '\t' ? "\\t" : ch < 32 || ch > 126 ? "?" : std::string(1, ch);
     return s;
 }
 
@@ -6152,11 +6041,7 @@ inline void plot_attention(const std::string& path, const std::string& title, co
             for (int j = i + 1; j < T; ++j) v[size_t(i) * size_t(T) + size_t(j)] = NAN;
     std::vector<std::string> labels;
     for (const std::string& t : tokens) labels.push_back(tick_label(t));
-    HeatmapOptions opt;
-    opt.vmin = 0;
-    opt.square_cells = true;
-    opt.annotate = 0;
-    opt.colorbar_label = "attention weight";
+    const HeatmapOptions opt{/*vmin=*/0, /*vmax=*/NAN, /*square_cells=*/true, /*annotate=*/0, "attention weight"};
     plot_heatmap(path, title, v, T, T, labels, labels, "key (attended to)", "query (attending)", opt);
 }
 
@@ -6188,32 +6073,24 @@ struct Progress {
     static std::string format_duration(double seconds) {
         if (!std::isfinite(seconds) || seconds < 0) return "?";
         const long s = long(seconds + 0.5);
-        char buf[32];
-        if (s >= 3600) std::snprintf(buf, sizeof buf, "%ld:%02ld:%02ld", s / 3600, s / 60 % 60, s % 60);
-        else std::snprintf(buf, sizeof buf, "%ld:%02ld", s / 60, s % 60);
-        return buf;
+        if (s >= 3600) return format_printf("%ld:%02ld:%02ld", s / 3600, s / 60 % 60, s % 60);
+        return format_printf("%ld:%02ld", s / 60, s % 60);
     }
     static std::string format_rate(double per_second) {
-        char buf[32];
-        if (per_second >= 1e6) std::snprintf(buf, sizeof buf, "%.2fM", per_second / 1e6);
-        else if (per_second >= 1e3) std::snprintf(buf, sizeof buf, "%.1fk", per_second / 1e3);
-        else std::snprintf(buf, sizeof buf, "%.0f", per_second);
-        return buf;
+        if (per_second >= 1e6) return format_printf("%.2fM", per_second / 1e6);
+        if (per_second >= 1e3) return format_printf("%.1fk", per_second / 1e3);
+        return format_printf("%.0f", per_second);
     }
     static std::string format_value(double v) {
-        char buf[32];
         const double a = std::fabs(v);
-        std::snprintf(buf, sizeof buf, v == 0 ? "0" : (a >= 1e5 || a < 1e-2) ? "%.2e" : "%.4f", v);
-        return buf;
+        return format_printf(v == 0 ? "0" : (a >= 1e5 || a < 1e-2) ? "%.2e" : "%.4f", v);
     }
     // The line itself (pure, for tests): step of total, the metric, extras, units/s, elapsed, ETA. `counted`: the
     // units (tokens) processed by this process, over elapsed_s.
     std::string format_line(int64_t step, double value, int64_t counted, double elapsed_s,
                             const std::vector<std::pair<std::string, double>>& extra = {}) const {
-        char buf[96];
-        std::snprintf(buf, sizeof buf, "step %lld/%lld (%.1f%%)", (long long)step, (long long)total_steps,
-                      total_steps > 0 ? 100.0 * double(step) / double(total_steps) : 0.0);
-        std::string s = label + buf;
+        std::string s = label + format_printf("step %lld/%lld (%.1f%%)", (long long)step, (long long)total_steps,
+                                              total_steps > 0 ? 100.0 * double(step) / double(total_steps) : 0.0);
         s += " | " + metric + " " + format_value(value);  // NaN and inf show as such: a diverged run is visible
         for (const auto& [name, v] : extra) s += " | " + name + " " + format_value(v);
         if (counted > 0 && elapsed_s > 0) s += " | " + format_rate(double(counted) / elapsed_s) + " " + unit + "/s";
@@ -6223,7 +6100,6 @@ struct Progress {
             s += " | ETA " + format_duration(elapsed_s / double(done) * double(total_steps - step));
         return s;
     }
-
     // Call after step `step` (1-based, counted from the start of the whole run) with the metric and the number of
     // units processed by this process so far.
     void update(int64_t step, double value, int64_t counted_so_far = 0,
@@ -6231,19 +6107,14 @@ struct Progress {
         const Clock::time_point now = Clock::now();
         const double since_print = std::chrono::duration<double>(now - last_print).count();
         const bool last = step >= total_steps;
-        const bool due = tty ? (since_print >= 0.1 || last || !printed_any)
-                             : (last || !printed_any || step % every_steps == 0 || since_print >= every_seconds);
-        if (!due) return;
+        const bool due = tty ? since_print >= 0.1 : step % every_steps == 0 || since_print >= every_seconds;
+        if (!due && !last && printed_any) return;
         const std::string line =
             format_line(step, value, counted_so_far, std::chrono::duration<double>(now - start).count(), extra);
-        if (tty) {
-            std::fprintf(out, "\r%s", line.c_str());
-            for (size_t i = line.size(); i < last_len; ++i) std::fputc(' ', out);  // erase a longer previous line
-            if (last) std::fputc('\n', out);
-            line_open = !last;
-        } else {
-            std::fprintf(out, "%s\n", line.c_str());
-        }
+        // In a terminal, '\r' goes back to the start of the line, and spaces erase the rest of a longer line before.
+        const int erase = tty && last_len > line.size() ? int(last_len - line.size()) : 0;
+        std::fprintf(out, "%s%s%*s%s", tty ? "\r" : "", line.c_str(), erase, "", tty && !last ? "" : "\n");
+        line_open = tty && !last;
         std::fflush(out);
         last_len = line.size();
         last_print = now;
