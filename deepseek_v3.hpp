@@ -6301,21 +6301,17 @@ struct Progress {
 // =====================================================================================================================
 // 13. CHECKPOINT I/O: the training checkpoint, JSON, safetensors, config.json, Hugging Face directories, .npy
 // =====================================================================================================================
-// A Hugging Face model directory, the format DeepSeek publishes V3 in, holds two kinds of files:
-//
-//     config.json                     the architecture, as JSON (section 13.4 maps it to dsv3::Config)
-//     model.safetensors               the weights: a JSON header naming every tensor, then the raw bytes (13.3)
-//       or model.safetensors.index.json + model-00001-of-00163.safetensors ...   (sharded: {"weight_map": {name: file}})
-//
-// Tensor names are the Hugging Face names our ParamLayout already carries ("model.layers.3.self_attn.kv_b_proj.weight"),
-// so loading is: read config.json, build the model, copy every tensor into its slot of the flat parameter buffer,
-// converting BF16/F16/FP8 to float32 on the way. Everything read from a file is validated before it is used: a
-// corrupt or hostile file produces a dsv3::Error naming the file, the tensor and what was expected, never a crash.
-//
-// Contents: 13.1 the project's own training checkpoint; 13.2 a minimal JSON reader/writer; 13.3 safetensors;
+// A Hugging Face model directory, the format DeepSeek publishes V3 in, holds config.json (the architecture: 13.4 maps
+// it to dsv3::Config) and the weights (13.3): model.safetensors, a JSON header naming every tensor and then the raw
+// bytes, or shards model-00001-of-00163.safetensors ... listed by model.safetensors.index.json ({"weight_map":
+// {name: file}}). Tensor names are the Hugging Face names ParamLayout carries ("model.layers.3.mlp.gate.weight"), so
+// loading is: read config.json, build the model, copy every tensor into its slot of the flat parameter buffer,
+// converting BF16/F16/FP8 to float32. Everything read from a file is validated before it is used: a corrupt or
+// hostile file produces a dsv3::Error naming the file, the tensor and what was expected, never a crash.
+// Contents: 13.1 the project's own training checkpoint and log; 13.2 a minimal JSON reader/writer; 13.3 safetensors;
 // 13.4 config.json <-> Config; 13.5 Model <-> directory (save_hf, load_hf, with DeepSeek's FP8 block-scaled weights
 // and the MTP module's copies); 13.6 .npy files and the forward pass the way transformers computes logits and loss
-// (used by examples/hf_logits.cpp and the reference tests).
+// (examples/hf_logits.cpp, the reference tests).
 
 namespace io_detail {
 inline File open_file(const std::string& path, const char* what) {
@@ -6341,6 +6337,9 @@ inline bool file_exists(const std::string& path) {
     return std::filesystem::is_regular_file(path, ec);
 }
 inline bool starts_with(const std::string& s, const std::string& p) { return s.compare(0, p.size(), p) == 0; }
+inline int64_t numel(const std::vector<int64_t>& shape) {
+    return std::accumulate(shape.begin(), shape.end(), int64_t(1), std::multiplies<>());
+}
 inline std::string shape_str(const std::vector<int64_t>& shape) {
     std::string s = "[";
     for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
@@ -6357,7 +6356,8 @@ inline std::string name_list(const std::vector<std::string>& names, size_t show 
 
 // --- 13.1 checkpoints ------------------------------------------------------------------------------------------------
 // A training checkpoint holds everything a resumed run needs to continue bit for bit: the config, the step, the
-// parameters (the routing bias included) and AdamW's moments. Text header, then raw little-endian float32:
+// parameters (the routing bias included) and AdamW's moments. Text header, then raw little-endian float32, written to
+// "<path>.tmp" and renamed over <path> only when complete, so that a crash never leaves a torn file:
 //     dsv3-checkpoint 1
 //     <Config::to_text() lines>
 //     step=<optimizer steps taken>
@@ -6365,19 +6365,15 @@ inline std::string name_list(const std::vector<std::string>& names, size_t show 
 //     floats=<parameter count>
 //     end
 //     params[floats] m[floats] v[floats]
-// It is written to "<path>.tmp" and renamed over <path> only when complete, so a crash never leaves a torn file.
-//
 // RunInfo: what a run records beside the weights, so that a later program needs nothing but the checkpoint:
-// build/train writes the flags it was started with (run.arg, one word each, in order: --resume continues with
-// them), its data, the tokenizer file, and a prompt that fits its corpus (build/generate's default). Keys may
-// repeat; values are stored escaped (escape_bytes), one line each.
+// build/train writes its flags (run.arg, one word each, in order: --resume continues with them), its data, the
+// tokenizer file and a prompt that fits its corpus (build/generate's default). Keys may repeat; values are escaped.
 struct RunInfo {
     std::vector<std::pair<std::string, std::string>> entries;
     void add(const std::string& key, const std::string& value) { entries.emplace_back(key, value); }
     std::string get(const std::string& key, const std::string& otherwise = "") const {  // the last value of key
-        for (auto e = entries.rbegin(); e != entries.rend(); ++e)
-            if (e->first == key) return e->second;
-        return otherwise;
+        const auto e = std::find_if(entries.rbegin(), entries.rend(), [&](const auto& kv) { return kv.first == key; });
+        return e == entries.rend() ? otherwise : e->second;
     }
     std::vector<std::string> all(const std::string& key) const {
         std::vector<std::string> out;
@@ -6398,13 +6394,12 @@ inline void save_checkpoint(const std::string& path, const Model& model, const A
     header << "floats=" << model.params.size() << "\nend\n";
     const std::string h = header.str();
     const size_t n = model.params.size();
-    const std::vector<float> params = backend::download(model.params);  // a copy in host memory
-    std::vector<float> m = backend::download(opt.m), v = backend::download(opt.v);
-    if (m.size() != n) m.assign(n, 0.0f);
-    if (v.size() != n) v.assign(n, 0.0f);
+    std::vector<float> arrays[] = {backend::download(model.params), backend::download(opt.m), backend::download(opt.v)};
+    for (std::vector<float>& a : arrays)  // copies in host memory; an optimizer that never stepped has no moments
+        if (a.size() != n) a.assign(n, 0.0f);
     write_file_atomic_stream(path, "checkpoint", [&](FILE* f) {
-        return write_bytes(f, h.data(), h.size()) && write_bytes(f, params.data(), 4 * n) &&
-               write_bytes(f, m.data(), 4 * n) && write_bytes(f, v.data(), 4 * n);
+        auto write = [&](const std::vector<float>& a) { return write_bytes(f, a.data(), 4 * n); };
+        return write_bytes(f, h.data(), h.size()) && std::all_of(std::begin(arrays), std::end(arrays), write);
     });
 }
 // Reads the config a checkpoint was saved with (and its step, header size and RunInfo, where asked), and checks what
@@ -6439,10 +6434,8 @@ inline Config read_checkpoint_config(const std::string& path, int* step = nullpt
         const std::string name = line.substr(0, eq), value = line.substr(eq + 1);
         if (name == "step") steps = parse_int(value, where + ": step", 0, INT_MAX);
         else if (name == "floats") floats = parse_int(value, where + ": floats", 0, LLONG_MAX);
-        else if (io_detail::starts_with(name, "run.")) {
-            if (run) run->add(name.substr(4), unescape_bytes(value, where + ": header line " + name));
-        }
-        else c.set(name, value, where);
+        else if (!io_detail::starts_with(name, "run.")) c.set(name, value, where);
+        else if (run) run->add(name.substr(4), unescape_bytes(value, where + ": header line " + name));
     }
     if (steps < 0) fail(where, ": header has no step= line");
     if (floats < 0) fail(where, ": header has no floats= line");
@@ -6635,6 +6628,9 @@ inline void append_utf8(std::string& out, uint32_t cp) {
     for (int i = n - 2; i >= 0; --i) out += char(0x80 | ((cp >> (6 * i)) & 0x3F));
 }
 
+// JSON's two-character escapes: \" \\ \/ \b \f \n \r \t stand for the characters of json_unescaped.
+inline constexpr char json_escapes[] = "\"\\/bfnrt", json_unescaped[] = "\"\\/\b\f\n\r\t";
+
 // Recursive descent over the JSON grammar. `base` is added to reported offsets (the safetensors header starts at
 // byte 8 of its file, so errors give offsets in the file).
 class JsonParser {
@@ -6665,12 +6661,9 @@ class JsonParser {
         std::snprintf(buf, sizeof buf, "byte 0x%02X", c);
         return buf;
     }
-    [[noreturn]] void error(const char* expected) const {
+    [[noreturn]] void error(const char* expected, size_t at = SIZE_MAX) {  // at pos_, or at `at`
+        if (at != SIZE_MAX) pos_ = at;
         fail(source_, ": invalid JSON at byte ", base_ + pos_, ": expected ", expected, ", found ", found());
-    }
-    [[noreturn]] void error_at(size_t pos, const char* expected) {
-        pos_ = pos;
-        error(expected);
     }
     void skip_ws() {
         while (pos_ < n_ && (p_[pos_] == ' ' || p_[pos_] == '\t' || p_[pos_] == '\n' || p_[pos_] == '\r')) ++pos_;
@@ -6740,17 +6733,16 @@ class JsonParser {
     // After "\u": 4 hex digits, or a UTF-16 surrogate pair for a character beyond U+FFFF: \uD83D\uDE00.
     uint32_t code_point() {
         const uint32_t cp = hex4();
-        if (cp >= 0xDC00 && cp <= 0xDFFF) error_at(pos_ - 6, "a character, not a lone low surrogate");
+        if (cp >= 0xDC00 && cp <= 0xDFFF) error("a character, not a lone low surrogate", pos_ - 6);
         if (cp < 0xD800 || cp > 0xDBFF) return cp;
         if (!(at('\\') && pos_ + 1 < n_ && p_[pos_ + 1] == 'u'))
             error("a low surrogate \\uDC00-\\uDFFF after a high surrogate");
         pos_ += 2;
         const uint32_t low = hex4();
-        if (low < 0xDC00 || low > 0xDFFF) error_at(pos_ - 6, "a low surrogate \\uDC00-\\uDFFF after a high surrogate");
+        if (low < 0xDC00 || low > 0xDFFF) error("a low surrogate \\uDC00-\\uDFFF after a high surrogate", pos_ - 6);
         return 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00);
     }
     std::string string() {
-        static const char escapes[] = "\"\\/bfnrt", decoded[] = "\"\\/\b\f\n\r\t";
         ++pos_;  // opening quote
         std::string out;
         while (true) {
@@ -6762,9 +6754,9 @@ class JsonParser {
             if (c != '\\') { out += char(c); continue; }
             if (pos_ >= n_) error("an escape character");
             const char e = p_[pos_++];
-            const char* k = e ? std::strchr(escapes, e) : nullptr;
+            const char* k = e ? std::strchr(json_escapes, e) : nullptr;
             if (e == 'u') append_utf8(out, code_point());
-            else if (k) out += decoded[k - escapes];
+            else if (k) out += json_unescaped[k - json_escapes];
             else --pos_, error("one of \\\" \\\\ \\/ \\b \\f \\n \\r \\t \\u after a backslash");
         }
     }
@@ -6782,24 +6774,31 @@ class JsonParser {
         const bool exponent = eat('e') || eat('E');
         if (exponent && !eat('+')) eat('-');
         if (exponent && !digits()) error("a digit in the exponent");
-        const bool integral = !fraction && !exponent;
         const std::string text(p_ + start, pos_ - start);
         Json j = Json::of_double(std::strtod(text.c_str(), nullptr));  // the C locale (programs do not call setlocale)
-        if (!std::isfinite(j.number)) error_at(start, "a number within the range of a double");
+        if (!std::isfinite(j.number)) error("a number within the range of a double", start);
         // an integer literal also keeps its exact value when it fits int64_t (offsets and shapes must be exact)
-        j.is_integer = integral && std::from_chars(text.data(), text.data() + text.size(), j.integer).ec == std::errc();
+        j.is_integer = !fraction && !exponent && std::from_chars(text.data(), text.data() + text.size(), j.integer).ec == std::errc();
         return j;
     }
 };
+// Builders for the writers: an array of integers; members appended to an object, in order.
+inline Json json_ints(const std::vector<int64_t>& values) {
+    Json array = Json::new_array();
+    for (int64_t v : values) array.push(Json::of_int(v));
+    return array;
+}
+inline void add_members(Json& object, std::initializer_list<std::pair<const char*, Json>> members) {
+    for (const auto& [key, value] : members) object.add(key, value);
+}
 inline void write_json_string(std::string& out, const std::string& s) {
     out += '"';
     for (const char ch : s) {
         const unsigned char c = static_cast<unsigned char>(ch);
-        const char* e = c == '"' ? "\\\"" : c == '\\' ? "\\\\" : c == '\n' ? "\\n" : c == '\r' ? "\\r" : c == '\t' ? "\\t"
-                      : c == '\b' ? "\\b" : c == '\f' ? "\\f" : nullptr;
+        const char* k = c && c != '/' ? std::strchr(json_unescaped, c) : nullptr;  // '/' needs no escape
         char buf[8];
-        if (!e && c < 0x20) std::snprintf(buf, sizeof buf, "\\u%04X", c), e = buf;
-        if (e) out += e;
+        if (k) out += {'\\', json_escapes[k - json_unescaped]};
+        else if (c < 0x20) out.append(buf, size_t(std::snprintf(buf, sizeof buf, "\\u%04X", c)));
         else out += char(c);  // UTF-8 passes through unchanged
     }
     out += '"';
@@ -6807,15 +6806,12 @@ inline void write_json_string(std::string& out, const std::string& s) {
 inline void write_json_number(std::string& out, const Json& j) {
     if (j.is_integer) { out += std::to_string(j.integer); return; }
     if (!std::isfinite(j.number)) fail("JSON writer: ", j.number, " cannot be written (JSON has no NaN or infinity)");
+    // Integral doubles stay recognisable as floats for Python (40.0, not 40 or 4e+01): types survive a round trip.
+    // Other numbers: the shortest text that reads back as the same double.
+    const bool integral = std::floor(j.number) == j.number && std::fabs(j.number) < 1e15;
     char buf[40];
-    if (std::floor(j.number) == j.number && std::fabs(j.number) < 1e15) {
-        // Integral doubles stay recognisable as floats for Python (40.0, not 40 or 4e+01): types survive a round trip.
-        std::snprintf(buf, sizeof buf, "%.1f", j.number);
-        out += buf;
-        return;
-    }
-    for (int precision = 1; precision <= 17; ++precision) {  // the shortest text that reads back as the same double
-        std::snprintf(buf, sizeof buf, "%.*g", precision, j.number);
+    for (int precision = 1; precision <= 17; ++precision) {
+        std::snprintf(buf, sizeof buf, integral ? "%.*f" : "%.*g", integral ? 1 : precision, j.number);
         if (std::strtod(buf, nullptr) == j.number) break;
     }
     out += buf;
@@ -6898,34 +6894,27 @@ inline bool dtype_from_name(const std::string& name, DType* out) {
 }
 inline bool dtype_is_fp8(DType d) { return d == DType::F8_E4M3 || d == DType::F8_E5M2; }
 
-// bytes (little-endian, `dtype`) -> float32, and back. Every format here converts to float32 exactly; float32 to
-// BF16, F16 or FP8 rounds to nearest even (FP8 saturates at its largest finite value).
-inline float decode_value(DType dtype, const uint8_t* b) {
-    const uint32_t u = uint32_t(load_le(b, dtype_size(dtype)));
-    switch (dtype) {
-        case DType::BF16: return bf16_bits_to_float(uint16_t(u));
-        case DType::F16: return f16_bits_to_float(uint16_t(u));
-        case DType::F8_E4M3: return fp8_e4m3_decode(uint8_t(u));
-        case DType::F8_E5M2: return fp8_e5m2_decode(uint8_t(u));
-        default: { float f; std::memcpy(&f, &u, 4); return f; }
-    }
-}
-inline void encode_value(DType dtype, float x, uint8_t* out) {
-    uint32_t u = 0;
-    switch (dtype) {
-        case DType::BF16: u = float_to_bf16_bits(x); break;
-        case DType::F16: u = float_to_f16_bits(x); break;
-        case DType::F8_E4M3: u = fp8_e4m3_encode(x); break;
-        case DType::F8_E5M2: u = fp8_e5m2_encode(x); break;
-        default: std::memcpy(&u, &x, 4);
-    }
-    store_le(out, u, dtype_size(dtype));
-}
+// n values: bytes (little-endian, `dtype`) -> float32, and back. Every format here converts to float32 exactly;
+// float32 to BF16, F16 or FP8 rounds to nearest even (FP8 saturates at its largest finite value).
 inline void decode_to_float(DType dtype, const uint8_t* b, int64_t n, float* out) {
-    for (int64_t i = 0; i < n; ++i) out[i] = decode_value(dtype, b + i * dtype_size(dtype));
+    const int size = dtype_size(dtype);
+    for (int64_t i = 0; i < n; ++i) {
+        const uint32_t u = uint32_t(load_le(b + i * size, size));
+        out[i] = dtype == DType::BF16      ? bf16_bits_to_float(uint16_t(u))
+                 : dtype == DType::F16     ? f16_bits_to_float(uint16_t(u))
+                 : dtype == DType::F8_E4M3 ? fp8_e4m3_decode(uint8_t(u))
+                 : dtype == DType::F8_E5M2 ? fp8_e5m2_decode(uint8_t(u)) : fp8_detail::float_of(u);
+    }
 }
 inline void encode_from_float(DType dtype, const float* x, int64_t n, uint8_t* out) {
-    for (int64_t i = 0; i < n; ++i) encode_value(dtype, x[i], out + i * dtype_size(dtype));
+    const int size = dtype_size(dtype);
+    for (int64_t i = 0; i < n; ++i) {
+        const uint32_t u = dtype == DType::BF16      ? float_to_bf16_bits(x[i])
+                           : dtype == DType::F16     ? float_to_f16_bits(x[i])
+                           : dtype == DType::F8_E4M3 ? fp8_e4m3_encode(x[i])
+                           : dtype == DType::F8_E5M2 ? fp8_e5m2_encode(x[i]) : fp8_detail::bits_of(x[i]);
+        store_le(out + i * size, u, size);
+    }
 }
 
 struct TensorInfo {
@@ -7055,27 +7044,20 @@ struct SafetensorsFile {
                  t.end - t.begin);
         return t;
     }
-    // Overlaps: sort the ranges by start; each must begin at or after the furthest end seen so far.
+    // Overlaps: sorted by start, each range that is not empty must begin at or after the end of the one before.
     void check_overlaps() {
-        std::vector<size_t> order(tensors.size());
-        std::iota(order.begin(), order.end(), size_t(0));
-        std::sort(order.begin(), order.end(), [&](size_t a, size_t b) {
-            return std::make_pair(tensors[a].begin, tensors[a].end) < std::make_pair(tensors[b].begin, tensors[b].end);
-        });
-        uint64_t covered = 0, furthest = 0;
-        size_t furthest_tensor = 0;
-        for (size_t i : order) {
-            const TensorInfo& t = tensors[i];
-            if (t.begin == t.end) continue;  // empty tensors occupy no bytes
-            if (t.begin < furthest) {
-                const TensorInfo& o = tensors[furthest_tensor];
-                fail(path, ": tensors \"", o.name, "\" [", o.begin, ", ", o.end, ") and \"", t.name, "\" [", t.begin, ", ",
-                     t.end, ") overlap in the data section");
-            }
-            covered += t.end - t.begin;
-            furthest = t.end, furthest_tensor = i;
-        }
-        uncovered_bytes = file_size - data_start - covered;
+        std::vector<const TensorInfo*> order;
+        for (const TensorInfo& t : tensors) order.push_back(&t);
+        std::sort(order.begin(), order.end(),
+                  [](auto a, auto b) { return std::tie(a->begin, a->end) < std::tie(b->begin, b->end); });
+        auto empty = [](const TensorInfo* t) { return t->begin == t->end; };  // empty tensors occupy no bytes
+        order.erase(std::remove_if(order.begin(), order.end(), empty), order.end());
+        const auto o = std::adjacent_find(order.begin(), order.end(), [](auto a, auto b) { return b->begin < a->end; });
+        if (o != order.end())
+            fail(path, ": tensors \"", o[0]->name, "\" [", o[0]->begin, ", ", o[0]->end, ") and \"", o[1]->name, "\" [",
+                 o[1]->begin, ", ", o[1]->end, ") overlap in the data section");
+        uncovered_bytes = file_size - data_start;
+        for (const TensorInfo* t : order) uncovered_bytes -= t->end - t->begin;
     }
 };
 // One tensor to write: `data` holds numel float32 values, stored as `dtype` (F32 or BF16 are the usual choices; F16
@@ -7097,24 +7079,17 @@ inline void write_safetensors(const std::string& path, const std::vector<TensorT
         for (const auto& kv : metadata) m.add(kv.first, Json::of_string(kv.second));
     }
     std::unordered_set<std::string> names;
-    uint64_t offset = 0;
+    int64_t offset = 0;
     for (const TensorToWrite& t : tensors) {
+        const std::string where = "safetensors " + path + ": tensor \"" + t.name + "\"";
         if (t.name.empty() || t.name == "__metadata__" || !names.insert(t.name).second)
             fail("safetensors ", path, ": tensor name \"", t.name, "\" is empty, reserved or repeated");
-        int64_t numel = 1;
-        Json& entry = header.add(t.name, Json::new_object());
-        entry.add("dtype", Json::of_string(dtype_name(t.dtype)));
-        Json& shape = entry.add("shape", Json::new_array());
-        for (int64_t d : t.shape) {
-            if (d < 0) fail("safetensors ", path, ": tensor \"", t.name, "\": negative dimension in ", io_detail::shape_str(t.shape));
-            shape.push(Json::of_int(d));
-            numel *= d;
-        }
-        if (numel > 0 && !t.data) fail("safetensors ", path, ": tensor \"", t.name, "\": no data");
-        const uint64_t bytes = uint64_t(numel) * uint64_t(dtype_size(t.dtype));
-        Json& offsets = entry.add("data_offsets", Json::new_array());
-        offsets.push(Json::of_int(int64_t(offset)));
-        offsets.push(Json::of_int(int64_t(offset + bytes)));
+        if (std::any_of(t.shape.begin(), t.shape.end(), [](int64_t d) { return d < 0; }))
+            fail(where, ": negative dimension in ", io_detail::shape_str(t.shape));
+        if (io_detail::numel(t.shape) > 0 && !t.data) fail(where, ": no data");
+        const int64_t bytes = io_detail::numel(t.shape) * dtype_size(t.dtype);
+        io_detail::add_members(header.add(t.name, Json::new_object()), {{"dtype", Json::of_string(dtype_name(t.dtype))},
+            {"shape", io_detail::json_ints(t.shape)}, {"data_offsets", io_detail::json_ints({offset, offset + bytes})}});
         offset += bytes;
     }
     std::string text = json_dump(header);
@@ -7125,9 +7100,7 @@ inline void write_safetensors(const std::string& path, const std::vector<TensorT
         if (!write_bytes(f, len, 8) || !write_bytes(f, text.data(), text.size())) return false;
         std::vector<uint8_t> buf;
         for (const TensorToWrite& t : tensors) {
-            int64_t numel = 1;
-            for (int64_t d : t.shape) numel *= d;
-            const int64_t chunk = int64_t(1) << 20;  // encode in chunks: no full-size copy of a large tensor
+            const int64_t numel = io_detail::numel(t.shape), chunk = int64_t(1) << 20;  // no full-size copy of a tensor
             for (int64_t i = 0; i < numel; i += chunk) {
                 const int64_t n = std::min(chunk, numel - i);
                 buf.resize(size_t(n) * size_t(dtype_size(t.dtype)));
@@ -7226,6 +7199,16 @@ struct HfConfigInfo {
     HfQuantization quant;
     std::vector<std::string> notes;     // where transformers' forward will differ for this file, and other remarks
 };
+// transformers' DeepseekV3Config defaults, i.e. what an absent key means.
+inline Config hf_config_defaults() {
+    Config c = Config::v3_671b();
+    c.max_seq_len = 4096;                      // max_position_embeddings
+    c.rope_factor = 1.0f;                      // no rope_scaling: plain RoPE
+    c.mscale = 1.0f;
+    c.n_mtp_depth = 0;                         // transformers has no MTP; DeepSeek's files say 1
+    c.init_std = 0.02f;                        // initializer_range
+    return c;
+}
 
 namespace io_detail {
 // Config field -> config.json key. The table maps the fields read and written one to one; with `any`, also the
@@ -7283,20 +7266,7 @@ inline Json to_json(const std::string& v) { return Json::of_string(v); }
 
 // YaRN's attention-scale function: m(s, c) = 0.1·c·ln(s) + 1 (1 when s <= 1).
 inline double yarn_mscale(double s, double c) { return s <= 1 ? 1.0 : 0.1 * c * std::log(s) + 1.0; }
-}  // namespace io_detail
 
-// transformers' DeepseekV3Config defaults, i.e. what an absent key means.
-inline Config hf_config_defaults() {
-    Config c = Config::v3_671b();
-    c.max_seq_len = 4096;                      // max_position_embeddings
-    c.rope_factor = 1.0f;                      // no rope_scaling: plain RoPE
-    c.mscale = 1.0f;
-    c.n_mtp_depth = 0;                         // transformers has no MTP; DeepSeek's files say 1
-    c.init_std = 0.02f;                        // initializer_range
-    return c;
-}
-
-namespace io_detail {
 // Reads o[key] into `out` if present: true if it was. A null value counts as absent only with null_is_absent (rope and
 // quantization fields); elsewhere null is an error, "expected an integer in [...], found null". Errors show the key
 // as `name`.
@@ -7475,33 +7445,21 @@ inline Json config_to_hf_json(const Config& c, const std::string& torch_dtype = 
     c.visit([&](const char* field, const auto& value) {
         if (const char* key = io_detail::hf_key_of(field)) j.add(key, io_detail::to_json(value));
     });
-    j.add("q_lora_rank", c.q_lora_rank > 0 ? Json::of_int(c.q_lora_rank) : Json{});
-    j.add("rope_theta", Json::of_float(c.rope_theta));
-    if (c.yarn_active()) {
-        Json& r = j.add("rope_scaling", Json::new_object());
-        r.add("type", Json::of_string("yarn"));
-        r.add("rope_type", Json::of_string("yarn"));
-        r.add("factor", Json::of_float(c.rope_factor));
-        r.add("original_max_position_embeddings", Json::of_int(c.original_seq_len));
-        r.add("beta_fast", Json::of_float(c.beta_fast));
-        r.add("beta_slow", Json::of_float(c.beta_slow));
-        // mscale == mscale_all_dim makes transformers' cos/sin factor 1, as in our RoPE (see the reader above).
-        r.add("mscale", Json::of_float(c.mscale));
-        r.add("mscale_all_dim", Json::of_float(c.mscale));
-        if (c.mscale == 0.0f) r.add("attention_factor", Json::of_double(1.0));
-    } else {
-        j.add("rope_scaling", Json{});
-    }
-    j.add("num_key_value_heads", Json::of_int(c.n_heads));
-    j.add("hidden_act", Json::of_string("silu"));
-    j.add("attention_bias", Json::of_bool(false));
-    j.add("attention_dropout", Json::of_double(0.0));
-    j.add("rope_interleave", Json::of_bool(true));
-    j.add("tie_word_embeddings", Json::of_bool(false));
-    j.add("topk_method", Json::of_string(c.score_func == "sigmoid" ? "noaux_tc"
-                                          : c.n_expert_groups > 1 ? "group_limited_greedy" : "greedy"));
-    j.add("use_cache", Json::of_bool(true));
-    j.add("torch_dtype", Json::of_string(torch_dtype));
+    // mscale == mscale_all_dim makes transformers' cos/sin factor 1, as in our RoPE (see the reader above).
+    Json yarn = Json::new_object();
+    io_detail::add_members(yarn, {{"type", Json::of_string("yarn")}, {"rope_type", Json::of_string("yarn")},
+        {"factor", Json::of_float(c.rope_factor)}, {"original_max_position_embeddings", Json::of_int(c.original_seq_len)},
+        {"beta_fast", Json::of_float(c.beta_fast)}, {"beta_slow", Json::of_float(c.beta_slow)},
+        {"mscale", Json::of_float(c.mscale)}, {"mscale_all_dim", Json::of_float(c.mscale)}});
+    if (c.mscale == 0.0f) yarn.add("attention_factor", Json::of_double(1.0));
+    const char* topk = c.score_func == "sigmoid" ? "noaux_tc" : c.n_expert_groups > 1 ? "group_limited_greedy" : "greedy";
+    io_detail::add_members(j, {{"q_lora_rank", c.q_lora_rank > 0 ? Json::of_int(c.q_lora_rank) : Json{}},
+        {"rope_theta", Json::of_float(c.rope_theta)}, {"rope_scaling", c.yarn_active() ? yarn : Json{}},
+        {"num_key_value_heads", Json::of_int(c.n_heads)}, {"hidden_act", Json::of_string("silu")},
+        {"attention_bias", Json::of_bool(false)}, {"attention_dropout", Json::of_double(0.0)},
+        {"rope_interleave", Json::of_bool(true)}, {"tie_word_embeddings", Json::of_bool(false)},
+        {"topk_method", Json::of_string(topk)}, {"use_cache", Json::of_bool(true)},
+        {"torch_dtype", Json::of_string(torch_dtype)}});
     return j;
 }
 
