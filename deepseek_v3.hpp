@@ -6382,7 +6382,6 @@ struct RunInfo {
         return out;
     }
 };
-
 inline void save_checkpoint(const std::string& path, const Model& model, const AdamW& opt, const RunInfo& run = {}) {
     std::ostringstream header;
     header << "dsv3-checkpoint 1\n" << model.cfg.to_text() << "step=" << opt.step << "\n";
@@ -6403,10 +6402,9 @@ inline void save_checkpoint(const std::string& path, const Model& model, const A
     });
 }
 // Reads the config a checkpoint was saved with (and its step, header size and RunInfo, where asked), and checks what
-// the file declares against what it holds before anything is allocated: floats= must be the config's parameter
-// count, the file exactly the header and three arrays of floats (compared overflow-free: the count is divided into
-// the size, never multiplied), and a model of that size must fit in memory. So `Model(read_checkpoint_config(path))`
-// never builds a model a bad file cannot fill.
+// the file declares against what it holds before anything is allocated: floats= must be the config's parameter count,
+// the file exactly the header and three arrays of floats (the count divides the size, never multiplies it: no
+// overflow), a model of that size must fit in memory. `Model(read_checkpoint_config(path))` is one the file fills.
 inline Config read_checkpoint_config(const std::string& path, int* step = nullptr, size_t* header_bytes = nullptr,
                                      RunInfo* run = nullptr) {
     const io_detail::File f = io_detail::open_file(path, "checkpoint");
@@ -6471,7 +6469,6 @@ inline void load_checkpoint(const std::string& path, Model& model, AdamW& opt, R
     backend::upload(opt.v, v);
     opt.step = step;
 }
-
 // The history of a training run: the losses of every step and the results of every evaluation. build/train keeps it
 // in the run directory beside the checkpoint (train_log.txt), saved with it, and draws its plots from it, so a run
 // resumed from a checkpoint of step s keeps steps 1..s of the log, repeats nothing, and its plots show the whole run.
@@ -6490,7 +6487,6 @@ struct TrainingLog {
     };
     std::vector<Step> steps;
     std::vector<Eval> evals;
-
     // Forgets the records after `step`: a run resumed from the checkpoint of step `step` does those steps again.
     void keep_until(int step) {
         auto after = [&](const auto& r) { return r.step > step; };
@@ -6579,7 +6575,6 @@ struct Json {
     std::string string;
     std::vector<Json> array;
     std::vector<std::pair<std::string, Json>> object;
-
     static Json of_bool(bool b) { Json j; j.type = Type::boolean; j.boolean = b; return j; }
     static Json of_int(int64_t v) {
         Json j; j.type = Type::number; j.number = double(v); j.is_integer = true; j.integer = v; return j;
@@ -6595,7 +6590,6 @@ struct Json {
     static Json of_string(std::string s) { Json j; j.type = Type::string; j.string = std::move(s); return j; }
     static Json new_array() { Json j; j.type = Type::array; return j; }
     static Json new_object() { Json j; j.type = Type::object; return j; }
-
     bool is_null() const { return type == Type::null; }
     bool is_number() const { return type == Type::number; }
     bool is_string() const { return type == Type::string; }
@@ -6627,17 +6621,14 @@ inline void append_utf8(std::string& out, uint32_t cp) {
     out += char(lead[n] | (cp >> (6 * (n - 1))));
     for (int i = n - 2; i >= 0; --i) out += char(0x80 | ((cp >> (6 * i)) & 0x3F));
 }
-
 // JSON's two-character escapes: \" \\ \/ \b \f \n \r \t stand for the characters of json_unescaped.
 inline constexpr char json_escapes[] = "\"\\/bfnrt", json_unescaped[] = "\"\\/\b\f\n\r\t";
-
 // Recursive descent over the JSON grammar. `base` is added to reported offsets (the safetensors header starts at
 // byte 8 of its file, so errors give offsets in the file).
 class JsonParser {
   public:
     JsonParser(const char* text, size_t size, std::string source, uint64_t base)
         : p_(text), n_(size), source_(std::move(source)), base_(base) {}
-
     Json parse_document() {
         skip_ws();
         Json v = value();
@@ -6645,7 +6636,6 @@ class JsonParser {
         if (pos_ != n_) error("the end of the document");
         return v;
     }
-
   private:
     const char* p_;
     size_t n_, pos_ = 0;
@@ -6675,7 +6665,6 @@ class JsonParser {
         for (const char* w = word; *w; ++w, ++pos_)
             if (!at(*w)) error(word);
     }
-
     Json value() {
         if (pos_ >= n_) error("a value");
         switch (p_[pos_]) {
@@ -6818,9 +6807,7 @@ inline void write_json_number(std::string& out, const Json& j) {
 }
 inline void write_json(std::string& out, const Json& j, int indent, int level) {
     auto newline = [&](int lvl) {
-        if (indent < 0) return;
-        out += '\n';
-        out.append(size_t(indent) * size_t(lvl), ' ');
+        if (indent >= 0) out += '\n' + std::string(size_t(indent) * size_t(lvl), ' ');
     };
     switch (j.type) {
         case Json::Type::null: out += "null"; return;
@@ -6848,7 +6835,6 @@ inline void write_json(std::string& out, const Json& j, int indent, int level) {
     }
 }
 }  // namespace io_detail
-
 // Parses a whole JSON document; `source` (a file name) starts every error message.
 inline Json json_parse(const std::string& text, const std::string& source, uint64_t base_offset = 0) {
     return io_detail::JsonParser(text.data(), text.size(), source, base_offset).parse_document();
@@ -6869,19 +6855,16 @@ inline std::string json_describe(const Json& j) {
 
 // --- 13.3 safetensors ------------------------------------------------------------------------------------------------
 // The format (github.com/huggingface/safetensors), all integers little-endian:
-//
 //     bytes 0..7        N, the header length (uint64)
 //     bytes 8..8+N      JSON: {"__metadata__": {"format": "pt"},                            (optional, string values)
 //                              "model.norm.weight": {"dtype": "BF16", "shape": [7168], "data_offsets": [0, 14336]},
 //                              ...}                                                        (may be padded with spaces)
 //     bytes 8+N..       the data section; each tensor's bytes are [begin, end) relative to its start, row-major
-//
 // No code runs while loading (unlike pickle), and a reader can check everything before touching the data: this one
 // checks the header length against the file, every field's type, that shape × dtype size equals the byte range,
 // that every range lies inside the data section, and that no two ranges overlap. Bytes covered by no tensor are
 // allowed (the reference implementation rejects them; we only count them, in uncovered_bytes).
 enum class DType { F32, BF16, F16, F8_E4M3, F8_E5M2 };
-
 inline const char* dtype_name(DType d) {
     static const char* const names[] = {"F32", "BF16", "F16", "F8_E4M3", "F8_E5M2"};  // in the order of DType
     return names[int(d)];
@@ -6893,7 +6876,6 @@ inline bool dtype_from_name(const std::string& name, DType* out) {
     return false;
 }
 inline bool dtype_is_fp8(DType d) { return d == DType::F8_E4M3 || d == DType::F8_E5M2; }
-
 // n values: bytes (little-endian, `dtype`) -> float32, and back. Every format here converts to float32 exactly;
 // float32 to BF16, F16 or FP8 rounds to nearest even (FP8 saturates at its largest finite value).
 inline void decode_to_float(DType dtype, const uint8_t* b, int64_t n, float* out) {
@@ -6916,7 +6898,6 @@ inline void encode_from_float(DType dtype, const float* x, int64_t n, uint8_t* o
         store_le(out + i * size, u, size);
     }
 }
-
 struct TensorInfo {
     std::string name;
     DType dtype = DType::F32;
@@ -6924,7 +6905,6 @@ struct TensorInfo {
     int64_t numel = 0;
     uint64_t begin = 0, end = 0;  // byte range [begin, end) in the data section
 };
-
 // An open safetensors file whose header has been read and validated. Tensors are read on demand.
 struct SafetensorsFile {
     std::string path;
@@ -6932,7 +6912,6 @@ struct SafetensorsFile {
     std::vector<TensorInfo> tensors;                             // in header order
     std::vector<std::pair<std::string, std::string>> metadata;  // "__metadata__"
     uint64_t uncovered_bytes = 0;                                // data-section bytes no tensor covers
-
     explicit SafetensorsFile(const std::string& file_path) : path(file_path) {
         file_ = io_detail::open_file(path, "safetensors");
         read_header();
@@ -6941,7 +6920,6 @@ struct SafetensorsFile {
         auto it = index_.find(name);
         return it == index_.end() ? nullptr : &tensors[it->second];
     }
-    // The tensor's raw bytes.
     std::vector<uint8_t> read_bytes(const TensorInfo& t) const {
         require_memory(path + ": tensor \"" + t.name + "\"", double(t.end - t.begin));
         std::vector<uint8_t> bytes(size_t(t.end - t.begin));
@@ -6961,11 +6939,9 @@ struct SafetensorsFile {
         read_floats(*t, out.data());
         return out;
     }
-
   private:
     io_detail::File file_;
     std::unordered_map<std::string, size_t> index_;
-
     void read_header() {
         file_size = io_detail::file_size(path);
         if (file_size < 8) fail(path, ": the file has ", file_size, " bytes, fewer than the 8-byte header length");
@@ -7068,7 +7044,6 @@ struct TensorToWrite {
     const float* data = nullptr;
     DType dtype = DType::F32;
 };
-
 // Writes a safetensors file (atomically). transformers refuses files whose __metadata__ lacks "format": "pt", hence
 // the default. The header is padded with spaces to a multiple of 8 bytes, as the reference writer does.
 inline void write_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
@@ -7088,8 +7063,9 @@ inline void write_safetensors(const std::string& path, const std::vector<TensorT
             fail(where, ": negative dimension in ", io_detail::shape_str(t.shape));
         if (io_detail::numel(t.shape) > 0 && !t.data) fail(where, ": no data");
         const int64_t bytes = io_detail::numel(t.shape) * dtype_size(t.dtype);
-        io_detail::add_members(header.add(t.name, Json::new_object()), {{"dtype", Json::of_string(dtype_name(t.dtype))},
-            {"shape", io_detail::json_ints(t.shape)}, {"data_offsets", io_detail::json_ints({offset, offset + bytes})}});
+        io_detail::add_members(header.add(t.name, Json::new_object()), {
+            {"dtype", Json::of_string(dtype_name(t.dtype))}, {"shape", io_detail::json_ints(t.shape)},
+            {"data_offsets", io_detail::json_ints({offset, offset + bytes})}});
         offset += bytes;
     }
     std::string text = json_dump(header);
@@ -7111,7 +7087,6 @@ inline void write_safetensors(const std::string& path, const std::vector<TensorT
         return true;
     });
 }
-
 // model.safetensors.index.json: {"metadata": {...}, "weight_map": {"tensor name": "shard file name", ...}}.
 // Returns (tensor, file) pairs. Shard names must stay inside the directory (no absolute paths, no "..").
 inline std::vector<std::pair<std::string, std::string>> read_safetensors_index(const std::string& path) {
@@ -7133,7 +7108,6 @@ inline std::vector<std::pair<std::string, std::string>> read_safetensors_index(c
     }
     return out;
 }
-
 // All tensors of a checkpoint directory: model.safetensors, or the shards listed by model.safetensors.index.json
 // (transformers looks for the single file first, and so do we).
 struct HfCheckpoint {
@@ -7144,7 +7118,6 @@ struct HfCheckpoint {
     std::string dir, description;  // description: the file(s) the tensors come from, for messages
     std::vector<std::unique_ptr<SafetensorsFile>> files;
     std::map<std::string, Source> tensors;  // ordered: deterministic messages, prefix queries
-
     explicit HfCheckpoint(const std::string& directory) : dir(directory) {
         const std::string single = io_detail::join_path(dir, "model.safetensors");
         const std::string index = io_detail::join_path(dir, "model.safetensors.index.json");
@@ -7237,7 +7210,6 @@ inline const char* hf_key_of(const char* field, bool any = false) {
         if (std::strcmp(table[i][0], field) == 0) return table[i][1];
     return nullptr;
 }
-
 inline void from_json(const Json& v, int& out, const std::string& where, const std::string& key) {
     const bool ok = v.is_number() && std::floor(v.number) == v.number && v.number >= INT_MIN && v.number <= INT_MAX;
     if (!ok)
@@ -7263,10 +7235,8 @@ inline Json to_json(int v) { return Json::of_int(v); }
 inline Json to_json(float v) { return Json::of_float(v); }
 inline Json to_json(bool v) { return Json::of_bool(v); }
 inline Json to_json(const std::string& v) { return Json::of_string(v); }
-
 // YaRN's attention-scale function: m(s, c) = 0.1·c·ln(s) + 1 (1 when s <= 1).
 inline double yarn_mscale(double s, double c) { return s <= 1 ? 1.0 : 0.1 * c * std::log(s) + 1.0; }
-
 // Reads o[key] into `out` if present: true if it was. A null value counts as absent only with null_is_absent (rope and
 // quantization fields); elsewhere null is an error, "expected an integer in [...], found null". Errors show the key
 // as `name`.
@@ -7278,7 +7248,6 @@ inline bool read_key(const Json& o, const std::string& key, T& out, const std::s
     from_json(*v, out, where, name);
     return true;
 }
-
 // Features of transformers' DeepseekV3 this implementation does not have: refuse rather than compute wrongly.
 inline void require_supported_hf_keys(const Json& j, const Config& c, const std::string& where) {
     struct Only { const char* key; Json value; const char* why; };
@@ -7301,7 +7270,6 @@ inline void require_supported_hf_keys(const Json& j, const Config& c, const std:
                  json_describe(*v));
     }
 }
-
 // YaRN under rope_scaling / rope_parameters (`rope_key`): factor, original length, β's, mscale [V3 §4.3].
 inline void read_yarn(const Json& rope, const std::string& rope_key, Config& c, const std::string& where,
                       std::vector<std::string>& notes) {
@@ -7332,7 +7300,6 @@ inline void read_yarn(const Json& rope, const std::string& rope_key, Config& c, 
                         std::to_string(c.max_seq_len) + ": transformers 4.5x derives the frequencies' factor from "
                         "max_position_embeddings / original_max_position_embeddings instead, so it may differ");
 }
-
 // rope_theta and YaRN. rope_scaling wins over rope_parameters when both are given, as in transformers.
 inline void read_rope(const Json& j, Config& c, const std::string& where, std::vector<std::string>& notes) {
     const Json* rope = nullptr;
@@ -7358,33 +7325,29 @@ inline void read_rope(const Json& j, Config& c, const std::string& where, std::v
     else if (type != "default")
         fail(where, ": key \"", rope_key, ".rope_type\": only \"yarn\" and \"default\" are supported, found \"", type, "\"");
 }
-
 // quantization_config of DeepSeek's FP8 release: {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}.
 inline void read_quantization(const Json& j, HfQuantization& quant, const std::string& where) {
     const Json* q = j.find("quantization_config");
     if (!q || q->is_null()) return;
     const std::string key = "quantization_config";
-    if (!q->is_object()) fail(where, ": key \"", key, "\": expected an object, found ", json_describe(*q));
+    auto bad = [&](const char* sub, const auto&... what) { fail(where, ": key \"", key, sub, "\": ", what...); };
+    if (!q->is_object()) bad("", "expected an object, found ", json_describe(*q));
     std::string method;
-    if (!read_key(*q, "quant_method", method, where, key + ".quant_method", false))
-        fail(where, ": key \"", key, ".quant_method\": missing");
+    if (!read_key(*q, "quant_method", method, where, key + ".quant_method", false)) bad(".quant_method", "missing");
     if (method != "fp8")
-        fail(where, ": key \"", key, ".quant_method\": only \"fp8\" (DeepSeek's block-scaled FP8) is supported, found \"",
-             method, "\"");
+        bad(".quant_method", "only \"fp8\" (DeepSeek's block-scaled FP8) is supported, found \"", method, "\"");
     quant.fp8 = true;
     read_key(*q, "fmt", quant.fmt, where, key + ".fmt", false);
-    if (quant.fmt != "e4m3") fail(where, ": key \"", key, ".fmt\": only \"e4m3\" is supported, found \"", quant.fmt, "\"");
+    if (quant.fmt != "e4m3") bad(".fmt", "only \"e4m3\" is supported, found \"", quant.fmt, "\"");
     read_key(*q, "activation_scheme", quant.activation_scheme, where, key + ".activation_scheme", false);
-    if (const Json* b = q->find("weight_block_size")) {
-        if (!b->is_array() || b->array.size() != 2)
-            fail(where, ": key \"", key, ".weight_block_size\": expected [out, in], found ", json_describe(*b));
-        from_json(b->array[0], quant.block_out, where, key + ".weight_block_size[0]");
-        from_json(b->array[1], quant.block_in, where, key + ".weight_block_size[1]");
-        if (quant.block_out <= 0 || quant.block_in <= 0)
-            fail(where, ": key \"", key, ".weight_block_size\": expected positive sizes, found ", json_describe(*b));
-    }
+    const Json* b = q->find("weight_block_size");
+    if (!b) return;
+    if (!b->is_array() || b->array.size() != 2) bad(".weight_block_size", "expected [out, in], found ", json_describe(*b));
+    from_json(b->array[0], quant.block_out, where, key + ".weight_block_size[0]");
+    from_json(b->array[1], quant.block_in, where, key + ".weight_block_size[1]");
+    if (quant.block_out <= 0 || quant.block_in <= 0)
+        bad(".weight_block_size", "expected positive sizes, found ", json_describe(*b));
 }
-
 // c.validate(), with the config.json keys of the Config fields its message names added to the error.
 inline void validate_hf_config(const Config& c, const std::string& where) {
     try {
@@ -7407,7 +7370,6 @@ inline void validate_hf_config(const Config& c, const std::string& where) {
     }
 }
 }  // namespace io_detail
-
 // config.json (already parsed) -> Config. `where` (the file name) starts every error message.
 inline Config config_from_hf_json(const Json& j, const std::string& where, HfConfigInfo* info = nullptr) {
     HfConfigInfo local;
@@ -7448,21 +7410,22 @@ inline Json config_to_hf_json(const Config& c, const std::string& torch_dtype = 
     // mscale == mscale_all_dim makes transformers' cos/sin factor 1, as in our RoPE (see the reader above).
     Json yarn = Json::new_object();
     io_detail::add_members(yarn, {{"type", Json::of_string("yarn")}, {"rope_type", Json::of_string("yarn")},
-        {"factor", Json::of_float(c.rope_factor)}, {"original_max_position_embeddings", Json::of_int(c.original_seq_len)},
+        {"factor", Json::of_float(c.rope_factor)},
+        {"original_max_position_embeddings", Json::of_int(c.original_seq_len)},
         {"beta_fast", Json::of_float(c.beta_fast)}, {"beta_slow", Json::of_float(c.beta_slow)},
         {"mscale", Json::of_float(c.mscale)}, {"mscale_all_dim", Json::of_float(c.mscale)}});
     if (c.mscale == 0.0f) yarn.add("attention_factor", Json::of_double(1.0));
-    const char* topk = c.score_func == "sigmoid" ? "noaux_tc" : c.n_expert_groups > 1 ? "group_limited_greedy" : "greedy";
+    const char* topk_method = c.score_func == "sigmoid"  ? "noaux_tc"
+                              : c.n_expert_groups > 1 ? "group_limited_greedy" : "greedy";
     io_detail::add_members(j, {{"q_lora_rank", c.q_lora_rank > 0 ? Json::of_int(c.q_lora_rank) : Json{}},
         {"rope_theta", Json::of_float(c.rope_theta)}, {"rope_scaling", c.yarn_active() ? yarn : Json{}},
         {"num_key_value_heads", Json::of_int(c.n_heads)}, {"hidden_act", Json::of_string("silu")},
         {"attention_bias", Json::of_bool(false)}, {"attention_dropout", Json::of_double(0.0)},
         {"rope_interleave", Json::of_bool(true)}, {"tie_word_embeddings", Json::of_bool(false)},
-        {"topk_method", Json::of_string(topk)}, {"use_cache", Json::of_bool(true)},
+        {"topk_method", Json::of_string(topk_method)}, {"use_cache", Json::of_bool(true)},
         {"torch_dtype", Json::of_string(torch_dtype)}});
     return j;
 }
-
 inline Config read_hf_config(const std::string& path, HfConfigInfo* info = nullptr) {
     return config_from_hf_json(json_read_file(path), path, info);
 }
@@ -7487,7 +7450,6 @@ inline std::string mtp_embed_copy_name(const Config& c, int k) {  // k = 0..D-1
 inline std::string mtp_head_copy_name(const Config& c, int k) {
     return "model.layers." + std::to_string(c.n_layers + k) + ".shared_head.head.weight";
 }
-
 // Writes dir/config.json and dir/model.safetensors. dtype F32 (exact) or BF16 (half the size; the routing bias stays
 // F32, as in DeepSeek's files: a bias of 1e-3 steps must not be rounded to BF16's 8 bits).
 inline void save_hf(const std::string& dir, const Model& model, DType dtype = DType::F32) {
@@ -7556,7 +7518,6 @@ inline void check_hf_tensors(const HfCheckpoint& ckpt, const ParamLayout& layout
              ckpt.description, ": ", name_list(missing));
 }
 }  // namespace io_detail
-
 // Copies every tensor of a checkpoint directory into `model` (whose config must match the checkpoint). Errors: any
 // tensor missing (the message lists some), a shape differing from the config's, a tensor this config does not have.
 // Notes (non-fatal) are appended to `notes`.
@@ -7591,22 +7552,20 @@ inline void load_hf_weights(const HfCheckpoint& ckpt, Model& model, const HfQuan
     }
     std::vector<std::string> extra;
     bool extra_layers = false;
-    for (const auto& kv : ckpt.tensors) {
-        if (used.count(kv.first)) continue;
-        extra.push_back(kv.first);
-        if (io_detail::starts_with(kv.first, "model.layers.")) {
-            const int layer = std::atoi(kv.first.c_str() + std::strlen("model.layers."));
-            if (layer >= c.n_layers + int(model.layout.mtp.size())) extra_layers = true;
-        }
+    for (const auto& [name, src] : ckpt.tensors) {
+        if (used.count(name)) continue;
+        extra.push_back(name);
+        const char* layer = "model.layers.";
+        extra_layers |= io_detail::starts_with(name, layer) &&
+                        std::atoi(name.c_str() + std::strlen(layer)) >= c.n_layers + int(model.layout.mtp.size());
     }
+    const std::string mtp_hint = " (layers beyond num_hidden_layers: MTP weights? config.json declares "
+                                 "num_nextn_predict_layers = " + std::to_string(c.n_mtp_depth) + ")";
     if (!extra.empty())
         fail(ckpt.dir, ": ", extra.size(), " tensor", extra.size() == 1 ? " in " : "s in ", ckpt.description,
-             extra.size() == 1 ? " is" : " are", " not part of the model config.json describes: ", io_detail::name_list(extra),
-             extra_layers ? " (layers beyond num_hidden_layers: MTP weights? config.json declares num_nextn_predict_layers = " +
-                                std::to_string(c.n_mtp_depth) + ")"
-                          : "");
+             extra.size() == 1 ? " is" : " are", " not part of the model config.json describes: ",
+             io_detail::name_list(extra), extra_layers ? mtp_hint : "");
 }
-
 // Reads a Hugging Face directory (config.json + model.safetensors or shards, any mix of F32/BF16/F16/FP8) into a new
 // Model. If config.json declares MTP modules (num_nextn_predict_layers) whose weights the checkpoint lacks, the model
 // is built without them (n_mtp_depth = the modules present), and a note says so. Notes go to stderr.
@@ -7638,19 +7597,18 @@ inline Model load_hf(const std::string& dir, uint64_t seed = 0) {
 // {'descr': '<f4', 'fortran_order': False, 'shape': (2, 8, 64), } padded with spaces and a newline so that the data
 // starts at a multiple of 64 bytes, then the raw little-endian float32 values in C (row-major) order.
 inline void write_npy(const std::string& path, const float* data, const std::vector<int64_t>& shape) {
-    std::string dict = "{'descr': '<f4', 'fortran_order': False, 'shape': (";
-    int64_t numel = 1;
-    for (size_t i = 0; i < shape.size(); ++i) {
-        if (shape[i] < 0) fail("npy ", path, ": negative dimension in ", io_detail::shape_str(shape));
-        dict += std::to_string(shape[i]) + (shape.size() == 1 ? "," : i + 1 < shape.size() ? ", " : "");
-        numel *= shape[i];
-    }
-    dict += "), }";
+    const std::string dims = io_detail::shape_str(shape);  // "[2, 8, 64]": the tuple is "(2, 8, 64)", "(5,)" or "()"
+    if (std::any_of(shape.begin(), shape.end(), [](int64_t d) { return d < 0; }))
+        fail("npy ", path, ": negative dimension in ", dims);
+    const int64_t numel = io_detail::numel(shape);
+    std::string dict = "{'descr': '<f4', 'fortran_order': False, 'shape': (" + dims.substr(1, dims.size() - 2) +
+                       (shape.size() == 1 ? ",), }" : "), }");
     const size_t unpadded = 10 + dict.size() + 1;  // magic(6) + version(2) + length(2) + dict + '\n'
     dict.append((64 - unpadded % 64) % 64, ' ');
     dict += '\n';
     write_file_atomic_stream(path, "npy", [&](std::FILE* f) {
-        const uint8_t head[10] = {0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0, uint8_t(dict.size() & 0xFF), uint8_t(dict.size() >> 8)};
+        const uint8_t head[10] = {0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0, uint8_t(dict.size() & 0xFF),
+                                  uint8_t(dict.size() >> 8)};
         if (!write_bytes(f, head, 10) || !write_bytes(f, dict.data(), dict.size())) return false;
         std::vector<uint8_t> bytes(size_t(numel) * 4);
         encode_from_float(DType::F32, data, numel, bytes.data());
@@ -7706,7 +7664,6 @@ inline std::vector<float> read_npy(const std::string& path, std::vector<int64_t>
     if (shape) *shape = dims;
     return out;
 }
-
 // Token rows as text: "1,2,3;4,5,6" (rows separated by ';', all of the same length).
 struct TokenRows {
     int B = 0, T = 0;
@@ -7734,7 +7691,6 @@ inline TokenRows parse_token_rows(const std::string& text) {
     }
     return r;
 }
-
 // The forward pass of transformers' DeepseekV3ForCausalLM(input_ids, labels=input_ids): logits for all T positions
 // of each row, and the mean cross-entropy of the B·(T−1) next-token predictions (labels shifted by one; the last
 // position has no label). Model::forward takes rows of T+1 tokens and predicts token t+1 at position t, so each row
@@ -7747,11 +7703,9 @@ inline double forward_like_transformers(Model& model, const TokenRows& rows, boo
         if (rows.tokens[i] < 0 || rows.tokens[i] >= model.cfg.vocab_size)
             fail("tokens: row ", i / size_t(rows.T), " position ", i % size_t(rows.T), ": id ", rows.tokens[i],
                  " outside the vocabulary [0, ", model.cfg.vocab_size, ")");
-    std::vector<int32_t> padded(size_t(rows.B) * (rows.T + 1));
-    for (int b = 0; b < rows.B; ++b) {
+    std::vector<int32_t> padded(size_t(rows.B) * (rows.T + 1), kIgnore);
+    for (int b = 0; b < rows.B; ++b)
         std::copy_n(rows.tokens.begin() + int64_t(b) * rows.T, rows.T, padded.begin() + int64_t(b) * (rows.T + 1));
-        padded[size_t(b) * (rows.T + 1) + size_t(rows.T)] = kIgnore;
-    }
     LossOptions opt;
     opt.with_mtp = false;
     opt.balance = BalanceLoss::none;
@@ -7759,7 +7713,6 @@ inline double forward_like_transformers(Model& model, const TokenRows& rows, boo
     if (gradients) model.backward();
     return loss.main;
 }
-
 // The gradients of the main model's parameters under their HF names, as F32 safetensors (the routing bias, which has
 // no gradient, and the MTP modules, which transformers does not have, are left out).
 inline void write_gradients_hf(const std::string& path, const Model& model) {
