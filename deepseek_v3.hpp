@@ -6570,7 +6570,7 @@ struct Json {
     Type type = Type::null;
     bool boolean = false;
     double number = 0;          // every number, as a double
-    bool is_integer = false;    // written as an integer literal (no '.', no exponent) that fits int64_t: `integer` is exact
+    bool is_integer = false;    // an integer literal (no '.', no exponent) that fits int64_t: `integer` is exact
     int64_t integer = 0;
     std::string string;
     std::vector<Json> array;
@@ -6942,6 +6942,7 @@ struct SafetensorsFile {
   private:
     io_detail::File file_;
     std::unordered_map<std::string, size_t> index_;
+
     void read_header() {
         file_size = io_detail::file_size(path);
         if (file_size < 8) fail(path, ": the file has ", file_size, " bytes, fewer than the 8-byte header length");
@@ -7210,26 +7211,26 @@ inline const char* hf_key_of(const char* field, bool any = false) {
         if (std::strcmp(table[i][0], field) == 0) return table[i][1];
     return nullptr;
 }
-inline void from_json(const Json& v, int& out, const std::string& where, const std::string& key) {
-    const bool ok = v.is_number() && std::floor(v.number) == v.number && v.number >= INT_MIN && v.number <= INT_MAX;
-    if (!ok)
-        fail(where, ": key \"", key, "\": expected an integer in [", INT_MIN, ", ", INT_MAX, "], found ",
-             json_describe(v));
-    out = int(v.number);
-}
-inline void from_json(const Json& v, float& out, const std::string& where, const std::string& key) {
-    if (!v.is_number() || std::fabs(v.number) > double(FLT_MAX))
-        fail(where, ": key \"", key, "\": expected a number in [", -FLT_MAX, ", ", FLT_MAX, "], found ",
-             json_describe(v));
-    out = float(v.number);
-}
-inline void from_json(const Json& v, bool& out, const std::string& where, const std::string& key) {
-    if (v.type != Json::Type::boolean) fail(where, ": key \"", key, "\": expected true or false, found ", json_describe(v));
-    out = v.boolean;
-}
-inline void from_json(const Json& v, std::string& out, const std::string& where, const std::string& key) {
-    if (!v.is_string()) fail(where, ": key \"", key, "\": expected a string, found ", json_describe(v));
-    out = v.string;
+// A value of the field's type (int, float, bool, string); errors name the key, the type expected, the value found.
+template <class T>
+inline void from_json(const Json& v, T& out, const std::string& where, const std::string& key) {
+    auto bad = [&](const auto&... expected) {
+        fail(where, ": key \"", key, "\": expected ", expected..., ", found ", json_describe(v));
+    };
+    if constexpr (std::is_same_v<T, int>) {
+        if (!v.is_number() || std::floor(v.number) != v.number || v.number < INT_MIN || v.number > INT_MAX)
+            bad("an integer in [", INT_MIN, ", ", INT_MAX, "]");
+        out = int(v.number);
+    } else if constexpr (std::is_same_v<T, float>) {
+        if (!v.is_number() || std::fabs(v.number) > double(FLT_MAX)) bad("a number in [", -FLT_MAX, ", ", FLT_MAX, "]");
+        out = float(v.number);
+    } else if constexpr (std::is_same_v<T, bool>) {
+        if (v.type != Json::Type::boolean) bad("true or false");
+        out = v.boolean;
+    } else {
+        if (!v.is_string()) bad("a string");
+        out = v.string;
+    }
 }
 inline Json to_json(int v) { return Json::of_int(v); }
 inline Json to_json(float v) { return Json::of_float(v); }
@@ -7237,9 +7238,8 @@ inline Json to_json(bool v) { return Json::of_bool(v); }
 inline Json to_json(const std::string& v) { return Json::of_string(v); }
 // YaRN's attention-scale function: m(s, c) = 0.1·c·ln(s) + 1 (1 when s <= 1).
 inline double yarn_mscale(double s, double c) { return s <= 1 ? 1.0 : 0.1 * c * std::log(s) + 1.0; }
-// Reads o[key] into `out` if present: true if it was. A null value counts as absent only with null_is_absent (rope and
-// quantization fields); elsewhere null is an error, "expected an integer in [...], found null". Errors show the key
-// as `name`.
+// Reads o[key] into `out` if present: true if it was. Null counts as absent only with null_is_absent (rope and
+// quantization fields); elsewhere it is an error, "expected an integer in [...], found null". Errors name `name`.
 template <class T>
 inline bool read_key(const Json& o, const std::string& key, T& out, const std::string& where, const std::string& name,
                      bool null_is_absent = true) {
@@ -7291,8 +7291,8 @@ inline void read_yarn(const Json& rope, const std::string& rope_key, Config& c, 
     else if (mscale != 0 && mscale_all_dim != 0)
         cos_sin_factor = yarn_mscale(c.rope_factor, mscale) / yarn_mscale(c.rope_factor, mscale_all_dim);
     if (std::fabs(cos_sin_factor - 1.0) > 1e-6)
-        notes.push_back("transformers multiplies RoPE's cos and sin by " + std::to_string(cos_sin_factor) + " for this " +
-                        rope_key + " (mscale " + std::to_string(mscale) + ", mscale_all_dim " +
+        notes.push_back("transformers multiplies RoPE's cos and sin by " + std::to_string(cos_sin_factor) + " for this "
+                        + rope_key + " (mscale " + std::to_string(mscale) + ", mscale_all_dim " +
                         std::to_string(mscale_all_dim) + "); this implementation does not, so logits differ");
     if (std::fabs(double(c.rope_factor) * c.original_seq_len - c.max_seq_len) > 0.5)
         notes.push_back("YaRN factor " + std::to_string(c.rope_factor) + " x original_max_position_embeddings " +
@@ -7325,7 +7325,7 @@ inline void read_rope(const Json& j, Config& c, const std::string& where, std::v
     else if (type != "default")
         fail(where, ": key \"", rope_key, ".rope_type\": only \"yarn\" and \"default\" are supported, found \"", type, "\"");
 }
-// quantization_config of DeepSeek's FP8 release: {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}.
+// DeepSeek's FP8 release: quantization_config {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
 inline void read_quantization(const Json& j, HfQuantization& quant, const std::string& where) {
     const Json* q = j.find("quantization_config");
     if (!q || q->is_null()) return;
@@ -7342,7 +7342,8 @@ inline void read_quantization(const Json& j, HfQuantization& quant, const std::s
     read_key(*q, "activation_scheme", quant.activation_scheme, where, key + ".activation_scheme", false);
     const Json* b = q->find("weight_block_size");
     if (!b) return;
-    if (!b->is_array() || b->array.size() != 2) bad(".weight_block_size", "expected [out, in], found ", json_describe(*b));
+    if (!b->is_array() || b->array.size() != 2)
+        bad(".weight_block_size", "expected [out, in], found ", json_describe(*b));
     from_json(b->array[0], quant.block_out, where, key + ".weight_block_size[0]");
     from_json(b->array[1], quant.block_in, where, key + ".weight_block_size[1]");
     if (quant.block_out <= 0 || quant.block_in <= 0)
@@ -7431,7 +7432,7 @@ inline Config read_hf_config(const std::string& path, HfConfigInfo* info = nullp
 }
 inline void write_hf_config(const std::string& path, const Config& c, const std::string& torch_dtype = "float32") {
     const std::string text = json_dump(config_to_hf_json(c, torch_dtype), 2) + "\n";
-    write_file_atomic_stream(path, "config.json", [&](std::FILE* f) { return write_bytes(f, text.data(), text.size()); });
+    write_file_atomic_stream(path, "config.json", [&](FILE* f) { return write_bytes(f, text.data(), text.size()); });
 }
 
 // --- 13.5 Model <-> Hugging Face directory ---------------------------------------------------------------------------
@@ -7492,9 +7493,9 @@ inline void read_checkpoint_tensor(const HfCheckpoint& ckpt, const HfCheckpoint:
     if (t.shape.size() != 2)
         fail(src.file->path, ": tensor \"", t.name, "\": FP8 with block scales needs a matrix, found shape ", shape_str(t.shape));
     const int64_t rows = t.shape[0], cols = t.shape[1];
-    const std::vector<int64_t> expected = {(rows + q.block_out - 1) / q.block_out, (cols + q.block_in - 1) / q.block_in};
-    if (s->info->shape != expected)
-        fail(s->file->path, ": tensor \"", scale_name, "\": expected shape ", shape_str(expected), " (one scale per ",
+    const std::vector<int64_t> blocks = {(rows + q.block_out - 1) / q.block_out, (cols + q.block_in - 1) / q.block_in};
+    if (s->info->shape != blocks)
+        fail(s->file->path, ": tensor \"", scale_name, "\": expected shape ", shape_str(blocks), " (one scale per ",
              q.block_out, "x", q.block_in, " block of ", shape_str(t.shape), "), found ", shape_str(s->info->shape));
     const std::vector<float> scale = s->file->read_floats(scale_name);
     used.insert(scale_name);
@@ -7519,8 +7520,8 @@ inline void check_hf_tensors(const HfCheckpoint& ckpt, const ParamLayout& layout
 }
 }  // namespace io_detail
 // Copies every tensor of a checkpoint directory into `model` (whose config must match the checkpoint). Errors: any
-// tensor missing (the message lists some), a shape differing from the config's, a tensor this config does not have.
-// Notes (non-fatal) are appended to `notes`.
+// tensor missing (the message lists some), a shape differing from the config's, a tensor this config does not have;
+// notes (non-fatal) go to `notes`.
 inline void load_hf_weights(const HfCheckpoint& ckpt, Model& model, const HfQuantization& quant,
                             std::vector<std::string>* notes = nullptr) {
     if (!backend::host_memory) fail("load_hf_weights: runs on the CPU backend only (it reads into host memory)");
@@ -7588,7 +7589,7 @@ inline Model load_hf(const std::string& dir, uint64_t seed = 0) {
     for (const auto& f : ckpt.files)
         if (f->uncovered_bytes > 0)
             info.notes.push_back(f->path + ": " + std::to_string(f->uncovered_bytes) + " bytes of the data section belong to no tensor");
-    for (const std::string& note : info.notes) std::fprintf(stderr, "load_hf %s: note: %s\n", dir.c_str(), note.c_str());
+    for (const auto& note : info.notes) std::fprintf(stderr, "load_hf %s: note: %s\n", dir.c_str(), note.c_str());
     return model;
 }
 
