@@ -6912,10 +6912,8 @@ struct SafetensorsFile {
     std::vector<TensorInfo> tensors;                             // in header order
     std::vector<std::pair<std::string, std::string>> metadata;  // "__metadata__"
     uint64_t uncovered_bytes = 0;                                // data-section bytes no tensor covers
-    explicit SafetensorsFile(const std::string& file_path) : path(file_path) {
-        file_ = io_detail::open_file(path, "safetensors");
-        read_header();
-    }
+    explicit SafetensorsFile(const std::string& file_path)
+        : path(file_path), file_(io_detail::open_file(file_path, "safetensors")) { read_header(); }
     const TensorInfo* find(const std::string& name) const {
         auto it = index_.find(name);
         return it == index_.end() ? nullptr : &tensors[it->second];
