@@ -6131,21 +6131,17 @@ struct Progress {
 // =====================================================================================================================
 // 13. CHECKPOINT I/O: the training checkpoint, JSON, safetensors, config.json, Hugging Face directories, .npy
 // =====================================================================================================================
-// A Hugging Face model directory, the format DeepSeek publishes V3 in, holds two kinds of files:
-//
-//     config.json                     the architecture, as JSON (section 13.4 maps it to dsv3::Config)
-//     model.safetensors               the weights: a JSON header naming every tensor, then the raw bytes (13.3)
-//       or model.safetensors.index.json + model-00001-of-00163.safetensors ...   (sharded: {"weight_map": {name: file}})
-//
-// Tensor names are the Hugging Face names our ParamLayout already carries ("model.layers.3.self_attn.kv_b_proj.weight"),
-// so loading is: read config.json, build the model, copy every tensor into its slot of the flat parameter buffer,
-// converting BF16/F16/FP8 to float32 on the way. Everything read from a file is validated before it is used: a
-// corrupt or hostile file produces a dsv3::Error naming the file, the tensor and what was expected, never a crash.
-//
-// Contents: 13.1 the project's own training checkpoint; 13.2 a minimal JSON reader/writer; 13.3 safetensors;
+// A Hugging Face model directory, the format DeepSeek publishes V3 in, holds config.json (the architecture: 13.4 maps
+// it to dsv3::Config) and the weights (13.3): model.safetensors, a JSON header naming every tensor and then the raw
+// bytes, or shards model-00001-of-00163.safetensors ... listed by model.safetensors.index.json ({"weight_map":
+// {name: file}}). Tensor names are the Hugging Face names ParamLayout carries ("model.layers.3.mlp.gate.weight"), so
+// loading is: read config.json, build the model, copy every tensor into its slot of the flat parameter buffer,
+// converting BF16/F16/FP8 to float32. Everything read from a file is validated before it is used: a corrupt or
+// hostile file produces a dsv3::Error naming the file, the tensor and what was expected, never a crash.
+// Contents: 13.1 the project's own training checkpoint and log; 13.2 a minimal JSON reader/writer; 13.3 safetensors;
 // 13.4 config.json <-> Config; 13.5 Model <-> directory (save_hf, load_hf, with DeepSeek's FP8 block-scaled weights
 // and the MTP module's copies); 13.6 .npy files and the forward pass the way transformers computes logits and loss
-// (used by examples/hf_logits.cpp and the reference tests).
+// (examples/hf_logits.cpp, the reference tests).
 
 namespace io_detail {
 inline File open_file(const std::string& path, const char* what) {
@@ -6171,6 +6167,9 @@ inline bool file_exists(const std::string& path) {
     return std::filesystem::is_regular_file(path, ec);
 }
 inline bool starts_with(const std::string& s, const std::string& p) { return s.compare(0, p.size(), p) == 0; }
+inline int64_t numel(const std::vector<int64_t>& shape) {
+    return std::accumulate(shape.begin(), shape.end(), int64_t(1), std::multiplies<>());
+}
 inline std::string shape_str(const std::vector<int64_t>& shape) {
     std::string s = "[";
     for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
@@ -6187,7 +6186,8 @@ inline std::string name_list(const std::vector<std::string>& names, size_t show 
 
 // --- 13.1 checkpoints ------------------------------------------------------------------------------------------------
 // A training checkpoint holds everything a resumed run needs to continue bit for bit: the config, the step, the
-// parameters (the routing bias included) and AdamW's moments. Text header, then raw little-endian float32:
+// parameters (the routing bias included) and AdamW's moments. Text header, then raw little-endian float32, written to
+// "<path>.tmp" and renamed over <path> only when complete, so that a crash never leaves a torn file:
 //     dsv3-checkpoint 1
 //     <Config::to_text() lines>
 //     step=<optimizer steps taken>
@@ -6195,19 +6195,15 @@ inline std::string name_list(const std::vector<std::string>& names, size_t show 
 //     floats=<parameter count>
 //     end
 //     params[floats] m[floats] v[floats]
-// It is written to "<path>.tmp" and renamed over <path> only when complete, so a crash never leaves a torn file.
-//
 // RunInfo: what a run records beside the weights, so that a later program needs nothing but the checkpoint:
-// build/train writes the flags it was started with (run.arg, one word each, in order: --resume continues with
-// them), its data, the tokenizer file, and a prompt that fits its corpus (build/generate's default). Keys may
-// repeat; values are stored escaped (escape_bytes), one line each.
+// build/train writes its flags (run.arg, one word each, in order: --resume continues with them), its data, the
+// tokenizer file and a prompt that fits its corpus (build/generate's default). Keys may repeat; values are escaped.
 struct RunInfo {
     std::vector<std::pair<std::string, std::string>> entries;
     void add(const std::string& key, const std::string& value) { entries.emplace_back(key, value); }
     std::string get(const std::string& key, const std::string& otherwise = "") const {  // the last value of key
-        for (auto e = entries.rbegin(); e != entries.rend(); ++e)
-            if (e->first == key) return e->second;
-        return otherwise;
+        const auto e = std::find_if(entries.rbegin(), entries.rend(), [&](const auto& kv) { return kv.first == key; });
+        return e == entries.rend() ? otherwise : e->second;
     }
     std::vector<std::string> all(const std::string& key) const {
         std::vector<std::string> out;
@@ -6216,7 +6212,6 @@ struct RunInfo {
         return out;
     }
 };
-
 inline void save_checkpoint(const std::string& path, const Model& model, const AdamW& opt, const RunInfo& run = {}) {
     std::ostringstream header;
     header << "dsv3-checkpoint 1\n" << model.cfg.to_text() << "step=" << opt.step << "\n";
@@ -6228,20 +6223,18 @@ inline void save_checkpoint(const std::string& path, const Model& model, const A
     header << "floats=" << model.params.size() << "\nend\n";
     const std::string h = header.str();
     const size_t n = model.params.size();
-    const std::vector<float> params = backend::download(model.params);  // a copy in host memory
-    std::vector<float> m = backend::download(opt.m), v = backend::download(opt.v);
-    if (m.size() != n) m.assign(n, 0.0f);
-    if (v.size() != n) v.assign(n, 0.0f);
+    std::vector<float> arrays[] = {backend::download(model.params), backend::download(opt.m), backend::download(opt.v)};
+    for (std::vector<float>& a : arrays)  // copies in host memory; an optimizer that never stepped has no moments
+        if (a.size() != n) a.assign(n, 0.0f);
     write_file_atomic_stream(path, "checkpoint", [&](FILE* f) {
-        return write_bytes(f, h.data(), h.size()) && write_bytes(f, params.data(), 4 * n) &&
-               write_bytes(f, m.data(), 4 * n) && write_bytes(f, v.data(), 4 * n);
+        auto write = [&](const std::vector<float>& a) { return write_bytes(f, a.data(), 4 * n); };
+        return write_bytes(f, h.data(), h.size()) && std::all_of(std::begin(arrays), std::end(arrays), write);
     });
 }
 // Reads the config a checkpoint was saved with (and its step, header size and RunInfo, where asked), and checks what
-// the file declares against what it holds before anything is allocated: floats= must be the config's parameter
-// count, the file exactly the header and three arrays of floats (compared overflow-free: the count is divided into
-// the size, never multiplied), and a model of that size must fit in memory. So `Model(read_checkpoint_config(path))`
-// never builds a model a bad file cannot fill.
+// the file declares against what it holds before anything is allocated: floats= must be the config's parameter count,
+// the file exactly the header and three arrays of floats (the count divides the size, never multiplies it: no
+// overflow), a model of that size must fit in memory. `Model(read_checkpoint_config(path))` is one the file fills.
 inline Config read_checkpoint_config(const std::string& path, int* step = nullptr, size_t* header_bytes = nullptr,
                                      RunInfo* run = nullptr) {
     const io_detail::File f = io_detail::open_file(path, "checkpoint");
@@ -6269,10 +6262,8 @@ inline Config read_checkpoint_config(const std::string& path, int* step = nullpt
         const std::string name = line.substr(0, eq), value = line.substr(eq + 1);
         if (name == "step") steps = parse_int(value, where + ": step", 0, INT_MAX);
         else if (name == "floats") floats = parse_int(value, where + ": floats", 0, LLONG_MAX);
-        else if (io_detail::starts_with(name, "run.")) {
-            if (run) run->add(name.substr(4), unescape_bytes(value, where + ": header line " + name));
-        }
-        else c.set(name, value, where);
+        else if (!io_detail::starts_with(name, "run.")) c.set(name, value, where);
+        else if (run) run->add(name.substr(4), unescape_bytes(value, where + ": header line " + name));
     }
     if (steps < 0) fail(where, ": header has no step= line");
     if (floats < 0) fail(where, ": header has no floats= line");
@@ -6308,7 +6299,6 @@ inline void load_checkpoint(const std::string& path, Model& model, AdamW& opt, R
     backend::upload(opt.v, v);
     opt.step = step;
 }
-
 // The history of a training run: the losses of every step and the results of every evaluation. build/train keeps it
 // in the run directory beside the checkpoint (train_log.txt), saved with it, and draws its plots from it, so a run
 // resumed from a checkpoint of step s keeps steps 1..s of the log, repeats nothing, and its plots show the whole run.
@@ -6327,7 +6317,6 @@ struct TrainingLog {
     };
     std::vector<Step> steps;
     std::vector<Eval> evals;
-
     // Forgets the records after `step`: a run resumed from the checkpoint of step `step` does those steps again.
     void keep_until(int step) {
         auto after = [&](const auto& r) { return r.step > step; };
@@ -6411,12 +6400,11 @@ struct Json {
     Type type = Type::null;
     bool boolean = false;
     double number = 0;          // every number, as a double
-    bool is_integer = false;    // written as an integer literal (no '.', no exponent) that fits int64_t: `integer` is exact
+    bool is_integer = false;    // an integer literal (no '.', no exponent) that fits int64_t: `integer` is exact
     int64_t integer = 0;
     std::string string;
     std::vector<Json> array;
     std::vector<std::pair<std::string, Json>> object;
-
     static Json of_bool(bool b) { Json j; j.type = Type::boolean; j.boolean = b; return j; }
     static Json of_int(int64_t v) {
         Json j; j.type = Type::number; j.number = double(v); j.is_integer = true; j.integer = v; return j;
@@ -6432,7 +6420,6 @@ struct Json {
     static Json of_string(std::string s) { Json j; j.type = Type::string; j.string = std::move(s); return j; }
     static Json new_array() { Json j; j.type = Type::array; return j; }
     static Json new_object() { Json j; j.type = Type::object; return j; }
-
     bool is_null() const { return type == Type::null; }
     bool is_number() const { return type == Type::number; }
     bool is_string() const { return type == Type::string; }
@@ -6464,14 +6451,14 @@ inline void append_utf8(std::string& out, uint32_t cp) {
     out += char(lead[n] | (cp >> (6 * (n - 1))));
     for (int i = n - 2; i >= 0; --i) out += char(0x80 | ((cp >> (6 * i)) & 0x3F));
 }
-
+// JSON's two-character escapes: \" \\ \/ \b \f \n \r \t stand for the characters of json_unescaped.
+inline constexpr char json_escapes[] = "\"\\/bfnrt", json_unescaped[] = "\"\\/\b\f\n\r\t";
 // Recursive descent over the JSON grammar. `base` is added to reported offsets (the safetensors header starts at
 // byte 8 of its file, so errors give offsets in the file).
 class JsonParser {
   public:
     JsonParser(const char* text, size_t size, std::string source, uint64_t base)
         : p_(text), n_(size), source_(std::move(source)), base_(base) {}
-
     Json parse_document() {
         skip_ws();
         Json v = value();
@@ -6479,7 +6466,6 @@ class JsonParser {
         if (pos_ != n_) error("the end of the document");
         return v;
     }
-
   private:
     const char* p_;
     size_t n_, pos_ = 0;
@@ -6495,12 +6481,9 @@ class JsonParser {
         std::snprintf(buf, sizeof buf, "byte 0x%02X", c);
         return buf;
     }
-    [[noreturn]] void error(const char* expected) const {
+    [[noreturn]] void error(const char* expected, size_t at = SIZE_MAX) {  // at pos_, or at `at`
+        if (at != SIZE_MAX) pos_ = at;
         fail(source_, ": invalid JSON at byte ", base_ + pos_, ": expected ", expected, ", found ", found());
-    }
-    [[noreturn]] void error_at(size_t pos, const char* expected) {
-        pos_ = pos;
-        error(expected);
     }
     void skip_ws() {
         while (pos_ < n_ && (p_[pos_] == ' ' || p_[pos_] == '\t' || p_[pos_] == '\n' || p_[pos_] == '\r')) ++pos_;
@@ -6512,7 +6495,6 @@ class JsonParser {
         for (const char* w = word; *w; ++w, ++pos_)
             if (!at(*w)) error(word);
     }
-
     Json value() {
         if (pos_ >= n_) error("a value");
         switch (p_[pos_]) {
@@ -6570,17 +6552,16 @@ class JsonParser {
     // After "\u": 4 hex digits, or a UTF-16 surrogate pair for a character beyond U+FFFF: \uD83D\uDE00.
     uint32_t code_point() {
         const uint32_t cp = hex4();
-        if (cp >= 0xDC00 && cp <= 0xDFFF) error_at(pos_ - 6, "a character, not a lone low surrogate");
+        if (cp >= 0xDC00 && cp <= 0xDFFF) error("a character, not a lone low surrogate", pos_ - 6);
         if (cp < 0xD800 || cp > 0xDBFF) return cp;
         if (!(at('\\') && pos_ + 1 < n_ && p_[pos_ + 1] == 'u'))
             error("a low surrogate \\uDC00-\\uDFFF after a high surrogate");
         pos_ += 2;
         const uint32_t low = hex4();
-        if (low < 0xDC00 || low > 0xDFFF) error_at(pos_ - 6, "a low surrogate \\uDC00-\\uDFFF after a high surrogate");
+        if (low < 0xDC00 || low > 0xDFFF) error("a low surrogate \\uDC00-\\uDFFF after a high surrogate", pos_ - 6);
         return 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00);
     }
     std::string string() {
-        static const char escapes[] = "\"\\/bfnrt", decoded[] = "\"\\/\b\f\n\r\t";
         ++pos_;  // opening quote
         std::string out;
         while (true) {
@@ -6592,9 +6573,9 @@ class JsonParser {
             if (c != '\\') { out += char(c); continue; }
             if (pos_ >= n_) error("an escape character");
             const char e = p_[pos_++];
-            const char* k = e ? std::strchr(escapes, e) : nullptr;
+            const char* k = e ? std::strchr(json_escapes, e) : nullptr;
             if (e == 'u') append_utf8(out, code_point());
-            else if (k) out += decoded[k - escapes];
+            else if (k) out += json_unescaped[k - json_escapes];
             else --pos_, error("one of \\\" \\\\ \\/ \\b \\f \\n \\r \\t \\u after a backslash");
         }
     }
@@ -6612,24 +6593,31 @@ class JsonParser {
         const bool exponent = eat('e') || eat('E');
         if (exponent && !eat('+')) eat('-');
         if (exponent && !digits()) error("a digit in the exponent");
-        const bool integral = !fraction && !exponent;
         const std::string text(p_ + start, pos_ - start);
         Json j = Json::of_double(std::strtod(text.c_str(), nullptr));  // the C locale (programs do not call setlocale)
-        if (!std::isfinite(j.number)) error_at(start, "a number within the range of a double");
+        if (!std::isfinite(j.number)) error("a number within the range of a double", start);
         // an integer literal also keeps its exact value when it fits int64_t (offsets and shapes must be exact)
-        j.is_integer = integral && std::from_chars(text.data(), text.data() + text.size(), j.integer).ec == std::errc();
+        j.is_integer = !fraction && !exponent && std::from_chars(text.data(), text.data() + text.size(), j.integer).ec == std::errc();
         return j;
     }
 };
+// Builders for the writers: an array of integers; members appended to an object, in order.
+inline Json json_ints(const std::vector<int64_t>& values) {
+    Json array = Json::new_array();
+    for (int64_t v : values) array.push(Json::of_int(v));
+    return array;
+}
+inline void add_members(Json& object, std::initializer_list<std::pair<const char*, Json>> members) {
+    for (const auto& [key, value] : members) object.add(key, value);
+}
 inline void write_json_string(std::string& out, const std::string& s) {
     out += '"';
     for (const char ch : s) {
         const unsigned char c = static_cast<unsigned char>(ch);
-        const char* e = c == '"' ? "\\\"" : c == '\\' ? "\\\\" : c == '\n' ? "\\n" : c == '\r' ? "\\r" : c == '\t' ? "\\t"
-                      : c == '\b' ? "\\b" : c == '\f' ? "\\f" : nullptr;
+        const char* k = c && c != '/' ? std::strchr(json_unescaped, c) : nullptr;  // '/' needs no escape
         char buf[8];
-        if (!e && c < 0x20) std::snprintf(buf, sizeof buf, "\\u%04X", c), e = buf;
-        if (e) out += e;
+        if (k) out += {'\\', json_escapes[k - json_unescaped]};
+        else if (c < 0x20) out.append(buf, size_t(std::snprintf(buf, sizeof buf, "\\u%04X", c)));
         else out += char(c);  // UTF-8 passes through unchanged
     }
     out += '"';
@@ -6637,24 +6625,19 @@ inline void write_json_string(std::string& out, const std::string& s) {
 inline void write_json_number(std::string& out, const Json& j) {
     if (j.is_integer) { out += std::to_string(j.integer); return; }
     if (!std::isfinite(j.number)) fail("JSON writer: ", j.number, " cannot be written (JSON has no NaN or infinity)");
+    // Integral doubles stay recognisable as floats for Python (40.0, not 40 or 4e+01): types survive a round trip.
+    // Other numbers: the shortest text that reads back as the same double.
+    const bool integral = std::floor(j.number) == j.number && std::fabs(j.number) < 1e15;
     char buf[40];
-    if (std::floor(j.number) == j.number && std::fabs(j.number) < 1e15) {
-        // Integral doubles stay recognisable as floats for Python (40.0, not 40 or 4e+01): types survive a round trip.
-        std::snprintf(buf, sizeof buf, "%.1f", j.number);
-        out += buf;
-        return;
-    }
-    for (int precision = 1; precision <= 17; ++precision) {  // the shortest text that reads back as the same double
-        std::snprintf(buf, sizeof buf, "%.*g", precision, j.number);
+    for (int precision = 1; precision <= 17; ++precision) {
+        std::snprintf(buf, sizeof buf, integral ? "%.*f" : "%.*g", integral ? 1 : precision, j.number);
         if (std::strtod(buf, nullptr) == j.number) break;
     }
     out += buf;
 }
 inline void write_json(std::string& out, const Json& j, int indent, int level) {
     auto newline = [&](int lvl) {
-        if (indent < 0) return;
-        out += '\n';
-        out.append(size_t(indent) * size_t(lvl), ' ');
+        if (indent >= 0) out += '\n' + std::string(size_t(indent) * size_t(lvl), ' ');
     };
     switch (j.type) {
         case Json::Type::null: out += "null"; return;
@@ -6682,7 +6665,6 @@ inline void write_json(std::string& out, const Json& j, int indent, int level) {
     }
 }
 }  // namespace io_detail
-
 // Parses a whole JSON document; `source` (a file name) starts every error message.
 inline Json json_parse(const std::string& text, const std::string& source, uint64_t base_offset = 0) {
     return io_detail::JsonParser(text.data(), text.size(), source, base_offset).parse_document();
@@ -6703,19 +6685,16 @@ inline std::string json_describe(const Json& j) {
 
 // --- 13.3 safetensors ------------------------------------------------------------------------------------------------
 // The format (github.com/huggingface/safetensors), all integers little-endian:
-//
 //     bytes 0..7        N, the header length (uint64)
 //     bytes 8..8+N      JSON: {"__metadata__": {"format": "pt"},                            (optional, string values)
 //                              "model.norm.weight": {"dtype": "BF16", "shape": [7168], "data_offsets": [0, 14336]},
 //                              ...}                                                        (may be padded with spaces)
 //     bytes 8+N..       the data section; each tensor's bytes are [begin, end) relative to its start, row-major
-//
 // No code runs while loading (unlike pickle), and a reader can check everything before touching the data: this one
 // checks the header length against the file, every field's type, that shape × dtype size equals the byte range,
 // that every range lies inside the data section, and that no two ranges overlap. Bytes covered by no tensor are
 // allowed (the reference implementation rejects them; we only count them, in uncovered_bytes).
 enum class DType { F32, BF16, F16, F8_E4M3, F8_E5M2 };
-
 inline const char* dtype_name(DType d) {
     static const char* const names[] = {"F32", "BF16", "F16", "F8_E4M3", "F8_E5M2"};  // in the order of DType
     return names[int(d)];
@@ -6727,37 +6706,28 @@ inline bool dtype_from_name(const std::string& name, DType* out) {
     return false;
 }
 inline bool dtype_is_fp8(DType d) { return d == DType::F8_E4M3 || d == DType::F8_E5M2; }
-
-// bytes (little-endian, `dtype`) -> float32, and back. Every format here converts to float32 exactly; float32 to
-// BF16, F16 or FP8 rounds to nearest even (FP8 saturates at its largest finite value).
-inline float decode_value(DType dtype, const uint8_t* b) {
-    const uint32_t u = uint32_t(load_le(b, dtype_size(dtype)));
-    switch (dtype) {
-        case DType::BF16: return bf16_bits_to_float(uint16_t(u));
-        case DType::F16: return f16_bits_to_float(uint16_t(u));
-        case DType::F8_E4M3: return fp8_e4m3_decode(uint8_t(u));
-        case DType::F8_E5M2: return fp8_e5m2_decode(uint8_t(u));
-        default: { float f; std::memcpy(&f, &u, 4); return f; }
-    }
-}
-inline void encode_value(DType dtype, float x, uint8_t* out) {
-    uint32_t u = 0;
-    switch (dtype) {
-        case DType::BF16: u = float_to_bf16_bits(x); break;
-        case DType::F16: u = float_to_f16_bits(x); break;
-        case DType::F8_E4M3: u = fp8_e4m3_encode(x); break;
-        case DType::F8_E5M2: u = fp8_e5m2_encode(x); break;
-        default: std::memcpy(&u, &x, 4);
-    }
-    store_le(out, u, dtype_size(dtype));
-}
+// n values: bytes (little-endian, `dtype`) -> float32, and back. Every format here converts to float32 exactly;
+// float32 to BF16, F16 or FP8 rounds to nearest even (FP8 saturates at its largest finite value).
 inline void decode_to_float(DType dtype, const uint8_t* b, int64_t n, float* out) {
-    for (int64_t i = 0; i < n; ++i) out[i] = decode_value(dtype, b + i * dtype_size(dtype));
+    const int size = dtype_size(dtype);
+    for (int64_t i = 0; i < n; ++i) {
+        const uint32_t u = uint32_t(load_le(b + i * size, size));
+        out[i] = dtype == DType::BF16      ? bf16_bits_to_float(uint16_t(u))
+                 : dtype == DType::F16     ? f16_bits_to_float(uint16_t(u))
+                 : dtype == DType::F8_E4M3 ? fp8_e4m3_decode(uint8_t(u))
+                 : dtype == DType::F8_E5M2 ? fp8_e5m2_decode(uint8_t(u)) : fp8_detail::float_of(u);
+    }
 }
 inline void encode_from_float(DType dtype, const float* x, int64_t n, uint8_t* out) {
-    for (int64_t i = 0; i < n; ++i) encode_value(dtype, x[i], out + i * dtype_size(dtype));
+    const int size = dtype_size(dtype);
+    for (int64_t i = 0; i < n; ++i) {
+        const uint32_t u = dtype == DType::BF16      ? float_to_bf16_bits(x[i])
+                           : dtype == DType::F16     ? float_to_f16_bits(x[i])
+                           : dtype == DType::F8_E4M3 ? fp8_e4m3_encode(x[i])
+                           : dtype == DType::F8_E5M2 ? fp8_e5m2_encode(x[i]) : fp8_detail::bits_of(x[i]);
+        store_le(out + i * size, u, size);
+    }
 }
-
 struct TensorInfo {
     std::string name;
     DType dtype = DType::F32;
@@ -6765,7 +6735,6 @@ struct TensorInfo {
     int64_t numel = 0;
     uint64_t begin = 0, end = 0;  // byte range [begin, end) in the data section
 };
-
 // An open safetensors file whose header has been read and validated. Tensors are read on demand.
 struct SafetensorsFile {
     std::string path;
@@ -6773,16 +6742,12 @@ struct SafetensorsFile {
     std::vector<TensorInfo> tensors;                             // in header order
     std::vector<std::pair<std::string, std::string>> metadata;  // "__metadata__"
     uint64_t uncovered_bytes = 0;                                // data-section bytes no tensor covers
-
-    explicit SafetensorsFile(const std::string& file_path) : path(file_path) {
-        file_ = io_detail::open_file(path, "safetensors");
-        read_header();
-    }
+    explicit SafetensorsFile(const std::string& file_path)
+        : path(file_path), file_(io_detail::open_file(file_path, "safetensors")) { read_header(); }
     const TensorInfo* find(const std::string& name) const {
         auto it = index_.find(name);
         return it == index_.end() ? nullptr : &tensors[it->second];
     }
-    // The tensor's raw bytes.
     std::vector<uint8_t> read_bytes(const TensorInfo& t) const {
         require_memory(path + ": tensor \"" + t.name + "\"", double(t.end - t.begin));
         std::vector<uint8_t> bytes(size_t(t.end - t.begin));
@@ -6802,7 +6767,6 @@ struct SafetensorsFile {
         read_floats(*t, out.data());
         return out;
     }
-
   private:
     io_detail::File file_;
     std::unordered_map<std::string, size_t> index_;
@@ -6885,27 +6849,20 @@ struct SafetensorsFile {
                  t.end - t.begin);
         return t;
     }
-    // Overlaps: sort the ranges by start; each must begin at or after the furthest end seen so far.
+    // Overlaps: sorted by start, each range that is not empty must begin at or after the end of the one before.
     void check_overlaps() {
-        std::vector<size_t> order(tensors.size());
-        std::iota(order.begin(), order.end(), size_t(0));
-        std::sort(order.begin(), order.end(), [&](size_t a, size_t b) {
-            return std::make_pair(tensors[a].begin, tensors[a].end) < std::make_pair(tensors[b].begin, tensors[b].end);
-        });
-        uint64_t covered = 0, furthest = 0;
-        size_t furthest_tensor = 0;
-        for (size_t i : order) {
-            const TensorInfo& t = tensors[i];
-            if (t.begin == t.end) continue;  // empty tensors occupy no bytes
-            if (t.begin < furthest) {
-                const TensorInfo& o = tensors[furthest_tensor];
-                fail(path, ": tensors \"", o.name, "\" [", o.begin, ", ", o.end, ") and \"", t.name, "\" [", t.begin, ", ",
-                     t.end, ") overlap in the data section");
-            }
-            covered += t.end - t.begin;
-            furthest = t.end, furthest_tensor = i;
-        }
-        uncovered_bytes = file_size - data_start - covered;
+        std::vector<const TensorInfo*> order;
+        for (const TensorInfo& t : tensors) order.push_back(&t);
+        std::sort(order.begin(), order.end(),
+                  [](auto a, auto b) { return std::tie(a->begin, a->end) < std::tie(b->begin, b->end); });
+        auto empty = [](const TensorInfo* t) { return t->begin == t->end; };  // empty tensors occupy no bytes
+        order.erase(std::remove_if(order.begin(), order.end(), empty), order.end());
+        const auto o = std::adjacent_find(order.begin(), order.end(), [](auto a, auto b) { return b->begin < a->end; });
+        if (o != order.end())
+            fail(path, ": tensors \"", o[0]->name, "\" [", o[0]->begin, ", ", o[0]->end, ") and \"", o[1]->name, "\" [",
+                 o[1]->begin, ", ", o[1]->end, ") overlap in the data section");
+        uncovered_bytes = file_size - data_start;
+        for (const TensorInfo* t : order) uncovered_bytes -= t->end - t->begin;
     }
 };
 // One tensor to write: `data` holds numel float32 values, stored as `dtype` (F32 or BF16 are the usual choices; F16
@@ -6916,7 +6873,6 @@ struct TensorToWrite {
     const float* data = nullptr;
     DType dtype = DType::F32;
 };
-
 // Writes a safetensors file (atomically). transformers refuses files whose __metadata__ lacks "format": "pt", hence
 // the default. The header is padded with spaces to a multiple of 8 bytes, as the reference writer does.
 inline void write_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
@@ -6927,24 +6883,18 @@ inline void write_safetensors(const std::string& path, const std::vector<TensorT
         for (const auto& kv : metadata) m.add(kv.first, Json::of_string(kv.second));
     }
     std::unordered_set<std::string> names;
-    uint64_t offset = 0;
+    int64_t offset = 0;
     for (const TensorToWrite& t : tensors) {
+        const std::string where = "safetensors " + path + ": tensor \"" + t.name + "\"";
         if (t.name.empty() || t.name == "__metadata__" || !names.insert(t.name).second)
             fail("safetensors ", path, ": tensor name \"", t.name, "\" is empty, reserved or repeated");
-        int64_t numel = 1;
-        Json& entry = header.add(t.name, Json::new_object());
-        entry.add("dtype", Json::of_string(dtype_name(t.dtype)));
-        Json& shape = entry.add("shape", Json::new_array());
-        for (int64_t d : t.shape) {
-            if (d < 0) fail("safetensors ", path, ": tensor \"", t.name, "\": negative dimension in ", io_detail::shape_str(t.shape));
-            shape.push(Json::of_int(d));
-            numel *= d;
-        }
-        if (numel > 0 && !t.data) fail("safetensors ", path, ": tensor \"", t.name, "\": no data");
-        const uint64_t bytes = uint64_t(numel) * uint64_t(dtype_size(t.dtype));
-        Json& offsets = entry.add("data_offsets", Json::new_array());
-        offsets.push(Json::of_int(int64_t(offset)));
-        offsets.push(Json::of_int(int64_t(offset + bytes)));
+        if (std::any_of(t.shape.begin(), t.shape.end(), [](int64_t d) { return d < 0; }))
+            fail(where, ": negative dimension in ", io_detail::shape_str(t.shape));
+        if (io_detail::numel(t.shape) > 0 && !t.data) fail(where, ": no data");
+        const int64_t bytes = io_detail::numel(t.shape) * dtype_size(t.dtype);
+        io_detail::add_members(header.add(t.name, Json::new_object()), {
+            {"dtype", Json::of_string(dtype_name(t.dtype))}, {"shape", io_detail::json_ints(t.shape)},
+            {"data_offsets", io_detail::json_ints({offset, offset + bytes})}});
         offset += bytes;
     }
     std::string text = json_dump(header);
@@ -6955,9 +6905,7 @@ inline void write_safetensors(const std::string& path, const std::vector<TensorT
         if (!write_bytes(f, len, 8) || !write_bytes(f, text.data(), text.size())) return false;
         std::vector<uint8_t> buf;
         for (const TensorToWrite& t : tensors) {
-            int64_t numel = 1;
-            for (int64_t d : t.shape) numel *= d;
-            const int64_t chunk = int64_t(1) << 20;  // encode in chunks: no full-size copy of a large tensor
+            const int64_t numel = io_detail::numel(t.shape), chunk = int64_t(1) << 20;  // no full-size copy of a tensor
             for (int64_t i = 0; i < numel; i += chunk) {
                 const int64_t n = std::min(chunk, numel - i);
                 buf.resize(size_t(n) * size_t(dtype_size(t.dtype)));
@@ -6968,7 +6916,6 @@ inline void write_safetensors(const std::string& path, const std::vector<TensorT
         return true;
     });
 }
-
 // model.safetensors.index.json: {"metadata": {...}, "weight_map": {"tensor name": "shard file name", ...}}.
 // Returns (tensor, file) pairs. Shard names must stay inside the directory (no absolute paths, no "..").
 inline std::vector<std::pair<std::string, std::string>> read_safetensors_index(const std::string& path) {
@@ -6990,7 +6937,6 @@ inline std::vector<std::pair<std::string, std::string>> read_safetensors_index(c
     }
     return out;
 }
-
 // All tensors of a checkpoint directory: model.safetensors, or the shards listed by model.safetensors.index.json
 // (transformers looks for the single file first, and so do we).
 struct HfCheckpoint {
@@ -7001,7 +6947,6 @@ struct HfCheckpoint {
     std::string dir, description;  // description: the file(s) the tensors come from, for messages
     std::vector<std::unique_ptr<SafetensorsFile>> files;
     std::map<std::string, Source> tensors;  // ordered: deterministic messages, prefix queries
-
     explicit HfCheckpoint(const std::string& directory) : dir(directory) {
         const std::string single = io_detail::join_path(dir, "model.safetensors");
         const std::string index = io_detail::join_path(dir, "model.safetensors.index.json");
@@ -7056,6 +7001,16 @@ struct HfConfigInfo {
     HfQuantization quant;
     std::vector<std::string> notes;     // where transformers' forward will differ for this file, and other remarks
 };
+// transformers' DeepseekV3Config defaults, i.e. what an absent key means.
+inline Config hf_config_defaults() {
+    Config c = Config::v3_671b();
+    c.max_seq_len = 4096;                      // max_position_embeddings
+    c.rope_factor = 1.0f;                      // no rope_scaling: plain RoPE
+    c.mscale = 1.0f;
+    c.n_mtp_depth = 0;                         // transformers has no MTP; DeepSeek's files say 1
+    c.init_std = 0.02f;                        // initializer_range
+    return c;
+}
 
 namespace io_detail {
 // Config field -> config.json key. The table maps the fields read and written one to one; with `any`, also the
@@ -7084,52 +7039,35 @@ inline const char* hf_key_of(const char* field, bool any = false) {
         if (std::strcmp(table[i][0], field) == 0) return table[i][1];
     return nullptr;
 }
-
-inline void from_json(const Json& v, int& out, const std::string& where, const std::string& key) {
-    const bool ok = v.is_number() && std::floor(v.number) == v.number && v.number >= INT_MIN && v.number <= INT_MAX;
-    if (!ok)
-        fail(where, ": key \"", key, "\": expected an integer in [", INT_MIN, ", ", INT_MAX, "], found ",
-             json_describe(v));
-    out = int(v.number);
-}
-inline void from_json(const Json& v, float& out, const std::string& where, const std::string& key) {
-    if (!v.is_number() || std::fabs(v.number) > double(FLT_MAX))
-        fail(where, ": key \"", key, "\": expected a number in [", -FLT_MAX, ", ", FLT_MAX, "], found ",
-             json_describe(v));
-    out = float(v.number);
-}
-inline void from_json(const Json& v, bool& out, const std::string& where, const std::string& key) {
-    if (v.type != Json::Type::boolean) fail(where, ": key \"", key, "\": expected true or false, found ", json_describe(v));
-    out = v.boolean;
-}
-inline void from_json(const Json& v, std::string& out, const std::string& where, const std::string& key) {
-    if (!v.is_string()) fail(where, ": key \"", key, "\": expected a string, found ", json_describe(v));
-    out = v.string;
+// A value of the field's type (int, float, bool, string); errors name the key, the type expected, the value found.
+template <class T>
+inline void from_json(const Json& v, T& out, const std::string& where, const std::string& key) {
+    auto bad = [&](const auto&... expected) {
+        fail(where, ": key \"", key, "\": expected ", expected..., ", found ", json_describe(v));
+    };
+    if constexpr (std::is_same_v<T, int>) {
+        if (!v.is_number() || std::floor(v.number) != v.number || v.number < INT_MIN || v.number > INT_MAX)
+            bad("an integer in [", INT_MIN, ", ", INT_MAX, "]");
+        out = int(v.number);
+    } else if constexpr (std::is_same_v<T, float>) {
+        if (!v.is_number() || std::fabs(v.number) > double(FLT_MAX)) bad("a number in [", -FLT_MAX, ", ", FLT_MAX, "]");
+        out = float(v.number);
+    } else if constexpr (std::is_same_v<T, bool>) {
+        if (v.type != Json::Type::boolean) bad("true or false");
+        out = v.boolean;
+    } else {
+        if (!v.is_string()) bad("a string");
+        out = v.string;
+    }
 }
 inline Json to_json(int v) { return Json::of_int(v); }
 inline Json to_json(float v) { return Json::of_float(v); }
 inline Json to_json(bool v) { return Json::of_bool(v); }
 inline Json to_json(const std::string& v) { return Json::of_string(v); }
-
 // YaRN's attention-scale function: m(s, c) = 0.1·c·ln(s) + 1 (1 when s <= 1).
 inline double yarn_mscale(double s, double c) { return s <= 1 ? 1.0 : 0.1 * c * std::log(s) + 1.0; }
-}  // namespace io_detail
-
-// transformers' DeepseekV3Config defaults, i.e. what an absent key means.
-inline Config hf_config_defaults() {
-    Config c = Config::v3_671b();
-    c.max_seq_len = 4096;                      // max_position_embeddings
-    c.rope_factor = 1.0f;                      // no rope_scaling: plain RoPE
-    c.mscale = 1.0f;
-    c.n_mtp_depth = 0;                         // transformers has no MTP; DeepSeek's files say 1
-    c.init_std = 0.02f;                        // initializer_range
-    return c;
-}
-
-namespace io_detail {
-// Reads o[key] into `out` if present: true if it was. A null value counts as absent only with null_is_absent (rope and
-// quantization fields); elsewhere null is an error, "expected an integer in [...], found null". Errors show the key
-// as `name`.
+// Reads o[key] into `out` if present: true if it was. Null counts as absent only with null_is_absent (rope and
+// quantization fields); elsewhere it is an error, "expected an integer in [...], found null". Errors name `name`.
 template <class T>
 inline bool read_key(const Json& o, const std::string& key, T& out, const std::string& where, const std::string& name,
                      bool null_is_absent = true) {
@@ -7138,7 +7076,6 @@ inline bool read_key(const Json& o, const std::string& key, T& out, const std::s
     from_json(*v, out, where, name);
     return true;
 }
-
 // Features of transformers' DeepseekV3 this implementation does not have: refuse rather than compute wrongly.
 inline void require_supported_hf_keys(const Json& j, const Config& c, const std::string& where) {
     struct Only { const char* key; Json value; const char* why; };
@@ -7161,7 +7098,6 @@ inline void require_supported_hf_keys(const Json& j, const Config& c, const std:
                  json_describe(*v));
     }
 }
-
 // YaRN under rope_scaling / rope_parameters (`rope_key`): factor, original length, β's, mscale [V3 §4.3].
 inline void read_yarn(const Json& rope, const std::string& rope_key, Config& c, const std::string& where,
                       std::vector<std::string>& notes) {
@@ -7183,8 +7119,8 @@ inline void read_yarn(const Json& rope, const std::string& rope_key, Config& c, 
     else if (mscale != 0 && mscale_all_dim != 0)
         cos_sin_factor = yarn_mscale(c.rope_factor, mscale) / yarn_mscale(c.rope_factor, mscale_all_dim);
     if (std::fabs(cos_sin_factor - 1.0) > 1e-6)
-        notes.push_back("transformers multiplies RoPE's cos and sin by " + std::to_string(cos_sin_factor) + " for this " +
-                        rope_key + " (mscale " + std::to_string(mscale) + ", mscale_all_dim " +
+        notes.push_back("transformers multiplies RoPE's cos and sin by " + std::to_string(cos_sin_factor) + " for this "
+                        + rope_key + " (mscale " + std::to_string(mscale) + ", mscale_all_dim " +
                         std::to_string(mscale_all_dim) + "); this implementation does not, so logits differ");
     if (std::fabs(double(c.rope_factor) * c.original_seq_len - c.max_seq_len) > 0.5)
         notes.push_back("YaRN factor " + std::to_string(c.rope_factor) + " x original_max_position_embeddings " +
@@ -7192,7 +7128,6 @@ inline void read_yarn(const Json& rope, const std::string& rope_key, Config& c, 
                         std::to_string(c.max_seq_len) + ": transformers 4.5x derives the frequencies' factor from "
                         "max_position_embeddings / original_max_position_embeddings instead, so it may differ");
 }
-
 // rope_theta and YaRN. rope_scaling wins over rope_parameters when both are given, as in transformers.
 inline void read_rope(const Json& j, Config& c, const std::string& where, std::vector<std::string>& notes) {
     const Json* rope = nullptr;
@@ -7218,33 +7153,30 @@ inline void read_rope(const Json& j, Config& c, const std::string& where, std::v
     else if (type != "default")
         fail(where, ": key \"", rope_key, ".rope_type\": only \"yarn\" and \"default\" are supported, found \"", type, "\"");
 }
-
-// quantization_config of DeepSeek's FP8 release: {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}.
+// DeepSeek's FP8 release: quantization_config {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
 inline void read_quantization(const Json& j, HfQuantization& quant, const std::string& where) {
     const Json* q = j.find("quantization_config");
     if (!q || q->is_null()) return;
     const std::string key = "quantization_config";
-    if (!q->is_object()) fail(where, ": key \"", key, "\": expected an object, found ", json_describe(*q));
+    auto bad = [&](const char* sub, const auto&... what) { fail(where, ": key \"", key, sub, "\": ", what...); };
+    if (!q->is_object()) bad("", "expected an object, found ", json_describe(*q));
     std::string method;
-    if (!read_key(*q, "quant_method", method, where, key + ".quant_method", false))
-        fail(where, ": key \"", key, ".quant_method\": missing");
+    if (!read_key(*q, "quant_method", method, where, key + ".quant_method", false)) bad(".quant_method", "missing");
     if (method != "fp8")
-        fail(where, ": key \"", key, ".quant_method\": only \"fp8\" (DeepSeek's block-scaled FP8) is supported, found \"",
-             method, "\"");
+        bad(".quant_method", "only \"fp8\" (DeepSeek's block-scaled FP8) is supported, found \"", method, "\"");
     quant.fp8 = true;
     read_key(*q, "fmt", quant.fmt, where, key + ".fmt", false);
-    if (quant.fmt != "e4m3") fail(where, ": key \"", key, ".fmt\": only \"e4m3\" is supported, found \"", quant.fmt, "\"");
+    if (quant.fmt != "e4m3") bad(".fmt", "only \"e4m3\" is supported, found \"", quant.fmt, "\"");
     read_key(*q, "activation_scheme", quant.activation_scheme, where, key + ".activation_scheme", false);
-    if (const Json* b = q->find("weight_block_size")) {
-        if (!b->is_array() || b->array.size() != 2)
-            fail(where, ": key \"", key, ".weight_block_size\": expected [out, in], found ", json_describe(*b));
-        from_json(b->array[0], quant.block_out, where, key + ".weight_block_size[0]");
-        from_json(b->array[1], quant.block_in, where, key + ".weight_block_size[1]");
-        if (quant.block_out <= 0 || quant.block_in <= 0)
-            fail(where, ": key \"", key, ".weight_block_size\": expected positive sizes, found ", json_describe(*b));
-    }
+    const Json* b = q->find("weight_block_size");
+    if (!b) return;
+    if (!b->is_array() || b->array.size() != 2)
+        bad(".weight_block_size", "expected [out, in], found ", json_describe(*b));
+    from_json(b->array[0], quant.block_out, where, key + ".weight_block_size[0]");
+    from_json(b->array[1], quant.block_in, where, key + ".weight_block_size[1]");
+    if (quant.block_out <= 0 || quant.block_in <= 0)
+        bad(".weight_block_size", "expected positive sizes, found ", json_describe(*b));
 }
-
 // c.validate(), with the config.json keys of the Config fields its message names added to the error.
 inline void validate_hf_config(const Config& c, const std::string& where) {
     try {
@@ -7267,7 +7199,6 @@ inline void validate_hf_config(const Config& c, const std::string& where) {
     }
 }
 }  // namespace io_detail
-
 // config.json (already parsed) -> Config. `where` (the file name) starts every error message.
 inline Config config_from_hf_json(const Json& j, const std::string& where, HfConfigInfo* info = nullptr) {
     HfConfigInfo local;
@@ -7305,42 +7236,31 @@ inline Json config_to_hf_json(const Config& c, const std::string& torch_dtype = 
     c.visit([&](const char* field, const auto& value) {
         if (const char* key = io_detail::hf_key_of(field)) j.add(key, io_detail::to_json(value));
     });
-    j.add("q_lora_rank", c.q_lora_rank > 0 ? Json::of_int(c.q_lora_rank) : Json{});
-    j.add("rope_theta", Json::of_float(c.rope_theta));
-    if (c.yarn_active()) {
-        Json& r = j.add("rope_scaling", Json::new_object());
-        r.add("type", Json::of_string("yarn"));
-        r.add("rope_type", Json::of_string("yarn"));
-        r.add("factor", Json::of_float(c.rope_factor));
-        r.add("original_max_position_embeddings", Json::of_int(c.original_seq_len));
-        r.add("beta_fast", Json::of_float(c.beta_fast));
-        r.add("beta_slow", Json::of_float(c.beta_slow));
-        // mscale == mscale_all_dim makes transformers' cos/sin factor 1, as in our RoPE (see the reader above).
-        r.add("mscale", Json::of_float(c.mscale));
-        r.add("mscale_all_dim", Json::of_float(c.mscale));
-        if (c.mscale == 0.0f) r.add("attention_factor", Json::of_double(1.0));
-    } else {
-        j.add("rope_scaling", Json{});
-    }
-    j.add("num_key_value_heads", Json::of_int(c.n_heads));
-    j.add("hidden_act", Json::of_string("silu"));
-    j.add("attention_bias", Json::of_bool(false));
-    j.add("attention_dropout", Json::of_double(0.0));
-    j.add("rope_interleave", Json::of_bool(true));
-    j.add("tie_word_embeddings", Json::of_bool(false));
-    j.add("topk_method", Json::of_string(c.score_func == "sigmoid" ? "noaux_tc"
-                                          : c.n_expert_groups > 1 ? "group_limited_greedy" : "greedy"));
-    j.add("use_cache", Json::of_bool(true));
-    j.add("torch_dtype", Json::of_string(torch_dtype));
+    // mscale == mscale_all_dim makes transformers' cos/sin factor 1, as in our RoPE (see the reader above).
+    Json yarn = Json::new_object();
+    io_detail::add_members(yarn, {{"type", Json::of_string("yarn")}, {"rope_type", Json::of_string("yarn")},
+        {"factor", Json::of_float(c.rope_factor)},
+        {"original_max_position_embeddings", Json::of_int(c.original_seq_len)},
+        {"beta_fast", Json::of_float(c.beta_fast)}, {"beta_slow", Json::of_float(c.beta_slow)},
+        {"mscale", Json::of_float(c.mscale)}, {"mscale_all_dim", Json::of_float(c.mscale)}});
+    if (c.mscale == 0.0f) yarn.add("attention_factor", Json::of_double(1.0));
+    const char* topk_method = c.score_func == "sigmoid"  ? "noaux_tc"
+                              : c.n_expert_groups > 1 ? "group_limited_greedy" : "greedy";
+    io_detail::add_members(j, {{"q_lora_rank", c.q_lora_rank > 0 ? Json::of_int(c.q_lora_rank) : Json{}},
+        {"rope_theta", Json::of_float(c.rope_theta)}, {"rope_scaling", c.yarn_active() ? yarn : Json{}},
+        {"num_key_value_heads", Json::of_int(c.n_heads)}, {"hidden_act", Json::of_string("silu")},
+        {"attention_bias", Json::of_bool(false)}, {"attention_dropout", Json::of_double(0.0)},
+        {"rope_interleave", Json::of_bool(true)}, {"tie_word_embeddings", Json::of_bool(false)},
+        {"topk_method", Json::of_string(topk_method)}, {"use_cache", Json::of_bool(true)},
+        {"torch_dtype", Json::of_string(torch_dtype)}});
     return j;
 }
-
 inline Config read_hf_config(const std::string& path, HfConfigInfo* info = nullptr) {
     return config_from_hf_json(json_read_file(path), path, info);
 }
 inline void write_hf_config(const std::string& path, const Config& c, const std::string& torch_dtype = "float32") {
     const std::string text = json_dump(config_to_hf_json(c, torch_dtype), 2) + "\n";
-    write_file_atomic_stream(path, "config.json", [&](std::FILE* f) { return write_bytes(f, text.data(), text.size()); });
+    write_file_atomic_stream(path, "config.json", [&](FILE* f) { return write_bytes(f, text.data(), text.size()); });
 }
 
 // --- 13.5 Model <-> Hugging Face directory ---------------------------------------------------------------------------
@@ -7359,7 +7279,6 @@ inline std::string mtp_embed_copy_name(const Config& c, int k) {  // k = 0..D-1
 inline std::string mtp_head_copy_name(const Config& c, int k) {
     return "model.layers." + std::to_string(c.n_layers + k) + ".shared_head.head.weight";
 }
-
 // Writes dir/config.json and dir/model.safetensors. dtype F32 (exact) or BF16 (half the size; the routing bias stays
 // F32, as in DeepSeek's files: a bias of 1e-3 steps must not be rounded to BF16's 8 bits).
 inline void save_hf(const std::string& dir, const Model& model, DType dtype = DType::F32) {
@@ -7402,9 +7321,9 @@ inline void read_checkpoint_tensor(const HfCheckpoint& ckpt, const HfCheckpoint:
     if (t.shape.size() != 2)
         fail(src.file->path, ": tensor \"", t.name, "\": FP8 with block scales needs a matrix, found shape ", shape_str(t.shape));
     const int64_t rows = t.shape[0], cols = t.shape[1];
-    const std::vector<int64_t> expected = {(rows + q.block_out - 1) / q.block_out, (cols + q.block_in - 1) / q.block_in};
-    if (s->info->shape != expected)
-        fail(s->file->path, ": tensor \"", scale_name, "\": expected shape ", shape_str(expected), " (one scale per ",
+    const std::vector<int64_t> blocks = {(rows + q.block_out - 1) / q.block_out, (cols + q.block_in - 1) / q.block_in};
+    if (s->info->shape != blocks)
+        fail(s->file->path, ": tensor \"", scale_name, "\": expected shape ", shape_str(blocks), " (one scale per ",
              q.block_out, "x", q.block_in, " block of ", shape_str(t.shape), "), found ", shape_str(s->info->shape));
     const std::vector<float> scale = s->file->read_floats(scale_name);
     used.insert(scale_name);
@@ -7428,10 +7347,9 @@ inline void check_hf_tensors(const HfCheckpoint& ckpt, const ParamLayout& layout
              ckpt.description, ": ", name_list(missing));
 }
 }  // namespace io_detail
-
 // Copies every tensor of a checkpoint directory into `model` (whose config must match the checkpoint). Errors: any
-// tensor missing (the message lists some), a shape differing from the config's, a tensor this config does not have.
-// Notes (non-fatal) are appended to `notes`.
+// tensor missing (the message lists some), a shape differing from the config's, a tensor this config does not have;
+// notes (non-fatal) go to `notes`.
 inline void load_hf_weights(const HfCheckpoint& ckpt, Model& model, const HfQuantization& quant,
                             std::vector<std::string>* notes = nullptr) {
     if (!backend::host_memory) fail("load_hf_weights: runs on the CPU backend only (it reads into host memory)");
@@ -7463,22 +7381,20 @@ inline void load_hf_weights(const HfCheckpoint& ckpt, Model& model, const HfQuan
     }
     std::vector<std::string> extra;
     bool extra_layers = false;
-    for (const auto& kv : ckpt.tensors) {
-        if (used.count(kv.first)) continue;
-        extra.push_back(kv.first);
-        if (io_detail::starts_with(kv.first, "model.layers.")) {
-            const int layer = std::atoi(kv.first.c_str() + std::strlen("model.layers."));
-            if (layer >= c.n_layers + int(model.layout.mtp.size())) extra_layers = true;
-        }
+    for (const auto& [name, src] : ckpt.tensors) {
+        if (used.count(name)) continue;
+        extra.push_back(name);
+        const char* layer = "model.layers.";
+        extra_layers |= io_detail::starts_with(name, layer) &&
+                        std::atoi(name.c_str() + std::strlen(layer)) >= c.n_layers + int(model.layout.mtp.size());
     }
+    const std::string mtp_hint = " (layers beyond num_hidden_layers: MTP weights? config.json declares "
+                                 "num_nextn_predict_layers = " + std::to_string(c.n_mtp_depth) + ")";
     if (!extra.empty())
         fail(ckpt.dir, ": ", extra.size(), " tensor", extra.size() == 1 ? " in " : "s in ", ckpt.description,
-             extra.size() == 1 ? " is" : " are", " not part of the model config.json describes: ", io_detail::name_list(extra),
-             extra_layers ? " (layers beyond num_hidden_layers: MTP weights? config.json declares num_nextn_predict_layers = " +
-                                std::to_string(c.n_mtp_depth) + ")"
-                          : "");
+             extra.size() == 1 ? " is" : " are", " not part of the model config.json describes: ",
+             io_detail::name_list(extra), extra_layers ? mtp_hint : "");
 }
-
 // Reads a Hugging Face directory (config.json + model.safetensors or shards, any mix of F32/BF16/F16/FP8) into a new
 // Model. If config.json declares MTP modules (num_nextn_predict_layers) whose weights the checkpoint lacks, the model
 // is built without them (n_mtp_depth = the modules present), and a note says so. Notes go to stderr.
@@ -7501,7 +7417,7 @@ inline Model load_hf(const std::string& dir, uint64_t seed = 0) {
     for (const auto& f : ckpt.files)
         if (f->uncovered_bytes > 0)
             info.notes.push_back(f->path + ": " + std::to_string(f->uncovered_bytes) + " bytes of the data section belong to no tensor");
-    for (const std::string& note : info.notes) std::fprintf(stderr, "load_hf %s: note: %s\n", dir.c_str(), note.c_str());
+    for (const auto& note : info.notes) std::fprintf(stderr, "load_hf %s: note: %s\n", dir.c_str(), note.c_str());
     return model;
 }
 
@@ -7510,19 +7426,18 @@ inline Model load_hf(const std::string& dir, uint64_t seed = 0) {
 // {'descr': '<f4', 'fortran_order': False, 'shape': (2, 8, 64), } padded with spaces and a newline so that the data
 // starts at a multiple of 64 bytes, then the raw little-endian float32 values in C (row-major) order.
 inline void write_npy(const std::string& path, const float* data, const std::vector<int64_t>& shape) {
-    std::string dict = "{'descr': '<f4', 'fortran_order': False, 'shape': (";
-    int64_t numel = 1;
-    for (size_t i = 0; i < shape.size(); ++i) {
-        if (shape[i] < 0) fail("npy ", path, ": negative dimension in ", io_detail::shape_str(shape));
-        dict += std::to_string(shape[i]) + (shape.size() == 1 ? "," : i + 1 < shape.size() ? ", " : "");
-        numel *= shape[i];
-    }
-    dict += "), }";
+    const std::string dims = io_detail::shape_str(shape);  // "[2, 8, 64]": the tuple is "(2, 8, 64)", "(5,)" or "()"
+    if (std::any_of(shape.begin(), shape.end(), [](int64_t d) { return d < 0; }))
+        fail("npy ", path, ": negative dimension in ", dims);
+    const int64_t numel = io_detail::numel(shape);
+    std::string dict = "{'descr': '<f4', 'fortran_order': False, 'shape': (" + dims.substr(1, dims.size() - 2) +
+                       (shape.size() == 1 ? ",), }" : "), }");
     const size_t unpadded = 10 + dict.size() + 1;  // magic(6) + version(2) + length(2) + dict + '\n'
     dict.append((64 - unpadded % 64) % 64, ' ');
     dict += '\n';
     write_file_atomic_stream(path, "npy", [&](std::FILE* f) {
-        const uint8_t head[10] = {0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0, uint8_t(dict.size() & 0xFF), uint8_t(dict.size() >> 8)};
+        const uint8_t head[10] = {0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0, uint8_t(dict.size() & 0xFF),
+                                  uint8_t(dict.size() >> 8)};
         if (!write_bytes(f, head, 10) || !write_bytes(f, dict.data(), dict.size())) return false;
         std::vector<uint8_t> bytes(size_t(numel) * 4);
         encode_from_float(DType::F32, data, numel, bytes.data());
@@ -7578,7 +7493,6 @@ inline std::vector<float> read_npy(const std::string& path, std::vector<int64_t>
     if (shape) *shape = dims;
     return out;
 }
-
 // Token rows as text: "1,2,3;4,5,6" (rows separated by ';', all of the same length).
 struct TokenRows {
     int B = 0, T = 0;
@@ -7606,7 +7520,6 @@ inline TokenRows parse_token_rows(const std::string& text) {
     }
     return r;
 }
-
 // The forward pass of transformers' DeepseekV3ForCausalLM(input_ids, labels=input_ids): logits for all T positions
 // of each row, and the mean cross-entropy of the B·(T−1) next-token predictions (labels shifted by one; the last
 // position has no label). Model::forward takes rows of T+1 tokens and predicts token t+1 at position t, so each row
@@ -7619,11 +7532,9 @@ inline double forward_like_transformers(Model& model, const TokenRows& rows, boo
         if (rows.tokens[i] < 0 || rows.tokens[i] >= model.cfg.vocab_size)
             fail("tokens: row ", i / size_t(rows.T), " position ", i % size_t(rows.T), ": id ", rows.tokens[i],
                  " outside the vocabulary [0, ", model.cfg.vocab_size, ")");
-    std::vector<int32_t> padded(size_t(rows.B) * (rows.T + 1));
-    for (int b = 0; b < rows.B; ++b) {
+    std::vector<int32_t> padded(size_t(rows.B) * (rows.T + 1), kIgnore);
+    for (int b = 0; b < rows.B; ++b)
         std::copy_n(rows.tokens.begin() + int64_t(b) * rows.T, rows.T, padded.begin() + int64_t(b) * (rows.T + 1));
-        padded[size_t(b) * (rows.T + 1) + size_t(rows.T)] = kIgnore;
-    }
     LossOptions opt;
     opt.with_mtp = false;
     opt.balance = BalanceLoss::none;
@@ -7631,7 +7542,6 @@ inline double forward_like_transformers(Model& model, const TokenRows& rows, boo
     if (gradients) model.backward();
     return loss.main;
 }
-
 // The gradients of the main model's parameters under their HF names, as F32 safetensors (the routing bias, which has
 // no gradient, and the MTP modules, which transformers does not have, are left out).
 inline void write_gradients_hf(const std::string& path, const Model& model) {
