@@ -3883,11 +3883,11 @@ namespace dsv3 {
 // all_to_all). Traffic per token: one dispatched row per destination rank (at most min(K, n_limited_groups) ranks
 // when n_expert_groups = R), and K combined rows. V3's combine accumulates on the way back (§3.2 "NVLink-to-IB
 // forwarding and accumulation"), fewer rows but a sum order that depends on where the experts live; returning every
-// row keeps the result BITWISE the single-rank layer's, as the tests check. (V3 also sends the dispatch in FP8 and
-// the combine in BF16, §3.3; here all is FP32.) Bitwise, because (a) a matmul row does not depend on the other rows
-// (3.1), (b) each expert sees its rows in global token order (ranks hold consecutive rows, receivers concatenate by
-// source rank, the counting sort is stable), and (c) with equal shares over R = 2^k ranks the per-rank loss gradient
-// (1/n_r) is exactly R times the full-batch one (1/n), a power of two.
+// row keeps the result BITWISE the single-rank layer's, as the tests check. (V3 also sends the dispatch in FP8 and the
+// combine in BF16, §3.3; here all is FP32 unless dispatch_codec says otherwise.) Bitwise, because (a) a matmul row does
+// not depend on the other rows (3.1), (b) each expert sees its rows in global token order (ranks hold consecutive rows,
+// receivers concatenate by source rank, the counting sort is stable), and (c) with equal shares over R = 2^k ranks the
+// per-rank loss gradient (1/n_r) is exactly R times the full-batch one (1/n), a power of two.
 class ExpertParallel : public ExpertRunner {
   public:
     ExpertParallel(Communicator& comm, const Config& c) : comm_(comm), n_experts_(c.n_routed_experts) {
