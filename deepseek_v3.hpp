@@ -648,7 +648,6 @@ using OutView = StridedView<float>;      // the result
 // C[M,N] = A[M,K]·B[K,N] (accumulate = false) or C += A·B (accumulate = true), for any strides of A, B and C.
 inline void multiply(int M, int N, int K, const View& A, const View& B, const OutView& C, bool accumulate);
 }  // namespace gemm
-// The reference.
 inline void matmul_forward_reference(float* y, const float* x, const float* W, int T, int in, int out) {
     for (int t = 0; t < T; ++t)
         for (int o = 0; o < out; ++o) {
@@ -674,7 +673,6 @@ inline void matmul_backward_reference(float* dx, float* dW, const float* dy, con
                 dW[int64_t(o) * in + i] = float(s);
             }
 }
-
 
 // y[T,out] = x[T,in] · W[out,in]ᵀ          (overwrites y)
 // With many rows, W is packed once and reused by all of them. With a few rows (decoding: T = 1 or a few draft
@@ -762,11 +760,8 @@ inline std::vector<double> rope_frequencies(const Config& c) {
     return theta;
 }
 inline RopeTable make_rope_table(const Config& c, int max_pos) {
-    RopeTable r;
-    r.half = c.qk_rope_head_dim / 2;
-    r.max_pos = max_pos;
-    r.cos.resize(size_t(max_pos) * r.half);
-    r.sin.resize(size_t(max_pos) * r.half);
+    const size_t n = size_t(max_pos) * size_t(c.qk_rope_head_dim / 2);
+    RopeTable r{c.qk_rope_head_dim / 2, max_pos, std::vector<float>(n), std::vector<float>(n)};
     std::vector<double> theta = rope_frequencies(c);
     for (int p = 0; p < max_pos; ++p)
         for (int i = 0; i < r.half; ++i) {
@@ -778,12 +773,8 @@ inline RopeTable make_rope_table(const Config& c, int max_pos) {
 }
 // Softmax scale of MLA: 1/sqrt(d_h + d_h^R), times m² under YaRN (V3 code: softmax_scale *= mscale²).
 inline float attention_scale(const Config& c) {
-    float scale = 1.0f / std::sqrt(float(c.qk_head_dim()));
-    if (c.yarn_active()) {
-        float m = 0.1f * c.mscale * std::log(c.rope_factor) + 1.0f;
-        scale *= m * m;
-    }
-    return scale;
+    const float m = c.yarn_active() ? 0.1f * c.mscale * std::log(c.rope_factor) + 1.0f : 1.0f;
+    return 1.0f / std::sqrt(float(c.qk_head_dim())) * (m * m);
 }
 // In place: x holds T rows of row_stride floats; in each row, n_vec vectors of D = 2·half floats start at
 // offset + j·vec_stride. Row t is at position pos0 + t % seq_len. backward = rotation by the opposite angle.
@@ -966,8 +957,7 @@ inline double cross_entropy_forward(const float* logits, const int32_t* targets,
         const int32_t y = targets[t];
         if (y == kIgnore) return 0.0;
         const float* z = logits + t * V;
-        float mx = z[0];
-        for (int i = 1; i < V; ++i) mx = std::max(mx, z[i]);
+        const float mx = *std::max_element(z, z + V);
         double sum = 0;
         for (int i = 0; i < V; ++i) sum += std::exp(double(z[i] - mx));
         return std::log(sum) + mx - z[y];
@@ -986,8 +976,7 @@ inline void cross_entropy_backward(float* dlogits, const float* logits, const in
         if (y == kIgnore) return;
         const float* z = logits + t * V;
         float* dz = dlogits + t * V;
-        float mx = z[0];
-        for (int i = 1; i < V; ++i) mx = std::max(mx, z[i]);
+        const float mx = *std::max_element(z, z + V);
         float sum = 0;
         for (int i = 0; i < V; ++i) sum += std::exp(z[i] - mx);
         const float inv = 1.0f / sum;
@@ -1127,9 +1116,7 @@ inline double sequence_balance_loss(float* dscores, const float* scores, const i
         for (int i = 0; i < N; ++i) L += f[size_t(i)] * P[size_t(i)];
         per_seq[size_t(b)] = alpha * L;
     });
-    double total = 0;
-    for (double v : per_seq) total += v;
-    return total / B;
+    return std::accumulate(per_seq.begin(), per_seq.end(), 0.0) / B;
 }
 // The classic expert-level auxiliary loss (DeepSeekMoE eqs. 12-14, GShard form) over the whole batch of T tokens:
 //   f_i = N_r/(K·T) Σ_t 1[i ∈ TopK_t],  P_i = (1/T) Σ_t p_{i,t} with p = softmax(logits),  L = α Σ_i f_i P_i
@@ -1143,8 +1130,7 @@ inline double expert_balance_loss(float* dlogits, const float* logits, const int
     std::vector<double> P_partial(static_cast<size_t>(T) * N);
     parallel_for(T, [&](int64_t t) {
         const float* z = logits + t * N;
-        float mx = z[0];
-        for (int i = 1; i < N; ++i) mx = std::max(mx, z[i]);
+        const float mx = *std::max_element(z, z + N);
         double sum = 0;
         std::vector<double> p(static_cast<size_t>(N));
         for (int i = 0; i < N; ++i) sum += (p[size_t(i)] = std::exp(double(z[i] - mx)));
@@ -1179,7 +1165,7 @@ inline void moe_permute_plan(MoePermutation& p, const int32_t* chosen, int T, in
     p.counts.assign(size_t(N), 0);
     for (int64_t i = 0; i < int64_t(T) * K; ++i) p.counts[size_t(chosen[i])]++;
     p.offsets.assign(size_t(N) + 1, 0);
-    for (int e = 0; e < N; ++e) p.offsets[size_t(e) + 1] = p.offsets[size_t(e)] + p.counts[size_t(e)];
+    std::partial_sum(p.counts.begin(), p.counts.end(), p.offsets.begin() + 1);
     std::vector<int64_t> cursor(p.offsets.begin(), p.offsets.end() - 1);
     p.slot.resize(size_t(T) * K);
     p.token_of.resize(size_t(T) * K);
@@ -1275,6 +1261,8 @@ inline void grouped_matmul_backward(float* dx, float* dW, const float* dy, const
     }
 }
 
+constexpr int64_t kElementwiseWork = 8;  // parallel_for's work_per_item of the element-wise kernels: 4096 go parallel
+
 // --- 3.11 AdamW (Loshchilov & Hutter 2019) ------------------------------------------------------------------------
 // m ← β1 m + (1−β1) g;  v ← β2 v + (1−β2) g²;  p ← p − lr·( m̂/(√v̂ + ε) + wd·p ), m̂, v̂ bias-corrected by step.
 // g is taken times grad_scale (6.2's clipping factor: one pass over the gradients fewer than scaling them first).
@@ -1282,14 +1270,12 @@ inline void adamw_update(float* p, const float* g, float* m, float* v, int64_t n
                          float eps, float weight_decay, int step, float grad_scale = 1.0f) {
     DSV3_PROFILE_KERNEL();
     const float c1 = 1.0f / (1.0f - std::pow(beta1, float(step))), c2 = 1.0f / (1.0f - std::pow(beta2, float(step)));
-    parallel_for((n + 4095) / 4096, [&](int64_t c) {
-        for (int64_t i = c * 4096, e = std::min(n, i + 4096); i < e; ++i) {
-            const float gi = g[i] * grad_scale;
-            m[i] = beta1 * m[i] + (1 - beta1) * gi;
-            v[i] = beta2 * v[i] + (1 - beta2) * gi * gi;
-            p[i] -= lr * (m[i] * c1 / (std::sqrt(v[i] * c2) + eps) + weight_decay * p[i]);
-        }
-    });
+    parallel_for(n, [&](int64_t i) {
+        const float gi = g[i] * grad_scale;
+        m[i] = beta1 * m[i] + (1 - beta1) * gi;
+        v[i] = beta2 * v[i] + (1 - beta2) * gi * gi;
+        p[i] -= lr * (m[i] * c1 / (std::sqrt(v[i] * c2) + eps) + weight_decay * p[i]);
+    }, kElementwiseWork);
 }
 
 // --- 3.12 the model's plumbing: copies, concatenations, residual adds, the optimizer's reductions --------------------
@@ -1306,15 +1292,11 @@ inline void copy_values(float* y, const float* x, int64_t n) { // y = x
 // y += x: the residual connections, and gradients that meet at a fork.
 inline void add_inplace(float* y, const float* x, int64_t n) {
     DSV3_PROFILE_KERNEL();
-    parallel_for((n + 4095) / 4096, [&](int64_t c) {
-        for (int64_t i = c * 4096, e = std::min(n, i + 4096); i < e; ++i) y[i] += x[i];
-    });
+    parallel_for(n, [&](int64_t i) { y[i] += x[i]; }, kElementwiseWork);
 }
 inline void scale_inplace(float* x, int64_t n, float s) {  // x *= s (gradient clipping)
     DSV3_PROFILE_KERNEL();
-    parallel_for((n + 4095) / 4096, [&](int64_t c) {
-        for (int64_t i = c * 4096, e = std::min(n, i + 4096); i < e; ++i) x[i] *= s;
-    });
+    parallel_for(n, [&](int64_t i) { x[i] *= s; }, kElementwiseWork);
 }
 inline double sum_of_squares(const float* x, int64_t n) {  // Σ x², in double, in a fixed order
     DSV3_PROFILE_KERNEL();
@@ -1322,9 +1304,7 @@ inline double sum_of_squares(const float* x, int64_t n) {  // Σ x², in double,
 }
 inline void bf16_round_inplace(float* x, int64_t n) {  // x = bf16(x) (FP8 training's BF16 optimizer states)
     DSV3_PROFILE_KERNEL();
-    parallel_for((n + 4095) / 4096, [&](int64_t c) {
-        for (int64_t i = c * 4096, e = std::min(n, i + 4096); i < e; ++i) x[i] = bf16_round(x[i]);
-    });
+    parallel_for(n, [&](int64_t i) { x[i] = bf16_round(x[i]); }, kElementwiseWork);
 }
 // Row copies by an index list (rows: backend memory), for expert parallelism's send and receive buffers (9.4):
 // gather_rows: dst[i] = src[rows[i]];  scatter_rows: dst[rows[i]] = src[i];  i < n, rows of d floats.
