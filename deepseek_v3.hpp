@@ -1650,11 +1650,9 @@ struct ExpertRunner {
     virtual void backward(Model& model, const MoE& m, MoeCache& c, const float* dye, float* dxe) = 0;
 };
 
-// The model. Its state is the config, the two flat buffers and the RoPE table; what a forward pass saves for its
-// backward (the caches above) lives in the activation arena. The modules of sections 5.1-5.5 are its private member
-// functions, named after the paper: mla_forward, ffn_forward, gate_forward and moe_forward, block_forward,
-// mtp_forward, each with its backward. Section 5.6 composes them into forward() and backward(); section 7 adds
-// decoding; section 9 calls experts_forward / experts_backward to run the experts a rank owns.
+// The model. Its state is the config, the two flat buffers and the RoPE table; the caches above live in the
+// activation arena. The modules (5.1-5.5) are its private members; section 5.6 composes them into forward() and
+// backward(); section 7 adds decoding; section 9 calls experts_forward / experts_backward for the experts a rank owns.
 class Model {
   public:
     // --- the model and its parameters (section 4) ---
@@ -1667,8 +1665,14 @@ class Model {
     float* param_at(size_t offset) { return params.data() + offset; }  // a tensor of `layout`, by its offset
     float* grad_at(size_t offset) { return grads.data() + offset; }
     // A parameter or its gradient by Hugging Face name, e.g. param("model.layers.0.self_attn.kv_a_proj_with_mqa.weight").
-    TensorView param(const std::string& name);
-    TensorView grad(const std::string& name);
+    TensorView param(const std::string& name) {
+        const ParamEntry& e = layout.find(name);
+        return {param_at(e.offset), e.shape, e.name};
+    }
+    TensorView grad(const std::string& name) {
+        const ParamEntry& e = layout.find(name);
+        return {grad_at(e.offset), e.shape, e.name + " (gradient)"};
+    }
     std::vector<Block*> moe_blocks();  // every MoE block: the main blocks first, then the MTP modules'
 
     // --- training (section 5.6; the optimizer step is section 6) ---
@@ -1717,6 +1721,11 @@ class Model {
     void mla_backward(const MlaCache& c, const MLA& a, const float* dout, float* dx);
     void ffn_forward(FfnCache& c, const Ffn& f, const float* x, float* out, int n);                  // 5.2
     void ffn_backward(const FfnCache& c, const Ffn& f, const float* dout, float* dx, int n);
+    template <class Proj>
+    void swiglu_ffn_forward(FfnCache& c, const Ffn& f, const float* x, float* out, int64_t rows, const Proj& proj);
+    template <class Proj>
+    void swiglu_ffn_backward(const FfnCache& c, const Ffn& f, const float* dout, float* dx, int64_t rows,
+                             const Proj& proj);
     void gate_forward(MoeCache& c, const MoE& m, const float* x, double* balance);                   // 5.3
     void gate_backward(const MoeCache& c, const MoE& m, const float* dgates, float* dx);
     void moe_forward(MoeCache& c, const MoE& m, const float* x, float* out, double* balance);
@@ -1732,19 +1741,35 @@ class Model {
     void block_decode(BlockCache& c, const Block& b, const float* h_in, float* h_out, int n, KvCache& cache,
                       int layer, bool absorbed);
 
-    // --- every linear layer and RMSNorm goes through these (FP32 or V3's FP8 recipe) ---
+    // --- every linear layer and RMSNorm goes through these ---
+    // In FP8 training (Config.fp8_training) a linear layer's three GEMMs (Fprop, Dgrad, Wgrad) run on the FP8 linear
+    // layer of section 8 with V3's recipe; the head and the router stay in FP32.
     bool fp8(const Linear& w) const { return cfg.fp8_training && w.fp8; }
-    void linear_forward(float* y, const float* x, const Linear& w, int n);
-    void linear_backward(float* dx, const float* dy, const float* x, const Linear& w, int n);
-    void experts_linear_forward(float* y, const float* x, const MoE& m, int first, int count, Linear Ffn::*proj,
-                                const int64_t* offsets);
-    void experts_linear_backward(float* dx, const float* dy, const float* x, const MoE& m, int first, int count,
-                                 Linear Ffn::*proj, const int64_t* offsets);
+    void linear_forward(float* y, const float* x, const Linear& w, int n) {
+        if (fp8(w)) backend::fp8_matmul_forward(y, x, param_at(w.w), n, w.in, w.out);
+        else backend::matmul_forward(y, x, param_at(w.w), n, w.in, w.out);
+    }
+    void linear_backward(float* dx, const float* dy, const float* x, const Linear& w, int n) {
+        if (fp8(w)) backend::fp8_matmul_backward(dx, grad_at(w.w), dy, x, param_at(w.w), n, w.in, w.out);
+        else backend::matmul_backward(dx, grad_at(w.w), dy, x, param_at(w.w), n, w.in, w.out);
+    }
     void norm_forward(float* y, float* rstd, const float* x, const Norm& n, int rows) {
         backend::rmsnorm_forward(y, rstd, x, param_at(n.g), rows, n.dim, cfg.rms_norm_eps);
     }
     void norm_backward(float* dx, const float* dy, const float* x, const float* rstd, const Norm& n, int rows) {
         backend::rmsnorm_backward(dx, grad_at(n.g), dy, x, param_at(n.g), rstd, rows, n.dim);
+    }
+    // The same into new arena arrays: linear(x, w, n) = x Wᵀ [n, w.out]; norm(x, g, n, rstd) = RMSNorm(x) [n, g.dim]
+    float* linear(const float* x, const Linear& w, int n) {
+        float* y = arena_.take(size_t(n) * w.out);
+        linear_forward(y, x, w, n);
+        return y;
+    }
+    float* norm(const float* x, const Norm& g, int n, float*& rstd) {
+        float* y = arena_.take(size_t(n) * g.dim);
+        rstd = arena_.take(size_t(n));
+        norm_forward(y, rstd, x, g, n);
+        return y;
     }
 
     // --- the last forward pass ---
@@ -1781,14 +1806,6 @@ inline Model::Model(const Config& c, uint64_t seed) : cfg(c), layout(param_layou
     blocks_.resize(layout.blocks.size());
     mtp_.resize(layout.mtp.size());
 }
-inline TensorView Model::param(const std::string& name) {
-    const ParamEntry& e = layout.find(name);
-    return {param_at(e.offset), e.shape, e.name};
-}
-inline TensorView Model::grad(const std::string& name) {
-    const ParamEntry& e = layout.find(name);
-    return {grad_at(e.offset), e.shape, e.name + " (gradient)"};
-}
 inline std::vector<Block*> Model::moe_blocks() {
     std::vector<Block*> out;
     for (Block& b : layout.blocks) if (b.is_moe) out.push_back(&b);
@@ -1802,41 +1819,6 @@ inline std::vector<std::vector<int64_t>> Model::expert_loads() const {
     return loads;
 }
 
-// Every linear layer goes through these two. In FP8 training (Config.fp8_training) its three GEMMs (Fprop, Dgrad,
-// Wgrad) run on the FP8 linear layer of section 8 with V3's recipe; the head and the router stay in FP32.
-inline void Model::linear_forward(float* y, const float* x, const Linear& w, int n) {
-    if (fp8(w)) backend::fp8_matmul_forward(y, x, param_at(w.w), n, w.in, w.out);
-    else backend::matmul_forward(y, x, param_at(w.w), n, w.in, w.out);
-}
-inline void Model::linear_backward(float* dx, const float* dy, const float* x, const Linear& w, int n) {
-    if (fp8(w)) backend::fp8_matmul_backward(dx, grad_at(w.w), dy, x, param_at(w.w), n, w.in, w.out);
-    else backend::matmul_backward(dx, grad_at(w.w), dy, x, param_at(w.w), n, w.in, w.out);
-}
-// One projection (gate, up or down) of experts first .. first+count-1, each on its rows: one grouped GEMM
-// (section 3.10); in FP8 training, the FP8 linear layer expert by expert.
-inline void Model::experts_linear_forward(float* y, const float* x, const MoE& m, int first, int count,
-                                          Linear Ffn::*proj, const int64_t* offsets) {
-    const Linear& w0 = m.experts[size_t(first)].*proj;
-    if (!fp8(w0))
-        return backend::grouped_matmul_forward(y, x, param_at(w0.w), int64_t(m.expert_stride), offsets, count, w0.in,
-                                               w0.out);
-    for (int i = 0; i < count; ++i)
-        if (offsets[i + 1] > offsets[i])
-            linear_forward(y + offsets[i] * w0.out, x + offsets[i] * w0.in, m.experts[size_t(first + i)].*proj,
-                           int(offsets[i + 1] - offsets[i]));
-}
-inline void Model::experts_linear_backward(float* dx, const float* dy, const float* x, const MoE& m, int first,
-                                           int count, Linear Ffn::*proj, const int64_t* offsets) {
-    const Linear& w0 = m.experts[size_t(first)].*proj;
-    if (!fp8(w0))
-        return backend::grouped_matmul_backward(dx, grad_at(w0.w), dy, x, param_at(w0.w), int64_t(m.expert_stride),
-                                                offsets, count, w0.in, w0.out);
-    for (int i = 0; i < count; ++i)
-        if (offsets[i + 1] > offsets[i])
-            linear_backward(dx + offsets[i] * w0.in, dy + offsets[i] * w0.out, x + offsets[i] * w0.in,
-                            m.experts[size_t(first + i)].*proj, int(offsets[i + 1] - offsets[i]));
-}
-
 // --- 5.1 Multi-head Latent Attention [V3 §2.1.1] -----------------------------------------------------------------
 // Keys and values are compressed jointly into a small latent c^KV (eq. 1), from which per-head keys and values are
 // up-projected (eqs. 2, 5); only c^KV and the decoupled RoPE key k^R (eq. 3, shared by all heads) would be cached
@@ -1847,31 +1829,23 @@ inline void Model::mla_forward(MlaCache& c, const MLA& a, const float* x, float*
               dqk = cfg.qk_head_dim(), dv = cfg.v_head_dim, dc = cfg.kv_lora_rank;
     c.x = x;
     // queries: q = W^UQ RMSNorm(W^DQ h)  (eqs. 6-7), then RoPE on each head's last d_h^R values (eq. 8)
-    c.q = arena_.take(size_t(n) * H * dqk);
     if (cfg.q_lora_rank > 0) {
-        c.cq = arena_.take(size_t(n) * cfg.q_lora_rank);
-        c.cq_rstd = arena_.take(size_t(n));
-        c.cq_n = arena_.take(size_t(n) * cfg.q_lora_rank);
-        linear_forward(c.cq, x, a.q_a, n);
-        norm_forward(c.cq_n, c.cq_rstd, c.cq, a.q_norm, n);
-        linear_forward(c.q, c.cq_n, a.q_b, n);
+        c.cq = linear(x, a.q_a, n);
+        c.cq_n = norm(c.cq, a.q_norm, n, c.cq_rstd);
+        c.q = linear(c.cq_n, a.q_b, n);
     } else {
-        linear_forward(c.q, x, a.q, n);
+        c.q = linear(x, a.q, n);
     }
     backend::rope_forward(c.q, n, H * dqk, dh, H, dqk, 0, T_, rope);
     // keys and values: [c^KV ; k^R_raw] = [W^DKV ; W^KR] h  (eqs. 1, 3), c^KV normalised, k^R rotated
-    float* kv_a = arena_.take(size_t(n) * (dc + dr));
-    linear_forward(kv_a, x, a.kv_a, n);
+    const float* kv_a = linear(x, a.kv_a, n);
     c.ckv_raw = arena_.take(size_t(n) * dc);
     c.k_rope = arena_.take(size_t(n) * dr);
     backend::split_columns(c.ckv_raw, c.k_rope, kv_a, n, dc, dr);
-    c.ckv_rstd = arena_.take(size_t(n));
-    c.ckv = arena_.take(size_t(n) * dc);
-    norm_forward(c.ckv, c.ckv_rstd, c.ckv_raw, a.kv_norm, n);
+    c.ckv = norm(c.ckv_raw, a.kv_norm, n, c.ckv_rstd);
     backend::rope_forward(c.k_rope, n, dr, 0, 1, dr, 0, T_, rope);
     // per-head [k^C ; v] = W^UKV c^KV (eqs. 2, 5); k = [k^C ; k^R] (eq. 4)
-    c.kv = arena_.take(size_t(n) * H * (dh + dv));
-    linear_forward(c.kv, c.ckv, a.kv_b, n);
+    c.kv = linear(c.ckv, a.kv_b, n);
     c.k = arena_.take(size_t(n) * H * dqk);
     c.v = arena_.take(size_t(n) * H * dv);
     backend::mla_keys_values_forward(c.k, c.v, c.kv, c.k_rope, n, H, dh, dr, dv);
@@ -1929,40 +1903,48 @@ inline Linear gate_up(const Ffn& f) {   // [gate; up] as one linear layer, or ou
     l.out = f.up.w == f.gate.w + size_t(f.gate.out) * f.gate.in && f.up.in == f.gate.in ? 2 * f.gate.out : 0;
     return l;
 }
-inline void Model::ffn_forward(FfnCache& c, const Ffn& f, const float* x, float* out, int n) {
-    DSV3_PROFILE_MODULE("FFN forward");
+// One SwiGLU over `rows` rows of x, for a dense FFN and for the routed experts (5.3) alike: proj(y, x, w) runs the
+// projection w of f (or [gate; up]) on the rows, and in the backward proj(dx, dy, x, w) adds dx and the weight's grad.
+template <class Proj>
+inline void Model::swiglu_ffn_forward(FfnCache& c, const Ffn& f, const float* x, float* out, int64_t rows,
+                                      const Proj& proj) {
     const int w = f.gate.out;
     const Linear gu = gate_up(f);
     c.x = x;
     c.ld = gu.out && !fp8(gu) ? 2 * w : w;
-    c.gate = arena_.take(size_t(n) * c.ld);
-    c.up = c.ld == w ? arena_.take(size_t(n) * w) : c.gate + w;
-    c.h = arena_.take(size_t(n) * w);
-    if (c.ld == w) {
-        linear_forward(c.gate, x, f.gate, n);
-        linear_forward(c.up, x, f.up, n);
-    } else {
-        linear_forward(c.gate, x, gu, n);
-    }
-    backend::swiglu_forward(c.h, c.gate, c.up, n, w, c.ld);
-    linear_forward(out, c.h, f.down, n);
+    c.gate = arena_.take(size_t(rows) * c.ld);
+    c.up = c.ld == w ? arena_.take(size_t(rows) * w) : c.gate + w;
+    c.h = arena_.take(size_t(rows) * w);
+    proj(c.gate, x, c.ld == w ? f.gate : gu);   // the gate, or [gate; up] in one product
+    if (c.ld == w) proj(c.up, x, f.up);
+    backend::swiglu_forward(c.h, c.gate, c.up, rows, w, c.ld);
+    proj(out, c.h, f.down);
+}
+template <class Proj>
+inline void Model::swiglu_ffn_backward(const FfnCache& c, const Ffn& f, const float* dout, float* dx, int64_t rows,
+                                       const Proj& proj) {
+    const int w = f.gate.out;
+    auto mark = arena_.mark();
+    float* dh = arena_.zeros(size_t(rows) * w);
+    proj(dh, dout, c.h, f.down);
+    float* dgate = arena_.zeros(size_t(rows) * c.ld);   // [rows, ld] like the forward's gate and up
+    float* dup = c.ld == w ? arena_.zeros(size_t(rows) * w) : dgate + w;
+    backend::swiglu_backward(dgate, dup, dh, c.gate, c.up, rows, w, c.ld);
+    proj(dx, dgate, c.x, c.ld == w ? f.gate : gate_up(f));
+    if (c.ld == w) proj(dx, dup, c.x, f.up);
+    arena_.release(mark);
+}
+inline void Model::ffn_forward(FfnCache& c, const Ffn& f, const float* x, float* out, int n) {
+    DSV3_PROFILE_MODULE("FFN forward");
+    swiglu_ffn_forward(c, f, x, out, n, [&](float* y, const float* in, const Linear& w) {
+        linear_forward(y, in, w, n);
+    });
 }
 inline void Model::ffn_backward(const FfnCache& c, const Ffn& f, const float* dout, float* dx, int n) {
     DSV3_PROFILE_MODULE("FFN backward");
-    const int w = f.gate.out;
-    auto mark = arena_.mark();
-    float* dh = arena_.zeros(size_t(n) * w);
-    linear_backward(dh, dout, c.h, f.down, n);
-    float* dgate = arena_.zeros(size_t(n) * c.ld);   // [n, ld] like the forward's gate and up
-    float* dup = c.ld == w ? arena_.zeros(size_t(n) * w) : dgate + w;
-    backend::swiglu_backward(dgate, dup, dh, c.gate, c.up, n, w, c.ld);
-    if (c.ld == w) {
-        linear_backward(dx, dgate, c.x, f.gate, n);
-        linear_backward(dx, dup, c.x, f.up, n);
-    } else {
-        linear_backward(dx, dgate, c.x, gate_up(f), n);
-    }
-    arena_.release(mark);
+    swiglu_ffn_backward(c, f, dout, dx, n, [&](float* d_in, const float* dy, const float* in, const Linear& w) {
+        linear_backward(d_in, dy, in, w, n);
+    });
 }
 
 // --- 5.3 DeepSeekMoE [V3 §2.1.2, eq. 12]: h' = u + Σ_shared FFN_s(u) + Σ_routed g_i FFN_i(u) ----------------------
@@ -1973,10 +1955,9 @@ inline void Model::gate_forward(MoeCache& c, const MoE& m, const float* x, doubl
     DSV3_PROFILE_MODULE("MoE gate forward");
     const int n = BT(), N = cfg.n_routed_experts, K = cfg.n_activated_experts;
     c.x = x;
-    c.logits = arena_.take(size_t(n) * N);
+    c.logits = linear(x, m.router, n);
     c.scores = arena_.take(size_t(n) * N);
     c.gates = arena_.take(size_t(n) * K);
-    linear_forward(c.logits, x, m.router, n);
     backend::router_scores_forward(c.scores, c.logits, n, N, cfg.score_func == "softmax");
     if (!reuse_routing || c.chosen.size() != size_t(n) * K) {
         c.chosen.resize(size_t(n) * K);
@@ -2041,64 +2022,45 @@ inline void Model::moe_backward(MoeCache& c, const MoE& m, const float* dout, fl
 }
 
 // The routed experts: the SwiGLU of section 5.2 on each expert's rows, each projection one grouped GEMM over all the
-// experts (section 3.10). The MoE layer runs all N_r experts this way; under expert parallelism each rank runs the
-// ones it owns.
+// experts (section 3.10; w is the first expert's, the others' lie expert_stride floats apart); in FP8 training, the
+// FP8 linear layer expert by expert. The MoE layer runs all N_r experts this way; under expert parallelism each rank
+// runs the ones it owns.
 inline void Model::experts_forward(const MoE& m, int first, int count, const int64_t* offsets, const float* xe,
                                    float* ye, FfnCache& c) {
     DSV3_PROFILE_MODULE("routed experts forward");
-    const int64_t rows = offsets[count];
-    const int w = cfg.moe_inter_dim;
-    const Linear gu = gate_up(m.experts[size_t(first)]);   // [gate; up] of the first expert, the others stride on
-    c.x = xe;
-    c.ld = gu.out && !fp8(gu) ? 2 * w : w;   // as in ffn_forward
-    c.gate = arena_.take(size_t(rows) * c.ld);
-    c.up = c.ld == w ? arena_.take(size_t(rows) * w) : c.gate + w;
-    c.h = arena_.take(size_t(rows) * w);
-    if (c.ld == w) {
-        experts_linear_forward(c.gate, xe, m, first, count, &Ffn::gate, offsets);
-        experts_linear_forward(c.up, xe, m, first, count, &Ffn::up, offsets);
-    } else {
-        backend::grouped_matmul_forward(c.gate, xe, param_at(gu.w), int64_t(m.expert_stride), offsets, count, gu.in,
-                                        gu.out);
-    }
-    backend::swiglu_forward(c.h, c.gate, c.up, rows, w, c.ld);
-    experts_linear_forward(ye, c.h, m, first, count, &Ffn::down, offsets);
+    swiglu_ffn_forward(c, m.experts[size_t(first)], xe, ye, offsets[count], [&](float* y, const float* x, Linear w) {
+        if (!fp8(w))
+            return backend::grouped_matmul_forward(y, x, param_at(w.w), int64_t(m.expert_stride), offsets, count,
+                                                   w.in, w.out);
+        for (int i = 0; i < count; ++i, w.w += m.expert_stride)
+            if (offsets[i + 1] > offsets[i])
+                linear_forward(y + offsets[i] * w.out, x + offsets[i] * w.in, w, int(offsets[i + 1] - offsets[i]));
+    });
 }
 inline void Model::experts_backward(const MoE& m, int first, int count, const int64_t* offsets, const float* dye,
                                     float* dxe, const FfnCache& c) {
     DSV3_PROFILE_MODULE("routed experts backward");
-    const int64_t rows = offsets[count];
-    const int w = cfg.moe_inter_dim;
-    auto mark = arena_.mark();
-    float* dh = arena_.zeros(size_t(rows) * w);
-    experts_linear_backward(dh, dye, c.h, m, first, count, &Ffn::down, offsets);
-    float* dgate = arena_.zeros(size_t(rows) * c.ld);
-    float* dup = c.ld == w ? arena_.zeros(size_t(rows) * w) : dgate + w;
-    backend::swiglu_backward(dgate, dup, dh, c.gate, c.up, rows, w, c.ld);
-    if (c.ld == w) {
-        experts_linear_backward(dxe, dgate, c.x, m, first, count, &Ffn::gate, offsets);
-        experts_linear_backward(dxe, dup, c.x, m, first, count, &Ffn::up, offsets);
-    } else {
-        const Linear gu = gate_up(m.experts[size_t(first)]);
-        backend::grouped_matmul_backward(dxe, grad_at(gu.w), dgate, c.x, param_at(gu.w), int64_t(m.expert_stride),
-                                         offsets, count, gu.in, gu.out);
-    }
-    arena_.release(mark);
+    swiglu_ffn_backward(c, m.experts[size_t(first)], dye, dxe, offsets[count],
+                        [&](float* dx, const float* dy, const float* x, Linear w) {
+        if (!fp8(w))
+            return backend::grouped_matmul_backward(dx, grad_at(w.w), dy, x, param_at(w.w), int64_t(m.expert_stride),
+                                                    offsets, count, w.in, w.out);
+        for (int i = 0; i < count; ++i, w.w += m.expert_stride)
+            if (offsets[i + 1] > offsets[i])
+                linear_backward(dx + offsets[i] * w.in, dy + offsets[i] * w.out, x + offsets[i] * w.in, w,
+                                int(offsets[i + 1] - offsets[i]));
+    });
 }
 
 // --- 5.4 the pre-norm block: h ← h + Attn(RMSNorm(h)); h ← h + FFN(RMSNorm(h)) ------------------------------------
 inline void Model::block_forward(BlockCache& c, const Block& b, const float* h_in, double* balance) {
     const int n = BT(), d = cfg.dim;
     c.h_in = h_in;
-    c.xn1 = arena_.take(size_t(n) * d);
-    c.rstd1 = arena_.take(size_t(n));
-    norm_forward(c.xn1, c.rstd1, h_in, b.attn_norm, n);
+    c.xn1 = norm(h_in, b.attn_norm, n, c.rstd1);
     c.h_mid = arena_.take(size_t(n) * d);
     mla_forward(c.attn, b.attn, c.xn1, c.h_mid);
     backend::add_inplace(c.h_mid, h_in, int64_t(n) * d);
-    c.xn2 = arena_.take(size_t(n) * d);
-    c.rstd2 = arena_.take(size_t(n));
-    norm_forward(c.xn2, c.rstd2, c.h_mid, b.ffn_norm, n);
+    c.xn2 = norm(c.h_mid, b.ffn_norm, n, c.rstd2);
     c.h_out = arena_.take(size_t(n) * d);
     if (b.is_moe) moe_forward(c.moe, b.moe, c.xn2, c.h_out, balance);
     else ffn_forward(c.ffn, b.ffn, c.xn2, c.h_out, n);
@@ -2143,20 +2105,14 @@ inline double Model::mtp_forward(MtpCache& c, const MtpModule& m, int k, const i
     c.h_prev = h_prev;
     c.emb = arena_.take(size_t(n) * d);
     backend::embedding_forward(c.emb, c.emb_tokens.data(), param_at(layout.embed), n, d, V);
-    c.en = arena_.take(size_t(n) * d); c.en_rstd = arena_.take(size_t(n));
-    c.hn = arena_.take(size_t(n) * d); c.hn_rstd = arena_.take(size_t(n));
-    norm_forward(c.en, c.en_rstd, c.emb, m.enorm, n);
-    norm_forward(c.hn, c.hn_rstd, h_prev, m.hnorm, n);
+    c.en = norm(c.emb, m.enorm, n, c.en_rstd);
+    c.hn = norm(h_prev, m.hnorm, n, c.hn_rstd);
     c.cat = arena_.take(size_t(n) * 2 * d);
     backend::concat_columns(c.cat, c.en, c.hn, n, d, d);
-    c.h_proj = arena_.take(size_t(n) * d);
-    linear_forward(c.h_proj, c.cat, m.eh_proj, n);
+    c.h_proj = linear(c.cat, m.eh_proj, n);
     block_forward(c.block, m.block, c.h_proj, balance);
-    c.out_n = arena_.take(size_t(n) * d);
-    c.out_rstd = arena_.take(size_t(n));
-    norm_forward(c.out_n, c.out_rstd, c.block.h_out, m.norm, n);
-    c.logits = arena_.take(size_t(n) * V);
-    linear_forward(c.logits, c.out_n, layout.head, n);
+    c.out_n = norm(c.block.h_out, m.norm, n, c.out_rstd);
+    c.logits = linear(c.out_n, layout.head, n);
     return backend::cross_entropy_forward(c.logits, c.targets.data(), n, V);
 }
 // dh_next: the gradient flowing into h^k from module k+1 (null for the last module); adds the gradient of h^{k-1}
@@ -2211,11 +2167,8 @@ inline Losses Model::forward(const int32_t* tokens, int B, int T, const LossOpti
         block_forward(blocks_[l], layout.blocks[l], h, &loss.balance);
         h = blocks_[l].h_out;
     }
-    hn_ = arena_.take(size_t(n) * d);
-    final_rstd_ = arena_.take(size_t(n));
-    norm_forward(hn_, final_rstd_, h, layout.final_norm, n);
-    logits_ = arena_.take(size_t(n) * V);
-    linear_forward(logits_, hn_, layout.head, n);
+    hn_ = norm(h, layout.final_norm, n, final_rstd_);
+    logits_ = linear(hn_, layout.head, n);
     loss.main = backend::cross_entropy_forward(logits_, targets_.data(), n, V);
     loss.total = loss.main;
     const int D = opt.with_mtp ? int(layout.mtp.size()) : 0;
