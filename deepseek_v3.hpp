@@ -1045,7 +1045,7 @@ inline void router_select(int32_t* chosen, const float* scores, const float* bia
             std::stable_sort(group_score.begin(), group_score.end(),
                              [](auto& a, auto& b) { return a.first > b.first; });
             for (int r = c.n_limited_groups; r < G; ++r)
-                for (int i = 0; i < per_group; ++i) biased[size_t(group_score[size_t(r)].second * per_group + i)] = -INFINITY;
+                std::fill_n(biased.begin() + group_score[size_t(r)].second * per_group, per_group, -INFINITY);
         }
         std::vector<int> order(static_cast<size_t>(N));
         std::iota(order.begin(), order.end(), 0);
@@ -1261,11 +1261,10 @@ inline void grouped_matmul_backward(float* dx, float* dW, const float* dy, const
     }
 }
 
-constexpr int64_t kElementwiseWork = 8;  // parallel_for's work_per_item of the element-wise kernels: 4096 go parallel
-
 // --- 3.11 AdamW (Loshchilov & Hutter 2019) ------------------------------------------------------------------------
 // m ← β1 m + (1−β1) g;  v ← β2 v + (1−β2) g²;  p ← p − lr·( m̂/(√v̂ + ε) + wd·p ), m̂, v̂ bias-corrected by step.
 // g is taken times grad_scale (6.2's clipping factor: one pass over the gradients fewer than scaling them first).
+constexpr int64_t kElementwiseWork = 8;  // parallel_for's work_per_item of the element-wise kernels: 4096 go parallel
 inline void adamw_update(float* p, const float* g, float* m, float* v, int64_t n, float lr, float beta1, float beta2,
                          float eps, float weight_decay, int step, float grad_scale = 1.0f) {
     DSV3_PROFILE_KERNEL();
@@ -1573,9 +1572,9 @@ inline ParamCounts count_parameters(const Config& c) {
 // =====================================================================================================================
 // The model logic is written once here. Each module of the paper is a forward/backward pair of Model member
 // functions with the module's name: mla_forward (5.1), ffn_forward (5.2), gate_forward and moe_forward (5.3),
-// block_forward (5.4), mtp_forward (5.5), each with its _backward; they compose the kernels of section 3 on the
-// parameters of section 4 (the structs MLA, Ffn, MoE, Block, MtpModule). Each forward saves what its backward needs
-// in a cache (the structs below: pointers into the activation arena).
+// block_forward (5.4), mtp_forward (5.5), each with its _backward, composing the kernels of section 3 on the
+// parameters of section 4 (MLA, Ffn, MoE, Block, MtpModule). A forward saves what its backward needs in a cache
+// (the structs below: pointers into the activation arena).
 
 enum class BalanceLoss { none, sequence_wise, expert_level };
 
@@ -1664,7 +1663,7 @@ class Model {
     Model(const Config& c, uint64_t seed);
     float* param_at(size_t offset) { return params.data() + offset; }  // a tensor of `layout`, by its offset
     float* grad_at(size_t offset) { return grads.data() + offset; }
-    // A parameter or its gradient by Hugging Face name, e.g. param("model.layers.0.self_attn.kv_a_proj_with_mqa.weight").
+    // By Hugging Face name, e.g. param("model.layers.0.self_attn.kv_a_proj_with_mqa.weight"), and its gradient.
     TensorView param(const std::string& name) {
         const ParamEntry& e = layout.find(name);
         return {param_at(e.offset), e.shape, e.name};
@@ -1948,9 +1947,8 @@ inline void Model::ffn_backward(const FfnCache& c, const Ffn& f, const float* do
 }
 
 // --- 5.3 DeepSeekMoE [V3 §2.1.2, eq. 12]: h' = u + Σ_shared FFN_s(u) + Σ_routed g_i FFN_i(u) ----------------------
-// The gate (the router, "Gate" in DeepSeek's inference code) [V3 eqs. 13-16]: affinities s = sigmoid(u eᵢ) (softmax
-// in V2), the top K_r experts chosen on s + b, where the bias b of auxiliary-loss-free balancing (section 6.3) is
-// used for the choice only, in at most n_limited_groups groups; the gates g are the chosen s, normalised.
+// The gate (the router, "Gate" in DeepSeek's inference code) [V3 eqs. 13-16]: the kernels of section 3.8, with the
+// bias b of auxiliary-loss-free balancing (section 6.3) steering the choice only.
 inline void Model::gate_forward(MoeCache& c, const MoE& m, const float* x, double* balance) {
     DSV3_PROFILE_MODULE("MoE gate forward");
     const int n = BT(), N = cfg.n_routed_experts, K = cfg.n_activated_experts;
