@@ -649,7 +649,6 @@ using OutView = StridedView<float>;      // the result
 // C[M,N] = A[M,K]·B[K,N] (accumulate = false) or C += A·B (accumulate = true), for any strides of A, B and C.
 inline void multiply(int M, int N, int K, const View& A, const View& B, const OutView& C, bool accumulate);
 }  // namespace gemm
-// The reference.
 inline void matmul_forward_reference(float* y, const float* x, const float* W, int T, int in, int out) {
     for (int t = 0; t < T; ++t)
         for (int o = 0; o < out; ++o) {
@@ -675,7 +674,6 @@ inline void matmul_backward_reference(float* dx, float* dW, const float* dy, con
                 dW[int64_t(o) * in + i] = float(s);
             }
 }
-
 
 // y[T,out] = x[T,in] · W[out,in]ᵀ          (overwrites y)
 // With many rows, W is packed once and reused by all of them. With a few rows (decoding: T = 1 or a few draft
@@ -763,11 +761,8 @@ inline std::vector<double> rope_frequencies(const Config& c) {
     return theta;
 }
 inline RopeTable make_rope_table(const Config& c, int max_pos) {
-    RopeTable r;
-    r.half = c.qk_rope_head_dim / 2;
-    r.max_pos = max_pos;
-    r.cos.resize(size_t(max_pos) * r.half);
-    r.sin.resize(size_t(max_pos) * r.half);
+    const size_t n = size_t(max_pos) * size_t(c.qk_rope_head_dim / 2);
+    RopeTable r{c.qk_rope_head_dim / 2, max_pos, std::vector<float>(n), std::vector<float>(n)};
     std::vector<double> theta = rope_frequencies(c);
     for (int p = 0; p < max_pos; ++p)
         for (int i = 0; i < r.half; ++i) {
@@ -779,12 +774,8 @@ inline RopeTable make_rope_table(const Config& c, int max_pos) {
 }
 // Softmax scale of MLA: 1/sqrt(d_h + d_h^R), times m² under YaRN (V3 code: softmax_scale *= mscale²).
 inline float attention_scale(const Config& c) {
-    float scale = 1.0f / std::sqrt(float(c.qk_head_dim()));
-    if (c.yarn_active()) {
-        float m = 0.1f * c.mscale * std::log(c.rope_factor) + 1.0f;
-        scale *= m * m;
-    }
-    return scale;
+    const float m = c.yarn_active() ? 0.1f * c.mscale * std::log(c.rope_factor) + 1.0f : 1.0f;
+    return 1.0f / std::sqrt(float(c.qk_head_dim())) * (m * m);
 }
 // In place: x holds T rows of row_stride floats; in each row, n_vec vectors of D = 2·half floats start at
 // offset + j·vec_stride. Row t is at position pos0 + t % seq_len. backward = rotation by the opposite angle.
@@ -967,8 +958,7 @@ inline double cross_entropy_forward(const float* logits, const int32_t* targets,
         const int32_t y = targets[t];
         if (y == kIgnore) return 0.0;
         const float* z = logits + t * V;
-        float mx = z[0];
-        for (int i = 1; i < V; ++i) mx = std::max(mx, z[i]);
+        const float mx = *std::max_element(z, z + V);
         double sum = 0;
         for (int i = 0; i < V; ++i) sum += std::exp(double(z[i] - mx));
         return std::log(sum) + mx - z[y];
@@ -987,8 +977,7 @@ inline void cross_entropy_backward(float* dlogits, const float* logits, const in
         if (y == kIgnore) return;
         const float* z = logits + t * V;
         float* dz = dlogits + t * V;
-        float mx = z[0];
-        for (int i = 1; i < V; ++i) mx = std::max(mx, z[i]);
+        const float mx = *std::max_element(z, z + V);
         float sum = 0;
         for (int i = 0; i < V; ++i) sum += std::exp(z[i] - mx);
         const float inv = 1.0f / sum;
@@ -1057,7 +1046,7 @@ inline void router_select(int32_t* chosen, const float* scores, const float* bia
             std::stable_sort(group_score.begin(), group_score.end(),
                              [](auto& a, auto& b) { return a.first > b.first; });
             for (int r = c.n_limited_groups; r < G; ++r)
-                for (int i = 0; i < per_group; ++i) biased[size_t(group_score[size_t(r)].second * per_group + i)] = -INFINITY;
+                std::fill_n(biased.begin() + group_score[size_t(r)].second * per_group, per_group, -INFINITY);
         }
         std::vector<int> order(static_cast<size_t>(N));
         std::iota(order.begin(), order.end(), 0);
@@ -1128,9 +1117,7 @@ inline double sequence_balance_loss(float* dscores, const float* scores, const i
         for (int i = 0; i < N; ++i) L += f[size_t(i)] * P[size_t(i)];
         per_seq[size_t(b)] = alpha * L;
     });
-    double total = 0;
-    for (double v : per_seq) total += v;
-    return total / B;
+    return std::accumulate(per_seq.begin(), per_seq.end(), 0.0) / B;
 }
 // The classic expert-level auxiliary loss (DeepSeekMoE eqs. 12-14, GShard form) over the whole batch of T tokens:
 //   f_i = N_r/(K·T) Σ_t 1[i ∈ TopK_t],  P_i = (1/T) Σ_t p_{i,t} with p = softmax(logits),  L = α Σ_i f_i P_i
@@ -1144,8 +1131,7 @@ inline double expert_balance_loss(float* dlogits, const float* logits, const int
     std::vector<double> P_partial(static_cast<size_t>(T) * N);
     parallel_for(T, [&](int64_t t) {
         const float* z = logits + t * N;
-        float mx = z[0];
-        for (int i = 1; i < N; ++i) mx = std::max(mx, z[i]);
+        const float mx = *std::max_element(z, z + N);
         double sum = 0;
         std::vector<double> p(static_cast<size_t>(N));
         for (int i = 0; i < N; ++i) sum += (p[size_t(i)] = std::exp(double(z[i] - mx)));
@@ -1180,7 +1166,7 @@ inline void moe_permute_plan(MoePermutation& p, const int32_t* chosen, int T, in
     p.counts.assign(size_t(N), 0);
     for (int64_t i = 0; i < int64_t(T) * K; ++i) p.counts[size_t(chosen[i])]++;
     p.offsets.assign(size_t(N) + 1, 0);
-    for (int e = 0; e < N; ++e) p.offsets[size_t(e) + 1] = p.offsets[size_t(e)] + p.counts[size_t(e)];
+    std::partial_sum(p.counts.begin(), p.counts.end(), p.offsets.begin() + 1);
     std::vector<int64_t> cursor(p.offsets.begin(), p.offsets.end() - 1);
     p.slot.resize(size_t(T) * K);
     p.token_of.resize(size_t(T) * K);
@@ -1279,18 +1265,17 @@ inline void grouped_matmul_backward(float* dx, float* dW, const float* dy, const
 // --- 3.11 AdamW (Loshchilov & Hutter 2019) ------------------------------------------------------------------------
 // m ← β1 m + (1−β1) g;  v ← β2 v + (1−β2) g²;  p ← p − lr·( m̂/(√v̂ + ε) + wd·p ), m̂, v̂ bias-corrected by step.
 // g is taken times grad_scale (6.2's clipping factor: one pass over the gradients fewer than scaling them first).
+constexpr int64_t kElementwiseWork = 8;  // parallel_for's work_per_item of the element-wise kernels: 4096 go parallel
 inline void adamw_update(float* p, const float* g, float* m, float* v, int64_t n, float lr, float beta1, float beta2,
                          float eps, float weight_decay, int step, float grad_scale = 1.0f) {
     DSV3_PROFILE_KERNEL();
     const float c1 = 1.0f / (1.0f - std::pow(beta1, float(step))), c2 = 1.0f / (1.0f - std::pow(beta2, float(step)));
-    parallel_for((n + 4095) / 4096, [&](int64_t c) {
-        for (int64_t i = c * 4096, e = std::min(n, i + 4096); i < e; ++i) {
-            const float gi = g[i] * grad_scale;
-            m[i] = beta1 * m[i] + (1 - beta1) * gi;
-            v[i] = beta2 * v[i] + (1 - beta2) * gi * gi;
-            p[i] -= lr * (m[i] * c1 / (std::sqrt(v[i] * c2) + eps) + weight_decay * p[i]);
-        }
-    });
+    parallel_for(n, [&](int64_t i) {
+        const float gi = g[i] * grad_scale;
+        m[i] = beta1 * m[i] + (1 - beta1) * gi;
+        v[i] = beta2 * v[i] + (1 - beta2) * gi * gi;
+        p[i] -= lr * (m[i] * c1 / (std::sqrt(v[i] * c2) + eps) + weight_decay * p[i]);
+    }, kElementwiseWork);
 }
 
 // --- 3.12 the model's plumbing: copies, concatenations, residual adds, the optimizer's reductions --------------------
@@ -1307,15 +1292,11 @@ inline void copy_values(float* y, const float* x, int64_t n) { // y = x
 // y += x: the residual connections, and gradients that meet at a fork.
 inline void add_inplace(float* y, const float* x, int64_t n) {
     DSV3_PROFILE_KERNEL();
-    parallel_for((n + 4095) / 4096, [&](int64_t c) {
-        for (int64_t i = c * 4096, e = std::min(n, i + 4096); i < e; ++i) y[i] += x[i];
-    });
+    parallel_for(n, [&](int64_t i) { y[i] += x[i]; }, kElementwiseWork);
 }
 inline void scale_inplace(float* x, int64_t n, float s) {  // x *= s (gradient clipping)
     DSV3_PROFILE_KERNEL();
-    parallel_for((n + 4095) / 4096, [&](int64_t c) {
-        for (int64_t i = c * 4096, e = std::min(n, i + 4096); i < e; ++i) x[i] *= s;
-    });
+    parallel_for(n, [&](int64_t i) { x[i] *= s; }, kElementwiseWork);
 }
 inline double sum_of_squares(const float* x, int64_t n) {  // Σ x², in double, in a fixed order
     DSV3_PROFILE_KERNEL();
@@ -1323,9 +1304,7 @@ inline double sum_of_squares(const float* x, int64_t n) {  // Σ x², in double,
 }
 inline void bf16_round_inplace(float* x, int64_t n) {  // x = bf16(x) (FP8 training's BF16 optimizer states)
     DSV3_PROFILE_KERNEL();
-    parallel_for((n + 4095) / 4096, [&](int64_t c) {
-        for (int64_t i = c * 4096, e = std::min(n, i + 4096); i < e; ++i) x[i] = bf16_round(x[i]);
-    });
+    parallel_for(n, [&](int64_t i) { x[i] = bf16_round(x[i]); }, kElementwiseWork);
 }
 // Row copies by an index list (rows: backend memory), for expert parallelism's send and receive buffers (9.4):
 // gather_rows: dst[i] = src[rows[i]];  scatter_rows: dst[rows[i]] = src[i];  i < n, rows of d floats.
@@ -1594,9 +1573,9 @@ inline ParamCounts count_parameters(const Config& c) {
 // =====================================================================================================================
 // The model logic is written once here. Each module of the paper is a forward/backward pair of Model member
 // functions with the module's name: mla_forward (5.1), ffn_forward (5.2), gate_forward and moe_forward (5.3),
-// block_forward (5.4), mtp_forward (5.5), each with its _backward; they compose the kernels of section 3 on the
-// parameters of section 4 (the structs MLA, Ffn, MoE, Block, MtpModule). Each forward saves what its backward needs
-// in a cache (the structs below: pointers into the activation arena).
+// block_forward (5.4), mtp_forward (5.5), each with its _backward, composing the kernels of section 3 on the
+// parameters of section 4 (MLA, Ffn, MoE, Block, MtpModule). A forward saves what its backward needs in a cache
+// (the structs below: pointers into the activation arena).
 
 enum class BalanceLoss { none, sequence_wise, expert_level };
 
@@ -1671,11 +1650,9 @@ struct ExpertRunner {
     virtual void backward(Model& model, const MoE& m, MoeCache& c, const float* dye, float* dxe) = 0;
 };
 
-// The model. Its state is the config, the two flat buffers and the RoPE table; what a forward pass saves for its
-// backward (the caches above) lives in the activation arena. The modules of sections 5.1-5.5 are its private member
-// functions, named after the paper: mla_forward, ffn_forward, gate_forward and moe_forward, block_forward,
-// mtp_forward, each with its backward. Section 5.6 composes them into forward() and backward(); section 7 adds
-// decoding; section 9 calls experts_forward / experts_backward to run the experts a rank owns.
+// The model. Its state is the config, the two flat buffers and the RoPE table; the caches above live in the
+// activation arena. The modules (5.1-5.5) are its private members; section 5.6 composes them into forward() and
+// backward(); section 7 adds decoding; section 9 calls experts_forward / experts_backward for the experts a rank owns.
 class Model {
   public:
     // --- the model and its parameters (section 4) ---
@@ -1687,9 +1664,15 @@ class Model {
     Model(const Config& c, uint64_t seed);
     float* param_at(size_t offset) { return params.data() + offset; }  // a tensor of `layout`, by its offset
     float* grad_at(size_t offset) { return grads.data() + offset; }
-    // A parameter or its gradient by Hugging Face name, e.g. param("model.layers.0.self_attn.kv_a_proj_with_mqa.weight").
-    TensorView param(const std::string& name);
-    TensorView grad(const std::string& name);
+    // By Hugging Face name, e.g. param("model.layers.0.self_attn.kv_a_proj_with_mqa.weight"), and its gradient.
+    TensorView param(const std::string& name) {
+        const ParamEntry& e = layout.find(name);
+        return {param_at(e.offset), e.shape, e.name};
+    }
+    TensorView grad(const std::string& name) {
+        const ParamEntry& e = layout.find(name);
+        return {grad_at(e.offset), e.shape, e.name + " (gradient)"};
+    }
     std::vector<Block*> moe_blocks();  // every MoE block: the main blocks first, then the MTP modules'
 
     // --- training (section 5.6; the optimizer step is section 6) ---
@@ -1738,6 +1721,11 @@ class Model {
     void mla_backward(const MlaCache& c, const MLA& a, const float* dout, float* dx);
     void ffn_forward(FfnCache& c, const Ffn& f, const float* x, float* out, int n);                  // 5.2
     void ffn_backward(const FfnCache& c, const Ffn& f, const float* dout, float* dx, int n);
+    template <class Proj>
+    void swiglu_ffn_forward(FfnCache& c, const Ffn& f, const float* x, float* out, int64_t rows, const Proj& proj);
+    template <class Proj>
+    void swiglu_ffn_backward(const FfnCache& c, const Ffn& f, const float* dout, float* dx, int64_t rows,
+                             const Proj& proj);
     void gate_forward(MoeCache& c, const MoE& m, const float* x, double* balance);                   // 5.3
     void gate_backward(const MoeCache& c, const MoE& m, const float* dgates, float* dx);
     void moe_forward(MoeCache& c, const MoE& m, const float* x, float* out, double* balance);
@@ -1753,19 +1741,35 @@ class Model {
     void block_decode(BlockCache& c, const Block& b, const float* h_in, float* h_out, int n, KvCache& cache,
                       int layer, bool absorbed);
 
-    // --- every linear layer and RMSNorm goes through these (FP32 or V3's FP8 recipe) ---
+    // --- every linear layer and RMSNorm goes through these ---
+    // In FP8 training (Config.fp8_training) a linear layer's three GEMMs (Fprop, Dgrad, Wgrad) run on the FP8 linear
+    // layer of section 8 with V3's recipe; the head and the router stay in FP32.
     bool fp8(const Linear& w) const { return cfg.fp8_training && w.fp8; }
-    void linear_forward(float* y, const float* x, const Linear& w, int n);
-    void linear_backward(float* dx, const float* dy, const float* x, const Linear& w, int n);
-    void experts_linear_forward(float* y, const float* x, const MoE& m, int first, int count, Linear Ffn::*proj,
-                                const int64_t* offsets);
-    void experts_linear_backward(float* dx, const float* dy, const float* x, const MoE& m, int first, int count,
-                                 Linear Ffn::*proj, const int64_t* offsets);
+    void linear_forward(float* y, const float* x, const Linear& w, int n) {
+        if (fp8(w)) backend::fp8_matmul_forward(y, x, param_at(w.w), n, w.in, w.out);
+        else backend::matmul_forward(y, x, param_at(w.w), n, w.in, w.out);
+    }
+    void linear_backward(float* dx, const float* dy, const float* x, const Linear& w, int n) {
+        if (fp8(w)) backend::fp8_matmul_backward(dx, grad_at(w.w), dy, x, param_at(w.w), n, w.in, w.out);
+        else backend::matmul_backward(dx, grad_at(w.w), dy, x, param_at(w.w), n, w.in, w.out);
+    }
     void norm_forward(float* y, float* rstd, const float* x, const Norm& n, int rows) {
         backend::rmsnorm_forward(y, rstd, x, param_at(n.g), rows, n.dim, cfg.rms_norm_eps);
     }
     void norm_backward(float* dx, const float* dy, const float* x, const float* rstd, const Norm& n, int rows) {
         backend::rmsnorm_backward(dx, grad_at(n.g), dy, x, param_at(n.g), rstd, rows, n.dim);
+    }
+    // The same into new arena arrays: linear(x, w, n) = x Wᵀ [n, w.out]; norm(x, g, n, rstd) = RMSNorm(x) [n, g.dim]
+    float* linear(const float* x, const Linear& w, int n) {
+        float* y = arena_.take(size_t(n) * w.out);
+        linear_forward(y, x, w, n);
+        return y;
+    }
+    float* norm(const float* x, const Norm& g, int n, float*& rstd) {
+        float* y = arena_.take(size_t(n) * g.dim);
+        rstd = arena_.take(size_t(n));
+        norm_forward(y, rstd, x, g, n);
+        return y;
     }
 
     // --- the last forward pass ---
@@ -1802,14 +1806,6 @@ inline Model::Model(const Config& c, uint64_t seed) : cfg(c), layout(param_layou
     blocks_.resize(layout.blocks.size());
     mtp_.resize(layout.mtp.size());
 }
-inline TensorView Model::param(const std::string& name) {
-    const ParamEntry& e = layout.find(name);
-    return {param_at(e.offset), e.shape, e.name};
-}
-inline TensorView Model::grad(const std::string& name) {
-    const ParamEntry& e = layout.find(name);
-    return {grad_at(e.offset), e.shape, e.name + " (gradient)"};
-}
 inline std::vector<Block*> Model::moe_blocks() {
     std::vector<Block*> out;
     for (Block& b : layout.blocks) if (b.is_moe) out.push_back(&b);
@@ -1823,41 +1819,6 @@ inline std::vector<std::vector<int64_t>> Model::expert_loads() const {
     return loads;
 }
 
-// Every linear layer goes through these two. In FP8 training (Config.fp8_training) its three GEMMs (Fprop, Dgrad,
-// Wgrad) run on the FP8 linear layer of section 8 with V3's recipe; the head and the router stay in FP32.
-inline void Model::linear_forward(float* y, const float* x, const Linear& w, int n) {
-    if (fp8(w)) backend::fp8_matmul_forward(y, x, param_at(w.w), n, w.in, w.out);
-    else backend::matmul_forward(y, x, param_at(w.w), n, w.in, w.out);
-}
-inline void Model::linear_backward(float* dx, const float* dy, const float* x, const Linear& w, int n) {
-    if (fp8(w)) backend::fp8_matmul_backward(dx, grad_at(w.w), dy, x, param_at(w.w), n, w.in, w.out);
-    else backend::matmul_backward(dx, grad_at(w.w), dy, x, param_at(w.w), n, w.in, w.out);
-}
-// One projection (gate, up or down) of experts first .. first+count-1, each on its rows: one grouped GEMM
-// (section 3.10); in FP8 training, the FP8 linear layer expert by expert.
-inline void Model::experts_linear_forward(float* y, const float* x, const MoE& m, int first, int count,
-                                          Linear Ffn::*proj, const int64_t* offsets) {
-    const Linear& w0 = m.experts[size_t(first)].*proj;
-    if (!fp8(w0))
-        return backend::grouped_matmul_forward(y, x, param_at(w0.w), int64_t(m.expert_stride), offsets, count, w0.in,
-                                               w0.out);
-    for (int i = 0; i < count; ++i)
-        if (offsets[i + 1] > offsets[i])
-            linear_forward(y + offsets[i] * w0.out, x + offsets[i] * w0.in, m.experts[size_t(first + i)].*proj,
-                           int(offsets[i + 1] - offsets[i]));
-}
-inline void Model::experts_linear_backward(float* dx, const float* dy, const float* x, const MoE& m, int first,
-                                           int count, Linear Ffn::*proj, const int64_t* offsets) {
-    const Linear& w0 = m.experts[size_t(first)].*proj;
-    if (!fp8(w0))
-        return backend::grouped_matmul_backward(dx, grad_at(w0.w), dy, x, param_at(w0.w), int64_t(m.expert_stride),
-                                                offsets, count, w0.in, w0.out);
-    for (int i = 0; i < count; ++i)
-        if (offsets[i + 1] > offsets[i])
-            linear_backward(dx + offsets[i] * w0.in, dy + offsets[i] * w0.out, x + offsets[i] * w0.in,
-                            m.experts[size_t(first + i)].*proj, int(offsets[i + 1] - offsets[i]));
-}
-
 // --- 5.1 Multi-head Latent Attention [V3 §2.1.1] -----------------------------------------------------------------
 // Keys and values are compressed jointly into a small latent c^KV (eq. 1), from which per-head keys and values are
 // up-projected (eqs. 2, 5); only c^KV and the decoupled RoPE key k^R (eq. 3, shared by all heads) would be cached
@@ -1868,31 +1829,23 @@ inline void Model::mla_forward(MlaCache& c, const MLA& a, const float* x, float*
               dqk = cfg.qk_head_dim(), dv = cfg.v_head_dim, dc = cfg.kv_lora_rank;
     c.x = x;
     // queries: q = W^UQ RMSNorm(W^DQ h)  (eqs. 6-7), then RoPE on each head's last d_h^R values (eq. 8)
-    c.q = arena_.take(size_t(n) * H * dqk);
     if (cfg.q_lora_rank > 0) {
-        c.cq = arena_.take(size_t(n) * cfg.q_lora_rank);
-        c.cq_rstd = arena_.take(size_t(n));
-        c.cq_n = arena_.take(size_t(n) * cfg.q_lora_rank);
-        linear_forward(c.cq, x, a.q_a, n);
-        norm_forward(c.cq_n, c.cq_rstd, c.cq, a.q_norm, n);
-        linear_forward(c.q, c.cq_n, a.q_b, n);
+        c.cq = linear(x, a.q_a, n);
+        c.cq_n = norm(c.cq, a.q_norm, n, c.cq_rstd);
+        c.q = linear(c.cq_n, a.q_b, n);
     } else {
-        linear_forward(c.q, x, a.q, n);
+        c.q = linear(x, a.q, n);
     }
     backend::rope_forward(c.q, n, H * dqk, dh, H, dqk, 0, T_, rope);
     // keys and values: [c^KV ; k^R_raw] = [W^DKV ; W^KR] h  (eqs. 1, 3), c^KV normalised, k^R rotated
-    float* kv_a = arena_.take(size_t(n) * (dc + dr));
-    linear_forward(kv_a, x, a.kv_a, n);
+    const float* kv_a = linear(x, a.kv_a, n);
     c.ckv_raw = arena_.take(size_t(n) * dc);
     c.k_rope = arena_.take(size_t(n) * dr);
     backend::split_columns(c.ckv_raw, c.k_rope, kv_a, n, dc, dr);
-    c.ckv_rstd = arena_.take(size_t(n));
-    c.ckv = arena_.take(size_t(n) * dc);
-    norm_forward(c.ckv, c.ckv_rstd, c.ckv_raw, a.kv_norm, n);
+    c.ckv = norm(c.ckv_raw, a.kv_norm, n, c.ckv_rstd);
     backend::rope_forward(c.k_rope, n, dr, 0, 1, dr, 0, T_, rope);
     // per-head [k^C ; v] = W^UKV c^KV (eqs. 2, 5); k = [k^C ; k^R] (eq. 4)
-    c.kv = arena_.take(size_t(n) * H * (dh + dv));
-    linear_forward(c.kv, c.ckv, a.kv_b, n);
+    c.kv = linear(c.ckv, a.kv_b, n);
     c.k = arena_.take(size_t(n) * H * dqk);
     c.v = arena_.take(size_t(n) * H * dv);
     backend::mla_keys_values_forward(c.k, c.v, c.kv, c.k_rope, n, H, dh, dr, dv);
@@ -1950,54 +1903,60 @@ inline Linear gate_up(const Ffn& f) {   // [gate; up] as one linear layer, or ou
     l.out = f.up.w == f.gate.w + size_t(f.gate.out) * f.gate.in && f.up.in == f.gate.in ? 2 * f.gate.out : 0;
     return l;
 }
-inline void Model::ffn_forward(FfnCache& c, const Ffn& f, const float* x, float* out, int n) {
-    DSV3_PROFILE_MODULE("FFN forward");
+// One SwiGLU over `rows` rows of x, for a dense FFN and for the routed experts (5.3) alike: proj(y, x, w) runs the
+// projection w of f (or [gate; up]) on the rows, and in the backward proj(dx, dy, x, w) adds dx and the weight's grad.
+template <class Proj>
+inline void Model::swiglu_ffn_forward(FfnCache& c, const Ffn& f, const float* x, float* out, int64_t rows,
+                                      const Proj& proj) {
     const int w = f.gate.out;
     const Linear gu = gate_up(f);
     c.x = x;
     c.ld = gu.out && !fp8(gu) ? 2 * w : w;
-    c.gate = arena_.take(size_t(n) * c.ld);
-    c.up = c.ld == w ? arena_.take(size_t(n) * w) : c.gate + w;
-    c.h = arena_.take(size_t(n) * w);
-    if (c.ld == w) {
-        linear_forward(c.gate, x, f.gate, n);
-        linear_forward(c.up, x, f.up, n);
-    } else {
-        linear_forward(c.gate, x, gu, n);
-    }
-    backend::swiglu_forward(c.h, c.gate, c.up, n, w, c.ld);
-    linear_forward(out, c.h, f.down, n);
+    c.gate = arena_.take(size_t(rows) * c.ld);
+    c.up = c.ld == w ? arena_.take(size_t(rows) * w) : c.gate + w;
+    c.h = arena_.take(size_t(rows) * w);
+    proj(c.gate, x, c.ld == w ? f.gate : gu);   // the gate, or [gate; up] in one product
+    if (c.ld == w) proj(c.up, x, f.up);
+    backend::swiglu_forward(c.h, c.gate, c.up, rows, w, c.ld);
+    proj(out, c.h, f.down);
+}
+template <class Proj>
+inline void Model::swiglu_ffn_backward(const FfnCache& c, const Ffn& f, const float* dout, float* dx, int64_t rows,
+                                       const Proj& proj) {
+    const int w = f.gate.out;
+    auto mark = arena_.mark();
+    float* dh = arena_.zeros(size_t(rows) * w);
+    proj(dh, dout, c.h, f.down);
+    float* dgate = arena_.zeros(size_t(rows) * c.ld);   // [rows, ld] like the forward's gate and up
+    float* dup = c.ld == w ? arena_.zeros(size_t(rows) * w) : dgate + w;
+    backend::swiglu_backward(dgate, dup, dh, c.gate, c.up, rows, w, c.ld);
+    proj(dx, dgate, c.x, c.ld == w ? f.gate : gate_up(f));
+    if (c.ld == w) proj(dx, dup, c.x, f.up);
+    arena_.release(mark);
+}
+inline void Model::ffn_forward(FfnCache& c, const Ffn& f, const float* x, float* out, int n) {
+    DSV3_PROFILE_MODULE("FFN forward");
+    swiglu_ffn_forward(c, f, x, out, n, [&](float* y, const float* in, const Linear& w) {
+        linear_forward(y, in, w, n);
+    });
 }
 inline void Model::ffn_backward(const FfnCache& c, const Ffn& f, const float* dout, float* dx, int n) {
     DSV3_PROFILE_MODULE("FFN backward");
-    const int w = f.gate.out;
-    auto mark = arena_.mark();
-    float* dh = arena_.zeros(size_t(n) * w);
-    linear_backward(dh, dout, c.h, f.down, n);
-    float* dgate = arena_.zeros(size_t(n) * c.ld);   // [n, ld] like the forward's gate and up
-    float* dup = c.ld == w ? arena_.zeros(size_t(n) * w) : dgate + w;
-    backend::swiglu_backward(dgate, dup, dh, c.gate, c.up, n, w, c.ld);
-    if (c.ld == w) {
-        linear_backward(dx, dgate, c.x, f.gate, n);
-        linear_backward(dx, dup, c.x, f.up, n);
-    } else {
-        linear_backward(dx, dgate, c.x, gate_up(f), n);
-    }
-    arena_.release(mark);
+    swiglu_ffn_backward(c, f, dout, dx, n, [&](float* d_in, const float* dy, const float* in, const Linear& w) {
+        linear_backward(d_in, dy, in, w, n);
+    });
 }
 
 // --- 5.3 DeepSeekMoE [V3 §2.1.2, eq. 12]: h' = u + Σ_shared FFN_s(u) + Σ_routed g_i FFN_i(u) ----------------------
-// The gate (the router, "Gate" in DeepSeek's inference code) [V3 eqs. 13-16]: affinities s = sigmoid(u eᵢ) (softmax
-// in V2), the top K_r experts chosen on s + b, where the bias b of auxiliary-loss-free balancing (section 6.3) is
-// used for the choice only, in at most n_limited_groups groups; the gates g are the chosen s, normalised.
+// The gate (the router, "Gate" in DeepSeek's inference code) [V3 eqs. 13-16]: the kernels of section 3.8, with the
+// bias b of auxiliary-loss-free balancing (section 6.3) steering the choice only.
 inline void Model::gate_forward(MoeCache& c, const MoE& m, const float* x, double* balance) {
     DSV3_PROFILE_MODULE("MoE gate forward");
     const int n = BT(), N = cfg.n_routed_experts, K = cfg.n_activated_experts;
     c.x = x;
-    c.logits = arena_.take(size_t(n) * N);
+    c.logits = linear(x, m.router, n);
     c.scores = arena_.take(size_t(n) * N);
     c.gates = arena_.take(size_t(n) * K);
-    linear_forward(c.logits, x, m.router, n);
     backend::router_scores_forward(c.scores, c.logits, n, N, cfg.score_func == "softmax");
     if (!reuse_routing || c.chosen.size() != size_t(n) * K) {
         c.chosen.resize(size_t(n) * K);
@@ -2062,64 +2021,45 @@ inline void Model::moe_backward(MoeCache& c, const MoE& m, const float* dout, fl
 }
 
 // The routed experts: the SwiGLU of section 5.2 on each expert's rows, each projection one grouped GEMM over all the
-// experts (section 3.10). The MoE layer runs all N_r experts this way; under expert parallelism each rank runs the
-// ones it owns.
+// experts (section 3.10; w is the first expert's, the others' lie expert_stride floats apart); in FP8 training, the
+// FP8 linear layer expert by expert. The MoE layer runs all N_r experts this way; under expert parallelism each rank
+// runs the ones it owns.
 inline void Model::experts_forward(const MoE& m, int first, int count, const int64_t* offsets, const float* xe,
                                    float* ye, FfnCache& c) {
     DSV3_PROFILE_MODULE("routed experts forward");
-    const int64_t rows = offsets[count];
-    const int w = cfg.moe_inter_dim;
-    const Linear gu = gate_up(m.experts[size_t(first)]);   // [gate; up] of the first expert, the others stride on
-    c.x = xe;
-    c.ld = gu.out && !fp8(gu) ? 2 * w : w;   // as in ffn_forward
-    c.gate = arena_.take(size_t(rows) * c.ld);
-    c.up = c.ld == w ? arena_.take(size_t(rows) * w) : c.gate + w;
-    c.h = arena_.take(size_t(rows) * w);
-    if (c.ld == w) {
-        experts_linear_forward(c.gate, xe, m, first, count, &Ffn::gate, offsets);
-        experts_linear_forward(c.up, xe, m, first, count, &Ffn::up, offsets);
-    } else {
-        backend::grouped_matmul_forward(c.gate, xe, param_at(gu.w), int64_t(m.expert_stride), offsets, count, gu.in,
-                                        gu.out);
-    }
-    backend::swiglu_forward(c.h, c.gate, c.up, rows, w, c.ld);
-    experts_linear_forward(ye, c.h, m, first, count, &Ffn::down, offsets);
+    swiglu_ffn_forward(c, m.experts[size_t(first)], xe, ye, offsets[count], [&](float* y, const float* x, Linear w) {
+        if (!fp8(w))
+            return backend::grouped_matmul_forward(y, x, param_at(w.w), int64_t(m.expert_stride), offsets, count,
+                                                   w.in, w.out);
+        for (int i = 0; i < count; ++i, w.w += m.expert_stride)
+            if (offsets[i + 1] > offsets[i])
+                linear_forward(y + offsets[i] * w.out, x + offsets[i] * w.in, w, int(offsets[i + 1] - offsets[i]));
+    });
 }
 inline void Model::experts_backward(const MoE& m, int first, int count, const int64_t* offsets, const float* dye,
                                     float* dxe, const FfnCache& c) {
     DSV3_PROFILE_MODULE("routed experts backward");
-    const int64_t rows = offsets[count];
-    const int w = cfg.moe_inter_dim;
-    auto mark = arena_.mark();
-    float* dh = arena_.zeros(size_t(rows) * w);
-    experts_linear_backward(dh, dye, c.h, m, first, count, &Ffn::down, offsets);
-    float* dgate = arena_.zeros(size_t(rows) * c.ld);
-    float* dup = c.ld == w ? arena_.zeros(size_t(rows) * w) : dgate + w;
-    backend::swiglu_backward(dgate, dup, dh, c.gate, c.up, rows, w, c.ld);
-    if (c.ld == w) {
-        experts_linear_backward(dxe, dgate, c.x, m, first, count, &Ffn::gate, offsets);
-        experts_linear_backward(dxe, dup, c.x, m, first, count, &Ffn::up, offsets);
-    } else {
-        const Linear gu = gate_up(m.experts[size_t(first)]);
-        backend::grouped_matmul_backward(dxe, grad_at(gu.w), dgate, c.x, param_at(gu.w), int64_t(m.expert_stride),
-                                         offsets, count, gu.in, gu.out);
-    }
-    arena_.release(mark);
+    swiglu_ffn_backward(c, m.experts[size_t(first)], dye, dxe, offsets[count],
+                        [&](float* dx, const float* dy, const float* x, Linear w) {
+        if (!fp8(w))
+            return backend::grouped_matmul_backward(dx, grad_at(w.w), dy, x, param_at(w.w), int64_t(m.expert_stride),
+                                                    offsets, count, w.in, w.out);
+        for (int i = 0; i < count; ++i, w.w += m.expert_stride)
+            if (offsets[i + 1] > offsets[i])
+                linear_backward(dx + offsets[i] * w.in, dy + offsets[i] * w.out, x + offsets[i] * w.in, w,
+                                int(offsets[i + 1] - offsets[i]));
+    });
 }
 
 // --- 5.4 the pre-norm block: h ← h + Attn(RMSNorm(h)); h ← h + FFN(RMSNorm(h)) ------------------------------------
 inline void Model::block_forward(BlockCache& c, const Block& b, const float* h_in, double* balance) {
     const int n = BT(), d = cfg.dim;
     c.h_in = h_in;
-    c.xn1 = arena_.take(size_t(n) * d);
-    c.rstd1 = arena_.take(size_t(n));
-    norm_forward(c.xn1, c.rstd1, h_in, b.attn_norm, n);
+    c.xn1 = norm(h_in, b.attn_norm, n, c.rstd1);
     c.h_mid = arena_.take(size_t(n) * d);
     mla_forward(c.attn, b.attn, c.xn1, c.h_mid);
     backend::add_inplace(c.h_mid, h_in, int64_t(n) * d);
-    c.xn2 = arena_.take(size_t(n) * d);
-    c.rstd2 = arena_.take(size_t(n));
-    norm_forward(c.xn2, c.rstd2, c.h_mid, b.ffn_norm, n);
+    c.xn2 = norm(c.h_mid, b.ffn_norm, n, c.rstd2);
     c.h_out = arena_.take(size_t(n) * d);
     if (b.is_moe) moe_forward(c.moe, b.moe, c.xn2, c.h_out, balance);
     else ffn_forward(c.ffn, b.ffn, c.xn2, c.h_out, n);
@@ -2164,20 +2104,14 @@ inline double Model::mtp_forward(MtpCache& c, const MtpModule& m, int k, const i
     c.h_prev = h_prev;
     c.emb = arena_.take(size_t(n) * d);
     backend::embedding_forward(c.emb, c.emb_tokens.data(), param_at(layout.embed), n, d, V);
-    c.en = arena_.take(size_t(n) * d); c.en_rstd = arena_.take(size_t(n));
-    c.hn = arena_.take(size_t(n) * d); c.hn_rstd = arena_.take(size_t(n));
-    norm_forward(c.en, c.en_rstd, c.emb, m.enorm, n);
-    norm_forward(c.hn, c.hn_rstd, h_prev, m.hnorm, n);
+    c.en = norm(c.emb, m.enorm, n, c.en_rstd);
+    c.hn = norm(h_prev, m.hnorm, n, c.hn_rstd);
     c.cat = arena_.take(size_t(n) * 2 * d);
     backend::concat_columns(c.cat, c.en, c.hn, n, d, d);
-    c.h_proj = arena_.take(size_t(n) * d);
-    linear_forward(c.h_proj, c.cat, m.eh_proj, n);
+    c.h_proj = linear(c.cat, m.eh_proj, n);
     block_forward(c.block, m.block, c.h_proj, balance);
-    c.out_n = arena_.take(size_t(n) * d);
-    c.out_rstd = arena_.take(size_t(n));
-    norm_forward(c.out_n, c.out_rstd, c.block.h_out, m.norm, n);
-    c.logits = arena_.take(size_t(n) * V);
-    linear_forward(c.logits, c.out_n, layout.head, n);
+    c.out_n = norm(c.block.h_out, m.norm, n, c.out_rstd);
+    c.logits = linear(c.out_n, layout.head, n);
     return backend::cross_entropy_forward(c.logits, c.targets.data(), n, V);
 }
 // dh_next: the gradient flowing into h^k from module k+1 (null for the last module); adds the gradient of h^{k-1}
@@ -2232,11 +2166,8 @@ inline Losses Model::forward(const int32_t* tokens, int B, int T, const LossOpti
         block_forward(blocks_[l], layout.blocks[l], h, &loss.balance);
         h = blocks_[l].h_out;
     }
-    hn_ = arena_.take(size_t(n) * d);
-    final_rstd_ = arena_.take(size_t(n));
-    norm_forward(hn_, final_rstd_, h, layout.final_norm, n);
-    logits_ = arena_.take(size_t(n) * V);
-    linear_forward(logits_, hn_, layout.head, n);
+    hn_ = norm(h, layout.final_norm, n, final_rstd_);
+    logits_ = linear(hn_, layout.head, n);
     loss.main = backend::cross_entropy_forward(logits_, targets_.data(), n, V);
     loss.total = loss.main;
     const int D = opt.with_mtp ? int(layout.mtp.size()) : 0;
