@@ -3,7 +3,7 @@
 // DeepSeekMoE and MLA (expert segmentation, shared experts, top-k, groups, the MLA ranks, MTP depth) at a fixed
 // FLOPs-per-token budget (examples/search.hpp has the space and the budget). Then DeepSeekMoE's own comparison at this
 // scale: the best fine-grained + shared configuration against GShard-style top-2 of 16 equal experts at the same
-// activated FLOPs, trained for the same steps on the same batches.
+// activated FLOPs (and the same attention and MTP), trained for the same steps on the same batches.
 //
 //   build/search [--budget 30] [--candidates 8] [--seed 1] [--data FILE] [--out runs/search]   (build/search --help)
 //
@@ -152,17 +152,22 @@ int main(int argc, char** argv) {
         plot_lines(out + "/pareto.png", "design search: loss after equal time vs speed", "training tokens/s",
                    "validation loss (nats/byte)", {all, pf});
 
-        // 3. DeepSeekMoE's comparison: the best fine-grained (m >= 2) + shared candidate against GShard top-2 of 16,
-        // both from scratch, the same steps (so the same tokens and about the same FLOPs) and batches.
+        // 3. DeepSeekMoE's comparison: the search's best fine-grained (every m >= 2) + shared candidate (the one that
+        // survived the most rounds, then the lowest last loss) against GShard top-2 of 16 with the same attention and
+        // MTP, both from scratch, the same steps (so the same tokens and about the same FLOPs) and batches.
         int best = -1;
+        auto better = [&](size_t i, size_t j) {
+            return cands[i].vals.size() != cands[j].vals.size() ? cands[i].vals.size() > cands[j].vals.size()
+                                                                : cands[i].last_val < cands[j].last_val;
+        };
         for (size_t i = 0; i < cands.size(); ++i)
-            if (choices[i].shared >= 1 && (best < 0 || loss[i] < loss[size_t(best)])) best = int(i);   // all m >= 2
+            if (choices[i].shared >= 1 && (best < 0 || better(i, size_t(best)))) best = int(i);
         if (best < 0) fail("no fine-grained + shared candidate in the sample (try more --candidates)");
         Candidate fine, gshard;
         fine.name = cands[size_t(best)].name;
         fine.cfg = cands[size_t(best)].cfg;
-        gshard.name = "GShard top-2 of 16 (width 96, no shared)";
-        gshard.cfg = search::gshard_config();
+        gshard.name = "GShard top-2 of 16 (width 96, no shared), attention and MTP as " + fine.name;
+        gshard.cfg = search::gshard_config(fine.cfg);
         for (Candidate* c : {&fine, &gshard}) c->model = std::make_unique<Model>(c->cfg, seed);
         // the steps that fit: measured on a few steps of each
         train_for(fine, train, 0, 5, seed + 1, nullptr);

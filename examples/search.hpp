@@ -48,9 +48,10 @@ inline Config config_of(const Choice& ch) {
     return c;
 }
 // GShard-style routing at the same activated FLOPs: top-2 of 16 equal experts, each as wide as 2 fine ones would
-// need to be (192 / 2 = 96), no shared expert (DeepSeekMoE §4's comparison).
-inline Config gshard_config() {
-    Config c = Config::tiny();
+// need to be (192 / 2 = 96), no shared expert (DeepSeekMoE §4's comparison); everything else as in `like`, so that
+// only the MoE layer differs.
+inline Config gshard_config(const Config& like = Config::tiny()) {
+    Config c = like;
     c.moe_inter_dim = kActivatedWidth / 2;
     c.n_routed_experts = 16;
     c.n_shared_experts = 0;

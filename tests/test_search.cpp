@@ -34,6 +34,18 @@ TEST_CASE("search: sampled configurations are distinct, valid, inside the FLOPs 
     const Config g = search::gshard_config();
     CHECK(g.n_activated_experts * g.moe_inter_dim == search::kActivatedWidth);
     CHECK(search::admissible(g, T));
+    // beside a candidate: only the MoE layer differs
+    const Config fine = search::config_of(search::sample(1, T, 4)[0]);
+    Config g2 = search::gshard_config(fine);
+    CHECK(g2.n_routed_experts == 16);
+    CHECK(g2.n_shared_experts == 0);
+    g2.moe_inter_dim = fine.moe_inter_dim;
+    g2.n_routed_experts = fine.n_routed_experts;
+    g2.n_shared_experts = fine.n_shared_experts;
+    g2.n_activated_experts = fine.n_activated_experts;
+    g2.n_expert_groups = fine.n_expert_groups;
+    g2.n_limited_groups = fine.n_limited_groups;
+    CHECK(g2.to_text() == fine.to_text());
     // outside the budget: twice the activated width
     Config big = Config::tiny();
     big.moe_inter_dim *= 4;
