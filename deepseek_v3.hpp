@@ -617,6 +617,10 @@ inline float bf16_round(float x);
 inline void fp8_matmul_forward(float* y, const float* x, const float* W, int T, int in, int out);
 inline void fp8_matmul_backward(float* dx, float* dW, const float* dy, const float* x, const float* W, int T, int in,
                                 int out);
+inline void fp8_grouped_matmul_forward(float* y, const float* x, const float* W, int64_t w_stride,
+                                       const int64_t* offsets, int groups, int in, int out);
+inline void fp8_grouped_matmul_backward(float* dx, float* dW, const float* dy, const float* x, const float* W,
+                                        int64_t w_stride, const int64_t* offsets, int groups, int in, int out);
 // The Hopper FP8 GEMM's accumulator model and the 1x128 tile count, which cuda/'s FP8 kernels also take (section 8).
 struct Fp8Accum {
     int block = 32;          // products per tensor-core block (K of one FP8 WGMMA instruction on Hopper)
@@ -1266,8 +1270,9 @@ inline void grouped_matmul_backward(float* dx, float* dW, const float* dy, const
 // m ← β1 m + (1−β1) g;  v ← β2 v + (1−β2) g²;  p ← p − lr·( m̂/(√v̂ + ε) + wd·p ), m̂, v̂ bias-corrected by step.
 // g is taken times grad_scale (6.2's clipping factor: one pass over the gradients fewer than scaling them first).
 constexpr int64_t kElementwiseWork = 8;  // parallel_for's work_per_item of the element-wise kernels: 4096 go parallel
+// bf16_states: m and v are stored rounded to BF16 after the update (FP8 training, section 6.2).
 inline void adamw_update(float* p, const float* g, float* m, float* v, int64_t n, float lr, float beta1, float beta2,
-                         float eps, float weight_decay, int step, float grad_scale = 1.0f) {
+                         float eps, float weight_decay, int step, float grad_scale = 1.0f, bool bf16_states = false) {
     DSV3_PROFILE_KERNEL();
     const float c1 = 1.0f / (1.0f - std::pow(beta1, float(step))), c2 = 1.0f / (1.0f - std::pow(beta2, float(step)));
     parallel_for(n, [&](int64_t i) {
@@ -1275,6 +1280,7 @@ inline void adamw_update(float* p, const float* g, float* m, float* v, int64_t n
         m[i] = beta1 * m[i] + (1 - beta1) * gi;
         v[i] = beta2 * v[i] + (1 - beta2) * gi * gi;
         p[i] -= lr * (m[i] * c1 / (std::sqrt(v[i] * c2) + eps) + weight_decay * p[i]);
+        if (bf16_states) m[i] = bf16_round(m[i]), v[i] = bf16_round(v[i]);
     }, kElementwiseWork);
 }
 
@@ -1301,10 +1307,6 @@ inline void scale_inplace(float* x, int64_t n, float s) {  // x *= s (gradient c
 inline double sum_of_squares(const float* x, int64_t n) {  // Σ x², in double, in a fixed order
     DSV3_PROFILE_KERNEL();
     return parallel_sum(n, [&](int64_t i) { return double(x[i]) * x[i]; });
-}
-inline void bf16_round_inplace(float* x, int64_t n) {  // x = bf16(x) (FP8 training's BF16 optimizer states)
-    DSV3_PROFILE_KERNEL();
-    parallel_for(n, [&](int64_t i) { x[i] = bf16_round(x[i]); }, kElementwiseWork);
 }
 // Row copies by an index list (rows: backend memory), for expert parallelism's send and receive buffers (9.4):
 // gather_rows: dst[i] = src[rows[i]];  scatter_rows: dst[rows[i]] = src[i];  i < n, rows of d floats.
@@ -2021,19 +2023,15 @@ inline void Model::moe_backward(MoeCache& c, const MoE& m, const float* dout, fl
 }
 
 // The routed experts: the SwiGLU of section 5.2 on each expert's rows, each projection one grouped GEMM over all the
-// experts (section 3.10; w is the first expert's, the others' lie expert_stride floats apart); in FP8 training, the
-// FP8 linear layer expert by expert. The MoE layer runs all N_r experts this way; under expert parallelism each rank
-// runs the ones it owns.
+// experts (section 3.10; w is the first expert's, the others' lie expert_stride floats apart); in FP8 training, its
+// FP8 twin (section 8, fp8_grouped_matmul_*). The MoE layer runs all N_r experts this way; under expert parallelism
+// each rank runs the ones it owns.
 inline void Model::experts_forward(const MoE& m, int first, int count, const int64_t* offsets, const float* xe,
                                    float* ye, FfnCache& c) {
     DSV3_PROFILE_MODULE("routed experts forward");
     swiglu_ffn_forward(c, m.experts[size_t(first)], xe, ye, offsets[count], [&](float* y, const float* x, Linear w) {
-        if (!fp8(w))
-            return backend::grouped_matmul_forward(y, x, param_at(w.w), int64_t(m.expert_stride), offsets, count,
-                                                   w.in, w.out);
-        for (int i = 0; i < count; ++i, w.w += m.expert_stride)
-            if (offsets[i + 1] > offsets[i])
-                linear_forward(y + offsets[i] * w.out, x + offsets[i] * w.in, w, int(offsets[i + 1] - offsets[i]));
+        (fp8(w) ? backend::fp8_grouped_matmul_forward : backend::grouped_matmul_forward)(
+            y, x, param_at(w.w), int64_t(m.expert_stride), offsets, count, w.in, w.out);
     });
 }
 inline void Model::experts_backward(const MoE& m, int first, int count, const int64_t* offsets, const float* dye,
@@ -2041,13 +2039,8 @@ inline void Model::experts_backward(const MoE& m, int first, int count, const in
     DSV3_PROFILE_MODULE("routed experts backward");
     swiglu_ffn_backward(c, m.experts[size_t(first)], dye, dxe, offsets[count],
                         [&](float* dx, const float* dy, const float* x, Linear w) {
-        if (!fp8(w))
-            return backend::grouped_matmul_backward(dx, grad_at(w.w), dy, x, param_at(w.w), int64_t(m.expert_stride),
-                                                    offsets, count, w.in, w.out);
-        for (int i = 0; i < count; ++i, w.w += m.expert_stride)
-            if (offsets[i + 1] > offsets[i])
-                linear_backward(dx + offsets[i] * w.in, dy + offsets[i] * w.out, x + offsets[i] * w.in, w,
-                                int(offsets[i + 1] - offsets[i]));
+        (fp8(w) ? backend::fp8_grouped_matmul_backward : backend::grouped_matmul_backward)(
+            dx, grad_at(w.w), dy, x, param_at(w.w), int64_t(m.expert_stride), offsets, count, w.in, w.out);
     });
 }
 
@@ -2275,6 +2268,9 @@ inline double adamw_step(Model& model, AdamW& opt, float lr, double grad_norm = 
     ++opt.step;
     // One update per run of neighbouring tensors with the same weight decay: per element the arithmetic of one call
     // per tensor, in far fewer calls (a layer's routed experts are hundreds of tensors; on a GPU a call is a launch).
+    // FP8 training keeps AdamW's moments in BF16 [V3 §3.3.3 "Low-Precision Optimizer States"]: simulated by rounding
+    // them as each update stores them (the master weights and the gradients stay FP32).
+    const bool bf16_states = model.cfg.fp8_training;
     const std::vector<ParamEntry>& es = model.layout.entries;
     auto decay = [&](const ParamEntry& e) { return e.kind == ParamKind::matrix ? opt.weight_decay : 0.0f; };
     for (size_t i = 0, j; i < es.size(); i = j) {
@@ -2285,13 +2281,8 @@ inline double adamw_step(Model& model, AdamW& opt, float lr, double grad_norm = 
             ++j;
         const size_t o = es[i].offset, n = es[j - 1].offset + es[j - 1].size - o;
         backend::adamw_update(model.params.data() + o, model.grads.data() + o, opt.m.data() + o, opt.v.data() + o,
-                              int64_t(n), lr, opt.beta1, opt.beta2, opt.eps, decay(es[i]), opt.step, clip);
-    }
-    // FP8 training keeps AdamW's moments in BF16 [V3 §3.3.3 "Low-Precision Optimizer States"]: simulated by rounding
-    // them after each update (the master weights and the gradients stay FP32).
-    if (model.cfg.fp8_training) {
-        backend::bf16_round_inplace(opt.m.data(), int64_t(opt.m.size()));
-        backend::bf16_round_inplace(opt.v.data(), int64_t(opt.v.size()));
+                              int64_t(n), lr, opt.beta1, opt.beta2, opt.eps, decay(es[i]), opt.step, clip,
+                              bf16_states);
     }
     return norm;
 }
@@ -3398,6 +3389,29 @@ inline void fp8_matmul_backward(float* dx, float* dW, const float* dy, const flo
         if (T > 0 && (!dy || !x)) fail("fp8_matmul_backward: null dy or x for dW");
         linear_gemm("fp8_matmul_backward (Wgrad)", quantize_transposed(dy, T, out), quantize_transposed(x, T, in), 1,
                     dW, out, in, T, true);
+    }
+}
+
+// The routed experts' FP8 layers: fp8_matmul_forward / _backward on each expert's rows, with the offsets and weight
+// layout of grouped_matmul (section 3.10). Each expert's product is quantized on its own (the Wgrad's 128×1 tiles
+// start at the expert's first row), so this loop is the definition; cuda/fp8.cuh runs every expert's product in one
+// launch of its FP8 GEMM and gives the same bits.
+inline void fp8_grouped_matmul_forward(float* y, const float* x, const float* W, int64_t w_stride,
+                                       const int64_t* offsets, int groups, int in, int out) {
+    check_group_offsets("fp8_grouped_matmul_forward", offsets, groups, in, out);
+    for (int g = 0; g < groups; ++g) {
+        const int64_t begin = offsets[g], rows = offsets[g + 1] - begin;
+        if (rows > 0) fp8_matmul_forward(y + begin * out, x + begin * in, W + g * w_stride, int(rows), in, out);
+    }
+}
+inline void fp8_grouped_matmul_backward(float* dx, float* dW, const float* dy, const float* x, const float* W,
+                                        int64_t w_stride, const int64_t* offsets, int groups, int in, int out) {
+    check_group_offsets("fp8_grouped_matmul_backward", offsets, groups, in, out);
+    for (int g = 0; g < groups; ++g) {
+        const int64_t begin = offsets[g], rows = offsets[g + 1] - begin;
+        if (rows > 0)
+            fp8_matmul_backward(dx ? dx + begin * in : nullptr, dW ? dW + g * w_stride : nullptr, dy + begin * out,
+                                x + begin * in, W + g * w_stride, int(rows), in, out);
     }
 }
 

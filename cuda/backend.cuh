@@ -76,10 +76,6 @@ __global__ void scale_inplace_kernel(float* x, int64_t n, float s) {
     for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
         x[i] *= s;
 }
-__global__ void bf16_round_inplace_kernel(float* x, int64_t n) {
-    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-        x[i] = __bfloat162float(__float2bfloat16_rn(x[i]));  // round to nearest even, as the header's bf16_round
-}
 // Fixed grid, grid-stride partial sums in double, a fixed-order tree per block: deterministic for a given n.
 __global__ void sum_of_squares_kernel(double* partial, const float* x, int64_t n) {
     __shared__ double red[32];
@@ -160,12 +156,6 @@ inline void scale_inplace(float* x, int64_t n, float s) {
     DSV3_PROFILE_KERNEL();
     if (n <= 0) return;
     detail::scale_inplace_kernel<<<std::min(grid_for(n, 256), 8192), 256>>>(x, n, s);
-    DSV3_CUDA_CHECK_LAUNCH();
-}
-inline void bf16_round_inplace(float* x, int64_t n) {
-    DSV3_PROFILE_KERNEL();
-    if (n <= 0) return;
-    detail::bf16_round_inplace_kernel<<<std::min(grid_for(n, 256), 8192), 256>>>(x, n);
     DSV3_CUDA_CHECK_LAUNCH();
 }
 inline double sum_of_squares(const float* x, int64_t n) {  // synchronises: the sum comes back to the host

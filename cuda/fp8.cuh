@@ -49,58 +49,143 @@ __device__ inline float amax_finite(float acc, float v) {
     const float a = fabsf(v);
     return (a <= FLT_MAX && a > acc) ? a : acc;   // NaN and inf are left out
 }
-// One warp per 1×128 tile (row r, tile t): lanes read 4 values each (coalesced), max across the warp (exact, order
-// free), then encode x / scale.
+// One warp per 1×128 tile (row r, tile t): lane l holds the tile's columns 4l .. 4l + 3 in registers (one read of x),
+// max across the warp (exact, order free), then encodes x / scale. vec: whole 16-byte-aligned tiles (cols % 128 == 0),
+// so every lane loads 16 bytes and stores its 4 codes at once.
 __global__ void quantize_tiles_1x128_kernel(const float* x, int rows, int cols, uint8_t* q, float* scales,
-                                            bool pow2_scale) {
+                                            bool pow2_scale, bool vec) {
     const int kt = (cols + 127) / 128;
     const int64_t warp = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
     if (warp >= int64_t(rows) * kt) return;
     const int64_t r = warp / kt;
-    const int t = int(warp % kt), c0 = t * 128, c1 = min(cols, c0 + 128);
-    float amax = 0.0f;
-    for (int c = c0 + lane; c < c1; c += 32) amax = amax_finite(amax, x[r * cols + c]);
-    amax = warp_max(amax);
-    const float s = scale_for_amax(amax, pow2_scale);
+    const int t = int(warp % kt), c = t * 128 + 4 * lane, n = max(0, min(4, cols - c));
+    const int64_t at = r * cols + c;
+    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (vec) v = *reinterpret_cast<const float4*>(x + at);
+    else if (n > 0) {
+        v.x = x[at];
+        if (n > 1) v.y = x[at + 1];
+        if (n > 2) v.z = x[at + 2];
+        if (n > 3) v.w = x[at + 3];
+    }
+    const float amax = amax_finite(amax_finite(amax_finite(amax_finite(0.0f, v.x), v.y), v.z), v.w);
+    const float s = scale_for_amax(warp_max(amax), pow2_scale);
     if (lane == 0) scales[r * kt + t] = s;
-    for (int c = c0 + lane; c < c1; c += 32) q[r * cols + c] = e4m3_encode(__fdiv_rn(x[r * cols + c], s));
+    const uint32_t code = uint32_t(e4m3_encode(__fdiv_rn(v.x, s))) | uint32_t(e4m3_encode(__fdiv_rn(v.y, s))) << 8 |
+                          uint32_t(e4m3_encode(__fdiv_rn(v.z, s))) << 16 | uint32_t(e4m3_encode(__fdiv_rn(v.w, s))) << 24;
+    if (vec) *reinterpret_cast<uint32_t*>(q + at) = code;
+    else
+        for (int i = 0; i < n; ++i) q[at + i] = uint8_t(code >> (8 * i));
 }
-// One block per 128×128 block of w.
-__global__ void quantize_blocks_128x128_kernel(const float* w, int rows, int cols, uint8_t* q, float* scales,
-                                               bool pow2_scale) {
+// The 128×128 blocks of weight matrices [rows, cols], one CTA (256 threads) per block: matrix e = experts[y] (or y)
+// at W + e·w_stride, its codes at q + e·rows·cols and its scales [ceil(rows/128), ceil(cols/128)] at
+// qs + e·blocks. The codes are staged in shared memory, so the transpose that Dgrad needs (qt: [cols, rows], qts:
+// [ceil(cols/128), ceil(rows/128)]; the square blocks serve both directions) is written in the same pass, coalesced.
+// Either output may be null.
+__global__ void __launch_bounds__(256) quantize_weight_blocks_kernel(const float* W, int64_t w_stride,
+                                                                     const int* experts, int rows, int cols,
+                                                                     uint8_t* q, float* qs, uint8_t* qt, float* qts,
+                                                                     bool pow2_scale) {
     __shared__ float red[32];
-    const int ct = (cols + 127) / 128;
-    const int br = blockIdx.x / ct, bc = blockIdx.x % ct;
-    const int r0 = br * 128, r1 = min(rows, r0 + 128), c0 = bc * 128, c1 = min(cols, c0 + 128);
-    const int w_cols = c1 - c0, n = (r1 - r0) * w_cols;
+    __shared__ uint8_t tile[128][129];
+    const int e = experts ? experts[blockIdx.y] : int(blockIdx.y);
+    const int rt = (rows + 127) / 128, ct = (cols + 127) / 128, br = blockIdx.x / ct, bc = blockIdx.x % ct;
+    const int r0 = br * 128, c0 = bc * 128, h = min(rows - r0, 128), w = min(cols - c0, 128);
+    const float* src = W + e * w_stride;
+    float v[64];   // this thread's elements: rows i/128 of i = threadIdx.x + 256 j, column i mod 128
     float amax = 0.0f;
-    for (int i = threadIdx.x; i < n; i += blockDim.x)
-        amax = amax_finite(amax, w[int64_t(r0 + i / w_cols) * cols + c0 + i % w_cols]);
+#pragma unroll
+    for (int j = 0; j < 64; ++j) {
+        const int r = (threadIdx.x >> 7) + 2 * j, c = threadIdx.x & 127;
+        v[j] = r < h && c < w ? src[int64_t(r0 + r) * cols + c0 + c] : 0.0f;
+        amax = amax_finite(amax, v[j]);
+    }
     amax = block_max(amax, red);
     const float s = scale_for_amax(amax, pow2_scale);
-    if (threadIdx.x == 0) scales[blockIdx.x] = s;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        const int64_t idx = int64_t(r0 + i / w_cols) * cols + c0 + i % w_cols;
-        q[idx] = e4m3_encode(__fdiv_rn(w[idx], s));
+    const int64_t m = int64_t(e) * rows * cols, blocks = int64_t(rt) * ct;
+    if (threadIdx.x == 0 && qs) qs[e * blocks + int64_t(br) * ct + bc] = s;
+    if (threadIdx.x == 0 && qts) qts[e * blocks + int64_t(bc) * rt + br] = s;
+#pragma unroll
+    for (int j = 0; j < 64; ++j) {
+        const int r = (threadIdx.x >> 7) + 2 * j, c = threadIdx.x & 127;
+        tile[r][c] = e4m3_encode(__fdiv_rn(v[j], s));
+        if (q && r < h && c < w) q[m + int64_t(r0 + r) * cols + c0 + c] = tile[r][c];
+    }
+    if (!qt) return;
+    __syncthreads();
+    for (int i = threadIdx.x; i < 128 * 128; i += 256) {   // row c of the transpose: consecutive threads, consecutive r
+        const int c = i >> 7, r = i & 127;
+        if (r < h && c < w) qt[m + int64_t(c0 + c) * rows + r0 + r] = tile[r][c];
     }
 }
-// Wgrad's 128×1 tiles along the tokens, transposed: x [rows, cols] → qt [cols, rows], scales [cols, ceil(rows/128)].
-// One warp per (column c, 128-row tile); reads are strided (x is row-major), writes coalesced.
-__global__ void quantize_tiles_128x1_transposed_kernel(const float* x, int rows, int cols, uint8_t* qt, float* scales,
-                                                       bool pow2_scale) {
-    const int kt = (rows + 127) / 128;
-    const int64_t warp = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5;
+// Wgrad's 128×1 tiles along the tokens, transposed (the token dimension becomes each row's K). One CTA per 128-token
+// tile and 32 columns: the tile is read row by row (coalesced) into shared memory, then each warp quantizes 4
+// columns, lane l holding tokens l, l + 32, l + 64, l + 96 (no bank conflicts), and writes 32 consecutive codes at a
+// time. The tiles come from a list, so one launch serves a dense layer (one group of T rows) and every expert's rows
+// at once (one group each, its tiles starting at its first row).
+struct TokenTile {
+    int row0;    // the tile's first row of x
+    int rows;    // rows of it that exist (the rest are zeros)
+    int first;   // the group's first tile: its codes start at qt + cols·128·first, its scales at scales + cols·first
+    int count;   // the group's tiles: its scales are [cols, count]
+    int ld;      // the group's row length in qt: its rows (dense) or 128·count (padded with zero codes: 16-byte rows)
+};
+__global__ void __launch_bounds__(256) quantize_token_tiles_kernel(const float* x, int cols, const TokenTile* tiles,
+                                                                   uint8_t* qt, float* scales, bool pow2_scale) {
+    __shared__ float t[128][33];
+    const TokenTile u = tiles[blockIdx.x];
+    const int c0 = blockIdx.y * 32, tile = int(blockIdx.x) - u.first;
+    for (int i = threadIdx.x; i < 128 * 32; i += 256) {
+        const int r = i >> 5, c = i & 31;
+        t[r][c] = r < u.rows && c0 + c < cols ? x[int64_t(u.row0 + r) * cols + c0 + c] : 0.0f;
+    }
+    __syncthreads();
     const int lane = threadIdx.x & 31;
-    if (warp >= int64_t(cols) * kt) return;
-    const int64_t c = warp / kt;
-    const int t = int(warp % kt), r0 = t * 128, r1 = min(rows, r0 + 128);
-    float amax = 0.0f;
-    for (int r = r0 + lane; r < r1; r += 32) amax = amax_finite(amax, x[int64_t(r) * cols + c]);
-    amax = warp_max(amax);
-    const float s = scale_for_amax(amax, pow2_scale);
-    if (lane == 0) scales[c * kt + t] = s;
-    for (int r = r0 + lane; r < r1; r += 32) qt[c * rows + r] = e4m3_encode(__fdiv_rn(x[int64_t(r) * cols + c], s));
+    for (int c = (threadIdx.x >> 5) * 4; c < (threadIdx.x >> 5) * 4 + 4 && c0 + c < cols; ++c) {
+        float amax = 0.0f;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) amax = amax_finite(amax, t[lane + 32 * k][c]);
+        const float s = scale_for_amax(warp_max(amax), pow2_scale);
+        const int64_t col = c0 + c;
+        if (lane == 0) scales[int64_t(cols) * u.first + col * u.count + tile] = s;
+        uint8_t* row = qt + int64_t(cols) * 128 * u.first + col * u.ld;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const int at = 128 * tile + lane + 32 * k;   // position along the group's tokens
+            if (at < u.ld) row[at] = e4m3_encode(__fdiv_rn(t[lane + 32 * k][c], s));
+        }
+    }
+}
+// The token tiles of groups offsets[g] .. offsets[g + 1] (host), uploaded; padded: every group's rows in qt are
+// 128·count long (else one group, ld = its rows). Returns the device list and the total count of tiles.
+inline std::pair<const TokenTile*, int> token_tiles(const int64_t* offsets, int groups, bool padded) {
+    std::vector<TokenTile> list;
+    for (int g = 0; g < groups; ++g) {
+        const int R = int(offsets[g + 1] - offsets[g]), count = (R + 127) / 128, first = int(list.size());
+        for (int t = 0; t < count; ++t)
+            list.push_back({int(offsets[g]) + 128 * t, min(128, R - 128 * t), first, count, padded ? 128 * count : R});
+    }
+    if (list.empty()) return {nullptr, 0};
+    auto* d = static_cast<TokenTile*>(scratch(Slot::group_units, sizeof(TokenTile) * list.size()));
+    upload_async(d, list.data(), sizeof(TokenTile) * list.size());
+    return {d, int(list.size())};
+}
+inline void quantize_token_tiles(const float* x, int cols, const std::pair<const TokenTile*, int>& tiles, uint8_t* qt,
+                                 float* scales, bool pow2_scale = false) {
+    if (tiles.second == 0 || cols == 0) return;
+    quantize_token_tiles_kernel<<<dim3(unsigned(tiles.second), unsigned((cols + 31) / 32)), 256>>>(
+        x, cols, tiles.first, qt, scales, pow2_scale);
+    DSV3_CUDA_CHECK_LAUNCH();
+}
+// Weight blocks of `count` matrices (experts: a device list of their indices, or null for 0 .. count − 1).
+inline void quantize_weight_blocks(const float* W, int64_t w_stride, const int* experts, int count, int rows, int cols,
+                                   uint8_t* q, float* qs, uint8_t* qt, float* qts, bool pow2_scale = false) {
+    const int64_t blocks = int64_t(fp8_tiles(rows)) * fp8_tiles(cols);
+    if (blocks == 0 || count == 0) return;
+    quantize_weight_blocks_kernel<<<dim3(unsigned(blocks), unsigned(count)), 256>>>(W, w_stride, experts, rows, cols,
+                                                                                    q, qs, qt, qts, pow2_scale);
+    DSV3_CUDA_CHECK_LAUNCH();
 }
 }  // namespace detail
 
@@ -109,27 +194,24 @@ inline void quantize_tiles_1x128(const float* x, int rows, int cols, uint8_t* q,
     if (rows < 0 || cols < 0) fail("cuda::quantize_tiles_1x128: negative shape [", rows, ", ", cols, "]");
     const int64_t warps = int64_t(rows) * fp8_tiles(cols);
     if (warps == 0) return;
-    detail::quantize_tiles_1x128_kernel<<<grid_for(warps * 32, 256), 256>>>(x, rows, cols, q, scales, pow2_scale);
+    const bool vec =
+        cols % 128 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(q) % 4 == 0;
+    detail::quantize_tiles_1x128_kernel<<<grid_for(warps * 32, 256), 256>>>(x, rows, cols, q, scales, pow2_scale,
+                                                                            vec);
     DSV3_CUDA_CHECK_LAUNCH();
 }
 // w: [rows, cols] → q: [rows, cols], scales: [ceil(rows/128), ceil(cols/128)] (dsv3::quantize_blocks_128x128)
 inline void quantize_blocks_128x128(const float* w, int rows, int cols, uint8_t* q, float* scales,
                                     bool pow2_scale = false) {
     if (rows < 0 || cols < 0) fail("cuda::quantize_blocks_128x128: negative shape [", rows, ", ", cols, "]");
-    const int64_t blocks = int64_t(fp8_tiles(rows)) * fp8_tiles(cols);
-    if (blocks == 0) return;
-    detail::quantize_blocks_128x128_kernel<<<unsigned(blocks), 256>>>(w, rows, cols, q, scales, pow2_scale);
-    DSV3_CUDA_CHECK_LAUNCH();
+    detail::quantize_weight_blocks(w, 0, nullptr, 1, rows, cols, q, scales, nullptr, nullptr, pow2_scale);
 }
 // x: [rows, cols] → qt: [cols, rows], scales: [cols, ceil(rows/128)] (dsv3::quantize_tiles_128x1_transposed)
 inline void quantize_tiles_128x1_transposed(const float* x, int rows, int cols, uint8_t* qt, float* scales,
                                             bool pow2_scale = false) {
     if (rows < 0 || cols < 0) fail("cuda::quantize_tiles_128x1_transposed: negative shape [", rows, ", ", cols, "]");
-    const int64_t warps = int64_t(cols) * fp8_tiles(rows);
-    if (warps == 0) return;
-    detail::quantize_tiles_128x1_transposed_kernel<<<grid_for(warps * 32, 256), 256>>>(x, rows, cols, qt, scales,
-                                                                                      pow2_scale);
-    DSV3_CUDA_CHECK_LAUNCH();
+    const int64_t offsets[2] = {0, rows};
+    detail::quantize_token_tiles(x, cols, detail::token_tiles(offsets, 1, false), qt, scales, pow2_scale);
 }
 
 // =====================================================================================================================
@@ -318,12 +400,30 @@ __device__ __forceinline__ void gemm_load_tile(uint8_t* sA, uint8_t* sB, const u
 }
 
 
+// One product of a launch, C (+)= A·Bᵀ: A [M, K] and B [N, K] codes, sa [M, ceil(K/128)], sb per sb_rows rows of B
+// (the launch's), C [M, N]. A launch runs one product (`one`) or `count` of them from a device list (the routed
+// experts', fp8_grouped_matmul_*), whose CTA tiles are numbered product after product from first_tile.
+struct Fp8Gemm {
+    const uint8_t* A; const float* sa; const uint8_t* B; const float* sb; float* C;
+    int M, N, K, first_tile;
+};
+struct Fp8Gemms { Fp8Gemm one; const Fp8Gemm* list; int count; };
+// The product CTA blockIdx.x works on: the last whose first_tile is at or before it (binary search of the list).
+__device__ __forceinline__ Fp8Gemm gemm_of_cta(const Fp8Gemms& g) {
+    if (!g.list) return g.one;
+    int lo = 0, hi = g.count - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (g.list[mid].first_tile <= int(blockIdx.x)) lo = mid;
+        else hi = mid - 1;
+    }
+    return g.list[lo];
+}
+
 // The fast kernel: BN = 128 or 192 (the tile width, fp8_gemm_auto_tile), VEC16 = 16-byte loads (gemm_load_tile).
 template <int BN, bool VEC16>
-__global__ void __launch_bounds__(kGemmThreads, 1)
-    fp8_gemm_wgmma_kernel(const uint8_t* __restrict__ A, const float* __restrict__ sa, const uint8_t* __restrict__ B,
-                          const float* __restrict__ sb, float* __restrict__ C, int M, int N, int K, int sb_rows,
-                          int accumulate) {
+__global__ void __launch_bounds__(kGemmThreads, 1) fp8_gemm_wgmma_kernel(const Fp8Gemms gemms, int sb_rows,
+                                                                         int accumulate) {
 #ifdef DSV3_HAS_WGMMA
     extern __shared__ uint8_t smem_raw[];
     uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
@@ -331,10 +431,17 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
     constexpr int R = BN / 2;                       // accumulator registers per thread
     constexpr int STAGES = kGemmStages;
     constexpr int AHEAD = STAGES - 1;                // tiles in flight ahead of the one computed
+    const Fp8Gemm p = gemm_of_cta(gemms);
+    const uint8_t* __restrict__ A = p.A;
+    const uint8_t* __restrict__ B = p.B;
+    const float* __restrict__ sa = p.sa;
+    const float* __restrict__ sb = p.sb;
+    float* __restrict__ C = p.C;
+    const int M = p.M, N = p.N, K = p.K;
 
     // Tile of this CTA, in groups of kGemmGroupM row tiles so that neighbouring CTAs share B tiles in L2.
     const int tiles_m = (M + kGemmBM - 1) / kGemmBM, tiles_n = (N + BN - 1) / BN;
-    const int id = blockIdx.x, per_group = kGemmGroupM * tiles_n, group = id / per_group;
+    const int id = int(blockIdx.x) - p.first_tile, per_group = kGemmGroupM * tiles_n, group = id / per_group;
     const int first_m = group * kGemmGroupM, group_m = min(tiles_m - first_m, kGemmGroupM);
     const int tm = first_m + (id % per_group) % group_m, tn = (id % per_group) / group_m;
     const int m0 = tm * kGemmBM, n0 = tn * BN;
@@ -363,15 +470,25 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
         // sa·sb rounded to float first, as dsv3::fp8_gemm
         return Scales{__fmul_rn(sa0, sb0), __fmul_rn(sa0, sb1), __fmul_rn(sa1, sb0), __fmul_rn(sa1, sb1), sa0, sa1};
     };
-    // Promotion (V3 §3.3.2): acc32 = fmaf(c, sa·sb, acc32).
-    auto promote = [&](const float (&c)[R], const Scales& s, int kt) {
-        if (sb && sb_rows == 1) {   // Wgrad: one scale per row of B, i.e. per output column
+    // Wgrad (sb_rows 1): one scale of B per output column. This thread's columns n0 + 8 j + 2 (lane mod 4) + i
+    // (j < BN/8, i < 2) are read into registers before the tensor cores start, so the loads overlap their work. Only
+    // the 128-wide tile has the registers to spare (launch_fp8_gemm_wgmma never gives Wgrad the 192-wide one).
+    const bool column_scales = BN == 128 && sb && sb_rows == 1;
+    constexpr int kColumns = BN == 128 ? R / 2 : 1;
+    float sbc[kColumns];
+    auto load_column_scales = [&](int kt) {
 #pragma unroll
-            for (int r = 0; r < R; ++r) {
-                const int col = n0 + 8 * (r / 4) + 2 * (lane % 4) + (r % 2);
-                const float sbv = col < N ? sb[int64_t(col) * KT + kt] : 0.0f;
-                acc[r] = fmaf(c[r], __fmul_rn((r / 2) % 2 ? s.sa1 : s.sa0, sbv), acc[r]);
-            }
+        for (int j = 0; j < kColumns; ++j) {
+            const int col = n0 + 8 * (j / 2) + 2 * (lane % 4) + (j % 2);
+            sbc[j] = col < N ? sb[int64_t(col) * KT + kt] : 0.0f;
+        }
+    };
+    // Promotion (V3 §3.3.2): acc32 = fmaf(c, sa·sb, acc32).
+    auto promote = [&](const float (&c)[R], const Scales& s) {
+        if (column_scales) {   // register r holds column 8 (r/4) + 2 (lane mod 4) + (r mod 2): sbc[2 (r/4) + r mod 2]
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+                acc[r] = fmaf(c[r], __fmul_rn((r / 2) % 2 ? s.sa1 : s.sa0, sbc[2 * (r / 4) + r % 2]), acc[r]);
             return;
         }
 #pragma unroll
@@ -412,10 +529,11 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
     for (int kt = 0; kt < KT; ++kt) {
         wait_and_prefetch(kt);
         const Scales s = scales_of(kt);   // read while the tensor cores work
+        if (column_scales) load_column_scales(kt);
         issue(c0, kt);
         wgmma_wait<0>();
         fence_operands(c0);
-        promote(c0, s, kt);
+        promote(c0, s);
     }
     cp_async_wait<0>();
     // Epilogue: FP32 C, two adjacent columns per store where possible.
@@ -454,8 +572,7 @@ inline void check_fp8_gemm(const char* who, int M, int N, int K, const Fp8Accum&
              ", promote_every ", acc.promote_every, ", exact ", acc.exact);
 }
 template <int BN, bool VEC16>
-inline void launch_wgmma(const uint8_t* A, const float* sa, const uint8_t* B, const float* sb, float* C, int M, int N,
-                         int K, int sb_rows, int accumulate) {
+inline void launch_wgmma(const Fp8Gemms& gemms, int64_t tiles, int sb_rows, int accumulate) {
     constexpr int smem = gemm_smem_bytes<BN>();
     static const bool attr = [] {   // more than 48 KB of dynamic shared memory must be asked for, once per kernel
         DSV3_CUDA_CHECK(cudaFuncSetAttribute(fp8_gemm_wgmma_kernel<BN, VEC16>,
@@ -463,19 +580,26 @@ inline void launch_wgmma(const uint8_t* A, const float* sa, const uint8_t* B, co
         return true;
     }();
     (void)attr;
-    const int64_t tiles = int64_t((M + kGemmBM - 1) / kGemmBM) * ((N + BN - 1) / BN);
-    fp8_gemm_wgmma_kernel<BN, VEC16><<<unsigned(tiles), kGemmThreads, smem>>>(A, sa, B, sb, C, M, N, K, sb_rows,
-                                                                              accumulate);
+    fp8_gemm_wgmma_kernel<BN, VEC16><<<unsigned(tiles), kGemmThreads, smem>>>(gemms, sb_rows, accumulate);
     DSV3_CUDA_CHECK_LAUNCH();
 }
+inline int64_t gemm_tiles(const Fp8Gemm& g, int BN) {
+    return int64_t((g.M + kGemmBM - 1) / kGemmBM) * ((g.N + BN - 1) / BN);
+}
+// 16-byte loads need K % 16 == 0 and 16-byte aligned operands.
+inline bool gemm_vec16(const Fp8Gemm& g) {
+    return g.K % 16 == 0 && reinterpret_cast<uintptr_t>(g.A) % 16 == 0 && reinterpret_cast<uintptr_t>(g.B) % 16 == 0;
+}
 // The fast kernel with tiles 128 × tile_n (128 or 192). Rows that are not 16-byte chunks (K % 16 != 0, or unaligned
-// pointers) take the byte-wise loads, always with the 128-wide tile.
+// pointers) take the byte-wise loads, and Wgrad (sb_rows 1) its column scales in registers, both with the 128-wide
+// tile always.
 inline void launch_fp8_gemm_wgmma(int tile_n, const uint8_t* A, const float* sa, const uint8_t* B, const float* sb,
                                   float* C, int M, int N, int K, int sb_rows, int accumulate) {
-    const bool vec16 = K % 16 == 0 && reinterpret_cast<uintptr_t>(A) % 16 == 0 && reinterpret_cast<uintptr_t>(B) % 16 == 0;
-    if (!vec16) launch_wgmma<128, false>(A, sa, B, sb, C, M, N, K, sb_rows, accumulate);
-    else if (tile_n == 192) launch_wgmma<192, true>(A, sa, B, sb, C, M, N, K, sb_rows, accumulate);
-    else launch_wgmma<128, true>(A, sa, B, sb, C, M, N, K, sb_rows, accumulate);
+    const Fp8Gemm g{A, sa, B, sb, C, M, N, K, 0};
+    const Fp8Gemms one{g, nullptr, 1};
+    if (!gemm_vec16(g)) launch_wgmma<128, false>(one, gemm_tiles(g, 128), sb_rows, accumulate);
+    else if (tile_n == 192 && sb_rows != 1) launch_wgmma<192, true>(one, gemm_tiles(g, 192), sb_rows, accumulate);
+    else launch_wgmma<128, true>(one, gemm_tiles(g, 128), sb_rows, accumulate);
 }
 
 // The fast kernel's tile width for an M × N product: the wider tile moves fewer bytes per FLOP, which pays once the
@@ -529,28 +653,40 @@ inline void fp8_gemm(const uint8_t* A, const float* scale_a, const uint8_t* B, c
 // (transposed, so the token dimension becomes each row's K). Quantized operands live in scratch memory.
 // =====================================================================================================================
 namespace detail {
-// [rows, cols] bytes → [cols, rows]; 32×32 tiles through shared memory (coalesced both ways).
-__global__ void transpose_u8_kernel(uint8_t* out, const uint8_t* in, int rows, int cols) {
-    __shared__ uint8_t t[32][33];
-    const int c0 = blockIdx.x * 32, r0 = blockIdx.y * 32;
-    for (int i = threadIdx.y; i < 32; i += blockDim.y) {
-        const int r = r0 + i, c = c0 + threadIdx.x;
-        if (r < rows && c < cols) t[i][threadIdx.x] = in[int64_t(r) * cols + c];
-    }
-    __syncthreads();
-    for (int i = threadIdx.y; i < 32; i += blockDim.y) {
-        const int c = c0 + i, r = r0 + threadIdx.x;
-        if (r < rows && c < cols) out[int64_t(c) * rows + r] = t[threadIdx.x][i];
-    }
-}
-__global__ void transpose_f32_small_kernel(float* out, const float* in, int rows, int cols) {
-    const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-    if (i >= int64_t(rows) * cols) return;
-    const int r = int(i / cols), c = int(i % cols);
-    out[int64_t(c) * rows + r] = in[i];
-}
 template <class T>
 T* scratch_of(Slot slot, size_t n) { return static_cast<T*>(scratch(slot, n * sizeof(T))); }
+// Every product of the list in one launch of the fast kernel (128-wide tiles: the experts' products are small), or
+// one emulated launch each without the fast path.
+inline void fp8_gemms(std::vector<Fp8Gemm>& list, int sb_rows, bool accumulate) {
+    if (list.empty()) return;
+    if (!fp8_gemm_fast_available()) {
+        for (const Fp8Gemm& g : list)
+            fp8_gemm_general(g.A, g.sa, g.B, g.sb, sb_rows, g.C, g.M, g.N, g.K, accumulate, Fp8Kernel::emulated);
+        return;
+    }
+    int64_t tiles = 0;
+    bool vec16 = true;
+    for (Fp8Gemm& g : list) {
+        g.first_tile = int(tiles);
+        tiles += gemm_tiles(g, 128);
+        vec16 = vec16 && gemm_vec16(g);
+    }
+    if (tiles > INT32_MAX) fail("cuda::fp8_gemms: ", tiles, " tiles, over the grid's 2^31 - 1");
+    Fp8Gemm* d = scratch_of<Fp8Gemm>(Slot::fp8_list, list.size());
+    upload_async(d, list.data(), sizeof(Fp8Gemm) * list.size());
+    const Fp8Gemms gemms{list[0], d, int(list.size())};
+    if (vec16) launch_wgmma<128, true>(gemms, tiles, sb_rows, accumulate);
+    else launch_wgmma<128, false>(gemms, tiles, sb_rows, accumulate);
+}
+// The experts that have rows, as a device list (quantize_weight_blocks quantizes only their weights).
+inline std::pair<const int*, int> experts_with_rows(const int64_t* offsets, int groups) {
+    std::vector<int> e;
+    for (int g = 0; g < groups; ++g)
+        if (offsets[g + 1] > offsets[g]) e.push_back(g);
+    int* d = scratch_of<int>(Slot::fp8_experts, e.size() + 1);
+    if (!e.empty()) upload_async(d, e.data(), sizeof(int) * e.size());
+    return {d, int(e.size())};
+}
 }  // namespace detail
 
 // y[T,out] = x[T,in] · W[out,in]ᵀ in FP8 (overwrites y)
@@ -576,20 +712,11 @@ inline void fp8_matmul_backward(float* dx, float* dW, const float* dy, const flo
     if (T < 0 || in < 0 || out < 0) fail("cuda::fp8_matmul_backward: sizes must be non-negative");
     if (dx && int64_t(T) * in > 0) {   // Dgrad, K = out
         uint8_t* dyq = scratch_of<uint8_t>(Slot::fp8_a, size_t(T) * out);
-        uint8_t* wq = scratch_of<uint8_t>(Slot::fp8_b, size_t(out) * in);
         uint8_t* wtq = scratch_of<uint8_t>(Slot::fp8_bt, size_t(in) * out);
         float* dys = scratch_of<float>(Slot::fp8_sa, size_t(T) * fp8_tiles(out));
-        float* ws = scratch_of<float>(Slot::fp8_sb, size_t(fp8_tiles(out)) * fp8_tiles(in));
         float* wts = scratch_of<float>(Slot::fp8_sbt, size_t(fp8_tiles(in)) * fp8_tiles(out));
         quantize_tiles_1x128(dy, T, out, dyq, dys);
-        quantize_blocks_128x128(W, out, in, wq, ws);
-        if (int64_t(out) * in > 0) {
-            transpose_u8_kernel<<<dim3((in + 31) / 32, (out + 31) / 32), dim3(32, 8)>>>(wtq, wq, out, in);
-            DSV3_CUDA_CHECK_LAUNCH();
-            const int nb = fp8_tiles(out) * fp8_tiles(in);
-            transpose_f32_small_kernel<<<grid_for(nb, 256), 256>>>(wts, ws, fp8_tiles(out), fp8_tiles(in));
-            DSV3_CUDA_CHECK_LAUNCH();
-        }
+        quantize_weight_blocks(W, 0, nullptr, 1, out, in, nullptr, nullptr, wtq, wts);   // the transpose only
         fp8_gemm_general(dyq, dys, wtq, wts, 128, dx, T, in, out, true);
     }
     if (dW && int64_t(out) * in > 0) {   // Wgrad, K = T
@@ -600,6 +727,86 @@ inline void fp8_matmul_backward(float* dx, float* dW, const float* dy, const flo
         quantize_tiles_128x1_transposed(dy, T, out, dytq, dyts);
         quantize_tiles_128x1_transposed(x, T, in, xtq, xts);
         fp8_gemm_general(dytq, dyts, xtq, xts, 1, dW, out, in, T, true);
+    }
+}
+
+// The routed experts' FP8 layers (header section 8, fp8_grouped_matmul_forward / _backward, bit for bit): all the
+// experts' activations quantized in one launch, the weights of the experts with rows in one launch, and every
+// expert's product in one launch of the FP8 GEMM (instead of three quantizations and a GEMM per expert, a few
+// thousand launches a step at `large`). Wgrad's K is the expert's rows: its transposed codes are padded to 128·count
+// with zero codes, which add nothing (the kernel fills past K with zeros too), so its rows stay 16-byte chunks.
+// offsets: HOST, [groups + 1].
+inline void fp8_grouped_matmul_forward(float* y, const float* x, const float* W, int64_t w_stride,
+                                       const int64_t* offsets, int groups, int in, int out) {
+    DSV3_PROFILE_KERNEL();
+    using namespace detail;
+    dsv3::check_group_offsets("cuda::fp8_grouped_matmul_forward", offsets, groups, in, out);
+    const int64_t rows = offsets[groups];
+    if (rows == 0 || out == 0) return;
+    if (in == 0) { DSV3_CUDA_CHECK(cudaMemsetAsync(y, 0, sizeof(float) * size_t(rows) * out)); return; }
+    const int kin = fp8_tiles(in);
+    const int64_t wn = int64_t(out) * in, wb = int64_t(fp8_tiles(out)) * kin;
+    uint8_t* xq = scratch_of<uint8_t>(Slot::fp8_a, size_t(rows) * in);
+    float* xs = scratch_of<float>(Slot::fp8_sa, size_t(rows) * kin);
+    uint8_t* wq = scratch_of<uint8_t>(Slot::fp8_b, size_t(groups) * wn);
+    float* ws = scratch_of<float>(Slot::fp8_sb, size_t(groups) * wb);
+    quantize_tiles_1x128(x, int(rows), in, xq, xs);
+    const auto experts = experts_with_rows(offsets, groups);
+    quantize_weight_blocks(W, w_stride, experts.first, experts.second, out, in, wq, ws, nullptr, nullptr);
+    std::vector<Fp8Gemm> list;
+    for (int g = 0; g < groups; ++g) {
+        const int64_t r0 = offsets[g];
+        if (offsets[g + 1] > r0)
+            list.push_back({xq + r0 * in, xs + r0 * kin, wq + g * wn, ws + g * wb, y + r0 * out,
+                            int(offsets[g + 1] - r0), out, in, 0});
+    }
+    fp8_gemms(list, 128, false);
+}
+inline void fp8_grouped_matmul_backward(float* dx, float* dW, const float* dy, const float* x, const float* W,
+                                        int64_t w_stride, const int64_t* offsets, int groups, int in, int out) {
+    DSV3_PROFILE_KERNEL();
+    using namespace detail;
+    dsv3::check_group_offsets("cuda::fp8_grouped_matmul_backward", offsets, groups, in, out);
+    const int64_t rows = offsets[groups];
+    if (rows == 0 || int64_t(out) * in == 0) return;
+    const int64_t wn = int64_t(out) * in, wb = int64_t(fp8_tiles(out)) * fp8_tiles(in);
+    if (dx) {   // Dgrad: dx_g += dy_g · W_g, K = out
+        const int kout = fp8_tiles(out);
+        uint8_t* dyq = scratch_of<uint8_t>(Slot::fp8_a, size_t(rows) * out);
+        float* dys = scratch_of<float>(Slot::fp8_sa, size_t(rows) * kout);
+        uint8_t* wtq = scratch_of<uint8_t>(Slot::fp8_bt, size_t(groups) * wn);
+        float* wts = scratch_of<float>(Slot::fp8_sbt, size_t(groups) * wb);
+        quantize_tiles_1x128(dy, int(rows), out, dyq, dys);
+        const auto experts = experts_with_rows(offsets, groups);
+        quantize_weight_blocks(W, w_stride, experts.first, experts.second, out, in, nullptr, nullptr, wtq, wts);
+        std::vector<Fp8Gemm> list;
+        for (int g = 0; g < groups; ++g) {
+            const int64_t r0 = offsets[g];
+            if (offsets[g + 1] > r0)
+                list.push_back({dyq + r0 * out, dys + r0 * kout, wtq + g * wn, wts + g * wb, dx + r0 * in,
+                                int(offsets[g + 1] - r0), in, out, 0});
+        }
+        fp8_gemms(list, 128, true);
+    }
+    if (dW) {   // Wgrad: dW_g += dy_gᵀ · x_g, K = the expert's rows (padded to 128·count)
+        const auto tiles = token_tiles(offsets, groups, true);
+        const size_t padded = size_t(128) * tiles.second;
+        uint8_t* dytq = scratch_of<uint8_t>(Slot::fp8_a, size_t(out) * padded);
+        float* dyts = scratch_of<float>(Slot::fp8_sa, size_t(out) * tiles.second);
+        uint8_t* xtq = scratch_of<uint8_t>(Slot::fp8_b, size_t(in) * padded);
+        float* xts = scratch_of<float>(Slot::fp8_sb, size_t(in) * tiles.second);
+        quantize_token_tiles(dy, out, tiles, dytq, dyts);
+        quantize_token_tiles(x, in, tiles, xtq, xts);
+        std::vector<Fp8Gemm> list;
+        for (int g = 0, first = 0; g < groups; ++g) {
+            const int count = int((offsets[g + 1] - offsets[g] + 127) / 128);
+            if (count > 0)
+                list.push_back({dytq + int64_t(out) * 128 * first, dyts + int64_t(out) * first,
+                                xtq + int64_t(in) * 128 * first, xts + int64_t(in) * first, dW + g * w_stride, out,
+                                in, 128 * count, 0});
+            first += count;
+        }
+        fp8_gemms(list, 1, true);
     }
 }
 

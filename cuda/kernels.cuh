@@ -23,7 +23,8 @@
 //   3.11 adamw_update (also refreshes the weights' BF16 shadows)
 //   FP8  quantize_tiles_1x128, quantize_blocks_128x128, quantize_tiles_128x1_transposed, fp8_gemm (Hopper FP8
 //        tensor cores, bit-exact with the header's dsv3::fp8_gemm), fp8_matmul_forward / fp8_matmul_backward (V3's
-//        FP8 linear layer: Fprop, Dgrad, Wgrad, bit-exact with the header's)
+//        FP8 linear layer: Fprop, Dgrad, Wgrad, bit-exact with the header's), fp8_grouped_matmul_forward / _backward
+//        (the routed experts' FP8 layers, every expert's product in one launch)
 //   7.x  mla_decode_absorbed: one new token per sequence over the latent KV cache (absorbed MLA, V3 §2.1.1)
 //
 // Conventions (the header's): row-major, shapes next to each pointer, backward functions ACCUMULATE (+=) into input
@@ -235,8 +236,8 @@ class DeviceBuffer {
 // each GPU has its own thread (build/train_multi_gpu).
 // Slot contents are dead after the function that took them returns.
 enum class Slot { bf16_a, bf16_b, bf16_c, attn_dscore, attn_bf16, reduce, decode_partial, decode_stats, fp8_a, fp8_b,
-                  fp8_bt, fp8_sa, fp8_sb, fp8_sbt, group_offsets, group_units, sort, plan, plan_offsets,
-                  embedding_pieces, count };
+                  fp8_bt, fp8_sa, fp8_sb, fp8_sbt, fp8_list, fp8_experts, group_offsets, group_units, sort, plan,
+                  plan_offsets, embedding_pieces, count };
 inline void* scratch(Slot slot, size_t bytes) {
     static thread_local DeviceBuffer<unsigned char> slots[int(Slot::count)];
     DeviceBuffer<unsigned char>& b = slots[int(slot)];
@@ -2818,11 +2819,12 @@ namespace detail {
 // One element: the CPU's formula, each operation rounded on its own (no FMA contraction where the CPU has none).
 __device__ __forceinline__ void adamw_element(float& p, float g, float& m, float& v, float lr, float beta1,
                                               float beta2, float eps, float weight_decay, float c1, float c2,
-                                              float grad_scale) {
+                                              float grad_scale, bool bf16_states) {
     const float gi = __fmul_rn(g, grad_scale);   // rounded on its own, as on the CPU
     m = beta1 * m + (1 - beta1) * gi;
     v = beta2 * v + (1 - beta2) * gi * gi;
     p = p - lr * (m * c1 / (sqrtf(v * c2) + eps) + weight_decay * p);
+    if (bf16_states) m = __bfloat162float(__float2bfloat16_rn(m)), v = __bfloat162float(__float2bfloat16_rn(v));
 }
 // Four elements a thread (16-byte loads and stores: AdamW reads 16 and writes 14 bytes a parameter, so it is bound
 // by memory, and wide accesses move more bytes per instruction), the first `head` elements (up to p's next 16-byte
@@ -2830,7 +2832,7 @@ __device__ __forceinline__ void adamw_element(float& p, float g, float& m, float
 // aligns all four. Also writes bf16(p) into `shadow` when it is not null (the weight's BF16 shadow, section 0).
 __global__ void adamw_kernel(float* p, const float* g, float* m, float* v, int64_t n, int head, float lr, float beta1,
                              float beta2, float eps, float weight_decay, float c1, float c2, float grad_scale,
-                             __nv_bfloat16* shadow) {
+                             bool bf16_states, __nv_bfloat16* shadow) {
     const int64_t quads = (n - head) / 4, tid = blockIdx.x * int64_t(blockDim.x) + threadIdx.x,
                   threads = int64_t(gridDim.x) * blockDim.x;
     for (int64_t q = tid; q < quads; q += threads) {
@@ -2838,10 +2840,10 @@ __global__ void adamw_kernel(float* p, const float* g, float* m, float* v, int64
         float4 pv = *reinterpret_cast<const float4*>(p + i), mv = *reinterpret_cast<const float4*>(m + i),
                vv = *reinterpret_cast<const float4*>(v + i);
         const float4 gv = *reinterpret_cast<const float4*>(g + i);
-        adamw_element(pv.x, gv.x, mv.x, vv.x, lr, beta1, beta2, eps, weight_decay, c1, c2, grad_scale);
-        adamw_element(pv.y, gv.y, mv.y, vv.y, lr, beta1, beta2, eps, weight_decay, c1, c2, grad_scale);
-        adamw_element(pv.z, gv.z, mv.z, vv.z, lr, beta1, beta2, eps, weight_decay, c1, c2, grad_scale);
-        adamw_element(pv.w, gv.w, mv.w, vv.w, lr, beta1, beta2, eps, weight_decay, c1, c2, grad_scale);
+        adamw_element(pv.x, gv.x, mv.x, vv.x, lr, beta1, beta2, eps, weight_decay, c1, c2, grad_scale, bf16_states);
+        adamw_element(pv.y, gv.y, mv.y, vv.y, lr, beta1, beta2, eps, weight_decay, c1, c2, grad_scale, bf16_states);
+        adamw_element(pv.z, gv.z, mv.z, vv.z, lr, beta1, beta2, eps, weight_decay, c1, c2, grad_scale, bf16_states);
+        adamw_element(pv.w, gv.w, mv.w, vv.w, lr, beta1, beta2, eps, weight_decay, c1, c2, grad_scale, bf16_states);
         *reinterpret_cast<float4*>(p + i) = pv;
         *reinterpret_cast<float4*>(m + i) = mv;
         *reinterpret_cast<float4*>(v + i) = vv;
@@ -2859,13 +2861,13 @@ __global__ void adamw_kernel(float* p, const float* g, float* m, float* v, int64
     const int64_t rest = n - 4 * quads;   // head + tail elements
     for (int64_t r = tid; r < rest; r += threads) {
         const int64_t i = r < head ? r : 4 * quads + r;
-        adamw_element(p[i], g[i], m[i], v[i], lr, beta1, beta2, eps, weight_decay, c1, c2, grad_scale);
+        adamw_element(p[i], g[i], m[i], v[i], lr, beta1, beta2, eps, weight_decay, c1, c2, grad_scale, bf16_states);
         if (shadow) shadow[i] = __float2bfloat16_rn(p[i]);
     }
 }
 }  // namespace detail
 inline void adamw_update(float* p, const float* g, float* m, float* v, int64_t n, float lr, float beta1, float beta2,
-                         float eps, float weight_decay, int step, float grad_scale = 1.0f) {
+                         float eps, float weight_decay, int step, float grad_scale = 1.0f, bool bf16_states = false) {
     DSV3_PROFILE_KERNEL();
     if (n <= 0) return;
     const float c1 = 1.0f / (1.0f - std::pow(beta1, float(step))), c2 = 1.0f / (1.0f - std::pow(beta2, float(step)));
@@ -2876,7 +2878,7 @@ inline void adamw_update(float* p, const float* g, float* m, float* v, int64_t n
     // Not equally aligned (never for the model's buffers): everything in the one-at-a-time loop.
     const int64_t head = same ? std::min<int64_t>(n, int64_t((16 - mis) % 16 / 4)) : n;
     detail::adamw_kernel<<<std::min(grid_for((n + 3) / 4, 256), 8192), 256>>>(
-        p, g, m, v, n, int(head), lr, beta1, beta2, eps, weight_decay, c1, c2, grad_scale, bf16);
+        p, g, m, v, n, int(head), lr, beta1, beta2, eps, weight_decay, c1, c2, grad_scale, bf16_states, bf16);
     DSV3_CUDA_CHECK_LAUNCH();
 }
 
