@@ -298,6 +298,21 @@ __global__ void fp8_gemm_emulated_kernel(const uint8_t* A, const float* sa, cons
 namespace detail {
 
 #ifdef DSV3_HAS_WGMMA
+// D[64 x 64] (+)= A[64 x 32] · B[64 x 32]ᵀ, E4M3 inputs from shared memory, FP32 registers.
+__device__ __forceinline__ void wgmma_m64n64k32_e4m3(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+        "}, %32, %33, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
 // D[64 x 128] (+)= A[64 x 32] · B[128 x 32]ᵀ, E4M3 inputs from shared memory, FP32 registers.
 __device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int scale_d) {
     asm volatile(
@@ -348,7 +363,8 @@ __device__ __forceinline__ void wgmma_m64n192k32_e4m3(float (&d)[96], uint64_t d
 
 template <int BN>
 __device__ __forceinline__ void wgmma_k32(float (&d)[BN / 2], uint64_t da, uint64_t db, int scale_d) {
-    if constexpr (BN == 128) wgmma_m64n128k32_e4m3(d, da, db, scale_d);
+    if constexpr (BN == 64) wgmma_m64n64k32_e4m3(d, da, db, scale_d);
+    else if constexpr (BN == 128) wgmma_m64n128k32_e4m3(d, da, db, scale_d);
     else wgmma_m64n192k32_e4m3(d, da, db, scale_d);
 }
 #endif
@@ -420,9 +436,12 @@ __device__ __forceinline__ Fp8Gemm gemm_of_cta(const Fp8Gemms& g) {
     return g.list[lo];
 }
 
-// The fast kernel: BN = 128 or 192 (the tile width, fp8_gemm_auto_tile), VEC16 = 16-byte loads (gemm_load_tile).
+// The fast kernel: BN = 64, 128 or 192 (the tile width, fp8_gemm_auto_tile), VEC16 = 16-byte loads
+// (gemm_load_tile). The 64-wide tile is for products of few tiles (a dense layer's Wgrad: K is the tokens, the output
+// only a weight): twice the CTAs, two of them on an SM (half the registers each), so one's epilogue and pipeline
+// start overlap the other's tensor-core work.
 template <int BN, bool VEC16>
-__global__ void __launch_bounds__(kGemmThreads, 1) fp8_gemm_wgmma_kernel(const Fp8Gemms gemms, int sb_rows,
+__global__ void __launch_bounds__(kGemmThreads, BN == 64 ? 2 : 1) fp8_gemm_wgmma_kernel(const Fp8Gemms gemms, int sb_rows,
                                                                          int accumulate) {
 #ifdef DSV3_HAS_WGMMA
     extern __shared__ uint8_t smem_raw[];
@@ -472,9 +491,9 @@ __global__ void __launch_bounds__(kGemmThreads, 1) fp8_gemm_wgmma_kernel(const F
     };
     // Wgrad (sb_rows 1): one scale of B per output column. This thread's columns n0 + 8 j + 2 (lane mod 4) + i
     // (j < BN/8, i < 2) are read into registers before the tensor cores start, so the loads overlap their work. Only
-    // the 128-wide tile has the registers to spare (launch_fp8_gemm_wgmma never gives Wgrad the 192-wide one).
-    const bool column_scales = BN == 128 && sb && sb_rows == 1;
-    constexpr int kColumns = BN == 128 ? R / 2 : 1;
+    // the 64- and 128-wide tiles have the registers to spare (launch_fp8_gemm_wgmma never gives Wgrad the 192-wide).
+    const bool column_scales = BN <= 128 && sb && sb_rows == 1;
+    constexpr int kColumns = BN <= 128 ? R / 2 : 1;
     float sbc[kColumns];
     auto load_column_scales = [&](int kt) {
 #pragma unroll
@@ -536,20 +555,35 @@ __global__ void __launch_bounds__(kGemmThreads, 1) fp8_gemm_wgmma_kernel(const F
         promote(c0, s);
     }
     cp_async_wait<0>();
-    // Epilogue: FP32 C, two adjacent columns per store where possible.
+    // Epilogue: FP32 C, two adjacent columns per access where possible. C (+)= acc: with accumulate, all of this
+    // thread's old values are loaded first (into c0, free now), so the loads wait on memory once, not once each.
+    const bool pairs = N % 2 == 0;
+    auto at = [&](int r) {
+        return C + int64_t((r / 2) % 2 ? row1 : row0) * N + n0 + 8 * (r / 4) + 2 * (lane % 4);
+    };
+    auto inside = [&](int r, int i) {   // element i (0, 1) of pair r lies in C
+        return ((r / 2) % 2 ? row1 : row0) < M && n0 + 8 * (r / 4) + 2 * (lane % 4) + i < N;
+    };
+    if (accumulate) {
+#pragma unroll
+        for (int r = 0; r < R; r += 2) {
+            if (pairs && inside(r, 1)) {
+                const float2 old = *reinterpret_cast<const float2*>(at(r));
+                c0[r] = old.x, c0[r + 1] = old.y;
+            } else {
+                c0[r] = inside(r, 0) ? at(r)[0] : 0.0f;
+                c0[r + 1] = inside(r, 1) ? at(r)[1] : 0.0f;
+            }
+        }
+    }
 #pragma unroll
     for (int r = 0; r < R; r += 2) {
-        const int row = (r / 2) % 2 ? row1 : row0;
-        const int col = n0 + 8 * (r / 4) + 2 * (lane % 4);
-        if (row >= M) continue;
-        float* dst = C + int64_t(row) * N + col;
-        if (col + 1 < N && (N % 2 == 0)) {
-            float2 v = make_float2(acc[r], acc[r + 1]);
-            if (accumulate) { const float2 old = *reinterpret_cast<const float2*>(dst); v.x = old.x + v.x; v.y = old.y + v.y; }
-            *reinterpret_cast<float2*>(dst) = v;
+        const float v0 = accumulate ? c0[r] + acc[r] : acc[r], v1 = accumulate ? c0[r + 1] + acc[r + 1] : acc[r + 1];
+        if (pairs && inside(r, 1)) {
+            *reinterpret_cast<float2*>(at(r)) = make_float2(v0, v1);
         } else {
-            if (col < N) dst[0] = accumulate ? dst[0] + acc[r] : acc[r];
-            if (col + 1 < N) dst[1] = accumulate ? dst[1] + acc[r + 1] : acc[r + 1];
+            if (inside(r, 0)) at(r)[0] = v0;
+            if (inside(r, 1)) at(r)[1] = v1;
         }
     }
 #else
@@ -590,25 +624,39 @@ inline int64_t gemm_tiles(const Fp8Gemm& g, int BN) {
 inline bool gemm_vec16(const Fp8Gemm& g) {
     return g.K % 16 == 0 && reinterpret_cast<uintptr_t>(g.A) % 16 == 0 && reinterpret_cast<uintptr_t>(g.B) % 16 == 0;
 }
-// The fast kernel with tiles 128 × tile_n (128 or 192). Rows that are not 16-byte chunks (K % 16 != 0, or unaligned
-// pointers) take the byte-wise loads, and Wgrad (sb_rows 1) its column scales in registers, both with the 128-wide
-// tile always.
+// The fast kernel with tiles 128 × tile_n (64, 128 or 192). Rows that are not 16-byte chunks (K % 16 != 0, or
+// unaligned pointers) take the byte-wise loads with the 128-wide tile; Wgrad (sb_rows 1), with its column scales in
+// registers, takes the 128-wide tile for a 192 request.
 inline void launch_fp8_gemm_wgmma(int tile_n, const uint8_t* A, const float* sa, const uint8_t* B, const float* sb,
                                   float* C, int M, int N, int K, int sb_rows, int accumulate) {
     const Fp8Gemm g{A, sa, B, sb, C, M, N, K, 0};
     const Fp8Gemms one{g, nullptr, 1};
     if (!gemm_vec16(g)) launch_wgmma<128, false>(one, gemm_tiles(g, 128), sb_rows, accumulate);
+    else if (tile_n == 64) launch_wgmma<64, true>(one, gemm_tiles(g, 64), sb_rows, accumulate);
     else if (tile_n == 192 && sb_rows != 1) launch_wgmma<192, true>(one, gemm_tiles(g, 192), sb_rows, accumulate);
     else launch_wgmma<128, true>(one, gemm_tiles(g, 128), sb_rows, accumulate);
 }
 
-// The fast kernel's tile width for an M × N product: the wider tile moves fewer bytes per FLOP, which pays once the
-// grid has many waves (H100: 743 vs 716 TFLOP/s at 8192, 588 vs 649 at 4096; build/dev_fp8_gemm versions 3 and 2).
-inline int fp8_gemm_auto_tile(int64_t M, int64_t N) { return M * N >= int64_t(6144) * 6144 ? 192 : 128; }
+inline int gpu_sm_count() {   // of the current device (every GPU of a build/train_multi_gpu run is the same kind)
+    static const int n = [] {
+        int dev = 0, sms = 0;
+        DSV3_CUDA_CHECK(cudaGetDevice(&dev));
+        DSV3_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+        return sms;
+    }();
+    return n;
+}
+// The fast kernel's tile width for an M × N product: fewer 128 × 128 tiles than SMs, the 64-wide tile (more CTAs,
+// two an SM); the wider tile moves fewer bytes per FLOP, which pays once the grid has many waves (H100: 743 vs 716
+// TFLOP/s at 8192, 588 vs 649 at 4096; build/dev_fp8_gemm versions 3 and 2).
+inline int fp8_gemm_auto_tile(int64_t M, int64_t N) {
+    if (((M + 127) / 128) * ((N + 127) / 128) < gpu_sm_count()) return 64;
+    return M * N >= int64_t(6144) * 6144 ? 192 : 128;
+}
 // Which kernel fp8_gemm_general runs: automatic (what the model runs: the emulation without the fast path, else the
 // tile of fp8_gemm_auto_tile), the emulation, or one tile width of the fast kernel (test_cuda and dev_fp8_gemm check
 // both widths on small shapes; without the fast path these run the emulation too).
-enum class Fp8Kernel { automatic, emulated, wgmma_128, wgmma_192 };
+enum class Fp8Kernel { automatic, emulated, wgmma_64, wgmma_128, wgmma_192 };
 // The general product of both paths: C (+)= A·Bᵀ, B's scales per sb_rows rows (128 or 1).
 inline void fp8_gemm_general(const uint8_t* A, const float* sa, const uint8_t* B, const float* sb, int sb_rows, float* C,
                              int M, int N, int K, bool accumulate, Fp8Kernel kernel = Fp8Kernel::automatic) {
@@ -625,6 +673,7 @@ inline void fp8_gemm_general(const uint8_t* A, const float* sa, const uint8_t* B
     }
     const int tile_n = kernel == Fp8Kernel::automatic   ? fp8_gemm_auto_tile(M, N)
                        : kernel == Fp8Kernel::wgmma_192 ? 192
+                       : kernel == Fp8Kernel::wgmma_64  ? 64
                                                         : 128;
     launch_fp8_gemm_wgmma(tile_n, A, sa, B, sb, C, M, N, K, sb_rows, accumulate);
 }

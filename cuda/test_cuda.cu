@@ -712,15 +712,16 @@ TEST_CASE("fp8_gemm: bit for bit dsv3::fp8_gemm (tensor cores and emulation), bl
         const auto gc = host(Cd), ge = host(Ce);
         CHECK(bit_mismatches(ge, C) == 0);
         CHECK(bit_mismatches(gc, C) == 0);
-        // Both tile widths the model's fp8_gemm picks from (by size: 192 from 6144² outputs, so forced here); the
-        // versions it does not launch are checked by build/dev_fp8_gemm.
+        // Every tile width the model's fp8_gemm picks from (by size: 64 below one tile an SM, 192 from 6144²
+        // outputs, so forced here); the versions it does not launch are checked by build/dev_fp8_gemm.
         if (cu::fp8_gemm_fast_available())
-            for (int tile : {128, 192}) {
+            for (int tile : {64, 128, 192}) {
                 CAPTURE(tile);
                 auto C2 = poisoned<float>(C.size());
                 cu::detail::fp8_gemm_general(Ad.data(), sap, Bd.data(), sbp, 128, C2.data(), s.M, s.N, s.K, false,
-                                             tile == 192 ? cu::detail::Fp8Kernel::wgmma_192
-                                                         : cu::detail::Fp8Kernel::wgmma_128);
+                                             tile == 192  ? cu::detail::Fp8Kernel::wgmma_192
+                                             : tile == 64 ? cu::detail::Fp8Kernel::wgmma_64
+                                                          : cu::detail::Fp8Kernel::wgmma_128);
                 CHECK(bit_mismatches(host(C2), C) == 0);
             }
     }
