@@ -1899,7 +1899,8 @@ inline void Model::mla_backward(const MlaCache& c, const MLA& a, const float* do
 // The gate and up weights lie next to each other (section 4), so [W_gate; W_up] is one [2w, d] weight and both
 // products are one GEMM of width 2w: x is read (and, on a GPU, converted to BF16) once, and the backward's dx is one
 // product over K = 2w instead of two accumulations. Row r of its output holds gate then up: ld = 2w. In FP8 training
-// they stay two products (V3 quantizes each weight matrix in its own 128×128 blocks).
+// only when w is a multiple of 128: then the 128×128 blocks of [W_gate; W_up] are those of each matrix (V3 quantizes
+// each weight matrix in its own blocks), and so are the 1×128 tiles of the output's gradient.
 inline Linear gate_up(const Ffn& f) {   // [gate; up] as one linear layer, or out = 0 where they are not neighbours
     Linear l = f.gate;
     l.out = f.up.w == f.gate.w + size_t(f.gate.out) * f.gate.in && f.up.in == f.gate.in ? 2 * f.gate.out : 0;
@@ -1913,7 +1914,7 @@ inline void Model::swiglu_ffn_forward(FfnCache& c, const Ffn& f, const float* x,
     const int w = f.gate.out;
     const Linear gu = gate_up(f);
     c.x = x;
-    c.ld = gu.out && !fp8(gu) ? 2 * w : w;
+    c.ld = gu.out && (!fp8(gu) || w % 128 == 0) ? 2 * w : w;   // 128: the FP8 tile (section 8)
     c.gate = arena_.take(size_t(rows) * c.ld);
     c.up = c.ld == w ? arena_.take(size_t(rows) * w) : c.gate + w;
     c.h = arena_.take(size_t(rows) * w);
