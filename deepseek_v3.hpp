@@ -475,6 +475,66 @@ inline double now_seconds() {
     return std::chrono::duration<double>(clock::now().time_since_epoch()).count();
 }
 
+// The thread count for a loop of many steps (decoding tokens, training steps) on a CPU that other programs share:
+// there a team of threads can be slower than one thread, since a thread that waits for a descheduled one loses its
+// time slice. No result depends on the thread count (parallel_for's partitions), so it may change between steps. Each
+// window (at least 2 steps and 25 ms) runs with the count whose steps were fastest so far (all threads, half, ...,
+// one; each is tried once first), and now and then a window tries one of the others again, so the choice follows the
+// load as it comes and goes: after 8 windows, and twice as many after each probe that loses (at most 64).
+// tick() once a step; the destructor restores the count.
+class ThreadTuner {
+  public:
+    ThreadTuner() : max_(thread_count()) {
+        for (int n = max_; n >= 1; n /= 2) counts_.push_back({n, 0.0});
+    }
+    ThreadTuner(const ThreadTuner&) = delete;
+    ThreadTuner& operator=(const ThreadTuner&) = delete;
+    ~ThreadTuner() { set(max_); }
+    void tick() {
+        const double t = now_seconds();
+        if (steps_ > 0 || window_start_ > 0) ++steps_;
+        if (steps_ == 0) window_start_ = t;
+        if (steps_ < 2 || t - window_start_ < 0.025) return;
+        Count& c = counts_[at_];
+        const double per_step = (t - window_start_) / steps_;
+        c.seconds = c.seconds > 0 ? 0.5 * (c.seconds + per_step) : per_step;   // recent windows weigh most
+        const size_t best = fastest();
+        if (probing_) interval_ = best == at_ ? 8 : std::min(2 * interval_, 64);   // the probe won, or lost
+        probing_ = ++windows_ % interval_ == 0 && counts_.size() > 1;
+        if (probing_) {   // the counts other than the fastest, in turn
+            probe_ = (probe_ + 1) % counts_.size();
+            if (probe_ == best) probe_ = (probe_ + 1) % counts_.size();
+        }
+        at_ = probing_ ? probe_ : best;
+        set(counts_[at_].threads);
+        steps_ = 0;
+        window_start_ = t;
+    }
+  private:
+    struct Count { int threads; double seconds; };   // seconds a step, 0 until measured
+    size_t fastest() const {   // an unmeasured count first (so each is tried once), else the fastest
+        size_t best = 0;
+        for (size_t i = 0; i < counts_.size(); ++i) {
+            if (counts_[i].seconds == 0) return i;
+            if (counts_[i].seconds < counts_[best].seconds) best = i;
+        }
+        return best;
+    }
+    static void set(int n) {
+#ifdef _OPENMP
+        omp_set_num_threads(n);
+#else
+        (void)n;
+#endif
+    }
+    int max_;
+    std::vector<Count> counts_;
+    size_t at_ = 0, probe_ = 0;   // the count running now, the last one probed
+    int steps_ = 0, windows_ = 0, interval_ = 8;
+    bool probing_ = false;
+    double window_start_ = 0;
+};
+
 // --- where a step's time goes: the profile of build/train --profile ---------------------------------------------
 // Scopes name a module of section 5 (DSV3_PROFILE_MODULE("MLA forward")) or a kernel of section 3 or of cuda/
 // (DSV3_PROFILE_KERNEL(), named by its function). While the profile is on, each scope adds its wall time to a row:
@@ -2731,7 +2791,9 @@ inline std::vector<int32_t> generate(Model& model, const std::vector<int32_t>& p
     prefill(all.data() + P - keep0, keep0);
     emit(sample_token(logits.data() + int64_t(keep0 - 1) * V, V, sampling, rng));
     if (use_mtp) run_mtp(all.data() + P - keep0 + 1, keep0);
+    ThreadTuner threads;  // a shared CPU may decode faster on fewer threads (section 2)
     while (int(out.size()) < n_new) {
+        threads.tick();
         const int32_t next = all.back();
         if (cache.len == window - 1) {  // full: keep the last window/2 tokens before `next`, start again
             const int keep = window / 2;

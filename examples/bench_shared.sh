@@ -6,12 +6,12 @@
 # comparison, 2 threads beside them with libgomp's spinning wait (GOMP_SPINCOUNT=300000, what the programs ran with
 # before they chose sleeping threads: header section 2, prefer_sleeping_threads). Prints the ratios against the
 # target: the loaded speed at least a third of the quiet speed, and never below the 1-thread loaded speed.
-# Short (about a minute); the figures are only as quiet as the machine is.
-#   examples/bench_shared.sh [STEPS (default 12)] [TOKENS (default 400)]
+# About a minute; the figures are only as quiet as the machine is.
+#   examples/bench_shared.sh [STEPS (default 100)] [TOKENS (default 1000)]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STEPS=${1:-12}
-TOKENS=${2:-400}
+STEPS=${1:-100}
+TOKENS=${2:-1000}
 TMP=$(mktemp -d)
 spinners=()
 cleanup() { for p in "${spinners[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$TMP"; }

@@ -976,3 +976,26 @@ TEST_CASE("kernels: matmul, attention and RMSNorm backward are bitwise identical
 }
 
 }  // namespace
+
+#ifdef _OPENMP
+TEST_CASE("ThreadTuner: settles on the count whose steps are fastest, probes the others, restores the count") {
+    // Steps that take 1 ms on one thread and 4 ms on two (sleeps: what a loaded CPU does to a team of threads). The
+    // tuner must try both, run most steps on one thread, and give the count back when it goes.
+    const int previous = omp_get_max_threads();
+    omp_set_num_threads(2);
+    int on_one = 0, on_two = 0;
+    {
+        ThreadTuner tuner;
+        for (int step = 0; step < 300; ++step) {
+            tuner.tick();
+            const bool one = omp_get_max_threads() == 1;
+            (one ? on_one : on_two)++;
+            std::this_thread::sleep_for(std::chrono::microseconds(one ? 1000 : 4000));
+        }
+    }
+    CHECK(on_two > 0);                // tried (the first window, and probes)
+    CHECK(on_one > 4 * on_two);       // but most steps ran on the faster count
+    CHECK(omp_get_max_threads() == 2);
+    omp_set_num_threads(previous);
+}
+#endif
