@@ -34,7 +34,8 @@
 //    5. Modules .............................. 5.1 MLA [V3 §2.1.1, eqs. 1-11], 5.2 FFN, 5.3 DeepSeekMoE [eqs. 12-16],
 //                                              5.4 block, 5.5 MTP module [V3 §2.2, eqs. 21-25], 5.6 the model
 //    6. Training ............................. LR schedules, AdamW, clipping, loss-free balancing, one step [V3 §4.2]
-//    7. Inference ............................ latent KV cache, absorption, sampling, MTP speculation [§2.1.1, §5.4.3]
+//    7. Inference ............................ latent KV cache, absorption, sampling, MTP speculation [§2.1.1, §5.4.3],
+//                                              the thread count for shared CPUs
 // PART 2, THE SYSTEMS OF THE REPORT
 //    8. FP8 numerics and the FP8 recipe ...... E4M3/E5M2, BF16, tile scaling, Hopper's accumulator, FP8 linears [§3.3],
 //                                              LogFMT for communication [Insights into DeepSeek-V3 §3.2]
@@ -474,66 +475,6 @@ inline double now_seconds() {
     using clock = std::chrono::steady_clock;
     return std::chrono::duration<double>(clock::now().time_since_epoch()).count();
 }
-
-// The thread count for a loop of many steps (decoding tokens, training steps) on a CPU that other programs share:
-// there a team of threads can be slower than one thread, since a thread that waits for a descheduled one loses its
-// time slice. No result depends on the thread count (parallel_for's partitions), so it may change between steps. Each
-// window (at least 2 steps and 25 ms) runs with the count whose steps were fastest so far (all threads, half, ...,
-// one; each is tried once first), and now and then a window tries one of the others again, so the choice follows the
-// load as it comes and goes: after 8 windows, and twice as many after each probe that loses (at most 64).
-// tick() once a step; the destructor restores the count.
-class ThreadTuner {
-  public:
-    ThreadTuner() : max_(thread_count()) {
-        for (int n = max_; n >= 1; n /= 2) counts_.push_back({n, 0.0});
-    }
-    ThreadTuner(const ThreadTuner&) = delete;
-    ThreadTuner& operator=(const ThreadTuner&) = delete;
-    ~ThreadTuner() { set(max_); }
-    void tick() {
-        const double t = now_seconds();
-        if (steps_ > 0 || window_start_ > 0) ++steps_;
-        if (steps_ == 0) window_start_ = t;
-        if (steps_ < 2 || t - window_start_ < 0.025) return;
-        Count& c = counts_[at_];
-        const double per_step = (t - window_start_) / steps_;
-        c.seconds = c.seconds > 0 ? 0.5 * (c.seconds + per_step) : per_step;   // recent windows weigh most
-        const size_t best = fastest();
-        if (probing_) interval_ = best == at_ ? 8 : std::min(2 * interval_, 64);   // the probe won, or lost
-        probing_ = ++windows_ % interval_ == 0 && counts_.size() > 1;
-        if (probing_) {   // the counts other than the fastest, in turn
-            probe_ = (probe_ + 1) % counts_.size();
-            if (probe_ == best) probe_ = (probe_ + 1) % counts_.size();
-        }
-        at_ = probing_ ? probe_ : best;
-        set(counts_[at_].threads);
-        steps_ = 0;
-        window_start_ = t;
-    }
-  private:
-    struct Count { int threads; double seconds; };   // seconds a step, 0 until measured
-    size_t fastest() const {   // an unmeasured count first (so each is tried once), else the fastest
-        size_t best = 0;
-        for (size_t i = 0; i < counts_.size(); ++i) {
-            if (counts_[i].seconds == 0) return i;
-            if (counts_[i].seconds < counts_[best].seconds) best = i;
-        }
-        return best;
-    }
-    static void set(int n) {
-#ifdef _OPENMP
-        omp_set_num_threads(n);
-#else
-        (void)n;
-#endif
-    }
-    int max_;
-    std::vector<Count> counts_;
-    size_t at_ = 0, probe_ = 0;   // the count running now, the last one probed
-    int steps_ = 0, windows_ = 0, interval_ = 8;
-    bool probing_ = false;
-    double window_start_ = 0;
-};
 
 // --- where a step's time goes: the profile of build/train --profile ---------------------------------------------
 // Scopes name a module of section 5 (DSV3_PROFILE_MODULE("MLA forward")) or a kernel of section 3 or of cuda/
@@ -2736,6 +2677,66 @@ inline int sample_token(const float* logits, int V, const SamplingOptions& o, Rn
 }
 
 // --- 7.5 generation, plain and speculative [V3 §5.4.3] --------------------------------------------------------------
+// The thread count for a loop of many steps (decoding tokens, training steps) on a CPU that other programs share: there
+// a team of threads can be slower than one thread, since a thread that waits for a descheduled one loses its time
+// slice. No result depends on the thread count (section 2's parallel_for partitions), so it may change between steps.
+// Each window (at least 2 steps and 25 ms) runs with the count whose steps were fastest so far (all threads, half, ...,
+// one; each is tried once first), and now and then a window tries one of the others again, so the choice follows the
+// load as it comes and goes: after 8 windows, and twice as many after each probe that loses (at most 64). tick() once a
+// step; the destructor restores the count.
+class ThreadTuner {
+  public:
+    ThreadTuner() : max_(thread_count()) {
+        for (int n = max_; n >= 1; n /= 2) counts_.push_back({n, 0.0});
+    }
+    ThreadTuner(const ThreadTuner&) = delete;
+    ThreadTuner& operator=(const ThreadTuner&) = delete;
+    ~ThreadTuner() { set(max_); }
+    void tick() {
+        const double t = now_seconds();
+        if (steps_ > 0 || window_start_ > 0) ++steps_;
+        if (steps_ == 0) window_start_ = t;
+        if (steps_ < 2 || t - window_start_ < 0.025) return;
+        Count& c = counts_[at_];
+        const double per_step = (t - window_start_) / steps_;
+        c.seconds = c.seconds > 0 ? 0.5 * (c.seconds + per_step) : per_step;   // recent windows weigh most
+        const size_t best = fastest();
+        if (probing_) interval_ = best == at_ ? 8 : std::min(2 * interval_, 64);   // the probe won, or lost
+        probing_ = ++windows_ % interval_ == 0 && counts_.size() > 1;
+        if (probing_) {   // the counts other than the fastest, in turn
+            probe_ = (probe_ + 1) % counts_.size();
+            if (probe_ == best) probe_ = (probe_ + 1) % counts_.size();
+        }
+        at_ = probing_ ? probe_ : best;
+        set(counts_[at_].threads);
+        steps_ = 0;
+        window_start_ = t;
+    }
+  private:
+    struct Count { int threads; double seconds; };   // seconds a step, 0 until measured
+    size_t fastest() const {   // an unmeasured count first (so each is tried once), else the fastest
+        size_t best = 0;
+        for (size_t i = 0; i < counts_.size(); ++i) {
+            if (counts_[i].seconds == 0) return i;
+            if (counts_[i].seconds < counts_[best].seconds) best = i;
+        }
+        return best;
+    }
+    static void set(int n) {
+#ifdef _OPENMP
+        omp_set_num_threads(n);
+#else
+        (void)n;
+#endif
+    }
+    int max_;
+    std::vector<Count> counts_;
+    size_t at_ = 0, probe_ = 0;   // the count running now, the last one probed
+    int steps_ = 0, windows_ = 0, interval_ = 8;
+    bool probing_ = false;
+    double window_start_ = 0;
+};
+
 // Speculative decoding with the MTP module: after the main model has produced token t_{i+1} at position i, MTP module
 // 1 turns (h_i, t_{i+1}) into a draft d of t_{i+2}. The next main step feeds t_{i+1} and d: its output at position
 // i+1 is the real distribution of t_{i+2}, sampled exactly as plain decoding would (same sampler, same draw). If
@@ -2791,7 +2792,7 @@ inline std::vector<int32_t> generate(Model& model, const std::vector<int32_t>& p
     prefill(all.data() + P - keep0, keep0);
     emit(sample_token(logits.data() + int64_t(keep0 - 1) * V, V, sampling, rng));
     if (use_mtp) run_mtp(all.data() + P - keep0 + 1, keep0);
-    ThreadTuner threads;  // a shared CPU may decode faster on fewer threads (section 2)
+    ThreadTuner threads;  // a shared CPU may decode faster on fewer threads (above)
     while (int(out.size()) < n_new) {
         threads.tick();
         const int32_t next = all.back();

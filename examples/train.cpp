@@ -433,7 +433,7 @@ static bool run(int argc, char** argv, Communicator* comm) {
     Progress progress(a.steps);
     progress.first_step = first_step;
     bool stopped = false;  // by Ctrl-C
-    ThreadTuner threads;   // a shared CPU may train faster on fewer threads (the header, section 2)
+    ThreadTuner threads;   // a shared CPU may train faster on fewer threads (the header, section 7.5)
     for (int step = opt.step; step < a.steps; ++step) {
         threads.tick();
         sample_batch(train, a.batch, a.seq, uint64_t(a.seed), step, batch.data());  // every rank: the same batch
