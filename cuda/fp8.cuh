@@ -785,31 +785,40 @@ inline void fp8_matmul_backward(float* dx, float* dW, const float* dy, const flo
 // thousand launches a step at `large`). Wgrad's K is the expert's rows: its transposed codes are padded to 128·count
 // with zero codes, which add nothing (the kernel fills past K with zeros too), so its rows stay 16-byte chunks.
 // offsets: HOST, [groups + 1].
-inline void fp8_grouped_matmul_forward(float* y, const float* x, const float* W, int64_t w_stride,
-                                       const int64_t* offsets, int groups, int in, int out) {
-    DSV3_PROFILE_KERNEL();
-    using namespace detail;
-    dsv3::check_group_offsets("cuda::fp8_grouped_matmul_forward", offsets, groups, in, out);
-    const int64_t rows = offsets[groups];
-    if (rows == 0 || out == 0) return;
-    if (in == 0) { DSV3_CUDA_CHECK(cudaMemsetAsync(y, 0, sizeof(float) * size_t(rows) * out)); return; }
-    const int kin = fp8_tiles(in);
-    const int64_t wn = int64_t(out) * in, wb = int64_t(fp8_tiles(out)) * kin;
-    uint8_t* xq = scratch_of<uint8_t>(Slot::fp8_a, size_t(rows) * in);
-    float* xs = scratch_of<float>(Slot::fp8_sa, size_t(rows) * kin);
-    uint8_t* wq = scratch_of<uint8_t>(Slot::fp8_b, size_t(groups) * wn);
-    float* ws = scratch_of<float>(Slot::fp8_sb, size_t(groups) * wb);
-    quantize_tiles_1x128(x, int(rows), in, xq, xs);
+namespace detail {
+// Fprop and Dgrad of every expert with rows: y_g (+)= a_g · B_gᵀ, a [rows, K] in 1×128 tiles, B_g expert g's weight
+// W_g [out, in] in 128×128 blocks (Fprop: K = in, N = out) or its transpose (Dgrad: K = out, N = in).
+inline void fp8_grouped_rows(float* y, const float* a, const float* W, int64_t w_stride, const int64_t* offsets,
+                             int groups, int in, int out, bool dgrad) {
+    const int64_t rows = offsets[groups], wn = int64_t(out) * in, wb = int64_t(fp8_tiles(out)) * fp8_tiles(in);
+    const int K = dgrad ? out : in, N = dgrad ? in : out, kt = fp8_tiles(K);
+    uint8_t* aq = scratch_of<uint8_t>(Slot::fp8_a, size_t(rows) * K);
+    float* as = scratch_of<float>(Slot::fp8_sa, size_t(rows) * kt);
+    uint8_t* bq = scratch_of<uint8_t>(dgrad ? Slot::fp8_bt : Slot::fp8_b, size_t(groups) * wn);
+    float* bs = scratch_of<float>(dgrad ? Slot::fp8_sbt : Slot::fp8_sb, size_t(groups) * wb);
+    quantize_tiles_1x128(a, int(rows), K, aq, as);
     const auto experts = experts_with_rows(offsets, groups);
-    quantize_weight_blocks(W, w_stride, experts.first, experts.second, out, in, wq, ws, nullptr, nullptr);
+    quantize_weight_blocks(W, w_stride, experts.first, experts.second, out, in, dgrad ? nullptr : bq,
+                           dgrad ? nullptr : bs, dgrad ? bq : nullptr, dgrad ? bs : nullptr);
     std::vector<Fp8Gemm> list;
     for (int g = 0; g < groups; ++g) {
         const int64_t r0 = offsets[g];
         if (offsets[g + 1] > r0)
-            list.push_back({xq + r0 * in, xs + r0 * kin, wq + g * wn, ws + g * wb, y + r0 * out,
-                            int(offsets[g + 1] - r0), out, in, 0});
+            list.push_back({aq + r0 * K, as + r0 * kt, bq + g * wn, bs + g * wb, y + r0 * N, int(offsets[g + 1] - r0),
+                            N, K, 0});
     }
-    fp8_gemms(list, 128, false);
+    fp8_gemms(list, 128, dgrad);
+}
+}  // namespace detail
+
+inline void fp8_grouped_matmul_forward(float* y, const float* x, const float* W, int64_t w_stride,
+                                       const int64_t* offsets, int groups, int in, int out) {
+    DSV3_PROFILE_KERNEL();
+    dsv3::check_group_offsets("cuda::fp8_grouped_matmul_forward", offsets, groups, in, out);
+    const int64_t rows = offsets[groups];
+    if (rows == 0 || out == 0) return;
+    if (in == 0) { DSV3_CUDA_CHECK(cudaMemsetAsync(y, 0, sizeof(float) * size_t(rows) * out)); return; }
+    detail::fp8_grouped_rows(y, x, W, w_stride, offsets, groups, in, out, false);
 }
 inline void fp8_grouped_matmul_backward(float* dx, float* dW, const float* dy, const float* x, const float* W,
                                         int64_t w_stride, const int64_t* offsets, int groups, int in, int out) {
@@ -818,25 +827,7 @@ inline void fp8_grouped_matmul_backward(float* dx, float* dW, const float* dy, c
     dsv3::check_group_offsets("cuda::fp8_grouped_matmul_backward", offsets, groups, in, out);
     const int64_t rows = offsets[groups];
     if (rows == 0 || int64_t(out) * in == 0) return;
-    const int64_t wn = int64_t(out) * in, wb = int64_t(fp8_tiles(out)) * fp8_tiles(in);
-    if (dx) {   // Dgrad: dx_g += dy_g · W_g, K = out
-        const int kout = fp8_tiles(out);
-        uint8_t* dyq = scratch_of<uint8_t>(Slot::fp8_a, size_t(rows) * out);
-        float* dys = scratch_of<float>(Slot::fp8_sa, size_t(rows) * kout);
-        uint8_t* wtq = scratch_of<uint8_t>(Slot::fp8_bt, size_t(groups) * wn);
-        float* wts = scratch_of<float>(Slot::fp8_sbt, size_t(groups) * wb);
-        quantize_tiles_1x128(dy, int(rows), out, dyq, dys);
-        const auto experts = experts_with_rows(offsets, groups);
-        quantize_weight_blocks(W, w_stride, experts.first, experts.second, out, in, nullptr, nullptr, wtq, wts);
-        std::vector<Fp8Gemm> list;
-        for (int g = 0; g < groups; ++g) {
-            const int64_t r0 = offsets[g];
-            if (offsets[g + 1] > r0)
-                list.push_back({dyq + r0 * out, dys + r0 * kout, wtq + g * wn, wts + g * wb, dx + r0 * in,
-                                int(offsets[g + 1] - r0), in, out, 0});
-        }
-        fp8_gemms(list, 128, true);
-    }
+    if (dx) fp8_grouped_rows(dx, dy, W, w_stride, offsets, groups, in, out, true);   // Dgrad: dx_g += dy_g · W_g
     if (dW) {   // Wgrad: dW_g += dy_gᵀ · x_g, K = the expert's rows (padded to 128·count)
         const auto tiles = token_tiles(offsets, groups, true);
         const size_t padded = size_t(128) * tiles.second;
