@@ -31,6 +31,15 @@
 
 using namespace dsv3;
 
+// The command that resumes this program's run (printed when Ctrl-C stops it).
+#if defined(DSV3_MPI)
+constexpr const char* kResume = "mpirun -np RANKS build/train_mpi --resume";
+#elif defined(DSV3_BACKEND_CUDA)
+constexpr const char* kResume = "build/train_cuda --resume";
+#else
+constexpr const char* kResume = "build/train --resume";
+#endif
+
 struct Args {
     std::string data, tokens, val_tokens, tokenizer, out, resume, preset = "tiny", loss_log, attention_prompt;
     int steps = 2000, batch = 16, seq = 64, warmup = 100, eval_every = 200, eval_windows = 64, seed = 1, sample = 300;
@@ -515,8 +524,8 @@ static bool run(int argc, char** argv, Communicator* comm) {
             if (stopped) {
                 write_plots(model, a, corpus, log);
                 std::printf("interrupted after step %d of %d: saved %s/checkpoint.bin, %s and the plots; continue with\n"
-                            "  build/train --resume %s/checkpoint.bin\n", step + 1, a.steps, a.out.c_str(),
-                            log_path.c_str(), a.out.c_str());
+                            "  %s %s/checkpoint.bin\n", step + 1, a.steps, a.out.c_str(), log_path.c_str(), kResume,
+                            a.out.c_str());
                 break;
             }
             save_hf(a.out + "/hf", model);  // config.json + model.safetensors: transformers loads it

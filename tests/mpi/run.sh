@@ -6,6 +6,7 @@
 #   2. a rank that fails ends the whole job with its error, within a timeout (no hang): fail-throw, fail-size, fail-long
 #   3. build/train_mpi: DP and DP x EP losses track build/train; a DP x EP run resumed from its checkpoint repeats the
 #      uninterrupted run bit for bit (so rank 0 saved every rank's experts)
+#   4. Ctrl-C (SIGINT to mpirun) saves a checkpoint that resumes bit for bit
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 MPIRUN=(mpirun --allow-run-as-root --oversubscribe)   # CI may run as root; more processes than cores
@@ -57,5 +58,23 @@ EP4=(timeout 120 "${MPIRUN[@]}" -np 4 build/train_mpi "${ARGS[@]}" --ep)
 if cat "$TMP/a.log" "$TMP/b.log" | cmp -s - "$TMP/full.log" && [ -f "$TMP/full/hf/model.safetensors" ]; then
   ok "train_mpi --ep on 4 processes: resumed run bitwise the uninterrupted one (loss, MTP loss, gradient norm)"
 else bad "train_mpi --ep resume"; paste "$TMP/full.log" <(cat "$TMP/a.log" "$TMP/b.log"); fi
+
+# Ctrl-C under mpirun: SIGINT to mpirun reaches the ranks, which stop after the same step (they agree on it in
+# every step's all-reduce of the stop flags), rank 0 saves atomically, and the run resumed from that checkpoint ends
+# with the uninterrupted run's losses bit for bit.
+DP2=(timeout 120 "${MPIRUN[@]}" -np 2 build/train_mpi "${ARGS[@]}" --steps 300 --eval-every 1000)
+"${DP2[@]}" --out "$TMP/full2" --loss-log "$TMP/full2.log" > /dev/null
+"${DP2[@]}" --out "$TMP/int" --loss-log "$TMP/c.log" > "$TMP/int.out" 2>&1 &
+job=$!
+for _ in $(seq 600); do grep -q "step [2-9][0-9]/300" "$TMP/int.out" 2>/dev/null && break; sleep 0.1; done
+pkill -INT -P "$job" -x mpirun || true   # timeout's child: mpirun, as a terminal's Ctrl-C would reach it
+rc=0; wait "$job" || rc=$?
+stopped=$(sed -n 's/^interrupted after step \([0-9]*\) of 300.*/\1/p' "$TMP/int.out")
+if [ -n "$stopped" ] && [ "$stopped" -lt 300 ] && [ -f "$TMP/int/checkpoint.bin" ]; then
+  "${DP2[@]}" --resume "$TMP/int/checkpoint.bin" --out "$TMP/int" --loss-log "$TMP/d.log" > /dev/null
+  if cat "$TMP/c.log" "$TMP/d.log" | cmp -s - "$TMP/full2.log"; then
+    ok "train_mpi on 2 processes: Ctrl-C to mpirun saved after step $stopped (exit $rc); resumed, bitwise the uninterrupted run"
+  else bad "train_mpi Ctrl-C resume"; paste "$TMP/full2.log" <(cat "$TMP/c.log" "$TMP/d.log") | head; fi
+else cat "$TMP/int.out" | tail -5; bad "train_mpi Ctrl-C under mpirun: exit $rc, no 'interrupted after step' or checkpoint"; fi
 
 [ $failed -eq 0 ] && echo "MPI tests passed" || { echo "MPI tests FAILED"; exit 1; }
