@@ -73,7 +73,8 @@ __global__ void quantize_tiles_1x128_kernel(const float* x, int rows, int cols, 
     const float s = scale_for_amax(warp_max(amax), pow2_scale);
     if (lane == 0) scales[r * kt + t] = s;
     const uint32_t code = uint32_t(e4m3_encode(__fdiv_rn(v.x, s))) | uint32_t(e4m3_encode(__fdiv_rn(v.y, s))) << 8 |
-                          uint32_t(e4m3_encode(__fdiv_rn(v.z, s))) << 16 | uint32_t(e4m3_encode(__fdiv_rn(v.w, s))) << 24;
+                          uint32_t(e4m3_encode(__fdiv_rn(v.z, s))) << 16 |
+                          uint32_t(e4m3_encode(__fdiv_rn(v.w, s))) << 24;
     if (vec) *reinterpret_cast<uint32_t*>(q + at) = code;
     else
         for (int i = 0; i < n; ++i) q[at + i] = uint8_t(code >> (8 * i));
@@ -441,8 +442,8 @@ __device__ __forceinline__ Fp8Gemm gemm_of_cta(const Fp8Gemms& g) {
 // only a weight): twice the CTAs, two of them on an SM (half the registers each), so one's epilogue and pipeline
 // start overlap the other's tensor-core work.
 template <int BN, bool VEC16>
-__global__ void __launch_bounds__(kGemmThreads, BN == 64 ? 2 : 1) fp8_gemm_wgmma_kernel(const Fp8Gemms gemms, int sb_rows,
-                                                                         int accumulate) {
+__global__ void __launch_bounds__(kGemmThreads, BN == 64 ? 2 : 1)
+    fp8_gemm_wgmma_kernel(const Fp8Gemms gemms, int sb_rows, int accumulate) {
 #ifdef DSV3_HAS_WGMMA
     extern __shared__ uint8_t smem_raw[];
     uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
@@ -654,8 +655,8 @@ inline int fp8_gemm_auto_tile(int64_t M, int64_t N) {
     return M * N >= int64_t(6144) * 6144 ? 192 : 128;
 }
 // Which kernel fp8_gemm_general runs: automatic (what the model runs: the emulation without the fast path, else the
-// tile of fp8_gemm_auto_tile), the emulation, or one tile width of the fast kernel (test_cuda and dev_fp8_gemm check
-// both widths on small shapes; without the fast path these run the emulation too).
+// tile of fp8_gemm_auto_tile), the emulation, or one tile width of the fast kernel (test_cuda checks all three on
+// small shapes; without the fast path these run the emulation too).
 enum class Fp8Kernel { automatic, emulated, wgmma_64, wgmma_128, wgmma_192 };
 // The general product of both paths: C (+)= A·Bᵀ, B's scales per sb_rows rows (128 or 1).
 inline void fp8_gemm_general(const uint8_t* A, const float* sa, const uint8_t* B, const float* sb, int sb_rows, float* C,
@@ -779,12 +780,6 @@ inline void fp8_matmul_backward(float* dx, float* dW, const float* dy, const flo
     }
 }
 
-// The routed experts' FP8 layers (header section 8, fp8_grouped_matmul_forward / _backward, bit for bit): all the
-// experts' activations quantized in one launch, the weights of the experts with rows in one launch, and every
-// expert's product in one launch of the FP8 GEMM (instead of three quantizations and a GEMM per expert, a few
-// thousand launches a step at `large`). Wgrad's K is the expert's rows: its transposed codes are padded to 128·count
-// with zero codes, which add nothing (the kernel fills past K with zeros too), so its rows stay 16-byte chunks.
-// offsets: HOST, [groups + 1].
 namespace detail {
 // Fprop and Dgrad of every expert with rows: y_g (+)= a_g · B_gᵀ, a [rows, K] in 1×128 tiles, B_g expert g's weight
 // W_g [out, in] in 128×128 blocks (Fprop: K = in, N = out) or its transpose (Dgrad: K = out, N = in).
@@ -811,6 +806,12 @@ inline void fp8_grouped_rows(float* y, const float* a, const float* W, int64_t w
 }
 }  // namespace detail
 
+// The routed experts' FP8 layers (header section 8, fp8_grouped_matmul_forward / _backward, bit for bit): all the
+// experts' activations quantized in one launch, the weights of the experts with rows in one launch, and every
+// expert's product in one launch of the FP8 GEMM (instead of three quantizations and a GEMM per expert, a few
+// thousand launches a step at `large`). Wgrad's K is the expert's rows: its transposed codes are padded to 128·count
+// with zero codes, which add nothing (the kernel fills past K with zeros too), so its rows stay 16-byte chunks.
+// offsets: HOST, [groups + 1].
 inline void fp8_grouped_matmul_forward(float* y, const float* x, const float* W, int64_t w_stride,
                                        const int64_t* offsets, int groups, int in, int out) {
     DSV3_PROFILE_KERNEL();

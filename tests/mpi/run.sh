@@ -73,8 +73,8 @@ stopped=$(sed -n 's/^interrupted after step \([0-9]*\) of 300.*/\1/p' "$TMP/int.
 if [ -n "$stopped" ] && [ "$stopped" -lt 300 ] && [ -f "$TMP/int/checkpoint.bin" ]; then
   "${DP2[@]}" --resume "$TMP/int/checkpoint.bin" --out "$TMP/int" --loss-log "$TMP/d.log" > /dev/null
   if cat "$TMP/c.log" "$TMP/d.log" | cmp -s - "$TMP/full2.log"; then
-    ok "train_mpi on 2 processes: Ctrl-C to mpirun saved after step $stopped (exit $rc); resumed, bitwise the uninterrupted run"
+    ok "train_mpi on 2 processes: Ctrl-C to mpirun saved after step $stopped (exit $rc); resumed: bitwise uninterrupted"
   else bad "train_mpi Ctrl-C resume"; paste "$TMP/full2.log" <(cat "$TMP/c.log" "$TMP/d.log") | head; fi
-else cat "$TMP/int.out" | tail -5; bad "train_mpi Ctrl-C under mpirun: exit $rc, no 'interrupted after step' or checkpoint"; fi
+else tail -5 "$TMP/int.out"; bad "train_mpi Ctrl-C under mpirun: exit $rc, no 'interrupted after step' or checkpoint"; fi
 
 [ $failed -eq 0 ] && echo "MPI tests passed" || { echo "MPI tests FAILED"; exit 1; }
