@@ -77,7 +77,6 @@
 #include <map>
 #include <memory>
 #include <mutex>
-#include <new>
 #include <numeric>
 #include <queue>
 #include <sstream>
