@@ -3022,8 +3022,7 @@ inline void dequantize_tiles(const char* who, const uint8_t* q, const float* sca
         for (int c = 0; c < cols; ++c) x[r * cols + c] = table[q[r * cols + c]] * srow[c / tile_cols];
     });
 }
-// xt: [cols, rows] = xᵀ for x: [rows, cols].
-template <class T>
+template <class T>  // xt: [cols, rows] = xᵀ for x: [rows, cols]
 inline std::vector<T> transposed(const T* x, int rows, int cols) {
     std::vector<T> xt(size_t(rows) * size_t(cols));
     parallel_for(cols, [&](int64_t c) {
@@ -3092,8 +3091,7 @@ namespace fp8_detail {
 // fp8_gemm's A (1×128 tiles) and Wgrad's B (128×1 tiles, transposed), 128 for fp8_gemm's B (128×128 blocks).
 struct ScaleMap {
     const float* s = nullptr;
-    int rows_per_scale = 1;
-    int tiles = 0;
+    int rows_per_scale = 1, tiles = 0;
     float at(int row, int t) const { return s ? s[int64_t(row / rows_per_scale) * tiles + t] : 1.0f; }
 };
 
