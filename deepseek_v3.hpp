@@ -3901,11 +3901,8 @@ class ExpertParallel : public ExpertRunner {
             fail("ExpertParallel: ", n_experts_, " routed experts cannot be split over ", comm.world_size(), " ranks");
     }
     int first_expert(int r) const { return int(int64_t(r) * n_experts_ / comm_.world_size()); }
-    int owner(int e) const {
-        int r = 0;
-        while (first_expert(r + 1) <= e) ++r;
-        return r;
-    }
+    // The rank r with first_expert(r) <= e < first_expert(r + 1): r·N/R <= e exactly when r < (e + 1)·R/N.
+    int owner(int e) const { return int((int64_t(e + 1) * comm_.world_size() - 1) / n_experts_); }
     bool owns(int e) const { return owner(e) == comm_.rank(); }
 
     // Traffic of the forwards since the caller last reset it (stats = {}), summed over the MoE layers.
