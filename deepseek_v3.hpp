@@ -4269,10 +4269,8 @@ inline void pack_b_panel(float* panel, const View& B, int k0, int kc, int j0, in
     const int n_padded = (n + VEC - 1) / VEC * VEC;
     if (B.col_stride == 1) {  // rows of B contiguous (W in dx, x in dW): copy row pieces
         for (int k = 0; k < kc; ++k) {
-            const float* src = &B.at(k0 + k, j0);
-            float* dst = panel + int64_t(k) * NR;
-            for (int j = 0; j < n; ++j) dst[j] = src[j];
-            for (int j = n; j < n_padded; ++j) dst[j] = 0.0f;
+            float* row = panel + int64_t(k) * NR;
+            std::fill(std::copy_n(&B.at(k0 + k, j0), n, row), row + n_padded, 0.0f);
         }
     } else {  // columns of B contiguous (B = Wᵀ or xᵀ in the forward): a transpose, reading each column in order
         for (int j = 0; j < n_padded; ++j) {
