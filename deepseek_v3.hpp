@@ -4603,8 +4603,8 @@ inline void make_directories(const std::string& dir) {
     if (ec) fail("cannot create the directory '", dir, "': ", ec.message());
 }
 inline bool write_bytes(FILE* f, const void* p, size_t n) { return n == 0 || std::fwrite(p, 1, n, f) == n; }
-inline void write_file_atomic(const std::string& path, const std::string& data) {
-    write_file_atomic_stream(path, "file", [&](FILE* f) { return write_bytes(f, data.data(), data.size()); });
+inline void write_file_atomic(const std::string& path, const std::string& data, const char* what = "file") {
+    write_file_atomic_stream(path, what, [&](FILE* f) { return write_bytes(f, data.data(), data.size()); });
 }
 
 // --- 11.3 Byte-level BPE tokenizer -----------------------------------------------------------------------------------
@@ -4658,8 +4658,7 @@ struct Tokenizer {
     int n_ordinary() const { return 256 + int(merges.size()); }
     int vocab_size() const { return n_ordinary() + int(specials.size()); }  // what the model's embedding needs
     bool is_special(uint32_t id) const { return id >= uint32_t(n_ordinary()) && id < uint32_t(vocab_size()); }
-    // The tokenizer with no merges: one token per byte (plus the special tokens).
-    static Tokenizer bytes_only() {
+    static Tokenizer bytes_only() {  // no merges: one token per byte (plus the special tokens)
         Tokenizer t;
         t.specials = {kBosText, kEosText, kFimBeginText, kFimHoleText, kFimEndText};
         t.build_tables("Tokenizer::bytes_only");
@@ -4695,10 +4694,9 @@ struct Tokenizer {
     template <class F>
     static void for_each_chunk(std::string_view text, const F& f) {
         const uint8_t* s = reinterpret_cast<const uint8_t*>(text.data());
-        for (size_t i = 0, n = text.size(); i < n;) {
-            const size_t e = chunk_end(s, n, i);
+        for (size_t i = 0, e; i < text.size(); i = e) {
+            e = chunk_end(s, text.size(), i);
             f(i, e);
-            i = e;
         }
     }
     // ---- training ---------------------------------------------------------------------------------------------
@@ -4945,10 +4943,9 @@ struct Tokenizer {
             if (gap == std::string::npos || s.find_first_of(" \t", right) != std::string::npos)
                 fail(where(), ": expected merge ", i, " of ", n_merges, " as two token ids 'LEFT RIGHT', found '",
                      escape_bytes(s), "'");
-            const std::string what = where() + ": merge " + std::to_string(i);
-            const std::string_view line = s;
-            const size_t a = size_t(parse_int(line.substr(0, gap), what + ", left token id", 0, INT_MAX));
-            const size_t b = size_t(parse_int(line.substr(right), what + ", right token id", 0, INT_MAX));
+            const std::string what = where() + ": merge " + std::to_string(i) + ", ";
+            const size_t a = size_t(parse_int(std::string_view(s).substr(0, gap), what + "left token id", 0, INT_MAX));
+            const size_t b = size_t(parse_int(std::string_view(s).substr(right), what + "right token id", 0, INT_MAX));
             if (a >= 256 + i || b >= 256 + i)
                 fail(where(), ": merge ", i, " refers to token ", std::max(a, b), ", but only tokens below ", 256 + i,
                      " exist before it");
@@ -5288,9 +5285,9 @@ struct SyntheticCorpus {
         for (size_t i = 0; i < v.size(); ++i) s += (i ? " " : "") + std::to_string(v[i]);
         return s;
     }
-    // One line, with its newline.
-    void append_line(Rng& rng, std::string& out) const {
-        const int kind = pick(rng, kProb, kKinds);
+    // One line, with its newline; of the given kind, or (kind < 0) of a random one.
+    void append_line(Rng& rng, std::string& out, int kind = -1) const {
+        if (kind < 0) kind = pick(rng, kProb, kKinds);
         out += kNames[kind] + std::string(" ");
         if (kind == kTalk) {
             uint32_t w = uint32_t(rng.below(kWords));
@@ -5511,13 +5508,9 @@ struct SyntheticCorpus {
         double all_nats = 0, all_bytes = 0;
         Rng example_rng(7);
         for (int k = 0; k < kKinds; ++k) {
-            const std::string tag = std::string(kNames[k]) + " ";
             std::string example;
-            for (int tries = 0; tries < 1000 && example.empty(); ++tries) {
-                std::string line;
-                append_line(example_rng, line);
-                if (line.compare(0, tag.size(), tag) == 0) example = line.substr(0, line.size() - 1);
-            }
+            append_line(example_rng, example, k);
+            example.pop_back();  // the newline
             const double nats_per_line = nats[k] - std::log(kProb[k]);
             e.parts.push_back({kNames[k], example, kProb[k], nats_per_line, bytes[k], nats_per_line / bytes[k]});
             all_nats += kProb[k] * nats_per_line;
