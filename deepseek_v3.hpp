@@ -5570,8 +5570,7 @@ struct Canvas {
         uint8_t* p = pixel(x, y);
         for (int k = 0; k < 3; ++k) p[k] = uint8_t(std::lround(p[k] + (to[k] - p[k]) * std::min(alpha, 1.0)));
     }
-    // Pixels [x0, x1) x [y0, y1), clipped to the canvas.
-    void fill_rect(int x0, int y0, int x1, int y1, Rgb c) {
+    void fill_rect(int x0, int y0, int x1, int y1, Rgb c) {  // pixels [x0, x1) x [y0, y1), clipped to the canvas
         for (int y = std::max(y0, 0); y < std::min(y1, height); ++y)
             for (int x = std::max(x0, 0); x < std::min(x1, width); ++x) blend(x, y, c, 1.0);
     }
