@@ -6283,13 +6283,13 @@ inline void load_checkpoint(const std::string& path, Model& model, AdamW& opt, R
             fail("checkpoint ", path, ": config differs from the model's: checkpoint has ", la, ", model has ", lb);
     const size_t n = model.params.size();
     const io_detail::File f = io_detail::open_file(path, "checkpoint");
-    std::vector<float> params(n), m(n), v(n);
-    for (size_t i = 0; i < 3; ++i)
-        if (!io_detail::read_at(f.get(), header + i * 4 * n, (i == 0 ? params : i == 1 ? m : v).data(), 4 * n))
-            fail("checkpoint ", path, ": read failed");
-    backend::upload(model.params, params);
-    backend::upload(opt.m, m);
-    backend::upload(opt.v, v);
+    std::vector<float> host(n);
+    size_t at = header;
+    for (backend::Buffer<float>* buffer : {&model.params, &opt.m, &opt.v}) {  // in the file's order
+        if (!io_detail::read_at(f.get(), at, host.data(), 4 * n)) fail("checkpoint ", path, ": read failed");
+        backend::upload(*buffer, host);
+        at += 4 * n;
+    }
     opt.step = step;
 }
 // The history of a training run: the losses of every step and the results of every evaluation. build/train keeps it
@@ -6318,16 +6318,12 @@ struct TrainingLog {
     }
     std::string to_text() const {
         std::string out = "dsv3-training-log 1\n";
-        char buf[256];
-        for (const Step& r : steps) {
-            std::snprintf(buf, sizeof buf, "step %d %.17g %.17g %.17g %.17g %.17g\n", r.step, r.loss, r.mtp,
-                          r.grad_norm, r.lr, r.max_violation);
-            out += buf;
-        }
+        for (const Step& r : steps)
+            out += format_printf("step %d %.17g %.17g %.17g %.17g %.17g\n", r.step, r.loss, r.mtp, r.grad_norm, r.lr,
+                                 r.max_violation);
         for (const Eval& e : evals) {
-            std::snprintf(buf, sizeof buf, "eval %d %.17g %.17g %lld %zu %zu", e.step, e.loss, e.max_violation,
-                          (long long)e.windows, e.loads.size(), e.loads.empty() ? size_t(0) : e.loads[0].size());
-            out += buf;
+            out += format_printf("eval %d %.17g %.17g %lld %zu %zu", e.step, e.loss, e.max_violation,
+                                 (long long)e.windows, e.loads.size(), e.loads.empty() ? size_t(0) : e.loads[0].size());
             for (const auto& block : e.loads)
                 for (int64_t c : block) out += " " + std::to_string(c);
             out += "\n";
@@ -6469,10 +6465,7 @@ class JsonParser {
     std::string found() const {
         if (pos_ >= n_) return "the end of the input";
         const unsigned char c = static_cast<unsigned char>(p_[pos_]);
-        if (c >= 0x20 && c < 0x7F) return std::string("'") + char(c) + "'";
-        char buf[16];
-        std::snprintf(buf, sizeof buf, "byte 0x%02X", c);
-        return buf;
+        return c >= 0x20 && c < 0x7F ? std::string("'") + char(c) + "'" : format_printf("byte 0x%02X", c);
     }
     [[noreturn]] void error(const char* expected, size_t at = SIZE_MAX) {  // at pos_, or at `at`
         if (at != SIZE_MAX) pos_ = at;
@@ -6608,9 +6601,8 @@ inline void write_json_string(std::string& out, const std::string& s) {
     for (const char ch : s) {
         const unsigned char c = static_cast<unsigned char>(ch);
         const char* k = c && c != '/' ? std::strchr(json_unescaped, c) : nullptr;  // '/' needs no escape
-        char buf[8];
         if (k) out += {'\\', json_escapes[k - json_unescaped]};
-        else if (c < 0x20) out.append(buf, size_t(std::snprintf(buf, sizeof buf, "\\u%04X", c)));
+        else if (c < 0x20) out += format_printf("\\u%04X", c);
         else out += char(c);  // UTF-8 passes through unchanged
     }
     out += '"';
@@ -7252,8 +7244,7 @@ inline Config read_hf_config(const std::string& path, HfConfigInfo* info = nullp
     return config_from_hf_json(json_read_file(path), path, info);
 }
 inline void write_hf_config(const std::string& path, const Config& c, const std::string& torch_dtype = "float32") {
-    const std::string text = json_dump(config_to_hf_json(c, torch_dtype), 2) + "\n";
-    write_file_atomic_stream(path, "config.json", [&](FILE* f) { return write_bytes(f, text.data(), text.size()); });
+    write_file_atomic(path, json_dump(config_to_hf_json(c, torch_dtype), 2) + "\n", "config.json");
 }
 
 // --- 13.5 Model <-> Hugging Face directory ---------------------------------------------------------------------------
@@ -7354,7 +7345,7 @@ inline void load_hf_weights(const HfCheckpoint& ckpt, Model& model, const HfQuan
         io_detail::read_checkpoint_tensor(ckpt, *ckpt.find(e.name), quant, model.params.data() + e.offset, used);
     // The MTP modules' copies of the embedding and head: same shape, and (normally) the same values.
     const int64_t V = c.vocab_size, d = c.dim;
-    for (int k = 0; k < int(model.layout.mtp.size()); ++k) {
+    for (int k = 0; k < int(model.layout.mtp.size()); ++k)
         for (int which = 0; which < 2; ++which) {
             const std::string name = which == 0 ? mtp_embed_copy_name(c, k) : mtp_head_copy_name(c, k);
             const HfCheckpoint::Source* src = ckpt.find(name);
@@ -7371,7 +7362,6 @@ inline void load_hf_weights(const HfCheckpoint& ckpt, Model& model, const HfQuan
                 notes->push_back("\"" + name + "\" differs from the shared tensor (max |diff| " + std::to_string(max_diff) +
                                  "); the model shares one, so the copy is ignored");
         }
-    }
     std::vector<std::string> extra;
     bool extra_layers = false;
     for (const auto& [name, src] : ckpt.tensors) {
