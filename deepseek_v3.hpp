@@ -3229,11 +3229,7 @@ inline void gemm_reference(const GemmProblem& p) {
 }
 
 // One operand decoded for the fast path (values and exponents of CodeTable), and whether each row is free of NaN/inf.
-struct Decoded {
-    std::vector<float> v;
-    std::vector<int32_t> e;
-    std::vector<uint8_t> finite;
-};
+struct Decoded { std::vector<float> v; std::vector<int32_t> e; std::vector<uint8_t> finite; };
 inline Decoded decode_operand(const uint8_t* X, int rows, int K, Fp8Format f) {
     const CodeTable t(f);
     Decoded d{std::vector<float>(size_t(rows) * size_t(K)), std::vector<int32_t>(size_t(rows) * size_t(K)),
@@ -3247,10 +3243,7 @@ inline Decoded decode_operand(const uint8_t* X, int rows, int K, Fp8Format f) {
 
 // The tensor core's accumulator c = cm · 2^(E - frac_bits) as a float (exact: at most 24 significant bits), and
 // ec = floor(log2|c|) (kZeroExponent while c == 0, so it never wins the alignment).
-struct TensorCoreAcc {
-    float c = 0.0f;
-    int32_t ec = kZeroExponent;
-};
+struct TensorCoreAcc { float c = 0.0f; int32_t ec = kZeroExponent; };
 
 // One block of LEN products (LEN = 0: `len` at run time), in integers: with u = 2^(frac_bits - E) every addend x·u is
 // an exact float below 2^(frac_bits+2), and float→int truncates toward zero, exactly trunc(x / q). The loops vectorize
