@@ -4706,12 +4706,10 @@ struct Tokenizer {
     // The state of training: the distinct chunks as token sequences with their counts, count[pair] (weighted by
     // chunk count), where[pair] (the chunks that contain, or contained, it), and the heap of (count, pair).
     struct BpeTrainer {
-        struct Entry {
+        struct Entry {  // top of the heap: largest count, then smallest pair
             int64_t count;
             uint64_t pair;
-            bool operator<(const Entry& o) const {  // top of the heap: largest count, then smallest pair
-                return count != o.count ? count < o.count : pair > o.pair;
-            }
+            bool operator<(const Entry& o) const { return count != o.count ? count < o.count : pair > o.pair; }
         };
         std::vector<std::vector<uint32_t>> words;
         std::vector<int64_t> freq;
