@@ -6386,9 +6386,7 @@ struct Json {
     std::vector<Json> array;
     std::vector<std::pair<std::string, Json>> object;
     static Json of_bool(bool b) { Json j; j.type = Type::boolean; j.boolean = b; return j; }
-    static Json of_int(int64_t v) {
-        Json j; j.type = Type::number; j.number = double(v); j.is_integer = true; j.integer = v; return j;
-    }
+    static Json of_int(int64_t v) { Json j = of_double(double(v)); j.is_integer = true; j.integer = v; return j; }
     static Json of_double(double v) { Json j; j.type = Type::number; j.number = v; return j; }
     // The shortest decimal that reads back as the same float: 1e-6f is written "1e-06", not "9.99999997e-07".
     static Json of_float(float v) {
@@ -6916,10 +6914,7 @@ inline std::vector<std::pair<std::string, std::string>> read_safetensors_index(c
 // All tensors of a checkpoint directory: model.safetensors, or the shards listed by model.safetensors.index.json
 // (transformers looks for the single file first, and so do we).
 struct HfCheckpoint {
-    struct Source {
-        const SafetensorsFile* file = nullptr;
-        const TensorInfo* info = nullptr;
-    };
+    struct Source { const SafetensorsFile* file = nullptr; const TensorInfo* info = nullptr; };
     std::string dir, description;  // description: the file(s) the tensors come from, for messages
     std::vector<std::unique_ptr<SafetensorsFile>> files;
     std::map<std::string, Source> tensors;  // ordered: deterministic messages, prefix queries
@@ -7468,10 +7463,7 @@ inline std::vector<float> read_npy(const std::string& path, std::vector<int64_t>
     return out;
 }
 // Token rows as text: "1,2,3;4,5,6" (rows separated by ';', all of the same length).
-struct TokenRows {
-    int B = 0, T = 0;
-    std::vector<int32_t> tokens;  // [B, T]
-};
+struct TokenRows { int B = 0, T = 0; std::vector<int32_t> tokens; };  // tokens: [B, T]
 inline TokenRows parse_token_rows(const std::string& text) {
     TokenRows r;
     std::vector<std::vector<int32_t>> rows(1);
