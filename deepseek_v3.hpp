@@ -3596,9 +3596,8 @@ inline int ring_mod(int a, int R) { return ((a % R) + R) % R; }
 // Each rank sends and receives 2(R−1)/R of the buffer, whatever R: the ring is bandwidth-optimal.
 // Determinism. Chunk c is summed in the fixed order ((x_c + x_{c+1}) + x_{c+2}) + … + x_{c−1} (ranks mod R), the
 // arriving partial sum always the left operand, and the all-gather copies that one result everywhere: all ranks hold
-// bitwise the same sums, on every run. Chunk 0 is the serial sum ((x_0 + x_1) + x_2) + …; the others rotate its
-// order, which float addition preserves only for R ≤ 2: bitwise the serial sum for 1 or 2 ranks, within a few ulps of
-// Σ|x| for more.
+// bitwise the same sums, on every run. Chunk 0 is the serial sum ((x_0 + x_1) + x_2) + …; the others rotate its order,
+// which float addition keeps only for R ≤ 2: bitwise the serial sum for 1 or 2 ranks, else within a few ulps of Σ|x|.
 template <class T>
 inline void all_reduce(Communicator& comm, T* data, size_t n, ReduceOp op = ReduceOp::sum) {
     const int R = comm.world_size(), r = comm.rank();
