@@ -4607,8 +4607,7 @@ inline void write_file_atomic(const std::string& path, const std::string& data, 
 //
 // Token ids: 0..255 are the bytes; 256 + i is merge i; after these n_ordinary() = 256 + merges.size() tokens come the
 // special tokens, spelt as in DeepSeek's vocabularies (BOS, EOS, and the three FIM tokens of 11.5). encode(text) never
-// makes one: their spelling in a text is encoded as ordinary bytes, so no document can forge one
-// (encode_with_specials() parses them on purpose).
+// makes one: their spelling is encoded as ordinary bytes, so no document can forge one (encode_with_specials() does).
 //
 // Pre-tokenization. Like GPT-2 and DeepSeek, the text is first cut into chunks and merges never cross a chunk
 // boundary, so tokens are pieces of words rather than spans such as "e, t". Byte classes: letters (A-Z, a-z and every
