@@ -6144,10 +6144,7 @@ inline uint64_t file_size(const std::string& path) {
 inline std::string join_path(const std::string& dir, const std::string& name) {
     return (std::filesystem::path(dir) / name).string();
 }
-inline bool file_exists(const std::string& path) {
-    std::error_code ec;
-    return std::filesystem::is_regular_file(path, ec);
-}
+inline bool file_exists(const std::string& p) { std::error_code ec; return std::filesystem::is_regular_file(p, ec); }
 inline bool starts_with(const std::string& s, const std::string& p) { return s.compare(0, p.size(), p) == 0; }
 inline int64_t numel(const std::vector<int64_t>& shape) {
     return std::accumulate(shape.begin(), shape.end(), int64_t(1), std::multiplies<>());
@@ -6407,10 +6404,8 @@ struct Json {
         auto it = std::find_if(object.begin(), object.end(), [&](const auto& member) { return member.first == key; });
         return it == object.end() ? nullptr : &it->second;
     }
-    Json& add(const std::string& key, Json value) {  // appends a member (the caller keeps keys unique)
-        object.emplace_back(key, std::move(value));
-        return object.back().second;
-    }
+    // Appends a member (the caller keeps keys unique).
+    Json& add(const std::string& key, Json value) { return object.emplace_back(key, std::move(value)).second; }
     Json& push(Json value) { array.push_back(std::move(value)); return array.back(); }
     const char* type_name() const {
         static const char* const names[] = {"null", "a boolean", "a number", "a string", "an array", "an object"};
