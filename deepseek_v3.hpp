@@ -6969,8 +6969,7 @@ struct HfConfigInfo {
 inline Config hf_config_defaults() {
     Config c = Config::v3_671b();
     c.max_seq_len = 4096;                      // max_position_embeddings
-    c.rope_factor = 1.0f;                      // no rope_scaling: plain RoPE
-    c.mscale = 1.0f;
+    c.rope_factor = c.mscale = 1.0f;           // no rope_scaling: plain RoPE
     c.n_mtp_depth = 0;                         // transformers has no MTP; DeepSeek's files say 1
     c.init_std = 0.02f;                        // initializer_range
     return c;
@@ -7495,8 +7494,7 @@ inline double forward_like_transformers(Model& model, const TokenRows& rows, boo
     for (int b = 0; b < rows.B; ++b)
         std::copy_n(rows.tokens.begin() + int64_t(b) * rows.T, rows.T, padded.begin() + int64_t(b) * (rows.T + 1));
     LossOptions opt;
-    opt.with_mtp = false;
-    opt.balance = BalanceLoss::none;
+    opt.with_mtp = false, opt.balance = BalanceLoss::none;
     const Losses loss = model.forward(padded.data(), rows.B, rows.T, opt);
     if (gradients) model.backward();
     return loss.main;
