@@ -2748,7 +2748,11 @@ struct GenerationStats {
     int main_forwards = 0;          // calls of the main model, the prompt's and restarts' included
     int drafted = 0, accepted = 0;  // MTP drafts verified, and those that were right
     int restarts = 0;               // times the context was full and restarted from its last half
-    double seconds = 0;
+    double seconds = 0;             // the whole call
+    double first_token_seconds = 0; // the prompt's prefill and the first token: the rest is decoding
+    double decode_tokens_per_second() const {
+        return seconds > first_token_seconds ? (generated - 1) / (seconds - first_token_seconds) : 0.0;
+    }
     double acceptance() const { return drafted ? double(accepted) / drafted : 0.0; }
     double tokens_per_forward() const { return main_forwards ? double(generated) / main_forwards : 0.0; }
 };
@@ -2791,6 +2795,7 @@ inline std::vector<int32_t> generate(Model& model, const std::vector<int32_t>& p
     prefill(all.data() + P - keep0, keep0);
     emit(sample_token(logits.data() + int64_t(keep0 - 1) * V, V, sampling, rng));
     if (use_mtp) run_mtp(all.data() + P - keep0 + 1, keep0);
+    st.first_token_seconds = now_seconds() - t0;
     ThreadTuner threads;  // a shared CPU may decode faster on fewer threads (above)
     while (int(out.size()) < n_new) {
         threads.tick();

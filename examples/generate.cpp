@@ -95,10 +95,17 @@ int main(int argc, char** argv) {
             if (ids.empty()) fail("the prompt is empty: give at least one byte");
             GenerationStats st;
             const std::vector<int32_t> out = generate(model, ids, n_tokens, s, sample_seed, mtp, &st, absorbed);
-            std::printf("%s%s\n\n", text.c_str(), tokenizer.decode(out).c_str());
+            // A model may have more ids than its tokenizer (bytes for a vocabulary of 8192): those print as <id N>.
+            std::string shown;
+            for (int32_t t : out)
+                shown += uint32_t(t) < uint32_t(tokenizer.vocab_size()) ? tokenizer.decode(&t, 1)
+                                                                        : "<id " + std::to_string(t) + ">";
+            std::printf("%s%s\n\n", text.c_str(), shown.c_str());
             std::printf("%d tokens in %.3f s: %.1f tokens/s (%s attention, %d threads; context %d, %d restarts)\n",
                         st.generated, st.seconds, st.generated / st.seconds, absorbed ? "absorbed" : "naive",
                         thread_count(), model.cfg.max_seq_len, st.restarts);
+            std::printf("prompt of %d tokens and the first token in %.3f s, then decoding at %.1f tokens/s\n",
+                        st.prompt_tokens, st.first_token_seconds, st.decode_tokens_per_second());
             if (mtp)
                 std::printf("MTP speculative decoding: %d of %d drafts accepted (%.1f%%), %.2f tokens per main-model "
                             "forward\n", st.accepted, st.drafted, 100 * st.acceptance(), st.tokens_per_forward());
