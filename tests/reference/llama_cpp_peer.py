@@ -17,8 +17,9 @@ needs torch, numpy, transformers, tokenizers, safetensors, sentencepiece and pyy
 
 The directory holds no tokenizer: the model's ids are bytes (vocab 256, build/train's default), so this script writes
 a byte-level tokenizer.json beside a copy of it: id b is byte b, spelled in GPT-2's byte-to-character alphabet, with no
-merges. For a larger vocabulary (the `small` preset with random weights: speed only) ids 256 and up are placeholder
-tokens that no text produces. The converter names a BPE pre-tokenizer by hashing the ids of a test text and knows only
+merges (llama.cpp's loader wants a merge list, so the GGUF gets one that no text uses: two NUL bytes). For a larger
+vocabulary (the `small` preset with random weights: speed only) ids 256 and up are placeholder tokens that no text
+produces. The converter names a BPE pre-tokenizer by hashing the ids of a test text and knows only
 published tokenizers; with no merges the pre-tokenizer cannot change the ids, so the script tells it "gpt-2".
 The copy's max_position_embeddings is raised to fit the prompt and --tokens (so that build/generate does not restart a
 full context, which llama.cpp does not do), and a config without rope_scaling gets YaRN's keys with factor 1, plain
@@ -31,15 +32,9 @@ import argparse, importlib.util, json, os, re, shutil, subprocess, sys, tempfile
 
 def byte_alphabet():
     """GPT-2's bytes_to_unicode: printable bytes stand for themselves, the others for characters from U+0100 on."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
+    keep = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAC + 1)) | set(range(0xAE, 0xFF + 1))
+    others = [b for b in range(256) if b not in keep]
+    return {b: chr(b) if b in keep else chr(256 + others.index(b)) for b in range(256)}
 
 
 def write_tokenizer(dst, vocab_size):
@@ -70,13 +65,13 @@ def prepared_copy(model, work, positions, no_group_limit):
     cfg["max_position_embeddings"] = max(positions, cfg["max_position_embeddings"])
     if no_group_limit:
         cfg["n_group"] = cfg["topk_group"] = 1
-    if cfg.get("rope_scaling") is None:   # llama.cpp's loader requires YaRN's keys for deepseek2: factor 1 is plain RoPE
+    if cfg.get("rope_scaling") is None:   # llama.cpp's deepseek2 loader requires YaRN's keys: factor 1 is plain RoPE
         cfg["rope_scaling"] = {"type": "yarn", "factor": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32.0,
                                "beta_slow": 1.0, "original_max_position_embeddings": cfg["max_position_embeddings"]}
     with open(os.path.join(dst, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     write_tokenizer(dst, cfg["vocab_size"])
-    return dst, cfg
+    return dst
 
 
 def convert(llama_cpp, hf, out):
@@ -137,14 +132,13 @@ def main():
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
     with tempfile.TemporaryDirectory() as work:
         positions = (a.context if a.mode == "speed" else len(a.prompt.encode())) + a.tokens + 8
-        hf, cfg = prepared_copy(a.model, work, positions, a.no_group_limit)
+        hf = prepared_copy(a.model, work, positions, a.no_group_limit)
         gguf = os.path.join(work, "model-f32.gguf")
         convert(a.llama_cpp, hf, gguf)
         if a.mode == "greedy":
             prompt = a.prompt.encode()
             out, _ = run([os.path.join(bin_dir, "llama-simple"), "-m", gguf, "-n", str(a.tokens), a.prompt])
-            theirs = out
-            theirs = theirs[theirs.index(prompt) + len(prompt):] if prompt in theirs else theirs
+            theirs = out[out.index(prompt) + len(prompt):] if prompt in out else out   # it echoes the prompt
             out, _ = run([a.generate, "--model", hf, "--prompt", a.prompt, "--tokens", str(a.tokens),
                           "--temperature", "0"], env)
             ours = out[len(prompt):].split(b"\n\n" + str(a.tokens).encode() + b" tokens in")[0]
