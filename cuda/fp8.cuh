@@ -700,7 +700,8 @@ inline void fp8_gemm(const uint8_t* A, const float* scale_a, const uint8_t* B, c
 // FP8 linear layer (V3 recipe, §3.3, Figure 6): the header's fp8_matmul_forward / fp8_matmul_backward on the GPU,
 // bit for bit. Fprop: x in 1×128 tiles, W in 128×128 blocks. Dgrad: dy in 1×128 tiles along out, W's codes and
 // block scales transposed (the square blocks serve both directions). Wgrad: dy and x in 128×1 tiles along the tokens
-// (transposed, so the token dimension becomes each row's K). Quantized operands live in scratch memory.
+// (transposed, so the token dimension becomes each row's K). Quantized activations live in scratch memory; the
+// weights' codes, from Fprop to Dgrad, in weight_codes below.
 // =====================================================================================================================
 namespace detail {
 template <class T>
@@ -728,14 +729,47 @@ inline void fp8_gemms(std::vector<Fp8Gemm>& list, int sb_rows, bool accumulate) 
     if (vec16) launch_wgmma<128, true>(gemms, tiles, sb_rows, accumulate);
     else launch_wgmma<128, false>(gemms, tiles, sb_rows, accumulate);
 }
-// The experts that have rows, as a device list (quantize_weight_blocks quantizes only their weights).
-inline std::pair<const int*, int> experts_with_rows(const int64_t* offsets, int groups) {
-    std::vector<int> e;
-    for (int g = 0; g < groups; ++g)
-        if (offsets[g + 1] > offsets[g]) e.push_back(g);
-    int* d = scratch_of<int>(Slot::fp8_experts, e.size() + 1);
-    if (!e.empty()) upload_async(d, e.data(), sizeof(int) * e.size());
-    return {d, int(e.size())};
+// The 128×128 block codes of `count` weight matrices W_e [rows, cols] (at W + e·w_stride) and of their transposes,
+// kept from step to step in the registry of kernels.cuh (shadow::Codes). A weight only changes in the optimizer
+// step, so a step's Fprop quantizes it once, writing the codes and their transpose in the same pass, and its Dgrad
+// reads the transpose back: one read of the FP32 weight a step instead of two. `needed` (host) lists the matrices
+// wanted now (the experts with rows); only those without valid codes are quantized. Matrix e's codes are at
+// q + e·rows·cols, its scales [ceil(rows/128), ceil(cols/128)] at qs + e·blocks (qt, qts: the transpose).
+// DSV3_FP8_WEIGHT_CODES=0 in the environment quantizes on every call instead (for timing).
+struct WeightCodes { uint8_t* q; float* qs; uint8_t* qt; float* qts; };
+inline WeightCodes weight_codes(const float* W, int64_t w_stride, int count, int rows, int cols,
+                                const std::vector<int>& needed) {
+    static const bool keep = [] {
+        const char* e = std::getenv("DSV3_FP8_WEIGHT_CODES");
+        return !(e && std::string(e) == "0");
+    }();
+    const int64_t n = int64_t(rows) * cols, blocks = int64_t(fp8_tiles(rows)) * fp8_tiles(cols);
+    const int64_t part = (count * n + 255) / 256 * 256;   // the codes, padded: qt and qs start 256-byte aligned
+    std::vector<int> todo;
+    uint8_t* bytes = nullptr;
+    {
+        shadow::Registry& r = shadow::registry();
+        std::lock_guard<std::mutex> lock(r.mu);
+        shadow::Codes& c = r.codes[uintptr_t(W)];
+        if (c.count != count || c.rows != rows || c.cols != cols || c.w_stride != w_stride) {   // new, or reshaped
+            if (c.bytes) cudaFree(c.bytes);
+            c = shadow::Codes{};
+            DSV3_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&c.bytes), size_t(2 * part + 8 * count * blocks)));
+            c.n = size_t(int64_t(count - 1) * w_stride + n);
+            c.w_stride = w_stride, c.count = count, c.rows = rows, c.cols = cols;
+            c.done.assign(size_t(count), 0);
+        }
+        for (int e : needed)
+            if (!c.done[size_t(e)]) todo.push_back(e), c.done[size_t(e)] = keep;   // the launch below writes them
+        bytes = c.bytes;
+    }
+    float* qs = reinterpret_cast<float*>(bytes + 2 * part);
+    const WeightCodes codes{bytes, qs, bytes + part, qs + count * blocks};
+    if (todo.empty()) return codes;
+    int* d = scratch_of<int>(Slot::fp8_experts, todo.size());
+    upload_async(d, todo.data(), sizeof(int) * todo.size());
+    quantize_weight_blocks(W, w_stride, d, int(todo.size()), rows, cols, codes.q, codes.qs, codes.qt, codes.qts);
+    return codes;
 }
 }  // namespace detail
 
@@ -746,12 +780,10 @@ inline void fp8_matmul_forward(float* y, const float* x, const float* W, int T, 
     if (T < 0 || in < 0 || out < 0) fail("cuda::fp8_matmul_forward: sizes must be non-negative");
     if (int64_t(T) * out == 0) return;
     uint8_t* xq = scratch_of<uint8_t>(Slot::fp8_a, size_t(T) * in);
-    uint8_t* wq = scratch_of<uint8_t>(Slot::fp8_b, size_t(out) * in);
     float* xs = scratch_of<float>(Slot::fp8_sa, size_t(T) * fp8_tiles(in));
-    float* ws = scratch_of<float>(Slot::fp8_sb, size_t(fp8_tiles(out)) * fp8_tiles(in));
     quantize_tiles_1x128(x, T, in, xq, xs);
-    quantize_blocks_128x128(W, out, in, wq, ws);
-    fp8_gemm_general(xq, xs, wq, ws, 128, y, T, out, in, false);
+    const WeightCodes w = weight_codes(W, 0, 1, out, in, {0});
+    fp8_gemm_general(xq, xs, w.q, w.qs, 128, y, T, out, in, false);
 }
 
 // dx[T,in] += dy[T,out] · W[out,in];  dW[out,in] += dy[T,out]ᵀ · x[T,in]   (FP8; either may be null)
@@ -762,12 +794,10 @@ inline void fp8_matmul_backward(float* dx, float* dW, const float* dy, const flo
     if (T < 0 || in < 0 || out < 0) fail("cuda::fp8_matmul_backward: sizes must be non-negative");
     if (dx && int64_t(T) * in > 0) {   // Dgrad, K = out
         uint8_t* dyq = scratch_of<uint8_t>(Slot::fp8_a, size_t(T) * out);
-        uint8_t* wtq = scratch_of<uint8_t>(Slot::fp8_bt, size_t(in) * out);
         float* dys = scratch_of<float>(Slot::fp8_sa, size_t(T) * fp8_tiles(out));
-        float* wts = scratch_of<float>(Slot::fp8_sbt, size_t(fp8_tiles(in)) * fp8_tiles(out));
         quantize_tiles_1x128(dy, T, out, dyq, dys);
-        quantize_weight_blocks(W, 0, nullptr, 1, out, in, nullptr, nullptr, wtq, wts);   // the transpose only
-        fp8_gemm_general(dyq, dys, wtq, wts, 128, dx, T, in, out, true);
+        const WeightCodes w = weight_codes(W, 0, 1, out, in, {0});   // the transpose, from the forward
+        fp8_gemm_general(dyq, dys, w.qt, w.qts, 128, dx, T, in, out, true);
     }
     if (dW && int64_t(out) * in > 0) {   // Wgrad, K = T
         uint8_t* dytq = scratch_of<uint8_t>(Slot::fp8_a, size_t(out) * T);
@@ -789,12 +819,13 @@ inline void fp8_grouped_rows(float* y, const float* a, const float* W, int64_t w
     const int K = dgrad ? out : in, N = dgrad ? in : out, kt = fp8_tiles(K);
     uint8_t* aq = scratch_of<uint8_t>(Slot::fp8_a, size_t(rows) * K);
     float* as = scratch_of<float>(Slot::fp8_sa, size_t(rows) * kt);
-    uint8_t* bq = scratch_of<uint8_t>(dgrad ? Slot::fp8_bt : Slot::fp8_b, size_t(groups) * wn);
-    float* bs = scratch_of<float>(dgrad ? Slot::fp8_sbt : Slot::fp8_sb, size_t(groups) * wb);
     quantize_tiles_1x128(a, int(rows), K, aq, as);
-    const auto experts = experts_with_rows(offsets, groups);
-    quantize_weight_blocks(W, w_stride, experts.first, experts.second, out, in, dgrad ? nullptr : bq,
-                           dgrad ? nullptr : bs, dgrad ? bq : nullptr, dgrad ? bs : nullptr);
+    std::vector<int> experts;   // those with rows: only their weights are quantized
+    for (int g = 0; g < groups; ++g)
+        if (offsets[g + 1] > offsets[g]) experts.push_back(g);
+    const WeightCodes w = weight_codes(W, w_stride, groups, out, in, experts);
+    uint8_t* bq = dgrad ? w.qt : w.q;
+    float* bs = dgrad ? w.qts : w.qs;
     std::vector<Fp8Gemm> list;
     for (int g = 0; g < groups; ++g) {
         const int64_t r0 = offsets[g];

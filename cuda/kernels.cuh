@@ -117,6 +117,9 @@ namespace cuda {
 // update is never read through a stale shadow; an entry is valid again after the next adamw_update of that tensor. (A
 // kernel other than adamw_update that wrote into a parameter would need to call shadow::invalidate itself; the header's
 // model has none.) DSV3_BF16_SHADOW=0 in the environment turns the shadows off (for timing).
+// The same registry keeps the FP8 codes of weights (cuda/fp8.cuh, weight_codes): a weight's 128×128 blocks are
+// quantized once in a step's Fprop, with their transpose, and its Dgrad reads them back. Every hook above marks the
+// codes of the bytes it touches stale, and so does every adamw_update, with or without shadows.
 // Thread-safe (one registry for all host threads: device addresses are unique across GPUs).
 namespace shadow {
 struct Entry {
@@ -124,9 +127,17 @@ struct Entry {
     __nv_bfloat16* bf16 = nullptr;    // n values, cudaMalloc'd on the device that holds the tensor
     bool valid = false;
 };
+struct Codes {                        // the FP8 codes of `count` weight matrices (fp8.cuh, weight_codes)
+    size_t n = 0;                     // floats covered, from the key: count matrices w_stride apart
+    int64_t w_stride = 0;
+    int count = 0, rows = 0, cols = 0;
+    uint8_t* bytes = nullptr;         // cudaMalloc'd: codes, transposed codes, scales, transposed scales
+    std::vector<char> done;           // which matrices hold codes of the weight as it is now
+};
 struct Registry {
     std::mutex mu;
     std::map<uintptr_t, Entry> entries;   // key: address of the FP32 tensor
+    std::map<uintptr_t, Codes> codes;     // key: address of the first weight matrix
 };
 inline Registry& registry() {
     static Registry* r = new Registry;    // never destroyed: buffers freed at exit still call invalidate
@@ -138,6 +149,19 @@ inline bool enabled() {
         return !(e && std::string(e) == "0");
     }();
     return on;
+}
+// Codes overlapping [lo, hi): marked stale (no matrix done), or erased (their storage freed) when `release`.
+inline void codes_stale_locked(Registry& r, uintptr_t lo, uintptr_t hi, bool release) {
+    for (auto it = r.codes.begin(); it != r.codes.end() && it->first < hi;) {   // few entries: one per FP8 weight
+        if (it->first + it->second.n * sizeof(float) <= lo) { ++it; continue; }
+        if (!release) {
+            std::fill(it->second.done.begin(), it->second.done.end(), 0);
+            ++it;
+            continue;
+        }
+        if (it->second.bytes) cudaFree(it->second.bytes);
+        it = r.codes.erase(it);
+    }
 }
 // Entries overlapping [lo, hi) except `keep`: marked stale, or erased (their storage freed) when `release`.
 inline void drop_overlapping_locked(Registry& r, uintptr_t lo, uintptr_t hi, bool release, uintptr_t keep = 0) {
@@ -153,13 +177,14 @@ inline void drop_overlapping_locked(Registry& r, uintptr_t lo, uintptr_t hi, boo
         if (overlaps) it->second.valid = false;
         ++it;
     }
+    codes_stale_locked(r, lo, hi, release);
 }
 // Device bytes [p, p + bytes) were written from the host (release = false) or freed (release = true).
 inline void invalidate(const void* p, size_t bytes, bool release = false) {
     if (!p || !bytes) return;
     Registry& r = registry();
     std::lock_guard<std::mutex> lock(r.mu);
-    if (r.entries.empty()) return;
+    if (r.entries.empty() && r.codes.empty()) return;
     drop_overlapping_locked(r, uintptr_t(p), uintptr_t(p) + bytes, release);
 }
 // The valid BF16 shadow of the n floats at p, or null. [p, p + n) may lie inside an entry: adamw_update covers runs
@@ -175,7 +200,8 @@ inline const __nv_bfloat16* find(const float* p, size_t n) {
     return it->second.bf16 + bytes / sizeof(float);
 }
 // Storage for the shadow of the n floats at p, which the caller's next kernel (on stream 0) writes in full; marks it
-// valid and every other entry overlapping it stale. Null when shadows are off.
+// valid and every other entry overlapping it stale (and, shadows on or off, the FP8 codes overlapping it). Null when
+// shadows are off.
 inline __nv_bfloat16* prepare(float* p, size_t n);
 }  // namespace shadow
 
@@ -236,8 +262,8 @@ class DeviceBuffer {
 // each GPU has its own thread (build/train_multi_gpu).
 // Slot contents are dead after the function that took them returns.
 enum class Slot { bf16_a, bf16_b, bf16_c, attn_dscore, attn_bf16, reduce, decode_partial, decode_stats, fp8_a, fp8_b,
-                  fp8_bt, fp8_sa, fp8_sb, fp8_sbt, fp8_list, fp8_experts, group_offsets, group_units, sort, plan,
-                  plan_offsets, embedding_pieces, count };
+                  fp8_sa, fp8_sb, fp8_list, fp8_experts, group_offsets, group_units, sort, plan, plan_offsets,
+                  embedding_pieces, count };
 inline void* scratch(Slot slot, size_t bytes) {
     static thread_local DeviceBuffer<unsigned char> slots[int(Slot::count)];
     DeviceBuffer<unsigned char>& b = slots[int(slot)];
@@ -259,9 +285,10 @@ inline cublasHandle_t cublas() {
 }
 
 inline __nv_bfloat16* shadow::prepare(float* p, size_t n) {
-    if (!enabled() || n == 0) return nullptr;
+    if (n == 0) return nullptr;
     Registry& r = registry();
     std::lock_guard<std::mutex> lock(r.mu);
+    if (!enabled()) { codes_stale_locked(r, uintptr_t(p), uintptr_t(p) + n * sizeof(float), false); return nullptr; }
     drop_overlapping_locked(r, uintptr_t(p), uintptr_t(p) + n * sizeof(float), false, uintptr_t(p));
     Entry& e = r.entries[uintptr_t(p)];
     if (e.n != n) {

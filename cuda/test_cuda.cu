@@ -778,6 +778,54 @@ TEST_CASE("fp8_grouped_matmul: the routed experts' FP8 layers in one launch each
     }
 }
 
+// The FP8 codes of the weights (fp8.cuh, weight_codes) are kept from Fprop for Dgrad, and must never outlive the
+// weight: after adamw_update, an upload or a to_device into the weight, Dgrad follows the new values. Checked on a
+// dense layer and on the grouped experts (whose forward quantizes only the experts with rows): Dgrad after each kind
+// of write gives the CPU's bits for the weight as it is then; and a backward with more experts than the forward had
+// quantizes the rest.
+TEST_CASE("fp8 weight codes: kept from Fprop for Dgrad, stale after adamw_update, upload or to_device") {
+    Rng rng(116);
+    const int T = 200, in = 256, out = 384, groups = 3;
+    const int64_t stride = int64_t(in) * out;
+    auto x = normal(rng, size_t(T) * in), dy = normal(rng, size_t(T) * out), g = normal(rng, size_t(stride) * groups);
+    auto W = normal(rng, size_t(stride) * groups, 0.05f);
+    std::vector<float> zeros(W.size(), 0.0f);
+    auto Wd = dev(W), gd = dev(g), md = dev(zeros), vd = dev(zeros), xd = dev(x), dyd = dev(dy);
+    const std::vector<int64_t> fwd_offsets = {0, 0, 120, T}, all_offsets = {0, 50, 120, T};
+    auto dgrad_matches_cpu = [&](const std::vector<int64_t>& offsets) {   // dense on expert 1, then grouped
+        const std::vector<float> Wh = host(Wd);
+        std::vector<float> dx(x.size(), 0.0f), dxg(x.size(), 0.0f);
+        dsv3::fp8_matmul_backward(dx.data(), nullptr, dy.data(), x.data(), Wh.data() + stride, T, in, out);
+        dsv3::fp8_grouped_matmul_backward(dxg.data(), nullptr, dy.data(), x.data(), Wh.data(), stride, offsets.data(),
+                                          groups, in, out);
+        auto dxd = dev(std::vector<float>(x.size(), 0.0f)), dxgd = dev(std::vector<float>(x.size(), 0.0f));
+        cu::fp8_matmul_backward(dxd.data(), nullptr, dyd.data(), xd.data(), Wd.data() + stride, T, in, out);
+        cu::fp8_grouped_matmul_backward(dxgd.data(), nullptr, dyd.data(), xd.data(), Wd.data(), stride, offsets.data(),
+                                        groups, in, out);
+        return bit_mismatches(host(dxd), dx) == 0 && bit_mismatches(host(dxgd), dxg) == 0;
+    };
+    auto forward = [&] {   // quantizes expert 1's matrix (dense) and the experts with rows in fwd_offsets
+        auto y = poisoned<float>(size_t(T) * out);
+        cu::fp8_matmul_forward(y.data(), xd.data(), Wd.data() + stride, T, in, out);
+        cu::fp8_grouped_matmul_forward(y.data(), xd.data(), Wd.data(), stride, fwd_offsets.data(), groups, in, out);
+    };
+    forward();
+    CHECK(dgrad_matches_cpu(fwd_offsets));
+    CHECK(dgrad_matches_cpu(all_offsets));   // expert 0 had no codes: quantized now
+    forward();
+    for (int e = 0; e < groups; ++e)
+        cu::adamw_update(Wd.data() + e * stride, gd.data() + e * stride, md.data() + e * stride,
+                         vd.data() + e * stride, stride, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 1);
+    CHECK(dgrad_matches_cpu(all_offsets));
+    forward();
+    Wd.upload(normal(rng, W.size(), 0.05f));
+    CHECK(dgrad_matches_cpu(all_offsets));
+    forward();
+    const std::vector<float> patch(100, 0.25f);   // into expert 1's matrix only
+    cu::to_device(Wd.data() + stride + 1000, patch.data(), patch.size());
+    CHECK(dgrad_matches_cpu(all_offsets));
+}
+
 // ---------------------------------------------------------------------------------------------------------------------
 // Absorbed MLA decoding: CPU reference (double) defined here.
 namespace {
