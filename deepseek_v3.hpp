@@ -2435,24 +2435,24 @@ inline void attend_one(float* o, int L, int dim, float scale, const Score& score
 
 // The kernel: rows t = 0..n-1 are new queries at positions pos0 + t; row t attends over cache positions 0..pos0+t.
 //   o_lat[n, H, dc] = Σ_s softmax_s(scale·(q_lat[t,h]·ckv[s] + q_rope[t,h]·k_rope[s])) ckv[s]
-// q_lat: [n, H, dc]; q_rope: [n, H, dr]; ckv: [L, dc]; k_rope: [L, dr]. The scores of a few heads at once are a
-// matrix-vector product over the cache (section 10's multiply_few_rows: the cache is read once for them, in vectors).
+// q_lat: [n, H, dc]; q_rope: [n, H, dr]; ckv: [L, dc]; k_rope: [L, dr]. A row's scores, all heads at once, are a
+// product with the cache by section 10's multiply_few_rows (which reads the cache once for them, in vectors).
 // Every (t, h) is computed alone, in the same order whatever n is, so a position's output does not depend on how many
 // tokens its step decodes (the exactness of speculative decoding rests on this).
 inline void mla_attend_latent(float* o_lat, const float* q_lat, const float* q_rope, const float* ckv,
                                 const float* k_rope, int n, int pos0, int H, int dc, int dr, float scale) {
     DSV3_PROFILE_KERNEL();
-    const int heads = gemm::FEW_ROWS, groups = (H + heads - 1) / heads;  // jobs: (row t, group of heads)
-    parallel_for(int64_t(n) * groups, [&](int64_t job) {
-        const int t = int(job / groups), h0 = int(job % groups) * heads, hs = std::min(heads, H - h0), L = pos0 + t + 1;
-        std::vector<float> s_c(size_t(hs) * L), s_r(size_t(hs) * L);  // the two parts of the scores: [hs, L]
-        gemm::multiply_few_rows(s_c.data(), q_lat + (int64_t(t) * H + h0) * dc, ckv, hs, dc, L);
-        gemm::multiply_few_rows(s_r.data(), q_rope + (int64_t(t) * H + h0) * dr, k_rope, hs, dr, L);
-        for (int j = 0; j < hs; ++j)
-            attend_one(o_lat + (int64_t(t) * H + h0 + j) * dc, L, dc, scale,
-                       [&](int s) { return s_c[size_t(j) * L + s] + s_r[size_t(j) * L + s]; },
+    for (int t = 0; t < n; ++t) {
+        const int L = pos0 + t + 1;
+        std::vector<float> s_c(size_t(H) * L), s_r(size_t(H) * L);  // the two parts of the scores: [H, L]
+        gemm::multiply_few_rows(s_c.data(), q_lat + int64_t(t) * H * dc, ckv, H, dc, L);
+        gemm::multiply_few_rows(s_r.data(), q_rope + int64_t(t) * H * dr, k_rope, H, dr, L);
+        parallel_for(H, [&](int64_t h) {
+            attend_one(o_lat + (int64_t(t) * H + h) * dc, L, dc, scale,
+                       [&](int s) { return s_c[size_t(h) * L + s] + s_r[size_t(h) * L + s]; },
                        [&](int s) { return ckv + int64_t(s) * dc; });
-    }, int64_t(pos0 + n) * (2 * dc + dr) * heads / 32);  // a team is woken only for a million multiply-adds (10)
+        }, int64_t(L) * dc / 32);  // a team is woken only for a million multiply-adds (section 10)
+    }
 }
 // The naive path for the same rows: q: [n, H, dh + dr] (RoPE applied); k: [L, H, dh + dr]; v: [L, H, dv] up-projected
 // from the whole cache; o: [n, H, dv].
@@ -4497,23 +4497,26 @@ inline void multiply(int M, int N, int K, const View& A, const View& B, const Ou
     }
 }
 
-// y[T,out] = x[T,in] · W[out,in]ᵀ for T <= FEW_ROWS (decoding), declared in section 3.1. With one row this is a
+// y[T,out] = x[T,in] · W[out,in]ᵀ for a few rows (decoding), declared in section 3.1. With one row this is a
 // matrix-vector product: each weight is used once, so its speed is how fast W streams from memory, and multiply's
 // register tile would waste all but one lane of every vector of B (x, padded to NR columns). Here the lanes hold VEC
 // outputs instead: VEC rows of W are read in place, VEC floats of each at a time, transposed in registers so that
 // vector j holds column k+j of the block, and multiplied by the broadcast x[t, k+j]. Each output is the FMA chain of
-// multiply over increasing k in the same KC blocks: the same bits. Blocks of outputs are split over the threads only
-// for a large W: waking a sleeping team (section 11.1) takes about as long as streaming a million floats.
+// multiply over increasing k in the same KC blocks: the same bits. The rows of x go FEW_ROWS at a time over a block,
+// which stays in cache meanwhile, so W is read from memory once for any T. Blocks of outputs are split over the
+// threads only for a large W: waking a sleeping team (section 11.1) takes about as long as streaming a million floats.
 inline void multiply_few_rows(float* y, const float* x, const float* W, int T, int in, int out) {
     static_assert(FEW_ROWS == 4, "one few_rows_block per row count");
-    if (T <= 0) return;
-    const int64_t blocks = (out + VEC - 1) / VEC;
-    parallel_for(blocks, [&](int64_t b) {
-        const int o0 = int(b) * VEC;
-        if (T == 1) few_rows_block<1>(y, x, W, in, out, o0);
-        else if (T == 2) few_rows_block<2>(y, x, W, in, out, o0);
-        else if (T == 3) few_rows_block<3>(y, x, W, in, out, o0);
-        else few_rows_block<4>(y, x, W, in, out, o0);
+    parallel_for((out + VEC - 1) / VEC, [&](int64_t b) {
+        for (int t = 0; t < T; t += FEW_ROWS) {
+            float* yt = y + int64_t(t) * out;
+            const float* xt = x + int64_t(t) * in;
+            const int o0 = int(b) * VEC, rows = std::min(FEW_ROWS, T - t);
+            if (rows == 1) few_rows_block<1>(yt, xt, W, in, out, o0);
+            else if (rows == 2) few_rows_block<2>(yt, xt, W, in, out, o0);
+            else if (rows == 3) few_rows_block<3>(yt, xt, W, in, out, o0);
+            else few_rows_block<4>(yt, xt, W, in, out, o0);
+        }
     }, int64_t(VEC) * in * T / 32);
 }
 
