@@ -652,6 +652,8 @@ using View = StridedView<const float>;   // an operand
 using OutView = StridedView<float>;      // the result
 // C[M,N] = A[M,K]·B[K,N] (accumulate = false) or C += A·B (accumulate = true), for any strides of A, B and C.
 inline void multiply(int M, int N, int K, const View& A, const View& B, const OutView& C, bool accumulate);
+constexpr int FEW_ROWS = 4;  // y = x Wᵀ for at most this many rows of x: a matrix-vector kernel, bitwise the same
+inline void multiply_few_rows(float* y, const float* x, const float* W, int T, int in, int out);
 }  // namespace gemm
 inline void matmul_forward_reference(float* y, const float* x, const float* W, int T, int in, int out) {
     for (int t = 0; t < T; ++t)
@@ -681,12 +683,14 @@ inline void matmul_backward_reference(float* dx, float* dW, const float* dy, con
 
 // y[T,out] = x[T,in] · W[out,in]ᵀ          (overwrites y)
 // With many rows, W is packed once and reused by all of them. With a few rows (decoding: T = 1 or a few draft
-// tokens) packing W would cost more than the product itself, so the same GEMM computes yᵀ = W · xᵀ instead: W is read
-// in place and only x is packed. Each output is the same FMA chain over k either way, so the result is bitwise
-// identical; only the speed differs.
+// tokens) packing W would cost more than the product itself: up to FEW_ROWS rows go through a matrix-vector kernel
+// that reads W in place, and up to 63 through the same GEMM computing yᵀ = W · xᵀ (only x is packed). Each output is
+// the same FMA chain over k on every path, so the result is bitwise identical; only the speed differs.
 inline void matmul_forward(float* y, const float* x, const float* W, int T, int in, int out) {
     DSV3_PROFILE_KERNEL();
-    if (T < 64)
+    if (T <= gemm::FEW_ROWS)
+        gemm::multiply_few_rows(y, x, W, T, in, out);
+    else if (T < 64)
         gemm::multiply(out, T, in, gemm::View{W, in, 1}, gemm::View{x, 1, in}, gemm::OutView{y, 1, out}, false);
     else
         gemm::multiply(T, out, in, gemm::View{x, in, 1}, gemm::View{W, 1, in}, gemm::OutView{y, out, 1}, false);
@@ -2431,24 +2435,24 @@ inline void attend_one(float* o, int L, int dim, float scale, const Score& score
 
 // The kernel: rows t = 0..n-1 are new queries at positions pos0 + t; row t attends over cache positions 0..pos0+t.
 //   o_lat[n, H, dc] = Σ_s softmax_s(scale·(q_lat[t,h]·ckv[s] + q_rope[t,h]·k_rope[s])) ckv[s]
-// q_lat: [n, H, dc]; q_rope: [n, H, dr]; ckv: [L, dc]; k_rope: [L, dr]. Every (t, h) is computed alone, in the same
-// order whatever n is, so a position's output does not depend on how many tokens its step decodes (the exactness of
-// speculative decoding rests on this).
+// q_lat: [n, H, dc]; q_rope: [n, H, dr]; ckv: [L, dc]; k_rope: [L, dr]. A row's scores, all heads at once, are a
+// product with the cache by section 10's multiply_few_rows (which reads the cache once for them, in vectors).
+// Every (t, h) is computed alone, in the same order whatever n is, so a position's output does not depend on how many
+// tokens its step decodes (the exactness of speculative decoding rests on this).
 inline void mla_attend_latent(float* o_lat, const float* q_lat, const float* q_rope, const float* ckv,
                                 const float* k_rope, int n, int pos0, int H, int dc, int dr, float scale) {
     DSV3_PROFILE_KERNEL();
-    parallel_for(int64_t(n) * H, [&](int64_t job) {
-        const int t = int(job / H);
-        const float* ql = q_lat + job * dc;
-        const float* qr = q_rope + job * dr;
-        auto score = [&](int s) {
-            float dot = 0;
-            for (int i = 0; i < dc; ++i) dot += ql[i] * ckv[int64_t(s) * dc + i];
-            for (int i = 0; i < dr; ++i) dot += qr[i] * k_rope[int64_t(s) * dr + i];
-            return dot;
-        };
-        attend_one(o_lat + job * dc, pos0 + t + 1, dc, scale, score, [&](int s) { return ckv + int64_t(s) * dc; });
-    }, int64_t(pos0 + n) * (2 * dc + dr));
+    for (int t = 0; t < n; ++t) {
+        const int L = pos0 + t + 1;
+        std::vector<float> s_c(size_t(H) * L), s_r(size_t(H) * L);  // the two parts of the scores: [H, L]
+        gemm::multiply_few_rows(s_c.data(), q_lat + int64_t(t) * H * dc, ckv, H, dc, L);
+        gemm::multiply_few_rows(s_r.data(), q_rope + int64_t(t) * H * dr, k_rope, H, dr, L);
+        parallel_for(H, [&](int64_t h) {
+            attend_one(o_lat + (int64_t(t) * H + h) * dc, L, dc, scale,
+                       [&](int s) { return s_c[size_t(h) * L + s] + s_r[size_t(h) * L + s]; },
+                       [&](int s) { return ckv + int64_t(s) * dc; });
+        }, int64_t(L) * dc / 32);  // a team is woken only for a million multiply-adds (section 10)
+    }
 }
 // The naive path for the same rows: q: [n, H, dh + dr] (RoPE applied); k: [L, H, dh + dr]; v: [L, H, dv] up-projected
 // from the whole cache; o: [n, H, dv].
@@ -2482,22 +2486,15 @@ inline void mla_absorb_query(float* q_lat, float* q_rope, const float* q, const 
         for (int i = 0; i < dh; ++i)
             for (int j = 0; j < dc; ++j) ql[j] += qc[i] * Wk[int64_t(i) * dc + j];
         std::memcpy(q_rope + job * dr, qc + dh, sizeof(float) * size_t(dr));
-    }, int64_t(dh) * dc);
+    }, int64_t(dh) * dc / 32);
 }
 // o[t,h] = W^UV_h o_lat[t,h]: o_lat [n, H, dc] -> o [n, H, dv]
 inline void mla_absorb_output(float* o, const float* o_lat, const float* W_ukv, int n, int H, int dh, int dv, int dc) {
     DSV3_PROFILE_KERNEL();
     parallel_for(int64_t(n) * H, [&](int64_t job) {
         const int h = int(job % H);
-        const float* Wv = W_ukv + (int64_t(h) * (dh + dv) + dh) * dc;
-        const float* ol = o_lat + job * dc;
-        float* ot = o + job * dv;
-        for (int i = 0; i < dv; ++i) {
-            float s = 0;
-            for (int j = 0; j < dc; ++j) s += Wv[int64_t(i) * dc + j] * ol[j];
-            ot[i] = s;
-        }
-    }, int64_t(dv) * dc);
+        gemm::multiply_few_rows(o + job * dv, o_lat + job * dc, W_ukv + (int64_t(h) * (dh + dv) + dh) * dc, 1, dc, dv);
+    }, int64_t(dv) * dc / 32);
 }
 
 // --- 7.3 the model on new tokens -----------------------------------------------------------------------------------
@@ -4349,6 +4346,50 @@ inline void run_kernel(int kc, const float* a, int64_t lda, const float* bp, con
         if (n <= (U - 1) * VEC) return run_kernel<A_ROWS, U - 1>(kc, a, lda, bp, C, m, n, overwrite);
     micro_kernel<A_ROWS, U>(kc, a, lda, bp, C, m, n, overwrite);
 }
+
+// r[0..VEC) transposed in registers (lane i of r[j] swaps with lane j of r[i]) in log2(VEC) butterfly stages: stage S
+// swaps bit S of the vector's index with bit S of the lane's.
+template <int S, size_t... I>
+inline void transpose_stage(vfloat* r, std::index_sequence<I...>) {
+    DSV3_UNROLL for (int i = 0; i < VEC; ++i)
+        if (!(i & S)) {
+            const vfloat a = r[i], b = r[i + S];
+            r[i] = __builtin_shufflevector(a, b, (I & S ? VEC + I - S : I)...);
+            r[i + S] = __builtin_shufflevector(a, b, (I & S ? VEC + I : I + S)...);
+        }
+}
+template <int S = 1>
+inline void transpose(vfloat* r) {
+    if constexpr (S < VEC) transpose_stage<S>(r, std::make_index_sequence<VEC>{}), transpose<2 * S>(r);
+}
+
+// Outputs o0 .. o0+VEC-1 (those below `out`) of y[t] = x[t] Wᵀ for the T rows of x, y: [T, out] (few_rows below).
+template <int T>
+DSV3_GEMM_FULL_WIDTH inline void few_rows_block(float* y, const float* x, const float* W, int in, int out, int o0) {
+    const float* w[VEC];  // the block's rows of W; past the last row the last again (computed, never stored)
+    for (int r = 0; r < VEC; ++r) w[r] = W + int64_t(std::min(o0 + r, out - 1)) * in;
+    vfloat c[T] = {};  // (in = 0: an empty sum)
+    for (int pc = 0; pc < in; pc += KC) {
+        const int end = std::min(in, pc + KC);
+        vfloat acc[T] = {};
+        int k = pc;
+        for (; k + VEC <= end; k += VEC) {
+            vfloat col[VEC];
+            DSV3_UNROLL for (int r = 0; r < VEC; ++r) std::memcpy(&col[r], w[r] + k, sizeof(vfloat));
+            transpose(col);  // col[j] = W[o0 .. o0+VEC-1, k+j]
+            DSV3_UNROLL for (int j = 0; j < VEC; ++j)
+                DSV3_UNROLL for (int t = 0; t < T; ++t) acc[t] += col[j] * x[int64_t(t) * in + k + j];
+        }
+        for (; k < end; ++k) {  // the last few k of a row that is not a whole number of vectors
+            vfloat col;
+            for (int r = 0; r < VEC; ++r) col[r] = w[r][k];
+            for (int t = 0; t < T; ++t) acc[t] += col * x[int64_t(t) * in + k];
+        }
+        for (int t = 0; t < T; ++t) c[t] = pc == 0 ? acc[t] : c[t] + acc[t];  // K blocks in order, as store_tile
+    }
+    for (int t = 0; t < T; ++t)
+        for (int r = 0; r < std::min(VEC, out - o0); ++r) y[int64_t(t) * out + o0 + r] = c[t][r];
+}
 #else
 // Portable kernel: the same arithmetic, in the same order, on plain arrays.
 template <bool A_ROWS>
@@ -4364,6 +4405,19 @@ inline void run_kernel(int kc, const float* a, int64_t lda, const float* bp, con
         }
     }
     store_tile(C, acc, m, n, overwrite);
+}
+template <int T>
+inline void few_rows_block(float* y, const float* x, const float* W, int in, int out, int o0) {
+    for (int o = o0; o < std::min(out, o0 + VEC); ++o)
+        for (int t = 0; t < T; ++t) {
+            float c = 0;
+            for (int pc = 0; pc < in; pc += KC) {
+                float acc = 0;
+                for (int k = pc; k < std::min(in, pc + KC); ++k) acc += W[int64_t(o) * in + k] * x[int64_t(t) * in + k];
+                c = pc == 0 ? acc : c + acc;
+            }
+            y[int64_t(t) * out + o] = c;
+        }
 }
 #endif
 
@@ -4441,6 +4495,29 @@ inline void multiply(int M, int N, int K, const View& A, const View& B, const Ou
 #pragma omp barrier
         }
     }
+}
+
+// y[T,out] = x[T,in] · W[out,in]ᵀ for a few rows (decoding), declared in section 3.1. With one row this is a
+// matrix-vector product: each weight is used once, so its speed is how fast W streams from memory, and multiply's
+// register tile would waste all but one lane of every vector of B (x, padded to NR columns). Here the lanes hold VEC
+// outputs instead: VEC rows of W are read in place, VEC floats of each at a time, transposed in registers so that
+// vector j holds column k+j of the block, and multiplied by the broadcast x[t, k+j]. Each output is the FMA chain of
+// multiply over increasing k in the same KC blocks: the same bits. The rows of x go FEW_ROWS at a time over a block,
+// which stays in cache meanwhile, so W is read from memory once for any T. Blocks of outputs are split over the
+// threads only for a large W: waking a sleeping team (section 11.1) takes about as long as streaming a million floats.
+inline void multiply_few_rows(float* y, const float* x, const float* W, int T, int in, int out) {
+    static_assert(FEW_ROWS == 4, "one few_rows_block per row count");
+    parallel_for((out + VEC - 1) / VEC, [&](int64_t b) {
+        for (int t = 0; t < T; t += FEW_ROWS) {
+            float* yt = y + int64_t(t) * out;
+            const float* xt = x + int64_t(t) * in;
+            const int o0 = int(b) * VEC, rows = std::min(FEW_ROWS, T - t);
+            if (rows == 1) few_rows_block<1>(yt, xt, W, in, out, o0);
+            else if (rows == 2) few_rows_block<2>(yt, xt, W, in, out, o0);
+            else if (rows == 3) few_rows_block<3>(yt, xt, W, in, out, o0);
+            else few_rows_block<4>(yt, xt, W, in, out, o0);
+        }
+    }, int64_t(VEC) * in * T / 32);
 }
 
 }  // namespace gemm
