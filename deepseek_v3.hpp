@@ -4348,7 +4348,16 @@ inline void run_kernel(int kc, const float* a, int64_t lda, const float* bp, con
 }
 
 // r[0..VEC) transposed in registers (lane i of r[j] swaps with lane j of r[i]) in log2(VEC) butterfly stages: stage S
-// swaps bit S of the vector's index with bit S of the lane's.
+// swaps bit S of the vector's index with bit S of the lane's. (nvcc's host front end, which reads this header for the
+// CUDA programs, mistypes __builtin_shufflevector over a parameter pack; there this CPU path moves element by element.)
+#ifdef __CUDACC__
+inline void transpose(vfloat* r) {
+    vfloat t[VEC];
+    std::memcpy(t, r, sizeof(t));
+    for (int i = 0; i < VEC; ++i)
+        for (int j = 0; j < VEC; ++j) r[i][j] = t[j][i];
+}
+#else
 template <int S, size_t... I>
 inline void transpose_stage(vfloat* r, std::index_sequence<I...>) {
     DSV3_UNROLL for (int i = 0; i < VEC; ++i)
@@ -4362,6 +4371,7 @@ template <int S = 1>
 inline void transpose(vfloat* r) {
     if constexpr (S < VEC) transpose_stage<S>(r, std::make_index_sequence<VEC>{}), transpose<2 * S>(r);
 }
+#endif
 
 // Outputs o0 .. o0+VEC-1 (those below `out`) of y[t] = x[t] Wᵀ for the T rows of x, y: [T, out] (few_rows below).
 template <int T>
