@@ -1687,6 +1687,12 @@ class Model {
         return l;
     }
     bool reuse_routing = false;  // gradient checks: keep the last forward's expert choice fixed
+    // Called by backward() with an offset o each time every gradient at flat offsets >= o is final. The layout
+    // stores the model in forward order (section 4) and the backward runs it in reverse, so the offsets only fall:
+    // after each MTP module from the last, after the output head, after each block from the last, and 0 after the
+    // embedding (which the MTP modules also use). Data parallelism (9.5) starts all-reducing a bucket of gradients
+    // as soon as the offset passes below it, overlapping the communication with the rest of the backward.
+    std::function<void(size_t offset)> on_gradients_final;
     // What the last forward computed: logits [B·T, vocab] (main model, MTP module k+1), the attention weights of
     // main block `layer` [B, H, T, T], and the expert loads, one vector [N_r] per MoE block (moe_blocks() order).
     const float* logits() const { return logits_; }
@@ -2185,10 +2191,12 @@ inline void Model::backward() {
     // dh_top: gradient w.r.t. the output of the last main block; the MTP modules add into it through hnorm.
     float* dh_top = arena_.zeros(size_t(n) * d);
     float* dh_next = nullptr;  // gradient flowing into h^k from module k+1
+    auto final_from = [&](size_t offset) { if (on_gradients_final) on_gradients_final(offset); };
     for (int k = D; k >= 1; --k) {
         float* dh_prev = k == 1 ? dh_top : arena_.zeros(size_t(n) * d);
         mtp_backward(mtp_[size_t(k - 1)], layout.mtp[size_t(k - 1)], D, dh_next, dh_prev);
         dh_next = dh_prev;
+        final_from(layout.mtp[size_t(k - 1)].enorm.g);  // MTP module k: from its first tensor to the end
     }
     // main head
     float* dlogits = arena_.zeros(size_t(n) * V);
@@ -2197,13 +2205,16 @@ inline void Model::backward() {
     linear_backward(dnorm, dlogits, hn_, layout.head, n);
     const float* h_last = layout.blocks.empty() ? h0_ : blocks_.back().h_out;
     norm_backward(dh_top, dnorm, h_last, final_rstd_, layout.final_norm, n);
+    final_from(layout.final_norm.g);  // the final norm and the head (the MTP modules have added theirs)
     float* dh = dh_top;
     for (size_t l = layout.blocks.size(); l-- > 0;) {
         float* dh_in = arena_.zeros(size_t(n) * d);
         block_backward(blocks_[l], layout.blocks[l], dh, dh_in);
         dh = dh_in;
+        final_from(layout.blocks[l].attn_norm.g);  // block l: its first tensor is input_layernorm
     }
     backend::embedding_backward(grad_at(layout.embed), dh, inputs_.data(), n, d);
+    final_from(0);
     arena_.release(mark);
 }
 
@@ -4087,29 +4098,138 @@ inline HeldParams held_params(Model& model, const ExpertParallel* ep) {
     return h;
 }
 
-namespace parallel_detail {
-// Step 2: the replicated gradients, each rank's weighted by w, summed over the ranks in one contiguous bucket (as DDP
-// does); the gradients of the experts this rank owns are complete already and are only weighted.
-inline void reduce_gradients(Communicator& comm, Model& model, const HeldParams& held, float w) {
-    size_t bucket_size = 0;
-    for (const ParamEntry* e : held.replicated) bucket_size += e->size;
-    backend::Buffer<float> bucket;  // [Σ replicated sizes]
-    bucket.resize(bucket_size);
-    auto copy = [&](bool into_bucket) {
-        float* b = bucket.data();
-        for (const ParamEntry* e : held.replicated) {
-            float* g = model.grad_at(e->offset);
-            backend::copy_values(into_bucket ? b : g, into_bucket ? g : b, int64_t(e->size));
-            b += e->size;
-        }
-    };
-    copy(true);
-    backend::scale_inplace(bucket.data(), int64_t(bucket_size), w);
-    backend::all_reduce(comm, bucket.data(), bucket_size);
-    copy(false);
-    for (const ParamEntry* e : held.own_experts) backend::scale_inplace(model.grad_at(e->offset), int64_t(e->size), w);
+// Gradient buckets: the all-reduce overlapped with the backward [V3 §3.2.1; PyTorch DDP, arXiv 2006.15704 §3.2.3].
+// One all-reduce after the backward leaves the links idle during the backward and the cores idle during the
+// all-reduce. The backward finishes the gradients from the END of the flat buffer (Model::on_gradients_final), so
+// the replicated gradients are cut, from the end, into buckets of about bucket_bytes, and a bucket can travel as soon
+// as the backward has passed below its first tensor, while the backward computes the layers in front of it (V3 hides
+// its communication behind computation the same way, §3.2.1). With overlap, each rank's buckets are reduced in a
+// communication thread (a GPU would use a communication stream), in the same order on every rank.
+// The sums. Each bucket is one ring all-reduce (9.2), elements weighted by w first, exactly as in one all-reduce of
+// everything. On 1 or 2 ranks an element's sum is x_0 + x_1 whatever its chunk (two terms commute), so every
+// bucketing, overlapped or not, gives bitwise the gradients of the one all-reduce. On more ranks a bucket's chunk
+// boundaries differ from the whole buffer's, so an element's ring sum may start at another rank: a few ulps away
+// (9.2), still bitwise the same on every rank and every run, since the buckets depend on the layout and bucket_bytes
+// only, never on timing or thread counts.
+struct GradientSync {
+    size_t bucket_bytes = SIZE_MAX;  // about this many bytes of gradients per all-reduce; SIZE_MAX: one bucket
+    bool overlap = false;            // reduce the buckets in a communication thread during the backward
+};
+struct GradientBucket {
+    std::vector<std::pair<size_t, size_t>> pieces;  // [offset, floats] ranges of the flat buffer, increasing offsets
+    size_t floats = 0;                              // Σ piece sizes
+    size_t first() const { return pieces.front().first; }  // ready once every gradient from here on is final
+};
+// The buckets in the order the backward completes them (from the end of the buffer). A bucket closes once it holds
+// bucket_bytes or more (0: one tensor per bucket); adjacent tensors merge into one piece (under DP a bucket is one
+// piece; under EP the routed experts, which are not all-reduced, split it).
+inline std::vector<GradientBucket> gradient_buckets(const HeldParams& held, size_t bucket_bytes) {
+    std::vector<GradientBucket> buckets;
+    for (auto e = held.replicated.rbegin(); e != held.replicated.rend(); ++e) {  // held_params is in layout order
+        if (buckets.empty() || buckets.back().floats * sizeof(float) >= bucket_bytes) buckets.emplace_back();
+        GradientBucket& b = buckets.back();
+        if (!b.pieces.empty() && (*e)->offset + (*e)->size == b.first())
+            b.pieces.front() = {(*e)->offset, (*e)->size + b.pieces.front().second};
+        else b.pieces.insert(b.pieces.begin(), {(*e)->offset, (*e)->size});
+        b.floats += (*e)->size;
+    }
+    return buckets;
 }
 
+namespace parallel_detail {
+// One bucket of this rank's gradients, weighted by w, summed over the ranks: in place when it is one piece, else
+// copied into one buffer and back (as DDP does), so that it travels as one all-reduce.
+inline void reduce_bucket(Communicator& comm, Model& model, const GradientBucket& b, float w) {
+    backend::Buffer<float> staged;  // [b.floats], for a bucket of several pieces
+    float* data = model.grad_at(b.first());
+    auto copy = [&](bool into_staged) {
+        float* at = staged.data();
+        for (const auto& [offset, n] : b.pieces) {
+            float* g = model.grad_at(offset);
+            backend::copy_values(into_staged ? at : g, into_staged ? g : at, int64_t(n));
+            at += n;
+        }
+    };
+    if (b.pieces.size() > 1) {
+        staged.resize(b.floats);
+        copy(true);
+        data = staged.data();
+    }
+    backend::scale_inplace(data, int64_t(b.floats), w);
+    backend::all_reduce(comm, data, b.floats);
+    if (b.pieces.size() > 1) copy(false);
+}
+}  // namespace parallel_detail
+
+// Step 1 and 2 of the parallel step: forward and backward on this rank's rows, and the replicated gradients weighted
+// by w and summed over the ranks, bucket by bucket (sync); the gradients of the experts this rank owns are complete
+// already and are only weighted. With sync.overlap the buckets go out while the backward still runs. Overlap needs
+// the backward free of communication, so it is for data parallelism alone: expert parallelism's all-to-alls run in
+// the backward on the same communicator.
+inline Losses forward_backward_reduced(Communicator& comm, Model& model, const int32_t* tokens, int B, int T,
+                                       const LossOptions& options, const HeldParams& held, float w,
+                                       const GradientSync& sync = {}) {
+    const std::vector<GradientBucket> buckets = gradient_buckets(held, sync.bucket_bytes);
+    Losses local;
+    if (!sync.overlap) {
+        local = model.forward_backward(tokens, B, T, options);
+        for (const GradientBucket& b : buckets) parallel_detail::reduce_bucket(comm, model, b, w);
+    } else {
+        if (model.expert_runner)
+            fail("GradientSync::overlap: expert parallelism communicates during the backward on the same "
+                 "communicator; overlap the gradient all-reduce under data parallelism alone");
+#ifdef DSV3_BACKEND_CUDA
+        fail("GradientSync::overlap: not on the GPU backend yet (it needs a communication stream that waits on an "
+             "event per bucket, not a host thread); use overlap = false");
+#endif
+        std::mutex mu;
+        std::condition_variable cv;
+        size_t final_from = SIZE_MAX;  // every gradient at offsets >= final_from is final
+        bool stop = false;             // the forward or backward failed: reduce nothing more
+        std::exception_ptr error;
+        std::thread reducer([&] {
+#ifdef _OPENMP
+            omp_set_num_threads(1);    // leave the cores to the backward
+#endif
+            try {
+                for (const GradientBucket& b : buckets) {
+                    {
+                        std::unique_lock<std::mutex> lock(mu);
+                        cv.wait(lock, [&] { return stop || final_from <= b.first(); });
+                        if (stop) return;
+                    }
+                    parallel_detail::reduce_bucket(comm, model, b, w);
+                }
+            } catch (...) {
+                error = std::current_exception();
+            }
+        });
+        auto post = [&](size_t offset, bool failed) {  // the mutex also publishes the gradients written before
+            {
+                std::lock_guard<std::mutex> lock(mu);
+                final_from = offset;
+                stop = failed;
+            }
+            cv.notify_one();
+        };
+        model.on_gradients_final = [&](size_t offset) { post(offset, false); };
+        try {
+            local = model.forward_backward(tokens, B, T, options);  // ends with on_gradients_final(0)
+        } catch (...) {
+            model.on_gradients_final = nullptr;
+            post(0, true);
+            reducer.join();
+            throw;
+        }
+        model.on_gradients_final = nullptr;
+        reducer.join();
+        if (error) std::rethrow_exception(error);
+    }
+    for (const ParamEntry* e : held.own_experts) backend::scale_inplace(model.grad_at(e->offset), int64_t(e->size), w);
+    return local;
+}
+
+namespace parallel_detail {
 // Step 3: the expert loads of the whole batch, [MoE block][expert], so that every rank makes the same bias update.
 inline std::vector<std::vector<int64_t>> batch_loads(Communicator& comm, const Model& model) {
     std::vector<std::vector<int64_t>> loads = model.expert_loads();
@@ -4154,9 +4274,11 @@ inline Losses batch_losses(Communicator& comm, const Losses& local, double w) {
 // rows: one weight w_r = B_r/B fits them all (1/R for equal shares). (The expert-level balance loss uses batch-wide
 // frequencies f_i, which under DP each rank computes on its own rows.) Under EP every owner sums expert gradients
 // from all ranks' tokens, each scaled by its source's 1/n_r, so EP requires equal shares (checked).
+// sync: the gradient buckets and their overlap with the backward (above); the default is one all-reduce after it.
 inline StepResult parallel_train_step(Communicator& comm, Model& model, AdamW& opt, const int32_t* tokens,
                                       int B_local, int T, float lr, const LossOptions& options,
-                                      ExpertParallel* ep = nullptr, bool bias_update = true) {
+                                      ExpertParallel* ep = nullptr, bool bias_update = true,
+                                      const GradientSync& sync = {}) {
     using namespace parallel_detail;
     const int R = comm.world_size();
     int64_t B_total = B_local;
@@ -4167,11 +4289,10 @@ inline StepResult parallel_train_step(Communicator& comm, Model& model, AdamW& o
     model.expert_runner = ep;
     const double w = double(B_local) / double(B_total);
 
-    // 1. forward and backward on this rank's rows (under EP the MoE layers talk to the other ranks in between)
-    const Losses local = model.forward_backward(tokens, B_local, T, options);
-    // 2. gradients: weight w_r, then sum the replicated ones over the ranks
+    // 1. forward and backward on this rank's rows (under EP the MoE layers talk to the other ranks in between),
+    // 2. and the gradients: weight w_r, the replicated ones summed over the ranks (during the backward with overlap)
     const HeldParams held = held_params(model, ep);
-    reduce_gradients(comm, model, held, float(w));
+    const Losses local = forward_backward_reduced(comm, model, tokens, B_local, T, options, held, float(w), sync);
     // 3. the expert loads of the whole batch
     StepResult result;
     result.loads = batch_loads(comm, model);

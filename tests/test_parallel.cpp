@@ -207,3 +207,150 @@ TEST_CASE("parallel: expert parallelism refuses unequal shares of the batch") {
         parallel_train_step(comm, model, opt, tokens.data(), comm.rank() == 0 ? 1 : 2, 4, kLr, loss_options(), &ep);
     }), doctest::Contains("equal shares"), Error);
 }
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Gradient buckets and their overlap with the backward (section 9.5).
+
+// The contract the overlap rests on: at each report, no gradient at or above the offset changes any more.
+TEST_CASE("parallel: the backward reports final gradients from the end of the flat buffer down to 0") {
+    const Config c = parallel_config(4, 2);
+    const int B = 2, T = 6;
+    Model model(c, 11);
+    set_bias(model);
+    const std::vector<int32_t> tokens = random_rows(B, T, c.vocab_size, 3);
+    std::vector<size_t> offsets;
+    std::vector<std::vector<float>> tails;  // grads[offset:] at each report
+    model.on_gradients_final = [&](size_t o) {
+        offsets.push_back(o);
+        tails.emplace_back(model.grads.begin() + long(o), model.grads.end());
+    };
+    model.forward_backward(tokens.data(), B, T, loss_options());
+    REQUIRE(offsets.size() == size_t(c.n_mtp_depth + 1 + c.n_layers + 1));  // MTP modules, head, blocks, embedding
+    CHECK(offsets.back() == 0);
+    for (size_t i = 1; i < offsets.size(); ++i) CHECK(offsets[i] < offsets[i - 1]);
+    for (size_t i = 0; i < offsets.size(); ++i)
+        CHECK(bitwise_equal(tails[i].data(), model.grads.data() + offsets[i], tails[i].size()));
+}
+
+TEST_CASE("parallel: gradient buckets cover the replicated gradients once, from the end of the buffer") {
+    const Config c = parallel_config(2, 1);
+    Model model(c, 1);
+    const size_t block_bytes = (model.layout.blocks[1].attn_norm.g - model.layout.blocks[0].attn_norm.g) * 4;
+    for (bool with_ep : {false, true})
+        run_ranks(2, [&](Communicator& comm) {
+            Model m(c, 1);
+            ExpertParallel ep(comm, c);
+            const HeldParams held = held_params(m, with_ep ? &ep : nullptr);
+            for (size_t bytes : {size_t(0), block_bytes, size_t(SIZE_MAX)}) {
+                const std::vector<GradientBucket> buckets = gradient_buckets(held, bytes);
+                std::vector<int> covered(m.params.size(), 0);
+                for (size_t i = 0; i < buckets.size(); ++i) {
+                    const GradientBucket& b = buckets[i];
+                    size_t floats = 0;
+                    for (size_t p = 0; p < b.pieces.size(); ++p) {
+                        floats += b.pieces[p].second;
+                        for (size_t k = 0; k < b.pieces[p].second; ++k) ++covered[b.pieces[p].first + k];
+                        if (p) CHECK(b.pieces[p].first > b.pieces[p - 1].first + b.pieces[p - 1].second);  // merged
+                    }
+                    CHECK(floats == b.floats);
+                    if (i) CHECK(b.first() < buckets[i - 1].first());     // the order the backward completes them
+                    if (i + 1 < buckets.size()) CHECK(b.floats * 4 >= bytes);  // only the last may be smaller
+                    CHECK((b.pieces.size() == 1 || with_ep));            // DP: one piece each
+                }
+                std::vector<int> want(m.params.size(), 0);
+                for (const ParamEntry* e : held.replicated) std::fill_n(want.begin() + long(e->offset), e->size, 1);
+                CHECK(covered == want);
+                if (bytes == SIZE_MAX) CHECK(buckets.size() == 1);
+                if (bytes == 0) CHECK(buckets.size() == held.replicated.size());
+            }
+        });
+}
+
+// One forward/backward and the reduction of the gradients on R ranks, for several GradientSync: every rank's
+// reduced gradients.
+static std::vector<std::vector<float>> reduced_gradients(const Config& c, int R, int B, int T,
+                                                         const GradientSync& sync) {
+    const std::vector<int32_t> tokens = random_rows(B, T, c.vocab_size, 8);
+    std::vector<std::vector<float>> out(static_cast<size_t>(R));
+    run_ranks(R, [&](Communicator& comm) {
+        Model model(c, 11);
+        set_bias(model);
+        const RowShare share = row_share(B, R, comm.rank());
+        forward_backward_reduced(comm, model, tokens.data() + size_t(share.first) * (T + 1), share.count, T,
+                                 loss_options(), held_params(model, nullptr), float(share.count) / float(B), sync);
+        out[size_t(comm.rank())] = model.grads;
+    });
+    return out;
+}
+
+// Tolerance on 3 ranks: the ring sums of one element in two bucketings are two orders of the same three terms x_r
+// (section 9.2), each within 2 roundings of the exact sum, so at most 2·FLT_EPSILON·Σ_r |x_r| apart; a bucket
+// reduced twice or not at all is off by 100%. x_r, rank r's weighted gradient, is a single model's on its rows.
+TEST_CASE("parallel: bucketed all-reduce during the backward = one all-reduce after it, bitwise on 1 and 2 ranks") {
+    const Config c = parallel_config(4, 2);
+    Model shape(c, 0);
+    const size_t block_bytes = (shape.layout.blocks[1].attn_norm.g - shape.layout.blocks[0].attn_norm.g) * 4;
+    for (int R : {1, 2, 3}) {
+        const int B = 6, T = 6;
+        const std::vector<std::vector<float>> one = reduced_gradients(c, R, B, T, GradientSync{});
+        std::vector<double> abs_sum(shape.params.size(), 0.0);  // Σ_r |x_r|
+        const std::vector<int32_t> tokens = random_rows(B, T, c.vocab_size, 8);
+        for (int r = 0; r < R; ++r) {
+            Model m(c, 11);
+            set_bias(m);
+            const RowShare share = row_share(B, R, r);
+            m.forward_backward(tokens.data() + size_t(share.first) * (T + 1), share.count, T, loss_options());
+            for (size_t i = 0; i < abs_sum.size(); ++i)
+                abs_sum[i] += std::fabs(m.grads[i] * (float(share.count) / float(B)));
+        }
+        for (size_t bytes : {size_t(SIZE_MAX), block_bytes, size_t(1000), size_t(0)}) {
+            const std::vector<std::vector<float>> overlapped = reduced_gradients(c, R, B, T, GradientSync{bytes, true});
+            const std::vector<std::vector<float>> after = reduced_gradients(c, R, B, T, GradientSync{bytes, false});
+            INFO("ranks ", R, ", bucket bytes ", bytes);
+            for (int r = 0; r < R; ++r) {
+                CHECK(overlapped[size_t(r)] == overlapped[0]);   // replicas bitwise identical
+                CHECK(overlapped[size_t(r)] == after[size_t(r)]);  // timing changes nothing
+            }
+            if (R <= 2) CHECK(overlapped[0] == one[0]);
+            bool close = true;
+            for (size_t i = 0; i < one[0].size(); ++i)
+                close &= std::fabs(overlapped[0][i] - one[0][i]) <= 2 * FLT_EPSILON * abs_sum[i];
+            CHECK(close);
+        }
+    }
+}
+
+TEST_CASE("parallel: DP training with the all-reduce overlapped = without, bitwise, for any bucket size") {
+    const int T = 8, steps = 3, B = 4;
+    const Config c = parallel_config(4, 2);
+    Model shape(c, 0);
+    const size_t block_bytes = (shape.layout.blocks[1].attn_norm.g - shape.layout.blocks[0].attn_norm.g) * 4;
+    for (int R : {2, 4}) {
+        const std::vector<Trained> plain = train_parallel(c, R, B, T, steps, false);
+        for (size_t bytes : {size_t(SIZE_MAX), block_bytes, size_t(0)}) {  // one bucket, one-layer, one-tensor buckets
+            const std::vector<Trained> over = train_parallel(c, R, B, T, steps, false, GradientSync{bytes, true});
+            INFO("ranks ", R, ", bucket bytes ", bytes);
+            CHECK(over[0].replicas_identical);
+            if (R == 2) {
+                CHECK(over[0].losses == plain[0].losses);
+                CHECK(over[0].params == plain[0].params);
+            } else {  // other ring chunks: sums a few ulps apart, which AdamW's first steps pass on (see above)
+                CHECK(max_abs_diff(over[0].params, plain[0].params) <= 1e-3 * kLr * steps);
+                for (int s = 0; s < steps; ++s)
+                    CHECK(over[0].losses[size_t(s)] == doctest::Approx(plain[0].losses[size_t(s)]).epsilon(1e-5));
+            }
+        }
+    }
+}
+
+TEST_CASE("parallel: the overlapped all-reduce refuses expert parallelism, which talks during the backward") {
+    const Config c = parallel_config(2, 1);
+    CHECK_THROWS_WITH_AS(run_ranks(2, [&](Communicator& comm) {
+        Model model(c, 1);
+        AdamW opt;
+        ExpertParallel ep(comm, c);
+        std::vector<int32_t> tokens = random_rows(2, 4, c.vocab_size, 1);
+        parallel_train_step(comm, model, opt, tokens.data() + comm.rank() * 5, 1, 4, kLr, loss_options(), &ep, true,
+                            GradientSync{SIZE_MAX, true});
+    }), doctest::Contains("data parallelism alone"), Error);
+}
