@@ -3898,10 +3898,41 @@ namespace dsv3 {
 // when n_expert_groups = R), and K combined rows. V3's combine accumulates on the way back (§3.2 "NVLink-to-IB
 // forwarding and accumulation"), fewer rows but a sum order that depends on where the experts live; returning every
 // row keeps the result BITWISE the single-rank layer's, as the tests check. (V3 also sends the dispatch in FP8 and the
-// combine in BF16, §3.3; here all is FP32 unless dispatch_codec says otherwise.) Bitwise, because (a) a matmul row does
+// combine in BF16, §3.3.3; here all is FP32 unless fp8_dispatch or dispatch_codec says otherwise.) Bitwise, because (a) a matmul row does
 // not depend on the other rows (3.1), (b) each expert sees its rows in global token order (ranks hold consecutive rows,
 // receivers concatenate by source rank, the counting sort is stable), and (c) with equal shares over R = 2^k ranks the
 // per-rank loss gradient (1/n_r) is exactly R times the full-batch one (1/n), a power of two.
+// The FP8 dispatch [V3 §3.3.3 "Low-Precision Communication"]: V3 quantizes the activations before the MoE
+// up-projections to FP8, 1x128 tiles with power-of-two scales, and dispatches them so, which halves the bytes of
+// BF16 (the combine stays BF16). A row of d values travels as d E4M3 codes and, per tile, the exponent of its
+// power-of-two scale in one byte (as the MX formats' E8M0 scales): fp8_row_bytes(d) = d + ceil(d/128) bytes against
+// BF16's 2d (0.504 of it at V3's d = 7168). The codes and the exponents are exact, so the receiver decodes exactly what
+// quantize_tiles_1x128 and dequantize_tiles_1x128 (pow2_scale) give on the sender. rows: [n, d], packed: [n, row bytes].
+inline int64_t fp8_row_bytes(int d) { return int64_t(d) + fp8_tiles(d); }
+inline void fp8_pack_rows(const float* rows, int64_t n, int d, uint8_t* packed) {
+    const int tiles = fp8_tiles(d);
+    std::vector<uint8_t> q(size_t(n) * size_t(d));
+    std::vector<float> scales(size_t(n) * size_t(tiles));
+    quantize_tiles_1x128(rows, int(n), d, q.data(), scales.data(), /*pow2_scale=*/true);
+    for (int64_t i = 0; i < n; ++i) {
+        uint8_t* out = packed + i * fp8_row_bytes(d);
+        std::memcpy(out, q.data() + i * d, size_t(d));
+        for (int t = 0; t < tiles; ++t)   // scale = 2^k, k in [-126, 120] (FLT_MIN .. FLT_MAX/448 rounded up): k + 127
+            out[d + t] = uint8_t(std::ilogb(scales[size_t(i * tiles + t)]) + 127);
+    }
+}
+inline void fp8_unpack_rows(const uint8_t* packed, int64_t n, int d, float* rows) {
+    const int tiles = fp8_tiles(d);
+    std::vector<uint8_t> q(size_t(n) * size_t(d));
+    std::vector<float> scales(size_t(n) * size_t(tiles));
+    for (int64_t i = 0; i < n; ++i) {
+        const uint8_t* in = packed + i * fp8_row_bytes(d);
+        std::memcpy(q.data() + i * d, in, size_t(d));
+        for (int t = 0; t < tiles; ++t) scales[size_t(i * tiles + t)] = std::ldexp(1.0f, int(in[d + t]) - 127);
+    }
+    dequantize_tiles_1x128(q.data(), scales.data(), int(n), d, rows);
+}
+
 class ExpertParallel : public ExpertRunner {
   public:
     ExpertParallel(Communicator& comm, const Config& c) : comm_(comm), n_experts_(c.n_routed_experts) {
@@ -3919,12 +3950,16 @@ class ExpertParallel : public ExpertRunner {
         int64_t combined_rows = 0;    // expert-output rows it received back from other ranks
         int max_ranks_per_token = 0;  // the most ranks any of its tokens went to (itself included)
         int64_t bytes_moved = 0;      // bytes it sent to other ranks, forward and backward (dispatch and combine)
+        int64_t dispatch_bytes = 0;   // of those, the dispatched token rows: 4d bytes a row, fp8_row_bytes(d) in FP8
         double seconds_moving = 0;    // wall time of those all-to-alls (each ends when its data has arrived)
     } stats;
     // Optional: what the dispatched rows become on the wire. V3 sends the dispatch in FP8 (§3.3); build/logfmt
     // compares codecs with it. Applied in place to the rows [n, d] going to each other rank before the all-to-all;
     // the backward passes gradients through it unchanged (a straight-through estimate).
     std::function<void(float* rows, int64_t n, int d)> dispatch_codec;
+    // V3's FP8 dispatch (fp8_pack_rows above): the rows to other ranks travel as FP8 bytes, about half of BF16, and
+    // are decoded on receipt; a rank's rows to itself cross no link and stay FP32. The backward is straight-through.
+    bool fp8_dispatch = false;
 
     void forward(Model& model, const MoE& m, MoeCache& c) override {
         const int K = model.cfg.n_activated_experts, d = model.cfg.dim;
@@ -3937,7 +3972,9 @@ class ExpertParallel : public ExpertRunner {
         backend::upload(rows, out.tokens);
         backend::Buffer<float> recv_x;   // [n_recv, d]
         recv_x.resize(size_t(n_recv) * d);
-        move_rows(c.x, rows.data(), out.tokens_to, recv_x.data(), nullptr, tokens_from, d, dispatch_codec);
+        if (fp8_dispatch && dispatch_codec) fail("ExpertParallel: fp8_dispatch and dispatch_codec: choose one");
+        stats.dispatch_bytes += fp8_dispatch ? dispatch_fp8(c.x, rows.data(), out.tokens_to, recv_x, tokens_from, d)
+            : move_rows(c.x, rows.data(), out.tokens_to, recv_x.data(), nullptr, tokens_from, d, dispatch_codec);
         std::vector<int32_t> recv_ids(size_t(n_recv) * K);   // [n_recv, K]
         all_to_all(comm_, out.ids.data(), out.tokens_to, K, recv_ids.data(), tokens_from);
         // 3. the local experts, on the received pairs
@@ -4054,10 +4091,10 @@ class ExpertParallel : public ExpertRunner {
 
     // One all-to-all of rows of d floats, counted in stats: the rows `take` of src go out, send_rows[q] to rank q
     // (through `codec` when given, except those to this rank); the rows arriving, recv_rows[q] from rank q, land in
-    // dst at the rows `put` (null: in arrival order).
-    void move_rows(const float* src, const int32_t* take, const std::vector<int64_t>& send_rows, float* dst,
-                   const int32_t* put, const std::vector<int64_t>& recv_rows, int d,
-                   const std::function<void(float*, int64_t, int)>& codec = nullptr) {
+    // dst at the rows `put` (null: in arrival order). Returns the bytes sent to other ranks.
+    int64_t move_rows(const float* src, const int32_t* take, const std::vector<int64_t>& send_rows, float* dst,
+                      const int32_t* put, const std::vector<int64_t>& recv_rows, int d,
+                      const std::function<void(float*, int64_t, int)>& codec = nullptr) {
         const int64_t n_send = total(send_rows), n_recv = total(recv_rows);
         backend::Buffer<float> send, recv;
         send.resize(size_t(n_send) * d);
@@ -4072,8 +4109,46 @@ class ExpertParallel : public ExpertRunner {
         const double t0 = now_seconds();
         backend::all_to_all(comm_, send.data(), send_rows, d, put ? recv.data() : dst, recv_rows);
         stats.seconds_moving += now_seconds() - t0;
-        stats.bytes_moved += (n_send - send_rows[size_t(comm_.rank())]) * d * int64_t(sizeof(float));
+        const int64_t bytes = (n_send - send_rows[size_t(comm_.rank())]) * d * int64_t(sizeof(float));
+        stats.bytes_moved += bytes;
         if (put) backend::scatter_rows(dst, recv.data(), put, n_recv, d);
+        return bytes;
+    }
+
+    // The dispatch in FP8 (fp8_dispatch), as move_rows without `put`: the rows to other ranks go out packed by
+    // fp8_pack_rows and are unpacked on arrival, the rows to this rank are copied as they are. Packing runs on host
+    // memory (a GPU build copies the rows there and back; cuda/fp8.cuh's 1x128 quantizer could pack on the device).
+    int64_t dispatch_fp8(const float* src, const int32_t* take, const std::vector<int64_t>& send_rows,
+                         backend::Buffer<float>& dst, const std::vector<int64_t>& recv_rows, int d) {
+        const int R = comm_.world_size(), r = comm_.rank();
+        const int64_t row = fp8_row_bytes(d);
+        backend::Buffer<float> gathered;
+        gathered.resize(size_t(total(send_rows)) * d);
+        backend::gather_rows(gathered.data(), src, take, total(send_rows), d);
+        const std::vector<float> x = backend::download(gathered);
+        std::vector<int64_t> wire_send = send_rows, wire_recv = recv_rows;   // the own rows take no wire
+        wire_send[size_t(r)] = wire_recv[size_t(r)] = 0;
+        std::vector<uint8_t> packed(size_t(total(wire_send) * row)), arrived(size_t(total(wire_recv) * row));
+        std::vector<float> y(size_t(total(recv_rows)) * d);
+        for (int64_t q = 0, from = 0, to = 0; q < R; from += send_rows[size_t(q)], ++q)
+            if (q != r) {
+                fp8_pack_rows(x.data() + from * d, send_rows[size_t(q)], d, packed.data() + to * row);
+                to += send_rows[size_t(q)];
+            } else {   // the own rows land where all_to_all puts them: after the rows of the ranks before this one
+                const int64_t at = std::accumulate(recv_rows.begin(), recv_rows.begin() + r, int64_t(0));
+                std::copy_n(x.begin() + from * d, send_rows[size_t(q)] * d, y.begin() + at * d);
+            }
+        const double t0 = now_seconds();
+        all_to_all(comm_, packed.data(), wire_send, row, arrived.data(), wire_recv);
+        stats.seconds_moving += now_seconds() - t0;
+        for (int64_t q = 0, at = 0, from = 0; q < R; at += recv_rows[size_t(q)], ++q)
+            if (q != r) {
+                fp8_unpack_rows(arrived.data() + from * row, recv_rows[size_t(q)], d, y.data() + at * d);
+                from += recv_rows[size_t(q)];
+            }
+        backend::upload(dst, y);
+        stats.bytes_moved += int64_t(packed.size());
+        return int64_t(packed.size());
     }
 };
 
