@@ -3844,10 +3844,16 @@ class MpiCommunicator : public Communicator {
 // among its ranks (unless OMP_NUM_THREADS is set); on the GPU backend its k-th rank takes GPU k mod (its GPUs).
 template <class Body>
 inline void run_mpi(int& argc, char**& argv, const Body& body) {
-    MPI_Init(&argc, &argv);
+    // The overlapped gradient all-reduce (9.5) calls MPI from its communication thread, never while the rank's own
+    // thread does: MPI_THREAD_SERIALIZED.
+    int provided = MPI_THREAD_SINGLE;
+    MPI_Init_thread(&argc, &argv, MPI_THREAD_SERIALIZED, &provided);
     int rank = 0, local = 0, per_machine = 1;
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     try {
+        if (provided < MPI_THREAD_SERIALIZED)
+            fail("run_mpi: this MPI provides thread level ", provided, ", below MPI_THREAD_SERIALIZED (",
+                 MPI_THREAD_SERIALIZED, "), which the overlapped gradient all-reduce needs");
         MPI_Comm machine;
         MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &machine);
         MPI_Comm_rank(machine, &local);
