@@ -39,7 +39,8 @@
 // PART 2, THE SYSTEMS OF THE REPORT
 //    8. FP8 numerics and the FP8 recipe ...... E4M3/E5M2, BF16, tile scaling, Hopper's accumulator, FP8 linears [§3.3],
 //                                              LogFMT for communication [Insights into DeepSeek-V3 §3.2]
-//    9. Parallelism .......................... thread or MPI ranks, ring all-reduce, all-to-all, DP and EP [V3 §3.2]
+//    9. Parallelism .......................... thread or MPI ranks, ring all-reduce, all-to-all, DP and EP [V3 §3.2],
+//                                              gradient buckets overlapped with the backward, the FP8 dispatch [§3.3.3]
 // PART 3, APPENDIX (machinery; skip on a first reading)
 //   10. The fast packed GEMM ................. what matmul_forward/backward of section 3.1 run on
 //   11. Files and data ....................... parse_int/parse_float, memory budget, sleeping threads, atomic files,
@@ -3577,8 +3578,9 @@ inline void logfmt_decode(const uint16_t* codes, const LogFmtTile* tiles, int ro
 // A "rank" is one worker with its own memory (one GPU in a real run); ranks cooperate only through the collectives
 // below, so every byte that moves between them is visible here.
 //   Data parallel (DP): every rank holds a replica and runs forward/backward on its share of the batch; gradients
-//   and expert loads are summed over the ranks (all-reduce), so every replica takes the same AdamW step and bias
-//   update [V3 §2.1.2], and the replicas stay identical, bit for bit.
+//   and expert loads are summed over the ranks (all-reduce; the gradients in buckets, which can travel while the
+//   backward still runs, 9.5), so every replica takes the same AdamW step and bias update [V3 §2.1.2], and the
+//   replicas stay identical, bit for bit.
 //   Expert parallel (EP): rank r owns the routed experts [r·N/R, (r+1)·N/R). Each rank routes its own tokens,
 //   DISPATCHES each token once to every rank owning one of its chosen experts, and gets the outputs back (COMBINE) to
 //   weight them by the gates [V3 §3.2]; all else stays data parallel. With n_expert_groups = R, group-limited
@@ -3904,16 +3906,16 @@ namespace dsv3 {
 // when n_expert_groups = R), and K combined rows. V3's combine accumulates on the way back (§3.2 "NVLink-to-IB
 // forwarding and accumulation"), fewer rows but a sum order that depends on where the experts live; returning every
 // row keeps the result BITWISE the single-rank layer's, as the tests check. (V3 also sends the dispatch in FP8 and the
-// combine in BF16, §3.3.3; here all is FP32 unless fp8_dispatch or dispatch_codec says otherwise.) Bitwise, because (a) a matmul row does
-// not depend on the other rows (3.1), (b) each expert sees its rows in global token order (ranks hold consecutive rows,
-// receivers concatenate by source rank, the counting sort is stable), and (c) with equal shares over R = 2^k ranks the
-// per-rank loss gradient (1/n_r) is exactly R times the full-batch one (1/n), a power of two.
+// combine in BF16, §3.3.3; here all is FP32 unless fp8_dispatch or dispatch_codec says otherwise.) Bitwise, because
+// (a) a matmul row does not depend on the other rows (3.1), (b) each expert sees its rows in global token order (ranks
+// hold consecutive rows, receivers concatenate by source rank, the counting sort is stable), and (c) with equal shares
+// over R = 2^k ranks the per-rank loss gradient (1/n_r) is exactly R times the full-batch one (1/n), a power of two.
 // The FP8 dispatch [V3 §3.3.3 "Low-Precision Communication"]: V3 quantizes the activations before the MoE
 // up-projections to FP8, 1x128 tiles with power-of-two scales, and dispatches them so, which halves the bytes of
 // BF16 (the combine stays BF16). A row of d values travels as d E4M3 codes and, per tile, the exponent of its
 // power-of-two scale in one byte (as the MX formats' E8M0 scales): fp8_row_bytes(d) = d + ceil(d/128) bytes against
 // BF16's 2d (0.504 of it at V3's d = 7168). The codes and the exponents are exact, so the receiver decodes exactly what
-// quantize_tiles_1x128 and dequantize_tiles_1x128 (pow2_scale) give on the sender. rows: [n, d], packed: [n, row bytes].
+// quantize_tiles_1x128 and dequantize_tiles_1x128 (pow2_scale) give on the sender. rows: [n, d]; packed: [n, row].
 inline int64_t fp8_row_bytes(int d) { return int64_t(d) + fp8_tiles(d); }
 inline void fp8_pack_rows(const float* rows, int64_t n, int d, uint8_t* packed) {
     const int tiles = fp8_tiles(d);
@@ -4242,7 +4244,7 @@ inline void reduce_bucket(Communicator& comm, Model& model, const GradientBucket
 }
 }  // namespace parallel_detail
 
-// Step 1 and 2 of the parallel step: forward and backward on this rank's rows, and the replicated gradients weighted
+// Steps 1 and 2 of the parallel step: forward and backward on this rank's rows, and the replicated gradients weighted
 // by w and summed over the ranks, bucket by bucket (sync); the gradients of the experts this rank owns are complete
 // already and are only weighted. With sync.overlap the buckets go out while the backward still runs. Overlap needs
 // the backward free of communication, so it is for data parallelism alone: expert parallelism's all-to-alls run in

@@ -88,7 +88,8 @@ static RunResult train_on(int world, const Config& cfg, const std::vector<int32_
     std::vector<double> loss_of(static_cast<size_t>(world));
     double seconds = 0;
     dsv3::cuda::run_gpu_ranks(group, [&](dsv3::cuda::PeerComm& comm) {
-        if (expert_parallel) return train_rank_ep(comm, cfg, data, steps, B, T, lr, fp8_dispatch, res, loss_of, seconds);
+        if (expert_parallel)
+            return train_rank_ep(comm, cfg, data, steps, B, T, lr, fp8_dispatch, res, loss_of, seconds);
         const int r = comm.rank();
         Model model(cfg, 1);  // same seed on every rank: identical replicas
         AdamW opt;
@@ -155,8 +156,8 @@ int main(int argc, char** argv) {
             else if (k == "--ep") expert_parallel = true;
             else if (k == "--fp8-dispatch") fp8_dispatch = true;
             else if (k == "--ranks") ranks = std::stoi(value());
-            else fail("unknown option '", k, "' (--preset, --steps, --batch, --seq, --lr, --data, --ep, --fp8-dispatch, "
-                      "--ranks)");
+            else fail("unknown option '", k, "' (--preset, --steps, --batch, --seq, --lr, --data, --ep, "
+                      "--fp8-dispatch, --ranks)");
         }
         if (preset != "tiny" && preset != "small") fail("--preset: unknown \"", preset, "\" (tiny or small)");
         if (fp8_dispatch && !expert_parallel) fail("--fp8-dispatch needs --ep (it is the expert-parallel dispatch)");
@@ -190,8 +191,9 @@ int main(int argc, char** argv) {
                         all.moved_bytes / std::max(all.moving_s, 1e-12) / 1e9);
             const double bf16 = all.dispatch_rows * 2.0 * cfg.dim;   // the same rows in BF16
             std::printf("dispatch (rank 0, %s): %.2f MB per step, %.3f of BF16's %.2f MB\n",
-                        fp8_dispatch ? "FP8, 1x128 power-of-two scales" : "FP32", all.dispatch_bytes / (steps - 1) / 1e6,
-                        all.dispatch_bytes / std::max(bf16, 1.0), bf16 / (steps - 1) / 1e6);
+                        fp8_dispatch ? "FP8, 1x128 power-of-two scales" : "FP32",
+                        all.dispatch_bytes / (steps - 1) / 1e6, all.dispatch_bytes / std::max(bf16, 1.0),
+                        bf16 / (steps - 1) / 1e6);
             std::printf("last loss: 1 GPU %.5f, %s DP x EP %.5f (the same batches)\n", one.last_loss, on.c_str(),
                         all.last_loss);
             return 0;

@@ -390,7 +390,7 @@ TEST_CASE("parallel: FP8 dispatch rows: d + ceil(d/128) bytes, unpacked = the 1x
     }
 }
 
-TEST_CASE("parallel: FP8 dispatch on 2 ranks: half of BF16's bytes, the rows received = the FP8 round trip, EP trains") {
+TEST_CASE("parallel: FP8 dispatch on 2 ranks: half of BF16's bytes, rows received = the FP8 round trip, EP trains") {
     Config c = parallel_config(2, 1);
     c.dim = 128;  // one full 1x128 tile per row
     const int B = 4, T = 6, R = 2;
