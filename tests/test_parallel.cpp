@@ -392,7 +392,8 @@ TEST_CASE("parallel: FP8 dispatch rows: d + ceil(d/128) bytes, unpacked = the 1x
 
 TEST_CASE("parallel: FP8 dispatch on 2 ranks: half of BF16's bytes, rows received = the FP8 round trip, EP trains") {
     Config c = parallel_config(2, 1);
-    c.dim = 128;  // one full 1x128 tile per row
+    c.dim = 128;         // one full 1x128 tile per row
+    c.init_std = 0.1f;   // about 0.3·√(16/128): logits of the size parallel_config's 16 wide model has
     const int B = 4, T = 6, R = 2;
     const std::vector<int32_t> tokens = random_rows(B, T, c.vocab_size, 5);
     // One EP forward/backward with fp8_dispatch, and with a codec that applies the FP8 round trip in place (and
