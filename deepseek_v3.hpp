@@ -39,7 +39,8 @@
 // PART 2, THE SYSTEMS OF THE REPORT
 //    8. FP8 numerics and the FP8 recipe ...... E4M3/E5M2, BF16, tile scaling, Hopper's accumulator, FP8 linears [§3.3],
 //                                              LogFMT for communication [Insights into DeepSeek-V3 §3.2]
-//    9. Parallelism .......................... thread or MPI ranks, ring all-reduce, all-to-all, DP and EP [V3 §3.2]
+//    9. Parallelism .......................... thread or MPI ranks, ring all-reduce, all-to-all, DP and EP [V3 §3.2],
+//                                              gradient buckets overlapped with the backward, the FP8 dispatch [§3.3.3]
 // PART 3, APPENDIX (machinery; skip on a first reading)
 //   10. The fast packed GEMM ................. what matmul_forward/backward of section 3.1 run on
 //   11. Files and data ....................... parse_int/parse_float, memory budget, sleeping threads, atomic files,
@@ -1691,6 +1692,12 @@ class Model {
         return l;
     }
     bool reuse_routing = false;  // gradient checks: keep the last forward's expert choice fixed
+    // Called by backward() with an offset o each time every gradient at flat offsets >= o is final. The layout
+    // stores the model in forward order (section 4) and the backward runs it in reverse, so the offsets only fall:
+    // after each MTP module from the last, after the output head, after each block from the last, and 0 after the
+    // embedding (which the MTP modules also use). Data parallelism (9.5) starts all-reducing a bucket of gradients
+    // as soon as the offset passes below it, overlapping the communication with the rest of the backward.
+    std::function<void(size_t offset)> on_gradients_final;
     // What the last forward computed: logits [B·T, vocab] (main model, MTP module k+1), the attention weights of
     // main block `layer` [B, H, T, T], and the expert loads, one vector [N_r] per MoE block (moe_blocks() order).
     const float* logits() const { return logits_; }
@@ -2189,10 +2196,12 @@ inline void Model::backward() {
     // dh_top: gradient w.r.t. the output of the last main block; the MTP modules add into it through hnorm.
     float* dh_top = arena_.zeros(size_t(n) * d);
     float* dh_next = nullptr;  // gradient flowing into h^k from module k+1
+    auto final_from = [&](size_t offset) { if (on_gradients_final) on_gradients_final(offset); };
     for (int k = D; k >= 1; --k) {
         float* dh_prev = k == 1 ? dh_top : arena_.zeros(size_t(n) * d);
         mtp_backward(mtp_[size_t(k - 1)], layout.mtp[size_t(k - 1)], D, dh_next, dh_prev);
         dh_next = dh_prev;
+        final_from(layout.mtp[size_t(k - 1)].enorm.g);  // MTP module k: from its first tensor to the end
     }
     // main head
     float* dlogits = arena_.zeros(size_t(n) * V);
@@ -2201,13 +2210,16 @@ inline void Model::backward() {
     linear_backward(dnorm, dlogits, hn_, layout.head, n);
     const float* h_last = layout.blocks.empty() ? h0_ : blocks_.back().h_out;
     norm_backward(dh_top, dnorm, h_last, final_rstd_, layout.final_norm, n);
+    final_from(layout.final_norm.g);  // the final norm and the head (the MTP modules have added theirs)
     float* dh = dh_top;
     for (size_t l = layout.blocks.size(); l-- > 0;) {
         float* dh_in = arena_.zeros(size_t(n) * d);
         block_backward(blocks_[l], layout.blocks[l], dh, dh_in);
         dh = dh_in;
+        final_from(layout.blocks[l].attn_norm.g);  // block l: its first tensor is input_layernorm
     }
     backend::embedding_backward(grad_at(layout.embed), dh, inputs_.data(), n, d);
+    final_from(0);
     arena_.release(mark);
 }
 
@@ -3563,8 +3575,9 @@ inline void logfmt_decode(const uint16_t* codes, const LogFmtTile* tiles, int ro
 // A "rank" is one worker with its own memory (one GPU in a real run); ranks cooperate only through the collectives
 // below, so every byte that moves between them is visible here.
 //   Data parallel (DP): every rank holds a replica and runs forward/backward on its share of the batch; gradients
-//   and expert loads are summed over the ranks (all-reduce), so every replica takes the same AdamW step and bias
-//   update [V3 §2.1.2], and the replicas stay identical, bit for bit.
+//   and expert loads are summed over the ranks (all-reduce; the gradients in buckets, which can travel while the
+//   backward still runs, 9.5), so every replica takes the same AdamW step and bias update [V3 §2.1.2], and the
+//   replicas stay identical, bit for bit.
 //   Expert parallel (EP): rank r owns the routed experts [r·N/R, (r+1)·N/R). Each rank routes its own tokens,
 //   DISPATCHES each token once to every rank owning one of its chosen experts, and gets the outputs back (COMBINE) to
 //   weight them by the gates [V3 §3.2]; all else stays data parallel. With n_expert_groups = R, group-limited
@@ -3830,10 +3843,16 @@ class MpiCommunicator : public Communicator {
 // among its ranks (unless OMP_NUM_THREADS is set); on the GPU backend its k-th rank takes GPU k mod (its GPUs).
 template <class Body>
 inline void run_mpi(int& argc, char**& argv, const Body& body) {
-    MPI_Init(&argc, &argv);
+    // The overlapped gradient all-reduce (9.5) calls MPI from its communication thread, never while the rank's own
+    // thread does: MPI_THREAD_SERIALIZED.
+    int provided = MPI_THREAD_SINGLE;
+    MPI_Init_thread(&argc, &argv, MPI_THREAD_SERIALIZED, &provided);
     int rank = 0, local = 0, per_machine = 1;
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     try {
+        if (provided < MPI_THREAD_SERIALIZED)
+            fail("run_mpi: this MPI provides thread level ", provided, ", below MPI_THREAD_SERIALIZED (",
+                 MPI_THREAD_SERIALIZED, "), which the overlapped gradient all-reduce needs");
         MPI_Comm machine;
         MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &machine);
         MPI_Comm_rank(machine, &local);
@@ -3884,10 +3903,41 @@ namespace dsv3 {
 // when n_expert_groups = R), and K combined rows. V3's combine accumulates on the way back (§3.2 "NVLink-to-IB
 // forwarding and accumulation"), fewer rows but a sum order that depends on where the experts live; returning every
 // row keeps the result BITWISE the single-rank layer's, as the tests check. (V3 also sends the dispatch in FP8 and the
-// combine in BF16, §3.3; here all is FP32 unless dispatch_codec says otherwise.) Bitwise, because (a) a matmul row does
-// not depend on the other rows (3.1), (b) each expert sees its rows in global token order (ranks hold consecutive rows,
-// receivers concatenate by source rank, the counting sort is stable), and (c) with equal shares over R = 2^k ranks the
-// per-rank loss gradient (1/n_r) is exactly R times the full-batch one (1/n), a power of two.
+// combine in BF16, §3.3.3; here all is FP32 unless fp8_dispatch or dispatch_codec says otherwise.) Bitwise, because
+// (a) a matmul row does not depend on the other rows (3.1), (b) each expert sees its rows in global token order (ranks
+// hold consecutive rows, receivers concatenate by source rank, the counting sort is stable), and (c) with equal shares
+// over R = 2^k ranks the per-rank loss gradient (1/n_r) is exactly R times the full-batch one (1/n), a power of two.
+// The FP8 dispatch [V3 §3.3.3 "Low-Precision Communication"]: V3 quantizes the activations before the MoE
+// up-projections to FP8, 1x128 tiles with power-of-two scales, and dispatches them so, which halves the bytes of
+// BF16 (the combine stays BF16). A row of d values travels as d E4M3 codes and, per tile, the exponent of its
+// power-of-two scale in one byte (as the MX formats' E8M0 scales): fp8_row_bytes(d) = d + ceil(d/128) bytes against
+// BF16's 2d (0.504 of it at V3's d = 7168). The codes and the exponents are exact, so the receiver decodes exactly what
+// quantize_tiles_1x128 and dequantize_tiles_1x128 (pow2_scale) give on the sender. rows: [n, d]; packed: [n, row].
+inline int64_t fp8_row_bytes(int d) { return int64_t(d) + fp8_tiles(d); }
+inline void fp8_pack_rows(const float* rows, int64_t n, int d, uint8_t* packed) {
+    const int tiles = fp8_tiles(d);
+    std::vector<uint8_t> q(size_t(n) * size_t(d));
+    std::vector<float> scales(size_t(n) * size_t(tiles));
+    quantize_tiles_1x128(rows, int(n), d, q.data(), scales.data(), /*pow2_scale=*/true);
+    for (int64_t i = 0; i < n; ++i) {
+        uint8_t* out = packed + i * fp8_row_bytes(d);
+        std::memcpy(out, q.data() + i * d, size_t(d));
+        for (int t = 0; t < tiles; ++t)   // scale = 2^k, k in [-126, 120] (FLT_MIN .. FLT_MAX/448 rounded up): k + 127
+            out[d + t] = uint8_t(std::ilogb(scales[size_t(i * tiles + t)]) + 127);
+    }
+}
+inline void fp8_unpack_rows(const uint8_t* packed, int64_t n, int d, float* rows) {
+    const int tiles = fp8_tiles(d);
+    std::vector<uint8_t> q(size_t(n) * size_t(d));
+    std::vector<float> scales(size_t(n) * size_t(tiles));
+    for (int64_t i = 0; i < n; ++i) {
+        const uint8_t* in = packed + i * fp8_row_bytes(d);
+        std::memcpy(q.data() + i * d, in, size_t(d));
+        for (int t = 0; t < tiles; ++t) scales[size_t(i * tiles + t)] = std::ldexp(1.0f, int(in[d + t]) - 127);
+    }
+    dequantize_tiles_1x128(q.data(), scales.data(), int(n), d, rows);
+}
+
 class ExpertParallel : public ExpertRunner {
   public:
     ExpertParallel(Communicator& comm, const Config& c) : comm_(comm), n_experts_(c.n_routed_experts) {
@@ -3905,12 +3955,16 @@ class ExpertParallel : public ExpertRunner {
         int64_t combined_rows = 0;    // expert-output rows it received back from other ranks
         int max_ranks_per_token = 0;  // the most ranks any of its tokens went to (itself included)
         int64_t bytes_moved = 0;      // bytes it sent to other ranks, forward and backward (dispatch and combine)
+        int64_t dispatch_bytes = 0;   // of those, the dispatched token rows: 4d bytes a row, fp8_row_bytes(d) in FP8
         double seconds_moving = 0;    // wall time of those all-to-alls (each ends when its data has arrived)
     } stats;
     // Optional: what the dispatched rows become on the wire. V3 sends the dispatch in FP8 (§3.3); build/logfmt
     // compares codecs with it. Applied in place to the rows [n, d] going to each other rank before the all-to-all;
     // the backward passes gradients through it unchanged (a straight-through estimate).
     std::function<void(float* rows, int64_t n, int d)> dispatch_codec;
+    // V3's FP8 dispatch (fp8_pack_rows above): the rows to other ranks travel as FP8 bytes, about half of BF16, and
+    // are decoded on receipt; a rank's rows to itself cross no link and stay FP32. The backward is straight-through.
+    bool fp8_dispatch = false;
 
     void forward(Model& model, const MoE& m, MoeCache& c) override {
         const int K = model.cfg.n_activated_experts, d = model.cfg.dim;
@@ -3923,7 +3977,9 @@ class ExpertParallel : public ExpertRunner {
         backend::upload(rows, out.tokens);
         backend::Buffer<float> recv_x;   // [n_recv, d]
         recv_x.resize(size_t(n_recv) * d);
-        move_rows(c.x, rows.data(), out.tokens_to, recv_x.data(), nullptr, tokens_from, d, dispatch_codec);
+        if (fp8_dispatch && dispatch_codec) fail("ExpertParallel: fp8_dispatch and dispatch_codec: choose one");
+        stats.dispatch_bytes += fp8_dispatch ? dispatch_fp8(c.x, rows.data(), out.tokens_to, recv_x, tokens_from, d)
+            : move_rows(c.x, rows.data(), out.tokens_to, recv_x.data(), nullptr, tokens_from, d, dispatch_codec);
         std::vector<int32_t> recv_ids(size_t(n_recv) * K);   // [n_recv, K]
         all_to_all(comm_, out.ids.data(), out.tokens_to, K, recv_ids.data(), tokens_from);
         // 3. the local experts, on the received pairs
@@ -4040,10 +4096,10 @@ class ExpertParallel : public ExpertRunner {
 
     // One all-to-all of rows of d floats, counted in stats: the rows `take` of src go out, send_rows[q] to rank q
     // (through `codec` when given, except those to this rank); the rows arriving, recv_rows[q] from rank q, land in
-    // dst at the rows `put` (null: in arrival order).
-    void move_rows(const float* src, const int32_t* take, const std::vector<int64_t>& send_rows, float* dst,
-                   const int32_t* put, const std::vector<int64_t>& recv_rows, int d,
-                   const std::function<void(float*, int64_t, int)>& codec = nullptr) {
+    // dst at the rows `put` (null: in arrival order). Returns the bytes sent to other ranks.
+    int64_t move_rows(const float* src, const int32_t* take, const std::vector<int64_t>& send_rows, float* dst,
+                      const int32_t* put, const std::vector<int64_t>& recv_rows, int d,
+                      const std::function<void(float*, int64_t, int)>& codec = nullptr) {
         const int64_t n_send = total(send_rows), n_recv = total(recv_rows);
         backend::Buffer<float> send, recv;
         send.resize(size_t(n_send) * d);
@@ -4058,8 +4114,46 @@ class ExpertParallel : public ExpertRunner {
         const double t0 = now_seconds();
         backend::all_to_all(comm_, send.data(), send_rows, d, put ? recv.data() : dst, recv_rows);
         stats.seconds_moving += now_seconds() - t0;
-        stats.bytes_moved += (n_send - send_rows[size_t(comm_.rank())]) * d * int64_t(sizeof(float));
+        const int64_t bytes = (n_send - send_rows[size_t(comm_.rank())]) * d * int64_t(sizeof(float));
+        stats.bytes_moved += bytes;
         if (put) backend::scatter_rows(dst, recv.data(), put, n_recv, d);
+        return bytes;
+    }
+
+    // The dispatch in FP8 (fp8_dispatch), as move_rows without `put`: the rows to other ranks go out packed by
+    // fp8_pack_rows and are unpacked on arrival, the rows to this rank are copied as they are. Packing runs on host
+    // memory (a GPU build copies the rows there and back; cuda/fp8.cuh's 1x128 quantizer could pack on the device).
+    int64_t dispatch_fp8(const float* src, const int32_t* take, const std::vector<int64_t>& send_rows,
+                         backend::Buffer<float>& dst, const std::vector<int64_t>& recv_rows, int d) {
+        const int R = comm_.world_size(), r = comm_.rank();
+        const int64_t row = fp8_row_bytes(d);
+        backend::Buffer<float> gathered;
+        gathered.resize(size_t(total(send_rows)) * d);
+        backend::gather_rows(gathered.data(), src, take, total(send_rows), d);
+        const std::vector<float> x = backend::download(gathered);
+        std::vector<int64_t> wire_send = send_rows, wire_recv = recv_rows;   // the own rows take no wire
+        wire_send[size_t(r)] = wire_recv[size_t(r)] = 0;
+        std::vector<uint8_t> packed(size_t(total(wire_send) * row)), arrived(size_t(total(wire_recv) * row));
+        std::vector<float> y(size_t(total(recv_rows)) * d);
+        for (int64_t q = 0, from = 0, to = 0; q < R; from += send_rows[size_t(q)], ++q)
+            if (q != r) {
+                fp8_pack_rows(x.data() + from * d, send_rows[size_t(q)], d, packed.data() + to * row);
+                to += send_rows[size_t(q)];
+            } else {   // the own rows land where all_to_all puts them: after the rows of the ranks before this one
+                const int64_t at = std::accumulate(recv_rows.begin(), recv_rows.begin() + r, int64_t(0));
+                std::copy_n(x.begin() + from * d, send_rows[size_t(q)] * d, y.begin() + at * d);
+            }
+        const double t0 = now_seconds();
+        all_to_all(comm_, packed.data(), wire_send, row, arrived.data(), wire_recv);
+        stats.seconds_moving += now_seconds() - t0;
+        for (int64_t q = 0, at = 0, from = 0; q < R; at += recv_rows[size_t(q)], ++q)
+            if (q != r) {
+                fp8_unpack_rows(arrived.data() + from * row, recv_rows[size_t(q)], d, y.data() + at * d);
+                from += recv_rows[size_t(q)];
+            }
+        backend::upload(dst, y);
+        stats.bytes_moved += int64_t(packed.size());
+        return int64_t(packed.size());
     }
 };
 
@@ -4084,29 +4178,138 @@ inline HeldParams held_params(Model& model, const ExpertParallel* ep) {
     return h;
 }
 
-namespace parallel_detail {
-// Step 2: the replicated gradients, each rank's weighted by w, summed over the ranks in one contiguous bucket (as DDP
-// does); the gradients of the experts this rank owns are complete already and are only weighted.
-inline void reduce_gradients(Communicator& comm, Model& model, const HeldParams& held, float w) {
-    size_t bucket_size = 0;
-    for (const ParamEntry* e : held.replicated) bucket_size += e->size;
-    backend::Buffer<float> bucket;  // [Σ replicated sizes]
-    bucket.resize(bucket_size);
-    auto copy = [&](bool into_bucket) {
-        float* b = bucket.data();
-        for (const ParamEntry* e : held.replicated) {
-            float* g = model.grad_at(e->offset);
-            backend::copy_values(into_bucket ? b : g, into_bucket ? g : b, int64_t(e->size));
-            b += e->size;
-        }
-    };
-    copy(true);
-    backend::scale_inplace(bucket.data(), int64_t(bucket_size), w);
-    backend::all_reduce(comm, bucket.data(), bucket_size);
-    copy(false);
-    for (const ParamEntry* e : held.own_experts) backend::scale_inplace(model.grad_at(e->offset), int64_t(e->size), w);
+// Gradient buckets: the all-reduce overlapped with the backward [V3 §3.2.1; PyTorch DDP, arXiv 2006.15704 §3.2.3].
+// One all-reduce after the backward leaves the links idle during the backward and the cores idle during the
+// all-reduce. The backward finishes the gradients from the END of the flat buffer (Model::on_gradients_final), so
+// the replicated gradients are cut, from the end, into buckets of about bucket_bytes, and a bucket can travel as soon
+// as the backward has passed below its first tensor, while the backward computes the layers in front of it (V3 hides
+// its communication behind computation the same way, §3.2.1). With overlap, each rank's buckets are reduced in a
+// communication thread (a GPU would use a communication stream), in the same order on every rank.
+// The sums. Each bucket is one ring all-reduce (9.2), elements weighted by w first, exactly as in one all-reduce of
+// everything. On 1 or 2 ranks an element's sum is x_0 + x_1 whatever its chunk (two terms commute), so every
+// bucketing, overlapped or not, gives bitwise the gradients of the one all-reduce. On more ranks a bucket's chunk
+// boundaries differ from the whole buffer's, so an element's ring sum may start at another rank: a few ulps away
+// (9.2), still bitwise the same on every rank and every run, since the buckets depend on the layout and bucket_bytes
+// only, never on timing or thread counts.
+struct GradientSync {
+    size_t bucket_bytes = SIZE_MAX;  // about this many bytes of gradients per all-reduce; SIZE_MAX: one bucket
+    bool overlap = false;            // reduce the buckets in a communication thread during the backward
+};
+struct GradientBucket {
+    std::vector<std::pair<size_t, size_t>> pieces;  // [offset, floats] ranges of the flat buffer, increasing offsets
+    size_t floats = 0;                              // Σ piece sizes
+    size_t first() const { return pieces.front().first; }  // ready once every gradient from here on is final
+};
+// The buckets in the order the backward completes them (from the end of the buffer). A bucket closes once it holds
+// bucket_bytes or more (0: one tensor per bucket); adjacent tensors merge into one piece (under DP a bucket is one
+// piece; under EP the routed experts, which are not all-reduced, split it).
+inline std::vector<GradientBucket> gradient_buckets(const HeldParams& held, size_t bucket_bytes) {
+    std::vector<GradientBucket> buckets;
+    for (auto e = held.replicated.rbegin(); e != held.replicated.rend(); ++e) {  // held_params is in layout order
+        if (buckets.empty() || buckets.back().floats * sizeof(float) >= bucket_bytes) buckets.emplace_back();
+        GradientBucket& b = buckets.back();
+        if (!b.pieces.empty() && (*e)->offset + (*e)->size == b.first())
+            b.pieces.front() = {(*e)->offset, (*e)->size + b.pieces.front().second};
+        else b.pieces.insert(b.pieces.begin(), {(*e)->offset, (*e)->size});
+        b.floats += (*e)->size;
+    }
+    return buckets;
 }
 
+namespace parallel_detail {
+// One bucket of this rank's gradients, weighted by w, summed over the ranks: in place when it is one piece, else
+// copied into one buffer and back (as DDP does), so that it travels as one all-reduce.
+inline void reduce_bucket(Communicator& comm, Model& model, const GradientBucket& b, float w) {
+    backend::Buffer<float> staged;  // [b.floats], for a bucket of several pieces
+    float* data = model.grad_at(b.first());
+    auto copy = [&](bool into_staged) {
+        float* at = staged.data();
+        for (const auto& [offset, n] : b.pieces) {
+            float* g = model.grad_at(offset);
+            backend::copy_values(into_staged ? at : g, into_staged ? g : at, int64_t(n));
+            at += n;
+        }
+    };
+    if (b.pieces.size() > 1) {
+        staged.resize(b.floats);
+        copy(true);
+        data = staged.data();
+    }
+    backend::scale_inplace(data, int64_t(b.floats), w);
+    backend::all_reduce(comm, data, b.floats);
+    if (b.pieces.size() > 1) copy(false);
+}
+}  // namespace parallel_detail
+
+// Steps 1 and 2 of the parallel step: forward and backward on this rank's rows, and the replicated gradients weighted
+// by w and summed over the ranks, bucket by bucket (sync); the gradients of the experts this rank owns are complete
+// already and are only weighted. With sync.overlap the buckets go out while the backward still runs. Overlap needs
+// the backward free of communication, so it is for data parallelism alone: expert parallelism's all-to-alls run in
+// the backward on the same communicator.
+inline Losses forward_backward_reduced(Communicator& comm, Model& model, const int32_t* tokens, int B, int T,
+                                       const LossOptions& options, const HeldParams& held, float w,
+                                       const GradientSync& sync = {}) {
+    const std::vector<GradientBucket> buckets = gradient_buckets(held, sync.bucket_bytes);
+    Losses local;
+    if (!sync.overlap) {
+        local = model.forward_backward(tokens, B, T, options);
+        for (const GradientBucket& b : buckets) parallel_detail::reduce_bucket(comm, model, b, w);
+    } else {
+        if (model.expert_runner)
+            fail("GradientSync::overlap: expert parallelism communicates during the backward on the same "
+                 "communicator; overlap the gradient all-reduce under data parallelism alone");
+#ifdef DSV3_BACKEND_CUDA
+        fail("GradientSync::overlap: not on the GPU backend yet (it needs a communication stream that waits on an "
+             "event per bucket, not a host thread); use overlap = false");
+#endif
+        std::mutex mu;
+        std::condition_variable cv;
+        size_t final_from = SIZE_MAX;  // every gradient at offsets >= final_from is final
+        bool stop = false;             // the forward or backward failed: reduce nothing more
+        std::exception_ptr error;
+        std::thread reducer([&] {
+#ifdef _OPENMP
+            omp_set_num_threads(1);    // leave the cores to the backward
+#endif
+            try {
+                for (const GradientBucket& b : buckets) {
+                    {
+                        std::unique_lock<std::mutex> lock(mu);
+                        cv.wait(lock, [&] { return stop || final_from <= b.first(); });
+                        if (stop) return;
+                    }
+                    parallel_detail::reduce_bucket(comm, model, b, w);
+                }
+            } catch (...) {
+                error = std::current_exception();
+            }
+        });
+        auto post = [&](size_t offset, bool failed) {  // the mutex also publishes the gradients written before
+            {
+                std::lock_guard<std::mutex> lock(mu);
+                final_from = offset;
+                stop = failed;
+            }
+            cv.notify_one();
+        };
+        model.on_gradients_final = [&](size_t offset) { post(offset, false); };
+        try {
+            local = model.forward_backward(tokens, B, T, options);  // ends with on_gradients_final(0)
+        } catch (...) {
+            model.on_gradients_final = nullptr;
+            post(0, true);
+            reducer.join();
+            throw;
+        }
+        model.on_gradients_final = nullptr;
+        reducer.join();
+        if (error) std::rethrow_exception(error);
+    }
+    for (const ParamEntry* e : held.own_experts) backend::scale_inplace(model.grad_at(e->offset), int64_t(e->size), w);
+    return local;
+}
+
+namespace parallel_detail {
 // Step 3: the expert loads of the whole batch, [MoE block][expert], so that every rank makes the same bias update.
 inline std::vector<std::vector<int64_t>> batch_loads(Communicator& comm, const Model& model) {
     std::vector<std::vector<int64_t>> loads = model.expert_loads();
@@ -4151,9 +4354,11 @@ inline Losses batch_losses(Communicator& comm, const Losses& local, double w) {
 // rows: one weight w_r = B_r/B fits them all (1/R for equal shares). (The expert-level balance loss uses batch-wide
 // frequencies f_i, which under DP each rank computes on its own rows.) Under EP every owner sums expert gradients
 // from all ranks' tokens, each scaled by its source's 1/n_r, so EP requires equal shares (checked).
+// sync: the gradient buckets and their overlap with the backward (above); the default is one all-reduce after it.
 inline StepResult parallel_train_step(Communicator& comm, Model& model, AdamW& opt, const int32_t* tokens,
                                       int B_local, int T, float lr, const LossOptions& options,
-                                      ExpertParallel* ep = nullptr, bool bias_update = true) {
+                                      ExpertParallel* ep = nullptr, bool bias_update = true,
+                                      const GradientSync& sync = {}) {
     using namespace parallel_detail;
     const int R = comm.world_size();
     int64_t B_total = B_local;
@@ -4164,11 +4369,10 @@ inline StepResult parallel_train_step(Communicator& comm, Model& model, AdamW& o
     model.expert_runner = ep;
     const double w = double(B_local) / double(B_total);
 
-    // 1. forward and backward on this rank's rows (under EP the MoE layers talk to the other ranks in between)
-    const Losses local = model.forward_backward(tokens, B_local, T, options);
-    // 2. gradients: weight w_r, then sum the replicated ones over the ranks
+    // 1. forward and backward on this rank's rows (under EP the MoE layers talk to the other ranks in between),
+    // 2. and the gradients: weight w_r, the replicated ones summed over the ranks (during the backward with overlap)
     const HeldParams held = held_params(model, ep);
-    reduce_gradients(comm, model, held, float(w));
+    const Losses local = forward_backward_reduced(comm, model, tokens, B_local, T, options, held, float(w), sync);
     // 3. the expert loads of the whole batch
     StepResult result;
     result.loads = batch_loads(comm, model);

@@ -2,7 +2,8 @@
 // visible GPU, over peer copies, no NCCL (header section 9 is the algorithm, cuda/comm.cuh the transport).
 //
 //   build/train_multi_gpu [--preset tiny|small] [--steps 40] [--batch 32] [--seq 256] [--lr 1e-3] [--data FILE] [--ep]
-//                         [--ranks R]   (default: one rank per visible GPU; more ranks than GPUs share them, for tests)
+//                         [--fp8-dispatch] [--ranks R]   (default: one rank per visible GPU; more ranks than GPUs share
+//                         them, for tests)
 //
 // Each GPU holds a replica of the model (built from the same seed) and, at every step, takes its consecutive share
 // of the global batch (row_share): forward and backward on the GPU backend, gradients scaled by its share of the
@@ -16,6 +17,9 @@
 // dispatched to the GPUs owning their chosen experts and the outputs combined back (backend::all_to_all =
 // cuda::all_to_all over peer copies); the replicated gradients are all-reduced. It prints the dispatch/combine
 // traffic and bandwidth next to the throughput, and the losses next to the 1-GPU run's (the same batches).
+// --fp8-dispatch (with --ep) sends the dispatch in FP8 as V3 does (§3.3.3; the header's ExpertParallel::fp8_dispatch)
+// and prints its bytes against BF16's. The packing runs on the host (the rows are copied there and back), so its
+// time is not yet the GPU's: a device-side pack with cuda/fp8.cuh's 1x128 quantizer is the follow-up.
 #define DSV3_BACKEND_CUDA
 // The header is host code; nvcc's front end does not know GCC's "#pragma GCC unroll" in it: silence that warning.
 #pragma nv_diag_suppress 1675
@@ -30,6 +34,7 @@ using namespace dsv3;
 struct RunResult {
     double tokens_per_s = 0, allreduce_s = 0, allreduce_bytes = 0, last_loss = 0;
     double moved_bytes = 0, moving_s = 0;   // --ep: rank 0's dispatch/combine traffic over the timed steps
+    double dispatch_bytes = 0, dispatch_rows = 0;   // --ep: of it, the dispatched token rows (bytes on the wire)
 };
 
 // Cosine from lr to lr/10 after a short warm-up, the same for every run compared here.
@@ -41,12 +46,14 @@ static LrSchedule schedule(float lr, int steps) {
 
 // One rank's DP × EP training (--ep): the header's parallel step, every byte through backend::all_to_all/all_reduce.
 static void train_rank_ep(dsv3::cuda::PeerComm& comm, const Config& cfg, const std::vector<int32_t>& data, int steps,
-                          int B, int T, float lr, RunResult& res, std::vector<double>& loss_of, double& seconds) {
+                          int B, int T, float lr, bool fp8_dispatch, RunResult& res, std::vector<double>& loss_of,
+                          double& seconds) {
     const int r = comm.rank(), world = comm.world_size();
     Model model(cfg, 1);
     AdamW opt;
     const LrSchedule sched = schedule(lr, steps);
     ExpertParallel ep(comm, cfg);
+    ep.fp8_dispatch = fp8_dispatch;
     std::vector<int32_t> batch(size_t(B) * (T + 1));
     const RowShare share = row_share(B, world, r);
     double t_start = 0;
@@ -69,17 +76,20 @@ static void train_rank_ep(dsv3::cuda::PeerComm& comm, const Config& cfg, const s
         seconds = now_seconds() - t_start;
         res.moved_bytes = double(ep.stats.bytes_moved);
         res.moving_s = ep.stats.seconds_moving;
+        res.dispatch_bytes = double(ep.stats.dispatch_bytes);
+        res.dispatch_rows = double(ep.stats.dispatched_rows);
     }
 }
 
 static RunResult train_on(int world, const Config& cfg, const std::vector<int32_t>& data, int steps, int B, int T,
-                          float lr, bool expert_parallel = false) {
+                          float lr, bool expert_parallel = false, bool fp8_dispatch = false) {
     dsv3::cuda::PeerGroup group(world, /*force_staging=*/false, /*verbose=*/world > 1);
     RunResult res;
     std::vector<double> loss_of(static_cast<size_t>(world));
     double seconds = 0;
     dsv3::cuda::run_gpu_ranks(group, [&](dsv3::cuda::PeerComm& comm) {
-        if (expert_parallel) return train_rank_ep(comm, cfg, data, steps, B, T, lr, res, loss_of, seconds);
+        if (expert_parallel)
+            return train_rank_ep(comm, cfg, data, steps, B, T, lr, fp8_dispatch, res, loss_of, seconds);
         const int r = comm.rank();
         Model model(cfg, 1);  // same seed on every rank: identical replicas
         AdamW opt;
@@ -128,7 +138,7 @@ int main(int argc, char** argv) {
     try {
         std::string preset = "small", data_path;
         int steps = 40, B = 32, T = 256;
-        bool expert_parallel = false;
+        bool expert_parallel = false, fp8_dispatch = false;
         int ranks = 0;
         float lr = 1e-3f;
         for (int i = 1; i < argc; ++i) {
@@ -144,10 +154,13 @@ int main(int argc, char** argv) {
             else if (k == "--lr") lr = std::stof(value());
             else if (k == "--data") data_path = value();
             else if (k == "--ep") expert_parallel = true;
+            else if (k == "--fp8-dispatch") fp8_dispatch = true;
             else if (k == "--ranks") ranks = std::stoi(value());
-            else fail("unknown option '", k, "' (--preset, --steps, --batch, --seq, --lr, --data, --ep, --ranks)");
+            else fail("unknown option '", k, "' (--preset, --steps, --batch, --seq, --lr, --data, --ep, "
+                      "--fp8-dispatch, --ranks)");
         }
         if (preset != "tiny" && preset != "small") fail("--preset: unknown \"", preset, "\" (tiny or small)");
+        if (fp8_dispatch && !expert_parallel) fail("--fp8-dispatch needs --ep (it is the expert-parallel dispatch)");
         Config cfg = preset == "small" ? Config::small() : Config::tiny();
         if (T > cfg.max_seq_len) fail("--seq ", T, " exceeds the preset's max_seq_len ", cfg.max_seq_len);
         cfg.max_seq_len = T;
@@ -170,12 +183,17 @@ int main(int argc, char** argv) {
                                 (std::min(R, gpus) > 1 ? "s" : "");
         if (expert_parallel) {
             if (B % R != 0) fail("--ep needs --batch divisible by the ", R, " ranks, found ", B);
-            const RunResult all = train_on(R, cfg, data, steps, B, T, lr, true);
+            const RunResult all = train_on(R, cfg, data, steps, B, T, lr, true, fp8_dispatch);
             std::printf("%s, DP x EP: %.0f tokens/s in all, %.0f per rank; %.2fx over 1 GPU\n", on.c_str(),
                         all.tokens_per_s, all.tokens_per_s / R, all.tokens_per_s / one.tokens_per_s);
             std::printf("dispatch/combine (rank 0): %.1f MB per step, %.2f ms per step, %.1f GB/s\n",
                         all.moved_bytes / (steps - 1) / 1e6, 1e3 * all.moving_s / (steps - 1),
                         all.moved_bytes / std::max(all.moving_s, 1e-12) / 1e9);
+            const double bf16 = all.dispatch_rows * 2.0 * cfg.dim;   // the same rows in BF16
+            std::printf("dispatch (rank 0, %s): %.2f MB per step, %.3f of BF16's %.2f MB\n",
+                        fp8_dispatch ? "FP8, 1x128 power-of-two scales" : "FP32",
+                        all.dispatch_bytes / (steps - 1) / 1e6, all.dispatch_bytes / std::max(bf16, 1.0),
+                        bf16 / (steps - 1) / 1e6);
             std::printf("last loss: 1 GPU %.5f, %s DP x EP %.5f (the same batches)\n", one.last_loss, on.c_str(),
                         all.last_loss);
             return 0;

@@ -75,19 +75,22 @@ inline Trained train_single(const Config& c, int B, int T, int steps) {
     return out;
 }
 
-// One rank's training (with_ep: the routed experts split over the ranks too): its own, unassembled parameters.
-inline Trained train_rank(Communicator& comm, const Config& c, int B, int T, int steps, bool with_ep) {
+// One rank's training (with_ep: the routed experts split over the ranks too, their dispatch in FP8 with
+// fp8_dispatch; sync: the gradient buckets): its own, unassembled parameters.
+inline Trained train_rank(Communicator& comm, const Config& c, int B, int T, int steps, bool with_ep,
+                          const GradientSync& sync = {}, bool fp8_dispatch = false) {
     const int R = comm.world_size(), r = comm.rank();
     Trained out;
     Model model(c, 11);
     set_bias(model);
     AdamW opt;
     std::unique_ptr<ExpertParallel> ep(with_ep ? new ExpertParallel(comm, c) : nullptr);
+    if (ep) ep->fp8_dispatch = fp8_dispatch;
     for (int s = 0; s < steps; ++s) {
         std::vector<int32_t> tokens = random_rows(B, T, c.vocab_size, 100 + uint64_t(s));
         const RowShare share = row_share(B, R, r);
         StepResult res = parallel_train_step(comm, model, opt, tokens.data() + size_t(share.first) * (T + 1),
-                                             share.count, T, kLr, loss_options(), ep.get());
+                                             share.count, T, kLr, loss_options(), ep.get(), true, sync);
         out.losses.push_back(res.loss.total);
     }
     if (ep) out.max_ranks_per_token = ep->stats.max_ranks_per_token;
@@ -120,9 +123,12 @@ inline void assemble(const Config& c, bool with_ep, std::vector<Trained>& out) {
 }
 
 // Trains on R simulated ranks (threads); returns every rank's result, assembled.
-inline std::vector<Trained> train_parallel(const Config& c, int R, int B, int T, int steps, bool with_ep) {
+inline std::vector<Trained> train_parallel(const Config& c, int R, int B, int T, int steps, bool with_ep,
+                                           const GradientSync& sync = {}, bool fp8_dispatch = false) {
     std::vector<Trained> out(static_cast<size_t>(R));
-    run_ranks(R, [&](Communicator& comm) { out[size_t(comm.rank())] = train_rank(comm, c, B, T, steps, with_ep); });
+    run_ranks(R, [&](Communicator& comm) {
+        out[size_t(comm.rank())] = train_rank(comm, c, B, T, steps, with_ep, sync, fp8_dispatch);
+    });
     assemble(c, with_ep, out);
     return out;
 }

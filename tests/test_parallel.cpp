@@ -207,3 +207,245 @@ TEST_CASE("parallel: expert parallelism refuses unequal shares of the batch") {
         parallel_train_step(comm, model, opt, tokens.data(), comm.rank() == 0 ? 1 : 2, 4, kLr, loss_options(), &ep);
     }), doctest::Contains("equal shares"), Error);
 }
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Gradient buckets and their overlap with the backward (section 9.5).
+
+// The contract the overlap rests on: at each report, no gradient at or above the offset changes any more.
+TEST_CASE("parallel: the backward reports final gradients from the end of the flat buffer down to 0") {
+    const Config c = parallel_config(4, 2);
+    const int B = 2, T = 6;
+    Model model(c, 11);
+    set_bias(model);
+    const std::vector<int32_t> tokens = random_rows(B, T, c.vocab_size, 3);
+    std::vector<size_t> offsets;
+    std::vector<std::vector<float>> tails;  // grads[offset:] at each report
+    model.on_gradients_final = [&](size_t o) {
+        offsets.push_back(o);
+        tails.emplace_back(model.grads.begin() + long(o), model.grads.end());
+    };
+    model.forward_backward(tokens.data(), B, T, loss_options());
+    REQUIRE(offsets.size() == size_t(c.n_mtp_depth + 1 + c.n_layers + 1));  // MTP modules, head, blocks, embedding
+    CHECK(offsets.back() == 0);
+    for (size_t i = 1; i < offsets.size(); ++i) CHECK(offsets[i] < offsets[i - 1]);
+    for (size_t i = 0; i < offsets.size(); ++i)
+        CHECK(bitwise_equal(tails[i].data(), model.grads.data() + offsets[i], tails[i].size()));
+}
+
+TEST_CASE("parallel: gradient buckets cover the replicated gradients once, from the end of the buffer") {
+    const Config c = parallel_config(2, 1);
+    Model model(c, 1);
+    const size_t block_bytes = (model.layout.blocks[1].attn_norm.g - model.layout.blocks[0].attn_norm.g) * 4;
+    for (bool with_ep : {false, true})
+        run_ranks(2, [&](Communicator& comm) {
+            Model m(c, 1);
+            ExpertParallel ep(comm, c);
+            const HeldParams held = held_params(m, with_ep ? &ep : nullptr);
+            for (size_t bytes : {size_t(0), block_bytes, size_t(SIZE_MAX)}) {
+                const std::vector<GradientBucket> buckets = gradient_buckets(held, bytes);
+                std::vector<int> covered(m.params.size(), 0);
+                for (size_t i = 0; i < buckets.size(); ++i) {
+                    const GradientBucket& b = buckets[i];
+                    size_t floats = 0;
+                    for (size_t p = 0; p < b.pieces.size(); ++p) {
+                        floats += b.pieces[p].second;
+                        for (size_t k = 0; k < b.pieces[p].second; ++k) ++covered[b.pieces[p].first + k];
+                        if (p) CHECK(b.pieces[p].first > b.pieces[p - 1].first + b.pieces[p - 1].second);  // merged
+                    }
+                    CHECK(floats == b.floats);
+                    if (i) CHECK(b.first() < buckets[i - 1].first());     // the order the backward completes them
+                    if (i + 1 < buckets.size()) CHECK(b.floats * 4 >= bytes);  // only the last may be smaller
+                    CHECK((b.pieces.size() == 1 || with_ep));            // DP: one piece each
+                }
+                std::vector<int> want(m.params.size(), 0);
+                for (const ParamEntry* e : held.replicated) std::fill_n(want.begin() + long(e->offset), e->size, 1);
+                CHECK(covered == want);
+                if (bytes == SIZE_MAX) CHECK(buckets.size() == 1);
+                if (bytes == 0) CHECK(buckets.size() == held.replicated.size());
+            }
+        });
+}
+
+// One forward/backward and the reduction of the gradients on R ranks, for several GradientSync: every rank's
+// reduced gradients.
+static std::vector<std::vector<float>> reduced_gradients(const Config& c, int R, int B, int T,
+                                                         const GradientSync& sync) {
+    const std::vector<int32_t> tokens = random_rows(B, T, c.vocab_size, 8);
+    std::vector<std::vector<float>> out(static_cast<size_t>(R));
+    run_ranks(R, [&](Communicator& comm) {
+        Model model(c, 11);
+        set_bias(model);
+        const RowShare share = row_share(B, R, comm.rank());
+        forward_backward_reduced(comm, model, tokens.data() + size_t(share.first) * (T + 1), share.count, T,
+                                 loss_options(), held_params(model, nullptr), float(share.count) / float(B), sync);
+        out[size_t(comm.rank())] = model.grads;
+    });
+    return out;
+}
+
+// Tolerance on 3 ranks: the ring sums of one element in two bucketings are two orders of the same three terms x_r
+// (section 9.2), each within 2 roundings of the exact sum, so at most 2·FLT_EPSILON·Σ_r |x_r| apart; a bucket
+// reduced twice or not at all is off by 100%. x_r, rank r's weighted gradient, is a single model's on its rows.
+TEST_CASE("parallel: bucketed all-reduce during the backward = one all-reduce after it, bitwise on 1 and 2 ranks") {
+    const Config c = parallel_config(4, 2);
+    Model shape(c, 0);
+    const size_t block_bytes = (shape.layout.blocks[1].attn_norm.g - shape.layout.blocks[0].attn_norm.g) * 4;
+    for (int R : {1, 2, 3}) {
+        const int B = 6, T = 6;
+        const std::vector<std::vector<float>> one = reduced_gradients(c, R, B, T, GradientSync{});
+        std::vector<double> abs_sum(shape.params.size(), 0.0);  // Σ_r |x_r|
+        const std::vector<int32_t> tokens = random_rows(B, T, c.vocab_size, 8);
+        for (int r = 0; r < R; ++r) {
+            Model m(c, 11);
+            set_bias(m);
+            const RowShare share = row_share(B, R, r);
+            m.forward_backward(tokens.data() + size_t(share.first) * (T + 1), share.count, T, loss_options());
+            for (size_t i = 0; i < abs_sum.size(); ++i)
+                abs_sum[i] += std::fabs(m.grads[i] * (float(share.count) / float(B)));
+        }
+        for (size_t bytes : {size_t(SIZE_MAX), block_bytes, size_t(1000), size_t(0)}) {
+            const std::vector<std::vector<float>> overlapped = reduced_gradients(c, R, B, T, GradientSync{bytes, true});
+            const std::vector<std::vector<float>> after = reduced_gradients(c, R, B, T, GradientSync{bytes, false});
+            INFO("ranks ", R, ", bucket bytes ", bytes);
+            for (int r = 0; r < R; ++r) {
+                CHECK(overlapped[size_t(r)] == overlapped[0]);   // replicas bitwise identical
+                CHECK(overlapped[size_t(r)] == after[size_t(r)]);  // timing changes nothing
+            }
+            if (R <= 2) CHECK(overlapped[0] == one[0]);
+            bool close = true;
+            for (size_t i = 0; i < one[0].size(); ++i)
+                close &= std::fabs(overlapped[0][i] - one[0][i]) <= 2 * FLT_EPSILON * abs_sum[i];
+            CHECK(close);
+        }
+    }
+}
+
+TEST_CASE("parallel: DP training with the all-reduce overlapped = without, bitwise, for any bucket size") {
+    const int T = 8, steps = 3, B = 4;
+    const Config c = parallel_config(4, 2);
+    Model shape(c, 0);
+    const size_t block_bytes = (shape.layout.blocks[1].attn_norm.g - shape.layout.blocks[0].attn_norm.g) * 4;
+    for (int R : {2, 4}) {
+        const std::vector<Trained> plain = train_parallel(c, R, B, T, steps, false);
+        for (size_t bytes : {size_t(SIZE_MAX), block_bytes, size_t(0)}) {  // one bucket, one-layer, one-tensor buckets
+            const std::vector<Trained> over = train_parallel(c, R, B, T, steps, false, GradientSync{bytes, true});
+            INFO("ranks ", R, ", bucket bytes ", bytes);
+            CHECK(over[0].replicas_identical);
+            if (R == 2) {
+                CHECK(over[0].losses == plain[0].losses);
+                CHECK(over[0].params == plain[0].params);
+            } else {  // other ring chunks: sums a few ulps apart, which AdamW's first steps pass on (see above)
+                CHECK(max_abs_diff(over[0].params, plain[0].params) <= 1e-3 * kLr * steps);
+                for (int s = 0; s < steps; ++s)
+                    CHECK(over[0].losses[size_t(s)] == doctest::Approx(plain[0].losses[size_t(s)]).epsilon(1e-5));
+            }
+        }
+    }
+}
+
+TEST_CASE("parallel: the overlapped all-reduce refuses expert parallelism, which talks during the backward") {
+    const Config c = parallel_config(2, 1);
+    CHECK_THROWS_WITH_AS(run_ranks(2, [&](Communicator& comm) {
+        Model model(c, 1);
+        AdamW opt;
+        ExpertParallel ep(comm, c);
+        std::vector<int32_t> tokens = random_rows(2, 4, c.vocab_size, 1);
+        parallel_train_step(comm, model, opt, tokens.data() + comm.rank() * 5, 1, 4, kLr, loss_options(), &ep, true,
+                            GradientSync{SIZE_MAX, true});
+    }), doctest::Contains("data parallelism alone"), Error);
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// The FP8 dispatch of expert parallelism [V3 §3.3.3].
+
+static std::vector<float> fp8_round_trip(const std::vector<float>& x, int d) {
+    const int n = int(x.size()) / d;
+    std::vector<uint8_t> q(x.size());
+    std::vector<float> s(size_t(n) * fp8_tiles(d)), back(x.size());
+    quantize_tiles_1x128(x.data(), n, d, q.data(), s.data(), /*pow2_scale=*/true);
+    dequantize_tiles_1x128(q.data(), s.data(), n, d, back.data());
+    return back;
+}
+
+TEST_CASE("parallel: FP8 dispatch rows: d + ceil(d/128) bytes, unpacked = the 1x128 power-of-two round trip") {
+    for (int d : {16, 128, 200, 7168}) {
+        const int n = 5;
+        std::vector<float> x(size_t(n) * d);
+        Rng rng{uint64_t(d)};
+        for (size_t i = 0; i < x.size(); ++i) x[i] = float(rng.normal()) * std::ldexp(1.0f, int(i % 7) * 9 - 30);
+        std::fill_n(x.begin() + d, d, 0.0f);                         // a row of zeros: scale 1
+        x[2 * size_t(d)] = FLT_MAX;                                  // the largest scale, 2^120
+        for (int j = 0; j < d; ++j) x[3 * size_t(d) + j] = 1e-40f * float(j % 5);  // subnormals: scale FLT_MIN
+        const int64_t row = fp8_row_bytes(d);
+        CHECK(row == d + (d + 127) / 128);
+        std::vector<uint8_t> packed(size_t(n * row));
+        std::vector<float> got(x.size());
+        fp8_pack_rows(x.data(), n, d, packed.data());
+        fp8_unpack_rows(packed.data(), n, d, got.data());
+        INFO("d ", d);
+        const std::vector<float> want = fp8_round_trip(x, d);
+        CHECK(bitwise_equal(got.data(), want.data(), x.size()));
+        CHECK(got != x);  // FP8 is lossy: the test sees the wire
+        CHECK(double(row) / (2.0 * d) <= (d >= 128 ? 0.51 : 0.54));  // against BF16: about half
+    }
+}
+
+TEST_CASE("parallel: FP8 dispatch on 2 ranks: half of BF16's bytes, rows received = the FP8 round trip, EP trains") {
+    Config c = parallel_config(2, 1);
+    c.dim = 128;         // one full 1x128 tile per row
+    c.init_std = 0.1f;   // about 0.3·√(16/128): logits of the size parallel_config's 16 wide model has
+    const int B = 4, T = 6, R = 2;
+    const std::vector<int32_t> tokens = random_rows(B, T, c.vocab_size, 5);
+    // One EP forward/backward with fp8_dispatch, and with a codec that applies the FP8 round trip in place (and
+    // sends FP32): if every received row is the round trip of the row sent, both runs compute the same bits.
+    struct Out { std::vector<float> logits, grads; double loss = 0; ExpertParallel::Stats stats; };
+    auto run = [&](bool fp8, bool codec) {
+        std::vector<Out> out(static_cast<size_t>(R));
+        run_ranks(R, [&](Communicator& comm) {
+            Model model(c, 11);
+            set_bias(model);
+            ExpertParallel ep(comm, c);
+            ep.fp8_dispatch = fp8;
+            if (codec)
+                ep.dispatch_codec = [](float* x, int64_t n, int d) {
+                    const std::vector<float> back = fp8_round_trip(std::vector<float>(x, x + n * d), d);
+                    std::copy(back.begin(), back.end(), x);
+                };
+            model.expert_runner = &ep;
+            const RowShare share = row_share(B, R, comm.rank());
+            Out& o = out[size_t(comm.rank())];
+            o.loss = model.forward_backward(tokens.data() + size_t(share.first) * (T + 1), share.count, T,
+                                            loss_options()).total;
+            o.logits.assign(model.logits(), model.logits() + int64_t(share.count) * T * c.vocab_size);
+            o.grads = model.grads;
+            o.stats = ep.stats;
+        });
+        return out;
+    };
+    const std::vector<Out> fp8 = run(true, false), simulated = run(false, true), plain = run(false, false);
+    for (int r = 0; r < R; ++r) {
+        INFO("rank ", r);
+        const Out &f = fp8[size_t(r)], &s = simulated[size_t(r)];
+        CHECK(f.loss == s.loss);
+        CHECK(f.logits == s.logits);
+        CHECK(f.grads == s.grads);
+        CHECK(f.loss != plain[size_t(r)].loss);  // the round trip does change the rows
+        REQUIRE(f.stats.dispatched_rows > 0);
+        CHECK(f.stats.dispatched_rows == s.stats.dispatched_rows);
+        CHECK(s.stats.dispatch_bytes == f.stats.dispatched_rows * 4 * c.dim);                   // FP32
+        CHECK(f.stats.dispatch_bytes == f.stats.dispatched_rows * (c.dim + 1));                 // FP8 + exponent
+        const int64_t bf16 = f.stats.dispatched_rows * 2 * c.dim;
+        CHECK(double(f.stats.dispatch_bytes) / double(bf16) == doctest::Approx(129.0 / 256.0));  // 0.504
+        CHECK(s.stats.bytes_moved - f.stats.bytes_moved == s.stats.dispatch_bytes - f.stats.dispatch_bytes);
+    }
+    // DP × EP training with the FP8 dispatch: the losses stay close to the FP32 dispatch's
+    const int steps = 3;
+    const std::vector<Trained> with = train_parallel(c, R, 8, T, steps, true, GradientSync{}, true);
+    const std::vector<Trained> without = train_parallel(c, R, 8, T, steps, true);
+    CHECK(with[0].replicas_identical);
+    for (int s = 0; s < steps; ++s) {
+        CHECK(std::isfinite(with[0].losses[size_t(s)]));
+        CHECK(with[0].losses[size_t(s)] == doctest::Approx(without[0].losses[size_t(s)]).epsilon(1e-2));
+    }
+    CHECK(with[0].losses != without[0].losses);
+}

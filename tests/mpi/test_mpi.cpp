@@ -135,6 +135,20 @@ void test_training(Communicator& comm, bool with_ep) {
             same &= bitwise_equal(mpi[size_t(q)].params.data(), threads[size_t(q)].params.data(), mine.params.size()) &&
                     mpi[size_t(q)].losses == threads[size_t(q)].losses;
         check(same, str(R, (name + "every rank bitwise = thread ranks").c_str()));
+        if (!with_ep) {  // the all-reduce overlapped with the backward, one tensor a bucket: MPI from a second thread
+            const GradientSync sync{0, true};
+            const Trained over = train_rank(comm, c, B, T, steps, false, sync);
+            Trained over_threads;
+            run_ranks(R, [&](Communicator& t) {
+                Trained x = train_rank(t, c, B, T, steps, false, sync);
+                if (t.rank() == comm.rank()) over_threads = x;
+            });
+            check(over.params == over_threads.params && over.losses == over_threads.losses,
+                  str(R, (name + "overlapped buckets: bitwise = thread ranks").c_str()));
+            if (R == 2)
+                check(over.params == mine.params && over.losses == mine.losses,
+                      str(R, (name + "overlapped buckets: bitwise = one all-reduce after the backward").c_str()));
+        }
         if (comm.rank() != 0) continue;  // one comparison with the single rank is enough
         assemble(c, with_ep, mpi);
         check(mpi[0].replicas_identical, str(R, (name + "replicas bitwise identical").c_str()));
