@@ -747,6 +747,9 @@ TEST_CASE("fp8_matmul: V3's FP8 linear layer (Fprop, Dgrad, Wgrad), bit for bit 
         CHECK(bit_mismatches(host(yd), y) == 0);
         CHECK(bit_mismatches(host(dxd), dx) == 0);
         CHECK(bit_mismatches(host(dWd), dW) == 0);
+        auto dWd2 = dev(dW0);   // Wgrad alone (no dx: the first layer of a model)
+        cu::fp8_matmul_backward(nullptr, dWd2.data(), dyd.data(), xd.data(), Wd.data(), s.T, s.in, s.out);
+        CHECK(bit_mismatches(host(dWd2), dW) == 0);
     }
 }
 
@@ -775,6 +778,10 @@ TEST_CASE("fp8_grouped_matmul: the routed experts' FP8 layers in one launch each
         CHECK(bit_mismatches(host(yd), y) == 0);
         CHECK(bit_mismatches(host(dxd), dx) == 0);
         CHECK(bit_mismatches(host(dWd), dW) == 0);   // the gaps between the experts' weights untouched too
+        auto dWd2 = dev(dW0);   // Wgrad alone
+        cu::fp8_grouped_matmul_backward(nullptr, dWd2.data(), dyd.data(), xd.data(), Wd.data(), stride,
+                                        offsets.data(), groups, s.in, s.out);
+        CHECK(bit_mismatches(host(dWd2), dW) == 0);
     }
 }
 
