@@ -2454,9 +2454,10 @@ inline void attend_one(float* o, int L, int dim, float scale, const Score& score
 inline void mla_attend_latent(float* o_lat, const float* q_lat, const float* q_rope, const float* ckv,
                                 const float* k_rope, int n, int pos0, int H, int dc, int dr, float scale) {
     DSV3_PROFILE_KERNEL();
+    // the two parts of row t's scores, [H, L] with L = pos0 + t + 1: sized once for the longest row
+    std::vector<float> s_c(size_t(H) * (pos0 + n)), s_r(size_t(H) * (pos0 + n));
     for (int t = 0; t < n; ++t) {
         const int L = pos0 + t + 1;
-        std::vector<float> s_c(size_t(H) * L), s_r(size_t(H) * L);  // the two parts of the scores: [H, L]
         gemm::multiply_few_rows(s_c.data(), q_lat + int64_t(t) * H * dc, ckv, H, dc, L);
         gemm::multiply_few_rows(s_r.data(), q_rope + int64_t(t) * H * dr, k_rope, H, dr, L);
         parallel_for(H, [&](int64_t h) {

@@ -739,10 +739,7 @@ inline void fp8_gemms(std::vector<Fp8Gemm>& list, int sb_rows, bool accumulate) 
 struct WeightCodes { uint8_t* q; float* qs; uint8_t* qt; float* qts; };
 inline WeightCodes weight_codes(const float* W, int64_t w_stride, int count, int rows, int cols,
                                 const std::vector<int>& needed) {
-    static const bool keep = [] {
-        const char* e = std::getenv("DSV3_FP8_WEIGHT_CODES");
-        return !(e && std::string(e) == "0");
-    }();
+    static const bool keep = !shadow::env_off("DSV3_FP8_WEIGHT_CODES");
     const int64_t n = int64_t(rows) * cols, blocks = int64_t(fp8_tiles(rows)) * fp8_tiles(cols);
     const int64_t part = (count * n + 255) / 256 * 256;   // the codes, padded: qt and qs start 256-byte aligned
     std::vector<int> todo;

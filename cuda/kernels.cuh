@@ -143,11 +143,12 @@ inline Registry& registry() {
     static Registry* r = new Registry;    // never destroyed: buffers freed at exit still call invalidate
     return *r;
 }
+inline bool env_off(const char* name) {   // NAME=0 in the environment turns a cache off (for timing)
+    const char* e = std::getenv(name);
+    return e && std::string(e) == "0";
+}
 inline bool enabled() {
-    static const bool on = [] {
-        const char* e = std::getenv("DSV3_BF16_SHADOW");
-        return !(e && std::string(e) == "0");
-    }();
+    static const bool on = !env_off("DSV3_BF16_SHADOW");
     return on;
 }
 // Codes overlapping [lo, hi): marked stale (no matrix done), or erased (their storage freed) when `release`.
