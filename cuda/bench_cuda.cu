@@ -192,9 +192,7 @@ int main(int argc, char** argv) {
             auto sb = random_floats(size_t(dsv3::fp8_tiles(n)) * kt, 4 + n, 0.5f, 1.5f);
             cu::DeviceBuffer<float> C(size_t(n) * n);
             // fp8_gemm's own choice of kernel for this size
-            const char* tile = !cu::fp8_gemm_fast_available()                ? "emulation"
-                               : cu::detail::fp8_gemm_auto_tile(n, n) == 192 ? "128x192 tile, 4 stages"
-                                                                             : "128x128 tile, 4 stages";
+            const char* tile = cu::fp8_gemm_fast_available() ? "warp-specialized, TMA" : "emulation";
             const double ms = time_ms([&] {
                 cu::fp8_gemm(A.data(), sa.data(), B.data(), sb.data(), C.data(), n, n, n);
             }, 3, quick ? 5 : 20);

@@ -1,12 +1,12 @@
 // cuda/dev_fp8_gemm.cu — the versions of the block-scaled FP8 GEMM, one at a time (llm.c's dev/cuda style).
-//     make cuda && build/dev_fp8_gemm [N [S ...]]   N = 1..5: that version only (0 or none: all); S: sizes M = N = K
-//                                                   (default 4096 8192)
+//     make cuda && build/dev_fp8_gemm [N[,N...] [S ...]]   N = 1..6: those versions only (0 or none: all); S: sizes
+//                                                          M = N = K (default 4096 8192)
 //
 // C[M, N] = A[M, K] · B[N, K]ᵀ, E4M3 codes, A's scales per 1×128 tile, B's per 128×128 block, promotion to FP32 every
 // 128 along K (DeepSeek-V3 report, arXiv 2412.19437 §3.3.2; the accumulator model is the header's section 8). The
-// library's entry points are cuda::fp8_gemm and fp8_matmul_forward / _backward (cuda/fp8.cuh), which run version 2
-// below 6144² outputs and version 3 from there (version 1 where the binary has no wgmma, i.e. not built for sm_90a,
-// or the GPU is not Hopper). This program runs each version alone:
+// library's entry points are cuda::fp8_gemm and fp8_matmul_forward / _backward (cuda/fp8.cuh), which run version 6
+// on 16-byte rows with at least one 128 × 128 tile an SM, and version 2 (or its 64-wide tile) otherwise (version 1
+// where the binary has no wgmma, i.e. not built for sm_90a, or the GPU is not Hopper). This program runs each alone:
 //   check: BIT-EXACT against the header's CPU dsv3::fp8_gemm (0 differing outputs, else FAIL with the count and the
 //          largest difference), on ragged shapes (test_cuda's: partial tiles, K not a multiple of 16, unit scales with
 //          raw codes of every magnitude, V3-style quantized Gaussians) and on 96 rows of each benchmark size (rows
@@ -14,31 +14,34 @@
 //   time:  CUDA events, 3 warm-up calls, the median of 20 (version 1: 1 and 3, it is slow); random finite codes, scales
 //          in [0.5, 1.5); TFLOP/s = 2·M·N·K / time.
 //
-// The versions (2-5 are wgmma kernels: a CTA computes a 128 × BN tile of C with two warpgroups; K advances in tiles of
-// 128 = one promotion chunk = 4 wgmma.m64nBNk32.e4m3, chained in the tensor core's accumulator, then on the CUDA
-// cores acc32 = fmaf(c, sa·sb, acc32); A and B tiles reach shared memory by cp.async in a ring of STAGES buffers, in
-// the 128-byte swizzle wgmma reads without bank conflicts):
+// The versions (2-6 are wgmma kernels: a CTA computes a 128 × BN tile of C with two warpgroups of 64 rows; K advances
+// in tiles of 128 = one promotion chunk = 4 wgmma.m64nBNk32.e4m3, chained in the tensor core's accumulator, then on
+// the CUDA cores acc32 = fmaf(c, sa·sb, acc32); the tiles sit in shared memory in the 128-byte swizzle wgmma reads
+// without bank conflicts):
 //   v1  the emulation (cuda::fp8_gemm_emulated): the header's integer model of the tensor core's accumulator on the
 //       CUDA cores, one thread per output. Runs on any GPU; the reference the fast path was first checked against.
-//   v2  128×128 tile, 4 stages (the library's fp8_gemm_wgmma_kernel<128, true>).
-//   v3  128×192 tile, 4 stages (fp8_gemm_wgmma_kernel<192, true>): the wider tile moves fewer bytes per FLOP, which
-//       pays once the grid has many waves; the library switches to it at M·N >= 6144².
+//   v2  128×128 tile, 4 stages of cp.async by all 256 threads, one __syncthreads a K-tile (fp8_gemm_wgmma_kernel).
+//   v3  128×192 tile, 4 stages (the same kernel): fewer bytes per FLOP.
 //   v4  128×128, 5 stages, ping-pong accumulators: chunk kt's four wgmma run into c[kt % 2] while the CUDA cores
-//       promote chunk kt-1 from the other one, so that the promotion and the wait overlap the next chunk's math.
-//       Defined below; the library does not launch it.
+//       promote chunk kt-1 from the other one. Defined below; the library does not launch it.
 //   v5  128×192, 5 stages: a deeper pipeline. Defined below; the library does not launch it.
-// Measured on an H100 SXM (bench_cuda when it still looped over these, as variants 0-3; M = N = K = 4096 / 8192;
-// cuBLASLt through torch._scaled_mm: 860-990 / 1125-1190 TFLOP/s):
-//   v2: 128×128 tile, 4 stages     ~650 / 716 TFLOP/s
-//   v3: 128×192 tile, 4 stages     ~588 / 743
-//   v4: 128×128, 5 stages, ping-pong accumulators   ~660 / 660-700: ptxas serialises the wgmma (warning C7514: the
-//       promotion reads one accumulator while the other's wgmma is in flight, which it cannot prove safe), so the
-//       overlap it was written for does not happen; kept as the lesson.
-//   v5: 128×192, 5 stages          ~585 / 656-667 (a deeper pipeline does not help: the loads are not the limit)
-//   v1 (the emulation): no figure recorded.
-// What would close the rest of the gap to cuBLAS: TMA loads with multicast across a cluster of 2 (halves the L2→SM
-// bytes of one operand), a producer warp and mbarriers instead of __syncthreads (the two consumer warpgroups drift
-// apart, so one's promotion overlaps the other's wgmma), and a persistent grid.
+//   v6  warp-specialized (fp8_gemm_ws_kernel): a producer thread feeds 6 stages by TMA, two consumer warpgroups wait
+//       on per-stage mbarriers instead of __syncthreads, so they drift apart and one's promotion overlaps the other's
+//       wgmma; persistent grid; setmaxnreg.
+// Measured on an H200 (2026-12-04, one run of `build/dev_fp8_gemm 2,3,6 4096 6144 8192`, then in the same lease
+// cuBLASLt through torch._scaled_mm, tests/reference/bench_scaled_mm.py: 995 / 1177 / 1181 TFLOP/s):
+//   v2: 648 / 681 / 703 TFLOP/s      v3: 582 / 701 / 730 (an earlier lease)      v6: 852 / 912 / 954
+// and on an H100 SXM (earlier; cuBLASLt 860-990 / 1125-1190 at 4096 / 8192): v2 ~650 / 716, v3 ~588 / 743,
+// v4 ~660 / 660-700: ptxas serialises the wgmma (warning C7514: the promotion reads one accumulator while the other's
+// wgmma is in flight, which it cannot prove safe), so the overlap it was written for does not happen; v5 ~585 /
+// 656-667 (a deeper pipeline does not help: the loads were not the limit of v2).
+// On the way to v6 (H200, same sizes, not kept): the same warp-specialized kernel with a producer WARPGROUP issuing
+// cp.async (each thread 16 copies a stage, then cp.async.wait_group, a proxy fence and an mbarrier arrival for the
+// stage before) reached 775 / 827 / 852 with 72 producer registers and 656 / 691 / 716 with 40 and its loops partly
+// unrolled: the producer's issue rate limits it, which TMA (one instruction a box) removes. With 192-wide tiles
+// (TMA, 4 stages) 689 / 830 / 860: slower than 128. What would close the rest of the gap to cuBLASLt: TMA
+// multicast across a cluster of 2 (one operand's L2 → SM bytes halved) and an epilogue that overlaps the next tile's
+// wgmma (two accumulator sets, which need the registers a third consumer would take).
 #include "dev_common.cuh"
 
 #include <cmath>
@@ -224,9 +227,10 @@ namespace cu = dsv3::cuda;
 namespace cd = dsv3::cuda::detail;
 using cu::bench::time_ms;
 
-constexpr int kVersions = 5;
+constexpr int kVersions = 6;
 const char* const kNames[kVersions + 1] = {"", "emulation (CUDA cores)", "128x128, 4 stages", "128x192, 4 stages",
-                                           "128x128, 5 stages, ping-pong", "128x192, 5 stages"};
+                                           "128x128, 5 stages, ping-pong", "128x192, 5 stages",
+                                           "warp-specialized, TMA, 6 stages"};
 
 // Why version v cannot run C = A·Bᵀ of depth K here (nullptr: it can).
 const char* unavailable(int v, int K, const void* A, const void* B) {
@@ -244,7 +248,8 @@ void run_version(int v, const uint8_t* A, const float* sa, const uint8_t* B, con
         case 2: cd::launch_fp8_gemm_wgmma(128, A, sa, B, sb, C, M, N, K, 128, 0); break;
         case 3: cd::launch_fp8_gemm_wgmma(192, A, sa, B, sb, C, M, N, K, 128, 0); break;
         case 4: cd::launch_dev_wgmma<128, 5, true>(A, sa, B, sb, C, M, N, K); break;
-        default: cd::launch_dev_wgmma<192, 5, false>(A, sa, B, sb, C, M, N, K); break;
+        case 5: cd::launch_dev_wgmma<192, 5, false>(A, sa, B, sb, C, M, N, K); break;
+        default: cd::fp8_gemm_general(A, sa, B, sb, 128, C, M, N, K, false, cd::Fp8Kernel::ws); break;
     }
 }
 
@@ -346,21 +351,27 @@ void check_rows(BitCheck& c, int v, const Problem& p, const std::vector<std::pai
 
 int main(int argc, char** argv) {
     try {
-        int only = 0;   // 0: every version
+        std::vector<bool> chosen(kVersions + 1, true);   // argv[1]: 0 (all) or versions, comma-separated
         std::vector<int> sizes = {4096, 8192};
-        if (argc > 1) {
-            only = std::atoi(argv[1]);
-            if (only < 0 || only > kVersions) {
-                std::fprintf(stderr, "usage: %s [N [S ...]]   N = 1..%d runs that version only (0 or none: all), "
-                             "S = sizes M = N = K (default 4096 8192)\n", argv[0], kVersions);
-                return 2;
+        if (argc > 1 && std::strcmp(argv[1], "0") != 0) {
+            std::fill(chosen.begin(), chosen.end(), false);
+            for (const char* p = argv[1]; *p;) {
+                char* end = nullptr;
+                const long v = std::strtol(p, &end, 10);
+                if (end == p || v < 1 || v > kVersions || (*end && *end != ',')) {
+                    std::fprintf(stderr, "usage: %s [N[,N...] [S ...]]   N = 1..%d runs those versions only (0 or none: "
+                                 "all), S = sizes M = N = K (default 4096 8192)\n", argv[0], kVersions);
+                    return 2;
+                }
+                chosen[size_t(v)] = true;
+                p = *end ? end + 1 : end;
             }
         }
         if (argc > 2) {
             sizes.clear();
             for (int i = 2; i < argc; ++i) sizes.push_back(std::max(1, std::atoi(argv[i])));
         }
-        auto selected = [&](int v) { return only == 0 || only == v; };
+        auto selected = [&](int v) { return bool(chosen[size_t(v)]); };
         cu::bench::print_device("dev_fp8_gemm");
 
         // Ragged shapes, every output.

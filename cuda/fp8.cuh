@@ -18,6 +18,8 @@
 // and checks these.
 #pragma once
 
+#include <cuda.h>           // CUtensorMap (the TMA's tensor maps)
+#include <cudaTypedefs.h>   // PFN_cuTensorMapEncodeTiled
 #include <cuda_fp8.h>
 
 namespace dsv3 {
@@ -437,6 +439,43 @@ __device__ __forceinline__ Fp8Gemm gemm_of_cta(const Fp8Gemms& g) {
     return g.list[lo];
 }
 
+// The epilogue of both fast kernels: C (+)= acc for this thread's two rows and R/2 column pairs of the tile at n0,
+// two adjacent columns per access where possible. With accumulate, all of the thread's old values are loaded first
+// (into `old`, a free register tile), so the loads wait on memory once, not once each.
+template <int R>
+__device__ __forceinline__ void store_tile(float* __restrict__ C, const float (&acc)[R], float (&old)[R], int M, int N,
+                                           int row0, int row1, int n0, int lane, int accumulate) {
+    const bool pairs = N % 2 == 0;
+    auto at = [&](int r) {
+        return C + int64_t((r / 2) % 2 ? row1 : row0) * N + n0 + 8 * (r / 4) + 2 * (lane % 4);
+    };
+    auto inside = [&](int r, int i) {   // element i (0, 1) of pair r lies in C
+        return ((r / 2) % 2 ? row1 : row0) < M && n0 + 8 * (r / 4) + 2 * (lane % 4) + i < N;
+    };
+    if (accumulate) {
+#pragma unroll
+        for (int r = 0; r < R; r += 2) {
+            if (pairs && inside(r, 1)) {
+                const float2 o = *reinterpret_cast<const float2*>(at(r));
+                old[r] = o.x, old[r + 1] = o.y;
+            } else {
+                old[r] = inside(r, 0) ? at(r)[0] : 0.0f;
+                old[r + 1] = inside(r, 1) ? at(r)[1] : 0.0f;
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r += 2) {
+        const float v0 = accumulate ? old[r] + acc[r] : acc[r], v1 = accumulate ? old[r + 1] + acc[r + 1] : acc[r + 1];
+        if (pairs && inside(r, 1)) {
+            *reinterpret_cast<float2*>(at(r)) = make_float2(v0, v1);
+        } else {
+            if (inside(r, 0)) at(r)[0] = v0;
+            if (inside(r, 1)) at(r)[1] = v1;
+        }
+    }
+}
+
 // The fast kernel: BN = 64, 128 or 192 (the tile width, fp8_gemm_auto_tile), VEC16 = 16-byte loads
 // (gemm_load_tile). The 64-wide tile is for products of few tiles (a dense layer's Wgrad: K is the tokens, the output
 // only a weight): twice the CTAs, two of them on an SM (half the registers each), so one's epilogue and pipeline
@@ -556,40 +595,196 @@ __global__ void __launch_bounds__(kGemmThreads, BN == 64 ? 2 : 1)
         promote(c0, s);
     }
     cp_async_wait<0>();
-    // Epilogue: FP32 C, two adjacent columns per access where possible. C (+)= acc: with accumulate, all of this
-    // thread's old values are loaded first (into c0, free now), so the loads wait on memory once, not once each.
-    const bool pairs = N % 2 == 0;
-    auto at = [&](int r) {
-        return C + int64_t((r / 2) % 2 ? row1 : row0) * N + n0 + 8 * (r / 4) + 2 * (lane % 4);
-    };
-    auto inside = [&](int r, int i) {   // element i (0, 1) of pair r lies in C
-        return ((r / 2) % 2 ? row1 : row0) < M && n0 + 8 * (r / 4) + 2 * (lane % 4) + i < N;
-    };
-    if (accumulate) {
-#pragma unroll
-        for (int r = 0; r < R; r += 2) {
-            if (pairs && inside(r, 1)) {
-                const float2 old = *reinterpret_cast<const float2*>(at(r));
-                c0[r] = old.x, c0[r + 1] = old.y;
-            } else {
-                c0[r] = inside(r, 0) ? at(r)[0] : 0.0f;
-                c0[r + 1] = inside(r, 1) ? at(r)[1] : 0.0f;
+    store_tile<R>(C, acc, c0, M, N, row0, row1, n0, lane, accumulate);
+#else
+    __trap();   // built without sm_90a: the host never launches this (see fp8_gemm_fast_available)
+#endif
+}
+
+// ---- the warp-specialized kernel: what the model runs on 16-byte rows (the form of DeepGEMM's and CUTLASS's Hopper
+// GEMMs). Three warpgroups: one thread of warpgroup 0 feeds a ring of kWsStages shared-memory stages by TMA (the
+// tensor memory accelerator copies a whole 128 × 128-byte box of A and of B per instruction, already in the 128-byte
+// swizzle, zeros outside the matrix); warpgroups 1 and 2 only compute, 64 rows of the 128 × 128 tile each. In place
+// of one __syncthreads a K-tile, each stage has two mbarriers: `full` (its bytes have landed: the TMA unit counts
+// them) and `empty` (both consumers have read it: one arrival per consumer warp). So the two consumers drift apart,
+// and while one promotes its chunk on the CUDA cores the other's wgmma keeps the tensor cores busy: the library
+// kernel above stalls them for every promotion. The grid is persistent (one CTA an SM, tiles t, t + grid, ...), so
+// the producer fetches the next tile's first stages while the consumers store this one's. setmaxnreg moves registers
+// from the producer warpgroup, which needs few, to the consumers (64 accumulator and 64 chunk registers each).
+// Per output the arithmetic is the kernel's above, chunk by chunk in the same order: dsv3::fp8_gemm's bits.
+// H200, M = N = K = 4096 / 6144 / 8192 (build/dev_fp8_gemm, same run): 852 / 912 / 954 TFLOP/s against the kernel
+// above's 648 / 681 / 703 and cuBLASLt's 995 / 1177 / 1181.
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+    asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(smem_addr(bar))
+                 : "memory");
+}
+// One arrival that also expects `bytes` of TMA writes before the phase can complete.
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, int bytes) {
+    asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.expect_tx.shared::cta.b64 state, [%0], %1;\n}\n"
+                 ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+// Waits until the barrier's phase of this parity has completed (the u-th use of a stage: parity u mod 2).
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, int parity) {
+    asm volatile("{\n.reg .pred done;\nWAIT:\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+                 "@!done bra WAIT;\n}\n" ::"r"(smem_addr(bar)), "r"(parity) : "memory");
+}
+// TMA: the box at (byte column x, row y) of a 2D tensor map into shared memory; its bytes complete on `bar`.
+__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, int x, int y, uint64_t* bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
+        ::"r"(smem_addr(dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(smem_addr(bar)) : "memory");
+}
+
+constexpr int kWsStages = 6;
+constexpr int kWsSmemBytes = kWsStages * (kGemmBM + 128) * kGemmBK + 1024 + 2 * kWsStages * 8;
+
+// A product's two tensor maps (A's and B's rows), and the product tile number `tile` of a launch belongs to.
+struct Fp8Maps { CUtensorMap a, b; };
+struct WsTile { Fp8Gemm p; const Fp8Maps* maps; int m0, n0, KT; };
+__device__ __forceinline__ WsTile ws_tile(const Fp8Gemms& g, const Fp8Maps* maps, const Fp8Maps* one, int tile) {
+    WsTile t{g.one, one, 0, 0, 0};
+    if (g.list) {
+        int lo = 0, hi = g.count - 1;
+        while (lo < hi) {
+            const int mid = (lo + hi + 1) / 2;
+            if (g.list[mid].first_tile <= tile) lo = mid;
+            else hi = mid - 1;
+        }
+        t.p = g.list[lo], t.maps = maps + lo;
+    }
+    const Fp8Gemm& p = t.p;
+    const int tiles_m = (p.M + kGemmBM - 1) / kGemmBM, tiles_n = (p.N + 127) / 128;
+    const int id = tile - p.first_tile, per_group = kGemmGroupM * tiles_n, group = id / per_group;
+    const int first_m = group * kGemmGroupM, group_m = min(tiles_m - first_m, kGemmGroupM);
+    t.m0 = (first_m + (id % per_group) % group_m) * kGemmBM;
+    t.n0 = (id % per_group) / group_m * 128;
+    t.KT = (p.K + kGemmBK - 1) / kGemmBK;
+    return t;
+}
+
+// maps: a device array, one Fp8Maps per product of gemms.list (null for gemms.one, whose maps are `one`).
+__global__ void __launch_bounds__(384, 1)
+    fp8_gemm_ws_kernel(const Fp8Gemms gemms, const Fp8Maps* maps, int tiles, int sb_rows, int accumulate,
+                       const __grid_constant__ Fp8Maps one) {
+#ifdef DSV3_HAS_WGMMA
+    extern __shared__ uint8_t smem_raw[];
+    uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+    constexpr int kStageBytes = (kGemmBM + 128) * kGemmBK, R = 64;
+    uint64_t* full = reinterpret_cast<uint64_t*>(smem + kWsStages * kStageBytes);
+    uint64_t* empty = full + kWsStages;
+    if (threadIdx.x == 0)
+        for (int s = 0; s < kWsStages; ++s) mbar_init(&full[s], 1), mbar_init(&empty[s], 8);
+    __syncthreads();
+    auto stage_a = [&](int s) { return smem + s * kStageBytes; };
+    auto stage_b = [&](int s) { return smem + s * kStageBytes + kGemmBM * kGemmBK; };
+
+    if (threadIdx.x < 128) {   // ---- the producer
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+        if (threadIdx.x != 0) return;
+        int it = 0;   // K-tiles loaded, over all of this CTA's tiles: stage it % kWsStages, its use it / kWsStages
+        const Fp8Maps* fenced = nullptr;
+        for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+            const WsTile t = ws_tile(gemms, maps, &one, tile);
+            if (maps && t.maps != fenced) {   // maps written to global memory (by a kernel): the TMA unit's view
+                asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;\n" ::"l"(&t.maps->a) : "memory");
+                asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;\n" ::"l"(&t.maps->b) : "memory");
+                fenced = t.maps;
+            }
+            for (int kt = 0; kt < t.KT; ++kt, ++it) {
+                const int s = it % kWsStages, u = it / kWsStages;
+                if (u > 0) mbar_wait(&empty[s], (u - 1) & 1);
+                mbar_expect_tx(&full[s], kStageBytes);
+                tma_load_2d(stage_a(s), &t.maps->a, kt * kGemmBK, t.m0, &full[s]);
+                tma_load_2d(stage_b(s), &t.maps->b, kt * kGemmBK, t.n0, &full[s]);
             }
         }
+        return;
     }
+
+    // ---- the consumers: warpgroup cw owns rows 64 cw .. 64 cw + 63 of each tile
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+    const int ct = threadIdx.x - 128, cw = ct / 128, w = (ct % 128) / 32, lane = ct % 32;
+    int it = 0;
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        const WsTile t = ws_tile(gemms, maps, &one, tile);
+        const float* __restrict__ sa = t.p.sa;
+        const float* __restrict__ sb = t.p.sb;
+        const int M = t.p.M, N = t.p.N, KT = t.KT, m0 = t.m0, n0 = t.n0;
+        const int row0 = m0 + cw * 64 + w * 16 + lane / 4, row1 = row0 + 8;   // the two rows this thread holds
+        const bool column_scales = sb && sb_rows == 1, block_scales = sb && sb_rows == 128;
+        float acc[R], c0[R];
 #pragma unroll
-    for (int r = 0; r < R; r += 2) {
-        const float v0 = accumulate ? c0[r] + acc[r] : acc[r], v1 = accumulate ? c0[r + 1] + acc[r + 1] : acc[r + 1];
-        if (pairs && inside(r, 1)) {
-            *reinterpret_cast<float2*>(at(r)) = make_float2(v0, v1);
-        } else {
-            if (inside(r, 0)) at(r)[0] = v0;
-            if (inside(r, 1)) at(r)[1] = v1;
+        for (int r = 0; r < R; ++r) acc[r] = 0.0f;
+        for (int kt = 0; kt < KT; ++kt, ++it) {
+            const int s = it % kWsStages, u = it / kWsStages;
+            // The chunk's scales: global loads issued before the waits, so that they overlap them.
+            const float sa0 = sa ? (row0 < M ? sa[int64_t(row0) * KT + kt] : 0.0f) : 1.0f;
+            const float sa1 = sa ? (row1 < M ? sa[int64_t(row1) * KT + kt] : 0.0f) : 1.0f;
+            const float sb0 = block_scales ? sb[int64_t(n0 / 128) * KT + kt] : 1.0f;
+            float sbc[R / 2];   // Wgrad: one scale per column; register r holds column 8 (r/4) + 2 (lane mod 4) + r mod 2
+            if (column_scales) {
+#pragma unroll
+                for (int j = 0; j < R / 2; ++j) {
+                    const int col = n0 + 8 * (j / 2) + 2 * (lane % 4) + (j % 2);
+                    sbc[j] = col < N ? sb[int64_t(col) * KT + kt] : 0.0f;
+                }
+            }
+            mbar_wait(&full[s], u & 1);
+            const uint8_t* a_tile = stage_a(s) + cw * 64 * 128;
+            const uint8_t* b_tile = stage_b(s);
+            fence_operands(c0);
+            wgmma_fence();
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+                wgmma_k32<128>(c0, smem_desc_sw128(a_tile + 32 * j), smem_desc_sw128(b_tile + 32 * j), j > 0 ? 1 : 0);
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_operands(c0);
+            __syncwarp();
+            if (lane == 0) mbar_arrive(&empty[s]);   // the stage is free for the producer
+            // Promotion (V3 §3.3.2): acc32 = fmaf(c, sa·sb, acc32), sa·sb rounded to float first.
+            if (column_scales) {
+#pragma unroll
+                for (int r = 0; r < R; ++r)
+                    acc[r] = fmaf(c0[r], __fmul_rn((r / 2) % 2 ? sa1 : sa0, sbc[2 * (r / 4) + r % 2]), acc[r]);
+            } else {
+                const float s0 = __fmul_rn(sa0, sb0), s1 = __fmul_rn(sa1, sb0);
+#pragma unroll
+                for (int r = 0; r < R; ++r) acc[r] = fmaf(c0[r], (r / 2) % 2 ? s1 : s0, acc[r]);
+            }
         }
+        store_tile<R>(t.p.C, acc, c0, M, N, row0, row1, n0, lane, accumulate);
     }
 #else
     __trap();   // built without sm_90a: the host never launches this (see fp8_gemm_fast_available)
 #endif
+}
+
+// The tensor map of E4M3 rows [rows, K] (K % 16 == 0, 16-byte aligned): boxes of 128 rows × 128 bytes in the 128-byte
+// swizzle, zeros outside. cuTensorMapEncodeTiled is a driver function, reached through the runtime (no -lcuda).
+inline CUtensorMap tensor_map(const uint8_t* p, int rows, int K) {
+    static const auto encode = [] {
+        void* fn = nullptr;
+        cudaDriverEntryPointQueryResult q{};
+        DSV3_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q));
+        if (!fn || q != cudaDriverEntryPointSuccess) fail("cuda::fp8_gemm: the driver has no cuTensorMapEncodeTiled");
+        return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+    }();
+    CUtensorMap m{};
+    const cuuint64_t dims[2] = {cuuint64_t(K), cuuint64_t(rows)}, strides[1] = {cuuint64_t(K)};
+    const cuuint32_t box[2] = {128, 128}, steps[2] = {1, 1};
+    const CUresult r = encode(&m, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<uint8_t*>(p), dims, strides, box, steps,
+                              CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (r != CUDA_SUCCESS) fail("cuda::fp8_gemm: cuTensorMapEncodeTiled failed (", int(r), ") for ", rows, " rows of ", K);
+    return m;
 }
 
 }  // namespace detail
@@ -647,17 +842,33 @@ inline int gpu_sm_count() {   // of the current device (every GPU of a build/tra
     }();
     return n;
 }
-// The fast kernel's tile width for an M × N product: fewer 128 × 128 tiles than SMs, the 64-wide tile (more CTAs,
-// two an SM); the wider tile moves fewer bytes per FLOP, which pays once the grid has many waves (H100: 743 vs 716
-// TFLOP/s at 8192, 588 vs 649 at 4096; build/dev_fp8_gemm versions 3 and 2).
-inline int fp8_gemm_auto_tile(int64_t M, int64_t N) {
-    if (((M + 127) / 128) * ((N + 127) / 128) < gpu_sm_count()) return 64;
-    return M * N >= int64_t(6144) * 6144 ? 192 : 128;
+// The warp-specialized kernel over the products of `gemms` (first_tile set, `tiles` in all). maps: the list's tensor
+// maps on the device, one Fp8Maps per product (null: gemms.one's are made here and passed by value).
+inline void launch_ws(const Fp8Gemms& gemms, const Fp8Maps* maps, int64_t tiles, int sb_rows, int accumulate) {
+    static const bool attr = [] {   // more than 48 KB of dynamic shared memory must be asked for
+        DSV3_CUDA_CHECK(cudaFuncSetAttribute(fp8_gemm_ws_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             kWsSmemBytes));
+        return true;
+    }();
+    (void)attr;
+    Fp8Maps one{};
+    if (!maps) one = {tensor_map(gemms.one.A, gemms.one.M, gemms.one.K), tensor_map(gemms.one.B, gemms.one.N, gemms.one.K)};
+    const int grid = int(std::min<int64_t>(tiles, gpu_sm_count()));
+    fp8_gemm_ws_kernel<<<grid, 384, kWsSmemBytes>>>(gemms, maps, int(tiles), sb_rows, accumulate, one);
+    DSV3_CUDA_CHECK_LAUNCH();
 }
-// Which kernel fp8_gemm_general runs: automatic (what the model runs: the emulation without the fast path, else the
-// tile of fp8_gemm_auto_tile), the emulation, or one tile width of the fast kernel (test_cuda checks all three on
-// small shapes; without the fast path these run the emulation too).
-enum class Fp8Kernel { automatic, emulated, wgmma_64, wgmma_128, wgmma_192 };
+// DSV3_FP8_WS=0 in the environment keeps the model on the first kernel (for timing the two side by side).
+inline bool ws_on() {
+    static const bool on = !shadow::env_off("DSV3_FP8_WS");
+    return on;
+}
+// Which kernel fp8_gemm_general runs: automatic (what the model runs: the emulation without the fast path; else, for
+// fewer 128 × 128 tiles than SMs, the 64-wide tile, twice the CTAs and two an SM; else the warp-specialized kernel on
+// 16-byte rows, the 128-wide tile of the first kernel on other rows), the emulation, one tile width of the first
+// kernel, or the warp-specialized one (test_cuda checks each on small shapes; without the fast path they all run the
+// emulation). The first kernel's 192-wide tile, faster than its 128-wide one from 6144² outputs (H100: 743 vs 716
+// TFLOP/s at 8192), is slower than the warp-specialized kernel everywhere measured, so the model no longer picks it.
+enum class Fp8Kernel { automatic, emulated, wgmma_64, wgmma_128, wgmma_192, ws };
 // The general product of both paths: C (+)= A·Bᵀ, B's scales per sb_rows rows (128 or 1).
 inline void fp8_gemm_general(const uint8_t* A, const float* sa, const uint8_t* B, const float* sb, int sb_rows, float* C,
                              int M, int N, int K, bool accumulate, Fp8Kernel kernel = Fp8Kernel::automatic) {
@@ -672,10 +883,14 @@ inline void fp8_gemm_general(const uint8_t* A, const float* sa, const uint8_t* B
         DSV3_CUDA_CHECK_LAUNCH();
         return;
     }
-    const int tile_n = kernel == Fp8Kernel::automatic   ? fp8_gemm_auto_tile(M, N)
-                       : kernel == Fp8Kernel::wgmma_192 ? 192
-                       : kernel == Fp8Kernel::wgmma_64  ? 64
-                                                        : 128;
+    const Fp8Gemm g{A, sa, B, sb, C, M, N, K, 0};
+    if (kernel == Fp8Kernel::automatic)
+        kernel = gemm_tiles(g, 128) < gpu_sm_count() ? Fp8Kernel::wgmma_64
+                 : gemm_vec16(g) && ws_on()          ? Fp8Kernel::ws
+                                                     : Fp8Kernel::wgmma_128;
+    if (kernel == Fp8Kernel::ws && gemm_vec16(g)) return launch_ws({g, nullptr, 1}, nullptr, gemm_tiles(g, 128), sb_rows,
+                                                                   accumulate);
+    const int tile_n = kernel == Fp8Kernel::wgmma_192 ? 192 : kernel == Fp8Kernel::wgmma_64 ? 64 : 128;
     launch_fp8_gemm_wgmma(tile_n, A, sa, B, sb, C, M, N, K, sb_rows, accumulate);
 }
 }  // namespace detail
@@ -706,8 +921,8 @@ inline void fp8_gemm(const uint8_t* A, const float* scale_a, const uint8_t* B, c
 namespace detail {
 template <class T>
 T* scratch_of(Slot slot, size_t n) { return static_cast<T*>(scratch(slot, n * sizeof(T))); }
-// Every product of the list in one launch of the fast kernel (128-wide tiles: the experts' products are small), or
-// one emulated launch each without the fast path.
+// Every product of the list in one launch of the fast kernel (128-wide tiles; the warp-specialized kernel on 16-byte
+// rows), or one emulated launch each without the fast path.
 inline void fp8_gemms(std::vector<Fp8Gemm>& list, int sb_rows, bool accumulate) {
     if (list.empty()) return;
     if (!fp8_gemm_fast_available()) {
@@ -726,8 +941,13 @@ inline void fp8_gemms(std::vector<Fp8Gemm>& list, int sb_rows, bool accumulate) 
     Fp8Gemm* d = scratch_of<Fp8Gemm>(Slot::fp8_list, list.size());
     upload_async(d, list.data(), sizeof(Fp8Gemm) * list.size());
     const Fp8Gemms gemms{list[0], d, int(list.size())};
-    if (vec16) launch_wgmma<128, true>(gemms, tiles, sb_rows, accumulate);
-    else launch_wgmma<128, false>(gemms, tiles, sb_rows, accumulate);
+    if (!vec16) return launch_wgmma<128, false>(gemms, tiles, sb_rows, accumulate);
+    if (!ws_on()) return launch_wgmma<128, true>(gemms, tiles, sb_rows, accumulate);
+    std::vector<Fp8Maps> maps;   // each product's tensor maps, beside the list
+    for (const Fp8Gemm& g : list) maps.push_back({tensor_map(g.A, g.M, g.K), tensor_map(g.B, g.N, g.K)});
+    Fp8Maps* dm = scratch_of<Fp8Maps>(Slot::fp8_maps, maps.size());
+    upload_async(dm, maps.data(), sizeof(Fp8Maps) * maps.size());
+    launch_ws(gemms, dm, tiles, sb_rows, accumulate);
 }
 // The 128×128 block codes of `count` weight matrices W_e [rows, cols] (at W + e·w_stride) and of their transposes,
 // kept from step to step in the registry of kernels.cuh (shadow::Codes). A weight only changes in the optimizer

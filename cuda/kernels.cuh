@@ -263,7 +263,7 @@ class DeviceBuffer {
 // each GPU has its own thread (build/train_multi_gpu).
 // Slot contents are dead after the function that took them returns.
 enum class Slot { bf16_a, bf16_b, bf16_c, attn_dscore, attn_bf16, reduce, decode_partial, decode_stats, fp8_a, fp8_b,
-                  fp8_sa, fp8_sb, fp8_list, fp8_experts, group_offsets, group_units, sort, plan, plan_offsets,
+                  fp8_sa, fp8_sb, fp8_list, fp8_maps, fp8_experts, group_offsets, group_units, sort, plan, plan_offsets,
                   embedding_pieces, count };
 inline void* scratch(Slot slot, size_t bytes) {
     static thread_local DeviceBuffer<unsigned char> slots[int(Slot::count)];

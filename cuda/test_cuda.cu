@@ -681,7 +681,8 @@ TEST_CASE("fp8_gemm: bit for bit dsv3::fp8_gemm (tensor cores and emulation), bl
     struct Shape { int M, N, K; bool quantized; };
     for (Shape s : {Shape{128, 128, 128, true}, Shape{64, 96, 96, false}, Shape{200, 300, 520, true},
                     Shape{257, 130, 1040, true}, Shape{300, 200, 200, false}, Shape{129, 385, 4096, true},
-                    Shape{512, 384, 2048, false}, Shape{1, 1, 1, true}}) {
+                    Shape{512, 384, 2048, false}, Shape{1, 1, 1, true},
+                    Shape{1100, 2100, 272, true}}) {   // more 128 x 128 tiles than SMs: persistent CTAs take several
         CAPTURE(s.M); CAPTURE(s.N); CAPTURE(s.K); CAPTURE(s.quantized);
         const int kt = dsv3::fp8_tiles(s.K);
         std::vector<uint8_t> A, B;
@@ -712,16 +713,16 @@ TEST_CASE("fp8_gemm: bit for bit dsv3::fp8_gemm (tensor cores and emulation), bl
         const auto gc = host(Cd), ge = host(Ce);
         CHECK(bit_mismatches(ge, C) == 0);
         CHECK(bit_mismatches(gc, C) == 0);
-        // Every tile width the model's fp8_gemm picks from (by size: 64 below one tile an SM, 192 from 6144²
-        // outputs, so forced here); the versions it does not launch are checked by build/dev_fp8_gemm.
+        // Every kernel the model's fp8_gemm picks from (by size: the 64-wide tile below one tile an SM, the
+        // warp-specialized kernel on 16-byte rows, else the 128-wide tile; so forced here), and the 192-wide tile;
+        // the versions it does not launch are checked by build/dev_fp8_gemm.
+        using K8 = cu::detail::Fp8Kernel;
         if (cu::fp8_gemm_fast_available())
-            for (int tile : {64, 128, 192}) {
-                CAPTURE(tile);
+            for (K8 kernel : {K8::wgmma_64, K8::wgmma_128, K8::wgmma_192, K8::ws}) {
+                CAPTURE(int(kernel));
                 auto C2 = poisoned<float>(C.size());
                 cu::detail::fp8_gemm_general(Ad.data(), sap, Bd.data(), sbp, 128, C2.data(), s.M, s.N, s.K, false,
-                                             tile == 192  ? cu::detail::Fp8Kernel::wgmma_192
-                                             : tile == 64 ? cu::detail::Fp8Kernel::wgmma_64
-                                                          : cu::detail::Fp8Kernel::wgmma_128);
+                                             kernel);
                 CHECK(bit_mismatches(host(C2), C) == 0);
             }
     }
