@@ -21,8 +21,7 @@
 // section 3, which say what each piece does.
 //
 // PART 1, THE MODEL
-//    1. Config and counters .................. the error type; one struct for the architecture, presets, validate(),
-//                                              parameter / FLOP / KV-cache counters [V3 §2, §4.2, Table 1]
+//    1. Config and counters .................. Error, architecture, presets, validate(), counters [V3 §2, Table 1]
 //    2. Foundations .......................... RNG, fixed-order parallel loops, the --profile of a step, arena
 //    3. Kernels .............................. forward/backward pairs after a reference matmul: matmul, RMSNorm,
 //                                              RoPE+YaRN [V3 §2.1.1], attention, SwiGLU, embedding, cross-entropy, the
@@ -32,8 +31,7 @@
 //    5. Modules .............................. 5.1 MLA [V3 §2.1.1, eqs. 1-11], 5.2 FFN, 5.3 DeepSeekMoE [eqs. 12-16],
 //                                              5.4 block, 5.5 MTP module [V3 §2.2, eqs. 21-25], 5.6 the model
 //    6. Training ............................. LR schedules, AdamW, clipping, loss-free balancing, one step [V3 §4.2]
-//    7. Inference ............................ latent KV cache, absorption, sampling, MTP speculation [§2.1.1, §5.4.3],
-//                                              the thread count for shared CPUs
+//    7. Inference ............................ KV cache, absorption, sampling, MTP speculation, threads [§2.1.1, 5.4.3]
 // PART 2, THE SYSTEMS OF THE REPORT
 //    8. FP8 numerics and the FP8 recipe ...... E4M3/E5M2, BF16, tile scaling, Hopper's accumulator, FP8 linears [§3.3],
 //                                              LogFMT for communication [Insights into DeepSeek-V3 §3.2]
@@ -93,9 +91,8 @@
 #endif
 #include <unistd.h>
 
-// stb (libstb-dev) draws section 12's PNG plots, compiled into each translation unit as static functions (no .cpp
-// defines STB_IMAGE_WRITE_IMPLEMENTATION); a program using stb itself includes it before this header, or defines
-// DSV3_STB_IMAGE_WRITE_EXTERN and compiles it in one of its own files.
+// stb (libstb-dev) draws section 12's PNG plots, compiled in as static functions; a program using stb itself includes
+// it before this header, or defines DSV3_STB_IMAGE_WRITE_EXTERN and compiles it in one of its own files.
 #if defined(__GNUC__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wunused-function"
@@ -392,10 +389,9 @@ inline int64_t kv_cache_bytes_gqa(int n_layers, int n_kv_heads, int head_dim, in
 // Training FLOPs per token (Insights paper, Table 2): 6 per activated parameter doing a multiply-add (the embedding is
 // a lookup), plus causal attention over T/2 keys on average: 6 * layers * heads * (d_h + d_h^R + d_v) * T/2.
 inline double training_flops_per_token(const Config& c, int seq_len) {
-    ParamCounts n = count_parameters(c);
-    double matmul = 6.0 * double(n.activated - n.embedding);
-    double attention = 6.0 * c.n_layers * c.n_heads * double(c.qk_head_dim() + c.v_head_dim) * seq_len / 2.0;
-    return matmul + attention;
+    const ParamCounts n = count_parameters(c);
+    return 6.0 * double(n.activated - n.embedding) +
+           6.0 * c.n_layers * c.n_heads * double(c.qk_head_dim() + c.v_head_dim) * seq_len / 2.0;
 }
 
 // =====================================================================================================================
@@ -423,9 +419,9 @@ struct Rng {
     Rng fork(uint64_t stream) const { Rng r(state ^ (0xD1B54A32D192ED03ull * (stream + 1))); r.next_u64(); return r; }
 };
 
-// parallel_for(n, body): body(i) for i in [0, n), a fixed static partition over OpenMP threads; each i writes only its
-// own outputs, so results are the same for any thread count. Loops under kParallelMinWork (n · work_per_item) run on
-// the calling thread: on a shared CPU a region waits for descheduled threads, and a token's decoding has hundreds.
+// parallel_for(n, body): body(i) for i in [0, n), a fixed static partition over OpenMP threads (each i writes its own
+// outputs). Loops under kParallelMinWork (n · work_per_item) stay on the calling thread: on a shared CPU a region
+// waits for descheduled threads, and decoding a token runs hundreds of tiny loops.
 constexpr int64_t kParallelMinWork = int64_t(1) << 15;
 template <class Body>
 inline void parallel_for(int64_t n, const Body& body, int64_t work_per_item = kParallelMinWork) {
@@ -460,8 +456,7 @@ inline int thread_count() {
 }
 
 inline double now_seconds() {
-    using clock = std::chrono::steady_clock;
-    return std::chrono::duration<double>(clock::now().time_since_epoch()).count();
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
 // --- where a step's time goes: the profile of build/train --profile ---------------------------------------------
@@ -593,8 +588,7 @@ struct TensorView {
 // 3. KERNELS
 // =====================================================================================================================
 // Forward/backward pairs on raw row-major arrays (backward accumulates: CONVENTIONS); T counts rows, B * seq_len.
-// Defined in section 8: V3's FP8 linear layer, for every linear layer under Config.fp8_training [V3 §3.3] (the same
-// convention as matmul below), and the BF16 rounding of that recipe's optimizer states.
+// Section 8's FP8 linear layer (every linear layer under Config.fp8_training [V3 §3.3]), and its BF16 rounding.
 
 inline float bf16_round(float x);
 inline void fp8_matmul_forward(float* y, const float* x, const float* W, int T, int in, int out);
@@ -1355,9 +1349,8 @@ namespace dsv3 {
 // =====================================================================================================================
 // 4. PARAMETERS: ONE FLAT BUFFER, NAMED VIEWS
 // =====================================================================================================================
-// All parameters live in one float buffer, the gradients in a second of the same layout (AdamW's moments in two more);
-// a module stores only offsets. So the optimizer, clipping, checkpoints and the data-parallel all-reduce work on flat
-// memory, and every tensor still has its Hugging Face name.
+// The parameters live in one float buffer, the gradients and AdamW's two moments in others of the same layout; modules
+// store offsets. The optimizer, clipping, checkpoints, the all-reduce work on flat memory; tensors keep their HF names.
 enum class ParamKind {
     matrix,     // linear weights and the embedding: initialised N(0, init_std²), weight decay applies
     gain,       // RMSNorm gains: initialised to 1, no weight decay
@@ -1441,12 +1434,9 @@ inline ParamLayout param_layout(const Config& c) {
         return Linear{add(name + ".weight", {out, in}, ParamKind::matrix), out, in};
     };
     auto norm = [&](const std::string& name, int dim) { return Norm{add(name + ".weight", {dim}, ParamKind::gain), dim}; };
-    auto ffn = [&](const std::string& p, int width) {
-        Ffn f;
-        f.gate = linear(p + ".gate_proj", width, c.dim);
-        f.up = linear(p + ".up_proj", width, c.dim);
-        f.down = linear(p + ".down_proj", c.dim, width);
-        return f;
+    auto ffn = [&](const std::string& p, int width) {  // gate, up, down in this order: braces evaluate left to right
+        return Ffn{linear(p + ".gate_proj", width, c.dim), linear(p + ".up_proj", width, c.dim),
+                   linear(p + ".down_proj", c.dim, width)};
     };
     const int H = c.n_heads, dqk = c.qk_head_dim();
     auto block = [&](int layer) {
@@ -1474,18 +1464,16 @@ inline ParamLayout param_layout(const Config& c) {
             m.router = linear(p + ".mlp.gate", c.n_routed_experts, c.dim);
             m.router.fp8 = false;
             m.bias = add(p + ".mlp.gate.e_score_correction_bias", {c.n_routed_experts}, ParamKind::routing_bias);
-            in_expert = true;
-            for (int e = 0; e < c.n_routed_experts; ++e)
-                m.experts.push_back(ffn(p + ".mlp.experts." + std::to_string(e), c.moe_inter_dim));
-            in_expert = false;
             const size_t matrix = size_t(c.moe_inter_dim) * c.dim;  // the grouped GEMMs (3.10) rely on this stride
             m.expert_stride = 3 * matrix;
+            in_expert = true;
             for (int e = 0; e < c.n_routed_experts; ++e) {
-                const Ffn& f = m.experts[size_t(e)];
+                const Ffn& f = m.experts.emplace_back(ffn(p + ".mlp.experts." + std::to_string(e), c.moe_inter_dim));
                 const size_t at = m.experts[0].gate.w + size_t(e) * m.expert_stride;
                 if (f.gate.w != at || f.up.w != at + matrix || f.down.w != at + 2 * matrix)
                     fail("param_layout: ", p, ".mlp.experts.", e, " is not stored where the grouped GEMMs expect it");
             }
+            in_expert = false;
             m.has_shared = c.n_shared_experts > 0;
             if (m.has_shared) m.shared = ffn(p + ".mlp.shared_experts", c.n_shared_experts * c.moe_inter_dim);
         }
@@ -1499,13 +1487,8 @@ inline ParamLayout param_layout(const Config& c) {
     for (int k = 0; k < c.n_mtp_depth; ++k) {  // stored as the layers after the main ones: model.layers.{n_layers+k}
         mtp_index = k;
         const std::string p = "model.layers." + std::to_string(c.n_layers + k);
-        MtpModule m;
-        m.enorm = norm(p + ".enorm", c.dim);
-        m.hnorm = norm(p + ".hnorm", c.dim);
-        m.eh_proj = linear(p + ".eh_proj", c.dim, 2 * c.dim);
-        m.block = block(c.n_layers + k);
-        m.norm = norm(p + ".shared_head.norm", c.dim);
-        L.mtp.push_back(m);
+        L.mtp.push_back({norm(p + ".enorm", c.dim), norm(p + ".hnorm", c.dim), linear(p + ".eh_proj", c.dim, 2 * c.dim),
+                         block(c.n_layers + k), norm(p + ".shared_head.norm", c.dim)});  // in this order (as ffn)
     }
     return L;
 }
@@ -1594,9 +1577,8 @@ struct MtpCache {
 
 struct KvCache;  // section 7
 
-// Who runs a MoE layer's routed experts, between the routing and grouping (c.perm, c.xe) and the gated combination of
-// their outputs (c.ye). By default the model runs all N_r itself (Model::experts_forward); expert parallelism
-// (section 9) installs a runner that sends each token to the ranks owning its experts and back [V3 §3.2].
+// Who runs a MoE layer's routed experts (from c.xe to c.ye): by default the model, all N_r (experts_forward); expert
+// parallelism (9) installs a runner sending each token to the ranks owning its experts and back [V3 §3.2].
 class Model;
 struct ExpertRunner {
     virtual ~ExpertRunner() = default;
@@ -2216,10 +2198,9 @@ inline double adamw_step(Model& model, AdamW& opt, float lr, double grad_norm = 
     // Clipping: every gradient times clip_norm / norm, applied inside the update (model.grads keeps the unclipped ones)
     const float clip = opt.clip_norm > 0 && norm > opt.clip_norm ? float(opt.clip_norm / norm) : 1.0f;
     ++opt.step;
-    // One update per run of neighbouring tensors with the same weight decay: per element one call per tensor's
-    // arithmetic, in far fewer calls (a layer's routed experts are hundreds of tensors; on a GPU a call is a launch).
-    // FP8 training keeps the moments in BF16 [V3 §3.3.3 "Low-Precision Optimizer States"], rounded as each update
-    // stores them (master weights and gradients stay FP32).
+    // One update per run of neighbouring tensors with the same weight decay: the same arithmetic in far fewer calls (a
+    // layer's experts are hundreds of tensors; on a GPU a call is a launch). FP8 training keeps the moments in BF16
+    // [V3 §3.3.3 "Low-Precision Optimizer States"], rounded as each update stores them (weights, gradients stay FP32).
     const bool bf16_states = model.cfg.fp8_training;
     const std::vector<ParamEntry>& es = model.layout.entries;
     auto decay = [&](const ParamEntry& e) { return e.kind == ParamKind::matrix ? opt.weight_decay : 0.0f; };
@@ -2325,8 +2306,7 @@ inline double evaluate(Model& model, const std::vector<int32_t>& val, int T, int
 // everything before, whose keys and values are kept in a cache. MLA's point [V3 §2.1.1]: "for MLA, only c^KV_t and
 // k^R_t need to be cached during generation": kv_lora_rank + qk_rope_head_dim values per layer and token (512 + 64
 // in V3) instead of 2·H·d_h (2·128·128 in an MHA of that shape), 70,272 bytes a token in BF16 for V3's 61 layers.
-// 7.1 the cache; 7.2 attention over it, naive or absorbed; 7.3 Model::decode and decode_mtp; 7.4 sampling (greedy,
-// temperature, top-k, top-p); 7.5 generate(): plain and MTP speculative decoding [V3 §5.4.3].
+// 7.1 the cache; 7.2 attention over it; 7.3 decode, decode_mtp; 7.4 sampling; 7.5 plain and speculative generate().
 
 // --- 7.1 the latent KV cache -----------------------------------------------------------------------------------------
 // One per stack of blocks (the main model's, an MTP module's one). Positions [0, len) are valid; a step that writes
@@ -2576,11 +2556,10 @@ inline int sample_token(const float* logits, int V, const SamplingOptions& o, Rn
 }
 
 // --- 7.5 generation, plain and speculative [V3 §5.4.3] --------------------------------------------------------------
-// The thread count for a loop of many steps (decoding, training) on a CPU that other programs share, where a team can
-// be slower than one thread (a thread waiting for a descheduled one loses its time slice). No result depends on it
-// (section 2), so it may change between steps. Each window (>= 2 steps and 25 ms) runs with the count (all threads,
-// half, ..., one; each tried once first) whose steps were fastest; a probe window retries another after 8 windows, and
-// twice as many after each probe that loses (at most 64), following the load. tick() once a step; the destructor
+// The thread count for a loop of many steps on a shared CPU, where a team can be slower than one thread (a thread
+// waiting for a descheduled one loses its time slice); no result depends on it (section 2). Each window (>= 2 steps,
+// 25 ms) runs the count (all threads, half, ..., one; each tried first) whose steps were fastest; a probe window tries
+// another after 8 windows, twice as many after each losing probe (at most 64). tick() once a step; the destructor
 // restores the count.
 class ThreadTuner {
   public:
@@ -2652,9 +2631,8 @@ struct GenerationStats {
     double tokens_per_forward() const { return main_forwards ? double(generated) / main_forwards : 0.0; }
 };
 
-// The context holds at most Config.max_seq_len positions (build/train sets it to its training length). When it is
-// full, generation restarts from the last half of the tokens, both caches refilled in one step; plain and speculative
-// decoding restart at the same token, so they still produce the same tokens.
+// The context holds Config.max_seq_len positions (build/train: its training length). When full, generation restarts
+// from the last half of the tokens in one step; plain and speculative decoding restart at the same token.
 inline std::vector<int32_t> generate(Model& model, const std::vector<int32_t>& prompt, int n_new,
                                      const SamplingOptions& sampling, uint64_t seed, bool use_mtp,
                                      GenerationStats* stats = nullptr, bool absorbed = true) {
