@@ -227,8 +227,7 @@ struct Config {
         visit([&](const char* name, const auto& v) { out << name << '=' << v << '\n'; });
         return out.str();
     }
-    // Sets one field from text; `where` names the source for the error message.
-    void set(const std::string& name, const std::string& value, const std::string& where) {
+    void set(const std::string& name, const std::string& value, const std::string& where) {  // where: for errors
         bool found = false;
         visit([&](const char* field, auto& v) {
             if (name != field) return;
@@ -537,8 +536,7 @@ inline float* align64(float* p) { return p + (16 - (reinterpret_cast<uintptr_t>(
 // until release()/reset()). After the first step every take() reuses memory owned: a training step allocates nothing.
 class Arena {
   public:
-    // n floats, uninitialised, 64-byte aligned.
-    float* take(size_t n) {
+    float* take(size_t n) {  // n floats, uninitialised, 64-byte aligned
         n = (n + 15) & ~size_t(15);
         while (block_ < blocks_.size() && used_ + n > blocks_[block_].size && used_ > 0) ++block_, used_ = 0;
         const size_t size = std::max(n, size_t(1) << 22);  // a new block, or one replacing an empty one too small
@@ -722,8 +720,7 @@ inline std::vector<double> rope_frequencies(const Config& c) {
     std::vector<double> theta(static_cast<size_t>(half));
     for (int i = 0; i < half; ++i) theta[size_t(i)] = std::pow(double(c.rope_theta), -2.0 * i / D);
     if (!c.yarn_active()) return theta;
-    // find_dim(r): the dimension whose wavelength fits r rotations into the original context.
-    auto find_dim = [&](double rotations) {
+    auto find_dim = [&](double rotations) {  // the dimension turning `rotations` times over the original context
         return D * std::log(c.original_seq_len / (rotations * 2 * M_PI)) / (2 * std::log(double(c.rope_theta)));
     };
     double low = std::max(std::floor(find_dim(c.beta_fast)), 0.0);
@@ -1514,9 +1511,8 @@ inline ParamCounts count_parameters(const Config& c) {
 // =====================================================================================================================
 // 5. MODULES: MLA, FFN, MoE, BLOCK, MTP, MODEL
 // =====================================================================================================================
-// Each module of the paper is a forward/backward pair of Model members named after it: mla_ (5.1), ffn_ (5.2), gate_
-// and moe_ (5.3), block_ (5.4), mtp_forward (5.5), each with its _backward, composing section 3's kernels on section
-// 4's parameters. A forward saves what its backward needs in a cache (below: pointers into the activation arena).
+// Each module of the paper is a forward/backward pair of Model members named after it (mla_forward, ...), composing
+// section 3's kernels on section 4's parameters; a forward saves what its backward needs in a cache (arena pointers).
 
 enum class BalanceLoss { none, sequence_wise, expert_level };
 
@@ -2440,8 +2436,7 @@ inline void Model::mla_decode(const MLA& a, const float* x, float* out, int n, K
         backend::mla_attend_latent(o_lat, q_lat, q_rope, ckv, k_rope, n, pos0, H, dc, dr, scale);
         backend::mla_absorb_output(o, o_lat, W_ukv, n, H, dh, dv, dc);
     } else {
-        // up-project the whole cache to per-head keys and values, then ordinary attention
-        const float* kv = linear(ckv, a.kv_b, L);
+        const float* kv = linear(ckv, a.kv_b, L);  // the whole cache up-projected, then ordinary attention
         float* k = arena_.take(size_t(L) * H * dqk);
         float* v = arena_.take(size_t(L) * H * dv);
         backend::mla_keys_values_forward(k, v, kv, k_rope, L, H, dh, dr, dv);
@@ -2646,18 +2641,15 @@ inline std::vector<int32_t> generate(Model& model, const std::vector<int32_t>& p
     KvCache cache(c, c.n_layers, window), mtp_cache(c, 1, window);
     std::vector<float> logits(size_t(window) * V), hidden(size_t(window) * d), mtp_logits(size_t(window) * V);
     Rng rng(seed);
-    GenerationStats st;
-    st.prompt_tokens = P;
+    GenerationStats st{/*prompt_tokens=*/P};
     std::vector<int32_t> all = prompt, out;  // every token so far; the last one is not in the cache yet
     int32_t draft = -1;
-    // A fresh start: ctx[0..n) into the main cache in one step (the last position's logits in row n-1).
-    auto prefill = [&](const int32_t* ctx, int n) {
+    auto prefill = [&](const int32_t* ctx, int n) {  // a fresh start: ctx[0..n) in one step, logits in row n-1
         cache.len = mtp_cache.len = 0;
         model.decode(ctx, n, cache, logits.data(), hidden.data(), absorbed);
         st.main_forwards++;
     };
-    // The MTP module sees a position once its next token is known: (h_i, t_{i+1}) for the n newest positions.
-    auto run_mtp = [&](const int32_t* next_tokens, int n) {
+    auto run_mtp = [&](const int32_t* next_tokens, int n) {  // (h_i, t_{i+1}), the n newest: t_{i+1} is now known
         model.decode_mtp(hidden.data(), next_tokens, n, mtp_cache, mtp_logits.data(), absorbed);
         draft = argmax(mtp_logits.data() + int64_t(n - 1) * V, V);  // the draft of the token after next
     };
