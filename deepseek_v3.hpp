@@ -460,10 +460,9 @@ inline double now_seconds() {
 
 // --- where a step's time goes: the profile of build/train --profile ---------------------------------------------
 // Scopes name a module of section 5 (DSV3_PROFILE_MODULE("MLA forward")) or a kernel of section 3 or cuda/
-// (DSV3_PROFILE_KERNEL(), by its function). While on, each scope adds its wall time to a row: a module's row holds all
-// it contains (MTP's block is also in "MLA forward"); a kernel's is keyed by the innermost module, and a kernel inside
-// a kernel counts as its caller's time. A queueing backend (CUDA) passes its synchronize, run at each scope's start
-// and end, so a kernel is charged its own time (a profiled run loses the overlap of launches with work).
+// (DSV3_PROFILE_KERNEL(): its function). While on, each adds its wall time to a row: a module's holds all it contains
+// (MTP's block is in "MLA forward" too), a kernel's is keyed by the innermost module (a nested kernel is its caller's
+// time). A queueing backend (CUDA) passes its synchronize, run at each scope's ends: a kernel gets its own time.
 struct Profile {
     struct Row { double seconds = 0; int64_t calls = 0; };
     bool on = false;
@@ -610,10 +609,9 @@ inline int fp8_tiles(int n) { return (n + 127) / 128; }   // number of 128-wide 
 // nn.Linear convention) and have no bias. A linear layer is three products:
 //     forward   y [T,out]  = x [T,in] · Wᵀ
 //     backward  dx[T,in]  += dy[T,out] · W          dW[out,in] += dy[T,out]ᵀ · x
-// Each is C[M,N] (+)= A[M,K]·B[K,N] over strided views (Wᵀ is W with its strides swapped). First the reference, the
-// definition summed in double, which the tests compare everything with; then the two functions the model calls, on the
-// fast GEMM gemm::multiply of section 10 (register tiles, packing, cache blocking). Its summation order depends on K
-// alone: results are bitwise the same for any thread count, and a row of y is the same whatever batch it is in.
+// each C[M,N] (+)= A[M,K]·B[K,N] over strided views (Wᵀ: W, strides swapped). The tests compare everything with the
+// reference (the definition, in double); the model calls section 10's fast gemm::multiply, whose summation order
+// depends on K alone: bitwise the same for any thread count, and a row of y the same whatever batch it is in.
 namespace gemm {
 // A matrix view with arbitrary strides: element (r, c) is data[r * row_stride + c * col_stride].
 template <class T>
@@ -952,11 +950,11 @@ inline void cross_entropy_backward(float* dlogits, const float* logits, const in
 }
 
 // --- 3.8 the MoE router [V3 §2.1.2, eqs. 13-16] ------------------------------------------------------------------
-// scores s_{i,t} = σ(u_tᵀ e_i) (sigmoid; V2 used softmax over experts). Selection uses the biased score s + b, in
-// two stages: the N_r experts form n_group groups, a group's score is the sum of its two best biased scores (max for
-// softmax routing), only the topk_group best groups stay, and the top-K experts among them are chosen. The gates use
-// the UNBIASED scores: g_i = s_i / Σ_{j chosen} s_j (normalised, eq. 13), times route_scale. The bias therefore steers
-// which experts are chosen without changing how much they contribute — the point of loss-free balancing.
+// scores s_{i,t} = σ(u_tᵀ e_i) (sigmoid; V2 used softmax over experts). Selection uses the biased score s + b, in two
+// stages: the N_r experts form n_group groups, a group's score the sum of its two best biased scores (max for softmax
+// routing); the topk_group best groups stay, and the top-K experts among them are chosen. The gates use the UNBIASED
+// scores: g_i = s_i / Σ_{j chosen} s_j (eq. 13), times route_scale: the bias steers which experts are chosen, not how
+// much they contribute — the point of loss-free balancing.
 // logits, scores: [T, N]; bias: [N] (may be null); chosen: [T, K] expert ids (ascending by rank); gates: [T, K].
 inline void router_scores_forward(float* scores, const float* logits, int T, int N, bool softmax) {
     DSV3_PROFILE_KERNEL();
@@ -1188,11 +1186,10 @@ inline void moe_unpermute_backward(float* dye, float* dgates, const float* dy, c
         }
     });
 }
-// The experts' GEMMs, grouped: one call runs one projection of all of a layer's experts. Rows offsets[g] ..
-// offsets[g+1] of x (expert-contiguous, as permuted above) go through weight g at W + g·w_stride ([out, in]: each
-// expert's gate, up and down are stored together, so one projection is evenly strided in the flat buffer). Here a loop
-// over matmul; on the GPU one kernel launch over all experts' tiles (cuda/kernels.cuh), where a small GEMM per expert
-// would be dominated by launch overhead. offsets: [groups + 1], host memory, from 0 and never decreasing (checked).
+// The experts' GEMMs, grouped: one call runs one projection of a layer's experts. Rows offsets[g] .. offsets[g+1] of x
+// (expert-contiguous) go through weight g at W + g·w_stride ([out, in]; an expert's gate, up and down are stored
+// together, so a projection is evenly strided). Here a loop over matmul; on the GPU one launch over all experts' tiles,
+// where a GEMM per expert would be launch overhead. offsets: [groups + 1], host memory, from 0, non-decreasing.
 inline void check_group_offsets(const char* who, const int64_t* offsets, int groups, int in, int out) {
     if (groups < 0 || in < 0 || out < 0) fail(who, ": negative size groups=", groups, " in=", in, " out=", out);
     if (offsets[0] != 0) fail(who, ": offsets[0] must be 0, found ", offsets[0]);
@@ -1322,10 +1319,9 @@ inline void mla_keys_values_backward(float* dkv, float* dk_rope, const float* dk
 
 // --- 3.13 the backend: where the model's kernels and buffers come from -------------------------------------------
 // Sections 5 and 6 are written once, against `backend`: they call backend::kernel(...) and keep parameters, gradients,
-// AdamW's moments and activations in backend::Buffer and backend::Arena. By default that is this header (the kernels
-// above, std::vector, section 2's Arena; host memory). Defining DSV3_BACKEND_CUDA before including it gives
-// cuda/kernels.cuh instead: the same names and parameter lists over device memory (nvcc; `make cuda` builds
-// build/train_cuda). Through the calls below token ids go down; losses, the routing plan and bias come back.
+// AdamW's moments and activations in backend::Buffer and backend::Arena, by default this header's (host memory). With
+// DSV3_BACKEND_CUDA defined before the include they are cuda/kernels.cuh's: the same names and parameters on the device
+// (`make cuda`). Through the calls below token ids go down; losses, the routing plan and bias come back.
 template <class T> using Buffer = std::vector<T>;
 constexpr bool host_memory = true;  // false on a GPU backend: model.params etc. are device pointers
 template <class T> void upload(Buffer<T>& dst, const std::vector<T>& host) { dst = host; }
@@ -1826,11 +1822,10 @@ inline void Model::mla_backward(const MlaCache& c, const MLA& a, const float* do
 }
 
 // --- 5.2 SwiGLU feed-forward: dense layers, every expert, and the shared experts ---------------------------------
-// The gate and up weights lie next to each other (section 4), so [W_gate; W_up] is one [2w, d] weight and both
-// products are one GEMM of width 2w: x is read (and, on a GPU, converted to BF16) once, and the backward's dx is one
-// product over K = 2w instead of two accumulations. Row r of its output holds gate then up: ld = 2w. In FP8 training
-// only when w is a multiple of 128: then the 128×128 blocks of [W_gate; W_up] are those of each matrix (V3 quantizes
-// each weight matrix in its own blocks), and so are the 1×128 tiles of the output's gradient.
+// The gate and up weights lie next to each other (section 4), so [W_gate; W_up] is one [2w, d] weight and both products
+// one GEMM of width 2w (row r: gate then up, ld = 2w): x is read (on a GPU, converted to BF16) once, and dx is one
+// product over K = 2w. In FP8 training only when w is a multiple of 128: then the 128×128 blocks of [W_gate; W_up] are
+// each matrix's (V3 quantizes each weight in its own blocks), and so are the output gradient's 1×128 tiles.
 inline Linear gate_up(const Ffn& f) {   // [gate; up] as one linear layer, or out = 0 where they are not neighbours
     Linear l = f.gate;
     l.out = f.up.w == f.gate.w + size_t(f.gate.out) * f.gate.in && f.up.in == f.gate.in ? 2 * f.gate.out : 0;
@@ -2005,10 +2000,9 @@ inline void Model::block_backward(BlockCache& c, const Block& b, const float* dh
 
 // --- 5.5 the Multi-Token Prediction module [V3 §2.2, eqs. 21-23] ----------------------------------------------------
 // MTP module k (k = 1..D) at position i: h'^k_i = M_k [RMSNorm(Emb(t_{i+k})) ; RMSNorm(h^{k-1}_i)] (eq. 21),
-// h^k = TRM_k(h'^k) (eq. 22), P^k_{i+k+1} = OutHead(h^k_i) (eq. 23), sharing the embedding and the output head with
-// the main model. Positions whose token t_{i+k} or target t_{i+k+1} lies past the end of the row are ignored (the
-// causal mask keeps the filler there from reaching earlier positions). Returns L_MTP^k, the cross-entropy of eq. 24;
-// h^k is c.block.h_out.
+// h^k = TRM_k(h'^k) (eq. 22), P^k_{i+k+1} = OutHead(h^k_i) (eq. 23), with the main model's embedding and output head.
+// Positions whose token t_{i+k} or target t_{i+k+1} is past the row's end are ignored (the causal mask keeps that
+// filler from earlier positions). Returns L_MTP^k, the cross-entropy of eq. 24; h^k is c.block.h_out.
 inline double Model::mtp_forward(MtpCache& c, const MtpModule& m, int k, const int32_t* tokens, const float* h_prev,
                                  double* balance) {
     DSV3_PROFILE_MODULE("MTP forward");
@@ -2302,7 +2296,6 @@ inline double evaluate(Model& model, const std::vector<int32_t>& val, int T, int
 // everything before, whose keys and values are kept in a cache. MLA's point [V3 §2.1.1]: "for MLA, only c^KV_t and
 // k^R_t need to be cached during generation": kv_lora_rank + qk_rope_head_dim values per layer and token (512 + 64
 // in V3) instead of 2·H·d_h (2·128·128 in an MHA of that shape), 70,272 bytes a token in BF16 for V3's 61 layers.
-// 7.1 the cache; 7.2 attention over it; 7.3 decode, decode_mtp; 7.4 sampling; 7.5 plain and speculative generate().
 
 // --- 7.1 the latent KV cache -----------------------------------------------------------------------------------------
 // One per stack of blocks (the main model's, an MTP module's one). Positions [0, len) are valid; a step that writes
@@ -2552,10 +2545,9 @@ inline int sample_token(const float* logits, int V, const SamplingOptions& o, Rn
 
 // --- 7.5 generation, plain and speculative [V3 §5.4.3] --------------------------------------------------------------
 // The thread count for a loop of many steps on a shared CPU, where a team can be slower than one thread (a thread
-// waiting for a descheduled one loses its time slice); no result depends on it (section 2). Each window (>= 2 steps,
-// 25 ms) runs the count (all threads, half, ..., one; each tried first) whose steps were fastest; a probe window tries
-// another after 8 windows, twice as many after each losing probe (at most 64). tick() once a step; the destructor
-// restores the count.
+// waiting for a descheduled one loses its time slice); no result depends on it. Each window (>= 2 steps, 25 ms) runs
+// the fastest count so far (all threads, half, ..., one; each tried first); a probe window tries another after 8
+// windows, twice as many after each losing probe (at most 64). tick() once a step; the destructor restores the count.
 class ThreadTuner {
   public:
     ThreadTuner() : max_(thread_count()) {
@@ -2609,9 +2601,8 @@ class ThreadTuner {
 // Speculative decoding with the MTP module: after the main model produced t_{i+1} at position i, MTP module 1 turns
 // (h_i, t_{i+1}) into a draft d of t_{i+2}. The next main step feeds t_{i+1} and d: its output at i+1 is the real
 // distribution of t_{i+2}, sampled as plain decoding would (same sampler, same draw). If t_{i+2} == d, the output at
-// i+2 is valid too and gives t_{i+3}: two tokens for one main forward; if not, i+2 is dropped from the cache. Either
-// way the tokens are plain decoding's: a position's logits do not depend on how many tokens a step feeds (sections 10
-// and 7.2). V3 reports 85-90% acceptance, about 1.8x the tokens per second.
+// i+2 gives t_{i+3} too: two tokens a main forward; if not, i+2 leaves the cache. The tokens are plain decoding's (a
+// position's logits do not depend on its step's size: 10, 7.2). V3 reports 85-90% acceptance, about 1.8x the tokens/s.
 struct GenerationStats {
     int prompt_tokens = 0, generated = 0;
     int main_forwards = 0;          // calls of the main model, the prompt's and restarts' included
