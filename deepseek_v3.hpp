@@ -1,11 +1,10 @@
 // deepseek_v3.hpp — DeepSeek-V3 in one header: read it, run it, change it.
 //
-// This file implements the whole DeepSeek-V3 architecture (arXiv 2412.19437, "V3" below) on the CPU, in plain
-// C++17 with OpenMP: Multi-head Latent Attention with decoupled RoPE and YaRN, DeepSeekMoE with shared and
-// fine-grained routed experts, auxiliary-loss-free load balancing, Multi-Token Prediction, V3's FP8 recipe simulated
-// bit for bit, training with AdamW, inference with the latent KV cache and MTP speculative decoding, data and expert
-// parallelism over ranks, and Hugging Face checkpoints. Every kernel has its forward and its backward next to each
-// other, with the equation it implements.
+// The whole DeepSeek-V3 architecture (arXiv 2412.19437, "V3" below) on the CPU, in plain C++17 with OpenMP:
+// Multi-head Latent Attention with decoupled RoPE and YaRN, DeepSeekMoE with shared and fine-grained routed experts,
+// auxiliary-loss-free load balancing, Multi-Token Prediction, V3's FP8 recipe simulated bit for bit, training with
+// AdamW, inference with the latent KV cache and MTP speculative decoding, data and expert parallelism over ranks, and
+// Hugging Face checkpoints. Every kernel has its forward and backward side by side, with the equation it implements.
 //
 // USAGE
 //     #include "deepseek_v3.hpp"          // link nothing but OpenMP (-fopenmp); needs the stb headers (libstb-dev)
@@ -22,20 +21,17 @@
 // section 3, which say what each piece does.
 //
 // PART 1, THE MODEL
-//    1. Config and counters .................. the error type; one struct for the architecture, presets, validate(),
-//                                              parameter / FLOP / KV-cache counters [V3 §2, §4.2, Table 1]
+//    1. Config and counters .................. Error, architecture, presets, validate(), counters [V3 §2, Table 1]
 //    2. Foundations .......................... RNG, fixed-order parallel loops, the --profile of a step, arena
-//    3. Kernels .............................. forward/backward pairs, the plain reference matmul first: matmul,
-//                                              RMSNorm, RoPE+YaRN [V3 §2.1.1], causal attention, SwiGLU, embedding,
-//                                              cross-entropy, the MoE router and balance losses [V3 §2.1.2], MoE
-//                                              permutation and grouped expert GEMMs, AdamW, the model's plumbing, and
-//                                              the backend switch (these kernels, or cuda/'s with -DDSV3_BACKEND_CUDA)
+//    3. Kernels .............................. forward/backward pairs after a reference matmul: matmul, RMSNorm,
+//                                              RoPE+YaRN [V3 §2.1.1], attention, SwiGLU, embedding, cross-entropy, the
+//                                              MoE router and balance losses [V3 §2.1.2], MoE permutation, grouped
+//                                              expert GEMMs, AdamW, the model's plumbing, the backend (or cuda/'s)
 //    4. Parameters ........................... one flat buffer, named views with Hugging Face names
 //    5. Modules .............................. 5.1 MLA [V3 §2.1.1, eqs. 1-11], 5.2 FFN, 5.3 DeepSeekMoE [eqs. 12-16],
 //                                              5.4 block, 5.5 MTP module [V3 §2.2, eqs. 21-25], 5.6 the model
 //    6. Training ............................. LR schedules, AdamW, clipping, loss-free balancing, one step [V3 §4.2]
-//    7. Inference ............................ latent KV cache, absorption, sampling, MTP speculation [§2.1.1, §5.4.3],
-//                                              the thread count for shared CPUs
+//    7. Inference ............................ KV cache, absorption, sampling, MTP speculation, threads [§2.1.1, 5.4.3]
 // PART 2, THE SYSTEMS OF THE REPORT
 //    8. FP8 numerics and the FP8 recipe ...... E4M3/E5M2, BF16, tile scaling, Hopper's accumulator, FP8 linears [§3.3],
 //                                              LogFMT for communication [Insights into DeepSeek-V3 §3.2]
@@ -95,9 +91,8 @@
 #endif
 #include <unistd.h>
 
-// stb (Debian package libstb-dev) draws the PNG plots of section 12. stb_image_write is compiled into each translation
-// unit as static functions, so no .cpp has to define STB_IMAGE_WRITE_IMPLEMENTATION; a program that uses stb itself
-// includes it before this header, or defines DSV3_STB_IMAGE_WRITE_EXTERN and compiles it in one of its own files.
+// stb (libstb-dev) draws section 12's PNG plots, compiled in as static functions; a program using stb itself includes
+// it before this header, or defines DSV3_STB_IMAGE_WRITE_EXTERN and compiles it in one of its own files.
 #if defined(__GNUC__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wunused-function"
@@ -132,9 +127,8 @@ namespace dsv3 {
 // =====================================================================================================================
 // 1. CONFIG AND COUNTERS
 // =====================================================================================================================
-// First the error type and the number readers every flag and file field goes through, then the config. Every error
-// the library raises is a dsv3::Error whose message names the file, tensor or field, what was expected and what was
-// found; the examples catch it, print it and exit non-zero.
+// Every error the library raises is a dsv3::Error whose message names the file, tensor or field, what was expected
+// and what was found; the examples catch it, print it and exit non-zero.
 struct Error : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
@@ -153,8 +147,7 @@ inline std::string escape_bytes(std::string_view s);  // section 11.1: bytes sho
 inline long long parse_int(std::string_view text, std::string_view what, long long lo, long long hi);
 inline double parse_float(std::string_view text, std::string_view what, double lo, double hi);
 
-// One struct carries the architecture. Field names follow DeepSeek's official inference code
-// (inference/model.py, ModelArgs); the Hugging Face config.json name is given where it differs.
+// The architecture. Field names follow DeepSeek's inference/model.py (ModelArgs), with config.json's where it differs.
 struct Config {
     // --- sizes ---
     int vocab_size = 256;
@@ -199,8 +192,8 @@ struct Config {
     bool is_moe_layer(int layer) const { return layer >= n_dense_layers && n_routed_experts > 0; }
     bool yarn_active() const { return rope_factor > 1.0f; }
 
-    // The presets. `tiny` keeps every structural feature (query LoRA, a dense layer, shared + routed experts with a
-    // group limit, MTP) at a size that trains in minutes on two cores.
+    // Presets. `tiny` has every structural feature (query LoRA, a dense layer, shared + grouped routed experts, MTP)
+    // at a size that trains in minutes on two cores.
     static Config tiny() { return Config{}; }
     static Config small();    // about 100M parameters, for a GPU
     static Config large();    // about 1.66B parameters (d 1024, 16 layers, 64 experts), for one large GPU
@@ -234,8 +227,7 @@ struct Config {
         visit([&](const char* name, const auto& v) { out << name << '=' << v << '\n'; });
         return out.str();
     }
-    // Sets one field from text; `where` names the source for the error message.
-    void set(const std::string& name, const std::string& value, const std::string& where) {
+    void set(const std::string& name, const std::string& value, const std::string& where) {  // where: for errors
         bool found = false;
         visit([&](const char* field, auto& v) {
             if (name != field) return;
@@ -271,9 +263,7 @@ inline Config Config::small() {
     return c;
 }
 
-// The shape of the `--preset large` of torchtitan's DeepSeek-V3 peer (a ~1.66B-total model where the GEMMs dominate):
-// vocab 32768, d 1024, 16 layers (1 dense, FFN 4096), 16 heads, 64 routed experts of width 512, top-6 in 4 of 8
-// groups, 1 shared, q_lora 384, kv_lora 256, head dims 64 + 32, v 64, context 1024.
+// The shape of the `--preset large` of torchtitan's DeepSeek-V3 peer: a ~1.66B-total model where the GEMMs dominate.
 inline Config Config::large() {
     Config c;
     c.vocab_size = 32768; c.dim = 1024; c.inter_dim = 4096; c.moe_inter_dim = 512;
@@ -310,9 +300,7 @@ inline Config Config::v3_671b() {  // inference/configs/config_671B.json
 
 // validate(): every rule the rest of the code relies on, each failure naming the field and the rule.
 inline void Config::validate() const {
-    auto positive = [](const char* field, long long v) {
-        if (v <= 0) fail("Config.", field, ": must be > 0, found ", v);
-    };
+    auto positive = [](const char* name, int64_t v) { if (v <= 0) fail("Config.", name, ": must be > 0, found ", v); };
     positive("vocab_size", vocab_size); positive("dim", dim); positive("n_layers", n_layers);
     positive("n_heads", n_heads); positive("kv_lora_rank", kv_lora_rank);
     positive("qk_nope_head_dim", qk_nope_head_dim); positive("qk_rope_head_dim", qk_rope_head_dim);
@@ -374,8 +362,7 @@ inline void Config::validate() const {
 }
 
 // --- counters -------------------------------------------------------------------------------------------------------
-// Counting is done on the same list of named shapes the model allocates (section 4: param_layout), so the counters
-// and the model can never disagree. These functions are defined after that list.
+// Counted on the named shapes the model allocates (section 4's param_layout), so counters and model never disagree.
 struct ParamCounts {
     int64_t total = 0;              // main model: embedding and head counted once each, MTP excluded
     int64_t activated = 0;          // per token: all but the routed experts a token does not use
@@ -398,14 +385,12 @@ inline int64_t kv_cache_bytes_gqa(int n_layers, int n_kv_heads, int head_dim, in
     return int64_t(n_layers) * 2 * n_kv_heads * head_dim * bytes_per_value;
 }
 
-// Training FLOPs per token (Insights paper, Table 2): 6 per activated parameter that does a multiply-add (the
-// embedding is a lookup), plus causal attention: scores and weighted sum, forward and backward, over T/2 keys on
-// average: 6 * layers * heads * (d_h + d_h^R + d_v) * T/2.
+// Training FLOPs per token (Insights paper, Table 2): 6 per activated parameter doing a multiply-add (the embedding is
+// a lookup), plus causal attention over T/2 keys on average: 6 * layers * heads * (d_h + d_h^R + d_v) * T/2.
 inline double training_flops_per_token(const Config& c, int seq_len) {
-    ParamCounts n = count_parameters(c);
-    double matmul = 6.0 * double(n.activated - n.embedding);
-    double attention = 6.0 * c.n_layers * c.n_heads * double(c.qk_head_dim() + c.v_head_dim) * seq_len / 2.0;
-    return matmul + attention;
+    const ParamCounts n = count_parameters(c);
+    return 6.0 * double(n.activated - n.embedding) +
+           6.0 * c.n_layers * c.n_heads * double(c.qk_head_dim() + c.v_head_dim) * seq_len / 2.0;
 }
 
 // =====================================================================================================================
@@ -433,10 +418,9 @@ struct Rng {
     Rng fork(uint64_t stream) const { Rng r(state ^ (0xD1B54A32D192ED03ull * (stream + 1))); r.next_u64(); return r; }
 };
 
-// parallel_for(n, body): body(i) for i in [0, n), split over OpenMP threads by a fixed static partition. Each i must
-// write only its own outputs, so the result is the same for any thread count.
-// Small loops (n · work_per_item multiply-adds or updates below kParallelMinWork) run on the calling thread: on a
-// shared CPU a region waits a time slice for a descheduled thread, and decoding a token runs hundreds of tiny loops.
+// parallel_for(n, body): body(i) for i in [0, n), a fixed static partition over OpenMP threads (each i writes its own
+// outputs). Loops under kParallelMinWork (n · work_per_item) stay on the calling thread: on a shared CPU a region
+// waits for descheduled threads, and decoding a token runs hundreds of tiny loops.
 constexpr int64_t kParallelMinWork = int64_t(1) << 15;
 template <class Body>
 inline void parallel_for(int64_t n, const Body& body, int64_t work_per_item = kParallelMinWork) {
@@ -444,8 +428,7 @@ inline void parallel_for(int64_t n, const Body& body, int64_t work_per_item = kP
     for (int64_t i = 0; i < n; ++i) body(i);
 }
 
-// parallel_sum(n, term): sum of term(i) for i in [0, n) in double, bitwise independent of the thread count: the
-// terms are summed in fixed chunks of 256, then the chunk sums in order.
+// parallel_sum(n, term): Σ_i term(i) in double, in fixed chunks of 256, then the chunk sums in order: any thread count.
 template <class Term>
 inline double parallel_sum(int64_t n, const Term& term) {
     const int64_t chunk = 256, n_chunks = (n + chunk - 1) / chunk;
@@ -472,17 +455,14 @@ inline int thread_count() {
 }
 
 inline double now_seconds() {
-    using clock = std::chrono::steady_clock;
-    return std::chrono::duration<double>(clock::now().time_since_epoch()).count();
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
 // --- where a step's time goes: the profile of build/train --profile ---------------------------------------------
-// Scopes name a module of section 5 (DSV3_PROFILE_MODULE("MLA forward")) or a kernel of section 3 or of cuda/
-// (DSV3_PROFILE_KERNEL(), named by its function). While the profile is on, each scope adds its wall time to a row:
-// a module's row holds all it contains (so MTP's block is also in "MLA forward"), a kernel's row is keyed by the
-// innermost module around it, and a kernel called inside another kernel counts as its caller's time. A backend that
-// queues work (CUDA) passes its synchronize, which runs at every scope's start and end, so each kernel is charged its
-// own time; a profiled run loses the overlap of launches with work and is slower than an unprofiled one.
+// Scopes name a module of section 5 (DSV3_PROFILE_MODULE("MLA forward")) or a kernel of section 3 or cuda/
+// (DSV3_PROFILE_KERNEL(): its function). While on, each adds its wall time to a row: a module's holds all it contains
+// (MTP's block is in "MLA forward" too), a kernel's is keyed by the innermost module (a nested kernel is its caller's
+// time). A queueing backend (CUDA) passes its synchronize, run at each scope's ends: a kernel gets its own time.
 struct Profile {
     struct Row { double seconds = 0; int64_t calls = 0; };
     bool on = false;
@@ -519,8 +499,7 @@ struct Profile {
 };
 inline Profile& profile() { static Profile p; return p; }
 
-class ProfileScope {
-  public:
+struct ProfileScope {
     ProfileScope(const char* name, bool kernel) {
         Profile& p = profile();
         if (!p.on || (kernel && p.in_kernel) || std::this_thread::get_id() != p.owner) return;
@@ -538,8 +517,6 @@ class ProfileScope {
     }
     ProfileScope(const ProfileScope&) = delete;
     ProfileScope& operator=(const ProfileScope&) = delete;
-
-  private:
     const char* name_ = nullptr;
     std::string outer_module_;
     bool kernel_ = false, active_ = false;
@@ -554,13 +531,11 @@ inline void require_memory(std::string_view what, double bytes);
 // The first 64-byte boundary (a cache line) at or after p, at most 15 floats on.
 inline float* align64(float* p) { return p + (16 - (reinterpret_cast<uintptr_t>(p) / 4) % 16) % 16; }
 
-// The activation arena: forward activations and backward temporaries are bump-allocated from large blocks. After
-// the first step every take() is served from memory already owned, so a training step allocates nothing. Pointers
-// stay valid until release()/reset() (blocks never move).
+// The activation arena: activations and backward temporaries, bump-allocated from large blocks that never move (valid
+// until release()/reset()). After the first step every take() reuses memory owned: a training step allocates nothing.
 class Arena {
   public:
-    // n floats, uninitialised, 64-byte aligned.
-    float* take(size_t n) {
+    float* take(size_t n) {  // n floats, uninitialised, 64-byte aligned
         n = (n + 15) & ~size_t(15);
         while (block_ < blocks_.size() && used_ + n > blocks_[block_].size && used_ > 0) ++block_, used_ = 0;
         const size_t size = std::max(n, size_t(1) << 22);  // a new block, or one replacing an empty one too small
@@ -609,11 +584,9 @@ struct TensorView {
 // =====================================================================================================================
 // 3. KERNELS
 // =====================================================================================================================
-// Each kernel is a forward/backward pair on raw row-major arrays. Backward functions accumulate (+=) into the
-// gradients of their inputs. Shapes use T for "rows" (tokens of the whole batch, B * seq_len).
+// Forward/backward pairs on raw row-major arrays (backward accumulates: CONVENTIONS); T counts rows, B * seq_len.
+// Section 8's FP8 linear layer (every linear layer under Config.fp8_training [V3 §3.3]), and its BF16 rounding.
 
-// Declared here, defined in Part 2 (section 8): V3's FP8 linear layer, which Config.fp8_training routes every linear
-// layer through [V3 §3.3], and the BF16 rounding of that recipe's optimizer states. Same convention as matmul below.
 inline float bf16_round(float x);
 inline void fp8_matmul_forward(float* y, const float* x, const float* W, int T, int in, int out);
 inline void fp8_matmul_backward(float* dx, float* dW, const float* dy, const float* x, const float* W, int T, int in,
@@ -636,11 +609,9 @@ inline int fp8_tiles(int n) { return (n + 127) / 128; }   // number of 128-wide 
 // nn.Linear convention) and have no bias. A linear layer is three products:
 //     forward   y [T,out]  = x [T,in] · Wᵀ
 //     backward  dx[T,in]  += dy[T,out] · W          dW[out,in] += dy[T,out]ᵀ · x
-// First the algorithmic reference, the definitions summed in double: the tests compare everything with it. Then the
-// two functions the model calls. They run on one fast GEMM, gemm::multiply of section 10 (the appendix: register
-// tiles, packing, cache blocking), which computes C[M,N] (+)= A[M,K]·B[K,N] over strided views, so that Wᵀ is W with
-// its strides swapped. Its summation order depends on K alone: results are bitwise the same for any thread count,
-// and a row of y is the same whatever batch it is computed in.
+// each C[M,N] (+)= A[M,K]·B[K,N] over strided views (Wᵀ: W, strides swapped). The tests compare everything with the
+// reference (the definition, in double); the model calls section 10's fast gemm::multiply, whose summation order
+// depends on K alone: bitwise the same for any thread count, and a row of y the same whatever batch it is in.
 namespace gemm {
 // A matrix view with arbitrary strides: element (r, c) is data[r * row_stride + c * col_stride].
 template <class T>
@@ -656,37 +627,28 @@ inline void multiply(int M, int N, int K, const View& A, const View& B, const Ou
 constexpr int FEW_ROWS = 4;  // y = x Wᵀ for at most this many rows of x: a matrix-vector kernel, bitwise the same
 inline void multiply_few_rows(float* y, const float* x, const float* W, int T, int in, int out);
 }  // namespace gemm
-inline void matmul_forward_reference(float* y, const float* x, const float* W, int T, int in, int out) {
-    for (int t = 0; t < T; ++t)
-        for (int o = 0; o < out; ++o) {
-            double s = 0;
-            for (int i = 0; i < in; ++i) s += double(x[int64_t(t) * in + i]) * W[int64_t(o) * in + i];
-            y[int64_t(t) * out + o] = float(s);
+// C[M,N] = A·B, or C += A·B (accumulate), summed in double over k in order.
+inline void multiply_reference(int M, int N, int K, const gemm::View& A, const gemm::View& B, const gemm::OutView& C,
+                               bool accumulate) {
+    for (int r = 0; r < M; ++r)
+        for (int c = 0; c < N; ++c) {
+            double s = accumulate ? double(C.at(r, c)) : 0.0;
+            for (int k = 0; k < K; ++k) s += double(A.at(r, k)) * B.at(k, c);
+            C.at(r, c) = float(s);
         }
+}
+inline void matmul_forward_reference(float* y, const float* x, const float* W, int T, int in, int out) {
+    multiply_reference(T, out, in, {x, in, 1}, {W, 1, in}, {y, out, 1}, false);
 }
 inline void matmul_backward_reference(float* dx, float* dW, const float* dy, const float* x, const float* W, int T,
                                       int in, int out) {
-    if (dx)
-        for (int t = 0; t < T; ++t)
-            for (int i = 0; i < in; ++i) {
-                double s = dx[int64_t(t) * in + i];
-                for (int o = 0; o < out; ++o) s += double(dy[int64_t(t) * out + o]) * W[int64_t(o) * in + i];
-                dx[int64_t(t) * in + i] = float(s);
-            }
-    if (dW)
-        for (int o = 0; o < out; ++o)
-            for (int i = 0; i < in; ++i) {
-                double s = dW[int64_t(o) * in + i];
-                for (int t = 0; t < T; ++t) s += double(dy[int64_t(t) * out + o]) * x[int64_t(t) * in + i];
-                dW[int64_t(o) * in + i] = float(s);
-            }
+    if (dx) multiply_reference(T, in, out, {dy, out, 1}, {W, in, 1}, {dx, in, 1}, true);
+    if (dW) multiply_reference(out, in, T, {dy, 1, out}, {x, in, 1}, {dW, in, 1}, true);
 }
 
-// y[T,out] = x[T,in] · W[out,in]ᵀ          (overwrites y)
-// With many rows, W is packed once and reused by all of them. With a few rows (decoding: T = 1 or a few draft
-// tokens) packing W would cost more than the product itself: up to FEW_ROWS rows go through a matrix-vector kernel
-// that reads W in place, and up to 63 through the same GEMM computing yᵀ = W · xᵀ (only x is packed). Each output is
-// the same FMA chain over k on every path, so the result is bitwise identical; only the speed differs.
+// y[T,out] = x[T,in] · W[out,in]ᵀ (overwrites y). With many rows, W is packed once for all of them. With few (decoding)
+// packing W costs more than the product: up to FEW_ROWS rows run a matrix-vector kernel reading W in place, up to 63
+// the GEMM computing yᵀ = W · xᵀ (only x packed). Every path is the same FMA chain over k: bitwise the same result.
 inline void matmul_forward(float* y, const float* x, const float* W, int T, int in, int out) {
     DSV3_PROFILE_KERNEL();
     if (T <= gemm::FEW_ROWS)
@@ -742,11 +704,11 @@ inline void rmsnorm_backward(float* dx, float* dg, const float* dy, const float*
 
 // --- 3.3 RoPE with YaRN [V3 §2.1.1 eqs. 3 and 7; YaRN, Peng et al. 2023] ----------------------------------------
 // The decoupled RoPE part of queries and keys is rotated pairwise: (x_2i, x_2i+1) by the angle pos·θ_i with
-// θ_i = base^(−2i/D), D = qk_rope_head_dim. (DeepSeek's code views consecutive pairs as complex numbers; Hugging
-// Face stores the same weights and de-interleaves inside its rotary function: the dot products are identical.)
-// YaRN extends the context by slowing the low frequencies: frequencies that turn fewer than beta_slow times over
-// the original context are divided by s (= rope_factor), those turning more than beta_fast times are kept, and a
-// linear ramp blends in between. The attention scale is then multiplied by m² with m = 0.1·mscale·ln(s) + 1.
+// θ_i = base^(−2i/D), D = qk_rope_head_dim. (DeepSeek's code views the pairs as complex numbers; Hugging Face stores
+// the same weights and de-interleaves in its rotary function: same dot products.) YaRN extends the context by slowing
+// the low frequencies: those turning fewer than beta_slow times over the original context are divided by s
+// (= rope_factor), those turning more than beta_fast times kept, a linear ramp between. The attention scale is then
+// multiplied by m² with m = 0.1·mscale·ln(s) + 1.
 struct RopeTable {
     int half = 0, max_pos = 0;
     std::vector<float> cos, sin;  // [max_pos, half]
@@ -756,8 +718,7 @@ inline std::vector<double> rope_frequencies(const Config& c) {
     std::vector<double> theta(static_cast<size_t>(half));
     for (int i = 0; i < half; ++i) theta[size_t(i)] = std::pow(double(c.rope_theta), -2.0 * i / D);
     if (!c.yarn_active()) return theta;
-    // find_dim(r): the dimension whose wavelength fits r rotations into the original context.
-    auto find_dim = [&](double rotations) {
+    auto find_dim = [&](double rotations) {  // the dimension turning `rotations` times over the original context
         return D * std::log(c.original_seq_len / (rotations * 2 * M_PI)) / (2 * std::log(double(c.rope_theta)));
     };
     double low = std::max(std::floor(find_dim(c.beta_fast)), 0.0);
@@ -786,8 +747,8 @@ inline float attention_scale(const Config& c) {
     const float m = c.yarn_active() ? 0.1f * c.mscale * std::log(c.rope_factor) + 1.0f : 1.0f;
     return 1.0f / std::sqrt(float(c.qk_head_dim())) * (m * m);
 }
-// In place: x holds T rows of row_stride floats; in each row, n_vec vectors of D = 2·half floats start at
-// offset + j·vec_stride. Row t is at position pos0 + t % seq_len. backward = rotation by the opposite angle.
+// In place: x holds T rows of row_stride floats, each with n_vec vectors of D = 2·half floats at offset + j·vec_stride.
+// Row t is at position pos0 + t % seq_len. inverse (the backward, rotation being orthogonal): the opposite angle.
 inline void rope_apply(float* x, int T, int row_stride, int offset, int n_vec, int vec_stride, int pos0,
                        int seq_len, const RopeTable& rt, bool inverse) {
     const float sign = inverse ? -1.0f : 1.0f;
@@ -813,7 +774,6 @@ inline void rope_forward(float* x, int T, int row_stride, int offset, int n_vec,
     DSV3_PROFILE_KERNEL();
     rope_apply(x, T, row_stride, offset, n_vec, vec_stride, pos0, seq_len, rt, false);
 }
-// The rotation is orthogonal, so its backward is the inverse rotation of the gradient (in place).
 inline void rope_backward(float* dx, int T, int row_stride, int offset, int n_vec, int vec_stride, int pos0,
                           int seq_len, const RopeTable& rt) {
     DSV3_PROFILE_KERNEL();
@@ -823,9 +783,8 @@ inline void rope_backward(float* dx, int T, int row_stride, int offset, int n_ve
 // --- 3.4 causal softmax attention -----------------------------------------------------------------------------
 // q, k: [B·T, H, dqk]; v: [B·T, H, dv]; out: [B·T, H, dv]; probs: [B, H, T, T] (row t holds weights over s ≤ t).
 // o_t = Σ_{s≤t} softmax_s(q_t·k_s · scale) v_s       [V3 eq. 10]
-// Σ a_i b_i in 8 partial sums, then the remainder and the partials in order: the same order for any thread count,
-// and 8 independent chains that the compiler keeps in one SIMD register (a single running sum is one long chain of
-// dependent additions, which is what made these loops the slowest kernels of a CPU step).
+// Σ a_i b_i in 8 partial sums, then the remainder and the partials in order: 8 independent chains in one SIMD register
+// (one running sum, a long chain of dependent additions, was the slowest kernel of a CPU step).
 inline float dot8(const float* a, const float* b, int n) {
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     int i = 0;
@@ -836,8 +795,7 @@ inline float dot8(const float* a, const float* b, int n) {
     for (float x : acc) s += x;
     return s;
 }
-// What the forward saves for the backward, in floats: here the probabilities (the GPU's flash kernels keep one
-// log-sum-exp per row instead and recompute them).
+// Floats the forward saves for the backward: the probabilities (the GPU's flash kernels keep a log-sum-exp per row).
 inline size_t attention_saved_floats(int B, int T, int H, int /*dqk*/, int /*dv*/) { return size_t(B) * H * T * T; }
 inline void attention_forward(float* out, float* probs, const float* q, const float* k, const float* v, int B, int T,
                               int H, int dqk, int dv, float scale) {
@@ -931,9 +889,7 @@ inline void embedding_forward(float* out, const int32_t* tokens, const float* E,
     for (int t = 0; t < T; ++t)
         if (tokens[t] < 0 || tokens[t] >= vocab)
             fail("embedding: token id ", tokens[t], " at position ", t, " outside [0, ", vocab, ")");
-    parallel_for(T, [&](int64_t t) {
-        std::memcpy(out + t * d, E + int64_t(tokens[t]) * d, sizeof(float) * size_t(d));
-    });
+    parallel_for(T, [&](int64_t t) { std::memcpy(out + t * d, E + int64_t(tokens[t]) * d, sizeof(float) * d); });
 }
 // dE[tokens[t]] += dout[t]. Rows of equal tokens collide, so this runs serially in t order (deterministic, cheap).
 inline void embedding_backward(float* dE, const float* dout, const int32_t* tokens, int T, int d) {
@@ -946,8 +902,7 @@ inline void embedding_backward(float* dE, const float* dout, const int32_t* toke
 }
 
 // --- 3.7 cross-entropy ------------------------------------------------------------------------------------------
-// logits: [T, V]; targets: [T] (ignore_index skips a row). Returns the mean over the counted rows of
-// −log softmax(logits)[target], in nats.
+// logits: [T, V]; targets: [T] (kIgnore skips a row). Returns the mean of −log softmax(logits)[target], in nats.
 constexpr int32_t kIgnore = -1;
 inline int64_t cross_entropy_count(const int32_t* targets, int T, int V) {  // counted rows; checks the targets
     int64_t counted = 0;
@@ -995,11 +950,11 @@ inline void cross_entropy_backward(float* dlogits, const float* logits, const in
 }
 
 // --- 3.8 the MoE router [V3 §2.1.2, eqs. 13-16] ------------------------------------------------------------------
-// scores s_{i,t} = σ(u_tᵀ e_i) (sigmoid; V2 used softmax over experts). Selection uses the biased score s + b, in
-// two stages: the N_r experts form n_group groups, a group's score is the sum of its two best biased scores (max for
-// softmax routing), only the topk_group best groups stay, and the top-K experts among them are chosen. The gates use
-// the UNBIASED scores: g_i = s_i / Σ_{j chosen} s_j (normalised, eq. 13), times route_scale. The bias therefore steers
-// which experts are chosen without changing how much they contribute — the point of loss-free balancing.
+// scores s_{i,t} = σ(u_tᵀ e_i) (sigmoid; V2 used softmax over experts). Selection uses the biased score s + b, in two
+// stages: the N_r experts form n_group groups, a group's score the sum of its two best biased scores (max for softmax
+// routing); the topk_group best groups stay, and the top-K experts among them are chosen. The gates use the UNBIASED
+// scores: g_i = s_i / Σ_{j chosen} s_j (eq. 13), times route_scale: the bias steers which experts are chosen, not how
+// much they contribute — the point of loss-free balancing.
 // logits, scores: [T, N]; bias: [N] (may be null); chosen: [T, K] expert ids (ascending by rank); gates: [T, K].
 inline void router_scores_forward(float* scores, const float* logits, int T, int N, bool softmax) {
     DSV3_PROFILE_KERNEL();
@@ -1163,9 +1118,8 @@ inline double expert_balance_loss(float* dlogits, const float* logits, const int
 }
 
 // --- 3.10 MoE permutation and the experts' grouped GEMMs -------------------------------------------------------------
-// Tokens are grouped by expert with a counting sort (stable: within an expert, tokens keep their order), so each
-// expert runs one dense matmul over its rows. slot[t·K + k] = row of (token t, choice k) in the permuted order;
-// token_of[row] = t; offsets[e] .. offsets[e+1] are expert e's rows.
+// Tokens are grouped by expert with a stable counting sort, so each expert runs one dense matmul over its rows.
+// slot[t·K + k] = row of (token t, choice k) in the permuted order; token_of[row] = t; expert e: offsets[e] .. [e+1].
 struct MoePermutation {
     std::vector<int32_t> slot, token_of;
     std::vector<int64_t> offsets, counts;
@@ -1215,8 +1169,7 @@ inline void moe_unpermute_forward(float* y, const float* ye, const float* gates,
         }
     });
 }
-// dye[slot] = gates · dy[t] (OVERWRITES dye: each slot has exactly one source, so it needs no zeroing);
-// dgates[t,k] += dy[t] · ye[slot]
+// dye[slot] = gates · dy[t] (OVERWRITES dye: each slot has one source, no zeroing);  dgates[t,k] += dy[t] · ye[slot]
 inline void moe_unpermute_backward(float* dye, float* dgates, const float* dy, const float* ye, const float* gates,
                                    const MoePermutation& p, int T, int K, int d) {
     DSV3_PROFILE_KERNEL();
@@ -1233,13 +1186,10 @@ inline void moe_unpermute_backward(float* dye, float* dgates, const float* dy, c
         }
     });
 }
-// The experts' GEMMs, grouped. Rows offsets[g] .. offsets[g+1] of x (expert-contiguous, as permuted above) go
-// through weight g, which sits at W + g·w_stride ([out, in] each: one projection of consecutive experts is evenly
-// strided in the flat buffer, because each expert's gate, up and down are stored together). One call runs one
-// projection of all of a layer's experts. Here it is a loop over matmul (each one parallel inside); on the GPU it is
-// a single kernel launch over all experts' tiles (cuda/kernels.cuh), where one small GEMM per expert would be
-// dominated by launch overhead.
-// offsets: [groups + 1], host memory on every backend, starting at 0 and never decreasing (checked).
+// The experts' GEMMs, grouped: one call runs one projection of a layer's experts. Rows offsets[g] .. offsets[g+1] of x
+// (expert-contiguous) go through weight g at W + g·w_stride ([out, in]; an expert's gate, up and down are stored
+// together, so a projection is evenly strided). Here a loop over matmul; on the GPU one launch over all experts' tiles,
+// where a GEMM per expert would be launch overhead. offsets: [groups + 1], host memory, from 0, non-decreasing.
 inline void check_group_offsets(const char* who, const int64_t* offsets, int groups, int in, int out) {
     if (groups < 0 || in < 0 || out < 0) fail(who, ": negative size groups=", groups, " in=", in, " out=", out);
     if (offsets[0] != 0) fail(who, ": offsets[0] must be 0, found ", offsets[0]);
@@ -1273,9 +1223,8 @@ inline void grouped_matmul_backward(float* dx, float* dW, const float* dy, const
 
 // --- 3.11 AdamW (Loshchilov & Hutter 2019) ------------------------------------------------------------------------
 // m ← β1 m + (1−β1) g;  v ← β2 v + (1−β2) g²;  p ← p − lr·( m̂/(√v̂ + ε) + wd·p ), m̂, v̂ bias-corrected by step.
-// g is taken times grad_scale (6.2's clipping factor: one pass over the gradients fewer than scaling them first).
+// g is taken times grad_scale (6.2's clipping factor, saving a pass); bf16_states: m, v stored rounded to BF16 (6.2).
 constexpr int64_t kElementwiseWork = 8;  // parallel_for's work_per_item of the element-wise kernels: 4096 go parallel
-// bf16_states: m and v are stored rounded to BF16 after the update (FP8 training, section 6.2).
 inline void adamw_update(float* p, const float* g, float* m, float* v, int64_t n, float lr, float beta1, float beta2,
                          float eps, float weight_decay, int step, float grad_scale = 1.0f, bool bf16_states = false) {
     DSV3_PROFILE_KERNEL();
@@ -1290,8 +1239,8 @@ inline void adamw_update(float* p, const float* g, float* m, float* v, int64_t n
 }
 
 // --- 3.12 the model's plumbing: copies, concatenations, residual adds, the optimizer's reductions --------------------
-// The modules of section 5 move data between kernels in a few fixed patterns. Each is a named kernel here (and in
-// every backend), so that the model code never touches an array element itself and runs unchanged on a GPU.
+// The few fixed patterns in which section 5 moves data between kernels, each a named kernel in every backend: the
+// model never touches an array element itself, and runs unchanged on a GPU.
 inline void fill_zero(float* x, int64_t n) { // x = 0
     DSV3_PROFILE_KERNEL();
     std::memset(x, 0, sizeof(float) * size_t(n));
@@ -1317,15 +1266,11 @@ inline double sum_of_squares(const float* x, int64_t n) {  // Σ x², in double,
 // gather_rows: dst[i] = src[rows[i]];  scatter_rows: dst[rows[i]] = src[i];  i < n, rows of d floats.
 inline void gather_rows(float* dst, const float* src, const int32_t* rows, int64_t n, int d) {
     DSV3_PROFILE_KERNEL();
-    parallel_for(n, [&](int64_t i) {
-        std::memcpy(dst + i * d, src + int64_t(rows[i]) * d, sizeof(float) * size_t(d));
-    });
+    parallel_for(n, [&](int64_t i) { std::memcpy(dst + i * d, src + int64_t(rows[i]) * d, sizeof(float) * d); });
 }
 inline void scatter_rows(float* dst, const float* src, const int32_t* rows, int64_t n, int d) {
     DSV3_PROFILE_KERNEL();
-    parallel_for(n, [&](int64_t i) {
-        std::memcpy(dst + int64_t(rows[i]) * d, src + i * d, sizeof(float) * size_t(d));
-    });
+    parallel_for(n, [&](int64_t i) { std::memcpy(dst + int64_t(rows[i]) * d, src + i * d, sizeof(float) * d); });
 }
 // out[t] = [a[t] ; b[t]]     a: [T, da], b: [T, db], out: [T, da + db]   (split_columns is its backward, and back)
 inline void concat_columns(float* out, const float* a, const float* b, int T, int da, int db) {
@@ -1335,16 +1280,15 @@ inline void concat_columns(float* out, const float* a, const float* b, int T, in
         std::memcpy(out + t * (da + db) + da, b + t * db, sizeof(float) * size_t(db));
     });
 }
-// [a[t] ; b[t]] = in[t]
-inline void split_columns(float* a, float* b, const float* in, int T, int da, int db) {
+inline void split_columns(float* a, float* b, const float* in, int T, int da, int db) {  // [a[t] ; b[t]] = in[t]
     DSV3_PROFILE_KERNEL();
     parallel_for(T, [&](int64_t t) {
         std::memcpy(a + t * da, in + t * (da + db), sizeof(float) * size_t(da));
         std::memcpy(b + t * db, in + t * (da + db) + da, sizeof(float) * size_t(db));
     });
 }
-// MLA's per-head keys and values [V3 eqs. 4-5]: kv: [T, H, d_h + d_v] (W^UKV c^KV), k_rope: [T, d_h^R] shared by
-// all heads  ->  k: [T, H, d_h + d_h^R] = [k^C ; k^R], v: [T, H, d_v].
+// MLA's per-head keys and values [V3 eqs. 4-5]: kv: [T, H, d_h + d_v] (W^UKV c^KV), k_rope: [T, d_h^R] shared by all
+// heads  ->  k: [T, H, d_h + d_h^R] = [k^C ; k^R], v: [T, H, d_v].
 inline void mla_keys_values_forward(float* k, float* v, const float* kv, const float* k_rope, int T, int H, int dh,
                                     int dr, int dv) {
     DSV3_PROFILE_KERNEL();
@@ -1374,13 +1318,10 @@ inline void mla_keys_values_backward(float* dkv, float* dk_rope, const float* dk
 }
 
 // --- 3.13 the backend: where the model's kernels and buffers come from -------------------------------------------
-// Sections 5 and 6 (the model, its training step) are written once, against `backend`: they call backend::kernel(...)
-// and keep parameters, gradients, AdamW's moments and activations in backend::Buffer and backend::Arena. The default
-// backend is this header: the kernels above, std::vector and the Arena of section 2, all in host memory. A translation
-// unit that defines DSV3_BACKEND_CUDA before including this header gets cuda/kernels.cuh instead: the same names and
-// parameter lists over device memory (build with nvcc; `make cuda` builds build/train_cuda from examples/train.cpp).
-// What the model needs on the host comes back through the few calls below: token ids go down, losses, the routing
-// plan (expert counts) and the routing bias come back.
+// Sections 5 and 6 are written once, against `backend`: they call backend::kernel(...) and keep parameters, gradients,
+// AdamW's moments and activations in backend::Buffer and backend::Arena, by default this header's (host memory). With
+// DSV3_BACKEND_CUDA defined before the include they are cuda/kernels.cuh's: the same names and parameters on the device
+// (`make cuda`). Through the calls below token ids go down; losses, the routing plan and bias come back.
 template <class T> using Buffer = std::vector<T>;
 constexpr bool host_memory = true;  // false on a GPU backend: model.params etc. are device pointers
 template <class T> void upload(Buffer<T>& dst, const std::vector<T>& host) { dst = host; }
@@ -1401,9 +1342,8 @@ namespace dsv3 {
 // =====================================================================================================================
 // 4. PARAMETERS: ONE FLAT BUFFER, NAMED VIEWS
 // =====================================================================================================================
-// All parameters live in one float buffer, the gradients in a second of the same layout (and AdamW's moments in two
-// more). A module only stores offsets into it. So the optimizer, gradient clipping, checkpoints and the data-parallel
-// all-reduce each work on flat memory, and every tensor still has its Hugging Face name for checkpoints.
+// The parameters live in one float buffer, the gradients and AdamW's two moments in others of the same layout; modules
+// store offsets. The optimizer, clipping, checkpoints, the all-reduce work on flat memory; tensors keep their HF names.
 enum class ParamKind {
     matrix,     // linear weights and the embedding: initialised N(0, init_std²), weight decay applies
     gain,       // RMSNorm gains: initialised to 1, no weight decay
@@ -1418,7 +1358,7 @@ struct ParamEntry {
     bool routed_expert = false;    // a routed expert's weight (not activated for every token)
 };
 
-// Views: a module holds offsets; data = params.data() + offset, gradient = grads.data() + offset.
+// A module holds offsets: data = params.data() + offset, gradient = grads.data() + offset.
 struct Linear {  // weight [out, in]: y = x Wᵀ
     size_t w = 0;
     int out = 0, in = 0;
@@ -1487,12 +1427,9 @@ inline ParamLayout param_layout(const Config& c) {
         return Linear{add(name + ".weight", {out, in}, ParamKind::matrix), out, in};
     };
     auto norm = [&](const std::string& name, int dim) { return Norm{add(name + ".weight", {dim}, ParamKind::gain), dim}; };
-    auto ffn = [&](const std::string& p, int width) {
-        Ffn f;
-        f.gate = linear(p + ".gate_proj", width, c.dim);
-        f.up = linear(p + ".up_proj", width, c.dim);
-        f.down = linear(p + ".down_proj", c.dim, width);
-        return f;
+    auto ffn = [&](const std::string& p, int width) {  // gate, up, down in this order: braces evaluate left to right
+        return Ffn{linear(p + ".gate_proj", width, c.dim), linear(p + ".up_proj", width, c.dim),
+                   linear(p + ".down_proj", c.dim, width)};
     };
     const int H = c.n_heads, dqk = c.qk_head_dim();
     auto block = [&](int layer) {
@@ -1520,19 +1457,16 @@ inline ParamLayout param_layout(const Config& c) {
             m.router = linear(p + ".mlp.gate", c.n_routed_experts, c.dim);
             m.router.fp8 = false;
             m.bias = add(p + ".mlp.gate.e_score_correction_bias", {c.n_routed_experts}, ParamKind::routing_bias);
-            in_expert = true;
-            for (int e = 0; e < c.n_routed_experts; ++e)
-                m.experts.push_back(ffn(p + ".mlp.experts." + std::to_string(e), c.moe_inter_dim));
-            in_expert = false;
-            // The grouped expert GEMMs (section 3.10) rely on the even stride: check it.
-            const size_t matrix = size_t(c.moe_inter_dim) * c.dim;
+            const size_t matrix = size_t(c.moe_inter_dim) * c.dim;  // the grouped GEMMs (3.10) rely on this stride
             m.expert_stride = 3 * matrix;
+            in_expert = true;
             for (int e = 0; e < c.n_routed_experts; ++e) {
-                const Ffn& f = m.experts[size_t(e)];
+                const Ffn& f = m.experts.emplace_back(ffn(p + ".mlp.experts." + std::to_string(e), c.moe_inter_dim));
                 const size_t at = m.experts[0].gate.w + size_t(e) * m.expert_stride;
                 if (f.gate.w != at || f.up.w != at + matrix || f.down.w != at + 2 * matrix)
                     fail("param_layout: ", p, ".mlp.experts.", e, " is not stored where the grouped GEMMs expect it");
             }
+            in_expert = false;
             m.has_shared = c.n_shared_experts > 0;
             if (m.has_shared) m.shared = ffn(p + ".mlp.shared_experts", c.n_shared_experts * c.moe_inter_dim);
         }
@@ -1546,13 +1480,8 @@ inline ParamLayout param_layout(const Config& c) {
     for (int k = 0; k < c.n_mtp_depth; ++k) {  // stored as the layers after the main ones: model.layers.{n_layers+k}
         mtp_index = k;
         const std::string p = "model.layers." + std::to_string(c.n_layers + k);
-        MtpModule m;
-        m.enorm = norm(p + ".enorm", c.dim);
-        m.hnorm = norm(p + ".hnorm", c.dim);
-        m.eh_proj = linear(p + ".eh_proj", c.dim, 2 * c.dim);
-        m.block = block(c.n_layers + k);
-        m.norm = norm(p + ".shared_head.norm", c.dim);
-        L.mtp.push_back(m);
+        L.mtp.push_back({norm(p + ".enorm", c.dim), norm(p + ".hnorm", c.dim), linear(p + ".eh_proj", c.dim, 2 * c.dim),
+                         block(c.n_layers + k), norm(p + ".shared_head.norm", c.dim)});  // in this order (as ffn)
     }
     return L;
 }
@@ -1578,11 +1507,8 @@ inline ParamCounts count_parameters(const Config& c) {
 // =====================================================================================================================
 // 5. MODULES: MLA, FFN, MoE, BLOCK, MTP, MODEL
 // =====================================================================================================================
-// The model logic is written once here. Each module of the paper is a forward/backward pair of Model member
-// functions with the module's name: mla_forward (5.1), ffn_forward (5.2), gate_forward and moe_forward (5.3),
-// block_forward (5.4), mtp_forward (5.5), each with its _backward, composing the kernels of section 3 on the
-// parameters of section 4 (MLA, Ffn, MoE, Block, MtpModule). A forward saves what its backward needs in a cache
-// (the structs below: pointers into the activation arena).
+// Each module of the paper is a forward/backward pair of Model members named after it (mla_forward, ...), composing
+// section 3's kernels on section 4's parameters; a forward saves what its backward needs in a cache (arena pointers).
 
 enum class BalanceLoss { none, sequence_wise, expert_level };
 
@@ -1643,23 +1569,18 @@ struct MtpCache {
 
 struct KvCache;  // section 7
 
-// Who runs the routed experts of a MoE layer. The layer routes its tokens, groups them by expert (c.perm, c.xe) and
-// combines the experts' outputs (c.ye) with the gates; in between, by default, the model runs all N_r experts itself
-// (Model::experts_forward). Expert parallelism (section 9) installs a runner that sends each token to the ranks
-// owning its experts and brings the outputs back [V3 §3.2].
+// Who runs a MoE layer's routed experts (from c.xe to c.ye): by default the model, all N_r (experts_forward); expert
+// parallelism (9) installs a runner sending each token to the ranks owning its experts and back [V3 §3.2].
 class Model;
 struct ExpertRunner {
     virtual ~ExpertRunner() = default;
     // c.x, c.chosen, c.gates, c.perm and c.xe: [n·K, d] are set; fill c.ye: [n·K, d] (rows in c.perm's order).
     virtual void forward(Model& model, const MoE& m, MoeCache& c) = 0;
-    // dye: [n·K, d], the gradient of c.ye; write dxe: [n·K, d] (zeroed by the caller) and add the experts' weight
-    // gradients into model.grads.
+    // dye: [n·K, d], c.ye's gradient; write dxe: [n·K, d] (zeroed by the caller), add the weights' into model.grads.
     virtual void backward(Model& model, const MoE& m, MoeCache& c, const float* dye, float* dxe) = 0;
 };
 
-// The model. Its state is the config, the two flat buffers and the RoPE table; the caches above live in the
-// activation arena. The modules (5.1-5.5) are its private members; section 5.6 composes them into forward() and
-// backward(); section 7 adds decoding; section 9 calls experts_forward / experts_backward for the experts a rank owns.
+// The model: the config, the flat buffers, the RoPE table; 5.6 composes its modules into forward() and backward().
 class Model {
   public:
     // --- the model and its parameters (section 4) ---
@@ -1671,7 +1592,7 @@ class Model {
     Model(const Config& c, uint64_t seed);
     float* param_at(size_t offset) { return params.data() + offset; }  // a tensor of `layout`, by its offset
     float* grad_at(size_t offset) { return grads.data() + offset; }
-    // By Hugging Face name, e.g. param("model.layers.0.self_attn.kv_a_proj_with_mqa.weight"), and its gradient.
+    // By Hugging Face name, e.g. param("model.layers.0.self_attn.kv_a_proj_with_mqa.weight"), and its gradient
     TensorView param(const std::string& name) {
         const ParamEntry& e = layout.find(name);
         return {param_at(e.offset), e.shape, e.name};
@@ -1692,14 +1613,12 @@ class Model {
         return l;
     }
     bool reuse_routing = false;  // gradient checks: keep the last forward's expert choice fixed
-    // Called by backward() with an offset o each time every gradient at flat offsets >= o is final. The layout
-    // stores the model in forward order (section 4) and the backward runs it in reverse, so the offsets only fall:
-    // after each MTP module from the last, after the output head, after each block from the last, and 0 after the
-    // embedding (which the MTP modules also use). Data parallelism (9.5) starts all-reducing a bucket of gradients
-    // as soon as the offset passes below it, overlapping the communication with the rest of the backward.
+    // Called by backward() with o each time every gradient at flat offsets >= o is final: the backward runs the layout
+    // (forward order) in reverse, so o only falls (after each MTP module, the head, each block; 0 after the embedding,
+    // which MTP also uses). Data parallelism (9.5) all-reduces a bucket once o passes below it, during the backward.
     std::function<void(size_t offset)> on_gradients_final;
-    // What the last forward computed: logits [B·T, vocab] (main model, MTP module k+1), the attention weights of
-    // main block `layer` [B, H, T, T], and the expert loads, one vector [N_r] per MoE block (moe_blocks() order).
+    // What the last forward computed: logits [B·T, vocab] (main model, MTP module k+1), main block `layer`'s attention
+    // weights [B, H, T, T], and the expert loads, one vector [N_r] per MoE block (moe_blocks() order).
     const float* logits() const { return logits_; }
     const float* mtp_logits(int k) const { return mtp_.at(size_t(k)).logits; }
     const float* attention_probs(int layer) const {  // null where the backend keeps none (the GPU's flash kernels)
@@ -1710,9 +1629,8 @@ class Model {
     std::vector<std::vector<int64_t>> expert_loads() const;
 
     // --- inference (section 7) ---
-    // Run n new tokens at the cache's next positions; logits: [n, vocab]; hidden: [n, dim] (optional) the last
-    // block's output, which the MTP module reads. absorbed: attention in the latent space. tokens, logits, hidden and
-    // h are host memory on every backend (the sampler runs on the host).
+    // Run n new tokens at the cache's next positions; logits: [n, vocab]; hidden: [n, dim] (optional) the last block's
+    // output, which the MTP module reads; absorbed: attention in the latent space. All host memory on every backend.
     void decode(const int32_t* tokens, int n, KvCache& cache, float* logits, float* hidden = nullptr,
                 bool absorbed = true);
     void decode_mtp(const float* h, const int32_t* next_tokens, int n, KvCache& cache, float* logits,
@@ -1720,9 +1638,8 @@ class Model {
 
     // --- expert parallelism (section 9) ---
     ExpertRunner* expert_runner = nullptr;  // null: this model runs every routed expert itself
-    // Routed experts first .. first+count-1 of layer m on rows grouped by expert: rows offsets[i] .. offsets[i+1] of
-    // xe: [rows, d] (offsets[0] = 0, rows = offsets[count]) go through expert first+i into the same rows of ye; the
-    // cache c is kept for the backward, which adds dxe: [rows, d] (+=) from dye and the experts' weight gradients.
+    // Routed experts first .. first+count-1 of layer m: rows offsets[i] .. offsets[i+1] of xe: [rows, d] (offsets[0]
+    // = 0) through expert first+i into ye; the backward adds dxe (+=) and the weights' gradients, from dye and c.
     void experts_forward(const MoE& m, int first, int count, const int64_t* offsets, const float* xe, float* ye,
                          FfnCache& c);
     void experts_backward(const MoE& m, int first, int count, const int64_t* offsets, const float* dye, float* dxe,
@@ -1748,15 +1665,13 @@ class Model {
     double mtp_forward(MtpCache& c, const MtpModule& m, int k, const int32_t* tokens, const float* h_prev,
                        double* balance);                                                             // 5.5
     void mtp_backward(MtpCache& c, const MtpModule& m, int D, const float* dh_next, float* dh_prev);
-    // decoding (section 7)
-    void begin_decode(int n, const KvCache& cache, int layers, const char* who);
+    void begin_decode(int n, const KvCache& cache, int layers, const char* who);  // decoding (section 7)
     void mla_decode(const MLA& a, const float* x, float* out, int n, KvCache& cache, int layer, bool absorbed);
     void block_decode(BlockCache& c, const Block& b, const float* h_in, float* h_out, int n, KvCache& cache,
                       int layer, bool absorbed);
 
     // --- every linear layer and RMSNorm goes through these ---
-    // In FP8 training (Config.fp8_training) a linear layer's three GEMMs (Fprop, Dgrad, Wgrad) run on the FP8 linear
-    // layer of section 8 with V3's recipe; the head and the router stay in FP32.
+    // In FP8 training a linear layer's GEMMs (Fprop, Dgrad, Wgrad) run on section 8's FP8 layer; not the head, router.
     bool fp8(const Linear& w) const { return cfg.fp8_training && w.fp8; }
     void linear_forward(float* y, const float* x, const Linear& w, int n) {
         if (fp8(w)) backend::fp8_matmul_forward(y, x, param_at(w.w), n, w.in, w.out);
@@ -1798,8 +1713,8 @@ class Model {
 };
 
 inline Model::Model(const Config& c, uint64_t seed) : cfg(c), layout(param_layout(c)) {
-    // Parameters, gradients and AdamW's moments (16 bytes a parameter) and the RoPE table, checked against the memory
-    // budget before anything is allocated: a config of a huge model (671B on a laptop) is an error that says so.
+    // Parameters, gradients, AdamW's moments (16 bytes a parameter) and the RoPE table, checked against the memory
+    // budget before anything is allocated: a 671B model on a laptop is an error that says so.
     if (backend::host_memory)
         require_memory("Model: " + std::to_string(layout.total) + " parameters (parameters, gradients, AdamW moments)"
                        " and the RoPE table of " + std::to_string(cfg.max_seq_len) + " positions",
@@ -1907,18 +1822,17 @@ inline void Model::mla_backward(const MlaCache& c, const MLA& a, const float* do
 }
 
 // --- 5.2 SwiGLU feed-forward: dense layers, every expert, and the shared experts ---------------------------------
-// The gate and up weights lie next to each other (section 4), so [W_gate; W_up] is one [2w, d] weight and both
-// products are one GEMM of width 2w: x is read (and, on a GPU, converted to BF16) once, and the backward's dx is one
-// product over K = 2w instead of two accumulations. Row r of its output holds gate then up: ld = 2w. In FP8 training
-// only when w is a multiple of 128: then the 128×128 blocks of [W_gate; W_up] are those of each matrix (V3 quantizes
-// each weight matrix in its own blocks), and so are the 1×128 tiles of the output's gradient.
+// The gate and up weights lie next to each other (section 4), so [W_gate; W_up] is one [2w, d] weight and both products
+// one GEMM of width 2w (row r: gate then up, ld = 2w): x is read (on a GPU, converted to BF16) once, and dx is one
+// product over K = 2w. In FP8 training only when w is a multiple of 128: then the 128×128 blocks of [W_gate; W_up] are
+// each matrix's (V3 quantizes each weight in its own blocks), and so are the output gradient's 1×128 tiles.
 inline Linear gate_up(const Ffn& f) {   // [gate; up] as one linear layer, or out = 0 where they are not neighbours
     Linear l = f.gate;
     l.out = f.up.w == f.gate.w + size_t(f.gate.out) * f.gate.in && f.up.in == f.gate.in ? 2 * f.gate.out : 0;
     return l;
 }
-// One SwiGLU over `rows` rows of x, for a dense FFN and for the routed experts (5.3) alike: proj(y, x, w) runs the
-// projection w of f (or [gate; up]) on the rows, and in the backward proj(dx, dy, x, w) adds dx and the weight's grad.
+// One SwiGLU over `rows` rows of x, a dense FFN's or the routed experts' (5.3): proj(y, x, w) runs projection w of f
+// (or [gate; up]); in the backward proj(dx, dy, x, w) adds dx and the weight's gradient.
 template <class Proj>
 inline void Model::swiglu_ffn_forward(FfnCache& c, const Ffn& f, const float* x, float* out, int64_t rows,
                                       const Proj& proj) {
@@ -1962,8 +1876,7 @@ inline void Model::ffn_backward(const FfnCache& c, const Ffn& f, const float* do
 }
 
 // --- 5.3 DeepSeekMoE [V3 §2.1.2, eq. 12]: h' = u + Σ_shared FFN_s(u) + Σ_routed g_i FFN_i(u) ----------------------
-// The gate (the router, "Gate" in DeepSeek's inference code) [V3 eqs. 13-16]: the kernels of section 3.8, with the
-// bias b of auxiliary-loss-free balancing (section 6.3) steering the choice only.
+// The gate (the router, "Gate" in DeepSeek's code) [V3 eqs. 13-16]: section 3.8's kernels; the bias b (6.3) steers.
 inline void Model::gate_forward(MoeCache& c, const MoE& m, const float* x, double* balance) {
     DSV3_PROFILE_MODULE("MoE gate forward");
     const int n = BT(), N = cfg.n_routed_experts, K = cfg.n_activated_experts;
@@ -2000,7 +1913,7 @@ inline void Model::gate_backward(const MoeCache& c, const MoE& m, const float* d
     arena_.release(mark);
 }
 
-// Route, group the tokens by expert, run the experts (here, or on their ranks), add the shared experts, and scatter
+// Route, group the tokens by expert, run the experts (here or on their ranks), add the shared experts, and scatter
 // the experts' outputs back weighted by the gates.
 inline void Model::moe_forward(MoeCache& c, const MoE& m, const float* x, float* out, double* balance) {
     DSV3_PROFILE_MODULE("MoE forward");
@@ -2034,10 +1947,8 @@ inline void Model::moe_backward(MoeCache& c, const MoE& m, const float* dout, fl
     arena_.release(mark);
 }
 
-// The routed experts: the SwiGLU of section 5.2 on each expert's rows, each projection one grouped GEMM over all the
-// experts (section 3.10; w is the first expert's, the others' lie expert_stride floats apart); in FP8 training, its
-// FP8 twin (section 8, fp8_grouped_matmul_*). The MoE layer runs all N_r experts this way; under expert parallelism
-// each rank runs the ones it owns.
+// The routed experts (all N_r, or under expert parallelism a rank's own): 5.2's SwiGLU on each expert's rows, each
+// projection one grouped GEMM (3.10; w is the first expert's, the others expert_stride floats on), or its FP8 twin.
 inline void Model::experts_forward(const MoE& m, int first, int count, const int64_t* offsets, const float* xe,
                                    float* ye, FfnCache& c) {
     DSV3_PROFILE_MODULE("routed experts forward");
@@ -2089,10 +2000,9 @@ inline void Model::block_backward(BlockCache& c, const Block& b, const float* dh
 
 // --- 5.5 the Multi-Token Prediction module [V3 §2.2, eqs. 21-23] ----------------------------------------------------
 // MTP module k (k = 1..D) at position i: h'^k_i = M_k [RMSNorm(Emb(t_{i+k})) ; RMSNorm(h^{k-1}_i)] (eq. 21),
-// h^k = TRM_k(h'^k) (eq. 22), P^k_{i+k+1} = OutHead(h^k_i) (eq. 23), sharing the embedding and the output head with
-// the main model. Positions whose token t_{i+k} or target t_{i+k+1} lies past the end of the row are ignored (the
-// causal mask keeps the filler there from reaching earlier positions). Returns L_MTP^k, the cross-entropy of eq. 24;
-// h^k is c.block.h_out.
+// h^k = TRM_k(h'^k) (eq. 22), P^k_{i+k+1} = OutHead(h^k_i) (eq. 23), with the main model's embedding and output head.
+// Positions whose token t_{i+k} or target t_{i+k+1} is past the row's end are ignored (the causal mask keeps that
+// filler from earlier positions). Returns L_MTP^k, the cross-entropy of eq. 24; h^k is c.block.h_out.
 inline double Model::mtp_forward(MtpCache& c, const MtpModule& m, int k, const int32_t* tokens, const float* h_prev,
                                  double* balance) {
     DSV3_PROFILE_MODULE("MTP forward");
@@ -2119,8 +2029,7 @@ inline double Model::mtp_forward(MtpCache& c, const MtpModule& m, int k, const i
     c.logits = linear(c.out_n, layout.head, n);
     return backend::cross_entropy_forward(c.logits, c.targets.data(), n, V);
 }
-// dh_next: the gradient flowing into h^k from module k+1 (null for the last module); adds the gradient of h^{k-1}
-// into dh_prev.
+// dh_next: the gradient into h^k from module k+1 (null for the last); adds the gradient of h^{k-1} into dh_prev.
 inline void Model::mtp_backward(MtpCache& c, const MtpModule& m, int D, const float* dh_next, float* dh_prev) {
     DSV3_PROFILE_MODULE("MTP backward");
     const int n = BT(), d = cfg.dim, V = cfg.vocab_size;
@@ -2203,8 +2112,7 @@ inline void Model::backward() {
         dh_next = dh_prev;
         final_from(layout.mtp[size_t(k - 1)].enorm.g);  // MTP module k: from its first tensor to the end
     }
-    // main head
-    float* dlogits = arena_.zeros(size_t(n) * V);
+    float* dlogits = arena_.zeros(size_t(n) * V);  // the main head
     backend::cross_entropy_backward(dlogits, logits_, targets_.data(), n, V, 1.0f);
     float* dnorm = arena_.zeros(size_t(n) * d);
     linear_backward(dnorm, dlogits, hn_, layout.head, n);
@@ -2229,10 +2137,9 @@ inline void Model::backward() {
 
 // --- 6.1 learning-rate schedules ----------------------------------------------------------------------------------
 // kind cosine:     linear warmup to max_lr, then cosine decay to min_lr at the last step (the usual small-model choice).
-// kind v3:         V3 §4.2: linear warmup, constant until constant_until·steps, cosine to min_lr until
-//                  decay_until·steps, then constant min_lr (V3 ends with two constant stages; one is kept here).
-// kind multi_step: DeepSeek LLM (arXiv 2401.02954 §3.1): warmup, max_lr until 80% of the steps, 31.6% of it until
-//                  90%, then 10%.
+// kind v3:         V3 §4.2: warmup, constant until constant_until·steps, cosine to min_lr until decay_until·steps,
+//                  then constant min_lr (V3 ends with two constant stages; one is kept here).
+// kind multi_step: DeepSeek LLM (arXiv 2401.02954 §3.1): warmup, max_lr until 80% of the steps, 31.6% until 90%, 10%.
 struct LrSchedule {
     enum Kind { cosine, v3, multi_step } kind = cosine;
     float max_lr = 1e-3f, min_lr = 1e-4f;
@@ -2264,14 +2171,12 @@ struct AdamW {
     int step = 0;
 };
 
-// Global L2 norm of the flat gradient, summed in a fixed order.
-inline double gradient_norm(const backend::Buffer<float>& g) {
+inline double gradient_norm(const backend::Buffer<float>& g) {  // the global L2 norm, summed in a fixed order
     return std::sqrt(backend::sum_of_squares(g.data(), int64_t(g.size())));
 }
 
-// Clip, then one AdamW step on every trainable tensor: weight decay on matrices only (not on norm gains); the routing
-// bias has no gradient (update_routing_bias). Returns the norm before clipping; grad_norm >= 0 is that norm from the
-// caller (under expert parallelism the experts' gradients are spread over the ranks, section 9).
+// Clip, then one AdamW step on every trainable tensor (weight decay on matrices only; the routing bias has no
+// gradient). Returns the norm before clipping; grad_norm >= 0 gives it (expert parallelism spreads it, section 9).
 inline double adamw_step(Model& model, AdamW& opt, float lr, double grad_norm = -1) {
     DSV3_PROFILE_MODULE("AdamW step");
     if (opt.m.size() != model.params.size()) {
@@ -2283,10 +2188,9 @@ inline double adamw_step(Model& model, AdamW& opt, float lr, double grad_norm = 
     // Clipping: every gradient times clip_norm / norm, applied inside the update (model.grads keeps the unclipped ones)
     const float clip = opt.clip_norm > 0 && norm > opt.clip_norm ? float(opt.clip_norm / norm) : 1.0f;
     ++opt.step;
-    // One update per run of neighbouring tensors with the same weight decay: per element the arithmetic of one call
-    // per tensor, in far fewer calls (a layer's routed experts are hundreds of tensors; on a GPU a call is a launch).
-    // FP8 training keeps AdamW's moments in BF16 [V3 §3.3.3 "Low-Precision Optimizer States"]: simulated by rounding
-    // them as each update stores them (the master weights and the gradients stay FP32).
+    // One update per run of neighbouring tensors with the same weight decay: the same arithmetic in far fewer calls (a
+    // layer's experts are hundreds of tensors; on a GPU a call is a launch). FP8 training keeps the moments in BF16
+    // [V3 §3.3.3 "Low-Precision Optimizer States"], rounded as each update stores them (weights, gradients stay FP32).
     const bool bf16_states = model.cfg.fp8_training;
     const std::vector<ParamEntry>& es = model.layout.entries;
     auto decay = [&](const ParamEntry& e) { return e.kind == ParamKind::matrix ? opt.weight_decay : 0.0f; };
@@ -2334,8 +2238,7 @@ inline void add_loads(std::vector<std::vector<int64_t>>& a, const std::vector<st
     for (size_t l = 0; l < a.size(); ++l)
         for (size_t i = 0; i < a[l].size(); ++i) a[l][i] += b[l][i];
 }
-// --- 6.4 one training step ----------------------------------------------------------------------------------------
-// forward + backward, clip + AdamW, then the loss-free bias update with this batch's expert loads.
+// --- 6.4 one training step: forward + backward, clip + AdamW, the loss-free bias update with the batch's loads -----
 struct StepResult {
     Losses loss;
     double grad_norm = 0;                        // before clipping
@@ -2363,15 +2266,14 @@ inline void sample_batch(const std::vector<int32_t>& data, int B, int T, uint64_
     }
 }
 
-// Mean next-token loss over `windows` evenly spaced windows of the validation split (all of it when windows <= 0),
-// and the expert loads summed over them (for MaxVio_global).
+// Mean next-token loss over `windows` evenly spaced windows of the validation split (all when windows <= 0), and
+// the expert loads summed over them (for MaxVio_global).
 inline double evaluate(Model& model, const std::vector<int32_t>& val, int T, int windows, int B,
                        std::vector<std::vector<int64_t>>* loads) {
     const int64_t available = int64_t((val.size() - 1) / size_t(T));
     const int64_t n = windows <= 0 ? available : std::min<int64_t>(windows, available);
     if (n <= 0) fail("validation split: ", val.size(), " tokens, fewer than one window of ", T + 1);
-    LossOptions opt;
-    opt.with_mtp = false;
+    const LossOptions opt{/*with_mtp=*/false};
     double sum = 0;
     std::vector<int32_t> batch;
     for (int64_t first = 0; first < n; first += B) {
@@ -2390,19 +2292,14 @@ inline double evaluate(Model& model, const std::vector<int32_t>& val, int T, int
 // =====================================================================================================================
 // 7. INFERENCE: THE LATENT KV CACHE, WEIGHT ABSORPTION, SAMPLING, MTP SPECULATIVE DECODING   [V3 §2.1.1, §2.2, §5.4.3]
 // =====================================================================================================================
-// Generation runs the model one step at a time. Each step feeds the new token(s) at positions len .. len+n-1 and
-// attends over everything before, so the keys and values of past positions are kept in a cache instead of being
-// recomputed. MLA's point [V3 §2.1.1]: "for MLA, only c^KV_t and k^R_t need to be cached during generation". Per
-// layer and token that is kv_lora_rank + qk_rope_head_dim values (512 + 64 in V3) instead of 2·H·d_h (2·128·128 in
-// an MHA of the same shape): 70,272 bytes per token in BF16 for V3's 61 layers (kv_cache_bytes_mla, section 1).
-//   7.1 KvCache, the latent cache. 7.2 Attention over it, naive (up-project every cached c^KV to per-head keys and
-//   values) or absorbed (W^UK folded into the query, W^UV into the output: attention in the latent space). 7.3
-//   Model::decode, the model on new tokens, and decode_mtp, the MTP module. 7.4 Sampling: greedy, temperature, top-k,
-//   top-p. 7.5 generate(): plain decoding, and MTP speculative decoding [V3 §5.4.3].
+// Generation runs the model a step at a time: a step feeds new tokens at positions len .. len+n-1 and attends over
+// everything before, whose keys and values are kept in a cache. MLA's point [V3 §2.1.1]: "for MLA, only c^KV_t and
+// k^R_t need to be cached during generation": kv_lora_rank + qk_rope_head_dim values per layer and token (512 + 64
+// in V3) instead of 2·H·d_h (2·128·128 in an MHA of that shape), 70,272 bytes a token in BF16 for V3's 61 layers.
 
 // --- 7.1 the latent KV cache -----------------------------------------------------------------------------------------
-// One per stack of blocks: the main model's n_layers, or the single block of an MTP module. Positions [0, len) are
-// valid; a step that writes positions beyond len and is then rejected (speculative decoding) just sets len back.
+// One per stack of blocks (the main model's, an MTP module's one). Positions [0, len) are valid; a step that writes
+// beyond len and is then rejected (speculative decoding) just sets len back.
 struct KvCache {
     int n_layers = 0, max_len = 0, dc = 0, dr = 0;
     int len = 0;
@@ -2425,11 +2322,9 @@ struct KvCache {
 // W^UK_h [d_h, d_c] and W^UV_h [d_v, d_c] the head's rows of kv_b (= W^UKV, eqs. 2, 5):
 //     q^C·k^C_s = q^C·(W^UK_h c_s) = (W^UK_hᵀ q^C)·c_s = q_lat·c_s            q_lat: [d_c], computed once per query
 //     o = Σ_s p_s W^UV_h c_s = W^UV_h (Σ_s p_s c_s) = W^UV_h o_lat            o_lat: [d_c], up-projected once
-// so attention reads each cached c_s once for all heads (no per-head keys or values are ever formed): a decoding
-// step costs O(L·H·(d_c + d_R)) multiply-adds and reads L·(d_c + d_R) cached floats, instead of first
-// up-projecting the whole cache, O(L·d_c·H·(d_h + d_v)).
-// One query over L keys: o[dim] = Σ_s softmax_s(scale · score(s)) · value(s), value(s) pointing at dim floats; the
-// same loops, in the same order, for both decoding paths below.
+// so attention reads each cached c_s once for all heads, forming no per-head keys or values: a step costs
+// O(L·H·(d_c + d_R)) multiply-adds on L·(d_c + d_R) cached floats, not O(L·d_c·H·(d_h + d_v)) to up-project them.
+// One query over L keys, for both decoding paths: o[dim] = Σ_s softmax_s(scale · score(s)) · value(s) (dim floats).
 template <class Score, class Value>
 inline void attend_one(float* o, int L, int dim, float scale, const Score& score, const Value& value) {
     std::vector<float> p(static_cast<size_t>(L));
@@ -2447,10 +2342,9 @@ inline void attend_one(float* o, int L, int dim, float scale, const Score& score
 
 // The kernel: rows t = 0..n-1 are new queries at positions pos0 + t; row t attends over cache positions 0..pos0+t.
 //   o_lat[n, H, dc] = Σ_s softmax_s(scale·(q_lat[t,h]·ckv[s] + q_rope[t,h]·k_rope[s])) ckv[s]
-// q_lat: [n, H, dc]; q_rope: [n, H, dr]; ckv: [L, dc]; k_rope: [L, dr]. A row's scores, all heads at once, are a
-// product with the cache by section 10's multiply_few_rows (which reads the cache once for them, in vectors).
-// Every (t, h) is computed alone, in the same order whatever n is, so a position's output does not depend on how many
-// tokens its step decodes (the exactness of speculative decoding rests on this).
+// q_lat: [n, H, dc]; q_rope: [n, H, dr]; ckv: [L, dc]; k_rope: [L, dr]. A row's scores, all heads at once, are one
+// multiply_few_rows with the cache (section 10: it reads the cache once). Every (t, h) is computed alone, in the same
+// order whatever n is: a position's output does not depend on its step's size (speculative decoding rests on this).
 inline void mla_attend_latent(float* o_lat, const float* q_lat, const float* q_rope, const float* ckv,
                                 const float* k_rope, int n, int pos0, int H, int dc, int dr, float scale) {
     DSV3_PROFILE_KERNEL();
@@ -2467,20 +2361,14 @@ inline void mla_attend_latent(float* o_lat, const float* q_lat, const float* q_r
         }, int64_t(L) * dc / 32);  // a team is woken only for a million multiply-adds (section 10)
     }
 }
-// The naive path for the same rows: q: [n, H, dh + dr] (RoPE applied); k: [L, H, dh + dr]; v: [L, H, dv] up-projected
-// from the whole cache; o: [n, H, dv].
+// The naive path: q: [n, H, dh + dr] (RoPE applied); k: [L, H, dh + dr], v: [L, H, dv] from the cache; o: [n, H, dv]
 inline void attention_decode_naive(float* o, const float* q, const float* k, const float* v, int n, int pos0, int H,
                                    int dqk, int dv, float scale) {
     DSV3_PROFILE_KERNEL();
     parallel_for(int64_t(n) * H, [&](int64_t job) {
         const int t = int(job / H), h = int(job % H);
         const float* qt = q + job * dqk;
-        auto score = [&](int s) {
-            const float* ks = k + (int64_t(s) * H + h) * dqk;
-            float dot = 0;
-            for (int i = 0; i < dqk; ++i) dot += qt[i] * ks[i];
-            return dot;
-        };
+        auto score = [&](int s) { return std::inner_product(qt, qt + dqk, k + (int64_t(s) * H + h) * dqk, 0.0f); };
         attend_one(o + job * dv, pos0 + t + 1, dv, scale, score, [&](int s) { return v + (int64_t(s) * H + h) * dv; });
     }, int64_t(pos0 + n) * (dqk + dv));
 }
@@ -2511,31 +2399,21 @@ inline void mla_absorb_output(float* o, const float* o_lat, const float* W_ukv, 
 }
 
 // --- 7.3 the model on new tokens -----------------------------------------------------------------------------------
-// One MLA layer on n new rows x: [n, d] at positions cache.len .. cache.len+n-1; writes their c^KV and k^R into the
-// cache (layer `layer`) and out: [n, d].
+// One MLA layer on new rows x: [n, d] at positions cache.len ..: writes their c^KV and k^R into the cache; out: [n, d]
 inline void Model::mla_decode(const MLA& a, const float* x, float* out, int n, KvCache& cache, int layer,
                                      bool absorbed) {
     const int H = cfg.n_heads, dh = cfg.qk_nope_head_dim, dr = cfg.qk_rope_head_dim, dqk = cfg.qk_head_dim(),
               dv = cfg.v_head_dim, dc = cfg.kv_lora_rank, pos0 = cache.len, L = pos0 + n;
     const float scale = attention_scale(cfg);
-    // queries, exactly as in training (eqs. 6-8), at positions pos0 + t
-    float* q = arena_.take(size_t(n) * H * dqk);
-    if (cfg.q_lora_rank > 0) {
-        float* cq = arena_.take(size_t(n) * cfg.q_lora_rank);
-        float* cq_n = arena_.take(size_t(n) * cfg.q_lora_rank);
-        float* rstd = arena_.take(size_t(n));
-        linear_forward(cq, x, a.q_a, n);
-        norm_forward(cq_n, rstd, cq, a.q_norm, n);
-        linear_forward(q, cq_n, a.q_b, n);
-    } else {
-        linear_forward(q, x, a.q, n);
-    }
+    // queries, exactly as in training: q = W^UQ RMSNorm(W^DQ h) or W^Q h (eqs. 6-8), at positions pos0 + t
+    float *q = nullptr, *q_rstd = nullptr;
+    if (cfg.q_lora_rank > 0) q = linear(norm(linear(x, a.q_a, n), a.q_norm, n, q_rstd), a.q_b, n);
+    else q = linear(x, a.q, n);
     backend::rope_forward(q, n, H * dqk, dh, H, dqk, pos0, n, rope);
     // the new tokens' cache entries, written in place: c^KV = RMSNorm(W^DKV h), k^R = RoPE(W^KR h)   (eqs. 1, 3)
-    float* kv_a = arena_.take(size_t(n) * (dc + dr));
+    const float* kv_a = linear(x, a.kv_a, n);
     float* ckv_raw = arena_.take(size_t(n) * dc);
     float* rstd = arena_.take(size_t(n));
-    linear_forward(kv_a, x, a.kv_a, n);
     backend::split_columns(ckv_raw, cache.k_rope_at(layer, pos0), kv_a, n, dc, dr);
     norm_forward(cache.ckv_at(layer, pos0), rstd, ckv_raw, a.kv_norm, n);
     backend::rope_forward(cache.k_rope_at(layer, pos0), n, dr, 0, 1, dr, pos0, n, rope);
@@ -2551,9 +2429,7 @@ inline void Model::mla_decode(const MLA& a, const float* x, float* out, int n, K
         backend::mla_attend_latent(o_lat, q_lat, q_rope, ckv, k_rope, n, pos0, H, dc, dr, scale);
         backend::mla_absorb_output(o, o_lat, W_ukv, n, H, dh, dv, dc);
     } else {
-        // up-project the whole cache to per-head keys and values, then ordinary attention
-        float* kv = arena_.take(size_t(L) * H * (dh + dv));
-        linear_forward(kv, ckv, a.kv_b, L);
+        const float* kv = linear(ckv, a.kv_b, L);  // the whole cache up-projected, then ordinary attention
         float* k = arena_.take(size_t(L) * H * dqk);
         float* v = arena_.take(size_t(L) * H * dv);
         backend::mla_keys_values_forward(k, v, kv, k_rope, L, H, dh, dr, dv);
@@ -2566,13 +2442,11 @@ inline void Model::mla_decode(const MLA& a, const float* x, float* out, int n, K
 inline void Model::block_decode(BlockCache& c, const Block& b, const float* h_in, float* h_out, int n, KvCache& cache,
                                  int layer, bool absorbed) {
     const int d = cfg.dim;
-    float* xn = arena_.take(size_t(n) * d);
-    float* rstd = arena_.take(size_t(n));
+    float* rstd = nullptr;
     float* h_mid = arena_.take(size_t(n) * d);
-    norm_forward(xn, rstd, h_in, b.attn_norm, n);
-    mla_decode(b.attn, xn, h_mid, n, cache, layer, absorbed);
+    mla_decode(b.attn, norm(h_in, b.attn_norm, n, rstd), h_mid, n, cache, layer, absorbed);
     backend::add_inplace(h_mid, h_in, int64_t(n) * d);
-    norm_forward(xn, rstd, h_mid, b.ffn_norm, n);
+    const float* xn = norm(h_mid, b.ffn_norm, n, rstd);
     double unused = 0;
     if (b.is_moe) moe_forward(c.moe, b.moe, xn, h_out, &unused);
     else ffn_forward(c.ffn, b.ffn, xn, h_out, n);
@@ -2590,9 +2464,7 @@ inline void Model::begin_decode(int n, const KvCache& cache, int layers, const c
     arena_.reset();  // decoding reuses the activation arena: the last training forward is gone
     has_forward_ = false;
     B_ = 1; T_ = n;
-    opt_ = LossOptions{};
-    opt_.with_mtp = false;
-    opt_.balance = BalanceLoss::none;
+    opt_ = LossOptions{/*with_mtp=*/false};  // and no balance loss
 }
 
 inline void Model::decode(const int32_t* tokens, int n, KvCache& cache, float* logits, float* hidden, bool absorbed) {
@@ -2609,17 +2481,14 @@ inline void Model::decode(const int32_t* tokens, int n, KvCache& cache, float* l
         h = h_next;
     }
     if (hidden) backend::to_host(hidden, h, size_t(n) * d);
-    float* hn = arena_.take(size_t(n) * d);
-    float* rstd = arena_.take(size_t(n));
-    float* z = arena_.take(size_t(n) * V);
-    norm_forward(hn, rstd, h, layout.final_norm, n);
-    linear_forward(z, hn, layout.head, n);
+    float* rstd = nullptr;
+    const float* z = linear(norm(h, layout.final_norm, n, rstd), layout.head, n);
     backend::to_host(logits, z, size_t(n) * V);
     cache.len += n;
 }
 
-// MTP module 1 on n new positions i: h: [n, d] the main model's last hidden states there, next_tokens: [n] the tokens
-// t_{i+1}; logits: [n, V] predict t_{i+2} (eqs. 21-23). Its block has a one-layer cache of its own.
+// MTP module 1 on n new positions i: h: [n, d] the main model's last hidden states, next_tokens: [n] the t_{i+1};
+// logits: [n, V] predict t_{i+2} (eqs. 21-23). Its block has a one-layer cache of its own.
 inline void Model::decode_mtp(const float* h, const int32_t* next_tokens, int n, KvCache& cache, float* logits,
                               bool absorbed) {
     if (layout.mtp.empty()) fail("Model::decode_mtp: this model has no MTP module (n_mtp_depth = 0)");
@@ -2629,31 +2498,24 @@ inline void Model::decode_mtp(const float* h, const int32_t* next_tokens, int n,
     backend::upload(targets_, std::vector<int32_t>(next_tokens, next_tokens + n));
     float* emb = arena_.take(size_t(n) * d);
     float* hd = arena_.take(size_t(n) * d);
-    float* en = arena_.take(size_t(n) * d);
-    float* hn = arena_.take(size_t(n) * d);
     float* cat = arena_.take(size_t(n) * 2 * d);
-    float* rstd = arena_.take(size_t(n));
+    float* out = arena_.take(size_t(n) * d);
+    float* rstd = nullptr;
     backend::embedding_forward(emb, targets_.data(), param_at(layout.embed), n, d, V);
     backend::to_device(hd, h, size_t(n) * d);
-    norm_forward(en, rstd, emb, m.enorm, n);  // [RMSNorm(Emb(t_{i+1})) ; RMSNorm(h_i)]
-    norm_forward(hn, rstd, hd, m.hnorm, n);
+    const float* en = norm(emb, m.enorm, n, rstd);  // [RMSNorm(Emb(t_{i+1})) ; RMSNorm(h_i)]
+    const float* hn = norm(hd, m.hnorm, n, rstd);
     backend::concat_columns(cat, en, hn, n, d, d);
-    float* proj = arena_.take(size_t(n) * d);
-    linear_forward(proj, cat, m.eh_proj, n);
-    float* out = arena_.take(size_t(n) * d);
-    block_decode(mtp_[0].block, m.block, proj, out, n, cache, 0, absorbed);
-    float* on = arena_.take(size_t(n) * d);
-    float* z = arena_.take(size_t(n) * V);
-    norm_forward(on, rstd, out, m.norm, n);
-    linear_forward(z, on, layout.head, n);
+    block_decode(mtp_[0].block, m.block, linear(cat, m.eh_proj, n), out, n, cache, 0, absorbed);
+    const float* z = linear(norm(out, m.norm, n, rstd), layout.head, n);
     backend::to_host(logits, z, size_t(n) * V);
     cache.len += n;
 }
 
 // --- 7.4 sampling ----------------------------------------------------------------------------------------------------
-// temperature 0 is greedy (argmax; the lowest id wins a tie). Otherwise p ∝ exp(z / temperature), restricted to the
-// top_k most likely tokens (0: all) and then to the smallest set of most likely tokens whose mass reaches top_p
-// (nucleus sampling, Holtzman et al. 2020), renormalised; one uniform draw from rng picks the token.
+// temperature 0 is greedy (argmax; the lowest id wins a tie). Otherwise p ∝ exp(z / temperature) over the top_k most
+// likely tokens (0: all), then the fewest whose mass reaches top_p (nucleus sampling, Holtzman et al. 2020),
+// renormalised; one uniform draw from rng picks the token.
 struct SamplingOptions {
     float temperature = 0.0f;
     int top_k = 0;
@@ -2673,12 +2535,8 @@ inline int sample_token(const float* logits, int V, const SamplingOptions& o, Rn
     double sum = 0;
     for (int i = 0; i < keep_k; ++i)
         sum += (p[size_t(i)] = std::exp(double(logits[ids[size_t(i)]] - logits[ids[0]]) / o.temperature));
-    int keep = keep_k;
-    double mass = 0;
-    for (int i = 0; i < keep_k; ++i) {
-        mass += p[size_t(i)] / sum;
-        if (mass >= o.top_p) { keep = i + 1; break; }
-    }
+    int keep = 0;  // the first `keep` tokens whose mass reaches top_p (or all keep_k)
+    for (double mass = 0; keep < keep_k && mass < o.top_p; ++keep) mass += p[size_t(keep)] / sum;
     double u = rng.uniform() * std::accumulate(p.begin(), p.begin() + keep, 0.0);
     for (int i = 0; i < keep; ++i)
         if ((u -= p[size_t(i)]) < 0) return ids[size_t(i)];
@@ -2686,13 +2544,10 @@ inline int sample_token(const float* logits, int V, const SamplingOptions& o, Rn
 }
 
 // --- 7.5 generation, plain and speculative [V3 §5.4.3] --------------------------------------------------------------
-// The thread count for a loop of many steps (decoding tokens, training steps) on a CPU that other programs share: there
-// a team of threads can be slower than one thread, since a thread that waits for a descheduled one loses its time
-// slice. No result depends on the thread count (section 2's parallel_for partitions), so it may change between steps.
-// Each window (at least 2 steps and 25 ms) runs with the count whose steps were fastest so far (all threads, half, ...,
-// one; each is tried once first), and now and then a window tries one of the others again, so the choice follows the
-// load as it comes and goes: after 8 windows, and twice as many after each probe that loses (at most 64). tick() once a
-// step; the destructor restores the count.
+// The thread count for a loop of many steps on a shared CPU, where a team can be slower than one thread (a thread
+// waiting for a descheduled one loses its time slice); no result depends on it. Each window (>= 2 steps, 25 ms) runs
+// the fastest count so far (all threads, half, ..., one; each tried first); a probe window tries another after 8
+// windows, twice as many after each losing probe (at most 64). tick() once a step; the destructor restores the count.
 class ThreadTuner {
   public:
     ThreadTuner() : max_(thread_count()) {
@@ -2718,8 +2573,7 @@ class ThreadTuner {
         }
         at_ = probing_ ? probe_ : best;
         set(counts_[at_].threads);
-        steps_ = 0;
-        window_start_ = t;
+        steps_ = 0, window_start_ = t;
     }
   private:
     struct Count { int threads; double seconds; };   // seconds a step, 0 until measured
@@ -2731,11 +2585,9 @@ class ThreadTuner {
         }
         return best;
     }
-    static void set(int n) {
+    static void set([[maybe_unused]] int n) {
 #ifdef _OPENMP
         omp_set_num_threads(n);
-#else
-        (void)n;
 #endif
     }
     int max_;
@@ -2746,13 +2598,11 @@ class ThreadTuner {
     double window_start_ = 0;
 };
 
-// Speculative decoding with the MTP module: after the main model has produced token t_{i+1} at position i, MTP module
-// 1 turns (h_i, t_{i+1}) into a draft d of t_{i+2}. The next main step feeds t_{i+1} and d: its output at position
-// i+1 is the real distribution of t_{i+2}, sampled exactly as plain decoding would (same sampler, same draw). If
-// t_{i+2} == d, the output at position i+2 is valid too and gives t_{i+3}: two tokens for one main forward; if not,
-// position i+2 is dropped from the cache. Either way the tokens are plain decoding's, because a position's logits do
-// not depend on how many tokens a step feeds (batch-invariant matmul and attention: sections 10 and 7.2). V3 reports
-// 85-90% acceptance, about 1.8x the tokens per second.
+// Speculative decoding with the MTP module: after the main model produced t_{i+1} at position i, MTP module 1 turns
+// (h_i, t_{i+1}) into a draft d of t_{i+2}. The next main step feeds t_{i+1} and d: its output at i+1 is the real
+// distribution of t_{i+2}, sampled as plain decoding would (same sampler, same draw). If t_{i+2} == d, the output at
+// i+2 gives t_{i+3} too: two tokens a main forward; if not, i+2 leaves the cache. The tokens are plain decoding's (a
+// position's logits do not depend on its step's size: 10, 7.2). V3 reports 85-90% acceptance, about 1.8x the tokens/s.
 struct GenerationStats {
     int prompt_tokens = 0, generated = 0;
     int main_forwards = 0;          // calls of the main model, the prompt's and restarts' included
@@ -2767,10 +2617,8 @@ struct GenerationStats {
     double tokens_per_forward() const { return main_forwards ? double(generated) / main_forwards : 0.0; }
 };
 
-// The context holds at most Config.max_seq_len positions (build/train sets it to its training length: a model knows
-// no positions beyond those it was trained on). When it is full, generation restarts from the last half of the
-// tokens: both caches are refilled in one step. Plain and speculative decoding restart at the same token, so they
-// still produce the same tokens.
+// The context holds Config.max_seq_len positions (build/train: its training length). When full, generation restarts
+// from the last half of the tokens in one step; plain and speculative decoding restart at the same token.
 inline std::vector<int32_t> generate(Model& model, const std::vector<int32_t>& prompt, int n_new,
                                      const SamplingOptions& sampling, uint64_t seed, bool use_mtp,
                                      GenerationStats* stats = nullptr, bool absorbed = true) {
@@ -2784,24 +2632,20 @@ inline std::vector<int32_t> generate(Model& model, const std::vector<int32_t>& p
     KvCache cache(c, c.n_layers, window), mtp_cache(c, 1, window);
     std::vector<float> logits(size_t(window) * V), hidden(size_t(window) * d), mtp_logits(size_t(window) * V);
     Rng rng(seed);
-    GenerationStats st;
-    st.prompt_tokens = P;
+    GenerationStats st{/*prompt_tokens=*/P};
     std::vector<int32_t> all = prompt, out;  // every token so far; the last one is not in the cache yet
     int32_t draft = -1;
-    // A fresh start: ctx[0..n) into the main cache in one step (logits of the last position in `logits` row n-1).
-    auto prefill = [&](const int32_t* ctx, int n) {
+    auto prefill = [&](const int32_t* ctx, int n) {  // a fresh start: ctx[0..n) in one step, logits in row n-1
         cache.len = mtp_cache.len = 0;
         model.decode(ctx, n, cache, logits.data(), hidden.data(), absorbed);
         st.main_forwards++;
     };
-    // The MTP module sees a position once its next token is known: (h_i, t_{i+1}) for the n newest positions.
-    auto run_mtp = [&](const int32_t* next_tokens, int n) {
+    auto run_mtp = [&](const int32_t* next_tokens, int n) {  // (h_i, t_{i+1}), the n newest: t_{i+1} is now known
         model.decode_mtp(hidden.data(), next_tokens, n, mtp_cache, mtp_logits.data(), absorbed);
         draft = argmax(mtp_logits.data() + int64_t(n - 1) * V, V);  // the draft of the token after next
     };
     auto emit = [&](int32_t t) { out.push_back(t); all.push_back(t); };
-    // the prompt (its last window/2 tokens if it does not fit)
-    const int keep0 = P <= window - 1 ? P : window / 2;
+    const int keep0 = P <= window - 1 ? P : window / 2;  // the prompt, or its last window/2 tokens if it does not fit
     prefill(all.data() + P - keep0, keep0);
     emit(sample_token(logits.data() + int64_t(keep0 - 1) * V, V, sampling, rng));
     if (use_mtp) run_mtp(all.data() + P - keep0 + 1, keep0);
@@ -2824,19 +2668,17 @@ inline std::vector<int32_t> generate(Model& model, const std::vector<int32_t>& p
         st.main_forwards++;
         const int32_t t1 = sample_token(logits.data(), V, sampling, rng);
         emit(t1);
-        if (!speculate) {
-            if (use_mtp) run_mtp(&all.back(), 1);
-            continue;
-        }
-        st.drafted++;
-        if (t1 == draft) st.accepted++;
-        if (t1 == draft && int(out.size()) < n_new) {  // the draft was right: position i+2 is valid too
-            emit(sample_token(logits.data() + V, V, sampling, rng));
-            run_mtp(all.data() + all.size() - 2, 2);
-        } else {
+        if (speculate) {
+            st.drafted++;
+            st.accepted += t1 == draft;
+            if (t1 == draft && int(out.size()) < n_new) {  // the draft was right: position i+2 is valid too
+                emit(sample_token(logits.data() + V, V, sampling, rng));
+                run_mtp(all.data() + all.size() - 2, 2);
+                continue;
+            }
             cache.len -= 1;  // forget position i+2 (fed the wrong token, or not needed)
-            run_mtp(&all.back(), 1);
         }
+        if (use_mtp) run_mtp(&all.back(), 1);
     }
     st.generated = int(out.size());
     st.seconds = now_seconds() - t0;
