@@ -4412,34 +4412,30 @@ inline void gather_experts(Communicator& comm, Model& model, AdamW& opt, const E
 // =====================================================================================================================
 // 10. THE FAST PACKED GEMM
 // =====================================================================================================================
-// The fast GEMM behind matmul_forward / matmul_backward (section 3.1). A linear layer's three products are one
-// operation, C[M,N] (+)= A[M,K] · B[K,N], on three layouts, so one core (gemm::multiply) takes strided views:
+// The fast GEMM behind matmul_forward / matmul_backward (section 3.1): one core, gemm::multiply, computes
+// C[M,N] (+)= A[M,K] · B[K,N] on strided views, which covers a linear layer's three products:
 //     forward   y [T,out]  = x [T,in]   · Wᵀ      A = x  (rows contiguous),    B = Wᵀ: B(k,j) = W[j,k]
 //     backward  dx[T,in]  += dy[T,out]  · W       A = dy (rows contiguous),    B = W:  B(k,j) = W[k,j]
 //               dW[out,in]+= dy[T,out]ᵀ · x       A = dyᵀ: A(i,k) = dy[k,i],   B = x:  B(k,j) = x[k,j]
-// The naive triple loop loads operands for every multiply-add and runs at a few percent of peak; a fast GEMM uses
-// every loaded value many times from a register or cache (Goto & van de Geijn 2008, "Anatomy of high-performance
-// matrix multiplication"; the BLIS papers):
-//   * Register tile. C is cut into MR x NR tiles (6 x 64 with AVX-512: 24 vectors of 16 floats). For each k the
-//     micro-kernel loads NR values of B (4 vectors), broadcasts MR values of A and does 24 FMAs: every load feeds 4
-//     or 6 FMAs, 24 independent chains hide the FMA latency (4 cycles x 2 units), and C moves once per tile.
-//   * Packing. B is copied into k-major panels of NR columns, zero-padded to whole vectors: one contiguous stream, no
-//     edge case, for O(K·N) against the product's O(M·N·K). A is read in place by the broadcasts (a copy of x or dy
-//     would cost as much as the arithmetic of narrow layers, out = 48 or 64); only a last, partial row panel goes
-//     through a small padded buffer. (With a few rows, when decoding, the forward swaps the roles: matmul_forward.)
-//   * Blocking. B is packed in 2 MiB blocks of panels that stay in L2 while a thread sweeps A's row panels over
-//     them; each tile sums k in blocks of KC = 128, so an MR x KC sliver of A stays in L1 across B's panels.
-//   * Threads. A block's tiles are split over the OpenMP threads by a fixed static partition, one writer per tile.
-// Determinism. K alone fixes the order: C[i,j] is the in-order sum of K-block sums, each an FMA chain over increasing
-// k. Threads decide who computes a tile, never how, and K is never split (no partial sums, no atomics): results are
-// bitwise the same for any thread count, and a row of y is the same in any batch (so speculative decoding checks
-// exactly against plain). The price, no parallelism over K, matters only when M and N are both tiny. (Builds differ
-// where the compiler may or may not fuse a*b+c; -march=native does on any recent CPU.)
-// Accuracy. An output is a chain of at most min(K,KC) + ceil(K/KC) (+1 when accumulating) roundings, so |error| <=
+// A naive triple loop loads operands for every multiply-add (a few percent of peak); a fast GEMM uses every loaded
+// value many times from a register or cache (Goto & van de Geijn 2008, "Anatomy of high-performance matrix
+// multiplication"; the BLIS papers):
+// * Register tile: C in MR x NR tiles (6 x 64 with AVX-512: 24 vectors of 16 floats). For each k the micro-kernel
+//   loads NR values of B (4 vectors), broadcasts MR values of A and does 24 FMAs: every load feeds 4 or 6 FMAs, 24
+//   independent chains hide the FMA latency (4 cycles x 2 units), and C moves once per tile.
+// * Packing: B is copied into k-major panels of NR columns, zero-padded to whole vectors (one contiguous stream, no
+//   edge case), O(K·N) against the product's O(M·N·K). A is read in place (a copy of x or dy would cost as much as
+//   the arithmetic of narrow layers, out = 48 or 64); only a last, partial row panel goes through a padded buffer.
+// * Blocking: B is packed in 2 MiB blocks that stay in L2 while a thread sweeps A's row panels over them; tiles sum
+//   k in blocks of KC = 128, so an MR x KC sliver of A stays in L1. Threads: a fixed static split of a block's tiles.
+// Determinism: C[i,j] is the in-order sum of K-block sums, each an FMA chain over increasing k. Threads decide who
+// computes a tile, never how, and K is never split: the bits are the same for any thread count, and a row of y is
+// the same in any batch (so speculative decoding checks exactly against plain). The price, no parallelism over K,
+// matters only when M and N are both tiny. (Builds differ where the compiler may or may not fuse a*b+c.)
+// Accuracy: an output is a chain of at most min(K,KC) + ceil(K/KC) (+1 when accumulating) roundings, so |error| <=
 // that count · 2⁻²⁴ · Σ_k |A(i,k) B(k,j)| to first order, the bound the tests check (K = 1024: 136, not 1024).
-// Portability. The micro-kernel uses GCC/Clang vector extensions (`float __attribute__((vector_size(64)))`), mapped
-// onto AVX-512, AVX2, SSE or NEON as -march allows, the tile shaped to the register count; other compilers (or
-// -DDSV3_GEMM_PORTABLE) get a plain-array kernel with the same summation order. Build with -O3 -march=native -fopenmp.
+// Portability: GCC/Clang vector extensions (`float __attribute__((vector_size(64)))`) map onto AVX-512, AVX2, SSE or
+// NEON as -march allows; other compilers (or -DDSV3_GEMM_PORTABLE) get plain arrays, the same summation order.
 namespace gemm {
 
 // Vector width (floats per register), register tile MR x NR, cache blocks. MR·NR/VEC accumulators + NR/VEC vectors
@@ -4510,8 +4506,8 @@ constexpr int NV = NR / VEC;  // vectors per tile row
 // a narrow last panel, 48 of 64, does not pay for its padding). A(i,k) = a[i*lda + k] when A_ROWS (x, dy, W), else
 // a[k*lda + i] (dyᵀ, packed panels); MR rows of A must exist (the caller packs partial panels); bp: a panel of B.
 template <bool A_ROWS, int U>
-DSV3_GEMM_FULL_WIDTH inline void micro_kernel(int kc, const float* a, int64_t lda, const float* bp, const OutView& C, int m, int n,
-                         bool overwrite) {
+DSV3_GEMM_FULL_WIDTH inline void micro_kernel(int kc, const float* a, int64_t lda, const float* bp, const OutView& C,
+                                              int m, int n, bool overwrite) {
     vfloat acc[MR][U];  // the C tile, in registers (the loops below are fully unrolled, so the array disappears)
     DSV3_UNROLL for (int i = 0; i < MR; ++i)
         DSV3_UNROLL for (int v = 0; v < U; ++v) acc[i][v] = vfloat{};
@@ -4636,34 +4632,12 @@ inline void few_rows_block(float* y, const float* x, const float* W, int in, int
 }
 #endif
 
-// K block [pc, pc + KC) of tile t (row panel t / n_jr, column panel t % n_jr) of C (+)= A·B; bpack: the packed block
-// of B from column jc; a_pack: the calling thread's buffer for a partial row panel of A.
-inline void tile_block(int M, int N, int K, const View& A, const OutView& C, bool accumulate, const float* bpack, int jc,
-                       int64_t n_jr, int64_t t, int pc, float* a_pack) {
-    const int ir = int(t / n_jr), jr = int(t % n_jr);
-    const int i0 = ir * MR, m = std::min(MR, M - i0);
-    const int j0 = jc + jr * NR, n = std::min(NR, N - j0);
-    const int kc = std::min(KC, K - pc);
-    const float* bp = bpack + (int64_t(jr) * K + pc) * NR;
-    const OutView Ct{&C.at(i0, j0), C.row_stride, C.col_stride};
-    const bool overwrite = !accumulate && pc == 0;
-    if (m == MR && A.col_stride == 1)  // rows of A contiguous (x, dy, W): read in place
-        run_kernel<true>(kc, &A.at(i0, pc), A.row_stride, bp, Ct, m, n, overwrite);
-    else if (m == MR && A.row_stride == 1)  // columns of A contiguous (dyᵀ): read in place
-        run_kernel<false>(kc, &A.at(i0, pc), A.col_stride, bp, Ct, m, n, overwrite);
-    else {  // a partial row panel (or an A without a unit stride): through a packed copy
-        pack_a_panel(a_pack, A, i0, m, pc, kc);
-        run_kernel<false>(kc, a_pack, MR, bp, Ct, m, n, overwrite);
-    }
-}
-
 // C (+)= A·B, declared in section 3.1.
 inline void multiply(int M, int N, int K, const View& A, const View& B, const OutView& C, bool accumulate) {
     if (M <= 0 || N <= 0) return;
     if (K <= 0) {  // an empty sum: zero
-        if (!accumulate)
-            for (int i = 0; i < M; ++i)
-                for (int j = 0; j < N; ++j) C.at(i, j) = 0.0f;
+        for (int i = 0; i < M && !accumulate; ++i)
+            for (int j = 0; j < N; ++j) C.at(i, j) = 0.0f;
         return;
     }
     // Columns per packed block of B: K x block_n floats fit in the budget (at least one panel).
@@ -4695,8 +4669,23 @@ inline void multiply(int M, int N, int K, const View& A, const View& B, const Ou
             t_begin = n_tiles * omp_get_thread_num() / omp_get_num_threads();
             t_end = n_tiles * (omp_get_thread_num() + 1) / omp_get_num_threads();
 #endif
-            // One K block of one tile: a tile's blocks run in increasing pc (the summation order), tiles in any order.
-            auto block = [&](int64_t t, int pc) { tile_block(M, N, K, A, C, accumulate, bpack, jc, n_jr, t, pc, a_pack); };
+            // K block [pc, pc + KC) of tile t (row panel t / n_jr, column panel t % n_jr): a tile's blocks run in
+            // increasing pc (the summation order), tiles in any order.
+            auto block = [&](int64_t t, int pc) {
+                const int i0 = int(t / n_jr) * MR, m = std::min(MR, M - i0), jr = int(t % n_jr);
+                const int j0 = jc + jr * NR, n = std::min(NR, N - j0), kc = std::min(KC, K - pc);
+                const float* bp = bpack + (int64_t(jr) * K + pc) * NR;
+                const OutView Ct{&C.at(i0, j0), C.row_stride, C.col_stride};
+                const bool overwrite = !accumulate && pc == 0;
+                if (m == MR && A.col_stride == 1)  // rows of A contiguous (x, dy, W): read in place
+                    run_kernel<true>(kc, &A.at(i0, pc), A.row_stride, bp, Ct, m, n, overwrite);
+                else if (m == MR && A.row_stride == 1)  // columns of A contiguous (dyᵀ): read in place
+                    run_kernel<false>(kc, &A.at(i0, pc), A.col_stride, bp, Ct, m, n, overwrite);
+                else {  // a partial row panel (or an A without a unit stride): through a packed copy
+                    pack_a_panel(a_pack, A, i0, m, pc, kc);
+                    run_kernel<false>(kc, a_pack, MR, bp, Ct, m, n, overwrite);
+                }
+            };
             if (A.col_stride == 1) {
                 // Rows of A contiguous: tile by tile, each row of A one long stream (a big W read once, in decoding).
                 for (int64_t t = t_begin; t < t_end; ++t)
@@ -4712,26 +4701,20 @@ inline void multiply(int M, int N, int K, const View& A, const View& B, const Ou
     }
 }
 
-// y[T,out] = x[T,in] · W[out,in]ᵀ for a few rows (decoding), declared in section 3.1. With one row this is a
-// matrix-vector product: each weight is used once, so its speed is how fast W streams from memory, and multiply's
-// register tile would waste all but one lane of every vector of B (x, padded to NR columns). Here the lanes hold VEC
-// outputs instead: VEC rows of W are read in place, VEC floats of each at a time, transposed in registers so that
-// vector j holds column k+j of the block, and multiplied by the broadcast x[t, k+j]. Each output is the FMA chain of
-// multiply over increasing k in the same KC blocks: the same bits. The rows of x go FEW_ROWS at a time over a block,
-// which stays in cache meanwhile, so W is read from memory once for any T. Blocks of outputs are split over the
-// threads only for a large W: waking a sleeping team (section 11.1) takes about as long as streaming a million floats.
+// y[T,out] = x[T,in] · W[out,in]ᵀ for a few rows (decoding), declared in section 3.1. With one row each weight is
+// used once, so the speed is how fast W streams from memory, and multiply's register tile would waste all but one
+// lane of every vector of B (x, padded to NR columns). Here the lanes hold VEC outputs: VEC rows of W are read in
+// place, VEC floats of each at a time, transposed in registers so that vector j holds column k+j of the block, and
+// multiplied by the broadcast x[t, k+j]: multiply's FMA chain over increasing k in the same KC blocks, the same bits.
+// The rows of x go FEW_ROWS at a time over a block, which stays in cache, so W is read from memory once for any T.
+// Threads only for a large W: waking a sleeping team (section 11.1) takes as long as streaming a million floats.
 inline void multiply_few_rows(float* y, const float* x, const float* W, int T, int in, int out) {
-    static_assert(FEW_ROWS == 4, "one few_rows_block per row count");
+    static constexpr void (*kBlock[])(float*, const float*, const float*, int, int, int) = {
+        few_rows_block<1>, few_rows_block<2>, few_rows_block<3>, few_rows_block<4>};  // by the number of rows
+    static_assert(std::size(kBlock) == FEW_ROWS, "one few_rows_block per row count");
     parallel_for((out + VEC - 1) / VEC, [&](int64_t b) {
-        for (int t = 0; t < T; t += FEW_ROWS) {
-            float* yt = y + int64_t(t) * out;
-            const float* xt = x + int64_t(t) * in;
-            const int o0 = int(b) * VEC, rows = std::min(FEW_ROWS, T - t);
-            if (rows == 1) few_rows_block<1>(yt, xt, W, in, out, o0);
-            else if (rows == 2) few_rows_block<2>(yt, xt, W, in, out, o0);
-            else if (rows == 3) few_rows_block<3>(yt, xt, W, in, out, o0);
-            else few_rows_block<4>(yt, xt, W, in, out, o0);
-        }
+        for (int t = 0; t < T; t += FEW_ROWS)
+            kBlock[std::min(FEW_ROWS, T - t) - 1](y + int64_t(t) * out, x + int64_t(t) * in, W, in, out, int(b) * VEC);
     }, int64_t(VEC) * in * T / 32);
 }
 
@@ -4749,8 +4732,7 @@ inline void multiply_few_rows(float* y, const float* x, const float* W, int T, i
 
 // --- 11.1 Small text helpers -----------------------------------------------------------------------------------------
 // A byte string shown safely in a message or a file: printable ASCII as is, the rest as \n, \t, \\, \" or \xNN.
-// unescape_bytes is its inverse (a prompt or a path stored on one line of a checkpoint header); `what` names the text
-// in the error a malformed escape raises.
+// unescape_bytes inverts it (a prompt or a path on one line of a checkpoint header); `what` names the text in errors.
 constexpr std::string_view kEscapedBytes = "\n\t\\\"", kEscapeLetters = "nt\\\"";  // '\n' is written \n, ...
 inline std::string escape_bytes(std::string_view s) {
     std::string out;
@@ -4777,13 +4759,11 @@ inline std::string unescape_bytes(std::string_view s, const std::string& what) {
     return out;
 }
 
-// Numbers read from text: every command-line flag of the examples and every number of a text field in a file (a
-// checkpoint's header, a tokenizer's counts and merges, a .npy shape, token rows) goes through parse_int or
-// parse_float (decimal or with an exponent, "3e-4"). A value outside [lo, hi] (NaN and infinities are outside every
-// range), or text that is not wholly the number (no spaces, no '+', no trailing characters; std::from_chars reads it
-// the same way in every locale), is an Error naming what was read, the range and the text,
-//     --batch: expected an integer in [1, 65536], got '-1'
-// never std::stoi's bare "stoi", nor a count of -1 that reaches an allocation or a division.
+// Numbers read from text (every command-line flag of the examples, every number in a text field of a file) go through
+// parse_int or parse_float ("3e-4" too). A value outside [lo, hi] (NaN and infinities are outside every range), or
+// text that is not wholly the number (no spaces, no '+'; std::from_chars reads it the same in every locale), is an
+// Error naming what was read, the range and the text, "--batch: expected an integer in [1, 65536], got '-1'": never
+// std::stoi's bare "stoi", nor a count of -1 that reaches an allocation or a division.
 template <class T>
 inline T parse_number(std::string_view text, std::string_view what, T lo, T hi, const char* kind) {
     T v = 0;
@@ -4800,21 +4780,19 @@ inline double parse_float(std::string_view text, std::string_view what, double l
     return parse_number(text, what, lo, hi, "a number");
 }
 
-// The memory budget: sizes that a file or a config declares (a model's parameters, a checkpoint's floats, a tensor's
-// bytes) are checked against the machine's physical memory before anything is allocated, so a lying header or a
-// config of the 671B model on a laptop is an error naming the sizes, not std::bad_alloc or minutes of swapping.
+// The memory budget: sizes that a file or a config declares are checked against physical memory before anything is
+// allocated, so a lying header or the 671B model on a laptop is an error naming the sizes, not std::bad_alloc or swap.
 inline void require_memory(std::string_view what, double bytes) {
     const double have = double(sysconf(_SC_PHYS_PAGES)) * double(sysconf(_SC_PAGE_SIZE));
     if (have > 0 && bytes > have)
         fail(what, ": ", bytes / 1e9, " GB, more than this machine's ", have / 1e9, " GB of memory");
 }
 
-// OpenMP threads that sleep while they wait, unless the user chose otherwise. libgomp's threads spin (GOMP_SPINCOUNT,
-// 300000 turns) at the end of every parallel region before they sleep; on a shared CPU a spinning thread holds a core
-// that the thread it waits for needs (on 2 cores beside two busy processes, `generate` ran 57x slower with 2 threads
-// than with 1). OMP_WAIT_POLICY=passive makes them sleep at once, but libgomp reads it only when the program is
-// loaded, so the examples call this first thing in main: when neither it nor GOMP_SPINCOUNT is set, it sets it and
-// starts the program again (exec of /proc/self/exe, same arguments; Linux). Where that fails, it runs on as it was.
+// OpenMP threads that sleep while they wait. libgomp's threads spin (GOMP_SPINCOUNT, 300000 turns) after every parallel
+// region; on a shared CPU a spinning thread holds a core that the thread it waits for needs (on 2 cores beside two busy
+// processes, `generate` ran 57x slower with 2 threads than with 1). libgomp reads OMP_WAIT_POLICY only at load time, so
+// the examples call this first in main: unless it or GOMP_SPINCOUNT is set, it sets OMP_WAIT_POLICY=passive and execs
+// /proc/self/exe again with the same arguments (Linux); where that fails, it runs on as it was.
 inline void prefer_sleeping_threads(char** argv) {
 #if defined(_OPENMP) && defined(__linux__)
     if (std::getenv("OMP_WAIT_POLICY") || std::getenv("GOMP_SPINCOUNT")) return;
@@ -4848,8 +4826,7 @@ struct FileCloser { void operator()(std::FILE* f) const { std::fclose(f); } };  
 using File = std::unique_ptr<std::FILE, FileCloser>;                            // a FILE* that closes itself
 }  // namespace io_detail
 
-// The whole file as bytes. The error names the file and the reason. A regular file's size is checked against the
-// memory budget (section 2) first.
+// The whole file as bytes; the error names the file and the reason. A regular file's size meets require_memory first.
 inline std::string read_file_bytes(const std::string& path) {
     const io_detail::File f(std::fopen(path.c_str(), "rb"));
     if (!f) fail("cannot open '", path, "' for reading: ", std::strerror(errno));
@@ -4864,26 +4841,22 @@ inline std::string read_file_bytes(const std::string& path) {
     if (std::ferror(f.get())) fail("error while reading '", path, "'");
     return data;
 }
-// Writes `path` so that a reader never sees half a file, and a crash or a full disk never destroys the previous
-// version: write(FILE*) fills "<path>.tmp" and returns false on a failed write; only when every byte is out is the
-// temporary renamed over `path` (rename is atomic on POSIX file systems). Checkpoints, token files, safetensors and
-// PNGs are all written this way. `what` names the kind of file in error messages.
+// Writes `path` so that a reader never sees half a file and a crash or a full disk never destroys the old version:
+// write(FILE*) fills "<path>.tmp" (false: a failed write), renamed over `path` (atomic on POSIX) only when every byte
+// is out. Checkpoints, token files, safetensors and PNGs are written this way; `what` names the kind of file.
 template <class Writer>
 inline void write_file_atomic_stream(const std::string& path, const char* what, const Writer& write) {
     const std::string tmp = path + ".tmp";
     io_detail::File f(std::fopen(tmp.c_str(), "wb"));
     if (!f) fail(what, " ", path, ": cannot create '", tmp, "': ", std::strerror(errno));
-    struct Cleanup {  // removes the temporary file on every way out (an error, an exception) but the rename
-        const char* tmp;
-        bool renamed = false;
-        ~Cleanup() { if (!renamed) std::remove(tmp); }
-    } cleanup{tmp.c_str()};
+    const auto remove = [](const char* name) { std::remove(name); };  // on every way out but the rename
+    std::unique_ptr<const char, decltype(remove)> cleanup(tmp.c_str(), remove);
     const bool ok = write(f.get());
     if (std::fclose(f.release()) != 0 || !ok)  // fclose flushes, and reports a failed flush
         fail(what, " ", path, ": writing '", tmp, "' failed (disk full?)");
     if (std::rename(tmp.c_str(), path.c_str()) != 0)
         fail(what, " ", path, ": renaming '", tmp, "' to it failed: ", std::strerror(errno));
-    cleanup.renamed = true;
+    cleanup.release();
 }
 // Creates a directory and its missing parents (like mkdir -p); the error names the directory.
 inline void make_directories(const std::string& dir) {
@@ -4897,32 +4870,26 @@ inline void write_file_atomic(const std::string& path, const std::string& data, 
 }
 
 // --- 11.3 Byte-level BPE tokenizer -----------------------------------------------------------------------------------
-// DeepSeek-V3 tokenizes with byte-level BPE (128K tokens). "Byte-level": the alphabet is the 256 byte values, so every
-// byte string (valid UTF-8 or not, NUL bytes included) has an encoding, and decode(encode(s)) == s always. Training
-// starts from single bytes and repeatedly adds the most frequent adjacent pair of tokens as a new token (a "merge");
-// encoding replays the merges in the order they were learned.
-//
-// Token ids: 0..255 are the bytes; 256 + i is merge i; after these n_ordinary() = 256 + merges.size() tokens come the
-// special tokens, spelt as in DeepSeek's vocabularies (BOS, EOS, and the three FIM tokens of 11.5). encode(text) never
-// makes one: their spelling is encoded as ordinary bytes, so no document can forge one (encode_with_specials() does).
-//
-// Pre-tokenization. Like GPT-2 and DeepSeek, the text is first cut into chunks and merges never cross a chunk
-// boundary, so tokens are pieces of words rather than spans such as "e, t". Byte classes: letters (A-Z, a-z and every
-// byte >= 0x80, so that UTF-8 characters stay inside words), digits, whitespace, punctuation (the rest). A chunk is
+// DeepSeek-V3 tokenizes with byte-level BPE (128K tokens): the alphabet is the 256 byte values, so every byte string
+// (valid UTF-8 or not, NUL included) has an encoding and decode(encode(s)) == s. Training starts from single bytes and
+// repeatedly adds the most frequent adjacent pair of tokens as a new token (a "merge"); encoding replays the merges in
+// the order they were learned. Ids: 0..255 the bytes, 256 + i merge i, then, after these n_ordinary() tokens, the
+// special tokens, spelt as in DeepSeek's vocabularies (BOS, EOS, the FIM tokens of 11.5). encode(text) never makes one
+// (their spelling is encoded as bytes, so no document can forge one); encode_with_specials() does.
+// Pre-tokenization, as in GPT-2 and DeepSeek: merges never cross a chunk boundary, so tokens are pieces of words, not
+// spans such as "e, t". Bytes are letters (A-Z, a-z and every byte >= 0x80, so that UTF-8 characters stay inside
+// words), digits, whitespace or punctuation (the rest). A chunk, cut at 256 bytes (which bounds the cost of encoding
+// pathological input), is
 //   - a word: an optional single leading space and a run of letters             " thou", "ROMEO"
 //   - a number: an optional leading space and 1 to 3 digits                      " 123", "4"   (V3: \p{N}{1,3})
-//   - punctuation: an optional leading space, a run of punctuation and the line breaks right after it, ":\n", ".\n\n"
+//   - punctuation: an optional leading space, a run of punctuation and the line breaks after it, ":\n", ".\n\n"
 //     (V3's pre-tokenizer also makes tokens that combine punctuation and line breaks, report §4.1)
-//   - whitespace: a run of spaces and line breaks, except that the last space before a word goes with the word,
-// and is cut at 256 bytes, which bounds the cost of encoding pathological input.
-//
-// Training with incremental pair counts: the text becomes its distinct chunks with their counts (Tiny Shakespeare:
-// ~30K for 1.1M bytes); count[pair] is kept over all chunks, with the chunks where each pair occurs. A merge touches
-// only those chunks: their old pairs are subtracted, the merge applied, their new pairs added. A max-heap of (count,
-// pair) with lazy deletion (an entry is valid only while its count is current) picks the next merge; ties go to the
-// smallest (left id, right id), so training is deterministic. It stops at the requested size, or when no pair occurs
-// `min_pair_count` times.
-//
+//   - whitespace: a run of spaces and line breaks, except that the last space before a word goes with the word.
+// Training keeps pair counts incrementally: the text becomes its distinct chunks with their counts (Tiny Shakespeare:
+// ~30K for 1.1M bytes), count[pair] is kept over all chunks with the chunks where each pair occurs, and a merge
+// touches only those (old pairs out, merge, new pairs in). A max-heap of (count, pair) with lazy deletion (an entry is
+// valid while its count is current) picks the next merge; ties go to the smallest (left id, right id), so training is
+// deterministic. It stops at the requested size, or when no pair occurs `min_pair_count` times.
 // File format (text, one item per line; '#' starts a comment on every line except the special-token lines):
 //   dsv3-bpe-tokenizer 1
 //   pretokenizer dsv3-chunks-1
@@ -5015,10 +4982,8 @@ struct Tokenizer {
 
         explicit BpeTrainer(std::string_view text) {
             // Distinct chunks, sorted so that chunk indices (and everything after) do not depend on hashing.
-            std::unordered_map<std::string_view, int64_t> chunk_counts;
-            for_each_chunk(text, [&](size_t b, size_t e) { ++chunk_counts[text.substr(b, e - b)]; });
-            std::vector<std::pair<std::string_view, int64_t>> chunks(chunk_counts.begin(), chunk_counts.end());
-            std::sort(chunks.begin(), chunks.end());
+            std::map<std::string_view, int64_t> chunks;
+            for_each_chunk(text, [&](size_t b, size_t e) { ++chunks[text.substr(b, e - b)]; });
             for (const auto& [chunk, n] : chunks) {
                 words.emplace_back(reinterpret_cast<const uint8_t*>(chunk.data()),
                                    reinterpret_cast<const uint8_t*>(chunk.data()) + chunk.size());
@@ -5117,18 +5082,11 @@ struct Tokenizer {
     void encode_append(std::string_view text, std::vector<uint32_t>& out) const {
         const uint8_t* s = reinterpret_cast<const uint8_t*>(text.data());
         if (merges.empty()) { out.insert(out.end(), s, s + text.size()); return; }
-        std::unordered_map<std::string_view, std::pair<uint32_t, uint32_t>> cache;  // chunk -> (offset, length)
-        std::vector<uint32_t> cached, sym;
+        std::unordered_map<std::string_view, std::vector<uint32_t>> cache;  // chunk -> its tokens
         for_each_chunk(text, [&](size_t b, size_t e) {
-            const std::string_view chunk = text.substr(b, e - b);
-            auto it = cache.find(chunk);
-            if (it == cache.end()) {
-                encode_chunk(s + b, e - b, sym);
-                it = cache.emplace(chunk, std::make_pair(uint32_t(cached.size()), uint32_t(sym.size()))).first;
-                cached.insert(cached.end(), sym.begin(), sym.end());
-            }
-            out.insert(out.end(), cached.begin() + it->second.first,
-                       cached.begin() + it->second.first + it->second.second);
+            const auto [it, fresh] = cache.try_emplace(text.substr(b, e - b));
+            if (fresh) encode_chunk(s + b, e - b, it->second);
+            out.insert(out.end(), it->second.begin(), it->second.end());
         });
     }
     std::vector<uint32_t> encode(std::string_view text) const {
@@ -5358,9 +5316,8 @@ struct TokenDataset {
             fail("dataset '", name, "' holds ", tokens.size(),
                  " tokens, shorter than one sequence: a window of T + 1 = ", T + 1, " tokens is needed");
     }
-    // B random windows of T + 1 consecutive tokens into inputs[B, T + 1]: row b is inputs[b*(T+1) ...], the model
-    // reads positions 0..T-1 and predicts 1..T. Windows start anywhere (every start is equally likely); the same
-    // Rng state gives the same batch.
+    // B random windows of T + 1 consecutive tokens into inputs[B, T + 1]: the model reads positions 0..T-1 and
+    // predicts 1..T. Every start is equally likely; the same Rng state gives the same batch.
     void sample_batch(Rng& rng, int B, int T, int32_t* inputs) const {
         require_sequence(T);
         for (int b = 0; b < B; ++b) {
@@ -5383,11 +5340,10 @@ inline std::pair<TokenDataset, TokenDataset> split_train_val(const TokenDataset&
             TokenDataset::from_tokens(all.name + " (val)", {cut, all.tokens.end()}, all.vocab_size)};
 }
 
-// Evaluation over a whole split, deterministically: window w holds tokens [w*T, w*T + T] (T inputs, T targets),
-// so every target token 1..N-1 of the split is predicted exactly once across the non-overlapping windows. The
-// last (N - 1) mod T targets do not fill a window; with cover_tail they get one more window, the last T + 1
-// tokens of the split, whose `scored` mask marks the targets not already counted. Usage:
-//   EvalBatches it(val, T);  while (int rows = it.next(B, inputs, scored)) { loss over rows ... }
+// Evaluation over a whole split, deterministically: window w holds tokens [w*T, w*T + T] (T inputs, T targets), so
+// every target 1..N-1 is predicted exactly once across the non-overlapping windows, but for the last (N - 1) mod T;
+// with cover_tail these get one more window, the last T + 1 tokens, whose `scored` mask marks the targets not yet
+// counted. Usage:  EvalBatches it(val, T);  while (int rows = it.next(B, inputs, scored)) { loss over rows ... }
 struct EvalBatches {
     const TokenDataset* data;
     int T;
@@ -5425,13 +5381,12 @@ struct EvalBatches {
 };
 
 // --- 11.5 FIM: fill in the middle (PSM: prefix, suffix, middle) ------------------------------------------------------
-// DeepSeek-Coder trains with FIM so that a left-to-right model can complete a hole given what comes after it: a
-// document is cut at two random points into prefix, middle, suffix and rearranged as
+// DeepSeek-Coder trains with FIM so that a left-to-right model can fill a hole given what comes after it: a document
+// is cut at two random points into prefix, middle, suffix and rearranged, so that the model sees both sides first, as
 //     <｜fim▁begin｜> prefix <｜fim▁hole｜> suffix <｜fim▁end｜> middle <｜end▁of▁sentence｜>
-// so the model sees both sides before it writes the middle. With probability 1 - rate the document is kept as
-// it is, followed by <｜end▁of▁sentence｜>. Rate 0.5 in DeepSeek-Coder and Coder-V2, 0.1 in V3. The cut points
-// are character positions (UTF-8 boundaries, so no character is cut in two), chosen uniformly and sorted; the three
-// parts are tokenized separately, as a tokenizer would see them at inference time.
+// or, with probability 1 - rate, kept as it is, followed by <｜end▁of▁sentence｜>. Rate 0.5 in DeepSeek-Coder and
+// Coder-V2, 0.1 in V3. The cut points are character positions (UTF-8 boundaries: no character is cut in two), uniform
+// and sorted; the three parts are tokenized separately, as a tokenizer would see them at inference time.
 struct FimSplit { std::string prefix, middle, suffix; };
 
 inline FimSplit fim_split(const std::string& doc, Rng& rng) {
@@ -5489,21 +5444,17 @@ inline std::vector<std::string> split_documents(const std::string& text, const s
 }
 
 // --- 11.6 Synthetic corpus with exactly known entropy ----------------------------------------------------------------
-// When training on real text nobody knows the best achievable loss. This corpus is generated by a program whose
-// probabilities we know, so we do: every line is drawn independently by a sequence of random choices c_1, c_2, ...
-// with known probabilities. The text is a function of the choices, and the choices can be read back from it (every
-// sub-language below is uniquely parsable: the tag names the sub-language, numbers and words end at a delimiter,
-// answers are computed from the question); an invertible function loses no information, so -log p(line) = sum of
-// -log p(c_i) over the line's choices. A byte-by-byte model reaches at best the true conditional distribution, whose
-// total loss over a line is -log p(line), however the information is spread over the bytes. Over a long corpus of
-// independent lines the best loss per byte is therefore
+// On real text nobody knows the best achievable loss. This corpus comes from a program whose probabilities we know:
+// every line is drawn independently by random choices c_1, c_2, ... of known probabilities, and the choices can be
+// read back from the text (the tag names the sub-language, numbers and words end at a delimiter, answers are computed
+// from the question). An invertible function loses no information, so -log p(line) = Σ -log p(c_i); a byte-by-byte
+// model reaches at best the true conditional distribution, whose loss over a line is -log p(line) however it is
+// spread over the bytes. Over a long corpus of independent lines the best loss per byte is therefore
 //     E[-log p(line)] / E[bytes per line]      (nats per byte; the expectation ratio of a renewal process)
 // which entropy() computes from the generator's probabilities (in closed form, by enumeration, or for the Markov
-// language by summing a geometric series of matrix-vector products to machine precision). score() parses any text
-// of this language and returns its exact -log p, the loss of the ideal model on the same bytes. Deterministic answers
-// (sums, copies, sorted lists) cost the ideal model nothing, so a model's distance to the bound measures how well it
-// learnt to compute them.
-//
+// language by summing a geometric series of matrix-vector products to machine precision). score() parses any text of
+// this language and returns its exact -log p, the ideal model's loss on the same bytes. Deterministic answers (sums,
+// copies, sorted lists) cost the ideal model nothing: a model's distance to the bound is how well it learnt them.
 // Sub-languages, one per line, tagged by the first word (lines are printable ASCII):
 //   talk   a Markov "word" language: 48 pseudo-words, each followed by one of 4 successors with probabilities
 //          1/2, 1/4, 1/8, 1/8; after each word the sentence ends with probability 1/8 ("." instead of " ")
@@ -5631,7 +5582,7 @@ struct SyntheticCorpus {
         if (bytes_by_kind) *bytes_by_kind = bytes_k;
         return total;
     }
-    // One line being scored: errors name it; number() and numbers() parse canonical decimals (no leading zeros).
+    // One line being scored: errors name it; number() and numbers() read canonical decimals (no leading zeros).
     struct LineReader {
         std::string_view line;
         size_t line_no;
@@ -5662,95 +5613,89 @@ struct SyntheticCorpus {
             return {body.substr(0, gt), body.substr(gt + 3)};
         }
     };
-    // -log p of the body of each kind of line, added to `nats` (in the generator's order of choices).
-    void score_talk(const LineReader& r, std::string_view body, double& nats) const {
-        if (body.empty() || body.back() != '.') r.bad("expected a sentence ending with '.'");
-        body.remove_suffix(1);
-        int64_t prev = -1, n = 0;
-        while (true) {
-            const size_t sp = body.find(' ');
-            const auto it = word_index.find(std::string(body.substr(0, sp)));
-            if (it == word_index.end()) r.bad("expected words of the talk vocabulary");
-            if (prev < 0) nats += std::log(double(kWords));
-            else {
-                int k = 0;
-                while (k < 4 && successors[size_t(prev)][size_t(k)] != it->second) ++k;
-                if (k == 4) r.bad("a word follows a word it can never follow");
-                nats -= std::log(kSuccessorProb[k]);
-            }
-            prev = it->second, ++n;
-            if (sp == std::string_view::npos) break;
-            body.remove_prefix(sp + 1);
-        }
-        nats += -double(n - 1) * std::log(1 - kStop) - std::log(kStop);
-    }
-    static void score_math(const LineReader& r, std::string_view body, double& nats) {
-        const long a = r.number(body);
-        if (body.empty()) r.bad("expected an operator");
-        const int op = int(std::string_view("+-*").find(body[0]));
-        if (op < 0) r.bad("expected +, - or *");
-        body.remove_prefix(1);
-        const long b = r.number(body);
-        if (body.empty() || body[0] != '=') r.bad("expected '='");
-        body.remove_prefix(1);
-        const long result = r.number(body, true);
-        if (!body.empty() || a > 99 || b > 99) r.bad("expected a op b=c with a, b in 0..99");
-        if (result != apply(op, int(a), int(b))) r.bad("wrong result");
-        nats += std::log(3.0) + 2 * std::log(100.0);
-    }
-    static void score_copy(const LineReader& r, std::string_view body, bool reversed, double& nats) {
-        const auto [q, answer] = r.split(body, "expected 'letters > letters'");
-        const std::string s(q);
-        if (s.size() < 4 || s.size() > 12) r.bad("expected 4 to 12 letters");
-        if (!std::all_of(s.begin(), s.end(), [](char c) { return c >= 'a' && c <= 'z'; }))
-            r.bad("expected lowercase letters");
-        if (answer != (reversed ? std::string(s.rbegin(), s.rend()) : s)) r.bad("wrong answer");
-        nats += std::log(9.0) + double(s.size()) * std::log(26.0);
-    }
-    static void score_sort(const LineReader& r, std::string_view body, double& nats) {
-        const auto [q, answer] = r.split(body, "expected 'numbers > numbers'");
-        std::vector<long> v = r.numbers(q), w = r.numbers(answer);
-        if (v.size() < 3 || v.size() > 8) r.bad("expected 3 to 8 numbers");
-        if (*std::max_element(v.begin(), v.end()) > 99) r.bad("expected numbers in 0..99");
-        std::sort(v.begin(), v.end());
-        if (v != w) r.bad("wrong answer");
-        nats += std::log(6.0) + double(v.size()) * std::log(100.0);
-    }
-    static void score_count(const LineReader& r, std::string_view body, double& nats) {
-        const std::vector<long> v = r.numbers(body);
-        if (v.size() < 3 || v.size() > 8 || v[0] > 89 || v[1] - v[0] < 1 || v[1] - v[0] > 4)
-            r.bad("expected 3 to 8 terms, start 0..89, step 1..4");
-        for (size_t i = 2; i < v.size(); ++i)
-            if (v[i] - v[i - 1] != v[1] - v[0]) r.bad("not an arithmetic progression");
-        nats += std::log(90.0) + std::log(4.0) + std::log(6.0);
-    }
-    // The exact -log p of one line (without its newline); *kind_out receives its sub-language.
+    // The exact -log p of one line (without its newline), in the generator's order of choices; *kind_out receives its
+    // sub-language.
     double score_line(std::string_view line, size_t line_no, int* kind_out) const {
         const LineReader r{line, line_no};
         const auto tagged = [&](const char* tag) { return line.rfind(std::string(tag) + ' ', 0) == 0; };
         const int kind = int(std::find_if(kNames, kNames + kKinds, tagged) - kNames);
         if (kind == kKinds) r.bad("expected a line starting with talk, math, copy, rev, sort or count");
         *kind_out = kind;
-        const std::string_view body = line.substr(std::strlen(kNames[kind]) + 1);
+        std::string_view body = line.substr(std::strlen(kNames[kind]) + 1);
         double nats = -std::log(kProb[kind]);
-        switch (kind) {
-            case kTalk: score_talk(r, body, nats); break;
-            case kMath: score_math(r, body, nats); break;
-            case kCopy: case kRev: score_copy(r, body, kind == kRev, nats); break;
-            case kSort: score_sort(r, body, nats); break;
-            case kCount: score_count(r, body, nats); break;
+        if (kind == kTalk) {
+            if (body.empty() || body.back() != '.') r.bad("expected a sentence ending with '.'");
+            body.remove_suffix(1);
+            int64_t prev = -1, n = 0;
+            while (true) {
+                const size_t sp = body.find(' ');
+                const auto it = word_index.find(std::string(body.substr(0, sp)));
+                if (it == word_index.end()) r.bad("expected words of the talk vocabulary");
+                if (prev < 0) nats += std::log(double(kWords));
+                else {
+                    int k = 0;
+                    while (k < 4 && successors[size_t(prev)][size_t(k)] != it->second) ++k;
+                    if (k == 4) r.bad("a word follows a word it can never follow");
+                    nats -= std::log(kSuccessorProb[k]);
+                }
+                prev = it->second, ++n;
+                if (sp == std::string_view::npos) break;
+                body.remove_prefix(sp + 1);
+            }
+            nats += -double(n - 1) * std::log(1 - kStop) - std::log(kStop);
+        } else if (kind == kMath) {
+            const long a = r.number(body);
+            if (body.empty()) r.bad("expected an operator");
+            const int op = int(std::string_view("+-*").find(body[0]));
+            if (op < 0) r.bad("expected +, - or *");
+            body.remove_prefix(1);
+            const long b = r.number(body);
+            if (body.empty() || body[0] != '=') r.bad("expected '='");
+            body.remove_prefix(1);
+            const long result = r.number(body, true);
+            if (!body.empty() || a > 99 || b > 99) r.bad("expected a op b=c with a, b in 0..99");
+            if (result != apply(op, int(a), int(b))) r.bad("wrong result");
+            nats += std::log(3.0) + 2 * std::log(100.0);
+        } else if (kind == kCopy || kind == kRev) {
+            const auto [q, answer] = r.split(body, "expected 'letters > letters'");
+            const std::string s(q);
+            if (s.size() < 4 || s.size() > 12) r.bad("expected 4 to 12 letters");
+            if (!std::all_of(s.begin(), s.end(), [](char c) { return c >= 'a' && c <= 'z'; }))
+                r.bad("expected lowercase letters");
+            if (answer != (kind == kRev ? std::string(s.rbegin(), s.rend()) : s)) r.bad("wrong answer");
+            nats += std::log(9.0) + double(s.size()) * std::log(26.0);
+        } else if (kind == kSort) {
+            const auto [q, answer] = r.split(body, "expected 'numbers > numbers'");
+            std::vector<long> v = r.numbers(q), w = r.numbers(answer);
+            if (v.size() < 3 || v.size() > 8) r.bad("expected 3 to 8 numbers");
+            if (*std::max_element(v.begin(), v.end()) > 99) r.bad("expected numbers in 0..99");
+            std::sort(v.begin(), v.end());
+            if (v != w) r.bad("wrong answer");
+            nats += std::log(6.0) + double(v.size()) * std::log(100.0);
+        } else {  // kCount
+            const std::vector<long> v = r.numbers(body);
+            if (v.size() < 3 || v.size() > 8 || v[0] > 89 || v[1] - v[0] < 1 || v[1] - v[0] > 4)
+                r.bad("expected 3 to 8 terms, start 0..89, step 1..4");
+            for (size_t i = 2; i < v.size(); ++i)
+                if (v[i] - v[i - 1] != v[1] - v[0]) r.bad("not an arithmetic progression");
+            nats += std::log(90.0) + std::log(4.0) + std::log(6.0);
         }
         return nats;
     }
-    // talk: every successor row has the same entropy h_T, so E[nats] = log 48 (first word) + h(stop)/q (one stop
-    // decision per word; E[words] = 1/q) + h_T (1/q - 1) (one transition per word after the first). The length
-    // needs the distribution p_i of the i-th word: p_1 uniform, p_{i+1} = p_i P, and word i exists with probability
-    // (1-q)^(i-1); the series converges geometrically and is summed until its terms vanish.
-    void talk_entropy(double& nats, double& bytes) const {
+    // The exact expected -log p and length of a line of each kind, and the best loss per byte.
+    SyntheticEntropy entropy() const {
+        // Per kind: the expected -log p without the choice of the kind, and the length with the tag and newline.
+        double nats[kKinds], bytes[kKinds];
+        auto digits = [](long v) { return double(std::to_string(v).size()); };
+        for (int k = 0; k < kKinds; ++k) bytes[k] = double(std::strlen(kNames[k])) + 2;  // tag, space, newline
+        // talk: every successor row has the same entropy h_T, so E[nats] = log 48 (first word) + h(stop)/q (one stop
+        // decision per word; E[words] = 1/q) + h_T (1/q - 1) (one transition per word after the first). The length
+        // needs the distribution p_i of the i-th word: p_1 uniform, p_{i+1} = p_i P, and word i exists with
+        // probability (1-q)^(i-1); the series converges geometrically and is summed until its terms vanish.
         const double q = kStop, h_stop = -q * std::log(q) - (1 - q) * std::log(1 - q);
         double h_T = 0;
         for (double p : kSuccessorProb) h_T -= p * std::log(p);
-        nats = std::log(double(kWords)) + h_stop / q + h_T * (1 / q - 1);
+        nats[kTalk] = std::log(double(kWords)) + h_stop / q + h_T * (1 / q - 1);
         std::vector<double> p(kWords, 1.0 / kWords), next(kWords);
         double len = 0;
         for (double reach = 1; reach > 1e-18; reach *= 1 - q) {
@@ -5760,16 +5705,8 @@ struct SyntheticCorpus {
                 for (int k = 0; k < 4; ++k) next[successors[size_t(w)][size_t(k)]] += p[size_t(w)] * kSuccessorProb[k];
             p.swap(next);
         }
-        bytes += len;  // each word with the ' ' or '.' after it
-    }
-    // The exact expected -log p and length of a line of each kind, and the best loss per byte.
-    SyntheticEntropy entropy() const {
-        // Per kind: the expected -log p without the choice of the kind, and the length with the tag and newline.
-        double nats[kKinds], bytes[kKinds];
-        auto digits = [](long v) { return double(std::to_string(v).size()); };
-        for (int k = 0; k < kKinds; ++k) bytes[k] = double(std::strlen(kNames[k])) + 2;  // tag, space, newline
-        talk_entropy(nats[kTalk], bytes[kTalk]);
-        double len = 0;  // math: enumerate the 30,000 equally likely questions for the answer's length
+        bytes[kTalk] += len;  // each word with the ' ' or '.' after it
+        len = 0;  // math: enumerate the 30,000 equally likely questions for the answer's length
         for (int op = 0; op < 3; ++op)
             for (int a = 0; a < 100; ++a)
                 for (int b = 0; b < 100; ++b) len += digits(a) + digits(b) + 2 + digits(apply(op, a, b));
