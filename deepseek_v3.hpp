@@ -4457,9 +4457,7 @@ constexpr int VEC = DSV3_GEMM_VEC;
 constexpr int KC = 128;  // K block: part of the summation order, so changing it changes the bits of the results
 constexpr int64_t B_BLOCK_FLOATS = 1 << 19;  // packed block of B: 2 MiB, about one core's L2
 static_assert(NR % VEC == 0, "NR must be a whole number of vectors");
-
-// Rows [k0, k0+kc) and columns [j0, j0+n) of B into one panel: panel[k*NR + j] = B(k0+k, j0+j), 0 up to whole
-// vectors (the kernel reads only the vectors that hold valid columns).
+// Rows [k0, k0+kc), columns [j0, j0+n) of B into panel[k*NR + j], 0 up to whole vectors (those the kernel reads).
 inline void pack_b_panel(float* panel, const View& B, int k0, int kc, int j0, int n) {
     const int n_padded = (n + VEC - 1) / VEC * VEC;
     if (B.col_stride == 1) {  // rows of B contiguous (W in dx, x in dW): copy row pieces
@@ -4474,14 +4472,6 @@ inline void pack_b_panel(float* panel, const View& B, int k0, int kc, int j0, in
         }
     }
 }
-
-// Rows [i0, i0+m) and columns [k0, k0+kc) of A into panel[k*MR + i], 0 for i >= m: a last, partial row panel, where
-// reading MR rows of A in place would run past its end.
-inline void pack_a_panel(float* panel, const View& A, int i0, int m, int k0, int kc) {
-    for (int k = 0; k < kc; ++k)
-        for (int i = 0; i < MR; ++i) panel[int64_t(k) * MR + i] = i < m ? A.at(i0 + i, k0 + k) : 0.0f;
-}
-
 // Write the m x n valid part of a tile (row-major, row length NR): C = tile (overwrite) or C += tile.
 inline void store_tile(const OutView& C, const float* tile, int m, int n, bool overwrite) {
     for (int i = 0; i < m; ++i)
@@ -4501,7 +4491,6 @@ inline void store_tile(const OutView& C, const float* tile, int m, int n, bool o
 #endif
 typedef float vfloat __attribute__((vector_size(DSV3_GEMM_VEC * sizeof(float))));
 constexpr int NV = NR / VEC;  // vectors per tile row
-
 // The micro-kernel: C[0:m, 0:n] (=|+=) Σ_{k<kc} A(i,k) · bp[k*NR + j] over the first U vectors of columns (U·VEC >= n:
 // a narrow last panel, 48 of 64, does not pay for its padding). A(i,k) = a[i*lda + k] when A_ROWS (x, dy, W), else
 // a[k*lda + i] (dyᵀ, packed panels); MR rows of A must exist (the caller packs partial panels); bp: a panel of B.
@@ -4538,7 +4527,6 @@ DSV3_GEMM_FULL_WIDTH inline void micro_kernel(int kc, const float* a, int64_t ld
         store_tile(C, tile, m, n, overwrite);
     }
 }
-
 // The kernel with the fewest vectors that cover n columns: micro_kernel<A_ROWS, ceil(n / VEC)>.
 template <bool A_ROWS, int U = NV>
 inline void run_kernel(int kc, const float* a, int64_t lda, const float* bp, const OutView& C, int m, int n,
@@ -4547,7 +4535,6 @@ inline void run_kernel(int kc, const float* a, int64_t lda, const float* bp, con
         if (n <= (U - 1) * VEC) return run_kernel<A_ROWS, U - 1>(kc, a, lda, bp, C, m, n, overwrite);
     micro_kernel<A_ROWS, U>(kc, a, lda, bp, C, m, n, overwrite);
 }
-
 // r[0..VEC) transposed in registers (lane i of r[j] swaps with lane j of r[i]) in log2(VEC) butterfly stages: stage S
 // swaps bit S of the vector's index with bit S of the lane's. (nvcc's host front end, which reads this header for the
 // CUDA programs, mistypes __builtin_shufflevector over a parameter pack; there this CPU path moves element by element.)
@@ -4573,7 +4560,6 @@ inline void transpose(vfloat* r) {
     if constexpr (S < VEC) transpose_stage<S>(r, std::make_index_sequence<VEC>{}), transpose<2 * S>(r);
 }
 #endif
-
 // Outputs o0 .. o0+VEC-1 (those below `out`) of y[t] = x[t] Wᵀ for the T rows of x, y: [T, out] (few_rows below).
 template <int T>
 DSV3_GEMM_FULL_WIDTH inline void few_rows_block(float* y, const float* x, const float* W, int in, int out, int o0) {
@@ -4642,9 +4628,7 @@ inline void multiply(int M, int N, int K, const View& A, const View& B, const Ou
     }
     // Columns per packed block of B: K x block_n floats fit in the budget (at least one panel).
     const int block_n = int(std::max<int64_t>(1, B_BLOCK_FLOATS / (int64_t(K) * NR)) * NR);
-    const int64_t n_ir = (M + MR - 1) / MR;
-    // The packed block of B, left uninitialised (packing writes every element the kernel reads), 16 floats of room
-    // to start it on a cache line.
+    // The packed block of B, uninitialised (packing writes all that the kernel reads), 16 floats more to align it.
     const std::unique_ptr<float[]> packed_b(new float[size_t(K) * std::min((N + NR - 1) / NR * NR, block_n) + 16]);
     float* bpack = align64(packed_b.get());
 
@@ -4663,7 +4647,7 @@ inline void multiply(int M, int N, int K, const View& A, const View& B, const Ou
 
             // This thread's tiles: a contiguous range in row-panel-major order (a fixed static partition), walking
             // along a row panel of A across the column panels of the packed block of B.
-            const int64_t n_tiles = n_ir * n_jr;
+            const int64_t n_tiles = (M + MR - 1) / MR * n_jr;
             int64_t t_begin = 0, t_end = n_tiles;
 #ifdef _OPENMP
             t_begin = n_tiles * omp_get_thread_num() / omp_get_num_threads();
@@ -4681,8 +4665,9 @@ inline void multiply(int M, int N, int K, const View& A, const View& B, const Ou
                     run_kernel<true>(kc, &A.at(i0, pc), A.row_stride, bp, Ct, m, n, overwrite);
                 else if (m == MR && A.row_stride == 1)  // columns of A contiguous (dyᵀ): read in place
                     run_kernel<false>(kc, &A.at(i0, pc), A.col_stride, bp, Ct, m, n, overwrite);
-                else {  // a partial row panel (or an A without a unit stride): through a packed copy
-                    pack_a_panel(a_pack, A, i0, m, pc, kc);
+                else {  // a partial row panel (MR rows in place would overrun A), or no unit stride: a packed copy
+                    for (int k = 0; k < kc; ++k)  // a_pack[k*MR + i] = A(i0 + i, pc + k), 0 for i >= m
+                        for (int i = 0; i < MR; ++i) a_pack[int64_t(k) * MR + i] = i < m ? A.at(i0 + i, pc + k) : 0.0f;
                     run_kernel<false>(kc, a_pack, MR, bp, Ct, m, n, overwrite);
                 }
             };
@@ -4700,7 +4685,6 @@ inline void multiply(int M, int N, int K, const View& A, const View& B, const Ou
         }
     }
 }
-
 // y[T,out] = x[T,in] · W[out,in]ᵀ for a few rows (decoding), declared in section 3.1. With one row each weight is
 // used once, so the speed is how fast W streams from memory, and multiply's register tile would waste all but one
 // lane of every vector of B (x, padded to NR columns). Here the lanes hold VEC outputs: VEC rows of W are read in
@@ -4758,7 +4742,6 @@ inline std::string unescape_bytes(std::string_view s, const std::string& what) {
     }
     return out;
 }
-
 // Numbers read from text (every command-line flag of the examples, every number in a text field of a file) go through
 // parse_int or parse_float ("3e-4" too). A value outside [lo, hi] (NaN and infinities are outside every range), or
 // text that is not wholly the number (no spaces, no '+'; std::from_chars reads it the same in every locale), is an
@@ -4779,7 +4762,6 @@ inline long long parse_int(std::string_view text, std::string_view what, long lo
 inline double parse_float(std::string_view text, std::string_view what, double lo, double hi) {
     return parse_number(text, what, lo, hi, "a number");
 }
-
 // The memory budget: sizes that a file or a config declares are checked against physical memory before anything is
 // allocated, so a lying header or the 671B model on a laptop is an error naming the sizes, not std::bad_alloc or swap.
 inline void require_memory(std::string_view what, double bytes) {
@@ -4787,7 +4769,6 @@ inline void require_memory(std::string_view what, double bytes) {
     if (have > 0 && bytes > have)
         fail(what, ": ", bytes / 1e9, " GB, more than this machine's ", have / 1e9, " GB of memory");
 }
-
 // OpenMP threads that sleep while they wait. libgomp's threads spin (GOMP_SPINCOUNT, 300000 turns) after every parallel
 // region; on a shared CPU a spinning thread holds a core that the thread it waits for needs (on 2 cores beside two busy
 // processes, `generate` ran 57x slower with 2 threads than with 1). libgomp reads OMP_WAIT_POLICY only at load time, so
@@ -4801,7 +4782,6 @@ inline void prefer_sleeping_threads(char** argv) {
     (void)argv;
 #endif
 }
-
 // printf into a std::string (labels, durations, rates), up to 255 characters.
 template <class... Args>
 inline std::string format_printf(const char* format, Args... args) {
@@ -4809,7 +4789,6 @@ inline std::string format_printf(const char* format, Args... args) {
     std::snprintf(buf, sizeof buf, format, args...);
     return buf;
 }
-
 // Little-endian integers of n bytes (every binary format here is little-endian, whatever the machine).
 inline uint64_t load_le(const void* p, int n) {
     uint64_t v = 0;
@@ -4825,7 +4804,6 @@ namespace io_detail {
 struct FileCloser { void operator()(std::FILE* f) const { std::fclose(f); } };  // unique_ptr never passes null
 using File = std::unique_ptr<std::FILE, FileCloser>;                            // a FILE* that closes itself
 }  // namespace io_detail
-
 // The whole file as bytes; the error names the file and the reason. A regular file's size meets require_memory first.
 inline std::string read_file_bytes(const std::string& path) {
     const io_detail::File f(std::fopen(path.c_str(), "rb"));
@@ -4873,23 +4851,21 @@ inline void write_file_atomic(const std::string& path, const std::string& data, 
 // DeepSeek-V3 tokenizes with byte-level BPE (128K tokens): the alphabet is the 256 byte values, so every byte string
 // (valid UTF-8 or not, NUL included) has an encoding and decode(encode(s)) == s. Training starts from single bytes and
 // repeatedly adds the most frequent adjacent pair of tokens as a new token (a "merge"); encoding replays the merges in
-// the order they were learned. Ids: 0..255 the bytes, 256 + i merge i, then, after these n_ordinary() tokens, the
-// special tokens, spelt as in DeepSeek's vocabularies (BOS, EOS, the FIM tokens of 11.5). encode(text) never makes one
-// (their spelling is encoded as bytes, so no document can forge one); encode_with_specials() does.
+// the order they were learned. Ids: 0..255 the bytes, 256 + i merge i, then the special tokens, spelt as in DeepSeek's
+// vocabularies (BOS, EOS, the FIM tokens of 11.5), which encode(text) never makes (their spelling is encoded as bytes,
+// so no document can forge one) and encode_with_specials() does.
 // Pre-tokenization, as in GPT-2 and DeepSeek: merges never cross a chunk boundary, so tokens are pieces of words, not
 // spans such as "e, t". Bytes are letters (A-Z, a-z and every byte >= 0x80, so that UTF-8 characters stay inside
-// words), digits, whitespace or punctuation (the rest). A chunk, cut at 256 bytes (which bounds the cost of encoding
-// pathological input), is
+// words), digits, whitespace or punctuation. A chunk, cut at 256 bytes (bounding the cost of pathological input), is
 //   - a word: an optional single leading space and a run of letters             " thou", "ROMEO"
 //   - a number: an optional leading space and 1 to 3 digits                      " 123", "4"   (V3: \p{N}{1,3})
 //   - punctuation: an optional leading space, a run of punctuation and the line breaks after it, ":\n", ".\n\n"
 //     (V3's pre-tokenizer also makes tokens that combine punctuation and line breaks, report §4.1)
 //   - whitespace: a run of spaces and line breaks, except that the last space before a word goes with the word.
-// Training keeps pair counts incrementally: the text becomes its distinct chunks with their counts (Tiny Shakespeare:
-// ~30K for 1.1M bytes), count[pair] is kept over all chunks with the chunks where each pair occurs, and a merge
-// touches only those (old pairs out, merge, new pairs in). A max-heap of (count, pair) with lazy deletion (an entry is
-// valid while its count is current) picks the next merge; ties go to the smallest (left id, right id), so training is
-// deterministic. It stops at the requested size, or when no pair occurs `min_pair_count` times.
+// Training counts pairs incrementally over the distinct chunks (Tiny Shakespeare: ~30K for 1.1M bytes), weighted by
+// their counts, and remembers the chunks where each pair occurs: a merge touches only those (old pairs out, merge, new
+// pairs in). A max-heap of (count, pair) with lazy deletion (an entry is valid while its count is current) picks the
+// next merge; ties go to the smallest (left id, right id), so training is deterministic.
 // File format (text, one item per line; '#' starts a comment on every line except the special-token lines):
 //   dsv3-bpe-tokenizer 1
 //   pretokenizer dsv3-chunks-1
@@ -4903,13 +4879,11 @@ struct Tokenizer {
     static constexpr const char* kFimHoleText = "<｜fim▁hole｜>";
     static constexpr const char* kFimEndText = "<｜fim▁end｜>";
     static constexpr int kMaxChunk = 256;
-
     std::vector<std::pair<uint32_t, uint32_t>> merges;  // merges[i] = (left, right) makes token 256 + i
     std::vector<std::string> specials;                  // spellings of the special tokens, in id order
     std::vector<std::string> pieces;                    // bytes of every ordinary token, spelling of every special
     std::unordered_map<uint64_t, uint32_t> merge_of;    // (left << 32 | right) -> merged token id
     uint32_t bos = 0, eos = 0, fim_begin = 0, fim_hole = 0, fim_end = 0;
-
     int n_ordinary() const { return 256 + int(merges.size()); }
     int vocab_size() const { return n_ordinary() + int(specials.size()); }  // what the model's embedding needs
     bool is_special(uint32_t id) const { return id >= uint32_t(n_ordinary()) && id < uint32_t(vocab_size()); }
@@ -4928,30 +4902,27 @@ struct Tokenizer {
         if (c == '\n' || c == '\r') return kLineBreak;
         return c == '\t' || c == '\v' || c == '\f' ? kOtherSpace : kPunct;
     }
-    // End of the chunk that starts at byte i of s[0, n).
-    static size_t chunk_end(const uint8_t* s, size_t n, size_t i) {
-        auto is_space = [](ByteClass k) { return k == kSpace || k == kLineBreak || k == kOtherSpace; };
-        size_t j = i;
-        ByteClass k = byte_class(s[i]);
-        if (s[i] == ' ' && i + 1 < n && !is_space(byte_class(s[i + 1]))) k = byte_class(s[++j]);
-        if (k == kDigit) {
-            for (int d = 0; d < 3 && j < n && byte_class(s[j]) == kDigit; ++d) ++j;
-        } else if (!is_space(k)) {  // a word; or punctuation, with the line breaks right after it
-            while (j < n && byte_class(s[j]) == k) ++j;
-            while (k == kPunct && j < n && byte_class(s[j]) == kLineBreak) ++j;
-        } else {  // whitespace; a run longer than one byte leaves its last space to the word after it
-            while (j < n && is_space(byte_class(s[j]))) ++j;
-            if (j < n && j - i >= 2 && s[j - 1] == ' ') --j;
-        }
-        return std::min(j, i + size_t(kMaxChunk));
-    }
     // f(begin, end) for every chunk of `text`, in order; the chunks tile the text exactly.
     template <class F>
     static void for_each_chunk(std::string_view text, const F& f) {
+        auto is_space = [](ByteClass k) { return k == kSpace || k == kLineBreak || k == kOtherSpace; };
         const uint8_t* s = reinterpret_cast<const uint8_t*>(text.data());
-        for (size_t i = 0, e; i < text.size(); i = e) {
-            e = chunk_end(s, text.size(), i);
-            f(i, e);
+        const size_t n = text.size();
+        for (size_t i = 0, j; i < n; i = j) {  // the chunk [i, j)
+            j = i;
+            ByteClass k = byte_class(s[i]);
+            if (s[i] == ' ' && i + 1 < n && !is_space(byte_class(s[i + 1]))) k = byte_class(s[++j]);
+            if (k == kDigit) {
+                for (int d = 0; d < 3 && j < n && byte_class(s[j]) == kDigit; ++d) ++j;
+            } else if (!is_space(k)) {  // a word; or punctuation, with the line breaks right after it
+                while (j < n && byte_class(s[j]) == k) ++j;
+                while (k == kPunct && j < n && byte_class(s[j]) == kLineBreak) ++j;
+            } else {  // whitespace; a run longer than one byte leaves its last space to the word after it
+                while (j < n && is_space(byte_class(s[j]))) ++j;
+                if (j < n && j - i >= 2 && s[j - 1] == ' ') --j;
+            }
+            j = std::min(j, i + size_t(kMaxChunk));
+            f(i, j);
         }
     }
     // ---- training ---------------------------------------------------------------------------------------------
@@ -4979,7 +4950,6 @@ struct Tokenizer {
         std::unordered_map<uint64_t, std::vector<uint32_t>> where;
         std::priority_queue<Entry> heap;
         std::vector<uint32_t> last_merge;  // a chunk is rewritten once per merge
-
         explicit BpeTrainer(std::string_view text) {
             // Distinct chunks, sorted so that chunk indices (and everything after) do not depend on hashing.
             std::map<std::string_view, int64_t> chunks;
@@ -5007,8 +4977,7 @@ struct Tokenizer {
             count_before.emplace(k, n);  // keeps the first (pre-merge) value
             n += delta;
         }
-        // The most frequent pair, skipping stale heap entries (whose count is no longer the current count); false
-        // when no pair occurs min_count times.
+        // The most frequent pair, skipping stale heap entries (outdated counts); false if none occurs min_count times.
         bool next_pair(int64_t min_count, uint64_t* pair) {
             while (!heap.empty()) {
                 const Entry top = heap.top();
@@ -5047,8 +5016,7 @@ struct Tokenizer {
             }
         }
     };
-    // Learns merges on `text` until there are `n_ordinary_tokens` ordinary tokens (256 bytes + merges), or until no
-    // pair occurs `min_pair_count` times. The vocabulary is then n_ordinary() + 5 special tokens.
+    // Learns merges on `text` up to n_ordinary_tokens (256 + merges), or until no pair occurs min_pair_count times.
     static Tokenizer train(std::string_view text, int n_ordinary_tokens, int64_t min_pair_count = 2) {
         if (n_ordinary_tokens < 256)
             fail("Tokenizer::train: vocabulary of ", n_ordinary_tokens,
@@ -5077,8 +5045,7 @@ struct Tokenizer {
             replace_pair(sym, merges[best - 256].first, merges[best - 256].second, best);
         }
     }
-    // Appends the tokens of `text` (never special tokens). A per-call cache makes repeated chunks ("the", " and")
-    // cost one hash lookup.
+    // Appends the tokens of `text` (never special tokens); a per-call cache makes a repeated chunk one hash lookup.
     void encode_append(std::string_view text, std::vector<uint32_t>& out) const {
         const uint8_t* s = reinterpret_cast<const uint8_t*>(text.data());
         if (merges.empty()) { out.insert(out.end(), s, s + text.size()); return; }
@@ -5146,7 +5113,6 @@ struct Tokenizer {
         s += "end\n";
         write_file_atomic(path, s);
     }
-
     static Tokenizer load(const std::string& path) {
         std::istringstream in(read_file_bytes(path));
         size_t line_no = 0;  // of the line last read
@@ -5248,7 +5214,6 @@ struct Tokenizer {
 //   offset 32  N tokens of the given width
 constexpr char kTokenFileMagic[9] = "DSV3TOKS";
 constexpr size_t kTokenFileHeaderBytes = 32;
-
 inline void write_tokens(const std::string& path, const std::vector<uint32_t>& tokens, uint32_t vocab_size) {
     const uint32_t width = vocab_size <= 65536 ? 2 : 4;
     std::string bytes(kTokenFileHeaderBytes + tokens.size() * width, '\0');
@@ -5265,13 +5230,11 @@ inline void write_tokens(const std::string& path, const std::vector<uint32_t>& t
     }
     write_file_atomic(path, bytes);
 }
-
 // A sequence of tokens to train or evaluate on. `name` (usually the file) appears in every error.
 struct TokenDataset {
     std::string name;
     std::vector<uint32_t> tokens;
     uint32_t vocab_size = 0;
-
     static TokenDataset from_tokens(std::string name, std::vector<uint32_t> tokens, uint32_t vocab_size) {
         return TokenDataset{std::move(name), std::move(tokens), vocab_size};
     }
@@ -5326,7 +5289,6 @@ struct TokenDataset {
         }
     }
 };
-
 // Cuts a dataset into the first (1 - val_fraction) for training and the rest for validation (nanoGPT's split:
 // the first 90% and the last 10%). Names get " (train)" / " (val)".
 inline size_t train_val_split_point(size_t n, double val_fraction = 0.1) {
@@ -5339,7 +5301,6 @@ inline std::pair<TokenDataset, TokenDataset> split_train_val(const TokenDataset&
     return {TokenDataset::from_tokens(all.name + " (train)", {all.tokens.begin(), cut}, all.vocab_size),
             TokenDataset::from_tokens(all.name + " (val)", {cut, all.tokens.end()}, all.vocab_size)};
 }
-
 // Evaluation over a whole split, deterministically: window w holds tokens [w*T, w*T + T] (T inputs, T targets), so
 // every target 1..N-1 is predicted exactly once across the non-overlapping windows, but for the last (N - 1) mod T;
 // with cover_tail these get one more window, the last T + 1 tokens, whose `scored` mask marks the targets not yet
@@ -5350,7 +5311,6 @@ struct EvalBatches {
     int64_t n_full;      // complete non-overlapping windows
     bool has_tail;       // one more, overlapping, window covers the remaining targets (cover_tail)
     int64_t next_window = 0;
-
     EvalBatches(const TokenDataset& d, int seq_len, bool cover_tail = false) : data(&d), T(seq_len) {
         d.require_sequence(seq_len);
         n_full = int64_t((d.tokens.size() - 1) / size_t(T));
@@ -5388,7 +5348,6 @@ struct EvalBatches {
 // Coder-V2, 0.1 in V3. The cut points are character positions (UTF-8 boundaries: no character is cut in two), uniform
 // and sorted; the three parts are tokenized separately, as a tokenizer would see them at inference time.
 struct FimSplit { std::string prefix, middle, suffix; };
-
 inline FimSplit fim_split(const std::string& doc, Rng& rng) {
     std::vector<size_t> boundaries;  // byte offsets where a character starts, plus the end
     for (size_t i = 0; i <= doc.size(); ++i)
@@ -5398,25 +5357,8 @@ inline FimSplit fim_split(const std::string& doc, Rng& rng) {
     if (p > q) std::swap(p, q);
     return {doc.substr(0, p), doc.substr(p, q - p), doc.substr(q)};
 }
-
-// Appends one document, FIM-transformed with probability `rate`, to `out`.
-inline void fim_encode_document(const Tokenizer& tok, const std::string& doc, double rate, Rng& rng,
-                                std::vector<uint32_t>& out) {
-    if (rng.uniform() < rate) {
-        const FimSplit s = fim_split(doc, rng);
-        for (const auto& [special, part] : {std::pair(tok.fim_begin, &s.prefix), std::pair(tok.fim_hole, &s.suffix),
-                                            std::pair(tok.fim_end, &s.middle)}) {
-            out.push_back(special);
-            tok.encode_append(*part, out);
-        }
-    } else {
-        tok.encode_append(doc, out);
-    }
-    out.push_back(tok.eos);
-}
-
-// All documents, in order; document i draws from Rng(seed).fork(i), so the result does not depend on the thread
-// count (documents are encoded in parallel).
+// All documents, in order, each FIM-transformed with probability `rate`; they are encoded in parallel, document i
+// drawing from Rng(seed).fork(i), so the result is the same for any thread count.
 inline std::vector<uint32_t> fim_encode_documents(const Tokenizer& tok, const std::vector<std::string>& docs,
                                                   double rate, uint64_t seed) {
     if (!(rate >= 0 && rate <= 1)) fail("FIM rate ", rate, ", expected a probability in [0, 1]");
@@ -5424,13 +5366,23 @@ inline std::vector<uint32_t> fim_encode_documents(const Tokenizer& tok, const st
     const Rng base(seed);
     parallel_for(int64_t(docs.size()), [&](int64_t i) {
         Rng rng = base.fork(uint64_t(i));
-        fim_encode_document(tok, docs[size_t(i)], rate, rng, parts[size_t(i)]);
+        std::vector<uint32_t>& out = parts[size_t(i)];
+        if (rng.uniform() < rate) {
+            const FimSplit s = fim_split(docs[size_t(i)], rng);
+            for (const auto& [special, part] : {std::pair(tok.fim_begin, &s.prefix), std::pair(tok.fim_hole, &s.suffix),
+                                                std::pair(tok.fim_end, &s.middle)}) {
+                out.push_back(special);
+                tok.encode_append(*part, out);
+            }
+        } else {
+            tok.encode_append(docs[size_t(i)], out);
+        }
+        out.push_back(tok.eos);
     });
     std::vector<uint32_t> out;
     for (const auto& p : parts) out.insert(out.end(), p.begin(), p.end());
     return out;
 }
-
 // Documents of a plain text: the pieces between occurrences of `separator` (for plays, "\n\n" separates speeches).
 // The separator stays at the end of each piece, so concatenating the documents gives the text back.
 inline std::vector<std::string> split_documents(const std::string& text, const std::string& separator = "\n\n") {
@@ -5445,11 +5397,10 @@ inline std::vector<std::string> split_documents(const std::string& text, const s
 
 // --- 11.6 Synthetic corpus with exactly known entropy ----------------------------------------------------------------
 // On real text nobody knows the best achievable loss. This corpus comes from a program whose probabilities we know:
-// every line is drawn independently by random choices c_1, c_2, ... of known probabilities, and the choices can be
-// read back from the text (the tag names the sub-language, numbers and words end at a delimiter, answers are computed
-// from the question). An invertible function loses no information, so -log p(line) = Σ -log p(c_i); a byte-by-byte
-// model reaches at best the true conditional distribution, whose loss over a line is -log p(line) however it is
-// spread over the bytes. Over a long corpus of independent lines the best loss per byte is therefore
+// every line is drawn independently by random choices c_1, c_2, ... of known probabilities, which can be read back
+// from the text (the tag names the sub-language, numbers and words end at a delimiter, answers are computed from the
+// question). An invertible function loses no information, so -log p(line) = Σ -log p(c_i), and a byte-level model
+// loses at best that over a line, however it spreads it over the bytes. Over a long corpus the best loss is then
 //     E[-log p(line)] / E[bytes per line]      (nats per byte; the expectation ratio of a renewal process)
 // which entropy() computes from the generator's probabilities (in closed form, by enumeration, or for the Markov
 // language by summing a geometric series of matrix-vector products to machine precision). score() parses any text of
@@ -5486,11 +5437,9 @@ struct SyntheticCorpus {
     static constexpr int kWords = 48;
     static constexpr double kStop = 0.125;                                 // talk: P(sentence ends after a word)
     static constexpr double kSuccessorProb[4] = {0.5, 0.25, 0.125, 0.125};  // talk: P(k-th successor)
-
     std::vector<std::string> words;                        // talk vocabulary
     std::vector<std::array<uint32_t, 4>> successors;       // talk transitions
     std::unordered_map<std::string, uint32_t> word_index;
-
     SyntheticCorpus() {
         Rng rng(0x5EED0F5EA5EEDull);  // fixed: the language is the same for every corpus seed
         while (int(words.size()) < kWords) {
@@ -5509,7 +5458,6 @@ struct SyntheticCorpus {
             }
         }
     }
-
     static int pick(Rng& rng, const double* p, int n) {  // categorical draw
         double u = rng.uniform(), acc = 0;
         for (int i = 0; i < n - 1; ++i)
@@ -5562,9 +5510,8 @@ struct SyntheticCorpus {
         out.resize(n_bytes);
         return out;
     }
-    // The exact -log p (nats) of every complete line of `text` under the generator (an unfinished last line is
-    // ignored); *bytes_scored receives the bytes of those lines and, if given, nats_by_kind/bytes_by_kind the same
-    // per sub-language. A line the generator cannot produce is an Error naming the line.
+    // The exact -log p (nats) of the complete lines of `text` (not an unfinished last one); *bytes_scored: their bytes,
+    // nats_by_kind/bytes_by_kind: the same per sub-language. A line the generator cannot produce is an Error naming it.
     double score(std::string_view text, int64_t* bytes_scored = nullptr, std::vector<double>* nats_by_kind = nullptr,
                  std::vector<double>* bytes_by_kind = nullptr) const {
         double total = 0;
@@ -5613,8 +5560,7 @@ struct SyntheticCorpus {
             return {body.substr(0, gt), body.substr(gt + 3)};
         }
     };
-    // The exact -log p of one line (without its newline), in the generator's order of choices; *kind_out receives its
-    // sub-language.
+    // The exact -log p of one line (no newline), in the generator's order of choices; *kind_out: its sub-language.
     double score_line(std::string_view line, size_t line_no, int* kind_out) const {
         const LineReader r{line, line_no};
         const auto tagged = [&](const char* tag) { return line.rfind(std::string(tag) + ' ', 0) == 0; };
@@ -5745,10 +5691,8 @@ struct SyntheticCorpus {
         return e;
     }
 };
-
 inline std::string synthetic_corpus(size_t n_bytes, uint64_t seed) { return SyntheticCorpus().generate(n_bytes, seed); }
 inline double synthetic_corpus_entropy_nats_per_byte() { return SyntheticCorpus().entropy().nats_per_byte; }
-
 // The text `build/train` and `build/balance` learn from, as byte tokens (vocabulary 256): the file at `path` if one is
 // given; else data/tinyshakespeare.txt when `make data` has fetched it; else 1 MiB of the synthetic corpus above, so
 // that training works on a machine with no network. `source` receives a description for the log.
