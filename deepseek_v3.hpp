@@ -4417,25 +4417,24 @@ inline void gather_experts(Communicator& comm, Model& model, AdamW& opt, const E
 //     forward   y [T,out]  = x [T,in]   · Wᵀ      A = x  (rows contiguous),    B = Wᵀ: B(k,j) = W[j,k]
 //     backward  dx[T,in]  += dy[T,out]  · W       A = dy (rows contiguous),    B = W:  B(k,j) = W[k,j]
 //               dW[out,in]+= dy[T,out]ᵀ · x       A = dyᵀ: A(i,k) = dy[k,i],   B = x:  B(k,j) = x[k,j]
-// A naive triple loop loads operands for every multiply-add (a few percent of peak); a fast GEMM uses every loaded
-// value many times from a register or cache (Goto & van de Geijn 2008, "Anatomy of high-performance matrix
-// multiplication"; the BLIS papers):
-// * Register tile: C in MR x NR tiles (6 x 64 with AVX-512: 24 vectors of 16 floats). For each k the micro-kernel
-//   loads NR values of B (4 vectors), broadcasts MR values of A and does 24 FMAs: every load feeds 4 or 6 FMAs, 24
-//   independent chains hide the FMA latency (4 cycles x 2 units), and C moves once per tile.
-// * Packing: B is copied into k-major panels of NR columns, zero-padded to whole vectors (one contiguous stream, no
-//   edge case), O(K·N) against the product's O(M·N·K). A is read in place (a copy of x or dy would cost as much as
-//   the arithmetic of narrow layers, out = 48 or 64); only a last, partial row panel goes through a padded buffer.
-// * Blocking: B is packed in 2 MiB blocks that stay in L2 while a thread sweeps A's row panels over them; tiles sum
-//   k in blocks of KC = 128, so an MR x KC sliver of A stays in L1. Threads: a fixed static split of a block's tiles.
+// A naive triple loop loads operands for every multiply-add (a few percent of peak); a fast GEMM reuses every loaded
+// value from a register or cache (Goto & van de Geijn 2008, "Anatomy of high-performance matrix multiplication"):
+// * Register tile: MR x NR tiles of C (6 x 64 with AVX-512: 24 vectors of 16 floats). For each k the micro-kernel
+//   loads 4 vectors of B, broadcasts MR values of A and does 24 FMAs: every load feeds 4 or 6 FMAs, 24 independent
+//   chains hide the FMA latency (4 cycles x 2 units), and C moves once per tile.
+// * Packing: B in k-major panels of NR columns, zero-padded to whole vectors (one stream, no edge case; O(K·N) work
+//   against O(M·N·K)). A is read in place (a copy of x or dy would cost as much as the arithmetic of narrow layers,
+//   out = 48 or 64); only a last, partial row panel is copied.
+// * Blocking: B in 2 MiB blocks that stay in L2 while a thread sweeps A's row panels over them; k in blocks of
+//   KC = 128, so an MR x KC sliver of A stays in L1. Threads: a fixed static split of a block's tiles.
 // Determinism: C[i,j] is the in-order sum of K-block sums, each an FMA chain over increasing k. Threads decide who
-// computes a tile, never how, and K is never split: the bits are the same for any thread count, and a row of y is
-// the same in any batch (so speculative decoding checks exactly against plain). The price, no parallelism over K,
-// matters only when M and N are both tiny. (Builds differ where the compiler may or may not fuse a*b+c.)
+// computes a tile, never how, and K is never split: the bits are the same for any thread count, and a row of y is the
+// same in any batch (so speculative decoding checks exactly against plain). The price, no parallelism over K, matters
+// only when M and N are both tiny. (Builds differ where the compiler may or may not fuse a*b+c.)
 // Accuracy: an output is a chain of at most min(K,KC) + ceil(K/KC) (+1 when accumulating) roundings, so |error| <=
 // that count · 2⁻²⁴ · Σ_k |A(i,k) B(k,j)| to first order, the bound the tests check (K = 1024: 136, not 1024).
-// Portability: GCC/Clang vector extensions (`float __attribute__((vector_size(64)))`) map onto AVX-512, AVX2, SSE or
-// NEON as -march allows; other compilers (or -DDSV3_GEMM_PORTABLE) get plain arrays, the same summation order.
+// Portability: GCC/Clang vector extensions map onto AVX-512, AVX2, SSE or NEON as -march allows; other compilers (or
+// -DDSV3_GEMM_PORTABLE) get a plain-array kernel with the same summation order.
 namespace gemm {
 
 // Vector width (floats per register), register tile MR x NR, cache blocks. MR·NR/VEC accumulators + NR/VEC vectors
@@ -4685,13 +4684,12 @@ inline void multiply(int M, int N, int K, const View& A, const View& B, const Ou
         }
     }
 }
-// y[T,out] = x[T,in] · W[out,in]ᵀ for a few rows (decoding), declared in section 3.1. With one row each weight is
-// used once, so the speed is how fast W streams from memory, and multiply's register tile would waste all but one
-// lane of every vector of B (x, padded to NR columns). Here the lanes hold VEC outputs: VEC rows of W are read in
-// place, VEC floats of each at a time, transposed in registers so that vector j holds column k+j of the block, and
-// multiplied by the broadcast x[t, k+j]: multiply's FMA chain over increasing k in the same KC blocks, the same bits.
-// The rows of x go FEW_ROWS at a time over a block, which stays in cache, so W is read from memory once for any T.
-// Threads only for a large W: waking a sleeping team (section 11.1) takes as long as streaming a million floats.
+// y[T,out] = x[T,in] · W[out,in]ᵀ for a few rows (decoding), declared in section 3.1. Each weight is used once per
+// row, so the speed is how fast W streams from memory; multiply's tile would waste all but one lane of every vector
+// of B (x). Here the lanes hold VEC outputs: VEC rows of W, read in place VEC floats at a time, transposed in registers
+// (vector j holds column k+j) and multiplied by the broadcast x[t, k+j]: multiply's FMA chains, the same bits. Rows of
+// x go FEW_ROWS at a time over a block, which stays in cache, so W is read from memory once for any T. Threads only
+// for a large W: waking a sleeping team (section 11.1) takes as long as streaming a million floats.
 inline void multiply_few_rows(float* y, const float* x, const float* W, int T, int in, int out) {
     static constexpr void (*kBlock[])(float*, const float*, const float*, int, int, int) = {
         few_rows_block<1>, few_rows_block<2>, few_rows_block<3>, few_rows_block<4>};  // by the number of rows
@@ -4864,7 +4862,7 @@ inline void write_file_atomic(const std::string& path, const std::string& data, 
 //   - whitespace: a run of spaces and line breaks, except that the last space before a word goes with the word.
 // Training counts pairs incrementally over the distinct chunks (Tiny Shakespeare: ~30K for 1.1M bytes), weighted by
 // their counts, and remembers the chunks where each pair occurs: a merge touches only those (old pairs out, merge, new
-// pairs in). A max-heap of (count, pair) with lazy deletion (an entry is valid while its count is current) picks the
+// pairs in). A heap of (count, pair) with lazy deletion (an entry is valid while its count is current) picks the
 // next merge; ties go to the smallest (left id, right id), so training is deterministic.
 // File format (text, one item per line; '#' starts a comment on every line except the special-token lines):
 //   dsv3-bpe-tokenizer 1
@@ -4939,16 +4937,12 @@ struct Tokenizer {
     // The state of training: the distinct chunks as token sequences with their counts, count[pair] (weighted by
     // chunk count), where[pair] (the chunks that contain, or contained, it), and the heap of (count, pair).
     struct BpeTrainer {
-        struct Entry {  // top of the heap: largest count, then smallest pair
-            int64_t count;
-            uint64_t pair;
-            bool operator<(const Entry& o) const { return count != o.count ? count < o.count : pair > o.pair; }
-        };
         std::vector<std::vector<uint32_t>> words;
         std::vector<int64_t> freq;
         std::unordered_map<uint64_t, int64_t> count, count_before;  // count_before: pairs this merge touched
         std::unordered_map<uint64_t, std::vector<uint32_t>> where;
-        std::priority_queue<Entry> heap;
+        using Entry = std::pair<int64_t, uint64_t>;  // (-count, pair): the top is the largest count, then smallest pair
+        std::priority_queue<Entry, std::vector<Entry>, std::greater<Entry>> heap;
         std::vector<uint32_t> last_merge;  // a chunk is rewritten once per merge
         explicit BpeTrainer(std::string_view text) {
             // Distinct chunks, sorted so that chunk indices (and everything after) do not depend on hashing.
@@ -4966,7 +4960,7 @@ struct Tokenizer {
                     count[k] += freq[w];
                     note(k, w);
                 }
-            for (const auto& [k, c] : count) heap.push({c, k});
+            for (const auto& [k, c] : count) heap.push({-c, k});
         }
         void note(uint64_t k, uint32_t w) {
             auto& list = where[k];
@@ -4980,12 +4974,12 @@ struct Tokenizer {
         // The most frequent pair, skipping stale heap entries (outdated counts); false if none occurs min_count times.
         bool next_pair(int64_t min_count, uint64_t* pair) {
             while (!heap.empty()) {
-                const Entry top = heap.top();
+                const auto [minus_count, top] = heap.top();
                 heap.pop();
-                auto it = count.find(top.pair);
-                if (it == count.end() || it->second != top.count) continue;
-                if (top.count < min_count) return false;
-                *pair = top.pair;
+                auto it = count.find(top);
+                if (it == count.end() || it->second != -minus_count) continue;
+                if (-minus_count < min_count) return false;
+                *pair = top;
                 return true;
             }
             return false;
@@ -5012,7 +5006,7 @@ struct Tokenizer {
             for (const auto& [k, old] : count_before) {
                 const int64_t now = count[k];
                 if (now == 0) count.erase(k);
-                else if (now != old) heap.push({now, k});
+                else if (now != old) heap.push({-now, k});
             }
         }
     };
@@ -5048,7 +5042,6 @@ struct Tokenizer {
     // Appends the tokens of `text` (never special tokens); a per-call cache makes a repeated chunk one hash lookup.
     void encode_append(std::string_view text, std::vector<uint32_t>& out) const {
         const uint8_t* s = reinterpret_cast<const uint8_t*>(text.data());
-        if (merges.empty()) { out.insert(out.end(), s, s + text.size()); return; }
         std::unordered_map<std::string_view, std::vector<uint32_t>> cache;  // chunk -> its tokens
         for_each_chunk(text, [&](size_t b, size_t e) {
             const auto [it, fresh] = cache.try_emplace(text.substr(b, e - b));
@@ -5121,9 +5114,9 @@ struct Tokenizer {
         auto next = [&](const char* expected, bool comments = true) {
             for (std::string s; std::getline(in, s);) {
                 ++line_no;
-                if (comments && s.find('#') != std::string::npos) s.erase(s.find('#'));
+                if (comments) s = s.substr(0, s.find('#'));
                 const size_t b = s.find_first_not_of(" \t"), e = s.find_last_not_of(" \t\r");
-                if (b != std::string::npos && e != std::string::npos && b <= e) return s.substr(b, e - b + 1);
+                if (e != std::string::npos) return s.substr(b, e - b + 1);  // (then b <= e)
             }
             fail("tokenizer file '", path, "' ends after line ", line_no, "; expected ", expected);
         };
@@ -5424,8 +5417,7 @@ struct SyntheticSubLanguage {
     double nats_per_byte;    // nats_per_line / bytes_per_line: the best loss on lines of this kind
 };
 struct SyntheticEntropy {
-    double nats_per_byte;    // the best possible loss (cross-entropy per byte) on the corpus
-    double bits_per_byte;
+    double nats_per_byte, bits_per_byte;  // the best possible loss (cross-entropy per byte) on the corpus
     double bytes_per_line;
     std::vector<SyntheticSubLanguage> parts;
 };
@@ -5452,10 +5444,8 @@ struct SyntheticCorpus {
         for (auto& next : successors) {  // 4 distinct successors: a partial Fisher-Yates shuffle
             std::vector<uint32_t> all(kWords);
             std::iota(all.begin(), all.end(), 0u);
-            for (size_t k = 0; k < 4; ++k) {
-                std::swap(all[k], all[k + size_t(rng.below(uint64_t(kWords) - k))]);
-                next[k] = all[k];
-            }
+            for (size_t k = 0; k < 4; ++k) std::swap(all[k], all[k + size_t(rng.below(uint64_t(kWords) - k))]);
+            std::copy_n(all.begin(), 4, next.begin());
         }
     }
     static int pick(Rng& rng, const double* p, int n) {  // categorical draw
@@ -5537,12 +5527,11 @@ struct SyntheticCorpus {
             fail("synthetic corpus line ", line_no + 1, ": ", why, ": '", escape_bytes(line.substr(0, 120)), "'");
         }
         long number(std::string_view& s, bool allow_minus = false) const {  // the number at the front of s, removed
-            size_t i = allow_minus && !s.empty() && s[0] == '-' ? 1 : 0;
-            const size_t from = i;
-            while (i < s.size() && s[i] >= '0' && s[i] <= '9') ++i;
-            if (i == from || i - from > 9 || (i - from > 1 && s[from] == '0')) bad("expected a number");
-            const long v = std::stol(std::string(s.substr(0, i)));
-            s.remove_prefix(i);
+            const size_t from = allow_minus && !s.empty() && s[0] == '-' ? 1 : 0;
+            const size_t end = std::min(s.find_first_not_of("0123456789", from), s.size());
+            if (end == from || end - from > 9 || (end - from > 1 && s[from] == '0')) bad("expected a number");
+            const long v = std::stol(std::string(s.substr(0, end)));
+            s.remove_prefix(end);
             return v;
         }
         std::vector<long> numbers(std::string_view s) const {  // numbers separated by single spaces
