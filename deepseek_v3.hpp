@@ -4740,11 +4740,10 @@ inline std::string unescape_bytes(std::string_view s, const std::string& what) {
     }
     return out;
 }
-// Numbers read from text (every command-line flag of the examples, every number in a text field of a file) go through
-// parse_int or parse_float ("3e-4" too). A value outside [lo, hi] (NaN and infinities are outside every range), or
-// text that is not wholly the number (no spaces, no '+'; std::from_chars reads it the same in every locale), is an
-// Error naming what was read, the range and the text, "--batch: expected an integer in [1, 65536], got '-1'": never
-// std::stoi's bare "stoi", nor a count of -1 that reaches an allocation or a division.
+// Numbers read from text (every command-line flag, every number in a text field of a file; "3e-4" too): a value
+// outside [lo, hi] (NaN and infinities are outside every range) or text that is not wholly the number (no spaces, no
+// '+'; std::from_chars reads it the same in every locale) is an Error naming what was read, the range and the text,
+// "--batch: expected an integer in [1, 65536], got '-1'": never std::stoi's bare "stoi", nor a count of -1 let through.
 template <class T>
 inline T parse_number(std::string_view text, std::string_view what, T lo, T hi, const char* kind) {
     T v = 0;
@@ -4892,18 +4891,17 @@ struct Tokenizer {
         return t;
     }
     // ---- pre-tokenizer -----------------------------------------------------------------------------------------
-    enum ByteClass : uint8_t { kLetter, kDigit, kSpace, kLineBreak, kOtherSpace, kPunct };
+    enum ByteClass : uint8_t { kLetter, kDigit, kSpace, kLineBreak, kPunct };
     static ByteClass byte_class(uint8_t c) {
         if (c >= 0x80 || ((c | 32) >= 'a' && (c | 32) <= 'z')) return kLetter;
         if (c >= '0' && c <= '9') return kDigit;
-        if (c == ' ') return kSpace;
-        if (c == '\n' || c == '\r') return kLineBreak;
-        return c == '\t' || c == '\v' || c == '\f' ? kOtherSpace : kPunct;
+        if (c == ' ' || c == '\t' || c == '\v' || c == '\f') return kSpace;
+        return c == '\n' || c == '\r' ? kLineBreak : kPunct;
     }
     // f(begin, end) for every chunk of `text`, in order; the chunks tile the text exactly.
     template <class F>
     static void for_each_chunk(std::string_view text, const F& f) {
-        auto is_space = [](ByteClass k) { return k == kSpace || k == kLineBreak || k == kOtherSpace; };
+        auto is_space = [](ByteClass k) { return k == kSpace || k == kLineBreak; };
         const uint8_t* s = reinterpret_cast<const uint8_t*>(text.data());
         const size_t n = text.size();
         for (size_t i = 0, j; i < n; i = j) {  // the chunk [i, j)
@@ -5282,8 +5280,7 @@ struct TokenDataset {
         }
     }
 };
-// Cuts a dataset into the first (1 - val_fraction) for training and the rest for validation (nanoGPT's split:
-// the first 90% and the last 10%). Names get " (train)" / " (val)".
+// The first (1 - val_fraction) of a dataset for training, the rest for validation (nanoGPT's: 90% and the last 10%).
 inline size_t train_val_split_point(size_t n, double val_fraction = 0.1) {
     if (!(val_fraction >= 0 && val_fraction < 1))
         fail("train/val split: val_fraction ", val_fraction, ", expected [0, 1)");
@@ -5662,8 +5659,7 @@ struct SyntheticCorpus {
         nats[kCount] = std::log(90.0 * 4 * 6);
         bytes[kCount] += len / (90 * 4 * 6);
 
-        SyntheticEntropy e{};
-        double all_nats = 0, all_bytes = 0;
+        SyntheticEntropy e{};  // nats_per_byte first sums E[nats per line]
         Rng example_rng(7);
         for (int k = 0; k < kKinds; ++k) {
             std::string example;
@@ -5671,12 +5667,11 @@ struct SyntheticCorpus {
             example.pop_back();  // the newline
             const double nats_per_line = nats[k] - std::log(kProb[k]);
             e.parts.push_back({kNames[k], example, kProb[k], nats_per_line, bytes[k], nats_per_line / bytes[k]});
-            all_nats += kProb[k] * nats_per_line;
-            all_bytes += kProb[k] * bytes[k];
+            e.nats_per_byte += kProb[k] * nats_per_line;
+            e.bytes_per_line += kProb[k] * bytes[k];
         }
-        e.nats_per_byte = all_nats / all_bytes;
+        e.nats_per_byte /= e.bytes_per_line;
         e.bits_per_byte = e.nats_per_byte / std::log(2.0);
-        e.bytes_per_line = all_bytes;
         return e;
     }
 };
