@@ -4412,13 +4412,11 @@ inline void gather_experts(Communicator& comm, Model& model, AdamW& opt, const E
 // =====================================================================================================================
 // 10. THE FAST PACKED GEMM
 // =====================================================================================================================
-// The fast GEMM behind matmul_forward / matmul_backward (section 3.1): one core, gemm::multiply, computes
-// C[M,N] (+)= A[M,K] · B[K,N] on strided views, which covers a linear layer's three products:
-//     forward   y [T,out]  = x [T,in]   · Wᵀ      A = x  (rows contiguous),    B = Wᵀ: B(k,j) = W[j,k]
-//     backward  dx[T,in]  += dy[T,out]  · W       A = dy (rows contiguous),    B = W:  B(k,j) = W[k,j]
-//               dW[out,in]+= dy[T,out]ᵀ · x       A = dyᵀ: A(i,k) = dy[k,i],   B = x:  B(k,j) = x[k,j]
-// A naive triple loop loads operands for every multiply-add (a few percent of peak); a fast GEMM reuses every loaded
-// value from a register or cache (Goto & van de Geijn 2008, "Anatomy of high-performance matrix multiplication"):
+// The fast GEMM behind matmul_forward / matmul_backward: gemm::multiply, C[M,N] (+)= A[M,K] · B[K,N] on strided
+// views, covers the three products of section 3.1 (y = x·Wᵀ: A = x, B(k,j) = W[j,k]; dx += dy·W: A = dy, B = W;
+// dW += dyᵀ·x: A(i,k) = dy[k,i], B = x). A naive triple loop loads operands for every multiply-add (a few percent of
+// peak); a fast GEMM reuses every loaded value from a register or cache (Goto & van de Geijn 2008, "Anatomy of
+// high-performance matrix multiplication"):
 // * Register tile: MR x NR tiles of C (6 x 64 with AVX-512: 24 vectors of 16 floats). For each k the micro-kernel
 //   loads 4 vectors of B, broadcasts MR values of A and does 24 FMAs: every load feeds 4 or 6 FMAs, 24 independent
 //   chains hide the FMA latency (4 cycles x 2 units), and C moves once per tile.
@@ -4427,9 +4425,9 @@ inline void gather_experts(Communicator& comm, Model& model, AdamW& opt, const E
 //   out = 48 or 64); only a last, partial row panel is copied.
 // * Blocking: B in 2 MiB blocks that stay in L2 while a thread sweeps A's row panels over them; k in blocks of
 //   KC = 128, so an MR x KC sliver of A stays in L1. Threads: a fixed static split of a block's tiles.
-// Determinism: C[i,j] is the in-order sum of K-block sums, each an FMA chain over increasing k. Threads decide who
-// computes a tile, never how, and K is never split: the bits are the same for any thread count, and a row of y is the
-// same in any batch (so speculative decoding checks exactly against plain). The price, no parallelism over K, matters
+// Determinism: C[i,j] is the in-order sum of K-block sums, each an FMA chain over increasing k; threads decide who
+// computes a tile, never how, and K is never split. So the bits are the same for any thread count and a row of y the
+// same in any batch (speculative decoding checks exactly against plain); the price, no parallelism over K, matters
 // only when M and N are both tiny. (Builds differ where the compiler may or may not fuse a*b+c.)
 // Accuracy: an output is a chain of at most min(K,KC) + ceil(K/KC) (+1 when accumulating) roundings, so |error| <=
 // that count · 2⁻²⁴ · Σ_k |A(i,k) B(k,j)| to first order, the bound the tests check (K = 1024: 136, not 1024).
@@ -4877,8 +4875,7 @@ struct Tokenizer {
     static constexpr const char* kFimEndText = "<｜fim▁end｜>";
     static constexpr int kMaxChunk = 256;
     std::vector<std::pair<uint32_t, uint32_t>> merges;  // merges[i] = (left, right) makes token 256 + i
-    std::vector<std::string> specials;                  // spellings of the special tokens, in id order
-    std::vector<std::string> pieces;                    // bytes of every ordinary token, spelling of every special
+    std::vector<std::string> specials, pieces;          // special tokens' spellings in id order; every token's bytes
     std::unordered_map<uint64_t, uint32_t> merge_of;    // (left << 32 | right) -> merged token id
     uint32_t bos = 0, eos = 0, fim_begin = 0, fim_hole = 0, fim_end = 0;
     int n_ordinary() const { return 256 + int(merges.size()); }
@@ -5406,8 +5403,7 @@ inline std::vector<std::string> split_documents(const std::string& text, const s
 //   count  an arithmetic progression: start 0..89, step 1..4, 3..8 terms
 // The tables (words, successors) are fixed (built from a constant seed), the same for every corpus seed.
 struct SyntheticSubLanguage {
-    std::string name;        // the tag
-    std::string example;     // one line of it
+    std::string name, example;  // the tag, and one line of it
     double probability;      // of a line being of this kind
     double nats_per_line;    // E[-log p(line) | kind], including -log probability of the kind
     double bytes_per_line;   // E[bytes | kind], including the tag and the newline
