@@ -4941,8 +4941,10 @@ struct Tokenizer {
         std::vector<uint32_t> last_merge;  // a chunk is rewritten once per merge
         explicit BpeTrainer(std::string_view text) {
             // Distinct chunks, sorted so that chunk indices (and everything after) do not depend on hashing.
-            std::map<std::string_view, int64_t> chunks;
-            for_each_chunk(text, [&](size_t b, size_t e) { ++chunks[text.substr(b, e - b)]; });
+            std::unordered_map<std::string_view, int64_t> chunk_counts;
+            for_each_chunk(text, [&](size_t b, size_t e) { ++chunk_counts[text.substr(b, e - b)]; });
+            std::vector<std::pair<std::string_view, int64_t>> chunks(chunk_counts.begin(), chunk_counts.end());
+            std::sort(chunks.begin(), chunks.end());
             for (const auto& [chunk, n] : chunks) {
                 words.emplace_back(reinterpret_cast<const uint8_t*>(chunk.data()),
                                    reinterpret_cast<const uint8_t*>(chunk.data()) + chunk.size());
@@ -5037,6 +5039,7 @@ struct Tokenizer {
     // Appends the tokens of `text` (never special tokens); a per-call cache makes a repeated chunk one hash lookup.
     void encode_append(std::string_view text, std::vector<uint32_t>& out) const {
         const uint8_t* s = reinterpret_cast<const uint8_t*>(text.data());
+        if (merges.empty()) { out.insert(out.end(), s, s + text.size()); return; }
         std::unordered_map<std::string_view, std::vector<uint32_t>> cache;  // chunk -> its tokens
         for_each_chunk(text, [&](size_t b, size_t e) {
             const auto [it, fresh] = cache.try_emplace(text.substr(b, e - b));
