@@ -4434,7 +4434,6 @@ inline void gather_experts(Communicator& comm, Model& model, AdamW& opt, const E
 // Portability: GCC/Clang vector extensions map onto AVX-512, AVX2, SSE or NEON as -march allows; other compilers (or
 // -DDSV3_GEMM_PORTABLE) get a plain-array kernel with the same summation order.
 namespace gemm {
-
 // Vector width (floats per register), register tile MR x NR, cache blocks. MR·NR/VEC accumulators + NR/VEC vectors
 // of B + 1 broadcast must fit the registers (32 with AVX-512 and NEON, 16 with AVX2 and SSE).
 #if defined(__AVX512F__)
@@ -4628,7 +4627,6 @@ inline void multiply(int M, int N, int K, const View& A, const View& B, const Ou
     // The packed block of B, uninitialised (packing writes all that the kernel reads), 16 floats more to align it.
     const std::unique_ptr<float[]> packed_b(new float[size_t(K) * std::min((N + NR - 1) / NR * NR, block_n) + 16]);
     float* bpack = align64(packed_b.get());
-
     // One parallel region for the whole product (on the calling thread alone inside another region, or when too small
     // to wake the team). The barriers (the `omp for`'s and the explicit one) let no thread read a block of B before it
     // is fully packed, nor overwrite it before it is fully used.
@@ -4641,7 +4639,6 @@ inline void multiply(int M, int N, int K, const View& A, const View& B, const Ou
 #pragma omp for schedule(static)
             for (int64_t jr = 0; jr < n_jr; ++jr)  // panel jr holds B[0:K, jc + jr*NR : +NR], k-major
                 pack_b_panel(bpack + jr * NR * K, B, 0, K, jc + int(jr) * NR, std::min(NR, nc - int(jr) * NR));
-
             // This thread's tiles: a contiguous range in row-panel-major order (a fixed static partition), walking
             // along a row panel of A across the column panels of the packed block of B.
             const int64_t n_tiles = (M + MR - 1) / MR * n_jr;
