@@ -4416,7 +4416,7 @@ inline void gather_experts(Communicator& comm, Model& model, AdamW& opt, const E
 // views, covers the three products of section 3.1 (y = x·Wᵀ: A = x, B(k,j) = W[j,k]; dx += dy·W: A = dy, B = W;
 // dW += dyᵀ·x: A(i,k) = dy[k,i], B = x). A naive triple loop loads operands for every multiply-add (a few percent of
 // peak); a fast GEMM reuses every loaded value from a register or cache (Goto & van de Geijn 2008, "Anatomy of
-// high-performance matrix multiplication"):
+// high-performance matrix multiplication"; the BLIS papers):
 // * Register tile: MR x NR tiles of C (6 x 64 with AVX-512: 24 vectors of 16 floats). For each k the micro-kernel
 //   loads 4 vectors of B, broadcasts MR values of A and does 24 FMAs: every load feeds 4 or 6 FMAs, 24 independent
 //   chains hide the FMA latency (4 cycles x 2 units), and C moves once per tile.
