@@ -4254,36 +4254,28 @@ inline void gather_experts(Communicator& comm, Model& model, AdamW& opt, const E
 // =====================================================================================================================
 // 10. THE FAST PACKED GEMM
 // =====================================================================================================================
-// The fast GEMM behind matmul_forward / matmul_backward (section 3.1). A linear layer's three products are one
-// operation, C[M,N] (+)= A[M,K] · B[K,N], on three layouts, so one core (gemm::multiply) takes strided views:
-//     forward   y [T,out]  = x [T,in]   · Wᵀ      A = x  (rows contiguous),    B = Wᵀ: B(k,j) = W[j,k]
-//     backward  dx[T,in]  += dy[T,out]  · W       A = dy (rows contiguous),    B = W:  B(k,j) = W[k,j]
-//               dW[out,in]+= dy[T,out]ᵀ · x       A = dyᵀ: A(i,k) = dy[k,i],   B = x:  B(k,j) = x[k,j]
-// The naive triple loop loads operands for every multiply-add and runs at a few percent of peak; a fast GEMM uses
-// every loaded value many times from a register or cache (Goto & van de Geijn 2008, "Anatomy of high-performance
-// matrix multiplication"; the BLIS papers):
-//   * Register tile. C is cut into MR x NR tiles (6 x 64 with AVX-512: 24 vectors of 16 floats). For each k the
-//     micro-kernel loads NR values of B (4 vectors), broadcasts MR values of A and does 24 FMAs: every load feeds 4
-//     or 6 FMAs, 24 independent chains hide the FMA latency (4 cycles x 2 units), and C moves once per tile.
-//   * Packing. B is copied into k-major panels of NR columns, zero-padded to whole vectors: one contiguous stream, no
-//     edge case, for O(K·N) against the product's O(M·N·K). A is read in place by the broadcasts (a copy of x or dy
-//     would cost as much as the arithmetic of narrow layers, out = 48 or 64); only a last, partial row panel goes
-//     through a small padded buffer. (With a few rows, when decoding, the forward swaps the roles: matmul_forward.)
-//   * Blocking. B is packed in 2 MiB blocks of panels that stay in L2 while a thread sweeps A's row panels over
-//     them; each tile sums k in blocks of KC = 128, so an MR x KC sliver of A stays in L1 across B's panels.
-//   * Threads. A block's tiles are split over the OpenMP threads by a fixed static partition, one writer per tile.
-// Determinism. K alone fixes the order: C[i,j] is the in-order sum of K-block sums, each an FMA chain over increasing
-// k. Threads decide who computes a tile, never how, and K is never split (no partial sums, no atomics): results are
-// bitwise the same for any thread count, and a row of y is the same in any batch (so speculative decoding checks
-// exactly against plain). The price, no parallelism over K, matters only when M and N are both tiny. (Builds differ
-// where the compiler may or may not fuse a*b+c; -march=native does on any recent CPU.)
-// Accuracy. An output is a chain of at most min(K,KC) + ceil(K/KC) (+1 when accumulating) roundings, so |error| <=
+// The fast GEMM behind matmul_forward / matmul_backward: gemm::multiply, C[M,N] (+)= A[M,K] · B[K,N] on strided
+// views, covers the three products of section 3.1 (y = x·Wᵀ: A = x, B(k,j) = W[j,k]; dx += dy·W: A = dy, B = W;
+// dW += dyᵀ·x: A(i,k) = dy[k,i], B = x). A naive triple loop loads operands for every multiply-add (a few percent of
+// peak); a fast GEMM reuses every loaded value from a register or cache (Goto & van de Geijn 2008, "Anatomy of
+// high-performance matrix multiplication"; the BLIS papers):
+// * Register tile: MR x NR tiles of C (6 x 64 with AVX-512: 24 vectors of 16 floats). For each k the micro-kernel
+//   loads 4 vectors of B, broadcasts MR values of A and does 24 FMAs: every load feeds 4 or 6 FMAs, 24 independent
+//   chains hide the FMA latency (4 cycles x 2 units), and C moves once per tile.
+// * Packing: B in k-major panels of NR columns, zero-padded to whole vectors (one stream, no edge case; O(K·N) work
+//   against O(M·N·K)). A is read in place (a copy of x or dy would cost as much as the arithmetic of narrow layers,
+//   out = 48 or 64); only a last, partial row panel is copied.
+// * Blocking: B in 2 MiB blocks that stay in L2 while a thread sweeps A's row panels over them; k in blocks of
+//   KC = 128, so an MR x KC sliver of A stays in L1. Threads: a fixed static split of a block's tiles.
+// Determinism: C[i,j] is the in-order sum of K-block sums, each an FMA chain over increasing k; threads decide who
+// computes a tile, never how, and K is never split. So the bits are the same for any thread count and a row of y the
+// same in any batch (speculative decoding checks exactly against plain); the price, no parallelism over K, matters
+// only when M and N are both tiny. (Builds differ where the compiler may or may not fuse a*b+c.)
+// Accuracy: an output is a chain of at most min(K,KC) + ceil(K/KC) (+1 when accumulating) roundings, so |error| <=
 // that count · 2⁻²⁴ · Σ_k |A(i,k) B(k,j)| to first order, the bound the tests check (K = 1024: 136, not 1024).
-// Portability. The micro-kernel uses GCC/Clang vector extensions (`float __attribute__((vector_size(64)))`), mapped
-// onto AVX-512, AVX2, SSE or NEON as -march allows, the tile shaped to the register count; other compilers (or
-// -DDSV3_GEMM_PORTABLE) get a plain-array kernel with the same summation order. Build with -O3 -march=native -fopenmp.
+// Portability: GCC/Clang vector extensions map onto AVX-512, AVX2, SSE or NEON as -march allows; other compilers (or
+// -DDSV3_GEMM_PORTABLE) get a plain-array kernel with the same summation order.
 namespace gemm {
-
 // Vector width (floats per register), register tile MR x NR, cache blocks. MR·NR/VEC accumulators + NR/VEC vectors
 // of B + 1 broadcast must fit the registers (32 with AVX-512 and NEON, 16 with AVX2 and SSE).
 #if defined(__AVX512F__)
@@ -4303,9 +4295,7 @@ constexpr int VEC = DSV3_GEMM_VEC;
 constexpr int KC = 128;  // K block: part of the summation order, so changing it changes the bits of the results
 constexpr int64_t B_BLOCK_FLOATS = 1 << 19;  // packed block of B: 2 MiB, about one core's L2
 static_assert(NR % VEC == 0, "NR must be a whole number of vectors");
-
-// Rows [k0, k0+kc) and columns [j0, j0+n) of B into one panel: panel[k*NR + j] = B(k0+k, j0+j), 0 up to whole
-// vectors (the kernel reads only the vectors that hold valid columns).
+// Rows [k0, k0+kc), columns [j0, j0+n) of B into panel[k*NR + j], 0 up to whole vectors (those the kernel reads).
 inline void pack_b_panel(float* panel, const View& B, int k0, int kc, int j0, int n) {
     const int n_padded = (n + VEC - 1) / VEC * VEC;
     if (B.col_stride == 1) {  // rows of B contiguous (W in dx, x in dW): copy row pieces
@@ -4320,14 +4310,6 @@ inline void pack_b_panel(float* panel, const View& B, int k0, int kc, int j0, in
         }
     }
 }
-
-// Rows [i0, i0+m) and columns [k0, k0+kc) of A into panel[k*MR + i], 0 for i >= m: a last, partial row panel, where
-// reading MR rows of A in place would run past its end.
-inline void pack_a_panel(float* panel, const View& A, int i0, int m, int k0, int kc) {
-    for (int k = 0; k < kc; ++k)
-        for (int i = 0; i < MR; ++i) panel[int64_t(k) * MR + i] = i < m ? A.at(i0 + i, k0 + k) : 0.0f;
-}
-
 // Write the m x n valid part of a tile (row-major, row length NR): C = tile (overwrite) or C += tile.
 inline void store_tile(const OutView& C, const float* tile, int m, int n, bool overwrite) {
     for (int i = 0; i < m; ++i)
@@ -4347,13 +4329,12 @@ inline void store_tile(const OutView& C, const float* tile, int m, int n, bool o
 #endif
 typedef float vfloat __attribute__((vector_size(DSV3_GEMM_VEC * sizeof(float))));
 constexpr int NV = NR / VEC;  // vectors per tile row
-
 // The micro-kernel: C[0:m, 0:n] (=|+=) Σ_{k<kc} A(i,k) · bp[k*NR + j] over the first U vectors of columns (U·VEC >= n:
 // a narrow last panel, 48 of 64, does not pay for its padding). A(i,k) = a[i*lda + k] when A_ROWS (x, dy, W), else
 // a[k*lda + i] (dyᵀ, packed panels); MR rows of A must exist (the caller packs partial panels); bp: a panel of B.
 template <bool A_ROWS, int U>
-DSV3_GEMM_FULL_WIDTH inline void micro_kernel(int kc, const float* a, int64_t lda, const float* bp, const OutView& C, int m, int n,
-                         bool overwrite) {
+DSV3_GEMM_FULL_WIDTH inline void micro_kernel(int kc, const float* a, int64_t lda, const float* bp, const OutView& C,
+                                              int m, int n, bool overwrite) {
     vfloat acc[MR][U];  // the C tile, in registers (the loops below are fully unrolled, so the array disappears)
     DSV3_UNROLL for (int i = 0; i < MR; ++i)
         DSV3_UNROLL for (int v = 0; v < U; ++v) acc[i][v] = vfloat{};
@@ -4384,7 +4365,6 @@ DSV3_GEMM_FULL_WIDTH inline void micro_kernel(int kc, const float* a, int64_t ld
         store_tile(C, tile, m, n, overwrite);
     }
 }
-
 // The kernel with the fewest vectors that cover n columns: micro_kernel<A_ROWS, ceil(n / VEC)>.
 template <bool A_ROWS, int U = NV>
 inline void run_kernel(int kc, const float* a, int64_t lda, const float* bp, const OutView& C, int m, int n,
@@ -4393,7 +4373,6 @@ inline void run_kernel(int kc, const float* a, int64_t lda, const float* bp, con
         if (n <= (U - 1) * VEC) return run_kernel<A_ROWS, U - 1>(kc, a, lda, bp, C, m, n, overwrite);
     micro_kernel<A_ROWS, U>(kc, a, lda, bp, C, m, n, overwrite);
 }
-
 // r[0..VEC) transposed in registers (lane i of r[j] swaps with lane j of r[i]) in log2(VEC) butterfly stages: stage S
 // swaps bit S of the vector's index with bit S of the lane's. (nvcc's host front end, which reads this header for the
 // CUDA programs, mistypes __builtin_shufflevector over a parameter pack; there this CPU path moves element by element.)
@@ -4419,7 +4398,6 @@ inline void transpose(vfloat* r) {
     if constexpr (S < VEC) transpose_stage<S>(r, std::make_index_sequence<VEC>{}), transpose<2 * S>(r);
 }
 #endif
-
 // Outputs o0 .. o0+VEC-1 (those below `out`) of y[t] = x[t] Wᵀ for the T rows of x, y: [T, out] (few_rows below).
 template <int T>
 DSV3_GEMM_FULL_WIDTH inline void few_rows_block(float* y, const float* x, const float* W, int in, int out, int o0) {
@@ -4478,44 +4456,19 @@ inline void few_rows_block(float* y, const float* x, const float* W, int in, int
 }
 #endif
 
-// K block [pc, pc + KC) of tile t (row panel t / n_jr, column panel t % n_jr) of C (+)= A·B; bpack: the packed block
-// of B from column jc; a_pack: the calling thread's buffer for a partial row panel of A.
-inline void tile_block(int M, int N, int K, const View& A, const OutView& C, bool accumulate, const float* bpack, int jc,
-                       int64_t n_jr, int64_t t, int pc, float* a_pack) {
-    const int ir = int(t / n_jr), jr = int(t % n_jr);
-    const int i0 = ir * MR, m = std::min(MR, M - i0);
-    const int j0 = jc + jr * NR, n = std::min(NR, N - j0);
-    const int kc = std::min(KC, K - pc);
-    const float* bp = bpack + (int64_t(jr) * K + pc) * NR;
-    const OutView Ct{&C.at(i0, j0), C.row_stride, C.col_stride};
-    const bool overwrite = !accumulate && pc == 0;
-    if (m == MR && A.col_stride == 1)  // rows of A contiguous (x, dy, W): read in place
-        run_kernel<true>(kc, &A.at(i0, pc), A.row_stride, bp, Ct, m, n, overwrite);
-    else if (m == MR && A.row_stride == 1)  // columns of A contiguous (dyᵀ): read in place
-        run_kernel<false>(kc, &A.at(i0, pc), A.col_stride, bp, Ct, m, n, overwrite);
-    else {  // a partial row panel (or an A without a unit stride): through a packed copy
-        pack_a_panel(a_pack, A, i0, m, pc, kc);
-        run_kernel<false>(kc, a_pack, MR, bp, Ct, m, n, overwrite);
-    }
-}
-
 // C (+)= A·B, declared in section 3.1.
 inline void multiply(int M, int N, int K, const View& A, const View& B, const OutView& C, bool accumulate) {
     if (M <= 0 || N <= 0) return;
     if (K <= 0) {  // an empty sum: zero
-        if (!accumulate)
-            for (int i = 0; i < M; ++i)
-                for (int j = 0; j < N; ++j) C.at(i, j) = 0.0f;
+        for (int i = 0; i < M && !accumulate; ++i)
+            for (int j = 0; j < N; ++j) C.at(i, j) = 0.0f;
         return;
     }
     // Columns per packed block of B: K x block_n floats fit in the budget (at least one panel).
     const int block_n = int(std::max<int64_t>(1, B_BLOCK_FLOATS / (int64_t(K) * NR)) * NR);
-    const int64_t n_ir = (M + MR - 1) / MR;
-    // The packed block of B, left uninitialised (packing writes every element the kernel reads), 16 floats of room
-    // to start it on a cache line.
+    // The packed block of B, uninitialised (packing writes all that the kernel reads), 16 floats more to align it.
     const std::unique_ptr<float[]> packed_b(new float[size_t(K) * std::min((N + NR - 1) / NR * NR, block_n) + 16]);
     float* bpack = align64(packed_b.get());
-
     // One parallel region for the whole product (on the calling thread alone inside another region, or when too small
     // to wake the team). The barriers (the `omp for`'s and the explicit one) let no thread read a block of B before it
     // is fully packed, nor overwrite it before it is fully used.
@@ -4528,17 +4481,32 @@ inline void multiply(int M, int N, int K, const View& A, const View& B, const Ou
 #pragma omp for schedule(static)
             for (int64_t jr = 0; jr < n_jr; ++jr)  // panel jr holds B[0:K, jc + jr*NR : +NR], k-major
                 pack_b_panel(bpack + jr * NR * K, B, 0, K, jc + int(jr) * NR, std::min(NR, nc - int(jr) * NR));
-
             // This thread's tiles: a contiguous range in row-panel-major order (a fixed static partition), walking
             // along a row panel of A across the column panels of the packed block of B.
-            const int64_t n_tiles = n_ir * n_jr;
+            const int64_t n_tiles = (M + MR - 1) / MR * n_jr;
             int64_t t_begin = 0, t_end = n_tiles;
 #ifdef _OPENMP
             t_begin = n_tiles * omp_get_thread_num() / omp_get_num_threads();
             t_end = n_tiles * (omp_get_thread_num() + 1) / omp_get_num_threads();
 #endif
-            // One K block of one tile: a tile's blocks run in increasing pc (the summation order), tiles in any order.
-            auto block = [&](int64_t t, int pc) { tile_block(M, N, K, A, C, accumulate, bpack, jc, n_jr, t, pc, a_pack); };
+            // K block [pc, pc + KC) of tile t (row panel t / n_jr, column panel t % n_jr): a tile's blocks run in
+            // increasing pc (the summation order), tiles in any order.
+            auto block = [&](int64_t t, int pc) {
+                const int i0 = int(t / n_jr) * MR, m = std::min(MR, M - i0), jr = int(t % n_jr);
+                const int j0 = jc + jr * NR, n = std::min(NR, N - j0), kc = std::min(KC, K - pc);
+                const float* bp = bpack + (int64_t(jr) * K + pc) * NR;
+                const OutView Ct{&C.at(i0, j0), C.row_stride, C.col_stride};
+                const bool overwrite = !accumulate && pc == 0;
+                if (m == MR && A.col_stride == 1)  // rows of A contiguous (x, dy, W): read in place
+                    run_kernel<true>(kc, &A.at(i0, pc), A.row_stride, bp, Ct, m, n, overwrite);
+                else if (m == MR && A.row_stride == 1)  // columns of A contiguous (dyᵀ): read in place
+                    run_kernel<false>(kc, &A.at(i0, pc), A.col_stride, bp, Ct, m, n, overwrite);
+                else {  // a partial row panel (MR rows in place would overrun A), or no unit stride: a packed copy
+                    for (int k = 0; k < kc; ++k)  // a_pack[k*MR + i] = A(i0 + i, pc + k), 0 for i >= m
+                        for (int i = 0; i < MR; ++i) a_pack[int64_t(k) * MR + i] = i < m ? A.at(i0 + i, pc + k) : 0.0f;
+                    run_kernel<false>(kc, a_pack, MR, bp, Ct, m, n, overwrite);
+                }
+            };
             if (A.col_stride == 1) {
                 // Rows of A contiguous: tile by tile, each row of A one long stream (a big W read once, in decoding).
                 for (int64_t t = t_begin; t < t_end; ++t)
@@ -4553,27 +4521,19 @@ inline void multiply(int M, int N, int K, const View& A, const View& B, const Ou
         }
     }
 }
-
-// y[T,out] = x[T,in] · W[out,in]ᵀ for a few rows (decoding), declared in section 3.1. With one row this is a
-// matrix-vector product: each weight is used once, so its speed is how fast W streams from memory, and multiply's
-// register tile would waste all but one lane of every vector of B (x, padded to NR columns). Here the lanes hold VEC
-// outputs instead: VEC rows of W are read in place, VEC floats of each at a time, transposed in registers so that
-// vector j holds column k+j of the block, and multiplied by the broadcast x[t, k+j]. Each output is the FMA chain of
-// multiply over increasing k in the same KC blocks: the same bits. The rows of x go FEW_ROWS at a time over a block,
-// which stays in cache meanwhile, so W is read from memory once for any T. Blocks of outputs are split over the
-// threads only for a large W: waking a sleeping team (section 11.1) takes about as long as streaming a million floats.
+// y[T,out] = x[T,in] · W[out,in]ᵀ for a few rows (decoding), declared in section 3.1. Each weight is used once per
+// row, so the speed is how fast W streams from memory; multiply's tile would waste all but one lane of every vector
+// of B (x). Here the lanes hold VEC outputs: VEC rows of W, read in place VEC floats at a time, transposed in registers
+// (vector j holds column k+j) and multiplied by the broadcast x[t, k+j]: multiply's FMA chains, the same bits. Rows of
+// x go FEW_ROWS at a time over a block, which stays in cache, so W is read from memory once for any T. Threads only
+// for a large W: waking a sleeping team (section 11.1) takes as long as streaming a million floats.
 inline void multiply_few_rows(float* y, const float* x, const float* W, int T, int in, int out) {
-    static_assert(FEW_ROWS == 4, "one few_rows_block per row count");
+    static constexpr void (*kBlock[])(float*, const float*, const float*, int, int, int) = {
+        few_rows_block<1>, few_rows_block<2>, few_rows_block<3>, few_rows_block<4>};  // by the number of rows
+    static_assert(std::size(kBlock) == FEW_ROWS, "one few_rows_block per row count");
     parallel_for((out + VEC - 1) / VEC, [&](int64_t b) {
-        for (int t = 0; t < T; t += FEW_ROWS) {
-            float* yt = y + int64_t(t) * out;
-            const float* xt = x + int64_t(t) * in;
-            const int o0 = int(b) * VEC, rows = std::min(FEW_ROWS, T - t);
-            if (rows == 1) few_rows_block<1>(yt, xt, W, in, out, o0);
-            else if (rows == 2) few_rows_block<2>(yt, xt, W, in, out, o0);
-            else if (rows == 3) few_rows_block<3>(yt, xt, W, in, out, o0);
-            else few_rows_block<4>(yt, xt, W, in, out, o0);
-        }
+        for (int t = 0; t < T; t += FEW_ROWS)
+            kBlock[std::min(FEW_ROWS, T - t) - 1](y + int64_t(t) * out, x + int64_t(t) * in, W, in, out, int(b) * VEC);
     }, int64_t(VEC) * in * T / 32);
 }
 
@@ -4591,8 +4551,7 @@ inline void multiply_few_rows(float* y, const float* x, const float* W, int T, i
 
 // --- 11.1 Small text helpers -----------------------------------------------------------------------------------------
 // A byte string shown safely in a message or a file: printable ASCII as is, the rest as \n, \t, \\, \" or \xNN.
-// unescape_bytes is its inverse (a prompt or a path stored on one line of a checkpoint header); `what` names the text
-// in the error a malformed escape raises.
+// unescape_bytes inverts it (a prompt or a path on one line of a checkpoint header); `what` names the text in errors.
 constexpr std::string_view kEscapedBytes = "\n\t\\\"", kEscapeLetters = "nt\\\"";  // '\n' is written \n, ...
 inline std::string escape_bytes(std::string_view s) {
     std::string out;
@@ -4618,14 +4577,10 @@ inline std::string unescape_bytes(std::string_view s, const std::string& what) {
     }
     return out;
 }
-
-// Numbers read from text: every command-line flag of the examples and every number of a text field in a file (a
-// checkpoint's header, a tokenizer's counts and merges, a .npy shape, token rows) goes through parse_int or
-// parse_float (decimal or with an exponent, "3e-4"). A value outside [lo, hi] (NaN and infinities are outside every
-// range), or text that is not wholly the number (no spaces, no '+', no trailing characters; std::from_chars reads it
-// the same way in every locale), is an Error naming what was read, the range and the text,
-//     --batch: expected an integer in [1, 65536], got '-1'
-// never std::stoi's bare "stoi", nor a count of -1 that reaches an allocation or a division.
+// Numbers read from text (every command-line flag, every number in a text field of a file; "3e-4" too): a value
+// outside [lo, hi] (NaN and infinities are outside every range) or text that is not wholly the number (no spaces, no
+// '+'; std::from_chars reads it the same in every locale) is an Error naming what was read, the range and the text,
+// "--batch: expected an integer in [1, 65536], got '-1'": never std::stoi's bare "stoi", nor a count of -1 let through.
 template <class T>
 inline T parse_number(std::string_view text, std::string_view what, T lo, T hi, const char* kind) {
     T v = 0;
@@ -4641,22 +4596,18 @@ inline long long parse_int(std::string_view text, std::string_view what, long lo
 inline double parse_float(std::string_view text, std::string_view what, double lo, double hi) {
     return parse_number(text, what, lo, hi, "a number");
 }
-
-// The memory budget: sizes that a file or a config declares (a model's parameters, a checkpoint's floats, a tensor's
-// bytes) are checked against the machine's physical memory before anything is allocated, so a lying header or a
-// config of the 671B model on a laptop is an error naming the sizes, not std::bad_alloc or minutes of swapping.
+// The memory budget: sizes that a file or a config declares are checked against physical memory before anything is
+// allocated, so a lying header or the 671B model on a laptop is an error naming the sizes, not std::bad_alloc or swap.
 inline void require_memory(std::string_view what, double bytes) {
     const double have = double(sysconf(_SC_PHYS_PAGES)) * double(sysconf(_SC_PAGE_SIZE));
     if (have > 0 && bytes > have)
         fail(what, ": ", bytes / 1e9, " GB, more than this machine's ", have / 1e9, " GB of memory");
 }
-
-// OpenMP threads that sleep while they wait, unless the user chose otherwise. libgomp's threads spin (GOMP_SPINCOUNT,
-// 300000 turns) at the end of every parallel region before they sleep; on a shared CPU a spinning thread holds a core
-// that the thread it waits for needs (on 2 cores beside two busy processes, `generate` ran 57x slower with 2 threads
-// than with 1). OMP_WAIT_POLICY=passive makes them sleep at once, but libgomp reads it only when the program is
-// loaded, so the examples call this first thing in main: when neither it nor GOMP_SPINCOUNT is set, it sets it and
-// starts the program again (exec of /proc/self/exe, same arguments; Linux). Where that fails, it runs on as it was.
+// OpenMP threads that sleep while they wait. libgomp's threads spin (GOMP_SPINCOUNT, 300000 turns) after every parallel
+// region; on a shared CPU a spinning thread holds a core that the thread it waits for needs (on 2 cores beside two busy
+// processes, `generate` ran 57x slower with 2 threads than with 1). libgomp reads OMP_WAIT_POLICY only at load time, so
+// the examples call this first in main: unless it or GOMP_SPINCOUNT is set, it sets OMP_WAIT_POLICY=passive and execs
+// /proc/self/exe again with the same arguments (Linux); where that fails, it runs on as it was.
 inline void prefer_sleeping_threads(char** argv) {
 #if defined(_OPENMP) && defined(__linux__)
     if (std::getenv("OMP_WAIT_POLICY") || std::getenv("GOMP_SPINCOUNT")) return;
@@ -4665,7 +4616,6 @@ inline void prefer_sleeping_threads(char** argv) {
     (void)argv;
 #endif
 }
-
 // printf into a std::string (labels, durations, rates), up to 255 characters.
 template <class... Args>
 inline std::string format_printf(const char* format, Args... args) {
@@ -4673,7 +4623,6 @@ inline std::string format_printf(const char* format, Args... args) {
     std::snprintf(buf, sizeof buf, format, args...);
     return buf;
 }
-
 // Little-endian integers of n bytes (every binary format here is little-endian, whatever the machine).
 inline uint64_t load_le(const void* p, int n) {
     uint64_t v = 0;
@@ -4689,9 +4638,7 @@ namespace io_detail {
 struct FileCloser { void operator()(std::FILE* f) const { std::fclose(f); } };  // unique_ptr never passes null
 using File = std::unique_ptr<std::FILE, FileCloser>;                            // a FILE* that closes itself
 }  // namespace io_detail
-
-// The whole file as bytes. The error names the file and the reason. A regular file's size is checked against the
-// memory budget (section 2) first.
+// The whole file as bytes; the error names the file and the reason. A regular file's size meets require_memory first.
 inline std::string read_file_bytes(const std::string& path) {
     const io_detail::File f(std::fopen(path.c_str(), "rb"));
     if (!f) fail("cannot open '", path, "' for reading: ", std::strerror(errno));
@@ -4706,26 +4653,22 @@ inline std::string read_file_bytes(const std::string& path) {
     if (std::ferror(f.get())) fail("error while reading '", path, "'");
     return data;
 }
-// Writes `path` so that a reader never sees half a file, and a crash or a full disk never destroys the previous
-// version: write(FILE*) fills "<path>.tmp" and returns false on a failed write; only when every byte is out is the
-// temporary renamed over `path` (rename is atomic on POSIX file systems). Checkpoints, token files, safetensors and
-// PNGs are all written this way. `what` names the kind of file in error messages.
+// Writes `path` so that a reader never sees half a file and a crash or a full disk never destroys the old version:
+// write(FILE*) fills "<path>.tmp" (false: a failed write), renamed over `path` (atomic on POSIX) only when every byte
+// is out. Checkpoints, token files, safetensors and PNGs are written this way; `what` names the kind of file.
 template <class Writer>
 inline void write_file_atomic_stream(const std::string& path, const char* what, const Writer& write) {
     const std::string tmp = path + ".tmp";
     io_detail::File f(std::fopen(tmp.c_str(), "wb"));
     if (!f) fail(what, " ", path, ": cannot create '", tmp, "': ", std::strerror(errno));
-    struct Cleanup {  // removes the temporary file on every way out (an error, an exception) but the rename
-        const char* tmp;
-        bool renamed = false;
-        ~Cleanup() { if (!renamed) std::remove(tmp); }
-    } cleanup{tmp.c_str()};
+    const auto remove = [](const char* name) { std::remove(name); };  // on every way out but the rename
+    std::unique_ptr<const char, decltype(remove)> cleanup(tmp.c_str(), remove);
     const bool ok = write(f.get());
     if (std::fclose(f.release()) != 0 || !ok)  // fclose flushes, and reports a failed flush
         fail(what, " ", path, ": writing '", tmp, "' failed (disk full?)");
     if (std::rename(tmp.c_str(), path.c_str()) != 0)
         fail(what, " ", path, ": renaming '", tmp, "' to it failed: ", std::strerror(errno));
-    cleanup.renamed = true;
+    cleanup.release();
 }
 // Creates a directory and its missing parents (like mkdir -p); the error names the directory.
 inline void make_directories(const std::string& dir) {
@@ -4739,32 +4682,24 @@ inline void write_file_atomic(const std::string& path, const std::string& data, 
 }
 
 // --- 11.3 Byte-level BPE tokenizer -----------------------------------------------------------------------------------
-// DeepSeek-V3 tokenizes with byte-level BPE (128K tokens). "Byte-level": the alphabet is the 256 byte values, so every
-// byte string (valid UTF-8 or not, NUL bytes included) has an encoding, and decode(encode(s)) == s always. Training
-// starts from single bytes and repeatedly adds the most frequent adjacent pair of tokens as a new token (a "merge");
-// encoding replays the merges in the order they were learned.
-//
-// Token ids: 0..255 are the bytes; 256 + i is merge i; after these n_ordinary() = 256 + merges.size() tokens come the
-// special tokens, spelt as in DeepSeek's vocabularies (BOS, EOS, and the three FIM tokens of 11.5). encode(text) never
-// makes one: their spelling is encoded as ordinary bytes, so no document can forge one (encode_with_specials() does).
-//
-// Pre-tokenization. Like GPT-2 and DeepSeek, the text is first cut into chunks and merges never cross a chunk
-// boundary, so tokens are pieces of words rather than spans such as "e, t". Byte classes: letters (A-Z, a-z and every
-// byte >= 0x80, so that UTF-8 characters stay inside words), digits, whitespace, punctuation (the rest). A chunk is
+// DeepSeek-V3 tokenizes with byte-level BPE (128K tokens): the alphabet is the 256 byte values, so every byte string
+// (valid UTF-8 or not, NUL included) has an encoding and decode(encode(s)) == s. Training starts from single bytes and
+// repeatedly adds the most frequent adjacent pair of tokens as a new token (a "merge"); encoding replays the merges in
+// the order they were learned. Ids: 0..255 the bytes, 256 + i merge i, then the special tokens, spelt as in DeepSeek's
+// vocabularies (BOS, EOS, the FIM tokens of 11.5), which encode(text) never makes (their spelling is encoded as bytes,
+// so no document can forge one) and encode_with_specials() does.
+// Pre-tokenization, as in GPT-2 and DeepSeek: merges never cross a chunk boundary, so tokens are pieces of words, not
+// spans such as "e, t". Bytes are letters (A-Z, a-z and every byte >= 0x80, so that UTF-8 characters stay inside
+// words), digits, whitespace or punctuation. A chunk, cut at 256 bytes (bounding the cost of pathological input), is
 //   - a word: an optional single leading space and a run of letters             " thou", "ROMEO"
 //   - a number: an optional leading space and 1 to 3 digits                      " 123", "4"   (V3: \p{N}{1,3})
-//   - punctuation: an optional leading space, a run of punctuation and the line breaks right after it, ":\n", ".\n\n"
+//   - punctuation: an optional leading space, a run of punctuation and the line breaks after it, ":\n", ".\n\n"
 //     (V3's pre-tokenizer also makes tokens that combine punctuation and line breaks, report §4.1)
-//   - whitespace: a run of spaces and line breaks, except that the last space before a word goes with the word,
-// and is cut at 256 bytes, which bounds the cost of encoding pathological input.
-//
-// Training with incremental pair counts: the text becomes its distinct chunks with their counts (Tiny Shakespeare:
-// ~30K for 1.1M bytes); count[pair] is kept over all chunks, with the chunks where each pair occurs. A merge touches
-// only those chunks: their old pairs are subtracted, the merge applied, their new pairs added. A max-heap of (count,
-// pair) with lazy deletion (an entry is valid only while its count is current) picks the next merge; ties go to the
-// smallest (left id, right id), so training is deterministic. It stops at the requested size, or when no pair occurs
-// `min_pair_count` times.
-//
+//   - whitespace: a run of spaces and line breaks, except that the last space before a word goes with the word.
+// Training counts pairs incrementally over the distinct chunks (Tiny Shakespeare: ~30K for 1.1M bytes), weighted by
+// their counts, and remembers the chunks where each pair occurs: a merge touches only those (old pairs out, merge, new
+// pairs in). A heap of (count, pair) with lazy deletion (an entry is valid while its count is current) picks the
+// next merge; ties go to the smallest (left id, right id), so training is deterministic.
 // File format (text, one item per line; '#' starts a comment on every line except the special-token lines):
 //   dsv3-bpe-tokenizer 1
 //   pretokenizer dsv3-chunks-1
@@ -4778,13 +4713,10 @@ struct Tokenizer {
     static constexpr const char* kFimHoleText = "<｜fim▁hole｜>";
     static constexpr const char* kFimEndText = "<｜fim▁end｜>";
     static constexpr int kMaxChunk = 256;
-
     std::vector<std::pair<uint32_t, uint32_t>> merges;  // merges[i] = (left, right) makes token 256 + i
-    std::vector<std::string> specials;                  // spellings of the special tokens, in id order
-    std::vector<std::string> pieces;                    // bytes of every ordinary token, spelling of every special
+    std::vector<std::string> specials, pieces;          // special tokens' spellings in id order; every token's bytes
     std::unordered_map<uint64_t, uint32_t> merge_of;    // (left << 32 | right) -> merged token id
     uint32_t bos = 0, eos = 0, fim_begin = 0, fim_hole = 0, fim_end = 0;
-
     int n_ordinary() const { return 256 + int(merges.size()); }
     int vocab_size() const { return n_ordinary() + int(specials.size()); }  // what the model's embedding needs
     bool is_special(uint32_t id) const { return id >= uint32_t(n_ordinary()) && id < uint32_t(vocab_size()); }
@@ -4795,38 +4727,34 @@ struct Tokenizer {
         return t;
     }
     // ---- pre-tokenizer -----------------------------------------------------------------------------------------
-    enum ByteClass : uint8_t { kLetter, kDigit, kSpace, kLineBreak, kOtherSpace, kPunct };
+    enum ByteClass : uint8_t { kLetter, kDigit, kSpace, kLineBreak, kPunct };
     static ByteClass byte_class(uint8_t c) {
         if (c >= 0x80 || ((c | 32) >= 'a' && (c | 32) <= 'z')) return kLetter;
         if (c >= '0' && c <= '9') return kDigit;
-        if (c == ' ') return kSpace;
-        if (c == '\n' || c == '\r') return kLineBreak;
-        return c == '\t' || c == '\v' || c == '\f' ? kOtherSpace : kPunct;
-    }
-    // End of the chunk that starts at byte i of s[0, n).
-    static size_t chunk_end(const uint8_t* s, size_t n, size_t i) {
-        auto is_space = [](ByteClass k) { return k == kSpace || k == kLineBreak || k == kOtherSpace; };
-        size_t j = i;
-        ByteClass k = byte_class(s[i]);
-        if (s[i] == ' ' && i + 1 < n && !is_space(byte_class(s[i + 1]))) k = byte_class(s[++j]);
-        if (k == kDigit) {
-            for (int d = 0; d < 3 && j < n && byte_class(s[j]) == kDigit; ++d) ++j;
-        } else if (!is_space(k)) {  // a word; or punctuation, with the line breaks right after it
-            while (j < n && byte_class(s[j]) == k) ++j;
-            while (k == kPunct && j < n && byte_class(s[j]) == kLineBreak) ++j;
-        } else {  // whitespace; a run longer than one byte leaves its last space to the word after it
-            while (j < n && is_space(byte_class(s[j]))) ++j;
-            if (j < n && j - i >= 2 && s[j - 1] == ' ') --j;
-        }
-        return std::min(j, i + size_t(kMaxChunk));
+        if (c == ' ' || c == '\t' || c == '\v' || c == '\f') return kSpace;
+        return c == '\n' || c == '\r' ? kLineBreak : kPunct;
     }
     // f(begin, end) for every chunk of `text`, in order; the chunks tile the text exactly.
     template <class F>
     static void for_each_chunk(std::string_view text, const F& f) {
+        auto is_space = [](ByteClass k) { return k == kSpace || k == kLineBreak; };
         const uint8_t* s = reinterpret_cast<const uint8_t*>(text.data());
-        for (size_t i = 0, e; i < text.size(); i = e) {
-            e = chunk_end(s, text.size(), i);
-            f(i, e);
+        const size_t n = text.size();
+        for (size_t i = 0, j; i < n; i = j) {  // the chunk [i, j)
+            j = i;
+            ByteClass k = byte_class(s[i]);
+            if (s[i] == ' ' && i + 1 < n && !is_space(byte_class(s[i + 1]))) k = byte_class(s[++j]);
+            if (k == kDigit) {
+                for (int d = 0; d < 3 && j < n && byte_class(s[j]) == kDigit; ++d) ++j;
+            } else if (!is_space(k)) {  // a word; or punctuation, with the line breaks right after it
+                while (j < n && byte_class(s[j]) == k) ++j;
+                while (k == kPunct && j < n && byte_class(s[j]) == kLineBreak) ++j;
+            } else {  // whitespace; a run longer than one byte leaves its last space to the word after it
+                while (j < n && is_space(byte_class(s[j]))) ++j;
+                if (j < n && j - i >= 2 && s[j - 1] == ' ') --j;
+            }
+            j = std::min(j, i + size_t(kMaxChunk));
+            f(i, j);
         }
     }
     // ---- training ---------------------------------------------------------------------------------------------
@@ -4843,18 +4771,13 @@ struct Tokenizer {
     // The state of training: the distinct chunks as token sequences with their counts, count[pair] (weighted by
     // chunk count), where[pair] (the chunks that contain, or contained, it), and the heap of (count, pair).
     struct BpeTrainer {
-        struct Entry {  // top of the heap: largest count, then smallest pair
-            int64_t count;
-            uint64_t pair;
-            bool operator<(const Entry& o) const { return count != o.count ? count < o.count : pair > o.pair; }
-        };
         std::vector<std::vector<uint32_t>> words;
         std::vector<int64_t> freq;
         std::unordered_map<uint64_t, int64_t> count, count_before;  // count_before: pairs this merge touched
         std::unordered_map<uint64_t, std::vector<uint32_t>> where;
-        std::priority_queue<Entry> heap;
+        using Entry = std::pair<int64_t, uint64_t>;  // (-count, pair): the top is the largest count, then smallest pair
+        std::priority_queue<Entry, std::vector<Entry>, std::greater<Entry>> heap;
         std::vector<uint32_t> last_merge;  // a chunk is rewritten once per merge
-
         explicit BpeTrainer(std::string_view text) {
             // Distinct chunks, sorted so that chunk indices (and everything after) do not depend on hashing.
             std::unordered_map<std::string_view, int64_t> chunk_counts;
@@ -4873,7 +4796,7 @@ struct Tokenizer {
                     count[k] += freq[w];
                     note(k, w);
                 }
-            for (const auto& [k, c] : count) heap.push({c, k});
+            for (const auto& [k, c] : count) heap.push({-c, k});
         }
         void note(uint64_t k, uint32_t w) {
             auto& list = where[k];
@@ -4884,16 +4807,15 @@ struct Tokenizer {
             count_before.emplace(k, n);  // keeps the first (pre-merge) value
             n += delta;
         }
-        // The most frequent pair, skipping stale heap entries (whose count is no longer the current count); false
-        // when no pair occurs min_count times.
+        // The most frequent pair, skipping stale heap entries (outdated counts); false if none occurs min_count times.
         bool next_pair(int64_t min_count, uint64_t* pair) {
             while (!heap.empty()) {
-                const Entry top = heap.top();
+                const auto [minus_count, top] = heap.top();
                 heap.pop();
-                auto it = count.find(top.pair);
-                if (it == count.end() || it->second != top.count) continue;
-                if (top.count < min_count) return false;
-                *pair = top.pair;
+                auto it = count.find(top);
+                if (it == count.end() || it->second != -minus_count) continue;
+                if (-minus_count < min_count) return false;
+                *pair = top;
                 return true;
             }
             return false;
@@ -4920,12 +4842,11 @@ struct Tokenizer {
             for (const auto& [k, old] : count_before) {
                 const int64_t now = count[k];
                 if (now == 0) count.erase(k);
-                else if (now != old) heap.push({now, k});
+                else if (now != old) heap.push({-now, k});
             }
         }
     };
-    // Learns merges on `text` until there are `n_ordinary_tokens` ordinary tokens (256 bytes + merges), or until no
-    // pair occurs `min_pair_count` times. The vocabulary is then n_ordinary() + 5 special tokens.
+    // Learns merges on `text` up to n_ordinary_tokens (256 + merges), or until no pair occurs min_pair_count times.
     static Tokenizer train(std::string_view text, int n_ordinary_tokens, int64_t min_pair_count = 2) {
         if (n_ordinary_tokens < 256)
             fail("Tokenizer::train: vocabulary of ", n_ordinary_tokens,
@@ -4954,23 +4875,15 @@ struct Tokenizer {
             replace_pair(sym, merges[best - 256].first, merges[best - 256].second, best);
         }
     }
-    // Appends the tokens of `text` (never special tokens). A per-call cache makes repeated chunks ("the", " and")
-    // cost one hash lookup.
+    // Appends the tokens of `text` (never special tokens); a per-call cache makes a repeated chunk one hash lookup.
     void encode_append(std::string_view text, std::vector<uint32_t>& out) const {
         const uint8_t* s = reinterpret_cast<const uint8_t*>(text.data());
         if (merges.empty()) { out.insert(out.end(), s, s + text.size()); return; }
-        std::unordered_map<std::string_view, std::pair<uint32_t, uint32_t>> cache;  // chunk -> (offset, length)
-        std::vector<uint32_t> cached, sym;
+        std::unordered_map<std::string_view, std::vector<uint32_t>> cache;  // chunk -> its tokens
         for_each_chunk(text, [&](size_t b, size_t e) {
-            const std::string_view chunk = text.substr(b, e - b);
-            auto it = cache.find(chunk);
-            if (it == cache.end()) {
-                encode_chunk(s + b, e - b, sym);
-                it = cache.emplace(chunk, std::make_pair(uint32_t(cached.size()), uint32_t(sym.size()))).first;
-                cached.insert(cached.end(), sym.begin(), sym.end());
-            }
-            out.insert(out.end(), cached.begin() + it->second.first,
-                       cached.begin() + it->second.first + it->second.second);
+            const auto [it, fresh] = cache.try_emplace(text.substr(b, e - b));
+            if (fresh) encode_chunk(s + b, e - b, it->second);
+            out.insert(out.end(), it->second.begin(), it->second.end());
         });
     }
     std::vector<uint32_t> encode(std::string_view text) const {
@@ -5030,7 +4943,6 @@ struct Tokenizer {
         s += "end\n";
         write_file_atomic(path, s);
     }
-
     static Tokenizer load(const std::string& path) {
         std::istringstream in(read_file_bytes(path));
         size_t line_no = 0;  // of the line last read
@@ -5039,9 +4951,9 @@ struct Tokenizer {
         auto next = [&](const char* expected, bool comments = true) {
             for (std::string s; std::getline(in, s);) {
                 ++line_no;
-                if (comments && s.find('#') != std::string::npos) s.erase(s.find('#'));
+                if (comments) s = s.substr(0, s.find('#'));
                 const size_t b = s.find_first_not_of(" \t"), e = s.find_last_not_of(" \t\r");
-                if (b != std::string::npos && e != std::string::npos && b <= e) return s.substr(b, e - b + 1);
+                if (e != std::string::npos) return s.substr(b, e - b + 1);  // (then b <= e)
             }
             fail("tokenizer file '", path, "' ends after line ", line_no, "; expected ", expected);
         };
@@ -5132,7 +5044,6 @@ struct Tokenizer {
 //   offset 32  N tokens of the given width
 constexpr char kTokenFileMagic[9] = "DSV3TOKS";
 constexpr size_t kTokenFileHeaderBytes = 32;
-
 inline void write_tokens(const std::string& path, const std::vector<uint32_t>& tokens, uint32_t vocab_size) {
     const uint32_t width = vocab_size <= 65536 ? 2 : 4;
     std::string bytes(kTokenFileHeaderBytes + tokens.size() * width, '\0');
@@ -5149,13 +5060,11 @@ inline void write_tokens(const std::string& path, const std::vector<uint32_t>& t
     }
     write_file_atomic(path, bytes);
 }
-
 // A sequence of tokens to train or evaluate on. `name` (usually the file) appears in every error.
 struct TokenDataset {
     std::string name;
     std::vector<uint32_t> tokens;
     uint32_t vocab_size = 0;
-
     static TokenDataset from_tokens(std::string name, std::vector<uint32_t> tokens, uint32_t vocab_size) {
         return TokenDataset{std::move(name), std::move(tokens), vocab_size};
     }
@@ -5200,9 +5109,8 @@ struct TokenDataset {
             fail("dataset '", name, "' holds ", tokens.size(),
                  " tokens, shorter than one sequence: a window of T + 1 = ", T + 1, " tokens is needed");
     }
-    // B random windows of T + 1 consecutive tokens into inputs[B, T + 1]: row b is inputs[b*(T+1) ...], the model
-    // reads positions 0..T-1 and predicts 1..T. Windows start anywhere (every start is equally likely); the same
-    // Rng state gives the same batch.
+    // B random windows of T + 1 consecutive tokens into inputs[B, T + 1]: the model reads positions 0..T-1 and
+    // predicts 1..T. Every start is equally likely; the same Rng state gives the same batch.
     void sample_batch(Rng& rng, int B, int T, int32_t* inputs) const {
         require_sequence(T);
         for (int b = 0; b < B; ++b) {
@@ -5211,9 +5119,7 @@ struct TokenDataset {
         }
     }
 };
-
-// Cuts a dataset into the first (1 - val_fraction) for training and the rest for validation (nanoGPT's split:
-// the first 90% and the last 10%). Names get " (train)" / " (val)".
+// The first (1 - val_fraction) of a dataset for training, the rest for validation (nanoGPT's: 90% and the last 10%).
 inline size_t train_val_split_point(size_t n, double val_fraction = 0.1) {
     if (!(val_fraction >= 0 && val_fraction < 1))
         fail("train/val split: val_fraction ", val_fraction, ", expected [0, 1)");
@@ -5224,19 +5130,16 @@ inline std::pair<TokenDataset, TokenDataset> split_train_val(const TokenDataset&
     return {TokenDataset::from_tokens(all.name + " (train)", {all.tokens.begin(), cut}, all.vocab_size),
             TokenDataset::from_tokens(all.name + " (val)", {cut, all.tokens.end()}, all.vocab_size)};
 }
-
-// Evaluation over a whole split, deterministically: window w holds tokens [w*T, w*T + T] (T inputs, T targets),
-// so every target token 1..N-1 of the split is predicted exactly once across the non-overlapping windows. The
-// last (N - 1) mod T targets do not fill a window; with cover_tail they get one more window, the last T + 1
-// tokens of the split, whose `scored` mask marks the targets not already counted. Usage:
-//   EvalBatches it(val, T);  while (int rows = it.next(B, inputs, scored)) { loss over rows ... }
+// Evaluation over a whole split, deterministically: window w holds tokens [w*T, w*T + T] (T inputs, T targets), so
+// every target 1..N-1 is predicted exactly once across the non-overlapping windows, but for the last (N - 1) mod T;
+// with cover_tail these get one more window, the last T + 1 tokens, whose `scored` mask marks the targets not yet
+// counted. Usage:  EvalBatches it(val, T);  while (int rows = it.next(B, inputs, scored)) { loss over rows ... }
 struct EvalBatches {
     const TokenDataset* data;
     int T;
     int64_t n_full;      // complete non-overlapping windows
     bool has_tail;       // one more, overlapping, window covers the remaining targets (cover_tail)
     int64_t next_window = 0;
-
     EvalBatches(const TokenDataset& d, int seq_len, bool cover_tail = false) : data(&d), T(seq_len) {
         d.require_sequence(seq_len);
         n_full = int64_t((d.tokens.size() - 1) / size_t(T));
@@ -5267,15 +5170,13 @@ struct EvalBatches {
 };
 
 // --- 11.5 FIM: fill in the middle (PSM: prefix, suffix, middle) ------------------------------------------------------
-// DeepSeek-Coder trains with FIM so that a left-to-right model can complete a hole given what comes after it: a
-// document is cut at two random points into prefix, middle, suffix and rearranged as
+// DeepSeek-Coder trains with FIM so that a left-to-right model can fill a hole given what comes after it: a document
+// is cut at two random points into prefix, middle, suffix and rearranged, so that the model sees both sides first, as
 //     <｜fim▁begin｜> prefix <｜fim▁hole｜> suffix <｜fim▁end｜> middle <｜end▁of▁sentence｜>
-// so the model sees both sides before it writes the middle. With probability 1 - rate the document is kept as
-// it is, followed by <｜end▁of▁sentence｜>. Rate 0.5 in DeepSeek-Coder and Coder-V2, 0.1 in V3. The cut points
-// are character positions (UTF-8 boundaries, so no character is cut in two), chosen uniformly and sorted; the three
-// parts are tokenized separately, as a tokenizer would see them at inference time.
+// or, with probability 1 - rate, kept as it is, followed by <｜end▁of▁sentence｜>. Rate 0.5 in DeepSeek-Coder and
+// Coder-V2, 0.1 in V3. The cut points are character positions (UTF-8 boundaries: no character is cut in two), uniform
+// and sorted; the three parts are tokenized separately, as a tokenizer would see them at inference time.
 struct FimSplit { std::string prefix, middle, suffix; };
-
 inline FimSplit fim_split(const std::string& doc, Rng& rng) {
     std::vector<size_t> boundaries;  // byte offsets where a character starts, plus the end
     for (size_t i = 0; i <= doc.size(); ++i)
@@ -5285,25 +5186,8 @@ inline FimSplit fim_split(const std::string& doc, Rng& rng) {
     if (p > q) std::swap(p, q);
     return {doc.substr(0, p), doc.substr(p, q - p), doc.substr(q)};
 }
-
-// Appends one document, FIM-transformed with probability `rate`, to `out`.
-inline void fim_encode_document(const Tokenizer& tok, const std::string& doc, double rate, Rng& rng,
-                                std::vector<uint32_t>& out) {
-    if (rng.uniform() < rate) {
-        const FimSplit s = fim_split(doc, rng);
-        for (const auto& [special, part] : {std::pair(tok.fim_begin, &s.prefix), std::pair(tok.fim_hole, &s.suffix),
-                                            std::pair(tok.fim_end, &s.middle)}) {
-            out.push_back(special);
-            tok.encode_append(*part, out);
-        }
-    } else {
-        tok.encode_append(doc, out);
-    }
-    out.push_back(tok.eos);
-}
-
-// All documents, in order; document i draws from Rng(seed).fork(i), so the result does not depend on the thread
-// count (documents are encoded in parallel).
+// All documents, in order, each FIM-transformed with probability `rate`; they are encoded in parallel, document i
+// drawing from Rng(seed).fork(i), so the result is the same for any thread count.
 inline std::vector<uint32_t> fim_encode_documents(const Tokenizer& tok, const std::vector<std::string>& docs,
                                                   double rate, uint64_t seed) {
     if (!(rate >= 0 && rate <= 1)) fail("FIM rate ", rate, ", expected a probability in [0, 1]");
@@ -5311,13 +5195,23 @@ inline std::vector<uint32_t> fim_encode_documents(const Tokenizer& tok, const st
     const Rng base(seed);
     parallel_for(int64_t(docs.size()), [&](int64_t i) {
         Rng rng = base.fork(uint64_t(i));
-        fim_encode_document(tok, docs[size_t(i)], rate, rng, parts[size_t(i)]);
+        std::vector<uint32_t>& out = parts[size_t(i)];
+        if (rng.uniform() < rate) {
+            const FimSplit s = fim_split(docs[size_t(i)], rng);
+            for (const auto& [special, part] : {std::pair(tok.fim_begin, &s.prefix), std::pair(tok.fim_hole, &s.suffix),
+                                                std::pair(tok.fim_end, &s.middle)}) {
+                out.push_back(special);
+                tok.encode_append(*part, out);
+            }
+        } else {
+            tok.encode_append(docs[size_t(i)], out);
+        }
+        out.push_back(tok.eos);
     });
     std::vector<uint32_t> out;
     for (const auto& p : parts) out.insert(out.end(), p.begin(), p.end());
     return out;
 }
-
 // Documents of a plain text: the pieces between occurrences of `separator` (for plays, "\n\n" separates speeches).
 // The separator stays at the end of each piece, so concatenating the documents gives the text back.
 inline std::vector<std::string> split_documents(const std::string& text, const std::string& separator = "\n\n") {
@@ -5331,21 +5225,16 @@ inline std::vector<std::string> split_documents(const std::string& text, const s
 }
 
 // --- 11.6 Synthetic corpus with exactly known entropy ----------------------------------------------------------------
-// When training on real text nobody knows the best achievable loss. This corpus is generated by a program whose
-// probabilities we know, so we do: every line is drawn independently by a sequence of random choices c_1, c_2, ...
-// with known probabilities. The text is a function of the choices, and the choices can be read back from it (every
-// sub-language below is uniquely parsable: the tag names the sub-language, numbers and words end at a delimiter,
-// answers are computed from the question); an invertible function loses no information, so -log p(line) = sum of
-// -log p(c_i) over the line's choices. A byte-by-byte model reaches at best the true conditional distribution, whose
-// total loss over a line is -log p(line), however the information is spread over the bytes. Over a long corpus of
-// independent lines the best loss per byte is therefore
+// On real text nobody knows the best achievable loss. This corpus comes from a program whose probabilities we know:
+// every line is drawn independently by random choices c_1, c_2, ... of known probabilities, which can be read back
+// from the text (the tag names the sub-language, numbers and words end at a delimiter, answers are computed from the
+// question). An invertible function loses no information, so -log p(line) = Σ -log p(c_i), and a byte-level model
+// loses at best that over a line, however it spreads it over the bytes. Over a long corpus the best loss is then
 //     E[-log p(line)] / E[bytes per line]      (nats per byte; the expectation ratio of a renewal process)
 // which entropy() computes from the generator's probabilities (in closed form, by enumeration, or for the Markov
-// language by summing a geometric series of matrix-vector products to machine precision). score() parses any text
-// of this language and returns its exact -log p, the loss of the ideal model on the same bytes. Deterministic answers
-// (sums, copies, sorted lists) cost the ideal model nothing, so a model's distance to the bound measures how well it
-// learnt to compute them.
-//
+// language by summing a geometric series of matrix-vector products to machine precision). score() parses any text of
+// this language and returns its exact -log p, the ideal model's loss on the same bytes. Deterministic answers (sums,
+// copies, sorted lists) cost the ideal model nothing: a model's distance to the bound is how well it learnt them.
 // Sub-languages, one per line, tagged by the first word (lines are printable ASCII):
 //   talk   a Markov "word" language: 48 pseudo-words, each followed by one of 4 successors with probabilities
 //          1/2, 1/4, 1/8, 1/8; after each word the sentence ends with probability 1/8 ("." instead of " ")
@@ -5356,16 +5245,14 @@ inline std::vector<std::string> split_documents(const std::string& text, const s
 //   count  an arithmetic progression: start 0..89, step 1..4, 3..8 terms
 // The tables (words, successors) are fixed (built from a constant seed), the same for every corpus seed.
 struct SyntheticSubLanguage {
-    std::string name;        // the tag
-    std::string example;     // one line of it
+    std::string name, example;  // the tag, and one line of it
     double probability;      // of a line being of this kind
     double nats_per_line;    // E[-log p(line) | kind], including -log probability of the kind
     double bytes_per_line;   // E[bytes | kind], including the tag and the newline
     double nats_per_byte;    // nats_per_line / bytes_per_line: the best loss on lines of this kind
 };
 struct SyntheticEntropy {
-    double nats_per_byte;    // the best possible loss (cross-entropy per byte) on the corpus
-    double bits_per_byte;
+    double nats_per_byte, bits_per_byte;  // the best possible loss (cross-entropy per byte) on the corpus
     double bytes_per_line;
     std::vector<SyntheticSubLanguage> parts;
 };
@@ -5377,11 +5264,9 @@ struct SyntheticCorpus {
     static constexpr int kWords = 48;
     static constexpr double kStop = 0.125;                                 // talk: P(sentence ends after a word)
     static constexpr double kSuccessorProb[4] = {0.5, 0.25, 0.125, 0.125};  // talk: P(k-th successor)
-
     std::vector<std::string> words;                        // talk vocabulary
     std::vector<std::array<uint32_t, 4>> successors;       // talk transitions
     std::unordered_map<std::string, uint32_t> word_index;
-
     SyntheticCorpus() {
         Rng rng(0x5EED0F5EA5EEDull);  // fixed: the language is the same for every corpus seed
         while (int(words.size()) < kWords) {
@@ -5394,13 +5279,10 @@ struct SyntheticCorpus {
         for (auto& next : successors) {  // 4 distinct successors: a partial Fisher-Yates shuffle
             std::vector<uint32_t> all(kWords);
             std::iota(all.begin(), all.end(), 0u);
-            for (size_t k = 0; k < 4; ++k) {
-                std::swap(all[k], all[k + size_t(rng.below(uint64_t(kWords) - k))]);
-                next[k] = all[k];
-            }
+            for (size_t k = 0; k < 4; ++k) std::swap(all[k], all[k + size_t(rng.below(uint64_t(kWords) - k))]);
+            std::copy_n(all.begin(), 4, next.begin());
         }
     }
-
     static int pick(Rng& rng, const double* p, int n) {  // categorical draw
         double u = rng.uniform(), acc = 0;
         for (int i = 0; i < n - 1; ++i)
@@ -5453,9 +5335,8 @@ struct SyntheticCorpus {
         out.resize(n_bytes);
         return out;
     }
-    // The exact -log p (nats) of every complete line of `text` under the generator (an unfinished last line is
-    // ignored); *bytes_scored receives the bytes of those lines and, if given, nats_by_kind/bytes_by_kind the same
-    // per sub-language. A line the generator cannot produce is an Error naming the line.
+    // The exact -log p (nats) of the complete lines of `text` (not an unfinished last one); *bytes_scored: their bytes,
+    // nats_by_kind/bytes_by_kind: the same per sub-language. A line the generator cannot produce is an Error naming it.
     double score(std::string_view text, int64_t* bytes_scored = nullptr, std::vector<double>* nats_by_kind = nullptr,
                  std::vector<double>* bytes_by_kind = nullptr) const {
         double total = 0;
@@ -5473,7 +5354,7 @@ struct SyntheticCorpus {
         if (bytes_by_kind) *bytes_by_kind = bytes_k;
         return total;
     }
-    // One line being scored: errors name it; number() and numbers() parse canonical decimals (no leading zeros).
+    // One line being scored: errors name it; number() and numbers() read canonical decimals (no leading zeros).
     struct LineReader {
         std::string_view line;
         size_t line_no;
@@ -5481,12 +5362,11 @@ struct SyntheticCorpus {
             fail("synthetic corpus line ", line_no + 1, ": ", why, ": '", escape_bytes(line.substr(0, 120)), "'");
         }
         long number(std::string_view& s, bool allow_minus = false) const {  // the number at the front of s, removed
-            size_t i = allow_minus && !s.empty() && s[0] == '-' ? 1 : 0;
-            const size_t from = i;
-            while (i < s.size() && s[i] >= '0' && s[i] <= '9') ++i;
-            if (i == from || i - from > 9 || (i - from > 1 && s[from] == '0')) bad("expected a number");
-            const long v = std::stol(std::string(s.substr(0, i)));
-            s.remove_prefix(i);
+            const size_t from = allow_minus && !s.empty() && s[0] == '-' ? 1 : 0;
+            const size_t end = std::min(s.find_first_not_of("0123456789", from), s.size());
+            if (end == from || end - from > 9 || (end - from > 1 && s[from] == '0')) bad("expected a number");
+            const long v = std::stol(std::string(s.substr(0, end)));
+            s.remove_prefix(end);
             return v;
         }
         std::vector<long> numbers(std::string_view s) const {  // numbers separated by single spaces
@@ -5504,95 +5384,88 @@ struct SyntheticCorpus {
             return {body.substr(0, gt), body.substr(gt + 3)};
         }
     };
-    // -log p of the body of each kind of line, added to `nats` (in the generator's order of choices).
-    void score_talk(const LineReader& r, std::string_view body, double& nats) const {
-        if (body.empty() || body.back() != '.') r.bad("expected a sentence ending with '.'");
-        body.remove_suffix(1);
-        int64_t prev = -1, n = 0;
-        while (true) {
-            const size_t sp = body.find(' ');
-            const auto it = word_index.find(std::string(body.substr(0, sp)));
-            if (it == word_index.end()) r.bad("expected words of the talk vocabulary");
-            if (prev < 0) nats += std::log(double(kWords));
-            else {
-                int k = 0;
-                while (k < 4 && successors[size_t(prev)][size_t(k)] != it->second) ++k;
-                if (k == 4) r.bad("a word follows a word it can never follow");
-                nats -= std::log(kSuccessorProb[k]);
-            }
-            prev = it->second, ++n;
-            if (sp == std::string_view::npos) break;
-            body.remove_prefix(sp + 1);
-        }
-        nats += -double(n - 1) * std::log(1 - kStop) - std::log(kStop);
-    }
-    static void score_math(const LineReader& r, std::string_view body, double& nats) {
-        const long a = r.number(body);
-        if (body.empty()) r.bad("expected an operator");
-        const int op = int(std::string_view("+-*").find(body[0]));
-        if (op < 0) r.bad("expected +, - or *");
-        body.remove_prefix(1);
-        const long b = r.number(body);
-        if (body.empty() || body[0] != '=') r.bad("expected '='");
-        body.remove_prefix(1);
-        const long result = r.number(body, true);
-        if (!body.empty() || a > 99 || b > 99) r.bad("expected a op b=c with a, b in 0..99");
-        if (result != apply(op, int(a), int(b))) r.bad("wrong result");
-        nats += std::log(3.0) + 2 * std::log(100.0);
-    }
-    static void score_copy(const LineReader& r, std::string_view body, bool reversed, double& nats) {
-        const auto [q, answer] = r.split(body, "expected 'letters > letters'");
-        const std::string s(q);
-        if (s.size() < 4 || s.size() > 12) r.bad("expected 4 to 12 letters");
-        if (!std::all_of(s.begin(), s.end(), [](char c) { return c >= 'a' && c <= 'z'; }))
-            r.bad("expected lowercase letters");
-        if (answer != (reversed ? std::string(s.rbegin(), s.rend()) : s)) r.bad("wrong answer");
-        nats += std::log(9.0) + double(s.size()) * std::log(26.0);
-    }
-    static void score_sort(const LineReader& r, std::string_view body, double& nats) {
-        const auto [q, answer] = r.split(body, "expected 'numbers > numbers'");
-        std::vector<long> v = r.numbers(q), w = r.numbers(answer);
-        if (v.size() < 3 || v.size() > 8) r.bad("expected 3 to 8 numbers");
-        if (*std::max_element(v.begin(), v.end()) > 99) r.bad("expected numbers in 0..99");
-        std::sort(v.begin(), v.end());
-        if (v != w) r.bad("wrong answer");
-        nats += std::log(6.0) + double(v.size()) * std::log(100.0);
-    }
-    static void score_count(const LineReader& r, std::string_view body, double& nats) {
-        const std::vector<long> v = r.numbers(body);
-        if (v.size() < 3 || v.size() > 8 || v[0] > 89 || v[1] - v[0] < 1 || v[1] - v[0] > 4)
-            r.bad("expected 3 to 8 terms, start 0..89, step 1..4");
-        for (size_t i = 2; i < v.size(); ++i)
-            if (v[i] - v[i - 1] != v[1] - v[0]) r.bad("not an arithmetic progression");
-        nats += std::log(90.0) + std::log(4.0) + std::log(6.0);
-    }
-    // The exact -log p of one line (without its newline); *kind_out receives its sub-language.
+    // The exact -log p of one line (no newline), in the generator's order of choices; *kind_out: its sub-language.
     double score_line(std::string_view line, size_t line_no, int* kind_out) const {
         const LineReader r{line, line_no};
         const auto tagged = [&](const char* tag) { return line.rfind(std::string(tag) + ' ', 0) == 0; };
         const int kind = int(std::find_if(kNames, kNames + kKinds, tagged) - kNames);
         if (kind == kKinds) r.bad("expected a line starting with talk, math, copy, rev, sort or count");
         *kind_out = kind;
-        const std::string_view body = line.substr(std::strlen(kNames[kind]) + 1);
+        std::string_view body = line.substr(std::strlen(kNames[kind]) + 1);
         double nats = -std::log(kProb[kind]);
-        switch (kind) {
-            case kTalk: score_talk(r, body, nats); break;
-            case kMath: score_math(r, body, nats); break;
-            case kCopy: case kRev: score_copy(r, body, kind == kRev, nats); break;
-            case kSort: score_sort(r, body, nats); break;
-            case kCount: score_count(r, body, nats); break;
+        if (kind == kTalk) {
+            if (body.empty() || body.back() != '.') r.bad("expected a sentence ending with '.'");
+            body.remove_suffix(1);
+            int64_t prev = -1, n = 0;
+            while (true) {
+                const size_t sp = body.find(' ');
+                const auto it = word_index.find(std::string(body.substr(0, sp)));
+                if (it == word_index.end()) r.bad("expected words of the talk vocabulary");
+                if (prev < 0) nats += std::log(double(kWords));
+                else {
+                    int k = 0;
+                    while (k < 4 && successors[size_t(prev)][size_t(k)] != it->second) ++k;
+                    if (k == 4) r.bad("a word follows a word it can never follow");
+                    nats -= std::log(kSuccessorProb[k]);
+                }
+                prev = it->second, ++n;
+                if (sp == std::string_view::npos) break;
+                body.remove_prefix(sp + 1);
+            }
+            nats += -double(n - 1) * std::log(1 - kStop) - std::log(kStop);
+        } else if (kind == kMath) {
+            const long a = r.number(body);
+            if (body.empty()) r.bad("expected an operator");
+            const int op = int(std::string_view("+-*").find(body[0]));
+            if (op < 0) r.bad("expected +, - or *");
+            body.remove_prefix(1);
+            const long b = r.number(body);
+            if (body.empty() || body[0] != '=') r.bad("expected '='");
+            body.remove_prefix(1);
+            const long result = r.number(body, true);
+            if (!body.empty() || a > 99 || b > 99) r.bad("expected a op b=c with a, b in 0..99");
+            if (result != apply(op, int(a), int(b))) r.bad("wrong result");
+            nats += std::log(3.0) + 2 * std::log(100.0);
+        } else if (kind == kCopy || kind == kRev) {
+            const auto [q, answer] = r.split(body, "expected 'letters > letters'");
+            const std::string s(q);
+            if (s.size() < 4 || s.size() > 12) r.bad("expected 4 to 12 letters");
+            if (!std::all_of(s.begin(), s.end(), [](char c) { return c >= 'a' && c <= 'z'; }))
+                r.bad("expected lowercase letters");
+            if (answer != (kind == kRev ? std::string(s.rbegin(), s.rend()) : s)) r.bad("wrong answer");
+            nats += std::log(9.0) + double(s.size()) * std::log(26.0);
+        } else if (kind == kSort) {
+            const auto [q, answer] = r.split(body, "expected 'numbers > numbers'");
+            std::vector<long> v = r.numbers(q), w = r.numbers(answer);
+            if (v.size() < 3 || v.size() > 8) r.bad("expected 3 to 8 numbers");
+            if (*std::max_element(v.begin(), v.end()) > 99) r.bad("expected numbers in 0..99");
+            std::sort(v.begin(), v.end());
+            if (v != w) r.bad("wrong answer");
+            nats += std::log(6.0) + double(v.size()) * std::log(100.0);
+        } else {  // kCount
+            const std::vector<long> v = r.numbers(body);
+            if (v.size() < 3 || v.size() > 8 || v[0] > 89 || v[1] - v[0] < 1 || v[1] - v[0] > 4)
+                r.bad("expected 3 to 8 terms, start 0..89, step 1..4");
+            for (size_t i = 2; i < v.size(); ++i)
+                if (v[i] - v[i - 1] != v[1] - v[0]) r.bad("not an arithmetic progression");
+            nats += std::log(90.0) + std::log(4.0) + std::log(6.0);
         }
         return nats;
     }
-    // talk: every successor row has the same entropy h_T, so E[nats] = log 48 (first word) + h(stop)/q (one stop
-    // decision per word; E[words] = 1/q) + h_T (1/q - 1) (one transition per word after the first). The length
-    // needs the distribution p_i of the i-th word: p_1 uniform, p_{i+1} = p_i P, and word i exists with probability
-    // (1-q)^(i-1); the series converges geometrically and is summed until its terms vanish.
-    void talk_entropy(double& nats, double& bytes) const {
+    // The exact expected -log p and length of a line of each kind, and the best loss per byte.
+    SyntheticEntropy entropy() const {
+        // Per kind: the expected -log p without the choice of the kind, and the length with the tag and newline.
+        double nats[kKinds], bytes[kKinds];
+        auto digits = [](long v) { return double(std::to_string(v).size()); };
+        for (int k = 0; k < kKinds; ++k) bytes[k] = double(std::strlen(kNames[k])) + 2;  // tag, space, newline
+        // talk: every successor row has the same entropy h_T, so E[nats] = log 48 (first word) + h(stop)/q (one stop
+        // decision per word; E[words] = 1/q) + h_T (1/q - 1) (one transition per word after the first). The length
+        // needs the distribution p_i of the i-th word: p_1 uniform, p_{i+1} = p_i P, and word i exists with
+        // probability (1-q)^(i-1); the series converges geometrically and is summed until its terms vanish.
         const double q = kStop, h_stop = -q * std::log(q) - (1 - q) * std::log(1 - q);
         double h_T = 0;
         for (double p : kSuccessorProb) h_T -= p * std::log(p);
-        nats = std::log(double(kWords)) + h_stop / q + h_T * (1 / q - 1);
+        nats[kTalk] = std::log(double(kWords)) + h_stop / q + h_T * (1 / q - 1);
         std::vector<double> p(kWords, 1.0 / kWords), next(kWords);
         double len = 0;
         for (double reach = 1; reach > 1e-18; reach *= 1 - q) {
@@ -5602,16 +5475,8 @@ struct SyntheticCorpus {
                 for (int k = 0; k < 4; ++k) next[successors[size_t(w)][size_t(k)]] += p[size_t(w)] * kSuccessorProb[k];
             p.swap(next);
         }
-        bytes += len;  // each word with the ' ' or '.' after it
-    }
-    // The exact expected -log p and length of a line of each kind, and the best loss per byte.
-    SyntheticEntropy entropy() const {
-        // Per kind: the expected -log p without the choice of the kind, and the length with the tag and newline.
-        double nats[kKinds], bytes[kKinds];
-        auto digits = [](long v) { return double(std::to_string(v).size()); };
-        for (int k = 0; k < kKinds; ++k) bytes[k] = double(std::strlen(kNames[k])) + 2;  // tag, space, newline
-        talk_entropy(nats[kTalk], bytes[kTalk]);
-        double len = 0;  // math: enumerate the 30,000 equally likely questions for the answer's length
+        bytes[kTalk] += len;  // each word with the ' ' or '.' after it
+        len = 0;  // math: enumerate the 30,000 equally likely questions for the answer's length
         for (int op = 0; op < 3; ++op)
             for (int a = 0; a < 100; ++a)
                 for (int b = 0; b < 100; ++b) len += digits(a) + digits(b) + 2 + digits(apply(op, a, b));
@@ -5632,8 +5497,7 @@ struct SyntheticCorpus {
         nats[kCount] = std::log(90.0 * 4 * 6);
         bytes[kCount] += len / (90 * 4 * 6);
 
-        SyntheticEntropy e{};
-        double all_nats = 0, all_bytes = 0;
+        SyntheticEntropy e{};  // nats_per_byte first sums E[nats per line]
         Rng example_rng(7);
         for (int k = 0; k < kKinds; ++k) {
             std::string example;
@@ -5641,19 +5505,16 @@ struct SyntheticCorpus {
             example.pop_back();  // the newline
             const double nats_per_line = nats[k] - std::log(kProb[k]);
             e.parts.push_back({kNames[k], example, kProb[k], nats_per_line, bytes[k], nats_per_line / bytes[k]});
-            all_nats += kProb[k] * nats_per_line;
-            all_bytes += kProb[k] * bytes[k];
+            e.nats_per_byte += kProb[k] * nats_per_line;
+            e.bytes_per_line += kProb[k] * bytes[k];
         }
-        e.nats_per_byte = all_nats / all_bytes;
+        e.nats_per_byte /= e.bytes_per_line;
         e.bits_per_byte = e.nats_per_byte / std::log(2.0);
-        e.bytes_per_line = all_bytes;
         return e;
     }
 };
-
 inline std::string synthetic_corpus(size_t n_bytes, uint64_t seed) { return SyntheticCorpus().generate(n_bytes, seed); }
 inline double synthetic_corpus_entropy_nats_per_byte() { return SyntheticCorpus().entropy().nats_per_byte; }
-
 // The text `build/train` and `build/balance` learn from, as byte tokens (vocabulary 256): the file at `path` if one is
 // given; else data/tinyshakespeare.txt when `make data` has fetched it; else 1 MiB of the synthetic corpus above, so
 // that training works on a machine with no network. `source` receives a description for the log.
