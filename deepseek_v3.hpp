@@ -7024,7 +7024,8 @@ struct SafetensorsFile {
             if (!v) fail(where, ": missing field \"", key, "\"");
             return *v;
         };
-        TensorInfo t{name};
+        TensorInfo t;
+        t.name = name;
         const Json& dtype = field("dtype");
         if (!dtype.is_string()) fail(where, ": dtype: expected a string, found ", json_describe(dtype));
         if (!dtype_from_name(dtype.string, &t.dtype))
@@ -7522,10 +7523,7 @@ inline void read_checkpoint_tensor(const HfCheckpoint& ckpt, const HfCheckpoint:
                                    float* out, std::unordered_set<std::string>& used) {
     const TensorInfo& t = *src.info;
     used.insert(t.name);
-    if (!dtype_is_fp8(t.dtype)) {
-        src.file->read_floats(t, out);
-        return;
-    }
+    if (!dtype_is_fp8(t.dtype)) return src.file->read_floats(t, out);
     const std::string scale_name = t.name + "_scale_inv";  // block-scaled FP8 [V3 §3.3.2], as 13.5's intro says
     const HfCheckpoint::Source* s = ckpt.find(scale_name);
     if (!s) fail(src.file->path, ": tensor \"", t.name, "\" is ", dtype_name(t.dtype), " but its scale \"", scale_name,
@@ -7646,8 +7644,7 @@ inline void write_npy(const std::string& path, const float* data, const std::vec
     const int64_t numel = io_detail::numel(shape);
     std::string dict = "{'descr': '<f4', 'fortran_order': False, 'shape': (" + dims.substr(1, dims.size() - 2) +
                        (shape.size() == 1 ? ",), }" : "), }");
-    const size_t unpadded = 10 + dict.size() + 1;  // magic(6) + version(2) + length(2) + dict + '\n'
-    dict.append((64 - unpadded % 64) % 64, ' ');
+    dict.append((64 - (10 + dict.size() + 1) % 64) % 64, ' ');  // magic(6) + version(2) + length(2) + dict + '\n'
     dict += '\n';
     write_file_atomic_stream(path, "npy", [&](std::FILE* f) {
         const uint8_t head[10] = {0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0, uint8_t(dict.size() & 0xFF),
