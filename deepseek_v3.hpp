@@ -5536,19 +5536,14 @@ inline std::vector<int32_t> training_bytes(const std::string& path, std::string*
 // =====================================================================================================================
 // 12. PICTURES AND PROGRESS
 // =====================================================================================================================
-//   12.1  PNG plots (stb_image_write + stb_easy_font): loss curves, heatmaps (expert load), attention maps.
-//   12.2  A progress line for long runs.
 // --- 12.1 PNG plots --------------------------------------------------------------------------------------------------
-// A tiny raster canvas: filled rectangles, anti-aliased lines (the coverage of a pixel is how much of it lies within
-// half the line width of the segment), and text from stb_easy_font, whose glyphs are made of axis-aligned quads
-// (cap height 7 units, descenders to 9, about 6 units per character) drawn here as rectangles scaled by an integer
-// so they stay crisp. PNG encoding is stb_image_write's; the file is written atomically.
+// A tiny raster canvas: filled rectangles, anti-aliased lines (a pixel's coverage is how much of it lies within half
+// the line width of the segment), and stb_easy_font's text, whose glyphs are axis-aligned quads (cap height 7 units,
+// descenders to 9, about 6 a character), drawn as rectangles scaled by an integer so they stay crisp.
 struct Rgb { uint8_t r, g, b; };
-
 struct Canvas {
     int width, height;
     std::vector<uint8_t> rgb;  // [height, width, 3]
-
     Canvas(int w, int h, Rgb background = {255, 255, 255}) : width(w), height(h), rgb(size_t(w) * size_t(h) * 3) {
         fill_rect(0, 0, w, h, background);
     }
@@ -5564,10 +5559,8 @@ struct Canvas {
             for (int x = std::max(x0, 0); x < std::min(x1, width); ++x) blend(x, y, c, 1.0);
     }
     void outline_rect(int x0, int y0, int x1, int y1, Rgb c) {  // 1-pixel border inside [x0, x1) x [y0, y1)
-        fill_rect(x0, y0, x1, y0 + 1, c);
-        fill_rect(x0, y1 - 1, x1, y1, c);
-        fill_rect(x0, y0, x0 + 1, y1, c);
-        fill_rect(x1 - 1, y0, x1, y1, c);
+        fill_rect(x0, y0, x1, y0 + 1, c), fill_rect(x0, y1 - 1, x1, y1, c);  // top, bottom
+        fill_rect(x0, y0, x0 + 1, y1, c), fill_rect(x1 - 1, y0, x1, y1, c);  // left, right
     }
     // A polyline of `line_width` pixels through (xs[i], ys[i]) (pixel coordinates; a NaN point breaks the line, a
     // point alone is a dot), drawn only inside the clip box [x0, x1) x [y0, y1). Coverage is accumulated as a maximum
@@ -5589,9 +5582,8 @@ struct Canvas {
                 for (int x = bx0; x < bx1; ++x) {
                     const double px = x + 0.5 - ax, py = y + 0.5 - ay;
                     const double t = len2 > 0 ? std::clamp((px * dx + py * dy) / len2, 0.0, 1.0) : 0.0;
-                    const float a = float(std::clamp(r + 0.5 - std::hypot(px - t * dx, py - t * dy), 0.0, 1.0));
                     float& cv = cover[size_t(y) * size_t(width) + size_t(x)];
-                    cv = std::max(cv, a);
+                    cv = std::max(cv, float(std::clamp(r + 0.5 - std::hypot(px - t * dx, py - t * dy), 0.0, 1.0)));
                 }
         }
         for (int y = y0; y < y1; ++y)
@@ -5602,9 +5594,7 @@ struct Canvas {
             for (int x = int(cx - radius - 1); x <= int(cx + radius + 1); ++x)
                 blend(x, y, c, std::clamp(radius + 0.5 - std::hypot(x + 0.5 - cx, y + 0.5 - cy), 0.0, 1.0));
     }
-    // ---- text -------------------------------------------------------------------------------------------------
-    // stb_easy_font knows printable ASCII only; anything else is shown as '?'.
-    static std::string printable(std::string s) {
+    static std::string printable(std::string s) {  // stb_easy_font knows printable ASCII only; the rest shows as '?'
         std::replace_if(s.begin(), s.end(), [](char ch) { return ch < 32 || ch > 126; }, '?');
         return s;
     }
@@ -5615,8 +5605,7 @@ struct Canvas {
     // Text with its top-left corner at (x, y). Rotated text reads from bottom to top: it starts at (x, y) and grows
     // upwards, with the tops of the letters facing left (x is the left edge of the rotated box).
     void text(int x, int y, const std::string& s, Rgb c, int scale = 2, bool rotated = false) {
-        if (s.empty()) return;
-        std::string t = printable(s);
+        std::string t = printable(s);  // (empty: no quads)
         std::vector<char> vertices(t.size() * 1024 + 64);
         const int quads = stb_easy_font_print(0, 0, &t[0], nullptr, vertices.data(), int(vertices.size()));
         for (int q = 0; q < quads; ++q) {
@@ -5633,13 +5622,11 @@ struct Canvas {
         const int w = text_width(s, scale), h = text_height(scale);
         text(x - (halign + 1) * w / 2, y - (valign + 1) * h / 2, s, c, scale);
     }
-    // Rotated text (reading upwards) centred on (x, y).
-    void text_vertical_centered(int x, int y, const std::string& s, Rgb c, int scale) {
+    void text_vertical_centered(int x, int y, const std::string& s, Rgb c, int scale) {  // rotated, centred on (x, y)
         const int w = text_width(s, scale), h = text_height(scale);
         text(x - h / 2, y + w / 2, s, c, scale, true);
     }
-    // PNG through stb_image_write into memory, then an atomic write; errors name the path.
-    void save_png(const std::string& path) const {
+    void save_png(const std::string& path) const {  // stb_image_write into memory, then an atomic write
         std::string png;
         auto sink = [](void* context, void* data, int size) {
             static_cast<std::string*>(context)->append(static_cast<const char*>(data), size_t(size));
@@ -5649,13 +5636,12 @@ struct Canvas {
         write_file_atomic(path, png);
     }
 };
-
 // Colours: a categorical palette for lines (the "tab10" hues) and a perceptually ordered ramp for heatmaps,
 // dark blue -> teal -> green -> yellow (anchor colours of the viridis map), linear between anchors.
 inline Rgb series_color(size_t i) {
-    static constexpr Rgb palette[10] = {{31, 119, 180}, {255, 127, 14}, {44, 160, 44},  {214, 39, 40},
-                                        {148, 103, 189}, {140, 86, 75}, {227, 119, 194}, {127, 127, 127},
-                                        {188, 189, 34},  {23, 190, 207}};
+    static constexpr Rgb palette[10] = {{31, 119, 180}, {255, 127, 14}, {44, 160, 44}, {214, 39, 40}, {148, 103, 189},
+                                        {140, 86, 75}, {227, 119, 194}, {127, 127, 127}, {188, 189, 34},
+                                        {23, 190, 207}};
     return palette[i % 10];
 }
 inline Rgb ramp_color(double t) {
@@ -5667,16 +5653,14 @@ inline Rgb ramp_color(double t) {
     auto mix = [&](uint8_t from, uint8_t to) { return uint8_t(std::lround(from + (to - from) * f)); };
     return {mix(a.r, b.r), mix(a.g, b.g), mix(a.b, b.b)};
 }
-
 // About `target` round tick values (1, 2 or 5 times a power of ten apart) within [lo, hi]; *step gets the spacing.
 inline std::vector<double> nice_ticks(double lo, double hi, int target = 6, double* step_out = nullptr) {
-    std::vector<double> ticks;
     if (!(hi > lo)) { if (step_out) *step_out = 1; return {lo}; }
-    const double raw = (hi - lo) / std::max(target, 1);
-    const double magnitude = std::pow(10.0, std::floor(std::log10(raw)));
+    const double raw = (hi - lo) / std::max(target, 1), magnitude = std::pow(10.0, std::floor(std::log10(raw)));
     double step = 10 * magnitude;
-    for (double m : {1.0, 2.0, 5.0})
-        if (m * magnitude >= raw * 0.999) { step = m * magnitude; break; }
+    for (double m : {5.0, 2.0, 1.0})  // the smallest that is large enough
+        if (m * magnitude >= raw * 0.999) step = m * magnitude;
+    std::vector<double> ticks;
     for (double v = std::ceil(lo / step - 1e-9) * step; v <= hi + step * 1e-9; v += step)
         ticks.push_back(std::fabs(v) < step * 1e-9 ? 0.0 : v);
     if (step_out) *step_out = step;
@@ -5687,10 +5671,8 @@ inline std::string format_tick(double v, double step) {
     if (v != 0 && (std::fabs(v) >= 1e6 || std::fabs(v) < 1e-3)) return format_printf("%.3g", v);
     return format_printf("%.*f", std::max(0, int(std::ceil(-std::log10(step) - 1e-9))), v);
 }
-
 // One line of a line plot. Series with few points (at most 40, e.g. validation loss every N steps) get dots.
 struct PlotSeries { std::string name; std::vector<double> x, y; };
-
 // Heatmap options: value range (NaN = from the data), square cells (for T x T maps), numbers in the cells
 // (-1: when they fit), a label for the colour bar, and the colour of NaN cells (masked, e.g. future positions).
 struct HeatmapOptions {
@@ -5700,21 +5682,18 @@ struct HeatmapOptions {
     std::string colorbar_label;
     Rgb masked{225, 225, 225};
 };
-
 namespace plot_detail {
 constexpr Rgb kInk{30, 30, 30}, kGrid{225, 225, 225}, kFrame{120, 120, 120};
 using Ticks = std::vector<std::pair<double, std::string>>;  // positions in axis space, and their labels
 struct Box { int x0, y0, x1, y1; };                          // pixels [x0, x1) x [y0, y1)
-
 inline Ticks linear_ticks(double lo, double hi, int target) {
     double step = 1;
     Ticks t;
     for (double v : nice_ticks(lo, hi, target, &step)) t.push_back({v, format_tick(v, step)});
     return t;
 }
-// Ticks of a log axis (lo, hi: log10 of the values): values m x 10^k, most important first: m = 1; then 2, 5; then
-// 3, 4, 6, 7, 8, 9; then the halves. A value is kept if it is at least 26 pixels from every value kept so far;
-// levels are added until there are 4 ticks.
+// Ticks of a log axis (lo, hi: log10 of the values): values m x 10^k, most important first (m = 1; then 2, 5; then 3,
+// 4, 6, 7, 8, 9; then the halves), each kept if 26 pixels from all kept so far, levels added until there are 4 ticks.
 inline Ticks log_ticks(double lo, double hi, double px_per_decade) {
     static const std::vector<std::vector<double>> levels = {
         {1}, {2, 5}, {3, 4, 6, 7, 8, 9}, {1.5, 2.5, 3.5, 4.5, 5.5, 6.5, 7.5, 8.5, 9.5}};
@@ -5731,7 +5710,6 @@ inline Ticks log_ticks(double lo, double hi, double px_per_decade) {
     for (double a : kept) t.push_back({a, format_printf("%g", std::pow(10.0, a))});
     return t;
 }
-
 // A line plot, laid out once (ranges, ticks, legend size); render() draws it.
 struct LinePlot {
     static constexpr int W = 960, H = 600, S = 2, kLegendRow = 24;
@@ -5740,7 +5718,6 @@ struct LinePlot {
     double x_lo = INFINITY, x_hi = -INFINITY, y_lo = INFINITY, y_hi = -INFINITY;
     Ticks xt, yt;
     int y_label_w = 0, n_named = 0, legend_w = 0, legend_h = 0;
-
     double ty(double y) const { return log_y ? (y > 0 ? std::log10(y) : NAN) : y; }  // y in axis space
     LinePlot(const std::string& path, const std::vector<PlotSeries>& s, bool log) : series(s), log_y(log) {
         for (const PlotSeries& p : series) {
@@ -5762,10 +5739,9 @@ struct LinePlot {
         xt = linear_ticks(x_lo, x_hi, 8);
         yt = log_y ? log_ticks(y_lo, y_hi, (H - 200.0) / (y_hi - y_lo)) : linear_ticks(y_lo, y_hi, 6);
         for (const auto& t : yt) y_label_w = std::max(y_label_w, Canvas::text_width(t.second, S));
-        int legend_text_w = 0;
-        for (const PlotSeries& p : series)
-            if (!p.name.empty()) legend_text_w = std::max(legend_text_w, Canvas::text_width(p.name, S)), ++n_named;
-        legend_w = legend_text_w + 56, legend_h = n_named * kLegendRow + 12;
+        for (const PlotSeries& p : series)  // (legend_w matters only when some series are named)
+            if (!p.name.empty()) legend_w = std::max(legend_w, Canvas::text_width(p.name, S) + 56), ++n_named;
+        legend_h = n_named * kLegendRow + 12;
     }
     double X(const Box& b, double x) const { return b.x0 + (x - x_lo) / (x_hi - x_lo) * (b.x1 - 1 - b.x0); }
     double Y(const Box& b, double y) const { return b.y1 - 1 - (y - y_lo) / (y_hi - y_lo) * (b.y1 - 1 - b.y0); }
@@ -5794,11 +5770,9 @@ struct LinePlot {
         for (size_t k = 0; k < series.size(); ++k) {
             const PlotSeries& s = series[k];
             std::vector<double> xs(s.x.size()), ys(s.y.size());  // pixels; NaN where the point is skipped
-            for (size_t i = 0; i < s.x.size(); ++i) {
-                const bool ok = std::isfinite(s.x[i]) && std::isfinite(ty(s.y[i]));
-                xs[i] = ok ? X(b, s.x[i]) : NAN;
-                ys[i] = ok ? Y(b, ty(s.y[i])) : NAN;
-            }
+            for (size_t i = 0; i < s.x.size(); ++i)
+                if (std::isfinite(s.x[i]) && std::isfinite(ty(s.y[i]))) xs[i] = X(b, s.x[i]), ys[i] = Y(b, ty(s.y[i]));
+                else xs[i] = ys[i] = NAN;
             c.polyline(xs, ys, series_color(k), 2.0, b.x0 + 1, b.y0 + 1, b.x1 - 1, b.y1 - 1);
             if (std::count_if(xs.begin(), xs.end(), [](double x) { return std::isfinite(x); }) <= 40)
                 for (size_t i = 0; i < xs.size(); ++i)
@@ -5831,11 +5805,10 @@ struct LinePlot {
         };
         const int corners[4][2] = {{b.x1 - 12 - legend_w, b.y0 + 12}, {b.x0 + 12, b.y0 + 12},
                                    {b.x1 - 12 - legend_w, b.y1 - 12 - legend_h}, {b.x0 + 12, b.y1 - 12 - legend_h}};
-        int best = 0;
-        int64_t best_ink = INT64_MAX;
-        for (int i = 0; i < 4; ++i)
-            if (const int64_t n = ink_under(corners[i][0], corners[i][1]); n < best_ink) best_ink = n, best = i;
-        if (best_ink > int64_t(legend_w) * legend_h / 50 && crowded) *crowded = true;
+        int64_t ink[4];
+        for (int i = 0; i < 4; ++i) ink[i] = ink_under(corners[i][0], corners[i][1]);
+        const int best = int(std::min_element(ink, ink + 4) - ink);
+        if (ink[best] > int64_t(legend_w) * legend_h / 50 && crowded) *crowded = true;
         draw_legend(c, corners[best][0], corners[best][1]);
     }
     // The legend goes inside the plot area (place_legend) or, with legend_outside, to the right of it.
@@ -5859,9 +5832,8 @@ inline int label_every(int need_px, int cell_px) {
         if (k * cell_px >= need_px) return k;
     return (need_px + cell_px - 1) / cell_px;
 }
-
-// A heatmap, laid out once; draw() paints it. Labels are drawn at scale 2, every k-th with k chosen for the typical
-// (median) label width; a label that would still touch the one before it is skipped. Column labels are horizontal
+// A heatmap, laid out once; the draw_ functions paint it. Labels are drawn at scale 2, every k-th with k chosen for
+// the typical (median) label width, skipping one that would still touch the one before. Column labels are horizontal
 // unless rotating them lets many more of them be shown.
 struct Heatmap {
     static constexpr int S = 2;
@@ -5876,7 +5848,6 @@ struct Heatmap {
     std::vector<int> col_widths;
     std::vector<double> bar_ticks;
     int bar_h, bar_label_w = 0, gx0, gy0, bar_x0, bar_x1, xlabel_y, W, H;
-
     static std::string label(const std::vector<std::string>& l, int i) { return l.empty() ? std::to_string(i) : l[i]; }
     Heatmap(const std::vector<float>& v, int r, int c, const std::vector<std::string>& rl,
             const std::vector<std::string>& cl, const std::string& title, const HeatmapOptions& o)
@@ -5970,7 +5941,6 @@ struct Heatmap {
     }
 };
 }  // namespace plot_detail
-
 // Line plot: loss curves and the like. log_y plots y on a logarithmic axis (non-positive values are skipped). The
 // legend goes where it covers the least of the curves, or, when every corner is crowded, right of the plot area.
 inline void plot_lines(const std::string& path, const std::string& title, const std::string& xlabel,
@@ -6008,7 +5978,6 @@ inline std::string tick_label(const std::string& token) {
         s += ch == ' ' ? "_" : ch == '\n' ? "\\n" : ch == '\t' ? "\\t" : ch < 32 || ch > 126 ? "?" : std::string(1, ch);
     return s;
 }
-
 // Attention map of one head for a prompt: weights[T, T], row = query position, column = key position, labelled
 // with the prompt's tokens. With `causal`, the future (column > row) is shown as masked rather than as zeros.
 inline void plot_attention(const std::string& path, const std::string& title, const std::vector<float>& weights,
@@ -6028,12 +5997,11 @@ inline void plot_attention(const std::string& path, const std::string& title, co
 }
 
 // --- 12.2 Progress line ----------------------------------------------------------------------------------------------
-// "step 120/5000 (2.4%) | loss 2.3456 | lr 3.0e-04 | 12.3k tok/s | 0:12 elapsed | ETA 8:03". In a terminal the
-// line is rewritten in place ('\r') at most 10 times a second; when the output is a file or a pipe (CI logs),
-// a plain line is printed every `every_steps` steps or `every_seconds` seconds, whichever comes first, and at the
-// last step. Every long-running program prints this one line: train names its metric "loss" and counts tokens; an
-// experiment names its own ("max rel. error", "outputs"). A resumed run counts steps from the start of the whole run
-// (step 1201/2000), while its rate and ETA come from the steps this process ran (first_step: the steps done before).
+// "step 120/5000 (2.4%) | loss 2.3456 | lr 3.0e-04 | 12.3k tok/s | 0:12 elapsed | ETA 8:03", printed by every long
+// run (an experiment names its own metric and unit: "max rel. error", "outputs"). A terminal gets it rewritten in
+// place ('\r') at most 10 times a second; a file or a pipe (CI logs), a plain line every `every_steps` steps or
+// `every_seconds` seconds, whichever comes first, and at the last step. A resumed run counts steps from the start of
+// the whole run (step 1201/2000); its rate and ETA come from the steps this process ran (after first_step).
 struct Progress {
     using Clock = std::chrono::steady_clock;
     int64_t total_steps;
@@ -6046,12 +6014,10 @@ struct Progress {
     Clock::time_point start, last_print;
     size_t last_len = 0;
     bool printed_any = false, line_open = false;  // line_open: a terminal line not ended by '\n' yet
-
     explicit Progress(int64_t total, FILE* stream = stdout, int64_t every_n_steps = 0, double every_n_seconds = 30)
         : total_steps(total), out(stream), tty(isatty(fileno(stream)) != 0),
           every_steps(every_n_steps > 0 ? every_n_steps : std::max<int64_t>(1, total / 20)),
           every_seconds(every_n_seconds), start(Clock::now()), last_print(start) {}
-
     static std::string format_duration(double seconds) {
         if (!std::isfinite(seconds) || seconds < 0) return "?";
         const long s = long(seconds + 0.5);
@@ -6113,17 +6079,13 @@ struct Progress {
 // =====================================================================================================================
 // 13. CHECKPOINT I/O: the training checkpoint, JSON, safetensors, config.json, Hugging Face directories, .npy
 // =====================================================================================================================
-// A Hugging Face model directory, the format DeepSeek publishes V3 in, holds config.json (the architecture: 13.4 maps
-// it to dsv3::Config) and the weights (13.3): model.safetensors, a JSON header naming every tensor and then the raw
-// bytes, or shards model-00001-of-00163.safetensors ... listed by model.safetensors.index.json ({"weight_map":
-// {name: file}}). Tensor names are the Hugging Face names ParamLayout carries ("model.layers.3.mlp.gate.weight"), so
-// loading is: read config.json, build the model, copy every tensor into its slot of the flat parameter buffer,
-// converting BF16/F16/FP8 to float32. Everything read from a file is validated before it is used: a corrupt or
-// hostile file produces a dsv3::Error naming the file, the tensor and what was expected, never a crash.
-// Contents: 13.1 the project's own training checkpoint and log; 13.2 a minimal JSON reader/writer; 13.3 safetensors;
-// 13.4 config.json <-> Config; 13.5 Model <-> directory (save_hf, load_hf, with DeepSeek's FP8 block-scaled weights
-// and the MTP module's copies); 13.6 .npy files and the forward pass the way transformers computes logits and loss
-// (examples/hf_logits.cpp, the reference tests).
+// 13.1 is the project's own training checkpoint and log. A Hugging Face model directory, the format DeepSeek publishes
+// V3 in, holds config.json (the architecture, which 13.4 maps to Config; 13.2 reads JSON) and the weights (13.3):
+// model.safetensors, or shards model-00001-of-00163.safetensors ... listed by model.safetensors.index.json. Tensor
+// names are the Hugging Face names ParamLayout carries ("model.layers.3.mlp.gate.weight"), so loading (13.5) is: read
+// config.json, build the model, copy every tensor into its slot of the flat parameter buffer, converting BF16/F16/FP8
+// to float32. Everything read from a file is validated before it is used: a corrupt or hostile file produces an Error
+// naming the file, the tensor and what was expected, never a crash. 13.6: .npy, and transformers' forward pass.
 
 namespace io_detail {
 inline File open_file(const std::string& path, const char* what) {
@@ -6165,8 +6127,8 @@ inline std::string name_list(const std::vector<std::string>& names, size_t show 
 
 // --- 13.1 checkpoints ------------------------------------------------------------------------------------------------
 // A training checkpoint holds everything a resumed run needs to continue bit for bit: the config, the step, the
-// parameters (the routing bias included) and AdamW's moments. Text header, then raw little-endian float32, written to
-// "<path>.tmp" and renamed over <path> only when complete, so that a crash never leaves a torn file:
+// parameters (the routing bias included) and AdamW's moments. Text header, then raw little-endian float32 (written
+// atomically: a crash never leaves a torn file):
 //     dsv3-checkpoint 1
 //     <Config::to_text() lines>
 //     step=<optimizer steps taken>
@@ -6174,9 +6136,9 @@ inline std::string name_list(const std::vector<std::string>& names, size_t show 
 //     floats=<parameter count>
 //     end
 //     params[floats] m[floats] v[floats]
-// RunInfo: what a run records beside the weights, so that a later program needs nothing but the checkpoint:
-// build/train writes its flags (run.arg, one word each, in order: --resume continues with them), its data, the
-// tokenizer file and a prompt that fits its corpus (build/generate's default). Keys may repeat; values are escaped.
+// RunInfo: what a run records beside the weights, so that a later program needs only the checkpoint: build/train
+// writes its flags (run.arg, one word each, in order: --resume continues with them), its data, the tokenizer file and
+// a prompt that fits its corpus (build/generate's default). Keys may repeat; values are escaped.
 struct RunInfo {
     std::vector<std::pair<std::string, std::string>> entries;
     void add(const std::string& key, const std::string& value) { entries.emplace_back(key, value); }
@@ -6192,16 +6154,14 @@ struct RunInfo {
     }
 };
 inline void save_checkpoint(const std::string& path, const Model& model, const AdamW& opt, const RunInfo& run = {}) {
-    std::ostringstream header;
-    header << "dsv3-checkpoint 1\n" << model.cfg.to_text() << "step=" << opt.step << "\n";
+    const size_t n = model.params.size();
+    std::string h = "dsv3-checkpoint 1\n" + model.cfg.to_text() + "step=" + std::to_string(opt.step) + "\n";
     for (const auto& [key, value] : run.entries) {
         if (key.empty() || key.find_first_of("=\n") != std::string::npos)
             fail("checkpoint ", path, ": run key \"", escape_bytes(key), "\" is empty or holds '=' or a line break");
-        header << "run." << key << "=" << escape_bytes(value) << "\n";
+        h += "run." + key + "=" + escape_bytes(value) + "\n";
     }
-    header << "floats=" << model.params.size() << "\nend\n";
-    const std::string h = header.str();
-    const size_t n = model.params.size();
+    h += "floats=" + std::to_string(n) + "\nend\n";
     std::vector<float> arrays[] = {backend::download(model.params), backend::download(opt.m), backend::download(opt.v)};
     for (std::vector<float>& a : arrays)  // copies in host memory; an optimizer that never stepped has no moments
         if (a.size() != n) a.assign(n, 0.0f);
@@ -6210,10 +6170,9 @@ inline void save_checkpoint(const std::string& path, const Model& model, const A
         return write_bytes(f, h.data(), h.size()) && std::all_of(std::begin(arrays), std::end(arrays), write);
     });
 }
-// Reads the config a checkpoint was saved with (and its step, header size and RunInfo, where asked), and checks what
-// the file declares against what it holds before anything is allocated: floats= must be the config's parameter count,
-// the file exactly the header and three arrays of floats (the count divides the size, never multiplies it: no
-// overflow), a model of that size must fit in memory. `Model(read_checkpoint_config(path))` is one the file fills.
+// Reads the config a checkpoint was saved with (and its step, header size and RunInfo, where asked), checking before
+// anything is allocated that floats= is the config's parameter count, that the file is exactly the header and three
+// arrays of floats (the size is divided, never multiplied: no overflow) and that such a model fits in memory.
 inline Config read_checkpoint_config(const std::string& path, int* step = nullptr, size_t* header_bytes = nullptr,
                                      RunInfo* run = nullptr) {
     const io_detail::File f = io_detail::open_file(path, "checkpoint");
@@ -6270,19 +6229,16 @@ inline void load_checkpoint(const std::string& path, Model& model, AdamW& opt, R
     const size_t n = model.params.size();
     const io_detail::File f = io_detail::open_file(path, "checkpoint");
     std::vector<float> host(n);
-    size_t at = header;
     for (backend::Buffer<float>* buffer : {&model.params, &opt.m, &opt.v}) {  // in the file's order
-        if (!io_detail::read_at(f.get(), at, host.data(), 4 * n)) fail("checkpoint ", path, ": read failed");
+        if (!io_detail::read_at(f.get(), header, host.data(), 4 * n)) fail("checkpoint ", path, ": read failed");
         backend::upload(*buffer, host);
-        at += 4 * n;
+        header += 4 * n;
     }
     opt.step = step;
 }
 // The history of a training run: the losses of every step and the results of every evaluation. build/train keeps it
-// in the run directory beside the checkpoint (train_log.txt), saved with it, and draws its plots from it, so a run
-// resumed from a checkpoint of step s keeps steps 1..s of the log, repeats nothing, and its plots show the whole run.
-// Text, one record a line (numbers as printf's %.17g, which reads back to the same double: a resumed run's plots are
-// drawn from the same values as the uninterrupted run's):
+// beside the checkpoint (train_log.txt), saved with it, and draws its plots from it, so a run resumed from step s
+// keeps steps 1..s, and its plots show the whole run, from the same values (%.17g reads back to the same double):
 //     dsv3-training-log 1
 //     step STEP LOSS MTP_LOSS GRAD_NORM LR MAXVIO_BATCH
 //     eval STEP VAL_LOSS MAXVIO_GLOBAL WINDOWS BLOCKS EXPERTS c_1 ... c_(BLOCKS·EXPERTS)   (validation loads by block)
@@ -6332,8 +6288,8 @@ struct TrainingLog {
             };
             auto number_at = [&](size_t i) {  // strtod: also "nan" and "inf", which a diverging run may log
                 char* end = nullptr;
-                const double x = i < w.size() ? std::strtod(w[i].c_str(), &end) : 0;
-                if (i >= w.size() || *end) bad("expected a number");
+                const double x = std::strtod(w[i].c_str(), &end);  // (i < w.size(): the caller checked the count)
+                if (*end) bad("expected a number");
                 return x;
             };
             auto count_at = [&](size_t i) {
@@ -6366,10 +6322,10 @@ struct TrainingLog {
 };
 
 // --- 13.2 JSON -------------------------------------------------------------------------------------------------------
-// config.json, the safetensors header and the shard index are JSON (RFC 8259). This reader is strict: anything the
-// grammar does not allow (trailing commas, comments, single quotes, NaN, unescaped control characters, lone UTF-16
-// surrogates, duplicate keys) is an error naming the source, the byte offset and what was expected there.
-// Objects keep their members in file order (a vector of pairs), which also makes the writer's output deterministic.
+// config.json, the safetensors header and the shard index are JSON (RFC 8259), read strictly: anything the grammar
+// does not allow (trailing commas, comments, single quotes, NaN, unescaped control characters, lone UTF-16 surrogates,
+// duplicate keys) is an error naming the source, the byte offset and what was expected there. Objects keep their
+// members in file order (a vector of pairs), which also makes the writer's output deterministic.
 struct Json {
     enum class Type { null, boolean, number, string, array, object };
     Type type = Type::null;
@@ -6398,8 +6354,7 @@ struct Json {
     bool is_string() const { return type == Type::string; }
     bool is_array() const { return type == Type::array; }
     bool is_object() const { return type == Type::object; }
-    // Objects: the member named key, or null if absent. (Linear: config.json has a few dozen keys; big objects such as
-    // safetensors headers are walked in order, never searched.)
+    // The member named key, or null (linear: config.json has a few dozen keys; safetensors headers are only walked).
     const Json* find(const std::string& key) const {
         auto it = std::find_if(object.begin(), object.end(), [&](const auto& member) { return member.first == key; });
         return it == object.end() ? nullptr : &it->second;
@@ -6414,8 +6369,7 @@ struct Json {
 };
 
 namespace io_detail {
-// Appends code point cp as UTF-8 (1 to 4 bytes).
-inline void append_utf8(std::string& out, uint32_t cp) {
+inline void append_utf8(std::string& out, uint32_t cp) {  // code point cp as UTF-8 (1 to 4 bytes)
     if (cp < 0x80) { out += char(cp); return; }
     static const uint8_t lead[5] = {0, 0, 0xC0, 0xE0, 0xF0};  // 110xxxxx, 1110xxxx, 11110xxx; then n - 1 bytes 10xxxxxx
     const int n = cp < 0x800 ? 2 : cp < 0x10000 ? 3 : 4;
@@ -6424,12 +6378,16 @@ inline void append_utf8(std::string& out, uint32_t cp) {
 }
 // JSON's two-character escapes: \" \\ \/ \b \f \n \r \t stand for the characters of json_unescaped.
 inline constexpr char json_escapes[] = "\"\\/bfnrt", json_unescaped[] = "\"\\/\b\f\n\r\t";
-// Recursive descent over the JSON grammar. `base` is added to reported offsets (the safetensors header starts at
-// byte 8 of its file, so errors give offsets in the file).
-class JsonParser {
-  public:
-    JsonParser(const char* text, size_t size, std::string source, uint64_t base)
-        : p_(text), n_(size), source_(std::move(source)), base_(base) {}
+// Recursive descent over the JSON grammar, over n_ bytes at p_. base_ is added to reported offsets (the safetensors
+// header starts at byte 8 of its file, so errors give offsets in the file).
+struct JsonParser {
+    const char* p_;
+    size_t n_;
+    std::string source_;
+    uint64_t base_;
+    size_t pos_ = 0;
+    int depth_ = 0;
+
     Json parse_document() {
         skip_ws();
         Json v = value();
@@ -6437,13 +6395,6 @@ class JsonParser {
         if (pos_ != n_) error("the end of the document");
         return v;
     }
-  private:
-    const char* p_;
-    size_t n_, pos_ = 0;
-    std::string source_;
-    uint64_t base_;
-    int depth_ = 0;
-
     std::string found() const {
         if (pos_ >= n_) return "the end of the input";
         const unsigned char c = static_cast<unsigned char>(p_[pos_]);
@@ -6565,11 +6516,11 @@ class JsonParser {
         Json j = Json::of_double(std::strtod(text.c_str(), nullptr));  // the C locale (programs do not call setlocale)
         if (!std::isfinite(j.number)) error("a number within the range of a double", start);
         // an integer literal also keeps its exact value when it fits int64_t (offsets and shapes must be exact)
-        j.is_integer = !fraction && !exponent && std::from_chars(text.data(), text.data() + text.size(), j.integer).ec == std::errc();
+        j.is_integer = !fraction && !exponent && std::from_chars(p_ + start, p_ + pos_, j.integer).ec == std::errc();
         return j;
     }
 };
-// Builders for the writers: an array of integers; members appended to an object, in order.
+// Builders for the writers: an array of integers; members appended to an object.
 inline Json json_ints(const std::vector<int64_t>& values) {
     Json array = Json::new_array();
     for (int64_t v : values) array.push(Json::of_int(v));
@@ -6603,9 +6554,7 @@ inline void write_json_number(std::string& out, const Json& j) {
     out += buf;
 }
 inline void write_json(std::string& out, const Json& j, int indent, int level) {
-    auto newline = [&](int lvl) {
-        if (indent >= 0) out += '\n' + std::string(size_t(indent) * size_t(lvl), ' ');
-    };
+    auto newline = [&](int lvl) { if (indent >= 0) out += '\n' + std::string(size_t(indent) * size_t(lvl), ' '); };
     switch (j.type) {
         case Json::Type::null: out += "null"; return;
         case Json::Type::boolean: out += j.boolean ? "true" : "false"; return;
@@ -6634,7 +6583,7 @@ inline void write_json(std::string& out, const Json& j, int indent, int level) {
 }  // namespace io_detail
 // Parses a whole JSON document; `source` (a file name) starts every error message.
 inline Json json_parse(const std::string& text, const std::string& source, uint64_t base_offset = 0) {
-    return io_detail::JsonParser(text.data(), text.size(), source, base_offset).parse_document();
+    return io_detail::JsonParser{text.data(), text.size(), source, base_offset}.parse_document();
 }
 inline Json json_read_file(const std::string& path) { return json_parse(read_file_bytes(path), path); }
 // indent < 0: compact, one line; indent >= 0: pretty-printed with that many spaces per level.
@@ -6657,24 +6606,21 @@ inline std::string json_describe(const Json& j) {
 //                              "model.norm.weight": {"dtype": "BF16", "shape": [7168], "data_offsets": [0, 14336]},
 //                              ...}                                                        (may be padded with spaces)
 //     bytes 8+N..       the data section; each tensor's bytes are [begin, end) relative to its start, row-major
-// No code runs while loading (unlike pickle), and a reader can check everything before touching the data: this one
-// checks the header length against the file, every field's type, that shape × dtype size equals the byte range,
-// that every range lies inside the data section, and that no two ranges overlap. Bytes covered by no tensor are
-// allowed (the reference implementation rejects them; we only count them, in uncovered_bytes).
+// No code runs while loading (unlike pickle), and everything is checked before the data is touched: the header length
+// against the file, every field's type, shape × dtype size against the byte range, every range inside the data
+// section, no two ranges overlapping. Bytes of no tensor are counted in uncovered_bytes (the reference rejects them).
 enum class DType { F32, BF16, F16, F8_E4M3, F8_E5M2 };
-inline const char* dtype_name(DType d) {
-    static const char* const names[] = {"F32", "BF16", "F16", "F8_E4M3", "F8_E5M2"};  // in the order of DType
-    return names[int(d)];
-}
+inline constexpr const char* kDTypeNames[] = {"F32", "BF16", "F16", "F8_E4M3", "F8_E5M2"};  // in the order of DType
+inline const char* dtype_name(DType d) { return kDTypeNames[int(d)]; }
 inline int dtype_size(DType d) { return d == DType::F32 ? 4 : (d == DType::BF16 || d == DType::F16) ? 2 : 1; }
 inline bool dtype_from_name(const std::string& name, DType* out) {
-    for (DType d : {DType::F32, DType::BF16, DType::F16, DType::F8_E4M3, DType::F8_E5M2})
-        if (name == dtype_name(d)) { *out = d; return true; }
+    for (int d = 0; d < int(std::size(kDTypeNames)); ++d)
+        if (name == kDTypeNames[d]) { *out = DType(d); return true; }
     return false;
 }
 inline bool dtype_is_fp8(DType d) { return d == DType::F8_E4M3 || d == DType::F8_E5M2; }
-// n values: bytes (little-endian, `dtype`) -> float32, and back. Every format here converts to float32 exactly;
-// float32 to BF16, F16 or FP8 rounds to nearest even (FP8 saturates at its largest finite value).
+// n values: bytes (little-endian, `dtype`) -> float32 (exact for every format here), and back: float32 to BF16, F16
+// or FP8 rounds to nearest even (FP8 saturates at its largest finite value).
 inline void decode_to_float(DType dtype, const uint8_t* b, int64_t n, float* out) {
     const int size = dtype_size(dtype);
     for (int64_t i = 0; i < n; ++i) {
@@ -6760,9 +6706,11 @@ struct SafetensorsFile {
                 tensors.push_back(parse_entry(name, entry));
                 continue;
             }
-            if (!entry.is_object()) fail(path, ": __metadata__: expected an object of strings, found ", json_describe(entry));
+            if (!entry.is_object())
+                fail(path, ": __metadata__: expected an object of strings, found ", json_describe(entry));
             for (const auto& [key, value] : entry.object) {
-                if (!value.is_string()) fail(path, ": __metadata__.", key, ": expected a string, found ", json_describe(value));
+                if (!value.is_string())
+                    fail(path, ": __metadata__.", key, ": expected a string, found ", json_describe(value));
                 metadata.emplace_back(key, value.string);
             }
         }
@@ -6772,7 +6720,8 @@ struct SafetensorsFile {
     TensorInfo parse_entry(const std::string& name, const Json& entry) const {
         using io_detail::shape_str;
         const std::string where = path + ": tensor \"" + name + "\"";
-        if (!entry.is_object()) fail(where, ": expected an object {dtype, shape, data_offsets}, found ", json_describe(entry));
+        if (!entry.is_object())
+            fail(where, ": expected an object {dtype, shape, data_offsets}, found ", json_describe(entry));
         auto field = [&](const char* key) -> const Json& {
             const Json* v = entry.find(key);
             if (!v) fail(where, ": missing field \"", key, "\"");
@@ -6783,7 +6732,8 @@ struct SafetensorsFile {
         const Json& dtype = field("dtype");
         if (!dtype.is_string()) fail(where, ": dtype: expected a string, found ", json_describe(dtype));
         if (!dtype_from_name(dtype.string, &t.dtype))
-            fail(where, ": dtype \"", dtype.string, "\" is not supported (expected F32, BF16, F16, F8_E4M3 or F8_E5M2)");
+            fail(where, ": dtype \"", dtype.string,
+                 "\" is not supported (expected F32, BF16, F16, F8_E4M3 or F8_E5M2)");
         const Json& shape = field("shape");
         if (!shape.is_array()) fail(where, ": shape: expected an array of integers, found ", json_describe(shape));
         // Element count, overflow-safe: the byte count must stay below 2^62. The count saturates at limit + 1 (a zero
@@ -6832,8 +6782,7 @@ struct SafetensorsFile {
         for (const TensorInfo* t : order) uncovered_bytes -= t->end - t->begin;
     }
 };
-// One tensor to write: `data` holds numel float32 values, stored as `dtype` (F32 or BF16 are the usual choices; F16
-// and FP8 round to nearest even, FP8 saturating).
+// One tensor to write: `data` holds numel float32 values, stored as `dtype` (usually F32 or BF16).
 struct TensorToWrite {
     std::string name;
     std::vector<int64_t> shape;
@@ -6894,7 +6843,8 @@ inline std::vector<std::pair<std::string, std::string>> read_safetensors_index(c
     std::vector<std::pair<std::string, std::string>> out;
     for (const auto& kv : map->object) {
         if (!kv.second.is_string())
-            fail(path, ": weight_map: tensor \"", kv.first, "\": expected a file name, found ", json_describe(kv.second));
+            fail(path, ": weight_map: tensor \"", kv.first, "\": expected a file name, found ",
+                 json_describe(kv.second));
         const std::string& file = kv.second.string;
         const std::filesystem::path p(file);
         if (file.empty() || p.is_absolute() || std::count(p.begin(), p.end(), "..") > 0)
@@ -6904,8 +6854,7 @@ inline std::vector<std::pair<std::string, std::string>> read_safetensors_index(c
     }
     return out;
 }
-// All tensors of a checkpoint directory: model.safetensors, or the shards listed by model.safetensors.index.json
-// (transformers looks for the single file first, and so do we).
+// All tensors of a checkpoint directory: model.safetensors (first, as in transformers), or the shards of the index.
 struct HfCheckpoint {
     struct Source { const SafetensorsFile* file = nullptr; const TensorInfo* info = nullptr; };
     std::string dir, description;  // description: the file(s) the tensors come from, for messages
@@ -6921,7 +6870,8 @@ struct HfCheckpoint {
             return;
         }
         if (!io_detail::file_exists(index))
-            fail(dir, ": no model.safetensors or model.safetensors.index.json (is this a Hugging Face model directory?)");
+            fail(dir, ": no model.safetensors or model.safetensors.index.json (is this a Hugging Face model ",
+                 "directory?)");
         std::map<std::string, const SafetensorsFile*> opened;
         for (const auto& entry : read_safetensors_index(index)) {
             const SafetensorsFile*& file = opened[entry.second];
@@ -6930,7 +6880,9 @@ struct HfCheckpoint {
                 file = files.back().get();
             }
             const TensorInfo* t = file->find(entry.first);
-            if (!t) fail(index, ": weight_map puts tensor \"", entry.first, "\" in ", file->path, ", which has no such tensor");
+            if (!t)
+                fail(index, ": weight_map puts tensor \"", entry.first, "\" in ", file->path,
+                     ", which has no such tensor");
             tensors[entry.first] = {file, t};
         }
         description = index + " (" + std::to_string(files.size()) + " shard" + (files.size() == 1 ? "" : "s") + ")";
@@ -6946,15 +6898,15 @@ struct HfCheckpoint {
 };
 
 // --- 13.4 config.json <-> Config -------------------------------------------------------------------------------------
-// The mapping between DeepSeek's config.json and Config (whose fields carry inference/model.py's names). Most fields
-// map one to one (table below); the rest need care:
+// DeepSeek's config.json <-> Config (whose fields carry inference/model.py's names): most fields map one to one (the
+// table below); the rest need care:
 //   q_lora_rank       null in config.json when the query is projected directly (V2-Lite); 0 in Config.
 //   rope_theta        top level, or inside "rope_parameters" (transformers >= 5 writes that).
 //   YaRN              under "rope_scaling" (DeepSeek's files, older transformers) or "rope_parameters":
 //                     {"type"/"rope_type": "yarn", factor, original_max_position_embeddings, beta_fast, beta_slow,
 //                      mscale, mscale_all_dim}; mscale_all_dim is Config.mscale (the attention-scale coefficient).
 //   quantization_config  DeepSeek's FP8 release: reported in HfConfigInfo, used when loading weights.
-// A key that is absent takes transformers' DeepseekV3Config default (mostly the 671B values), so a file reads the way
+// An absent key takes transformers' DeepseekV3Config default (mostly the 671B values), so a file reads the way
 // transformers reads it; keys this model does not use are ignored; a key of the wrong type is an error naming it.
 struct HfQuantization {
     bool fp8 = false;                   // quantization_config.quant_method == "fp8"
@@ -6976,8 +6928,8 @@ inline Config hf_config_defaults() {
 }
 
 namespace io_detail {
-// Config field -> config.json key. The table maps the fields read and written one to one; with `any`, also the
-// nested and nullable ones handled by hand (written as "rope_scaling.factor"), for naming keys in errors.
+// Config field -> config.json key, for the fields read and written one to one; with `any`, also those handled by hand
+// (nested ones written as "rope_scaling.factor"), for naming keys in errors.
 inline const char* hf_key_of(const char* field, bool any = false) {
     static const char* const table[][2] = {
         {"vocab_size", "vocab_size"}, {"dim", "hidden_size"}, {"inter_dim", "intermediate_size"},
@@ -7073,9 +7025,8 @@ inline void read_yarn(const Json& rope, const std::string& rope_key, Config& c, 
     c.beta_fast = beta_fast != 0 ? beta_fast : 32.0f;
     c.beta_slow = beta_slow != 0 ? beta_slow : 1.0f;
     c.mscale = mscale_all_dim;  // transformers scales attention only when mscale_all_dim is non-zero: m(s, 0) = 1
-    // transformers also multiplies cos and sin by mscale(s, mscale)/mscale(s, mscale_all_dim) (1 in DeepSeek's
-    // configs, where both are equal), or by an explicit attention_factor, or by mscale(s, 1) when either is
-    // missing. This implementation never scales cos/sin: say so when it matters.
+    // transformers also multiplies cos and sin by mscale(s, mscale)/mscale(s, mscale_all_dim) (1 in DeepSeek's configs,
+    // where both are equal), or by attention_factor, or by mscale(s, 1) when either is missing. We never do: say so.
     double cos_sin_factor = yarn_mscale(c.rope_factor, 1.0);
     float attention_factor = 1;
     if (get("attention_factor", attention_factor)) cos_sin_factor = attention_factor;
@@ -7104,17 +7055,20 @@ inline void read_rope(const Json& j, Config& c, const std::string& where, std::v
     }
     const Json* theta_top = j.find("rope_theta");
     const Json* theta_in = rope ? rope->find("rope_theta") : nullptr;
-    if (theta_top && theta_in && !(theta_top->is_number() && theta_in->is_number() && theta_top->number == theta_in->number))
+    if (theta_top && theta_in &&
+        !(theta_top->is_number() && theta_in->is_number() && theta_top->number == theta_in->number))
         fail(where, ": \"rope_theta\" (", json_describe(*theta_top), ") and \"", rope_key, ".rope_theta\" (",
              json_describe(*theta_in), ") disagree");
     if (theta_in) from_json(*theta_in, c.rope_theta, where, rope_key + ".rope_theta");
     else if (theta_top) from_json(*theta_top, c.rope_theta, where, "rope_theta");
     if (!rope) return;
     std::string type = "default";
-    if (!read_key(*rope, "rope_type", type, where, rope_key + ".rope_type")) read_key(*rope, "type", type, where, rope_key + ".type");
+    if (!read_key(*rope, "rope_type", type, where, rope_key + ".rope_type"))
+        read_key(*rope, "type", type, where, rope_key + ".type");
     if (type == "yarn") read_yarn(*rope, rope_key, c, where, notes);
     else if (type != "default")
-        fail(where, ": key \"", rope_key, ".rope_type\": only \"yarn\" and \"default\" are supported, found \"", type, "\"");
+        fail(where, ": key \"", rope_key, ".rope_type\": only \"yarn\" and \"default\" are supported, found \"", type,
+             "\"");
 }
 // DeepSeek's FP8 release: quantization_config {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
 inline void read_quantization(const Json& j, HfQuantization& quant, const std::string& where) {
@@ -7188,9 +7142,9 @@ inline Config config_from_hf_json(const Json& j, const std::string& where, HfCon
     io_detail::validate_hf_config(c, where);
     return c;
 }
-// Config -> config.json for transformers' DeepseekV3ForCausalLM. Keys transformers needs beyond the architecture:
-// num_key_value_heads (its default, 128, would break attention for other head counts), and the fixed choices of this
-// implementation (silu, no attention bias, untied head, interleaved RoPE pairs).
+// Config -> config.json for transformers' DeepseekV3ForCausalLM, with the keys it needs beyond the architecture:
+// num_key_value_heads (its default, 128, would break attention for other head counts), and this implementation's
+// fixed choices (silu, no attention bias, untied head, interleaved RoPE pairs).
 inline Json config_to_hf_json(const Config& c, const std::string& torch_dtype = "float32") {
     c.validate();
     Json j = Json::new_object();
@@ -7227,14 +7181,14 @@ inline void write_hf_config(const std::string& path, const Config& c, const std:
 
 // --- 13.5 Model <-> Hugging Face directory ---------------------------------------------------------------------------
 // Names: every ParamEntry carries its HF name. Two things are special in DeepSeek's checkpoints [V3 §2.2, §3.3]:
-//  * MTP module k (k = 1..D) is stored as layer n_layers+k-1 and carries its OWN copies of the shared embedding and
-//    output head: model.layers.{n_layers+k-1}.embed_tokens.weight and .shared_head.head.weight. save_hf writes them
-//    (so the directory looks like DeepSeek's); load_hf checks their shapes and that they equal the shared tensors.
-//    transformers' DeepseekV3ForCausalLM has no MTP: it skips layer 61's weights silently (its ignore list names
-//    model.layers.61 only) and reports other layers beyond num_hidden_layers as unused weights, a warning.
+//  * MTP module k (k = 1..D) is stored as layer n_layers+k-1 with its OWN copies of the shared embedding and output
+//    head: model.layers.{n_layers+k-1}.embed_tokens.weight and .shared_head.head.weight. save_hf writes them (as
+//    DeepSeek's directory has them); load_hf checks their shapes and that they equal the shared tensors.
+//    transformers has no MTP: it skips layer 61's weights silently (its ignore list names model.layers.61 only) and
+//    warns of other layers beyond num_hidden_layers as unused weights.
 //  * FP8 weights (DeepSeek's official release): each linear *_proj.weight is F8_E4M3 with a float32 companion
-//    <name>_scale_inv of shape [ceil(out/128), ceil(in/128)], one scale per 128×128 block: real = fp8 × scale_inv.
-//    load_hf dequantizes them to float32.
+//    <name>_scale_inv [ceil(out/128), ceil(in/128)], one scale per 128×128 block: real = fp8 × scale_inv (load_hf
+//    dequantizes them to float32).
 inline std::string mtp_embed_copy_name(const Config& c, int k) {  // k = 0..D-1
     return "model.layers." + std::to_string(c.n_layers + k) + ".embed_tokens.weight";
 }
@@ -7244,10 +7198,12 @@ inline std::string mtp_head_copy_name(const Config& c, int k) {
 // Writes dir/config.json and dir/model.safetensors. dtype F32 (exact) or BF16 (half the size; the routing bias stays
 // F32, as in DeepSeek's files: a bias of 1e-3 steps must not be rounded to BF16's 8 bits).
 inline void save_hf(const std::string& dir, const Model& model, DType dtype = DType::F32) {
-    if (dtype != DType::F32 && dtype != DType::BF16) fail("save_hf ", dir, ": dtype must be F32 or BF16, found ", dtype_name(dtype));
+    if (dtype != DType::F32 && dtype != DType::BF16)
+        fail("save_hf ", dir, ": dtype must be F32 or BF16, found ", dtype_name(dtype));
     make_directories(dir);
     if (io_detail::file_exists(io_detail::join_path(dir, "model.safetensors.index.json")))
-        fail("save_hf ", dir, ": the directory holds a sharded checkpoint (model.safetensors.index.json); use another one");
+        fail("save_hf ", dir, ": the directory holds a sharded checkpoint (model.safetensors.index.json); ",
+             "use another one");
     const Config& c = model.cfg;
     const std::vector<float> params = backend::download(model.params);  // a copy in host memory
     std::vector<TensorToWrite> out;
@@ -7264,24 +7220,20 @@ inline void save_hf(const std::string& dir, const Model& model, DType dtype = DT
 }
 
 namespace io_detail {
-// Reads one tensor of the checkpoint into `out` (numel floats), dequantizing FP8 weights with their block scales.
-// `used` collects the checkpoint names consumed (the tensor and its scale).
+// One tensor of the checkpoint into `out` (numel floats), FP8 dequantized with its block scales; `used` collects the
+// names consumed (the tensor and its scale).
 inline void read_checkpoint_tensor(const HfCheckpoint& ckpt, const HfCheckpoint::Source& src, const HfQuantization& q,
                                    float* out, std::unordered_set<std::string>& used) {
     const TensorInfo& t = *src.info;
     used.insert(t.name);
-    if (!dtype_is_fp8(t.dtype)) {
-        src.file->read_floats(t, out);
-        return;
-    }
-    // Block-scaled FP8 [V3 §3.3.2; the official checkpoint's weight_scale_inv]:
-    // w[r][c] = fp8(q[r][c]) · scale_inv[r / 128][c / 128].
-    const std::string scale_name = t.name + "_scale_inv";
+    if (!dtype_is_fp8(t.dtype)) return src.file->read_floats(t, out);
+    const std::string scale_name = t.name + "_scale_inv";  // block-scaled FP8 [V3 §3.3.2], as 13.5's intro says
     const HfCheckpoint::Source* s = ckpt.find(scale_name);
     if (!s) fail(src.file->path, ": tensor \"", t.name, "\" is ", dtype_name(t.dtype), " but its scale \"", scale_name,
                  "\" is missing from ", ckpt.description);
     if (t.shape.size() != 2)
-        fail(src.file->path, ": tensor \"", t.name, "\": FP8 with block scales needs a matrix, found shape ", shape_str(t.shape));
+        fail(src.file->path, ": tensor \"", t.name, "\": FP8 with block scales needs a matrix, found shape ",
+             shape_str(t.shape));
     const int64_t rows = t.shape[0], cols = t.shape[1];
     const std::vector<int64_t> blocks = {(rows + q.block_out - 1) / q.block_out, (cols + q.block_in - 1) / q.block_in};
     if (s->info->shape != blocks)
@@ -7309,9 +7261,8 @@ inline void check_hf_tensors(const HfCheckpoint& ckpt, const ParamLayout& layout
              ckpt.description, ": ", name_list(missing));
 }
 }  // namespace io_detail
-// Copies every tensor of a checkpoint directory into `model` (whose config must match the checkpoint). Errors: any
-// tensor missing (the message lists some), a shape differing from the config's, a tensor this config does not have;
-// notes (non-fatal) go to `notes`.
+// Copies every tensor of a checkpoint directory into `model` (whose config must match the checkpoint). Errors: a
+// tensor missing, a shape differing from the config's, a tensor this config does not have; notes go to `notes`.
 inline void load_hf_weights(const HfCheckpoint& ckpt, Model& model, const HfQuantization& quant,
                             std::vector<std::string>* notes = nullptr) {
     if (!backend::host_memory) fail("load_hf_weights: runs on the CPU backend only (it reads into host memory)");
@@ -7330,15 +7281,17 @@ inline void load_hf_weights(const HfCheckpoint& ckpt, Model& model, const HfQuan
             if (!src) continue;
             if (src->info->shape != std::vector<int64_t>{V, d})
                 fail(ckpt.dir, ": tensor \"", name, "\" in ", src->file->path, ": expected shape ", shape_str({V, d}),
-                     " (a copy of the shared ", which == 0 ? "embedding" : "output head", "), found ", shape_str(src->info->shape));
+                     " (a copy of the shared ", which == 0 ? "embedding" : "output head", "), found ",
+                     shape_str(src->info->shape));
             std::vector<float> copy(size_t(V * d));
             io_detail::read_checkpoint_tensor(ckpt, *src, quant, copy.data(), used);
             const float* shared = model.params.data() + (which == 0 ? model.layout.embed : model.layout.head.w);
             double max_diff = 0;
-            for (size_t i = 0; i < copy.size(); ++i) max_diff = std::max(max_diff, double(std::fabs(copy[i] - shared[i])));
+            for (size_t i = 0; i < copy.size(); ++i)
+                max_diff = std::max(max_diff, double(std::fabs(copy[i] - shared[i])));
             if (max_diff > 0 && notes)
-                notes->push_back("\"" + name + "\" differs from the shared tensor (max |diff| " + std::to_string(max_diff) +
-                                 "); the model shares one, so the copy is ignored");
+                notes->push_back("\"" + name + "\" differs from the shared tensor (max |diff| " +
+                                 std::to_string(max_diff) + "); the model shares one, so the copy is ignored");
         }
     std::vector<std::string> extra;
     bool extra_layers = false;
@@ -7356,9 +7309,9 @@ inline void load_hf_weights(const HfCheckpoint& ckpt, Model& model, const HfQuan
              extra.size() == 1 ? " is" : " are", " not part of the model config.json describes: ",
              io_detail::name_list(extra), extra_layers ? mtp_hint : "");
 }
-// Reads a Hugging Face directory (config.json + model.safetensors or shards, any mix of F32/BF16/F16/FP8) into a new
-// Model. If config.json declares MTP modules (num_nextn_predict_layers) whose weights the checkpoint lacks, the model
-// is built without them (n_mtp_depth = the modules present), and a note says so. Notes go to stderr.
+// A Hugging Face directory (config.json + model.safetensors or shards, any mix of F32/BF16/F16/FP8) as a new Model.
+// MTP modules config.json declares (num_nextn_predict_layers) but the checkpoint lacks are left out (n_mtp_depth =
+// the modules present), with a note. Notes go to stderr.
 inline Model load_hf(const std::string& dir, uint64_t seed = 0) {
     HfConfigInfo info;
     Config cfg = read_hf_config(io_detail::join_path(dir, "config.json"), &info);
@@ -7377,7 +7330,8 @@ inline Model load_hf(const std::string& dir, uint64_t seed = 0) {
     load_hf_weights(ckpt, model, info.quant, &info.notes);
     for (const auto& f : ckpt.files)
         if (f->uncovered_bytes > 0)
-            info.notes.push_back(f->path + ": " + std::to_string(f->uncovered_bytes) + " bytes of the data section belong to no tensor");
+            info.notes.push_back(f->path + ": " + std::to_string(f->uncovered_bytes) +
+                                 " bytes of the data section belong to no tensor");
     for (const auto& note : info.notes) std::fprintf(stderr, "load_hf %s: note: %s\n", dir.c_str(), note.c_str());
     return model;
 }
@@ -7393,8 +7347,7 @@ inline void write_npy(const std::string& path, const float* data, const std::vec
     const int64_t numel = io_detail::numel(shape);
     std::string dict = "{'descr': '<f4', 'fortran_order': False, 'shape': (" + dims.substr(1, dims.size() - 2) +
                        (shape.size() == 1 ? ",), }" : "), }");
-    const size_t unpadded = 10 + dict.size() + 1;  // magic(6) + version(2) + length(2) + dict + '\n'
-    dict.append((64 - unpadded % 64) % 64, ' ');
+    dict.append((64 - (10 + dict.size() + 1) % 64) % 64, ' ');  // magic(6) + version(2) + length(2) + dict + '\n'
     dict += '\n';
     write_file_atomic_stream(path, "npy", [&](std::FILE* f) {
         const uint8_t head[10] = {0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0, uint8_t(dict.size() & 0xFF),
@@ -7473,18 +7426,17 @@ inline TokenRows parse_token_rows(const std::string& text) {
     for (size_t b = 0; b < rows.size(); ++b) {
         if (rows[b].empty()) fail("tokens \"", text, "\": row ", b, " is empty");
         if (int(rows[b].size()) != r.T)
-            fail("tokens \"", text, "\": row ", b, " has ", rows[b].size(), " tokens, row 0 has ", r.T, " (rows must be equal)");
+            fail("tokens \"", text, "\": row ", b, " has ", rows[b].size(), " tokens, row 0 has ", r.T,
+                 " (rows must be equal)");
         r.tokens.insert(r.tokens.end(), rows[b].begin(), rows[b].end());
     }
     return r;
 }
 // The forward pass of transformers' DeepseekV3ForCausalLM(input_ids, labels=input_ids): logits for all T positions
-// of each row, and the mean cross-entropy of the B·(T−1) next-token predictions (labels shifted by one; the last
-// position has no label). Model::forward takes rows of T+1 tokens and predicts token t+1 at position t, so each row
-// gets one extra token, kIgnore: its position's target is skipped by the cross-entropy, and the embedding only reads
-// the first T tokens. No MTP, no balance loss (transformers has neither). The routing bias is used for selection,
-// as in transformers. Returns the loss; logits: model.logits(), [B·T, vocab]; with `gradients`, model.grads holds
-// the gradient of the loss.
+// of each row, and the mean cross-entropy of the B·(T−1) next-token predictions (labels shifted by one). Model::forward
+// predicts token t+1 at position t of rows of T+1 tokens, so each row gets one extra token, kIgnore, whose target the
+// cross-entropy skips. No MTP, no balance loss (transformers has neither); the routing bias selects experts, as in
+// transformers. Returns the loss; logits: model.logits(), [B·T, vocab]; with `gradients`, model.grads: its gradient.
 inline double forward_like_transformers(Model& model, const TokenRows& rows, bool gradients) {
     for (size_t i = 0; i < rows.tokens.size(); ++i)
         if (rows.tokens[i] < 0 || rows.tokens[i] >= model.cfg.vocab_size)
