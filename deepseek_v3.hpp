@@ -2851,59 +2851,43 @@ inline std::vector<int32_t> generate(Model& model, const std::vector<int32_t>& p
 // =====================================================================================================================
 // 8. NUMERICS: FP8 TRAINING (DeepSeek-V3 report §3.3), BF16 AND FP16
 // =====================================================================================================================
-// DeepSeek-V3 trains with FP8 matrix multiplications (report §3.3): the three GEMMs of every linear layer, Fprop
-// y = x·Wᵀ, Dgrad dx = dy·W and Wgrad dW = dyᵀ·x, take 8-bit inputs on the tensor cores. What is sensitive or cheap
-// stays in BF16/FP32: embedding, output head, MoE router, norms, the attention core, the FP32 master weights and
-// gradients; AdamW's moments are stored in BF16 (bf16_round below).
-//
+// DeepSeek-V3 runs the three GEMMs of every linear layer, Fprop y = x·Wᵀ, Dgrad dx = dy·W and Wgrad dW = dyᵀ·x, on
+// 8-bit inputs (report §3.3). What is sensitive or cheap stays in BF16/FP32: embedding, output head, MoE router,
+// norms, the attention core, the FP32 master weights and gradients; AdamW's moments are stored in BF16 (bf16_round).
 // The formats (OCP 8-bit floating point specification; the bits are sign | exponent | mantissa):
 //          bits        bias  max finite    min normal  min subnormal  special values
 //   E4M3   s eeee mmm     7  448   (0x7E)  2^-6        2^-9           NaN = s.1111.111 only, no infinities ("fn")
 //   E5M2   s eeeee mm    15  57344 (0x7B)  2^-14       2^-16          IEEE: ±inf = s.11111.00, NaN = s.11111.(≠0)
-// E4M3 has one more mantissa bit (neighbours at most 12.5% apart) but spans only 2^-9..448, about 18 binades. V3 uses
-// it for every tensor, gradients included (earlier recipes used E5M2 there, for its range), and gets the range back by
-// fine-grained scaling (§3.3.2): one scale per tensor is set by its largest element, and with activation outliers most
-// values would fall into the coarse subnormals or to zero. So each small group gets its own scale, online, from its
-// amax: scale = amax / 448, x_q = E4M3(x / scale). Activations and gradients: one scale per 1×128 tile (a token × 128
-// channels; an outlier spoils only its tile). Weights: one per 128×128 block, whose scales also serve Wᵀ in Dgrad.
-// The groups run along the reduction dimension K, so the scale changes every 128 elements of K and must be applied
-// inside the accumulation, which promotion does.
-//
-// Promotion every 128 (§3.3.2 "Increasing Accumulation Precision"). Hopper's FP8 tensor cores do not accumulate in
-// FP32: within each block of 32 products every product is aligned to the largest exponent (the accumulator's
-// included) and truncated, and the sum keeps only 14 significant bits; over K = 4096 the report measured errors near
-// 2%. V3's fix: every N_C = 128 elements of K (four WGMMAs of K = 32) the partial sum goes to FP32 registers on the
-// CUDA cores, times the two group scales, into an FP32 accumulator: nearly free, the scales are applied there anyway.
-//
-// Here: 8.1 bit-exact codecs, 8.2 tile and block quantization, 8.3 fp8_gemm, the H100 tensor-core accumulator bit for
-// bit (after Khattak & Mikaitis and "Insights into DeepSeek-V3", arXiv 2505.09343), promotion optional, 8.4 V3's FP8
-// linear layer, 8.5 LogFMT (a log-space format the paper proposes for communication). examples/fp8_error.cpp reproduces
-// the "nearly 2%" and shows promotion removing it; examples/logfmt.cpp sets LogFMT against E4M3, E5M2 and BF16.
+// E4M3 has one more mantissa bit (neighbours at most 12.5% apart) but spans only about 18 binades. V3 uses it for
+// every tensor, gradients included (earlier recipes used E5M2 there), and gets the range back by fine-grained scaling
+// (§3.3.2): one scale per tensor would push most values, under activation outliers, into the subnormals or to zero;
+// instead each 1×128 tile (a token × 128 channels) of activations and gradients and each 128×128 block of weights
+// gets its own scale from its amax (8.2). The groups run along the reduction dimension K, so the scales must be
+// applied inside the accumulation, and promotion every 128 (§3.3.2 "Increasing Accumulation Precision") does it:
+// Hopper's FP8 tensor cores accumulate with about 14 significant bits (8.3: errors near 2% over K = 4096), so every
+// N_C = 128 elements of K V3 adds the partial sum, times the two group scales, into FP32 registers on the CUDA cores
+// (nearly free: the scales are applied there anyway). examples/fp8_error.cpp reproduces the "nearly 2%" and shows
+// promotion removing it.
 
 // --- 8.1 bit-level helpers, BF16 and FP16, the FP8 codecs ------------------------------------------------------------
 namespace fp8_detail {
 inline uint32_t bits_of(float x) { uint32_t u; std::memcpy(&u, &x, 4); return u; }
 inline float float_of(uint32_t u) { float x; std::memcpy(&x, &u, 4); return x; }
-// 2^n as a float for a normal exponent n in [-126, 127], built from its bits (exact, no libm).
-inline float pow2f(int n) { return float_of(uint32_t(n + 127) << 23); }
-// Number of significant bits of v > 0 (bit_length(1) = 1).
-inline int bit_length(uint32_t v) {
+inline float pow2f(int n) { return float_of(uint32_t(n + 127) << 23); }   // 2^n for n in [-126, 127]: exact, no libm
+inline int bit_length(uint32_t v) {   // significant bits of v > 0 (bit_length(1) = 1)
 #if defined(__GNUC__) || defined(__clang__)
     return 32 - __builtin_clz(v);
 #else
     int n = 0;
-    while (v) { ++n; v >>= 1; }
+    for (; v; v >>= 1) ++n;
     return n;
 #endif
 }
-
-// Rounds a non-negative float (its bits `a`; NaN excluded, +inf allowed) to nearest, ties to even, in a format of
-// `man_bits` mantissa bits and exponent bias `bias`; returns the unsigned code (exponent field << man_bits) | mantissa.
-// Codes grow with the value and are unbounded above: past the largest finite code, the caller saturates or makes inf.
-// The value is sig · 2^(e - 23) (24-bit significand sig). At te = max(e, emin) the target's spacing is
-// 2^(te - man_bits); the spacings q = sig >> shift, rounded to even, lie in [2^man_bits, 2^(man_bits+1)] for normals
-// and [0, 2^man_bits] for subnormals, and the code is ((te + bias - 1) << man_bits) + q either way: a carry into the
-// next binade, or from the subnormals into the normals, lands on the right code by itself.
+// Rounds a non-negative float (bits `a`; NaN excluded, +inf allowed) to nearest even in a format of `man_bits` mantissa
+// bits and bias `bias`: the unsigned code (exponent field << man_bits) | mantissa, unbounded above (the caller
+// saturates or makes inf). For a = sig · 2^(e - 23), q = sig >> shift rounded to even counts the target's spacings
+// 2^(te - man_bits), te = max(e, emin), and the code is ((te + bias - 1) << man_bits) + q for normals and subnormals
+// alike: a carry into the next binade, or from the subnormals into the normals, lands on the right code by itself.
 inline int64_t round_to_code(uint32_t a, int man_bits, int bias) {
     if (a == 0) return 0;
     const int fexp = std::max(int(a >> 23), 1);   // float32 subnormals: the 2^-126 scale, no implicit bit
@@ -2917,15 +2901,6 @@ inline int64_t round_to_code(uint32_t a, int man_bits, int bias) {
     if (rem > half || (rem == half && (q & 1u))) ++q;
     return (int64_t(te + bias - 1) << man_bits) + int64_t(q);
 }
-
-// Value of a finite code without sign (exponent field ef, mantissa m): m·2^(emin - man_bits) for subnormals (ef = 0),
-// (2^man_bits + m)·2^(ef - bias - man_bits) for normals. ldexp is exact here.
-inline float code_value(uint32_t code, int man_bits, int bias) {
-    const uint32_t ef = code >> man_bits, m = code & ((1u << man_bits) - 1);
-    if (ef == 0) return std::ldexp(float(m), 1 - bias - man_bits);
-    return std::ldexp(float(m | (1u << man_bits)), int(ef) - bias - man_bits);
-}
-
 // x to a `bits`-wide format (sign on top): NaN becomes sign | nan_code; otherwise x is rounded and a code past `top`
 // becomes `top`, which is the largest finite code for a saturating format and the infinity code for IEEE overflow.
 inline uint32_t encode(float x, int bits, int man_bits, int bias, uint32_t nan_code, uint32_t top) {
@@ -2934,15 +2909,17 @@ inline uint32_t encode(float x, int bits, int man_bits, int bias, uint32_t nan_c
     const int64_t code = round_to_code(a, man_bits, bias);
     return sign | (code > int64_t(top) ? top : uint32_t(code));
 }
-// The inverse: codes from `special` up are infinity (`special` itself, when the format has_inf) or NaN.
+// The inverse: codes from `special` up are infinity (`special` itself, when the format has_inf) or NaN. A finite code
+// (exponent field ef, mantissa m) is m·2^(1 - bias - man_bits) for subnormals (ef = 0), else (2^man_bits + m)·2^(ef -
+// bias - man_bits); ldexp is exact here.
 inline float decode(uint32_t h, int bits, int man_bits, int bias, uint32_t special, bool has_inf) {
     const float sign = (h >> (bits - 1)) & 1u ? -1.0f : 1.0f;
-    const uint32_t code = h & ((1u << (bits - 1)) - 1);
+    const uint32_t code = h & ((1u << (bits - 1)) - 1), m = code & ((1u << man_bits) - 1);
+    const int ef = int(code >> man_bits);
     if (code >= special) return has_inf && code == special ? sign * INFINITY : std::copysign(NAN, sign);
-    return std::copysign(code_value(code, man_bits, bias), sign);
+    return std::copysign(std::ldexp(float(ef ? m | (1u << man_bits) : m), std::max(ef, 1) - bias - man_bits), sign);
 }
 }  // namespace fp8_detail
-
 // BF16: float32's sign, exponent and top 7 mantissa bits; rounding drops the low 16 bits (to nearest, ties to even).
 // V3 stores AdamW's moments in BF16 (§3.3.3); bf16_round(x) is what such a store-and-reload does to x.
 inline uint16_t float_to_bf16_bits(float x) {
@@ -2953,12 +2930,10 @@ inline uint16_t float_to_bf16_bits(float x) {
 }
 inline float bf16_bits_to_float(uint16_t h) { return fp8_detail::float_of(uint32_t(h) << 16); }
 inline float bf16_round(float x) { return bf16_bits_to_float(float_to_bf16_bits(x)); }
-
 // FP16 (IEEE binary16, bias 15, 10 mantissa bits, max 65504), which some checkpoints use: round to nearest even, and
 // a value that rounds past 65504 becomes ±inf (0x7C00).
 inline uint16_t float_to_f16_bits(float x) { return uint16_t(fp8_detail::encode(x, 16, 10, 15, 0x7E00u, 0x7C00u)); }
 inline float f16_bits_to_float(uint16_t h) { return fp8_detail::decode(h, 16, 10, 15, 0x7C00u, true); }
-
 // FP8 codecs: round to nearest even, subnormals kept, saturating: past the largest finite value is ±max (the
 // hardware's "satfinite"; PyTorch's plain cast does not saturate), ±inf too (E4M3 has none; E5M2's ±57344 keeps an
 // overflow from poisoning a GEMM). NaN stays NaN with its sign (E5M2: the quiet s.11111.10); -0 encodes to 0x80.
@@ -2966,18 +2941,16 @@ inline uint8_t fp8_e4m3_encode(float x) { return uint8_t(fp8_detail::encode(x, 8
 inline uint8_t fp8_e5m2_encode(float x) { return uint8_t(fp8_detail::encode(x, 8, 2, 15, 0x7Eu, 0x7Bu)); }
 inline float fp8_e4m3_decode(uint8_t q) { return fp8_detail::decode(q, 8, 3, 7, 0x7Fu, false); }
 inline float fp8_e5m2_decode(uint8_t q) { return fp8_detail::decode(q, 8, 2, 15, 0x7Cu, true); }
-
-// The two FP8 formats, for the functions below that accept either.
-enum class Fp8Format { e4m3, e5m2 };
-inline float fp8_decode(uint8_t q, Fp8Format f) { return f == Fp8Format::e4m3 ? fp8_e4m3_decode(q) : fp8_e5m2_decode(q); }
+enum class Fp8Format { e4m3, e5m2 };   // for the functions below that accept either
+inline float fp8_decode(uint8_t q, Fp8Format f) {
+    return f == Fp8Format::e4m3 ? fp8_e4m3_decode(q) : fp8_e5m2_decode(q);
+}
 inline bool fp8_is_finite(uint8_t q, Fp8Format f) { return (q & 0x7Fu) < (f == Fp8Format::e4m3 ? 0x7Fu : 0x7Cu); }
-
 // An FP8 input's exponent as the tensor core aligns it: unbiased, subnormals at the minimum normal exponent (-6 E4M3,
 // -14 E5M2). Meaningless for zero (zeros take no part).
 inline int fp8_input_exponent(uint8_t q, Fp8Format f) {
     const int man_bits = f == Fp8Format::e4m3 ? 3 : 2, bias = f == Fp8Format::e4m3 ? 7 : 15;
-    const int ef = (q & 0x7F) >> man_bits;
-    return (ef == 0 ? 1 : ef) - bias;
+    return std::max((q & 0x7F) >> man_bits, 1) - bias;   // the exponent field, 1 for subnormals
 }
 
 // --- 8.2 fine-grained quantization (§3.3.2, Figure 7a) ---------------------------------------------------------------
@@ -2990,14 +2963,10 @@ inline float fp8_scale_for_amax(float amax, bool pow2_scale = false) {
     if (!(amax > 0.0f)) return 1.0f;
     float s = amax / 448.0f;
     if (s < FLT_MIN) s = FLT_MIN;
-    if (pow2_scale) {
-        int e = 0;
-        const float m = std::frexp(s, &e);       // s = m · 2^e, m in [0.5, 1)
-        if (m != 0.5f) s = std::ldexp(1.0f, e);  // not a power of two yet: the next one up
-    }
+    int e = 0;   // s = m · 2^e, m in [0.5, 1): unless m = 0.5, 2^e is the next power of two up
+    if (pow2_scale && std::frexp(s, &e) != 0.5f) s = std::ldexp(1.0f, e);
     return s;
 }
-
 namespace fp8_detail {
 inline void check_quant_args(const char* who, const void* in, int rows, int cols, const void* q, const float* scales) {
     if (rows < 0 || cols < 0) fail(who, ": shape must be non-negative, found [", rows, ", ", cols, "]");
@@ -3046,22 +3015,21 @@ inline std::vector<T> transposed(const T* x, int rows, int cols) {
     return xt;
 }
 }  // namespace fp8_detail
-
 // x: [rows, cols] → q: [rows, cols] E4M3 codes, scales: [rows, ceil(cols/128)], one per 1×128 tile (a row's last tile
 // is partial when cols % 128 != 0: it has its own amax over the columns it covers).
-inline void quantize_tiles_1x128(const float* x, int rows, int cols, uint8_t* q, float* scales, bool pow2_scale = false) {
+inline void quantize_tiles_1x128(const float* x, int rows, int cols, uint8_t* q, float* scales,
+                                 bool pow2_scale = false) {
     fp8_detail::quantize_tiles("quantize_tiles_1x128", x, rows, cols, 1, q, scales, pow2_scale);
 }
-
 // w: [rows, cols] (a weight [out, in]) → q: [rows, cols], scales: [ceil(rows/128), ceil(cols/128)], one per 128×128
 // block (blocks at the bottom and right edges are partial).
-inline void quantize_blocks_128x128(const float* w, int rows, int cols, uint8_t* q, float* scales, bool pow2_scale = false) {
+inline void quantize_blocks_128x128(const float* w, int rows, int cols, uint8_t* q, float* scales,
+                                    bool pow2_scale = false) {
     fp8_detail::quantize_tiles("quantize_blocks_128x128", w, rows, cols, 128, q, scales, pow2_scale);
 }
-
-// Wgrad's operands are tiled along the token dimension, which is the reduction dimension of dW = dyᵀ·x: 128×1 tiles
-// (128 tokens × one channel). x: [rows, cols] → qt: [cols, rows] (transposed, so each tile becomes a 1×128 tile of a
-// row, the layout fp8_gemm reads), scales: [cols, ceil(rows/128)].
+// Wgrad's operands are tiled along the token dimension, the reduction dimension of dW = dyᵀ·x: 128×1 tiles (128
+// tokens × one channel). x: [rows, cols] → qt: [cols, rows] (transposed, so each tile becomes a 1×128 tile of a row,
+// the layout fp8_gemm reads), scales: [cols, ceil(rows/128)].
 inline void quantize_tiles_128x1_transposed(const float* x, int rows, int cols, uint8_t* qt, float* scales,
                                             bool pow2_scale = false) {
     const char* who = "quantize_tiles_128x1_transposed";
@@ -3069,7 +3037,6 @@ inline void quantize_tiles_128x1_transposed(const float* x, int rows, int cols, 
     const std::vector<float> xt = fp8_detail::transposed(x, rows, cols);   // [cols, rows]
     fp8_detail::quantize_tiles(who, xt.data(), cols, rows, 1, qt, scales, pow2_scale);
 }
-
 // Inverses (up to rounding): x[r, c] = decode(q[r, c]) · scale of its tile / block.
 inline void dequantize_tiles_1x128(const uint8_t* q, const float* scales, int rows, int cols, float* x) {
     fp8_detail::dequantize_tiles("dequantize_tiles_1x128", q, scales, rows, cols, 1, x);
@@ -3079,7 +3046,8 @@ inline void dequantize_blocks_128x128(const uint8_t* q, const float* scales, int
 }
 
 // --- 8.3 FP8 GEMM on the H100 tensor core's accumulator [V3 §3.3.2; arXiv 2505.09343] --------------------------------
-// C[M, N] = A[M, K] · B[N, K]ᵀ, A and B E4M3 codes, B in the weight layout [out, in]. For one output element:
+// C[M, N] = A[M, K] · B[N, K]ᵀ, A and B E4M3 codes, B in the weight layout [out, in]. The accumulator model (after
+// Khattak & Mikaitis and "Insights into DeepSeek-V3"; Fp8Accum, its parameters: section 3), for one output element:
 //   c = 0                                    the tensor core's accumulator: at most 14 significant bits
 //   for each block of 32 consecutive k:      one WGMMA instruction's K for FP8
 //       E = max over the block's non-zero products of ea_k + eb_k (exponents of the FP8 INPUTS, subnormals at the
@@ -3090,17 +3058,15 @@ inline void dequantize_blocks_128x128(const uint8_t* q, const float* scales, int
 //   promotion every N_C = 128 (V3): at the end of each 128-chunk of K and at the very end of K:
 //       acc32 = fmaf(c, (float)(sa · sb), acc32);  c = 0      sa·sb rounded to float once, then one fused rounding
 //   result = acc32                           no promotion ("fast accumulation") = one promotion at the very end
-// Scales: scale_a one per 1×128 tile of A ([M, ceil(K/128)]), scale_b one per 128×128 block of B ([ceil(N/128),
-// ceil(K/128)]), row-major; nullptr means all ones. A promotion chunk applies the one scale pair of its 128-tile, so
-// a chunk spanning several tiles (promote_every = 0 or > 128) needs equal scales over them (e.g. per tensor), else
-// fp8_gemm throws. Checked against an H100 (torch 2.11 _scaled_mm → cuBLASLt, use_fast_accum for "no promotion"):
-// bit for bit on every output for Gaussian, uniform, all-codes and sparse inputs, K = 32 … 4096 with tails (96, 160,
-// 1040), E4M3 × E5M2, 1×128 / 128×128 block scales. Every detail matters: flooring instead of truncation matches 0%
-// of the outputs, 14 fraction bits instead of 13 2%, aligning on the product's exponent 91%. cuBLAS's per-tensor
-// scaling (not V3's) promotes with unit scales and multiplies the result once, C = acc32 · (float)(sa·sb): pass null
-// scales and multiply C afterwards. A NaN input (or an E5M2 ±inf) makes every output reading its row NaN (the model
-// does not follow IEEE infinities through the truncating accumulator). Fp8Accum, its parameters: section 3.
-
+// scale_a: [M, ceil(K/128)], one per 1×128 tile of A; scale_b: [ceil(N/128), ceil(K/128)], one per 128×128 block of
+// B; null = all ones. A promotion applies one 128-tile's scale pair, so a chunk spanning several (promote_every = 0 or
+// > 128) needs equal scales over them (e.g. per tensor), else fp8_gemm throws. cuBLAS's per-tensor scaling (not V3's)
+// is C = acc32 · (float)(sa·sb): pass null scales and multiply C afterwards. A NaN input (or an E5M2 ±inf) makes its
+// row's outputs NaN (the model does not follow IEEE infinities through the truncating accumulator). Bit for bit an
+// H100's (torch 2.11 _scaled_mm → cuBLASLt; use_fast_accum: no promotion) on Gaussian, uniform, all-codes and sparse
+// inputs, K = 32 … 4096 with tails (96, 160, 1040), E4M3 × E5M2, 1×128 / 128×128 scales. Every detail matters:
+// flooring instead of truncation matches 0% of the outputs, 14 fraction bits instead of 13 2%, aligning on the
+// product's exponent 91%.
 namespace fp8_detail {
 // The scale of (row, 128-tile t): s[(row / rows_per_scale) * tiles + t], 1 when s is null. rows_per_scale is 1 for
 // fp8_gemm's A (1×128 tiles) and Wgrad's B (128×1 tiles, transposed), 128 for fp8_gemm's B (128×128 blocks).
@@ -3109,7 +3075,6 @@ struct ScaleMap {
     int rows_per_scale = 1, tiles = 0;
     float at(int row, int t) const { return s ? s[int64_t(row / rows_per_scale) * tiles + t] : 1.0f; }
 };
-
 // Everything one GEMM needs; `accumulate` makes it C += A·Bᵀ (the backward pass's dx and dW accumulate).
 struct GemmProblem {
     const uint8_t* A; Fp8Format fa; ScaleMap sa;
@@ -3118,7 +3083,6 @@ struct GemmProblem {
     Fp8Accum acc;
     bool accumulate;
 };
-
 inline const GemmProblem& check_gemm(const GemmProblem& p, const char* who) {   // returns p
     if (p.M < 0 || p.N < 0 || p.K < 0) fail(who, ": sizes must be non-negative, found M=", p.M, " N=", p.N, " K=", p.K);
     if (int64_t(p.M) * p.N > 0 && !p.C) fail(who, ": C is null for a [", p.M, ", ", p.N, "] output");
@@ -3131,13 +3095,12 @@ inline const GemmProblem& check_gemm(const GemmProblem& p, const char* who) {   
         fail(who, ": Fp8Accum.frac_bits must be in [1, 23] (the accumulator must fit a float32 significand), found ",
              a.frac_bits);
     if (a.promote_every < 0) fail(who, ": Fp8Accum.promote_every must be >= 0 (0 = never), found ", a.promote_every);
-    // The fast path sums a block in int32: each addend is below 2^(frac_bits+2), the carried accumulator below
-    // 2^(frac_bits+1).
+    // The fast path sums a block in int32: addends below 2^(frac_bits+2), the carried c below 2^(frac_bits+1).
     if ((int64_t(a.block) << (a.frac_bits + 2)) + (int64_t(1) << (a.frac_bits + 1)) >= (int64_t(1) << 31))
         fail(who, ": Fp8Accum.block = ", a.block, " with frac_bits = ", a.frac_bits,
              " overflows the 32-bit block sum (need block * 2^(frac_bits+2) < 2^31)");
     // A promotion chunk applies one scale pair: the 128-tiles it spans must agree.
-    const int chunk = a.promote_every > 0 ? a.promote_every : p.K;
+    const int chunk = a.promote_every > 0 ? a.promote_every : std::max(p.K, 1);
     if (chunk <= 128 && 128 % chunk == 0) return p;
     auto same_scales = [&](const ScaleMap& m, int rows, const char* name, int t0, int t, int t1) {
         for (int i = 0; m.s && i < rows; i += m.rows_per_scale)
@@ -3155,13 +3118,10 @@ inline const GemmProblem& check_gemm(const GemmProblem& p, const char* who) {   
     }
     return p;
 }
-
 inline bool row_finite(const uint8_t* x, int K, Fp8Format f) {
     return std::all_of(x, x + K, [f](uint8_t q) { return fp8_is_finite(q, f); });
 }
-
 inline void store(const GemmProblem& p, int64_t idx, float v) { p.C[idx] = p.accumulate ? p.C[idx] + v : v; }
-
 // A format's 256 codes decoded: values (exact; 0 for NaN and inf, whose rows give NaN outputs anyway) and alignment
 // exponents (a very low sentinel for zeros, which never win a block's max).
 constexpr int kZeroExponent = -1000;
@@ -3177,7 +3137,6 @@ struct CodeTable {
     }
 };
 struct CodeTables { CodeTable a, b; };  // of the two operands
-
 // The plain version: the pseudo-code above, literally, in double arithmetic (every step below is exact in double:
 // products of two FP8 values have at most 8 significant bits, and all sums are multiples of q spanning < 53 bits).
 // Fp8Accum.exact: exact products and 128-chunk sums; each chunk scaled by sa·sb (exact in double).
@@ -3191,7 +3150,6 @@ inline float reference_exact(const GemmProblem& p, const CodeTables& t, const ui
     }
     return float(total);
 }
-
 // One block of products k in [b0, b1) into the tensor core's accumulator c: align, truncate, sum, truncate.
 inline double reference_block(const GemmProblem& p, const CodeTables& t, const uint8_t* a, const uint8_t* b, int b0,
                               int b1, double c) {
@@ -3213,7 +3171,6 @@ inline double reference_block(const GemmProblem& p, const CodeTables& t, const u
     }
     return s;
 }
-
 // One output: blocks restart at every promotion chunk; each promotion adds c · (sa·sb) to the FP32 accumulator.
 inline float reference_output(const GemmProblem& p, const CodeTables& t, const uint8_t* a, const uint8_t* b, int i,
                               int j) {
@@ -3229,7 +3186,6 @@ inline float reference_output(const GemmProblem& p, const CodeTables& t, const u
     }
     return acc32;
 }
-
 inline void gemm_reference(const GemmProblem& p) {
     const CodeTables t{CodeTable(p.fa), CodeTable(p.fb)};
     for (int i = 0; i < p.M; ++i) {
@@ -3242,8 +3198,7 @@ inline void gemm_reference(const GemmProblem& p) {
         }
     }
 }
-
-// One operand decoded for the fast path (values and exponents of CodeTable), and whether each row is free of NaN/inf.
+// The fast version. One operand decoded (values and exponents of CodeTable), and whether each row is free of NaN/inf.
 struct Decoded { std::vector<float> v; std::vector<int32_t> e; std::vector<uint8_t> finite; };
 inline Decoded decode_operand(const uint8_t* X, int rows, int K, Fp8Format f) {
     const CodeTable t(f);
@@ -3255,11 +3210,9 @@ inline Decoded decode_operand(const uint8_t* X, int rows, int K, Fp8Format f) {
     });
     return d;
 }
-
 // The tensor core's accumulator c = cm · 2^(E - frac_bits) as a float (exact: at most 24 significant bits), and
 // ec = floor(log2|c|) (kZeroExponent while c == 0, so it never wins the alignment).
 struct TensorCoreAcc { float c = 0.0f; int32_t ec = kZeroExponent; };
-
 // One block of LEN products (LEN = 0: `len` at run time), in integers: with u = 2^(frac_bits - E) every addend x·u is
 // an exact float below 2^(frac_bits+2), and float→int truncates toward zero, exactly trunc(x / q). The loops vectorize
 // (max, mul, cvttps2dq, add); the rest is branch-free (random signs would mispredict a branch per block).
@@ -3284,7 +3237,6 @@ inline void tc_block(TensorCoreAcc& t, const float* av, const int32_t* ae, const
     t.c = float(kept) * pow2f(E - frac_bits);             // exact: at most 24 significant bits
     t.ec = kept != 0 ? E - frac_bits + len_bits - 1 : kZeroExponent;
 }
-
 // JB outputs (i, j0 .. j0+JB-1) at once: each block waits for the previous one's floor(log2|c|), ~60 cycles per 32
 // products, and interleaving JB independent chains overlaps those latencies (about 3x faster than one at a time).
 template <int JB>
@@ -3318,7 +3270,6 @@ inline void gemm_fast_outputs(const GemmProblem& p, const Decoded& da, const Dec
     }
     for (int jj = 0; jj < JB; ++jj) store(p, int64_t(i) * p.N + j0 + jj, db.finite[size_t(j0 + jj)] ? acc32[jj] : NAN);
 }
-
 // Fp8Accum.exact for row i of C. Four partial sums per 128-chunk in a fixed order: for E4M3 every partial sum is
 // exact (products are multiples of 2^-18 below 2^18), so the order cannot change the result.
 inline void fast_exact_row(const GemmProblem& p, const Decoded& da, const Decoded& db, int i) {
@@ -3340,14 +3291,9 @@ inline void fast_exact_row(const GemmProblem& p, const Decoded& da, const Decode
         store(p, int64_t(i) * p.N + j, db.finite[size_t(j)] ? float(total) : NAN);
     }
 }
-
-// The fast version: same results bit for bit; rows of C in parallel (each row written by one thread: deterministic).
+// Same results bit for bit (K = 0 too: every output 0); rows of C in parallel, each written by one thread.
 inline void gemm_fast(const GemmProblem& p) {
     if (int64_t(p.M) * p.N == 0) return;
-    if (p.K == 0) {
-        parallel_for(p.M, [&](int64_t i) { for (int j = 0; j < p.N; ++j) store(p, i * p.N + j, 0.0f); });
-        return;
-    }
     const Decoded da = decode_operand(p.A, p.M, p.K, p.fa), db = decode_operand(p.B, p.N, p.K, p.fb);
     parallel_for(p.M, [&](int64_t i64) {
         const int i = int(i64);
@@ -3362,14 +3308,12 @@ inline void gemm_fast(const GemmProblem& p) {
         }
     });
 }
-
 inline GemmProblem make_problem(const uint8_t* A, Fp8Format fa, const float* scale_a, const uint8_t* B, Fp8Format fb,
                                 const float* scale_b, float* C, int M, int N, int K, const Fp8Accum& acc) {
     const int kt = fp8_tiles(std::max(K, 0));
     return GemmProblem{A, fa, ScaleMap{scale_a, 1, kt}, B, fb, ScaleMap{scale_b, 128, kt}, C, M, N, K, acc, false};
 }
 }  // namespace fp8_detail
-
 // C[M, N] = A[M, K] · B[N, K]ᵀ with E4M3 A and B, simulated on the H100 accumulator model above.
 // scale_a: [M, ceil(K/128)] per 1×128 tile, scale_b: [ceil(N/128), ceil(K/128)] per 128×128 block (null = ones).
 inline void fp8_gemm(const uint8_t* A, const float* scale_a, const uint8_t* B, const float* scale_b, float* C, int M,
@@ -3378,7 +3322,6 @@ inline void fp8_gemm(const uint8_t* A, const float* scale_a, const uint8_t* B, c
     gemm_fast(check_gemm(make_problem(A, Fp8Format::e4m3, scale_a, B, Fp8Format::e4m3, scale_b, C, M, N, K, acc),
                          "fp8_gemm"));
 }
-
 // The same, written plainly for reading and for the tests (slow: one double-precision pass per block).
 inline void fp8_gemm_reference(const uint8_t* A, const float* scale_a, const uint8_t* B, const float* scale_b, float* C,
                                int M, int N, int K, const Fp8Accum& acc = {}) {
@@ -3386,7 +3329,6 @@ inline void fp8_gemm_reference(const uint8_t* A, const float* scale_a, const uin
     gemm_reference(check_gemm(make_problem(A, Fp8Format::e4m3, scale_a, B, Fp8Format::e4m3, scale_b, C, M, N, K, acc),
                               "fp8_gemm_reference"));
 }
-
 // Mixed formats (Hopper's FP8 WGMMA also takes E4M3 × E5M2; E5M2 × E5M2 is simulated the same way). The accumulator
 // model is unchanged: E5M2 values enter with their own exponents (subnormals at -14).
 inline void fp8_gemm_mixed(const uint8_t* A, Fp8Format format_a, const float* scale_a, const uint8_t* B,
@@ -3408,7 +3350,6 @@ inline void check_linear(const char* who, int T, int in, int out) {
     if (T < 0 || in < 0 || out < 0) fail(who, ": sizes must be non-negative, found T=", T, " in=", in, " out=", out);
 }
 struct Quantized { std::vector<uint8_t> q; std::vector<float> s; };   // one operand's codes and scales
-
 // x: [rows, cols] in 1×128 tiles (tile_rows = 1) or 128×128 blocks (tile_rows = 128).
 inline Quantized quantize(const float* x, int rows, int cols, int tile_rows) {
     Quantized r{std::vector<uint8_t>(size_t(rows) * size_t(cols)),
@@ -3434,7 +3375,6 @@ inline void linear_gemm(const char* who, const Quantized& a, const Quantized& b,
                          who));
 }
 }  // namespace fp8_detail
-
 inline void fp8_matmul_forward(float* y, const float* x, const float* W, int T, int in, int out) {
     DSV3_PROFILE_KERNEL();
     using namespace fp8_detail;
@@ -3443,7 +3383,6 @@ inline void fp8_matmul_forward(float* y, const float* x, const float* W, int T, 
     if (!y || (int64_t(T) * in > 0 && (!x || !W))) fail("fp8_matmul_forward: null y, x or W");
     linear_gemm("fp8_gemm", quantize(x, T, in, 1), quantize(W, out, in, 128), 128, y, T, out, in, false);
 }
-
 inline void fp8_matmul_backward(float* dx, float* dW, const float* dy, const float* x, const float* W, int T, int in,
                                 int out) {
     DSV3_PROFILE_KERNEL();
@@ -3460,7 +3399,6 @@ inline void fp8_matmul_backward(float* dx, float* dW, const float* dy, const flo
                     dW, out, in, T, true);
     }
 }
-
 // The routed experts' FP8 layers: fp8_matmul_forward / _backward on each expert's rows, with the offsets and weight
 // layout of grouped_matmul (section 3.10). Each expert's product is quantized on its own (the Wgrad's 128×1 tiles
 // start at the expert's first row), so this loop is the definition; cuda/fp8.cuh runs every expert's product in one
@@ -3485,16 +3423,16 @@ inline void fp8_grouped_matmul_backward(float* dx, float* dW, const float* dy, c
 }
 
 // --- 8.5 LogFMT: a logarithmic format for communication ["Insights into DeepSeek-V3", arXiv 2505.09343, §3.2] ------
-// LogFMT-nBit codes an element of a 1×128 tile as a sign bit S and an (n−1)-bit integer K. The tile's magnitudes are
+// LogFMT-nBit codes an element of a 1×128 tile as a sign bit S and an (n−1)-bit integer K, the tile's magnitudes
 // spaced evenly in LOG space between its smallest and largest nonzero ones, min = log|x|_min and max = log|x|_max:
 //     K = 0: zero;   K = 1 .. L (L = 2^(n−1) − 1):   |x| = exp(min + step·(K − 1)),   step = (max − min) / (L − 1)
-// min is clamped to at least max − log(2^32), a range like that of a float with 5 exponent bits. Rounding is done in
-// the LINEAR space, "for unbiased activation quantization": a magnitude between two levels takes the nearer one (ties
-// to the even K), one below the smallest level takes it or zero. Unlike E4M3 with a 1×128 scale, whose levels are
-// fixed up to the scale, the levels follow the tile's own range. The paper found LogFMT-8 more accurate than E4M3 and
-// E5M2, and LogFMT-10 close to BF16, but did not deploy it: a log and exps for every element cost too much of the
-// GPU's bandwidth (cuda/dev_logfmt.cu measures it). Each tile keeps min and step as floats. ±inf saturate to the
-// largest level; a tile with a NaN gets step = NaN, so that its nonzero elements decode to NaN.
+// min is clamped to at least max − log(2^32), a range like a float's with 5 exponent bits. Rounding is in LINEAR
+// space, "for unbiased activation quantization": to the nearer level (ties to the even K); below the smallest level,
+// to it or zero. Unlike E4M3's levels, fixed up to the tile's scale, these follow the tile's own range. The paper
+// found LogFMT-8 more accurate than E4M3 and E5M2 and LogFMT-10 close to BF16 (examples/logfmt.cpp compares them),
+// but did not deploy it: a log and exps per element cost too much of the GPU's bandwidth (cuda/dev_logfmt.cu measures
+// it). A tile keeps min and step as floats; ±inf saturate to the largest level; a NaN makes step NaN, and so every
+// nonzero element of its tile.
 struct LogFmtTile { float min = 0, step = 0; };
 namespace logfmt_detail {
 constexpr float kRange = 22.18070977791825f;   // log(2^32) = 32·ln 2: the widest tile, max − min
@@ -3540,7 +3478,6 @@ inline void check(const char* who, int rows, int cols, int bits, const void* a, 
     if (int64_t(rows) * cols > 0 && (!a || !b || !c)) fail(who, ": null pointer for a [", rows, ", ", cols, "] tensor");
 }
 }  // namespace logfmt_detail
-
 // x: [rows, cols] → codes: [rows, cols] (the low `bits` bits of each: S at bit bits−1, then K), tiles: [rows,
 // ceil(cols/128)] (a row's last tile is partial when cols % 128 != 0). Tiles in parallel, each on its own.
 inline void logfmt_encode(const float* x, int rows, int cols, int bits, uint16_t* codes, LogFmtTile* tiles) {
