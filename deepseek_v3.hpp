@@ -3080,8 +3080,7 @@ struct GemmProblem {
     const uint8_t* A; Fp8Format fa; ScaleMap sa;
     const uint8_t* B; Fp8Format fb; ScaleMap sb;
     float* C; int M, N, K;
-    Fp8Accum acc;
-    bool accumulate;
+    Fp8Accum acc; bool accumulate;
 };
 inline const GemmProblem& check_gemm(const GemmProblem& p, const char* who) {   // returns p
     if (p.M < 0 || p.N < 0 || p.K < 0) fail(who, ": sizes must be non-negative, found M=", p.M, " N=", p.N, " K=", p.K);
@@ -3511,18 +3510,13 @@ inline void logfmt_decode(const uint16_t* codes, const LogFmtTile* tiles, int ro
 // 9. PARALLELISM: DATA PARALLEL AND EXPERT PARALLEL OVER RANKS   [V3 §3.2; Fire-Flyer AI-HPC §IV, arXiv 2408.14158]
 // =====================================================================================================================
 // A "rank" is one worker with its own memory (one GPU in a real run); ranks cooperate only through the collectives
-// below, so every byte that moves between them is visible here.
-//   Data parallel (DP): every rank holds a replica and runs forward/backward on its share of the batch; gradients
-//   and expert loads are summed over the ranks (all-reduce; the gradients in buckets, which can travel while the
-//   backward still runs, 9.5), so every replica takes the same AdamW step and bias update [V3 §2.1.2], and the
-//   replicas stay identical, bit for bit.
-//   Expert parallel (EP): rank r owns the routed experts [r·N/R, (r+1)·N/R). Each rank routes its own tokens,
-//   DISPATCHES each token once to every rank owning one of its chosen experts, and gets the outputs back (COMBINE) to
-//   weight them by the gates [V3 §3.2]; all else stays data parallel. With n_expert_groups = R, group-limited
-//   routing (3.8) becomes "at most n_limited_groups ranks per token": V3's node-limited routing (M = 4, §2.1.2).
-// One data-moving primitive, sendrecv (9.1), carries the collectives (9.2). It runs in-process (9.3: R threads, a
-// transfer is a memcpy between their buffers), over MPI between processes on any machines (9.3b), and in cuda/ as
-// cudaMemcpyPeerAsync between GPUs. No floating-point atomics anywhere: every sum has a fixed order.
+// below, so every byte that moves between them is visible here. Data parallel (DP): every rank holds a replica, runs
+// forward/backward on its share of the batch, and sums gradients and expert loads over the ranks, so every replica
+// takes the same AdamW step and bias update [V3 §2.1.2] (9.5). Expert parallel (EP): rank r owns the routed experts
+// [r·N/R, (r+1)·N/R), and the tokens travel to their experts and back (9.4); all else stays data parallel.
+// One primitive, sendrecv (9.1), carries the collectives (9.2): in-process (9.3), over MPI between processes on any
+// machines (9.3b), and in cuda/ as cudaMemcpyPeerAsync between GPUs. No floating-point atomics anywhere: every sum
+// has a fixed order.
 
 // --- 9.1 the communication interface ---------------------------------------------------------------------------------
 class Communicator {
@@ -3538,9 +3532,7 @@ class Communicator {
 
 // --- 9.2 collectives, written once on sendrecv ---------------------------------------------------------------------
 enum class ReduceOp { sum, mean };
-
 inline int ring_mod(int a, int R) { return ((a % R) + R) % R; }
-
 // all_reduce: data[i] ← Σ_ranks data[i] (÷ R for mean) on every rank; data: [n], any n (chunks may be empty).
 // Ring algorithm (Patarasuk & Yuan 2009; NCCL's ring) over R chunks, chunk c = [n·c/R, n·(c+1)/R):
 //   reduce-scatter, R−1 steps: at step s rank r sends its partial sum of chunk r−s to rank r+1 and adds the one of
@@ -3575,7 +3567,6 @@ inline void all_reduce(Communicator& comm, T* data, size_t n, ReduceOp op = Redu
         else fail("all_reduce: mean of integers is not supported (reduce with sum and divide where needed)");
     }
 }
-
 // all_to_all: every rank sends send_rows[q] rows of `row` elements to every rank q and receives recv_rows[q] rows
 // (from exchange_counts, or known to both sides) from every rank q. send: [Σ send_rows, row] grouped by destination,
 // recv: [Σ recv_rows, row] grouped by source, in rank order. Pairwise exchange in R−1 rounds: in round s rank r sends
@@ -3595,7 +3586,6 @@ inline void all_to_all(Communicator& comm, const T* send, const std::vector<int6
                       recv + recv_at[size_t(from)] * row, size_t(recv_rows[size_t(from)] * row) * sizeof(T), from);
     }
 }
-
 // exchange_counts: counts[q] = rows this rank will send to rank q; returns the rows each rank will send to this one.
 // The first half of every all-to-all (a receiver must know the sizes first), itself an all-to-all of one count a rank.
 inline std::vector<int64_t> exchange_counts(Communicator& comm, const std::vector<int64_t>& counts) {
@@ -3614,7 +3604,6 @@ inline std::vector<int64_t> exchange_counts(Communicator& comm, const std::vecto
 struct RankAborted : Error {
     explicit RankAborted(int rank) : Error("rank " + std::to_string(rank) + ": stopped because another rank failed") {}
 };
-
 class InProcessGroup {
   public:
     explicit InProcessGroup(int world) : world_(world), posted_(size_t(std::max(world, 1))) {
@@ -3639,7 +3628,6 @@ class InProcessGroup {
         aborted_ = true;
         cv_.notify_all();
     }
-
   private:
     friend class InProcessComm;
     struct Posted { const void* data = nullptr; size_t bytes = 0; int to = -1; };
@@ -3651,7 +3639,6 @@ class InProcessGroup {
     uint64_t generation_ = 0;
     bool aborted_ = false;
 };
-
 class InProcessComm : public Communicator {
   public:
     InProcessComm(InProcessGroup& group, int rank) : group_(group), rank_(rank) {}
@@ -3670,12 +3657,10 @@ class InProcessComm : public Communicator {
         barrier();
     }
     int64_t bytes_received = 0;  // traffic counter: what arrived from other ranks
-
   private:
     InProcessGroup& group_;
     int rank_;
 };
-
 // Runs body(comm) for ranks 0..world−1, one thread each, and waits for all. The OpenMP threads are shared out (at
 // least one each); results do not depend on it (section 2). The first error of any rank is rethrown here.
 template <class Body>
@@ -3683,13 +3668,12 @@ inline void run_ranks(int world, const Body& body) {
     InProcessGroup group(world);
     std::vector<std::exception_ptr> errors(static_cast<size_t>(world));
     std::vector<std::thread> threads;
-    const int omp_threads = std::max(1, thread_count() / world);
+    [[maybe_unused]] const int omp_threads = std::max(1, thread_count() / world);
     for (int r = 0; r < world; ++r)
         threads.emplace_back([&, r] {
 #ifdef _OPENMP
             omp_set_num_threads(omp_threads);
 #endif
-            (void)omp_threads;
             try {
                 InProcessComm comm(group, r);
                 body(comm);
@@ -3708,7 +3692,6 @@ inline void run_ranks(int world, const Body& body) {
     }
     if (first_aborted) std::rethrow_exception(first_aborted);
 }
-
 // Rows [first, first + count) of a batch of B rows that rank r of R works on: contiguous, sizes differing by at most
 // one, in rank order, so that "all ranks' rows" are the whole batch in order.
 struct RowShare { int first = 0, count = 0; };
@@ -3762,7 +3745,6 @@ class MpiCommunicator : public Communicator {
         bytes_received += int64_t(recv_bytes);
     }
     int64_t bytes_received = 0;  // traffic counter, as InProcessComm's
-
   private:
     MPI_Comm comm_ = MPI_COMM_NULL;
     int rank_ = 0, world_ = 1;
@@ -3776,7 +3758,6 @@ class MpiCommunicator : public Communicator {
         if (code != MPI_SUCCESS) fail(what, ": rank ", rank_, ": ", error_text(code));
     }
 };
-
 // body(comm) as this process's rank, between MPI_Init and MPI_Finalize. A machine's OpenMP threads are shared out
 // among its ranks (unless OMP_NUM_THREADS is set); on the GPU backend its k-th rank takes GPU k mod (its GPUs).
 template <class Body>
@@ -3814,10 +3795,8 @@ inline void run_mpi(int& argc, char**& argv, const Body& body) {
     MPI_Finalize();
 }
 #endif  // DSV3_MPI
-
-// 9.4-9.5 move activations and gradients in backend memory with backend::all_reduce / all_to_all: 9.2's functions on
-// the CPU, cuda/comm.cuh's (the same schedules over peer copies) with DSV3_BACKEND_CUDA. Host data (counts, expert
-// ids, losses) goes through 9.2's functions on every backend.
+// 9.4-9.5 move activations and gradients with backend::all_reduce / all_to_all: 9.2's on the CPU, cuda/comm.cuh's
+// (the same schedules over peer copies) with DSV3_BACKEND_CUDA. Host data (counts, ids, losses) uses 9.2's everywhere.
 }  // namespace dsv3
 #if defined(DSV3_BACKEND_CUDA)
 #include "cuda/comm.cuh"
@@ -3825,32 +3804,28 @@ inline void run_mpi(int& argc, char**& argv, const Body& body) {
 namespace dsv3 {
 
 // --- 9.4 expert parallelism: dispatch, local experts, combine   [V3 §3.2] ------------------------------------------
-// Per MoE layer, on rank r, with n tokens routed locally (chosen: [n, K], perm: the grouping of section 3.10):
-//   forward   1. plan: for each rank q, the tokens with a chosen expert on q (each listed ONCE), and the (token,
-//                choice) pairs of those experts, in (token, choice) order.
-//             2. dispatch: counts first, then the token rows x: [sent, d] and their expert ids [sent, K].
-//             3. on the owner: group the received pairs by local expert (3.10's counting sort, experts owned elsewhere
-//                in one extra bucket that never runs) and run the local experts.
-//             4. combine: every pair's output row goes back to its source, in step 1's order, into the row of c.ye
-//                the single-rank layer uses, which then weights and sums them (moe_unpermute_forward, unchanged).
-//   backward  the two transfers reversed: every pair's gradient row dye goes to the owner (the combine's adjoint),
-//             which runs its experts' backward (weight gradients stay there), and the input-gradient rows come back
-//             to be summed in choice order (moe_permute_backward, unchanged).
-// The plan is host work on small integer arrays; the rows stay in backend memory (gather_rows, scatter_rows,
-// all_to_all). Traffic per token: one dispatched row per destination rank (at most min(K, n_limited_groups) ranks
-// when n_expert_groups = R), and K combined rows. V3's combine accumulates on the way back (§3.2 "NVLink-to-IB
-// forwarding and accumulation"), fewer rows but a sum order that depends on where the experts live; returning every
-// row keeps the result BITWISE the single-rank layer's, as the tests check. (V3 also sends the dispatch in FP8 and the
-// combine in BF16, §3.3.3; here all is FP32 unless fp8_dispatch or dispatch_codec says otherwise.) Bitwise, because
-// (a) a matmul row does not depend on the other rows (3.1), (b) each expert sees its rows in global token order (ranks
-// hold consecutive rows, receivers concatenate by source rank, the counting sort is stable), and (c) with equal shares
-// over R = 2^k ranks the per-rank loss gradient (1/n_r) is exactly R times the full-batch one (1/n), a power of two.
-// The FP8 dispatch [V3 §3.3.3 "Low-Precision Communication"]: V3 quantizes the activations before the MoE
-// up-projections to FP8, 1x128 tiles with power-of-two scales, and dispatches them so, which halves the bytes of
-// BF16 (the combine stays BF16). A row of d values travels as d E4M3 codes and, per tile, the exponent of its
-// power-of-two scale in one byte (as the MX formats' E8M0 scales): fp8_row_bytes(d) = d + ceil(d/128) bytes against
-// BF16's 2d (0.504 of it at V3's d = 7168). The codes and the exponents are exact, so the receiver decodes exactly what
-// quantize_tiles_1x128 and dequantize_tiles_1x128 (pow2_scale) give on the sender. rows: [n, d]; packed: [n, row].
+// Per MoE layer, on rank r, with n tokens routed locally (chosen: [n, K], perm: the grouping of section 3.10), the
+// forward 1. plans, for each rank q, the tokens with a chosen expert on q (each listed ONCE) and the (token, choice)
+// pairs of those experts, in (token, choice) order; 2. dispatches the token rows x: [sent, d] and their expert ids
+// [sent, K] (counts first); 3. on the owner, groups the received pairs by local expert (3.10's counting sort, experts
+// owned elsewhere in one extra bucket that never runs) and runs the local experts; 4. combines: every pair's output
+// row goes back to its source, in step 1's order, into the row of c.ye the single-rank layer uses, which weights and
+// sums them (moe_unpermute_forward, unchanged). The backward reverses the two transfers: the owner runs its experts'
+// backward (weight gradients stay there), and the input-gradient rows come back to be summed in choice order
+// (moe_permute_backward, unchanged).
+// The plan is host work on small integer arrays; the rows stay in backend memory. Traffic per token: one dispatched
+// row per destination rank (with n_expert_groups = R, group-limited routing allows at most n_limited_groups: V3's
+// node-limited routing, M = 4, §2.1.2), and K combined rows. V3's combine accumulates on the way back (§3.2
+// "NVLink-to-IB forwarding and accumulation"), in a sum order that depends on where the experts live; returning every
+// row keeps the result BITWISE the single-rank layer's (tested), since (a) a matmul row does not depend on the other
+// rows (3.1), (b) each expert sees its rows in global token order (ranks hold consecutive rows, receivers concatenate
+// by source rank, the counting sort is stable), and (c) with equal shares over R = 2^k ranks the per-rank loss
+// gradient (1/n_r) is exactly R times the full-batch one (1/n), a power of two.
+// Rows travel in FP32 unless fp8_dispatch or dispatch_codec says otherwise. FP8 dispatch [V3 §3.3.3 "Low-Precision
+// Communication"]: V3 dispatches the inputs of the MoE up-projections in FP8 (1x128 tiles, power-of-two scales; the
+// combine stays BF16). A row of d values travels as d E4M3 codes and per tile its scale's exponent in a byte (as MX's
+// E8M0 scales): fp8_row_bytes(d) = d + ceil(d/128), 0.504 of BF16's 2d at d = 7168; the receiver decodes exactly what
+// quantize_tiles_1x128 + dequantize_tiles_1x128 (pow2_scale) give the sender. rows: [n, d]; packed: [n, row].
 inline int64_t fp8_row_bytes(int d) { return int64_t(d) + fp8_tiles(d); }
 inline void fp8_pack_rows(const float* rows, int64_t n, int d, uint8_t* packed) {
     const int tiles = fp8_tiles(d);
@@ -3875,7 +3850,6 @@ inline void fp8_unpack_rows(const uint8_t* packed, int64_t n, int d, float* rows
     }
     dequantize_tiles_1x128(q.data(), scales.data(), int(n), d, rows);
 }
-
 class ExpertParallel : public ExpertRunner {
   public:
     ExpertParallel(Communicator& comm, const Config& c) : comm_(comm), n_experts_(c.n_routed_experts) {
@@ -3886,7 +3860,6 @@ class ExpertParallel : public ExpertRunner {
     // The rank r with first_expert(r) <= e < first_expert(r + 1): r·N/R <= e exactly when r < (e + 1)·R/N.
     int owner(int e) const { return int((int64_t(e + 1) * comm_.world_size() - 1) / n_experts_); }
     bool owns(int e) const { return owner(e) == comm_.rank(); }
-
     // Traffic of the forwards since the caller last reset it (stats = {}), summed over the MoE layers.
     struct Stats {
         int64_t dispatched_rows = 0;  // token rows this rank sent to other ranks
@@ -3896,14 +3869,12 @@ class ExpertParallel : public ExpertRunner {
         int64_t dispatch_bytes = 0;   // of those, the dispatched token rows: 4d bytes a row, fp8_row_bytes(d) in FP8
         double seconds_moving = 0;    // wall time of those all-to-alls (each ends when its data has arrived)
     } stats;
-    // Optional: what the dispatched rows become on the wire. V3 sends the dispatch in FP8 (§3.3); build/logfmt
-    // compares codecs with it. Applied in place to the rows [n, d] going to each other rank before the all-to-all;
-    // the backward passes gradients through it unchanged (a straight-through estimate).
+    // Optional: what the dispatched rows become on the wire (build/logfmt compares codecs with it), applied in place
+    // to the rows [n, d] going to each other rank before the all-to-all.
     std::function<void(float* rows, int64_t n, int d)> dispatch_codec;
-    // V3's FP8 dispatch (fp8_pack_rows above): the rows to other ranks travel as FP8 bytes, about half of BF16, and
-    // are decoded on receipt; a rank's rows to itself cross no link and stay FP32. The backward is straight-through.
+    // V3's FP8 dispatch (above): rows to other ranks travel as FP8 bytes, decoded on receipt; a rank's rows to itself
+    // cross no link and stay FP32. With either, the backward is straight-through (gradients pass unchanged).
     bool fp8_dispatch = false;
-
     void forward(Model& model, const MoE& m, MoeCache& c) override {
         const int K = model.cfg.n_activated_experts, d = model.cfg.dim;
         Layer& L = layers_[&c];
@@ -3911,10 +3882,8 @@ class ExpertParallel : public ExpertRunner {
         // 2. dispatch: counts first, then the token rows and their expert ids, grouped by source rank
         const std::vector<int64_t> tokens_from = exchange_counts(comm_, out.tokens_to);
         const int64_t n_recv = total(tokens_from);
-        backend::Buffer<int32_t> rows;
-        backend::upload(rows, out.tokens);
-        backend::Buffer<float> recv_x;   // [n_recv, d]
-        recv_x.resize(size_t(n_recv) * d);
+        const backend::Buffer<int32_t> rows(out.tokens);
+        backend::Buffer<float> recv_x(size_t(n_recv) * d);   // [n_recv, d]
         if (fp8_dispatch && dispatch_codec) fail("ExpertParallel: fp8_dispatch and dispatch_codec: choose one");
         stats.dispatch_bytes += fp8_dispatch ? dispatch_fp8(c.x, rows.data(), out.tokens_to, recv_x, tokens_from, d)
             : move_rows(c.x, rows.data(), out.tokens_to, recv_x.data(), nullptr, tokens_from, d, dispatch_codec);
@@ -3926,16 +3895,13 @@ class ExpertParallel : public ExpertRunner {
         move_rows(y_local.data(), L.return_rows_dev.data(), L.pairs_from, c.ye, L.pair_slot_dev.data(), L.pairs_to, d);
         stats.combined_rows += total(L.pairs_to) - L.pairs_to[size_t(comm_.rank())];
     }
-
     void backward(Model& model, const MoE& m, MoeCache& c, const float* dye, float* dxe) override {
         auto it = layers_.find(&c);
         if (it == layers_.end()) fail("ExpertParallel::backward: no forward for this MoE layer");
         Layer& L = it->second;
         const int d = model.cfg.dim;
         const int64_t local_rows = L.local.offsets[size_t(L.n_local)];
-        backend::Buffer<float> dy_local, dx_local;   // [local rows, d]
-        dy_local.resize(size_t(local_rows) * d);
-        dx_local.resize(size_t(local_rows) * d);
+        backend::Buffer<float> dy_local(size_t(local_rows) * d), dx_local(size_t(local_rows) * d);  // [local rows, d]
         backend::fill_zero(dx_local.data(), local_rows * d);
         // 1. the gradient of every pair's output goes to the expert's owner (the adjoint of the combine)
         move_rows(dye, L.pair_slot_dev.data(), L.pairs_to, dy_local.data(), L.return_rows_dev.data(), L.pairs_from, d);
@@ -3945,7 +3911,6 @@ class ExpertParallel : public ExpertRunner {
         // 3. every pair's input gradient back to its source (the adjoint of the dispatch), in the same pair order
         move_rows(dx_local.data(), L.return_rows_dev.data(), L.pairs_from, dxe, L.pair_slot_dev.data(), L.pairs_to, d);
     }
-
   private:
     struct Layer {
         // this rank as the source of its tokens
@@ -3969,9 +3934,7 @@ class ExpertParallel : public ExpertRunner {
     Communicator& comm_;
     int n_experts_;
     std::map<const MoeCache*, Layer> layers_;  // one entry per MoE layer of the model (keyed by its cache)
-
     static int64_t total(const std::vector<int64_t>& v) { return std::accumulate(v.begin(), v.end(), int64_t(0)); }
-
     // Step 1 of the forward: the tokens to send to each rank, and this rank's pairs_to and pair_slot.
     Outgoing plan(Layer& L, const std::vector<int32_t>& chosen, const std::vector<int32_t>& slot, int K) {
         const int R = comm_.world_size(), n = int(chosen.size()) / K;
@@ -4000,7 +3963,6 @@ class ExpertParallel : public ExpertRunner {
         stats.dispatched_rows += total(out.tokens_to) - out.tokens_to[size_t(comm_.rank())];
         return out;
     }
-
     // Step 3 on the received ids [n_recv, K] and rows x [n_recv, d]: the outputs [local rows, d] in local expert order;
     // plans the return trip: per source rank, its pairs with a local expert, in its order (pair_slot).
     backend::Buffer<float> run_local_experts(Model& model, const MoE& m, Layer& L, const std::vector<int32_t>& ids,
@@ -4012,12 +3974,10 @@ class ExpertParallel : public ExpertRunner {
             L.local_chosen[i] = (ids[i] >= lo && ids[i] < lo + L.n_local) ? ids[i] - lo : L.n_local;
         moe_permute_plan(L.local, L.local_chosen.data(), int(ids.size()) / K, K, L.n_local + 1);
         const int64_t local_rows = L.local.offsets[size_t(L.n_local)];
-        backend::Buffer<int32_t> rows;
-        backend::upload(rows, L.local.token_of);     // row -> received token; the first local_rows rows are run
+        const backend::Buffer<int32_t> rows(L.local.token_of);   // row -> received token; the first local_rows are run
         L.x_local.resize(size_t(local_rows) * d);
         backend::gather_rows(L.x_local.data(), x, rows.data(), local_rows, d);
-        backend::Buffer<float> y_local;
-        y_local.resize(size_t(local_rows) * d);
+        backend::Buffer<float> y_local(size_t(local_rows) * d);
         model.experts_forward(m, lo, L.n_local, L.local.offsets.data(), L.x_local.data(), y_local.data(), L.experts);
         L.pairs_from.assign(tokens_from.size(), 0);
         L.return_rows.clear();
@@ -4031,7 +3991,6 @@ class ExpertParallel : public ExpertRunner {
         backend::upload(L.return_rows_dev, L.return_rows);
         return y_local;
     }
-
     // One all-to-all of rows of d floats, counted in stats: the rows `take` of src go out, send_rows[q] to rank q
     // (through `codec` when given, except those to this rank); the rows arriving, recv_rows[q] from rank q, land in
     // dst at the rows `put` (null: in arrival order). Returns the bytes sent to other ranks.
@@ -4039,9 +3998,7 @@ class ExpertParallel : public ExpertRunner {
                       const int32_t* put, const std::vector<int64_t>& recv_rows, int d,
                       const std::function<void(float*, int64_t, int)>& codec = nullptr) {
         const int64_t n_send = total(send_rows), n_recv = total(recv_rows);
-        backend::Buffer<float> send, recv;
-        send.resize(size_t(n_send) * d);
-        if (put) recv.resize(size_t(n_recv) * d);
+        backend::Buffer<float> send(size_t(n_send) * d), recv(put ? size_t(n_recv) * d : 0);
         backend::gather_rows(send.data(), src, take, n_send, d);
         if (codec) {   // on host memory (a GPU build copies the rows there and back)
             std::vector<float> rows = backend::download(send);
@@ -4057,38 +4014,32 @@ class ExpertParallel : public ExpertRunner {
         if (put) backend::scatter_rows(dst, recv.data(), put, n_recv, d);
         return bytes;
     }
-
-    // The dispatch in FP8 (fp8_dispatch), as move_rows without `put`: the rows to other ranks go out packed by
-    // fp8_pack_rows and are unpacked on arrival, the rows to this rank are copied as they are. Packing runs on host
-    // memory (a GPU build copies the rows there and back; cuda/fp8.cuh's 1x128 quantizer could pack on the device).
+    // The dispatch in FP8 (fp8_dispatch), as move_rows without `put`: the rows to other ranks, those before and after
+    // this rank's own in all_to_all's order, go out packed by fp8_pack_rows (row by row: two ranges pack as one) and
+    // are unpacked on arrival; the own rows are copied as they are. Packing runs on host memory (a GPU build copies
+    // the rows there and back; cuda/fp8.cuh's 1x128 quantizer could pack on the device).
     int64_t dispatch_fp8(const float* src, const int32_t* take, const std::vector<int64_t>& send_rows,
                          backend::Buffer<float>& dst, const std::vector<int64_t>& recv_rows, int d) {
-        const int R = comm_.world_size(), r = comm_.rank();
-        const int64_t row = fp8_row_bytes(d);
-        backend::Buffer<float> gathered;
-        gathered.resize(size_t(total(send_rows)) * d);
-        backend::gather_rows(gathered.data(), src, take, total(send_rows), d);
+        const int r = comm_.rank();
+        const int64_t row = fp8_row_bytes(d), n_send = total(send_rows), n_recv = total(recv_rows);
+        const int64_t own = send_rows[size_t(r)];   // the own rows: after `sent` rows sent, `got` rows received
+        const int64_t sent = std::accumulate(send_rows.begin(), send_rows.begin() + r, int64_t(0));
+        const int64_t got = std::accumulate(recv_rows.begin(), recv_rows.begin() + r, int64_t(0));
+        backend::Buffer<float> gathered(size_t(n_send) * d);
+        backend::gather_rows(gathered.data(), src, take, n_send, d);
         const std::vector<float> x = backend::download(gathered);
         std::vector<int64_t> wire_send = send_rows, wire_recv = recv_rows;   // the own rows take no wire
         wire_send[size_t(r)] = wire_recv[size_t(r)] = 0;
-        std::vector<uint8_t> packed(size_t(total(wire_send) * row)), arrived(size_t(total(wire_recv) * row));
-        std::vector<float> y(size_t(total(recv_rows)) * d);
-        for (int64_t q = 0, from = 0, to = 0; q < R; from += send_rows[size_t(q)], ++q)
-            if (q != r) {
-                fp8_pack_rows(x.data() + from * d, send_rows[size_t(q)], d, packed.data() + to * row);
-                to += send_rows[size_t(q)];
-            } else {   // the own rows land where all_to_all puts them: after the rows of the ranks before this one
-                const int64_t at = std::accumulate(recv_rows.begin(), recv_rows.begin() + r, int64_t(0));
-                std::copy_n(x.begin() + from * d, send_rows[size_t(q)] * d, y.begin() + at * d);
-            }
+        std::vector<uint8_t> packed(size_t((n_send - own) * row)), arrived(size_t((n_recv - own) * row));
+        fp8_pack_rows(x.data(), sent, d, packed.data());
+        fp8_pack_rows(x.data() + (sent + own) * d, n_send - sent - own, d, packed.data() + sent * row);
         const double t0 = now_seconds();
         all_to_all(comm_, packed.data(), wire_send, row, arrived.data(), wire_recv);
         stats.seconds_moving += now_seconds() - t0;
-        for (int64_t q = 0, at = 0, from = 0; q < R; at += recv_rows[size_t(q)], ++q)
-            if (q != r) {
-                fp8_unpack_rows(arrived.data() + from * row, recv_rows[size_t(q)], d, y.data() + at * d);
-                from += recv_rows[size_t(q)];
-            }
+        std::vector<float> y(size_t(n_recv) * d);
+        fp8_unpack_rows(arrived.data(), got, d, y.data());
+        std::copy_n(x.begin() + sent * d, own * d, y.begin() + got * d);
+        fp8_unpack_rows(arrived.data() + got * row, n_recv - got - own, d, y.data() + (got + own) * d);
         backend::upload(dst, y);
         stats.bytes_moved += int64_t(packed.size());
         return int64_t(packed.size());
@@ -4115,20 +4066,16 @@ inline HeldParams held_params(Model& model, const ExpertParallel* ep) {
     }
     return h;
 }
-
 // Gradient buckets: the all-reduce overlapped with the backward [V3 §3.2.1; PyTorch DDP, arXiv 2006.15704 §3.2.3].
-// One all-reduce after the backward leaves the links idle during the backward and the cores idle during the
-// all-reduce. The backward finishes the gradients from the END of the flat buffer (Model::on_gradients_final), so
-// the replicated gradients are cut, from the end, into buckets of about bucket_bytes, and a bucket can travel as soon
-// as the backward has passed below its first tensor, while the backward computes the layers in front of it (V3 hides
-// its communication behind computation the same way, §3.2.1). With overlap, each rank's buckets are reduced in a
-// communication thread (a GPU would use a communication stream), in the same order on every rank.
-// The sums. Each bucket is one ring all-reduce (9.2), elements weighted by w first, exactly as in one all-reduce of
-// everything. On 1 or 2 ranks an element's sum is x_0 + x_1 whatever its chunk (two terms commute), so every
-// bucketing, overlapped or not, gives bitwise the gradients of the one all-reduce. On more ranks a bucket's chunk
-// boundaries differ from the whole buffer's, so an element's ring sum may start at another rank: a few ulps away
-// (9.2), still bitwise the same on every rank and every run, since the buckets depend on the layout and bucket_bytes
-// only, never on timing or thread counts.
+// One all-reduce after the backward leaves the links idle during the backward and the cores idle during it. The
+// backward finishes the gradients from the END of the flat buffer (Model::on_gradients_final), so the replicated
+// gradients are cut from the end into buckets of about bucket_bytes, and with overlap a communication thread (on a GPU:
+// a stream) reduces each bucket, in the same order on every rank, as soon as the backward has passed below it.
+// The sums: each bucket is one ring all-reduce (9.2), weighted by w first, as in one all-reduce of everything. On 1 or
+// 2 ranks an element's sum is x_0 + x_1 whatever its chunk (two terms commute): every bucketing gives bitwise the one
+// all-reduce's gradients. On more ranks a bucket's chunks differ from the whole buffer's, so an element's ring sum may
+// start at another rank: a few ulps away (9.2), yet bitwise the same on every rank and run, as the buckets depend only
+// on the layout and bucket_bytes, never on timing or threads.
 struct GradientSync {
     size_t bucket_bytes = SIZE_MAX;  // about this many bytes of gradients per all-reduce; SIZE_MAX: one bucket
     bool overlap = false;            // reduce the buckets in a communication thread during the backward
@@ -4153,37 +4100,30 @@ inline std::vector<GradientBucket> gradient_buckets(const HeldParams& held, size
     }
     return buckets;
 }
-
 namespace parallel_detail {
 // One bucket of this rank's gradients, weighted by w, summed over the ranks: in place when it is one piece, else
 // copied into one buffer and back (as DDP does), so that it travels as one all-reduce.
 inline void reduce_bucket(Communicator& comm, Model& model, const GradientBucket& b, float w) {
-    backend::Buffer<float> staged;  // [b.floats], for a bucket of several pieces
-    float* data = model.grad_at(b.first());
-    auto copy = [&](bool into_staged) {
-        float* at = staged.data();
+    const bool staged = b.pieces.size() > 1;
+    backend::Buffer<float> buffer(staged ? b.floats : 0);  // [b.floats] when staged
+    auto copy = [&](bool into_buffer) {
+        float* at = buffer.data();
         for (const auto& [offset, n] : b.pieces) {
             float* g = model.grad_at(offset);
-            backend::copy_values(into_staged ? at : g, into_staged ? g : at, int64_t(n));
+            backend::copy_values(into_buffer ? at : g, into_buffer ? g : at, int64_t(n));
             at += n;
         }
     };
-    if (b.pieces.size() > 1) {
-        staged.resize(b.floats);
-        copy(true);
-        data = staged.data();
-    }
+    if (staged) copy(true);
+    float* data = staged ? buffer.data() : model.grad_at(b.first());
     backend::scale_inplace(data, int64_t(b.floats), w);
     backend::all_reduce(comm, data, b.floats);
-    if (b.pieces.size() > 1) copy(false);
+    if (staged) copy(false);
 }
 }  // namespace parallel_detail
-
 // Steps 1 and 2 of the parallel step: forward and backward on this rank's rows, and the replicated gradients weighted
 // by w and summed over the ranks, bucket by bucket (sync); the gradients of the experts this rank owns are complete
-// already and are only weighted. With sync.overlap the buckets go out while the backward still runs. Overlap needs
-// the backward free of communication, so it is for data parallelism alone: expert parallelism's all-to-alls run in
-// the backward on the same communicator.
+// already and are only weighted. sync.overlap needs a backward free of communication: data parallelism alone.
 inline Losses forward_backward_reduced(Communicator& comm, Model& model, const int32_t* tokens, int B, int T,
                                        const LossOptions& options, const HeldParams& held, float w,
                                        const GradientSync& sync = {}) {
@@ -4211,11 +4151,10 @@ inline Losses forward_backward_reduced(Communicator& comm, Model& model, const i
 #endif
             try {
                 for (const GradientBucket& b : buckets) {
-                    {
-                        std::unique_lock<std::mutex> lock(mu);
-                        cv.wait(lock, [&] { return stop || final_from <= b.first(); });
-                        if (stop) return;
-                    }
+                    std::unique_lock<std::mutex> lock(mu);
+                    cv.wait(lock, [&] { return stop || final_from <= b.first(); });
+                    if (stop) return;
+                    lock.unlock();
                     parallel_detail::reduce_bucket(comm, model, b, w);
                 }
             } catch (...) {
@@ -4223,11 +4162,9 @@ inline Losses forward_backward_reduced(Communicator& comm, Model& model, const i
             }
         });
         auto post = [&](size_t offset, bool failed) {  // the mutex also publishes the gradients written before
-            {
-                std::lock_guard<std::mutex> lock(mu);
-                final_from = offset;
-                stop = failed;
-            }
+            std::lock_guard<std::mutex> lock(mu);
+            final_from = offset;
+            stop = failed;
             cv.notify_one();
         };
         model.on_gradients_final = [&](size_t offset) { post(offset, false); };
@@ -4246,7 +4183,6 @@ inline Losses forward_backward_reduced(Communicator& comm, Model& model, const i
     for (const ParamEntry* e : held.own_experts) backend::scale_inplace(model.grad_at(e->offset), int64_t(e->size), w);
     return local;
 }
-
 namespace parallel_detail {
 // Step 3: the expert loads of the whole batch, [MoE block][expert], so that every rank makes the same bias update.
 inline std::vector<std::vector<int64_t>> batch_loads(Communicator& comm, const Model& model) {
@@ -4259,7 +4195,6 @@ inline std::vector<std::vector<int64_t>> batch_loads(Communicator& comm, const M
         for (int64_t& x : l) x = flat[at++];
     return loads;
 }
-
 // Step 4 under EP: the gradient norm must include every rank's experts, so their squares are summed over the ranks.
 inline double grad_norm_over_experts(Communicator& comm, Model& model, const HeldParams& held) {
     auto sum_squares = [&](const std::vector<const ParamEntry*>& list) {
@@ -4271,7 +4206,6 @@ inline double grad_norm_over_experts(Communicator& comm, Model& model, const Hel
     all_reduce(comm, &experts_sq, 1);
     return std::sqrt(sum_squares(held.replicated) + experts_sq);
 }
-
 // Step 5: the whole batch's losses, for printing: Σ_r w_r L_r.
 inline Losses batch_losses(Communicator& comm, const Losses& local, double w) {
     std::vector<double> l = {local.main, local.balance, local.total};
@@ -4281,18 +4215,16 @@ inline Losses batch_losses(Communicator& comm, const Losses& local, double w) {
     return Losses{l[0], std::vector<double>(l.begin() + 3, l.end()), l[1], l[2]};   // main, mtp, balance, total
 }
 }  // namespace parallel_detail
-
 // One training step of rank comm.rank(), called by every rank together on its rows tokens: [B_local, T+1]
 // (row_share) of the whole batch. With ep, installs it as the model's expert runner (null: pure DP, every rank runs
 // all experts on its own tokens). Returns the WHOLE batch's losses, gradient norm and expert loads; afterwards every
-// rank holds the same replicated parameters and routing biases, bit for bit.
+// rank holds the same replicated parameters and routing biases, bit for bit. sync: the gradient buckets (above).
 // Weighting. The loss is a mean over tokens, so the full-batch gradient is Σ_r (n_r/n) ∇L_r. Only MTP's last k
-// positions of each row (no target) are left out of a mean, as many in every row, so the counted positions of every
-// loss term (main, each MTP depth, the sequence-wise balance loss, a mean over sequences) are proportional to the
-// rows: one weight w_r = B_r/B fits them all (1/R for equal shares). (The expert-level balance loss uses batch-wide
-// frequencies f_i, which under DP each rank computes on its own rows.) Under EP every owner sums expert gradients
+// positions of each row (no target) are left out of a mean, as many in every row, so every loss term's counted
+// positions (main, each MTP depth, the sequence-wise balance loss, a mean over sequences) are proportional to the
+// rows: one weight w_r = B_r/B fits them all (1/R for equal shares; the expert-level balance loss uses batch-wide
+// frequencies f_i, which under DP each rank computes on its own rows). Under EP every owner sums expert gradients
 // from all ranks' tokens, each scaled by its source's 1/n_r, so EP requires equal shares (checked).
-// sync: the gradient buckets and their overlap with the backward (above); the default is one all-reduce after it.
 inline StepResult parallel_train_step(Communicator& comm, Model& model, AdamW& opt, const int32_t* tokens,
                                       int B_local, int T, float lr, const LossOptions& options,
                                       ExpertParallel* ep = nullptr, bool bias_update = true,
@@ -4306,7 +4238,6 @@ inline StepResult parallel_train_step(Communicator& comm, Model& model, AdamW& o
              B_local, " of ", B_total, " rows over ", R, " ranks");
     model.expert_runner = ep;
     const double w = double(B_local) / double(B_total);
-
     // 1. forward and backward on this rank's rows (under EP the MoE layers talk to the other ranks in between),
     // 2. and the gradients: weight w_r, the replicated ones summed over the ranks (during the backward with overlap)
     const HeldParams held = held_params(model, ep);
@@ -4323,7 +4254,6 @@ inline StepResult parallel_train_step(Communicator& comm, Model& model, AdamW& o
     result.loss = batch_losses(comm, local, w);
     return result;
 }
-
 // Under EP each rank keeps only its own experts up to date. gather_experts copies every routed expert's weights and
 // AdamW moments from its owner to every rank, so one rank can evaluate and save the whole model (expert_runner =
 // nullptr, as build/train_mpi --ep does): exact, the owners' bits summed as integers with zeros (the whole buffer
