@@ -2693,59 +2693,43 @@ inline std::vector<int32_t> generate(Model& model, const std::vector<int32_t>& p
 // =====================================================================================================================
 // 8. NUMERICS: FP8 TRAINING (DeepSeek-V3 report §3.3), BF16 AND FP16
 // =====================================================================================================================
-// DeepSeek-V3 trains with FP8 matrix multiplications (report §3.3): the three GEMMs of every linear layer, Fprop
-// y = x·Wᵀ, Dgrad dx = dy·W and Wgrad dW = dyᵀ·x, take 8-bit inputs on the tensor cores. What is sensitive or cheap
-// stays in BF16/FP32: embedding, output head, MoE router, norms, the attention core, the FP32 master weights and
-// gradients; AdamW's moments are stored in BF16 (bf16_round below).
-//
+// DeepSeek-V3 runs the three GEMMs of every linear layer, Fprop y = x·Wᵀ, Dgrad dx = dy·W and Wgrad dW = dyᵀ·x, on
+// 8-bit inputs (report §3.3). What is sensitive or cheap stays in BF16/FP32: embedding, output head, MoE router,
+// norms, the attention core, the FP32 master weights and gradients; AdamW's moments are stored in BF16 (bf16_round).
 // The formats (OCP 8-bit floating point specification; the bits are sign | exponent | mantissa):
 //          bits        bias  max finite    min normal  min subnormal  special values
 //   E4M3   s eeee mmm     7  448   (0x7E)  2^-6        2^-9           NaN = s.1111.111 only, no infinities ("fn")
 //   E5M2   s eeeee mm    15  57344 (0x7B)  2^-14       2^-16          IEEE: ±inf = s.11111.00, NaN = s.11111.(≠0)
-// E4M3 has one more mantissa bit (neighbours at most 12.5% apart) but spans only 2^-9..448, about 18 binades. V3 uses
-// it for every tensor, gradients included (earlier recipes used E5M2 there, for its range), and gets the range back by
-// fine-grained scaling (§3.3.2): one scale per tensor is set by its largest element, and with activation outliers most
-// values would fall into the coarse subnormals or to zero. So each small group gets its own scale, online, from its
-// amax: scale = amax / 448, x_q = E4M3(x / scale). Activations and gradients: one scale per 1×128 tile (a token × 128
-// channels; an outlier spoils only its tile). Weights: one per 128×128 block, whose scales also serve Wᵀ in Dgrad.
-// The groups run along the reduction dimension K, so the scale changes every 128 elements of K and must be applied
-// inside the accumulation, which promotion does.
-//
-// Promotion every 128 (§3.3.2 "Increasing Accumulation Precision"). Hopper's FP8 tensor cores do not accumulate in
-// FP32: within each block of 32 products every product is aligned to the largest exponent (the accumulator's
-// included) and truncated, and the sum keeps only 14 significant bits; over K = 4096 the report measured errors near
-// 2%. V3's fix: every N_C = 128 elements of K (four WGMMAs of K = 32) the partial sum goes to FP32 registers on the
-// CUDA cores, times the two group scales, into an FP32 accumulator: nearly free, the scales are applied there anyway.
-//
-// Here: 8.1 bit-exact codecs, 8.2 tile and block quantization, 8.3 fp8_gemm, the H100 tensor-core accumulator bit for
-// bit (after Khattak & Mikaitis and "Insights into DeepSeek-V3", arXiv 2505.09343), promotion optional, 8.4 V3's FP8
-// linear layer, 8.5 LogFMT (a log-space format the paper proposes for communication). examples/fp8_error.cpp reproduces
-// the "nearly 2%" and shows promotion removing it; examples/logfmt.cpp sets LogFMT against E4M3, E5M2 and BF16.
+// E4M3 has one more mantissa bit (neighbours at most 12.5% apart) but spans only about 18 binades. V3 uses it for
+// every tensor, gradients included (earlier recipes used E5M2 there), and gets the range back by fine-grained scaling
+// (§3.3.2): one scale per tensor would push most values, under activation outliers, into the subnormals or to zero;
+// instead each 1×128 tile (a token × 128 channels) of activations and gradients and each 128×128 block of weights
+// gets its own scale from its amax (8.2). The groups run along the reduction dimension K, so the scales must be
+// applied inside the accumulation, and promotion every 128 (§3.3.2 "Increasing Accumulation Precision") does it:
+// Hopper's FP8 tensor cores accumulate with about 14 significant bits (8.3: errors near 2% over K = 4096), so every
+// N_C = 128 elements of K V3 adds the partial sum, times the two group scales, into FP32 registers on the CUDA cores
+// (nearly free: the scales are applied there anyway). examples/fp8_error.cpp reproduces the "nearly 2%" and shows
+// promotion removing it.
 
 // --- 8.1 bit-level helpers, BF16 and FP16, the FP8 codecs ------------------------------------------------------------
 namespace fp8_detail {
 inline uint32_t bits_of(float x) { uint32_t u; std::memcpy(&u, &x, 4); return u; }
 inline float float_of(uint32_t u) { float x; std::memcpy(&x, &u, 4); return x; }
-// 2^n as a float for a normal exponent n in [-126, 127], built from its bits (exact, no libm).
-inline float pow2f(int n) { return float_of(uint32_t(n + 127) << 23); }
-// Number of significant bits of v > 0 (bit_length(1) = 1).
-inline int bit_length(uint32_t v) {
+inline float pow2f(int n) { return float_of(uint32_t(n + 127) << 23); }   // 2^n for n in [-126, 127]: exact, no libm
+inline int bit_length(uint32_t v) {   // significant bits of v > 0 (bit_length(1) = 1)
 #if defined(__GNUC__) || defined(__clang__)
     return 32 - __builtin_clz(v);
 #else
     int n = 0;
-    while (v) { ++n; v >>= 1; }
+    for (; v; v >>= 1) ++n;
     return n;
 #endif
 }
-
-// Rounds a non-negative float (its bits `a`; NaN excluded, +inf allowed) to nearest, ties to even, in a format of
-// `man_bits` mantissa bits and exponent bias `bias`; returns the unsigned code (exponent field << man_bits) | mantissa.
-// Codes grow with the value and are unbounded above: past the largest finite code, the caller saturates or makes inf.
-// The value is sig · 2^(e - 23) (24-bit significand sig). At te = max(e, emin) the target's spacing is
-// 2^(te - man_bits); the spacings q = sig >> shift, rounded to even, lie in [2^man_bits, 2^(man_bits+1)] for normals
-// and [0, 2^man_bits] for subnormals, and the code is ((te + bias - 1) << man_bits) + q either way: a carry into the
-// next binade, or from the subnormals into the normals, lands on the right code by itself.
+// Rounds a non-negative float (bits `a`; NaN excluded, +inf allowed) to nearest even in a format of `man_bits` mantissa
+// bits and bias `bias`: the unsigned code (exponent field << man_bits) | mantissa, unbounded above (the caller
+// saturates or makes inf). For a = sig · 2^(e - 23), q = sig >> shift rounded to even counts the target's spacings
+// 2^(te - man_bits), te = max(e, emin), and the code is ((te + bias - 1) << man_bits) + q for normals and subnormals
+// alike: a carry into the next binade, or from the subnormals into the normals, lands on the right code by itself.
 inline int64_t round_to_code(uint32_t a, int man_bits, int bias) {
     if (a == 0) return 0;
     const int fexp = std::max(int(a >> 23), 1);   // float32 subnormals: the 2^-126 scale, no implicit bit
@@ -2759,15 +2743,6 @@ inline int64_t round_to_code(uint32_t a, int man_bits, int bias) {
     if (rem > half || (rem == half && (q & 1u))) ++q;
     return (int64_t(te + bias - 1) << man_bits) + int64_t(q);
 }
-
-// Value of a finite code without sign (exponent field ef, mantissa m): m·2^(emin - man_bits) for subnormals (ef = 0),
-// (2^man_bits + m)·2^(ef - bias - man_bits) for normals. ldexp is exact here.
-inline float code_value(uint32_t code, int man_bits, int bias) {
-    const uint32_t ef = code >> man_bits, m = code & ((1u << man_bits) - 1);
-    if (ef == 0) return std::ldexp(float(m), 1 - bias - man_bits);
-    return std::ldexp(float(m | (1u << man_bits)), int(ef) - bias - man_bits);
-}
-
 // x to a `bits`-wide format (sign on top): NaN becomes sign | nan_code; otherwise x is rounded and a code past `top`
 // becomes `top`, which is the largest finite code for a saturating format and the infinity code for IEEE overflow.
 inline uint32_t encode(float x, int bits, int man_bits, int bias, uint32_t nan_code, uint32_t top) {
@@ -2776,15 +2751,17 @@ inline uint32_t encode(float x, int bits, int man_bits, int bias, uint32_t nan_c
     const int64_t code = round_to_code(a, man_bits, bias);
     return sign | (code > int64_t(top) ? top : uint32_t(code));
 }
-// The inverse: codes from `special` up are infinity (`special` itself, when the format has_inf) or NaN.
+// The inverse: codes from `special` up are infinity (`special` itself, when the format has_inf) or NaN. A finite code
+// (exponent field ef, mantissa m) is m·2^(1 - bias - man_bits) for subnormals (ef = 0), else (2^man_bits + m)·2^(ef -
+// bias - man_bits); ldexp is exact here.
 inline float decode(uint32_t h, int bits, int man_bits, int bias, uint32_t special, bool has_inf) {
     const float sign = (h >> (bits - 1)) & 1u ? -1.0f : 1.0f;
-    const uint32_t code = h & ((1u << (bits - 1)) - 1);
+    const uint32_t code = h & ((1u << (bits - 1)) - 1), m = code & ((1u << man_bits) - 1);
+    const int ef = int(code >> man_bits);
     if (code >= special) return has_inf && code == special ? sign * INFINITY : std::copysign(NAN, sign);
-    return std::copysign(code_value(code, man_bits, bias), sign);
+    return std::copysign(std::ldexp(float(ef ? m | (1u << man_bits) : m), std::max(ef, 1) - bias - man_bits), sign);
 }
 }  // namespace fp8_detail
-
 // BF16: float32's sign, exponent and top 7 mantissa bits; rounding drops the low 16 bits (to nearest, ties to even).
 // V3 stores AdamW's moments in BF16 (§3.3.3); bf16_round(x) is what such a store-and-reload does to x.
 inline uint16_t float_to_bf16_bits(float x) {
@@ -2795,12 +2772,10 @@ inline uint16_t float_to_bf16_bits(float x) {
 }
 inline float bf16_bits_to_float(uint16_t h) { return fp8_detail::float_of(uint32_t(h) << 16); }
 inline float bf16_round(float x) { return bf16_bits_to_float(float_to_bf16_bits(x)); }
-
 // FP16 (IEEE binary16, bias 15, 10 mantissa bits, max 65504), which some checkpoints use: round to nearest even, and
 // a value that rounds past 65504 becomes ±inf (0x7C00).
 inline uint16_t float_to_f16_bits(float x) { return uint16_t(fp8_detail::encode(x, 16, 10, 15, 0x7E00u, 0x7C00u)); }
 inline float f16_bits_to_float(uint16_t h) { return fp8_detail::decode(h, 16, 10, 15, 0x7C00u, true); }
-
 // FP8 codecs: round to nearest even, subnormals kept, saturating: past the largest finite value is ±max (the
 // hardware's "satfinite"; PyTorch's plain cast does not saturate), ±inf too (E4M3 has none; E5M2's ±57344 keeps an
 // overflow from poisoning a GEMM). NaN stays NaN with its sign (E5M2: the quiet s.11111.10); -0 encodes to 0x80.
@@ -2808,18 +2783,16 @@ inline uint8_t fp8_e4m3_encode(float x) { return uint8_t(fp8_detail::encode(x, 8
 inline uint8_t fp8_e5m2_encode(float x) { return uint8_t(fp8_detail::encode(x, 8, 2, 15, 0x7Eu, 0x7Bu)); }
 inline float fp8_e4m3_decode(uint8_t q) { return fp8_detail::decode(q, 8, 3, 7, 0x7Fu, false); }
 inline float fp8_e5m2_decode(uint8_t q) { return fp8_detail::decode(q, 8, 2, 15, 0x7Cu, true); }
-
-// The two FP8 formats, for the functions below that accept either.
-enum class Fp8Format { e4m3, e5m2 };
-inline float fp8_decode(uint8_t q, Fp8Format f) { return f == Fp8Format::e4m3 ? fp8_e4m3_decode(q) : fp8_e5m2_decode(q); }
+enum class Fp8Format { e4m3, e5m2 };   // for the functions below that accept either
+inline float fp8_decode(uint8_t q, Fp8Format f) {
+    return f == Fp8Format::e4m3 ? fp8_e4m3_decode(q) : fp8_e5m2_decode(q);
+}
 inline bool fp8_is_finite(uint8_t q, Fp8Format f) { return (q & 0x7Fu) < (f == Fp8Format::e4m3 ? 0x7Fu : 0x7Cu); }
-
 // An FP8 input's exponent as the tensor core aligns it: unbiased, subnormals at the minimum normal exponent (-6 E4M3,
 // -14 E5M2). Meaningless for zero (zeros take no part).
 inline int fp8_input_exponent(uint8_t q, Fp8Format f) {
     const int man_bits = f == Fp8Format::e4m3 ? 3 : 2, bias = f == Fp8Format::e4m3 ? 7 : 15;
-    const int ef = (q & 0x7F) >> man_bits;
-    return (ef == 0 ? 1 : ef) - bias;
+    return std::max((q & 0x7F) >> man_bits, 1) - bias;   // the exponent field, 1 for subnormals
 }
 
 // --- 8.2 fine-grained quantization (§3.3.2, Figure 7a) ---------------------------------------------------------------
@@ -2832,14 +2805,10 @@ inline float fp8_scale_for_amax(float amax, bool pow2_scale = false) {
     if (!(amax > 0.0f)) return 1.0f;
     float s = amax / 448.0f;
     if (s < FLT_MIN) s = FLT_MIN;
-    if (pow2_scale) {
-        int e = 0;
-        const float m = std::frexp(s, &e);       // s = m · 2^e, m in [0.5, 1)
-        if (m != 0.5f) s = std::ldexp(1.0f, e);  // not a power of two yet: the next one up
-    }
+    int e = 0;   // s = m · 2^e, m in [0.5, 1): unless m = 0.5, 2^e is the next power of two up
+    if (pow2_scale && std::frexp(s, &e) != 0.5f) s = std::ldexp(1.0f, e);
     return s;
 }
-
 namespace fp8_detail {
 inline void check_quant_args(const char* who, const void* in, int rows, int cols, const void* q, const float* scales) {
     if (rows < 0 || cols < 0) fail(who, ": shape must be non-negative, found [", rows, ", ", cols, "]");
@@ -2888,22 +2857,21 @@ inline std::vector<T> transposed(const T* x, int rows, int cols) {
     return xt;
 }
 }  // namespace fp8_detail
-
 // x: [rows, cols] → q: [rows, cols] E4M3 codes, scales: [rows, ceil(cols/128)], one per 1×128 tile (a row's last tile
 // is partial when cols % 128 != 0: it has its own amax over the columns it covers).
-inline void quantize_tiles_1x128(const float* x, int rows, int cols, uint8_t* q, float* scales, bool pow2_scale = false) {
+inline void quantize_tiles_1x128(const float* x, int rows, int cols, uint8_t* q, float* scales,
+                                 bool pow2_scale = false) {
     fp8_detail::quantize_tiles("quantize_tiles_1x128", x, rows, cols, 1, q, scales, pow2_scale);
 }
-
 // w: [rows, cols] (a weight [out, in]) → q: [rows, cols], scales: [ceil(rows/128), ceil(cols/128)], one per 128×128
 // block (blocks at the bottom and right edges are partial).
-inline void quantize_blocks_128x128(const float* w, int rows, int cols, uint8_t* q, float* scales, bool pow2_scale = false) {
+inline void quantize_blocks_128x128(const float* w, int rows, int cols, uint8_t* q, float* scales,
+                                    bool pow2_scale = false) {
     fp8_detail::quantize_tiles("quantize_blocks_128x128", w, rows, cols, 128, q, scales, pow2_scale);
 }
-
-// Wgrad's operands are tiled along the token dimension, which is the reduction dimension of dW = dyᵀ·x: 128×1 tiles
-// (128 tokens × one channel). x: [rows, cols] → qt: [cols, rows] (transposed, so each tile becomes a 1×128 tile of a
-// row, the layout fp8_gemm reads), scales: [cols, ceil(rows/128)].
+// Wgrad's operands are tiled along the token dimension, the reduction dimension of dW = dyᵀ·x: 128×1 tiles (128
+// tokens × one channel). x: [rows, cols] → qt: [cols, rows] (transposed, so each tile becomes a 1×128 tile of a row,
+// the layout fp8_gemm reads), scales: [cols, ceil(rows/128)].
 inline void quantize_tiles_128x1_transposed(const float* x, int rows, int cols, uint8_t* qt, float* scales,
                                             bool pow2_scale = false) {
     const char* who = "quantize_tiles_128x1_transposed";
@@ -2911,7 +2879,6 @@ inline void quantize_tiles_128x1_transposed(const float* x, int rows, int cols, 
     const std::vector<float> xt = fp8_detail::transposed(x, rows, cols);   // [cols, rows]
     fp8_detail::quantize_tiles(who, xt.data(), cols, rows, 1, qt, scales, pow2_scale);
 }
-
 // Inverses (up to rounding): x[r, c] = decode(q[r, c]) · scale of its tile / block.
 inline void dequantize_tiles_1x128(const uint8_t* q, const float* scales, int rows, int cols, float* x) {
     fp8_detail::dequantize_tiles("dequantize_tiles_1x128", q, scales, rows, cols, 1, x);
@@ -2921,7 +2888,8 @@ inline void dequantize_blocks_128x128(const uint8_t* q, const float* scales, int
 }
 
 // --- 8.3 FP8 GEMM on the H100 tensor core's accumulator [V3 §3.3.2; arXiv 2505.09343] --------------------------------
-// C[M, N] = A[M, K] · B[N, K]ᵀ, A and B E4M3 codes, B in the weight layout [out, in]. For one output element:
+// C[M, N] = A[M, K] · B[N, K]ᵀ, A and B E4M3 codes, B in the weight layout [out, in]. The accumulator model (after
+// Khattak & Mikaitis and "Insights into DeepSeek-V3"; Fp8Accum, its parameters: section 3), for one output element:
 //   c = 0                                    the tensor core's accumulator: at most 14 significant bits
 //   for each block of 32 consecutive k:      one WGMMA instruction's K for FP8
 //       E = max over the block's non-zero products of ea_k + eb_k (exponents of the FP8 INPUTS, subnormals at the
@@ -2932,17 +2900,15 @@ inline void dequantize_blocks_128x128(const uint8_t* q, const float* scales, int
 //   promotion every N_C = 128 (V3): at the end of each 128-chunk of K and at the very end of K:
 //       acc32 = fmaf(c, (float)(sa · sb), acc32);  c = 0      sa·sb rounded to float once, then one fused rounding
 //   result = acc32                           no promotion ("fast accumulation") = one promotion at the very end
-// Scales: scale_a one per 1×128 tile of A ([M, ceil(K/128)]), scale_b one per 128×128 block of B ([ceil(N/128),
-// ceil(K/128)]), row-major; nullptr means all ones. A promotion chunk applies the one scale pair of its 128-tile, so
-// a chunk spanning several tiles (promote_every = 0 or > 128) needs equal scales over them (e.g. per tensor), else
-// fp8_gemm throws. Checked against an H100 (torch 2.11 _scaled_mm → cuBLASLt, use_fast_accum for "no promotion"):
-// bit for bit on every output for Gaussian, uniform, all-codes and sparse inputs, K = 32 … 4096 with tails (96, 160,
-// 1040), E4M3 × E5M2, 1×128 / 128×128 block scales. Every detail matters: flooring instead of truncation matches 0%
-// of the outputs, 14 fraction bits instead of 13 2%, aligning on the product's exponent 91%. cuBLAS's per-tensor
-// scaling (not V3's) promotes with unit scales and multiplies the result once, C = acc32 · (float)(sa·sb): pass null
-// scales and multiply C afterwards. A NaN input (or an E5M2 ±inf) makes every output reading its row NaN (the model
-// does not follow IEEE infinities through the truncating accumulator). Fp8Accum, its parameters: section 3.
-
+// scale_a: [M, ceil(K/128)], one per 1×128 tile of A; scale_b: [ceil(N/128), ceil(K/128)], one per 128×128 block of
+// B; null = all ones. A promotion applies one 128-tile's scale pair, so a chunk spanning several (promote_every = 0 or
+// > 128) needs equal scales over them (e.g. per tensor), else fp8_gemm throws. cuBLAS's per-tensor scaling (not V3's)
+// is C = acc32 · (float)(sa·sb): pass null scales and multiply C afterwards. A NaN input (or an E5M2 ±inf) makes its
+// row's outputs NaN (the model does not follow IEEE infinities through the truncating accumulator). Bit for bit an
+// H100's (torch 2.11 _scaled_mm → cuBLASLt; use_fast_accum: no promotion) on Gaussian, uniform, all-codes and sparse
+// inputs, K = 32 … 4096 with tails (96, 160, 1040), E4M3 × E5M2, 1×128 / 128×128 scales. Every detail matters:
+// flooring instead of truncation matches 0% of the outputs, 14 fraction bits instead of 13 2%, aligning on the
+// product's exponent 91%.
 namespace fp8_detail {
 // The scale of (row, 128-tile t): s[(row / rows_per_scale) * tiles + t], 1 when s is null. rows_per_scale is 1 for
 // fp8_gemm's A (1×128 tiles) and Wgrad's B (128×1 tiles, transposed), 128 for fp8_gemm's B (128×128 blocks).
@@ -2951,16 +2917,13 @@ struct ScaleMap {
     int rows_per_scale = 1, tiles = 0;
     float at(int row, int t) const { return s ? s[int64_t(row / rows_per_scale) * tiles + t] : 1.0f; }
 };
-
 // Everything one GEMM needs; `accumulate` makes it C += A·Bᵀ (the backward pass's dx and dW accumulate).
 struct GemmProblem {
     const uint8_t* A; Fp8Format fa; ScaleMap sa;
     const uint8_t* B; Fp8Format fb; ScaleMap sb;
     float* C; int M, N, K;
-    Fp8Accum acc;
-    bool accumulate;
+    Fp8Accum acc; bool accumulate;
 };
-
 inline const GemmProblem& check_gemm(const GemmProblem& p, const char* who) {   // returns p
     if (p.M < 0 || p.N < 0 || p.K < 0) fail(who, ": sizes must be non-negative, found M=", p.M, " N=", p.N, " K=", p.K);
     if (int64_t(p.M) * p.N > 0 && !p.C) fail(who, ": C is null for a [", p.M, ", ", p.N, "] output");
@@ -2973,13 +2936,12 @@ inline const GemmProblem& check_gemm(const GemmProblem& p, const char* who) {   
         fail(who, ": Fp8Accum.frac_bits must be in [1, 23] (the accumulator must fit a float32 significand), found ",
              a.frac_bits);
     if (a.promote_every < 0) fail(who, ": Fp8Accum.promote_every must be >= 0 (0 = never), found ", a.promote_every);
-    // The fast path sums a block in int32: each addend is below 2^(frac_bits+2), the carried accumulator below
-    // 2^(frac_bits+1).
+    // The fast path sums a block in int32: addends below 2^(frac_bits+2), the carried c below 2^(frac_bits+1).
     if ((int64_t(a.block) << (a.frac_bits + 2)) + (int64_t(1) << (a.frac_bits + 1)) >= (int64_t(1) << 31))
         fail(who, ": Fp8Accum.block = ", a.block, " with frac_bits = ", a.frac_bits,
              " overflows the 32-bit block sum (need block * 2^(frac_bits+2) < 2^31)");
     // A promotion chunk applies one scale pair: the 128-tiles it spans must agree.
-    const int chunk = a.promote_every > 0 ? a.promote_every : p.K;
+    const int chunk = a.promote_every > 0 ? a.promote_every : std::max(p.K, 1);
     if (chunk <= 128 && 128 % chunk == 0) return p;
     auto same_scales = [&](const ScaleMap& m, int rows, const char* name, int t0, int t, int t1) {
         for (int i = 0; m.s && i < rows; i += m.rows_per_scale)
@@ -2997,13 +2959,10 @@ inline const GemmProblem& check_gemm(const GemmProblem& p, const char* who) {   
     }
     return p;
 }
-
 inline bool row_finite(const uint8_t* x, int K, Fp8Format f) {
     return std::all_of(x, x + K, [f](uint8_t q) { return fp8_is_finite(q, f); });
 }
-
 inline void store(const GemmProblem& p, int64_t idx, float v) { p.C[idx] = p.accumulate ? p.C[idx] + v : v; }
-
 // A format's 256 codes decoded: values (exact; 0 for NaN and inf, whose rows give NaN outputs anyway) and alignment
 // exponents (a very low sentinel for zeros, which never win a block's max).
 constexpr int kZeroExponent = -1000;
@@ -3019,7 +2978,6 @@ struct CodeTable {
     }
 };
 struct CodeTables { CodeTable a, b; };  // of the two operands
-
 // The plain version: the pseudo-code above, literally, in double arithmetic (every step below is exact in double:
 // products of two FP8 values have at most 8 significant bits, and all sums are multiples of q spanning < 53 bits).
 // Fp8Accum.exact: exact products and 128-chunk sums; each chunk scaled by sa·sb (exact in double).
@@ -3033,7 +2991,6 @@ inline float reference_exact(const GemmProblem& p, const CodeTables& t, const ui
     }
     return float(total);
 }
-
 // One block of products k in [b0, b1) into the tensor core's accumulator c: align, truncate, sum, truncate.
 inline double reference_block(const GemmProblem& p, const CodeTables& t, const uint8_t* a, const uint8_t* b, int b0,
                               int b1, double c) {
@@ -3055,7 +3012,6 @@ inline double reference_block(const GemmProblem& p, const CodeTables& t, const u
     }
     return s;
 }
-
 // One output: blocks restart at every promotion chunk; each promotion adds c · (sa·sb) to the FP32 accumulator.
 inline float reference_output(const GemmProblem& p, const CodeTables& t, const uint8_t* a, const uint8_t* b, int i,
                               int j) {
@@ -3071,7 +3027,6 @@ inline float reference_output(const GemmProblem& p, const CodeTables& t, const u
     }
     return acc32;
 }
-
 inline void gemm_reference(const GemmProblem& p) {
     const CodeTables t{CodeTable(p.fa), CodeTable(p.fb)};
     for (int i = 0; i < p.M; ++i) {
@@ -3084,8 +3039,7 @@ inline void gemm_reference(const GemmProblem& p) {
         }
     }
 }
-
-// One operand decoded for the fast path (values and exponents of CodeTable), and whether each row is free of NaN/inf.
+// The fast version. One operand decoded (values and exponents of CodeTable), and whether each row is free of NaN/inf.
 struct Decoded { std::vector<float> v; std::vector<int32_t> e; std::vector<uint8_t> finite; };
 inline Decoded decode_operand(const uint8_t* X, int rows, int K, Fp8Format f) {
     const CodeTable t(f);
@@ -3097,11 +3051,9 @@ inline Decoded decode_operand(const uint8_t* X, int rows, int K, Fp8Format f) {
     });
     return d;
 }
-
 // The tensor core's accumulator c = cm · 2^(E - frac_bits) as a float (exact: at most 24 significant bits), and
 // ec = floor(log2|c|) (kZeroExponent while c == 0, so it never wins the alignment).
 struct TensorCoreAcc { float c = 0.0f; int32_t ec = kZeroExponent; };
-
 // One block of LEN products (LEN = 0: `len` at run time), in integers: with u = 2^(frac_bits - E) every addend x·u is
 // an exact float below 2^(frac_bits+2), and float→int truncates toward zero, exactly trunc(x / q). The loops vectorize
 // (max, mul, cvttps2dq, add); the rest is branch-free (random signs would mispredict a branch per block).
@@ -3126,7 +3078,6 @@ inline void tc_block(TensorCoreAcc& t, const float* av, const int32_t* ae, const
     t.c = float(kept) * pow2f(E - frac_bits);             // exact: at most 24 significant bits
     t.ec = kept != 0 ? E - frac_bits + len_bits - 1 : kZeroExponent;
 }
-
 // JB outputs (i, j0 .. j0+JB-1) at once: each block waits for the previous one's floor(log2|c|), ~60 cycles per 32
 // products, and interleaving JB independent chains overlaps those latencies (about 3x faster than one at a time).
 template <int JB>
@@ -3160,7 +3111,6 @@ inline void gemm_fast_outputs(const GemmProblem& p, const Decoded& da, const Dec
     }
     for (int jj = 0; jj < JB; ++jj) store(p, int64_t(i) * p.N + j0 + jj, db.finite[size_t(j0 + jj)] ? acc32[jj] : NAN);
 }
-
 // Fp8Accum.exact for row i of C. Four partial sums per 128-chunk in a fixed order: for E4M3 every partial sum is
 // exact (products are multiples of 2^-18 below 2^18), so the order cannot change the result.
 inline void fast_exact_row(const GemmProblem& p, const Decoded& da, const Decoded& db, int i) {
@@ -3182,14 +3132,9 @@ inline void fast_exact_row(const GemmProblem& p, const Decoded& da, const Decode
         store(p, int64_t(i) * p.N + j, db.finite[size_t(j)] ? float(total) : NAN);
     }
 }
-
-// The fast version: same results bit for bit; rows of C in parallel (each row written by one thread: deterministic).
+// Same results bit for bit (K = 0 too: every output 0); rows of C in parallel, each written by one thread.
 inline void gemm_fast(const GemmProblem& p) {
     if (int64_t(p.M) * p.N == 0) return;
-    if (p.K == 0) {
-        parallel_for(p.M, [&](int64_t i) { for (int j = 0; j < p.N; ++j) store(p, i * p.N + j, 0.0f); });
-        return;
-    }
     const Decoded da = decode_operand(p.A, p.M, p.K, p.fa), db = decode_operand(p.B, p.N, p.K, p.fb);
     parallel_for(p.M, [&](int64_t i64) {
         const int i = int(i64);
@@ -3204,14 +3149,12 @@ inline void gemm_fast(const GemmProblem& p) {
         }
     });
 }
-
 inline GemmProblem make_problem(const uint8_t* A, Fp8Format fa, const float* scale_a, const uint8_t* B, Fp8Format fb,
                                 const float* scale_b, float* C, int M, int N, int K, const Fp8Accum& acc) {
     const int kt = fp8_tiles(std::max(K, 0));
     return GemmProblem{A, fa, ScaleMap{scale_a, 1, kt}, B, fb, ScaleMap{scale_b, 128, kt}, C, M, N, K, acc, false};
 }
 }  // namespace fp8_detail
-
 // C[M, N] = A[M, K] · B[N, K]ᵀ with E4M3 A and B, simulated on the H100 accumulator model above.
 // scale_a: [M, ceil(K/128)] per 1×128 tile, scale_b: [ceil(N/128), ceil(K/128)] per 128×128 block (null = ones).
 inline void fp8_gemm(const uint8_t* A, const float* scale_a, const uint8_t* B, const float* scale_b, float* C, int M,
@@ -3220,7 +3163,6 @@ inline void fp8_gemm(const uint8_t* A, const float* scale_a, const uint8_t* B, c
     gemm_fast(check_gemm(make_problem(A, Fp8Format::e4m3, scale_a, B, Fp8Format::e4m3, scale_b, C, M, N, K, acc),
                          "fp8_gemm"));
 }
-
 // The same, written plainly for reading and for the tests (slow: one double-precision pass per block).
 inline void fp8_gemm_reference(const uint8_t* A, const float* scale_a, const uint8_t* B, const float* scale_b, float* C,
                                int M, int N, int K, const Fp8Accum& acc = {}) {
@@ -3228,7 +3170,6 @@ inline void fp8_gemm_reference(const uint8_t* A, const float* scale_a, const uin
     gemm_reference(check_gemm(make_problem(A, Fp8Format::e4m3, scale_a, B, Fp8Format::e4m3, scale_b, C, M, N, K, acc),
                               "fp8_gemm_reference"));
 }
-
 // Mixed formats (Hopper's FP8 WGMMA also takes E4M3 × E5M2; E5M2 × E5M2 is simulated the same way). The accumulator
 // model is unchanged: E5M2 values enter with their own exponents (subnormals at -14).
 inline void fp8_gemm_mixed(const uint8_t* A, Fp8Format format_a, const float* scale_a, const uint8_t* B,
@@ -3250,7 +3191,6 @@ inline void check_linear(const char* who, int T, int in, int out) {
     if (T < 0 || in < 0 || out < 0) fail(who, ": sizes must be non-negative, found T=", T, " in=", in, " out=", out);
 }
 struct Quantized { std::vector<uint8_t> q; std::vector<float> s; };   // one operand's codes and scales
-
 // x: [rows, cols] in 1×128 tiles (tile_rows = 1) or 128×128 blocks (tile_rows = 128).
 inline Quantized quantize(const float* x, int rows, int cols, int tile_rows) {
     Quantized r{std::vector<uint8_t>(size_t(rows) * size_t(cols)),
@@ -3276,7 +3216,6 @@ inline void linear_gemm(const char* who, const Quantized& a, const Quantized& b,
                          who));
 }
 }  // namespace fp8_detail
-
 inline void fp8_matmul_forward(float* y, const float* x, const float* W, int T, int in, int out) {
     DSV3_PROFILE_KERNEL();
     using namespace fp8_detail;
@@ -3285,7 +3224,6 @@ inline void fp8_matmul_forward(float* y, const float* x, const float* W, int T, 
     if (!y || (int64_t(T) * in > 0 && (!x || !W))) fail("fp8_matmul_forward: null y, x or W");
     linear_gemm("fp8_gemm", quantize(x, T, in, 1), quantize(W, out, in, 128), 128, y, T, out, in, false);
 }
-
 inline void fp8_matmul_backward(float* dx, float* dW, const float* dy, const float* x, const float* W, int T, int in,
                                 int out) {
     DSV3_PROFILE_KERNEL();
@@ -3302,7 +3240,6 @@ inline void fp8_matmul_backward(float* dx, float* dW, const float* dy, const flo
                     dW, out, in, T, true);
     }
 }
-
 // The routed experts' FP8 layers: fp8_matmul_forward / _backward on each expert's rows, with the offsets and weight
 // layout of grouped_matmul (section 3.10). Each expert's product is quantized on its own (the Wgrad's 128×1 tiles
 // start at the expert's first row), so this loop is the definition; cuda/fp8.cuh runs every expert's product in one
@@ -3327,16 +3264,16 @@ inline void fp8_grouped_matmul_backward(float* dx, float* dW, const float* dy, c
 }
 
 // --- 8.5 LogFMT: a logarithmic format for communication ["Insights into DeepSeek-V3", arXiv 2505.09343, §3.2] ------
-// LogFMT-nBit codes an element of a 1×128 tile as a sign bit S and an (n−1)-bit integer K. The tile's magnitudes are
+// LogFMT-nBit codes an element of a 1×128 tile as a sign bit S and an (n−1)-bit integer K, the tile's magnitudes
 // spaced evenly in LOG space between its smallest and largest nonzero ones, min = log|x|_min and max = log|x|_max:
 //     K = 0: zero;   K = 1 .. L (L = 2^(n−1) − 1):   |x| = exp(min + step·(K − 1)),   step = (max − min) / (L − 1)
-// min is clamped to at least max − log(2^32), a range like that of a float with 5 exponent bits. Rounding is done in
-// the LINEAR space, "for unbiased activation quantization": a magnitude between two levels takes the nearer one (ties
-// to the even K), one below the smallest level takes it or zero. Unlike E4M3 with a 1×128 scale, whose levels are
-// fixed up to the scale, the levels follow the tile's own range. The paper found LogFMT-8 more accurate than E4M3 and
-// E5M2, and LogFMT-10 close to BF16, but did not deploy it: a log and exps for every element cost too much of the
-// GPU's bandwidth (cuda/dev_logfmt.cu measures it). Each tile keeps min and step as floats. ±inf saturate to the
-// largest level; a tile with a NaN gets step = NaN, so that its nonzero elements decode to NaN.
+// min is clamped to at least max − log(2^32), a range like a float's with 5 exponent bits. Rounding is in LINEAR
+// space, "for unbiased activation quantization": to the nearer level (ties to the even K); below the smallest level,
+// to it or zero. Unlike E4M3's levels, fixed up to the tile's scale, these follow the tile's own range. The paper
+// found LogFMT-8 more accurate than E4M3 and E5M2 and LogFMT-10 close to BF16 (examples/logfmt.cpp compares them),
+// but did not deploy it: a log and exps per element cost too much of the GPU's bandwidth (cuda/dev_logfmt.cu measures
+// it). A tile keeps min and step as floats; ±inf saturate to the largest level; a NaN makes step NaN, and so every
+// nonzero element of its tile.
 struct LogFmtTile { float min = 0, step = 0; };
 namespace logfmt_detail {
 constexpr float kRange = 22.18070977791825f;   // log(2^32) = 32·ln 2: the widest tile, max − min
@@ -3382,7 +3319,6 @@ inline void check(const char* who, int rows, int cols, int bits, const void* a, 
     if (int64_t(rows) * cols > 0 && (!a || !b || !c)) fail(who, ": null pointer for a [", rows, ", ", cols, "] tensor");
 }
 }  // namespace logfmt_detail
-
 // x: [rows, cols] → codes: [rows, cols] (the low `bits` bits of each: S at bit bits−1, then K), tiles: [rows,
 // ceil(cols/128)] (a row's last tile is partial when cols % 128 != 0). Tiles in parallel, each on its own.
 inline void logfmt_encode(const float* x, int rows, int cols, int bits, uint16_t* codes, LogFmtTile* tiles) {
@@ -3416,18 +3352,13 @@ inline void logfmt_decode(const uint16_t* codes, const LogFmtTile* tiles, int ro
 // 9. PARALLELISM: DATA PARALLEL AND EXPERT PARALLEL OVER RANKS   [V3 §3.2; Fire-Flyer AI-HPC §IV, arXiv 2408.14158]
 // =====================================================================================================================
 // A "rank" is one worker with its own memory (one GPU in a real run); ranks cooperate only through the collectives
-// below, so every byte that moves between them is visible here.
-//   Data parallel (DP): every rank holds a replica and runs forward/backward on its share of the batch; gradients
-//   and expert loads are summed over the ranks (all-reduce; the gradients in buckets, which can travel while the
-//   backward still runs, 9.5), so every replica takes the same AdamW step and bias update [V3 §2.1.2], and the
-//   replicas stay identical, bit for bit.
-//   Expert parallel (EP): rank r owns the routed experts [r·N/R, (r+1)·N/R). Each rank routes its own tokens,
-//   DISPATCHES each token once to every rank owning one of its chosen experts, and gets the outputs back (COMBINE) to
-//   weight them by the gates [V3 §3.2]; all else stays data parallel. With n_expert_groups = R, group-limited
-//   routing (3.8) becomes "at most n_limited_groups ranks per token": V3's node-limited routing (M = 4, §2.1.2).
-// One data-moving primitive, sendrecv (9.1), carries the collectives (9.2). It runs in-process (9.3: R threads, a
-// transfer is a memcpy between their buffers), over MPI between processes on any machines (9.3b), and in cuda/ as
-// cudaMemcpyPeerAsync between GPUs. No floating-point atomics anywhere: every sum has a fixed order.
+// below, so every byte that moves between them is visible here. Data parallel (DP): every rank holds a replica, runs
+// forward/backward on its share of the batch, and sums gradients and expert loads over the ranks, so every replica
+// takes the same AdamW step and bias update [V3 §2.1.2] (9.5). Expert parallel (EP): rank r owns the routed experts
+// [r·N/R, (r+1)·N/R), and the tokens travel to their experts and back (9.4); all else stays data parallel.
+// One primitive, sendrecv (9.1), carries the collectives (9.2): in-process (9.3), over MPI between processes on any
+// machines (9.3b), and in cuda/ as cudaMemcpyPeerAsync between GPUs. No floating-point atomics anywhere: every sum
+// has a fixed order.
 
 // --- 9.1 the communication interface ---------------------------------------------------------------------------------
 class Communicator {
@@ -3443,9 +3374,7 @@ class Communicator {
 
 // --- 9.2 collectives, written once on sendrecv ---------------------------------------------------------------------
 enum class ReduceOp { sum, mean };
-
 inline int ring_mod(int a, int R) { return ((a % R) + R) % R; }
-
 // all_reduce: data[i] ← Σ_ranks data[i] (÷ R for mean) on every rank; data: [n], any n (chunks may be empty).
 // Ring algorithm (Patarasuk & Yuan 2009; NCCL's ring) over R chunks, chunk c = [n·c/R, n·(c+1)/R):
 //   reduce-scatter, R−1 steps: at step s rank r sends its partial sum of chunk r−s to rank r+1 and adds the one of
@@ -3480,7 +3409,6 @@ inline void all_reduce(Communicator& comm, T* data, size_t n, ReduceOp op = Redu
         else fail("all_reduce: mean of integers is not supported (reduce with sum and divide where needed)");
     }
 }
-
 // all_to_all: every rank sends send_rows[q] rows of `row` elements to every rank q and receives recv_rows[q] rows
 // (from exchange_counts, or known to both sides) from every rank q. send: [Σ send_rows, row] grouped by destination,
 // recv: [Σ recv_rows, row] grouped by source, in rank order. Pairwise exchange in R−1 rounds: in round s rank r sends
@@ -3500,7 +3428,6 @@ inline void all_to_all(Communicator& comm, const T* send, const std::vector<int6
                       recv + recv_at[size_t(from)] * row, size_t(recv_rows[size_t(from)] * row) * sizeof(T), from);
     }
 }
-
 // exchange_counts: counts[q] = rows this rank will send to rank q; returns the rows each rank will send to this one.
 // The first half of every all-to-all (a receiver must know the sizes first), itself an all-to-all of one count a rank.
 inline std::vector<int64_t> exchange_counts(Communicator& comm, const std::vector<int64_t>& counts) {
@@ -3519,7 +3446,6 @@ inline std::vector<int64_t> exchange_counts(Communicator& comm, const std::vecto
 struct RankAborted : Error {
     explicit RankAborted(int rank) : Error("rank " + std::to_string(rank) + ": stopped because another rank failed") {}
 };
-
 class InProcessGroup {
   public:
     explicit InProcessGroup(int world) : world_(world), posted_(size_t(std::max(world, 1))) {
@@ -3544,7 +3470,6 @@ class InProcessGroup {
         aborted_ = true;
         cv_.notify_all();
     }
-
   private:
     friend class InProcessComm;
     struct Posted { const void* data = nullptr; size_t bytes = 0; int to = -1; };
@@ -3556,7 +3481,6 @@ class InProcessGroup {
     uint64_t generation_ = 0;
     bool aborted_ = false;
 };
-
 class InProcessComm : public Communicator {
   public:
     InProcessComm(InProcessGroup& group, int rank) : group_(group), rank_(rank) {}
@@ -3575,12 +3499,10 @@ class InProcessComm : public Communicator {
         barrier();
     }
     int64_t bytes_received = 0;  // traffic counter: what arrived from other ranks
-
   private:
     InProcessGroup& group_;
     int rank_;
 };
-
 // Runs body(comm) for ranks 0..world−1, one thread each, and waits for all. The OpenMP threads are shared out (at
 // least one each); results do not depend on it (section 2). The first error of any rank is rethrown here.
 template <class Body>
@@ -3588,13 +3510,12 @@ inline void run_ranks(int world, const Body& body) {
     InProcessGroup group(world);
     std::vector<std::exception_ptr> errors(static_cast<size_t>(world));
     std::vector<std::thread> threads;
-    const int omp_threads = std::max(1, thread_count() / world);
+    [[maybe_unused]] const int omp_threads = std::max(1, thread_count() / world);
     for (int r = 0; r < world; ++r)
         threads.emplace_back([&, r] {
 #ifdef _OPENMP
             omp_set_num_threads(omp_threads);
 #endif
-            (void)omp_threads;
             try {
                 InProcessComm comm(group, r);
                 body(comm);
@@ -3613,7 +3534,6 @@ inline void run_ranks(int world, const Body& body) {
     }
     if (first_aborted) std::rethrow_exception(first_aborted);
 }
-
 // Rows [first, first + count) of a batch of B rows that rank r of R works on: contiguous, sizes differing by at most
 // one, in rank order, so that "all ranks' rows" are the whole batch in order.
 struct RowShare { int first = 0, count = 0; };
@@ -3667,7 +3587,6 @@ class MpiCommunicator : public Communicator {
         bytes_received += int64_t(recv_bytes);
     }
     int64_t bytes_received = 0;  // traffic counter, as InProcessComm's
-
   private:
     MPI_Comm comm_ = MPI_COMM_NULL;
     int rank_ = 0, world_ = 1;
@@ -3681,7 +3600,6 @@ class MpiCommunicator : public Communicator {
         if (code != MPI_SUCCESS) fail(what, ": rank ", rank_, ": ", error_text(code));
     }
 };
-
 // body(comm) as this process's rank, between MPI_Init and MPI_Finalize. A machine's OpenMP threads are shared out
 // among its ranks (unless OMP_NUM_THREADS is set); on the GPU backend its k-th rank takes GPU k mod (its GPUs).
 template <class Body>
@@ -3719,10 +3637,8 @@ inline void run_mpi(int& argc, char**& argv, const Body& body) {
     MPI_Finalize();
 }
 #endif  // DSV3_MPI
-
-// 9.4-9.5 move activations and gradients in backend memory with backend::all_reduce / all_to_all: 9.2's functions on
-// the CPU, cuda/comm.cuh's (the same schedules over peer copies) with DSV3_BACKEND_CUDA. Host data (counts, expert
-// ids, losses) goes through 9.2's functions on every backend.
+// 9.4-9.5 move activations and gradients with backend::all_reduce / all_to_all: 9.2's on the CPU, cuda/comm.cuh's
+// (the same schedules over peer copies) with DSV3_BACKEND_CUDA. Host data (counts, ids, losses) uses 9.2's everywhere.
 }  // namespace dsv3
 #if defined(DSV3_BACKEND_CUDA)
 #include "cuda/comm.cuh"
@@ -3730,32 +3646,28 @@ inline void run_mpi(int& argc, char**& argv, const Body& body) {
 namespace dsv3 {
 
 // --- 9.4 expert parallelism: dispatch, local experts, combine   [V3 §3.2] ------------------------------------------
-// Per MoE layer, on rank r, with n tokens routed locally (chosen: [n, K], perm: the grouping of section 3.10):
-//   forward   1. plan: for each rank q, the tokens with a chosen expert on q (each listed ONCE), and the (token,
-//                choice) pairs of those experts, in (token, choice) order.
-//             2. dispatch: counts first, then the token rows x: [sent, d] and their expert ids [sent, K].
-//             3. on the owner: group the received pairs by local expert (3.10's counting sort, experts owned elsewhere
-//                in one extra bucket that never runs) and run the local experts.
-//             4. combine: every pair's output row goes back to its source, in step 1's order, into the row of c.ye
-//                the single-rank layer uses, which then weights and sums them (moe_unpermute_forward, unchanged).
-//   backward  the two transfers reversed: every pair's gradient row dye goes to the owner (the combine's adjoint),
-//             which runs its experts' backward (weight gradients stay there), and the input-gradient rows come back
-//             to be summed in choice order (moe_permute_backward, unchanged).
-// The plan is host work on small integer arrays; the rows stay in backend memory (gather_rows, scatter_rows,
-// all_to_all). Traffic per token: one dispatched row per destination rank (at most min(K, n_limited_groups) ranks
-// when n_expert_groups = R), and K combined rows. V3's combine accumulates on the way back (§3.2 "NVLink-to-IB
-// forwarding and accumulation"), fewer rows but a sum order that depends on where the experts live; returning every
-// row keeps the result BITWISE the single-rank layer's, as the tests check. (V3 also sends the dispatch in FP8 and the
-// combine in BF16, §3.3.3; here all is FP32 unless fp8_dispatch or dispatch_codec says otherwise.) Bitwise, because
-// (a) a matmul row does not depend on the other rows (3.1), (b) each expert sees its rows in global token order (ranks
-// hold consecutive rows, receivers concatenate by source rank, the counting sort is stable), and (c) with equal shares
-// over R = 2^k ranks the per-rank loss gradient (1/n_r) is exactly R times the full-batch one (1/n), a power of two.
-// The FP8 dispatch [V3 §3.3.3 "Low-Precision Communication"]: V3 quantizes the activations before the MoE
-// up-projections to FP8, 1x128 tiles with power-of-two scales, and dispatches them so, which halves the bytes of
-// BF16 (the combine stays BF16). A row of d values travels as d E4M3 codes and, per tile, the exponent of its
-// power-of-two scale in one byte (as the MX formats' E8M0 scales): fp8_row_bytes(d) = d + ceil(d/128) bytes against
-// BF16's 2d (0.504 of it at V3's d = 7168). The codes and the exponents are exact, so the receiver decodes exactly what
-// quantize_tiles_1x128 and dequantize_tiles_1x128 (pow2_scale) give on the sender. rows: [n, d]; packed: [n, row].
+// Per MoE layer, on rank r, with n tokens routed locally (chosen: [n, K], perm: the grouping of section 3.10), the
+// forward 1. plans, for each rank q, the tokens with a chosen expert on q (each listed ONCE) and the (token, choice)
+// pairs of those experts, in (token, choice) order; 2. dispatches the token rows x: [sent, d] and their expert ids
+// [sent, K] (counts first); 3. on the owner, groups the received pairs by local expert (3.10's counting sort, experts
+// owned elsewhere in one extra bucket that never runs) and runs the local experts; 4. combines: every pair's output
+// row goes back to its source, in step 1's order, into the row of c.ye the single-rank layer uses, which weights and
+// sums them (moe_unpermute_forward, unchanged). The backward reverses the two transfers: the owner runs its experts'
+// backward (weight gradients stay there), and the input-gradient rows come back to be summed in choice order
+// (moe_permute_backward, unchanged).
+// The plan is host work on small integer arrays; the rows stay in backend memory. Traffic per token: one dispatched
+// row per destination rank (with n_expert_groups = R, group-limited routing allows at most n_limited_groups: V3's
+// node-limited routing, M = 4, §2.1.2), and K combined rows. V3's combine accumulates on the way back (§3.2
+// "NVLink-to-IB forwarding and accumulation"), in a sum order that depends on where the experts live; returning every
+// row keeps the result BITWISE the single-rank layer's (tested), since (a) a matmul row does not depend on the other
+// rows (3.1), (b) each expert sees its rows in global token order (ranks hold consecutive rows, receivers concatenate
+// by source rank, the counting sort is stable), and (c) with equal shares over R = 2^k ranks the per-rank loss
+// gradient (1/n_r) is exactly R times the full-batch one (1/n), a power of two.
+// Rows travel in FP32 unless fp8_dispatch or dispatch_codec says otherwise. FP8 dispatch [V3 §3.3.3 "Low-Precision
+// Communication"]: V3 dispatches the inputs of the MoE up-projections in FP8 (1x128 tiles, power-of-two scales; the
+// combine stays BF16). A row of d values travels as d E4M3 codes and per tile its scale's exponent in a byte (as MX's
+// E8M0 scales): fp8_row_bytes(d) = d + ceil(d/128), 0.504 of BF16's 2d at d = 7168; the receiver decodes exactly what
+// quantize_tiles_1x128 + dequantize_tiles_1x128 (pow2_scale) give the sender. rows: [n, d]; packed: [n, row].
 inline int64_t fp8_row_bytes(int d) { return int64_t(d) + fp8_tiles(d); }
 inline void fp8_pack_rows(const float* rows, int64_t n, int d, uint8_t* packed) {
     const int tiles = fp8_tiles(d);
@@ -3780,7 +3692,6 @@ inline void fp8_unpack_rows(const uint8_t* packed, int64_t n, int d, float* rows
     }
     dequantize_tiles_1x128(q.data(), scales.data(), int(n), d, rows);
 }
-
 class ExpertParallel : public ExpertRunner {
   public:
     ExpertParallel(Communicator& comm, const Config& c) : comm_(comm), n_experts_(c.n_routed_experts) {
@@ -3791,7 +3702,6 @@ class ExpertParallel : public ExpertRunner {
     // The rank r with first_expert(r) <= e < first_expert(r + 1): r·N/R <= e exactly when r < (e + 1)·R/N.
     int owner(int e) const { return int((int64_t(e + 1) * comm_.world_size() - 1) / n_experts_); }
     bool owns(int e) const { return owner(e) == comm_.rank(); }
-
     // Traffic of the forwards since the caller last reset it (stats = {}), summed over the MoE layers.
     struct Stats {
         int64_t dispatched_rows = 0;  // token rows this rank sent to other ranks
@@ -3801,14 +3711,12 @@ class ExpertParallel : public ExpertRunner {
         int64_t dispatch_bytes = 0;   // of those, the dispatched token rows: 4d bytes a row, fp8_row_bytes(d) in FP8
         double seconds_moving = 0;    // wall time of those all-to-alls (each ends when its data has arrived)
     } stats;
-    // Optional: what the dispatched rows become on the wire. V3 sends the dispatch in FP8 (§3.3); build/logfmt
-    // compares codecs with it. Applied in place to the rows [n, d] going to each other rank before the all-to-all;
-    // the backward passes gradients through it unchanged (a straight-through estimate).
+    // Optional: what the dispatched rows become on the wire (build/logfmt compares codecs with it), applied in place
+    // to the rows [n, d] going to each other rank before the all-to-all.
     std::function<void(float* rows, int64_t n, int d)> dispatch_codec;
-    // V3's FP8 dispatch (fp8_pack_rows above): the rows to other ranks travel as FP8 bytes, about half of BF16, and
-    // are decoded on receipt; a rank's rows to itself cross no link and stay FP32. The backward is straight-through.
+    // V3's FP8 dispatch (above): rows to other ranks travel as FP8 bytes, decoded on receipt; a rank's rows to itself
+    // cross no link and stay FP32. With either, the backward is straight-through (gradients pass unchanged).
     bool fp8_dispatch = false;
-
     void forward(Model& model, const MoE& m, MoeCache& c) override {
         const int K = model.cfg.n_activated_experts, d = model.cfg.dim;
         Layer& L = layers_[&c];
@@ -3816,10 +3724,8 @@ class ExpertParallel : public ExpertRunner {
         // 2. dispatch: counts first, then the token rows and their expert ids, grouped by source rank
         const std::vector<int64_t> tokens_from = exchange_counts(comm_, out.tokens_to);
         const int64_t n_recv = total(tokens_from);
-        backend::Buffer<int32_t> rows;
-        backend::upload(rows, out.tokens);
-        backend::Buffer<float> recv_x;   // [n_recv, d]
-        recv_x.resize(size_t(n_recv) * d);
+        const backend::Buffer<int32_t> rows(out.tokens);
+        backend::Buffer<float> recv_x(size_t(n_recv) * d);   // [n_recv, d]
         if (fp8_dispatch && dispatch_codec) fail("ExpertParallel: fp8_dispatch and dispatch_codec: choose one");
         stats.dispatch_bytes += fp8_dispatch ? dispatch_fp8(c.x, rows.data(), out.tokens_to, recv_x, tokens_from, d)
             : move_rows(c.x, rows.data(), out.tokens_to, recv_x.data(), nullptr, tokens_from, d, dispatch_codec);
@@ -3831,16 +3737,13 @@ class ExpertParallel : public ExpertRunner {
         move_rows(y_local.data(), L.return_rows_dev.data(), L.pairs_from, c.ye, L.pair_slot_dev.data(), L.pairs_to, d);
         stats.combined_rows += total(L.pairs_to) - L.pairs_to[size_t(comm_.rank())];
     }
-
     void backward(Model& model, const MoE& m, MoeCache& c, const float* dye, float* dxe) override {
         auto it = layers_.find(&c);
         if (it == layers_.end()) fail("ExpertParallel::backward: no forward for this MoE layer");
         Layer& L = it->second;
         const int d = model.cfg.dim;
         const int64_t local_rows = L.local.offsets[size_t(L.n_local)];
-        backend::Buffer<float> dy_local, dx_local;   // [local rows, d]
-        dy_local.resize(size_t(local_rows) * d);
-        dx_local.resize(size_t(local_rows) * d);
+        backend::Buffer<float> dy_local(size_t(local_rows) * d), dx_local(size_t(local_rows) * d);  // [local rows, d]
         backend::fill_zero(dx_local.data(), local_rows * d);
         // 1. the gradient of every pair's output goes to the expert's owner (the adjoint of the combine)
         move_rows(dye, L.pair_slot_dev.data(), L.pairs_to, dy_local.data(), L.return_rows_dev.data(), L.pairs_from, d);
@@ -3850,7 +3753,6 @@ class ExpertParallel : public ExpertRunner {
         // 3. every pair's input gradient back to its source (the adjoint of the dispatch), in the same pair order
         move_rows(dx_local.data(), L.return_rows_dev.data(), L.pairs_from, dxe, L.pair_slot_dev.data(), L.pairs_to, d);
     }
-
   private:
     struct Layer {
         // this rank as the source of its tokens
@@ -3874,9 +3776,7 @@ class ExpertParallel : public ExpertRunner {
     Communicator& comm_;
     int n_experts_;
     std::map<const MoeCache*, Layer> layers_;  // one entry per MoE layer of the model (keyed by its cache)
-
     static int64_t total(const std::vector<int64_t>& v) { return std::accumulate(v.begin(), v.end(), int64_t(0)); }
-
     // Step 1 of the forward: the tokens to send to each rank, and this rank's pairs_to and pair_slot.
     Outgoing plan(Layer& L, const std::vector<int32_t>& chosen, const std::vector<int32_t>& slot, int K) {
         const int R = comm_.world_size(), n = int(chosen.size()) / K;
@@ -3905,7 +3805,6 @@ class ExpertParallel : public ExpertRunner {
         stats.dispatched_rows += total(out.tokens_to) - out.tokens_to[size_t(comm_.rank())];
         return out;
     }
-
     // Step 3 on the received ids [n_recv, K] and rows x [n_recv, d]: the outputs [local rows, d] in local expert order;
     // plans the return trip: per source rank, its pairs with a local expert, in its order (pair_slot).
     backend::Buffer<float> run_local_experts(Model& model, const MoE& m, Layer& L, const std::vector<int32_t>& ids,
@@ -3917,12 +3816,10 @@ class ExpertParallel : public ExpertRunner {
             L.local_chosen[i] = (ids[i] >= lo && ids[i] < lo + L.n_local) ? ids[i] - lo : L.n_local;
         moe_permute_plan(L.local, L.local_chosen.data(), int(ids.size()) / K, K, L.n_local + 1);
         const int64_t local_rows = L.local.offsets[size_t(L.n_local)];
-        backend::Buffer<int32_t> rows;
-        backend::upload(rows, L.local.token_of);     // row -> received token; the first local_rows rows are run
+        const backend::Buffer<int32_t> rows(L.local.token_of);   // row -> received token; the first local_rows are run
         L.x_local.resize(size_t(local_rows) * d);
         backend::gather_rows(L.x_local.data(), x, rows.data(), local_rows, d);
-        backend::Buffer<float> y_local;
-        y_local.resize(size_t(local_rows) * d);
+        backend::Buffer<float> y_local(size_t(local_rows) * d);
         model.experts_forward(m, lo, L.n_local, L.local.offsets.data(), L.x_local.data(), y_local.data(), L.experts);
         L.pairs_from.assign(tokens_from.size(), 0);
         L.return_rows.clear();
@@ -3936,7 +3833,6 @@ class ExpertParallel : public ExpertRunner {
         backend::upload(L.return_rows_dev, L.return_rows);
         return y_local;
     }
-
     // One all-to-all of rows of d floats, counted in stats: the rows `take` of src go out, send_rows[q] to rank q
     // (through `codec` when given, except those to this rank); the rows arriving, recv_rows[q] from rank q, land in
     // dst at the rows `put` (null: in arrival order). Returns the bytes sent to other ranks.
@@ -3944,9 +3840,7 @@ class ExpertParallel : public ExpertRunner {
                       const int32_t* put, const std::vector<int64_t>& recv_rows, int d,
                       const std::function<void(float*, int64_t, int)>& codec = nullptr) {
         const int64_t n_send = total(send_rows), n_recv = total(recv_rows);
-        backend::Buffer<float> send, recv;
-        send.resize(size_t(n_send) * d);
-        if (put) recv.resize(size_t(n_recv) * d);
+        backend::Buffer<float> send(size_t(n_send) * d), recv(put ? size_t(n_recv) * d : 0);
         backend::gather_rows(send.data(), src, take, n_send, d);
         if (codec) {   // on host memory (a GPU build copies the rows there and back)
             std::vector<float> rows = backend::download(send);
@@ -3962,38 +3856,32 @@ class ExpertParallel : public ExpertRunner {
         if (put) backend::scatter_rows(dst, recv.data(), put, n_recv, d);
         return bytes;
     }
-
-    // The dispatch in FP8 (fp8_dispatch), as move_rows without `put`: the rows to other ranks go out packed by
-    // fp8_pack_rows and are unpacked on arrival, the rows to this rank are copied as they are. Packing runs on host
-    // memory (a GPU build copies the rows there and back; cuda/fp8.cuh's 1x128 quantizer could pack on the device).
+    // The dispatch in FP8 (fp8_dispatch), as move_rows without `put`: the rows to other ranks, those before and after
+    // this rank's own in all_to_all's order, go out packed by fp8_pack_rows (row by row: two ranges pack as one) and
+    // are unpacked on arrival; the own rows are copied as they are. Packing runs on host memory (a GPU build copies
+    // the rows there and back; cuda/fp8.cuh's 1x128 quantizer could pack on the device).
     int64_t dispatch_fp8(const float* src, const int32_t* take, const std::vector<int64_t>& send_rows,
                          backend::Buffer<float>& dst, const std::vector<int64_t>& recv_rows, int d) {
-        const int R = comm_.world_size(), r = comm_.rank();
-        const int64_t row = fp8_row_bytes(d);
-        backend::Buffer<float> gathered;
-        gathered.resize(size_t(total(send_rows)) * d);
-        backend::gather_rows(gathered.data(), src, take, total(send_rows), d);
+        const int r = comm_.rank();
+        const int64_t row = fp8_row_bytes(d), n_send = total(send_rows), n_recv = total(recv_rows);
+        const int64_t own = send_rows[size_t(r)];   // the own rows: after `sent` rows sent, `got` rows received
+        const int64_t sent = std::accumulate(send_rows.begin(), send_rows.begin() + r, int64_t(0));
+        const int64_t got = std::accumulate(recv_rows.begin(), recv_rows.begin() + r, int64_t(0));
+        backend::Buffer<float> gathered(size_t(n_send) * d);
+        backend::gather_rows(gathered.data(), src, take, n_send, d);
         const std::vector<float> x = backend::download(gathered);
         std::vector<int64_t> wire_send = send_rows, wire_recv = recv_rows;   // the own rows take no wire
         wire_send[size_t(r)] = wire_recv[size_t(r)] = 0;
-        std::vector<uint8_t> packed(size_t(total(wire_send) * row)), arrived(size_t(total(wire_recv) * row));
-        std::vector<float> y(size_t(total(recv_rows)) * d);
-        for (int64_t q = 0, from = 0, to = 0; q < R; from += send_rows[size_t(q)], ++q)
-            if (q != r) {
-                fp8_pack_rows(x.data() + from * d, send_rows[size_t(q)], d, packed.data() + to * row);
-                to += send_rows[size_t(q)];
-            } else {   // the own rows land where all_to_all puts them: after the rows of the ranks before this one
-                const int64_t at = std::accumulate(recv_rows.begin(), recv_rows.begin() + r, int64_t(0));
-                std::copy_n(x.begin() + from * d, send_rows[size_t(q)] * d, y.begin() + at * d);
-            }
+        std::vector<uint8_t> packed(size_t((n_send - own) * row)), arrived(size_t((n_recv - own) * row));
+        fp8_pack_rows(x.data(), sent, d, packed.data());
+        fp8_pack_rows(x.data() + (sent + own) * d, n_send - sent - own, d, packed.data() + sent * row);
         const double t0 = now_seconds();
         all_to_all(comm_, packed.data(), wire_send, row, arrived.data(), wire_recv);
         stats.seconds_moving += now_seconds() - t0;
-        for (int64_t q = 0, at = 0, from = 0; q < R; at += recv_rows[size_t(q)], ++q)
-            if (q != r) {
-                fp8_unpack_rows(arrived.data() + from * row, recv_rows[size_t(q)], d, y.data() + at * d);
-                from += recv_rows[size_t(q)];
-            }
+        std::vector<float> y(size_t(n_recv) * d);
+        fp8_unpack_rows(arrived.data(), got, d, y.data());
+        std::copy_n(x.begin() + sent * d, own * d, y.begin() + got * d);
+        fp8_unpack_rows(arrived.data() + got * row, n_recv - got - own, d, y.data() + (got + own) * d);
         backend::upload(dst, y);
         stats.bytes_moved += int64_t(packed.size());
         return int64_t(packed.size());
@@ -4020,20 +3908,16 @@ inline HeldParams held_params(Model& model, const ExpertParallel* ep) {
     }
     return h;
 }
-
 // Gradient buckets: the all-reduce overlapped with the backward [V3 §3.2.1; PyTorch DDP, arXiv 2006.15704 §3.2.3].
-// One all-reduce after the backward leaves the links idle during the backward and the cores idle during the
-// all-reduce. The backward finishes the gradients from the END of the flat buffer (Model::on_gradients_final), so
-// the replicated gradients are cut, from the end, into buckets of about bucket_bytes, and a bucket can travel as soon
-// as the backward has passed below its first tensor, while the backward computes the layers in front of it (V3 hides
-// its communication behind computation the same way, §3.2.1). With overlap, each rank's buckets are reduced in a
-// communication thread (a GPU would use a communication stream), in the same order on every rank.
-// The sums. Each bucket is one ring all-reduce (9.2), elements weighted by w first, exactly as in one all-reduce of
-// everything. On 1 or 2 ranks an element's sum is x_0 + x_1 whatever its chunk (two terms commute), so every
-// bucketing, overlapped or not, gives bitwise the gradients of the one all-reduce. On more ranks a bucket's chunk
-// boundaries differ from the whole buffer's, so an element's ring sum may start at another rank: a few ulps away
-// (9.2), still bitwise the same on every rank and every run, since the buckets depend on the layout and bucket_bytes
-// only, never on timing or thread counts.
+// One all-reduce after the backward leaves the links idle during the backward and the cores idle during it. The
+// backward finishes the gradients from the END of the flat buffer (Model::on_gradients_final), so the replicated
+// gradients are cut from the end into buckets of about bucket_bytes, and with overlap a communication thread (on a GPU:
+// a stream) reduces each bucket, in the same order on every rank, as soon as the backward has passed below it.
+// The sums: each bucket is one ring all-reduce (9.2), weighted by w first, as in one all-reduce of everything. On 1 or
+// 2 ranks an element's sum is x_0 + x_1 whatever its chunk (two terms commute): every bucketing gives bitwise the one
+// all-reduce's gradients. On more ranks a bucket's chunks differ from the whole buffer's, so an element's ring sum may
+// start at another rank: a few ulps away (9.2), yet bitwise the same on every rank and run, as the buckets depend only
+// on the layout and bucket_bytes, never on timing or threads.
 struct GradientSync {
     size_t bucket_bytes = SIZE_MAX;  // about this many bytes of gradients per all-reduce; SIZE_MAX: one bucket
     bool overlap = false;            // reduce the buckets in a communication thread during the backward
@@ -4058,37 +3942,30 @@ inline std::vector<GradientBucket> gradient_buckets(const HeldParams& held, size
     }
     return buckets;
 }
-
 namespace parallel_detail {
 // One bucket of this rank's gradients, weighted by w, summed over the ranks: in place when it is one piece, else
 // copied into one buffer and back (as DDP does), so that it travels as one all-reduce.
 inline void reduce_bucket(Communicator& comm, Model& model, const GradientBucket& b, float w) {
-    backend::Buffer<float> staged;  // [b.floats], for a bucket of several pieces
-    float* data = model.grad_at(b.first());
-    auto copy = [&](bool into_staged) {
-        float* at = staged.data();
+    const bool staged = b.pieces.size() > 1;
+    backend::Buffer<float> buffer(staged ? b.floats : 0);  // [b.floats] when staged
+    auto copy = [&](bool into_buffer) {
+        float* at = buffer.data();
         for (const auto& [offset, n] : b.pieces) {
             float* g = model.grad_at(offset);
-            backend::copy_values(into_staged ? at : g, into_staged ? g : at, int64_t(n));
+            backend::copy_values(into_buffer ? at : g, into_buffer ? g : at, int64_t(n));
             at += n;
         }
     };
-    if (b.pieces.size() > 1) {
-        staged.resize(b.floats);
-        copy(true);
-        data = staged.data();
-    }
+    if (staged) copy(true);
+    float* data = staged ? buffer.data() : model.grad_at(b.first());
     backend::scale_inplace(data, int64_t(b.floats), w);
     backend::all_reduce(comm, data, b.floats);
-    if (b.pieces.size() > 1) copy(false);
+    if (staged) copy(false);
 }
 }  // namespace parallel_detail
-
 // Steps 1 and 2 of the parallel step: forward and backward on this rank's rows, and the replicated gradients weighted
 // by w and summed over the ranks, bucket by bucket (sync); the gradients of the experts this rank owns are complete
-// already and are only weighted. With sync.overlap the buckets go out while the backward still runs. Overlap needs
-// the backward free of communication, so it is for data parallelism alone: expert parallelism's all-to-alls run in
-// the backward on the same communicator.
+// already and are only weighted. sync.overlap needs a backward free of communication: data parallelism alone.
 inline Losses forward_backward_reduced(Communicator& comm, Model& model, const int32_t* tokens, int B, int T,
                                        const LossOptions& options, const HeldParams& held, float w,
                                        const GradientSync& sync = {}) {
@@ -4116,11 +3993,10 @@ inline Losses forward_backward_reduced(Communicator& comm, Model& model, const i
 #endif
             try {
                 for (const GradientBucket& b : buckets) {
-                    {
-                        std::unique_lock<std::mutex> lock(mu);
-                        cv.wait(lock, [&] { return stop || final_from <= b.first(); });
-                        if (stop) return;
-                    }
+                    std::unique_lock<std::mutex> lock(mu);
+                    cv.wait(lock, [&] { return stop || final_from <= b.first(); });
+                    if (stop) return;
+                    lock.unlock();
                     parallel_detail::reduce_bucket(comm, model, b, w);
                 }
             } catch (...) {
@@ -4128,11 +4004,9 @@ inline Losses forward_backward_reduced(Communicator& comm, Model& model, const i
             }
         });
         auto post = [&](size_t offset, bool failed) {  // the mutex also publishes the gradients written before
-            {
-                std::lock_guard<std::mutex> lock(mu);
-                final_from = offset;
-                stop = failed;
-            }
+            std::lock_guard<std::mutex> lock(mu);
+            final_from = offset;
+            stop = failed;
             cv.notify_one();
         };
         model.on_gradients_final = [&](size_t offset) { post(offset, false); };
@@ -4151,7 +4025,6 @@ inline Losses forward_backward_reduced(Communicator& comm, Model& model, const i
     for (const ParamEntry* e : held.own_experts) backend::scale_inplace(model.grad_at(e->offset), int64_t(e->size), w);
     return local;
 }
-
 namespace parallel_detail {
 // Step 3: the expert loads of the whole batch, [MoE block][expert], so that every rank makes the same bias update.
 inline std::vector<std::vector<int64_t>> batch_loads(Communicator& comm, const Model& model) {
@@ -4164,7 +4037,6 @@ inline std::vector<std::vector<int64_t>> batch_loads(Communicator& comm, const M
         for (int64_t& x : l) x = flat[at++];
     return loads;
 }
-
 // Step 4 under EP: the gradient norm must include every rank's experts, so their squares are summed over the ranks.
 inline double grad_norm_over_experts(Communicator& comm, Model& model, const HeldParams& held) {
     auto sum_squares = [&](const std::vector<const ParamEntry*>& list) {
@@ -4176,7 +4048,6 @@ inline double grad_norm_over_experts(Communicator& comm, Model& model, const Hel
     all_reduce(comm, &experts_sq, 1);
     return std::sqrt(sum_squares(held.replicated) + experts_sq);
 }
-
 // Step 5: the whole batch's losses, for printing: Σ_r w_r L_r.
 inline Losses batch_losses(Communicator& comm, const Losses& local, double w) {
     std::vector<double> l = {local.main, local.balance, local.total};
@@ -4186,18 +4057,16 @@ inline Losses batch_losses(Communicator& comm, const Losses& local, double w) {
     return Losses{l[0], std::vector<double>(l.begin() + 3, l.end()), l[1], l[2]};   // main, mtp, balance, total
 }
 }  // namespace parallel_detail
-
 // One training step of rank comm.rank(), called by every rank together on its rows tokens: [B_local, T+1]
 // (row_share) of the whole batch. With ep, installs it as the model's expert runner (null: pure DP, every rank runs
 // all experts on its own tokens). Returns the WHOLE batch's losses, gradient norm and expert loads; afterwards every
-// rank holds the same replicated parameters and routing biases, bit for bit.
+// rank holds the same replicated parameters and routing biases, bit for bit. sync: the gradient buckets (above).
 // Weighting. The loss is a mean over tokens, so the full-batch gradient is Σ_r (n_r/n) ∇L_r. Only MTP's last k
-// positions of each row (no target) are left out of a mean, as many in every row, so the counted positions of every
-// loss term (main, each MTP depth, the sequence-wise balance loss, a mean over sequences) are proportional to the
-// rows: one weight w_r = B_r/B fits them all (1/R for equal shares). (The expert-level balance loss uses batch-wide
-// frequencies f_i, which under DP each rank computes on its own rows.) Under EP every owner sums expert gradients
+// positions of each row (no target) are left out of a mean, as many in every row, so every loss term's counted
+// positions (main, each MTP depth, the sequence-wise balance loss, a mean over sequences) are proportional to the
+// rows: one weight w_r = B_r/B fits them all (1/R for equal shares; the expert-level balance loss uses batch-wide
+// frequencies f_i, which under DP each rank computes on its own rows). Under EP every owner sums expert gradients
 // from all ranks' tokens, each scaled by its source's 1/n_r, so EP requires equal shares (checked).
-// sync: the gradient buckets and their overlap with the backward (above); the default is one all-reduce after it.
 inline StepResult parallel_train_step(Communicator& comm, Model& model, AdamW& opt, const int32_t* tokens,
                                       int B_local, int T, float lr, const LossOptions& options,
                                       ExpertParallel* ep = nullptr, bool bias_update = true,
@@ -4211,7 +4080,6 @@ inline StepResult parallel_train_step(Communicator& comm, Model& model, AdamW& o
              B_local, " of ", B_total, " rows over ", R, " ranks");
     model.expert_runner = ep;
     const double w = double(B_local) / double(B_total);
-
     // 1. forward and backward on this rank's rows (under EP the MoE layers talk to the other ranks in between),
     // 2. and the gradients: weight w_r, the replicated ones summed over the ranks (during the backward with overlap)
     const HeldParams held = held_params(model, ep);
@@ -4228,7 +4096,6 @@ inline StepResult parallel_train_step(Communicator& comm, Model& model, AdamW& o
     result.loss = batch_losses(comm, local, w);
     return result;
 }
-
 // Under EP each rank keeps only its own experts up to date. gather_experts copies every routed expert's weights and
 // AdamW moments from its owner to every rank, so one rank can evaluate and save the whole model (expert_runner =
 // nullptr, as build/train_mpi --ep does): exact, the owners' bits summed as integers with zeros (the whole buffer
