@@ -443,7 +443,7 @@ inline double parallel_sum(int64_t n, const Term& term) {
     return total;
 }
 
-// OpenMP threads that sleep while they wait (OMP_WAIT_POLICY=passive), for CPUs shared with other programs (11.1).
+// OpenMP threads that spin only briefly, then sleep, while they wait: for CPUs shared with other programs (11.1).
 inline void prefer_sleeping_threads(char** argv);
 
 inline int thread_count() {
@@ -4401,7 +4401,7 @@ inline void multiply_few_rows(float* y, const float* x, const float* W, int T, i
     parallel_for((out + VEC - 1) / VEC, [&](int64_t b) {
         for (int t = 0; t < T; t += FEW_ROWS)
             kBlock[std::min(FEW_ROWS, T - t) - 1](y + int64_t(t) * out, x + int64_t(t) * in, W, in, out, int(b) * VEC);
-    }, int64_t(VEC) * in * T / 32);
+    }, int64_t(VEC) * in * T);
 }
 
 }  // namespace gemm
@@ -4470,15 +4470,18 @@ inline void require_memory(std::string_view what, double bytes) {
     if (have > 0 && bytes > have)
         fail(what, ": ", bytes / 1e9, " GB, more than this machine's ", have / 1e9, " GB of memory");
 }
-// OpenMP threads that sleep while they wait. libgomp's threads spin (GOMP_SPINCOUNT, 300000 turns) after every parallel
-// region; on a shared CPU a spinning thread holds a core that the thread it waits for needs (on 2 cores beside two busy
-// processes, `generate` ran 57x slower with 2 threads than with 1). libgomp reads OMP_WAIT_POLICY only at load time, so
-// the examples call this first in main: unless it or GOMP_SPINCOUNT is set, it sets OMP_WAIT_POLICY=passive and execs
-// /proc/self/exe again with the same arguments (Linux); where that fails, it runs on as it was.
+// OpenMP threads that spin only briefly, then sleep. libgomp's threads spin 300000 turns (GOMP_SPINCOUNT) after every
+// parallel region; on a shared CPU a spinning thread holds a core that the thread it waits for needs (on 2 cores beside
+// two busy processes, `generate` ran 57x slower with 2 threads than with 1). Threads that sleep at once
+// (OMP_WAIT_POLICY=passive) cost about 85 µs to wake for every region instead, which made training 1.6x slower on a
+// quiet machine; 1000 turns (a few µs) cover the gap between one region and the next, and are short enough that beside
+// busy processes two threads still run as fast as one (README, "Shared CPUs"). libgomp reads its settings only at load
+// time, so the examples call this first in main: unless OMP_WAIT_POLICY or GOMP_SPINCOUNT is set, it sets
+// GOMP_SPINCOUNT=1000 and execs /proc/self/exe again with the same arguments (Linux); where that fails, it runs on.
 inline void prefer_sleeping_threads(char** argv) {
 #if defined(_OPENMP) && defined(__linux__)
     if (std::getenv("OMP_WAIT_POLICY") || std::getenv("GOMP_SPINCOUNT")) return;
-    if (setenv("OMP_WAIT_POLICY", "passive", 0) == 0) execv("/proc/self/exe", argv);
+    if (setenv("GOMP_SPINCOUNT", "1000", 0) == 0) execv("/proc/self/exe", argv);
 #else
     (void)argv;
 #endif
