@@ -4392,8 +4392,8 @@ inline void multiply(int M, int N, int K, const View& A, const View& B, const Ou
 // row, so the speed is how fast W streams from memory; multiply's tile would waste all but one lane of every vector
 // of B (x). Here the lanes hold VEC outputs: VEC rows of W, read in place VEC floats at a time, transposed in registers
 // (vector j holds column k+j) and multiplied by the broadcast x[t, k+j]: multiply's FMA chains, the same bits. Rows of
-// x go FEW_ROWS at a time over a block, which stays in cache, so W is read from memory once for any T. Threads only
-// for a large W: waking a sleeping team (section 11.1) takes as long as streaming a million floats.
+// x go FEW_ROWS at a time over a block, which stays in cache, so W is read from memory once for any T. Threads from
+// about 32k multiply-adds: the team spins a moment after each region (section 11.1), so the next starts in µs.
 inline void multiply_few_rows(float* y, const float* x, const float* W, int T, int in, int out) {
     static constexpr void (*kBlock[])(float*, const float*, const float*, int, int, int) = {
         few_rows_block<1>, few_rows_block<2>, few_rows_block<3>, few_rows_block<4>};  // by the number of rows
