@@ -728,7 +728,8 @@ __global__ void __launch_bounds__(384, 1)
             const float sa0 = sa ? (row0 < M ? sa[int64_t(row0) * KT + kt] : 0.0f) : 1.0f;
             const float sa1 = sa ? (row1 < M ? sa[int64_t(row1) * KT + kt] : 0.0f) : 1.0f;
             const float sb0 = block_scales ? sb[int64_t(n0 / 128) * KT + kt] : 1.0f;
-            float sbc[R / 2];   // Wgrad: one scale per column; register r holds column 8 (r/4) + 2 (lane mod 4) + r mod 2
+            // Wgrad: one scale per column; register r holds column 8 (r/4) + 2 (lane mod 4) + r mod 2.
+            float sbc[R / 2];
             if (column_scales) {
 #pragma unroll
                 for (int j = 0; j < R / 2; ++j) {
@@ -783,7 +784,8 @@ inline CUtensorMap tensor_map(const uint8_t* p, int rows, int K) {
     const CUresult r = encode(&m, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<uint8_t*>(p), dims, strides, box, steps,
                               CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                               CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-    if (r != CUDA_SUCCESS) fail("cuda::fp8_gemm: cuTensorMapEncodeTiled failed (", int(r), ") for ", rows, " rows of ", K);
+    if (r != CUDA_SUCCESS)
+        fail("cuda::fp8_gemm: cuTensorMapEncodeTiled failed (", int(r), ") for ", rows, " rows of ", K);
     return m;
 }
 
@@ -852,7 +854,8 @@ inline void launch_ws(const Fp8Gemms& gemms, const Fp8Maps* maps, int64_t tiles,
     }();
     (void)attr;
     Fp8Maps one{};
-    if (!maps) one = {tensor_map(gemms.one.A, gemms.one.M, gemms.one.K), tensor_map(gemms.one.B, gemms.one.N, gemms.one.K)};
+    const Fp8Gemm& g = gemms.one;
+    if (!maps) one = {tensor_map(g.A, g.M, g.K), tensor_map(g.B, g.N, g.K)};
     const int grid = int(std::min<int64_t>(tiles, gpu_sm_count()));
     fp8_gemm_ws_kernel<<<grid, 384, kWsSmemBytes>>>(gemms, maps, int(tiles), sb_rows, accumulate, one);
     DSV3_CUDA_CHECK_LAUNCH();
@@ -888,8 +891,8 @@ inline void fp8_gemm_general(const uint8_t* A, const float* sa, const uint8_t* B
         kernel = gemm_tiles(g, 128) < gpu_sm_count() ? Fp8Kernel::wgmma_64
                  : gemm_vec16(g) && ws_on()          ? Fp8Kernel::ws
                                                      : Fp8Kernel::wgmma_128;
-    if (kernel == Fp8Kernel::ws && gemm_vec16(g)) return launch_ws({g, nullptr, 1}, nullptr, gemm_tiles(g, 128), sb_rows,
-                                                                   accumulate);
+    if (kernel == Fp8Kernel::ws && gemm_vec16(g))
+        return launch_ws({g, nullptr, 1}, nullptr, gemm_tiles(g, 128), sb_rows, accumulate);
     const int tile_n = kernel == Fp8Kernel::wgmma_192 ? 192 : kernel == Fp8Kernel::wgmma_64 ? 64 : 128;
     launch_fp8_gemm_wgmma(tile_n, A, sa, B, sb, C, M, N, K, sb_rows, accumulate);
 }
