@@ -434,9 +434,13 @@ inline double parallel_sum(int64_t n, const Term& term) {
     const int64_t chunk = 256, n_chunks = (n + chunk - 1) / chunk;
     std::vector<double> partial(size_t(std::max<int64_t>(n_chunks, 0)), 0.0);
     parallel_for(n_chunks, [&](int64_t c) {
-        double s = 0;
-        for (int64_t i = c * chunk, e = std::min(n, i + chunk); i < e; ++i) s += term(i);
-        partial[size_t(c)] = s;
+        double s[4] = {0, 0, 0, 0};  // 4 independent chains (one was a long chain of dependent additions)
+        int64_t i = c * chunk;
+        const int64_t e = std::min(n, i + chunk);
+        for (; i + 4 <= e; i += 4)
+            for (int j = 0; j < 4; ++j) s[j] += term(i + j);
+        for (; i < e; ++i) s[0] += term(i);
+        partial[size_t(c)] = (s[0] + s[1]) + (s[2] + s[3]);
     });
     double total = 0;
     for (double p : partial) total += p;
@@ -604,6 +608,44 @@ struct Fp8Accum {
 };
 inline int fp8_tiles(int n) { return (n + 127) / 128; }   // number of 128-wide tiles covering n (last one partial)
 
+// Σ_i term(i) in 8 partial sums, then the remainder and the partials in order: 8 independent chains in one SIMD
+// register (one running sum, a long chain of dependent additions, was the slowest kernel of a CPU step). The order
+// depends on n alone. dot8 is Σ a_i b_i; RMSNorm, softmax and the cross-entropies sum their rows the same way.
+template <class Term>
+inline float sum8(int n, const Term& term) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; ++j) acc[j] += term(i + j);
+    float s = 0;
+    for (; i < n; ++i) s += term(i);
+    for (float x : acc) s += x;
+    return s;
+}
+inline float dot8(const float* a, const float* b, int n) { return sum8(n, [&](int i) { return a[i] * b[i]; }); }
+// e^x to about 1 ulp in plain arithmetic, so that a loop over it vectorizes (std::exp is a library call an element:
+// in softmax, SwiGLU and the cross-entropies it took a tenth of a CPU step). Cody and Waite's reduction x = n·ln2 + r,
+// |r| ≤ ln2/2, with ln2 in two parts; e^r by Cephes' degree-6 polynomial (Moshier 1989); 2^n added to the exponent
+// bits. x is clamped to [−87, 88] (there 2^n · e^r stays a normal float); below −87, e^x is taken as 0.
+inline float exp_fast(float x) {
+    const float c = std::min(std::max(x, -87.0f), 88.0f), shifter = 12582912.0f;  // + 1.5·2^23 rounds to an integer
+    const float n = (c * 1.44269504f + shifter) - shifter;
+    const float r = (c - n * 0.693359375f) - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const float e_r = p * r * r + r + 1.0f;
+    int32_t bits;
+    std::memcpy(&bits, &e_r, 4);
+    bits += int32_t(n) * (1 << 23);
+    float y;
+    std::memcpy(&y, &bits, 4);
+    return x < -87.0f ? 0.0f : y;
+}
+
 // --- 3.1 matmul: the linear layer y = x Wᵀ --------------------------------------------------------------------------
 // Almost all of a transformer's FLOPs are in its linear layers. DeepSeek's weights are stored [out, in] (PyTorch's
 // nn.Linear convention) and have no bias. A linear layer is three products:
@@ -674,9 +716,7 @@ inline void rmsnorm_forward(float* y, float* rstd, const float* x, const float* 
     parallel_for(T, [&](int64_t t) {
         const float* xr = x + t * d;
         float* yr = y + t * d;
-        float ss = 0;
-        for (int i = 0; i < d; ++i) ss += xr[i] * xr[i];
-        const float r = 1.0f / std::sqrt(ss / d + eps);
+        const float r = 1.0f / std::sqrt(dot8(xr, xr, d) / d + eps);
         rstd[t] = r;
         for (int i = 0; i < d; ++i) yr[i] = xr[i] * r * g[i];
     });
@@ -689,16 +729,17 @@ inline void rmsnorm_backward(float* dx, float* dg, const float* dy, const float*
         const float* xr = x + t * d;
         const float* dyr = dy + t * d;
         const float r = rstd[t];
-        float dot = 0;
-        for (int i = 0; i < d; ++i) dot += g[i] * dyr[i] * xr[i] * r;
-        dot /= d;
+        const float dot = sum8(d, [&](int i) { return g[i] * dyr[i] * xr[i] * r; }) / d;
         float* dxr = dx + t * d;
         for (int i = 0; i < d; ++i) dxr[i] += r * (g[i] * dyr[i] - xr[i] * r * dot);
     });
-    if (dg) parallel_for(d, [&](int64_t i) {  // one column per task: the sum over t runs in a fixed order
-        float s = 0;
-        for (int t = 0; t < T; ++t) s += dy[int64_t(t) * d + i] * x[int64_t(t) * d + i] * rstd[t];
-        dg[i] += s;
+    constexpr int W = 16;  // dg: W columns a task, in one SIMD register; each column's sum over t runs in t's order
+    if (dg) parallel_for((d + W - 1) / W, [&](int64_t task) {
+        const int i0 = int(task) * W, w = std::min(W, d - i0);
+        float s[W] = {};
+        for (int64_t t = 0; t < T; ++t)
+            for (int j = 0; j < w; ++j) s[j] += dy[t * d + i0 + j] * x[t * d + i0 + j] * rstd[t];
+        for (int j = 0; j < w; ++j) dg[i0 + j] += s[j];
     });
 }
 
@@ -783,18 +824,6 @@ inline void rope_backward(float* dx, int T, int row_stride, int offset, int n_ve
 // --- 3.4 causal softmax attention -----------------------------------------------------------------------------
 // q, k: [B·T, H, dqk]; v: [B·T, H, dv]; out: [B·T, H, dv]; probs: [B, H, T, T] (row t holds weights over s ≤ t).
 // o_t = Σ_{s≤t} softmax_s(q_t·k_s · scale) v_s       [V3 eq. 10]
-// Σ a_i b_i in 8 partial sums, then the remainder and the partials in order: 8 independent chains in one SIMD register
-// (one running sum, a long chain of dependent additions, was the slowest kernel of a CPU step).
-inline float dot8(const float* a, const float* b, int n) {
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
-    float s = 0;
-    for (; i < n; ++i) s += a[i] * b[i];
-    for (float x : acc) s += x;
-    return s;
-}
 // Floats the forward saves for the backward: the probabilities (the GPU's flash kernels keep a log-sum-exp per row).
 inline size_t attention_saved_floats(int B, int T, int H, int /*dqk*/, int /*dv*/) { return size_t(B) * H * T * T; }
 inline void attention_forward(float* out, float* probs, const float* q, const float* k, const float* v, int B, int T,
@@ -809,9 +838,8 @@ inline void attention_forward(float* out, float* probs, const float* q, const fl
             p[s] = dot8(qt, k + ((int64_t(b) * T + s) * H + h) * dqk, dqk) * scale;
             mx = std::max(mx, p[s]);
         }
-        float sum = 0;
-        for (int s = 0; s <= t; ++s) sum += (p[s] = std::exp(p[s] - mx));
-        const float inv = 1.0f / sum;
+        for (int s = 0; s <= t; ++s) p[s] = exp_fast(p[s] - mx);
+        const float inv = 1.0f / sum8(t + 1, [&](int s) { return p[s]; });
         for (int s = 0; s <= t; ++s) p[s] *= inv;
         for (int s = t + 1; s < T; ++s) p[s] = 0;
         float* ot = out + ((int64_t(b) * T + t) * H + h) * dv;
@@ -865,7 +893,7 @@ inline void swiglu_forward(float* h, const float* gate, const float* up, int64_t
     DSV3_PROFILE_KERNEL();
     parallel_for(rows, [&](int64_t r) {
         for (int64_t j = 0; j < w; ++j) {
-            const float z = gate[r * ld + j], sig = 1.0f / (1.0f + std::exp(-z));
+            const float z = gate[r * ld + j], sig = 1.0f / (1.0f + exp_fast(-z));
             h[r * w + j] = z * sig * up[r * ld + j];
         }
     }, w);
@@ -875,7 +903,7 @@ inline void swiglu_backward(float* dgate, float* dup, const float* dh, const flo
     DSV3_PROFILE_KERNEL();
     parallel_for(rows, [&](int64_t r) {
         for (int64_t j = 0, i = r * ld; j < w; ++j, ++i) {
-            const float z = gate[i], sig = 1.0f / (1.0f + std::exp(-z));
+            const float z = gate[i], sig = 1.0f / (1.0f + exp_fast(-z));
             dgate[i] += dh[r * w + j] * up[i] * sig * (1.0f + z * (1.0f - sig));   // silu' = σ(1 + z(1 − σ))
             dup[i] += dh[r * w + j] * z * sig;
         }
@@ -923,9 +951,7 @@ inline double cross_entropy_forward(const float* logits, const int32_t* targets,
         if (y == kIgnore) return 0.0;
         const float* z = logits + t * V;
         const float mx = *std::max_element(z, z + V);
-        double sum = 0;
-        for (int i = 0; i < V; ++i) sum += std::exp(double(z[i] - mx));
-        return std::log(sum) + mx - z[y];
+        return std::log(double(sum8(V, [&](int i) { return exp_fast(z[i] - mx); }))) + mx - z[y];
     });
     return total / double(counted);
 }
@@ -942,10 +968,8 @@ inline void cross_entropy_backward(float* dlogits, const float* logits, const in
         const float* z = logits + t * V;
         float* dz = dlogits + t * V;
         const float mx = *std::max_element(z, z + V);
-        float sum = 0;
-        for (int i = 0; i < V; ++i) sum += std::exp(z[i] - mx);
-        const float inv = 1.0f / sum;
-        for (int i = 0; i < V; ++i) dz[i] += w * (std::exp(z[i] - mx) * inv - (i == y ? 1.0f : 0.0f));
+        const float inv = 1.0f / sum8(V, [&](int i) { return exp_fast(z[i] - mx); });
+        for (int i = 0; i < V; ++i) dz[i] += w * (exp_fast(z[i] - mx) * inv - (i == y ? 1.0f : 0.0f));
     });
 }
 
@@ -1229,13 +1253,16 @@ inline void adamw_update(float* p, const float* g, float* m, float* v, int64_t n
                          float eps, float weight_decay, int step, float grad_scale = 1.0f, bool bf16_states = false) {
     DSV3_PROFILE_KERNEL();
     const float c1 = 1.0f / (1.0f - std::pow(beta1, float(step))), c2 = 1.0f / (1.0f - std::pow(beta2, float(step)));
-    parallel_for(n, [&](int64_t i) {
-        const float gi = g[i] * grad_scale;
-        m[i] = beta1 * m[i] + (1 - beta1) * gi;
-        v[i] = beta2 * v[i] + (1 - beta2) * gi * gi;
-        p[i] -= lr * (m[i] * c1 / (std::sqrt(v[i] * c2) + eps) + weight_decay * p[i]);
-        if (bf16_states) m[i] = bf16_round(m[i]), v[i] = bf16_round(v[i]);
-    }, kElementwiseWork);
+    auto update = [&](auto round) {  // round: the moments' storage, BF16 or FP32 (a branch outside the loop vectorizes)
+        parallel_for(n, [&](int64_t i) {
+            const float gi = g[i] * grad_scale;
+            const float mi = beta1 * m[i] + (1 - beta1) * gi, vi = beta2 * v[i] + (1 - beta2) * gi * gi;
+            p[i] -= lr * (mi * c1 / (std::sqrt(vi * c2) + eps) + weight_decay * p[i]);
+            m[i] = round(mi), v[i] = round(vi);
+        }, kElementwiseWork);
+    };
+    if (bf16_states) update([](float x) { return bf16_round(x); });
+    else update([](float x) { return x; });
 }
 
 // --- 3.12 the model's plumbing: copies, concatenations, residual adds, the optimizer's reductions --------------------

@@ -401,6 +401,25 @@ TEST_CASE("kernels: attention backward (dq, dk, dv) matches finite differences")
     expect_gradient(v.data(), v.size(), minus_prefill(dvv), loss, "attention dv");
 }
 
+TEST_CASE("kernels: exp_fast is within 2 ulp of e^x on [-87, 88], 0 below, NaN stays NaN; sum8 is a sum") {
+    double worst = 0;  // relative error against e^x in double, over 2^22 evenly spaced points
+    for (int i = 0; i <= (1 << 22); ++i) {
+        const float x = -87.0f + 175.0f * float(i) / float(1 << 22);
+        const double want = std::exp(double(x));
+        worst = std::max(worst, std::abs(double(exp_fast(x)) - want) / want);
+    }
+    CHECK(worst < 2 * 0x1p-23);  // 2 ulp of a float in [1, 2)
+    CHECK(exp_fast(0.0f) == 1.0f);
+    CHECK(exp_fast(-88.0f) == 0.0f);
+    CHECK(exp_fast(-INFINITY) == 0.0f);
+    CHECK(std::isfinite(exp_fast(1000.0f)));  // clamped at e^88: softmax and sigmoid never meet inf
+    CHECK(std::isnan(exp_fast(NAN)));
+    const std::vector<float> a = gradcheck::random_vector(37, 7);
+    double want = 0;
+    for (float x : a) want += x;
+    CHECK(sum8(37, [&](int i) { return a[size_t(i)]; }) == doctest::Approx(want).epsilon(1e-6));
+}
+
 // ================================================================================================================
 // 3.5 SwiGLU, 3.6 embedding, 3.7 cross-entropy
 // ================================================================================================================
