@@ -626,9 +626,10 @@ inline float dot8(const float* a, const float* b, int n) { return sum8(n, [&](in
 // e^x to about 1 ulp in plain arithmetic, so that a loop over it vectorizes (std::exp is a library call an element:
 // in softmax, SwiGLU and the cross-entropies it took a tenth of a CPU step). Cody and Waite's reduction x = n·ln2 + r,
 // |r| ≤ ln2/2, with ln2 in two parts; e^r by Cephes' degree-6 polynomial (Moshier 1989); 2^n added to the exponent
-// bits. x is clamped to [−87, 88] (there 2^n · e^r stays a normal float); below −87, e^x is taken as 0.
+// bits. x is clamped to [−87, 88] (there 2^n · e^r stays a normal float); below −87, e^x is taken as 0. The clamp
+// sends NaN to −87 (std::max(a, b) returns a unless a < b), so that int32_t(n) is always defined; NaN is returned.
 inline float exp_fast(float x) {
-    const float c = std::min(std::max(x, -87.0f), 88.0f), shifter = 12582912.0f;  // + 1.5·2^23 rounds to an integer
+    const float c = std::min(std::max(-87.0f, x), 88.0f), shifter = 12582912.0f;  // + 1.5·2^23 rounds to an integer
     const float n = (c * 1.44269504f + shifter) - shifter;
     const float r = (c - n * 0.693359375f) - n * -2.12194440e-4f;
     float p = 1.9875691500e-4f;
@@ -643,7 +644,7 @@ inline float exp_fast(float x) {
     bits += int32_t(n) * (1 << 23);
     float y;
     std::memcpy(&y, &bits, 4);
-    return x < -87.0f ? 0.0f : y;
+    return x < -87.0f ? 0.0f : x != x ? x : y;
 }
 
 // --- 3.1 matmul: the linear layer y = x Wᵀ --------------------------------------------------------------------------
